@@ -1,0 +1,46 @@
+# HyperNAT: one command per job.  Each target sets up what it needs.
+#   make demo   run the gateway's main job on the default configuration
+#   make test   run the test suite (and the benchmarks once each, untimed)
+#   make bench  run the benchmarks, save, and compare with the last saved run
+#   make portability  compile the fast path for aarch64; run its tests with -funsigned-char
+#   make debug / annotate   rebuild with bounds checks / write Cython's HTML annotation
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= conf/testbed.yaml
+
+.PHONY: demo test bench build debug annotate portability deps clean
+
+$(VENV)/.ok: requirements-dev.txt
+	bash tools/install-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: $(VENV)/.ok
+
+build: deps
+	$(PY) setup.py -q build_ext --inplace
+
+debug: deps
+	HYPERNAT_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+
+annotate: deps
+	HYPERNAT_ANNOTATE=1 $(PY) setup.py -q build_ext --inplace --force
+
+demo: build
+	$(PY) -m hypernat.cli demo --config $(CONFIG)
+
+test: build
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+bench: build
+	$(PY) tools/bench.py
+
+portability: deps
+	bash tools/portability.sh
+
+clean:
+	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi

@@ -1,0 +1,67 @@
+"""The fast path: flow tables and batch translation.  Two implementations, one API.
+
+* ``hypernat._fastpath`` (Cython, ``nogil`` loops) is what runs;
+* ``hypernat.fastpath_py`` (plain Python) is the readable reference: the oracle the
+  tests compare against and the baseline the benchmarks divide by.
+
+Set ``HYPERNAT_NO_EXTENSIONS=1`` to run everything on the reference.  ``IMPL`` names
+the one chosen.
+
+API (both modules)
+------------------
+``FlowTable(capacity, hugepages=True)``
+    Open addressing over ``layout.SLOT_DTYPE`` slots (``nslots = layout.slots_for(capacity)``,
+    home slot ``layout.flow_hash(...) & (nslots - 1)``, linear probing, backward-shift
+    delete).  Holds at most ``capacity`` entries; an insert beyond that is refused
+    (returns False, ``full_count`` += 1) and never overwrites.
+    ``.slots`` is the numpy array of slots (the real memory: inspect, snapshot);
+    ``.capacity``, ``.nslots``, ``len(t)``, ``.full_count``;
+    ``insert(proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id=0, now=0,
+    flags=0) -> bool`` (an existing key gets the new value, tcp_state reset; True);
+    ``lookup(proto, saddr, sport, daddr, dport) -> int`` slot index or -1;
+    ``get(proto, saddr, sport, daddr, dport) -> numpy record copy or None``;
+    ``delete(proto, saddr, sport, daddr, dport) -> bool``;
+    ``insert_batch(entries)`` (array of SLOT_DTYPE records, key and value fields used;
+    flags gets F_OCCUPIED added) -> number inserted;
+    ``delete_batch(keys)`` (SLOT_DTYPE or KEY_DTYPE array) -> number deleted;
+    ``occupied() -> numpy array of slot indices in use``; ``clear()``;
+    ``load_slots(array)`` replaces the contents from a snapshot of the same nslots.
+
+``Translator(out_table, in_table, pool=())``
+    ``pool``: external-pool prefixes as ``(network_int, prefix_len)``; an outgoing frame
+    whose destination lies in the pool is a hairpin.
+    ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None) -> None``:
+    ``buf`` a writable contiguous uint8 buffer; ``offsets``/``lengths`` uint32 arrays of
+    n frames inside it; ``direction`` ``verdicts.OUT`` or ``verdicts.IN``; ``now`` uint32
+    clock ticks written to ``last_seen`` on a hit; ``verdicts`` uint8[n] output; ``keys``
+    optional KEY_DTYPE[n] output (the lookup key of every parsed frame).  Frames are
+    rewritten in place.  Never reads or writes outside ``buf[offset:offset+length]``.
+    ``set_l2(direction, src_mac: bytes, dst_mac: bytes)``: after translation, frames
+    sent toward `direction`'s far side get these MACs (HAIRPIN frames use the IN
+    direction's pair: they go back inside); unset = leave MACs alone.
+    ``counters``: numpy uint64 array ``[2, N_VERDICTS]`` (direction, verdict), live;
+    ``counters_dict() -> {"out": {verdict_name: n}, "in": {...}}``; ``reset_counters()``.
+"""
+
+import os
+
+if os.environ.get("HYPERNAT_NO_EXTENSIONS", "") not in ("", "0"):
+    from .fastpath_py import FlowTable, Translator  # noqa: F401
+
+    IMPL = "python"
+else:
+    try:
+        from ._fastpath import FlowTable, Translator  # noqa: F401
+
+        IMPL = "cython"
+    except ImportError as exc:  # not built: say so once, run on the reference
+        import logging
+
+        logging.getLogger("hypernat").warning(
+            "hypernat._fastpath is not built (%s): running on the pure-Python reference; "
+            "build it with `make build` or `pip install .`",
+            exc,
+        )
+        from .fastpath_py import FlowTable, Translator  # noqa: F401
+
+        IMPL = "python"

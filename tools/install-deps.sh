@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# System packages HyperNAT's build, tests and testbed use.  Installs only what is
+# missing, and only as root with apt-get (elsewhere it says what is missing).
+#   nftables, iproute2, ethtool, iperf3: the namespace testbed and Linux's NAT peer
+#   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
+#   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
+set -euo pipefail
+want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc)
+python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  echo "install-deps: missing system packages (install them as root): ${missing[*]}" >&2
+  exit 0
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
