@@ -1,0 +1,787 @@
+"""The fast path in plain Python: the readable reference of ``hypernat._fastpath``.
+
+This module is the *specification you can run*.  It follows ``docs/fastpath.md`` step
+by step, with the same names, so that a reader can hold the document in one hand and
+this file in the other.  The Cython module must agree with it byte for byte (frames,
+verdicts, keys, counters and table slots); the tests run both and compare.  It is also
+the baseline the benchmarks divide by, so it is written plainly but never slowed on
+purpose (no per-byte copies, no needless objects in the per-frame path).
+
+Two parts
+---------
+**FlowTable** -- one flow direction per slot, open addressing in one preallocated
+numpy block of ``layout.SLOT_DTYPE`` records (32 bytes each)::
+
+    home = flow_hash(key) & (nslots - 1)
+
+      slot:  0     1     2     3     4     5     6     7   ...
+           [   ] [ A ] [ B ] [ C ] [   ] [ D ] [   ] [   ]
+                   ^home(A)=1, home(B)=1, home(C)=2       linear probing: i, i+1, ...
+                                                          an empty slot ends a search
+
+    delete(A): empty slot 1, then walk right until an empty slot; every entry whose
+    home is not cyclically in (hole, its slot] moves back into the hole (Knuth 6.4,
+    Algorithm R, "backward-shift"): B moves to 1, then C to 2.  No tombstones, so a
+    lookup never walks further than the cluster it is in, and both implementations
+    leave every entry in exactly the same slot.
+
+**Translator** -- batch translation of frames stored back to back in one buffer::
+
+    buf:  | frame 0 | frame 1 |  ...  | frame n-1 |
+            ^offsets[0], lengths[0]
+
+    per frame:  Ethernet (+ one 802.1Q tag) -> IPv4 -> TCP | UDP | ICMP
+                -> key -> lookup (out table for OUT, in table for IN)
+                -> rewrite in place + incremental checksums -> verdict
+
+    OUT (inside -> Internet):  source      I:i  becomes E:e   (out table: I,i,R,r -> E,e)
+    IN  (Internet -> pool):    destination E:e  becomes I:i   (in table:  R,r,E,e -> I,i)
+
+Every frame gets exactly one verdict (``hypernat.verdicts``) and is counted under
+``counters[direction, verdict]``.  A frame that is not sent is left untouched.
+
+Checksums
+---------
+Only the 16-bit words that change are folded into the checksum (RFC 1624, eqn. 3:
+``HC' = ~(~HC + ~m + m')``) -- that keeps the cost independent of the payload and
+gives the same result as a full recomputation.  The TCP and UDP checksums cover the
+pseudo-header (RFC 793, RFC 768), so an address change touches them too.  A UDP
+checksum of zero means "no checksum" and stays zero; a computed zero is sent as
+0xFFFF (RFC 768).  ICMP errors (RFC 5508) are verified over the whole message first
+(REQ-3), their embedded packet is translated the other way round, and the outer ICMP
+checksum is recomputed from scratch (the embedded bytes changed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import layout
+from .layout import (
+    F_ACTIVE,
+    F_OCCUPIED,
+    KEY_DTYPE,
+    KIND_ICMP_ERROR,
+    KIND_PLAIN,
+    PROTO_ICMP,
+    PROTO_TCP,
+    PROTO_UDP,
+    SLOT_DTYPE,
+    TCP_STATE_MASK,
+    flow_hash,
+)
+from .verdicts import DIRECTION_NAMES, IN, N_VERDICTS, OUT, VERDICT, VERDICT_NAMES
+
+__all__ = ["FlowTable", "Translator", "flow_hash"]
+
+# Verdict numbers, named once for the per-frame code below.
+V_TRANSLATED = VERDICT["translated"]
+V_HAIRPIN = VERDICT["hairpin"]
+V_MISS_OUT = VERDICT["miss_out"]
+V_MISS_IN = VERDICT["miss_in"]
+V_MISS_ICMP_ERROR = VERDICT["miss_icmp_error"]
+V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
+V_NOT_NAT = VERDICT["not_nat"]
+V_TTL_EXCEEDED = VERDICT["ttl_exceeded"]
+V_FRAGMENT = VERDICT["fragment"]
+V_DROP_TRUNCATED = VERDICT["drop_truncated"]
+V_DROP_BAD_VERSION = VERDICT["drop_bad_version"]
+V_DROP_BAD_IHL = VERDICT["drop_bad_ihl"]
+V_DROP_BAD_TOTAL_LENGTH = VERDICT["drop_bad_total_length"]
+V_DROP_BAD_L4_HEADER = VERDICT["drop_bad_l4_header"]
+V_DROP_BAD_ICMP_CHECKSUM = VERDICT["drop_bad_icmp_checksum"]
+V_DROP_ICMP_ERROR_MALFORMED = VERDICT["drop_icmp_error_malformed"]
+V_DROP_ICMP_UNSUPPORTED = VERDICT["drop_icmp_unsupported"]
+
+ETH_HLEN = 14
+VLAN_HLEN = 4
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_VLAN = 0x8100
+
+ICMP_ECHO_REPLY = 0
+ICMP_DEST_UNREACH = 3
+ICMP_ECHO_REQUEST = 8
+ICMP_TIME_EXCEEDED = 11
+ICMP_PARAM_PROBLEM = 12
+ICMP_QUERY_TYPES = (ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST)
+ICMP_ERROR_TYPES = (ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, ICMP_PARAM_PROBLEM)
+
+# Byte offsets inside the headers.
+IP_TOTLEN, IP_FRAG, IP_TTL, IP_PROTO, IP_CSUM, IP_SRC, IP_DST = 2, 6, 8, 9, 10, 12, 16
+TCP_CSUM, TCP_FLAGS, TCP_DOFF = 16, 13, 12
+UDP_LEN, UDP_CSUM = 4, 6
+ICMP_CSUM, ICMP_ID = 2, 4
+
+_U32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------
+# Byte and checksum helpers (big-endian 16-bit words, read byte by byte)
+# --------------------------------------------------------------------------------------
+
+
+def _be16(b, i: int) -> int:
+    return (b[i] << 8) | b[i + 1]
+
+
+def _be32(b, i: int) -> int:
+    return (b[i] << 24) | (b[i + 1] << 16) | (b[i + 2] << 8) | b[i + 3]
+
+
+def _put16(b, i: int, v: int) -> None:
+    b[i] = v >> 8
+    b[i + 1] = v & 0xFF
+
+
+def _put32(b, i: int, v: int) -> None:
+    b[i] = v >> 24
+    b[i + 1] = (v >> 16) & 0xFF
+    b[i + 2] = (v >> 8) & 0xFF
+    b[i + 3] = v & 0xFF
+
+
+def _fold(s: int) -> int:
+    """One's-complement fold of a wide sum into 16 bits (end-around carry, RFC 1071)."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _csum_adjust(cksum: int, old_words, new_words) -> int:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for every changed 16-bit word m -> m'.
+
+    Equivalent to recomputing the checksum over the changed data (0x0000 included;
+    only UDP maps a zero result to 0xFFFF, see _udp_csum_adjust)."""
+    s = ~cksum & 0xFFFF
+    for m in old_words:
+        s += ~m & 0xFFFF
+    for m in new_words:
+        s += m
+    return ~_fold(s) & 0xFFFF
+
+
+def _udp_csum_adjust(cksum: int, old_words, new_words) -> int:
+    """RFC 768: a zero UDP checksum means "none" and stays zero; a computed zero is
+    transmitted as all ones."""
+    if cksum == 0:
+        return 0
+    c = _csum_adjust(cksum, old_words, new_words)
+    return c if c else 0xFFFF
+
+
+def _sum16(b, start: int, end: int) -> int:
+    """One's-complement sum (folded) of b[start:end]; an odd last byte is padded with
+    a zero byte (RFC 1071)."""
+    s = 0
+    i = start
+    last = end - 1
+    while i < last:
+        s += (b[i] << 8) | b[i + 1]
+        i += 2
+    if i == last:
+        s += b[i] << 8
+    return _fold(s)
+
+
+def _addr_words(a: int):
+    return (a >> 16, a & 0xFFFF)
+
+
+# --------------------------------------------------------------------------------------
+# Flow table
+# --------------------------------------------------------------------------------------
+
+
+def _check_key(proto, saddr, sport, daddr, dport):
+    if not (0 <= proto <= 0xFF):
+        raise ValueError(f"proto {proto} out of range 0..255")
+    if not (0 <= saddr <= _U32 and 0 <= daddr <= _U32):
+        raise ValueError(f"address out of range 0..2**32-1: {saddr}, {daddr}")
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ValueError(f"port out of range 0..65535: {sport}, {dport}")
+
+
+class FlowTable:
+    """Open-addressing flow table over ``layout.SLOT_DTYPE`` slots (see the module doc).
+
+    ``slots`` is the real memory; ``capacity`` entries at most (``nslots`` slots, load
+    ≤ ``layout.MAX_LOAD``).  An insert into a full table is refused and counted in
+    ``full_count``; it never overwrites another entry.
+    """
+
+    def __init__(self, capacity: int, hugepages: bool = True):
+        capacity = int(capacity)
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if capacity > 1 << 31:
+            raise ValueError(f"capacity {capacity} too large")
+        self.capacity = capacity
+        self.nslots = layout.slots_for(capacity)
+        self._mask = self.nslots - 1
+        self.slots = layout.alloc_slots(self.nslots, hugepages=hugepages)
+        self.full_count = 0
+        self._len = 0
+        self._bind_fields()
+
+    def _bind_fields(self):
+        # Views of one field across all slots: element access is what the per-frame
+        # code does, and a view per field spares building a record each time.
+        s = self.slots
+        self._saddr = s["saddr"]
+        self._daddr = s["daddr"]
+        self._sport = s["sport"]
+        self._dport = s["dport"]
+        self._proto = s["proto"]
+        self._flags = s["flags"]
+        self._new_addr = s["new_addr"]
+        self._new_port = s["new_port"]
+        self._rule_id = s["rule_id"]
+        self._last_seen = s["last_seen"]
+        self._tcp_state = s["tcp_state"]
+        self._user = s["user"]
+        self._lease = s["lease"]
+
+    # -- size ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"<FlowTable python {self._len}/{self.capacity} entries, {self.nslots} slots>"
+
+    # -- probing ------------------------------------------------------------------------
+
+    def _home(self, proto, saddr, sport, daddr, dport) -> int:
+        return flow_hash(proto, saddr, sport, daddr, dport) & self._mask
+
+    def _find(self, proto, saddr, sport, daddr, dport):
+        """(found, index): the key's slot, or the first empty slot of its probe sequence.
+
+        The table always has an empty slot (capacity < nslots), so this ends."""
+        i = self._home(proto, saddr, sport, daddr, dport)
+        flags, sa, da, sp, dp, pr = (
+            self._flags, self._saddr, self._daddr, self._sport, self._dport, self._proto,
+        )
+        mask = self._mask
+        while True:
+            if not flags[i] & F_OCCUPIED:
+                return False, i
+            if sa[i] == saddr and da[i] == daddr and sp[i] == sport and dp[i] == dport and pr[i] == proto:
+                return True, i
+            i = (i + 1) & mask
+
+    def _write_value(self, i, new_addr, new_port, rule_id, now, flags):
+        self._new_addr[i] = new_addr
+        self._new_port[i] = new_port
+        self._rule_id[i] = rule_id
+        self._last_seen[i] = now
+        self._flags[i] = F_OCCUPIED | flags
+        self._tcp_state[i] = 0
+        self._user[i] = 0
+        self._lease[i] = 0
+
+    # -- API ----------------------------------------------------------------------------
+
+    def insert(self, proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id=0, now=0, flags=0) -> bool:
+        """Insert or update one entry; False (and ``full_count`` += 1) if the table is full."""
+        proto, saddr, sport, daddr, dport = int(proto), int(saddr), int(sport), int(daddr), int(dport)
+        new_addr, new_port, rule_id, now, flags = int(new_addr), int(new_port), int(rule_id), int(now), int(flags)
+        _check_key(proto, saddr, sport, daddr, dport)
+        if not (0 <= new_addr <= _U32 and 0 <= new_port <= 0xFFFF):
+            raise ValueError(f"translated endpoint out of range: {new_addr}:{new_port}")
+        if not (0 <= rule_id <= _U32 and 0 <= now <= _U32 and 0 <= flags <= 0xFF):
+            raise ValueError(f"rule_id/now/flags out of range: {rule_id}, {now}, {flags}")
+        found, i = self._find(proto, saddr, sport, daddr, dport)
+        if not found:
+            if self._len >= self.capacity:
+                self.full_count += 1
+                return False
+            self._saddr[i] = saddr
+            self._daddr[i] = daddr
+            self._sport[i] = sport
+            self._dport[i] = dport
+            self._proto[i] = proto
+            self._len += 1
+        self._write_value(i, new_addr, new_port, rule_id, now, flags)
+        return True
+
+    def lookup(self, proto, saddr, sport, daddr, dport) -> int:
+        """Slot index of the key, or -1."""
+        key = (int(proto), int(saddr), int(sport), int(daddr), int(dport))
+        _check_key(*key)
+        found, i = self._find(*key)
+        return i if found else -1
+
+    def get(self, proto, saddr, sport, daddr, dport):
+        """A copy of the key's slot record, or None."""
+        i = self.lookup(proto, saddr, sport, daddr, dport)
+        return None if i < 0 else self.slots[i].copy()
+
+    def delete(self, proto, saddr, sport, daddr, dport) -> bool:
+        """Remove the key; False if absent.  Backward-shift deletion (Knuth 6.4 R)."""
+        key = (int(proto), int(saddr), int(sport), int(daddr), int(dport))
+        _check_key(*key)
+        found, i = self._find(*key)
+        if not found:
+            return False
+        self._delete_at(i)
+        return True
+
+    def _delete_at(self, i: int) -> None:
+        slots, flags, mask = self.slots, self._flags, self._mask
+        slots[i] = 0
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if not flags[j] & F_OCCUPIED:
+                break
+            h = self._home(int(self._proto[j]), int(self._saddr[j]), int(self._sport[j]),
+                           int(self._daddr[j]), int(self._dport[j]))
+            # Stays if its home h lies cyclically in (i, j]: it is still reachable.
+            if 0 < ((h - i) & mask) <= ((j - i) & mask):
+                continue
+            slots[i] = slots[j]
+            slots[j] = 0
+            i = j
+        self._len -= 1
+
+    def insert_batch(self, entries) -> int:
+        """``insert`` for each SLOT_DTYPE record in order (now = its last_seen); the
+        number inserted or updated."""
+        entries = _as_records(entries, (SLOT_DTYPE,), "entries")
+        n = 0
+        for r in entries.tolist():
+            # tolist() of a SLOT_DTYPE record: field order of layout.SLOT_DTYPE.
+            saddr, daddr, sport, dport, proto, flags, new_port, new_addr, rule_id, last_seen = r[:10]
+            n += self.insert(proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id, last_seen, flags)
+        return n
+
+    def delete_batch(self, keys) -> int:
+        """``delete`` for each SLOT_DTYPE or KEY_DTYPE record in order; the number deleted."""
+        keys = _as_records(keys, (SLOT_DTYPE, KEY_DTYPE), "keys")
+        n = 0
+        for saddr, daddr, sport, dport, proto in zip(
+            keys["saddr"].tolist(), keys["daddr"].tolist(), keys["sport"].tolist(),
+            keys["dport"].tolist(), keys["proto"].tolist(),
+        ):
+            n += self.delete(proto, saddr, sport, daddr, dport)
+        return n
+
+    def occupied(self) -> np.ndarray:
+        """Indices of the slots in use, ascending."""
+        return np.flatnonzero(self._flags & F_OCCUPIED)
+
+    def clear(self) -> None:
+        """Empty the table (full_count is kept: it counts refusals over the lifetime)."""
+        self.slots[:] = np.zeros(1, dtype=SLOT_DTYPE)
+        self._len = 0
+
+    def load_slots(self, array) -> None:
+        """Replace the contents with a snapshot taken from a table of the same nslots."""
+        array = _as_records(array, (SLOT_DTYPE,), "array")
+        if array.shape != (self.nslots,):
+            raise ValueError(f"snapshot has {array.shape[0]} slots, this table has {self.nslots}")
+        n = int(np.count_nonzero(array["flags"] & F_OCCUPIED))
+        if n > self.capacity:
+            raise ValueError(f"snapshot holds {n} entries, capacity is {self.capacity}")
+        self.slots[:] = array
+        self._len = n
+
+
+def _as_records(a, dtypes, what):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array of {' or '.join(str(d) for d in dtypes)}")
+    if a.dtype not in dtypes:
+        raise TypeError(f"{what} has dtype {a.dtype}, expected {' or '.join(str(d) for d in dtypes)}")
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional")
+    return a
+
+
+# --------------------------------------------------------------------------------------
+# Translator
+# --------------------------------------------------------------------------------------
+
+
+def _as_u8_buffer(buf):
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"buf must be a writable uint8 buffer, got {type(buf).__name__}") from None
+    if mv.readonly:
+        raise ValueError("buf is read-only: translate rewrites frames in place")
+    if mv.ndim != 1 or mv.itemsize != 1 or mv.format not in ("B", "b", "c"):
+        raise ValueError(f"buf must be a one-dimensional uint8 buffer (format {mv.format!r}, ndim {mv.ndim})")
+    if not mv.c_contiguous:
+        raise ValueError("buf must be contiguous")
+    return mv.cast("B") if mv.format != "B" else mv
+
+
+def _as_array(a, dtype, what):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy {np.dtype(dtype)} array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise ValueError(f"{what} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional")
+    return a
+
+
+class Translator:
+    """Batch translation over an out table and an in table (see the module doc).
+
+    ``pool``: the external pool as ``(network, prefix_len)`` pairs; an OUT frame to an
+    address in the pool is a hairpin (translated twice, sent back inside).
+    """
+
+    def __init__(self, out_table: FlowTable, in_table: FlowTable, pool=()):
+        if not isinstance(out_table, FlowTable) or not isinstance(in_table, FlowTable):
+            raise TypeError("out_table and in_table must be hypernat.fastpath_py.FlowTable")
+        self.out_table = out_table
+        self.in_table = in_table
+        self.pool = []
+        for entry in pool:
+            net, plen = int(entry[0]), int(entry[1])
+            if not (0 <= plen <= 32) or not (0 <= net <= _U32):
+                raise ValueError(f"bad pool prefix {entry!r}")
+            mask = (_U32 << (32 - plen)) & _U32
+            self.pool.append((net & mask, mask))
+        self.pool = tuple(self.pool)
+        self.counters = np.zeros((2, N_VERDICTS), dtype=np.uint64)
+        self._l2 = [None, None]  # per exit direction: (src_mac, dst_mac) or None
+
+    # -- configuration and counters ------------------------------------------------------
+
+    def set_l2(self, direction: int, src_mac, dst_mac) -> None:
+        """MACs written into frames leaving toward `direction`'s far side (None: leave)."""
+        _check_direction(direction)
+        if src_mac is None and dst_mac is None:
+            self._l2[direction] = None
+            return
+        src, dst = bytes(src_mac), bytes(dst_mac)
+        if len(src) != 6 or len(dst) != 6:
+            raise ValueError("MAC addresses must be 6 bytes")
+        self._l2[direction] = (src, dst)
+
+    def counters_dict(self) -> dict:
+        return {
+            DIRECTION_NAMES[d]: {VERDICT_NAMES[v]: int(self.counters[d, v]) for v in range(N_VERDICTS)}
+            for d in (OUT, IN)
+        }
+
+    def reset_counters(self) -> None:
+        self.counters[:] = 0
+
+    def _in_pool(self, addr: int) -> bool:
+        for net, mask in self.pool:
+            if addr & mask == net:
+                return True
+        return False
+
+    # -- the batch -----------------------------------------------------------------------
+
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None) -> None:
+        """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them."""
+        b = _as_u8_buffer(buf)
+        offsets = _as_array(offsets, np.uint32, "offsets")
+        lengths = _as_array(lengths, np.uint32, "lengths")
+        verdicts = _as_array(verdicts, np.uint8, "verdicts")
+        n = offsets.shape[0]
+        if lengths.shape[0] != n:
+            raise ValueError(f"offsets has {n} entries, lengths {lengths.shape[0]}")
+        if verdicts.shape[0] < n:
+            raise ValueError(f"verdicts has room for {verdicts.shape[0]} frames, batch has {n}")
+        if keys is not None:
+            if not isinstance(keys, np.ndarray) or keys.dtype != KEY_DTYPE or keys.ndim != 1:
+                raise TypeError("keys must be a one-dimensional numpy array of layout.KEY_DTYPE")
+            if keys.shape[0] < n:
+                raise ValueError(f"keys has room for {keys.shape[0]} frames, batch has {n}")
+        _check_direction(direction)
+        now = int(now)
+        if not (0 <= now <= _U32):
+            raise ValueError(f"now {now} out of uint32 range")
+
+        buflen = len(b)
+        counts = [0] * N_VERDICTS
+        for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            v, key = self._frame(b, buflen, off, length, direction, now)
+            verdicts[i] = v
+            counts[v] += 1
+            if keys is not None:
+                keys[i] = key if key is not None else (0, 0, 0, 0, 0, 0, 0, 0)
+        row = self.counters[direction]
+        for v, c in enumerate(counts):
+            if c:
+                row[v] += c
+
+    # -- one frame ----------------------------------------------------------------------
+
+    def _frame(self, b, buflen, off, length, direction, now):
+        """Steps 1-11 of docs/fastpath.md for one frame: (verdict, key tuple or None).
+
+        The key tuple is in KEY_DTYPE field order:
+        (saddr, daddr, sport, dport, proto, kind, tcp_flags, icmp_type)."""
+        # 1. The frame must lie inside the buffer.
+        if off + length > buflen:
+            return V_DROP_TRUNCATED, None
+        # 2. Ethernet, at most one 802.1Q tag.
+        if length < ETH_HLEN:
+            return V_DROP_TRUNCATED, None
+        ethertype = _be16(b, off + 12)
+        l3 = ETH_HLEN
+        if ethertype == ETHERTYPE_VLAN:
+            if length < ETH_HLEN + VLAN_HLEN:
+                return V_DROP_TRUNCATED, None
+            ethertype = _be16(b, off + 16)
+            l3 = ETH_HLEN + VLAN_HLEN
+        if ethertype != ETHERTYPE_IPV4:
+            return V_NOT_NAT, None
+        # 3. IPv4 header (RFC 791).
+        avail = length - l3
+        if avail < 20:
+            return V_DROP_TRUNCATED, None
+        ip = off + l3
+        if b[ip] >> 4 != 4:
+            return V_DROP_BAD_VERSION, None
+        ihl = (b[ip] & 0x0F) * 4
+        if ihl < 20 or ihl > avail:
+            return V_DROP_BAD_IHL, None
+        total = _be16(b, ip + IP_TOTLEN)
+        if total < ihl or total > avail:
+            return V_DROP_BAD_TOTAL_LENGTH, None
+        # 4. Fragments (MF or a non-zero offset) are not translated.
+        if _be16(b, ip + IP_FRAG) & 0x3FFF:
+            return V_FRAGMENT, None
+        # 5. Protocol.
+        proto = b[ip + IP_PROTO]
+        if proto != PROTO_TCP and proto != PROTO_UDP and proto != PROTO_ICMP:
+            return V_NOT_NAT, None
+        # 6. The L4 header lies within total_length.
+        l4 = ip + ihl
+        l4len = total - ihl
+        if proto == PROTO_TCP:
+            if l4len < 20:
+                return V_DROP_BAD_L4_HEADER, None
+            doff = (b[l4 + TCP_DOFF] >> 4) * 4
+            if doff < 20 or doff > l4len:
+                return V_DROP_BAD_L4_HEADER, None
+        elif proto == PROTO_UDP:
+            if l4len < 8:
+                return V_DROP_BAD_L4_HEADER, None
+            ulen = _be16(b, l4 + UDP_LEN)
+            if ulen < 8 or ulen > l4len:
+                return V_DROP_BAD_L4_HEADER, None
+        elif l4len < 8:
+            return V_DROP_BAD_L4_HEADER, None
+        # 7. TTL: a router does not forward a packet whose TTL would reach 0.
+        if b[ip + IP_TTL] <= 1:
+            return V_TTL_EXCEEDED, None
+        # 8. ICMP: echo is a query (the identifier is the "port"), 3/11/12 are errors.
+        if proto == PROTO_ICMP:
+            icmp_type = b[l4]
+            if icmp_type in ICMP_ERROR_TYPES:
+                return self._icmp_error(b, off, ip, l4, ip + total, icmp_type, direction)
+            if icmp_type not in ICMP_QUERY_TYPES:
+                return V_DROP_ICMP_UNSUPPORTED, None
+            sport = dport = _be16(b, l4 + ICMP_ID)
+            tcp_flags = 0
+        else:
+            icmp_type = 0
+            sport = _be16(b, l4)
+            dport = _be16(b, l4 + 2)
+            tcp_flags = b[l4 + TCP_FLAGS] if proto == PROTO_TCP else 0
+        # 9. Query / TCP / UDP.
+        saddr = _be32(b, ip + IP_SRC)
+        daddr = _be32(b, ip + IP_DST)
+        key = (saddr, daddr, sport, dport, proto, KIND_PLAIN, tcp_flags, icmp_type)
+
+        if direction == OUT:
+            t = self.out_table
+            found, i = t._find(proto, saddr, sport, daddr, dport)
+            if self.pool and self._in_pool(daddr):
+                # Hairpin: inside to one of our own external endpoints.  Translate as
+                # if the frame went out (source I -> E) and came back in (dest E' -> I').
+                if not found:
+                    return V_MISS_HAIRPIN, key
+                src_addr, src_port = int(t._new_addr[i]), int(t._new_port[i])
+                u = self.in_table
+                found2, j = u._find(proto, src_addr, src_port, daddr, dport)
+                if not found2:
+                    return V_MISS_HAIRPIN, key
+                dst_addr, dst_port = int(u._new_addr[j]), int(u._new_port[j])
+                _touch(t, i, now, proto, tcp_flags)
+                _touch(u, j, now, proto, tcp_flags)
+                self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, src_addr, src_port, dst_addr, dst_port,
+                              dst_port)
+                self._set_macs(b, off, IN)
+                return V_HAIRPIN, key
+            if not found:
+                return V_MISS_OUT, key
+            new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
+            _touch(t, i, now, proto, tcp_flags)
+            self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, new_addr, new_port, daddr, dport, new_port)
+            self._set_macs(b, off, OUT)
+            return V_TRANSLATED, key
+
+        t = self.in_table
+        found, i = t._find(proto, saddr, sport, daddr, dport)
+        if not found:
+            return V_MISS_IN, key
+        new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
+        _touch(t, i, now, proto, tcp_flags)
+        self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, saddr, sport, new_addr, new_port, new_port)
+        self._set_macs(b, off, IN)
+        return V_TRANSLATED, key
+
+    def _rewrite(self, b, ip, l4, proto, saddr, sport, daddr, dport, nsaddr, nsport, ndaddr, ndport, new_id):
+        """Step 11: write the new endpoints, decrement TTL, update the checksums.
+
+        (saddr, sport, daddr, dport) are the frame's current values, the n* the new
+        ones.  ICMP echo has one identifier for both "ports": ``new_id`` is its new
+        value (a hairpin rewrites source then destination, so the destination's wins).
+        """
+        old_addr_words = _addr_words(saddr) + _addr_words(daddr)
+        new_addr_words = _addr_words(nsaddr) + _addr_words(ndaddr)
+
+        # IPv4 header: addresses and the TTL/protocol word, in one RFC 1624 update.
+        ttl = b[ip + IP_TTL]
+        ip_csum = _be16(b, ip + IP_CSUM)
+        ip_csum = _csum_adjust(
+            ip_csum,
+            old_addr_words + (ttl << 8 | proto,),
+            new_addr_words + ((ttl - 1) << 8 | proto,),
+        )
+        b[ip + IP_TTL] = ttl - 1
+        _put16(b, ip + IP_CSUM, ip_csum)
+        _put32(b, ip + IP_SRC, nsaddr)
+        _put32(b, ip + IP_DST, ndaddr)
+
+        if proto == PROTO_ICMP:
+            # ICMP echo: no pseudo-header; only the identifier changes (RFC 5508 sec. 3).
+            old_id = sport
+            c = _be16(b, l4 + ICMP_CSUM)
+            _put16(b, l4 + ICMP_CSUM, _csum_adjust(c, (old_id,), (new_id,)))
+            _put16(b, l4 + ICMP_ID, new_id)
+            return
+        old_words = old_addr_words + (sport, dport)
+        new_words = new_addr_words + (nsport, ndport)
+        if proto == PROTO_TCP:
+            c = _be16(b, l4 + TCP_CSUM)
+            _put16(b, l4 + TCP_CSUM, _csum_adjust(c, old_words, new_words))
+        else:
+            c = _be16(b, l4 + UDP_CSUM)
+            _put16(b, l4 + UDP_CSUM, _udp_csum_adjust(c, old_words, new_words))
+        _put16(b, l4, nsport)
+        _put16(b, l4 + 2, ndport)
+
+    def _set_macs(self, b, off, exit_direction):
+        macs = self._l2[exit_direction]
+        if macs is not None:
+            src, dst = macs
+            b[off : off + 6] = dst
+            b[off + 6 : off + 12] = src
+
+    # -- ICMP errors (RFC 5508) ----------------------------------------------------------
+
+    def _icmp_error(self, b, off, ip, l4, end, icmp_type, direction):
+        """Step 10: an ICMP error is translated through the session of the packet it
+        carries.  ``end`` is the end of the IP datagram (ip + total_length)."""
+        # REQ-3: the checksum over the whole ICMP message must hold.
+        if _sum16(b, l4, end) != 0xFFFF:
+            return V_DROP_BAD_ICMP_CHECKSUM, None
+        # The embedded packet: an IPv4 header and at least 8 bytes of its L4 header.
+        e = l4 + 8
+        if end - e < 20:
+            return V_DROP_ICMP_ERROR_MALFORMED, None
+        if b[e] >> 4 != 4:
+            return V_DROP_ICMP_ERROR_MALFORMED, None
+        eihl = (b[e] & 0x0F) * 4
+        if eihl < 20 or e + eihl + 8 > end:
+            return V_DROP_ICMP_ERROR_MALFORMED, None
+        eproto = b[e + IP_PROTO]
+        el4 = e + eihl
+        esrc = _be32(b, e + IP_SRC)
+        edst = _be32(b, e + IP_DST)
+        if eproto == PROTO_TCP or eproto == PROTO_UDP:
+            esport = _be16(b, el4)
+            edport = _be16(b, el4 + 2)
+        elif eproto == PROTO_ICMP and b[el4] in ICMP_QUERY_TYPES:
+            esport = edport = _be16(b, el4 + ICMP_ID)
+        else:
+            return V_DROP_ICMP_ERROR_MALFORMED, None
+
+        # The embedded packet went the other way through us: its flow reversed is the
+        # session key in the table of this direction.
+        key = (edst, esrc, edport, esport, eproto, KIND_ICMP_ERROR, 0, icmp_type)
+        t = self.out_table if direction == OUT else self.in_table
+        found, i = t._find(eproto, edst, edport, esrc, esport)
+        if not found:
+            return V_MISS_ICMP_ERROR, key
+        new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
+        # No refresh: an error says nothing about the session being alive.
+
+        if direction == OUT:
+            # Outer source and embedded destination are the inside endpoint: make them E.
+            a_off, p_off, old_addr, old_port = IP_DST, 2, edst, edport
+        else:
+            # Outer destination and embedded source are our E: make them the inside one.
+            a_off, p_off, old_addr, old_port = IP_SRC, 0, esrc, esport
+
+        # Embedded IPv4 header: the address and its header checksum.
+        ec = _be16(b, e + IP_CSUM)
+        _put16(b, e + IP_CSUM, _csum_adjust(ec, _addr_words(old_addr), _addr_words(new_addr)))
+        _put32(b, e + a_off, new_addr)
+
+        # Embedded L4: the port (or echo identifier) and its checksum when present.
+        old_w = _addr_words(old_addr) + (old_port,)
+        new_w = _addr_words(new_addr) + (new_port,)
+        if eproto == PROTO_TCP:
+            if el4 + TCP_CSUM + 2 <= end:
+                c = _be16(b, el4 + TCP_CSUM)
+                _put16(b, el4 + TCP_CSUM, _csum_adjust(c, old_w, new_w))
+            _put16(b, el4 + p_off, new_port)
+        elif eproto == PROTO_UDP:
+            c = _be16(b, el4 + UDP_CSUM)
+            _put16(b, el4 + UDP_CSUM, _udp_csum_adjust(c, old_w, new_w))
+            _put16(b, el4 + p_off, new_port)
+        else:
+            c = _be16(b, el4 + ICMP_CSUM)
+            _put16(b, el4 + ICMP_CSUM, _csum_adjust(c, (old_port,), (new_port,)))
+            _put16(b, el4 + ICMP_ID, new_port)
+
+        # Outer IPv4: the address and the TTL (step 11).
+        osaddr = _be32(b, ip + IP_SRC)
+        odaddr = _be32(b, ip + IP_DST)
+        o_addr_off = IP_SRC if direction == OUT else IP_DST
+        o_old = osaddr if direction == OUT else odaddr
+        ttl = b[ip + IP_TTL]
+        c = _be16(b, ip + IP_CSUM)
+        c = _csum_adjust(
+            c,
+            _addr_words(o_old) + (ttl << 8 | PROTO_ICMP,),
+            _addr_words(new_addr) + ((ttl - 1) << 8 | PROTO_ICMP,),
+        )
+        b[ip + IP_TTL] = ttl - 1
+        _put16(b, ip + IP_CSUM, c)
+        _put32(b, ip + o_addr_off, new_addr)
+
+        # Outer ICMP checksum: recomputed over the whole message (the payload changed).
+        _put16(b, l4 + ICMP_CSUM, 0)
+        _put16(b, l4 + ICMP_CSUM, ~_sum16(b, l4, end) & 0xFFFF)
+
+        self._set_macs(b, off, OUT if direction == OUT else IN)
+        return V_TRANSLATED, key
+
+
+def _touch(table: FlowTable, i: int, now: int, proto: int, tcp_flags: int) -> None:
+    """A hit: refresh last_seen, mark active, remember TCP SYN/FIN/RST."""
+    table._last_seen[i] = now
+    table._flags[i] |= F_ACTIVE
+    if proto == PROTO_TCP:
+        table._tcp_state[i] |= tcp_flags & TCP_STATE_MASK
+
+
+def _check_direction(direction):
+    if direction not in (OUT, IN) or isinstance(direction, bool):
+        raise ValueError(f"direction must be verdicts.OUT ({OUT}) or verdicts.IN ({IN}), got {direction!r}")
