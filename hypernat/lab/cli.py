@@ -1,0 +1,133 @@
+"""`hypernat lab up | run | down | list`: the namespace testbed from the command line.
+
+    hypernat lab up   [--tag T] [--nics N] [--peer linux|hypernat|noop] [--config C]
+    hypernat lab run  [--tag T] [--conns 200] [--udp 50] [--pings 5] [--json]
+    hypernat lab down [--tag T | --all]
+    hypernat lab list
+
+`up` builds the namespaces (topology.py) and starts what runs in ``gw``: nothing more
+for ``--peer linux`` (Linux's NAT is configured in the kernel), the no-op forwarders
+for ``noop``, the coordinator and one NIC daemon per NIC for ``hypernat``.  `run`
+drives TCP, UDP and ping through it and prints a report; its exit status is 0 only if
+every byte arrived.  `down` stops every process inside the run's namespaces and
+deletes them; it is idempotent, so it is also the cleanup after a failed `up`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_TAG = "lab"
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="hypernat lab", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build the testbed")
+    up.add_argument("--tag", default=DEFAULT_TAG, help="run name; namespaces are hn-TAG-{vpc,gw,inet}")
+    up.add_argument("--nics", type=int, default=2)
+    up.add_argument("--peer", choices=("hypernat", "linux", "noop"), default="hypernat",
+                    help="what translates in gw: HyperNAT's daemons, Linux's nftables NAT, or the no-op forwarder")
+    up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
+    up.add_argument("--backend", default="packet_mmap", help="packet I/O of the forwarders (packet_mmap)")
+    run = sub.add_parser("run", help="drive traffic through a testbed and report")
+    run.add_argument("--tag", default=DEFAULT_TAG)
+    run.add_argument("--conns", type=int, default=200)
+    run.add_argument("--udp", type=int, default=50)
+    run.add_argument("--pings", type=int, default=5)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", action="store_true")
+    down = sub.add_parser("down", help="remove a testbed (idempotent)")
+    down.add_argument("--tag", default=DEFAULT_TAG)
+    down.add_argument("--all", action="store_true", help="every hn-* testbed on this machine")
+    sub.add_parser("list", help="testbeds whose namespaces exist")
+    return p
+
+
+def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> None:
+    """Start what runs inside gw for the topology's mode (processes recorded for `down`)."""
+    py = sys.executable
+    if topo.mode == "noop":
+        for k in range(topo.nics):
+            topo.start(topo.gw, [py, "-m", "hypernat.lab.noop", "--inside", topo.inside(k),
+                                 "--outside", topo.outside(k), "--backend", backend])
+    elif topo.mode == "hypernat":
+        import importlib.util
+
+        if importlib.util.find_spec("hypernat.nic") is None or importlib.util.find_spec("hypernat.coord") is None:
+            raise RuntimeError("hypernat.nic / hypernat.coord are not in this build: use --peer linux or noop")
+        topo.start(topo.gw, [py, "-m", "hypernat.coord", "--config", config])
+        for k in range(topo.nics):
+            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k),
+                                 "--inside", topo.inside(k), "--outside", topo.outside(k), "--backend", backend])
+
+
+def main(argv=None) -> int:
+    from .topology import Addressing, Topology, list_runs
+
+    args = _parser().parse_args(argv)
+    if args.cmd != "list" and os.geteuid() != 0:
+        print("hypernat lab: needs root (network namespaces); `hypernat demo` runs the emulated deployment",
+              file=sys.stderr)
+        return 2
+    if args.cmd == "list":
+        for tag in list_runs():
+            print(tag)
+        return 0
+    if args.cmd == "down":
+        tags = list_runs() if args.all else [args.tag]
+        for tag in tags:
+            try:
+                topo = Topology.load(tag)
+            except (FileNotFoundError, ValueError, TypeError):
+                topo = Topology(tag=tag)
+            topo.down()
+            print(f"lab {tag}: down")
+        return 0
+    if args.cmd == "up":
+        topo = Topology(tag=args.tag, nics=args.nics, mode=args.peer, addr=Addressing.from_config(args.config))
+        topo.up()
+        try:
+            start_gateway(topo, args.config, args.backend)
+        except BaseException:
+            topo.down()
+            raise
+        print(f"lab {topo.tag}: up ({topo.mode}, {topo.nics} NICs): {', '.join(topo.namespaces)}")
+        return 0
+    if args.cmd == "run":
+        from . import traffic
+
+        try:
+            topo = Topology.load(args.tag)
+        except FileNotFoundError:
+            print(f"hypernat lab run: no testbed {args.tag!r} (hypernat lab up --tag {args.tag})", file=sys.stderr)
+            return 2
+        rep = traffic.run_all(topo, n_conns=args.conns, udp_flows=args.udp, pings=args.pings, seed=args.seed)
+        rep["links"] = {k: {"rx": v[0], "tx": v[1]} for k, v in topo.link_counters().items()}
+        if topo.mode == "linux":
+            from .peer import conntrack_count, nat_counters
+
+            rep["linux_nat"] = dict(nat_counters(topo), conntrack=conntrack_count(topo))
+        if args.json:
+            print(json.dumps(rep, indent=1, default=str))
+        else:
+            t = rep["tcp"]
+            print(f"TCP  {t['intact']}/{t['connections']} connections intact, {t['bytes_checked']} bytes checked, "
+                  f"{t['crossed_nics']}/{t['located']} with the two directions on different NICs "
+                  f"({100 * t['crossed_fraction']:.0f}%)  pairs {t['link_pairs_out_to_in']}")
+            if t["errors"]:
+                print(f"     errors: {dict(t['errors'])}")
+            u = rep["udp"]
+            print(f"UDP  {u['answered']}/{u['flows']} flows answered ({u['retries']} retries)")
+            p = rep["ping"]
+            print(f"ping {p['received']}/{p['sent']} replies")
+            for k, v in rep.get("linux_nat", {}).items():
+                print(f"linux-nat {k}: {v}")
+            for name, v in rep["links"].items():
+                print(f"link {name:<9} rx {v['rx']:>8} tx {v['tx']:>8}")
+        good = (rep["tcp"]["intact"] == rep["tcp"]["connections"] and rep["udp"]["answered"] == rep["udp"]["flows"]
+                and rep["ping"]["received"] == rep["ping"]["sent"])
+        return 0 if good else 1
+    return 2

@@ -1,0 +1,385 @@
+"""The namespace testbed: the paper's Fig. 3 on one machine.
+
+Three network namespaces per run, named ``hn-<tag>-vpc``, ``hn-<tag>-gw`` and
+``hn-<tag>-inet`` (the tag keeps parallel runs apart), and two veth pairs per NIC::
+
+      hn-<tag>-vpc                      hn-<tag>-gw                       hn-<tag>-inet
+   hosts 10.0.0.1..H (lo)                                              servers 198.51.100.1..S (lo)
+   ECMP default route ─┬─ nic0 ══ inside0  [NIC 0]  outside0 ══ nic0 ─┬─ ECMP route to the pool
+   (L4 hash)           └─ nic1 ══ inside1  [NIC 1]  outside1 ══ nic1 ─┘  (L4 hash)
+                         172.16.k.2/24   172.16.k.1   172.17.k.1   172.17.k.2/24
+
+Each side spreads flows over the NICs with the kernel's multipath hash over the
+5-tuple (``fib_multipath_hash_policy=1``), independently per direction, so about half
+of all connections leave on one NIC and come back on the other: the situation
+HyperNAT's rule cloning exists for.
+
+What runs in ``gw`` is the *mode*:
+
+``hypernat``  ip_forward off (the kernel sees every frame on AF_PACKET and must not
+              forward it as well); the NIC daemons own the links.
+``linux``     the peer (peer.py): Linux's own NAT, nftables snat to a pool address,
+              conntrack, policy routes so NIC k's traffic stays on NIC k's port pair.
+``noop``      ip_forward off; the no-op forwarder moves frames inside_k ↔ outside_k
+              untranslated, and ``inet`` routes the internal prefix back over the
+              outside links (plain routing, the same-run ceiling of the I/O path).
+
+Offloads (checksum, TSO, GSO, GRO) are off on both ends of every veth: a frame read
+from AF_PACKET then carries complete checksums and is never a GSO super-frame.
+
+Addresses come from ``conf/testbed.yaml`` where it has them (``internal`` prefixes,
+the external ``pool``), else from the defaults above (pool 203.0.113.0/24).
+Everything a run creates lives inside its namespaces, so ``down`` is just: stop the
+processes inside them, delete them.  It is idempotent and safe after a failure.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from . import netns
+
+log = logging.getLogger("hypernat.lab")
+
+STATE_DIR = "/run/hypernat-lab"
+NS_PREFIX = "hn-"
+MODES = ("hypernat", "linux", "noop")
+
+
+@dataclass
+class Addressing:
+    """Every address the testbed uses; defaults documented in the module docstring."""
+
+    internal: str = "10.0.0.0/16"  # VPC space I
+    hosts: int = 2  # VPC hosts 10.0.0.1 .. (on vpc's lo)
+    pool: str = "203.0.113.0/24"  # external space E
+    snat_address: str = ""  # the peer's snat target; default: first pool address
+    servers_net: str = "198.51.100.0/24"  # Internet R
+    servers: int = 2
+    inside_net: str = "172.16.{k}.0/24"  # link NIC k inside: gw .1, vpc .2
+    outside_net: str = "172.17.{k}.0/24"  # link NIC k outside: gw .1, inet .2
+
+    def host(self, i: int) -> str:
+        return str(ipaddress.ip_network(self.internal)[1 + i])
+
+    def server(self, i: int) -> str:
+        return str(ipaddress.ip_network(self.servers_net)[1 + i])
+
+    def snat(self) -> str:
+        return self.snat_address or str(ipaddress.ip_network(self.pool)[1])
+
+    def link(self, side: str, k: int, end: str) -> str:
+        """Address of `end` ('gw' or 'far') on NIC k's `side` ('inside'/'outside') link."""
+        net = ipaddress.ip_network((self.inside_net if side == "inside" else self.outside_net).format(k=k))
+        return str(net[1] if end == "gw" else net[2])
+
+    @classmethod
+    def from_config(cls, path: str | None) -> "Addressing":
+        """Read internal prefixes and the pool from a HyperNAT config, if it has them.
+
+        Tolerant on purpose: the lab must come up even from a config it only partly
+        understands; anything missing keeps its default."""
+        a = cls()
+        if not path or not os.path.exists(path):
+            return a
+        import yaml
+
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+
+        def first_prefix(v):
+            if isinstance(v, str):
+                return v
+            if isinstance(v, dict):
+                for key in ("prefixes", "prefix", "cidr", "cidrs"):
+                    if key in v:
+                        return first_prefix(v[key])
+            if isinstance(v, (list, tuple)) and v:
+                return first_prefix(v[0])
+            return None
+
+        for key in ("internal", "internal_prefixes", "vpc"):
+            p = first_prefix(doc.get(key)) if isinstance(doc, dict) else None
+            if p:
+                a.internal = str(ipaddress.ip_network(p, strict=False))
+                break
+        for key in ("pool", "external", "external_pool"):
+            p = first_prefix(doc.get(key)) if isinstance(doc, dict) else None
+            if p:
+                a.pool = str(ipaddress.ip_network(p, strict=False))
+                break
+        lab = doc.get("lab") if isinstance(doc, dict) else None
+        if isinstance(lab, dict):
+            for k, v in lab.items():
+                if hasattr(a, k):
+                    setattr(a, k, type(getattr(a, k))(v))
+        return a
+
+
+@dataclass
+class Topology:
+    """One testbed run.  `up()` builds it, `down()` removes it (idempotent)."""
+
+    tag: str
+    nics: int = 2
+    mode: str = "linux"
+    addr: Addressing = field(default_factory=Addressing)
+    mtu: int = 1500
+    pids: list = field(default_factory=list)
+
+    # names ------------------------------------------------------------------
+    @property
+    def vpc(self) -> str:
+        return f"{NS_PREFIX}{self.tag}-vpc"
+
+    @property
+    def gw(self) -> str:
+        return f"{NS_PREFIX}{self.tag}-gw"
+
+    @property
+    def inet(self) -> str:
+        return f"{NS_PREFIX}{self.tag}-inet"
+
+    @property
+    def namespaces(self) -> tuple:
+        return (self.vpc, self.gw, self.inet)
+
+    @staticmethod
+    def inside(k: int) -> str:
+        return f"inside{k}"
+
+    @staticmethod
+    def outside(k: int) -> str:
+        return f"outside{k}"
+
+    @staticmethod
+    def far(k: int) -> str:
+        """The vpc's (and inet's) end of NIC k's link."""
+        return f"nic{k}"
+
+    # state ------------------------------------------------------------------
+    def state_path(self) -> str:
+        return os.path.join(STATE_DIR, f"{self.tag}.json")
+
+    def save(self) -> None:
+        os.makedirs(STATE_DIR, exist_ok=True)
+        d = asdict(self)
+        with open(self.state_path() + ".tmp", "w") as f:
+            json.dump(d, f, indent=1)
+        os.replace(self.state_path() + ".tmp", self.state_path())
+
+    @classmethod
+    def load(cls, tag: str) -> "Topology":
+        with open(os.path.join(STATE_DIR, f"{tag}.json")) as f:
+            d = json.load(f)
+        d["addr"] = Addressing(**d["addr"])
+        return cls(**d)
+
+    def exists(self) -> bool:
+        return any(os.path.exists(netns.ns_path(n)) for n in self.namespaces)
+
+    # build ------------------------------------------------------------------
+    def up(self) -> "Topology":
+        if self.mode not in MODES:
+            raise ValueError(f"unknown lab mode {self.mode!r} (one of {', '.join(MODES)})")
+        if self.exists():
+            raise RuntimeError(f"testbed {self.tag!r} exists already: `hypernat lab down --tag {self.tag}` first")
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self.save()
+        return self
+
+    def _build(self) -> None:
+        a = self.addr
+        for n in self.namespaces:
+            pr_netns.create(n)
+        for n in self.namespaces:
+            # rp_filter would drop the return half of asymmetric ECMP paths.
+            for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
+                netns.sysctl(n, key, 0)
+            netns.sysctl(n, "net.ipv4.fib_multipath_hash_policy", 1)
+            with IPRoute(netns=n) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        netns.sysctl(self.gw, "net.ipv4.ip_forward", 1 if self.mode == "linux" else 0)
+        netns.sysctl(self.vpc, "net.ipv4.ip_forward", 0)
+        netns.sysctl(self.inet, "net.ipv4.ip_forward", 0)
+
+        with IPRoute(netns=self.gw) as gw:
+            for k in range(self.nics):
+                # Created from gw with the peer placed straight into vpc / inet: no name
+                # ever appears in the root namespace, so parallel runs cannot collide.
+                gw.link("add", ifname=self.inside(k), kind="veth", peer={"ifname": self.far(k), "net_ns_fd": self.vpc})
+                gw.link("add", ifname=self.outside(k), kind="veth", peer={"ifname": self.far(k), "net_ns_fd": self.inet})
+                for side, name in (("inside", self.inside(k)), ("outside", self.outside(k))):
+                    idx = gw.link_lookup(ifname=name)[0]
+                    gw.link("set", index=idx, mtu=self.mtu)
+                    gw.addr("add", index=idx, address=a.link(side, k, "gw"), prefixlen=24)
+                    gw.link("set", index=idx, state="up")
+
+        for ns, side in ((self.vpc, "inside"), (self.inet, "outside")):
+            with IPRoute(netns=ns) as ipr:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                if ns == self.vpc:
+                    for i in range(a.hosts):
+                        ipr.addr("add", index=lo, address=a.host(i), prefixlen=32)
+                else:
+                    for i in range(a.servers):
+                        ipr.addr("add", index=lo, address=a.server(i), prefixlen=32)
+                for k in range(self.nics):
+                    idx = ipr.link_lookup(ifname=self.far(k))[0]
+                    ipr.link("set", index=idx, mtu=self.mtu)
+                    ipr.addr("add", index=idx, address=a.link(side, k, "far"), prefixlen=24)
+                    ipr.link("set", index=idx, state="up")
+
+        for ns in self.namespaces:
+            names = [self.far(k) for k in range(self.nics)] if ns != self.gw else [
+                n for k in range(self.nics) for n in (self.inside(k), self.outside(k))]
+            for name in names:
+                self._offloads_off(ns, name)
+
+        hop = lambda side, k: {"gateway": a.link(side, k, "gw")}  # noqa: E731
+        with IPRoute(netns=self.vpc) as vpc:
+            self._ecmp(vpc, "0.0.0.0/0", [hop("inside", k) for k in range(self.nics)], prefsrc=a.host(0))
+        with IPRoute(netns=self.inet) as inet:
+            self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
+            if self.mode == "noop":
+                self._ecmp(inet, a.internal, [hop("outside", k) for k in range(self.nics)])
+        if self.mode == "linux":
+            from .peer import install_linux_nat
+
+            install_linux_nat(self)
+        self.wait_ready()
+
+    @staticmethod
+    def _ecmp(ipr, dst, hops, **kw):
+        if len(hops) == 1:
+            ipr.route("add", dst=dst, gateway=hops[0]["gateway"], **kw)
+        else:
+            ipr.route("add", dst=dst, multipath=hops, **kw)
+
+    @staticmethod
+    def _offloads_off(ns: str, ifname: str) -> None:
+        netns.run(ns, ["ethtool", "-K", ifname, "rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"],
+                  check=False)
+        p = netns.run(ns, ["ethtool", "-k", ifname], check=False)
+        bad = [ln.strip() for ln in p.stdout.splitlines()
+               if ln.split(":")[0].strip() in ("tx-checksumming", "tcp-segmentation-offload", "generic-segmentation-offload",
+                                               "generic-receive-offload") and ": on" in ln]
+        if p.returncode == 0 and bad:
+            raise RuntimeError(f"offloads still on for {ifname} in {ns}: {bad}")
+
+    def wait_ready(self, timeout=5.0) -> None:
+        """Wait until every veth is up (carrier) — the moment traffic can flow."""
+        deadline = time.monotonic() + timeout
+        for ns in self.namespaces:
+            with IPRoute(netns=ns) as ipr:
+                while True:
+                    links = [l for l in ipr.get_links() if l.get("ifname") != "lo"]
+                    if all(l.get("operstate") == "UP" for l in links):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"links in {ns} not up: {[(l.get('ifname'), l.get('operstate')) for l in links]}")
+                    time.sleep(0.02)
+
+    # run-time helpers -------------------------------------------------------
+    def mac(self, ns: str, ifname: str) -> bytes:
+        with IPRoute(netns=ns) as ipr:
+            link = ipr.get_links(ipr.link_lookup(ifname=ifname)[0])[0]
+            return bytes.fromhex(link.get("IFLA_ADDRESS").replace(":", ""))
+
+    def link_counters(self) -> dict:
+        """rx/tx packets of every gw link: {ifname: (rx_packets, tx_packets)}."""
+        out = {}
+        with IPRoute(netns=self.gw) as ipr:
+            for l in ipr.get_links():
+                if l.get("ifname") == "lo":
+                    continue
+                st = l.get("IFLA_STATS64")
+                out[l.get("ifname")] = (st["rx_packets"], st["tx_packets"])
+        return out
+
+    def start(self, ns: str, argv: list, **popen_kw):
+        """Start a process inside `ns`; recorded so `down` stops it."""
+        import subprocess
+
+        p = subprocess.Popen(netns.exec_argv(ns, argv), **popen_kw)
+        self.pids.append(p.pid)
+        self.save()
+        return p
+
+    # teardown ---------------------------------------------------------------
+    def down(self) -> None:
+        """Stop every process in our namespaces, delete the namespaces.  Idempotent."""
+        victims = set(self.pids)
+        for n in self.namespaces:
+            if os.path.exists(netns.ns_path(n)):
+                victims.update(netns.pids_in(n))
+        victims.discard(os.getpid())
+        _terminate(victims)
+        for n in self.namespaces:
+            if os.path.exists(netns.ns_path(n)):
+                try:
+                    pr_netns.remove(n)
+                except OSError as exc:  # already gone under our feet
+                    log.debug("remove %s: %s", n, exc)
+        try:
+            os.unlink(self.state_path())
+        except FileNotFoundError:
+            pass
+
+
+def _terminate(pids, grace=3.0) -> None:
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            alive.add(pid)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    alive.discard(pid)
+                    continue
+            except ChildProcessError:  # not our child: poll for existence
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    alive.discard(pid)
+                    continue
+            # A zombie we cannot reap still counts as dead for our purposes.
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        alive.discard(pid)
+            except (FileNotFoundError, IndexError):
+                alive.discard(pid)
+        time.sleep(0.05)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def list_runs() -> list:
+    """Tags of testbeds whose namespaces exist."""
+    tags = set()
+    for n in pr_netns.listnetns():
+        if n.startswith(NS_PREFIX) and n.rsplit("-", 1)[-1] in ("vpc", "gw", "inet"):
+            tags.add(n[len(NS_PREFIX):].rsplit("-", 1)[0])
+    return sorted(tags)
