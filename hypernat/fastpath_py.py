@@ -183,6 +183,14 @@ def _sum16(b, start: int, end: int) -> int:
     return _fold(s)
 
 
+def _icmp_all_zero(b, start: int, end: int) -> bool:
+    """Every byte of the ICMP message b[start:end] except its checksum field is zero."""
+    for i in range(start, end):
+        if b[i] and i != start + ICMP_CSUM and i != start + ICMP_CSUM + 1:
+            return False
+    return True
+
+
 def _addr_words(a: int):
     return (a >> 16, a & 0xFFFF)
 
@@ -612,7 +620,7 @@ class Translator:
                 dst_addr, dst_port = int(u._new_addr[j]), int(u._new_port[j])
                 _touch(t, i, now, proto, tcp_flags)
                 _touch(u, j, now, proto, tcp_flags)
-                self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, src_addr, src_port, dst_addr, dst_port,
+                self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, src_addr, src_port, dst_addr, dst_port,
                               dst_port)
                 self._set_macs(b, off, IN)
                 return V_HAIRPIN, key
@@ -620,7 +628,7 @@ class Translator:
                 return V_MISS_OUT, key
             new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
             _touch(t, i, now, proto, tcp_flags)
-            self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, new_addr, new_port, daddr, dport, new_port)
+            self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, new_addr, new_port, daddr, dport, new_port)
             self._set_macs(b, off, OUT)
             return V_TRANSLATED, key
 
@@ -630,11 +638,11 @@ class Translator:
             return V_MISS_IN, key
         new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
         _touch(t, i, now, proto, tcp_flags)
-        self._rewrite(b, ip, l4, proto, saddr, sport, daddr, dport, saddr, sport, new_addr, new_port, new_port)
+        self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, saddr, sport, new_addr, new_port, new_port)
         self._set_macs(b, off, IN)
         return V_TRANSLATED, key
 
-    def _rewrite(self, b, ip, l4, proto, saddr, sport, daddr, dport, nsaddr, nsport, ndaddr, ndport, new_id):
+    def _rewrite(self, b, ip, l4, end, proto, saddr, sport, daddr, dport, nsaddr, nsport, ndaddr, ndport, new_id):
         """Step 11: write the new endpoints, decrement TTL, update the checksums.
 
         (saddr, sport, daddr, dport) are the frame's current values, the n* the new
@@ -659,10 +667,15 @@ class Translator:
 
         if proto == PROTO_ICMP:
             # ICMP echo: no pseudo-header; only the identifier changes (RFC 5508 sec. 3).
-            old_id = sport
-            c = _be16(b, l4 + ICMP_CSUM)
-            _put16(b, l4 + ICMP_CSUM, _csum_adjust(c, (old_id,), (new_id,)))
+            c = _csum_adjust(_be16(b, l4 + ICMP_CSUM), (sport,), (new_id,))
             _put16(b, l4 + ICMP_ID, new_id)
+            if c == 0 and _icmp_all_zero(b, l4, end):
+                # Eqn. 3 yields 0x0000 when the new message sums to +0, which only an
+                # all-zero message does; its checksum is ~(+0) = 0xFFFF (RFC 1624 sec. 3:
+                # -0 only for all-zero data).  No pseudo-header makes ICMP the one place
+                # this can happen (an echo reply, code 0, id 0, seq 0, zero payload).
+                c = 0xFFFF
+            _put16(b, l4 + ICMP_CSUM, c)
             return
         old_words = old_addr_words + (sport, dport)
         new_words = new_addr_words + (nsport, ndport)
