@@ -1,0 +1,751 @@
+"""The coordinator: a ZeroMQ ROUTER that routes rule traffic between NICs.
+
+The NICs of one gateway never talk to each other directly: each holds one DEALER
+connected to the coordinator's ROUTER, and every message names its target in its
+first frame (``hypernat.messages``).  The coordinator swaps that frame for the sender's
+id and passes the rest on untouched:
+
+        NIC 0 DEALER                    Coordinator ROUTER                    NIC 1 DEALER
+    [b"nic1", FETCH, recs] ──► [b"nic0", b"nic1", FETCH, recs] ──► [b"nic1", b"nic0", FETCH, recs]
+                                 │                                                  │
+                                 ├─ sender registered (HELLO) and its socket        │
+                                 │  identity is the NIC id it claimed               ▼
+                                 ├─ target known and up?  no ──► UNDELIVERABLE back to NIC 0
+                                 ├─ records well formed?  no ──► dropped, counted, UNDELIVERABLE
+                                 └─ send NOBLOCK (ROUTER_MANDATORY: a vanished peer is an
+                                    error, not a silent drop)
+
+and it answers what is addressed to itself (frame 0 = ``COORD`` = b""):
+
+    HELLO      register: the socket identity must equal the claimed NIC id (with CURVE, the
+               ZAP handler already bound the key to that identity) -> HELLO_ACK, PEERS to all
+    HEARTBEAT  liveness; echoed back with the coordinator's incarnation.  A NIC silent for
+               ``heartbeat_timeout`` is marked down (PEERS to all); messages to it bounce
+    STATS      a NIC's counters (JSON), summed for ``hypernat ctl counters`` and /metrics
+    QUERY      control: status | nics | counters | rule ADDR:PORT (the last one asks the
+               NICs, which know their rules, and gathers their REPLYs)
+
+It keeps **no rule state**.  Killed and restarted, it comes back with a new incarnation
+and an empty registry; every NIC's next message bounces with ``not_registered`` (or its
+next HEARTBEAT echo shows the new incarnation), and the NIC must then:
+
+  1. send HELLO again (same incarnation: the NIC itself did not restart);
+  2. resend every record still unanswered (FETCH, PUSH, REVOKE, ACTIVITY, BORROW, RETURN);
+     the receivers handle repeats idempotently, so nothing acknowledged is lost and
+     nothing is applied twice;
+  3. treat UNDELIVERABLE ``unknown_target`` / ``target_down`` for a peer as "retry later"
+     (the peer may not have said HELLO yet), up to the record's own timeout.
+
+The NIC loop must never block on this socket (invariant 7): sends are NOBLOCK, and a
+coordinator that is away only delays fetches.
+
+Speed (DESIGN.md: ~220 µs fetch round trip over ipc, batching is what scales): one
+blocking ``recv_multipart`` with a timeout only for housekeeping (no poller on the hot
+path), then drain up to ``BUDGET`` more without blocking; frames are passed on as the
+bytes objects they arrived in; counters are plain integers in lists, turned into
+Prometheus series only when scraped (``hypernat.coord.metrics``).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as pysocket
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import zmq
+
+from .. import messages as M
+from ..auth import AUTH_RESULTS, AuthError, ZapHandler, load_authorized, requires_curve, server_curve
+
+log = logging.getLogger("hypernat.coord")
+
+BUDGET = 512  # messages handled per wake-up before housekeeping gets a look
+DEFAULT_ENDPOINT = "ipc:///tmp/hypernat/coord.sock"
+
+# Why the coordinator drops a message (besides messages.REASON_NAMES, which validation
+# returns): routing failures, also reported to the sender as UNDELIVERABLE.
+ROUTE_REASONS = (
+    ("unknown_target", "target NIC never said HELLO"),
+    ("target_down", "target NIC missed its heartbeats"),
+    ("not_registered", "sender has not said HELLO (or restarted without it)"),
+    ("unreachable", "ZeroMQ refused the send: peer disconnected"),
+    ("queue_full", "the target's send queue is full (high-water mark)"),
+    ("bad_query", "control query with an unknown op or bad arguments"),
+)
+DROP_REASONS = tuple(M.REASONS) + ROUTE_REASONS
+DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
+
+_TYPE_BY_FRAME = {bytes([c]): c for c in M.TYPE_NAMES}
+
+
+class CoordinatorError(Exception):
+    """The coordinator cannot start as configured (say why, in operator terms)."""
+
+
+class NicState:
+    """What the coordinator knows of one NIC: liveness and its last STATS, nothing else."""
+
+    __slots__ = ("nic", "ident", "up", "incarnation", "last_seen", "hello_at", "hellos",
+                 "msgs_from", "msgs_to", "stats", "stats_at", "down_since")
+
+    def __init__(self, nic: int, ident: bytes):
+        self.nic = nic
+        self.ident = ident
+        self.up = False
+        self.incarnation = 0
+        self.last_seen = 0.0
+        self.hello_at = 0.0
+        self.hellos = 0
+        self.msgs_from = 0
+        self.msgs_to = 0
+        self.stats: dict = {}
+        self.stats_at = 0.0
+        self.down_since: Optional[float] = None
+
+
+class _PendingRule:
+    __slots__ = ("client", "client_id", "waiting", "answers", "deadline", "args")
+
+    def __init__(self, client, client_id, waiting, deadline, args):
+        self.client = client
+        self.client_id = client_id
+        self.waiting = set(waiting)
+        self.answers: dict = {}
+        self.deadline = deadline
+        self.args = args
+
+
+class Coordinator:
+    """The broker as a library object: ``run()`` blocks until ``stop()`` (any thread, or
+    a signal handler); ``start_thread()`` runs it in a thread for tests.
+
+    endpoint            ipc://PATH (default), tcp://HOST:PORT or inproc://NAME
+    heartbeat_interval  seconds between a NIC's heartbeats (told to NICs in HELLO_ACK)
+    heartbeat_timeout   a NIC silent this long is marked down
+    n_nics              NIC ids must be below this (None: any id)
+    curve_secret_key    the coordinator's key pair file; turns CURVE on
+    authorized          {public key z85: user id} (see ``hypernat.auth``) or a directory
+                        of ``nic<N>.key`` / ``ctl*.key`` files
+    owns, internal      partition / internal-prefix predicates (``messages.validate``);
+                        None: the receiving NICs check these (the default)
+    owner_of            callable (addr, port) -> NIC, to name the owner in ``rule`` queries
+    metrics_port        serve Prometheus metrics on this port (None: off)
+    """
+
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        n_nics: Optional[int] = None,
+        curve_secret_key: Optional[str] = None,
+        authorized=None,
+        owns: Optional[M.OwnsPredicate] = None,
+        internal: Optional[M.InternalPredicate] = None,
+        owner_of: Optional[Callable[[int, int], int]] = None,
+        check_records: bool = True,
+        metrics_port: Optional[int] = None,
+        metrics_addr: str = "127.0.0.1",
+        query_timeout: float = 1.0,
+        hwm: int = 100_000,
+        ipc_mode: int = 0o660,
+        ctx: Optional[zmq.Context] = None,
+    ):
+        self.endpoint = endpoint
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.heartbeat_timeout = float(heartbeat_timeout)
+        self.n_nics = n_nics
+        self.curve_secret_key = curve_secret_key
+        self._authorized_arg = authorized
+        self.owns = owns
+        self.internal = internal
+        self.owner_of = owner_of
+        self.check_records = check_records
+        self.metrics_port = metrics_port
+        self.metrics_addr = metrics_addr
+        self.query_timeout = float(query_timeout)
+        self.hwm = hwm
+        self.ipc_mode = ipc_mode
+        self._own_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else zmq.Context()
+
+        self.incarnation = M.new_incarnation()
+        self.started_at = time.time()
+        self.nics: Dict[int, NicState] = {}
+        self.by_ident: Dict[bytes, NicState] = {}
+        # counters: plain ints, read by the metrics collector and the status query
+        self.received = [0] * 256  # by type code (unknown types under their byte)
+        self.routed = [0] * 256
+        self.drops = {name: 0 for name in DROP_REASON_NAMES}
+        self.auth = {name: 0 for name in AUTH_RESULTS}
+        self.queries = 0
+        self._pending: Dict[int, _PendingRule] = {}
+        self._next_qid = 1
+
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._setup_error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self.sock: Optional[zmq.Socket] = None
+        self._zap: Optional[ZapHandler] = None
+        self._metrics_server = None
+        self.bound_endpoint: Optional[str] = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        """Bind, serve until ``stop()``, clean up.  Raises CoordinatorError if it cannot
+        start (the reason is in the message)."""
+        try:
+            self._setup()
+        except BaseException as exc:
+            self._setup_error = exc
+            self._ready.set()
+            self._teardown()
+            raise
+        self._ready.set()
+        log.info("coordinator up on %s (incarnation %016x%s)", self.bound_endpoint, self.incarnation,
+                 ", CURVE" if self.curve_secret_key else "")
+        try:
+            self._loop()
+        finally:
+            self._teardown()
+            log.info("coordinator stopped")
+
+    def stop(self) -> None:
+        """Ask the loop to finish (thread- and signal-safe); it does within one tick."""
+        self._stop.set()
+
+    def start_thread(self, timeout: float = 10.0) -> "Coordinator":
+        """Run in a daemon thread; return once bound (raise what setup raised)."""
+        self._thread = threading.Thread(target=self._run_quietly, name="hypernat-coord", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise CoordinatorError("coordinator did not start in time")
+        if self._setup_error is not None:
+            raise self._setup_error
+        return self
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run_quietly(self):
+        try:
+            self.run()
+        except BaseException:  # noqa: BLE001 - reported through _setup_error / the log
+            if self._setup_error is None:
+                log.exception("coordinator loop failed")
+
+    def _setup(self) -> None:
+        ep = self.endpoint
+        if requires_curve(ep) and not self.curve_secret_key:
+            raise CoordinatorError(
+                f"{ep} is reachable off this host: refusing to start without CURVE "
+                "(give the coordinator's secret key file and the authorized client keys)")
+        sock = self.ctx.socket(zmq.ROUTER)
+        self.sock = sock
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting NIC takes its id back
+        sock.sndhwm = self.hwm
+        sock.rcvhwm = self.hwm
+        if ep.startswith("tcp://"):  # notice dead TCP peers without waiting for the kernel
+            ivl = max(100, int(self.heartbeat_interval * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(ivl, int(self.heartbeat_timeout * 1000)))
+        if self.curve_secret_key:
+            authorized = self._authorized_arg
+            if authorized is None:
+                raise CoordinatorError("CURVE needs the authorized client keys (none given)")
+            if isinstance(authorized, (str, os.PathLike)):
+                authorized = load_authorized(str(authorized))
+            if not authorized:
+                raise CoordinatorError("CURVE needs at least one authorized client key")
+            self._zap = ZapHandler(self.ctx, authorized, on_result=self._on_auth)
+            self._zap.start()  # before bind: without a handler libzmq lets every key in
+            try:
+                server_curve(sock, self.curve_secret_key)
+            except AuthError as exc:
+                raise CoordinatorError(str(exc)) from exc
+            sock.setsockopt(zmq.ZAP_DOMAIN, b"hypernat")
+        if ep.startswith("ipc://"):
+            self._prepare_ipc(ep[len("ipc://"):])
+        try:
+            sock.bind(ep)
+        except zmq.ZMQError as exc:
+            raise CoordinatorError(f"cannot bind {ep}: {exc}") from exc
+        self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or ep
+        if ep.startswith("ipc://") and self.ipc_mode is not None:
+            try:
+                os.chmod(ep[len("ipc://"):], self.ipc_mode)
+            except OSError as exc:
+                log.warning("cannot set mode of %s: %s", ep, exc)
+        sock.rcvtimeo = self._tick_ms()
+        if self.metrics_port is not None:
+            from .metrics import serve
+
+            self._metrics_server = serve(self, self.metrics_port, self.metrics_addr)
+
+    def _prepare_ipc(self, path: str) -> None:
+        """Create the socket's directory; refuse to steal the path from a live
+        coordinator (libzmq would silently unlink its socket file)."""
+        if path.startswith("@"):  # abstract namespace: nothing on disk
+            return
+        d = os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        if os.path.exists(path):
+            probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+            try:
+                probe.settimeout(0.5)
+                probe.connect(path)
+            except OSError:
+                return  # stale file from a killed coordinator: libzmq replaces it
+            finally:
+                probe.close()
+            raise CoordinatorError(f"another process is serving {path}: refusing to take it over")
+
+    def _teardown(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+        if self._metrics_server is not None:
+            try:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the metrics server")
+            self._metrics_server = None
+        if self._own_ctx:
+            self.ctx.term()
+
+    def _tick_ms(self) -> int:
+        return max(10, min(100, int(self.heartbeat_interval * 250)))
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        sock = self.sock
+        recv = sock.recv_multipart
+        handle = self._handle
+        tick = self._tick_ms() / 1000.0
+        next_tick = time.monotonic() + tick
+        stop = self._stop
+        while not stop.is_set():
+            try:
+                msg = recv()  # blocks up to one tick: the hot side wakes at once
+            except zmq.Again:
+                msg = None
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise
+            if msg is not None:
+                handle(msg)
+                for _ in range(BUDGET):
+                    try:
+                        msg = recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    handle(msg)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._housekeeping(now)
+                next_tick = now + tick
+
+    def _drop(self, reason: str) -> None:
+        self.drops[reason] += 1
+
+    def _handle(self, msg) -> None:
+        if len(msg) != 4:
+            self._drop("bad_frames")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("dropped a message of %d frames from %r", len(msg), msg[0] if msg else b"")
+            return
+        ident, target, tframe, payload = msg
+        code = _TYPE_BY_FRAME.get(tframe)
+        if code is None:
+            self._drop("unknown_type")
+            if len(tframe) == 1:
+                self.received[tframe[0]] += 1
+            src = self.by_ident.get(ident)
+            if src is not None:
+                self._undeliverable(ident, tframe[0] if len(tframe) == 1 else 0, "rejected", None, payload)
+            return
+        self.received[code] += 1
+        if target:
+            self._route(ident, target, code, tframe, payload)
+        else:
+            self._local(ident, code, payload)
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, ident, target, code, tframe, payload) -> None:
+        src = self.by_ident.get(ident)
+        if src is None:
+            self._drop("not_registered")
+            self._undeliverable(ident, code, "not_registered", M.parse_identity(target), payload)
+            return
+        src.last_seen = time.monotonic()
+        src.msgs_from += 1
+        if not src.up:
+            self._mark_up(src, "sent a message")
+        if code not in M.ROUTED_TYPES:
+            self._drop("wrong_direction")
+            self._undeliverable(ident, code, "rejected", M.parse_identity(target), payload)
+            return
+        dst = self.by_ident.get(target)
+        if dst is None or not dst.up:
+            reason = "unknown_target" if dst is None else "target_down"
+            self._drop(reason)
+            self._undeliverable(ident, code, reason, M.parse_identity(target), payload)
+            return
+        if self.check_records:
+            d = M.validate(src.nic, tframe, payload, receiver=dst.nic, owns=self.owns,
+                           internal=self.internal, n_nics=self.n_nics)
+            if d.reason is not None:
+                self._drop(d.reason)
+                log.warning("dropped %s from nic%d to nic%d: %s", d.name, src.nic, dst.nic, d.reason)
+                self._undeliverable(ident, code, "rejected", dst.nic, payload)
+                return
+        try:
+            self.sock.send_multipart((target, ident, tframe, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self._drop("queue_full")
+            self._undeliverable(ident, code, "unreachable", dst.nic, payload)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self._drop("unreachable")
+            self._mark_down(dst, "disconnected")
+            self._undeliverable(ident, code, "unreachable", dst.nic, payload)
+            return
+        self.routed[code] += 1
+        dst.msgs_to += 1
+
+    def _undeliverable(self, ident, code, reason, target, payload) -> None:
+        """Tell the sender its message went nowhere (best effort, never blocks)."""
+        try:
+            body = M.pack_undeliverable(code, reason, target, payload)
+            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the sender vanished too: nothing to tell
+
+    def _send(self, ident, code, payload) -> bool:
+        try:
+            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    # ------------------------------------------------------------------ local types
+    def _local(self, ident, code, payload) -> None:
+        if code == M.T_HEARTBEAT:
+            self._heartbeat(ident, payload)
+        elif code == M.T_HELLO:
+            self._hello(ident, payload)
+        elif code == M.T_STATS:
+            self._stats(ident, payload)
+        elif code == M.T_QUERY:
+            self._query(ident, payload)
+        elif code == M.T_REPLY:
+            self._reply(ident, payload)
+        else:
+            self._drop("wrong_direction")
+            if ident in self.by_ident:
+                self._undeliverable(ident, code, "rejected", None, payload)
+
+    def _hello(self, ident, payload) -> None:
+        nic = M.parse_identity(ident)
+        d = M.validate(nic, M.TYPE_FRAME[M.T_HELLO], payload, n_nics=self.n_nics)
+        if d.reason is None and nic is None:
+            d = d._replace(reason="bad_identity")
+        if d.reason is not None:
+            self._drop(d.reason)
+            raw = M.decode(M.TYPE_FRAME[M.T_HELLO], payload)
+            claimed = f" claiming nic{int(raw.recs[0]['nic'])}" if raw.reason is None else ""
+            log.warning("refused HELLO from socket %r%s: %s", ident, claimed, d.reason)
+            return
+        rec = d.recs[0]
+        now = time.monotonic()
+        st = self.nics.get(nic)
+        if st is None:
+            st = self.nics[nic] = NicState(nic, ident)
+            self.by_ident[ident] = st
+            log.info("nic%d said HELLO (incarnation %016x)", nic, int(rec["incarnation"]))
+        elif st.incarnation != int(rec["incarnation"]):
+            log.info("nic%d restarted (incarnation %016x -> %016x)", nic, st.incarnation, int(rec["incarnation"]))
+        elif not st.up:
+            log.info("nic%d is back (HELLO again)", nic)
+        st.incarnation = int(rec["incarnation"])
+        st.hello_at = now
+        st.hellos += 1
+        st.last_seen = now
+        st.up = True
+        st.down_since = None
+        ack = M.records(M.T_HELLO_ACK, 1)
+        ack["version"] = M.PROTOCOL_VERSION
+        ack["nic"] = nic
+        ack["n_nics"] = self.n_nics if self.n_nics is not None else 0
+        ack["incarnation"] = self.incarnation
+        ack["heartbeat_ms"] = int(self.heartbeat_interval * 1000)
+        self._send(ident, M.T_HELLO_ACK, ack.tobytes())
+        # everyone learns the table (the new NIC included); a repeated HELLO goes out
+        # too, since the NIC's incarnation may have changed
+        self._broadcast_peers()
+
+    def _heartbeat(self, ident, payload) -> None:
+        st = self.by_ident.get(ident)
+        d = M.decode(M.TYPE_FRAME[M.T_HEARTBEAT], payload)
+        if d.reason is not None:
+            self._drop(d.reason)
+            return
+        if st is None or int(d.recs[0]["incarnation"]) != st.incarnation:
+            # unknown to this coordinator (it restarted) or the NIC restarted: HELLO first
+            self._drop("not_registered")
+            self._undeliverable(ident, M.T_HEARTBEAT, "not_registered", None, payload)
+            return
+        st.last_seen = time.monotonic()
+        if not st.up:
+            self._mark_up(st, "heartbeat")
+        echo = d.recs.copy()
+        echo["incarnation"] = self.incarnation
+        self._send(ident, M.T_HEARTBEAT, echo.tobytes())
+
+    def _stats(self, ident, payload) -> None:
+        st = self.by_ident.get(ident)
+        if st is None:
+            self._drop("not_registered")
+            self._undeliverable(ident, M.T_STATS, "not_registered", None, payload)
+            return
+        d = M.decode(M.TYPE_FRAME[M.T_STATS], payload)
+        if d.reason is not None:
+            self._drop(d.reason)
+            return
+        obj = d.recs
+        counters = obj.get("counters", {})
+        gauges = obj.get("gauges", {})
+        if not isinstance(counters, dict) or not isinstance(gauges, dict):
+            self._drop("bad_json")
+            return
+        st.stats = {"counters": counters, "gauges": gauges}
+        st.stats_at = time.monotonic()
+        st.last_seen = st.stats_at
+
+    # ------------------------------------------------------------------ liveness
+    def _mark_up(self, st: NicState, why: str) -> None:
+        st.up = True
+        st.down_since = None
+        log.info("nic%d is up again (%s)", st.nic, why)
+        self._broadcast_peers()
+
+    def _mark_down(self, st: NicState, why: str) -> None:
+        if not st.up:
+            return
+        st.up = False
+        st.down_since = time.monotonic()
+        log.warning("nic%d is down: %s", st.nic, why)
+        self._broadcast_peers()
+
+    def _housekeeping(self, now: float) -> None:
+        limit = self.heartbeat_timeout
+        for st in list(self.nics.values()):
+            if st.up and now - st.last_seen > limit:
+                self._mark_down(st, f"no message for {now - st.last_seen:.1f} s")
+        for qid in [q for q, p in self._pending.items() if p.deadline <= now]:
+            self._finish_rule_query(qid)
+
+    def _broadcast_peers(self) -> None:
+        if not self.nics:
+            return
+        recs = M.records(M.T_PEERS, len(self.nics))
+        for i, st in enumerate(sorted(self.nics.values(), key=lambda s: s.nic)):
+            recs[i]["nic"] = st.nic
+            recs[i]["state"] = M.PEER_UP if st.up else M.PEER_DOWN
+            recs[i]["incarnation"] = st.incarnation
+        body = recs.tobytes()
+        for st in self.nics.values():
+            if st.up:
+                self._send(st.ident, M.T_PEERS, body)
+
+    # ------------------------------------------------------------------ control
+    def _on_auth(self, result: str, user: bytes, identity: bytes) -> None:
+        self.auth[result] = self.auth.get(result, 0) + 1
+
+    def _query(self, ident, payload) -> None:
+        d = M.decode(M.TYPE_FRAME[M.T_QUERY], payload)
+        if d.reason is not None:
+            self._drop(d.reason)
+            return
+        q = d.recs
+        self.queries += 1
+        qid = q.get("id")
+        op = q.get("op")
+        args = q.get("args") or {}
+        try:
+            if not isinstance(args, dict):
+                raise ValueError("args must be an object")
+            if op == "status":
+                result = self.status()
+            elif op == "nics":
+                result = self.nics_table()
+            elif op == "counters":
+                result = self.counters()
+            elif op == "rule":
+                self._start_rule_query(ident, qid, args)
+                return
+            else:
+                raise ValueError(f"unknown op {op!r} (status, nics, counters, rule)")
+        except (ValueError, TypeError, KeyError) as exc:
+            self._drop("bad_query")
+            self._send(ident, M.T_REPLY, M.pack_json({"id": qid, "ok": False, "error": str(exc)}))
+            return
+        self._send(ident, M.T_REPLY, M.pack_json({"id": qid, "ok": True, "result": result}))
+
+    def _start_rule_query(self, client, client_id, args) -> None:
+        addr = M.ip_int(str(args["addr"]))
+        port = int(args["port"])
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} out of range")
+        proto = args.get("proto")
+        if proto is not None and int(proto) not in M.VALID_PROTOS:
+            raise ValueError(f"protocol {proto} is not TCP, UDP or ICMP")
+        qargs = {"addr": M.ip_str(addr), "port": port, "proto": None if proto is None else int(proto)}
+        qid = self._next_qid
+        self._next_qid += 1
+        up = [st for st in self.nics.values() if st.up]
+        p = _PendingRule(client, client_id, [st.nic for st in up], time.monotonic() + self.query_timeout, qargs)
+        self._pending[qid] = p
+        body = M.pack_json({"id": qid, "op": "rule", "args": qargs})
+        for st in up:
+            if not self._send(st.ident, M.T_QUERY, body):
+                p.waiting.discard(st.nic)
+                p.answers[f"nic{st.nic}"] = {"ok": False, "error": "unreachable"}
+        if not p.waiting:
+            self._finish_rule_query(qid)
+
+    def _reply(self, ident, payload) -> None:
+        st = self.by_ident.get(ident)
+        d = M.decode(M.TYPE_FRAME[M.T_REPLY], payload)
+        if st is None or d.reason is not None:
+            self._drop("not_registered" if st is None else d.reason)
+            return
+        qid = d.recs.get("id")
+        p = self._pending.get(qid) if isinstance(qid, int) else None
+        if p is None or st.nic not in p.waiting:
+            return  # late answer to a query that already timed out
+        p.waiting.discard(st.nic)
+        ans = {"ok": bool(d.recs.get("ok"))}
+        if "result" in d.recs:
+            ans["result"] = d.recs["result"]
+        if "error" in d.recs:
+            ans["error"] = d.recs["error"]
+        p.answers[f"nic{st.nic}"] = ans
+        if not p.waiting:
+            self._finish_rule_query(qid)
+
+    def _finish_rule_query(self, qid) -> None:
+        p = self._pending.pop(qid, None)
+        if p is None:
+            return
+        result = {"query": p.args, "answers": p.answers, "missing": sorted(f"nic{n}" for n in p.waiting)}
+        if self.owner_of is not None:
+            try:
+                owner = int(self.owner_of(M.ip_int(p.args["addr"]), p.args["port"]))
+                result["owner"] = None if owner < 0 else f"nic{owner}"
+            except Exception:  # noqa: BLE001 - informative only
+                result["owner"] = None
+        self._send(p.client, M.T_REPLY, M.pack_json({"id": p.client_id, "ok": True, "result": result}))
+
+    # ------------------------------------------------------------------ views
+    def status(self) -> dict:
+        up = sum(1 for st in self.nics.values() if st.up)
+        return {
+            "endpoint": self.bound_endpoint or self.endpoint,
+            "incarnation": f"{self.incarnation:016x}",
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "curve": bool(self.curve_secret_key),
+            "protocol": M.PROTOCOL_VERSION,
+            "nics_up": up,
+            "nics_known": len(self.nics),
+            "messages_received": sum(self.received),
+            "messages_routed": sum(self.routed),
+            "drops": sum(self.drops.values()),
+            "auth_refused": sum(v for k, v in self.auth.items() if k != "accepted"),
+        }
+
+    def nics_table(self) -> list:
+        now = time.monotonic()
+        out = []
+        for st in sorted(self.nics.values(), key=lambda s: s.nic):
+            out.append({
+                "nic": st.nic,
+                "up": st.up,
+                "incarnation": f"{st.incarnation:016x}",
+                "last_seen_s": round(now - st.last_seen, 3),
+                "hellos": st.hellos,
+                "messages_from": st.msgs_from,
+                "messages_to": st.msgs_to,
+                "stats_age_s": round(now - st.stats_at, 3) if st.stats_at else None,
+            })
+        return out
+
+    def counters(self) -> dict:
+        """Sum of the NICs' last STATS, each NIC's own, and the coordinator's."""
+        total: dict = {}
+        per_nic = {}
+        for st in sorted(self.nics.values(), key=lambda s: s.nic):
+            c = st.stats.get("counters", {})
+            per_nic[f"nic{st.nic}"] = c
+            _sum_into(total, c)
+        return {
+            "total": total,
+            "per_nic": per_nic,
+            "coordinator": {
+                "received": {M.TYPE_NAMES.get(c, f"0x{c:02x}"): n for c, n in enumerate(self.received) if n},
+                "routed": {M.TYPE_NAMES[c]: n for c, n in enumerate(self.routed) if n},
+                "drops": {k: v for k, v in self.drops.items() if v},
+                "auth": {k: v for k, v in self.auth.items() if v},
+            },
+        }
+
+
+def _sum_into(total: dict, add: dict) -> None:
+    """total += add, recursively over nested dicts of numbers (others ignored)."""
+    for k, v in add.items():
+        if isinstance(v, dict):
+            sub = total.setdefault(k, {})
+            if isinstance(sub, dict):
+                _sum_into(sub, v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            cur = total.get(k, 0)
+            if isinstance(cur, (int, float)):
+                total[k] = cur + v
+
+
+def predicates_from_config(cfg):
+    """(owns, internal, owner_of) for a loaded Config: partition arithmetic (without
+    loans: see ``hypernat-coord --check-partitions``) and the internal prefixes."""
+    from ..partition import Partition
+
+    part = Partition.from_config(cfg)
+    nets = [(int(n.network_address), int(n.netmask)) for n in cfg.internal]
+
+    def owns(nic, addrs, ports):
+        return part.owners(addrs, ports) == nic
+
+    def internal(addrs):
+        a = np.asarray(addrs, dtype=np.uint32)
+        ok = np.zeros(a.shape, dtype=bool)
+        for base, mask in nets:
+            ok |= (a & np.uint32(mask)) == np.uint32(base)
+        return ok
+
+    return owns, internal, part.owner
