@@ -1,0 +1,804 @@
+"""RuleAgent: how a rule built on one NIC reaches the NIC that sees the other direction.
+
+The switch hashes each direction of a connection independently, so the reply to a
+connection that NIC i translated usually arrives at another NIC j.  Every rule has one
+*owner* (the NIC whose partition holds its external endpoint); any other NIC that must
+translate the connection holds a *clone* under a *lease*.  The agent is the part of a
+NIC that moves rules between NICs, through the coordinator:
+
+      NIC j (holder)                  coordinator                 NIC i (owner)
+   miss_in (R→E) ─┐
+   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.lookup / admit
+                  │                                                lease[j] = now + L
+   install clone ◄┴─ RULE(session, L) ◄── route ◄──────────────── RULE
+   replay queue through the fast path, in arrival order
+   …every activity_interval:
+   ACTIVITY(keys seen, tcp flags) ───► route ──────────────────► touch session, renew
+   lease renewed  ◄──────────────────── LEASE(L) ◄────────────────
+                                                                   session expires:
+   drop clone, REVOKE_ACK ◄────────────── REVOKE ◄──────────────── hold endpoint until
+                                                                   every lease acked/ran out
+
+*Passive install* (the default, the paper's) fetches on a miss: an incoming miss, an
+ICMP error whose embedded flow misses, or — with endpoint-independent mapping — a first
+outgoing packet of a host whose mappings another NIC owns.  Frames wait in a queue that
+is bounded per flow and in total; a NACK or a timeout drops them and counts why.  A NACK
+is remembered briefly (negative cache) and fetches are rate-limited per remote source,
+so a port scan of the external space cannot become a FETCH storm.
+
+*Active install* (option): when the owner builds a rule it predicts the return NIC with
+the switch's hash (``predict_nic``) and PUSHes the clone there.  A push that loses the
+race with the reply, or a wrong prediction, just falls back to passive install.
+
+*Leases* make Invariant 3 hold: a holder drops a clone whose lease ran out (with a
+safety margin on its own clock), the owner renews leases on ACTIVITY, and an external
+endpoint is reused only after every lease granted on it ran out or was revoked with a
+REVOKE_ACK (the agent holds the endpoint in the RuleBuilder: ``hold``/``release_hold``).  Everything that matters is retried until
+acknowledged and handled idempotently (a duplicate RULE refreshes a clone, a duplicate
+FETCH is answered again), so a coordinator restart loses nothing.
+
+The agent never touches packets one by one in the fast path's place: it keeps frames
+that wait for a rule, installs clones in the flow tables, and hands frames back to the
+worker (``replay``) which runs them through ``Translator.translate`` like any batch.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layout
+from . import messages as M
+from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE
+from .verdicts import SLOW_PATH_REASON_NAMES
+
+log = logging.getLogger("hypernat.agent")
+
+# Directions of a fetch (same numbers as verdicts.OUT / verdicts.IN).
+OUT = 0
+IN = 1
+
+# ---------------------------------------------------------------------------------------
+# The switch's hash: which NIC a packet lands on.  Used by the emulated switch and by the
+# owner to predict the return NIC for active install.
+# ---------------------------------------------------------------------------------------
+_TUPLE = struct.Struct("!IIHHB")
+
+
+def _tuple_bytes(proto, saddr, sport, daddr, dport) -> bytes:
+    return _TUPLE.pack(saddr, daddr, sport, dport, proto)
+
+
+def _jhash_3words(a: int, b: int, c: int, initval: int = 0) -> int:
+    """Linux's jhash_3words (lookup3 final mix), 32-bit."""
+    M = 0xFFFFFFFF
+
+    def rol(x, k):
+        return ((x << k) | (x >> (32 - k))) & M
+
+    iv = (0xDEADBEEF + (3 << 2) + initval) & M
+    a, b, c = (a + iv) & M, (b + iv) & M, (c + iv) & M
+    c ^= b; c = (c - rol(b, 14)) & M  # noqa: E702
+    a ^= c; a = (a - rol(c, 11)) & M  # noqa: E702
+    b ^= a; b = (b - rol(a, 25)) & M  # noqa: E702
+    c ^= b; c = (c - rol(b, 16)) & M  # noqa: E702
+    a ^= c; a = (a - rol(c, 4)) & M  # noqa: E702
+    b ^= a; b = (b - rol(a, 14)) & M  # noqa: E702
+    c ^= b; c = (c - rol(b, 24)) & M  # noqa: E702
+    return c
+
+
+def switch_hash(name: str, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
+                fields: str = "5-tuple") -> int:
+    """The access switch's per-packet hash over the 5-tuple (one direction).
+
+    ``sha1`` is the paper's testbed (first 4 bytes of SHA-1 over the packed tuple),
+    ``crc32`` and ``jhash`` (Linux's jhash_3words, as nftables ``jhash … seed S``) are
+    the cheap alternatives a real switch or the namespace testbed may use.  ``fields``
+    "src" hashes the source address only (a switch configured for source hashing).
+    """
+    if fields == "src":
+        proto, sport, daddr, dport = 0, 0, 0, 0
+    if name == "sha1":
+        d = hashlib.sha1(_tuple_bytes(proto, saddr, sport, daddr, dport)).digest()
+        return int.from_bytes(d[:4], "big")
+    if name == "crc32":
+        return zlib.crc32(_tuple_bytes(proto, saddr, sport, daddr, dport), seed) & 0xFFFFFFFF
+    if name == "jhash":
+        return _jhash_3words(saddr, daddr, ((sport << 16) | dport) ^ proto, seed)
+    raise ValueError(f"unknown switch hash {name!r} (sha1, crc32, jhash)")
+
+
+def predict_nic(name: str, n: int, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
+                fields: str = "5-tuple") -> int:
+    """The NIC a packet with this 5-tuple lands on, for a switch using `name` over n links."""
+    return switch_hash(name, proto, saddr, sport, daddr, dport, seed, fields) % n
+
+
+# ---------------------------------------------------------------------------------------
+# Record conversions: the fast path's keys, the builder's sessions, the wire records.
+# ---------------------------------------------------------------------------------------
+def skey(r) -> tuple:
+    """A session's identity: (proto, I, Ip, E, Ep, R, Rp), from any record that has
+    the fields under the builder's names (SESSION_DTYPE) or the wire's (int_/ext_/rem_)."""
+    names = r.dtype.names
+    if "iaddr" in names:
+        return (int(r["proto"]), int(r["iaddr"]), int(r["iport"]), int(r["eaddr"]), int(r["eport"]),
+                int(r["raddr"]), int(r["rport"]))
+    return (int(r["proto"]), int(r["int_addr"]), int(r["int_port"]), int(r["ext_addr"]), int(r["ext_port"]),
+            int(r["rem_addr"]), int(r["rem_port"]))
+
+
+def session_rec(sk: tuple, owner: int = 0, rule_id: int = 0, dirs: int = 0, last_seen: int = 0,
+                tcp: int = 0) -> np.ndarray:
+    """One SESSION_DTYPE record from a session identity."""
+    s = np.zeros(1, SESSION_DTYPE)
+    p, i, ip, e, ep, r, rp = sk
+    s["proto"], s["iaddr"], s["iport"], s["eaddr"], s["eport"], s["raddr"], s["rport"] = p, i, ip, e, ep, r, rp
+    s["owner"], s["rule_id"], s["dirs"], s["last_seen"] = owner, rule_id, dirs, last_seen
+    s["tcp_out"] = s["tcp_in"] = tcp
+    return s
+
+
+def _wire_endpoints(dst, i, sk) -> None:
+    p, ia, ip, ea, ep, ra, rp = sk
+    dst["proto"][i] = p
+    dst["int_addr"][i], dst["int_port"][i] = ia, ip
+    dst["ext_addr"][i], dst["ext_port"][i] = ea, ep
+    dst["rem_addr"][i], dst["rem_port"][i] = ra, rp
+
+
+def fetch_key_tuple(fetch_dir: int, key) -> tuple:
+    """(proto, saddr, sport, daddr, dport) of a layout.KEY_DTYPE record."""
+    return (int(key["proto"]), int(key["saddr"]), int(key["sport"]), int(key["daddr"]), int(key["dport"]))
+
+
+def session_key(sk: tuple, direction: int) -> tuple:
+    """The flow-table key of a session in `direction`'s table."""
+    p, ia, ip, ea, ep, ra, rp = sk
+    return (p, ia, ip, ra, rp) if direction == OUT else (p, ra, rp, ea, ep)
+
+
+DIR_BIT = {OUT: DIR_BIT_OUT, IN: DIR_BIT_IN}
+
+# builder refusal (slow-path reason) -> NACK reason
+_NACK_OF = {
+    "ports_exhausted": "exhausted",
+    "host_port_cap": "exhausted",
+    "filtered": "filtered",
+    "unsolicited_syn": "filtered",
+    "not_in_pool": "not_owner",
+    "not_internal": "bad_request",
+}
+
+
+# ---------------------------------------------------------------------------------------
+@dataclass
+class AgentParams:
+    """Tunables (the config's ``agent`` section; defaults suit one host over ipc://)."""
+
+    lease_s: float = 30.0  # lease granted with a clone
+    lease_margin_s: float = 0.5  # a holder drops a clone this much before its lease ends
+    activity_interval_s: float = 1.0  # batched ACTIVITY reports at most this often
+    fetch_timeout_s: float = 1.0  # a fetch unanswered this long drops its queue
+    retry_s: float = 0.05  # resend an unacknowledged message after this long (doubling)
+    retry_max_s: float = 0.5
+    queue_per_flow: int = 16
+    queue_total: int = 8192
+    negative_ttl_s: float = 2.0  # NACKs remembered this long
+    negative_max: int = 65536
+    fetch_rate: float = 100.0  # fetches per second per remote source (token bucket) ...
+    fetch_burst: float = 200.0  # ... with this burst
+    active_install: bool = False
+    switch_hash: str = "sha1"
+    switch_seed: int = 0
+    switch_fields: str = "5-tuple"
+
+
+@dataclass
+class _Pending:
+    fetch_dir: int
+    key: tuple  # (proto, saddr, sport, daddr, dport) in fetch_dir's table
+    owner: int
+    seq: int
+    first: float
+    sent: float
+    retry: float
+    flags: int = 0
+    frames: list = field(default_factory=list)
+
+
+@dataclass
+class _Clone:
+    owner: int
+    rule_id: int
+    dirs: int  # DIR_BIT_* installed here
+    expires: float  # local clock: the lease ends here (dropped lease_margin earlier)
+
+
+@dataclass
+class _Unacked:
+    target: int
+    mtype: int
+    rec: np.ndarray  # one record of the type's dtype
+    sent: float
+    retry: float
+    deadline: float
+    what: tuple = ()
+
+
+class RuleAgent:
+    """The cloning state machine of one NIC: its holder side and its owner side.
+
+    nic_id, n_nics   this NIC and how many there are
+    rules            this NIC's ``RuleBuilder`` (owner of its sessions, keeper of its clones)
+    send(target, mtype, recs)   queue records for NIC `target` (non-blocking; the worker
+                     batches everything queued in one loop turn into one message)
+    owner_of(eaddr, eport) -> nic | None   partition arithmetic (+ borrowed blocks)
+    replay(direction, frames)   run queued frames through the fast path again, send hits
+    clock()          float seconds (monotonic): leases, retries, timeouts
+    tick_clock()     the fast path's uint32 ticks (last_seen)
+    """
+
+    def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
+                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None):
+        self.nic_id = nic_id
+        self.n_nics = n_nics
+        self.rules = rules
+        self._send = send
+        self.owner_of = owner_of
+        self.replay = replay
+        self.p = params or AgentParams()
+        self.clock = clock
+        self.tick_clock = tick_clock or (lambda: int(clock()))
+        self._seq = 1
+        # holder side
+        self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
+        self._by_seq: dict[int, tuple] = {}
+        self.queued_total = 0
+        self.clones: dict[tuple, _Clone] = {}  # session identity -> clone held here
+        self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
+        self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
+        # owner side
+        self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
+        self._unacked: dict[int, _Unacked] = {}
+        self._activity_due = 0.0
+        self.counters = collections.Counter()
+        self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _next_seq(self) -> int:
+        s = self._seq
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        return s
+
+    def _emit(self, target: int, mtype: int, recs: np.ndarray) -> None:
+        self.counters["tx_" + M.TYPE_NAMES[mtype].lower()] += len(recs)
+        self._send(target, mtype, recs)
+
+    def count(self, reason: str, n: int = 1) -> None:
+        self.counters[reason] += n
+
+    def _track(self, target, mtype, rec, now, deadline, what=()) -> None:
+        self._unacked[int(rec["seq"][0])] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+
+    # -- holder side: misses ---------------------------------------------------------------
+    def fetch(self, fetch_dir: int, key, owner: int, frame: bytes | None, now: float) -> bool:
+        """Queue `frame` behind a fetch of `key` (a layout.KEY_DTYPE record, oriented like
+        `fetch_dir`'s table) from NIC `owner`.  Returns False, and counts why, when the
+        frame is dropped instead."""
+        kt = fetch_key_tuple(fetch_dir, key)
+        pk = (fetch_dir, kt)
+        pend = self.pending.get(pk)
+        if pend is None:
+            until = self.negative.get(pk)
+            if until is not None:
+                if until > now:
+                    self.count("fetch_negative_cached")
+                    return False
+                del self.negative[pk]
+            if fetch_dir == IN and not self._take_token(kt[1], now):
+                self.count("fetch_rate_limited")
+                return False
+        if frame is not None and (self.queued_total >= self.p.queue_total
+                                  or (pend is not None and len(pend.frames) >= self.p.queue_per_flow)):
+            self.count("pending_queue_full")
+            if pend is not None:
+                return False
+            frame = None  # the fetch still goes out: later packets will find the rule
+        if pend is None:
+            icmp = int(key["kind"]) == layout.KIND_ICMP_ERROR
+            pend = self._start_fetch(fetch_dir, kt, owner, now, M.FETCH_F_ICMP_ERROR if icmp else 0)
+        if frame is not None:
+            pend.frames.append(frame)
+            self.queued_total += 1
+            return True
+        return False
+
+    def _start_fetch(self, fetch_dir, kt, owner, now, flags) -> _Pending:
+        seq = self._next_seq()
+        if fetch_dir == OUT:
+            flags |= M.FETCH_F_ALLOCATE
+        pend = _Pending(fetch_dir, kt, owner, seq, now, now, self.p.retry_s, flags)
+        self.pending[(fetch_dir, kt)] = pend
+        self._by_seq[seq] = (fetch_dir, kt)
+        self._send_fetch(pend)
+        self.count("fetches")
+        return pend
+
+    def _send_fetch(self, pend: _Pending) -> None:
+        rec = M.records(M.T_FETCH, 1)
+        p, sa, sp, da, dp = pend.key
+        rec["seq"], rec["proto"], rec["flags"] = pend.seq, p, pend.flags
+        if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
+            rec["kind"] = M.FETCH_BY_EXTERNAL
+            rec["rem_addr"], rec["rem_port"], rec["ext_addr"], rec["ext_port"] = sa, sp, da, dp
+        else:  # (p, I, Ip, R, Rp)
+            rec["kind"] = M.FETCH_BY_INTERNAL
+            rec["int_addr"], rec["int_port"], rec["rem_addr"], rec["rem_port"] = sa, sp, da, dp
+        self._emit(pend.owner, M.T_FETCH, rec)
+
+    def _take_token(self, remote: int, now: float) -> bool:
+        b = self._buckets.get(remote)
+        if b is None:
+            b = [self.p.fetch_burst, now]
+            self._buckets[remote] = b
+            if len(self._buckets) > 65536:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(remote)
+            b[0] = min(self.p.fetch_burst, b[0] + (now - b[1]) * self.p.fetch_rate)
+            b[1] = now
+        if b[0] < 1.0:
+            return False
+        b[0] -= 1.0
+        return True
+
+    def revalidate(self, sessions: np.ndarray, now: float) -> int:
+        """Clones read back from a snapshot (SESSION_DTYPE, `dirs` = entries held): not
+        installed; each is fetched again from its owner, and the answer installs it."""
+        n = 0
+        for s in sessions:
+            sk = skey(s)
+            for d in (OUT, IN):
+                if int(s["dirs"]) & DIR_BIT[d]:
+                    kt = session_key(sk, d)
+                    if (d, kt) not in self.pending:
+                        self._start_fetch(d, kt, int(s["owner"]), now, M.FETCH_F_REVALIDATE)
+                        n += 1
+        self.count("clones_revalidating", n)
+        return n
+
+    # -- messages ------------------------------------------------------------------------
+    def on_message(self, source: int, mtype: int, recs: np.ndarray, now: float) -> None:
+        """Handle the (validated) records of one routed message from NIC `source`."""
+        h = self._HANDLERS.get(mtype)
+        if h is None:
+            self.count("bad_message")
+            return
+        self.counters["rx_" + M.TYPE_NAMES[mtype].lower()] += len(recs)
+        h(self, source, recs, now)
+
+    # holder: answers to our fetches
+    def _on_rule(self, source, recs, now):
+        for r in recs:
+            pk = self._by_seq.pop(int(r["seq"]), None)
+            pend = self.pending.get(pk) if pk is not None else None
+            if pend is None:
+                self.count("rule_duplicate")  # a retry answered twice, or timed out meanwhile
+                continue
+            sk = skey(r)
+            if session_key(sk, pend.fetch_dir) != pend.key:
+                self.count("bad_message")
+                continue
+            if not self._owned_by(source, r):
+                continue
+            del self.pending[pk]
+            self._install(source, r, DIR_BIT[pend.fetch_dir], now)
+            self.queued_total -= len(pend.frames)
+            self.fetch_latencies.append(now - pend.first)
+            self.count("fetch_answered")
+            if pend.frames:
+                self.replay(pend.fetch_dir, pend.frames)
+            # the fast path now has the rule for an out fetch; an in key may differ for
+            # a wildcard answer (EIM), the replay above resolves it either way
+
+    def _on_push(self, source, recs, now):
+        ack = M.records(M.T_PUSH_ACK, len(recs))
+        ack["seq"] = recs["seq"]
+        for i, r in enumerate(recs):
+            if not self._owned_by(source, r):
+                ack["status"][i] = M.ST_REFUSED
+                continue
+            self._install(source, r, DIR_BIT_IN, now)
+            self.count("push_installed")
+            sk = skey(r)
+            pk = (IN, session_key(sk, IN))
+            pend = self.pending.pop(pk, None)
+            if pend is not None:  # the push lost the race with the reply: release now
+                self._by_seq.pop(pend.seq, None)
+                self.queued_total -= len(pend.frames)
+                if pend.frames:
+                    self.replay(IN, pend.frames)
+        self._emit(source, M.T_PUSH_ACK, ack)
+
+    def _on_nack(self, source, recs, now):
+        for r in recs:
+            pk = self._by_seq.pop(int(r["seq"]), None)
+            pend = self.pending.pop(pk, None) if pk is not None else None
+            if pend is None:
+                continue
+            self.queued_total -= len(pend.frames)
+            self.count("fetch_nack", max(1, len(pend.frames)))
+            reason = int(r["reason"])
+            if reason != M.NACK["unavailable"]:
+                self.negative[pk] = now + self.p.negative_ttl_s
+                if len(self.negative) > self.p.negative_max:
+                    self.negative.popitem(last=False)
+            if pend.flags & M.FETCH_F_REVALIDATE:
+                self.count("clones_lost_on_revalidation")
+
+    def _on_lease(self, source, recs, now):
+        for r in recs:
+            c = self.clones.get(skey(r))
+            if c is None or c.owner != source:
+                continue
+            c.expires = max(c.expires, now + int(r["lease_ms"]) / 1000.0)
+            self.count("leases_renewed")
+
+    def _on_revoke(self, source, recs, now):
+        ack = M.records(M.T_REVOKE_ACK, len(recs))
+        ack["seq"] = recs["seq"]
+        for i, r in enumerate(recs):
+            sk = skey(r)
+            c = self.clones.get(sk)
+            if c is not None and c.owner == source:
+                self._drop_clone(sk, "clone_revoked")
+            else:
+                ack["status"][i] = M.ST_UNKNOWN  # idempotent: acknowledged all the same
+        self._emit(source, M.T_REVOKE_ACK, ack)
+
+    def _on_ack(self, source, recs, now):
+        for r in recs:
+            u = self._unacked.get(int(r["seq"]))
+            if u is None or u.target != source:
+                continue
+            del self._unacked[int(r["seq"])]
+            if u.mtype == M.T_REVOKE:
+                self._lease_end(u.what, source)
+
+    # owner side
+    def _on_fetch(self, source, recs, now):
+        tick = self.tick_clock()
+        by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
+        rule_out, nack_out = [], []
+        for fetch_dir, sel in ((IN, by_ext), (OUT, ~by_ext)):
+            if not sel.any():
+                continue
+            sub = recs[sel]
+            keys = np.zeros(len(sub), layout.KEY_DTYPE)
+            keys["proto"] = sub["proto"]
+            if fetch_dir == IN:
+                keys["saddr"], keys["sport"] = sub["rem_addr"], sub["rem_port"]
+                keys["daddr"], keys["dport"] = sub["ext_addr"], sub["ext_port"]
+            else:
+                keys["saddr"], keys["sport"] = sub["int_addr"], sub["int_port"]
+                keys["daddr"], keys["dport"] = sub["rem_addr"], sub["rem_port"]
+            icmp = (sub["flags"] & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE)) != 0
+            keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
+            sessions, status = self.rules.serve_fetch(fetch_dir, keys, tick)
+            for i in range(len(sub)):
+                if int(status[i]) == 0:
+                    rule_out.append((sub[i], sessions[i]))
+                else:
+                    nack_out.append((sub[i], int(status[i])))
+        if rule_out:
+            out = M.records(M.T_RULE, len(rule_out))
+            for i, (r, s) in enumerate(rule_out):
+                sk = skey(s)
+                _wire_endpoints(out, i, sk)
+                out["seq"][i] = r["seq"]
+                out["rule_id"][i] = s["rule_id"]
+                out["owner"][i] = self.nic_id
+                out["lease_ms"][i] = int(self.p.lease_s * 1000)
+                out["tcp_state"][i] = int(s["tcp_out"]) | int(s["tcp_in"])
+                self._grant(sk, source, now)
+            self._emit(source, M.T_RULE, out)
+        if nack_out:
+            out = M.records(M.T_NACK, len(nack_out))
+            for i, (r, st) in enumerate(nack_out):
+                out[i] = r
+                name = SLOW_PATH_REASON_NAMES[st] if 0 <= st < len(SLOW_PATH_REASON_NAMES) else ""
+                out["reason"][i] = M.NACK[_NACK_OF.get(name, "no_rule")]
+            self._emit(source, M.T_NACK, out)
+            self.count("fetch_refused", len(nack_out))
+
+    def _on_activity(self, source, recs, now):
+        tick = self.tick_clock()
+        ack = M.records(M.T_ACTIVITY_ACK, len(recs))
+        ack["seq"] = recs["seq"]
+        self._emit(source, M.T_ACTIVITY_ACK, ack)
+        sess = np.zeros(len(recs), SESSION_DTYPE)
+        for f_w, f_s in (("int_addr", "iaddr"), ("ext_addr", "eaddr"), ("rem_addr", "raddr"),
+                         ("int_port", "iport"), ("ext_port", "eport"), ("rem_port", "rport"),
+                         ("proto", "proto"), ("rule_id", "rule_id")):
+            sess[f_s] = recs[f_w]
+        idle = (recs["idle_ms"] // 1000).astype(np.int64)
+        sess["last_seen"] = np.clip(tick - idle, 0, 0xFFFFFFFF)
+        sess["dirs"] = DIR_BIT_OUT | DIR_BIT_IN
+        sess["tcp_out"] = recs["tcp_flags"]
+        sess["tcp_in"] = recs["tcp_flags"]
+        sess["owner"] = self.nic_id
+        self.rules.merge_activity(sess, tick)
+        renew = []
+        for i, r in enumerate(recs):
+            sk = skey(r)
+            holders = self.leases.get(sk)
+            if holders is None or source not in holders:
+                self.count("activity_unknown")  # expired or revoked here: let the lease run out
+                continue
+            self._grant(sk, source, now)
+            renew.append((sk, int(r["rule_id"])))
+        if renew:
+            out = M.records(M.T_LEASE, len(renew))
+            for i, (sk, rid) in enumerate(renew):
+                _wire_endpoints(out, i, sk)
+                out["rule_id"][i] = rid
+                out["owner"][i] = self.nic_id
+                out["lease_ms"][i] = int(self.p.lease_s * 1000)
+            self._emit(source, M.T_LEASE, out)
+
+    _HANDLERS = {
+        M.T_RULE: _on_rule,
+        M.T_PUSH: _on_push,
+        M.T_NACK: _on_nack,
+        M.T_LEASE: _on_lease,
+        M.T_REVOKE: _on_revoke,
+        M.T_FETCH: _on_fetch,
+        M.T_ACTIVITY: _on_activity,
+        M.T_PUSH_ACK: _on_ack,
+        M.T_REVOKE_ACK: _on_ack,
+        M.T_ACTIVITY_ACK: _on_ack,
+    }
+
+    # -- installs --------------------------------------------------------------------------
+    def _owned_by(self, source, r) -> bool:
+        owner = self.owner_of(int(r["ext_addr"]), int(r["ext_port"]))
+        if owner != source or int(r["owner"]) != source:
+            self.count("bad_message")
+            log.warning("nic%d: rule for %s:%d from nic%s whose owner is nic%s: dropped", self.nic_id,
+                        M.ip_str(r["ext_addr"]), int(r["ext_port"]), source, owner)
+            return False
+        return True
+
+    def _install(self, owner: int, r, dirs: int, now: float) -> None:
+        sk = skey(r)
+        expires = now + int(r["lease_ms"]) / 1000.0
+        c = self.clones.get(sk)
+        if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
+            c.expires = max(c.expires, expires)  # idempotent repeat
+            return
+        rec = session_rec(sk, owner=owner, rule_id=int(r["rule_id"]), dirs=dirs,
+                          last_seen=self.tick_clock())
+        if self.rules.install_clone(rec, self.tick_clock(), dirs=dirs) <= 0:
+            self.count("clone_install_failed")
+            return
+        if c is None:
+            self.clones[sk] = _Clone(owner, int(r["rule_id"]), dirs, expires)
+        else:
+            c.dirs |= dirs
+            c.expires = max(c.expires, expires)
+        self.count("clones_installed")
+        for d in (OUT, IN):
+            if dirs & DIR_BIT[d]:
+                self.negative.pop((d, session_key(sk, d)), None)
+
+    def _drop_clone(self, sk, reason: str) -> None:
+        c = self.clones.pop(sk, None)
+        if c is None:
+            return
+        self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
+        self.count(reason)
+
+    # -- owner side: leases, active install, revocation ---------------------------------------
+    def _grant(self, sk: tuple, holder: int, now: float) -> None:
+        """Record a lease on `sk` for `holder`; the first lease of a holder holds the
+        external endpoint in the builder until it ends (``_lease_end``)."""
+        if holder == self.nic_id:
+            return
+        holders = self.leases.setdefault(sk, {})
+        if holder not in holders:
+            self.rules.hold(sk[0], sk[3], sk[4])
+        holders[holder] = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+
+    def _lease_end(self, sk: tuple, holder: int) -> None:
+        holders = self.leases.get(sk)
+        if holders is None or holder not in holders:
+            return
+        del holders[holder]
+        if not holders:
+            del self.leases[sk]
+        self.rules.release_hold(sk[0], sk[3], sk[4])
+
+    def _push_created(self, now: float) -> None:
+        created = self.rules.drain_created()
+        if not self.p.active_install or self.n_nics < 2 or len(created) == 0:
+            return
+        out = []
+        for s in created:
+            try:
+                j = predict_nic(self.p.switch_hash, self.n_nics, int(s["proto"]), int(s["raddr"]), int(s["rport"]),
+                                int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields)
+            except ValueError:  # a hash we cannot reproduce (toeplitz): passive install only
+                self.count("push_unpredictable")
+                continue
+            if j != self.nic_id:
+                out.append((j, s))
+        for j, s in out:
+            sk = skey(s)
+            rec = M.records(M.T_PUSH, 1)
+            _wire_endpoints(rec, 0, sk)
+            rec["seq"], rec["rule_id"], rec["owner"] = self._next_seq(), s["rule_id"], self.nic_id
+            rec["lease_ms"], rec["flags"] = int(self.p.lease_s * 1000), M.RULE_F_PUSHED
+            self._grant(sk, j, now)  # held even if the push is lost: the safe side
+            self._track(j, M.T_PUSH, rec, now, now + self.p.fetch_timeout_s, sk)
+            self._emit(j, M.T_PUSH, rec)
+            self.count("pushes")
+
+    def _revoke_removed(self, now: float) -> None:
+        removed = self.rules.drain_removed()
+        for s in removed:
+            sk = skey(s)
+            holders = self.leases.get(sk)
+            if not holders:
+                continue
+            for h, until in list(holders.items()):
+                if until <= now:
+                    self._lease_end(sk, h)
+                    continue
+                rec = M.records(M.T_REVOKE, 1)
+                _wire_endpoints(rec, 0, sk)
+                rec["seq"], rec["rule_id"], rec["kind"] = self._next_seq(), s["rule_id"], M.FETCH_BY_EXTERNAL
+                self._track(h, M.T_REVOKE, rec, now, until, sk)
+                self._emit(h, M.T_REVOKE, rec)
+                self.count("revokes")
+
+    # -- time ---------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Retries, timeouts, lease ends, active install, revocation, activity; call once
+        per loop turn (cheap when there is nothing to do)."""
+        self._push_created(now)
+        self._revoke_removed(now)
+        if self.pending:
+            for pk, pend in list(self.pending.items()):
+                if now - pend.first >= self.p.fetch_timeout_s:
+                    del self.pending[pk]
+                    self._by_seq.pop(pend.seq, None)
+                    self.queued_total -= len(pend.frames)
+                    self.count("fetch_timeout", max(1, len(pend.frames)))
+                elif now - pend.sent >= pend.retry:
+                    pend.sent = now
+                    pend.retry = min(pend.retry * 2, self.p.retry_max_s)
+                    self._send_fetch(pend)
+                    self.count("fetch_retries")
+        if self._unacked:
+            for seq, u in list(self._unacked.items()):
+                if now >= u.deadline:
+                    del self._unacked[seq]
+                    if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
+                        self._lease_end(u.what, u.target)
+                elif now - u.sent >= u.retry:
+                    u.sent = now
+                    u.retry = min(u.retry * 2, self.p.retry_max_s)
+                    self._emit(u.target, u.mtype, u.rec)
+                    self.count("retries")
+        if now >= self._activity_due:
+            self._activity_due = now + min(self.p.activity_interval_s, self.p.lease_s / 4)
+            self.report_activity(now)
+            for sk, c in list(self.clones.items()):  # holder: leases that ran out
+                if now >= c.expires - self.p.lease_margin_s:
+                    self._drop_clone(sk, "lease_expired")
+            for sk, holders in list(self.leases.items()):  # owner: the same, seen from here
+                for h, until in list(holders.items()):
+                    if until <= now:
+                        self._lease_end(sk, h)
+
+    def report_activity(self, now: float) -> int:
+        """Batched ACTIVITY to each owner for the clones hit since the last report."""
+        act = self.rules.collect_activity(clear=True)
+        if len(act) == 0:
+            return 0
+        tick = self.tick_clock()
+        by_owner = collections.defaultdict(list)
+        for s in act:
+            sk = skey(s)
+            c = self.clones.get(sk)
+            if c is None:
+                continue
+            by_owner[c.owner].append(s)
+        n = 0
+        for owner, items in by_owner.items():
+            rec = M.records(M.T_ACTIVITY, len(items))
+            for i, s in enumerate(items):
+                _wire_endpoints(rec, i, skey(s))
+                rec["seq"][i] = self._next_seq()
+                rec["rule_id"][i] = s["rule_id"]
+                rec["idle_ms"][i] = max(0, tick - int(s["last_seen"])) * 1000
+                rec["tcp_flags"][i] = int(s["tcp_out"]) | int(s["tcp_in"])
+            self._emit(owner, M.T_ACTIVITY, rec)
+            n += len(items)
+        self.count("activity_reported", n)
+        return n
+
+    def resend_all(self, now: float) -> None:
+        """After the coordinator restarted (or we re-HELLOed): send again everything not
+        answered yet instead of waiting for the retry timers."""
+        for pend in self.pending.values():
+            pend.sent = now
+            self._send_fetch(pend)
+        for u in self._unacked.values():
+            u.sent = now
+            self._emit(u.target, u.mtype, u.rec)
+
+    def fail_target(self, target: int, now: float) -> None:
+        """The coordinator says NIC `target` is down: fail its fetches at once."""
+        for pk, pend in list(self.pending.items()):
+            if pend.owner == target:
+                del self.pending[pk]
+                self._by_seq.pop(pend.seq, None)
+                self.queued_total -= len(pend.frames)
+                self.count("fetch_owner_down", max(1, len(pend.frames)))
+
+    def peer_restarted(self, owner: int, now: float) -> None:
+        """NIC `owner` came back with a new incarnation: report every clone of its rules
+        at once.  An owner that restored its snapshot renews them; one that crashed does
+        not know them, and they run out with their lease."""
+        items = [(sk, c) for sk, c in self.clones.items() if c.owner == owner]
+        if not items:
+            return
+        rec = M.records(M.T_ACTIVITY, len(items))
+        for i, (sk, c) in enumerate(items):
+            _wire_endpoints(rec, i, sk)
+            rec["seq"][i] = self._next_seq()
+            rec["rule_id"][i] = c.rule_id
+        self._emit(owner, M.T_ACTIVITY, rec)
+
+    # -- snapshot -------------------------------------------------------------------------------
+    def snapshot(self, now: float) -> dict:
+        """Plain data: clones held (to revalidate) and leases granted (remaining seconds)."""
+        return {
+            "clones": [[list(sk), c.owner, c.rule_id, c.dirs] for sk, c in self.clones.items()],
+            "leases": [[list(sk), {str(h): max(0.0, t - now) for h, t in hs.items()}]
+                       for sk, hs in self.leases.items()],
+        }
+
+    def restore(self, state: dict, now: float) -> None:
+        """Leases granted before the restart keep holding their endpoints; clones are
+        revalidated with their owners before use (never installed from the file)."""
+        for sk, hs in state.get("leases", []):
+            sk = tuple(sk)
+            for h, left in hs.items():
+                h = int(h)
+                self.leases.setdefault(sk, {})[h] = now + float(left)
+                self.rules.hold(sk[0], sk[3], sk[4])
+        clones = state.get("clones", [])
+        if clones:
+            recs = np.concatenate([session_rec(tuple(sk), owner=o, rule_id=rid, dirs=d) for sk, o, rid, d in clones])
+            self.revalidate(recs, now)
+
+    # -- introspection --------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "pending_flows": len(self.pending),
+            "queued_frames": self.queued_total,
+            "clones": len(self.clones),
+            "leases": sum(len(h) for h in self.leases.values()),
+            "unacked": len(self._unacked),
+            "negative_cache": len(self.negative),
+        }

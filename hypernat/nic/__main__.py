@@ -1,0 +1,87 @@
+"""``hypernat-nic --config gw.yaml --nic N``: one NIC worker as a daemon.
+
+A thin shell over ``NicWorker``: read the config, open the NIC's two ports with the
+backend the config names, pin / prioritise if asked, serve metrics, run the loop until
+SIGTERM / SIGINT, then write the snapshot (graceful stop: no rule lost).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def open_port(backend: str, ifname: str):
+    """A Port for interface `ifname` with the named backend (from hypernat.io)."""
+    if backend == "packet_mmap":
+        from ..io.packet_mmap import PacketMmapPort as P
+    elif backend == "af_xdp":
+        from ..io.af_xdp import AfXdpPort as P
+    elif backend == "pcap":
+        from ..io.pcap import PcapPort as P
+    elif backend == "memory":
+        raise SystemExit("hypernat-nic: the memory backend exists only inside the emulated deployment "
+                         "(hypernat demo / hypernat.lab.emulated)")
+    else:
+        raise SystemExit(f"hypernat-nic: unknown I/O backend {backend!r}")
+    return P(ifname)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hypernat-nic", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", "-c", required=True, help="gateway YAML file")
+    ap.add_argument("--nic", "-n", type=int, required=True, help="this NIC's id")
+    ap.add_argument("--endpoint", help="coordinator endpoint (default: from the config)")
+    ap.add_argument("--state-dir", help="snapshot and journal directory (default: config state_dir/nic<N>)")
+    ap.add_argument("--no-metrics", action="store_true")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from .. import config as cfgmod
+    from .worker import NicWorker
+
+    try:
+        cfg = cfgmod.load(args.config)
+    except (OSError, cfgmod.ConfigError) as exc:
+        print(f"hypernat-nic: {exc}", file=sys.stderr)
+        return 2
+    if not 0 <= args.nic < cfg.n_nics:
+        print(f"hypernat-nic: NIC {args.nic} is not in {args.config} (0..{cfg.n_nics - 1})", file=sys.stderr)
+        return 2
+    nc = cfg.nic(args.nic)
+    if nc.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {nc.cpu})
+        except OSError as exc:
+            logging.warning("cannot pin to CPU %d: %s", nc.cpu, exc)
+    if nc.rt_priority:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(nc.rt_priority))
+        except OSError as exc:
+            logging.warning("cannot set SCHED_FIFO %d: %s", nc.rt_priority, exc)
+    try:
+        inside, outside = open_port(nc.io, nc.inside), open_port(nc.io, nc.outside)
+    except (OSError, ImportError) as exc:
+        print(f"hypernat-nic: cannot open {nc.inside}/{nc.outside} with {nc.io}: {exc}", file=sys.stderr)
+        return 1
+    w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir)
+    if cfg.metrics.enabled and not args.no_metrics:
+        from .metrics import serve
+
+        serve(w, cfg.metrics.address, cfg.metrics.port + 1 + args.nic)
+    w.install_signal_handlers()
+    logging.info("nic%d: running (%s, %s/%s, coordinator %s)", args.nic, nc.io, nc.inside, nc.outside,
+                 args.endpoint or cfg.coordinator.endpoint)
+    try:
+        w.run()
+    finally:
+        w.shutdown(snapshot=True)
+        inside.close()
+        outside.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

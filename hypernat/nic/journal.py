@@ -1,0 +1,101 @@
+"""The port-block journal: what a NIC allocated, on disk before it is used.
+
+A NIC hands external ports to internal hosts in blocks.  If the NIC is killed (SIGKILL,
+power) its tables are gone, but remote peers may still send to the external endpoints
+it had handed out.  Handing those endpoints to another host too early would deliver
+one host's traffic to another (invariant 1).  So every block assignment is appended
+here, flushed and fsync'ed, *before* the block's first port is used:
+
+    RuleBuilder: new block for host h ──► journal.append({"block": g, ...}) ──► fsync
+                                                                                  │
+                                         first port of block g handed out ◄───────┘
+    restart after a crash: blocks() ──► RuleBuilder.quarantine_blocks(blocks, until)
+
+A graceful stop writes a snapshot instead (every rule survives) and the journal starts
+afresh.  One JSON object per line; a torn last line (crash mid-write) is ignored.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+log = logging.getLogger("hypernat.nic.journal")
+
+
+class Journal:
+    """Append-only, fsync'ed JSON-lines file of block assignments."""
+
+    def __init__(self, path: str, fsync: bool = True):
+        self.path = path
+        self.fsync = fsync
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = None
+        self.appended = 0
+
+    def _open(self):
+        if self._f is None:
+            self._f = open(self.path, "a", encoding="utf-8")
+        return self._f
+
+    def append(self, record: dict) -> None:
+        """Persist one record; returns only once it is on disk."""
+        f = self._open()
+        f.write(json.dumps(record, separators=(",", ":"), default=_plain) + "\n")
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+        self.appended += 1
+
+    def records(self) -> list:
+        """Every complete record in the file (a torn last line is skipped and logged)."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except FileNotFoundError:
+            return []
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: line %d unreadable (torn write?): skipped", self.path, i + 1)
+        return out
+
+    def blocks(self) -> set:
+        """Block ids journaled (records with a "block" field) and not released since."""
+        live = set()
+        for r in self.records():
+            if not isinstance(r, dict) or "block" not in r:
+                continue
+            try:
+                b = int(r["block"])
+            except (TypeError, ValueError):
+                continue
+            if r.get("op") in ("release", "return", "free"):
+                live.discard(b)
+            else:
+                live.add(b)
+        return live
+
+    def reset(self) -> None:
+        """Start afresh (after a snapshot made the journal's content redundant)."""
+        self.close()
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _plain(o):
+    try:
+        return int(o)
+    except (TypeError, ValueError):
+        return str(o)

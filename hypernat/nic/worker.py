@@ -1,0 +1,566 @@
+"""The NIC worker loop: one run-to-completion loop per NIC (NAT + RuleBuilder + RuleAgent).
+
+One process (or, in tests, one object) per NIC.  It owns two ports (inside toward the
+VPC, outside toward the Internet), the NIC's two flow tables, its RuleBuilder and its
+RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
+
+          zmq.Poller: inside fd │ outside fd │ DEALER        (one wait, no busy loop)
+                        │            │           │
+    inside.recv() ──► translate(OUT) ──► hits ──► outside.send()      hairpins ──► inside
+    outside.recv() ─► translate(IN) ──► hits ──► inside.send()
+                        │ misses (verdict MISS_*, key per frame)
+                        ▼
+              RuleBuilder.handle_misses ──► REPLAY: translate again, send
+                                        ──► DROP: counted by reason
+                                        ──► FETCH: RuleAgent queues the frame, asks the owner
+    DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
+    RuleAgent.tick: retries, timeouts, leases, activity │ RuleBuilder.sweep: one expiry step
+    Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
+
+Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
+few numpy operations; per connection (a miss) it does Python work.  The coordinator is
+never waited for: established traffic keeps flowing while it is away (invariant 7),
+unsent control messages wait in a bounded backlog and the agent's retries resend what
+mattered.  HELLO on start, HEARTBEAT every interval, and HELLO again whenever the
+coordinator says it does not know us (UNDELIVERABLE not_registered) or shows a new
+incarnation — then everything unanswered is sent again (invariant 6).
+
+``NicWorker`` is a library class: ``hypernat-nic`` (``nic/__main__.py``) is a thin shell
+around it, the emulated deployment runs it in child processes, tests drive it
+in-process with ``run_once()``.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import zmq
+
+from .. import layout
+from .. import messages as M
+from ..agent import AgentParams, RuleAgent
+from ..fastpath import FlowTable, Translator
+from ..partition import Partition
+from ..rules import ACT_DROP, ACT_FETCH, ACT_REPLAY, RuleBuilder
+from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
+
+log = logging.getLogger("hypernat.nic")
+
+_V_TRANSLATED = VERDICT["translated"]
+_V_HAIRPIN = VERDICT["hairpin"]
+_MISS_LUT = np.zeros(256, dtype=bool)
+_MISS_LUT[list(MISS_VERDICTS)] = True
+_SEND_LUT = np.zeros(256, dtype=bool)
+_SEND_LUT[_V_TRANSLATED] = True
+
+# Loop counters beyond the fast path's verdicts and the builder's reasons.
+LOOP_COUNTERS = (
+    "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
+    "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries",
+)
+
+
+def agent_params(config) -> AgentParams:
+    """The agent's tunables from the configuration."""
+    lim = config.limits
+    retry = lim.fetch_timeout_ms / 1000.0
+    return AgentParams(
+        lease_s=float(lim.lease_duration),
+        lease_margin_s=min(1.0, lim.lease_duration / 10.0),
+        activity_interval_s=max(0.05, min(2.0, lim.lease_duration / 4.0)),
+        fetch_timeout_s=retry * (lim.fetch_retries + 1),
+        retry_s=retry,
+        retry_max_s=retry,
+        queue_per_flow=lim.pending_per_flow,
+        queue_total=lim.pending_total,
+        negative_ttl_s=lim.negative_cache_s,
+        fetch_rate=float(lim.fetch_rate_per_source),
+        fetch_burst=float(lim.fetch_rate_per_source),
+        active_install=config.install == "active",
+        switch_hash=config.switch.hash,
+        switch_seed=config.switch.seed,
+        switch_fields=config.switch.fields,
+    )
+
+
+class NicWorker:
+    """One NIC: ports, tables, builder, agent, coordinator link; ``run()`` until ``stop()``.
+
+    config      hypernat.config.Config (the whole gateway; this NIC's part is nic_id)
+    inside, outside   hypernat.io.base.Port
+    endpoint    coordinator endpoint (default config.coordinator.endpoint); None and
+                ``standalone=True`` runs without a coordinator (single NIC, tests)
+    clock       float seconds, monotonic (leases, retries); ticks = int(clock())
+    batch_size  frames per recv
+    state_dir   where snapshot and journal live (default config.state_dir/nic<id>)
+    """
+
+    def __init__(self, config, nic_id: int, inside, outside, *, endpoint: str | None = None,
+                 standalone: bool = False, clock=time.monotonic, batch_size: int = 256,
+                 state_dir: str | None = None, context: zmq.Context | None = None,
+                 params: AgentParams | None = None, rng=None, restore: bool = True,
+                 journal: bool = True):
+        from .journal import Journal
+        from .snapshot import Snapshot
+
+        self.config = config
+        self.nic_id = nic_id
+        self.n_nics = config.n_nics
+        self.inside, self.outside = inside, outside
+        self.clock = clock
+        self.batch_size = batch_size
+        self.partition = Partition.from_config(config)
+        cap = config.limits.flow_table_capacity
+        self.out_table = FlowTable(cap)
+        self.in_table = FlowTable(cap)
+        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
+        self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
+        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal")) if journal else None
+        self.snapshot = Snapshot(os.path.join(self.state_dir, "snapshot"))
+        self.rules = RuleBuilder(config, nic_id, self.out_table, self.in_table, partition=self.partition,
+                                 rng=rng, journal=self.journal.append if self.journal else None)
+        self.outbox = M.Outbox()
+        self._backlog: collections.deque = collections.deque()
+        self._backlog_max = 100_000
+        self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
+                               self._replay, params or agent_params(config), clock=clock,
+                               tick_clock=self.ticks)
+        self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
+        self._verdicts = np.zeros(max(batch_size, 1024), np.uint8)
+        self._keys = np.zeros(max(batch_size, 1024), layout.KEY_DTYPE)
+        self._stop = False
+        self.incarnation = M.new_incarnation()
+        self.coord_incarnation = None
+        self.registered = False
+        self._hello_due = 0.0
+        self._hb_due = 0.0
+        self._stats_due = 0.0
+        self._hb_seq = 0
+        self.peers: dict[int, tuple] = {}
+        self.sock = None
+        self._own_ctx = False
+        self.standalone = standalone
+        self.poller = zmq.Poller()
+        for p in (inside, outside):
+            self.poller.register(p.fileno(), zmq.POLLIN)
+        if not standalone:
+            self._ctx = context or zmq.Context.instance()
+            self._connect(endpoint or config.coordinator.endpoint)
+        self.recovery = {}
+        if restore:
+            self.recovery = self._restore()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _connect(self, endpoint: str) -> None:
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, M.nic_identity(self.nic_id))
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 100_000)
+        s.setsockopt(zmq.RCVHWM, 100_000)
+        nc = self.config.nic(self.nic_id)
+        cc = self.config.coordinator
+        if nc.curve_secret_key and cc.curve_public_key:
+            from ..auth import client_curve
+
+            client_curve(s, nc.curve_secret_key, cc.curve_public_key)
+        s.connect(endpoint)
+        self.sock = s
+        self.endpoint = endpoint
+        self.poller.register(s, zmq.POLLIN)
+
+    def _restore(self) -> dict:
+        """Graceful restart: reload the snapshot.  Crash restart (journal but no clean
+        snapshot): quarantine every journaled block until its longest timeout passed."""
+        now = self.clock()
+        info = {"snapshot": False, "quarantined_blocks": 0}
+        snap = self.snapshot.load()
+        if snap is not None:
+            out_slots, in_slots, state = snap
+            self.out_table.load_slots(out_slots)
+            self.in_table.load_slots(in_slots)
+            clones = self._strip_clones()
+            self.rules.restore(state.get("rules", {}))
+            self.agent.restore(state.get("agent", {}), now)
+            info.update(snapshot=True, rules=int(len(self.out_table)), clones_to_revalidate=int(clones))
+            self.snapshot.discard()  # used once: a crash from here on is a crash
+            if self.journal is not None:
+                self.journal.reset()
+            log.info("nic%d: restored snapshot: %s", self.nic_id, info)
+            return info
+        if self.journal is not None:
+            blocks = self.journal.blocks()
+            if blocks:
+                t = self.config.timeouts
+                longest = max(t.udp, t.tcp_established, t.tcp_transitory, t.icmp) + t.reuse_delay
+                until = self.ticks() + longest
+                self.rules.quarantine_blocks(sorted(blocks), until)
+                info["quarantined_blocks"] = len(blocks)
+                self.counters["blocks_quarantined"] += len(blocks)
+                log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
+                            "their sessions are lost", self.nic_id, len(blocks), longest)
+        return info
+
+    def _strip_clones(self) -> int:
+        """Remove clone entries read back from a snapshot; the agent revalidates them."""
+        n = 0
+        for t in (self.out_table, self.in_table):
+            idx = t.occupied()
+            if len(idx) == 0:
+                continue
+            sl = t.slots[idx]
+            clones = sl[(sl["flags"] & layout.F_CLONE) != 0]
+            if len(clones):
+                t.delete_batch(clones.copy())
+                n += len(clones)
+        return n
+
+    # -- helpers ------------------------------------------------------------------------------
+    def ticks(self) -> int:
+        return int(self.clock()) & 0xFFFFFFFF
+
+    def _owner_of(self, eaddr: int, eport: int):
+        o = self.partition.owner(eaddr, eport)
+        return None if o < 0 else o
+
+    def _queue_msg(self, target: int, mtype: int, recs) -> None:
+        self.outbox.add_many(M.nic_identity(target), mtype, recs)
+
+    def _send_coord(self, mtype: int, payload: bytes) -> None:
+        self._send_frames([M.COORD, M.TYPE_FRAME[mtype], payload])
+
+    def _send_frames(self, frames) -> None:
+        if self.sock is None:
+            return
+        if self._backlog:
+            if len(self._backlog) >= self._backlog_max:
+                self.counters["coord_backlog_dropped"] += 1
+                return
+            self._backlog.append(frames)
+            return
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.counters["coord_sent"] += 1
+        except zmq.Again:
+            self._backlog.append(frames)
+        except zmq.ZMQError as exc:
+            self.counters["coord_backlog_dropped"] += 1
+            log.debug("nic%d: send failed: %s", self.nic_id, exc)
+
+    def _flush(self) -> None:
+        while self._backlog:
+            try:
+                self.sock.send_multipart(self._backlog[0], flags=zmq.NOBLOCK, copy=False)
+                self._backlog.popleft()
+                self.counters["coord_sent"] += 1
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                self._backlog.popleft()
+                self.counters["coord_backlog_dropped"] += 1
+        if len(self.outbox):
+            if self.sock is None:
+                for _ in self.outbox.drain():
+                    self.counters["coord_backlog_dropped"] += 1
+                return
+            for target, mtype, payload in self.outbox.drain():
+                self._send_frames([target, M.TYPE_FRAME[mtype], payload])
+
+    # -- packets ------------------------------------------------------------------------------
+    def _process(self, port, direction: int, other) -> int:
+        b = port.recv(self.batch_size)
+        if b is None:
+            return 0
+        try:
+            n = b.n
+            if n > len(self._verdicts):
+                self._verdicts = np.zeros(n, np.uint8)
+                self._keys = np.zeros(n, layout.KEY_DTYPE)
+            v = self._verdicts[:n]
+            k = self._keys[:n]
+            now = self.ticks()
+            self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+            self.counters["batches"] += 1
+            send = _SEND_LUT[v]
+            if send.any():
+                idx = np.flatnonzero(send)
+                sent = other.send(b, idx)
+                self.counters["tx_drops"] += len(idx) - sent
+            if direction == OUT:
+                hp = v == _V_HAIRPIN
+                if hp.any():
+                    idx = np.flatnonzero(hp)
+                    self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+            miss = _MISS_LUT[v]
+            if miss.any():
+                self._misses(b, direction, v, k, now)
+        finally:
+            port.release(b)
+        return n
+
+    def _misses(self, b, direction, v, k, now) -> None:
+        d = self.rules.handle_misses(direction, v, k, now)
+        replay = d.indices(ACT_REPLAY)
+        if len(replay):
+            self._replay(direction, b.frames(replay))
+        fetch = d.indices(ACT_FETCH)
+        if len(fetch):
+            t = self.clock()
+            for i in fetch:
+                i = int(i)
+                self.agent.fetch(int(d.fetch_dir[i]), d.fetch_key[i], int(d.owner[i]), b.frame(i), t)
+        # ACT_DROP: the builder counted the reason already
+
+    def _replay(self, direction: int, frames) -> None:
+        """Translate frames again once their rule is installed; send what hits."""
+        from ..io.base import Batch
+
+        b = Batch.from_frames(frames)
+        n = b.n
+        v = np.zeros(n, np.uint8)
+        k = np.zeros(n, layout.KEY_DTYPE)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
+        self.counters["replayed"] += n
+        other = self.outside if direction == OUT else self.inside
+        send = np.flatnonzero(v == _V_TRANSLATED)
+        if len(send):
+            self.counters["tx_drops"] += len(send) - other.send(b, send)
+        hp = np.flatnonzero(v == _V_HAIRPIN)
+        if len(hp):
+            self.counters["tx_drops"] += len(hp) - self.inside.send(b, hp)
+        self.counters["replay_miss"] += int(_MISS_LUT[v].sum())
+
+    # -- coordinator ---------------------------------------------------------------------------
+    def _hello(self, now: float) -> None:
+        rec = M.records(M.T_HELLO, 1)
+        rec["version"], rec["nic"], rec["n_nics"] = M.PROTOCOL_VERSION, self.nic_id, self.n_nics
+        rec["incarnation"] = self.incarnation
+        rec["heartbeat_ms"] = int(self.config.coordinator.heartbeat_interval * 1000)
+        self._send_coord(M.T_HELLO, rec.tobytes())
+        self.counters["hellos"] += 1
+        self._hello_due = now + 0.5  # until HELLO_ACK
+
+    def _heartbeat(self, now: float) -> None:
+        self._hb_seq += 1
+        rec = M.records(M.T_HEARTBEAT, 1)
+        rec["seq"], rec["incarnation"], rec["time_ns"] = self._hb_seq, self.incarnation, time.monotonic_ns()
+        self._send_coord(M.T_HEARTBEAT, rec.tobytes())
+
+    def _recv_coord(self, now: float, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.counters["coord_recv"] += 1
+            if len(parts) != 3:
+                self.counters["coord_bad_message"] += 1
+                continue
+            src, tframe, payload = parts
+            if src == M.COORD:
+                self._from_coord(tframe, payload, now)
+                continue
+            sender = M.parse_identity(src)
+            d = M.validate(sender, tframe, payload, receiver=self.nic_id,
+                           owns=self._owns_vec, internal=self._internal_vec, n_nics=self.n_nics)
+            if not d.ok or sender is None or d.mtype not in M.ROUTED_TYPES:
+                self.counters["coord_bad_message"] += 1
+                self.agent.count("bad_message")
+                self.agent.count("bad_message_" + (d.reason or "wrong_direction"))
+                continue
+            self.agent.on_message(sender, d.mtype, d.recs, now)
+
+    def _owns_vec(self, nic, addrs, ports):
+        return self.partition.owners(addrs, ports) == nic
+
+    def _internal_vec(self, addrs):
+        out = np.zeros(len(addrs), dtype=bool)
+        for net in self.config.internal:
+            out |= (np.asarray(addrs, dtype=np.uint32) & np.uint32(int(net.netmask))) == np.uint32(
+                int(net.network_address))
+        return out
+
+    def _from_coord(self, tframe, payload, now) -> None:
+        d = M.validate(None, tframe, payload)
+        if not d.ok:
+            self.counters["coord_bad_message"] += 1
+            return
+        t = d.mtype
+        if t == M.T_HELLO_ACK:
+            inc = int(d.recs[0]["incarnation"])
+            fresh = not self.registered or (self.coord_incarnation not in (None, inc))
+            self.coord_incarnation = inc
+            self.registered = True
+            self._hello_due = float("inf")
+            if fresh:
+                self.agent.resend_all(now)
+        elif t == M.T_HEARTBEAT:
+            inc = int(d.recs[0]["incarnation"])
+            if self.coord_incarnation is not None and inc and inc != self.coord_incarnation and inc != self.incarnation:
+                log.info("nic%d: coordinator restarted: HELLO again", self.nic_id)
+                self.registered = False
+                self._hello(now)
+        elif t == M.T_UNDELIVERABLE:
+            u = M.unpack_undeliverable(d.recs)
+            self.counters["undeliverable"] += 1
+            if u is not None:
+                orig, reason, target, _ = u
+                self.counters["undeliverable_" + reason] += 1
+                if reason == "not_registered" and now >= self._hello_due - 0.4:
+                    self.registered = False
+                    self._hello(now)
+        elif t == M.T_PEERS:
+            for r in d.recs:
+                nic, state, inc = int(r["nic"]), int(r["state"]), int(r["incarnation"])
+                prev = self.peers.get(nic)
+                self.peers[nic] = (state, inc)
+                if state == M.PEER_DOWN and nic != self.nic_id:
+                    self.agent.fail_target(nic, now)
+                if prev is not None and prev[1] != inc and nic != self.nic_id:
+                    self.agent.peer_restarted(nic, now)
+        elif t == M.T_QUERY:
+            self._answer_query(d.recs)
+
+    def _answer_query(self, q: dict) -> None:
+        self.counters["queries"] += 1
+        op = q.get("op")
+        try:
+            if op == "rule":
+                a = q.get("args", {})
+                addr = M.ip_int(a["addr"]) if isinstance(a.get("addr"), str) else int(a["addr"])
+                res = None
+                for proto in ([int(a["proto"])] if "proto" in a else [6, 17, 1]):
+                    res = self.rules.lookup_external(proto, addr, int(a["port"]))
+                    if res is not None:
+                        break
+                result = res
+            elif op == "counters":
+                result = self.counters_dict()
+            elif op == "status":
+                result = self.status()
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            reply = {"id": q.get("id"), "ok": True, "result": result}
+        except Exception as exc:  # noqa: BLE001 - a bad query gets an error reply, not a crash
+            reply = {"id": q.get("id"), "ok": False, "error": str(exc)}
+        self._send_coord(M.T_REPLY, M.pack_json(reply))
+
+    def _stats(self) -> None:
+        self._send_coord(M.T_STATS, M.pack_json({"seq": self._hb_seq, "counters": self.counters_dict(),
+                                                 "gauges": self.gauges()}))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run_once(self, timeout_ms: int = 100) -> int:
+        """One turn: wait for packets or messages (at most timeout_ms), handle them, run
+        timers.  Returns frames processed."""
+        if self.agent.pending or self.agent._unacked or self._backlog or len(self.outbox):
+            timeout_ms = min(timeout_ms, 5)
+        events = dict(self.poller.poll(timeout_ms))
+        now = self.clock()
+        if self.sock is not None and self.sock in events:
+            self._recv_coord(now)
+        n = 0
+        for _ in range(4):  # a few batches per side per turn; the poller keeps it fair
+            k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
+            n += k
+            if k == 0:
+                break
+        self._timers(now)
+        self._flush()
+        return n
+
+    def _timers(self, now: float) -> None:
+        self.agent.tick(now)
+        self.rules.sweep(self.ticks())
+        if self.sock is not None:
+            if not self.registered and now >= self._hello_due:
+                self._hello(now)
+            if now >= self._hb_due:
+                self._hb_due = now + self.config.coordinator.heartbeat_interval
+                self._heartbeat(now)
+            if now >= self._stats_due:
+                self._stats_due = now + 1.0
+                self._stats()
+
+    def run(self, duration: float | None = None) -> None:
+        """Loop until stop() (or a signal handler calls it), or for `duration` seconds."""
+        end = None if duration is None else self.clock() + duration
+        self._stop = False
+        while not self._stop:
+            self.run_once()
+            if end is not None and self.clock() >= end:
+                break
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT: stop the loop (then ``shutdown`` writes the snapshot)."""
+        def h(signum, frame):
+            self.stop()
+
+        signal.signal(signal.SIGTERM, h)
+        signal.signal(signal.SIGINT, h)
+
+    def shutdown(self, snapshot: bool = True) -> dict:
+        """Graceful stop: write the snapshot (tables + builder + agent), close the socket."""
+        info = {}
+        if snapshot:
+            now = self.clock()
+            state = {"rules": self.rules.snapshot(), "agent": self.agent.snapshot(now),
+                     "nic": self.nic_id, "written": time.time()}
+            self.snapshot.save(self.out_table.slots, self.in_table.slots, state)
+            info = {"snapshot": self.snapshot.path, "rules": len(self.out_table)}
+            log.info("nic%d: snapshot written: %s", self.nic_id, info)
+        self.close()
+        return info
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self._flush()
+            except zmq.ZMQError:
+                pass
+            self.sock.close(0)
+            self.sock = None
+
+    # -- introspection -----------------------------------------------------------------------------
+    def counters_dict(self) -> dict:
+        out = {}
+        tc = self.translator.counters_dict()
+        for dname, vals in tc.items():
+            for k, v in vals.items():
+                if v:
+                    out[f"fastpath_{dname}_{k}"] = int(v)
+        for k, v in self.rules.counters_dict().items():
+            out[f"rules_{k}"] = int(v)
+        for k, v in self.agent.counters.items():
+            out[f"agent_{k}"] = int(v)
+        for k, v in self.counters.items():
+            out[f"loop_{k}"] = int(v)
+        for p in (self.inside, self.outside):
+            for k, v in p.stats().items():
+                out[f"port_{p.name}_{k}"] = int(v)
+        return out
+
+    def gauges(self) -> dict:
+        g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
+             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
+        g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
+        return g
+
+    def status(self) -> dict:
+        return {"nic": self.nic_id, "registered": self.registered, "gauges": self.gauges(),
+                "recovery": self.recovery}
+
+    def __repr__(self) -> str:
+        return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"
+
+
+def dump_json(obj) -> str:
+    return json.dumps(obj, default=lambda o: int(o) if isinstance(o, np.integer) else str(o))
+
