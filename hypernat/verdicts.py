@@ -72,6 +72,10 @@ SLOW_PATH_REASONS = (
     ("pending_queue_full", "queue of packets waiting for a fetched rule is full"),
     ("lease_expired", "clone dropped: its lease ran out"),
     ("bad_message", "malformed or forged control message dropped"),
+    ("no_mapping", "incoming packet to an external endpoint that has no mapping"),
+    ("icmp_error_no_session", "ICMP error about a flow with no session at its owner"),
+    ("not_owner", "fetch for an endpoint (or host) this NIC does not own"),
+    ("hairpin_disabled", "inside to a mapped external endpoint while hairpinning is off"),
 )
 SLOW_PATH_REASON_NAMES = tuple(name for name, _ in SLOW_PATH_REASONS)
 
