@@ -265,3 +265,41 @@ cdef class TxRing:
     def release_mem(self):
         self.base = NULL
         self.mem = None
+
+
+def select_ipv4_to(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not None,
+                   const uint32_t[::1] lengths not None, uint32_t n, mac, int64_t[::1] out not None):
+    """Indices of the first `n` frames that are IPv4 (ethertype 0x0800) and addressed to
+    `mac` (6 bytes), written to `out`; returns how many.  The forwarding decision of a
+    router's layer 2, without the GIL: everything else (ARP, broadcast, IPv6, frames for
+    another host) is left to the kernel, which sees every frame as well."""
+    cdef bytes m = bytes(mac)
+    if len(m) != 6:
+        raise ValueError("MAC addresses are 6 bytes")
+    cdef const uint8_t *want = <const uint8_t *>(<const char *>m)
+    cdef uint64_t buflen = buf.shape[0]
+    cdef uint32_t i, k = 0, off, ln
+    cdef const uint8_t *f
+    if n > <uint32_t>offsets.shape[0]:
+        n = <uint32_t>offsets.shape[0]
+    if n > <uint32_t>lengths.shape[0]:
+        n = <uint32_t>lengths.shape[0]
+    if n > <uint32_t>out.shape[0]:
+        n = <uint32_t>out.shape[0]
+    if buflen == 0:
+        return 0
+    with nogil:
+        for i in range(n):
+            off = offsets[i]
+            ln = lengths[i]
+            if ln < 34 or <uint64_t>off + ln > buflen:
+                continue
+            f = &buf[0] + off
+            if f[12] != 0x08 or f[13] != 0x00:
+                continue
+            if (f[0] != want[0] or f[1] != want[1] or f[2] != want[2] or f[3] != want[3]
+                    or f[4] != want[4] or f[5] != want[5]):
+                continue
+            out[k] = i
+            k += 1
+    return k

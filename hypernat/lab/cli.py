@@ -50,9 +50,9 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
     """Start what runs inside gw for the topology's mode (processes recorded for `down`)."""
     py = sys.executable
     if topo.mode == "noop":
-        for k in range(topo.nics):
-            topo.start(topo.gw, [py, "-m", "hypernat.lab.noop", "--inside", topo.inside(k),
-                                 "--outside", topo.outside(k), "--backend", backend])
+        from .noop import start_in_lab
+
+        start_in_lab(topo)
     elif topo.mode == "hypernat":
         import importlib.util
 

@@ -313,7 +313,10 @@ class Topology:
         """Start a process inside `ns`; recorded so `down` stops it."""
         import subprocess
 
-        p = subprocess.Popen(netns.exec_argv(ns, argv), **popen_kw)
+        env = dict(popen_kw.pop("env", None) or os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        p = subprocess.Popen(netns.exec_argv(ns, argv), env=env, **popen_kw)
         self.pids.append(p.pid)
         self.save()
         return p
