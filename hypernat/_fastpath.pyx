@@ -1,0 +1,1168 @@
+# cython: language_level=3
+"""The fast path, compiled: flow tables and batch translation in ``nogil`` C loops.
+
+This is the only place where per-packet work happens.  It implements, byte for byte,
+the contract in ``docs/fastpath.md`` (the readable twin is ``hypernat.fastpath_py``;
+the tests run both and compare frames, verdicts, keys, counters and table slots).
+What this file adds to that contract is *speed*: one Python call per batch, no GIL,
+no allocation, and memory latency hidden by group prefetch.
+
+Flow table
+----------
+One flow direction per 32-byte slot (``layout.SLOT_DTYPE``: two slots per cache line,
+never straddling one; the numpy array is 64-byte aligned), open addressing with
+linear probing and backward-shift delete (no tombstones), load <= 0.7.  The slots live
+in a numpy array so the slow path can inspect and snapshot them; C reads them through
+``hn_slot``, a struct whose layout is pinned to the dtype by static asserts.
+
+Batch translation and group prefetch
+------------------------------------
+At a million flows the table is 64 MiB: nearly every lookup is a cache miss (~100 ns),
+several times the cost of the parse and rewrite around it.  So the batch is worked in
+groups of ``GROUP`` frames, in two passes::
+
+    batch  | f0 f1 ... f31 | f32 ... f63 | ...              (offsets/lengths into buf)
+             \\___________/
+    pass 1:  parse + validate each frame, build its key, hash it,
+             __builtin_prefetch(&slots[hash & mask])       -> up to 32 misses in flight
+    pass 2:  probe (the home slot is now in cache), rewrite addresses and ports,
+             RFC 1624 checksum updates, TTL, MACs, verdict, counter, key
+
+Pass 1 never writes a frame and pass 2 never changes which slot holds which key, so
+the result equals one-frame-at-a-time processing -- unless two frames of a batch
+overlap in ``buf`` (then pass 1 of the second would read bytes pass 2 of the first
+has not yet rewritten).  A batch whose frames are not laid out in increasing,
+non-overlapping order is therefore processed with groups of one, which is exactly the
+sequential order the reference follows.
+
+Safety
+------
+Every packet access goes through ``rd*/wr*`` below, always inside
+``buf[offset:offset+length]`` (the parser proves each read in range before making it).
+In a debug build (``HYPERNAT_DEBUG=1``) those accessors check the frame bounds and
+abort loudly, so the hypothesis tests run under it catch any slip.  Packet fields are
+read byte by byte, big-endian, in unsigned types: no alignment, endianness or
+char-signedness assumptions (the same C compiles for aarch64).  The tables must not be
+mutated from another thread while a translate runs: mutators raise instead.
+"""
+
+include "_verdicts.pxi"
+
+cimport cython
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import operator
+
+import numpy as np
+
+from . import layout as _layout
+from . import verdicts as _verdicts
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+
+    /* Slot and key records are little-endian by definition (layout.py); C reads them
+       natively, so refuse to build where that would be wrong. */
+    #if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && \
+        __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    #error "hypernat._fastpath: layout.SLOT_DTYPE is little-endian; this target is not"
+    #endif
+
+    /* layout.SLOT_DTYPE: natural alignment already leaves no padding, so the struct is
+       packed without a pragma; the asserts pin every offset to the dtype. */
+    typedef struct {
+        uint32_t saddr;
+        uint32_t daddr;
+        uint16_t sport;
+        uint16_t dport;
+        uint8_t  proto;
+        uint8_t  flags;
+        uint16_t new_port;
+        uint32_t new_addr;
+        uint32_t rule_id;
+        uint32_t last_seen;
+        uint8_t  tcp_state;
+        uint8_t  user;
+        uint16_t lease;
+    } hn_slot;
+    #define HN_ASSERT_OFF(T, f, o) _Static_assert(offsetof(T, f) == (o), #T "." #f " offset")
+    _Static_assert(sizeof(hn_slot) == 32, "hn_slot must be 32 bytes (layout.SLOT_DTYPE)");
+    HN_ASSERT_OFF(hn_slot, daddr, 4);     HN_ASSERT_OFF(hn_slot, sport, 8);
+    HN_ASSERT_OFF(hn_slot, dport, 10);    HN_ASSERT_OFF(hn_slot, proto, 12);
+    HN_ASSERT_OFF(hn_slot, flags, 13);    HN_ASSERT_OFF(hn_slot, new_port, 14);
+    HN_ASSERT_OFF(hn_slot, new_addr, 16); HN_ASSERT_OFF(hn_slot, rule_id, 20);
+    HN_ASSERT_OFF(hn_slot, last_seen, 24); HN_ASSERT_OFF(hn_slot, tcp_state, 28);
+    HN_ASSERT_OFF(hn_slot, user, 29);     HN_ASSERT_OFF(hn_slot, lease, 30);
+
+    /* layout.KEY_DTYPE */
+    typedef struct {
+        uint32_t saddr;
+        uint32_t daddr;
+        uint16_t sport;
+        uint16_t dport;
+        uint8_t  proto;
+        uint8_t  kind;
+        uint8_t  tcp_flags;
+        uint8_t  icmp_type;
+    } hn_key;
+    _Static_assert(sizeof(hn_key) == 16, "hn_key must be 16 bytes (layout.KEY_DTYPE)");
+    HN_ASSERT_OFF(hn_key, sport, 8);  HN_ASSERT_OFF(hn_key, proto, 12);
+    HN_ASSERT_OFF(hn_key, kind, 13);  HN_ASSERT_OFF(hn_key, icmp_type, 15);
+
+    /* layout.flow_hash, the same 64-bit value. */
+    static inline uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
+                                        uint32_t daddr, uint16_t dport) {
+        uint64_t a = ((uint64_t)saddr << 32) | (uint64_t)daddr;
+        uint64_t b = ((uint64_t)sport << 24) | ((uint64_t)dport << 8) | (uint64_t)proto;
+        uint64_t h = a * UINT64_C(0x9E3779B97F4A7C15);
+        h ^= b * UINT64_C(0xC2B2AE3D27D4EB4F);
+        h ^= h >> 29;
+        h *= UINT64_C(0xBF58476D1CE4E5B9);
+        h ^= h >> 32;
+        return h;
+    }
+
+    /* Portable prefetch: gcc/clang lower it to PREFETCHT0 on x86-64, PRFM on aarch64.
+       Written as a macro so that no helper can be dropped at -O2 (DESIGN.md). */
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_prefetch(p) ((void)(p))
+    #endif
+
+    #ifdef HYPERNAT_DEBUG
+    #define HN_DEBUG 1
+    #else
+    #define HN_DEBUG 0
+    #endif
+    /* Debug builds only: an access outside its frame is a bug in this file. */
+    static void hn_out_of_frame(uint64_t pos, uint64_t n, uint64_t lo, uint64_t hi) {
+        fprintf(stderr, "hypernat._fastpath: BUG: access [%llu, %llu) outside frame [%llu, %llu)\\n",
+                (unsigned long long)pos, (unsigned long long)(pos + n),
+                (unsigned long long)lo, (unsigned long long)hi);
+        abort();
+    }
+    """
+    ctypedef struct hn_slot:
+        uint32_t saddr
+        uint32_t daddr
+        uint16_t sport
+        uint16_t dport
+        uint8_t proto
+        uint8_t flags
+        uint16_t new_port
+        uint32_t new_addr
+        uint32_t rule_id
+        uint32_t last_seen
+        uint8_t tcp_state
+        uint8_t user
+        uint16_t lease
+
+    ctypedef struct hn_key:
+        uint32_t saddr
+        uint32_t daddr
+        uint16_t sport
+        uint16_t dport
+        uint8_t proto
+        uint8_t kind
+        uint8_t tcp_flags
+        uint8_t icmp_type
+
+    uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
+                          uint32_t daddr, uint16_t dport) noexcept nogil
+    void hn_prefetch(const void *p) noexcept nogil
+    int HN_DEBUG
+    void hn_out_of_frame(uint64_t pos, uint64_t n, uint64_t lo, uint64_t hi) noexcept nogil
+
+
+# The verdict enum comes from the one declared list; a stale build must not run.
+if N_VERDICTS != _verdicts.N_VERDICTS or DIR_OUT != _verdicts.OUT or DIR_IN != _verdicts.IN:
+    raise ImportError("hypernat._fastpath was built from another hypernat/verdicts.py: rebuild it "
+                      "(make build)")
+
+cdef enum:
+    GROUP = 32              # frames parsed and prefetched before the first probe
+    V_PENDING = 255         # parsed, waiting for its lookup
+    # layout constants (checked against layout.py at import, below)
+    F_OCCUPIED = 0x01
+    F_ACTIVE = 0x04
+    TCP_STATE_MASK = 0x07
+    KIND_PLAIN = 0
+    KIND_ICMP_ERROR = 1
+    PROTO_ICMP = 1
+    PROTO_TCP = 6
+    PROTO_UDP = 17
+    # what a parsed frame is
+    K_TCP = 0
+    K_UDP = 1
+    K_ECHO = 2
+    K_ERROR = 3
+
+if (F_OCCUPIED, F_ACTIVE, TCP_STATE_MASK, KIND_PLAIN, KIND_ICMP_ERROR) != (
+        _layout.F_OCCUPIED, _layout.F_ACTIVE, _layout.TCP_STATE_MASK,
+        _layout.KIND_PLAIN, _layout.KIND_ICMP_ERROR):
+    raise ImportError("hypernat._fastpath disagrees with hypernat/layout.py: rebuild it")
+
+SLOT_DTYPE = _layout.SLOT_DTYPE
+KEY_DTYPE = _layout.KEY_DTYPE
+_U32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------------------------------
+# The table, in C
+# ------------------------------------------------------------------------------------
+
+ctypedef struct hn_table:
+    hn_slot *s
+    uint64_t mask
+    uint64_t nslots
+    uint64_t count
+    uint64_t capacity
+    uint64_t full_count
+
+
+cdef inline bint key_eq(const hn_slot *s, uint8_t proto, uint32_t sa, uint16_t sp,
+                        uint32_t da, uint16_t dp) noexcept nogil:
+    return s.saddr == sa and s.daddr == da and s.sport == sp and s.dport == dp and s.proto == proto
+
+
+cdef inline int64_t tbl_find(const hn_table *t, uint8_t proto, uint32_t sa, uint16_t sp,
+                             uint32_t da, uint16_t dp, uint64_t h) noexcept nogil:
+    """Slot index of the key or -1.  Bounded by nslots probes, so a table the slow path
+    corrupted through ``.slots`` (every slot occupied) cannot hang the loop."""
+    cdef uint64_t i = h & t.mask
+    cdef uint64_t left = t.nslots
+    cdef const hn_slot *s
+    while left:
+        s = &t.s[i]
+        if not (s.flags & F_OCCUPIED):
+            return -1
+        if key_eq(s, proto, sa, sp, da, dp):
+            return <int64_t>i
+        i = (i + 1) & t.mask
+        left -= 1
+    return -1
+
+
+cdef inline bint tbl_insert(hn_table *t, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
+                            uint16_t dp, uint32_t new_addr, uint16_t new_port, uint32_t rule_id,
+                            uint32_t now, uint8_t flags, uint64_t h) noexcept nogil:
+    cdef uint64_t i = h & t.mask
+    cdef uint64_t left = t.nslots
+    cdef hn_slot *s = NULL
+    cdef bint found = False
+    while left:
+        s = &t.s[i]
+        if not (s.flags & F_OCCUPIED):
+            break
+        if key_eq(s, proto, sa, sp, da, dp):
+            found = True
+            break
+        i = (i + 1) & t.mask
+        left -= 1
+    if not found:
+        if t.count >= t.capacity or left == 0:
+            t.full_count += 1
+            return False
+        s.saddr = sa
+        s.daddr = da
+        s.sport = sp
+        s.dport = dp
+        s.proto = proto
+        t.count += 1
+    s.new_addr = new_addr
+    s.new_port = new_port
+    s.rule_id = rule_id
+    s.last_seen = now
+    s.flags = F_OCCUPIED | flags
+    s.tcp_state = 0
+    s.user = 0
+    s.lease = 0
+    return True
+
+
+cdef bint tbl_delete(hn_table *t, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
+                     uint16_t dp) noexcept nogil:
+    """Backward-shift deletion (Knuth 6.4, Algorithm R): empty the slot, then pull back
+    every later entry of the cluster that the hole would otherwise cut off from its
+    home.  Entries end in the same slots as in the reference."""
+    cdef int64_t found = tbl_find(t, proto, sa, sp, da, dp, hn_flow_hash(proto, sa, sp, da, dp))
+    if found < 0:
+        return False
+    cdef uint64_t mask = t.mask
+    cdef uint64_t i = <uint64_t>found
+    cdef uint64_t j = i
+    cdef uint64_t home
+    cdef hn_slot *s
+    memset(&t.s[i], 0, sizeof(hn_slot))
+    while True:
+        j = (j + 1) & mask
+        s = &t.s[j]
+        if not (s.flags & F_OCCUPIED):
+            break          # terminates: slot i is empty
+        home = hn_flow_hash(s.proto, s.saddr, s.sport, s.daddr, s.dport) & mask
+        # stays if home lies cyclically in (i, j]
+        if 0 < ((home - i) & mask) <= ((j - i) & mask):
+            continue
+        memcpy(&t.s[i], s, sizeof(hn_slot))
+        memset(s, 0, sizeof(hn_slot))
+        i = j
+    t.count -= 1
+    return True
+
+
+# ------------------------------------------------------------------------------------
+# Frames: accessors, checksums
+# ------------------------------------------------------------------------------------
+
+ctypedef struct hn_parsed:
+    uint8_t *b          # buffer base
+    uint64_t fs, fe     # this frame: buf[fs:fe]
+    uint64_t l3, l4, end   # IPv4 header, L4 header, end of the IP datagram
+    uint64_t e3, e4     # ICMP errors: embedded IPv4 and L4 headers
+    uint64_t hash
+    uint32_t saddr, daddr
+    uint16_t sport, dport
+    uint8_t proto, kind, ekind, tcp_flags, icmp_type
+    uint8_t verdict, haskey, hairpin
+
+
+ctypedef struct hn_ctx:
+    hn_table *out
+    hn_table *inn
+    uint64_t *cnt
+    const uint32_t *pool    # pairs (network, mask)
+    int npool
+    int l2set[2]
+    uint8_t l2[2][12]       # per exit direction: dst MAC then src MAC, as written
+
+
+cdef inline void chk(const hn_parsed *p, uint64_t pos, uint64_t n) noexcept nogil:
+    if HN_DEBUG:
+        if pos < p.fs or pos + n > p.fe:
+            hn_out_of_frame(pos, n, p.fs, p.fe)
+
+
+cdef inline uint32_t rd8(const hn_parsed *p, uint64_t pos) noexcept nogil:
+    chk(p, pos, 1)
+    return p.b[pos]
+
+
+cdef inline uint32_t rd16(const hn_parsed *p, uint64_t pos) noexcept nogil:
+    chk(p, pos, 2)
+    return (<uint32_t>p.b[pos] << 8) | p.b[pos + 1]
+
+
+cdef inline uint32_t rd32(const hn_parsed *p, uint64_t pos) noexcept nogil:
+    chk(p, pos, 4)
+    return ((<uint32_t>p.b[pos] << 24) | (<uint32_t>p.b[pos + 1] << 16)
+            | (<uint32_t>p.b[pos + 2] << 8) | p.b[pos + 3])
+
+
+cdef inline void wr8(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+    chk(p, pos, 1)
+    p.b[pos] = <uint8_t>v
+
+
+cdef inline void wr16(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+    chk(p, pos, 2)
+    p.b[pos] = <uint8_t>(v >> 8)
+    p.b[pos + 1] = <uint8_t>v
+
+
+cdef inline void wr32(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+    chk(p, pos, 4)
+    p.b[pos] = <uint8_t>(v >> 24)
+    p.b[pos + 1] = <uint8_t>(v >> 16)
+    p.b[pos + 2] = <uint8_t>(v >> 8)
+    p.b[pos + 3] = <uint8_t>v
+
+
+cdef inline uint32_t fold(uint64_t s) noexcept nogil:
+    """One's-complement fold with end-around carry (RFC 1071)."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint32_t>s
+
+
+cdef inline uint64_t d16(uint32_t old, uint32_t new) noexcept nogil:
+    """RFC 1624 eqn. 3 term for one 16-bit word m -> m': ~m + m'."""
+    return (~old & 0xFFFF) + (new & 0xFFFF)
+
+
+cdef inline uint64_t d32(uint32_t old, uint32_t new) noexcept nogil:
+    return d16(old >> 16, new >> 16) + d16(old & 0xFFFF, new & 0xFFFF)
+
+
+cdef inline uint32_t adjust(uint32_t ck, uint64_t terms) noexcept nogil:
+    """HC' = ~(~HC + sum of ~m + m')."""
+    return ~fold((~ck & 0xFFFF) + terms) & 0xFFFF
+
+
+cdef inline uint32_t adjust_udp(uint32_t ck, uint64_t terms) noexcept nogil:
+    """UDP: zero means 'no checksum' and stays; a computed zero is sent as 0xFFFF."""
+    if ck == 0:
+        return 0
+    ck = adjust(ck, terms)
+    return ck if ck else 0xFFFF
+
+
+cdef inline uint32_t sum16(const hn_parsed *p, uint64_t start, uint64_t end) noexcept nogil:
+    """Folded one's-complement sum of buf[start:end]; an odd last byte is zero-padded."""
+    cdef uint64_t s = 0
+    cdef uint64_t i = start
+    if end > start:
+        chk(p, start, end - start)
+    while i + 1 < end:
+        s += (<uint32_t>p.b[i] << 8) | p.b[i + 1]
+        i += 2
+    if i < end:
+        s += <uint32_t>p.b[i] << 8
+    return fold(s)
+
+
+# ------------------------------------------------------------------------------------
+# Pass 1: parse (docs/fastpath.md steps 1-10 up to the lookup); never writes the frame
+# ------------------------------------------------------------------------------------
+
+cdef inline void parse_icmp_error(hn_parsed *p, uint32_t icmp_type) noexcept nogil:
+    # REQ-3: the checksum over the whole ICMP message must hold.
+    if sum16(p, p.l4, p.end) != 0xFFFF:
+        p.verdict = V_DROP_BAD_ICMP_CHECKSUM
+        return
+    cdef uint64_t e3 = p.l4 + 8
+    if p.end - e3 < 20:
+        p.verdict = V_DROP_ICMP_ERROR_MALFORMED
+        return
+    cdef uint32_t vihl = rd8(p, e3)
+    cdef uint64_t eihl = (vihl & 0x0F) * 4
+    if (vihl >> 4) != 4 or eihl < 20 or e3 + eihl + 8 > p.end:
+        p.verdict = V_DROP_ICMP_ERROR_MALFORMED
+        return
+    cdef uint64_t e4 = e3 + eihl
+    cdef uint32_t eproto = rd8(p, e3 + 9)
+    cdef uint32_t esa = rd32(p, e3 + 12)
+    cdef uint32_t eda = rd32(p, e3 + 16)
+    cdef uint32_t esp, edp, et
+    if eproto == PROTO_TCP or eproto == PROTO_UDP:
+        esp = rd16(p, e4)
+        edp = rd16(p, e4 + 2)
+        p.ekind = K_TCP if eproto == PROTO_TCP else K_UDP
+    elif eproto == PROTO_ICMP:
+        et = rd8(p, e4)
+        if et != 0 and et != 8:
+            p.verdict = V_DROP_ICMP_ERROR_MALFORMED
+            return
+        esp = edp = rd16(p, e4 + 4)
+        p.ekind = K_ECHO
+    else:
+        p.verdict = V_DROP_ICMP_ERROR_MALFORMED
+        return
+    # The embedded packet went the other way through us: its flow reversed is the key.
+    p.e3 = e3
+    p.e4 = e4
+    p.kind = K_ERROR
+    p.proto = <uint8_t>eproto
+    p.saddr = eda
+    p.sport = <uint16_t>edp
+    p.daddr = esa
+    p.dport = <uint16_t>esp
+    p.tcp_flags = 0
+    p.icmp_type = <uint8_t>icmp_type
+    p.haskey = 1
+
+
+cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, uint32_t ln,
+                       int direction, const hn_ctx *c) noexcept nogil:
+    p.b = b
+    p.verdict = V_PENDING
+    p.haskey = 0
+    p.hairpin = 0
+    p.fs = off
+    p.fe = <uint64_t>off + ln
+    # 1. inside the buffer
+    if p.fe > blen:
+        p.fe = p.fs
+        p.verdict = V_DROP_TRUNCATED
+        return
+    # 2. Ethernet, at most one 802.1Q tag
+    if ln < 14:
+        p.verdict = V_DROP_TRUNCATED
+        return
+    cdef uint32_t ethertype = rd16(p, p.fs + 12)
+    cdef uint64_t l3 = p.fs + 14
+    if ethertype == 0x8100:
+        if ln < 18:
+            p.verdict = V_DROP_TRUNCATED
+            return
+        ethertype = rd16(p, p.fs + 16)
+        l3 = p.fs + 18
+    if ethertype != 0x0800:
+        p.verdict = V_NOT_NAT
+        return
+    # 3. IPv4
+    cdef uint64_t avail = p.fe - l3
+    if avail < 20:
+        p.verdict = V_DROP_TRUNCATED
+        return
+    cdef uint32_t vihl = rd8(p, l3)
+    if (vihl >> 4) != 4:
+        p.verdict = V_DROP_BAD_VERSION
+        return
+    cdef uint64_t ihl = (vihl & 0x0F) * 4
+    if ihl < 20 or ihl > avail:
+        p.verdict = V_DROP_BAD_IHL
+        return
+    cdef uint64_t total = rd16(p, l3 + 2)
+    if total < ihl or total > avail:
+        p.verdict = V_DROP_BAD_TOTAL_LENGTH
+        return
+    # 4. fragments
+    if rd16(p, l3 + 6) & 0x3FFF:
+        p.verdict = V_FRAGMENT
+        return
+    # 5. protocol; 6. L4 header within total_length
+    cdef uint32_t proto = rd8(p, l3 + 9)
+    cdef uint64_t l4 = l3 + ihl
+    cdef uint64_t l4len = total - ihl
+    cdef uint64_t x
+    if proto == PROTO_TCP:
+        if l4len < 20:
+            p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        x = (rd8(p, l4 + 12) >> 4) * 4
+        if x < 20 or x > l4len:
+            p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        p.kind = K_TCP
+    elif proto == PROTO_UDP:
+        if l4len < 8:
+            p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        x = rd16(p, l4 + 4)
+        if x < 8 or x > l4len:
+            p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        p.kind = K_UDP
+    elif proto == PROTO_ICMP:
+        if l4len < 8:
+            p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        p.kind = K_ECHO
+    else:
+        p.verdict = V_NOT_NAT
+        return
+    # 7. TTL
+    if rd8(p, l3 + 8) <= 1:
+        p.verdict = V_TTL_EXCEEDED
+        return
+    p.l3 = l3
+    p.l4 = l4
+    p.end = l3 + total
+    # 8. ICMP: echo is a query, 3/11/12 are errors, the rest unsupported
+    cdef uint32_t t
+    if proto == PROTO_ICMP:
+        t = rd8(p, l4)
+        if t == 3 or t == 11 or t == 12:
+            parse_icmp_error(p, t)
+            return
+        if t != 0 and t != 8:
+            p.verdict = V_DROP_ICMP_UNSUPPORTED
+            return
+        p.sport = p.dport = <uint16_t>rd16(p, l4 + 4)
+        p.tcp_flags = 0
+        p.icmp_type = <uint8_t>t
+    else:
+        p.sport = <uint16_t>rd16(p, l4)
+        p.dport = <uint16_t>rd16(p, l4 + 2)
+        p.tcp_flags = <uint8_t>rd8(p, l4 + 13) if proto == PROTO_TCP else 0
+        p.icmp_type = 0
+    # 9. the key, as read from the frame
+    p.proto = <uint8_t>proto
+    p.saddr = rd32(p, l3 + 12)
+    p.daddr = rd32(p, l3 + 16)
+    p.haskey = 1
+    cdef int k
+    if direction == DIR_OUT:
+        for k in range(c.npool):
+            if (p.daddr & c.pool[2 * k + 1]) == c.pool[2 * k]:
+                p.hairpin = 1
+                break
+
+
+# ------------------------------------------------------------------------------------
+# Pass 2: rewrite (step 11) and ICMP errors (step 10)
+# ------------------------------------------------------------------------------------
+
+cdef inline void touch(hn_slot *s, uint32_t now, const hn_parsed *p) noexcept nogil:
+    s.last_seen = now
+    s.flags |= F_ACTIVE
+    if p.proto == PROTO_TCP:
+        s.tcp_state |= p.tcp_flags & TCP_STATE_MASK
+
+
+cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_t nda,
+                         uint32_t ndp, uint32_t nid) noexcept nogil:
+    """New source (nsa:nsp) and destination (nda:ndp); unchanged ones are passed as they
+    are (their checksum terms cancel).  ICMP echo has one identifier for both "ports":
+    it becomes ``nid`` (a hairpin's destination wins, like the reference)."""
+    cdef uint64_t l3 = p.l3
+    cdef uint64_t l4 = p.l4
+    cdef uint32_t ttl = rd8(p, l3 + 8)
+    cdef uint32_t proto = p.proto
+    cdef uint64_t aterms = d32(p.saddr, nsa) + d32(p.daddr, nda)
+    cdef uint32_t ck
+    # IPv4: addresses and the TTL/protocol word in one update
+    ck = adjust(rd16(p, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
+    wr8(p, l3 + 8, ttl - 1)
+    wr16(p, l3 + 10, ck)
+    wr32(p, l3 + 12, nsa)
+    wr32(p, l3 + 16, nda)
+    if p.kind == K_TCP:
+        ck = adjust(rd16(p, l4 + 16), aterms + d16(p.sport, nsp) + d16(p.dport, ndp))
+        wr16(p, l4 + 16, ck)
+        wr16(p, l4, nsp)
+        wr16(p, l4 + 2, ndp)
+    elif p.kind == K_UDP:
+        ck = adjust_udp(rd16(p, l4 + 6), aterms + d16(p.sport, nsp) + d16(p.dport, ndp))
+        wr16(p, l4 + 6, ck)
+        wr16(p, l4, nsp)
+        wr16(p, l4 + 2, ndp)
+    else:
+        ck = adjust(rd16(p, l4 + 2), d16(p.sport, nid))
+        wr16(p, l4 + 2, ck)
+        wr16(p, l4 + 4, nid)
+
+
+cdef inline void rewrite_icmp_error(const hn_parsed *p, int direction, uint32_t na,
+                                    uint32_t np_) noexcept nogil:
+    """RFC 5508: translate the embedded packet the other way round, the outer header
+    like any frame, and recompute the outer ICMP checksum."""
+    cdef uint64_t e3 = p.e3
+    cdef uint64_t e4 = p.e4
+    cdef uint64_t a_off, p_off
+    cdef uint32_t old_addr, old_port, ck, ttl, o_old
+    if direction == DIR_OUT:
+        # embedded destination (the inside endpoint) becomes E; key saddr/sport = emb dst
+        a_off = 16
+        p_off = 2
+        old_addr = p.saddr
+        old_port = p.sport
+    else:
+        a_off = 12
+        p_off = 0
+        old_addr = p.daddr
+        old_port = p.dport
+    cdef uint64_t aterm = d32(old_addr, na)
+    # embedded IPv4 header
+    wr16(p, e3 + 10, adjust(rd16(p, e3 + 10), aterm))
+    wr32(p, e3 + a_off, na)
+    # embedded L4: port (or echo identifier) and its checksum where present
+    if p.ekind == K_TCP:
+        if e4 + 18 <= p.end:
+            wr16(p, e4 + 16, adjust(rd16(p, e4 + 16), aterm + d16(old_port, np_)))
+        wr16(p, e4 + p_off, np_)
+    elif p.ekind == K_UDP:
+        wr16(p, e4 + 6, adjust_udp(rd16(p, e4 + 6), aterm + d16(old_port, np_)))
+        wr16(p, e4 + p_off, np_)
+    else:
+        wr16(p, e4 + 2, adjust(rd16(p, e4 + 2), d16(old_port, np_)))
+        wr16(p, e4 + 4, np_)
+    # outer IPv4: address and TTL
+    cdef uint64_t o_off = 12 if direction == DIR_OUT else 16
+    o_old = rd32(p, p.l3 + o_off)
+    ttl = rd8(p, p.l3 + 8)
+    ck = adjust(rd16(p, p.l3 + 10),
+                d32(o_old, na) + d16((ttl << 8) | PROTO_ICMP, ((ttl - 1) << 8) | PROTO_ICMP))
+    wr8(p, p.l3 + 8, ttl - 1)
+    wr16(p, p.l3 + 10, ck)
+    wr32(p, p.l3 + o_off, na)
+    # outer ICMP checksum from scratch
+    wr16(p, p.l4 + 2, 0)
+    wr16(p, p.l4 + 2, ~sum16(p, p.l4, p.end) & 0xFFFF)
+
+
+cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, int direction,
+                            uint32_t now) noexcept nogil:
+    """Lookup and rewrite of one parsed frame; returns its verdict."""
+    cdef int64_t i, j
+    cdef hn_slot *e1
+    cdef hn_slot *e2
+    if p.kind == K_ERROR:
+        i = tbl_find(t, p.proto, p.saddr, p.sport, p.daddr, p.dport, p.hash)
+        if i < 0:
+            return V_MISS_ICMP_ERROR
+        e1 = &t.s[i]
+        rewrite_icmp_error(p, direction, e1.new_addr, e1.new_port)
+        return V_TRANSLATED
+    i = tbl_find(t, p.proto, p.saddr, p.sport, p.daddr, p.dport, p.hash)
+    if p.hairpin:
+        if i < 0:
+            return V_MISS_HAIRPIN
+        e1 = &t.s[i]
+        j = tbl_find(c.inn, p.proto, e1.new_addr, e1.new_port, p.daddr, p.dport,
+                     hn_flow_hash(p.proto, e1.new_addr, e1.new_port, p.daddr, p.dport))
+        if j < 0:
+            return V_MISS_HAIRPIN
+        e2 = &c.inn.s[j]
+        touch(e1, now, p)
+        touch(e2, now, p)
+        rewrite(p, e1.new_addr, e1.new_port, e2.new_addr, e2.new_port, e2.new_port)
+        return V_HAIRPIN
+    if i < 0:
+        return V_MISS_OUT if direction == DIR_OUT else V_MISS_IN
+    e1 = &t.s[i]
+    touch(e1, now, p)
+    if direction == DIR_OUT:
+        rewrite(p, e1.new_addr, e1.new_port, p.daddr, p.dport, e1.new_port)
+    else:
+        rewrite(p, p.saddr, p.sport, e1.new_addr, e1.new_port, e1.new_port)
+    return V_TRANSLATED
+
+
+cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint32_t *off,
+                          const uint32_t *ln, size_t n, int direction, uint32_t now,
+                          uint8_t *verdicts, hn_key *keys) noexcept nogil:
+    cdef hn_parsed ps[GROUP]
+    cdef hn_parsed *p
+    cdef const hn_table *t = c.out if direction == DIR_OUT else c.inn
+    cdef uint64_t *cnt = c.cnt + direction * N_VERDICTS
+    cdef size_t g = GROUP
+    cdef size_t i, k, m
+    cdef size_t base = 0
+    cdef uint8_t v
+    cdef int exitdir
+    cdef hn_key *kp
+    # Overlapping (or out-of-order) frames: strictly one after another.
+    for i in range(1, n):
+        if <uint64_t>off[i] < <uint64_t>off[i - 1] + ln[i - 1]:
+            g = 1
+            break
+    while base < n:
+        m = n - base
+        if m > g:
+            m = g
+        # pass 1: parse, hash, prefetch the home slot
+        for k in range(m):
+            p = &ps[k]
+            parse(p, b, blen, off[base + k], ln[base + k], direction, c)
+            if p.verdict == V_PENDING:
+                p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
+                hn_prefetch(&t.s[p.hash & t.mask])
+        # pass 2: probe, rewrite, account
+        for k in range(m):
+            p = &ps[k]
+            v = p.verdict
+            if v == V_PENDING:
+                v = resolve(c, p, t, direction, now)
+                if v == V_TRANSLATED or v == V_HAIRPIN:
+                    exitdir = DIR_IN if v == V_HAIRPIN else direction
+                    if c.l2set[exitdir]:
+                        chk(p, p.fs, 12)
+                        memcpy(b + p.fs, c.l2[exitdir], 12)
+            verdicts[base + k] = v
+            cnt[v] += 1
+            if keys != NULL:
+                kp = &keys[base + k]
+                if p.haskey:
+                    kp.saddr = p.saddr
+                    kp.daddr = p.daddr
+                    kp.sport = p.sport
+                    kp.dport = p.dport
+                    kp.proto = p.proto
+                    kp.kind = KIND_ICMP_ERROR if p.kind == K_ERROR else KIND_PLAIN
+                    kp.tcp_flags = p.tcp_flags
+                    kp.icmp_type = p.icmp_type
+                else:
+                    memset(kp, 0, sizeof(hn_key))
+        base += m
+
+
+# ------------------------------------------------------------------------------------
+# Python edge: argument checking, then one nogil call
+# ------------------------------------------------------------------------------------
+
+def flow_hash(proto, saddr, sport, daddr, dport):
+    """``layout.flow_hash`` computed by the C code the tables use."""
+    _check_key(proto, saddr, sport, daddr, dport)
+    return hn_flow_hash(proto, saddr, sport, daddr, dport)
+
+
+cdef _check_key(proto, saddr, sport, daddr, dport):
+    if not (0 <= proto <= 0xFF):
+        raise ValueError(f"proto {proto} out of range 0..255")
+    if not (0 <= saddr <= _U32 and 0 <= daddr <= _U32):
+        raise ValueError(f"address out of range 0..2**32-1: {saddr}, {daddr}")
+    if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
+        raise ValueError(f"port out of range 0..65535: {sport}, {dport}")
+
+
+cdef _as_records(a, dtypes, what):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array of {' or '.join(str(d) for d in dtypes)}")
+    if a.dtype not in dtypes:
+        raise TypeError(f"{what} has dtype {a.dtype}, expected {' or '.join(str(d) for d in dtypes)}")
+    if a.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional")
+    return np.ascontiguousarray(a)
+
+
+cdef _check_direction(direction):
+    if isinstance(direction, bool) or direction not in (DIR_OUT, DIR_IN):
+        raise ValueError(f"direction must be verdicts.OUT ({DIR_OUT}) or verdicts.IN ({DIR_IN}), "
+                         f"got {direction!r}")
+
+
+def _aligned_slots(Py_ssize_t nslots):
+    """Zeroed slots on a 64-byte boundary, so no slot straddles a cache line (malloc'd
+    numpy memory is often only 16-byte aligned)."""
+    raw = np.zeros(nslots * 32 + 64, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + nslots * 32].view(SLOT_DTYPE)
+
+
+cdef class FlowTable:
+    """Open-addressing flow table over ``layout.SLOT_DTYPE`` slots; see the module
+    docstring of ``hypernat.fastpath`` for the API and ``docs/fastpath.md`` for the
+    exact semantics (shared with ``hypernat.fastpath_py.FlowTable``)."""
+
+    cdef hn_table t
+    cdef object _slots
+    cdef int _busy          # > 0 while a translate over this table runs without the GIL
+
+    def __cinit__(self):
+        self.t.s = NULL
+        self.t.mask = 0
+        self.t.nslots = 0
+        self.t.count = 0
+        self.t.capacity = 0
+        self.t.full_count = 0
+        self._busy = 0
+
+    def __init__(self, capacity, hugepages=True):
+        capacity = operator.index(capacity)
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if capacity > 1 << 31:
+            raise ValueError(f"capacity {capacity} too large")
+        nslots = _layout.slots_for(capacity)
+        slots = _layout.alloc_slots(nslots, hugepages=bool(hugepages))
+        if slots.ctypes.data % 64:
+            slots = _aligned_slots(nslots)
+        if slots.dtype != SLOT_DTYPE or slots.shape != (nslots,) or not slots.flags.c_contiguous \
+                or not slots.flags.writeable:
+            raise RuntimeError("layout.alloc_slots returned an unusable array")
+        self._slots = slots
+        self.t.s = <hn_slot *>cnp.PyArray_DATA(slots)
+        self.t.nslots = nslots
+        self.t.mask = nslots - 1
+        self.t.capacity = capacity
+        self.t.count = 0
+
+    cdef _mutating(self):
+        if self._busy:
+            raise RuntimeError("FlowTable changed while a translate over it runs in another thread")
+
+    @property
+    def slots(self):
+        """The slot array: the table's real memory (inspect, snapshot)."""
+        return self._slots
+
+    @property
+    def capacity(self):
+        return self.t.capacity
+
+    @property
+    def nslots(self):
+        return self.t.nslots
+
+    @property
+    def full_count(self):
+        """Inserts refused because the table was full (kept across clear())."""
+        return self.t.full_count
+
+    def __len__(self):
+        return self.t.count
+
+    def __repr__(self):
+        return f"<FlowTable cython {self.t.count}/{self.t.capacity} entries, {self.t.nslots} slots>"
+
+    def insert(self, proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id=0, now=0,
+               flags=0):
+        """Insert or update one entry; False (and ``full_count`` += 1) if the table is full."""
+        proto, saddr, sport, daddr, dport = int(proto), int(saddr), int(sport), int(daddr), int(dport)
+        new_addr, new_port, rule_id, now, flags = (int(new_addr), int(new_port), int(rule_id),
+                                                   int(now), int(flags))
+        _check_key(proto, saddr, sport, daddr, dport)
+        if not (0 <= new_addr <= _U32 and 0 <= new_port <= 0xFFFF):
+            raise ValueError(f"translated endpoint out of range: {new_addr}:{new_port}")
+        if not (0 <= rule_id <= _U32 and 0 <= now <= _U32 and 0 <= flags <= 0xFF):
+            raise ValueError(f"rule_id/now/flags out of range: {rule_id}, {now}, {flags}")
+        self._mutating()
+        return tbl_insert(&self.t, proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id,
+                          now, flags, hn_flow_hash(proto, saddr, sport, daddr, dport))
+
+    def lookup(self, proto, saddr, sport, daddr, dport):
+        """Slot index of the key, or -1."""
+        proto, saddr, sport, daddr, dport = int(proto), int(saddr), int(sport), int(daddr), int(dport)
+        _check_key(proto, saddr, sport, daddr, dport)
+        return tbl_find(&self.t, proto, saddr, sport, daddr, dport,
+                        hn_flow_hash(proto, saddr, sport, daddr, dport))
+
+    def get(self, proto, saddr, sport, daddr, dport):
+        """A copy of the key's slot record, or None."""
+        i = self.lookup(proto, saddr, sport, daddr, dport)
+        return None if i < 0 else self._slots[i].copy()
+
+    def delete(self, proto, saddr, sport, daddr, dport):
+        """Remove the key; False if absent.  Backward-shift deletion (Knuth 6.4 R)."""
+        proto, saddr, sport, daddr, dport = int(proto), int(saddr), int(sport), int(daddr), int(dport)
+        _check_key(proto, saddr, sport, daddr, dport)
+        self._mutating()
+        return tbl_delete(&self.t, proto, saddr, sport, daddr, dport)
+
+    def insert_batch(self, entries):
+        """``insert`` for each SLOT_DTYPE record in order (``now`` = its last_seen; flags
+        get F_OCCUPIED); the number inserted or updated.  Home slots are prefetched a
+        group ahead, as in translate."""
+        cdef cnp.ndarray a = _as_records(entries, (SLOT_DTYPE,), "entries")
+        self._mutating()
+        cdef const hn_slot *r = <const hn_slot *>cnp.PyArray_DATA(a)
+        cdef size_t n = a.shape[0]
+        cdef size_t base = 0, k, m, done = 0
+        cdef uint64_t h[GROUP]
+        cdef const hn_slot *e
+        with nogil:
+            while base < n:
+                m = n - base
+                if m > GROUP:
+                    m = GROUP
+                for k in range(m):
+                    e = &r[base + k]
+                    h[k] = hn_flow_hash(e.proto, e.saddr, e.sport, e.daddr, e.dport)
+                    hn_prefetch(&self.t.s[h[k] & self.t.mask])
+                for k in range(m):
+                    e = &r[base + k]
+                    done += tbl_insert(&self.t, e.proto, e.saddr, e.sport, e.daddr, e.dport,
+                                       e.new_addr, e.new_port, e.rule_id, e.last_seen, e.flags, h[k])
+                base += m
+        return done
+
+    def delete_batch(self, keys):
+        """``delete`` for each SLOT_DTYPE or KEY_DTYPE record in order; the number deleted
+        (both dtypes hold the key fields at the same offsets)."""
+        cdef cnp.ndarray a = _as_records(keys, (SLOT_DTYPE, KEY_DTYPE), "keys")
+        self._mutating()
+        cdef const uint8_t *r = <const uint8_t *>cnp.PyArray_DATA(a)
+        cdef size_t stride = a.dtype.itemsize
+        cdef size_t n = a.shape[0]
+        cdef size_t i, done = 0
+        cdef const hn_key *e
+        with nogil:
+            for i in range(n):
+                e = <const hn_key *>(r + i * stride)
+                done += tbl_delete(&self.t, e.proto, e.saddr, e.sport, e.daddr, e.dport)
+        return done
+
+    def occupied(self):
+        """Indices of the slots in use, ascending."""
+        return np.flatnonzero(self._slots["flags"] & F_OCCUPIED)
+
+    def clear(self):
+        """Empty the table (full_count is kept: it counts refusals over the lifetime)."""
+        self._mutating()
+        memset(self.t.s, 0, self.t.nslots * sizeof(hn_slot))
+        self.t.count = 0
+
+    def load_slots(self, array):
+        """Replace the contents with a snapshot taken from a table of the same nslots."""
+        array = _as_records(array, (SLOT_DTYPE,), "array")
+        if array.shape != (self.t.nslots,):
+            raise ValueError(f"snapshot has {array.shape[0]} slots, this table has {self.t.nslots}")
+        n = int(np.count_nonzero(array["flags"] & F_OCCUPIED))
+        if n > self.t.capacity:
+            raise ValueError(f"snapshot holds {n} entries, capacity is {self.t.capacity}")
+        self._mutating()
+        self._slots[:] = array
+        self.t.count = n
+
+
+cdef class Translator:
+    """Batch translation over an out table and an in table (``hypernat.fastpath``
+    documents the API, ``docs/fastpath.md`` the semantics).
+
+    ``pool``: the external pool as ``(network, prefix_len)`` pairs; an OUT frame to an
+    address in the pool is a hairpin (translated twice, sent back inside).
+    """
+
+    cdef FlowTable _out
+    cdef FlowTable _in
+    cdef object _counters
+    cdef object _pool_arr
+    cdef tuple _pool
+    cdef hn_ctx c
+
+    def __init__(self, FlowTable out_table not None, FlowTable in_table not None, pool=()):
+        self._out = out_table
+        self._in = in_table
+        entries = []
+        for entry in pool:
+            net, plen = int(entry[0]), int(entry[1])
+            if not (0 <= plen <= 32) or not (0 <= net <= _U32):
+                raise ValueError(f"bad pool prefix {entry!r}")
+            mask = (_U32 << (32 - plen)) & _U32
+            entries.append((net & mask, mask))
+        self._pool = tuple(entries)
+        self._pool_arr = np.array([x for e in entries for x in e] or [0], dtype=np.uint32)
+        self._counters = np.zeros((2, N_VERDICTS), dtype=np.uint64)
+        memset(&self.c, 0, sizeof(hn_ctx))
+        self.c.out = &out_table.t
+        self.c.inn = &in_table.t
+        self.c.cnt = <uint64_t *>cnp.PyArray_DATA(self._counters)
+        self.c.pool = <const uint32_t *>cnp.PyArray_DATA(self._pool_arr)
+        self.c.npool = len(entries)
+
+    @property
+    def out_table(self):
+        return self._out
+
+    @property
+    def in_table(self):
+        return self._in
+
+    @property
+    def pool(self):
+        """The pool as ``(network, mask)`` pairs."""
+        return self._pool
+
+    @property
+    def counters(self):
+        """uint64 ``[2, N_VERDICTS]``: frames per (direction, verdict); live."""
+        return self._counters
+
+    def counters_dict(self):
+        c = self._counters
+        return {
+            _verdicts.DIRECTION_NAMES[d]: {_verdicts.VERDICT_NAMES[v]: int(c[d, v])
+                                           for v in range(N_VERDICTS)}
+            for d in (DIR_OUT, DIR_IN)
+        }
+
+    def reset_counters(self):
+        self._counters[:] = 0
+
+    def set_l2(self, direction, src_mac, dst_mac):
+        """MACs written into frames leaving toward `direction`'s far side (None: leave)."""
+        _check_direction(direction)
+        cdef int d = direction
+        if src_mac is None and dst_mac is None:
+            self.c.l2set[d] = 0
+            return
+        src, dst = bytes(src_mac), bytes(dst_mac)
+        if len(src) != 6 or len(dst) != 6:
+            raise ValueError("MAC addresses must be 6 bytes")
+        cdef bytes both = dst + src
+        memcpy(self.c.l2[d], <const char *>both, 12)
+        self.c.l2set[d] = 1
+
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None):
+        """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL."""
+        cdef uint8_t[::1] b
+        cdef const uint32_t[::1] o
+        cdef const uint32_t[::1] l
+        cdef uint8_t[::1] v
+        cdef cnp.ndarray ka
+        cdef hn_key *kp = NULL
+        cdef int d
+        cdef uint32_t t
+        cdef uint8_t *bp = NULL
+        try:
+            b = buf
+        except (TypeError, ValueError, BufferError):
+            b = _coerce_buf(buf)     # signed-char buffers are fine; anything else: a clear error
+        try:
+            o = offsets
+            l = lengths
+            v = verdicts
+        except (TypeError, ValueError, BufferError):
+            _explain_arrays(offsets, lengths, verdicts)
+            raise
+        cdef Py_ssize_t n = o.shape[0]
+        if l.shape[0] != n:
+            raise ValueError(f"offsets has {n} entries, lengths {l.shape[0]}")
+        if v.shape[0] < n:
+            raise ValueError(f"verdicts has room for {v.shape[0]} frames, batch has {n}")
+        if keys is not None:
+            if type(keys) is not np.ndarray or (<cnp.ndarray>keys).descr != KEY_DTYPE \
+                    or (<cnp.ndarray>keys).ndim != 1:
+                raise TypeError("keys must be a one-dimensional numpy array of layout.KEY_DTYPE")
+            ka = <cnp.ndarray>keys
+            if ka.shape[0] < n:
+                raise ValueError(f"keys has room for {ka.shape[0]} frames, batch has {n}")
+            if not cnp.PyArray_IS_C_CONTIGUOUS(ka) or not cnp.PyArray_ISWRITEABLE(ka):
+                raise ValueError("keys must be contiguous and writable")
+            kp = <hn_key *>cnp.PyArray_DATA(ka)
+        if type(direction) is int and (direction == DIR_OUT or direction == DIR_IN):
+            d = direction
+        else:
+            _check_direction(direction)
+            d = direction
+        try:
+            t = now
+        except (OverflowError, TypeError):
+            raise ValueError(f"now {now!r} must be an integer in uint32 range") from None
+        if n == 0:
+            return None
+        if b.shape[0]:
+            bp = &b[0]
+        self._out._busy += 1
+        self._in._busy += 1
+        try:
+            with nogil:
+                translate_batch(&self.c, bp, <uint64_t>b.shape[0], &o[0], &l[0], <size_t>n, d, t,
+                                &v[0], kp)
+        finally:
+            self._out._busy -= 1
+            self._in._busy -= 1
+        return None
+
+
+def _coerce_buf(buf):
+    """Called after ``buf`` was refused as uint8_t[::1]: accept a writable contiguous
+    buffer of bytes in another format ('b', 'c'), else raise a precise error."""
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise TypeError(f"buf must be a writable uint8 buffer, got {type(buf).__name__}") from None
+    if mv.readonly:
+        raise ValueError("buf is read-only: translate rewrites frames in place")
+    if mv.ndim != 1 or mv.itemsize != 1 or mv.format not in ("B", "b", "c"):
+        raise ValueError(f"buf must be a one-dimensional uint8 buffer (format {mv.format!r}, ndim {mv.ndim})")
+    if not mv.c_contiguous:
+        raise ValueError("buf must be contiguous")
+    return mv.cast("B")
+
+
+def _explain_arrays(offsets, lengths, verdicts):
+    """Called after an array argument was refused: raise a precise error if we can."""
+    for a, dt, what in ((offsets, np.uint32, "offsets"), (lengths, np.uint32, "lengths"),
+                        (verdicts, np.uint8, "verdicts")):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{what} must be a numpy {np.dtype(dt)} array, got {type(a).__name__}")
+        if a.dtype != dt:
+            raise ValueError(f"{what} has dtype {a.dtype}, expected {np.dtype(dt)}")
+        if a.ndim != 1:
+            raise ValueError(f"{what} must be one-dimensional")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{what} must be contiguous")
+        if what == "verdicts" and not a.flags.writeable:
+            raise ValueError("verdicts must be writable")
