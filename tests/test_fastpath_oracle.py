@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPOption_Router_Alert, IPOption_RR, Padding, raw
 
@@ -302,6 +302,9 @@ def _install(env, sess, direction):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(f=flows())
 def test_random_packet_matches_scapy(fp, f):
+    # The all-zero echo reply (checksum 0xFFFF) has its own test in test_fastpath_checksum.
+    assume(not (f["proto"] == 1 and f["icmp_type"] == 0 and not f["seq"] & 0xFFFF and not f["payload"].strip(b"\0")
+                and not (f["eport"] if f["direction"] == OUT else f["iport"])))
     frame, exp, sess = build_random(f)
     env = Env(fp, 8, pool=())
     _install(env, sess, f["direction"])
