@@ -58,10 +58,11 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
 
         if importlib.util.find_spec("hypernat.nic") is None or importlib.util.find_spec("hypernat.coord") is None:
             raise RuntimeError("hypernat.nic / hypernat.coord are not in this build: use --peer linux or noop")
+        # Interfaces and backends are the config's (nics[k].inside/outside/io): the
+        # lab names its links inside<k>/outside<k> to match conf/testbed.yaml.
         topo.start(topo.gw, [py, "-m", "hypernat.coord", "--config", config])
         for k in range(topo.nics):
-            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k),
-                                 "--inside", topo.inside(k), "--outside", topo.outside(k), "--backend", backend])
+            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k)])
 
 
 def main(argv=None) -> int:

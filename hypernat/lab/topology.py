@@ -83,44 +83,17 @@ class Addressing:
 
     @classmethod
     def from_config(cls, path: str | None) -> "Addressing":
-        """Read internal prefixes and the pool from a HyperNAT config, if it has them.
-
-        Tolerant on purpose: the lab must come up even from a config it only partly
-        understands; anything missing keeps its default."""
+        """The internal prefix and the pool of a HyperNAT config (``hypernat.config``);
+        a missing file keeps the defaults.  A ``lab:`` section is not part of the
+        gateway's config: the lab's own link addresses stay the documented defaults."""
         a = cls()
         if not path or not os.path.exists(path):
             return a
-        import yaml
+        from .. import config as cfgmod
 
-        with open(path) as f:
-            doc = yaml.safe_load(f) or {}
-
-        def first_prefix(v):
-            if isinstance(v, str):
-                return v
-            if isinstance(v, dict):
-                for key in ("prefixes", "prefix", "cidr", "cidrs"):
-                    if key in v:
-                        return first_prefix(v[key])
-            if isinstance(v, (list, tuple)) and v:
-                return first_prefix(v[0])
-            return None
-
-        for key in ("internal", "internal_prefixes", "vpc"):
-            p = first_prefix(doc.get(key)) if isinstance(doc, dict) else None
-            if p:
-                a.internal = str(ipaddress.ip_network(p, strict=False))
-                break
-        for key in ("pool", "external", "external_pool"):
-            p = first_prefix(doc.get(key)) if isinstance(doc, dict) else None
-            if p:
-                a.pool = str(ipaddress.ip_network(p, strict=False))
-                break
-        lab = doc.get("lab") if isinstance(doc, dict) else None
-        if isinstance(lab, dict):
-            for k, v in lab.items():
-                if hasattr(a, k):
-                    setattr(a, k, type(getattr(a, k))(v))
+        cfg = cfgmod.load(path)  # strict: a bad config is an error here as everywhere
+        a.internal = str(cfg.internal[0])
+        a.pool = str(cfg.pool[0])
         return a
 
 
