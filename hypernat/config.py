@@ -119,8 +119,9 @@ class Limits:
     fetch_retries: int = 2
     negative_cache_s: float = 2.0  # a NACKed endpoint is not fetched again this long
     fetch_rate_per_source: int = 200  # fetches per second per remote source address
-    lease_duration: int = 300  # seconds a clone lives without renewal
-    sweep_step: int = 4096  # out-table slots examined per sweep step
+    lease_duration: int = 300  # seconds a clone lives without renewal (< 32000: 16-bit slot field)
+    sweep_step: int = 4096  # slots of each table examined per sweep step
+    sweep_max_expire: int = 64  # sessions expired per sweep step at most
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
 
 
@@ -398,8 +399,9 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         fetch_retries=r.integer(lim, "fetch_retries", "limits", d.fetch_retries, lo=0, hi=100),
         negative_cache_s=r.number(lim, "negative_cache_s", "limits", d.negative_cache_s, lo=0),
         fetch_rate_per_source=r.integer(lim, "fetch_rate_per_source", "limits", d.fetch_rate_per_source, lo=1),
-        lease_duration=r.integer(lim, "lease_duration", "limits", d.lease_duration, lo=1, hi=1 << 30),
+        lease_duration=r.integer(lim, "lease_duration", "limits", d.lease_duration, lo=1, hi=32000),
         sweep_step=r.integer(lim, "sweep_step", "limits", d.sweep_step, lo=1, hi=1 << 24),
+        sweep_max_expire=r.integer(lim, "sweep_max_expire", "limits", d.sweep_max_expire, lo=1, hi=1 << 20),
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
     )
     n_ports = port_max - port_min + 1

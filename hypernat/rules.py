@@ -86,12 +86,16 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import ipaddress
+import logging
+import time as _time
 
 import numpy as np
 
 from . import layout
-from .verdicts import SLOW_PATH_REASON_NAMES
+from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
 # Records
@@ -101,7 +105,7 @@ SESSION_DTYPE = np.dtype(
         ("iaddr", "<u4"),  # internal endpoint
         ("eaddr", "<u4"),  # external endpoint (the owner's partition, or a block it lent)
         ("raddr", "<u4"),  # remote endpoint
-        ("iport", "<u2"),  # (ICMP query: the identifier, in all three port fields)
+        ("iport", "<u2"),  # ICMP query: iport/eport are the identifiers, rport is 0
         ("eport", "<u2"),
         ("rport", "<u2"),
         ("proto", "u1"),
@@ -174,6 +178,89 @@ class SweepResult:
     wrapped: bool = False  # the cursor passed the end of the table
 
 
+# ---------------------------------------------------------------------------------------
+# Session keys (one place that knows the ICMP twist)
+
+
+def out_key(proto, iaddr, iport, raddr, rport) -> tuple:
+    """Out-table key of a session.  ICMP query: the identifier stands in for both ports."""
+    return (proto, iaddr, iport, raddr, iport) if proto == PROTO_ICMP else (proto, iaddr, iport, raddr, rport)
+
+
+def in_key(proto, raddr, rport, eaddr, eport) -> tuple:
+    """In-table key of a session.  ICMP query: the translated identifier in both ports."""
+    return (proto, raddr, eport, eaddr, eport) if proto == PROTO_ICMP else (proto, raddr, rport, eaddr, eport)
+
+
+def record_keys(rec) -> tuple:
+    """(out key, in key) of a SESSION_DTYPE record (ICMP records carry rport 0)."""
+    p = int(rec["proto"])
+    i, ip, e, ep = int(rec["iaddr"]), int(rec["iport"]), int(rec["eaddr"]), int(rec["eport"])
+    r, rp = int(rec["raddr"]), int(rec["rport"])
+    return out_key(p, i, ip, r, rp), in_key(p, r, rp, e, ep)
+
+
+# ---------------------------------------------------------------------------------------
+# Internal state objects
+
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = layout.PROTO_ICMP, layout.PROTO_TCP, layout.PROTO_UDP
+_PIDX = {PROTO_TCP: 0, PROTO_UDP: 1, PROTO_ICMP: 2}
+_V_MISS_OUT = VERDICT["miss_out"]
+_V_MISS_IN = VERDICT["miss_in"]
+_V_MISS_ICMP_ERROR = VERDICT["miss_icmp_error"]
+_V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
+_SYN, _FIN, _RST, _ACK = layout.TCP_SYN, layout.TCP_FIN, layout.TCP_RST, layout.TCP_ACK
+_F_OCC, _F_CLONE, _F_ACTIVE = layout.F_OCCUPIED, layout.F_CLONE, layout.F_ACTIVE
+
+_R_TABLE_FULL = REASON["table_full"]
+_R_EXHAUSTED = REASON["ports_exhausted"]
+_R_CAP = REASON["host_port_cap"]
+_R_FILTERED = REASON["filtered"]
+_R_USYN = REASON["unsolicited_syn"]
+_R_NOT_IN_POOL = REASON["not_in_pool"]
+_R_NOT_INTERNAL = REASON["not_internal"]
+_R_LEASE = REASON["lease_expired"]
+_R_BAD = REASON["bad_message"]
+_R_NO_MAPPING = REASON["no_mapping"]
+_R_ICMP_NO_SESSION = REASON["icmp_error_no_session"]
+_R_NOT_OWNER = REASON["not_owner"]
+_R_HAIRPIN_OFF = REASON["hairpin_disabled"]
+_EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
+
+# Outcome codes of the per-frame helpers: >= 0 a reason (drop); these are the others.
+_OK = -1
+_FETCH = -2
+
+log = logging.getLogger("hypernat.rules")
+
+
+class _Block:
+    """A port block of one external address, assigned to one internal host."""
+
+    __slots__ = ("id", "aidx", "addr", "lo", "size", "used", "n_used", "n_total", "host")
+
+    def __init__(self, g, aidx, addr, lo, size):
+        self.id, self.aidx, self.addr, self.lo, self.size = g, aidx, addr, lo, size
+        self.used = [0, 0, 0]  # per protocol: bitmask of ports live or waiting for reuse
+        self.n_used = [0, 0, 0]
+        self.n_total = 0
+        self.host = None
+
+
+class _Host:
+    __slots__ = ("iaddr", "aidx", "addr", "blocks", "nports", "cur")
+
+    def __init__(self, iaddr, aidx, addr):
+        self.iaddr, self.aidx, self.addr = iaddr, aidx, addr
+        self.blocks = []  # _Block, in assignment order
+        self.nports = [0, 0, 0]  # live mappings per protocol
+        self.cur = 0  # index of the block that last had room
+
+
+class _Mapping:
+    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "host", "remotes", "ekey", "ikey")
+
+
 class RuleBuilder:
     """Per-NIC allocator and session keeper (see the module docstring).
 
@@ -184,11 +271,103 @@ class RuleBuilder:
     rng          numpy Generator for port choice (tests pass a seeded one)
     translog     hypernat.translog.TransLog or None (default: built from config)
     journal      callable(record: dict) called, and must have persisted the record,
-                 before a port block's first port is used (crash recovery)
+                 before a port block's first port is used (crash recovery); records are
+                 {"op": "assign", "block": g, "host": "a.b.c.d", "external": ..., "ports":
+                 [lo, hi], "t": now} and {"op": "release", "block": g}
     """
 
     def __init__(self, config, nic_id, out_table, in_table, *, partition=None, rng=None, translog=None, journal=None):
-        raise NotImplementedError
+        from .partition import Partition
+        from .translog import TransLog
+
+        self.config = config
+        self.nic = int(nic_id)
+        self.out = out_table
+        self.inn = in_table
+        self.part = partition if partition is not None else Partition.from_config(config)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.translog = translog if translog is not None else TransLog.from_config(config, nic_id)
+        self.journal = journal
+        lim, t = config.limits, config.timeouts
+        self._eim = config.mapping == "endpoint-independent"
+        self._filter = config.filtering
+        self._hairpin = config.hairpinning
+        self._preserve = config.allocation.port_preservation
+        self._parity = config.allocation.port_parity
+        self._cap = lim.ports_per_host
+        self._bs = self.part.block_size
+        self._max_blocks = -(-self._cap // self._bs)
+        self._internal = [(int(n.network_address), int(n.netmask)) for n in config.internal]
+        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
+        self.reuse_delay = t.reuse_delay
+        self.sweep_step = lim.sweep_step
+        self.sweep_max_expire = lim.sweep_max_expire
+        self._log_interval = lim.exhaustion_log_interval
+        self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
+        self.track_created = config.install == "active"
+        self.track_removed = config.n_nics > 1
+        self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
+
+        self._mappings = [None]  # rule_id -> _Mapping (index 0 unused)
+        self._free_ids = []
+        self._by_int = {}  # EIM: proto<<48 | iaddr<<16 | iport -> _Mapping
+        self._by_out = {}  # APDM: out-key int -> _Mapping
+        self._by_ext = {}  # proto<<48 | eaddr<<16 | eport -> _Mapping
+        self._hosts = {}  # iaddr -> _Host
+        self._blocks = {}  # block id -> _Block (assigned to a host)
+        self._n_sessions = 0
+        self._used = [0, 0, 0]  # endpoints live or waiting, per protocol
+        # Free blocks per address index: [next native block, end, [freed/adopted ids]].
+        self._addr = {}
+        self._avail = collections.deque()  # address indices that may have a free block
+        self._avail_set = set()
+        for a in self.part.nic_address_indices(self.nic):
+            r = self.part.nic_blocks_on(self.nic, a)
+            self._addr[a] = [r.start, r.stop, []]
+            self._avail.append(a)
+            self._avail_set.add(a)
+        self._total_blocks = len(self.part.nic_address_indices(self.nic)) * (
+            self.part.nic_block_range(self.nic)[1] - self.part.nic_block_range(self.nic)[0]
+        )
+        self._total_ports = self.part.nic_size(self.nic)
+        self._adopted = set()
+        self._lent = set()
+        self._qblocks = {}  # block id -> quarantined until (crash recovery)
+        self._qskipped = set()  # quarantined ids taken off the free lists, to give back
+        self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
+        self._holds = {}  # ekey -> leases outstanding
+        self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
+        self._pend = []  # sessions to insert at the end of this call
+        self._created = []
+        self._removed = []
+        self._lease_expired = []
+        self._cur_out = 0
+        self._cur_in = 0
+        self._act_cur = [0, 0]
+
+    # -- helpers ------------------------------------------------------------------------
+    def _refuse(self, reason: int) -> int:
+        self.counters[reason] += 1
+        if reason in _EXHAUSTION:
+            t = _time.monotonic()
+            if t - self._last_log[reason] >= self._log_interval:
+                self._last_log[reason] = t
+                log.warning(
+                    "nic%d: %s (%d so far); utilisation %.1f%%, %d mappings, %d sessions",
+                    self.nic, SLOW_PATH_REASON_NAMES[reason], self.counters[reason],
+                    100.0 * self.utilisation(), len(self._by_ext), self._n_sessions,
+                )
+        return reason
+
+    def _is_internal(self, addr: int) -> bool:
+        for net, mask in self._internal:
+            if addr & mask == net:
+                return True
+        return False
+
+    def _room(self) -> bool:
+        n = len(self._pend)
+        return len(self.out) + n < self.out.capacity and len(self.inn) + n < self.inn.capacity
 
     # -- packets ------------------------------------------------------------------------
     def handle_misses(self, direction, verdicts, keys, now) -> Decisions:
@@ -200,7 +379,388 @@ class RuleBuilder:
         session; incoming misses owned here are filtered per the filtering behaviour;
         hairpin misses build both halves; ICMP-error misses never create anything.
         """
-        raise NotImplementedError
+        verdicts = np.asarray(verdicts)
+        n = len(verdicts)
+        dec = Decisions.empty(n)
+        idx = np.flatnonzero((verdicts >= _V_MISS_OUT) & (verdicts <= _V_MISS_HAIRPIN))
+        if len(idx) == 0:
+            return dec
+        now = int(now)
+        k = keys[idx]
+        cols = zip(
+            idx.tolist(), verdicts[idx].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
+            k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
+        )
+        action, reason, owner = dec.action, dec.reason, dec.owner
+        for i, v, p, s, sp, d, dp, kind, fl in cols:
+            if v == _V_MISS_OUT or (v == _V_MISS_ICMP_ERROR and direction == OUT):
+                r = self._out(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
+                fkey = (OUT, p, s, sp, d, dp, kind)
+            elif v == _V_MISS_HAIRPIN:
+                r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
+            else:
+                r = self._in(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
+                fkey = (IN, p, s, sp, d, dp, kind)
+            if r == _OK:
+                action[i] = ACT_REPLAY
+            elif r == _FETCH:
+                action[i] = ACT_FETCH
+                owner[i] = self._fetch_owner
+                fd, p2, s2, sp2, d2, dp2, kind2 = fkey
+                dec.fetch_dir[i] = fd
+                fk = dec.fetch_key[i : i + 1]
+                fk["proto"], fk["saddr"], fk["sport"], fk["daddr"], fk["dport"], fk["kind"] = p2, s2, sp2, d2, dp2, kind2
+                fk["tcp_flags"] = fl
+            else:
+                action[i] = ACT_DROP
+                reason[i] = r
+        self._flush(now)
+        return dec
+
+    def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
+        """An outgoing first packet (or an ICMP error from inside): allocate or find."""
+        if not self._is_internal(iaddr):
+            return self._refuse(_R_NOT_INTERNAL)
+        if self._eim:
+            o = self.part.eim_owner(iaddr)
+            if o != self.nic:
+                if serving:
+                    return self._refuse(_R_NOT_OWNER)
+                self._fetch_owner = o
+                return _FETCH
+            m = self._by_int.get(p << 48 | iaddr << 16 | iport)
+        else:
+            m = self._by_out.get(_okey(p, iaddr, iport, raddr, rport))
+        r = 0 if p == PROTO_ICMP else rport
+        if icmp_error:
+            if m is not None and (raddr << 16 | r) in m.remotes:
+                self._last = m
+                return _OK  # entry pending in this batch: replay translates it
+            return self._refuse(_R_ICMP_NO_SESSION)
+        if m is not None and (raddr << 16 | r) in m.remotes:
+            self._last = m
+            return _OK
+        if not self._room():
+            return self._refuse(_R_TABLE_FULL)
+        if m is None:
+            m = self._new_mapping(p, iaddr, iport, now)
+            if m.__class__ is int:
+                return m
+            if not self._eim:
+                self._by_out[_okey(p, iaddr, iport, raddr, rport)] = m
+        self._add_session(m, raddr, r, now)
+        self._last = m
+        return _OK
+
+    def _in(self, p, raddr, rport, eaddr, eport, fl, now, icmp_error=False, serving=False) -> int:
+        """An incoming packet without a session here: fetch, filter or admit."""
+        o = self.part.owner(eaddr, eport)
+        if o < 0:
+            return self._refuse(_R_NOT_IN_POOL)
+        if o != self.nic:
+            if serving:
+                return self._refuse(_R_NOT_OWNER)
+            self._fetch_owner = o
+            return _FETCH
+        m = self._by_ext.get(p << 48 | eaddr << 16 | eport)
+        r = 0 if p == PROTO_ICMP else rport
+        if m is not None and (raddr << 16 | r) in m.remotes:
+            self._last = m
+            return _OK  # pending in this batch, or a fetch of an existing session
+        if icmp_error:
+            return self._refuse(_R_ICMP_NO_SESSION)
+        syn = p == PROTO_TCP and fl & (_SYN | _ACK) == _SYN
+        if m is None:
+            return self._refuse(_R_USYN if syn else _R_NO_MAPPING)
+        f = self._filter
+        if f == "address-and-port-dependent" or (
+            f == "address-dependent" and not any(x >> 16 == raddr for x in m.remotes)
+        ):
+            return self._refuse(_R_USYN if syn else _R_FILTERED)
+        if not self._room():
+            return self._refuse(_R_TABLE_FULL)
+        self._add_session(m, raddr, r, now)
+        self._last = m
+        return _OK
+
+    def _hairpin_miss(self, p, iaddr, iport, daddr, dport, fl, now):
+        """Inside host A to an external endpoint of this gateway (RFC 4787 REQ-9).
+
+        Half 1: A's own session toward (daddr, dport), allocated like any outgoing one.
+        Half 2: the target mapping's session for the remote (A's external endpoint), as
+        if A's packet had arrived from the Internet: the filtering behaviour applies.
+        """
+        fkey = (OUT, p, iaddr, iport, daddr, dport, layout.KIND_PLAIN)
+        if not self._hairpin:
+            return self._refuse(_R_HAIRPIN_OFF), fkey
+        ok = out_key(p, iaddr, iport, daddr, dport)
+        j = self.out.lookup(*ok)
+        if j >= 0:
+            ea, ep = int(self.out.slots["new_addr"][j]), int(self.out.slots["new_port"][j])
+        else:
+            r = self._out(p, iaddr, iport, daddr, dport, fl, now)
+            if r != _OK:
+                return r, fkey
+            ea, ep = self._last.eaddr, self._last.eport
+        ik = in_key(p, ea, ep, daddr, dport)
+        if self.inn.lookup(*ik) >= 0:
+            return _OK, fkey
+        r = self._in(p, ea, ep, daddr, dport, fl, now)
+        return r, (IN, ik[0], ik[1], ik[2], ik[3], ik[4], layout.KIND_PLAIN)
+
+    # -- allocation -----------------------------------------------------------------------
+    def _new_mapping(self, p, iaddr, iport, now):
+        """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason."""
+        pi = _PIDX[p]
+        h = self._hosts.get(iaddr)
+        if h is None:
+            a = self._pick_address()
+            if a < 0:
+                return self._refuse(_R_EXHAUSTED)
+            h = self._hosts[iaddr] = _Host(iaddr, a, self.part.address_at(a))
+        if h.nports[pi] >= self._cap:
+            return self._refuse(_R_CAP)
+        found = None
+        blocks = h.blocks
+        nb = len(blocks)
+        if self._preserve:
+            for b in blocks:
+                off = iport - b.lo
+                if 0 <= off < b.size and not b.used[pi] >> off & 1:
+                    found = (b, off)
+                    break
+        if found is None:
+            for t in range(nb):
+                b = blocks[(h.cur + t) % nb]
+                if b.n_used[pi] < b.size:
+                    off = self._pick_port(b, pi, iport)
+                    if off >= 0:
+                        h.cur = (h.cur + t) % nb
+                        found = (b, off)
+                        break
+        if found is None:
+            if nb >= self._max_blocks:
+                return self._refuse(_R_CAP)
+            b = self._take_block(h, now)
+            if b is None:
+                if not blocks:
+                    del self._hosts[iaddr]
+                return self._refuse(_R_EXHAUSTED)
+            off = -1
+            if self._preserve and 0 <= iport - b.lo < b.size:
+                off = iport - b.lo
+            if off < 0:
+                off = self._pick_port(b, pi, iport)
+            if off < 0:  # parity impossible in a 1-port block
+                return self._refuse(_R_EXHAUSTED)
+            h.cur = len(h.blocks) - 1
+            found = (b, off)
+        b, off = found
+        b.used[pi] |= 1 << off
+        b.n_used[pi] += 1
+        b.n_total += 1
+        self._used[pi] += 1
+        h.nports[pi] += 1
+        m = _Mapping()
+        if self._free_ids:
+            rid = self._free_ids.pop()
+            self._mappings[rid] = m
+        else:
+            rid = len(self._mappings)
+            if rid > 0xFFFFFFFF:
+                raise OverflowError("rule ids exhausted")
+            self._mappings.append(m)
+        m.rule_id, m.proto, m.iaddr, m.iport = rid, p, iaddr, iport
+        m.eaddr, m.eport, m.block, m.host = b.addr, b.lo + off, b, h
+        m.remotes = set()
+        m.ekey = p << 48 | b.addr << 16 | (b.lo + off)
+        m.ikey = p << 48 | iaddr << 16 | iport
+        self._by_ext[m.ekey] = m
+        if self._eim:
+            self._by_int[m.ikey] = m
+        tl = self.translog
+        if tl is not None and not tl.per_block and not tl.remote:
+            tl.rule("create", p, iaddr, iport, m.eaddr, m.eport)
+        return m
+
+    def _pick_port(self, b: _Block, pi: int, iport: int) -> int:
+        """RFC 6056: a random start in the block, the next free port from there
+        (wrapping); with parity, only ports of the internal port's parity.  -1: none."""
+        full = (1 << b.size) - 1
+        free = ~b.used[pi] & full
+        if self._parity:
+            want = iport & 1
+            mask = _EVEN_BITS if (b.lo & 1) == want else _ODD_BITS
+            free &= mask & full
+        if not free:
+            return -1
+        r = int(self.rng.integers(b.size)) if b.size > 1 else 0
+        hi = free >> r
+        if hi:
+            return r + ((hi & -hi).bit_length() - 1)
+        return (free & -free).bit_length() - 1
+
+    def _pick_address(self) -> int:
+        """Round-robin over addresses that still have a free block (new hosts spread)."""
+        av = self._avail
+        while av:
+            a = av.popleft()
+            st = self._addr[a]
+            if st[0] < st[1] or st[2]:
+                av.append(a)
+                return a
+            self._avail_set.discard(a)
+        return -1
+
+    def _take_block(self, h: _Host, now: int):
+        """A free block on the host's address, journaled before use; None if none."""
+        st = self._addr.get(h.aidx)
+        if st is None:
+            return None
+        g = -1
+        q = self._qblocks
+        while st[2]:
+            c = st[2].pop()
+            if c not in q:
+                g = c
+                break
+            self._qskipped.add(c)
+        while g < 0 and st[0] < st[1]:
+            c = st[0]
+            st[0] += 1
+            if c not in q:
+                g = c
+            else:
+                self._qskipped.add(c)
+        if g < 0:
+            return None
+        addr, lo, hi = self.part.block_span(g)
+        b = _Block(g, h.aidx, addr, lo, hi - lo + 1)
+        b.host = h
+        if self.journal is not None:
+            self.journal({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
+                          "ports": [lo, hi], "t": now})  # fmt: skip
+        if self.translog is not None and self.translog.per_block:
+            self.translog.block("block", h.iaddr, addr, lo, hi)
+        self._blocks[g] = b
+        h.blocks.append(b)
+        return b
+
+    def _free_block(self, b: _Block) -> None:
+        h = b.host
+        if h is not None:
+            h.blocks.remove(b)
+            h.cur = 0
+            if self.translog is not None and self.translog.per_block:
+                self.translog.block("block-free", h.iaddr, b.addr, b.lo, b.lo + b.size - 1)
+            if not h.blocks and not any(h.nports):
+                del self._hosts[h.iaddr]
+        del self._blocks[b.id]
+        if self.journal is not None:
+            self.journal({"op": "release", "block": b.id})
+        self._give_back(b.id, b.aidx)
+
+    def _give_back(self, g: int, a: int) -> None:
+        st = self._addr.get(a)
+        if st is None:
+            st = self._addr[a] = [0, 0, []]
+        st[2].append(g)
+        if a not in self._avail_set:
+            self._avail_set.add(a)
+            self._avail.append(a)
+
+    def _add_session(self, m: _Mapping, raddr: int, r: int, now: int) -> None:
+        m.remotes.add(raddr << 16 | r)
+        self._n_sessions += 1
+        self._pend.append((m.proto, m.iaddr, m.iport, raddr, r, m.eaddr, m.eport, m.rule_id))
+        tl = self.translog
+        if tl is not None and tl.remote and not tl.per_block:
+            tl.rule("create", m.proto, m.iaddr, m.iport, m.eaddr, m.eport, raddr, r)
+        if self.track_created:
+            self._created.append((m.iaddr, m.eaddr, raddr, m.iport, m.eport, r, m.proto, DIR_BITS_BOTH,
+                                  m.rule_id, now, 0, 0, self.nic, 0))  # fmt: skip
+
+    def _flush(self, now: int) -> None:
+        """Insert the sessions built during this call into both tables, in one batch."""
+        if self.translog is not None:
+            self.translog.flush()
+        if not self._pend:
+            return
+        a = np.array(self._pend, dtype=np.int64)
+        self._pend = []
+        n = len(a)
+        p, ia, ip, ra, rp, ea, ep, rid = a.T
+        icmp = p == PROTO_ICMP
+        o = np.zeros(n, layout.SLOT_DTYPE)
+        o["proto"], o["saddr"], o["sport"], o["daddr"] = p, ia, ip, ra
+        o["dport"] = np.where(icmp, ip, rp)
+        o["new_addr"], o["new_port"], o["rule_id"], o["last_seen"] = ea, ep, rid, now
+        i = np.zeros(n, layout.SLOT_DTYPE)
+        i["proto"], i["saddr"], i["daddr"], i["dport"] = p, ra, ea, ep
+        i["sport"] = np.where(icmp, ep, rp)
+        i["new_addr"], i["new_port"], i["rule_id"], i["last_seen"] = ia, ip, rid, now
+        self.out.insert_batch(o)
+        self.inn.insert_batch(i)
+
+    # -- removal --------------------------------------------------------------------------
+    def _end_session(self, m: _Mapping, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
+        """Bookkeeping for a session whose entries are (being) deleted; True if the
+        mapping ended with it."""
+        key = raddr << 16 | r
+        if key not in m.remotes:
+            return False
+        m.remotes.discard(key)
+        self._n_sessions -= 1
+        tl = self.translog
+        if tl is not None and tl.remote and not tl.per_block:
+            tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport, raddr, r)
+        if self.track_removed:
+            self._removed.append((m.iaddr, m.eaddr, raddr, m.iport, m.eport, r, m.proto, DIR_BITS_BOTH,
+                                  m.rule_id, last_seen, tcp_out, tcp_in, self.nic, 0))  # fmt: skip
+        if not self._eim:
+            self._by_out.pop(_okey(m.proto, m.iaddr, m.iport, raddr, r), None)
+        if m.remotes:
+            return False
+        self._end_mapping(m, now)
+        return True
+
+    def _end_mapping(self, m: _Mapping, now: int) -> None:
+        del self._by_ext[m.ekey]
+        if self._eim:
+            self._by_int.pop(m.ikey, None)
+        self._mappings[m.rule_id] = None
+        self._free_ids.append(m.rule_id)
+        pi = _PIDX[m.proto]
+        m.host.nports[pi] -= 1
+        tl = self.translog
+        if tl is not None and not tl.per_block and not tl.remote:
+            tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport)
+        # The endpoint stays marked used in its block until the reuse delay has passed
+        # and no lease is held on it (invariant 3).
+        self._reuse.append((now + self.reuse_delay, m.ekey, m.block.id, pi, m.eport - m.block.lo))
+
+    def _release_endpoint(self, g: int, pi: int, off: int) -> None:
+        b = self._blocks.get(g)
+        if b is None or not b.used[pi] >> off & 1:
+            return
+        b.used[pi] &= ~(1 << off)
+        b.n_used[pi] -= 1
+        b.n_total -= 1
+        self._used[pi] -= 1
+        if b.n_total == 0:
+            self._free_block(b)
+
+    def _process_reuse(self, now: int, budget: int) -> int:
+        q = self._reuse
+        n = 0
+        while q and q[0][0] <= now and n < budget:
+            _, ekey, g, pi, off = q.popleft()
+            n += 1
+            if self._holds.get(ekey):
+                self._held[ekey] = (g, pi, off)
+            else:
+                self._release_endpoint(g, pi, off)
+        return n
 
     # -- owner side ---------------------------------------------------------------------
     def serve_fetch(self, fetch_dir, keys, now):
@@ -212,109 +772,592 @@ class RuleBuilder:
         KIND_ICMP_ERROR only look up.  status[i] == 0: records[i] is the session (both
         entries, dirs = DIR_BITS_BOTH); else status[i] is the refusal's reason index (the
         NACK) and records[i] is zeroed.  `fetch_dir` is a scalar or uint8[n].
+        The caller (the agent) then calls ``hold`` for each lease it grants.
         """
-        raise NotImplementedError
+        keys = np.asarray(keys, dtype=layout.KEY_DTYPE).reshape(-1)
+        n = len(keys)
+        now = int(now)
+        dirs = np.broadcast_to(np.asarray(fetch_dir, dtype=np.uint8), (n,))
+        status = np.zeros(n, np.int16)
+        found = [None] * n
+        for i in range(n):
+            k = keys[i]
+            p, s, sp, d, dp = int(k["proto"]), int(k["saddr"]), int(k["sport"]), int(k["daddr"]), int(k["dport"])
+            if p not in _PIDX:
+                status[i] = self._refuse(_R_BAD)
+                continue
+            err = int(k["kind"]) == layout.KIND_ICMP_ERROR
+            fl = int(k["tcp_flags"])
+            if dirs[i] == OUT:
+                r = self._out(p, s, sp, d, dp, fl, now, err, serving=True)
+                rem = (d, 0 if p == PROTO_ICMP else dp)
+            elif dirs[i] == IN:
+                r = self._in(p, s, sp, d, dp, fl, now, err, serving=True)
+                rem = (s, 0 if p == PROTO_ICMP else sp)
+            else:
+                status[i] = self._refuse(_R_BAD)
+                continue
+            if r == _OK:
+                found[i] = (self._last, rem)
+            else:
+                status[i] = r
+        self._flush(now)
+        recs = np.zeros(n, SESSION_DTYPE)
+        for i, f in enumerate(found):
+            if f is not None:
+                m, (ra, rp) = f
+                self._fill_record(recs, i, m, ra, rp, DIR_BITS_BOTH)
+        return recs, status
+
+    def _fill_record(self, recs, i, m: _Mapping, raddr: int, r: int, dirs: int) -> None:
+        ok = out_key(m.proto, m.iaddr, m.iport, raddr, r)
+        ik = in_key(m.proto, raddr, r, m.eaddr, m.eport)
+        jo, ji = self.out.lookup(*ok), self.inn.lookup(*ik)
+        so, si = self.out.slots, self.inn.slots
+        last = max(int(so["last_seen"][jo]) if jo >= 0 else 0, int(si["last_seen"][ji]) if ji >= 0 else 0)
+        rec = recs[i : i + 1]
+        rec["iaddr"], rec["iport"], rec["eaddr"], rec["eport"] = m.iaddr, m.iport, m.eaddr, m.eport
+        rec["raddr"], rec["rport"], rec["proto"], rec["dirs"] = raddr, r, m.proto, dirs
+        rec["rule_id"], rec["last_seen"], rec["owner"] = m.rule_id, last, self.nic
+        rec["tcp_out"] = int(so["tcp_state"][jo]) if jo >= 0 else 0
+        rec["tcp_in"] = int(si["tcp_state"][ji]) if ji >= 0 else 0
 
     def export_rule(self, proto, eaddr, eport) -> np.ndarray:
         """All sessions of the mapping holding (proto, eaddr, eport), as SESSION_DTYPE."""
-        raise NotImplementedError
+        m = self._by_ext.get(int(proto) << 48 | int(eaddr) << 16 | int(eport))
+        if m is None:
+            return np.zeros(0, SESSION_DTYPE)
+        rems = sorted(m.remotes)
+        recs = np.zeros(len(rems), SESSION_DTYPE)
+        for i, x in enumerate(rems):
+            self._fill_record(recs, i, m, x >> 16, x & 0xFFFF, DIR_BITS_BOTH)
+        return recs
 
     def lookup_external(self, proto, eaddr, eport):
         """The mapping holding an external endpoint: dict(rule_id, proto, iaddr, iport,
         eaddr, eport, sessions, holds) or None (free, or reusable only later)."""
-        raise NotImplementedError
+        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
+        m = self._by_ext.get(ekey)
+        if m is None:
+            return None
+        return dict(rule_id=m.rule_id, proto=m.proto, iaddr=m.iaddr, iport=m.iport, eaddr=m.eaddr, eport=m.eport,
+                    sessions=len(m.remotes), holds=self._holds.get(ekey, 0), owner=self.nic)  # fmt: skip
 
     def merge_activity(self, records, now=None) -> int:
         """Fold a clone holder's ACTIVITY records into the owner's entries: last_seen =
         max, tcp_state |= reported bits, per direction in `dirs`.  Unknown sessions are
         ignored (they expired here: the agent revokes).  Returns sessions updated."""
-        raise NotImplementedError
+        n = 0
+        so, si = self.out.slots, self.inn.slots
+        for rec in np.asarray(records).reshape(-1):
+            ok, ik = record_keys(rec)
+            d = int(rec["dirs"]) or DIR_BITS_BOTH
+            ls = int(rec["last_seen"])
+            e, ep = int(rec["eaddr"]), int(rec["eport"])
+            hit = False
+            if d & DIR_BIT_OUT:
+                j = self.out.lookup(*ok)
+                if j >= 0 and not so["flags"][j] & _F_CLONE and so["new_addr"][j] == e and so["new_port"][j] == ep:
+                    if ls > so["last_seen"][j]:
+                        so["last_seen"][j] = ls
+                    so["tcp_state"][j] |= int(rec["tcp_out"]) & layout.TCP_STATE_MASK
+                    hit = True
+            if d & DIR_BIT_IN:
+                j = self.inn.lookup(*ik)
+                if j >= 0 and not si["flags"][j] & _F_CLONE and si["new_addr"][j] == rec["iaddr"]:
+                    if ls > si["last_seen"][j]:
+                        si["last_seen"][j] = ls
+                    si["tcp_state"][j] |= int(rec["tcp_in"]) & layout.TCP_STATE_MASK
+                    hit = True
+            n += hit
+        return n
 
     def hold(self, proto, eaddr, eport) -> None:
         """Count one lease granted on this external endpoint (the agent calls it when a
         FETCH is answered or a PUSH is sent)."""
-        raise NotImplementedError
+        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
+        self._holds[ekey] = self._holds.get(ekey, 0) + 1
 
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable
         only once its reuse delay passed AND its hold count is zero."""
-        raise NotImplementedError
+        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
+        c = self._holds.get(ekey, 0) - 1
+        if c > 0:
+            self._holds[ekey] = c
+            return
+        self._holds.pop(ekey, None)
+        w = self._held.pop(ekey, None)
+        if w is not None:
+            self._release_endpoint(*w)
 
     def drain_created(self) -> np.ndarray:
-        """Sessions created since the last call (for active install: PUSH)."""
-        raise NotImplementedError
+        """Sessions created since the last call (for active install: PUSH).  Recorded
+        only while ``track_created`` is true (default: install mode active)."""
+        out = np.array(self._created, dtype=SESSION_DTYPE) if self._created else np.zeros(0, SESSION_DTYPE)
+        self._created = []
+        return out
 
     def drain_removed(self) -> np.ndarray:
-        """Sessions removed by expiry since the last call (for REVOKE to lease holders)."""
-        raise NotImplementedError
+        """Sessions removed by expiry since the last call (for REVOKE to lease holders).
+        Recorded only while ``track_removed`` is true (default: more than one NIC)."""
+        out = np.array(self._removed, dtype=SESSION_DTYPE) if self._removed else np.zeros(0, SESSION_DTYPE)
+        self._removed = []
+        return out
 
     # -- holder side --------------------------------------------------------------------
     def install_clone(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0) -> int:
         """Install other NICs' sessions as clones (F_CLONE) in this NIC's tables.
-        `dirs` selects the entries; `lease_until` (clock seconds, 0 = the agent tracks
-        the lease itself) lets the sweep drop the clone when the lease runs out.
-        Returns entries installed (a refused insert is counted as table_full)."""
-        raise NotImplementedError
+        `dirs` selects the entries (the records' own `dirs` field is ignored);
+        `lease_until` (clock seconds, 0 = the agent tracks the lease itself) lets the
+        sweep drop the clone when the lease runs out.  A record whose external endpoint
+        this NIC owns, or whose entry would replace an owned one, is refused (counted as
+        bad_message).  Returns entries installed (refused inserts count as table_full)."""
+        now = int(now)
+        lease = _lease16(lease_until)
+        n = 0
+        for rec in np.asarray(records).reshape(-1):
+            p = int(rec["proto"])
+            e, ep = int(rec["eaddr"]), int(rec["eport"])
+            if p not in _PIDX or self.part.owner(e, ep) == self.nic:
+                self._refuse(_R_BAD)
+                continue
+            ok, ik = record_keys(rec)
+            i, ip, rid = int(rec["iaddr"]), int(rec["iport"]), int(rec["rule_id"])
+            for bit, tbl, key, val, tcp in (
+                (DIR_BIT_OUT, self.out, ok, (e, ep), int(rec["tcp_out"])),
+                (DIR_BIT_IN, self.inn, ik, (i, ip), int(rec["tcp_in"])),
+            ):
+                if not dirs & bit:
+                    continue
+                j = tbl.lookup(*key)
+                if j >= 0 and not tbl.slots["flags"][j] & _F_CLONE:
+                    self._refuse(_R_BAD)  # never replace an owned entry
+                    continue
+                if not tbl.insert(*key, val[0], val[1], rid, now, _F_CLONE):
+                    self._refuse(_R_TABLE_FULL)
+                    continue
+                j = tbl.lookup(*key)
+                tbl.slots["lease"][j] = lease
+                tbl.slots["tcp_state"][j] = tcp & layout.TCP_STATE_MASK
+                n += 1
+        return n
+
+    def _clone_entries(self, records):
+        """Yield (table, key, expected value) for the clone entries named by records."""
+        for rec in np.asarray(records).reshape(-1):
+            ok, ik = record_keys(rec)
+            d = int(rec["dirs"]) or DIR_BITS_BOTH
+            if d & DIR_BIT_OUT:
+                yield self.out, ok, (int(rec["eaddr"]), int(rec["eport"]))
+            if d & DIR_BIT_IN:
+                yield self.inn, ik, (int(rec["iaddr"]), int(rec["iport"]))
 
     def remove_clone(self, records) -> int:
-        """Remove clone entries (REVOKE).  Owned entries are never touched."""
-        raise NotImplementedError
+        """Remove clone entries (REVOKE); the records' `dirs` say which (0 = both).
+        Owned entries are never touched."""
+        n = 0
+        for tbl, key, _ in self._clone_entries(records):
+            j = tbl.lookup(*key)
+            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
+                n += tbl.delete(*key)
+        return n
 
     def renew_clones(self, records, lease_until) -> int:
         """Extend the lease of clone entries (LEASE renewal)."""
-        raise NotImplementedError
+        lease = _lease16(lease_until)
+        n = 0
+        for tbl, key, _ in self._clone_entries(records):
+            j = tbl.lookup(*key)
+            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
+                tbl.slots["lease"][j] = lease
+                n += 1
+        return n
 
-    def collect_activity(self, clear=True) -> np.ndarray:
-        """Clone entries hit since the last call, as records for ACTIVITY (dirs = the
-        active directions).  Clears F_ACTIVE when `clear`."""
-        raise NotImplementedError
+    def collect_activity(self, clear=True, max_slots=None) -> np.ndarray:
+        """Clone entries hit since the last call, as records for ACTIVITY (one record per
+        entry, `dirs` = its direction, `owner` = the owning NIC).  Clears F_ACTIVE when
+        `clear`.  `max_slots` bounds the scan per table (a cursor continues next call);
+        None scans the whole tables."""
+        parts = []
+        for t, tbl in enumerate((self.out, self.inn)):
+            slots = tbl.slots
+            ns = len(slots)
+            if max_slots is None or max_slots >= ns:
+                lo, hi = 0, ns
+            else:
+                lo = self._act_cur[t] % ns
+                hi = min(lo + max_slots, ns)
+                self._act_cur[t] = hi % ns
+            fl = slots["flags"][lo:hi]
+            sel = np.flatnonzero((fl & (_F_OCC | _F_CLONE | _F_ACTIVE)) == (_F_OCC | _F_CLONE | _F_ACTIVE)) + lo
+            if not len(sel):
+                continue
+            s = slots[sel]
+            r = np.zeros(len(sel), SESSION_DTYPE)
+            icmp = s["proto"] == PROTO_ICMP
+            if t == 0:
+                r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
+                r["rport"] = np.where(icmp, 0, s["dport"])
+                r["eaddr"], r["eport"], r["dirs"], r["tcp_out"] = s["new_addr"], s["new_port"], DIR_BIT_OUT, s["tcp_state"]
+            else:
+                r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
+                r["rport"] = np.where(icmp, 0, s["sport"])
+                r["iaddr"], r["iport"], r["dirs"], r["tcp_in"] = s["new_addr"], s["new_port"], DIR_BIT_IN, s["tcp_state"]
+            r["proto"], r["rule_id"], r["last_seen"] = s["proto"], s["rule_id"], s["last_seen"]
+            r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
+            if clear:
+                slots["flags"][sel] &= ~np.uint8(_F_ACTIVE)
+            parts.append(r)
+        return np.concatenate(parts) if parts else np.zeros(0, SESSION_DTYPE)
 
     def drain_lease_expired(self) -> np.ndarray:
         """Clone sessions the sweep dropped because their lease ran out."""
-        raise NotImplementedError
+        if not self._lease_expired:
+            return np.zeros(0, SESSION_DTYPE)
+        out = np.concatenate(self._lease_expired)
+        self._lease_expired = []
+        return out
 
-    # -- lifecycle and state ------------------------------------------------------------
-    def sweep(self, now, max_slots=None) -> SweepResult:
-        """One bounded expiry step: examine the next `max_slots` out-table slots (default
-        ``limits.sweep_step``), expire idle sessions, drop lease-expired clones, release
-        endpoints whose reuse delay passed.  Call once per batch."""
-        raise NotImplementedError
+    # -- lifecycle ------------------------------------------------------------------------
+    def timeout_for(self, proto: int, tcp_out: int, tcp_in: int) -> int:
+        """Idle timeout of a session from its protocol and the TCP flags seen each way.
 
+        TCP: RST or FIN seen -> transitory (RFC 5382 REQ-5; a RST keeps the session for
+        the transitory timeout, RFC 7857 2.2); SYN both ways and nothing else ->
+        established; SYN one way only -> transitory (partially open); no flag seen (picked
+        up mid-stream, e.g. restored) -> established.  UDP / ICMP: their own timeouts.
+        """
+        if proto == PROTO_TCP:
+            st = tcp_out | tcp_in
+            if st & (_RST | _FIN):
+                return self.t_trans
+            if tcp_out & _SYN and tcp_in & _SYN:
+                return self.t_est
+            if st & _SYN:
+                return self.t_trans
+            return self.t_est
+        if proto == PROTO_UDP:
+            return self.t_udp
+        return self.t_icmp
+
+    def sweep(self, now, max_slots=None, max_expire=None) -> SweepResult:
+        """One bounded expiry step: examine the next `max_slots` slots of each table
+        (default ``limits.sweep_step``), expire at most `max_expire` idle sessions
+        (default 64; the cursor stops after the last one handled), drop lease-expired
+        clones, release endpoints whose reuse delay passed.  Call once per batch."""
+        now = int(now)
+        step = self.sweep_step if max_slots is None else int(max_slots)
+        budget = self.sweep_max_expire if max_expire is None else int(max_expire)
+        res = SweepResult()
+        res.endpoints_released = self._process_reuse(now, max(budget, 16))
+        if self._qblocks:
+            self._mature_quarantine(now)
+        t_min = min(self.t_trans, self.t_est)
+        # -- out table: owned sessions (both directions merged) and clones
+        slots = self.out.slots
+        ns = len(slots)
+        lo = self._cur_out if self._cur_out < ns else 0
+        hi = min(lo + step, ns)
+        s = slots[lo:hi]
+        fl = s["flags"]
+        occ = (fl & _F_OCC) != 0
+        clone = (fl & _F_CLONE) != 0
+        idle = now - s["last_seen"].astype(np.int64)
+        pr = s["proto"]
+        thr = np.where(pr == PROTO_TCP, t_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
+        cand = occ & ~clone & (idle >= thr)
+        lease = s["lease"].astype(np.int32)
+        cexp = occ & clone & (lease != 0) & ((((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000)
+        sel = np.flatnonzero(cand | cexp)
+        if len(sel) > budget:
+            sel = sel[:budget]
+            hi = lo + int(sel[-1]) + 1
+        res.scanned = hi - lo
+        self._cur_out = hi if hi < ns else 0
+        res.wrapped = hi >= ns
+        if len(sel):
+            recs = s[sel].copy()
+            self._expire_out(recs, now, res, slots, sel + lo)
+        # -- in table: clones only (owned in-entries go with their out entry)
+        slots = self.inn.slots
+        ns = len(slots)
+        lo = self._cur_in if self._cur_in < ns else 0
+        hi = min(lo + step, ns)
+        s = slots[lo:hi]
+        fl = s["flags"]
+        lease = s["lease"].astype(np.int32)
+        cexp = ((fl & (_F_OCC | _F_CLONE)) == (_F_OCC | _F_CLONE)) & (lease != 0)
+        cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
+        sel = np.flatnonzero(cexp)
+        if len(sel) > budget:
+            sel = sel[:budget]
+            hi = lo + int(sel[-1]) + 1
+        self._cur_in = hi if hi < ns else 0
+        if len(sel):
+            recs = s[sel].copy()
+            self.inn.delete_batch(recs)
+            self._note_lease_expired(recs, DIR_BIT_IN)
+            res.clones_dropped += len(recs)
+        return res
+
+    def _expire_out(self, recs, now, res: SweepResult, slots, where) -> None:
+        clone = (recs["flags"] & _F_CLONE) != 0
+        if clone.any():
+            c = recs[clone]
+            self.out.delete_batch(c)
+            self._note_lease_expired(c, DIR_BIT_OUT)
+            res.clones_dropped += len(c)
+            recs, where = recs[~clone], where[~clone]
+        if not len(recs):
+            return
+        so_ls = slots["last_seen"]
+        si = self.inn.slots
+        dead_out, dead_in = [], []
+        mappings = self._mappings
+        for k in range(len(recs)):
+            r = recs[k]
+            p, ia, ip, ra, rp = int(r["proto"]), int(r["saddr"]), int(r["sport"]), int(r["daddr"]), int(r["dport"])
+            ea, ep, rid = int(r["new_addr"]), int(r["new_port"]), int(r["rule_id"])
+            rr = 0 if p == PROTO_ICMP else rp
+            ik = in_key(p, ra, rr, ea, ep)
+            j = self.inn.lookup(*ik)
+            ls_o, st_o = int(r["last_seen"]), int(r["tcp_state"])
+            ls_i, st_i = (int(si["last_seen"][j]), int(si["tcp_state"][j])) if j >= 0 else (0, 0)
+            last = max(ls_o, ls_i)
+            if now - last < self.timeout_for(p, st_o, st_i):
+                so_ls[where[k]] = last  # remember the merged activity: not a candidate again soon
+                continue
+            dead_out.append((p, ia, ip, ra, rp))
+            if j >= 0 and not si["flags"][j] & _F_CLONE:
+                dead_in.append(ik)
+            m = mappings[rid] if 0 < rid < len(mappings) else None
+            if m is None or m.eaddr != ea or m.eport != ep or m.iaddr != ia or m.iport != ip:
+                continue  # an orphan entry (no bookkeeping): just delete it
+            res.expired += 1
+            if self._end_session(m, ra, rr, now, last, st_o, st_i):
+                res.mappings_removed += 1
+        if dead_out:
+            self.out.delete_batch(_keys_array(dead_out))
+        if dead_in:
+            self.inn.delete_batch(_keys_array(dead_in))
+        if self.translog is not None:
+            self.translog.flush()
+
+    def _note_lease_expired(self, slots_recs, direction_bit) -> None:
+        self.counters[_R_LEASE] += len(slots_recs)
+        r = np.zeros(len(slots_recs), SESSION_DTYPE)
+        s = slots_recs
+        icmp = s["proto"] == PROTO_ICMP
+        if direction_bit == DIR_BIT_OUT:
+            r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
+            r["rport"] = np.where(icmp, 0, s["dport"])
+            r["eaddr"], r["eport"] = s["new_addr"], s["new_port"]
+        else:
+            r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
+            r["rport"] = np.where(icmp, 0, s["sport"])
+            r["iaddr"], r["iport"] = s["new_addr"], s["new_port"]
+        r["proto"], r["rule_id"], r["last_seen"], r["dirs"] = s["proto"], s["rule_id"], s["last_seen"], direction_bit
+        r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
+        self._lease_expired.append(r)
+
+    def _mature_quarantine(self, now: int) -> None:
+        for g, until in list(self._qblocks.items()):
+            if until <= now:
+                del self._qblocks[g]
+                if g in self._qskipped:  # passed over while quarantined: list it again
+                    self._qskipped.discard(g)
+                    self._give_back(g, g // self.part.bpa)
+
+    # -- gauges ---------------------------------------------------------------------------
     def utilisation(self) -> float:
-        """Fraction of E_i (plus borrowed blocks) in use or waiting for reuse: the gauge
-        that shows exhaustion coming."""
-        raise NotImplementedError
+        """Fraction of E_i (plus borrowed blocks) in use or waiting for reuse: the
+        larger of blocks handed to hosts / blocks and, per protocol, ports / ports."""
+        nb = self._total_blocks + len(self._adopted) - len(self._lent)
+        if nb <= 0:
+            return 1.0
+        ports = max(1, self._total_ports + (len(self._adopted) - len(self._lent)) * self._bs)
+        return min(1.0, max(len(self._blocks) / nb, max(self._used) / ports))
 
     def counters_dict(self) -> dict:
         """{slow-path reason name: count} for every name in SLOW_PATH_REASON_NAMES."""
-        raise NotImplementedError
+        return dict(zip(SLOW_PATH_REASON_NAMES, self.counters))
 
     def stats(self) -> dict:
         """Gauges: mappings, sessions, clones, hosts, blocks in use, ports in use, ports
         waiting for reuse, held endpoints, utilisation."""
-        raise NotImplementedError
+        return {
+            "mappings": len(self._by_ext),
+            "sessions": self._n_sessions,
+            "entries_out": len(self.out),
+            "entries_in": len(self.inn),
+            "hosts": len(self._hosts),
+            "blocks_in_use": len(self._blocks),
+            "ports_in_use": sum(self._used),
+            "ports_waiting_reuse": len(self._reuse),
+            "endpoints_held": len(self._held),
+            "holds": sum(self._holds.values()),
+            "blocks_quarantined": len(self._qblocks),
+            "blocks_borrowed": len(self._adopted),
+            "blocks_lent": len(self._lent),
+            "utilisation": self.utilisation(),
+        }
 
+    # -- state ----------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """The builder's state as plain data (JSON-able).  Table contents are not in it:
         the NIC daemon saves the FlowTables' slots beside it."""
-        raise NotImplementedError
+        maps = []
+        for m in self._mappings[1:]:
+            if m is not None:
+                maps.append([m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block.id, sorted(m.remotes)])
+        return {
+            "version": 1,
+            "nic": self.nic,
+            "mappings": maps,
+            "free_ids": list(self._free_ids),
+            "n_ids": len(self._mappings),
+            "hosts": [[h.iaddr, h.aidx, [b.id for b in h.blocks], h.cur] for h in self._hosts.values()],
+            "blocks": [[b.id, b.used, b.n_used] for b in self._blocks.values()],
+            "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
+            "avail": list(self._avail),
+            "adopted": sorted(self._adopted),
+            "lent": sorted(self._lent),
+            "qblocks": [[g, u] for g, u in self._qblocks.items()],
+            "qskipped": sorted(self._qskipped),
+            "reuse": [list(x) for x in self._reuse],
+            "holds": [[k, c] for k, c in self._holds.items()],
+            "held": [[k, list(v)] for k, v in self._held.items()],
+            "counters": list(self.counters),
+            "cursors": [self._cur_out, self._cur_in],
+        }
 
     def restore(self, state) -> None:
         """Load a snapshot() into a fresh builder whose tables hold the saved slots."""
-        raise NotImplementedError
+        if not state:
+            return
+        if state.get("version") != 1:
+            raise ValueError(f"unknown rules snapshot version {state.get('version')!r}")
+        self._addr = {int(a): [int(n), int(e), [int(x) for x in fr]] for a, n, e, fr in state["addr"]}
+        self._avail = collections.deque(int(a) for a in state["avail"])
+        self._avail_set = set(self._avail)
+        self._adopted = set(state["adopted"])
+        self._lent = set(state["lent"])
+        self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
+        self._qskipped = set(int(g) for g in state.get("qskipped", ()))
+        self._hosts, self._blocks = {}, {}
+        used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
+        self._used = [0, 0, 0]
+        for iaddr, aidx, bids, cur in state["hosts"]:
+            h = self._hosts[iaddr] = _Host(iaddr, aidx, self.part.address_at(aidx))
+            h.cur = cur
+            for g in bids:
+                addr, lo, hi = self.part.block_span(g)
+                b = _Block(g, aidx, addr, lo, hi - lo + 1)
+                b.host = h
+                b.used, b.n_used = [int(x) for x in used[g][0]], [int(x) for x in used[g][1]]
+                b.n_total = sum(b.n_used)
+                for pi in range(3):
+                    self._used[pi] += b.n_used[pi]
+                self._blocks[g] = b
+                h.blocks.append(b)
+        self._mappings = [None] * int(state["n_ids"])
+        self._free_ids = [int(x) for x in state["free_ids"]]
+        self._by_int, self._by_out, self._by_ext = {}, {}, {}
+        self._n_sessions = 0
+        for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
+            m = _Mapping()
+            b = self._blocks[g]
+            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, m.host = rid, p, ia, ip, ea, ep, b, b.host
+            m.remotes = set(rems)
+            m.ekey, m.ikey = p << 48 | ea << 16 | ep, p << 48 | ia << 16 | ip
+            self._mappings[rid] = m
+            self._by_ext[m.ekey] = m
+            b.host.nports[_PIDX[p]] += 1
+            self._n_sessions += len(m.remotes)
+            if self._eim:
+                self._by_int[m.ikey] = m
+            else:
+                for x in m.remotes:
+                    self._by_out[_okey(p, ia, ip, x >> 16, x & 0xFFFF)] = m
+        self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
+        self._holds = {int(k): int(c) for k, c in state["holds"]}
+        self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
+        self.counters = [int(x) for x in state["counters"]] + [0] * (len(SLOW_PATH_REASON_NAMES) - len(state["counters"]))
+        self._cur_out, self._cur_in = state.get("cursors", [0, 0])
 
+    # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):
-        """Give away a free block of E_i for spill-over; None if there is none."""
-        raise NotImplementedError
+        """Give away a free native block of E_i for spill-over; None if there is none.
+        The caller records the loan in the Partition (``lend``) once BORROW is acked."""
+        for a in list(self._avail):
+            st = self._addr[a]
+            for k in range(len(st[2]) - 1, -1, -1):
+                g = st[2][k]
+                if g not in self._adopted and g not in self._qblocks:
+                    del st[2][k]
+                    self._lent.add(g)
+                    return g
+            while st[1] > st[0]:
+                st[1] -= 1  # take from the end of the native run: the cursor never gets there
+                g = st[1]
+                if g not in self._qblocks:
+                    self._lent.add(g)
+                    return g
+        return None
 
     def adopt_block(self, block) -> None:
-        """Start allocating from a block lent by another NIC (after BORROW succeeded)."""
-        raise NotImplementedError
+        """Start allocating from a block lent by another NIC (after BORROW succeeded);
+        the lender also calls it when its lent block comes back."""
+        g = int(block)
+        if g in self._lent:
+            self._lent.discard(g)
+        else:
+            self._adopted.add(g)
+        self._give_back(g, g // self.part.bpa)
 
     def return_block(self, block) -> bool:
-        """Hand a borrowed block back once it is idle (no live or quarantined port)."""
-        raise NotImplementedError
+        """Hand a borrowed block back once it is idle (no live or quarantined port):
+        True if it was removed from this builder (the agent then sends RETURN)."""
+        g = int(block)
+        if g not in self._adopted or g in self._blocks:
+            return False
+        st = self._addr.get(g // self.part.bpa)
+        if st is None or g not in st[2]:
+            return False
+        st[2].remove(g)
+        self._adopted.discard(g)
+        return True
 
     def quarantine_blocks(self, blocks, until) -> None:
-        """Journaled blocks recovered after a crash: not allocatable before `until`."""
-        raise NotImplementedError
+        """Journaled blocks recovered after a crash: not allocatable before `until`
+        (the sweep lets them go when the time has come)."""
+        for g in blocks:
+            g = int(g)
+            self._qblocks[g] = max(int(until), self._qblocks.get(g, 0))
+
+
+_EVEN_BITS = int("01" * 32768, 2)  # bit k set for even k
+_ODD_BITS = _EVEN_BITS << 1
+
+
+def _okey(p, iaddr, iport, raddr, rport) -> int:
+    return p << 96 | iaddr << 64 | iport << 48 | raddr << 16 | rport
+
+
+def _lease16(lease_until) -> int:
+    if not lease_until:
+        return 0
+    v = int(lease_until) & 0xFFFF
+    return v or 1
+
+
+def _keys_array(keys) -> np.ndarray:
+    a = np.array(keys, dtype=np.int64)
+    k = np.zeros(len(a), layout.KEY_DTYPE)
+    k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = a.T
+    return k
+
+
+def _ip(a: int) -> str:
+    return str(ipaddress.IPv4Address(a))
