@@ -609,6 +609,16 @@ cdef inline void touch(hn_slot *s, uint32_t now, const hn_parsed *p) noexcept no
         s.tcp_state |= p.tcp_flags & TCP_STATE_MASK
 
 
+cdef bint icmp_all_zero(const hn_parsed *p) noexcept nogil:
+    """Every byte of the ICMP message except its checksum field is zero."""
+    cdef uint64_t i
+    chk(p, p.l4, p.end - p.l4)
+    for i in range(p.l4, p.end):
+        if p.b[i] and i != p.l4 + 2 and i != p.l4 + 3:
+            return False
+    return True
+
+
 cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_t nda,
                          uint32_t ndp, uint32_t nid) noexcept nogil:
     """New source (nsa:nsp) and destination (nda:ndp); unchanged ones are passed as they
@@ -638,8 +648,13 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
         wr16(p, l4 + 2, ndp)
     else:
         ck = adjust(rd16(p, l4 + 2), d16(p.sport, nid))
-        wr16(p, l4 + 2, ck)
         wr16(p, l4 + 4, nid)
+        if ck == 0 and icmp_all_zero(p):
+            # Eqn. 3 yields 0x0000 when the new message sums to +0, which only an
+            # all-zero message does (echo reply, id 0, seq 0, no payload: ICMP has no
+            # pseudo-header); its checksum is ~(+0) = 0xFFFF (RFC 1624 sec. 3).
+            ck = 0xFFFF
+        wr16(p, l4 + 2, ck)
 
 
 cdef inline void rewrite_icmp_error(const hn_parsed *p, int direction, uint32_t na,
