@@ -175,6 +175,9 @@ _NACK_OF = {
     "unsolicited_syn": "filtered",
     "not_in_pool": "not_owner",
     "not_internal": "bad_request",
+    "not_owner": "not_owner",
+    "no_mapping": "no_rule",
+    "icmp_error_no_session": "no_rule",
 }
 
 
@@ -269,6 +272,8 @@ class RuleAgent:
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._unacked: dict[int, _Unacked] = {}
         self._activity_due = 0.0
+        self._lease_due = float("inf")  # earliest (lease end - margin) over the clones
+        self._grant_due = float("inf")  # earliest end of a lease granted
         self.counters = collections.Counter()
         self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
 
@@ -589,6 +594,7 @@ class RuleAgent:
         if self.rules.install_clone(rec, self.tick_clock(), dirs=dirs) <= 0:
             self.count("clone_install_failed")
             return
+        self._lease_due = min(self._lease_due, expires - self.p.lease_margin_s)
         if c is None:
             self.clones[sk] = _Clone(owner, int(r["rule_id"]), dirs, expires)
         else:
@@ -615,7 +621,9 @@ class RuleAgent:
         holders = self.leases.setdefault(sk, {})
         if holder not in holders:
             self.rules.hold(sk[0], sk[3], sk[4])
-        holders[holder] = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+        until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+        holders[holder] = until
+        self._grant_due = min(self._grant_due, until)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
         holders = self.leases.get(sk)
@@ -698,16 +706,27 @@ class RuleAgent:
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
                     self._emit(u.target, u.mtype, u.rec)
                     self.count("retries")
+        if now >= self._lease_due:  # holder: clones whose lease runs out (exactly on time)
+            due = float("inf")
+            for sk, c in list(self.clones.items()):
+                end = c.expires - self.p.lease_margin_s
+                if now >= end:
+                    self._drop_clone(sk, "lease_expired")
+                else:
+                    due = min(due, end)
+            self._lease_due = due
         if now >= self._activity_due:
             self._activity_due = now + min(self.p.activity_interval_s, self.p.lease_s / 4)
             self.report_activity(now)
-            for sk, c in list(self.clones.items()):  # holder: leases that ran out
-                if now >= c.expires - self.p.lease_margin_s:
-                    self._drop_clone(sk, "lease_expired")
-            for sk, holders in list(self.leases.items()):  # owner: the same, seen from here
+        if now >= self._grant_due:  # owner: leases that ran out, seen from here (+ grace)
+            due = float("inf")
+            for sk, holders in list(self.leases.items()):
                 for h, until in list(holders.items()):
                     if until <= now:
                         self._lease_end(sk, h)
+                    else:
+                        due = min(due, until)
+            self._grant_due = due
 
     def report_activity(self, now: float) -> int:
         """Batched ACTIVITY to each owner for the clones hit since the last report."""
@@ -786,6 +805,7 @@ class RuleAgent:
             for h, left in hs.items():
                 h = int(h)
                 self.leases.setdefault(sk, {})[h] = now + float(left)
+                self._grant_due = min(self._grant_due, now + float(left))
                 self.rules.hold(sk[0], sk[3], sk[4])
         clones = state.get("clones", [])
         if clones:
