@@ -444,7 +444,6 @@ def test_push_after_fetch_releases_queue():
     a1.fetch(IN, in_key(sk), 0, b"reply", fab.t[0])
     fab.queue.clear()  # the FETCH is in flight (lost)
     fab.agents[0].p.active_install = True
-    fab.rules[0].created.append(fab.rules[0]._rec(sk))
     fab.agents[0]._push_created(fab.t[0])
     fab.pump()
     assert fab.replayed[1] == [(IN, [b"reply"])] and not a1.pending
