@@ -225,6 +225,8 @@ class _Reader:
             if v is None and default is None and key not in node:
                 return None
             raise self.err(p, f"expected an integer, got {v!r}")
+        if hi is None and lo is not None and v < lo:
+            raise self.err(p, f"{v} is below the minimum {lo}")
         if lo is not None and v < lo or hi is not None and v > hi:
             raise self.err(p, f"{v} is out of range {lo}..{hi}")
         return v
@@ -467,7 +469,9 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     force = r.boolean(tn, "force", "timeouts", False)
     vals = {}
     for name in ("udp", "tcp_established", "tcp_transitory", "icmp", "reuse_delay"):
-        vals[name] = r.integer(tn, name, "timeouts", getattr(dt, name), lo=0 if name == "reuse_delay" else 1)
+        vals[name] = r.integer(
+            tn, name, "timeouts", getattr(dt, name), lo=0 if name == "reuse_delay" else 1, hi=86400 * 7
+        )
         if name in RFC_MIN_TIMEOUTS and not force:
             minimum, rfc = RFC_MIN_TIMEOUTS[name]
             if vals[name] < minimum:

@@ -1,0 +1,165 @@
+"""Partition arithmetic against a brute-force model of the specification.
+
+The model enumerates every external endpoint of a (small) pool and checks what the
+strategy promises: each endpoint has exactly one owner; every NIC's share is made of
+whole blocks; the shares are contiguous runs in NIC order (over a single address's
+blocks for by-port, over addresses for by-address) whose sizes differ by at most one
+block (address); and every other view of the partition (vectorised owners, per-NIC
+block ranges and sizes, block ids and spans, loans) agrees with the enumeration.
+"""
+import collections
+import ipaddress
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hypernat.partition import BY_ADDRESS, BY_PORT, Partition
+
+
+@st.composite
+def partitions(draw):
+    n_prefixes = draw(st.integers(1, 3))
+    nets, used = [], set()
+    for _ in range(n_prefixes):
+        plen = draw(st.integers(29, 32))
+        base = draw(st.integers(0, 255)) << 8 | draw(st.integers(0, 7)) << 5
+        net = ipaddress.IPv4Network((0xC6120000 | base, plen), strict=False)
+        if any(net.overlaps(o) for o in nets):
+            continue
+        nets.append(net)
+        used.add(net)
+    port_min = draw(st.integers(1, 60000))
+    n_ports = draw(st.integers(1, 300))
+    port_max = min(65535, port_min + n_ports - 1)
+    block = draw(st.integers(1, 40))
+    strategy = draw(st.sampled_from([BY_PORT, BY_ADDRESS]))
+    n_addrs = sum(n.num_addresses for n in nets)
+    bpa = -(-(port_max - port_min + 1) // block)
+    limit = bpa if strategy == BY_PORT else n_addrs
+    n = draw(st.integers(1, min(6, limit)))
+    return Partition(nets, port_min, port_max, n, strategy, block)
+
+
+def endpoints(p: Partition):
+    for net in p.nets:
+        for a in range(int(net.network_address), int(net.broadcast_address) + 1):
+            for port in range(p.port_min, p.port_max + 1):
+                yield a, port
+
+
+@settings(max_examples=60, deadline=None)
+@given(partitions())
+def test_owner_matches_brute_force(p):
+    owner_of = {}
+    blocks_of_nic = collections.defaultdict(set)
+    per_block_owner = {}
+    for a, port in endpoints(p):
+        o = p.owner(a, port)
+        assert 0 <= o < p.n
+        assert p.contains(o, a, port) and not any(p.contains(k, a, port) for k in range(p.n) if k != o)
+        owner_of[(a, port)] = o
+        g = p.block_of(a, port)
+        addr, lo, hi = p.block_span(g)
+        assert addr == a and lo <= port <= hi and hi - lo + 1 <= p.block_size
+        # whole blocks: every port of a block has the block's owner
+        assert per_block_owner.setdefault(g, o) == o
+        blocks_of_nic[o].add(g)
+    # sizes and ranges agree with the enumeration
+    counts = collections.Counter(owner_of.values())
+    for k in range(p.n):
+        assert counts.get(k, 0) == p.nic_size(k)
+        expect = set()
+        for a in p.nic_address_indices(k):
+            expect.update(p.nic_blocks_on(k, a))
+        assert expect == blocks_of_nic[k]
+    # contiguous runs in NIC order, balanced to one block / one address
+    if p.strategy == BY_PORT:
+        for a in range(p.n_addrs):
+            seq = [p.native_owner_of_block(a * p.bpa + j) for j in range(p.bpa)]
+            assert seq == sorted(seq) and set(seq) == set(range(p.n))
+            c = collections.Counter(seq).values()
+            assert max(c) - min(c) <= 1
+    else:
+        seq = [p.native_owner_of_block(a * p.bpa) for a in range(p.n_addrs)]
+        assert seq == sorted(seq) and set(seq) == set(range(p.n))
+        c = collections.Counter(seq).values()
+        assert max(c) - min(c) <= 1
+    # vectorised owners() == owner(), including outside E
+    pts = list(owner_of)
+    extra = [(int(p.nets[0].network_address) - 1, p.port_min), (0x01020304, p.port_min)]
+    if p.port_min > 1:
+        extra.append((int(p.nets[0].network_address), p.port_min - 1))
+    if p.port_max < 65535:
+        extra.append((int(p.nets[0].network_address), p.port_max + 1))
+    extra = [(a, port) for a, port in extra if p.address_index(a) < 0 or not p.port_min <= port <= p.port_max]
+    allpts = pts + extra
+    got = p.owners([a for a, _ in allpts], [q for _, q in allpts])
+    assert got.tolist() == [owner_of.get(x, -1) for x in pts] + [-1] * len(extra)
+    for a, port in extra:
+        assert p.owner(a, port) == -1 and p.block_of(a, port) == -1
+
+
+@settings(max_examples=40, deadline=None)
+@given(partitions(), st.data())
+def test_loans_override_one_block(p, data):
+    if p.n < 2:
+        return
+    g = data.draw(st.integers(0, p.n_blocks - 1))
+    native = p.native_owner_of_block(g)
+    to = data.draw(st.integers(0, p.n - 1).filter(lambda k: k != native))
+    before = {(a, port): p.owner(a, port) for a, port in endpoints(p)}
+    p.lend(g, to)
+    assert p.borrowed_by(to) == [g]
+    for (a, port), o in before.items():
+        expect = to if p.block_of(a, port) == g else o
+        assert p.owner(a, port) == expect
+    addr, lo, hi = p.block_span(g)
+    assert p.owners([addr, addr], [lo, hi]).tolist() == [to, to]
+    p.return_block(g)
+    assert all(p.owner(a, port) == o for (a, port), o in before.items())
+    assert p.borrowed_by(to) == []
+
+
+def test_by_port_one_address_two_nics():
+    p = Partition(["203.0.113.10/32"], 1024, 65535, 2, BY_PORT, 128)
+    a = int(ipaddress.IPv4Address("203.0.113.10"))
+    assert p.bpa == 504
+    assert p.owner(a, 1024) == 0 and p.owner(a, 33279) == 0
+    assert p.owner(a, 33280) == 1 and p.owner(a, 65535) == 1
+    assert p.owner(a, 1023) == -1 and p.owner(a + 1, 2000) == -1
+    assert p.nic_size(0) == p.nic_size(1) == 32256
+
+
+def test_by_address_four_nics():
+    p = Partition(["192.0.2.0/26"], 1024, 65535, 4, BY_ADDRESS, 256)
+    base = int(ipaddress.IPv4Address("192.0.2.0"))
+    assert [p.owner(base + i, 5000) for i in (0, 15, 16, 31, 32, 63)] == [0, 0, 1, 1, 2, 3]
+    assert p.nic_address_indices(2) == range(32, 48)
+
+
+def test_eim_owner_is_crc32_and_stable():
+    a = int(ipaddress.IPv4Address("10.77.0.5"))
+    assert zlib.crc32(bytes([10, 77, 0, 5])) == 1188156772  # pinned: must never change
+    p2 = Partition(["198.18.77.0/28"], 1024, 65535, 2)
+    p3 = Partition(["198.18.77.0/28"], 1024, 65535, 3)
+    assert p2.eim_owner(a) == 1188156772 % 2 and p3.eim_owner(a) == 1188156772 % 3
+    # spread: over a /22 of hosts every NIC gets a fair share
+    hosts = np.arange(0x0A4D0000, 0x0A4D0400)
+    c = collections.Counter(p3.eim_owner(int(h)) for h in hosts)
+    assert set(c) == {0, 1, 2} and min(c.values()) > 0.25 * len(hosts)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        Partition(["198.18.77.1/32"], 1024, 65535, 2, BY_ADDRESS)
+    with pytest.raises(ValueError):
+        Partition(["198.18.77.1/32"], 1024, 1087, 2, BY_PORT, 64)
+    with pytest.raises(ValueError):
+        Partition([], 1024, 2000, 1)
+    p = Partition(["198.18.77.0/30"], 1024, 2047, 2)
+    with pytest.raises(ValueError):
+        p.lend(10**9, 1)
+    assert "NIC" in p.describe()
