@@ -384,7 +384,7 @@ class Emulation:
             while time.monotonic() < end:
                 try:
                     st = cl.query("nics")
-                    up = [r for r in st if r.get("state") == "up"] if isinstance(st, list) else []
+                    up = [r for r in st if r.get("up")] if isinstance(st, list) else []
                     if len(up) >= self.n:
                         return
                 except Exception:  # noqa: BLE001 - not up yet
@@ -396,7 +396,10 @@ class Emulation:
 
     def close(self) -> dict:
         for k in list(self.procs):
-            self.stop_nic(k)
+            try:
+                self.stop_nic(k)
+            except (OSError, KeyError):
+                pass
         self.kill_coordinator(signal.SIGTERM)
         for r in self.rings:
             for ring in r:
@@ -658,9 +661,10 @@ def run_emulated(config=None, flows: int = 200, *, packets: int = 4, n_nics: int
             kw.setdefault("install", base.install)
             kw.setdefault("filtering", base.filtering)
         config = emulated_config(n_nics or (base.n_nics if base is not None else 2), **kw)
-    emu = Emulation(config).start()
+    emu = Emulation(config)
     t0 = time.monotonic()
     try:
+        emu.start()
         conns = make_conns(config, flows, packets=packets, protos=protos, seed=seed, icmp_every=icmp_every)
         emu.run(conns, timeout=timeout)
         elapsed = time.monotonic() - t0
