@@ -160,8 +160,11 @@ def fetch_key_tuple(fetch_dir: int, key) -> tuple:
 
 
 def session_key(sk: tuple, direction: int) -> tuple:
-    """The flow-table key of a session in `direction`'s table."""
+    """The flow-table key of a session in `direction`'s table.  ICMP queries key on the
+    identifier in both port fields: the internal one going out, the external one coming in."""
     p, ia, ip, ea, ep, ra, rp = sk
+    if p == layout.PROTO_ICMP:
+        return (p, ia, ip, ra, ip) if direction == OUT else (p, ra, ep, ea, ep)
     return (p, ia, ip, ra, rp) if direction == OUT else (p, ra, rp, ea, ep)
 
 

@@ -457,7 +457,7 @@ class Emulation:
             if c is None:
                 self.stray["internet_unknown"] += 1
                 continue
-            if (p.dst, p.dport) != (c.raddr, c.rport):
+            if p.dst != c.raddr or (p.proto != ICMP and p.dport != c.rport):  # ICMP: the id is translated
                 c.bad.append(("out_dst", p.dst, p.dport))
             c.ext.add((p.src, p.sport))
             self.ext_owner.setdefault((p.proto, p.src, p.sport), set()).add((p.proto, c.iaddr, c.iport))
