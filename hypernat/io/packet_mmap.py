@@ -24,6 +24,9 @@ Why these choices:
   costs the kernel no per-packet clone.
 * **Qdisc bypass** on transmit (``PACKET_QDISC_BYPASS``): frames go straight to the
   driver; a full driver queue is a counted drop, as on a NIC.
+* **A send buffer the size of the ring**: a frame sent is an skb charged to the
+  socket until it is freed, possibly far downstream; the default budget would let only
+  a few hundred frames be in flight.
 * **PACKET_LOSS** on transmit: a frame the kernel rejects is skipped instead of
   stalling the ring.
 
@@ -53,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     ) from exc
 
 ETH_P_ALL = 0x0003
+SO_SNDBUFFORCE = 32
 SIOCGIFHWADDR = 0x8927
 PAGE = mmap.PAGESIZE
 
@@ -138,6 +142,14 @@ class PacketMmapPort(Port):
             s.setsockopt(c["SOL_PACKET"], c["PACKET_QDISC_BYPASS"], 1)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_LOSS"], 1)
         req, size, nr = _ring_request(frame_size, frames)
+        # Every frame in flight is an skb charged to this socket until it is freed
+        # (downstream, maybe in another namespace): with the default sndbuf (~200 kB)
+        # only a few hundred frames could be in flight and the ring would stall.
+        want = 2 * size
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, want)
+        except OSError:  # not CAP_NET_ADMIN: what wmem_max allows
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_TX_RING"], req)
         self._tx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._tx_mem = np.frombuffer(self._tx_map, dtype=np.uint8)

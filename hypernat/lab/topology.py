@@ -17,10 +17,11 @@ HyperNAT's rule cloning exists for.
 What runs in ``gw`` is the *mode*:
 
 ``hypernat``  ip_forward off (the kernel sees every frame on AF_PACKET and must not
-              forward it as well); the NIC daemons own the links.
+              forward it as well) and IPv4 dropped at gw's ingress hook, after the
+              AF_PACKET taps took their copy; the NIC daemons own the links.
 ``linux``     the peer (peer.py): Linux's own NAT, nftables snat to a pool address,
               conntrack, policy routes so NIC k's traffic stays on NIC k's port pair.
-``noop``      ip_forward off; the no-op forwarder moves frames inside_k ↔ outside_k
+``noop``      as ``hypernat``; the no-op forwarder moves frames inside_k ↔ outside_k
               untranslated, and ``inet`` routes the internal prefix back over the
               outside links (plain routing, the same-run ceiling of the I/O path).
 
@@ -182,6 +183,9 @@ class Topology:
             for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
                 netns.sysctl(n, key, 0)
             netns.sysctl(n, "net.ipv4.fib_multipath_hash_policy", 1)
+            # No IPv6 on the testbed: router solicitations and DAD would only add noise.
+            netns.sysctl(n, "net.ipv6.conf.all.disable_ipv6", 1)
+            netns.sysctl(n, "net.ipv6.conf.default.disable_ipv6", 1)
             with IPRoute(netns=n) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         netns.sysctl(self.gw, "net.ipv4.ip_forward", 1 if self.mode == "linux" else 0)
@@ -232,7 +236,20 @@ class Topology:
             from .peer import install_linux_nat
 
             install_linux_nat(self)
+        else:
+            self._kernel_ignores_ipv4()
         self.wait_ready()
+
+    def _kernel_ignores_ipv4(self) -> None:
+        """Drop IPv4 at gw's ingress hook: AF_PACKET taps have their copy by then
+        (they run before the hook), and the kernel's IP stack is spared a route lookup
+        and an ``ip_error`` per frame that the NIC daemon forwards anyway.  ARP still
+        reaches the kernel, which answers for the link addresses."""
+        chains = "\n".join(
+            f'    chain in_{name} {{ type filter hook ingress device "{name}" priority 0; policy accept; '
+            f"meta protocol ip counter drop; }}"
+            for k in range(self.nics) for name in (self.inside(k), self.outside(k)))
+        netns.run(self.gw, ["nft", "-f", "-"], input_=f"table netdev hypernat_gw {{\n{chains}\n}}\n")
 
     @staticmethod
     def _ecmp(ipr, dst, hops, **kw):
