@@ -1,0 +1,717 @@
+"""RuleBuilder: allocation, ownership, filtering, hairpinning, lifecycle, cloning hooks.
+
+Most tests drive the builder the way the NIC loop does (verdicts + KEY_DTYPE keys in,
+Decisions out) over real FlowTables; the hairpin test goes through a real Translator
+with frames built and checked by scapy.
+"""
+import collections
+import io
+import ipaddress
+import json
+
+import numpy as np
+import pytest
+
+from hypernat import config, layout
+from hypernat.fastpath import FlowTable, Translator
+from hypernat.rules import (
+    ACT_DROP, ACT_FETCH, ACT_NONE, ACT_REPLAY, DIR_BIT_IN, DIR_BIT_OUT, REASON, SESSION_DTYPE, RuleBuilder,
+    in_key, out_key,
+)  # fmt: skip
+from hypernat.translog import TransLog
+from hypernat.verdicts import IN, OUT, VERDICT
+
+TCP, UDP, ICMP = 6, 17, 1
+SYN, ACK, FIN, RST = layout.TCP_SYN, layout.TCP_ACK, layout.TCP_FIN, layout.TCP_RST
+T = dict(udp=30, tcp_established=100, tcp_transitory=20, icmp=10, reuse_delay=15, force=True)
+
+
+def ip(s) -> int:
+    return int(ipaddress.IPv4Address(s))
+
+
+def make_cfg(n_nics=1, pool="198.18.77.0/30", ports=(1024, 2047), block=16, cap=4096, **top):
+    tree = {
+        "internal": {"prefixes": ["10.77.0.0/16"]},
+        "external": {"pool": [pool] if isinstance(pool, str) else pool, "ports": list(ports)},
+        "nics": [{"id": i, "inside": f"in{i}", "outside": f"out{i}"} for i in range(n_nics)],
+        "timeouts": dict(T),
+        "limits": {"port_block_size": block, "ports_per_host": cap, "flow_table_capacity": 4096},
+    }
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(tree.get(k), dict):
+            tree[k].update(v)
+        else:
+            tree[k] = v
+    return config.from_dict(tree, "test.yaml")
+
+
+def make_rb(cfg, nic=0, capacity=4096, seed=1, **kw):
+    return RuleBuilder(cfg, nic, FlowTable(capacity), FlowTable(capacity), rng=np.random.default_rng(seed), **kw)
+
+
+def keys_of(rows, kind=layout.KIND_PLAIN):
+    k = np.zeros(len(rows), layout.KEY_DTYPE)
+    for i, r in enumerate(rows):
+        p, s, sp, d, dp = r[:5]
+        fl = r[5] if len(r) > 5 else 0
+        k[i] = (s, d, sp, dp, p, kind, fl, 0)
+    return k
+
+
+def miss(rb, direction, rows, now, verdict=None, kind=layout.KIND_PLAIN):
+    v = verdict or ("miss_out" if direction == OUT else "miss_in")
+    verd = np.full(len(rows), VERDICT[v], np.uint8)
+    return rb.handle_misses(direction, verd, keys_of(rows, kind), now)
+
+
+def hosts_of(rb, n, start=1):
+    """n internal hosts whose EIM owner is rb's NIC."""
+    out, i = [], start
+    while len(out) < n:
+        h = ip("10.77.0.0") + i
+        if rb.part.eim_owner(h) == rb.nic:
+            out.append(h)
+        i += 1
+    return out
+
+
+def mapping_of(rb, p, i, ip_, r, rp):
+    """(E, Ep) of the session (p, i, ip_) -> (r, rp) in rb's out table, or None."""
+    rec = rb.out.get(*out_key(p, i, ip_, r, rp))
+    return None if rec is None else (int(rec["new_addr"]), int(rec["new_port"]))
+
+
+def owned_bindings(rbs):
+    """{(proto, E, Ep): {(I, Ip)}} over every NIC's owned (non-clone) out entries."""
+    b = collections.defaultdict(set)
+    for rb in rbs:
+        s = rb.out.slots[rb.out.occupied()]
+        s = s[(s["flags"] & layout.F_CLONE) == 0]
+        for r in s:
+            b[(int(r["proto"]), int(r["new_addr"]), int(r["new_port"]))].add((int(r["saddr"]), int(r["sport"])))
+    return b
+
+
+R1, R2, R3 = ip("8.8.8.8"), ip("8.8.4.4"), ip("1.1.1.1")
+
+
+# ---------------------------------------------------------------------------------------
+# Allocation and ownership
+
+
+@pytest.mark.parametrize("mapping", ["endpoint-independent", "address-and-port-dependent"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_no_external_endpoint_held_twice(mapping, seed):
+    """Invariant 1 under churn over 3 NICs: at no time do two internal endpoints hold
+    the same external endpoint, and a released endpoint is not handed to another
+    internal endpoint before the reuse delay."""
+    cfg = make_cfg(3, pool="198.18.77.0/31", ports=(1024, 1215), block=8, cap=64, mapping=mapping)
+    rbs = [make_rb(cfg, k, seed=seed * 10 + k) for k in range(3)]
+    rng = np.random.default_rng(seed)
+    hosts = [ip("10.77.1.0") + i for i in range(40)]
+    remotes = [ip("203.0.113.0") + i for i in range(6)]
+    now = 1000
+    holder = {}  # (p, E, Ep) -> (I, Ip)
+    released = {}  # (p, E, Ep) -> time it disappeared
+    created = 0
+    for step in range(120):
+        for _ in range(12):
+            p = [TCP, UDP][int(rng.integers(2))]
+            h = hosts[int(rng.integers(len(hosts)))]
+            row = (p, h, 2000 + int(rng.integers(6)), remotes[int(rng.integers(len(remotes)))], 80, SYN)
+            nic = rbs[0].part.eim_owner(h) if mapping == "endpoint-independent" else int(rng.integers(3))
+            d = miss(rbs[nic], OUT, [row], now)
+            assert d.action[0] in (ACT_REPLAY, ACT_DROP)
+            created += d.action[0] == ACT_REPLAY
+        now += int(rng.integers(1, 6))
+        for rb in rbs:
+            rb.sweep(now, max_slots=1 << 20)
+        b = owned_bindings(rbs)
+        for e, who in b.items():
+            assert len(who) == 1, f"{e} held by {who}"
+            (w,) = who
+            if e in holder and holder[e] != w:
+                raise AssertionError(f"{e} changed hands without being released")
+            if e not in holder and e in released and released[e][1] != w:
+                assert now - released[e][0] >= cfg.timeouts.reuse_delay, "reused before the reuse delay"
+            holder[e] = w
+        for e in list(holder):
+            if e not in b:
+                released[e] = (now, holder.pop(e))
+        # EIM: the owner of every binding is the NIC of the host
+        for k, rb in enumerate(rbs):
+            s = rb.out.slots[rb.out.occupied()]
+            assert ((s["flags"] & layout.F_CLONE) == 0).all()
+            assert all(rb.part.owner(int(x["new_addr"]), int(x["new_port"])) == k for x in s)
+            if mapping == "endpoint-independent":
+                assert all(rb.part.eim_owner(int(x["saddr"])) == k for x in s)
+    assert created > 200 and released  # the test exercised allocation and reuse
+
+
+def test_eim_one_endpoint_per_internal_endpoint_and_one_address_per_host():
+    cfg = make_cfg(1, pool="198.18.77.0/29", block=4)
+    rb = make_rb(cfg)
+    h1, h2 = hosts_of(rb, 2)
+    rows = [(p, h, sp, r, rp) for p in (TCP, UDP) for h in (h1, h2) for sp in range(3000, 3012)
+            for r in (R1, R2, R3) for rp in (53, 443)]  # fmt: skip
+    d = miss(rb, OUT, rows, 100)
+    assert (d.action == ACT_REPLAY).all()
+    seen = {}
+    addrs = collections.defaultdict(set)
+    for p, h, sp, r, rp in rows:
+        e = mapping_of(rb, p, h, sp, r, rp)
+        assert e is not None
+        assert seen.setdefault((p, h, sp), e) == e  # same external endpoint for every remote
+        addrs[h].add(e[0])
+        # the in entry translates back to the internal endpoint
+        back = rb.inn.get(*in_key(p, r, rp, *e))
+        assert (int(back["new_addr"]), int(back["new_port"])) == (h, sp)
+    assert all(len(a) == 1 for a in addrs.values())  # paired pooling
+    # no overloading: within a protocol, distinct internal endpoints, distinct external ones
+    assert len({(k[0], e) for k, e in seen.items()}) == len(seen)
+    assert rb.stats()["mappings"] == len(seen) and rb.stats()["sessions"] == len(rows)
+    # blocks of 4 ports: a host with 12 TCP + 12 UDP mappings holds 3 blocks
+    assert rb.stats()["blocks_in_use"] == 6
+
+
+def test_apdm_new_endpoint_per_session():
+    cfg = make_cfg(1, mapping="address-and-port-dependent")
+    rb = make_rb(cfg)
+    (h,) = hosts_of(rb, 1)
+    rows = [(UDP, h, 4000, r, rp) for r in (R1, R2) for rp in (53, 54)]
+    d = miss(rb, OUT, rows + rows, 100)  # duplicates in one batch: one session each
+    assert (d.action == ACT_REPLAY).all()
+    es = {mapping_of(rb, *r) for r in rows}
+    assert len(es) == 4 and len({e[0] for e in es}) == 1
+    assert len(rb.out) == 4 and len(rb.inn) == 4
+
+
+def test_not_internal_and_icmp_query():
+    cfg = make_cfg(1)
+    rb = make_rb(cfg)
+    d = miss(rb, OUT, [(UDP, ip("192.168.1.1"), 5, R1, 53)], 100)
+    assert d.action[0] == ACT_DROP and d.reason[0] == REASON["not_internal"]
+    (h,) = hosts_of(rb, 1)
+    d = miss(rb, OUT, [(ICMP, h, 77, R1, 77)], 100)
+    assert d.action[0] == ACT_REPLAY
+    e = mapping_of(rb, ICMP, h, 77, R1, 77)
+    # the echo reply comes back as (1, R, id', E, id')
+    back = rb.inn.get(ICMP, R1, e[1], e[0], e[1])
+    assert (int(back["new_addr"]), int(back["new_port"])) == (h, 77)
+    assert rb.counters_dict()["not_internal"] == 1
+
+
+def test_port_preservation_and_parity():
+    cfg = make_cfg(1, block=64, allocation={"port_preservation": True})
+    rb = make_rb(cfg)
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(UDP, h, 1030, R1, 53)], 1)  # first block is 1024-1087: 1030 is inside
+    assert mapping_of(rb, UDP, h, 1030, R1, 53)[1] == 1030
+    cfg = make_cfg(1, block=64, allocation={"port_parity": True})
+    rb = make_rb(cfg, seed=5)
+    (h,) = hosts_of(rb, 1)
+    rows = [(UDP, h, 5000 + i, R1, 53) for i in range(40)]
+    miss(rb, OUT, rows, 1)
+    assert all(mapping_of(rb, *r)[1] % 2 == r[2] % 2 for r in rows)
+
+
+def test_random_port_choice_is_spread():
+    cfg = make_cfg(1, block=256, ports=(1024, 65535))
+    starts = set()
+    for seed in range(8):
+        rb = make_rb(cfg, seed=seed)
+        (h,) = hosts_of(rb, 1)
+        miss(rb, OUT, [(UDP, h, 5000, R1, 53)], 1)
+        starts.add(mapping_of(rb, UDP, h, 5000, R1, 53)[1])
+    assert len(starts) >= 6  # RFC 6056: not sequential from the block's start
+
+
+def test_per_host_cap():
+    cfg = make_cfg(1, block=4, cap=10)
+    rb = make_rb(cfg)
+    h1, h2 = hosts_of(rb, 2)
+    d = miss(rb, OUT, [(TCP, h1, 3000 + i, R1, 80) for i in range(11)], 1)
+    assert (d.action[:10] == ACT_REPLAY).all()
+    assert d.action[10] == ACT_DROP and d.reason[10] == REASON["host_port_cap"]
+    # the cap is per host: another host is unaffected; more sessions of a mapping are free
+    d = miss(rb, OUT, [(TCP, h2, 3000, R1, 80), (TCP, h1, 3000, R2, 80)], 1)
+    assert (d.action == ACT_REPLAY).all()
+    assert rb.counters_dict()["host_port_cap"] == 1
+
+
+def test_exhaustion_counted_logged_and_gauge(caplog):
+    cfg = make_cfg(1, pool="198.18.77.1/32", ports=(1024, 1039), block=4, cap=8)
+    rb = make_rb(cfg)
+    hosts = hosts_of(rb, 3)
+    assert rb.utilisation() == 0.0
+    rows = [(UDP, h, 3000 + i, R1, 53) for h in hosts[:2] for i in range(8)]
+    d = miss(rb, OUT, rows, 1)
+    assert (d.action == ACT_REPLAY).all()
+    assert rb.utilisation() == 1.0
+    with caplog.at_level("WARNING", logger="hypernat.rules"):
+        d = miss(rb, OUT, [(UDP, hosts[2], 3000 + i, R1, 53) for i in range(5)], 2)
+    assert (d.reason == REASON["ports_exhausted"]).all()
+    assert rb.counters_dict()["ports_exhausted"] == 5
+    assert sum("ports_exhausted" in r.message for r in caplog.records) == 1  # once per interval
+
+
+def test_table_full_refused_and_counted():
+    cfg = make_cfg(1)
+    rb = make_rb(cfg, capacity=16)
+    (h,) = hosts_of(rb, 1)
+    d = miss(rb, OUT, [(UDP, h, 3000 + i, R1, 53) for i in range(20)], 1)
+    assert (d.action == ACT_REPLAY).sum() == 16
+    assert (d.reason == REASON["table_full"]).sum() == 4
+    assert len(rb.out) == 16 and rb.stats()["mappings"] == 16  # nothing half-built
+
+
+# ---------------------------------------------------------------------------------------
+# Reuse delay and holds
+
+
+def _one_port_builder():
+    cfg = make_cfg(1, pool="198.18.77.1/32", ports=(1024, 1024), block=1, cap=1)
+    return cfg, make_rb(cfg)
+
+
+def test_reuse_delay():
+    cfg, rb = _one_port_builder()
+    h1, h2 = hosts_of(rb, 2)
+    assert miss(rb, OUT, [(UDP, h1, 5000, R1, 53)], 100).action[0] == ACT_REPLAY
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 100).reason[0] == REASON["ports_exhausted"]
+    t_exp = 100 + cfg.timeouts.udp
+    rb.sweep(t_exp)
+    assert len(rb.out) == 0 and rb.stats()["ports_waiting_reuse"] == 1
+    rb.sweep(t_exp + cfg.timeouts.reuse_delay - 1)
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], t_exp + 14).reason[0] == REASON["ports_exhausted"]
+    rb.sweep(t_exp + cfg.timeouts.reuse_delay)
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], t_exp + 15).action[0] == ACT_REPLAY
+    assert mapping_of(rb, UDP, h2, 5000, R1, 53) == (ip("198.18.77.1"), 1024)
+
+
+def test_hold_blocks_reuse_until_released():
+    cfg, rb = _one_port_builder()
+    h1, h2 = hosts_of(rb, 2)
+    miss(rb, OUT, [(UDP, h1, 5000, R1, 53)], 100)
+    e = (UDP, ip("198.18.77.1"), 1024)
+    rb.hold(*e)
+    rb.hold(*e)
+    assert rb.lookup_external(*e)["holds"] == 2
+    rb.sweep(130)
+    rb.sweep(1000)  # long after the reuse delay
+    assert rb.stats()["endpoints_held"] == 1
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 1000).reason[0] == REASON["ports_exhausted"]
+    rb.release_hold(*e)
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 1000).reason[0] == REASON["ports_exhausted"]
+    rb.release_hold(*e)
+    assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 1000).action[0] == ACT_REPLAY
+
+
+# ---------------------------------------------------------------------------------------
+# Expiry at each timeout boundary (injected clock: `now` is passed in)
+
+
+def _session(rb, p, t0, sp=5000, rp=80):
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(p, h, sp, R1, rp)], t0)
+    e = mapping_of(rb, p, h, sp, R1, rp)
+    return h, e
+
+
+def _set_state(rb, p, h, e, out_flags=0, in_flags=0, in_seen=None):
+    j = rb.out.lookup(*out_key(p, h, 5000, R1, 80))
+    rb.out.slots["tcp_state"][j] = out_flags
+    k = rb.inn.lookup(*in_key(p, R1, 80, *e))
+    rb.inn.slots["tcp_state"][k] = in_flags
+    if in_seen is not None:
+        rb.inn.slots["last_seen"][k] = in_seen
+
+
+@pytest.mark.parametrize(
+    "proto,out_flags,in_flags,timeout",
+    [
+        (UDP, 0, 0, "udp"),
+        (ICMP, 0, 0, "icmp"),
+        (TCP, SYN, 0, "tcp_transitory"),  # partially open
+        (TCP, SYN, SYN, "tcp_established"),
+        (TCP, SYN, SYN | FIN, "tcp_transitory"),  # closing
+        (TCP, SYN | RST, SYN, "tcp_transitory"),  # RST keeps it for the transitory timeout
+        (TCP, 0, 0, "tcp_established"),  # picked up mid-stream
+    ],
+)
+def test_expiry_boundaries(proto, out_flags, in_flags, timeout):
+    cfg = make_cfg(1)
+    rb = make_rb(cfg)
+    t0 = 10_000
+    (h,) = hosts_of(rb, 1)
+    rp = 5000 if proto == ICMP else 80
+    miss(rb, OUT, [(proto, h, 5000, R1, rp)], t0)
+    e = mapping_of(rb, proto, h, 5000, R1, rp)
+    if proto == TCP:
+        _set_state(rb, proto, h, e, out_flags, in_flags)
+    limit = getattr(cfg.timeouts, timeout)
+    rb.sweep(t0 + limit - 1, max_slots=1 << 20)
+    assert len(rb.out) == 1 and len(rb.inn) == 1
+    rb.sweep(t0 + limit, max_slots=1 << 20)
+    assert len(rb.out) == 0 and len(rb.inn) == 0
+    assert rb.stats()["mappings"] == 0
+
+
+def test_return_direction_activity_keeps_session():
+    cfg = make_cfg(1)
+    rb = make_rb(cfg)
+    h, e = _session(rb, UDP, 1000)
+    _set_state(rb, UDP, h, e, in_seen=1020)  # a download: only the in entry is hit
+    rb.sweep(1000 + 30, max_slots=1 << 20)
+    assert len(rb.out) == 1
+    rb.sweep(1020 + 29, max_slots=1 << 20)
+    assert len(rb.out) == 1
+    rb.sweep(1020 + 30, max_slots=1 << 20)
+    assert len(rb.out) == 0
+
+
+def test_sweep_is_bounded_and_incremental():
+    cfg = make_cfg(1, pool="198.18.77.0/28", ports=(1024, 65535), block=64)
+    rb = make_rb(cfg, capacity=4000)
+    hosts = hosts_of(rb, 40)
+    rows = [(UDP, h, 3000 + i, R1, 53) for h in hosts for i in range(50)]
+    miss(rb, OUT, rows, 1)
+    assert len(rb.out) == 2000
+    n_slots = len(rb.out.slots)
+    steps, total = 0, 0
+    while len(rb.out):
+        r = rb.sweep(1000, max_slots=512, max_expire=64)
+        assert r.scanned <= 512 and r.expired <= 64
+        total += r.expired
+        steps += 1
+        assert steps < 200
+    assert total == 2000 and steps >= 2000 // 64
+    assert n_slots // 512 <= steps
+
+
+# ---------------------------------------------------------------------------------------
+# Filtering and ownership of incoming misses
+
+
+@pytest.mark.parametrize(
+    "filtering,same_addr_other_port,other_addr",
+    [
+        ("endpoint-independent", True, True),
+        ("address-dependent", True, False),
+        ("address-and-port-dependent", False, False),
+    ],
+)
+def test_filtering(filtering, same_addr_other_port, other_addr):
+    cfg = make_cfg(1, filtering=filtering)
+    rb = make_rb(cfg)
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(UDP, h, 5000, R1, 53)], 10)
+    ea, ep = mapping_of(rb, UDP, h, 5000, R1, 53)
+    for (r, rp), admitted in (((R1, 54), same_addr_other_port), ((R2, 53), other_addr)):
+        d = miss(rb, IN, [(UDP, r, rp, ea, ep)], 11)
+        if admitted:
+            assert d.action[0] == ACT_REPLAY
+            back = rb.inn.get(UDP, r, rp, ea, ep)
+            assert (int(back["new_addr"]), int(back["new_port"])) == (h, 5000)
+            assert mapping_of(rb, UDP, h, 5000, r, rp) == (ea, ep)  # and the reply goes out the same way
+        else:
+            assert d.action[0] == ACT_DROP and d.reason[0] == REASON["filtered"]
+            assert rb.inn.get(UDP, r, rp, ea, ep) is None
+    # an unsolicited SYN to a TCP endpoint is dropped under its own reason (RFC 5382 REQ-4)
+    d = miss(rb, IN, [(TCP, R3, 443, ea, ep, SYN)], 12)
+    assert d.action[0] == ACT_DROP and d.reason[0] == REASON["unsolicited_syn"]
+    d = miss(rb, IN, [(TCP, R3, 443, ea, ep, ACK)], 12)
+    assert d.reason[0] == REASON["no_mapping"]
+    d = miss(rb, IN, [(UDP, R1, 53, ip("203.0.113.1"), 1024)], 12)
+    assert d.reason[0] == REASON["not_in_pool"]
+    d = miss(rb, IN, [(UDP, R1, 53, ea, ep)], 12, verdict="miss_icmp_error", kind=layout.KIND_ICMP_ERROR)
+    assert d.action[0] == ACT_REPLAY  # the session exists (pending in this NIC): replay translates it
+    d = miss(rb, IN, [(UDP, R3, 9, ea, ep)], 12, verdict="miss_icmp_error", kind=layout.KIND_ICMP_ERROR)
+    assert d.reason[0] == REASON["icmp_error_no_session"]
+
+
+def test_misses_owned_elsewhere_come_back_as_fetch():
+    cfg = make_cfg(2)
+    rb0, rb1 = make_rb(cfg, 0), make_rb(cfg, 1)
+    (h1,) = hosts_of(rb1, 1)
+    # outgoing from a host whose mappings NIC 1 owns, seen on NIC 0
+    d = miss(rb0, OUT, [(TCP, h1, 5000, R1, 80, SYN)], 10)
+    assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_dir[0] == OUT
+    fk = d.fetch_key[0]
+    assert (int(fk["saddr"]), int(fk["sport"]), int(fk["daddr"]), int(fk["dport"])) == (h1, 5000, R1, 80)
+    # the owner serves it: allocates like a local miss
+    recs, status = rb1.serve_fetch(OUT, d.fetch_key[:1], 10)
+    assert status[0] == 0 and recs[0]["iaddr"] == h1 and recs[0]["owner"] == 1
+    assert rb1.part.owner(int(recs[0]["eaddr"]), int(recs[0]["eport"])) == 1
+    # the asker installs a clone of the out entry and its replay now hits
+    assert rb0.install_clone(recs, 10, dirs=DIR_BIT_OUT) == 1
+    j = rb0.out.lookup(*out_key(TCP, h1, 5000, R1, 80))
+    assert j >= 0 and rb0.out.slots["flags"][j] & layout.F_CLONE
+    # the return packet lands on NIC 0 too: an incoming miss owned by NIC 1
+    e = (int(recs[0]["eaddr"]), int(recs[0]["eport"]))
+    d = miss(rb0, IN, [(TCP, R1, 80, *e, SYN | ACK)], 11)
+    assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_dir[0] == IN
+    recs2, status = rb1.serve_fetch(IN, d.fetch_key[:1], 11)
+    assert status[0] == 0 and (recs2[["iaddr", "eaddr", "eport"]] == recs[["iaddr", "eaddr", "eport"]]).all()
+    assert rb0.install_clone(recs2, 11, dirs=DIR_BIT_IN) == 1
+    # a NACK: nobody has this endpoint / NIC 0 is asked for what NIC 1 owns
+    bogus = keys_of([(TCP, R1, 80, e[0], e[1] ^ 1)])
+    _, st = rb1.serve_fetch(IN, bogus, 11)
+    assert st[0] != 0
+    _, st = rb0.serve_fetch(IN, d.fetch_key[:1], 11)
+    assert st[0] == REASON["not_owner"]
+    # clones are never installed over what this NIC owns
+    assert rb1.install_clone(recs, 11) == 0 and rb1.counters_dict()["bad_message"] == 1
+
+
+def test_activity_merge_lease_expiry_and_removal():
+    cfg = make_cfg(2)
+    rb0, rb1 = make_rb(cfg, 0), make_rb(cfg, 1)
+    (h,) = hosts_of(rb1, 1)
+    miss(rb1, OUT, [(UDP, h, 5000, R1, 53)], 100)
+    recs = rb1.export_rule(UDP, *mapping_of(rb1, UDP, h, 5000, R1, 53))
+    assert len(recs) == 1
+    assert rb0.install_clone(recs, 100, dirs=DIR_BIT_IN, lease_until=160) == 1
+    # the holder's clone is hit at t=125 (a download): collect and merge at the owner
+    ik = in_key(UDP, R1, 53, int(recs[0]["eaddr"]), int(recs[0]["eport"]))
+    j = rb0.inn.lookup(*ik)
+    rb0.inn.slots["last_seen"][j] = 125
+    rb0.inn.slots["flags"][j] |= layout.F_ACTIVE
+    act = rb0.collect_activity()
+    assert len(act) == 1 and act[0]["dirs"] == DIR_BIT_IN and act[0]["owner"] == 1 and act[0]["last_seen"] == 125
+    assert len(rb0.collect_activity()) == 0  # F_ACTIVE cleared
+    assert rb1.merge_activity(act) == 1
+    rb1.sweep(100 + 30, max_slots=1 << 20)
+    assert len(rb1.out) == 1  # kept alive by the holder's report
+    rb1.sweep(125 + 30, max_slots=1 << 20)
+    assert len(rb1.out) == 0
+    removed = rb1.drain_removed()
+    assert len(removed) == 1 and removed[0]["iaddr"] == h
+    # the holder's lease: renewed, then it runs out and the sweep drops the clone
+    assert rb0.renew_clones(recs, 200) == 1
+    rb0.sweep(199, max_slots=1 << 20)
+    assert len(rb0.inn) == 1
+    rb0.sweep(200, max_slots=1 << 20)
+    assert len(rb0.inn) == 0 and rb0.counters_dict()["lease_expired"] == 1
+    assert len(rb0.drain_lease_expired()) == 1
+    # remove_clone leaves owned entries alone
+    miss(rb1, OUT, [(UDP, h, 5001, R1, 53)], 300)
+    recs = rb1.export_rule(UDP, *mapping_of(rb1, UDP, h, 5001, R1, 53))
+    assert rb1.remove_clone(recs) == 0 and len(rb1.out) == 1
+    rb0.install_clone(recs, 300)
+    assert rb0.remove_clone(recs) == 2 and len(rb0.out) == len(rb0.inn) == 0
+
+
+def test_drain_created_for_active_install():
+    cfg = make_cfg(2, install="active")
+    rb = make_rb(cfg, 0)
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(TCP, h, 5000, R1, 80, SYN)], 7)
+    c = rb.drain_created()
+    assert len(c) == 1 and c.dtype == SESSION_DTYPE and c[0]["owner"] == 0 and c[0]["dirs"] == 3
+    assert len(rb.drain_created()) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Hairpinning through a real Translator, checked with scapy
+
+
+def _frames_buf(frames):
+    bufs = [bytes(f) for f in frames]
+    buf = np.frombuffer(bytearray(b"".join(bufs)), np.uint8).copy()
+    lengths = np.array([len(b) for b in bufs], np.uint32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint32)
+    return buf, offsets, lengths
+
+
+def _translate(tr, frames, direction, now):
+    buf, off, ln = _frames_buf(frames)
+    v = np.zeros(len(frames), np.uint8)
+    k = np.zeros(len(frames), layout.KEY_DTYPE)
+    tr.translate(buf, off, ln, direction, now, v, k)
+    return [bytes(buf[o : o + n]) for o, n in zip(off, ln)], v, k
+
+
+@pytest.mark.parametrize("proto", [UDP, TCP])
+@pytest.mark.parametrize("filtering", ["endpoint-independent", "address-and-port-dependent"])
+def test_hairpin_through_translator(proto, filtering):
+    from scapy.layers.inet import IP, TCP as sTCP, UDP as sUDP
+    from scapy.layers.l2 import Ether
+
+    cfg = make_cfg(1, filtering=filtering)
+    rb = make_rb(cfg)
+    tr = Translator(rb.out, rb.inn, pool=cfg.pool_ranges)
+    a, b = hosts_of(rb, 2)
+    L4 = sUDP if proto == UDP else sTCP
+
+    def frame(src, sport, dst, dport, **kw):
+        l4 = L4(sport=sport, dport=dport, **({"flags": "S"} if proto == TCP else {}))
+        return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src=src, dst=dst, ttl=64) / l4 / b"hi"
+
+    # B talks to the Internet first: its mapping E_b:pb exists
+    fb = frame(str(ipaddress.IPv4Address(b)), 5000, "8.8.8.8", 53)
+    out, v, k = _translate(tr, [fb], OUT, 10)
+    assert v[0] == VERDICT["miss_out"]
+    assert rb.handle_misses(OUT, v, k, 10).action[0] == ACT_REPLAY
+    out, v, _ = _translate(tr, [fb], OUT, 10)
+    assert v[0] == VERDICT["translated"]
+    eb, pb = Ether(out[0])[IP].src, Ether(out[0])[IP].sport
+    # A sends to E_b:pb: the hairpin misses, the slow path builds both halves
+    fa = frame(str(ipaddress.IPv4Address(a)), 6000, eb, pb)
+    _, v, k = _translate(tr, [fa], OUT, 11)
+    assert v[0] == VERDICT["miss_hairpin"]
+    d = rb.handle_misses(OUT, v, k, 11)
+    if filtering == "address-and-port-dependent":
+        # B never sent to A's external endpoint: the hairpinned packet is filtered like any
+        # unsolicited one from outside (A's own session was still allocated)
+        assert d.action[0] == ACT_DROP
+        assert d.reason[0] == REASON["unsolicited_syn" if proto == TCP else "filtered"]
+        return
+    assert d.action[0] == ACT_REPLAY
+    out, v, _ = _translate(tr, [fa], OUT, 11)
+    assert v[0] == VERDICT["hairpin"]
+    pkt = Ether(out[0])
+    ea, pa = mapping_of(rb, proto, a, 6000, ip(eb), pb)
+    assert pkt[IP].src == str(ipaddress.IPv4Address(ea)) and pkt[L4].sport == pa  # A seen as its external endpoint
+    assert pkt[IP].dst == str(ipaddress.IPv4Address(b)) and pkt[L4].dport == 5000  # delivered to B inside
+    assert pkt[IP].ttl == 63 and bytes(pkt[L4].payload) == b"hi"
+    ref = pkt.copy()
+    del ref[IP].chksum
+    del ref[L4].chksum
+    ref = Ether(bytes(ref))
+    assert pkt[IP].chksum == ref[IP].chksum and pkt[L4].chksum == ref[L4].chksum
+    # B's reply to A's external endpoint hairpins back without the slow path
+    fr = frame(str(ipaddress.IPv4Address(b)), 5000, str(ipaddress.IPv4Address(ea)), pa)
+    out, v, _ = _translate(tr, [fr], OUT, 12)
+    assert v[0] == VERDICT["hairpin"]
+    r = Ether(out[0])
+    assert (r[IP].src, r[L4].sport) == (eb, pb)
+    assert (r[IP].dst, r[L4].dport) == (str(ipaddress.IPv4Address(a)), 6000)
+
+
+def test_hairpin_disabled():
+    cfg = make_cfg(1, hairpinning=False)
+    rb = make_rb(cfg)
+    (h,) = hosts_of(rb, 1)
+    d = miss(rb, OUT, [(UDP, h, 5000, ip("198.18.77.1"), 1500)], 1, verdict="miss_hairpin")
+    assert d.action[0] == ACT_DROP and d.reason[0] == REASON["hairpin_disabled"]
+
+
+def test_non_miss_verdicts_untouched():
+    cfg = make_cfg(1)
+    rb = make_rb(cfg)
+    verd = np.array([VERDICT["translated"], VERDICT["drop_truncated"], VERDICT["not_nat"]], np.uint8)
+    d = rb.handle_misses(OUT, verd, np.zeros(3, layout.KEY_DTYPE), 1)
+    assert (d.action == ACT_NONE).all() and len(rb.out) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Translation log, journal, snapshot, spill-over, crash quarantine
+
+
+def test_translation_log_per_rule_and_per_block():
+    cfg = make_cfg(1, block=4)
+    buf = io.StringIO()
+    rb = make_rb(cfg, translog=TransLog(buf, "per-rule", clock=lambda: 1.5))
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(TCP, h, 5000, R1, 80), (TCP, h, 5000, R2, 80)], 10)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert len(lines) == 1  # one mapping (EIM), remote not logged
+    e = mapping_of(rb, TCP, h, 5000, R1, 80)
+    assert lines[0] == {"ts": 1.5, "nic": 0, "event": "create", "proto": "tcp",
+                        "internal": f"{ipaddress.IPv4Address(h)}:5000",
+                        "external": f"{ipaddress.IPv4Address(e[0])}:{e[1]}"}  # fmt: skip
+    rb.sweep(10 + 100, max_slots=1 << 20)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [x["event"] for x in lines] == ["create", "remove"] and "remote" not in lines[1]
+    # with remote logging: one line per session
+    buf = io.StringIO()
+    rb = make_rb(cfg, translog=TransLog(buf, "per-rule", remote=True))
+    miss(rb, OUT, [(TCP, h, 5000, R1, 80), (TCP, h, 5000, R2, 80)], 10)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert sorted(x["remote"] for x in lines) == sorted([f"{ipaddress.IPv4Address(R1)}:80",
+                                                         f"{ipaddress.IPv4Address(R2)}:80"])  # fmt: skip
+    # per-block: 6 mappings in blocks of 4 = 2 lines
+    buf = io.StringIO()
+    rb = make_rb(cfg, translog=TransLog(buf, "per-block"))
+    miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for i in range(6)], 10)
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [x["event"] for x in lines] == ["block", "block"]
+    assert all(x["ports"][1] - x["ports"][0] == 3 for x in lines)
+
+
+def test_journal_before_first_use():
+    cfg = make_cfg(1, block=4)
+    events = []
+    rb = make_rb(cfg, journal=lambda rec: events.append((rec, len(rb.out))))
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for i in range(5)], 10)
+    assert [r["op"] for r, _ in events] == ["assign", "assign"]
+    assert events[0][1] == 0  # written before any entry of the block existed
+    g = events[0][0]["block"]
+    _, lo, hi = rb.part.block_span(g)
+    assert events[0][0]["ports"] == [lo, hi]
+    rb.sweep(10 + 100, max_slots=1 << 20)
+    rb.sweep(10 + 100 + 15, max_slots=1 << 20)
+    assert sorted(r["op"] for r, _ in events) == ["assign", "assign", "release", "release"]
+
+
+def test_snapshot_restore_roundtrip():
+    cfg = make_cfg(1, block=4)
+    rb = make_rb(cfg)
+    hosts = hosts_of(rb, 3)
+    miss(rb, OUT, [(p, h, 5000 + i, R1, 80) for p in (TCP, UDP) for h in hosts for i in range(5)], 10)
+    rb.sweep(50, max_slots=1 << 20)  # UDP gone (waiting for reuse), TCP kept
+    rb.hold(TCP, *mapping_of(rb, TCP, hosts[0], 5000, R1, 80))
+    state = json.loads(json.dumps(rb.snapshot()))  # plain data
+    rb2 = make_rb(cfg, seed=9)
+    rb2.out.load_slots(rb.out.slots.copy())
+    rb2.inn.load_slots(rb.inn.slots.copy())
+    rb2.restore(state)
+    assert rb2.stats() == rb.stats()
+    assert json.dumps(rb2.snapshot(), sort_keys=True) == json.dumps(rb.snapshot(), sort_keys=True)
+    # both continue identically-safe: new allocations never collide with restored ones
+    miss(rb2, OUT, [(TCP, h, 6000 + i, R2, 80) for h in hosts for i in range(5)], 60)
+    b = owned_bindings([rb2])
+    assert all(len(w) == 1 for w in b.values()) and len(b) == 30
+
+
+def test_lend_adopt_return():
+    cfg = make_cfg(2, pool="198.18.77.1/32", ports=(1024, 1039), block=4, cap=16)
+    rb0, rb1 = make_rb(cfg, 0), make_rb(cfg, 1)
+    (h,) = hosts_of(rb1, 1)
+    d = miss(rb1, OUT, [(UDP, h, 5000 + i, R1, 53) for i in range(10)], 1)
+    assert (d.action == ACT_REPLAY).sum() == 8 and (d.reason == REASON["ports_exhausted"]).sum() == 2
+    g = rb0.lend_block()
+    assert g is not None and rb0.part.native_owner_of_block(g) == 0
+    for p in (rb0.part, rb1.part):
+        p.lend(g, 1)
+    rb1.adopt_block(g)
+    d = miss(rb1, OUT, [(UDP, h, 5008 + i, R1, 53) for i in range(2)], 2)
+    assert (d.action == ACT_REPLAY).all()
+    e = mapping_of(rb1, UDP, h, 5008, R1, 53)
+    assert rb1.part.block_of(*e) == g and rb1.part.owner(*e) == 1
+    # incoming to the borrowed block is decided by the borrower, fetched from it by others
+    assert miss(rb0, IN, [(UDP, R1, 53, *e)], 2).owner[0] == 1
+    assert not rb1.return_block(g)  # in use
+    rb1.sweep(100, max_slots=1 << 20)
+    rb1.sweep(200, max_slots=1 << 20)
+    assert rb1.return_block(g)
+    rb0.adopt_block(g)  # it came home
+    assert rb0.stats()["blocks_lent"] == 0
+
+
+def test_quarantined_blocks_not_allocated_until_time():
+    cfg = make_cfg(1, pool="198.18.77.1/32", ports=(1024, 1031), block=4, cap=8)
+    rb = make_rb(cfg)
+    all_blocks = list(rb.part.nic_blocks_on(0, 0))
+    rb.quarantine_blocks(all_blocks[:1], until=500)
+    (h,) = hosts_of(rb, 1)
+    d = miss(rb, OUT, [(UDP, h, 5000 + i, R1, 53) for i in range(6)], 10)
+    assert (d.action == ACT_REPLAY).sum() == 4  # only the unquarantined block
+    assert all(rb.part.block_of(*mapping_of(rb, UDP, h, 5000 + i, R1, 53)) == all_blocks[1] for i in range(4))
+    rb.sweep(500, max_slots=1 << 20)
+    d = miss(rb, OUT, [(UDP, h, 6000, R1, 53)], 500)
+    assert d.action[0] == ACT_REPLAY
+    assert rb.part.block_of(*mapping_of(rb, UDP, h, 6000, R1, 53)) == all_blocks[0]
