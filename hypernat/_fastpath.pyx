@@ -351,39 +351,39 @@ cdef inline void chk(const hn_parsed *p, uint64_t pos, uint64_t n) noexcept nogi
             hn_out_of_frame(pos, n, p.fs, p.fe)
 
 
-cdef inline uint32_t rd8(const hn_parsed *p, uint64_t pos) noexcept nogil:
+cdef inline uint32_t rd8(const hn_parsed *p, const uint8_t *b, uint64_t pos) noexcept nogil:
     chk(p, pos, 1)
-    return p.b[pos]
+    return b[pos]
 
 
-cdef inline uint32_t rd16(const hn_parsed *p, uint64_t pos) noexcept nogil:
+cdef inline uint32_t rd16(const hn_parsed *p, const uint8_t *b, uint64_t pos) noexcept nogil:
     chk(p, pos, 2)
-    return (<uint32_t>p.b[pos] << 8) | p.b[pos + 1]
+    return (<uint32_t>b[pos] << 8) | b[pos + 1]
 
 
-cdef inline uint32_t rd32(const hn_parsed *p, uint64_t pos) noexcept nogil:
+cdef inline uint32_t rd32(const hn_parsed *p, const uint8_t *b, uint64_t pos) noexcept nogil:
     chk(p, pos, 4)
-    return ((<uint32_t>p.b[pos] << 24) | (<uint32_t>p.b[pos + 1] << 16)
-            | (<uint32_t>p.b[pos + 2] << 8) | p.b[pos + 3])
+    return ((<uint32_t>b[pos] << 24) | (<uint32_t>b[pos + 1] << 16)
+            | (<uint32_t>b[pos + 2] << 8) | b[pos + 3])
 
 
-cdef inline void wr8(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+cdef inline void wr8(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) noexcept nogil:
     chk(p, pos, 1)
-    p.b[pos] = <uint8_t>v
+    b[pos] = <uint8_t>v
 
 
-cdef inline void wr16(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+cdef inline void wr16(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) noexcept nogil:
     chk(p, pos, 2)
-    p.b[pos] = <uint8_t>(v >> 8)
-    p.b[pos + 1] = <uint8_t>v
+    b[pos] = <uint8_t>(v >> 8)
+    b[pos + 1] = <uint8_t>v
 
 
-cdef inline void wr32(const hn_parsed *p, uint64_t pos, uint32_t v) noexcept nogil:
+cdef inline void wr32(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) noexcept nogil:
     chk(p, pos, 4)
-    p.b[pos] = <uint8_t>(v >> 24)
-    p.b[pos + 1] = <uint8_t>(v >> 16)
-    p.b[pos + 2] = <uint8_t>(v >> 8)
-    p.b[pos + 3] = <uint8_t>v
+    b[pos] = <uint8_t>(v >> 24)
+    b[pos + 1] = <uint8_t>(v >> 16)
+    b[pos + 2] = <uint8_t>(v >> 8)
+    b[pos + 3] = <uint8_t>v
 
 
 cdef inline uint32_t fold(uint64_t s) noexcept nogil:
@@ -417,15 +417,16 @@ cdef inline uint32_t adjust_udp(uint32_t ck, uint64_t terms) noexcept nogil:
 
 cdef inline uint32_t sum16(const hn_parsed *p, uint64_t start, uint64_t end) noexcept nogil:
     """Folded one's-complement sum of buf[start:end]; an odd last byte is zero-padded."""
+    cdef const uint8_t *b = p.b
     cdef uint64_t s = 0
     cdef uint64_t i = start
     if end > start:
         chk(p, start, end - start)
     while i + 1 < end:
-        s += (<uint32_t>p.b[i] << 8) | p.b[i + 1]
+        s += (<uint32_t>b[i] << 8) | b[i + 1]
         i += 2
     if i < end:
-        s += <uint32_t>p.b[i] << 8
+        s += <uint32_t>b[i] << 8
     return fold(s)
 
 
@@ -434,6 +435,7 @@ cdef inline uint32_t sum16(const hn_parsed *p, uint64_t start, uint64_t end) noe
 # ------------------------------------------------------------------------------------
 
 cdef inline void parse_icmp_error(hn_parsed *p, uint32_t icmp_type) noexcept nogil:
+    cdef const uint8_t *b = p.b
     # REQ-3: the checksum over the whole ICMP message must hold.
     if sum16(p, p.l4, p.end) != 0xFFFF:
         p.verdict = V_DROP_BAD_ICMP_CHECKSUM
@@ -442,26 +444,26 @@ cdef inline void parse_icmp_error(hn_parsed *p, uint32_t icmp_type) noexcept nog
     if p.end - e3 < 20:
         p.verdict = V_DROP_ICMP_ERROR_MALFORMED
         return
-    cdef uint32_t vihl = rd8(p, e3)
+    cdef uint32_t vihl = rd8(p, b, e3)
     cdef uint64_t eihl = (vihl & 0x0F) * 4
     if (vihl >> 4) != 4 or eihl < 20 or e3 + eihl + 8 > p.end:
         p.verdict = V_DROP_ICMP_ERROR_MALFORMED
         return
     cdef uint64_t e4 = e3 + eihl
-    cdef uint32_t eproto = rd8(p, e3 + 9)
-    cdef uint32_t esa = rd32(p, e3 + 12)
-    cdef uint32_t eda = rd32(p, e3 + 16)
+    cdef uint32_t eproto = rd8(p, b, e3 + 9)
+    cdef uint32_t esa = rd32(p, b, e3 + 12)
+    cdef uint32_t eda = rd32(p, b, e3 + 16)
     cdef uint32_t esp, edp, et
     if eproto == PROTO_TCP or eproto == PROTO_UDP:
-        esp = rd16(p, e4)
-        edp = rd16(p, e4 + 2)
+        esp = rd16(p, b, e4)
+        edp = rd16(p, b, e4 + 2)
         p.ekind = K_TCP if eproto == PROTO_TCP else K_UDP
     elif eproto == PROTO_ICMP:
-        et = rd8(p, e4)
+        et = rd8(p, b, e4)
         if et != 0 and et != 8:
             p.verdict = V_DROP_ICMP_ERROR_MALFORMED
             return
-        esp = edp = rd16(p, e4 + 4)
+        esp = edp = rd16(p, b, e4 + 4)
         p.ekind = K_ECHO
     else:
         p.verdict = V_DROP_ICMP_ERROR_MALFORMED
@@ -497,13 +499,13 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     if ln < 14:
         p.verdict = V_DROP_TRUNCATED
         return
-    cdef uint32_t ethertype = rd16(p, p.fs + 12)
+    cdef uint32_t ethertype = rd16(p, b, p.fs + 12)
     cdef uint64_t l3 = p.fs + 14
     if ethertype == 0x8100:
         if ln < 18:
             p.verdict = V_DROP_TRUNCATED
             return
-        ethertype = rd16(p, p.fs + 16)
+        ethertype = rd16(p, b, p.fs + 16)
         l3 = p.fs + 18
     if ethertype != 0x0800:
         p.verdict = V_NOT_NAT
@@ -513,7 +515,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     if avail < 20:
         p.verdict = V_DROP_TRUNCATED
         return
-    cdef uint32_t vihl = rd8(p, l3)
+    cdef uint32_t vihl = rd8(p, b, l3)
     if (vihl >> 4) != 4:
         p.verdict = V_DROP_BAD_VERSION
         return
@@ -521,16 +523,16 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     if ihl < 20 or ihl > avail:
         p.verdict = V_DROP_BAD_IHL
         return
-    cdef uint64_t total = rd16(p, l3 + 2)
+    cdef uint64_t total = rd16(p, b, l3 + 2)
     if total < ihl or total > avail:
         p.verdict = V_DROP_BAD_TOTAL_LENGTH
         return
     # 4. fragments
-    if rd16(p, l3 + 6) & 0x3FFF:
+    if rd16(p, b, l3 + 6) & 0x3FFF:
         p.verdict = V_FRAGMENT
         return
     # 5. protocol; 6. L4 header within total_length
-    cdef uint32_t proto = rd8(p, l3 + 9)
+    cdef uint32_t proto = rd8(p, b, l3 + 9)
     cdef uint64_t l4 = l3 + ihl
     cdef uint64_t l4len = total - ihl
     cdef uint64_t x
@@ -538,7 +540,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
         if l4len < 20:
             p.verdict = V_DROP_BAD_L4_HEADER
             return
-        x = (rd8(p, l4 + 12) >> 4) * 4
+        x = (rd8(p, b, l4 + 12) >> 4) * 4
         if x < 20 or x > l4len:
             p.verdict = V_DROP_BAD_L4_HEADER
             return
@@ -547,7 +549,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
         if l4len < 8:
             p.verdict = V_DROP_BAD_L4_HEADER
             return
-        x = rd16(p, l4 + 4)
+        x = rd16(p, b, l4 + 4)
         if x < 8 or x > l4len:
             p.verdict = V_DROP_BAD_L4_HEADER
             return
@@ -561,7 +563,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
         p.verdict = V_NOT_NAT
         return
     # 7. TTL
-    if rd8(p, l3 + 8) <= 1:
+    if rd8(p, b, l3 + 8) <= 1:
         p.verdict = V_TTL_EXCEEDED
         return
     p.l3 = l3
@@ -570,25 +572,25 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     # 8. ICMP: echo is a query, 3/11/12 are errors, the rest unsupported
     cdef uint32_t t
     if proto == PROTO_ICMP:
-        t = rd8(p, l4)
+        t = rd8(p, b, l4)
         if t == 3 or t == 11 or t == 12:
             parse_icmp_error(p, t)
             return
         if t != 0 and t != 8:
             p.verdict = V_DROP_ICMP_UNSUPPORTED
             return
-        p.sport = p.dport = <uint16_t>rd16(p, l4 + 4)
+        p.sport = p.dport = <uint16_t>rd16(p, b, l4 + 4)
         p.tcp_flags = 0
         p.icmp_type = <uint8_t>t
     else:
-        p.sport = <uint16_t>rd16(p, l4)
-        p.dport = <uint16_t>rd16(p, l4 + 2)
-        p.tcp_flags = <uint8_t>rd8(p, l4 + 13) if proto == PROTO_TCP else 0
+        p.sport = <uint16_t>rd16(p, b, l4)
+        p.dport = <uint16_t>rd16(p, b, l4 + 2)
+        p.tcp_flags = <uint8_t>rd8(p, b, l4 + 13) if proto == PROTO_TCP else 0
         p.icmp_type = 0
     # 9. the key, as read from the frame
     p.proto = <uint8_t>proto
-    p.saddr = rd32(p, l3 + 12)
-    p.daddr = rd32(p, l3 + 16)
+    p.saddr = rd32(p, b, l3 + 12)
+    p.daddr = rd32(p, b, l3 + 16)
     p.haskey = 1
     cdef int k
     if direction == DIR_OUT:
@@ -611,10 +613,11 @@ cdef inline void touch(hn_slot *s, uint32_t now, const hn_parsed *p) noexcept no
 
 cdef bint icmp_all_zero(const hn_parsed *p) noexcept nogil:
     """Every byte of the ICMP message except its checksum field is zero."""
+    cdef const uint8_t *b = p.b
     cdef uint64_t i
     chk(p, p.l4, p.end - p.l4)
     for i in range(p.l4, p.end):
-        if p.b[i] and i != p.l4 + 2 and i != p.l4 + 3:
+        if b[i] and i != p.l4 + 2 and i != p.l4 + 3:
             return False
     return True
 
@@ -624,43 +627,49 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
     """New source (nsa:nsp) and destination (nda:ndp); unchanged ones are passed as they
     are (their checksum terms cancel).  ICMP echo has one identifier for both "ports":
     it becomes ``nid`` (a hairpin's destination wins, like the reference)."""
+    # Everything from *p into locals first: stores through b may alias *p.
+    cdef uint8_t *b = p.b
     cdef uint64_t l3 = p.l3
     cdef uint64_t l4 = p.l4
-    cdef uint32_t ttl = rd8(p, l3 + 8)
+    cdef uint32_t kind = p.kind
+    cdef uint32_t sport = p.sport
+    cdef uint32_t dport = p.dport
     cdef uint32_t proto = p.proto
     cdef uint64_t aterms = d32(p.saddr, nsa) + d32(p.daddr, nda)
+    cdef uint32_t ttl = rd8(p, b, l3 + 8)
     cdef uint32_t ck
     # IPv4: addresses and the TTL/protocol word in one update
-    ck = adjust(rd16(p, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
-    wr8(p, l3 + 8, ttl - 1)
-    wr16(p, l3 + 10, ck)
-    wr32(p, l3 + 12, nsa)
-    wr32(p, l3 + 16, nda)
-    if p.kind == K_TCP:
-        ck = adjust(rd16(p, l4 + 16), aterms + d16(p.sport, nsp) + d16(p.dport, ndp))
-        wr16(p, l4 + 16, ck)
-        wr16(p, l4, nsp)
-        wr16(p, l4 + 2, ndp)
-    elif p.kind == K_UDP:
-        ck = adjust_udp(rd16(p, l4 + 6), aterms + d16(p.sport, nsp) + d16(p.dport, ndp))
-        wr16(p, l4 + 6, ck)
-        wr16(p, l4, nsp)
-        wr16(p, l4 + 2, ndp)
+    ck = adjust(rd16(p, b, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
+    wr8(p, b, l3 + 8, ttl - 1)
+    wr16(p, b, l3 + 10, ck)
+    wr32(p, b, l3 + 12, nsa)
+    wr32(p, b, l3 + 16, nda)
+    if kind == K_TCP:
+        ck = adjust(rd16(p, b, l4 + 16), aterms + d16(sport, nsp) + d16(dport, ndp))
+        wr16(p, b, l4 + 16, ck)
+        wr16(p, b, l4, nsp)
+        wr16(p, b, l4 + 2, ndp)
+    elif kind == K_UDP:
+        ck = adjust_udp(rd16(p, b, l4 + 6), aterms + d16(sport, nsp) + d16(dport, ndp))
+        wr16(p, b, l4 + 6, ck)
+        wr16(p, b, l4, nsp)
+        wr16(p, b, l4 + 2, ndp)
     else:
-        ck = adjust(rd16(p, l4 + 2), d16(p.sport, nid))
-        wr16(p, l4 + 4, nid)
+        ck = adjust(rd16(p, b, l4 + 2), d16(sport, nid))
+        wr16(p, b, l4 + 4, nid)
         if ck == 0 and icmp_all_zero(p):
             # Eqn. 3 yields 0x0000 when the new message sums to +0, which only an
             # all-zero message does (echo reply, id 0, seq 0, no payload: ICMP has no
             # pseudo-header); its checksum is ~(+0) = 0xFFFF (RFC 1624 sec. 3).
             ck = 0xFFFF
-        wr16(p, l4 + 2, ck)
+        wr16(p, b, l4 + 2, ck)
 
 
 cdef inline void rewrite_icmp_error(const hn_parsed *p, int direction, uint32_t na,
                                     uint32_t np_) noexcept nogil:
     """RFC 5508: translate the embedded packet the other way round, the outer header
     like any frame, and recompute the outer ICMP checksum."""
+    cdef uint8_t *b = p.b
     cdef uint64_t e3 = p.e3
     cdef uint64_t e4 = p.e4
     cdef uint64_t a_off, p_off
@@ -678,31 +687,31 @@ cdef inline void rewrite_icmp_error(const hn_parsed *p, int direction, uint32_t 
         old_port = p.dport
     cdef uint64_t aterm = d32(old_addr, na)
     # embedded IPv4 header
-    wr16(p, e3 + 10, adjust(rd16(p, e3 + 10), aterm))
-    wr32(p, e3 + a_off, na)
+    wr16(p, b, e3 + 10, adjust(rd16(p, b, e3 + 10), aterm))
+    wr32(p, b, e3 + a_off, na)
     # embedded L4: port (or echo identifier) and its checksum where present
     if p.ekind == K_TCP:
         if e4 + 18 <= p.end:
-            wr16(p, e4 + 16, adjust(rd16(p, e4 + 16), aterm + d16(old_port, np_)))
-        wr16(p, e4 + p_off, np_)
+            wr16(p, b, e4 + 16, adjust(rd16(p, b, e4 + 16), aterm + d16(old_port, np_)))
+        wr16(p, b, e4 + p_off, np_)
     elif p.ekind == K_UDP:
-        wr16(p, e4 + 6, adjust_udp(rd16(p, e4 + 6), aterm + d16(old_port, np_)))
-        wr16(p, e4 + p_off, np_)
+        wr16(p, b, e4 + 6, adjust_udp(rd16(p, b, e4 + 6), aterm + d16(old_port, np_)))
+        wr16(p, b, e4 + p_off, np_)
     else:
-        wr16(p, e4 + 2, adjust(rd16(p, e4 + 2), d16(old_port, np_)))
-        wr16(p, e4 + 4, np_)
+        wr16(p, b, e4 + 2, adjust(rd16(p, b, e4 + 2), d16(old_port, np_)))
+        wr16(p, b, e4 + 4, np_)
     # outer IPv4: address and TTL
     cdef uint64_t o_off = 12 if direction == DIR_OUT else 16
-    o_old = rd32(p, p.l3 + o_off)
-    ttl = rd8(p, p.l3 + 8)
-    ck = adjust(rd16(p, p.l3 + 10),
+    o_old = rd32(p, b, p.l3 + o_off)
+    ttl = rd8(p, b, p.l3 + 8)
+    ck = adjust(rd16(p, b, p.l3 + 10),
                 d32(o_old, na) + d16((ttl << 8) | PROTO_ICMP, ((ttl - 1) << 8) | PROTO_ICMP))
-    wr8(p, p.l3 + 8, ttl - 1)
-    wr16(p, p.l3 + 10, ck)
-    wr32(p, p.l3 + o_off, na)
+    wr8(p, b, p.l3 + 8, ttl - 1)
+    wr16(p, b, p.l3 + 10, ck)
+    wr32(p, b, p.l3 + o_off, na)
     # outer ICMP checksum from scratch
-    wr16(p, p.l4 + 2, 0)
-    wr16(p, p.l4 + 2, ~sum16(p, p.l4, p.end) & 0xFFFF)
+    wr16(p, b, p.l4 + 2, 0)
+    wr16(p, b, p.l4 + 2, ~sum16(p, p.l4, p.end) & 0xFFFF)
 
 
 cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, int direction,
