@@ -534,6 +534,12 @@ class Emulation:
             self._poll.poll(int(timeout * 1000))
         return moved
 
+    def pump_for(self, seconds: float) -> None:
+        """Move frames (and nothing else) for `seconds`."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.pump(min(0.01, max(0.0, end - time.monotonic())))
+
     def run(self, conns=None, timeout: float = 30.0, stop_when=None) -> bool:
         """Start `conns` (all at once) and pump until every connection completed (or
         gave up after max_tries), `stop_when()` is true, or `timeout` passed."""

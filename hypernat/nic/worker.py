@@ -138,6 +138,7 @@ class NicWorker:
         self.coord_incarnation = None
         self.registered = False
         self._hello_due = 0.0
+        self._last_hello = -1.0
         self._hb_due = 0.0
         self._stats_due = 0.0
         self._hb_seq = 0
@@ -342,6 +343,7 @@ class NicWorker:
         rec["heartbeat_ms"] = int(self.config.coordinator.heartbeat_interval * 1000)
         self._send_coord(M.T_HELLO, rec.tobytes())
         self.counters["hellos"] += 1
+        self._last_hello = now
         self._hello_due = now + 0.5  # until HELLO_ACK
 
     def _heartbeat(self, now: float) -> None:
@@ -410,7 +412,7 @@ class NicWorker:
             if u is not None:
                 orig, reason, target, _ = u
                 self.counters["undeliverable_" + reason] += 1
-                if reason == "not_registered" and now >= self._hello_due - 0.4:
+                if reason == "not_registered" and now - self._last_hello >= 0.1:
                     self.registered = False
                     self._hello(now)
         elif t == M.T_PEERS:
