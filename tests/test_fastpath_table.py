@@ -355,7 +355,7 @@ def make_machine(module_name):
             assert got == set(self.model)
             check_probe_invariant(self.t.slots)
 
-    FlowTableMachine.TestCase.settings = settings(max_examples=35, stateful_step_count=30, deadline=None)
+    FlowTableMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
     return FlowTableMachine
 
 
