@@ -1,0 +1,316 @@
+"""NicWorker in-process: the loop over memory ports, with and without a coordinator;
+forged and malformed control messages; snapshot and journal; metrics; the memory and
+shared-memory ports themselves."""
+import os
+import select
+import time
+
+import numpy as np
+import pytest
+import zmq
+from scapy.all import IP, TCP as STCP, UDP as SUDP, Ether
+
+from hypernat import messages as M
+from hypernat.coord.broker import Coordinator
+from hypernat.io.base import Batch
+from hypernat.io.memory import MemoryPort, ShmPort, ShmRing, SinkPort, TracePort
+from hypernat.lab.emulated import SYN, TCP, UDP, build_frame, emulated_config, parse_frame
+from hypernat.nic.worker import NicWorker
+
+pytestmark = pytest.mark.timeout(60)
+
+I1 = 0x0A00000A  # 10.0.0.10
+R1 = 0xC0000205  # 192.0.2.5
+
+
+def ip(a):
+    return f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}"
+
+
+def make_worker(cfg, nic, tmp_path, **kw):
+    inside, outside = MemoryPort(f"in{nic}"), MemoryPort(f"out{nic}")
+    w = NicWorker(cfg, nic, inside, outside, state_dir=str(tmp_path / f"nic{nic}"), **kw)
+    return w, inside, outside
+
+
+def spin(workers, cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for w in workers:
+            w.run_once(5)
+        if cond():
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------- one NIC
+
+
+def test_standalone_translates_both_ways_with_valid_checksums(tmp_path):
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    inside.inject([build_frame(TCP, I1, 40000, R1, 443, flags=SYN, payload=b"hello")])
+    assert spin([w], lambda: outside.pending() or outside._tx, 2)
+    out = outside.take_tx()
+    assert len(out) == 1
+    pkt = Ether(out[0])
+    assert pkt[IP].dst == ip(R1) and pkt[STCP].dport == 443 and pkt[IP].ttl == 63
+    e, ep = pkt[IP].src, pkt[STCP].sport
+    assert cfg.in_pool(int.from_bytes(bytes(map(int, e.split("."))), "big"))
+    # scapy recomputes the checksums: they must equal what the fast path wrote
+    chk = Ether(out[0])
+    del chk[IP].chksum, chk[STCP].chksum
+    assert bytes(Ether(bytes(chk))) == out[0]
+    # the reply
+    reply = Ether(src="02:00:00:00:00:09") / IP(src=ip(R1), dst=e) / STCP(sport=443, dport=ep, flags="SA") / b"x"
+    outside.inject([bytes(reply)])
+    assert spin([w], lambda: len(inside._tx) > 0, 2)
+    back = Ether(inside.take_tx()[0])
+    assert back[IP].dst == ip(I1) and back[STCP].dport == 40000
+    w.close()
+
+
+def test_unsolicited_and_malformed_frames_are_counted_not_fatal(tmp_path):
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    pool = int(cfg.pool[0].network_address)
+    outside.inject([build_frame(TCP, R1, 443, pool, 5000, flags=SYN)])  # nobody mapped 5000
+    inside.inject([b"\x00" * 5, b"\xff" * 60, build_frame(UDP, I1, 1, R1, 53)[:30]])
+    spin([w], lambda: False, 0.3)
+    c = w.counters_dict()
+    assert c.get("fastpath_in_miss_in", 0) == 1
+    assert sum(v for k, v in c.items() if k.startswith("fastpath_out_drop") or k == "fastpath_out_not_nat") == 3
+    assert not outside._tx and not inside._tx
+    w.close()
+
+
+def test_coordinator_unreachable_never_blocks_and_counts(tmp_path):
+    """No coordinator at the endpoint: own traffic flows, fetches time out, counted."""
+    cfg = emulated_config(2, limits={"fetch_timeout_ms": 20, "fetch_retries": 1})
+    w, inside, outside = make_worker(cfg, 0, tmp_path)
+    # a host this NIC owns (EIM) translates without the coordinator
+    host = next(a for a in range(I1, I1 + 100) if w.partition.eim_owner(a) == 0)
+    for i in range(20):
+        inside.inject([build_frame(UDP, host, 1000 + i, R1, 53, payload=b"q")])
+    assert spin([w], lambda: len(outside._tx) == 20, 3)
+    # a host owned by NIC 1 needs a fetch: it times out, the frame is dropped and counted
+    other = next(a for a in range(I1, I1 + 100) if w.partition.eim_owner(a) == 1)
+    inside.inject([build_frame(UDP, other, 2000, R1, 53, payload=b"q")])
+    assert spin([w], lambda: w.agent.counters["fetch_timeout"] == 1, 3)
+    assert len(outside._tx) == 20
+    assert not w.registered
+    w.close()
+
+
+# ------------------------------------------------------------------------ two NICs, in-process
+
+
+@pytest.fixture
+def pair(tmp_path):
+    cfg = emulated_config(2, mapping="address-and-port-dependent")
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2).start_thread()
+    ws = [make_worker(cfg, k, tmp_path) for k in range(2)]
+    assert spin([w for w, _, _ in ws], lambda: all(w.registered for w, _, _ in ws), 5)
+    yield cfg, ws, coord
+    for w, _, _ in ws:
+        w.close()
+    coord.stop()
+    coord.join(5)
+
+
+def test_split_connection_passive_install_in_process(pair):
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    in0.inject([build_frame(UDP, I1, 40001, R1, 53, payload=b"query")])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    assert w0.partition.owner(p.src, p.sport) == 0
+    # the reply lands on NIC 1, which has no rule: it fetches it from NIC 0
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"answer")])
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    back = parse_frame(in1.take_tx()[0])
+    assert (back.dst, back.dport, back.src, back.sport) == (I1, 40001, R1, 53) and back.checksum_ok
+    assert w1.agent.counters["clones_installed"] == 1 and w0.agent.counters["rx_fetch"] == 1
+    # the next reply hits the clone: no second fetch
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"again")])
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    assert w1.agent.counters["fetches"] == 1
+
+
+def _forge(coord_sock, ident, sender, mtype, payload):
+    coord_sock.send_multipart([ident, M.nic_identity(sender), bytes([mtype]), payload])
+
+
+def test_forged_and_malformed_messages_dropped_and_counted(tmp_path):
+    """A rogue 'coordinator' hands the worker bad messages: each is dropped, counted by
+    its reason, and the worker keeps working."""
+    cfg = emulated_config(2)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.bind(cfg.coordinator.endpoint)
+    w, inside, outside = make_worker(cfg, 1, tmp_path)
+    end = time.monotonic() + 5
+    ident = None
+    while ident is None and time.monotonic() < end:
+        w.run_once(5)
+        if rogue.poll(10):
+            ident = rogue.recv_multipart()[0]
+    assert ident == M.nic_identity(1)
+    pool = int(cfg.pool[0].network_address)
+    nic0_port = next(p for p in range(1024, 65536, 64) if w.partition.owner(pool, p) == 0)
+    rule = M.records(M.T_RULE, 1)
+    rule["proto"], rule["int_addr"], rule["int_port"] = 6, I1, 5000
+    rule["ext_addr"], rule["ext_port"], rule["rem_addr"], rule["rem_port"] = pool, nic0_port, R1, 80
+    rule["owner"], rule["lease_ms"] = 0, 1000
+    _forge(rogue, ident, 1, M.T_RULE, b"")  # from ourselves: routed types from self are fine, but
+    forged_owner = rule.copy()
+    _forge(rogue, ident, 1, M.T_RULE, forged_owner.tobytes())  # owner field says 0, sender is 1
+    _forge(rogue, ident, 1, M.T_PUSH, rule.tobytes()[:-3])  # truncated
+    rogue.send_multipart([ident, M.nic_identity(0), b"\x7e", b"junk"])  # unknown type
+    bad = rule.copy()
+    bad["owner"] = 1
+    _forge(rogue, ident, 1, M.T_PUSH, bad.tobytes())  # NIC 1 claims NIC 0's endpoint
+    rogue.send_multipart([ident, b"nic0"])  # wrong frame count
+    rogue.send_multipart([ident, b"mallory", bytes([M.T_RULE]), rule.tobytes()])  # no such NIC
+    assert spin([w], lambda: w.counters["coord_bad_message"] >= 7, 3), w.counters
+    c = w.agent.counters
+    for reason in ("truncated", "unknown_type", "bad_identity", "foreign_endpoint"):
+        assert c["bad_message_" + reason] >= 1, (reason, dict(c))
+    assert not w.agent.clones and len(w.in_table) == 0  # nothing forged was installed
+    # still alive and translating
+    host = next(a for a in range(I1, I1 + 100) if w.partition.eim_owner(a) == 1)
+    inside.inject([build_frame(UDP, host, 7, R1, 53, payload=b"q")])
+    assert spin([w], lambda: len(outside._tx) == 1, 2)
+    w.close()
+    rogue.close(0)
+    ctx.term()
+
+
+# ------------------------------------------------------------------------ snapshot, journal
+
+
+def test_graceful_restart_snapshot_round_trip(tmp_path):
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    for i in range(10):
+        inside.inject([build_frame(TCP, I1, 41000 + i, R1, 443, flags=SYN)])
+    assert spin([w], lambda: len(outside._tx) == 10, 3)
+    ext = [(parse_frame(f).src, parse_frame(f).sport) for f in outside.take_tx()]
+    journal = open(tmp_path / "nic0" / "blocks.journal").read()
+    assert '"op":"assign"' in journal  # the block was journaled before its first port was used
+    info = w.shutdown(snapshot=True)
+    assert info["rules"] == 10
+    w2, inside2, outside2 = make_worker(cfg, 0, tmp_path, standalone=True)
+    assert w2.recovery["snapshot"] and w2.recovery["rules"] == 10
+    for i in range(10):
+        inside2.inject([build_frame(TCP, I1, 41000 + i, R1, 443)])
+    assert spin([w2], lambda: len(outside2._tx) == 10, 3)
+    assert [(parse_frame(f).src, parse_frame(f).sport) for f in outside2.take_tx()] == ext
+    w2.close()
+
+
+def test_crash_restart_quarantines_journaled_blocks(tmp_path):
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    inside.inject([build_frame(UDP, I1, 42000, R1, 53)])
+    assert spin([w], lambda: len(outside._tx) == 1, 3)
+    first = parse_frame(outside.take_tx()[0])
+    w.close()  # no snapshot: as if killed
+    w2, inside2, outside2 = make_worker(cfg, 0, tmp_path, standalone=True)
+    assert w2.recovery["quarantined_blocks"] >= 1
+    inside2.inject([build_frame(UDP, I1 + 1, 42000, R1, 53)])
+    assert spin([w2], lambda: len(outside2._tx) == 1, 3)
+    second = parse_frame(outside2.take_tx()[0])
+    blk = w2.partition.block_of
+    assert blk(second.src, second.sport) != blk(first.src, first.sport)
+    w2.close()
+
+
+def test_metrics_expose_verdicts_and_agent_counters(tmp_path):
+    from prometheus_client import generate_latest
+
+    from hypernat.nic.metrics import registry_for
+
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    inside.inject([build_frame(UDP, I1, 1, R1, 53)])
+    spin([w], lambda: len(outside._tx) == 1, 2)
+    text = generate_latest(registry_for(w)).decode()
+    assert 'hypernat_nic_verdicts_total{direction="out",nic="0",verdict="miss_out"} 1.0' in text
+    assert "hypernat_nic_gauge" in text
+    w.close()
+
+
+# ----------------------------------------------------------------------------------- ports
+
+
+def test_shm_ring_wraps_and_refuses_when_full():
+    r = ShmRing(8, 64)
+    try:
+        for rnd in range(5):  # wrap around several times
+            frames = [bytes([rnd, i]) * 10 for i in range(6)]
+            assert r.push_frames(frames) == 6
+            assert r.pop_frames() == frames
+        assert r.push_frames([b"x" * 10] * 10) == 8 and r.drops == 2
+        assert r.push_frames([b"y" * 100]) == 0 and r.drops == 3  # longer than a slot
+    finally:
+        r.close()
+
+
+def test_shm_port_zero_copy_batch_and_release():
+    a, b = ShmRing(16, 128), ShmRing(16, 128)
+    try:
+        port = ShmPort("p", rx=a, tx=b)
+        frames = [build_frame(UDP, I1, 1000 + i, R1, 53) for i in range(5)]
+        a.push_frames(frames)
+        assert select.select([port.fileno()], [], [], 0)[0]
+        batch = port.recv(3)
+        assert batch.n == 3 and batch.frames() == frames[:3]
+        with pytest.raises(RuntimeError):
+            port.recv()  # the previous batch is not released yet
+        assert port.send(batch, np.array([2, 0])) == 2
+        port.release(batch)
+        assert b.pop_frames() == [frames[2], frames[0]]
+        assert port.recv().frames() == frames[3:]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_memory_port_readiness_follows_queue():
+    p = MemoryPort("m")
+    assert not select.select([p.fileno()], [], [], 0)[0]
+    p.inject([b"a", b"b", b"c"])
+    assert select.select([p.fileno()], [], [], 0)[0]
+    assert p.recv(2).frames() == [b"a", b"b"]
+    assert select.select([p.fileno()], [], [], 0)[0]  # one still waiting
+    assert p.recv(2).frames() == [b"c"]
+    assert not select.select([p.fileno()], [], [], 0)[0]
+    assert p.recv() is None
+    p.close()
+
+
+def test_trace_port_replays_pristine_frames():
+    frames = [build_frame(UDP, I1, 1000 + i, R1, 53) for i in range(5)]
+    t = TracePort(frames, batch_size=2, rounds=2)
+    seen = []
+    while True:
+        b = t.recv()
+        if b is None:
+            break
+        seen.extend(b.frames())
+        b.buf[:] = 0  # the worker rewrites in place; the next round is pristine again
+    assert seen == frames * 2
+    s = SinkPort()
+    assert s.send(Batch.from_frames(frames), np.arange(5)) == 5 and s.stats()["tx_packets"] == 5
+    t.close()
+    s.close()
+
+
+def test_nic_main_rejects_bad_arguments(tmp_path, capsys):
+    from hypernat.nic.__main__ import main
+
+    cfgfile = tmp_path / "gw.yaml"
+    cfgfile.write_text("internal: {prefixes: [10.0.0.0/16]}\n")
+    assert main(["--config", str(cfgfile), "--nic", "0"]) == 2
+    assert "hypernat-nic" in capsys.readouterr().err
+    assert os.path.exists(cfgfile)
