@@ -120,8 +120,8 @@ class Limits:
     negative_cache_s: float = 2.0  # a NACKed endpoint is not fetched again this long
     fetch_rate_per_source: int = 200  # fetches per second per remote source address
     lease_duration: int = 300  # seconds a clone lives without renewal (< 32000: 16-bit slot field)
-    sweep_step: int = 4096  # slots of each table examined per sweep step
-    sweep_max_expire: int = 64  # sessions expired per sweep step at most
+    sweep_step: int = 2048  # slots of each table examined per sweep step
+    sweep_max_expire: int = 16  # sessions expired per sweep step at most (bounds its time)
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
 
 

@@ -338,6 +338,7 @@ class RuleBuilder:
         self._holds = {}  # ekey -> leases outstanding
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
         self._pend = []  # sessions to insert at the end of this call
+        self._rbuf = []  # random 32-bit numbers for port choice
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -594,7 +595,10 @@ class RuleBuilder:
             free &= mask & full
         if not free:
             return -1
-        r = int(self.rng.integers(b.size)) if b.size > 1 else 0
+        rb = self._rbuf
+        if not rb:  # random numbers drawn in bulk: one numpy call per 4096 ports
+            rb.extend(self.rng.integers(0, 1 << 32, 4096, dtype=np.uint64).tolist())
+        r = rb.pop() % b.size
         hi = free >> r
         if hi:
             return r + ((hi & -hi).bit_length() - 1)
@@ -1044,11 +1048,12 @@ class RuleBuilder:
     def sweep(self, now, max_slots=None, max_expire=None) -> SweepResult:
         """One bounded expiry step: examine the next `max_slots` slots of each table
         (default ``limits.sweep_step``), expire at most `max_expire` idle sessions
-        (default 64; the cursor stops after the last one handled), drop lease-expired
+        (default ``limits.sweep_max_expire``; the cursor stops after the last one
+        handled, so a mass expiry is spread over steps), drop lease-expired
         clones, release endpoints whose reuse delay passed.  Call once per batch."""
         now = int(now)
         step = self.sweep_step if max_slots is None else int(max_slots)
-        budget = self.sweep_max_expire if max_expire is None else int(max_expire)
+        budget = max(1, self.sweep_max_expire if max_expire is None else int(max_expire))
         res = SweepResult()
         res.endpoints_released = self._process_reuse(now, max(budget, 16))
         if self._qblocks:
@@ -1112,26 +1117,37 @@ class RuleBuilder:
         if not len(recs):
             return
         so_ls = slots["last_seen"]
-        si = self.inn.slots
+        si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
         dead_out, dead_in = [], []
         mappings = self._mappings
-        for k in range(len(recs)):
-            r = recs[k]
-            p, ia, ip, ra, rp = int(r["proto"]), int(r["saddr"]), int(r["sport"]), int(r["daddr"]), int(r["dport"])
-            ea, ep, rid = int(r["new_addr"]), int(r["new_port"]), int(r["rule_id"])
-            rr = 0 if p == PROTO_ICMP else rp
-            ik = in_key(p, ra, rr, ea, ep)
-            j = self.inn.lookup(*ik)
-            ls_o, st_o = int(r["last_seen"]), int(r["tcp_state"])
-            ls_i, st_i = (int(si["last_seen"][j]), int(si["tcp_state"][j])) if j >= 0 else (0, 0)
-            last = max(ls_o, ls_i)
+        nmap = len(mappings)
+        lookup = self.inn.lookup
+        cols = zip(
+            recs["proto"].tolist(), recs["saddr"].tolist(), recs["sport"].tolist(), recs["daddr"].tolist(),
+            recs["dport"].tolist(), recs["new_addr"].tolist(), recs["new_port"].tolist(), recs["rule_id"].tolist(),
+            recs["last_seen"].tolist(), recs["tcp_state"].tolist(), where.tolist(),
+        )
+        for p, ia, ip, ra, rp, ea, ep, rid, ls_o, st_o, w in cols:
+            if p == PROTO_ICMP:
+                rr = 0
+                ik = (p, ra, ep, ea, ep)
+            else:
+                rr = rp
+                ik = (p, ra, rp, ea, ep)
+            j = lookup(*ik)
+            if j >= 0:
+                ls_i, st_i = int(si_ls[j]), int(si_st[j])
+                last = ls_o if ls_o >= ls_i else ls_i
+            else:
+                ls_i = st_i = 0
+                last = ls_o
             if now - last < self.timeout_for(p, st_o, st_i):
-                so_ls[where[k]] = last  # remember the merged activity: not a candidate again soon
+                so_ls[w] = last  # remember the merged activity: not a candidate again soon
                 continue
             dead_out.append((p, ia, ip, ra, rp))
-            if j >= 0 and not si["flags"][j] & _F_CLONE:
+            if j >= 0 and not si_fl[j] & _F_CLONE:
                 dead_in.append(ik)
-            m = mappings[rid] if 0 < rid < len(mappings) else None
+            m = mappings[rid] if 0 < rid < nmap else None
             if m is None or m.eaddr != ea or m.eport != ep or m.iaddr != ia or m.iport != ip:
                 continue  # an orphan entry (no bookkeeping): just delete it
             res.expired += 1

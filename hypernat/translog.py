@@ -15,7 +15,6 @@ Lines are buffered and flushed once per batch (``flush``), never per rule.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 
@@ -23,7 +22,7 @@ PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 
 
 def _ip(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))
+    return f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}"
 
 
 class TransLog:
