@@ -93,6 +93,12 @@ def owned_bindings(rbs):
     return b
 
 
+def sweep_all(rb, now):
+    """One sweep over the whole tables with no expiry budget (tests of what expires,
+    not of how the work is spread)."""
+    return rb.sweep(now, max_slots=1 << 22, max_expire=1 << 22)
+
+
 R1, R2, R3 = ip("8.8.8.8"), ip("8.8.4.4"), ip("1.1.1.1")
 
 
@@ -126,7 +132,7 @@ def test_no_external_endpoint_held_twice(mapping, seed):
             created += d.action[0] == ACT_REPLAY
         now += int(rng.integers(1, 6))
         for rb in rbs:
-            rb.sweep(now, max_slots=1 << 20)
+            sweep_all(rb, now)
         b = owned_bindings(rbs)
         for e, who in b.items():
             assert len(who) == 1, f"{e} held by {who}"
@@ -281,11 +287,11 @@ def test_reuse_delay():
     assert miss(rb, OUT, [(UDP, h1, 5000, R1, 53)], 100).action[0] == ACT_REPLAY
     assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 100).reason[0] == REASON["ports_exhausted"]
     t_exp = 100 + cfg.timeouts.udp
-    rb.sweep(t_exp)
+    sweep_all(rb, t_exp)
     assert len(rb.out) == 0 and rb.stats()["ports_waiting_reuse"] == 1
-    rb.sweep(t_exp + cfg.timeouts.reuse_delay - 1)
+    sweep_all(rb, t_exp + cfg.timeouts.reuse_delay - 1)
     assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], t_exp + 14).reason[0] == REASON["ports_exhausted"]
-    rb.sweep(t_exp + cfg.timeouts.reuse_delay)
+    sweep_all(rb, t_exp + cfg.timeouts.reuse_delay)
     assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], t_exp + 15).action[0] == ACT_REPLAY
     assert mapping_of(rb, UDP, h2, 5000, R1, 53) == (ip("198.18.77.1"), 1024)
 
@@ -298,8 +304,8 @@ def test_hold_blocks_reuse_until_released():
     rb.hold(*e)
     rb.hold(*e)
     assert rb.lookup_external(*e)["holds"] == 2
-    rb.sweep(130)
-    rb.sweep(1000)  # long after the reuse delay
+    sweep_all(rb, 130)
+    sweep_all(rb, 1000)  # long after the reuse delay
     assert rb.stats()["endpoints_held"] == 1
     assert miss(rb, OUT, [(UDP, h2, 5000, R1, 53)], 1000).reason[0] == REASON["ports_exhausted"]
     rb.release_hold(*e)
@@ -351,9 +357,9 @@ def test_expiry_boundaries(proto, out_flags, in_flags, timeout):
     if proto == TCP:
         _set_state(rb, proto, h, e, out_flags, in_flags)
     limit = getattr(cfg.timeouts, timeout)
-    rb.sweep(t0 + limit - 1, max_slots=1 << 20)
+    sweep_all(rb, t0 + limit - 1)
     assert len(rb.out) == 1 and len(rb.inn) == 1
-    rb.sweep(t0 + limit, max_slots=1 << 20)
+    sweep_all(rb, t0 + limit)
     assert len(rb.out) == 0 and len(rb.inn) == 0
     assert rb.stats()["mappings"] == 0
 
@@ -363,11 +369,11 @@ def test_return_direction_activity_keeps_session():
     rb = make_rb(cfg)
     h, e = _session(rb, UDP, 1000)
     _set_state(rb, UDP, h, e, in_seen=1020)  # a download: only the in entry is hit
-    rb.sweep(1000 + 30, max_slots=1 << 20)
+    sweep_all(rb, 1000 + 30)
     assert len(rb.out) == 1
-    rb.sweep(1020 + 29, max_slots=1 << 20)
+    sweep_all(rb, 1020 + 29)
     assert len(rb.out) == 1
-    rb.sweep(1020 + 30, max_slots=1 << 20)
+    sweep_all(rb, 1020 + 30)
     assert len(rb.out) == 0
 
 
@@ -482,17 +488,17 @@ def test_activity_merge_lease_expiry_and_removal():
     assert len(act) == 1 and act[0]["dirs"] == DIR_BIT_IN and act[0]["owner"] == 1 and act[0]["last_seen"] == 125
     assert len(rb0.collect_activity()) == 0  # F_ACTIVE cleared
     assert rb1.merge_activity(act) == 1
-    rb1.sweep(100 + 30, max_slots=1 << 20)
+    sweep_all(rb1, 100 + 30)
     assert len(rb1.out) == 1  # kept alive by the holder's report
-    rb1.sweep(125 + 30, max_slots=1 << 20)
+    sweep_all(rb1, 125 + 30)
     assert len(rb1.out) == 0
     removed = rb1.drain_removed()
     assert len(removed) == 1 and removed[0]["iaddr"] == h
     # the holder's lease: renewed, then it runs out and the sweep drops the clone
     assert rb0.renew_clones(recs, 200) == 1
-    rb0.sweep(199, max_slots=1 << 20)
+    sweep_all(rb0, 199)
     assert len(rb0.inn) == 1
-    rb0.sweep(200, max_slots=1 << 20)
+    sweep_all(rb0, 200)
     assert len(rb0.inn) == 0 and rb0.counters_dict()["lease_expired"] == 1
     assert len(rb0.drain_lease_expired()) == 1
     # remove_clone leaves owned entries alone
@@ -622,7 +628,7 @@ def test_translation_log_per_rule_and_per_block():
     assert lines[0] == {"ts": 1.5, "nic": 0, "event": "create", "proto": "tcp",
                         "internal": f"{ipaddress.IPv4Address(h)}:5000",
                         "external": f"{ipaddress.IPv4Address(e[0])}:{e[1]}"}  # fmt: skip
-    rb.sweep(10 + 100, max_slots=1 << 20)
+    sweep_all(rb, 10 + 100)
     lines = [json.loads(x) for x in buf.getvalue().splitlines()]
     assert [x["event"] for x in lines] == ["create", "remove"] and "remote" not in lines[1]
     # with remote logging: one line per session
@@ -652,8 +658,8 @@ def test_journal_before_first_use():
     g = events[0][0]["block"]
     _, lo, hi = rb.part.block_span(g)
     assert events[0][0]["ports"] == [lo, hi]
-    rb.sweep(10 + 100, max_slots=1 << 20)
-    rb.sweep(10 + 100 + 15, max_slots=1 << 20)
+    sweep_all(rb, 10 + 100)
+    sweep_all(rb, 10 + 100 + 15)
     assert sorted(r["op"] for r, _ in events) == ["assign", "assign", "release", "release"]
 
 
@@ -662,7 +668,7 @@ def test_snapshot_restore_roundtrip():
     rb = make_rb(cfg)
     hosts = hosts_of(rb, 3)
     miss(rb, OUT, [(p, h, 5000 + i, R1, 80) for p in (TCP, UDP) for h in hosts for i in range(5)], 10)
-    rb.sweep(50, max_slots=1 << 20)  # UDP gone (waiting for reuse), TCP kept
+    sweep_all(rb, 50)  # UDP gone (waiting for reuse), TCP kept
     rb.hold(TCP, *mapping_of(rb, TCP, hosts[0], 5000, R1, 80))
     state = json.loads(json.dumps(rb.snapshot()))  # plain data
     rb2 = make_rb(cfg, seed=9)
@@ -695,8 +701,8 @@ def test_lend_adopt_return():
     # incoming to the borrowed block is decided by the borrower, fetched from it by others
     assert miss(rb0, IN, [(UDP, R1, 53, *e)], 2).owner[0] == 1
     assert not rb1.return_block(g)  # in use
-    rb1.sweep(100, max_slots=1 << 20)
-    rb1.sweep(200, max_slots=1 << 20)
+    sweep_all(rb1, 100)
+    sweep_all(rb1, 200)
     assert rb1.return_block(g)
     rb0.adopt_block(g)  # it came home
     assert rb0.stats()["blocks_lent"] == 0
@@ -711,7 +717,7 @@ def test_quarantined_blocks_not_allocated_until_time():
     d = miss(rb, OUT, [(UDP, h, 5000 + i, R1, 53) for i in range(6)], 10)
     assert (d.action == ACT_REPLAY).sum() == 4  # only the unquarantined block
     assert all(rb.part.block_of(*mapping_of(rb, UDP, h, 5000 + i, R1, 53)) == all_blocks[1] for i in range(4))
-    rb.sweep(500, max_slots=1 << 20)
+    sweep_all(rb, 500)
     d = miss(rb, OUT, [(UDP, h, 6000, R1, 53)], 500)
     assert d.action[0] == ACT_REPLAY
     assert rb.part.block_of(*mapping_of(rb, UDP, h, 6000, R1, 53)) == all_blocks[0]
