@@ -82,6 +82,8 @@ CASES = [
          OUT, "hairpin", (6, I1, 5555, E2, 6666), src=E1, sport=41000, dst=I2, dport=7777),
     case("hairpin tcp vlan", eth(vlan=9) / IP(src=I1, dst=E2, options=IP_OPTS) / TCP(sport=5555, dport=6666, flags="A") / b"hi",
          OUT, "hairpin", (6, I1, 5555, E2, 6666), src=E1, sport=41000, dst=I2, dport=7777),
+    case("hairpin icmp echo", eth() / IP(src=I1, dst=E2) / ICMP(type=8, id=8, seq=1) / b"abc",
+         OUT, "hairpin", (1, I1, 8, E2, 8), src=E1, dst=I2, icmp_id=9),
     case("hairpin, in half missing", eth() / IP(src=I1, dst=E2) / UDP(sport=5556, dport=6667),
          OUT, "miss_hairpin", (17, I1, 5556, E2, 6667)),
     case("hairpin, out half missing", eth() / IP(src=I2, dst=E1) / TCP(sport=1, dport=40001),

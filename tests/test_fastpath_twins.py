@@ -1,0 +1,204 @@
+"""The twins: ``hypernat._fastpath`` (Cython) and ``hypernat.fastpath_py`` (reference)
+give identical bytes, verdicts, keys, counters and table slots for the same inputs.
+
+    same sessions ──► FlowTable (C) ══ slots ══ FlowTable (Py)
+    same batches  ──► translate (C) ══ bytes, verdicts, keys, counters, slots ══ translate (Py)
+
+The batches mix every verdict: hits and misses both ways, hairpins, ICMP echo and
+errors, and mutations of those (bit flips, header fields set to edge values,
+truncations, garbage) -- see ``fixtures.fastpath_oracle.mutate``.
+"""
+import importlib
+import random
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from fixtures.fastpath_oracle import pack, mixed_batch, standard_env, template_frames
+from hypernat import layout
+from hypernat.layout import KEY_DTYPE, SLOT_DTYPE
+from hypernat.verdicts import IN, OUT, VERDICT_NAMES
+
+PY = importlib.import_module("hypernat.fastpath_py")
+
+
+@pytest.fixture(scope="module")
+def cy():
+    """The compiled twin; missing is a failure (as in conftest's `fp`), not a skip."""
+    try:
+        return importlib.import_module("hypernat._fastpath")
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        pytest.fail(f"hypernat._fastpath is not built ({exc}): run `make build`")
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return template_frames()
+
+
+def _twin_envs(cy):
+    envs = [standard_env(cy, 256), standard_env(PY, 256)]
+    for env in envs:
+        env.tr.set_l2(OUT, bytes.fromhex("0200000000a1"), bytes.fromhex("0200000000a2"))
+        env.tr.set_l2(IN, bytes.fromhex("0200000000b1"), bytes.fromhex("0200000000b2"))
+    assert np.array_equal(envs[0].out.slots, envs[1].out.slots)
+    assert np.array_equal(envs[0].inn.slots, envs[1].inn.slots)
+    return envs
+
+
+def _describe(frames, i, a, b, what):
+    return f"{what} differ at frame {i} ({VERDICT_NAMES[a[1][i]]} vs {VERDICT_NAMES[b[1][i]]}): {frames[i].hex()}"
+
+
+def _run(env, frames, direction, now):
+    buf, offsets, lengths, _ = pack(frames)
+    verdicts = np.full(len(frames), 0xEE, np.uint8)
+    keys = np.frombuffer(bytearray(b"\xab" * 16 * len(frames)), dtype=KEY_DTYPE)
+    env.tr.translate(buf, offsets, lengths, direction, now, verdicts, keys)
+    outs = [buf[o : o + n].tobytes() for o, n in zip(offsets.tolist(), lengths.tolist())]
+    return buf, verdicts, keys, outs
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_same_batches_same_results(cy, templates, seed):
+    envs = _twin_envs(cy)
+    frames, dirs = mixed_batch(seed, 2500, templates)
+    for step, direction in enumerate((OUT, IN, OUT)):
+        fr = [f for f, d in zip(frames, dirs) if d == direction] if step < 2 else frames[::3]
+        now = 1000 + 7 * step + seed
+        c, p = (_run(env, fr, direction, now) for env in envs)
+        for i in range(len(fr)):
+            assert c[1][i] == p[1][i], _describe(fr, i, c, p, "verdicts")
+            assert c[3][i] == p[3][i], _describe(fr, i, c, p, "bytes")
+            assert c[2][i].tobytes() == p[2][i].tobytes(), _describe(fr, i, c, p, "keys") + f" {c[2][i]} vs {p[2][i]}"
+        assert np.array_equal(c[0], p[0])  # the whole buffer, guards included
+        assert np.array_equal(envs[0].tr.counters, envs[1].tr.counters)
+        assert envs[0].tr.counters_dict() == envs[1].tr.counters_dict()
+        for name in ("out", "inn"):
+            a, b = getattr(envs[0], name).slots, getattr(envs[1], name).slots
+            diff = np.flatnonzero(a != b)
+            assert not len(diff), f"{name} table slots differ at {diff[:5]}: {a[diff[:1]]} vs {b[diff[:1]]}"
+
+
+def test_keys_none_and_unaligned_buffer(cy, templates):
+    """keys=None, and frames at odd offsets in a numpy view that starts at an odd address."""
+    envs = _twin_envs(cy)
+    frames, _ = mixed_batch(99, 300, templates)
+    results = []
+    for env in envs:
+        buf, offsets, lengths, _ = pack(frames, guard=3)
+        big = np.zeros(len(buf) + 1, np.uint8)
+        big[1:] = buf
+        view = big[1:]
+        v = np.zeros(len(frames), np.uint8)
+        env.tr.translate(view, offsets, lengths, OUT, 5, v)
+        results.append((big.copy(), v))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+
+
+def test_flow_hash_matches_layout(cy):
+    if not hasattr(cy, "flow_hash"):
+        pytest.skip("hypernat._fastpath does not expose flow_hash")
+    rng = random.Random(3)
+    edge = [(0, 0, 0, 0, 0), (255, 2**32 - 1, 65535, 2**32 - 1, 65535), (6, 2**31, 1, 2**31 - 1, 2**15)]
+    for k in edge + [(rng.randrange(256), rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(32),
+                      rng.getrandbits(16)) for _ in range(3000)]:
+        assert cy.flow_hash(*k) == layout.flow_hash(*k), k
+
+
+def test_same_operations_same_slots(cy):
+    """Random insert / update / delete / batch sequences (tables filled to the brim and
+    refused inserts included) leave every entry in the same slot."""
+    rng = random.Random(11)
+    for capacity in (1, 7, 11, 50, 300):
+        a, b = cy.FlowTable(capacity, hugepages=False), PY.FlowTable(capacity, hugepages=False)
+        pool = [(rng.choice([1, 6, 17]), rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(32),
+                 rng.getrandbits(16)) for _ in range(capacity * 2 + 3)]
+        for step in range(capacity * 12 + 40):
+            k = rng.choice(pool)
+            op = rng.random()
+            if op < 0.55:
+                v = (rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(32), rng.getrandbits(32), rng.choice([0, 2, 4, 6]))
+                assert a.insert(*k, *v) == b.insert(*k, *v)
+            elif op < 0.85:
+                assert a.delete(*k) == b.delete(*k)
+            elif op < 0.93:
+                recs = np.zeros(rng.randint(0, 9), SLOT_DTYPE)
+                for r in recs:
+                    (r["proto"], r["saddr"], r["sport"], r["daddr"], r["dport"]) = rng.choice(pool)
+                    r["new_port"], r["rule_id"], r["last_seen"], r["flags"] = step, step, step, rng.choice([0, 2])
+                    r["user"], r["lease"], r["tcp_state"] = 9, 9, 9
+                assert a.insert_batch(recs) == b.insert_batch(recs)
+            else:
+                recs = np.zeros(rng.randint(0, 9), KEY_DTYPE)
+                for r in recs:
+                    (r["proto"], r["saddr"], r["sport"], r["daddr"], r["dport"]) = rng.choice(pool)
+                assert a.delete_batch(recs) == b.delete_batch(recs)
+            assert len(a) == len(b) and a.full_count == b.full_count
+            assert np.array_equal(a.slots, b.slots), f"capacity {capacity}, step {step}"
+            assert a.lookup(*k) == b.lookup(*k)
+        assert a.full_count > 0 or capacity > 100
+
+
+def test_snapshots_cross_load(cy):
+    """A snapshot written by one twin is read by the other."""
+    rng = random.Random(5)
+    for src, dst in ((cy, PY), (PY, cy)):
+        a = src.FlowTable(100, hugepages=False)
+        keys = [(6, rng.getrandbits(32), rng.getrandbits(16), rng.getrandbits(32), 443) for _ in range(90)]
+        for i, k in enumerate(keys):
+            a.insert(*k, 1, i, i, i)
+        for k in keys[::3]:
+            a.delete(*k)
+        b = dst.FlowTable(100, hugepages=False)
+        b.load_slots(a.slots.copy())
+        assert len(b) == len(a)
+        for i, k in enumerate(keys):
+            assert b.lookup(*k) == a.lookup(*k)
+            assert (b.get(*k) is None) == (i % 3 == 0)
+
+
+class TwinTableMachine(RuleBasedStateMachine):
+    """Both tables driven in lockstep by hypothesis: same results, same slots."""
+
+    def __init__(self):
+        super().__init__()
+        self.cy = importlib.import_module("hypernat._fastpath")
+
+    @initialize(capacity=st.sampled_from([1, 3, 10, 11]))
+    def create(self, capacity):
+        self.a = self.cy.FlowTable(capacity, hugepages=False)
+        self.b = PY.FlowTable(capacity, hugepages=False)
+
+    key = st.tuples(st.sampled_from([6, 17]), st.integers(0, 3), st.integers(0, 7), st.just(9), st.sampled_from([0, 65535]))
+
+    @rule(k=key, port=st.integers(0, 65535), flags=st.integers(0, 255))
+    def insert(self, k, port, flags):
+        assert self.a.insert(*k, 1, port, 2, 3, flags) == self.b.insert(*k, 1, port, 2, 3, flags)
+
+    @rule(k=key)
+    def delete(self, k):
+        assert self.a.delete(*k) == self.b.delete(*k)
+
+    @rule(k=key)
+    def lookup(self, k):
+        assert self.a.lookup(*k) == self.b.lookup(*k)
+
+    @rule()
+    def clear(self):
+        self.a.clear()
+        self.b.clear()
+
+    @invariant()
+    def same(self):
+        if hasattr(self, "a"):
+            assert len(self.a) == len(self.b) and self.a.full_count == self.b.full_count
+            assert np.array_equal(self.a.slots, self.b.slots)
+            assert np.array_equal(self.a.occupied(), self.b.occupied())
+
+
+TwinTableMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestTwinTables = TwinTableMachine.TestCase
