@@ -1,0 +1,108 @@
+"""AF_XDP ports (optional): libxdp's xsk API, copy mode, one socket per interface.
+
+::
+
+     NIC/veth ─► XDP program (ours, _xsk.pyx): IPv4 ─► XSKMAP ─► RX ring ─► recv(): Batch views UMEM
+                                               other ─► kernel (ARP answered there, neighbours learned)
+     send(batch, idx): one memcpy into a free UMEM frame ─► TX ring ─► kick (sendto)
+
+Compared with PACKET_MMAP the kernel's stack never touches the IPv4 frames (no skb on
+the receive side in native mode), which is where AF_XDP's extra speed comes from.  ARP
+and every non-IPv4 frame still reach the kernel because our XDP program passes them:
+the daemon needs no ARP code of its own on this backend either (``hypernat.l2`` stays
+available for addresses the kernel does not own).
+
+Built only where pkg-config finds libxdp and libbpf (``_xsk.pyx`` says so on its first
+line); ``import hypernat.io.af_xdp`` raises ImportError elsewhere.  Needs CAP_NET_ADMIN
+and CAP_BPF (root).  Zero-copy is not used: veth has none (EOPNOTSUPP).
+"""
+from __future__ import annotations
+
+import fcntl
+import mmap
+import socket
+import struct
+
+import numpy as np
+
+from .base import Batch, Port
+
+try:
+    from ._xsk import XskError, XskSocket
+except ImportError as exc:  # pragma: no cover - depends on the build
+    raise ImportError(f"hypernat.io._xsk is not built ({exc}): install libxdp-dev and libbpf-dev, `make build`") from exc
+
+SIOCGIFHWADDR = 0x8927
+
+
+class AfXdpPort(Port):
+    """One interface (queue 0) over an AF_XDP socket.  Create it inside the interface's
+    network namespace.  ``mode``: "auto" (native where the driver has XDP, else
+    generic), "native" or "skb"."""
+
+    def __init__(self, ifname: str, frames: int = 8192, frame_size: int = 2048, ring_size: int = 2048,
+                 mode: str = "auto", queue: int = 0):
+        self.name = ifname
+        self._map = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._mem = np.frombuffer(self._map, dtype=np.uint8)
+        try:
+            self.xsk = XskSocket(ifname, self._mem, frame_size, queue, ring_size, mode)
+        except BaseException:
+            self._mem = None
+            self._map.close()
+            raise
+        self.mode = self.xsk.mode
+        # Asked now, while we are in the interface's namespace (the port may be used
+        # from another thread or namespace later).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            res = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("256s", ifname.encode()[:15]))
+        self._mac = res[18:24]
+        self._frame_size = frame_size
+
+    def fileno(self) -> int:
+        return self.xsk.fileno()
+
+    def recv(self, max_frames: int = 256) -> Batch | None:
+        offsets = np.empty(max_frames, dtype=np.uint32)
+        lengths = np.empty(max_frames, dtype=np.uint32)
+        addrs = np.empty(max_frames, dtype=np.uint64)
+        n = self.xsk.recv(offsets, lengths, addrs, max_frames)
+        if n == 0:
+            return None
+        return Batch(self._mem, offsets, lengths, n, token=addrs[:n])
+
+    def release(self, batch: Batch) -> None:
+        tok = batch.token
+        if tok is None:
+            return
+        batch.token = None
+        self.xsk.release(tok, len(tok))
+
+    def send(self, batch: Batch, idx) -> int:
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return 0
+        return self.xsk.send(np.ascontiguousarray(batch.buf), np.ascontiguousarray(batch.offsets, dtype=np.uint32),
+                             np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx)
+
+    def set_macs(self, src: bytes | None, dst: bytes | None) -> None:
+        self.xsk.set_macs(src, dst)
+
+    def mac(self) -> bytes:
+        return self._mac
+
+    def stats(self) -> dict:
+        return dict(self.xsk.counters(), xdp_mode=self.mode)
+
+    def close(self) -> None:
+        if self.xsk is not None:
+            self.xsk.close()
+            self.xsk = None
+        self._mem = None
+        try:
+            self._map.close()
+        except BufferError:  # a Batch still views UMEM: unmapped when it goes
+            pass
+
+
+__all__ = ["AfXdpPort", "XskError"]
