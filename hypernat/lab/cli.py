@@ -31,7 +31,8 @@ def _parser():
     up.add_argument("--peer", choices=("hypernat", "linux", "noop"), default="hypernat",
                     help="what translates in gw: HyperNAT's daemons, Linux's nftables NAT, or the no-op forwarder")
     up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
-    up.add_argument("--backend", default="packet_mmap", help="packet I/O of the forwarders (packet_mmap)")
+    up.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"),
+                    help="packet I/O of the no-op forwarders (HyperNAT's daemons take theirs from the config)")
     run = sub.add_parser("run", help="drive traffic through a testbed and report")
     run.add_argument("--tag", default=DEFAULT_TAG)
     run.add_argument("--conns", type=int, default=200)
@@ -52,7 +53,7 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
     if topo.mode == "noop":
         from .noop import start_in_lab
 
-        start_in_lab(topo)
+        start_in_lab(topo, backend=backend)
     elif topo.mode == "hypernat":
         import importlib.util
 

@@ -8,7 +8,8 @@ kernel, which sees every frame too and answers ARP for the gateway's link addres
      inside_k ─ recv() ─► select IPv4 to our MAC ─► outside_k.send()   (MACs rewritten
      outside_k ─ recv() ─► select IPv4 to our MAC ─► inside_k.send()    on the tx copy)
 
-It is the same-run ceiling for the benchmarks (HyperNAT does this plus the fast path)
+The same loop runs over PACKET_MMAP or AF_XDP ports (``--backend``).  It is the
+same-run ceiling for the benchmarks (HyperNAT does this plus the fast path)
 and, on the testbed, a check of the I/O path with plain routing: real TCP across the
 gateway with no NAT at all.
 
@@ -85,7 +86,7 @@ class NoopForwarder:
         return {"forwarder": dict(self.counters), "inside": self.inside.stats(), "outside": self.outside.stats()}
 
 
-def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 4096) -> list:
+def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 4096, backend: str = "packet_mmap") -> list:
     """Start one forwarder process per NIC inside the lab's gw; wait until each is
     ready.  Returns the stats-file paths (written when `topo.down()` stops them)."""
     from .topology import STATE_DIR
@@ -102,6 +103,7 @@ def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 4096) -> list:
         p = topo.start(topo.gw, [sys.executable, "-m", "hypernat.lab.noop", "--inside", topo.inside(k),
                                  "--outside", topo.outside(k), "--inside-peer", a.link("inside", k, "far"),
                                  "--outside-peer", a.link("outside", k, "far"), "--rx-frames", str(rx_frames),
+                                 "--backend", backend,
                                  "--ready-file", ready, "--stats-file", st])
         waiting.append((p, ready))
         stats.append(st)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--outside", required=True)
     ap.add_argument("--inside-peer", required=True, help="IPv4 next hop on the inside link (its MAC is resolved)")
     ap.add_argument("--outside-peer", required=True, help="IPv4 next hop on the outside link")
-    ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap",))
+    ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"))
     ap.add_argument("--rx-frames", type=int, default=4096)
     ap.add_argument("--ready-file", help="created once the rings are open and next hops resolved")
     ap.add_argument("--stats-file", help="JSON counters written on exit")
@@ -132,7 +134,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s noop %(message)s")
 
     from .. import l2
-    from ..io.packet_mmap import PacketMmapPort
 
     nb = l2.Neighbours()
     try:
@@ -141,13 +142,20 @@ def main(argv=None) -> int:
     except (TimeoutError, ValueError) as exc:
         log.error("next hop: %s", exc)
         return 1
-    inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames)
-    outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames)
+    if args.backend == "af_xdp":
+        from ..io.af_xdp import AfXdpPort
+
+        inside, outside = AfXdpPort(args.inside), AfXdpPort(args.outside)
+    else:
+        from ..io.packet_mmap import PacketMmapPort
+
+        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames)
+        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames)
     fwd = NoopForwarder(inside, outside, in_mac, out_mac)
     signal.signal(signal.SIGTERM, fwd.stop)
     signal.signal(signal.SIGINT, fwd.stop)
-    log.info("forwarding %s (next hop %s) <-> %s (next hop %s)", args.inside, l2.mac_str(in_mac),
-             args.outside, l2.mac_str(out_mac))
+    log.info("forwarding %s (next hop %s) <-> %s (next hop %s) over %s", args.inside, l2.mac_str(in_mac),
+             args.outside, l2.mac_str(out_mac), args.backend)
     if args.ready_file:
         with open(args.ready_file, "w") as f:
             f.write(str(os.getpid()))
