@@ -135,6 +135,9 @@ def skey(r) -> tuple:
             int(r["rem_addr"]), int(r["rem_port"]))
 
 
+_SK_FIELDS = ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")
+
+
 def session_rec(sk: tuple, owner: int = 0, rule_id: int = 0, dirs: int = 0, last_seen: int = 0,
                 tcp: int = 0) -> np.ndarray:
     """One SESSION_DTYPE record from a session identity."""
@@ -341,15 +344,13 @@ class RuleAgent:
         return pend
 
     def _send_fetch(self, pend: _Pending) -> None:
-        rec = M.records(M.T_FETCH, 1)
+        rec = np.zeros(1, M.KEY_DTYPE)
         p, sa, sp, da, dp = pend.key
-        rec["seq"], rec["proto"], rec["flags"] = pend.seq, p, pend.flags
+        # fields: seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
         if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
-            rec["kind"] = M.FETCH_BY_EXTERNAL
-            rec["rem_addr"], rec["rem_port"], rec["ext_addr"], rec["ext_port"] = sa, sp, da, dp
+            rec[0] = (pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
         else:  # (p, I, Ip, R, Rp)
-            rec["kind"] = M.FETCH_BY_INTERNAL
-            rec["int_addr"], rec["int_port"], rec["rem_addr"], rec["rem_port"] = sa, sp, da, dp
+            rec[0] = (pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
         self._emit(pend.owner, M.T_FETCH, rec)
 
     def _take_token(self, remote: int, now: float) -> bool:
@@ -483,13 +484,15 @@ class RuleAgent:
 
     # owner side
     def _on_fetch(self, source, recs, now):
+        """Serve FETCHes (batched): the builder finds, admits or allocates each session;
+        answers go back as one RULE and one NACK message, numpy field by field."""
         tick = self.tick_clock()
         by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
-        rule_out, nack_out = [], []
+        lease_ms = int(self.p.lease_s * 1000)
         for fetch_dir, sel in ((IN, by_ext), (OUT, ~by_ext)):
-            if not sel.any():
+            sub = recs if sel.all() else recs[sel]
+            if len(sub) == 0:
                 continue
-            sub = recs[sel]
             keys = np.zeros(len(sub), layout.KEY_DTYPE)
             keys["proto"] = sub["proto"]
             if fetch_dir == IN:
@@ -501,31 +504,28 @@ class RuleAgent:
             icmp = (sub["flags"] & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE)) != 0
             keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
             sessions, status = self.rules.serve_fetch(fetch_dir, keys, tick)
-            for i in range(len(sub)):
-                if int(status[i]) == 0:
-                    rule_out.append((sub[i], sessions[i]))
-                else:
-                    nack_out.append((sub[i], int(status[i])))
-        if rule_out:
-            out = M.records(M.T_RULE, len(rule_out))
-            for i, (r, s) in enumerate(rule_out):
-                sk = skey(s)
-                _wire_endpoints(out, i, sk)
-                out["seq"][i] = r["seq"]
-                out["rule_id"][i] = s["rule_id"]
-                out["owner"][i] = self.nic_id
-                out["lease_ms"][i] = int(self.p.lease_s * 1000)
-                out["tcp_state"][i] = int(s["tcp_out"]) | int(s["tcp_in"])
-                self._grant(sk, source, now)
-            self._emit(source, M.T_RULE, out)
-        if nack_out:
-            out = M.records(M.T_NACK, len(nack_out))
-            for i, (r, st) in enumerate(nack_out):
-                out[i] = r
-                name = SLOW_PATH_REASON_NAMES[st] if 0 <= st < len(SLOW_PATH_REASON_NAMES) else ""
-                out["reason"][i] = M.NACK[_NACK_OF.get(name, "no_rule")]
-            self._emit(source, M.T_NACK, out)
-            self.count("fetch_refused", len(nack_out))
+            status = np.asarray(status)
+            ok = status == 0
+            if ok.any():
+                s, r = (sessions, sub) if ok.all() else (sessions[ok], sub[ok])
+                out = M.records(M.T_RULE, len(s))
+                out["seq"], out["rule_id"], out["proto"] = r["seq"], s["rule_id"], s["proto"]
+                out["int_addr"], out["int_port"] = s["iaddr"], s["iport"]
+                out["ext_addr"], out["ext_port"] = s["eaddr"], s["eport"]
+                out["rem_addr"], out["rem_port"] = s["raddr"], s["rport"]
+                out["owner"], out["lease_ms"] = self.nic_id, lease_ms
+                out["tcp_state"] = s["tcp_out"] | s["tcp_in"]
+                for sk in zip(*(s[f].tolist() for f in _SK_FIELDS)):
+                    self._grant(sk, source, now)
+                self._emit(source, M.T_RULE, out)
+            if not ok.all():
+                r, st = sub[~ok], status[~ok]
+                out = M.records(M.T_NACK, len(r))
+                out[:] = r
+                out["reason"] = [M.NACK[_NACK_OF.get(SLOW_PATH_REASON_NAMES[x] if 0 <= x < len(
+                    SLOW_PATH_REASON_NAMES) else "", "no_rule")] for x in st.tolist()]
+                self._emit(source, M.T_NACK, out)
+                self.count("fetch_refused", len(r))
 
     def _on_activity(self, source, recs, now):
         tick = self.tick_clock()

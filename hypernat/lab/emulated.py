@@ -259,10 +259,12 @@ def _coord_main(cfg, endpoint, ready):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ..coord.broker import Coordinator, predicates_from_config
 
-    _, internal, owner_of = predicates_from_config(cfg)
+    # the receiving NICs check partitions and internal prefixes (the coordinator's default);
+    # the coordinator checks structure, identity and routing
+    _, _, owner_of = predicates_from_config(cfg)
     c = Coordinator(endpoint, heartbeat_interval=cfg.coordinator.heartbeat_interval,
                     heartbeat_timeout=cfg.coordinator.heartbeat_timeout, n_nics=cfg.n_nics,
-                    internal=internal, owner_of=owner_of)
+                    owner_of=owner_of)
     signal.signal(signal.SIGTERM, lambda *_: c.stop())
     ready.set()
     c.run()

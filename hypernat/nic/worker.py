@@ -141,6 +141,8 @@ class NicWorker:
         self._last_hello = -1.0
         self._hb_due = 0.0
         self._stats_due = 0.0
+        self._sweep_due = 0.0
+        self.sweep_interval = 0.005  # seconds between two bounded expiry steps
         self._hb_seq = 0
         self.peers: dict[int, tuple] = {}
         self.sock = None
@@ -471,13 +473,17 @@ class NicWorker:
             n += k
             if k == 0:
                 break
+        self._flush()  # answers and fetches leave before any housekeeping
         self._timers(now)
-        self._flush()
+        if self._backlog or len(self.outbox):
+            self._flush()
         return n
 
     def _timers(self, now: float) -> None:
         self.agent.tick(now)
-        self.rules.sweep(self.ticks())
+        if now >= self._sweep_due:  # bounded step, time-gated: never on a message's critical path
+            self._sweep_due = now + self.sweep_interval
+            self.rules.sweep(self.ticks())
         if self.sock is not None:
             if not self.registered and now >= self._hello_due:
                 self._hello(now)
