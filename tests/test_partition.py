@@ -163,3 +163,31 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         p.lend(10**9, 1)
     assert "NIC" in p.describe()
+
+
+def test_availability_quick(tmp_path):
+    """benchmarks/availability.py --quick: outputs written, and the measurements agree
+    with what must hold whatever the random draws."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "availability.py")
+    spec = importlib.util.spec_from_file_location("availability", path)
+    av = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(av)
+    assert av.main(["--quick", "--out", str(tmp_path), "--trials", "1000"]) == 0
+    rows = json.loads((tmp_path / "availability.json").read_text())["rows"]
+    assert (tmp_path / "availability.md").read_text().startswith("# Availability")
+    assert (tmp_path / "availability.png").stat().st_size > 1000
+    paper = [r for r in rows if r["set"] == "paper"]
+    assert paper and all(r["p_any"] == 0 and r["bound_any"] < 1e-3 for r in paper)
+    for r in rows:
+        # spill-over never fails where the partitioned gateway succeeds, one pool fails least
+        assert r["p_any_spill"] <= r["p_any"] + 1e-12
+        assert r["p_single_pool"] <= r["p_any_spill"] + 0.05
+        assert r["p_any"] <= r["bound_any"] + 0.05  # Markov holds (up to sampling noise)
+    hot = [r for r in rows if r["set"] == "load" and r["load"] == 1.0]
+    assert all(r["p_single_pool"] > 0.3 for r in hot)  # Poisson demand exceeds F about half the time
+    skewed = [r for r in rows if r["dist"] == "zipf" and r["load"] == 0.9]
+    assert all(r["p_any"] > 0.5 and r["p_any_spill"] < 0.05 for r in skewed)  # EIM skew: spill-over saves it
