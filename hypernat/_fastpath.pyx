@@ -387,9 +387,13 @@ cdef inline void wr32(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) 
 
 
 cdef inline uint32_t fold(uint64_t s) noexcept nogil:
-    """One's-complement fold with end-around carry (RFC 1071)."""
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
+    """One's-complement fold with end-around carry (RFC 1071), branch-free: every sum
+    here is below 2**40 (at most 2**15 words of 16 bits), and four folds bring any
+    s < 2**48 to 16 bits."""
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
     return <uint32_t>s
 
 
