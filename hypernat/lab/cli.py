@@ -1,6 +1,6 @@
 """`hypernat lab up | run | down | list`: the namespace testbed from the command line.
 
-    hypernat lab up   [--tag T] [--nics N] [--peer linux|hypernat|noop] [--config C]
+    hypernat lab up   [--tag T] [--nics N] [--peer linux|hypernat|noop] [--config C] [--steer-seed S]
     hypernat lab run  [--tag T] [--conns 200] [--udp 50] [--pings 5] [--json]
     hypernat lab down [--tag T | --all]
     hypernat lab list
@@ -30,6 +30,8 @@ def _parser():
     up.add_argument("--nics", type=int, default=2)
     up.add_argument("--peer", choices=("hypernat", "linux", "noop"), default="hypernat",
                     help="what translates in gw: HyperNAT's daemons, Linux's nftables NAT, or the no-op forwarder")
+    up.add_argument("--steer-seed", type=lambda v: int(v, 0), default=None,
+                    help="steer return traffic in inet by nftables jhash with this seed (default: kernel ECMP)")
     up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
     up.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"),
                     help="packet I/O of the no-op forwarders (HyperNAT's daemons take theirs from the config)")
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
             print(f"lab {tag}: down")
         return 0
     if args.cmd == "up":
-        topo = Topology(tag=args.tag, nics=args.nics, mode=args.peer, addr=Addressing.from_config(args.config))
+        topo = Topology(tag=args.tag, nics=args.nics, mode=args.peer, addr=Addressing.from_config(args.config),
+                        steer_seed=args.steer_seed)
         topo.up()
         try:
             start_gateway(topo, args.config, args.backend)

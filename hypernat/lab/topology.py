@@ -28,6 +28,10 @@ What runs in ``gw`` is the *mode*:
 Offloads (checksum, TSO, GSO, GRO) are off on both ends of every veth: a frame read
 from AF_PACKET then carries complete checksums and is never a GSO super-frame.
 
+Optionally (``steer_seed``) ``inet`` chooses the return link by a hash the project can
+reproduce (nftables jhash with a fixed seed → fwmark → per-mark routes, steering.py),
+so active install can be exercised for real.
+
 Addresses come from ``conf/testbed.yaml`` where it has them (``internal`` prefixes,
 the external ``pool``), else from the defaults above (pool 203.0.113.0/24).
 Everything a run creates lives inside its namespaces, so ``down`` is just: stop the
@@ -107,6 +111,7 @@ class Topology:
     mode: str = "linux"
     addr: Addressing = field(default_factory=Addressing)
     mtu: int = 1500
+    steer_seed: int | None = None  # steer inet's return traffic by nftables jhash (steering.py)
     pids: list = field(default_factory=list)
 
     # names ------------------------------------------------------------------
@@ -232,6 +237,10 @@ class Topology:
             self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
             if self.mode == "noop":
                 self._ecmp(inet, a.internal, [hop("outside", k) for k in range(self.nics)])
+        if self.steer_seed is not None:
+            from .steering import install
+
+            install(self, self.steer_seed)
         if self.mode == "linux":
             from .peer import install_linux_nat
 
