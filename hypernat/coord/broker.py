@@ -617,7 +617,9 @@ class Coordinator:
         proto = args.get("proto")
         if proto is not None and int(proto) not in M.VALID_PROTOS:
             raise ValueError(f"protocol {proto} is not TCP, UDP or ICMP")
-        qargs = {"addr": M.ip_str(addr), "port": port, "proto": None if proto is None else int(proto)}
+        qargs = {"addr": M.ip_str(addr), "port": port}
+        if proto is not None:  # absent = any protocol (NICs test "proto" in args)
+            qargs["proto"] = int(proto)
         qid = self._next_qid
         self._next_qid += 1
         up = [st for st in self.nics.values() if st.up]

@@ -205,8 +205,8 @@ def main(argv=None) -> int:
                     print("hypernat ctl rule: expected ADDR:PORT, e.g. 203.0.113.5:40000", file=sys.stderr)
                     return 2
                 M.ip_int(addr)  # ValueError early, with the address in the message
-                result = c.query("rule", addr=addr, port=int(port),
-                                 proto=PROTOS[args.proto] if args.proto else None)
+                kw = {"proto": PROTOS[args.proto]} if args.proto else {}
+                result = c.query("rule", addr=addr, port=int(port), **kw)
             else:
                 result = c.query(args.cmd)
     except (CtlError, AuthError, ValueError, OSError, zmq.ZMQError) as exc:
