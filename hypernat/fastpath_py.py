@@ -432,6 +432,8 @@ def _as_array(a, dtype, what):
         raise ValueError(f"{what} has dtype {a.dtype}, expected {np.dtype(dtype)}")
     if a.ndim != 1:
         raise ValueError(f"{what} must be one-dimensional")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} must be contiguous")
     return a
 
 

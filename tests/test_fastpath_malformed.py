@@ -265,7 +265,7 @@ def _args(n=1):
     dict(verdicts=np.zeros(0, np.uint8)), dict(verdicts=np.zeros(1, np.int32)),
     dict(keys=np.zeros(1, np.uint8)), dict(keys=np.zeros(0, layout.KEY_DTYPE)),
     dict(buf=b"read-only bytes" * 10), dict(buf=np.zeros(100, np.uint32)),
-    dict(buf="a string"), dict(offsets=[0]),
+    dict(buf="a string"), dict(offsets=[0]), dict(buf=np.zeros(200, np.uint8)[::2]),
 ], ids=lambda c: f"{list(c)[0]}={type(list(c.values())[0]).__name__}")
 def test_translate_rejects_misuse(fp, change):
     env = standard_env(fp)
@@ -273,6 +273,16 @@ def test_translate_rejects_misuse(fp, change):
     with pytest.raises(MISUSE):
         env.tr.translate(a["buf"], a["offsets"], a["lengths"], a["direction"], a["now"], a["verdicts"], a["keys"])
     assert not env.tr.counters.any()
+
+
+def test_translate_rejects_strided_arrays(fp):
+    env = standard_env(fp)
+    a = _args(2)
+    for name in ("offsets", "lengths", "verdicts"):
+        b = dict(a)
+        b[name] = np.repeat(a[name], 2)[::2]  # same values, stride 2
+        with pytest.raises(MISUSE):
+            env.tr.translate(b["buf"], b["offsets"], b["lengths"], OUT, 1, b["verdicts"])
 
 
 def test_translate_accepts_bytearray_and_numpy(fp):
