@@ -658,9 +658,11 @@ def summarize(nic_reports: dict) -> dict:
 
 
 def run_emulated(config=None, flows: int = 200, *, packets: int = 4, n_nics: int | None = None,
-                 timeout: float = 60.0, protos=(TCP, UDP), icmp_every: int = 0, seed: int = 1, **cfg_kw) -> dict:
+                 timeout: float = 60.0, protos=(TCP, UDP), icmp_every: int = 0, seed: int = 1,
+                 detail: bool = False, **cfg_kw) -> dict:
     """Run `flows` connections through an emulated deployment of `config` (default: a
-    2-NIC emulated config) and return the report dict (see the module docstring)."""
+    2-NIC emulated config) and return the report dict (see the module docstring);
+    ``detail`` adds every NIC counter, summed (``counters``)."""
     if config is None or any(n.io != "memory" for n in config.nics):
         base = config
         kw = dict(cfg_kw)
@@ -680,6 +682,8 @@ def run_emulated(config=None, flows: int = 200, *, packets: int = 4, n_nics: int
     finally:
         reports = emu.close()
     rep.update(summarize(reports))
+    if not detail:
+        rep.pop("counters")
     rep.update(nics=config.n_nics, mapping=config.mapping, install=config.install, seconds=round(elapsed, 3))
     lat = sorted(x for reps in reports.values() for r in reps for x in r.get("latencies", []))
     if lat:
