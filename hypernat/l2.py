@@ -9,6 +9,9 @@ A NAT on Linux interfaces is a router at layer 2 too.  Three jobs, one per class
   is only needed for addresses the kernel does not hold (the external pool, if a
   neighbour ARPs for it instead of routing it to the gateway's link address) and for
   AF_XDP, where the kernel never sees the frame.
+* **next_hop_mac(ifname)** — the next hop configured through an interface (a route's
+  gateway, any table) resolved to its MAC: all the NIC daemon needs for
+  ``Translator.set_l2``.
 * **Neighbours** — next hop IPv4 address → MAC: first the kernel's neighbour table
   (``ip neigh``, read with pyroute2 in our own namespace), else a resolution the
   kernel is asked to do (a datagram to the discard port, bound to the interface),
@@ -160,6 +163,36 @@ class Neighbours:
             poke.close()
         self.counters["resolve_timeout"] += 1
         raise TimeoutError(f"no ARP answer from {ip} on {ifname} within {timeout}s")
+
+
+def gateway_via(ifname: str) -> str:
+    """The next hop configured through `ifname` in this namespace: the gateway of a
+    route (any table) whose output interface is `ifname`.  The testbed configures one
+    per gateway link (tables 100+k and 200+k); a deployment does the same, so the NIC
+    daemon needs no next-hop addresses in its own config.  ValueError if there is none
+    or they disagree."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise ValueError(f"no interface {ifname!r}")
+        gws = set()
+        for r in ipr.route("dump", family=socket.AF_INET):
+            if r.get("RTA_OIF") == idx[0] and r.get("RTA_GATEWAY"):
+                gws.add(r.get("RTA_GATEWAY"))
+            for hop in r.get("RTA_MULTIPATH") or ():
+                if hop["oif"] == idx[0] and hop.get("RTA_GATEWAY"):
+                    gws.add(hop.get("RTA_GATEWAY"))
+    if len(gws) != 1:
+        raise ValueError(f"{ifname}: expected one next hop through it, found {sorted(gws) or 'none'}")
+    return gws.pop()
+
+
+def next_hop_mac(ifname: str, neighbours: "Neighbours | None" = None, timeout: float = 2.0) -> bytes:
+    """MAC of the next hop through `ifname` (``gateway_via`` + ``Neighbours.resolve``):
+    what the NIC daemon writes as destination MAC of every frame it sends there."""
+    return (neighbours or Neighbours()).resolve(gateway_via(ifname), ifname, timeout=timeout)
 
 
 class ArpResponder:

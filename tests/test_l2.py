@@ -104,3 +104,23 @@ def test_resolve_asks_the_kernel():
     finally:
         pr_netns.remove(a)
         pr_netns.remove(b)
+
+
+@pytest.mark.netns
+def test_next_hop_mac_of_the_testbed_links():
+    from hypernat.lab import netns
+    from hypernat.lab.topology import Topology
+
+    topo = Topology(tag=f"t{os.getpid()}l", nics=2, mode="hypernat")
+    try:
+        topo.up()
+        with netns.entered(topo.gw):
+            for k in range(2):
+                assert l2.gateway_via(topo.inside(k)) == topo.addr.link("inside", k, "far")
+                assert l2.gateway_via(topo.outside(k)) == topo.addr.link("outside", k, "far")
+                assert l2.next_hop_mac(topo.outside(k)) == topo.mac(topo.inet, topo.far(k))
+                assert l2.next_hop_mac(topo.inside(k)) == topo.mac(topo.vpc, topo.far(k))
+            with pytest.raises(ValueError, match="lo"):
+                l2.gateway_via("lo")
+    finally:
+        topo.down()

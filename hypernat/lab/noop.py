@@ -13,8 +13,8 @@ same-run ceiling for the benchmarks (HyperNAT does this plus the fast path)
 and, on the testbed, a check of the I/O path with plain routing: real TCP across the
 gateway with no NAT at all.
 
-    python -m hypernat.lab.noop --inside inside0 --outside outside0 \\
-        --inside-peer 172.16.0.2 --outside-peer 172.17.0.2 [--ready-file F] [--stats-file F]
+    python -m hypernat.lab.noop --inside inside0 --outside outside0 [--backend af_xdp] \\
+        [--inside-peer 172.16.0.2 --outside-peer 172.17.0.2] [--ready-file F] [--stats-file F]
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hypernat.lab.noop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--inside", required=True)
     ap.add_argument("--outside", required=True)
-    ap.add_argument("--inside-peer", required=True, help="IPv4 next hop on the inside link (its MAC is resolved)")
-    ap.add_argument("--outside-peer", required=True, help="IPv4 next hop on the outside link")
+    ap.add_argument("--inside-peer", help="IPv4 next hop on the inside link (default: the route through it)")
+    ap.add_argument("--outside-peer", help="IPv4 next hop on the outside link (default: the route through it)")
     ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"))
     ap.add_argument("--rx-frames", type=int, default=4096)
     ap.add_argument("--ready-file", help="created once the rings are open and next hops resolved")
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
 
     nb = l2.Neighbours()
     try:
-        in_mac = nb.resolve(args.inside_peer, args.inside, timeout=5)
-        out_mac = nb.resolve(args.outside_peer, args.outside, timeout=5)
+        in_mac = nb.resolve(args.inside_peer or l2.gateway_via(args.inside), args.inside, timeout=5)
+        out_mac = nb.resolve(args.outside_peer or l2.gateway_via(args.outside), args.outside, timeout=5)
     except (TimeoutError, ValueError) as exc:
         log.error("next hop: %s", exc)
         return 1

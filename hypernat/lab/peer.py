@@ -44,11 +44,11 @@ table ip {TABLE} {{
 
 def install_linux_nat(topo) -> None:
     a = topo.addr
+    # The per-NIC tables themselves are the topology's (every mode has them: they are
+    # how a NIC daemon finds its next hops); Linux's NAT only needs the rules.
     with IPRoute(netns=topo.gw) as gw:
         for k in range(topo.nics):
             ins, outs = topo.inside(k), topo.outside(k)
-            gw.route("add", dst="0.0.0.0/0", gateway=a.link("outside", k, "far"), table=TABLE_OUT + k)
-            gw.route("add", dst=a.internal, gateway=a.link("inside", k, "far"), table=TABLE_IN + k)
             gw.rule("add", iifname=ins, table=TABLE_OUT + k, priority=1000 + k)
             gw.rule("add", iifname=outs, table=TABLE_IN + k, priority=2000 + k)
     netns.run(topo.gw, ["nft", "-f", "-"], input_=nft_ruleset(a.internal, a.snat(),

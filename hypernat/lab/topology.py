@@ -233,6 +233,13 @@ class Topology:
         hop = lambda side, k: {"gateway": a.link(side, k, "gw")}  # noqa: E731
         with IPRoute(netns=self.vpc) as vpc:
             self._ecmp(vpc, "0.0.0.0/0", [hop("inside", k) for k in range(self.nics)], prefsrc=a.host(0))
+        with IPRoute(netns=self.gw) as gw:
+            # NIC k's next hops, one table each way (100+k outward, 200+k inward).  In
+            # the hypernat and noop modes these route nothing (ip_forward is off): they
+            # tell the NIC daemon whom to send to (hypernat.l2.next_hop_mac).
+            for k in range(self.nics):
+                gw.route("add", dst="0.0.0.0/0", gateway=a.link("outside", k, "far"), table=100 + k)
+                gw.route("add", dst=a.internal, gateway=a.link("inside", k, "far"), table=200 + k)
         with IPRoute(netns=self.inet) as inet:
             self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
             if self.mode == "noop":
