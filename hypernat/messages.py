@@ -536,10 +536,12 @@ def elementwise(fn):
     return vectorised
 
 
-def _all(pred_result) -> bool:
+def _all(pred, *args) -> bool:
+    """pred(*args) holds for every record; a predicate that raises rejects the message
+    (a bug in the partition code must not crash the daemon, nor let a message in)."""
     try:
-        return bool(np.all(np.asarray(pred_result, dtype=bool)))
-    except Exception:  # noqa: BLE001 - a broken predicate rejects, it does not crash
+        return bool(np.all(np.asarray(pred(*args), dtype=bool)))
+    except Exception:  # noqa: BLE001
         return False
 
 
@@ -608,9 +610,9 @@ def _check_records(sender, code, recs, receiver, owns, internal, n_nics):
         wild = (recs["flags"] & RULE_F_WILDCARD) != 0
         if ((recs["rem_addr"] == 0) & ~wild).any():
             return "bad_field"
-        if owns is not None and sender is not None and not _all(owns(sender, recs["ext_addr"], recs["ext_port"])):
+        if owns is not None and sender is not None and not _all(owns, sender, recs["ext_addr"], recs["ext_port"]):
             return "foreign_endpoint"
-        if internal is not None and not _all(internal(recs["int_addr"])):
+        if internal is not None and not _all(internal, recs["int_addr"]):
             return "not_internal"
         return None
     if code in (T_FETCH, T_NACK, T_REVOKE):
@@ -626,23 +628,23 @@ def _check_records(sender, code, recs, receiver, owns, internal, n_nics):
             return "bad_field"
         if owns is not None:
             if code == T_REVOKE and sender is not None:
-                if not _all(owns(sender, recs["ext_addr"], recs["ext_port"])):
+                if not _all(owns, sender, recs["ext_addr"], recs["ext_port"]):
                     return "foreign_endpoint"
             if code == T_FETCH and receiver is not None and by_ext.any():
                 sel = by_ext
-                if not _all(owns(receiver, recs["ext_addr"][sel], recs["ext_port"][sel])):
+                if not _all(owns, receiver, recs["ext_addr"][sel], recs["ext_port"][sel]):
                     return "foreign_endpoint"
         if internal is not None and code == T_FETCH and (~by_ext).any():
-            if not _all(internal(recs["int_addr"][~by_ext])):
+            if not _all(internal, recs["int_addr"][~by_ext]):
                 return "not_internal"
         return None
     if code == T_ACTIVITY:
         if ((recs["ext_port"] == 0) & (recs["proto"] != 1)).any():
             return "bad_field"
         if owns is not None and receiver is not None:
-            if not _all(owns(receiver, recs["ext_addr"], recs["ext_port"])):
+            if not _all(owns, receiver, recs["ext_addr"], recs["ext_port"]):
                 return "foreign_endpoint"
-        if internal is not None and not _all(internal(recs["int_addr"])):
+        if internal is not None and not _all(internal, recs["int_addr"]):
             return "not_internal"
         return None
     if code in (T_BORROW, T_BORROW_ACK, T_RETURN):
@@ -660,7 +662,8 @@ def _check_records(sender, code, recs, receiver, owns, internal, n_nics):
             if not ok.all():
                 return "bad_field"
             # a returned block belongs to its lender's partition: both ends inside it
-            if not (_all(owns(receiver, recs["addr"], recs["port_lo"])) and _all(owns(receiver, recs["addr"], recs["port_hi"]))):
+            if not (_all(owns, receiver, recs["addr"], recs["port_lo"])
+                    and _all(owns, receiver, recs["addr"], recs["port_hi"])):
                 return "foreign_endpoint"
         return None
     if code == T_PEERS:
