@@ -338,6 +338,7 @@ class RuleBuilder:
         self._holds = {}  # ekey -> leases outstanding
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
         self._pend = []  # sessions to insert at the end of this call
+        self._room_left = 0  # entries both tables can still take in this call
         self._rbuf = []  # random 32-bit numbers for port choice
         self._created = []
         self._removed = []
@@ -366,10 +367,6 @@ class RuleBuilder:
                 return True
         return False
 
-    def _room(self) -> bool:
-        n = len(self._pend)
-        return len(self.out) + n < self.out.capacity and len(self.inn) + n < self.inn.capacity
-
     # -- packets ------------------------------------------------------------------------
     def handle_misses(self, direction, verdicts, keys, now) -> Decisions:
         """Decide every miss of one batch translated in `direction` (verdicts.OUT/IN).
@@ -389,62 +386,72 @@ class RuleBuilder:
         now = int(now)
         k = keys[idx]
         cols = zip(
-            idx.tolist(), verdicts[idx].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
+            verdicts[idx].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
             k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
         )
-        action, reason, owner = dec.action, dec.reason, dec.owner
-        for i, v, p, s, sp, d, dp, kind, fl in cols:
-            if v == _V_MISS_OUT or (v == _V_MISS_ICMP_ERROR and direction == OUT):
-                r = self._out(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
-                fkey = (OUT, p, s, sp, d, dp, kind)
+        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        res = []
+        fetches = []
+        out_ = self._out
+        for j, (v, p, s, sp, d, dp, kind, fl) in enumerate(cols):
+            if v == _V_MISS_OUT:
+                r = out_(p, s, sp, d, dp, fl, now)
+                if r == _FETCH:
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             elif v == _V_MISS_HAIRPIN:
                 r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
+                if r == _FETCH:
+                    fetches.append((j, self._fetch_owner) + fkey + (fl,))
+            elif v == _V_MISS_ICMP_ERROR and direction == OUT:
+                r = out_(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
+                if r == _FETCH:
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             else:
                 r = self._in(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
-                fkey = (IN, p, s, sp, d, dp, kind)
-            if r == _OK:
-                action[i] = ACT_REPLAY
-            elif r == _FETCH:
-                action[i] = ACT_FETCH
-                owner[i] = self._fetch_owner
-                fd, p2, s2, sp2, d2, dp2, kind2 = fkey
-                dec.fetch_dir[i] = fd
-                fk = dec.fetch_key[i : i + 1]
-                fk["proto"], fk["saddr"], fk["sport"], fk["daddr"], fk["dport"], fk["kind"] = p2, s2, sp2, d2, dp2, kind2
-                fk["tcp_flags"] = fl
-            else:
-                action[i] = ACT_DROP
-                reason[i] = r
+                if r == _FETCH:
+                    fetches.append((j, self._fetch_owner, IN, p, s, sp, d, dp, kind, fl))
+            res.append(r)
         self._flush(now)
+        r = np.array(res, dtype=np.int16)
+        dec.action[idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH, ACT_DROP))
+        dec.reason[idx] = np.where(r >= 0, r, -1)
+        for j, o, fd, p, s, sp, d, dp, kind, fl in fetches:
+            i = int(idx[j])
+            dec.owner[i] = o
+            dec.fetch_dir[i] = fd
+            dec.fetch_key[i] = (s, d, sp, dp, p, kind, fl, 0)
         return dec
 
     def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
         """An outgoing first packet (or an ICMP error from inside): allocate or find."""
-        if not self._is_internal(iaddr):
+        for net, mask in self._internal:
+            if iaddr & mask == net:
+                break
+        else:
             return self._refuse(_R_NOT_INTERNAL)
+        h = self._hosts.get(iaddr)
         if self._eim:
-            o = self.part.eim_owner(iaddr)
-            if o != self.nic:
-                if serving:
-                    return self._refuse(_R_NOT_OWNER)
-                self._fetch_owner = o
-                return _FETCH
+            # a host with blocks here is owned here (EIM hosts exist only at their owner)
+            if h is None:
+                o = self.part.eim_owner(iaddr)
+                if o != self.nic:
+                    if serving:
+                        return self._refuse(_R_NOT_OWNER)
+                    self._fetch_owner = o
+                    return _FETCH
             m = self._by_int.get(p << 48 | iaddr << 16 | iport)
         else:
             m = self._by_out.get(_okey(p, iaddr, iport, raddr, rport))
         r = 0 if p == PROTO_ICMP else rport
-        if icmp_error:
-            if m is not None and (raddr << 16 | r) in m.remotes:
-                self._last = m
-                return _OK  # entry pending in this batch: replay translates it
-            return self._refuse(_R_ICMP_NO_SESSION)
         if m is not None and (raddr << 16 | r) in m.remotes:
             self._last = m
-            return _OK
-        if not self._room():
+            return _OK  # the session exists (pending in this batch, or a fetch of it)
+        if icmp_error:
+            return self._refuse(_R_ICMP_NO_SESSION)
+        if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
         if m is None:
-            m = self._new_mapping(p, iaddr, iport, now)
+            m = self._new_mapping(p, iaddr, iport, now, h)
             if m.__class__ is int:
                 return m
             if not self._eim:
@@ -478,7 +485,7 @@ class RuleBuilder:
             f == "address-dependent" and not any(x >> 16 == raddr for x in m.remotes)
         ):
             return self._refuse(_R_USYN if syn else _R_FILTERED)
-        if not self._room():
+        if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
         self._add_session(m, raddr, r, now)
         self._last = m
@@ -510,10 +517,10 @@ class RuleBuilder:
         return r, (IN, ik[0], ik[1], ik[2], ik[3], ik[4], layout.KIND_PLAIN)
 
     # -- allocation -----------------------------------------------------------------------
-    def _new_mapping(self, p, iaddr, iport, now):
-        """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason."""
+    def _new_mapping(self, p, iaddr, iport, now, h=None):
+        """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason.
+        `h`: the host's state if the caller looked it up already."""
         pi = _PIDX[p]
-        h = self._hosts.get(iaddr)
         if h is None:
             a = self._pick_address()
             if a < 0:
@@ -674,6 +681,7 @@ class RuleBuilder:
             self._avail.append(a)
 
     def _add_session(self, m: _Mapping, raddr: int, r: int, now: int) -> None:
+        self._room_left -= 1
         m.remotes.add(raddr << 16 | r)
         self._n_sessions += 1
         self._pend.append((m.proto, m.iaddr, m.iport, raddr, r, m.eaddr, m.eport, m.rule_id))
@@ -784,6 +792,7 @@ class RuleBuilder:
         dirs = np.broadcast_to(np.asarray(fetch_dir, dtype=np.uint8), (n,))
         status = np.zeros(n, np.int16)
         found = [None] * n
+        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
         for i in range(n):
             k = keys[i]
             p, s, sp, d, dp = int(k["proto"]), int(k["saddr"]), int(k["sport"]), int(k["daddr"]), int(k["dport"])
