@@ -36,6 +36,8 @@ numpy block of ``layout.SLOT_DTYPE`` records (32 bytes each)::
 
     OUT (inside -> Internet):  source      I:i  becomes E:e   (out table: I,i,R,r -> E,e)
     IN  (Internet -> pool):    destination E:e  becomes I:i   (in table:  R,r,E,e -> I,i)
+    hairpin (OUT to a pool address E2:e2): both at once, then back inside
+                               I:i -> E2:e2  becomes  E:e -> I2:i2
 
 Every frame gets exactly one verdict (``hypernat.verdicts``) and is counted under
 ``counters[direction, verdict]``.  A frame that is not sent is left untouched.
@@ -44,7 +46,9 @@ Checksums
 ---------
 Only the 16-bit words that change are folded into the checksum (RFC 1624, eqn. 3:
 ``HC' = ~(~HC + ~m + m')``) -- that keeps the cost independent of the payload and
-gives the same result as a full recomputation.  The TCP and UDP checksums cover the
+gives the same result as a full recomputation, with one exception: data that sum to
++0 (all zeros) have checksum 0xFFFF, where eqn. 3 yields 0x0000.  Only an ICMP echo
+(no pseudo-header) can be all zeros; that one case is checked.  The TCP and UDP checksums cover the
 pseudo-header (RFC 793, RFC 768), so an address change touches them too.  A UDP
 checksum of zero means "no checksum" and stays zero; a computed zero is sent as
 0xFFFF (RFC 768).  ICMP errors (RFC 5508) are verified over the whole message first

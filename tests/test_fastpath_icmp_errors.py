@@ -217,7 +217,7 @@ def test_icmp_error_exactly_eight_l4_bytes_is_enough(fp):
 
 @pytest.mark.parametrize("type_", [5, 4, 9, 10, 13, 14, 17, 18, 30, 255])
 def test_other_icmp_types_unsupported(fp, type_):
-    frame = raw(eth() / IP(src=R, dst=E1) / ICMP(type=type_, code=0) / Raw(inner(17, E1, R, 40002, 53)))
+    frame = raw(eth() / IP(src=R, dst=E1) / ICMP(type=type_, code=0, ts_ori=1, ts_rx=2, ts_tx=3) / Raw(inner(17, E1, R, 40002, 53)))
     out, v, k = standard_env(fp).one(frame, IN)
     assert (v, out) == ("drop_icmp_unsupported", frame)
     assert key_tuple(k) == (0,) * 8

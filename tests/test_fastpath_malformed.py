@@ -104,7 +104,7 @@ CASES = [
     case("tcp ttl 0 hit", tcp_out(ttl=0), "ttl_exceeded"),
     case("udp ttl 1 miss", eth() / IP(src=I1, dst=R, ttl=1) / UDP(sport=9, dport=9), "ttl_exceeded"),
     case("icmp echo ttl 1", eth() / IP(src=I1, dst=R, ttl=1) / ICMP(type=8, id=7), "ttl_exceeded"),
-    case("icmp unsupported ttl 0", eth() / IP(src=I1, dst=R, ttl=0) / ICMP(type=13), "ttl_exceeded"),
+    case("icmp unsupported ttl 0", eth() / IP(src=I1, dst=R, ttl=0) / ICMP(type=13, ts_ori=1, ts_rx=2, ts_tx=3), "ttl_exceeded"),
     case("incoming tcp ttl 1", eth() / IP(src=R, dst=E1, ttl=1) / TCP(sport=80, dport=40001), "ttl_exceeded", IN),
     case("incoming udp ttl 0", eth() / IP(src=R, dst=E1, ttl=0) / UDP(sport=53, dport=40002), "ttl_exceeded", IN),
     case("hairpin ttl 1", eth() / IP(src=I1, dst=E1, ttl=1) / TCP(sport=5555, dport=6666), "ttl_exceeded"),
@@ -213,7 +213,7 @@ def test_counters_match_verdicts(fp):
     frames = [c.values[0] for c in CASES] + [
         raw(eth() / IP(src=I1, dst=R) / TCP(sport=4, dport=80)),  # miss_out / miss_in
         raw(eth() / IP(src=I1, dst=E2) / TCP(sport=5555, dport=6666)),  # hairpin / miss_in
-        raw(eth() / IP(src=R, dst=E1) / ICMP(type=13)),  # drop_icmp_unsupported
+        raw(eth() / IP(src=R, dst=E1) / ICMP(type=13, ts_ori=1, ts_rx=2, ts_tx=3)),  # drop_icmp_unsupported
         raw(eth() / IP(src=R, dst=E1) / UDP(sport=53, dport=40002)),  # miss_hairpin / translated
     ]
     assert env.tr.counters.shape == (2, N_VERDICTS) and env.tr.counters.dtype == np.uint64
