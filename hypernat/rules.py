@@ -50,10 +50,24 @@ TCP state.  A freed external endpoint waits ``timeouts.reuse_delay`` (RFC 6888 R
 and until every hold (a lease the RuleAgent granted on it, ``hold``/``release_hold``)
 is gone before it can be handed out again (invariant 3).
 
+Per-host ports: a host holds at most ceil(ports_per_host / B) blocks and at most
+ports_per_host live mappings per protocol; ports waiting out their reuse delay still
+occupy their block, so a host that churns connections fast meets its cap sooner (as
+with cloud NATs' ports per VM).  External endpoints are per protocol (TCP port 5000 and
+UDP port 5000 are different endpoints).
+
+Cost: everything here is per connection, in Python, batched at the numpy boundary (one
+``insert_batch`` per table per call).  The sweep's scan is numpy over a slot range; its
+per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
+mass expiry is spread over many steps instead of stalling one batch.
+
 Public interface (stable; extended, never broken)
 -------------------------------------------------
 Records and constants:
-    SESSION_DTYPE        one session as a plain 32-byte record (export, clone, activity)
+    SESSION_DTYPE        one session as a plain 32-byte record (export, clone, activity);
+                         ICMP query sessions carry rport 0 (their keys use the identifier:
+                         out (1, I, Ip, R, Ip), in (1, R, Ep, E, Ep)) -- use
+                         out_key / in_key / record_keys rather than building keys by hand
     DIR_BIT_OUT/IN       ``dirs`` bits of a record: which entries it covers / were active
     ACT_NONE/REPLAY/DROP/FETCH   per-frame actions in ``Decisions.action``
     REASON               {slow-path reason name: index} (``verdicts.SLOW_PATH_REASON_NAMES``)
@@ -70,15 +84,18 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     lookup_external(proto, eaddr, eport) -> dict | None
     merge_activity(records, now=None) -> int
     hold(proto, eaddr, eport) / release_hold(proto, eaddr, eport)
-    drain_created() / drain_removed() -> SESSION_DTYPE arrays (for PUSH / REVOKE)
+    drain_created() / drain_removed() -> SESSION_DTYPE arrays (for PUSH / REVOKE; recorded
+        while .track_created (install: active) / .track_removed (more than one NIC))
   holder side of cloning
     install_clone(records, now, dirs=DIR_BIT_OUT|DIR_BIT_IN, lease_until=0) -> int
     remove_clone(records) -> int
     renew_clones(records, lease_until) -> int
-    collect_activity(clear=True) -> SESSION_DTYPE array (active clone entries)
+    collect_activity(clear=True, max_slots=None) -> SESSION_DTYPE array (active clone
+        entries, one record per entry: dirs = its direction, tcp_out or tcp_in set)
     drain_lease_expired() -> SESSION_DTYPE array (clones the sweep dropped)
   lifecycle and state
-    sweep(now, max_slots=None) -> SweepResult
+    sweep(now, max_slots=None, max_expire=None) -> SweepResult
+    timeout_for(proto, tcp_out, tcp_in) -> seconds
     utilisation() -> float;  counters_dict() -> {reason: n};  stats() -> dict
     snapshot() -> dict (plain data);  restore(state)
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
@@ -559,7 +576,7 @@ class RuleBuilder:
                 off = iport - b.lo
             if off < 0:
                 off = self._pick_port(b, pi, iport)
-            if off < 0:  # parity impossible in a 1-port block
+            if off < 0:  # parity impossible in a 1-port block (the block stays with the host)
                 return self._refuse(_R_EXHAUSTED)
             h.cur = len(h.blocks) - 1
             found = (b, off)

@@ -721,3 +721,32 @@ def test_quarantined_blocks_not_allocated_until_time():
     d = miss(rb, OUT, [(UDP, h, 6000, R1, 53)], 500)
     assert d.action[0] == ACT_REPLAY
     assert rb.part.block_of(*mapping_of(rb, UDP, h, 6000, R1, 53)) == all_blocks[0]
+
+
+def test_icmp_errors_look_up_only_and_fetch_serving_filters():
+    cfg = make_cfg(2, filtering="endpoint-independent")
+    rb0, rb1 = make_rb(cfg, 0), make_rb(cfg, 1)
+    (h,) = hosts_of(rb1, 1)
+    # an ICMP error from inside about a flow of a host NIC 1 owns: fetched, lookup only
+    d = miss(rb0, OUT, [(UDP, h, 5000, R1, 53)], 5, verdict="miss_icmp_error", kind=layout.KIND_ICMP_ERROR)
+    assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_key[0]["kind"] == layout.KIND_ICMP_ERROR
+    recs, st = rb1.serve_fetch(OUT, d.fetch_key[:1], 5)
+    assert st[0] == REASON["icmp_error_no_session"] and len(rb1.out) == 0  # never creates
+    miss(rb1, OUT, [(UDP, h, 5000, R1, 53)], 6)
+    recs, st = rb1.serve_fetch(OUT, d.fetch_key[:1], 6)
+    assert st[0] == 0 and recs[0]["iaddr"] == h and len(rb1.out) == 1
+    # an incoming fetch from a new remote: EIF admits it and creates the session at the owner
+    e = mapping_of(rb1, UDP, h, 5000, R1, 53)
+    k = keys_of([(UDP, R2, 999, *e)])
+    recs, st = rb1.serve_fetch(IN, k, 7)
+    assert st[0] == 0 and (recs[0]["raddr"], recs[0]["rport"]) == (R2, 999) and len(rb1.inn) == 2
+    # ... but the same fetch as an ICMP error about an unknown session is refused
+    k["kind"] = layout.KIND_ICMP_ERROR
+    k["saddr"] = R3
+    _, st = rb1.serve_fetch(IN, k, 7)
+    assert st[0] == REASON["icmp_error_no_session"] and len(rb1.inn) == 2
+    # bad fetch direction / protocol: refused and counted, never fatal
+    _, st = rb1.serve_fetch(7, keys_of([(UDP, R2, 1, *e)]), 7)
+    assert st[0] == REASON["bad_message"]
+    _, st = rb1.serve_fetch(IN, keys_of([(47, R2, 1, *e)]), 7)
+    assert st[0] == REASON["bad_message"]
