@@ -240,3 +240,41 @@ def test_icmp_error_set_l2(fp):
     frame, exp = _error_pair(6, OUT, ERRORS[0], 8)
     out, v, _ = env.one(frame, OUT)
     assert v == "translated" and out == b"\x04" * 6 + b"\x02" * 6 + exp[12:]
+
+
+def test_embedded_udp_checksum_landing_on_zero_is_sent_as_ffff(fp):
+    """RFC 768 inside the error too: the translated embedded UDP checksum computes to
+    0x0000 and is written 0xFFFF, as scapy builds the embedded packet."""
+    def emb(src, sport, w):
+        return raw(IP(src=src, dst=R, ttl=17, id=4242) / UDP(sport=sport, dport=53) / (w.to_bytes(2, "big") + b"xy"))
+
+    w = UDP(raw(IP(emb(I1, 2222, 0)).payload)).chksum  # checksum with w = 0 ...
+    emb_out = emb(I1, 2222, w)  # ... so that with w it sums to -0: computed 0, sent 0xFFFF
+    assert IP(emb_out)[UDP].chksum == 0xFFFF
+    frame = icmp_error(X, E1, emb(E1, 40002, w), 3, 4, nexthopmtu=1400)
+    exp = icmp_error(X, I1, emb_out, 3, 4, ttl=63, nexthopmtu=1400)
+    out, v, _ = standard_env(fp).one(frame, IN)
+    assert (v, out) == ("translated", exp)
+
+
+def test_icmp_error_checksum_ffff_for_zero_is_accepted(fp):
+    """RFC 1071 verification sums the whole message, checksum included, to -0; a stored
+    0xFFFF where 0x0000 was computed is the same number in one's complement and passes."""
+    emb = inner(17, E1, R, 40002, 53)
+    frame = bytearray(icmp_error(X, E1, emb, 11, 0))
+    icmp = 14 + 20
+    # Choose the 'unused' word so that the computed checksum is 0x0000.
+    frame[icmp + 6 : icmp + 8] = Ether(bytes(frame))[ICMP].chksum.to_bytes(2, "big")
+    p = Ether(bytes(frame))
+    del p[ICMP].chksum
+    good = raw(p)
+    assert Ether(good)[ICMP].chksum == 0
+    alt = bytearray(good)
+    alt[icmp + 2 : icmp + 4] = b"\xff\xff"
+    for f in (good, bytes(alt)):
+        out, v, _ = standard_env(fp).one(f, IN)
+        assert v == "translated"
+        o = Ether(out)
+        assert o[IP].dst == I1
+        del o[ICMP].chksum
+        assert raw(o) == out  # the outer checksum is recomputed from scratch: canonical
