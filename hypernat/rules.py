@@ -288,7 +288,11 @@ class RuleBuilder:
     rng          numpy Generator for port choice (tests pass a seeded one)
     translog     hypernat.translog.TransLog or None (default: built from config)
     journal      callable(record: dict) called, and must have persisted the record,
-                 before a port block's first port is used (crash recovery); records are
+                 before a port block's first port is used (crash recovery).  Calls are
+                 grouped at the end of each handle_misses / serve_fetch, before the
+                 table inserts; if the callable (or the object it is a bound method of)
+                 has ``append_many(records)``, that is used once per call (one fsync).
+                 Records are
                  {"op": "assign", "block": g, "host": "a.b.c.d", "external": ..., "ports":
                  [lo, hi], "t": now} and {"op": "release", "block": g}
     """
@@ -357,6 +361,7 @@ class RuleBuilder:
         self._pend = []  # sessions to insert at the end of this call
         self._room_left = 0  # entries both tables can still take in this call
         self._rbuf = []  # random 32-bit numbers for port choice
+        self._jpend = []  # block assignments to journal before this call's inserts
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -665,9 +670,9 @@ class RuleBuilder:
         addr, lo, hi = self.part.block_span(g)
         b = _Block(g, h.aidx, addr, lo, hi - lo + 1)
         b.host = h
-        if self.journal is not None:
-            self.journal({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
-                          "ports": [lo, hi], "t": now})  # fmt: skip
+        if self.journal is not None:  # written in _flush, before the first entry using it
+            self._jpend.append({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
+                                "ports": [lo, hi], "t": now})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", h.iaddr, addr, lo, hi)
         self._blocks[g] = b
@@ -710,7 +715,19 @@ class RuleBuilder:
                                   m.rule_id, now, 0, 0, self.nic, 0))  # fmt: skip
 
     def _flush(self, now: int) -> None:
-        """Insert the sessions built during this call into both tables, in one batch."""
+        """Insert the sessions built during this call into both tables, in one batch,
+        after journaling the blocks they are the first users of (one group commit when
+        the journal offers ``append_many``)."""
+        if self._jpend:
+            recs, self._jpend = self._jpend, []
+            many = getattr(self.journal, "append_many", None) or getattr(
+                getattr(self.journal, "__self__", None), "append_many", None
+            )
+            if many is not None:
+                many(recs)
+            else:
+                for r in recs:
+                    self.journal(r)
         if self.translog is not None:
             self.translog.flush()
         if not self._pend:

@@ -750,3 +750,22 @@ def test_icmp_errors_look_up_only_and_fetch_serving_filters():
     assert st[0] == REASON["bad_message"]
     _, st = rb1.serve_fetch(IN, keys_of([(47, R2, 1, *e)]), 7)
     assert st[0] == REASON["bad_message"]
+
+
+def test_journal_group_commit():
+    class J:
+        def __init__(self):
+            self.calls = []
+
+        def append(self, rec):
+            self.calls.append([rec])
+
+        def append_many(self, recs):
+            self.calls.append(list(recs))
+
+    cfg = make_cfg(1, block=4)
+    j = J()
+    rb = make_rb(cfg, journal=j.append)
+    hosts = hosts_of(rb, 3)
+    miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for h in hosts for i in range(6)], 10)
+    assert len(j.calls) == 1 and len(j.calls[0]) == 6  # 3 hosts x 2 blocks, one commit
