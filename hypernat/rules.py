@@ -106,6 +106,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import time as _time
 
@@ -326,6 +327,7 @@ class RuleBuilder:
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
         self.track_created = config.install == "active"
+        self._plain_add = False  # set per call: sessions need no log line and no PUSH record
         self.track_removed = config.n_nics > 1
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
 
@@ -412,6 +414,8 @@ class RuleBuilder:
             k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
         )
         self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        tl = self.translog
+        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
         res = []
         fetches = []
         out_ = self._out
@@ -478,7 +482,13 @@ class RuleBuilder:
                 return m
             if not self._eim:
                 self._by_out[_okey(p, iaddr, iport, raddr, rport)] = m
-        self._add_session(m, raddr, r, now)
+        if self._plain_add:  # _add_session inlined: no log line, no PUSH record to keep
+            self._room_left -= 1
+            m.remotes.add(raddr << 16 | r)
+            self._n_sessions += 1
+            self._pend.append((p, iaddr, iport, raddr, r, m.eaddr, m.eport, m.rule_id))
+        else:
+            self._add_session(m, raddr, r, now)
         self._last = m
         return _OK
 
@@ -732,9 +742,9 @@ class RuleBuilder:
             self.translog.flush()
         if not self._pend:
             return
-        a = np.array(self._pend, dtype=np.int64)
+        n = len(self._pend)
+        a = np.fromiter(itertools.chain.from_iterable(self._pend), dtype=np.int64, count=8 * n).reshape(n, 8)
         self._pend = []
-        n = len(a)
         p, ia, ip, ra, rp, ea, ep, rid = a.T
         icmp = p == PROTO_ICMP
         o = np.zeros(n, layout.SLOT_DTYPE)
@@ -827,6 +837,8 @@ class RuleBuilder:
         status = np.zeros(n, np.int16)
         found = [None] * n
         self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        tl = self.translog
+        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
         for i in range(n):
             k = keys[i]
             p, s, sp, d, dp = int(k["proto"]), int(k["saddr"]), int(k["sport"]), int(k["daddr"]), int(k["dport"])
