@@ -202,3 +202,85 @@ class TwinTableMachine(RuleBasedStateMachine):
 
 TwinTableMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestTwinTables = TwinTableMachine.TestCase
+
+
+def _compare(envs, buf_maker, offsets, lengths, direction, now=77):
+    results = []
+    for env in envs:
+        buf = buf_maker()
+        v = np.full(len(offsets), 0xEE, np.uint8)
+        k = np.frombuffer(bytearray(b"\xab" * 16 * len(offsets)), dtype=KEY_DTYPE)
+        env.tr.translate(buf, offsets, lengths, direction, now, v, k)
+        results.append((buf, v, k))
+    (b1, v1, k1), (b2, v2, k2) = results
+    for i in range(len(offsets)):
+        assert v1[i] == v2[i], f"frame {i}: {VERDICT_NAMES[v1[i]]} vs {VERDICT_NAMES[v2[i]]}"
+        assert k1[i].tobytes() == k2[i].tobytes(), f"frame {i}: {k1[i]} vs {k2[i]}"
+    assert np.array_equal(b1, b2)
+    assert np.array_equal(envs[0].tr.counters, envs[1].tr.counters)
+    assert np.array_equal(envs[0].out.slots, envs[1].out.slots)
+    assert np.array_equal(envs[0].inn.slots, envs[1].inn.slots)
+    return v1
+
+
+def test_every_batch_size(cy, templates):
+    """Batch sizes 0..70: the compiled loop works in groups (prefetch); the tail of a
+    batch and a group boundary must not change anything."""
+    envs = _twin_envs(cy)
+    frames, dirs = mixed_batch(4242, 70, templates)
+    for n in range(71):
+        for direction in (OUT, IN):
+            buf, offsets, lengths, _ = pack(frames[:n])
+            _compare(envs, buf.copy, offsets, lengths, direction)
+
+
+def test_repeated_and_overlapping_frames(cy, templates):
+    """The same bytes referenced by several entries of one batch (and frames that
+    overlap): frames are processed in order, each seeing what the earlier ones wrote --
+    a compiled loop that parses a group ahead must give the same result."""
+    envs = _twin_envs(cy)
+    rng = random.Random(8)
+    frames = [f for f, d in templates if d == OUT][:12]
+    buf, offsets, lengths, _ = pack(frames)
+    idx = [rng.randrange(len(frames)) for _ in range(200)]
+    offs = offsets[idx].copy()
+    lens = lengths[idx].copy()
+    # Some frames shifted into their neighbours: overlapping windows.
+    for j in range(0, 200, 7):
+        offs[j] = max(0, int(offs[j]) - rng.randint(1, 30))
+    v = _compare(envs, buf.copy, offs, lens, OUT)
+    assert {VERDICT_NAMES[x] for x in v} >= {"translated", "miss_out", "hairpin"}
+
+
+def test_jumbo_frames(cy, templates):
+    """9000-byte frames (long ICMP errors summed from scratch, long TCP segments)."""
+    from scapy.all import ICMP, IP, TCP, UDP, raw
+
+    from fixtures.fastpath_oracle import E1, I1, R, X, eth, icmp_error
+
+    big = bytes(range(256)) * 35
+    frames = [
+        raw(eth() / IP(src=I1, dst=R) / TCP(sport=1111, dport=80, flags="A") / big[:8900]),
+        raw(eth() / IP(src=I1, dst=R) / UDP(sport=2222, dport=53) / big[:8951]),
+        icmp_error(X, E1, raw(IP(src=E1, dst=R) / UDP(sport=40002, dport=53) / big[:8900]), 3, 4, nexthopmtu=9000),
+        icmp_error(X, E1, raw(IP(src=E1, dst=R) / ICMP(type=8, id=40003) / big[:8901]), 11, 0),
+    ]
+    envs = _twin_envs(cy)
+    for direction in (OUT, IN):
+        buf, offsets, lengths, _ = pack(frames)
+        v = _compare(envs, buf.copy, offsets, lengths, direction)
+        assert v.tolist().count(0) == 2  # two translated per direction
+
+
+@pytest.mark.parametrize("pool", [[(0, 0)], [(0x64400001, 32)], [(0x64400000, 24), (0xC6336400, 24)], []],
+                         ids=["everything", "one-address", "two-prefixes", "none"])
+def test_pool_shapes(cy, templates, pool):
+    envs = []
+    for m in (cy, PY):
+        env = standard_env(m, 256)
+        env.tr = m.Translator(env.out, env.inn, pool=pool)
+        envs.append(env)
+    frames, _ = mixed_batch(77, 600, templates)
+    buf, offsets, lengths, _ = pack(frames)
+    for direction in (OUT, IN):
+        _compare(envs, buf.copy, offsets, lengths, direction)
