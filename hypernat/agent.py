@@ -256,7 +256,7 @@ class RuleAgent:
     """
 
     def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
-                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None):
+                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None):
         self.nic_id = nic_id
         self.n_nics = n_nics
         self.rules = rules
@@ -280,6 +280,14 @@ class RuleAgent:
         self._activity_due = 0.0
         self._lease_due = float("inf")  # earliest (lease end - margin) over the clones
         self._grant_due = float("inf")  # earliest end of a lease granted
+        # spill-over (needs the Partition: loans override owner())
+        self.partition = partition
+        self.borrowed: dict[int, tuple] = {}  # block -> (lender, adopted at)
+        self._borrowing: int | None = None  # seq of the BORROW in flight
+        self._borrow_next = (nic_id + 1) % max(1, n_nics)
+        self._borrow_refused = 0
+        self._borrow_pause = 0.0
+        self._grants: dict[tuple, int] = {}  # (borrower, seq) -> block lent (idempotent repeats)
         self.counters = collections.Counter()
         self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
 
@@ -573,7 +581,128 @@ class RuleAgent:
         M.T_PUSH_ACK: _on_ack,
         M.T_REVOKE_ACK: _on_ack,
         M.T_ACTIVITY_ACK: _on_ack,
+        M.T_BORROW: lambda self, *a: self._on_borrow(*a),
+        M.T_BORROW_ACK: lambda self, *a: self._on_borrow_ack(*a),
+        M.T_RETURN: lambda self, *a: self._on_return(*a),
+        M.T_RETURN_ACK: _on_ack,
     }
+
+    # -- spill-over: borrow a port block from a neighbour, give it back when idle ------------
+    #
+    #   borrower k (E_k exhausted)        lender l                        every other NIC
+    #   BORROW(seq) ───────────────────►  rules.lend_block() -> g
+    #                                     partition.lend(g, k)
+    #   adopt g, partition.lend(g, k) ◄── BORROW_ACK(g, k) ──────────────► partition.lend(g, k)
+    #   ... idle, E_k no longer tight:                                     (loan notice: FETCHes
+    #   rules.return_block(g), RETURN ──► rules.adopt_block(g)              for g go to k)
+    #                                ◄─── RETURN_ACK, BORROW_ACK(g, l) ──► partition.lend(g, l)
+    def want_block(self, now: float) -> bool:
+        """E_i is (nearly) exhausted: ask the next neighbour for a block (one request at a
+        time; every neighbour refused -> pause a while).  True if a BORROW went out."""
+        if self.partition is None or self.n_nics < 2 or self._borrowing is not None or now < self._borrow_pause:
+            return False
+        lender = self._borrow_next
+        if lender == self.nic_id:
+            lender = (lender + 1) % self.n_nics
+        rec = M.records(M.T_BORROW, 1)
+        rec["seq"], rec["lender"], rec["borrower"] = self._next_seq(), lender, self.nic_id
+        rec["port_hi"] = self.partition.block_size - 1
+        self._borrowing = int(rec["seq"][0])
+        self._track(lender, M.T_BORROW, rec, now, now + self.p.fetch_timeout_s * 4)
+        self._emit(lender, M.T_BORROW, rec)
+        self.count("borrow_requests")
+        return True
+
+    def _block_of(self, r) -> int:
+        return self.partition.block_of(int(r["addr"]), int(r["port_lo"])) if self.partition is not None else -1
+
+    def _on_borrow(self, source, recs, now):
+        for r in recs:
+            key = (source, int(r["seq"]))
+            g = self._grants.get(key)
+            if g is None and self.partition is not None:
+                g = self.rules.lend_block()
+                if g is not None:
+                    self._grants[key] = g
+                    self.partition.lend(g, source)
+                    self.count("blocks_lent")
+            out = M.records(M.T_BORROW_ACK, 1)
+            out[0] = r
+            out["lender"], out["borrower"] = self.nic_id, source
+            if g is None:
+                out["status"], out["reason"] = M.ST_REFUSED, M.NACK["exhausted"]
+                self._emit(source, M.T_BORROW_ACK, out)
+                self.count("borrow_refused")
+                continue
+            addr, lo, hi = self.partition.block_span(g)
+            out["addr"], out["port_lo"], out["port_hi"], out["status"] = addr, lo, hi, M.ST_OK
+            for k in range(self.n_nics):  # the borrower, and a loan notice to everyone else
+                if k != self.nic_id:
+                    self._emit(k, M.T_BORROW_ACK, out)
+
+    def _on_borrow_ack(self, source, recs, now):
+        for r in recs:
+            borrower = int(r["borrower"])
+            if borrower == self.nic_id and int(r["seq"]) == self._borrowing:
+                self._unacked.pop(self._borrowing, None)
+                self._borrowing = None
+            if int(r["status"]) != M.ST_OK:
+                if borrower == self.nic_id:
+                    self._borrow_refused += 1
+                    self._borrow_next = (source + 1) % self.n_nics
+                    if self._borrow_refused >= self.n_nics - 1:  # nobody has one: wait
+                        self._borrow_refused = 0
+                        self._borrow_pause = now + 5.0
+                continue
+            g = self._block_of(r)
+            if g < 0 or self.partition.native_owner_of_block(g) != source:
+                self.count("bad_message")  # only a block's native owner lends it
+                continue
+            self.partition.lend(g, borrower)
+            if borrower == self.nic_id and g not in self.borrowed:
+                self.rules.adopt_block(g)
+                self.borrowed[g] = (source, now)
+                self._borrow_refused = 0
+                self.count("blocks_borrowed")
+
+    def return_idle(self, now: float, min_hold_s: float = 10.0) -> int:
+        """Give back borrowed blocks that have no live port (call when E_i is no longer
+        tight).  Returns blocks returned."""
+        n = 0
+        for g, (lender, since) in list(self.borrowed.items()):
+            if now - since < min_hold_s or not self.rules.return_block(g):
+                continue
+            del self.borrowed[g]
+            self.partition.return_block(g)
+            addr, lo, hi = self.partition.block_span(g)
+            rec = M.records(M.T_RETURN, 1)
+            rec["seq"], rec["addr"], rec["port_lo"], rec["port_hi"] = self._next_seq(), addr, lo, hi
+            rec["lender"], rec["borrower"] = lender, self.nic_id
+            self._track(lender, M.T_RETURN, rec, now, now + 3600.0)
+            self._emit(lender, M.T_RETURN, rec)
+            self.count("blocks_returned")
+            n += 1
+        return n
+
+    def _on_return(self, source, recs, now):
+        ack = M.records(M.T_RETURN_ACK, len(recs))
+        ack["seq"] = recs["seq"]
+        for i, r in enumerate(recs):
+            g = self._block_of(r)
+            if g < 0 or self.partition.native_owner_of_block(g) != self.nic_id:
+                ack["status"][i] = M.ST_REFUSED
+                continue
+            if self.partition.owner_of_block(g) == source:  # not yet taken back (idempotent)
+                self.partition.return_block(g)
+                self.rules.adopt_block(g)
+                self.count("blocks_taken_back")
+                note = M.records(M.T_BORROW_ACK, 1)
+                note[0] = r
+                note["lender"], note["borrower"], note["status"] = self.nic_id, self.nic_id, M.ST_OK
+                for k in range(self.n_nics):
+                    if k not in (self.nic_id, source):
+                        self._emit(k, M.T_BORROW_ACK, note)
+        self._emit(source, M.T_RETURN_ACK, ack)
 
     # -- installs --------------------------------------------------------------------------
     def _owned_by(self, source, r) -> bool:
@@ -704,6 +833,9 @@ class RuleAgent:
                     del self._unacked[seq]
                     if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
                         self._lease_end(u.what, u.target)
+                    elif u.mtype == M.T_BORROW and seq == self._borrowing:
+                        self._borrowing = None
+                        self._borrow_next = (u.target + 1) % self.n_nics
                 elif now - u.sent >= u.retry:
                     u.sent = now
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
@@ -795,6 +927,8 @@ class RuleAgent:
     def snapshot(self, now: float) -> dict:
         """Plain data: clones held (to revalidate) and leases granted (remaining seconds)."""
         return {
+            "borrowed": [[g, lender] for g, (lender, _) in self.borrowed.items()],
+            "overrides": [[g, o] for g, o in (self.partition.overrides.items() if self.partition else ())],
             "clones": [[list(sk), c.owner, c.rule_id, c.dirs] for sk, c in self.clones.items()],
             "leases": [[list(sk), {str(h): max(0.0, t - now) for h, t in hs.items()}]
                        for sk, hs in self.leases.items()],
@@ -810,6 +944,11 @@ class RuleAgent:
                 self.leases.setdefault(sk, {})[h] = now + float(left)
                 self._grant_due = min(self._grant_due, now + float(left))
                 self.rules.hold(sk[0], sk[3], sk[4])
+        if self.partition is not None:
+            for g, o in state.get("overrides", []):
+                self.partition.lend(int(g), int(o))
+        for g, lender in state.get("borrowed", []):
+            self.borrowed[int(g)] = (int(lender), now)
         clones = state.get("clones", [])
         if clones:
             recs = np.concatenate([session_rec(tuple(sk), owner=o, rule_id=rid, dirs=d) for sk, o, rid, d in clones])

@@ -314,3 +314,67 @@ def test_nic_main_rejects_bad_arguments(tmp_path, capsys):
     assert main(["--config", str(cfgfile), "--nic", "0"]) == 2
     assert "hypernat-nic" in capsys.readouterr().err
     assert os.path.exists(cfgfile)
+
+
+def test_spill_over_borrows_a_block_and_lender_routes_fetches_to_borrower(tmp_path):
+    """NIC 0's E_0 (2 blocks of 64 ports) is exhausted by 2 hosts; a third host's first
+    packet is refused, NIC 0 borrows a block from NIC 1, the retransmission is mapped into
+    it, and a reply arriving at NIC 1 (the lender) is fetched from NIC 0 (the borrower)."""
+    cfg = emulated_config(2, mapping="endpoint-independent", pool="198.18.0.1/32", ports=(1024, 1279),
+                          limits={"ports_per_host": 64, "port_block_size": 64})
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2).start_thread()
+    (w0, in0, out0), (w1, in1, out1) = ws = [make_worker(cfg, k, tmp_path) for k in range(2)]
+    workers = [w for w, _, _ in ws]
+    try:
+        assert spin(workers, lambda: all(w.registered for w in workers), 5)
+        hosts = [a for a in range(I1, I1 + 200) if w0.partition.eim_owner(a) == 0][:3]
+        for h in hosts[:2]:
+            in0.inject([build_frame(UDP, h, 5000, R1, 53)])
+        assert spin(workers, lambda: len(out0._tx) == 2)
+        out0.take_tx()
+        in0.inject([build_frame(UDP, hosts[2], 5000, R1, 53)])
+        assert spin(workers, lambda: w0.agent.counters["blocks_borrowed"] == 1, 5), w0.agent.counters
+        assert w0.rules.counters_dict()["ports_exhausted"] >= 1 and not out0._tx
+        in0.inject([build_frame(UDP, hosts[2], 5000, R1, 53)])  # the client retransmits
+        assert spin(workers, lambda: len(out0._tx) == 1)
+        p = parse_frame(out0.take_tx()[0])
+        g = w0.partition.block_of(p.src, p.sport)
+        assert w0.partition.native_owner_of_block(g) == 1  # a port of NIC 1's native space ...
+        assert w1.partition.owner(p.src, p.sport) == 0  # ... that the lender now routes to NIC 0
+        out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"answer")])
+        assert spin(workers, lambda: len(in1._tx) == 1)
+        back = parse_frame(in1.take_tx()[0])
+        assert (back.dst, back.dport) == (hosts[2], 5000)
+        assert w1.agent.counters["blocks_lent"] == 1 and w1.agent.counters["clones_installed"] == 1
+    finally:
+        for w in workers:
+            w.close()
+        coord.stop()
+        coord.join(5)
+
+
+def test_borrowed_block_returned_when_idle(tmp_path):
+    cfg = emulated_config(3, mapping="endpoint-independent", pool="198.18.0.1/32", ports=(1024, 1791),
+                          limits={"ports_per_host": 64, "port_block_size": 64})
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=3, heartbeat_interval=0.2).start_thread()
+    ws = [make_worker(cfg, k, tmp_path) for k in range(3)]
+    workers = [w for w, _, _ in ws]
+    w0, w1, w2 = workers
+    try:
+        assert spin(workers, lambda: all(w.registered for w in workers), 5)
+        assert w0.agent.want_block(w0.clock())
+        assert spin(workers, lambda: w0.agent.borrowed, 5)
+        (g, (lender, _)), = w0.agent.borrowed.items()
+        assert lender == 1 and w0.partition.native_owner_of_block(g) == 1
+        # the loan is known everywhere: the third NIC routes that block's fetches to NIC 0
+        assert spin(workers, lambda: w2.partition.owner_of_block(g) == 0, 3)
+        assert w0.agent.return_idle(w0.clock(), min_hold_s=0) == 1
+        assert spin(workers, lambda: w1.agent.counters["blocks_taken_back"] == 1
+                    and w2.partition.owner_of_block(g) == 1, 5)
+        assert spin(workers, lambda: not w0.agent._unacked, 3)  # RETURN acknowledged
+        assert w0.partition.owner_of_block(g) == 1 and not w0.agent.borrowed
+    finally:
+        for w in workers:
+            w.close()
+        coord.stop()
+        coord.join(5)

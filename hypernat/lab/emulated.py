@@ -220,7 +220,7 @@ def make_conns(config, n: int, packets: int = 4, protos=(TCP, UDP), seed: int = 
 def emulated_config(n_nics: int = 2, *, mapping: str = "endpoint-independent", install: str = "passive",
                     filtering: str = "address-and-port-dependent", state_dir: str | None = None,
                     endpoint: str | None = None, timeouts: dict | None = None, limits: dict | None = None,
-                    pool: str = "198.18.0.0/30", partition: str = "by-port"):
+                    pool: str = "198.18.0.0/30", partition: str = "by-port", ports=(1024, 65535)):
     """A Config for the emulated deployment (memory I/O, ipc:// in a private directory)."""
     from ..config import from_dict
 
@@ -235,7 +235,7 @@ def emulated_config(n_nics: int = 2, *, mapping: str = "endpoint-independent", i
         tmo["force"] = True
     tree = {
         "internal": {"prefixes": ["10.0.0.0/16"]},
-        "external": {"pool": [pool], "ports": [1024, 65535]},
+        "external": {"pool": [pool], "ports": list(ports)},
         "partition": partition,
         "nics": [{"id": i, "inside": f"emu-in{i}", "outside": f"emu-out{i}", "io": "memory"} for i in range(n_nics)],
         "coordinator": {"endpoint": endpoint or f"ipc://{d}/coord.sock", "heartbeat_interval": 0.2,

@@ -129,7 +129,7 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks)
+                               tick_clock=self.ticks, partition=self.partition)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         self._verdicts = np.zeros(max(batch_size, 1024), np.uint8)
         self._keys = np.zeros(max(batch_size, 1024), layout.KEY_DTYPE)
@@ -142,6 +142,8 @@ class NicWorker:
         self._hb_due = 0.0
         self._stats_due = 0.0
         self._sweep_due = 0.0
+        self._spill_due = 0.0
+        self._exhausted_seen = 0
         self.sweep_interval = 0.005  # seconds between two bounded expiry steps
         self._hb_seq = 0
         self.peers: dict[int, tuple] = {}
@@ -369,8 +371,9 @@ class NicWorker:
                 self._from_coord(tframe, payload, now)
                 continue
             sender = M.parse_identity(src)
+            owns = self._native_owns_vec if M.type_of(tframe) == M.T_RETURN else self._owns_vec
             d = M.validate(sender, tframe, payload, receiver=self.nic_id,
-                           owns=self._owns_vec, internal=self._internal_vec, n_nics=self.n_nics)
+                           owns=owns, internal=self._internal_vec, n_nics=self.n_nics)
             if not d.ok or sender is None or d.mtype not in M.ROUTED_TYPES:
                 self.counters["coord_bad_message"] += 1
                 self.agent.count("bad_message")
@@ -380,6 +383,12 @@ class NicWorker:
 
     def _owns_vec(self, nic, addrs, ports):
         return self.partition.owners(addrs, ports) == nic
+
+    def _native_owns_vec(self, nic, addrs, ports):
+        """A returned block belongs to its lender by the strategy, whatever the loans say."""
+        p = self.partition
+        return np.array([p.block_of(int(a), int(q)) >= 0 and p.native_owner_of_block(p.block_of(int(a), int(q))) == nic
+                         for a, q in zip(addrs, ports)], dtype=bool)
 
     def _internal_vec(self, addrs):
         out = np.zeros(len(addrs), dtype=bool)
@@ -484,6 +493,15 @@ class NicWorker:
         if now >= self._sweep_due:  # bounded step, time-gated: never on a message's critical path
             self._sweep_due = now + self.sweep_interval
             self.rules.sweep(self.ticks())
+        if now >= self._spill_due and self.sock is not None:
+            self._spill_due = now + 0.2
+            exhausted = self.rules.counters_dict().get("ports_exhausted", 0)
+            util = self.rules.utilisation()
+            if exhausted > self._exhausted_seen or util >= 0.95:
+                self.agent.want_block(now)
+            elif self.agent.borrowed and util < 0.5:
+                self.agent.return_idle(now)
+            self._exhausted_seen = exhausted
         if self.sock is not None:
             if not self.registered and now >= self._hello_due:
                 self._hello(now)
