@@ -201,7 +201,10 @@ class NicWorker:
             blocks = self.journal.blocks()
             if blocks:
                 t = self.config.timeouts
-                longest = max(t.udp, t.tcp_established, t.tcp_transitory, t.icmp) + t.reuse_delay
+                # a remote may still send to an endpoint until the session's longest idle
+                # timeout (or a clone's lease, if longer) and the reuse delay have passed
+                longest = max(t.udp, t.tcp_established, t.tcp_transitory, t.icmp,
+                              self.config.limits.lease_duration) + t.reuse_delay
                 until = self.ticks() + longest
                 self.rules.quarantine_blocks(sorted(blocks), until)
                 info["quarantined_blocks"] = len(blocks)
