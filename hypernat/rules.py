@@ -1375,6 +1375,7 @@ class RuleBuilder:
                 if g not in self._qblocks:
                     self._lent.add(g)
                     return g
+                self._qskipped.add(g)  # listed again when its quarantine ends
         return None
 
     def adopt_block(self, block) -> None:
