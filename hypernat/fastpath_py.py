@@ -296,8 +296,8 @@ class FlowTable:
 
     def insert(self, proto, saddr, sport, daddr, dport, new_addr, new_port, rule_id=0, now=0, flags=0) -> bool:
         """Insert or update one entry; False (and ``full_count`` += 1) if the table is full."""
-        proto, saddr, sport, daddr, dport = int(proto), int(saddr), int(sport), int(daddr), int(dport)
-        new_addr, new_port, rule_id, now, flags = int(new_addr), int(new_port), int(rule_id), int(now), int(flags)
+        proto, saddr, sport, daddr, dport = map(int, (proto, saddr, sport, daddr, dport))
+        new_addr, new_port, rule_id, now, flags = map(int, (new_addr, new_port, rule_id, now, flags))
         _check_key(proto, saddr, sport, daddr, dport)
         if not (0 <= new_addr <= _U32 and 0 <= new_port <= 0xFFFF):
             raise ValueError(f"translated endpoint out of range: {new_addr}:{new_port}")
@@ -609,6 +609,7 @@ class Translator:
         saddr = _be32(b, ip + IP_SRC)
         daddr = _be32(b, ip + IP_DST)
         key = (saddr, daddr, sport, dport, proto, KIND_PLAIN, tcp_flags, icmp_type)
+        old = (saddr, sport, daddr, dport)
 
         if direction == OUT:
             t = self.out_table
@@ -626,15 +627,16 @@ class Translator:
                 dst_addr, dst_port = int(u._new_addr[j]), int(u._new_port[j])
                 _touch(t, i, now, proto, tcp_flags)
                 _touch(u, j, now, proto, tcp_flags)
-                self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, src_addr, src_port, dst_addr, dst_port,
-                              dst_port)
+                new = (src_addr, src_port, dst_addr, dst_port)
+                self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=dst_port)
                 self._set_macs(b, off, IN)
                 return V_HAIRPIN, key
             if not found:
                 return V_MISS_OUT, key
             new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
             _touch(t, i, now, proto, tcp_flags)
-            self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, new_addr, new_port, daddr, dport, new_port)
+            new = (new_addr, new_port, daddr, dport)
+            self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=new_port)
             self._set_macs(b, off, OUT)
             return V_TRANSLATED, key
 
@@ -644,17 +646,21 @@ class Translator:
             return V_MISS_IN, key
         new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
         _touch(t, i, now, proto, tcp_flags)
-        self._rewrite(b, ip, l4, ip + total, proto, saddr, sport, daddr, dport, saddr, sport, new_addr, new_port, new_port)
+        new = (saddr, sport, new_addr, new_port)
+        self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=new_port)
         self._set_macs(b, off, IN)
         return V_TRANSLATED, key
 
-    def _rewrite(self, b, ip, l4, end, proto, saddr, sport, daddr, dport, nsaddr, nsport, ndaddr, ndport, new_id):
+    def _rewrite(self, b, ip, l4, end, proto, old, new, new_id):
         """Step 11: write the new endpoints, decrement TTL, update the checksums.
 
-        (saddr, sport, daddr, dport) are the frame's current values, the n* the new
-        ones.  ICMP echo has one identifier for both "ports": ``new_id`` is its new
-        value (a hairpin rewrites source then destination, so the destination's wins).
+        ``old`` = (saddr, sport, daddr, dport) as in the frame, ``new`` the values to
+        write; ``end`` is the end of the IP datagram.  ICMP echo has one identifier
+        for both "ports": ``new_id`` is its new value (a hairpin rewrites source then
+        destination, so the destination's wins).
         """
+        saddr, sport, daddr, dport = old
+        nsaddr, nsport, ndaddr, ndport = new
         old_addr_words = _addr_words(saddr) + _addr_words(daddr)
         new_addr_words = _addr_words(nsaddr) + _addr_words(ndaddr)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scapy.all import ICMP, IP, TCP, UDP, Ether, IPOption_Router_Alert, IPOption_RR, Padding, raw
 
 from fixtures.fastpath_oracle import (
-    E1, E2, I1, I2, R, A, Env, MAC_A, MAC_B, eth, expected, key_tuple, run_frames, standard_env,
+    E1, E2, I1, I2, R, A, Env, eth, expected, key_tuple, run_frames, standard_env,
 )
 from hypernat import layout
 from hypernat.verdicts import IN, OUT, VERDICT

@@ -24,10 +24,10 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.fastpath_oracle import mixed_batch, pack, run_frames, standard_env, template_frames
+from fixtures.fastpath_oracle import mixed_batch, run_frames, standard_env, template_frames
 from hypernat.layout import KEY_DTYPE
 from hypernat.verdicts import IN, N_VERDICTS, OUT, SEND_VERDICTS, VERDICT
 
