@@ -5,7 +5,7 @@
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
 #   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
 set -euo pipefail
-want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc)
+want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do
