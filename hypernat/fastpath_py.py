@@ -54,6 +54,21 @@ checksum of zero means "no checksum" and stays zero; a computed zero is sent as
 0xFFFF (RFC 768).  ICMP errors (RFC 5508) are verified over the whole message first
 (REQ-3), their embedded packet is translated the other way round, and the outer ICMP
 checksum is recomputed from scratch (the embedded bytes changed).
+
+Where docs/fastpath.md leaves a choice, this reference (and the tests) take:
+
+* an emptied slot is zeroed whole (layout: "proto 0 in an empty slot"), and a moved
+  entry is copied whole, so snapshots of both twins are byte-identical;
+* ``insert_batch`` uses each record's ``last_seen`` as ``now`` (user, lease and
+  tcp_state are reset as by ``insert``);
+* ``miss_hairpin`` refreshes nothing, even when the out half hit (nothing was sent);
+* a hairpin ICMP echo gets the identifier of the in entry (source rewritten first,
+  then destination);
+* an ICMP error's key has ``tcp_flags`` 0 (the frame is ICMP) and ``icmp_type`` the
+  outer type;
+* an ICMP error is valid when its one's-complement sum, checksum included, is -0
+  (RFC 1071), so a stored 0xFFFF for a computed 0x0000 passes;
+* an embedded UDP checksum that computes to 0x0000 is written 0xFFFF, as outside.
 """
 
 from __future__ import annotations
