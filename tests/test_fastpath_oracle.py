@@ -171,6 +171,15 @@ def test_hairpin_refreshes_both_halves(fp):
         assert rec["last_seen"] == 77 and rec["flags"] & layout.F_ACTIVE and rec["tcp_state"] == layout.TCP_RST
 
 
+def test_miss_hairpin_refreshes_nothing(fp):
+    """The out half hits but the in half is missing: nothing is sent, nothing refreshed."""
+    env = standard_env(fp)
+    before = (env.out.slots.copy(), env.inn.slots.copy())
+    _, v, _ = env.one(raw(eth() / IP(src=I1, dst=E2) / UDP(sport=5556, dport=6667)), OUT, now=55)
+    assert v == "miss_hairpin"
+    assert np.array_equal(before[0], env.out.slots) and np.array_equal(before[1], env.inn.slots)
+
+
 def test_icmp_echo_refresh_does_not_touch_tcp_state(fp):
     env = standard_env(fp)
     env.one(raw(eth() / IP(src=I1, dst=R) / ICMP(type=8, id=7)), OUT, now=5)
