@@ -869,18 +869,30 @@ class RuleAgent:
         if len(act) == 0:
             return 0
         tick = self.tick_clock()
+        # match entries to clones by their table key (an ICMP entry does not carry the
+        # owner's remote identifier), and report under the owner's session identity
+        index = {}
+        for sk, c in self.clones.items():
+            for d in (OUT, IN):
+                if c.dirs & DIR_BIT[d]:
+                    index[(d, session_key(sk, d))] = sk
         by_owner = collections.defaultdict(list)
         for s in act:
-            sk = skey(s)
-            c = self.clones.get(sk)
-            if c is None:
+            esk = skey(s)
+            sk = None
+            for d in (IN, OUT):
+                if int(s["dirs"]) & DIR_BIT[d] or not int(s["dirs"]):
+                    sk = index.get((d, session_key(esk, d)))
+                    if sk is not None:
+                        break
+            if sk is None:
                 continue
-            by_owner[c.owner].append(s)
+            by_owner[self.clones[sk].owner].append((sk, s))
         n = 0
         for owner, items in by_owner.items():
             rec = M.records(M.T_ACTIVITY, len(items))
-            for i, s in enumerate(items):
-                _wire_endpoints(rec, i, skey(s))
+            for i, (sk, s) in enumerate(items):
+                _wire_endpoints(rec, i, sk)
                 rec["seq"][i] = self._next_seq()
                 rec["rule_id"][i] = s["rule_id"]
                 rec["idle_ms"][i] = max(0, tick - int(s["last_seen"])) * 1000

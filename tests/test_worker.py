@@ -378,3 +378,25 @@ def test_borrowed_block_returned_when_idle(tmp_path):
             w.close()
         coord.stop()
         coord.join(5)
+
+
+def test_icmp_echo_clone_activity_renews_lease(pair):
+    """An ICMP echo clone's hits are reported to the owner and its lease renewed (the
+    entries key on the identifier, not on the owner's record of the remote)."""
+    from hypernat.lab.emulated import ICMP
+
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    in0.inject([build_frame(ICMP, I1, 777, R1, 777, flags=1, payload=b"ping")])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    reply = build_frame(ICMP, R1, p.sport, p.src, p.sport, flags=0, payload=b"pong")
+    out1.inject([reply])
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    back = parse_frame(in1.take_tx()[0])
+    assert (back.dst, back.sport, back.icmp_type) == (I1, 777, 0)
+    out1.inject([reply])  # a hit on the clone
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    assert w1.agent.counters["fetches"] == 1
+    w1.agent.report_activity(w1.clock())
+    assert spin([w0, w1], lambda: w1.agent.counters["leases_renewed"] >= 1)
+    assert w0.agent.counters["rx_activity"] >= 1 and w0.agent.counters["activity_unknown"] == 0

@@ -251,7 +251,7 @@ class NicWorker:
             self._backlog.append(frames)
             return
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
             self.counters["coord_sent"] += 1
         except zmq.Again:
             self._backlog.append(frames)
@@ -262,7 +262,7 @@ class NicWorker:
     def _flush(self) -> None:
         while self._backlog:
             try:
-                self.sock.send_multipart(self._backlog[0], flags=zmq.NOBLOCK, copy=False)
+                self.sock.send_multipart(self._backlog[0], flags=zmq.NOBLOCK)
                 self._backlog.popleft()
                 self.counters["coord_sent"] += 1
             except zmq.Again:
