@@ -278,3 +278,60 @@ def test_icmp_error_checksum_ffff_for_zero_is_accepted(fp):
         assert o[IP].dst == I1
         del o[ICMP].chksum
         assert raw(o) == out  # the outer checksum is recomputed from scratch: canonical
+
+
+# ---------------------------------------------------------------------------------------
+# Random ICMP errors against scapy
+# ---------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fixtures.fastpath_oracle import S, Env  # noqa: E402
+
+_addr = st.integers(0x01000000, 0xDFFFFFFF).map(S)
+_port = st.integers(0, 65535)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(proto=st.sampled_from([6, 17, 1]), direction=st.sampled_from([IN, OUT]), inside=_addr, ext=_addr,
+       remote=_addr, router=_addr, iport=_port, eport=_port, rport=_port,
+       err=st.sampled_from(ERRORS), ipopts=st.booleans(), udp_zero=st.booleans(),
+       payload=st.binary(max_size=40), cut=st.one_of(st.none(), st.integers(8, 60)), ttl=st.integers(2, 255))
+def test_random_icmp_errors_match_scapy(fp, proto, direction, inside, ext, remote, router, iport, eport, rport,
+                                        err, ipopts, udp_zero, payload, cut, ttl):
+    """Random endpoints, embedded protocol, IP options, payload and cut: the translated
+    error equals the error scapy builds around the translated embedded packet."""
+    opts = [IPOption_Router_Alert()] if ipopts else []
+
+    def emb(src, dst, sport, dport):
+        ip = IP(src=src, dst=dst, ttl=9, id=77, options=opts)
+        if proto == 6:
+            l4 = TCP(sport=sport, dport=dport, flags="S", seq=5) / payload
+        elif proto == 17:
+            l4 = UDP(sport=sport, dport=dport, chksum=0 if udp_zero else None) / payload
+        else:  # echo: the identifier is the "port" (IN carries our request, OUT the reply)
+            l4 = ICMP(type=8 if direction == IN else 0, id=sport if direction == IN else dport, seq=3) / payload
+        return raw(ip / l4)
+
+    env = Env(fp, 8, pool=())
+    if proto == 1:
+        rport = iport if direction == OUT else eport
+    env.session(proto, inside, iport, remote, rport, ext, eport)
+    if direction == IN:  # our packet E:e -> R:r went out; the router reports on it
+        e_in, e_out = emb(ext, remote, eport, rport), emb(inside, remote, iport, rport)
+        outer_in, outer_out = (router, ext), (router, inside)
+    else:  # R:r -> I:i came in (translated); I reports on it
+        e_in, e_out = emb(remote, inside, rport, iport), emb(remote, ext, rport, eport)
+        outer_in, outer_out = (inside, remote), (ext, remote)
+    ihl = (e_in[0] & 0x0F) * 4
+    n = len(e_in) if cut is None else min(len(e_in), ihl + cut)
+    exp_emb = bytearray(e_out[:n])
+    if proto == 6 and n < ihl + 18:
+        exp_emb[ihl + 16 : n] = e_in[ihl + 16 : n]  # checksum (partly) absent: unchanged
+    e = dict(err)
+    t, c = e.pop("type_"), e.pop("code")
+    frame = icmp_error(*outer_in, e_in, t, c, ttl=ttl, cut=n, **e)
+    exp = icmp_error(*outer_out, bytes(exp_emb), t, c, ttl=ttl - 1, **e)
+    out, v, _ = env.one(frame, direction)
+    assert (v, out) == ("translated", exp)
