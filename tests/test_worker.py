@@ -400,3 +400,38 @@ def test_icmp_echo_clone_activity_renews_lease(pair):
     w1.agent.report_activity(w1.clock())
     assert spin([w0, w1], lambda: w1.agent.counters["leases_renewed"] >= 1)
     assert w0.agent.counters["rx_activity"] >= 1 and w0.agent.counters["activity_unknown"] == 0
+
+
+def test_expiry_revokes_clone_and_holds_endpoint_until_acknowledged(tmp_path):
+    """The owner's idle timeout ends a session whose clone another NIC holds: the
+    endpoint stays held (not reusable) while the holder is silent; the holder drops the
+    clone on REVOKE and acknowledges; only then is the endpoint released."""
+    cfg = emulated_config(2, mapping="address-and-port-dependent", timeouts={"udp": 1, "reuse_delay": 0},
+                          limits={"lease_duration": 30})
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2,
+                        heartbeat_timeout=30).start_thread()
+    (w0, in0, out0), (w1, in1, out1) = ws = [make_worker(cfg, k, tmp_path) for k in range(2)]
+    workers = [w for w, _, _ in ws]
+    try:
+        assert spin(workers, lambda: all(w.registered for w in workers), 5)
+        in0.inject([build_frame(UDP, I1, 45000, R1, 53)])
+        assert spin(workers, lambda: len(out0._tx) == 1)
+        p = parse_frame(out0.take_tx()[0])
+        out1.inject([build_frame(UDP, R1, 53, p.src, p.sport)])
+        assert spin(workers, lambda: len(in1._tx) == 1)
+        assert w0.rules.stats()["holds"] == 1 and len(w1.agent.clones) == 1
+        # the holder goes quiet (not scheduled); the owner's session times out
+        assert spin([w0], lambda: w0.agent.counters["revokes"] >= 1, 5)
+        assert spin([w0], lambda: w0.agent.counters["retries"] >= 2, 3)
+        assert w0.rules.stats()["endpoints_held"] == 1  # not reusable: a lease is out there
+        assert len(w1.agent.clones) == 1
+        # the holder comes back: REVOKE handled, acknowledged, endpoint released
+        assert spin(workers, lambda: w0.rules.stats()["holds"] == 0, 5)
+        assert not w1.agent.clones and w1.agent.counters["clone_revoked"] == 1
+        assert w1.in_table.lookup(17, R1, 53, p.src, p.sport) < 0
+        assert w0.rules.stats()["endpoints_held"] == 0
+    finally:
+        for w in workers:
+            w.close()
+        coord.stop()
+        coord.join(5)
