@@ -369,3 +369,29 @@ def _random_flow(rng, direction):
         seq=r(0, 2**32 - 1), udp_zero=proto == 17 and rng.random() < 0.2, icmp_type=rng.choice([0, 8]),
         payload=bytes(rng.randrange(256) for _ in range(r(0, 64))),
     )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(proto=st.sampled_from([6, 17, 1]), i1=addr, i2=addr, e1=st.integers(0, 0xFFFF), e2=st.integers(0, 0xFFFF),
+       p1=port, p2=port, q1=port, q2=port, vlan=st.sampled_from([None, 3]),
+       ipopts=st.sampled_from(range(len(IP_OPTION_SETS))), payload=st.binary(max_size=40), ttl=st.integers(2, 255))
+def test_random_hairpin_matches_scapy(fp, proto, i1, i2, e1, e2, p1, p2, q1, q2, vlan, ipopts, payload, ttl):
+    """I1:p1 -> E2:q2 (the mapping of I2:p2) becomes E1:q1 -> I2:p2, back inside."""
+    from fixtures.fastpath_oracle import S
+
+    E1_, E2_ = S(0x64400000 | e1), S(0x64400000 | e2)  # 100.64.0.0/16
+    env = Env(fp, 8, pool=[("100.64.0.0", 16)])
+    dport = p1 if proto == 1 else q2  # echo: the identifier is both ports
+    assert env.out.insert(proto, i1, p1, A(E2_), dport, A(E1_), q1)
+    assert env.inn.insert(proto, A(E1_), q1, A(E2_), dport, i2, p2)
+    ip = IP(src=S(i1), dst=E2_, ttl=ttl, options=IP_OPTION_SETS[ipopts])
+    if proto == 6:
+        l4, rw = TCP(sport=p1, dport=q2, flags="A"), dict(sport=q1, dport=p2)
+    elif proto == 17:
+        l4, rw = UDP(sport=p1, dport=q2), dict(sport=q1, dport=p2)
+    else:
+        l4, rw = ICMP(type=8, id=p1, seq=1), dict(icmp_id=p2)
+    frame = raw(eth(vlan) / ip / l4 / payload)
+    out, v, _ = env.one(frame, OUT)
+    assert v == "hairpin"
+    assert out == expected(frame, src=E1_, dst=S(i2), **rw)
