@@ -8,16 +8,17 @@ NIC that moves rules between NICs, through the coordinator:
 
       NIC j (holder)                  coordinator                 NIC i (owner)
    miss_in (R→E) ─┐
-   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.lookup / admit
-                  │                                                lease[j] = now + L
+   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetch
+                  │                                                rules.hold(E), lease[j]
    install clone ◄┴─ RULE(session, L) ◄── route ◄──────────────── RULE
    replay queue through the fast path, in arrival order
    …every activity_interval:
-   ACTIVITY(keys seen, tcp flags) ───► route ──────────────────► touch session, renew
-   lease renewed  ◄──────────────────── LEASE(L) ◄────────────────
+   ACTIVITY(clones hit, tcp flags) ──► route ──────────────────► rules.merge_activity
+   lease renewed  ◄──────────────────── LEASE(L), ACTIVITY_ACK ◄─
                                                                    session expires:
-   drop clone, REVOKE_ACK ◄────────────── REVOKE ◄──────────────── hold endpoint until
-                                                                   every lease acked/ran out
+   drop clone, REVOKE_ACK ──────────────► route ───────────────► rules.release_hold(E)
+                       ◄───────────────── REVOKE ◄──────────── (retried until acked or
+                                                                 the lease ran out)
 
 *Passive install* (the default, the paper's) fetches on a miss: an incoming miss, an
 ICMP error whose embedded flow misses, or — with endpoint-independent mapping — a first
@@ -27,19 +28,29 @@ is remembered briefly (negative cache) and fetches are rate-limited per remote s
 so a port scan of the external space cannot become a FETCH storm.
 
 *Active install* (option): when the owner builds a rule it predicts the return NIC with
-the switch's hash (``predict_nic``) and PUSHes the clone there.  A push that loses the
-race with the reply, or a wrong prediction, just falls back to passive install.
+the switch's hash (``predict_nic``: sha1 as the paper's testbed, crc32, jhash) and
+PUSHes the clone there.  A push that loses the race with the reply, or a wrong
+prediction, just falls back to passive install.
 
 *Leases* make Invariant 3 hold: a holder drops a clone whose lease ran out (with a
-safety margin on its own clock), the owner renews leases on ACTIVITY, and an external
-endpoint is reused only after every lease granted on it ran out or was revoked with a
-REVOKE_ACK (the agent holds the endpoint in the RuleBuilder: ``hold``/``release_hold``).  Everything that matters is retried until
-acknowledged and handled idempotently (a duplicate RULE refreshes a clone, a duplicate
-FETCH is answered again), so a coordinator restart loses nothing.
+safety margin on its own clock, on an exact timer), the owner renews leases on
+ACTIVITY, and an external endpoint is reused only after every lease granted on it ran
+out (owner's view: + ``LEASE_GRACE_MS``) or was revoked with a REVOKE_ACK — the agent
+holds the endpoint in the RuleBuilder (``hold`` / ``release_hold``).  Everything that
+matters (FETCH, PUSH, REVOKE, ACTIVITY, BORROW, RETURN) is retried until answered and
+handled idempotently (a duplicate RULE refreshes a clone, a duplicate FETCH is answered
+again, a REVOKE of an unknown clone is acknowledged), so a coordinator restart loses
+nothing; ``resend_all`` sends everything pending at once after a re-HELLO.
+
+*Spill-over*: a NIC whose E_i is exhausted BORROWs a port block from a neighbour; the
+lender answers with a BORROW_ACK that it also sends to every other NIC as a loan notice,
+so all of them route fetches for that block to the borrower; an idle borrowed block is
+RETURNed (and the lender's BORROW_ACK to itself as borrower undoes the notice).
 
 The agent never touches packets one by one in the fast path's place: it keeps frames
-that wait for a rule, installs clones in the flow tables, and hands frames back to the
-worker (``replay``) which runs them through ``Translator.translate`` like any batch.
+that wait for a rule, installs clones in the flow tables (through the RuleBuilder), and
+hands frames back to the worker (``replay``) which runs them through
+``Translator.translate`` like any batch.
 """
 from __future__ import annotations
 
