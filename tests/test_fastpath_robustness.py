@@ -188,6 +188,7 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-W", "error::pytest.Pytes
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("HYPERNAT_UNDER_DEBUG_BUILD") == "1", reason="already the debug run")
 def test_under_debug_build():
     """The robustness, malformed-input and twin tests against the bounds-checked build.
