@@ -120,8 +120,9 @@ class Limits:
     negative_cache_s: float = 2.0  # a NACKed endpoint is not fetched again this long
     fetch_rate_per_source: int = 200  # fetches per second per remote source address
     lease_duration: int = 300  # seconds a clone lives without renewal (< 32000: 16-bit slot field)
-    sweep_step: int = 2048  # slots of each table examined per sweep step
-    sweep_max_expire: int = 16  # sessions expired per sweep step at most (bounds its time)
+    sweep_step: int = 1024  # slots of each table examined per sweep step
+    sweep_max_expire: int = 64  # sessions expired per sweep step at most
+    sweep_budget_us: float = 40.0  # ... and microseconds of expiry work per step
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
 
 
@@ -404,6 +405,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         lease_duration=r.integer(lim, "lease_duration", "limits", d.lease_duration, lo=1, hi=32000),
         sweep_step=r.integer(lim, "sweep_step", "limits", d.sweep_step, lo=1, hi=1 << 24),
         sweep_max_expire=r.integer(lim, "sweep_max_expire", "limits", d.sweep_max_expire, lo=1, hi=1 << 20),
+        sweep_budget_us=r.number(lim, "sweep_budget_us", "limits", d.sweep_budget_us, lo=1),
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
     )
     n_ports = port_max - port_min + 1

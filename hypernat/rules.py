@@ -94,7 +94,7 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
         entries, one record per entry: dirs = its direction, tcp_out or tcp_in set)
     drain_lease_expired() -> SESSION_DTYPE array (clones the sweep dropped)
   lifecycle and state
-    sweep(now, max_slots=None, max_expire=None) -> SweepResult
+    sweep(now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult
     timeout_for(proto, tcp_out, tcp_in) -> seconds
     utilisation() -> float;  counters_dict() -> {reason: n};  stats() -> dict
     snapshot() -> dict (plain data);  restore(state)
@@ -324,6 +324,10 @@ class RuleBuilder:
         self.reuse_delay = t.reuse_delay
         self.sweep_step = lim.sweep_step
         self.sweep_max_expire = lim.sweep_max_expire
+        self.sweep_budget_us = lim.sweep_budget_us
+        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
+        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)  # no session expires sooner
+        self._lease_clones = False  # set once a clone is installed with a lease to watch
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
         self.track_created = config.install == "active"
@@ -974,6 +978,8 @@ class RuleBuilder:
         bad_message).  Returns entries installed (refused inserts count as table_full)."""
         now = int(now)
         lease = _lease16(lease_until)
+        if lease:
+            self._lease_clones = True
         n = 0
         for rec in np.asarray(records).reshape(-1):
             p = int(rec["proto"])
@@ -1025,6 +1031,8 @@ class RuleBuilder:
     def renew_clones(self, records, lease_until) -> int:
         """Extend the lease of clone entries (LEASE renewal)."""
         lease = _lease16(lease_until)
+        if lease:
+            self._lease_clones = True
         n = 0
         for tbl, key, _ in self._clone_entries(records):
             j = tbl.lookup(*key)
@@ -1100,54 +1108,73 @@ class RuleBuilder:
             return self.t_udp
         return self.t_icmp
 
-    def sweep(self, now, max_slots=None, max_expire=None) -> SweepResult:
+    def sweep(self, now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult:
         """One bounded expiry step: examine the next `max_slots` slots of each table
-        (default ``limits.sweep_step``), expire at most `max_expire` idle sessions
-        (default ``limits.sweep_max_expire``; the cursor stops after the last one
-        handled, so a mass expiry is spread over steps), drop lease-expired
-        clones, release endpoints whose reuse delay passed.  Call once per batch."""
+        (default ``limits.sweep_step``), expire idle sessions until `max_expire` of
+        them (default ``limits.sweep_max_expire``) or `budget_us` microseconds of
+        expiry work (default ``limits.sweep_budget_us``; at least one session per step)
+        are spent -- the cursor stops after the last one handled, so a mass expiry is
+        spread over steps -- drop lease-expired clones, release endpoints whose reuse
+        delay passed.  Call once per batch (an idle loop may call it with larger
+        budgets)."""
         now = int(now)
         step = self.sweep_step if max_slots is None else int(max_slots)
         budget = max(1, self.sweep_max_expire if max_expire is None else int(max_expire))
+        bus = self.sweep_budget_us if budget_us is None else budget_us
+        deadline = _time.perf_counter() + bus * 1e-6
         res = SweepResult()
         res.endpoints_released = self._process_reuse(now, max(budget, 16))
         if self._qblocks:
             self._mature_quarantine(now)
-        t_min = min(self.t_trans, self.t_est)
-        # -- out table: owned sessions (both directions merged) and clones
-        slots = self.out.slots
-        ns = len(slots)
+        # -- out table: owned sessions (both directions merged) and clones.  First a
+        # cheap filter over the raw slot words (idle for at least the shortest timeout,
+        # occupied), then the exact per-protocol test on the few slots that pass.
+        w = self.out.slots.view(np.uint32).reshape(-1, 8)
+        ns = len(w)
         lo = self._cur_out if self._cur_out < ns else 0
         hi = min(lo + step, ns)
-        s = slots[lo:hi]
-        fl = s["flags"]
-        occ = (fl & _F_OCC) != 0
-        clone = (fl & _F_CLONE) != 0
-        idle = now - s["last_seen"].astype(np.int64)
-        pr = s["proto"]
-        thr = np.where(pr == PROTO_TCP, t_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
-        cand = occ & ~clone & (idle >= thr)
-        lease = s["lease"].astype(np.int32)
-        cexp = occ & clone & (lease != 0) & ((((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000)
-        sel = np.flatnonzero(cand | cexp)
+        sel = np.zeros(0, np.intp)
+        if now >= self._t_floor:
+            word3 = w[lo:hi, 3]  # proto | flags << 8 | new_port << 16
+            m = w[lo:hi, 6] <= now - self._t_floor  # last_seen
+            m &= (word3 & (_F_OCC << 8)) != 0
+            sel = np.flatnonzero(m)
+            if len(sel):
+                w3 = word3[sel]
+                pr = w3 & 0xFF
+                thr = np.where(pr == PROTO_TCP, self._t_tcp_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
+                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
+                keep &= (w3 & (_F_CLONE << 8)) == 0  # clones: the agent's (leases), not idleness
+                sel = sel[keep]
+        if self._lease_clones:
+            w7 = w[lo:hi, 7]  # tcp_state | user << 8 | lease << 16
+            lease = (w7 >> 16).astype(np.int32)
+            cexp = ((w[lo:hi, 3] & (_F_CLONE << 8)) != 0) & (lease != 0)
+            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
+            csel = np.flatnonzero(cexp)
+            if len(csel):
+                sel = np.union1d(sel, csel)
         if len(sel) > budget:
             sel = sel[:budget]
             hi = lo + int(sel[-1]) + 1
+        if len(sel):
+            slots = self.out.slots
+            recs = slots[sel + lo]
+            stop = self._expire_out(recs, now, res, slots, sel + lo, deadline)
+            if stop is not None:
+                hi = stop  # out of time: resume at the first candidate not handled
         res.scanned = hi - lo
         self._cur_out = hi if hi < ns else 0
         res.wrapped = hi >= ns
-        if len(sel):
-            recs = s[sel].copy()
-            self._expire_out(recs, now, res, slots, sel + lo)
-        # -- in table: clones only (owned in-entries go with their out entry)
-        slots = self.inn.slots
-        ns = len(slots)
+        # -- in table: clones with leases only (owned in-entries go with their out entry)
+        if not self._lease_clones:
+            return res
+        w = self.inn.slots.view(np.uint32).reshape(-1, 8)
+        ns = len(w)
         lo = self._cur_in if self._cur_in < ns else 0
         hi = min(lo + step, ns)
-        s = slots[lo:hi]
-        fl = s["flags"]
-        lease = s["lease"].astype(np.int32)
-        cexp = ((fl & (_F_OCC | _F_CLONE)) == (_F_OCC | _F_CLONE)) & (lease != 0)
+        lease = (w[lo:hi, 7] >> 16).astype(np.int32)
+        cexp = ((w[lo:hi, 3] & ((_F_OCC | _F_CLONE) << 8)) == ((_F_OCC | _F_CLONE) << 8)) & (lease != 0)
         cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
         sel = np.flatnonzero(cexp)
         if len(sel) > budget:
@@ -1155,13 +1182,16 @@ class RuleBuilder:
             hi = lo + int(sel[-1]) + 1
         self._cur_in = hi if hi < ns else 0
         if len(sel):
-            recs = s[sel].copy()
+            recs = self.inn.slots[sel + lo]
             self.inn.delete_batch(recs)
             self._note_lease_expired(recs, DIR_BIT_IN)
             res.clones_dropped += len(recs)
         return res
 
-    def _expire_out(self, recs, now, res: SweepResult, slots, where) -> None:
+    def _expire_out(self, recs, now, res: SweepResult, slots, where, deadline=float("inf")):
+        """Expire the idle ones among candidate out entries (copies `recs`, slot indices
+        `where`); returns None, or the slot index to resume at if the deadline cut the
+        work short."""
         clone = (recs["flags"] & _F_CLONE) != 0
         if clone.any():
             c = recs[clone]
@@ -1170,7 +1200,9 @@ class RuleBuilder:
             res.clones_dropped += len(c)
             recs, where = recs[~clone], where[~clone]
         if not len(recs):
-            return
+            return None
+        stop = None
+        clock = _time.perf_counter
         so_ls = slots["last_seen"]
         si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
         dead_out, dead_in = [], []
@@ -1183,6 +1215,9 @@ class RuleBuilder:
             recs["last_seen"].tolist(), recs["tcp_state"].tolist(), where.tolist(),
         )
         for p, ia, ip, ra, rp, ea, ep, rid, ls_o, st_o, w in cols:
+            if dead_out and clock() > deadline:
+                stop = w
+                break
             if p == PROTO_ICMP:
                 rr = 0
                 ik = (p, ra, ep, ea, ep)
@@ -1214,6 +1249,7 @@ class RuleBuilder:
             self.inn.delete_batch(_keys_array(dead_in))
         if self.translog is not None:
             self.translog.flush()
+        return stop
 
     def _note_lease_expired(self, slots_recs, direction_bit) -> None:
         self.counters[_R_LEASE] += len(slots_recs)
