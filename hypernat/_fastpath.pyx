@@ -876,6 +876,7 @@ cdef class FlowTable:
         self._busy = 0
 
     def __init__(self, capacity, hugepages=True):
+        self._mutating()
         capacity = operator.index(capacity)
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
