@@ -21,7 +21,7 @@ cannot show more than the cores they actually get: read the speedup together wit
 machine's load.
 
     .venv/bin/python -m pytest benchmarks/bench_scaleup.py -s
-    HYPERNAT_SCALEUP_SECONDS=5 HYPERNAT_SCALEUP_WORKERS=2 ...
+    HYPERNAT_SCALEUP_SECONDS=5 HYPERNAT_SCALEUP_WORKERS=2 HYPERNAT_SCALEUP_ROUNDS=3 ...
 """
 import multiprocessing as mp
 import os
@@ -34,10 +34,11 @@ import pytest
 from hypernat.agent import predict_nic
 from hypernat.lab.emulated import _coord_main, emulated_config
 
-SECONDS = float(os.environ.get("HYPERNAT_SCALEUP_SECONDS", "3"))
+SECONDS = float(os.environ.get("HYPERNAT_SCALEUP_SECONDS", "2"))
 WORKERS = int(os.environ.get("HYPERNAT_SCALEUP_WORKERS", "2"))
 FLOWS = int(os.environ.get("HYPERNAT_SCALEUP_FLOWS", "10000"))
 TRACE_FRAMES = 1 << 15
+ROUNDS = int(os.environ.get("HYPERNAT_SCALEUP_ROUNDS", "3"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -112,14 +113,22 @@ def test_scaleup(benchmark, kit):
     res = {}
 
     def run():
-        r1, _ = measure(kit, 1, frames, nic_of, seconds)
-        rn, share = measure(kit, WORKERS, frames, nic_of, seconds)
-        res.update(mpps_1=r1 / 1e6, mpps=rn / 1e6, speedup=rn / r1, coord_cpu_share=share, workers=WORKERS,
-                   flows=FLOWS, seconds=seconds, load=os.getloadavg()[0], cpus=os.cpu_count())
+        # alternate 1 and N workers ROUNDS times and keep each one's best run: the rounds a
+        # neighbour's burst of CPU disturbed least (the same rule as the other benchmarks)
+        r1s, rns, shares = [], [], []
+        for _ in range(ROUNDS if not benchmark.disabled else 1):
+            r1s.append(measure(kit, 1, frames, nic_of, seconds)[0])
+            rn, share = measure(kit, WORKERS, frames, nic_of, seconds)
+            rns.append(rn)
+            shares.append(share)
+        r1, rn = max(r1s), max(rns)
+        res.update(mpps_1=r1 / 1e6, mpps=rn / 1e6, speedup=rn / r1, coord_cpu_share=max(shares), workers=WORKERS,
+                   flows=FLOWS, seconds=seconds, rounds=len(r1s), mpps_1_all=[round(x / 1e6, 3) for x in r1s],
+                   mpps_all=[round(x / 1e6, 3) for x in rns], load=os.getloadavg()[0], cpus=os.cpu_count())
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(res)
-    print(f"\nscale-up: 1 worker {res['mpps_1']:.3f} Mpps, {WORKERS} workers {res['mpps']:.3f} Mpps, "
+    print(f"\nscale-up (best of {res['rounds']}): 1 worker {res['mpps_1']:.3f} Mpps, {WORKERS} workers {res['mpps']:.3f} Mpps, "
           f"speedup {res['speedup']:.2f}x, coordinator {100 * res['coord_cpu_share']:.1f}% of a core "
           f"(load {res['load']:.1f} on {res['cpus']} CPUs)")
     assert res["mpps"] > 0 and res["mpps_1"] > 0
