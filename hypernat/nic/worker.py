@@ -61,7 +61,7 @@ _SEND_LUT[_V_TRANSLATED] = True
 # Loop counters beyond the fast path's verdicts and the builder's reasons.
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
-    "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries",
+    "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
 )
 
 
@@ -305,7 +305,11 @@ class NicWorker:
                     self.counters["tx_drops"] += len(idx) - port.send(b, idx)
             miss = _MISS_LUT[v]
             if miss.any():
-                self._misses(b, direction, v, k, now)
+                try:
+                    self._misses(b, direction, v, k, now)
+                except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
+                    self.counters["slow_path_errors"] += 1
+                    log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         finally:
             port.release(b)
         return n
@@ -371,7 +375,11 @@ class NicWorker:
                 continue
             src, tframe, payload = parts
             if src == M.COORD:
-                self._from_coord(tframe, payload, now)
+                try:
+                    self._from_coord(tframe, payload, now)
+                except Exception:  # noqa: BLE001 - never fatal
+                    self.counters["coord_bad_message"] += 1
+                    log.exception("nic%d: message from the coordinator could not be handled", self.nic_id)
                 continue
             sender = M.parse_identity(src)
             owns = self._native_owns_vec if M.type_of(tframe) == M.T_RETURN else self._owns_vec
@@ -382,7 +390,12 @@ class NicWorker:
                 self.agent.count("bad_message")
                 self.agent.count("bad_message_" + (d.reason or "wrong_direction"))
                 continue
-            self.agent.on_message(sender, d.mtype, d.recs, now)
+            try:
+                self.agent.on_message(sender, d.mtype, d.recs, now)
+            except Exception:  # noqa: BLE001 - a message that trips the agent is dropped, counted
+                self.counters["coord_bad_message"] += 1
+                self.agent.count("bad_message_handler_error")
+                log.exception("nic%d: %s from nic%d could not be handled", self.nic_id, d.name, sender)
 
     def _owns_vec(self, nic, addrs, ports):
         return self.partition.owners(addrs, ports) == nic
@@ -440,6 +453,8 @@ class NicWorker:
                     self.agent.peer_restarted(nic, now)
         elif t == M.T_QUERY:
             self._answer_query(d.recs)
+        else:
+            self.counters["coord_bad_message"] += 1
 
     def _answer_query(self, q: dict) -> None:
         self.counters["queries"] += 1
