@@ -6,8 +6,8 @@ setups   N first-packet misses (distinct internal endpoints, EIM, one NIC) hande
          (one ``insert_batch`` per table per batch).  Translation log off, then on
          (per-rule JSON lines to a file).  Target: >= 300k setups/s on one core (log off).
          extra_info: ``per_s`` (best round), ``per_s_median``.
-sweep    one ``sweep`` step (the defaults: 2048 slots of each table, at most 16
-         expirations) over a
+sweep    one ``sweep`` step (the defaults: 1024 slots of each table; at most 64
+         expirations or 40 us of expiry work) over a
          builder holding HYPERNAT_BENCH_RULES (default 1M) sessions: a step that expires
          nothing (pure scan), and steps that each expire their maximum.  Target: no step
          longer than 100 us.  extra_info: ``step_us_max`` / ``step_us_median``, ``steps``,

@@ -1121,7 +1121,6 @@ class RuleBuilder:
         step = self.sweep_step if max_slots is None else int(max_slots)
         budget = max(1, self.sweep_max_expire if max_expire is None else int(max_expire))
         bus = self.sweep_budget_us if budget_us is None else budget_us
-        deadline = _time.perf_counter() + bus * 1e-6
         res = SweepResult()
         res.endpoints_released = self._process_reuse(now, max(budget, 16))
         if self._qblocks:
@@ -1139,6 +1138,9 @@ class RuleBuilder:
             m = w[lo:hi, 6] <= now - self._t_floor  # last_seen
             m &= (word3 & (_F_OCC << 8)) != 0
             sel = np.flatnonzero(m)
+            if len(sel) > 4 * budget:  # a mass expiry: look at a few at a time
+                sel = sel[: 4 * budget]
+                hi = lo + int(sel[-1]) + 1
             if len(sel):
                 w3 = word3[sel]
                 pr = w3 & 0xFF
@@ -1160,7 +1162,7 @@ class RuleBuilder:
         if len(sel):
             slots = self.out.slots
             recs = slots[sel + lo]
-            stop = self._expire_out(recs, now, res, slots, sel + lo, deadline)
+            stop = self._expire_out(recs, now, res, slots, sel + lo, _time.perf_counter() + bus * 1e-6)
             if stop is not None:
                 hi = stop  # out of time: resume at the first candidate not handled
         res.scanned = hi - lo
