@@ -435,3 +435,29 @@ def test_expiry_revokes_clone_and_holds_endpoint_until_acknowledged(tmp_path):
             w.close()
         coord.stop()
         coord.join(5)
+
+
+def test_arp_answered_on_ports_with_a_responder_and_macs_rewritten(tmp_path):
+    from scapy.all import ARP
+
+    from hypernat.l2 import ArpResponder
+
+    cfg = emulated_config(1)
+    inside, outside = MemoryPort("in0"), MemoryPort("out0")
+    arp = {"outside": ArpResponder(outside.mac(), owned=["203.0.113.1/32"])}
+    w = NicWorker(cfg, 0, inside, outside, standalone=True, state_dir=str(tmp_path), arp=arp)
+    nh_out, nh_in = b"\x02\xaa\x00\x00\x00\x01", b"\x02\xbb\x00\x00\x00\x01"
+    w.set_l2(inside.mac(), nh_in, outside.mac(), nh_out)
+    req = Ether(src="02:cc:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc="02:cc:00:00:00:01", psrc="203.0.113.2", pdst="203.0.113.1")
+    outside.inject([bytes(req)])
+    inside.inject([bytes(req)])  # no responder inside: a not_nat drop
+    inside.inject([build_frame(UDP, I1, 1, R1, 53)])
+    assert spin([w], lambda: len(outside._tx) == 2, 2)
+    sent = [Ether(f) for f in outside.take_tx()]
+    rep = next(p for p in sent if ARP in p)
+    assert rep[ARP].op == 2 and rep[ARP].psrc == "203.0.113.1" and rep[ARP].hwdst == "02:cc:00:00:00:01"
+    data = next(p for p in sent if IP in p)
+    assert bytes.fromhex(data.dst.replace(":", "")) == nh_out and bytes.fromhex(data.src.replace(":", "")) == outside.mac()
+    assert not inside._tx and w.counters["arp_replies"] == 1
+    w.close()

@@ -28,6 +28,30 @@ def open_port(backend: str, ifname: str):
     return P(ifname)
 
 
+def _addresses(ifname: str) -> list:
+    """The IPv4 addresses configured on an interface (the ones ARP must answer for)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            return [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0], family=2)] if idx else []
+    except Exception as exc:  # noqa: BLE001 - no answer for those then; logged
+        logging.warning("%s: cannot read its addresses (%s): ARP for them goes unanswered", ifname, exc)
+        return []
+
+
+def _set_macs(w, inside, outside, nc) -> None:
+    """Frames leave with the port's own MAC toward the next hop's (l2.next_hop_mac)."""
+    from ..l2 import next_hop_mac
+
+    try:
+        w.set_l2(inside.mac(), next_hop_mac(nc.inside), outside.mac(), next_hop_mac(nc.outside))
+        logging.info("nic%d: MAC addresses resolved for %s and %s", nc.id, nc.inside, nc.outside)
+    except (OSError, ValueError, TimeoutError) as exc:
+        logging.warning("nic%d: next-hop MACs not resolved (%s): frames keep their MAC addresses", nc.id, exc)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hypernat-nic", description=__doc__.split("\n")[0])
     ap.add_argument("--config", "-c", required=True, help="gateway YAML file")
@@ -35,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--endpoint", help="coordinator endpoint (default: from the config)")
     ap.add_argument("--state-dir", help="snapshot and journal directory (default: config state_dir/nic<N>)")
     ap.add_argument("--no-metrics", action="store_true")
+    ap.add_argument("--keep-macs", action="store_true",
+                    help="do not rewrite MAC addresses (default: own MAC -> next hop's, resolved at start)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -66,7 +92,15 @@ def main(argv=None) -> int:
     except (OSError, ImportError) as exc:
         print(f"hypernat-nic: cannot open {nc.inside}/{nc.outside} with {nc.io}: {exc}", file=sys.stderr)
         return 1
-    w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir)
+    arp = None
+    if nc.io == "af_xdp":  # the kernel never sees these frames: answer ARP ourselves
+        from ..l2 import ArpResponder
+
+        arp = {role: ArpResponder(port.mac(), owned=_addresses(ifname))
+               for role, port, ifname in (("inside", inside, nc.inside), ("outside", outside, nc.outside))}
+    w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+    if nc.io in ("packet_mmap", "af_xdp") and not args.keep_macs:
+        _set_macs(w, inside, outside, nc)
     if cfg.metrics.enabled and not args.no_metrics:
         from .metrics import serve
 

@@ -53,6 +53,7 @@ log = logging.getLogger("hypernat.nic")
 
 _V_TRANSLATED = VERDICT["translated"]
 _V_HAIRPIN = VERDICT["hairpin"]
+_V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
 _SEND_LUT = np.zeros(256, dtype=bool)
@@ -104,7 +105,7 @@ class NicWorker:
                  standalone: bool = False, clock=time.monotonic, batch_size: int = 256,
                  state_dir: str | None = None, context: zmq.Context | None = None,
                  params: AgentParams | None = None, rng=None, restore: bool = True,
-                 journal: bool = True):
+                 journal: bool = True, arp: dict | None = None):
         from .journal import Journal
         from .snapshot import Snapshot
 
@@ -131,6 +132,10 @@ class NicWorker:
                                self._replay, params or agent_params(config), clock=clock,
                                tick_clock=self.ticks, partition=self.partition)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
+        # ARP on real links where the kernel does not see the frames (AF_XDP): one
+        # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
+        # not_nat drops (PACKET_MMAP: the kernel answers for its own addresses)
+        self.arp = {id(inside): (arp or {}).get("inside"), id(outside): (arp or {}).get("outside")}
         self._verdicts = np.zeros(max(batch_size, 1024), np.uint8)
         self._keys = np.zeros(max(batch_size, 1024), layout.KEY_DTYPE)
         self._stop = False
@@ -303,6 +308,10 @@ class NicWorker:
                 if hp.any():
                     idx = np.flatnonzero(hp)
                     self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+            if self.arp[id(port)] is not None:
+                nn = np.flatnonzero(v == _V_NOT_NAT)
+                if len(nn):
+                    self._arp(port, b, nn)
             miss = _MISS_LUT[v]
             if miss.any():
                 try:
@@ -313,6 +322,25 @@ class NicWorker:
         finally:
             port.release(b)
         return n
+
+    def _arp(self, port, b, idx) -> None:
+        """ARP frames among the not_nat ones: learn, answer for our addresses."""
+        resp = self.arp[id(port)]
+        for i in idx:
+            f = b.frame(int(i))
+            if f[12:14] != b"\x08\x06":
+                continue
+            reply = resp.handle(f)
+            self.counters["arp_frames"] += 1
+            if reply is not None:
+                self.counters["arp_replies"] += 1
+                port.send_frames([reply])
+
+    def set_l2(self, inside_mac: bytes, inside_next_hop: bytes, outside_mac: bytes, outside_next_hop: bytes) -> None:
+        """MAC addresses of frames the NIC sends: toward the Internet from the outside
+        port to its next hop, toward the VPC from the inside port to its next hop."""
+        self.translator.set_l2(OUT, outside_mac, outside_next_hop)
+        self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
     def _misses(self, b, direction, v, k, now) -> None:
         d = self.rules.handle_misses(direction, v, k, now)
