@@ -469,10 +469,11 @@ class RuleBuilder:
                         return self._refuse(_R_NOT_OWNER)
                     self._fetch_owner = o
                     return _FETCH
+        r = 0 if p == PROTO_ICMP else rport  # the session's remote port (ICMP: none)
+        if self._eim:
             m = self._by_int.get(p << 48 | iaddr << 16 | iport)
         else:
-            m = self._by_out.get(_okey(p, iaddr, iport, raddr, rport))
-        r = 0 if p == PROTO_ICMP else rport
+            m = self._by_out.get(_okey(p, iaddr, iport, raddr, r))
         if m is not None and (raddr << 16 | r) in m.remotes:
             self._last = m
             return _OK  # the session exists (pending in this batch, or a fetch of it)
@@ -485,7 +486,7 @@ class RuleBuilder:
             if m.__class__ is int:
                 return m
             if not self._eim:
-                self._by_out[_okey(p, iaddr, iport, raddr, rport)] = m
+                self._by_out[_okey(p, iaddr, iport, raddr, r)] = m
         if self._plain_add:  # _add_session inlined: no log line, no PUSH record to keep
             self._room_left -= 1
             m.remotes.add(raddr << 16 | r)
@@ -573,15 +574,26 @@ class RuleBuilder:
                 if 0 <= off < b.size and not b.used[pi] >> off & 1:
                     found = (b, off)
                     break
-        if found is None:
-            for t in range(nb):
-                b = blocks[(h.cur + t) % nb]
-                if b.n_used[pi] < b.size:
-                    off = self._pick_port(b, pi, iport)
-                    if off >= 0:
-                        h.cur = (h.cur + t) % nb
-                        found = (b, off)
-                        break
+        if found is None and nb:
+            b = blocks[h.cur]
+            if not self._parity and b.n_used[pi] < b.size:
+                # the common case, _pick_port inlined: the host's current block has room
+                free = ~b.used[pi] & ((1 << b.size) - 1)
+                rb = self._rbuf
+                if not rb:
+                    rb.extend(self.rng.integers(0, 1 << 32, 4096, dtype=np.uint64).tolist())
+                r = rb.pop() % b.size
+                hi = free >> r
+                found = (b, r + ((hi & -hi).bit_length() - 1) if hi else (free & -free).bit_length() - 1)
+            else:
+                for t in range(nb):
+                    b = blocks[(h.cur + t) % nb]
+                    if b.n_used[pi] < b.size:
+                        off = self._pick_port(b, pi, iport)
+                        if off >= 0:
+                            h.cur = (h.cur + t) % nb
+                            found = (b, off)
+                            break
         if found is None:
             if nb >= self._max_blocks:
                 return self._refuse(_R_CAP)
