@@ -3,23 +3,29 @@ one NIC id.
 
 ZeroMQ's CURVE encrypts and authenticates a connection with long-term key pairs; the
 server side asks a ZAP handler (an in-process REP socket at ``inproc://zeromq.zap.01``
-in the same context) whether a client key may connect.  We use that hook for two
-decisions, so that holding a key is not enough to pose as someone else:
+in the same context) whether a client key may connect, and the handler names the
+*user id* that libzmq then attaches to every message of that connection.  Two checks,
+so that holding a key is not enough to pose as someone else:
 
     client (DEALER, identity b"nic1", key K1) ── CURVE handshake ──► coordinator ROUTER
-                                                                      │ ZAP request:
-                                                                      │ (identity, K1)
-                       ZapHandler: K1 in authorized/? ── no ──► 400 "unknown key"
-                                   K1 bound to "nic1"; identity == b"nic1"? ── no ──► 400
-                                   yes ──► 200, user id "nic1"
+                                                                      │ ZAP request (K1)
+                       ZapHandler: K1 in authorized/? ── no ──► 400, connection refused
+                                   yes ──► 200, user id "nic1" (the key's binding)
+    every message: [identity b"nic1", ...] with metadata User-Id "nic1"
+                       broker: identity_allowed(User-Id, identity)? ── no ──► dropped,
+                                                   counted (auth identity_mismatch)
+
+(The identity cannot be checked in the ZAP handler itself: libzmq puts the *server's*
+own routing id in the ZAP request, not the client's.)
 
 * ``authorized/<name>.key`` (public certificate files as written by
   ``zmq.auth.create_certificates``): the file name is what the key is bound to.
   ``nic<N>.key`` may only connect with socket identity b"nic<N>"; ``ctl*.key`` (control
   clients, ``hypernat ctl``) may only connect with an identity that is *not* a NIC id,
   so a control key cannot send HELLO as a NIC.
-* The coordinator then requires HELLO to come from the identity it claims (see
-  ``hypernat.coord.broker``), which closes the loop: key -> identity -> NIC id.
+* The coordinator checks the identity of every message against its User-Id and requires
+  HELLO to claim the NIC id of its identity (``hypernat.coord.broker``), which closes
+  the loop: key -> user id -> socket identity -> NIC id.
 
 Where CURVE is required: on a ``tcp://`` endpoint whose host is not a loopback address
 (``requires_curve``); without keys the coordinator refuses to start there.  ``ipc://``
@@ -183,17 +189,29 @@ def client_curve(sock: zmq.Socket, secret_path: str, server_public_path: str) ->
 # ----------------------------------------------------------------- ZAP handler
 
 
+def identity_allowed(user_id, identity: bytes) -> bool:
+    """May a connection authenticated as ``user_id`` (str or bytes) use socket identity
+    ``identity``?  A NIC key only its own NIC id; a control key only a non-NIC identity."""
+    if isinstance(user_id, str):
+        user_id = user_id.encode()
+    if not user_id:
+        return False
+    if parse_identity(user_id) is not None:
+        return identity == user_id
+    return user_id.startswith(b"ctl") and parse_identity(identity) is None
+
+
 class ZapHandler:
     """ZAP handler thread binding keys to identities (see module docstring).
 
-    ``authorized``: {public z85: user id}.  ``on_result(result, user_id, identity)`` is
-    called for every decision (result in ``AUTH_RESULTS``), from the handler's thread.
+    ``authorized``: {public z85: user id}.  ``on_result(result, user_id)`` is called for
+    every decision (result in ``AUTH_RESULTS``), from the handler's thread.
     Start it *before* the CURVE server socket binds: without a handler, libzmq would
     let every key in.
     """
 
     def __init__(self, ctx: zmq.Context, authorized: Dict[bytes, bytes],
-                 on_result: Optional[Callable[[str, bytes, bytes], None]] = None):
+                 on_result: Optional[Callable[[str, bytes], None]] = None):
         self.ctx = ctx
         self.authorized = dict(authorized)
         self.on_result = on_result
@@ -214,7 +232,7 @@ class ZapHandler:
         if self._thread is not None:
             self._thread.join(5)
 
-    def decide(self, mechanism: bytes, identity: bytes, credentials) -> Tuple[str, bytes]:
+    def decide(self, mechanism: bytes, credentials) -> Tuple[str, bytes]:
         """(result, user id) for one request; pure, so tests can call it directly."""
         if mechanism != b"CURVE" or len(credentials) != 1:
             return "bad_mechanism", b""
@@ -224,11 +242,6 @@ class ZapHandler:
         user = self.authorized.get(key)
         if user is None:
             return "unknown_key", b""
-        if user.startswith(b"nic"):
-            if identity != user:
-                return "identity_mismatch", user
-        elif parse_identity(identity) is not None:  # a control key posing as a NIC
-            return "identity_mismatch", user
         return "accepted", user
 
     def _run(self) -> None:
@@ -250,8 +263,8 @@ class ZapHandler:
                     result, user = "bad_request", b""
                     req_id = msg[1] if len(msg) > 1 else b""
                 else:
-                    version, req_id, _domain, _address, identity, mechanism = msg[:6]
-                    result, user = self.decide(mechanism, identity, msg[6:])
+                    version, req_id, _domain, _address, _server_id, mechanism = msg[:6]
+                    result, user = self.decide(mechanism, msg[6:])
                     if version != b"1.0":
                         result = "bad_request"
                 if result == "accepted":
@@ -262,7 +275,7 @@ class ZapHandler:
                                 f", key bound to {user.decode()}" if user else "")
                 if self.on_result is not None:
                     try:
-                        self.on_result(result, user, msg[4] if len(msg) > 4 else b"")
+                        self.on_result(result, user)
                     except Exception:  # noqa: BLE001 - a metrics hook must not kill auth
                         log.exception("ZAP result hook failed")
         finally:

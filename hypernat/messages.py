@@ -130,6 +130,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -351,7 +352,8 @@ REASONS = (
 REASON_NAMES = tuple(n for n, _ in REASONS)
 
 VALID_PROTOS = (1, 6, 17)
-_VALID_PROTO_ARR = np.array(VALID_PROTOS, dtype=np.uint8)
+_PROTO_OK = np.zeros(256, dtype=bool)  # lookup table: _PROTO_OK[proto array] -> valid?
+_PROTO_OK[list(VALID_PROTOS)] = True
 
 
 # --------------------------------------------------------------------------- encode
@@ -579,10 +581,156 @@ def validate(
         d = decode(mtype_frame, payload)
         if d.reason is not None:
             return d
-        reason = _check_records(sender, d.mtype, d.recs, receiver, owns, internal, n_nics)
+        if d.mtype in _SMALL and len(d.recs) <= SMALL_BATCH:
+            reason = _check_small(sender, d.mtype, d.recs.tobytes(), receiver, owns, internal, n_nics)
+        else:
+            reason = _check_records(sender, d.mtype, d.recs, receiver, owns, internal, n_nics)
         return d if reason is None else Decoded(d.mtype, None, reason)
     except Exception:  # noqa: BLE001 - belt and braces: a bug here must not kill a daemon
         return Decoded(type_of(mtype_frame) or -1, None, "bad_field")
+
+
+def check(sender: Optional[int], code: int, payload: bytes, *, receiver: Optional[int] = None,
+          owns: Optional[OwnsPredicate] = None, internal: Optional[InternalPredicate] = None,
+          n_nics: Optional[int] = None) -> Optional[str]:
+    """``validate`` for a router: the same checks on a payload of a *known* record type
+    ``code``, returning only the reason (None: valid), without building arrays for small
+    batches.  This is what the coordinator runs on every routed message."""
+    try:
+        dt = DTYPE_OF.get(code)
+        if dt is None:
+            return validate(sender, TYPE_FRAME.get(code, b""), payload, receiver=receiver, owns=owns,
+                            internal=internal, n_nics=n_nics).reason
+        n, rest = divmod(len(payload), dt.itemsize)
+        if n == 0 or rest:
+            return "truncated"
+        if n > MAX_RECORDS:
+            return "oversize"
+        if code in _SMALL and n <= SMALL_BATCH:
+            return _check_small(sender, code, payload, receiver, owns, internal, n_nics)
+        if code in (T_HELLO, T_HELLO_ACK) and n != 1:
+            return "truncated"
+        return _check_records(sender, code, np.frombuffer(payload, dtype=dt), receiver, owns, internal, n_nics)
+    except Exception:  # noqa: BLE001
+        return "bad_field"
+
+
+# --- the same checks, record by record, for small batches --------------------------------
+# numpy costs a few microseconds per operation whatever the size, so a message of one or
+# a few records (the latency-critical FETCH and its RULE) is checked with struct and plain
+# Python instead; tests/test_messages.py checks that both paths return the same reason.
+SMALL_BATCH = 8
+_ST_RULE = struct.Struct("<IIIIIIHHHHBBHHH")
+_ST_KEY = struct.Struct("<IIBBBBIIIHHHH")
+_ST_ACTIVITY = struct.Struct("<IIIIIIHHHHBBHI")
+_ST_BLOCK = struct.Struct("<IIHHHHBBHI")
+_ST_PEER = struct.Struct("<HHIQ")
+for _st, _dt in ((_ST_RULE, RULE_DTYPE), (_ST_KEY, KEY_DTYPE), (_ST_ACTIVITY, ACTIVITY_DTYPE),
+                 (_ST_BLOCK, BLOCK_DTYPE), (_ST_PEER, PEER_DTYPE)):
+    assert _st.size == _dt.itemsize
+_PROTO_SET = frozenset(VALID_PROTOS)
+_SMALL = frozenset((T_RULE, T_PUSH, T_LEASE, T_FETCH, T_NACK, T_REVOKE, T_ACTIVITY, T_BORROW, T_BORROW_ACK,
+                    T_RETURN, T_PEERS, T_PUSH_ACK, T_REVOKE_ACK, T_ACTIVITY_ACK, T_RETURN_ACK, T_HEARTBEAT))
+
+
+def _u32(values):
+    return np.array(values, dtype=np.uint32)
+
+
+def _u16(values):
+    return np.array(values, dtype=np.uint16)
+
+
+def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
+    if code in (T_RULE, T_PUSH, T_LEASE):
+        recs = list(_ST_RULE.iter_unpack(payload))
+        for r in recs:
+            proto = r[10]
+            if proto not in _PROTO_SET:
+                return "bad_field"
+        for r in recs:
+            if sender is not None and r[9] != sender:
+                return "bad_identity"
+        for r in recs:
+            if r[10] != 1 and (r[7] == 0 or r[6] == 0):
+                return "bad_field"
+            if r[5] == 0 and not r[12] & RULE_F_WILDCARD:
+                return "bad_field"
+        if owns is not None and sender is not None:
+            if not _all(owns, sender, _u32([r[4] for r in recs]), _u16([r[7] for r in recs])):
+                return "foreign_endpoint"
+        if internal is not None and not _all(internal, _u32([r[3] for r in recs])):
+            return "not_internal"
+        return None
+    if code in (T_FETCH, T_NACK, T_REVOKE):
+        recs = list(_ST_KEY.iter_unpack(payload))
+        for r in recs:
+            if r[2] not in _PROTO_SET:
+                return "bad_field"
+        for r in recs:
+            kind = r[3]
+            if kind != FETCH_BY_EXTERNAL and kind != FETCH_BY_INTERNAL:
+                return "bad_field"
+            if code == T_NACK and r[4] >= len(NACK_REASONS):
+                return "bad_field"
+            if r[2] != 1 and (r[10] == 0 if kind == FETCH_BY_EXTERNAL else r[9] == 0):
+                return "bad_field"
+        if owns is not None:
+            if code == T_REVOKE and sender is not None:
+                if not _all(owns, sender, _u32([r[7] for r in recs]), _u16([r[10] for r in recs])):
+                    return "foreign_endpoint"
+            if code == T_FETCH and receiver is not None:
+                ext = [r for r in recs if r[3] == FETCH_BY_EXTERNAL]
+                if ext and not _all(owns, receiver, _u32([r[7] for r in ext]), _u16([r[10] for r in ext])):
+                    return "foreign_endpoint"
+        if internal is not None and code == T_FETCH:
+            ins = [r[6] for r in recs if r[3] == FETCH_BY_INTERNAL]
+            if ins and not _all(internal, _u32(ins)):
+                return "not_internal"
+        return None
+    if code == T_ACTIVITY:
+        recs = list(_ST_ACTIVITY.iter_unpack(payload))
+        for r in recs:
+            if r[10] not in _PROTO_SET:
+                return "bad_field"
+        for r in recs:
+            if r[10] != 1 and r[7] == 0:
+                return "bad_field"
+        if owns is not None and receiver is not None:
+            if not _all(owns, receiver, _u32([r[4] for r in recs]), _u16([r[7] for r in recs])):
+                return "foreign_endpoint"
+        if internal is not None and not _all(internal, _u32([r[3] for r in recs])):
+            return "not_internal"
+        return None
+    if code in (T_BORROW, T_BORROW_ACK, T_RETURN):
+        recs = list(_ST_BLOCK.iter_unpack(payload))
+        for r in recs:
+            if r[2] > r[3]:
+                return "bad_field"
+        if n_nics is not None:
+            for r in recs:
+                if r[4] >= n_nics or r[5] >= n_nics:
+                    return "bad_field"
+        if sender is not None:
+            who = 4 if code == T_BORROW_ACK else 5
+            for r in recs:
+                if r[who] != sender:
+                    return "bad_identity"
+        if owns is not None and code == T_RETURN and receiver is not None:
+            if any(r[1] == 0 for r in recs):
+                return "bad_field"
+            addrs = _u32([r[1] for r in recs])
+            if not (_all(owns, receiver, addrs, _u16([r[2] for r in recs]))
+                    and _all(owns, receiver, addrs, _u16([r[3] for r in recs]))):
+                return "foreign_endpoint"
+        return None
+    if code == T_PEERS:
+        if n_nics is not None:
+            for r in _ST_PEER.iter_unpack(payload):
+                if r[0] >= n_nics:
+                    return "bad_field"
+        return None
+    return None  # ACK and HEARTBEAT records: any content is well formed
 
 
 def _check_records(sender, code, recs, receiver, owns, internal, n_nics):
@@ -599,7 +747,7 @@ def _check_records(sender, code, recs, receiver, owns, internal, n_nics):
         return None
     dt = recs.dtype
     if "proto" in dt.names:
-        if not np.isin(recs["proto"], _VALID_PROTO_ARR).all():
+        if not _PROTO_OK[recs["proto"]].all():
             return "bad_field"
     if code in (T_RULE, T_PUSH, T_LEASE):
         if sender is not None and (recs["owner"] != sender).any():

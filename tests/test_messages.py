@@ -263,3 +263,40 @@ def test_record_dict_is_json_able():
     for bad in ("1.2.3", "1.2.3.256", "a.b.c.d", "1.2.3.4.5"):
         with pytest.raises(ValueError):
             M.ip_int(bad)
+
+
+SMALL_TYPES = sorted(M._SMALL)
+
+
+@settings(max_examples=400, deadline=None)
+@given(code=st.sampled_from(SMALL_TYPES), data=st.data())
+def test_small_batch_path_agrees_with_numpy_path(code, data):
+    """Messages of up to SMALL_BATCH records are checked with struct, larger ones with
+    numpy: both must give the same reason for the same records."""
+    dt = M.DTYPE_OF[code]
+    n = data.draw(st.integers(1, M.SMALL_BATCH))
+    # bias the fields toward the interesting values (valid protos, small ports, owners)
+    recs = np.frombuffer(data.draw(st.binary(min_size=n * dt.itemsize, max_size=n * dt.itemsize)), dt).copy()
+    for f in dt.names:
+        if f == "proto":
+            recs[f] = data.draw(st.lists(st.sampled_from([1, 6, 17, 6, 17, 47]), min_size=n, max_size=n))
+        elif f in ("owner", "lender", "borrower", "nic", "kind"):
+            recs[f] = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+        elif f.endswith("port") or f in ("port_lo", "port_hi", "rem_addr", "addr"):
+            recs[f] = data.draw(st.lists(st.sampled_from([0, 1, 2, 1024, 65535]), min_size=n, max_size=n))
+        elif f in ("reason", "flags"):
+            recs[f] = data.draw(st.lists(st.integers(0, 8), min_size=n, max_size=n))
+        elif f == "int_addr":
+            recs[f] = data.draw(st.lists(st.sampled_from([0x0A000001, 0xC0A80001]), min_size=n, max_size=n))
+    sender = data.draw(st.one_of(st.none(), st.integers(0, 3)))
+    receiver = data.draw(st.one_of(st.none(), st.integers(0, 3)))
+    kw = dict(owns=data.draw(st.sampled_from([None, OWNS])), internal=data.draw(st.sampled_from([None, INTERNAL])),
+              n_nics=data.draw(st.sampled_from([None, 2, 4])))
+    small = M._check_small(sender, code, recs.tobytes(), receiver, kw["owns"], kw["internal"], kw["n_nics"])
+    big = M._check_records(sender, code, recs, receiver, kw["owns"], kw["internal"], kw["n_nics"])
+    assert small == big
+    assert M.check(sender, code, recs.tobytes(), receiver=receiver, **kw) == small
+    assert M.validate(sender, M.TYPE_FRAME[code], recs.tobytes(), receiver=receiver, **kw).reason == small
+    # and the same records as a batch too big for the small path: the numpy verdict
+    many = np.concatenate([recs] * (M.SMALL_BATCH // n + 1))
+    assert M.check(sender, code, many.tobytes(), receiver=receiver, **kw) == big

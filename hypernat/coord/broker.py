@@ -59,7 +59,7 @@ import numpy as np
 import zmq
 
 from .. import messages as M
-from ..auth import AUTH_RESULTS, AuthError, ZapHandler, load_authorized, requires_curve, server_curve
+from ..auth import AUTH_RESULTS, AuthError, ZapHandler, identity_allowed, load_authorized, requires_curve, server_curve
 
 log = logging.getLogger("hypernat.coord")
 
@@ -251,7 +251,11 @@ class Coordinator:
         self.sock = sock
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting NIC takes its id back
+        # A reconnecting NIC takes its id back from a stale connection (handover), except
+        # under CURVE: there, an authorized key holder could take over another NIC's id
+        # and receive its messages, so the live connection keeps the id (a stale TCP
+        # connection is closed by ZeroMQ heartbeats within heartbeat_timeout).
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0 if self.curve_secret_key else 1)
         sock.sndhwm = self.hwm
         sock.rcvhwm = self.hwm
         if ep.startswith("tcp://"):  # notice dead TCP peers without waiting for the kernel
@@ -333,8 +337,14 @@ class Coordinator:
     # ------------------------------------------------------------------ main loop
     def _loop(self) -> None:
         sock = self.sock
-        recv = sock.recv_multipart
-        handle = self._handle
+        if self._zap is not None:  # CURVE: frames with metadata, to check each User-Id
+            def recv(flags=0):
+                return sock.recv_multipart(flags, copy=False)
+
+            handle = self._handle_curve
+        else:
+            recv = sock.recv_multipart
+            handle = self._handle
         tick = self._tick_ms() / 1000.0
         next_tick = time.monotonic() + tick
         stop = self._stop
@@ -362,6 +372,26 @@ class Coordinator:
 
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
+
+    def _handle_curve(self, frames) -> None:
+        """CURVE: the socket identity must be one the key's user id may use (see
+        ``auth.identity_allowed``); then as ``_handle``."""
+        ident = frames[0].bytes
+        try:
+            user = frames[0].get("User-Id")
+        except (zmq.ZMQError, KeyError, ValueError):
+            user = None
+        if not identity_allowed(user, ident):
+            self.auth["identity_mismatch"] += 1
+            self._drop("bad_identity")
+            squatted = self.by_ident.get(ident)
+            if squatted is not None and squatted.up:  # the id's pipe may be the impostor's now
+                self._mark_down(squatted, f"a connection authenticated as {user!r} uses its identity")
+            if self.auth["identity_mismatch"] & (self.auth["identity_mismatch"] - 1) == 0:  # 1, 2, 4, 8, ...
+                log.warning("dropped a message from socket %r authenticated as %r: a key may not use "
+                            "another identity (%d so far)", ident, user, self.auth["identity_mismatch"])
+            return
+        self._handle([f.bytes for f in frames])
 
     def _handle(self, msg) -> None:
         if len(msg) != 4:
@@ -407,11 +437,11 @@ class Coordinator:
             self._undeliverable(ident, code, reason, M.parse_identity(target), payload)
             return
         if self.check_records:
-            d = M.validate(src.nic, tframe, payload, receiver=dst.nic, owns=self.owns,
-                           internal=self.internal, n_nics=self.n_nics)
-            if d.reason is not None:
-                self._drop(d.reason)
-                log.warning("dropped %s from nic%d to nic%d: %s", d.name, src.nic, dst.nic, d.reason)
+            reason = M.check(src.nic, code, payload, receiver=dst.nic, owns=self.owns,
+                             internal=self.internal, n_nics=self.n_nics)
+            if reason is not None:
+                self._drop(reason)
+                log.warning("dropped %s from nic%d to nic%d: %s", M.TYPE_NAMES[code], src.nic, dst.nic, reason)
                 self._undeliverable(ident, code, "rejected", dst.nic, payload)
                 return
         try:
@@ -576,7 +606,7 @@ class Coordinator:
                 self._send(st.ident, M.T_PEERS, body)
 
     # ------------------------------------------------------------------ control
-    def _on_auth(self, result: str, user: bytes, identity: bytes) -> None:
+    def _on_auth(self, result: str, user: bytes) -> None:
         self.auth[result] = self.auth.get(result, 0) + 1
 
     def _query(self, ident, payload) -> None:

@@ -17,6 +17,7 @@ answer: idempotent, as the real owner must be.
 """
 from __future__ import annotations
 
+import struct
 import time
 from typing import Dict, Optional
 
@@ -188,20 +189,8 @@ class ScriptedNic:
             self.received.append((sender, d.mtype, d))
 
     def _answer_fetch(self, src: bytes, recs) -> None:
-        out = M.records(M.T_RULE, len(recs))
-        out["seq"] = recs["seq"]
-        out["rule_id"] = (recs["ext_port"].astype(np.uint64) * 2654435761 + recs["seq"]).astype(np.uint32)
-        out["lease_ms"] = 30_000
-        out["int_addr"] = 0x0A000001
-        out["int_port"] = 40000
-        out["ext_addr"] = recs["ext_addr"]
-        out["ext_port"] = recs["ext_port"]
-        out["rem_addr"] = recs["rem_addr"]
-        out["rem_port"] = recs["rem_port"]
-        out["owner"] = self.nic
-        out["proto"] = recs["proto"]
         self.served += len(recs)
-        self.send(src, M.T_RULE, out.tobytes())
+        self.send(src, M.T_RULE, answer_fetches(recs, self.nic))
 
     def _from_coord(self, tframe, payload) -> None:
         d = M.decode(tframe, payload)
@@ -243,3 +232,87 @@ class ScriptedNic:
         self.sock.close(0)
         if self._own_ctx:
             self.ctx.term()
+
+
+# ------------------------------------------------------------ benchmark owner
+
+
+_KEY = struct.Struct("<IIBBBBIIIHHHH")
+_RULE = struct.Struct("<IIIIIIHHHHBBHHH")
+
+
+def answer_fetches(recs, nic: int) -> bytes:
+    """RULE payload answering a batch of FETCH records (what a scripted owner sends);
+    ``recs`` a KEY_DTYPE array, or the raw payload bytes.  Small batches with struct,
+    large ones with numpy (numpy's fixed cost per operation would dominate a round trip)."""
+    if isinstance(recs, (bytes, bytearray, memoryview)):
+        if len(recs) <= 8 * _KEY.size:
+            out = bytearray()
+            for r in _KEY.iter_unpack(recs):
+                seq, ext_port = r[0], r[10]
+                out += _RULE.pack(seq, (ext_port * 2654435761 + seq) & 0xFFFFFFFF, 30_000, 0x0A000001, r[7], r[8],
+                                  40000, ext_port, r[11], nic, r[2], 0, 0, 0, 0)
+            return bytes(out)
+        recs = np.frombuffer(recs, dtype=M.KEY_DTYPE)
+    out = np.zeros(len(recs), dtype=M.RULE_DTYPE)
+    out["seq"] = recs["seq"]
+    out["rule_id"] = (recs["ext_port"].astype(np.uint64) * 2654435761 + recs["seq"]).astype(np.uint32)
+    out["lease_ms"] = 30_000
+    out["int_addr"] = 0x0A000001
+    out["int_port"] = 40000
+    for f in ("ext_addr", "ext_port", "rem_addr", "rem_port", "proto"):
+        out[f] = recs[f]
+    out["owner"] = nic
+    return out.tobytes()
+
+
+def serve_fetches(endpoint: str, nic: int, heartbeat_interval: float = 0.5) -> None:
+    """A lean owner for benchmarks: HELLO, then answer every FETCH with a RULE at once
+    (blocking receive, no poll timeout on the hot path), heartbeat when idle or due.
+    Runs until killed."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.identity = M.nic_identity(nic)
+    sock.linger = 0
+    sock.sndhwm = sock.rcvhwm = 100_000
+    sock.connect(endpoint)
+    inc = M.new_incarnation()
+    hello = M.records(M.T_HELLO, 1)
+    hello["version"], hello["nic"], hello["incarnation"] = M.PROTOCOL_VERSION, nic, inc
+    hb = M.records(M.T_HEARTBEAT, 1)
+    hb["incarnation"] = inc
+    sock.send_multipart((M.COORD, M.TYPE_FRAME[M.T_HELLO], hello.tobytes()))
+    sock.rcvtimeo = int(heartbeat_interval * 1000)
+    fetch_frame, rule_frame = M.TYPE_FRAME[M.T_FETCH], M.TYPE_FRAME[M.T_RULE]
+    next_hb = time.monotonic() + heartbeat_interval
+    while True:
+        try:
+            src, t, payload = sock.recv_multipart()
+        except zmq.Again:
+            src = None
+        except ValueError:  # not three frames
+            continue
+        if src is not None:
+            if t == fetch_frame and src:
+                sock.send_multipart((src, rule_frame, answer_fetches(payload, nic)), zmq.NOBLOCK)
+            elif src == M.COORD and t == M.TYPE_FRAME[M.T_UNDELIVERABLE]:
+                u = M.unpack_undeliverable(payload)
+                if u is not None and u[1] == "not_registered":
+                    sock.send_multipart((M.COORD, M.TYPE_FRAME[M.T_HELLO], hello.tobytes()))
+        now = time.monotonic()
+        if now >= next_hb:
+            sock.send_multipart((M.COORD, M.TYPE_FRAME[M.T_HEARTBEAT], hb.tobytes()))
+            next_hb = now + heartbeat_interval
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="A scripted NIC that answers every FETCH (benchmarks).")
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--nic", type=int, required=True)
+    a = ap.parse_args()
+    try:
+        serve_fetches(a.endpoint, a.nic)
+    except KeyboardInterrupt:
+        pass
