@@ -853,3 +853,70 @@ def test_bookkeeping_matches_tables(ops, mapping, filtering):
     sweep_all(rb, now + 20_000)
     check_consistency(rb)
     assert len(rb.out) == 0 and not rb._blocks and not rb._hosts and rb.utilisation() == 0.0
+
+
+@pytest.mark.parametrize("mapping", ["endpoint-independent", "address-and-port-dependent"])
+def test_two_nics_fetch_clone_expire_cycle(mapping):
+    """Two NICs with a 5-tuple switch: every miss goes where the fast path would send it;
+    fetches are served by the owner and installed as clones.  At every step the clones
+    agree with their owner's entries, no clone sits on the owner, and owned bindings
+    are unique across NICs; when the owner expires a session and the holder drops the
+    clone (REVOKE), nothing is left behind."""
+    cfg = make_cfg(2, pool="198.18.77.0/31", ports=(1024, 1279), block=8, cap=64, mapping=mapping,
+                   filtering="endpoint-independent")  # fmt: skip
+    rbs = [make_rb(cfg, k, seed=k + 3) for k in range(2)]
+    rng = np.random.default_rng(7)
+    hosts = [ip("10.77.2.0") + i for i in range(12)]
+    now = 1000
+    sessions = set()  # (p, I, Ip, R, Rp) created
+    for step in range(150):
+        p = [TCP, UDP][int(rng.integers(2))]
+        h, sp = hosts[int(rng.integers(len(hosts)))], 3000 + int(rng.integers(4))
+        r = ip("203.0.113.0") + int(rng.integers(4))
+        nic = int(rng.integers(2))  # the switch's choice for the first packet
+        d = miss(rbs[nic], OUT, [(p, h, sp, r, 80, SYN)], now)
+        if d.action[0] == ACT_FETCH:
+            o = int(d.owner[0])
+            recs, st = rbs[o].serve_fetch(OUT, d.fetch_key[:1], now)
+            assert st[0] == 0
+            assert rbs[nic].install_clone(recs, now, dirs=DIR_BIT_OUT) == 1
+        else:
+            assert d.action[0] == ACT_REPLAY
+        sessions.add((p, h, sp, r, 80))
+        # the reply lands on a random NIC
+        e = None
+        for rb in rbs:
+            x = rb.out.get(*out_key(p, h, sp, r, 80))
+            if x is not None:
+                e = (int(x["new_addr"]), int(x["new_port"]))
+        assert e is not None
+        back = int(rng.integers(2))
+        if rbs[back].inn.get(*in_key(p, r, 80, *e)) is None:
+            d = miss(rbs[back], IN, [(p, r, 80, *e, SYN | ACK)], now)
+            assert d.action[0] == ACT_FETCH and d.owner[0] == 1 - back
+            recs, st = rbs[1 - back].serve_fetch(IN, d.fetch_key[:1], now)
+            assert st[0] == 0
+            assert rbs[back].install_clone(recs, now, dirs=DIR_BIT_IN) == 1
+        # invariants
+        owned = owned_bindings(rbs)
+        assert all(len(w) == 1 for w in owned.values())
+        for k, rb in enumerate(rbs):
+            for tbl, other in ((rb.out, rbs[1 - k].out), (rb.inn, rbs[1 - k].inn)):
+                s = tbl.slots[tbl.occupied()]
+                for c in s[(s["flags"] & layout.F_CLONE) != 0]:
+                    assert rb.part.owner(*((int(c["new_addr"]), int(c["new_port"])) if tbl is rb.out
+                                           else (int(c["daddr"]), int(c["dport"])))) == 1 - k  # fmt: skip
+                    o = other.get(int(c["proto"]), int(c["saddr"]), int(c["sport"]), int(c["daddr"]), int(c["dport"]))
+                    assert o is not None and not o["flags"] & layout.F_CLONE
+                    assert (int(o["new_addr"]), int(o["new_port"]), int(o["rule_id"])) == (
+                        int(c["new_addr"]), int(c["new_port"]), int(c["rule_id"]))  # fmt: skip
+        now += int(rng.integers(0, 3))
+    # the owners expire everything; the holders revoke what the owners removed
+    for rb in rbs:
+        sweep_all(rb, now + 10_000)
+    for k, rb in enumerate(rbs):
+        removed = rb.drain_removed()
+        assert len(removed) > 0
+        rbs[1 - k].remove_clone(removed)
+    assert all(len(rb.out) == len(rb.inn) == 0 for rb in rbs)
+    assert len(sessions) > 50
