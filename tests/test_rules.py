@@ -920,3 +920,23 @@ def test_two_nics_fetch_clone_expire_cycle(mapping):
         rbs[1 - k].remove_clone(removed)
     assert all(len(rb.out) == len(rb.inn) == 0 for rb in rbs)
     assert len(sessions) > 50
+
+
+def test_collect_activity_incremental_scan():
+    cfg = make_cfg(2)
+    rb0, rb1 = make_rb(cfg, 0, capacity=512), make_rb(cfg, 1)
+    hosts = hosts_of(rb1, 4)
+    rows = [(UDP, h, 5000 + i, R1, 53) for h in hosts for i in range(10)]
+    miss(rb1, OUT, rows, 10)
+    recs = np.concatenate([rb1.export_rule(UDP, *mapping_of(rb1, *r)) for r in rows])
+    assert rb0.install_clone(recs, 10) == 80
+    fl = rb0.out.slots["flags"]
+    fl[rb0.out.occupied()] |= layout.F_ACTIVE
+    n_slots = len(rb0.out.slots)
+    got = []
+    for _ in range(-(-n_slots // 100)):
+        got.append(rb0.collect_activity(max_slots=100))
+    got = np.concatenate(got)
+    assert len(got) == 40 and (got["dirs"] == DIR_BIT_OUT).all() and (got["owner"] == 1).all()
+    assert sorted(zip(got["iaddr"].tolist(), got["iport"].tolist())) == sorted((r[1], r[2]) for r in rows)
+    assert len(rb0.collect_activity()) == 0
