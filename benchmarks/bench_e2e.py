@@ -24,6 +24,7 @@ and HyperNAT / no-op when the NIC daemon can run here.
     .venv/bin/python -m pytest benchmarks/bench_e2e.py -s          (as root)
     HYPERNAT_E2E_SECONDS=5 ...                                      longer measurement
 """
+import glob
 import ipaddress
 import json
 import os
@@ -33,6 +34,7 @@ import numpy as np
 import pytest
 
 from hypernat.lab import netns
+from hypernat.lab.topology import STATE_DIR
 
 SECONDS = float(os.environ.get("HYPERNAT_E2E_SECONDS", "3"))
 FLOWS = int(os.environ.get("HYPERNAT_E2E_FLOWS", "100000"))
@@ -162,6 +164,9 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
                 "seconds": elapsed, "flows": flows}
     finally:
         topo.down()
+        for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
+            for f in glob.glob(os.path.join(STATE_DIR, pattern)):
+                os.unlink(f)
 
 
 def test_e2e_udp64_100k_flows_one_nic(benchmark):

@@ -33,6 +33,12 @@ def noop_lab(request):
         yield topo, stats
     finally:
         topo.down()
+        for f in [topo.log_path(["x", "-m", "hypernat.lab.noop", "--inside", topo.inside(k)]) for k in range(2)]:
+            if os.path.exists(f):
+                os.unlink(f)
+        for f in locals().get("stats", []):
+            if os.path.exists(f):
+                os.unlink(f)
     assert not topo.exists()
 
 

@@ -100,6 +100,10 @@ def main(argv=None) -> int:
             topo.down()
             raise
         print(f"lab {topo.tag}: up ({topo.mode}, {topo.nics} NICs): {', '.join(topo.namespaces)}")
+        if topo.pids:
+            from .topology import STATE_DIR
+
+            print(f"lab {topo.tag}: {len(topo.pids)} processes in {topo.gw}, logs in {STATE_DIR}/{topo.tag}-*.log")
         return 0
     if args.cmd == "run":
         from . import traffic

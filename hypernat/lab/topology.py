@@ -315,14 +315,36 @@ class Topology:
                 out[l.get("ifname")] = (st["rx_packets"], st["tx_packets"])
         return out
 
+    def log_path(self, argv: list) -> str:
+        """Where a process started by `start` logs: /run/hypernat-lab/<tag>-<module>[-<nic>].log."""
+        name = argv[argv.index("-m") + 1].rsplit(".", 1)[-1] if "-m" in argv else os.path.basename(argv[0])
+        for flag in ("--nic", "--inside"):
+            if flag in argv:
+                name += "-" + argv[argv.index(flag) + 1]
+        return os.path.join(STATE_DIR, f"{self.tag}-{name}.log")
+
     def start(self, ns: str, argv: list, **popen_kw):
-        """Start a process inside `ns`; recorded so `down` stops it."""
+        """Start a process inside `ns`, in its own session, its output to `log_path`
+        (never the caller's terminal: `hypernat lab up` returns while it runs);
+        recorded so `down` stops it."""
         import subprocess
+
+        os.makedirs(STATE_DIR, exist_ok=True)
+        log_file = None
+        if "stdout" not in popen_kw:
+            log_file = open(self.log_path(argv), "ab")
+            popen_kw.update(stdout=log_file, stderr=subprocess.STDOUT)
+        popen_kw.setdefault("stdin", subprocess.DEVNULL)
+        popen_kw.setdefault("start_new_session", True)
 
         env = dict(popen_kw.pop("env", None) or os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        p = subprocess.Popen(netns.exec_argv(ns, argv), env=env, **popen_kw)
+        try:
+            p = subprocess.Popen(netns.exec_argv(ns, argv), env=env, **popen_kw)
+        finally:
+            if log_file is not None:
+                log_file.close()  # the child has its own descriptor
         self.pids.append(p.pid)
         self.save()
         return p
