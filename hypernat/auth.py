@@ -60,6 +60,7 @@ SECRET_SUFFIX = ".key_secret"
 
 # Outcomes of a ZAP decision (counted by the coordinator's metrics).
 AUTH_RESULTS = ("accepted", "unknown_key", "identity_mismatch", "bad_mechanism", "bad_request")
+# (identity_mismatch is counted by the coordinator per message, see identity_allowed)
 
 
 class AuthError(Exception):

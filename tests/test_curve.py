@@ -88,7 +88,7 @@ def test_good_keys_work_and_route(curve_coord, keys):
         a.fetch(1, n=3)
         assert until(lambda: len(a.answers) == 3, 5, a, b)
         assert curve_coord.auth["accepted"] >= 2
-        assert curve_coord.auth["unknown_key"] == 0 and curve_coord.auth["identity_mismatch"] == 0
+        assert curve_coord.auth["unknown_key"] == 0 and curve_coord.auth_counts()["identity_mismatch"] == 0
     finally:
         a.close()
         b.close()
@@ -123,9 +123,9 @@ def test_key_posing_as_another_nic_is_refused_and_counted(curve_coord, keys):
         # the id of a NIC that is not connected gets one, and its messages are dropped,
         # counted, and never register it
         liar2 = peer(curve_coord, 3, os.path.join(d, "nic1.key_secret"), d, identity=b"nic3")
-        until(lambda: curve_coord.auth["identity_mismatch"] >= 1, 3, liar2)
+        until(lambda: curve_coord.auth_counts()["identity_mismatch"] >= 1, 3, liar2)
         liar2.close()
-        assert curve_coord.auth["identity_mismatch"] >= 1 and curve_coord.drops["bad_identity"] >= 1
+        assert curve_coord.auth_counts()["identity_mismatch"] >= 1 and curve_coord.drops["bad_identity"] >= 1
         assert 3 not in curve_coord.nics
     finally:
         real.close()
@@ -142,7 +142,7 @@ def test_control_key_works_but_cannot_pose_as_a_nic(curve_coord, keys):
     liar = peer(curve_coord, 0, os.path.join(d, "ctl.key_secret"), d)  # ctl key, identity nic0
     try:
         assert not until(lambda: liar.registered, 1.5, liar)
-        assert curve_coord.auth["identity_mismatch"] >= 1 and 0 not in curve_coord.nics
+        assert curve_coord.auth_counts()["identity_mismatch"] >= 1 and 0 not in curve_coord.nics
     finally:
         liar.close()
 
@@ -211,3 +211,54 @@ def test_zap_decisions_and_identity_binding():
     assert not auth.identity_allowed("ctl", b"nic3")
     assert not auth.identity_allowed(None, b"nic0") and not auth.identity_allowed("", b"\x00a")
     assert not auth.identity_allowed("mallory", b"\x00a")
+
+
+def test_daemon_with_curve_from_config(tmp_path, capsys):
+    """The gateway config names the key files: the coordinator binds each NIC's public
+    key to its id, ctl finds its key beside the coordinator's."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kd = tmp_path / "keys"
+    auth.generate(str(kd), [0, 1])
+    doc = yaml.safe_load(open(os.path.join(root, "conf", "gw-2nic-by-port.yaml")))
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    doc["coordinator"].update(endpoint=ep, curve_secret_key=str(kd / "server.key_secret"),
+                              curve_public_key=str(kd / "server.key"))
+    for nic in doc["nics"]:
+        nic.update(curve_secret_key=str(kd / f"nic{nic['id']}.key_secret"),
+                   curve_public_key=str(kd / f"nic{nic['id']}.key"))
+    doc["metrics"]["enabled"] = False
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    p = subprocess.Popen([sys.executable, "-m", "hypernat.coord", "--config", str(cfg)], cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    nic1 = liar = None
+    try:
+        rc = 1
+        for _ in range(100):  # until it answers
+            rc = ctl.main(["--config", str(cfg), "--timeout", "0.3", "--json", "status"])
+            if rc == 0:
+                break
+        out = capsys.readouterr().out
+        assert rc == 0 and '"curve": true' in out
+        nic1 = ScriptedNic(ep, 1, curve=(str(kd / "nic1.key_secret"), str(kd / "server.key")))
+        assert nic1.run_until(lambda: nic1.registered, 10)
+        liar = ScriptedNic(ep, 0, curve=(str(kd / "ctl.key_secret"), str(kd / "server.key")))  # ctl key as nic0
+        assert not liar.run_until(lambda: liar.registered, 1.5)
+        assert ctl.main(["--config", str(cfg), "--json", "counters"]) == 0
+        counters = capsys.readouterr().out
+        assert '"identity_mismatch"' in counters
+    finally:
+        for x in (nic1, liar):
+            if x is not None:
+                x.close()
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err
+    assert "CURVE" in err

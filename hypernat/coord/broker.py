@@ -182,7 +182,8 @@ class Coordinator:
         self.received = [0] * 256  # by type code (unknown types under their byte)
         self.routed = [0] * 256
         self.drops = {name: 0 for name in DROP_REASON_NAMES}
-        self.auth = {name: 0 for name in AUTH_RESULTS}
+        self.auth = {name: 0 for name in AUTH_RESULTS}  # written by the ZAP thread only
+        self.identity_mismatch = 0  # keys used under another identity (the loop's count)
         self.queries = 0
         self._pending: Dict[int, _PendingRule] = {}
         self._next_qid = 1
@@ -370,8 +371,13 @@ class Coordinator:
                 self._housekeeping(now)
                 next_tick = now + tick
 
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _drop(self, reason: str, ident: bytes = b"", code: int = -1) -> None:
+        """Count a drop; log the 1st, 2nd, 4th, 8th, ... of each reason (a flood of bad
+        messages must not become a flood of log lines)."""
+        n = self.drops[reason] = self.drops[reason] + 1
+        if n & (n - 1) == 0:
+            what = M.TYPE_NAMES.get(code, "message") if code >= 0 else "message"
+            log.warning("dropped a %s from %s: %s (%d so far)", what, _who(ident), reason, n)
 
     def _handle_curve(self, frames) -> None:
         """CURVE: the socket identity must be one the key's user id may use (see
@@ -382,27 +388,26 @@ class Coordinator:
         except (zmq.ZMQError, KeyError, ValueError):
             user = None
         if not identity_allowed(user, ident):
-            self.auth["identity_mismatch"] += 1
-            self._drop("bad_identity")
+            self.identity_mismatch += 1  # (self.auth is the ZAP thread's to write)
+            n = self.identity_mismatch
+            if n & (n - 1) == 0:
+                log.warning("a connection authenticated as %r used the identity %s: a key may not pose as "
+                            "another NIC (%d so far)", user, _who(ident), n)
+            self._drop("bad_identity", ident)
             squatted = self.by_ident.get(ident)
             if squatted is not None and squatted.up:  # the id's pipe may be the impostor's now
                 self._mark_down(squatted, f"a connection authenticated as {user!r} uses its identity")
-            if self.auth["identity_mismatch"] & (self.auth["identity_mismatch"] - 1) == 0:  # 1, 2, 4, 8, ...
-                log.warning("dropped a message from socket %r authenticated as %r: a key may not use "
-                            "another identity (%d so far)", ident, user, self.auth["identity_mismatch"])
             return
         self._handle([f.bytes for f in frames])
 
     def _handle(self, msg) -> None:
         if len(msg) != 4:
-            self._drop("bad_frames")
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("dropped a message of %d frames from %r", len(msg), msg[0] if msg else b"")
+            self._drop("bad_frames", msg[0] if msg else b"")
             return
         ident, target, tframe, payload = msg
         code = _TYPE_BY_FRAME.get(tframe)
         if code is None:
-            self._drop("unknown_type")
+            self._drop("unknown_type", ident)
             if len(tframe) == 1:
                 self.received[tframe[0]] += 1
             src = self.by_ident.get(ident)
@@ -419,7 +424,7 @@ class Coordinator:
     def _route(self, ident, target, code, tframe, payload) -> None:
         src = self.by_ident.get(ident)
         if src is None:
-            self._drop("not_registered")
+            self._drop("not_registered", ident, code)
             self._undeliverable(ident, code, "not_registered", M.parse_identity(target), payload)
             return
         src.last_seen = time.monotonic()
@@ -427,33 +432,32 @@ class Coordinator:
         if not src.up:
             self._mark_up(src, "sent a message")
         if code not in M.ROUTED_TYPES:
-            self._drop("wrong_direction")
+            self._drop("wrong_direction", ident, code)
             self._undeliverable(ident, code, "rejected", M.parse_identity(target), payload)
             return
         dst = self.by_ident.get(target)
         if dst is None or not dst.up:
             reason = "unknown_target" if dst is None else "target_down"
-            self._drop(reason)
+            self._drop(reason, ident, code)
             self._undeliverable(ident, code, reason, M.parse_identity(target), payload)
             return
         if self.check_records:
             reason = M.check(src.nic, code, payload, receiver=dst.nic, owns=self.owns,
                              internal=self.internal, n_nics=self.n_nics)
             if reason is not None:
-                self._drop(reason)
-                log.warning("dropped %s from nic%d to nic%d: %s", M.TYPE_NAMES[code], src.nic, dst.nic, reason)
+                self._drop(reason, ident, code)
                 self._undeliverable(ident, code, "rejected", dst.nic, payload)
                 return
         try:
             self.sock.send_multipart((target, ident, tframe, payload), zmq.NOBLOCK)
         except zmq.Again:
-            self._drop("queue_full")
+            self._drop("queue_full", ident, code)
             self._undeliverable(ident, code, "unreachable", dst.nic, payload)
             return
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
-            self._drop("unreachable")
+            self._drop("unreachable", ident, code)
             self._mark_down(dst, "disconnected")
             self._undeliverable(ident, code, "unreachable", dst.nic, payload)
             return
@@ -488,7 +492,7 @@ class Coordinator:
         elif code == M.T_REPLY:
             self._reply(ident, payload)
         else:
-            self._drop("wrong_direction")
+            self._drop("wrong_direction", ident, code)
             if ident in self.by_ident:
                 self._undeliverable(ident, code, "rejected", None, payload)
 
@@ -498,10 +502,10 @@ class Coordinator:
         if d.reason is None and nic is None:
             d = d._replace(reason="bad_identity")
         if d.reason is not None:
-            self._drop(d.reason)
+            self._drop(d.reason, ident, M.T_HELLO)
             raw = M.decode(M.TYPE_FRAME[M.T_HELLO], payload)
-            claimed = f" claiming nic{int(raw.recs[0]['nic'])}" if raw.reason is None else ""
-            log.warning("refused HELLO from socket %r%s: %s", ident, claimed, d.reason)
+            if raw.reason is None:
+                log.info("the refused HELLO from %s claimed nic%d", _who(ident), int(raw.recs[0]["nic"]))
             return
         rec = d.recs[0]
         now = time.monotonic()
@@ -535,11 +539,11 @@ class Coordinator:
         st = self.by_ident.get(ident)
         d = M.decode(M.TYPE_FRAME[M.T_HEARTBEAT], payload)
         if d.reason is not None:
-            self._drop(d.reason)
+            self._drop(d.reason, ident)
             return
         if st is None or int(d.recs[0]["incarnation"]) != st.incarnation:
             # unknown to this coordinator (it restarted) or the NIC restarted: HELLO first
-            self._drop("not_registered")
+            self._drop("not_registered", ident)
             self._undeliverable(ident, M.T_HEARTBEAT, "not_registered", None, payload)
             return
         st.last_seen = time.monotonic()
@@ -552,18 +556,18 @@ class Coordinator:
     def _stats(self, ident, payload) -> None:
         st = self.by_ident.get(ident)
         if st is None:
-            self._drop("not_registered")
+            self._drop("not_registered", ident)
             self._undeliverable(ident, M.T_STATS, "not_registered", None, payload)
             return
         d = M.decode(M.TYPE_FRAME[M.T_STATS], payload)
         if d.reason is not None:
-            self._drop(d.reason)
+            self._drop(d.reason, ident)
             return
         obj = d.recs
         counters = obj.get("counters", {})
         gauges = obj.get("gauges", {})
         if not isinstance(counters, dict) or not isinstance(gauges, dict):
-            self._drop("bad_json")
+            self._drop("bad_json", ident, M.T_STATS)
             return
         st.stats = {"counters": counters, "gauges": gauges}
         st.stats_at = time.monotonic()
@@ -609,10 +613,16 @@ class Coordinator:
     def _on_auth(self, result: str, user: bytes) -> None:
         self.auth[result] = self.auth.get(result, 0) + 1
 
+    def auth_counts(self) -> dict:
+        """ZAP decisions and per-message identity refusals, by result."""
+        out = dict(self.auth)
+        out["identity_mismatch"] = out.get("identity_mismatch", 0) + self.identity_mismatch
+        return out
+
     def _query(self, ident, payload) -> None:
         d = M.decode(M.TYPE_FRAME[M.T_QUERY], payload)
         if d.reason is not None:
-            self._drop(d.reason)
+            self._drop(d.reason, ident)
             return
         q = d.recs
         self.queries += 1
@@ -634,7 +644,7 @@ class Coordinator:
             else:
                 raise ValueError(f"unknown op {op!r} (status, nics, counters, rule)")
         except (ValueError, TypeError, KeyError) as exc:
-            self._drop("bad_query")
+            self._drop("bad_query", ident, M.T_QUERY)
             self._send(ident, M.T_REPLY, M.pack_json({"id": qid, "ok": False, "error": str(exc)}))
             return
         self._send(ident, M.T_REPLY, M.pack_json({"id": qid, "ok": True, "result": result}))
@@ -667,7 +677,7 @@ class Coordinator:
         st = self.by_ident.get(ident)
         d = M.decode(M.TYPE_FRAME[M.T_REPLY], payload)
         if st is None or d.reason is not None:
-            self._drop("not_registered" if st is None else d.reason)
+            self._drop("not_registered" if st is None else d.reason, ident, M.T_REPLY)
             return
         qid = d.recs.get("id")
         p = self._pending.get(qid) if isinstance(qid, int) else None
@@ -710,7 +720,7 @@ class Coordinator:
             "messages_received": sum(self.received),
             "messages_routed": sum(self.routed),
             "drops": sum(self.drops.values()),
-            "auth_refused": sum(v for k, v in self.auth.items() if k != "accepted"),
+            "auth_refused": sum(v for k, v in self.auth_counts().items() if k != "accepted"),
         }
 
     def nics_table(self) -> list:
@@ -744,9 +754,15 @@ class Coordinator:
                 "received": {M.TYPE_NAMES.get(c, f"0x{c:02x}"): n for c, n in enumerate(self.received) if n},
                 "routed": {M.TYPE_NAMES[c]: n for c, n in enumerate(self.routed) if n},
                 "drops": {k: v for k, v in self.drops.items() if v},
-                "auth": {k: v for k, v in self.auth.items() if v},
+                "auth": {k: v for k, v in self.auth_counts().items() if v},
             },
         }
+
+
+def _who(ident: bytes) -> str:
+    """A socket identity for the log: nic3, or the anonymous id in hex."""
+    nic = M.parse_identity(ident)
+    return f"nic{nic}" if nic is not None else f"socket {bytes(ident).hex() or '(empty)'}"
 
 
 def _sum_into(total: dict, add: dict) -> None:

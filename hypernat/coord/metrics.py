@@ -64,7 +64,7 @@ class CoordinatorCollector:
             m.add_metric([reason], n)
         yield m
         m = CounterMetricFamily("hypernat_coord_auth", "CURVE connection decisions, by result", labels=["result"])
-        for result, n in list(c.auth.items()):
+        for result, n in c.auth_counts().items():
             m.add_metric([result], n)
         yield m
         yield CounterMetricFamily("hypernat_coord_queries", "Control queries received", value=c.queries)
