@@ -63,9 +63,69 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
             raise RuntimeError("hypernat.nic / hypernat.coord are not in this build: use --peer linux or noop")
         # Interfaces and backends are the config's (nics[k].inside/outside/io): the
         # lab names its links inside<k>/outside<k> to match conf/testbed.yaml.
-        topo.start(topo.gw, [py, "-m", "hypernat.coord", "--config", config])
+        config = os.path.abspath(config)
+        topo.config = config
+        # A coordinator socket and state directories of the run's own: two labs from the
+        # same config never meet, and a new lab never restores an old run's snapshot.
+        run = topo.run_dir()
+        os.makedirs(run, exist_ok=True)
+        topo.endpoint = f"ipc://{run}/coord.sock"
+        topo.start(topo.gw, [py, "-m", "hypernat.coord", "--config", config, "--endpoint", topo.endpoint])
         for k in range(topo.nics):
-            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k)])
+            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k),
+                                 "--endpoint", topo.endpoint, "--state-dir", os.path.join(run, f"nic{k}")])
+        # (Metrics servers listen on gw's own loopback: no clash between runs.)
+        wait_for_nics(topo)
+
+
+def _ctl(topo):
+    from ..config import load
+    from ..coord.ctl import CtlClient
+
+    return CtlClient(topo.endpoint or load(topo.config).coordinator.endpoint, timeout=1.0)
+
+
+def wait_for_nics(topo, timeout: float = 15.0) -> None:
+    """Until the coordinator reports every NIC up (their HELLO arrived)."""
+    import time
+
+    from ..coord.ctl import CtlError
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with _ctl(topo) as c:
+                rows = c.query("nics") or []
+            up = sum(1 for r in rows if r.get("up"))
+            if up >= topo.nics:
+                return
+            last = f"{up} of {topo.nics} NICs up"
+        except CtlError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"the gateway did not come up in {timeout:g} s ({last}); see the logs in /run/hypernat-lab")
+
+
+def gateway_counters(topo) -> dict:
+    """The NICs' counters summed by the coordinator (non-zero ones), or {'error': ...}."""
+    from ..coord.ctl import CtlError
+
+    try:
+        with _ctl(topo) as c:
+            r = c.query("counters") or {}
+    except (CtlError, OSError, ValueError) as exc:
+        return {"error": str(exc)}
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                yield from flat(v, name)
+            else:
+                yield name, v
+
+    return {k: v for k, v in sorted(flat(r.get("total", {}))) if v}
 
 
 def main(argv=None) -> int:
@@ -119,6 +179,8 @@ def main(argv=None) -> int:
             from .peer import conntrack_count, nat_counters
 
             rep["linux_nat"] = dict(nat_counters(topo), conntrack=conntrack_count(topo))
+        if topo.mode == "hypernat" and (topo.config or topo.endpoint):
+            rep["gateway"] = gateway_counters(topo)
         if args.json:
             print(json.dumps(rep, indent=1, default=str))
         else:
@@ -134,6 +196,11 @@ def main(argv=None) -> int:
             print(f"ping {p['received']}/{p['sent']} replies")
             for k, v in rep.get("linux_nat", {}).items():
                 print(f"linux-nat {k}: {v}")
+            if "gateway" in rep:
+                keys = ("clone", "drop", "fetch", "push", "miss", "translated", "hairpin", "nack", "revoke")
+                for k, v in rep["gateway"].items():
+                    if k == "error" or any(w in k for w in keys):
+                        print(f"gateway {k}: {v}")
             for name, v in rep["links"].items():
                 print(f"link {name:<9} rx {v['rx']:>8} tx {v['tx']:>8}")
         good = (rep["tcp"]["intact"] == rep["tcp"]["connections"] and rep["udp"]["answered"] == rep["udp"]["flows"]

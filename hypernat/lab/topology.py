@@ -112,6 +112,8 @@ class Topology:
     addr: Addressing = field(default_factory=Addressing)
     mtu: int = 1500
     steer_seed: int | None = None  # steer inet's return traffic by nftables jhash (steering.py)
+    config: str = ""  # the gateway config the daemons run (hypernat mode)
+    endpoint: str = ""  # their coordinator endpoint: per run, so parallel runs do not meet
     pids: list = field(default_factory=list)
 
     # names ------------------------------------------------------------------
@@ -368,6 +370,13 @@ class Topology:
             os.unlink(self.state_path())
         except FileNotFoundError:
             pass
+        import shutil
+
+        shutil.rmtree(self.run_dir(), ignore_errors=True)
+
+    def run_dir(self) -> str:
+        """Per-run files of the daemons (coordinator socket, snapshots, journals)."""
+        return os.path.join(STATE_DIR, f"{self.tag}.d")
 
 
 def _terminate(pids, grace=3.0) -> None:
