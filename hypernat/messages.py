@@ -123,7 +123,11 @@ record fields and, through predicates the caller passes in (this module does not
 import the partition code), that a rule's external endpoint lies in its owner's
 partition (or a block it borrowed) and its internal address in the internal prefixes.
 It never raises on bytes: it returns a ``Decoded`` whose ``reason`` is ``None`` or one of
-``REASONS``, the names the coordinator and the NICs count drops under.
+``REASONS``, the names the coordinator and the NICs count drops under.  ``check(...)``
+runs the same checks for a router that only needs the verdict.  Batches of up to
+``SMALL_BATCH`` records are checked record by record with ``struct`` (about 1 µs for a
+FETCH), larger ones with numpy (a fixed ~15 µs, then nearly free per record); the tests
+hold the two paths to the same verdicts.
 """
 from __future__ import annotations
 

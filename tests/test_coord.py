@@ -625,3 +625,16 @@ def test_coordinator_sigkill_and_restart_loses_nothing_acknowledged():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+
+
+def test_metrics_port_in_use_is_a_clear_error():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        with pytest.raises(CoordinatorError, match="metrics"):
+            Coordinator(ipc_endpoint(), metrics_port=s.getsockname()[1]).start_thread()
+    finally:
+        s.close()

@@ -294,7 +294,10 @@ class Coordinator:
         if self.metrics_port is not None:
             from .metrics import serve
 
-            self._metrics_server = serve(self, self.metrics_port, self.metrics_addr)
+            try:
+                self._metrics_server = serve(self, self.metrics_port, self.metrics_addr)
+            except OSError as exc:
+                raise CoordinatorError(f"cannot serve metrics on {self.metrics_addr}:{self.metrics_port}: {exc}") from exc
 
     def _prepare_ipc(self, path: str) -> None:
         """Create the socket's directory; refuse to steal the path from a live
