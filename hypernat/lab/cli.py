@@ -70,12 +70,22 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
         run = topo.run_dir()
         os.makedirs(run, exist_ok=True)
         topo.endpoint = f"ipc://{run}/coord.sock"
-        topo.start(topo.gw, [py, "-m", "hypernat.coord", "--config", config, "--endpoint", topo.endpoint])
-        for k in range(topo.nics):
-            topo.start(topo.gw, [py, "-m", "hypernat.nic", "--config", config, "--nic", str(k),
-                                 "--endpoint", topo.endpoint, "--state-dir", os.path.join(run, f"nic{k}")])
         # (Metrics servers listen on gw's own loopback: no clash between runs.)
+        topo.start(topo.gw, coord_argv(topo))
+        for k in range(topo.nics):
+            topo.start(topo.gw, nic_argv(topo, k))
         wait_for_nics(topo)
+
+
+def coord_argv(topo) -> list:
+    """The coordinator's command line in a hypernat-mode lab (tests restart it with it)."""
+    return [sys.executable, "-m", "hypernat.coord", "--config", topo.config, "--endpoint", topo.endpoint]
+
+
+def nic_argv(topo, k: int) -> list:
+    """NIC k's daemon command line in a hypernat-mode lab."""
+    return [sys.executable, "-m", "hypernat.nic", "--config", topo.config, "--nic", str(k),
+            "--endpoint", topo.endpoint, "--state-dir", os.path.join(topo.run_dir(), f"nic{k}")]
 
 
 def _ctl(topo):
