@@ -260,3 +260,39 @@ def test_random_bytes_storm_no_crash_all_counted(gw):
     # Each frame got exactly one verdict of some kind: nothing vanished uncounted.
     fast = lambda c: sum(v for k, v in c.items() if k.startswith("fastpath_"))  # noqa: E731
     assert fast(after) - fast(before) >= sum(injected.values()) > 0
+
+
+def test_hypernat_on_af_xdp(tmp_path):
+    """The same gateway with both NICs on AF_XDP (our XDP program passes ARP to gw's
+    kernel, IPv4 to the daemons)."""
+    pytest.importorskip("hypernat.io.af_xdp", reason="hypernat.io._xsk not built (libxdp/libbpf missing)")
+    import yaml
+
+    with open(CONF) as f:
+        doc = yaml.safe_load(f)
+    for nic in doc["nics"]:
+        nic["io"] = "af_xdp"
+    conf = str(tmp_path / "gw-af_xdp.yaml")
+    with open(conf, "w") as f:
+        yaml.safe_dump(doc, f)
+    topo = Topology(tag=f"t{os.getpid()}x", nics=2, mode="hypernat", addr=Addressing.from_config(conf))
+    try:
+        topo.up()
+        cli.start_gateway(topo, conf)
+
+        async def go():
+            return (await traffic.tcp_echo(topo, n_conns=100, seed=4, timeout=60),
+                    await traffic.udp_echo(topo, n_flows=10), await traffic.ping(topo, count=2))
+
+        tcp, udp, icmp = asyncio.run(go())
+        s = tcp.summary()
+        assert s["intact"] == 100 and 0.2 <= s["crossed_fraction"] <= 0.8, s
+        assert udp["answered"] == 10 and icmp["received"] == 2
+        c = counters(topo)
+        assert total(c, "clones_installed") > 0 and c.get("port_inside0_xdp_native") == 1, c
+    finally:
+        topo.down()
+        for name in ("coord", "nic-0", "nic-1"):
+            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
+            if os.path.exists(p):
+                os.unlink(p)

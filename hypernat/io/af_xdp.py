@@ -92,7 +92,9 @@ class AfXdpPort(Port):
         return self._mac
 
     def stats(self) -> dict:
-        return dict(self.xsk.counters(), xdp_mode=self.mode)
+        """Numeric counters only (metrics take them as they are); the XDP mode is
+        ``.mode``."""
+        return dict(self.xsk.counters(), xdp_native=int(self.mode == "native"))
 
     def close(self) -> None:
         if self.xsk is not None:

@@ -190,6 +190,9 @@ def main(argv=None) -> int:
 
             rep["linux_nat"] = dict(nat_counters(topo), conntrack=conntrack_count(topo))
         if topo.mode == "hypernat" and (topo.config or topo.endpoint):
+            import time
+
+            time.sleep(1.2)  # the NICs report their counters every second
             rep["gateway"] = gateway_counters(topo)
         if args.json:
             print(json.dumps(rep, indent=1, default=str))
