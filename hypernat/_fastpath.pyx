@@ -358,13 +358,15 @@ cdef inline uint32_t rd8(const hn_parsed *p, const uint8_t *b, uint64_t pos) noe
 
 cdef inline uint32_t rd16(const hn_parsed *p, const uint8_t *b, uint64_t pos) noexcept nogil:
     chk(p, pos, 2)
-    return (<uint32_t>b[pos] << 8) | b[pos + 1]
+    # bytes of one pointer: gcc/clang merge them into a load + byte swap (rev on ARM)
+    cdef const uint8_t *q = b + pos
+    return (<uint32_t>q[0] << 8) | q[1]
 
 
 cdef inline uint32_t rd32(const hn_parsed *p, const uint8_t *b, uint64_t pos) noexcept nogil:
     chk(p, pos, 4)
-    return ((<uint32_t>b[pos] << 24) | (<uint32_t>b[pos + 1] << 16)
-            | (<uint32_t>b[pos + 2] << 8) | b[pos + 3])
+    cdef const uint8_t *q = b + pos
+    return (<uint32_t>q[0] << 24) | (<uint32_t>q[1] << 16) | (<uint32_t>q[2] << 8) | q[3]
 
 
 cdef inline void wr8(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) noexcept nogil:
@@ -387,11 +389,10 @@ cdef inline void wr32(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) 
 
 
 cdef inline uint32_t fold(uint64_t s) noexcept nogil:
-    """One's-complement fold with end-around carry (RFC 1071), branch-free: every sum
-    here is below 2**40 (at most 2**15 words of 16 bits), and four folds bring any
-    s < 2**48 to 16 bits."""
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
+    """One's-complement fold with end-around carry (RFC 1071), branch-free.  Every sum
+    here is below 2**32 (at most 2**15 words of 16 bits, or a few dozen terms), and
+    two folds bring any s < 2**32 to 16 bits: the first leaves at most 0x1FFFE, the
+    second at most 0xFFFF."""
     s = (s & 0xFFFF) + (s >> 16)
     s = (s & 0xFFFF) + (s >> 16)
     return <uint32_t>s
@@ -609,10 +610,17 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
 # ------------------------------------------------------------------------------------
 
 cdef inline void touch(hn_slot *s, uint32_t now, const hn_parsed *p) noexcept nogil:
-    s.last_seen = now
-    s.flags |= F_ACTIVE
+    # Store only what changes: most hits fall in the same clock tick as the flow's last
+    # one, and a line that stays clean is never written back to memory.
+    if s.last_seen != now:
+        s.last_seen = now
+    if not (s.flags & F_ACTIVE):
+        s.flags |= F_ACTIVE
+    cdef uint8_t st
     if p.proto == PROTO_TCP:
-        s.tcp_state |= p.tcp_flags & TCP_STATE_MASK
+        st = s.tcp_state | (p.tcp_flags & TCP_STATE_MASK)
+        if st != s.tcp_state:
+            s.tcp_state = st
 
 
 cdef bint icmp_all_zero(const hn_parsed *p) noexcept nogil:
@@ -666,6 +674,41 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
             # all-zero message does (echo reply, id 0, seq 0, no payload: ICMP has no
             # pseudo-header); its checksum is ~(+0) = 0xFFFF (RFC 1624 sec. 3).
             ck = 0xFFFF
+        wr16(p, b, l4 + 2, ck)
+
+
+cdef inline void rewrite_one(const hn_parsed *p, bint dst, uint32_t na, uint32_t np_) noexcept nogil:
+    """``rewrite`` specialised to one endpoint: the source (OUT) or the destination
+    (IN).  The other endpoint's RFC 1624 terms (~m + m with m unchanged) are the
+    constants 0x1FFFE per address and 0xFFFF per port: added as such, the checksums
+    come out bit for bit as from the general form (and the reference)."""
+    cdef uint8_t *b = p.b
+    cdef uint64_t l3 = p.l3
+    cdef uint64_t l4 = p.l4
+    cdef uint32_t kind = p.kind
+    cdef uint32_t proto = p.proto
+    cdef uint32_t oa = p.daddr if dst else p.saddr
+    cdef uint32_t op = p.dport if dst else p.sport
+    cdef uint64_t aoff = 16 if dst else 12
+    cdef uint64_t poff = 2 if dst else 0
+    cdef uint64_t aterms = d32(oa, na) + 0x1FFFE
+    cdef uint32_t ttl = rd8(p, b, l3 + 8)
+    cdef uint32_t ck
+    ck = adjust(rd16(p, b, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
+    wr8(p, b, l3 + 8, ttl - 1)
+    wr16(p, b, l3 + 10, ck)
+    wr32(p, b, l3 + aoff, na)
+    if kind == K_TCP:
+        wr16(p, b, l4 + 16, adjust(rd16(p, b, l4 + 16), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + poff, np_)
+    elif kind == K_UDP:
+        wr16(p, b, l4 + 6, adjust_udp(rd16(p, b, l4 + 6), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + poff, np_)
+    else:
+        ck = adjust(rd16(p, b, l4 + 2), d16(p.sport, np_))
+        wr16(p, b, l4 + 4, np_)
+        if ck == 0 and icmp_all_zero(p):
+            ck = 0xFFFF                 # see rewrite()
         wr16(p, b, l4 + 2, ck)
 
 
@@ -749,10 +792,7 @@ cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, in
         return V_MISS_OUT if direction == DIR_OUT else V_MISS_IN
     e1 = &t.s[i]
     touch(e1, now, p)
-    if direction == DIR_OUT:
-        rewrite(p, e1.new_addr, e1.new_port, p.daddr, p.dport, e1.new_port)
-    else:
-        rewrite(p, p.saddr, p.sport, e1.new_addr, e1.new_port, e1.new_port)
+    rewrite_one(p, direction != DIR_OUT, e1.new_addr, e1.new_port)
     return V_TRANSLATED
 
 
