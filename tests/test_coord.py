@@ -61,8 +61,12 @@ def free_port():
 
 
 @pytest.fixture
-def coord():
-    c = Coordinator(ipc_endpoint(), heartbeat_interval=0.1, heartbeat_timeout=0.6).start_thread()
+def coord(request):
+    # a NIC is down after heartbeat_timeout of silence: long enough by default that peers
+    # a test does not service for a moment (a loaded machine) stay up; a liveness test
+    # asks for a short one (indirect parametrization)
+    timeout = getattr(request, "param", 5.0)
+    c = Coordinator(ipc_endpoint(), heartbeat_interval=0.1, heartbeat_timeout=timeout).start_thread()
     yield c
     c.stop()
     c.join(5)
@@ -305,6 +309,7 @@ def test_partition_and_internal_predicates():
 # ----------------------------------------------------------------- liveness
 
 
+@pytest.mark.parametrize("coord", [0.6], indirect=True)
 def test_heartbeat_echo_and_liveness(coord, peers):
     a, b = peers(0), peers(1)
     assert until(lambda: a.peers.get(1, (0,))[0] == M.PEER_UP, 3, a, b)
@@ -638,3 +643,18 @@ def test_metrics_port_in_use_is_a_clear_error():
             Coordinator(ipc_endpoint(), metrics_port=s.getsockname()[1]).start_thread()
     finally:
         s.close()
+
+
+def test_predicates_from_config():
+    from hypernat.config import load
+    from hypernat.coord.broker import predicates_from_config
+
+    owns, internal, owner_of = predicates_from_config(load(os.path.join(ROOT, "conf", "gw-2nic-by-port.yaml")))
+    e = M.ip_int("203.0.113.10")
+    addrs = np.array([e, e, e, M.ip_int("203.0.113.11")], dtype=np.uint32)
+    ports = np.array([1024, 33279, 33280, 40000], dtype=np.uint16)  # nic0 | nic0 | nic1 | outside the pool
+    assert owns(0, addrs, ports).tolist() == [True, True, False, False]
+    assert owns(1, addrs, ports).tolist() == [False, False, True, False]
+    assert owner_of(e, 40000) == 1 and owner_of(e, 2000) == 0
+    ins = np.array([M.ip_int(a) for a in ("10.0.0.1", "10.1.255.255", "10.2.0.1", "203.0.113.10")], dtype=np.uint32)
+    assert internal(ins).tolist() == [True, True, False, False]
