@@ -128,6 +128,7 @@ def compare(new, old, threshold):
 
 
 def main(argv=None):
+    rc = 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threshold", type=float, default=0.25,
                     help="fail if a normalised rate fell by more than this fraction (default 0.25)")
@@ -153,12 +154,12 @@ def main(argv=None):
         print("bench:", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=ROOT)
         if rc != 0:
-            print(f"bench: the benchmark run failed (pytest exit status {rc})", file=sys.stderr)
-            return rc
+            print(f"bench: some benchmarks failed (pytest exit status {rc}); comparing the others",
+                  file=sys.stderr)
         created = sorted(set(saved_runs(storage)) - before)
         if not created:
             print("bench: pytest saved no run (was --benchmark-disable given?)", file=sys.stderr)
-            return 2
+            return rc or 2
         new_path = created[-1]
     else:
         if not before:
@@ -177,7 +178,7 @@ def main(argv=None):
     print(summary(rn))
     if not older:
         print("\nbench: no earlier run on this machine: this run is the baseline (saved)")
-        return 0
+        return rc
     old, old_path = max(older, key=lambda rp: rp[0].get("datetime", ""))
     print(f"\nlast run: {os.path.relpath(old_path, ROOT)}  (threshold {args.threshold:.0%})")
     bad = compare(new, old, args.threshold)
@@ -186,7 +187,7 @@ def main(argv=None):
               + ", ".join(short(b) for b in bad), file=sys.stderr)
         return 1
     print(f"\nbench: no normalised rate fell by more than {args.threshold:.0%}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
