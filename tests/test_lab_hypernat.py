@@ -21,7 +21,8 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 @pytest.fixture(scope="module")
 def gw():
-    topo = Topology(tag=f"t{os.getpid()}g", nics=2, mode="hypernat", addr=Addressing.from_config(CONF))
+    topo = Topology(tag=f"t{os.getpid()}g", nics=2, mode="hypernat", addr=Addressing.from_config(CONF),
+                    narrow_mtu=1200)
     try:
         topo.up()
         cli.start_gateway(topo, CONF)
@@ -76,6 +77,31 @@ def test_200_tcp_connections_udp_and_ping_through_hypernat(gw):
     # Connections whose directions crossed NICs needed rules cloned through the coordinator.
     assert total(c, "clones_installed") > 0, c
     assert total(c, "translated") >= 200 * 4
+
+
+def _snmp(ns, group, field):
+    """A counter of /proc/net/snmp inside namespace `ns`."""
+    lines = [ln.split() for ln in netns.run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if ln.startswith(group + ":")]
+    return int(lines[1][lines[0].index(field)])
+
+
+def test_path_mtu_discovery_through_hypernat(gw):
+    """inet routes the far server over a 1200-byte link and answers full-size segments
+    with ICMP "fragmentation needed" to the client's external address; the gateway
+    translates the error (whichever NIC it lands on: a miss there is fetched like any
+    incoming miss) and the client's TCP shrinks its segments.  Without that, every
+    connection would stall: its big segments are never delivered."""
+    sent_before = _snmp(gw.inet, "IcmpMsg", "OutType3") if "OutType3" in netns.run(
+        gw.inet, ["cat", "/proc/net/snmp"]).stdout else 0
+    got_before = _snmp(gw.vpc, "Icmp", "InDestUnreachs")
+    rep = asyncio.run(traffic.tcp_echo(gw, n_conns=20, size=(60000, 150000), seed=8, port=5106, timeout=60,
+                                       server_ns=gw.srv, server_ip=gw.far_server(), sniff=False))
+    assert rep.intact == 20, rep.summary()
+    sent = _snmp(gw.inet, "IcmpMsg", "OutType3") - sent_before
+    got = _snmp(gw.vpc, "Icmp", "InDestUnreachs") - got_before
+    assert sent > 0, "the narrow link never made inet send fragmentation-needed"
+    assert got > 0, "no ICMP error reached the clients through the gateway"
 
 
 async def _echo_server(topo, port):

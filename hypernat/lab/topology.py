@@ -112,6 +112,7 @@ class Topology:
     addr: Addressing = field(default_factory=Addressing)
     mtu: int = 1500
     steer_seed: int | None = None  # steer inet's return traffic by nftables jhash (steering.py)
+    narrow_mtu: int = 0  # >0: a server behind a link of this MTU (path-MTU discovery through the NAT)
     config: str = ""  # the gateway config the daemons run (hypernat mode)
     endpoint: str = ""  # their coordinator endpoint: per run, so parallel runs do not meet
     pids: list = field(default_factory=list)
@@ -130,8 +131,16 @@ class Topology:
         return f"{NS_PREFIX}{self.tag}-inet"
 
     @property
+    def srv(self) -> str:
+        return f"{NS_PREFIX}{self.tag}-srv"
+
+    @property
     def namespaces(self) -> tuple:
-        return (self.vpc, self.gw, self.inet)
+        return (self.vpc, self.gw, self.inet) + ((self.srv,) if self.narrow_mtu else ())
+
+    def far_server(self) -> str:
+        """The server behind the narrow link (``narrow_mtu``)."""
+        return str(ipaddress.ip_network(self.addr.servers_net)[200])
 
     @staticmethod
     def inside(k: int) -> str:
@@ -250,6 +259,8 @@ class Topology:
             from .steering import install
 
             install(self, self.steer_seed)
+        if self.narrow_mtu:
+            self._narrow_link()
         if self.mode == "linux":
             from .peer import install_linux_nat
 
@@ -268,6 +279,34 @@ class Topology:
             f"meta protocol ip counter drop; }}"
             for k in range(self.nics) for name in (self.inside(k), self.outside(k)))
         netns.run(self.gw, ["nft", "-f", "-"], input_=f"table netdev hypernat_gw {{\n{chains}\n}}\n")
+
+    def _narrow_link(self) -> None:
+        """inet ══(MTU narrow_mtu)══ srv, a server on srv's lo that still advertises an
+        MSS of 1460: the client's full-size segments reach inet, which must send ICMP
+        "fragmentation needed" back to the client's *external* address — through
+        whichever NIC the ECMP hash picks for it::
+
+            vpc ─ gw ─ inet (router) ═══ narrow ═══ srv: 198.51.100.200
+        """
+        with IPRoute(netns=self.inet) as inet:
+            inet.link("add", ifname="narrow", kind="veth", peer={"ifname": "up", "net_ns_fd": self.srv})
+            idx = inet.link_lookup(ifname="narrow")[0]
+            inet.link("set", index=idx, mtu=self.narrow_mtu)
+            inet.addr("add", index=idx, address="172.18.0.1", prefixlen=24)
+            inet.link("set", index=idx, state="up")
+            inet.route("add", dst=self.far_server() + "/32", gateway="172.18.0.2")
+        with IPRoute(netns=self.srv) as srv:
+            lo = srv.link_lookup(ifname="lo")[0]
+            srv.addr("add", index=lo, address=self.far_server(), prefixlen=32)
+            idx = srv.link_lookup(ifname="up")[0]
+            srv.link("set", index=idx, mtu=self.narrow_mtu)
+            srv.addr("add", index=idx, address="172.18.0.2", prefixlen=24)
+            srv.link("set", index=idx, state="up")
+        # (iproute2 here: the advmss route metric is plain there.)
+        netns.run(self.srv, ["ip", "route", "add", "default", "via", "172.18.0.1", "advmss", "1460"])
+        netns.sysctl(self.inet, "net.ipv4.ip_forward", 1)
+        for ns, name in ((self.inet, "narrow"), (self.srv, "up")):
+            self._offloads_off(ns, name)
 
     @staticmethod
     def _ecmp(ipr, dst, hops, **kw):
@@ -355,12 +394,13 @@ class Topology:
     def down(self) -> None:
         """Stop every process in our namespaces, delete the namespaces.  Idempotent."""
         victims = set(self.pids)
-        for n in self.namespaces:
+        every = tuple(dict.fromkeys(self.namespaces + (self.srv,)))
+        for n in every:
             if os.path.exists(netns.ns_path(n)):
                 victims.update(netns.pids_in(n))
         victims.discard(os.getpid())
         _terminate(victims)
-        for n in self.namespaces:
+        for n in every:
             if os.path.exists(netns.ns_path(n)):
                 try:
                     pr_netns.remove(n)

@@ -156,11 +156,12 @@ class TcpReport:
 
 
 async def tcp_echo(topo, n_conns=200, size=(1000, 32000), seed=0, timeout=30.0, port=TCP_PORT,
-                   sniff=True) -> TcpReport:
-    """`n_conns` concurrent TCP connections vpc → inet, each with its own payload."""
+                   sniff=True, server_ns=None, server_ip=None) -> TcpReport:
+    """`n_conns` concurrent TCP connections vpc → inet (or `server_ns`/`server_ip`),
+    each with its own payload."""
     loop = asyncio.get_running_loop()
     a = topo.addr
-    server_ip = a.server(0)
+    server_ip = server_ip or a.server(0)
     results = {i: ConnResult(i, size=size_for(i, size[0], size[1], seed)) for i in range(n_conns)}
     sniffers = []
     if sniff:
@@ -185,7 +186,7 @@ async def tcp_echo(topo, n_conns=200, size=(1000, 32000), seed=0, timeout=30.0, 
         finally:
             writer.close()
 
-    lsock = netns.ns_socket(topo.inet, socket.AF_INET, socket.SOCK_STREAM)
+    lsock = netns.ns_socket(server_ns or topo.inet, socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((server_ip, port))
     lsock.listen(4096)
