@@ -518,15 +518,17 @@ def test_refuses_to_steal_a_live_ipc_path(coord):
     assert wait_serving(coord.endpoint)["nics_known"] == 0  # the first one is untouched
 
 
-def test_daemon_sigterm_is_a_clean_stop():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_signal_is_a_clean_stop(sig):
     ep = ipc_endpoint()
     p = start_daemon(ep)
     try:
         wait_serving(ep)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=20)
         assert p.returncode == 0, err
-        assert "SIGTERM" in err and "coordinator stopped" in err
+        assert sig.name in err and "coordinator stopped" in err
+        assert not os.path.exists(ep[len("ipc://"):])  # the socket file is gone
     finally:
         if p.poll() is None:
             p.kill()

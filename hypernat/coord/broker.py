@@ -196,6 +196,7 @@ class Coordinator:
         self._zap: Optional[ZapHandler] = None
         self._metrics_server = None
         self.bound_endpoint: Optional[str] = None
+        self._ipc_file: Optional[tuple] = None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
@@ -285,9 +286,12 @@ class Coordinator:
         except zmq.ZMQError as exc:
             raise CoordinatorError(f"cannot bind {ep}: {exc}") from exc
         self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or ep
-        if ep.startswith("ipc://") and self.ipc_mode is not None:
+        if ep.startswith("ipc://") and not ep.startswith("ipc://@"):
+            path = ep[len("ipc://"):]
             try:
-                os.chmod(ep[len("ipc://"):], self.ipc_mode)
+                self._ipc_file = (path, os.stat(path).st_ino)  # ours to remove at the end
+                if self.ipc_mode is not None:
+                    os.chmod(path, self.ipc_mode)
             except OSError as exc:
                 log.warning("cannot set mode of %s: %s", ep, exc)
         sock.rcvtimeo = self._tick_ms()
@@ -322,6 +326,14 @@ class Coordinator:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+        if self._ipc_file is not None:  # libzmq leaves the socket file behind
+            path, ino = self._ipc_file
+            try:
+                if os.stat(path).st_ino == ino:  # still ours, not a successor's
+                    os.unlink(path)
+            except OSError:
+                pass
+            self._ipc_file = None
         if self._zap is not None:
             self._zap.stop()
             self._zap = None
