@@ -301,7 +301,8 @@ class Coordinator:
             try:
                 self._metrics_server = serve(self, self.metrics_port, self.metrics_addr)
             except OSError as exc:
-                raise CoordinatorError(f"cannot serve metrics on {self.metrics_addr}:{self.metrics_port}: {exc}") from exc
+                where = f"{self.metrics_addr}:{self.metrics_port}"
+                raise CoordinatorError(f"cannot serve metrics on {where}: {exc}") from exc
 
     def _prepare_ipc(self, path: str) -> None:
         """Create the socket's directory; refuse to steal the path from a live

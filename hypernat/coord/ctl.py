@@ -215,5 +215,6 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        {"status": _print_status, "nics": _print_nics, "counters": _print_counters, "rule": _print_rule}[args.cmd](result)
+        printers = {"status": _print_status, "nics": _print_nics, "counters": _print_counters, "rule": _print_rule}
+        printers[args.cmd](result)
     return 0

@@ -88,7 +88,8 @@ class CoordinatorCollector:
         for name, v in _flatten(total):
             g.add_metric([name], v)
         yield g
-        yield GaugeMetricFamily("hypernat_coord_uptime_seconds", "Seconds since start", value=time.time() - c.started_at)
+        yield GaugeMetricFamily("hypernat_coord_uptime_seconds", "Seconds since start",
+                                value=time.time() - c.started_at)
 
 
 def registry_for(coord) -> CollectorRegistry:
