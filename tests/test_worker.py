@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-from scapy.all import IP, TCP as STCP, UDP as SUDP, Ether
+from scapy.all import IP, TCP as STCP, Ether
 
 from hypernat import messages as M
 from hypernat.coord.broker import Coordinator

@@ -32,7 +32,6 @@ in-process with ``run_once()``.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import signal
@@ -46,7 +45,7 @@ from .. import messages as M
 from ..agent import AgentParams, RuleAgent
 from ..fastpath import FlowTable, Translator
 from ..partition import Partition
-from ..rules import ACT_DROP, ACT_FETCH, ACT_REPLAY, RuleBuilder
+from ..rules import ACT_FETCH, ACT_REPLAY, RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
 
 log = logging.getLogger("hypernat.nic")
@@ -153,7 +152,6 @@ class NicWorker:
         self._hb_seq = 0
         self.peers: dict[int, tuple] = {}
         self.sock = None
-        self._own_ctx = False
         self.standalone = standalone
         self.poller = zmq.Poller()
         for p in (inside, outside):
@@ -631,8 +629,4 @@ class NicWorker:
 
     def __repr__(self) -> str:
         return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, default=lambda o: int(o) if isinstance(o, np.integer) else str(o))
 
