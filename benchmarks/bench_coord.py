@@ -149,6 +149,10 @@ class Rig:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        try:
+            os.rmdir(os.path.dirname(self.endpoint[len("ipc://"):]))
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="module")

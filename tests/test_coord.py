@@ -51,6 +51,16 @@ def ipc_endpoint():
     return f"ipc:///tmp/hnc-{os.getpid()}-{_n[0]}/coord.sock"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_ipc_dirs():
+    yield
+    import glob
+    import shutil
+
+    for d in glob.glob(f"/tmp/hnc-{os.getpid()}-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def free_port():
     import socket
 
