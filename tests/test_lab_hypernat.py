@@ -322,3 +322,48 @@ def test_hypernat_on_af_xdp(tmp_path):
             p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def test_hairpinning_between_two_vpc_hosts(gw):
+    """Hosts A and B talk to the Internet (so they have mappings E_A:p_A, E_B:p_B); B
+    punches a hole toward E_A:p_A (the config filters address-and-port-dependently, and
+    hairpinned packets are filtered as if they came from outside: RFC 4787 REQ-9/REQ-8);
+    then A sends to E_B:p_B, the gateway turns the datagram around, B sees it from A's
+    external endpoint, and B's answer finds its way back to A."""
+    import ipaddress
+
+    pool = ipaddress.ip_network(gw.addr.pool)
+    srv = netns.ns_socket(gw.inet, socket.AF_INET, socket.SOCK_DGRAM)
+    a = netns.ns_socket(gw.vpc, socket.AF_INET, socket.SOCK_DGRAM)
+    b = netns.ns_socket(gw.vpc, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for s in (srv, a, b):
+            s.settimeout(0.5)
+        srv.bind((gw.addr.server(0), 5110))
+        b.bind((gw.addr.host(1), 7000))
+        a.bind((gw.addr.host(0), 7001))
+
+        def ask(sock, msg, dst, rx):
+            for _ in range(6):  # the first packet may wait for a rule to be fetched
+                sock.sendto(msg, dst)
+                try:
+                    return rx.recvfrom(2048)
+                except socket.timeout:
+                    continue
+            raise AssertionError(f"no answer to {msg!r}")
+
+        _, b_ext = ask(b, b"b-out", (gw.addr.server(0), 5110), srv)
+        _, a_ext = ask(a, b"a-out", (gw.addr.server(0), 5110), srv)
+        assert ipaddress.ip_address(b_ext[0]) in pool and ipaddress.ip_address(a_ext[0]) in pool
+        before = counters(gw)
+        b.sendto(b"punch", a_ext)  # opens B's filter for A; filtered at A (A never sent to B)
+        time.sleep(0.2)
+        data, src = ask(a, b"a-to-b", b_ext, b)
+        assert (data, src) == (b"a-to-b", a_ext)  # B sees A's external endpoint...
+        data, src = ask(b, b"b-to-a", a_ext, a)
+        assert data == b"b-to-a" and src == b_ext  # ...and A sees B's.
+        after = counters(gw)
+        assert total(after, "hairpin") > total(before, "hairpin")
+    finally:
+        for s in (srv, a, b):
+            s.close()
