@@ -744,3 +744,17 @@ def test_routed_message_is_forwarded_with_the_source_in_front():
         assert M.unpack_undeliverable(frames[3]) == (M.T_FETCH, "target_down", 1, f.tobytes())
     finally:
         c.ctx.term()
+
+
+def test_routes_over_loopback_tcp_without_keys():
+    c = Coordinator(f"tcp://127.0.0.1:{free_port()}", heartbeat_interval=0.1).start_thread()
+    try:
+        a = track(ScriptedNic(c.bound_endpoint, 0, heartbeat_interval=0.1))
+        b = track(ScriptedNic(c.bound_endpoint, 1, heartbeat_interval=0.1))
+        assert until(lambda: a.registered and b.registered, 5, a, b)
+        a.fetch(1, n=3)
+        assert until(lambda: len(a.answers) == 3, 5, a, b)
+        assert c.status()["curve"] is False
+    finally:
+        c.stop()
+        c.join(5)
