@@ -461,3 +461,53 @@ def test_arp_answered_on_ports_with_a_responder_and_macs_rewritten(tmp_path):
     assert bytes.fromhex(data.dst.replace(":", "")) == nh_out and bytes.fromhex(data.src.replace(":", "")) == outside.mac()
     assert not inside._tx and w.counters["arp_replies"] == 1
     w.close()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_curve_worker_registers_with_its_key_and_not_with_anothers(tmp_path):
+    """Over tcp:// with CURVE: a NIC holding its own key registers; a process holding
+    NIC 1's key but claiming to be NIC 0 is refused by the coordinator's ZAP handler."""
+    from hypernat.auth import generate
+    from hypernat.config import from_dict
+
+    keys = tmp_path / "keys"
+    generate(str(keys), [0, 1])
+    ep = f"tcp://127.0.0.1:{_free_port()}"
+
+    def cfg_with(nic0_key):
+        return from_dict({
+            "internal": {"prefixes": ["10.0.0.0/16"]},
+            "external": {"pool": ["198.18.0.0/30"]},
+            "nics": [{"id": 0, "inside": "i0", "outside": "o0", "io": "memory",
+                      "curve_secret_key": str(keys / f"{nic0_key}.key_secret"),
+                      "curve_public_key": str(keys / f"{nic0_key}.key")},
+                     {"id": 1, "inside": "i1", "outside": "o1", "io": "memory",
+                      "curve_secret_key": str(keys / "nic1.key_secret"),
+                      "curve_public_key": str(keys / "nic1.key")}],
+            "coordinator": {"endpoint": ep, "curve_secret_key": str(keys / "server.key_secret"),
+                            "curve_public_key": str(keys / "server.key"), "heartbeat_interval": 0.2},
+            "metrics": {"enabled": False},
+        }, "<curve>")
+
+    coord = Coordinator(ep, n_nics=2, heartbeat_interval=0.2, curve_secret_key=str(keys / "server.key_secret"),
+                        authorized=str(keys / "authorized")).start_thread()
+    good, _, _ = make_worker(cfg_with("nic0"), 0, tmp_path / "good")
+    try:
+        assert spin([good], lambda: good.registered, 5)
+    finally:
+        good.close()
+    forged, _, _ = make_worker(cfg_with("nic1"), 0, tmp_path / "forged")  # NIC 1's key, posing as NIC 0
+    try:
+        assert not spin([forged], lambda: forged.registered, 1.5)
+        assert coord.drops["bad_identity"] >= 1  # its messages were refused, counted
+    finally:
+        forged.close()
+        coord.stop()
+        coord.join(5)
