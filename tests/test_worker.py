@@ -511,3 +511,30 @@ def test_curve_worker_registers_with_its_key_and_not_with_anothers(tmp_path):
         forged.close()
         coord.stop()
         coord.join(5)
+
+
+def test_rule_query_shows_owner_lease_and_clone(pair):
+    cfg, ((w0, in0, out0), (w1, in1, out1)), coord = pair
+    from hypernat.coord.ctl import CtlClient
+
+    in0.inject([build_frame(UDP, I1, 40100, R1, 53)])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport)])
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    import threading
+
+    res = {}
+
+    def ask():
+        with CtlClient(cfg.coordinator.endpoint) as cl:
+            res.update(cl.query("rule", addr=ip(p.src), port=p.sport))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    spin([w0, w1], lambda: not t.is_alive(), 5)
+    t.join()
+    a0 = res["answers"]["nic0"]["result"]
+    a1 = res["answers"]["nic1"]["result"]
+    assert a0[0]["role"] == "owner" and a0[0]["leases"][0]["holder"] == "nic1"
+    assert a1[0]["role"] == "clone" and a1[0]["owner"] == "nic0" and a1[0]["internal"] == f"{ip(I1)}:40100"

@@ -492,12 +492,7 @@ class NicWorker:
             if op == "rule":
                 a = q.get("args", {})
                 addr = M.ip_int(a["addr"]) if isinstance(a.get("addr"), str) else int(a["addr"])
-                res = None
-                for proto in ([int(a["proto"])] if "proto" in a else [6, 17, 1]):
-                    res = self.rules.lookup_external(proto, addr, int(a["port"]))
-                    if res is not None:
-                        break
-                result = res
+                result = self._rule_info(addr, int(a["port"]), int(a["proto"]) if "proto" in a else None)
             elif op == "counters":
                 result = self.counters_dict()
             elif op == "status":
@@ -508,6 +503,27 @@ class NicWorker:
         except Exception as exc:  # noqa: BLE001 - a bad query gets an error reply, not a crash
             reply = {"id": q.get("id"), "ok": False, "error": str(exc)}
         self._send_coord(M.T_REPLY, M.pack_json(reply))
+
+    def _rule_info(self, addr: int, port: int, proto=None) -> list:
+        """What this NIC knows of an external endpoint: the mapping it owns (with the
+        leases it granted on it) and the clones it holds (with their owner and lease)."""
+        now = self.clock()
+        out = []
+        for p in ([proto] if proto is not None else [6, 17, 1]):
+            m = self.rules.lookup_external(p, addr, port)
+            if m is not None:
+                m = dict(m, role="owner", iaddr=M.ip_str(m["iaddr"]), eaddr=M.ip_str(m["eaddr"]))
+                m["leases"] = [{"holder": f"nic{h}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
+                                "left_s": round(until - now, 1)}
+                               for sk, hs in self.agent.leases.items() if sk[0] == p and sk[3] == addr
+                               and sk[4] == port for h, until in hs.items()]
+                out.append(m)
+        for sk, c in self.agent.clones.items():
+            if sk[3] == addr and sk[4] == port and (proto is None or sk[0] == proto):
+                out.append({"role": "clone", "owner": f"nic{c.owner}", "rule_id": c.rule_id, "proto": sk[0],
+                            "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
+                            "dirs": c.dirs, "lease_left_s": round(c.expires - now, 1)})
+        return out
 
     def _stats(self) -> None:
         self._send_coord(M.T_STATS, M.pack_json({"seq": self._hb_seq, "counters": self.counters_dict(),
