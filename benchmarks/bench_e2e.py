@@ -13,6 +13,10 @@ Same topology, same generator, same counter, one run; only what sits in ``gw`` c
 * gateway: the kernel's receive work of ``gw`` is steered to CPU 1 (RPS on inside0) and
   the forwarder process, when there is one, is pinned there too: the gateway gets one
   core, as in the paper's per-core figures;
+* scheduling: forwarders (no-op and HyperNAT's NIC daemon) run SCHED_FIFO on CPU 1
+  (``HYPERNAT_E2E_RT``, default 10; 0 = normal).  Linux's NAT runs in softirq context,
+  which under load is ksoftirqd, a normal-priority thread: on a machine shared with
+  other work, FIFO favours the forwarders — run both ways and report both;
 * counter: ``inet`` drops every frame at the ingress hook with an nftables counter, so
   the stack there costs nothing and nothing comes back (ARP passes: the gateway must
   resolve its next hop).
@@ -24,7 +28,7 @@ here is the real thing: coordinator + one hypernat-nic daemon from conf/testbed.
 to one NIC; its 100k sessions are created by the slow path during a paced warm-up.
 
     .venv/bin/python -m pytest benchmarks/bench_e2e.py -s          (as root)
-    HYPERNAT_E2E_SECONDS=5 ...                                      longer measurement
+    HYPERNAT_E2E_SECONDS=5 HYPERNAT_E2E_ROUNDS=5 ...               longer, more rounds (median)
 """
 import glob
 import ipaddress
@@ -39,6 +43,7 @@ from hypernat.lab import netns
 from hypernat.lab.topology import STATE_DIR
 
 SECONDS = float(os.environ.get("HYPERNAT_E2E_SECONDS", "3"))
+E2E_ROUNDS = int(os.environ.get("HYPERNAT_E2E_ROUNDS", "3"))
 FLOWS = int(os.environ.get("HYPERNAT_E2E_FLOWS", "100000"))
 FRAME = 60  # 64 on the wire with the FCS
 GEN_CPU, GW_CPU = 0, 1
@@ -218,11 +223,21 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
     except ImportError:
         pass
 
+    rounds = E2E_ROUNDS if benchmark.enabled else 1
+    samples = {label: [] for label, _, _ in runs}
+
     def run():
-        for label, mode, backend in runs:
-            results[label] = measure(mode, seconds, backend=backend)
+        # Modes interleaved round by round, so a burst of load from elsewhere on this
+        # shared machine hits all of them alike; the median round is reported.
+        for _ in range(rounds):
+            for label, mode, backend in runs:
+                samples[label].append(measure(mode, seconds, backend=backend))
+        for label, rs in samples.items():
+            rs.sort(key=lambda r: r["delivered_mpps"])
+            results[label] = rs[len(rs) // 2]
 
     benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info["rounds"] = rounds
     benchmark.extra_info.update({f"{m}_{k}": round(v, 4) if isinstance(v, float) else v
                                  for m, r in results.items() for k, v in r.items() if k in ("offered_mpps", "delivered_mpps")})
     lin = results["linux"]["delivered_mpps"]
@@ -237,3 +252,68 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
             benchmark.extra_info[f"hypernat_{io}_over_noop"] = round(h["delivered_mpps"] / n["delivered_mpps"], 3)
     print("\n" + json.dumps(benchmark.extra_info, indent=1))
     assert all(r["delivered_mpps"] > 0 for r in results.values())
+
+
+def _veth_pair_ns(name):
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pr_netns
+
+    pr_netns.create(name)
+    netns.sysctl(name, "net.ipv6.conf.all.disable_ipv6", 1)
+    netns.sysctl(name, "net.ipv6.conf.default.disable_ipv6", 1)
+    with IPRoute(netns=name) as ipr:
+        ipr.link("add", ifname="a", kind="veth", peer={"ifname": "b"})
+        for n in ("a", "b"):
+            ipr.link("set", index=ipr.link_lookup(ifname=n)[0], state="up")
+
+
+@pytest.mark.parametrize("backend", ["packet_mmap", "af_xdp"])
+def test_rx_handover_latency(benchmark, backend):
+    """Time from a frame's transmission on one end of a veth to our receive call
+    returning it on the other (blocking poll on the port's fd, one frame at a time):
+    the budget is 100 µs (TPACKET_V2 hands each frame over at once; V3 would wait for a
+    block to fill or its millisecond timer)."""
+    import select
+
+    from pyroute2 import netns as pr_netns
+
+    from hypernat.io.base import Batch
+    from hypernat.io.packet_mmap import PacketMmapPort
+
+    if backend == "af_xdp":
+        af_xdp = pytest.importorskip("hypernat.io.af_xdp")
+    name = f"hn-b{os.getpid()}-lat"
+    _veth_pair_ns(name)
+    try:
+        with netns.entered(name):
+            tx = PacketMmapPort("a", rx=False)
+            rx = PacketMmapPort("b", tx=False) if backend == "packet_mmap" else af_xdp.AfXdpPort("b")
+        frame = build_frames(1, tx.mac(), rx.mac(), "10.0.0.0/16", "198.51.100.1")
+        one = Batch(frame.reshape(-1), np.zeros(1, np.uint32), np.full(1, FRAME, np.uint32), 1)
+        idx = np.zeros(1, dtype=np.int64)
+        p = select.poll()
+        p.register(rx.fileno(), select.POLLIN)
+        samples = []
+
+        def once():
+            t0 = time.perf_counter_ns()
+            tx.send(one, idx)
+            while True:
+                b = rx.recv(8)
+                if b is not None:
+                    rx.release(b)
+                    break
+                p.poll(100)
+            samples.append(time.perf_counter_ns() - t0)
+
+        rounds = 2000 if benchmark.enabled else 20
+        benchmark.pedantic(once, rounds=rounds, iterations=1, warmup_rounds=10)
+        us = np.array(samples) / 1e3
+        benchmark.extra_info.update(backend=backend, p50_us=round(float(np.percentile(us, 50)), 1),
+                                    p99_us=round(float(np.percentile(us, 99)), 1),
+                                    max_us=round(float(us.max()), 1))
+        print(f"\n{backend} rx hand-over: {benchmark.extra_info}")
+        tx.close()
+        rx.close()
+    finally:
+        pr_netns.remove(name)
