@@ -24,7 +24,7 @@ Copy mode (``XDP_COPY``): veth has
 no zero-copy; native attach where the driver has XDP, generic (SKB) mode otherwise.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libc.errno cimport errno
 
 cdef extern from *:
@@ -82,6 +82,16 @@ cdef extern from *:
         return bpf_map_create(BPF_MAP_TYPE_XSKMAP, "hn_xsks", 4, 4, 64, NULL);
     }
     static unsigned long long hn_desc_addr(const struct xdp_desc *d) { return d->addr; }
+    /* The kernel's drop counters of an AF_XDP socket; -errno on failure. */
+    static int hn_xdp_stats(int fd, unsigned long long out[6]) {
+        struct xdp_statistics st;
+        socklen_t len = sizeof(st);
+        memset(&st, 0, sizeof(st));
+        if (getsockopt(fd, SOL_XDP, XDP_STATISTICS, &st, &len) < 0) return -errno;
+        out[0] = st.rx_dropped; out[1] = st.rx_invalid_descs; out[2] = st.tx_invalid_descs;
+        out[3] = st.rx_ring_full; out[4] = st.rx_fill_ring_empty_descs; out[5] = st.tx_ring_empty_descs;
+        return 0;
+    }
     """
     struct xsk_ring_prod:
         uint32_t cached_prod
@@ -112,6 +122,7 @@ cdef extern from *:
     int hn_load_prog(int map_fd, char *log, size_t log_size)
     int hn_attach(int prog_fd, int ifindex, unsigned flags)
     int hn_xskmap()
+    int hn_xdp_stats(int fd, unsigned long long out[6])
     int xsk_umem__create(xsk_umem **umem, void *area, uint64_t size, xsk_ring_prod *fill, xsk_ring_cons *comp,
                          const xsk_umem_config *config)
     int xsk_socket__create(xsk_socket **xsk, const char *ifname, uint32_t queue_id, xsk_umem *umem,
@@ -385,6 +396,16 @@ cdef class XskSocket:
                         self.kick_errors += 1
             self.tx_count += queued
         return queued
+
+    def kernel_counters(self):
+        """The kernel's drops for this socket (XDP_STATISTICS): ring full, fill ring
+        empty (frames we had not released yet), invalid descriptors."""
+        cdef unsigned long long v[6]
+        memset(v, 0, sizeof(v))
+        if self.xsk == NULL or hn_xdp_stats(xsk_socket__fd(self.xsk), v) != 0:
+            return {}
+        return {"kernel_rx_dropped": v[0], "kernel_rx_invalid_descs": v[1], "kernel_tx_invalid_descs": v[2],
+                "kernel_rx_ring_full": v[3], "kernel_rx_fill_ring_empty": v[4], "kernel_tx_ring_empty": v[5]}
 
     def counters(self):
         return {"rx_frames": self.rx_count, "rx_bytes": self.rx_bytes, "tx_frames": self.tx_count,

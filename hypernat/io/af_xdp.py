@@ -94,7 +94,7 @@ class AfXdpPort(Port):
     def stats(self) -> dict:
         """Numeric counters only (metrics take them as they are); the XDP mode is
         ``.mode``."""
-        return dict(self.xsk.counters(), xdp_native=int(self.mode == "native"))
+        return dict(self.xsk.counters(), **self.xsk.kernel_counters(), xdp_native=int(self.mode == "native"))
 
     def close(self) -> None:
         if self.xsk is not None:
