@@ -21,6 +21,7 @@ import sys
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("HYPERNAT_DEBUG", "") not in ("", "0")
@@ -99,6 +100,20 @@ def extensions():
     )
 
 
+class atomic_build_ext(build_ext):
+    """`--inplace` copies each built module beside its sources.  Copy to a temporary
+    name and rename, so a process that has the old module mapped (a running daemon, a
+    test run) keeps its file instead of seeing it rewritten under it."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        if not outfile.endswith((".so", ".pyd")):
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.tmp{os.getpid()}"
+        super().copy_file(infile, tmp, *args, **kwargs)
+        os.replace(tmp, outfile)
+        return outfile, 1
+
+
 write_verdicts_pxi()
 
 setup(
@@ -108,6 +123,7 @@ setup(
     packages=find_packages(include=["hypernat", "hypernat.*"]),
     package_data={"hypernat": ["*.pxd", "*.pxi", "**/*.pxd"]},
     ext_modules=extensions(),
+    cmdclass={"build_ext": atomic_build_ext},
     python_requires=">=3.9",
     install_requires=["numpy", "pyzmq", "pyyaml", "prometheus_client"],
     entry_points={

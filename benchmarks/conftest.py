@@ -8,8 +8,9 @@ session, in numpy (a million flows and their 64-byte frames take well under a se
                to flow idx[j] (uniform or zipf-skewed), OUT frames are I:i -> R:r,
                IN frames R:r -> E:e; every checksum valid (the fast path updates them)
 
-Files here are named ``bench_*.py``; this conftest makes pytest collect them, so
-``pytest benchmarks`` runs them (``--benchmark-disable``: once each, untimed, as CI does).
+Files here are named ``bench_*.py``; pyproject.toml's ``python_files`` makes pytest
+collect them, so ``pytest benchmarks`` runs them (``--benchmark-disable``: once each,
+untimed, as CI does).
 """
 import os
 import sys
@@ -38,14 +39,6 @@ def kit():
     """This module: the helpers and constants below, for the bench_*.py files (imported
     this way, not as `conftest`, which tests/ has too)."""
     return sys.modules[__name__]
-
-
-def pytest_collect_file(parent, file_path):
-    # (a file named on the command line is collected by pytest itself already)
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") \
-            and not parent.session.isinitpath(file_path):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 def record_rate(benchmark, count, unit="mpps"):

@@ -900,14 +900,6 @@ cdef _check_direction(direction):
                          f"got {direction!r}")
 
 
-def _aligned_slots(Py_ssize_t nslots):
-    """Zeroed slots on a 64-byte boundary, so no slot straddles a cache line (malloc'd
-    numpy memory is often only 16-byte aligned)."""
-    raw = np.zeros(nslots * 32 + 64, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 64
-    return raw[start:start + nslots * 32].view(SLOT_DTYPE)
-
-
 cdef class FlowTable:
     """Open-addressing flow table over ``layout.SLOT_DTYPE`` slots; see the module
     docstring of ``hypernat.fastpath`` for the API and ``docs/fastpath.md`` for the
@@ -935,11 +927,9 @@ cdef class FlowTable:
             raise ValueError(f"capacity {capacity} too large")
         nslots = _layout.slots_for(capacity)
         slots = _layout.alloc_slots(nslots, hugepages=bool(hugepages))
-        if slots.ctypes.data % 64:
-            slots = _aligned_slots(nslots)
-        if slots.dtype != SLOT_DTYPE or slots.shape != (nslots,) or not slots.flags.c_contiguous \
+        if slots.ctypes.data % 64 or slots.dtype != SLOT_DTYPE or slots.shape != (nslots,) or not slots.flags.c_contiguous \
                 or not slots.flags.writeable:
-            raise RuntimeError("layout.alloc_slots returned an unusable array")
+            raise RuntimeError("layout.alloc_slots returned an unusable (or not 64-byte aligned) array")
         self._slots = slots
         self.t.s = <hn_slot *>cnp.PyArray_DATA(slots)
         self.t.nslots = nslots

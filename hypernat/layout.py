@@ -117,13 +117,18 @@ def slots_for(capacity: int) -> int:
 
 
 def alloc_slots(nslots: int, hugepages: bool = True) -> np.ndarray:
-    """Zeroed slot array in its own anonymous mapping, advised to use transparent huge
-    pages where the kernel offers them (the table is the fast path's working set)."""
+    """Zeroed slot array, 64-byte aligned.  Tables of 2 MiB and more get their own
+    anonymous mapping (page-aligned), advised to use transparent huge pages where the
+    kernel offers them: the table is the fast path's working set."""
     import mmap
 
     size = nslots * SLOT_DTYPE.itemsize
     if not hugepages or size < (2 << 20):
-        return np.zeros(nslots, dtype=SLOT_DTYPE)
+        # On a 64-byte boundary, so no slot straddles a cache line (malloc'd numpy
+        # memory is often only 16-byte aligned).
+        raw = np.zeros(size + 64, dtype=np.uint8)
+        start = (-raw.ctypes.data) % 64
+        return raw[start : start + size].view(SLOT_DTYPE)
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:

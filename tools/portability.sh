@@ -6,7 +6,7 @@
 #     run the fast-path tests on it: a signedness bug shows up on x86 too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=$(cd "$(dirname "${PY:-.venv/bin/python}")" && pwd)/$(basename "${PY:-.venv/bin/python}")
 CROSS=${CROSS:-aarch64-linux-gnu-gcc}
 pyinc=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 npinc=$($PY -c 'import numpy; print(numpy.get_include())')
@@ -40,7 +40,7 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
   HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath \
-    "$OLDPWD/$PY" setup.py -q build_ext --inplace >/dev/null
-  "$OLDPWD/$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py
+    "$PY" setup.py -q build_ext --inplace >/dev/null
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py
 )
 echo "portability: fast-path tests pass with -funsigned-char"
