@@ -16,7 +16,8 @@ addresses, hash the reply independently, hand it to whichever NIC that picks):
 Each connection is a ping-pong of ``packets`` outgoing packets (TCP: SYN, then ACKs;
 UDP datagrams), each answered once; a packet lost on the way is sent again after
 ``rto`` seconds (like TCP), so drops during a fault show up as retransmissions, not
-hangs.  The report says, per run: connections, how many had their two directions on
+hangs (a slow original and its retransmission both answered count as ``duplicates``,
+not as errors).  The report says, per run: connections, how many had their two directions on
 different NICs, completed ones, clones installed, fetches, drops by reason, checksum
 errors seen by either end, and whether every packet came back translated consistently:
 
@@ -292,7 +293,7 @@ class Emulation:
     """The coordinator, N NIC workers and the switch/Internet around them."""
 
     def __init__(self, config, *, endpoint: str | None = None, ring_slots: int = 8192, slot_size: int = 256,
-                 rto: float = 0.3, max_tries: int = 8, snapshot_on_stop: bool = True, params=None,
+                 rto: float = 0.5, max_tries: int = 30, snapshot_on_stop: bool = True, params=None,
                  switch_hash: str = "sha1"):
         self.cfg = config
         self.n = config.n_nics
@@ -313,6 +314,8 @@ class Emulation:
         self.nic_reports: dict = {}
         self.stray = collections.Counter()
         self.streamed = collections.Counter()  # cid -> stream packets delivered inside
+        self.duplicates = 0
+        self.retransmissions = 0
         self._poll = select.poll()
         for k in range(self.n):
             self._poll.register(self.rings[k][1].note.fd, select.POLLIN)
@@ -507,7 +510,7 @@ class Emulation:
             self.streamed[c.cid] += 1 if p.ip.find(b"stream", 20) >= 0 else 0
             if c.done or c.acked >= c.sent or p.ip.find(b"stream", 20) >= 0:
                 if p.ip.find(b"stream", 20) < 0:
-                    self.stray["client_duplicate"] += 1
+                    self.duplicates += 1  # the reply to a retransmission whose original was slow, not lost
                 continue
             c.acked += 1
             self._next(c, now)
@@ -564,6 +567,7 @@ class Emulation:
                         c.tries = 0  # given up: reported as incomplete
                         continue
                     self._send_out(c, now)
+                    self.retransmissions += 1
             if stop_when is not None and stop_when():
                 return True
             if not busy:
@@ -630,6 +634,8 @@ class Emulation:
             "icmp_errors": len(icmp),
             "icmp_errors_translated": sum(1 for c in icmp if c.icmp_ok),
             "stray": dict(self.stray),
+            "duplicates": self.duplicates,
+            "retransmissions": self.retransmissions,
             "consistent": not inconsistent and not shared and complete == len(self.conns)
             and not self.stray.get("internet_bad_checksum") and not self.stray.get("client_bad_checksum"),
         }
