@@ -538,3 +538,64 @@ def test_rule_query_shows_owner_lease_and_clone(pair):
     a1 = res["answers"]["nic1"]["result"]
     assert a0[0]["role"] == "owner" and a0[0]["leases"][0]["holder"] == "nic1"
     assert a1[0]["role"] == "clone" and a1[0]["owner"] == "nic0" and a1[0]["internal"] == f"{ip(I1)}:40100"
+
+
+# ------------------------------------------------------------- offline pcap run, metrics
+
+
+def test_nic_main_pcap_in_out_translates_and_prints_summary(tmp_path, capsys):
+    """hypernat-nic --pcap-in/--pcap-out: hosts NIC 0 owns are translated into the
+    output capture (scapy reads it back, source in the pool); the JSON summary on
+    stdout accounts for every frame."""
+    import ipaddress
+    import json
+
+    from scapy.all import UDP as SUDP, rdpcap
+
+    from hypernat import config as cfgmod
+    from hypernat.io import pcap
+    from hypernat.nic.__main__ import main
+    from hypernat.partition import Partition
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf", "testbed.yaml")
+    cfg = cfgmod.load(conf)
+    part = Partition.from_config(cfg)
+    hosts = [h for h in range(0x0A4D0101, 0x0A4D0101 + 64) if part.eim_owner(h) == 0][:6]
+    others = [h for h in range(0x0A4D0101, 0x0A4D0101 + 64) if part.eim_owner(h) == 1][:3]
+    src, dst = str(tmp_path / "in.pcap"), str(tmp_path / "out.pcap")
+    with pcap.PcapWriter(src) as w:
+        for i, h in enumerate(hosts + others):
+            w.write(bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+                          / IP(src=ip(h), dst="198.51.100.1") / SUDP(sport=3000 + i, dport=53) / b"x"), 1.7e9)
+    assert main(["--config", conf, "--nic", "0", "--pcap-in", src, "--pcap-out", dst]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = rdpcap(dst)
+    assert summary["frames_in"] == 9 and summary["frames_out"] == len(out) == len(hosts)
+    assert summary["slow"].get("fetch_offline", 0) == len(others)  # NIC 1's hosts: a fetch
+    pool = ipaddress.ip_network(str(cfg.pool[0]))
+    assert all(ipaddress.ip_address(p[IP].src) in pool for p in out)
+    # the flags go together, and a missing capture is a clear error, not a traceback
+    with pytest.raises(SystemExit):
+        main(["--config", conf, "--nic", "0", "--pcap-in", src])
+    assert main(["--config", conf, "--nic", "0", "--pcap-in", str(tmp_path / "nope.pcap"),
+                 "--pcap-out", dst]) == 1
+    assert "nope.pcap" in capsys.readouterr().err
+
+
+def test_counters_dict_tolerates_non_numeric_port_stats(tmp_path):
+    """A backend reporting text (a mode, a driver name), None or NaN among its stats
+    must not break the counters (and with them STATS and /metrics)."""
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    inside.stats = lambda: {"rx": 5, "mode": "zerocopy", "driver": None, "ratio": float("nan"), "tx": "7",
+                            "up": True, "nested": {"a": 1}}
+
+    def broken():
+        raise OSError("interface gone")
+
+    outside.stats = broken
+    c = w.counters_dict()
+    assert c["port_in0_rx"] == 5 and c["port_in0_tx"] == 7 and c["port_in0_up"] == 1
+    assert not any(k.startswith("port_in0_") and k[8:] in ("mode", "driver", "ratio", "nested") for k in c)
+    assert c["loop_port_stats_errors"] == 1 and not any(k.startswith("port_out0_") for k in c)
+    w.close()

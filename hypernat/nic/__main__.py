@@ -3,10 +3,17 @@
 A thin shell over ``NicWorker``: read the config, open the NIC's two ports with the
 backend the config names, pin / prioritise if asked, serve metrics, run the loop until
 SIGTERM / SIGINT, then write the snapshot (graceful stop: no rule lost).
+
+Offline: ``hypernat-nic --config C --nic K --pcap-in IN.pcap --pcap-out OUT.pcap``
+translates a capture as NIC K would (``hypernat.io.pcap.run_pcap``: outgoing and
+incoming frames told apart by their addresses, misses decided by the RuleBuilder, a
+miss that would need a fetch counted as ``fetch_offline``), writes what the NIC would
+send, and prints the JSON summary (counters by verdict and reason) on exit.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -52,6 +59,19 @@ def _set_macs(w, inside, outside, nc) -> None:
         logging.warning("nic%d: next-hop MACs not resolved (%s): frames keep their MAC addresses", nc.id, exc)
 
 
+def _offline(cfg, args) -> int:
+    """--pcap-in / --pcap-out: one offline run, its JSON summary on stdout."""
+    from ..io.pcap import run_pcap
+
+    try:
+        summary = run_pcap(cfg, args.nic, args.pcap_in, args.pcap_out)
+    except (OSError, ValueError) as exc:
+        print(f"hypernat-nic: {args.pcap_in} -> {args.pcap_out}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hypernat-nic", description=__doc__.split("\n")[0])
     ap.add_argument("--config", "-c", required=True, help="gateway YAML file")
@@ -62,7 +82,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-macs", action="store_true",
                     help="do not rewrite MAC addresses (default: own MAC -> next hop's, resolved at start)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--pcap-in", metavar="IN.pcap", help="translate this capture offline (needs --pcap-out)")
+    ap.add_argument("--pcap-out", metavar="OUT.pcap", help="where the offline run writes what it would send")
     args = ap.parse_args(argv)
+    if (args.pcap_in is None) != (args.pcap_out is None):
+        ap.error("--pcap-in and --pcap-out go together")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     from .. import config as cfgmod
@@ -76,6 +100,8 @@ def main(argv=None) -> int:
     if not 0 <= args.nic < cfg.n_nics:
         print(f"hypernat-nic: NIC {args.nic} is not in {args.config} (0..{cfg.n_nics - 1})", file=sys.stderr)
         return 2
+    if args.pcap_in is not None:
+        return _offline(cfg, args)
     nc = cfg.nic(args.nic)
     if nc.cpu is not None:
         try:

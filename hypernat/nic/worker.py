@@ -63,6 +63,23 @@ LOOP_COUNTERS = (
 )
 
 
+def _numeric(v):
+    """A counter value as an int, or None for anything that is not a number (bool and
+    numeric strings count; NaN, text, None and containers do not)."""
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return int(v) if np.isfinite(v) else None
+    if isinstance(v, (str, bytes)):
+        try:
+            return int(v)
+        except ValueError:
+            return None
+    return None
+
+
 def agent_params(config) -> AgentParams:
     """The agent's tunables from the configuration."""
     lim = config.limits
@@ -629,11 +646,19 @@ class NicWorker:
             out[f"rules_{k}"] = int(v)
         for k, v in self.agent.counters.items():
             out[f"agent_{k}"] = int(v)
+        for p in (self.inside, self.outside):
+            try:
+                stats = p.stats()
+            except Exception as exc:  # noqa: BLE001 - a backend's stats must not break metrics
+                log.debug("nic%d: %s stats unavailable: %s", self.nic_id, p.name, exc)
+                self.counters["port_stats_errors"] += 1
+                continue
+            for k, v in stats.items():
+                n = _numeric(v)
+                if n is not None:  # a port may report text (mode, driver): not a counter
+                    out[f"port_{p.name}_{k}"] = n
         for k, v in self.counters.items():
             out[f"loop_{k}"] = int(v)
-        for p in (self.inside, self.outside):
-            for k, v in p.stats().items():
-                out[f"port_{p.name}_{k}"] = int(v)
         return out
 
     def gauges(self) -> dict:
