@@ -55,18 +55,16 @@ hands frames back to the worker (``replay``) which runs them through
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import layout
 from . import messages as M
-from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE
+from . import switchhash as _sh
+from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
 
 log = logging.getLogger("hypernat.agent")
@@ -75,61 +73,10 @@ log = logging.getLogger("hypernat.agent")
 OUT = 0
 IN = 1
 
-# ---------------------------------------------------------------------------------------
-# The switch's hash: which NIC a packet lands on.  Used by the emulated switch and by the
-# owner to predict the return NIC for active install.
-# ---------------------------------------------------------------------------------------
-_TUPLE = struct.Struct("!IIHHB")
-
-
-def _tuple_bytes(proto, saddr, sport, daddr, dport) -> bytes:
-    return _TUPLE.pack(saddr, daddr, sport, dport, proto)
-
-
-def _jhash_3words(a: int, b: int, c: int, initval: int = 0) -> int:
-    """Linux's jhash_3words (lookup3 final mix), 32-bit."""
-    M = 0xFFFFFFFF
-
-    def rol(x, k):
-        return ((x << k) | (x >> (32 - k))) & M
-
-    iv = (0xDEADBEEF + (3 << 2) + initval) & M
-    a, b, c = (a + iv) & M, (b + iv) & M, (c + iv) & M
-    c ^= b; c = (c - rol(b, 14)) & M  # noqa: E702
-    a ^= c; a = (a - rol(c, 11)) & M  # noqa: E702
-    b ^= a; b = (b - rol(a, 25)) & M  # noqa: E702
-    c ^= b; c = (c - rol(b, 16)) & M  # noqa: E702
-    a ^= c; a = (a - rol(c, 4)) & M  # noqa: E702
-    b ^= a; b = (b - rol(a, 14)) & M  # noqa: E702
-    c ^= b; c = (c - rol(b, 24)) & M  # noqa: E702
-    return c
-
-
-def switch_hash(name: str, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
-                fields: str = "5-tuple") -> int:
-    """The access switch's per-packet hash over the 5-tuple (one direction).
-
-    ``sha1`` is the paper's testbed (first 4 bytes of SHA-1 over the packed tuple),
-    ``crc32`` and ``jhash`` (Linux's jhash_3words, as nftables ``jhash … seed S``) are
-    the cheap alternatives a real switch or the namespace testbed may use.  ``fields``
-    "src" hashes the source address only (a switch configured for source hashing).
-    """
-    if fields == "src":
-        proto, sport, daddr, dport = 0, 0, 0, 0
-    if name == "sha1":
-        d = hashlib.sha1(_tuple_bytes(proto, saddr, sport, daddr, dport)).digest()
-        return int.from_bytes(d[:4], "big")
-    if name == "crc32":
-        return zlib.crc32(_tuple_bytes(proto, saddr, sport, daddr, dport), seed) & 0xFFFFFFFF
-    if name == "jhash":
-        return _jhash_3words(saddr, daddr, ((sport << 16) | dport) ^ proto, seed)
-    raise ValueError(f"unknown switch hash {name!r} (sha1, crc32, jhash)")
-
-
-def predict_nic(name: str, n: int, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
-                fields: str = "5-tuple") -> int:
-    """The NIC a packet with this 5-tuple lands on, for a switch using `name` over n links."""
-    return switch_hash(name, proto, saddr, sport, daddr, dport, seed, fields) % n
+# The switch's hash (which NIC a packet lands on) lives in hypernat.switchhash, shared
+# with the emulated switch and the testbed's nftables steering; re-exported here.
+switch_hash = _sh.switch_hash
+predict_nic = _sh.predict_nic
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,12 +121,12 @@ def fetch_key_tuple(fetch_dir: int, key) -> tuple:
 
 
 def session_key(sk: tuple, direction: int) -> tuple:
-    """The flow-table key of a session in `direction`'s table.  ICMP queries key on the
-    identifier in both port fields: the internal one going out, the external one coming in."""
+    """The flow-table key of a session in `direction`'s table, from ``rules.out_key`` /
+    ``rules.in_key`` (the one place that knows the ICMP twist: an ICMP query session
+    carries rport 0 and keys on the identifier in both port fields, the internal one
+    going out ``(1, I, id, R, id)``, the translated one coming in ``(1, R, id', E, id')``)."""
     p, ia, ip, ea, ep, ra, rp = sk
-    if p == layout.PROTO_ICMP:
-        return (p, ia, ip, ra, ip) if direction == OUT else (p, ra, ep, ea, ep)
-    return (p, ia, ip, ra, rp) if direction == OUT else (p, ra, rp, ea, ep)
+    return out_key(p, ia, ip, ra, rp) if direction == OUT else in_key(p, ra, rp, ea, ep)
 
 
 DIR_BIT = {OUT: DIR_BIT_OUT, IN: DIR_BIT_IN}
@@ -558,9 +505,10 @@ class RuleAgent:
             sess[f_s] = recs[f_w]
         idle = (recs["idle_ms"] // 1000).astype(np.int64)
         sess["last_seen"] = np.clip(tick - idle, 0, 0xFFFFFFFF)
-        sess["dirs"] = DIR_BIT_OUT | DIR_BIT_IN
-        sess["tcp_out"] = recs["tcp_flags"]
-        sess["tcp_in"] = recs["tcp_flags"]
+        sess["dirs"] = DIR_BIT_OUT | DIR_BIT_IN  # activity either way keeps both entries alive
+        # ... but TCP flags only in the direction that saw them: a SYN seen one way only
+        # must leave the session half-open (transitory timeout), not established
+        sess["tcp_out"], sess["tcp_in"] = M.activity_tcp_dirs(recs)
         sess["owner"] = self.nic_id
         self.rules.merge_activity(sess, tick)
         renew = []
@@ -783,6 +731,9 @@ class RuleAgent:
             return
         out = []
         for s in created:
+            if not _sh.predictable(self.p.switch_hash, int(s["proto"])):
+                self.count("push_unpredictable")  # e.g. ICMP under jhash steering, toeplitz
+                continue
             try:
                 j = predict_nic(self.p.switch_hash, self.n_nics, int(s["proto"]), int(s["raddr"]), int(s["rport"]),
                                 int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields)
@@ -887,7 +838,7 @@ class RuleAgent:
             for d in (OUT, IN):
                 if c.dirs & DIR_BIT[d]:
                     index[(d, session_key(sk, d))] = sk
-        by_owner = collections.defaultdict(list)
+        merged = {}  # sk -> [owner, rule_id, last_seen, tcp_out, tcp_in]: one record per session
         for s in act:
             esk = skey(s)
             sk = None
@@ -898,16 +849,26 @@ class RuleAgent:
                         break
             if sk is None:
                 continue
-            by_owner[self.clones[sk].owner].append((sk, s))
+            m = merged.get(sk)
+            if m is None:
+                merged[sk] = [self.clones[sk].owner, int(s["rule_id"]), int(s["last_seen"]), int(s["tcp_out"]),
+                              int(s["tcp_in"])]
+            else:  # both directions held here: one record, flags kept per direction
+                m[2] = max(m[2], int(s["last_seen"]))
+                m[3] |= int(s["tcp_out"])
+                m[4] |= int(s["tcp_in"])
+        by_owner = collections.defaultdict(list)
+        for sk, m in merged.items():
+            by_owner[m[0]].append((sk, m))
         n = 0
         for owner, items in by_owner.items():
             rec = M.records(M.T_ACTIVITY, len(items))
-            for i, (sk, s) in enumerate(items):
+            for i, (sk, (_, rid, last_seen, tcp_o, tcp_i)) in enumerate(items):
                 _wire_endpoints(rec, i, sk)
                 rec["seq"][i] = self._next_seq()
-                rec["rule_id"][i] = s["rule_id"]
-                rec["idle_ms"][i] = max(0, tick - int(s["last_seen"])) * 1000
-                rec["tcp_flags"][i] = int(s["tcp_out"]) | int(s["tcp_in"])
+                rec["rule_id"][i] = rid
+                rec["idle_ms"][i] = max(0, tick - last_seen) * 1000
+                rec["tcp_out"][i], rec["tcp_in"][i], rec["tcp_flags"][i] = tcp_o, tcp_i, tcp_o | tcp_i
             self._emit(owner, M.T_ACTIVITY, rec)
             n += len(items)
         self.count("activity_reported", n)

@@ -257,9 +257,13 @@ ACTIVITY_DTYPE = _dtype(
         ("seq", "<u4"), ("rule_id", "<u4"), ("idle_ms", "<u4"),
         ("int_addr", "<u4"), ("ext_addr", "<u4"), ("rem_addr", "<u4"),
         ("int_port", "<u2"), ("ext_port", "<u2"), ("rem_port", "<u2"), ("pad", "<u2"),
-        ("proto", "u1"), ("tcp_flags", "u1"), ("pad2", "<u2"), ("packets", "<u4"),
+        ("proto", "u1"), ("tcp_flags", "u1"), ("tcp_out", "u1"), ("tcp_in", "u1"), ("packets", "<u4"),
     ]
 )
+# ACTIVITY.tcp_flags is the union of the TCP flags (layout.TCP_*) seen in both directions
+# (what the first protocol version sent); tcp_out / tcp_in (once a pad, zero from an old
+# sender) say which direction saw them.  A record with tcp_flags set and both per-direction
+# fields zero comes from an old sender: ``activity_tcp_dirs`` says how to read it.
 ACK_DTYPE = _dtype([("seq", "<u4"), ("status", "u1"), ("reason", "u1"), ("pad", "<u2")])
 BLOCK_DTYPE = _dtype(
     [
@@ -441,6 +445,17 @@ def unpack_undeliverable(payload):
     reason = UNDELIVERABLE_REASONS[r] if r < len(UNDELIVERABLE_REASONS) else "none"
     target = int(hdr["target"])
     return int(hdr["orig_type"]), reason, (None if target == 0xFFFF else target), payload[8:]
+
+
+def activity_tcp_dirs(recs) -> tuple:
+    """(tcp_out, tcp_in) arrays of ACTIVITY records: the per-direction flags; for a
+    record from a sender that predates them (tcp_flags set, both zero) the union in both
+    directions, as that sender meant it."""
+    out, inn, union = recs["tcp_out"], recs["tcp_in"], recs["tcp_flags"]
+    legacy = ((out | inn) == 0) & (union != 0)
+    if legacy.any():
+        out, inn = np.where(legacy, union, out), np.where(legacy, union, inn)
+    return out, inn
 
 
 # --------------------------------------------------------------------------- decode
@@ -626,7 +641,7 @@ def check(sender: Optional[int], code: int, payload: bytes, *, receiver: Optiona
 SMALL_BATCH = 8
 _ST_RULE = struct.Struct("<IIIIIIHHHHBBHHH")
 _ST_KEY = struct.Struct("<IIBBBBIIIHHHH")
-_ST_ACTIVITY = struct.Struct("<IIIIIIHHHHBBHI")
+_ST_ACTIVITY = struct.Struct("<IIIIIIHHHHBBBBI")
 _ST_BLOCK = struct.Struct("<IIHHHHBBHI")
 _ST_PEER = struct.Struct("<HHIQ")
 for _st, _dt in ((_ST_RULE, RULE_DTYPE), (_ST_KEY, KEY_DTYPE), (_ST_ACTIVITY, ACTIVITY_DTYPE),

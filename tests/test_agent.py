@@ -504,3 +504,59 @@ def test_switch_hash_sha1_matches_hashlib_and_spreads():
     assert switch_hash("sha1", *t, fields="src") == switch_hash("sha1", 17, t[1], 1, 2, 3, fields="src")
     with pytest.raises(ValueError):
         switch_hash("toeplitz", *t)
+
+
+# ------------------------------------------------------------- keys, the switch's hash
+
+
+def test_icmp_session_keys_use_the_identifier_and_match_the_builder():
+    """ICMP query sessions carry rport 0; their table keys use the identifier in both
+    port fields: out (1, I, id, R, id), in (1, R, id', E, id').  The agent's keys are
+    the builder's (rules.record_keys) for every protocol."""
+    from hypernat.rules import record_keys
+
+    I_, R_, E_, ident, ident2 = 0x0A000005, 0xC0000201, 0xC6120001, 0x1234, 0x9876
+    sk = (layout.PROTO_ICMP, I_, ident, E_, ident2, R_, 0)
+    assert session_key(sk, OUT) == (1, I_, ident, R_, ident)
+    assert session_key(sk, IN) == (1, R_, ident2, E_, ident2)
+    for proto in (layout.PROTO_ICMP, layout.PROTO_TCP, layout.PROTO_UDP):
+        rp = 0 if proto == layout.PROTO_ICMP else 443
+        rec = np.zeros(1, SESSION_DTYPE)[0]
+        rec["proto"], rec["iaddr"], rec["iport"], rec["eaddr"], rec["eport"] = proto, I_, 4000, E_, 5000
+        rec["raddr"], rec["rport"] = R_, rp
+        assert (session_key(skey(rec), OUT), session_key(skey(rec), IN)) == record_keys(rec)
+
+
+# Known-good values: hypernat.lab.steering.predict_return_nic as it matched the kernel's
+# nftables choice on 200/200 testbed connections (tests/test_lab_peer.py), before the
+# computation moved to hypernat.switchhash.
+_NFT_KNOWN = [
+    # raddr, rport, eaddr, eport, nics, seed, raw jhash, NIC
+    (0xC6336401, 5201, 0xC6124D03, 1024, 2, 0, 0xC01AC9B7, 1),
+    (0xC6336401, 5201, 0xC6124D03, 40000, 2, 0x5EED1234, 0x3AD68F0F, 0),
+    (0xCB007109, 443, 0xC6124D0F, 65535, 3, 0, 0x3EF8D1C7, 0),
+    (0x0A000001, 1, 0x0A000002, 2, 4, 0xFFFFFFFF, 0x4F3360E0, 1),
+    (0xC6336407, 80, 0xC6124D00, 2048, 2, 7, 0x617778BD, 0),
+]
+
+
+@pytest.mark.parametrize("r,rp,e,ep,n,seed,raw,nic", _NFT_KNOWN)
+def test_jhash_reproduces_nftables_known_values(r, rp, e, ep, n, seed, raw, nic):
+    from hypernat import switchhash
+    from hypernat.lab import steering
+
+    assert switchhash.nft_jhash_raw(r, e, rp, ep, seed) == raw
+    assert switch_hash("jhash", PROTO, r, rp, e, ep, seed) == raw
+    assert predict_nic("jhash", n, PROTO, r, rp, e, ep, seed) == nic == (raw * n) >> 32
+    assert steering.predict_return_nic(r, rp, e, ep, n, seed) == nic  # one implementation
+
+
+def test_jhash_lookup3_vectors_and_icmp_not_predictable():
+    from hypernat import switchhash
+
+    assert switchhash.jhash(b"", 0) == 0xDEADBEEF
+    assert switchhash.jhash(b"Four score and seven years ago", 0) == 0x17770551
+    assert switchhash.jhash(b"Four score and seven years ago", 1) == 0xCD628161
+    assert switchhash.predictable("jhash", 6) and switchhash.predictable("jhash", 17)
+    assert not switchhash.predictable("jhash", 1) and switchhash.predictable("sha1", 1)
+    assert not switchhash.predictable("toeplitz", 6)

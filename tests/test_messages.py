@@ -300,3 +300,17 @@ def test_small_batch_path_agrees_with_numpy_path(code, data):
     # and the same records as a batch too big for the small path: the numpy verdict
     many = np.concatenate([recs] * (M.SMALL_BATCH // n + 1))
     assert M.check(sender, code, many.tobytes(), receiver=receiver, **kw) == big
+
+
+def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
+    """ACTIVITY carries tcp_out / tcp_in (in the former pad, same 40-byte record); a
+    record of an old sender (union only) reads as the union both ways."""
+    from hypernat import layout
+
+    assert M.ACTIVITY_DTYPE.itemsize == 40
+    recs = M.records(M.T_ACTIVITY, 3)
+    recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # new: SYN out only
+    recs["tcp_flags"][1] = layout.TCP_FIN  # old sender: union, per-direction fields zero
+    out, inn = M.activity_tcp_dirs(recs)
+    assert list(out) == [layout.TCP_SYN, layout.TCP_FIN, 0]
+    assert list(inn) == [0, layout.TCP_FIN, 0]

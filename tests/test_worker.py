@@ -599,3 +599,37 @@ def test_counters_dict_tolerates_non_numeric_port_stats(tmp_path):
     assert not any(k.startswith("port_in0_") and k[8:] in ("mode", "driver", "ratio", "nested") for k in c)
     assert c["loop_port_stats_errors"] == 1 and not any(k.startswith("port_out0_") for k in c)
     w.close()
+
+
+def test_activity_keeps_tcp_flags_per_direction_half_open_stays_transitory(tmp_path):
+    """EIM: a host NIC 0 owns sends a SYN through NIC 1 (outbound fetch, out clone at
+    NIC 1); nothing ever comes back.  NIC 1's activity report must fold the SYN into
+    the owner's *outgoing* entry only: with SYN one way the session is half-open
+    (transitory timeout), not established (failed before: both directions got it)."""
+    from hypernat import rules as R
+
+    cfg = emulated_config(2)  # endpoint-independent mapping
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2).start_thread()
+    ws = [make_worker(cfg, k, tmp_path) for k in range(2)]
+    try:
+        (w0, _, _), (w1, in1, out1) = ws
+        assert spin([w0, w1], lambda: w0.registered and w1.registered, 5)
+        host = next(a for a in range(I1, I1 + 100) if w0.partition.eim_owner(a) == 0)
+        in1.inject([build_frame(TCP, host, 41000, R1, 443, flags=SYN)])
+        assert spin([w0, w1], lambda: len(out1._tx) == 1)
+        p = parse_frame(out1.take_tx()[0])
+        assert w1.agent.counters["clones_installed"] == 1
+        assert w1.agent.report_activity(w1.clock()) == 1
+        assert spin([w0, w1], lambda: w0.agent.counters["rx_activity"] >= 1)
+        so, si = w0.out_table.slots, w0.in_table.slots
+        jo = w0.out_table.lookup(*R.out_key(TCP, host, 41000, R1, 443))
+        ji = w0.in_table.lookup(*R.in_key(TCP, R1, 443, p.src, p.sport))
+        assert jo >= 0 and ji >= 0
+        assert so["tcp_state"][jo] & SYN and not si["tcp_state"][ji] & SYN
+        t = w0.rules.timeout_for(TCP, int(so["tcp_state"][jo]), int(si["tcp_state"][ji]))
+        assert t == cfg.timeouts.tcp_transitory != cfg.timeouts.tcp_established
+    finally:
+        for w, _, _ in ws:
+            w.close()
+        coord.stop()
+        coord.join(5)
