@@ -245,6 +245,23 @@ _R_NOT_OWNER = REASON["not_owner"]
 _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
 _EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
 
+# Events counted beside the slow-path reasons (``counters_dict`` reports both; every name
+# is always present, so metrics see a zero before the first event).
+EVENT_NAMES = (
+    # sessions expired by the sweep, by protocol and TCP state (timeout_for's classes)
+    "expired_tcp_established", "expired_tcp_transitory", "expired_udp", "expired_icmp",
+    # refusals of a new mapping, by cause (all also counted as ports_exhausted):
+    "exhausted_host_address",  # the host's address has no free block (paired pooling: not moved)
+    "exhausted_pool",  # a new host: no address has a free block
+    # crash recovery (recover_sessions)
+    "recovered_sessions", "recovered_mappings", "recovered_blocks",
+    "recovery_lost_host_mismatch",  # the journal gave the block to another host
+    "recovery_lost_conflict",  # the internal or external endpoint is bound otherwise now
+    "recovery_lost_table_full",
+    "recovery_lost_invalid",  # not an internal address / protocol, or a host owned elsewhere
+    "recovery_blocks_expired",  # quarantines that ran out with nothing recovered
+)  # fmt: skip
+
 # Outcome codes of the per-frame helpers: >= 0 a reason (drop); these are the others.
 _OK = -1
 _FETCH = -2
@@ -330,6 +347,7 @@ class RuleBuilder:
         self._lease_clones = False  # set once a clone is installed with a lease to watch
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
+        self._last_log_host = self._last_log_rec = float("-inf")
         self.track_created = config.install == "active"
         self._plain_add = False  # set per call: sessions need no log line and no PUSH record
         self.track_removed = config.n_nics > 1
@@ -361,6 +379,10 @@ class RuleBuilder:
         self._lent = set()
         self._qblocks = {}  # block id -> quarantined until (crash recovery)
         self._qskipped = set()  # quarantined ids taken off the free lists, to give back
+        self._qhosts = {}  # quarantined block id -> the host the journal assigned it to
+        self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
+        self._rec_ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
+        self.events = dict.fromkeys(EVENT_NAMES, 0)
         self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
         self._holds = {}  # ekey -> leases outstanding
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
@@ -561,6 +583,7 @@ class RuleBuilder:
         if h is None:
             a = self._pick_address()
             if a < 0:
+                self.events["exhausted_pool"] += 1
                 return self._refuse(_R_EXHAUSTED)
             h = self._hosts[iaddr] = _Host(iaddr, a, self.part.address_at(a))
         if h.nports[pi] >= self._cap:
@@ -601,6 +624,9 @@ class RuleBuilder:
             if b is None:
                 if not blocks:
                     del self._hosts[iaddr]
+                    self.events["exhausted_pool"] += 1
+                else:
+                    self._host_address_full(h)
                 return self._refuse(_R_EXHAUSTED)
             off = -1
             if self._preserve and 0 <= iport - b.lo < b.size:
@@ -638,6 +664,23 @@ class RuleBuilder:
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("create", p, iaddr, iport, m.eaddr, m.eport)
         return m
+
+    def _host_address_full(self, h: _Host) -> None:
+        """A host with blocks whose address has no free block left: its new connection
+        is refused, not moved to another address.  Paired pooling (RFC 4787 REQ-2: all
+        of a host's mappings on one external address) is what EIM peers rely on, and a
+        connection from a second address would break applications that compare
+        addresses (STUN, games, some VPNs).  Counted (ports_exhausted and
+        ``exhausted_host_address``) and logged at most every exhaustion_log_interval;
+        spill-over (a block borrowed on the same address, ``by-port`` partitions) or the
+        host's own sessions expiring make room."""
+        self.events["exhausted_host_address"] += 1
+        t = _time.monotonic()
+        if t - self._last_log_host >= self._log_interval:
+            self._last_log_host = t
+            log.warning("nic%d: host %s: no free port block left on its address %s (paired pooling): new "
+                        "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(h.iaddr),
+                        _ip(h.addr), self.events["exhausted_host_address"], len(h.blocks))
 
     def _pick_port(self, b: _Block, pi: int, iport: int) -> int:
         """RFC 6056: a random start in the block, the next free port from there
@@ -678,8 +721,11 @@ class RuleBuilder:
             return None
         g = -1
         q = self._qblocks
+        held = self._blocks
         while st[2]:
             c = st[2].pop()
+            if c in held:
+                continue  # recovered after a crash while still listed: assigned already
             if c not in q:
                 g = c
                 break
@@ -687,6 +733,8 @@ class RuleBuilder:
         while g < 0 and st[0] < st[1]:
             c = st[0]
             st[0] += 1
+            if c in held:
+                continue
             if c not in q:
                 g = c
             else:
@@ -798,6 +846,8 @@ class RuleBuilder:
 
     def _end_mapping(self, m: _Mapping, now: int) -> None:
         del self._by_ext[m.ekey]
+        if self._rec_ekeys:
+            self._rec_ekeys.discard(m.ekey)
         if self._eim:
             self._by_int.pop(m.ikey, None)
         self._mappings[m.rule_id] = None
@@ -1135,7 +1185,7 @@ class RuleBuilder:
         bus = self.sweep_budget_us if budget_us is None else budget_us
         res = SweepResult()
         res.endpoints_released = self._process_reuse(now, max(budget, 16))
-        if self._qblocks:
+        if self._qblocks or self._reserved:
             self._mature_quarantine(now)
         # -- out table: owned sessions (both directions merged) and clones.  First a
         # cheap filter over the raw slot words (idle for at least the shortest timeout,
@@ -1220,6 +1270,7 @@ class RuleBuilder:
         so_ls = slots["last_seen"]
         si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
         dead_out, dead_in = [], []
+        ev = self.events
         mappings = self._mappings
         nmap = len(mappings)
         lookup = self.inn.lookup
@@ -1245,7 +1296,8 @@ class RuleBuilder:
             else:
                 ls_i = st_i = 0
                 last = ls_o
-            if now - last < self.timeout_for(p, st_o, st_i):
+            tmo = self.timeout_for(p, st_o, st_i)
+            if now - last < tmo:
                 so_ls[w] = last  # remember the merged activity: not a candidate again soon
                 continue
             dead_out.append((p, ia, ip, ra, rp))
@@ -1255,6 +1307,7 @@ class RuleBuilder:
             if m is None or m.eaddr != ea or m.eport != ep or m.iaddr != ia or m.iport != ip:
                 continue  # an orphan entry (no bookkeeping): just delete it
             res.expired += 1
+            ev[_expiry_event(p, st_o, st_i)] += 1
             if self._end_session(m, ra, rr, now, last, st_o, st_i):
                 res.mappings_removed += 1
         if dead_out:
@@ -1283,12 +1336,34 @@ class RuleBuilder:
         self._lease_expired.append(r)
 
     def _mature_quarantine(self, now: int) -> None:
+        """Quarantines whose time has come: an unrecovered block becomes free again; a
+        recovered block releases the ports nobody reported (their sessions, if any,
+        were lost with the crash and their longest timeout has now passed)."""
+        expired = 0
         for g, until in list(self._qblocks.items()):
             if until <= now:
                 del self._qblocks[g]
+                self._qhosts.pop(g, None)
+                expired += 1
                 if g in self._qskipped:  # passed over while quarantined: list it again
                     self._qskipped.discard(g)
                     self._give_back(g, g // self.part.bpa)
+        if expired:
+            self.events["recovery_blocks_expired"] += expired
+            log.info("nic%d: %d quarantined port block(s) released after their longest timeout: nothing in them "
+                     "was recovered from clones", self.nic, expired)
+        for g, (until, masks) in list(self._reserved.items()):
+            if until > now:
+                continue
+            del self._reserved[g]
+            for pi in range(3):
+                m = masks[pi]
+                while m:
+                    low = m & -m
+                    m ^= low
+                    self._release_endpoint(g, pi, low.bit_length() - 1)
+        if not self._reserved and not self._qblocks:
+            self._rec_ekeys.clear()
 
     # -- gauges ---------------------------------------------------------------------------
     def utilisation(self) -> float:
@@ -1301,8 +1376,12 @@ class RuleBuilder:
         return min(1.0, max(len(self._blocks) / nb, max(self._used) / ports))
 
     def counters_dict(self) -> dict:
-        """{slow-path reason name: count} for every name in SLOW_PATH_REASON_NAMES."""
-        return dict(zip(SLOW_PATH_REASON_NAMES, self.counters))
+        """{name: count}: every slow-path reason (SLOW_PATH_REASON_NAMES), then every
+        event of EVENT_NAMES (expiries by protocol/state, exhaustion causes, crash
+        recovery)."""
+        d = dict(zip(SLOW_PATH_REASON_NAMES, self.counters))
+        d.update(self.events)
+        return d
 
     def stats(self) -> dict:
         """Gauges: mappings, sessions, clones, hosts, blocks in use, ports in use, ports
@@ -1319,6 +1398,7 @@ class RuleBuilder:
             "endpoints_held": len(self._held),
             "holds": sum(self._holds.values()),
             "blocks_quarantined": len(self._qblocks),
+            "blocks_reserved": len(self._reserved),
             "blocks_borrowed": len(self._adopted),
             "blocks_lent": len(self._lent),
             "utilisation": self.utilisation(),
@@ -1351,6 +1431,10 @@ class RuleBuilder:
             "held": [[k, list(v)] for k, v in self._held.items()],
             "counters": list(self.counters),
             "cursors": [self._cur_out, self._cur_in],
+            "events": dict(self.events),
+            "qhosts": [[g, h] for g, h in self._qhosts.items()],
+            "reserved": [[g, u, list(ms)] for g, (u, ms) in self._reserved.items()],
+            "rec_ekeys": sorted(self._rec_ekeys),
         }
 
     def restore(self, state) -> None:
@@ -1406,6 +1490,11 @@ class RuleBuilder:
         self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
         self.counters = [int(x) for x in state["counters"]] + [0] * (len(SLOW_PATH_REASON_NAMES) - len(state["counters"]))
         self._cur_out, self._cur_in = state.get("cursors", [0, 0])
+        self.events = dict.fromkeys(EVENT_NAMES, 0)
+        self.events.update({k: int(v) for k, v in state.get("events", {}).items() if k in self.events})
+        self._qhosts = {int(g): int(h) for g, h in state.get("qhosts", ())}
+        self._reserved = {int(g): [int(u), [int(x) for x in ms]] for g, u, ms in state.get("reserved", ())}
+        self._rec_ekeys = set(int(x) for x in state.get("rec_ekeys", ()))
 
     # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):
@@ -1415,6 +1504,9 @@ class RuleBuilder:
             st = self._addr[a]
             for k in range(len(st[2]) - 1, -1, -1):
                 g = st[2][k]
+                if g in self._blocks:  # recovered while listed: drop the stale entry
+                    del st[2][k]
+                    continue
                 if g not in self._adopted and g not in self._qblocks:
                     del st[2][k]
                     self._lent.add(g)
@@ -1422,6 +1514,8 @@ class RuleBuilder:
             while st[1] > st[0]:
                 st[1] -= 1  # take from the end of the native run: the cursor never gets there
                 g = st[1]
+                if g in self._blocks:
+                    continue
                 if g not in self._qblocks:
                     self._lent.add(g)
                     return g
@@ -1451,16 +1545,219 @@ class RuleBuilder:
         self._adopted.discard(g)
         return True
 
-    def quarantine_blocks(self, blocks, until) -> None:
-        """Journaled blocks recovered after a crash: not allocatable before `until`
-        (the sweep lets them go when the time has come)."""
+    def quarantine_blocks(self, blocks, until, journal=None) -> None:
+        """Journaled blocks found after a crash: not allocatable before `until` (the
+        sweep lets them go when the time has come), unless ``recover_sessions``
+        re-adopts them first.  `journal`: the journal's records (dicts, as written by
+        this class: {"op": "assign", "block": g, "host": "a.b.c.d", ...} and
+        {"op": "release", "block": g}); with them, a block is recovered only for the
+        host it was assigned to.  Unreadable records are ignored."""
         for g in blocks:
             g = int(g)
             self._qblocks[g] = max(int(until), self._qblocks.get(g, 0))
+        for r in journal or ():
+            try:
+                g = int(r["block"])
+                if r.get("op") == "assign":
+                    self._qhosts[g] = int(ipaddress.IPv4Address(r["host"]))
+                elif r.get("op") in ("release", "return", "free"):
+                    self._qhosts.pop(g, None)
+            except (TypeError, ValueError, KeyError, AttributeError, ipaddress.AddressValueError):
+                continue
+        for g in list(self._qhosts):
+            if g not in self._qblocks:
+                del self._qhosts[g]
+
+    def recover_sessions(self, records, now) -> np.ndarray:
+        """Re-adopt sessions this NIC owned before a crash, from a clone holder's report.
+
+        After a SIGKILL the NIC's tables are gone, but other NICs still hold clones of
+        its sessions (the direction the switch sent them).  When the NIC comes back,
+        every holder reports each clone of it (``RuleAgent.peer_restarted``, as
+        ACTIVITY), and ordinary ACTIVITY reports keep arriving.  `records`
+        (SESSION_DTYPE; the owner's view: iaddr/iport, eaddr/eport, raddr/rport, proto,
+        last_seen, tcp_out/tcp_in) are those reports.  Each one whose external
+        endpoint lies in a block quarantined since the crash is re-created here as if
+        it had never gone: the block is given back to its host (the host the journal
+        names, when the journal was passed to ``quarantine_blocks``), the endpoint is
+        marked in use, the mapping and the session get both flow-table entries.
+
+            crash ─► journal: blocks B1 B2 quarantined until T (longest timeout)
+            holder reports (E1:p, ...) in B1 ─► B1 leaves quarantine, back to its host:
+                 port p  live again (mapping + session, both entries)
+                 other ports of B1  stay reserved until T (a lost session may still
+                                     receive there), then free
+            B2: nobody reports ─► quarantined until T, then free (counted, logged)
+
+        So a block's quarantine ends when its rules are recovered (for those
+        endpoints) or its timeout passed, never earlier: an endpoint nobody vouched
+        for is never handed out before T.  A report is refused (counted under
+        ``recovery_lost_*``, logged) if the journal gave the block to another host,
+        if the internal endpoint (EIM) or the session (APDM) is bound to another
+        external endpoint since the restart, if the tables are full, or if the
+        internal address is not internal / the host is owned by another NIC.  Reports
+        of blocks not quarantined (the normal case: a session that expired here) are
+        left alone: it is cheap to call this on every ACTIVITY.
+
+        Returns bool[n]: the session is live here through recovery (this call or an
+        earlier one in the same quarantine) -- the agent then grants the reporting
+        holder a lease.  Recovered mappings get new rule ids (the holder's clone keeps
+        the old one; clones are matched by endpoints, not ids).
+        """
+        recs = np.asarray(records).reshape(-1)
+        n = len(recs)
+        ok = np.zeros(n, bool)
+        if n == 0 or not (self._qblocks or self._reserved):
+            return ok
+        now = int(now)
+        part = self.part
+        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        ev = self.events
+        before = {k: ev[k] for k in EVENT_NAMES if k.startswith("recover")}
+        fresh = []  # records whose session this call created
+        cols = zip(*(recs[f].tolist() for f in ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")))
+        for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(cols):
+            if p not in _PIDX:
+                continue
+            r = 0 if p == PROTO_ICMP else rp
+            ekey = p << 48 | ea << 16 | ep
+            m = self._by_ext.get(ekey)
+            if m is not None:
+                if ekey not in self._rec_ekeys or m.iaddr != ia or m.iport != ip:
+                    continue  # a mapping built since the restart: ordinary activity
+                if (ra << 16 | r) not in m.remotes:  # another session of a recovered mapping
+                    if self._room_left <= 0:
+                        ev["recovery_lost_table_full"] += 1
+                        continue
+                    self._add_session(m, ra, r, now)
+                    ev["recovered_sessions"] += 1
+                    fresh.append(i)
+                ok[i] = True
+                continue
+            if part.owner(ea, ep) != self.nic:
+                continue
+            g = part.block_of(ea, ep)
+            if g not in self._qblocks and g not in self._reserved:
+                continue  # not from before the crash: a session that expired here
+            if not self._is_internal(ia) or (self._eim and part.eim_owner(ia) != self.nic):
+                ev["recovery_lost_invalid"] += 1
+                continue
+            b = self._blocks.get(g)
+            want = self._qhosts.get(g, ia) if b is None else b.host.iaddr
+            if want != ia:
+                ev["recovery_lost_host_mismatch"] += 1
+                continue
+            ikey = p << 48 | ia << 16 | ip
+            if self._eim and ikey in self._by_int or not self._eim and _okey(p, ia, ip, ra, r) in self._by_out:
+                ev["recovery_lost_conflict"] += 1
+                continue
+            if self._room_left <= 0:
+                ev["recovery_lost_table_full"] += 1
+                continue
+            if b is None:
+                b = self._claim_block(g, ia)
+            pi = _PIDX[p]
+            off = ep - b.lo
+            masks = self._reserved.get(g)
+            if masks is None or not masks[1][pi] >> off & 1:
+                ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
+                continue
+            masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
+            h = b.host
+            h.nports[pi] += 1
+            m = _Mapping()
+            if self._free_ids:
+                rid = self._free_ids.pop()
+                self._mappings[rid] = m
+            else:
+                rid = len(self._mappings)
+                self._mappings.append(m)
+            m.rule_id, m.proto, m.iaddr, m.iport = rid, p, ia, ip
+            m.eaddr, m.eport, m.block, m.host = ea, ep, b, h
+            m.remotes = set()
+            m.ekey, m.ikey = ekey, ikey
+            self._by_ext[ekey] = m
+            if self._eim:
+                self._by_int[ikey] = m
+            else:
+                self._by_out[_okey(p, ia, ip, ra, r)] = m
+            tl = self.translog
+            if tl is not None and not tl.per_block and not tl.remote:
+                tl.rule("create", p, ia, ip, ea, ep)
+            self._add_session(m, ra, r, now)
+            self._rec_ekeys.add(ekey)
+            ev["recovered_mappings"] += 1
+            ev["recovered_sessions"] += 1
+            fresh.append(i)
+            ok[i] = True
+        self._flush(now)
+        if fresh:  # the entries were inserted at `now`: the holder's last_seen and TCP state instead
+            so, si = self.out.slots, self.inn.slots
+            for i in fresh:
+                rec = recs[i]
+                okk, ikk = record_keys(rec)
+                ls = min(int(rec["last_seen"]), now)
+                for tbl, sl, key, tcp in ((self.out, so, okk, "tcp_out"), (self.inn, si, ikk, "tcp_in")):
+                    j = tbl.lookup(*key)
+                    if j >= 0:
+                        sl["last_seen"][j] = ls
+                        sl["tcp_state"][j] |= int(rec[tcp]) & layout.TCP_STATE_MASK
+        done = {k: ev[k] - v for k, v in before.items() if ev[k] != v}
+        if done:
+            t = _time.monotonic()
+            lost = sum(v for k, v in done.items() if k.startswith("recovery_lost"))
+            if lost or t - self._last_log_rec >= self._log_interval:
+                self._last_log_rec = t
+                log.log(logging.WARNING if lost else logging.INFO,
+                        "nic%d: crash recovery from clones: %s; %d block(s) still quarantined, %d reserved",
+                        self.nic, ", ".join(f"{k} +{v}" for k, v in sorted(done.items())), len(self._qblocks),
+                        len(self._reserved))
+        return ok
+
+    def _claim_block(self, g: int, iaddr: int) -> _Block:
+        """A quarantined block goes back to the host it was assigned to before the
+        crash; all its ports are reserved (marked used) until the quarantine's end,
+        and each recovered session takes its own port out of the reservation."""
+        until = self._qblocks.pop(g)
+        self._qhosts.pop(g, None)
+        self._qskipped.discard(g)  # never listed again: _free_block gives it back
+        a = g // self.part.bpa
+        addr, lo, hi = self.part.block_span(g)
+        h = self._hosts.get(iaddr)
+        if h is None:
+            h = self._hosts[iaddr] = _Host(iaddr, a, addr)
+        elif h.aidx != a:  # the host got an address since the restart: both stay in use
+            log.warning("nic%d: host %s: recovered block %d is on %s, its new mappings use %s", self.nic,
+                        _ip(iaddr), g, _ip(addr), _ip(h.addr))
+        b = _Block(g, a, addr, lo, hi - lo + 1)
+        b.host = h
+        full = (1 << b.size) - 1
+        b.used = [full, full, full]
+        b.n_used = [b.size] * 3
+        b.n_total = 3 * b.size
+        for pi in range(3):
+            self._used[pi] += b.size
+        self._blocks[g] = b
+        h.blocks.append(b)
+        self._reserved[g] = [until, [full, full, full]]
+        if self.translog is not None and self.translog.per_block:
+            self.translog.block("block", iaddr, addr, lo, hi)
+        self.events["recovered_blocks"] += 1
+        return b
 
 
 _EVEN_BITS = int("01" * 32768, 2)  # bit k set for even k
 _ODD_BITS = _EVEN_BITS << 1
+
+
+def _expiry_event(p, tcp_out, tcp_in) -> str:
+    """EVENT_NAMES key of an expired session (the classes of ``timeout_for``)."""
+    if p == PROTO_TCP:
+        st = tcp_out | tcp_in
+        if st & (_RST | _FIN) or (st & _SYN and not (tcp_out & _SYN and tcp_in & _SYN)):
+            return "expired_tcp_transitory"
+        return "expired_tcp_established"
+    return "expired_udp" if p == PROTO_UDP else "expired_icmp"
 
 
 def _okey(p, iaddr, iport, raddr, rport) -> int:
