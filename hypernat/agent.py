@@ -510,12 +510,15 @@ class RuleAgent:
         # must leave the session half-open (transitory timeout), not established
         sess["tcp_out"], sess["tcp_in"] = M.activity_tcp_dirs(recs)
         sess["owner"] = self.nic_id
+        # crash recovery (rules.py): sessions this owner lost in a crash come back from
+        # the holder's report; the holder then gets a lease on them like any other
+        recovered = self.rules.recover_sessions(sess, tick)
         self.rules.merge_activity(sess, tick)
         renew = []
         for i, r in enumerate(recs):
             sk = skey(r)
             holders = self.leases.get(sk)
-            if holders is None or source not in holders:
+            if (holders is None or source not in holders) and not recovered[i]:
                 self.count("activity_unknown")  # expired or revoked here: let the lease run out
                 continue
             self._grant(sk, source, now)

@@ -225,7 +225,9 @@ class NicWorker:
                 longest = max(t.udp, t.tcp_established, t.tcp_transitory, t.icmp,
                               self.config.limits.lease_duration) + t.reuse_delay
                 until = self.ticks() + longest
-                self.rules.quarantine_blocks(sorted(blocks), until)
+                # crash recovery (rules.py): the journal names each block's host, so that
+                # recover_sessions re-adopts a block only for the host it was assigned to
+                self.rules.quarantine_blocks(sorted(blocks), until, journal=self.journal.records())
                 info["quarantined_blocks"] = len(blocks)
                 self.counters["blocks_quarantined"] += len(blocks)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
