@@ -362,3 +362,56 @@ def test_counters_dict_names_are_stable():
     for k in ("expired_tcp_established", "expired_udp", "recovered_sessions", "exhausted_host_address",
               "ports_exhausted", "unsolicited_syn"):
         assert c[k] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: SIGKILL a NIC worker process of the emulated deployment
+
+
+@pytest.mark.timeout(150)
+def test_nic_crash_connections_keep_their_endpoints_through_clones():
+    """NIC 0 is killed while its connections run; NIC 1 holds clones of those whose
+    other direction it sees.  After the restart NIC 1 reports them, NIC 0 re-adopts
+    them: they go on with the same external endpoints in both directions.  New
+    connections afterwards never get an endpoint another host had."""
+    from hypernat.lab.emulated import TCP as E_TCP, UDP as E_UDP, Emulation, emulated_config, make_conns
+    from hypernat.partition import Partition
+
+    cfg = emulated_config(2, mapping="endpoint-independent")
+    part = Partition.from_config(cfg)
+    emu = Emulation(cfg, rto=0.2, max_tries=40)
+    try:
+        emu.start()
+        conns = make_conns(cfg, 80, packets=2, protos=(E_TCP, E_UDP), seed=61, hosts=12)
+        assert emu.run(conns, timeout=40), [c.cid for c in conns if not c.done]
+        handed = {(c.proto, *e): (c.iaddr, c.iport) for c in conns for e in c.ext}
+        # split connections owned by NIC 0: one direction through NIC 0, the other through
+        # NIC 1's clone.  Without recovery their NIC 0 side would miss after the crash.
+        split = [c for c in conns if part.eim_owner(c.iaddr) == 0 and len({c.out_nic} | c.in_nics) == 2]
+        assert len(split) >= 5, len(split)
+        ext_before = {c.cid: set(c.ext) for c in split}
+        emu.stop_nic(0, signal.SIGKILL)  # tables gone; journal on disk; NIC 1 keeps its clones
+        emu.start_nic(0)
+        emu.wait_registered()
+        emu.pump_for(1.0)  # NIC 1 sees the new incarnation and reports every clone of NIC 0
+        emu.resume(split, 3)
+        assert emu.run(timeout=40), [c.cid for c in split if not c.done]
+        after = make_conns(cfg, 60, packets=2, protos=(E_TCP, E_UDP), seed=62, hosts=12,
+                           remote_net="198.51.100.0/24")
+        assert emu.run(after, timeout=40), [c.cid for c in after if not c.done]
+        rep = emu.check()
+        emu.close()
+        final0 = emu.nic_reports[0][-1]
+    finally:
+        emu.close()
+    for c in split:
+        assert c.ext == ext_before[c.cid], (c.cid, c.ext, ext_before[c.cid])
+    assert not any(c.bad for c in split)
+    for c in after:
+        for e in c.ext:
+            assert handed.get((c.proto, *e), (c.iaddr, c.iport)) == (c.iaddr, c.iport), (e, c)
+    assert rep["shared_external"] == 0 and rep["eim_violations"] == 0
+    counters = final0["counters"]
+    assert final0["recovery"]["quarantined_blocks"] > 0
+    assert counters["rules_recovered_sessions"] >= len(split)
+    assert counters["rules_recovery_lost_host_mismatch"] == 0 and counters["rules_recovery_lost_invalid"] == 0
