@@ -544,7 +544,7 @@ InternalPredicate = Callable[[np.ndarray], np.ndarray]
 
 def elementwise(fn):
     """Wrap a scalar predicate (``fn(nic, addr, port) -> bool`` or ``fn(addr) -> bool``)
-    into the vectorised form ``validate`` calls."""
+    into the vectorised form ``validate`` calls (carrying `fn` as its scalar twin)."""
 
     def vectorised(*args):
         arrays = [a for a in args if isinstance(a, np.ndarray)]
@@ -554,7 +554,21 @@ def elementwise(fn):
             (bool(fn(*scalars, *(int(a[i]) for a in arrays))) for i in range(n)), dtype=bool, count=n
         )
 
+    vectorised.one = fn
     return vectorised
+
+
+def with_scalar(vectorised, one):
+    """A predicate with both forms: ``vectorised`` (numpy arrays, for big batches) and
+    ``one`` (plain ints, one record: what the small-batch path calls, because numpy
+    costs microseconds per call whatever the size).  Both must agree;
+    tests/test_messages.py holds them to the same verdicts."""
+
+    def pred(*args):
+        return vectorised(*args)
+
+    pred.one = one
+    return pred
 
 
 def _all(pred, *args) -> bool:
@@ -660,6 +674,34 @@ def _u16(values):
     return np.array(values, dtype=np.uint16)
 
 
+def _owns_all(owns, nic, addrs, ports) -> bool:
+    """Every (addr, port) lies in `nic`'s partition: the predicate's scalar twin when it
+    has one (no numpy for a record or two), else its vectorised form."""
+    one = getattr(owns, "one", None)
+    if one is None:
+        return _all(owns, nic, _u32(addrs), _u16(ports))
+    try:
+        for a, p in zip(addrs, ports):
+            if not one(nic, a, p):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - as _all: a broken predicate rejects
+        return False
+
+
+def _internal_all(internal, addrs) -> bool:
+    one = getattr(internal, "one", None)
+    if one is None:
+        return _all(internal, _u32(addrs))
+    try:
+        for a in addrs:
+            if not one(a):
+                return False
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
     if code in (T_RULE, T_PUSH, T_LEASE):
         recs = list(_ST_RULE.iter_unpack(payload))
@@ -676,9 +718,9 @@ def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
             if r[5] == 0 and not r[12] & RULE_F_WILDCARD:
                 return "bad_field"
         if owns is not None and sender is not None:
-            if not _all(owns, sender, _u32([r[4] for r in recs]), _u16([r[7] for r in recs])):
+            if not _owns_all(owns, sender, [r[4] for r in recs], [r[7] for r in recs]):
                 return "foreign_endpoint"
-        if internal is not None and not _all(internal, _u32([r[3] for r in recs])):
+        if internal is not None and not _internal_all(internal, [r[3] for r in recs]):
             return "not_internal"
         return None
     if code in (T_FETCH, T_NACK, T_REVOKE):
@@ -696,15 +738,15 @@ def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
                 return "bad_field"
         if owns is not None:
             if code == T_REVOKE and sender is not None:
-                if not _all(owns, sender, _u32([r[7] for r in recs]), _u16([r[10] for r in recs])):
+                if not _owns_all(owns, sender, [r[7] for r in recs], [r[10] for r in recs]):
                     return "foreign_endpoint"
             if code == T_FETCH and receiver is not None:
                 ext = [r for r in recs if r[3] == FETCH_BY_EXTERNAL]
-                if ext and not _all(owns, receiver, _u32([r[7] for r in ext]), _u16([r[10] for r in ext])):
+                if ext and not _owns_all(owns, receiver, [r[7] for r in ext], [r[10] for r in ext]):
                     return "foreign_endpoint"
         if internal is not None and code == T_FETCH:
             ins = [r[6] for r in recs if r[3] == FETCH_BY_INTERNAL]
-            if ins and not _all(internal, _u32(ins)):
+            if ins and not _internal_all(internal, ins):
                 return "not_internal"
         return None
     if code == T_ACTIVITY:
@@ -716,9 +758,9 @@ def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
             if r[10] != 1 and r[7] == 0:
                 return "bad_field"
         if owns is not None and receiver is not None:
-            if not _all(owns, receiver, _u32([r[4] for r in recs]), _u16([r[7] for r in recs])):
+            if not _owns_all(owns, receiver, [r[4] for r in recs], [r[7] for r in recs]):
                 return "foreign_endpoint"
-        if internal is not None and not _all(internal, _u32([r[3] for r in recs])):
+        if internal is not None and not _internal_all(internal, [r[3] for r in recs]):
             return "not_internal"
         return None
     if code in (T_BORROW, T_BORROW_ACK, T_RETURN):
@@ -738,9 +780,9 @@ def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
         if owns is not None and code == T_RETURN and receiver is not None:
             if any(r[1] == 0 for r in recs):
                 return "bad_field"
-            addrs = _u32([r[1] for r in recs])
-            if not (_all(owns, receiver, addrs, _u16([r[2] for r in recs]))
-                    and _all(owns, receiver, addrs, _u16([r[3] for r in recs]))):
+            addrs = [r[1] for r in recs]
+            if not (_owns_all(owns, receiver, addrs, [r[2] for r in recs])
+                    and _owns_all(owns, receiver, addrs, [r[3] for r in recs])):
                 return "foreign_endpoint"
         return None
     if code == T_PEERS:

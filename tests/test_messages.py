@@ -314,3 +314,54 @@ def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
     out, inn = M.activity_tcp_dirs(recs)
     assert list(out) == [layout.TCP_SYN, layout.TCP_FIN, 0]
     assert list(inn) == [0, layout.TCP_FIN, 0]
+
+
+OWNS_TWIN = M.with_scalar(OWNS, lambda nic, addr, port: port % 2 == nic)
+INTERNAL_TWIN = M.with_scalar(INTERNAL, lambda addr: addr >> 24 == 10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(code=st.sampled_from(SMALL_TYPES), data=st.data())
+def test_scalar_predicates_give_the_vectorised_verdicts(code, data):
+    """The small-batch path calls a predicate's scalar twin (plain ints, no numpy); the
+    verdict must be the one the vectorised predicates give on the same records — here
+    with the real partition arithmetic (Partition.owner against Partition.owners,
+    including loaned blocks), as the NIC worker and the coordinator use it."""
+    from hypernat.lab.emulated import emulated_config
+    from hypernat.partition import Partition
+
+    n_nics = data.draw(st.sampled_from([2, 3]))
+    cfg = emulated_config(n_nics)
+    part = Partition.from_config(cfg)
+    for _ in range(data.draw(st.integers(0, 3))):  # a few spill-over loans
+        part.lend(data.draw(st.integers(0, part.n_addrs * part.bpa - 1)), data.draw(st.integers(0, n_nics - 1)))
+    vec = lambda nic, a, p: part.owners(a, p) == nic  # noqa: E731
+    twin = M.with_scalar(vec, lambda nic, a, p: part.owner(a, p) == nic)
+    base = int(cfg.pool[0].network_address)
+    dt = M.DTYPE_OF[code]
+    n = data.draw(st.integers(1, M.SMALL_BATCH))
+    recs = np.zeros(n, dt)
+    for f in dt.names:
+        if f == "proto":
+            recs[f] = data.draw(st.lists(st.sampled_from([1, 6, 17]), min_size=n, max_size=n))
+        elif f in ("ext_addr", "addr"):
+            recs[f] = data.draw(st.lists(st.sampled_from([base, base + 1, base + 255, 0x08080808]),
+                                         min_size=n, max_size=n))
+        elif f in ("ext_port", "port_lo", "port_hi", "int_port", "rem_port"):
+            recs[f] = data.draw(st.lists(st.integers(0, 65535), min_size=n, max_size=n))
+        elif f in ("owner", "lender", "borrower", "nic", "kind"):
+            recs[f] = data.draw(st.lists(st.integers(0, n_nics - 1 if f != "kind" else 1), min_size=n, max_size=n))
+        elif f in ("int_addr", "rem_addr"):
+            recs[f] = data.draw(st.lists(st.sampled_from([0x0A000001, 0xC0A80001, 0xC0000201]),
+                                         min_size=n, max_size=n))
+    sender = data.draw(st.integers(0, n_nics - 1))
+    receiver = data.draw(st.integers(0, n_nics - 1))
+    internal = data.draw(st.sampled_from([INTERNAL, INTERNAL_TWIN]))
+    scalar = M._check_small(sender, code, recs.tobytes(), receiver, twin, internal, n_nics)
+    vector = M._check_records(sender, code, recs, receiver, vec, INTERNAL, n_nics)
+    assert scalar == vector
+    assert M.validate(sender, M.TYPE_FRAME[code], recs.tobytes(), receiver=receiver, owns=twin,
+                      internal=INTERNAL_TWIN, n_nics=n_nics).reason == vector
+    # the hand-made twins of the module-level predicates agree as well
+    assert (M._check_small(sender, code, recs.tobytes(), receiver, OWNS_TWIN, INTERNAL_TWIN, n_nics)
+            == M._check_records(sender, code, recs, receiver, OWNS, INTERNAL, n_nics))

@@ -812,4 +812,7 @@ def predicates_from_config(cfg):
             ok |= (a & np.uint32(mask)) == np.uint32(base)
         return ok
 
+    # scalar twins for one-record messages (messages.with_scalar): no numpy per FETCH
+    owns = M.with_scalar(owns, lambda nic, addr, port: part.owner(addr, port) == nic)
+    internal = M.with_scalar(internal, lambda addr: any(addr & mask == base for base, mask in nets))
     return owns, internal, part.owner
