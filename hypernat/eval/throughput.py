@@ -1,0 +1,390 @@
+"""Fig. 4 (throughput over Traces 1-4) and Fig. 5 (CPU use, Trace 1), emulated.
+
+The paper's sender replays a trace at 2 Mpps, hashing packets over two NICs with SHA-1;
+its receiver reverses every packet and sends it back through the NICs, hashed again.  Here
+the same happens in two phases, with every frame *pre-built and pre-hashed* so that the
+cores measured do only the gateway's work (2 vCPUs: an emulated switch in the loop would
+take the cores the NICs need):
+
+    trace (hypernat.trace, 64-byte replay frames, time order)
+      │ sha1(5-tuple) % N, once, before the run
+      ▼
+    OUT phase   NIC k replays its share once: hit → translated, miss → RuleBuilder
+                (every flow's first packet builds its rule: the per-flow cost the paper
+                sees growing with the number of flows); the translated frames are kept
+      │ reverse every frame (swap addresses and ports: checksums unchanged), the paper's
+      │ receiver; sha1(reply 5-tuple) % N picks the return NIC, once
+      ▼
+    IN phase    NIC j replays its replies once: hit → translated; a reply of a flow owned
+                by another NIC misses → passive install (FETCH through the coordinator,
+                clone, replay) -- the cross-NIC cost, once per split connection
+
+    throughput = frames translated (both phases, all NICs) / (OUT time + IN time),
+    each phase timed from the common start to the last NIC's last frame.
+
+Configurations (address-and-port-dependent mapping, like the paper's per-connection rules):
+
+    hypernat-2nic   2 NIC worker processes + the coordinator process
+    hypernat-1nic   1 NIC worker + the coordinator (every reply returns to the owner)
+    servernat       the whole NAT in one process: one worker, standalone (no partitions,
+                    no coordinator, no agent traffic)
+
+On this x86 machine serverNAT and a NIC worker are the same code on the same kind of core:
+their difference is only the coordinator's presence (nothing crosses with 1 NIC).  The
+paper's serverNAT beat 1 NIC because a server core outran a BlueField ARM core; that gap
+cannot appear here.  2 NICs against 1 shows the scale-up and the cost of cloning, and is
+bounded by the 2 cores this machine has for workers, coordinator and everything else.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+from . import cpu_seconds, machine, md_table, progress, pyplot, save
+from .. import trace as T
+from ..io.base import Port
+
+FRAME = 64
+CONFIGS = ("hypernat-2nic", "hypernat-1nic", "servernat")
+LABELS = {"hypernat-2nic": "HyperNAT (2 NICs)", "hypernat-1nic": "HyperNAT (1 NIC)", "servernat": "serverNAT"}
+PAPER_FIG4_TRACE1 = {"hypernat-2nic": 1643.3, "servernat": 1280.4, "hypernat-1nic": 723.7}  # Kpps
+PAPER_FIG4_TRACE4 = {"hypernat-2nic": 1377.9, "servernat": 859.5}
+PAPER_FIG5 = {"nic": 70.0, "server": 2.0}  # percent
+
+
+class PhasePort(Port):
+    """A port that replays a loaded (frames, lengths) array once, in batches (no copy of
+    pristine bytes: every frame is used once), and counts -- optionally keeps -- what is
+    sent to it (the first 64 bytes of each frame)."""
+
+    def __init__(self, name: str, batch: int = 256):
+        from ..io.memory import Notifier
+
+        self.name = name
+        self.batch = batch
+        self._note = Notifier()
+        self._note.signal()
+        self.load(np.zeros((0, FRAME), np.uint8), np.zeros(0, np.uint32))
+        self.capture = False
+        self.tx = 0
+        self._kept: list = []
+
+    def load(self, frames: np.ndarray, lengths: np.ndarray) -> None:
+        from ..io.base import Batch
+
+        self._batches = []
+        for i in range(0, len(frames), self.batch):
+            a = np.ascontiguousarray(frames[i : i + self.batch])
+            n = len(a)
+            self._batches.append(Batch(a.reshape(-1).copy(), (np.arange(n, dtype=np.uint32) * FRAME),
+                                       lengths[i : i + n].astype(np.uint32), n))
+        self._i = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self._i >= len(self._batches)
+
+    def fileno(self) -> int:
+        return self._note.fd
+
+    def recv(self, max_frames: int = 256):
+        if self._i >= len(self._batches):
+            return None
+        b = self._batches[self._i]
+        self._batches[self._i] = None  # used once: let it go
+        self._i += 1
+        return b
+
+    def send(self, batch, idx) -> int:
+        idx = np.asarray(idx)
+        self.tx += len(idx)
+        if self.capture and len(idx):
+            offs = batch.offsets[idx].astype(np.int64)
+            lens = np.minimum(batch.lengths[idx], FRAME).astype(np.uint32)
+            pos = np.minimum(offs[:, None] + np.arange(FRAME)[None, :], len(batch.buf) - 1)
+            self._kept.append((batch.buf[pos], lens))
+        return len(idx)
+
+    def send_frames(self, frames) -> int:
+        frames = list(frames)
+        self.tx += len(frames)
+        if self.capture and frames:
+            a = np.zeros((len(frames), FRAME), np.uint8)
+            lens = np.zeros(len(frames), np.uint32)
+            for i, f in enumerate(frames):
+                f = bytes(f)[:FRAME]
+                a[i, : len(f)] = np.frombuffer(f, np.uint8)
+                lens[i] = len(f)
+            self._kept.append((a, lens))
+        return len(frames)
+
+    def take(self):
+        if not self._kept:
+            return np.zeros((0, FRAME), np.uint8), np.zeros(0, np.uint32)
+        a = np.concatenate([k[0] for k in self._kept])
+        lens = np.concatenate([k[1] for k in self._kept])
+        self._kept = []
+        return a, lens
+
+    def mac(self) -> bytes:
+        return bytes((2, 0, 0, 0, 0, 9))
+
+    def stats(self) -> dict:
+        return {"tx_packets": self.tx}
+
+    def close(self) -> None:
+        self._note.close()
+
+
+def _idle(w) -> bool:
+    return not (w.agent.pending or w.agent._unacked or w._backlog or len(w.outbox))
+
+
+def _worker(cfg, nic, standalone, conn):
+    """A NIC worker driven by the parent: ('load', side, frames, lengths, capture),
+    ('go',) → ('done', tx, seconds, captured), ('end',) → ('counters', dict)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ..nic.worker import NicWorker
+
+    inside, outside = PhasePort(f"in{nic}"), PhasePort(f"out{nic}")
+    w = NicWorker(cfg, nic, inside, outside, standalone=standalone, journal=False, restore=False,
+                  state_dir=os.path.join(cfg.state_dir, f"eval{nic}"))
+    end = time.monotonic() + 10
+    while not standalone and not w.registered and time.monotonic() < end:
+        w.run_once(10)
+    conn.send(("ready", nic))
+    src = sink = None
+    while True:
+        if not conn.poll(0.001 if src is None else 0):
+            w.run_once(1)
+            continue
+        msg = conn.recv()
+        if msg[0] == "load":
+            _, side, frames, lengths, capture = msg
+            src, sink = (inside, outside) if side == "out" else (outside, inside)
+            src.load(frames, lengths)
+            sink.capture = capture
+        elif msg[0] == "go":
+            tx0 = inside.tx + outside.tx
+            t0 = t_last = time.perf_counter()
+            deadline = t0 + 120
+            last = tx0
+            while True:
+                w.run_once(0)
+                now = time.perf_counter()
+                tx = inside.tx + outside.tx
+                if tx != last:
+                    last, t_last = tx, now
+                # done: the trace is through, nothing waits in the agent, and nothing left
+                # for 20 ms (replays of built or fetched rules leave a little later)
+                if (src.exhausted and _idle(w) and now - t_last > 0.02) or now > deadline:
+                    break
+            dt = t_last - t0
+            kept = sink.take() if sink.capture else None
+            conn.send(("done", last - tx0, dt, kept))
+            src = None
+        elif msg[0] == "end":
+            w.run_once(0)
+            conn.send(("counters", w.counters_dict()))
+            w.close()
+            return
+
+
+def _reflect(frames: np.ndarray) -> np.ndarray:
+    """The paper's receiver: swap source and destination address and port (the IPv4 and
+    TCP/UDP checksums are sums, unchanged by a swap)."""
+    r = frames.copy()
+    r[:, 26:30], r[:, 30:34] = frames[:, 30:34], frames[:, 26:30]
+    r[:, 34:36], r[:, 36:38] = frames[:, 36:38], frames[:, 34:36]
+    r[:, 0:6], r[:, 6:12] = frames[:, 6:12], frames[:, 0:6]
+    return r
+
+
+def _nic_of(frames: np.ndarray, n: int) -> np.ndarray:
+    """SHA-1 of each frame's 5-tuple mod n (the switch), computed once per distinct tuple."""
+    from ..agent import predict_nic
+
+    if n == 1 or len(frames) == 0:
+        return np.zeros(len(frames), np.int64)
+    be = lambda a, lo, hi: (a[:, lo:hi].astype(np.uint64) * (256 ** np.arange(hi - lo - 1, -1, -1, dtype=np.uint64))).sum(1)  # noqa: E731
+    proto, src, sp, dst, dp = frames[:, 23].astype(np.uint64), be(frames, 26, 30), be(frames, 34, 36), \
+        be(frames, 30, 34), be(frames, 36, 38)
+    key = np.stack([proto, src, sp, dst, dp], axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    nics = np.array([predict_nic("sha1", n, *map(int, u)) for u in uniq], np.int64)
+    return nics[inv.reshape(-1)]
+
+
+def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bool = False) -> dict:
+    """One configuration over one trace (see the module doc)."""
+    from ..lab.emulated import _coord_main, emulated_config
+
+    n = 2 if name == "hypernat-2nic" else 1
+    standalone = name == "servernat"
+    cfg = emulated_config(n, mapping="address-and-port-dependent", pool="198.18.0.0/24",
+                          limits={"flow_table_capacity": 1 << 19, "ports_per_host": 64512,
+                                  "fetch_timeout_ms": 500, "fetch_retries": 6})
+    ctx = mp.get_context("fork")
+    coord = None
+    if not standalone:
+        os.makedirs(os.path.dirname(cfg.coordinator.endpoint[6:]), exist_ok=True)
+        ready = ctx.Event()
+        coord = ctx.Process(target=_coord_main, args=(cfg, cfg.coordinator.endpoint, ready), daemon=True)
+        coord.start()
+        ready.wait(10)
+    pipes, procs = [], []
+    for k in range(n):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=_worker, args=(cfg, k, standalone, b), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    for a in pipes:
+        a.recv()
+    samples = []
+    stop_sampling = threading.Event()
+
+    def sampler():
+        pids = [p.pid for p in procs] + ([coord.pid] if coord else [])
+        last = [cpu_seconds(x) for x in pids]
+        t_last = t_first = time.perf_counter()
+        while not stop_sampling.wait(0.1):
+            now = time.perf_counter()
+            cur = [cpu_seconds(x) for x in pids]
+            samples.append([round(now - t_first, 3)] + [round(100 * (c - l) / (now - t_last), 1) for c, l in zip(cur, last)])
+            last, t_last = cur, now
+
+    th = threading.Thread(target=sampler, daemon=True) if cpu_trace else None
+    res = {"config": name, "nics": n}
+    try:
+        if th:
+            th.start()
+        out_nic = _nic_of(frames, n)
+        phase = {}
+        kept = []
+        for side in ("out", "in"):
+            if side == "out":
+                parts = [(frames[out_nic == k], lengths[out_nic == k]) for k in range(n)]
+            else:
+                rf = np.concatenate([k[0] for k in kept])
+                rl = np.concatenate([k[1] for k in kept])
+                # interleave the NICs' outputs back into (approximate) trace order
+                order = np.argsort(np.concatenate([np.arange(len(k[0])) / max(1, len(k[0])) for k in kept]),
+                                   kind="stable")
+                rf, rl = _reflect(rf[order]), rl[order]
+                in_nic = _nic_of(rf, n)
+                parts = [(rf[in_nic == k], rl[in_nic == k]) for k in range(n)]
+            for a, (f, l) in zip(pipes, parts):
+                a.send(("load", side, f, l, side == "out"))
+            for a in pipes:
+                a.send(("go",))
+            done = [a.recv() for a in pipes]
+            kept = [d[3] for d in done] if side == "out" else []
+            phase[side] = {"frames_in": int(sum(len(p[0]) for p in parts)), "frames_out": int(sum(d[1] for d in done)),
+                           "seconds": max(d[2] for d in done)}
+        for a in pipes:
+            a.send(("end",))
+        counters = [a.recv()[1] for a in pipes]
+    finally:
+        stop_sampling.set()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        if coord is not None:
+            os.kill(coord.pid, signal.SIGTERM)
+            coord.join(5)
+    tot = sum(v["frames_out"] for v in phase.values())
+    secs = sum(v["seconds"] for v in phase.values())
+    csum = lambda k: int(sum(c.get(k, 0) for c in counters))  # noqa: E731
+    summed = {k: csum(k) for c in counters for k in c if isinstance(c[k], (int, float)) and csum(k)}
+    res["drops"] = {k: v for k, v in summed.items()
+                    if any(s in k for s in ("drop", "full", "timeout", "nack", "exhaust", "invalid", "bad", "malformed"))}
+    res["counters"] = summed
+    res.update(phase=phase, kpps=round(tot / secs / 1e3, 1), frames=tot, seconds=round(secs, 3),
+               loss=int(sum(v["frames_in"] - v["frames_out"] for v in phase.values())),
+               rules_built=csum("rules_built") or csum("rules_created"), clones=csum("agent_clones_installed"),
+               fetches=csum("agent_fetches"), fetch_timeouts=csum("agent_fetch_timeout"))
+    if cpu_trace:
+        res["cpu_samples"] = samples
+        res["cpu_columns"] = ["t"] + [f"NIC {k}" for k in range(n)] + (["coordinator"] if coord else [])
+    return res
+
+
+def traces(quick: bool):
+    return {1: 300, 2: 600, 3: 1200, 4: 2400} if quick else dict(T.PAPER_TRACES)
+
+
+def run(quick: bool = False, out: str | None = None, configs=CONFIGS) -> dict:
+    """Fig. 4 and Fig. 5: every configuration over every trace; writes fig4.* and fig5.*."""
+    from . import RESULTS
+
+    out = out or RESULTS
+    rows = []
+    fig5 = None
+    for t, flows in traces(quick).items():
+        tr = T.generate(T.Params(flows=flows, seed=t))
+        a, incl = T.headers(tr, FRAME, fixlen=True)
+        f = np.zeros((len(a), FRAME), np.uint8)
+        f[:, : a.shape[1]] = a[:, :FRAME]
+        for c in configs:
+            progress(f"fig4: trace {t} ({flows} flows, {tr.n_packets} packets), {LABELS[c]}")
+            r = run_config(c, f, incl.astype(np.uint32), cpu_trace=(t == 1 and c == "hypernat-2nic"))
+            r.update(trace=t, flows=flows, packets=tr.n_packets)
+            if "cpu_samples" in r:
+                fig5 = {"samples": r.pop("cpu_samples"), "columns": r.pop("cpu_columns")}
+            rows.append(r)
+            progress(f"      {r['kpps']} Kpps ({r['frames']} frames in {r['seconds']} s, clones {r['clones']}, "
+                     f"lost {r['loss']})")
+    m = machine()
+    data = {"machine": m, "quick": quick, "paper_trace1_kpps": PAPER_FIG4_TRACE1,
+            "paper_trace4_kpps": PAPER_FIG4_TRACE4, "rows": rows}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ts = sorted({r["trace"] for r in rows})
+    width = 0.8 / len(configs)
+    for i, c in enumerate(configs):
+        ys = [next(r["kpps"] for r in rows if r["trace"] == t and r["config"] == c) for t in ts]
+        ax.bar(np.arange(len(ts)) + (i - (len(configs) - 1) / 2) * width, ys, width, label=LABELS[c])
+    ax.set_xticks(np.arange(len(ts)), [f"Trace {t}\n({traces(quick)[t] // 1000 if not quick else traces(quick)[t]}"
+                                       f"{'k' if not quick else ''} flows)" for t in ts])
+    ax.set_ylabel("throughput (Kpps)")
+    ax.set_title("Fig. 4 (emulated, x86, 2 vCPUs shared)")
+    ax.legend(fontsize=8)
+    hdr = ["trace", "flows", "packets"] + [f"{LABELS[c]} Kpps" for c in configs] + ["clones (2 NICs)", "lost (2 NICs)"]
+    table = []
+    for t in ts:
+        rr = {r["config"]: r for r in rows if r["trace"] == t}
+        any_r = next(iter(rr.values()))
+        two = rr.get("hypernat-2nic", {})
+        table.append([t, any_r["flows"], any_r["packets"]] + [rr[c]["kpps"] for c in configs]
+                     + [two.get("clones", "-"), two.get("loss", "-")])
+    md = md_table(hdr, table)
+    md += ("\nPaper, Trace 1 (BlueField ARM NICs vs an x86 server): 2 NICs 1643.3, serverNAT 1280.4, "
+           "1 NIC 723.7 Kpps; Trace 4: 2 NICs 1377.9, serverNAT 859.5 Kpps.\n")
+    save(out, "fig4", data, md, fig)
+    if fig5:
+        s = np.array(fig5["samples"]) if fig5["samples"] else np.zeros((0, len(fig5["columns"])))
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        for j, col in enumerate(fig5["columns"][1:], start=1):
+            if len(s):
+                ax.plot(s[:, 0], s[:, j], label=col)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("CPU (% of one core)")
+        ax.set_title("Fig. 5: CPU use, Trace 1, HyperNAT (2 NICs), emulated")
+        ax.legend(fontsize=8)
+        busy = s[s[:, 1:-1].max(axis=1) > 5] if len(s) else s
+        means = {col: round(float(busy[:, j].mean()), 1) if len(busy) else None
+                 for j, col in enumerate(fig5["columns"][1:], start=1)}
+        d5 = {"machine": m, "quick": quick, "columns": fig5["columns"], "samples": fig5["samples"],
+              "mean_while_busy_pct": means, "paper_pct": PAPER_FIG5}
+        md5 = md_table(["process", "mean CPU while the trace runs (% of a core)", "paper"],
+                       [[k, v, "~70 %" if k.startswith("NIC") else "< 2 % (server)"] for k, v in means.items()])
+        save(out, "fig5", d5, md5, fig)
+        data["fig5"] = d5
+    return data
