@@ -18,6 +18,29 @@ coordinator endpoint off loopback only with CURVE key files.
 
 ``hypernat check CONFIG`` (``check_main``) validates a file and prints the partition
 table.  The commented examples in ``conf/`` show every key.
+
+Behaviour that is fixed, not configured (and why)
+-------------------------------------------------
+*Unsolicited inbound TCP SYN* (RFC 5382 REQ-4): always dropped silently and counted
+(slow-path reason ``unsolicited_syn``).  The RFC's other option -- hold the SYN for at
+least 6 s, drop it if an outbound SYN of the same connection was translated meanwhile
+(simultaneous open), else answer ICMP port unreachable -- is not offered: the ICMP error
+must quote the SYN's own IP header and first 8 TCP bytes (the remote checks the sequence
+number), so every held SYN would have to keep its frame on the slow path for 6 s, a
+cheap amplification target for a SYN flood toward the pool; and TCP simultaneous open
+through a NAT works with a silent drop too (the remote retransmits its SYN, which meets
+the session the outbound SYN created).  REQ-4a allows the silent drop "if prohibited by
+policy"; this gateway's policy is that the public pool answers nothing unsolicited.
+
+*A host whose external address has no free port block left* (``ports_per_host`` not
+reached, but every block of its address is in use): its next new connection is refused
+-- counted as ``ports_exhausted`` and, by cause, ``exhausted_host_address`` in
+``RuleBuilder.counters_dict()``, logged at most every ``limits.exhaustion_log_interval``
+-- not moved to another address.  Endpoint-independent mapping uses paired pooling (RFC
+4787 REQ-2: every mapping of a host on one external address); moving one connection
+would show the host's peers two addresses.  ``by-port`` partitions let spill-over borrow
+a block on the same address; otherwise the host waits for its own sessions to expire.
+A new host finding no address with a free block is counted as ``exhausted_pool``.
 """
 from __future__ import annotations
 

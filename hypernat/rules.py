@@ -50,6 +50,23 @@ TCP state.  A freed external endpoint waits ``timeouts.reuse_delay`` (RFC 6888 R
 and until every hold (a lease the RuleAgent granted on it, ``hold``/``release_hold``)
 is gone before it can be handed out again (invariant 3).
 
+Crash recovery (invariant 6): a NIC killed without a snapshot comes back with empty
+tables; the blocks its journal lists are quarantined until their longest timeout
+(``quarantine_blocks``).  Other NICs still hold clones of its sessions and report them
+(ACTIVITY) when they see it back; ``recover_sessions`` re-creates each reported session
+whose endpoint lies in a quarantined block -- for the host the journal gave the block
+to -- and the block rejoins its host.  Its unreported ports stay reserved until the
+quarantine's end (a lost session may still receive there), so a block's quarantine
+ends, endpoint by endpoint, when its rules are recovered or its timeout passed, never
+earlier.  Sessions that had no clone (both directions through the crashed NIC) are lost;
+the quarantines that end with nothing recovered are counted (``recovery_blocks_expired``).
+
+Refusals are not moves: a host whose address has no free block is refused (paired
+pooling, RFC 4787 REQ-2), counted as ``ports_exhausted`` / ``exhausted_host_address``
+and logged; an unsolicited inbound SYN is dropped silently (RFC 5382 REQ-4a, see
+hypernat.config).  ``counters_dict`` reports the slow-path reasons and the events of
+EVENT_NAMES (expiries by protocol and TCP state, exhaustion causes, recovery).
+
 Per-host ports: a host holds at most ceil(ports_per_host / B) blocks and at most
 ports_per_host live mappings per protocol; ports waiting out their reuse delay still
 occupy their block, so a host that churns connections fast meets its cap sooner (as
@@ -96,10 +113,11 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
   lifecycle and state
     sweep(now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult
     timeout_for(proto, tcp_out, tcp_in) -> seconds
-    utilisation() -> float;  counters_dict() -> {reason: n};  stats() -> dict
+    utilisation() -> float;  counters_dict() -> {reason or event: n};  stats() -> dict
     snapshot() -> dict (plain data);  restore(state)
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
-    quarantine_blocks(blocks, until)
+    quarantine_blocks(blocks, until, journal=None)
+    recover_sessions(records, now) -> bool[n] (live here through crash recovery)
 """
 from __future__ import annotations
 
