@@ -1,0 +1,58 @@
+"""`hypernat report --quick` produces every file, each with real content."""
+import json
+import os
+
+import pytest
+
+from hypernat import report
+
+pytest.importorskip("matplotlib")
+
+EXPECTED = [f"{name}.{ext}" for name in ("fig4", "fig5", "table1", "fig6", "availability") for ext in ("json", "md", "png")]
+
+
+@pytest.mark.timeout(300)
+def test_quick_report_writes_every_file(tmp_path):
+    out = tmp_path / "results"
+    assert report.main(["--quick", "--out", str(out)]) == 0
+    files = sorted(os.listdir(out))
+    for f in EXPECTED + ["summary.md"]:
+        assert f in files, f
+        assert (out / f).stat().st_size > 100, f
+    for f in EXPECTED:
+        if f.endswith(".png"):
+            assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig4 = json.loads((out / "fig4.json").read_text())
+    configs = {(r["trace"], r["config"]) for r in fig4["rows"]}
+    assert configs == {(t, c) for t in (1, 2, 3, 4) for c in ("hypernat-2nic", "hypernat-1nic", "servernat")}
+    for r in fig4["rows"]:
+        assert r["kpps"] > 0 and r["kpps_established"] > 0
+        # every frame of the outgoing pass was translated by a single NIC: nothing crosses
+        assert r["phase"]["out"]["frames_out"] <= r["phase"]["out"]["frames_in"]
+        if r["config"] != "hypernat-2nic":
+            assert r["clones"] == 0 and r["fetches"] == 0  # one NIC: replies return to the owner
+    two = [r for r in fig4["rows"] if r["config"] == "hypernat-2nic"]
+    assert all(r["clones"] > 0 for r in two)  # two NICs: split connections are cloned
+    t1 = json.loads((out / "table1.json").read_text())
+    for install in ("passive", "active"):
+        run = t1["runs"][install]
+        assert run["connections"] > 0
+        for first, later in zip(run["first"], run["later"]):
+            assert first[0] == 0 and first[1] <= first[2] <= first[3]  # events in order
+            assert later[1] <= later[2] <= later[3]
+    f6 = json.loads((out / "fig6.json").read_text())
+    assert len(f6["summary"]) == 2
+    for s in f6["summary"].values():
+        assert s["answered"] > 0.9 * s["packets"]
+    summary = (out / "summary.md").read_text()
+    assert "1643.3 Kpps" in summary and "2269 µs" in summary and "vCPUs" in summary
+
+
+def test_unknown_experiment_is_refused(capsys):
+    assert report.main(["fig9"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_summary_of_nothing(tmp_path):
+    text = report.summary(str(tmp_path))
+    assert "nothing measured yet" in text
