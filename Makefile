@@ -44,3 +44,8 @@ portability: deps
 
 clean:
 	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi
+
+# make report   regenerate the paper's evaluation (Fig 4/5, Table I, Fig 6, §III-C) into benchmarks/results/
+.PHONY: report
+report: build
+	$(PY) -m hypernat.cli report
