@@ -362,20 +362,22 @@ class RuleAgent:
 
     # holder: answers to our fetches
     def _on_rule(self, source, recs, now):
-        for r in recs:
-            pk = self._by_seq.pop(int(r["seq"]), None)
+        # plain tuples (RULE_DTYPE order), not numpy scalars: this is the latency-critical
+        # end of every passive install
+        for seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_ in recs.tolist():
+            pk = self._by_seq.pop(seq, None)
             pend = self.pending.get(pk) if pk is not None else None
             if pend is None:
                 self.count("rule_duplicate")  # a retry answered twice, or timed out meanwhile
                 continue
-            sk = skey(r)
+            sk = (proto, ia, ip, ea, ep, ra, rp)
             if session_key(sk, pend.fetch_dir) != pend.key:
                 self.count("bad_message")
                 continue
-            if not self._owned_by(source, r):
+            if not self._owned_by(source, ea, ep, owner):
                 continue
             del self.pending[pk]
-            self._install(source, r, DIR_BIT[pend.fetch_dir], now)
+            self._install(source, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir], now)
             self.queued_total -= len(pend.frames)
             self.fetch_latencies.append(now - pend.first)
             self.count("fetch_answered")
@@ -388,12 +390,12 @@ class RuleAgent:
         ack = M.records(M.T_PUSH_ACK, len(recs))
         ack["seq"] = recs["seq"]
         for i, r in enumerate(recs):
-            if not self._owned_by(source, r):
+            sk = skey(r)
+            if not self._owned_by(source, sk[3], sk[4], int(r["owner"])):
                 ack["status"][i] = M.ST_REFUSED
                 continue
-            self._install(source, r, DIR_BIT_IN, now)
+            self._install(source, sk, int(r["rule_id"]), int(r["lease_ms"]), DIR_BIT_IN, now)
             self.count("push_installed")
-            sk = skey(r)
             pk = (IN, session_key(sk, IN))
             pend = self.pending.pop(pk, None)
             if pend is not None:  # the push lost the race with the reply: release now
@@ -490,8 +492,55 @@ class RuleAgent:
                 out[:] = r
                 out["reason"] = [M.NACK[_NACK_OF.get(SLOW_PATH_REASON_NAMES[x] if 0 <= x < len(
                     SLOW_PATH_REASON_NAMES) else "", "no_rule")] for x in st.tolist()]
+                if fetch_dir == IN:
+                    self._notice_lent(source, r["ext_addr"].tolist(), r["ext_port"].tolist())
                 self._emit(source, M.T_NACK, out)
                 self.count("fetch_refused", len(r))
+
+    def _notice_lent(self, asker: int, eaddrs, eports) -> None:
+        """A FETCH for an endpoint in a block this NIC lent: the asker missed the loan
+        notice.  Send it again to the asker alone (before the NACK, on the same path, so
+        it arrives first): the asker re-routes the fetch to the borrower."""
+        if self.partition is None:
+            return
+        seen = set()
+        for a, p in zip(eaddrs, eports):
+            g = self.partition.block_of(a, p)
+            if g < 0 or g in seen or self.partition.native_owner_of_block(g) != self.nic_id:
+                continue
+            seen.add(g)
+            borrower = self.partition.owner_of_block(g)
+            if borrower != self.nic_id and borrower != asker:
+                self._emit(asker, M.T_BORROW_ACK, self._loan_notice(g, borrower))
+                self.count("loan_notices_resent")
+
+    def _loan_notice(self, g: int, borrower: int, seq: int = 0) -> np.ndarray:
+        addr, lo, hi = self.partition.block_span(g)
+        rec = M.records(M.T_BORROW_ACK, 1)
+        rec["seq"], rec["addr"], rec["port_lo"], rec["port_hi"] = seq, addr, lo, hi
+        rec["lender"], rec["borrower"], rec["status"] = self.nic_id, borrower, M.ST_OK
+        return rec
+
+    def rebroadcast_loans(self, now: float) -> int:
+        """Loan notices again, for every block this NIC has lent, to every NIC but the
+        borrower: a NIC that missed the first notice (coordinator restart, a NIC that
+        came up later) learns it within one period even if it never asks.  One message
+        per NIC.  Returns the blocks announced."""
+        if self.partition is None or self.n_nics < 2:
+            return 0
+        lent = [(g, o) for g, o in self.partition.overrides.items()
+                if o != self.nic_id and self.partition.native_owner_of_block(g) == self.nic_id]
+        if not lent:
+            return 0
+        notes = np.concatenate([self._loan_notice(g, o) for g, o in lent])
+        for k in range(self.n_nics):
+            if k == self.nic_id:
+                continue
+            mine = notes[notes["borrower"] != k]
+            if len(mine):
+                self._emit(k, M.T_BORROW_ACK, mine)
+        self.count("loan_rebroadcasts")
+        return len(lent)
 
     def _on_activity(self, source, recs, now):
         tick = self.tick_clock()
@@ -620,12 +669,33 @@ class RuleAgent:
             if g < 0 or self.partition.native_owner_of_block(g) != source:
                 self.count("bad_message")  # only a block's native owner lends it
                 continue
-            self.partition.lend(g, borrower)
+            if self.partition.owner_of_block(g) != borrower:
+                self.partition.lend(g, borrower)
+                self.count("loans_applied")
+            self._redirect_fetches(source, g, borrower, now)
             if borrower == self.nic_id and g not in self.borrowed:
                 self.rules.adopt_block(g)
                 self.borrowed[g] = (source, now)
                 self._borrow_refused = 0
                 self.count("blocks_borrowed")
+
+    def _redirect_fetches(self, old_owner: int, g: int, new_owner: int, now: float) -> None:
+        """Fetches in flight to `old_owner` for endpoints of block `g`, which now belongs
+        to `new_owner`: ask the new owner (new seq: a NACK of the old one is ignored)."""
+        if new_owner == self.nic_id or not self.pending:
+            return
+        for pend in list(self.pending.values()):
+            if pend.owner != old_owner or pend.fetch_dir != IN:
+                continue
+            _, _, _, ea, ep = pend.key
+            if self.partition.block_of(ea, ep) != g:
+                continue
+            self._by_seq.pop(pend.seq, None)
+            pend.owner, pend.seq = new_owner, self._next_seq()
+            self._by_seq[pend.seq] = (pend.fetch_dir, pend.key)
+            pend.sent, pend.retry = now, self.p.retry_s
+            self._send_fetch(pend)
+            self.count("fetch_redirected")
 
     def return_idle(self, now: float, min_hold_s: float = 10.0) -> int:
         """Give back borrowed blocks that have no live port (call when E_i is no longer
@@ -667,30 +737,30 @@ class RuleAgent:
         self._emit(source, M.T_RETURN_ACK, ack)
 
     # -- installs --------------------------------------------------------------------------
-    def _owned_by(self, source, r) -> bool:
-        owner = self.owner_of(int(r["ext_addr"]), int(r["ext_port"]))
-        if owner != source or int(r["owner"]) != source:
+    def _owned_by(self, source, eaddr: int, eport: int, claimed: int) -> bool:
+        """The rule's external endpoint is `source`'s (partition + loans), and the record
+        says so too."""
+        owner = self.owner_of(eaddr, eport)
+        if owner != source or claimed != source:
             self.count("bad_message")
             log.warning("nic%d: rule for %s:%d from nic%s whose owner is nic%s: dropped", self.nic_id,
-                        M.ip_str(r["ext_addr"]), int(r["ext_port"]), source, owner)
+                        M.ip_str(eaddr), eport, source, owner)
             return False
         return True
 
-    def _install(self, owner: int, r, dirs: int, now: float) -> None:
-        sk = skey(r)
-        expires = now + int(r["lease_ms"]) / 1000.0
+    def _install(self, owner: int, sk: tuple, rule_id: int, lease_ms: int, dirs: int, now: float) -> None:
+        expires = now + lease_ms / 1000.0
         c = self.clones.get(sk)
         if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
             c.expires = max(c.expires, expires)  # idempotent repeat
             return
-        rec = session_rec(sk, owner=owner, rule_id=int(r["rule_id"]), dirs=dirs,
-                          last_seen=self.tick_clock())
+        rec = session_rec(sk, owner=owner, rule_id=rule_id, dirs=dirs, last_seen=self.tick_clock())
         if self.rules.install_clone(rec, self.tick_clock(), dirs=dirs) <= 0:
             self.count("clone_install_failed")
             return
         self._lease_due = min(self._lease_due, expires - self.p.lease_margin_s)
         if c is None:
-            self.clones[sk] = _Clone(owner, int(r["rule_id"]), dirs, expires)
+            self.clones[sk] = _Clone(owner, rule_id, dirs, expires)
         else:
             c.dirs |= dirs
             c.expires = max(c.expires, expires)

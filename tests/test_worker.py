@@ -633,3 +633,120 @@ def test_activity_keeps_tcp_flags_per_direction_half_open_stays_transitory(tmp_p
             w.close()
         coord.stop()
         coord.join(5)
+
+
+def _spill_three(tmp_path, check_partitions=False):
+    """3 NICs, E_0 = 4 blocks of 64 ports exhausted by 4 hosts; NIC 0 borrows a block
+    from NIC 1 and maps a fifth host into it.
+    Returns (cfg, coord, ws, the host's translated first packet, block g, host)."""
+    from hypernat.coord.broker import predicates_from_config
+
+    cfg = emulated_config(3, mapping="endpoint-independent", pool="198.18.0.1/32", ports=(1024, 1791),
+                          limits={"ports_per_host": 64, "port_block_size": 64})
+    kw = {}
+    if check_partitions:
+        owns, internal, owner_of = predicates_from_config(cfg)
+        kw = dict(owns=owns, internal=internal, owner_of=owner_of)
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=3, heartbeat_interval=0.2, **kw).start_thread()
+    ws = [make_worker(cfg, k, tmp_path) for k in range(3)]
+    workers = [w for w, _, _ in ws]
+    (w0, in0, out0) = ws[0]
+    assert spin(workers, lambda: all(w.registered for w in workers), 5)
+    hosts = [a for a in range(I1, I1 + 300) if w0.partition.eim_owner(a) == 0][:5]
+    for h in hosts[:4]:
+        in0.inject([build_frame(UDP, h, 5000, R1, 53)])
+    assert spin(workers, lambda: len(out0._tx) == 4)
+    out0.take_tx()
+    in0.inject([build_frame(UDP, hosts[4], 5000, R1, 53)])
+    assert spin(workers, lambda: w0.agent.counters["blocks_borrowed"] >= 1, 5), w0.agent.counters
+    in0.inject([build_frame(UDP, hosts[4], 5000, R1, 53)])  # the client retransmits
+    assert spin(workers, lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    g = w0.partition.block_of(p.src, p.sport)
+    assert w0.partition.native_owner_of_block(g) == 1 and w0.agent.borrowed.get(g, (None,))[0] == 1
+    return cfg, coord, ws, p, g, hosts[4]
+
+
+def _close_all(ws, coord):
+    for w, _, _ in ws:
+        w.close()
+    coord.stop()
+    coord.join(5)
+
+
+def test_missed_loan_notice_is_resent_by_the_lender_and_the_fetch_redirected(tmp_path):
+    """NIC 2 missed the loan notice (it still thinks NIC 1 owns block g).  A reply for
+    an endpoint in g lands on NIC 2: it asks the lender, which sends the notice again
+    (before its NACK); NIC 2 learns the loan, re-asks the borrower, the reply goes
+    through.  Before: NACK not_owner, the frame dropped, the endpoint negative-cached."""
+    cfg, coord, ws, p, g, host = _spill_three(tmp_path)
+    workers = [w for w, _, _ in ws]
+    w0, w1, w2 = workers
+    _, in2, out2 = ws[2]
+    try:
+        assert spin(workers, lambda: w2.partition.owner_of_block(g) == 0, 3)
+        w2.partition.return_block(g)  # the notice "lost": NIC 2 routes g to its lender
+        out2.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"answer")])
+        assert spin(workers, lambda: len(in2._tx) == 1, 5), (dict(w2.agent.counters), dict(w1.agent.counters))
+        back = parse_frame(in2.take_tx()[0])
+        assert (back.dst, back.dport) == (host, 5000)
+        assert w1.agent.counters["loan_notices_resent"] == 1
+        assert w2.agent.counters["fetch_redirected"] == 1 and w2.agent.counters["fetch_nack"] == 0
+        assert w2.partition.owner_of_block(g) == 0
+    finally:
+        _close_all(ws, coord)
+
+
+def test_loans_are_rebroadcast_to_nics_that_missed_them(tmp_path):
+    cfg, coord, ws, p, g, host = _spill_three(tmp_path)
+    workers = [w for w, _, _ in ws]
+    w0, w1, w2 = workers
+    try:
+        assert spin(workers, lambda: w2.partition.owner_of_block(g) == 0, 3)
+        w2.partition.return_block(g)
+        assert w1.agent.rebroadcast_loans(w1.clock()) >= 1
+        assert spin(workers, lambda: w2.partition.owner_of_block(g) == 0, 3)
+        # the borrower is not sent its own loan again: one BORROW_ACK per BORROW it sent
+        spin(workers, lambda: False, 0.2)
+        assert w0.agent.counters["rx_borrow_ack"] == w0.agent.counters["tx_borrow"]
+    finally:
+        _close_all(ws, coord)
+
+
+def test_check_partitions_coordinator_follows_loans(tmp_path):
+    """hypernat-coord --check-partitions validates rule records against the partition:
+    it must apply the loans it routes (BORROW_ACK), or it would drop the borrower's
+    RULE for the borrowed block as foreign and the reply could never be translated."""
+    cfg, coord, ws, p, g, host = _spill_three(tmp_path, check_partitions=True)
+    workers = [w for w, _, _ in ws]
+    _, in1, out1 = ws[1]
+    try:
+        assert coord.partition.owner_of_block(g) == 0 and coord.loans_applied >= 1
+        out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"answer")])
+        assert spin(workers, lambda: len(in1._tx) == 1, 5), coord.drops
+        assert coord.drops.get("foreign_endpoint", 0) == 0
+    finally:
+        _close_all(ws, coord)
+
+
+def test_check_partitions_coordinator_follows_a_return(tmp_path):
+    from hypernat.coord.broker import predicates_from_config
+
+    cfg = emulated_config(3, mapping="endpoint-independent", pool="198.18.0.1/32", ports=(1024, 1791),
+                          limits={"ports_per_host": 64, "port_block_size": 64})
+    owns, internal, owner_of = predicates_from_config(cfg)
+    coord = Coordinator(cfg.coordinator.endpoint, n_nics=3, heartbeat_interval=0.2, owns=owns,
+                        internal=internal).start_thread()
+    ws = [make_worker(cfg, k, tmp_path) for k in range(3)]
+    workers = [w for w, _, _ in ws]
+    w0 = workers[0]
+    try:
+        assert spin(workers, lambda: all(w.registered for w in workers), 5)
+        assert w0.agent.want_block(w0.clock())
+        assert spin(workers, lambda: w0.agent.borrowed, 5)
+        (g, _), = w0.agent.borrowed.items()
+        assert spin(workers, lambda: coord.partition.owner_of_block(g) == 0, 3)
+        assert w0.agent.return_idle(w0.clock(), min_hold_s=0) == 1
+        assert spin(workers, lambda: coord.partition.owner_of_block(g) == 1, 3)
+    finally:
+        _close_all(ws, coord)

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(added to the NIC keys named in the config)")
     ap.add_argument("--check-partitions", action="store_true",
                     help="also drop rule records whose external endpoint is outside the sender's partition "
-                         "(by arithmetic: blocks lent by spill-over are not known here; NICs check anyway)")
+                         "(partition arithmetic plus the spill-over loans seen in BORROW_ACK / RETURN; "
+                         "NICs check anyway)")
     ap.add_argument("--no-check-records", action="store_true",
                     help="route without validating record fields (the receiving NICs still do)")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")

@@ -155,6 +155,7 @@ class Coordinator:
         hwm: int = 100_000,
         ipc_mode: int = 0o660,
         ctx: Optional[zmq.Context] = None,
+        partition=None,
     ):
         self.endpoint = endpoint
         self.heartbeat_interval = float(heartbeat_interval)
@@ -163,6 +164,19 @@ class Coordinator:
         self.curve_secret_key = curve_secret_key
         self._authorized_arg = authorized
         self.owns = owns
+        # the Partition behind `owns` (predicates_from_config attaches it): spill-over
+        # loans seen in BORROW_ACK / RETURN are applied to it, so --check-partitions
+        # accepts a borrower's rules for the block it borrowed
+        self.partition = partition if partition is not None else getattr(owns, "partition", None)
+        self.loans_applied = 0
+        if self.partition is not None:  # a RETURN names a block of its lender's native space
+            part = self.partition
+
+            def native_one(nic, addr, port):
+                g = part.block_of(addr, port)
+                return g >= 0 and part.native_owner_of_block(g) == nic
+
+            self._native_owns = M.elementwise(native_one)
         self.internal = internal
         self.owner_of = owner_of
         self.check_records = check_records
@@ -458,7 +472,8 @@ class Coordinator:
             self._undeliverable(ident, code, reason, M.parse_identity(target), payload)
             return
         if self.check_records:
-            reason = M.check(src.nic, code, payload, receiver=dst.nic, owns=self.owns,
+            owns = self._native_owns if code == M.T_RETURN and self.partition is not None else self.owns
+            reason = M.check(src.nic, code, payload, receiver=dst.nic, owns=owns,
                              internal=self.internal, n_nics=self.n_nics)
             if reason is not None:
                 self._drop(reason, ident, code)
@@ -479,6 +494,33 @@ class Coordinator:
             return
         self.routed[code] += 1
         dst.msgs_to += 1
+        if self.partition is not None and code in (M.T_BORROW_ACK, M.T_RETURN):
+            self._apply_loans(src.nic, code, payload)
+
+    def _apply_loans(self, sender: int, code: int, payload) -> None:
+        """Follow spill-over in the coordinator's own partition view.  A BORROW_ACK (to
+        the borrower, or a loan notice) from a block's native owner lends the block to
+        its borrower (borrower == lender: taken back); a RETURN from the current borrower
+        gives it back.  Anything else is ignored (the NICs validate for themselves)."""
+        part = self.partition
+        try:
+            recs = np.frombuffer(payload, dtype=M.BLOCK_DTYPE)
+        except ValueError:
+            return
+        for r in recs.tolist():
+            _, addr, lo, _, lender, borrower, status = r[:7]
+            g = part.block_of(addr, lo)
+            if g < 0 or part.native_owner_of_block(g) != lender:
+                continue
+            if code == M.T_BORROW_ACK:
+                if status != M.ST_OK or lender != sender or not 0 <= borrower < part.n:
+                    continue
+                if part.owner_of_block(g) != borrower:
+                    part.lend(g, borrower)
+                    self.loans_applied += 1
+            elif borrower == sender and part.owner_of_block(g) == sender:  # RETURN
+                part.return_block(g)
+                self.loans_applied += 1
 
     def _undeliverable(self, ident, code, reason, target, payload) -> None:
         """Tell the sender its message went nowhere (best effort, never blocks)."""
@@ -795,8 +837,9 @@ def _sum_into(total: dict, add: dict) -> None:
 
 
 def predicates_from_config(cfg):
-    """(owns, internal, owner_of) for a loaded Config: partition arithmetic (without
-    loans: see ``hypernat-coord --check-partitions``) and the internal prefixes."""
+    """(owns, internal, owner_of) for a loaded Config: partition arithmetic and the
+    internal prefixes.  ``owns.partition`` is the Partition: a Coordinator given this
+    ``owns`` follows spill-over loans in it (BORROW_ACK / RETURN it routes)."""
     from ..partition import Partition
 
     part = Partition.from_config(cfg)
@@ -814,5 +857,6 @@ def predicates_from_config(cfg):
 
     # scalar twins for one-record messages (messages.with_scalar): no numpy per FETCH
     owns = M.with_scalar(owns, lambda nic, addr, port: part.owner(addr, port) == nic)
+    owns.partition = part  # the Coordinator applies spill-over loans to it
     internal = M.with_scalar(internal, lambda addr: any(addr & mask == base for base, mask in nets))
     return owns, internal, part.owner

@@ -172,6 +172,8 @@ class NicWorker:
         self._stats_due = 0.0
         self._sweep_due = 0.0
         self._spill_due = 0.0
+        self._loans_due = 0.0
+        self.loan_rebroadcast_interval = 5.0  # seconds: lent blocks announced again
         self._exhausted_seen = 0
         self.sweep_interval = 0.005  # seconds between two bounded expiry steps
         self.sweep_defer_max = 0.1  # ... postponed at most this long while fetches are pending
@@ -468,7 +470,10 @@ class NicWorker:
                     log.exception("nic%d: message from the coordinator could not be handled", self.nic_id)
                 continue
             sender = M.parse_identity(src)
-            owns = self._native_owns if M.type_of(tframe) == M.T_RETURN else self._owns
+            mt = M.type_of(tframe)
+            # a RETURN names a block of our native space; a FETCH may be for a block we
+            # lent (the asker missed the loan notice: the agent tells it again)
+            owns = self._native_owns if mt == M.T_RETURN else self._fetch_owns if mt == M.T_FETCH else self._owns
             d = M.validate(sender, tframe, payload, receiver=self.nic_id,
                            owns=owns, internal=self._internal, n_nics=self.n_nics)
             if not d.ok or sender is None or d.mtype not in M.ROUTED_TYPES:
@@ -501,7 +506,14 @@ class NicWorker:
         def internal_one(addr):
             return any(addr & mask == base for base, mask in nets)
 
+        def fetch_one(nic, addr, port):
+            return owns_one(nic, addr, port) or native_one(nic, addr, port)
+
+        def fetch_vec(nic, addrs, ports):
+            return self._owns_vec(nic, addrs, ports) | self._native_owns_vec(nic, addrs, ports)
+
         self._owns = M.with_scalar(self._owns_vec, owns_one)
+        self._fetch_owns = M.with_scalar(fetch_vec, fetch_one)
         self._native_owns = M.with_scalar(self._native_owns_vec, native_one)
         self._internal = M.with_scalar(self._internal_vec, internal_one)
 
@@ -535,6 +547,7 @@ class NicWorker:
             self._hello_due = float("inf")
             if fresh:
                 self.agent.resend_all(now)
+                self._loans_due = now  # loans announced again at once (NICs may have missed them)
         elif t == M.T_HEARTBEAT:
             inc = int(d.recs[0]["incarnation"])
             if self.coord_incarnation is not None and inc and inc != self.coord_incarnation and inc != self.incarnation:
@@ -647,6 +660,9 @@ class NicWorker:
             elif self.agent.borrowed and util < 0.5:
                 self.agent.return_idle(now)
             self._exhausted_seen = exhausted
+        if now >= self._loans_due and self.sock is not None and self.registered:
+            self._loans_due = now + self.loan_rebroadcast_interval
+            self.agent.rebroadcast_loans(now)
         if self.sock is not None:
             if not self.registered and now >= self._hello_due:
                 self._hello(now)
