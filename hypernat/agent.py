@@ -131,6 +131,18 @@ def session_key(sk: tuple, direction: int) -> tuple:
 
 DIR_BIT = {OUT: DIR_BIT_OUT, IN: DIR_BIT_IN}
 
+# Answered fetches by latency (counters fetch_answered_le_*: cumulative buckets are left to
+# the reader; these are disjoint) — where a passive install spends its time on a live box.
+_LAT_BOUNDS = ((0.001, "fetch_answered_le_1ms"), (0.01, "fetch_answered_le_10ms"),
+               (0.05, "fetch_answered_le_50ms"), (0.2, "fetch_answered_le_200ms"))
+
+
+def _latency_bucket(seconds: float) -> str:
+    for bound, name in _LAT_BOUNDS:
+        if seconds <= bound:
+            return name
+    return "fetch_answered_gt_200ms"
+
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
     "ports_exhausted": "exhausted",
@@ -379,8 +391,10 @@ class RuleAgent:
             del self.pending[pk]
             self._install(source, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir], now)
             self.queued_total -= len(pend.frames)
-            self.fetch_latencies.append(now - pend.first)
+            lat = now - pend.first
+            self.fetch_latencies.append(lat)
             self.count("fetch_answered")
+            self.count(_latency_bucket(lat))
             if pend.frames:
                 self.replay(pend.fetch_dir, pend.frames)
             # the fast path now has the rule for an out fetch; an in key may differ for

@@ -41,8 +41,13 @@ def test_two_direction_consistency(n, mapping, install):
     # the switch picks: every one came back translated to its internal host
     assert rep["icmp_errors"] > 0 and rep["icmp_errors_translated"] == rep["icmp_errors"]
     assert rep["drops"].get("bad_message", 0) == 0, rep["drops"]
-    # a fetch may time out on a machine this loaded (the client retransmits); not many
-    assert rep["drops"].get("fetch_timeout", 0) <= max(3, rep["fetches"] // 10), rep["drops"]
+    # No fetch may time out.  (The test once tolerated a few "on a loaded machine": that
+    # hid the cause — first-touch page faults of the fresh flow tables and un-backed-off
+    # retries piling onto the owner during the first burst, now fixed in the worker.)
+    # A fetch gives up only after ~1.5 s without an answer here (100 ms doubling to
+    # 400 ms, 4 retries); 60 flows that are answered within milliseconds when the box is
+    # idle cannot legitimately take that long.
+    assert rep["drops"].get("fetch_timeout", 0) == 0, rep["drops"]
 
 
 def test_eim_same_internal_endpoint_same_external_endpoint():

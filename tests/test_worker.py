@@ -750,3 +750,32 @@ def test_check_partitions_coordinator_follows_a_return(tmp_path):
         assert spin(workers, lambda: coord.partition.owner_of_block(g) == 1, 3)
     finally:
         _close_all(ws, coord)
+
+
+def test_journal_group_commit_and_fsync_count(tmp_path, monkeypatch):
+    """append_many: every record on disk after one fsync; blocks() reads them back."""
+    from hypernat.nic import journal as J
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(J.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    j = J.Journal(str(tmp_path / "blocks.journal"))
+    j.append_many([{"block": g, "host": "10.0.0.1"} for g in (3, 7, 9)])
+    j.append_many([])
+    assert len(calls) == 1 and j.appended == 3
+    assert j.blocks() == {3, 7, 9}
+    j.close()
+
+
+def test_flow_tables_prefaulted_without_changing_contents(tmp_path):
+    """The worker touches every page of its tables at start (first-touch faults off the
+    first burst's path); a table's contents survive it."""
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    inside.inject([build_frame(UDP, I1, 40000 + i, R1, 53) for i in range(50)])
+    assert spin([w], lambda: len(outside._tx) == 50, 3)
+    before = [t.slots.copy() for t in (w.out_table, w.in_table)]
+    w._prefault_tables()
+    assert all((t.slots == b).all() for t, b in zip((w.out_table, w.in_table), before))
+    assert len(w.out_table) == 50
+    w.close()

@@ -60,6 +60,7 @@ _MISS_LUT[list(MISS_VERDICTS)] = True
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
+    "slow_turns",
 )
 
 
@@ -142,6 +143,7 @@ class NicWorker:
         cap = config.limits.flow_table_capacity
         self.out_table = FlowTable(cap)
         self.in_table = FlowTable(cap)
+        self._prefault_tables()
         self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         self.journal = Journal(os.path.join(self.state_dir, "blocks.journal")) if journal else None
@@ -177,6 +179,7 @@ class NicWorker:
         self._exhausted_seen = 0
         self.sweep_interval = 0.005  # seconds between two bounded expiry steps
         self.sweep_defer_max = 0.1  # ... postponed at most this long while fetches are pending
+        self.slow_turn_s = 0.02  # a loop turn longer than this is counted (loop_slow_turns) and logged
         self._hb_seq = 0
         self.peers: dict[int, tuple] = {}
         self.sock = None
@@ -209,6 +212,25 @@ class NicWorker:
         self.sock = s
         self.endpoint = endpoint
         self.poller.register(s, zmq.POLLIN)
+
+    def _prefault_tables(self) -> None:
+        """Touch every page of both flow tables once, now, before the NIC serves traffic.
+
+        The tables are fresh anonymous mappings advised for transparent huge pages: the
+        kernel backs a page only when it is first written, and with THP defrag "madvise"
+        that first write may compact memory to find a 2 MiB page — tens of milliseconds
+        on a loaded host.  Untouched, those faults land on the first burst of new
+        connections (the first inserts at the owner, the first clone installs at the
+        holder) and every FETCH of the burst waits behind them: on the testbed a loop
+        turn of 136-165 ms at start, fetches answered after 50-200 ms, retried, timed
+        out.  Reading and writing back one byte per 4 KiB keeps the contents (a restored
+        snapshot is untouched)."""
+        for t in (self.out_table, self.in_table):
+            try:
+                raw = t.slots.view(np.uint8).reshape(-1)
+            except (AttributeError, ValueError):
+                continue  # a table without a plain slot array: nothing to prefault
+            raw[::4096] |= 0
 
     def _restore(self) -> dict:
         """Graceful restart: reload the snapshot.  Crash restart (journal but no clean
@@ -628,20 +650,37 @@ class NicWorker:
         if self.agent.pending or self.agent._unacked or self._backlog or len(self.outbox):
             timeout_ms = min(timeout_ms, 5)
         events = dict(self.poller.poll(timeout_ms))
+        t0 = time.perf_counter()
         now = self.clock()
         if self.sock is not None and self.sock in events:
             self._recv_coord(now)
+        t1 = time.perf_counter()
         n = 0
         for _ in range(4):  # a few batches per side per turn; the poller keeps it fair
             k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
             n += k
             if k == 0:
                 break
+        t2 = time.perf_counter()
         self._flush()  # answers and fetches leave before any housekeeping
         self._timers(now)
         if self._backlog or len(self.outbox):
             self._flush()
+        t3 = time.perf_counter()
+        if t3 - t0 >= self.slow_turn_s:  # everything waiting (fetches too) waited this long
+            self._slow_turn(t1 - t0, t2 - t1, t3 - t2, n)
         return n
+
+    def _slow_turn(self, coord_s: float, packets_s: float, rest_s: float, frames: int) -> None:
+        """Count a loop turn that took longer than slow_turn_s, and say (rate-limited:
+        the 1st, 2nd, 4th, 8th, ...) where its time went."""
+        self.counters["slow_turns"] += 1
+        c = self.counters["slow_turns"]
+        if c & (c - 1) == 0:
+            log.warning("nic%d: a loop turn took %.1f ms (coordinator messages %.1f, %d frames %.1f, "
+                        "flush+timers %.1f); %d slow turns so far", self.nic_id,
+                        (coord_s + packets_s + rest_s) * 1e3, coord_s * 1e3, frames, packets_s * 1e3,
+                        rest_s * 1e3, c)
 
     def _timers(self, now: float) -> None:
         self.agent.tick(now)
