@@ -18,6 +18,12 @@ Active install: the owner pushes the rule to the predicted NIC when it builds it
 reply is sent either at once (it may race the push: no worse than passive) or after
 ``SETTLE`` (the push has landed: no extra latency at all).
 
+Burst (``test_first_return_packet_burst``): the testbed's situation — 200 connections
+open at once.  All first packets go out through their owners, then every reply is
+pushed into its (non-owner) NIC at the same moment; per reply, the time until it leaves
+translated, and the NICs' own fetch latencies, retries and timeouts.  Where a fetch
+spends its time in a burst is queueing behind the others: this measures the queue.
+
     .venv/bin/python -m pytest benchmarks/bench_first_packet.py -s
     HYPERNAT_BENCH_CONNS=500 ...       more connections (default 200)
 """
@@ -119,3 +125,70 @@ def test_first_return_packet(benchmark, install, settle):
     benchmark.extra_info.update(res)
     print(f"\nfirst-return-packet {install}{' after push' if settle else ''}: {res}")
     assert res["connections"] > 0
+
+
+def measure_burst(conns: int) -> dict:
+    """`conns` first replies arriving at once at NICs that must fetch their rules."""
+    cfg = emulated_config(2, mapping="address-and-port-dependent", install="passive")
+    emu = Emulation(cfg)
+    firsts = []
+    try:
+        emu.start()
+        rng = np.random.default_rng(9)
+        base_i = int(cfg.internal[0].network_address) + 100
+        replies = {0: [], 1: []}
+        tries = 0
+        while sum(len(v) for v in replies.values()) < conns and tries < conns * 4:
+            tries += 1
+            iaddr = base_i + int(rng.integers(0, 1000))
+            iport = int(rng.integers(1024, 65535))
+            raddr = 0xC0000200 + int(rng.integers(1, 250))
+            o = emu.nic_for(UDP, iaddr, iport, raddr, 53)
+            emu.rings[o][0].push_frames([build_frame(UDP, iaddr, iport, raddr, 53, payload=b"q")])
+            _, f = _wait_frame(emu.rings[o][3])
+            if f is None:
+                continue
+            p = parse_frame(f)
+            j = emu.nic_for(UDP, raddr, 53, p.src, p.sport)
+            if j != o:
+                replies[j].append(build_frame(UDP, raddr, 53, p.src, p.sport, payload=b"a"))
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        for j, frames in replies.items():
+            if frames:
+                emu.rings[j][2].push_frames(frames)
+        want = sum(len(v) for v in replies.values())
+        end = t0 + 5.0
+        while len(firsts) < want and time.perf_counter() < end:
+            for j in replies:
+                for _ in emu.rings[j][1].pop_frames(want):
+                    firsts.append(time.perf_counter() - t0)
+            time.sleep(0.0001)
+    finally:
+        reports = emu.close()
+    counters = [r[-1]["counters"] for r in reports.values() if r]
+    lat = np.array([x for r in reports.values() if r for x in r[-1].get("latencies", [])])
+    firsts = np.array(firsts)
+    us = lambda a, q: round(float(np.quantile(a, q)) * 1e6, 1) if len(a) else None  # noqa: E731
+    return {
+        "replies": int(want), "delivered": len(firsts),
+        "delivered_us_median": us(firsts, 0.5), "delivered_us_p99": us(firsts, 0.99),
+        "delivered_us_max": us(firsts, 1.0),
+        "fetch_us_median": us(lat, 0.5), "fetch_us_p99": us(lat, 0.99),
+        "fetch_retries": sum(c.get("agent_fetch_retries", 0) for c in counters),
+        "fetch_timeouts": sum(c.get("agent_fetch_timeout", 0) for c in counters),
+        "slow_turns": sum(c.get("loop_slow_turns", 0) for c in counters),
+    }
+
+
+def test_first_return_packet_burst(benchmark):
+    conns = CONNS if not benchmark.disabled else 20
+    res = {}
+
+    def run():
+        res.update(measure_burst(conns))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(res)
+    print(f"\nfirst-return-packet burst: {res}")
+    assert res["delivered"] == res["replies"] > 0
