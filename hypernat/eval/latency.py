@@ -332,6 +332,9 @@ def fig6(quick: bool = False, out: str | None = None) -> dict:
            "packets above 30.3 ms. Here the sender, switch and receiver are one Python process sharing the 2 vCPUs, "
            "so the offered rates are scaled down.\n")
     data = {"machine": machine(), "quick": quick, "paper": PAPER_FIG6, "summary": summ,
-            "runs": {str(r): {k: v for k, v in d.items()} for r, d in runs.items()}}
+            "runs": {str(r): {k: v for k, v in d.items() if k not in ("rtt_us", "first")} for r, d in runs.items()},
+            # the CDF, 200 points per rate (the raw RTTs would make a multi-megabyte file)
+            "cdf_ms": {str(r): np.quantile(np.array(d["rtt_us"]) / 1e3, np.linspace(0, 1, 201)).round(4).tolist()
+                       for r, d in runs.items() if d["rtt_us"]}}
     save(out, "fig6", data, md, fig)
     return data
