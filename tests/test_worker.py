@@ -779,3 +779,32 @@ def test_flow_tables_prefaulted_without_changing_contents(tmp_path):
     assert all((t.slots == b).all() for t, b in zip((w.out_table, w.in_table), before))
     assert len(w.out_table) == 50
     w.close()
+
+
+def test_fetch_retries_back_off_and_give_up_after_the_last_wait(tmp_path):
+    """limits.fetch_timeout_ms = first wait; each retry waits twice as long (at most 4x);
+    the fetch gives up after the last wait.  50 ms, 2 retries: resent at 50 and 150 ms,
+    dropped at 350 ms (a FETCH queued behind a burst is not piled onto the owner)."""
+    from hypernat.nic.worker import agent_params
+
+    cfg = emulated_config(2, limits={"fetch_timeout_ms": 50, "fetch_retries": 2})
+    p = agent_params(cfg)
+    assert (p.retry_s, p.retry_max_s) == (0.05, 0.2) and abs(p.fetch_timeout_s - 0.35) < 1e-9
+    clock = [100.0]
+    w, inside, outside = make_worker(cfg, 0, tmp_path, clock=lambda: clock[0])
+    other = next(a for a in range(I1, I1 + 100) if w.partition.eim_owner(a) == 1)
+    inside.inject([build_frame(UDP, other, 2000, R1, 53, payload=b"q")])
+    w.run_once(0)
+    assert w.agent.counters["fetches"] == 1
+    sent = []
+    for step in range(1, 400):  # 1 ms steps, nobody answers (no coordinator)
+        clock[0] = 100.0 + step / 1000.0
+        before = w.agent.counters["fetch_retries"]
+        w.agent.tick(clock[0])
+        if w.agent.counters["fetch_retries"] > before:
+            sent.append(step)
+        if w.agent.counters["fetch_timeout"]:
+            break
+    # (1 ms steps on a float clock: a comparison may land one step late)
+    assert len(sent) == 2 and 50 <= sent[0] <= 51 and 150 <= sent[1] <= 152 and 350 <= step <= 352, (sent, step)
+    w.close()
