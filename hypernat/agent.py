@@ -248,6 +248,7 @@ class RuleAgent:
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._unacked: dict[int, _Unacked] = {}
         self._activity_due = 0.0
+        self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
         self._lease_due = float("inf")  # earliest (lease end - margin) over the clones
         self._grant_due = float("inf")  # earliest end of a lease granted
         # spill-over (needs the Partition: loans override owner())
@@ -899,9 +900,15 @@ class RuleAgent:
                 else:
                     due = min(due, end)
             self._lease_due = due
-        if now >= self._activity_due:
+        if self._act_left:  # a round of activity collection in progress: the next slice
+            self._activity_slice(now)
+        elif now >= self._activity_due:
             self._activity_due = now + min(self.p.activity_interval_s, self.p.lease_s / 4)
-            self.report_activity(now)
+            self._act_left, self._act_chunk = self._activity_slices()
+            if self._act_left:
+                self._activity_slice(now)
+            else:
+                self.report_activity(now)
         if now >= self._grant_due:  # owner: leases that ran out, seen from here (+ grace)
             due = float("inf")
             for sk, holders in list(self.leases.items()):
@@ -912,9 +919,36 @@ class RuleAgent:
                         due = min(due, until)
             self._grant_due = due
 
-    def report_activity(self, now: float) -> int:
-        """Batched ACTIVITY to each owner for the clones hit since the last report."""
-        act = self.rules.collect_activity(clear=True)
+    # Collecting activity reads the flags of every slot of both tables: on a big table
+    # (2 x 512k slots on the testbed) a few milliseconds at once, in which every FETCH
+    # waiting at this NIC waits too.  Tables above ACT_SLICE_SLOTS are collected a slice
+    # per loop turn (the builder's cursor continues), and reported once the round is done.
+    ACT_SLICE_SLOTS = 65536
+
+    def _activity_slices(self) -> tuple:
+        """(slices, slots per slice) for a round over the builder's tables; (0, None) to
+        collect in one go (small tables, or a builder that cannot tell its size)."""
+        try:
+            ns = max(len(self.rules.out.slots), len(self.rules.inn.slots))
+        except AttributeError:
+            return 0, None
+        if ns <= self.ACT_SLICE_SLOTS:
+            return 0, None
+        k = -(-ns // self.ACT_SLICE_SLOTS)
+        return k, -(-ns // k)
+
+    def _activity_slice(self, now: float) -> None:
+        self._act_parts.append(self.rules.collect_activity(clear=True, max_slots=self._act_chunk))
+        self._act_left -= 1
+        if not self._act_left:
+            parts, self._act_parts = self._act_parts, []
+            self.report_activity(now, np.concatenate(parts))
+
+    def report_activity(self, now: float, act: np.ndarray | None = None) -> int:
+        """Batched ACTIVITY to each owner for the clones hit since the last report
+        (`act`: entries already collected; None collects them now, whole tables)."""
+        if act is None:
+            act = self.rules.collect_activity(clear=True)
         if len(act) == 0:
             return 0
         tick = self.tick_clock()

@@ -10,6 +10,7 @@ import pytest
 import zmq
 from scapy.all import IP, TCP as STCP, Ether
 
+from hypernat import layout
 from hypernat import messages as M
 from hypernat.coord.broker import Coordinator
 from hypernat.io.base import Batch
@@ -808,3 +809,31 @@ def test_fetch_retries_back_off_and_give_up_after_the_last_wait(tmp_path):
     # (1 ms steps on a float clock: a comparison may land one step late)
     assert len(sent) == 2 and 50 <= sent[0] <= 51 and 150 <= sent[1] <= 152 and 350 <= step <= 352, (sent, step)
     w.close()
+
+
+def test_activity_collected_a_slice_per_turn_on_big_tables(pair):
+    """Tables above ACT_SLICE_SLOTS are collected a slice per loop turn (no multi-ms
+    scan in one turn); the round covers both tables and reports what it found."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    in0.inject([build_frame(UDP, I1, 40100, R1, 53, payload=b"q")])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"a")])  # fetch, clone, hit
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    a = w1.agent
+    k, chunk = a._activity_slices()
+    ns = len(w1.in_table.slots)
+    assert ns > a.ACT_SLICE_SLOTS and k >= 2 and k * chunk >= ns
+    now = w1.clock()
+    while a._act_left:  # a periodic round may be under way: let it finish
+        a.tick(now)
+    j = w1.in_table.lookup(UDP, R1, 53, p.src, p.sport)
+    assert j >= 0
+    w1.in_table.slots["flags"][j] |= layout.F_ACTIVE  # a hit, as the fast path marks it
+    a._activity_due = 0.0
+    sent = a.counters["tx_activity"]
+    for i in range(k):
+        assert a.counters["tx_activity"] == sent  # nothing reported before the round ends
+        a.tick(now)
+    assert a._act_left == 0 and a.counters["tx_activity"] == sent + 1
+    assert spin([w0, w1], lambda: w0.agent.counters["rx_activity"] >= 1)
