@@ -48,6 +48,7 @@ import argparse
 import collections
 import ipaddress
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -106,7 +107,8 @@ class Trace:
     f_packets: np.ndarray
     p_ts: np.ndarray       # seconds from the start
     p_flow: np.ndarray     # flow index
-    p_len: np.ndarray      # wire length of the frame (Ethernet, no FCS)
+    p_len: np.ndarray      # wire length of the frame (Ethernet, no FCS, padded to 60)
+    p_iplen: np.ndarray    # IP total length (a bare SYN: 40, in a 60-byte frame)
     p_flags: np.ndarray    # TCP flags (0 for UDP)
     p_seq: np.ndarray      # packet number inside its flow
 
@@ -224,11 +226,12 @@ def generate(params: Params, internal=("10.0.0.0/16",), exclude=()) -> Trace:
     hdr = np.where(is_tcp, 54, 42)
     control = is_tcp & (flags != (PSH | ACK))
     size = np.where(control, hdr, np.maximum(size, hdr + 1))
-    size = np.maximum(size, ETH_MIN).astype(np.int32)
+    iplen = (size - 14).astype(np.int32)
+    size = np.maximum(size, ETH_MIN).astype(np.int32)  # Ethernet pads short frames
 
     order = np.argsort(p_ts, kind="stable")
     return Trace(proto, iaddr, iport, raddr.astype(np.uint32), rport.astype(np.uint16), n_pk,
-                 p_ts[order], p_flow[order], size[order], flags[order], p_seq[order])
+                 p_ts[order], p_flow[order], size[order], iplen[order], flags[order], p_seq[order])
 
 
 # ----------------------------------------------------------------------------- frames
@@ -263,7 +266,8 @@ def headers(trace: Trace, snaplen: int = 96, fixlen: bool = False) -> tuple[np.n
     is_tcp = proto == TCP
     wire = trace.p_len.astype(np.int64)
     incl = np.minimum(wire, snaplen)
-    length = incl if fixlen else wire
+    iplen = trace.p_iplen.astype(np.int64)
+    length = 14 + (np.minimum(iplen, incl - 14) if fixlen else iplen)  # Ethernet + IP total length
     width = int(incl.max()) if n else 54
     a = np.zeros((n, max(width, 54)), np.uint8)
     a[:, 0:6] = MAC_DST
@@ -483,6 +487,8 @@ def main(argv=None) -> int:
                     print(f"{k:>14}: {v}")
             return 0
         internal, pool = _config_prefixes(a.config)
+        if a.cmd == "paper":
+            os.makedirs(a.directory, exist_ok=True)
         jobs = ([(a.flows, a.seed, a.output)] if a.cmd == "gen" else
                 [(n, a.seed + k, f"{a.directory}/trace{k}.pcap") for k, n in PAPER_TRACES.items()])
         for flows, seed, out in jobs:
