@@ -466,9 +466,14 @@ class RuleAgent:
                 self._lease_end(u.what, source)
 
     # owner side
+    _SMALL_FETCH = 4  # up to this many records: plain tuples instead of numpy field ops
+
     def _on_fetch(self, source, recs, now):
         """Serve FETCHes (batched): the builder finds, admits or allocates each session;
-        answers go back as one RULE and one NACK message, numpy field by field."""
+        answers go back as one RULE and one NACK message, numpy field by field (a few
+        records: tuple by tuple, ``_on_fetch_small``; both give the same answers)."""
+        if len(recs) <= self._SMALL_FETCH:
+            return self._on_fetch_small(source, recs, now)
         tick = self.tick_clock()
         by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
         lease_ms = int(self.p.lease_s * 1000)
@@ -511,6 +516,46 @@ class RuleAgent:
                     self._notice_lent(source, r["ext_addr"].tolist(), r["ext_port"].tolist())
                 self._emit(source, M.T_NACK, out)
                 self.count("fetch_refused", len(r))
+
+    def _on_fetch_small(self, source, recs, now):
+        """``_on_fetch`` for a few records (the latency-critical case: one FETCH per
+        connection): one serve_fetch call for all of them, records built from tuples."""
+        tick = self.tick_clock()
+        lease_ms = int(self.p.lease_s * 1000)
+        rows = recs.tolist()  # KEY_DTYPE (messages) order
+        keys, dirs = [], []
+        for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in rows:
+            k = layout.KIND_ICMP_ERROR if flags & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE) else 0
+            if kind == M.FETCH_BY_EXTERNAL:  # layout.KEY_DTYPE: saddr daddr sport dport proto kind ...
+                keys.append((ra, ea, rp, ep, proto, k, 0, 0))
+                dirs.append(IN)
+            else:
+                keys.append((ia, ra, ip, rp, proto, k, 0, 0))
+                dirs.append(OUT)
+        sessions, status = self.rules.serve_fetch(np.array(dirs, np.uint8), np.array(keys, layout.KEY_DTYPE), tick)
+        status = np.asarray(status).tolist()
+        ok = [i for i, st in enumerate(status) if st == 0]
+        if ok:
+            out = M.records(M.T_RULE, len(ok))
+            srows = sessions.tolist()  # SESSION_DTYPE order
+            for j, i in enumerate(ok):
+                ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in, _, _ = srows[i]
+                # RULE_DTYPE: seq rule_id lease_ms int ext rem int_port ext_port rem_port owner proto tcp
+                out[j] = (rows[i][0], rid, lease_ms, ia, ea, ra, ip, ep, rp, self.nic_id, proto, t_out | t_in,
+                          0, 0, 0)
+                self._grant((proto, ia, ip, ea, ep, ra, rp), source, now)
+            self._emit(source, M.T_RULE, out)
+        bad = [i for i, st in enumerate(status) if st != 0]
+        if bad:
+            out = M.records(M.T_NACK, len(bad))
+            out[:] = recs[bad]
+            out["reason"] = [M.NACK[_NACK_OF.get(SLOW_PATH_REASON_NAMES[status[i]] if 0 <= status[i] < len(
+                SLOW_PATH_REASON_NAMES) else "", "no_rule")] for i in bad]
+            lent = [rows[i] for i in bad if rows[i][3] == M.FETCH_BY_EXTERNAL]
+            if lent:
+                self._notice_lent(source, [r[7] for r in lent], [r[10] for r in lent])
+            self._emit(source, M.T_NACK, out)
+            self.count("fetch_refused", len(bad))
 
     def _notice_lent(self, asker: int, eaddrs, eports) -> None:
         """A FETCH for an endpoint in a block this NIC lent: the asker missed the loan

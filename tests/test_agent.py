@@ -74,7 +74,8 @@ class MiniRules:
         status = np.zeros(len(keys), np.int16)
         for i, k in enumerate(keys):
             kt = (int(k["proto"]), int(k["saddr"]), int(k["sport"]), int(k["daddr"]), int(k["dport"]))
-            hit = [sk for sk in self.sessions if session_key(sk, fetch_dir) == kt]
+            d = int(fetch_dir[i]) if np.ndim(fetch_dir) else fetch_dir  # scalar or per record
+            hit = [sk for sk in self.sessions if session_key(sk, d) == kt]
             if hit and kt not in self.refuse:
                 recs[i] = self._rec(hit[0])
             else:
@@ -563,3 +564,32 @@ def test_jhash_lookup3_vectors_and_icmp_not_predictable():
     assert switchhash.predictable("jhash", 6) and switchhash.predictable("jhash", 17)
     assert not switchhash.predictable("jhash", 1) and switchhash.predictable("sha1", 1)
     assert not switchhash.predictable("toeplitz", 6)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_small_and_vectorised_fetch_serving_answer_alike(n):
+    """_on_fetch serves a few records tuple by tuple, more with numpy: for the same
+    FETCH batch (found, refused, both directions) both send the same RULE and NACK."""
+    sent = []
+    for small in (True, False):
+        fab = Fabric(2)
+        own = fab.rules[0]
+        sks = [own.build(I, 5000 + i, R, 443) for i in range(n)]
+        own.refuse.add(session_key(sks[0], IN))
+        keys = M.records(M.T_FETCH, n + 1)
+        for i, sk in enumerate(sks):
+            keys[i]["seq"], keys[i]["proto"], keys[i]["kind"] = 10 + i, PROTO, M.FETCH_BY_EXTERNAL
+            keys[i]["ext_addr"], keys[i]["ext_port"], keys[i]["rem_addr"], keys[i]["rem_port"] = E, sk[4], R, 443
+        keys[n]["seq"], keys[n]["proto"], keys[n]["kind"] = 99, PROTO, M.FETCH_BY_INTERNAL  # by internal endpoint
+        keys[n]["int_addr"], keys[n]["int_port"], keys[n]["rem_addr"], keys[n]["rem_port"] = I, 5000 + n - 1, R, 443
+        a = fab.agents[0]
+        a._SMALL_FETCH = 8 if small else 0
+        fab.queue.clear()
+        a.on_message(1, M.T_FETCH, keys, fab.t[0])
+        # record by record (the vectorised path sends one message per direction)
+        sent.append(sorted((m[2], r.tobytes()) for m in fab.queue
+                           for r in np.frombuffer(m[3], M.DTYPE_OF[m[2]])))
+        assert fab.rules[0].holds[(PROTO, E, sks[-1][4])] == 1  # a lease held for the answer
+    assert sent[0] == sent[1]
+    types = [t for t, _ in sent[0]]
+    assert M.T_RULE in types and M.T_NACK in types
