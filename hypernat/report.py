@@ -109,6 +109,36 @@ def summary(out: str) -> str:
     return text
 
 
+DOCS = os.path.join(ROOT, "docs", "results.md")
+
+
+def refresh_docs(out: str, docs: str = DOCS) -> list[str]:
+    """Replace each ``<!-- table:NAME -->`` … ``<!-- /table:NAME -->`` block of the
+    results page with NAME.md from `out`, so the page's tables never drift from the data
+    (the prose around them is written by hand).  Returns the names refreshed."""
+    import re
+
+    try:
+        with open(docs) as f:
+            text = f.read()
+    except OSError:
+        return []
+    done = []
+    for name in ("fig4", "fig5", "table1", "fig6"):
+        try:
+            with open(os.path.join(out, f"{name}.md")) as f:
+                table = f.read().split("\n\n")[0].strip()  # the table, not its notes
+        except OSError:
+            continue
+        pat = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+        text, n = pat.subn(lambda m: m.group(1) + table + m.group(2), text)
+        if n:
+            done.append(name)
+    with open(docs, "w") as f:
+        f.write(text)
+    return done
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hypernat report", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", nargs="*", default=["all"], help="all (default) or any of: " + ", ".join(EXPERIMENTS))
@@ -142,6 +172,10 @@ def main(argv=None) -> int:
             rc |= run_availability(a.quick, a.out)
         if "summary" in what:
             print(summary(a.out))
+            if os.path.abspath(a.out) == os.path.abspath(RESULTS):
+                refreshed = refresh_docs(a.out)
+                if refreshed:
+                    progress(f"report: tables of {os.path.relpath(DOCS, ROOT)} refreshed: {', '.join(refreshed)}")
     except KeyboardInterrupt:
         print("hypernat report: interrupted", file=sys.stderr)
         return 130

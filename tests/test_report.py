@@ -56,3 +56,16 @@ def test_unknown_experiment_is_refused(capsys):
 def test_summary_of_nothing(tmp_path):
     text = report.summary(str(tmp_path))
     assert "nothing measured yet" in text
+
+
+def test_refresh_docs_replaces_only_marked_tables(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "fig4.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n\nnotes that stay out of the page\n")
+    docs = tmp_path / "results.md"
+    docs.write_text("prose 1\n<!-- table:fig4 -->\n| old |\n<!-- /table:fig4 -->\nprose 2\n"
+                    "<!-- table:fig6 -->\n| keep |\n<!-- /table:fig6 -->\n")
+    assert report.refresh_docs(str(out), str(docs)) == ["fig4"]
+    text = docs.read_text()
+    assert "| 1 | 2 |" in text and "| old |" not in text and "notes that stay" not in text
+    assert "| keep |" in text and text.startswith("prose 1\n") and "prose 2" in text
