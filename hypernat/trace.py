@@ -385,6 +385,7 @@ def info(path: str) -> dict:
         k = (r[1],) + (min((r[2], r[3]), (r[4], r[5])) + max((r[2], r[3]), (r[4], r[5])))
         flows[k] += 1
     sizes = np.array(sorted(flows.values()))
+    top = sizes[-max(1, len(sizes) // 100):]  # the largest 1 % of flows
     tcp_flows = sum(1 for k in flows if k[0] == TCP)
     q = lambda x, v: float(np.quantile(x, v))  # noqa: E731
     dur = float(ts.max() - ts.min())
@@ -399,7 +400,7 @@ def info(path: str) -> dict:
                          "share_ge_1400": round(float((length >= 1400).mean()), 3)},
         "flow_packets": {"mean": round(float(sizes.mean()), 2), "p50": q(sizes, 0.5), "p90": q(sizes, 0.9),
                          "p99": q(sizes, 0.99), "max": int(sizes.max()),
-                         "top1pct_packet_share": round(float(sizes[-max(1, len(sizes) // 100):].sum() / sizes.sum()), 3)},
+                         "top1pct_packet_share": round(float(top.sum() / sizes.sum()), 3)},
         "proto_packets": {str(k): int(v) for k, v in collections.Counter(proto.tolist()).items()},
         "other": dict(other),
     }

@@ -8,7 +8,8 @@ from hypernat import report
 
 pytest.importorskip("matplotlib")
 
-EXPECTED = [f"{name}.{ext}" for name in ("fig4", "fig5", "table1", "fig6", "availability") for ext in ("json", "md", "png")]
+EXPECTED = [f"{name}.{ext}" for name in ("fig4", "fig5", "table1", "fig6", "availability")
+            for ext in ("json", "md", "png")]
 
 
 @pytest.mark.timeout(300)

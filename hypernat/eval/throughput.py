@@ -54,6 +54,7 @@ CONFIGS = ("hypernat-2nic", "hypernat-1nic", "servernat")
 LABELS = {"hypernat-2nic": "HyperNAT (2 NICs)", "hypernat-1nic": "HyperNAT (1 NIC)", "servernat": "serverNAT"}
 PAPER_FIG4_TRACE1 = {"hypernat-2nic": 1643.3, "servernat": 1280.4, "hypernat-1nic": 723.7}  # Kpps
 PAPER_FIG4_TRACE4 = {"hypernat-2nic": 1377.9, "servernat": 859.5}
+DROP_WORDS = ("drop", "full", "timeout", "nack", "exhaust", "invalid", "bad", "malformed")  # counters reported as drops
 FETCH_RATE = 1_000_000  # limits.fetch_rate_per_source for the throughput runs
 PAPER_FIG5 = {"nic": 70.0, "server": 2.0}  # percent
 
@@ -240,7 +241,9 @@ def _nic_of(frames: np.ndarray, n: int) -> np.ndarray:
 
     if n == 1 or len(frames) == 0:
         return np.zeros(len(frames), np.int64)
-    be = lambda a, lo, hi: (a[:, lo:hi].astype(np.uint64) * (256 ** np.arange(hi - lo - 1, -1, -1, dtype=np.uint64))).sum(1)  # noqa: E731
+    def be(a, lo, hi):  # big-endian integer of bytes lo..hi of every row
+        return (a[:, lo:hi].astype(np.uint64) * (256 ** np.arange(hi - lo - 1, -1, -1, dtype=np.uint64))).sum(1)
+
     proto, src, sp, dst, dp = frames[:, 23].astype(np.uint64), be(frames, 26, 30), be(frames, 34, 36), \
         be(frames, 30, 34), be(frames, 36, 38)
     key = np.stack([proto, src, sp, dst, dp], axis=1)
@@ -289,7 +292,8 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
         while not stop_sampling.wait(0.1):
             now = time.perf_counter()
             cur = [cpu_seconds(x) for x in pids]
-            samples.append([round(now - t_first, 3)] + [round(100 * (c - l) / (now - t_last), 1) for c, l in zip(cur, last)])
+            pct = [round(100 * (c - l) / (now - t_last), 1) for c, l in zip(cur, last)]
+            samples.append([round(now - t_first, 3)] + pct)
             last, t_last = cur, now
 
     th = threading.Thread(target=sampler, daemon=True) if cpu_trace else None
@@ -352,7 +356,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
     csum = lambda k: int(sum(c.get(k, 0) for c in counters))  # noqa: E731
     summed = {k: csum(k) for c in counters for k in c if isinstance(c[k], (int, float)) and csum(k)}
     res["drops"] = {k: v for k, v in summed.items()
-                    if any(s in k for s in ("drop", "full", "timeout", "nack", "exhaust", "invalid", "bad", "malformed"))}
+                    if any(s in k for s in DROP_WORDS)}
     res["counters"] = summed
     res.update(phase=phase, kpps=round(tot / secs / 1e3, 1), frames=tot, seconds=round(secs, 3),
                loss=int(phase["out"]["frames_in"] + phase["in"]["frames_in"] - tot),
