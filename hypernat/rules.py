@@ -1231,6 +1231,35 @@ class RuleBuilder:
             return self.t_udp
         return self.t_icmp
 
+    # Settings a running NIC may change on SIGHUP; everything else (addresses, partition,
+    # NICs, table sizes, mapping) changes only with a restart.
+    LIVE_SETTINGS = ("timeouts", "limits.ports_per_host", "limits.sweep_step", "limits.sweep_max_expire",
+                     "limits.sweep_budget_us", "limits.exhaustion_log_interval", "translation_log")
+
+    def apply_live(self, config) -> None:
+        """Take the LIVE_SETTINGS of `config` (already validated and checked by the
+        caller to differ from the running one only in those).  Existing sessions keep
+        their state; new timeouts apply from the next sweep, a lower host cap to new
+        ports only, a new translation log from the next line."""
+        t, lim = config.timeouts, config.limits
+        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
+        self.reuse_delay = t.reuse_delay
+        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
+        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)
+        self._cap = lim.ports_per_host
+        self._max_blocks = -(-self._cap // self._bs)
+        self.sweep_step = lim.sweep_step
+        self.sweep_max_expire = lim.sweep_max_expire
+        self.sweep_budget_us = lim.sweep_budget_us
+        self._log_interval = lim.exhaustion_log_interval
+        if config.translation_log != self.config.translation_log:
+            from .translog import TransLog
+
+            if self.translog is not None:
+                self.translog.close()
+            self.translog = TransLog.from_config(config, self.nic)
+        self.config = config
+
     def sweep(self, now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult:
         """One bounded expiry step: examine the next `max_slots` slots of each table
         (default ``limits.sweep_step``), expire idle sessions until `max_expire` of

@@ -32,6 +32,8 @@ in-process with ``run_once()``.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -60,8 +62,14 @@ _MISS_LUT[list(MISS_VERDICTS)] = True
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
-    "slow_turns",
+    "slow_turns", "reloads", "reloads_refused",
 )
+
+# How often the loop moves every object alive into the GC's permanent generation
+# (gc.freeze).  Rules and sessions are long-lived and not cyclic garbage; without this
+# each full collection walks every one of them (~50 ms per 100k rules here, stalling the
+# loop), and rule setups run 25-35% slower.
+GC_FREEZE_INTERVAL = 1.0
 
 
 def _numeric(v):
@@ -175,6 +183,8 @@ class NicWorker:
         self._sweep_due = 0.0
         self._spill_due = 0.0
         self._loans_due = 0.0
+        self._gc_due = 0.0
+        self._reload_requested = False
         self.loan_rebroadcast_interval = 5.0  # seconds: lent blocks announced again
         self._exhausted_seen = 0
         self.sweep_interval = 0.005  # seconds between two bounded expiry steps
@@ -266,7 +276,8 @@ class NicWorker:
                 info["quarantined_blocks"] = len(blocks)
                 self.counters["blocks_quarantined"] += len(blocks)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
-                            "their sessions are lost", self.nic_id, len(blocks), longest)
+                            "their sessions are recovered from other NICs' clones as those report them, "
+                            "the rest are lost", self.nic_id, len(blocks), longest)
         return info
 
     def _strip_clones(self) -> int:
@@ -684,6 +695,12 @@ class NicWorker:
 
     def _timers(self, now: float) -> None:
         self.agent.tick(now)
+        if now >= self._gc_due:
+            self._gc_due = now + GC_FREEZE_INTERVAL
+            gc.freeze()
+        if self._reload_requested:
+            self._reload_requested = False
+            self.reload()
         # expiry: a bounded step, time-gated; while fetches are in flight (a burst of new
         # connections) it waits, up to sweep_defer_max, so that it never sits between a
         # FETCH and its answer
@@ -725,12 +742,46 @@ class NicWorker:
         self._stop = True
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT: stop the loop (then ``shutdown`` writes the snapshot)."""
+        """SIGTERM / SIGINT: stop the loop (then ``shutdown`` writes the snapshot).
+        SIGHUP: re-read the config file at the next loop turn (``reload``)."""
         def h(signum, frame):
             self.stop()
 
+        def hup(signum, frame):
+            self._reload_requested = True
+
         signal.signal(signal.SIGTERM, h)
         signal.signal(signal.SIGINT, h)
+        signal.signal(signal.SIGHUP, hup)
+
+    def reload(self, path: str | None = None):
+        """Re-read the config (SIGHUP) and apply what may change while running:
+        ``RuleBuilder.LIVE_SETTINGS`` (timeouts, per-host cap, sweep limits, translation
+        log).  A file that does not load, or that changes anything else (addresses,
+        partition, NICs, table sizes, mapping, coordinator, ...), is refused with a
+        logged reason and the running config stays.  Returns (applied, reason)."""
+        from .. import config as cfgmod
+
+        path = path or self.config.path
+        try:
+            new = cfgmod.load(path)
+        except (OSError, cfgmod.ConfigError) as exc:
+            return self._refuse_reload(f"{exc}")
+        changed = _changed_settings(self.config, new)
+        frozen = [c for c in changed if not any(c == k or c.startswith(k + ".") for k in RuleBuilder.LIVE_SETTINGS)]
+        if frozen:
+            return self._refuse_reload(f"{path}: {', '.join(frozen)} cannot change while running "
+                                       "(restart the NIC workers)")
+        self.rules.apply_live(new)
+        self.config = new
+        self.counters["reloads"] += 1
+        log.info("nic%d: reloaded %s (%s)", self.nic_id, path, ", ".join(changed) or "nothing changed")
+        return True, ", ".join(changed)
+
+    def _refuse_reload(self, reason: str):
+        self.counters["reloads_refused"] += 1
+        log.error("nic%d: reload refused, running config kept: %s", self.nic_id, reason)
+        return False, reason
 
     def shutdown(self, snapshot: bool = True) -> dict:
         """Graceful stop: write the snapshot (tables + builder + agent), close the socket."""
@@ -794,3 +845,17 @@ class NicWorker:
     def __repr__(self) -> str:
         return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"
 
+
+def _changed_settings(old, new, prefix: str = "") -> list:
+    """Dotted names of the config fields that differ (``path`` aside)."""
+    out = []
+    for f in dataclasses.fields(old):
+        if not prefix and f.name == "path":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        name = prefix + f.name
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and not isinstance(a, type):
+            out += _changed_settings(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out

@@ -1,0 +1,91 @@
+"""SIGHUP: a NIC worker re-reads its config and applies what may change while it runs
+(timeouts, per-host cap, sweep limits, translation log); anything else is refused with
+a reason naming the setting, and the running config stays."""
+import os
+import signal
+
+import pytest
+import yaml
+
+from hypernat import config as cfgmod
+from hypernat.io.memory import MemoryPort
+from hypernat.nic.worker import NicWorker
+
+pytestmark = pytest.mark.timeout(60)
+
+BASE = os.path.join(os.path.dirname(__file__), "..", "conf", "testbed.yaml")
+
+
+def write(path, doc):
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    doc = yaml.safe_load(open(BASE))
+    doc["state_dir"] = str(tmp_path / "state")
+    doc["metrics"] = {"enabled": False}
+    path = write(tmp_path / "gw.yaml", doc)
+    w = NicWorker(cfgmod.load(path), 0, MemoryPort("in0"), MemoryPort("out0"),
+                  state_dir=str(tmp_path / "nic0"), standalone=True)
+    yield w, doc, tmp_path
+    w.close()
+
+
+def test_live_settings_are_applied(setup):
+    w, doc, tmp = setup
+    doc["timeouts"]["udp"] = 600
+    doc["limits"]["ports_per_host"] = 1024
+    doc["translation_log"] = {"enabled": True, "path": str(tmp / "tl.jsonl")}
+    ok, what = w.reload(write(tmp / "gw.yaml", doc))
+    assert ok, what
+    assert "timeouts.udp" in what and "limits.ports_per_host" in what
+    assert w.rules.t_udp == 600 and w.config.timeouts.udp == 600
+    assert w.rules._cap == 1024
+    assert w.rules.translog is not None
+    assert w.counters["reloads"] == 1 and w.counters["reloads_refused"] == 0
+
+
+@pytest.mark.parametrize("change, setting", [
+    (lambda d: d["external"].__setitem__("pool", ["198.18.78.0/28"]), "pool"),
+    (lambda d: d.__setitem__("partition", "by-address"), "partition"),
+    (lambda d: d["limits"].__setitem__("flow_table_capacity", 1024), "limits.flow_table_capacity"),
+    (lambda d: d.__setitem__("mapping", "address-and-port-dependent"), "mapping"),
+])
+def test_structural_changes_are_refused(setup, change, setting):
+    w, doc, tmp = setup
+    before = w.config
+    change(doc)
+    doc["timeouts"]["udp"] = 600  # a live change in the same file is not applied either
+    ok, reason = w.reload(write(tmp / "gw.yaml", doc))
+    assert not ok
+    assert setting in reason and "gw.yaml" in reason
+    assert w.config is before and w.rules.t_udp == before.timeouts.udp
+    assert w.counters["reloads_refused"] == 1 and w.counters["reloads"] == 0
+
+
+def test_a_broken_file_is_refused_with_its_error(setup):
+    w, doc, tmp = setup
+    doc["timeouts"]["udp"] = 5  # below RFC 4787's 120 s without force
+    ok, reason = w.reload(write(tmp / "gw.yaml", doc))
+    assert not ok and "timeouts.udp" in reason
+    (tmp / "gw.yaml").write_text("nics: [\n")
+    ok, reason = w.reload()
+    assert not ok and "gw.yaml" in reason
+    assert w.counters["reloads_refused"] == 2
+
+
+def test_sighup_reloads_at_the_next_turn(setup):
+    w, doc, tmp = setup
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        w.install_signal_handlers()
+        doc["timeouts"]["tcp_transitory"] = 300
+        write(tmp / "gw.yaml", doc)
+        os.kill(os.getpid(), signal.SIGHUP)
+        w.run_once(1)
+        assert w.rules.t_trans == 300 and w.counters["reloads"] == 1
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
