@@ -252,8 +252,10 @@ def _nic_of(frames: np.ndarray, n: int) -> np.ndarray:
     return nics[inv.reshape(-1)]
 
 
-def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bool = False) -> dict:
-    """One configuration over one trace (see the module doc)."""
+def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bool = False,
+               limits: dict | None = None) -> dict:
+    """One configuration over one trace (see the module doc); `limits` overrides config
+    limits (e.g. ``{"pending_per_flow": 64}`` for a sensitivity run)."""
     from ..lab.emulated import _coord_main, emulated_config
 
     n = 2 if name == "hypernat-2nic" else 1
@@ -264,7 +266,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
                                   # the anti-scan limit (200 fetches/s per remote address by
                                   # default) would throttle the trace's popular remotes: a
                                   # replay at line rate is not a scan (see docs/results.md)
-                                  "fetch_rate_per_source": FETCH_RATE})
+                                  "fetch_rate_per_source": FETCH_RATE, **(limits or {})})
     ctx = mp.get_context("fork")
     coord = None
     if not standalone:
