@@ -1,0 +1,250 @@
+"""Bulk TCP through the gateway at MTU 1500: HyperNAT against Linux's own NAT.
+
+The paper's last end-to-end claim (issue 5): on bulk transfers HyperNAT keeps up with
+the kernel's NAT given the same offload settings (target ≥ 1.0×).  The testbed is the
+one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
+
+    vpc: iperf3 -c ─► nic0 ══ inside0 [ gw: linux NAT | no-op forwarder | HyperNAT ] outside0 ══ nic0 ─► inet: iperf3 -s
+         10.77.0.1          MTU 1500, checksum/TSO/GSO/GRO off on every veth end            198.51.100.1
+         -P 4 streams        (the lab's setting: no super-frames, full checksums)
+
+* traffic: iperf3 (``-J``), ``-P 4`` TCP streams from a VPC host to a server, MSS
+  from MTU 1500; the rate is iperf3's receiver-side sum (bytes the server's
+  application got), so a stream that stalls or retransmits costs what it costs;
+* CPUs, as in bench_e2e: the gateway's receive work is steered to CPU 1 (RPS on
+  inside0 and outside0: Linux's NAT runs there in softirq), the forwarder process (no-op,
+  or HyperNAT's NIC daemon) is pinned there too, at SCHED_FIFO ``HYPERNAT_BULK_RT``
+  (default 10; 0 = normal); both iperf3 ends run on CPU 0.  With two cores the
+  endpoints' TCP stacks and the gateway each get one: the figures are the
+  gateway's ceiling only while CPU 0 is not the bottleneck — compare the same run's
+  modes (the no-op forwarder is the I/O path's own ceiling), not absolute Gbit/s;
+* translation is checked, not assumed: the server's own JSON names the address its
+  connections came from, which must be in the pool for ``linux`` and ``hypernat``
+  and the VPC host itself for ``noop`` (plain routing);
+* rounds: every mode once per round, modes interleaved (a burst of load from elsewhere
+  on this shared machine hits all alike), the median round per mode reported, with
+  its ratio to Linux's NAT of the same run.
+
+    .venv/bin/python -m pytest benchmarks/bench_bulk.py -s                   (as root)
+    HYPERNAT_BULK_SECONDS=8 HYPERNAT_BULK_ROUNDS=5 ...                        longer, more rounds
+    .venv/bin/python -m pytest benchmarks/bench_bulk.py --benchmark-disable   CI: 1 s per mode,
+                                                   asserts bytes flowed through every mode, no speed
+"""
+from __future__ import annotations
+
+import glob
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from hypernat.lab import netns
+from hypernat.lab.preflight import netns_unavailable_reason
+from hypernat.lab.topology import STATE_DIR
+
+SECONDS = float(os.environ.get("HYPERNAT_BULK_SECONDS", "5"))
+ROUNDS = int(os.environ.get("HYPERNAT_BULK_ROUNDS", "3"))
+STREAMS = int(os.environ.get("HYPERNAT_BULK_STREAMS", "4"))
+RT_PRIORITY = int(os.environ.get("HYPERNAT_BULK_RT", "10"))
+OMIT = 1  # seconds of slow start iperf3 leaves out of its figures (timed runs only)
+MTU = 1500
+PORT = 5201
+ENDPOINT_CPU, GW_CPU = 0, 1
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "testbed.yaml")
+
+pytestmark = pytest.mark.netns
+
+
+def unavailable_reason() -> str | None:
+    """Why this benchmark cannot run here (None: it can)."""
+    reason = netns_unavailable_reason()
+    if reason:
+        return reason
+    if shutil.which("iperf3") is None:
+        return "iperf3 is not installed (tools/install-deps.sh installs it)"
+    if shutil.which("ethtool") is None:
+        return "ethtool is not installed (the lab turns offloads off with it)"
+    if os.cpu_count() < 2:
+        return "needs 2 CPUs: one for the iperf3 ends, one for the gateway"
+    return None
+
+
+def runs() -> list:
+    """(label, lab mode, I/O backend) of every mode to compare; AF_XDP where built."""
+    out = [("linux", "linux", "packet_mmap"), ("noop_packet_mmap", "noop", "packet_mmap"),
+           ("hypernat_packet_mmap", "hypernat", "packet_mmap")]
+    try:
+        import hypernat.io.af_xdp  # noqa: F401
+    except ImportError:
+        return out
+    return out + [("noop_af_xdp", "noop", "af_xdp"), ("hypernat_af_xdp", "hypernat", "af_xdp")]
+
+
+def _gateway_config(run_dir: str, backend: str) -> str:
+    """conf/testbed.yaml cut to NIC 0 on `backend`, its state in the run's directory."""
+    import yaml
+
+    with open(CONF) as f:
+        doc = yaml.safe_load(f)
+    doc["nics"] = [dict(doc["nics"][0], io=backend)]
+    doc["state_dir"] = os.path.join(run_dir, "state")
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "gw-bulk.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return path
+
+
+def _pin(pids, cpu: int, rt: int) -> None:
+    for pid in pids:
+        os.sched_setaffinity(pid, {cpu})
+        if rt:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(rt))
+
+
+def _wait_listening(ns: str, port: int, server: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Until something listens on TCP `port` in `ns` (the iperf3 server is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        p = netns.run(ns, ["ss", "-Hltn", f"sport = :{port}"], check=False)
+        if p.stdout.strip():
+            return
+        if server.poll() is not None:
+            raise RuntimeError(f"iperf3 server in {ns} exited with {server.returncode}: {server.stderr.read()!r}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"iperf3 server in {ns} not listening on {port} after {timeout:g} s")
+        time.sleep(0.05)
+
+
+def iperf3(topo, seconds: float, streams: int = STREAMS, omit: int = 0, cpu: int | None = ENDPOINT_CPU) -> dict:
+    """One iperf3 run from VPC host 0 to server 0 through the lab: both JSON reports.
+
+    Returns ``{"client": ..., "server": ...}`` (iperf3's ``-J`` documents).  The
+    server runs once (``-1``) and exits with the client; if the client hangs, both are
+    killed at a deadline and the error says so."""
+    a = topo.addr
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    server = subprocess.Popen(netns.exec_argv(topo.inet, pin + ["iperf3", "-s", "-1", "-J", "-B", a.server(0),
+                                                                "-p", str(PORT)]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_listening(topo.inet, PORT, server)
+        client = netns.run(topo.vpc, pin + ["iperf3", "-c", a.server(0), "-B", a.host(0), "-p", str(PORT), "-J",
+                                            "-t", f"{seconds:g}", "-O", str(omit), "-P", str(streams),
+                                            "-M", str(MTU - 40), "--connect-timeout", "3000"],
+                           check=False, timeout=seconds + omit + 30)
+        out, err = server.communicate(timeout=10)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 9)
+            server.wait()
+    try:
+        c = json.loads(client.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"iperf3 client wrote no JSON (exit {client.returncode}): {client.stderr.strip()!r}") from None
+    try:
+        s = json.loads(out)
+    except json.JSONDecodeError:
+        s = {"error": f"server wrote no JSON (exit {server.returncode}): {err.strip()!r}"}
+    return {"client": c, "server": s}
+
+
+def summarize(label: str, mode: str, backend: str, rep: dict) -> dict:
+    """The figures of one iperf3 run; ``error`` is None only if both ends report none."""
+    c, s = rep["client"], rep["server"]
+    error = c.get("error") or s.get("error")
+    end = c.get("end", {})
+    recv, sent = end.get("sum_received", {}), end.get("sum_sent", {})
+    peers = sorted({x.get("remote_host") for x in s.get("start", {}).get("connected", [])} - {None})
+    return {"label": label, "mode": mode, "backend": backend, "error": error,
+            "gbps": recv.get("bits_per_second", 0.0) / 1e9, "bytes": recv.get("bytes", 0),
+            "retransmits": sent.get("retransmits"), "seconds": recv.get("seconds", 0.0),
+            "streams": len(end.get("streams", [])), "server_saw": peers}
+
+
+def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, rt: int = RT_PRIORITY) -> dict:
+    """Build a one-NIC lab in `mode`, start its gateway, run iperf3 through it, remove it."""
+    from hypernat.lab import cli
+    from hypernat.lab.topology import Addressing, Topology
+
+    # Unique per process and mode: parallel runs (and other engineers' labs) never meet.
+    topo = Topology(tag=f"bk{os.getpid()}{mode[0]}{backend[0]}", nics=1, mode=mode, mtu=MTU,
+                    addr=Addressing.from_config(CONF))
+    try:
+        topo.up()
+        for ifname in (topo.inside(0), topo.outside(0)):
+            netns.run(topo.gw, ["sh", "-c", f"echo {1 << GW_CPU:x} > /sys/class/net/{ifname}/queues/rx-0/rps_cpus"])
+        if mode != "linux":
+            cli.start_gateway(topo, _gateway_config(topo.run_dir(), backend) if mode == "hypernat" else None,
+                              backend=backend)
+            # The forwarder: every no-op process; for HyperNAT the NIC daemon (the
+            # coordinator, pids[0], only handles the few connection set-ups).
+            _pin(topo.pids if mode == "noop" else topo.pids[1:], GW_CPU, rt)
+        return summarize(label, mode, backend, iperf3(topo, seconds, omit=omit))
+    finally:
+        topo.down()
+        for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
+            for f in glob.glob(os.path.join(STATE_DIR, pattern)):
+                os.unlink(f)
+
+
+def check_flowed(r: dict, pool: str, internal_host: str) -> None:
+    """Bytes went through this mode, without error, translated as the mode must."""
+    where = f"{r['label']}: "
+    assert r["error"] is None, where + f"iperf3 reported {r['error']!r}"
+    assert r["bytes"] > 0, where + "iperf3's server received no bytes"
+    assert r["streams"] == STREAMS, where + f"{r['streams']} of {STREAMS} streams reported"
+    assert r["server_saw"], where + "the server's report names no peer"
+    for peer in r["server_saw"]:
+        if r["mode"] == "noop":
+            assert peer == internal_host, where + f"no-op should route untranslated, server saw {peer}"
+        else:
+            assert ipaddress.ip_address(peer) in ipaddress.ip_network(pool), \
+                where + f"server saw {peer}, not a pool address of {pool}: not translated"
+
+
+def test_bulk_tcp_mtu1500_vs_linux_nat(benchmark):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from hypernat.lab.topology import Addressing
+
+    addr = Addressing.from_config(CONF)
+    timed = benchmark.enabled
+    seconds, omit, rounds = (SECONDS, OMIT, ROUNDS) if timed else (1.0, 0, 1)  # CI: once, short
+    modes = runs()
+    samples = {label: [] for label, _, _ in modes}
+
+    def run():
+        for _ in range(rounds):
+            for label, mode, backend in modes:
+                samples[label].append(measure(label, mode, backend, seconds, omit))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+
+    for rs in samples.values():
+        for r in rs:
+            check_flowed(r, addr.pool, addr.host(0))
+    results = {}
+    for label, rs in samples.items():
+        rs.sort(key=lambda r: r["gbps"])
+        results[label] = rs[len(rs) // 2]
+    info = benchmark.extra_info
+    info.update(rounds=rounds, seconds=seconds, streams=STREAMS, mtu=MTU, rt_priority=RT_PRIORITY)
+    for label, r in results.items():
+        info[f"{label}_gbps"] = round(r["gbps"], 3)
+        info[f"{label}_gbps_rounds"] = [round(x["gbps"], 3) for x in samples[label]]
+        info[f"{label}_retransmits"] = r["retransmits"]
+    lin = results["linux"]["gbps"]
+    for label, r in results.items():
+        if label != "linux" and lin:
+            info[f"{label}_over_linux"] = round(r["gbps"] / lin, 3)
+    for io in ("packet_mmap", "af_xdp"):
+        h, n = results.get(f"hypernat_{io}"), results.get(f"noop_{io}")
+        if h and n and n["gbps"]:
+            info[f"hypernat_{io}_over_noop"] = round(h["gbps"] / n["gbps"], 3)
+    print("\n" + json.dumps(info, indent=1))
