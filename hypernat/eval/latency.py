@@ -121,6 +121,7 @@ def table1_run(install: str, reps: int, gap: float = 0.002, journal_on_disk: boo
     finally:
         reports = emu.close()
         shutil.rmtree(sd, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(cfg.coordinator.endpoint[6:]), ignore_errors=True)
     lat = {k: [x * 1e6 for r in reps_ for x in r.get("latencies", [])] for k, reps_ in reports.items()}
     # the k-th connection returning on NIC j caused NIC j's k-th fetch (passive install)
     fetch_us = []
@@ -289,6 +290,7 @@ def rtt_run(frames: list, rate: float, seconds: float) -> dict:
     finally:
         emu.close()
         shutil.rmtree(sd, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(cfg.coordinator.endpoint[6:]), ignore_errors=True)
     return {"offered_pps": rate, "packets": n_total, "answered": len(rtts), "lost": len(sent),
             "achieved_pps": round(n_total / min(elapsed, max(seconds, n_total / rate)), 1),
             "rtt_us": rtts, "first": firsts}

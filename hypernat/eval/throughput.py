@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import threading
 import time
@@ -351,6 +352,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
         if coord is not None:
             os.kill(coord.pid, signal.SIGTERM)
             coord.join(5)
+        shutil.rmtree(os.path.dirname(cfg.coordinator.endpoint[6:]), ignore_errors=True)  # ipc socket, state
     tot = phase["out"]["frames_out"] + phase["in"]["frames_out"]
     secs = phase["out"]["seconds"] + phase["in"]["seconds"]
     est = phase["established"]
