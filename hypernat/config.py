@@ -136,7 +136,7 @@ class Limits:
     flow_table_capacity: int = 1 << 20  # entries per table (out and in) per NIC
     ports_per_host: int = 4096  # external ports one internal host may hold at once
     port_block_size: int = 64  # ports handed to a host at a time
-    pending_per_flow: int = 8  # frames queued per flow while its rule is fetched
+    pending_per_flow: int = 32  # frames queued per flow while its rule is fetched (a line-rate burst of replies)
     pending_total: int = 4096  # frames queued per NIC in total
     fetch_timeout_ms: int = 50
     fetch_retries: int = 2

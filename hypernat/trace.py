@@ -413,14 +413,7 @@ def load_replay(path: str, snaplen: int = 128) -> list[bytes]:
     import struct
 
     from .io.pcap import read_frames
-
-    def csum(b: bytes) -> int:
-        if len(b) & 1:
-            b += b"\0"
-        s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-        while s >> 16:
-            s = (s & 0xFFFF) + (s >> 16)
-        return (~s) & 0xFFFF
+    from .packets import inet_checksum as csum
 
     out = []
     for _, fr in read_frames(path):

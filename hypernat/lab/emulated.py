@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ..packets import inet_checksum
 from ..agent import predict_nic
 from ..io.memory import ShmPort, ShmRing
 
@@ -54,15 +55,6 @@ MAC_A = b"\x02\x00\x00\x00\x00\x01"
 MAC_B = b"\x02\x00\x00\x00\x00\x02"
 
 # -------------------------------------------------------------------------------- frames
-
-
-def _csum(data: bytes) -> int:
-    if len(data) & 1:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return (~s) & 0xFFFF
 
 
 def build_frame(proto: int, src: int, sport: int, dst: int, dport: int, flags: int = ACK,
@@ -79,15 +71,15 @@ def build_frame(proto: int, src: int, sport: int, dst: int, dport: int, flags: i
         raise ValueError(proto)
     if proto in (TCP, UDP):
         pseudo = struct.pack("!IIBBH", src, dst, 0, proto, len(l4))
-        c = _csum(pseudo + l4)
+        c = inet_checksum(pseudo + l4)
         if proto == UDP and c == 0:
             c = 0xFFFF
         off = 16 if proto == TCP else 6
         l4 = l4[:off] + struct.pack("!H", c) + l4[off + 2 :]
     else:
-        l4 = l4[:2] + struct.pack("!H", _csum(l4)) + l4[4:]
+        l4 = l4[:2] + struct.pack("!H", inet_checksum(l4)) + l4[4:]
     ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(l4), 0, 0, ttl, proto, 0, src, dst)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
     return MAC_B + MAC_A + b"\x08\x00" + ip + l4
 
 
@@ -97,9 +89,9 @@ def build_icmp_error(router: int, dst: int, embedded_ip: bytes, icmp_type: int =
     first 28 bytes of `embedded_ip` (an IPv4 packet)."""
     quote = embedded_ip[:28]
     body = struct.pack("!BBHHH", icmp_type, code, 0, 0, mtu if icmp_type == 3 else 0) + quote
-    body = body[:2] + struct.pack("!H", _csum(body)) + body[4:]
+    body = body[:2] + struct.pack("!H", inet_checksum(body)) + body[4:]
     ip = struct.pack("!BBHHHBBHII", 0x45, 0, 20 + len(body), 0, 0, 64, ICMP, 0, router, dst)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+    ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
     return MAC_B + MAC_A + b"\x08\x00" + ip + body
 
 
@@ -126,23 +118,23 @@ def parse_frame(f: bytes) -> Parsed | None:
     ip = f[14 : 14 + tot]
     proto = ip[9]
     src, dst = struct.unpack_from("!II", ip, 12)
-    ok = _csum(ip[:ihl]) == 0
+    ok = inet_checksum(ip[:ihl]) == 0
     l4 = ip[ihl:]
     if proto in (TCP, UDP):
         sport, dport = struct.unpack_from("!HH", l4, 0)
         flags = l4[13] if proto == TCP else 0
         if proto == TCP or struct.unpack_from("!H", l4, 6)[0] != 0:
-            ok &= _csum(struct.pack("!IIBBH", src, dst, 0, proto, len(l4)) + l4) == 0
+            ok &= inet_checksum(struct.pack("!IIBBH", src, dst, 0, proto, len(l4)) + l4) == 0
         return Parsed(proto, src, sport, dst, dport, flags, ok, ip=ip)
     if proto == ICMP:
         t = l4[0]
-        ok &= _csum(l4) == 0
+        ok &= inet_checksum(l4) == 0
         if t in (0, 8):
             ident = struct.unpack_from("!H", l4, 4)[0]
             return Parsed(proto, src, ident, dst, ident, 1 if t == 8 else 0, ok, icmp_type=t, ip=ip)
         inner_ip = l4[8:]
         ip2 = (inner_ip[0] & 15) * 4
-        ip_ok = _csum(inner_ip[:ip2]) == 0
+        ip_ok = inet_checksum(inner_ip[:ip2]) == 0
         p2 = inner_ip[9]
         s2, d2 = struct.unpack_from("!II", inner_ip, 12)
         sp2, dp2 = struct.unpack_from("!HH", inner_ip, ip2)
@@ -218,6 +210,24 @@ def make_conns(config, n: int, packets: int = 4, protos=(TCP, UDP), seed: int = 
     return out
 
 
+_PRIVATE_DIRS: list = []
+
+
+def _private_dir() -> str:
+    """A temporary directory for one emulated config (coordinator socket, state),
+    removed when the process that made it exits (child processes leave it alone)."""
+    if not _PRIVATE_DIRS:
+        import atexit
+        import shutil
+
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and [shutil.rmtree(p, ignore_errors=True)
+                                                           for p in _PRIVATE_DIRS])
+    d = tempfile.mkdtemp(prefix=f"hn-emu-{os.getpid()}-")
+    _PRIVATE_DIRS.append(d)
+    return d
+
+
 def emulated_config(n_nics: int = 2, *, mapping: str = "endpoint-independent", install: str = "passive",
                     filtering: str = "address-and-port-dependent", state_dir: str | None = None,
                     endpoint: str | None = None, timeouts: dict | None = None, limits: dict | None = None,
@@ -225,7 +235,7 @@ def emulated_config(n_nics: int = 2, *, mapping: str = "endpoint-independent", i
     """A Config for the emulated deployment (memory I/O, ipc:// in a private directory)."""
     from ..config import from_dict
 
-    d = tempfile.mkdtemp(prefix=f"hn-emu-{os.getpid()}-")
+    d = _private_dir()
     lim = {"flow_table_capacity": 65536, "port_block_size": 64, "fetch_timeout_ms": 100, "fetch_retries": 4,
            "lease_duration": 60}
     lim.update(limits or {})
