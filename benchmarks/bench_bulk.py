@@ -21,6 +21,9 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
 * translation is checked, not assumed: the server's own JSON names the address its
   connections came from, which must be in the pool for ``linux`` and ``hypernat``
   and the VPC host itself for ``noop`` (plain routing);
+* CPU: how busy each core was during the transfer (/proc/stat, everyone's work) is
+  recorded per mode, so a reader can tell a gateway-bound figure (CPU 1 ~100%) from
+  an endpoint-bound one (CPU 0);
 * rounds: every mode once per round, modes interleaved (a burst of load from elsewhere
   on this shared machine hits all alike), the median round per mode reported, with
   its ratio to Linux's NAT of the same run.
@@ -166,6 +169,23 @@ def summarize(label: str, mode: str, backend: str, rep: dict) -> dict:
             "streams": len(end.get("streams", [])), "server_saw": peers}
 
 
+def _cpu_times() -> dict:
+    """{cpu: (busy, total)} jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for ln in f:
+            name, *vals = ln.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in vals[:8]]
+                out[int(name[3:])] = (sum(v) - v[3] - v[4], sum(v))  # idle and iowait are not busy
+    return out
+
+
+def _busy(before: dict, after: dict) -> dict:
+    """Fraction of each CPU busy between two `_cpu_times` (anyone's work: a shared machine)."""
+    return {c: round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3) for c in after if c in before}
+
+
 def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, rt: int = RT_PRIORITY) -> dict:
     """Build a one-NIC lab in `mode`, start its gateway, run iperf3 through it, remove it."""
     from hypernat.lab import cli
@@ -184,7 +204,12 @@ def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, 
             # The forwarder: every no-op process; for HyperNAT the NIC daemon (the
             # coordinator, pids[0], only handles the few connection set-ups).
             _pin(topo.pids if mode == "noop" else topo.pids[1:], GW_CPU, rt)
-        return summarize(label, mode, backend, iperf3(topo, seconds, omit=omit))
+        t0 = _cpu_times()
+        rep = iperf3(topo, seconds, omit=omit)
+        r = summarize(label, mode, backend, rep)
+        # Is the gateway's core the limit (busy ~1.0) or the endpoints' (CPU 0)?
+        r["cpu_busy"] = _busy(t0, _cpu_times())
+        return r
     finally:
         topo.down()
         for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
@@ -239,6 +264,7 @@ def test_bulk_tcp_mtu1500_vs_linux_nat(benchmark):
         info[f"{label}_gbps"] = round(r["gbps"], 3)
         info[f"{label}_gbps_rounds"] = [round(x["gbps"], 3) for x in samples[label]]
         info[f"{label}_retransmits"] = r["retransmits"]
+        info[f"{label}_cpu_busy"] = {f"cpu{c}": b for c, b in r["cpu_busy"].items()}
     lin = results["linux"]["gbps"]
     for label, r in results.items():
         if label != "linux" and lin:
