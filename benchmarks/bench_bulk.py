@@ -4,9 +4,10 @@ The paper's last end-to-end claim (issue 5): on bulk transfers HyperNAT keeps up
 the kernel's NAT given the same offload settings (target ≥ 1.0×).  The testbed is the
 one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
 
-    vpc: iperf3 -c ─► nic0 ══ inside0 [ gw: linux NAT | no-op forwarder | HyperNAT ] outside0 ══ nic0 ─► inet: iperf3 -s
-         10.77.0.1          MTU 1500, checksum/TSO/GSO/GRO off on every veth end            198.51.100.1
-         -P 4 streams        (the lab's setting: no super-frames, full checksums)
+    hn-T-vpc                  hn-T-gw                                    hn-T-inet
+    iperf3 client ─► nic0 ══ inside0 ┤ linux NAT | no-op | HyperNAT ├ outside0 ══ nic0 ─► iperf3 server
+    10.77.0.1, -P 4          MTU 1500; checksum/TSO/GSO/GRO off on            198.51.100.1:5201
+    MSS 1460                 every veth end (the lab's setting)
 
 * traffic: iperf3 (``-J``), ``-P 4`` TCP streams from a VPC host to a server, MSS
   from MTU 1500; the rate is iperf3's receiver-side sum (bytes the server's
@@ -18,6 +19,10 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
   endpoints' TCP stacks and the gateway each get one: the figures are the
   gateway's ceiling only while CPU 0 is not the bottleneck — compare the same run's
   modes (the no-op forwarder is the I/O path's own ceiling), not absolute Gbit/s;
+* AF_XDP on veth: the XDP program runs in the receiving veth's NAPI poll, which the
+  *sender's* CPU schedules, before RPS could move it — so in the af_xdp modes the
+  redirect into the socket is done on CPU 0, the endpoints' core, and CPU 1 only
+  sees the forwarder itself (the cpu_busy figures show it);
 * translation is checked, not assumed: the server's own JSON names the address its
   connections came from, which must be in the pool for ``linux`` and ``hypernat``
   and the VPC host itself for ``noop`` (plain routing);
@@ -148,7 +153,8 @@ def iperf3(topo, seconds: float, streams: int = STREAMS, omit: int = 0, cpu: int
     try:
         c = json.loads(client.stdout)
     except json.JSONDecodeError:
-        raise RuntimeError(f"iperf3 client wrote no JSON (exit {client.returncode}): {client.stderr.strip()!r}") from None
+        raise RuntimeError(f"iperf3 client wrote no JSON (exit {client.returncode}): "
+                           f"{client.stderr.strip()!r}") from None
     try:
         s = json.loads(out)
     except json.JSONDecodeError:
@@ -183,7 +189,8 @@ def _cpu_times() -> dict:
 
 def _busy(before: dict, after: dict) -> dict:
     """Fraction of each CPU busy between two `_cpu_times` (anyone's work: a shared machine)."""
-    return {c: round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3) for c in after if c in before}
+    return {c: round((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]), 3)
+            for c in after if c in before}
 
 
 def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, rt: int = RT_PRIORITY) -> dict:
