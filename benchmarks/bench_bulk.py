@@ -21,8 +21,8 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
   modes (the no-op forwarder is the I/O path's own ceiling), not absolute Gbit/s;
 * AF_XDP on veth: the XDP program runs in the receiving veth's NAPI poll, which the
   *sender's* CPU schedules, before RPS could move it — so in the af_xdp modes the
-  redirect into the socket is done on CPU 0, the endpoints' core, and CPU 1 only
-  sees the forwarder itself (the cpu_busy figures show it);
+  redirect into the socket is done on CPU 0 (the endpoints' core), not on the
+  gateway's: AF_XDP's figures get some help the other modes do not;
 * translation is checked, not assumed: the server's own JSON names the address its
   connections came from, which must be in the pool for ``linux`` and ``hypernat``
   and the VPC host itself for ``noop`` (plain routing);
