@@ -193,6 +193,17 @@ def _busy(before: dict, after: dict) -> dict:
             for c in after if c in before}
 
 
+def _noop_frames_per_batch(tag: str) -> float | None:
+    """Frames the no-op forwarder moved per receive batch (its stats file, written when
+    `down` stopped it): near 1, the forwarder wakes per frame; large, it is behind."""
+    try:
+        with open(os.path.join(STATE_DIR, f"{tag}-noop0.json")) as f:
+            c = json.load(f)["forwarder"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return round((c["out_frames"] + c["in_frames"]) / c["batches"], 2) if c.get("batches") else None
+
+
 def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, rt: int = RT_PRIORITY) -> dict:
     """Build a one-NIC lab in `mode`, start its gateway, run iperf3 through it, remove it."""
     from hypernat.lab import cli
@@ -201,6 +212,7 @@ def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, 
     # Unique per process and mode: parallel runs (and other engineers' labs) never meet.
     topo = Topology(tag=f"bk{os.getpid()}{mode[0]}{backend[0]}", nics=1, mode=mode, mtu=MTU,
                     addr=Addressing.from_config(CONF))
+    r = None
     try:
         topo.up()
         for ifname in (topo.inside(0), topo.outside(0)):
@@ -219,6 +231,8 @@ def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, 
         return r
     finally:
         topo.down()
+        if mode == "noop" and r is not None:
+            r["noop_frames_per_batch"] = _noop_frames_per_batch(topo.tag)
         for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
             for f in glob.glob(os.path.join(STATE_DIR, pattern)):
                 os.unlink(f)
@@ -272,6 +286,8 @@ def test_bulk_tcp_mtu1500_vs_linux_nat(benchmark):
         info[f"{label}_gbps_rounds"] = [round(x["gbps"], 3) for x in samples[label]]
         info[f"{label}_retransmits"] = r["retransmits"]
         info[f"{label}_cpu_busy"] = {f"cpu{c}": b for c, b in r["cpu_busy"].items()}
+        if r.get("noop_frames_per_batch") is not None:
+            info[f"{label}_frames_per_batch"] = r["noop_frames_per_batch"]
     lin = results["linux"]["gbps"]
     for label, r in results.items():
         if label != "linux" and lin:
