@@ -27,6 +27,23 @@ is bounded per flow and in total; a NACK or a timeout drops them and counts why.
 is remembered briefly (negative cache) and fetches are rate-limited per remote source,
 so a port scan of the external space cannot become a FETCH storm.
 
+The per-source limit charges *misses that turn out to have no rule*, not fetches: a
+token bucket per remote source address (rate and burst ``fetch_rate_per_source``); a
+fetch takes a token on the way out and gets it back when the rule arrives::
+
+    incoming miss from R ── bucket[R] empty? ── yes ──► drop (fetch_rate_limited)
+                                 │ no: take 1 (provisional)
+                                 ▼
+                               FETCH ──► RULE  : token refunded  (a legitimate reply)
+                                     ──► NACK  : token kept      (a probe: scan)
+                                     ──► timeout / owner unavailable: refunded
+
+So a busy remote (a VPC's clients all talking to one service: every new connection's
+first reply fetches) is never throttled however many connections it has, unless more
+than ``burst`` of its fetches are in flight at the same instant; a scanner spends a
+token per probe that misses, and its burst of probes is cut at ``burst`` in flight
+even before the first NACK returns.
+
 *Active install* (option): when the owner builds a rule it predicts the return NIC with
 the switch's hash (``predict_nic``: sha1 as the paper's testbed, crc32, jhash) and
 PUSHes the clone there.  A push that loses the race with the reply, or a wrong
@@ -191,6 +208,7 @@ class _Pending:
     retry: float
     flags: int = 0
     frames: list = field(default_factory=list)
+    charged: int = -1  # remote source whose token this fetch holds (-1: none)
 
 
 @dataclass
@@ -237,6 +255,9 @@ class RuleAgent:
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
         self._seq = 1
+        self._fetch_q: dict[int, list] = {}  # owner -> FETCH tuples of the batch being handled
+        self._batching = 0  # > 0: _send_fetch gathers instead of sending
+        self._pending_due = float("inf")  # earliest retry or deadline among self.pending
         # holder side
         self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
         self._by_seq: dict[int, tuple] = {}
@@ -284,8 +305,27 @@ class RuleAgent:
         `fetch_dir`'s table) from NIC `owner`.  Returns False, and counts why, when the
         frame is dropped instead."""
         kt = fetch_key_tuple(fetch_dir, key)
+        return self._fetch(fetch_dir, kt, int(key["kind"]) == layout.KIND_ICMP_ERROR, owner, frame, now)
+
+    def fetch_many(self, fetch_dirs, keys, owners, frames, now: float) -> int:
+        """``fetch`` for the misses of one batch: fetch_dirs and owners int lists, keys a
+        KEY_DTYPE array, frames a list (None: no frame to queue).  Returns frames queued."""
+        n = 0
+        icmp_kind = layout.KIND_ICMP_ERROR
+        self._batching += 1
+        try:
+            for fd, (sa, da, sp, dp, p, kind, *_), o, f in zip(fetch_dirs, keys.tolist(), owners, frames):
+                n += self._fetch(fd, (p, sa, sp, da, dp), kind == icmp_kind, o, f, now)
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self._flush_fetches()
+        return n
+
+    def _fetch(self, fetch_dir: int, kt: tuple, icmp: bool, owner: int, frame, now: float) -> bool:
         pk = (fetch_dir, kt)
         pend = self.pending.get(pk)
+        charged = -1
         if pend is None:
             until = self.negative.get(pk)
             if until is not None:
@@ -293,9 +333,11 @@ class RuleAgent:
                     self.count("fetch_negative_cached")
                     return False
                 del self.negative[pk]
-            if fetch_dir == IN and not self._take_token(kt[1], now):
-                self.count("fetch_rate_limited")
-                return False
+            if fetch_dir == IN:
+                if not self._take_token(kt[1], now):
+                    self.count("fetch_rate_limited")
+                    return False
+                charged = kt[1]
         if frame is not None and (self.queued_total >= self.p.queue_total
                                   or (pend is not None and len(pend.frames) >= self.p.queue_per_flow)):
             self.count("pending_queue_full")
@@ -303,8 +345,8 @@ class RuleAgent:
                 return False
             frame = None  # the fetch still goes out: later packets will find the rule
         if pend is None:
-            icmp = int(key["kind"]) == layout.KIND_ICMP_ERROR
             pend = self._start_fetch(fetch_dir, kt, owner, now, M.FETCH_F_ICMP_ERROR if icmp else 0)
+            pend.charged = charged
         if frame is not None:
             pend.frames.append(frame)
             self.queued_total += 1
@@ -318,19 +360,35 @@ class RuleAgent:
         pend = _Pending(fetch_dir, kt, owner, seq, now, now, self.p.retry_s, flags)
         self.pending[(fetch_dir, kt)] = pend
         self._by_seq[seq] = (fetch_dir, kt)
+        self._pending_due = min(self._pending_due, now + self.p.retry_s)
         self._send_fetch(pend)
         self.count("fetches")
         return pend
 
     def _send_fetch(self, pend: _Pending) -> None:
-        rec = np.zeros(1, M.KEY_DTYPE)
+        # one plain tuple in KEY_DTYPE order, packed with the others of its batch (one
+        # numpy array per owner: ``_flush_fetches``); fields:
+        # seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
         p, sa, sp, da, dp = pend.key
-        # fields: seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
         if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
-            rec[0] = (pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
+            rec = (pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
         else:  # (p, I, Ip, R, Rp)
-            rec[0] = (pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
-        self._emit(pend.owner, M.T_FETCH, rec)
+            rec = (pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
+        self.counters["tx_fetch"] += 1
+        q = self._fetch_q.get(pend.owner)
+        if q is None:
+            q = self._fetch_q[pend.owner] = []
+        q.append(rec)
+        if not self._batching:
+            self._flush_fetches()
+
+    def _flush_fetches(self) -> None:
+        """Send the FETCH records gathered in a batch: one array per owner."""
+        if not self._fetch_q:
+            return
+        q, self._fetch_q = self._fetch_q, {}
+        for owner, rows in q.items():
+            self._send(owner, M.T_FETCH, np.array(rows, dtype=M.KEY_DTYPE))
 
     def _take_token(self, remote: int, now: float) -> bool:
         b = self._buckets.get(remote)
@@ -347,6 +405,16 @@ class RuleAgent:
             return False
         b[0] -= 1.0
         return True
+
+    def _refund(self, pend: _Pending) -> None:
+        """Give back the token a fetch took: it was answered with a rule (or failed for
+        a reason that is not the remote's doing).  Only NACKs keep their token."""
+        if pend.charged < 0:
+            return
+        b = self._buckets.get(pend.charged)
+        if b is not None:
+            b[0] = min(self.p.fetch_burst, b[0] + 1.0)
+        pend.charged = -1
 
     def revalidate(self, sessions: np.ndarray, now: float) -> int:
         """Clones read back from a snapshot (SESSION_DTYPE, `dirs` = entries held): not
@@ -375,8 +443,12 @@ class RuleAgent:
 
     # holder: answers to our fetches
     def _on_rule(self, source, recs, now):
-        # plain tuples (RULE_DTYPE order), not numpy scalars: this is the latency-critical
-        # end of every passive install
+        """Answers to our fetches, a batch at a time: check each record against its
+        pending fetch (plain tuples, not numpy scalars), install every accepted clone
+        with one ``install_many`` (one ``FlowTable.insert_batch`` per table), then
+        release every queued frame of the batch through the fast path in ONE replay per
+        direction (flows in answer order, each flow's frames in arrival order)."""
+        accepted = []  # (pend, sk, rule_id, lease_ms, dir bit)
         for seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_ in recs.tolist():
             pk = self._by_seq.pop(seq, None)
             pend = self.pending.get(pk) if pk is not None else None
@@ -390,16 +462,27 @@ class RuleAgent:
             if not self._owned_by(source, ea, ep, owner):
                 continue
             del self.pending[pk]
-            self._install(source, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir], now)
+            accepted.append((pend, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir]))
+        if not accepted:
+            return
+        self._install_many(source, [(sk, rid, lms, d) for _, sk, rid, lms, d in accepted], now)
+        replay = {OUT: [], IN: []}
+        lats = []
+        for pend, *_ in accepted:
+            self._refund(pend)
             self.queued_total -= len(pend.frames)
-            lat = now - pend.first
-            self.fetch_latencies.append(lat)
-            self.count("fetch_answered")
-            self.count(_latency_bucket(lat))
+            lats.append(now - pend.first)
             if pend.frames:
-                self.replay(pend.fetch_dir, pend.frames)
-            # the fast path now has the rule for an out fetch; an in key may differ for
-            # a wildcard answer (EIM), the replay above resolves it either way
+                replay[pend.fetch_dir].extend(pend.frames)
+        self.fetch_latencies.extend(lats)
+        self.count("fetch_answered", len(accepted))
+        for lat in lats:
+            self.counters[_latency_bucket(lat)] += 1
+        # the fast path now has the rule for an out fetch; an in key may differ for
+        # a wildcard answer (EIM), the replay resolves it either way
+        for d in (OUT, IN):
+            if replay[d]:
+                self.replay(d, replay[d])
 
     def _on_push(self, source, recs, now):
         ack = M.records(M.T_PUSH_ACK, len(recs))
@@ -414,6 +497,7 @@ class RuleAgent:
             pk = (IN, session_key(sk, IN))
             pend = self.pending.pop(pk, None)
             if pend is not None:  # the push lost the race with the reply: release now
+                self._refund(pend)
                 self._by_seq.pop(pend.seq, None)
                 self.queued_total -= len(pend.frames)
                 if pend.frames:
@@ -429,7 +513,9 @@ class RuleAgent:
             self.queued_total -= len(pend.frames)
             self.count("fetch_nack", max(1, len(pend.frames)))
             reason = int(r["reason"])
-            if reason != M.NACK["unavailable"]:
+            if reason == M.NACK["unavailable"]:
+                self._refund(pend)  # the owner could not answer: not the remote's doing
+            else:  # no rule: the token stays spent (this is what a scan pays for)
                 self.negative[pk] = now + self.p.negative_ttl_s
                 if len(self.negative) > self.p.negative_max:
                     self.negative.popitem(last=False)
@@ -754,6 +840,7 @@ class RuleAgent:
             pend.owner, pend.seq = new_owner, self._next_seq()
             self._by_seq[pend.seq] = (pend.fetch_dir, pend.key)
             pend.sent, pend.retry = now, self.p.retry_s
+            self._pending_due = min(self._pending_due, now + self.p.retry_s)
             self._send_fetch(pend)
             self.count("fetch_redirected")
 
@@ -809,25 +896,45 @@ class RuleAgent:
         return True
 
     def _install(self, owner: int, sk: tuple, rule_id: int, lease_ms: int, dirs: int, now: float) -> None:
-        expires = now + lease_ms / 1000.0
-        c = self.clones.get(sk)
-        if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
-            c.expires = max(c.expires, expires)  # idempotent repeat
+        self._install_many(owner, [(sk, rule_id, lease_ms, dirs)], now)
+
+    def _install_many(self, owner: int, items, now: float) -> None:
+        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
+        A clone already held with those entries only has its lease extended (idempotent
+        repeat); the rest go to the builder in one ``install_clones`` call."""
+        todo = []
+        for sk, rule_id, lease_ms, dirs in items:
+            expires = now + lease_ms / 1000.0
+            c = self.clones.get(sk)
+            if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
+                c.expires = max(c.expires, expires)
+            else:
+                todo.append((sk, rule_id, dirs, expires))
+        if not todo:
             return
-        rec = session_rec(sk, owner=owner, rule_id=rule_id, dirs=dirs, last_seen=self.tick_clock())
-        if self.rules.install_clone(rec, self.tick_clock(), dirs=dirs) <= 0:
-            self.count("clone_install_failed")
-            return
-        self._lease_due = min(self._lease_due, expires - self.p.lease_margin_s)
-        if c is None:
-            self.clones[sk] = _Clone(owner, rule_id, dirs, expires)
-        else:
-            c.dirs |= dirs
-            c.expires = max(c.expires, expires)
-        self.count("clones_installed")
-        for d in (OUT, IN):
-            if dirs & DIR_BIT[d]:
-                self.negative.pop((d, session_key(sk, d)), None)
+        tick = self.tick_clock()
+        recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
+                         for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
+        got = self.rules.install_clones(recs, tick, recs["dirs"]).tolist()
+        installed = 0
+        neg = self.negative
+        for (sk, rule_id, dirs, expires), ok in zip(todo, got):
+            if ok <= 0:
+                self.count("clone_install_failed")
+                continue
+            installed += 1
+            self._lease_due = min(self._lease_due, expires - self.p.lease_margin_s)
+            c = self.clones.get(sk)
+            if c is None:
+                self.clones[sk] = _Clone(owner, rule_id, dirs, expires)
+            else:
+                c.dirs |= dirs
+                c.expires = max(c.expires, expires)
+            if neg:
+                for d in (OUT, IN):
+                    if dirs & DIR_BIT[d]:
+                        neg.pop((d, session_key(sk, d)), None)
+        self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
         c = self.clones.pop(sk, None)
@@ -905,23 +1012,42 @@ class RuleAgent:
                 self.count("revokes")
 
     # -- time ---------------------------------------------------------------------------------
+    def _retry_fetches(self, now: float) -> None:
+        """Resend fetches whose retry wait passed (gathered: one FETCH per owner), drop
+        those past their deadline.  Skipped until the earliest of those times: a burst
+        of thousands of fetches in flight is not walked on every loop turn."""
+        if now < self._pending_due:
+            return
+        due = float("inf")
+        self._batching += 1
+        try:
+            for pk, pend in list(self.pending.items()):
+                if now - pend.first >= self.p.fetch_timeout_s:
+                    del self.pending[pk]
+                    self._by_seq.pop(pend.seq, None)
+                    self._refund(pend)
+                    self.queued_total -= len(pend.frames)
+                    self.count("fetch_timeout", max(1, len(pend.frames)))
+                    continue
+                if now - pend.sent >= pend.retry:
+                    pend.sent = now
+                    pend.retry = min(pend.retry * 2, self.p.retry_max_s)
+                    self._send_fetch(pend)
+                    self.count("fetch_retries")
+                due = min(due, pend.sent + pend.retry, pend.first + self.p.fetch_timeout_s)
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self._flush_fetches()
+        self._pending_due = due
+
     def tick(self, now: float) -> None:
         """Retries, timeouts, lease ends, active install, revocation, activity; call once
         per loop turn (cheap when there is nothing to do)."""
         self._push_created(now)
         self._revoke_removed(now)
         if self.pending:
-            for pk, pend in list(self.pending.items()):
-                if now - pend.first >= self.p.fetch_timeout_s:
-                    del self.pending[pk]
-                    self._by_seq.pop(pend.seq, None)
-                    self.queued_total -= len(pend.frames)
-                    self.count("fetch_timeout", max(1, len(pend.frames)))
-                elif now - pend.sent >= pend.retry:
-                    pend.sent = now
-                    pend.retry = min(pend.retry * 2, self.p.retry_max_s)
-                    self._send_fetch(pend)
-                    self.count("fetch_retries")
+            self._retry_fetches(now)
         if self._unacked:
             for seq, u in list(self._unacked.items()):
                 if now >= u.deadline:
@@ -1043,9 +1169,15 @@ class RuleAgent:
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
         answered yet instead of waiting for the retry timers."""
-        for pend in self.pending.values():
-            pend.sent = now
-            self._send_fetch(pend)
+        self._batching += 1
+        try:
+            for pend in self.pending.values():
+                pend.sent = now
+                self._send_fetch(pend)
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self._flush_fetches()
         for u in self._unacked.values():
             u.sent = now
             self._emit(u.target, u.mtype, u.rec)
@@ -1056,6 +1188,7 @@ class RuleAgent:
             if pend.owner == target:
                 del self.pending[pk]
                 self._by_seq.pop(pend.seq, None)
+                self._refund(pend)
                 self.queued_total -= len(pend.frames)
                 self.count("fetch_owner_down", max(1, len(pend.frames)))
 

@@ -1099,37 +1099,90 @@ class RuleBuilder:
         sweep drop the clone when the lease runs out.  A record whose external endpoint
         this NIC owns, or whose entry would replace an owned one, is refused (counted as
         bad_message).  Returns entries installed (refused inserts count as table_full)."""
-        now = int(now)
+        return int(self.install_clones(records, now, dirs, lease_until).sum())
+
+    def install_clones(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0) -> np.ndarray:
+        """``install_clone`` for a batch, per record: entries installed (int8[n], 0 = the
+        record was refused or its table was full).  `dirs` is a scalar or uint8[n].
+
+        The batch is the unit of work (passive install answers a burst of fetches with
+        one RULE message)::
+
+            records ──tolist──▶ checks per record (ints: protocol, ownership, no owned
+                                entry in the way: one C lookup per entry)
+                    ──▶ one SLOT_DTYPE array per table ──▶ FlowTable.insert_batch
+                    ──▶ tcp_state / lease written only where non-zero (a fresh UDP clone
+                        under an agent-tracked lease needs nothing more)
+
+        A batch is exactly the records installed one by one, in order (a later record
+        for the same key replaces the earlier clone entry)."""
+        recs = np.asarray(records).reshape(-1)
+        n = len(recs)
+        got = np.zeros(n, np.int8)
+        if n == 0:
+            return got
+        now = int(now) & 0xFFFFFFFF
         lease = _lease16(lease_until)
         if lease:
             self._lease_clones = True
-        n = 0
-        for rec in np.asarray(records).reshape(-1):
-            p = int(rec["proto"])
-            e, ep = int(rec["eaddr"]), int(rec["eport"])
-            if p not in _PIDX or self.part.owner(e, ep) == self.nic:
+        dl = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist()
+        P, I, IP = recs["proto"].tolist(), recs["iaddr"].tolist(), recs["iport"].tolist()
+        E, EP = recs["eaddr"].tolist(), recs["eport"].tolist()
+        R, RP, RID = recs["raddr"].tolist(), recs["rport"].tolist(), recs["rule_id"].tolist()
+        TO, TI = recs["tcp_out"].tolist(), recs["tcp_in"].tolist()
+        own = self.part.owners(recs["eaddr"], recs["eport"]).tolist()
+        me = self.nic
+        olook, ilook = self.out.lookup, self.inn.lookup
+        oflags, iflags = self.out.slots["flags"], self.inn.slots["flags"]
+        rows = ([], [])  # per table: SLOT_DTYPE tuples
+        who = ([], [])  # per table: (record index, key, tcp bits) of each row
+        mask = layout.TCP_STATE_MASK
+        for x in range(n):
+            p = P[x]
+            if p not in _PIDX or own[x] == me:
                 self._refuse(_R_BAD)
                 continue
-            ok, ik = record_keys(rec)
-            i, ip, rid = int(rec["iaddr"]), int(rec["iport"]), int(rec["rule_id"])
-            for bit, tbl, key, val, tcp in (
-                (DIR_BIT_OUT, self.out, ok, (e, ep), int(rec["tcp_out"])),
-                (DIR_BIT_IN, self.inn, ik, (i, ip), int(rec["tcp_in"])),
-            ):
-                if not dirs & bit:
-                    continue
-                j = tbl.lookup(*key)
-                if j >= 0 and not tbl.slots["flags"][j] & _F_CLONE:
+            d = dl[x]
+            r, rp = R[x], RP[x]
+            if d & DIR_BIT_OUT:
+                k = (p, I[x], IP[x], r, rp)
+                j = olook(*k)
+                if j >= 0 and not oflags[j] & _F_CLONE:
                     self._refuse(_R_BAD)  # never replace an owned entry
-                    continue
-                if not tbl.insert(*key, val[0], val[1], rid, now, _F_CLONE):
-                    self._refuse(_R_TABLE_FULL)
-                    continue
-                j = tbl.lookup(*key)
-                tbl.slots["lease"][j] = lease
-                tbl.slots["tcp_state"][j] = tcp & layout.TCP_STATE_MASK
-                n += 1
-        return n
+                else:
+                    rows[0].append((I[x], r, IP[x], rp, p, _F_CLONE, EP[x], E[x], RID[x], now, 0, 0, 0))
+                    who[0].append((x, k, TO[x] & mask))
+            if d & DIR_BIT_IN:
+                e, ep = E[x], EP[x]
+                k = (p, r, ep, e, ep) if p == PROTO_ICMP else (p, r, rp, e, ep)
+                j = ilook(*k)
+                if j >= 0 and not iflags[j] & _F_CLONE:
+                    self._refuse(_R_BAD)
+                else:
+                    rows[1].append((r, e, k[2], ep, p, _F_CLONE, IP[x], I[x], RID[x], now, 0, 0, 0))
+                    who[1].append((x, k, TI[x] & mask))
+        for tbl, rw, wh in ((self.out, rows[0], who[0]), (self.inn, rows[1], who[1])):
+            if not rw:
+                continue
+            done = tbl.insert_batch(np.array(rw, dtype=layout.SLOT_DTYPE))
+            look = tbl.lookup
+            if done != len(rw):  # the table filled up: find out which rows made it
+                keep = []
+                for w in wh:
+                    if look(*w[1]) >= 0:
+                        keep.append(w)
+                    else:
+                        self._refuse(_R_TABLE_FULL)
+                wh = keep
+            if lease or any(w[2] for w in wh):
+                tcp, lse = tbl.slots["tcp_state"], tbl.slots["lease"]
+                for _, k, t in wh:
+                    j = look(*k)
+                    tcp[j] = t
+                    lse[j] = lease
+            for w in wh:
+                got[w[0]] += 1
+        return got
 
     def _clone_entries(self, records):
         """Yield (table, key, expected value) for the clone entries named by records."""

@@ -115,6 +115,10 @@ class MiniRules:
                 n += self.out_t.insert(sk[0], sk[1], sk[2], sk[5], sk[6], sk[3], sk[4], flags=layout.F_CLONE)
         return n
 
+    def install_clones(self, recs, now, dirs=3, lease_until=0):
+        d = np.broadcast_to(np.asarray(dirs), (len(recs),))
+        return np.array([self.install_clone(r, now, int(x), lease_until) for r, x in zip(recs, d)], np.int8)
+
     def remove_clone(self, recs):
         n = 0
         for r in np.atleast_1d(recs):

@@ -414,11 +414,9 @@ class NicWorker:
         if len(replay):
             self._replay(direction, b.frames(replay))
         fetch = d.indices(ACT_FETCH)
-        if len(fetch):
-            t = self.clock()
-            for i in fetch:
-                i = int(i)
-                self.agent.fetch(int(d.fetch_dir[i]), d.fetch_key[i], int(d.owner[i]), b.frame(i), t)
+        if len(fetch):  # one pass over the batch's fetches; one FETCH message per owner
+            self.agent.fetch_many(d.fetch_dir[fetch].tolist(), d.fetch_key[fetch], d.owner[fetch].tolist(),
+                                  b.frames(fetch), self.clock())
         # ACT_DROP: the builder counted the reason already
 
     def _replay(self, direction: int, frames) -> None:
