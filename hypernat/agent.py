@@ -449,7 +449,10 @@ class RuleAgent:
         release every queued frame of the batch through the fast path in ONE replay per
         direction (flows in answer order, each flow's frames in arrival order)."""
         accepted = []  # (pend, sk, rule_id, lease_ms, dir bit)
-        for seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_ in recs.tolist():
+        # the owner of every rule's external endpoint, at once (partition + loans)
+        owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
+                  if self.partition is not None and len(recs) > self._SMALL_FETCH else None)
+        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_) in enumerate(recs.tolist()):
             pk = self._by_seq.pop(seq, None)
             pend = self.pending.get(pk) if pk is not None else None
             if pend is None:
@@ -459,7 +462,7 @@ class RuleAgent:
             if session_key(sk, pend.fetch_dir) != pend.key:
                 self.count("bad_message")
                 continue
-            if not self._owned_by(source, ea, ep, owner):
+            if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
                 continue
             del self.pending[pk]
             accepted.append((pend, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir]))
@@ -884,10 +887,14 @@ class RuleAgent:
         self._emit(source, M.T_RETURN_ACK, ack)
 
     # -- installs --------------------------------------------------------------------------
-    def _owned_by(self, source, eaddr: int, eport: int, claimed: int) -> bool:
+    def _owned_by(self, source, eaddr: int, eport: int, claimed: int, owner=None) -> bool:
         """The rule's external endpoint is `source`'s (partition + loans), and the record
-        says so too."""
-        owner = self.owner_of(eaddr, eport)
+        says so too.  `owner`: the endpoint's owner if the caller looked it up already
+        (-1: outside E)."""
+        if owner is None:
+            owner = self.owner_of(eaddr, eport)
+        elif owner < 0:
+            owner = None
         if owner != source or claimed != source:
             self.count("bad_message")
             log.warning("nic%d: rule for %s:%d from nic%s whose owner is nic%s: dropped", self.nic_id,

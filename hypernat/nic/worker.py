@@ -541,7 +541,12 @@ class NicWorker:
             return owns_one(nic, addr, port) or native_one(nic, addr, port)
 
         def fetch_vec(nic, addrs, ports):
-            return self._owns_vec(nic, addrs, ports) | self._native_owns_vec(nic, addrs, ports)
+            # the native-block check (per record) only for what the partition does not give us
+            ok = np.array(self._owns_vec(nic, addrs, ports), dtype=bool)
+            if not ok.all():
+                rest = ~ok
+                ok[rest] = self._native_owns_vec(nic, np.asarray(addrs)[rest], np.asarray(ports)[rest])
+            return ok
 
         self._owns = M.with_scalar(self._owns_vec, owns_one)
         self._fetch_owns = M.with_scalar(fetch_vec, fetch_one)
