@@ -837,3 +837,50 @@ def test_activity_collected_a_slice_per_turn_on_big_tables(pair):
         a.tick(now)
     assert a._act_left == 0 and a.counters["tx_activity"] == sent + 1
     assert spin([w0, w1], lambda: w0.agent.counters["rx_activity"] >= 1)
+
+
+def test_busy_remote_never_throttled_scan_from_another_source_is(pair):
+    """limits.fetch_rate_per_source charges NACKs, not fetches: 2,000 new connections
+    whose replies all come from ONE remote service (a VPC talking to one busy server)
+    all get their rules at NIC 1 within a second or so -- the old per-fetch bucket (200/s,
+    burst 200) dropped ~1,600 of them -- while a port scan from another source is cut
+    to about the burst."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    assert cfg.limits.fetch_rate_per_source == 200  # the default the test is about
+    n, step = 2000, 100
+    hosts = [(I1 + k // 1000, 30000 + k % 1000) for k in range(n)]
+    in0.inject([build_frame(UDP, h, p, R1, 53, payload=b"q") for h, p in hosts])
+    assert spin([w0, w1], lambda: len(out0._tx) >= n, 20)
+    sent = [parse_frame(f) for f in out0.take_tx()]
+    assert all(w0.partition.owner(s.src, s.sport) == 0 for s in sent)
+    replies = [build_frame(UDP, R1, 53, s.src, s.sport, payload=b"a") for s in sent]
+    released = 0
+    for i in range(0, n, step):  # the replies arrive as fast as NIC 1 takes them
+        out1.inject(replies[i : i + step])
+        assert spin([w0, w1], lambda: len(in1._tx) >= released + step, 10), w1.agent.counters
+        released = len(in1._tx)
+    back = sorted((p.dst, p.dport) for p in map(parse_frame, in1.take_tx()))
+    assert back == sorted(hosts)
+    a1 = w1.agent.counters
+    assert a1["fetch_rate_limited"] == 0 and a1["clones_installed"] == n and a1["fetch_answered"] == n
+    # a scan of NIC 0's unmapped ports from another source, all at once: NACKed, charged
+    scanner = 0xCB007107
+    pool = int(cfg.pool[0].network_address)
+    probes = [(pool + a, port) for a in range(4) for port in range(1024, 65536, 37)
+              if w0.partition.owner(pool + a, port) == 0 and w0.rules.lookup_external(TCP, pool + a, port) is None]
+    probes = probes[:2000]
+    assert len(probes) == 2000
+    out1.inject([build_frame(TCP, scanner, 40000 + k % 20000, a, p, flags=SYN) for k, (a, p) in enumerate(probes)])
+    spin([w0, w1], lambda: out1.pending() == 0 and not w1.agent.pending, 10)
+    a1 = w1.agent.counters
+    scan_fetches = a1["fetches"] - n
+    assert a1["fetch_rate_limited"] >= 1000 and a1["fetch_rate_limited"] + scan_fetches == 2000
+    assert a1["fetch_nack"] == scan_fetches > 0
+    assert not in1._tx  # nothing of the scan got through
+    # ... and the busy remote still is not throttled: new connections' replies pass
+    more = [(I1 + 5, 50000 + k) for k in range(step)]
+    in0.inject([build_frame(UDP, h, p, R1, 53, payload=b"q") for h, p in more])
+    assert spin([w0, w1], lambda: len(out0._tx) >= step, 10)
+    out1.inject([build_frame(UDP, R1, 53, s.src, s.sport, payload=b"a") for s in map(parse_frame, out0.take_tx())])
+    assert spin([w0, w1], lambda: len(in1._tx) >= step, 10)
+    assert w1.agent.counters["fetch_rate_limited"] == a1["fetch_rate_limited"]
