@@ -1168,21 +1168,21 @@ class RuleBuilder:
             d = dl[x]
             r, rp = R[x], RP[x]
             if d & DIR_BIT_OUT:
-                k = (p, I[x], IP[x], r, rp)
+                k = out_key(p, I[x], IP[x], r, rp)  # ICMP: the identifier in both ports
                 j = olook(*k)
                 if j >= 0 and not oflags[j] & _F_CLONE:
                     self._refuse(_R_BAD)  # never replace an owned entry
                 else:
-                    rows[0].append((I[x], r, IP[x], rp, p, _F_CLONE, EP[x], E[x], RID[x], now, 0, 0, 0))
+                    rows[0].append((k[1], k[3], k[2], k[4], p, _F_CLONE, EP[x], E[x], RID[x], now, 0, 0, 0))
                     who[0].append((x, k, TO[x] & mask))
             if d & DIR_BIT_IN:
                 e, ep = E[x], EP[x]
-                k = (p, r, ep, e, ep) if p == PROTO_ICMP else (p, r, rp, e, ep)
+                k = in_key(p, r, rp, e, ep)
                 j = ilook(*k)
                 if j >= 0 and not iflags[j] & _F_CLONE:
                     self._refuse(_R_BAD)
                 else:
-                    rows[1].append((r, e, k[2], ep, p, _F_CLONE, IP[x], I[x], RID[x], now, 0, 0, 0))
+                    rows[1].append((k[1], k[3], k[2], k[4], p, _F_CLONE, IP[x], I[x], RID[x], now, 0, 0, 0))
                     who[1].append((x, k, TI[x] & mask))
         for tbl, rw, wh in ((self.out, rows[0], who[0]), (self.inn, rows[1], who[1])):
             if not rw:
