@@ -189,8 +189,8 @@ class AgentParams:
     queue_total: int = 8192
     negative_ttl_s: float = 2.0  # NACKs remembered this long
     negative_max: int = 65536
-    fetch_rate: float = 100.0  # fetches per second per remote source (token bucket) ...
-    fetch_burst: float = 200.0  # ... with this burst
+    fetch_rate: float = 100.0  # NACKed fetches per second per remote source (token bucket:
+    fetch_burst: float = 200.0  # a fetch takes a token, its RULE gives it back) ... and burst
     active_install: bool = False
     switch_hash: str = "sha1"
     switch_seed: int = 0
