@@ -197,7 +197,7 @@ class AgentParams:
     switch_fields: str = "5-tuple"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     fetch_dir: int
     key: tuple  # (proto, saddr, sport, daddr, dport) in fetch_dir's table
@@ -345,7 +345,7 @@ class RuleAgent:
                 return False
             frame = None  # the fetch still goes out: later packets will find the rule
         if pend is None:
-            pend = self._start_fetch(fetch_dir, kt, owner, now, M.FETCH_F_ICMP_ERROR if icmp else 0)
+            pend = self._start_fetch(fetch_dir, kt, owner, now, M.FETCH_F_ICMP_ERROR if icmp else 0, pk)
             pend.charged = charged
         if frame is not None:
             pend.frames.append(frame)
@@ -353,16 +353,20 @@ class RuleAgent:
             return True
         return False
 
-    def _start_fetch(self, fetch_dir, kt, owner, now, flags) -> _Pending:
+    def _start_fetch(self, fetch_dir, kt, owner, now, flags, pk=None) -> _Pending:
         seq = self._next_seq()
         if fetch_dir == OUT:
             flags |= M.FETCH_F_ALLOCATE
-        pend = _Pending(fetch_dir, kt, owner, seq, now, now, self.p.retry_s, flags)
-        self.pending[(fetch_dir, kt)] = pend
-        self._by_seq[seq] = (fetch_dir, kt)
-        self._pending_due = min(self._pending_due, now + self.p.retry_s)
+        if pk is None:
+            pk = (fetch_dir, kt)
+        retry = self.p.retry_s
+        pend = _Pending(fetch_dir, kt, owner, seq, now, now, retry, flags)
+        self.pending[pk] = pend
+        self._by_seq[seq] = pk
+        if now + retry < self._pending_due:
+            self._pending_due = now + retry
         self._send_fetch(pend)
-        self.count("fetches")
+        self.counters["fetches"] += 1
         return pend
 
     def _send_fetch(self, pend: _Pending) -> None:
@@ -459,7 +463,8 @@ class RuleAgent:
                 self.count("rule_duplicate")  # a retry answered twice, or timed out meanwhile
                 continue
             sk = (proto, ia, ip, ea, ep, ra, rp)
-            if session_key(sk, pend.fetch_dir) != pend.key:
+            fkey = in_key(proto, ra, rp, ea, ep) if pend.fetch_dir == IN else out_key(proto, ia, ip, ra, rp)
+            if fkey != pend.key:
                 self.count("bad_message")
                 continue
             if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
@@ -479,8 +484,7 @@ class RuleAgent:
                 replay[pend.fetch_dir].extend(pend.frames)
         self.fetch_latencies.extend(lats)
         self.count("fetch_answered", len(accepted))
-        for lat in lats:
-            self.counters[_latency_bucket(lat)] += 1
+        self.counters.update(map(_latency_bucket, lats))
         # the fast path now has the rule for an out fetch; an in key may differ for
         # a wildcard answer (EIM), the replay resolves it either way
         for d in (OUT, IN):
@@ -924,14 +928,17 @@ class RuleAgent:
                          for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
         got = self.rules.install_clones(recs, tick, recs["dirs"]).tolist()
         installed = 0
+        first = float("inf")
         neg = self.negative
+        clones = self.clones
         for (sk, rule_id, dirs, expires), ok in zip(todo, got):
             if ok <= 0:
                 self.count("clone_install_failed")
                 continue
             installed += 1
-            self._lease_due = min(self._lease_due, expires - self.p.lease_margin_s)
-            c = self.clones.get(sk)
+            if expires < first:
+                first = expires
+            c = clones.get(sk)
             if c is None:
                 self.clones[sk] = _Clone(owner, rule_id, dirs, expires)
             else:
@@ -941,6 +948,7 @@ class RuleAgent:
                 for d in (OUT, IN):
                     if dirs & DIR_BIT[d]:
                         neg.pop((d, session_key(sk, d)), None)
+        self._lease_due = min(self._lease_due, first - self.p.lease_margin_s)
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
