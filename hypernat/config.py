@@ -141,7 +141,7 @@ class Limits:
     fetch_timeout_ms: int = 50
     fetch_retries: int = 2
     negative_cache_s: float = 2.0  # a NACKed endpoint is not fetched again this long
-    fetch_rate_per_source: int = 200  # fetches per second per remote source address
+    fetch_rate_per_source: int = 200  # NACKed fetches per second per remote source (a fetch takes a token, its RULE gives it back): scans are throttled, busy remotes are not
     lease_duration: int = 300  # seconds a clone lives without renewal (< 32000: 16-bit slot field)
     sweep_step: int = 1024  # slots of each table examined per sweep step
     sweep_max_expire: int = 64  # sessions expired per sweep step at most
