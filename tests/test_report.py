@@ -35,12 +35,23 @@ def test_quick_report_writes_every_file(tmp_path):
     two = [r for r in fig4["rows"] if r["config"] == "hypernat-2nic"]
     assert all(r["clones"] > 0 for r in two)  # two NICs: split connections are cloned
     t1 = json.loads((out / "table1.json").read_text())
+    rows = [r[0] for r in t1["paper"]]
+    assert len(rows) == 8 and rows[1] == "Arrive at 1st NIC" and rows[6] == "Rule installed on 2nd NIC"
     for install in ("passive", "active"):
         run = t1["runs"][install]
-        assert run["connections"] > 0
+        assert run["connections"] > 0 and run["rows"] == rows
         for first, later in zip(run["first"], run["later"]):
-            assert first[0] == 0 and first[1] <= first[2] <= first[3]  # events in order
-            assert later[1] <= later[2] <= later[3]
+            assert None not in first and None not in later  # every event measured, none estimated
+            t0, arr1, inst1, recv, ack, arr2, inst2, back = first  # causal order
+            assert t0 == 0 < arr1 <= inst1 <= recv <= ack <= arr2 <= back and inst2 <= back
+            if install == "passive":
+                assert arr2 <= inst2  # the clone is fetched after the miss
+            t0, arr1, inst1, recv, ack, arr2, inst2, back = later
+            assert arr1 == inst1 and arr2 == inst2 and arr1 <= recv <= ack <= arr2 <= back
+        for kind in ("first", "later"):
+            assert all(t1["summary"][install][kind][r][0] is not None for r in rows)
+    t1md = (out / "table1.md").read_text()
+    assert "est." not in t1md and "Arrive at 1st NIC" in t1md and "ACK at 2nd NIC" in t1md
     f6 = json.loads((out / "fig6.json").read_text())
     assert len(f6["summary"]) == 2
     for s in f6["summary"].values():

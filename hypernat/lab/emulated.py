@@ -281,14 +281,19 @@ def _coord_main(cfg, endpoint, ready):
     c.run()
 
 
-def _nic_main(cfg, nic, rings, endpoint, state_dir, results, snapshot_on_stop, ready, params):
+def _nic_main(cfg, nic, rings, endpoint, state_dir, results, snapshot_on_stop, ready, params, events=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     from ..nic.worker import NicWorker
 
     inside = ShmPort(f"in{nic}", rx=rings[0], tx=rings[1])
     outside = ShmPort(f"out{nic}", rx=rings[2], tx=rings[3])
-    w = NicWorker(cfg, nic, inside, outside, endpoint=endpoint, state_dir=state_dir, params=params)
+    log_ = None
+    if events is not None:  # (capacity, hits): the worker's event log, returned with its report
+        from ..nic.events import EventLog
+
+        log_ = EventLog(*events)
+    w = NicWorker(cfg, nic, inside, outside, endpoint=endpoint, state_dir=state_dir, params=params, events=log_)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     ready.set()
     try:
@@ -296,15 +301,21 @@ def _nic_main(cfg, nic, rings, endpoint, state_dir, results, snapshot_on_stop, r
     finally:
         info = w.shutdown(snapshot=snapshot_on_stop)
         results.put((nic, {"counters": w.counters_dict(), "gauges": w.gauges(), "recovery": w.recovery,
-                           "shutdown": info, "latencies": list(w.agent.fetch_latencies)}))
+                           "shutdown": info, "latencies": list(w.agent.fetch_latencies),
+                           "events": None if log_ is None else log_.snapshot(),
+                           "events_dropped": 0 if log_ is None else log_.dropped}))
 
 
 class Emulation:
-    """The coordinator, N NIC workers and the switch/Internet around them."""
+    """The coordinator, N NIC workers and the switch/Internet around them.
+
+    ``events=capacity`` gives every NIC worker an event log (``hypernat.nic.events``) of
+    that many records (``event_hits=True``: hits too, not only misses); each NIC's
+    report then carries ``events`` (EVENT_DTYPE, oldest first) and ``events_dropped``."""
 
     def __init__(self, config, *, endpoint: str | None = None, ring_slots: int = 8192, slot_size: int = 256,
                  rto: float = 0.5, max_tries: int = 30, snapshot_on_stop: bool = True, params=None,
-                 switch_hash: str = "sha1"):
+                 switch_hash: str = "sha1", events: int | None = None, event_hits: bool = False):
         self.cfg = config
         self.n = config.n_nics
         self.endpoint = endpoint or config.coordinator.endpoint
@@ -318,6 +329,7 @@ class Emulation:
         self.snapshot_on_stop = snapshot_on_stop
         self.params = params
         self.hash = switch_hash
+        self.events = None if events is None else (int(events), bool(event_hits))
         self.conns: list[Conn] = []
         self.by_out: dict = {}  # out 5-tuple -> conn
         self.ext_owner: dict = {}  # (proto, E, Ep) -> set of (proto, I, Ip)
@@ -358,7 +370,7 @@ class Emulation:
         ready = self.ctx.Event()
         state = os.path.join(self.cfg.state_dir, f"nic{k}")
         p = self.ctx.Process(target=_nic_main, args=(self.cfg, k, self.rings[k], self.endpoint, state, self.results,
-                                                      self.snapshot_on_stop, ready, self.params),
+                                                      self.snapshot_on_stop, ready, self.params, self.events),
                              daemon=True, name=f"hn-nic{k}")
         p.start()
         self.procs[k] = p

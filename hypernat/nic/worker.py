@@ -49,6 +49,12 @@ from ..fastpath import FlowTable, Translator
 from ..partition import Partition
 from ..rules import ACT_FETCH, ACT_REPLAY, RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
+from .events import FETCH_SENT as EV_FETCH_SENT
+from .events import REPLAY_SENT as EV_REPLAY_SENT
+from .events import RULE_BUILT as EV_RULE_BUILT
+from .events import RX_HIT as EV_RX_HIT
+from .events import RX_MISS as EV_RX_MISS
+from .events import now_ns as _now_ns
 
 log = logging.getLogger("hypernat.nic")
 
@@ -131,13 +137,17 @@ class NicWorker:
     clock       float seconds, monotonic (leases, retries); ticks = int(clock())
     batch_size  frames per recv
     state_dir   where snapshot and journal live (default config.state_dir/nic<id>)
+    events      None (default: nothing recorded, one ``is None`` test per batch) or a
+                ``nic.events.EventLog``: arrivals of missed frames (and of hits with
+                ``hits=True``), rules built, fetches, clones installed, replays sent,
+                each with its flow key and a CLOCK_MONOTONIC time (Table I)
     """
 
     def __init__(self, config, nic_id: int, inside, outside, *, endpoint: str | None = None,
                  standalone: bool = False, clock=time.monotonic, batch_size: int = 256,
                  state_dir: str | None = None, context: zmq.Context | None = None,
                  params: AgentParams | None = None, rng=None, restore: bool = True,
-                 journal: bool = True, arp: dict | None = None):
+                 journal: bool = True, arp: dict | None = None, events=None):
         from .journal import Journal
         from .snapshot import Snapshot
 
@@ -201,9 +211,27 @@ class NicWorker:
         if not standalone:
             self._ctx = context or zmq.Context.instance()
             self._connect(endpoint or config.coordinator.endpoint)
+        # -- event log (optional, Table I): None costs one test per batch ------------------
+        self.events = events
+        if events is not None:
+            self._record_clone_installs()
         self.recovery = {}
         if restore:
             self.recovery = self._restore()
+
+    def _record_clone_installs(self) -> None:
+        """Event log only: wrap this NIC's ``rules.install_clones`` (the one place every
+        clone enters the tables: RULE answers, PUSHes, revalidation) so that each
+        installed clone is logged with the time its install returned."""
+        inner = self.rules.install_clones
+        ev = self.events
+
+        def install_clones(records, now, dirs=3, lease_until=0):
+            got = inner(records, now, dirs, lease_until)
+            ev.add_clones(records, dirs, got, _now_ns())
+            return got
+
+        self.rules.install_clones = install_clones
 
     # -- setup -----------------------------------------------------------------------------
     def _connect(self, endpoint: str) -> None:
@@ -350,6 +378,8 @@ class NicWorker:
         b = port.recv(self.batch_size)
         if b is None:
             return 0
+        ev = self.events
+        t_rx = _now_ns() if ev is not None else 0
         try:
             n = b.n
             if n > len(self._verdicts):
@@ -365,7 +395,13 @@ class NicWorker:
             nsend = int(np.count_nonzero(send))
             if nsend == n:  # the common case: everything hit, one send, nothing else to look at
                 self.counters["tx_drops"] += n - other.send(b, self._all[:n])
+                if ev is not None and ev.hits:
+                    ev.add_keys(EV_RX_HIT, direction, t_rx, k)
                 return n
+            if ev is not None:
+                if ev.hits and nsend:
+                    ev.add_keys(EV_RX_HIT, direction, t_rx, k[send])
+                ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
             if nsend:
                 idx = np.flatnonzero(send)
                 self.counters["tx_drops"] += nsend - other.send(b, idx)
@@ -411,12 +447,16 @@ class NicWorker:
     def _misses(self, b, direction, v, k, now) -> None:
         d = self.rules.handle_misses(direction, v, k, now)
         replay = d.indices(ACT_REPLAY)
+        if self.events is not None and len(replay):
+            self.events.add_keys(EV_RULE_BUILT, direction, _now_ns(), k[replay])
         if len(replay):
             self._replay(direction, b.frames(replay))
         fetch = d.indices(ACT_FETCH)
         if len(fetch):  # one pass over the batch's fetches; one FETCH message per owner
             self.agent.fetch_many(d.fetch_dir[fetch].tolist(), d.fetch_key[fetch], d.owner[fetch].tolist(),
                                   b.frames(fetch), self.clock())
+            if self.events is not None:
+                self.events.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fetch])
         # ACT_DROP: the builder counted the reason already
 
     def _replay(self, direction: int, frames) -> None:
@@ -436,6 +476,8 @@ class NicWorker:
         hp = np.flatnonzero(v == _V_HAIRPIN)
         if len(hp):
             self.counters["tx_drops"] += len(hp) - self.inside.send(b, hp)
+        if self.events is not None:
+            self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
         self.counters["replay_miss"] += int(_MISS_LUT[v].sum())
 
     # -- coordinator ---------------------------------------------------------------------------
