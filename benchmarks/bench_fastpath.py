@@ -86,10 +86,6 @@ def test_translate(kit, benchmark, worlds, flows, dist, direction):
 def test_translate_twin(kit, benchmark, worlds):
     """The pure-Python reference, 10k flows, OUT, a 2048-frame trace of the same kind:
     the denominator of the 'times the twin' ratio."""
-    try:
-        from hypernat import fastpath_py  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"hypernat.fastpath_py (the pure-Python twin) is not available: {exc}")
     benchmark.group = "twin"
     benchmark.extra_info["yardstick"] = "cpu"
     world = worlds("python", FLOWS["10k"])

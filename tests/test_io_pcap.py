@@ -162,8 +162,7 @@ def test_run_pcap_with_the_rule_builder_allocates(tmp_path):
         for i in range(20):
             w.write(bytes(eth(IP(src=f"10.77.1.{i + 1}", dst=R) / UDP(sport=3000 + i, dport=53) / b"x")), 1700000000)
     s = pcap.run_pcap(cfg, 0, src, dst)
-    if s["slow_path"] != "RuleBuilder":
-        pytest.skip(f"RuleBuilder not in this build: {s['slow_path']}")
+    assert s["slow_path"] == "RuleBuilder", s["slow_path"]
     out = rdpcap(dst)
     assert s["slow"].get("replayed", 0) == len(out)
     assert len(out) + s["slow"].get("fetch_offline", 0) == 20
