@@ -81,3 +81,22 @@ def test_refresh_docs_replaces_only_marked_tables(tmp_path):
     text = docs.read_text()
     assert "| 1 | 2 |" in text and "| old |" not in text and "notes that stay" not in text
     assert "| keep |" in text and text.startswith("prose 1\n") and "prose 2" in text
+
+
+@pytest.mark.timeout(120)
+def test_table1_quick_is_the_papers_full_table_with_no_estimated_row(tmp_path):
+    from hypernat.eval.latency import PAPER_TABLE1
+
+    out = tmp_path / "r"
+    assert report.main(["table1", "--quick", "--out", str(out)]) == 0
+    lines = (out / "table1.md").read_text().splitlines()
+    body = [ln for ln in lines[2:] if ln.startswith("| ")]
+    assert [ln.split(" | ")[0][2:] for ln in body] == [r[0] for r in PAPER_TABLE1]  # every row, in order
+    for ln in body:
+        cells = ln.strip("| ").split(" | ")
+        assert len(cells) == 7 and "-" not in cells[1:5] and "est" not in cells[0], ln  # measured, all columns
+    t1 = json.loads((out / "table1.json").read_text())
+    assert t1["clock"].startswith("CLOCK_MONOTONIC")
+    for install in ("passive", "active"):
+        assert t1["runs"][install]["events_dropped"] == 0
+        assert "missing" not in t1["summary"][install]["first"] and "missing" not in t1["summary"][install]["later"]

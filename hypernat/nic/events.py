@@ -11,8 +11,8 @@ worker can record exactly those moments, per batch, into a bounded ring:
         └─ RX_MISS at t_rx for every frame that missed
     RuleAgent (RULE / PUSH from the owner) ──► install_clones ──t──► CLONE_INSTALLED
 
-Cost.  Off (``NicWorker(events=None)``, the default) the worker pays one
-``if events is not None`` per batch and nothing else.  On, it pays one clock read per
+Cost.  Off (``NicWorker(events=None)``, the default) the worker pays two tests of a
+local against None per batch and nothing else.  On, it pays one clock read per
 batch and a vectorised copy of the keys of the frames that missed (the slow path: a
 miss costs tens of microseconds anyway); hit frames are recorded only with
 ``hits=True`` (an experiment that sends one connection at a time and wants the arrival
@@ -36,7 +36,12 @@ import time
 import numpy as np
 
 # event kinds
-RX_MISS, RX_HIT, RULE_BUILT, FETCH_SENT, CLONE_INSTALLED, REPLAY_SENT = 1, 2, 3, 4, 5, 6
+RX_MISS = 1  # a frame that missed both tables arrived (its batch's receive time)
+RX_HIT = 2  # a frame that hit arrived (only with hits=True)
+RULE_BUILT = 3  # the RuleBuilder returned with the frame's rule in place (built, or found: replay next)
+FETCH_SENT = 4  # the frame was queued on a FETCH to the owner (the message leaves at the turn's flush)
+CLONE_INSTALLED = 5  # a clone entered the tables (RULE answer, PUSH, revalidation)
+REPLAY_SENT = 6  # a held or rebuilt frame went out after its rule was installed
 KIND_NAMES = {RX_MISS: "rx_miss", RX_HIT: "rx_hit", RULE_BUILT: "rule_built", FETCH_SENT: "fetch_sent",
               CLONE_INSTALLED: "clone_installed", REPLAY_SENT: "replay_sent"}
 

@@ -47,7 +47,7 @@ from .. import messages as M
 from ..agent import AgentParams, RuleAgent
 from ..fastpath import FlowTable, Translator
 from ..partition import Partition
-from ..rules import ACT_FETCH, ACT_REPLAY, RuleBuilder
+from ..rules import ACT_FETCH, ACT_REPLAY, DIR_BITS_BOTH, RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
 from .events import REPLAY_SENT as EV_REPLAY_SENT
@@ -137,7 +137,7 @@ class NicWorker:
     clock       float seconds, monotonic (leases, retries); ticks = int(clock())
     batch_size  frames per recv
     state_dir   where snapshot and journal live (default config.state_dir/nic<id>)
-    events      None (default: nothing recorded, one ``is None`` test per batch) or a
+    events      None (default: nothing recorded, two local ``is None`` tests per batch) or a
                 ``nic.events.EventLog``: arrivals of missed frames (and of hits with
                 ``hits=True``), rules built, fetches, clones installed, replays sent,
                 each with its flow key and a CLOCK_MONOTONIC time (Table I)
@@ -211,7 +211,7 @@ class NicWorker:
         if not standalone:
             self._ctx = context or zmq.Context.instance()
             self._connect(endpoint or config.coordinator.endpoint)
-        # -- event log (optional, Table I): None costs one test per batch ------------------
+        # -- event log (optional, Table I): None costs two local tests per batch -------------
         self.events = events
         if events is not None:
             self._record_clone_installs()
@@ -226,7 +226,7 @@ class NicWorker:
         inner = self.rules.install_clones
         ev = self.events
 
-        def install_clones(records, now, dirs=3, lease_until=0):
+        def install_clones(records, now, dirs=DIR_BITS_BOTH, lease_until=0):
             got = inner(records, now, dirs, lease_until)
             ev.add_clones(records, dirs, got, _now_ns())
             return got
