@@ -20,8 +20,14 @@ $(VENV)/.ok: requirements-dev.txt
 
 deps: $(VENV)/.ok
 
-build: deps
+build: deps $(VENV)/.editable
 	$(PY) setup.py -q build_ext --inplace
+
+# The package installed in the venv in editable mode (once): the console scripts
+# hypernat, hypernat-nic, hypernat-coord in $(VENV)/bin, running this tree's code.
+$(VENV)/.editable: setup.py | $(VENV)/.ok
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
 debug: deps
 	HYPERNAT_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
