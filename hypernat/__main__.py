@@ -1,0 +1,6 @@
+"""`python -m hypernat` is the `hypernat` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
