@@ -17,6 +17,7 @@ from hypernat.io.base import Batch
 from hypernat.io.memory import MemoryPort, ShmPort, ShmRing, SinkPort, TracePort
 from hypernat.lab.emulated import SYN, TCP, UDP, build_frame, emulated_config, parse_frame
 from hypernat.nic.worker import NicWorker
+from hypernat.verdicts import IN, OUT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -766,6 +767,83 @@ def test_journal_group_commit_and_fsync_count(tmp_path, monkeypatch):
     assert len(calls) == 1 and j.appended == 3
     assert j.blocks() == {3, 7, 9}
     j.close()
+
+
+def test_new_host_block_pre_journaled_no_fsync_on_its_packet_and_quarantined_after_crash(tmp_path, monkeypatch):
+    """Blocks are journaled ahead of need ("reserve", fsync'ed when the worker starts and
+    in its timers): a new host's first packet takes one of them and its "assign" record
+    is written without an fsync on the packet's path.  After a crash the block is still
+    quarantined, and the lazily written record still names the host."""
+    from hypernat.nic import journal as J
+
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    reserved = {int(r["block"]) for r in w.journal.records() if r.get("op") == "reserve"}
+    assert reserved  # journaled before any traffic
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(J.os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    inside.inject([build_frame(UDP, I1, 42000, R1, 53)])
+    w._process(w.inside, OUT, w.outside)  # the packet alone, no timers
+    first = parse_frame(outside.take_tx()[0])
+    assert calls == []  # no fsync between the packet and its rule
+    g = w.partition.block_of(first.src, first.sport)
+    assert g in reserved
+    assigned = [r for r in w.journal.records() if r.get("op") == "assign" and int(r["block"]) == g]
+    assert assigned and assigned[0]["host"] == ip(I1)
+    assert w.journal.dirty
+    w.run_once(0)  # timers: the lazy record reaches the disk
+    assert calls and not w.journal.dirty
+    w.close()  # no snapshot: as if killed
+    w2, _, _ = make_worker(cfg, 0, tmp_path, standalone=True)
+    assert g in w2.rules._qblocks and w2.rules._qhosts.get(g) == I1
+    assert w2.recovery["quarantined_blocks"] >= len(reserved)
+    w2.close()
+
+
+def test_reserve_blocks_refills_at_half_and_only_free_blocks(tmp_path):
+    """reserve_blocks journals the blocks _take_block will take next, tops up only when
+    half are used, and never names a block in use."""
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    rb = w.rules
+    first = set(rb._prejournaled)
+    assert len(first) == rb.reserve_per_address * min(rb.reserve_addresses, len(rb._avail))
+    assert rb.reserve_blocks() == 0  # full: nothing to do, no fsync
+    inside.inject([build_frame(UDP, I1 + i, 42000, R1, 53) for i in range(len(first))])
+    assert spin([w], lambda: len(outside._tx) == len(first), 3)
+    used = {w.partition.block_of(f.src, f.sport) for f in map(parse_frame, outside.take_tx())}
+    assert used <= first  # every new block had been journaled ahead
+    rb.reserve_blocks()
+    assert not (rb._prejournaled & set(rb._blocks))
+    on_disk = {int(r["block"]) for r in w.journal.records() if r.get("op") == "reserve"}
+    assert rb._prejournaled <= on_disk
+    w.close()
+
+
+def test_fetch_leaves_before_the_rest_of_the_turn(tmp_path):
+    """A miss that needs a FETCH sends it at once, not after the turn's other batches."""
+    cfg = emulated_config(2, mapping="address-and-port-dependent")
+    w, inside, outside = make_worker(cfg, 1, tmp_path)
+    sent = []
+    w._send_frames = lambda frames: sent.append(frames)
+    seen_at_next_recv = []
+    real_recv = w.inside.recv
+
+    def recv(n):
+        seen_at_next_recv.append(len(sent))
+        return real_recv(n)
+
+    w.inside.recv = recv
+    # a reply for an endpoint nic0 owns, arriving at nic1: a FETCH to nic0
+    e = next(p for p in range(1024, 65535) if w.partition.owner(int(cfg.pool[0].network_address), p) == 0)
+    outside.inject([build_frame(UDP, R1, 53, int(cfg.pool[0].network_address), e)])
+    w._process(w.outside, IN, w.inside)
+    fetches = [f for f in sent if f[1] == M.TYPE_FRAME[M.T_FETCH]]
+    assert len(fetches) == 1
+    w._process(w.inside, OUT, w.outside)
+    assert seen_at_next_recv and seen_at_next_recv[0] >= 1
+    w.close()
 
 
 def test_flow_tables_prefaulted_without_changing_contents(tmp_path):

@@ -11,6 +11,20 @@ here, flushed and fsync'ed, *before* the block's first port is used:
                                          first port of block g handed out ◄───────┘
     restart after a crash: blocks() ──► RuleBuilder.quarantine_blocks(blocks, until)
 
+Journaled ahead of need: the fsync (hundreds of microseconds on a disk) must not sit
+between a new host's first packet and its rule.  So the worker journals the next blocks
+the RuleBuilder will take as "reserve" records, off the packet path (at start, then in
+its timers while no fetch waits), and a reserved block's "assign" record is written
+with ``append_lazy`` (in the kernel at once, on disk at the next ``sync``):
+
+    timers: RuleBuilder.reserve_blocks ──► append_many({"op": "reserve", ...}) ──► fsync
+    packet: reserved block g for host h ──► append_lazy({"op": "assign", ...})   (no fsync)
+    timers: sync() ──► fsync
+
+Every block is durable before its first use either way; ``blocks()`` counts a
+"reserve" record as live, so a crash quarantines reserved blocks (used or not).  A power
+cut before the lazy ``sync`` loses only which host a reserved block went to.
+
 A graceful stop writes a snapshot instead (every rule survives) and the journal starts
 afresh.  One JSON object per line; a torn last line (crash mid-write) is ignored.
 """
@@ -32,6 +46,7 @@ class Journal:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._f = None
         self.appended = 0
+        self.dirty = False  # append_lazy wrote records not fsync'ed yet
 
     def _open(self):
         if self._f is None:
@@ -45,6 +60,7 @@ class Journal:
         f.flush()
         if self.fsync:
             os.fsync(f.fileno())
+        self.dirty = False
         self.appended += 1
 
     def append_many(self, records) -> None:
@@ -59,7 +75,31 @@ class Journal:
         f.flush()
         if self.fsync:
             os.fsync(f.fileno())
+        self.dirty = False
         self.appended += len(records)
+
+    def append_lazy(self, records) -> None:
+        """Write records without waiting for the disk: they reach the kernel at once
+        (a killed process loses nothing) and the disk at the next ``sync``.  Only for
+        records whose block is durable already (a "reserve" record written by
+        ``append_many``): losing this one in a power cut loses detail, not safety."""
+        records = list(records)
+        if not records:
+            return
+        f = self._open()
+        f.write("".join(json.dumps(r, separators=(",", ":"), default=_plain) + "\n" for r in records))
+        f.flush()
+        self.appended += len(records)
+        self.dirty = True
+
+    def sync(self) -> bool:
+        """fsync what ``append_lazy`` wrote; False when there was nothing to do."""
+        if not self.dirty or self._f is None:
+            return False
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self.dirty = False
+        return True
 
     def records(self) -> list:
         """Every complete record in the file (a torn last line is skipped and logged)."""

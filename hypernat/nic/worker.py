@@ -13,8 +13,10 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
               RuleBuilder.handle_misses ──► REPLAY: translate again, send
                                         ──► DROP: counted by reason
                                         ──► FETCH: RuleAgent queues the frame, asks the owner
+                                                   (sent at once: not at the end of the turn)
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
     RuleAgent.tick: retries, timeouts, leases, activity │ RuleBuilder.sweep: one expiry step
+    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
@@ -218,6 +220,12 @@ class NicWorker:
         self.recovery = {}
         if restore:
             self.recovery = self._restore()
+        self._journal_due = 0.0
+        self._journal_sync_due = 0.0
+        self.journal_interval = 0.005  # seconds between two checks of the reserved blocks
+        self.journal_sync_interval = 0.05  # ... and between two fsyncs of lazily written records
+        if self.journal is not None:
+            self.rules.reserve_blocks()  # before the first packet: no fsync on its path
 
     def _record_clone_installs(self) -> None:
         """Event log only: wrap this NIC's ``rules.install_clones`` (the one place every
@@ -457,6 +465,10 @@ class NicWorker:
                                   b.frames(fetch), self.clock())
             if self.events is not None:
                 self.events.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fetch])
+            # the FETCH leaves now, not at the end of the turn: the rest of the turn (more
+            # batches on both ports, timers) would sit between the miss and the owner
+            # (~100 us a turn on a loaded host, on the critical path of the first reply)
+            self._flush()
         # ACT_DROP: the builder counted the reason already
 
     def _replay(self, direction: int, frames) -> None:
@@ -710,6 +722,8 @@ class NicWorker:
         now = self.clock()
         if self.sock is not None and self.sock in events:
             self._recv_coord(now)
+            if self._backlog or len(self.outbox):
+                self._flush()  # RULE answers to FETCHes leave before this turn's packets
         t1 = time.perf_counter()
         n = 0
         for _ in range(4):  # a few batches per side per turn; the poller keeps it fair
@@ -752,6 +766,14 @@ class NicWorker:
         if now >= self._sweep_due and (not self.agent.pending or now >= self._sweep_due + self.sweep_defer_max):
             self._sweep_due = now + self.sweep_interval
             self.rules.sweep(self.ticks())
+        # the journal, off the packet path: blocks journaled ahead of need, the "assign"
+        # records written since fsync'ed; never while a fetch waits for its answer
+        if self.journal is not None and not self.agent.pending and now >= self._journal_due:
+            self._journal_due = now + self.journal_interval
+            self.rules.reserve_blocks()
+            if now >= self._journal_sync_due:
+                self._journal_sync_due = now + self.journal_sync_interval
+                self.journal.sync()
         if now >= self._spill_due and self.sock is not None:
             self._spill_due = now + 0.2
             exhausted = self.rules.counters_dict().get("ports_exhausted", 0)
