@@ -4,7 +4,8 @@ The emulated deployment (coordinator + 2 NIC worker processes over ``ipc://``, f
 through shared-memory rings).  For each of K connections, one after another:
 
     t0  outgoing first packet into NIC o (the owner builds the rule), wait until it
-        leaves NIC o's outside ring;
+        leaves NIC o's outside ring (out_first: a new host's first packet, its block
+        journaled; reported too, after the same idle gap);
     t1  the reply, hashed by the switch to NIC j != o, into NIC j's outside ring;
         first  = time until it leaves NIC j's inside ring (passive: miss → FETCH →
                  coordinator → owner → RULE → install → replay);
@@ -59,7 +60,7 @@ def _wait_frame(ring, timeout=2.0):
 def measure(install: str, conns: int, settle: float = 0.0) -> dict:
     cfg = emulated_config(2, mapping="address-and-port-dependent", install=install)
     emu = Emulation(cfg)
-    firsts, hits = [], []
+    firsts, hits, outs = [], [], []
     lost = 0
     try:
         emu.start()
@@ -73,11 +74,15 @@ def measure(install: str, conns: int, settle: float = 0.0) -> dict:
             iport = int(rng.integers(1024, 65535))
             raddr = 0xC0000200 + int(rng.integers(1, 250))
             o = emu.nic_for(UDP, iaddr, iport, raddr, 53)
-            emu.rings[o][0].push_frames([build_frame(UDP, iaddr, iport, raddr, 53, payload=b"q")])
-            _, f = _wait_frame(emu.rings[o][3])
+            q = build_frame(UDP, iaddr, iport, raddr, 53, payload=b"q")
+            time.sleep(GAP)  # the owner idle too: its first packet from the same cold wake-up
+            t0 = time.perf_counter()
+            emu.rings[o][0].push_frames([q])
+            t0b, f = _wait_frame(emu.rings[o][3])
             if f is None:
                 lost += 1
                 continue
+            outs.append(t0b - t0)
             p = parse_frame(f)
             j = emu.nic_for(UDP, raddr, 53, p.src, p.sport)
             if j == o:
@@ -101,7 +106,7 @@ def measure(install: str, conns: int, settle: float = 0.0) -> dict:
             done += 1
     finally:
         emu.close()
-    firsts, hits = np.array(firsts), np.array(hits)
+    firsts, hits, outs = np.array(firsts), np.array(hits), np.array(outs)
     extra = firsts - hits
     us = lambda a, q: round(float(np.quantile(a, q)) * 1e6, 1) if len(a) else None  # noqa: E731
     return {
@@ -109,6 +114,9 @@ def measure(install: str, conns: int, settle: float = 0.0) -> dict:
         "first_us_median": us(firsts, 0.5), "hit_us_median": us(hits, 0.5),
         "extra_us_median": us(extra, 0.5), "extra_us_p99": us(extra, 0.99),
         "first_us_p99": us(firsts, 0.99),
+        # the connection's first (outgoing) packet through its owner: rule built (a new
+        # host: a new port block, journaled) — minus hit_us_median, its time in the 1st NIC
+        "out_first_us_median": us(outs, 0.5), "out_first_us_p99": us(outs, 0.99),
     }
 
 
