@@ -1070,6 +1070,18 @@ class RuleBuilder:
         entries' last_seen and tcp_state are read with one C lookup per entry and one
         fancy-indexed gather per table."""
         olook, ilook = self.out.lookup, self.inn.lookup
+        if len(found) <= 4:  # one connection's FETCH (the latency-critical case): ints, no gathers
+            so, si = self.out.slots, self.inn.slots
+            for i, m, ra, rp in found:
+                p = m.proto
+                jo = olook(*out_key(p, m.iaddr, m.iport, ra, rp))
+                ji = ilook(*in_key(p, ra, rp, m.eaddr, m.eport))
+                lo = int(so["last_seen"][jo]) if jo >= 0 else 0
+                li = int(si["last_seen"][ji]) if ji >= 0 else 0
+                recs[i] = (m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, p, dirs, m.rule_id, max(lo, li),
+                           int(so["tcp_state"][jo]) if jo >= 0 else 0,
+                           int(si["tcp_state"][ji]) if ji >= 0 else 0, self.nic, 0)
+            return
         idx, jo, ji, cols = [], [], [], []
         for i, m, ra, rp in found:
             p = m.proto

@@ -962,3 +962,27 @@ def test_busy_remote_never_throttled_scan_from_another_source_is(pair):
     out1.inject([build_frame(UDP, R1, 53, s.src, s.sport, payload=b"a") for s in map(parse_frame, out0.take_tx())])
     assert spin([w0, w1], lambda: len(in1._tx) >= step, 10)
     assert w1.agent.counters["fetch_rate_limited"] == a1["fetch_rate_limited"]
+
+
+def test_serve_fetch_one_by_one_equals_batched(tmp_path):
+    """The owner answers a one-connection FETCH with plain ints (``_fill_records``'
+    small path) and a burst with numpy gathers: the records must be the same."""
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    frames = [build_frame(TCP, I1 + i % 3, 43000 + i, R1 + i, 443, flags=SYN) for i in range(8)]
+    inside.inject(frames)
+    assert spin([w], lambda: len(outside._tx) == 8, 3)
+    out = [parse_frame(f) for f in outside.take_tx()]
+    keys = np.zeros(len(out), layout.KEY_DTYPE)
+    keys["proto"] = TCP
+    keys["saddr"], keys["sport"] = [p.dst for p in out], [p.dport for p in out]
+    keys["daddr"], keys["dport"] = [p.src for p in out], [p.sport for p in out]
+    now = w.ticks()
+    batched, st = w.rules.serve_fetch(IN, keys, now)
+    assert (np.asarray(st) == 0).all()
+    for x in range(len(keys)):
+        one, st1 = w.rules.serve_fetch(IN, keys[x:x + 1], now)
+        assert int(np.asarray(st1)[0]) == 0
+        assert one[0].tobytes() == batched[x].tobytes()
+    assert sorted(int(r["iport"]) for r in batched) == [43000 + i for i in range(8)]
+    w.close()
