@@ -53,44 +53,39 @@ class Journal:
             self._f = open(self.path, "a", encoding="utf-8")
         return self._f
 
-    def append(self, record: dict) -> None:
-        """Persist one record; returns only once it is on disk."""
-        f = self._open()
-        f.write(json.dumps(record, separators=(",", ":"), default=_plain) + "\n")
-        f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
-        self.dirty = False
-        self.appended += 1
-
-    def append_many(self, records) -> None:
-        """Persist several records with one write and one fsync (group commit: the
-        RuleBuilder journals every new block of one batch of misses before any of them
-        is used); returns only once all are on disk."""
+    def _write(self, records, durable: bool) -> None:
+        """Write records as JSON lines; with `durable`, return only once they (and
+        anything ``append_lazy`` left pending) are on disk."""
         records = list(records)
         if not records:
             return
         f = self._open()
         f.write("".join(json.dumps(r, separators=(",", ":"), default=_plain) + "\n" for r in records))
         f.flush()
-        if self.fsync:
-            os.fsync(f.fileno())
-        self.dirty = False
         self.appended += len(records)
+        if durable:
+            if self.fsync:
+                os.fsync(f.fileno())
+            self.dirty = False
+        else:
+            self.dirty = True
+
+    def append(self, record: dict) -> None:
+        """Persist one record; returns only once it is on disk."""
+        self._write((record,), durable=True)
+
+    def append_many(self, records) -> None:
+        """Persist several records with one write and one fsync (group commit: the
+        RuleBuilder journals every new block of one batch of misses before any of them
+        is used); returns only once all are on disk."""
+        self._write(records, durable=True)
 
     def append_lazy(self, records) -> None:
         """Write records without waiting for the disk: they reach the kernel at once
         (a killed process loses nothing) and the disk at the next ``sync``.  Only for
         records whose block is durable already (a "reserve" record written by
         ``append_many``): losing this one in a power cut loses detail, not safety."""
-        records = list(records)
-        if not records:
-            return
-        f = self._open()
-        f.write("".join(json.dumps(r, separators=(",", ":"), default=_plain) + "\n" for r in records))
-        f.flush()
-        self.appended += len(records)
-        self.dirty = True
+        self._write(records, durable=False)
 
     def sync(self) -> bool:
         """fsync what ``append_lazy`` wrote; False when there was nothing to do."""
