@@ -50,7 +50,7 @@ import pytest
 from hypernat.coord.broker import Coordinator
 from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, _coord_main, build_frame, emulated_config, parse_frame
-from hypernat.nic.worker import NicWorker
+from hypernat.nic.worker import NicWorker, spin
 
 CLONES = int(os.environ.get("HYPERNAT_BENCH_CLONES", "20000"))
 # "process": the coordinator in a process of its own, as deployed (default); "thread":
@@ -62,16 +62,6 @@ REMOTES = 250  # connections spread over this many remote addresses (fetch_rate_
 # allows each remote up to its burst of fetches in flight at the same instant; the
 # timed step pushes every reply at once, which no real remote does)
 INTERNAL = 0x0A000000  # 10.0.0.0/16
-
-
-def _spin(workers, cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for w in workers:
-            w.run_once(1)
-        if cond():
-            return True
-    return False
 
 
 def run_round(n: int, state_dir: str, limits: dict | None = None) -> dict:
@@ -94,12 +84,12 @@ def run_round(n: int, state_dir: str, limits: dict | None = None) -> dict:
     (in0, out0), (in1, out1) = ports
     w0, w1 = ws
     try:
-        if not _spin(ws, lambda: all(w.registered for w in ws), 10):
+        if not spin(ws, lambda: all(w.registered for w in ws), 10, poll_ms=1):
             raise RuntimeError("workers did not register with the coordinator")
         hosts = [(INTERNAL + 10 + k // 4000, 20000 + k % 4000) for k in range(n)]
         in0.inject([build_frame(UDP, h, p, REMOTE + 1 + k % REMOTES, 53, payload=b"q")
                     for k, (h, p) in enumerate(hosts)])
-        if not _spin(ws, lambda: len(out0._tx) >= n, 60):
+        if not spin(ws, lambda: len(out0._tx) >= n, 60, poll_ms=1):
             raise RuntimeError(f"NIC 0 sent {len(out0._tx)} of {n} first packets")
         sent = [parse_frame(f) for f in out0.take_tx()]
         expect = {(s.src, s.sport): None for s in sent}
@@ -109,7 +99,7 @@ def run_round(n: int, state_dir: str, limits: dict | None = None) -> dict:
         c0 = dict(w1.agent.counters)
         t0 = time.perf_counter()
         out1.inject(replies)
-        ok = _spin(ws, lambda: len(in1._tx) >= n, 120)
+        ok = spin(ws, lambda: len(in1._tx) >= n, 120, poll_ms=1)
         dt = time.perf_counter() - t0
         back = in1.take_tx()
         if not ok:

@@ -10,7 +10,7 @@ from hypernat.coord.broker import Coordinator
 from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, build_frame, emulated_config, parse_frame
 from hypernat.nic import events as E
-from hypernat.nic.worker import NicWorker
+from hypernat.nic.worker import NicWorker, spin
 from hypernat.rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE
 from hypernat.verdicts import IN, OUT
 
@@ -18,16 +18,6 @@ pytestmark = pytest.mark.timeout(60)
 
 I1 = 0x0A00000A  # 10.0.0.10
 R1 = 0xC0000205  # 192.0.2.5
-
-
-def spin(workers, cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for w in workers:
-            w.run_once(5)
-        if cond():
-            return True
-    return False
 
 
 def two_nics(tmp_path, logs):

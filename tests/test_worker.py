@@ -16,7 +16,7 @@ from hypernat.coord.broker import Coordinator
 from hypernat.io.base import Batch
 from hypernat.io.memory import MemoryPort, ShmPort, ShmRing, SinkPort, TracePort
 from hypernat.lab.emulated import SYN, TCP, UDP, build_frame, emulated_config, parse_frame
-from hypernat.nic.worker import NicWorker
+from hypernat.nic.worker import NicWorker, spin
 from hypernat.verdicts import IN, OUT
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,16 +33,6 @@ def make_worker(cfg, nic, tmp_path, **kw):
     inside, outside = MemoryPort(f"in{nic}"), MemoryPort(f"out{nic}")
     w = NicWorker(cfg, nic, inside, outside, state_dir=str(tmp_path / f"nic{nic}"), **kw)
     return w, inside, outside
-
-
-def spin(workers, cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for w in workers:
-            w.run_once(5)
-        if cond():
-            return True
-    return False
 
 
 # ----------------------------------------------------------------------------- one NIC

@@ -926,3 +926,16 @@ def _changed_settings(old, new, prefix: str = "") -> list:
         elif a != b:
             out.append(name)
     return out
+
+
+def spin(workers, cond, timeout: float = 5.0, poll_ms: int = 5) -> bool:
+    """Drive in-process workers round-robin (one ``run_once`` each per round) until
+    ``cond()`` is true or `timeout` seconds pass; returns whether it came true.  For
+    tests and benchmarks that run several NICs in one thread."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for w in workers:
+            w.run_once(poll_ms)
+        if cond():
+            return True
+    return False
