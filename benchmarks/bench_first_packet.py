@@ -19,6 +19,15 @@ Active install: the owner pushes the rule to the predicted NIC when it builds it
 reply is sent either at once (it may race the push: no worse than passive) or after
 ``SETTLE`` (the push has landed: no extra latency at all).
 
+Floor (``measure_floor``, run in the same test, same pattern): the path's skeleton with
+nothing in it — a "holder" process that waits on its ring's eventfd and a DEALER with
+``zmq.Poller``, a broker process (ROUTER, ``recv_multipart`` / ``send_multipart``, no
+validation) and an "owner" process that echoes, over the same ``ipc://`` kind of
+endpoint.  Its "first" sends a 64-byte message holder → broker → owner → broker → holder
+before the frame leaves; its "hit" forwards at once.  ``floor_extra_us_median`` is what
+four ZeroMQ hops and three process wake-ups cost on this machine; ``over_floor_us_median``
+(extra − floor extra) is what HyperNAT's own work adds; ``extra_x_floor`` their ratio.
+
 Burst (``test_first_return_packet_burst``): the testbed's situation — 200 connections
 open at once.  All first packets go out through their owners, then every reply is
 pushed into its (non-owner) NIC at the same moment; per reply, the time until it leaves
@@ -34,6 +43,7 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from hypernat.lab.emulated import UDP, Emulation, build_frame, emulated_config, parse_frame
 
@@ -55,6 +65,96 @@ def _wait_frame(ring, timeout=2.0):
         if left <= 0:
             return None, None
         p.poll(max(1, int(left * 1000)))
+
+
+def _floor_broker(endpoint, ready):
+    ctx = zmq.Context()
+    r = ctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    r.bind(endpoint)
+    ready.set()
+    while True:
+        src, dst, body = r.recv_multipart()
+        if body == b"stop":
+            break
+        r.send_multipart([dst, src, body])
+
+
+def _floor_peer(endpoint, ident, ready, ring_in=None, ring_out=None):
+    """The owner (no rings: echo every message) or the holder (a frame on ring_in:
+    b"f" forwards at once, b"m" asks the owner first, then forwards)."""
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.IDENTITY, ident)
+    d.connect(endpoint)
+    poller = zmq.Poller()
+    poller.register(d, zmq.POLLIN)
+    if ring_in is not None:
+        poller.register(ring_in.note.fd, zmq.POLLIN)
+    ready.set()
+    held = []
+    while True:
+        ev = dict(poller.poll(100))
+        if d in ev:
+            src, body = d.recv_multipart()
+            if body == b"stop":
+                break
+            if ring_in is None:
+                d.send_multipart([src, body])  # the owner's answer
+            elif held:
+                ring_out.push_frames([held.pop(0)])  # the holder's "install and replay"
+        if ring_in is not None:
+            for f in ring_in.pop_frames(16):
+                if f[:1] == b"m":
+                    held.append(f)
+                    d.send_multipart([b"owner", bytes(64)])
+                else:
+                    ring_out.push_frames([f])
+
+
+def measure_floor(conns: int, settle: float = 0.0) -> dict:
+    """The same first/hit pattern as ``measure`` through the path's empty skeleton."""
+    import multiprocessing as mp
+    import tempfile
+
+    from hypernat.io.memory import ShmRing
+
+    ctx = mp.get_context("fork")
+    d = tempfile.mkdtemp(prefix="hn-floor-")
+    endpoint = f"ipc://{d}/broker"
+    rin, rout = ShmRing(64, 256), ShmRing(64, 256)
+    procs = []
+    firsts, hits = [], []
+    try:
+        for target, args in ((_floor_broker, (endpoint,)), (_floor_peer, (endpoint, b"owner")),
+                             (_floor_peer, (endpoint, b"holder"))):
+            ready = ctx.Event()
+            extra = (rin, rout) if args[-1] == b"holder" else ()
+            p = ctx.Process(target=target, args=(*args, ready, *extra), daemon=True)
+            p.start()
+            procs.append(p)
+            ready.wait(10)
+        time.sleep(0.2)  # the DEALERs connected
+        for _ in range(conns):
+            for kind, out in ((b"m", firsts), (b"f", hits)):
+                time.sleep(max(settle, GAP))
+                t = time.perf_counter()
+                rin.push_frames([kind + bytes(63)])
+                tb, f = _wait_frame(rout)
+                if f is not None:
+                    out.append(tb - t)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+        rin.close()
+        rout.close()
+    n = min(len(firsts), len(hits))
+    extra = np.array(firsts[:n]) - np.array(hits[:n])
+    return {"floor_first_us_median": round(float(np.median(firsts)) * 1e6, 1) if firsts else None,
+            "floor_hit_us_median": round(float(np.median(hits)) * 1e6, 1) if hits else None,
+            "floor_extra_us_median": round(float(np.median(extra)) * 1e6, 1) if n else None,
+            "floor_extra_us_p99": round(float(np.quantile(extra, 0.99)) * 1e6, 1) if n else None}
 
 
 def measure(install: str, conns: int, settle: float = 0.0) -> dict:
@@ -128,11 +228,16 @@ def test_first_return_packet(benchmark, install, settle):
 
     def run():
         res.update(measure(install, conns, settle))
+        res.update(measure_floor(conns, settle))  # the same run: the skeleton's cost
+        if res["floor_extra_us_median"]:
+            res["over_floor_us_median"] = round(res["extra_us_median"] - res["floor_extra_us_median"], 1)
+            res["extra_x_floor"] = round(res["extra_us_median"] / res["floor_extra_us_median"], 2)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(res)
     print(f"\nfirst-return-packet {install}{' after push' if settle else ''}: {res}")
     assert res["connections"] > 0
+    assert res["floor_extra_us_median"] is not None  # the baseline ran
 
 
 def measure_burst(conns: int) -> dict:
