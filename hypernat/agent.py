@@ -1209,8 +1209,14 @@ class RuleAgent:
 
     def peer_restarted(self, owner: int, now: float) -> None:
         """NIC `owner` came back with a new incarnation: report every clone of its rules
-        at once.  An owner that restored its snapshot renews them; one that crashed does
-        not know them, and they run out with their lease."""
+        at once.  An owner that restored its snapshot renews them; one that crashed
+        re-adopts them from this report (crash recovery, ``rules.recover_sessions``);
+        what no report brings back runs out with its lease.
+
+        The report is the only way a crashed owner learns of an idle clone, so it is
+        retried like the other messages that matter (until its ACTIVITY_ACK, the first
+        record's seq, or until the clones' leases would have run out anyway); the owner
+        handles a repeat idempotently."""
         items = [(sk, c) for sk, c in self.clones.items() if c.owner == owner]
         if not items:
             return
@@ -1220,6 +1226,8 @@ class RuleAgent:
             rec["seq"][i] = self._next_seq()
             rec["rule_id"][i] = c.rule_id
         self._emit(owner, M.T_ACTIVITY, rec)
+        self._track(owner, M.T_ACTIVITY, rec, now, now + self.p.lease_s)
+        self.count("restart_reports")
 
     # -- snapshot -------------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict:

@@ -597,3 +597,38 @@ def test_small_and_vectorised_fetch_serving_answer_alike(n):
     assert sent[0] == sent[1]
     types = [t for t, _ in sent[0]]
     assert M.T_RULE in types and M.T_NACK in types
+
+
+def test_restart_report_is_retried_until_acknowledged(fab):
+    """After an owner restarts, the holder's report of its clones (the only way a crashed
+    owner learns of an idle clone) is sent again until the owner acknowledges it."""
+    sk = fab.rules[0].build(I, 4100, R, 443)
+    a1 = fab.agents[1]
+    a1.fetch(IN, in_key(sk), 0, b"x", fab.t[0])
+    fab.pump()
+    assert sk in a1.clones
+    fab.rules[0].activity.clear()
+    fab.lose.add(M.T_ACTIVITY)
+    a1.peer_restarted(0, fab.t[0])
+    fab.pump()
+    assert fab.dropped[M.T_ACTIVITY] == 1 and not fab.rules[0].activity
+    fab.advance(0.5)  # retried (retry_s 0.1, backing off to 0.2), still lost
+    assert fab.dropped[M.T_ACTIVITY] >= 3
+    fab.lose.clear()
+    fab.advance(0.3)
+    assert sk in fab.rules[0].activity  # the owner got the report
+    assert not a1._unacked  # acknowledged: no more resends
+    sent = a1.counters["tx_activity"]
+    fab.advance(0.5)
+    assert a1.counters["tx_activity"] == sent
+
+
+def test_restart_report_gives_up_when_the_leases_would_have_run_out(fab):
+    sk = fab.rules[0].build(I, 4101, R, 443)
+    a1 = fab.agents[1]
+    a1.fetch(IN, in_key(sk), 0, b"x", fab.t[0])
+    fab.pump()
+    fab.lose.add(M.T_ACTIVITY)
+    a1.peer_restarted(0, fab.t[0])
+    fab.advance(10.5, step=0.5)  # lease_s = 10
+    assert not a1._unacked
