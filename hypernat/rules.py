@@ -415,6 +415,7 @@ class RuleBuilder:
         # off the packet path): taking one is durable already (a crash quarantines it),
         # so its "assign" record goes into _jlazy and is written without an fsync.
         self._prejournaled = set()
+        self._reserving = set()  # reserve records written, their fsync not done yet (background journal)
         self._jlazy = []
         self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
         self.reserve_addresses = 16  # ... on at most this many addresses
@@ -881,7 +882,7 @@ class RuleBuilder:
         if self.journal is None or self.reserve_per_address <= 0:
             return 0
         want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
-        if len(self._prejournaled) * 2 > want:
+        if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
             return 0
         held, q, res = self._blocks, self._qblocks, self._prejournaled
         recs = []
@@ -897,18 +898,32 @@ class RuleBuilder:
                     cands.append(c)
                 c += 1
             for g in cands:
-                if g not in res:
+                if g not in res and g not in self._reserving:
                     addr, lo, hi = self.part.block_span(g)
                     recs.append({"op": "reserve", "block": g, "external": _ip(addr), "ports": [lo, hi]})
         if not recs:
             return 0
         many = self._journal_method("append_many")
+        blocks = [r["block"] for r in recs]
+        if many is not None and getattr(getattr(many, "__self__", None), "background", False):
+            # fsync'ed off the loop's thread: the blocks join the reserve only once they
+            # are on disk (the journal's poll() runs this); until then a new host taking
+            # one of them journals it the synchronous way
+            flying = self._reserving
+            flying.update(blocks)
+
+            def durable():
+                flying.difference_update(blocks)
+                res.update(g for g in blocks if g not in self._blocks and g not in self._qblocks)
+
+            many(recs, on_durable=durable)
+            return len(recs)
         if many is not None:
             many(recs)
         else:
             for r in recs:
                 self.journal(r)
-        res.update(r["block"] for r in recs)
+        res.update(blocks)
         return len(recs)
 
     def _flush(self, now: int) -> None:

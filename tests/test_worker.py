@@ -782,8 +782,10 @@ def test_new_host_block_pre_journaled_no_fsync_on_its_packet_and_quarantined_aft
     assigned = [r for r in w.journal.records() if r.get("op") == "assign" and int(r["block"]) == g]
     assert assigned and assigned[0]["host"] == ip(I1)
     assert w.journal.dirty
-    w.run_once(0)  # timers: the lazy record reaches the disk
-    assert calls and not w.journal.dirty
+    w.run_once(0)  # timers: the lazy record's fsync starts (on the journal's thread)
+    assert not w.journal.dirty
+    w.journal.wait()
+    assert calls
     w.close()  # no snapshot: as if killed
     w2, _, _ = make_worker(cfg, 0, tmp_path, standalone=True)
     assert g in w2.rules._qblocks and w2.rules._qhosts.get(g) == I1

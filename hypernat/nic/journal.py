@@ -21,6 +21,19 @@ with ``append_lazy`` (in the kernel at once, on disk at the next ``sync``):
     packet: reserved block g for host h ──► append_lazy({"op": "assign", ...})   (no fsync)
     timers: sync() ──► fsync
 
+Off the loop thread (``background=True``, what the NIC worker uses): an fsync here takes
+300-1000 us, and the loop must not stop for it (a burst of packets waits in the ring, a
+FETCH waits at its owner).  ``sync`` and ``append_many(..., on_durable=cb)`` write and
+flush at once (the records are in the kernel: a killed process loses nothing) and leave
+the fsync to one background thread (``os.fsync`` releases the GIL); the loop calls
+``poll()`` each turn, which runs the callbacks of the fsyncs that completed — in the
+loop's thread.  The RuleBuilder adds reserved blocks to its pool only from that
+callback, so "on disk before first use" still holds; a block needed before its reserve
+fsync completed is journaled the synchronous way (``append``).
+
+    timers: reserve_blocks ──► append_many(recs, on_durable=cb) ──► write, flush ──► (thread) fsync
+    timers: poll() ──► cb(): the blocks join the reserve
+
 Every block is durable before its first use either way; ``blocks()`` counts a
 "reserve" record as live, so a crash quarantines reserved blocks (used or not).  A power
 cut before the lazy ``sync`` loses only which host a reserved block went to.
@@ -33,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 
 log = logging.getLogger("hypernat.nic.journal")
 
@@ -40,13 +54,18 @@ log = logging.getLogger("hypernat.nic.journal")
 class Journal:
     """Append-only, fsync'ed JSON-lines file of block assignments."""
 
-    def __init__(self, path: str, fsync: bool = True):
+    def __init__(self, path: str, fsync: bool = True, background: bool = False):
         self.path = path
         self.fsync = fsync
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._f = None
         self.appended = 0
         self.dirty = False  # append_lazy wrote records not fsync'ed yet
+        # fsync off the caller's thread (see the module docstring): only with fsync on
+        self.background = bool(background and fsync)
+        self._syncer = None
+        self._callbacks = []  # (request number, callable) waiting for their fsync
+        self.sync_errors = 0
 
     def _open(self):
         if self._f is None:
@@ -74,11 +93,23 @@ class Journal:
         """Persist one record; returns only once it is on disk."""
         self._write((record,), durable=True)
 
-    def append_many(self, records) -> None:
+    def append_many(self, records, on_durable=None) -> None:
         """Persist several records with one write and one fsync (group commit: the
         RuleBuilder journals every new block of one batch of misses before any of them
-        is used); returns only once all are on disk."""
-        self._write(records, durable=True)
+        is used); returns only once all are on disk.
+
+        With ``background`` and an ``on_durable`` callable: returns once they are
+        written (not yet on disk); ``on_durable()`` runs from a later ``poll()`` once
+        their fsync completed (never, if the fsync failed: counted, logged)."""
+        if on_durable is None or not self.background:
+            self._write(records, durable=True)
+            if on_durable is not None:
+                on_durable()
+            return
+        self._write(records, durable=False)
+        if self.dirty:  # something was written
+            self.dirty = False
+            self._callbacks.append((self._request(), on_durable))
 
     def append_lazy(self, records) -> None:
         """Write records without waiting for the disk: they reach the kernel at once
@@ -88,13 +119,43 @@ class Journal:
         self._write(records, durable=False)
 
     def sync(self) -> bool:
-        """fsync what ``append_lazy`` wrote; False when there was nothing to do."""
+        """fsync what ``append_lazy`` wrote (``background``: start that fsync and
+        return); False when there was nothing to do."""
         if not self.dirty or self._f is None:
             return False
-        if self.fsync:
+        if self.background:
+            self._request()
+        elif self.fsync:
             os.fsync(self._f.fileno())
         self.dirty = False
         return True
+
+    # -- the background fsync --------------------------------------------------------------
+    def _request(self) -> int:
+        if self._syncer is None:
+            self._syncer = _Syncer(self.path)
+        return self._syncer.request(self._f.fileno())
+
+    def poll(self) -> int:
+        """Run the ``on_durable`` callbacks whose fsync completed; returns how many ran."""
+        if not self._callbacks or self._syncer is None:
+            return 0
+        done, failed = self._syncer.done, self._syncer.failed
+        n = 0
+        while self._callbacks and self._callbacks[0][0] <= done:
+            seq, cb = self._callbacks.pop(0)
+            if seq in failed:
+                self.sync_errors += 1
+                continue
+            cb()
+            n += 1
+        return n
+
+    def wait(self) -> None:
+        """Block until every fsync started has completed, then ``poll()``."""
+        if self._syncer is not None:
+            self._syncer.wait()
+            self.poll()
 
     def records(self) -> list:
         """Every complete record in the file (a torn last line is skipped and logged)."""
@@ -138,9 +199,67 @@ class Journal:
                 os.fsync(f.fileno())
 
     def close(self) -> None:
+        if self._syncer is not None:  # its fsyncs finish before the file descriptor closes
+            self.wait()
+            self._syncer.stop()
+            self._syncer = None
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+class _Syncer:
+    """One thread that fsyncs a file descriptor on request; requests made while an
+    fsync runs are served together by the next one (numbered: ``done`` is the last
+    request covered)."""
+
+    def __init__(self, name: str):
+        self._cv = threading.Condition()
+        self._want = 0
+        self.done = 0
+        self.failed = set()
+        self._fd = -1
+        self._stop = False
+        self._t = threading.Thread(target=self._run, name=f"fsync:{os.path.basename(name)}", daemon=True)
+        self._t.start()
+
+    def request(self, fd: int) -> int:
+        with self._cv:
+            self._want += 1
+            self._fd = fd
+            self._cv.notify()
+            return self._want
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._want == self.done and not self._stop:
+                    self._cv.wait()
+                if self._want == self.done:
+                    return
+                upto, fd = self._want, self._fd
+            err = None
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                err = exc
+            with self._cv:
+                if err is not None:
+                    log.error("journal fsync failed (%s): blocks journaled since are not taken from the reserve", err)
+                    self.failed.update(range(self.done + 1, upto + 1))
+                self.done = upto
+                self._cv.notify_all()
+
+    def wait(self) -> None:
+        with self._cv:
+            while self.done < self._want:
+                self._cv.wait()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._t.join(5)
 
 
 def _plain(o):

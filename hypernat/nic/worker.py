@@ -166,7 +166,8 @@ class NicWorker:
         self._prefault_tables()
         self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
-        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal")) if journal else None
+        # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
+        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True) if journal else None
         self.snapshot = Snapshot(os.path.join(self.state_dir, "snapshot"))
         self.rules = RuleBuilder(config, nic_id, self.out_table, self.in_table, partition=self.partition,
                                  rng=rng, journal=self.journal.append if self.journal else None)
@@ -226,6 +227,7 @@ class NicWorker:
         self.journal_sync_interval = 0.05  # ... and between two fsyncs of lazily written records
         if self.journal is not None:
             self.rules.reserve_blocks()  # before the first packet: no fsync on its path
+            self.journal.wait()  # ... and on disk before it
 
     def _record_clone_installs(self) -> None:
         """Event log only: wrap this NIC's ``rules.install_clones`` (the one place every
@@ -768,12 +770,16 @@ class NicWorker:
             self.rules.sweep(self.ticks())
         # the journal, off the packet path: blocks journaled ahead of need, the "assign"
         # records written since fsync'ed; never while a fetch waits for its answer
-        if self.journal is not None and not self.agent.pending and now >= self._journal_due:
-            self._journal_due = now + self.journal_interval
-            self.rules.reserve_blocks()
-            if now >= self._journal_sync_due:
-                self._journal_sync_due = now + self.journal_sync_interval
-                self.journal.sync()
+        # (fsyncs run on the journal's thread; poll() takes in the reserved blocks whose
+        # fsync completed)
+        if self.journal is not None:
+            self.journal.poll()
+            if not self.agent.pending and now >= self._journal_due:
+                self._journal_due = now + self.journal_interval
+                self.rules.reserve_blocks()
+                if now >= self._journal_sync_due:
+                    self._journal_sync_due = now + self.journal_sync_interval
+                    self.journal.sync()
         if now >= self._spill_due and self.sock is not None:
             self._spill_due = now + 0.2
             exhausted = self.rules.counters_dict().get("ports_exhausted", 0)
@@ -871,6 +877,8 @@ class NicWorker:
                 pass
             self.sock.close(0)
             self.sock = None
+        if self.journal is not None:
+            self.journal.close()  # waits for an fsync in flight
 
     # -- introspection -----------------------------------------------------------------------------
     def counters_dict(self) -> dict:
