@@ -697,6 +697,8 @@ for _st, _dt in ((_ST_RULE, RULE_DTYPE), (_ST_KEY, KEY_DTYPE), (_ST_ACTIVITY, AC
 RULE_STRUCT = _ST_RULE
 KEY_STRUCT = _ST_KEY
 _PROTO_SET = frozenset(VALID_PROTOS)
+_KEY_TYPES = frozenset((T_FETCH, T_NACK, T_REVOKE))
+_RULE_TYPES = frozenset((T_RULE, T_PUSH, T_LEASE))
 _SMALL = frozenset((T_RULE, T_PUSH, T_LEASE, T_FETCH, T_NACK, T_REVOKE, T_ACTIVITY, T_BORROW, T_BORROW_ACK,
                     T_RETURN, T_PEERS, T_PUSH_ACK, T_REVOKE_ACK, T_ACTIVITY_ACK, T_RETURN_ACK, T_HEARTBEAT))
 
@@ -737,7 +739,53 @@ def _internal_all(internal, addrs) -> bool:
         return False
 
 
+def _check_one_key(sender, code, r, receiver, owns, internal):
+    """``_check_small`` of one FETCH / NACK / REVOKE record (tuple `r`): the same checks
+    in the same order, without the lists a batch needs."""
+    proto, kind = r[2], r[3]
+    if proto not in _PROTO_SET or (kind != FETCH_BY_EXTERNAL and kind != FETCH_BY_INTERNAL):
+        return "bad_field"
+    if code == T_NACK and r[4] >= len(NACK_REASONS):
+        return "bad_field"
+    if proto != 1 and (r[10] == 0 if kind == FETCH_BY_EXTERNAL else r[9] == 0):
+        return "bad_field"
+    if owns is not None:
+        if code == T_REVOKE and sender is not None:
+            if not _owns_all(owns, sender, (r[7],), (r[10],)):
+                return "foreign_endpoint"
+        if code == T_FETCH and receiver is not None and kind == FETCH_BY_EXTERNAL:
+            if not _owns_all(owns, receiver, (r[7],), (r[10],)):
+                return "foreign_endpoint"
+    if internal is not None and code == T_FETCH and kind == FETCH_BY_INTERNAL:
+        if not _internal_all(internal, (r[6],)):
+            return "not_internal"
+    return None
+
+
+def _check_one_rule(sender, r, owns, internal):
+    """``_check_small`` of one RULE / PUSH / LEASE record (tuple `r`)."""
+    proto = r[10]
+    if proto not in _PROTO_SET:
+        return "bad_field"
+    if sender is not None and r[9] != sender:
+        return "bad_identity"
+    if proto != 1 and (r[7] == 0 or r[6] == 0):
+        return "bad_field"
+    if r[5] == 0 and not r[12] & RULE_F_WILDCARD:
+        return "bad_field"
+    if owns is not None and sender is not None:
+        if not _owns_all(owns, sender, (r[4],), (r[7],)):
+            return "foreign_endpoint"
+    if internal is not None and not _internal_all(internal, (r[3],)):
+        return "not_internal"
+    return None
+
+
 def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
+    if len(payload) == 32 and code in _KEY_TYPES:  # one record: the latency-critical FETCH
+        return _check_one_key(sender, code, _ST_KEY.unpack(payload), receiver, owns, internal)
+    if len(payload) == 40 and code in _RULE_TYPES:  # ... and its RULE
+        return _check_one_rule(sender, _ST_RULE.unpack(payload), owns, internal)
     if code in (T_RULE, T_PUSH, T_LEASE):
         recs = list(_ST_RULE.iter_unpack(payload))
         for r in recs:
