@@ -1001,18 +1001,25 @@ class RuleAgent:
             return
         until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         leases = self.leases
-        hold = self.rules.hold
+        new = []  # (proto, E, Ep) of the first lease of this holder on a session
         for sk in sks:
             holders = leases.get(sk)
             if holders is None:
                 leases[sk] = {holder: until}
-                hold(sk[0], sk[3], sk[4])
+                new.append((sk[0], sk[3], sk[4]))
             else:
                 if holder not in holders:
-                    hold(sk[0], sk[3], sk[4])
+                    new.append((sk[0], sk[3], sk[4]))
                 holders[holder] = until
         if until < self._grant_due:
             self._grant_due = until
+        if new:
+            hold_many = getattr(self.rules, "hold_many", None)
+            if hold_many is not None:
+                hold_many(new)
+            else:  # a builder with the one-at-a-time interface
+                for p, e, ep in new:
+                    self.rules.hold(p, e, ep)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
         holders = self.leases.get(sk)

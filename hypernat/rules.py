@@ -1251,6 +1251,14 @@ class RuleBuilder:
         ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
         self._holds[ekey] = self._holds.get(ekey, 0) + 1
 
+    def hold_many(self, endpoints) -> None:
+        """``hold`` for each (proto, eaddr, eport) of `endpoints` (a burst of answered
+        FETCHes: one call, not one per lease)."""
+        holds = self._holds
+        for p, e, ep in endpoints:
+            ekey = int(p) << 48 | int(e) << 16 | int(ep)
+            holds[ekey] = holds.get(ekey, 0) + 1
+
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable
         only once its reuse delay passed AND its hold count is zero."""

@@ -995,3 +995,18 @@ def test_serve_fetch_rows_gives_serve_fetchs_answers():
     assert not np.asarray(st2).any()
     assert recs2.tobytes() == np.array([s for st, s in b.serve_fetch_rows(ok, 10)], SESSION_DTYPE).tobytes()
     assert recs2.tobytes() == recs[np.asarray(status) == 0].tobytes()
+
+
+def test_hold_many_counts_as_hold_does():
+    cfg = make_cfg(1)
+    a, b = make_rb(cfg), make_rb(cfg)
+    eps = [(UDP, ip("198.18.77.1"), 1500), (TCP, ip("198.18.77.1"), 1500), (UDP, ip("198.18.77.1"), 1500),
+           (ICMP, ip("198.18.77.2"), 7)]
+    for e in eps:
+        a.hold(*e)
+    b.hold_many(eps)
+    assert a._holds == b._holds and b._holds[UDP << 48 | ip("198.18.77.1") << 16 | 1500] == 2
+    for e in eps:  # and they are released alike
+        a.release_hold(*e)
+        b.release_hold(*e)
+    assert a._holds == b._holds == {}
