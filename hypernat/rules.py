@@ -1063,8 +1063,9 @@ class RuleBuilder:
         would dominate it)."""
         status, found = self._serve([r[0] for r in rows], [r[1:] for r in rows], now)
         out = [(st, None) for st in status]
-        for (i, *_), t in zip(found, self._session_tuples(found, DIR_BITS_BOTH)):
-            out[i] = (0, t)
+        if found:
+            for f, t in zip(found, self._session_tuples(found, DIR_BITS_BOTH)):
+                out[f[0]] = (0, t)
         return out
 
     def _serve(self, dirs, rows, now):
