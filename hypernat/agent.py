@@ -174,7 +174,6 @@ _NACK_OF = {
 }
 
 
-
 def _nack_reason(status: int) -> int:
     """NACK reason code of a builder refusal (a SLOW_PATH_REASON_NAMES index)."""
     name = SLOW_PATH_REASON_NAMES[status] if 0 <= status < len(SLOW_PATH_REASON_NAMES) else ""
@@ -582,7 +581,7 @@ class RuleAgent:
         by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
         lease_ms = int(self.p.lease_s * 1000)
         n_ext = int(np.count_nonzero(by_ext))
-        for fetch_dir, sel, count in ((IN, by_ext, n_ext), (OUT, None, len(recs) - n_ext)):
+        for fetch_dir, count in ((IN, n_ext), (OUT, len(recs) - n_ext)):
             if count == 0:
                 continue
             if count == len(recs):

@@ -1136,10 +1136,10 @@ class RuleBuilder:
         for _, m, ra, rp in found:
             p = m.proto
             ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
-            if p == PROTO_ICMP:  # out_key / in_key: the identifier in both port fields
-                jo = olook(p, ia, ip, ra, ip)
-                ji = ilook(p, ra, ep, ea, ep)
-            else:
+            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
+                jo = olook(*out_key(p, ia, ip, ra, rp))
+                ji = ilook(*in_key(p, ra, rp, ea, ep))
+            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
                 jo = olook(p, ia, ip, ra, rp)
                 ji = ilook(p, ra, rp, ea, ep)
             lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
@@ -1161,10 +1161,10 @@ class RuleBuilder:
         for _, m, ra, rp in found:
             p = m.proto
             ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
-            if p == PROTO_ICMP:
-                jo = olook(p, ia, ip, ra, ip)
-                ji = ilook(p, ra, ep, ea, ep)
-            else:
+            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
+                jo = olook(*out_key(p, ia, ip, ra, rp))
+                ji = ilook(*in_key(p, ra, rp, ea, ep))
+            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
                 jo = olook(p, ia, ip, ra, rp)
                 ji = ilook(p, ra, rp, ea, ep)
             lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)

@@ -16,7 +16,7 @@ from hypernat import config, layout
 from hypernat.fastpath import FlowTable, Translator
 from hypernat.rules import (
     ACT_DROP, ACT_FETCH, ACT_NONE, ACT_REPLAY, DIR_BIT_IN, DIR_BIT_OUT, REASON, SESSION_DTYPE, RuleBuilder,
-    in_key, out_key,
+    in_key, out_key, record_keys,
 )  # fmt: skip
 from hypernat.translog import TransLog
 from hypernat.verdicts import IN, OUT, VERDICT
@@ -986,6 +986,15 @@ def test_serve_fetch_rows_gives_serve_fetchs_answers():
         else:
             assert sess is None and not rec.tobytes().strip(b"\0")
     assert any(rec["tcp_out"] & FIN or rec["tcp_in"] & FIN for rec in recs) and recs["last_seen"].max() >= 100
+    for rec, st in zip(recs, np.asarray(status).tolist()):  # each answer carries its own entries' state
+        if st:
+            continue
+        ok_, ik_ = record_keys(rec)
+        eo, ei = a.out.get(*ok_), a.inn.get(*ik_)
+        assert eo is not None and ei is not None
+        assert rec["last_seen"] == max(int(eo["last_seen"]), int(ei["last_seen"]))
+        assert (rec["tcp_out"], rec["tcp_in"]) == (eo["tcp_state"], ei["tcp_state"])
+    assert ICMP in recs["proto"][np.asarray(status) == 0]
     for ta, tb in ((a.out, b.out), (a.inn, b.inn)):
         assert ta.slots.tobytes() == tb.slots.tobytes()
     assert a.counters == b.counters
