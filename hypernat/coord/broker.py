@@ -41,8 +41,10 @@ coordinator that is away only delays fetches.
 
 Speed (DESIGN.md: ~220 µs fetch round trip over ipc, batching is what scales): one
 blocking ``recv_multipart`` with a timeout only for housekeeping (no poller on the hot
-path), then drain up to ``BUDGET`` more without blocking; frames are passed on as the
-bytes objects they arrived in; counters are plain integers in lists, turned into
+path), then drain up to ``BUDGET`` more without blocking (asking ``ZMQ_EVENTS`` first:
+a receive that finds nothing raises); frames are passed on as the bytes objects they
+arrived in, sent and received through ``hypernat.zmqio`` (pyzmq's backend per frame: a
+third of ``send_multipart``'s cost); counters are plain integers in lists, turned into
 Prometheus series only when scraped (``hypernat.coord.metrics``).
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ import numpy as np
 import zmq
 
 from .. import messages as M
+from .. import zmqio
 from ..auth import AUTH_RESULTS, AuthError, ZapHandler, identity_allowed, load_authorized, requires_curve, server_curve
 
 log = logging.getLogger("hypernat.coord")
@@ -374,11 +377,16 @@ class Coordinator:
 
             handle = self._handle_curve
         else:
-            recv = sock.recv_multipart
+            zrecv = zmqio.recv_multipart  # the socket's recv_multipart, minus pyzmq's Python layer
+
+            def recv(flags=0):
+                return zrecv(sock, flags)
+
             handle = self._handle
         tick = self._tick_ms() / 1000.0
         next_tick = time.monotonic() + tick
         stop = self._stop
+        readable = zmqio.readable
         while not stop.is_set():
             try:
                 msg = recv()  # blocks up to one tick: the hot side wakes at once
@@ -391,6 +399,8 @@ class Coordinator:
             if msg is not None:
                 handle(msg)
                 for _ in range(BUDGET):
+                    if not readable(sock):  # cheaper than the zmq.Again of a receive that finds nothing
+                        break
                     try:
                         msg = recv(zmq.NOBLOCK)
                     except zmq.Again:
@@ -480,7 +490,7 @@ class Coordinator:
                 self._undeliverable(ident, code, "rejected", dst.nic, payload)
                 return
         try:
-            self.sock.send_multipart((target, ident, tframe, payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (target, ident, tframe, payload), zmq.NOBLOCK)
         except zmq.Again:
             self._drop("queue_full", ident, code)
             self._undeliverable(ident, code, "unreachable", dst.nic, payload)
@@ -526,13 +536,13 @@ class Coordinator:
         """Tell the sender its message went nowhere (best effort, never blocks)."""
         try:
             body = M.pack_undeliverable(code, reason, target, payload)
-            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender vanished too: nothing to tell
 
     def _send(self, ident, code, payload) -> bool:
         try:
-            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
