@@ -131,7 +131,7 @@ class MemoryPort(Port):
         return Batch.from_frames(frames)
 
     def send(self, batch: Batch, idx: np.ndarray) -> int:
-        frames = [batch.frame(int(i)) for i in idx]
+        frames = batch.frames(idx)
         self.counters["tx_packets"] += len(frames)
         if self._peer is not None:
             return self._peer.inject(frames)
