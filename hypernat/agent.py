@@ -73,8 +73,9 @@ from __future__ import annotations
 
 import collections
 import logging
-from bisect import bisect_left as _bisect_left
+import struct
 import time
+from bisect import bisect_left as _bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,6 +166,15 @@ def _latency_bucket(seconds: float) -> str:
 # _latency_bucket for many: the first bound >= seconds (bisect_left), or the last name
 _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
+# a FETCH record (M.KEY_DTYPE) from the tuple _send_fetch / fetch_rows build
+_KEY_PACK = struct.Struct("<IIBBBBIIIHHHH").pack
+assert struct.calcsize("<IIBBBBIIIHHHH") == M.KEY_DTYPE.itemsize and M.KEY_DTYPE.names == (
+    "seq", "rule_id", "proto", "kind", "reason", "flags", "int_addr", "ext_addr", "rem_addr", "int_port",
+    "ext_port", "rem_port", "pad")
+# the RULE fields _on_rule reads, in M.RULE_DTYPE's order (a record's tuple[:11])
+_RULE_FIELDS = ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
+                "rem_port", "owner", "proto")
+assert M.RULE_DTYPE.names[:11] == _RULE_FIELDS
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -494,8 +504,10 @@ class RuleAgent:
         if not self._fetch_q:
             return
         q, self._fetch_q = self._fetch_q, {}
+        pack = _KEY_PACK
         for owner, rows in q.items():
-            self._send(owner, M.T_FETCH, np.array(rows, dtype=M.KEY_DTYPE))
+            # struct, not np.array(rows, dtype): numpy parses tuples into records slowly
+            self._send(owner, M.T_FETCH, np.frombuffer(b"".join([pack(*r) for r in rows]), dtype=M.KEY_DTYPE))
 
     def _take_token(self, remote: int, now: float) -> bool:
         b = self._buckets.get(remote)
@@ -555,17 +567,25 @@ class RuleAgent:
         with one ``install_many`` (one ``FlowTable.insert_batch`` per table), then
         release every queued frame of the batch through the fast path in ONE replay per
         direction (flows in answer order, each flow's frames in arrival order)."""
-        accepted = []  # pend of each accepted record
+        n = len(recs)
         items = []  # (sk, rule_id, lease_ms, dir bit) of each accepted record
         # the owner of every rule's external endpoint, at once (partition + loans)
         owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
-                  if self.partition is not None and len(recs) > self._SMALL_FETCH else None)
+                  if self.partition is not None and n > self._SMALL_FETCH else None)
+        if n <= 8:  # a record's tuple: cheaper than a list per field for a few
+            rows = [r[:11] for r in recs.tolist()]
+        else:
+            rows = zip(*[recs[f].tolist() for f in _RULE_FIELDS])
         pop_seq = self._by_seq.pop
         pending = self.pending
         pget = pending.get
         icmp = layout.PROTO_ICMP
-        dup = bad = 0
-        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_) in enumerate(recs.tolist()):
+        buckets = self._buckets
+        burst = self.p.fetch_burst
+        replay_out, replay_in = [], []
+        lats = []
+        dup = bad = queued = 0
+        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto) in enumerate(rows):
             pk = pop_seq(seq, None)
             pend = pget(pk) if pk is not None else None
             if pend is None:
@@ -584,39 +604,33 @@ class RuleAgent:
                 if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
                     continue
             del pending[pk]
-            accepted.append(pend)
             items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
-        if dup:
-            self.count("rule_duplicate", dup)
-        if bad:
-            self.count("bad_message", bad)
-        if not accepted:
-            return
-        self._install_many(source, items, now)
-        replay_out, replay_in = [], []
-        lats = []
-        buckets = self._buckets
-        burst = self.p.fetch_burst
-        queued = 0
-        for pend in accepted:
+            # answered: the token back (_refund, inline), the frames to release
             ch = pend.charged
-            if ch >= 0:  # _refund, inline
-                b = buckets.get(ch)
-                if b is not None:
-                    b[0] = min(burst, b[0] + 1.0)
+            if ch >= 0:
+                bk = buckets.get(ch)
+                if bk is not None:
+                    bk[0] = min(burst, bk[0] + 1.0)
                 pend.charged = -1
             fr = pend.frames
             if fr:
                 queued += len(fr)
-                if pend.fetch_dir == IN:
+                if dbit == DIR_BIT_IN:
                     replay_in.extend(fr)
                 else:
                     replay_out.extend(fr)
             lats.append(now - pend.first)
+        if dup:
+            self.count("rule_duplicate", dup)
+        if bad:
+            self.count("bad_message", bad)
+        if not items:
+            return
+        self._install_many(source, items, now)
         self.queued_total -= queued
         self.fetch_latencies.extend(lats)
         c = self.counters
-        c["fetch_answered"] += len(accepted)
+        c["fetch_answered"] += len(items)
         if len(lats) == 1:
             c[_latency_bucket(lats[0])] += 1
         else:
@@ -1053,6 +1067,7 @@ class RuleAgent:
         tuples) where the builder has it and nobody wrapped its ``install_clones`` (the
         worker's event log does), else ``install_clones`` on a SESSION_DTYPE array."""
         todo = []
+        rows = []  # install_clone_rows: (p, i, ip, e, ep, r, rp, rule_id, dirs, tcp_out, tcp_in)
         clones = self.clones
         cget = clones.get
         for sk, rule_id, lease_ms, dirs in items:
@@ -1063,14 +1078,14 @@ class RuleAgent:
                     c.expires = expires
             else:
                 todo.append((sk, rule_id, dirs, expires))
+                rows.append(sk + (rule_id, dirs, 0, 0))
         if not todo:
             return
         tick = self.tick_clock()
         rules = self.rules
         rows_fn = getattr(rules, "install_clone_rows", None)
         if rows_fn is not None and "install_clones" not in getattr(rules, "__dict__", ()):
-            got = rows_fn([(p, i, ip, e, ep, r, rp, rid, d, 0, 0)
-                           for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], tick)
+            got = rows_fn(rows, tick)
         else:
             recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
                              for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)

@@ -125,6 +125,7 @@ import collections
 import dataclasses
 import ipaddress
 import logging
+import struct
 import time as _time
 
 import numpy as np
@@ -1306,11 +1307,12 @@ class RuleBuilder:
         me = self.nic
         olook, ilook = self.out.lookup, self.inn.lookup
         oflags, iflags = self.out.slots["flags"], self.inn.slots["flags"]
-        orows, irows = [], []  # per table: SLOT_DTYPE tuples
+        orows, irows = [], []  # per table: SLOT_DTYPE records, packed
         owho, iwho = [], []  # per table: (record index, key, tcp bits) of each row
         mask = layout.TCP_STATE_MASK
         icmp = PROTO_ICMP
         clone = _F_CLONE
+        pack = _SLOT_PACK
         bad = 0
         for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
             if p not in _PIDX or own[x] == me:
@@ -1323,7 +1325,7 @@ class RuleBuilder:
                 if j >= 0 and not oflags[j] & clone:
                     bad += 1  # never replace an owned entry
                 else:
-                    orows.append((i, r, ip, k[4], p, clone, ep, e, rid, now, 0, 0, 0))
+                    orows.append(pack(i, r, ip, k[4], p, clone, ep, e, rid, now, 0, 0, 0))
                     owho.append((x, k, to & mask))
             if d & DIR_BIT_IN:
                 k = (p, r, ep, e, ep) if p == icmp else (p, r, rp, e, ep)  # in_key
@@ -1331,14 +1333,15 @@ class RuleBuilder:
                 if j >= 0 and not iflags[j] & clone:
                     bad += 1
                 else:
-                    irows.append((r, e, k[2], ep, p, clone, ip, i, rid, now, 0, 0, 0))
+                    irows.append(pack(r, e, k[2], ep, p, clone, ip, i, rid, now, 0, 0, 0))
                     iwho.append((x, k, ti & mask))
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
         for tbl, rw, wh in ((self.out, orows, owho), (self.inn, irows, iwho)):
             if not rw:
                 continue
-            done = tbl.insert_batch(np.array(rw, dtype=layout.SLOT_DTYPE))
+            # struct-packed records: numpy parses a list of tuples into records slowly
+            done = tbl.insert_batch(np.frombuffer(b"".join(rw), dtype=layout.SLOT_DTYPE))
             look = tbl.lookup
             if done != len(rw):  # the table filled up: find out which rows made it
                 keep = []
@@ -2075,6 +2078,13 @@ def _expiry_event(p, tcp_out, tcp_in) -> str:
             return "expired_tcp_transitory"
         return "expired_tcp_established"
     return "expired_udp" if p == PROTO_UDP else "expired_icmp"
+
+
+# one flow-table record (layout.SLOT_DTYPE, little-endian, packed) from its fields in order
+_SLOT_PACK = struct.Struct("<IIHHBBHIIIBBH").pack
+assert struct.calcsize("<IIHHBBHIIIBBH") == layout.SLOT_DTYPE.itemsize and layout.SLOT_DTYPE.names == (
+    "saddr", "daddr", "sport", "dport", "proto", "flags", "new_port", "new_addr", "rule_id", "last_seen",
+    "tcp_state", "user", "lease")
 
 
 def _okey(p, iaddr, iport, raddr, rport) -> int:

@@ -575,3 +575,28 @@ def test_replay_small_path_equals_numpy_path(tmp_path, n):
     assert ca["replayed"] - ba.get("replayed", 0) == n
     if n >= 2:
         assert ca["replay_miss"] > ba.get("replay_miss", 0) and oa
+
+
+def test_shm_ring_push_batch_and_frames_copy_exactly_and_refuse_what_does_not_fit():
+    from hypernat.io.memory import ShmRing
+
+    ring = ShmRing(nslots=8, slot_size=64)
+    try:
+        frames = [bytes([i]) * (10 + i) for i in range(6)] + [b"\x07" * 65]  # the last is too long
+        b = Batch.from_frames(frames)
+        assert ring.push_batch(b, np.array([5, 6, 0, 1], np.intp)) == 3 and ring.drops == 1
+        assert ring.pop_frames() == [frames[5], frames[0], frames[1]]
+        # wraps around the end of the ring; list indices; a full ring refuses the rest
+        assert ring.push_frames([bytearray(frames[2]), frames[3], memoryview(frames[4])]) == 3
+        assert ring.push_batch(b, [0, 1, 2, 3, 4, 5]) == 5 and ring.drops == 2
+        assert len(ring) == 8 and ring.free() == 0
+        got = ring.pop_frames(4)
+        assert got == [frames[2], frames[3], frames[4], frames[0]]
+        assert ring.pop_frames() == frames[1:5]
+        assert ring.push_batch(b, []) == 0 and ring.pop_frames() == []
+        # a batch whose buffer is a view into a bigger one (a ring's own data)
+        view = Batch(np.arange(256, dtype=np.uint8), np.array([250, 3], np.uint32), np.array([6, 2], np.uint32), 2)
+        assert ring.push_batch(view, np.arange(2)) == 2
+        assert ring.pop_frames() == [bytes(range(250, 256)), bytes([3, 4])]
+    finally:
+        ring.close()

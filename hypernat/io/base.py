@@ -38,19 +38,25 @@ class Batch:
     @classmethod
     def from_frames(cls, frames, capacity: int | None = None) -> "Batch":
         """A batch holding copies of `frames` (bytes-like), back to back."""
-        frames = [bytes(f) for f in frames]
+        frames = [f if f.__class__ is bytes else bytes(f) for f in frames]
         n = len(frames)
         cap = max(n, capacity or 0)
-        lens = list(map(len, frames))
-        if n <= 1 or cap != n:
-            lengths = np.zeros(cap, dtype=np.uint32)
-            offsets = np.zeros(cap, dtype=np.uint32)
-            if n:
-                lengths[:n] = lens
-                offsets[1:n] = list(accumulate(lens[:-1]))
+        if n <= 16:  # a few frames: offsets added up in Python
+            lens = list(map(len, frames))
+            if cap == n and n:
+                lengths = np.array(lens, dtype=np.uint32)
+                offsets = np.array([0, *accumulate(lens[:-1])], dtype=np.uint32)
+            else:
+                lengths = np.zeros(cap, dtype=np.uint32)
+                offsets = np.zeros(cap, dtype=np.uint32)
+                if n:
+                    lengths[:n] = lens
+                    offsets[1:n] = list(accumulate(lens[:-1]))
         else:
-            lengths = np.array(lens, dtype=np.uint32)
-            offsets = np.array([0, *accumulate(lens[:-1])], dtype=np.uint32)
+            lengths = np.zeros(cap, dtype=np.uint32)
+            lengths[:n] = np.fromiter(map(len, frames), np.uint32, n)
+            offsets = np.zeros(cap, dtype=np.uint32)
+            np.cumsum(lengths[: n - 1], dtype=np.uint32, out=offsets[1:n])
         buf = np.frombuffer(bytearray(b"".join(frames) or b"\0"), dtype=np.uint8)
         return cls(buf, offsets, lengths, n)
 
