@@ -1305,10 +1305,12 @@ class RuleBuilder:
             own = part.owners(np.array([rw[3] for rw in rows], np.int64),
                               np.array([rw[4] for rw in rows], np.int64)).tolist()
         me = self.nic
-        olook, ilook = self.out.lookup, self.inn.lookup
-        oflags, iflags = self.out.slots["flags"], self.inn.slots["flags"]
+        out, inn = self.out, self.inn
+        olook, ilook = out.lookup, inn.lookup
+        oflags = iflags = None  # the slots' flags, fetched only when a key is found
         orows, irows = [], []  # per table: SLOT_DTYPE records, packed
         owho, iwho = [], []  # per table: (record index, key, tcp bits) of each row
+        otcp = itcp = False  # any tcp bits to write afterwards
         mask = layout.TCP_STATE_MASK
         icmp = PROTO_ICMP
         clone = _F_CLONE
@@ -1322,22 +1324,36 @@ class RuleBuilder:
                 # out_key: ICMP carries the identifier in both ports
                 k = (p, i, ip, r, ip) if p == icmp else (p, i, ip, r, rp)
                 j = olook(*k)
-                if j >= 0 and not oflags[j] & clone:
-                    bad += 1  # never replace an owned entry
-                else:
+                if j >= 0:
+                    if oflags is None:
+                        oflags = out.slots["flags"]
+                    if not oflags[j] & clone:
+                        bad += 1  # never replace an owned entry
+                        j = -2
+                if j != -2:
                     orows.append(pack(i, r, ip, k[4], p, clone, ep, e, rid, now, 0, 0, 0))
-                    owho.append((x, k, to & mask))
+                    t = to & mask
+                    owho.append((x, k, t))
+                    if t:
+                        otcp = True
             if d & DIR_BIT_IN:
                 k = (p, r, ep, e, ep) if p == icmp else (p, r, rp, e, ep)  # in_key
                 j = ilook(*k)
-                if j >= 0 and not iflags[j] & clone:
-                    bad += 1
-                else:
+                if j >= 0:
+                    if iflags is None:
+                        iflags = inn.slots["flags"]
+                    if not iflags[j] & clone:
+                        bad += 1
+                        j = -2
+                if j != -2:
                     irows.append(pack(r, e, k[2], ep, p, clone, ip, i, rid, now, 0, 0, 0))
-                    iwho.append((x, k, ti & mask))
+                    t = ti & mask
+                    iwho.append((x, k, t))
+                    if t:
+                        itcp = True
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
-        for tbl, rw, wh in ((self.out, orows, owho), (self.inn, irows, iwho)):
+        for tbl, rw, wh, tcpbits in ((out, orows, owho, otcp), (inn, irows, iwho, itcp)):
             if not rw:
                 continue
             # struct-packed records: numpy parses a list of tuples into records slowly
@@ -1351,8 +1367,10 @@ class RuleBuilder:
                     else:
                         self._refuse(_R_TABLE_FULL)
                 wh = keep
-            if lease or any(w[2] for w in wh):
-                tcp, lse = tbl.slots["tcp_state"], tbl.slots["lease"]
+                tcpbits = any(w[2] for w in wh)
+            if lease or tcpbits:
+                sl = tbl.slots
+                tcp, lse = sl["tcp_state"], sl["lease"]
                 for _, k, t in wh:
                     j = look(*k)
                     tcp[j] = t
