@@ -528,6 +528,8 @@ def test_batch_from_frames_and_frames_match_a_plain_copy(n):
     big = Batch.from_frames(frames, capacity=n + 5)
     assert big.n == n and len(big.offsets) == n + 5 and big.lengths[n:].sum() == 0 and big.offsets[n:].sum() == 0
     assert big.frames() == frames
+    empty = Batch.from_frames([], capacity=1)
+    assert empty.n == 0 and empty.lengths.tolist() == [0] and empty.offsets.tolist() == [0] and len(empty.buf) == 1
     if n:
         assert b.frame(n - 1) == frames[-1]
         # a view of a bigger buffer (a ring): offsets anywhere in it

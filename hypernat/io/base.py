@@ -41,6 +41,12 @@ class Batch:
         frames = [f if f.__class__ is bytes else bytes(f) for f in frames]
         n = len(frames)
         cap = max(n, capacity or 0)
+        if cap == 1:  # one frame (a replayed first packet): the least numpy possible
+            f = frames[0] if n else b""
+            lengths = np.zeros(1, dtype=np.uint32)
+            lengths[0] = len(f)
+            return cls(np.frombuffer(bytearray(f or b"\0"), dtype=np.uint8), np.zeros(1, dtype=np.uint32),
+                       lengths, n)
         if n <= 16:  # a few frames: offsets added up in Python
             lens = list(map(len, frames))
             if cap == n and n:
@@ -70,6 +76,10 @@ class Batch:
             idx = range(self.n)
         elif not hasattr(idx, "__len__"):
             idx = list(idx)
+        if len(idx) == 1:
+            i = int(idx[0])
+            o = self.offsets.item(i)
+            return [self.buf[o : o + self.lengths.item(i)].tobytes()]
         if len(idx) <= 16:  # a few: item() per index beats a gather
             oi, li = self.offsets.item, self.lengths.item
             pos = [(oi(int(i)), li(int(i))) for i in idx]
