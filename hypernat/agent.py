@@ -271,7 +271,7 @@ class RuleAgent:
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
         self._seq = 1
-        self._fetch_q: dict[int, list] = {}  # owner -> FETCH tuples of the batch being handled
+        self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         self._pending_due = float("inf")  # earliest retry or deadline among self.pending
         # holder side
@@ -352,6 +352,7 @@ class RuleAgent:
         burst, rate = p.fetch_burst, p.fetch_rate
         f_icmp, f_alloc = M.FETCH_F_ICMP_ERROR, M.FETCH_F_ALLOCATE
         by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
+        pack = _KEY_PACK
         seq = self._seq
         queued = self.queued_total
         n = started = c_neg = c_rate = c_full = 0
@@ -401,10 +402,10 @@ class RuleAgent:
                 pr, sa, sp, da, dp = kt
                 if fd == IN:  # (p, R, Rp, E, Ep)
                     flags = f_icmp if icmp else 0
-                    rec = (s, 0, pr, by_ext, 0, flags, 0, da, sa, 0, dp, sp, 0)
+                    rec = pack(s, 0, pr, by_ext, 0, flags, 0, da, sa, 0, dp, sp, 0)
                 else:  # (p, I, Ip, R, Rp)
                     flags = (f_icmp if icmp else 0) | f_alloc
-                    rec = (s, 0, pr, by_int, 0, flags, sa, 0, da, sp, 0, dp, 0)
+                    rec = pack(s, 0, pr, by_int, 0, flags, sa, 0, da, sp, 0, dp, 0)
                 pend = _Pending(fd, kt, owner, s, now, now, retry, flags, [] if frame is None else [frame], charged)
                 pending[pk] = pend
                 by_seq[s] = pk
@@ -483,14 +484,14 @@ class RuleAgent:
         return pend
 
     def _send_fetch(self, pend: _Pending) -> None:
-        # one plain tuple in KEY_DTYPE order, packed with the others of its batch (one
-        # numpy array per owner: ``_flush_fetches``); fields:
+        # one record in KEY_DTYPE order, packed, sent with the others of its batch (one
+        # message per owner: ``_flush_fetches``); fields:
         # seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
         p, sa, sp, da, dp = pend.key
         if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
-            rec = (pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
+            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
         else:  # (p, I, Ip, R, Rp)
-            rec = (pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
+            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
         self.counters["tx_fetch"] += 1
         q = self._fetch_q.get(pend.owner)
         if q is None:
@@ -504,10 +505,9 @@ class RuleAgent:
         if not self._fetch_q:
             return
         q, self._fetch_q = self._fetch_q, {}
-        pack = _KEY_PACK
         for owner, rows in q.items():
-            # struct, not np.array(rows, dtype): numpy parses tuples into records slowly
-            self._send(owner, M.T_FETCH, np.frombuffer(b"".join([pack(*r) for r in rows]), dtype=M.KEY_DTYPE))
+            # records packed with struct as they came: numpy parses tuples into records slowly
+            self._send(owner, M.T_FETCH, np.frombuffer(b"".join(rows), dtype=M.KEY_DTYPE))
 
     def _take_token(self, remote: int, now: float) -> bool:
         b = self._buckets.get(remote)
