@@ -95,6 +95,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
             translog=None, journal=None)
   packets
     handle_misses(direction, verdicts, keys, now) -> Decisions
+    decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
+        the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
   owner side of cloning (called by the RuleAgent)
     serve_fetch(fetch_dir, keys, now) -> (records, status)   status 0 = ok, else reason index
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
@@ -105,6 +107,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
         while .track_created (install: active) / .track_removed (more than one NIC))
   holder side of cloning
     install_clone(records, now, dirs=DIR_BIT_OUT|DIR_BIT_IN, lease_until=0) -> int
+    install_clones(records, now, dirs, lease_until=0) -> int8[n] (entries per record)
+    install_clone_rows(rows, now, lease_until=0) -> list (the same on plain tuples:
+        the RuleAgent's RULE answers)
     remove_clone(records) -> int
     renew_clones(records, lease_until) -> int
     collect_activity(clear=True, max_slots=None) -> SESSION_DTYPE array (active clone

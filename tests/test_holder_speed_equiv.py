@@ -15,7 +15,6 @@ the same input through two paths and compares everything they leave behind:
 * ``Batch.from_frames`` / ``Batch.frames`` against a plain reference;
 * ``NicWorker._replay`` with its small-batch verdict path against its numpy path.
 """
-import collections
 import random
 
 import numpy as np
@@ -68,7 +67,7 @@ def _same_tables(a, b):
 # The holder's loops as they were before the fast paths (commit cb386f6), kept here as
 # the oracle: the new code must decide and install exactly what these did.
 def _reference_handle_misses(rb, direction, verdicts, keys, now):
-    from hypernat.rules import _FETCH, _OK, _R_NOT_IN_POOL  # noqa: F401
+    from hypernat.rules import _FETCH, _OK
 
     verdicts = np.asarray(verdicts)
     n = len(verdicts)

@@ -10,7 +10,7 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
                         │ misses (verdict MISS_*, key per frame)
                         ▼
-              RuleBuilder.handle_misses ──► REPLAY: translate again, send
+              RuleBuilder.decide_misses ──► REPLAY: translate again, send
                                         ──► DROP: counted by reason
                                         ──► FETCH: RuleAgent queues the frame, asks the owner
                                                    (sent at once: not at the end of the turn)
