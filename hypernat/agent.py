@@ -227,7 +227,7 @@ class _Pending:
     charged: int = -1  # remote source whose token this fetch holds (-1: none)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Clone:
     owner: int
     rule_id: int
