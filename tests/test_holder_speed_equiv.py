@@ -604,3 +604,17 @@ def test_shm_ring_push_batch_and_frames_copy_exactly_and_refuse_what_does_not_fi
         assert ring.pop_frames() == [bytes(range(250, 256)), bytes([3, 4])]
     finally:
         ring.close()
+
+
+def test_memory_port_inject_keeps_what_fits_in_order_and_recv_takes_at_most_max():
+    p = MemoryPort("m", capacity=5)
+    try:
+        assert p.inject([b"a", bytearray(b"b"), memoryview(b"c")]) == 3
+        assert all(type(f) is bytes for f in p._rx)  # copies, as received from a wire
+        assert p.inject([b"d", b"e", b"f", b"g"]) == 2 and p.counters["rx_drops"] == 2
+        assert p.inject([b"h"]) == 0 and p.counters["rx_drops"] == 3
+        assert p.recv(2).frames() == [b"a", b"b"] and p.pending() == 3
+        assert p.recv(10).frames() == [b"c", b"d", b"e"] and p.pending() == 0 and p.recv() is None
+        assert p.counters["rx_packets"] == 5
+    finally:
+        p.close()
