@@ -221,7 +221,7 @@ class ShmRing:
         offs = batch.offsets[ia].tolist()
         lns = batch.lengths[ia].tolist()
         try:
-            src = memoryview(batch.buf).cast("B") if batch.buf.ndim == 1 else None
+            src = memoryview(batch.buf).cast("B") if getattr(batch.buf, "ndim", 1) == 1 else None
         except (TypeError, ValueError):
             src = None
         data, lens = self._data_mv, self.lens
