@@ -387,7 +387,8 @@ class RuleAgent:
                             buckets.popitem(last=False)
                     else:
                         buckets.move_to_end(remote)
-                        b[0] = min(burst, b[0] + (now - b[1]) * rate)
+                        t = b[0] + (now - b[1]) * rate
+                        b[0] = t if t < burst else burst  # min(burst, t), NaN included
                         b[1] = now
                     if b[0] < 1.0:
                         c_rate += 1
@@ -611,7 +612,8 @@ class RuleAgent:
             if ch >= 0:
                 bk = buckets.get(ch)
                 if bk is not None:
-                    bk[0] = min(burst, bk[0] + 1.0)
+                    t = bk[0] + 1.0
+                    bk[0] = t if t < burst else burst  # min(burst, t)
                 pend.charged = -1
             fr = pend.frames
             if fr:
