@@ -187,6 +187,7 @@ _NACK_OF = {
     "not_owner": "not_owner",
     "no_mapping": "no_rule",
     "icmp_error_no_session": "no_rule",
+    "recovering": "unavailable",  # crash recovery window at the owner: try again shortly
 }
 
 

@@ -180,6 +180,7 @@ ACT_NONE = 0  # not a miss: nothing to do
 ACT_REPLAY = 1  # a session was installed here: translate the frame again
 ACT_DROP = 2  # refused; Decisions.reason says why (counted already)
 ACT_FETCH = 3  # owned by NIC Decisions.owner: fetch Decisions.fetch_key (fetch_dir)
+ACT_HOLD = 4  # crash recovery window: keep the frame, translate it again later (``recovering``)
 
 REASON = {name: i for i, name in enumerate(SLOW_PATH_REASON_NAMES)}
 
@@ -273,6 +274,7 @@ _R_NOT_INTERNAL = REASON["not_internal"]
 _R_LEASE = REASON["lease_expired"]
 _R_BAD = REASON["bad_message"]
 _R_NO_MAPPING = REASON["no_mapping"]
+_R_RECOVERING = REASON["recovering"]
 _R_ICMP_NO_SESSION = REASON["icmp_error_no_session"]
 _R_NOT_OWNER = REASON["not_owner"]
 _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
@@ -293,11 +295,13 @@ EVENT_NAMES = (
     "recovery_lost_table_full",
     "recovery_lost_invalid",  # not an internal address / protocol, or a host owned elsewhere
     "recovery_blocks_expired",  # quarantines that ran out with nothing recovered
+    "recovery_held",  # first packets of a journaled host held in the recovery window
 )  # fmt: skip
 
 # Outcome codes of the per-frame helpers: >= 0 a reason (drop); these are the others.
 _OK = -1
 _FETCH = -2
+_HOLD = -3  # crash recovery: the host's rules may come back from other NICs' clones; wait
 
 log = logging.getLogger("hypernat.rules")
 
@@ -420,6 +424,14 @@ class RuleBuilder:
         self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
         self._rec_ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
         self.events = dict.fromkeys(EVENT_NAMES, 0)
+        # Crash recovery window (set by the worker after a crash restart): a new mapping
+        # for a host the journal names is not made while the clones' reports may still
+        # bring its old one back (that would bind it otherwise: recovery_lost_conflict);
+        # the frame is held (_HOLD) and the worker replays it when a report arrived or
+        # the window closed.  A FETCH asking this NIC to allocate for such a host is
+        # refused as "recovering" (NACK unavailable: the holder's client retries).
+        self.recovering = False
+        self._recovery_hosts = frozenset()
         self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
         self._holds = {}  # ekey -> leases outstanding
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
@@ -480,7 +492,8 @@ class RuleBuilder:
         if not idx:
             return dec
         r = np.array(res, dtype=np.int16)
-        dec.action[idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH, ACT_DROP))
+        dec.action[idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH,
+                                                               np.where(r == _HOLD, ACT_HOLD, ACT_DROP)))
         dec.reason[idx] = np.where(r >= 0, r, -1)
         for i, o, fd, p, s, sp, d, dp, kind, fl in fetches:
             dec.owner[i] = o
@@ -497,7 +510,8 @@ class RuleBuilder:
         Returns ``(replay, fetches, idx, res)``: frame indices to translate again
         (ACT_REPLAY), the fetches ``(frame, owner, fetch_dir, proto, saddr, sport, daddr,
         dport, kind, tcp_flags)`` (ACT_FETCH, in frame order), every miss's frame index
-        and its result (-1 replay, -2 fetch, else the drop reason, counted already)."""
+        and its result (-1 replay, -2 fetch, -3 hold (``recovering``), else the drop
+        reason, counted already)."""
         if n is None:
             n = len(verdicts)
         lo, hi = _V_MISS_OUT, _V_MISS_HAIRPIN
@@ -595,6 +609,11 @@ class RuleBuilder:
         if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
         if m is None:
+            if self.recovering and iaddr in self._recovery_hosts:
+                if serving:
+                    return self._refuse(_R_RECOVERING)
+                self.events["recovery_held"] += 1
+                return _HOLD
             m = self._new_mapping(p, iaddr, iport, now, h)
             if m.__class__ is int:
                 return m
@@ -2015,6 +2034,7 @@ class RuleBuilder:
         for g in list(self._qhosts):
             if g not in self._qblocks:
                 del self._qhosts[g]
+        self._recovery_hosts = frozenset(self._qhosts.values())
 
     def recover_sessions(self, records, now) -> np.ndarray:
         """Re-adopt sessions this NIC owned before a crash, from a clone holder's report.

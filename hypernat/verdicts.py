@@ -76,6 +76,7 @@ SLOW_PATH_REASONS = (
     ("icmp_error_no_session", "ICMP error about a flow with no session at its owner"),
     ("not_owner", "fetch for an endpoint (or host) this NIC does not own"),
     ("hairpin_disabled", "inside to a mapped external endpoint while hairpinning is off"),
+    ("recovering", "a new mapping asked for a host whose rules are being recovered after a crash"),
 )
 SLOW_PATH_REASON_NAMES = tuple(name for name, _ in SLOW_PATH_REASONS)
 

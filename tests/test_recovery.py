@@ -415,3 +415,37 @@ def test_nic_crash_connections_keep_their_endpoints_through_clones():
     assert final0["recovery"]["quarantined_blocks"] > 0
     assert counters["rules_recovered_sessions"] >= len(split)
     assert counters["rules_recovery_lost_host_mismatch"] == 0 and counters["rules_recovery_lost_invalid"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# the recovery window (the worker opens it after a crash restart)
+
+
+def test_recovery_window_holds_new_mappings_of_journaled_hosts_only():
+    """While ``recovering``: a host the journal names gets no new mapping (ACT_HOLD, not
+    a drop; a FETCH asking this NIC to allocate for it is refused as "recovering"); a
+    host the journal does not name allocates as usual; a reported session is found
+    (replay); once the window closes the held host allocates around its quarantine."""
+    from hypernat.rules import ACT_HOLD
+
+    cfg = make_cfg()
+    before, journal, hosts = build_before(cfg)
+    recs = sessions_of(before)
+    rb = crash(before, journal)
+    assert set(hosts) <= rb._recovery_hosts
+    rb.recovering = True
+    h = hosts[0]
+    stranger = next(x for x in range(ip("10.77.200.1"), ip("10.77.201.0")) if rb.part.eim_owner(x) == 0)
+    d = miss(rb, [(UDP, h, 9999, R1, 53), (UDP, stranger, 9999, R1, 53)], 20)
+    assert d.action[0] == ACT_HOLD and d.action[1] == ACT_REPLAY
+    assert rb.counters_dict()["recovery_held"] == 1 and len(rb.out) == 1
+    sess, status = rb.serve_fetch(OUT, np.array([(h, R1, 9998, 53, UDP, 0, 0, 0)], layout.KEY_DTYPE), 20)
+    assert int(status[0]) == REASON["recovering"]
+    mine = recs[recs["iaddr"] == h][:1]
+    assert rb.recover_sessions(mine, 21).all()
+    row = (int(mine["proto"][0]), h, int(mine["iport"][0]), int(mine["raddr"][0]), int(mine["rport"][0]))
+    assert miss(rb, [row], 22).action[0] == ACT_REPLAY  # its session is back: found
+    rb.recovering = False
+    d = miss(rb, [(UDP, h, 9999, R1, 53)], 23)
+    assert d.action[0] == ACT_REPLAY
+    check_consistency(rb)

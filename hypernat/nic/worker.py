@@ -51,6 +51,7 @@ from ..agent import AgentParams, RuleAgent
 from ..fastpath import FlowTable, Translator
 from ..io.base import Batch
 from ..partition import Partition
+from ..rules import _HOLD as _R_HOLD
 from ..rules import DIR_BITS_BOTH, RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
@@ -87,6 +88,11 @@ GC_FREEZE_INTERVAL = 1.0
 # collection walks all of them again (measured: clone installs +9%, 89k -> 98k/s).
 # Process-wide, set when a worker is created; None leaves the interpreter's setting.
 GC_THRESHOLDS = (100_000, 50, 100)
+# After a crash restart, how long new mappings for the hosts the journal names wait for
+# the other NICs' reports of their clones (rules.RuleBuilder.recovering).  The reports
+# leave the holders as soon as the coordinator announces the new incarnation (a few ms);
+# a held first packet waits at most this long.
+RECOVERY_WAIT_S = 0.5
 
 
 def _numeric(v):
@@ -232,6 +238,9 @@ class NicWorker:
         if events is not None:
             self._record_clone_installs()
         self.recovery = {}
+        self._held: list = []  # (direction, frame) waiting out the crash recovery window
+        self._recovery_end = 0.0
+        self._recovered_seen = 0
         if restore:
             self.recovery = self._restore()
         self._journal_due = 0.0
@@ -325,6 +334,10 @@ class NicWorker:
                 # recover_sessions re-adopts a block only for the host it was assigned to
                 self.rules.quarantine_blocks(sorted(blocks), until, journal=self.journal.records())
                 info["quarantined_blocks"] = len(blocks)
+                if self.rules._recovery_hosts:  # their old mappings may come back: wait first
+                    self.rules.recovering = True
+                    self._recovery_end = self.clock() + RECOVERY_WAIT_S
+                    info["recovery_wait_s"] = RECOVERY_WAIT_S
                 self.counters["blocks_quarantined"] += len(blocks)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
                             "their sessions are recovered from other NICs' clones as those report them, "
@@ -401,51 +414,56 @@ class NicWorker:
         b = port.recv(self.batch_size)
         if b is None:
             return 0
-        ev = self.events
-        t_rx = _now_ns() if ev is not None else 0
         try:
-            n = b.n
-            if n > len(self._verdicts):
-                self._verdicts = np.zeros(n, np.uint8)
-                self._keys = np.zeros(n, layout.KEY_DTYPE)
-                self._all = np.arange(n, dtype=np.intp)
-            v = self._verdicts[:n]
-            k = self._keys[:n]
-            now = self.ticks()
-            self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
-            self.counters["batches"] += 1
-            send = v == _V_TRANSLATED
-            nsend = int(np.count_nonzero(send))
-            if nsend == n:  # the common case: everything hit, one send, nothing else to look at
-                self.counters["tx_drops"] += n - other.send(b, self._all[:n])
-                if ev is not None and ev.hits:
-                    ev.add_keys(EV_RX_HIT, direction, t_rx, k)
-                return n
-            if ev is not None:
-                if ev.hits and nsend:
-                    ev.add_keys(EV_RX_HIT, direction, t_rx, k[send])
-                ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
-            if nsend:
-                idx = np.flatnonzero(send)
-                self.counters["tx_drops"] += nsend - other.send(b, idx)
-            if direction == OUT:
-                hp = v == _V_HAIRPIN
-                if hp.any():
-                    idx = np.flatnonzero(hp)
-                    self.counters["tx_drops"] += len(idx) - port.send(b, idx)
-            if self.arp[id(port)] is not None:
-                nn = np.flatnonzero(v == _V_NOT_NAT)
-                if len(nn):
-                    self._arp(port, b, nn)
-            miss = _MISS_LUT[v]
-            if miss.any():
-                try:
-                    self._misses(b, direction, v, k, now)
-                except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
-                    self.counters["slow_path_errors"] += 1
-                    log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
+            return self._process_batch(b, port, direction, other)
         finally:
             port.release(b)
+
+    def _process_batch(self, b, port, direction: int, other) -> int:
+        """Translate one batch received on `port`, send what hit to `other`, hairpins back
+        to `port`, misses to the slow path."""
+        ev = self.events
+        t_rx = _now_ns() if ev is not None else 0
+        n = b.n
+        if n > len(self._verdicts):
+            self._verdicts = np.zeros(n, np.uint8)
+            self._keys = np.zeros(n, layout.KEY_DTYPE)
+            self._all = np.arange(n, dtype=np.intp)
+        v = self._verdicts[:n]
+        k = self._keys[:n]
+        now = self.ticks()
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        self.counters["batches"] += 1
+        send = v == _V_TRANSLATED
+        nsend = int(np.count_nonzero(send))
+        if nsend == n:  # the common case: everything hit, one send, nothing else to look at
+            self.counters["tx_drops"] += n - other.send(b, self._all[:n])
+            if ev is not None and ev.hits:
+                ev.add_keys(EV_RX_HIT, direction, t_rx, k)
+            return n
+        if ev is not None:
+            if ev.hits and nsend:
+                ev.add_keys(EV_RX_HIT, direction, t_rx, k[send])
+            ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
+        if nsend:
+            idx = np.flatnonzero(send)
+            self.counters["tx_drops"] += nsend - other.send(b, idx)
+        if direction == OUT:
+            hp = v == _V_HAIRPIN
+            if hp.any():
+                idx = np.flatnonzero(hp)
+                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+        if self.arp[id(port)] is not None:
+            nn = np.flatnonzero(v == _V_NOT_NAT)
+            if len(nn):
+                self._arp(port, b, nn)
+        miss = _MISS_LUT[v]
+        if miss.any():
+            try:
+                self._misses(b, direction, v, k, now)
+            except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
+                self.counters["slow_path_errors"] += 1
+                log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
 
     def _arp(self, port, b, idx) -> None:
@@ -470,7 +488,11 @@ class NicWorker:
     def _misses(self, b, direction, v, k, now) -> None:
         # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
         # first packet of a connection, pays no numpy per field or per decision
-        replay, fetches, _, _ = self.rules.decide_misses(direction, v, k, now)
+        replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
+        if self.rules.recovering:
+            held = [i for i, r in zip(idx, res) if r == _R_HOLD]
+            if held:
+                self._hold(direction, b.frames(held))
         ev = self.events
         if replay:
             if ev is not None:
@@ -489,6 +511,34 @@ class NicWorker:
             # (~100 us a turn on a loaded host, on the critical path of the first reply)
             self._flush()
         # ACT_DROP: the builder counted the reason already
+
+    def _hold(self, direction: int, frames) -> None:
+        """Keep first packets of hosts under crash recovery (bounded like the fetch
+        queues: limits.pending_total); ``_recovery_step`` sends them through again."""
+        room = max(0, self.config.limits.pending_total - len(self._held))
+        if len(frames) > room:
+            self.counters["recovery_hold_dropped"] += len(frames) - room
+            frames = frames[:room]
+        self._held.extend((direction, f) for f in frames)
+
+    def _recovery_step(self, now: float) -> None:
+        """While the crash recovery window is open: when a report recovered sessions, or
+        when the window closes, every held frame goes through the NIC again (a recovered
+        session translates it; otherwise a new mapping is made once the window closed,
+        or it is held again)."""
+        got = self.rules.events["recovered_sessions"]
+        closing = now >= self._recovery_end
+        if closing:
+            self.rules.recovering = False
+            log.info("nic%d: crash recovery window closed (%d sessions recovered, %d first packets held)",
+                     self.nic_id, got, self.rules.events["recovery_held"])
+        if self._held and (closing or got != self._recovered_seen):
+            held, self._held = self._held, []
+            for d, port, other in ((OUT, self.inside, self.outside), (IN, self.outside, self.inside)):
+                frames = [f for x, f in held if x == d]
+                if frames:
+                    self._process_batch(Batch.from_frames(frames), port, d, other)
+        self._recovered_seen = got
 
     _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
 
@@ -796,6 +846,8 @@ class NicWorker:
 
     def _timers(self, now: float) -> None:
         self.agent.tick(now)
+        if self.rules.recovering:
+            self._recovery_step(now)
         if now >= self._gc_due:
             self._gc_due = now + GC_FREEZE_INTERVAL
             gc.freeze()
