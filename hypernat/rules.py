@@ -1236,26 +1236,10 @@ class RuleBuilder:
         """``_session_tuples`` as a SESSION_DTYPE array (one record per found entry, in
         order), packed record by record with struct (cheaper per record than numpy
         building records from tuples or gathering fields, at any batch size)."""
-        olook, ilook = self.out.lookup, self.inn.lookup
-        mo, mi = self._slot_views()
-        rd = _ST_SEEN_STATE.unpack_from
         pk = _ST_SESSION.pack_into
-        nic = self.nic
         buf = bytearray(32 * len(found))
-        x = 0
-        for _, m, ra, rp in found:
-            p = m.proto
-            ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
-            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
-                jo = olook(*out_key(p, ia, ip, ra, rp))
-                ji = ilook(*in_key(p, ra, rp, ea, ep))
-            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
-                jo = olook(p, ia, ip, ra, rp)
-                ji = ilook(p, ra, rp, ea, ep)
-            lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
-            li, ti = rd(mi, ji * 32 + 24) if ji >= 0 else (0, 0)
-            pk(buf, x, ia, ea, ra, ip, ep, rp, p, dirs, m.rule_id, lo if lo > li else li, to, ti, nic, 0)
-            x += 32
+        for x, row in enumerate(self._session_tuples(found, dirs)):
+            pk(buf, 32 * x, *row)
         return np.frombuffer(buf, SESSION_DTYPE)
 
     def _fill_records(self, recs, found, dirs: int) -> None:
