@@ -73,7 +73,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import struct
 import time
+from bisect import bisect_left as _bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,6 +161,20 @@ def _latency_bucket(seconds: float) -> str:
         if seconds <= bound:
             return name
     return "fetch_answered_gt_200ms"
+
+
+# _latency_bucket for many: the first bound >= seconds (bisect_left), or the last name
+_LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
+_LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
+# a FETCH record (M.KEY_DTYPE) from the tuple _send_fetch / fetch_rows build
+_KEY_PACK = struct.Struct("<IIBBBBIIIHHHH").pack
+assert struct.calcsize("<IIBBBBIIIHHHH") == M.KEY_DTYPE.itemsize and M.KEY_DTYPE.names == (
+    "seq", "rule_id", "proto", "kind", "reason", "flags", "int_addr", "ext_addr", "rem_addr", "int_port",
+    "ext_port", "rem_port", "pad")
+# the RULE fields _on_rule reads, in M.RULE_DTYPE's order (a record's tuple[:11])
+_RULE_FIELDS = ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
+                "rem_port", "owner", "proto")
+assert M.RULE_DTYPE.names[:11] == _RULE_FIELDS
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -255,7 +271,7 @@ class RuleAgent:
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
         self._seq = 1
-        self._fetch_q: dict[int, list] = {}  # owner -> FETCH tuples of the batch being handled
+        self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         self._pending_due = float("inf")  # earliest retry or deadline among self.pending
         # holder side
@@ -310,14 +326,112 @@ class RuleAgent:
     def fetch_many(self, fetch_dirs, keys, owners, frames, now: float) -> int:
         """``fetch`` for the misses of one batch: fetch_dirs and owners int lists, keys a
         KEY_DTYPE array, frames a list (None: no frame to queue).  Returns frames queued."""
-        n = 0
         icmp_kind = layout.KIND_ICMP_ERROR
-        self._batching += 1
+        if len(keys) <= 8:  # a record's tuple: cheaper than 8 column lists for a few
+            cols = [(p, sa, sp, da, dp, kind) for sa, da, sp, dp, p, kind, *_ in keys.tolist()]
+        else:
+            cols = zip(keys["proto"].tolist(), keys["saddr"].tolist(), keys["sport"].tolist(),
+                       keys["daddr"].tolist(), keys["dport"].tolist(), keys["kind"].tolist())
+        return self.fetch_rows([(fd, (p, sa, sp, da, dp), kind == icmp_kind, o, f)
+                                for fd, (p, sa, sp, da, dp, kind), o, f in zip(fetch_dirs, cols, owners, frames)],
+                               now)
+
+    def fetch_rows(self, rows, now: float) -> int:
+        """``fetch`` for many misses as plain tuples ``(fetch_dir, key, icmp, owner, frame)``
+        (key: (proto, saddr, sport, daddr, dport) in fetch_dir's table; icmp: an ICMP
+        error's lookup).  Exactly ``_fetch`` record after record (tests pin it), with the
+        per-record work inlined: one FETCH message per owner.  Returns frames queued."""
+        pending = self.pending
+        pget = pending.get
+        neg = self.negative
+        by_seq = self._by_seq
+        fq = self._fetch_q
+        p = self.p
+        qmax, qflow, retry = p.queue_total, p.queue_per_flow, p.retry_s
+        buckets = self._buckets
+        burst, rate = p.fetch_burst, p.fetch_rate
+        f_icmp, f_alloc = M.FETCH_F_ICMP_ERROR, M.FETCH_F_ALLOCATE
+        by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
+        pack = _KEY_PACK
+        seq = self._seq
+        queued = self.queued_total
+        n = started = c_neg = c_rate = c_full = 0
         try:
-            for fd, (sa, da, sp, dp, p, kind, *_), o, f in zip(fetch_dirs, keys.tolist(), owners, frames):
-                n += self._fetch(fd, (p, sa, sp, da, dp), kind == icmp_kind, o, f, now)
+            for fd, kt, icmp, owner, frame in rows:
+                pk = (fd, kt)
+                pend = pget(pk)
+                if pend is not None:
+                    if frame is not None:
+                        if queued >= qmax or len(pend.frames) >= qflow:
+                            c_full += 1
+                            continue
+                        pend.frames.append(frame)
+                        queued += 1
+                        n += 1
+                    continue
+                if neg:
+                    until = neg.get(pk)
+                    if until is not None:
+                        if until > now:
+                            c_neg += 1
+                            continue
+                        del neg[pk]
+                charged = -1
+                if fd == IN:  # _take_token, inline
+                    remote = kt[1]
+                    b = buckets.get(remote)
+                    if b is None:
+                        b = [burst, now]
+                        buckets[remote] = b
+                        if len(buckets) > 65536:
+                            buckets.popitem(last=False)
+                    else:
+                        buckets.move_to_end(remote)
+                        b[0] = min(burst, b[0] + (now - b[1]) * rate)
+                        b[1] = now
+                    if b[0] < 1.0:
+                        c_rate += 1
+                        continue
+                    b[0] -= 1.0
+                    charged = remote
+                if frame is not None and queued >= qmax:
+                    c_full += 1
+                    frame = None  # the fetch still goes out: later packets will find the rule
+                s = seq  # _start_fetch + _send_fetch, inline
+                seq = (seq + 1) & 0xFFFFFFFF or 1
+                pr, sa, sp, da, dp = kt
+                if fd == IN:  # (p, R, Rp, E, Ep)
+                    flags = f_icmp if icmp else 0
+                    rec = pack(s, 0, pr, by_ext, 0, flags, 0, da, sa, 0, dp, sp, 0)
+                else:  # (p, I, Ip, R, Rp)
+                    flags = (f_icmp if icmp else 0) | f_alloc
+                    rec = pack(s, 0, pr, by_int, 0, flags, sa, 0, da, sp, 0, dp, 0)
+                pend = _Pending(fd, kt, owner, s, now, now, retry, flags, [] if frame is None else [frame], charged)
+                pending[pk] = pend
+                by_seq[s] = pk
+                q = fq.get(owner)
+                if q is None:
+                    q = fq[owner] = []
+                q.append(rec)
+                started += 1
+                if frame is not None:
+                    queued += 1
+                    n += 1
         finally:
-            self._batching -= 1
+            self._seq = seq
+            self.queued_total = queued
+            c = self.counters
+            if started:
+                if now + retry < self._pending_due:
+                    self._pending_due = now + retry
+                c["tx_fetch"] += started
+                c["fetches"] += started
+            if c_neg:
+                c["fetch_negative_cached"] += c_neg
+            if c_rate:
+                c["fetch_rate_limited"] += c_rate
+            if c_full:
+                c["pending_queue_full"] += c_full
             if not self._batching:
                 self._flush_fetches()
         return n
@@ -370,14 +484,14 @@ class RuleAgent:
         return pend
 
     def _send_fetch(self, pend: _Pending) -> None:
-        # one plain tuple in KEY_DTYPE order, packed with the others of its batch (one
-        # numpy array per owner: ``_flush_fetches``); fields:
+        # one record in KEY_DTYPE order, packed, sent with the others of its batch (one
+        # message per owner: ``_flush_fetches``); fields:
         # seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
         p, sa, sp, da, dp = pend.key
         if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
-            rec = (pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
+            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
         else:  # (p, I, Ip, R, Rp)
-            rec = (pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
+            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
         self.counters["tx_fetch"] += 1
         q = self._fetch_q.get(pend.owner)
         if q is None:
@@ -392,7 +506,8 @@ class RuleAgent:
             return
         q, self._fetch_q = self._fetch_q, {}
         for owner, rows in q.items():
-            self._send(owner, M.T_FETCH, np.array(rows, dtype=M.KEY_DTYPE))
+            # records packed with struct as they came: numpy parses tuples into records slowly
+            self._send(owner, M.T_FETCH, np.frombuffer(b"".join(rows), dtype=M.KEY_DTYPE))
 
     def _take_token(self, remote: int, now: float) -> bool:
         b = self._buckets.get(remote)
@@ -452,44 +567,80 @@ class RuleAgent:
         with one ``install_many`` (one ``FlowTable.insert_batch`` per table), then
         release every queued frame of the batch through the fast path in ONE replay per
         direction (flows in answer order, each flow's frames in arrival order)."""
-        accepted = []  # (pend, sk, rule_id, lease_ms, dir bit)
+        n = len(recs)
+        items = []  # (sk, rule_id, lease_ms, dir bit) of each accepted record
         # the owner of every rule's external endpoint, at once (partition + loans)
         owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
-                  if self.partition is not None and len(recs) > self._SMALL_FETCH else None)
-        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto, *_) in enumerate(recs.tolist()):
-            pk = self._by_seq.pop(seq, None)
-            pend = self.pending.get(pk) if pk is not None else None
-            if pend is None:
-                self.count("rule_duplicate")  # a retry answered twice, or timed out meanwhile
-                continue
-            sk = (proto, ia, ip, ea, ep, ra, rp)
-            fkey = in_key(proto, ra, rp, ea, ep) if pend.fetch_dir == IN else out_key(proto, ia, ip, ra, rp)
-            if fkey != pend.key:
-                self.count("bad_message")
-                continue
-            if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
-                continue
-            del self.pending[pk]
-            accepted.append((pend, sk, rule_id, lease_ms, DIR_BIT[pend.fetch_dir]))
-        if not accepted:
-            return
-        self._install_many(source, [(sk, rid, lms, d) for _, sk, rid, lms, d in accepted], now)
-        replay = {OUT: [], IN: []}
+                  if self.partition is not None and n > self._SMALL_FETCH else None)
+        if n <= 8:  # a record's tuple: cheaper than a list per field for a few
+            rows = [r[:11] for r in recs.tolist()]
+        else:
+            rows = zip(*[recs[f].tolist() for f in _RULE_FIELDS])
+        pop_seq = self._by_seq.pop
+        pending = self.pending
+        pget = pending.get
+        icmp = layout.PROTO_ICMP
+        buckets = self._buckets
+        burst = self.p.fetch_burst
+        replay_out, replay_in = [], []
         lats = []
-        for pend, *_ in accepted:
-            self._refund(pend)
-            self.queued_total -= len(pend.frames)
+        dup = bad = queued = 0
+        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto) in enumerate(rows):
+            pk = pop_seq(seq, None)
+            pend = pget(pk) if pk is not None else None
+            if pend is None:
+                dup += 1  # a retry answered twice, or timed out meanwhile
+                continue
+            if pend.fetch_dir == IN:  # in_key / out_key, inline (ICMP: the identifier in both ports)
+                fkey = (proto, ra, ep, ea, ep) if proto == icmp else (proto, ra, rp, ea, ep)
+                dbit = DIR_BIT_IN
+            else:
+                fkey = (proto, ia, ip, ra, ip) if proto == icmp else (proto, ia, ip, ra, rp)
+                dbit = DIR_BIT_OUT
+            if fkey != pend.key:
+                bad += 1
+                continue
+            if owners is None or owner != source or owners[x] != source:
+                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
+                    continue
+            del pending[pk]
+            items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
+            # answered: the token back (_refund, inline), the frames to release
+            ch = pend.charged
+            if ch >= 0:
+                bk = buckets.get(ch)
+                if bk is not None:
+                    bk[0] = min(burst, bk[0] + 1.0)
+                pend.charged = -1
+            fr = pend.frames
+            if fr:
+                queued += len(fr)
+                if dbit == DIR_BIT_IN:
+                    replay_in.extend(fr)
+                else:
+                    replay_out.extend(fr)
             lats.append(now - pend.first)
-            if pend.frames:
-                replay[pend.fetch_dir].extend(pend.frames)
+        if dup:
+            self.count("rule_duplicate", dup)
+        if bad:
+            self.count("bad_message", bad)
+        if not items:
+            return
+        self._install_many(source, items, now)
+        self.queued_total -= queued
         self.fetch_latencies.extend(lats)
-        self.count("fetch_answered", len(accepted))
-        self.counters.update(map(_latency_bucket, lats))
+        c = self.counters
+        c["fetch_answered"] += len(items)
+        if len(lats) == 1:
+            c[_latency_bucket(lats[0])] += 1
+        else:
+            c.update([_LAT_NAMES[_bisect_left(_LAT_LIMITS, x)] for x in lats])
         # the fast path now has the rule for an out fetch; an in key may differ for
         # a wildcard answer (EIM), the replay resolves it either way
-        for d in (OUT, IN):
-            if replay[d]:
-                self.replay(d, replay[d])
+        if replay_out:
+            self.replay(OUT, replay_out)
+        if replay_in:
+            self.replay(IN, replay_in)
 
     def _on_push(self, source, recs, now):
         ack = M.records(M.T_PUSH_ACK, len(recs))
@@ -912,42 +1063,57 @@ class RuleAgent:
     def _install_many(self, owner: int, items, now: float) -> None:
         """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
         A clone already held with those entries only has its lease extended (idempotent
-        repeat); the rest go to the builder in one ``install_clones`` call."""
+        repeat); the rest go to the builder in one call: ``install_clone_rows`` (plain
+        tuples) where the builder has it and nobody wrapped its ``install_clones`` (the
+        worker's event log does), else ``install_clones`` on a SESSION_DTYPE array."""
         todo = []
+        rows = []  # install_clone_rows: (p, i, ip, e, ep, r, rp, rule_id, dirs, tcp_out, tcp_in)
+        clones = self.clones
+        cget = clones.get
         for sk, rule_id, lease_ms, dirs in items:
             expires = now + lease_ms / 1000.0
-            c = self.clones.get(sk)
+            c = cget(sk)
             if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
-                c.expires = max(c.expires, expires)
+                if expires > c.expires:
+                    c.expires = expires
             else:
                 todo.append((sk, rule_id, dirs, expires))
+                rows.append(sk + (rule_id, dirs, 0, 0))
         if not todo:
             return
         tick = self.tick_clock()
-        recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
-                         for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
-        got = self.rules.install_clones(recs, tick, recs["dirs"]).tolist()
+        rules = self.rules
+        rows_fn = getattr(rules, "install_clone_rows", None)
+        if rows_fn is not None and "install_clones" not in getattr(rules, "__dict__", ()):
+            got = rows_fn(rows, tick)
+        else:
+            recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
+                             for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
+            got = rules.install_clones(recs, tick, recs["dirs"]).tolist()
         installed = 0
+        failed = 0
         first = float("inf")
         neg = self.negative
-        clones = self.clones
         for (sk, rule_id, dirs, expires), ok in zip(todo, got):
             if ok <= 0:
-                self.count("clone_install_failed")
+                failed += 1
                 continue
             installed += 1
             if expires < first:
                 first = expires
-            c = clones.get(sk)
+            c = cget(sk)
             if c is None:
-                self.clones[sk] = _Clone(owner, rule_id, dirs, expires)
+                clones[sk] = _Clone(owner, rule_id, dirs, expires)
             else:
                 c.dirs |= dirs
-                c.expires = max(c.expires, expires)
+                if expires > c.expires:
+                    c.expires = expires
             if neg:
                 for d in (OUT, IN):
                     if dirs & DIR_BIT[d]:
                         neg.pop((d, session_key(sk, d)), None)
+        if failed:
+            self.count("clone_install_failed", failed)
         self._lease_due = min(self._lease_due, first - self.p.lease_margin_s)
         self.count("clones_installed", installed)
 

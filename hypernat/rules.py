@@ -95,6 +95,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
             translog=None, journal=None)
   packets
     handle_misses(direction, verdicts, keys, now) -> Decisions
+    decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
+        the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
   owner side of cloning (called by the RuleAgent)
     serve_fetch(fetch_dir, keys, now) -> (records, status)   status 0 = ok, else reason index
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
@@ -105,6 +107,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
         while .track_created (install: active) / .track_removed (more than one NIC))
   holder side of cloning
     install_clone(records, now, dirs=DIR_BIT_OUT|DIR_BIT_IN, lease_until=0) -> int
+    install_clones(records, now, dirs, lease_until=0) -> int8[n] (entries per record)
+    install_clone_rows(rows, now, lease_until=0) -> list (the same on plain tuples:
+        the RuleAgent's RULE answers)
     remove_clone(records) -> int
     renew_clones(records, lease_until) -> int
     collect_activity(clear=True, max_slots=None) -> SESSION_DTYPE array (active clone
@@ -125,6 +130,7 @@ import collections
 import dataclasses
 import ipaddress
 import logging
+import struct
 import time as _time
 
 import numpy as np
@@ -455,53 +461,99 @@ class RuleBuilder:
         miss get ACT_NONE.  Outgoing misses allocate (or reuse the mapping) and install a
         session; incoming misses owned here are filtered per the filtering behaviour;
         hairpin misses build both halves; ICMP-error misses never create anything.
+        (``decide_misses`` is the same decision as plain lists: what the NIC loop uses.)
         """
         verdicts = np.asarray(verdicts)
         n = len(verdicts)
         dec = Decisions.empty(n)
-        idx = np.flatnonzero((verdicts >= _V_MISS_OUT) & (verdicts <= _V_MISS_HAIRPIN))
-        if len(idx) == 0:
+        _, fetches, idx, res = self.decide_misses(direction, verdicts, keys, now)
+        if not idx:
             return dec
-        now = int(now)
-        k = keys[idx]
-        cols = zip(
-            verdicts[idx].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
-            k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
-        )
-        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
-        tl = self.translog
-        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
-        res = []
-        fetches = []
-        out_ = self._out
-        for j, (v, p, s, sp, d, dp, kind, fl) in enumerate(cols):
-            if v == _V_MISS_OUT:
-                r = out_(p, s, sp, d, dp, fl, now)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
-            elif v == _V_MISS_HAIRPIN:
-                r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner) + fkey + (fl,))
-            elif v == _V_MISS_ICMP_ERROR and direction == OUT:
-                r = out_(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
-            else:
-                r = self._in(p, s, sp, d, dp, fl, now, kind == layout.KIND_ICMP_ERROR)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, IN, p, s, sp, d, dp, kind, fl))
-            res.append(r)
-        self._flush(now)
         r = np.array(res, dtype=np.int16)
         dec.action[idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH, ACT_DROP))
         dec.reason[idx] = np.where(r >= 0, r, -1)
-        for j, o, fd, p, s, sp, d, dp, kind, fl in fetches:
-            i = int(idx[j])
+        for i, o, fd, p, s, sp, d, dp, kind, fl in fetches:
             dec.owner[i] = o
             dec.fetch_dir[i] = fd
             dec.fetch_key[i] = (s, d, sp, dp, p, kind, fl, 0)
         return dec
+
+    _SMALL_MISSES = 8  # up to this many frames: plain Python lists, no numpy per field
+
+    def decide_misses(self, direction, verdicts, keys, now, n=None) -> tuple:
+        """``handle_misses`` without the numpy Decisions (the NIC loop's call: a batch with
+        one miss costs microseconds, not tens).  Frames 0..n-1 (n: all of `verdicts`).
+
+        Returns ``(replay, fetches, idx, res)``: frame indices to translate again
+        (ACT_REPLAY), the fetches ``(frame, owner, fetch_dir, proto, saddr, sport, daddr,
+        dport, kind, tcp_flags)`` (ACT_FETCH, in frame order), every miss's frame index
+        and its result (-1 replay, -2 fetch, else the drop reason, counted already)."""
+        if n is None:
+            n = len(verdicts)
+        lo, hi = _V_MISS_OUT, _V_MISS_HAIRPIN
+        if n <= self._SMALL_MISSES:
+            vl = verdicts[:n].tolist()
+            idx = [i for i, v in enumerate(vl) if lo <= v <= hi]
+            if not idx:
+                return [], [], idx, []
+            kl = keys[:n].tolist()
+            cols = [(vl[i],) + kl[i] for i in idx]  # (v, saddr, daddr, sport, dport, proto, kind, fl, _)
+            cols = [(v, p, s, sp, d, dp, kind, fl) for v, s, d, sp, dp, p, kind, fl, _ in cols]
+            owners = None
+        else:
+            verdicts = np.asarray(verdicts[:n])
+            ia = np.flatnonzero((verdicts >= lo) & (verdicts <= hi))
+            if len(ia) == 0:
+                return [], [], [], []
+            idx = ia.tolist()
+            k = keys[ia]
+            cols = zip(
+                verdicts[ia].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
+                k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
+            )
+            # incoming misses: the owner of each destination (an external endpoint) at once
+            # (the first thing _in asks; a fetch needs nothing else)
+            owners = self.part.owners(k["daddr"], k["dport"]).tolist() if direction == IN else None
+        now = int(now)
+        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        tl = self.translog
+        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
+        part_owner = self.part.owner
+        me = self.nic
+        res = []
+        fetches = []
+        replay = []
+        out_, in_ = self._out, self._in
+        icmp_kind = layout.KIND_ICMP_ERROR
+        for j, (v, p, s, sp, d, dp, kind, fl) in enumerate(cols):
+            if v == _V_MISS_OUT:
+                r = out_(p, s, sp, d, dp, fl, now)
+                if r == _FETCH:
+                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+            elif v == _V_MISS_HAIRPIN:
+                r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
+                if r == _FETCH:
+                    fetches.append((idx[j], self._fetch_owner) + fkey + (fl,))
+            elif v == _V_MISS_ICMP_ERROR and direction == OUT:
+                r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
+                if r == _FETCH:
+                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+            else:
+                # _in's first step inline: another NIC's endpoint is a fetch, outside E a drop
+                o = part_owner(d, dp) if owners is None else owners[j]
+                if o < 0:
+                    r = self._refuse(_R_NOT_IN_POOL)
+                elif o != me:
+                    self._fetch_owner = o
+                    r = _FETCH
+                    fetches.append((idx[j], o, IN, p, s, sp, d, dp, kind, fl))
+                else:
+                    r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
+            if r == _OK:
+                replay.append(idx[j])
+            res.append(r)
+        self._flush(now)
+        return replay, fetches, idx, res
 
     def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
         """An outgoing first packet (or an ICMP error from inside): allocate or find."""
@@ -1238,56 +1290,94 @@ class RuleBuilder:
         for the same key replaces the earlier clone entry)."""
         recs = np.asarray(records).reshape(-1)
         n = len(recs)
-        got = np.zeros(n, np.int8)
+        if n == 0:
+            return np.zeros(0, np.int8)
+        if n <= 8:  # a few records: one tuple each beats ten column lists
+            dl = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist()
+            rows = [(p, i, ip, e, ep, r, rp, rid, d, to, ti)
+                    for (i, e, r, ip, ep, rp, p, _, rid, _, to, ti, *_), d in zip(recs.tolist(), dl)]
+        else:
+            rows = list(zip(recs["proto"].tolist(), recs["iaddr"].tolist(), recs["iport"].tolist(),
+                            recs["eaddr"].tolist(), recs["eport"].tolist(), recs["raddr"].tolist(),
+                            recs["rport"].tolist(), recs["rule_id"].tolist(),
+                            np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist(),
+                            recs["tcp_out"].tolist(), recs["tcp_in"].tolist()))
+        return np.array(self.install_clone_rows(rows, now, lease_until), dtype=np.int8)
+
+    def install_clone_rows(self, rows, now, lease_until=0) -> list:
+        """``install_clones`` on plain tuples ``(proto, iaddr, iport, eaddr, eport, raddr,
+        rport, rule_id, dirs, tcp_out, tcp_in)`` (the agent's RULE answers: no record
+        array built only to be taken apart again); entries installed per row, a list."""
+        n = len(rows)
+        got = [0] * n
         if n == 0:
             return got
         now = int(now) & 0xFFFFFFFF
         lease = _lease16(lease_until)
         if lease:
             self._lease_clones = True
-        dl = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist()
-        P, I, IP = recs["proto"].tolist(), recs["iaddr"].tolist(), recs["iport"].tolist()
-        E, EP = recs["eaddr"].tolist(), recs["eport"].tolist()
-        R, RP, RID = recs["raddr"].tolist(), recs["rport"].tolist(), recs["rule_id"].tolist()
-        TO, TI = recs["tcp_out"].tolist(), recs["tcp_in"].tolist()
+        part = self.part
         # one connection's clone (the passive install's common case): partition arithmetic
         # on ints, not the vectorised owners() (~25 us of numpy for one record)
-        own = ([self.part.owner(a, q) for a, q in zip(E, EP)] if n <= 4
-               else self.part.owners(recs["eaddr"], recs["eport"]).tolist())
+        if n <= 4:
+            own = [part.owner(rw[3], rw[4]) for rw in rows]
+        else:
+            own = part.owners(np.array([rw[3] for rw in rows], np.int64),
+                              np.array([rw[4] for rw in rows], np.int64)).tolist()
         me = self.nic
-        olook, ilook = self.out.lookup, self.inn.lookup
-        oflags, iflags = self.out.slots["flags"], self.inn.slots["flags"]
-        rows = ([], [])  # per table: SLOT_DTYPE tuples
-        who = ([], [])  # per table: (record index, key, tcp bits) of each row
+        out, inn = self.out, self.inn
+        olook, ilook = out.lookup, inn.lookup
+        oflags = iflags = None  # the slots' flags, fetched only when a key is found
+        orows, irows = [], []  # per table: SLOT_DTYPE records, packed
+        owho, iwho = [], []  # per table: (record index, key, tcp bits) of each row
+        otcp = itcp = False  # any tcp bits to write afterwards
         mask = layout.TCP_STATE_MASK
-        for x in range(n):
-            p = P[x]
+        icmp = PROTO_ICMP
+        clone = _F_CLONE
+        pack = _SLOT_PACK
+        bad = 0
+        for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
             if p not in _PIDX or own[x] == me:
-                self._refuse(_R_BAD)
+                bad += 1
                 continue
-            d = dl[x]
-            r, rp = R[x], RP[x]
             if d & DIR_BIT_OUT:
-                k = out_key(p, I[x], IP[x], r, rp)  # ICMP: the identifier in both ports
+                # out_key: ICMP carries the identifier in both ports
+                k = (p, i, ip, r, ip) if p == icmp else (p, i, ip, r, rp)
                 j = olook(*k)
-                if j >= 0 and not oflags[j] & _F_CLONE:
-                    self._refuse(_R_BAD)  # never replace an owned entry
-                else:
-                    rows[0].append((k[1], k[3], k[2], k[4], p, _F_CLONE, EP[x], E[x], RID[x], now, 0, 0, 0))
-                    who[0].append((x, k, TO[x] & mask))
+                if j >= 0:
+                    if oflags is None:
+                        oflags = out.slots["flags"]
+                    if not oflags[j] & clone:
+                        bad += 1  # never replace an owned entry
+                        j = -2
+                if j != -2:
+                    orows.append(pack(i, r, ip, k[4], p, clone, ep, e, rid, now, 0, 0, 0))
+                    t = to & mask
+                    owho.append((x, k, t))
+                    if t:
+                        otcp = True
             if d & DIR_BIT_IN:
-                e, ep = E[x], EP[x]
-                k = in_key(p, r, rp, e, ep)
+                k = (p, r, ep, e, ep) if p == icmp else (p, r, rp, e, ep)  # in_key
                 j = ilook(*k)
-                if j >= 0 and not iflags[j] & _F_CLONE:
-                    self._refuse(_R_BAD)
-                else:
-                    rows[1].append((k[1], k[3], k[2], k[4], p, _F_CLONE, IP[x], I[x], RID[x], now, 0, 0, 0))
-                    who[1].append((x, k, TI[x] & mask))
-        for tbl, rw, wh in ((self.out, rows[0], who[0]), (self.inn, rows[1], who[1])):
+                if j >= 0:
+                    if iflags is None:
+                        iflags = inn.slots["flags"]
+                    if not iflags[j] & clone:
+                        bad += 1
+                        j = -2
+                if j != -2:
+                    irows.append(pack(r, e, k[2], ep, p, clone, ip, i, rid, now, 0, 0, 0))
+                    t = ti & mask
+                    iwho.append((x, k, t))
+                    if t:
+                        itcp = True
+        if bad:
+            self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
+        for tbl, rw, wh, tcpbits in ((out, orows, owho, otcp), (inn, irows, iwho, itcp)):
             if not rw:
                 continue
-            done = tbl.insert_batch(np.array(rw, dtype=layout.SLOT_DTYPE))
+            # struct-packed records: numpy parses a list of tuples into records slowly
+            done = tbl.insert_batch(np.frombuffer(b"".join(rw), dtype=layout.SLOT_DTYPE))
             look = tbl.lookup
             if done != len(rw):  # the table filled up: find out which rows made it
                 keep = []
@@ -1297,8 +1387,10 @@ class RuleBuilder:
                     else:
                         self._refuse(_R_TABLE_FULL)
                 wh = keep
-            if lease or any(w[2] for w in wh):
-                tcp, lse = tbl.slots["tcp_state"], tbl.slots["lease"]
+                tcpbits = any(w[2] for w in wh)
+            if lease or tcpbits:
+                sl = tbl.slots
+                tcp, lse = sl["tcp_state"], sl["lease"]
                 for _, k, t in wh:
                     j = look(*k)
                     tcp[j] = t
@@ -2024,6 +2116,13 @@ def _expiry_event(p, tcp_out, tcp_in) -> str:
             return "expired_tcp_transitory"
         return "expired_tcp_established"
     return "expired_udp" if p == PROTO_UDP else "expired_icmp"
+
+
+# one flow-table record (layout.SLOT_DTYPE, little-endian, packed) from its fields in order
+_SLOT_PACK = struct.Struct("<IIHHBBHIIIBBH").pack
+assert struct.calcsize("<IIHHBBHIIIBBH") == layout.SLOT_DTYPE.itemsize and layout.SLOT_DTYPE.names == (
+    "saddr", "daddr", "sport", "dport", "proto", "flags", "new_port", "new_addr", "rule_id", "last_seen",
+    "tcp_state", "user", "lease")
 
 
 def _okey(p, iaddr, iport, raddr, rport) -> int:

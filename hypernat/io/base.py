@@ -15,6 +15,8 @@ pcap (offline).
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 import numpy as np
 
 
@@ -36,25 +38,60 @@ class Batch:
     @classmethod
     def from_frames(cls, frames, capacity: int | None = None) -> "Batch":
         """A batch holding copies of `frames` (bytes-like), back to back."""
-        frames = [bytes(f) for f in frames]
-        cap = max(len(frames), capacity or 0)
-        lengths = np.zeros(cap, dtype=np.uint32)
-        offsets = np.zeros(cap, dtype=np.uint32)
-        pos = 0
-        for i, f in enumerate(frames):
-            offsets[i] = pos
-            lengths[i] = len(f)
-            pos += len(f)
+        frames = [f if f.__class__ is bytes else bytes(f) for f in frames]
+        n = len(frames)
+        cap = max(n, capacity or 0)
+        if cap == 1:  # one frame (a replayed first packet): the least numpy possible
+            f = frames[0] if n else b""
+            lengths = np.zeros(1, dtype=np.uint32)
+            lengths[0] = len(f)
+            return cls(np.frombuffer(bytearray(f or b"\0"), dtype=np.uint8), np.zeros(1, dtype=np.uint32),
+                       lengths, n)
+        if n <= 16:  # a few frames: offsets added up in Python
+            lens = list(map(len, frames))
+            if cap == n and n:
+                lengths = np.array(lens, dtype=np.uint32)
+                offsets = np.array([0, *accumulate(lens[:-1])], dtype=np.uint32)
+            else:
+                lengths = np.zeros(cap, dtype=np.uint32)
+                offsets = np.zeros(cap, dtype=np.uint32)
+                if n:
+                    lengths[:n] = lens
+                    offsets[1:n] = list(accumulate(lens[:-1]))
+        else:
+            lengths = np.zeros(cap, dtype=np.uint32)
+            lengths[:n] = np.fromiter(map(len, frames), np.uint32, n)
+            offsets = np.zeros(cap, dtype=np.uint32)
+            np.cumsum(lengths[: n - 1], dtype=np.uint32, out=offsets[1:n])
         buf = np.frombuffer(bytearray(b"".join(frames) or b"\0"), dtype=np.uint8)
-        return cls(buf, offsets, lengths, len(frames))
+        return cls(buf, offsets, lengths, n)
 
     def frame(self, i: int) -> bytes:
         o = int(self.offsets[i])
         return self.buf[o : o + int(self.lengths[i])].tobytes()
 
     def frames(self, idx=None) -> list[bytes]:
-        idx = range(self.n) if idx is None else idx
-        return [self.frame(int(i)) for i in idx]
+        """Copies of frames `idx` (all n when None), in that order."""
+        if idx is None:
+            idx = range(self.n)
+        elif not hasattr(idx, "__len__"):
+            idx = list(idx)
+        if len(idx) == 1:
+            i = int(idx[0])
+            o = self.offsets.item(i)
+            return [self.buf[o : o + self.lengths.item(i)].tobytes()]
+        if len(idx) <= 16:  # a few: item() per index beats a gather
+            oi, li = self.offsets.item, self.lengths.item
+            pos = [(oi(int(i)), li(int(i))) for i in idx]
+        else:
+            ia = np.asarray(idx, dtype=np.intp)
+            pos = zip(self.offsets[ia].tolist(), self.lengths[ia].tolist())
+        try:
+            mv = memoryview(self.buf)
+        except (TypeError, ValueError):  # a buffer without the buffer protocol: numpy slices
+            b = self.buf
+            return [b[o : o + ln].tobytes() for o, ln in pos]
+        return [mv[o : o + ln].tobytes() for o, ln in pos]
 
 
 class Port:

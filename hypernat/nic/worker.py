@@ -10,7 +10,7 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
                         │ misses (verdict MISS_*, key per frame)
                         ▼
-              RuleBuilder.handle_misses ──► REPLAY: translate again, send
+              RuleBuilder.decide_misses ──► REPLAY: translate again, send
                                         ──► DROP: counted by reason
                                         ──► FETCH: RuleAgent queues the frame, asks the owner
                                                    (sent at once: not at the end of the turn)
@@ -48,8 +48,9 @@ from .. import layout
 from .. import messages as M
 from ..agent import AgentParams, RuleAgent
 from ..fastpath import FlowTable, Translator
+from ..io.base import Batch
 from ..partition import Partition
-from ..rules import ACT_FETCH, ACT_REPLAY, DIR_BITS_BOTH, RuleBuilder
+from ..rules import DIR_BITS_BOTH, RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
 from .events import REPLAY_SENT as EV_REPLAY_SENT
@@ -65,6 +66,7 @@ _V_HAIRPIN = VERDICT["hairpin"]
 _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
+_MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
 
 # Loop counters beyond the fast path's verdicts and the builder's reasons.
 LOOP_COUNTERS = (
@@ -185,6 +187,8 @@ class NicWorker:
         self._verdicts = np.zeros(max(batch_size, 1024), np.uint8)
         self._keys = np.zeros(max(batch_size, 1024), layout.KEY_DTYPE)
         self._all = np.arange(max(batch_size, 1024), dtype=np.intp)  # "send every frame"
+        self._rv = np.zeros(max(batch_size, 1024), np.uint8)  # _replay's verdicts and keys
+        self._rk = np.zeros(max(batch_size, 1024), layout.KEY_DTYPE)
         self._stop = False
         self.incarnation = M.new_incarnation()
         self.coord_incarnation = None
@@ -455,44 +459,66 @@ class NicWorker:
         self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
     def _misses(self, b, direction, v, k, now) -> None:
-        d = self.rules.handle_misses(direction, v, k, now)
-        replay = d.indices(ACT_REPLAY)
-        if self.events is not None and len(replay):
-            self.events.add_keys(EV_RULE_BUILT, direction, _now_ns(), k[replay])
-        if len(replay):
+        # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
+        # first packet of a connection, pays no numpy per field or per decision
+        replay, fetches, _, _ = self.rules.decide_misses(direction, v, k, now)
+        ev = self.events
+        if replay:
+            if ev is not None:
+                ev.add_keys(EV_RULE_BUILT, direction, _now_ns(), k[replay])
             self._replay(direction, b.frames(replay))
-        fetch = d.indices(ACT_FETCH)
-        if len(fetch):  # one pass over the batch's fetches; one FETCH message per owner
-            self.agent.fetch_many(d.fetch_dir[fetch].tolist(), d.fetch_key[fetch], d.owner[fetch].tolist(),
-                                  b.frames(fetch), self.clock())
-            if self.events is not None:
-                self.events.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fetch])
+        if fetches:  # one pass over the batch's fetches; one FETCH message per owner
+            icmp_kind = layout.KIND_ICMP_ERROR
+            fidx = [f[0] for f in fetches]
+            self.agent.fetch_rows([(fd, (p, s, sp, d, dp), kind == icmp_kind, o, fr)
+                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, b.frames(fidx))],
+                                  self.clock())
+            if ev is not None:
+                ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
             # the FETCH leaves now, not at the end of the turn: the rest of the turn (more
             # batches on both ports, timers) would sit between the miss and the owner
             # (~100 us a turn on a loaded host, on the critical path of the first reply)
             self._flush()
         # ACT_DROP: the builder counted the reason already
 
+    _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
+
     def _replay(self, direction: int, frames) -> None:
         """Translate frames again once their rule is installed; send what hits."""
-        from ..io.base import Batch
-
         b = Batch.from_frames(frames)
         n = b.n
-        v = np.zeros(n, np.uint8)
-        k = np.zeros(n, layout.KEY_DTYPE)
+        if n > len(self._rv):
+            self._rv = np.zeros(n, np.uint8)
+            self._rk = np.zeros(n, layout.KEY_DTYPE)
+        v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
+        k = self._rk[:n]
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
-        self.counters["replayed"] += n
+        c = self.counters
+        c["replayed"] += n
         other = self.outside if direction == OUT else self.inside
-        send = np.flatnonzero(v == _V_TRANSLATED)
-        if len(send):
-            self.counters["tx_drops"] += len(send) - other.send(b, send)
-        hp = np.flatnonzero(v == _V_HAIRPIN)
-        if len(hp):
-            self.counters["tx_drops"] += len(hp) - self.inside.send(b, hp)
+        if n <= self._SMALL_REPLAY:
+            vl = v.tolist()
+            send = [i for i, x in enumerate(vl) if x == _V_TRANSLATED]
+            if send:
+                idx = self._all[:n] if len(send) == n else np.array(send, np.intp)
+                c["tx_drops"] += len(send) - other.send(b, idx)
+            miss = 0
+            if len(send) != n:
+                hp = [i for i, x in enumerate(vl) if x == _V_HAIRPIN]
+                if hp:
+                    c["tx_drops"] += len(hp) - self.inside.send(b, np.array(hp, np.intp))
+                miss = sum(1 for x in vl if x in _MISS_SET)
+            c["replay_miss"] += miss
+        else:
+            send = np.flatnonzero(v == _V_TRANSLATED)
+            if len(send):
+                c["tx_drops"] += len(send) - other.send(b, send)
+            hp = np.flatnonzero(v == _V_HAIRPIN)
+            if len(hp):
+                c["tx_drops"] += len(hp) - self.inside.send(b, hp)
+            c["replay_miss"] += int(_MISS_LUT[v].sum())
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
-        self.counters["replay_miss"] += int(_MISS_LUT[v].sum())
 
     # -- coordinator ---------------------------------------------------------------------------
     def _hello(self, now: float) -> None:
