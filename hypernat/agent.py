@@ -190,6 +190,16 @@ _NACK_OF = {
 }
 
 
+def _nack_reason(status: int) -> int:
+    """NACK reason code of a builder refusal (a SLOW_PATH_REASON_NAMES index)."""
+    name = SLOW_PATH_REASON_NAMES[status] if 0 <= status < len(SLOW_PATH_REASON_NAMES) else ""
+    return M.NACK[_NACK_OF.get(name, "no_rule")]
+
+
+# counter names per message type: rx_fetch, rx_rule, ... (no string building per message)
+_RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
+
+
 # ---------------------------------------------------------------------------------------
 @dataclass
 class AgentParams:
@@ -557,7 +567,7 @@ class RuleAgent:
         if h is None:
             self.count("bad_message")
             return
-        self.counters["rx_" + M.TYPE_NAMES[mtype].lower()] += len(recs)
+        self.counters[_RX_COUNTER[mtype]] += len(recs)
         h(self, source, recs, now)
 
     # holder: answers to our fetches
@@ -721,10 +731,14 @@ class RuleAgent:
         tick = self.tick_clock()
         by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
         lease_ms = int(self.p.lease_s * 1000)
-        for fetch_dir, sel in ((IN, by_ext), (OUT, ~by_ext)):
-            sub = recs if sel.all() else recs[sel]
-            if len(sub) == 0:
+        n_ext = int(np.count_nonzero(by_ext))
+        for fetch_dir, count in ((IN, n_ext), (OUT, len(recs) - n_ext)):
+            if count == 0:
                 continue
+            if count == len(recs):
+                sub = recs
+            else:
+                sub = recs[by_ext] if fetch_dir == IN else recs[~by_ext]
             keys = np.zeros(len(sub), layout.KEY_DTYPE)
             keys["proto"] = sub["proto"]
             if fetch_dir == IN:
@@ -734,12 +748,14 @@ class RuleAgent:
                 keys["saddr"], keys["sport"] = sub["int_addr"], sub["int_port"]
                 keys["daddr"], keys["dport"] = sub["rem_addr"], sub["rem_port"]
             icmp = (sub["flags"] & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE)) != 0
-            keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
+            if icmp.any():
+                keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
             sessions, status = self.rules.serve_fetch(fetch_dir, keys, tick)
             status = np.asarray(status)
             ok = status == 0
-            if ok.any():
-                s, r = (sessions, sub) if ok.all() else (sessions[ok], sub[ok])
+            all_ok = bool(ok.all())
+            if all_ok or ok.any():
+                s, r = (sessions, sub) if all_ok else (sessions[ok], sub[ok])
                 out = M.records(M.T_RULE, len(s))
                 out["seq"], out["rule_id"], out["proto"] = r["seq"], s["rule_id"], s["proto"]
                 out["int_addr"], out["int_port"] = s["iaddr"], s["iport"]
@@ -747,15 +763,14 @@ class RuleAgent:
                 out["rem_addr"], out["rem_port"] = s["raddr"], s["rport"]
                 out["owner"], out["lease_ms"] = self.nic_id, lease_ms
                 out["tcp_state"] = s["tcp_out"] | s["tcp_in"]
-                for sk in zip(*(s[f].tolist() for f in _SK_FIELDS)):
-                    self._grant(sk, source, now)
+                # session identities (proto, I, Ip, E, Ep, R, Rp), column by column
+                self._grant_many(list(zip(*(s[f].tolist() for f in _SK_FIELDS))), source, now)
                 self._emit(source, M.T_RULE, out)
-            if not ok.all():
+            if not all_ok:
                 r, st = sub[~ok], status[~ok]
                 out = M.records(M.T_NACK, len(r))
                 out[:] = r
-                out["reason"] = [M.NACK[_NACK_OF.get(SLOW_PATH_REASON_NAMES[x] if 0 <= x < len(
-                    SLOW_PATH_REASON_NAMES) else "", "no_rule")] for x in st.tolist()]
+                out["reason"] = [_nack_reason(x) for x in st.tolist()]
                 if fetch_dir == IN:
                     self._notice_lent(source, r["ext_addr"].tolist(), r["ext_port"].tolist())
                 self._emit(source, M.T_NACK, out)
@@ -763,38 +778,46 @@ class RuleAgent:
 
     def _on_fetch_small(self, source, recs, now):
         """``_on_fetch`` for a few records (the latency-critical case: one FETCH per
-        connection): one serve_fetch call for all of them, records built from tuples."""
+        connection): one ``serve_fetch_rows`` call for all of them (plain tuples, no
+        numpy), the RULE records packed with struct."""
         tick = self.tick_clock()
-        lease_ms = int(self.p.lease_s * 1000)
-        rows = recs.tolist()  # KEY_DTYPE (messages) order
-        keys, dirs = [], []
+        rows = list(M.KEY_STRUCT.iter_unpack(recs.tobytes()))  # KEY_DTYPE (messages) order
+        keys = []
+        icmp_flags = M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE
         for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in rows:
-            k = layout.KIND_ICMP_ERROR if flags & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE) else 0
-            if kind == M.FETCH_BY_EXTERNAL:  # layout.KEY_DTYPE: saddr daddr sport dport proto kind ...
-                keys.append((ra, ea, rp, ep, proto, k, 0, 0))
-                dirs.append(IN)
+            k = layout.KIND_ICMP_ERROR if flags & icmp_flags else 0
+            if kind == M.FETCH_BY_EXTERNAL:  # fetch_dir, then layout.KEY_DTYPE: saddr daddr sport dport proto kind ...
+                keys.append((IN, ra, ea, rp, ep, proto, k, 0, 0))
             else:
-                keys.append((ia, ra, ip, rp, proto, k, 0, 0))
-                dirs.append(OUT)
-        sessions, status = self.rules.serve_fetch(np.array(dirs, np.uint8), np.array(keys, layout.KEY_DTYPE), tick)
-        status = np.asarray(status).tolist()
-        ok = [i for i, st in enumerate(status) if st == 0]
-        if ok:
-            out = M.records(M.T_RULE, len(ok))
-            srows = sessions.tolist()  # SESSION_DTYPE order
-            for j, i in enumerate(ok):
-                ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in, _, _ = srows[i]
-                # RULE_DTYPE: seq rule_id lease_ms int ext rem int_port ext_port rem_port owner proto tcp
-                out[j] = (rows[i][0], rid, lease_ms, ia, ea, ra, ip, ep, rp, self.nic_id, proto, t_out | t_in,
-                          0, 0, 0)
-                self._grant((proto, ia, ip, ea, ep, ra, rp), source, now)
-            self._emit(source, M.T_RULE, out)
-        bad = [i for i, st in enumerate(status) if st != 0]
+                keys.append((OUT, ia, ra, ip, rp, proto, k, 0, 0))
+        serve_rows = getattr(self.rules, "serve_fetch_rows", None)
+        if serve_rows is not None:
+            res = serve_rows(keys, tick)
+        else:  # a builder with the array interface only
+            sessions, status = self.rules.serve_fetch(np.array([k[0] for k in keys], np.uint8),
+                                                      np.array([k[1:] for k in keys], layout.KEY_DTYPE), tick)
+            res = [(st, s if st == 0 else None) for st, s in zip(np.asarray(status).tolist(), sessions.tolist())]
+        lease_ms = int(self.p.lease_s * 1000)
+        nic = self.nic_id
+        pack = M.RULE_STRUCT.pack
+        buf = bytearray()
+        sks = []
+        bad = []
+        for i, (st, s) in enumerate(res):
+            if st != 0:
+                bad.append(i)
+                continue
+            ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in, _, _ = s  # SESSION_DTYPE order
+            # RULE_DTYPE: seq rule_id lease_ms int ext rem int_port ext_port rem_port owner proto tcp flags timeout
+            buf += pack(rows[i][0], rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0, 0, 0)
+            sks.append((proto, ia, ip, ea, ep, ra, rp))
+        if sks:
+            self._grant_many(sks, source, now)
+            self._emit(source, M.T_RULE, np.frombuffer(buf, M.RULE_DTYPE))
         if bad:
             out = M.records(M.T_NACK, len(bad))
             out[:] = recs[bad]
-            out["reason"] = [M.NACK[_NACK_OF.get(SLOW_PATH_REASON_NAMES[status[i]] if 0 <= status[i] < len(
-                SLOW_PATH_REASON_NAMES) else "", "no_rule")] for i in bad]
+            out["reason"] = [_nack_reason(res[i][0]) for i in bad]
             lent = [rows[i] for i in bad if rows[i][3] == M.FETCH_BY_EXTERNAL]
             if lent:
                 self._notice_lent(source, [r[7] for r in lent], [r[10] for r in lent])
@@ -1136,6 +1159,32 @@ class RuleAgent:
         until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         holders[holder] = until
         self._grant_due = min(self._grant_due, until)
+
+    def _grant_many(self, sks, holder: int, now: float) -> None:
+        """``_grant`` for each session identity of `sks` (one lease end for all)."""
+        if holder == self.nic_id or not sks:
+            return
+        until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+        leases = self.leases
+        new = []  # (proto, E, Ep) of the first lease of this holder on a session
+        for sk in sks:
+            holders = leases.get(sk)
+            if holders is None:
+                leases[sk] = {holder: until}
+                new.append((sk[0], sk[3], sk[4]))
+            else:
+                if holder not in holders:
+                    new.append((sk[0], sk[3], sk[4]))
+                holders[holder] = until
+        if until < self._grant_due:
+            self._grant_due = until
+        if new:
+            hold_many = getattr(self.rules, "hold_many", None)
+            if hold_many is not None:
+                hold_many(new)
+            else:  # a builder with the one-at-a-time interface
+                for p, e, ep in new:
+                    self.rules.hold(p, e, ep)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
         holders = self.leases.get(sk)

@@ -155,6 +155,10 @@ _IDENT_RE = re.compile(rb"nic(0|[1-9][0-9]{0,4})\Z")
 
 def parse_identity(ident) -> Optional[int]:
     """NIC number of an identity such as b"nic3" (str accepted), None if not a NIC id."""
+    if type(ident) is bytes:
+        n = _IDENT_CACHE.get(ident)
+        if n is not None:
+            return n
     if isinstance(ident, str):
         ident = ident.encode("ascii", "replace")
     try:
@@ -164,7 +168,14 @@ def parse_identity(ident) -> Optional[int]:
     if m is None:
         return None
     n = int(m.group(1))
-    return n if n <= MAX_NIC else None
+    if n > MAX_NIC:
+        return None
+    if type(ident) is bytes:  # at most MAX_NIC + 1 distinct valid identities
+        _IDENT_CACHE[ident] = n
+    return n
+
+
+_IDENT_CACHE: dict = {}  # b"nic3" -> 3, for the identities seen (every message names one)
 
 
 MAX_NIC = 4095  # NIC ids 0..4095 (u2 fields; far above any real gateway)
@@ -479,8 +490,14 @@ class Decoded(NamedTuple):
         return TYPE_NAMES.get(self.mtype, f"0x{self.mtype:02x}")
 
 
+# type frame (one byte) -> code, for the frames that arrive as bytes
+_TYPE_BY_FRAME = {bytes([c]): c for c in TYPE_NAMES}
+
+
 def type_of(frame) -> Optional[int]:
     """Type code from the type frame, None if it is not one known byte."""
+    if type(frame) is bytes:
+        return _TYPE_BY_FRAME.get(frame)
     try:
         b = bytes(frame)
     except TypeError:
@@ -611,6 +628,19 @@ def validate(
     whole.
     """
     try:
+        code = _TYPE_BY_FRAME.get(mtype_frame) if type(mtype_frame) is bytes else None
+        if code in _SMALL and type(payload) is bytes:
+            # the common case of a few records in a bytes payload: the checks on the
+            # bytes first, the array (a view, as ``decode`` makes it) only when valid
+            dt = DTYPE_OF[code]
+            n, rest = divmod(len(payload), dt.itemsize)
+            if n == 0 or rest:
+                return Decoded(code, None, "truncated")
+            if n <= SMALL_BATCH:
+                reason = _check_small(sender, code, payload, receiver, owns, internal, n_nics)
+                if reason is not None:
+                    return Decoded(code, None, reason)
+                return Decoded(code, np.frombuffer(payload, dtype=dt), None)
         d = decode(mtype_frame, payload)
         if d.reason is not None:
             return d
@@ -661,7 +691,14 @@ _ST_PEER = struct.Struct("<HHIQ")
 for _st, _dt in ((_ST_RULE, RULE_DTYPE), (_ST_KEY, KEY_DTYPE), (_ST_ACTIVITY, ACTIVITY_DTYPE),
                  (_ST_BLOCK, BLOCK_DTYPE), (_ST_PEER, PEER_DTYPE)):
     assert _st.size == _dt.itemsize
+# Public: one record of RULE_DTYPE / KEY_DTYPE as a struct, field by field in dtype
+# order (``RULE_STRUCT.pack(seq, rule_id, lease_ms, ...)``): building a message of a
+# record or two with struct costs a fraction of numpy's per-call overhead.
+RULE_STRUCT = _ST_RULE
+KEY_STRUCT = _ST_KEY
 _PROTO_SET = frozenset(VALID_PROTOS)
+_KEY_TYPES = frozenset((T_FETCH, T_NACK, T_REVOKE))
+_RULE_TYPES = frozenset((T_RULE, T_PUSH, T_LEASE))
 _SMALL = frozenset((T_RULE, T_PUSH, T_LEASE, T_FETCH, T_NACK, T_REVOKE, T_ACTIVITY, T_BORROW, T_BORROW_ACK,
                     T_RETURN, T_PEERS, T_PUSH_ACK, T_REVOKE_ACK, T_ACTIVITY_ACK, T_RETURN_ACK, T_HEARTBEAT))
 
@@ -702,7 +739,53 @@ def _internal_all(internal, addrs) -> bool:
         return False
 
 
+def _check_one_key(sender, code, r, receiver, owns, internal):
+    """``_check_small`` of one FETCH / NACK / REVOKE record (tuple `r`): the same checks
+    in the same order, without the lists a batch needs."""
+    proto, kind = r[2], r[3]
+    if proto not in _PROTO_SET or (kind != FETCH_BY_EXTERNAL and kind != FETCH_BY_INTERNAL):
+        return "bad_field"
+    if code == T_NACK and r[4] >= len(NACK_REASONS):
+        return "bad_field"
+    if proto != 1 and (r[10] == 0 if kind == FETCH_BY_EXTERNAL else r[9] == 0):
+        return "bad_field"
+    if owns is not None:
+        if code == T_REVOKE and sender is not None:
+            if not _owns_all(owns, sender, (r[7],), (r[10],)):
+                return "foreign_endpoint"
+        if code == T_FETCH and receiver is not None and kind == FETCH_BY_EXTERNAL:
+            if not _owns_all(owns, receiver, (r[7],), (r[10],)):
+                return "foreign_endpoint"
+    if internal is not None and code == T_FETCH and kind == FETCH_BY_INTERNAL:
+        if not _internal_all(internal, (r[6],)):
+            return "not_internal"
+    return None
+
+
+def _check_one_rule(sender, r, owns, internal):
+    """``_check_small`` of one RULE / PUSH / LEASE record (tuple `r`)."""
+    proto = r[10]
+    if proto not in _PROTO_SET:
+        return "bad_field"
+    if sender is not None and r[9] != sender:
+        return "bad_identity"
+    if proto != 1 and (r[7] == 0 or r[6] == 0):
+        return "bad_field"
+    if r[5] == 0 and not r[12] & RULE_F_WILDCARD:
+        return "bad_field"
+    if owns is not None and sender is not None:
+        if not _owns_all(owns, sender, (r[4],), (r[7],)):
+            return "foreign_endpoint"
+    if internal is not None and not _internal_all(internal, (r[3],)):
+        return "not_internal"
+    return None
+
+
 def _check_small(sender, code, payload, receiver, owns, internal, n_nics):
+    if len(payload) == 32 and code in _KEY_TYPES:  # one record: the latency-critical FETCH
+        return _check_one_key(sender, code, _ST_KEY.unpack(payload), receiver, owns, internal)
+    if len(payload) == 40 and code in _RULE_TYPES:  # ... and its RULE
+        return _check_one_rule(sender, _ST_RULE.unpack(payload), owns, internal)
     if code in (T_RULE, T_PUSH, T_LEASE):
         recs = list(_ST_RULE.iter_unpack(payload))
         for r in recs:
@@ -942,6 +1025,12 @@ class Outbox:
         q, self._q = self._q, {}
         for (target, mtype), items in q.items():
             dt = DTYPE_OF[mtype]
+            if len(items) == 1:  # one array of the type's dtype (what the agent queues)
+                it = items[0]
+                if isinstance(it, np.ndarray) and it.dtype == dt and it.ndim == 1:
+                    if 0 < len(it) <= MAX_RECORDS:
+                        yield target, mtype, it.tobytes()
+                        continue
             parts = []
             for it in items:
                 if isinstance(it, np.ndarray):

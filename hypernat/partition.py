@@ -84,6 +84,10 @@ class Partition:
             raise ValueError(f"{self.bpa} blocks per address cannot be split over {n_nics} NICs by port")
         self.n_blocks = self.n_addrs * self.bpa
         self.overrides: dict = {}  # block id -> NIC id currently holding it (lent blocks)
+        # owner()'s shortcuts (it runs for every FETCH, RULE and incoming miss): the one
+        # prefix of a single-prefix pool, and by-port's native owner per block index j
+        self._one = (self._bases[0], self._sizes[0]) if len(self.nets) == 1 else None
+        self._j_owner = [_part_of(j, self.bpa, n_nics) for j in range(self.bpa)] if strategy == BY_PORT else None
 
     @classmethod
     def from_config(cls, cfg) -> "Partition":
@@ -134,16 +138,27 @@ class Partition:
     # -- ownership ----------------------------------------------------------------------
     def owner(self, addr: int, port: int) -> int:
         """NIC owning external endpoint (addr, port); -1 if it is not in E.  O(1)."""
-        a = self.address_index(addr)
-        if a < 0 or not self.port_min <= port <= self.port_max:
+        one = self._one
+        if one is not None:  # a = address_index(addr), without the bisect
+            base = one[0]
+            if not base <= addr < base + one[1]:
+                return -1
+            a = addr - base
+        else:
+            a = self.address_index(addr)
+            if a < 0:
+                return -1
+        pmin = self.port_min
+        if not pmin <= port <= self.port_max:
             return -1
-        j = (port - self.port_min) // self.block_size
+        j = (port - pmin) // self.block_size
         if self.overrides:
             o = self.overrides.get(a * self.bpa + j)
             if o is not None:
                 return o
-        if self.strategy == BY_PORT:
-            return ((j + 1) * self.n - 1) // self.bpa
+        jo = self._j_owner
+        if jo is not None:  # by-port: ((j + 1) * n - 1) // bpa, tabulated
+            return jo[j]
         return ((a + 1) * self.n - 1) // self.n_addrs
 
     def contains(self, nic: int, addr: int, port: int) -> bool:

@@ -160,6 +160,16 @@ SESSION_DTYPE = np.dtype(
     ]
 )
 assert SESSION_DTYPE.itemsize == 32
+# A slot's last_seen (u4) and tcp_state (u1), at byte 24 of its 32 (layout.SLOT_DTYPE),
+# and one SESSION_DTYPE record, field by field: what the owner reads and writes per
+# answered FETCH (a struct call costs a fraction of a numpy element access).
+_ST_SEEN_STATE = struct.Struct("<IB")
+assert layout.SLOT_DTYPE.fields["last_seen"][1] == 24 and layout.SLOT_DTYPE.fields["tcp_state"][1] == 28
+_ST_SESSION = struct.Struct("<IIIHHHBBIIBBBB")
+assert _ST_SESSION.size == SESSION_DTYPE.itemsize
+_ST_KEY = struct.Struct("<IIHHBBBB")  # one layout.KEY_DTYPE record
+assert _ST_KEY.size == layout.KEY_DTYPE.itemsize and layout.KEY_DTYPE.names[:5] == (
+    "saddr", "daddr", "sport", "dport", "proto")
 
 DIR_BIT_OUT = 1
 DIR_BIT_IN = 2
@@ -1093,79 +1103,151 @@ class RuleBuilder:
         entries, dirs = DIR_BITS_BOTH); else status[i] is the refusal's reason index (the
         NACK) and records[i] is zeroed.  `fetch_dir` is a scalar or uint8[n].
         The caller (the agent) then calls ``hold`` for each lease it grants.
+        ``serve_fetch_rows`` is the same for a few keys as plain tuples (no arrays).
         """
         keys = np.asarray(keys, dtype=layout.KEY_DTYPE).reshape(-1)
         n = len(keys)
+        fd = np.asarray(fetch_dir, dtype=np.uint8)
+        dirs = [fd.item()] * n if fd.ndim == 0 else np.broadcast_to(fd, (n,)).tolist()
+        # plain ints per key with one struct pass (numpy's tolist of records costs more)
+        status, found = self._serve(dirs, list(_ST_KEY.iter_unpack(keys.tobytes())), now)
+        if found and len(found) == n:  # every key answered: the records, in key order
+            recs = self._session_array(found, DIR_BITS_BOTH)
+        else:
+            recs = np.zeros(n, SESSION_DTYPE)
+            if found:
+                self._fill_records(recs, found, DIR_BITS_BOTH)
+        return recs, np.array(status, np.int16)
+
+    def serve_fetch_rows(self, rows, now) -> list:
+        """``serve_fetch`` for a few keys as plain tuples, without numpy: rows are
+        (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, icmp_type) (the
+        direction, then a layout.KEY_DTYPE record); returns one (status, session) per row:
+        status 0 and the session as a tuple in SESSION_DTYPE field order, or the
+        refusal's reason index and None.  The same answers as ``serve_fetch`` (a
+        one-connection FETCH is the latency-critical case: numpy's fixed cost per call
+        would dominate it)."""
+        status, found = self._serve([r[0] for r in rows], [r[1:] for r in rows], now)
+        out = [(st, None) for st in status]
+        if found:
+            for f, t in zip(found, self._session_tuples(found, DIR_BITS_BOTH)):
+                out[f[0]] = (0, t)
+        return out
+
+    def _serve(self, dirs, rows, now):
+        """The per-record part of serving fetches: rows are KEY_DTYPE tuples (saddr
+        daddr sport dport proto kind tcp_flags icmp_type), dirs their fetch directions.
+        Returns (status list, found = [(index, mapping, raddr, rport)])."""
         now = int(now)
-        dirs = np.broadcast_to(np.asarray(fetch_dir, dtype=np.uint8), (n,)).tolist()
-        status = [0] * n
+        status = [0] * len(rows)
         found = []  # (index, mapping, raddr, rport)
         self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
         tl = self.translog
         self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
         icmp_kind = layout.KIND_ICMP_ERROR
         out_, in_ = self._out, self._in
-        # plain ints from one tolist(), not numpy scalars: this is the per-record cost of
-        # serving a burst of fetches (KEY_DTYPE order: saddr daddr sport dport proto kind tcp_flags icmp_type)
-        for i, (s, d, sp, dp, p, kind, fl, _) in enumerate(keys.tolist()):
-            if p not in _PIDX:
+        pidx = _PIDX
+        add = found.append
+        # plain ints, not numpy scalars: this is the per-record cost of serving a burst
+        for i, (s, d, sp, dp, p, kind, fl, _) in enumerate(rows):
+            if p not in pidx:
                 status[i] = self._refuse(_R_BAD)
                 continue
-            err = kind == icmp_kind
             fd = dirs[i]
-            if fd == OUT:
-                r = out_(p, s, sp, d, dp, fl, now, err, serving=True)
-                rem = (d, 0 if p == PROTO_ICMP else dp)
-            elif fd == IN:
-                r = in_(p, s, sp, d, dp, fl, now, err, serving=True)
-                rem = (s, 0 if p == PROTO_ICMP else sp)
+            if fd == IN:
+                r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
+                if r == _OK:
+                    add((i, self._last, s, 0 if p == PROTO_ICMP else sp))
+                else:
+                    status[i] = r
+            elif fd == OUT:
+                r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
+                if r == _OK:
+                    add((i, self._last, d, 0 if p == PROTO_ICMP else dp))
+                else:
+                    status[i] = r
             else:
                 status[i] = self._refuse(_R_BAD)
-                continue
-            if r == _OK:
-                found.append((i, self._last, rem[0], rem[1]))
-            else:
-                status[i] = r
         self._flush(now)
-        recs = np.zeros(n, SESSION_DTYPE)
-        if found:
-            self._fill_records(recs, found, DIR_BITS_BOTH)
-        return recs, np.array(status, np.int16)
+        return status, found
+
+    def _slot_views(self):
+        """(out bytes, in bytes): memoryviews of the two tables' slot memory, to read an
+        entry's last_seen and tcp_state with one struct call (cached while the tables
+        keep their slot arrays)."""
+        so, si = self.out.slots, self.inn.slots
+        c = self._slot_mv
+        if c is not None and c[0] is so and c[1] is si:
+            return c[2], c[3]
+        plain = all(isinstance(a, np.ndarray) and a.dtype == layout.SLOT_DTYPE and a.ndim == 1
+                    and a.flags.c_contiguous for a in (so, si))
+        if not plain:  # not the tables' own memory (never for a FlowTable): a copy, uncached
+            return (memoryview(np.ascontiguousarray(so, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)),
+                    memoryview(np.ascontiguousarray(si, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)))
+        mo, mi = memoryview(so.view(np.uint8)), memoryview(si.view(np.uint8))
+        self._slot_mv = (so, si, mo, mi)
+        return mo, mi
+
+    _slot_mv = None
+
+    def _session_tuples(self, found, dirs: int) -> list:
+        """SESSION_DTYPE tuples of found = [(index, mapping, raddr, rport)]: the
+        entries' last_seen (max of both) and tcp_state read with one lookup and one
+        struct read per entry."""
+        olook, ilook = self.out.lookup, self.inn.lookup
+        mo, mi = self._slot_views()
+        rd = _ST_SEEN_STATE.unpack_from
+        nic = self.nic
+        out = []
+        for _, m, ra, rp in found:
+            p = m.proto
+            ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
+            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
+                jo = olook(*out_key(p, ia, ip, ra, rp))
+                ji = ilook(*in_key(p, ra, rp, ea, ep))
+            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
+                jo = olook(p, ia, ip, ra, rp)
+                ji = ilook(p, ra, rp, ea, ep)
+            lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
+            li, ti = rd(mi, ji * 32 + 24) if ji >= 0 else (0, 0)
+            out.append((ia, ea, ra, ip, ep, rp, p, dirs, m.rule_id, lo if lo > li else li, to, ti, nic, 0))
+        return out
+
+    def _session_array(self, found, dirs: int) -> np.ndarray:
+        """``_session_tuples`` as a SESSION_DTYPE array (one record per found entry, in
+        order), packed record by record with struct (cheaper per record than numpy
+        building records from tuples or gathering fields, at any batch size)."""
+        olook, ilook = self.out.lookup, self.inn.lookup
+        mo, mi = self._slot_views()
+        rd = _ST_SEEN_STATE.unpack_from
+        pk = _ST_SESSION.pack_into
+        nic = self.nic
+        buf = bytearray(32 * len(found))
+        x = 0
+        for _, m, ra, rp in found:
+            p = m.proto
+            ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
+            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
+                jo = olook(*out_key(p, ia, ip, ra, rp))
+                ji = ilook(*in_key(p, ra, rp, ea, ep))
+            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
+                jo = olook(p, ia, ip, ra, rp)
+                ji = ilook(p, ra, rp, ea, ep)
+            lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
+            li, ti = rd(mi, ji * 32 + 24) if ji >= 0 else (0, 0)
+            pk(buf, x, ia, ea, ra, ip, ep, rp, p, dirs, m.rule_id, lo if lo > li else li, to, ti, nic, 0)
+            x += 32
+        return np.frombuffer(buf, SESSION_DTYPE)
 
     def _fill_records(self, recs, found, dirs: int) -> None:
         """``_fill_record`` for many: found = [(index, mapping, raddr, rport)]; the
-        entries' last_seen and tcp_state are read with one C lookup per entry and one
-        fancy-indexed gather per table."""
-        olook, ilook = self.out.lookup, self.inn.lookup
-        if len(found) <= 4:  # one connection's FETCH (the latency-critical case): ints, no gathers
-            so, si = self.out.slots, self.inn.slots
-            for i, m, ra, rp in found:
-                p = m.proto
-                jo = olook(*out_key(p, m.iaddr, m.iport, ra, rp))
-                ji = ilook(*in_key(p, ra, rp, m.eaddr, m.eport))
-                lo = int(so["last_seen"][jo]) if jo >= 0 else 0
-                li = int(si["last_seen"][ji]) if ji >= 0 else 0
-                recs[i] = (m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, p, dirs, m.rule_id, max(lo, li),
-                           int(so["tcp_state"][jo]) if jo >= 0 else 0,
-                           int(si["tcp_state"][ji]) if ji >= 0 else 0, self.nic, 0)
-            return
-        idx, jo, ji, cols = [], [], [], []
-        for i, m, ra, rp in found:
-            p = m.proto
-            idx.append(i)
-            jo.append(olook(*out_key(p, m.iaddr, m.iport, ra, rp)))
-            ji.append(ilook(*in_key(p, ra, rp, m.eaddr, m.eport)))
-            cols.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, p, dirs, m.rule_id, 0, 0, 0, self.nic, 0))
-        sub = np.array(cols, dtype=SESSION_DTYPE)
-        jo, ji = np.array(jo, np.int64), np.array(ji, np.int64)
-        ho, hi = jo >= 0, ji >= 0
-        so, si = self.out.slots, self.inn.slots
-        lo = np.where(ho, so["last_seen"][np.where(ho, jo, 0)], 0)
-        li = np.where(hi, si["last_seen"][np.where(hi, ji, 0)], 0)
-        sub["last_seen"] = np.maximum(lo, li)
-        sub["tcp_out"] = np.where(ho, so["tcp_state"][np.where(ho, jo, 0)], 0)
-        sub["tcp_in"] = np.where(hi, si["tcp_state"][np.where(hi, ji, 0)], 0)
-        recs[np.array(idx, np.intp)] = sub
+        entries' last_seen and tcp_state are read with one C lookup and one struct read
+        per entry (``_session_array``)."""
+        sub = self._session_array(found, dirs)
+        if len(found) == len(recs):  # every record found: they are in index order
+            recs[:] = sub
+        else:
+            recs[np.array([f[0] for f in found], np.intp)] = sub
 
     def _fill_record(self, recs, i, m: _Mapping, raddr: int, r: int, dirs: int) -> None:
         ok = out_key(m.proto, m.iaddr, m.iport, raddr, r)
@@ -1235,6 +1317,14 @@ class RuleBuilder:
         FETCH is answered or a PUSH is sent)."""
         ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
         self._holds[ekey] = self._holds.get(ekey, 0) + 1
+
+    def hold_many(self, endpoints) -> None:
+        """``hold`` for each (proto, eaddr, eport) of `endpoints` (a burst of answered
+        FETCHes: one call, not one per lease)."""
+        holds = self._holds
+        for p, e, ep in endpoints:
+            ekey = int(p) << 48 | int(e) << 16 | int(ep)
+            holds[ekey] = holds.get(ekey, 0) + 1
 
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable

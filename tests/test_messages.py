@@ -365,3 +365,79 @@ def test_scalar_predicates_give_the_vectorised_verdicts(code, data):
     # the hand-made twins of the module-level predicates agree as well
     assert (M._check_small(sender, code, recs.tobytes(), receiver, OWNS_TWIN, INTERNAL_TWIN, n_nics)
             == M._check_records(sender, code, recs, receiver, OWNS, INTERNAL, n_nics))
+
+
+# ------------------------------------------------ one-record fast paths (owner side)
+
+
+@settings(max_examples=400, deadline=None)
+@given(code=st.sampled_from(sorted(M._KEY_TYPES | M._RULE_TYPES)), data=st.data())
+def test_one_record_path_agrees_with_the_batch_paths(code, data):
+    """A message of ONE FETCH / NACK / REVOKE / RULE / PUSH / LEASE record is checked by
+    ``_check_one_key`` / ``_check_one_rule`` (no lists); the verdict must be the one the
+    record-by-record loops give for the same record in a batch of two (itself twice) and
+    the one the numpy path gives."""
+    dt = M.DTYPE_OF[code]
+    rec = np.frombuffer(data.draw(st.binary(min_size=dt.itemsize, max_size=dt.itemsize)), dt).copy()
+    for f in dt.names:
+        if f == "proto":
+            rec[f] = data.draw(st.sampled_from([1, 6, 17, 47, 0]))
+        elif f in ("owner", "kind"):
+            rec[f] = data.draw(st.integers(0, 3))
+        elif f.endswith("port") or f == "rem_addr":
+            rec[f] = data.draw(st.sampled_from([0, 1, 1024, 65535]))
+        elif f in ("reason", "flags"):
+            rec[f] = data.draw(st.integers(0, 8))
+        elif f == "int_addr":
+            rec[f] = data.draw(st.sampled_from([0x0A000001, 0xC0A80001]))
+    sender = data.draw(st.one_of(st.none(), st.integers(0, 3)))
+    receiver = data.draw(st.one_of(st.none(), st.integers(0, 3)))
+    owns = data.draw(st.sampled_from([None, OWNS, OWNS_TWIN]))
+    internal = data.draw(st.sampled_from([None, INTERNAL, INTERNAL_TWIN]))
+    one = M._check_small(sender, code, rec.tobytes(), receiver, owns, internal, 4)
+    two = M._check_small(sender, code, rec.tobytes() * 2, receiver, owns, internal, 4)
+    vec = M._check_records(sender, code, rec, receiver, owns, internal, 4)
+    assert one == two == vec
+    d = M.validate(sender, M.TYPE_FRAME[code], rec.tobytes(), receiver=receiver, owns=owns, internal=internal,
+                   n_nics=4)
+    assert d.reason == one
+    if one is None:  # a valid message decodes to the records, read-only, as decode makes them
+        assert d.recs.dtype == dt and d.recs.tobytes() == rec.tobytes() and not d.recs.flags.writeable
+
+
+def test_validate_of_a_small_payload_in_any_buffer_is_the_same():
+    """validate takes the bytes fast path only for a bytes payload; a bytearray or a
+    memoryview of the same records goes through decode, with the same verdict."""
+    r = M.records(M.T_FETCH, 2)
+    r["proto"], r["ext_port"], r["kind"] = 6, 80, M.FETCH_BY_EXTERNAL
+    for payload in (r.tobytes(), bytearray(r.tobytes()), memoryview(r.tobytes())):
+        d = M.validate(0, M.TYPE_FRAME[M.T_FETCH], payload, receiver=1)
+        assert d.ok and d.recs.tobytes() == r.tobytes()
+    for payload in (b"", b"x" * 33, bytearray(b"x" * 31)):
+        assert M.validate(0, M.TYPE_FRAME[M.T_FETCH], payload).reason == "truncated"
+    assert M.validate(0, b"\x10\x00", r.tobytes()).reason == "unknown_type"
+
+
+def test_identity_and_type_lookups_are_stable():
+    """parse_identity / type_of remember what they parsed; the answers never change and
+    non-identities are never remembered."""
+    for _ in range(2):
+        assert M.parse_identity(b"nic3") == 3 and M.parse_identity("nic3") == 3
+        assert M.parse_identity(b"nic03") is None and M.parse_identity(b"nic4096") is None
+        assert M.parse_identity(bytearray(b"nic7")) == 7 and M.parse_identity(b"") is None
+        assert M.type_of(b"\x10") == M.T_FETCH and M.type_of(bytearray(b"\x10")) == M.T_FETCH
+        assert M.type_of(b"\x7f") is None and M.type_of(b"") is None and M.type_of(b"\x10\x10") is None
+    assert b"nic03" not in M._IDENT_CACHE and b"nic4096" not in M._IDENT_CACHE
+
+
+def test_outbox_one_array_is_sent_as_is_and_empty_arrays_send_nothing():
+    box = M.Outbox()
+    r = M.records(M.T_RULE, 3)
+    r["seq"] = [1, 2, 3]
+    box.add_many(b"nic1", M.T_RULE, r)
+    box.add_many(b"nic2", M.T_RULE, M.records(M.T_RULE, 0))
+    box.add_many(b"nic3", M.T_RULE, r[::2])  # not contiguous
+    out = list(box.drain())
+    assert out == [(b"nic1", M.T_RULE, r.tobytes()), (b"nic3", M.T_RULE, r[::2].tobytes())]
+    assert M.RULE_STRUCT.size == M.RULE_DTYPE.itemsize and M.KEY_STRUCT.size == M.KEY_DTYPE.itemsize
+    assert M.RULE_STRUCT.unpack(r[:1].tobytes()) == tuple(r[0].tolist())

@@ -191,3 +191,38 @@ def test_availability_quick(tmp_path):
     assert all(r["p_single_pool"] > 0.3 for r in hot)  # Poisson demand exceeds F about half the time
     skewed = [r for r in rows if r["dist"] == "zipf" and r["load"] == 0.9]
     assert all(r["p_any"] > 0.5 and r["p_any_spill"] < 0.05 for r in skewed)  # EIM skew: spill-over saves it
+
+
+def _owner_reference(p: Partition, addr: int, port: int) -> int:
+    """owner() as first written (address_index + the arithmetic), to hold the shortcuts
+    (single prefix, by-port table) to it."""
+    a = p.address_index(addr)
+    if a < 0 or not p.port_min <= port <= p.port_max:
+        return -1
+    j = (port - p.port_min) // p.block_size
+    o = p.overrides.get(a * p.bpa + j)
+    if o is not None:
+        return o
+    if p.strategy == BY_PORT:
+        return ((j + 1) * p.n - 1) // p.bpa
+    return ((a + 1) * p.n - 1) // p.n_addrs
+
+
+@pytest.mark.parametrize("pool,strategy", [(["198.18.0.0/30"], BY_PORT), (["198.18.0.0/28"], BY_ADDRESS),
+                                           (["198.18.0.8/29", "198.18.0.0/30"], BY_PORT),
+                                           (["198.18.0.8/29", "198.18.0.0/30"], BY_ADDRESS)])
+def test_owner_shortcuts_agree_with_the_arithmetic_at_every_edge(pool, strategy):
+    import numpy as np
+
+    p = Partition(pool, 1000, 1999, 3, strategy, 64)
+    p.lend(5, 2)
+    addrs = set()
+    for net in p.nets:
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        addrs.update((lo - 1, lo, lo + 1, hi - 1, hi, hi + 1))
+    addrs.update((0, 0xFFFFFFFF))
+    for a in sorted(addrs):
+        for port in (0, 999, 1000, 1063, 1064, 1500, 1999, 2000, 65535):
+            want = _owner_reference(p, a, port)
+            assert p.owner(a, port) == want, (a, port)
+            assert p.owner(np.uint32(a), np.uint16(port)) == want

@@ -16,7 +16,7 @@ from hypernat import config, layout
 from hypernat.fastpath import FlowTable, Translator
 from hypernat.rules import (
     ACT_DROP, ACT_FETCH, ACT_NONE, ACT_REPLAY, DIR_BIT_IN, DIR_BIT_OUT, REASON, SESSION_DTYPE, RuleBuilder,
-    in_key, out_key,
+    in_key, out_key, record_keys,
 )  # fmt: skip
 from hypernat.translog import TransLog
 from hypernat.verdicts import IN, OUT, VERDICT
@@ -940,3 +940,82 @@ def test_collect_activity_incremental_scan():
     assert len(got) == 40 and (got["dirs"] == DIR_BIT_OUT).all() and (got["owner"] == 1).all()
     assert sorted(zip(got["iaddr"].tolist(), got["iport"].tolist())) == sorted((r[1], r[2]) for r in rows)
     assert len(rb0.collect_activity()) == 0
+
+
+def test_serve_fetch_rows_gives_serve_fetchs_answers():
+    """``serve_fetch_rows`` (plain tuples, the one-connection FETCH) and ``serve_fetch``
+    (arrays) answer the same keys the same way: statuses, session records (with the
+    entries' last_seen and TCP state), and what they leave in the tables -- answered,
+    admitted, allocated, refused and malformed keys mixed in one call."""
+    cfg = make_cfg(1, filtering="endpoint-independent")
+    a, b = make_rb(cfg, 0, seed=7), make_rb(cfg, 0, seed=7)
+    h1, h2 = hosts_of(a, 2)
+    rows_out = [(TCP, h1, 4000, R1, 443, SYN), (UDP, h1, 5000, R2, 53), (ICMP, h2, 77, R1, 77), (TCP, h2, 4001, R3, 80, SYN)]
+    for rb in (a, b):
+        miss(rb, OUT, rows_out, 5)
+        for t in (rb.out, rb.inn):  # activity seen by the fast path: last_seen and TCP state differ per entry
+            for j in t.occupied()[::2]:
+                t.slots["last_seen"][j] = 100 + int(j) % 7
+                t.slots["tcp_state"][j] = SYN | (FIN if j % 3 == 0 else 0)
+    e_tcp, e_udp = mapping_of(a, TCP, h1, 4000, R1, 443), mapping_of(a, UDP, h1, 5000, R2, 53)
+    e_icmp = mapping_of(a, ICMP, h2, 77, R1, 77)
+    assert e_tcp and e_udp and e_icmp
+    k = layout.KIND_ICMP_ERROR
+    cases = [  # (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, icmp_type)
+        (IN, R1, e_tcp[0], 443, e_tcp[1], TCP, 0, ACK, 0),  # the existing session
+        (IN, R2, e_udp[0], 53, e_udp[1], UDP, 0, 0, 0),
+        (IN, R1, e_icmp[0], e_icmp[1], e_icmp[1], ICMP, 0, 0, 0),  # ICMP: identifier in both ports
+        (IN, R3, e_udp[0], 999, e_udp[1], UDP, 0, 0, 0),  # a new remote: admitted, created
+        (IN, R3, e_udp[0], 998, e_udp[1], UDP, k, 0, 0),  # ... but an ICMP error never creates
+        (IN, R1, e_tcp[0], 443, e_tcp[1] ^ 1, TCP, 0, SYN, 0),  # no mapping there
+        (OUT, h1, R2, 4000, 8080, TCP, 0, SYN, 0),  # the EIM mapping, a new session
+        (OUT, h2, R1, 6000, 53, UDP, 0, 0, 0),  # a new mapping: allocated
+        (OUT, h1, R1, 4000, 443, TCP, 0, ACK, 0),  # the existing session
+        (OUT, h2, R2, 6001, 53, UDP, k, 0, 0),  # ICMP error about nothing
+        (IN, R1, e_tcp[0], 443, e_tcp[1], 47, 0, 0, 0),  # not TCP / UDP / ICMP
+        (5, R1, e_tcp[0], 443, e_tcp[1], TCP, 0, 0, 0),  # no such direction
+    ]
+    recs, status = a.serve_fetch(np.array([c[0] for c in cases], np.uint8),
+                                 np.array([c[1:] for c in cases], layout.KEY_DTYPE), 9)
+    got = b.serve_fetch_rows(cases, 9)
+    assert [st for st, _ in got] == np.asarray(status).tolist()
+    assert sum(st == 0 for st, _ in got) == 7 and len(set(np.asarray(status).tolist())) > 3
+    for (st, sess), rec in zip(got, recs):
+        if st == 0:
+            assert np.array([sess], SESSION_DTYPE).tobytes() == rec.tobytes()
+        else:
+            assert sess is None and not rec.tobytes().strip(b"\0")
+    assert any(rec["tcp_out"] & FIN or rec["tcp_in"] & FIN for rec in recs) and recs["last_seen"].max() >= 100
+    for rec, st in zip(recs, np.asarray(status).tolist()):  # each answer carries its own entries' state
+        if st:
+            continue
+        ok_, ik_ = record_keys(rec)
+        eo, ei = a.out.get(*ok_), a.inn.get(*ik_)
+        assert eo is not None and ei is not None
+        assert rec["last_seen"] == max(int(eo["last_seen"]), int(ei["last_seen"]))
+        assert (rec["tcp_out"], rec["tcp_in"]) == (eo["tcp_state"], ei["tcp_state"])
+    assert ICMP in recs["proto"][np.asarray(status) == 0]
+    for ta, tb in ((a.out, b.out), (a.inn, b.inn)):
+        assert ta.slots.tobytes() == tb.slots.tobytes()
+    assert a.counters == b.counters
+    # all found (no refusal): the array path answers in key order as well
+    ok = [c for c, (st, _) in zip(cases, got) if st == 0]
+    recs2, st2 = a.serve_fetch(np.array([c[0] for c in ok], np.uint8), np.array([c[1:] for c in ok], layout.KEY_DTYPE), 10)
+    assert not np.asarray(st2).any()
+    assert recs2.tobytes() == np.array([s for st, s in b.serve_fetch_rows(ok, 10)], SESSION_DTYPE).tobytes()
+    assert recs2.tobytes() == recs[np.asarray(status) == 0].tobytes()
+
+
+def test_hold_many_counts_as_hold_does():
+    cfg = make_cfg(1)
+    a, b = make_rb(cfg), make_rb(cfg)
+    eps = [(UDP, ip("198.18.77.1"), 1500), (TCP, ip("198.18.77.1"), 1500), (UDP, ip("198.18.77.1"), 1500),
+           (ICMP, ip("198.18.77.2"), 7)]
+    for e in eps:
+        a.hold(*e)
+    b.hold_many(eps)
+    assert a._holds == b._holds and b._holds[UDP << 48 | ip("198.18.77.1") << 16 | 1500] == 2
+    for e in eps:  # and they are released alike
+        a.release_hold(*e)
+        b.release_hold(*e)
+    assert a._holds == b._holds == {}

@@ -978,3 +978,57 @@ def test_serve_fetch_one_by_one_equals_batched(tmp_path):
         assert one[0].tobytes() == batched[x].tobytes()
     assert sorted(int(r["iport"]) for r in batched) == [43000 + i for i in range(8)]
     w.close()
+
+
+def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
+    """The owner's agent answers a FETCH of a few records tuple by tuple
+    (``_on_fetch_small``: serve_fetch_rows, struct-packed RULEs) and a bigger one with
+    arrays (``_on_fetch``); the same FETCH records get the same RULE records and leases
+    either way, NACKs included, and a builder with the array interface only
+    (``serve_fetch_rows`` absent) gives the small path's answers too."""
+    cfg = emulated_config(2, mapping="address-and-port-dependent")
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, journal=False, restore=False)
+    inside.inject([build_frame(TCP, I1 + i % 3, 43000 + i, R1 + i, 443, flags=SYN) for i in range(6)])
+    assert spin([w], lambda: len(outside._tx) == 6, 3)
+    out = [parse_frame(f) for f in outside.take_tx()]
+    fetch = M.records(M.T_FETCH, 8)
+    for i, p in enumerate(out):
+        fetch[i] = (100 + i, 0, TCP, M.FETCH_BY_EXTERNAL, 0, 0, 0, p.src, p.dst, 0, p.sport, p.dport, 0)
+    # one refused (no mapping) and one by internal endpoint (an APDM session: allocated here)
+    fetch[6] = (106, 0, TCP, M.FETCH_BY_EXTERNAL, 0, 0, 0, out[0].src, R1, 0, out[0].sport ^ 1, 443, 0)
+    fetch[7] = (107, 0, TCP, M.FETCH_BY_INTERNAL, 0, 0, I1, 0, R1 + 50, 7000, 0, 443, 0)
+    sent = []
+    w.agent._send = lambda target, mtype, recs: sent.append((target, mtype, np.array(recs, copy=True)))
+    now = w.clock()
+
+    def answers(parts):
+        sent.clear()
+        for part in parts:
+            w.agent.on_message(1, M.T_FETCH, fetch[part], now)
+        by = {M.T_RULE: [], M.T_NACK: []}
+        for target, mtype, recs in sent:
+            assert target == 1
+            by[mtype].extend(recs.tolist())
+        return sorted(by[M.T_RULE]), sorted(by[M.T_NACK])
+
+    batched = answers([np.arange(8)])  # > _SMALL_FETCH: the array path
+    one_by_one = answers([np.array([i]) for i in range(8)])
+    pairs = answers([np.arange(i, i + 2) for i in range(0, 8, 2)])
+    assert len(batched[0]) == 7 and len(batched[1]) == 1
+    assert batched == one_by_one == pairs
+    leases = {sk: dict(h) for sk, h in w.agent.leases.items()}
+    assert len(leases) == 7 and all(list(h) == [1] for h in leases.values())
+
+    class ArraysOnly:  # the builder, without serve_fetch_rows
+        def __init__(self, rules):
+            self._r = rules
+
+        def __getattr__(self, name):
+            if name == "serve_fetch_rows":
+                raise AttributeError(name)
+            return getattr(self._r, name)
+
+    w.agent.rules = ArraysOnly(w.rules)
+    assert answers([np.array([i]) for i in range(8)]) == batched
+    w.agent.rules = w.rules
+    w.close()

@@ -59,6 +59,7 @@ import numpy as np
 import zmq
 
 from .. import messages as M
+from .. import zmqio
 from ..auth import AUTH_RESULTS, AuthError, ZapHandler, identity_allowed, load_authorized, requires_curve, server_curve
 
 log = logging.getLogger("hypernat.coord")
@@ -374,11 +375,16 @@ class Coordinator:
 
             handle = self._handle_curve
         else:
-            recv = sock.recv_multipart
+            zrecv = zmqio.recv_multipart  # the socket's recv_multipart, minus pyzmq's Python layer
+
+            def recv(flags=0):
+                return zrecv(sock, flags)
+
             handle = self._handle
         tick = self._tick_ms() / 1000.0
         next_tick = time.monotonic() + tick
         stop = self._stop
+        readable = zmqio.readable
         while not stop.is_set():
             try:
                 msg = recv()  # blocks up to one tick: the hot side wakes at once
@@ -391,6 +397,8 @@ class Coordinator:
             if msg is not None:
                 handle(msg)
                 for _ in range(BUDGET):
+                    if not readable(sock):  # cheaper than the zmq.Again of a receive that finds nothing
+                        break
                     try:
                         msg = recv(zmq.NOBLOCK)
                     except zmq.Again:
@@ -480,7 +488,7 @@ class Coordinator:
                 self._undeliverable(ident, code, "rejected", dst.nic, payload)
                 return
         try:
-            self.sock.send_multipart((target, ident, tframe, payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (target, ident, tframe, payload), zmq.NOBLOCK)
         except zmq.Again:
             self._drop("queue_full", ident, code)
             self._undeliverable(ident, code, "unreachable", dst.nic, payload)
@@ -526,13 +534,13 @@ class Coordinator:
         """Tell the sender its message went nowhere (best effort, never blocks)."""
         try:
             body = M.pack_undeliverable(code, reason, target, payload)
-            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender vanished too: nothing to tell
 
     def _send(self, ident, code, payload) -> bool:
         try:
-            self.sock.send_multipart((ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
