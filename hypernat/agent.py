@@ -237,7 +237,7 @@ class _Pending:
     charged: int = -1  # remote source whose token this fetch holds (-1: none)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Clone:
     owner: int
     rule_id: int
@@ -601,11 +601,12 @@ class RuleAgent:
             if pend is None:
                 dup += 1  # a retry answered twice, or timed out meanwhile
                 continue
-            if pend.fetch_dir == IN:  # in_key / out_key, inline (ICMP: the identifier in both ports)
-                fkey = (proto, ra, ep, ea, ep) if proto == icmp else (proto, ra, rp, ea, ep)
+            # the key asked for: in_key / out_key (the ICMP twist stays there; TCP/UDP inline)
+            if pend.fetch_dir == IN:
+                fkey = in_key(proto, ra, rp, ea, ep) if proto == icmp else (proto, ra, rp, ea, ep)
                 dbit = DIR_BIT_IN
             else:
-                fkey = (proto, ia, ip, ra, ip) if proto == icmp else (proto, ia, ip, ra, rp)
+                fkey = out_key(proto, ia, ip, ra, rp) if proto == icmp else (proto, ia, ip, ra, rp)
                 dbit = DIR_BIT_OUT
             if fkey != pend.key:
                 bad += 1

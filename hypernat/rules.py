@@ -1431,8 +1431,8 @@ class RuleBuilder:
                 bad += 1
                 continue
             if d & DIR_BIT_OUT:
-                # out_key: ICMP carries the identifier in both ports
-                k = (p, i, ip, r, ip) if p == icmp else (p, i, ip, r, rp)
+                # out_key (the ICMP twist stays there; TCP/UDP inline)
+                k = out_key(p, i, ip, r, rp) if p == icmp else (p, i, ip, r, rp)
                 j = olook(*k)
                 if j >= 0:
                     if oflags is None:
@@ -1447,7 +1447,7 @@ class RuleBuilder:
                     if t:
                         otcp = True
             if d & DIR_BIT_IN:
-                k = (p, r, ep, e, ep) if p == icmp else (p, r, rp, e, ep)  # in_key
+                k = in_key(p, r, rp, e, ep) if p == icmp else (p, r, rp, e, ep)
                 j = ilook(*k)
                 if j >= 0:
                     if iflags is None:

@@ -41,8 +41,10 @@ coordinator that is away only delays fetches.
 
 Speed (DESIGN.md: ~220 µs fetch round trip over ipc, batching is what scales): one
 blocking ``recv_multipart`` with a timeout only for housekeeping (no poller on the hot
-path), then drain up to ``BUDGET`` more without blocking; frames are passed on as the
-bytes objects they arrived in; counters are plain integers in lists, turned into
+path), then drain up to ``BUDGET`` more without blocking (asking ``ZMQ_EVENTS`` first:
+a receive that finds nothing raises); frames are passed on as the bytes objects they
+arrived in, sent and received through ``hypernat.zmqio`` (pyzmq's backend per frame: a
+third of ``send_multipart``'s cost); counters are plain integers in lists, turned into
 Prometheus series only when scraped (``hypernat.coord.metrics``).
 """
 from __future__ import annotations
