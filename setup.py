@@ -41,9 +41,10 @@ ONLY = {m for m in os.environ.get("HYPERNAT_BUILD_ONLY", "").split(",") if m}
 COMPILE_PY = os.environ.get("HYPERNAT_COMPILE_PY", "1") not in ("", "0")
 
 # Plain-Python modules compiled as they are (per-connection slow path).  Kept only where
-# bench_clone_throughput / bench_first_packet measured a gain; the biggest first (the
-# build runs in parallel and these two take longest).  Left out: hypernat.io.base,
-# hypernat.zmqio (no measurable gain: too little time is spent in them).
+# bench_clone_throughput measured a gain (2026-11-26: the four slow-path modules +11 %
+# clone installs/s in-process, worker/broker/memory a further ~+7 % with NIC processes);
+# the biggest first (the build runs in parallel and these two take longest).  Left out:
+# hypernat.io.base, hypernat.zmqio (no measurable gain: ~2 % and ~1 % of the time).
 COMPILED_PY = [
     "hypernat.rules",
     "hypernat.agent",
@@ -120,7 +121,8 @@ def py_extensions(cflags, extra):
         ext = Extension(
             name,
             [src],
-            extra_compile_args=cflags + ["-Wno-unused-function"] + extra,
+            # -Wno-array-bounds: gcc's false positives on Cython's inlined comparisons with None
+            extra_compile_args=cflags + ["-Wno-unused-function", "-Wno-array-bounds"] + extra,
             define_macros=[("HYPERNAT_DEBUG", "1")] if DEBUG else [],
         )
         ext.hypernat_sha256 = sha256_of(src)

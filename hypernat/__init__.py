@@ -10,7 +10,9 @@ RuleBuilder, the messages, ...) with Cython, as they are, into
 system never finds it there) and writes ``<that file>.sha256``, the sha256 of the .py it
 was built from.  The finder below loads such a build in place of the .py only when
 
-* ``HYPERNAT_NO_EXTENSIONS`` is unset (or ``0``): set, everything runs on the sources;
+* ``HYPERNAT_NO_EXTENSIONS`` is unset (or ``0``): set, everything runs on the sources
+  (the fast path too); ``HYPERNAT_NO_COMPILED_PY=1`` runs these modules from their .py
+  but keeps the Cython fast path (to compare, or to debug the slow path);
 * the build exists for this interpreter (its EXT_SUFFIX);
 * its .sha256 matches the .py as it is now.  A stale build (the .py was edited since) is
   not loaded: the .py is, with one warning naming the module (``make build`` rebuilds).
@@ -27,8 +29,8 @@ __version__ = "0.1.0"
 _COMPILED_DIR = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "_compiled")
 
 
-def _extensions_disabled() -> bool:
-    return _os.environ.get("HYPERNAT_NO_EXTENSIONS", "") not in ("", "0")
+def _compiled_disabled() -> bool:
+    return any(_os.environ.get(v, "") not in ("", "0") for v in ("HYPERNAT_NO_EXTENSIONS", "HYPERNAT_NO_COMPILED_PY"))
 
 
 class _CompiledFinder:
@@ -106,5 +108,5 @@ def compiled_modules() -> tuple:
     return tuple(sorted(n for n in finder.candidates if finder.build_of(n)))
 
 
-if not _extensions_disabled() and _os.path.isdir(_COMPILED_DIR):
+if not _compiled_disabled() and _os.path.isdir(_COMPILED_DIR):
     _sys.meta_path.insert(0, _CompiledFinder(_COMPILED_DIR))
