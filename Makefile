@@ -27,8 +27,10 @@ build: deps $(VENV)/.editable
 
 # The package installed in the venv in editable mode (once): the console scripts
 # hypernat, hypernat-nic, hypernat-coord in $(VENV)/bin, running this tree's code.
+# (HYPERNAT_BUILD_ONLY=none: pip compiles no extension; `build` compiles them in the
+# tree right after, and the compiled slow path takes minutes: not twice)
 $(VENV)/.editable: setup.py | $(VENV)/.ok
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	HYPERNAT_BUILD_ONLY=none $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 debug: deps

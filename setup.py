@@ -15,7 +15,8 @@ Switches (environment):
   HYPERNAT_DEBUG=1        bounds/wraparound checks on, -O0 -g, assertions kept
   HYPERNAT_ANNOTATE=1     write Cython's annotated HTML beside each .pyx
   HYPERNAT_CFLAGS="..."   extra C flags (CI adds -funsigned-char to mimic ARM's char)
-  HYPERNAT_BUILD_ONLY=a,b build only these modules (e.g. hypernat._fastpath, hypernat.agent)
+  HYPERNAT_BUILD_ONLY=a,b build only these modules (e.g. hypernat._fastpath, hypernat.agent;
+                          `none`: no extension, as the Makefile's editable install)
   HYPERNAT_COMPILE_PY=0   do not compile the COMPILED_PY modules (an --inplace build also
                           removes their earlier builds from hypernat/_compiled)
 No -march=native: the same sources build on x86-64 and aarch64 (BlueField).
