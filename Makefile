@@ -1,6 +1,7 @@
 # HyperNAT: one command per job.  Each target sets up what it needs.
 #   make demo   run the gateway's main job on the default configuration
-#   make test   run the test suite (and the benchmarks once each, untimed)
+#   make test   run the test suite (and the benchmarks once each, untimed), then the
+#               agent/rules/messages tests again on the pure .py sources
 #   make bench  run the benchmarks, save, and compare with the last saved run
 #   make portability  compile the fast path for aarch64; run its tests with -funsigned-char
 #   make debug / annotate   rebuild with bounds checks / write Cython's HTML annotation
@@ -20,13 +21,16 @@ $(VENV)/.ok: requirements-dev.txt
 
 deps: $(VENV)/.ok
 
+# compiles in parallel (setup.py); HYPERNAT_COMPILE_PY=0 make build: no compiled slow path
 build: deps $(VENV)/.editable
 	$(PY) setup.py -q build_ext --inplace
 
 # The package installed in the venv in editable mode (once): the console scripts
 # hypernat, hypernat-nic, hypernat-coord in $(VENV)/bin, running this tree's code.
+# (HYPERNAT_BUILD_ONLY=none: pip compiles no extension; `build` compiles them in the
+# tree right after, and the compiled slow path takes minutes: not twice)
 $(VENV)/.editable: setup.py | $(VENV)/.ok
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	HYPERNAT_BUILD_ONLY=none $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 debug: deps
@@ -41,6 +45,8 @@ demo: build
 test: build
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+	HYPERNAT_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_agent.py tests/test_rules.py \
+	    tests/test_messages*.py tests/test_compiled.py
 
 bench: build
 	$(PY) tools/bench.py
@@ -49,7 +55,7 @@ portability: deps
 	bash tools/portability.sh
 
 clean:
-	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi
+	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi hypernat/_compiled
 
 # make report   regenerate the paper's evaluation (Fig 4/5, Table I, Fig 6, §III-C) into benchmarks/results/
 .PHONY: report
