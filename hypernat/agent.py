@@ -332,7 +332,7 @@ class RuleAgent:
         `fetch_dir`'s table) from NIC `owner`.  Returns False, and counts why, when the
         frame is dropped instead."""
         kt = fetch_key_tuple(fetch_dir, key)
-        return self._fetch(fetch_dir, kt, int(key["kind"]) == layout.KIND_ICMP_ERROR, owner, frame, now)
+        return self.fetch_rows([(fetch_dir, kt, int(key["kind"]) == layout.KIND_ICMP_ERROR, owner, frame)], now) == 1
 
     def fetch_many(self, fetch_dirs, keys, owners, frames, now: float) -> int:
         """``fetch`` for the misses of one batch: fetch_dirs and owners int lists, keys a
@@ -350,8 +350,12 @@ class RuleAgent:
     def fetch_rows(self, rows, now: float) -> int:
         """``fetch`` for many misses as plain tuples ``(fetch_dir, key, icmp, owner, frame)``
         (key: (proto, saddr, sport, daddr, dport) in fetch_dir's table; icmp: an ICMP
-        error's lookup).  Exactly ``_fetch`` record after record (tests pin it), with the
-        per-record work inlined: one FETCH message per owner.  Returns frames queued."""
+        error's lookup), record after record: a flow with a fetch pending queues the frame
+        (per-flow and total bounds); otherwise a recent NACK drops it
+        (fetch_negative_cached), an incoming fetch takes a token of its remote's bucket
+        (fetch_rate_limited when empty; a RULE gives it back), and a new fetch starts
+        (the frame queued unless the total bound is reached).  One FETCH message per
+        owner.  Returns frames queued."""
         pending = self.pending
         pget = pending.get
         neg = self.negative
@@ -388,7 +392,7 @@ class RuleAgent:
                             continue
                         del neg[pk]
                 charged = -1
-                if fd == IN:  # _take_token, inline
+                if fd == IN:  # the remote's token bucket
                     remote = kt[1]
                     b = buckets.get(remote)
                     if b is None:
@@ -448,37 +452,6 @@ class RuleAgent:
                 self._flush_fetches()
         return n
 
-    def _fetch(self, fetch_dir: int, kt: tuple, icmp: bool, owner: int, frame, now: float) -> bool:
-        pk = (fetch_dir, kt)
-        pend = self.pending.get(pk)
-        charged = -1
-        if pend is None:
-            until = self.negative.get(pk)
-            if until is not None:
-                if until > now:
-                    self.count("fetch_negative_cached")
-                    return False
-                del self.negative[pk]
-            if fetch_dir == IN:
-                if not self._take_token(kt[1], now):
-                    self.count("fetch_rate_limited")
-                    return False
-                charged = kt[1]
-        if frame is not None and (self.queued_total >= self.p.queue_total
-                                  or (pend is not None and len(pend.frames) >= self.p.queue_per_flow)):
-            self.count("pending_queue_full")
-            if pend is not None:
-                return False
-            frame = None  # the fetch still goes out: later packets will find the rule
-        if pend is None:
-            pend = self._start_fetch(fetch_dir, kt, owner, now, M.FETCH_F_ICMP_ERROR if icmp else 0, pk)
-            pend.charged = charged
-        if frame is not None:
-            pend.frames.append(frame)
-            self.queued_total += 1
-            return True
-        return False
-
     def _start_fetch(self, fetch_dir, kt, owner, now, flags, pk=None) -> _Pending:
         seq = self._next_seq()
         if fetch_dir == OUT:
@@ -520,22 +493,6 @@ class RuleAgent:
         for owner, rows in q.items():
             # records packed with struct as they came: numpy parses tuples into records slowly
             self._send(owner, M.T_FETCH, np.frombuffer(b"".join(rows), dtype=M.KEY_DTYPE))
-
-    def _take_token(self, remote: int, now: float) -> bool:
-        b = self._buckets.get(remote)
-        if b is None:
-            b = [self.p.fetch_burst, now]
-            self._buckets[remote] = b
-            if len(self._buckets) > 65536:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(remote)
-            b[0] = min(self.p.fetch_burst, b[0] + (now - b[1]) * self.p.fetch_rate)
-            b[1] = now
-        if b[0] < 1.0:
-            return False
-        b[0] -= 1.0
-        return True
 
     def _refund(self, pend: _Pending) -> None:
         """Give back the token a fetch took: it was answered with a rule (or failed for
