@@ -1036,3 +1036,14 @@ def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
     assert answers([np.array([i]) for i in range(8)]) == batched
     w.agent.rules = w.rules
     w.close()
+
+
+def test_status_names_the_fast_path_and_the_compiled_modules(tmp_path):
+    import hypernat
+    from hypernat.fastpath import IMPL
+
+    w, _, _ = make_worker(emulated_config(1), 0, tmp_path, standalone=True)
+    st = w.status()
+    assert st["fast_path"] == IMPL in ("cython", "python")
+    assert st["compiled"] == list(hypernat.compiled_modules())
+    w.close()

@@ -132,8 +132,13 @@ def main(argv=None) -> int:
 
         serve(w, cfg.metrics.address, cfg.metrics.port + 1 + args.nic)
     w.install_signal_handlers()
-    logging.info("nic%d: running (%s, %s/%s, coordinator %s)", args.nic, nc.io, nc.inside, nc.outside,
-                 args.endpoint or cfg.coordinator.endpoint)
+    import hypernat
+
+    from ..fastpath import IMPL
+
+    logging.info("nic%d: running (%s, %s/%s, coordinator %s; fast path %s, slow path compiled: %s)", args.nic,
+                 nc.io, nc.inside, nc.outside, args.endpoint or cfg.coordinator.endpoint, IMPL,
+                 ", ".join(m.rsplit(".", 1)[-1] for m in hypernat.compiled_modules()) or "none")
     try:
         w.run()
     finally:

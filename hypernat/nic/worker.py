@@ -1006,8 +1006,12 @@ class NicWorker:
         return g
 
     def status(self) -> dict:
+        import hypernat
+
+        from ..fastpath import IMPL
+
         return {"nic": self.nic_id, "registered": self.registered, "gauges": self.gauges(),
-                "recovery": self.recovery}
+                "recovery": self.recovery, "fast_path": IMPL, "compiled": list(hypernat.compiled_modules())}
 
     def __repr__(self) -> str:
         return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"
