@@ -1048,8 +1048,7 @@ class RuleAgent:
         """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
         A clone already held with those entries only has its lease extended (idempotent
         repeat); the rest go to the builder in one call: ``install_clone_rows`` (plain
-        tuples) where the builder has it and nobody wrapped its ``install_clones`` (the
-        worker's event log does), else ``install_clones`` on a SESSION_DTYPE array."""
+        tuples), or ``install_clones`` on a SESSION_DTYPE array for a builder without it."""
         todo = []
         rows = []  # install_clone_rows: (p, i, ip, e, ep, r, rp, rule_id, dirs, tcp_out, tcp_in)
         clones = self.clones
@@ -1068,7 +1067,7 @@ class RuleAgent:
         tick = self.tick_clock()
         rules = self.rules
         rows_fn = getattr(rules, "install_clone_rows", None)
-        if rows_fn is not None and "install_clones" not in getattr(rules, "__dict__", ()):
+        if rows_fn is not None:
             got = rows_fn(rows, tick)
         else:
             recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)

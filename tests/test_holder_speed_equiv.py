@@ -11,7 +11,7 @@ the same input through two paths and compares everything they leave behind:
 * ``RuleBuilder.install_clone_rows`` / ``install_clones`` against the install loop as it
   stood before (``_reference_install_clones``) and against installs one by one;
 * ``RuleAgent._on_rule`` on one RULE batch against one RULE message per record, through
-  the builder's tuple path and through a wrapped ``install_clones`` (the event log's);
+  the builder's tuple path and through a wrapped ``install_clone_rows`` (the event log's);
 * ``Batch.from_frames`` / ``Batch.frames`` against a plain reference;
 * ``NicWorker._replay`` with its small-batch verdict path against its numpy path.
 """
@@ -422,9 +422,9 @@ def _rule_pair(tmp_path, wrap_one=False):
     cfg = _cfg(tmp_path)
     part = Partition.from_config(cfg)
     rb = _rb(cfg, 1)
-    if wrap_one:  # what the worker's event log does: install_clones becomes an instance attribute
-        inner = rb.install_clones
-        rb.install_clones = lambda recs, now, dirs=3, lease_until=0: inner(recs, now, dirs, lease_until)
+    if wrap_one:  # what the worker's event log does: install_clone_rows becomes an instance attribute
+        inner = rb.install_clone_rows
+        rb.install_clone_rows = lambda rows, now, lease_until=0: inner(rows, now, lease_until)
     sent, replayed = [], []
     owner_of = lambda a, q: None if part.owner(a, q) < 0 else part.owner(a, q)  # noqa: E731
     ag = RuleAgent(1, 2, rb, lambda t, m, r: sent.append((t, m, r.copy())), owner_of,

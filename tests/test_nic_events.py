@@ -157,3 +157,25 @@ def test_table1_run_fills_every_row_from_real_timestamps():
         t0, arr1, inst1, recv, ack, arr2, inst2, back = later
         assert arr1 == inst1 and arr2 == inst2  # a later pair hits: installed = arrived
         assert 0 < arr1 <= recv <= ack <= arr2 <= back
+
+
+def test_add_clone_rows_logs_what_add_clones_logs():
+    """The event log's hook on install_clone_rows records the same events as add_clones
+    on the equivalent SESSION_DTYPE records."""
+    from hypernat.rules import SESSION_DTYPE
+
+    rows = [(17, 0x0A000001, 4000, 0xC6120001, 2000, 0xC0000201, 53, 1, 3, 0, 0),
+            (6, 0x0A000002, 4001, 0xC6120001, 2001, 0xC0000202, 443, 2, DIR_BIT_IN, 0, 0),
+            (17, 0x0A000003, 4002, 0xC6120001, 2002, 0xC0000203, 53, 3, 1, 0, 0)]
+    got = [2, 1, 0]
+    a, b = E.EventLog(64), E.EventLog(64)
+    a.add_clone_rows(rows, got, 7)
+    r = np.zeros(3, SESSION_DTYPE)
+    for name, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), zip(*rows)):
+        r[name] = col
+    b.add_clones(r, np.array([3, 2, 1], np.uint8), np.array(got), 7)
+    assert len(a.snapshot()) == 3 and a.snapshot().tobytes() == b.snapshot().tobytes()
+    got_keys = sorted((int(e["dir"]), int(e["proto"]), int(e["saddr"]), int(e["sport"]), int(e["daddr"]),
+                       int(e["dport"])) for e in a.snapshot())
+    assert got_keys == sorted([(OUT, 17, 0x0A000001, 4000, 0xC0000201, 53), (IN, 17, 0xC0000201, 53, 0xC6120001, 2000),
+                               (IN, 6, 0xC0000202, 443, 0xC6120001, 2001)])  # dirs 2 = DIR_BIT_IN; refused: none

@@ -110,6 +110,19 @@ class EventLog:
                 k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = x["proto"], x[sa], x[sp], x[da], x[dp]
                 self.add_keys(CLONE_INSTALLED, d, t_ns, k)
 
+    def add_clone_rows(self, rows, installed, t_ns: int) -> None:
+        """``add_clones`` for the arguments and result of ``RuleBuilder.install_clone_rows``:
+        tuples (proto, iaddr, iport, eaddr, eport, raddr, rport, rule_id, dirs, ...)."""
+        from ..rules import SESSION_DTYPE
+
+        if not len(rows):
+            return
+        r = np.zeros(len(rows), SESSION_DTYPE)
+        cols = list(zip(*rows))
+        for name, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), cols):
+            r[name] = col
+        self.add_clones(r, np.array(cols[8], np.uint8), installed, t_ns)
+
     def snapshot(self) -> np.ndarray:
         """The events kept, oldest first (a copy)."""
         n = len(self)

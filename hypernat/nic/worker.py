@@ -52,7 +52,7 @@ from ..fastpath import FlowTable, Translator
 from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
-from ..rules import DIR_BITS_BOTH, RuleBuilder
+from ..rules import RuleBuilder
 from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
 from .events import REPLAY_SENT as EV_REPLAY_SENT
@@ -254,18 +254,19 @@ class NicWorker:
             self.journal.wait()  # ... and on disk before it
 
     def _record_clone_installs(self) -> None:
-        """Event log only: wrap this NIC's ``rules.install_clones`` (the one place every
-        clone enters the tables: RULE answers, PUSHes, revalidation) so that each
-        installed clone is logged with the time its install returned."""
-        inner = self.rules.install_clones
+        """Event log only: wrap this NIC's ``rules.install_clone_rows`` (the one place every
+        clone enters the tables: RULE answers, PUSHes, revalidation; ``install_clones``
+        goes through it too) so that each installed clone is logged with the time its
+        install returned."""
+        inner = self.rules.install_clone_rows
         ev = self.events
 
-        def install_clones(records, now, dirs=DIR_BITS_BOTH, lease_until=0):
-            got = inner(records, now, dirs, lease_until)
-            ev.add_clones(records, dirs, got, _now_ns())
+        def install_clone_rows(rows, now, lease_until=0):
+            got = inner(rows, now, lease_until)
+            ev.add_clone_rows(rows, got, _now_ns())
             return got
 
-        self.rules.install_clones = install_clones
+        self.rules.install_clone_rows = install_clone_rows
 
     # -- setup -----------------------------------------------------------------------------
     def _connect(self, endpoint: str) -> None:
