@@ -1111,14 +1111,7 @@ class RuleAgent:
     def _grant(self, sk: tuple, holder: int, now: float) -> None:
         """Record a lease on `sk` for `holder`; the first lease of a holder holds the
         external endpoint in the builder until it ends (``_lease_end``)."""
-        if holder == self.nic_id:
-            return
-        holders = self.leases.setdefault(sk, {})
-        if holder not in holders:
-            self.rules.hold(sk[0], sk[3], sk[4])
-        until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
-        holders[holder] = until
-        self._grant_due = min(self._grant_due, until)
+        self._grant_many((sk,), holder, now)
 
     def _grant_many(self, sks, holder: int, now: float) -> None:
         """``_grant`` for each session identity of `sks` (one lease end for all)."""
