@@ -894,7 +894,8 @@ cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t 
                       uint32_t code, uint32_t mtu) noexcept nogil:
     """An ICMP error about the frame as it was received (never rewritten), from the
     gateway's address on the side it came from, back to its source (RFC 792, 1812):
-    IP header + as much of the datagram as fits in 576 bytes; MACs swapped."""
+    IP header + as much of the datagram as fits in 576 bytes (and in the MTU of the
+    link it leaves by); MACs swapped."""
     cdef uint64_t *ev = r.ev + direction * N_ROUTER_EVENTS
     cdef const uint8_t *b = p.b
     cdef uint64_t l3 = p.l3
@@ -930,6 +931,8 @@ cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t 
     cdef uint64_t q = p.end - l3
     if q > 576 - 28:
         q = 576 - 28
+    if r.mtu[back] and q > r.mtu[back] - 28:     # and it fits the link it leaves by
+        q = r.mtu[back] - 28
     cdef uint8_t *o = out_take(r, l2 + 28 + q, back)
     if o == NULL:
         ev[EV_OUTPUT_FULL] += 1

@@ -849,7 +849,8 @@ class Translator:
     def _icmp_answer(self, b, off, ip, l4, end, direction, now, itype, code, mtu):
         """An ICMP error about the frame as received, from the gateway's address on the
         side it came from, back to its source: IP header + as much of the datagram as
-        fits in 576 bytes (RFC 792, RFC 1812 4.3.2.3); MAC addresses swapped."""
+        fits in 576 bytes (RFC 792, RFC 1812 4.3.2.3) and in the MTU of the link it
+        leaves by; MAC addresses swapped."""
         ev = self.router_events[direction]
         back = IN if direction == OUT else OUT
         src = self._src[back]
@@ -872,7 +873,8 @@ class Translator:
         if self._tokens == 0:
             ev[EV_ICMP_RATE_LIMITED] += 1
             return
-        quote = bytes(b[ip : ip + min(end - ip, ICMP_QUOTE_MAX)])
+        room = ICMP_QUOTE_MAX if not self._mtu[back] else min(ICMP_QUOTE_MAX, self._mtu[back] - 28)
+        quote = bytes(b[ip : ip + min(end - ip, room)])
         l2 = bytes(b[off:ip])
         hdr = bytearray(20)
         hdr[0], hdr[1] = 0x45, 0xC0  # precedence: internetwork control

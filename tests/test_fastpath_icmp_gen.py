@@ -82,6 +82,17 @@ def test_quote_is_cut_at_576_bytes(fp):
     assert len(g) - 14 == 576 and g == icmp_expected(f, GW_IN, 11, 0)
 
 
+def test_quote_fits_the_link_it_leaves_by(fp):
+    env = router_env(fp, inside_mtu=200)
+    f = raw(eth() / IP(src=I1, dst=R, ttl=1) / UDP(sport=2222, dport=53) / (b"x" * 1000))
+    env.run([f], OUT)
+    (_, g), = env.tr.generated()
+    assert len(g) - 14 == 200
+    e = Ether(g)
+    assert raw(e[ICMP].payload) == raw(Ether(f)[IP])[:172]
+    assert e[ICMP].chksum == ICMP(raw(e[ICMP].copy().__class__(raw(e[ICMP])))).chksum
+
+
 def test_frag_needed_for_df_too_big(fp):
     env = router_env(fp)
     f = raw(eth() / IP(src=I1, dst=R, flags="DF") / TCP(sport=1111, dport=80, flags="A") / (b"d" * 1400))
