@@ -88,9 +88,11 @@ def test_quote_fits_the_link_it_leaves_by(fp):
     env.run([f], OUT)
     (_, g), = env.tr.generated()
     assert len(g) - 14 == 200
-    e = Ether(g)
-    assert raw(e[ICMP].payload) == raw(Ether(f)[IP])[:172]
-    assert e[ICMP].chksum == ICMP(raw(e[ICMP].copy().__class__(raw(e[ICMP])))).chksum
+    assert g[14 + 28 :] == raw(Ether(f)[IP])[:172]
+    icmp = Ether(g)[ICMP]
+    stored = icmp.chksum
+    icmp.chksum = None
+    assert ICMP(raw(icmp)).chksum == stored  # scapy computes the same checksum
 
 
 def test_frag_needed_for_df_too_big(fp):
