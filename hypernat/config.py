@@ -92,6 +92,8 @@ class NicConfig:
     rt_priority: int = 0  # SCHED_FIFO priority 1..99; 0 = normal scheduling (opt-in)
     curve_secret_key: Optional[str] = None  # this NIC's CURVE key pair (zmq.auth .key_secret)
     curve_public_key: Optional[str] = None  # its public half, bound to this NIC id by the coordinator
+    inside_mtu: Optional[int] = None  # largest IPv4 datagram sent inside; None: the interface's MTU, read at start
+    outside_mtu: Optional[int] = None  # ... and outside (a narrower link behind the gateway: set it lower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,15 @@ class Limits:
 
 
 @dataclasses.dataclass(frozen=True)
+class IcmpConfig:
+    """ICMP errors the gateway sends itself (time exceeded, fragmentation needed)."""
+
+    rate_limit: int = 1000  # per second per NIC, a token bucket (RFC 1812 4.3.2.8); 0: none sent
+    inside_source: Optional[str] = None  # their source toward the VPC; None: the inside interface's address
+    outside_source: Optional[str] = None  # ... toward the Internet: a pool address; None: the first the NIC owns
+
+
+@dataclasses.dataclass(frozen=True)
 class TranslogConfig:
     enabled: bool = False
     path: str = "/var/log/hypernat/translations.jsonl"
@@ -185,6 +196,8 @@ class Config:
     translation_log: TranslogConfig = TranslogConfig()
     metrics: MetricsConfig = MetricsConfig()
     state_dir: str = "/var/lib/hypernat"
+    tcp_mss_clamp: int = 0  # SYN / SYN-ACK MSS options lowered to this, both ways; 0: off
+    icmp: IcmpConfig = IcmpConfig()
 
     @property
     def n_nics(self) -> int:
@@ -325,7 +338,7 @@ def _tname(v) -> str:
 _TOP_KEYS = {
     "internal", "external", "partition", "nics", "coordinator", "install", "switch", "mapping",
     "filtering", "hairpinning", "allocation", "timeouts", "limits", "translation_log", "metrics",
-    "state_dir",
+    "state_dir", "tcp_mss_clamp", "icmp",
 }  # fmt: skip
 
 
@@ -383,7 +396,8 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     nics_node = top["nics"]
     if not isinstance(nics_node, list) or not nics_node:
         raise r.err("nics", "expected a non-empty list of NICs")
-    nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key"}
+    nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key",
+                "inside_mtu", "outside_mtu"}
     nics, seen_ifaces = {}, {}
     for i, n in enumerate(nics_node):
         p = f"nics[{i}]"
@@ -400,6 +414,8 @@ def from_dict(tree, path: str = "<dict>") -> Config:
             rt_priority=r.integer(n, "rt_priority", p, 0, lo=0, hi=99),
             curve_secret_key=r.string(n, "curve_secret_key", p),
             curve_public_key=r.string(n, "curve_public_key", p),
+            inside_mtu=r.integer(n, "inside_mtu", p, None, lo=68, hi=65535),
+            outside_mtu=r.integer(n, "outside_mtu", p, None, lo=68, hi=65535),
         )
         for role in ("inside", "outside"):
             name = getattr(nic, role)
@@ -523,6 +539,20 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         port=r.integer(mn, "port", "metrics", dm.port, lo=1, hi=65535 - n_nics),
     )
 
+    ic = r.mapping(top.get("icmp"), "icmp", {"rate_limit", "inside_source", "outside_source"})
+    icmp = IcmpConfig(
+        rate_limit=r.integer(ic, "rate_limit", "icmp", IcmpConfig.rate_limit, lo=0, hi=1 << 24),
+        inside_source=_address(r, ic, "inside_source", "icmp"),
+        outside_source=_address(r, ic, "outside_source", "icmp"),
+    )
+    if icmp.outside_source is not None and not any(
+            ipaddress.IPv4Address(icmp.outside_source) in net for net in pool):
+        raise r.err("icmp.outside_source", f"{icmp.outside_source} is not in external.pool (the gateway's "
+                                           "outside address is one of its pool addresses)")
+    mss = r.integer(top, "tcp_mss_clamp", "", 0, lo=0, hi=65535)
+    if mss and mss < 88:
+        raise r.err("tcp_mss_clamp", f"{mss} is below 88, the smallest MSS Linux sends (0 turns clamping off)")
+
     return Config(
         path=path,
         internal=internal,
@@ -543,7 +573,21 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         translation_log=translog,
         metrics=metrics,
         state_dir=r.string(top, "state_dir", "", "/var/lib/hypernat"),
+        tcp_mss_clamp=mss,
+        icmp=icmp,
     )
+
+
+def _address(r: _Reader, node, key: str, path: str):
+    """An optional IPv4 address (dotted quad), returned as written."""
+    v = r.string(node, key, path)
+    if v is None:
+        return None
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        raise r.err(_join(path, key), f"{v!r} is not an IPv4 address") from None
+    return v
 
 
 def _check_endpoint(r: _Reader, c: CoordinatorConfig, nics: dict) -> None:

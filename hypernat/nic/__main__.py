@@ -48,6 +48,35 @@ def _addresses(ifname: str) -> list:
         return []
 
 
+def _mtu(ifname: str) -> int:
+    """The interface's MTU (0 if it cannot be read: no limit is applied then)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            return int(ipr.get_links(idx[0])[0].get_attr("IFLA_MTU")) if idx else 0
+    except Exception as exc:  # noqa: BLE001 - logged; the config's mtu (if any) still applies
+        logging.warning("%s: cannot read its MTU (%s): no size limit unless the config sets one", ifname, exc)
+        return 0
+
+
+def _set_links(w, nc) -> None:
+    """The fast path's router settings: the config's, else the interfaces' MTUs and the
+    inside interface's address (ICMP errors toward the VPC come from it)."""
+    from .. import messages as M
+
+    addrs = _addresses(nc.inside)
+    s = w.set_links(inside_mtu=_mtu(nc.inside), outside_mtu=_mtu(nc.outside),
+                    inside_address=M.ip_int(addrs[0]) if addrs else 0)
+    logging.info("nic%d: router: MTU inside %d outside %d, ICMP from %s / %s at most %d/s, MSS clamp %s", nc.id,
+                 s["inside_mtu"], s["outside_mtu"], M.ip_str(s["inside_address"]), M.ip_str(s["outside_address"]),
+                 s["icmp_rate"], s["mss_clamp"] or "off")
+    if not s["inside_address"]:
+        logging.warning("nic%d: %s has no IPv4 address and icmp.inside_source is not set: no ICMP errors toward "
+                        "the VPC (traceroute shows a silent hop)", nc.id, nc.inside)
+
+
 def _set_macs(w, inside, outside, nc) -> None:
     """Frames leave with the port's own MAC toward the next hop's (l2.next_hop_mac)."""
     from ..l2 import next_hop_mac
@@ -125,6 +154,8 @@ def main(argv=None) -> int:
         arp = {role: ArpResponder(port.mac(), owned=_addresses(ifname))
                for role, port, ifname in (("inside", inside, nc.inside), ("outside", outside, nc.outside))}
     w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+    if nc.io in ("packet_mmap", "af_xdp"):
+        _set_links(w, nc)
     if nc.io in ("packet_mmap", "af_xdp") and not args.keep_macs:
         _set_macs(w, inside, outside, nc)
     if cfg.metrics.enabled and not args.no_metrics:

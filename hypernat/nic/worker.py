@@ -74,7 +74,7 @@ _MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
-    "slow_turns", "reloads", "reloads_refused",
+    "slow_turns", "reloads", "reloads_refused", "generated",
 )
 
 # How often the loop moves every object alive into the GC's permanent generation
@@ -184,6 +184,7 @@ class NicWorker:
         if GC_THRESHOLDS is not None:
             gc.set_threshold(*GC_THRESHOLDS)
         self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
+        self.set_links()  # the config's router settings; hypernat-nic adds the interfaces' MTUs and address
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
         self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True) if journal else None
@@ -412,6 +413,50 @@ class NicWorker:
             for target, mtype, payload in self.outbox.drain():
                 self._send_frames([target, M.TYPE_FRAME[mtype], payload])
 
+    # -- the gateway as a router (ICMP errors, fragments, MSS clamping: the fast path's) --------
+    def router_settings(self, inside_mtu: int = 0, outside_mtu: int = 0, inside_address: int = 0) -> dict:
+        """The fast path's router settings (``Translator.set_router``): what the config
+        says, else what the interfaces say (arguments: their MTUs and the inside one's
+        IPv4 address, read at start; 0 = unknown).  ICMP errors toward the Internet come
+        from ``icmp.outside_source``, else from the first pool address this NIC owns."""
+        nc, ic = self.config.nic(self.nic_id), self.config.icmp
+        if ic.outside_source is not None:
+            outside_address = M.ip_int(ic.outside_source)
+        else:
+            mine = self.partition.nic_address_indices(self.nic_id)
+            outside_address = self.partition.address_at(mine[0]) if len(mine) else 0
+        return {
+            "inside_mtu": nc.inside_mtu or inside_mtu,
+            "outside_mtu": nc.outside_mtu or outside_mtu,
+            "inside_address": M.ip_int(ic.inside_source) if ic.inside_source is not None else inside_address,
+            "outside_address": outside_address,
+            # the worker's clock ticks are seconds: the bucket holds a second's worth
+            "icmp_rate": ic.rate_limit,
+            "mss_clamp": self.config.tcp_mss_clamp,
+        }
+
+    def set_links(self, inside_mtu: int = 0, outside_mtu: int = 0, inside_address: int = 0) -> dict:
+        """Apply ``router_settings`` to the fast path; returns them."""
+        settings = self.router_settings(inside_mtu, outside_mtu, inside_address)
+        self.translator.set_router(**settings)
+        return settings
+
+    def _send_generated(self) -> None:
+        """Frames the fast path made in its last translate (ICMP errors, fragments), out
+        of the port on each one's exit side: one send per side, no Python per frame.
+        Called right after every translate (the next one empties the output area)."""
+        tr = self.translator
+        n = tr.out_count
+        if not n:
+            return
+        g = Batch(tr.out_buf, tr.out_offsets, tr.out_lengths, n)
+        exits = tr.out_exits[:n]
+        for d, port in ((OUT, self.outside), (IN, self.inside)):
+            idx = np.flatnonzero(exits == d)
+            if len(idx):
+                self.counters["tx_drops"] += len(idx) - port.send(g, idx)
+        self.counters["generated"] += n
+
     # -- packets ------------------------------------------------------------------------------
     def _process(self, port, direction: int, other) -> int:
         b = port.recv(self.batch_size)
@@ -439,7 +484,9 @@ class NicWorker:
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
-        if nsend == n:  # the common case: everything hit, one send, nothing else to look at
+        # the common case: everything hit, one send, nothing else to look at (a translated
+        # frame never generates one: only the router's verdicts do)
+        if nsend == n:
             self.counters["tx_drops"] += n - other.send(b, self._all[:n])
             if ev is not None and ev.hits:
                 ev.add_keys(EV_RX_HIT, direction, t_rx, k)
@@ -456,6 +503,7 @@ class NicWorker:
             if hp.any():
                 idx = np.flatnonzero(hp)
                 self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+        self._send_generated()  # before the misses: a replay translates again
         if self.arp[id(port)] is not None:
             nn = np.flatnonzero(v == _V_NOT_NAT)
             if len(nn):
@@ -579,6 +627,7 @@ class NicWorker:
             if len(hp):
                 c["tx_drops"] += len(hp) - self.inside.send(b, hp)
             c["replay_miss"] += int(_MISS_LUT[v].sum())
+        self._send_generated()
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
 
@@ -983,6 +1032,10 @@ class NicWorker:
             for k, v in vals.items():
                 if v:
                     out[f"fastpath_{dname}_{k}"] = int(v)
+        for dname, vals in self.translator.router_events_dict().items():
+            for k, v in vals.items():
+                if v:
+                    out[f"router_{dname}_{k}"] = int(v)
         for k, v in self.rules.counters_dict().items():
             out[f"rules_{k}"] = int(v)
         for k, v in self.agent.counters.items():
