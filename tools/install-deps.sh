@@ -2,10 +2,11 @@
 # System packages HyperNAT's build, tests and testbed use.  Installs only what is
 # missing, and only as root with apt-get (elsewhere it says what is missing).
 #   nftables, iproute2, ethtool, iperf3: the namespace testbed and Linux's NAT peer
+#   traceroute, iputils-tracepath: the testbed's router checks (the gateway's own ICMP)
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
 #   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
 set -euo pipefail
-want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
+want=(nftables iproute2 ethtool iperf3 traceroute iputils-tracepath libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do

@@ -113,6 +113,7 @@ class Topology:
     mtu: int = 1500
     steer_seed: int | None = None  # steer inet's return traffic by nftables jhash (steering.py)
     narrow_mtu: int = 0  # >0: a server behind a link of this MTU (path-MTU discovery through the NAT)
+    outside_mtu: int = 0  # >0: the outside links at this MTU, the gateway the narrow point (its own ICMP)
     config: str = ""  # the gateway config the daemons run (hypernat mode)
     endpoint: str = ""  # their coordinator endpoint: per run, so parallel runs do not meet
     pids: list = field(default_factory=list)
@@ -216,7 +217,7 @@ class Topology:
                 gw.link("add", ifname=self.outside(k), kind="veth", peer={"ifname": self.far(k), "net_ns_fd": self.inet})
                 for side, name in (("inside", self.inside(k)), ("outside", self.outside(k))):
                     idx = gw.link_lookup(ifname=name)[0]
-                    gw.link("set", index=idx, mtu=self.mtu)
+                    gw.link("set", index=idx, mtu=self.link_mtu(side))
                     gw.addr("add", index=idx, address=a.link(side, k, "gw"), prefixlen=24)
                     gw.link("set", index=idx, state="up")
 
@@ -231,7 +232,7 @@ class Topology:
                         ipr.addr("add", index=lo, address=a.server(i), prefixlen=32)
                 for k in range(self.nics):
                     idx = ipr.link_lookup(ifname=self.far(k))[0]
-                    ipr.link("set", index=idx, mtu=self.mtu)
+                    ipr.link("set", index=idx, mtu=self.link_mtu(side))
                     ipr.addr("add", index=idx, address=a.link(side, k, "far"), prefixlen=24)
                     ipr.link("set", index=idx, state="up")
 
@@ -255,6 +256,12 @@ class Topology:
             self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
             if self.mode == "noop":
                 self._ecmp(inet, a.internal, [hop("outside", k) for k in range(self.nics)])
+        if self.outside_mtu:
+            # inet's hosts still advertise an MSS of 1460 toward the pool: the clients'
+            # full-size segments reach the gateway, which must answer "fragmentation
+            # needed" itself (RFC 1191)
+            hops = [w for k in range(self.nics) for w in ("nexthop", "via", a.link("outside", k, "gw"))]
+            netns.run(self.inet, ["ip", "route", "replace", a.pool, "advmss", "1460", *hops])
         if self.steer_seed is not None:
             from .steering import install
 
@@ -307,6 +314,10 @@ class Topology:
         netns.sysctl(self.inet, "net.ipv4.ip_forward", 1)
         for ns, name in ((self.inet, "narrow"), (self.srv, "up")):
             self._offloads_off(ns, name)
+
+    def link_mtu(self, side: str) -> int:
+        """The MTU of NIC k's `side` link ('inside' or 'outside'), both ends."""
+        return self.outside_mtu if side == "outside" and self.outside_mtu else self.mtu
 
     @staticmethod
     def _ecmp(ipr, dst, hops, **kw):
