@@ -145,8 +145,10 @@ cdef extern from *:
        Written as a macro so that no helper can be dropped at -O2 (DESIGN.md). */
     #if defined(__GNUC__) || defined(__clang__)
     #define hn_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #define hn_unlikely(x) __builtin_expect(!!(x), 0)
     #else
     #define hn_prefetch(p) ((void)(p))
+    #define hn_unlikely(x) (x)
     #endif
 
     #ifdef HYPERNAT_DEBUG
@@ -190,6 +192,7 @@ cdef extern from *:
     uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
                           uint32_t daddr, uint16_t dport) noexcept nogil
     void hn_prefetch(const void *p) noexcept nogil
+    bint hn_unlikely(bint x) noexcept nogil
     int HN_DEBUG
     void hn_out_of_frame(uint64_t pos, uint64_t n, uint64_t lo, uint64_t hi) noexcept nogil
 
@@ -1084,6 +1087,11 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
     cdef uint8_t v
     cdef int exitdir
     cdef bint split
+    # the router's settings in locals: stores into frames (uint8_t *) may alias *r
+    cdef uint32_t mtu
+    cdef uint32_t mtu_dir = r.mtu[direction]
+    cdef uint32_t mtu_in = r.mtu[DIR_IN]
+    cdef uint32_t clamp = r.mss_clamp
     cdef hn_key *kp
     # Overlapping (or out-of-order) frames: strictly one after another.
     for i in range(1, n):
@@ -1107,17 +1115,18 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
             v = p.verdict
             if v == V_PENDING:
                 exitdir = DIR_IN if p.hairpin else direction
+                mtu = mtu_in if p.hairpin else mtu_dir
                 split = 0
-                if r.mtu[exitdir] and egress_len(p) > r.mtu[exitdir]:
+                if hn_unlikely(mtu != 0 and egress_len(p) > mtu):
                     if rd16(p, b, p.l3 + 6) & 0x4000:      # DF
                         v = V_FRAG_NEEDED
-                        icmp_answer(r, p, direction, now, 3, 4, r.mtu[exitdir])
+                        icmp_answer(r, p, direction, now, 3, 4, mtu)
                     else:
                         split = 1
                 if v == V_PENDING:
                     v = resolve(c, p, t, direction, now)
                     if v == V_TRANSLATED or v == V_HAIRPIN:
-                        if r.mss_clamp and p.kind == K_TCP and (p.tcp_flags & 0x02):
+                        if hn_unlikely(clamp != 0 and p.kind == K_TCP and (p.tcp_flags & 0x02)):
                             clamp_mss(r, p, direction)
                         if c.l2set[exitdir]:
                             chk(p, p.fs, 12)

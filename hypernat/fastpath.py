@@ -41,6 +41,15 @@ API (both modules)
     direction's pair: they go back inside); unset = leave MACs alone.
     ``counters``: numpy uint64 array ``[2, N_VERDICTS]`` (direction, verdict), live;
     ``counters_dict() -> {"out": {verdict_name: n}, "in": {...}}``; ``reset_counters()``.
+    The gateway as a router (docs/fastpath.md, "Generated frames"):
+    ``Translator(..., output_bytes=1 << 20, output_frames=4096)`` sizes the output area;
+    ``set_router(outside_mtu=0, inside_mtu=0, outside_address=0, inside_address=0,
+    icmp_rate=0, mss_clamp=0)`` (``router`` reads them back): ICMP time exceeded and
+    fragmentation needed, fragments of frames above an egress MTU, MSS clamping;
+    after each translate, ``out_count`` generated frames lie in ``out_buf`` at
+    ``out_offsets`` / ``out_lengths``, leaving toward ``out_exits`` (OUT / IN);
+    ``generated() -> [(exit, bytes)]``; ``router_events`` uint64 ``[2, N_ROUTER_EVENTS]``
+    and ``router_events_dict()``.
 """
 
 import os

@@ -89,3 +89,31 @@ def test_syn_mss_clamped(tmp_path):
     assert raw(Ether(raw(chk))) == raw(out)  # scapy agrees with the updated checksum
     assert w.counters_dict()["router_out_mss_clamped"] == 1
     w.close()
+
+
+def test_config_router_keys_are_checked():
+    import os
+
+    from hypernat import config as cfgmod
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "conf", "testbed.yaml")) as f:
+        import yaml
+
+        tree = yaml.safe_load(f)
+    ok = cfgmod.from_dict(dict(tree, tcp_mss_clamp=1400, icmp={"rate_limit": 0, "inside_source": "10.77.255.1",
+                                                               "outside_source": "198.18.77.3"}), "gw.yaml")
+    assert ok.tcp_mss_clamp == 1400 and ok.icmp.rate_limit == 0 and ok.icmp.outside_source == "198.18.77.3"
+    assert cfgmod.from_dict(tree, "gw.yaml").tcp_mss_clamp == 0  # off by default
+    bad = [
+        (dict(tcp_mss_clamp=40), "gw.yaml: tcp_mss_clamp: 40 is below 88"),
+        (dict(tcp_mss_clamp="big"), "gw.yaml: tcp_mss_clamp: expected an integer"),
+        (dict(icmp={"outside_source": "192.0.2.1"}), "gw.yaml: icmp.outside_source: 192.0.2.1 is not in external.pool"),
+        (dict(icmp={"inside_source": "10.77.0.300"}), "gw.yaml: icmp.inside_source: '10.77.0.300' is not an IPv4"),
+        (dict(icmp={"rate": 5}), "gw.yaml: icmp.rate: unknown key"),
+        (dict(nics=[dict(tree["nics"][0], outside_mtu=67), tree["nics"][1]]), "gw.yaml: nics[0].outside_mtu: 67 is out"),
+    ]
+    for change, msg in bad:
+        with pytest.raises(cfgmod.ConfigError) as e:
+            cfgmod.from_dict(dict(tree, **change), "gw.yaml")
+        assert str(e.value).startswith(msg), str(e.value)
