@@ -9,10 +9,12 @@ received (scapy computes both checksums); fragments are reassembled by scapy's
 ``defragment`` and compared with the translated frame scapy expects.
 """
 import pytest
-from scapy.all import ICMP, IP, TCP, UDP, Dot1Q, Ether, IPerror, IPOption_RR, IPOption_Router_Alert, Raw, defragment, raw
+from scapy.all import (ICMP, IP, TCP, UDP, Dot1Q, Ether, IPerror, IPOption_RR, IPOption_Router_Alert, Raw, defragment,
+                       fragment, raw)
 
-from fixtures.fastpath_oracle import E1, E2, I1, I2, MAC_A, MAC_B, R, A, eth, expected, run_frames, standard_env
-from hypernat.verdicts import IN, OUT, ROUTER_EVENT_NAMES, VERDICT
+from fixtures.fastpath_oracle import (E1, E2, I1, I2, MAC_A, MAC_B, R, A, eth, expected, run_frames, standard_env,
+                                     with_mss)
+from hypernat.verdicts import IN, OUT, ROUTER_EVENT_NAMES, VERDICT, VERDICT_NAMES
 
 GW_IN = "10.0.255.254"  # the gateway's inside address (ICMP toward the VPC)
 GW_OUT = E2  # a pool address (ICMP toward the Internet)
@@ -159,6 +161,9 @@ def test_fragmented_non_df(fp, opts, size):
         elif opts:
             assert raw(fr[IP])[20:ihl] == raw(Ether(want)[IP])[20:ihl]
     assert len(frags) == -(-(size - ihl) // ((1280 - ihl) // 8 * 8))
+    if not opts:  # scapy cuts the same fragments
+        e = Ether(want)
+        assert [g for _, g in gen] == [raw(Ether(src=e.src, dst=e.dst) / x) for x in fragment(e[IP], 1280 - 20)]
     whole = defragment([fr[IP] for fr in frags])
     assert len(whole) == 1
     w = Ether(want)[IP]
@@ -266,3 +271,60 @@ def test_set_router_validates(fp):
     with pytest.raises(ValueError):
         fp.Translator(env.out, env.inn, output_bytes=10)
     assert set(env.tr.router_events_dict()["out"]) == set(ROUTER_EVENT_NAMES)
+
+
+# ---------------------------------------------------------------------------------------
+# The table frozen into tests/fixtures/fastpath_golden.json (tools/mkfixtures.py): one
+# translator per row, with ROUTER_SETTINGS; everything expected is built by scapy.
+# ---------------------------------------------------------------------------------------
+
+ROUTER_SETTINGS = dict(outside_mtu=1280, inside_mtu=1400, outside_address=A(GW_OUT), inside_address=A(GW_IN),
+                       icmp_rate=100, mss_clamp=1360)
+
+
+def router_cases():
+    """[(description, made_by, frame, direction, verdict, expected frame, [(exit, generated frame)])]."""
+    mss = [("NOP", None), ("MSS", 1460), ("WScale", 7)]
+    big = bytes(range(256)) * 6
+    rows = []
+
+    def icmp(desc, pkt, direction, verdict, itype, code, mtu=0):
+        f = raw(pkt)
+        back, src = (IN, GW_IN) if direction == OUT else (OUT, GW_OUT)
+        rows.append((desc, f"scapy: icmp_expected(frame, {itype}, {code}, mtu={mtu})", f, direction, verdict, f,
+                     [(back, icmp_expected(f, src, itype, code, mtu=mtu))]))
+
+    icmp("ttl 1 out udp", eth() / IP(src=I1, dst=R, ttl=1) / UDP(sport=2222, dport=53) / b"q", OUT, "ttl_exceeded", 11, 0)
+    icmp("ttl 0 out echo, vlan", eth(5) / IP(src=I1, dst=R, ttl=0) / ICMP(type=8, id=7) / b"p", OUT, "ttl_exceeded",
+         11, 0)
+    icmp("ttl 1 in tcp", eth() / IP(src=R, dst=E1, ttl=1) / TCP(sport=80, dport=40001, flags="A") / b"d", IN,
+         "ttl_exceeded", 11, 0)
+    icmp("ttl 1 out, 1000 bytes: quote cut", eth() / IP(src=I1, dst=R, ttl=1) / UDP(sport=2222, dport=53) / big[:1000],
+         OUT, "ttl_exceeded", 11, 0)
+    icmp("df over the outside mtu", eth() / IP(src=I1, dst=R, flags="DF") / TCP(sport=1111, dport=80, flags="A")
+         / big[:1300], OUT, "frag_needed", 3, 4, 1280)
+    icmp("df over the inside mtu", eth() / IP(src=R, dst=E1, flags="DF") / UDP(sport=53, dport=40002) / big[:1400],
+         IN, "frag_needed", 3, 4, 1400)
+    for desc, pkt, direction, rewrite in (
+            ("syn out, mss 1460", eth() / IP(src=I1, dst=R) / TCP(sport=1111, dport=80, flags="S", options=mss), OUT,
+             dict(src=E1, sport=40001)),
+            ("syn-ack in, mss 1460", eth() / IP(src=R, dst=E1) / TCP(sport=80, dport=40001, flags="SA", options=mss),
+             IN, dict(dst=I1, dport=1111))):
+        f = raw(pkt)
+        rows.append((desc, f"scapy: with_mss(expected(frame, **{rewrite}), 1360)", f, direction, "translated",
+                     with_mss(expected(f, **rewrite), 1360), []))
+    f = raw(eth() / IP(src=I1, dst=R, id=999) / UDP(sport=2222, dport=53) / big)
+    e = Ether(expected(f, src=E1, sport=40002))
+    rows.append(("over the outside mtu, no df: fragments", "scapy: fragment(expected(frame), 1260)", f, OUT,
+                 "fragmented", raw(e), [(OUT, raw(Ether(src=e.src, dst=e.dst) / x)) for x in fragment(e[IP], 1260)]))
+    return rows
+
+
+def test_router_cases(fp):
+    for desc, _, frame, direction, verdict, exp, gen in router_cases():
+        env = standard_env(fp)
+        env.tr.set_router(**ROUTER_SETTINGS)
+        out, v, _ = env.run([frame], direction)
+        assert VERDICT_NAMES[v[0]] == verdict, desc
+        assert out[0] == exp, desc
+        assert env.tr.generated() == gen, desc

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scapy.all import IP, TCP, Ether, raw
 from scapy.layers.inet import in4_chksum
 
-from fixtures.fastpath_oracle import E1, E2, I1, I2, R, eth, expected, run_frames, standard_env
+from fixtures.fastpath_oracle import E1, E2, I1, I2, R, eth, expected, run_frames, standard_env, with_mss
 from hypernat.verdicts import IN, OUT, SEND_VERDICTS, VERDICT
 
 CLAMP = 1360
@@ -20,14 +20,6 @@ def clamped_env(fp, clamp=CLAMP):
     env = standard_env(fp)
     env.tr.set_router(mss_clamp=clamp)
     return env
-
-
-def with_mss(frame: bytes, mss: int) -> bytes:
-    """`frame` with its MSS option's value set to `mss`, TCP checksum by scapy."""
-    p = Ether(frame)
-    p[TCP].options = [("MSS", mss) if k == "MSS" else (k, v) for k, v in p[TCP].options]
-    del p[TCP].chksum
-    return raw(p)
 
 
 def mss_of(frame: bytes):
