@@ -185,6 +185,7 @@ class Config:
     translation_log: TranslogConfig = TranslogConfig()
     metrics: MetricsConfig = MetricsConfig()
     state_dir: str = "/var/lib/hypernat"
+    fleet: Optional[object] = None  # hypernat.fleet.spec.FleetConfig: this server's place in a fleet
 
     @property
     def n_nics(self) -> int:
@@ -325,7 +326,7 @@ def _tname(v) -> str:
 _TOP_KEYS = {
     "internal", "external", "partition", "nics", "coordinator", "install", "switch", "mapping",
     "filtering", "hairpinning", "allocation", "timeouts", "limits", "translation_log", "metrics",
-    "state_dir",
+    "state_dir", "fleet",
 }  # fmt: skip
 
 
@@ -543,7 +544,15 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         translation_log=translog,
         metrics=metrics,
         state_dir=r.string(top, "state_dir", "", "/var/lib/hypernat"),
+        fleet=_fleet(r, top.get("fleet"), pool, n_nics),
     )
+
+
+def _fleet(r: _Reader, node, pool, n_nics):
+    """The ``fleet:`` section (hypernat.fleet.spec), None for a server on its own."""
+    from .fleet import spec
+
+    return spec.read(r, node, pool, n_nics)
 
 
 def _check_endpoint(r: _Reader, c: CoordinatorConfig, nics: dict) -> None:
@@ -587,11 +596,18 @@ def _check_endpoint(r: _Reader, c: CoordinatorConfig, nics: dict) -> None:
 
 
 def check_main(argv=None) -> int:
-    """`hypernat check CONFIG`: validate, print the partition table; exit 1 on error."""
-    ap = argparse.ArgumentParser(prog="hypernat check", description="Validate a HyperNAT configuration file.")
-    ap.add_argument("config", help="YAML configuration file")
+    """`hypernat check CONFIG`: validate, print the partition table; exit 1 on error.
+    Several files or a directory: a fleet (hypernat.fleet.spec.check_fleet)."""
+    ap = argparse.ArgumentParser(prog="hypernat check", description="Validate a HyperNAT configuration file "
+                                 "(several files or a directory: a fleet, checked together).")
+    ap.add_argument("config", nargs="+", help="YAML configuration file(s) or a fleet's directory")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
     args = ap.parse_args(argv)
+    if len(args.config) > 1 or __import__("os").path.isdir(args.config[0]):
+        from .fleet.spec import check_fleet_main
+
+        return check_fleet_main(args.config, args.quiet)
+    args.config = args.config[0]
     try:
         cfg = load(args.config)
     except ConfigError as exc:
