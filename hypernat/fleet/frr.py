@@ -100,13 +100,14 @@ class FrrInstance:
     """One FRR (zebra, bfdd, bgpd) whose every file lives in `directory`, started in the
     caller's network namespace (or `netns`, through ``ip netns exec``).
 
-    `fate_shared`: the daemons get SIGKILL when the process that started them dies
-    (PR_SET_PDEATHSIG), so a killed speaker never leaves announcements behind it."""
+    The daemons run as ``frr`` and so cannot share the starter's fate by
+    PR_SET_PDEATHSIG (a change of credentials clears it): whoever runs a speaker must
+    stop its FRR with it (the lab kills a server's namespaces whole; a systemd unit
+    binds FRR to the speaker with ``BindsTo=``)."""
 
-    def __init__(self, directory: str, netns: str | None = None, fate_shared: bool = True):
+    def __init__(self, directory: str, netns: str | None = None):
         self.dir = os.path.abspath(directory)
         self.netns = netns
-        self.fate_shared = fate_shared
         self.procs: dict = {}
 
     def path(self, name: str) -> str:
@@ -144,11 +145,10 @@ class FrrInstance:
         """Start zebra, then bfdd and bgpd; return when vtysh reaches all three."""
         if configs:
             self.write(configs)
-        preexec = _pdeathsig if self.fate_shared else None
         for daemon in DAEMONS:
             out = open(self.path(f"{daemon}.out"), "ab")
             self.procs[daemon] = subprocess.Popen(self.argv(daemon), stdin=subprocess.DEVNULL, stdout=out,
-                                                  stderr=subprocess.STDOUT, preexec_fn=preexec)
+                                                  stderr=subprocess.STDOUT, start_new_session=True)
             out.close()
             if daemon == "zebra":
                 self._wait_for(lambda: os.path.exists(self.path("zserv.api")), timeout, "zebra's socket")
@@ -212,9 +212,3 @@ class FrrInstance:
                 p.wait(1.0)
         self.procs.clear()
 
-
-def _pdeathsig() -> None:
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -1,8 +1,8 @@
 """``python -m hypernat.fleet``: a gateway server's health-gated BGP speaker.
 
 One per server, beside its coordinator.  It renders FRR's configuration from the
-server's YAML, starts FRR (zebra, bfdd, bgpd; their fate tied to this process: a
-killed speaker takes its announcements with it) and then, every ``health.interval``:
+server's YAML, starts FRR (zebra, bfdd, bgpd: stop them with the speaker, see
+frr.FrrInstance) and then, every ``health.interval``:
 
     coordinator ──status, counters──► health ──► what is announced (vtysh network / no network)
 
