@@ -41,7 +41,12 @@ log = logging.getLogger("hypernat.fleet.resilient")
 
 WEIGHT = 256  # a serving server
 WEIGHT_DRAINING = 1  # against 256 it rounds to no bucket (buckets <= 128 per two servers)
-NH_ID_BASE = 0x100000
+# Nexthop object ids: between zebra's own (small ones for single next hops, from 0x1E0000
+# for its groups).  Each server is two members of the group ("twins", same gateway): a
+# group of one member picks no path by hash, and so marks no bucket busy -- a server
+# returning next to a lone survivor would then take busy buckets and break connections.
+NH_ID_BASE = 1_000_000
+TWINS = 2
 
 
 def nexthops_from_bgp(paths_json: dict) -> dict:
@@ -88,8 +93,9 @@ class ResilientRoutes:
         _ip("route", "replace", "unreachable", "default", "table", str(self.table))
 
     @staticmethod
-    def nh_id(addr: str) -> int:
-        return NH_ID_BASE + (int(ipaddress.IPv4Address(addr)) & 0xFFFFF)
+    def nh_ids(addr: str) -> tuple:
+        base = NH_ID_BASE + TWINS * (int(ipaddress.IPv4Address(addr)) & 0xFFFF)
+        return tuple(base + j for j in range(TWINS))
 
     def apply(self, nexthops: dict) -> bool:
         if nexthops == self.current:
@@ -102,9 +108,10 @@ class ResilientRoutes:
             for addr in nexthops:
                 if addr not in self.members:
                     dev = _ip("route", "get", addr).stdout.split(" dev ")[1].split()[0]
-                    _ip("nexthop", "replace", "id", str(self.nh_id(addr)), "via", addr, "dev", dev)
-                    self.members[addr] = self.nh_id(addr)
-            group = "/".join(f"{self.members[a]},{w}" for a, w in sorted(nexthops.items()))
+                    for i in self.nh_ids(addr):
+                        _ip("nexthop", "replace", "id", str(i), "via", addr, "dev", dev)
+                    self.members[addr] = self.nh_ids(addr)
+            group = "/".join(f"{i},{w}" for a, w in sorted(nexthops.items()) for i in self.members[a])
             verb = "replace" if self.current else "add"
             if verb == "add":
                 _ip("nexthop", "del", "id", str(self.group_id), check=False)
@@ -115,7 +122,8 @@ class ResilientRoutes:
                     "idle_timer", f"{self.idle_timer:g}", "unbalanced_timer", "0")
             _ip("route", "replace", "default", "nhid", str(self.group_id), "table", t)
         for addr in [a for a in self.members if a not in nexthops]:
-            _ip("nexthop", "del", "id", str(self.members.pop(addr)), check=False)
+            for i in self.members.pop(addr):
+                _ip("nexthop", "del", "id", str(i), check=False)
         log.info("servers %s (was %s)", nexthops or "none", self.current or "none")
         self.current = dict(nexthops)
         self.changes += 1
@@ -124,7 +132,7 @@ class ResilientRoutes:
     def buckets_by_member(self) -> dict:
         """{next hop address: buckets} as the kernel has them now."""
         out = _ip("nexthop", "bucket", "show", "id", str(self.group_id), check=False).stdout
-        by_id = {v: k for k, v in self.members.items()}
+        by_id = {i: k for k, ids in self.members.items() for i in ids}
         counts: dict = {}
         for line in out.splitlines():
             if " nhid " in line:
