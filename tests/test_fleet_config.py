@@ -103,3 +103,10 @@ def test_other_fleet_problems(tmp_path):
     b["fleet"]["peers"][0]["local"] = "172.30.1.2"  # gw1's address
     keys = {k for _, k, _ in problems(tmp_path, [server(1, "198.18.77.0/29"), b])}
     assert {"fleet.pool", "fleet.peers[0].local", "fleet.peers[0].asn"} <= keys
+
+
+def test_the_example_fleet_is_sound():
+    import os
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "fleet")
+    assert check_main([conf, "-q"]) == 0

@@ -4,8 +4,10 @@
 #   nftables, iproute2, ethtool, iperf3: the namespace testbed and Linux's NAT peer
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
 #   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
+#   frr: the fleet's BGP speakers and the testbed's routers (bgpd, bfdd, zebra; hypernat/fleet)
 set -euo pipefail
 want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
+want+=(frr)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do

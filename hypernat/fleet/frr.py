@@ -147,9 +147,14 @@ class FrrInstance:
             self.write(configs)
         for daemon in DAEMONS:
             out = open(self.path(f"{daemon}.out"), "ab")
-            self.procs[daemon] = subprocess.Popen(self.argv(daemon), stdin=subprocess.DEVNULL, stdout=out,
-                                                  stderr=subprocess.STDOUT, start_new_session=True)
-            out.close()
+            try:
+                self.procs[daemon] = subprocess.Popen(self.argv(daemon), stdin=subprocess.DEVNULL, stdout=out,
+                                                      stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                self.stop()
+                raise FrrError(f"cannot start FRR's {daemon}: {exc}") from None
+            finally:
+                out.close()
             if daemon == "zebra":
                 self._wait_for(lambda: os.path.exists(self.path("zserv.api")), timeout, "zebra's socket")
         self._wait_for(lambda: all(os.path.exists(self.path(f"{d}.vty")) for d in DAEMONS), timeout, "the vty sockets")

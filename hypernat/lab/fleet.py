@@ -142,7 +142,10 @@ def coord_endpoint(tag: str, server: int | None = None) -> str:
         return f"ipc://{run}/gw{s}/coord.sock"
     if server not in (None, 1):
         raise FleetError(f"lab {tag} is one server")
-    return Topology.load(tag).endpoint or f"ipc://{run}/coord.sock"
+    try:
+        return Topology.load(tag).endpoint or f"ipc://{run}/coord.sock"
+    except FileNotFoundError:
+        raise FleetError(f"no lab {tag!r} on this machine (hypernat lab list)") from None
 
 
 @dataclass
@@ -776,3 +779,70 @@ def run_report(fleet: Fleet, hosts: int | None = None, per_host: int = 2, second
            "connections": len(conns), "broken": len(broken_before_close), "no_server": unknown,
            "hosts_on_two_servers": split, "group": fleet.group(), "internet_routes": sorted(fleet.inet_routes())}
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# hypernat lab up --servers N | run | fail | recover | drain (called by lab/cli.py)
+
+
+def cli(args) -> int:
+    if args.cmd == "up":
+        f = Fleet(tag=args.tag, servers=args.servers, nics=args.nics, hosts=args.hosts, template=args.config)
+        trees = None
+        if args.fleet:
+            import yaml
+
+            from ..fleet.spec import fleet_files
+
+            trees = []
+            for path in fleet_files([args.fleet]):
+                with open(path) as fh:
+                    trees.append(yaml.safe_load(fh))
+        try:
+            f.up(trees)
+        except FleetError as exc:
+            print(f"hypernat lab up: {exc}", file=sys.stderr)
+            return 1
+        print(f"lab {f.tag}: fleet up: {f.servers} servers x {f.nics} NICs behind FRR routers (BGP + BFD); "
+              f"VPC router's group {f.group()}")
+        for s in f.server_ids:
+            print(f"  gw{s}: pool {f.server_pool(s)}, {f.configs[s - 1]}, hypernat ctl --tag {f.tag} --server {s} status")
+        print(f"  namespaces {', '.join(f.namespaces)}; logs in {f.run_dir()}/logs")
+        return 0
+    try:
+        f = Fleet.load(args.tag)
+    except FileNotFoundError:
+        print(f"hypernat lab {args.cmd}: no fleet {args.tag!r} (hypernat lab up --tag {args.tag} --servers 2)",
+              file=sys.stderr)
+        return 2
+    if args.cmd in ("fail", "recover", "drain") and not 1 <= args.server <= f.servers:
+        print(f"hypernat lab {args.cmd}: servers are 1..{f.servers}", file=sys.stderr)
+        return 2
+    try:
+        if args.cmd == "fail":
+            t0 = time.monotonic()
+            pids = f.fail(args.server)
+            took = f.wait_routes(set(f.server_ids) - {args.server}, timeout=10)
+            print(f"gw{args.server}: {len(pids)} processes killed; routers dropped it in {1000 * took:.0f} ms")
+        elif args.cmd == "recover":
+            f.recover(args.server)
+            took = f.wait_routes(set(f.server_ids), timeout=30, serving_only=False)
+            print(f"gw{args.server}: up again; routers took it back ({f.group()})")
+        elif args.cmd == "drain":
+            st = f.drain(args.server)
+            print(f"gw{args.server}: drained and stopped ({st.get('state')}); routers: {f.group()}")
+        elif args.cmd == "run":
+            rep = run_report(f, hosts=None, per_host=max(1, args.conns // max(1, f.hosts)))
+            if args.json:
+                print(json.dumps(rep, indent=1, default=str))
+            else:
+                for name, v in rep["servers"].items():
+                    print(f"{name}  pool {v['pool']:<18} speaker {v['speaker'] or '-':<9} hosts {v['hosts']:>3}  "
+                          f"TCP {v['intact']}/{v['connections']} intact, {v['echoes']} echoes")
+                print(f"hosts on two servers: {len(rep['hosts_on_two_servers'])}; connections from no server's pool: "
+                      f"{rep['no_server']}; VPC router group {rep['group']}; Internet routes to {rep['internet_routes']}")
+            return 0 if rep["broken"] == 0 and rep["no_server"] == 0 and not rep["hosts_on_two_servers"] else 1
+    except FleetError as exc:
+        print(f"hypernat lab {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    return 0
