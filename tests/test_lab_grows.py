@@ -40,7 +40,7 @@ def test_run_logs_are_this_runs_only(tmp_path, monkeypatch):
 def test_three_nics_ctl_by_tag_and_down_cleans(capsys):
     from hypernat.coord import ctl
 
-    tag = f"grow{os.getpid()}"
+    tag = f"fleetgrow{os.getpid()}"
     try:
         assert lab_cli.main(["up", "--tag", tag, "--nics", "3"]) == 0
         capsys.readouterr()
