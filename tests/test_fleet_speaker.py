@@ -53,3 +53,75 @@ def test_not_a_fleet_member(tmp_path):
     del t["fleet"]
     with pytest.raises(ValueError, match="no fleet: section"):
         speaker.Speaker(from_dict(t, "solo.yaml"))
+
+
+class Scripted(speaker.Speaker):
+    """The decisions alone: health from a script, announcements recorded (no FRR)."""
+
+    def __init__(self, cfg, health):
+        self.now = 0.0
+        super().__init__(cfg, endpoint="ipc:///nonexistent", clock=lambda: self.now)
+        self.script = health
+        self.calls = []
+
+    def read_health(self):
+        return dict(self.script)
+
+    def _network(self, prefix, how):
+        self.calls.append((str(prefix), how))
+        if how is None:
+            self.announced.pop(str(prefix), None)
+        else:
+            self.announced[str(prefix)] = how
+
+    def check_peers(self):
+        pass
+
+
+def test_drain_waits_for_fresh_reports_of_no_mapping(tmp_path):
+    """A drain asked right after hosts arrived: the NICs' last report (older than the
+    connections) says 0 mappings.  The speaker must not take that for "drained" (it
+    did: the route was withdrawn at once and every connection there broke)."""
+    cfg = from_dict(dict(server(1, "198.18.77.0/29"), state_dir=str(tmp_path)), "gw1.yaml")
+    sp = Scripted(cfg, {"ok": True, "why": "", "draining": False, "mappings": 0})
+    sp.step()
+    assert sp.state == "serving" and sp.announced == {"0.0.0.0/0": "normal", "198.18.77.0/29": "normal"}
+    sp.script.update(draining=True)  # the stale report: 0
+    sp.now = 0.25
+    sp.step()
+    assert sp.state == "draining" and sp.announced["0.0.0.0/0"] == "gshut"
+    sp.script.update(mappings=12)  # the fresh report
+    for t in (1.0, 2.0, 5.0):
+        sp.now = t
+        sp.step()
+        assert sp.state == "draining" and sp.announced["198.18.77.0/29"] == "normal"
+    sp.script.update(mappings=0)  # they closed
+    sp.now = 6.0
+    sp.step()
+    assert sp.state == "draining"
+    sp.now = 6.0 + speaker.DRAIN_SETTLE_S
+    sp.step()
+    assert sp.state == "drained" and sp.announced == {}
+
+
+def test_drain_timeout_ends_a_drain(tmp_path):
+    t = server(1, "198.18.77.0/29", health={"drain_timeout": 10})
+    sp = Scripted(from_dict(dict(t, state_dir=str(tmp_path)), "gw1.yaml"),
+                  {"ok": True, "why": "", "draining": True, "mappings": 7})
+    sp.step()
+    assert sp.state == "draining"
+    sp.now = 10.0
+    sp.step()
+    assert sp.state == "drained" and sp.announced == {}
+
+
+def test_unhealthy_withdraws_the_default_and_keeps_the_pool(tmp_path):
+    cfg = from_dict(dict(server(1, "198.18.77.0/29"), state_dir=str(tmp_path)), "gw1.yaml")
+    sp = Scripted(cfg, {"ok": True, "why": "", "draining": False, "mappings": 3})
+    sp.step()
+    sp.script.update(ok=False, why="0 NIC(s) up, fewer than 1")
+    sp.step()
+    assert sp.state == "unhealthy" and sp.announced == {"198.18.77.0/29": "normal"}
+    sp.script.update(ok=True, why="")
+    sp.step()
+    assert sp.state == "serving" and sp.announced["0.0.0.0/0"] == "normal"

@@ -22,12 +22,18 @@ HOSTS = 64  # 0..23 the first wave, then fresh hosts for each later step
 
 
 @pytest.fixture(scope="module")
-def fleet():
+def fleet(request):
     f = Fleet(tag=f"fleet{os.getpid()}", servers=2, nics=2, hosts=HOSTS, template=CONF)
     try:
         f.up()
         yield f
     finally:
+        if request.session.testsfailed:  # what the routers and speakers did, before it is gone
+            logs = os.path.join(f.run_dir(), "logs")
+            for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+                if "resilient" in name or "speaker" in name:
+                    with open(os.path.join(logs, name)) as fh:
+                        print(f"--- {name}\n" + "".join(fh.readlines()[-30:]))
         f.down()
     assert not any(os.path.exists(netns.ns_path(n)) for n in f.namespaces)
     assert not os.path.exists(f.run_dir()) and not os.path.exists(f.state_path())
@@ -144,6 +150,7 @@ def test_drain(fleet, traffic):
     while fleet.group().get(d) != 1:  # GRACEFUL_SHUTDOWN seen: weight 1, no bucket wanted
         assert time.monotonic() - t0 < 3, fleet.group()
         time.sleep(0.02)
+    gshut = time.monotonic() - t0
     time.sleep(IDLE_TIMER + 1.0)
     # New hosts stop arriving: the draining server keeps only busy buckets, at most one
     # per host with a live connection there; every other host goes to the other server.
@@ -163,12 +170,16 @@ def test_drain(fleet, traffic):
     assert all(c.ok > 5 for c in by[d])
     # ...until they close; then (mappings gone or drain_timeout) it withdraws and stops.
     ll.close_conns(by[d])
+    t1 = time.monotonic()
     status = fleet.drain(d)
     assert status["state"] in ("drained", "stopped") and status["counters"]["refused_announcements"] == 0
     fleet.wait_routes({other}, timeout=5)
     time.sleep(0.5)
     assert not [c for c in by[other] if c.broken], [(c.host, c.broken) for c in by[other] if c.broken]
     assert not fleet.server_pids(d)
+    print(f"\ndrain: the VPC router saw GRACEFUL_SHUTDOWN in {gshut * 1000:.0f} ms; {len(on_d)} bucket(s) kept for "
+          f"{len(by[d])} live host(s); {len(by[d])} connections on the draining server kept until closed; withdrawn "
+          f"and stopped {time.monotonic() - t1:.1f} s later; {len(by[other])} connections on the other server: 0 broken")
     fleet.recover(d)
     fleet.wait_routes({1, 2}, timeout=30)
 

@@ -74,6 +74,13 @@ def _ip(*args, check=True) -> subprocess.CompletedProcess:
     return p
 
 
+def _batch(cmds: list, check: bool) -> None:
+    p = subprocess.run(["ip", "-force", "-batch", "-"], input="\n".join(cmds) + "\n", capture_output=True, text=True,
+                       timeout=5)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"ip -batch {cmds}: {p.stderr.strip()}")
+
+
 class ResilientRoutes:
     """Programs the group; `apply(nexthops)` is idempotent and moves only what changed."""
 
@@ -98,32 +105,34 @@ class ResilientRoutes:
         return tuple(base + j for j in range(TWINS))
 
     def apply(self, nexthops: dict) -> bool:
+        """Program the group for `nexthops` ({address: weight}); one ``ip -batch`` for the
+        change (a failure's withdrawal costs one process, not one per command)."""
         if nexthops == self.current:
             return False
         t = str(self.table)
+        cmds, cleanup = [], []
         if not nexthops:
-            _ip("route", "replace", "unreachable", "default", "table", t)
-            _ip("nexthop", "del", "id", str(self.group_id), check=False)
+            cmds.append(f"route replace unreachable default table {t}")
+            cleanup.append(f"nexthop del id {self.group_id}")
         else:
             for addr in nexthops:
                 if addr not in self.members:
                     dev = _ip("route", "get", addr).stdout.split(" dev ")[1].split()[0]
-                    for i in self.nh_ids(addr):
-                        _ip("nexthop", "replace", "id", str(i), "via", addr, "dev", dev)
+                    cmds += [f"nexthop replace id {i} via {addr} dev {dev}" for i in self.nh_ids(addr)]
                     self.members[addr] = self.nh_ids(addr)
             group = "/".join(f"{i},{w}" for a, w in sorted(nexthops.items()) for i in self.members[a])
-            verb = "replace" if self.current else "add"
-            if verb == "add":
-                _ip("nexthop", "del", "id", str(self.group_id), check=False)
-                _ip("nexthop", "add", "id", str(self.group_id), "group", group, "type", "resilient",
-                    "buckets", str(self.buckets), "idle_timer", f"{self.idle_timer:g}", "unbalanced_timer", "0")
+            timers = f"idle_timer {self.idle_timer:g} unbalanced_timer 0"
+            if self.current:
+                cmds.append(f"nexthop replace id {self.group_id} group {group} type resilient {timers}")
             else:
-                _ip("nexthop", "replace", "id", str(self.group_id), "group", group, "type", "resilient",
-                    "idle_timer", f"{self.idle_timer:g}", "unbalanced_timer", "0")
-            _ip("route", "replace", "default", "nhid", str(self.group_id), "table", t)
+                _ip("nexthop", "del", "id", str(self.group_id), check=False)
+                cmds.append(f"nexthop add id {self.group_id} group {group} type resilient buckets {self.buckets} {timers}")
+            cmds.append(f"route replace default nhid {self.group_id} table {t}")
         for addr in [a for a in self.members if a not in nexthops]:
-            for i in self.members.pop(addr):
-                _ip("nexthop", "del", "id", str(i), check=False)
+            cleanup += [f"nexthop del id {i}" for i in self.members.pop(addr)]
+        _batch(cmds, check=True)
+        if cleanup:
+            _batch(cleanup, check=False)
         log.info("servers %s (was %s)", nexthops or "none", self.current or "none")
         self.current = dict(nexthops)
         self.changes += 1

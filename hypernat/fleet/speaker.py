@@ -16,8 +16,9 @@ frr.FrrInstance) and then, every ``health.interval``:
 Draining (``hypernat ctl drain``, seen in the coordinator's status; sticky): the default
 route is re-announced with the RFC 8326 GRACEFUL_SHUTDOWN community, which the VPC
 router's controller (resilient.py) reads as "no new hosts, keep the existing ones";
-once no mapping is left (or ``drain_timeout`` passed) both announcements are withdrawn
-and the status says ``drained``.  On SIGTERM (shutdown): withdraw everything, wait
+once no mapping is left (the NICs' reports say so for ``DRAIN_SETTLE_S``: a report
+from before the last connections would say 0 too) or ``drain_timeout`` passed, both
+announcements are withdrawn and the status says ``drained``.  On SIGTERM (shutdown): withdraw everything, wait
 for the withdrawals to leave, stop bgpd (Cease to every peer), then bfdd and zebra:
 routers have dropped the server before its NAT daemons stop.
 
@@ -43,6 +44,10 @@ from .frr import FrrError, FrrInstance, render_speaker
 
 log = logging.getLogger("hypernat.fleet")
 
+# The NICs report their gauges every second: "no mapping left" counts only once it has
+# held this long after the drain began (a report older than the last connections says 0).
+DRAIN_SETTLE_S = 2.5
+
 COUNTERS = ("announcements", "withdrawals", "refused_announcements", "health_failures", "peer_flaps",
             "coordinator_unreachable", "frr_errors")
 
@@ -59,6 +64,7 @@ class Speaker:
         self.announced: dict = {}  # prefix -> "normal" | "gshut"
         self.state = "starting"
         self.draining_since = None
+        self.empty_since = None  # while draining: since when the NICs report no mapping
         self.health: dict = {}
         self._peers_up: dict = {}
         self._next_peer_check = 0.0
@@ -151,7 +157,12 @@ class Speaker:
             pass
         elif self.draining_since is not None:
             left = h["mappings"]
-            if left == 0 or now - self.draining_since >= self.fleet.health.drain_timeout:
+            if left == 0:
+                self.empty_since = now if self.empty_since is None else self.empty_since
+            else:
+                self.empty_since = None
+            empty = self.empty_since is not None and now - self.empty_since >= DRAIN_SETTLE_S
+            if empty or now - self.draining_since >= self.fleet.health.drain_timeout:
                 self.set_vpc(None)
                 self.set_internet(False)
                 self.state = "drained"
