@@ -189,6 +189,7 @@ def main(argv=None) -> int:
             except (FileNotFoundError, ValueError, TypeError):
                 topo = Topology(tag=tag)
             topo.down()
+            Fleet(tag=tag, servers=0).down()  # a fleet's leftovers without a state file (no-op otherwise)
             print(f"lab {tag}: down")
         return 0
     if args.cmd == "up":

@@ -538,15 +538,21 @@ class Fleet:
 
     # teardown -----------------------------------------------------------------------
     def down(self) -> None:
+        """Stop everything, delete the namespaces (also those of a fleet whose state file
+        is gone: every hn-TAG-{hosts,edgeN,gwN}), the state and the run's directory."""
+        import re
+
         from pyroute2 import netns as pr_netns
 
+        pat = re.compile(re.escape(f"{NS_PREFIX}{self.tag}-") + r"(hosts|vpc|inet|edge\d+|gw\d+)")
+        names = list(dict.fromkeys(self.namespaces + [n for n in pr_netns.listnetns() if pat.fullmatch(n)]))
         victims = {p for ps in self.pids.values() for p in ps}
-        for n in self.namespaces:
+        for n in names:
             if os.path.exists(netns.ns_path(n)):
                 victims.update(netns.pids_in(n))
         victims.discard(os.getpid())
         _terminate(victims)
-        for n in self.namespaces:
+        for n in names:
             if os.path.exists(netns.ns_path(n)):
                 try:
                     pr_netns.remove(n)
