@@ -603,7 +603,9 @@ def check_main(argv=None) -> int:
     ap.add_argument("config", nargs="+", help="YAML configuration file(s) or a fleet's directory")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
     args = ap.parse_args(argv)
-    if len(args.config) > 1 or __import__("os").path.isdir(args.config[0]):
+    import os
+
+    if len(args.config) > 1 or os.path.isdir(args.config[0]):
         from .fleet.spec import check_fleet_main
 
         return check_fleet_main(args.config, args.quiet)
