@@ -125,3 +125,20 @@ def test_unhealthy_withdraws_the_default_and_keeps_the_pool(tmp_path):
     sp.script.update(ok=True, why="")
     sp.step()
     assert sp.state == "serving" and sp.announced["0.0.0.0/0"] == "normal"
+
+
+def test_metrics_served(tmp_path):
+    import socket
+    import urllib.request
+
+    cfg = from_dict(dict(server(1, "198.18.77.0/29"), state_dir=str(tmp_path)), "gw1.yaml")
+    sp = Scripted(cfg, {"ok": True, "why": "", "draining": False, "mappings": 0})
+    sp.step()
+    assert not sp.guard("internet", "198.18.77.8/29")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    speaker._serve_metrics(sp, "127.0.0.1", port)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'hypernat_fleet_events_total{event="refused_announcements"} 1.0' in text
+    assert 'hypernat_fleet_announced{how="normal",prefix="0.0.0.0/0"} 1.0' in text
