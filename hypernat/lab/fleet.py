@@ -780,7 +780,7 @@ def run_report(fleet: Fleet, hosts: int | None = None, per_host: int = 2, second
         per[s]["intact"] += c not in broken_before_close
     split = [h for h, ss in ll.hosts_by_server(conns).items() if len(ss) > 1]
     out = {"servers": {f"gw{s}": dict(v, hosts=len(v["hosts"]), pool=fleet.server_pool(s),
-                                      speaker=fleet.speaker_status(s).get("state"))
+                                      speaker=fleet.speaker_status(s).get("state") if fleet.server_pids(s) else "down")
                        for s, v in per.items()},
            "connections": len(conns), "broken": len(broken_before_close), "no_server": unknown,
            "hosts_on_two_servers": split, "group": fleet.group(), "internet_routes": sorted(fleet.inet_routes())}
