@@ -48,7 +48,7 @@ from .. import layout
 from .. import messages as M
 from .. import zmqio
 from ..agent import AgentParams, RuleAgent
-from ..fastpath import FlowTable, Translator
+from ..fastpath import FlowTable, FragTable, Translator
 from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
@@ -183,7 +183,9 @@ class NicWorker:
         self._prefault_tables()
         if GC_THRESHOLDS is not None:
             gc.set_threshold(*GC_THRESHOLDS)
-        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
+        fl = config.limits.fragments
+        self.frag = FragTable(fl.entries, fl.bytes, fl.timeout)
+        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges, frag=self.frag)
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
         self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True) if journal else None
@@ -436,6 +438,8 @@ class NicWorker:
         k = self._keys[:n]
         now = self.ticks()
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        if self.frag.released:
+            self._send_released()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
@@ -468,6 +472,17 @@ class NicWorker:
                 self.counters["slow_path_errors"] += 1
                 log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
+
+    def _send_released(self) -> None:
+        """Early fragments the last translate released (their first fragment was just
+        translated): rewritten in the fragment table's output area, sent by their exit
+        side before the next translate call reuses it."""
+        buf, off, ln, ex = self.frag.output()
+        b = Batch(buf, off, ln, len(off))
+        for d, port in ((OUT, self.outside), (IN, self.inside)):
+            idx = np.flatnonzero(ex == d)
+            if len(idx):
+                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
 
     def _arp(self, port, b, idx) -> None:
         """ARP frames among the not_nat ones: learn, answer for our addresses."""
@@ -555,6 +570,8 @@ class NicWorker:
         v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
         k = self._rk[:n]
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
+        if self.frag.released:  # a replayed first fragment releases its datagram's held ones
+            self._send_released()
         c = self.counters
         c["replayed"] += n
         other = self.outside if direction == OUT else self.inside
@@ -863,6 +880,7 @@ class NicWorker:
         if now >= self._sweep_due and (not self.agent.pending or now >= self._sweep_due + self.sweep_defer_max):
             self._sweep_due = now + self.sweep_interval
             self.rules.sweep(self.ticks())
+            self.frag.expire(self.ticks())  # datagrams whose first fragment never came (bounded)
         # the journal, off the packet path: blocks journaled ahead of need, the "assign"
         # records written since fsync'ed; never while a fetch waits for its answer
         # (fsyncs run on the journal's thread; poll() takes in the reserved blocks whose
@@ -985,6 +1003,9 @@ class NicWorker:
                     out[f"fastpath_{dname}_{k}"] = int(v)
         for k, v in self.rules.counters_dict().items():
             out[f"rules_{k}"] = int(v)
+        for k, v in self.frag.counters_dict().items():
+            if v:
+                out[f"fastpath_{k}"] = int(v)
         for k, v in self.agent.counters.items():
             out[f"agent_{k}"] = int(v)
         for p in (self.inside, self.outside):
