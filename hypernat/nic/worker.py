@@ -69,12 +69,38 @@ _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
 _MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
+_V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
+
+
+class _HairpinFrame(bytes):
+    """A hairpinned frame (inside host -> an external endpoint of the pool) waiting for a
+    rule fetch.  Its two halves -- the sender's mapping and the destination's session --
+    may be owned by two other NICs, so it may take two fetches; and the fetch of the
+    second half is an *incoming* key, whose answer the agent replays as IN.  The type
+    tells ``_replay`` to run it as the outgoing frame it is, and to decide it again when
+    the other half is still missing (``rounds``: decisions so far, at most
+    ``HAIRPIN_ROUNDS``)."""
+
+    rounds = 0
+
+    @classmethod
+    def of(cls, frame, rounds: int) -> "_HairpinFrame":
+        f = cls(frame)
+        f.rounds = rounds
+        return f
+
+
+# Decisions a hairpinned first packet may take: half 1 fetched, half 2 fetched, and one
+# more for a half that a race removed in between.
+HAIRPIN_ROUNDS = 3
 
 # Loop counters beyond the fast path's verdicts and the builder's reasons.
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
     "slow_turns", "reloads", "reloads_refused",
+    # hairpinning on any NIC: first packets re-decided after a fetch, and those given up
+    "hairpin_replayed", "hairpin_unresolved",
 )
 
 # How often the loop moves every object alive into the GC's permanent generation
@@ -503,9 +529,10 @@ class NicWorker:
         self.translator.set_l2(OUT, outside_mac, outside_next_hop)
         self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
-    def _misses(self, b, direction, v, k, now) -> None:
+    def _misses(self, b, direction, v, k, now, rounds: int = 0) -> None:
         # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
         # first packet of a connection, pays no numpy per field or per decision
+        # (`rounds`: hairpin decisions the frames of `b` have had already)
         replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
         if self.rules.recovering:
             held = [i for i, r in zip(idx, res) if r == _R_HOLD]
@@ -519,8 +546,11 @@ class NicWorker:
         if fetches:  # one pass over the batch's fetches; one FETCH message per owner
             icmp_kind = layout.KIND_ICMP_ERROR
             fidx = [f[0] for f in fetches]
+            frames = b.frames(fidx)
+            if direction == OUT:
+                frames = self._hairpin_frames(fidx, frames, v, rounds)
             self.agent.fetch_rows([(fd, (p, s, sp, d, dp), kind == icmp_kind, o, fr)
-                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, b.frames(fidx))],
+                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, frames)],
                                   self.clock())
             if ev is not None:
                 ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
@@ -558,10 +588,50 @@ class NicWorker:
                     self._process_batch(Batch.from_frames(frames), port, d, other)
         self._recovered_seen = got
 
+    @staticmethod
+    def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
+        """The frames queued behind fetches, hairpinned ones marked as such."""
+        return [_HairpinFrame.of(f, rounds + 1) if v[i] == _V_MISS_HAIRPIN else f for i, f in zip(fidx, frames)]
+
+    def _replay_hairpins(self, frames) -> None:
+        """Hairpinned frames whose fetch was answered: translated as the outgoing frames
+        they are (whatever direction the fetched half was); one whose other half is still
+        missing is decided again -- found here, built here, or fetched from its owner --
+        up to HAIRPIN_ROUNDS decisions in all."""
+        c = self.counters
+        by_rounds: dict = {}
+        for f in frames:
+            by_rounds.setdefault(f.rounds, []).append(f)
+        for rounds, group in by_rounds.items():
+            b = Batch.from_frames(group)
+            n = b.n
+            v = np.zeros(n, np.uint8)  # scratch of its own: _misses below may _replay
+            k = np.zeros(n, layout.KEY_DTYPE)
+            now = self.ticks()
+            self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], OUT, now, v, k)
+            if self.frag.released:
+                self._send_released()
+            c["hairpin_replayed"] += n
+            hp = np.flatnonzero(v == _V_HAIRPIN)
+            if len(hp):
+                c["tx_drops"] += len(hp) - self.inside.send(b, hp)
+            miss = v == _V_MISS_HAIRPIN
+            if miss.any():
+                if rounds >= HAIRPIN_ROUNDS:
+                    c["hairpin_unresolved"] += int(miss.sum())
+                else:
+                    self._misses(b, OUT, v, k, now, rounds)
+
     _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
 
     def _replay(self, direction: int, frames) -> None:
         """Translate frames again once their rule is installed; send what hits."""
+        if _HairpinFrame in set(map(type, frames)):
+            hp = [f for f in frames if f.__class__ is _HairpinFrame]
+            self._replay_hairpins(hp)
+            frames = [f for f in frames if f.__class__ is not _HairpinFrame]
+            if not frames:
+                return
         b = Batch.from_frames(frames)
         n = b.n
         if n > len(self._rv):
