@@ -24,6 +24,7 @@ I1, I2, R = "10.0.0.1", "10.0.0.2", "8.8.8.8"
 E1, E2 = "198.18.0.5", "198.18.0.6"
 P1, P2 = 40000, 40001
 MAC_OUT = (bytes.fromhex("0200000000a1"), bytes.fromhex("0200000000a2"))  # src, dst toward outside
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # explicit: scapy would resolve MACs
 MAC_IN = (bytes.fromhex("0200000000b1"), bytes.fromhex("0200000000b2"))
 
 
@@ -229,7 +230,7 @@ def test_held_fragments_time_out_counted(impl):
 
 def _raw_frag(src, dst, proto, ipid, off8, mf, payload, ttl=64):
     p = IP(src=src, dst=dst, proto=proto, id=ipid, frag=off8, flags="MF" if mf else 0, ttl=ttl) / Raw(payload)
-    return bytes(Ether() / p)
+    return bytes(ETH / p)
 
 
 BAD = {
@@ -246,16 +247,16 @@ BAD = {
     "no data": ([_raw_frag(R, E1, 17, 9, 2, False, b"")], "drop_frag_malformed"),
     "data past the end": ([_raw_frag(R, E1, 17, 9, 4, False, b"x" * 8), _raw_frag(R, E1, 17, 9, 5, True, b"x" * 16)],
                           "drop_frag_malformed"),
-    "second first fragment": ([bytes(Ether() / IP(src=R, dst=E1, id=9, flags="MF") / UDP(sport=53, dport=P1) / Raw(b"z" * 8))] * 2,
+    "second first fragment": ([bytes(ETH / IP(src=R, dst=E1, id=9, flags="MF") / UDP(sport=53, dport=P1) / Raw(b"z" * 8))] * 2,
                               "drop_frag_overlap"),
     "icmp error quoting a later fragment": (
-        [bytes(Ether() / IP(src="1.2.3.4", dst=E1) / ICMP(type=3, code=4) /
+        [bytes(ETH / IP(src="1.2.3.4", dst=E1) / ICMP(type=3, code=4) /
                IP(src=E1, dst=R, id=9, frag=100, proto=17) / Raw(b"u" * 8))], "drop_icmp_error_fragment"),
     "fragmented icmp error": (
-        [bytes(Ether() / IP(src="1.2.3.4", dst=E1, flags="MF") / ICMP(type=11) / Raw(b"u" * 64))],
+        [bytes(ETH / IP(src="1.2.3.4", dst=E1, flags="MF") / ICMP(type=11) / Raw(b"u" * 64))],
         "drop_icmp_error_fragment"),
     "icmp error about an icmp error": (
-        [bytes(Ether() / IP(src="1.2.3.4", dst=E1) / ICMP(type=3, code=4) /
+        [bytes(ETH / IP(src="1.2.3.4", dst=E1) / ICMP(type=3, code=4) /
                IP(src=E1, dst=R, proto=1) / ICMP(type=11) / Raw(b"u" * 4))], "drop_icmp_error_about_error"),
 }
 
