@@ -492,6 +492,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     p.verdict = V_PENDING
     p.haskey = 0
     p.hairpin = 0
+    p.frag = 0
     p.fs = off
     p.fe = <uint64_t>off + ln
     # 1. inside the buffer
@@ -535,7 +536,6 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     # transport header: the fragment table translates it in pass 2.  A first one (offset
     # 0, MF) is parsed on like any packet, but must hold its whole transport header.
     cdef uint32_t fo = rd16(p, b, l3 + 6) & 0x3FFF
-    p.frag = 0
     if fo:
         if c.frag == NULL:
             p.verdict = V_FRAGMENT
@@ -815,24 +815,26 @@ cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, in
     return V_TRANSLATED
 
 
-cdef uint8_t resolve_first_fragment(const hn_ctx *c, hn_parsed *p, const hn_table *t, int direction,
-                                    uint32_t now) noexcept nogil:
-    """A first fragment: the flow tables decide it like any packet (hit, or a miss for
-    the slow path); once translated, the fragment table records the translation and
-    releases the datagram's held fragments."""
+cdef uint8_t first_fragment_check(const hn_ctx *c, hn_parsed *p, int direction, uint32_t now) noexcept nogil:
+    """A first fragment is decided by the flow tables like any packet (hit, or a miss for
+    the slow path) unless the fragment table refuses it first: its verdict, V_PENDING
+    to go on.  A later fragment (V_PENDING_FRAG) and a frame parse dropped pass as
+    they are."""
+    if p.verdict != V_PENDING or p.frag != FR_FIRST:
+        return p.verdict
     chk(p, p.l3, 20)
     cdef uint8_t v = frag_first_check(c.frag, p.b, p.l3, direction, now)
-    if v:
-        return v
-    v = resolve(c, p, t, direction, now)
-    cdef int exitdir
+    return v if v else V_PENDING
+
+
+cdef void first_fragment_record(const hn_ctx *c, const hn_parsed *p, int direction, int exitdir,
+                                uint32_t now) noexcept nogil:
+    """A first fragment was translated: the fragment table records its translation and
+    releases the datagram's held fragments (toward `exitdir`, with its MACs)."""
     cdef const uint8_t *mac = NULL
-    if v == V_TRANSLATED or v == V_HAIRPIN:
-        exitdir = DIR_IN if v == V_HAIRPIN else direction
-        if c.l2set[exitdir]:
-            mac = &c.l2[exitdir][0]
-        frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac)
-    return v
+    if c.l2set[exitdir]:
+        mac = &c.l2[exitdir][0]
+    frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac)
 
 
 cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint32_t *off,
@@ -870,13 +872,14 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
         for k in range(m):
             p = &ps[k]
             v = p.verdict
+            if p.frag:
+                v = first_fragment_check(c, p, direction, now)
             if v == V_PENDING:
-                if p.frag == 0:
-                    v = resolve(c, p, t, direction, now)
-                else:
-                    v = resolve_first_fragment(c, p, t, direction, now)
+                v = resolve(c, p, t, direction, now)
                 if v == V_TRANSLATED or v == V_HAIRPIN:
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
+                    if p.frag:
+                        first_fragment_record(c, p, direction, exitdir, now)
                     if c.l2set[exitdir]:
                         chk(p, p.fs, 12)
                         memcpy(b + p.fs, c.l2[exitdir], 12)
