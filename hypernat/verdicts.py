@@ -10,7 +10,9 @@ endpoint names its series after it and the tests compare counters by these names
                 │          │
                 │          └─► MISS_OUT / MISS_IN / MISS_ICMP_ERROR / MISS_HAIRPIN
                 │                 (the slow path takes it from here)
-                └─► NOT_NAT, TTL_EXCEEDED, FRAGMENT, DROP_* (malformed, by reason)
+                ├─► NOT_NAT, TTL_EXCEEDED, FRAGMENT, DROP_* (malformed, by reason)
+                └─► later fragment ──► fragment table ──► TRANSLATED / HAIRPIN / FRAGMENT_HELD
+                                                          / DROP_FRAG_* (hypernat/_frag.pyx)
 
 Order matters only in that it fixes the numbers; append, never reorder, so that
 snapshots and saved counters keep their meaning.

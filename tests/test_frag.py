@@ -228,6 +228,24 @@ def test_held_fragments_time_out_counted(impl):
     assert v == ["translated"] and rel == []
 
 
+def test_icmp_error_quoting_a_first_fragment_is_translated(impl):
+    """Fragmentation needed (or reassembly time exceeded) quotes the first fragment, which
+    carries the ports: translated like any error (RFC 5508); scapy checks the result."""
+    env = Env(impl).sessions()
+    quote = bytes(IP(src=E1, dst=R, id=44, flags="MF", ttl=63) / UDP(sport=P1, dport=53, len=3008) / Raw(b"q" * 64))
+    err = ETH / IP(src="192.0.2.1", dst=E1, ttl=64) / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(quote[:28])
+    v, after, _ = env.run([bytes(err)], IN)
+    assert v == ["translated"]
+    got = Ether(after[0])
+    emb = IP(bytes(got[ICMP].payload))
+    assert (got[IP].dst, emb.src, emb.flags.MF) == (I1, I1, True)
+    assert int.from_bytes(bytes(got[ICMP].payload)[20:22], "big") == 1000  # the embedded source port
+    c = got[ICMP].chksum
+    g2 = got[ICMP].copy()
+    del g2.chksum
+    assert ICMP(bytes(g2)).chksum == c
+
+
 def _raw_frag(src, dst, proto, ipid, off8, mf, payload, ttl=64):
     p = IP(src=src, dst=dst, proto=proto, id=ipid, frag=off8, flags="MF" if mf else 0, ttl=ttl) / Raw(payload)
     return bytes(ETH / p)
