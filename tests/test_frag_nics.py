@@ -82,3 +82,11 @@ def test_fragments_on_the_nic_without_the_rule_both_directions(two, order):
     c = w1.frag.counters_dict()
     assert c["frag_completed"] == 2 and c["frag_expired_dropped"] == 0
     assert w1.agent.counters["fetches"] >= 1
+    # ... and the metrics endpoint shows them
+    from prometheus_client import generate_latest
+
+    from hypernat.nic.metrics import registry_for
+
+    text = generate_latest(registry_for(w1)).decode()
+    assert 'hypernat_nic_fragments_total{event="frag_completed",nic="1"} 2.0' in text
+    assert w1.gauges()["frag_datagrams"] == 0

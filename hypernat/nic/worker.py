@@ -1095,7 +1095,8 @@ class NicWorker:
 
     def gauges(self) -> dict:
         g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
-             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
+             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation()),
+             "frag_datagrams": len(self.frag), "frag_chunks_held": self.frag.held}
         g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
         return g
 
