@@ -536,11 +536,16 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     # transport header: the fragment table translates it in pass 2.  A first one (offset
     # 0, MF) is parsed on like any packet, but must hold its whole transport header.
     cdef uint32_t fo = rd16(p, b, l3 + 6) & 0x3FFF
+    cdef uint32_t x4
     if fo:
         if c.frag == NULL:
             p.verdict = V_FRAGMENT
             return
         if fo & 0x1FFF:
+            x4 = rd8(p, b, l3 + 9)
+            if x4 != PROTO_TCP and x4 != PROTO_UDP and x4 != PROTO_ICMP:
+                p.verdict = V_NOT_NAT       # as its first fragment: no table entry to wait for
+                return
             if rd8(p, b, l3 + 8) <= 1:
                 p.verdict = V_TTL_EXCEEDED
                 return

@@ -599,6 +599,8 @@ class Translator:
             if self.frag is None:
                 return V_FRAGMENT, None
             if fo & 0x1FFF:
+                if b[ip + IP_PROTO] not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+                    return V_NOT_NAT, None  # as its first fragment: no table entry to wait for
                 if b[ip + IP_TTL] <= 1:
                     return V_TTL_EXCEEDED, None
                 v = self.frag.later(b, off, off + length, ip, direction, now)

@@ -267,6 +267,7 @@ BAD = {
                           "drop_frag_malformed"),
     "second first fragment": ([bytes(ETH / IP(src=R, dst=E1, id=9, flags="MF") / UDP(sport=53, dport=P1) / Raw(b"z" * 8))] * 2,
                               "drop_frag_overlap"),
+    "later fragment of GRE": ([_raw_frag(R, E1, 47, 9, 2, True, b"g" * 16)], "not_nat"),
     "icmp error quoting a later fragment": (
         [bytes(ETH / IP(src="1.2.3.4", dst=E1) / ICMP(type=3, code=4) /
                IP(src=E1, dst=R, id=9, frag=100, proto=17) / Raw(b"u" * 8))], "drop_icmp_error_fragment"),
