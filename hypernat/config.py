@@ -56,6 +56,11 @@ IO_BACKENDS = ("packet_mmap", "af_xdp", "pcap", "memory")
 INSTALL_MODES = ("passive", "active")
 SWITCH_HASHES = ("sha1", "jhash", "crc32", "toeplitz")
 SWITCH_FIELDS = ("5-tuple", "src")
+# How the switch hashes IPv4 fragments (docs/fastpath.md "Fragments"): on addresses and
+# protocol only (every fragment of a datagram lands on one NIC: Linux, most switches), or
+# the first fragment with its ports and the rest without (they can land on different
+# NICs: refused with a 5-tuple hash and more than one NIC).
+SWITCH_FRAGMENTS = ("addresses", "ports-when-present")
 PARTITION_STRATEGIES = ("by-port", "by-address")
 MAPPINGS = ("endpoint-independent", "address-and-port-dependent")
 FILTERINGS = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
@@ -113,6 +118,7 @@ class SwitchConfig:
     fields: str = "5-tuple"
     seed: int = 0  # jhash seed / crc32 initial value
     toeplitz_key: Optional[str] = None  # hex, 40 bytes; None = the Microsoft RSS sample key
+    fragments: str = "addresses"  # SWITCH_FRAGMENTS: what the switch hashes fragments on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,16 @@ class Timeouts:
 
 
 @dataclasses.dataclass(frozen=True)
+class FragmentLimits:
+    """The per-NIC fragment table (hypernat/_frag.pyx): datagrams tracked at once, bytes
+    for early fragments held (2 KiB per frame), seconds a datagram waits for the rest."""
+
+    entries: int = 4096
+    bytes: int = 4 << 20
+    timeout: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     flow_table_capacity: int = 1 << 20  # entries per table (out and in) per NIC
     ports_per_host: int = 4096  # external ports one internal host may hold at once
@@ -147,6 +163,7 @@ class Limits:
     sweep_max_expire: int = 64  # sessions expired per sweep step at most
     sweep_budget_us: float = 40.0  # ... and microseconds of expiry work per step
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
+    fragments: FragmentLimits = FragmentLimits()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +235,17 @@ def _contains(net: ipaddress.IPv4Network, addr: int) -> bool:
 # ---------------------------------------------------------------------------------------
 # Reading
 
+
+
+def _fragment_limits(r, node) -> "FragmentLimits":
+    """``limits.fragments``: the per-NIC fragment table's bounds."""
+    fr = r.mapping(node, "limits.fragments", {"entries", "bytes", "timeout"})
+    d = FragmentLimits()
+    return FragmentLimits(
+        entries=r.integer(fr, "entries", "limits.fragments", d.entries, lo=1, hi=1 << 24),
+        bytes=r.integer(fr, "bytes", "limits.fragments", d.bytes, lo=2048, hi=1 << 32),
+        timeout=r.integer(fr, "timeout", "limits.fragments", d.timeout, lo=1, hi=60),
+    )
 
 class _Reader:
     """Typed access to a parsed YAML tree that knows each value's key path."""
@@ -431,6 +459,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         sweep_max_expire=r.integer(lim, "sweep_max_expire", "limits", d.sweep_max_expire, lo=1, hi=1 << 20),
         sweep_budget_us=r.number(lim, "sweep_budget_us", "limits", d.sweep_budget_us, lo=1),
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
+        fragments=_fragment_limits(r, lim.get("fragments")),
     )
     n_ports = port_max - port_min + 1
     if limits.port_block_size > n_ports:
@@ -468,13 +497,22 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     _check_endpoint(r, coordinator, nics)
 
     # Switch
-    sw = r.mapping(top.get("switch"), "switch", {"hash", "fields", "seed", "toeplitz_key"})
+    sw = r.mapping(top.get("switch"), "switch", {"hash", "fields", "seed", "toeplitz_key", "fragments"})
     switch = SwitchConfig(
         hash=r.string(sw, "hash", "switch", "sha1", SWITCH_HASHES),
         fields=r.string(sw, "fields", "switch", "5-tuple", SWITCH_FIELDS),
         seed=r.integer(sw, "seed", "switch", 0, lo=0, hi=0xFFFFFFFF),
         toeplitz_key=r.string(sw, "toeplitz_key", "switch"),
+        fragments=r.string(sw, "fragments", "switch", "addresses", SWITCH_FRAGMENTS),
     )
+    if switch.fragments == "ports-when-present" and switch.fields == "5-tuple" and n_nics > 1:
+        raise r.err(
+            "switch.fragments",
+            "a switch that hashes a first fragment with its ports and the later ones without sends the "
+            "fragments of one datagram to different NICs, and only the first one's NIC can translate them: "
+            "have the switch hash fragments on addresses and protocol only (fragments: addresses) or hash "
+            "on the source address (fields: src)",
+        )
     if switch.toeplitz_key is not None:
         try:
             key = bytes.fromhex(switch.toeplitz_key.replace(":", ""))
@@ -624,7 +662,8 @@ def check_main(argv=None) -> int:
     print(f"  internal   {', '.join(map(str, cfg.internal))}")
     print(f"  external   {', '.join(map(str, cfg.pool))} ports {cfg.port_min}-{cfg.port_max}")
     print(f"  mapping    {cfg.mapping}, filtering {cfg.filtering}, hairpinning {'on' if cfg.hairpinning else 'off'}")
-    print(f"  install    {cfg.install}, switch hash {cfg.switch.hash} over {cfg.switch.fields}")
+    print(f"  install    {cfg.install}, switch hash {cfg.switch.hash} over {cfg.switch.fields}, "
+          f"fragments on {cfg.switch.fragments}")
     print(f"  coordinator {cfg.coordinator.endpoint}{' (CURVE)' if cfg.coordinator.curve else ''}")
     print()
     print(part.describe())
