@@ -250,8 +250,10 @@ class Journal:
         if self._fd < 0:
             if self._gen is None:
                 self._scan()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             self._fd, self._size = fd, os.fstat(fd).st_size
+            if self._size and os.pread(fd, 1, self._size - 1) != b"\n":
+                self._torn = True  # a crash cut the last record: the next starts on a line of its own
             if self._size == 0:  # a new log: its header first, a generation newer than any file's
                 self._max_gen += 1
                 self._gen = self._max_gen
