@@ -281,6 +281,7 @@ _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
 _EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
 _R_JOURNAL = REASON["journal_unavailable"]
 _JOURNAL_DOWN = object()  # _take_block: a block was free but could not be journaled
+JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again this long after
 
 # Events counted beside the slow-path reasons (``counters_dict`` reports both; every name
 # is always present, so metrics see a zero before the first event).
@@ -454,6 +455,7 @@ class RuleBuilder:
         self._jlazy = []
         self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
         self.reserve_addresses = 16  # ... on at most this many addresses
+        self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -972,7 +974,7 @@ class RuleBuilder:
         only its host is unknown).  Refills when half the reservations are used; the
         price is that a crash quarantines up to reserve_per_address x
         reserve_addresses unused blocks too.  Returns blocks newly journaled."""
-        if self.journal is None or self.reserve_per_address <= 0:
+        if self.journal is None or self.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
             return 0
         want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
         if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
@@ -1003,6 +1005,7 @@ class RuleBuilder:
             self._journal_durable(recs)
         except OSError as exc:
             self._journal_failed(exc)
+            self._journal_retry = _time.monotonic() + JOURNAL_RETRY_S
             return 0
         res.update(blocks)
         return len(recs)
