@@ -79,6 +79,9 @@ RELEASE_OPS = ("release", "return", "free")
 CHECKPOINT_RETRY_S = 1.0  # a failed checkpoint is tried again this long after
 
 
+COUNTERS = ("checkpoints", "checkpoint_errors", "write_errors", "sync_errors")  # Journal.counters()
+
+
 class JournalError(OSError):
     """A journal write or fsync failed (disk full, I/O error): nothing was persisted."""
 
@@ -244,6 +247,14 @@ class Journal:
 
     def log_bytes(self) -> int:
         return self._size
+
+    def counters(self) -> dict:
+        """{name: count} of COUNTERS (the NIC's metrics show them as journal_<name>)."""
+        return {k: int(getattr(self, k)) for k in COUNTERS}
+
+    def gauges(self) -> dict:
+        """Bytes of the current log and of the last checkpoint written."""
+        return {"log_bytes": self._size, "checkpoint_bytes": self.checkpoint_bytes}
 
     # -- writing ----------------------------------------------------------------------------
     def _open(self) -> int:
