@@ -453,6 +453,8 @@ class Journal:
                 continue
             cb()
             n += 1
+        if failed and not self._callbacks:
+            self._syncer.forget(done)
         return n
 
     def wait(self, timeout: float = 30.0) -> None:
@@ -579,6 +581,11 @@ class _Syncer:
                     self.done = jobs[i][0]
                     self._cv.notify_all()
                 i += 1
+
+    def forget(self, upto: int) -> None:
+        """Drop the failures of requests up to `upto` (nobody waits for them any more)."""
+        with self._cv:
+            self.failed = {s for s in self.failed if s > upto}
 
     def wait(self, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
