@@ -31,9 +31,8 @@ from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, build_frame, emulated_config, parse_frame
 from hypernat.nic.worker import NicWorker
 
-pytestmark = pytest.mark.timeout(120)
-
 EXAMPLES = int(os.environ.get("HYPERNAT_HYPOTHESIS_EXAMPLES", "8"))
+pytestmark = pytest.mark.timeout(max(120, 15 * EXAMPLES))  # a failure's shrinking included
 UDP_T, REUSE = 30, 5
 REMOTES = [0xC0000205, 0xC6336401]  # 192.0.2.5, 198.51.100.1
 SLACK = 2  # ticks: the NICs' clocks are read at slightly different moments
