@@ -132,7 +132,6 @@ class _File:
         self.header = None
         self.version = 1
         self.torn = 0
-        self._first = None
         with open(path, "rb") as f:
             first = f.readline()
         try:
@@ -190,7 +189,7 @@ class Journal:
         # fsync off the caller's thread (see the module docstring): only with fsync on
         self.background = bool(background and fsync)
         self._syncer = None
-        self._callbacks = []  # (request number, callable) waiting for their fsync
+        self._callbacks = []  # (request number, on_durable, on_failed) waiting for their fsync
         self.sync_errors = 0
         self.write_errors = 0
         self.checkpoints = 0
