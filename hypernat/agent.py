@@ -175,6 +175,8 @@ assert struct.calcsize("<IIBBBBIIIHHHH") == M.KEY_DTYPE.itemsize and M.KEY_DTYPE
 _RULE_FIELDS = ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
                 "rem_port", "owner", "proto")
 assert M.RULE_DTYPE.names[:11] == _RULE_FIELDS
+# an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
+_ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -196,6 +198,36 @@ def _nack_reason(status: int) -> int:
     name = SLOW_PATH_REASON_NAMES[status] if 0 <= status < len(SLOW_PATH_REASON_NAMES) else ""
     return M.NACK[_NACK_OF.get(name, "no_rule")]
 
+
+# Control records the agent drops, by reason: declared once here (every one exported,
+# zero included, by the metrics endpoint; the tests name them).  A record is acted on
+# only if it answers what this NIC asked, of the NIC it asked, about what it asked; a
+# wrong NIC, a key or block nobody asked about, a seq no longer in flight (a stale
+# incarnation's, a repeat) changes nothing here and lands in one of these.
+DROP_REASONS = (
+    ("bad_message", "malformed or forged record: a rule whose owner is not its sender, a loan not by the "
+                    "block's native owner, an unknown message type"),
+    ("rule_duplicate", "RULE answering no fetch in flight (a retry answered twice, or timed out meanwhile)"),
+    ("rule_misdirected", "RULE for a seq in flight, from a NIC the fetch was not sent to"),
+    ("rule_mismatched", "RULE for a seq in flight, about another key than the one asked"),
+    ("nack_stale", "NACK answering no fetch in flight"),
+    ("nack_misdirected", "NACK for a seq in flight, from a NIC the fetch was not sent to"),
+    ("nack_mismatched", "NACK for a seq in flight, about another key than the one asked"),
+    ("ack_stale", "PUSH/REVOKE/RETURN acknowledgement of nothing in flight (a repeat)"),
+    ("ack_misdirected", "acknowledgement from a NIC the message was not sent to"),
+    ("ack_mismatched", "acknowledgement of another message type than the one in flight under its seq"),
+    ("lease_unknown", "LEASE for a clone not held here"),
+    ("lease_misdirected", "LEASE from a NIC that is not the clone's owner"),
+    ("revoke_unknown", "REVOKE of a clone not held here (acknowledged: a repeat is idempotent)"),
+    ("revoke_misdirected", "REVOKE from a NIC that is not the clone's owner (acknowledged, clone kept)"),
+    ("activity_unknown", "ACTIVITY from a NIC holding no lease on the session (acknowledged, not merged)"),
+    ("borrow_misdirected", "BORROW naming another NIC as lender"),
+    ("borrow_ack_misdirected", "BORROW_ACK to this NIC as borrower from a NIC it did not ask, or a refusal "
+                               "meant for another borrower"),
+    ("borrow_ack_stale", "refusal of a BORROW no longer in flight"),
+    ("return_refused", "RETURN of a block this NIC did not lend to the sender"),
+)
+DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 
 # counter names per message type: rx_fetch, rx_rule, ... (no string building per message)
 _RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
@@ -307,7 +339,8 @@ class RuleAgent:
         self._borrow_refused = 0
         self._borrow_pause = 0.0
         self._grants: dict[tuple, int] = {}  # (borrower, seq) -> block lent (idempotent repeats)
-        self.counters = collections.Counter()
+        self._borrows_sent: collections.OrderedDict = collections.OrderedDict()  # seq -> lender asked
+        self.counters = collections.Counter(dict.fromkeys(DROP_REASON_NAMES, 0))
         self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
 
     # -- helpers -------------------------------------------------------------------------
@@ -545,7 +578,8 @@ class RuleAgent:
             rows = [r[:11] for r in recs.tolist()]
         else:
             rows = zip(*[recs[f].tolist() for f in _RULE_FIELDS])
-        pop_seq = self._by_seq.pop
+        by_seq = self._by_seq
+        sget = by_seq.get
         pending = self.pending
         pget = pending.get
         icmp = layout.PROTO_ICMP
@@ -553,12 +587,21 @@ class RuleAgent:
         burst = self.p.fetch_burst
         replay_out, replay_in = [], []
         lats = []
-        dup = bad = queued = 0
+        dup = wrong = bad = queued = 0
         for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto) in enumerate(rows):
-            pk = pop_seq(seq, None)
+            # the fetch this answers, looked up, not taken: only a valid answer from the
+            # NIC it was sent to, about the key asked, completes it (a retry reuses the
+            # seq, so an invalid record must leave the fetch for the real answer)
+            pk = sget(seq)
             pend = pget(pk) if pk is not None else None
-            if pend is None:
+            if pend is None or pend.seq != seq:
                 dup += 1  # a retry answered twice, or timed out meanwhile
+                continue
+            if owners is None or owner != source or owners[x] != source:
+                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
+                    continue
+            if pend.owner != source:
+                wrong += 1  # a valid rule, but the fetch was sent to another NIC
                 continue
             # the key asked for: in_key / out_key (the ICMP twist stays there; TCP/UDP inline)
             if pend.fetch_dir == IN:
@@ -570,9 +613,7 @@ class RuleAgent:
             if fkey != pend.key:
                 bad += 1
                 continue
-            if owners is None or owner != source or owners[x] != source:
-                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
-                    continue
+            del by_seq[seq]
             del pending[pk]
             items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
             # answered: the token back (_refund, inline), the frames to release
@@ -593,8 +634,10 @@ class RuleAgent:
             lats.append(now - pend.first)
         if dup:
             self.count("rule_duplicate", dup)
+        if wrong:
+            self.count("rule_misdirected", wrong)
         if bad:
-            self.count("bad_message", bad)
+            self.count("rule_mismatched", bad)
         if not items:
             return
         self._install_many(source, items, now)
@@ -634,14 +677,30 @@ class RuleAgent:
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
-        for r in recs:
-            pk = self._by_seq.pop(int(r["seq"]), None)
-            pend = self.pending.pop(pk, None) if pk is not None else None
-            if pend is None:
+        """Refusals of our fetches.  A NACK echoes the FETCH record, so it is matched like
+        a RULE: the fetch in flight under its seq, sent to `source`, for the key the
+        record names; anything else is dropped and counted (nack_stale,
+        nack_misdirected, nack_mismatched) and cancels nothing."""
+        sget = self._by_seq.get
+        pget = self.pending.get
+        stale = wrong = bad = 0
+        for seq, _, proto, kind, reason, _, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
+            pk = sget(seq)
+            pend = pget(pk) if pk is not None else None
+            if pend is None or pend.seq != seq:
+                stale += 1  # answered already, timed out, or never asked
                 continue
+            if pend.owner != source:
+                wrong += 1
+                continue
+            asked = (IN, (proto, ra, rp, ea, ep)) if kind == M.FETCH_BY_EXTERNAL else (OUT, (proto, ia, ip, ra, rp))
+            if asked != pk:
+                bad += 1
+                continue
+            del self._by_seq[seq]
+            del self.pending[pk]
             self.queued_total -= len(pend.frames)
             self.count("fetch_nack", max(1, len(pend.frames)))
-            reason = int(r["reason"])
             if reason == M.NACK["unavailable"]:
                 self._refund(pend)  # the owner could not answer: not the remote's doing
             else:  # no rule: the token stays spent (this is what a scan pays for)
@@ -650,11 +709,21 @@ class RuleAgent:
                     self.negative.popitem(last=False)
             if pend.flags & M.FETCH_F_REVALIDATE:
                 self.count("clones_lost_on_revalidation")
+        if stale:
+            self.count("nack_stale", stale)
+        if wrong:
+            self.count("nack_misdirected", wrong)
+        if bad:
+            self.count("nack_mismatched", bad)
 
     def _on_lease(self, source, recs, now):
         for r in recs:
             c = self.clones.get(skey(r))
-            if c is None or c.owner != source:
+            if c is None:
+                self.count("lease_unknown")
+                continue
+            if c.owner != source:
+                self.count("lease_misdirected")
                 continue
             c.expires = max(c.expires, now + int(r["lease_ms"]) / 1000.0)
             self.count("leases_renewed")
@@ -669,16 +738,36 @@ class RuleAgent:
                 self._drop_clone(sk, "clone_revoked")
             else:
                 ack["status"][i] = M.ST_UNKNOWN  # idempotent: acknowledged all the same
+                self.count("revoke_unknown" if c is None else "revoke_misdirected")
         self._emit(source, M.T_REVOKE_ACK, ack)
 
-    def _on_ack(self, source, recs, now):
-        for r in recs:
-            u = self._unacked.get(int(r["seq"]))
-            if u is None or u.target != source:
+    def _on_ack(self, mtype, source, recs, now):
+        """Acknowledgements of `mtype` records (PUSH, REVOKE, ACTIVITY, RETURN) this NIC
+        keeps until answered: matched on the seq, the NIC it was sent to and its type."""
+        unacked = self._unacked
+        stale = wrong = bad = 0
+        for seq in recs["seq"].tolist():
+            u = unacked.get(seq)
+            if u is None:
+                # an ACTIVITY_ACK answers every record of a report; only a restart report
+                # is kept (under its first seq): the others are not stale, just untracked
+                stale += mtype != M.T_ACTIVITY
                 continue
-            del self._unacked[int(r["seq"])]
-            if u.mtype == M.T_REVOKE:
+            if u.target != source:
+                wrong += 1
+                continue
+            if u.mtype != mtype:
+                bad += 1
+                continue
+            del unacked[seq]
+            if mtype == M.T_REVOKE:
                 self._lease_end(u.what, source)
+        if stale:
+            self.count("ack_stale", stale)
+        if wrong:
+            self.count("ack_misdirected", wrong)
+        if bad:
+            self.count("ack_mismatched", bad)
 
     # owner side
     _SMALL_FETCH = 4  # up to this many records: plain tuples instead of numpy field ops
@@ -849,25 +938,33 @@ class RuleAgent:
         sess["owner"] = self.nic_id
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
-        recovered = self.rules.recover_sessions(sess, tick)
-        self.rules.merge_activity(sess, tick)
+        recovered = self.rules.recover_sessions(sess, tick).tolist()
+        # only a holder's report counts: activity from a NIC holding no lease on the
+        # session (a wrong NIC, or a lease that ran out or was revoked here) is
+        # acknowledged but neither merged nor renewed (let the session expire)
+        leases = self.leases
+        known = []
         renew = []
-        for i, r in enumerate(recs):
-            sk = skey(r)
-            holders = self.leases.get(sk)
+        for i, sk in enumerate(zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS))):
+            holders = leases.get(sk)
             if (holders is None or source not in holders) and not recovered[i]:
-                self.count("activity_unknown")  # expired or revoked here: let the lease run out
                 continue
-            self._grant(sk, source, now)
-            renew.append((sk, int(r["rule_id"])))
-        if renew:
-            out = M.records(M.T_LEASE, len(renew))
-            for i, (sk, rid) in enumerate(renew):
-                _wire_endpoints(out, i, sk)
-                out["rule_id"][i] = rid
-                out["owner"][i] = self.nic_id
-                out["lease_ms"][i] = int(self.p.lease_s * 1000)
-            self._emit(source, M.T_LEASE, out)
+            known.append(i)
+            renew.append(sk)
+        unknown = len(recs) - len(known)
+        if unknown:
+            self.count("activity_unknown", unknown)
+        if not known:
+            return
+        self.rules.merge_activity(sess if not unknown else sess[known], tick)
+        self._grant_many(renew, source, now)
+        out = M.records(M.T_LEASE, len(renew))
+        r = recs if not unknown else recs[known]
+        for f in ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "proto", "rule_id"):
+            out[f] = r[f]
+        out["owner"] = self.nic_id
+        out["lease_ms"] = int(self.p.lease_s * 1000)
+        self._emit(source, M.T_LEASE, out)
 
     _HANDLERS = {
         M.T_RULE: _on_rule,
@@ -877,13 +974,13 @@ class RuleAgent:
         M.T_REVOKE: _on_revoke,
         M.T_FETCH: _on_fetch,
         M.T_ACTIVITY: _on_activity,
-        M.T_PUSH_ACK: _on_ack,
-        M.T_REVOKE_ACK: _on_ack,
-        M.T_ACTIVITY_ACK: _on_ack,
+        M.T_PUSH_ACK: lambda self, *a: self._on_ack(M.T_PUSH, *a),
+        M.T_REVOKE_ACK: lambda self, *a: self._on_ack(M.T_REVOKE, *a),
+        M.T_ACTIVITY_ACK: lambda self, *a: self._on_ack(M.T_ACTIVITY, *a),
         M.T_BORROW: lambda self, *a: self._on_borrow(*a),
         M.T_BORROW_ACK: lambda self, *a: self._on_borrow_ack(*a),
         M.T_RETURN: lambda self, *a: self._on_return(*a),
-        M.T_RETURN_ACK: _on_ack,
+        M.T_RETURN_ACK: lambda self, *a: self._on_ack(M.T_RETURN, *a),
     }
 
     # -- spill-over: borrow a port block from a neighbour, give it back when idle ------------
@@ -907,6 +1004,9 @@ class RuleAgent:
         rec["seq"], rec["lender"], rec["borrower"] = self._next_seq(), lender, self.nic_id
         rec["port_hi"] = self.partition.block_size - 1
         self._borrowing = int(rec["seq"][0])
+        self._borrows_sent[self._borrowing] = lender  # which NIC may answer it (grant or refusal)
+        if len(self._borrows_sent) > 64:
+            self._borrows_sent.popitem(last=False)
         self._track(lender, M.T_BORROW, rec, now, now + self.p.fetch_timeout_s * 4)
         self._emit(lender, M.T_BORROW, rec)
         self.count("borrow_requests")
@@ -917,6 +1017,9 @@ class RuleAgent:
 
     def _on_borrow(self, source, recs, now):
         for r in recs:
+            if int(r["lender"]) != self.nic_id:
+                self.count("borrow_misdirected")  # asked of another NIC: not ours to answer
+                continue
             key = (source, int(r["seq"]))
             g = self._grants.get(key)
             if g is None and self.partition is not None:
@@ -942,16 +1045,29 @@ class RuleAgent:
     def _on_borrow_ack(self, source, recs, now):
         for r in recs:
             borrower = int(r["borrower"])
-            if borrower == self.nic_id and int(r["seq"]) == self._borrowing:
-                self._unacked.pop(self._borrowing, None)
-                self._borrowing = None
-            if int(r["status"]) != M.ST_OK:
-                if borrower == self.nic_id:
+            seq = int(r["seq"])
+            ok = int(r["status"]) == M.ST_OK
+            if borrower == self.nic_id and source != self.nic_id:
+                # an answer to a BORROW of ours: only from the NIC it was sent to
+                if self._borrows_sent.get(seq) != source:
+                    self.count("borrow_ack_misdirected")
+                    continue
+                in_flight = seq == self._borrowing
+                if in_flight:
+                    self._unacked.pop(seq, None)
+                    self._borrowing = None
+                if not ok:
+                    if not in_flight:
+                        self.count("borrow_ack_stale")  # a repeat; we moved on already
+                        continue
                     self._borrow_refused += 1
                     self._borrow_next = (source + 1) % self.n_nics
                     if self._borrow_refused >= self.n_nics - 1:  # nobody has one: wait
                         self._borrow_refused = 0
                         self._borrow_pause = now + 5.0
+                    continue
+            elif not ok:
+                self.count("borrow_ack_misdirected")  # a refusal meant for another borrower
                 continue
             g = self._block_of(r)
             if g < 0 or self.partition.native_owner_of_block(g) != source:
@@ -1012,8 +1128,14 @@ class RuleAgent:
             g = self._block_of(r)
             if g < 0 or self.partition.native_owner_of_block(g) != self.nic_id:
                 ack["status"][i] = M.ST_REFUSED
+                self.count("return_refused")
                 continue
-            if self.partition.owner_of_block(g) == source:  # not yet taken back (idempotent)
+            holder = self.partition.owner_of_block(g)
+            if holder != source and holder != self.nic_id:  # lent to another NIC: not the sender's to give back
+                ack["status"][i] = M.ST_REFUSED
+                self.count("return_refused")
+                continue
+            if holder == source:  # not yet taken back (a repeat finds it taken back: acknowledged)
                 self.partition.return_block(g)
                 self.rules.adopt_block(g)
                 self.count("blocks_taken_back")
