@@ -233,6 +233,42 @@ DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 _RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
 
 
+# Indexes of the clones and leases by external endpoint: key (proto, E, Ep) packed in one
+# int; the value is the one session identity on that endpoint (the common case: no
+# container per endpoint) or a set of them.
+def _ekey(proto: int, eaddr: int, eport: int) -> int:
+    return eaddr << 24 | eport << 8 | proto
+
+
+def _ix_add(ix: dict, k, sk: tuple) -> None:
+    cur = ix.get(k)
+    if cur is None:
+        ix[k] = sk
+    elif type(cur) is set:
+        cur.add(sk)
+    elif cur != sk:
+        ix[k] = {cur, sk}
+
+
+def _ix_del(ix: dict, k, sk: tuple) -> None:
+    cur = ix.get(k)
+    if cur is None:
+        return
+    if type(cur) is set:
+        cur.discard(sk)
+        if len(cur) == 1:
+            ix[k] = next(iter(cur))
+    elif cur == sk:
+        del ix[k]
+
+
+def _ix_get(ix: dict, k) -> tuple:
+    cur = ix.get(k)
+    if cur is None:
+        return ()
+    return tuple(cur) if type(cur) is set else (cur,)
+
+
 # ---------------------------------------------------------------------------------------
 @dataclass
 class AgentParams:
@@ -322,10 +358,17 @@ class RuleAgent:
         self._by_seq: dict[int, tuple] = {}
         self.queued_total = 0
         self.clones: dict[tuple, _Clone] = {}  # session identity -> clone held here
+        # ... indexed as clones come and go (_install_many, _drop_clone): by owner (a
+        # restart report), by external endpoint (entries whose key does not name the
+        # session, ``hypernat ctl rule``); nothing periodic walks every clone
+        self._clones_of: dict[int, dict] = {}  # owner -> {sk: None}
+        self._clones_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...}
         self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
         self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
         # owner side
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
+        self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
+        self._n_leases = 0  # (session, holder) pairs in self.leases
         self._unacked: dict[int, _Unacked] = {}
         self._activity_due = 0.0
         self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
@@ -1209,6 +1252,11 @@ class RuleAgent:
             c = cget(sk)
             if c is None:
                 clones[sk] = _Clone(owner, rule_id, dirs, expires)
+                of = self._clones_of.get(owner)
+                if of is None:
+                    of = self._clones_of[owner] = {}
+                of[sk] = None
+                _ix_add(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
             else:
                 c.dirs |= dirs
                 if expires > c.expires:
@@ -1226,6 +1274,12 @@ class RuleAgent:
         c = self.clones.pop(sk, None)
         if c is None:
             return
+        of = self._clones_of.get(c.owner)
+        if of is not None:
+            of.pop(sk, None)
+            if not of:
+                del self._clones_of[c.owner]
+        _ix_del(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
         self.count(reason)
 
@@ -1235,22 +1289,27 @@ class RuleAgent:
         external endpoint in the builder until it ends (``_lease_end``)."""
         self._grant_many((sk,), holder, now)
 
-    def _grant_many(self, sks, holder: int, now: float) -> None:
-        """``_grant`` for each session identity of `sks` (one lease end for all)."""
+    def _grant_many(self, sks, holder: int, now: float, until: float | None = None) -> None:
+        """``_grant`` for each session identity of `sks` (one lease end for all: now + the
+        lease + grace, or `until` for a lease read back from a snapshot)."""
         if holder == self.nic_id or not sks:
             return
-        until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+        if until is None:
+            until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         leases = self.leases
+        at = self._leases_at
         new = []  # (proto, E, Ep) of the first lease of this holder on a session
         for sk in sks:
             holders = leases.get(sk)
             if holders is None:
                 leases[sk] = {holder: until}
+                _ix_add(at, _ekey(sk[0], sk[3], sk[4]), sk)
                 new.append((sk[0], sk[3], sk[4]))
             else:
                 if holder not in holders:
                     new.append((sk[0], sk[3], sk[4]))
                 holders[holder] = until
+        self._n_leases += len(new)
         if until < self._grant_due:
             self._grant_due = until
         if new:
@@ -1266,8 +1325,10 @@ class RuleAgent:
         if holders is None or holder not in holders:
             return
         del holders[holder]
+        self._n_leases -= 1
         if not holders:
             del self.leases[sk]
+            _ix_del(self._leases_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.release_hold(sk[0], sk[3], sk[4])
 
     def _push_created(self, now: float) -> None:
@@ -1428,48 +1489,72 @@ class RuleAgent:
         if len(act) == 0:
             return 0
         tick = self.tick_clock()
-        # match entries to clones by their table key (an ICMP entry does not carry the
-        # owner's remote identifier), and report under the owner's session identity
-        index = {}
-        for sk, c in self.clones.items():
-            for d in (OUT, IN):
-                if c.dirs & DIR_BIT[d]:
-                    index[(d, session_key(sk, d))] = sk
+        # each entry to its clone, in time proportional to the entries (never a walk over
+        # the clones held): a TCP/UDP entry names its session exactly; an ICMP entry does
+        # not carry the owner's remote identifier, so it is matched by its table key
+        # among the clones on its external endpoint
+        clones = self.clones
+        cget = clones.get
         merged = {}  # sk -> [owner, rule_id, last_seen, tcp_out, tcp_in]: one record per session
-        for s in act:
-            esk = skey(s)
-            sk = None
-            for d in (IN, OUT):
-                if int(s["dirs"]) & DIR_BIT[d] or not int(s["dirs"]):
-                    sk = index.get((d, session_key(esk, d)))
-                    if sk is not None:
-                        break
-            if sk is None:
-                continue
+        cols = zip(*(act[f].tolist() for f in _SK_FIELDS + ("dirs", "rule_id", "last_seen", "tcp_out", "tcp_in")))
+        for p, i, ip, e, ep, r, rp, dirs, rid, last_seen, tcp_o, tcp_i in cols:
+            sk = (p, i, ip, e, ep, r, rp)
+            c = cget(sk)
+            if c is None or not (c.dirs & dirs or not dirs):
+                sk = self._clone_of_entry(sk, dirs)
+                if sk is None:
+                    continue
+                c = clones[sk]
             m = merged.get(sk)
             if m is None:
-                merged[sk] = [self.clones[sk].owner, int(s["rule_id"]), int(s["last_seen"]), int(s["tcp_out"]),
-                              int(s["tcp_in"])]
+                merged[sk] = [c.owner, rid, last_seen, tcp_o, tcp_i]
             else:  # both directions held here: one record, flags kept per direction
-                m[2] = max(m[2], int(s["last_seen"]))
-                m[3] |= int(s["tcp_out"])
-                m[4] |= int(s["tcp_in"])
+                if last_seen > m[2]:
+                    m[2] = last_seen
+                m[3] |= tcp_o
+                m[4] |= tcp_i
         by_owner = collections.defaultdict(list)
         for sk, m in merged.items():
             by_owner[m[0]].append((sk, m))
         n = 0
         for owner, items in by_owner.items():
-            rec = M.records(M.T_ACTIVITY, len(items))
-            for i, (sk, (_, rid, last_seen, tcp_o, tcp_i)) in enumerate(items):
-                _wire_endpoints(rec, i, sk)
-                rec["seq"][i] = self._next_seq()
-                rec["rule_id"][i] = rid
-                rec["idle_ms"][i] = max(0, tick - last_seen) * 1000
-                rec["tcp_out"][i], rec["tcp_in"][i], rec["tcp_flags"][i] = tcp_o, tcp_i, tcp_o | tcp_i
+            k = len(items)
+            rec = M.records(M.T_ACTIVITY, k)
+            for f, col in zip(_ACT_SK_FIELDS, zip(*[sk for sk, _ in items])):
+                rec[f] = col
+            seq0 = self._seq
+            rec["seq"] = (np.arange(seq0, seq0 + k, dtype=np.int64) - 1) % 0xFFFFFFFF + 1  # _next_seq k times
+            self._seq = (seq0 + k - 1) % 0xFFFFFFFF + 1
+            _, rids, seen, t_o, t_i = zip(*[m for _, m in items])
+            rec["rule_id"] = rids
+            rec["idle_ms"] = np.clip((tick - np.array(seen, np.int64)) * 1000, 0, 0xFFFFFFFF)
+            rec["tcp_out"], rec["tcp_in"] = t_o, t_i
+            rec["tcp_flags"] = rec["tcp_out"] | rec["tcp_in"]
             self._emit(owner, M.T_ACTIVITY, rec)
-            n += len(items)
+            n += k
         self.count("activity_reported", n)
         return n
+
+    def _clone_of_entry(self, esk: tuple, dirs: int):
+        """The clone a table entry belongs to, by its table key, among the clones on its
+        external endpoint (an ICMP entry: the session's remote identifier is not in the
+        table; None if no clone holds that entry)."""
+        for sk in _ix_get(self._clones_at, _ekey(esk[0], esk[3], esk[4])):
+            c = self.clones[sk]
+            for d in (IN, OUT):
+                if (dirs & DIR_BIT[d] or not dirs) and c.dirs & DIR_BIT[d] and session_key(sk, d) == session_key(esk, d):
+                    return sk
+        return None
+
+    def endpoint(self, proto: int, eaddr: int, eport: int) -> tuple:
+        """What this agent knows of one external endpoint, in time proportional to what
+        it finds: (leases granted, as [(sk, {holder: until})], clones held, as
+        [(sk, owner, rule_id, dirs, expires)])."""
+        k = _ekey(proto, eaddr, eport)
+        leases = [(sk, dict(self.leases[sk])) for sk in _ix_get(self._leases_at, k)]
+        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires)
+                  for sk in _ix_get(self._clones_at, k) for c in (self.clones[sk],)]
+        return leases, clones
 
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
@@ -1507,7 +1592,8 @@ class RuleAgent:
         retried like the other messages that matter (until its ACTIVITY_ACK, the first
         record's seq, or until the clones' leases would have run out anyway); the owner
         handles a repeat idempotently."""
-        items = [(sk, c) for sk, c in self.clones.items() if c.owner == owner]
+        clones = self.clones
+        items = [(sk, clones[sk]) for sk in self._clones_of.get(owner, ())]
         if not items:
             return
         rec = M.records(M.T_ACTIVITY, len(items))
@@ -1536,10 +1622,7 @@ class RuleAgent:
         for sk, hs in state.get("leases", []):
             sk = tuple(sk)
             for h, left in hs.items():
-                h = int(h)
-                self.leases.setdefault(sk, {})[h] = now + float(left)
-                self._grant_due = min(self._grant_due, now + float(left))
-                self.rules.hold(sk[0], sk[3], sk[4])
+                self._grant_many((sk,), int(h), now, until=now + float(left))
         if self.partition is not None:
             for g, o in state.get("overrides", []):
                 self.partition.lend(int(g), int(o))
@@ -1556,7 +1639,7 @@ class RuleAgent:
             "pending_flows": len(self.pending),
             "queued_frames": self.queued_total,
             "clones": len(self.clones),
-            "leases": sum(len(h) for h in self.leases.values()),
+            "leases": self._n_leases,
             "unacked": len(self._unacked),
             "negative_cache": len(self.negative),
         }
