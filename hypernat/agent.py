@@ -72,7 +72,9 @@ hands frames back to the worker (``replay``) which runs them through
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
+import os
 import struct
 import time
 from bisect import bisect_left as _bisect_left
@@ -312,6 +314,7 @@ class _Clone:
     rule_id: int
     dirs: int  # DIR_BIT_* installed here
     expires: float  # local clock: the lease ends here (dropped lease_margin earlier)
+    due: float = 0.0  # the time this clone is queued under in RuleAgent._clone_ends
 
 
 @dataclass
@@ -336,10 +339,15 @@ class RuleAgent:
     replay(direction, frames)   run queued frames through the fast path again, send hits
     clock()          float seconds (monotonic): leases, retries, timeouts
     tick_clock()     the fast path's uint32 ticks (last_seen)
+    seq_start        the first seq this agent sends; None: a random one.  A daemon passes
+                     None: answers to the previous incarnation's messages (same sender
+                     id, seqs from 1 again) then find nothing in flight under their seq,
+                     rather than completing a new message of the same number
     """
 
     def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
-                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None):
+                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None,
+                 seq_start: int | None = 1):
         self.nic_id = nic_id
         self.n_nics = n_nics
         self.rules = rules
@@ -349,7 +357,7 @@ class RuleAgent:
         self.p = params or AgentParams()
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
-        self._seq = 1
+        self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
         self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         self._pending_due = float("inf")  # earliest retry or deadline among self.pending
@@ -372,8 +380,11 @@ class RuleAgent:
         self._unacked: dict[int, _Unacked] = {}
         self._activity_due = 0.0
         self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
-        self._lease_due = float("inf")  # earliest (lease end - margin) over the clones
-        self._grant_due = float("inf")  # earliest end of a lease granted
+        # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
+        # entry is checked when its time comes (a renewal moved the end: queued again
+        # under the new one; the clone or lease is gone: dropped), a few per turn.
+        self._clone_ends: list = []  # holder: heap of (lease end - margin, sk); see _Clone.due
+        self._lease_ends: list = []  # owner: heap of (until, sk, holder), one per lease granted
         # spill-over (needs the Partition: loans override owner())
         self.partition = partition
         self.borrowed: dict[int, tuple] = {}  # block -> (lender, adopted at)
@@ -1240,18 +1251,20 @@ class RuleAgent:
             got = rules.install_clones(recs, tick, recs["dirs"]).tolist()
         installed = 0
         failed = 0
-        first = float("inf")
         neg = self.negative
+        ends = self._clone_ends
+        heappush = heapq.heappush
+        margin = self.p.lease_margin_s
         for (sk, rule_id, dirs, expires), ok in zip(todo, got):
             if ok <= 0:
                 failed += 1
                 continue
             installed += 1
-            if expires < first:
-                first = expires
             c = cget(sk)
             if c is None:
-                clones[sk] = _Clone(owner, rule_id, dirs, expires)
+                due = expires - margin
+                clones[sk] = _Clone(owner, rule_id, dirs, expires, due)
+                heappush(ends, (due, sk))
                 of = self._clones_of.get(owner)
                 if of is None:
                     of = self._clones_of[owner] = {}
@@ -1267,7 +1280,6 @@ class RuleAgent:
                         neg.pop((d, session_key(sk, d)), None)
         if failed:
             self.count("clone_install_failed", failed)
-        self._lease_due = min(self._lease_due, first - self.p.lease_margin_s)
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
@@ -1298,20 +1310,22 @@ class RuleAgent:
             until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         leases = self.leases
         at = self._leases_at
+        ends = self._lease_ends
+        heappush = heapq.heappush
         new = []  # (proto, E, Ep) of the first lease of this holder on a session
         for sk in sks:
             holders = leases.get(sk)
             if holders is None:
                 leases[sk] = {holder: until}
                 _ix_add(at, _ekey(sk[0], sk[3], sk[4]), sk)
-                new.append((sk[0], sk[3], sk[4]))
-            else:
-                if holder not in holders:
-                    new.append((sk[0], sk[3], sk[4]))
+            elif holder in holders:  # a renewal: the end moves, its timer finds out when due
                 holders[holder] = until
+                continue
+            else:
+                holders[holder] = until
+            new.append((sk[0], sk[3], sk[4]))
+            heappush(ends, (until, sk, holder))
         self._n_leases += len(new)
-        if until < self._grant_due:
-            self._grant_due = until
         if new:
             hold_many = getattr(self.rules, "hold_many", None)
             if hold_many is not None:
@@ -1428,15 +1442,20 @@ class RuleAgent:
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
                     self._emit(u.target, u.mtype, u.rec)
                     self.count("retries")
-        if now >= self._lease_due:  # holder: clones whose lease runs out (exactly on time)
-            due = float("inf")
-            for sk, c in list(self.clones.items()):
-                end = c.expires - self.p.lease_margin_s
+        ends = self._clone_ends
+        if ends and now >= ends[0][0]:  # holder: clones whose lease runs out (exactly on time)
+            clones, margin = self.clones, self.p.lease_margin_s
+            while ends and now >= ends[0][0]:
+                due, sk = heapq.heappop(ends)
+                c = clones.get(sk)
+                if c is None or c.due != due:
+                    continue  # dropped (or queued again) since
+                end = c.expires - margin
                 if now >= end:
                     self._drop_clone(sk, "lease_expired")
-                else:
-                    due = min(due, end)
-            self._lease_due = due
+                else:  # renewed meanwhile
+                    c.due = end
+                    heapq.heappush(ends, (end, sk))
         if self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
@@ -1446,15 +1465,19 @@ class RuleAgent:
                 self._activity_slice(now)
             else:
                 self.report_activity(now)
-        if now >= self._grant_due:  # owner: leases that ran out, seen from here (+ grace)
-            due = float("inf")
-            for sk, holders in list(self.leases.items()):
-                for h, until in list(holders.items()):
-                    if until <= now:
-                        self._lease_end(sk, h)
-                    else:
-                        due = min(due, until)
-            self._grant_due = due
+        ends = self._lease_ends
+        if ends and now >= ends[0][0]:  # owner: leases that ran out, seen from here (+ grace)
+            leases = self.leases
+            while ends and now >= ends[0][0]:
+                _, sk, h = heapq.heappop(ends)
+                holders = leases.get(sk)
+                until = holders.get(h) if holders is not None else None
+                if until is None:
+                    continue  # ended already (acknowledged REVOKE)
+                if until <= now:
+                    self._lease_end(sk, h)
+                else:  # renewed meanwhile
+                    heapq.heappush(ends, (until, sk, h))
 
     # Collecting activity reads the flags of every slot of both tables: on a big table
     # (2 x 512k slots on the testbed) a few milliseconds at once, in which every FETCH
@@ -1536,14 +1559,14 @@ class RuleAgent:
         return n
 
     def _clone_of_entry(self, esk: tuple, dirs: int):
-        """The clone a table entry belongs to, by its table key, among the clones on its
-        external endpoint (an ICMP entry: the session's remote identifier is not in the
-        table; None if no clone holds that entry)."""
+        """The clone a table entry belongs to when the entry does not name it exactly: an
+        ICMP entry carries every field of its session but the remote identifier (rport
+        0), so it is looked for among the clones on its external endpoint (None: no
+        clone holds that entry)."""
+        head = esk[:6]
         for sk in _ix_get(self._clones_at, _ekey(esk[0], esk[3], esk[4])):
-            c = self.clones[sk]
-            for d in (IN, OUT):
-                if (dirs & DIR_BIT[d] or not dirs) and c.dirs & DIR_BIT[d] and session_key(sk, d) == session_key(esk, d):
-                    return sk
+            if sk[:6] == head and (self.clones[sk].dirs & dirs or not dirs):
+                return sk
         return None
 
     def endpoint(self, proto: int, eaddr: int, eport: int) -> tuple:

@@ -17,6 +17,7 @@ from hypernat import messages as M
 from hypernat.agent import DROP_REASON_NAMES, DROP_REASONS, IN, AgentParams, RuleAgent, session_key
 from hypernat.lab.emulated import emulated_config
 from hypernat.partition import Partition
+from hypernat.rules import SESSION_DTYPE
 
 from test_agent import E, I, PROTO, R, Fabric, in_key, owner_of
 
@@ -345,3 +346,125 @@ def test_records_from_a_third_nic_never_change_state(data):
             fab.agents[target].on_message(2, mtype, ok, fab.t[0])
     after = _state(fab)
     assert after == before
+
+
+def test_a_restarted_agent_does_not_take_its_previous_incarnations_acks():
+    """Seqs start at a random number in a daemon (seq_start=None): the REVOKE_ACK of the
+    previous incarnation's REVOKE (seq 1) does not complete the new incarnation's."""
+    fab = Fabric(2)
+    sk = _cloned(fab, 4650)
+    fab.lose.add(M.T_REVOKE)
+    old = fab.agents[0]
+    new = RuleAgent(0, 2, fab.rules[0], fab._sender(0), owner_of(2), fab._replayer(0),
+                    AgentParams(**{k: getattr(old.p, k) for k in ("lease_s", "retry_s", "fetch_timeout_s")}),
+                    clock=lambda: fab.t[0], seq_start=None)
+    assert new._seq != RuleAgent(0, 2, fab.rules[0], None, None, None, seq_start=None)._seq
+    new._grant_many([sk], 1, fab.t[0])  # what the snapshot carried
+    fab.rules[0].expire(sk)
+    new.tick(fab.t[0])
+    (seq, u), = new._unacked.items()
+    assert u.mtype == M.T_REVOKE
+    stale = M.records(M.T_REVOKE_ACK, 1)
+    stale["seq"] = 1
+    if seq != 1:
+        new.on_message(1, M.T_REVOKE_ACK, stale, fab.t[0])
+        assert new._unacked and new.counters["ack_stale"] == 1
+
+
+# ------------------------------------------------------- indexes kept with the clones and leases
+class _Tables:
+    """The builder surface for installs and holds: everything succeeds, holds counted."""
+
+    def __init__(self):
+        self.holds = {}
+
+    def install_clone_rows(self, rows, now, lease_until=0):
+        return [1] * len(rows)
+
+    def remove_clone(self, recs):
+        return 1
+
+    def hold_many(self, eps):
+        for ep in eps:
+            self.holds[ep] = self.holds.get(ep, 0) + 1
+
+    def release_hold(self, p, e, ep):
+        assert self.holds[(p, e, ep)] > 0
+        self.holds[(p, e, ep)] -= 1
+
+    def drain_created(self):
+        return np.zeros(0, SESSION_DTYPE)
+
+    drain_removed = drain_created
+
+    def collect_activity(self, clear=True):
+        return np.zeros(0, SESSION_DTYPE)
+
+
+_SKS = [(p, I, 4000 + i, E, 1100 + e, R + r, rp) for p in (PROTO, 1) for i in range(2) for e in range(2)
+        for r in range(2) for rp in (0, 7)]
+
+
+def _brute(ag):
+    from hypernat.agent import _ekey, _ix_get
+    of = {}
+    for sk, c in ag.clones.items():
+        of.setdefault(c.owner, set()).add(sk)
+    assert {o: set(d) for o, d in ag._clones_of.items()} == of
+    eps = {(sk[0], sk[3], sk[4]) for sk in list(ag.clones) + list(ag.leases)}
+    for p, e, ep in eps | {(PROTO, E, 999)}:
+        leases, clones = ag.endpoint(p, e, ep)
+        assert sorted(leases) == sorted((sk, dict(h)) for sk, h in ag.leases.items() if (sk[0], sk[3], sk[4]) == (p, e, ep))
+        assert sorted(clones) == sorted((sk, c.owner, c.rule_id, c.dirs, c.expires) for sk, c in ag.clones.items()
+                                        if (sk[0], sk[3], sk[4]) == (p, e, ep))
+    assert sum(len(_ix_get(ag._clones_at, k)) for k in ag._clones_at) == len(ag.clones)
+    assert sum(len(_ix_get(ag._leases_at, k)) for k in ag._leases_at) == len(ag.leases)
+    assert ag.state()["leases"] == sum(len(h) for h in ag.leases.values())
+    queued = {(d, sk) for d, sk in ag._clone_ends}
+    for sk, c in ag.clones.items():  # every clone has its timer, never later than its end
+        assert (c.due, sk) in queued and c.due <= c.expires - ag.p.lease_margin_s
+    timers = {(sk, h): t for t, sk, h in ag._lease_ends}
+    for sk, hs in ag.leases.items():
+        for h, until in hs.items():
+            assert (sk, h) in timers and min(t for t, s2, h2 in ag._lease_ends if (s2, h2) == (sk, h)) <= until
+    assert _ekey(PROTO, E, 1100) != _ekey(1, E, 1100)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_indexes_and_timers_follow_clones_and_leases(data):
+    t = [10.0]
+    rules = _Tables()
+    ag = RuleAgent(0, 3, rules, lambda tg, m, r: None, owner_of(3), lambda d, f: None,
+                   AgentParams(lease_s=5.0, lease_margin_s=0.5), clock=lambda: t[0], tick_clock=lambda: int(t[0]))
+    for _ in range(data.draw(st.integers(1, 40))):
+        op = data.draw(st.sampled_from(("install", "drop", "grant", "end", "renew", "tick", "report")))
+        sk = data.draw(st.sampled_from(_SKS))
+        if op == "install":
+            ag._install_many(data.draw(st.sampled_from((1, 2))),
+                             [(sk, 5, data.draw(st.sampled_from((1000, 5000, 9000))), data.draw(st.sampled_from((1, 2, 3))))],
+                             t[0])
+        elif op == "drop":
+            ag._drop_clone(sk, "clone_revoked")
+        elif op == "grant":
+            ag._grant_many([sk], data.draw(st.sampled_from((1, 2))), t[0])
+        elif op == "end":
+            ag._lease_end(sk, data.draw(st.sampled_from((1, 2))))
+        elif op == "renew" and sk in ag.clones:
+            ag.on_message(ag.clones[sk].owner, M.T_LEASE, _rule(sk, 0, ag.clones[sk].owner, 4000), t[0])
+        elif op == "tick":
+            t[0] += data.draw(st.sampled_from((0.1, 1.0, 3.0, 7.0)))
+            ag.tick(t[0])
+            margin = ag.p.lease_margin_s
+            assert all(c.expires - margin > t[0] for c in ag.clones.values())
+            assert all(u > t[0] for hs in ag.leases.values() for u in hs.values())
+        elif op == "report" and ag.clones:
+            # table entries of held clones (an ICMP entry carries rport 0, as collect_activity's)
+            held = data.draw(st.lists(st.sampled_from(sorted(ag.clones)), min_size=1, max_size=4, unique=True))
+            act = np.zeros(len(held), SESSION_DTYPE)
+            for j, (p, i, ip, e, ep, r, rp) in enumerate(held):
+                d = 1 if ag.clones[(p, i, ip, e, ep, r, rp)].dirs & 1 else 2
+                act[j] = (i, e, r, ip, ep, 0 if p == 1 else rp, p, d, 5, int(t[0]), 0, 0, 0, 0)
+            assert ag.report_activity(t[0], act) == len(held)  # every entry found its clone
+        _brute(ag)
+    assert all(v >= 0 for v in rules.holds.values())

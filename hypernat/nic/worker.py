@@ -195,7 +195,7 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks, partition=self.partition)
+                               tick_clock=self.ticks, partition=self.partition, seq_start=None)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         # ARP on real links where the kernel does not see the frames (AF_XDP): one
         # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
