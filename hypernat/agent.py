@@ -59,6 +59,16 @@ handled idempotently (a duplicate RULE refreshes a clone, a duplicate FETCH is a
 again, a REVOKE of an unknown clone is acknowledged), so a coordinator restart loses
 nothing; ``resend_all`` sends everything pending at once after a re-HELLO.
 
+*Every answer is checked against its question* before it is acted on: a RULE or NACK
+completes a fetch only if it comes from the NIC the fetch was sent to, about the key
+that was asked, under the fetch's seq (retries reuse the seq, so an invalid answer
+leaves the fetch in place for the real one); an acknowledgement completes only a
+message of its own type sent to its sender; a LEASE or REVOKE acts only on a clone of
+the sender's; an ACTIVITY is merged and renewed only from a NIC holding a lease on the
+session; a loan answer counts only from the NIC asked.  Anything else changes nothing
+and is counted under its reason (``DROP_REASONS``).  A daemon's seqs start at a random
+number, so the answers to a previous incarnation's messages find nothing in flight.
+
 *Spill-over*: a NIC whose E_i is exhausted BORROWs a port block from a neighbour; the
 lender answers with a BORROW_ACK that it also sends to every other NIC as a loan notice,
 so all of them route fetches for that block to the borrower; an idle borrowed block is
@@ -992,7 +1002,7 @@ class RuleAgent:
         sess["owner"] = self.nic_id
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
-        recovered = self.rules.recover_sessions(sess, tick).tolist()
+        recovered = np.asarray(self.rules.recover_sessions(sess, tick)).tolist()
         # only a holder's report counts: activity from a NIC holding no lease on the
         # session (a wrong NIC, or a lease that ran out or was revoked here) is
         # acknowledged but neither merged nor renewed (let the session expire)
