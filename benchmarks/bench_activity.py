@@ -13,6 +13,9 @@ owner    ``RuleAgent.on_message(ACTIVITY)`` of REPORTED records at an owner that
          SMALL / BIG leases (lease renewal + LEASE answer): ``ms``, ``ratio``.
 query    ``NicWorker._rule_info`` of one external endpoint at a NIC holding SMALL / BIG
          clones and leases: ``us``, ``ratio``.
+expiry   one loop turn's ``RuleAgent.tick`` in which one clone's lease runs out (and one
+         lease granted ends), at a NIC holding SMALL / BIG clones and leases whose
+         ends are still far: ``us``, ``ratio``.
 
 The two sizes run in the same process, one after the other, so the ratio compares like
 with like on a shared machine.  ``pytest benchmarks --benchmark-disable`` runs each once
@@ -71,6 +74,14 @@ class _Rules:
 
     def lookup_external(self, p, e, ep):
         return None
+
+    def remove_clone(self, recs):
+        return 1
+
+    def drain_created(self):
+        return np.zeros(0, SESSION_DTYPE)
+
+    drain_removed = drain_created
 
 
 def _agent(nic: int):
@@ -167,6 +178,28 @@ def measure_query(n: int) -> float:
     return t
 
 
+def measure_expiry(n: int) -> float:
+    """A turn in which one clone and one lease end, among n of each still running."""
+    ag = holder(n)
+    for lo in range(0, n, 4096):
+        ag._grant_many([_sk(k) for k in range(lo, min(n, lo + 4096))], 0, 0.0)
+    ag._activity_due = float("inf")
+    for j in range(REPEAT):  # short ones, ending one after the other
+        sk = (6,) + _sk(j)[1:]
+        ag._install_many(0, [(sk, 1, 1500 + 100 * j, DIR_BIT_IN)], 0.0)  # ends at 1.0 + 0.1 j (margin 0.5)
+        ag._grant_many([sk], 0, 0.1 * j - 30.0)  # until = 0.1 j + grace
+    ag.tick(0.0)
+    times = []
+    for j in range(REPEAT):
+        t0 = time.perf_counter()
+        ag.tick(1.05 + 0.1 * j)
+        times.append(time.perf_counter() - t0)
+    assert len(ag.clones) == n and sum(len(h) for h in ag.leases.values()) == n  # the short ones ended
+    del ag
+    gc.collect()
+    return min(times)
+
+
 def _compare(benchmark, fn, args, unit=1e3, name="ms"):
     small, big, k = _sizes(bool(benchmark.disabled))
     res = {}
@@ -199,11 +232,16 @@ def test_rule_query_cost_follows_matches(benchmark):
     _compare(benchmark, measure_query, lambda k: (), unit=1e6, name="us")
 
 
+@pytest.mark.timeout(600)
+def test_lease_expiry_turn_cost_follows_what_expires(benchmark):
+    _compare(benchmark, measure_expiry, lambda k: (), unit=1e6, name="us")
+
+
 if __name__ == "__main__":
     big = int(sys.argv[1]) if len(sys.argv) > 1 else BIG
     small = int(sys.argv[2]) if len(sys.argv) > 2 else SMALL
     k = int(sys.argv[3]) if len(sys.argv) > 3 else REPORTED
     for label, fn, a, unit in (("report (ms)", measure_report, (k,), 1e3), ("owner (ms)", measure_owner, (k,), 1e3),
-                               ("query (us)", measure_query, (), 1e6)):
+                               ("query (us)", measure_query, (), 1e6), ("expiry (us)", measure_expiry, (), 1e6)):
         s, b = fn(small, *a) * unit, fn(big, *a) * unit
         print(f"{label:12s} held {small}: {s:10.3f}   held {big}: {b:10.3f}   ratio {b / s:7.2f}")

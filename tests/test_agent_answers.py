@@ -401,8 +401,10 @@ class _Tables:
         return np.zeros(0, SESSION_DTYPE)
 
 
-_SKS = [(p, I, 4000 + i, E, 1100 + e, R + r, rp) for p in (PROTO, 1) for i in range(2) for e in range(2)
-        for r in range(2) for rp in (0, 7)]
+# TCP sessions, and ICMP ones whose remote identifier (7) is not in their table entries
+# (an entry reports rport 0): those are found through the index by endpoint
+_SKS = [(p, I, 4000 + i, E, 1100 + e, R + r, rp) for p, rps in ((PROTO, (0, 7)), (1, (7,))) for i in range(2)
+        for e in range(2) for r in range(2) for rp in rps]
 
 
 def _brute(ag):
