@@ -8,14 +8,18 @@ sender.  Anything else is dropped and counted under its reason (``agent.DROP_REA
 and changes nothing.  The agents are wired as in ``test_agent.py`` (in-memory
 coordinator running ``messages.validate`` like a receiving NIC, settable clock).
 """
+import types
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hypernat import layout
 from hypernat import messages as M
 from hypernat.agent import DROP_REASON_NAMES, DROP_REASONS, IN, AgentParams, RuleAgent, session_key
 from hypernat.lab.emulated import emulated_config
+from hypernat.nic.worker import NicWorker
 from hypernat.partition import Partition
 from hypernat.rules import SESSION_DTYPE
 
@@ -470,3 +474,41 @@ def test_indexes_and_timers_follow_clones_and_leases(data):
             assert ag.report_activity(t[0], act) == len(held)  # every entry found its clone
         _brute(ag)
     assert all(v >= 0 for v in rules.holds.values())
+
+
+class _NoWalk(dict):
+    """A dict that refuses to be walked: what the loop may do with the clones and leases
+    is look up, add and remove, never iterate over all of them."""
+
+    def _walk(self, *a):
+        raise AssertionError("walked every entry")
+
+    __iter__ = items = keys = values = _walk
+
+
+def test_no_loop_turn_and_no_query_walks_the_clones_or_leases():
+    """Activity reports, the owner's renewals, revocation, lease ends on both sides, a
+    restart report and ctl rule queries, with the clones and leases in dicts that
+    refuse to be walked (main walked them in report_activity, tick, state, _rule_info)."""
+    fab = Fabric(3)
+    for a in fab.agents:
+        a.clones, a.leases = _NoWalk(a.clones), _NoWalk(a.leases)
+    sks = [_cloned(fab, 4900 + k) for k in range(4)]
+    t = fab.rules[1].in_t
+    for step in range(15):  # traffic at the holder on two clones: reports, renewals
+        for s in sks[:2]:
+            t.slots[t.lookup(*session_key(s, IN))]["flags"] |= layout.F_ACTIVE
+        if step == 2:
+            fab.rules[0].expire(sks[2])  # a revoke
+        fab.advance(1.0)
+    a0, a1 = fab.agents[0], fab.agents[1]
+    assert set(a1._clones_of[0]) == set(sks[:2])  # the idle clone ran out, the revoked one went
+    assert a0.state()["leases"] == 2 and fab.rules[0].holds[(PROTO, E, sks[3][4])] == 0
+    a1.peer_restarted(0, fab.t[0])  # a restart report: that owner's clones only
+    assert fab.queue[-1][2] == M.T_ACTIVITY and len(np.frombuffer(fab.queue[-1][3], M.ACTIVITY_DTYPE)) == 2
+    w = types.SimpleNamespace(agent=a1, rules=types.SimpleNamespace(lookup_external=lambda *x: None),
+                              clock=lambda: fab.t[0])
+    (c,) = NicWorker._rule_info(w, E, sks[0][4], PROTO)
+    assert c["role"] == "clone" and c["owner"] == "nic0" and c["internal"] == "10.0.0.5:4900"
+    assert NicWorker._rule_info(w, E, sks[3][4]) == []
+    assert a0.endpoint(PROTO, E, sks[1][4])[0] == [(sks[1], {1: a0.leases[sks[1]][1]})]
