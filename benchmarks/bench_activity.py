@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from hypernat import messages as M
-from hypernat.agent import IN, AgentParams, RuleAgent
+from hypernat.agent import AgentParams, RuleAgent
 from hypernat.nic.worker import NicWorker
 from hypernat.rules import DIR_BIT_IN, SESSION_DTYPE
 
