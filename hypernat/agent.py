@@ -239,6 +239,10 @@ DROP_REASONS = (
     ("borrow_ack_stale", "refusal of a BORROW no longer in flight"),
     ("return_refused", "RETURN of a block this NIC did not lend to the sender"),
 )
+# ... and the messages the NIC worker drops before they reach the agent: by validation
+# (messages.REASONS; each also counted as bad_message), or because handling raised
+DROP_REASONS += tuple(("bad_message_" + n, "dropped by validation: " + h) for n, h in M.REASONS) + (
+    ("bad_message_handler_error", "a message whose handling raised: dropped, logged"),)
 DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 
 # counter names per message type: rx_fetch, rx_rule, ... (no string building per message)

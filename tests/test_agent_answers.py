@@ -58,6 +58,8 @@ def test_drop_reasons_declared_once_and_exported_at_zero():
     assert len(set(DROP_REASON_NAMES)) == len(DROP_REASONS)
     fab = Fabric(2)
     assert all(fab.agents[0].counters[n] == 0 and n in fab.agents[0].counters for n in DROP_REASON_NAMES)
+    # the names the NIC worker counts for messages dropped before the agent are declared too
+    assert {"bad_message_" + n for n in M.REASON_NAMES} | {"bad_message_handler_error"} <= set(DROP_REASON_NAMES)
 
 
 # ------------------------------------------------------------------ RULE (issue item 2)
