@@ -225,7 +225,7 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks, partition=self.partition)
+                               tick_clock=self.ticks, partition=self.partition, seq_start=None)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         # ARP on real links where the kernel does not see the frames (AF_XDP): one
         # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
@@ -885,23 +885,24 @@ class NicWorker:
 
     def _rule_info(self, addr: int, port: int, proto=None) -> list:
         """What this NIC knows of an external endpoint: the mapping it owns (with the
-        leases it granted on it) and the clones it holds (with their owner and lease)."""
+        leases it granted on it) and the clones it holds (with their owner and lease).
+        Both come from indexes by endpoint: a query costs what it finds, not the tables."""
         now = self.clock()
-        out = []
+        out, held = [], []
         for p in ([proto] if proto is not None else [6, 17, 1]):
+            leases, clones = self.agent.endpoint(p, addr, port)
+            held.extend(clones)
             m = self.rules.lookup_external(p, addr, port)
             if m is not None:
                 m = dict(m, role="owner", iaddr=M.ip_str(m["iaddr"]), eaddr=M.ip_str(m["eaddr"]))
                 m["leases"] = [{"holder": f"nic{h}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
                                 "left_s": round(until - now, 1)}
-                               for sk, hs in self.agent.leases.items() if sk[0] == p and sk[3] == addr
-                               and sk[4] == port for h, until in hs.items()]
+                               for sk, hs in leases for h, until in hs.items()]
                 out.append(m)
-        for sk, c in self.agent.clones.items():
-            if sk[3] == addr and sk[4] == port and (proto is None or sk[0] == proto):
-                out.append({"role": "clone", "owner": f"nic{c.owner}", "rule_id": c.rule_id, "proto": sk[0],
-                            "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
-                            "dirs": c.dirs, "lease_left_s": round(c.expires - now, 1)})
+        for sk, owner, rule_id, dirs, expires in held:
+            out.append({"role": "clone", "owner": f"nic{owner}", "rule_id": rule_id, "proto": sk[0],
+                        "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
+                        "dirs": dirs, "lease_left_s": round(expires - now, 1)})
         return out
 
     def _stats(self) -> None:
