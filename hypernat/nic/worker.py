@@ -16,7 +16,8 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                                    (sent at once: not at the end of the turn)
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
     RuleAgent.tick: retries, timeouts, leases, activity │ RuleBuilder.sweep: one expiry step
-    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need
+    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need;
+    Journal.checkpoint when the log passed its bound (live blocks only, the log cut behind)
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
@@ -48,7 +49,7 @@ from .. import layout
 from .. import messages as M
 from .. import zmqio
 from ..agent import AgentParams, RuleAgent
-from ..fastpath import FlowTable, Translator
+from ..fastpath import FlowTable, FragTable, Translator
 from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
@@ -60,6 +61,7 @@ from .events import RULE_BUILT as EV_RULE_BUILT
 from .events import RX_HIT as EV_RX_HIT
 from .events import RX_MISS as EV_RX_MISS
 from .events import now_ns as _now_ns
+from .journal import Journal, JournalError
 
 log = logging.getLogger("hypernat.nic")
 
@@ -69,12 +71,40 @@ _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
 _MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
+_V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
+
+
+class _HairpinFrame(bytes):
+    """A hairpinned frame (inside host -> an external endpoint of the pool) waiting for a
+    rule fetch.  Its two halves -- the sender's mapping and the destination's session --
+    may be owned by two other NICs, so it may take two fetches; and the fetch of the
+    second half is an *incoming* key, whose answer the agent replays as IN.  The type
+    tells ``_replay`` to run it as the outgoing frame it is, and to decide it again when
+    the other half is still missing (``rounds``: decisions so far, at most
+    ``HAIRPIN_ROUNDS``)."""
+
+    rounds = 0
+
+    @classmethod
+    def of(cls, frame, rounds: int) -> "_HairpinFrame":
+        f = cls(frame)
+        f.rounds = rounds
+        return f
+
+
+# Decisions a hairpinned first packet may take: half 1 fetched, half 2 fetched, and one
+# more for a half that a race removed in between.
+HAIRPIN_ROUNDS = 3
 
 # Loop counters beyond the fast path's verdicts and the builder's reasons.
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
-    "slow_turns", "reloads", "reloads_refused", "generated",
+    "slow_turns", "reloads", "reloads_refused",
+    # hairpinning on any NIC: first packets re-decided after a fetch, and those given up
+    "hairpin_replayed", "hairpin_unresolved",
+    # frames the fast path made itself (ICMP errors, fragments), sent per batch
+    "generated",
 )
 
 # How often the loop moves every object alive into the GC's permanent generation
@@ -167,7 +197,6 @@ class NicWorker:
                  state_dir: str | None = None, context: zmq.Context | None = None,
                  params: AgentParams | None = None, rng=None, restore: bool = True,
                  journal: bool = True, arp: dict | None = None, events=None):
-        from .journal import Journal
         from .snapshot import Snapshot
 
         self.config = config
@@ -183,11 +212,14 @@ class NicWorker:
         self._prefault_tables()
         if GC_THRESHOLDS is not None:
             gc.set_threshold(*GC_THRESHOLDS)
-        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
+        fl = config.limits.fragments
+        self.frag = FragTable(fl.entries, fl.bytes, fl.timeout)
+        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges, frag=self.frag)
         self.set_links()  # the config's router settings; hypernat-nic adds the interfaces' MTUs and address
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
-        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True) if journal else None
+        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True,
+                               max_log_bytes=config.limits.journal_log_bytes) if journal else None
         self.snapshot = Snapshot(os.path.join(self.state_dir, "snapshot"))
         self.rules = RuleBuilder(config, nic_id, self.out_table, self.in_table, partition=self.partition,
                                  rng=rng, journal=self.journal.append if self.journal else None)
@@ -196,7 +228,7 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks, partition=self.partition)
+                               tick_clock=self.ticks, partition=self.partition, seq_start=None)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         # ARP on real links where the kernel does not see the frames (AF_XDP): one
         # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
@@ -308,7 +340,11 @@ class NicWorker:
 
     def _restore(self) -> dict:
         """Graceful restart: reload the snapshot.  Crash restart (journal but no clean
-        snapshot): quarantine every journaled block until its longest timeout passed."""
+        snapshot): quarantine every block the journal names until its longest timeout
+        passed.  Either way the journal is then checkpointed from the builder's state
+        (every block in use, with its host, and every quarantine), on disk before the
+        first new block is handed out; only then is the snapshot discarded (a crash from
+        there on is a crash, and the journal names everything the snapshot held)."""
         now = self.clock()
         info = {"snapshot": False, "quarantined_blocks": 0}
         snap = self.snapshot.load()
@@ -320,14 +356,19 @@ class NicWorker:
             self.rules.restore(state.get("rules", {}))
             self.agent.restore(state.get("agent", {}), now)
             info.update(snapshot=True, rules=int(len(self.out_table)), clones_to_revalidate=int(clones))
-            self.snapshot.discard()  # used once: a crash from here on is a crash
             if self.journal is not None:
-                self.journal.reset()
+                try:
+                    self.journal.checkpoint(self.rules.journal_state(), wait=True)
+                except JournalError as exc:  # the snapshot stays: a restart once the disk is fixed reads it
+                    raise JournalError(exc.errno, f"nic{self.nic_id}: cannot start: the blocks restored from "
+                                       f"{self.snapshot.path} cannot be journaled ({exc}); the snapshot is kept"
+                                       ) from exc  # fmt: skip
+            self.snapshot.discard()  # used once: a crash from here on is a crash
             log.info("nic%d: restored snapshot: %s", self.nic_id, info)
             return info
         if self.journal is not None:
-            blocks = self.journal.blocks()
-            if blocks:
+            live = self.journal.load()
+            if live:
                 t = self.config.timeouts
                 # a remote may still send to an endpoint until the session's longest idle
                 # timeout (or a clone's lease, if longer) and the reuse delay have passed
@@ -336,16 +377,20 @@ class NicWorker:
                 until = self.ticks() + longest
                 # crash recovery (rules.py): the journal names each block's host, so that
                 # recover_sessions re-adopts a block only for the host it was assigned to
-                self.rules.quarantine_blocks(sorted(blocks), until, journal=self.journal.records())
-                info["quarantined_blocks"] = len(blocks)
+                self.rules.quarantine_blocks(live, until)
+                info["quarantined_blocks"] = len(live)
                 if self.rules._recovery_hosts:  # their old mappings may come back: wait first
                     self.rules.recovering = True
                     self._recovery_end = self.clock() + RECOVERY_WAIT_S
                     info["recovery_wait_s"] = RECOVERY_WAIT_S
-                self.counters["blocks_quarantined"] += len(blocks)
+                self.counters["blocks_quarantined"] += len(live)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
                             "their sessions are recovered from other NICs' clones as those report them, "
-                            "the rest are lost", self.nic_id, len(blocks), longest)
+                            "the rest are lost", self.nic_id, len(live), longest)
+            try:
+                self.journal.checkpoint(self.rules.journal_state(), wait=True)
+            except JournalError as exc:  # the old checkpoint and logs stay and name the same blocks
+                log.error("nic%d: journal not compacted at start (%s); retried later", self.nic_id, exc)
         return info
 
     def _strip_clones(self) -> int:
@@ -441,21 +486,27 @@ class NicWorker:
         self.translator.set_router(**settings)
         return settings
 
-    def _send_generated(self) -> None:
-        """Frames the fast path made in its last translate (ICMP errors, fragments), out
-        of the port on each one's exit side: one send per side, no Python per frame.
-        Called right after every translate (the next one empties the output area)."""
+    def _send_made(self) -> None:
+        """Right after every translate (the next one reuses their areas): the frames the
+        fast path made besides the batch -- early fragments the fragment table released,
+        and the router's ICMP errors and fragments -- out of the port on each one's exit
+        side, one send per area and side, no Python per frame."""
+        if self.frag.released:
+            buf, off, ln, ex = self.frag.output()
+            self._send_area(buf, off, ln, ex, len(off))
         tr = self.translator
         n = tr.out_count
-        if not n:
-            return
-        g = Batch(tr.out_buf, tr.out_offsets, tr.out_lengths, n)
-        exits = tr.out_exits[:n]
+        if n:
+            self._send_area(tr.out_buf, tr.out_offsets, tr.out_lengths, tr.out_exits, n)
+            self.counters["generated"] += n
+
+    def _send_area(self, buf, offsets, lengths, exits, n: int) -> None:
+        b = Batch(buf, offsets, lengths, n)
+        exits = exits[:n]
         for d, port in ((OUT, self.outside), (IN, self.inside)):
             idx = np.flatnonzero(exits == d)
             if len(idx):
-                self.counters["tx_drops"] += len(idx) - port.send(g, idx)
-        self.counters["generated"] += n
+                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
 
     # -- packets ------------------------------------------------------------------------------
     def _process(self, port, direction: int, other) -> int:
@@ -481,12 +532,11 @@ class NicWorker:
         k = self._keys[:n]
         now = self.ticks()
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        self._send_made()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
-        # the common case: everything hit, one send, nothing else to look at (a translated
-        # frame never generates one: only the router's verdicts do)
-        if nsend == n:
+        if nsend == n:  # the common case: everything hit, one send, nothing else to look at
             self.counters["tx_drops"] += n - other.send(b, self._all[:n])
             if ev is not None and ev.hits:
                 ev.add_keys(EV_RX_HIT, direction, t_rx, k)
@@ -503,7 +553,6 @@ class NicWorker:
             if hp.any():
                 idx = np.flatnonzero(hp)
                 self.counters["tx_drops"] += len(idx) - port.send(b, idx)
-        self._send_generated()  # before the misses: a replay translates again
         if self.arp[id(port)] is not None:
             nn = np.flatnonzero(v == _V_NOT_NAT)
             if len(nn):
@@ -536,9 +585,10 @@ class NicWorker:
         self.translator.set_l2(OUT, outside_mac, outside_next_hop)
         self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
-    def _misses(self, b, direction, v, k, now) -> None:
+    def _misses(self, b, direction, v, k, now, rounds: int = 0) -> None:
         # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
         # first packet of a connection, pays no numpy per field or per decision
+        # (`rounds`: hairpin decisions the frames of `b` have had already)
         replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
         if self.rules.recovering:
             held = [i for i, r in zip(idx, res) if r == _R_HOLD]
@@ -552,8 +602,11 @@ class NicWorker:
         if fetches:  # one pass over the batch's fetches; one FETCH message per owner
             icmp_kind = layout.KIND_ICMP_ERROR
             fidx = [f[0] for f in fetches]
+            frames = b.frames(fidx)
+            if direction == OUT:
+                frames = self._hairpin_frames(fidx, frames, v, rounds)
             self.agent.fetch_rows([(fd, (p, s, sp, d, dp), kind == icmp_kind, o, fr)
-                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, b.frames(fidx))],
+                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, frames)],
                                   self.clock())
             if ev is not None:
                 ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
@@ -591,10 +644,49 @@ class NicWorker:
                     self._process_batch(Batch.from_frames(frames), port, d, other)
         self._recovered_seen = got
 
+    @staticmethod
+    def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
+        """The frames queued behind fetches, hairpinned ones marked as such."""
+        return [_HairpinFrame.of(f, rounds + 1) if v[i] == _V_MISS_HAIRPIN else f for i, f in zip(fidx, frames)]
+
+    def _replay_hairpins(self, frames) -> None:
+        """Hairpinned frames whose fetch was answered: translated as the outgoing frames
+        they are (whatever direction the fetched half was); one whose other half is still
+        missing is decided again -- found here, built here, or fetched from its owner --
+        up to HAIRPIN_ROUNDS decisions in all."""
+        c = self.counters
+        by_rounds: dict = {}
+        for f in frames:
+            by_rounds.setdefault(f.rounds, []).append(f)
+        for rounds, group in by_rounds.items():
+            b = Batch.from_frames(group)
+            n = b.n
+            v = np.zeros(n, np.uint8)  # scratch of its own: _misses below may _replay
+            k = np.zeros(n, layout.KEY_DTYPE)
+            now = self.ticks()
+            self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], OUT, now, v, k)
+            self._send_made()
+            c["hairpin_replayed"] += n
+            hp = np.flatnonzero(v == _V_HAIRPIN)
+            if len(hp):
+                c["tx_drops"] += len(hp) - self.inside.send(b, hp)
+            miss = v == _V_MISS_HAIRPIN
+            if miss.any():
+                if rounds >= HAIRPIN_ROUNDS:
+                    c["hairpin_unresolved"] += int(miss.sum())
+                else:
+                    self._misses(b, OUT, v, k, now, rounds)
+
     _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
 
     def _replay(self, direction: int, frames) -> None:
         """Translate frames again once their rule is installed; send what hits."""
+        if _HairpinFrame in set(map(type, frames)):
+            hp = [f for f in frames if f.__class__ is _HairpinFrame]
+            self._replay_hairpins(hp)
+            frames = [f for f in frames if f.__class__ is not _HairpinFrame]
+            if not frames:
+                return
         b = Batch.from_frames(frames)
         n = b.n
         if n > len(self._rv):
@@ -603,6 +695,7 @@ class NicWorker:
         v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
         k = self._rk[:n]
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
+        self._send_made()  # a replayed first fragment releases its datagram's held ones
         c = self.counters
         c["replayed"] += n
         other = self.outside if direction == OUT else self.inside
@@ -627,7 +720,6 @@ class NicWorker:
             if len(hp):
                 c["tx_drops"] += len(hp) - self.inside.send(b, hp)
             c["replay_miss"] += int(_MISS_LUT[v].sum())
-        self._send_generated()
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
 
@@ -832,23 +924,24 @@ class NicWorker:
 
     def _rule_info(self, addr: int, port: int, proto=None) -> list:
         """What this NIC knows of an external endpoint: the mapping it owns (with the
-        leases it granted on it) and the clones it holds (with their owner and lease)."""
+        leases it granted on it) and the clones it holds (with their owner and lease).
+        Both come from indexes by endpoint: a query costs what it finds, not the tables."""
         now = self.clock()
-        out = []
+        out, held = [], []
         for p in ([proto] if proto is not None else [6, 17, 1]):
+            leases, clones = self.agent.endpoint(p, addr, port)
+            held.extend(clones)
             m = self.rules.lookup_external(p, addr, port)
             if m is not None:
                 m = dict(m, role="owner", iaddr=M.ip_str(m["iaddr"]), eaddr=M.ip_str(m["eaddr"]))
                 m["leases"] = [{"holder": f"nic{h}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
                                 "left_s": round(until - now, 1)}
-                               for sk, hs in self.agent.leases.items() if sk[0] == p and sk[3] == addr
-                               and sk[4] == port for h, until in hs.items()]
+                               for sk, hs in leases for h, until in hs.items()]
                 out.append(m)
-        for sk, c in self.agent.clones.items():
-            if sk[3] == addr and sk[4] == port and (proto is None or sk[0] == proto):
-                out.append({"role": "clone", "owner": f"nic{c.owner}", "rule_id": c.rule_id, "proto": sk[0],
-                            "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
-                            "dirs": c.dirs, "lease_left_s": round(c.expires - now, 1)})
+        for sk, owner, rule_id, dirs, expires in held:
+            out.append({"role": "clone", "owner": f"nic{owner}", "rule_id": rule_id, "proto": sk[0],
+                        "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
+                        "dirs": dirs, "lease_left_s": round(expires - now, 1)})
         return out
 
     def _stats(self) -> None:
@@ -912,6 +1005,7 @@ class NicWorker:
         if now >= self._sweep_due and (not self.agent.pending or now >= self._sweep_due + self.sweep_defer_max):
             self._sweep_due = now + self.sweep_interval
             self.rules.sweep(self.ticks())
+            self.frag.expire(self.ticks())  # datagrams whose first fragment never came (bounded)
         # the journal, off the packet path: blocks journaled ahead of need, the "assign"
         # records written since fsync'ed; never while a fetch waits for its answer
         # (fsyncs run on the journal's thread; poll() takes in the reserved blocks whose
@@ -920,6 +1014,11 @@ class NicWorker:
             self.journal.poll()
             if not self.agent.pending and now >= self._journal_due:
                 self._journal_due = now + self.journal_interval
+                if self.journal.due():  # the log passed its bound: compact it (written on the journal's thread)
+                    try:
+                        self.journal.checkpoint(self.rules.journal_state())
+                    except JournalError:
+                        pass  # counted and logged by the journal; the old files still name every block
                 self.rules.reserve_blocks()
                 if now >= self._journal_sync_due:
                     self._journal_sync_due = now + self.journal_sync_interval
@@ -1038,6 +1137,9 @@ class NicWorker:
                     out[f"router_{dname}_{k}"] = int(v)
         for k, v in self.rules.counters_dict().items():
             out[f"rules_{k}"] = int(v)
+        for k, v in self.frag.counters_dict().items():
+            if v:
+                out[f"fastpath_{k}"] = int(v)
         for k, v in self.agent.counters.items():
             out[f"agent_{k}"] = int(v)
         for p in (self.inside, self.outside):
@@ -1053,12 +1155,18 @@ class NicWorker:
                     out[f"port_{p.name}_{k}"] = n
         for k, v in self.counters.items():
             out[f"loop_{k}"] = int(v)
+        if self.journal is not None:
+            for k, v in self.journal.counters().items():
+                out[f"journal_{k}"] = v
         return out
 
     def gauges(self) -> dict:
         g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
-             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
+             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation()),
+             "frag_datagrams": len(self.frag), "frag_chunks_held": self.frag.held}
         g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
+        if self.journal is not None:
+            g.update({f"journal_{k}": v for k, v in self.journal.gauges().items()})
         return g
 
     def status(self) -> dict:
