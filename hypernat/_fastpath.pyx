@@ -1168,10 +1168,11 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
     cdef hn_key *kp
     if c.frag != NULL:
         frag_begin(c.frag, now)
-    # The router's check costs one test per frame in pass 1 (frames no longer than the
-    # smallest MTU fit any link; SYN flags matter only while clamping); a frame it
-    # flags (V_ROUTER) takes the cold path in pass 2, so the hot one is unchanged.
-    cdef uint64_t fits = 0xFFFFFFFF
+    # The router's check costs one test per frame in pass 1: a frame no longer than the
+    # smallest MTU fits any link, and a SYN matters only while clamping (its flag lifted
+    # to bit 20, above any IPv4 length, so that one compare sees both); a frame it flags
+    # (V_ROUTER) takes the cold path in pass 2, so the hot one is unchanged.
+    cdef uint64_t fits = 0xFFFFF
     if r.mtu[DIR_OUT]:
         fits = r.mtu[DIR_OUT]
     if r.mtu[DIR_IN] and r.mtu[DIR_IN] < fits:
@@ -1192,7 +1193,7 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
             if p.verdict == V_PENDING:
                 # (a first fragment goes the fragment table's way, as it came)
-                if hn_unlikely(egress_len(p) > fits or (p.tcp_flags & synmask)) and not p.frag:
+                if hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits) and not p.frag:
                     p.split = 0
                     if too_big(r, p, direction):
                         if rd16(p, b, p.l3 + 6) & 0x4000:      # DF: answered in pass 2
