@@ -1215,7 +1215,9 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
                     if p.frag:
                         first_fragment_record(c, p, direction, exitdir, now)
-                    write_l2(c, p, exitdir)
+                    if c.l2set[exitdir]:
+                        chk(p, p.fs, 12)
+                        memcpy(b + p.fs, c.l2[exitdir], 12)
             elif v == V_PENDING_FRAG:
                 chk(p, p.fs, p.fe - p.fs)
                 v = frag_later(c.frag, b, p.fs, p.fe, p.l3, direction, now)
