@@ -187,3 +187,19 @@ def test_mac_is_the_interfaces(ns):
 def test_unknown_interface_is_a_clear_error(ns):
     with netns.entered(ns), pytest.raises(packet_mmap.PacketMmapError, match="nosuch"):
         packet_mmap.PacketMmapPort("nosuch0")
+
+
+def test_a_frame_whose_vlan_tag_the_kernel_stripped_is_never_handed_out_untagged(ns):
+    """The receiving kernel takes an 802.1Q tag off every frame (its metadata keeps it):
+    a port not configured for that VLAN drops the frame and counts it.  (On main it was
+    handed out untagged and forwarded onto the wrong segment.)"""
+    from scapy.layers.l2 import Dot1Q
+
+    a, b = ports(ns)
+    with a, b:
+        tagged = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="198.51.100.1")
+                       / UDP(sport=999, dport=80))
+        a.send(Batch.from_frames([tagged] + frames(2)), np.arange(3))
+        got = recv_all(b, 2)
+        assert len(got) == 2 and all(Dot1Q not in Ether(f) and Ether(f)[UDP].sport != 999 for f in got)
+        assert b.stats()["rx_vlan_stripped"] == 1

@@ -118,10 +118,13 @@ cdef class RxRing:
                     self.head = 0
                 if status & TP_STATUS_LOSING:
                     self.losing_seen += 1
-                if status & TP_STATUS_VLAN_VALID:
-                    self.vlan_seen += 1
                 if h.tp_snaplen < h.tp_len or <uint32_t>h.tp_mac + h.tp_snaplen > self.frame_size:
                     self.truncated += 1
+                    continue
+                if status & TP_STATUS_VLAN_VALID:
+                    # The kernel took the 802.1Q tag off: forwarded as it is, the frame
+                    # would leave on the wrong segment.  Dropped, never sent untagged.
+                    self.vlan_seen += 1
                     continue
                 if status & TP_STATUS_CSUMNOTREADY:
                     self.csum_partial += 1
