@@ -22,19 +22,35 @@ Why these choices:
   wants ARP) and sets ``PACKET_IGNORE_OUTGOING`` so our own transmissions are not
   read back; the transmit socket is bound with protocol 0 so it receives nothing and
   costs the kernel no per-packet clone.
-* **Qdisc bypass** on transmit (``PACKET_QDISC_BYPASS``): frames go straight to the
-  driver; a full driver queue is a counted drop, as on a NIC.
+* **Qdisc bypass** on transmit (``PACKET_QDISC_BYPASS``) without ``vnet``: frames go
+  straight to the driver; a full driver queue is a counted drop, as on a NIC.  With
+  ``vnet`` the frames take the qdisc path: only there does the kernel segment a
+  super-frame in software for a link without TSO (the bypass drops it, ENOBUFS).
 * **A send buffer the size of the ring**: a frame sent is an skb charged to the
   socket until it is freed, possibly far downstream; the default budget would let only
   a few hundred frames be in flight.
 * **PACKET_LOSS** on transmit: a frame the kernel rejects is skipped instead of
   stalling the ring.
 
+* **PACKET_VNET_HDR** on both rings (``vnet``, the default): every frame comes with
+  the kernel's ``virtio_net_hdr``, so offloads stay on.  A GRO-merged or TSO-built
+  super-frame (up to 64 KB) is translated once and sent back with its GSO type and
+  size (the kernel or the NIC segments it); its partial checksum stays partial (the
+  fast path updates the pseudo-header sum: docs/fastpath.md, "Partial checksums and
+  super-frames").  A partial frame that is not a super-frame has its checksum
+  finished on receive.  A ring frame must hold a whole super-frame: the frame size
+  follows the link's ``gso_max_size`` / ``gro_max_size`` (at most 64 KB), and the
+  ring's frame count a memory budget (``RING_BYTES``).  A header inconsistent with
+  its frame is a counted drop (``rx_vnet_bad_gso``, ``rx_vnet_bad_csum``).
+* **VLANs**: the kernel takes the 802.1Q tag off every frame it receives (keeping it
+  in ``tp_vlan_tci``).  On a port configured for that VLAN (``vlans``) the tag is
+  put back in place and the frame leaves tagged; any other tagged frame is dropped
+  and counted (``rx_vlan_unconfigured``), never forwarded untagged.
+
 The kernel still delivers every frame to its own stack as well: the gateway's
-namespace must not forward them (ip_forward off; the lab does that).  Checksum
-offloads must be off on the links served (frames with an unfinished checksum are
-counted as ``rx_csum_partial`` and not forwarded), and frames longer than a ring
-frame (MTU above ~1900 with the default 2048-byte frames) as ``rx_truncated``.
+namespace must not forward them (ip_forward off; the lab does that).  Without
+``vnet``, frames with an unfinished checksum are counted as ``rx_csum_partial`` and
+not forwarded; frames longer than a ring frame are counted as ``rx_truncated``.
 """
 from __future__ import annotations
 
@@ -48,7 +64,7 @@ import numpy as np
 from .base import Batch, Port
 
 try:
-    from ._ring import CONST, RxRing, TxRing
+    from ._ring import CONST, VNET_HDR_LEN, RxRing, TxRing
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         f"hypernat.io._ring is not built ({exc}): `make build` or "
@@ -59,6 +75,35 @@ ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
 SIOCGIFHWADDR = 0x8927
 PAGE = mmap.PAGESIZE
+RING_BYTES = 64 << 20  # memory for one ring of super-frame slots (rx_frames / tx_frames = None)
+SLOT_OVERHEAD = 128  # tpacket2_hdr + sockaddr_ll + virtio_net_hdr + a restored 802.1Q tag, aligned
+MAX_SUPER_FRAME = 65536  # a larger gso/gro_max_size (BIG TCP) has no IPv4 total length to carry it
+
+
+def link_limits(ifname: str) -> dict:
+    """What the kernel may hand this interface's socket at once: its MTU and its
+    ``gso_max_size`` / ``gro_max_size`` (asked in the current namespace)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=ifname)
+        if not links:
+            raise PacketMmapError(19, f"no interface {ifname!r} in this namespace")
+        ln = links[0]
+        return {"mtu": ln.get_attr("IFLA_MTU") or 1500, "gso_max_size": ln.get_attr("IFLA_GSO_MAX_SIZE") or 0,
+                "gro_max_size": ln.get_attr("IFLA_GRO_MAX_SIZE") or 0}
+
+
+def slot_size(limits: dict, vnet: bool) -> int:
+    """The ring frame size for a link: a whole super-frame with vnet, an MTU frame
+    (at least the classic 2048 bytes) without."""
+    frame = limits["mtu"] + 14 + 4
+    if vnet:
+        frame = max(frame, min(MAX_SUPER_FRAME, max(limits["gso_max_size"], limits["gro_max_size"])) + 14 + 4)
+    size = max(2048, frame + SLOT_OVERHEAD)
+    if size <= 2048:
+        return 2048
+    return -(-size // PAGE) * PAGE  # whole pages: a block then holds whole frames
 
 
 class PacketMmapError(OSError):
@@ -90,12 +135,18 @@ class PacketMmapPort(Port):
     """One interface over PACKET_MMAP rings.  Create it inside the interface's network
     namespace (the sockets stay there).
 
-    ``rx_frames`` / ``tx_frames``: ring sizes in frames (rounded up to whole blocks);
-    ``frame_size``: bytes per ring frame (2048 holds a 1500-byte MTU frame)."""
+    ``rx_frames`` / ``tx_frames``: ring sizes in frames (rounded up to whole blocks;
+    None: as many as ``RING_BYTES`` holds, at most 4096); ``frame_size``: bytes per
+    ring frame (None: from the link, ``slot_size``; 2048 holds a 1500-byte MTU frame).
+    ``vnet``: PACKET_VNET_HDR on both rings (super-frames, partial checksums);
+    ``vlans``: the 802.1Q VLAN IDs this port carries."""
 
-    def __init__(self, ifname: str, rx_frames: int = 4096, tx_frames: int = 4096, frame_size: int = 2048,
-                 rx: bool = True, tx: bool = True, qdisc_bypass: bool = True):
+    def __init__(self, ifname: str, rx_frames: int | None = None, tx_frames: int | None = None,
+                 frame_size: int | None = None, rx: bool = True, tx: bool = True, qdisc_bypass: bool | None = None,
+                 vnet: bool = True, vlans=()):
         self.name = ifname
+        self.vnet = bool(vnet)
+        self.vlans = tuple(int(v) for v in vlans)
         self.rx_sock = self.tx_sock = None
         self._rx_map = self._tx_map = None
         self.rx_ring = self.tx_ring = None
@@ -104,6 +155,18 @@ class PacketMmapPort(Port):
         self._mac = None
         self.tx_kick_errno = 0
         try:
+            if frame_size is None:
+                self.limits = link_limits(ifname)
+                frame_size = slot_size(self.limits, self.vnet)
+            per_ring = max(64, min(4096, RING_BYTES // frame_size))
+            rx_frames = rx_frames or per_ring
+            tx_frames = tx_frames or per_ring
+            self.frame_size = frame_size
+            if qdisc_bypass is None:
+                # A super-frame the link cannot segment itself is cut by the kernel's
+                # software GSO, which the bypass path (packet_direct_xmit) does not
+                # reach: the frame is dropped with ENOBUFS.  Measured on 6.18.
+                qdisc_bypass = not self.vnet
             if rx:
                 self._open_rx(ifname, rx_frames, frame_size)
             if tx:
@@ -118,6 +181,8 @@ class PacketMmapPort(Port):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.rx_sock = s
         s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V2"])
+        if self.vnet:
+            s.setsockopt(c["SOL_PACKET"], c["PACKET_VNET_HDR"], 1)
         try:
             s.setsockopt(c["SOL_PACKET"], c["PACKET_IGNORE_OUTGOING"], 1)
         except OSError:  # kernels before 4.20: we then see our own frames; count, not fatal
@@ -128,7 +193,7 @@ class PacketMmapPort(Port):
         s.setsockopt(c["SOL_PACKET"], c["PACKET_RX_RING"], req)
         self._rx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._rx_mem = np.frombuffer(self._rx_map, dtype=np.uint8)
-        self.rx_ring = RxRing(self._rx_mem, frame_size, nr)
+        self.rx_ring = RxRing(self._rx_mem, frame_size, nr, self.vnet, self.vlans)
         # Bind last: frames start arriving only once the ring exists.
         s.bind((ifname, ETH_P_ALL))
         s.setblocking(False)
@@ -138,6 +203,8 @@ class PacketMmapPort(Port):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.tx_sock = s
         s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V2"])
+        if self.vnet:
+            s.setsockopt(c["SOL_PACKET"], c["PACKET_VNET_HDR"], 1)
         if qdisc_bypass:
             s.setsockopt(c["SOL_PACKET"], c["PACKET_QDISC_BYPASS"], 1)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_LOSS"], 1)
@@ -153,7 +220,7 @@ class PacketMmapPort(Port):
         s.setsockopt(c["SOL_PACKET"], c["PACKET_TX_RING"], req)
         self._tx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._tx_mem = np.frombuffer(self._tx_map, dtype=np.uint8)
-        self.tx_ring = TxRing(self._tx_mem, frame_size, nr)
+        self.tx_ring = TxRing(self._tx_mem, frame_size, nr, self.vnet)
         s.bind((ifname, 0))
 
     # Port -----------------------------------------------------------------
@@ -169,10 +236,16 @@ class PacketMmapPort(Port):
         # next one is taken (the NIC loop holds misses until the slow path copied them).
         offsets = np.empty(max_frames, dtype=np.uint32)
         lengths = np.empty(max_frames, dtype=np.uint32)
-        start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames)
+        if self.vnet:
+            meta = np.empty(max_frames * VNET_HDR_LEN, dtype=np.uint8)
+            partial = np.empty(max_frames, dtype=np.uint8)
+            start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames, meta, partial)
+        else:
+            meta = partial = None
+            start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames)
         if taken == 0:
             return None
-        return Batch(self._rx_mem, offsets, lengths, n, token=(start, taken))
+        return Batch(self._rx_mem, offsets, lengths, n, token=(start, taken), meta=meta, partial=partial)
 
     def release(self, batch: Batch) -> None:
         tok = batch.token
@@ -189,7 +262,7 @@ class PacketMmapPort(Port):
             return 0
         buf = batch.buf if batch.buf.flags.c_contiguous else np.ascontiguousarray(batch.buf)
         q = self.tx_ring.fill(buf, np.ascontiguousarray(batch.offsets, dtype=np.uint32),
-                              np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx)
+                              np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx, batch.meta)
         if q:
             err = self.tx_ring.kick(self.tx_sock.fileno())
             if err:
