@@ -435,7 +435,7 @@ class NicWorker:
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial)
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
