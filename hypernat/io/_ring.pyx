@@ -8,16 +8,29 @@ frame after it sees the flip (acquire/release ordering on that one word)::
 
    receive ring (kernel fills, we read)          transmit ring (we fill, kernel sends)
 
-   head ─► [USER ][USER ][KERN ][KERN ]...        head ─► [AVAIL][AVAIL][SEND ][SEND ]...
-            │  walk(): offsets/lengths of           fill(): copy frame, tp_len,
-            │  frames whose status has USER         status = SEND_REQUEST; then
-            ▼  set; no copy — the Batch views       kick(): send(fd, NULL, 0, DONTWAIT)
-         release(): status = KERNEL, in place       the kernel sets AVAILABLE when done
+   head ─► [USER ][USER ][KERN ][KERN ]...        [AVAIL][SENDING][SEND ][SEND ][AVAIL]...
+            │  walk(): offsets/lengths of                ▲ tail   ▲ sent     ▲ head
+            │  frames whose status has USER         fill(): copy frame, tp_len, status =
+            ▼  set; no copy — the Batch views       SEND_REQUEST at head; flush(): kick =
+         release(): status = KERNEL, in place       send(fd, NULL, 0, DONTWAIT) while any
+                                                    frame is still SEND_REQUEST
 
 TPACKET_V2 hands every frame over the moment it is written (V3 hands over whole
 blocks, on a millisecond timer), so the first packet of a connection waits for
 nothing.  Frames handed out in a batch stay ours until ``release``: the walker never
 passes them (``outstanding`` bounds the walk) and the kernel never overwrites them.
+
+The transmit ring keeps two positions behind ``head``: ``sent``, the next frame the
+kernel has not taken yet (it takes them in ring order, as ours), and ``tail``, the
+oldest frame not yet given back (AVAILABLE).  A kick is owed as long as ``unsent`` (head
+- sent) is not zero, whether or not this call queued anything: when the device refuses a
+frame (ENOBUFS: the receiving CPU's backlog over ``netdev_max_backlog``, a stopped
+queue, the carrier off) ``tpacket_snd`` puts it back to SEND_REQUEST and stops there,
+and only another kick sends it and everything behind it.  Kicking only after queueing
+something stalls for good once every frame is SEND_REQUEST (nothing can be queued, so
+nothing is ever kicked again).  Both positions move in ``reap``, by reading status
+words (no scan of the ring); the kernel changes them only inside our own kick, or from
+SENDING to AVAILABLE when a frame in flight is freed, so the counts are exact.
 
 Frames the walker refuses, counted and released at once: truncated by the ring
 (``tp_snaplen < tp_len``, an MTU above the frame size) and frames whose checksum the
@@ -63,7 +76,7 @@ cdef extern from *:
     int PACKET_RX_RING, PACKET_TX_RING, PACKET_VERSION, PACKET_QDISC_BYPASS, PACKET_IGNORE_OUTGOING
     int PACKET_LOSS, PACKET_STATISTICS
     int MSG_DONTWAIT
-    int EAGAIN, ENOBUFS, EINTR
+    int EAGAIN, ENOBUFS, EINTR, EBUSY, ENETDOWN
     ssize_t c_send "send"(int fd, const void *buf, size_t n, int flags) nogil
 
 # Constants for the Python side, read from the kernel's own header.
@@ -359,7 +372,9 @@ cdef class TxRing:
     cdef object mem
     cdef readonly uint32_t frame_size, frame_nr, head, max_len
     cdef readonly bint vnet
-    cdef readonly uint64_t frames, bytes, ring_full, too_big, out_of_buffer, kick_errors, kicks, super_frames
+    cdef readonly uint32_t tail, sent, queued, unsent  # see the module's docstring
+    cdef readonly uint64_t frames, bytes, ring_full, too_big, out_of_buffer, kick_errors, kicks, refused
+    cdef readonly uint64_t super_frames
     cdef uint8_t macs[12]
     cdef bint rewrite_macs
 
@@ -422,10 +437,12 @@ cdef class TxRing:
                 if ln > self.max_len:
                     self.too_big += 1
                     continue
+                if self.queued == self.frame_nr:
+                    self._reap()
+                    if self.queued == self.frame_nr:
+                        self.ring_full += n - k
+                        break
                 frame = self.base + <uint64_t>self.head * self.frame_size
-                if hn_status_load(frame) & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING):
-                    self.ring_full += n - k
-                    break
                 if vlen:
                     if i < nmeta:
                         memcpy(frame + HN_TPACKET2_DATA_OFF, m + i * VNET_LEN, VNET_LEN)
@@ -438,6 +455,8 @@ cdef class TxRing:
                     memcpy(frame + data, self.macs, 12)
                 (<tpacket2_hdr *>frame).tp_len = ln + vlen
                 hn_status_store(frame, TP_STATUS_SEND_REQUEST)
+                self.queued += 1
+                self.unsent += 1
                 self.head += 1
                 if self.head == self.frame_nr:
                     self.head = 0
@@ -446,32 +465,62 @@ cdef class TxRing:
             self.frames += queued
         return queued
 
-    def kick(self, int fd):
-        """Ask the kernel to send what is queued (non-blocking).  Returns 0 or errno."""
-        cdef ssize_t r
+    cdef void _reap(self) noexcept nogil:
+        """Move `sent` past the frames the kernel took (no longer SEND_REQUEST) and
+        `tail` past the frames it gave back (AVAILABLE), in ring order."""
+        cdef unsigned int st
+        while self.unsent:
+            if hn_status_load(self.base + <uint64_t>self.sent * self.frame_size) & TP_STATUS_SEND_REQUEST:
+                break
+            self.unsent -= 1
+            self.sent += 1
+            if self.sent == self.frame_nr:
+                self.sent = 0
+        while self.queued > self.unsent:
+            st = hn_status_load(self.base + <uint64_t>self.tail * self.frame_size)
+            if st & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING):
+                break
+            self.queued -= 1
+            self.tail += 1
+            if self.tail == self.frame_nr:
+                self.tail = 0
+
+    def flush(self, int fd):
+        """Kick the kernel if any queued frame is still waiting to be taken (a frame
+        the device refused is one: it stays SEND_REQUEST until the next kick).  Returns
+        ``(unsent, err)``: frames still waiting after the kick, and the kick's errno
+        (0: none).  ENOBUFS / EAGAIN / EBUSY / ENETDOWN count as ``refused`` (the device,
+        its link or the socket's send budget said not now; the frames wait for the
+        next flush),
+        anything else as ``kick_errors``."""
+        cdef ssize_t r = 0
         cdef int err = 0
         with nogil:
-            r = c_send(fd, NULL, 0, MSG_DONTWAIT)
-            if r < 0:
-                err = errno
-        self.kicks += 1
-        if r < 0 and err not in (EAGAIN, EINTR):
+            self._reap()
+            if self.unsent:
+                r = c_send(fd, NULL, 0, MSG_DONTWAIT)
+                if r < 0:
+                    err = errno
+                self.kicks += 1
+                self._reap()
+        if err == EINTR:
+            err = 0
+        elif err in (ENOBUFS, EAGAIN, EBUSY, ENETDOWN):
+            self.refused += 1
+        elif err:
             self.kick_errors += 1
-            return err
-        return 0
+        return self.unsent, err
 
     def pending(self):
-        """Frames queued or in flight (status not yet AVAILABLE)."""
-        cdef uint32_t i, c = 0
-        for i in range(self.frame_nr):
-            if hn_status_load(self.base + <uint64_t>i * self.frame_size) & (TP_STATUS_SEND_REQUEST | TP_STATUS_SENDING):
-                c += 1
-        return c
+        """Frames queued and not yet given back (waiting or in flight)."""
+        with nogil:
+            self._reap()
+        return self.queued
 
     def counters(self):
         return {"tx_frames": self.frames, "tx_bytes": self.bytes, "tx_ring_full": self.ring_full,
-                "tx_too_big": self.too_big, "tx_bad_frame": self.out_of_buffer, "tx_kick_errors": self.kick_errors,
-                "tx_super_frames": self.super_frames}
+                "tx_too_big": self.too_big, "tx_bad_frame": self.out_of_buffer, "tx_kicks": self.kicks,
+                "tx_refused": self.refused, "tx_kick_errors": self.kick_errors, "tx_super_frames": self.super_frames}
 
     def release_mem(self):
         self.base = NULL

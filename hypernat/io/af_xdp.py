@@ -85,6 +85,9 @@ class AfXdpPort(Port):
         return self.xsk.send(np.ascontiguousarray(batch.buf), np.ascontiguousarray(batch.offsets, dtype=np.uint32),
                              np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx)
 
+    def flush(self) -> int:
+        return self.xsk.flush() if self.xsk is not None else 0
+
     def set_macs(self, src: bytes | None, dst: bytes | None) -> None:
         self.xsk.set_macs(src, dst)
 

@@ -153,6 +153,21 @@ class Batch:
         return [mv[o : o + ln].tobytes() for o, ln in pos]
 
 
+# The transmit counters every ring backend reports in ``stats()`` (declared here once;
+# tests/test_io_tx_backpressure.py holds each backend to it).
+TX_COUNTERS = {
+    "tx_frames": "frames queued for transmission",
+    "tx_bytes": "bytes queued for transmission",
+    "tx_ring_full": "frames dropped: the transmit ring held no free frame",
+    "tx_too_big": "frames dropped: longer than a ring frame",
+    "tx_bad_frame": "frames dropped: index or extent outside the batch",
+    "tx_kicks": "times the kernel was asked to send what waits in the ring",
+    "tx_refused": "kicks the kernel answered 'not now' (ENOBUFS/EAGAIN/EBUSY/ENETDOWN: device backlog "
+                  "full, queue stopped, link down, send budget spent); the frames wait for the next kick",
+    "tx_kick_errors": "kicks that failed for another reason (errno in tx_kick_errno where kept)",
+}
+
+
 class Port:
     """One interface of one NIC.  Non-blocking; `fileno()` is pollable (zmq.Poller)."""
 
@@ -174,6 +189,14 @@ class Port:
         """Send frames built by the slow path (bytes-like)."""
         b = Batch.from_frames(frames)
         return self.send(b, np.arange(b.n))
+
+    def flush(self) -> int:
+        """Ask the kernel again to send frames queued earlier that it has not taken yet
+        (a device that refused a frame — backlog full, queue stopped — leaves it, and
+        everything behind it, waiting for the next request).  Never blocks.  Returns how
+        many still wait: while that is not zero, call again on the loop's next turn,
+        soon; ``send`` flushes too."""
+        return 0
 
     def release(self, batch: Batch) -> None:
         """Give the batch's receive buffers back (after send copied what it needed)."""

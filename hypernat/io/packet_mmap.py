@@ -29,9 +29,15 @@ Why these choices:
 * **A send buffer the size of the ring**: a frame sent is an skb charged to the
   socket until it is freed, possibly far downstream; the default budget would let only
   a few hundred frames be in flight.
-* **PACKET_LOSS** on transmit: a frame the kernel rejects is skipped instead of
-  stalling the ring.
-
+* **PACKET_LOSS** on transmit: a malformed frame the kernel rejects is skipped
+  instead of stalling the ring.
+* **A kick whenever a frame waits**, not only when this call queued one: a frame the
+  device refuses (ENOBUFS: backlog full, queue stopped, carrier off) stays in the ring
+  as SEND_REQUEST and the kernel stops there until the next kick.  ``send`` kicks while
+  any frame waits, and ``flush`` (the loop's every turn) does the same when nothing new
+  arrives, so a direction recovers from back-pressure by itself; refusals are counted
+  (``tx_refused``), and frames that find the ring full are dropped and counted
+  (``tx_ring_full``).
 * **PACKET_VNET_HDR** on both rings (``vnet``, the default): every frame comes with
   the kernel's ``virtio_net_hdr``, so offloads stay on.  A GRO-merged or TSO-built
   super-frame (up to 64 KB) is translated once and sent back with its GSO type and
@@ -261,13 +267,20 @@ class PacketMmapPort(Port):
         if idx.size == 0:
             return 0
         buf = batch.buf if batch.buf.flags.c_contiguous else np.ascontiguousarray(batch.buf)
+        if self.tx_ring.unsent:  # refused earlier: their turn first, and room for these
+            self.flush()
         q = self.tx_ring.fill(buf, np.ascontiguousarray(batch.offsets, dtype=np.uint32),
                               np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx, batch.meta)
-        if q:
-            err = self.tx_ring.kick(self.tx_sock.fileno())
-            if err:
-                self.tx_kick_errno = err
+        self.flush()
         return q
+
+    def flush(self) -> int:
+        if self.tx_ring is None:
+            return 0
+        unsent, err = self.tx_ring.flush(self.tx_sock.fileno())
+        if err:
+            self.tx_kick_errno = err
+        return unsent
 
     def set_macs(self, src: bytes | None, dst: bytes | None) -> None:
         """Rewrite the MACs of every frame this port sends (the no-op forwarder's L2)."""

@@ -48,6 +48,7 @@ class NoopForwarder:
         self.counters = {"out_frames": 0, "in_frames": 0, "out_left_to_kernel": 0, "in_left_to_kernel": 0,
                          "out_tx_dropped": 0, "in_tx_dropped": 0, "batches": 0}
         self._running = False
+        self.tx_waiting = 0
 
     def poll_once(self) -> int:
         """Drain both ports once; returns frames forwarded."""
@@ -67,6 +68,8 @@ class NoopForwarder:
                 self.counters["batches"] += 1
             finally:
                 rx.release(b)
+        # frames a device refused earlier are sent again every turn, new frames or not
+        self.tx_waiting = self.inside.flush() + self.outside.flush()
         return moved
 
     def run(self, duration: float | None = None) -> None:
@@ -77,7 +80,9 @@ class NoopForwarder:
         end = None if duration is None else time.monotonic() + duration
         while self._running and (end is None or time.monotonic() < end):
             if not self.poll_once():
-                p.poll(50)  # blocking wait for the next frame; wakes at once when one lands
+                # wait for the next frame (wakes at once when one lands); soon again
+                # while a transmit ring holds frames its device refused
+                p.poll(1 if self.tx_waiting else 50)
 
     def stop(self, *_):
         self._running = False
