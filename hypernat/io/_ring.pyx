@@ -268,8 +268,8 @@ cdef class RxRing:
                     self.losing_seen += 1
                 mac = h.tp_mac
                 snap = h.tp_snaplen
-                if snap < h.tp_len or <uint64_t>mac + snap > self.frame_size:
-                    self.truncated += 1         # longer than a ring frame
+                if snap < h.tp_len or <uint64_t>mac + snap > self.frame_size or snap < 14:
+                    self.truncated += 1         # longer than a ring frame (or a runt)
                     continue
                 if self.vnet:
                     if mac < VNET_LEN:
