@@ -35,6 +35,9 @@ def _parser():
     up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
     up.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"),
                     help="packet I/O of the no-op forwarders (HyperNAT's daemons take theirs from the config)")
+    up.add_argument("--offloads", choices=("on", "off"), default=None,
+                    help="checksum/TSO/GSO on the veths (default: on; off with --backend af_xdp, which is per-frame)")
+    up.add_argument("--queues", type=int, default=1, help="receive/transmit queues per veth (multi-queue links)")
     run = sub.add_parser("run", help="drive traffic through a testbed and report")
     run.add_argument("--tag", default=DEFAULT_TAG)
     run.add_argument("--conns", type=int, default=200)
@@ -161,8 +164,9 @@ def main(argv=None) -> int:
             print(f"lab {tag}: down")
         return 0
     if args.cmd == "up":
+        offloads = args.offloads == "on" if args.offloads else args.backend != "af_xdp"
         topo = Topology(tag=args.tag, nics=args.nics, mode=args.peer, addr=Addressing.from_config(args.config),
-                        steer_seed=args.steer_seed)
+                        steer_seed=args.steer_seed, offloads=offloads, queues=args.queues)
         topo.up()
         try:
             start_gateway(topo, args.config, args.backend)
