@@ -199,6 +199,8 @@ def test_a_frame_whose_vlan_tag_the_kernel_stripped_is_never_handed_out_untagged
     with a, b:
         tagged = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="198.51.100.1")
                        / UDP(sport=999, dport=80))
+        if hasattr(a.tx_ring, "set_vlan"):
+            a.tx_ring.set_vlan(None)  # a test sender: frames leave with the tags they have
         a.send(Batch.from_frames([tagged] + frames(2)), np.arange(3))
         got = recv_all(b, 2)
         assert len(got) == 2 and all(Dot1Q not in Ether(f) and Ether(f)[UDP].sport != 999 for f in got)
@@ -212,6 +214,7 @@ def test_a_vlan_the_port_carries_gets_its_tag_back_in_place_and_leaves_tagged(ns
         a = packet_mmap.PacketMmapPort("a", vlans=(7,))
         b = packet_mmap.PacketMmapPort("b", vlans=(7,))
     with a, b:
+        a.tx_ring.set_vlan(None)  # a test sender: frames leave with the tags they have
         tagged = [bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=v, prio=3) / IP(src="10.0.0.1", dst="198.51.100.1")
                         / UDP(sport=999 + v, dport=80) / b"payload") for v in (7, 8)]
         a.send(Batch.from_frames(tagged), np.arange(2))
@@ -221,7 +224,31 @@ def test_a_vlan_the_port_carries_gets_its_tag_back_in_place_and_leaves_tagged(ns
         assert st["rx_vlan_restored"] == 1 and st["rx_vlan_unconfigured"] == 1
         b.send(Batch.from_frames(got), np.arange(1))
         back = recv_all(a, 1)
-        assert back == got and Ether(back[0])[Dot1Q].vlan == 7
+        assert Ether(back[0])[Dot1Q].vlan == 7 and Ether(back[0])[Dot1Q].prio == 0  # b's own tag (TCI 7)
+        assert back[0][:14] + back[0][16:] == got[0][:14] + got[0][16:]
+
+
+def test_frames_leave_with_the_ports_tag_or_none(ns):
+    """A router's egress: a port carrying VLAN 9 tags what it sends with 9 (an untagged
+    frame gets the tag, a frame tagged otherwise gets 9 instead); a port without a VLAN
+    sends untagged.  The super-frame metadata moves with the tag."""
+    from scapy.layers.l2 import Dot1Q
+
+    with netns.entered(ns):
+        a = packet_mmap.PacketMmapPort("a", vlans=(9,))
+        b = packet_mmap.PacketMmapPort("b", vlans=(9,))
+        c = packet_mmap.PacketMmapPort("b", rx=False)
+    with a, b, c:
+        plain = frames(1, size=10)[0]
+        other = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=5) / Ether(plain).payload)
+        a.send(Batch.from_frames([plain, other]), np.arange(2))
+        got = recv_all(b, 2)
+        assert [Ether(f)[Dot1Q].vlan for f in got] == [9, 9]
+        assert all(bytes(Ether(f)[IP]) == bytes(Ether(plain)[IP]) for f in got)
+        c.send(Batch.from_frames([other]), np.arange(1))  # no VLAN on c: untagged
+        back = recv_all(a, 1, tries=200)
+        assert not back and a.stats()["rx_vlan_missing"] == 1  # untagged on a VLAN-9 port: dropped, counted
+
 
 
 def _offloads(ns, ifname, **kw):

@@ -16,7 +16,7 @@ from hypernat.io.base import META_DTYPE  # noqa: E402
 FS, NR = 4096, 64
 MAC_OFF = 76  # where the kernel puts the Ethernet header with PACKET_VNET_HDR
 USER, CSUMNOTREADY, VLAN_VALID, VLAN_TPID_VALID = 1, 8, 0x10, 0x40
-DROPS = ("rx_truncated", "rx_vlan_unconfigured", "rx_vnet_bad_gso", "rx_vnet_bad_csum")
+DROPS = ("rx_truncated", "rx_vlan_unconfigured", "rx_vlan_missing", "rx_vnet_bad_gso", "rx_vnet_bad_csum")
 
 
 def pseudo(frame: bytes, l3=14) -> int:

@@ -202,7 +202,8 @@ cdef class RxRing:
     cdef readonly bint vnet
     cdef uint8_t vlan_ok[512]
     cdef readonly uint64_t frames, bytes, truncated, csum_partial, vlan_unconfigured, vlan_restored, losing_seen
-    cdef readonly uint64_t vnet_bad_gso, vnet_bad_csum, csum_completed, super_frames
+    cdef readonly uint64_t vnet_bad_gso, vnet_bad_csum, csum_completed, super_frames, vlan_missing
+    cdef bint vlan_port
 
     def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False,
                   vlans=()):
@@ -215,6 +216,7 @@ cdef class RxRing:
         self.vnet = vnet
         memset(self.vlan_ok, 0, sizeof(self.vlan_ok))
         for v in vlans:
+            self.vlan_port = True
             if not 1 <= v <= 4094:
                 raise ValueError(f"VLAN ID {v!r} is outside 1-4094")
             self.vlan_ok[v >> 3] |= 1 << (v & 7)
@@ -303,6 +305,9 @@ cdef class RxRing:
                         x = ld16le(scratch + 2)
                         if x:
                             st16le(scratch + 2, x + 4)
+                elif self.vlan_port:
+                    self.vlan_missing += 1      # untagged on a VLAN port: not this segment's
+                    continue
                 f = frame + mac
                 if self.vnet:
                     pp[n] = 0
@@ -350,7 +355,8 @@ cdef class RxRing:
     def counters(self):
         return {"rx_frames": self.frames, "rx_bytes": self.bytes, "rx_truncated": self.truncated,
                 "rx_csum_partial": self.csum_partial, "rx_vlan_unconfigured": self.vlan_unconfigured,
-                "rx_vlan_restored": self.vlan_restored, "rx_vnet_bad_gso": self.vnet_bad_gso,
+                "rx_vlan_restored": self.vlan_restored, "rx_vlan_missing": self.vlan_missing,
+                "rx_vnet_bad_gso": self.vnet_bad_gso,
                 "rx_vnet_bad_csum": self.vnet_bad_csum, "rx_csum_completed": self.csum_completed,
                 "rx_super_frames": self.super_frames,
                 "rx_losing_seen": self.losing_seen, "rx_outstanding": self.outstanding}
@@ -377,6 +383,8 @@ cdef class TxRing:
     cdef readonly uint64_t super_frames
     cdef uint8_t macs[12]
     cdef bint rewrite_macs
+    cdef readonly int vlan_mode      # 0: frames leave as they are; 1: untagged; 2: tagged tx_tci
+    cdef readonly uint16_t tx_tci
 
     def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False):
         if frame_size < 128 or frame_size % 16 or <uint64_t>frame_size * frame_nr > <uint64_t>mem.shape[0]:
@@ -400,6 +408,19 @@ cdef class TxRing:
         memcpy(self.macs, <const char *>both, 12)
         self.rewrite_macs = True
 
+    def set_vlan(self, tci):
+        """The 802.1Q tag of the link this ring sends on, written into every frame sent
+        (a router's egress: the tag belongs to the port, not to the frame): ``None``
+        leaves frames as they are, ``0`` sends them untagged (a tag is taken out), a
+        TCI (VLAN ID in the low 12 bits, priority above) sends them with that tag."""
+        if tci is None:
+            self.vlan_mode = 0
+            return
+        if not 0 <= tci <= 0xFFFF:
+            raise ValueError(f"802.1Q TCI {tci!r} out of range")
+        self.vlan_mode = 2 if tci else 1
+        self.tx_tci = tci
+
     def fill(self, const uint8_t[::1] buf not None, const uint32_t[::1] offsets not None,
              const uint32_t[::1] lengths not None, const int64_t[::1] idx not None,
              const uint8_t[::1] meta=None):
@@ -415,6 +436,8 @@ cdef class TxRing:
         cdef const uint8_t *src = &buf[0] if buflen else NULL
         cdef const uint8_t *m = NULL
         cdef Py_ssize_t nmeta = 0
+        cdef uint32_t et, skip, add, out_len
+        cdef uint8_t *vh
         if lengths.shape[0] < nframes:
             nframes = lengths.shape[0]
         if self.vnet:
@@ -434,7 +457,16 @@ cdef class TxRing:
                 if ln < 14 or <uint64_t>off + ln > buflen:
                     self.out_of_buffer += 1
                     continue
-                if ln > self.max_len:
+                # 802.1Q on egress: `skip` bytes of the frame's own tag out, `add` of ours in.
+                skip = add = 0
+                if self.vlan_mode:
+                    et = (<uint32_t>src[off + 12] << 8) | src[off + 13]
+                    if (et == 0x8100 or et == 0x88A8) and ln >= 18:
+                        skip = 4
+                    if self.vlan_mode == 2:
+                        add = 4
+                out_len = ln - skip + add
+                if out_len > self.max_len:
                     self.too_big += 1
                     continue
                 if self.queued == self.frame_nr:
@@ -450,9 +482,28 @@ cdef class TxRing:
                             self.super_frames += 1
                     else:
                         memset(frame + HN_TPACKET2_DATA_OFF, 0, VNET_LEN)
-                memcpy(frame + data, src + off, ln)
+                if skip == add:
+                    memcpy(frame + data, src + off, ln)
+                    if add:
+                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
+                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
+                else:
+                    memcpy(frame + data, src + off, 12)
+                    if add:
+                        frame[data + 12] = 0x81
+                        frame[data + 13] = 0x00
+                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
+                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
+                    memcpy(frame + data + 12 + add, src + off + 12 + skip, ln - 12 - skip)
+                    if vlen and i < nmeta:      # offsets into the frame moved with the tag
+                        vh = frame + HN_TPACKET2_DATA_OFF
+                        if vh[0] & VNET_F_NEEDS_CSUM:
+                            st16le(vh + 6, ld16le(vh + 6) + add - skip)
+                        if ld16le(vh + 2):
+                            st16le(vh + 2, ld16le(vh + 2) + add - skip)
                 if self.rewrite_macs:
                     memcpy(frame + data, self.macs, 12)
+                ln = out_len
                 (<tpacket2_hdr *>frame).tp_len = ln + vlen
                 hn_status_store(frame, TP_STATUS_SEND_REQUEST)
                 self.queued += 1

@@ -49,9 +49,11 @@ Why these choices:
   ring's frame count a memory budget (``RING_BYTES``).  A header inconsistent with
   its frame is a counted drop (``rx_vnet_bad_gso``, ``rx_vnet_bad_csum``).
 * **VLANs**: the kernel takes the 802.1Q tag off every frame it receives (keeping it
-  in ``tp_vlan_tci``).  On a port configured for that VLAN (``vlans``) the tag is
-  put back in place and the frame leaves tagged; any other tagged frame is dropped
-  and counted (``rx_vlan_unconfigured``), never forwarded untagged.
+  in ``tp_vlan_tci``).  On a port configured for that VLAN (``vlans``, one per port)
+  the tag is put back in place; any other tagged frame is dropped and counted
+  (``rx_vlan_unconfigured``), never forwarded untagged.  On transmit the tag is the
+  port's, as on a router's egress: every frame sent on a VLAN port carries its tag,
+  every frame sent on a port without one leaves untagged.
 
 The kernel still delivers every frame to its own stack as well: the gateway's
 namespace must not forward them (ip_forward off; the lab does that).  Without
@@ -153,6 +155,8 @@ class PacketMmapPort(Port):
         self.name = ifname
         self.vnet = bool(vnet)
         self.vlans = tuple(int(v) for v in vlans)
+        if len(self.vlans) > 1:
+            raise ValueError(f"{ifname}: one VLAN per port (frames sent there carry its tag), got {self.vlans}")
         self.rx_sock = self.tx_sock = None
         self._rx_map = self._tx_map = None
         self.rx_ring = self.tx_ring = None
@@ -227,6 +231,8 @@ class PacketMmapPort(Port):
         self._tx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._tx_mem = np.frombuffer(self._tx_map, dtype=np.uint8)
         self.tx_ring = TxRing(self._tx_mem, frame_size, nr, self.vnet)
+        # A router's egress: frames leave with this link's tag (its one VLAN), or none.
+        self.tx_ring.set_vlan(self.vlans[0] if self.vlans else 0)
         s.bind((ifname, 0))
 
     # Port -----------------------------------------------------------------

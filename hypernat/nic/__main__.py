@@ -19,8 +19,9 @@ import os
 import sys
 
 
-def open_port(backend: str, ifname: str):
-    """A Port for interface `ifname` with the named backend (from hypernat.io)."""
+def open_port(backend: str, ifname: str, vlans=()):
+    """A Port for interface `ifname` with the named backend (from hypernat.io);
+    ``vlans``: the 802.1Q VLAN IDs the link carries (PACKET_MMAP)."""
     if backend == "packet_mmap":
         from ..io.packet_mmap import PacketMmapPort as P
     elif backend == "af_xdp":
@@ -32,6 +33,10 @@ def open_port(backend: str, ifname: str):
                          "(hypernat demo / hypernat.lab.emulated)")
     else:
         raise SystemExit(f"hypernat-nic: unknown I/O backend {backend!r}")
+    if vlans:
+        if backend != "packet_mmap":
+            raise SystemExit(f"hypernat-nic: {ifname}: VLANs ({list(vlans)}) need the packet_mmap backend")
+        return P(ifname, vlans=vlans)
     return P(ifname)
 
 
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
         except OSError as exc:
             logging.warning("cannot set SCHED_FIFO %d: %s", nc.rt_priority, exc)
     try:
-        inside, outside = open_port(nc.io, nc.inside), open_port(nc.io, nc.outside)
+        inside = open_port(nc.io, nc.inside, nc.inside_vlans)
+        outside = open_port(nc.io, nc.outside, nc.outside_vlans)
     except (OSError, ImportError) as exc:
         print(f"hypernat-nic: cannot open {nc.inside}/{nc.outside} with {nc.io}: {exc}", file=sys.stderr)
         return 1
