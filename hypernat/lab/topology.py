@@ -119,6 +119,7 @@ class Topology:
     narrow_mtu: int = 0  # >0: a server behind a link of this MTU (path-MTU discovery through the NAT)
     offloads: bool = True  # checksum/TSO/GSO on every veth (False: all off, for AF_XDP)
     queues: int = 1  # receive/transmit queues per veth
+    vlan: int = 0  # >0: the inside links carry this 802.1Q tag (a tagged VPC, lab/vlan.py)
     config: str = ""  # the gateway config the daemons run (hypernat mode)
     endpoint: str = ""  # their coordinator endpoint: per run, so parallel runs do not meet
     pids: list = field(default_factory=list)
@@ -267,6 +268,10 @@ class Topology:
             self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
             if self.mode == "noop":
                 self._ecmp(inet, a.internal, [hop("outside", k) for k in range(self.nics)])
+        if self.vlan:
+            from .vlan import tag_vpc_links
+
+            tag_vpc_links(self, self.vlan)
         if self.steer_seed is not None:
             from .steering import install
 
