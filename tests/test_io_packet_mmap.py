@@ -325,3 +325,13 @@ def test_the_kernel_segments_a_super_frame_and_scapy_checks_the_segments(ns):
             assert (again[IP].chksum, again[TCP].chksum) == (ck_ip, ck_tcp)
             data += bytes(e[TCP].payload)
         assert data == bytes(pkt[TCP].payload)
+
+
+def test_a_link_whose_super_frames_exceed_64k_is_named_at_start(ns):
+    """BIG TCP (gso/gro_max_size above 64 KB): an IPv4 super-frame that large has no
+    total length; the port refuses to start and says what to set."""
+    netns.run(ns, ["ip", "link", "set", "dev", "a", "gso_max_size", "131072", "gro_max_size", "131072"])
+    with netns.entered(ns), pytest.raises(packet_mmap.PacketMmapError, match=r"a: gso_max_size 131072.*BIG TCP"):
+        packet_mmap.PacketMmapPort("a")
+    with netns.entered(ns):
+        packet_mmap.PacketMmapPort("a", vnet=False).close()  # per-frame: nothing to refuse

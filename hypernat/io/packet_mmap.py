@@ -102,6 +102,21 @@ def link_limits(ifname: str) -> dict:
                 "gro_max_size": ln.get_attr("IFLA_GRO_MAX_SIZE") or 0}
 
 
+def link_problem(ifname: str, limits: dict, vnet: bool) -> str | None:
+    """What this port needs from its link and does not get, in words (None: nothing).
+    Super-frames above 64 KB (BIG TCP's ``gso_max_size`` / ``gro_max_size``) carry no
+    IPv4 total length: neither a ring slot nor the fast path can take them."""
+    if not vnet:
+        return None
+    big = {k: limits[k] for k in ("gso_max_size", "gro_max_size") if limits.get(k, 0) > MAX_SUPER_FRAME}
+    if big:
+        have = ", ".join(f"{k} {v}" for k, v in big.items())
+        return (f"{ifname}: {have} above {MAX_SUPER_FRAME} (BIG TCP): IPv4 super-frames that large have no "
+                f"total length; `ip link set dev {ifname} gso_max_size {MAX_SUPER_FRAME} "
+                f"gro_max_size {MAX_SUPER_FRAME}`")
+    return None
+
+
 def slot_size(limits: dict, vnet: bool) -> int:
     """The ring frame size for a link: a whole super-frame with vnet, an MTU frame
     (at least the classic 2048 bytes) without."""
@@ -165,8 +180,12 @@ class PacketMmapPort(Port):
         self._mac = None
         self.tx_kick_errno = 0
         try:
-            if frame_size is None:
+            if frame_size is None or self.vnet:
                 self.limits = link_limits(ifname)
+                problem = link_problem(ifname, self.limits, self.vnet)
+                if problem:
+                    raise PacketMmapError(22, problem)
+            if frame_size is None:
                 frame_size = slot_size(self.limits, self.vnet)
             per_ring = max(64, min(4096, RING_BYTES // frame_size))
             rx_frames = rx_frames or per_ring

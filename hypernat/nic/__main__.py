@@ -40,6 +40,15 @@ def open_port(backend: str, ifname: str, vlans=()):
     return P(ifname)
 
 
+def _forwarding() -> bool:
+    """Does this namespace's kernel forward IPv4?  (AF_PACKET leaves every frame to it too.)"""
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _addresses(ifname: str) -> list:
     """The IPv4 addresses configured on an interface (the ones ARP must answer for)."""
     try:
@@ -121,6 +130,9 @@ def main(argv=None) -> int:
     try:
         inside = open_port(nc.io, nc.inside, nc.inside_vlans)
         outside = open_port(nc.io, nc.outside, nc.outside_vlans)
+        if nc.io == "packet_mmap" and _forwarding():
+            logging.warning("nic%d: net.ipv4.ip_forward is on in this namespace: the kernel forwards every "
+                            "frame HyperNAT forwards too (turn it off, or drop IPv4 at ingress)", nc.id)
     except (OSError, ImportError) as exc:
         print(f"hypernat-nic: cannot open {nc.inside}/{nc.outside} with {nc.io}: {exc}", file=sys.stderr)
         return 1
