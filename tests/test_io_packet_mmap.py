@@ -335,3 +335,48 @@ def test_a_link_whose_super_frames_exceed_64k_is_named_at_start(ns):
         packet_mmap.PacketMmapPort("a")
     with netns.entered(ns):
         packet_mmap.PacketMmapPort("a", vnet=False).close()  # per-frame: nothing to refuse
+
+
+def test_one_port_per_receive_queue_of_a_multi_queue_link():
+    """A veth with 4 queues between two namespaces; the sender's flows spread over its
+    transmit queues (the flow hash of each socket), each arriving on the peer's receive
+    queue of that number: one port per queue gets its queue's frames only, and together
+    they get every frame once (RSS being the switch)."""
+    import socket
+    import time
+
+    tx_ns, rx_ns = f"hn-t{os.getpid()}-ioqa", f"hn-t{os.getpid()}-ioqb"
+    for n in (tx_ns, rx_ns):
+        pr_netns.create(n)
+    try:
+        for n in (tx_ns, rx_ns):
+            netns.sysctl(n, "net.ipv6.conf.all.disable_ipv6", 1)
+            netns.sysctl(n, "net.ipv6.conf.default.disable_ipv6", 1)
+        netns.run(tx_ns, ["ip", "link", "add", "name", "a", "numtxqueues", "4", "numrxqueues", "4", "type", "veth",
+                          "peer", "name", "b", "numtxqueues", "4", "numrxqueues", "4", "netns", rx_ns])
+        for ns_, n, ip in ((tx_ns, "a", "10.9.0.1/24"), (rx_ns, "b", "10.9.0.2/24")):
+            netns.run(ns_, ["ip", "addr", "add", ip, "dev", n])
+            netns.run(ns_, ["ip", "link", "set", "dev", n, "up"])
+        with netns.entered(rx_ns):
+            qs = [packet_mmap.PacketMmapPort("b", tx=False, queue=q, rx_frames=256) for q in range(4)]
+        try:
+            for sport in range(3000, 3200):
+                s = netns.ns_socket(tx_ns, socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind(("10.9.0.1", sport))
+                s.sendto(b"q", ("10.9.0.2", 9))
+                s.close()
+                if sport == 3000:
+                    time.sleep(0.1)  # the first one waits for ARP
+            time.sleep(0.2)
+            got = []
+            for p in qs:
+                fs = [Ether(f) for f in recv_all(p, 400, tries=30)]
+                got.append(sorted(e[UDP].sport for e in fs if UDP in e and e[UDP].dport == 9))
+            assert sorted(x for g in got for x in g) == list(range(3000, 3200))  # each once
+            assert all(len(g) >= 10 for g in got), [len(g) for g in got]  # every queue used
+        finally:
+            for p in qs:
+                p.close()
+    finally:
+        for n in (tx_ns, rx_ns):
+            pr_netns.remove(n)

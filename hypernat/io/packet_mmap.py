@@ -62,6 +62,7 @@ not forwarded; frames longer than a ring frame are counted as ``rx_truncated``.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import socket
@@ -100,6 +101,26 @@ def link_limits(ifname: str) -> dict:
         ln = links[0]
         return {"mtu": ln.get_attr("IFLA_MTU") or 1500, "gso_max_size": ln.get_attr("IFLA_GSO_MAX_SIZE") or 0,
                 "gro_max_size": ln.get_attr("IFLA_GRO_MAX_SIZE") or 0}
+
+
+SO_ATTACH_FILTER = 26
+SKF_AD_QUEUE = -0x1000 + 24  # classic BPF ancillary load: skb->queue_mapping
+
+
+def queue_filter(ifname: str, queue: int) -> bytes:
+    """A classic BPF program (``struct sock_fprog`` payload) that keeps the frames of
+    receive queue `queue` only: one worker per queue of a multi-queue port, the NIC's
+    RSS (or the sending veth's queue choice) being the switch.  A NIC driver records
+    queue q as ``queue_mapping`` q + 1 (``skb_record_rx_queue``); veth, which has no
+    bus device, hands the sender's queue over as it is."""
+    import os
+
+    recorded = 1 if os.path.exists(f"/sys/class/net/{ifname}/device") else 0
+    return b"".join(struct.pack("HBBI", *i) for i in (
+        (0x20, 0, 0, SKF_AD_QUEUE & 0xFFFFFFFF),  # A = queue_mapping
+        (0x15, 0, 1, queue + recorded),           # A == q ? accept : drop
+        (0x06, 0, 0, 0xFFFFFFFF),
+        (0x06, 0, 0, 0)))
 
 
 def link_problem(ifname: str, limits: dict, vnet: bool) -> str | None:
@@ -162,12 +183,14 @@ class PacketMmapPort(Port):
     None: as many as ``RING_BYTES`` holds, at most 4096); ``frame_size``: bytes per
     ring frame (None: from the link, ``slot_size``; 2048 holds a 1500-byte MTU frame).
     ``vnet``: PACKET_VNET_HDR on both rings (super-frames, partial checksums);
-    ``vlans``: the 802.1Q VLAN IDs this port carries."""
+    ``vlans``: the 802.1Q VLAN IDs this port carries; ``queue``: receive only what the
+    link puts on that receive queue (one worker per queue)."""
 
     def __init__(self, ifname: str, rx_frames: int | None = None, tx_frames: int | None = None,
                  frame_size: int | None = None, rx: bool = True, tx: bool = True, qdisc_bypass: bool | None = None,
-                 vnet: bool = True, vlans=()):
+                 vnet: bool = True, vlans=(), queue: int | None = None):
         self.name = ifname
+        self.queue = queue
         self.vnet = bool(vnet)
         self.vlans = tuple(int(v) for v in vlans)
         if len(self.vlans) > 1:
@@ -223,6 +246,11 @@ class PacketMmapPort(Port):
         self._rx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._rx_mem = np.frombuffer(self._rx_map, dtype=np.uint8)
         self.rx_ring = RxRing(self._rx_mem, frame_size, nr, self.vnet, self.vlans)
+        if self.queue is not None:
+            prog = queue_filter(ifname, self.queue)
+            self._filter = ctypes.create_string_buffer(prog, len(prog))
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                         struct.pack("HL", len(prog) // 8, ctypes.addressof(self._filter)))
         # Bind last: frames start arriving only once the ring exists.
         s.bind((ifname, ETH_P_ALL))
         s.setblocking(False)
