@@ -109,6 +109,7 @@ class NicConfig:
     curve_public_key: Optional[str] = None  # its public half, bound to this NIC id by the coordinator
     inside_vlans: tuple = ()  # 802.1Q VLAN IDs the inside link carries (a tag not listed: dropped, counted)
     outside_vlans: tuple = ()  # the same for the outside link
+    queue: Optional[int] = None  # serve only this receive queue of both links (one worker per queue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,7 +402,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     if not isinstance(nics_node, list) or not nics_node:
         raise r.err("nics", "expected a non-empty list of NICs")
     nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key",
-                "inside_vlans", "outside_vlans"}
+                "inside_vlans", "outside_vlans", "queue"}
     nics, seen_ifaces = {}, {}
     for i, n in enumerate(nics_node):
         p = f"nics[{i}]"
@@ -420,12 +421,17 @@ def from_dict(tree, path: str = "<dict>") -> Config:
             curve_public_key=r.string(n, "curve_public_key", p),
             inside_vlans=_vlan_list(r, n, "inside_vlans", p),
             outside_vlans=_vlan_list(r, n, "outside_vlans", p),
+            queue=r.integer(n, "queue", p, None, lo=0, hi=1023),
         )
         for role in ("inside", "outside"):
+            # An interface serves several NICs only queue by queue: each names its queue.
             name = getattr(nic, role)
-            if name in seen_ifaces:
-                raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {seen_ifaces[name]}")
-            seen_ifaces[name] = f"{p}.{role}"
+            for (other, q), where in seen_ifaces.items():
+                if other == name and (q is None or nic.queue is None or q == nic.queue):
+                    what = f"queue {q} of it" if q is not None and q == nic.queue else "it"
+                    raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {where} ({what}); "
+                                               "NICs share an interface only with a distinct `queue` each")
+            seen_ifaces[(name, nic.queue)] = f"{p}.{role}"
         nics[nid] = nic
     n_nics = len(nics)
     for i, n in enumerate(nics_node):

@@ -39,3 +39,26 @@ def test_bad_vlans_name_file_key_and_problem(value, problem):
         config.from_dict(with_nic(outside_vlans=value), "gw.yaml")
     msg = str(ei.value)
     assert "gw.yaml" in msg and "nics[0].outside_vlans" in msg and problem in msg, msg
+
+
+def two_nics(q0, q1):
+    d = copy.deepcopy(BASE)
+    d["nics"] = [{"id": 0, "inside": "inside0", "outside": "outside0"},
+                 {"id": 1, "inside": "inside0", "outside": "outside0"}]
+    for n, q in zip(d["nics"], (q0, q1)):
+        if q is not None:
+            n["queue"] = q
+    return d
+
+
+def test_nics_share_a_port_queue_by_queue():
+    cfg = config.from_dict(two_nics(0, 1), "gw.yaml")
+    assert [cfg.nic(i).queue for i in (0, 1)] == [0, 1]
+
+
+@pytest.mark.parametrize("q0,q1,what", [(0, 0, "queue 0 of it"), (None, 1, "already used"), (0, None, "already used")])
+def test_a_shared_port_needs_a_distinct_queue_per_nic(q0, q1, what):
+    with pytest.raises(ConfigError) as ei:
+        config.from_dict(two_nics(q0, q1), "gw.yaml")
+    msg = str(ei.value)
+    assert msg.startswith("gw.yaml: nics[1].inside: interface 'inside0'") and what in msg, msg

@@ -75,9 +75,12 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
         topo.endpoint = f"ipc://{run}/coord.sock"
         # (Metrics servers listen on gw's own loopback: no clash between runs.)
         topo.start(topo.gw, coord_argv(topo))
-        for k in range(topo.nics):
+        from ..config import load
+
+        workers = load(config).n_nics  # nics x queues where the config serves queues
+        for k in range(workers):
             topo.start(topo.gw, nic_argv(topo, k))
-        wait_for_nics(topo)
+        wait_for_nics(topo, workers=workers)
 
 
 def coord_argv(topo) -> list:
@@ -98,8 +101,10 @@ def _ctl(topo):
     return CtlClient(topo.endpoint or load(topo.config).coordinator.endpoint, timeout=1.0)
 
 
-def wait_for_nics(topo, timeout: float = 15.0) -> None:
-    """Until the coordinator reports every NIC up (their HELLO arrived)."""
+def wait_for_nics(topo, timeout: float = 15.0, workers: int | None = None) -> None:
+    """Until the coordinator reports every NIC up (their HELLO arrived): `workers` of
+    them (default: one per port pair of the lab)."""
+    want = topo.nics if workers is None else workers
     import time
 
     from ..coord.ctl import CtlError
@@ -111,9 +116,9 @@ def wait_for_nics(topo, timeout: float = 15.0) -> None:
             with _ctl(topo) as c:
                 rows = c.query("nics") or []
             up = sum(1 for r in rows if r.get("up"))
-            if up >= topo.nics:
+            if up >= want:
                 return
-            last = f"{up} of {topo.nics} NICs up"
+            last = f"{up} of {want} NICs up"
         except CtlError as exc:
             last = str(exc)
         time.sleep(0.2)

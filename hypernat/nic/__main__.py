@@ -19,9 +19,10 @@ import os
 import sys
 
 
-def open_port(backend: str, ifname: str, vlans=()):
+def open_port(backend: str, ifname: str, vlans=(), queue=None):
     """A Port for interface `ifname` with the named backend (from hypernat.io);
-    ``vlans``: the 802.1Q VLAN IDs the link carries (PACKET_MMAP)."""
+    ``vlans``: the 802.1Q VLAN IDs the link carries, ``queue``: the receive queue this
+    NIC serves (PACKET_MMAP)."""
     if backend == "packet_mmap":
         from ..io.packet_mmap import PacketMmapPort as P
     elif backend == "af_xdp":
@@ -33,11 +34,14 @@ def open_port(backend: str, ifname: str, vlans=()):
                          "(hypernat demo / hypernat.lab.emulated)")
     else:
         raise SystemExit(f"hypernat-nic: unknown I/O backend {backend!r}")
+    kw = {}
     if vlans:
-        if backend != "packet_mmap":
-            raise SystemExit(f"hypernat-nic: {ifname}: VLANs ({list(vlans)}) need the packet_mmap backend")
-        return P(ifname, vlans=vlans)
-    return P(ifname)
+        kw["vlans"] = vlans
+    if queue is not None:
+        kw["queue"] = queue
+    if kw and backend != "packet_mmap":
+        raise SystemExit(f"hypernat-nic: {ifname}: {', '.join(kw)} need the packet_mmap backend")
+    return P(ifname, **kw)
 
 
 def _forwarding() -> bool:
@@ -128,8 +132,8 @@ def main(argv=None) -> int:
         except OSError as exc:
             logging.warning("cannot set SCHED_FIFO %d: %s", nc.rt_priority, exc)
     try:
-        inside = open_port(nc.io, nc.inside, nc.inside_vlans)
-        outside = open_port(nc.io, nc.outside, nc.outside_vlans)
+        inside = open_port(nc.io, nc.inside, nc.inside_vlans, nc.queue)
+        outside = open_port(nc.io, nc.outside, nc.outside_vlans, nc.queue)
         if nc.io == "packet_mmap" and _forwarding():
             logging.warning("nic%d: net.ipv4.ip_forward is on in this namespace: the kernel forwards every "
                             "frame HyperNAT forwards too (turn it off, or drop IPv4 at ingress)", nc.id)
