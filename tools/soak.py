@@ -52,7 +52,8 @@ from hypernat.verdicts import DIRECTION_NAMES, SLOW_PATH_REASON_NAMES, VERDICT_N
 
 CONF = os.path.join(ROOT, "conf", "testbed.yaml")
 TCP_PORT, UDP_PORT = 5401, 5402
-CONN_TIMEOUT = 2.0  # one connection's whole life, at most
+CONN_TIMEOUT = 2.0  # a connection answered later than this counts as late, not ok
+LATE_TIMEOUT = 6.0  # ... and one not answered by this, as failed (its whole life, at most)
 BLOCK = 64
 JOURNAL_LOG_BYTES = 16384
 
@@ -147,7 +148,8 @@ def sample(topo, cfg) -> dict:
     from hypernat.coord.ctl import CtlClient, CtlError
 
     names = ["coord"] + [f"nic{k}" for k in range(topo.nics)]
-    s = {"t": time.monotonic(), "rss_mb": {}, "fds": {}, "journal_bytes": {}, "table": {}, "drops": {}}
+    s = {"t": time.monotonic(), "rss_mb": {}, "fds": {}, "journal_bytes": {}, "table": {}, "drops": {},
+         "slow_turns": {}}
     for name, pid in zip(names, topo.pids):
         s["rss_mb"][name], s["fds"][name] = proc_figures(pid)
     try:
@@ -159,6 +161,7 @@ def sample(topo, cfg) -> dict:
         s["journal_bytes"][f"nic{k}"] = journal_bytes(topo, k)
         g = nic_gauges(topo, k, cfg)
         s["table"][f"nic{k}"] = g.get("out_entries", float("nan")) + g.get("in_entries", float("nan"))
+        s["slow_turns"][f"nic{k}"] = per_nic.get(f"nic{k}", {}).get("loop_slow_turns", 0)
         for r, v in drops_of(per_nic.get(f"nic{k}", {})).items():
             s["drops"][f"nic{k}:{r}"] = v
     return s
@@ -261,6 +264,7 @@ class Stream:
     def __init__(self, topo, args):
         self.topo, self.a = topo, args
         self.ok = collections.Counter()
+        self.late = collections.Counter()  # answered, but after CONN_TIMEOUT (a stall somewhere)
         self.failed = collections.Counter()
         self.tasks = set()
         self.skipped = 0
@@ -270,11 +274,13 @@ class Stream:
         return [(slot * self.a.active + j) % self.a.hosts for j in range(self.a.active)]
 
     async def _one(self, kind, host, i):
+        t0 = time.monotonic()
         try:
-            await asyncio.wait_for((one_tcp if kind == "tcp" else one_udp)(self.topo, host, i), CONN_TIMEOUT)
-            self.ok[kind] += 1
+            await asyncio.wait_for((one_tcp if kind == "tcp" else one_udp)(self.topo, host, i), LATE_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             self.failed[f"{kind}_{type(exc).__name__}"] += 1
+            return
+        (self.ok if time.monotonic() - t0 <= CONN_TIMEOUT else self.late)[kind] += 1
 
     async def run(self, end: float) -> None:
         t0 = time.monotonic()
@@ -289,7 +295,7 @@ class Stream:
             due += period
             hosts = self.active(time.monotonic() - t0)
             kind = "udp" if int((i + 1) * self.a.udp_share) > int(i * self.a.udp_share) else "tcp"
-            if len(self.tasks) >= self.a.rate * CONN_TIMEOUT * 2:  # bounded: never pile up
+            if len(self.tasks) >= self.a.rate * LATE_TIMEOUT * 2:  # bounded: never pile up
                 self.skipped += 1
             else:
                 t = asyncio.ensure_future(self._one(kind, hosts[i % len(hosts)], i))
@@ -297,7 +303,7 @@ class Stream:
                 t.add_done_callback(self.tasks.discard)
             i += 1
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=CONN_TIMEOUT + 1)
+            await asyncio.wait(list(self.tasks), timeout=LATE_TIMEOUT + 1)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -310,14 +316,15 @@ def per_hour(ts, ys) -> float:
     return float(np.polyfit(ts[ok], ys[ok], 1)[0] * 3600)
 
 
-def line(s, prev, cps, failed) -> str:
+def line(s, prev, cps, late, failed) -> str:
     def fmt(d, f="{:.1f}"):
         return " ".join(f"{k} " + f.format(v) for k, v in d.items())
 
     drops = {k: v - prev["drops"].get(k, 0) for k, v in s["drops"].items() if v - prev["drops"].get(k, 0)}
-    return (f"{s['t_rel']:6.0f}s  conn/s {cps:5.1f} (failed {failed})  RSS MB {fmt(s['rss_mb'])}  "
+    slow = sum(s["slow_turns"].values()) - sum(prev["slow_turns"].values())
+    return (f"{s['t_rel']:6.0f}s  conn/s {cps:5.1f} (late {late}, failed {failed})  RSS MB {fmt(s['rss_mb'])}  "
             f"fds {fmt(s['fds'], '{:.0f}')}  journal B {fmt(s['journal_bytes'], '{:.0f}')}  "
-            f"table {fmt(s['table'], '{:.0f}')}  drops {json.dumps(drops) if drops else '-'}")
+            f"table {fmt(s['table'], '{:.0f}')}  slow turns {slow}  drops {json.dumps(drops) if drops else '-'}")
 
 
 def summary(samples, warm: float, servers, stream, args) -> dict:
@@ -325,17 +332,25 @@ def summary(samples, warm: float, servers, stream, args) -> dict:
     ts = [s["t_rel"] for s in after]
     out = {"duration_s": round(samples[-1]["t_rel"], 1) if samples else 0, "warmup_s": warm,
            "rate_asked": args.rate, "hosts": args.hosts, "active": args.active, "slot_s": args.slot,
-           "connections_ok": dict(stream.ok), "connections_failed": dict(stream.failed),
+           "connections_ok": dict(stream.ok), "connections_late": dict(stream.late),
+           "connections_failed": dict(stream.failed),
            "skipped_not_started": stream.skipped}
     elapsed = max(1e-9, samples[-1]["t_rel"]) if samples else 1
     out["connections_per_s"] = round(sum(stream.ok.values()) / elapsed, 1)
+    out["slow_turns"] = {k: v for k, v in samples[-1]["slow_turns"].items()} if samples else {}
     growth = {}
+    third = max(1, len(after) // 3)
+    span = (ts[-1] - ts[0]) * 2 / 3 if len(ts) > 1 else 0
     for fig in ("rss_mb", "fds", "journal_bytes", "table"):
         for name in after[0][fig] if after else ():
             ys = [s[fig][name] for s in after]
+            # a sawtooth (the journal compacted into checkpoints) has a meaningless slope:
+            # the peaks of the first and last thirds tell whether it grows
+            peak_growth = (np.nanmax(ys[-third:]) - np.nanmax(ys[:third])) * 3600 / span if span else float("nan")
             growth[f"{fig}.{name}"] = {"first": round(ys[0], 1), "last": round(ys[-1], 1),
                                        "max": round(float(np.nanmax(ys)), 1),
-                                       "per_hour": round(per_hour(ts, ys), 2)}
+                                       "per_hour": round(per_hour(ts, ys), 2),
+                                       "peak_per_hour": round(float(peak_growth), 2)}
     out["growth"] = growth
     cps = [s["cps"] for s in after]
     out["growth"]["connections_per_s"] = {"mean": round(float(np.mean(cps)), 1) if cps else None,
@@ -362,7 +377,7 @@ async def soak(topo, cfg, args) -> dict:
     prev = await loop.run_in_executor(None, sample, topo, cfg)
     prev.update(t_rel=0.0, cps=0.0)
     samples.append(prev)
-    ok_prev = failed_prev = 0
+    ok_prev = late_prev = failed_prev = 0
     print(f"soak: {args.duration:g} s, {args.rate:g} connections/s ({args.udp_share:.0%} UDP) from {args.active} "
           f"of {args.hosts} hosts, window moving every {args.slot:g} s; pool {args.blocks} blocks of {BLOCK} ports",
           flush=True)
@@ -375,11 +390,12 @@ async def soak(topo, cfg, args) -> dict:
                 gen.result()  # the stream failed: say why
             s = await loop.run_in_executor(None, sample, topo, cfg)
             ok, failed = sum(stream.ok.values()), sum(stream.failed.values())
+            late = sum(stream.late.values())
             s.update(t_rel=s["t"] - t0, cps=(ok - ok_prev) / max(1e-9, s["t"] - prev["t"]))
-            print(line(s, prev, s["cps"], failed - failed_prev), flush=True)
+            print(line(s, prev, s["cps"], late - late_prev, failed - failed_prev), flush=True)
             samples.append(s)
-            prev, ok_prev, failed_prev = s, ok, failed
-        await asyncio.wait_for(gen, CONN_TIMEOUT + 10)
+            prev, ok_prev, late_prev, failed_prev = s, ok, late, failed
+        await asyncio.wait_for(gen, LATE_TIMEOUT + 10)
     finally:
         gen.cancel()
         servers.close()
