@@ -456,6 +456,7 @@ class RuleBuilder:
         self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
         self.reserve_addresses = 16  # ... on at most this many addresses
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
+        self._sync_reserves = 0  # reserves made on the packet path since reserve_blocks last ran
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -976,6 +977,7 @@ class RuleBuilder:
         reserve_addresses unused blocks too.  Returns blocks newly journaled."""
         if self.journal is None or self.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
             return 0
+        self._sync_reserves = 0
         want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
         if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
             return 0
@@ -1037,14 +1039,18 @@ class RuleBuilder:
 
     def _reserve_now(self, a: int, g: int) -> bool:
         """Block `g` (of address index `a`) is about to be taken and no durable reserve
-        names it: journal it now, with the next few of its address (one fsync for a
-        burst of new hosts), on disk before this returns.  False if the journal failed."""
-        blocks = [g] + self._next_blocks(a, max(0, self.reserve_per_address - 1), skip=(g,))
+        names it: journal it now, with the next ones of its address, on disk before this
+        returns.  A burst of new hosts beyond the reserve takes reserve_per_address, then
+        twice, four times as many ...: log2(burst) fsyncs, not one per block (until the
+        timers' ``reserve_blocks`` runs again).  False if the journal failed."""
+        k = self.reserve_per_address << min(self._sync_reserves, 8)
+        blocks = [g] + self._next_blocks(a, max(0, k - 1), skip=(g,))
         try:
             self._journal_durable([self._reserve_record(x) for x in blocks])
         except OSError as exc:
             self._journal_failed(exc)
             return False
+        self._sync_reserves += 1
         self._prejournaled.update(blocks)
         return True
 
@@ -2262,7 +2268,7 @@ class RuleBuilder:
         self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
-                                "ports": [lo, hi], "t": -1})  # fmt: skip
+                                "ports": [lo, hi]})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
         self.events["recovered_blocks"] += 1

@@ -355,3 +355,42 @@ def test_nic_main_refuses_an_unknown_journal_version_with_a_message(tmp_path, ca
     assert nic_main.main(["-c", str(cfg_path), "-n", "0", "--state-dir", str(d), "--no-metrics"]) == 2
     err = capsys.readouterr().err
     assert str(d / "blocks.journal") in err and "version 3" in err
+
+
+def test_a_burst_beyond_the_reserve_costs_log2_fsyncs_not_one_per_block():
+    """Every block is durable before its first use; a burst of new hosts with nothing
+    reserved ahead commits a growing run of blocks each time (1x, 2x, 4x ...)."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.fastpath import FlowTable
+    from hypernat.rules import ACT_REPLAY, RuleBuilder
+    from hypernat.verdicts import OUT, VERDICT
+
+    class Counting:
+        def __init__(self):
+            self.commits, self.durable, self.lazy = 0, set(), []
+
+        def append(self, rec):
+            self.append_many([rec])
+
+        def append_many(self, recs):
+            self.commits += 1
+            self.durable.update(r["block"] for r in recs)
+
+        def append_lazy(self, recs):
+            assert all(r["block"] in self.durable for r in recs)  # its reserve is on disk already
+            self.lazy += recs
+
+    cfg = emulated_config(1, limits={"flow_table_capacity": 4096})
+    j = Counting()
+    rb = RuleBuilder(cfg, 0, FlowTable(4096), FlowTable(4096), rng=np.random.default_rng(1), journal=j.append)
+    n = 400
+    k = np.zeros(n, layout.KEY_DTYPE)
+    for i in range(n):
+        k[i] = (0x0A000100 + i, R1, 40000, 53, UDP, layout.KIND_PLAIN, 0, 0)
+    d = rb.handle_misses(OUT, np.full(n, VERDICT["miss_out"], np.uint8), k, 10)
+    assert (d.action == ACT_REPLAY).all() and len(rb._blocks) == n  # one block per new host
+    assert set(rb._blocks) <= j.durable and len(j.lazy) == n
+    per_address = n // 4  # 198.18.0.0/30
+    assert j.commits <= 4 * ((per_address // rb.reserve_per_address).bit_length() + 1) < n // 10

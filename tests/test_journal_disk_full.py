@@ -124,3 +124,31 @@ def test_journal_write_on_a_full_disk_leaves_no_half_record(tiny_disk):
     j.append({"op": "assign", "block": 3, "host": "10.0.0.3"})
     assert J.Journal(p).load() == {1: "10.0.0.1", 3: "10.0.0.3"}
     j.close()
+
+
+def test_checkpoint_on_a_full_disk_fails_whole_and_is_retried(tiny_disk):
+    """A background checkpoint that meets a full disk leaves the previous checkpoint and
+    the logs, which still name every live block; the next one, with room, compacts."""
+    p = str(tiny_disk / "blocks.journal")
+    j = J.Journal(p, background=True, max_log_bytes=4096)
+    live = {g: "10.0.0.1" for g in range(40)}
+    j.append_many([{"op": "assign", "block": g, "host": h} for g, h in live.items()])
+    for g in range(100, 160):
+        j.append_lazy([{"op": "assign", "block": g, "host": "10.0.0.2"}, {"op": "release", "block": g}])
+    assert j.due()
+    filler = fill(tiny_disk)
+    try:
+        j.checkpoint([{"op": "assign", "block": g, "host": h} for g, h in live.items()])
+    except J.JournalError:
+        pass  # the new log could not even be created
+    j.wait()
+    assert j.checkpoint_errors == 1 and j.checkpoints == 0
+    assert J.Journal(p).load() == live
+    os.unlink(filler)
+    j.append_many([{"op": "assign", "block": 7, "host": "10.0.0.7"}])
+    j._ckpt_retry = 0  # (the retry waits CHECKPOINT_RETRY_S)
+    assert j.checkpoint([{"op": "assign", "block": g, "host": h} for g, h in {**live, 7: "10.0.0.7"}.items()])
+    j.wait()
+    assert j.checkpoints == 1 and not os.path.exists(p + ".prev")
+    assert J.Journal(p).load() == {**live, 7: "10.0.0.7"}
+    j.close()

@@ -79,6 +79,9 @@ RELEASE_OPS = ("release", "return", "free")
 CHECKPOINT_RETRY_S = 1.0  # a failed checkpoint is tried again this long after
 
 
+COUNTERS = ("checkpoints", "checkpoint_errors", "write_errors", "sync_errors")  # Journal.counters()
+
+
 class JournalError(OSError):
     """A journal write or fsync failed (disk full, I/O error): nothing was persisted."""
 
@@ -129,7 +132,6 @@ class _File:
         self.header = None
         self.version = 1
         self.torn = 0
-        self._first = None
         with open(path, "rb") as f:
             first = f.readline()
         try:
@@ -187,7 +189,7 @@ class Journal:
         # fsync off the caller's thread (see the module docstring): only with fsync on
         self.background = bool(background and fsync)
         self._syncer = None
-        self._callbacks = []  # (request number, callable) waiting for their fsync
+        self._callbacks = []  # (request number, on_durable, on_failed) waiting for their fsync
         self.sync_errors = 0
         self.write_errors = 0
         self.checkpoints = 0
@@ -244,6 +246,14 @@ class Journal:
 
     def log_bytes(self) -> int:
         return self._size
+
+    def counters(self) -> dict:
+        """{name: count} of COUNTERS (the NIC's metrics show them as journal_<name>)."""
+        return {k: int(getattr(self, k)) for k in COUNTERS}
+
+    def gauges(self) -> dict:
+        """Bytes of the current log and of the last checkpoint written."""
+        return {"log_bytes": self._size, "checkpoint_bytes": self.checkpoint_bytes}
 
     # -- writing ----------------------------------------------------------------------------
     def _open(self) -> int:
@@ -442,6 +452,8 @@ class Journal:
                 continue
             cb()
             n += 1
+        if failed and not self._callbacks:
+            self._syncer.forget(done)
         return n
 
     def wait(self, timeout: float = 30.0) -> None:
@@ -568,6 +580,11 @@ class _Syncer:
                     self.done = jobs[i][0]
                     self._cv.notify_all()
                 i += 1
+
+    def forget(self, upto: int) -> None:
+        """Drop the failures of requests up to `upto` (nobody waits for them any more)."""
+        with self._cv:
+            self.failed = {s for s in self.failed if s > upto}
 
     def wait(self, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout

@@ -1026,12 +1026,17 @@ class NicWorker:
                     out[f"port_{p.name}_{k}"] = n
         for k, v in self.counters.items():
             out[f"loop_{k}"] = int(v)
+        if self.journal is not None:
+            for k, v in self.journal.counters().items():
+                out[f"journal_{k}"] = v
         return out
 
     def gauges(self) -> dict:
         g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
              "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
         g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
+        if self.journal is not None:
+            g.update({f"journal_{k}": v for k, v in self.journal.gauges().items()})
         return g
 
     def status(self) -> dict:
