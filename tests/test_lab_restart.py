@@ -15,7 +15,9 @@
 4. every old connection still exchanges data EXCEPT those that no other NIC knew of —
    owned by NIC 0 with both directions through NIC 0 only (no clone elsewhere to
    recover them from).  That number is derived from what the sniffers saw, counted and
-   printed, and the set of broken connections must be exactly it.
+   printed, and the set of broken connections must be exactly it.  (A connection of a
+   host owned by NIC 1 whose packets all went through NIC 0 survives: NIC 0 only held a
+   clone, and fetches the rule again from its owner.)
 
 Before issue 10's journal fix, step 2's restart left NIC 0's block journal empty, so
 after step 3 the blocks of live connections were free again: the new hosts were handed
@@ -227,8 +229,10 @@ def test_restart_then_crash_keeps_every_endpoint_to_one_connection(lab):
             after_kill = await _exchange(conns, "after-kill")
             unknown_elsewhere = {c.cid for c in conns if c.out_link == KILLED and c.in_link == KILLED
                                  and part.eim_owner(int(ipaddress.IPv4Address(c.client[0]))) == KILLED}
-            report.update(old_connections=len(conns), expected_lost=len(unknown_elsewhere),
-                          lost=len(everyone - after_kill), survived=len(after_kill))
+            both_via_killed = sum(1 for c in conns if c.out_link == KILLED and c.in_link == KILLED)
+            report.update(old_connections=len(conns), both_directions_via_killed=both_via_killed,
+                          expected_lost=len(unknown_elsewhere), lost=len(everyone - after_kill),
+                          survived=len(after_kill))
             final = await _exchange([c for c in conns if c.cid in after_kill], "final")
             return conns, fresh, fresh_ok, after_kill, unknown_elsewhere, final
         finally:
