@@ -43,10 +43,14 @@ import numpy as np
 import pytest
 
 from hypernat.lab import netns
+from hypernat.lab.deadline import Deadline
 from hypernat.lab.onecore import cpu_split, cpu_times, one_core
 from hypernat.lab.topology import STATE_DIR
 
 SECONDS = float(os.environ.get("HYPERNAT_E2E_SECONDS", "3"))
+# How long the generator's transmit ring may take no frame at all before the run fails
+# (it drains in microseconds when the path works; a ring that stopped would spin forever)
+RING_STALL_S = 5.0
 E2E_ROUNDS = int(os.environ.get("HYPERNAT_E2E_ROUNDS", "3"))
 FLOWS = int(os.environ.get("HYPERNAT_E2E_FLOWS", "100000"))
 FRAME = 60  # 64 on the wire with the FCS
@@ -181,9 +185,10 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
             for _ in range(WARMUP_PASSES if mode == "hypernat" else 1):
                 seen = _counted(topo)
                 for c in chunks:
-                    give_up = time.monotonic() + 2.0  # a ring that never drains: move on, bounded
-                    while gen.send(batch, c) == 0 and time.monotonic() < give_up:
-                        time.sleep(0.0002)
+                    if gen.send(batch, c) == 0:
+                        d = Deadline(RING_STALL_S, f"the generator's transmit ring in {topo.vpc} to take a frame")
+                        while gen.send(batch, c) == 0:
+                            d.check(gen.stats)
                     if mode == "hypernat":
                         time.sleep(0.002)
                 time.sleep(0.5)
@@ -195,9 +200,16 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
             t0 = time.monotonic()
             end = t0 + seconds
             i = 0
+            taken_at = t0
             while time.monotonic() < end:
-                sent += gen.send(batch, chunks[i])
+                q = gen.send(batch, chunks[i])
+                sent += q
                 i = i + 1 if i + 1 < len(chunks) else 0
+                if q:
+                    taken_at = time.monotonic()
+                elif time.monotonic() - taken_at > RING_STALL_S:
+                    raise RuntimeError(f"the generator's transmit ring took no frame for {RING_STALL_S:g} s: "
+                                       f"{gen.stats()}")
             elapsed = time.monotonic() - t0
             cpu = cpu_split(c0, cpu_times())
             time.sleep(0.2)
@@ -309,12 +321,14 @@ def test_rx_handover_latency(benchmark, backend):
         def once():
             t0 = time.perf_counter_ns()
             tx.send(one, idx)
+            d = Deadline(2.0, f"the frame sent on a to arrive on b ({backend})")
             while True:
                 b = rx.recv(8)
                 if b is not None:
                     rx.release(b)
                     break
-                p.poll(100)
+                p.poll(min(100, d.left_ms()))
+                d.check(lambda: f"a: {tx.stats()}, b: {rx.stats()}")
             samples.append(time.perf_counter_ns() - t0)
 
         rounds = 2000 if benchmark.enabled else 20

@@ -188,6 +188,7 @@ _NACK_OF = {
     "no_mapping": "no_rule",
     "icmp_error_no_session": "no_rule",
     "recovering": "unavailable",  # crash recovery window at the owner: try again shortly
+    "journal_unavailable": "unavailable",  # the owner's block journal cannot be written now
 }
 
 

@@ -165,6 +165,7 @@ class Limits:
     sweep_max_expire: int = 64  # sessions expired per sweep step at most
     sweep_budget_us: float = 40.0  # ... and microseconds of expiry work per step
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
+    journal_log_bytes: int = 1 << 20  # block journal log compacted into a checkpoint past this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,6 +457,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         sweep_max_expire=r.integer(lim, "sweep_max_expire", "limits", d.sweep_max_expire, lo=1, hi=1 << 20),
         sweep_budget_us=r.number(lim, "sweep_budget_us", "limits", d.sweep_budget_us, lo=1),
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
+        journal_log_bytes=r.integer(lim, "journal_log_bytes", "limits", d.journal_log_bytes, lo=4096, hi=1 << 40),
     )
     n_ports = port_max - port_min + 1
     if limits.port_block_size > n_ports:

@@ -121,7 +121,7 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     utilisation() -> float;  counters_dict() -> {reason or event: n};  stats() -> dict
     snapshot() -> dict (plain data);  restore(state)
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
-    quarantine_blocks(blocks, until, journal=None)
+    quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
 """
 from __future__ import annotations
@@ -279,6 +279,9 @@ _R_ICMP_NO_SESSION = REASON["icmp_error_no_session"]
 _R_NOT_OWNER = REASON["not_owner"]
 _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
 _EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
+_R_JOURNAL = REASON["journal_unavailable"]
+_JOURNAL_DOWN = object()  # _take_block: a block was free but could not be journaled
+JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again this long after
 
 # Events counted beside the slow-path reasons (``counters_dict`` reports both; every name
 # is always present, so metrics see a zero before the first event).
@@ -296,6 +299,7 @@ EVENT_NAMES = (
     "recovery_lost_invalid",  # not an internal address / protocol, or a host owned elsewhere
     "recovery_blocks_expired",  # quarantines that ran out with nothing recovered
     "recovery_held",  # first packets of a journaled host held in the recovery window
+    "journal_errors",  # journal writes that failed (disk full, I/O error); new blocks refused meanwhile
 )  # fmt: skip
 
 # Outcome codes of the per-frame helpers: >= 0 a reason (drop); these are the others.
@@ -347,13 +351,17 @@ class RuleBuilder:
     rng          numpy Generator for port choice (tests pass a seeded one)
     translog     hypernat.translog.TransLog or None (default: built from config)
     journal      callable(record: dict) called, and must have persisted the record,
-                 before a port block's first port is used (crash recovery).  Calls are
-                 grouped at the end of each handle_misses / serve_fetch, before the
-                 table inserts; if the callable (or the object it is a bound method of)
-                 has ``append_many(records)``, that is used once per call (one fsync).
-                 Records are
-                 {"op": "assign", "block": g, "host": "a.b.c.d", "external": ..., "ports":
-                 [lo, hi], "t": now} and {"op": "release", "block": g}
+                 before a port block's first port is used (crash recovery).  If the
+                 callable (or the object it is a bound method of, a
+                 ``hypernat.nic.journal.Journal``) has ``append_many(records)`` and
+                 ``append_lazy(records)``, those are used: every block is journaled as
+                 {"op": "reserve", "block": g, ...} (durable: ``reserve_blocks`` ahead of
+                 need, or at the miss with the next few of its address, one fsync)
+                 before it is taken; then {"op": "assign", "block": g, "host":
+                 "a.b.c.d", ...} lazily (no fsync), {"op": "release", "block": g} when
+                 it is free again.  A journal that raises ``OSError`` refuses the block
+                 (``journal_unavailable``, logged once per interval); ``journal_state``
+                 is what a checkpoint holds.
     """
 
     def __init__(self, config, nic_id, out_table, in_table, *, partition=None, rng=None, translog=None, journal=None):
@@ -438,15 +446,17 @@ class RuleBuilder:
         self._pend = []  # sessions to insert at the end of this call, 8 ints each, flat
         self._room_left = 0  # entries both tables can still take in this call
         self._rbuf = []  # random 32-bit numbers for port choice
-        self._jpend = []  # block assignments to journal before this call's inserts
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
-        # off the packet path): taking one is durable already (a crash quarantines it),
-        # so its "assign" record goes into _jlazy and is written without an fsync.
+        # off the packet path, or by _take_block when none was): taking one is durable
+        # already (a crash quarantines it), so its "assign" record goes into _jlazy and
+        # is written without an fsync.
         self._prejournaled = set()
         self._reserving = set()  # reserve records written, their fsync not done yet (background journal)
         self._jlazy = []
         self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
         self.reserve_addresses = 16  # ... on at most this many addresses
+        self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
+        self._sync_reserves = 0  # reserves made on the packet path since reserve_blocks last ran
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -763,6 +773,10 @@ class RuleBuilder:
             if nb >= self._max_blocks:
                 return self._refuse(_R_CAP)
             b = self._take_block(h, now)
+            if b is _JOURNAL_DOWN:
+                if not blocks:
+                    del self._hosts[iaddr]
+                return self._refuse(_R_JOURNAL)
             if b is None:
                 if not blocks:
                     del self._hosts[iaddr]
@@ -892,14 +906,15 @@ class RuleBuilder:
         if g < 0:
             return None
         addr, lo, hi = self.part.block_span(g)
+        if self.journal is not None:
+            if g not in self._prejournaled and not self._reserve_now(h.aidx, g):
+                self._give_back(g, h.aidx)  # free still: taken again once the journal writes
+                return _JOURNAL_DOWN
+            self._prejournaled.discard(g)  # durable: its host's record need not be (no fsync)
+            self._jlazy.append({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
+                                "ports": [lo, hi], "t": now})  # fmt: skip
         b = _Block(g, h.aidx, addr, lo, hi - lo + 1)
         b.host = h
-        if self.journal is not None:  # written in _flush, before the first entry using it
-            reserved = g in self._prejournaled
-            if reserved:
-                self._prejournaled.discard(g)
-            (self._jlazy if reserved else self._jpend).append({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
-                                "ports": [lo, hi], "t": now})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", h.iaddr, addr, lo, hi)
         self._blocks[g] = b
@@ -916,8 +931,8 @@ class RuleBuilder:
             if not h.blocks and not any(h.nports):
                 del self._hosts[h.iaddr]
         del self._blocks[b.id]
-        if self.journal is not None:
-            self.journal({"op": "release", "block": b.id})
+        if self.journal is not None:  # losing it (a power cut) only quarantines the block after a crash
+            self._journal_lazy([{"op": "release", "block": b.id}])
         self._give_back(b.id, b.aidx)
 
     def _give_back(self, g: int, a: int) -> None:
@@ -960,75 +975,137 @@ class RuleBuilder:
         only its host is unknown).  Refills when half the reservations are used; the
         price is that a crash quarantines up to reserve_per_address x
         reserve_addresses unused blocks too.  Returns blocks newly journaled."""
-        if self.journal is None or self.reserve_per_address <= 0:
+        if self.journal is None or self.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
             return 0
+        self._sync_reserves = 0
         want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
         if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
             return 0
-        held, q, res = self._blocks, self._qblocks, self._prejournaled
-        recs = []
+        blocks = []
         for a in list(self._avail)[: self.reserve_addresses]:
-            st = self._addr.get(a)
-            if st is None:
-                continue
-            # _take_block's order: returned blocks from the end of st[2], then st[0] upward
-            cands = [c for c in reversed(st[2]) if c not in held and c not in q][: self.reserve_per_address]
-            c = st[0]
-            while len(cands) < self.reserve_per_address and c < st[1]:
-                if c not in held and c not in q:
-                    cands.append(c)
-                c += 1
-            for g in cands:
-                if g not in res and g not in self._reserving:
-                    addr, lo, hi = self.part.block_span(g)
-                    recs.append({"op": "reserve", "block": g, "external": _ip(addr), "ports": [lo, hi]})
-        if not recs:
+            blocks += self._next_blocks(a, self.reserve_per_address)
+        if not blocks:
             return 0
+        recs = [self._reserve_record(g) for g in blocks]
         many = self._journal_method("append_many")
-        blocks = [r["block"] for r in recs]
-        if many is not None and getattr(getattr(many, "__self__", None), "background", False):
-            # fsync'ed off the loop's thread: the blocks join the reserve only once they
-            # are on disk (the journal's poll() runs this); until then a new host taking
-            # one of them journals it the synchronous way
-            flying = self._reserving
-            flying.update(blocks)
+        res, flying = self._prejournaled, self._reserving
+        try:
+            if many is not None and getattr(getattr(many, "__self__", None), "background", False):
+                # fsync'ed off the loop's thread: the blocks join the reserve only once
+                # they are on disk (the journal's poll() runs this); until then a new host
+                # taking one of them reserves it the synchronous way
+                def durable():
+                    flying.difference_update(blocks)
+                    res.update(g for g in blocks if g not in self._blocks and g not in self._qblocks)
 
-            def durable():
-                flying.difference_update(blocks)
-                res.update(g for g in blocks if g not in self._blocks and g not in self._qblocks)
+                def failed():
+                    flying.difference_update(blocks)
 
-            many(recs, on_durable=durable)
-            return len(recs)
+                many(recs, on_durable=durable, on_failed=failed)
+                flying.update(blocks)
+                return len(recs)
+            self._journal_durable(recs)
+        except OSError as exc:
+            self._journal_failed(exc)
+            self._journal_retry = _time.monotonic() + JOURNAL_RETRY_S
+            return 0
+        res.update(blocks)
+        return len(recs)
+
+    def _next_blocks(self, a: int, k: int, skip=()) -> list:
+        """The next `k` free blocks of address index `a` in ``_take_block``'s order
+        (returned blocks from the end of the free list, then the native run upward),
+        not journaled already nor in `skip`."""
+        st = self._addr.get(a)
+        if st is None or k <= 0:
+            return []
+        held, q, res, fly = self._blocks, self._qblocks, self._prejournaled, self._reserving
+        out = []
+        for c in reversed(st[2]):
+            if len(out) >= k:
+                return out
+            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
+                out.append(c)
+        c = st[0]
+        while len(out) < k and c < st[1]:
+            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
+                out.append(c)
+            c += 1
+        return out
+
+    def _reserve_record(self, g: int) -> dict:
+        addr, lo, hi = self.part.block_span(g)
+        return {"op": "reserve", "block": g, "external": _ip(addr), "ports": [lo, hi]}
+
+    def _reserve_now(self, a: int, g: int) -> bool:
+        """Block `g` (of address index `a`) is about to be taken and no durable reserve
+        names it: journal it now, with the next ones of its address, on disk before this
+        returns.  A burst of new hosts beyond the reserve takes reserve_per_address, then
+        twice, four times as many ...: log2(burst) fsyncs, not one per block (until the
+        timers' ``reserve_blocks`` runs again).  False if the journal failed."""
+        k = self.reserve_per_address << min(self._sync_reserves, 8)
+        blocks = [g] + self._next_blocks(a, max(0, k - 1), skip=(g,))
+        try:
+            self._journal_durable([self._reserve_record(x) for x in blocks])
+        except OSError as exc:
+            self._journal_failed(exc)
+            return False
+        self._sync_reserves += 1
+        self._prejournaled.update(blocks)
+        return True
+
+    def _journal_durable(self, recs) -> None:
+        """recs on disk before this returns (one group commit when the journal has one)."""
+        many = self._journal_method("append_many")
         if many is not None:
             many(recs)
         else:
             for r in recs:
                 self.journal(r)
-        res.update(blocks)
-        return len(recs)
 
-    def _flush(self, now: int) -> None:
-        """Insert the sessions built during this call into both tables, in one batch,
-        after journaling the blocks they are the first users of (one group commit when
-        the journal offers ``append_many``)."""
-        if self._jpend:
-            recs, self._jpend = self._jpend, []
-            many = getattr(self.journal, "append_many", None) or getattr(
-                getattr(self.journal, "__self__", None), "append_many", None
-            )
-            if many is not None:
-                many(recs)
-            else:
-                for r in recs:
-                    self.journal(r)
-        if self._jlazy:
-            recs, self._jlazy = self._jlazy, []
-            lazy = self._journal_method("append_lazy")
+    def _journal_lazy(self, recs) -> None:
+        """recs written without waiting for the disk; a failure costs detail, not safety
+        (counted, logged): an "assign" lost leaves its block quarantined without a host
+        after a crash, a "release" lost leaves it quarantined."""
+        lazy = self._journal_method("append_lazy")
+        try:
             if lazy is not None:
                 lazy(recs)
             else:
                 for r in recs:
                     self.journal(r)
+        except OSError as exc:
+            self._journal_failed(exc)
+
+    def _journal_failed(self, exc) -> None:
+        self.events["journal_errors"] += 1
+        t = _time.monotonic()
+        if t - self._last_log[_R_JOURNAL] >= self._log_interval:
+            self._last_log[_R_JOURNAL] = t
+            log.error("nic%d: block journal write failed (%s): new port blocks are refused until it writes "
+                      "again (%d refused, %d journal errors so far); established mappings go on", self.nic, exc,
+                      self.counters[_R_JOURNAL], self.events["journal_errors"])
+
+    def journal_state(self) -> list:
+        """The live blocks as journal records (what a checkpoint holds): each block in
+        use ("assign", its host), quarantined ("quarantine", the host the journal named,
+        if any) or journaled ahead of need ("reserve")."""
+        recs = [{"op": "assign", "block": g, "host": _ip(b.host.iaddr)} for g, b in self._blocks.items()]
+        qh = self._qhosts
+        recs += [{"op": "quarantine", "block": g, "host": _ip(qh[g])} if g in qh else {"op": "quarantine", "block": g}
+                 for g in self._qblocks]  # fmt: skip
+        held, q = self._blocks, self._qblocks
+        recs += [{"op": "reserve", "block": g} for g in sorted(self._prejournaled | self._reserving)
+                 if g not in held and g not in q]  # fmt: skip
+        return recs
+
+    def _flush(self, now: int) -> None:
+        """Insert the sessions built during this call into both tables, in one batch
+        (every block they use is durable in the journal already: its "assign" record,
+        the host, is written here without an fsync)."""
+        if self._jlazy:
+            recs, self._jlazy = self._jlazy, []
+            self._journal_lazy(recs)
         if self.translog is not None:
             self.translog.flush()
         if not self._pend:
@@ -1790,19 +1867,21 @@ class RuleBuilder:
         """Quarantines whose time has come: an unrecovered block becomes free again; a
         recovered block releases the ports nobody reported (their sessions, if any,
         were lost with the crash and their longest timeout has now passed)."""
-        expired = 0
+        expired = []
         for g, until in list(self._qblocks.items()):
             if until <= now:
                 del self._qblocks[g]
                 self._qhosts.pop(g, None)
-                expired += 1
+                expired.append(g)
                 if g in self._qskipped:  # passed over while quarantined: list it again
                     self._qskipped.discard(g)
                     self._give_back(g, g // self.part.bpa)
+        if expired and self.journal is not None:  # free again: the journal stops naming them
+            self._journal_lazy([{"op": "release", "block": g} for g in expired])
         if expired:
-            self.events["recovery_blocks_expired"] += expired
+            self.events["recovery_blocks_expired"] += len(expired)
             log.info("nic%d: %d quarantined port block(s) released after their longest timeout: nothing in them "
-                     "was recovered from clones", self.nic, expired)
+                     "was recovered from clones", self.nic, len(expired))
         for g, (until, masks) in list(self._reserved.items()):
             if until > now:
                 continue
@@ -1996,28 +2075,23 @@ class RuleBuilder:
         self._adopted.discard(g)
         return True
 
-    def quarantine_blocks(self, blocks, until, journal=None) -> None:
+    def quarantine_blocks(self, blocks, until) -> None:
         """Journaled blocks found after a crash: not allocatable before `until` (the
         sweep lets them go when the time has come), unless ``recover_sessions``
-        re-adopts them first.  `journal`: the journal's records (dicts, as written by
-        this class: {"op": "assign", "block": g, "host": "a.b.c.d", ...} and
-        {"op": "release", "block": g}); with them, a block is recovered only for the
-        host it was assigned to.  Unreadable records are ignored."""
+        re-adopts them first.  `blocks`: block ids, or the journal's live map {block:
+        host "a.b.c.d" (or int) or None} (``Journal.load``); with a host, a block is
+        recovered only for the host it was assigned to.  Unreadable hosts are ignored."""
+        hosts = blocks if isinstance(blocks, dict) else {}
         for g in blocks:
             g = int(g)
             self._qblocks[g] = max(int(until), self._qblocks.get(g, 0))
-        for r in journal or ():
-            try:
-                g = int(r["block"])
-                if r.get("op") == "assign":
-                    self._qhosts[g] = int(ipaddress.IPv4Address(r["host"]))
-                elif r.get("op") in ("release", "return", "free"):
-                    self._qhosts.pop(g, None)
-            except (TypeError, ValueError, KeyError, AttributeError, ipaddress.AddressValueError):
+            h = hosts.get(g)
+            if h is None:
                 continue
-        for g in list(self._qhosts):
-            if g not in self._qblocks:
-                del self._qhosts[g]
+            try:
+                self._qhosts[g] = int(h) if isinstance(h, int) else int(ipaddress.IPv4Address(h))
+            except (TypeError, ValueError, ipaddress.AddressValueError):
+                continue
         self._recovery_hosts = frozenset(self._qhosts.values())
 
     def recover_sessions(self, records, now) -> np.ndarray:
@@ -2192,6 +2266,9 @@ class RuleBuilder:
         self._blocks[g] = b
         h.blocks.append(b)
         self._reserved[g] = [until, [full, full, full]]
+        if self.journal is not None:  # quarantined with its host already: now in use by it
+            self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
+                                "ports": [lo, hi]})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
         self.events["recovered_blocks"] += 1

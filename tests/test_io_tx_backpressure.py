@@ -1,8 +1,8 @@
 """A transmit ring recovers from back-pressure by itself.
 
     [ns hn-txring<pid>-bp]
-    src ══ fin ─► NoopForwarder loop ─► fout ══ dst
-    (generator)   (inside port)           (outside port)   (receiver)
+    src ══ fin ─► loop ─► fout ══ dst       loop: the lab's no-op forwarder, or a NIC
+    (generator)   (inside port)  (outside port)   (receiver)      worker (standalone NAT)
 
 The receiver's side is held back (``dst`` down: the carrier of ``fout`` is off), so the
 device refuses every frame the forwarder sends: ``tpacket_snd`` answers ENOBUFS and
@@ -36,7 +36,10 @@ from scapy.layers.l2 import Ether
 from hypernat.io.base import TX_COUNTERS, Batch
 from hypernat.l2 import mac_str
 from hypernat.lab import netns
+from hypernat.lab.emulated import emulated_config
 from hypernat.lab.noop import NoopForwarder
+from hypernat.nic.worker import NicWorker
+from hypernat.verdicts import OUT, VERDICT
 
 pytestmark = pytest.mark.netns
 packet_mmap = pytest.importorskip("hypernat.io.packet_mmap")
@@ -139,15 +142,55 @@ def _wait(cond, timeout: float, what: str):
 XDP = pytest.mark.skipif(not _xdp_available(), reason="hypernat.io._xsk not built")
 
 
+def _mac(name):
+    return bytes.fromhex(MACS[name].replace(":", ""))
+
+
+class _Noop:
+    """The lab's no-op forwarder as the loop."""
+
+    def __init__(self, fin, fout, tmp_path):
+        self.f = NoopForwarder(fin, fout, _mac("src"), _mac("dst"))
+        self.run, self.stop = self.f.run, self.f.stop
+
+    def out(self):
+        """(frames queued toward fout, frames dropped there)"""
+        return self.f.counters["out_frames"], self.f.counters["out_tx_dropped"]
+
+    def waiting(self):
+        return self.f.tx_waiting
+
+
+class _Nic:
+    """A NIC worker (standalone: its own mappings, no coordinator) as the loop: the
+    daemon's own transmit path."""
+
+    def __init__(self, fin, fout, tmp_path):
+        cfg = emulated_config(1, state_dir=str(tmp_path))
+        self.w = NicWorker(cfg, 0, fin, fout, standalone=True, state_dir=str(tmp_path / "nic0"))
+        self.w.set_l2(fin.mac(), _mac("src"), fout.mac(), _mac("dst"))
+        self.run, self.stop = self.w.run, self.w.stop
+
+    def out(self):
+        sent = int(self.w.translator.counters[OUT, VERDICT["translated"]])
+        dropped = self.w.counters["tx_drops"]
+        return sent - dropped, dropped
+
+    def waiting(self):
+        return self.w._tx_waiting
+
+
 # How the device is made to refuse: PACKET_MMAP, the peer `dst` down (carrier off:
 # ENOBUFS, the frame put back to SEND_REQUEST); AF_XDP, `fout` itself down (ENETDOWN,
 # the descriptors stay in the TX ring; with the carrier off instead the kernel
 # completes each refused descriptor unsent: lost, counted, no stall possible).
-@pytest.mark.parametrize("backend,held", [("packet_mmap", "dst"), pytest.param("af_xdp", "fout", marks=XDP)])
-def test_forwarding_resumes_by_itself_after_the_device_refused_frames(ns, backend, held):
+@pytest.mark.parametrize("loop,backend,held", [(_Noop, "packet_mmap", "dst"),
+                                               pytest.param(_Noop, "af_xdp", "fout", marks=XDP),
+                                               (_Nic, "packet_mmap", "dst")], ids=["noop-packet_mmap",
+                                                                                  "noop-af_xdp", "nic-packet_mmap"])
+def test_forwarding_resumes_by_itself_after_the_device_refused_frames(ns, tmp_path, loop, backend, held):
     gen, fin, fout, dst = _open(ns, backend)
-    fwd = NoopForwarder(fin, fout, bytes.fromhex(MACS["src"].replace(":", "")),
-                        bytes.fromhex(MACS["dst"].replace(":", "")))
+    fwd = loop(fin, fout, tmp_path)
     rcv = Receiver(dst)
     th = threading.Thread(target=fwd.run, args=(60.0,), daemon=True)
     th.start()
@@ -165,13 +208,11 @@ def test_forwarding_resumes_by_itself_after_the_device_refused_frames(ns, backen
         netns.run(ns, ["ip", "link", "set", "dev", held, "down"])
         n_held = 400
         push(range(100, 100 + n_held))
-        c = fwd.counters
-        _wait(lambda: c["out_frames"] + c["out_tx_dropped"] >= 10 + n_held, 10.0,
-              "the forwarder to take every frame in")
-        queued = c["out_frames"] - 10  # frames the forwarder put in the transmit ring
+        _wait(lambda: sum(fwd.out()) >= 10 + n_held, 10.0, "the loop to take every frame in")
+        queued = fwd.out()[0] - 10  # frames the loop put in the transmit ring
         st = fout.stats()
         assert 0 < queued < n_held, f"the ring should fill: {queued} of {n_held} queued ({st})"
-        assert c["out_tx_dropped"] == n_held - queued
+        assert fwd.out()[1] == n_held - queued
         assert st["tx_ring_full"] + st.get("tx_no_frame", 0) == n_held - queued
         assert st["tx_refused"] >= 1, st
         time.sleep(0.2)
@@ -186,14 +227,16 @@ def test_forwarding_resumes_by_itself_after_the_device_refused_frames(ns, backen
         push(range(1000, 1050))
         got = rcv.collect(10 + queued + 50, 5.0)
         assert got[10 + queued:] == list(range(1000, 1050)), fout.stats()
-        _wait(lambda: fwd.tx_waiting == 0, 2.0, "the transmit rings to empty")
+        _wait(lambda: fwd.waiting() == 0, 2.0, "the transmit rings to empty")
     finally:
         fwd.stop()
         th.join(5.0)
         alive = th.is_alive()
+        if isinstance(fwd, _Nic) and not alive:
+            fwd.w.close()
         for p in (gen, fin, fout, dst):
             p.close()
-    assert not alive, "the forwarder loop did not stop"
+    assert not alive, "the loop did not stop"
 
 
 @pytest.mark.parametrize("backend", ["packet_mmap", pytest.param("af_xdp", marks=XDP)])

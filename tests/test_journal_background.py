@@ -102,10 +102,14 @@ def test_worker_fsyncs_on_its_thread_only_for_blocks_not_reserved(tmp_path, monk
         inside.inject([build_frame(UDP, I1 + i, 42000, R1, 53)])
         assert spin([w], lambda: len(outside._tx) >= 1, 3, poll_ms=0)
         sent += outside.take_tx()
+        if i == len(durable) // 2:  # half the reserve used: the next timers refill it
+            w._journal_due = 0
+            w.run_once(0)
+            assert rb._reserving  # a refill in flight ...
+        assert not (rb._reserving & rb._prejournaled)  # ... held back while its fsync waits
     assert len(sent) == n
     blocks = {w.partition.block_of(f.src, f.sport) for f in map(parse_frame, sent)}
     assert len(blocks) == n
-    assert rb._reserving and not (rb._reserving & rb._prejournaled)  # refills in flight, held back
     beyond = blocks - durable
     assert beyond  # hosts past the start reserve...
     assert 1 <= fs.main_calls <= len(beyond)  # ... journaled synchronously; the reserved ones were not

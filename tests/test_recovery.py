@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from hypernat import config, layout
 from hypernat.fastpath import FlowTable
+from hypernat.nic.journal import live_blocks
 from hypernat.rules import ACT_DROP, ACT_REPLAY, REASON, SESSION_DTYPE, RuleBuilder, out_key
 from hypernat.verdicts import OUT, VERDICT
 
@@ -85,10 +86,8 @@ def sessions_of(rb) -> np.ndarray:
 def crash(rb, journal, seed=2):
     """A fresh builder for the same NIC, its journal's blocks quarantined as the worker does."""
     rb2 = make_rb(rb.config, rb.nic, seed=seed)
-    live = {}
-    for r in journal:
-        live[r["block"]] = r["op"] == "assign"
-    rb2.quarantine_blocks(sorted(g for g, a in live.items() if a), QUARANTINE_END, journal=journal)
+    live = live_blocks(journal)  # the journal's own replay: {block: host}
+    rb2.quarantine_blocks({g: h for g, h in live.items() if h is not None}, QUARANTINE_END)
     return rb2
 
 

@@ -654,19 +654,26 @@ def test_translation_log_per_rule_and_per_block():
 
 
 def test_journal_before_first_use():
+    """Every block is on the journal (a durable "reserve") before any entry of it exists;
+    its host ("assign") follows, its "release" once it is free again."""
     cfg = make_cfg(1, block=4)
     events = []
     rb = make_rb(cfg, journal=lambda rec: events.append((rec, len(rb.out))))
     (h,) = hosts_of(rb, 1)
     miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for i in range(5)], 10)
-    assert [r["op"] for r, _ in events] == ["assign", "assign"]
-    assert events[0][1] == 0  # written before any entry of the block existed
-    g = events[0][0]["block"]
-    _, lo, hi = rb.part.block_span(g)
-    assert events[0][0]["ports"] == [lo, hi]
+    assigned = [r for r, _ in events if r["op"] == "assign"]
+    assert len(assigned) == 2
+    for a in assigned:
+        g = a["block"]
+        res = [(r, n) for r, n in events if r["op"] == "reserve" and r["block"] == g]
+        assert res and res[0][1] == 0  # written before any entry existed
+        assert events.index(res[0]) < events.index(next(e for e in events if e[0] is a))
+        _, lo, hi = rb.part.block_span(g)
+        assert a["ports"] == res[0][0]["ports"] == [lo, hi]
     sweep_all(rb, 10 + 100)
     sweep_all(rb, 10 + 100 + 15)
-    assert sorted(r["op"] for r, _ in events) == ["assign", "assign", "release", "release"]
+    released = sorted(r["block"] for r, _ in events if r["op"] == "release")
+    assert released == sorted(a["block"] for a in assigned)
 
 
 def test_snapshot_restore_roundtrip():
@@ -759,22 +766,30 @@ def test_icmp_errors_look_up_only_and_fetch_serving_filters():
 
 
 def test_journal_group_commit():
+    """A burst of new hosts with nothing reserved ahead: one durable commit per address
+    (the block needed and the next ones of its address), the hosts lazily, one write."""
     class J:
         def __init__(self):
-            self.calls = []
+            self.durable, self.lazy = [], []
 
         def append(self, rec):
-            self.calls.append([rec])
+            self.durable.append([rec])
 
         def append_many(self, recs):
-            self.calls.append(list(recs))
+            self.durable.append(list(recs))
+
+        def append_lazy(self, recs):
+            self.lazy.append(list(recs))
 
     cfg = make_cfg(1, block=4)
     j = J()
     rb = make_rb(cfg, journal=j.append)
     hosts = hosts_of(rb, 3)
     miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for h in hosts for i in range(6)], 10)
-    assert len(j.calls) == 1 and len(j.calls[0]) == 6  # 3 hosts x 2 blocks, one commit
+    assert len(rb._blocks) == 6  # 3 hosts x 2 blocks ...
+    assert len(j.durable) == len({b.aidx for b in rb._blocks.values()}) < 6  # one commit per address
+    assert set(rb._blocks) <= {r["block"] for c in j.durable for r in c}
+    assert len(j.lazy) == 1 and sorted(r["block"] for r in j.lazy[0]) == sorted(rb._blocks)
 
 
 # ---------------------------------------------------------------------------------------

@@ -146,7 +146,15 @@ def main(argv=None) -> int:
 
         arp = {role: ArpResponder(port.mac(), owned=_addresses(ifname))
                for role, port, ifname in (("inside", inside, nc.inside), ("outside", outside, nc.outside))}
-    w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+    from .journal import FormatError, JournalError
+
+    try:
+        w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+    except (FormatError, JournalError) as exc:  # a state file of another version, or unwritable
+        print(f"hypernat-nic: {exc}", file=sys.stderr)
+        inside.close()
+        outside.close()
+        return 2
     if nc.io in ("packet_mmap", "af_xdp") and not args.keep_macs:
         _set_macs(w, inside, outside, nc)
     if cfg.metrics.enabled and not args.no_metrics:

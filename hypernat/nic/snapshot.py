@@ -9,6 +9,10 @@
 
 The slot layout is ``layout.SLOT_DTYPE`` (little-endian, fixed), so a snapshot written
 by the Cython fast path is read by the pure-Python one and the other way round.
+
+Format version: snapshot.json carries ``"format": FORMAT_VERSION``; one without it is
+version 1 (written before versions were recorded, the same content).  A version this
+code does not read is refused with a ``FormatError`` naming the file and both versions.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ import os
 import numpy as np
 
 from .. import layout
+from .journal import FormatError
+
+FORMAT_VERSION = 2  # 1: no "format" key (the same content)
+READABLE_VERSIONS = (1, 2)
 
 
 class Snapshot:
@@ -33,7 +41,7 @@ class Snapshot:
         os.replace(tmp_npz, self.base + ".npz")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, default=_plain)
+            json.dump({"format": FORMAT_VERSION, **state}, f, default=_plain)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)  # the json is the commit record: written last
@@ -44,6 +52,10 @@ class Snapshot:
             return None
         with open(self.path, encoding="utf-8") as f:
             state = json.load(f)
+        v = state.get("format", 1) if isinstance(state, dict) else None
+        if v not in READABLE_VERSIONS:
+            raise FormatError(f"{self.path}: snapshot format version {v!r}; this hypernat reads versions "
+                              f"{READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]} (writes {FORMAT_VERSION})")
         with np.load(self.base + ".npz") as z:
             out, inn = z["out"], z["inn"]
         if out.dtype != layout.SLOT_DTYPE or inn.dtype != layout.SLOT_DTYPE:

@@ -16,7 +16,8 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                                    (sent at once: not at the end of the turn)
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
     RuleAgent.tick: retries, timeouts, leases, activity │ RuleBuilder.sweep: one expiry step
-    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need
+    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need;
+    Journal.checkpoint when the log passed its bound (live blocks only, the log cut behind)
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
@@ -60,6 +61,7 @@ from .events import RULE_BUILT as EV_RULE_BUILT
 from .events import RX_HIT as EV_RX_HIT
 from .events import RX_MISS as EV_RX_MISS
 from .events import now_ns as _now_ns
+from .journal import Journal, JournalError
 
 log = logging.getLogger("hypernat.nic")
 
@@ -167,7 +169,6 @@ class NicWorker:
                  state_dir: str | None = None, context: zmq.Context | None = None,
                  params: AgentParams | None = None, rng=None, restore: bool = True,
                  journal: bool = True, arp: dict | None = None, events=None):
-        from .journal import Journal
         from .snapshot import Snapshot
 
         self.config = config
@@ -186,7 +187,8 @@ class NicWorker:
         self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
-        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True) if journal else None
+        self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True,
+                               max_log_bytes=config.limits.journal_log_bytes) if journal else None
         self.snapshot = Snapshot(os.path.join(self.state_dir, "snapshot"))
         self.rules = RuleBuilder(config, nic_id, self.out_table, self.in_table, partition=self.partition,
                                  rng=rng, journal=self.journal.append if self.journal else None)
@@ -308,7 +310,11 @@ class NicWorker:
 
     def _restore(self) -> dict:
         """Graceful restart: reload the snapshot.  Crash restart (journal but no clean
-        snapshot): quarantine every journaled block until its longest timeout passed."""
+        snapshot): quarantine every block the journal names until its longest timeout
+        passed.  Either way the journal is then checkpointed from the builder's state
+        (every block in use, with its host, and every quarantine), on disk before the
+        first new block is handed out; only then is the snapshot discarded (a crash from
+        there on is a crash, and the journal names everything the snapshot held)."""
         now = self.clock()
         info = {"snapshot": False, "quarantined_blocks": 0}
         snap = self.snapshot.load()
@@ -320,14 +326,19 @@ class NicWorker:
             self.rules.restore(state.get("rules", {}))
             self.agent.restore(state.get("agent", {}), now)
             info.update(snapshot=True, rules=int(len(self.out_table)), clones_to_revalidate=int(clones))
-            self.snapshot.discard()  # used once: a crash from here on is a crash
             if self.journal is not None:
-                self.journal.reset()
+                try:
+                    self.journal.checkpoint(self.rules.journal_state(), wait=True)
+                except JournalError as exc:  # the snapshot stays: a restart once the disk is fixed reads it
+                    raise JournalError(exc.errno, f"nic{self.nic_id}: cannot start: the blocks restored from "
+                                       f"{self.snapshot.path} cannot be journaled ({exc}); the snapshot is kept"
+                                       ) from exc  # fmt: skip
+            self.snapshot.discard()  # used once: a crash from here on is a crash
             log.info("nic%d: restored snapshot: %s", self.nic_id, info)
             return info
         if self.journal is not None:
-            blocks = self.journal.blocks()
-            if blocks:
+            live = self.journal.load()
+            if live:
                 t = self.config.timeouts
                 # a remote may still send to an endpoint until the session's longest idle
                 # timeout (or a clone's lease, if longer) and the reuse delay have passed
@@ -336,16 +347,20 @@ class NicWorker:
                 until = self.ticks() + longest
                 # crash recovery (rules.py): the journal names each block's host, so that
                 # recover_sessions re-adopts a block only for the host it was assigned to
-                self.rules.quarantine_blocks(sorted(blocks), until, journal=self.journal.records())
-                info["quarantined_blocks"] = len(blocks)
+                self.rules.quarantine_blocks(live, until)
+                info["quarantined_blocks"] = len(live)
                 if self.rules._recovery_hosts:  # their old mappings may come back: wait first
                     self.rules.recovering = True
                     self._recovery_end = self.clock() + RECOVERY_WAIT_S
                     info["recovery_wait_s"] = RECOVERY_WAIT_S
-                self.counters["blocks_quarantined"] += len(blocks)
+                self.counters["blocks_quarantined"] += len(live)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
                             "their sessions are recovered from other NICs' clones as those report them, "
-                            "the rest are lost", self.nic_id, len(blocks), longest)
+                            "the rest are lost", self.nic_id, len(live), longest)
+            try:
+                self.journal.checkpoint(self.rules.journal_state(), wait=True)
+            except JournalError as exc:  # the old checkpoint and logs stay and name the same blocks
+                log.error("nic%d: journal not compacted at start (%s); retried later", self.nic_id, exc)
         return info
 
     def _strip_clones(self) -> int:
@@ -877,6 +892,11 @@ class NicWorker:
             self.journal.poll()
             if not self.agent.pending and now >= self._journal_due:
                 self._journal_due = now + self.journal_interval
+                if self.journal.due():  # the log passed its bound: compact it (written on the journal's thread)
+                    try:
+                        self.journal.checkpoint(self.rules.journal_state())
+                    except JournalError:
+                        pass  # counted and logged by the journal; the old files still name every block
                 self.rules.reserve_blocks()
                 if now >= self._journal_sync_due:
                     self._journal_sync_due = now + self.journal_sync_interval
@@ -1006,12 +1026,17 @@ class NicWorker:
                     out[f"port_{p.name}_{k}"] = n
         for k, v in self.counters.items():
             out[f"loop_{k}"] = int(v)
+        if self.journal is not None:
+            for k, v in self.journal.counters().items():
+                out[f"journal_{k}"] = v
         return out
 
     def gauges(self) -> dict:
         g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
              "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
         g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
+        if self.journal is not None:
+            g.update({f"journal_{k}": v for k, v in self.journal.gauges().items()})
         return g
 
     def status(self) -> dict:
