@@ -201,18 +201,30 @@ def switch_hash(name: str, proto: int, saddr: int, sport: int, daddr: int, dport
 
 
 def predict_nic(name: str, n: int, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
-                fields: str = "5-tuple") -> int:
+                fields: str = "5-tuple", rss=None) -> int:
     """The NIC (0..n-1) a packet with this tuple lands on, for a switch using `name`.
 
     sha1 and crc32 take the hash modulo n; jhash scales it like nftables' ``mod n``
-    (``reciprocal_scale``), so NIC k is the testbed's fwmark k + 1."""
+    (``reciprocal_scale``), so NIC k is the testbed's fwmark k + 1.  toeplitz needs
+    ``rss`` = (key, indirection table, {queue: NIC id}) of the port the packet arrives
+    on (one worker per queue); without it, or for a queue no NIC serves: ValueError."""
+    if name == "toeplitz":
+        if rss is None:
+            raise ValueError("toeplitz needs the port's RSS key and indirection table")
+        key, table, nic_of_queue = rss
+        q = rss_queue(key, table, proto, saddr, sport, daddr, dport)
+        if q not in nic_of_queue:
+            raise ValueError(f"RSS queue {q} is served by no NIC")
+        return nic_of_queue[q]
     h = switch_hash(name, proto, saddr, sport, daddr, dport, seed, fields)
     return reciprocal_scale(h, n) if name == "jhash" else h % n
 
 
-def predictable(name: str, proto: int) -> bool:
+def predictable(name: str, proto: int, rss=None) -> bool:
     """Can the NIC a packet of `proto` lands on be predicted with `name`?  The testbed
     steers only TCP and UDP by jhash; ICMP keeps the kernel's (unknowable) ECMP hash."""
+    if name == "toeplitz":
+        return rss is not None  # the port's key and table: RSS hashes every IPv4 packet
     if name not in HASHES:
         return False
     return name != "jhash" or proto in JHASH_PROTOS

@@ -52,3 +52,17 @@ def test_ethtool_x_is_read():
     key, table = sh.parse_ethtool_x(ETHTOOL_X)
     assert key == sh.MS_RSS_KEY and table == (0, 1, 2, 3) * 4
     assert sh.parse_ethtool_x("Cannot get RX ring count: Operation not supported") is None
+
+
+def test_predict_nic_maps_the_rss_queue_to_the_nic_serving_it():
+    table = (0, 1) * 64
+    nic_of_queue = {0: 3, 1: 5}
+    src, dst, sp, dp, h2, h4 = VECTORS[1]
+    want = nic_of_queue[table[h4 % 128]]
+    assert sh.predict_nic("toeplitz", 2, 6, A(src), sp, A(dst), dp, rss=(sh.MS_RSS_KEY, table, nic_of_queue)) == want
+    assert sh.predictable("toeplitz", 1, rss=(sh.MS_RSS_KEY, table, nic_of_queue))
+    assert not sh.predictable("toeplitz", 6)  # no key and table: passive install
+    with pytest.raises(ValueError, match="RSS key"):
+        sh.predict_nic("toeplitz", 2, 6, A(src), sp, A(dst), dp)
+    with pytest.raises(ValueError, match="served by no NIC"):
+        sh.predict_nic("toeplitz", 2, 6, A(src), sp, A(dst), dp, rss=(sh.MS_RSS_KEY, (7,) * 128, nic_of_queue))

@@ -44,6 +44,31 @@ def open_port(backend: str, ifname: str, vlans=(), queue=None):
     return P(ifname, **kw)
 
 
+def _rss_params(cfg, nc):
+    """``switch.hash: toeplitz``: the outside port's RSS key (``switch.toeplitz_key``
+    overrides it) and indirection table, and which NIC serves each of its queues, so
+    active install predicts the queue a reply lands on.  None (the defaults) otherwise,
+    or where the port has no RSS (veth): active install then falls back to passive."""
+    if cfg.switch.hash != "toeplitz":
+        return None
+    import dataclasses
+
+    from ..switchhash import read_rss
+    from .worker import agent_params
+
+    rss = read_rss(nc.outside)
+    if rss is None:
+        logging.warning("nic%d: switch.hash toeplitz, but %s has no RSS key/indirection table (ethtool -x): "
+                        "replies are fetched (passive install)", nc.id, nc.outside)
+        return None
+    key, table = rss
+    if cfg.switch.toeplitz_key:
+        key = bytes.fromhex(cfg.switch.toeplitz_key.replace(":", ""))
+    nics = [cfg.nic(i) for i in range(cfg.n_nics)]
+    served = {n.queue: n.id for n in nics if n.outside == nc.outside and n.queue is not None}
+    return dataclasses.replace(agent_params(cfg), switch_rss=(key, tuple(table), served))
+
+
 def _forwarding() -> bool:
     """Does this namespace's kernel forward IPv4?  (AF_PACKET leaves every frame to it too.)"""
     try:
@@ -149,7 +174,8 @@ def main(argv=None) -> int:
     from .journal import FormatError, JournalError
 
     try:
-        w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+        w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp,
+                      params=_rss_params(cfg, nc))
     except (FormatError, JournalError) as exc:  # a state file of another version, or unwritable
         print(f"hypernat-nic: {exc}", file=sys.stderr)
         inside.close()
