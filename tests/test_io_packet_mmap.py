@@ -380,3 +380,15 @@ def test_one_port_per_receive_queue_of_a_multi_queue_link():
     finally:
         for n in (tx_ns, rx_ns):
             pr_netns.remove(n)
+
+
+def test_a_frame_longer_than_the_link_without_a_gso_request_is_counted(ns):
+    """A super-frame that left its batch as a copy (the slow path) has no GSO request
+    any more: longer than the link's MTU, it is counted as too big, not sent."""
+    a, b = ports(ns)
+    with a, b:
+        pkt, batch = _super_frame(3000, 1000)
+        plain = Batch.from_frames(batch.frames())  # the copy: checksum finished, no metadata
+        assert a.send(plain, np.arange(1)) == 0
+        assert a.stats()["tx_too_big"] == 1
+        assert a.send(batch, np.arange(1)) == 1  # with its GSO request it goes

@@ -384,6 +384,7 @@ cdef class TxRing:
     cdef uint8_t macs[12]
     cdef bint rewrite_macs
     cdef readonly int vlan_mode      # 0: frames leave as they are; 1: untagged; 2: tagged tx_tci
+    cdef readonly uint32_t max_plain  # longest frame sent without GSO (0: max_len); longer: too_big
     cdef readonly uint16_t tx_tci
 
     def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False):
@@ -407,6 +408,12 @@ cdef class TxRing:
         cdef bytes both = dst + src  # Ethernet order: destination first
         memcpy(self.macs, <const char *>both, 12)
         self.rewrite_macs = True
+
+    def set_max_plain(self, uint32_t n):
+        """The longest frame the link takes without segmentation (MTU + Ethernet + a tag):
+        a longer one without a GSO request (a super-frame copied out of its batch, say)
+        is counted as too big here instead of vanishing in the kernel (0: no limit)."""
+        self.max_plain = n
 
     def set_vlan(self, tci):
         """The 802.1Q tag of the link this ring sends on, written into every frame sent
@@ -466,7 +473,8 @@ cdef class TxRing:
                     if self.vlan_mode == 2:
                         add = 4
                 out_len = ln - skip + add
-                if out_len > self.max_len:
+                if out_len > self.max_len or (self.max_plain and out_len > self.max_plain and (
+                        i >= nmeta or m[i * VNET_LEN + 1] == GSO_NONE)):
                     self.too_big += 1
                     continue
                 if self.queued == self.frame_nr:

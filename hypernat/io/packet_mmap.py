@@ -285,6 +285,8 @@ class PacketMmapPort(Port):
         self.tx_ring = TxRing(self._tx_mem, frame_size, nr, self.vnet)
         # A router's egress: frames leave with this link's tag (its one VLAN), or none.
         self.tx_ring.set_vlan(self.vlans[0] if self.vlans else 0)
+        if self.vnet and getattr(self, "limits", None):
+            self.tx_ring.set_max_plain(self.limits["mtu"] + 14 + 4)
         s.bind((ifname, 0))
 
     # Port -----------------------------------------------------------------
