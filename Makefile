@@ -5,12 +5,14 @@
 #   make bench  run the benchmarks, save, and compare with the last saved run
 #   make portability  compile the fast path for aarch64; run its tests with -funsigned-char
 #   make debug / annotate   rebuild with bounds checks / write Cython's HTML annotation
+#   make soak   the testbed under a steady stream of new and closing connections, minutes
+#               (as root; not part of `make test`): SOAK_DURATION (s), SOAK_RATE (conn/s), SOAK_HOSTS
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= conf/testbed.yaml
 
-.PHONY: demo test bench build debug annotate portability deps clean
+.PHONY: demo test bench build debug annotate portability deps clean soak
 
 $(VENV)/.ok: requirements-dev.txt
 	bash tools/install-deps.sh
@@ -50,6 +52,12 @@ test: build
 
 bench: build
 	$(PY) tools/bench.py
+
+SOAK_DURATION ?= 300
+SOAK_RATE     ?= 40
+SOAK_HOSTS    ?= 24
+soak: build
+	$(PY) tools/soak.py --duration $(SOAK_DURATION) --rate $(SOAK_RATE) --hosts $(SOAK_HOSTS) $(SOAK_ARGS)
 
 portability: deps
 	bash tools/portability.sh

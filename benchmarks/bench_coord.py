@@ -30,6 +30,7 @@ import pytest
 import zmq
 
 from hypernat import messages as M
+from hypernat.lab.deadline import Deadline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECONDS = float(os.environ.get("HYPERNAT_COORD_BENCH_SECONDS", "2"))
@@ -85,20 +86,21 @@ class Rig:
         recs["rem_addr"], recs["rem_port"] = 0xC6336401, 443
         return recs.tobytes()
 
-    def round_trip(self, timeout_ms=-1):
-        """One FETCH of one record to nic1 and its RULE; seconds, or None on timeout."""
+    def round_trip(self, timeout_ms=1000):
+        """One FETCH of one record to nic1 and its RULE; seconds, or None when no RULE
+        for it came within `timeout_ms` (other messages meanwhile do not extend it)."""
         payload = self.fetch_payload(1)
         want = self.seq
         sock = self.sock
         rule = M.TYPE_FRAME[M.T_RULE]
-        sock.rcvtimeo = timeout_ms
+        d = Deadline(timeout_ms / 1000, "a RULE")
         t0 = time.perf_counter()
         sock.send_multipart((b"nic1", M.TYPE_FRAME[M.T_FETCH], payload))
         while True:
-            try:
-                src, t, body = sock.recv_multipart()
-            except zmq.Again:
+            left = d.left_ms()
+            if not left or not sock.poll(left):
                 return None
+            src, t, body = sock.recv_multipart()
             if t == rule and int.from_bytes(body[:4], "little") == want:
                 return time.perf_counter() - t0
 
@@ -120,6 +122,8 @@ class Rig:
             except zmq.Again:
                 raise RuntimeError("no answer within 1 s during the throughput run")
             if t != rule:
+                if time.perf_counter() > end + 5:
+                    raise RuntimeError("only messages other than RULE for 5 s past the run's end")
                 continue
             answered += len(body) // M.RULE_DTYPE.itemsize
             now = time.perf_counter()
@@ -129,13 +133,11 @@ class Rig:
             sock.send_multipart((b"nic1", fetch, payloads[i % 16]))
         wall = time.perf_counter() - t0
         cpu = _cpu_seconds(self.coord.pid) - cpu0
-        # drain what is still in flight
-        sock.rcvtimeo = 200
-        try:
-            while True:
-                sock.recv_multipart()
-        except zmq.Again:
-            pass
+        # drain what is still in flight (the answers to the last WINDOW messages)
+        d = Deadline(5.0, "the throughput run's last answers to drain")
+        while sock.poll(200):
+            sock.recv_multipart()
+            d.check()
         return answered / wall, cpu / wall
 
     def close(self):

@@ -45,6 +45,7 @@ import numpy as np
 import pytest
 import zmq
 
+from hypernat.lab.deadline import must, orphaned
 from hypernat.lab.emulated import UDP, Emulation, build_frame, emulated_config, parse_frame
 
 CONNS = int(os.environ.get("HYPERNAT_BENCH_CONNS", "200"))
@@ -67,20 +68,22 @@ def _wait_frame(ring, timeout=2.0):
         p.poll(max(1, int(left * 1000)))
 
 
-def _floor_broker(endpoint, ready):
+def _floor_broker(endpoint, ready, parent):
     ctx = zmq.Context()
     r = ctx.socket(zmq.ROUTER)
     r.setsockopt(zmq.ROUTER_MANDATORY, 1)
     r.bind(endpoint)
     ready.set()
-    while True:
+    while not orphaned(parent):
+        if not r.poll(100):
+            continue
         src, dst, body = r.recv_multipart()
         if body == b"stop":
             break
         r.send_multipart([dst, src, body])
 
 
-def _floor_peer(endpoint, ident, ready, ring_in=None, ring_out=None):
+def _floor_peer(endpoint, ident, ready, parent, ring_in=None, ring_out=None):
     """The owner (no rings: echo every message) or the holder (a frame on ring_in:
     b"f" forwards at once, b"m" asks the owner first, then forwards)."""
     ctx = zmq.Context()
@@ -93,7 +96,7 @@ def _floor_peer(endpoint, ident, ready, ring_in=None, ring_out=None):
         poller.register(ring_in.note.fd, zmq.POLLIN)
     ready.set()
     held = []
-    while True:
+    while not orphaned(parent):
         ev = dict(poller.poll(100))
         if d in ev:
             src, body = d.recv_multipart()
@@ -130,10 +133,10 @@ def measure_floor(conns: int, settle: float = 0.0) -> dict:
                              (_floor_peer, (endpoint, b"holder"))):
             ready = ctx.Event()
             extra = (rin, rout) if args[-1] == b"holder" else ()
-            p = ctx.Process(target=target, args=(*args, ready, *extra), daemon=True)
+            p = ctx.Process(target=target, args=(*args, ready, os.getpid(), *extra), daemon=True)
             p.start()
             procs.append(p)
-            ready.wait(10)
+            must(ready.wait(10), f"the floor's {target.__name__} {args[-1]!r} to start", 10)
         time.sleep(0.2)  # the DEALERs connected
         for _ in range(conns):
             for kind, out in ((b"m", firsts), (b"f", hits)):

@@ -25,6 +25,7 @@ machine's load.
 """
 import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 
 from hypernat.agent import predict_nic
+from hypernat.lab.deadline import must
 from hypernat.lab.emulated import _coord_main, emulated_config
 
 SECONDS = float(os.environ.get("HYPERNAT_SCALEUP_SECONDS", "2"))
@@ -56,7 +58,9 @@ def _worker(cfg, nic, frames, start, seconds, out):
     w = NicWorker(cfg, nic, inside, outside, state_dir=os.path.join(cfg.state_dir, f"bench{nic}"), journal=False,
                   restore=False)
     w.run(duration=1.0)  # warm-up: the first pass over the trace builds every flow's rule
-    start.wait()
+    if not start.wait(120):  # the parent gave up (it raises on its own deadlines)
+        w.close()
+        return
     n0, t0 = outside.counters["tx_packets"], time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
@@ -84,7 +88,7 @@ def measure(kit, n_workers, frames, nic_of, seconds):
     ready = ctx.Event()
     coord = ctx.Process(target=_coord_main, args=(cfg, cfg.coordinator.endpoint, ready), daemon=True)
     coord.start()
-    ready.wait(10)
+    must(ready.wait(10), "the coordinator to start", 10)
     start, out = ctx.Event(), ctx.Queue()
     procs = []
     for k in range(n_workers):
@@ -95,13 +99,24 @@ def measure(kit, n_workers, frames, nic_of, seconds):
     time.sleep(1.5 + 0.5 * n_workers)  # warm-ups
     c0, t0 = _cpu_seconds(coord.pid), time.perf_counter()
     start.set()
-    res = [out.get(timeout=seconds + 60) for _ in range(n_workers)]
-    wall = time.perf_counter() - t0
-    coord_cpu = _cpu_seconds(coord.pid) - c0
-    for p in procs:
-        p.join(10)
-    os.kill(coord.pid, signal.SIGTERM)
-    coord.join(5)
+    try:
+        res = [out.get(timeout=seconds + 60) for _ in range(n_workers)]
+        wall = time.perf_counter() - t0
+        coord_cpu = _cpu_seconds(coord.pid) - c0
+    except queue.Empty:
+        raise RuntimeError(f"a worker did not report within {seconds + 60:g} s "
+                           f"(alive: {[p.is_alive() for p in procs]})") from None
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        os.kill(coord.pid, signal.SIGTERM)
+        coord.join(5)
+        if coord.is_alive():
+            coord.kill()
+            coord.join(5)
     rate = sum(n / t for _, n, t in res)
     return rate, coord_cpu / wall
 

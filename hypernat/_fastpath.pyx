@@ -360,6 +360,7 @@ ctypedef struct hn_parsed:
     uint16_t sport, dport
     uint8_t proto, kind, ekind, tcp_flags, icmp_type
     uint8_t verdict, haskey, hairpin, frag
+    uint8_t partial     # the L4 checksum field holds the pseudo-header sum (checksum offload)
     uint8_t split       # longer than its exit link's MTU, DF clear: fragmented once sent
 
 
@@ -423,6 +424,18 @@ cdef inline uint32_t adjust_udp(uint32_t ck, uint64_t terms) noexcept nogil:
         return 0
     ck = adjust(ck, terms)
     return ck if ck else 0xFFFF
+
+
+cdef inline uint32_t adjust_l4(bint partial, bint udp, uint32_t ck, uint64_t aterms, uint64_t pterms) noexcept nogil:
+    """The TCP/UDP checksum field after the addresses (aterms) and ports (pterms)
+    changed.  A partial frame's field holds the pseudo-header sum, which the device
+    completes over the L4 header and payload: only the addresses are in it, and it is
+    a sum, not its complement (RFC 1624 applied to ~field; no UDP zero rule)."""
+    if partial:
+        return ~adjust(~ck & 0xFFFF, aterms) & 0xFFFF
+    if udp:
+        return adjust_udp(ck, aterms + pterms)
+    return adjust(ck, aterms + pterms)
 
 
 cdef inline uint32_t sum16(const hn_parsed *p, uint64_t start, uint64_t end) noexcept nogil:
@@ -681,6 +694,7 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
     cdef uint32_t sport = p.sport
     cdef uint32_t dport = p.dport
     cdef uint32_t proto = p.proto
+    cdef bint partial = p.partial
     cdef uint64_t aterms = d32(p.saddr, nsa) + d32(p.daddr, nda)
     cdef uint32_t ttl = rd8(p, b, l3 + 8)
     cdef uint32_t ck
@@ -691,12 +705,12 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
     wr32(p, b, l3 + 12, nsa)
     wr32(p, b, l3 + 16, nda)
     if kind == K_TCP:
-        ck = adjust(rd16(p, b, l4 + 16), aterms + d16(sport, nsp) + d16(dport, ndp))
+        ck = adjust_l4(partial, False, rd16(p, b, l4 + 16), aterms, d16(sport, nsp) + d16(dport, ndp))
         wr16(p, b, l4 + 16, ck)
         wr16(p, b, l4, nsp)
         wr16(p, b, l4 + 2, ndp)
     elif kind == K_UDP:
-        ck = adjust_udp(rd16(p, b, l4 + 6), aterms + d16(sport, nsp) + d16(dport, ndp))
+        ck = adjust_l4(partial, True, rd16(p, b, l4 + 6), aterms, d16(sport, nsp) + d16(dport, ndp))
         wr16(p, b, l4 + 6, ck)
         wr16(p, b, l4, nsp)
         wr16(p, b, l4 + 2, ndp)
@@ -726,6 +740,7 @@ cdef inline void rewrite_one(const hn_parsed *p, bint dst, uint32_t na, uint32_t
     cdef uint64_t aoff = 16 if dst else 12
     cdef uint64_t poff = 2 if dst else 0
     cdef uint64_t aterms = d32(oa, na) + 0x1FFFE
+    cdef bint partial = p.partial
     cdef uint32_t ttl = rd8(p, b, l3 + 8)
     cdef uint32_t ck
     ck = adjust(rd16(p, b, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
@@ -733,10 +748,10 @@ cdef inline void rewrite_one(const hn_parsed *p, bint dst, uint32_t na, uint32_t
     wr16(p, b, l3 + 10, ck)
     wr32(p, b, l3 + aoff, na)
     if kind == K_TCP:
-        wr16(p, b, l4 + 16, adjust(rd16(p, b, l4 + 16), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + 16, adjust_l4(partial, False, rd16(p, b, l4 + 16), aterms, d16(op, np_) + 0xFFFF))
         wr16(p, b, l4 + poff, np_)
     elif kind == K_UDP:
-        wr16(p, b, l4 + 6, adjust_udp(rd16(p, b, l4 + 6), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + 6, adjust_l4(partial, True, rd16(p, b, l4 + 6), aterms, d16(op, np_) + 0xFFFF))
         wr16(p, b, l4 + poff, np_)
     else:
         ck = adjust(rd16(p, b, l4 + 2), d16(p.sport, np_))
@@ -1155,7 +1170,8 @@ cdef void first_fragment_record(const hn_ctx *c, const hn_parsed *p, int directi
 
 cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t blen,
                           const uint32_t *off, const uint32_t *ln, size_t n, int direction,
-                          uint32_t now, uint8_t *verdicts, hn_key *keys) noexcept nogil:
+                          uint32_t now, uint8_t *verdicts, hn_key *keys,
+                          const uint8_t *partial) noexcept nogil:
     cdef hn_parsed ps[GROUP]
     cdef hn_parsed *p
     cdef const hn_table *t = c.out if direction == DIR_OUT else c.inn
@@ -1191,9 +1207,12 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
         for k in range(m):
             p = &ps[k]
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
+            p.partial = partial[base + k] != 0 if partial != NULL else 0
             if p.verdict == V_PENDING:
-                # (a first fragment goes the fragment table's way, as it came)
-                if hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits) and not p.frag:
+                # (a first fragment goes the fragment table's way, as it came; a partial
+                # frame -- a super-frame, segmented by the kernel after us -- as it is)
+                if (hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits)
+                        and not p.frag and not p.partial):
                     p.split = 0
                     if too_big(r, p, direction):
                         if rd16(p, b, p.l3 + 6) & 0x4000:      # DF: answered in pass 2
@@ -1626,15 +1645,18 @@ cdef class Translator:
         memcpy(self.c.l2[d], <const char *>both, 12)
         self.c.l2set[d] = 1
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None):
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None):
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
-        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL."""
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL.
+        ``partial``: uint8 per frame, non-zero where the TCP/UDP checksum field holds
+        the pseudo-header sum (checksum offload, docs/fastpath.md)."""
         cdef uint8_t[::1] b
         cdef const uint32_t[::1] o
         cdef const uint32_t[::1] l
         cdef uint8_t[::1] v
         cdef cnp.ndarray ka
         cdef hn_key *kp = NULL
+        cdef const uint8_t *pp = NULL
         cdef int d
         cdef uint32_t t
         cdef uint8_t *bp = NULL
@@ -1692,6 +1714,10 @@ cdef class Translator:
             if not cnp.PyArray_IS_C_CONTIGUOUS(ka) or not cnp.PyArray_ISWRITEABLE(ka):
                 raise ValueError("keys must be contiguous and writable")
             kp = <hn_key *>cnp.PyArray_DATA(ka)
+        if partial is not None:
+            if not _plain(partial, cnp.NPY_UINT8, False) or cnp.PyArray_DIM(<cnp.ndarray>partial, 0) < n:
+                raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
+            pp = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>partial)
         if type(direction) is int and (direction == DIR_OUT or direction == DIR_IN):
             d = direction
         else:
@@ -1711,7 +1737,7 @@ cdef class Translator:
             self._frag._busy += 1
         try:
             with nogil:
-                translate_batch(&self.c, &self.r, bp, blen, op, lp, <size_t>n, d, t, vp, kp)
+                translate_batch(&self.c, &self.r, bp, blen, op, lp, <size_t>n, d, t, vp, kp, pp)
         finally:
             self._out._busy -= 1
             self._in._busy -= 1

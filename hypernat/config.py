@@ -87,6 +87,21 @@ class ConfigError(ValueError):
 # The typed configuration
 
 
+def _vlan_list(r, node, key, path) -> tuple:
+    """A NIC's ``inside_vlans`` / ``outside_vlans``: a list of 802.1Q VLAN IDs 1-4094."""
+    v = node.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise r.err(f"{path}.{key}", f"expected a list of VLAN IDs, got {v!r}")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 4094:
+            raise r.err(f"{path}.{key}", f"VLAN ID {x!r} is not an integer in 1-4094")
+    if len(v) > 1:
+        raise r.err(f"{path}.{key}", f"one VLAN per port (frames sent there carry its tag), got {v}")
+    return tuple(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class NicConfig:
     id: int
@@ -97,6 +112,9 @@ class NicConfig:
     rt_priority: int = 0  # SCHED_FIFO priority 1..99; 0 = normal scheduling (opt-in)
     curve_secret_key: Optional[str] = None  # this NIC's CURVE key pair (zmq.auth .key_secret)
     curve_public_key: Optional[str] = None  # its public half, bound to this NIC id by the coordinator
+    inside_vlans: tuple = ()  # 802.1Q VLAN IDs the inside link carries (a tag not listed: dropped, counted)
+    outside_vlans: tuple = ()  # the same for the outside link
+    queue: Optional[int] = None  # serve only this receive queue of both links (one worker per queue)
     inside_mtu: Optional[int] = None  # largest IPv4 datagram sent inside; None: the interface's MTU, read at start
     outside_mtu: Optional[int] = None  # ... and outside (a narrower link behind the gateway: set it lower)
 
@@ -427,7 +445,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     if not isinstance(nics_node, list) or not nics_node:
         raise r.err("nics", "expected a non-empty list of NICs")
     nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key",
-                "inside_mtu", "outside_mtu"}
+                "inside_vlans", "outside_vlans", "queue", "inside_mtu", "outside_mtu"}
     nics, seen_ifaces = {}, {}
     for i, n in enumerate(nics_node):
         p = f"nics[{i}]"
@@ -444,14 +462,21 @@ def from_dict(tree, path: str = "<dict>") -> Config:
             rt_priority=r.integer(n, "rt_priority", p, 0, lo=0, hi=99),
             curve_secret_key=r.string(n, "curve_secret_key", p),
             curve_public_key=r.string(n, "curve_public_key", p),
+            inside_vlans=_vlan_list(r, n, "inside_vlans", p),
+            outside_vlans=_vlan_list(r, n, "outside_vlans", p),
+            queue=r.integer(n, "queue", p, None, lo=0, hi=1023),
             inside_mtu=r.integer(n, "inside_mtu", p, None, lo=68, hi=65535),
             outside_mtu=r.integer(n, "outside_mtu", p, None, lo=68, hi=65535),
         )
         for role in ("inside", "outside"):
+            # An interface serves several NICs only queue by queue: each names its queue.
             name = getattr(nic, role)
-            if name in seen_ifaces:
-                raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {seen_ifaces[name]}")
-            seen_ifaces[name] = f"{p}.{role}"
+            for (other, q), where in seen_ifaces.items():
+                if other == name and (q is None or nic.queue is None or q == nic.queue):
+                    what = f"queue {q} of it" if q is not None and q == nic.queue else "it"
+                    raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {where} ({what}); "
+                                               "NICs share an interface only with a distinct `queue` each")
+            seen_ifaces[(name, nic.queue)] = f"{p}.{role}"
         nics[nid] = nic
     n_nics = len(nics)
     for i, n in enumerate(nics_node):

@@ -32,12 +32,14 @@ API (both modules)
     whose destination lies in the pool is a hairpin.  ``frag``: a ``FragTable`` of the
     same twin (virtual reassembly, docs/fastpath.md "Fragments"); None drops every
     fragment (verdict ``fragment``).
-    ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None) -> None``:
+    ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None) -> None``:
     ``buf`` a writable contiguous uint8 buffer; ``offsets``/``lengths`` uint32 arrays of
     n frames inside it; ``direction`` ``verdicts.OUT`` or ``verdicts.IN``; ``now`` uint32
     clock ticks written to ``last_seen`` on a hit; ``verdicts`` uint8[n] output; ``keys``
     optional KEY_DTYPE[n] output (the lookup key of every parsed frame).  Frames are
     rewritten in place.  Never reads or writes outside ``buf[offset:offset+length]``.
+    ``partial`` optional uint8[n]: non-zero where the TCP/UDP checksum field holds the
+    pseudo-header sum (checksum offload): only the addresses update it.
     ``set_l2(direction, src_mac: bytes, dst_mac: bytes)``: after translation, frames
     sent toward `direction`'s far side get these MACs (HAIRPIN frames use the IN
     direction's pair: they go back inside); unset = leave MACs alone.

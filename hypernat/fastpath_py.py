@@ -516,6 +516,7 @@ class Translator:
         self.pool = tuple(self.pool)
         self.counters = np.zeros((2, N_VERDICTS), dtype=np.uint64)
         self._l2 = [None, None]  # per exit direction: (src_mac, dst_mac) or None
+        self._partial = False  # the frame being translated has a partial checksum (translate sets it)
         # The router part (set_router) and the output area of generated frames.
         output_bytes, output_frames = _check_output_area(output_bytes, output_frames)
         self.router_events = np.zeros((2, N_ROUTER_EVENTS), dtype=np.uint64)
@@ -592,9 +593,10 @@ class Translator:
 
     # -- the batch -----------------------------------------------------------------------
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None) -> None:
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None) -> None:
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
-        ``verdicts[i]`` (and ``keys[i]``) for each; count them."""
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  ``partial``: non-zero
+        where the TCP/UDP checksum field holds the pseudo-header sum (offload)."""
         b = _as_u8_buffer(buf)
         offsets = _as_array(offsets, np.uint32, "offsets")
         lengths = _as_array(lengths, np.uint32, "lengths")
@@ -609,6 +611,10 @@ class Translator:
                 raise TypeError("keys must be a one-dimensional numpy array of layout.KEY_DTYPE")
             if keys.shape[0] < n:
                 raise ValueError(f"keys has room for {keys.shape[0]} frames, batch has {n}")
+        if partial is not None:
+            partial = _as_array(partial, np.uint8, "partial")
+            if partial.shape[0] < n:
+                raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
         _check_direction(direction)
         now = int(now)
         if not (0 <= now <= _U32):
@@ -621,6 +627,7 @@ class Translator:
         if self.frag is not None and n:
             self.frag.begin(now)
         for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            self._partial = partial is not None and partial[i] != 0
             v, key = self._frame(b, buflen, off, length, direction, now)
             verdicts[i] = v
             counts[v] += 1
@@ -761,6 +768,7 @@ class Translator:
         hairpin = direction == OUT and self.pool and self._in_pool(daddr)
         # The size against the MTU of the link it leaves by (hairpins go back inside).
         exitdir = IN if hairpin else direction
+        router = router and not self._partial  # a super-frame is segmented after us, by the kernel
         split = self._size_check(b, off, ip, l4, end, direction, exitdir, now) if router else False
         if split is None:
             return V_FRAG_NEEDED, key
@@ -846,7 +854,12 @@ class Translator:
             return
         old_words = old_addr_words + (sport, dport)
         new_words = new_addr_words + (nsport, ndport)
-        if proto == PROTO_TCP:
+        if self._partial:
+            # Checksum offload: the field holds the pseudo-header sum (not complemented),
+            # which covers the addresses and not the ports (RFC 1624 on its complement).
+            o = l4 + (TCP_CSUM if proto == PROTO_TCP else UDP_CSUM)
+            _put16(b, o, ~_csum_adjust(~_be16(b, o) & 0xFFFF, old_addr_words, new_addr_words) & 0xFFFF)
+        elif proto == PROTO_TCP:
             c = _be16(b, l4 + TCP_CSUM)
             _put16(b, l4 + TCP_CSUM, _csum_adjust(c, old_words, new_words))
         else:
@@ -1050,7 +1063,7 @@ class Translator:
         # The embedded packet went the other way through us: its flow reversed is the
         # session key in the table of this direction.
         key = (edst, esrc, edport, esport, eproto, KIND_ICMP_ERROR, 0, icmp_type)
-        split = self._size_check(b, off, ip, l4, end, direction, direction, now)
+        split = False if self._partial else self._size_check(b, off, ip, l4, end, direction, direction, now)
         if split is None:
             return V_FRAG_NEEDED, key
         t = self.out_table if direction == OUT else self.in_table

@@ -230,7 +230,8 @@ def test_under_debug_build():
     env = dict(os.environ, HYPERNAT_UNDER_DEBUG_BUILD="1")
     tests = [os.path.join(HERE, n) for n in
              ("test_fastpath_robustness.py", "test_fastpath_malformed.py", "test_fastpath_twins.py",
-              "test_fastpath_icmp_errors.py", "test_fastpath_icmp_gen.py", "test_fastpath_mss.py")]
+              "test_fastpath_icmp_errors.py", "test_fastpath_partial.py", "test_fastpath_icmp_gen.py",
+              "test_fastpath_mss.py")]
     r = subprocess.run([sys.executable, "-c", DEBUG_RUNNER, d, *tests], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     tail = (r.stdout[-4000:] + r.stderr[-2000:])

@@ -137,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--no-run", action="store_true", help="only compare the two latest saved runs")
     ap.add_argument("--wall", action="store_true",
                     help="time with the wall clock instead of the thread's CPU time")
+    ap.add_argument("--max-minutes", type=float, default=120,
+                    help="stop the benchmark run after this long (each benchmark has pytest's own timeout too)")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to pytest")
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1:
@@ -152,7 +154,12 @@ def main(argv=None):
             cmd.append("--benchmark-timer=time.thread_time")
         cmd += args.pytest_args
         print("bench:", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
+        try:
+            rc = subprocess.call(cmd, cwd=ROOT, timeout=args.max_minutes * 60)
+        except subprocess.TimeoutExpired:  # call() killed pytest
+            print(f"bench: the run did not finish within {args.max_minutes:g} minutes (--max-minutes); stopped",
+                  file=sys.stderr)
+            rc = 124
         if rc != 0:
             print(f"bench: some benchmarks failed (pytest exit status {rc}); comparing the others",
                   file=sys.stderr)

@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from typing import Optional
 
 import zmq
@@ -61,9 +62,10 @@ class CtlClient:
         """The ``result`` of a query; CtlError on timeout or an error answer."""
         qid = next(self._ids)
         self.sock.send_multipart(M.frames(M.COORD, M.T_QUERY, M.pack_json({"id": qid, "op": op, "args": args})))
-        deadline_ms = int(self.timeout * 1000)
+        deadline = time.monotonic() + self.timeout  # stray answers do not extend it
         while True:
-            if not self.sock.poll(deadline_ms):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self.sock.poll(left_ms):
                 raise CtlError(f"no answer from the coordinator at {self.endpoint} within {self.timeout:g} s "
                                "(is hypernat-coord running? with CURVE: is this key authorized?)")
             frames = self.sock.recv_multipart()

@@ -129,11 +129,13 @@ class ScriptedNic:
         return sum(len(v) for v in batches.values())
 
     # -- the loop ------------------------------------------------------------------
+    SERVICE_MAX = 10_000  # messages handled per service() call
+
     def service(self, timeout_ms: int = 10) -> int:
         """Wait up to timeout_ms for messages, handle all waiting, run timers."""
         n = 0
         if self.sock.poll(timeout_ms):
-            while True:
+            while n < self.SERVICE_MAX:  # the timers below run even under a flood
                 try:
                     msg = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:

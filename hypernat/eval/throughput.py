@@ -49,6 +49,12 @@ import numpy as np
 from . import cpu_seconds, machine, md_table, progress, pyplot, save
 from .. import trace as T
 from ..io.base import Port
+from ..lab.deadline import recv_within
+
+# A worker's phase ends at the latest this long after "go" (it reports what it did by
+# then); the parent waits that long plus loading time for each report.
+PHASE_MAX_S = 120
+PHASE_S = PHASE_MAX_S + 60
 
 FRAME = 64
 CONFIGS = ("hypernat-2nic", "hypernat-1nic", "servernat")
@@ -199,7 +205,7 @@ def _worker(cfg, nic, standalone, conn):
             loads = []
             tx0 = inside.tx + outside.tx
             t0 = t_last = time.perf_counter()
-            deadline = t0 + 120
+            deadline = t0 + PHASE_MAX_S
             last = tx0
             while True:
                 # spin while the trace lasts; then block in poll (wakes on the coordinator's
@@ -275,7 +281,8 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
         ready = ctx.Event()
         coord = ctx.Process(target=_coord_main, args=(cfg, cfg.coordinator.endpoint, ready), daemon=True)
         coord.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            raise RuntimeError("the coordinator did not start within 10 s")
     pipes, procs = [], []
     for k in range(n):
         a, b = ctx.Pipe()
@@ -283,8 +290,8 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
         p.start()
         pipes.append(a)
         procs.append(p)
-    for a in pipes:
-        a.recv()
+    for k, a in enumerate(pipes):
+        recv_within(a, 60, f"nic{k} to start", procs[k])
     samples = []
     stop_sampling = threading.Event()
 
@@ -323,7 +330,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
                 a.send(("load", side, f, l, side == "out", 1))
             for a in pipes:
                 a.send(("go",))
-            done = [a.recv() for a in pipes]
+            done = [recv_within(a, PHASE_S, f"nic{k}'s {side} phase", procs[k]) for k, a in enumerate(pipes)]
             if side == "out":
                 kept, out_parts = [d[3] for d in done], parts
             phase[side] = {"frames_in": int(sum(len(p[0]) for p in parts)), "frames_out": int(sum(d[1] for d in done)),
@@ -337,12 +344,12 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
             a.send(("load", "warm", fi, li, False, rounds))
         for a in pipes:
             a.send(("go",))
-        done = [a.recv() for a in pipes]
+        done = [recv_within(a, PHASE_S, f"nic{k}'s established phase", procs[k]) for k, a in enumerate(pipes)]
         phase["established"] = {"frames_in": total * rounds, "frames_out": int(sum(d[1] for d in done)),
                                 "seconds": max(d[2] for d in done), "rounds": rounds}
         for a in pipes:
             a.send(("end",))
-        counters = [a.recv()[1] for a in pipes]
+        counters = [recv_within(a, 30, f"nic{k}'s counters", procs[k])[1] for k, a in enumerate(pipes)]
     finally:
         stop_sampling.set()
         for p in procs:

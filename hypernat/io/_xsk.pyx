@@ -82,6 +82,10 @@ cdef extern from *:
         return bpf_map_create(BPF_MAP_TYPE_XSKMAP, "hn_xsks", 4, 4, 64, NULL);
     }
     static unsigned long long hn_desc_addr(const struct xdp_desc *d) { return d->addr; }
+    /* Descriptors submitted to a producer ring that the kernel has not consumed yet. */
+    static inline unsigned int hn_prod_waiting(const struct xsk_ring_prod *r) {
+        return *r->producer - __atomic_load_n(r->consumer, __ATOMIC_ACQUIRE);
+    }
     /* The kernel's drop counters of an AF_XDP socket; -errno on failure. */
     static int hn_xdp_stats(int fd, unsigned long long out[6]) {
         struct xdp_statistics st;
@@ -96,6 +100,8 @@ cdef extern from *:
     struct xsk_ring_prod:
         uint32_t cached_prod
         uint32_t cached_cons
+        uint32_t *producer
+        uint32_t *consumer
     struct xsk_ring_cons:
         uint32_t cached_prod
         uint32_t cached_cons
@@ -123,6 +129,7 @@ cdef extern from *:
     int hn_attach(int prog_fd, int ifindex, unsigned flags)
     int hn_xskmap()
     int hn_xdp_stats(int fd, unsigned long long out[6])
+    unsigned int hn_prod_waiting(const xsk_ring_prod *r) nogil
     int xsk_umem__create(xsk_umem **umem, void *area, uint64_t size, xsk_ring_prod *fill, xsk_ring_cons *comp,
                          const xsk_umem_config *config)
     int xsk_socket__create(xsk_socket **xsk, const char *ifname, uint32_t queue_id, xsk_umem *umem,
@@ -174,7 +181,7 @@ cdef class XskSocket:
     cdef uint8_t macs[12]
     cdef bint rewrite_macs
     cdef readonly uint64_t rx_count, rx_bytes, tx_count, tx_bytes, tx_no_frame, tx_ring_full, tx_too_big
-    cdef readonly uint64_t tx_bad_frame, fill_failed, kicks, kick_errors
+    cdef readonly uint64_t tx_bad_frame, fill_failed, kicks, kick_errors, refused
 
     def __cinit__(self):
         self.map_fd = -1
@@ -334,6 +341,36 @@ cdef class XskSocket:
         if n:
             xsk_ring_cons__release(&self.comp, n)
 
+    cdef uint32_t _kick(self) noexcept nogil:
+        """Kick the kernel while descriptors wait in the TX ring, whether or not this
+        call queued any: a frame the device refused (a stopped queue: EAGAIN; the
+        carrier off: ENETDOWN) stays in the ring and only the next kick sends it.
+        Returns how many still wait."""
+        cdef ssize_t r
+        cdef int err
+        if hn_prod_waiting(&self.tx) == 0:
+            return 0
+        r = sendto(xsk_socket__fd(self.xsk), NULL, 0, MSG_DONTWAIT, NULL, 0)
+        self.kicks += 1
+        if r < 0:
+            err = errno
+            if err == EAGAIN or err == EBUSY or err == ENOBUFS or err == ENETDOWN:
+                self.refused += 1  # not now (carrier off: the descriptors stay in the ring)
+            else:
+                self.kick_errors += 1
+        return hn_prod_waiting(&self.tx)
+
+    def flush(self):
+        """Kick again what waits in the TX ring (see ``_kick``); reap completions.
+        Returns the descriptors still waiting."""
+        cdef uint32_t left
+        if self.xsk == NULL:
+            return 0
+        with nogil:
+            self._reap()
+            left = self._kick()
+        return left
+
     def send(self, const uint8_t[::1] buf not None, const uint32_t[::1] offsets not None,
              const uint32_t[::1] lengths not None, const int64_t[::1] idx not None):
         """Copy frames `idx` of a batch into free UMEM frames and queue them; kick."""
@@ -342,8 +379,6 @@ cdef class XskSocket:
         cdef uint32_t tidx = 0, queued = 0, want, off, ln, got
         cdef int64_t i
         cdef xdp_desc *d
-        cdef ssize_t r
-        cdef int err = 0
         if self.xsk == NULL or n == 0 or buflen == 0:
             return 0
         with nogil:
@@ -388,12 +423,7 @@ cdef class XskSocket:
                 self.tx.cached_prod -= got - queued
             if queued:
                 xsk_ring_prod__submit(&self.tx, queued)
-                r = sendto(xsk_socket__fd(self.xsk), NULL, 0, MSG_DONTWAIT, NULL, 0)
-                self.kicks += 1
-                if r < 0:
-                    err = errno
-                    if err != EAGAIN and err != EBUSY and err != ENOBUFS and err != ENETDOWN:
-                        self.kick_errors += 1
+            self._kick()
             self.tx_count += queued
         return queued
 
@@ -410,7 +440,8 @@ cdef class XskSocket:
     def counters(self):
         return {"rx_frames": self.rx_count, "rx_bytes": self.rx_bytes, "tx_frames": self.tx_count,
                 "tx_bytes": self.tx_bytes, "tx_ring_full": self.tx_ring_full, "tx_no_frame": self.tx_no_frame,
-                "tx_too_big": self.tx_too_big, "tx_bad_frame": self.tx_bad_frame, "tx_kick_errors": self.kick_errors,
+                "tx_too_big": self.tx_too_big, "tx_bad_frame": self.tx_bad_frame, "tx_kicks": self.kicks,
+                "tx_refused": self.refused, "tx_kick_errors": self.kick_errors,
                 "fill_failed": self.fill_failed, "tx_free_frames": self.n_free}
 
     def close(self):

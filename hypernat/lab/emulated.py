@@ -194,7 +194,7 @@ def make_conns(config, n: int, packets: int = 4, protos=(TCP, UDP), seed: int = 
     out, used = [], set()
     for c in range(n):
         proto = protos[c % len(protos)]
-        while True:
+        for _ in range(10_000):  # a random pick of a distinct tuple; bounded if the space runs out
             t = (proto, base + rnd.randrange(hosts), rnd.randrange(1024, 65535),
                  int(rnet.network_address) + 1 + rnd.randrange(rnet.num_addresses - 2),
                  rnd.choice((53, 80, 443, 8080)) if proto != ICMP else 0)
@@ -203,6 +203,8 @@ def make_conns(config, n: int, packets: int = 4, protos=(TCP, UDP), seed: int = 
             if t not in used:
                 used.add(t)
                 break
+        else:
+            raise ValueError(f"cannot pick {n} distinct connections from {hosts} hosts and {remote_net}")
         conn = Conn(c, *t, packets=packets)
         if icmp_every and c % icmp_every == 0 and packets >= 3 and proto != ICMP:
             conn.icmp_error_at = 1
@@ -358,12 +360,17 @@ class Emulation:
         self.coord = self.ctx.Process(target=_coord_main, args=(self.cfg, self.endpoint, ready), daemon=True,
                                       name="hn-coord")
         self.coord.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            raise RuntimeError("the coordinator did not start within 10 s")
 
     def kill_coordinator(self, sig=signal.SIGKILL) -> None:
         if self.coord is not None and self.coord.is_alive():
             os.kill(self.coord.pid, sig)
             self.coord.join(5)
+            if self.coord.is_alive():
+                log.warning("the coordinator did not stop within 5 s after signal %d: killed", sig)
+                self.coord.kill()
+                self.coord.join(5)
         self.coord = None
 
     def start_nic(self, k: int) -> None:
@@ -386,6 +393,10 @@ class Emulation:
         if sig != signal.SIGKILL:
             rep = self._collect(k, timeout)
         p.join(timeout)
+        if p.is_alive():  # did not stop in time: a crash, then
+            log.warning("nic%d did not stop within %g s after signal %d: killed", k, timeout, sig)
+            p.kill()
+            p.join(timeout)
         return rep
 
     def _collect(self, k, timeout) -> dict | None:

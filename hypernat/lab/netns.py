@@ -93,7 +93,7 @@ def run(name: str | None, argv: list[str], check=True, input_=None, timeout=30) 
 
 def pids_in(name: str) -> list[int]:
     """Processes living in namespace `name` (``ip netns pids``)."""
-    p = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    p = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
         return []
     return [int(x) for x in p.stdout.split() if x.isdigit()]

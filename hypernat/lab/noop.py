@@ -48,6 +48,7 @@ class NoopForwarder:
         self.counters = {"out_frames": 0, "in_frames": 0, "out_left_to_kernel": 0, "in_left_to_kernel": 0,
                          "out_tx_dropped": 0, "in_tx_dropped": 0, "batches": 0}
         self._running = False
+        self.tx_waiting = 0
 
     def poll_once(self) -> int:
         """Drain both ports once; returns frames forwarded."""
@@ -67,6 +68,8 @@ class NoopForwarder:
                 self.counters["batches"] += 1
             finally:
                 rx.release(b)
+        # frames a device refused earlier are sent again every turn, new frames or not
+        self.tx_waiting = self.inside.flush() + self.outside.flush()
         return moved
 
     def run(self, duration: float | None = None) -> None:
@@ -77,7 +80,9 @@ class NoopForwarder:
         end = None if duration is None else time.monotonic() + duration
         while self._running and (end is None or time.monotonic() < end):
             if not self.poll_once():
-                p.poll(50)  # blocking wait for the next frame; wakes at once when one lands
+                # wait for the next frame (wakes at once when one lands); soon again
+                # while a transmit ring holds frames its device refused
+                p.poll(1 if self.tx_waiting else 50)
 
     def stop(self, *_):
         self._running = False
@@ -86,7 +91,7 @@ class NoopForwarder:
         return {"forwarder": dict(self.counters), "inside": self.inside.stats(), "outside": self.outside.stats()}
 
 
-def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 4096, backend: str = "packet_mmap") -> list:
+def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 0, backend: str = "packet_mmap") -> list:
     """Start one forwarder process per NIC inside the lab's gw; wait until each is
     ready.  Returns the stats-file paths (written when `topo.down()` stops them)."""
     from .topology import STATE_DIR
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inside-peer", help="IPv4 next hop on the inside link (default: the route through it)")
     ap.add_argument("--outside-peer", help="IPv4 next hop on the outside link (default: the route through it)")
     ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"))
-    ap.add_argument("--rx-frames", type=int, default=4096)
+    ap.add_argument("--rx-frames", type=int, default=0,
+                    help="receive ring frames (0: the port's default, its memory budget for super-frame slots)")
     ap.add_argument("--ready-file", help="created once the rings are open and next hops resolved")
     ap.add_argument("--stats-file", help="JSON counters written on exit")
     ap.add_argument("--duration", type=float)
@@ -149,8 +155,8 @@ def main(argv=None) -> int:
     else:
         from ..io.packet_mmap import PacketMmapPort
 
-        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames)
-        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames)
+        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames or None)
+        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames or None)
     fwd = NoopForwarder(inside, outside, in_mac, out_mac)
     signal.signal(signal.SIGTERM, fwd.stop)
     signal.signal(signal.SIGINT, fwd.stop)

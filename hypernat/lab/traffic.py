@@ -75,8 +75,10 @@ class LinkSniffer:
         for k, s in self.socks.items():
             loop.add_reader(s.fileno(), self._drain, k, s)
 
+    DRAIN_MAX = 4096  # frames per wake-up: the loop's other readers get their turn
+
     def _drain(self, k, s) -> None:
-        while True:
+        for _ in range(self.DRAIN_MAX):
             try:
                 data, addr = s.recvfrom(256)
             except BlockingIOError:
@@ -170,18 +172,21 @@ async def tcp_echo(topo, n_conns=200, size=(1000, 32000), seed=0, timeout=30.0, 
         for s in sniffers:
             s.attach(loop)
 
-    async def serve(reader, writer):
+    async def echo(reader, writer):
         peer = writer.get_extra_info("peername")
-        try:
-            cid, n = HDR.unpack(await reader.readexactly(HDR.size))
-            data = await reader.readexactly(n)
-            r = results.get(cid)
-            if r is not None:
-                r.translated = peer[:2]
-                r.sent_ok = data == payload_for(cid, r.size, seed) and n == r.size
-            writer.write(data)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        cid, n = HDR.unpack(await reader.readexactly(HDR.size))
+        data = await reader.readexactly(n)
+        r = results.get(cid)
+        if r is not None:
+            r.translated = peer[:2]
+            r.sent_ok = data == payload_for(cid, r.size, seed) and n == r.size
+        writer.write(data)
+        await writer.drain()
+
+    async def serve(reader, writer):
+        try:  # bounded: a client that stops sending does not hold its handler
+            await asyncio.wait_for(echo(reader, writer), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         finally:
             writer.close()
@@ -249,7 +254,7 @@ async def udp_echo(topo, n_flows=50, size=64, seed=0, timeout=3.0, tries=3, port
     seen = {}
 
     def on_request():
-        while True:
+        for _ in range(4096):  # per wake-up: the flows' own readers get their turn
             try:
                 data, peer = srv.recvfrom(2048)
             except BlockingIOError:

@@ -265,6 +265,7 @@ class NicWorker:
         self.poller = zmq.Poller()
         for p in (inside, outside):
             self.poller.register(p.fileno(), zmq.POLLIN)
+        self._tx_waiting = 0  # frames the ports' devices refused, waiting to be sent again
         if not standalone:
             self._ctx = context or zmq.Context.instance()
             self._connect(endpoint or config.coordinator.endpoint)
@@ -531,7 +532,7 @@ class NicWorker:
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial)
         self._send_made()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
@@ -954,6 +955,8 @@ class NicWorker:
         timers.  Returns frames processed."""
         if self.agent.pending or self.agent._unacked or self._backlog or len(self.outbox):
             timeout_ms = min(timeout_ms, 5)
+        if self._tx_waiting:  # a device refused frames: ask it again soon
+            timeout_ms = min(timeout_ms, 1)
         events = dict(self.poller.poll(timeout_ms))
         t0 = time.perf_counter()
         now = self.clock()
@@ -968,6 +971,9 @@ class NicWorker:
             n += k
             if k == 0:
                 break
+        # frames a device refused (they wait in a transmit ring) are sent again every
+        # turn, whether or not new ones arrived
+        self._tx_waiting = self.inside.flush() + self.outside.flush()
         t2 = time.perf_counter()
         self._flush()  # answers and fetches leave before any housekeeping
         self._timers(now)
