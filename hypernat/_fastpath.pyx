@@ -1209,19 +1209,19 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
             p.partial = partial[base + k] != 0 if partial != NULL else 0
             if p.verdict == V_PENDING:
-                # (a first fragment goes the fragment table's way, as it came; a partial
-                # frame -- a super-frame, segmented by the kernel after us -- as it is)
+                p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
+                hn_prefetch(&t.s[p.hash & t.mask])
+                # (after the prefetch: its miss is what the group waits for.  A first
+                # fragment goes the fragment table's way, as it came; a partial frame --
+                # a super-frame, segmented by the kernel after us -- as it is)
                 if (hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits)
                         and not p.frag and not p.partial):
                     p.split = 0
+                    p.verdict = V_ROUTER
                     if too_big(r, p, direction):
+                        p.split = 1
                         if rd16(p, b, p.l3 + 6) & 0x4000:      # DF: answered in pass 2
                             p.verdict = V_FRAG_NEEDED
-                            continue
-                        p.split = 1
-                    p.verdict = V_ROUTER
-                p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
-                hn_prefetch(&t.s[p.hash & t.mask])
         # pass 2: probe, rewrite, account
         for k in range(m):
             p = &ps[k]
