@@ -1,0 +1,87 @@
+"""Readable reference model of the owner side's per-connection decisions (issue 11).
+
+Plain Python, no speed concerns: what the compiled code in ``hypernat/nat/`` must decide
+for the same inputs and seed.  tests/test_nat_model.py drives both with hypothesis.
+
+Covered so far: the port-block allocator (``hypernat.nat._ports.PortBlocks``).
+"""
+
+M64 = (1 << 64) - 1
+
+
+class SplitMix64:
+    """splitmix64 (Steele, Lea, Flood 2014): the allocator's random numbers."""
+
+    def __init__(self, seed):
+        self.state = seed & M64
+
+    def next(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+
+class Block:
+    def __init__(self, addr, lo, size, host, aidx):
+        self.addr, self.lo, self.size, self.host, self.aidx = addr, lo, size, host, aidx
+        self.used = [set(), set(), set()]  # per protocol index: used offsets
+
+
+class PortBlocksModel:
+    """Blocks assigned to hosts; RFC 6056 port choice inside one block.
+
+    pick: r = (next random & 0xFFFFFFFF) % size; the first free offset at or after r,
+    else the first free one from 0 (wrapping); with parity, only offsets k whose port
+    lo + k has the parity of the internal port (RFC 4787 REQ-3).  -1 if none.
+    """
+
+    def __init__(self, block_size, parity=False, seed=0):
+        self.block_size, self.parity = block_size, parity
+        self.rng = SplitMix64(seed)
+        self.blocks = {}
+
+    def add(self, g, aidx, addr, lo, size, host, full=False):
+        assert g not in self.blocks and 1 <= size <= self.block_size
+        b = self.blocks[g] = Block(addr, lo, size, host, aidx)
+        if full:
+            b.used = [set(range(size)) for _ in range(3)]
+
+    def remove(self, g):
+        del self.blocks[g]
+
+    def pick(self, g, pi, iport):
+        b = self.blocks[g]
+        if len(b.used[pi]) >= b.size:
+            return -1  # full: no random number drawn
+        r = (self.rng.next() & 0xFFFFFFFF) % b.size
+
+        def ok(k):
+            return k not in b.used[pi] and (not self.parity or (b.lo + k) % 2 == iport % 2)
+
+        for k in list(range(r, b.size)) + list(range(0, r)):
+            if ok(k):
+                b.used[pi].add(k)
+                return k
+        return -1
+
+    def pick_at(self, g, pi, off):
+        b = self.blocks[g]
+        if not 0 <= off < b.size or off in b.used[pi]:
+            return False
+        b.used[pi].add(off)
+        return True
+
+    def release(self, g, pi, off):
+        b = self.blocks.get(g)
+        if b is None or off not in b.used[pi]:
+            return -1
+        b.used[pi].discard(off)
+        return sum(len(u) for u in b.used)
+
+    def used_mask(self, g, pi):
+        return sum(1 << k for k in self.blocks[g].used[pi])
+
+    def n_used(self, g, pi):
+        return len(self.blocks[g].used[pi])
