@@ -73,6 +73,10 @@ class PortBlocksModel:
         b.used[pi].add(off)
         return True
 
+    def pick_exact(self, g, pi, iport):
+        off = iport - self.blocks[g].lo
+        return off if self.pick_at(g, pi, off) else -1
+
     def release(self, g, pi, off):
         b = self.blocks.get(g)
         if b is None or off not in b.used[pi]:

@@ -10,7 +10,7 @@ ports = pytest.importorskip("hypernat.nat._ports")
 
 OPS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "add_full", "remove", "pick", "pick", "pick", "pick_at", "release"]),
+        st.sampled_from(["add", "add_full", "remove", "pick", "pick", "pick", "pick_at", "pick_exact", "release"]),
         st.integers(0, 11),  # block id
         st.integers(0, 2),  # protocol index
         st.integers(0, 65535),  # internal port / offset source
@@ -52,6 +52,9 @@ def test_port_blocks_match_model(block_size, parity, seed, lo_odd, ops):
             m.remove(g)
         elif op == "pick":
             assert c.pick(g, pi, x) == m.pick(g, pi, x)
+        elif op == "pick_exact":
+            port = m.blocks[g].lo + x % (block_size + 2) - 1
+            assert c.pick_exact(g, pi, port) == m.pick_exact(g, pi, port)
         elif op == "pick_at":
             assert c.pick_at(g, pi, x % (block_size + 2)) == m.pick_at(g, pi, x % (block_size + 2))
         else:

@@ -327,6 +327,13 @@ cdef class PortBlocks:
         """Mark offset `off` of block `g` used if it is in the block and free (preservation)."""
         return self.take_at(self._slot(g), pi, off)
 
+    def pick_exact(self, int64_t g, int pi, int iport):
+        """Port preservation: port `iport` itself if block `g` holds it and it is free
+        (marked used): its offset, else -1."""
+        cdef int32_t s = self._slot(g)
+        cdef int off = iport - <int>self.s_lo[s]
+        return off if self.take_at(s, pi, off) else -1
+
     def is_used(self, int64_t g, int pi, int off):
         cdef int32_t s = self._slot(g)
         if off < 0 or <uint32_t>off >= self.s_size[s]:
