@@ -137,6 +137,7 @@ import numpy as np
 
 from . import layout
 from .nat._ports import PortBlocks
+from .nat._rate import HostRate
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
@@ -281,6 +282,7 @@ _R_NOT_OWNER = REASON["not_owner"]
 _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
 _EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
 _R_JOURNAL = REASON["journal_unavailable"]
+_R_RATE = REASON["host_rate_limited"]
 _JOURNAL_DOWN = object()  # _take_block: a block was free but could not be journaled
 JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again this long after
 
@@ -399,6 +401,8 @@ class RuleBuilder:
         # The blocks assigned to hosts here and their used ports (per protocol: live or
         # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
         self.blocks = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
+        # new connections per internal host: a token bucket each (None: no limit)
+        self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         self._n_sessions = 0
         self._used = [0, 0, 0]  # endpoints live or waiting, per protocol
         # Free blocks per address index: [next native block, end, [freed/adopted ids]].
@@ -607,6 +611,8 @@ class RuleBuilder:
             return self._refuse(_R_ICMP_NO_SESSION)
         if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
+        if self._rate is not None and not self._rate.take(iaddr, now):
+            return self._refuse(_R_RATE)  # a new connection beyond the host's rate
         if m is None:
             if self.recovering and iaddr in self._recovery_hosts:
                 if serving:

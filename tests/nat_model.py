@@ -89,3 +89,26 @@ class PortBlocksModel:
 
     def n_used(self, g, pi):
         return len(self.blocks[g].used[pi])
+
+
+class HostRateModel:
+    """Token bucket per internal host: `burst` tokens at most, `rate` more per second; a
+    new connection takes one, none left = refused (hypernat.nat._rate without eviction)."""
+
+    def __init__(self, rate, burst=0):
+        self.rate, self.burst = float(rate), float(burst) if burst > 0 else max(1.0, float(rate))
+        self.b = {}  # host -> [tokens, last]
+
+    def take(self, host, now):
+        if host not in self.b:
+            self.b[host] = [self.burst - 1.0, now]
+            return True
+        e = self.b[host]
+        if now > e[1]:
+            e[0] += (now - e[1]) * self.rate
+            e[1] = now
+        e[0] = min(e[0], self.burst)
+        if e[0] < 1.0:
+            return False
+        e[0] -= 1.0
+        return True

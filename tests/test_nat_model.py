@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from nat_model import PortBlocksModel
 
-ports = pytest.importorskip("hypernat.nat._ports")
+from hypernat.nat import _ports as ports  # noqa: E402
 
 OPS = st.lists(
     st.tuples(
