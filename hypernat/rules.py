@@ -136,6 +136,7 @@ import time as _time
 import numpy as np
 
 from . import layout
+from .nat._hosts import Hosts
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
@@ -313,22 +314,12 @@ _HOLD = -3  # crash recovery: the host's rules may come back from other NICs' cl
 log = logging.getLogger("hypernat.rules")
 
 
-class _Host:
-    __slots__ = ("iaddr", "aidx", "addr", "blocks", "nports", "cur")
-
-    def __init__(self, iaddr, aidx, addr):
-        self.iaddr, self.aidx, self.addr = iaddr, aidx, addr
-        self.blocks = []  # block ids (RuleBuilder.blocks), in assignment order
-        self.nports = [0, 0, 0]  # live mappings per protocol
-        self.cur = 0  # index of the block that last had room
-
-
 class _Mapping:
     # remotes: {remote addr << 16 | remote port: None} -- a dict of ints, not a set: the
     # cyclic GC does not track it (it would a set).  At 100k mappings the collector's
     # passes over live objects cost 20-35% of a setup (bench_rules, gc=frozen); what is
     # left for it is this one object per mapping.  ``block``: the block id.
-    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "host", "remotes", "ekey", "ikey")
+    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "remotes", "ekey", "ikey")
 
 
 class RuleBuilder:
@@ -397,7 +388,7 @@ class RuleBuilder:
         self._by_int = {}  # EIM: proto<<48 | iaddr<<16 | iport -> _Mapping
         self._by_out = {}  # APDM: out-key int -> _Mapping
         self._by_ext = {}  # proto<<48 | eaddr<<16 | eport -> _Mapping
-        self._hosts = {}  # iaddr -> _Host
+        self.hosts = Hosts()  # internal hosts with blocks here: address, blocks, live mappings (C)
         # The blocks assigned to hosts here and their used ports (per protocol: live or
         # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
         self.blocks = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
@@ -589,10 +580,10 @@ class RuleBuilder:
                 break
         else:
             return self._refuse(_R_NOT_INTERNAL)
-        h = self._hosts.get(iaddr)
+        known = iaddr in self.hosts
         if self._eim:
             # a host with blocks here is owned here (EIM hosts exist only at their owner)
-            if h is None:
+            if not known:
                 o = self.part.eim_owner(iaddr)
                 if o != self.nic:
                     if serving:
@@ -619,7 +610,7 @@ class RuleBuilder:
                     return self._refuse(_R_RECOVERING)
                 self.events["recovery_held"] += 1
                 return _HOLD
-            m = self._new_mapping(p, iaddr, iport, now, h)
+            m = self._new_mapping(p, iaddr, iport, now, known)
             if m.__class__ is int:
                 return m
             if not self._eim:
@@ -691,63 +682,48 @@ class RuleBuilder:
         return r, (IN, ik[0], ik[1], ik[2], ik[3], ik[4], layout.KIND_PLAIN)
 
     # -- allocation -----------------------------------------------------------------------
-    def _new_mapping(self, p, iaddr, iport, now, h=None):
+    def _new_mapping(self, p, iaddr, iport, now, known):
         """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason.
-        `h`: the host's state if the caller looked it up already."""
+        `known`: the host has a record here (``hosts``)."""
         pi = _PIDX[p]
-        if h is None:
+        hs = self.hosts
+        if not known:
             a = self._pick_address()
             if a < 0:
                 self.events["exhausted_pool"] += 1
                 return self._refuse(_R_EXHAUSTED)
-            h = self._hosts[iaddr] = _Host(iaddr, a, self.part.address_at(a))
-        if h.nports[pi] >= self._cap:
+            hs.add(iaddr, a, self.part.address_at(a))
+        if hs.nports(iaddr, pi) >= self._cap:
             return self._refuse(_R_CAP)
-        bl = self.blocks
-        blocks = h.blocks
-        nb = len(blocks)
-        g = off = -1
-        if self._preserve:
-            for c in blocks:
-                off = bl.pick_exact(c, pi, iport)
-                if off >= 0:
-                    g = c
-                    break
-        if g < 0 and nb:
-            cur = h.cur
-            for t in range(nb):
-                k = (cur + t) % nb
-                off = bl.pick(blocks[k], pi, iport)
-                if off >= 0:
-                    h.cur = k
-                    g = blocks[k]
-                    break
+        g, off = hs.allocate(iaddr, pi, iport, self._preserve, self.blocks)
         if g < 0:
+            nb = hs.nblocks(iaddr)
             if nb >= self._max_blocks:
                 return self._refuse(_R_CAP)
-            g = self._take_block(h, now)
+            g = self._take_block(iaddr, now)
             if g is _JOURNAL_DOWN:
-                if not blocks:
-                    del self._hosts[iaddr]
+                if not nb:
+                    hs.remove(iaddr)
                 return self._refuse(_R_JOURNAL)
             if g is None:
-                if not blocks:
-                    del self._hosts[iaddr]
+                if not nb:
+                    hs.remove(iaddr)
                     self.events["exhausted_pool"] += 1
                 else:
-                    self._host_address_full(h)
+                    self._host_address_full(iaddr)
                 return self._refuse(_R_EXHAUSTED)
+            bl = self.blocks
             off = bl.pick_exact(g, pi, iport) if self._preserve else -1
             if off < 0:
                 off = bl.pick(g, pi, iport)
             if off < 0:  # parity impossible in a 1-port block (the block stays with the host)
                 return self._refuse(_R_EXHAUSTED)
-            h.cur = len(h.blocks) - 1
+            hs.set_cur(iaddr, nb)
         self._used[pi] += 1
-        h.nports[pi] += 1
-        return self._make_mapping(p, iaddr, iport, g, off, h)
+        hs.add_ports(iaddr, pi, 1)
+        return self._make_mapping(p, iaddr, iport, g, off)
 
-    def _make_mapping(self, p, iaddr, iport, g, off, h) -> _Mapping:
+    def _make_mapping(self, p, iaddr, iport, g, off) -> _Mapping:
         """The mapping of (p, iaddr, iport) to port `off` of block `g` (already marked
         used): a rule id, the indexes, the translation log line."""
         m = _Mapping()
@@ -763,7 +739,7 @@ class RuleBuilder:
         ea, lo, _ = self.blocks.span(g)
         ep = lo + off
         m.rule_id, m.proto, m.iaddr, m.iport = rid, p, iaddr, iport
-        m.eaddr, m.eport, m.block, m.host = ea, ep, g, h
+        m.eaddr, m.eport, m.block = ea, ep, g
         m.remotes = {}
         m.ekey = ek = p << 48 | ea << 16 | ep
         self._by_ext[ek] = m
@@ -775,7 +751,7 @@ class RuleBuilder:
             tl.rule("create", p, iaddr, iport, ea, ep)
         return m
 
-    def _host_address_full(self, h: _Host) -> None:
+    def _host_address_full(self, iaddr: int) -> None:
         """A host with blocks whose address has no free block left: its new connection
         is refused, not moved to another address.  Paired pooling (RFC 4787 REQ-2: all
         of a host's mappings on one external address) is what EIM peers rely on, and a
@@ -789,8 +765,8 @@ class RuleBuilder:
         if t - self._last_log_host >= self._log_interval:
             self._last_log_host = t
             log.warning("nic%d: host %s: no free port block left on its address %s (paired pooling): new "
-                        "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(h.iaddr),
-                        _ip(h.addr), self.events["exhausted_host_address"], len(h.blocks))
+                        "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(iaddr),
+                        _ip(self.hosts.addr(iaddr)), self.events["exhausted_host_address"], self.hosts.nblocks(iaddr))
 
     def _pick_address(self) -> int:
         """Round-robin over addresses that still have a free block (new hosts spread)."""
@@ -804,9 +780,10 @@ class RuleBuilder:
             self._avail_set.discard(a)
         return -1
 
-    def _take_block(self, h: _Host, now: int):
-        """A free block on the host's address, journaled before use; None if none."""
-        st = self._addr.get(h.aidx)
+    def _take_block(self, iaddr: int, now: int):
+        """A free block on the host's address, journaled before use: its id; None if none."""
+        aidx = self.hosts.aidx(iaddr)
+        st = self._addr.get(aidx)
         if st is None:
             return None
         g = -1
@@ -833,30 +810,30 @@ class RuleBuilder:
             return None
         addr, lo, hi = self.part.block_span(g)
         if self.journal is not None:
-            if g not in self._prejournaled and not self._reserve_now(h.aidx, g):
-                self._give_back(g, h.aidx)  # free still: taken again once the journal writes
+            if g not in self._prejournaled and not self._reserve_now(aidx, g):
+                self._give_back(g, aidx)  # free still: taken again once the journal writes
                 return _JOURNAL_DOWN
             self._prejournaled.discard(g)  # durable: its host's record need not be (no fsync)
-            self._jlazy.append({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
+            self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi], "t": now})  # fmt: skip
-        self.blocks.add(g, h.aidx, addr, lo, hi - lo + 1, h.iaddr)
+        self.blocks.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
         if self.translog is not None and self.translog.per_block:
-            self.translog.block("block", h.iaddr, addr, lo, hi)
-        h.blocks.append(g)
+            self.translog.block("block", iaddr, addr, lo, hi)
+        self.hosts.append_block(iaddr, g)
         return g
 
     def _free_block(self, g: int) -> None:
         bl = self.blocks
         addr, lo, size = bl.span(g)
         iaddr, a = bl.host(g), bl.aidx(g)
-        h = self._hosts.get(iaddr)
-        if h is not None:
-            h.blocks.remove(g)
-            h.cur = 0
+        hs = self.hosts
+        if iaddr in hs:
+            hs.remove_block(iaddr, g)
+            hs.set_cur(iaddr, 0)
             if self.translog is not None and self.translog.per_block:
                 self.translog.block("block-free", iaddr, addr, lo, lo + size - 1)
-            if not h.blocks and not any(h.nports):
-                del self._hosts[iaddr]
+            if hs.idle(iaddr):
+                hs.remove(iaddr)
         bl.remove(g)
         if self.journal is not None:  # losing it (a power cut) only quarantines the block after a crash
             self._journal_lazy([{"op": "release", "block": g}])
@@ -1085,7 +1062,7 @@ class RuleBuilder:
         self._mappings[m.rule_id] = None
         self._free_ids.append(m.rule_id)
         pi = _PIDX[m.proto]
-        m.host.nports[pi] -= 1
+        self.hosts.add_ports(m.iaddr, pi, -1)
         tl = self.translog
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport)
@@ -1846,7 +1823,7 @@ class RuleBuilder:
             "sessions": self._n_sessions,
             "entries_out": len(self.out),
             "entries_in": len(self.inn),
-            "hosts": len(self._hosts),
+            "hosts": len(self.hosts),
             "blocks_in_use": len(self.blocks),
             "ports_in_use": sum(self._used),
             "ports_waiting_reuse": len(self._reuse),
@@ -1864,7 +1841,7 @@ class RuleBuilder:
         """The builder's state as plain data (JSON-able).  Table contents are not in it:
         the NIC daemon saves the FlowTables' slots beside it."""
         maps = []
-        bl = self.blocks
+        bl, hs = self.blocks, self.hosts
         for m in self._mappings[1:]:
             if m is not None:
                 maps.append([m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, sorted(m.remotes)])
@@ -1874,7 +1851,7 @@ class RuleBuilder:
             "mappings": maps,
             "free_ids": list(self._free_ids),
             "n_ids": len(self._mappings),
-            "hosts": [[h.iaddr, h.aidx, list(h.blocks), h.cur] for h in self._hosts.values()],
+            "hosts": [[ia, hs.aidx(ia), hs.blocks(ia), hs.cur(ia)] for ia in sorted(hs.ids())],
             "blocks": [[g, [bl.used_mask(g, pi) for pi in range(3)], [bl.n_used(g, pi) for pi in range(3)]]
                        for g in sorted(bl.ids())],
             "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
@@ -1907,33 +1884,32 @@ class RuleBuilder:
         self._lent = set(state["lent"])
         self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
         self._qskipped = set(int(g) for g in state.get("qskipped", ()))
-        self._hosts = {}
+        self.hosts = hs = Hosts()
         self.blocks = bl = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
         self._used = [0, 0, 0]
         for iaddr, aidx, bids, cur in state["hosts"]:
-            h = self._hosts[iaddr] = _Host(iaddr, aidx, self.part.address_at(aidx))
-            h.cur = cur
+            hs.add(iaddr, aidx, self.part.address_at(aidx))
+            hs.set_cur(iaddr, cur)
             for g in bids:
                 addr, lo, hi = self.part.block_span(g)
                 bl.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
                 for pi in range(3):
                     bl.set_mask(g, pi, int(used[g][0][pi]))
                     self._used[pi] += bl.n_used(g, pi)
-                h.blocks.append(g)
+                hs.append_block(iaddr, g)
         self._mappings = [None] * int(state["n_ids"])
         self._free_ids = [int(x) for x in state["free_ids"]]
         self._by_int, self._by_out, self._by_ext = {}, {}, {}
         self._n_sessions = 0
         for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
             m = _Mapping()
-            h = self._hosts[bl.host(g)]
-            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, m.host = rid, p, ia, ip, ea, ep, g, h
+            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block = rid, p, ia, ip, ea, ep, g
             m.remotes = dict.fromkeys(rems)
             m.ekey, m.ikey = p << 48 | ea << 16 | ep, p << 48 | ia << 16 | ip
             self._mappings[rid] = m
             self._by_ext[m.ekey] = m
-            h.nports[_PIDX[p]] += 1
+            hs.add_ports(bl.host(g), _PIDX[p], 1)
             self._n_sessions += len(m.remotes)
             if self._eim:
                 self._by_int[m.ikey] = m
@@ -2115,8 +2091,7 @@ class RuleBuilder:
                 ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
                 continue
             masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
-            h = self._hosts[bl.host(g)]
-            h.nports[pi] += 1
+            self.hosts.add_ports(bl.host(g), pi, 1)
             m = _Mapping()
             if self._free_ids:
                 rid = self._free_ids.pop()
@@ -2125,7 +2100,7 @@ class RuleBuilder:
                 rid = len(self._mappings)
                 self._mappings.append(m)
             m.rule_id, m.proto, m.iaddr, m.iport = rid, p, ia, ip
-            m.eaddr, m.eport, m.block, m.host = ea, ep, g, h
+            m.eaddr, m.eport, m.block = ea, ep, g
             m.remotes = {}
             m.ekey, m.ikey = ekey, ikey
             self._by_ext[ekey] = m
@@ -2175,18 +2150,18 @@ class RuleBuilder:
         self._qskipped.discard(g)  # never listed again: _free_block gives it back
         a = g // self.part.bpa
         addr, lo, hi = self.part.block_span(g)
-        h = self._hosts.get(iaddr)
-        if h is None:
-            h = self._hosts[iaddr] = _Host(iaddr, a, addr)
-        elif h.aidx != a:  # the host got an address since the restart: both stay in use
+        hs = self.hosts
+        if iaddr not in hs:
+            hs.add(iaddr, a, addr)
+        elif hs.aidx(iaddr) != a:  # the host got an address since the restart: both stay in use
             log.warning("nic%d: host %s: recovered block %d is on %s, its new mappings use %s", self.nic,
-                        _ip(iaddr), g, _ip(addr), _ip(h.addr))
+                        _ip(iaddr), g, _ip(addr), _ip(hs.addr(iaddr)))
         size = hi - lo + 1
         self.blocks.add(g, a, addr, lo, size, iaddr, full=True)
         full = (1 << size) - 1
         for pi in range(3):
             self._used[pi] += size
-        h.blocks.append(g)
+        hs.append_block(iaddr, g)
         self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),

@@ -112,3 +112,32 @@ class HostRateModel:
             return False
         e[0] -= 1.0
         return True
+
+
+class HostsModel:
+    """The host table's part of a new mapping (hypernat.nat._hosts.Hosts.allocate):
+    preservation over the host's blocks in order, else RFC 6056 choice (PortBlocksModel)
+    from the block that last had room on, wrapping over its blocks."""
+
+    def __init__(self, blocks: PortBlocksModel):
+        self.pb = blocks
+        self.h = {}  # iaddr -> {"blocks": [ids], "cur": int, "nports": [0, 0, 0]}
+
+    def add(self, iaddr):
+        self.h[iaddr] = {"blocks": [], "cur": 0, "nports": [0, 0, 0]}
+
+    def allocate(self, iaddr, pi, iport, preserve):
+        h = self.h[iaddr]
+        if preserve:
+            for g in h["blocks"]:
+                off = self.pb.pick_exact(g, pi, iport)
+                if off >= 0:
+                    return g, off
+        nb = len(h["blocks"])
+        for t in range(nb):
+            k = (h["cur"] + t) % nb
+            off = self.pb.pick(h["blocks"][k], pi, iport)
+            if off >= 0:
+                h["cur"] = k
+                return h["blocks"][k], off
+        return -1, -1

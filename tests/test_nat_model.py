@@ -81,3 +81,74 @@ def test_many_blocks_rehash_and_delete():
         live.discard(g)
     assert len(c) == len(live) and set(c.ids()) == live and all(c.host(g) == g for g in live)
     assert 9 not in c and 3 in c
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    parity=st.booleans(),
+    preserve=st.booleans(),
+    seed=st.integers(0, 2**64 - 1),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["block", "alloc", "alloc", "alloc", "release", "drop_host"]),
+                  st.integers(1, 4), st.integers(0, 2), st.integers(0, 300)),
+        max_size=200,
+    ),
+)
+def test_hosts_allocate_matches_model(parity, preserve, seed, ops):
+    """Hosts.allocate (C) against HostsModel: same block and port for the same inputs and seed."""
+    from hypernat.nat import _hosts
+    from nat_model import HostsModel
+
+    bs = 16
+    pb, mpb = ports.PortBlocks(bs, parity, seed), PortBlocksModel(bs, parity, seed)
+    hs, mh = _hosts.Hosts(), HostsModel(mpb)
+    next_block = 0
+    for op, host, pi, x in ops:
+        if host not in mh.h:
+            hs.add(host, 0, 7)
+            mh.add(host)
+        if op == "block":
+            g = next_block
+            next_block += 1
+            pb.add(g, 0, 7, 1000 + bs * g, bs, host)
+            mpb.add(g, 0, 7, 1000 + bs * g, bs, host)
+            hs.append_block(host, g)
+            mh.h[host]["blocks"].append(g)
+        elif op == "alloc":
+            iport = 1000 + x % (bs * max(1, next_block) + 4)
+            assert hs.allocate(host, pi, iport, preserve, pb) == mh.allocate(host, pi, iport, preserve)
+        elif op == "release" and mh.h[host]["blocks"]:
+            g = mh.h[host]["blocks"][x % len(mh.h[host]["blocks"])]
+            assert pb.release(g, pi, x % bs) == mpb.release(g, pi, x % bs)
+        elif op == "drop_host":
+            for g in mh.h[host]["blocks"]:
+                pb.remove(g)
+                mpb.remove(g)
+            hs.remove(host)
+            del mh.h[host]
+        if host in mh.h:
+            assert hs.blocks(host) == mh.h[host]["blocks"] and hs.cur(host) == mh.h[host]["cur"]
+    assert sorted(hs.ids()) == sorted(mh.h)
+
+
+def test_many_hosts_rehash_and_delete():
+    """Thousands of hosts in and out: records (and their block lists) survive the table's
+    growth and the backward shifts of deletion."""
+    from hypernat.nat import _hosts
+
+    hs = _hosts.Hosts()
+    live = set()
+    for h in range(1, 20000, 2):
+        hs.add(h, h % 5, h * 3)
+        hs.append_block(h, h * 10)
+        hs.append_block(h, h * 10 + 1)
+        live.add(h)
+    for h in range(1, 20000, 6):
+        hs.remove(h)
+        live.discard(h)
+    assert len(hs) == len(live) and set(hs.ids()) == live
+    assert all(hs.blocks(h) == [h * 10, h * 10 + 1] and hs.addr(h) == h * 3 for h in live)
+    hs.remove_block(3, 31)
+    assert hs.blocks(3) == [30] and not hs.idle(3)
+    hs.remove_block(3, 30)
+    assert hs.idle(3)

@@ -305,7 +305,7 @@ def test_property_no_endpoint_of_the_crashed_nic_is_reused_early(seed, reported,
         rb.sweep(t, max_slots=1 << 20, max_expire=1 << 20, budget_us=1e12)
         rb.sweep(t, max_slots=1 << 20, max_expire=1 << 20, budget_us=1e12)
     check_consistency(rb)
-    assert len(rb.out) == 0 and not rb.blocks and not rb._hosts
+    assert len(rb.out) == 0 and not rb.blocks and not rb.hosts
 
 
 # ---------------------------------------------------------------------------------------

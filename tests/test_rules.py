@@ -870,7 +870,7 @@ def test_bookkeeping_matches_tables(ops, mapping, filtering):
     sweep_all(rb, now + 10_000)
     sweep_all(rb, now + 20_000)
     check_consistency(rb)
-    assert len(rb.out) == 0 and not rb.blocks and not rb._hosts and rb.utilisation() == 0.0
+    assert len(rb.out) == 0 and not rb.blocks and not rb.hosts and rb.utilisation() == 0.0
 
 
 @pytest.mark.parametrize("mapping", ["endpoint-independent", "address-and-port-dependent"])
