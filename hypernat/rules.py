@@ -1574,13 +1574,15 @@ class RuleBuilder:
     # Settings a running NIC may change on SIGHUP; everything else (addresses, partition,
     # NICs, table sizes, mapping) changes only with a restart.
     LIVE_SETTINGS = ("timeouts", "limits.ports_per_host", "limits.sweep_step", "limits.sweep_max_expire",
-                     "limits.sweep_budget_us", "limits.exhaustion_log_interval", "translation_log")
+                     "limits.sweep_budget_us", "limits.exhaustion_log_interval", "translation_log",
+                     "limits.host_connection_rate", "limits.host_connection_burst")
 
     def apply_live(self, config) -> None:
         """Take the LIVE_SETTINGS of `config` (already validated and checked by the
         caller to differ from the running one only in those).  Existing sessions keep
         their state; new timeouts apply from the next sweep, a lower host cap to new
-        ports only, a new translation log from the next line."""
+        ports only, a new translation log from the next line, a new per-host connection
+        rate from the next new connection (every host starting with a full bucket)."""
         t, lim = config.timeouts, config.limits
         self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
@@ -1588,6 +1590,10 @@ class RuleBuilder:
         self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)
         self._cap = lim.ports_per_host
         self._max_blocks = -(-self._cap // self._bs)
+        old = self.config.limits
+        if (lim.host_connection_rate, lim.host_connection_burst) != (old.host_connection_rate, old.host_connection_burst):
+            # a new rate starts every host with a full bucket
+            self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         self.sweep_step = lim.sweep_step
         self.sweep_max_expire = lim.sweep_max_expire
         self.sweep_budget_us = lim.sweep_budget_us

@@ -56,3 +56,18 @@ def test_bucket_matches_model():
         now += rng.choice([0, 0, 0, 1, 2])
         h = rng.randrange(1, 40)
         assert c.take(h, now) == m.take(h, now)
+
+
+def test_rate_is_a_live_setting():
+    """A reload turns the limit on (and off) without a restart: the worker takes
+    RuleBuilder.LIVE_SETTINGS through apply_live."""
+    from hypernat.rules import RuleBuilder
+
+    assert {"limits.host_connection_rate", "limits.host_connection_burst"} <= set(RuleBuilder.LIVE_SETTINGS)
+    rb = make_rb(make_cfg(1, pool="198.18.77.0/28"))
+    (a,) = hosts_of(rb, 1)
+    rb.apply_live(make_cfg(1, pool="198.18.77.0/28", limits={"host_connection_rate": 5}))
+    d = miss(rb, OUT, [(UDP, a, 2000 + i, R1, 53) for i in range(12)], 100)
+    assert (d.action == ACT_REPLAY).sum() == 5  # burst 0: one second's worth
+    rb.apply_live(make_cfg(1, pool="198.18.77.0/28"))
+    assert (miss(rb, OUT, [(UDP, a, 3000 + i, R1, 53) for i in range(12)], 100).action == ACT_REPLAY).all()
