@@ -71,3 +71,28 @@ def test_rate_is_a_live_setting():
     assert (d.action == ACT_REPLAY).sum() == 5  # burst 0: one second's worth
     rb.apply_live(make_cfg(1, pool="198.18.77.0/28"))
     assert (miss(rb, OUT, [(UDP, a, 3000 + i, R1, 53) for i in range(12)], 100).action == ACT_REPLAY).all()
+
+
+def test_inside_flood_through_a_nic_worker(tmp_path):
+    """A NIC worker with real frames: a host flooding new flows gets its rate, the other
+    host all its flows, and the refusals are counted and exported as metrics."""
+    from prometheus_client import generate_latest
+
+    from hypernat.io.memory import MemoryPort
+    from hypernat.lab.emulated import UDP as EUDP, build_frame, emulated_config
+    from hypernat.nic.metrics import registry_for
+    from hypernat.nic.worker import NicWorker, spin
+
+    cfg = emulated_config(1, limits={"host_connection_rate": 10, "host_connection_burst": 10})
+    inside, outside = MemoryPort("in0"), MemoryPort("out0")
+    w = NicWorker(cfg, 0, inside, outside, state_dir=str(tmp_path / "nic0"), standalone=True)
+    try:
+        flooder, other, r = 0x0A00000A, 0x0A00000B, 0xC0000205
+        inside.inject([build_frame(EUDP, flooder, 20000 + i, r, 53) for i in range(100)])
+        inside.inject([build_frame(EUDP, other, 30000 + i, r, 53) for i in range(5)])
+        spin([w], lambda: w.counters_dict().get("rules_host_rate_limited", 0) >= 90 and len(outside._tx) >= 15, 5)
+        assert len(outside._tx) == 15  # the flooder's burst and all of the other host's flows
+        assert w.counters_dict()["rules_host_rate_limited"] == 90
+        assert "host_rate_limited" in generate_latest(registry_for(w)).decode()
+    finally:
+        w.close()
