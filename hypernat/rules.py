@@ -602,14 +602,14 @@ class RuleBuilder:
             return self._refuse(_R_ICMP_NO_SESSION)
         if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
+        if m is None and self.recovering and iaddr in self._recovery_hosts:
+            if serving:
+                return self._refuse(_R_RECOVERING)
+            self.events["recovery_held"] += 1
+            return _HOLD  # (takes no token: the frame comes back)
         if self._rate is not None and not self._rate.take(iaddr, now):
-            return self._refuse(_R_RATE)  # a new connection beyond the host's rate
+            return self._refuse(_R_RATE)  # a new connection beyond the host's rate (hypernat.nat._rate)
         if m is None:
-            if self.recovering and iaddr in self._recovery_hosts:
-                if serving:
-                    return self._refuse(_R_RECOVERING)
-                self.events["recovery_held"] += 1
-                return _HOLD
             m = self._new_mapping(p, iaddr, iport, now, known)
             if m.__class__ is int:
                 return m
