@@ -73,8 +73,11 @@ occupy their block, so a host that churns connections fast meets its cap sooner 
 with cloud NATs' ports per VM).  External endpoints are per protocol (TCP port 5000 and
 UDP port 5000 are different endpoints).
 
-Cost: everything here is per connection, in Python, batched at the numpy boundary (one
-``insert_batch`` per table per call).  The sweep's scan is numpy over a slot range; its
+Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
+hypernat.nat._hosts.Hosts) and the per-host connection rate (hypernat.nat._rate) are C
+records (no Python object per block or host; port choice in C); mappings and sessions
+are still Python objects, driven per miss in Python and batched at the numpy boundary
+(one ``insert_batch`` per table per call) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
 
@@ -123,6 +126,7 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
+    blocks, hosts        the C state (PortBlocks, Hosts): read them, do not change them
 """
 from __future__ import annotations
 
