@@ -185,6 +185,10 @@ class Limits:
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
     fragments: FragmentLimits = FragmentLimits()
     journal_log_bytes: int = 1 << 20  # block journal log compacted into a checkpoint past this size
+    # New connections per second one internal host may open (token bucket per host, in
+    # hypernat/nat/_rate.pyx; 0: no limit) and the bucket's size (0: one second's worth).
+    host_connection_rate: float = 0.0
+    host_connection_burst: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,6 +507,8 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
         fragments=_fragment_limits(r, lim.get("fragments")),
         journal_log_bytes=r.integer(lim, "journal_log_bytes", "limits", d.journal_log_bytes, lo=4096, hi=1 << 40),
+        host_connection_rate=r.number(lim, "host_connection_rate", "limits", d.host_connection_rate, lo=0),
+        host_connection_burst=r.number(lim, "host_connection_burst", "limits", d.host_connection_burst, lo=0),
     )
     n_ports = port_max - port_min + 1
     if limits.port_block_size > n_ports:

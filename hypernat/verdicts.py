@@ -118,6 +118,7 @@ SLOW_PATH_REASONS = (
     ("hairpin_disabled", "inside to a mapped external endpoint while hairpinning is off"),
     ("recovering", "a new mapping asked for a host whose rules are being recovered after a crash"),
     ("journal_unavailable", "no new port block: the block journal cannot be written (disk full, I/O error)"),
+    ("host_rate_limited", "the internal host opened new connections faster than limits.host_connection_rate"),
 )
 SLOW_PATH_REASON_NAMES = tuple(name for name, _ in SLOW_PATH_REASONS)
 
