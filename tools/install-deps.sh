@@ -3,9 +3,12 @@
 # missing, and only as root with apt-get (elsewhere it says what is missing).
 #   nftables, iproute2, ethtool, iperf3: the namespace testbed and Linux's NAT peer
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
-#   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
+#   gcc-aarch64-linux-gnu, libc6-dev-arm64-cross: the portability check (the fast path must
+#     build for ARM); debootstrap, debian-archive-keyring, qemu-user-static, binfmt-support:
+#     its arm64 root, where the fast-path tests run under qemu (tools/arm64-root.sh)
 set -euo pipefail
-want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
+want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file
+      libc6-dev-arm64-cross debootstrap debian-archive-keyring qemu-user-static binfmt-support)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do
@@ -18,5 +21,5 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
 fi
 echo "install-deps: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
