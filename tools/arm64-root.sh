@@ -91,6 +91,8 @@ ensure() {
     current || build
   fi
   flock -u 9
+  # trees left by runs that were killed (a finished run removes its own)
+  find "$ROOT/tmp" -maxdepth 1 -name 'hypernat-portability.*' -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
   echo "$ROOT"
 }
 

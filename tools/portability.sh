@@ -66,9 +66,10 @@ names = open(\"build/aarch64/modules\").read().split()
 for m in names:
     f = importlib.import_module(m).__file__
     assert f.endswith(\"-aarch64-linux-gnu.so\"), (m, f)
-import hypernat.fastpath as fp
+import platform, numpy, hypernat.fastpath as fp
 assert fp.IMPL == \"cython\", fp.IMPL
-print(\"portability: imported on aarch64:\", *names)"' sh "$rel"
+print(\"portability: imported on\", platform.machine(), \"(Python\", platform.python_version(), \"numpy\",
+      numpy.__version__ + \"):\", *names)"' sh "$rel"
 # test_under_debug_build rebuilds the extension with setup.py and Cython inside the root
 # (natively, under emulation: many minutes): the x86-64 run of `make test` runs it.
 # shellcheck disable=SC2016
