@@ -12,7 +12,7 @@ so the C matches the numpy headers it is compiled against (the host's numpy may 
 major version).  Each C_FILE (the slow-path modules setup.py compiles, generated on the
 host) is compiled for aarch64 but not linked: an x86-only construct fails here.
 
-The compiler is ``$CROSS`` (default aarch64-linux-gnu-gcc) with ``--sysroot=ROOT``: the
+The compiler is ``$CROSS`` (default aarch64-linux-gnu-gcc, possibly behind ccache) with ``--sysroot=ROOT``: the
 root's libc, Python and numpy headers and its libraries, and the compile and link flags
 the root's Python builds extensions with (its sysconfig CFLAGS, CCSHARED, LDSHARED), as
 setuptools would use them there.  Every object must be an aarch64 ELF.  Prints one line per
@@ -24,11 +24,12 @@ import concurrent.futures
 import json
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CROSS = os.environ.get("CROSS", "aarch64-linux-gnu-gcc")
+CROSS = shlex.split(os.environ.get("CROSS", "aarch64-linux-gnu-gcc"))  # may start with ccache
 TIMEOUT = 900  # seconds per compiler run (the biggest slow-path module takes ~1 min)
 ROOT_INFO = r"""
 import json, os, sysconfig, numpy
@@ -88,7 +89,7 @@ def run(cmd: list, what: str, cwd: str) -> None:
 
 
 def compile_c(root: str, info: dict, src: str, obj: str, flags: list, cwd: str) -> None:
-    run([CROSS, f"--sysroot={root}", *info["cflags"], "-Werror=implicit-function-declaration",
+    run([*CROSS, f"--sysroot={root}", *info["cflags"], "-Werror=implicit-function-declaration",
          f"-I{root}{info['include']}", *flags, "-c", src, "-o", obj], src, cwd)
     kind = subprocess.run(["file", "-b", obj], capture_output=True, text=True, timeout=60).stdout
     if "ARM aarch64" not in kind:
@@ -113,7 +114,7 @@ def build(root: str, tree: str, c_files: list) -> list:
         obj = os.path.join(objdir, e.name + ".o")
         compile_c(root, info, src, obj, [f"-I{d}" for d in incs] + macros + list(e.extra_compile_args), tree)
         so = os.path.join(tree, *e.name.split(".")) + info["ext_suffix"]
-        run([CROSS, f"--sysroot={root}", "-shared", *info["ldflags"], obj, *e.extra_link_args, "-o", so],
+        run([CROSS[-1], f"--sysroot={root}", "-shared", *info["ldflags"], obj, *e.extra_link_args, "-o", so],
             f"link {e.name}", tree)
         return f"{e.name} built for aarch64"
 

@@ -5,10 +5,11 @@
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
 #   gcc-aarch64-linux-gnu, libc6-dev-arm64-cross: the portability check (the fast path must
 #     build for ARM); debootstrap, debian-archive-keyring, qemu-user-static, binfmt-support:
-#     its arm64 root, where the fast-path tests run under qemu (tools/arm64-root.sh)
+#     its arm64 root, where the fast-path tests run under qemu (tools/arm64-root.sh);
+#     ccache: keeps its cross-compiled objects between runs
 set -euo pipefail
 want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file
-      libc6-dev-arm64-cross debootstrap debian-archive-keyring qemu-user-static binfmt-support)
+      libc6-dev-arm64-cross debootstrap debian-archive-keyring qemu-user-static binfmt-support ccache)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do
