@@ -48,6 +48,10 @@ fi
 CROSS=$cross_cc CCACHE_DIR=${CCACHE_DIR:-/var/cache/hypernat/ccache} CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1 \
   $PY tools/cross_aarch64.py "$root" "$arm_tree" $compiled_py
 
+# The fast-path tests (and the fragment table's, where there is one)
+mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag*.py')
+[ ${#tests[@]} -gt 0 ] || { echo "portability: no fast-path tests found" >&2; exit 1; }
+
 # 2. -funsigned-char on x86-64
 mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
@@ -55,14 +59,12 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
   cd "$tmp/tree"
   HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath \
     "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py
+  "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"
 )
 echo "portability: fast-path tests pass with -funsigned-char"
 
 # 3. the fast-path tests on aarch64, under qemu-user.  Every built extension must import
 #    there (its libraries resolve), and the fast path must be the aarch64 build.
-mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag*.py')
-[ ${#tests[@]} -gt 0 ] || { echo "portability: no fast-path tests found" >&2; exit 1; }
 rel=${arm_tree#"$root"}
 t_arm=$SECONDS
 # shellcheck disable=SC2016  # expanded by the root's shell
