@@ -59,7 +59,7 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
   cd "$tmp/tree"
   HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath \
     "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider "${tests[@]}"
+  "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}"
 )
 echo "portability: fast-path tests pass with -funsigned-char"
 
