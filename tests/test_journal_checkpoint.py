@@ -339,7 +339,7 @@ def test_snapshot_version_1_is_read_and_unknown_refused(tmp_path):
 def test_nic_main_refuses_an_unknown_journal_version_with_a_message(tmp_path, capsys, monkeypatch):
     from hypernat.nic import __main__ as nic_main
 
-    monkeypatch.setattr(nic_main, "open_port", lambda backend, ifname: MemoryPort(ifname))
+    monkeypatch.setattr(nic_main, "open_port", lambda backend, ifname, *args, **kw: MemoryPort(ifname))
 
     cfg_path = tmp_path / "gw.yaml"
     cfg = emulated_config(1)

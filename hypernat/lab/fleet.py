@@ -117,7 +117,11 @@ def derived_config(template_path: str, nics: int, run_dir: str) -> str:
     from ..config import load
 
     cfg = load(template_path)
-    if cfg.n_nics == nics and all(n.inside == f"inside{n.id}" and n.outside == f"outside{n.id}" for n in cfg.nics):
+    # kept as it is when its NICs serve exactly the lab's links, each entry one pair
+    # inside<j>/outside<j> (several entries on one pair: one worker per queue of it)
+    links = [n.inside[len("inside"):] for n in cfg.nics
+             if n.inside.startswith("inside") and n.outside == "outside" + n.inside[len("inside"):]]
+    if len(links) == cfg.n_nics and sorted(set(links)) == sorted(str(j) for j in range(nics)):
         return os.path.abspath(template_path)
     with open(template_path) as f:
         t = yaml.safe_load(f)
