@@ -287,6 +287,7 @@ setup(
             "hypernat=hypernat.cli:main",
             "hypernat-nic=hypernat.nic.__main__:main",
             "hypernat-coord=hypernat.coord.__main__:main",
+            "hypernat-fleet=hypernat.fleet.speaker:main",
         ]
     },
 )

@@ -64,6 +64,10 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+from ._csum cimport adjust, d16, d32, fold
+from ._frag cimport (FragTable, frag_begin, frag_first_check, frag_first_record, frag_later,
+                     hn_frag)
+
 import operator
 
 import numpy as np
@@ -202,6 +206,9 @@ if N_VERDICTS != _verdicts.N_VERDICTS or DIR_OUT != _verdicts.OUT or DIR_IN != _
 cdef enum:
     GROUP = 32              # frames parsed and prefetched before the first probe
     V_PENDING = 255         # parsed, waiting for its lookup
+    V_PENDING_FRAG = 254    # a later fragment, waiting for the fragment table
+    FR_FIRST = 1            # hn_parsed.frag: offset 0, MF set
+    FR_LATER = 2            # offset > 0
     # layout constants (checked against layout.py at import, below)
     F_OCCUPIED = 0x01
     F_ACTIVE = 0x04
@@ -343,7 +350,7 @@ ctypedef struct hn_parsed:
     uint32_t saddr, daddr
     uint16_t sport, dport
     uint8_t proto, kind, ekind, tcp_flags, icmp_type
-    uint8_t verdict, haskey, hairpin
+    uint8_t verdict, haskey, hairpin, frag
 
 
 ctypedef struct hn_ctx:
@@ -354,6 +361,7 @@ ctypedef struct hn_ctx:
     int npool
     int l2set[2]
     uint8_t l2[2][12]       # per exit direction: dst MAC then src MAC, as written
+    hn_frag *frag           # the fragment table, or NULL (fragments: V_FRAGMENT)
 
 
 cdef inline void chk(const hn_parsed *p, uint64_t pos, uint64_t n) noexcept nogil:
@@ -399,30 +407,6 @@ cdef inline void wr32(const hn_parsed *p, uint8_t *b, uint64_t pos, uint32_t v) 
     b[pos + 3] = <uint8_t>v
 
 
-cdef inline uint32_t fold(uint64_t s) noexcept nogil:
-    """One's-complement fold with end-around carry (RFC 1071), branch-free.  Every sum
-    here is below 2**32 (at most 2**15 words of 16 bits, or a few dozen terms), and
-    two folds bring any s < 2**32 to 16 bits: the first leaves at most 0x1FFFE, the
-    second at most 0xFFFF."""
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return <uint32_t>s
-
-
-cdef inline uint64_t d16(uint32_t old, uint32_t new) noexcept nogil:
-    """RFC 1624 eqn. 3 term for one 16-bit word m -> m': ~m + m'."""
-    return (~old & 0xFFFF) + (new & 0xFFFF)
-
-
-cdef inline uint64_t d32(uint32_t old, uint32_t new) noexcept nogil:
-    return d16(old >> 16, new >> 16) + d16(old & 0xFFFF, new & 0xFFFF)
-
-
-cdef inline uint32_t adjust(uint32_t ck, uint64_t terms) noexcept nogil:
-    """HC' = ~(~HC + sum of ~m + m')."""
-    return ~fold((~ck & 0xFFFF) + terms) & 0xFFFF
-
-
 cdef inline uint32_t adjust_udp(uint32_t ck, uint64_t terms) noexcept nogil:
     """UDP: zero means 'no checksum' and stays; a computed zero is sent as 0xFFFF."""
     if ck == 0:
@@ -465,6 +449,10 @@ cdef inline void parse_icmp_error(hn_parsed *p, uint32_t icmp_type) noexcept nog
     if (vihl >> 4) != 4 or eihl < 20 or e3 + eihl + 8 > p.end:
         p.verdict = V_DROP_ICMP_ERROR_MALFORMED
         return
+    if rd16(p, b, e3 + 6) & 0x1FFF:
+        # about a later fragment: no ports to translate by (and RFC 1122 3.2.2 forbids it)
+        p.verdict = V_DROP_ICMP_ERROR_FRAGMENT
+        return
     cdef uint64_t e4 = e3 + eihl
     cdef uint32_t eproto = rd8(p, b, e3 + 9)
     cdef uint32_t esa = rd32(p, b, e3 + 12)
@@ -477,7 +465,7 @@ cdef inline void parse_icmp_error(hn_parsed *p, uint32_t icmp_type) noexcept nog
     elif eproto == PROTO_ICMP:
         et = rd8(p, b, e4)
         if et != 0 and et != 8:
-            p.verdict = V_DROP_ICMP_ERROR_MALFORMED
+            p.verdict = V_DROP_ICMP_ERROR_ABOUT_ERROR   # never an error about an error (RFC 1122)
             return
         esp = edp = rd16(p, b, e4 + 4)
         p.ekind = K_ECHO
@@ -504,6 +492,7 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     p.verdict = V_PENDING
     p.haskey = 0
     p.hairpin = 0
+    p.frag = 0
     p.fs = off
     p.fe = <uint64_t>off + ln
     # 1. inside the buffer
@@ -543,10 +532,28 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     if total < ihl or total > avail:
         p.verdict = V_DROP_BAD_TOTAL_LENGTH
         return
-    # 4. fragments
-    if rd16(p, b, l3 + 6) & 0x3FFF:
-        p.verdict = V_FRAGMENT
-        return
+    # 4. fragments (docs/fastpath.md "Fragments"): a later one (offset > 0) carries no
+    # transport header: the fragment table translates it in pass 2.  A first one (offset
+    # 0, MF) is parsed on like any packet, but must hold its whole transport header.
+    cdef uint32_t fo = rd16(p, b, l3 + 6) & 0x3FFF
+    cdef uint32_t x4
+    if fo:
+        if c.frag == NULL:
+            p.verdict = V_FRAGMENT
+            return
+        if fo & 0x1FFF:
+            x4 = rd8(p, b, l3 + 9)
+            if x4 != PROTO_TCP and x4 != PROTO_UDP and x4 != PROTO_ICMP:
+                p.verdict = V_NOT_NAT       # as its first fragment: no table entry to wait for
+                return
+            if rd8(p, b, l3 + 8) <= 1:
+                p.verdict = V_TTL_EXCEEDED
+                return
+            p.l3 = l3
+            p.frag = FR_LATER
+            p.verdict = V_PENDING_FRAG
+            return
+        p.frag = FR_FIRST
     # 5. protocol; 6. L4 header within total_length
     cdef uint32_t proto = rd8(p, b, l3 + 9)
     cdef uint64_t l4 = l3 + ihl
@@ -554,25 +561,28 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     cdef uint64_t x
     if proto == PROTO_TCP:
         if l4len < 20:
-            p.verdict = V_DROP_BAD_L4_HEADER
+            p.verdict = V_DROP_FRAG_TINY if p.frag else V_DROP_BAD_L4_HEADER
             return
         x = (rd8(p, b, l4 + 12) >> 4) * 4
-        if x < 20 or x > l4len:
+        if x < 20:
             p.verdict = V_DROP_BAD_L4_HEADER
+            return
+        if x > l4len:
+            p.verdict = V_DROP_FRAG_TINY if p.frag else V_DROP_BAD_L4_HEADER
             return
         p.kind = K_TCP
     elif proto == PROTO_UDP:
         if l4len < 8:
-            p.verdict = V_DROP_BAD_L4_HEADER
+            p.verdict = V_DROP_FRAG_TINY if p.frag else V_DROP_BAD_L4_HEADER
             return
         x = rd16(p, b, l4 + 4)
-        if x < 8 or x > l4len:
+        if x < 8 or (x > l4len and not p.frag):   # a first fragment's UDP length covers the datagram
             p.verdict = V_DROP_BAD_L4_HEADER
             return
         p.kind = K_UDP
     elif proto == PROTO_ICMP:
         if l4len < 8:
-            p.verdict = V_DROP_BAD_L4_HEADER
+            p.verdict = V_DROP_FRAG_TINY if p.frag else V_DROP_BAD_L4_HEADER
             return
         p.kind = K_ECHO
     else:
@@ -590,6 +600,9 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     if proto == PROTO_ICMP:
         t = rd8(p, b, l4)
         if t == 3 or t == 11 or t == 12:
+            if p.frag:      # its checksum covers bytes we do not have
+                p.verdict = V_DROP_ICMP_ERROR_FRAGMENT
+                return
             parse_icmp_error(p, t)
             return
         if t != 0 and t != 8:
@@ -807,6 +820,28 @@ cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, in
     return V_TRANSLATED
 
 
+cdef uint8_t first_fragment_check(const hn_ctx *c, hn_parsed *p, int direction, uint32_t now) noexcept nogil:
+    """A first fragment is decided by the flow tables like any packet (hit, or a miss for
+    the slow path) unless the fragment table refuses it first: its verdict, V_PENDING
+    to go on.  A later fragment (V_PENDING_FRAG) and a frame parse dropped pass as
+    they are."""
+    if p.verdict != V_PENDING or p.frag != FR_FIRST:
+        return p.verdict
+    chk(p, p.l3, 20)
+    cdef uint8_t v = frag_first_check(c.frag, p.b, p.l3, direction, now)
+    return v if v else V_PENDING
+
+
+cdef void first_fragment_record(const hn_ctx *c, const hn_parsed *p, int direction, int exitdir,
+                                uint32_t now) noexcept nogil:
+    """A first fragment was translated: the fragment table records its translation and
+    releases the datagram's held fragments (toward `exitdir`, with its MACs)."""
+    cdef const uint8_t *mac = NULL
+    if c.l2set[exitdir]:
+        mac = &c.l2[exitdir][0]
+    frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac)
+
+
 cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint32_t *off,
                           const uint32_t *ln, size_t n, int direction, uint32_t now,
                           uint8_t *verdicts, hn_key *keys) noexcept nogil:
@@ -820,6 +855,8 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
     cdef uint8_t v
     cdef int exitdir
     cdef hn_key *kp
+    if c.frag != NULL:
+        frag_begin(c.frag, now)
     # Overlapping (or out-of-order) frames: strictly one after another.
     for i in range(1, n):
         if <uint64_t>off[i] < <uint64_t>off[i - 1] + ln[i - 1]:
@@ -840,12 +877,23 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
         for k in range(m):
             p = &ps[k]
             v = p.verdict
+            if p.frag:
+                v = first_fragment_check(c, p, direction, now)
             if v == V_PENDING:
                 v = resolve(c, p, t, direction, now)
                 if v == V_TRANSLATED or v == V_HAIRPIN:
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
+                    if p.frag:
+                        first_fragment_record(c, p, direction, exitdir, now)
                     if c.l2set[exitdir]:
                         chk(p, p.fs, 12)
+                        memcpy(b + p.fs, c.l2[exitdir], 12)
+            elif v == V_PENDING_FRAG:
+                chk(p, p.fs, p.fe - p.fs)
+                v = frag_later(c.frag, b, p.fs, p.fe, p.l3, direction, now)
+                if v == V_TRANSLATED or v == V_HAIRPIN:
+                    exitdir = DIR_IN if v == V_HAIRPIN else direction
+                    if c.l2set[exitdir]:
                         memcpy(b + p.fs, c.l2[exitdir], 12)
             verdicts[base + k] = v
             cnt[v] += 1
@@ -1075,14 +1123,17 @@ cdef class Translator:
 
     cdef FlowTable _out
     cdef FlowTable _in
+    cdef FragTable _frag
     cdef object _counters
     cdef object _pool_arr
     cdef tuple _pool
     cdef hn_ctx c
 
-    def __init__(self, FlowTable out_table not None, FlowTable in_table not None, pool=()):
+    def __init__(self, FlowTable out_table not None, FlowTable in_table not None, pool=(),
+                 FragTable frag=None):
         self._out = out_table
         self._in = in_table
+        self._frag = frag
         entries = []
         for entry in pool:
             net, plen = int(entry[0]), int(entry[1])
@@ -1099,6 +1150,7 @@ cdef class Translator:
         self.c.cnt = <uint64_t *>cnp.PyArray_DATA(self._counters)
         self.c.pool = <const uint32_t *>cnp.PyArray_DATA(self._pool_arr)
         self.c.npool = len(entries)
+        self.c.frag = &frag.f if frag is not None else NULL
 
     @property
     def out_table(self):
@@ -1107,6 +1159,11 @@ cdef class Translator:
     @property
     def in_table(self):
         return self._in
+
+    @property
+    def frag(self):
+        """The fragment table (None: every fragment is a counted ``fragment`` drop)."""
+        return self._frag
 
     @property
     def pool(self):
@@ -1222,12 +1279,16 @@ cdef class Translator:
             return None
         self._out._busy += 1
         self._in._busy += 1
+        if self._frag is not None:
+            self._frag._busy += 1
         try:
             with nogil:
                 translate_batch(&self.c, bp, blen, op, lp, <size_t>n, d, t, vp, kp)
         finally:
             self._out._busy -= 1
             self._in._busy -= 1
+            if self._frag is not None:
+                self._frag._busy -= 1
         return None
 
 

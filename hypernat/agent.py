@@ -59,6 +59,16 @@ handled idempotently (a duplicate RULE refreshes a clone, a duplicate FETCH is a
 again, a REVOKE of an unknown clone is acknowledged), so a coordinator restart loses
 nothing; ``resend_all`` sends everything pending at once after a re-HELLO.
 
+*Every answer is checked against its question* before it is acted on: a RULE or NACK
+completes a fetch only if it comes from the NIC the fetch was sent to, about the key
+that was asked, under the fetch's seq (retries reuse the seq, so an invalid answer
+leaves the fetch in place for the real one); an acknowledgement completes only a
+message of its own type sent to its sender; a LEASE or REVOKE acts only on a clone of
+the sender's; an ACTIVITY is merged and renewed only from a NIC holding a lease on the
+session; a loan answer counts only from the NIC asked.  Anything else changes nothing
+and is counted under its reason (``DROP_REASONS``).  A daemon's seqs start at a random
+number, so the answers to a previous incarnation's messages find nothing in flight.
+
 *Spill-over*: a NIC whose E_i is exhausted BORROWs a port block from a neighbour; the
 lender answers with a BORROW_ACK that it also sends to every other NIC as a loan notice,
 so all of them route fetches for that block to the borrower; an idle borrowed block is
@@ -72,7 +82,9 @@ hands frames back to the worker (``replay``) which runs them through
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
+import os
 import struct
 import time
 from bisect import bisect_left as _bisect_left
@@ -175,6 +187,8 @@ assert struct.calcsize("<IIBBBBIIIHHHH") == M.KEY_DTYPE.itemsize and M.KEY_DTYPE
 _RULE_FIELDS = ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
                 "rem_port", "owner", "proto")
 assert M.RULE_DTYPE.names[:11] == _RULE_FIELDS
+# an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
+_ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -198,8 +212,78 @@ def _nack_reason(status: int) -> int:
     return M.NACK[_NACK_OF.get(name, "no_rule")]
 
 
+# Control records the agent drops, by reason: declared once here (every one exported,
+# zero included, by the metrics endpoint; the tests name them).  A record is acted on
+# only if it answers what this NIC asked, of the NIC it asked, about what it asked; a
+# wrong NIC, a key or block nobody asked about, a seq no longer in flight (a stale
+# incarnation's, a repeat) changes nothing here and lands in one of these.
+DROP_REASONS = (
+    ("bad_message", "malformed or forged record: a rule whose owner is not its sender, a loan not by the "
+                    "block's native owner, an unknown message type"),
+    ("rule_duplicate", "RULE answering no fetch in flight (a retry answered twice, or timed out meanwhile)"),
+    ("rule_misdirected", "RULE for a seq in flight, from a NIC the fetch was not sent to"),
+    ("rule_mismatched", "RULE for a seq in flight, about another key than the one asked"),
+    ("nack_stale", "NACK answering no fetch in flight"),
+    ("nack_misdirected", "NACK for a seq in flight, from a NIC the fetch was not sent to"),
+    ("nack_mismatched", "NACK for a seq in flight, about another key than the one asked"),
+    ("ack_stale", "PUSH/REVOKE/RETURN acknowledgement of nothing in flight (a repeat)"),
+    ("ack_misdirected", "acknowledgement from a NIC the message was not sent to"),
+    ("ack_mismatched", "acknowledgement of another message type than the one in flight under its seq"),
+    ("lease_unknown", "LEASE for a clone not held here"),
+    ("lease_misdirected", "LEASE from a NIC that is not the clone's owner"),
+    ("revoke_unknown", "REVOKE of a clone not held here (acknowledged: a repeat is idempotent)"),
+    ("revoke_misdirected", "REVOKE from a NIC that is not the clone's owner (acknowledged, clone kept)"),
+    ("activity_unknown", "ACTIVITY from a NIC holding no lease on the session (acknowledged, not merged)"),
+    ("borrow_misdirected", "BORROW naming another NIC as lender"),
+    ("borrow_ack_misdirected", "BORROW_ACK to this NIC as borrower from a NIC it did not ask, or a refusal "
+                               "meant for another borrower"),
+    ("borrow_ack_stale", "refusal of a BORROW no longer in flight"),
+    ("return_refused", "RETURN of a block this NIC did not lend to the sender"),
+)
+# ... and the messages the NIC worker drops before they reach the agent: by validation
+# (messages.REASONS; each also counted as bad_message), or because handling raised
+DROP_REASONS += tuple(("bad_message_" + n, "dropped by validation: " + h) for n, h in M.REASONS) + (
+    ("bad_message_handler_error", "a message whose handling raised: dropped, logged"),)
+DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
+
 # counter names per message type: rx_fetch, rx_rule, ... (no string building per message)
 _RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
+
+
+# Indexes of the clones and leases by external endpoint: key (proto, E, Ep) packed in one
+# int; the value is the one session identity on that endpoint (the common case: no
+# container per endpoint) or a set of them.
+def _ekey(proto: int, eaddr: int, eport: int) -> int:
+    return eaddr << 24 | eport << 8 | proto
+
+
+def _ix_add(ix: dict, k, sk: tuple) -> None:
+    cur = ix.get(k)
+    if cur is None:
+        ix[k] = sk
+    elif type(cur) is set:
+        cur.add(sk)
+    elif cur != sk:
+        ix[k] = {cur, sk}
+
+
+def _ix_del(ix: dict, k, sk: tuple) -> None:
+    cur = ix.get(k)
+    if cur is None:
+        return
+    if type(cur) is set:
+        cur.discard(sk)
+        if len(cur) == 1:
+            ix[k] = next(iter(cur))
+    elif cur == sk:
+        del ix[k]
+
+
+def _ix_get(ix: dict, k) -> tuple:
+    cur = ix.get(k)
+    if cur is None:
+        return ()
+    return tuple(cur) if type(cur) is set else (cur,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,6 +329,7 @@ class _Clone:
     rule_id: int
     dirs: int  # DIR_BIT_* installed here
     expires: float  # local clock: the lease ends here (dropped lease_margin earlier)
+    due: float = 0.0  # the time this clone is queued under in RuleAgent._clone_ends
 
 
 @dataclass
@@ -269,10 +354,15 @@ class RuleAgent:
     replay(direction, frames)   run queued frames through the fast path again, send hits
     clock()          float seconds (monotonic): leases, retries, timeouts
     tick_clock()     the fast path's uint32 ticks (last_seen)
+    seq_start        the first seq this agent sends; None: a random one.  A daemon passes
+                     None: answers to the previous incarnation's messages (same sender
+                     id, seqs from 1 again) then find nothing in flight under their seq,
+                     rather than completing a new message of the same number
     """
 
     def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
-                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None):
+                 params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None,
+                 seq_start: int | None = 1):
         self.nic_id = nic_id
         self.n_nics = n_nics
         self.rules = rules
@@ -282,7 +372,7 @@ class RuleAgent:
         self.p = params or AgentParams()
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
-        self._seq = 1
+        self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
         self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         self._pending_due = float("inf")  # earliest retry or deadline among self.pending
@@ -291,15 +381,25 @@ class RuleAgent:
         self._by_seq: dict[int, tuple] = {}
         self.queued_total = 0
         self.clones: dict[tuple, _Clone] = {}  # session identity -> clone held here
+        # ... indexed as clones come and go (_install_many, _drop_clone): by owner (a
+        # restart report), by external endpoint (entries whose key does not name the
+        # session, ``hypernat ctl rule``); nothing periodic walks every clone
+        self._clones_of: dict[int, dict] = {}  # owner -> {sk: None}
+        self._clones_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...}
         self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
         self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
         # owner side
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
+        self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
+        self._n_leases = 0  # (session, holder) pairs in self.leases
         self._unacked: dict[int, _Unacked] = {}
         self._activity_due = 0.0
         self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
-        self._lease_due = float("inf")  # earliest (lease end - margin) over the clones
-        self._grant_due = float("inf")  # earliest end of a lease granted
+        # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
+        # entry is checked when its time comes (a renewal moved the end: queued again
+        # under the new one; the clone or lease is gone: dropped), a few per turn.
+        self._clone_ends: list = []  # holder: heap of (lease end - margin, sk); see _Clone.due
+        self._lease_ends: list = []  # owner: heap of (until, sk, holder), one per lease granted
         # spill-over (needs the Partition: loans override owner())
         self.partition = partition
         self.borrowed: dict[int, tuple] = {}  # block -> (lender, adopted at)
@@ -308,7 +408,8 @@ class RuleAgent:
         self._borrow_refused = 0
         self._borrow_pause = 0.0
         self._grants: dict[tuple, int] = {}  # (borrower, seq) -> block lent (idempotent repeats)
-        self.counters = collections.Counter()
+        self._borrows_sent: collections.OrderedDict = collections.OrderedDict()  # seq -> lender asked
+        self.counters = collections.Counter(dict.fromkeys(DROP_REASON_NAMES, 0))
         self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
 
     # -- helpers -------------------------------------------------------------------------
@@ -546,7 +647,8 @@ class RuleAgent:
             rows = [r[:11] for r in recs.tolist()]
         else:
             rows = zip(*[recs[f].tolist() for f in _RULE_FIELDS])
-        pop_seq = self._by_seq.pop
+        by_seq = self._by_seq
+        sget = by_seq.get
         pending = self.pending
         pget = pending.get
         icmp = layout.PROTO_ICMP
@@ -554,12 +656,21 @@ class RuleAgent:
         burst = self.p.fetch_burst
         replay_out, replay_in = [], []
         lats = []
-        dup = bad = queued = 0
+        dup = wrong = bad = queued = 0
         for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto) in enumerate(rows):
-            pk = pop_seq(seq, None)
+            # the fetch this answers, looked up, not taken: only a valid answer from the
+            # NIC it was sent to, about the key asked, completes it (a retry reuses the
+            # seq, so an invalid record must leave the fetch for the real answer)
+            pk = sget(seq)
             pend = pget(pk) if pk is not None else None
-            if pend is None:
+            if pend is None or pend.seq != seq:
                 dup += 1  # a retry answered twice, or timed out meanwhile
+                continue
+            if owners is None or owner != source or owners[x] != source:
+                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
+                    continue
+            if pend.owner != source:
+                wrong += 1  # a valid rule, but the fetch was sent to another NIC
                 continue
             # the key asked for: in_key / out_key (the ICMP twist stays there; TCP/UDP inline)
             if pend.fetch_dir == IN:
@@ -571,9 +682,7 @@ class RuleAgent:
             if fkey != pend.key:
                 bad += 1
                 continue
-            if owners is None or owner != source or owners[x] != source:
-                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
-                    continue
+            del by_seq[seq]
             del pending[pk]
             items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
             # answered: the token back (_refund, inline), the frames to release
@@ -594,8 +703,10 @@ class RuleAgent:
             lats.append(now - pend.first)
         if dup:
             self.count("rule_duplicate", dup)
+        if wrong:
+            self.count("rule_misdirected", wrong)
         if bad:
-            self.count("bad_message", bad)
+            self.count("rule_mismatched", bad)
         if not items:
             return
         self._install_many(source, items, now)
@@ -635,14 +746,30 @@ class RuleAgent:
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
-        for r in recs:
-            pk = self._by_seq.pop(int(r["seq"]), None)
-            pend = self.pending.pop(pk, None) if pk is not None else None
-            if pend is None:
+        """Refusals of our fetches.  A NACK echoes the FETCH record, so it is matched like
+        a RULE: the fetch in flight under its seq, sent to `source`, for the key the
+        record names; anything else is dropped and counted (nack_stale,
+        nack_misdirected, nack_mismatched) and cancels nothing."""
+        sget = self._by_seq.get
+        pget = self.pending.get
+        stale = wrong = bad = 0
+        for seq, _, proto, kind, reason, _, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
+            pk = sget(seq)
+            pend = pget(pk) if pk is not None else None
+            if pend is None or pend.seq != seq:
+                stale += 1  # answered already, timed out, or never asked
                 continue
+            if pend.owner != source:
+                wrong += 1
+                continue
+            asked = (IN, (proto, ra, rp, ea, ep)) if kind == M.FETCH_BY_EXTERNAL else (OUT, (proto, ia, ip, ra, rp))
+            if asked != pk:
+                bad += 1
+                continue
+            del self._by_seq[seq]
+            del self.pending[pk]
             self.queued_total -= len(pend.frames)
             self.count("fetch_nack", max(1, len(pend.frames)))
-            reason = int(r["reason"])
             if reason == M.NACK["unavailable"]:
                 self._refund(pend)  # the owner could not answer: not the remote's doing
             else:  # no rule: the token stays spent (this is what a scan pays for)
@@ -651,11 +778,21 @@ class RuleAgent:
                     self.negative.popitem(last=False)
             if pend.flags & M.FETCH_F_REVALIDATE:
                 self.count("clones_lost_on_revalidation")
+        if stale:
+            self.count("nack_stale", stale)
+        if wrong:
+            self.count("nack_misdirected", wrong)
+        if bad:
+            self.count("nack_mismatched", bad)
 
     def _on_lease(self, source, recs, now):
         for r in recs:
             c = self.clones.get(skey(r))
-            if c is None or c.owner != source:
+            if c is None:
+                self.count("lease_unknown")
+                continue
+            if c.owner != source:
+                self.count("lease_misdirected")
                 continue
             c.expires = max(c.expires, now + int(r["lease_ms"]) / 1000.0)
             self.count("leases_renewed")
@@ -670,16 +807,36 @@ class RuleAgent:
                 self._drop_clone(sk, "clone_revoked")
             else:
                 ack["status"][i] = M.ST_UNKNOWN  # idempotent: acknowledged all the same
+                self.count("revoke_unknown" if c is None else "revoke_misdirected")
         self._emit(source, M.T_REVOKE_ACK, ack)
 
-    def _on_ack(self, source, recs, now):
-        for r in recs:
-            u = self._unacked.get(int(r["seq"]))
-            if u is None or u.target != source:
+    def _on_ack(self, mtype, source, recs, now):
+        """Acknowledgements of `mtype` records (PUSH, REVOKE, ACTIVITY, RETURN) this NIC
+        keeps until answered: matched on the seq, the NIC it was sent to and its type."""
+        unacked = self._unacked
+        stale = wrong = bad = 0
+        for seq in recs["seq"].tolist():
+            u = unacked.get(seq)
+            if u is None:
+                # an ACTIVITY_ACK answers every record of a report; only a restart report
+                # is kept (under its first seq): the others are not stale, just untracked
+                stale += mtype != M.T_ACTIVITY
                 continue
-            del self._unacked[int(r["seq"])]
-            if u.mtype == M.T_REVOKE:
+            if u.target != source:
+                wrong += 1
+                continue
+            if u.mtype != mtype:
+                bad += 1
+                continue
+            del unacked[seq]
+            if mtype == M.T_REVOKE:
                 self._lease_end(u.what, source)
+        if stale:
+            self.count("ack_stale", stale)
+        if wrong:
+            self.count("ack_misdirected", wrong)
+        if bad:
+            self.count("ack_mismatched", bad)
 
     # owner side
     _SMALL_FETCH = 4  # up to this many records: plain tuples instead of numpy field ops
@@ -850,25 +1007,33 @@ class RuleAgent:
         sess["owner"] = self.nic_id
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
-        recovered = self.rules.recover_sessions(sess, tick)
-        self.rules.merge_activity(sess, tick)
+        recovered = np.asarray(self.rules.recover_sessions(sess, tick)).tolist()
+        # only a holder's report counts: activity from a NIC holding no lease on the
+        # session (a wrong NIC, or a lease that ran out or was revoked here) is
+        # acknowledged but neither merged nor renewed (let the session expire)
+        leases = self.leases
+        known = []
         renew = []
-        for i, r in enumerate(recs):
-            sk = skey(r)
-            holders = self.leases.get(sk)
+        for i, sk in enumerate(zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS))):
+            holders = leases.get(sk)
             if (holders is None or source not in holders) and not recovered[i]:
-                self.count("activity_unknown")  # expired or revoked here: let the lease run out
                 continue
-            self._grant(sk, source, now)
-            renew.append((sk, int(r["rule_id"])))
-        if renew:
-            out = M.records(M.T_LEASE, len(renew))
-            for i, (sk, rid) in enumerate(renew):
-                _wire_endpoints(out, i, sk)
-                out["rule_id"][i] = rid
-                out["owner"][i] = self.nic_id
-                out["lease_ms"][i] = int(self.p.lease_s * 1000)
-            self._emit(source, M.T_LEASE, out)
+            known.append(i)
+            renew.append(sk)
+        unknown = len(recs) - len(known)
+        if unknown:
+            self.count("activity_unknown", unknown)
+        if not known:
+            return
+        self.rules.merge_activity(sess if not unknown else sess[known], tick)
+        self._grant_many(renew, source, now)
+        out = M.records(M.T_LEASE, len(renew))
+        r = recs if not unknown else recs[known]
+        for f in ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "proto", "rule_id"):
+            out[f] = r[f]
+        out["owner"] = self.nic_id
+        out["lease_ms"] = int(self.p.lease_s * 1000)
+        self._emit(source, M.T_LEASE, out)
 
     _HANDLERS = {
         M.T_RULE: _on_rule,
@@ -878,13 +1043,13 @@ class RuleAgent:
         M.T_REVOKE: _on_revoke,
         M.T_FETCH: _on_fetch,
         M.T_ACTIVITY: _on_activity,
-        M.T_PUSH_ACK: _on_ack,
-        M.T_REVOKE_ACK: _on_ack,
-        M.T_ACTIVITY_ACK: _on_ack,
+        M.T_PUSH_ACK: lambda self, *a: self._on_ack(M.T_PUSH, *a),
+        M.T_REVOKE_ACK: lambda self, *a: self._on_ack(M.T_REVOKE, *a),
+        M.T_ACTIVITY_ACK: lambda self, *a: self._on_ack(M.T_ACTIVITY, *a),
         M.T_BORROW: lambda self, *a: self._on_borrow(*a),
         M.T_BORROW_ACK: lambda self, *a: self._on_borrow_ack(*a),
         M.T_RETURN: lambda self, *a: self._on_return(*a),
-        M.T_RETURN_ACK: _on_ack,
+        M.T_RETURN_ACK: lambda self, *a: self._on_ack(M.T_RETURN, *a),
     }
 
     # -- spill-over: borrow a port block from a neighbour, give it back when idle ------------
@@ -908,6 +1073,9 @@ class RuleAgent:
         rec["seq"], rec["lender"], rec["borrower"] = self._next_seq(), lender, self.nic_id
         rec["port_hi"] = self.partition.block_size - 1
         self._borrowing = int(rec["seq"][0])
+        self._borrows_sent[self._borrowing] = lender  # which NIC may answer it (grant or refusal)
+        if len(self._borrows_sent) > 64:
+            self._borrows_sent.popitem(last=False)
         self._track(lender, M.T_BORROW, rec, now, now + self.p.fetch_timeout_s * 4)
         self._emit(lender, M.T_BORROW, rec)
         self.count("borrow_requests")
@@ -918,6 +1086,9 @@ class RuleAgent:
 
     def _on_borrow(self, source, recs, now):
         for r in recs:
+            if int(r["lender"]) != self.nic_id:
+                self.count("borrow_misdirected")  # asked of another NIC: not ours to answer
+                continue
             key = (source, int(r["seq"]))
             g = self._grants.get(key)
             if g is None and self.partition is not None:
@@ -943,16 +1114,29 @@ class RuleAgent:
     def _on_borrow_ack(self, source, recs, now):
         for r in recs:
             borrower = int(r["borrower"])
-            if borrower == self.nic_id and int(r["seq"]) == self._borrowing:
-                self._unacked.pop(self._borrowing, None)
-                self._borrowing = None
-            if int(r["status"]) != M.ST_OK:
-                if borrower == self.nic_id:
+            seq = int(r["seq"])
+            ok = int(r["status"]) == M.ST_OK
+            if borrower == self.nic_id and source != self.nic_id:
+                # an answer to a BORROW of ours: only from the NIC it was sent to
+                if self._borrows_sent.get(seq) != source:
+                    self.count("borrow_ack_misdirected")
+                    continue
+                in_flight = seq == self._borrowing
+                if in_flight:
+                    self._unacked.pop(seq, None)
+                    self._borrowing = None
+                if not ok:
+                    if not in_flight:
+                        self.count("borrow_ack_stale")  # a repeat; we moved on already
+                        continue
                     self._borrow_refused += 1
                     self._borrow_next = (source + 1) % self.n_nics
                     if self._borrow_refused >= self.n_nics - 1:  # nobody has one: wait
                         self._borrow_refused = 0
                         self._borrow_pause = now + 5.0
+                    continue
+            elif not ok:
+                self.count("borrow_ack_misdirected")  # a refusal meant for another borrower
                 continue
             g = self._block_of(r)
             if g < 0 or self.partition.native_owner_of_block(g) != source:
@@ -1013,8 +1197,14 @@ class RuleAgent:
             g = self._block_of(r)
             if g < 0 or self.partition.native_owner_of_block(g) != self.nic_id:
                 ack["status"][i] = M.ST_REFUSED
+                self.count("return_refused")
                 continue
-            if self.partition.owner_of_block(g) == source:  # not yet taken back (idempotent)
+            holder = self.partition.owner_of_block(g)
+            if holder != source and holder != self.nic_id:  # lent to another NIC: not the sender's to give back
+                ack["status"][i] = M.ST_REFUSED
+                self.count("return_refused")
+                continue
+            if holder == source:  # not yet taken back (a repeat finds it taken back: acknowledged)
                 self.partition.return_block(g)
                 self.rules.adopt_block(g)
                 self.count("blocks_taken_back")
@@ -1076,18 +1266,25 @@ class RuleAgent:
             got = rules.install_clones(recs, tick, recs["dirs"]).tolist()
         installed = 0
         failed = 0
-        first = float("inf")
         neg = self.negative
+        ends = self._clone_ends
+        heappush = heapq.heappush
+        margin = self.p.lease_margin_s
         for (sk, rule_id, dirs, expires), ok in zip(todo, got):
             if ok <= 0:
                 failed += 1
                 continue
             installed += 1
-            if expires < first:
-                first = expires
             c = cget(sk)
             if c is None:
-                clones[sk] = _Clone(owner, rule_id, dirs, expires)
+                due = expires - margin
+                clones[sk] = _Clone(owner, rule_id, dirs, expires, due)
+                heappush(ends, (due, sk))
+                of = self._clones_of.get(owner)
+                if of is None:
+                    of = self._clones_of[owner] = {}
+                of[sk] = None
+                _ix_add(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
             else:
                 c.dirs |= dirs
                 if expires > c.expires:
@@ -1098,13 +1295,18 @@ class RuleAgent:
                         neg.pop((d, session_key(sk, d)), None)
         if failed:
             self.count("clone_install_failed", failed)
-        self._lease_due = min(self._lease_due, first - self.p.lease_margin_s)
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
         c = self.clones.pop(sk, None)
         if c is None:
             return
+        of = self._clones_of.get(c.owner)
+        if of is not None:
+            of.pop(sk, None)
+            if not of:
+                del self._clones_of[c.owner]
+        _ix_del(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
         self.count(reason)
 
@@ -1114,24 +1316,31 @@ class RuleAgent:
         external endpoint in the builder until it ends (``_lease_end``)."""
         self._grant_many((sk,), holder, now)
 
-    def _grant_many(self, sks, holder: int, now: float) -> None:
-        """``_grant`` for each session identity of `sks` (one lease end for all)."""
+    def _grant_many(self, sks, holder: int, now: float, until: float | None = None) -> None:
+        """``_grant`` for each session identity of `sks` (one lease end for all: now + the
+        lease + grace, or `until` for a lease read back from a snapshot)."""
         if holder == self.nic_id or not sks:
             return
-        until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
+        if until is None:
+            until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         leases = self.leases
+        at = self._leases_at
+        ends = self._lease_ends
+        heappush = heapq.heappush
         new = []  # (proto, E, Ep) of the first lease of this holder on a session
         for sk in sks:
             holders = leases.get(sk)
             if holders is None:
                 leases[sk] = {holder: until}
-                new.append((sk[0], sk[3], sk[4]))
-            else:
-                if holder not in holders:
-                    new.append((sk[0], sk[3], sk[4]))
+                _ix_add(at, _ekey(sk[0], sk[3], sk[4]), sk)
+            elif holder in holders:  # a renewal: the end moves, its timer finds out when due
                 holders[holder] = until
-        if until < self._grant_due:
-            self._grant_due = until
+                continue
+            else:
+                holders[holder] = until
+            new.append((sk[0], sk[3], sk[4]))
+            heappush(ends, (until, sk, holder))
+        self._n_leases += len(new)
         if new:
             hold_many = getattr(self.rules, "hold_many", None)
             if hold_many is not None:
@@ -1145,8 +1354,10 @@ class RuleAgent:
         if holders is None or holder not in holders:
             return
         del holders[holder]
+        self._n_leases -= 1
         if not holders:
             del self.leases[sk]
+            _ix_del(self._leases_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.release_hold(sk[0], sk[3], sk[4])
 
     def _push_created(self, now: float) -> None:
@@ -1246,15 +1457,20 @@ class RuleAgent:
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
                     self._emit(u.target, u.mtype, u.rec)
                     self.count("retries")
-        if now >= self._lease_due:  # holder: clones whose lease runs out (exactly on time)
-            due = float("inf")
-            for sk, c in list(self.clones.items()):
-                end = c.expires - self.p.lease_margin_s
+        ends = self._clone_ends
+        if ends and now >= ends[0][0]:  # holder: clones whose lease runs out (exactly on time)
+            clones, margin = self.clones, self.p.lease_margin_s
+            while ends and now >= ends[0][0]:
+                due, sk = heapq.heappop(ends)
+                c = clones.get(sk)
+                if c is None or c.due != due:
+                    continue  # dropped (or queued again) since
+                end = c.expires - margin
                 if now >= end:
                     self._drop_clone(sk, "lease_expired")
-                else:
-                    due = min(due, end)
-            self._lease_due = due
+                else:  # renewed meanwhile
+                    c.due = end
+                    heapq.heappush(ends, (end, sk))
         if self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
@@ -1264,15 +1480,19 @@ class RuleAgent:
                 self._activity_slice(now)
             else:
                 self.report_activity(now)
-        if now >= self._grant_due:  # owner: leases that ran out, seen from here (+ grace)
-            due = float("inf")
-            for sk, holders in list(self.leases.items()):
-                for h, until in list(holders.items()):
-                    if until <= now:
-                        self._lease_end(sk, h)
-                    else:
-                        due = min(due, until)
-            self._grant_due = due
+        ends = self._lease_ends
+        if ends and now >= ends[0][0]:  # owner: leases that ran out, seen from here (+ grace)
+            leases = self.leases
+            while ends and now >= ends[0][0]:
+                _, sk, h = heapq.heappop(ends)
+                holders = leases.get(sk)
+                until = holders.get(h) if holders is not None else None
+                if until is None:
+                    continue  # ended already (acknowledged REVOKE)
+                if until <= now:
+                    self._lease_end(sk, h)
+                else:  # renewed meanwhile
+                    heapq.heappush(ends, (until, sk, h))
 
     # Collecting activity reads the flags of every slot of both tables: on a big table
     # (2 x 512k slots on the testbed) a few milliseconds at once, in which every FETCH
@@ -1307,48 +1527,72 @@ class RuleAgent:
         if len(act) == 0:
             return 0
         tick = self.tick_clock()
-        # match entries to clones by their table key (an ICMP entry does not carry the
-        # owner's remote identifier), and report under the owner's session identity
-        index = {}
-        for sk, c in self.clones.items():
-            for d in (OUT, IN):
-                if c.dirs & DIR_BIT[d]:
-                    index[(d, session_key(sk, d))] = sk
+        # each entry to its clone, in time proportional to the entries (never a walk over
+        # the clones held): a TCP/UDP entry names its session exactly; an ICMP entry does
+        # not carry the owner's remote identifier, so it is matched by its table key
+        # among the clones on its external endpoint
+        clones = self.clones
+        cget = clones.get
         merged = {}  # sk -> [owner, rule_id, last_seen, tcp_out, tcp_in]: one record per session
-        for s in act:
-            esk = skey(s)
-            sk = None
-            for d in (IN, OUT):
-                if int(s["dirs"]) & DIR_BIT[d] or not int(s["dirs"]):
-                    sk = index.get((d, session_key(esk, d)))
-                    if sk is not None:
-                        break
-            if sk is None:
-                continue
+        cols = zip(*(act[f].tolist() for f in _SK_FIELDS + ("dirs", "rule_id", "last_seen", "tcp_out", "tcp_in")))
+        for p, i, ip, e, ep, r, rp, dirs, rid, last_seen, tcp_o, tcp_i in cols:
+            sk = (p, i, ip, e, ep, r, rp)
+            c = cget(sk)
+            if c is None or not (c.dirs & dirs or not dirs):
+                sk = self._clone_of_entry(sk, dirs)
+                if sk is None:
+                    continue
+                c = clones[sk]
             m = merged.get(sk)
             if m is None:
-                merged[sk] = [self.clones[sk].owner, int(s["rule_id"]), int(s["last_seen"]), int(s["tcp_out"]),
-                              int(s["tcp_in"])]
+                merged[sk] = [c.owner, rid, last_seen, tcp_o, tcp_i]
             else:  # both directions held here: one record, flags kept per direction
-                m[2] = max(m[2], int(s["last_seen"]))
-                m[3] |= int(s["tcp_out"])
-                m[4] |= int(s["tcp_in"])
+                if last_seen > m[2]:
+                    m[2] = last_seen
+                m[3] |= tcp_o
+                m[4] |= tcp_i
         by_owner = collections.defaultdict(list)
         for sk, m in merged.items():
             by_owner[m[0]].append((sk, m))
         n = 0
         for owner, items in by_owner.items():
-            rec = M.records(M.T_ACTIVITY, len(items))
-            for i, (sk, (_, rid, last_seen, tcp_o, tcp_i)) in enumerate(items):
-                _wire_endpoints(rec, i, sk)
-                rec["seq"][i] = self._next_seq()
-                rec["rule_id"][i] = rid
-                rec["idle_ms"][i] = max(0, tick - last_seen) * 1000
-                rec["tcp_out"][i], rec["tcp_in"][i], rec["tcp_flags"][i] = tcp_o, tcp_i, tcp_o | tcp_i
+            k = len(items)
+            rec = M.records(M.T_ACTIVITY, k)
+            for f, col in zip(_ACT_SK_FIELDS, zip(*[sk for sk, _ in items])):
+                rec[f] = col
+            seq0 = self._seq
+            rec["seq"] = (np.arange(seq0, seq0 + k, dtype=np.int64) - 1) % 0xFFFFFFFF + 1  # _next_seq k times
+            self._seq = (seq0 + k - 1) % 0xFFFFFFFF + 1
+            _, rids, seen, t_o, t_i = zip(*[m for _, m in items])
+            rec["rule_id"] = rids
+            rec["idle_ms"] = np.clip((tick - np.array(seen, np.int64)) * 1000, 0, 0xFFFFFFFF)
+            rec["tcp_out"], rec["tcp_in"] = t_o, t_i
+            rec["tcp_flags"] = rec["tcp_out"] | rec["tcp_in"]
             self._emit(owner, M.T_ACTIVITY, rec)
-            n += len(items)
+            n += k
         self.count("activity_reported", n)
         return n
+
+    def _clone_of_entry(self, esk: tuple, dirs: int):
+        """The clone a table entry belongs to when the entry does not name it exactly: an
+        ICMP entry carries every field of its session but the remote identifier (rport
+        0), so it is looked for among the clones on its external endpoint (None: no
+        clone holds that entry)."""
+        head = esk[:6]
+        for sk in _ix_get(self._clones_at, _ekey(esk[0], esk[3], esk[4])):
+            if sk[:6] == head and (self.clones[sk].dirs & dirs or not dirs):
+                return sk
+        return None
+
+    def endpoint(self, proto: int, eaddr: int, eport: int) -> tuple:
+        """What this agent knows of one external endpoint, in time proportional to what
+        it finds: (leases granted, as [(sk, {holder: until})], clones held, as
+        [(sk, owner, rule_id, dirs, expires)])."""
+        k = _ekey(proto, eaddr, eport)
+        leases = [(sk, dict(self.leases[sk])) for sk in _ix_get(self._leases_at, k)]
+        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires)
+                  for sk in _ix_get(self._clones_at, k) for c in (self.clones[sk],)]
+        return leases, clones
 
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
@@ -1386,7 +1630,8 @@ class RuleAgent:
         retried like the other messages that matter (until its ACTIVITY_ACK, the first
         record's seq, or until the clones' leases would have run out anyway); the owner
         handles a repeat idempotently."""
-        items = [(sk, c) for sk, c in self.clones.items() if c.owner == owner]
+        clones = self.clones
+        items = [(sk, clones[sk]) for sk in self._clones_of.get(owner, ())]
         if not items:
             return
         rec = M.records(M.T_ACTIVITY, len(items))
@@ -1415,10 +1660,7 @@ class RuleAgent:
         for sk, hs in state.get("leases", []):
             sk = tuple(sk)
             for h, left in hs.items():
-                h = int(h)
-                self.leases.setdefault(sk, {})[h] = now + float(left)
-                self._grant_due = min(self._grant_due, now + float(left))
-                self.rules.hold(sk[0], sk[3], sk[4])
+                self._grant_many((sk,), int(h), now, until=now + float(left))
         if self.partition is not None:
             for g, o in state.get("overrides", []):
                 self.partition.lend(int(g), int(o))
@@ -1435,7 +1677,7 @@ class RuleAgent:
             "pending_flows": len(self.pending),
             "queued_frames": self.queued_total,
             "clones": len(self.clones),
-            "leases": sum(len(h) for h in self.leases.values()),
+            "leases": self._n_leases,
             "unacked": len(self._unacked),
             "negative_cache": len(self.negative),
         }

@@ -56,6 +56,11 @@ IO_BACKENDS = ("packet_mmap", "af_xdp", "pcap", "memory")
 INSTALL_MODES = ("passive", "active")
 SWITCH_HASHES = ("sha1", "jhash", "crc32", "toeplitz")
 SWITCH_FIELDS = ("5-tuple", "src")
+# How the switch hashes IPv4 fragments (docs/fastpath.md "Fragments"): on addresses and
+# protocol only (every fragment of a datagram lands on one NIC: Linux, most switches), or
+# the first fragment with its ports and the rest without (they can land on different
+# NICs: refused with a 5-tuple hash and more than one NIC).
+SWITCH_FRAGMENTS = ("addresses", "ports-when-present")
 PARTITION_STRATEGIES = ("by-port", "by-address")
 MAPPINGS = ("endpoint-independent", "address-and-port-dependent")
 FILTERINGS = ("endpoint-independent", "address-dependent", "address-and-port-dependent")
@@ -113,6 +118,7 @@ class SwitchConfig:
     fields: str = "5-tuple"
     seed: int = 0  # jhash seed / crc32 initial value
     toeplitz_key: Optional[str] = None  # hex, 40 bytes; None = the Microsoft RSS sample key
+    fragments: str = "addresses"  # SWITCH_FRAGMENTS: what the switch hashes fragments on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +138,16 @@ class Timeouts:
 
 
 @dataclasses.dataclass(frozen=True)
+class FragmentLimits:
+    """The per-NIC fragment table (hypernat/_frag.pyx): datagrams tracked at once, bytes
+    for early fragments held (2 KiB per frame), seconds a datagram waits for the rest."""
+
+    entries: int = 4096
+    bytes: int = 4 << 20
+    timeout: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class Limits:
     flow_table_capacity: int = 1 << 20  # entries per table (out and in) per NIC
     ports_per_host: int = 4096  # external ports one internal host may hold at once
@@ -147,6 +163,7 @@ class Limits:
     sweep_max_expire: int = 64  # sessions expired per sweep step at most
     sweep_budget_us: float = 40.0  # ... and microseconds of expiry work per step
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
+    fragments: FragmentLimits = FragmentLimits()
     journal_log_bytes: int = 1 << 20  # block journal log compacted into a checkpoint past this size
 
 
@@ -186,6 +203,7 @@ class Config:
     translation_log: TranslogConfig = TranslogConfig()
     metrics: MetricsConfig = MetricsConfig()
     state_dir: str = "/var/lib/hypernat"
+    fleet: Optional[object] = None  # hypernat.fleet.spec.FleetConfig: this server's place in a fleet
 
     @property
     def n_nics(self) -> int:
@@ -218,6 +236,17 @@ def _contains(net: ipaddress.IPv4Network, addr: int) -> bool:
 # ---------------------------------------------------------------------------------------
 # Reading
 
+
+
+def _fragment_limits(r, node) -> "FragmentLimits":
+    """``limits.fragments``: the per-NIC fragment table's bounds."""
+    fr = r.mapping(node, "limits.fragments", {"entries", "bytes", "timeout"})
+    d = FragmentLimits()
+    return FragmentLimits(
+        entries=r.integer(fr, "entries", "limits.fragments", d.entries, lo=1, hi=1 << 24),
+        bytes=r.integer(fr, "bytes", "limits.fragments", d.bytes, lo=2048, hi=1 << 32),
+        timeout=r.integer(fr, "timeout", "limits.fragments", d.timeout, lo=1, hi=60),
+    )
 
 class _Reader:
     """Typed access to a parsed YAML tree that knows each value's key path."""
@@ -326,7 +355,7 @@ def _tname(v) -> str:
 _TOP_KEYS = {
     "internal", "external", "partition", "nics", "coordinator", "install", "switch", "mapping",
     "filtering", "hairpinning", "allocation", "timeouts", "limits", "translation_log", "metrics",
-    "state_dir",
+    "state_dir", "fleet",
 }  # fmt: skip
 
 
@@ -431,6 +460,7 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         sweep_max_expire=r.integer(lim, "sweep_max_expire", "limits", d.sweep_max_expire, lo=1, hi=1 << 20),
         sweep_budget_us=r.number(lim, "sweep_budget_us", "limits", d.sweep_budget_us, lo=1),
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
+        fragments=_fragment_limits(r, lim.get("fragments")),
         journal_log_bytes=r.integer(lim, "journal_log_bytes", "limits", d.journal_log_bytes, lo=4096, hi=1 << 40),
     )
     n_ports = port_max - port_min + 1
@@ -469,13 +499,22 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     _check_endpoint(r, coordinator, nics)
 
     # Switch
-    sw = r.mapping(top.get("switch"), "switch", {"hash", "fields", "seed", "toeplitz_key"})
+    sw = r.mapping(top.get("switch"), "switch", {"hash", "fields", "seed", "toeplitz_key", "fragments"})
     switch = SwitchConfig(
         hash=r.string(sw, "hash", "switch", "sha1", SWITCH_HASHES),
         fields=r.string(sw, "fields", "switch", "5-tuple", SWITCH_FIELDS),
         seed=r.integer(sw, "seed", "switch", 0, lo=0, hi=0xFFFFFFFF),
         toeplitz_key=r.string(sw, "toeplitz_key", "switch"),
+        fragments=r.string(sw, "fragments", "switch", "addresses", SWITCH_FRAGMENTS),
     )
+    if switch.fragments == "ports-when-present" and switch.fields == "5-tuple" and n_nics > 1:
+        raise r.err(
+            "switch.fragments",
+            "a switch that hashes a first fragment with its ports and the later ones without sends the "
+            "fragments of one datagram to different NICs, and only the first one's NIC can translate them: "
+            "have the switch hash fragments on addresses and protocol only (fragments: addresses) or hash "
+            "on the source address (fields: src)",
+        )
     if switch.toeplitz_key is not None:
         try:
             key = bytes.fromhex(switch.toeplitz_key.replace(":", ""))
@@ -545,7 +584,15 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         translation_log=translog,
         metrics=metrics,
         state_dir=r.string(top, "state_dir", "", "/var/lib/hypernat"),
+        fleet=_fleet(r, top.get("fleet"), pool, n_nics),
     )
+
+
+def _fleet(r: _Reader, node, pool, n_nics):
+    """The ``fleet:`` section (hypernat.fleet.spec), None for a server on its own."""
+    from .fleet import spec
+
+    return spec.read(r, node, pool, n_nics)
 
 
 def _check_endpoint(r: _Reader, c: CoordinatorConfig, nics: dict) -> None:
@@ -589,11 +636,20 @@ def _check_endpoint(r: _Reader, c: CoordinatorConfig, nics: dict) -> None:
 
 
 def check_main(argv=None) -> int:
-    """`hypernat check CONFIG`: validate, print the partition table; exit 1 on error."""
-    ap = argparse.ArgumentParser(prog="hypernat check", description="Validate a HyperNAT configuration file.")
-    ap.add_argument("config", help="YAML configuration file")
+    """`hypernat check CONFIG`: validate, print the partition table; exit 1 on error.
+    Several files or a directory: a fleet (hypernat.fleet.spec.check_fleet)."""
+    ap = argparse.ArgumentParser(prog="hypernat check", description="Validate a HyperNAT configuration file "
+                                 "(several files or a directory: a fleet, checked together).")
+    ap.add_argument("config", nargs="+", help="YAML configuration file(s) or a fleet's directory")
     ap.add_argument("-q", "--quiet", action="store_true", help="print nothing when the file is valid")
     args = ap.parse_args(argv)
+    import os
+
+    if len(args.config) > 1 or os.path.isdir(args.config[0]):
+        from .fleet.spec import check_fleet_main
+
+        return check_fleet_main(args.config, args.quiet)
+    args.config = args.config[0]
     try:
         cfg = load(args.config)
     except ConfigError as exc:
@@ -608,7 +664,8 @@ def check_main(argv=None) -> int:
     print(f"  internal   {', '.join(map(str, cfg.internal))}")
     print(f"  external   {', '.join(map(str, cfg.pool))} ports {cfg.port_min}-{cfg.port_max}")
     print(f"  mapping    {cfg.mapping}, filtering {cfg.filtering}, hairpinning {'on' if cfg.hairpinning else 'off'}")
-    print(f"  install    {cfg.install}, switch hash {cfg.switch.hash} over {cfg.switch.fields}")
+    print(f"  install    {cfg.install}, switch hash {cfg.switch.hash} over {cfg.switch.fields}, "
+          f"fragments on {cfg.switch.fragments}")
     print(f"  coordinator {cfg.coordinator.endpoint}{' (CURVE)' if cfg.coordinator.curve else ''}")
     print()
     print(part.describe())

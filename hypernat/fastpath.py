@@ -27,9 +27,11 @@ API (both modules)
     ``occupied() -> numpy array of slot indices in use``; ``clear()``;
     ``load_slots(array)`` replaces the contents from a snapshot of the same nslots.
 
-``Translator(out_table, in_table, pool=())``
+``Translator(out_table, in_table, pool=(), frag=None)``
     ``pool``: external-pool prefixes as ``(network_int, prefix_len)``; an outgoing frame
-    whose destination lies in the pool is a hairpin.
+    whose destination lies in the pool is a hairpin.  ``frag``: a ``FragTable`` of the
+    same twin (virtual reassembly, docs/fastpath.md "Fragments"); None drops every
+    fragment (verdict ``fragment``).
     ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None) -> None``:
     ``buf`` a writable contiguous uint8 buffer; ``offsets``/``lengths`` uint32 arrays of
     n frames inside it; ``direction`` ``verdicts.OUT`` or ``verdicts.IN``; ``now`` uint32
@@ -41,17 +43,26 @@ API (both modules)
     direction's pair: they go back inside); unset = leave MACs alone.
     ``counters``: numpy uint64 array ``[2, N_VERDICTS]`` (direction, verdict), live;
     ``counters_dict() -> {"out": {verdict_name: n}, "in": {...}}``; ``reset_counters()``.
+
+``FragTable(entries=1024, bytes=1 << 20, timeout=2)``
+    Per-NIC fragment table (``hypernat._frag`` / ``hypernat.frag_py``): ``len()``
+    datagrams tracked, ``.held`` chunks in use, ``.counters`` / ``counters_dict()``
+    (``verdicts.FRAG_COUNTERS``), ``.released`` and ``output() -> (buf, offsets,
+    lengths, exits)``: early fragments the last translate call released (rewritten;
+    send them before the next call), ``expire(now)``.
 """
 
 import os
 
 if os.environ.get("HYPERNAT_NO_EXTENSIONS", "") not in ("", "0"):
     from .fastpath_py import FlowTable, Translator  # noqa: F401
+    from .frag_py import FragTable  # noqa: F401
 
     IMPL = "python"
 else:
     try:
         from ._fastpath import FlowTable, Translator  # noqa: F401
+        from ._frag import FragTable  # noqa: F401
 
         IMPL = "cython"
     except ImportError as exc:  # not built: say so once, run on the reference
@@ -63,5 +74,6 @@ else:
             exc,
         )
         from .fastpath_py import FlowTable, Translator  # noqa: F401
+        from .frag_py import FragTable  # noqa: F401
 
         IMPL = "python"

@@ -111,6 +111,9 @@ V_DROP_BAD_L4_HEADER = VERDICT["drop_bad_l4_header"]
 V_DROP_BAD_ICMP_CHECKSUM = VERDICT["drop_bad_icmp_checksum"]
 V_DROP_ICMP_ERROR_MALFORMED = VERDICT["drop_icmp_error_malformed"]
 V_DROP_ICMP_UNSUPPORTED = VERDICT["drop_icmp_unsupported"]
+V_DROP_FRAG_TINY = VERDICT["drop_frag_tiny"]
+V_DROP_ICMP_ERROR_FRAGMENT = VERDICT["drop_icmp_error_fragment"]
+V_DROP_ICMP_ERROR_ABOUT_ERROR = VERDICT["drop_icmp_error_about_error"]
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
@@ -463,11 +466,16 @@ class Translator:
     address in the pool is a hairpin (translated twice, sent back inside).
     """
 
-    def __init__(self, out_table: FlowTable, in_table: FlowTable, pool=()):
+    def __init__(self, out_table: FlowTable, in_table: FlowTable, pool=(), frag=None):
         if not isinstance(out_table, FlowTable) or not isinstance(in_table, FlowTable):
             raise TypeError("out_table and in_table must be hypernat.fastpath_py.FlowTable")
+        from .frag_py import FragTable  # (frag_py imports this module's helpers)
+
+        if frag is not None and not isinstance(frag, FragTable):
+            raise TypeError("frag must be a hypernat.frag_py.FragTable (or None)")
         self.out_table = out_table
         self.in_table = in_table
+        self.frag = frag  # None: every fragment is a counted V_FRAGMENT drop
         self.pool = []
         for entry in pool:
             net, plen = int(entry[0]), int(entry[1])
@@ -533,6 +541,8 @@ class Translator:
 
         buflen = len(b)
         counts = [0] * N_VERDICTS
+        if self.frag is not None and n:
+            self.frag.begin(now)
         for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
             v, key = self._frame(b, buflen, off, length, direction, now)
             verdicts[i] = v
@@ -579,9 +589,25 @@ class Translator:
         total = _be16(b, ip + IP_TOTLEN)
         if total < ihl or total > avail:
             return V_DROP_BAD_TOTAL_LENGTH, None
-        # 4. Fragments (MF or a non-zero offset) are not translated.
-        if _be16(b, ip + IP_FRAG) & 0x3FFF:
-            return V_FRAGMENT, None
+        # 4. Fragments (docs/fastpath.md "Fragments").  A later one (offset > 0) has no
+        # transport header: the fragment table translates it by its first fragment's
+        # translation, or holds it.  A first one (offset 0, MF) goes on like any packet
+        # but must hold its whole transport header (RFC 1858).
+        fo = _be16(b, ip + IP_FRAG) & 0x3FFF
+        first = False
+        if fo:
+            if self.frag is None:
+                return V_FRAGMENT, None
+            if fo & 0x1FFF:
+                if b[ip + IP_PROTO] not in (PROTO_TCP, PROTO_UDP, PROTO_ICMP):
+                    return V_NOT_NAT, None  # as its first fragment: no table entry to wait for
+                if b[ip + IP_TTL] <= 1:
+                    return V_TTL_EXCEEDED, None
+                v = self.frag.later(b, off, off + length, ip, direction, now)
+                if v == V_TRANSLATED or v == V_HAIRPIN:
+                    self._set_macs(b, off, IN if v == V_HAIRPIN else direction)
+                return v, None
+            first = True
         # 5. Protocol.
         proto = b[ip + IP_PROTO]
         if proto != PROTO_TCP and proto != PROTO_UDP and proto != PROTO_ICMP:
@@ -589,20 +615,24 @@ class Translator:
         # 6. The L4 header lies within total_length.
         l4 = ip + ihl
         l4len = total - ihl
+        short = V_DROP_FRAG_TINY if first else V_DROP_BAD_L4_HEADER
         if proto == PROTO_TCP:
             if l4len < 20:
-                return V_DROP_BAD_L4_HEADER, None
+                return short, None
             doff = (b[l4 + TCP_DOFF] >> 4) * 4
-            if doff < 20 or doff > l4len:
+            if doff < 20:
                 return V_DROP_BAD_L4_HEADER, None
+            if doff > l4len:
+                return short, None
         elif proto == PROTO_UDP:
             if l4len < 8:
-                return V_DROP_BAD_L4_HEADER, None
+                return short, None
             ulen = _be16(b, l4 + UDP_LEN)
-            if ulen < 8 or ulen > l4len:
+            # a first fragment's UDP length covers the whole datagram
+            if ulen < 8 or (ulen > l4len and not first):
                 return V_DROP_BAD_L4_HEADER, None
         elif l4len < 8:
-            return V_DROP_BAD_L4_HEADER, None
+            return short, None
         # 7. TTL: a router does not forward a packet whose TTL would reach 0.
         if b[ip + IP_TTL] <= 1:
             return V_TTL_EXCEEDED, None
@@ -610,6 +640,8 @@ class Translator:
         if proto == PROTO_ICMP:
             icmp_type = b[l4]
             if icmp_type in ICMP_ERROR_TYPES:
+                if first:  # its checksum covers bytes we do not have
+                    return V_DROP_ICMP_ERROR_FRAGMENT, None
                 return self._icmp_error(b, off, ip, l4, ip + total, icmp_type, direction)
             if icmp_type not in ICMP_QUERY_TYPES:
                 return V_DROP_ICMP_UNSUPPORTED, None
@@ -624,6 +656,26 @@ class Translator:
         saddr = _be32(b, ip + IP_SRC)
         daddr = _be32(b, ip + IP_DST)
         key = (saddr, daddr, sport, dport, proto, KIND_PLAIN, tcp_flags, icmp_type)
+        if not first:
+            return self._resolve(b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key,
+                                 direction, now)
+        # A first fragment: checked by the fragment table, decided by the flow tables like
+        # any packet; once translated, its translation is recorded there and the held
+        # fragments of its datagram are released.
+        v = self.frag.first_check(b, ip, direction, now)
+        if v:
+            return v, key
+        v, key = self._resolve(b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key,
+                               direction, now)
+        if v == V_TRANSLATED or v == V_HAIRPIN:
+            exitdir = IN if v == V_HAIRPIN else direction
+            macs = self._l2[exitdir]
+            self.frag.first_record(b, ip, direction, exitdir, saddr, daddr, now,
+                                   None if macs is None else macs[1] + macs[0])
+        return v, key
+
+    def _resolve(self, b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key, direction, now):
+        """Step 11: look up and rewrite one parsed TCP / UDP / echo frame."""
         old = (saddr, sport, daddr, dport)
 
         if direction == OUT:
@@ -739,6 +791,9 @@ class Translator:
         eihl = (b[e] & 0x0F) * 4
         if eihl < 20 or e + eihl + 8 > end:
             return V_DROP_ICMP_ERROR_MALFORMED, None
+        if _be16(b, e + IP_FRAG) & 0x1FFF:
+            # about a later fragment: no ports to translate by (RFC 1122 3.2.2 forbids it)
+            return V_DROP_ICMP_ERROR_FRAGMENT, None
         eproto = b[e + IP_PROTO]
         el4 = e + eihl
         esrc = _be32(b, e + IP_SRC)
@@ -746,7 +801,9 @@ class Translator:
         if eproto == PROTO_TCP or eproto == PROTO_UDP:
             esport = _be16(b, el4)
             edport = _be16(b, el4 + 2)
-        elif eproto == PROTO_ICMP and b[el4] in ICMP_QUERY_TYPES:
+        elif eproto == PROTO_ICMP:
+            if b[el4] not in ICMP_QUERY_TYPES:  # never an error about an error (RFC 1122)
+                return V_DROP_ICMP_ERROR_ABOUT_ERROR, None
             esport = edport = _be16(b, el4 + ICMP_ID)
         else:
             return V_DROP_ICMP_ERROR_MALFORMED, None

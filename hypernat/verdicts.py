@@ -10,7 +10,9 @@ endpoint names its series after it and the tests compare counters by these names
                 │          │
                 │          └─► MISS_OUT / MISS_IN / MISS_ICMP_ERROR / MISS_HAIRPIN
                 │                 (the slow path takes it from here)
-                └─► NOT_NAT, TTL_EXCEEDED, FRAGMENT, DROP_* (malformed, by reason)
+                ├─► NOT_NAT, TTL_EXCEEDED, FRAGMENT, DROP_* (malformed, by reason)
+                └─► later fragment ──► fragment table ──► TRANSLATED / HAIRPIN / FRAGMENT_HELD
+                                                          / DROP_FRAG_* (hypernat/_frag.pyx)
 
 Order matters only in that it fixes the numbers; append, never reorder, so that
 snapshots and saved counters keep their meaning.
@@ -26,7 +28,7 @@ VERDICTS = (
     ("miss_hairpin", "inside to an external-pool address, one half of the hairpin missing"),
     ("not_nat", "not for NAT: ARP, IPv6, QinQ, other IP protocols"),
     ("ttl_exceeded", "IPv4 TTL <= 1: not forwarded (ICMP time exceeded is the slow path's)"),
-    ("fragment", "IPv4 fragment (first or later): unsupported, dropped"),
+    ("fragment", "IPv4 fragment on a translator without a fragment table: dropped"),
     ("drop_truncated", "frame shorter than its Ethernet + IPv4 header, or outside the buffer"),
     ("drop_bad_version", "ethertype IPv4 but version != 4"),
     ("drop_bad_ihl", "IPv4 IHL < 5 or header longer than the frame"),
@@ -35,6 +37,16 @@ VERDICTS = (
     ("drop_bad_icmp_checksum", "ICMP error with a wrong checksum (RFC 5508 REQ-3)"),
     ("drop_icmp_error_malformed", "ICMP error whose embedded packet is truncated or unusable"),
     ("drop_icmp_unsupported", "ICMP type neither echo nor a translatable error"),
+    # -- fragments (virtual reassembly, hypernat/_frag.pyx; docs/fastpath.md "Fragments") --
+    ("fragment_held", "later fragment waiting for its first fragment's translation (sent when it comes)"),
+    ("drop_frag_tiny", "first fragment too short for its transport header, or TCP offset 8 (RFC 1858)"),
+    ("drop_frag_offset", "fragment reaching past 65535 bytes"),
+    ("drop_frag_malformed", "fragment without data, a non-last one not a multiple of 8, or data past the end"),
+    ("drop_frag_overlap", "fragment overlapping (or repeating) one already seen of its datagram"),
+    ("drop_frag_table_full", "no room for another fragmented datagram (limits.fragments.entries)"),
+    ("drop_frag_hold_full", "no room to hold an early fragment (limits.fragments.bytes, or too many pieces)"),
+    ("drop_icmp_error_fragment", "ICMP error that is itself fragmented or quotes a later fragment (RFC 1122)"),
+    ("drop_icmp_error_about_error", "ICMP error quoting an ICMP error or another non-query ICMP message"),
 )
 
 VERDICT_NAMES = tuple(name for name, _ in VERDICTS)
@@ -81,6 +93,18 @@ SLOW_PATH_REASONS = (
 )
 SLOW_PATH_REASON_NAMES = tuple(name for name, _ in SLOW_PATH_REASONS)
 
+# -- fragments: the fragment table's own counters (events that are not one frame's
+# verdict: frames released or dropped later, datagrams seen), hypernat/_frag.pyx --
+FRAG_COUNTERS = (
+    ("frag_datagrams", "fragmented datagrams tracked (entries created)"),
+    ("frag_completed", "datagrams whose every fragment went through (entry freed early)"),
+    ("frag_held", "early fragments held until their first fragment was translated"),
+    ("frag_released", "held fragments translated and sent after their first fragment"),
+    ("frag_expired_entries", "datagrams whose entry timed out (limits.fragments.timeout)"),
+    ("frag_expired_dropped", "held fragments dropped because their first fragment never came in time"),
+)
+FRAG_COUNTER_NAMES = tuple(name for name, _ in FRAG_COUNTERS)
+
 
 def pxi_source() -> str:
     """The Cython include that ``setup.py`` writes as ``hypernat/_verdicts.pxi``."""
@@ -89,4 +113,6 @@ def pxi_source() -> str:
     lines.append(f"    N_VERDICTS = {N_VERDICTS}")
     lines.append(f"    DIR_OUT = {OUT}")
     lines.append(f"    DIR_IN = {IN}")
+    lines += [f"    FC_{name.upper()} = {i}" for i, name in enumerate(FRAG_COUNTER_NAMES)]
+    lines.append(f"    N_FRAG_COUNTERS = {len(FRAG_COUNTER_NAMES)}")
     return "\n".join(lines) + "\n"

@@ -492,7 +492,13 @@ def test_one_rule_batch_equals_one_rule_message_per_record(tmp_path, wrap, seed)
 
     assert ag_a.clones and clones(ag_a) == clones(ag_b)
     assert dict(ag_a.counters) == dict(ag_b.counters)
-    assert ag_a.counters["bad_message"] and ag_a.counters["rule_duplicate"]
+    # records about another key than the one asked (rule_mismatched) or naming another owner
+    # (bad_message) are dropped, and so is the duplicate (of a valid answer: rule_duplicate);
+    # every record is either an answer or a drop under its reason
+    c = ag_a.counters
+    assert c["bad_message"] + c["rule_mismatched"]
+    assert len(recs) == (c["fetch_answered"] + c["rule_duplicate"] + c["rule_mismatched"] + c["bad_message"]
+                         + c["rule_misdirected"])
     assert ag_a.counters["fetch_answered_le_1ms"] == 0 and ag_a.counters["fetch_answered_le_10ms"] == 0
     assert ag_a.counters["fetch_answered_le_50ms"] == ag_a.counters["fetch_answered"]
     assert _holder_state(ag_a) == _holder_state(ag_b)

@@ -42,7 +42,7 @@ def _cfg(n):
     return emulated_config(
         n, mapping="endpoint-independent", pool="198.18.0.0/31", ports=(1024, 1024 + 64 * 4 * n - 1),
         timeouts={"udp": UDP_T, "tcp_established": 60, "tcp_transitory": 20, "icmp": 10, "reuse_delay": REUSE},
-        limits={"flow_table_capacity": 4096, "lease_duration": 20},
+        limits={"flow_table_capacity": 4096, "lease_duration": 20, "journal_log_bytes": 4096},  # checkpoints often
     )  # fmt: skip
 
 

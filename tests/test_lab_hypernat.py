@@ -218,8 +218,12 @@ def _storm_frames(dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str):
                          for _ in range(50)],
         "drop_bad_total_length": [bytes(eth / IP(src=src_ip, dst=dst_ip, len=1400) / UDP() / b"short")
                                   for _ in range(50)],
-        "fragment": [bytes(eth / IP(src=src_ip, dst=dst_ip, flags="MF" if i % 2 else 0, frag=0 if i % 2 else 100)
-                           / UDP() / b"frag") for i in range(50)],
+        # fragments the fragment table refuses: past 65535 bytes, and first fragments too
+        # short for their TCP header (RFC 1858)
+        "drop_frag_offset": [bytes(eth / IP(src=src_ip, dst=dst_ip, proto=17, id=i, frag=8190 - i % 3)
+                                   / (b"o" * 64)) for i in range(50)],
+        "drop_frag_tiny": [bytes(eth / IP(src=src_ip, dst=dst_ip, proto=6, id=i, flags="MF") / (b"t" * 8))
+                           for i in range(50)],
         "random": [bytes(eth)[:12] + b"\x08\x00" + bytes(rnd.randrange(256) for _ in range(rnd.randrange(0, 80)))
                    for _ in range(100)],
     }
@@ -265,7 +269,7 @@ def _storm(gw, kinds, port):
 
 
 def test_malformed_storm_every_frame_counted_under_its_reason(gw):
-    kinds = ("drop_truncated", "drop_bad_ihl", "drop_bad_total_length", "fragment")
+    kinds = ("drop_truncated", "drop_bad_ihl", "drop_bad_total_length", "drop_frag_offset", "drop_frag_tiny")
     before = counters(gw)
     rep, injected = _storm(gw, kinds, 5104)
     assert rep.intact == 50, rep.summary()

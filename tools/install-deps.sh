@@ -4,8 +4,13 @@
 #   nftables, iproute2, ethtool, iperf3: the namespace testbed and Linux's NAT peer
 #   libxdp-dev, libbpf-dev, pkg-config: the optional AF_XDP backend
 #   gcc-aarch64-linux-gnu: the portability check (the fast path must build for ARM)
+#   frr: the fleet's BGP speakers and the testbed's routers (bgpd, bfdd, zebra; hypernat/fleet)
+#   iputils-ping, bind9-dnsutils, dnsmasq-base: fragments through the testbed (ping -s 4000,
+#   a DNS answer larger than the path MTU, tests/test_lab_fragments.py)
 set -euo pipefail
-want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file)
+want=(nftables iproute2 ethtool iperf3 libxdp-dev libbpf-dev pkg-config gcc-aarch64-linux-gnu make gcc file
+      iputils-ping bind9-dnsutils dnsmasq-base)
+want+=(frr)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 missing=()
 for p in "${want[@]}"; do

@@ -59,8 +59,8 @@ mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
-  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath \
+  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag \
     "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py tests/test_frag.py
 )
 echo "portability: fast-path tests pass with -funsigned-char"

@@ -202,6 +202,7 @@ class Coordinator:
         self.auth = {name: 0 for name in AUTH_RESULTS}  # written by the ZAP thread only
         self.identity_mismatch = 0  # keys used under another identity (the loop's count)
         self.queries = 0
+        self.draining = False  # `hypernat ctl drain`: this server takes no new hosts (hypernat.fleet)
         self._pending: Dict[int, _PendingRule] = {}
         self._next_qid = 1
 
@@ -709,8 +710,15 @@ class Coordinator:
             elif op == "rule":
                 self._start_rule_query(ident, qid, args)
                 return
+            elif op == "drain":
+                # Sticky until restart: the fleet speaker (hypernat.fleet.speaker) reads it
+                # from ``status`` and stops taking new hosts.
+                if not self.draining:
+                    log.warning("drain requested: the fleet speaker stops taking new hosts")
+                self.draining = True
+                result = self.status()
             else:
-                raise ValueError(f"unknown op {op!r} (status, nics, counters, rule)")
+                raise ValueError(f"unknown op {op!r} (status, nics, counters, rule, drain)")
         except (ValueError, TypeError, KeyError) as exc:
             self._drop("bad_query", ident, M.T_QUERY)
             self._send(ident, M.T_REPLY, M.pack_json({"id": qid, "ok": False, "error": str(exc)}))
@@ -789,6 +797,7 @@ class Coordinator:
             "messages_routed": sum(self.routed),
             "drops": sum(self.drops.values()),
             "auth_refused": sum(v for k, v in self.auth_counts().items() if k != "accepted"),
+            "draining": self.draining,
         }
 
     def nics_table(self) -> list:
@@ -818,6 +827,7 @@ class Coordinator:
         return {
             "total": total,
             "per_nic": per_nic,
+            "gauges": {f"nic{st.nic}": st.stats.get("gauges", {}) for st in self.nics.values() if st.up},
             "coordinator": {
                 "received": {M.TYPE_NAMES.get(c, f"0x{c:02x}"): n for c, n in enumerate(self.received) if n},
                 "routed": {M.TYPE_NAMES[c]: n for c, n in enumerate(self.routed) if n},

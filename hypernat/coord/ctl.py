@@ -6,6 +6,8 @@
                                                            and the coordinator's own
     hypernat ctl ... rule ADDR:PORT [--proto tcp|udp|icmp] who owns / holds clones of the
                                                            rule for that external endpoint
+    hypernat ctl ... drain                                 a fleet's server: no new hosts
+    hypernat ctl --tag T [--server S] ...                  a lab run's coordinator
     hypernat ctl keygen DIR --nics N                       CURVE keys (see hypernat.auth)
 
 A control client is a DEALER with an anonymous identity that sends ``QUERY`` (JSON
@@ -94,7 +96,7 @@ class CtlClient:
 def _print_status(r: dict) -> None:
     print(f"coordinator {r['endpoint']}  incarnation {r['incarnation']}  up {r['uptime_s']:.0f} s"
           f"{'  CURVE' if r.get('curve') else ''}")
-    print(f"  NICs up {r['nics_up']} of {r['nics_known']} known")
+    print(f"  NICs up {r['nics_up']} of {r['nics_known']} known" + ("  DRAINING" if r.get("draining") else ""))
     print(f"  messages received {r['messages_received']}, routed {r['messages_routed']}, "
           f"dropped {r['drops']}, connections refused {r['auth_refused']}")
 
@@ -152,6 +154,10 @@ def _print_rule(r: dict) -> None:
 
 def _endpoint_and_keys(args):
     endpoint, key, server = args.endpoint, args.key, args.server_key
+    if args.tag and not endpoint:
+        from ..lab.fleet import coord_endpoint  # a lab run's coordinator (its own socket)
+
+        endpoint = coord_endpoint(args.tag, args.server)
     if args.config:
         from ..config import load
 
@@ -168,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hypernat ctl", description="Query a running HyperNAT coordinator.")
     ap.add_argument("--config", help="gateway YAML configuration (endpoint and keys from there)")
     ap.add_argument("--endpoint", help=f"coordinator endpoint (default: config, else {DEFAULT_ENDPOINT})")
+    ap.add_argument("--tag", help="a lab run (hypernat lab up --tag T): its coordinator")
+    ap.add_argument("--server", type=int, help="with --tag on a fleet: server number (default 1)")
     ap.add_argument("--key", help="CURVE key pair of this client (.key_secret)")
     ap.add_argument("--server-key", help="the coordinator's public key file (.key)")
     ap.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer (default 2)")
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="the coordinator's state")
     sub.add_parser("nics", help="the NICs and their liveness")
     sub.add_parser("counters", help="counters summed over the NICs, and the coordinator's")
+    sub.add_parser("drain", help="fleet: stop taking new hosts (the speaker withdraws; see docs/scale-out.md)")
     rp = sub.add_parser("rule", help="the rule (owner and clones) for an external endpoint")
     rp.add_argument("endpoint_addr", metavar="ADDR:PORT")
     rp.add_argument("--proto", choices=sorted(PROTOS), help="only this protocol")
@@ -211,12 +220,13 @@ def main(argv=None) -> int:
                 result = c.query("rule", addr=addr, port=int(port), **kw)
             else:
                 result = c.query(args.cmd)
-    except (CtlError, AuthError, ValueError, OSError, zmq.ZMQError) as exc:
+    except (CtlError, AuthError, ValueError, OSError, RuntimeError, zmq.ZMQError) as exc:
         print(f"hypernat ctl {args.cmd}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        printers = {"status": _print_status, "nics": _print_nics, "counters": _print_counters, "rule": _print_rule}
+        printers = {"status": _print_status, "nics": _print_nics, "counters": _print_counters, "rule": _print_rule,
+                    "drain": _print_status}
         printers[args.cmd](result)
     return 0

@@ -267,7 +267,7 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
     misses (when it is available in this build)."""
     from .. import config as cfgmod
     from .. import verdicts as V
-    from ..fastpath import IMPL, FlowTable, Translator
+    from ..fastpath import IMPL, FlowTable, FragTable, Translator
     from ..layout import KEY_DTYPE
 
     cfg = cfgmod.load(config) if isinstance(config, (str, os.PathLike)) else config
@@ -277,7 +277,15 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
     out_t, in_t = FlowTable(cap, hugepages=False), FlowTable(cap, hugepages=False)
     if prefill is not None:
         prefill(out_t, in_t)
-    tr = Translator(out_t, in_t, cfg.pool_ranges)
+    fl = cfg.limits.fragments
+    ft = FragTable(fl.entries, fl.bytes, fl.timeout)
+    tr = Translator(out_t, in_t, cfg.pool_ranges, frag=ft)
+    released = []  # early fragments a translate call released, sent right after it (as the NIC does)
+
+    def take_released():
+        if ft.released:
+            buf, off, ln, _ = ft.output()
+            released.extend(buf[o:o + n].tobytes() for o, n in zip(off.tolist(), ln.tolist()))
     builder, rules_status = None, "disabled"
     if use_rules:
         try:
@@ -313,6 +321,7 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
             keys = np.zeros(b.n, dtype=KEY_DTYPE)
             now = int(records[i][0])
             tr.translate(b.buf, b.offsets, b.lengths, int(d), now, verd, keys)
+            take_released()
             miss = np.isin(verd, list(V.MISS_VERDICTS))
             if miss.any():
                 if builder is None:
@@ -324,6 +333,7 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
                         if act == ACT_REPLAY:
                             rv = np.zeros(1, dtype=np.uint8)
                             tr.translate(b.buf, b.offsets[k:k + 1], b.lengths[k:k + 1], int(d), now, rv)
+                            take_released()
                             verd[k] = rv[0]
                             slow["replayed"] += 1
                         elif act == ACT_FETCH:
@@ -333,6 +343,9 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
             for k in range(b.n):
                 if int(verd[k]) in V.SEND_VERDICTS:
                     w.write(b.frame(k), records[i + k][0])
+            for f in released:
+                w.write(f, records[j - 1][0])
+            released.clear()
             i = j
         summary["frames_out"] = w.count
     return {
@@ -341,6 +354,7 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
         "slow_path": rules_status,
         **dict(summary),
         "verdicts": {d: {k: v for k, v in c.items() if v} for d, c in tr.counters_dict().items()},
+        "fragments": {k: v for k, v in ft.counters_dict().items() if v},
         "slow": dict(slow),
         **({"rules": builder.counters_dict()} if builder is not None else {}),
     }

@@ -1,7 +1,9 @@
 """`hypernat lab up | run | down | list`: the namespace testbed from the command line.
 
     hypernat lab up   [--tag T] [--nics N] [--peer linux|hypernat|noop] [--config C] [--steer-seed S]
+    hypernat lab up   [--tag T] --servers N [--nics M] [--config C] [--fleet DIR]     a fleet (fleet.py)
     hypernat lab run  [--tag T] [--conns 200] [--udp 50] [--pings 5] [--json]
+    hypernat lab fail | recover | drain SERVER [--tag T]                             a fleet's server
     hypernat lab down [--tag T | --all]
     hypernat lab list
 
@@ -27,7 +29,11 @@ def _parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="build the testbed")
     up.add_argument("--tag", default=DEFAULT_TAG, help="run name; namespaces are hn-TAG-{vpc,gw,inet}")
-    up.add_argument("--nics", type=int, default=2)
+    up.add_argument("--nics", type=int, default=2, help="NICs (per server); the daemons' config is derived to match")
+    up.add_argument("--servers", type=int, default=0,
+                    help="a fleet of N gateway servers behind FRR routers (BGP, BFD, resilient ECMP); 0: one gateway")
+    up.add_argument("--hosts", type=int, default=24, help="VPC hosts (fleet)")
+    up.add_argument("--fleet", help="the servers' own YAML files (a directory) instead of derived ones (fleet)")
     up.add_argument("--peer", choices=("hypernat", "linux", "noop"), default="hypernat",
                     help="what translates in gw: HyperNAT's daemons, Linux's nftables NAT, or the no-op forwarder")
     up.add_argument("--steer-seed", type=lambda v: int(v, 0), default=None,
@@ -42,6 +48,11 @@ def _parser():
     run.add_argument("--pings", type=int, default=5)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true")
+    for name, what in (("fail", "SIGKILL every daemon of a fleet's server"), ("recover", "start a failed server again"),
+                       ("drain", "drain a server (no new hosts), wait, then stop its daemons")):
+        op = sub.add_parser(name, help=what)
+        op.add_argument("server", type=int, help="server number (1..N)")
+        op.add_argument("--tag", default=DEFAULT_TAG)
     down = sub.add_parser("down", help="remove a testbed (idempotent)")
     down.add_argument("--tag", default=DEFAULT_TAG)
     down.add_argument("--all", action="store_true", help="every hn-* testbed on this machine")
@@ -61,13 +72,15 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
 
         if importlib.util.find_spec("hypernat.nic") is None or importlib.util.find_spec("hypernat.coord") is None:
             raise RuntimeError("hypernat.nic / hypernat.coord are not in this build: use --peer linux or noop")
-        # Interfaces and backends are the config's (nics[k].inside/outside/io): the
-        # lab names its links inside<k>/outside<k> to match conf/testbed.yaml.
-        config = os.path.abspath(config)
+        # The lab names its links inside<k>/outside<k>; a config that names other NICs
+        # (or fewer: `--nics 3` on conf/testbed.yaml) is derived to match, in the run's dir.
+        from .fleet import derived_config
+
+        run = topo.run_dir()
+        config = derived_config(config, topo.nics, run)
         topo.config = config
         # A coordinator socket and state directories of the run's own: two labs from the
         # same config never meet, and a new lab never restores an old run's snapshot.
-        run = topo.run_dir()
         os.makedirs(run, exist_ok=True)
         topo.endpoint = f"ipc://{run}/coord.sock"
         # (Metrics servers listen on gw's own loopback: no clash between runs.)
@@ -138,6 +151,14 @@ def gateway_counters(topo) -> dict:
     return {k: v for k, v in sorted(flat(r.get("total", {}))) if v}
 
 
+def _is_fleet(args) -> bool:
+    from .topology import STATE_DIR
+
+    if args.cmd == "up":
+        return args.servers > 0
+    return os.path.exists(os.path.join(STATE_DIR, f"{args.tag}.fleet.json"))
+
+
 def main(argv=None) -> int:
     from .topology import Addressing, Topology, list_runs
 
@@ -150,14 +171,25 @@ def main(argv=None) -> int:
         for tag in list_runs():
             print(tag)
         return 0
+    if args.cmd in ("fail", "recover", "drain") or (args.cmd in ("up", "run") and _is_fleet(args)):
+        from . import fleet as fleet_lab
+
+        return fleet_lab.cli(args)
     if args.cmd == "down":
         tags = list_runs() if args.all else [args.tag]
         for tag in tags:
+            from .fleet import STATE_DIR as _sd, Fleet
+
+            if os.path.exists(os.path.join(_sd, f"{tag}.fleet.json")):
+                Fleet.load(tag).down()
+                print(f"lab {tag}: down (fleet)")
+                continue
             try:
                 topo = Topology.load(tag)
             except (FileNotFoundError, ValueError, TypeError):
                 topo = Topology(tag=tag)
             topo.down()
+            Fleet(tag=tag, servers=0).down()  # a fleet's leftovers without a state file (no-op otherwise)
             print(f"lab {tag}: down")
         return 0
     if args.cmd == "up":

@@ -413,6 +413,23 @@ class Topology:
         import shutil
 
         shutil.rmtree(self.run_dir(), ignore_errors=True)
+        for path in self.run_logs():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def run_logs(self) -> list:
+        """The log files `start` wrote for this run (``<tag>-<module>[-<nic>].log``), and
+        not those of another run whose tag begins with this one (``<tag>-x``)."""
+        import re
+
+        pat = re.compile(re.escape(self.tag) + r"-[a-z_]+(-[a-z_]*\d+)?\.log$")
+        try:
+            names = os.listdir(STATE_DIR)
+        except FileNotFoundError:
+            return []
+        return [os.path.join(STATE_DIR, n) for n in names if pat.fullmatch(n)]
 
     def run_dir(self) -> str:
         """Per-run files of the daemons (coordinator socket, snapshots, journals)."""

@@ -8,6 +8,7 @@ gauges (table entries, pending fetches, clones, leases, utilisation of E_i).
     hypernat_nic_verdicts_total{nic="0",direction="in",verdict="miss_in"}  12
     hypernat_nic_slow_path_total{nic="0",reason="fetch_timeout"}            0
     hypernat_nic_agent_total{nic="0",event="clones_installed"}             37
+    hypernat_nic_fragments_total{nic="0",event="frag_released"}             4
     hypernat_nic_gauge{nic="0",name="agent_clones"}                         37
 """
 from __future__ import annotations
@@ -40,6 +41,11 @@ class WorkerCollector:
         for k, n in sorted(w.agent.counters.items()):
             a.add_metric([nic, k], int(n))
         yield a
+        fr = CounterMetricFamily("hypernat_nic_fragments", "fragment table events (verdicts.FRAG_COUNTERS)",
+                                 labels=["nic", "event"])
+        for k, n in w.frag.counters_dict().items():
+            fr.add_metric([nic, k], int(n))
+        yield fr
         lp = CounterMetricFamily("hypernat_nic_loop", "worker loop events", labels=["nic", "event"])
         for k, n in sorted(w.counters.items()):
             lp.add_metric([nic, k], int(n))

@@ -49,7 +49,7 @@ from .. import layout
 from .. import messages as M
 from .. import zmqio
 from ..agent import AgentParams, RuleAgent
-from ..fastpath import FlowTable, Translator
+from ..fastpath import FlowTable, FragTable, Translator
 from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
@@ -71,12 +71,38 @@ _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
 _MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
+_V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
+
+
+class _HairpinFrame(bytes):
+    """A hairpinned frame (inside host -> an external endpoint of the pool) waiting for a
+    rule fetch.  Its two halves -- the sender's mapping and the destination's session --
+    may be owned by two other NICs, so it may take two fetches; and the fetch of the
+    second half is an *incoming* key, whose answer the agent replays as IN.  The type
+    tells ``_replay`` to run it as the outgoing frame it is, and to decide it again when
+    the other half is still missing (``rounds``: decisions so far, at most
+    ``HAIRPIN_ROUNDS``)."""
+
+    rounds = 0
+
+    @classmethod
+    def of(cls, frame, rounds: int) -> "_HairpinFrame":
+        f = cls(frame)
+        f.rounds = rounds
+        return f
+
+
+# Decisions a hairpinned first packet may take: half 1 fetched, half 2 fetched, and one
+# more for a half that a race removed in between.
+HAIRPIN_ROUNDS = 3
 
 # Loop counters beyond the fast path's verdicts and the builder's reasons.
 LOOP_COUNTERS = (
     "batches", "replayed", "replay_miss", "tx_drops", "coord_sent", "coord_backlog_dropped",
     "coord_recv", "coord_bad_message", "hellos", "undeliverable", "queries", "slow_path_errors",
     "slow_turns", "reloads", "reloads_refused",
+    # hairpinning on any NIC: first packets re-decided after a fetch, and those given up
+    "hairpin_replayed", "hairpin_unresolved",
 )
 
 # How often the loop moves every object alive into the GC's permanent generation
@@ -184,7 +210,9 @@ class NicWorker:
         self._prefault_tables()
         if GC_THRESHOLDS is not None:
             gc.set_threshold(*GC_THRESHOLDS)
-        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges)
+        fl = config.limits.fragments
+        self.frag = FragTable(fl.entries, fl.bytes, fl.timeout)
+        self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges, frag=self.frag)
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
         self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True,
@@ -197,7 +225,7 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks, partition=self.partition)
+                               tick_clock=self.ticks, partition=self.partition, seq_start=None)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         # ARP on real links where the kernel does not see the frames (AF_XDP): one
         # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
@@ -452,6 +480,8 @@ class NicWorker:
         k = self._keys[:n]
         now = self.ticks()
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
+        if self.frag.released:
+            self._send_released()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
@@ -485,6 +515,17 @@ class NicWorker:
                 log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
 
+    def _send_released(self) -> None:
+        """Early fragments the last translate released (their first fragment was just
+        translated): rewritten in the fragment table's output area, sent by their exit
+        side before the next translate call reuses it."""
+        buf, off, ln, ex = self.frag.output()
+        b = Batch(buf, off, ln, len(off))
+        for d, port in ((OUT, self.outside), (IN, self.inside)):
+            idx = np.flatnonzero(ex == d)
+            if len(idx):
+                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+
     def _arp(self, port, b, idx) -> None:
         """ARP frames among the not_nat ones: learn, answer for our addresses."""
         resp = self.arp[id(port)]
@@ -504,9 +545,10 @@ class NicWorker:
         self.translator.set_l2(OUT, outside_mac, outside_next_hop)
         self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
-    def _misses(self, b, direction, v, k, now) -> None:
+    def _misses(self, b, direction, v, k, now, rounds: int = 0) -> None:
         # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
         # first packet of a connection, pays no numpy per field or per decision
+        # (`rounds`: hairpin decisions the frames of `b` have had already)
         replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
         if self.rules.recovering:
             held = [i for i, r in zip(idx, res) if r == _R_HOLD]
@@ -520,8 +562,11 @@ class NicWorker:
         if fetches:  # one pass over the batch's fetches; one FETCH message per owner
             icmp_kind = layout.KIND_ICMP_ERROR
             fidx = [f[0] for f in fetches]
+            frames = b.frames(fidx)
+            if direction == OUT:
+                frames = self._hairpin_frames(fidx, frames, v, rounds)
             self.agent.fetch_rows([(fd, (p, s, sp, d, dp), kind == icmp_kind, o, fr)
-                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, b.frames(fidx))],
+                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, frames)],
                                   self.clock())
             if ev is not None:
                 ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
@@ -559,10 +604,50 @@ class NicWorker:
                     self._process_batch(Batch.from_frames(frames), port, d, other)
         self._recovered_seen = got
 
+    @staticmethod
+    def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
+        """The frames queued behind fetches, hairpinned ones marked as such."""
+        return [_HairpinFrame.of(f, rounds + 1) if v[i] == _V_MISS_HAIRPIN else f for i, f in zip(fidx, frames)]
+
+    def _replay_hairpins(self, frames) -> None:
+        """Hairpinned frames whose fetch was answered: translated as the outgoing frames
+        they are (whatever direction the fetched half was); one whose other half is still
+        missing is decided again -- found here, built here, or fetched from its owner --
+        up to HAIRPIN_ROUNDS decisions in all."""
+        c = self.counters
+        by_rounds: dict = {}
+        for f in frames:
+            by_rounds.setdefault(f.rounds, []).append(f)
+        for rounds, group in by_rounds.items():
+            b = Batch.from_frames(group)
+            n = b.n
+            v = np.zeros(n, np.uint8)  # scratch of its own: _misses below may _replay
+            k = np.zeros(n, layout.KEY_DTYPE)
+            now = self.ticks()
+            self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], OUT, now, v, k)
+            if self.frag.released:
+                self._send_released()
+            c["hairpin_replayed"] += n
+            hp = np.flatnonzero(v == _V_HAIRPIN)
+            if len(hp):
+                c["tx_drops"] += len(hp) - self.inside.send(b, hp)
+            miss = v == _V_MISS_HAIRPIN
+            if miss.any():
+                if rounds >= HAIRPIN_ROUNDS:
+                    c["hairpin_unresolved"] += int(miss.sum())
+                else:
+                    self._misses(b, OUT, v, k, now, rounds)
+
     _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
 
     def _replay(self, direction: int, frames) -> None:
         """Translate frames again once their rule is installed; send what hits."""
+        if _HairpinFrame in set(map(type, frames)):
+            hp = [f for f in frames if f.__class__ is _HairpinFrame]
+            self._replay_hairpins(hp)
+            frames = [f for f in frames if f.__class__ is not _HairpinFrame]
+            if not frames:
+                return
         b = Batch.from_frames(frames)
         n = b.n
         if n > len(self._rv):
@@ -571,6 +656,8 @@ class NicWorker:
         v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
         k = self._rk[:n]
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
+        if self.frag.released:  # a replayed first fragment releases its datagram's held ones
+            self._send_released()
         c = self.counters
         c["replayed"] += n
         other = self.outside if direction == OUT else self.inside
@@ -799,23 +886,24 @@ class NicWorker:
 
     def _rule_info(self, addr: int, port: int, proto=None) -> list:
         """What this NIC knows of an external endpoint: the mapping it owns (with the
-        leases it granted on it) and the clones it holds (with their owner and lease)."""
+        leases it granted on it) and the clones it holds (with their owner and lease).
+        Both come from indexes by endpoint: a query costs what it finds, not the tables."""
         now = self.clock()
-        out = []
+        out, held = [], []
         for p in ([proto] if proto is not None else [6, 17, 1]):
+            leases, clones = self.agent.endpoint(p, addr, port)
+            held.extend(clones)
             m = self.rules.lookup_external(p, addr, port)
             if m is not None:
                 m = dict(m, role="owner", iaddr=M.ip_str(m["iaddr"]), eaddr=M.ip_str(m["eaddr"]))
                 m["leases"] = [{"holder": f"nic{h}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
                                 "left_s": round(until - now, 1)}
-                               for sk, hs in self.agent.leases.items() if sk[0] == p and sk[3] == addr
-                               and sk[4] == port for h, until in hs.items()]
+                               for sk, hs in leases for h, until in hs.items()]
                 out.append(m)
-        for sk, c in self.agent.clones.items():
-            if sk[3] == addr and sk[4] == port and (proto is None or sk[0] == proto):
-                out.append({"role": "clone", "owner": f"nic{c.owner}", "rule_id": c.rule_id, "proto": sk[0],
-                            "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
-                            "dirs": c.dirs, "lease_left_s": round(c.expires - now, 1)})
+        for sk, owner, rule_id, dirs, expires in held:
+            out.append({"role": "clone", "owner": f"nic{owner}", "rule_id": rule_id, "proto": sk[0],
+                        "internal": f"{M.ip_str(sk[1])}:{sk[2]}", "remote": f"{M.ip_str(sk[5])}:{sk[6]}",
+                        "dirs": dirs, "lease_left_s": round(expires - now, 1)})
         return out
 
     def _stats(self) -> None:
@@ -884,6 +972,7 @@ class NicWorker:
         if now >= self._sweep_due and (not self.agent.pending or now >= self._sweep_due + self.sweep_defer_max):
             self._sweep_due = now + self.sweep_interval
             self.rules.sweep(self.ticks())
+            self.frag.expire(self.ticks())  # datagrams whose first fragment never came (bounded)
         # the journal, off the packet path: blocks journaled ahead of need, the "assign"
         # records written since fsync'ed; never while a fetch waits for its answer
         # (fsyncs run on the journal's thread; poll() takes in the reserved blocks whose
@@ -1011,6 +1100,9 @@ class NicWorker:
                     out[f"fastpath_{dname}_{k}"] = int(v)
         for k, v in self.rules.counters_dict().items():
             out[f"rules_{k}"] = int(v)
+        for k, v in self.frag.counters_dict().items():
+            if v:
+                out[f"fastpath_{k}"] = int(v)
         for k, v in self.agent.counters.items():
             out[f"agent_{k}"] = int(v)
         for p in (self.inside, self.outside):
@@ -1033,7 +1125,8 @@ class NicWorker:
 
     def gauges(self) -> dict:
         g = {"out_entries": len(self.out_table), "in_entries": len(self.in_table),
-             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation())}
+             "backlog": len(self._backlog), "utilisation": float(self.rules.utilisation()),
+             "frag_datagrams": len(self.frag), "frag_chunks_held": self.frag.held}
         g.update({f"agent_{k}": v for k, v in self.agent.state().items()})
         if self.journal is not None:
             g.update({f"journal_{k}": v for k, v in self.journal.gauges().items()})

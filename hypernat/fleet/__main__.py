@@ -1,0 +1,5 @@
+import sys
+
+from .speaker import main
+
+sys.exit(main())
