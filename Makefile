@@ -3,7 +3,8 @@
 #   make test   run the test suite (and the benchmarks once each, untimed), then the
 #               agent/rules/messages tests again on the pure .py sources
 #   make bench  run the benchmarks, save, and compare with the last saved run
-#   make portability  compile the fast path for aarch64; run its tests with -funsigned-char
+#   make portability  build the fast path for aarch64 and run its tests there (qemu-user, in a
+#               cached arm64 Debian root); run them on x86 with -funsigned-char too
 #   make debug / annotate   rebuild with bounds checks / write Cython's HTML annotation
 #   make soak   the testbed under a steady stream of new and closing connections, minutes
 #               (as root; not part of `make test`): SOAK_DURATION (s), SOAK_RATE (conn/s), SOAK_HOSTS
@@ -59,7 +60,9 @@ SOAK_HOSTS    ?= 24
 soak: build
 	$(PY) tools/soak.py --duration $(SOAK_DURATION) --rate $(SOAK_RATE) --hosts $(SOAK_HOSTS) $(SOAK_ARGS)
 
+# install-deps again: its packages may be newer than an existing venv (it installs only what is missing)
 portability: deps
+	bash tools/install-deps.sh
 	bash tools/portability.sh
 
 clean:

@@ -149,8 +149,10 @@ cdef extern from *:
        Written as a macro so that no helper can be dropped at -O2 (DESIGN.md). */
     #if defined(__GNUC__) || defined(__clang__)
     #define hn_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #define hn_unlikely(x) __builtin_expect(!!(x), 0)
     #else
     #define hn_prefetch(p) ((void)(p))
+    #define hn_unlikely(x) (x)
     #endif
 
     #ifdef HYPERNAT_DEBUG
@@ -194,6 +196,7 @@ cdef extern from *:
     uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
                           uint32_t daddr, uint16_t dport) noexcept nogil
     void hn_prefetch(const void *p) noexcept nogil
+    bint hn_unlikely(bint x) noexcept nogil
     int HN_DEBUG
     void hn_out_of_frame(uint64_t pos, uint64_t n, uint64_t lo, uint64_t hi) noexcept nogil
 
@@ -209,6 +212,7 @@ cdef enum:
     V_PENDING_FRAG = 254    # a later fragment, waiting for the fragment table
     FR_FIRST = 1            # hn_parsed.frag: offset 0, MF set
     FR_LATER = 2            # offset > 0
+    V_ROUTER = 253          # parsed, waiting for its lookup and then the router's work (MSS clamp, fragments)
     # layout constants (checked against layout.py at import, below)
     F_OCCUPIED = 0x01
     F_ACTIVE = 0x04
@@ -232,6 +236,11 @@ if (F_OCCUPIED, F_ACTIVE, TCP_STATE_MASK, KIND_PLAIN, KIND_ICMP_ERROR) != (
 SLOT_DTYPE = _layout.SLOT_DTYPE
 KEY_DTYPE = _layout.KEY_DTYPE
 _U32 = 0xFFFFFFFF
+# The output area's default size: room for a batch of 256 full-size frames cut in
+# fragments, or 256 ICMP errors quoting 548 bytes each, several times over.
+OUTPUT_BYTES = 1 << 20
+OUTPUT_FRAMES = 4096
+ROUTER_KEYS = ("outside_mtu", "inside_mtu", "outside_address", "inside_address", "icmp_rate", "mss_clamp")
 
 
 # ------------------------------------------------------------------------------------
@@ -351,6 +360,8 @@ ctypedef struct hn_parsed:
     uint16_t sport, dport
     uint8_t proto, kind, ekind, tcp_flags, icmp_type
     uint8_t verdict, haskey, hairpin, frag
+    uint8_t partial     # the L4 checksum field holds the pseudo-header sum (checksum offload)
+    uint8_t split       # longer than its exit link's MTU, DF clear: fragmented once sent
 
 
 ctypedef struct hn_ctx:
@@ -413,6 +424,18 @@ cdef inline uint32_t adjust_udp(uint32_t ck, uint64_t terms) noexcept nogil:
         return 0
     ck = adjust(ck, terms)
     return ck if ck else 0xFFFF
+
+
+cdef inline uint32_t adjust_l4(bint partial, bint udp, uint32_t ck, uint64_t aterms, uint64_t pterms) noexcept nogil:
+    """The TCP/UDP checksum field after the addresses (aterms) and ports (pterms)
+    changed.  A partial frame's field holds the pseudo-header sum, which the device
+    completes over the L4 header and payload: only the addresses are in it, and it is
+    a sum, not its complement (RFC 1624 applied to ~field; no UDP zero rule)."""
+    if partial:
+        return ~adjust(~ck & 0xFFFF, aterms) & 0xFFFF
+    if udp:
+        return adjust_udp(ck, aterms + pterms)
+    return adjust(ck, aterms + pterms)
 
 
 cdef inline uint32_t sum16(const hn_parsed *p, uint64_t start, uint64_t end) noexcept nogil:
@@ -588,13 +611,13 @@ cdef inline void parse(hn_parsed *p, uint8_t *b, uint64_t blen, uint32_t off, ui
     else:
         p.verdict = V_NOT_NAT
         return
-    # 7. TTL
-    if rd8(p, b, l3 + 8) <= 1:
-        p.verdict = V_TTL_EXCEEDED
-        return
     p.l3 = l3
     p.l4 = l4
     p.end = l3 + total
+    # 7. TTL (pass 2 answers it: the headers above are what the ICMP error quotes)
+    if rd8(p, b, l3 + 8) <= 1:
+        p.verdict = V_TTL_EXCEEDED
+        return
     # 8. ICMP: echo is a query, 3/11/12 are errors, the rest unsupported
     cdef uint32_t t
     if proto == PROTO_ICMP:
@@ -671,6 +694,7 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
     cdef uint32_t sport = p.sport
     cdef uint32_t dport = p.dport
     cdef uint32_t proto = p.proto
+    cdef bint partial = p.partial
     cdef uint64_t aterms = d32(p.saddr, nsa) + d32(p.daddr, nda)
     cdef uint32_t ttl = rd8(p, b, l3 + 8)
     cdef uint32_t ck
@@ -681,12 +705,12 @@ cdef inline void rewrite(const hn_parsed *p, uint32_t nsa, uint32_t nsp, uint32_
     wr32(p, b, l3 + 12, nsa)
     wr32(p, b, l3 + 16, nda)
     if kind == K_TCP:
-        ck = adjust(rd16(p, b, l4 + 16), aterms + d16(sport, nsp) + d16(dport, ndp))
+        ck = adjust_l4(partial, False, rd16(p, b, l4 + 16), aterms, d16(sport, nsp) + d16(dport, ndp))
         wr16(p, b, l4 + 16, ck)
         wr16(p, b, l4, nsp)
         wr16(p, b, l4 + 2, ndp)
     elif kind == K_UDP:
-        ck = adjust_udp(rd16(p, b, l4 + 6), aterms + d16(sport, nsp) + d16(dport, ndp))
+        ck = adjust_l4(partial, True, rd16(p, b, l4 + 6), aterms, d16(sport, nsp) + d16(dport, ndp))
         wr16(p, b, l4 + 6, ck)
         wr16(p, b, l4, nsp)
         wr16(p, b, l4 + 2, ndp)
@@ -716,6 +740,7 @@ cdef inline void rewrite_one(const hn_parsed *p, bint dst, uint32_t na, uint32_t
     cdef uint64_t aoff = 16 if dst else 12
     cdef uint64_t poff = 2 if dst else 0
     cdef uint64_t aterms = d32(oa, na) + 0x1FFFE
+    cdef bint partial = p.partial
     cdef uint32_t ttl = rd8(p, b, l3 + 8)
     cdef uint32_t ck
     ck = adjust(rd16(p, b, l3 + 10), aterms + d16((ttl << 8) | proto, ((ttl - 1) << 8) | proto))
@@ -723,10 +748,10 @@ cdef inline void rewrite_one(const hn_parsed *p, bint dst, uint32_t na, uint32_t
     wr16(p, b, l3 + 10, ck)
     wr32(p, b, l3 + aoff, na)
     if kind == K_TCP:
-        wr16(p, b, l4 + 16, adjust(rd16(p, b, l4 + 16), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + 16, adjust_l4(partial, False, rd16(p, b, l4 + 16), aterms, d16(op, np_) + 0xFFFF))
         wr16(p, b, l4 + poff, np_)
     elif kind == K_UDP:
-        wr16(p, b, l4 + 6, adjust_udp(rd16(p, b, l4 + 6), aterms + d16(op, np_) + 0xFFFF))
+        wr16(p, b, l4 + 6, adjust_l4(partial, True, rd16(p, b, l4 + 6), aterms, d16(op, np_) + 0xFFFF))
         wr16(p, b, l4 + poff, np_)
     else:
         ck = adjust(rd16(p, b, l4 + 2), d16(p.sport, np_))
@@ -820,6 +845,307 @@ cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, in
     return V_TRANSLATED
 
 
+# ------------------------------------------------------------------------------------
+# The gateway as a router: ICMP errors it sends itself, fragmentation, MSS clamping
+# (docs/fastpath.md, "Generated frames"; issue 13 items 2 and 4)
+# ------------------------------------------------------------------------------------
+#
+#   pass 2, per frame:  TTL <= 1 ──────────────────► ICMP time exceeded ─┐
+#                       size > MTU of its exit, DF ─► ICMP frag needed ───┤
+#                       size > MTU, no DF ─► resolve ─► fragments ────────┤
+#                                                                         ▼
+#   output area  | frame | frame | ... |   (bytes, offsets, lengths, exit direction),
+#                emptied at the start of every translate(); the worker sends it per batch
+#
+# Every generated frame is built here, in C, from the frame that caused it; Python
+# only hands the area to the ports.
+
+ctypedef struct hn_router:
+    uint32_t mtu[2]         # per exit direction (DIR_OUT: outside link, DIR_IN: inside); 0: no limit
+    uint32_t src[2]         # ICMP source address per exit direction; 0: send none that way
+    uint32_t mss_clamp      # 0: off
+    uint32_t rate           # ICMP errors per clock tick: the bucket's size and its refill per tick
+    uint32_t tokens
+    uint32_t last           # tick of the last refill
+    uint32_t primed         # 0 until the first ICMP error (then `last` is meaningful)
+    uint32_t ip_id          # IPv4 identification of the next generated ICMP error
+    uint8_t *ob             # the output area: bytes ...
+    uint64_t ob_cap
+    uint64_t ob_used
+    uint32_t *oo            # ... and per frame: offset, length, exit direction
+    uint32_t *ol
+    uint8_t *ox
+    uint32_t on
+    uint32_t on_cap
+    uint64_t *ev            # router events [2, N_ROUTER_EVENTS]
+
+
+cdef inline uint64_t egress_len(const hn_parsed *p) noexcept nogil:
+    """The one size compared with an egress MTU: the IPv4 datagram's length.  (Under
+    GSO a super-frame is compared by its segment size, gso_size, here.)"""
+    return p.end - p.l3
+
+
+cdef inline bint too_big(const hn_router *r, const hn_parsed *p, int direction) noexcept nogil:
+    """Longer than the MTU of the link it leaves by (hairpins go back inside)?"""
+    cdef uint32_t mtu = r.mtu[DIR_IN if p.hairpin else direction]
+    return mtu != 0 and egress_len(p) > mtu
+
+
+cdef inline void put16(uint8_t *q, uint32_t v) noexcept nogil:
+    q[0] = <uint8_t>(v >> 8)
+    q[1] = <uint8_t>v
+
+
+cdef inline void put32(uint8_t *q, uint32_t v) noexcept nogil:
+    q[0] = <uint8_t>(v >> 24)
+    q[1] = <uint8_t>(v >> 16)
+    q[2] = <uint8_t>(v >> 8)
+    q[3] = <uint8_t>v
+
+
+cdef inline uint32_t csum(const uint8_t *q, uint64_t n) noexcept nogil:
+    """Internet checksum (RFC 1071) of q[0:n], a buffer this file built (output area)."""
+    cdef uint64_t s = 0
+    cdef uint64_t i = 0
+    while i + 1 < n:
+        s += (<uint32_t>q[i] << 8) | q[i + 1]
+        i += 2
+    if i < n:
+        s += <uint32_t>q[i] << 8
+    return ~fold(s) & 0xFFFF
+
+
+cdef inline uint8_t *out_take(hn_router *r, uint64_t n, int exitdir) noexcept nogil:
+    """Room for one generated frame of n bytes leaving toward `exitdir`, or NULL."""
+    if r.on >= r.on_cap or n > r.ob_cap - r.ob_used:
+        return NULL
+    cdef uint8_t *q = r.ob + r.ob_used
+    r.oo[r.on] = <uint32_t>r.ob_used
+    r.ol[r.on] = <uint32_t>n
+    r.ox[r.on] = <uint8_t>exitdir
+    r.on += 1
+    r.ob_used += n
+    return q
+
+
+cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t now, uint32_t itype,
+                      uint32_t code, uint32_t mtu) noexcept nogil:
+    """An ICMP error about the frame as it was received (never rewritten), from the
+    gateway's address on the side it came from, back to its source (RFC 792, 1812):
+    IP header + as much of the datagram as fits in 576 bytes (and in the MTU of the
+    link it leaves by); MACs swapped."""
+    cdef uint64_t *ev = r.ev + direction * N_ROUTER_EVENTS
+    cdef const uint8_t *b = p.b
+    cdef uint64_t l3 = p.l3
+    cdef int back = DIR_IN if direction == DIR_OUT else DIR_OUT
+    cdef uint32_t src = r.src[back]
+    cdef uint32_t sa = rd32(p, b, l3 + 12)
+    cdef uint32_t da = rd32(p, b, l3 + 16)
+    cdef uint32_t t
+    # RFC 1812 4.3.2.7: never about an ICMP error, a non-first fragment, a link-layer or
+    # IP broadcast / multicast, or a source that is not one host
+    cdef bint quiet = (src == 0 or (rd8(p, b, p.fs) & 1) or (da >> 24) >= 224 or (sa >> 24) >= 224
+                       or (sa >> 24) == 0 or (sa >> 24) == 127 or (rd16(p, b, l3 + 6) & 0x1FFF) != 0)
+    if not quiet and rd8(p, b, l3 + 9) == PROTO_ICMP:
+        t = rd8(p, b, p.l4)
+        quiet = t == 3 or t == 4 or t == 5 or t == 11 or t == 12
+    if quiet:
+        ev[EV_ICMP_SUPPRESSED] += 1
+        return
+    # RFC 1812 4.3.2.8: a token bucket per NIC, refilled per clock tick
+    if not r.primed:
+        r.primed = 1
+        r.last = now
+    elif now != r.last:
+        if <uint64_t>(now - r.last) * r.rate + r.tokens >= r.rate:
+            r.tokens = r.rate
+        else:
+            r.tokens += (now - r.last) * r.rate
+        r.last = now
+    if r.tokens == 0:
+        ev[EV_ICMP_RATE_LIMITED] += 1
+        return
+    cdef uint64_t l2 = l3 - p.fs
+    cdef uint64_t q = p.end - l3
+    if q > 576 - 28:
+        q = 576 - 28
+    if r.mtu[back] and q > r.mtu[back] - 28:     # and it fits the link it leaves by
+        q = r.mtu[back] - 28
+    cdef uint8_t *o = out_take(r, l2 + 28 + q, back)
+    if o == NULL:
+        ev[EV_OUTPUT_FULL] += 1
+        return
+    r.tokens -= 1
+    chk(p, p.fs, l2)
+    memcpy(o, b + p.fs + 6, 6)              # to the sender's MAC, from ours
+    memcpy(o + 6, b + p.fs, 6)
+    memcpy(o + 12, b + p.fs + 12, l2 - 12)  # VLAN tag and ethertype as received
+    cdef uint8_t *h = o + l2
+    h[0] = 0x45
+    h[1] = 0xC0                             # precedence: internetwork control
+    put16(h + 2, <uint32_t>(28 + q))
+    put16(h + 4, r.ip_id & 0xFFFF)
+    r.ip_id += 1
+    h[6] = 0
+    h[7] = 0
+    h[8] = 64
+    h[9] = PROTO_ICMP
+    h[10] = 0
+    h[11] = 0
+    put32(h + 12, src)
+    put32(h + 16, sa)
+    put16(h + 10, csum(h, 20))
+    cdef uint8_t *m = h + 20
+    m[0] = <uint8_t>itype
+    m[1] = <uint8_t>code
+    put32(m + 2, 0)
+    put16(m + 6, mtu)                       # RFC 1191: the next-hop MTU (0 for type 11)
+    chk(p, l3, q)
+    memcpy(m + 8, b + l3, q)
+    put16(m + 2, csum(m, 8 + q))
+    ev[EV_ICMP_FRAG_NEEDED if itype == 3 else EV_ICMP_TIME_EXCEEDED] += 1
+
+
+cdef inline void options_fragment(uint8_t *h, uint64_t ihl) noexcept nogil:
+    """IPv4 options not to be copied into later fragments (copied flag clear) become
+    NOPs, so every fragment's header keeps the same length (RFC 791, as Linux does)."""
+    cdef uint64_t i = 20
+    cdef uint32_t t, n
+    while i < ihl:
+        t = h[i]
+        if t == 0:
+            return
+        if t == 1:
+            i += 1
+            continue
+        if i + 1 >= ihl:
+            return
+        n = h[i + 1]
+        if n < 2 or i + n > ihl:
+            return
+        if not (t & 0x80):
+            memset(h + i, 1, n)
+        i += n
+
+
+cdef uint8_t fragment(hn_router *r, const hn_parsed *p, int direction, int exitdir) noexcept nogil:
+    """The translated frame as IPv4 fragments of at most mtu[exitdir] bytes, into the
+    output area (RFC 791); V_FRAGMENTED, or V_OUTPUT_FULL if they do not all fit."""
+    cdef uint64_t *ev = r.ev + direction * N_ROUTER_EVENTS
+    cdef const uint8_t *b = p.b
+    cdef uint64_t l2 = p.l3 - p.fs
+    cdef uint64_t ihl = p.l4 - p.l3
+    cdef uint64_t data = p.end - p.l4
+    cdef uint64_t chunk = ((r.mtu[exitdir] - ihl) // 8) * 8     # mtu >= 68, ihl <= 60
+    cdef uint64_t nf = (data + chunk - 1) // chunk
+    if nf > r.on_cap - r.on or nf * (l2 + ihl) + data > r.ob_cap - r.ob_used:
+        ev[EV_OUTPUT_FULL] += 1
+        return V_OUTPUT_FULL
+    cdef uint32_t fo = rd16(p, b, p.l3 + 6)
+    cdef uint64_t k, off, ln
+    cdef uint32_t f
+    cdef uint8_t *o
+    cdef uint8_t *h
+    chk(p, p.fs, p.end - p.fs)
+    for k in range(nf):
+        off = k * chunk
+        ln = data - off if data - off < chunk else chunk
+        o = out_take(r, l2 + ihl + ln, exitdir)
+        memcpy(o, b + p.fs, l2 + ihl)
+        h = o + l2
+        if k:
+            options_fragment(h, ihl)
+        put16(h + 2, <uint32_t>(ihl + ln))
+        f = (fo & 0x8000) | (((fo & 0x1FFF) + <uint32_t>(off >> 3)) & 0x1FFF)
+        if k + 1 < nf or (fo & 0x2000):
+            f |= 0x2000
+        put16(h + 6, f)
+        h[10] = 0
+        h[11] = 0
+        put16(h + 10, csum(h, ihl))
+        memcpy(h + ihl, b + p.l4 + off, ln)
+    ev[EV_FRAGMENTS] += nf
+    return V_FRAGMENTED
+
+
+cdef void clamp_mss(hn_router *r, const hn_parsed *p, int direction) noexcept nogil:
+    """SYN / SYN-ACK: an MSS option above the clamp is lowered to it, the TCP checksum
+    updated (RFC 1624).  Options are walked inside the TCP header only; a malformed
+    list leaves the frame as it was (counted)."""
+    cdef uint8_t *b = p.b
+    cdef uint64_t l4 = p.l4
+    cdef uint64_t end = l4 + (rd8(p, b, l4 + 12) >> 4) * 4     # within the frame (parse)
+    cdef uint64_t i = l4 + 20
+    cdef uint32_t kind, n, old, new
+    cdef uint64_t terms
+    while i < end:
+        kind = rd8(p, b, i)
+        if kind == 0:
+            return
+        if kind == 1:
+            i += 1
+            continue
+        if i + 2 > end:
+            break
+        n = rd8(p, b, i + 1)
+        if n < 2 or i + n > end:
+            break
+        if kind == 2:
+            if n != 4:
+                break
+            old = rd16(p, b, i + 2)
+            new = r.mss_clamp
+            if old > new:
+                if (i + 2 - l4) & 1:   # the value straddles two checksum words: byte-swapped terms
+                    terms = d16(((old & 0xFF) << 8) | (old >> 8), ((new & 0xFF) << 8) | (new >> 8))
+                else:
+                    terms = d16(old, new)
+                wr16(p, b, l4 + 16, adjust(rd16(p, b, l4 + 16), terms))
+                wr16(p, b, i + 2, new)
+                r.ev[direction * N_ROUTER_EVENTS + EV_MSS_CLAMPED] += 1
+            return
+        i += n
+    if i < end:
+        r.ev[direction * N_ROUTER_EVENTS + EV_MSS_BAD_OPTIONS] += 1
+
+
+# The router's work is rare and bulky: called through pointers set at import, so the C
+# compiler cannot inline it into the batch loop below (code size and register pressure
+# in the hot loop: measured at 3-8% of the established-flow rate).
+ctypedef void (*icmp_answer_fn)(hn_router *, const hn_parsed *, int, uint32_t, uint32_t, uint32_t,
+                                uint32_t) noexcept nogil
+cdef icmp_answer_fn cold_icmp_answer = icmp_answer
+
+
+cdef inline void write_l2(const hn_ctx *c, const hn_parsed *p, int exitdir) noexcept nogil:
+    """Step 11's MACs for a frame that leaves toward `exitdir` (if set_l2 gave them)."""
+    if c.l2set[exitdir]:
+        chk(p, p.fs, 12)
+        memcpy(p.b + p.fs, c.l2[exitdir], 12)
+
+
+cdef uint8_t resolve_routed(const hn_ctx *c, hn_router *r, hn_parsed *p, const hn_table *t,
+                            int direction, uint32_t now) noexcept nogil:
+    """A V_ROUTER frame: lookup and rewrite as any, then MSS clamping (a SYN while
+    clamping), MACs, and fragments (longer than its exit link's MTU, DF clear)."""
+    cdef uint8_t v = resolve(c, p, t, direction, now)
+    cdef int exitdir
+    if v == V_TRANSLATED or v == V_HAIRPIN:
+        if p.kind == K_TCP and (p.tcp_flags & 0x02) and r.mss_clamp:
+            clamp_mss(r, p, direction)
+        exitdir = DIR_IN if v == V_HAIRPIN else direction
+        write_l2(c, p, exitdir)
+        if p.split:
+            v = fragment(r, p, direction, exitdir)
+    return v
+
+
+cdef uint8_t (*cold_routed)(const hn_ctx *, hn_router *, hn_parsed *, const hn_table *, int,
+                            uint32_t) noexcept nogil
+cold_routed = resolve_routed
+
+
 cdef uint8_t first_fragment_check(const hn_ctx *c, hn_parsed *p, int direction, uint32_t now) noexcept nogil:
     """A first fragment is decided by the flow tables like any packet (hit, or a miss for
     the slow path) unless the fragment table refuses it first: its verdict, V_PENDING
@@ -842,9 +1168,10 @@ cdef void first_fragment_record(const hn_ctx *c, const hn_parsed *p, int directi
     frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac)
 
 
-cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint32_t *off,
-                          const uint32_t *ln, size_t n, int direction, uint32_t now,
-                          uint8_t *verdicts, hn_key *keys) noexcept nogil:
+cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t blen,
+                          const uint32_t *off, const uint32_t *ln, size_t n, int direction,
+                          uint32_t now, uint8_t *verdicts, hn_key *keys,
+                          const uint8_t *partial) noexcept nogil:
     cdef hn_parsed ps[GROUP]
     cdef hn_parsed *p
     cdef const hn_table *t = c.out if direction == DIR_OUT else c.inn
@@ -857,6 +1184,16 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
     cdef hn_key *kp
     if c.frag != NULL:
         frag_begin(c.frag, now)
+    # The router's check costs one test per frame in pass 1: a frame no longer than the
+    # smallest MTU fits any link, and a SYN matters only while clamping (its flag lifted
+    # to bit 20, above any IPv4 length, so that one compare sees both); a frame it flags
+    # (V_ROUTER) takes the cold path in pass 2, so the hot one is unchanged.
+    cdef uint64_t fits = 0xFFFFF
+    if r.mtu[DIR_OUT]:
+        fits = r.mtu[DIR_OUT]
+    if r.mtu[DIR_IN] and r.mtu[DIR_IN] < fits:
+        fits = r.mtu[DIR_IN]
+    cdef uint8_t synmask = 0x02 if r.mss_clamp else 0
     # Overlapping (or out-of-order) frames: strictly one after another.
     for i in range(1, n):
         if <uint64_t>off[i] < <uint64_t>off[i - 1] + ln[i - 1]:
@@ -866,13 +1203,25 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
         m = n - base
         if m > g:
             m = g
-        # pass 1: parse, hash, prefetch the home slot
+        # pass 1: parse, size (docs/fastpath.md step 8a), hash, prefetch the home slot
         for k in range(m):
             p = &ps[k]
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
+            p.partial = partial[base + k] != 0 if partial != NULL else 0
             if p.verdict == V_PENDING:
                 p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
                 hn_prefetch(&t.s[p.hash & t.mask])
+                # (after the prefetch: its miss is what the group waits for.  A first
+                # fragment goes the fragment table's way, as it came; a partial frame --
+                # a super-frame, segmented by the kernel after us -- as it is)
+                if (hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits)
+                        and not p.frag and not p.partial):
+                    p.split = 0
+                    p.verdict = V_ROUTER
+                    if too_big(r, p, direction):
+                        p.split = 1
+                        if rd16(p, b, p.l3 + 6) & 0x4000:      # DF: answered in pass 2
+                            p.verdict = V_FRAG_NEEDED
         # pass 2: probe, rewrite, account
         for k in range(m):
             p = &ps[k]
@@ -895,6 +1244,12 @@ cdef void translate_batch(const hn_ctx *c, uint8_t *b, uint64_t blen, const uint
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
                     if c.l2set[exitdir]:
                         memcpy(b + p.fs, c.l2[exitdir], 12)
+            elif hn_unlikely(v == V_ROUTER):
+                v = cold_routed(c, r, p, t, direction, now)
+            elif hn_unlikely(v == V_TTL_EXCEEDED):
+                cold_icmp_answer(r, p, direction, now, 11, 0, 0)
+            elif hn_unlikely(v == V_FRAG_NEEDED):
+                cold_icmp_answer(r, p, direction, now, 3, 4, r.mtu[DIR_IN if p.hairpin else direction])
             verdicts[base + k] = v
             cnt[v] += 1
             if keys != NULL:
@@ -1128,9 +1483,16 @@ cdef class Translator:
     cdef object _pool_arr
     cdef tuple _pool
     cdef hn_ctx c
+    cdef hn_router r
+    cdef object _events
+    cdef object _ob
+    cdef object _oo
+    cdef object _ol
+    cdef object _ox
+    cdef dict _router
 
     def __init__(self, FlowTable out_table not None, FlowTable in_table not None, pool=(),
-                 FragTable frag=None):
+                 FragTable frag=None, output_bytes=OUTPUT_BYTES, output_frames=OUTPUT_FRAMES):
         self._out = out_table
         self._in = in_table
         self._frag = frag
@@ -1151,6 +1513,88 @@ cdef class Translator:
         self.c.pool = <const uint32_t *>cnp.PyArray_DATA(self._pool_arr)
         self.c.npool = len(entries)
         self.c.frag = &frag.f if frag is not None else NULL
+        # the router part (set_router) and the output area of generated frames
+        output_bytes, output_frames = _check_output_area(output_bytes, output_frames)
+        self._events = np.zeros((2, N_ROUTER_EVENTS), dtype=np.uint64)
+        self._ob = np.zeros(output_bytes, dtype=np.uint8)
+        self._oo = np.zeros(output_frames, dtype=np.uint32)
+        self._ol = np.zeros(output_frames, dtype=np.uint32)
+        self._ox = np.zeros(output_frames, dtype=np.uint8)
+        memset(&self.r, 0, sizeof(hn_router))
+        self.r.ob = <uint8_t *>cnp.PyArray_DATA(self._ob)
+        self.r.ob_cap = output_bytes
+        self.r.oo = <uint32_t *>cnp.PyArray_DATA(self._oo)
+        self.r.ol = <uint32_t *>cnp.PyArray_DATA(self._ol)
+        self.r.ox = <uint8_t *>cnp.PyArray_DATA(self._ox)
+        self.r.on_cap = output_frames
+        self.r.ev = <uint64_t *>cnp.PyArray_DATA(self._events)
+        self.set_router()
+
+    def set_router(self, **settings):
+        """The gateway as a router (docs/fastpath.md, "Generated frames"): keyword
+        arguments ``outside_mtu``, ``inside_mtu`` (largest IPv4 datagram per egress link;
+        0: no limit, else 68..65535), ``outside_address``, ``inside_address`` (source of
+        the ICMP errors sent out of that side; 0: none sent), ``icmp_rate`` (ICMP errors
+        per clock tick, the token bucket's size; 0: none) and ``mss_clamp`` (0: off).
+        Omitted ones are 0.  The bucket starts full."""
+        v = _check_router(settings)
+        self.r.mtu[DIR_OUT] = v["outside_mtu"]
+        self.r.mtu[DIR_IN] = v["inside_mtu"]
+        self.r.src[DIR_OUT] = v["outside_address"]
+        self.r.src[DIR_IN] = v["inside_address"]
+        self.r.rate = v["icmp_rate"]
+        self.r.tokens = v["icmp_rate"]
+        self.r.primed = 0
+        self.r.mss_clamp = v["mss_clamp"]
+        self._router = v
+
+    @property
+    def router(self):
+        """The settings of set_router, as a dict."""
+        return dict(self._router)
+
+    @property
+    def router_events(self):
+        """uint64 ``[2, N_ROUTER_EVENTS]``: router events per (direction, event); live."""
+        return self._events
+
+    def router_events_dict(self):
+        e = self._events
+        return {
+            _verdicts.DIRECTION_NAMES[d]: {_verdicts.ROUTER_EVENT_NAMES[k]: int(e[d, k])
+                                           for k in range(N_ROUTER_EVENTS)}
+            for d in (DIR_OUT, DIR_IN)
+        }
+
+    @property
+    def out_count(self):
+        """Frames the last translate() generated (in the output area)."""
+        return self.r.on
+
+    @property
+    def out_buf(self):
+        """The output area's bytes: generated frame i is
+        ``out_buf[out_offsets[i]:out_offsets[i] + out_lengths[i]]``, i < out_count."""
+        return self._ob
+
+    @property
+    def out_offsets(self):
+        return self._oo
+
+    @property
+    def out_lengths(self):
+        return self._ol
+
+    @property
+    def out_exits(self):
+        """Per generated frame: the direction whose far side it goes to (verdicts.OUT:
+        out of the outside port; verdicts.IN: out of the inside port)."""
+        return self._ox
+
+    def generated(self):
+        """Copies of the last translate()'s generated frames: [(exit direction, bytes)]."""
+        return [(int(self._ox[i]), self._ob[self._oo[i]:self._oo[i] + self._ol[i]].tobytes())
+                for i in range(self.r.on)]
 
     @property
     def out_table(self):
@@ -1185,6 +1629,7 @@ cdef class Translator:
 
     def reset_counters(self):
         self._counters[:] = 0
+        self._events[:] = 0
 
     def set_l2(self, direction, src_mac, dst_mac):
         """MACs written into frames leaving toward `direction`'s far side (None: leave)."""
@@ -1200,15 +1645,18 @@ cdef class Translator:
         memcpy(self.c.l2[d], <const char *>both, 12)
         self.c.l2set[d] = 1
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None):
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None):
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
-        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL."""
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL.
+        ``partial``: uint8 per frame, non-zero where the TCP/UDP checksum field holds
+        the pseudo-header sum (checksum offload, docs/fastpath.md)."""
         cdef uint8_t[::1] b
         cdef const uint32_t[::1] o
         cdef const uint32_t[::1] l
         cdef uint8_t[::1] v
         cdef cnp.ndarray ka
         cdef hn_key *kp = NULL
+        cdef const uint8_t *pp = NULL
         cdef int d
         cdef uint32_t t
         cdef uint8_t *bp = NULL
@@ -1266,6 +1714,10 @@ cdef class Translator:
             if not cnp.PyArray_IS_C_CONTIGUOUS(ka) or not cnp.PyArray_ISWRITEABLE(ka):
                 raise ValueError("keys must be contiguous and writable")
             kp = <hn_key *>cnp.PyArray_DATA(ka)
+        if partial is not None:
+            if not _plain(partial, cnp.NPY_UINT8, False) or cnp.PyArray_DIM(<cnp.ndarray>partial, 0) < n:
+                raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
+            pp = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>partial)
         if type(direction) is int and (direction == DIR_OUT or direction == DIR_IN):
             d = direction
         else:
@@ -1275,6 +1727,8 @@ cdef class Translator:
             t = now
         except (OverflowError, TypeError):
             raise ValueError(f"now {now!r} must be an integer in uint32 range") from None
+        self.r.on = 0
+        self.r.ob_used = 0
         if n == 0:
             return None
         self._out._busy += 1
@@ -1283,13 +1737,42 @@ cdef class Translator:
             self._frag._busy += 1
         try:
             with nogil:
-                translate_batch(&self.c, bp, blen, op, lp, <size_t>n, d, t, vp, kp)
+                translate_batch(&self.c, &self.r, bp, blen, op, lp, <size_t>n, d, t, vp, kp, pp)
         finally:
             self._out._busy -= 1
             self._in._busy -= 1
             if self._frag is not None:
                 self._frag._busy -= 1
         return None
+
+
+
+
+def _check_output_area(output_bytes, output_frames):
+    output_bytes, output_frames = operator.index(output_bytes), operator.index(output_frames)
+    if not (4096 <= output_bytes <= 1 << 31) or not (64 <= output_frames <= 1 << 24):
+        raise ValueError(f"output area of {output_bytes} bytes / {output_frames} frames: "
+                         "need 4096..2**31 bytes and 64..2**24 frames")
+    return output_bytes, output_frames
+
+
+def _check_router(settings):
+    unknown = set(settings) - set(ROUTER_KEYS)
+    if unknown:
+        raise TypeError(f"set_router: unknown setting(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(ROUTER_KEYS)})")
+    v = {k: operator.index(settings.get(k, 0)) for k in ROUTER_KEYS}
+    for k in ("outside_mtu", "inside_mtu"):
+        if v[k] and not 68 <= v[k] <= 65535:
+            raise ValueError(f"{k} {v[k]}: 0 (no limit) or 68..65535 (RFC 791's minimum is 68)")
+    for k in ("outside_address", "inside_address"):
+        if not 0 <= v[k] <= _U32:
+            raise ValueError(f"{k} {v[k]} is not an IPv4 address (0..2**32-1)")
+    if not 0 <= v["icmp_rate"] <= 1 << 24:
+        raise ValueError(f"icmp_rate {v['icmp_rate']}: 0..{1 << 24} per tick")
+    if not 0 <= v["mss_clamp"] <= 0xFFFF:
+        raise ValueError(f"mss_clamp {v['mss_clamp']}: 0 (off) or 1..65535")
+    return v
 
 
 cdef inline bint _plain(object a, int typenum, bint writable):

@@ -307,6 +307,7 @@ class AgentParams:
     switch_hash: str = "sha1"
     switch_seed: int = 0
     switch_fields: str = "5-tuple"
+    switch_rss: object = None  # toeplitz: (key, indirection table, {queue: NIC id}) of the outside port
 
 
 @dataclass(slots=True)
@@ -1366,12 +1367,13 @@ class RuleAgent:
             return
         out = []
         for s in created:
-            if not _sh.predictable(self.p.switch_hash, int(s["proto"])):
+            if not _sh.predictable(self.p.switch_hash, int(s["proto"]), self.p.switch_rss):
                 self.count("push_unpredictable")  # e.g. ICMP under jhash steering, toeplitz
                 continue
             try:
                 j = predict_nic(self.p.switch_hash, self.n_nics, int(s["proto"]), int(s["raddr"]), int(s["rport"]),
-                                int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields)
+                                int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields,
+                                rss=self.p.switch_rss)
             except ValueError:  # a hash we cannot reproduce (toeplitz): passive install only
                 self.count("push_unpredictable")
                 continue

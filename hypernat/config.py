@@ -87,6 +87,21 @@ class ConfigError(ValueError):
 # The typed configuration
 
 
+def _vlan_list(r, node, key, path) -> tuple:
+    """A NIC's ``inside_vlans`` / ``outside_vlans``: a list of 802.1Q VLAN IDs 1-4094."""
+    v = node.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list):
+        raise r.err(f"{path}.{key}", f"expected a list of VLAN IDs, got {v!r}")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 4094:
+            raise r.err(f"{path}.{key}", f"VLAN ID {x!r} is not an integer in 1-4094")
+    if len(v) > 1:
+        raise r.err(f"{path}.{key}", f"one VLAN per port (frames sent there carry its tag), got {v}")
+    return tuple(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class NicConfig:
     id: int
@@ -97,6 +112,11 @@ class NicConfig:
     rt_priority: int = 0  # SCHED_FIFO priority 1..99; 0 = normal scheduling (opt-in)
     curve_secret_key: Optional[str] = None  # this NIC's CURVE key pair (zmq.auth .key_secret)
     curve_public_key: Optional[str] = None  # its public half, bound to this NIC id by the coordinator
+    inside_vlans: tuple = ()  # 802.1Q VLAN IDs the inside link carries (a tag not listed: dropped, counted)
+    outside_vlans: tuple = ()  # the same for the outside link
+    queue: Optional[int] = None  # serve only this receive queue of both links (one worker per queue)
+    inside_mtu: Optional[int] = None  # largest IPv4 datagram sent inside; None: the interface's MTU, read at start
+    outside_mtu: Optional[int] = None  # ... and outside (a narrower link behind the gateway: set it lower)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +185,19 @@ class Limits:
     exhaustion_log_interval: float = 10.0  # seconds between two exhaustion log lines
     fragments: FragmentLimits = FragmentLimits()
     journal_log_bytes: int = 1 << 20  # block journal log compacted into a checkpoint past this size
+    # New connections per second one internal host may open (token bucket per host, in
+    # hypernat/nat/_rate.pyx; 0: no limit) and the bucket's size (0: one second's worth).
+    host_connection_rate: float = 0.0
+    host_connection_burst: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IcmpConfig:
+    """ICMP errors the gateway sends itself (time exceeded, fragmentation needed)."""
+
+    rate_limit: int = 1000  # per second per NIC, a token bucket (RFC 1812 4.3.2.8); 0: none sent
+    inside_source: Optional[str] = None  # their source toward the VPC; None: the inside interface's address
+    outside_source: Optional[str] = None  # ... toward the Internet: a pool address; None: the first the NIC owns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +237,8 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     state_dir: str = "/var/lib/hypernat"
     fleet: Optional[object] = None  # hypernat.fleet.spec.FleetConfig: this server's place in a fleet
+    tcp_mss_clamp: int = 0  # SYN / SYN-ACK MSS options lowered to this, both ways; 0: off
+    icmp: IcmpConfig = IcmpConfig()
 
     @property
     def n_nics(self) -> int:
@@ -355,7 +390,7 @@ def _tname(v) -> str:
 _TOP_KEYS = {
     "internal", "external", "partition", "nics", "coordinator", "install", "switch", "mapping",
     "filtering", "hairpinning", "allocation", "timeouts", "limits", "translation_log", "metrics",
-    "state_dir", "fleet",
+    "state_dir", "fleet", "tcp_mss_clamp", "icmp",
 }  # fmt: skip
 
 
@@ -413,7 +448,8 @@ def from_dict(tree, path: str = "<dict>") -> Config:
     nics_node = top["nics"]
     if not isinstance(nics_node, list) or not nics_node:
         raise r.err("nics", "expected a non-empty list of NICs")
-    nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key"}
+    nic_keys = {"id", "inside", "outside", "io", "cpu", "rt_priority", "curve_secret_key", "curve_public_key",
+                "inside_vlans", "outside_vlans", "queue", "inside_mtu", "outside_mtu"}
     nics, seen_ifaces = {}, {}
     for i, n in enumerate(nics_node):
         p = f"nics[{i}]"
@@ -430,12 +466,21 @@ def from_dict(tree, path: str = "<dict>") -> Config:
             rt_priority=r.integer(n, "rt_priority", p, 0, lo=0, hi=99),
             curve_secret_key=r.string(n, "curve_secret_key", p),
             curve_public_key=r.string(n, "curve_public_key", p),
+            inside_vlans=_vlan_list(r, n, "inside_vlans", p),
+            outside_vlans=_vlan_list(r, n, "outside_vlans", p),
+            queue=r.integer(n, "queue", p, None, lo=0, hi=1023),
+            inside_mtu=r.integer(n, "inside_mtu", p, None, lo=68, hi=65535),
+            outside_mtu=r.integer(n, "outside_mtu", p, None, lo=68, hi=65535),
         )
         for role in ("inside", "outside"):
+            # An interface serves several NICs only queue by queue: each names its queue.
             name = getattr(nic, role)
-            if name in seen_ifaces:
-                raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {seen_ifaces[name]}")
-            seen_ifaces[name] = f"{p}.{role}"
+            for (other, q), where in seen_ifaces.items():
+                if other == name and (q is None or nic.queue is None or q == nic.queue):
+                    what = f"queue {q} of it" if q is not None and q == nic.queue else "it"
+                    raise r.err(f"{p}.{role}", f"interface {name!r} is already used by {where} ({what}); "
+                                               "NICs share an interface only with a distinct `queue` each")
+            seen_ifaces[(name, nic.queue)] = f"{p}.{role}"
         nics[nid] = nic
     n_nics = len(nics)
     for i, n in enumerate(nics_node):
@@ -462,6 +507,8 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         exhaustion_log_interval=r.number(lim, "exhaustion_log_interval", "limits", d.exhaustion_log_interval, lo=0),
         fragments=_fragment_limits(r, lim.get("fragments")),
         journal_log_bytes=r.integer(lim, "journal_log_bytes", "limits", d.journal_log_bytes, lo=4096, hi=1 << 40),
+        host_connection_rate=r.number(lim, "host_connection_rate", "limits", d.host_connection_rate, lo=0),
+        host_connection_burst=r.number(lim, "host_connection_burst", "limits", d.host_connection_burst, lo=0),
     )
     n_ports = port_max - port_min + 1
     if limits.port_block_size > n_ports:
@@ -564,6 +611,20 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         port=r.integer(mn, "port", "metrics", dm.port, lo=1, hi=65535 - n_nics),
     )
 
+    ic = r.mapping(top.get("icmp"), "icmp", {"rate_limit", "inside_source", "outside_source"})
+    icmp = IcmpConfig(
+        rate_limit=r.integer(ic, "rate_limit", "icmp", IcmpConfig.rate_limit, lo=0, hi=1 << 24),
+        inside_source=_address(r, ic, "inside_source", "icmp"),
+        outside_source=_address(r, ic, "outside_source", "icmp"),
+    )
+    if icmp.outside_source is not None and not any(
+            ipaddress.IPv4Address(icmp.outside_source) in net for net in pool):
+        raise r.err("icmp.outside_source", f"{icmp.outside_source} is not in external.pool (the gateway's "
+                                           "outside address is one of its pool addresses)")
+    mss = r.integer(top, "tcp_mss_clamp", "", 0, lo=0, hi=65535)
+    if mss and mss < 88:
+        raise r.err("tcp_mss_clamp", f"{mss} is below 88, the smallest MSS Linux sends (0 turns clamping off)")
+
     return Config(
         path=path,
         internal=internal,
@@ -585,7 +646,21 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         metrics=metrics,
         state_dir=r.string(top, "state_dir", "", "/var/lib/hypernat"),
         fleet=_fleet(r, top.get("fleet"), pool, n_nics),
+        tcp_mss_clamp=mss,
+        icmp=icmp,
     )
+
+
+def _address(r: _Reader, node, key: str, path: str):
+    """An optional IPv4 address (dotted quad), returned as written."""
+    v = r.string(node, key, path)
+    if v is None:
+        return None
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        raise r.err(_join(path, key), f"{v!r} is not an IPv4 address") from None
+    return v
 
 
 def _fleet(r: _Reader, node, pool, n_nics):

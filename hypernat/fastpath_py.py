@@ -73,6 +73,8 @@ Where docs/fastpath.md leaves a choice, this reference (and the tests) take:
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from . import layout
@@ -89,7 +91,17 @@ from .layout import (
     TCP_STATE_MASK,
     flow_hash,
 )
-from .verdicts import DIRECTION_NAMES, IN, N_VERDICTS, OUT, VERDICT, VERDICT_NAMES
+from .verdicts import (
+    DIRECTION_NAMES,
+    IN,
+    N_ROUTER_EVENTS,
+    N_VERDICTS,
+    OUT,
+    ROUTER_EVENT,
+    ROUTER_EVENT_NAMES,
+    VERDICT,
+    VERDICT_NAMES,
+)
 
 __all__ = ["FlowTable", "Translator", "flow_hash"]
 
@@ -114,6 +126,23 @@ V_DROP_ICMP_UNSUPPORTED = VERDICT["drop_icmp_unsupported"]
 V_DROP_FRAG_TINY = VERDICT["drop_frag_tiny"]
 V_DROP_ICMP_ERROR_FRAGMENT = VERDICT["drop_icmp_error_fragment"]
 V_DROP_ICMP_ERROR_ABOUT_ERROR = VERDICT["drop_icmp_error_about_error"]
+V_FRAG_NEEDED = VERDICT["frag_needed"]
+V_FRAGMENTED = VERDICT["fragmented"]
+V_OUTPUT_FULL = VERDICT["output_full"]
+EV_ICMP_TIME_EXCEEDED = ROUTER_EVENT["icmp_time_exceeded"]
+EV_ICMP_FRAG_NEEDED = ROUTER_EVENT["icmp_frag_needed"]
+EV_ICMP_RATE_LIMITED = ROUTER_EVENT["icmp_rate_limited"]
+EV_ICMP_SUPPRESSED = ROUTER_EVENT["icmp_suppressed"]
+EV_OUTPUT_FULL = ROUTER_EVENT["output_full"]
+EV_FRAGMENTS = ROUTER_EVENT["fragments"]
+EV_MSS_CLAMPED = ROUTER_EVENT["mss_clamped"]
+EV_MSS_BAD_OPTIONS = ROUTER_EVENT["mss_bad_options"]
+
+# The output area's default size and the settings of Translator.set_router.
+OUTPUT_BYTES = 1 << 20
+OUTPUT_FRAMES = 4096
+ROUTER_KEYS = ("outside_mtu", "inside_mtu", "outside_address", "inside_address", "icmp_rate", "mss_clamp")
+ICMP_QUOTE_MAX = 576 - 28  # RFC 1812 4.3.2.3: the error as a whole within 576 bytes
 
 ETH_HLEN = 14
 VLAN_HLEN = 4
@@ -466,7 +495,8 @@ class Translator:
     address in the pool is a hairpin (translated twice, sent back inside).
     """
 
-    def __init__(self, out_table: FlowTable, in_table: FlowTable, pool=(), frag=None):
+    def __init__(self, out_table: FlowTable, in_table: FlowTable, pool=(), frag=None, output_bytes=OUTPUT_BYTES,
+                 output_frames=OUTPUT_FRAMES):
         if not isinstance(out_table, FlowTable) or not isinstance(in_table, FlowTable):
             raise TypeError("out_table and in_table must be hypernat.fastpath_py.FlowTable")
         from .frag_py import FragTable  # (frag_py imports this module's helpers)
@@ -486,6 +516,51 @@ class Translator:
         self.pool = tuple(self.pool)
         self.counters = np.zeros((2, N_VERDICTS), dtype=np.uint64)
         self._l2 = [None, None]  # per exit direction: (src_mac, dst_mac) or None
+        self._partial = False  # the frame being translated has a partial checksum (translate sets it)
+        # The router part (set_router) and the output area of generated frames.
+        output_bytes, output_frames = _check_output_area(output_bytes, output_frames)
+        self.router_events = np.zeros((2, N_ROUTER_EVENTS), dtype=np.uint64)
+        self.out_buf = np.zeros(output_bytes, dtype=np.uint8)
+        self.out_offsets = np.zeros(output_frames, dtype=np.uint32)
+        self.out_lengths = np.zeros(output_frames, dtype=np.uint32)
+        self.out_exits = np.zeros(output_frames, dtype=np.uint8)
+        self.out_count = 0
+        self._out_used = 0
+        self._ip_id = 0
+        self.set_router()
+
+    def set_router(self, **settings) -> None:
+        """The gateway as a router (docs/fastpath.md, "Generated frames"): keyword
+        arguments ``outside_mtu``, ``inside_mtu`` (largest IPv4 datagram per egress link;
+        0: no limit, else 68..65535), ``outside_address``, ``inside_address`` (source of
+        the ICMP errors sent out of that side; 0: none sent), ``icmp_rate`` (ICMP errors
+        per clock tick, the token bucket's size; 0: none) and ``mss_clamp`` (0: off).
+        Omitted ones are 0.  The bucket starts full."""
+        v = _check_router(settings)
+        self._router = v
+        self._mtu = [0, 0]
+        self._mtu[OUT], self._mtu[IN] = v["outside_mtu"], v["inside_mtu"]
+        self._src = [0, 0]
+        self._src[OUT], self._src[IN] = v["outside_address"], v["inside_address"]
+        self._rate = self._tokens = v["icmp_rate"]
+        self._primed = False
+        self._last = 0
+        self._mss_clamp = v["mss_clamp"]
+
+    @property
+    def router(self) -> dict:
+        """The settings of set_router, as a dict."""
+        return dict(self._router)
+
+    def router_events_dict(self) -> dict:
+        e = self.router_events
+        return {DIRECTION_NAMES[d]: {ROUTER_EVENT_NAMES[k]: int(e[d, k]) for k in range(N_ROUTER_EVENTS)}
+                for d in (OUT, IN)}
+
+    def generated(self) -> list:
+        """Copies of the last translate()'s generated frames: [(exit direction, bytes)]."""
+        return [(int(self.out_exits[i]), self.out_buf[self.out_offsets[i]:self.out_offsets[i] + self.out_lengths[i]].tobytes())
+                for i in range(self.out_count)]
 
     # -- configuration and counters ------------------------------------------------------
 
@@ -508,6 +583,7 @@ class Translator:
 
     def reset_counters(self) -> None:
         self.counters[:] = 0
+        self.router_events[:] = 0
 
     def _in_pool(self, addr: int) -> bool:
         for net, mask in self.pool:
@@ -517,9 +593,10 @@ class Translator:
 
     # -- the batch -----------------------------------------------------------------------
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None) -> None:
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None) -> None:
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
-        ``verdicts[i]`` (and ``keys[i]``) for each; count them."""
+        ``verdicts[i]`` (and ``keys[i]``) for each; count them.  ``partial``: non-zero
+        where the TCP/UDP checksum field holds the pseudo-header sum (offload)."""
         b = _as_u8_buffer(buf)
         offsets = _as_array(offsets, np.uint32, "offsets")
         lengths = _as_array(lengths, np.uint32, "lengths")
@@ -534,16 +611,23 @@ class Translator:
                 raise TypeError("keys must be a one-dimensional numpy array of layout.KEY_DTYPE")
             if keys.shape[0] < n:
                 raise ValueError(f"keys has room for {keys.shape[0]} frames, batch has {n}")
+        if partial is not None:
+            partial = _as_array(partial, np.uint8, "partial")
+            if partial.shape[0] < n:
+                raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
         _check_direction(direction)
         now = int(now)
         if not (0 <= now <= _U32):
             raise ValueError(f"now {now} out of uint32 range")
 
+        self.out_count = 0
+        self._out_used = 0
         buflen = len(b)
         counts = [0] * N_VERDICTS
         if self.frag is not None and n:
             self.frag.begin(now)
         for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            self._partial = partial is not None and partial[i] != 0
             v, key = self._frame(b, buflen, off, length, direction, now)
             verdicts[i] = v
             counts[v] += 1
@@ -635,6 +719,7 @@ class Translator:
             return short, None
         # 7. TTL: a router does not forward a packet whose TTL would reach 0.
         if b[ip + IP_TTL] <= 1:
+            self._icmp_answer(b, off, ip, l4, ip + total, direction, now, ICMP_TIME_EXCEEDED, 0, 0)
             return V_TTL_EXCEEDED, None
         # 8. ICMP: echo is a query (the identifier is the "port"), 3/11/12 are errors.
         if proto == PROTO_ICMP:
@@ -642,7 +727,7 @@ class Translator:
             if icmp_type in ICMP_ERROR_TYPES:
                 if first:  # its checksum covers bytes we do not have
                     return V_DROP_ICMP_ERROR_FRAGMENT, None
-                return self._icmp_error(b, off, ip, l4, ip + total, icmp_type, direction)
+                return self._icmp_error(b, off, ip, l4, ip + total, icmp_type, direction, now)
             if icmp_type not in ICMP_QUERY_TYPES:
                 return V_DROP_ICMP_UNSUPPORTED, None
             sport = dport = _be16(b, l4 + ICMP_ID)
@@ -666,7 +751,7 @@ class Translator:
         if v:
             return v, key
         v, key = self._resolve(b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key,
-                               direction, now)
+                               direction, now, router=False)
         if v == V_TRANSLATED or v == V_HAIRPIN:
             exitdir = IN if v == V_HAIRPIN else direction
             macs = self._l2[exitdir]
@@ -674,14 +759,25 @@ class Translator:
                                    None if macs is None else macs[1] + macs[0])
         return v, key
 
-    def _resolve(self, b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key, direction, now):
-        """Step 11: look up and rewrite one parsed TCP / UDP / echo frame."""
+    def _resolve(self, b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key, direction, now,
+                 router=True):
+        """Step 11: look up and rewrite one parsed TCP / UDP / echo frame (`router`:
+        with the size check and MSS clamping; a first fragment goes as it came)."""
         old = (saddr, sport, daddr, dport)
+        end = ip + total
+        hairpin = direction == OUT and self.pool and self._in_pool(daddr)
+        # The size against the MTU of the link it leaves by (hairpins go back inside).
+        exitdir = IN if hairpin else direction
+        router = router and not self._partial  # a super-frame is segmented after us, by the kernel
+        split = self._size_check(b, off, ip, l4, end, direction, exitdir, now) if router else False
+        if split is None:
+            return V_FRAG_NEEDED, key
+        tcp_flags_router = tcp_flags if router else 0  # no clamping either
 
         if direction == OUT:
             t = self.out_table
             found, i = t._find(proto, saddr, sport, daddr, dport)
-            if self.pool and self._in_pool(daddr):
+            if hairpin:
                 # Hairpin: inside to one of our own external endpoints.  Translate as
                 # if the frame went out (source I -> E) and came back in (dest E' -> I').
                 if not found:
@@ -697,7 +793,7 @@ class Translator:
                 new = (src_addr, src_port, dst_addr, dst_port)
                 self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=dst_port)
                 self._set_macs(b, off, IN)
-                return V_HAIRPIN, key
+                return self._sent(b, off, ip, l4, end, direction, exitdir, split, tcp_flags_router, V_HAIRPIN), key
             if not found:
                 return V_MISS_OUT, key
             new_addr, new_port = int(t._new_addr[i]), int(t._new_port[i])
@@ -705,7 +801,7 @@ class Translator:
             new = (new_addr, new_port, daddr, dport)
             self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=new_port)
             self._set_macs(b, off, OUT)
-            return V_TRANSLATED, key
+            return self._sent(b, off, ip, l4, end, direction, exitdir, split, tcp_flags_router, V_TRANSLATED), key
 
         t = self.in_table
         found, i = t._find(proto, saddr, sport, daddr, dport)
@@ -716,7 +812,7 @@ class Translator:
         new = (saddr, sport, new_addr, new_port)
         self._rewrite(b, ip, l4, ip + total, proto, old, new, new_id=new_port)
         self._set_macs(b, off, IN)
-        return V_TRANSLATED, key
+        return self._sent(b, off, ip, l4, end, direction, exitdir, split, tcp_flags_router, V_TRANSLATED), key
 
     def _rewrite(self, b, ip, l4, end, proto, old, new, new_id):
         """Step 11: write the new endpoints, decrement TTL, update the checksums.
@@ -758,7 +854,12 @@ class Translator:
             return
         old_words = old_addr_words + (sport, dport)
         new_words = new_addr_words + (nsport, ndport)
-        if proto == PROTO_TCP:
+        if self._partial:
+            # Checksum offload: the field holds the pseudo-header sum (not complemented),
+            # which covers the addresses and not the ports (RFC 1624 on its complement).
+            o = l4 + (TCP_CSUM if proto == PROTO_TCP else UDP_CSUM)
+            _put16(b, o, ~_csum_adjust(~_be16(b, o) & 0xFFFF, old_addr_words, new_addr_words) & 0xFFFF)
+        elif proto == PROTO_TCP:
             c = _be16(b, l4 + TCP_CSUM)
             _put16(b, l4 + TCP_CSUM, _csum_adjust(c, old_words, new_words))
         else:
@@ -774,9 +875,160 @@ class Translator:
             b[off : off + 6] = dst
             b[off + 6 : off + 12] = src
 
+    # -- the gateway as a router: ICMP errors, fragments, MSS clamping (issue 13) --------
+    #
+    # What a router does besides forwarding (RFC 1812), done to the frame that causes
+    # it; frames it makes go to the output area (out_buf / out_offsets / out_lengths /
+    # out_exits, out_count of them), emptied at the start of every translate().
+
+    def _size_check(self, b, off, ip, l4, end, direction, exitdir, now):
+        """Step 9a: the datagram against the MTU of the link it leaves by.  False: it
+        fits; True: it is to be fragmented once translated; None: DF is set, so the
+        answer is ICMP fragmentation needed (verdict frag_needed).  The size compared is
+        the IPv4 datagram's length (the one place a GSO segment size would go)."""
+        mtu = self._mtu[exitdir]
+        if not mtu or end - ip <= mtu:
+            return False
+        if _be16(b, ip + IP_FRAG) & 0x4000:
+            self._icmp_answer(b, off, ip, l4, end, direction, now, ICMP_DEST_UNREACH, 4, mtu)
+            return None
+        return True
+
+    def _sent(self, b, off, ip, l4, end, direction, exitdir, split, tcp_flags, verdict):
+        """After the rewrite of a frame to send: MSS clamping, then fragments."""
+        if self._mss_clamp and b[ip + IP_PROTO] == PROTO_TCP and tcp_flags & 0x02:
+            self._clamp_mss(b, l4, direction)
+        if split:
+            return self._fragment(b, off, ip, l4, end, direction, exitdir)
+        return verdict
+
+    def _take(self, frame: bytes, exitdir: int) -> bool:
+        """Append one generated frame to the output area; False if it has no room."""
+        n = len(frame)
+        if self.out_count >= len(self.out_offsets) or n > len(self.out_buf) - self._out_used:
+            return False
+        i, pos = self.out_count, self._out_used
+        self.out_buf[pos : pos + n] = np.frombuffer(frame, dtype=np.uint8)
+        self.out_offsets[i], self.out_lengths[i], self.out_exits[i] = pos, n, exitdir
+        self.out_count += 1
+        self._out_used += n
+        return True
+
+    def _icmp_answer(self, b, off, ip, l4, end, direction, now, itype, code, mtu):
+        """An ICMP error about the frame as received, from the gateway's address on the
+        side it came from, back to its source: IP header + as much of the datagram as
+        fits in 576 bytes (RFC 792, RFC 1812 4.3.2.3) and in the MTU of the link it
+        leaves by; MAC addresses swapped."""
+        ev = self.router_events[direction]
+        back = IN if direction == OUT else OUT
+        src = self._src[back]
+        sa, da = _be32(b, ip + IP_SRC), _be32(b, ip + IP_DST)
+        # RFC 1812 4.3.2.7: never about an ICMP error, a non-first fragment, a
+        # link-layer or IP broadcast / multicast, or a source that is not one host.
+        quiet = (not src or b[off] & 1 or da >> 24 >= 224 or sa >> 24 >= 224 or sa >> 24 in (0, 127)
+                 or _be16(b, ip + IP_FRAG) & 0x1FFF)
+        if not quiet and b[ip + IP_PROTO] == PROTO_ICMP:
+            quiet = b[l4] in (3, 4, 5, 11, 12)
+        if quiet:
+            ev[EV_ICMP_SUPPRESSED] += 1
+            return
+        # RFC 1812 4.3.2.8: a token bucket per NIC, `icmp_rate` tokens, refilled per tick.
+        if not self._primed:
+            self._primed, self._last = True, now
+        elif now != self._last:
+            self._tokens = min(self._rate, self._tokens + ((now - self._last) & _U32) * self._rate)
+            self._last = now
+        if self._tokens == 0:
+            ev[EV_ICMP_RATE_LIMITED] += 1
+            return
+        room = ICMP_QUOTE_MAX if not self._mtu[back] else min(ICMP_QUOTE_MAX, self._mtu[back] - 28)
+        quote = bytes(b[ip : ip + min(end - ip, room)])
+        l2 = bytes(b[off:ip])
+        hdr = bytearray(20)
+        hdr[0], hdr[1] = 0x45, 0xC0  # precedence: internetwork control
+        _put16(hdr, 2, 28 + len(quote))
+        _put16(hdr, 4, self._ip_id & 0xFFFF)
+        hdr[8], hdr[9] = 64, PROTO_ICMP
+        _put32(hdr, 12, src)
+        _put32(hdr, 16, sa)
+        _put16(hdr, IP_CSUM, ~_sum16(hdr, 0, 20) & 0xFFFF)
+        msg = bytearray(8) + quote
+        msg[0], msg[1] = itype, code
+        _put16(msg, 6, mtu)  # RFC 1191: the next-hop MTU (0 for time exceeded)
+        _put16(msg, ICMP_CSUM, ~_sum16(msg, 0, len(msg)) & 0xFFFF)
+        if not self._take(l2[6:12] + l2[0:6] + l2[12:] + hdr + msg, back):
+            ev[EV_OUTPUT_FULL] += 1
+            return
+        self._tokens -= 1
+        self._ip_id += 1
+        ev[EV_ICMP_FRAG_NEEDED if itype == ICMP_DEST_UNREACH else EV_ICMP_TIME_EXCEEDED] += 1
+
+    def _fragment(self, b, off, ip, l4, end, direction, exitdir):
+        """The translated frame as IPv4 fragments of at most the exit link's MTU (RFC
+        791) into the output area: V_FRAGMENTED, or V_OUTPUT_FULL if not all fit."""
+        ihl, data = l4 - ip, end - l4
+        chunk = (self._mtu[exitdir] - ihl) // 8 * 8  # mtu >= 68, ihl <= 60
+        nf = -(-data // chunk)
+        if (nf > len(self.out_offsets) - self.out_count
+                or nf * (ip - off + ihl) + data > len(self.out_buf) - self._out_used):
+            self.router_events[direction][EV_OUTPUT_FULL] += 1
+            return V_OUTPUT_FULL
+        fo = _be16(b, ip + IP_FRAG)
+        head = bytes(b[off:l4])
+        later = bytearray(head)
+        _options_fragment(later, ip - off, ihl)
+        for k in range(nf):
+            pos = k * chunk
+            piece = bytes(b[l4 + pos : l4 + min(data, pos + chunk)])
+            f = bytearray(head if k == 0 else later)
+            h = ip - off
+            _put16(f, h + IP_TOTLEN, ihl + len(piece))
+            flags = (fo & 0x8000) | (((fo & 0x1FFF) + (pos >> 3)) & 0x1FFF)
+            if k + 1 < nf or fo & 0x2000:
+                flags |= 0x2000
+            _put16(f, h + IP_FRAG, flags)
+            _put16(f, h + IP_CSUM, 0)
+            _put16(f, h + IP_CSUM, ~_sum16(f, h, h + ihl) & 0xFFFF)
+            self._take(bytes(f) + piece, exitdir)
+        self.router_events[direction][EV_FRAGMENTS] += nf
+        return V_FRAGMENTED
+
+    def _clamp_mss(self, b, l4, direction):
+        """SYN / SYN-ACK: an MSS option above the clamp is lowered to it and the TCP
+        checksum updated (RFC 1624).  Options are walked inside the TCP header only; a
+        malformed list leaves the frame as it was (counted)."""
+        end = l4 + (b[l4 + TCP_DOFF] >> 4) * 4
+        i = l4 + 20
+        while i < end:
+            kind = b[i]
+            if kind == 0:
+                return
+            if kind == 1:
+                i += 1
+                continue
+            if i + 2 > end:
+                break
+            n = b[i + 1]
+            if n < 2 or i + n > end:
+                break
+            if kind == 2:
+                if n != 4:
+                    break
+                old, new = _be16(b, i + 2), self._mss_clamp
+                if old > new:
+                    if (i + 2 - l4) & 1:  # the value straddles two checksum words
+                        old, new = _swap16(old), _swap16(new)
+                    _put16(b, l4 + TCP_CSUM, _csum_adjust(_be16(b, l4 + TCP_CSUM), (old,), (new,)))
+                    _put16(b, i + 2, self._mss_clamp)
+                    self.router_events[direction][EV_MSS_CLAMPED] += 1
+                return
+            i += n
+        if i < end:
+            self.router_events[direction][EV_MSS_BAD_OPTIONS] += 1
+
     # -- ICMP errors (RFC 5508) ----------------------------------------------------------
 
-    def _icmp_error(self, b, off, ip, l4, end, icmp_type, direction):
+    def _icmp_error(self, b, off, ip, l4, end, icmp_type, direction, now):
         """Step 10: an ICMP error is translated through the session of the packet it
         carries.  ``end`` is the end of the IP datagram (ip + total_length)."""
         # REQ-3: the checksum over the whole ICMP message must hold.
@@ -811,6 +1063,9 @@ class Translator:
         # The embedded packet went the other way through us: its flow reversed is the
         # session key in the table of this direction.
         key = (edst, esrc, edport, esport, eproto, KIND_ICMP_ERROR, 0, icmp_type)
+        split = False if self._partial else self._size_check(b, off, ip, l4, end, direction, direction, now)
+        if split is None:
+            return V_FRAG_NEEDED, key
         t = self.out_table if direction == OUT else self.in_table
         found, i = t._find(eproto, edst, edport, esrc, esport)
         if not found:
@@ -868,7 +1123,62 @@ class Translator:
         _put16(b, l4 + ICMP_CSUM, ~_sum16(b, l4, end) & 0xFFFF)
 
         self._set_macs(b, off, OUT if direction == OUT else IN)
+        if split:
+            return self._fragment(b, off, ip, l4, end, direction, direction), key
         return V_TRANSLATED, key
+
+
+def _swap16(v: int) -> int:
+    return ((v & 0xFF) << 8) | (v >> 8)
+
+
+def _options_fragment(h: bytearray, start: int, ihl: int) -> None:
+    """IPv4 options not to be copied into later fragments (copied flag clear) become
+    NOPs, so every fragment's header keeps the same length (RFC 791, as Linux does).
+    ``h[start:start+ihl]`` is the header."""
+    i = 20
+    while i < ihl:
+        t = h[start + i]
+        if t == 0:
+            return
+        if t == 1:
+            i += 1
+            continue
+        if i + 1 >= ihl:
+            return
+        n = h[start + i + 1]
+        if n < 2 or i + n > ihl:
+            return
+        if not t & 0x80:
+            h[start + i : start + i + n] = b"\x01" * n
+        i += n
+
+
+def _check_output_area(output_bytes, output_frames):
+    output_bytes, output_frames = operator.index(output_bytes), operator.index(output_frames)
+    if not (4096 <= output_bytes <= 1 << 31) or not (64 <= output_frames <= 1 << 24):
+        raise ValueError(f"output area of {output_bytes} bytes / {output_frames} frames: "
+                         "need 4096..2**31 bytes and 64..2**24 frames")
+    return output_bytes, output_frames
+
+
+def _check_router(settings) -> dict:
+    unknown = set(settings) - set(ROUTER_KEYS)
+    if unknown:
+        raise TypeError(f"set_router: unknown setting(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(ROUTER_KEYS)})")
+    v = {k: operator.index(settings.get(k, 0)) for k in ROUTER_KEYS}
+    for k in ("outside_mtu", "inside_mtu"):
+        if v[k] and not 68 <= v[k] <= 65535:
+            raise ValueError(f"{k} {v[k]}: 0 (no limit) or 68..65535 (RFC 791's minimum is 68)")
+    for k in ("outside_address", "inside_address"):
+        if not 0 <= v[k] <= _U32:
+            raise ValueError(f"{k} {v[k]} is not an IPv4 address (0..2**32-1)")
+    if not 0 <= v["icmp_rate"] <= 1 << 24:
+        raise ValueError(f"icmp_rate {v['icmp_rate']}: 0..{1 << 24} per tick")
+    if not 0 <= v["mss_clamp"] <= 0xFFFF:
+        raise ValueError(f"mss_clamp {v['mss_clamp']}: 0 (off) or 1..65535")
+    return v
 
 
 def _touch(table: FlowTable, i: int, now: int, proto: int, tcp_flags: int) -> None:

@@ -73,8 +73,11 @@ occupy their block, so a host that churns connections fast meets its cap sooner 
 with cloud NATs' ports per VM).  External endpoints are per protocol (TCP port 5000 and
 UDP port 5000 are different endpoints).
 
-Cost: everything here is per connection, in Python, batched at the numpy boundary (one
-``insert_batch`` per table per call).  The sweep's scan is numpy over a slot range; its
+Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
+hypernat.nat._hosts.Hosts) and the per-host connection rate (hypernat.nat._rate) are C
+records (no Python object per block or host; port choice in C); mappings and sessions
+are still Python objects, driven per miss in Python and batched at the numpy boundary
+(one ``insert_batch`` per table per call) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
 
@@ -123,6 +126,7 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
+    blocks, hosts        the C state (PortBlocks, Hosts): read them, do not change them
 """
 from __future__ import annotations
 
@@ -136,6 +140,9 @@ import time as _time
 import numpy as np
 
 from . import layout
+from .nat._hosts import Hosts
+from .nat._ports import PortBlocks
+from .nat._rate import HostRate
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
@@ -280,6 +287,7 @@ _R_NOT_OWNER = REASON["not_owner"]
 _R_HAIRPIN_OFF = REASON["hairpin_disabled"]
 _EXHAUSTION = (_R_TABLE_FULL, _R_EXHAUSTED, _R_CAP)
 _R_JOURNAL = REASON["journal_unavailable"]
+_R_RATE = REASON["host_rate_limited"]
 _JOURNAL_DOWN = object()  # _take_block: a block was free but could not be journaled
 JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again this long after
 
@@ -310,35 +318,12 @@ _HOLD = -3  # crash recovery: the host's rules may come back from other NICs' cl
 log = logging.getLogger("hypernat.rules")
 
 
-class _Block:
-    """A port block of one external address, assigned to one internal host."""
-
-    __slots__ = ("id", "aidx", "addr", "lo", "size", "used", "n_used", "n_total", "host")
-
-    def __init__(self, g, aidx, addr, lo, size):
-        self.id, self.aidx, self.addr, self.lo, self.size = g, aidx, addr, lo, size
-        self.used = [0, 0, 0]  # per protocol: bitmask of ports live or waiting for reuse
-        self.n_used = [0, 0, 0]
-        self.n_total = 0
-        self.host = None
-
-
-class _Host:
-    __slots__ = ("iaddr", "aidx", "addr", "blocks", "nports", "cur")
-
-    def __init__(self, iaddr, aidx, addr):
-        self.iaddr, self.aidx, self.addr = iaddr, aidx, addr
-        self.blocks = []  # _Block, in assignment order
-        self.nports = [0, 0, 0]  # live mappings per protocol
-        self.cur = 0  # index of the block that last had room
-
-
 class _Mapping:
     # remotes: {remote addr << 16 | remote port: None} -- a dict of ints, not a set: the
     # cyclic GC does not track it (it would a set).  At 100k mappings the collector's
     # passes over live objects cost 20-35% of a setup (bench_rules, gc=frozen); what is
-    # left for it is this one object per mapping.
-    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "host", "remotes", "ekey", "ikey")
+    # left for it is this one object per mapping.  ``block``: the block id.
+    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "remotes", "ekey", "ikey")
 
 
 class RuleBuilder:
@@ -407,8 +392,12 @@ class RuleBuilder:
         self._by_int = {}  # EIM: proto<<48 | iaddr<<16 | iport -> _Mapping
         self._by_out = {}  # APDM: out-key int -> _Mapping
         self._by_ext = {}  # proto<<48 | eaddr<<16 | eport -> _Mapping
-        self._hosts = {}  # iaddr -> _Host
-        self._blocks = {}  # block id -> _Block (assigned to a host)
+        self.hosts = Hosts()  # internal hosts with blocks here: address, blocks, live mappings (C)
+        # The blocks assigned to hosts here and their used ports (per protocol: live or
+        # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
+        self.blocks = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
+        # new connections per internal host: a token bucket each (None: no limit)
+        self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         self._n_sessions = 0
         self._used = [0, 0, 0]  # endpoints live or waiting, per protocol
         # Free blocks per address index: [next native block, end, [freed/adopted ids]].
@@ -445,7 +434,6 @@ class RuleBuilder:
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
         self._pend = []  # sessions to insert at the end of this call, 8 ints each, flat
         self._room_left = 0  # entries both tables can still take in this call
-        self._rbuf = []  # random 32-bit numbers for port choice
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
         # off the packet path, or by _take_block when none was): taking one is durable
         # already (a crash quarantines it), so its "assign" record goes into _jlazy and
@@ -596,10 +584,10 @@ class RuleBuilder:
                 break
         else:
             return self._refuse(_R_NOT_INTERNAL)
-        h = self._hosts.get(iaddr)
+        known = iaddr in self.hosts
         if self._eim:
             # a host with blocks here is owned here (EIM hosts exist only at their owner)
-            if h is None:
+            if not known:
                 o = self.part.eim_owner(iaddr)
                 if o != self.nic:
                     if serving:
@@ -618,13 +606,15 @@ class RuleBuilder:
             return self._refuse(_R_ICMP_NO_SESSION)
         if self._room_left <= 0:
             return self._refuse(_R_TABLE_FULL)
+        if m is None and self.recovering and iaddr in self._recovery_hosts:
+            if serving:
+                return self._refuse(_R_RECOVERING)
+            self.events["recovery_held"] += 1
+            return _HOLD  # (takes no token: the frame comes back)
+        if self._rate is not None and not self._rate.take(iaddr, now):
+            return self._refuse(_R_RATE)  # a new connection beyond the host's rate (hypernat.nat._rate)
         if m is None:
-            if self.recovering and iaddr in self._recovery_hosts:
-                if serving:
-                    return self._refuse(_R_RECOVERING)
-                self.events["recovery_held"] += 1
-                return _HOLD
-            m = self._new_mapping(p, iaddr, iport, now, h)
+            m = self._new_mapping(p, iaddr, iport, now, known)
             if m.__class__ is int:
                 return m
             if not self._eim:
@@ -696,113 +686,49 @@ class RuleBuilder:
         return r, (IN, ik[0], ik[1], ik[2], ik[3], ik[4], layout.KIND_PLAIN)
 
     # -- allocation -----------------------------------------------------------------------
-    def _new_mapping(self, p, iaddr, iport, now, h=None):
+    def _new_mapping(self, p, iaddr, iport, now, known):
         """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason.
-        `h`: the host's state if the caller looked it up already."""
+        `known`: the host has a record here (``hosts``)."""
         pi = _PIDX[p]
-        if h is None:
+        hs = self.hosts
+        if not known:
             a = self._pick_address()
             if a < 0:
                 self.events["exhausted_pool"] += 1
                 return self._refuse(_R_EXHAUSTED)
-            h = self._hosts[iaddr] = _Host(iaddr, a, self.part.address_at(a))
-        if h.nports[pi] >= self._cap:
+            hs.add(iaddr, a, self.part.address_at(a))
+        if hs.nports(iaddr, pi) >= self._cap:
             return self._refuse(_R_CAP)
-        found = None
-        blocks = h.blocks
-        nb = len(blocks)
-        if self._preserve:
-            for b in blocks:
-                off = iport - b.lo
-                if 0 <= off < b.size and not b.used[pi] >> off & 1:
-                    found = (b, off)
-                    break
-        if found is None and nb:
-            b = blocks[h.cur]
-            used = b.used
-            size = b.size
-            if not self._parity and b.n_used[pi] < size:
-                # the common case, _pick_port inlined: the host's current block has room
-                free = ~used[pi] & ((1 << size) - 1)
-                rb = self._rbuf
-                if not rb:
-                    rb.extend(self.rng.integers(0, 1 << 32, 4096, dtype=np.uint64).tolist())
-                r = rb.pop() % size
-                hi = free >> r
-                off = r + ((hi & -hi).bit_length() - 1) if hi else (free & -free).bit_length() - 1
-                # ... and _make_mapping inlined (a call is a tenth of a setup's cost)
-                used[pi] |= 1 << off
-                b.n_used[pi] += 1
-                b.n_total += 1
-                self._used[pi] += 1
-                h.nports[pi] += 1
-                m = _Mapping()
-                ids = self._free_ids
-                if ids:
-                    rid = ids.pop()
-                    self._mappings[rid] = m
-                else:
-                    rid = len(self._mappings)
-                    if rid > 0xFFFFFFFF:
-                        raise OverflowError("rule ids exhausted")
-                    self._mappings.append(m)
-                ea = b.addr
-                ep = b.lo + off
-                m.rule_id, m.proto, m.iaddr, m.iport = rid, p, iaddr, iport
-                m.eaddr, m.eport, m.block, m.host = ea, ep, b, h
-                m.remotes = {}
-                m.ekey = ek = p << 48 | ea << 16 | ep
-                self._by_ext[ek] = m
-                m.ikey = ik = p << 48 | iaddr << 16 | iport
-                if self._eim:
-                    self._by_int[ik] = m
-                tl = self.translog
-                if tl is not None and not tl.per_block and not tl.remote:
-                    tl.rule("create", p, iaddr, iport, ea, ep)
-                return m
-            else:
-                for t in range(nb):
-                    b = blocks[(h.cur + t) % nb]
-                    if b.n_used[pi] < b.size:
-                        off = self._pick_port(b, pi, iport)
-                        if off >= 0:
-                            h.cur = (h.cur + t) % nb
-                            found = (b, off)
-                            break
-        if found is None:
+        g, off = hs.allocate(iaddr, pi, iport, self._preserve, self.blocks)
+        if g < 0:
+            nb = hs.nblocks(iaddr)
             if nb >= self._max_blocks:
                 return self._refuse(_R_CAP)
-            b = self._take_block(h, now)
-            if b is _JOURNAL_DOWN:
-                if not blocks:
-                    del self._hosts[iaddr]
+            g = self._take_block(iaddr, now)
+            if g is _JOURNAL_DOWN:
+                if not nb:
+                    hs.remove(iaddr)
                 return self._refuse(_R_JOURNAL)
-            if b is None:
-                if not blocks:
-                    del self._hosts[iaddr]
+            if g is None:
+                if not nb:
+                    hs.remove(iaddr)
                     self.events["exhausted_pool"] += 1
                 else:
-                    self._host_address_full(h)
+                    self._host_address_full(iaddr)
                 return self._refuse(_R_EXHAUSTED)
-            off = -1
-            if self._preserve and 0 <= iport - b.lo < b.size:
-                off = iport - b.lo
+            bl = self.blocks
+            off = bl.pick_exact(g, pi, iport) if self._preserve else -1
             if off < 0:
-                off = self._pick_port(b, pi, iport)
+                off = bl.pick(g, pi, iport)
             if off < 0:  # parity impossible in a 1-port block (the block stays with the host)
                 return self._refuse(_R_EXHAUSTED)
-            h.cur = len(h.blocks) - 1
-            found = (b, off)
-        b, off = found
-        b.used[pi] |= 1 << off
-        b.n_used[pi] += 1
-        b.n_total += 1
+            hs.set_cur(iaddr, nb)
         self._used[pi] += 1
-        h.nports[pi] += 1
-        return self._make_mapping(p, iaddr, iport, b, off, h)
+        hs.add_ports(iaddr, pi, 1)
+        return self._make_mapping(p, iaddr, iport, g, off)
 
-    def _make_mapping(self, p, iaddr, iport, b, off, h) -> _Mapping:
-        """The mapping of (p, iaddr, iport) to port `off` of block `b` (already marked
+    def _make_mapping(self, p, iaddr, iport, g, off) -> _Mapping:
+        """The mapping of (p, iaddr, iport) to port `off` of block `g` (already marked
         used): a rule id, the indexes, the translation log line."""
         m = _Mapping()
         ids = self._free_ids
@@ -814,13 +740,13 @@ class RuleBuilder:
             if rid > 0xFFFFFFFF:
                 raise OverflowError("rule ids exhausted")
             self._mappings.append(m)
-        ea = b.addr
-        ep = b.lo + off
+        ea, lo, _ = self.blocks.span(g)
+        ep = lo + off
         m.rule_id, m.proto, m.iaddr, m.iport = rid, p, iaddr, iport
-        m.eaddr, m.eport, m.block, m.host = ea, ep, b, h
+        m.eaddr, m.eport, m.block = ea, ep, g
         m.remotes = {}
-        self._by_ext[p << 48 | ea << 16 | ep] = m
-        m.ekey = p << 48 | ea << 16 | ep
+        m.ekey = ek = p << 48 | ea << 16 | ep
+        self._by_ext[ek] = m
         m.ikey = ik = p << 48 | iaddr << 16 | iport
         if self._eim:
             self._by_int[ik] = m
@@ -829,7 +755,7 @@ class RuleBuilder:
             tl.rule("create", p, iaddr, iport, ea, ep)
         return m
 
-    def _host_address_full(self, h: _Host) -> None:
+    def _host_address_full(self, iaddr: int) -> None:
         """A host with blocks whose address has no free block left: its new connection
         is refused, not moved to another address.  Paired pooling (RFC 4787 REQ-2: all
         of a host's mappings on one external address) is what EIM peers rely on, and a
@@ -843,28 +769,8 @@ class RuleBuilder:
         if t - self._last_log_host >= self._log_interval:
             self._last_log_host = t
             log.warning("nic%d: host %s: no free port block left on its address %s (paired pooling): new "
-                        "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(h.iaddr),
-                        _ip(h.addr), self.events["exhausted_host_address"], len(h.blocks))
-
-    def _pick_port(self, b: _Block, pi: int, iport: int) -> int:
-        """RFC 6056: a random start in the block, the next free port from there
-        (wrapping); with parity, only ports of the internal port's parity.  -1: none."""
-        full = (1 << b.size) - 1
-        free = ~b.used[pi] & full
-        if self._parity:
-            want = iport & 1
-            mask = _EVEN_BITS if (b.lo & 1) == want else _ODD_BITS
-            free &= mask & full
-        if not free:
-            return -1
-        rb = self._rbuf
-        if not rb:  # random numbers drawn in bulk: one numpy call per 4096 ports
-            rb.extend(self.rng.integers(0, 1 << 32, 4096, dtype=np.uint64).tolist())
-        r = rb.pop() % b.size
-        hi = free >> r
-        if hi:
-            return r + ((hi & -hi).bit_length() - 1)
-        return (free & -free).bit_length() - 1
+                        "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(iaddr),
+                        _ip(self.hosts.addr(iaddr)), self.events["exhausted_host_address"], self.hosts.nblocks(iaddr))
 
     def _pick_address(self) -> int:
         """Round-robin over addresses that still have a free block (new hosts spread)."""
@@ -878,14 +784,15 @@ class RuleBuilder:
             self._avail_set.discard(a)
         return -1
 
-    def _take_block(self, h: _Host, now: int):
-        """A free block on the host's address, journaled before use; None if none."""
-        st = self._addr.get(h.aidx)
+    def _take_block(self, iaddr: int, now: int):
+        """A free block on the host's address, journaled before use: its id; None if none."""
+        aidx = self.hosts.aidx(iaddr)
+        st = self._addr.get(aidx)
         if st is None:
             return None
         g = -1
         q = self._qblocks
-        held = self._blocks
+        held = self.blocks
         while st[2]:
             c = st[2].pop()
             if c in held:
@@ -907,33 +814,34 @@ class RuleBuilder:
             return None
         addr, lo, hi = self.part.block_span(g)
         if self.journal is not None:
-            if g not in self._prejournaled and not self._reserve_now(h.aidx, g):
-                self._give_back(g, h.aidx)  # free still: taken again once the journal writes
+            if g not in self._prejournaled and not self._reserve_now(aidx, g):
+                self._give_back(g, aidx)  # free still: taken again once the journal writes
                 return _JOURNAL_DOWN
             self._prejournaled.discard(g)  # durable: its host's record need not be (no fsync)
-            self._jlazy.append({"op": "assign", "block": g, "host": _ip(h.iaddr), "external": _ip(addr),
+            self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi], "t": now})  # fmt: skip
-        b = _Block(g, h.aidx, addr, lo, hi - lo + 1)
-        b.host = h
+        self.blocks.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
         if self.translog is not None and self.translog.per_block:
-            self.translog.block("block", h.iaddr, addr, lo, hi)
-        self._blocks[g] = b
-        h.blocks.append(b)
-        return b
+            self.translog.block("block", iaddr, addr, lo, hi)
+        self.hosts.append_block(iaddr, g)
+        return g
 
-    def _free_block(self, b: _Block) -> None:
-        h = b.host
-        if h is not None:
-            h.blocks.remove(b)
-            h.cur = 0
+    def _free_block(self, g: int) -> None:
+        bl = self.blocks
+        addr, lo, size = bl.span(g)
+        iaddr, a = bl.host(g), bl.aidx(g)
+        hs = self.hosts
+        if iaddr in hs:
+            hs.remove_block(iaddr, g)
+            hs.set_cur(iaddr, 0)
             if self.translog is not None and self.translog.per_block:
-                self.translog.block("block-free", h.iaddr, b.addr, b.lo, b.lo + b.size - 1)
-            if not h.blocks and not any(h.nports):
-                del self._hosts[h.iaddr]
-        del self._blocks[b.id]
+                self.translog.block("block-free", iaddr, addr, lo, lo + size - 1)
+            if hs.idle(iaddr):
+                hs.remove(iaddr)
+        bl.remove(g)
         if self.journal is not None:  # losing it (a power cut) only quarantines the block after a crash
-            self._journal_lazy([{"op": "release", "block": b.id}])
-        self._give_back(b.id, b.aidx)
+            self._journal_lazy([{"op": "release", "block": g}])
+        self._give_back(g, a)
 
     def _give_back(self, g: int, a: int) -> None:
         st = self._addr.get(a)
@@ -996,7 +904,7 @@ class RuleBuilder:
                 # taking one of them reserves it the synchronous way
                 def durable():
                     flying.difference_update(blocks)
-                    res.update(g for g in blocks if g not in self._blocks and g not in self._qblocks)
+                    res.update(g for g in blocks if g not in self.blocks and g not in self._qblocks)
 
                 def failed():
                     flying.difference_update(blocks)
@@ -1019,7 +927,7 @@ class RuleBuilder:
         st = self._addr.get(a)
         if st is None or k <= 0:
             return []
-        held, q, res, fly = self._blocks, self._qblocks, self._prejournaled, self._reserving
+        held, q, res, fly = self.blocks, self._qblocks, self._prejournaled, self._reserving
         out = []
         for c in reversed(st[2]):
             if len(out) >= k:
@@ -1090,11 +998,12 @@ class RuleBuilder:
         """The live blocks as journal records (what a checkpoint holds): each block in
         use ("assign", its host), quarantined ("quarantine", the host the journal named,
         if any) or journaled ahead of need ("reserve")."""
-        recs = [{"op": "assign", "block": g, "host": _ip(b.host.iaddr)} for g, b in self._blocks.items()]
+        bl = self.blocks
+        recs = [{"op": "assign", "block": g, "host": _ip(bl.host(g))} for g in sorted(bl.ids())]
         qh = self._qhosts
         recs += [{"op": "quarantine", "block": g, "host": _ip(qh[g])} if g in qh else {"op": "quarantine", "block": g}
                  for g in self._qblocks]  # fmt: skip
-        held, q = self._blocks, self._qblocks
+        held, q = self.blocks, self._qblocks
         recs += [{"op": "reserve", "block": g} for g in sorted(self._prejournaled | self._reserving)
                  if g not in held and g not in q]  # fmt: skip
         return recs
@@ -1157,24 +1066,21 @@ class RuleBuilder:
         self._mappings[m.rule_id] = None
         self._free_ids.append(m.rule_id)
         pi = _PIDX[m.proto]
-        m.host.nports[pi] -= 1
+        self.hosts.add_ports(m.iaddr, pi, -1)
         tl = self.translog
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport)
         # The endpoint stays marked used in its block until the reuse delay has passed
         # and no lease is held on it (invariant 3).
-        self._reuse.append((now + self.reuse_delay, m.ekey, m.block.id, pi, m.eport - m.block.lo))
+        self._reuse.append((now + self.reuse_delay, m.ekey, m.block, pi, m.eport - self.blocks.lo(m.block)))
 
     def _release_endpoint(self, g: int, pi: int, off: int) -> None:
-        b = self._blocks.get(g)
-        if b is None or not b.used[pi] >> off & 1:
+        left = self.blocks.release(g, pi, off)
+        if left < 0:
             return
-        b.used[pi] &= ~(1 << off)
-        b.n_used[pi] -= 1
-        b.n_total -= 1
         self._used[pi] -= 1
-        if b.n_total == 0:
-            self._free_block(b)
+        if left == 0:
+            self._free_block(g)
 
     def _process_reuse(self, now: int, budget: int) -> int:
         q = self._reuse
@@ -1672,13 +1578,15 @@ class RuleBuilder:
     # Settings a running NIC may change on SIGHUP; everything else (addresses, partition,
     # NICs, table sizes, mapping) changes only with a restart.
     LIVE_SETTINGS = ("timeouts", "limits.ports_per_host", "limits.sweep_step", "limits.sweep_max_expire",
-                     "limits.sweep_budget_us", "limits.exhaustion_log_interval", "translation_log")
+                     "limits.sweep_budget_us", "limits.exhaustion_log_interval", "translation_log",
+                     "limits.host_connection_rate", "limits.host_connection_burst")
 
     def apply_live(self, config) -> None:
         """Take the LIVE_SETTINGS of `config` (already validated and checked by the
         caller to differ from the running one only in those).  Existing sessions keep
         their state; new timeouts apply from the next sweep, a lower host cap to new
-        ports only, a new translation log from the next line."""
+        ports only, a new translation log from the next line, a new per-host connection
+        rate from the next new connection (every host starting with a full bucket)."""
         t, lim = config.timeouts, config.limits
         self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
@@ -1686,6 +1594,10 @@ class RuleBuilder:
         self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)
         self._cap = lim.ports_per_host
         self._max_blocks = -(-self._cap // self._bs)
+        old = self.config.limits
+        if (lim.host_connection_rate, lim.host_connection_burst) != (old.host_connection_rate, old.host_connection_burst):
+            # a new rate starts every host with a full bucket
+            self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         self.sweep_step = lim.sweep_step
         self.sweep_max_expire = lim.sweep_max_expire
         self.sweep_budget_us = lim.sweep_budget_us
@@ -1903,7 +1815,7 @@ class RuleBuilder:
         if nb <= 0:
             return 1.0
         ports = max(1, self._total_ports + (len(self._adopted) - len(self._lent)) * self._bs)
-        return min(1.0, max(len(self._blocks) / nb, max(self._used) / ports))
+        return min(1.0, max(len(self.blocks) / nb, max(self._used) / ports))
 
     def counters_dict(self) -> dict:
         """{name: count}: every slow-path reason (SLOW_PATH_REASON_NAMES), then every
@@ -1921,8 +1833,8 @@ class RuleBuilder:
             "sessions": self._n_sessions,
             "entries_out": len(self.out),
             "entries_in": len(self.inn),
-            "hosts": len(self._hosts),
-            "blocks_in_use": len(self._blocks),
+            "hosts": len(self.hosts),
+            "blocks_in_use": len(self.blocks),
             "ports_in_use": sum(self._used),
             "ports_waiting_reuse": len(self._reuse),
             "endpoints_held": len(self._held),
@@ -1939,17 +1851,19 @@ class RuleBuilder:
         """The builder's state as plain data (JSON-able).  Table contents are not in it:
         the NIC daemon saves the FlowTables' slots beside it."""
         maps = []
+        bl, hs = self.blocks, self.hosts
         for m in self._mappings[1:]:
             if m is not None:
-                maps.append([m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block.id, sorted(m.remotes)])
+                maps.append([m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, sorted(m.remotes)])
         return {
             "version": 1,
             "nic": self.nic,
             "mappings": maps,
             "free_ids": list(self._free_ids),
             "n_ids": len(self._mappings),
-            "hosts": [[h.iaddr, h.aidx, [b.id for b in h.blocks], h.cur] for h in self._hosts.values()],
-            "blocks": [[b.id, b.used, b.n_used] for b in self._blocks.values()],
+            "hosts": [[ia, hs.aidx(ia), hs.blocks(ia), hs.cur(ia)] for ia in sorted(hs.ids())],
+            "blocks": [[g, [bl.used_mask(g, pi) for pi in range(3)], [bl.n_used(g, pi) for pi in range(3)]]
+                       for g in sorted(bl.ids())],
             "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
             "avail": list(self._avail),
             "adopted": sorted(self._adopted),
@@ -1980,35 +1894,32 @@ class RuleBuilder:
         self._lent = set(state["lent"])
         self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
         self._qskipped = set(int(g) for g in state.get("qskipped", ()))
-        self._hosts, self._blocks = {}, {}
+        self.hosts = hs = Hosts()
+        self.blocks = bl = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
         self._used = [0, 0, 0]
         for iaddr, aidx, bids, cur in state["hosts"]:
-            h = self._hosts[iaddr] = _Host(iaddr, aidx, self.part.address_at(aidx))
-            h.cur = cur
+            hs.add(iaddr, aidx, self.part.address_at(aidx))
+            hs.set_cur(iaddr, cur)
             for g in bids:
                 addr, lo, hi = self.part.block_span(g)
-                b = _Block(g, aidx, addr, lo, hi - lo + 1)
-                b.host = h
-                b.used, b.n_used = [int(x) for x in used[g][0]], [int(x) for x in used[g][1]]
-                b.n_total = sum(b.n_used)
+                bl.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
                 for pi in range(3):
-                    self._used[pi] += b.n_used[pi]
-                self._blocks[g] = b
-                h.blocks.append(b)
+                    bl.set_mask(g, pi, int(used[g][0][pi]))
+                    self._used[pi] += bl.n_used(g, pi)
+                hs.append_block(iaddr, g)
         self._mappings = [None] * int(state["n_ids"])
         self._free_ids = [int(x) for x in state["free_ids"]]
         self._by_int, self._by_out, self._by_ext = {}, {}, {}
         self._n_sessions = 0
         for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
             m = _Mapping()
-            b = self._blocks[g]
-            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, m.host = rid, p, ia, ip, ea, ep, b, b.host
+            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block = rid, p, ia, ip, ea, ep, g
             m.remotes = dict.fromkeys(rems)
             m.ekey, m.ikey = p << 48 | ea << 16 | ep, p << 48 | ia << 16 | ip
             self._mappings[rid] = m
             self._by_ext[m.ekey] = m
-            b.host.nports[_PIDX[p]] += 1
+            hs.add_ports(bl.host(g), _PIDX[p], 1)
             self._n_sessions += len(m.remotes)
             if self._eim:
                 self._by_int[m.ikey] = m
@@ -2034,7 +1945,7 @@ class RuleBuilder:
             st = self._addr[a]
             for k in range(len(st[2]) - 1, -1, -1):
                 g = st[2][k]
-                if g in self._blocks:  # recovered while listed: drop the stale entry
+                if g in self.blocks:  # recovered while listed: drop the stale entry
                     del st[2][k]
                     continue
                 if g not in self._adopted and g not in self._qblocks:
@@ -2044,7 +1955,7 @@ class RuleBuilder:
             while st[1] > st[0]:
                 st[1] -= 1  # take from the end of the native run: the cursor never gets there
                 g = st[1]
-                if g in self._blocks:
+                if g in self.blocks:
                     continue
                 if g not in self._qblocks:
                     self._lent.add(g)
@@ -2066,7 +1977,7 @@ class RuleBuilder:
         """Hand a borrowed block back once it is idle (no live or quarantined port):
         True if it was removed from this builder (the agent then sends RETURN)."""
         g = int(block)
-        if g not in self._adopted or g in self._blocks:
+        if g not in self._adopted or g in self.blocks:
             return False
         st = self._addr.get(g // self.part.bpa)
         if st is None or g not in st[2]:
@@ -2168,8 +2079,9 @@ class RuleBuilder:
             if not self._is_internal(ia) or (self._eim and part.eim_owner(ia) != self.nic):
                 ev["recovery_lost_invalid"] += 1
                 continue
-            b = self._blocks.get(g)
-            want = self._qhosts.get(g, ia) if b is None else b.host.iaddr
+            bl = self.blocks
+            have = g in bl
+            want = bl.host(g) if have else self._qhosts.get(g, ia)
             if want != ia:
                 ev["recovery_lost_host_mismatch"] += 1
                 continue
@@ -2180,17 +2092,16 @@ class RuleBuilder:
             if self._room_left <= 0:
                 ev["recovery_lost_table_full"] += 1
                 continue
-            if b is None:
-                b = self._claim_block(g, ia)
+            if not have:
+                self._claim_block(g, ia)
             pi = _PIDX[p]
-            off = ep - b.lo
+            off = ep - bl.lo(g)
             masks = self._reserved.get(g)
             if masks is None or not masks[1][pi] >> off & 1:
                 ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
                 continue
             masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
-            h = b.host
-            h.nports[pi] += 1
+            self.hosts.add_ports(bl.host(g), pi, 1)
             m = _Mapping()
             if self._free_ids:
                 rid = self._free_ids.pop()
@@ -2199,7 +2110,7 @@ class RuleBuilder:
                 rid = len(self._mappings)
                 self._mappings.append(m)
             m.rule_id, m.proto, m.iaddr, m.iport = rid, p, ia, ip
-            m.eaddr, m.eport, m.block, m.host = ea, ep, b, h
+            m.eaddr, m.eport, m.block = ea, ep, g
             m.remotes = {}
             m.ekey, m.ikey = ekey, ikey
             self._by_ext[ekey] = m
@@ -2240,7 +2151,7 @@ class RuleBuilder:
                         len(self._reserved))
         return ok
 
-    def _claim_block(self, g: int, iaddr: int) -> _Block:
+    def _claim_block(self, g: int, iaddr: int) -> None:
         """A quarantined block goes back to the host it was assigned to before the
         crash; all its ports are reserved (marked used) until the quarantine's end,
         and each recovered session takes its own port out of the reservation."""
@@ -2249,22 +2160,18 @@ class RuleBuilder:
         self._qskipped.discard(g)  # never listed again: _free_block gives it back
         a = g // self.part.bpa
         addr, lo, hi = self.part.block_span(g)
-        h = self._hosts.get(iaddr)
-        if h is None:
-            h = self._hosts[iaddr] = _Host(iaddr, a, addr)
-        elif h.aidx != a:  # the host got an address since the restart: both stay in use
+        hs = self.hosts
+        if iaddr not in hs:
+            hs.add(iaddr, a, addr)
+        elif hs.aidx(iaddr) != a:  # the host got an address since the restart: both stay in use
             log.warning("nic%d: host %s: recovered block %d is on %s, its new mappings use %s", self.nic,
-                        _ip(iaddr), g, _ip(addr), _ip(h.addr))
-        b = _Block(g, a, addr, lo, hi - lo + 1)
-        b.host = h
-        full = (1 << b.size) - 1
-        b.used = [full, full, full]
-        b.n_used = [b.size] * 3
-        b.n_total = 3 * b.size
+                        _ip(iaddr), g, _ip(addr), _ip(hs.addr(iaddr)))
+        size = hi - lo + 1
+        self.blocks.add(g, a, addr, lo, size, iaddr, full=True)
+        full = (1 << size) - 1
         for pi in range(3):
-            self._used[pi] += b.size
-        self._blocks[g] = b
-        h.blocks.append(b)
+            self._used[pi] += size
+        hs.append_block(iaddr, g)
         self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
@@ -2272,11 +2179,6 @@ class RuleBuilder:
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
         self.events["recovered_blocks"] += 1
-        return b
-
-
-_EVEN_BITS = int("01" * 32768, 2)  # bit k set for even k
-_ODD_BITS = _EVEN_BITS << 1
 
 
 def _expiry_event(p, tcp_out, tcp_in) -> str:

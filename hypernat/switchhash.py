@@ -31,8 +31,15 @@ host-order words, the tail as little-endian bytes), then ``reciprocal_scale``:
 the kernel's own choice for every connection of a run, ``tests/test_agent.py`` pins
 known values.
 
-Toeplitz (RSS) needs the NIC's key and is not implemented: ``predict_nic`` raises
-``ValueError`` for a hash it cannot reproduce, and active install falls back to
+                                        └─ toeplitz  RSS (Microsoft's Toeplitz hash) with
+                                                  the port's own key and indirection table
+
+Toeplitz is what a NIC's RSS computes when the "NICs" are the queues of one port: the
+32-bit hash of saddr . daddr . sport . dport (network order) under the port's key
+(40 bytes or more, ``read_rss``: ``ethtool -x``), the queue the indirection table's
+entry ``hash % len(table)`` names.  Tested against Microsoft's published RSS
+verification vectors (tests/test_switchhash_toeplitz.py).  Without a key and table
+(veth has none) ``predict_nic`` raises ``ValueError`` and active install falls back to
 passive install.
 """
 from __future__ import annotations
@@ -49,6 +56,9 @@ _NFT_SRC = struct.Struct("!I")  # jhash ip saddr
 _WORDS = "<III" if sys.byteorder == "little" else ">III"
 
 HASHES = ("sha1", "crc32", "jhash")
+# Microsoft's RSS verification key (also many drivers' default).
+MS_RSS_KEY = bytes.fromhex("6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa")
+_TOEPLITZ4 = struct.Struct("!IIHH")  # saddr daddr sport dport
 # nftables steers only what it can read ports from (`th sport`): TCP and UDP.
 JHASH_PROTOS = frozenset((6, 17))
 
@@ -86,6 +96,68 @@ def jhash(data: bytes, initval: int = 0) -> int:
     b ^= a; b = (b - _rol(a, 14)) & _M  # noqa: E702
     c ^= b; c = (c - _rol(b, 24)) & _M  # noqa: E702
     return c
+
+
+def toeplitz(key: bytes, data: bytes) -> int:
+    """The Toeplitz hash of `data` under `key` (RSS): for every set bit i of the input
+    (most significant first), XOR in the 32 key bits starting at bit i."""
+    if len(key) * 8 < len(data) * 8 + 32:
+        raise ValueError(f"a {len(key)}-byte key is too short for {len(data)} bytes of input")
+    k = int.from_bytes(key, "big")
+    top = len(key) * 8 - 32
+    h = 0
+    for i, byte in enumerate(data):
+        for b in range(8):
+            if byte & (0x80 >> b):
+                h ^= (k >> (top - (i * 8 + b))) & _M
+    return h
+
+
+def toeplitz_tuple(key: bytes, saddr: int, daddr: int, sport: int | None = None, dport: int | None = None) -> int:
+    """RSS over IPv4 addresses (and ports, for TCP/UDP), as a NIC hashes a packet."""
+    if sport is None:
+        return toeplitz(key, _TOEPLITZ4.pack(saddr & _M, daddr & _M, 0, 0)[:8])
+    return toeplitz(key, _TOEPLITZ4.pack(saddr & _M, daddr & _M, sport & 0xFFFF, dport & 0xFFFF))
+
+
+def read_rss(ifname: str, netns_name: str | None = None) -> tuple[bytes, tuple] | None:
+    """The port's RSS key and indirection table (``ethtool -x``), or None where the
+    device has none (veth)."""
+    import subprocess
+
+    argv = ["ethtool", "-x", ifname]
+    if netns_name:
+        argv = ["ip", "netns", "exec", netns_name] + argv
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_ethtool_x(p.stdout) if p.returncode == 0 else None
+
+
+def parse_ethtool_x(text: str) -> tuple[bytes, tuple] | None:
+    """(key, indirection table) from ``ethtool -x`` output, or None if either is missing."""
+    table, key, in_key = [], None, False
+    for ln in text.splitlines():
+        s = ln.strip()
+        if in_key and s and all(c in "0123456789abcdefABCDEF:" for c in s):
+            key = bytes.fromhex(s.replace(":", ""))
+            in_key = False
+        elif s.startswith("RSS hash key"):
+            in_key = True
+        elif ":" in s and s.split(":", 1)[0].isdigit():
+            table += [int(x) for x in s.split(":", 1)[1].split()]
+    return (key, tuple(table)) if key and table else None
+
+
+def rss_queue(key: bytes, table, proto: int, saddr: int, sport: int, daddr: int, dport: int) -> int:
+    """The queue a NIC with this key and indirection table puts the packet on (ports in
+    the hash for TCP and UDP only, as RSS does by default)."""
+    if proto in (6, 17):
+        h = toeplitz_tuple(key, saddr, daddr, sport, dport)
+    else:
+        h = toeplitz_tuple(key, saddr, daddr)
+    return table[h % len(table)]
 
 
 def reciprocal_scale(h: int, n: int) -> int:
@@ -129,18 +201,30 @@ def switch_hash(name: str, proto: int, saddr: int, sport: int, daddr: int, dport
 
 
 def predict_nic(name: str, n: int, proto: int, saddr: int, sport: int, daddr: int, dport: int, seed: int = 0,
-                fields: str = "5-tuple") -> int:
+                fields: str = "5-tuple", rss=None) -> int:
     """The NIC (0..n-1) a packet with this tuple lands on, for a switch using `name`.
 
     sha1 and crc32 take the hash modulo n; jhash scales it like nftables' ``mod n``
-    (``reciprocal_scale``), so NIC k is the testbed's fwmark k + 1."""
+    (``reciprocal_scale``), so NIC k is the testbed's fwmark k + 1.  toeplitz needs
+    ``rss`` = (key, indirection table, {queue: NIC id}) of the port the packet arrives
+    on (one worker per queue); without it, or for a queue no NIC serves: ValueError."""
+    if name == "toeplitz":
+        if rss is None:
+            raise ValueError("toeplitz needs the port's RSS key and indirection table")
+        key, table, nic_of_queue = rss
+        q = rss_queue(key, table, proto, saddr, sport, daddr, dport)
+        if q not in nic_of_queue:
+            raise ValueError(f"RSS queue {q} is served by no NIC")
+        return nic_of_queue[q]
     h = switch_hash(name, proto, saddr, sport, daddr, dport, seed, fields)
     return reciprocal_scale(h, n) if name == "jhash" else h % n
 
 
-def predictable(name: str, proto: int) -> bool:
+def predictable(name: str, proto: int, rss=None) -> bool:
     """Can the NIC a packet of `proto` lands on be predicted with `name`?  The testbed
     steers only TCP and UDP by jhash; ICMP keeps the kernel's (unknowable) ECMP hash."""
+    if name == "toeplitz":
+        return rss is not None  # the port's key and table: RSS hashes every IPv4 packet
     if name not in HASHES:
         return False
     return name != "jhash" or proto in JHASH_PROTOS

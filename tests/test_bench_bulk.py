@@ -2,6 +2,7 @@
 through this mode, translated as the mode must", fed iperf3 -J documents shaped like
 the real ones (client: end.sum_received / sum_sent / streams; server: start.connected)."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -58,7 +59,17 @@ def test_server_without_json_is_an_error():
         bench_bulk.check_flowed(r, POOL, HOST)
 
 
-def test_busy_fraction():
-    before = {0: (100, 1000), 1: (0, 1000)}
-    after = {0: (150, 1100), 1: (100, 1100), 2: (5, 10)}
-    assert bench_bulk._busy(before, after) == {0: 0.5, 1: 1.0}
+def test_busy_and_softirq_fractions():
+    from hypernat.lab.onecore import cpu_split
+
+    before = {0: (100, 10, 1000), 1: (0, 0, 1000)}
+    after = {0: (150, 30, 1100), 1: (100, 50, 1100), 2: (5, 0, 10)}
+    assert cpu_split(before, after) == {0: {"busy": 0.5, "softirq": 0.2}, 1: {"busy": 1.0, "softirq": 0.5}}
+
+
+def test_the_ratio_line_is_one_json_line():
+    res = {1500: {"linux": {"gbps": 10.0}, "noop_packet_mmap": {"gbps": 8.0}, "hypernat_packet_mmap": {"gbps": 6.0}}}
+    line = bench_bulk.ratio_line(res)
+    assert "\n" not in line and line.startswith("BULK_RATIOS ")
+    assert json.loads(line.split(" ", 1)[1]) == {"mtu1500_hypernat_packet_mmap_over_linux": 0.6,
+                                                 "mtu1500_hypernat_packet_mmap_over_noop": 0.75}

@@ -60,6 +60,22 @@ def test_golden_rows(fp, golden):
     assert set(VERDICT) >= {r["verdict"] for r in golden["rows"]}
 
 
+def test_golden_router_rows(fp, golden):
+    """Frames the gateway makes itself (ICMP errors, fragments) and MSS clamping: one
+    fresh translator per row, the router settings the file names."""
+    r = golden["router"]
+    assert len(r["rows"]) >= 9
+    for row in r["rows"]:
+        tr = _tables(fp, golden)
+        tr.set_router(**r["settings"])
+        d = DIRECTION_NAMES.index(row["direction"])
+        out, verdicts, _ = run_frames(tr, [bytes.fromhex(row["input"])], d)
+        what = f"{row['direction']}: {row['description']} ({row['made_by']})"
+        assert VERDICT_NAMES[verdicts[0]] == row["verdict"], what
+        assert out[0].hex() == row["expected"], what
+        assert [[DIRECTION_NAMES[x], g.hex()] for x, g in tr.generated()] == row["generated"], what
+
+
 def test_golden_file_is_current():
     """The file matches the test tables it was made from (scapy rebuilds them)."""
     tool = os.path.join(os.path.dirname(HERE), "tools", "mkfixtures.py")

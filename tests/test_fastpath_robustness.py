@@ -27,9 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.fastpath_oracle import mixed_batch, run_frames, standard_env, template_frames
+from fixtures.fastpath_oracle import ROUTER, mixed_batch, router_frames, run_frames, standard_env, template_frames
 from hypernat.layout import KEY_DTYPE
-from hypernat.verdicts import IN, N_VERDICTS, OUT, SEND_VERDICTS, VERDICT
+from hypernat.verdicts import IN, N_VERDICTS, OUT, REWRITTEN_VERDICTS, SEND_VERDICTS, VERDICT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -105,6 +105,37 @@ def test_mutated_batches_guarded(fp, seed):
             assert len(o) == len(f)
             if v not in SEND_VERDICTS:
                 assert o == f
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mutated_batches_guarded_as_a_router(fp, seed):
+    """The same with the router on: frames not sent (nor rewritten to be fragmented)
+    are untouched, and every generated frame lies in the output area and holds an
+    IPv4 header whose checksum is right."""
+    env = standard_env(fp)
+    env.tr.set_router(**ROUTER)
+    frames, dirs = mixed_batch(2000 + seed, 1200, template_frames() + router_frames() * 3)
+    for direction in (OUT, IN):
+        fr = [f for f, d in zip(frames, dirs) if d == direction]
+        out, verdicts, _ = run_frames(env.tr, fr, direction)
+        for f, o, v in zip(fr, out, verdicts):
+            assert len(o) == len(f)
+            if v not in SEND_VERDICTS and v not in REWRITTEN_VERDICTS:
+                assert o == f
+        tr = env.tr
+        n = tr.out_count
+        assert n == len(tr.generated()) > 0
+        ends = tr.out_offsets[:n].astype(np.int64) + tr.out_lengths[:n]
+        assert ends.max() <= len(tr.out_buf) and np.all(tr.out_offsets[1:n] == ends[:-1])
+        for exit_, g in tr.generated():
+            l3 = 18 if g[12:14] == b"\x81\x00" else 14
+            ihl = (g[l3] & 15) * 4
+            hdr = g[l3 : l3 + ihl]
+            s_ = sum(int.from_bytes(hdr[i : i + 2], "big") for i in range(0, ihl, 2))
+            while s_ >> 16:
+                s_ = (s_ & 0xFFFF) + (s_ >> 16)
+            assert s_ == 0xFFFF and int.from_bytes(g[l3 + 2 : l3 + 4], "big") == len(g) - l3
+            assert len(g) - l3 <= (ROUTER["outside_mtu"] if exit_ == OUT else ROUTER["inside_mtu"])
 
 
 def test_same_frame_twice_in_a_batch(fp):
@@ -199,7 +230,8 @@ def test_under_debug_build():
     env = dict(os.environ, HYPERNAT_UNDER_DEBUG_BUILD="1")
     tests = [os.path.join(HERE, n) for n in
              ("test_fastpath_robustness.py", "test_fastpath_malformed.py", "test_fastpath_twins.py",
-              "test_fastpath_icmp_errors.py")]
+              "test_fastpath_icmp_errors.py", "test_fastpath_partial.py", "test_fastpath_icmp_gen.py",
+              "test_fastpath_mss.py")]
     r = subprocess.run([sys.executable, "-c", DEBUG_RUNNER, d, *tests], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     tail = (r.stdout[-4000:] + r.stderr[-2000:])

@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fixtures.fastpath_oracle import pack, mixed_batch, standard_env, template_frames
+from fixtures.fastpath_oracle import ROUTER, pack, mixed_batch, router_frames, standard_env, template_frames
 from hypernat import layout
 from hypernat.layout import KEY_DTYPE, SLOT_DTYPE
 from hypernat.verdicts import IN, OUT, VERDICT_NAMES
@@ -81,6 +81,38 @@ def test_same_batches_same_results(cy, templates, seed):
             a, b = getattr(envs[0], name).slots, getattr(envs[1], name).slots
             diff = np.flatnonzero(a != b)
             assert not len(diff), f"{name} table slots differ at {diff[:5]}: {a[diff[:1]]} vs {b[diff[:1]]}"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_same_batches_same_results_as_a_router(cy, templates, seed):
+    """With the router on (small MTUs, ICMP sources, a rate limit, MSS clamping): the
+    same verdicts, bytes, keys, counters, router events and generated frames (bytes and
+    exit directions), batch after batch (the token bucket carries over)."""
+    envs = _twin_envs(cy)
+    for env in envs:
+        env.tr.set_router(**ROUTER)
+    frames, dirs = mixed_batch(seed, 1500, templates + router_frames() * 3)
+    for step, direction in enumerate((OUT, IN, OUT, IN)):
+        fr = [f for f, d in zip(frames, dirs) if d == direction][step // 2::2]
+        now = 2000 + step // 2 + seed
+        c, p = (_run(env, fr, direction, now) for env in envs)
+        for i in range(len(fr)):
+            assert c[1][i] == p[1][i], _describe(fr, i, c, p, "verdicts")
+            assert c[3][i] == p[3][i], _describe(fr, i, c, p, "bytes")
+            assert c[2][i].tobytes() == p[2][i].tobytes(), _describe(fr, i, c, p, "keys")
+        assert np.array_equal(c[0], p[0])
+        ga, gb = envs[0].tr.generated(), envs[1].tr.generated()
+        assert len(ga) == len(gb) and envs[0].tr.out_count == len(ga)
+        for i, (a, b) in enumerate(zip(ga, gb)):
+            assert a == b, f"generated frame {i} differs: {a[0]} {a[1].hex()} vs {b[0]} {b[1].hex()}"
+        assert np.array_equal(envs[0].tr.counters, envs[1].tr.counters)
+        assert envs[0].tr.router_events_dict() == envs[1].tr.router_events_dict()
+        for name in ("out", "inn"):
+            assert np.array_equal(getattr(envs[0], name).slots, getattr(envs[1], name).slots)
+    ev = envs[0].tr.router_events_dict()
+    seen = {k for d in ev.values() for k, n in d.items() if n}
+    assert {"icmp_time_exceeded", "icmp_frag_needed", "icmp_rate_limited", "icmp_suppressed", "fragments",
+            "mss_clamped", "mss_bad_options"} <= seen, seen
 
 
 def test_keys_none_and_unaligned_buffer(cy, templates):

@@ -138,3 +138,20 @@ def test_errors_are_clear(ns):
             af_xdp.AfXdpPort("nosuch0")
         with pytest.raises(ValueError, match="mode"):
             af_xdp.AfXdpPort("b", mode="turbo")
+
+
+def test_vlan_stripping_off_and_a_tagged_frame_never_handed_out(ns):
+    """The port turns the link's VLAN stripping off; a frame carrying its 802.1Q tag
+    in the frame goes to the kernel (not IPv4 to our program), never to the socket."""
+    from scapy.layers.l2 import Dot1Q
+
+    a, b = open_ports(ns, "native")
+    with a, b:
+        assert b.stats()["rxvlan_off"] == 1
+        assert "rx-vlan-offload: off" in netns.run(ns, ["ethtool", "-k", "b"]).stdout
+        a.tx_ring.set_vlan(None)  # a test sender: the tag stays as built
+        tagged = [bytes(Ether(src=mac_str(a.mac()), dst=mac_str(b.mac())) / Dot1Q(vlan=5) /
+                        IP(src="10.9.0.1", dst="198.51.100.1") / UDP(sport=7, dport=9))]
+        a.send(Batch.from_frames(tagged + udp_frames(a, b, 2)), np.arange(3))
+        got = collect(b, 3, timeout=1.0, only_ipv4=False)
+        assert len(got) == 2 and all(Dot1Q not in Ether(f) for f in got)

@@ -154,7 +154,7 @@ def test_unreleased_frames_are_never_handed_out_twice(ns):
 
 
 def test_bad_send_requests_are_counted_not_crashing(ns):
-    a, b = ports(ns, tx_frames=16)
+    a, b = ports(ns, tx_frames=16, frame_size=2048)
     with a, b:
         big = frames(1, size=3000)[0]  # larger than a 2048-byte ring frame
         tiny = b"\x01\x02"
@@ -187,3 +187,208 @@ def test_mac_is_the_interfaces(ns):
 def test_unknown_interface_is_a_clear_error(ns):
     with netns.entered(ns), pytest.raises(packet_mmap.PacketMmapError, match="nosuch"):
         packet_mmap.PacketMmapPort("nosuch0")
+
+
+def test_a_frame_whose_vlan_tag_the_kernel_stripped_is_never_handed_out_untagged(ns):
+    """The receiving kernel takes an 802.1Q tag off every frame (its metadata keeps it):
+    a port not configured for that VLAN drops the frame and counts it.  (On main it was
+    handed out untagged and forwarded onto the wrong segment.)"""
+    from scapy.layers.l2 import Dot1Q
+
+    a, b = ports(ns)
+    with a, b:
+        tagged = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="198.51.100.1")
+                       / UDP(sport=999, dport=80))
+        if hasattr(a.tx_ring, "set_vlan"):
+            a.tx_ring.set_vlan(None)  # a test sender: frames leave with the tags they have
+        a.send(Batch.from_frames([tagged] + frames(2)), np.arange(3))
+        got = recv_all(b, 2)
+        assert len(got) == 2 and all(Dot1Q not in Ether(f) and Ether(f)[UDP].sport != 999 for f in got)
+        assert b.stats()["rx_vlan_unconfigured"] == 1
+
+
+def test_a_vlan_the_port_carries_gets_its_tag_back_in_place_and_leaves_tagged(ns):
+    from scapy.layers.l2 import Dot1Q
+
+    with netns.entered(ns):
+        a = packet_mmap.PacketMmapPort("a", vlans=(7,))
+        b = packet_mmap.PacketMmapPort("b", vlans=(7,))
+    with a, b:
+        a.tx_ring.set_vlan(None)  # a test sender: frames leave with the tags they have
+        tagged = [bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=v, prio=3) / IP(src="10.0.0.1", dst="198.51.100.1")
+                        / UDP(sport=999 + v, dport=80) / b"payload") for v in (7, 8)]
+        a.send(Batch.from_frames(tagged), np.arange(2))
+        got = recv_all(b, 1)
+        assert got == [tagged[0]]  # byte for byte: tag, priority and all
+        st = b.stats()
+        assert st["rx_vlan_restored"] == 1 and st["rx_vlan_unconfigured"] == 1
+        b.send(Batch.from_frames(got), np.arange(1))
+        back = recv_all(a, 1)
+        assert Ether(back[0])[Dot1Q].vlan == 7 and Ether(back[0])[Dot1Q].prio == 0  # b's own tag (TCI 7)
+        assert back[0][:14] + back[0][16:] == got[0][:14] + got[0][16:]
+
+
+def test_frames_leave_with_the_ports_tag_or_none(ns):
+    """A router's egress: a port carrying VLAN 9 tags what it sends with 9 (an untagged
+    frame gets the tag, a frame tagged otherwise gets 9 instead); a port without a VLAN
+    sends untagged.  The super-frame metadata moves with the tag."""
+    from scapy.layers.l2 import Dot1Q
+
+    with netns.entered(ns):
+        a = packet_mmap.PacketMmapPort("a", vlans=(9,))
+        b = packet_mmap.PacketMmapPort("b", vlans=(9,))
+        c = packet_mmap.PacketMmapPort("b", rx=False)
+    with a, b, c:
+        plain = frames(1, size=10)[0]
+        other = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=5) / Ether(plain).payload)
+        a.send(Batch.from_frames([plain, other]), np.arange(2))
+        got = recv_all(b, 2)
+        assert [Ether(f)[Dot1Q].vlan for f in got] == [9, 9]
+        assert all(bytes(Ether(f)[IP]) == bytes(Ether(plain)[IP]) for f in got)
+        c.send(Batch.from_frames([other]), np.arange(1))  # no VLAN on c: untagged
+        back = recv_all(a, 1, tries=200)
+        assert not back and a.stats()["rx_vlan_missing"] == 1  # untagged on a VLAN-9 port: dropped, counted
+
+
+
+def _offloads(ns, ifname, **kw):
+    args = [x for k, v in kw.items() for x in (k, "on" if v else "off")]
+    netns.run(ns, ["ethtool", "-K", ifname, *args], check=False)
+
+
+def _super_frame(payload_len, mss):
+    """A TCP super-frame as Linux hands one over: partial checksum (the field holds the
+    pseudo-header sum) and its virtio_net_hdr."""
+    from hypernat.io.base import META_DTYPE
+
+    pkt = Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.0.1", dst="198.51.100.1", id=1) / TCP(
+        sport=4000, dport=80, seq=1000, flags="A") / bytes(i % 251 for i in range(payload_len))
+    f = bytearray(bytes(pkt))
+    s = sum(int.from_bytes(f[26 + i:28 + i], "big") for i in (0, 2, 4, 6)) + 6 + (len(f) - 34)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    f[50:52] = s.to_bytes(2, "big")
+    meta = np.zeros(1, META_DTYPE)
+    meta[0] = (1, 1, 54, mss, 34, 16)  # NEEDS_CSUM, GSO_TCPV4, hdr_len, gso_size, csum_start, csum_offset
+    b = Batch.from_frames([bytes(f)])
+    b.meta = meta.view(np.uint8).copy()
+    b.partial = np.ones(1, np.uint8)
+    return pkt, b
+
+
+def test_a_super_frame_crosses_whole_with_its_virtio_net_hdr(ns):
+    """Offloads on (veth passes a TSO super-frame through): sent with its GSO type and
+    size, it arrives as one super-frame, left partial, its header intact."""
+    for n in ("a", "b"):
+        _offloads(ns, n, rx=True, tx=True, tso=True, gso=True, gro=True)
+    a, b = ports(ns)
+    with a, b:
+        pkt, batch = _super_frame(5000, 1200)
+        assert a.send(batch, np.arange(1)) == 1
+        got = None
+        for _ in range(2000):
+            got = b.recv()
+            if got is not None:
+                break
+            import time
+
+            time.sleep(0.001)
+        assert got is not None and got.n == 1
+        rec = got.meta_records()[0]
+        assert (rec["gso_type"], rec["gso_size"], rec["csum_start"], rec["csum_offset"]) == (1, 1200, 34, 16)
+        assert got.partial[0] == 1 and int(got.lengths[0]) == len(pkt)
+        assert got.frames()[0] == bytes(Ether(bytes(pkt)))  # the copy finished the checksum: scapy's
+        assert b.stats()["rx_super_frames"] == 1 and a.stats()["tx_super_frames"] == 1
+        b.release(got)
+
+
+def test_the_kernel_segments_a_super_frame_and_scapy_checks_the_segments(ns):
+    """The sending link without TSO and checksum offload: the kernel cuts the super-frame
+    into gso_size segments and finishes each checksum from the pseudo-header sum we
+    left; the far side gets ordinary frames whose checksums scapy recomputes."""
+    _offloads(ns, "a", tx=False, tso=False, gso=True)
+    _offloads(ns, "b", rx=True, gro=False)
+    a, b = ports(ns)
+    with a, b:
+        pkt, batch = _super_frame(3000, 1000)
+        assert a.send(batch, np.arange(1)) == 1
+        segs = recv_all(b, 3)
+        assert len(segs) == 3
+        data = b""
+        for i, f in enumerate(segs):
+            e = Ether(f)
+            assert e[TCP].seq == 1000 + 1000 * i and len(e[TCP].payload) == 1000
+            ck_ip, ck_tcp = e[IP].chksum, e[TCP].chksum
+            del e[IP].chksum
+            del e[TCP].chksum
+            again = Ether(bytes(e))
+            assert (again[IP].chksum, again[TCP].chksum) == (ck_ip, ck_tcp)
+            data += bytes(e[TCP].payload)
+        assert data == bytes(pkt[TCP].payload)
+
+
+def test_a_link_whose_super_frames_exceed_64k_is_named_at_start(ns):
+    """BIG TCP (gso/gro_max_size above 64 KB): an IPv4 super-frame that large has no
+    total length; the port refuses to start and says what to set."""
+    netns.run(ns, ["ip", "link", "set", "dev", "a", "gso_max_size", "131072", "gro_max_size", "131072"])
+    with netns.entered(ns), pytest.raises(packet_mmap.PacketMmapError, match=r"a: gso_max_size 131072.*BIG TCP"):
+        packet_mmap.PacketMmapPort("a")
+    with netns.entered(ns):
+        packet_mmap.PacketMmapPort("a", vnet=False).close()  # per-frame: nothing to refuse
+
+
+def test_one_port_per_receive_queue_of_a_multi_queue_link():
+    """A veth with 4 queues between two namespaces; the sender's flows spread over its
+    transmit queues (the flow hash of each socket), each arriving on the peer's receive
+    queue of that number: one port per queue gets its queue's frames only, and together
+    they get every frame once (RSS being the switch)."""
+    import socket
+    import time
+
+    tx_ns, rx_ns = f"hn-t{os.getpid()}-ioqa", f"hn-t{os.getpid()}-ioqb"
+    for n in (tx_ns, rx_ns):
+        pr_netns.create(n)
+    try:
+        for n in (tx_ns, rx_ns):
+            netns.sysctl(n, "net.ipv6.conf.all.disable_ipv6", 1)
+            netns.sysctl(n, "net.ipv6.conf.default.disable_ipv6", 1)
+        netns.run(tx_ns, ["ip", "link", "add", "name", "a", "numtxqueues", "4", "numrxqueues", "4", "type", "veth",
+                          "peer", "name", "b", "numtxqueues", "4", "numrxqueues", "4", "netns", rx_ns])
+        for ns_, n, ip in ((tx_ns, "a", "10.9.0.1/24"), (rx_ns, "b", "10.9.0.2/24")):
+            netns.run(ns_, ["ip", "addr", "add", ip, "dev", n])
+            netns.run(ns_, ["ip", "link", "set", "dev", n, "up"])
+        with netns.entered(rx_ns):
+            qs = [packet_mmap.PacketMmapPort("b", tx=False, queue=q, rx_frames=256) for q in range(4)]
+        try:
+            for sport in range(3000, 3200):
+                s = netns.ns_socket(tx_ns, socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind(("10.9.0.1", sport))
+                s.sendto(b"q", ("10.9.0.2", 9))
+                s.close()
+                if sport == 3000:
+                    time.sleep(0.1)  # the first one waits for ARP
+            time.sleep(0.2)
+            got = []
+            for p in qs:
+                fs = [Ether(f) for f in recv_all(p, 400, tries=30)]
+                got.append(sorted(e[UDP].sport for e in fs if UDP in e and e[UDP].dport == 9))
+            assert sorted(x for g in got for x in g) == list(range(3000, 3200))  # each once
+            assert all(len(g) >= 10 for g in got), [len(g) for g in got]  # every queue used
+        finally:
+            for p in qs:
+                p.close()
+    finally:
+        for n in (tx_ns, rx_ns):
+            pr_netns.remove(n)
+
+
+def test_a_frame_longer_than_the_link_without_a_gso_request_is_counted(ns):
+    """A super-frame that left its batch as a copy (the slow path) has no GSO request
+    any more: longer than the link's MTU, it is counted as too big, not sent."""
+    a, b = ports(ns)
+    with a, b:
+        pkt, batch = _super_frame(3000, 1000)
+        plain = Batch.from_frames(batch.frames())  # the copy: checksum finished, no metadata
+        assert a.send(plain, np.arange(1)) == 0
+        assert a.stats()["tx_too_big"] == 1
+        assert a.send(batch, np.arange(1)) == 1  # with its GSO request it goes

@@ -122,7 +122,7 @@ def _open(ns, backend):
                 opened.append(AfXdpPort("fout", frames=512, ring_size=64))
             else:
                 opened.append(packet_mmap.PacketMmapPort("fin"))
-                opened.append(packet_mmap.PacketMmapPort("fout", tx_frames=64))
+                opened.append(packet_mmap.PacketMmapPort("fout", tx_frames=64, qdisc_bypass=True))
             opened.append(packet_mmap.PacketMmapPort("dst", tx=False))
     except BaseException:
         for p in opened:

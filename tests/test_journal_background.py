@@ -118,5 +118,5 @@ def test_worker_fsyncs_on_its_thread_only_for_blocks_not_reserved(tmp_path, monk
     fs.gate.set()
     w.journal.wait()
     assert not rb._reserving and rb._prejournaled  # the refill joined the reserve once on disk
-    assert not (rb._prejournaled & set(rb._blocks))
+    assert not (rb._prejournaled & set(rb.blocks))
     w.close()

@@ -208,7 +208,7 @@ def test_worker_checkpoints_past_the_bound_and_restarts_from_it(tmp_path):
     assert w.journal.checkpoints >= 2
     keep = new_hosts(w, i, o, 0x0A000F00, 3)
     w.journal.wait()
-    in_use = set(w.rules._blocks)
+    in_use = set(w.rules.blocks)
     assert set(keep.values()) <= in_use
     assert journal_bytes(d) < 3 * 4096 + w.journal.checkpoint_bytes
     w.close()  # crash
@@ -390,7 +390,7 @@ def test_a_burst_beyond_the_reserve_costs_log2_fsyncs_not_one_per_block():
     for i in range(n):
         k[i] = (0x0A000100 + i, R1, 40000, 53, UDP, layout.KIND_PLAIN, 0, 0)
     d = rb.handle_misses(OUT, np.full(n, VERDICT["miss_out"], np.uint8), k, 10)
-    assert (d.action == ACT_REPLAY).all() and len(rb._blocks) == n  # one block per new host
-    assert set(rb._blocks) <= j.durable and len(j.lazy) == n
+    assert (d.action == ACT_REPLAY).all() and len(rb.blocks) == n  # one block per new host
+    assert set(rb.blocks) <= j.durable and len(j.lazy) == n
     per_address = n // 4  # 198.18.0.0/30
     assert j.commits <= 4 * ((per_address // rb.reserve_per_address).bit_length() + 1) < n // 10

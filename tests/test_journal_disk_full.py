@@ -103,7 +103,7 @@ def test_full_disk_refuses_new_blocks_keeps_established_flows(tiny_disk, caplog)
     os.unlink(filler)
     p = flow(0x0A000300)
     assert p is not None
-    in_use = set(w.rules._blocks)
+    in_use = set(w.rules.blocks)
     w.close()  # a crash: every block in use is quarantined at the restart
     w2 = NicWorker(cfg, 0, MemoryPort("in0"), MemoryPort("out0"), state_dir=str(state), standalone=True)
     assert in_use <= set(w2.rules._qblocks)

@@ -26,7 +26,8 @@ def _backends():
 
 @pytest.fixture(params=_backends())
 def noop_lab(request):
-    topo = Topology(tag=f"t{os.getpid()}n{request.param[0]}", nics=2, mode="noop")
+    topo = Topology(tag=f"t{os.getpid()}n{request.param[0]}", nics=2, mode="noop",
+                    offloads=request.param != "af_xdp")  # AF_XDP is per-frame
     try:
         topo.up()
         stats = noop.start_in_lab(topo, backend=request.param)

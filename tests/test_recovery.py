@@ -101,19 +101,22 @@ def check_consistency(rb):
     """Every bit set in a block is a live mapping, an endpoint waiting for reuse, a held
     one, or reserved by a recovery; tables hold exactly the live sessions."""
     bits = set()
-    for g, b in rb._blocks.items():
+    bl = rb.blocks
+    for g in bl.ids():
+        size = bl.span(g)[2]
         for pi in range(3):
-            assert bin(b.used[pi]).count("1") == b.n_used[pi]
-            bits |= {(g, pi, off) for off in range(b.size) if b.used[pi] >> off & 1}
-        assert b.n_total == sum(b.n_used) > 0
-    live = {(m.block.id, PIDX[m.proto], m.eport - m.block.lo) for m in rb._by_ext.values()}
+            used = bl.used_mask(g, pi)
+            assert bin(used).count("1") == bl.n_used(g, pi)
+            bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
+        assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
+    live = {(m.block, PIDX[m.proto], m.eport - bl.lo(m.block)) for m in rb._by_ext.values()}
     waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
     reserved = {(g, pi, off) for g, (_, ms) in rb._reserved.items() for pi in range(3)
                 for off in range(rb._bs) if ms[pi] >> off & 1}  # fmt: skip
     assert not live & waiting and not live & reserved and not waiting & reserved
     assert bits == live | waiting | reserved
     assert len(rb.out) == len(rb.inn) == rb._n_sessions == sum(len(m.remotes) for m in rb._by_ext.values())
-    assert not set(rb._qblocks) & set(rb._blocks)  # a quarantined block is nobody's
+    assert not set(rb._qblocks) & set(rb.blocks)  # a quarantined block is nobody's
 
 
 def build_before(cfg, n_hosts=3, per_host=5, seed=1):
@@ -137,7 +140,7 @@ def test_reported_sessions_come_back_with_their_endpoints(mapping):
     assert len(recs) == 30
     recs["last_seen"] = 40
     rb = crash(before, journal)
-    assert rb.stats()["blocks_quarantined"] == len(before._blocks)
+    assert rb.stats()["blocks_quarantined"] == len(before.blocks)
     ok = rb.recover_sessions(recs, 50)
     assert ok.all()
     for r in recs:
@@ -147,7 +150,7 @@ def test_reported_sessions_come_back_with_their_endpoints(mapping):
     assert len(rb.out) == len(rb.inn) == 30
     c = rb.counters_dict()
     assert c["recovered_sessions"] == 30 and c["recovered_mappings"] == 30
-    assert c["recovered_blocks"] == len(before._blocks)
+    assert c["recovered_blocks"] == len(before.blocks)
     assert rb.stats()["blocks_quarantined"] == 0  # every journaled block had a rule reported
     check_consistency(rb)
     # the holder's last_seen was merged: the sessions expire from there, not from `now`
@@ -202,7 +205,7 @@ def test_journal_host_mismatch_and_conflicts_are_refused_and_counted(caplog):
         assert not rb.recover_sessions(forged, 50).any()
     assert rb.counters_dict()["recovery_lost_host_mismatch"] == 1
     assert "recovery_lost_host_mismatch" in caplog.text
-    assert rb.stats()["blocks_quarantined"] == len(before._blocks) and len(rb.out) == 0
+    assert rb.stats()["blocks_quarantined"] == len(before.blocks) and len(rb.out) == 0
     # 2. EIM: the internal endpoint of a lost session spoke again before any report
     r0 = recs[recs["iaddr"] == hosts[0]][0]
     p, h, sp = int(r0["proto"]), int(r0["iaddr"]), int(r0["iport"])
@@ -216,7 +219,7 @@ def test_journal_host_mismatch_and_conflicts_are_refused_and_counted(caplog):
     # the refused one's endpoint is not handed to anyone before the quarantine's end
     assert rb.lookup_external(p, int(r0["eaddr"]), int(r0["eport"])) is None
     g = rb.part.block_of(int(r0["eaddr"]), int(r0["eport"]))
-    assert rb._blocks[g].used[PIDX[p]] >> (int(r0["eport"]) - rb._blocks[g].lo) & 1
+    assert rb.blocks.is_used(g, PIDX[p], int(r0["eport"]) - rb.blocks.lo(g))
     check_consistency(rb)
 
 
@@ -231,7 +234,7 @@ def test_reports_outside_a_quarantine_are_left_alone():
     assert not fresh.recover_sessions(recs, 50).any()
     assert fresh.counters_dict() == c0 and len(fresh.out) == 0
     # a builder that has a quarantine, but for other blocks: the same
-    fresh.quarantine_blocks([max(rb._blocks) + 1], QUARANTINE_END)
+    fresh.quarantine_blocks([max(rb.blocks) + 1], QUARANTINE_END)
     assert not fresh.recover_sessions(recs, 50).any() and len(fresh.out) == 0
 
 
@@ -302,7 +305,7 @@ def test_property_no_endpoint_of_the_crashed_nic_is_reused_early(seed, reported,
         rb.sweep(t, max_slots=1 << 20, max_expire=1 << 20, budget_us=1e12)
         rb.sweep(t, max_slots=1 << 20, max_expire=1 << 20, budget_us=1e12)
     check_consistency(rb)
-    assert len(rb.out) == 0 and not rb._blocks and not rb._hosts
+    assert len(rb.out) == 0 and not rb.blocks and not rb.hosts
 
 
 # ---------------------------------------------------------------------------------------

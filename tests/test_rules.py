@@ -786,10 +786,10 @@ def test_journal_group_commit():
     rb = make_rb(cfg, journal=j.append)
     hosts = hosts_of(rb, 3)
     miss(rb, OUT, [(TCP, h, 5000 + i, R1, 80) for h in hosts for i in range(6)], 10)
-    assert len(rb._blocks) == 6  # 3 hosts x 2 blocks ...
-    assert len(j.durable) == len({b.aidx for b in rb._blocks.values()}) < 6  # one commit per address
-    assert set(rb._blocks) <= {r["block"] for c in j.durable for r in c}
-    assert len(j.lazy) == 1 and sorted(r["block"] for r in j.lazy[0]) == sorted(rb._blocks)
+    assert len(rb.blocks) == 6  # 3 hosts x 2 blocks ...
+    assert len(j.durable) == len({rb.blocks.aidx(g) for g in rb.blocks}) < 6  # one commit per address
+    assert set(rb.blocks) <= {r["block"] for c in j.durable for r in c}
+    assert len(j.lazy) == 1 and sorted(r["block"] for r in j.lazy[0]) == sorted(rb.blocks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -809,12 +809,15 @@ def check_consistency(rb):
     """Every bit set in a block is a live mapping, an endpoint waiting out its reuse
     delay or a held one; tables hold exactly the live sessions; counters add up."""
     bits = set()
-    for g, b in rb._blocks.items():
+    bl = rb.blocks
+    for g in bl.ids():
+        size = bl.span(g)[2]
         for pi in range(3):
-            assert bin(b.used[pi]).count("1") == b.n_used[pi]
-            bits |= {(g, pi, off) for off in range(b.size) if b.used[pi] >> off & 1}
-        assert b.n_total == sum(b.n_used) > 0
-    live = {(m.block.id, {6: 0, 17: 1, 1: 2}[m.proto], m.eport - m.block.lo) for m in rb._by_ext.values()}
+            used = bl.used_mask(g, pi)
+            assert bin(used).count("1") == bl.n_used(g, pi)
+            bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
+        assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
+    live = {(m.block, {6: 0, 17: 1, 1: 2}[m.proto], m.eport - bl.lo(m.block)) for m in rb._by_ext.values()}
     waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
     assert not live & waiting
     assert bits == live | waiting
@@ -867,7 +870,7 @@ def test_bookkeeping_matches_tables(ops, mapping, filtering):
     sweep_all(rb, now + 10_000)
     sweep_all(rb, now + 20_000)
     check_consistency(rb)
-    assert len(rb.out) == 0 and not rb._blocks and not rb._hosts and rb.utilisation() == 0.0
+    assert len(rb.out) == 0 and not rb.blocks and not rb.hosts and rb.utilisation() == 0.0
 
 
 @pytest.mark.parametrize("mapping", ["endpoint-independent", "address-and-port-dependent"])

@@ -807,7 +807,7 @@ def test_reserve_blocks_refills_at_half_and_only_free_blocks(tmp_path):
     used = {w.partition.block_of(f.src, f.sport) for f in map(parse_frame, outside.take_tx())}
     assert used <= first  # every new block had been journaled ahead
     rb.reserve_blocks()
-    assert not (rb._prejournaled & set(rb._blocks))
+    assert not (rb._prejournaled & set(rb.blocks))
     on_disk = {int(r["block"]) for r in w.journal.records() if r.get("op") == "reserve"}
     assert rb._prejournaled <= on_disk
     w.close()

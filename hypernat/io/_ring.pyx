@@ -38,7 +38,7 @@ kernel left unfinished (``TP_STATUS_CSUMNOTREADY``: checksum offload on a link w
 serve; the lab turns offloads off).
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove, memset
 from libc.errno cimport errno
 
 import numpy as np
@@ -63,11 +63,14 @@ cdef extern from *:
         uint32_t tp_snaplen
         uint16_t tp_mac
         uint16_t tp_net
+        uint16_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
     unsigned int hn_status_load(void *p) nogil
     void hn_status_store(void *p, unsigned int v) nogil
     int HN_TPACKET2_DATA_OFF
     int TP_STATUS_KERNEL, TP_STATUS_USER, TP_STATUS_COPY, TP_STATUS_LOSING, TP_STATUS_CSUMNOTREADY
-    int TP_STATUS_VLAN_VALID
+    int TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID
+    int PACKET_VNET_HDR
     int TP_STATUS_AVAILABLE, TP_STATUS_SEND_REQUEST, TP_STATUS_SENDING, TP_STATUS_WRONG_FORMAT
     int SOL_PACKET, TPACKET_V2, TPACKET2_HDRLEN
     int PACKET_RX_RING, PACKET_TX_RING, PACKET_VERSION, PACKET_QDISC_BYPASS, PACKET_IGNORE_OUTGOING
@@ -81,42 +84,176 @@ CONST = dict(
     SOL_PACKET=SOL_PACKET, TPACKET_V2=TPACKET_V2, TPACKET2_HDRLEN=TPACKET2_HDRLEN,
     PACKET_RX_RING=PACKET_RX_RING, PACKET_TX_RING=PACKET_TX_RING, PACKET_VERSION=PACKET_VERSION,
     PACKET_QDISC_BYPASS=PACKET_QDISC_BYPASS, PACKET_IGNORE_OUTGOING=PACKET_IGNORE_OUTGOING,
-    PACKET_LOSS=PACKET_LOSS, PACKET_STATISTICS=PACKET_STATISTICS,
+    PACKET_LOSS=PACKET_LOSS, PACKET_STATISTICS=PACKET_STATISTICS, PACKET_VNET_HDR=PACKET_VNET_HDR,
     TP_STATUS_KERNEL=TP_STATUS_KERNEL, TP_STATUS_USER=TP_STATUS_USER, TP_STATUS_AVAILABLE=TP_STATUS_AVAILABLE,
     TP_STATUS_SEND_REQUEST=TP_STATUS_SEND_REQUEST, TP_STATUS_WRONG_FORMAT=TP_STATUS_WRONG_FORMAT,
     DATA_OFF=HN_TPACKET2_DATA_OFF,
 )
 
 
+# virtio_net_hdr (include/uapi/linux/virtio_net.h): the kernel's word on a frame's
+# checksum and segmentation, 10 bytes just before the frame with PACKET_VNET_HDR.
+cdef enum:
+    VNET_LEN = 10
+    VNET_F_NEEDS_CSUM = 1
+    VNET_F_DATA_VALID = 2
+    GSO_NONE = 0
+    GSO_TCPV4 = 1
+    GSO_UDP = 3
+    GSO_TCPV6 = 4
+    GSO_UDP_L4 = 5
+    GSO_ECN = 0x80
+VNET_HDR_LEN = VNET_LEN
+
+
+
+cdef inline uint32_t ld16le(const uint8_t *q) noexcept nogil:
+    return q[0] | (<uint32_t>q[1] << 8)
+
+
+cdef inline void st16le(uint8_t *q, uint32_t v) noexcept nogil:
+    q[0] = v & 0xFF
+    q[1] = (v >> 8) & 0xFF
+
+
+cdef inline uint32_t ld16be(const uint8_t *q) noexcept nogil:
+    return (<uint32_t>q[0] << 8) | q[1]
+
+
+cdef int check_vnet(uint8_t *f, uint32_t ln, uint8_t *m) noexcept nogil:
+    """Is the virtio_net_hdr `m` consistent with frame `f` (`ln` bytes)?  0 if so, 1 for a
+    bad GSO request, 2 for a bad checksum request.  For IPv4 the partial checksum must
+    be the TCP or UDP checksum of the frame's own L4 header; other frames (IPv6, ARP)
+    only need their offsets inside the frame: the fast path does not translate them."""
+    cdef uint32_t flags = m[0], gso = m[1] & ~GSO_ECN
+    cdef uint32_t start = ld16le(m + 6), off = ld16le(m + 8)
+    cdef uint32_t et, l3 = 14, ihl, proto = 0, l4 = 0
+    if ln < 14:
+        return 1 if gso != GSO_NONE else (2 if flags & VNET_F_NEEDS_CSUM else 0)
+    et = ld16be(f + 12)
+    if et == 0x8100 and ln >= 18:
+        et = ld16be(f + 16)
+        l3 = 18
+    if et == 0x0800:
+        if ln < l3 + 20:
+            return 2
+        ihl = (f[l3] & 0x0F) * 4
+        proto = f[l3 + 9]
+        l4 = l3 + ihl
+        if ihl < 20 or l4 + 8 > ln:
+            return 2
+    if gso != GSO_NONE:
+        if ld16le(m + 4) == 0 or not (flags & VNET_F_NEEDS_CSUM):
+            return 1
+        if et == 0x0800:
+            if not ((gso == GSO_TCPV4 and proto == 6) or ((gso == GSO_UDP or gso == GSO_UDP_L4) and proto == 17)):
+                return 1
+        elif et == 0x86DD:
+            if gso != GSO_TCPV6 and gso != GSO_UDP_L4 and gso != GSO_UDP:
+                return 1
+        else:
+            return 1
+    if flags & VNET_F_NEEDS_CSUM:
+        if <uint64_t>start + off + 2 > ln:
+            return 2
+        if et == 0x0800 and not (start == l4 and ((proto == 6 and off == 16) or (proto == 17 and off == 6))):
+            return 2
+    return 0
+
+
+cdef void complete_csum(uint8_t *f, uint32_t ln, const uint8_t *m) noexcept nogil:
+    """Finish a partial checksum as the device would: the one's-complement sum from
+    csum_start to the end of the IPv4 datagram (the field holds the pseudo-header sum),
+    complemented, into csum_start + csum_offset.  Checked by ``check_vnet`` first."""
+    cdef uint32_t start = ld16le(m + 6), off = ld16le(m + 8)
+    cdef uint32_t l3 = 18 if ld16be(f + 12) == 0x8100 else 14
+    cdef uint32_t end = l3 + ld16be(f + l3 + 2)
+    cdef uint64_t s = 0
+    cdef uint32_t i
+    if end > ln or end < start:
+        end = ln
+    i = start
+    while i + 1 < end:
+        s += (<uint32_t>f[i] << 8) | f[i + 1]
+        i += 2
+    if i < end:
+        s += <uint32_t>f[i] << 8
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = ~s & 0xFFFF
+    if s == 0 and f[l3 + 9] == 17:
+        s = 0xFFFF                      # UDP: a computed zero is sent as all ones
+    f[start + off] = <uint8_t>(s >> 8)
+    f[start + off + 1] = <uint8_t>(s & 0xFF)
+
+
 cdef class RxRing:
-    """The receive ring of one socket: hands out runs of frames, takes them back."""
+    """The receive ring of one socket: hands out runs of frames, takes them back.
+
+    ``vnet``: the socket has PACKET_VNET_HDR (each frame comes with its
+    virtio_net_hdr: super-frames and partial checksums).  ``vlans``: the VLAN IDs this
+    port serves; a frame whose tag the kernel took off gets it back in place (the
+    ring frame has headroom before the Ethernet header), a tag not served is a drop."""
 
     cdef uint8_t *base
     cdef object mem  # keeps the mapping alive while we point into it
     cdef readonly uint32_t frame_size, frame_nr, head, outstanding
-    cdef readonly uint64_t frames, bytes, truncated, csum_partial, vlan_seen, losing_seen
+    cdef readonly bint vnet
+    cdef uint8_t vlan_ok[512]
+    cdef readonly uint64_t frames, bytes, truncated, csum_partial, vlan_unconfigured, vlan_restored, losing_seen
+    cdef readonly uint64_t vnet_bad_gso, vnet_bad_csum, csum_completed, super_frames, vlan_missing
+    cdef bint vlan_port
 
-    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr):
+    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False,
+                  vlans=()):
         if frame_size < 64 or frame_size % 16 or <uint64_t>frame_size * frame_nr > <uint64_t>mem.shape[0]:
             raise ValueError(f"ring of {frame_nr} x {frame_size} does not fit a mapping of {mem.shape[0]} bytes")
         self.mem = mem
         self.base = &mem[0]
         self.frame_size = frame_size
         self.frame_nr = frame_nr
+        self.vnet = vnet
+        memset(self.vlan_ok, 0, sizeof(self.vlan_ok))
+        for v in vlans:
+            self.vlan_port = True
+            if not 1 <= v <= 4094:
+                raise ValueError(f"VLAN ID {v!r} is outside 1-4094")
+            self.vlan_ok[v >> 3] |= 1 << (v & 7)
 
-    def walk(self, uint32_t[::1] offsets not None, uint32_t[::1] lengths not None, uint32_t max_frames):
+    def walk(self, uint32_t[::1] offsets not None, uint32_t[::1] lengths not None, uint32_t max_frames,
+             uint8_t[::1] meta=None, uint8_t[::1] partial=None):
         """Collect up to `max_frames` ready frames: fills offsets/lengths (offset into
         the mapping of each frame's Ethernet header) and returns ``(start, taken, n)``:
         `taken` ring frames from index `start` are now ours (give them back with
-        ``release(start, taken)``), `n` of them are in offsets/lengths."""
+        ``release(start, taken)``), `n` of them are in offsets/lengths.
+
+        On a ``vnet`` ring, `meta` (10 bytes a frame, META_DTYPE) gets each frame's
+        virtio_net_hdr and `partial` a 1 where the frame is left with a partial
+        checksum (a super-frame: its L4 checksum field holds the pseudo-header sum).
+        A partial frame that is not a super-frame has its checksum completed here."""
         cdef uint32_t n = 0, taken = 0, start = self.head, limit
-        cdef uint32_t status
+        cdef uint32_t status, mac, snap, vid, tpid, bad, x
         cdef tpacket2_hdr *h
         cdef uint8_t *frame
+        cdef uint8_t *f
+        cdef uint8_t *m = NULL
+        cdef uint8_t *pp = NULL
+        cdef uint8_t scratch[VNET_LEN]
         if max_frames > <uint32_t>offsets.shape[0]:
             max_frames = <uint32_t>offsets.shape[0]
         if max_frames > <uint32_t>lengths.shape[0]:
             max_frames = <uint32_t>lengths.shape[0]
+        if self.vnet:
+            if meta is None or partial is None:
+                raise ValueError("a vnet ring needs meta and partial arrays")
+            if max_frames > <uint32_t>(meta.shape[0] // VNET_LEN):
+                max_frames = <uint32_t>(meta.shape[0] // VNET_LEN)
+            if max_frames > <uint32_t>partial.shape[0]:
+                max_frames = <uint32_t>partial.shape[0]
+            if max_frames:
+                m = &meta[0]
+                pp = &partial[0]
         limit = self.frame_nr - self.outstanding
         with nogil:
             while n < max_frames and taken < limit:
@@ -131,17 +268,68 @@ cdef class RxRing:
                     self.head = 0
                 if status & TP_STATUS_LOSING:
                     self.losing_seen += 1
+                mac = h.tp_mac
+                snap = h.tp_snaplen
+                if snap < h.tp_len or <uint64_t>mac + snap > self.frame_size or snap < 14:
+                    self.truncated += 1         # longer than a ring frame (or a runt)
+                    continue
+                if self.vnet:
+                    if mac < VNET_LEN:
+                        self.truncated += 1
+                        continue
+                    memcpy(scratch, frame + mac - VNET_LEN, VNET_LEN)   # before a tag may cover it
+                elif status & TP_STATUS_CSUMNOTREADY:
+                    self.csum_partial += 1      # no virtio_net_hdr: where the checksum starts is unknown
+                    continue
                 if status & TP_STATUS_VLAN_VALID:
-                    self.vlan_seen += 1
-                if h.tp_snaplen < h.tp_len or <uint32_t>h.tp_mac + h.tp_snaplen > self.frame_size:
-                    self.truncated += 1
+                    vid = h.tp_vlan_tci & 0x0FFF
+                    if not (self.vlan_ok[vid >> 3] & (1 << (vid & 7))) or mac < TPACKET2_HDRLEN + 4:
+                        self.vlan_unconfigured += 1     # never forwarded untagged
+                        continue
+                    # The kernel took the tag off (keeping it in tp_vlan_tci): put it back,
+                    # the MAC addresses moved 4 bytes into the headroom.
+                    tpid = h.tp_vlan_tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100
+                    if tpid == 0:
+                        tpid = 0x8100
+                    f = frame + mac - 4
+                    memmove(f, f + 4, 12)
+                    f[12] = <uint8_t>(tpid >> 8)
+                    f[13] = <uint8_t>(tpid & 0xFF)
+                    f[14] = <uint8_t>(h.tp_vlan_tci >> 8)
+                    f[15] = <uint8_t>(h.tp_vlan_tci & 0xFF)
+                    mac -= 4
+                    snap += 4
+                    self.vlan_restored += 1
+                    if self.vnet and scratch[0] & VNET_F_NEEDS_CSUM:
+                        st16le(scratch + 6, ld16le(scratch + 6) + 4)
+                        x = ld16le(scratch + 2)
+                        if x:
+                            st16le(scratch + 2, x + 4)
+                elif self.vlan_port:
+                    self.vlan_missing += 1      # untagged on a VLAN port: not this segment's
                     continue
-                if status & TP_STATUS_CSUMNOTREADY:
-                    self.csum_partial += 1
-                    continue
-                offsets[n] = <uint32_t>((<uint64_t>(frame - self.base)) + h.tp_mac)
-                lengths[n] = h.tp_snaplen
-                self.bytes += h.tp_snaplen
+                f = frame + mac
+                if self.vnet:
+                    pp[n] = 0
+                    if scratch[0] & VNET_F_NEEDS_CSUM or scratch[1] != GSO_NONE:
+                        bad = check_vnet(f, snap, scratch)
+                        if bad == 1:
+                            self.vnet_bad_gso += 1
+                            continue
+                        if bad == 2:
+                            self.vnet_bad_csum += 1
+                            continue
+                        if scratch[1] != GSO_NONE:
+                            pp[n] = 1
+                            self.super_frames += 1
+                        elif scratch[0] & VNET_F_NEEDS_CSUM:
+                            complete_csum(f, snap, scratch)
+                            scratch[0] = (scratch[0] & ~VNET_F_NEEDS_CSUM) | VNET_F_DATA_VALID
+                            self.csum_completed += 1
+                    memcpy(m + <uint64_t>n * VNET_LEN, scratch, VNET_LEN)
+                offsets[n] = <uint32_t>((<uint64_t>(frame - self.base)) + mac)
+                lengths[n] = snap
+                self.bytes += snap
                 n += 1
             self.frames += n
             self.outstanding += taken
@@ -166,7 +354,11 @@ cdef class RxRing:
 
     def counters(self):
         return {"rx_frames": self.frames, "rx_bytes": self.bytes, "rx_truncated": self.truncated,
-                "rx_csum_partial": self.csum_partial, "rx_vlan_stripped": self.vlan_seen,
+                "rx_csum_partial": self.csum_partial, "rx_vlan_unconfigured": self.vlan_unconfigured,
+                "rx_vlan_restored": self.vlan_restored, "rx_vlan_missing": self.vlan_missing,
+                "rx_vnet_bad_gso": self.vnet_bad_gso,
+                "rx_vnet_bad_csum": self.vnet_bad_csum, "rx_csum_completed": self.csum_completed,
+                "rx_super_frames": self.super_frames,
                 "rx_losing_seen": self.losing_seen, "rx_outstanding": self.outstanding}
 
     def release_mem(self):
@@ -175,24 +367,35 @@ cdef class RxRing:
 
 
 cdef class TxRing:
-    """The transmit ring of one socket: copies frames in, asks the kernel to send them."""
+    """The transmit ring of one socket: copies frames in, asks the kernel to send them.
+
+    ``vnet``: the socket has PACKET_VNET_HDR: each frame goes out behind a
+    virtio_net_hdr (from the batch's ``meta``, zero where it has none), so a
+    super-frame is segmented by the kernel (or the NIC) and a partial checksum is
+    finished there."""
 
     cdef uint8_t *base
     cdef object mem
     cdef readonly uint32_t frame_size, frame_nr, head, max_len
+    cdef readonly bint vnet
     cdef readonly uint32_t tail, sent, queued, unsent  # see the module's docstring
     cdef readonly uint64_t frames, bytes, ring_full, too_big, out_of_buffer, kick_errors, kicks, refused
+    cdef readonly uint64_t super_frames
     cdef uint8_t macs[12]
     cdef bint rewrite_macs
+    cdef readonly int vlan_mode      # 0: frames leave as they are; 1: untagged; 2: tagged tx_tci
+    cdef readonly uint32_t max_plain  # longest frame sent without GSO (0: max_len); longer: too_big
+    cdef readonly uint16_t tx_tci
 
-    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr):
+    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False):
         if frame_size < 128 or frame_size % 16 or <uint64_t>frame_size * frame_nr > <uint64_t>mem.shape[0]:
             raise ValueError(f"ring of {frame_nr} x {frame_size} does not fit a mapping of {mem.shape[0]} bytes")
         self.mem = mem
         self.base = &mem[0]
         self.frame_size = frame_size
         self.frame_nr = frame_nr
-        self.max_len = frame_size - HN_TPACKET2_DATA_OFF
+        self.vnet = vnet
+        self.max_len = frame_size - HN_TPACKET2_DATA_OFF - (VNET_LEN if vnet else 0)
 
     def set_macs(self, src=None, dst=None):
         """Rewrite source and destination MAC of every frame sent (None: leave them)."""
@@ -206,19 +409,50 @@ cdef class TxRing:
         memcpy(self.macs, <const char *>both, 12)
         self.rewrite_macs = True
 
+    def set_max_plain(self, uint32_t n):
+        """The longest frame the link takes without segmentation (MTU + Ethernet + a tag):
+        a longer one without a GSO request (a super-frame copied out of its batch, say)
+        is counted as too big here instead of vanishing in the kernel (0: no limit)."""
+        self.max_plain = n
+
+    def set_vlan(self, tci):
+        """The 802.1Q tag of the link this ring sends on, written into every frame sent
+        (a router's egress: the tag belongs to the port, not to the frame): ``None``
+        leaves frames as they are, ``0`` sends them untagged (a tag is taken out), a
+        TCI (VLAN ID in the low 12 bits, priority above) sends them with that tag."""
+        if tci is None:
+            self.vlan_mode = 0
+            return
+        if not 0 <= tci <= 0xFFFF:
+            raise ValueError(f"802.1Q TCI {tci!r} out of range")
+        self.vlan_mode = 2 if tci else 1
+        self.tx_tci = tci
+
     def fill(self, const uint8_t[::1] buf not None, const uint32_t[::1] offsets not None,
-             const uint32_t[::1] lengths not None, const int64_t[::1] idx not None):
+             const uint32_t[::1] lengths not None, const int64_t[::1] idx not None,
+             const uint8_t[::1] meta=None):
         """Copy frames `idx` of a batch into the ring; returns how many were queued.
         A frame that does not fit a ring frame, lies outside `buf`, or finds the ring
-        full is not sent and is counted."""
+        full is not sent and is counted.  `meta`: the batch's virtio_net_hdr records
+        (META_DTYPE viewed as bytes), used on a ``vnet`` ring."""
         cdef Py_ssize_t k, n = idx.shape[0], nframes = offsets.shape[0]
         cdef uint64_t buflen = buf.shape[0]
         cdef int64_t i
-        cdef uint32_t off, ln, queued = 0
+        cdef uint32_t off, ln, queued = 0, data = HN_TPACKET2_DATA_OFF, vlen = 0
         cdef uint8_t *frame
         cdef const uint8_t *src = &buf[0] if buflen else NULL
+        cdef const uint8_t *m = NULL
+        cdef Py_ssize_t nmeta = 0
+        cdef uint32_t et, skip, add, out_len
+        cdef uint8_t *vh
         if lengths.shape[0] < nframes:
             nframes = lengths.shape[0]
+        if self.vnet:
+            vlen = VNET_LEN
+            data += VNET_LEN
+            if meta is not None and meta.shape[0] >= VNET_LEN:
+                m = &meta[0]
+                nmeta = meta.shape[0] // VNET_LEN
         with nogil:
             for k in range(n):
                 i = idx[k]
@@ -230,7 +464,17 @@ cdef class TxRing:
                 if ln < 14 or <uint64_t>off + ln > buflen:
                     self.out_of_buffer += 1
                     continue
-                if ln > self.max_len:
+                # 802.1Q on egress: `skip` bytes of the frame's own tag out, `add` of ours in.
+                skip = add = 0
+                if self.vlan_mode:
+                    et = (<uint32_t>src[off + 12] << 8) | src[off + 13]
+                    if (et == 0x8100 or et == 0x88A8) and ln >= 18:
+                        skip = 4
+                    if self.vlan_mode == 2:
+                        add = 4
+                out_len = ln - skip + add
+                if out_len > self.max_len or (self.max_plain and out_len > self.max_plain and (
+                        i >= nmeta or m[i * VNET_LEN + 1] == GSO_NONE)):
                     self.too_big += 1
                     continue
                 if self.queued == self.frame_nr:
@@ -239,10 +483,36 @@ cdef class TxRing:
                         self.ring_full += n - k
                         break
                 frame = self.base + <uint64_t>self.head * self.frame_size
-                memcpy(frame + HN_TPACKET2_DATA_OFF, src + off, ln)
+                if vlen:
+                    if i < nmeta:
+                        memcpy(frame + HN_TPACKET2_DATA_OFF, m + i * VNET_LEN, VNET_LEN)
+                        if m[i * VNET_LEN + 1] != GSO_NONE:
+                            self.super_frames += 1
+                    else:
+                        memset(frame + HN_TPACKET2_DATA_OFF, 0, VNET_LEN)
+                if skip == add:
+                    memcpy(frame + data, src + off, ln)
+                    if add:
+                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
+                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
+                else:
+                    memcpy(frame + data, src + off, 12)
+                    if add:
+                        frame[data + 12] = 0x81
+                        frame[data + 13] = 0x00
+                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
+                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
+                    memcpy(frame + data + 12 + add, src + off + 12 + skip, ln - 12 - skip)
+                    if vlen and i < nmeta:      # offsets into the frame moved with the tag
+                        vh = frame + HN_TPACKET2_DATA_OFF
+                        if vh[0] & VNET_F_NEEDS_CSUM:
+                            st16le(vh + 6, ld16le(vh + 6) + add - skip)
+                        if ld16le(vh + 2):
+                            st16le(vh + 2, ld16le(vh + 2) + add - skip)
                 if self.rewrite_macs:
-                    memcpy(frame + HN_TPACKET2_DATA_OFF, self.macs, 12)
-                (<tpacket2_hdr *>frame).tp_len = ln
+                    memcpy(frame + data, self.macs, 12)
+                ln = out_len
+                (<tpacket2_hdr *>frame).tp_len = ln + vlen
                 hn_status_store(frame, TP_STATUS_SEND_REQUEST)
                 self.queued += 1
                 self.unsent += 1
@@ -309,7 +579,7 @@ cdef class TxRing:
     def counters(self):
         return {"tx_frames": self.frames, "tx_bytes": self.bytes, "tx_ring_full": self.ring_full,
                 "tx_too_big": self.too_big, "tx_bad_frame": self.out_of_buffer, "tx_kicks": self.kicks,
-                "tx_refused": self.refused, "tx_kick_errors": self.kick_errors}
+                "tx_refused": self.refused, "tx_kick_errors": self.kick_errors, "tx_super_frames": self.super_frames}
 
     def release_mem(self):
         self.base = NULL

@@ -9,7 +9,12 @@ frames to send to the *other* port:
     inside.release(batch)   # rx frames go back to the ring only after send/copy
 
 A Batch may view a kernel ring directly (PACKET_MMAP, AF_XDP UMEM): frames are
-rewritten where they lie and copied once, into the transmit ring.  Backends:
+rewritten where they lie and copied once, into the transmit ring.  A backend that
+reads the kernel's per-frame metadata (PACKET_MMAP with PACKET_VNET_HDR) hands it
+over with the batch: ``meta`` (one ``virtio_net_hdr`` record per frame, META_DTYPE,
+as raw bytes) and ``partial`` (1 where the frame's L4 checksum field holds only the
+pseudo-header sum: a super-frame, finished by whoever segments it).  The fast path
+takes ``partial``; the transmit side writes ``meta`` back.  Backends:
 memory (tests, emulated deployment), packet_mmap (always), af_xdp (where libxdp is),
 pcap (offline).
 """
@@ -19,21 +24,60 @@ from itertools import accumulate
 
 import numpy as np
 
+# One virtio_net_hdr (include/uapi/linux/virtio_net.h), little-endian as the kernel
+# writes it for PACKET_VNET_HDR: the per-frame metadata of a Batch.
+META_DTYPE = np.dtype([("flags", np.uint8), ("gso_type", np.uint8), ("hdr_len", "<u2"),
+                       ("gso_size", "<u2"), ("csum_start", "<u2"), ("csum_offset", "<u2")])
+VNET_F_NEEDS_CSUM = 1
+VNET_F_DATA_VALID = 2
+GSO_NONE, GSO_TCPV4, GSO_UDP, GSO_TCPV6, GSO_UDP_L4, GSO_ECN = 0, 1, 3, 4, 5, 0x80
+
+
+def finish_checksum(frame: bytearray, csum_start: int, csum_offset: int) -> None:
+    """Do what checksum offload would: sum the frame from ``csum_start`` (the field at
+    ``csum_start + csum_offset`` holds the pseudo-header sum) and store the
+    complement there.  For frames leaving a batch as copies (the slow path)."""
+    end = len(frame)
+    if frame[12:14] == b"\x81\x00":
+        l3 = 18
+    else:
+        l3 = 14
+    if end >= l3 + 4 and frame[l3] >> 4 == 4:
+        end = min(end, l3 + int.from_bytes(frame[l3 + 2:l3 + 4], "big"))
+    if csum_start + csum_offset + 2 > end:
+        return
+    data = bytes(frame[csum_start:end]) + b"\0" * ((end - csum_start) & 1)
+    s = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    s = ~s & 0xFFFF
+    if s == 0 and frame[l3 + 9] == 17:
+        s = 0xFFFF
+    frame[csum_start + csum_offset:csum_start + csum_offset + 2] = s.to_bytes(2, "big")
+
 
 class Batch:
     """Frames stored in one uint8 buffer, frame i at buf[offsets[i]:offsets[i]+lengths[i]].
 
     Only the first `n` entries of offsets/lengths are valid.  `buf` is writable.
+    ``meta`` / ``partial``: the per-frame metadata (module docstring), or None.
     """
 
-    __slots__ = ("buf", "offsets", "lengths", "n", "token")
+    __slots__ = ("buf", "offsets", "lengths", "n", "token", "meta", "partial")
 
-    def __init__(self, buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, n: int, token=None):
+    def __init__(self, buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, n: int, token=None,
+                 meta=None, partial=None):
         self.buf = buf
         self.offsets = offsets
         self.lengths = lengths
         self.n = n
         self.token = token  # backend's handle for release()
+        self.meta = meta  # uint8, META_DTYPE.itemsize bytes a frame
+        self.partial = partial  # uint8, one a frame
+
+    def meta_records(self) -> np.ndarray | None:
+        """``meta`` as META_DTYPE records (a view), or None."""
+        return None if self.meta is None else self.meta[: self.n * META_DTYPE.itemsize].view(META_DTYPE)
 
     @classmethod
     def from_frames(cls, frames, capacity: int | None = None) -> "Batch":
@@ -71,7 +115,22 @@ class Batch:
         return self.buf[o : o + int(self.lengths[i])].tobytes()
 
     def frames(self, idx=None) -> list[bytes]:
-        """Copies of frames `idx` (all n when None), in that order."""
+        """Copies of frames `idx` (all n when None), in that order.  A copy leaves its
+        metadata behind: a partial checksum is finished in it (``finish_checksum``)."""
+        if idx is not None and not hasattr(idx, "__len__"):
+            idx = list(idx)
+        out = self._copies(idx)
+        if self.partial is not None and self.partial[: self.n].any():
+            ids = range(self.n) if idx is None else [int(i) for i in idx]
+            rec = self.meta_records()
+            for j, i in enumerate(ids):
+                if self.partial[i]:
+                    f = bytearray(out[j])
+                    finish_checksum(f, int(rec["csum_start"][i]), int(rec["csum_offset"][i]))
+                    out[j] = bytes(f)
+        return out
+
+    def _copies(self, idx) -> list[bytes]:
         if idx is None:
             idx = range(self.n)
         elif not hasattr(idx, "__len__"):

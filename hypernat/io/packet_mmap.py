@@ -22,8 +22,10 @@ Why these choices:
   wants ARP) and sets ``PACKET_IGNORE_OUTGOING`` so our own transmissions are not
   read back; the transmit socket is bound with protocol 0 so it receives nothing and
   costs the kernel no per-packet clone.
-* **Qdisc bypass** on transmit (``PACKET_QDISC_BYPASS``): frames go straight to the
-  driver; a full driver queue is a counted drop, as on a NIC.
+* **Qdisc bypass** on transmit (``PACKET_QDISC_BYPASS``) without ``vnet``: frames go
+  straight to the driver; a full driver queue is a counted drop, as on a NIC.  With
+  ``vnet`` the frames take the qdisc path: only there does the kernel segment a
+  super-frame in software for a link without TSO (the bypass drops it, ENOBUFS).
 * **A send buffer the size of the ring**: a frame sent is an skb charged to the
   socket until it is freed, possibly far downstream; the default budget would let only
   a few hundred frames be in flight.
@@ -36,15 +38,31 @@ Why these choices:
   arrives, so a direction recovers from back-pressure by itself; refusals are counted
   (``tx_refused``), and frames that find the ring full are dropped and counted
   (``tx_ring_full``).
+* **PACKET_VNET_HDR** on both rings (``vnet``, the default): every frame comes with
+  the kernel's ``virtio_net_hdr``, so offloads stay on.  A GRO-merged or TSO-built
+  super-frame (up to 64 KB) is translated once and sent back with its GSO type and
+  size (the kernel or the NIC segments it); its partial checksum stays partial (the
+  fast path updates the pseudo-header sum: docs/fastpath.md, "Partial checksums and
+  super-frames").  A partial frame that is not a super-frame has its checksum
+  finished on receive.  A ring frame must hold a whole super-frame: the frame size
+  follows the link's ``gso_max_size`` / ``gro_max_size`` (at most 64 KB), and the
+  ring's frame count a memory budget (``RX_RING_BYTES``, ``TX_RING_BYTES``).  A header inconsistent with
+  its frame is a counted drop (``rx_vnet_bad_gso``, ``rx_vnet_bad_csum``).
+* **VLANs**: the kernel takes the 802.1Q tag off every frame it receives (keeping it
+  in ``tp_vlan_tci``).  On a port configured for that VLAN (``vlans``, one per port)
+  the tag is put back in place; any other tagged frame is dropped and counted
+  (``rx_vlan_unconfigured``), never forwarded untagged.  On transmit the tag is the
+  port's, as on a router's egress: every frame sent on a VLAN port carries its tag,
+  every frame sent on a port without one leaves untagged.
 
 The kernel still delivers every frame to its own stack as well: the gateway's
-namespace must not forward them (ip_forward off; the lab does that).  Checksum
-offloads must be off on the links served (frames with an unfinished checksum are
-counted as ``rx_csum_partial`` and not forwarded), and frames longer than a ring
-frame (MTU above ~1900 with the default 2048-byte frames) as ``rx_truncated``.
+namespace must not forward them (ip_forward off; the lab does that).  Without
+``vnet``, frames with an unfinished checksum are counted as ``rx_csum_partial`` and
+not forwarded; frames longer than a ring frame are counted as ``rx_truncated``.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import socket
@@ -55,7 +73,7 @@ import numpy as np
 from .base import Batch, Port
 
 try:
-    from ._ring import CONST, RxRing, TxRing
+    from ._ring import CONST, VNET_HDR_LEN, RxRing, TxRing
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         f"hypernat.io._ring is not built ({exc}): `make build` or "
@@ -66,6 +84,76 @@ ETH_P_ALL = 0x0003
 SO_SNDBUFFORCE = 32
 SIOCGIFHWADDR = 0x8927
 PAGE = mmap.PAGESIZE
+# Memory for one ring of super-frame slots (rx_frames / tx_frames = None).  A TPACKET_V2
+# slot must hold a whole super-frame (~68 KB), so a ring of 64-byte frames is as deep as
+# its budget allows: measured (64-byte UDP, no-op forwarder, same run) 0.05 Mpps with a
+# 64 MB receive ring (~960 slots, the kernel drops what finds it full), 0.087-0.089 with
+# 256 MB (~3850), 0.07-0.096 with classic 2 KB slots.  Transmit rings drain at once.
+RX_RING_BYTES = 256 << 20
+TX_RING_BYTES = 64 << 20
+SLOT_OVERHEAD = 128  # tpacket2_hdr + sockaddr_ll + virtio_net_hdr + a restored 802.1Q tag, aligned
+MAX_SUPER_FRAME = 65536  # a larger gso/gro_max_size (BIG TCP) has no IPv4 total length to carry it
+
+
+def link_limits(ifname: str) -> dict:
+    """What the kernel may hand this interface's socket at once: its MTU and its
+    ``gso_max_size`` / ``gro_max_size`` (asked in the current namespace)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=ifname)
+        if not links:
+            raise PacketMmapError(19, f"no interface {ifname!r} in this namespace")
+        ln = links[0]
+        return {"mtu": ln.get_attr("IFLA_MTU") or 1500, "gso_max_size": ln.get_attr("IFLA_GSO_MAX_SIZE") or 0,
+                "gro_max_size": ln.get_attr("IFLA_GRO_MAX_SIZE") or 0}
+
+
+SO_ATTACH_FILTER = 26
+SKF_AD_QUEUE = -0x1000 + 24  # classic BPF ancillary load: skb->queue_mapping
+
+
+def queue_filter(ifname: str, queue: int) -> bytes:
+    """A classic BPF program (``struct sock_fprog`` payload) that keeps the frames of
+    receive queue `queue` only: one worker per queue of a multi-queue port, the NIC's
+    RSS (or the sending veth's queue choice) being the switch.  A NIC driver records
+    queue q as ``queue_mapping`` q + 1 (``skb_record_rx_queue``); veth, which has no
+    bus device, hands the sender's queue over as it is."""
+    import os
+
+    recorded = 1 if os.path.exists(f"/sys/class/net/{ifname}/device") else 0
+    return b"".join(struct.pack("HBBI", *i) for i in (
+        (0x20, 0, 0, SKF_AD_QUEUE & 0xFFFFFFFF),  # A = queue_mapping
+        (0x15, 0, 1, queue + recorded),           # A == q ? accept : drop
+        (0x06, 0, 0, 0xFFFFFFFF),
+        (0x06, 0, 0, 0)))
+
+
+def link_problem(ifname: str, limits: dict, vnet: bool) -> str | None:
+    """What this port needs from its link and does not get, in words (None: nothing).
+    Super-frames above 64 KB (BIG TCP's ``gso_max_size`` / ``gro_max_size``) carry no
+    IPv4 total length: neither a ring slot nor the fast path can take them."""
+    if not vnet:
+        return None
+    big = {k: limits[k] for k in ("gso_max_size", "gro_max_size") if limits.get(k, 0) > MAX_SUPER_FRAME}
+    if big:
+        have = ", ".join(f"{k} {v}" for k, v in big.items())
+        return (f"{ifname}: {have} above {MAX_SUPER_FRAME} (BIG TCP): IPv4 super-frames that large have no "
+                f"total length; `ip link set dev {ifname} gso_max_size {MAX_SUPER_FRAME} "
+                f"gro_max_size {MAX_SUPER_FRAME}`")
+    return None
+
+
+def slot_size(limits: dict, vnet: bool) -> int:
+    """The ring frame size for a link: a whole super-frame with vnet, an MTU frame
+    (at least the classic 2048 bytes) without."""
+    frame = limits["mtu"] + 14 + 4
+    if vnet:
+        frame = max(frame, min(MAX_SUPER_FRAME, max(limits["gso_max_size"], limits["gro_max_size"])) + 14 + 4)
+    size = max(2048, frame + SLOT_OVERHEAD)
+    if size <= 2048:
+        return 2048
+    return -(-size // PAGE) * PAGE  # whole pages: a block then holds whole frames
 
 
 class PacketMmapError(OSError):
@@ -97,12 +185,22 @@ class PacketMmapPort(Port):
     """One interface over PACKET_MMAP rings.  Create it inside the interface's network
     namespace (the sockets stay there).
 
-    ``rx_frames`` / ``tx_frames``: ring sizes in frames (rounded up to whole blocks);
-    ``frame_size``: bytes per ring frame (2048 holds a 1500-byte MTU frame)."""
+    ``rx_frames`` / ``tx_frames``: ring sizes in frames (rounded up to whole blocks;
+    None: as many as ``RX_RING_BYTES`` / ``TX_RING_BYTES`` hold, at most 4096); ``frame_size``: bytes per
+    ring frame (None: from the link, ``slot_size``; 2048 holds a 1500-byte MTU frame).
+    ``vnet``: PACKET_VNET_HDR on both rings (super-frames, partial checksums);
+    ``vlans``: the 802.1Q VLAN IDs this port carries; ``queue``: receive only what the
+    link puts on that receive queue (one worker per queue)."""
 
-    def __init__(self, ifname: str, rx_frames: int = 4096, tx_frames: int = 4096, frame_size: int = 2048,
-                 rx: bool = True, tx: bool = True, qdisc_bypass: bool = True):
+    def __init__(self, ifname: str, rx_frames: int | None = None, tx_frames: int | None = None,
+                 frame_size: int | None = None, rx: bool = True, tx: bool = True, qdisc_bypass: bool | None = None,
+                 vnet: bool = True, vlans=(), queue: int | None = None):
         self.name = ifname
+        self.queue = queue
+        self.vnet = bool(vnet)
+        self.vlans = tuple(int(v) for v in vlans)
+        if len(self.vlans) > 1:
+            raise ValueError(f"{ifname}: one VLAN per port (frames sent there carry its tag), got {self.vlans}")
         self.rx_sock = self.tx_sock = None
         self._rx_map = self._tx_map = None
         self.rx_ring = self.tx_ring = None
@@ -111,6 +209,21 @@ class PacketMmapPort(Port):
         self._mac = None
         self.tx_kick_errno = 0
         try:
+            if frame_size is None or self.vnet:
+                self.limits = link_limits(ifname)
+                problem = link_problem(ifname, self.limits, self.vnet)
+                if problem:
+                    raise PacketMmapError(22, problem)
+            if frame_size is None:
+                frame_size = slot_size(self.limits, self.vnet)
+            rx_frames = rx_frames or max(64, min(4096, RX_RING_BYTES // frame_size))
+            tx_frames = tx_frames or max(64, min(4096, TX_RING_BYTES // frame_size))
+            self.frame_size = frame_size
+            if qdisc_bypass is None:
+                # A super-frame the link cannot segment itself is cut by the kernel's
+                # software GSO, which the bypass path (packet_direct_xmit) does not
+                # reach: the frame is dropped with ENOBUFS.  Measured on 6.18.
+                qdisc_bypass = not self.vnet
             if rx:
                 self._open_rx(ifname, rx_frames, frame_size)
             if tx:
@@ -125,6 +238,8 @@ class PacketMmapPort(Port):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.rx_sock = s
         s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V2"])
+        if self.vnet:
+            s.setsockopt(c["SOL_PACKET"], c["PACKET_VNET_HDR"], 1)
         try:
             s.setsockopt(c["SOL_PACKET"], c["PACKET_IGNORE_OUTGOING"], 1)
         except OSError:  # kernels before 4.20: we then see our own frames; count, not fatal
@@ -135,7 +250,12 @@ class PacketMmapPort(Port):
         s.setsockopt(c["SOL_PACKET"], c["PACKET_RX_RING"], req)
         self._rx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._rx_mem = np.frombuffer(self._rx_map, dtype=np.uint8)
-        self.rx_ring = RxRing(self._rx_mem, frame_size, nr)
+        self.rx_ring = RxRing(self._rx_mem, frame_size, nr, self.vnet, self.vlans)
+        if self.queue is not None:
+            prog = queue_filter(ifname, self.queue)
+            self._filter = ctypes.create_string_buffer(prog, len(prog))
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                         struct.pack("HL", len(prog) // 8, ctypes.addressof(self._filter)))
         # Bind last: frames start arriving only once the ring exists.
         s.bind((ifname, ETH_P_ALL))
         s.setblocking(False)
@@ -145,6 +265,8 @@ class PacketMmapPort(Port):
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self.tx_sock = s
         s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V2"])
+        if self.vnet:
+            s.setsockopt(c["SOL_PACKET"], c["PACKET_VNET_HDR"], 1)
         if qdisc_bypass:
             s.setsockopt(c["SOL_PACKET"], c["PACKET_QDISC_BYPASS"], 1)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_LOSS"], 1)
@@ -160,7 +282,11 @@ class PacketMmapPort(Port):
         s.setsockopt(c["SOL_PACKET"], c["PACKET_TX_RING"], req)
         self._tx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._tx_mem = np.frombuffer(self._tx_map, dtype=np.uint8)
-        self.tx_ring = TxRing(self._tx_mem, frame_size, nr)
+        self.tx_ring = TxRing(self._tx_mem, frame_size, nr, self.vnet)
+        # A router's egress: frames leave with this link's tag (its one VLAN), or none.
+        self.tx_ring.set_vlan(self.vlans[0] if self.vlans else 0)
+        if self.vnet and getattr(self, "limits", None):
+            self.tx_ring.set_max_plain(self.limits["mtu"] + 14 + 4)
         s.bind((ifname, 0))
 
     # Port -----------------------------------------------------------------
@@ -176,10 +302,16 @@ class PacketMmapPort(Port):
         # next one is taken (the NIC loop holds misses until the slow path copied them).
         offsets = np.empty(max_frames, dtype=np.uint32)
         lengths = np.empty(max_frames, dtype=np.uint32)
-        start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames)
+        if self.vnet:
+            meta = np.empty(max_frames * VNET_HDR_LEN, dtype=np.uint8)
+            partial = np.empty(max_frames, dtype=np.uint8)
+            start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames, meta, partial)
+        else:
+            meta = partial = None
+            start, taken, n = self.rx_ring.walk(offsets, lengths, max_frames)
         if taken == 0:
             return None
-        return Batch(self._rx_mem, offsets, lengths, n, token=(start, taken))
+        return Batch(self._rx_mem, offsets, lengths, n, token=(start, taken), meta=meta, partial=partial)
 
     def release(self, batch: Batch) -> None:
         tok = batch.token
@@ -198,7 +330,7 @@ class PacketMmapPort(Port):
         if self.tx_ring.unsent:  # refused earlier: their turn first, and room for these
             self.flush()
         q = self.tx_ring.fill(buf, np.ascontiguousarray(batch.offsets, dtype=np.uint32),
-                              np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx)
+                              np.ascontiguousarray(batch.lengths, dtype=np.uint32), idx, batch.meta)
         self.flush()
         return q
 

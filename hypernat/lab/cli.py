@@ -41,6 +41,9 @@ def _parser():
     up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
     up.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"),
                     help="packet I/O of the no-op forwarders (HyperNAT's daemons take theirs from the config)")
+    up.add_argument("--offloads", choices=("on", "off"), default=None,
+                    help="checksum/TSO/GSO on the veths (default: on; off with --backend af_xdp, which is per-frame)")
+    up.add_argument("--queues", type=int, default=1, help="receive/transmit queues per veth (multi-queue links)")
     run = sub.add_parser("run", help="drive traffic through a testbed and report")
     run.add_argument("--tag", default=DEFAULT_TAG)
     run.add_argument("--conns", type=int, default=200)
@@ -85,9 +88,12 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> Non
         topo.endpoint = f"ipc://{run}/coord.sock"
         # (Metrics servers listen on gw's own loopback: no clash between runs.)
         topo.start(topo.gw, coord_argv(topo))
-        for k in range(topo.nics):
+        from ..config import load
+
+        workers = load(config).n_nics  # nics x queues where the config serves queues
+        for k in range(workers):
             topo.start(topo.gw, nic_argv(topo, k))
-        wait_for_nics(topo)
+        wait_for_nics(topo, workers=workers)
 
 
 def coord_argv(topo) -> list:
@@ -108,8 +114,10 @@ def _ctl(topo):
     return CtlClient(topo.endpoint or load(topo.config).coordinator.endpoint, timeout=1.0)
 
 
-def wait_for_nics(topo, timeout: float = 15.0) -> None:
-    """Until the coordinator reports every NIC up (their HELLO arrived)."""
+def wait_for_nics(topo, timeout: float = 15.0, workers: int | None = None) -> None:
+    """Until the coordinator reports every NIC up (their HELLO arrived): `workers` of
+    them (default: one per port pair of the lab)."""
+    want = topo.nics if workers is None else workers
     import time
 
     from ..coord.ctl import CtlError
@@ -121,9 +129,9 @@ def wait_for_nics(topo, timeout: float = 15.0) -> None:
             with _ctl(topo) as c:
                 rows = c.query("nics") or []
             up = sum(1 for r in rows if r.get("up"))
-            if up >= topo.nics:
+            if up >= want:
                 return
-            last = f"{up} of {topo.nics} NICs up"
+            last = f"{up} of {want} NICs up"
         except CtlError as exc:
             last = str(exc)
         time.sleep(0.2)
@@ -193,8 +201,9 @@ def main(argv=None) -> int:
             print(f"lab {tag}: down")
         return 0
     if args.cmd == "up":
+        offloads = args.offloads == "on" if args.offloads else args.backend != "af_xdp"
         topo = Topology(tag=args.tag, nics=args.nics, mode=args.peer, addr=Addressing.from_config(args.config),
-                        steer_seed=args.steer_seed)
+                        steer_seed=args.steer_seed, offloads=offloads, queues=args.queues)
         topo.up()
         try:
             start_gateway(topo, args.config, args.backend)

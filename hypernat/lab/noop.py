@@ -91,7 +91,7 @@ class NoopForwarder:
         return {"forwarder": dict(self.counters), "inside": self.inside.stats(), "outside": self.outside.stats()}
 
 
-def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 4096, backend: str = "packet_mmap") -> list:
+def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 0, backend: str = "packet_mmap") -> list:
     """Start one forwarder process per NIC inside the lab's gw; wait until each is
     ready.  Returns the stats-file paths (written when `topo.down()` stops them)."""
     from .topology import STATE_DIR
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inside-peer", help="IPv4 next hop on the inside link (default: the route through it)")
     ap.add_argument("--outside-peer", help="IPv4 next hop on the outside link (default: the route through it)")
     ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"))
-    ap.add_argument("--rx-frames", type=int, default=4096)
+    ap.add_argument("--rx-frames", type=int, default=0,
+                    help="receive ring frames (0: the port's default, its memory budget for super-frame slots)")
     ap.add_argument("--ready-file", help="created once the rings are open and next hops resolved")
     ap.add_argument("--stats-file", help="JSON counters written on exit")
     ap.add_argument("--duration", type=float)
@@ -154,8 +155,8 @@ def main(argv=None) -> int:
     else:
         from ..io.packet_mmap import PacketMmapPort
 
-        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames)
-        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames)
+        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames or None)
+        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames or None)
     fwd = NoopForwarder(inside, outside, in_mac, out_mac)
     signal.signal(signal.SIGTERM, fwd.stop)
     signal.signal(signal.SIGINT, fwd.stop)

@@ -25,8 +25,12 @@ What runs in ``gw`` is the *mode*:
               untranslated, and ``inet`` routes the internal prefix back over the
               outside links (plain routing, the same-run ceiling of the I/O path).
 
-Offloads (checksum, TSO, GSO, GRO) are off on both ends of every veth: a frame read
-from AF_PACKET then carries complete checksums and is never a GSO super-frame.
+Offloads (checksum, TSO, GSO) stay on, as on any Linux box (``offloads``): the NIC
+daemons read and write super-frames with their ``virtio_net_hdr`` on PACKET_MMAP.
+With ``offloads=False`` they are off on both ends of every veth (a frame read from
+AF_PACKET then carries complete checksums and is never a GSO super-frame): the
+setting for AF_XDP, which is per-frame.  ``queues`` > 1 gives every veth that many
+receive and transmit queues (one worker per queue pair, RSS being the switch).
 
 Optionally (``steer_seed``) ``inet`` chooses the return link by a hash the project can
 reproduce (nftables jhash with a fixed seed → fwmark → per-mark routes, steering.py),
@@ -113,6 +117,10 @@ class Topology:
     mtu: int = 1500
     steer_seed: int | None = None  # steer inet's return traffic by nftables jhash (steering.py)
     narrow_mtu: int = 0  # >0: a server behind a link of this MTU (path-MTU discovery through the NAT)
+    offloads: bool = True  # checksum/TSO/GSO on every veth (False: all off, for AF_XDP)
+    queues: int = 1  # receive/transmit queues per veth
+    vlan: int = 0  # >0: the inside links carry this 802.1Q tag (a tagged VPC, lab/vlan.py)
+    outside_mtu: int = 0  # >0: the outside links at this MTU, the gateway the narrow point (its own ICMP)
     config: str = ""  # the gateway config the daemons run (hypernat mode)
     endpoint: str = ""  # their coordinator endpoint: per run, so parallel runs do not meet
     pids: list = field(default_factory=list)
@@ -212,11 +220,14 @@ class Topology:
             for k in range(self.nics):
                 # Created from gw with the peer placed straight into vpc / inet: no name
                 # ever appears in the root namespace, so parallel runs cannot collide.
-                gw.link("add", ifname=self.inside(k), kind="veth", peer={"ifname": self.far(k), "net_ns_fd": self.vpc})
-                gw.link("add", ifname=self.outside(k), kind="veth", peer={"ifname": self.far(k), "net_ns_fd": self.inet})
+                q = {} if self.queues == 1 else {"num_rx_queues": self.queues, "num_tx_queues": self.queues}
+                gw.link("add", ifname=self.inside(k), kind="veth", **q,
+                        peer={"ifname": self.far(k), "net_ns_fd": self.vpc, **q})
+                gw.link("add", ifname=self.outside(k), kind="veth", **q,
+                        peer={"ifname": self.far(k), "net_ns_fd": self.inet, **q})
                 for side, name in (("inside", self.inside(k)), ("outside", self.outside(k))):
                     idx = gw.link_lookup(ifname=name)[0]
-                    gw.link("set", index=idx, mtu=self.mtu)
+                    gw.link("set", index=idx, mtu=self.link_mtu(side))
                     gw.addr("add", index=idx, address=a.link(side, k, "gw"), prefixlen=24)
                     gw.link("set", index=idx, state="up")
 
@@ -231,7 +242,7 @@ class Topology:
                         ipr.addr("add", index=lo, address=a.server(i), prefixlen=32)
                 for k in range(self.nics):
                     idx = ipr.link_lookup(ifname=self.far(k))[0]
-                    ipr.link("set", index=idx, mtu=self.mtu)
+                    ipr.link("set", index=idx, mtu=self.link_mtu(side))
                     ipr.addr("add", index=idx, address=a.link(side, k, "far"), prefixlen=24)
                     ipr.link("set", index=idx, state="up")
 
@@ -239,7 +250,10 @@ class Topology:
             names = [self.far(k) for k in range(self.nics)] if ns != self.gw else [
                 n for k in range(self.nics) for n in (self.inside(k), self.outside(k))]
             for name in names:
-                self._offloads_off(ns, name)
+                if self.offloads:
+                    self._offloads_on(ns, name)
+                else:
+                    self._offloads_off(ns, name)
 
         hop = lambda side, k: {"gateway": a.link(side, k, "gw")}  # noqa: E731
         with IPRoute(netns=self.vpc) as vpc:
@@ -255,6 +269,16 @@ class Topology:
             self._ecmp(inet, a.pool, [hop("outside", k) for k in range(self.nics)])
             if self.mode == "noop":
                 self._ecmp(inet, a.internal, [hop("outside", k) for k in range(self.nics)])
+        if self.vlan:
+            from .vlan import tag_vpc_links
+
+            tag_vpc_links(self, self.vlan)
+        if self.outside_mtu:
+            # inet's hosts still advertise an MSS of 1460 toward the pool: the clients'
+            # full-size segments reach the gateway, which must answer "fragmentation
+            # needed" itself (RFC 1191)
+            hops = [w for k in range(self.nics) for w in ("nexthop", "via", a.link("outside", k, "gw"))]
+            netns.run(self.inet, ["ip", "route", "replace", a.pool, "advmss", "1460", *hops])
         if self.steer_seed is not None:
             from .steering import install
 
@@ -306,7 +330,12 @@ class Topology:
         netns.run(self.srv, ["ip", "route", "add", "default", "via", "172.18.0.1", "advmss", "1460"])
         netns.sysctl(self.inet, "net.ipv4.ip_forward", 1)
         for ns, name in ((self.inet, "narrow"), (self.srv, "up")):
-            self._offloads_off(ns, name)
+            if not self.offloads:
+                self._offloads_off(ns, name)
+
+    def link_mtu(self, side: str) -> int:
+        """The MTU of NIC k's `side` link ('inside' or 'outside'), both ends."""
+        return self.outside_mtu if side == "outside" and self.outside_mtu else self.mtu
 
     @staticmethod
     def _ecmp(ipr, dst, hops, **kw):
@@ -314,6 +343,12 @@ class Topology:
             ipr.route("add", dst=dst, gateway=hops[0]["gateway"], **kw)
         else:
             ipr.route("add", dst=dst, multipath=hops, **kw)
+
+    @staticmethod
+    def _offloads_on(ns: str, ifname: str) -> None:
+        """Checksum offload, TSO and GSO on (veth's defaults, set anyway: a super-frame
+        then crosses every link whole, as from a NIC with TSO)."""
+        netns.run(ns, ["ethtool", "-K", ifname, "rx", "on", "tx", "on", "tso", "on", "gso", "on"], check=False)
 
     @staticmethod
     def _offloads_off(ns: str, ifname: str) -> None:

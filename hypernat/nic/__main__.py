@@ -19,8 +19,10 @@ import os
 import sys
 
 
-def open_port(backend: str, ifname: str):
-    """A Port for interface `ifname` with the named backend (from hypernat.io)."""
+def open_port(backend: str, ifname: str, vlans=(), queue=None):
+    """A Port for interface `ifname` with the named backend (from hypernat.io);
+    ``vlans``: the 802.1Q VLAN IDs the link carries, ``queue``: the receive queue this
+    NIC serves (PACKET_MMAP)."""
     if backend == "packet_mmap":
         from ..io.packet_mmap import PacketMmapPort as P
     elif backend == "af_xdp":
@@ -32,7 +34,48 @@ def open_port(backend: str, ifname: str):
                          "(hypernat demo / hypernat.lab.emulated)")
     else:
         raise SystemExit(f"hypernat-nic: unknown I/O backend {backend!r}")
-    return P(ifname)
+    kw = {}
+    if vlans:
+        kw["vlans"] = vlans
+    if queue is not None:
+        kw["queue"] = queue
+    if kw and backend != "packet_mmap":
+        raise SystemExit(f"hypernat-nic: {ifname}: {', '.join(kw)} need the packet_mmap backend")
+    return P(ifname, **kw)
+
+
+def _rss_params(cfg, nc):
+    """``switch.hash: toeplitz``: the outside port's RSS key (``switch.toeplitz_key``
+    overrides it) and indirection table, and which NIC serves each of its queues, so
+    active install predicts the queue a reply lands on.  None (the defaults) otherwise,
+    or where the port has no RSS (veth): active install then falls back to passive."""
+    if cfg.switch.hash != "toeplitz":
+        return None
+    import dataclasses
+
+    from ..switchhash import read_rss
+    from .worker import agent_params
+
+    rss = read_rss(nc.outside)
+    if rss is None:
+        logging.warning("nic%d: switch.hash toeplitz, but %s has no RSS key/indirection table (ethtool -x): "
+                        "replies are fetched (passive install)", nc.id, nc.outside)
+        return None
+    key, table = rss
+    if cfg.switch.toeplitz_key:
+        key = bytes.fromhex(cfg.switch.toeplitz_key.replace(":", ""))
+    nics = [cfg.nic(i) for i in range(cfg.n_nics)]
+    served = {n.queue: n.id for n in nics if n.outside == nc.outside and n.queue is not None}
+    return dataclasses.replace(agent_params(cfg), switch_rss=(key, tuple(table), served))
+
+
+def _forwarding() -> bool:
+    """Does this namespace's kernel forward IPv4?  (AF_PACKET leaves every frame to it too.)"""
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def _addresses(ifname: str) -> list:
@@ -46,6 +89,35 @@ def _addresses(ifname: str) -> list:
     except Exception as exc:  # noqa: BLE001 - no answer for those then; logged
         logging.warning("%s: cannot read its addresses (%s): ARP for them goes unanswered", ifname, exc)
         return []
+
+
+def _mtu(ifname: str) -> int:
+    """The interface's MTU (0 if it cannot be read: no limit is applied then)."""
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            return int(ipr.get_links(idx[0])[0].get_attr("IFLA_MTU")) if idx else 0
+    except Exception as exc:  # noqa: BLE001 - logged; the config's mtu (if any) still applies
+        logging.warning("%s: cannot read its MTU (%s): no size limit unless the config sets one", ifname, exc)
+        return 0
+
+
+def _set_links(w, nc) -> None:
+    """The fast path's router settings: the config's, else the interfaces' MTUs and the
+    inside interface's address (ICMP errors toward the VPC come from it)."""
+    from .. import messages as M
+
+    addrs = _addresses(nc.inside)
+    s = w.set_links(inside_mtu=_mtu(nc.inside), outside_mtu=_mtu(nc.outside),
+                    inside_address=M.ip_int(addrs[0]) if addrs else 0)
+    logging.info("nic%d: router: MTU inside %d outside %d, ICMP from %s / %s at most %d/s, MSS clamp %s", nc.id,
+                 s["inside_mtu"], s["outside_mtu"], M.ip_str(s["inside_address"]), M.ip_str(s["outside_address"]),
+                 s["icmp_rate"], s["mss_clamp"] or "off")
+    if not s["inside_address"]:
+        logging.warning("nic%d: %s has no IPv4 address and icmp.inside_source is not set: no ICMP errors toward "
+                        "the VPC (traceroute shows a silent hop)", nc.id, nc.inside)
 
 
 def _set_macs(w, inside, outside, nc) -> None:
@@ -114,7 +186,11 @@ def main(argv=None) -> int:
         except OSError as exc:
             logging.warning("cannot set SCHED_FIFO %d: %s", nc.rt_priority, exc)
     try:
-        inside, outside = open_port(nc.io, nc.inside), open_port(nc.io, nc.outside)
+        inside = open_port(nc.io, nc.inside, nc.inside_vlans, nc.queue)
+        outside = open_port(nc.io, nc.outside, nc.outside_vlans, nc.queue)
+        if nc.io == "packet_mmap" and _forwarding():
+            logging.warning("nic%d: net.ipv4.ip_forward is on in this namespace: the kernel forwards every "
+                            "frame HyperNAT forwards too (turn it off, or drop IPv4 at ingress)", nc.id)
     except (OSError, ImportError) as exc:
         print(f"hypernat-nic: cannot open {nc.inside}/{nc.outside} with {nc.io}: {exc}", file=sys.stderr)
         return 1
@@ -127,12 +203,15 @@ def main(argv=None) -> int:
     from .journal import FormatError, JournalError
 
     try:
-        w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp)
+        w = NicWorker(cfg, args.nic, inside, outside, endpoint=args.endpoint, state_dir=args.state_dir, arp=arp,
+                      params=_rss_params(cfg, nc))
     except (FormatError, JournalError) as exc:  # a state file of another version, or unwritable
         print(f"hypernat-nic: {exc}", file=sys.stderr)
         inside.close()
         outside.close()
         return 2
+    if nc.io in ("packet_mmap", "af_xdp"):
+        _set_links(w, nc)
     if nc.io in ("packet_mmap", "af_xdp") and not args.keep_macs:
         _set_macs(w, inside, outside, nc)
     if cfg.metrics.enabled and not args.no_metrics:

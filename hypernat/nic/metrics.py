@@ -6,6 +6,7 @@ builder's slow-path reasons, the agent's cloning counters, the loop's own counte
 gauges (table entries, pending fetches, clones, leases, utilisation of E_i).
 
     hypernat_nic_verdicts_total{nic="0",direction="in",verdict="miss_in"}  12
+    hypernat_nic_router_total{nic="0",direction="out",event="icmp_time_exceeded"} 3
     hypernat_nic_slow_path_total{nic="0",reason="fetch_timeout"}            0
     hypernat_nic_agent_total{nic="0",event="clones_installed"}             37
     hypernat_nic_fragments_total{nic="0",event="frag_released"}             4
@@ -16,7 +17,7 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from ..verdicts import DIRECTION_NAMES, VERDICT_NAMES
+from ..verdicts import DIRECTION_NAMES, ROUTER_EVENT_NAMES, VERDICT_NAMES
 
 
 class WorkerCollector:
@@ -32,6 +33,13 @@ class WorkerCollector:
             for i, name in enumerate(VERDICT_NAMES):
                 v.add_metric([nic, dname, name], int(c[d, i]))
         yield v
+        r = CounterMetricFamily("hypernat_nic_router", "ICMP errors, fragments and MSS clamps of the fast path",
+                                labels=["nic", "direction", "event"])
+        e = w.translator.router_events
+        for d, dname in enumerate(DIRECTION_NAMES):
+            for i, name in enumerate(ROUTER_EVENT_NAMES):
+                r.add_metric([nic, dname, name], int(e[d, i]))
+        yield r
         s = CounterMetricFamily("hypernat_nic_slow_path", "slow-path drops and events by reason",
                                 labels=["nic", "reason"])
         for k, n in w.rules.counters_dict().items():

@@ -103,6 +103,8 @@ LOOP_COUNTERS = (
     "slow_turns", "reloads", "reloads_refused",
     # hairpinning on any NIC: first packets re-decided after a fetch, and those given up
     "hairpin_replayed", "hairpin_unresolved",
+    # frames the fast path made itself (ICMP errors, fragments), sent per batch
+    "generated",
 )
 
 # How often the loop moves every object alive into the GC's permanent generation
@@ -213,6 +215,7 @@ class NicWorker:
         fl = config.limits.fragments
         self.frag = FragTable(fl.entries, fl.bytes, fl.timeout)
         self.translator = Translator(self.out_table, self.in_table, pool=config.pool_ranges, frag=self.frag)
+        self.set_links()  # the config's router settings; hypernat-nic adds the interfaces' MTUs and address
         self.state_dir = state_dir or os.path.join(config.state_dir, f"nic{nic_id}")
         # fsyncs on a thread of their own: the loop never waits for the disk (journal.py)
         self.journal = Journal(os.path.join(self.state_dir, "blocks.journal"), background=True,
@@ -456,6 +459,56 @@ class NicWorker:
             for target, mtype, payload in self.outbox.drain():
                 self._send_frames([target, M.TYPE_FRAME[mtype], payload])
 
+    # -- the gateway as a router (ICMP errors, fragments, MSS clamping: the fast path's) --------
+    def router_settings(self, inside_mtu: int = 0, outside_mtu: int = 0, inside_address: int = 0) -> dict:
+        """The fast path's router settings (``Translator.set_router``): what the config
+        says, else what the interfaces say (arguments: their MTUs and the inside one's
+        IPv4 address, read at start; 0 = unknown).  ICMP errors toward the Internet come
+        from ``icmp.outside_source``, else from the first pool address this NIC owns."""
+        nc, ic = self.config.nic(self.nic_id), self.config.icmp
+        if ic.outside_source is not None:
+            outside_address = M.ip_int(ic.outside_source)
+        else:
+            mine = self.partition.nic_address_indices(self.nic_id)
+            outside_address = self.partition.address_at(mine[0]) if len(mine) else 0
+        return {
+            "inside_mtu": nc.inside_mtu or inside_mtu,
+            "outside_mtu": nc.outside_mtu or outside_mtu,
+            "inside_address": M.ip_int(ic.inside_source) if ic.inside_source is not None else inside_address,
+            "outside_address": outside_address,
+            # the worker's clock ticks are seconds: the bucket holds a second's worth
+            "icmp_rate": ic.rate_limit,
+            "mss_clamp": self.config.tcp_mss_clamp,
+        }
+
+    def set_links(self, inside_mtu: int = 0, outside_mtu: int = 0, inside_address: int = 0) -> dict:
+        """Apply ``router_settings`` to the fast path; returns them."""
+        settings = self.router_settings(inside_mtu, outside_mtu, inside_address)
+        self.translator.set_router(**settings)
+        return settings
+
+    def _send_made(self) -> None:
+        """Right after every translate (the next one reuses their areas): the frames the
+        fast path made besides the batch -- early fragments the fragment table released,
+        and the router's ICMP errors and fragments -- out of the port on each one's exit
+        side, one send per area and side, no Python per frame."""
+        if self.frag.released:
+            buf, off, ln, ex = self.frag.output()
+            self._send_area(buf, off, ln, ex, len(off))
+        tr = self.translator
+        n = tr.out_count
+        if n:
+            self._send_area(tr.out_buf, tr.out_offsets, tr.out_lengths, tr.out_exits, n)
+            self.counters["generated"] += n
+
+    def _send_area(self, buf, offsets, lengths, exits, n: int) -> None:
+        b = Batch(buf, offsets, lengths, n)
+        exits = exits[:n]
+        for d, port in ((OUT, self.outside), (IN, self.inside)):
+            idx = np.flatnonzero(exits == d)
+            if len(idx):
+                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
+
     # -- packets ------------------------------------------------------------------------------
     def _process(self, port, direction: int, other) -> int:
         b = port.recv(self.batch_size)
@@ -479,9 +532,8 @@ class NicWorker:
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k)
-        if self.frag.released:
-            self._send_released()
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial)
+        self._send_made()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
         nsend = int(np.count_nonzero(send))
@@ -514,17 +566,6 @@ class NicWorker:
                 self.counters["slow_path_errors"] += 1
                 log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
-
-    def _send_released(self) -> None:
-        """Early fragments the last translate released (their first fragment was just
-        translated): rewritten in the fragment table's output area, sent by their exit
-        side before the next translate call reuses it."""
-        buf, off, ln, ex = self.frag.output()
-        b = Batch(buf, off, ln, len(off))
-        for d, port in ((OUT, self.outside), (IN, self.inside)):
-            idx = np.flatnonzero(ex == d)
-            if len(idx):
-                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
 
     def _arp(self, port, b, idx) -> None:
         """ARP frames among the not_nat ones: learn, answer for our addresses."""
@@ -625,8 +666,7 @@ class NicWorker:
             k = np.zeros(n, layout.KEY_DTYPE)
             now = self.ticks()
             self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], OUT, now, v, k)
-            if self.frag.released:
-                self._send_released()
+            self._send_made()
             c["hairpin_replayed"] += n
             hp = np.flatnonzero(v == _V_HAIRPIN)
             if len(hp):
@@ -656,8 +696,7 @@ class NicWorker:
         v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
         k = self._rk[:n]
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
-        if self.frag.released:  # a replayed first fragment releases its datagram's held ones
-            self._send_released()
+        self._send_made()  # a replayed first fragment releases its datagram's held ones
         c = self.counters
         c["replayed"] += n
         other = self.outside if direction == OUT else self.inside
@@ -1098,6 +1137,10 @@ class NicWorker:
             for k, v in vals.items():
                 if v:
                     out[f"fastpath_{dname}_{k}"] = int(v)
+        for dname, vals in self.translator.router_events_dict().items():
+            for k, v in vals.items():
+                if v:
+                    out[f"router_{dname}_{k}"] = int(v)
         for k, v in self.rules.counters_dict().items():
             out[f"rules_{k}"] = int(v)
         for k, v in self.frag.counters_dict().items():
