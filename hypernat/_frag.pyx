@@ -436,7 +436,7 @@ cdef class FragTable:
         clen = np.zeros(nchunks, np.uint32)
         cl3 = np.zeros(nchunks, np.uint16)
         cnext = np.arange(1, nchunks + 1, dtype=np.int32)
-        cnext[-1] = -1
+        cnext[nchunks - 1] = -1  # the free list ends (no negative index: wraparound is off here)
         out_off = np.zeros(nchunks, np.uint32)
         out_len = np.zeros(nchunks, np.uint32)
         out_exit = np.zeros(nchunks, np.uint8)
