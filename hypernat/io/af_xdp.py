@@ -18,10 +18,12 @@ and CAP_BPF (root).  Zero-copy is not used: veth has none (EOPNOTSUPP).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import socket
 import struct
+import time
 
 import numpy as np
 
@@ -33,6 +35,12 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(f"hypernat.io._xsk is not built ({exc}): install libxdp-dev and libbpf-dev, `make build`") from exc
 
 SIOCGIFHWADDR = 0x8927
+
+
+# The kernel frees a closed AF_XDP socket asynchronously: for a moment after a close
+# (a daemon restarted at once, a test reopening a port) the queue is still bound and
+# xsk_socket__create fails with EBUSY.  Asked again, within this bound.
+BUSY_RETRY_S = 2.0
 
 
 def _rxvlan_off(ifname: str) -> bool:
@@ -68,8 +76,16 @@ class AfXdpPort(Port):
         self.rxvlan_off = _rxvlan_off(ifname)
         self._map = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
+        deadline = time.monotonic() + BUSY_RETRY_S
         try:
-            self.xsk = XskSocket(ifname, self._mem, frame_size, queue, ring_size, mode)
+            while True:  # (inline: a helper's frame in the traceback would pin the buffer)
+                try:
+                    self.xsk = XskSocket(ifname, self._mem, frame_size, queue, ring_size, mode)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.02)
         except BaseException:
             self._mem = None
             self._map.close()
