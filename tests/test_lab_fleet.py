@@ -129,7 +129,10 @@ def test_silent_failure_detected_by_bfd(fleet):
         took = fleet.wait_routes({1}, timeout=5)
     finally:
         fleet.fail(victim)  # SIGKILL reaches stopped processes
-    assert took < 1.0, took
+    # BFD detects in 0.5 s; the routers' reaction on a loaded 2-vCPU machine took up to 0.88 s
+    # in 10 runs.  BGP's own hold timer (the fallback without BFD) is 3 s or more: 1.5 s
+    # still fails if BFD is not what withdrew the server.
+    assert took < 1.5, took
     print(f"\nsilent failure: withdrawn by BFD in {took * 1000:.0f} ms")
     fleet.recover(victim)
     fleet.wait_routes({1, 2}, timeout=30)
