@@ -15,6 +15,8 @@ import pytest
 from hypernat.lab import cli, netns
 from hypernat.lab.topology import Addressing, Topology
 
+import labkit  # noqa: E402  (tests/labkit.py)
+
 pytestmark = pytest.mark.netns
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "testbed.yaml")
 TXT = [f"{k:02d}" + "x" * 248 for k in range(13)]  # 13 strings of 250 bytes: a ~3.4 kB answer
@@ -25,17 +27,8 @@ def gw():
     addr = Addressing.from_config(CONF)
     addr.hosts, addr.servers = 4, 4
     topo = Topology(tag=f"frag{os.getpid() % 100000}", nics=2, mode="hypernat", addr=addr)
-    try:
-        topo.up()
-        cli.start_gateway(topo, CONF)
+    with labkit.gateway(topo, CONF):
         yield topo
-    finally:
-        topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
-    assert not topo.exists()
 
 
 def per_nic(topo, settle=1.3):

@@ -24,6 +24,8 @@ import yaml
 from hypernat.config import load
 from hypernat.lab import cli, netns
 from hypernat.lab.topology import Addressing, Topology
+
+import labkit  # noqa: E402  (tests/labkit.py)
 from hypernat.partition import Partition
 
 pytestmark = pytest.mark.netns
@@ -43,17 +45,10 @@ def gw():
     addr.hosts = 8
     topo = Topology(tag=f"frag{os.getpid() % 100000}h", nics=2, mode="hypernat", addr=addr)
     try:
-        topo.up()
-        cli.start_gateway(topo, conf)
-        yield topo
+        with labkit.gateway(topo, conf):
+            yield topo
     finally:
-        topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
         shutil.rmtree(d, ignore_errors=True)
-    assert not topo.exists()
 
 
 def test_hairpin_20_of_20_first_datagrams_on_2_nics(gw):

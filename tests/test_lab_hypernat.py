@@ -15,6 +15,8 @@ import pytest
 from hypernat.lab import cli, netns, traffic
 from hypernat.lab.topology import Addressing, Topology
 
+import labkit  # noqa: E402  (tests/labkit.py)
+
 pytestmark = pytest.mark.netns
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "testbed.yaml")
 
@@ -23,26 +25,11 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def gw():
     topo = Topology(tag=f"t{os.getpid()}g", nics=2, mode="hypernat", addr=Addressing.from_config(CONF),
                     narrow_mtu=1200)
-    try:
-        topo.up()
-        cli.start_gateway(topo, CONF)
+    with labkit.gateway(topo, CONF):
         yield topo
-    finally:
-        topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
-    assert not topo.exists()
 
 
-def counters(topo, settle=1.3):
-    time.sleep(settle)  # the NICs send STATS every second
-    return cli.gateway_counters(topo)
-
-
-def total(c, word):
-    return sum(v for k, v in c.items() if word in k and isinstance(v, (int, float)))
+from labkit import counters, total  # noqa: E402  (shared with the other testbed tests)
 
 
 def alive(pid):
@@ -323,10 +310,6 @@ def test_hypernat_on_af_xdp(tmp_path):
         assert total(c, "clones_installed") > 0 and c.get("port_inside0_xdp_native") == 1, c
     finally:
         topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
 
 
 def test_hairpinning_between_two_vpc_hosts(gw):

@@ -54,7 +54,3 @@ def test_two_workers_serve_the_two_queues_of_one_port(tmp_path):
         assert sum(v for k, v in c.items() if "clones_installed" in k) > 0, c  # TDC across queues
     finally:
         topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)

@@ -28,7 +28,6 @@ import ipaddress
 import os
 import signal
 import socket
-import time
 
 import pytest
 
@@ -36,6 +35,8 @@ from hypernat import config as cfgmod
 from hypernat.lab import cli, netns
 from hypernat.lab.deadline import wait_until
 from hypernat.lab.topology import Addressing, Topology
+
+import labkit  # noqa: E402  (tests/labkit.py)
 from hypernat.lab.traffic import LinkSniffer
 from hypernat.partition import Partition
 
@@ -60,16 +61,8 @@ def lab():
     addr = Addressing.from_config(CONF)
     addr.hosts = 24
     topo = Topology(tag=f"txring{os.getpid()}r", nics=2, mode="hypernat", addr=addr)
-    try:
-        topo.up()
-        cli.start_gateway(topo, CONF)
+    with labkit.gateway(topo, CONF):
         yield topo
-    finally:
-        topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
 
 
 class Server:

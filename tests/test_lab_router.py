@@ -22,8 +22,10 @@ import time
 import pytest
 import yaml
 
-from hypernat.lab import cli, netns, traffic
+from hypernat.lab import netns, traffic
 from hypernat.lab.topology import Addressing, Topology
+
+import labkit  # noqa: E402  (tests/labkit.py)
 
 pytestmark = pytest.mark.netns
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "testbed.yaml")
@@ -43,26 +45,11 @@ def gw(tmp_path_factory):
     # the gateway does not check yet: it has no gso_size per frame, docs/fastpath.md)
     topo = Topology(tag=f"t{os.getpid()}rt", nics=2, mode="hypernat", addr=Addressing.from_config(conf),
                     outside_mtu=NARROW, offloads=False)
-    try:
-        topo.up()
-        cli.start_gateway(topo, conf)
+    with labkit.gateway(topo, conf):
         yield topo
-    finally:
-        topo.down()
-        for name in ("coord", "nic-0", "nic-1"):
-            p = os.path.join(os.path.dirname(topo.state_path()), f"{topo.tag}-{name}.log")
-            if os.path.exists(p):
-                os.unlink(p)
-    assert not topo.exists()
 
 
-def counters(topo, settle=1.3):
-    time.sleep(settle)  # the NICs send STATS every second
-    return cli.gateway_counters(topo)
-
-
-def total(c, word):
-    return sum(v for k, v in c.items() if word in k and isinstance(v, (int, float)))
+from labkit import counters, total  # noqa: E402  (shared with the other testbed tests)
 
 
 def _snmp(ns, group, field):
