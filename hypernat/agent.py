@@ -24,8 +24,11 @@ NIC that moves rules between NICs, through the coordinator:
 ICMP error whose embedded flow misses, or — with endpoint-independent mapping — a first
 outgoing packet of a host whose mappings another NIC owns.  Frames wait in a queue that
 is bounded per flow and in total; a NACK or a timeout drops them and counts why.  A NACK
-is remembered briefly (negative cache) and fetches are rate-limited per remote source,
-so a port scan of the external space cannot become a FETCH storm.
+for an endpoint nobody maps is remembered briefly (negative cache; a *filtered* NACK is
+not: the owner's filter opens with the inside host's next outbound packet, on whatever
+NIC it leaves, so a cached refusal would outlive it and break hole punching) and
+fetches are rate-limited per remote source, so a port scan of the external space
+cannot become a FETCH storm.
 
 The per-source limit charges *misses that turn out to have no rule*, not fetches: a
 token bucket per remote source address (rate and burst ``fetch_rate_per_source``); a
@@ -206,6 +209,9 @@ _NACK_OF = {
 }
 
 
+_NACK_FILTERED = M.NACK["filtered"]
+
+
 def _nack_reason(status: int) -> int:
     """NACK reason code of a builder refusal (a SLOW_PATH_REASON_NAMES index)."""
     name = SLOW_PATH_REASON_NAMES[status] if 0 <= status < len(SLOW_PATH_REASON_NAMES) else ""
@@ -299,7 +305,7 @@ class AgentParams:
     retry_max_s: float = 0.5
     queue_per_flow: int = 16
     queue_total: int = 8192
-    negative_ttl_s: float = 2.0  # NACKs remembered this long
+    negative_ttl_s: float = 2.0  # no-rule NACKs remembered this long (filtered ones: not)
     negative_max: int = 65536
     fetch_rate: float = 100.0  # NACKed fetches per second per remote source (token bucket:
     fetch_burst: float = 200.0  # a fetch takes a token, its RULE gives it back) ... and burst
@@ -772,6 +778,14 @@ class RuleAgent:
             self.count("fetch_nack", max(1, len(pend.frames)))
             if reason == M.NACK["unavailable"]:
                 self._refund(pend)  # the owner could not answer: not the remote's doing
+            elif reason == _NACK_FILTERED:
+                # the endpoint is mapped but the owner's filter refused this remote: the
+                # token stays spent, but nothing is cached, because the owner's answer can
+                # change with the next outbound packet of the inside host (hole punching:
+                # A sends to B through another NIC; B's next packet here must be asked
+                # about again, not dropped for negative_ttl on a refusal that no longer
+                # holds).  The remote's token bucket still bounds what a prober costs.
+                pass
             else:  # no rule: the token stays spent (this is what a scan pays for)
                 self.negative[pk] = now + self.p.negative_ttl_s
                 if len(self.negative) > self.p.negative_max:
