@@ -95,11 +95,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fastpath as _fastpath
 from . import layout
 from . import messages as M
 from . import switchhash as _sh
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
+
+if _fastpath.IMPL == "cython":  # the clone table in C (hypernat/_clones.pyx)
+    from ._clones import CloneTable
+else:  # its plain-Python reference
+    from .clones_py import CloneTable
 
 log = logging.getLogger("hypernat.agent")
 
@@ -329,15 +335,6 @@ class _Pending:
     charged: int = -1  # remote source whose token this fetch holds (-1: none)
 
 
-@dataclass(slots=True)
-class _Clone:
-    owner: int
-    rule_id: int
-    dirs: int  # DIR_BIT_* installed here
-    expires: float  # local clock: the lease ends here (dropped lease_margin earlier)
-    due: float = 0.0  # the time this clone is queued under in RuleAgent._clone_ends
-
-
 @dataclass
 class _Unacked:
     target: int
@@ -386,12 +383,11 @@ class RuleAgent:
         self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
         self._by_seq: dict[int, tuple] = {}
         self.queued_total = 0
-        self.clones: dict[tuple, _Clone] = {}  # session identity -> clone held here
-        # ... indexed as clones come and go (_install_many, _drop_clone): by owner (a
-        # restart report), by external endpoint (entries whose key does not name the
-        # session, ``hypernat ctl rule``); nothing periodic walks every clone
-        self._clones_of: dict[int, dict] = {}  # owner -> {sk: None}
-        self._clones_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...}
+        # session identity -> clone held here (owner, rule_id, dirs, lease end), in C,
+        # indexed by owner (a restart report), by external endpoint (entries whose key
+        # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
+        # timer); nothing periodic walks every clone
+        self.clones = CloneTable()
         self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
         self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
         # owner side
@@ -404,7 +400,6 @@ class RuleAgent:
         # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
         # entry is checked when its time comes (a renewal moved the end: queued again
         # under the new one; the clone or lease is gone: dropped), a few per turn.
-        self._clone_ends: list = []  # holder: heap of (lease end - margin, sk); see _Clone.due
         self._lease_ends: list = []  # owner: heap of (until, sk, holder), one per lease granted
         # spill-over (needs the Partition: loans override owner())
         self.partition = partition
@@ -801,15 +796,13 @@ class RuleAgent:
 
     def _on_lease(self, source, recs, now):
         for r in recs:
-            c = self.clones.get(skey(r))
-            if c is None:
+            got = self.clones.extend(skey(r), source, now + int(r["lease_ms"]) / 1000.0)
+            if got == 0:
                 self.count("lease_unknown")
-                continue
-            if c.owner != source:
+            elif got < 0:
                 self.count("lease_misdirected")
-                continue
-            c.expires = max(c.expires, now + int(r["lease_ms"]) / 1000.0)
-            self.count("leases_renewed")
+            else:
+                self.count("leases_renewed")
 
     def _on_revoke(self, source, recs, now):
         ack = M.records(M.T_REVOKE_ACK, len(recs))
@@ -1251,59 +1244,15 @@ class RuleAgent:
 
     def _install_many(self, owner: int, items, now: float) -> None:
         """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        A clone already held with those entries only has its lease extended (idempotent
-        repeat); the rest go to the builder in one call: ``install_clone_rows`` (plain
-        tuples), or ``install_clones`` on a SESSION_DTYPE array for a builder without it."""
-        todo = []
-        rows = []  # install_clone_rows: (p, i, ip, e, ep, r, rp, rule_id, dirs, tcp_out, tcp_in)
-        clones = self.clones
-        cget = clones.get
-        for sk, rule_id, lease_ms, dirs in items:
-            expires = now + lease_ms / 1000.0
-            c = cget(sk)
-            if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
-                if expires > c.expires:
-                    c.expires = expires
-            else:
-                todo.append((sk, rule_id, dirs, expires))
-                rows.append(sk + (rule_id, dirs, 0, 0))
-        if not todo:
-            return
-        tick = self.tick_clock()
-        rules = self.rules
-        rows_fn = getattr(rules, "install_clone_rows", None)
-        if rows_fn is not None:
-            got = rows_fn(rows, tick)
-        else:
-            recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
-                             for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
-            got = rules.install_clones(recs, tick, recs["dirs"]).tolist()
-        installed = 0
-        failed = 0
+        One ``CloneTable.install`` (compiled): a clone already held with those entries
+        only has its lease extended (idempotent repeat), the rest get their flow-table
+        entries from the builder's ``install_clone_rows`` in one call and become clones."""
         neg = self.negative
-        ends = self._clone_ends
-        heappush = heapq.heappush
-        margin = self.p.lease_margin_s
-        for (sk, rule_id, dirs, expires), ok in zip(todo, got):
-            if ok <= 0:
-                failed += 1
-                continue
-            installed += 1
-            c = cget(sk)
-            if c is None:
-                due = expires - margin
-                clones[sk] = _Clone(owner, rule_id, dirs, expires, due)
-                heappush(ends, (due, sk))
-                of = self._clones_of.get(owner)
-                if of is None:
-                    of = self._clones_of[owner] = {}
-                of[sk] = None
-                _ix_add(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
-            else:
-                c.dirs |= dirs
-                if expires > c.expires:
-                    c.expires = expires
-            if neg:
+        installed, failed, keys = self.clones.install(owner, items, now, self.p.lease_margin_s,
+                                                      self.rules.install_clone_rows, self.tick_clock(),
+                                                      bool(neg))
+        if neg:
+            for sk, dirs in keys:
                 for d in (OUT, IN):
                     if dirs & DIR_BIT[d]:
                         neg.pop((d, session_key(sk, d)), None)
@@ -1312,15 +1261,9 @@ class RuleAgent:
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
-        c = self.clones.pop(sk, None)
+        c = self.clones.remove(sk)
         if c is None:
             return
-        of = self._clones_of.get(c.owner)
-        if of is not None:
-            of.pop(sk, None)
-            if not of:
-                del self._clones_of[c.owner]
-        _ix_del(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
         self.count(reason)
 
@@ -1471,20 +1414,9 @@ class RuleAgent:
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
                     self._emit(u.target, u.mtype, u.rec)
                     self.count("retries")
-        ends = self._clone_ends
-        if ends and now >= ends[0][0]:  # holder: clones whose lease runs out (exactly on time)
-            clones, margin = self.clones, self.p.lease_margin_s
-            while ends and now >= ends[0][0]:
-                due, sk = heapq.heappop(ends)
-                c = clones.get(sk)
-                if c is None or c.due != due:
-                    continue  # dropped (or queued again) since
-                end = c.expires - margin
-                if now >= end:
-                    self._drop_clone(sk, "lease_expired")
-                else:  # renewed meanwhile
-                    c.due = end
-                    heapq.heappush(ends, (end, sk))
+        if now >= self.clones.next_due:  # holder: clones whose lease runs out (exactly on time)
+            for sk in self.clones.due_now(now, self.p.lease_margin_s):
+                self._drop_clone(sk, "lease_expired")
         if self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
@@ -1593,8 +1525,8 @@ class RuleAgent:
         0), so it is looked for among the clones on its external endpoint (None: no
         clone holds that entry)."""
         head = esk[:6]
-        for sk in _ix_get(self._clones_at, _ekey(esk[0], esk[3], esk[4])):
-            if sk[:6] == head and (self.clones[sk].dirs & dirs or not dirs):
+        for sk, c in self.clones.at(esk[0], esk[3], esk[4]):
+            if sk[:6] == head and (c.dirs & dirs or not dirs):
                 return sk
         return None
 
@@ -1604,8 +1536,7 @@ class RuleAgent:
         [(sk, owner, rule_id, dirs, expires)])."""
         k = _ekey(proto, eaddr, eport)
         leases = [(sk, dict(self.leases[sk])) for sk in _ix_get(self._leases_at, k)]
-        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires)
-                  for sk in _ix_get(self._clones_at, k) for c in (self.clones[sk],)]
+        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires) for sk, c in self.clones.at(proto, eaddr, eport)]
         return leases, clones
 
     def resend_all(self, now: float) -> None:
@@ -1644,8 +1575,7 @@ class RuleAgent:
         retried like the other messages that matter (until its ACTIVITY_ACK, the first
         record's seq, or until the clones' leases would have run out anyway); the owner
         handles a repeat idempotently."""
-        clones = self.clones
-        items = [(sk, clones[sk]) for sk in self._clones_of.get(owner, ())]
+        items = self.clones.of_owner(owner)
         if not items:
             return
         rec = M.records(M.T_ACTIVITY, len(items))

@@ -1,6 +1,8 @@
 """Clone install in plain Python: the readable reference of ``hypernat/_clones.pyx``
 (same arguments, same results; used when the extensions are not built, and checked
 against the compiled one by ``tests/test_clones_twins.py``)."""
+import heapq
+
 from . import layout
 
 _P_ICMP, _P_TCP, _P_UDP = 1, 6, 17
@@ -46,3 +48,150 @@ def install_clone_rows(out, inn, rows, own, me, now, lease):
             else:
                 full += 1
     return got, bad, full
+
+
+# ---------------------------------------------------------------------------------------
+# The holder's clone table: the reference of ``hypernat._clones.CloneTable``
+# ---------------------------------------------------------------------------------------
+class Clone(tuple):
+    """A clone as the table holds it (a copy): owner, rule_id, dirs, expires, due."""
+    __slots__ = ()
+    owner = property(lambda self: self[0])
+    rule_id = property(lambda self: self[1])
+    dirs = property(lambda self: self[2])
+    expires = property(lambda self: self[3])
+    due = property(lambda self: self[4])
+
+
+class CloneTable:
+    """Session identity -> [owner, rule_id, dirs, expires, due] in a dict, indexed by
+    owner and by (proto, E, Ep) in dicts and by lease end in a heap (see the compiled
+    one for the interface)."""
+
+    def __init__(self, capacity: int = 1024):
+        self._c: dict = {}
+        self._of: dict = {}  # owner -> {sk: None}
+        self._at: dict = {}  # (proto, E, Ep) -> {sk: None}
+        self._ends: list = []  # heap of (due, sk)
+        self.walks = 0
+
+    def install(self, owner, items, now, margin, install_rows, tick, want_keys=False):
+        todo, rows = [], []
+        for sk, rule_id, lease_ms, d in items:
+            expires = now + lease_ms / 1000.0
+            c = self._c.get(sk)
+            if c is not None and c[0] == owner and (c[2] & d) == d:
+                if expires > c[3]:
+                    c[3] = expires
+                continue
+            todo.append((sk, rule_id, d, expires))
+            rows.append(tuple(sk) + (rule_id, d, 0, 0))
+        if not todo:
+            return 0, 0, []
+        got = install_rows(rows, tick)
+        installed = failed = 0
+        keys = [] if want_keys else None
+        for (sk, rule_id, d, expires), ok in zip(todo, got):
+            if ok <= 0:
+                failed += 1
+                continue
+            installed += 1
+            c = self._c.get(sk)
+            if c is None:
+                due = expires - margin
+                self._c[sk] = [owner, rule_id, d, expires, due]
+                heapq.heappush(self._ends, (due, sk))
+                self._of.setdefault(owner, {})[sk] = None
+                self._at.setdefault((sk[0], sk[3], sk[4]), {})[sk] = None
+            else:
+                c[2] |= d
+                if expires > c[3]:
+                    c[3] = expires
+            if want_keys:
+                keys.append((sk, d))
+        return installed, failed, keys
+
+    def due_now(self, now, margin):
+        out = []
+        ends = self._ends
+        while ends and now >= ends[0][0]:
+            due, sk = heapq.heappop(ends)
+            c = self._c.get(sk)
+            if c is None or c[4] != due:
+                continue
+            end = c[3] - margin
+            if now >= end:
+                out.append(sk)
+            else:
+                c[4] = end
+                heapq.heappush(ends, (end, sk))
+        return out
+
+    @property
+    def next_due(self):
+        return self._ends[0][0] if self._ends else float("inf")
+
+    def extend(self, sk, owner, until):
+        c = self._c.get(sk)
+        if c is None:
+            return 0
+        if c[0] != owner:
+            return -1
+        if until > c[3]:
+            c[3] = until
+        return 1
+
+    def remove(self, sk):
+        c = self._c.pop(sk, None)
+        if c is None:
+            return None
+        of = self._of[c[0]]
+        del of[sk]
+        if not of:
+            del self._of[c[0]]
+        k = (sk[0], sk[3], sk[4])
+        del self._at[k][sk]
+        if not self._at[k]:
+            del self._at[k]
+        return Clone(c)
+
+    def get(self, sk, default=None):
+        c = self._c.get(sk)
+        return default if c is None else Clone(c)
+
+    def __getitem__(self, sk):
+        return Clone(self._c[sk])
+
+    def __contains__(self, sk):
+        return sk in self._c
+
+    def __len__(self):
+        return len(self._c)
+
+    def __bool__(self):
+        return bool(self._c)
+
+    def at(self, proto, eaddr, eport):
+        return [(sk, Clone(self._c[sk])) for sk in self._at.get((proto, eaddr, eport), ())]
+
+    def of_owner(self, owner):
+        return [(sk, Clone(self._c[sk])) for sk in self._of.get(owner, ())]
+
+    def owners(self):
+        return {o: len(d) for o, d in self._of.items()}
+
+    def timers(self):
+        return [(d, sk) for d, sk in self._ends if sk in self._c]
+
+    def items(self):
+        self.walks += 1
+        return [(sk, Clone(c)) for sk, c in self._c.items()]
+
+    def keys(self):
+        return [sk for sk, _ in self.items()]
+
+    def values(self):
+        return [c for _, c in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())

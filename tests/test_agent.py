@@ -115,6 +115,12 @@ class MiniRules:
                 n += self.out_t.insert(sk[0], sk[1], sk[2], sk[5], sk[6], sk[3], sk[4], flags=layout.F_CLONE)
         return n
 
+    def install_clone_rows(self, rows, now, lease_until=0):
+        recs = np.zeros(len(rows), SESSION_DTYPE)
+        for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
+            recs[x] = (i, e, r, ip, ep, rp, p, d, rid, now, to, ti, 0, 0)
+        return self.install_clones(recs, now, recs["dirs"], lease_until).tolist()
+
     def install_clones(self, recs, now, dirs=3, lease_until=0):
         d = np.broadcast_to(np.asarray(dirs), (len(recs),))
         return np.array([self.install_clone(r, now, int(x), lease_until) for r, x in zip(recs, d)], np.int8)

@@ -49,3 +49,59 @@ def test_compiled_clone_install_equals_the_reference(seed, capacity):
     assert any(g == 2 for g in got) or capacity == 8
     flags = tables["c"][0].slots["flags"]
     assert (flags & layout.F_CLONE).any()
+
+
+def _norm(pairs):
+    return sorted(pairs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_clone_table_equals_the_reference(seed):
+    """The same operations on both clone tables (installs with refusals, repeats, lease
+    renewals, removals, lease ends, growth past the initial capacity): the same answers,
+    the same clones, the same indexes."""
+    rng = np.random.default_rng(seed)
+    tabs = [_clones.CloneTable(16), clones_py.CloneTable(16)]
+    pool = [(int(rng.choice([6, 17, 1])), 0x0A000000 + int(rng.integers(0, 6)), 1000 + int(rng.integers(0, 3)),
+             0xC6120001, 1024 + int(rng.integers(0, 5)), 0xCB007100 + int(rng.integers(0, 3)),
+             50 + int(rng.integers(0, 3))) for _ in range(120)]
+    now = 10.0
+    for step in range(60):
+        now += float(rng.random())
+        op = int(rng.integers(0, 5))
+        if op <= 1:
+            owner = int(rng.integers(0, 3))
+            items = [(pool[int(rng.integers(0, len(pool)))], int(rng.integers(1, 99)),
+                      int(rng.integers(500, 5000)), int(rng.integers(1, 4))) for _ in range(int(rng.integers(1, 30)))]
+            ok = [int(x) for x in rng.integers(-1, 3, len(items))]
+            calls = []
+
+            def rows_fn(rows, tick, ok=ok, calls=calls):
+                calls.append(list(rows))
+                return ok[:len(rows)]
+            got = [t.install(owner, items, now, 0.5, rows_fn, 7, True) for t in tabs]
+            assert got[0] == got[1]
+            assert len(calls) in (0, 2) and (not calls or calls[0] == calls[1])
+        elif op == 2 and len(tabs[1]):
+            sk = list(tabs[1]._c)[int(rng.integers(0, len(tabs[1])))]
+            o = int(rng.integers(0, 3))
+            assert tabs[0].extend(sk, o, now + 3) == tabs[1].extend(sk, o, now + 3)
+        elif op == 3 and len(tabs[1]):
+            sk = list(tabs[1]._c)[int(rng.integers(0, len(tabs[1])))]
+            assert tabs[0].remove(sk) == tabs[1].remove(sk)
+            assert tabs[0].remove(sk) is None
+        else:
+            d = [sorted(t.due_now(now, 0.5)) for t in tabs]
+            assert d[0] == d[1]
+            for sk in d[0]:
+                for t in tabs:
+                    t.remove(sk)
+        c, py = tabs
+        assert len(c) == len(py) and _norm(c.items()) == _norm(py.items())
+        assert c.owners() == py.owners()
+        for o in py.owners():
+            assert _norm(c.of_owner(o)) == _norm(py.of_owner(o))
+        for sk in py.keys():
+            assert sk in c and c[sk] == py[sk] and _norm(c.at(sk[0], sk[3], sk[4])) == _norm(py.at(sk[0], sk[3], sk[4]))
+        assert c.next_due == py.next_due or (not len(c) and c.next_due >= py.next_due)
+    assert len(tabs[1]) > 16 or seed  # grew past its first capacity (seed 0 at least)
