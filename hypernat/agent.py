@@ -102,10 +102,11 @@ from . import switchhash as _sh
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
 
-if _fastpath.IMPL == "cython":  # the clone table in C (hypernat/_clones.pyx)
+if _fastpath.IMPL == "cython":  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx)
     from ._clones import CloneTable
-else:  # its plain-Python reference
-    from .clones_py import CloneTable
+    from ._serve import serve_fetches
+else:  # their plain-Python reference
+    from .clones_py import CloneTable, serve_fetches
 
 log = logging.getLogger("hypernat.agent")
 
@@ -643,7 +644,7 @@ class RuleAgent:
         items = []  # (sk, rule_id, lease_ms, dir bit) of each accepted record
         # the owner of every rule's external endpoint, at once (partition + loans)
         owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
-                  if self.partition is not None and n > self._SMALL_FETCH else None)
+                  if self.partition is not None and n > 4 else None)  # a few: ints, below
         if n <= 8:  # a record's tuple: cheaper than a list per field for a few
             rows = [r[:11] for r in recs.tolist()]
         else:
@@ -846,107 +847,23 @@ class RuleAgent:
             self.count("ack_mismatched", bad)
 
     # owner side
-    _SMALL_FETCH = 4  # up to this many records: plain tuples instead of numpy field ops
-
     def _on_fetch(self, source, recs, now):
-        """Serve FETCHes (batched): the builder finds, admits or allocates each session;
-        answers go back as one RULE and one NACK message, numpy field by field (a few
-        records: tuple by tuple, ``_on_fetch_small``; both give the same answers)."""
-        if len(recs) <= self._SMALL_FETCH:
-            return self._on_fetch_small(source, recs, now)
-        tick = self.tick_clock()
-        by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
-        lease_ms = int(self.p.lease_s * 1000)
-        n_ext = int(np.count_nonzero(by_ext))
-        for fetch_dir, count in ((IN, n_ext), (OUT, len(recs) - n_ext)):
-            if count == 0:
-                continue
-            if count == len(recs):
-                sub = recs
-            else:
-                sub = recs[by_ext] if fetch_dir == IN else recs[~by_ext]
-            keys = np.zeros(len(sub), layout.KEY_DTYPE)
-            keys["proto"] = sub["proto"]
-            if fetch_dir == IN:
-                keys["saddr"], keys["sport"] = sub["rem_addr"], sub["rem_port"]
-                keys["daddr"], keys["dport"] = sub["ext_addr"], sub["ext_port"]
-            else:
-                keys["saddr"], keys["sport"] = sub["int_addr"], sub["int_port"]
-                keys["daddr"], keys["dport"] = sub["rem_addr"], sub["rem_port"]
-            icmp = (sub["flags"] & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE)) != 0
-            if icmp.any():
-                keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
-            sessions, status = self.rules.serve_fetch(fetch_dir, keys, tick)
-            status = np.asarray(status)
-            ok = status == 0
-            all_ok = bool(ok.all())
-            if all_ok or ok.any():
-                s, r = (sessions, sub) if all_ok else (sessions[ok], sub[ok])
-                out = M.records(M.T_RULE, len(s))
-                out["seq"], out["rule_id"], out["proto"] = r["seq"], s["rule_id"], s["proto"]
-                out["int_addr"], out["int_port"] = s["iaddr"], s["iport"]
-                out["ext_addr"], out["ext_port"] = s["eaddr"], s["eport"]
-                out["rem_addr"], out["rem_port"] = s["raddr"], s["rport"]
-                out["owner"], out["lease_ms"] = self.nic_id, lease_ms
-                out["tcp_state"] = s["tcp_out"] | s["tcp_in"]
-                # session identities (proto, I, Ip, E, Ep, R, Rp), column by column
-                self._grant_many(list(zip(*(s[f].tolist() for f in _SK_FIELDS))), source, now)
-                self._emit(source, M.T_RULE, out)
-            if not all_ok:
-                r, st = sub[~ok], status[~ok]
-                out = M.records(M.T_NACK, len(r))
-                out[:] = r
-                out["reason"] = [_nack_reason(x) for x in st.tolist()]
-                if fetch_dir == IN:
-                    self._notice_lent(source, r["ext_addr"].tolist(), r["ext_port"].tolist())
-                self._emit(source, M.T_NACK, out)
-                self.count("fetch_refused", len(r))
-
-    def _on_fetch_small(self, source, recs, now):
-        """``_on_fetch`` for a few records (the latency-critical case: one FETCH per
-        connection): one ``serve_fetch_rows`` call for all of them (plain tuples, no
-        numpy), the RULE records packed with struct."""
-        tick = self.tick_clock()
-        rows = list(M.KEY_STRUCT.iter_unpack(recs.tobytes()))  # KEY_DTYPE (messages) order
-        keys = []
-        icmp_flags = M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE
-        for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in rows:
-            k = layout.KIND_ICMP_ERROR if flags & icmp_flags else 0
-            if kind == M.FETCH_BY_EXTERNAL:  # fetch_dir, then layout.KEY_DTYPE: saddr daddr sport dport proto kind ...
-                keys.append((IN, ra, ea, rp, ep, proto, k, 0, 0))
-            else:
-                keys.append((OUT, ia, ra, ip, rp, proto, k, 0, 0))
-        serve_rows = getattr(self.rules, "serve_fetch_rows", None)
-        if serve_rows is not None:
-            res = serve_rows(keys, tick)
-        else:  # a builder with the array interface only
-            sessions, status = self.rules.serve_fetch(np.array([k[0] for k in keys], np.uint8),
-                                                      np.array([k[1:] for k in keys], layout.KEY_DTYPE), tick)
-            res = [(st, s if st == 0 else None) for st, s in zip(np.asarray(status).tolist(), sessions.tolist())]
-        lease_ms = int(self.p.lease_s * 1000)
-        nic = self.nic_id
-        pack = M.RULE_STRUCT.pack
-        buf = bytearray()
-        sks = []
-        bad = []
-        for i, (st, s) in enumerate(res):
-            if st != 0:
-                bad.append(i)
-                continue
-            ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in, _, _ = s  # SESSION_DTYPE order
-            # RULE_DTYPE: seq rule_id lease_ms int ext rem int_port ext_port rem_port owner proto tcp flags timeout
-            buf += pack(rows[i][0], rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0, 0, 0)
-            sks.append((proto, ia, ip, ea, ep, ra, rp))
+        """Serve a batch of FETCHes, one record or thousands alike: ``serve_fetches``
+        (compiled) asks the builder for every session in one ``serve_fetch_rows`` call
+        and writes the RULE records; the leases are granted and the answers go back as
+        one RULE and one NACK message."""
+        rule, sks, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
+                                               int(self.p.lease_s * 1000))
         if sks:
             self._grant_many(sks, source, now)
-            self._emit(source, M.T_RULE, np.frombuffer(buf, M.RULE_DTYPE))
+            self._emit(source, M.T_RULE, rule)
         if bad:
             out = M.records(M.T_NACK, len(bad))
             out[:] = recs[bad]
-            out["reason"] = [_nack_reason(res[i][0]) for i in bad]
-            lent = [rows[i] for i in bad if rows[i][3] == M.FETCH_BY_EXTERNAL]
-            if lent:
-                self._notice_lent(source, [r[7] for r in lent], [r[10] for r in lent])
+            out["reason"] = [_nack_reason(x) for x in status]
+            lent = out[out["kind"] == M.FETCH_BY_EXTERNAL]
+            if len(lent):
+                self._notice_lent(source, lent["ext_addr"].tolist(), lent["ext_port"].tolist())
             self._emit(source, M.T_NACK, out)
             self.count("fetch_refused", len(bad))
 

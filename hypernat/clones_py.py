@@ -195,3 +195,34 @@ class CloneTable:
 
     def __iter__(self):
         return iter(self.keys())
+
+
+# ---------------------------------------------------------------------------------------
+# Fetch serving: the reference of ``hypernat._serve.serve_fetches``
+# ---------------------------------------------------------------------------------------
+def serve_fetches(recs, serve_rows, tick, nic, lease_ms):
+    """See ``hypernat._serve.serve_fetches``."""
+    import numpy as np
+
+    from . import messages as M
+
+    lookup_only = M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE
+    recs = np.asarray(recs, M.KEY_DTYPE)
+    rows = []
+    for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
+        k = layout.KIND_ICMP_ERROR if flags & lookup_only else 0
+        if kind == M.FETCH_BY_EXTERNAL:
+            rows.append((1, ra, ea, rp, ep, proto, k, 0, 0))  # verdicts.IN: (p, R, Rp, E, Ep)
+        else:
+            rows.append((0, ia, ra, ip, rp, proto, k, 0, 0))  # verdicts.OUT: (p, I, Ip, R, Rp)
+    res = serve_rows(rows, tick)
+    out, sks, bad, bad_status = [], [], [], []
+    for x, (st, s) in enumerate(res):
+        if st != 0:
+            bad.append(x)
+            bad_status.append(st)
+            continue
+        ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in = s[:12]
+        out.append((int(recs["seq"][x]), rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0, 0, 0))
+        sks.append((proto, ia, ip, ea, ep, ra, rp))
+    return np.array(out, M.RULE_DTYPE), sks, bad, bad_status

@@ -105,3 +105,29 @@ def test_compiled_clone_table_equals_the_reference(seed):
             assert sk in c and c[sk] == py[sk] and _norm(c.at(sk[0], sk[3], sk[4])) == _norm(py.at(sk[0], sk[3], sk[4]))
         assert c.next_due == py.next_due or (not len(c) and c.next_due >= py.next_due)
     assert len(tabs[1]) > 16 or seed  # grew past its first capacity (seed 0 at least)
+
+
+def test_compiled_fetch_serving_equals_the_reference():
+    """serve_fetches, compiled and reference: the same rows asked of the builder and the
+    same RULE records, identities and refusals for the same answers."""
+    from hypernat import messages as M
+
+    _serve = pytest.importorskip("hypernat._serve")
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 40):
+        recs = M.records(M.T_FETCH, n)
+        for x in range(n):
+            recs[x] = (1000 + x, 0, int(rng.choice([6, 17, 1])), int(rng.integers(0, 2)), 0,
+                       int(rng.choice([0, 2, 4])), 0x0A000001 + x, 0xC6120001, 0xCB007101 + x,
+                       2000 + x, 3000 + x, 443, 0)
+        asked = []
+
+        def serve_rows(rows, tick):
+            asked.append((list(rows), tick))
+            return [(0, (r[1], 0xC6120001, r[2], r[3], 3000 + i, r[4], r[5], 3, 77 + i, tick, i & 7, 8, 0, 0))
+                    if i % 3 else (5, None) for i, r in enumerate(rows)]
+        got_c = _serve.serve_fetches(recs, serve_rows, 9, 2, 30000)
+        got_py = clones_py.serve_fetches(recs, serve_rows, 9, 2, 30000)
+        assert asked[0] == asked[1]
+        assert got_c[0].tobytes() == got_py[0].tobytes() and got_c[1:] == got_py[1:]
+        assert len(got_c[0]) + len(got_c[2]) == n and (got_c[0]["owner"] == 2).all()
