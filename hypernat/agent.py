@@ -102,10 +102,12 @@ from . import switchhash as _sh
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
 
-if _fastpath.IMPL == "cython":  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx)
+try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with the fast path
+    if _fastpath.IMPL != "cython":
+        raise ImportError("the fast path runs on its reference")
     from ._clones import CloneTable
     from ._serve import serve_fetches
-else:  # their plain-Python reference
+except ImportError:  # their plain-Python reference
     from .clones_py import CloneTable, serve_fetches
 
 log = logging.getLogger("hypernat.agent")
