@@ -59,8 +59,8 @@ mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
-  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag \
+  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat._clones,hypernat._serve \
     "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py tests/test_frag.py
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_fastpath_*.py tests/test_frag.py tests/test_clones_twins.py
 )
-echo "portability: fast-path tests pass with -funsigned-char"
+echo "portability: fast-path and clone tests pass with -funsigned-char"
