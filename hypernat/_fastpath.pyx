@@ -91,31 +91,8 @@ cdef extern from *:
     #error "hypernat._fastpath: layout.SLOT_DTYPE is little-endian; this target is not"
     #endif
 
-    /* layout.SLOT_DTYPE: natural alignment already leaves no padding, so the struct is
-       packed without a pragma; the asserts pin every offset to the dtype. */
-    typedef struct {
-        uint32_t saddr;
-        uint32_t daddr;
-        uint16_t sport;
-        uint16_t dport;
-        uint8_t  proto;
-        uint8_t  flags;
-        uint16_t new_port;
-        uint32_t new_addr;
-        uint32_t rule_id;
-        uint32_t last_seen;
-        uint8_t  tcp_state;
-        uint8_t  user;
-        uint16_t lease;
-    } hn_slot;
+    /* hn_slot (layout.SLOT_DTYPE) and hn_flow_hash: in _fastpath.pxd */
     #define HN_ASSERT_OFF(T, f, o) _Static_assert(offsetof(T, f) == (o), #T "." #f " offset")
-    _Static_assert(sizeof(hn_slot) == 32, "hn_slot must be 32 bytes (layout.SLOT_DTYPE)");
-    HN_ASSERT_OFF(hn_slot, daddr, 4);     HN_ASSERT_OFF(hn_slot, sport, 8);
-    HN_ASSERT_OFF(hn_slot, dport, 10);    HN_ASSERT_OFF(hn_slot, proto, 12);
-    HN_ASSERT_OFF(hn_slot, flags, 13);    HN_ASSERT_OFF(hn_slot, new_port, 14);
-    HN_ASSERT_OFF(hn_slot, new_addr, 16); HN_ASSERT_OFF(hn_slot, rule_id, 20);
-    HN_ASSERT_OFF(hn_slot, last_seen, 24); HN_ASSERT_OFF(hn_slot, tcp_state, 28);
-    HN_ASSERT_OFF(hn_slot, user, 29);     HN_ASSERT_OFF(hn_slot, lease, 30);
 
     /* layout.KEY_DTYPE */
     typedef struct {
@@ -131,19 +108,6 @@ cdef extern from *:
     _Static_assert(sizeof(hn_key) == 16, "hn_key must be 16 bytes (layout.KEY_DTYPE)");
     HN_ASSERT_OFF(hn_key, sport, 8);  HN_ASSERT_OFF(hn_key, proto, 12);
     HN_ASSERT_OFF(hn_key, kind, 13);  HN_ASSERT_OFF(hn_key, icmp_type, 15);
-
-    /* layout.flow_hash, the same 64-bit value. */
-    static inline uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
-                                        uint32_t daddr, uint16_t dport) {
-        uint64_t a = ((uint64_t)saddr << 32) | (uint64_t)daddr;
-        uint64_t b = ((uint64_t)sport << 24) | ((uint64_t)dport << 8) | (uint64_t)proto;
-        uint64_t h = a * UINT64_C(0x9E3779B97F4A7C15);
-        h ^= b * UINT64_C(0xC2B2AE3D27D4EB4F);
-        h ^= h >> 29;
-        h *= UINT64_C(0xBF58476D1CE4E5B9);
-        h ^= h >> 32;
-        return h;
-    }
 
     /* Portable prefetch: gcc/clang lower it to PREFETCHT0 on x86-64, PRFM on aarch64.
        Written as a macro so that no helper can be dropped at -O2 (DESIGN.md). */
@@ -168,21 +132,6 @@ cdef extern from *:
         abort();
     }
     """
-    ctypedef struct hn_slot:
-        uint32_t saddr
-        uint32_t daddr
-        uint16_t sport
-        uint16_t dport
-        uint8_t proto
-        uint8_t flags
-        uint16_t new_port
-        uint32_t new_addr
-        uint32_t rule_id
-        uint32_t last_seen
-        uint8_t tcp_state
-        uint8_t user
-        uint16_t lease
-
     ctypedef struct hn_key:
         uint32_t saddr
         uint32_t daddr
@@ -193,8 +142,6 @@ cdef extern from *:
         uint8_t tcp_flags
         uint8_t icmp_type
 
-    uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
-                          uint32_t daddr, uint16_t dport) noexcept nogil
     void hn_prefetch(const void *p) noexcept nogil
     bint hn_unlikely(bint x) noexcept nogil
     int HN_DEBUG
@@ -247,14 +194,7 @@ ROUTER_KEYS = ("outside_mtu", "inside_mtu", "outside_address", "inside_address",
 # The table, in C
 # ------------------------------------------------------------------------------------
 
-ctypedef struct hn_table:
-    hn_slot *s
-    uint64_t mask
-    uint64_t nslots
-    uint64_t count
-    uint64_t capacity
-    uint64_t full_count
-
+# hn_table: in _fastpath.pxd
 
 cdef inline bint key_eq(const hn_slot *s, uint8_t proto, uint32_t sa, uint16_t sp,
                         uint32_t da, uint16_t dp) noexcept nogil:
@@ -1308,9 +1248,24 @@ cdef class FlowTable:
     docstring of ``hypernat.fastpath`` for the API and ``docs/fastpath.md`` for the
     exact semantics (shared with ``hypernat.fastpath_py.FlowTable``)."""
 
-    cdef hn_table t
-    cdef object _slots
-    cdef int _busy          # > 0 while a translate over this table runs without the GIL
+    # fields and the C-level interface: _fastpath.pxd
+
+    cdef int64_t c_find(self, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
+                        uint16_t dp) noexcept nogil:
+        return tbl_find(&self.t, proto, sa, sp, da, dp, hn_flow_hash(proto, sa, sp, da, dp))
+
+    cdef bint c_insert(self, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
+                       uint32_t new_addr, uint16_t new_port, uint32_t rule_id, uint32_t now,
+                       uint8_t flags) noexcept nogil:
+        return tbl_insert(&self.t, proto, sa, sp, da, dp, new_addr, new_port, rule_id, now, flags,
+                          hn_flow_hash(proto, sa, sp, da, dp))
+
+    cdef bint c_delete(self, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
+                       uint16_t dp) noexcept nogil:
+        return tbl_delete(&self.t, proto, sa, sp, da, dp)
+
+    cdef hn_slot *c_slot(self, int64_t i) noexcept nogil:
+        return &self.t.s[i]
 
     def __cinit__(self):
         self.t.s = NULL

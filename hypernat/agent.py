@@ -24,8 +24,11 @@ NIC that moves rules between NICs, through the coordinator:
 ICMP error whose embedded flow misses, or — with endpoint-independent mapping — a first
 outgoing packet of a host whose mappings another NIC owns.  Frames wait in a queue that
 is bounded per flow and in total; a NACK or a timeout drops them and counts why.  A NACK
-is remembered briefly (negative cache) and fetches are rate-limited per remote source,
-so a port scan of the external space cannot become a FETCH storm.
+for an endpoint nobody maps is remembered briefly (negative cache; a *filtered* NACK is
+not: the owner's filter opens with the inside host's next outbound packet, on whatever
+NIC it leaves, so a cached refusal would outlive it and break hole punching) and
+fetches are rate-limited per remote source, so a port scan of the external space
+cannot become a FETCH storm.
 
 The per-source limit charges *misses that turn out to have no rule*, not fetches: a
 token bucket per remote source address (rate and burst ``fetch_rate_per_source``); a
@@ -92,11 +95,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fastpath as _fastpath
 from . import layout
 from . import messages as M
 from . import switchhash as _sh
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
+
+try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with the fast path
+    if _fastpath.IMPL != "cython":
+        raise ImportError("the fast path runs on its reference")
+    from ._clones import CloneTable
+    from ._serve import serve_fetches
+except ImportError:  # their plain-Python reference
+    from .clones_py import CloneTable, serve_fetches
 
 log = logging.getLogger("hypernat.agent")
 
@@ -206,6 +218,9 @@ _NACK_OF = {
 }
 
 
+_NACK_FILTERED = M.NACK["filtered"]
+
+
 def _nack_reason(status: int) -> int:
     """NACK reason code of a builder refusal (a SLOW_PATH_REASON_NAMES index)."""
     name = SLOW_PATH_REASON_NAMES[status] if 0 <= status < len(SLOW_PATH_REASON_NAMES) else ""
@@ -299,7 +314,7 @@ class AgentParams:
     retry_max_s: float = 0.5
     queue_per_flow: int = 16
     queue_total: int = 8192
-    negative_ttl_s: float = 2.0  # NACKs remembered this long
+    negative_ttl_s: float = 2.0  # no-rule NACKs remembered this long (filtered ones: not)
     negative_max: int = 65536
     fetch_rate: float = 100.0  # NACKed fetches per second per remote source (token bucket:
     fetch_burst: float = 200.0  # a fetch takes a token, its RULE gives it back) ... and burst
@@ -322,15 +337,6 @@ class _Pending:
     flags: int = 0
     frames: list = field(default_factory=list)
     charged: int = -1  # remote source whose token this fetch holds (-1: none)
-
-
-@dataclass(slots=True)
-class _Clone:
-    owner: int
-    rule_id: int
-    dirs: int  # DIR_BIT_* installed here
-    expires: float  # local clock: the lease ends here (dropped lease_margin earlier)
-    due: float = 0.0  # the time this clone is queued under in RuleAgent._clone_ends
 
 
 @dataclass
@@ -381,12 +387,11 @@ class RuleAgent:
         self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
         self._by_seq: dict[int, tuple] = {}
         self.queued_total = 0
-        self.clones: dict[tuple, _Clone] = {}  # session identity -> clone held here
-        # ... indexed as clones come and go (_install_many, _drop_clone): by owner (a
-        # restart report), by external endpoint (entries whose key does not name the
-        # session, ``hypernat ctl rule``); nothing periodic walks every clone
-        self._clones_of: dict[int, dict] = {}  # owner -> {sk: None}
-        self._clones_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...}
+        # session identity -> clone held here (owner, rule_id, dirs, lease end), in C,
+        # indexed by owner (a restart report), by external endpoint (entries whose key
+        # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
+        # timer); nothing periodic walks every clone
+        self.clones = CloneTable()
         self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
         self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
         # owner side
@@ -399,7 +404,6 @@ class RuleAgent:
         # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
         # entry is checked when its time comes (a renewal moved the end: queued again
         # under the new one; the clone or lease is gone: dropped), a few per turn.
-        self._clone_ends: list = []  # holder: heap of (lease end - margin, sk); see _Clone.due
         self._lease_ends: list = []  # owner: heap of (until, sk, holder), one per lease granted
         # spill-over (needs the Partition: loans override owner())
         self.partition = partition
@@ -643,7 +647,7 @@ class RuleAgent:
         items = []  # (sk, rule_id, lease_ms, dir bit) of each accepted record
         # the owner of every rule's external endpoint, at once (partition + loans)
         owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
-                  if self.partition is not None and n > self._SMALL_FETCH else None)
+                  if self.partition is not None and n > 4 else None)  # a few: ints, below
         if n <= 8:  # a record's tuple: cheaper than a list per field for a few
             rows = [r[:11] for r in recs.tolist()]
         else:
@@ -773,6 +777,14 @@ class RuleAgent:
             self.count("fetch_nack", max(1, len(pend.frames)))
             if reason == M.NACK["unavailable"]:
                 self._refund(pend)  # the owner could not answer: not the remote's doing
+            elif reason == _NACK_FILTERED:
+                # the endpoint is mapped but the owner's filter refused this remote: the
+                # token stays spent, but nothing is cached, because the owner's answer can
+                # change with the next outbound packet of the inside host (hole punching:
+                # A sends to B through another NIC; B's next packet here must be asked
+                # about again, not dropped for negative_ttl on a refusal that no longer
+                # holds).  The remote's token bucket still bounds what a prober costs.
+                pass
             else:  # no rule: the token stays spent (this is what a scan pays for)
                 self.negative[pk] = now + self.p.negative_ttl_s
                 if len(self.negative) > self.p.negative_max:
@@ -788,15 +800,13 @@ class RuleAgent:
 
     def _on_lease(self, source, recs, now):
         for r in recs:
-            c = self.clones.get(skey(r))
-            if c is None:
+            got = self.clones.extend(skey(r), source, now + int(r["lease_ms"]) / 1000.0)
+            if got == 0:
                 self.count("lease_unknown")
-                continue
-            if c.owner != source:
+            elif got < 0:
                 self.count("lease_misdirected")
-                continue
-            c.expires = max(c.expires, now + int(r["lease_ms"]) / 1000.0)
-            self.count("leases_renewed")
+            else:
+                self.count("leases_renewed")
 
     def _on_revoke(self, source, recs, now):
         ack = M.records(M.T_REVOKE_ACK, len(recs))
@@ -840,107 +850,23 @@ class RuleAgent:
             self.count("ack_mismatched", bad)
 
     # owner side
-    _SMALL_FETCH = 4  # up to this many records: plain tuples instead of numpy field ops
-
     def _on_fetch(self, source, recs, now):
-        """Serve FETCHes (batched): the builder finds, admits or allocates each session;
-        answers go back as one RULE and one NACK message, numpy field by field (a few
-        records: tuple by tuple, ``_on_fetch_small``; both give the same answers)."""
-        if len(recs) <= self._SMALL_FETCH:
-            return self._on_fetch_small(source, recs, now)
-        tick = self.tick_clock()
-        by_ext = recs["kind"] == M.FETCH_BY_EXTERNAL
-        lease_ms = int(self.p.lease_s * 1000)
-        n_ext = int(np.count_nonzero(by_ext))
-        for fetch_dir, count in ((IN, n_ext), (OUT, len(recs) - n_ext)):
-            if count == 0:
-                continue
-            if count == len(recs):
-                sub = recs
-            else:
-                sub = recs[by_ext] if fetch_dir == IN else recs[~by_ext]
-            keys = np.zeros(len(sub), layout.KEY_DTYPE)
-            keys["proto"] = sub["proto"]
-            if fetch_dir == IN:
-                keys["saddr"], keys["sport"] = sub["rem_addr"], sub["rem_port"]
-                keys["daddr"], keys["dport"] = sub["ext_addr"], sub["ext_port"]
-            else:
-                keys["saddr"], keys["sport"] = sub["int_addr"], sub["int_port"]
-                keys["daddr"], keys["dport"] = sub["rem_addr"], sub["rem_port"]
-            icmp = (sub["flags"] & (M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE)) != 0
-            if icmp.any():
-                keys["kind"][icmp] = layout.KIND_ICMP_ERROR  # lookup only: never create
-            sessions, status = self.rules.serve_fetch(fetch_dir, keys, tick)
-            status = np.asarray(status)
-            ok = status == 0
-            all_ok = bool(ok.all())
-            if all_ok or ok.any():
-                s, r = (sessions, sub) if all_ok else (sessions[ok], sub[ok])
-                out = M.records(M.T_RULE, len(s))
-                out["seq"], out["rule_id"], out["proto"] = r["seq"], s["rule_id"], s["proto"]
-                out["int_addr"], out["int_port"] = s["iaddr"], s["iport"]
-                out["ext_addr"], out["ext_port"] = s["eaddr"], s["eport"]
-                out["rem_addr"], out["rem_port"] = s["raddr"], s["rport"]
-                out["owner"], out["lease_ms"] = self.nic_id, lease_ms
-                out["tcp_state"] = s["tcp_out"] | s["tcp_in"]
-                # session identities (proto, I, Ip, E, Ep, R, Rp), column by column
-                self._grant_many(list(zip(*(s[f].tolist() for f in _SK_FIELDS))), source, now)
-                self._emit(source, M.T_RULE, out)
-            if not all_ok:
-                r, st = sub[~ok], status[~ok]
-                out = M.records(M.T_NACK, len(r))
-                out[:] = r
-                out["reason"] = [_nack_reason(x) for x in st.tolist()]
-                if fetch_dir == IN:
-                    self._notice_lent(source, r["ext_addr"].tolist(), r["ext_port"].tolist())
-                self._emit(source, M.T_NACK, out)
-                self.count("fetch_refused", len(r))
-
-    def _on_fetch_small(self, source, recs, now):
-        """``_on_fetch`` for a few records (the latency-critical case: one FETCH per
-        connection): one ``serve_fetch_rows`` call for all of them (plain tuples, no
-        numpy), the RULE records packed with struct."""
-        tick = self.tick_clock()
-        rows = list(M.KEY_STRUCT.iter_unpack(recs.tobytes()))  # KEY_DTYPE (messages) order
-        keys = []
-        icmp_flags = M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE
-        for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in rows:
-            k = layout.KIND_ICMP_ERROR if flags & icmp_flags else 0
-            if kind == M.FETCH_BY_EXTERNAL:  # fetch_dir, then layout.KEY_DTYPE: saddr daddr sport dport proto kind ...
-                keys.append((IN, ra, ea, rp, ep, proto, k, 0, 0))
-            else:
-                keys.append((OUT, ia, ra, ip, rp, proto, k, 0, 0))
-        serve_rows = getattr(self.rules, "serve_fetch_rows", None)
-        if serve_rows is not None:
-            res = serve_rows(keys, tick)
-        else:  # a builder with the array interface only
-            sessions, status = self.rules.serve_fetch(np.array([k[0] for k in keys], np.uint8),
-                                                      np.array([k[1:] for k in keys], layout.KEY_DTYPE), tick)
-            res = [(st, s if st == 0 else None) for st, s in zip(np.asarray(status).tolist(), sessions.tolist())]
-        lease_ms = int(self.p.lease_s * 1000)
-        nic = self.nic_id
-        pack = M.RULE_STRUCT.pack
-        buf = bytearray()
-        sks = []
-        bad = []
-        for i, (st, s) in enumerate(res):
-            if st != 0:
-                bad.append(i)
-                continue
-            ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in, _, _ = s  # SESSION_DTYPE order
-            # RULE_DTYPE: seq rule_id lease_ms int ext rem int_port ext_port rem_port owner proto tcp flags timeout
-            buf += pack(rows[i][0], rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0, 0, 0)
-            sks.append((proto, ia, ip, ea, ep, ra, rp))
+        """Serve a batch of FETCHes, one record or thousands alike: ``serve_fetches``
+        (compiled) asks the builder for every session in one ``serve_fetch_rows`` call
+        and writes the RULE records; the leases are granted and the answers go back as
+        one RULE and one NACK message."""
+        rule, sks, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
+                                               int(self.p.lease_s * 1000))
         if sks:
             self._grant_many(sks, source, now)
-            self._emit(source, M.T_RULE, np.frombuffer(buf, M.RULE_DTYPE))
+            self._emit(source, M.T_RULE, rule)
         if bad:
             out = M.records(M.T_NACK, len(bad))
             out[:] = recs[bad]
-            out["reason"] = [_nack_reason(res[i][0]) for i in bad]
-            lent = [rows[i] for i in bad if rows[i][3] == M.FETCH_BY_EXTERNAL]
-            if lent:
-                self._notice_lent(source, [r[7] for r in lent], [r[10] for r in lent])
+            out["reason"] = [_nack_reason(x) for x in status]
+            lent = out[out["kind"] == M.FETCH_BY_EXTERNAL]
+            if len(lent):
+                self._notice_lent(source, lent["ext_addr"].tolist(), lent["ext_port"].tolist())
             self._emit(source, M.T_NACK, out)
             self.count("fetch_refused", len(bad))
 
@@ -1238,59 +1164,15 @@ class RuleAgent:
 
     def _install_many(self, owner: int, items, now: float) -> None:
         """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        A clone already held with those entries only has its lease extended (idempotent
-        repeat); the rest go to the builder in one call: ``install_clone_rows`` (plain
-        tuples), or ``install_clones`` on a SESSION_DTYPE array for a builder without it."""
-        todo = []
-        rows = []  # install_clone_rows: (p, i, ip, e, ep, r, rp, rule_id, dirs, tcp_out, tcp_in)
-        clones = self.clones
-        cget = clones.get
-        for sk, rule_id, lease_ms, dirs in items:
-            expires = now + lease_ms / 1000.0
-            c = cget(sk)
-            if c is not None and c.owner == owner and (c.dirs & dirs) == dirs:
-                if expires > c.expires:
-                    c.expires = expires
-            else:
-                todo.append((sk, rule_id, dirs, expires))
-                rows.append(sk + (rule_id, dirs, 0, 0))
-        if not todo:
-            return
-        tick = self.tick_clock()
-        rules = self.rules
-        rows_fn = getattr(rules, "install_clone_rows", None)
-        if rows_fn is not None:
-            got = rows_fn(rows, tick)
-        else:
-            recs = np.array([(i, e, r, ip, ep, rp, p, d, rid, tick, 0, 0, owner, 0)
-                             for (p, i, ip, e, ep, r, rp), rid, d, _ in todo], dtype=SESSION_DTYPE)
-            got = rules.install_clones(recs, tick, recs["dirs"]).tolist()
-        installed = 0
-        failed = 0
+        One ``CloneTable.install`` (compiled): a clone already held with those entries
+        only has its lease extended (idempotent repeat), the rest get their flow-table
+        entries from the builder's ``install_clone_rows`` in one call and become clones."""
         neg = self.negative
-        ends = self._clone_ends
-        heappush = heapq.heappush
-        margin = self.p.lease_margin_s
-        for (sk, rule_id, dirs, expires), ok in zip(todo, got):
-            if ok <= 0:
-                failed += 1
-                continue
-            installed += 1
-            c = cget(sk)
-            if c is None:
-                due = expires - margin
-                clones[sk] = _Clone(owner, rule_id, dirs, expires, due)
-                heappush(ends, (due, sk))
-                of = self._clones_of.get(owner)
-                if of is None:
-                    of = self._clones_of[owner] = {}
-                of[sk] = None
-                _ix_add(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
-            else:
-                c.dirs |= dirs
-                if expires > c.expires:
-                    c.expires = expires
-            if neg:
+        installed, failed, keys = self.clones.install(owner, items, now, self.p.lease_margin_s,
+                                                      self.rules.install_clone_rows, self.tick_clock(),
+                                                      bool(neg))
+        if neg:
+            for sk, dirs in keys:
                 for d in (OUT, IN):
                     if dirs & DIR_BIT[d]:
                         neg.pop((d, session_key(sk, d)), None)
@@ -1299,15 +1181,9 @@ class RuleAgent:
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
-        c = self.clones.pop(sk, None)
+        c = self.clones.remove(sk)
         if c is None:
             return
-        of = self._clones_of.get(c.owner)
-        if of is not None:
-            of.pop(sk, None)
-            if not of:
-                del self._clones_of[c.owner]
-        _ix_del(self._clones_at, _ekey(sk[0], sk[3], sk[4]), sk)
         self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
         self.count(reason)
 
@@ -1459,20 +1335,9 @@ class RuleAgent:
                     u.retry = min(u.retry * 2, self.p.retry_max_s)
                     self._emit(u.target, u.mtype, u.rec)
                     self.count("retries")
-        ends = self._clone_ends
-        if ends and now >= ends[0][0]:  # holder: clones whose lease runs out (exactly on time)
-            clones, margin = self.clones, self.p.lease_margin_s
-            while ends and now >= ends[0][0]:
-                due, sk = heapq.heappop(ends)
-                c = clones.get(sk)
-                if c is None or c.due != due:
-                    continue  # dropped (or queued again) since
-                end = c.expires - margin
-                if now >= end:
-                    self._drop_clone(sk, "lease_expired")
-                else:  # renewed meanwhile
-                    c.due = end
-                    heapq.heappush(ends, (end, sk))
+        if now >= self.clones.next_due:  # holder: clones whose lease runs out (exactly on time)
+            for sk in self.clones.due_now(now, self.p.lease_margin_s):
+                self._drop_clone(sk, "lease_expired")
         if self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
@@ -1581,8 +1446,8 @@ class RuleAgent:
         0), so it is looked for among the clones on its external endpoint (None: no
         clone holds that entry)."""
         head = esk[:6]
-        for sk in _ix_get(self._clones_at, _ekey(esk[0], esk[3], esk[4])):
-            if sk[:6] == head and (self.clones[sk].dirs & dirs or not dirs):
+        for sk, c in self.clones.at(esk[0], esk[3], esk[4]):
+            if sk[:6] == head and (c.dirs & dirs or not dirs):
                 return sk
         return None
 
@@ -1592,8 +1457,7 @@ class RuleAgent:
         [(sk, owner, rule_id, dirs, expires)])."""
         k = _ekey(proto, eaddr, eport)
         leases = [(sk, dict(self.leases[sk])) for sk in _ix_get(self._leases_at, k)]
-        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires)
-                  for sk in _ix_get(self._clones_at, k) for c in (self.clones[sk],)]
+        clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires) for sk, c in self.clones.at(proto, eaddr, eport)]
         return leases, clones
 
     def resend_all(self, now: float) -> None:
@@ -1632,8 +1496,7 @@ class RuleAgent:
         retried like the other messages that matter (until its ACTIVITY_ACK, the first
         record's seq, or until the clones' leases would have run out anyway); the owner
         handles a repeat idempotently."""
-        clones = self.clones
-        items = [(sk, clones[sk]) for sk in self._clones_of.get(owner, ())]
+        items = self.clones.of_owner(owner)
         if not items:
             return
         rec = M.records(M.T_ACTIVITY, len(items))

@@ -1356,11 +1356,10 @@ class RuleBuilder:
         The batch is the unit of work (passive install answers a burst of fetches with
         one RULE message)::
 
-            records ──tolist──▶ checks per record (ints: protocol, ownership, no owned
-                                entry in the way: one C lookup per entry)
-                    ──▶ one SLOT_DTYPE array per table ──▶ FlowTable.insert_batch
-                    ──▶ tcp_state / lease written only where non-zero (a fresh UDP clone
-                        under an agent-tracked lease needs nothing more)
+            records ──tolist──▶ owners of the external endpoints (partition)
+                    ──▶ hypernat._clones.install_clone_rows (compiled; clones_py without
+                        the extensions): per entry one C lookup (an owned entry in the
+                        way refuses it), one C insert, tcp_state / lease where non-zero
 
         A batch is exactly the records installed one by one, in order (a later record
         for the same key replaces the earlier clone entry)."""
@@ -1400,79 +1399,11 @@ class RuleBuilder:
         else:
             own = part.owners(np.array([rw[3] for rw in rows], np.int64),
                               np.array([rw[4] for rw in rows], np.int64)).tolist()
-        me = self.nic
-        out, inn = self.out, self.inn
-        olook, ilook = out.lookup, inn.lookup
-        oflags = iflags = None  # the slots' flags, fetched only when a key is found
-        orows, irows = [], []  # per table: SLOT_DTYPE records, packed
-        owho, iwho = [], []  # per table: (record index, key, tcp bits) of each row
-        otcp = itcp = False  # any tcp bits to write afterwards
-        mask = layout.TCP_STATE_MASK
-        icmp = PROTO_ICMP
-        clone = _F_CLONE
-        pack = _SLOT_PACK
-        bad = 0
-        for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
-            if p not in _PIDX or own[x] == me:
-                bad += 1
-                continue
-            if d & DIR_BIT_OUT:
-                # out_key (the ICMP twist stays there; TCP/UDP inline)
-                k = out_key(p, i, ip, r, rp) if p == icmp else (p, i, ip, r, rp)
-                j = olook(*k)
-                if j >= 0:
-                    if oflags is None:
-                        oflags = out.slots["flags"]
-                    if not oflags[j] & clone:
-                        bad += 1  # never replace an owned entry
-                        j = -2
-                if j != -2:
-                    orows.append(pack(i, r, ip, k[4], p, clone, ep, e, rid, now, 0, 0, 0))
-                    t = to & mask
-                    owho.append((x, k, t))
-                    if t:
-                        otcp = True
-            if d & DIR_BIT_IN:
-                k = in_key(p, r, rp, e, ep) if p == icmp else (p, r, rp, e, ep)
-                j = ilook(*k)
-                if j >= 0:
-                    if iflags is None:
-                        iflags = inn.slots["flags"]
-                    if not iflags[j] & clone:
-                        bad += 1
-                        j = -2
-                if j != -2:
-                    irows.append(pack(r, e, k[2], ep, p, clone, ip, i, rid, now, 0, 0, 0))
-                    t = ti & mask
-                    iwho.append((x, k, t))
-                    if t:
-                        itcp = True
+        got, bad, full = _clone_installer(self.out)(self.out, self.inn, rows, own, self.nic, now, lease)
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
-        for tbl, rw, wh, tcpbits in ((out, orows, owho, otcp), (inn, irows, iwho, itcp)):
-            if not rw:
-                continue
-            # struct-packed records: numpy parses a list of tuples into records slowly
-            done = tbl.insert_batch(np.frombuffer(b"".join(rw), dtype=layout.SLOT_DTYPE))
-            look = tbl.lookup
-            if done != len(rw):  # the table filled up: find out which rows made it
-                keep = []
-                for w in wh:
-                    if look(*w[1]) >= 0:
-                        keep.append(w)
-                    else:
-                        self._refuse(_R_TABLE_FULL)
-                wh = keep
-                tcpbits = any(w[2] for w in wh)
-            if lease or tcpbits:
-                sl = tbl.slots
-                tcp, lse = sl["tcp_state"], sl["lease"]
-                for _, k, t in wh:
-                    j = look(*k)
-                    tcp[j] = t
-                    lse[j] = lease
-            for w in wh:
-                got[w[0]] += 1
+        for _ in range(full):
+            self._refuse(_R_TABLE_FULL)
         return got
 
     def _clone_entries(self, records):
@@ -2200,6 +2131,26 @@ assert struct.calcsize("<IIHHBBHIIIBBH") == layout.SLOT_DTYPE.itemsize and layou
 
 def _okey(p, iaddr, iport, raddr, rport) -> int:
     return p << 96 | iaddr << 64 | iport << 48 | raddr << 16 | rport
+
+
+def _clone_installer(table):
+    """The clone install for this kind of flow table: compiled over the compiled
+    FlowTable (through its .pxd), the plain-Python reference over fastpath_py's."""
+    global _CLONES_C
+    if _CLONES_C is None:
+        try:
+            from . import _clones
+            from ._fastpath import FlowTable as _CFlowTable
+            _CLONES_C = (_CFlowTable, _clones.install_clone_rows)
+        except ImportError:
+            _CLONES_C = (None, None)
+    if _CLONES_C[0] is not None and type(table) is _CLONES_C[0]:
+        return _CLONES_C[1]
+    from .clones_py import install_clone_rows
+    return install_clone_rows
+
+
+_CLONES_C = None
 
 
 def _lease16(lease_until) -> int:

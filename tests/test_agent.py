@@ -82,6 +82,11 @@ class MiniRules:
                 status[i] = SLOW_PATH_REASON_NAMES.index("no_mapping")
         return recs, status
 
+    def serve_fetch_rows(self, rows, now):
+        recs, status = self.serve_fetch(np.array([r[0] for r in rows], np.uint8),
+                                        np.array([r[1:] for r in rows], layout.KEY_DTYPE), now)
+        return [(int(st), tuple(r.tolist()) if st == 0 else None) for st, r in zip(status, recs)]
+
     def hold(self, p, e, ep):
         self.holds[(p, e, ep)] += 1
 
@@ -114,6 +119,12 @@ class MiniRules:
             if dirs & DIR_BIT_OUT:
                 n += self.out_t.insert(sk[0], sk[1], sk[2], sk[5], sk[6], sk[3], sk[4], flags=layout.F_CLONE)
         return n
+
+    def install_clone_rows(self, rows, now, lease_until=0):
+        recs = np.zeros(len(rows), SESSION_DTYPE)
+        for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
+            recs[x] = (i, e, r, ip, ep, rp, p, d, rid, now, to, ti, 0, 0)
+        return self.install_clones(recs, now, recs["dirs"], lease_until).tolist()
 
     def install_clones(self, recs, now, dirs=3, lease_until=0):
         d = np.broadcast_to(np.asarray(dirs), (len(recs),))
@@ -570,10 +581,11 @@ def test_jhash_lookup3_vectors_and_icmp_not_predictable():
     assert not switchhash.predictable("toeplitz", 6)
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_small_and_vectorised_fetch_serving_answer_alike(n):
-    """_on_fetch serves a few records tuple by tuple, more with numpy: for the same
-    FETCH batch (found, refused, both directions) both send the same RULE and NACK."""
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_fetch_serving_answers_alike_in_one_batch_or_one_by_one(n):
+    """_on_fetch (one implementation: serve_fetches) gives the same RULE and NACK records
+    for the same FETCH records (found, refused, both directions) sent in one batch or
+    one at a time."""
     sent = []
     for small in (True, False):
         fab = Fabric(2)
@@ -587,9 +599,9 @@ def test_small_and_vectorised_fetch_serving_answer_alike(n):
         keys[n]["seq"], keys[n]["proto"], keys[n]["kind"] = 99, PROTO, M.FETCH_BY_INTERNAL  # by internal endpoint
         keys[n]["int_addr"], keys[n]["int_port"], keys[n]["rem_addr"], keys[n]["rem_port"] = I, 5000 + n - 1, R, 443
         a = fab.agents[0]
-        a._SMALL_FETCH = 8 if small else 0
         fab.queue.clear()
-        a.on_message(1, M.T_FETCH, keys, fab.t[0])
+        for part in ([keys[i:i + 1] for i in range(n + 1)] if small else [keys]):
+            a.on_message(1, M.T_FETCH, part, fab.t[0])
         # record by record (the vectorised path sends one message per direction)
         sent.append(sorted((m[2], r.tobytes()) for m in fab.queue
                            for r in np.frombuffer(m[3], M.DTYPE_OF[m[2]])))

@@ -418,17 +418,17 @@ def _brute(ag):
     of = {}
     for sk, c in ag.clones.items():
         of.setdefault(c.owner, set()).add(sk)
-    assert {o: set(d) for o, d in ag._clones_of.items()} == of
+    assert {o: {sk for sk, _ in ag.clones.of_owner(o)} for o in ag.clones.owners()} == of
     eps = {(sk[0], sk[3], sk[4]) for sk in list(ag.clones) + list(ag.leases)}
     for p, e, ep in eps | {(PROTO, E, 999)}:
         leases, clones = ag.endpoint(p, e, ep)
         assert sorted(leases) == sorted((sk, dict(h)) for sk, h in ag.leases.items() if (sk[0], sk[3], sk[4]) == (p, e, ep))
         assert sorted(clones) == sorted((sk, c.owner, c.rule_id, c.dirs, c.expires) for sk, c in ag.clones.items()
                                         if (sk[0], sk[3], sk[4]) == (p, e, ep))
-    assert sum(len(_ix_get(ag._clones_at, k)) for k in ag._clones_at) == len(ag.clones)
+    assert sum(len(ag.clones.at(*k)) for k in {(sk[0], sk[3], sk[4]) for sk in ag.clones.keys()}) == len(ag.clones)
     assert sum(len(_ix_get(ag._leases_at, k)) for k in ag._leases_at) == len(ag.leases)
     assert ag.state()["leases"] == sum(len(h) for h in ag.leases.values())
-    queued = {(d, sk) for d, sk in ag._clone_ends}
+    queued = set(ag.clones.timers())
     for sk, c in ag.clones.items():  # every clone has its timer, never later than its end
         assert (c.due, sk) in queued and c.due <= c.expires - ag.p.lease_margin_s
     timers = {(sk, h): t for t, sk, h in ag._lease_ends}
@@ -494,7 +494,8 @@ def test_no_loop_turn_and_no_query_walks_the_clones_or_leases():
     refuse to be walked (main walked them in report_activity, tick, state, _rule_info)."""
     fab = Fabric(3)
     for a in fab.agents:
-        a.clones, a.leases = _NoWalk(a.clones), _NoWalk(a.leases)
+        a.leases = _NoWalk(a.leases)
+    walks = [a.clones.walks for a in fab.agents]  # the clone table counts its whole walks
     sks = [_cloned(fab, 4900 + k) for k in range(4)]
     t = fab.rules[1].in_t
     for step in range(15):  # traffic at the holder on two clones: reports, renewals
@@ -504,7 +505,8 @@ def test_no_loop_turn_and_no_query_walks_the_clones_or_leases():
             fab.rules[0].expire(sks[2])  # a revoke
         fab.advance(1.0)
     a0, a1 = fab.agents[0], fab.agents[1]
-    assert set(a1._clones_of[0]) == set(sks[:2])  # the idle clone ran out, the revoked one went
+    assert [a.clones.walks for a in fab.agents] == walks
+    assert {sk for sk, _ in a1.clones.of_owner(0)} == set(sks[:2])  # the idle clone ran out, the revoked one went
     assert a0.state()["leases"] == 2 and fab.rules[0].holds[(PROTO, E, sks[3][4])] == 0
     a1.peer_restarted(0, fab.t[0])  # a restart report: that owner's clones only
     assert fab.queue[-1][2] == M.T_ACTIVITY and len(np.frombuffer(fab.queue[-1][3], M.ACTIVITY_DTYPE)) == 2

@@ -981,11 +981,9 @@ def test_serve_fetch_one_by_one_equals_batched(tmp_path):
 
 
 def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
-    """The owner's agent answers a FETCH of a few records tuple by tuple
-    (``_on_fetch_small``: serve_fetch_rows, struct-packed RULEs) and a bigger one with
-    arrays (``_on_fetch``); the same FETCH records get the same RULE records and leases
-    either way, NACKs included, and a builder with the array interface only
-    (``serve_fetch_rows`` absent) gives the small path's answers too."""
+    """The owner's agent answers FETCHes with one implementation (``serve_fetches``,
+    compiled) for one record or many: the same FETCH records get the same RULE records
+    and leases whether they come one by one, in pairs or in one batch, NACKs included."""
     cfg = emulated_config(2, mapping="address-and-port-dependent")
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, journal=False, restore=False)
     inside.inject([build_frame(TCP, I1 + i % 3, 43000 + i, R1 + i, 443, flags=SYN) for i in range(6)])
@@ -1015,7 +1013,7 @@ def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
     # port and turn its NACK from no_rule to filtered): the answers compared below then
     # all see the same tables
     answers([np.arange(8)])
-    batched = answers([np.arange(8)])  # > _SMALL_FETCH: the array path
+    batched = answers([np.arange(8)])
     one_by_one = answers([np.array([i]) for i in range(8)])
     pairs = answers([np.arange(i, i + 2) for i in range(0, 8, 2)])
     assert len(batched[0]) == 7 and len(batched[1]) == 1
@@ -1023,18 +1021,6 @@ def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
     leases = {sk: dict(h) for sk, h in w.agent.leases.items()}
     assert len(leases) == 7 and all(list(h) == [1] for h in leases.values())
 
-    class ArraysOnly:  # the builder, without serve_fetch_rows
-        def __init__(self, rules):
-            self._r = rules
-
-        def __getattr__(self, name):
-            if name == "serve_fetch_rows":
-                raise AttributeError(name)
-            return getattr(self._r, name)
-
-    w.agent.rules = ArraysOnly(w.rules)
-    assert answers([np.array([i]) for i in range(8)]) == batched
-    w.agent.rules = w.rules
     w.close()
 
 

@@ -58,11 +58,11 @@ mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
-  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat.nat._ports,hypernat.nat._hosts,hypernat.nat._rate \
+  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat._clones,hypernat._serve,hypernat.nat._ports,hypernat.nat._hosts,hypernat.nat._rate \
     "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}"
+  "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}" tests/test_clones_twins.py
 )
-echo "portability: fast-path, fragment and hypernat/nat tests pass with -funsigned-char"
+echo "portability: fast-path, fragment, hypernat/nat and clone-table tests pass with -funsigned-char"
 
 # 3. the fast-path tests on aarch64, under qemu-user.  Every built extension must import
 #    there (its libraries resolve), and the fast path must be the aarch64 build.

@@ -1,0 +1,500 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Clone install, compiled: a batch of other NICs' sessions becomes F_CLONE entries in
+this NIC's flow tables, through the tables' C interface (``_fastpath.pxd``), one C
+lookup and one C insert per entry, no Python call per row.
+
+``hypernat.clones_py`` is the same operation in plain Python (the reference, used when
+the extensions are not built); ``tests/test_clones_twins.py`` checks they agree.
+``RuleBuilder.install_clone_rows`` is the one caller (partition lookups, counters).
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from ._fastpath cimport FlowTable, hn_slot
+
+from . import layout as _layout
+
+cdef enum:
+    P_ICMP = 1
+    P_TCP = 6
+    P_UDP = 17
+    D_OUT = 1   # rules.DIR_BIT_OUT
+    D_IN = 2    # rules.DIR_BIT_IN
+
+cdef uint8_t F_CLONE = _layout.F_CLONE
+cdef uint8_t TCP_MASK = _layout.TCP_STATE_MASK
+
+
+cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
+                    uint32_t na, uint16_t np_, uint32_t rid, uint32_t now, uint8_t tcp,
+                    uint16_t lease) noexcept:
+    """One clone entry: 1 installed, 0 refused (an owned entry holds the key), -1 table
+    full.  A clone entry already there is replaced (a later rule for the same key)."""
+    cdef int64_t j = t.c_find(p, sa, sp, da, dp)
+    cdef hn_slot *s
+    if j >= 0 and not (t.c_slot(j).flags & F_CLONE):
+        return 0  # never replace an owned entry
+    if not t.c_insert(p, sa, sp, da, dp, na, np_, rid, now, F_CLONE):
+        return -1
+    if tcp or lease:
+        s = t.c_slot(t.c_find(p, sa, sp, da, dp))
+        s.tcp_state = tcp
+        s.lease = lease
+    return 1
+
+
+def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own, int me,
+                       now, lease):
+    """Install clone entries for `rows`, tuples ``(proto, iaddr, iport, eaddr, eport,
+    raddr, rport, rule_id, dirs, tcp_out, tcp_in)``; `own` the owner NIC of each row's
+    external endpoint (this NIC `me` never clones its own).  `now` the tick written as
+    last_seen, `lease` the 16-bit lease end (0: none).  Returns ``(got, bad, full)``:
+    entries installed per row (a list), rows or entries refused as bad (unknown
+    protocol, own endpoint, an owned entry in the way), entries refused because their
+    table was full."""
+    cdef Py_ssize_t n = len(rows), x
+    cdef list got = [0] * n
+    cdef uint32_t tick = <uint32_t>(int(now) & 0xFFFFFFFF)
+    cdef uint16_t l16 = <uint16_t>int(lease)
+    cdef uint8_t p, d, to, ti
+    cdef uint32_t i, e, r, rid
+    cdef uint16_t ip, ep, rp
+    cdef int bad = 0, full = 0, k, g
+    out._mutating()
+    inn._mutating()
+    for x in range(n):
+        p, i, ip, e, ep, r, rp, rid, d, to, ti = rows[x]
+        if (p != P_TCP and p != P_UDP and p != P_ICMP) or own[x] == me:
+            bad += 1
+            continue
+        g = 0
+        if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
+            k = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
+            if k > 0:
+                g += 1
+            elif k == 0:
+                bad += 1
+            else:
+                full += 1
+        if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
+            k = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
+            if k > 0:
+                g += 1
+            elif k == 0:
+                bad += 1
+            else:
+                full += 1
+        got[x] = g
+    return got, bad, full
+
+
+# ------------------------------------------------------------------------------------
+# The holder's clone table
+# ------------------------------------------------------------------------------------
+from libc.stdlib cimport free, realloc
+from libc.string cimport memset
+
+from ._fastpath import FlowTable as _FlowTable
+
+
+class Clone(tuple):
+    """A clone as the table holds it (a copy): owner, rule_id, dirs, expires, due."""
+    __slots__ = ()
+    owner = property(lambda self: self[0])
+    rule_id = property(lambda self: self[1])
+    dirs = property(lambda self: self[2])
+    expires = property(lambda self: self[3])
+    due = property(lambda self: self[4])
+
+
+cdef inline tuple _sk(const ce_entry *c):
+    return (c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport)
+
+
+cdef class CloneTable:
+    """The clones this NIC holds: session identity (proto, I, Ip, E, Ep, R, Rp) ->
+    (owner, rule_id, dirs, expires, due), in C.  Indexed by identity and by external
+    endpoint through FlowTables (the fast path's hashing, ``_fastpath.pxd``), by owner
+    (linked lists) and by lease end (a heap).  ``hypernat.clones_py.CloneTable`` is the
+    plain-Python reference with the same interface."""
+
+    def __cinit__(self):
+        self.e = NULL
+        self.hd = NULL
+        self.hi = NULL
+        self.cap = self.n = self.hn = self.hcap = 0
+        self.free_head = -1
+        self.walks = 0
+        for k in range(256):
+            self.own_head[k] = -1
+            self.own_count[k] = 0
+
+    def __init__(self, int capacity=1024):
+        self._grow(max(16, capacity))
+
+    def __dealloc__(self):
+        free(self.e)
+        free(self.hd)
+        free(self.hi)
+
+    def _grow(self, int32_t cap):
+        """Room for `cap` clones: the entry array grows, the indexes are rebuilt."""
+        cdef ce_entry *ne = <ce_entry *>realloc(self.e, cap * sizeof(ce_entry))
+        if ne == NULL:
+            raise MemoryError()
+        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(ce_entry))
+        self.e = ne
+        cdef int32_t x
+        for x in range(cap - 1, self.cap - 1, -1):  # new entries onto the free list
+            self.e[x].same_next = self.free_head
+            self.free_head = x
+        self.cap = cap
+        self.ids = _FlowTable(cap, hugepages=False)
+        self.eps = _FlowTable(cap, hugepages=False)
+        cdef ce_entry *c
+        cdef int64_t j
+        for x in range(cap):
+            c = &self.e[x]
+            if not c.used:
+                continue
+            c.same_next = -1
+            c.ep_prev = c.ep_next = -1
+            self._index(x)
+        # owner lists are independent of the indexes: kept
+
+    cdef int32_t find(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
+                      uint32_t r, uint16_t rp) noexcept:
+        cdef int64_t j = self.ids.c_find(p, r, rp, e, ep)
+        if j < 0:
+            return -1
+        cdef int32_t x = <int32_t>self.ids.c_slot(j).rule_id
+        while x >= 0:
+            if self.e[x].iaddr == i and self.e[x].iport == ip:
+                return x
+            x = self.e[x].same_next
+        return -1
+
+    cdef void _index(self, int32_t x) noexcept:
+        cdef ce_entry *c = &self.e[x]
+        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
+        if j >= 0:
+            c.same_next = <int32_t>self.ids.c_slot(j).rule_id
+            self.ids.c_slot(j).rule_id = x
+        else:
+            c.same_next = -1
+            self.ids.c_insert(c.proto, c.raddr, c.rport, c.eaddr, c.eport, 0, 0, x, 0, 0)
+        j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
+        c.ep_prev = -1
+        if j >= 0:
+            c.ep_next = <int32_t>self.eps.c_slot(j).rule_id
+            self.e[c.ep_next].ep_prev = x
+            self.eps.c_slot(j).rule_id = x
+        else:
+            c.ep_next = -1
+            self.eps.c_insert(c.proto, c.eaddr, c.eport, 0, 0, 0, 0, x, 0, 0)
+
+    cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
+                     uint32_t r, uint16_t rp) except -2:
+        if self.free_head < 0:
+            self._grow(self.cap * 2)
+        cdef int32_t x = self.free_head
+        cdef ce_entry *c = &self.e[x]
+        self.free_head = c.same_next
+        memset(c, 0, sizeof(ce_entry))
+        c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport = p, i, ip, e, ep, r, rp
+        c.used = 1
+        self.n += 1
+        self._index(x)
+        return x
+
+    cdef void _set_owner(self, int32_t x, int owner) noexcept:
+        cdef ce_entry *c = &self.e[x]
+        c.owner = owner
+        c.own_prev = -1
+        c.own_next = self.own_head[owner]
+        if c.own_next >= 0:
+            self.e[c.own_next].own_prev = x
+        self.own_head[owner] = x
+        self.own_count[owner] += 1
+
+    cdef void unlink(self, int32_t x) noexcept:
+        cdef ce_entry *c = &self.e[x]
+        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
+        cdef int32_t y
+        if j >= 0:
+            y = <int32_t>self.ids.c_slot(j).rule_id
+            if y == x:
+                if c.same_next >= 0:
+                    self.ids.c_slot(j).rule_id = c.same_next
+                else:
+                    self.ids.c_delete(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
+            else:
+                while y >= 0 and self.e[y].same_next != x:
+                    y = self.e[y].same_next
+                if y >= 0:
+                    self.e[y].same_next = c.same_next
+        if c.ep_prev >= 0:
+            self.e[c.ep_prev].ep_next = c.ep_next
+        else:
+            j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
+            if j >= 0:
+                if c.ep_next >= 0:
+                    self.eps.c_slot(j).rule_id = c.ep_next
+                else:
+                    self.eps.c_delete(c.proto, c.eaddr, c.eport, 0, 0)
+        if c.ep_next >= 0:
+            self.e[c.ep_next].ep_prev = c.ep_prev
+        if c.own_prev >= 0:
+            self.e[c.own_prev].own_next = c.own_next
+        else:
+            self.own_head[c.owner] = c.own_next
+        if c.own_next >= 0:
+            self.e[c.own_next].own_prev = c.own_prev
+        self.own_count[c.owner] -= 1
+        c.used = 0
+        c.same_next = self.free_head
+        self.free_head = x
+        self.n -= 1
+
+    cdef int heap_push(self, double due, int32_t x) except -1:
+        cdef int32_t k, parent
+        cdef int32_t ncap
+        if self.hn == self.hcap:
+            ncap = max(64, self.hcap * 2)
+            nd = <double *>realloc(self.hd, ncap * sizeof(double))
+            if nd == NULL:
+                raise MemoryError()
+            self.hd = nd
+            ni = <int32_t *>realloc(self.hi, ncap * sizeof(int32_t))
+            if ni == NULL:
+                raise MemoryError()
+            self.hi = ni
+            self.hcap = ncap
+        k = self.hn
+        self.hn += 1
+        while k > 0:
+            parent = (k - 1) >> 1
+            if self.hd[parent] <= due:
+                break
+            self.hd[k] = self.hd[parent]
+            self.hi[k] = self.hi[parent]
+            k = parent
+        self.hd[k] = due
+        self.hi[k] = x
+        return 0
+
+    cdef void heap_pop(self) noexcept:
+        cdef double d
+        cdef int32_t xi, k = 0, c
+        self.hn -= 1
+        if self.hn == 0:
+            return
+        d = self.hd[self.hn]
+        xi = self.hi[self.hn]
+        while True:
+            c = 2 * k + 1
+            if c >= self.hn:
+                break
+            if c + 1 < self.hn and self.hd[c + 1] < self.hd[c]:
+                c += 1
+            if d <= self.hd[c]:
+                break
+            self.hd[k] = self.hd[c]
+            self.hi[k] = self.hi[c]
+            k = c
+        self.hd[k] = d
+        self.hi[k] = xi
+
+    # -- per batch -------------------------------------------------------------------------
+    def install(self, int owner, items, double now, double margin, install_rows, tick,
+                bint want_keys=False):
+        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
+        A clone already held with those entries only has its lease extended (an
+        idempotent repeat); the rest go to ``install_rows(rows, tick)`` in one call (the
+        builder's ``install_clone_rows``: flow-table entries per row), and each row that
+        got entries becomes a clone here (or adds its directions to the one held).
+        Returns (installed, failed, [(sk, dirs)] of the installed when `want_keys`)."""
+        cdef list todo = []
+        cdef list rows = []
+        cdef int32_t x
+        cdef ce_entry *c
+        cdef double expires
+        cdef uint8_t p, d
+        cdef uint32_t i, e, r
+        cdef uint16_t ip, ep, rp
+        cdef int installed = 0, failed = 0
+        for it in items:
+            sk, rule_id, lease_ms, d = it
+            p, i, ip, e, ep, r, rp = sk
+            expires = now + lease_ms / 1000.0
+            x = self.find(p, i, ip, e, ep, r, rp)
+            if x >= 0:
+                c = &self.e[x]
+                if c.owner == owner and (c.dirs & d) == d:
+                    if expires > c.expires:
+                        c.expires = expires
+                    continue
+            todo.append((sk, rule_id, d, expires))
+            rows.append(sk + (rule_id, d, 0, 0))
+        if not todo:
+            return 0, 0, []
+        got = install_rows(rows, tick)
+        keys = [] if want_keys else None
+        for t, ok in zip(todo, got):
+            if ok <= 0:
+                failed += 1
+                continue
+            installed += 1
+            sk, rule_id, d, expires = t
+            p, i, ip, e, ep, r, rp = sk
+            x = self.find(p, i, ip, e, ep, r, rp)
+            if x < 0:
+                x = self.add(p, i, ip, e, ep, r, rp)
+                c = &self.e[x]
+                c.rule_id = rule_id
+                c.dirs = d
+                c.expires = expires
+                c.due = expires - margin
+                self._set_owner(x, owner)
+                self.heap_push(c.due, x)
+            else:
+                c = &self.e[x]
+                c.dirs |= d
+                if expires > c.expires:
+                    c.expires = expires
+            if want_keys:
+                keys.append((sk, d))
+        return installed, failed, keys
+
+    def due_now(self, double now, double margin):
+        """Clones whose lease (less `margin`) ran out by `now`, exactly on time: their
+        identities, to drop.  A clone renewed meanwhile is queued again under its new
+        end; nothing else is looked at."""
+        cdef list out = []
+        cdef double due, end
+        cdef int32_t x
+        cdef ce_entry *c
+        while self.hn and now >= self.hd[0]:
+            due = self.hd[0]
+            x = self.hi[0]
+            self.heap_pop()
+            c = &self.e[x]
+            if not c.used or c.due != due:
+                continue  # dropped (or queued again) since
+            end = c.expires - margin
+            if now >= end:
+                out.append(_sk(c))
+            else:
+                c.due = end
+                self.heap_push(end, x)
+        return out
+
+    @property
+    def next_due(self):
+        """The earliest time queued (inf: none)."""
+        return self.hd[0] if self.hn else float("inf")
+
+    def extend(self, sk, int owner, double until):
+        """A lease renewal from `owner`: 1 extended, 0 not held, -1 held of another owner."""
+        p, i, ip, e, ep, r, rp = sk
+        cdef int32_t x = self.find(p, i, ip, e, ep, r, rp)
+        if x < 0:
+            return 0
+        if self.e[x].owner != owner:
+            return -1
+        if until > self.e[x].expires:
+            self.e[x].expires = until
+        return 1
+
+    def remove(self, sk):
+        """Forget a clone: its Clone, or None if not held."""
+        p, i, ip, e, ep, r, rp = sk
+        cdef int32_t x = self.find(p, i, ip, e, ep, r, rp)
+        if x < 0:
+            return None
+        cdef ce_entry *c = &self.e[x]
+        got = Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))
+        self.unlink(x)
+        return got
+
+    # -- lookups ------------------------------------------------------------------------------
+    def get(self, sk, default=None):
+        try:
+            p, i, ip, e, ep, r, rp = sk
+        except (TypeError, ValueError):
+            return default
+        cdef int32_t x = self.find(p, i, ip, e, ep, r, rp)
+        if x < 0:
+            return default
+        cdef ce_entry *c = &self.e[x]
+        return Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))
+
+    def __getitem__(self, sk):
+        c = self.get(sk)
+        if c is None:
+            raise KeyError(sk)
+        return c
+
+    def __contains__(self, sk):
+        return self.get(sk) is not None
+
+    def __len__(self):
+        return self.n
+
+    def __bool__(self):
+        return self.n > 0
+
+    def at(self, proto, eaddr, eport):
+        """The clones on one external endpoint: [(sk, Clone)]."""
+        cdef list out = []
+        cdef int64_t j = self.eps.c_find(proto, eaddr, eport, 0, 0)
+        if j < 0:
+            return out
+        cdef int32_t x = <int32_t>self.eps.c_slot(j).rule_id
+        cdef ce_entry *c
+        while x >= 0:
+            c = &self.e[x]
+            out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))
+            x = c.ep_next
+        return out
+
+    def of_owner(self, int owner):
+        """The clones of one owner's sessions: [(sk, Clone)]."""
+        cdef list out = []
+        cdef int32_t x = self.own_head[owner]
+        cdef ce_entry *c
+        while x >= 0:
+            c = &self.e[x]
+            out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))
+            x = c.own_next
+        return out
+
+    def owners(self):
+        """{owner: number of clones} (owners with any)."""
+        return {k: self.own_count[k] for k in range(256) if self.own_count[k]}
+
+    def timers(self):
+        """[(due, sk)] queued (an entry whose clone is gone or moved is stale)."""
+        cdef int32_t k
+        return [(self.hd[k], _sk(&self.e[self.hi[k]])) for k in range(self.hn) if self.e[self.hi[k]].used]
+
+    def items(self):
+        """Every clone, [(sk, Clone)]: a walk over the whole table (counted in `walks`)."""
+        self.walks += 1
+        cdef list out = []
+        cdef int32_t x
+        cdef ce_entry *c
+        for x in range(self.cap):
+            c = &self.e[x]
+            if c.used:
+                out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))
+        return out
+
+    def keys(self):
+        return [sk for sk, _ in self.items()]
+
+    def values(self):
+        return [c for _, c in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
