@@ -119,7 +119,7 @@ def test_failover_and_return(fleet, traffic, record_property):
 
 def test_silent_failure_detected_by_bfd(fleet):
     """A server that stops answering without closing anything (every process frozen):
-    only BFD can tell, within its detection time (100 ms x 5 in the lab)."""
+    only BFD can tell, within its detection time (200 ms x 5 in the lab)."""
     victim = 2
     pids = fleet.server_pids(victim)
     t0 = time.monotonic()
@@ -129,10 +129,11 @@ def test_silent_failure_detected_by_bfd(fleet):
         took = fleet.wait_routes({1}, timeout=5)
     finally:
         fleet.fail(victim)  # SIGKILL reaches stopped processes
-    # BFD detects in 0.5 s; the routers' reaction on a loaded 2-vCPU machine took up to 0.88 s
-    # in 10 runs.  BGP's own hold timer (the fallback without BFD) is 3 s or more: 1.5 s
-    # still fails if BFD is not what withdrew the server.
-    assert took < 1.5, took
+    # BFD detects in 1 s (200 ms x 5: 100 ms x 5 flapped once in steady state on a loaded
+    # 2-vCPU machine); the routers then react within a few hundred ms.  BGP's own hold
+    # timer (the fallback without BFD) is 9 s: 2 s still fails if BFD is not what withdrew
+    # the server.
+    assert took < 2.0, took
     print(f"\nsilent failure: withdrawn by BFD in {took * 1000:.0f} ms")
     fleet.recover(victim)
     fleet.wait_routes({1, 2}, timeout=30)
