@@ -69,6 +69,12 @@ echo "portability: fast-path, fragment, hypernat/nat and clone-table tests pass 
 # 3. the fast-path tests on aarch64, under qemu-user.  Every built extension must import
 #    there (its libraries resolve), and the fast path must be the aarch64 build.
 rel=${arm_tree#"$root"}
+# The tests build their expected frames with scapy: the root's Debian scapy (2.5) lacks
+# fields the tests use (Dot1Q.dei) and would also regenerate a different golden file, so
+# the venv's scapy (pure Python, the version make test ran with) goes in front of it.
+scapy_dir=$("$PY" -c 'import os, scapy; print(os.path.dirname(scapy.__file__))')
+mkdir -p "$arm_tree/_pylib"
+cp -r "$scapy_dir" "$arm_tree/_pylib/"
 t_arm=$SECONDS
 # shellcheck disable=SC2016  # expanded by the root's shell
 bash tools/arm64-root.sh run /bin/sh -c 'cd "$1" && exec python3 -c "
@@ -85,7 +91,7 @@ print(\"portability: imported on\", platform.machine(), \"(Python\", platform.py
 # inside the root, natively under emulation: many minutes; `make test` runs it on x86-64)
 # and tests marked netns (they need the namespace testbed).  Anything else skipped fails.
 # shellcheck disable=SC2016
-bash tools/arm64-root.sh run /bin/sh -c 'cd "$1" && shift && exec python3 -m pytest -q -p no:cacheprovider -rs \
+bash tools/arm64-root.sh run /bin/sh -c 'cd "$1" && shift && export PYTHONPATH=_pylib && exec python3 -m pytest -q -p no:cacheprovider -rs \
     -m "not netns" --deselect tests/test_fastpath_robustness.py::test_under_debug_build "$@"' sh "$rel" "${tests[@]}" \
   | tee "$tmp/arm.log"
 passed=$(grep -Eo '[0-9]+ passed' "$tmp/arm.log" | tail -1 | cut -d' ' -f1)
