@@ -26,6 +26,15 @@ def fleet(request):
     f = Fleet(tag=f"fleet{os.getpid()}", servers=2, nics=2, hosts=HOSTS, template=CONF)
     try:
         f.up()
+        # Steady state starts once every BFD session is up: session-down events counted
+        # from here (bring-up itself may take a session down and up again while the
+        # servers' FRR instances start one after another).
+        deadline = time.monotonic() + 15
+        while not all(p.get("status") == "up" for which in ("vpc", "inet")
+                      for p in f.router_frr(which).json("show bfd peers") or [{}]):
+            assert time.monotonic() < deadline, {w: f.router_frr(w).json("show bfd peers") for w in ("vpc", "inet")}
+            time.sleep(0.2)
+        f.bfd_base = bfd_downs(f)
         yield f
     finally:
         if request.session.testsfailed:  # what the routers and speakers did, before it is gone
@@ -47,6 +56,13 @@ def traffic(fleet):
 
 def bfd_downs(fleet) -> dict:
     return {which: fleet.bfd_counters(which) for which in ("vpc", "inet")}
+
+
+def bfd_new_downs(fleet) -> dict:
+    """Session-down events per router and peer since steady state began (the fixture)."""
+    base = fleet.bfd_base
+    return {which: {peer: v - base.get(which, {}).get(peer, 0) for peer, v in d.items()}
+            for which, d in bfd_downs(fleet).items()}
 
 
 def reconnect(ll, host, deadline):
@@ -71,7 +87,7 @@ def test_failover_and_return(fleet, traffic, record_property):
     assert on[1] and on[2], on
     assert not [c for c in first if c.broken], [(c.host, c.broken) for c in first if c.broken]
     # Steady state: no BFD session went down anywhere.
-    downs = bfd_downs(fleet)
+    downs = bfd_new_downs(fleet)
     assert all(v == 0 for d in downs.values() for v in d.values()), downs
 
     victim, survivor = (1, 2) if len(on[1]) >= len(on[2]) else (2, 1)
@@ -113,7 +129,7 @@ def test_failover_and_return(fleet, traffic, record_property):
     assert set(landed.values()) == {1, 2}, landed
     assert all(ll.server_of_conn(c) == survivor and c.ok > 0 for c in moved)
     assert fleet.speaker_status(survivor)["counters"]["peer_flaps"] == 0
-    downs = bfd_downs(fleet)
+    downs = bfd_new_downs(fleet)
     assert all(v == 0 for which in downs for peer, v in downs[which].items() if peer.endswith(f".{survivor}.2")), downs
 
 
