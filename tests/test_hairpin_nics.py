@@ -4,10 +4,9 @@ packet (A -> B's external endpoint, and B's answer) lands on NIC 2, which holds 
 half: it fetches both, and the *first* packet is delivered, every time."""
 import pytest
 
-from hypernat.coord.broker import Coordinator
-from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, build_frame, emulated_config, parse_frame
-from hypernat.nic.worker import NicWorker, spin
+from hypernat.nic.worker import spin
+from nickit import nics
 
 pytestmark = pytest.mark.timeout(60)
 R1 = 0xC0000205  # 192.0.2.5
@@ -16,18 +15,8 @@ R1 = 0xC0000205  # 192.0.2.5
 @pytest.fixture
 def three(tmp_path):
     cfg = emulated_config(3, mapping="endpoint-independent", filtering="endpoint-independent")
-    coord = Coordinator(cfg.coordinator.endpoint, n_nics=3, heartbeat_interval=0.2).start_thread()
-    ws = []
-    for k in range(3):
-        i, o = MemoryPort(f"in{k}"), MemoryPort(f"out{k}")
-        ws.append((NicWorker(cfg, k, i, o, state_dir=str(tmp_path / f"nic{k}")), i, o))
-    workers = [w for w, _, _ in ws]
-    assert spin(workers, lambda: all(w.registered for w in workers), 5)
-    yield ws
-    for w in workers:
-        w.close()
-    coord.stop()
-    coord.join(5)
+    with nics(cfg, 3, tmp_path) as (_, ws):
+        yield ws
 
 
 def _external(ws, k, host, port):

@@ -8,10 +8,9 @@ That reply must reach A: the NACK NIC 1 got a moment earlier said nothing lastin
 """
 import pytest
 
-from hypernat.coord.broker import Coordinator
-from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, build_frame, emulated_config, parse_frame
-from hypernat.nic.worker import NicWorker, spin
+from hypernat.nic.worker import spin
+from nickit import nics
 
 pytestmark = pytest.mark.timeout(60)
 R1 = 0xC0000205  # 192.0.2.5: the rendezvous server
@@ -21,18 +20,8 @@ B = 0xCB007107  # 203.0.113.7: the peer
 @pytest.fixture
 def two(tmp_path):
     cfg = emulated_config(2, mapping="endpoint-independent", filtering="address-and-port-dependent")
-    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2).start_thread()
-    ws = []
-    for k in range(2):
-        i, o = MemoryPort(f"in{k}"), MemoryPort(f"out{k}")
-        ws.append((NicWorker(cfg, k, i, o, state_dir=str(tmp_path / f"nic{k}")), i, o))
-    workers = [w for w, _, _ in ws]
-    assert spin(workers, lambda: all(w.registered for w in workers), 5)
-    yield ws
-    for w in workers:
-        w.close()
-    coord.stop()
-    coord.join(5)
+    with nics(cfg, 2, tmp_path) as (_, ws):
+        yield ws
 
 
 def test_reply_after_hole_punch_reaches_host_on_a_nic_that_was_refused_before(two):

@@ -6,13 +6,12 @@ import time
 import numpy as np
 import pytest
 
-from hypernat.coord.broker import Coordinator
-from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import UDP, build_frame, emulated_config, parse_frame
 from hypernat.nic import events as E
-from hypernat.nic.worker import NicWorker, spin
+from hypernat.nic.worker import spin
 from hypernat.rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE
 from hypernat.verdicts import IN, OUT
+from nickit import nics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,14 +21,7 @@ R1 = 0xC0000205  # 192.0.2.5
 
 def two_nics(tmp_path, logs):
     cfg = emulated_config(2, mapping="address-and-port-dependent")
-    coord = Coordinator(cfg.coordinator.endpoint, n_nics=2, heartbeat_interval=0.2).start_thread()
-    ws = []
-    for k in range(2):
-        inside, outside = MemoryPort(f"in{k}"), MemoryPort(f"out{k}")
-        ws.append((NicWorker(cfg, k, inside, outside, state_dir=str(tmp_path / f"nic{k}"), events=logs[k]),
-                   inside, outside))
-    assert spin([w for w, _, _ in ws], lambda: all(w.registered for w, _, _ in ws), 5)
-    return cfg, ws, coord
+    return nics(cfg, 2, tmp_path, worker_kw=[{"events": log} for log in logs])
 
 
 def split_connection(ws):
@@ -51,33 +43,20 @@ def split_connection(ws):
     return p.src, p.sport, t
 
 
-def close(ws, coord):
-    for w, _, _ in ws:
-        w.close()
-    coord.stop()
-    coord.join(5)
-
-
 def test_off_keeps_nothing_and_wraps_nothing(tmp_path):
-    cfg, ws, coord = two_nics(tmp_path, [None, None])
-    try:
+    with two_nics(tmp_path, [None, None]) as (_, ws):
         split_connection(ws)
         for w, _, _ in ws:
             assert w.events is None
             # no hook installed: the builder's own method, not a recording wrapper
             assert "install_clones" not in vars(w.rules)
         assert ws[1][0].agent.counters["clones_installed"] == 1  # the connection did split
-    finally:
-        close(ws, coord)
 
 
 def test_on_records_a_split_connection_in_causal_order(tmp_path):
     logs = [E.EventLog(1024, hits=True), E.EventLog(1024, hits=True)]
-    cfg, ws, coord = two_nics(tmp_path, logs)
-    try:
+    with two_nics(tmp_path, logs) as (_, ws):
         ea, ep, t = split_connection(ws)
-    finally:
-        close(ws, coord)
     out_key = (UDP, I1, 40001, R1, 53)
     in_key = (UDP, R1, 53, ea, ep)
     e0, e1 = logs[0].snapshot(), logs[1].snapshot()
@@ -106,11 +85,8 @@ def test_on_records_a_split_connection_in_causal_order(tmp_path):
 
 def test_misses_only_by_default(tmp_path):
     logs = [E.EventLog(1024), E.EventLog(1024)]
-    cfg, ws, coord = two_nics(tmp_path, logs)
-    try:
+    with two_nics(tmp_path, logs) as (_, ws):
         split_connection(ws)
-    finally:
-        close(ws, coord)
     e = np.concatenate([logs[0].snapshot(), logs[1].snapshot()])
     assert not (e["kind"] == E.RX_HIT).any()  # hit batches record nothing without hits=True
     assert (e["kind"] == E.RX_MISS).sum() == 2

@@ -60,11 +60,12 @@ mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
-  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat._clones,hypernat._serve,hypernat.nat._ports,hypernat.nat._hosts,hypernat.nat._rate \
-    "$PY" setup.py -q build_ext --inplace >/dev/null
+  # every .pyx extension setup.py builds (no list to keep in step); the compiled .py
+  # modules are left out (plain Python compiled as it is: char signedness is not theirs)
+  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_COMPILE_PY=0 "$PY" setup.py -q build_ext --inplace >/dev/null
   "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}" tests/test_clones_twins.py
 )
-echo "portability: fast-path, fragment, hypernat/nat and clone-table tests pass with -funsigned-char"
+echo "portability: every .pyx extension built with -funsigned-char; fast-path, fragment, hypernat/nat and clone-table tests pass"
 
 # 3. the fast-path tests on aarch64, under qemu-user.  Every built extension must import
 #    there (its libraries resolve), and the fast path must be the aarch64 build.
