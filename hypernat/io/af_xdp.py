@@ -60,19 +60,25 @@ def _rxvlan_off(ifname: str) -> bool:
 
 
 class AfXdpPort(Port):
-    """One interface (queue 0) over an AF_XDP socket.  Create it inside the interface's
-    network namespace.  ``mode``: "auto" (native where the driver has XDP, else
-    generic), "native" or "skb"."""
+    """One receive/transmit queue of an interface over an AF_XDP socket.  Create it
+    inside the interface's network namespace.  ``mode``: "auto" (native where the
+    driver has XDP, else generic), "native" or "skb".  ``queue``: the queue pair this
+    socket serves (one worker per queue: every socket of the port shares one XDP
+    program, which redirects each frame to the socket of the queue it arrived on).
+    ``vlans``: the 802.1Q VLAN IDs this port carries (one; frames sent carry its tag)."""
 
     def __init__(self, ifname: str, frames: int = 8192, frame_size: int = 2048, ring_size: int = 2048,
-                 mode: str = "auto", queue: int = 0):
+                 mode: str = "auto", queue: int = 0, vlans=()):
         self.name = ifname
+        self.queue = queue
+        self.vlans = tuple(int(v) for v in vlans)
+        if len(self.vlans) > 1:
+            raise ValueError(f"{ifname}: one VLAN per port (frames sent there carry its tag), got {self.vlans}")
         # VLANs: XDP sees a frame as it lies in memory, and a tag the driver strips
-        # into metadata is not there: the frame would look untagged.  With VLAN
-        # stripping off the tag stays in the frame, where our program passes any
-        # non-IPv4 ethertype (0x8100 included) to the kernel: never forwarded
-        # untagged.  (A veth peer that sends the tag as metadata cannot be helped
-        # here; VLAN ports need the packet_mmap backend.)
+        # into metadata is not there.  Natively the program asks the driver for it
+        # (bpf_xdp_metadata_rx_vlan_tag) and puts it back in front; with stripping off
+        # the tag stays in the frame anyway.  In generic mode neither may hold for a
+        # tag the sender left as metadata (veth): a VLAN port refuses generic mode.
         self.rxvlan_off = _rxvlan_off(ifname)
         self._map = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
@@ -91,6 +97,13 @@ class AfXdpPort(Port):
             self._map.close()
             raise
         self.mode = self.xsk.mode
+        if self.vlans and not self.xsk.vlan_kfunc:
+            self.close()
+            raise XskError(errno.EOPNOTSUPP, f"AF_XDP on {ifname!r}: VLAN {self.vlans[0]} needs native XDP with "
+                                             "the driver's VLAN metadata (bpf_xdp_metadata_rx_vlan_tag): a tag "
+                                             "the driver strips would be lost in generic mode; use packet_mmap")
+        # A router's egress: frames leave with this link's tag (its one VLAN), or none.
+        self.xsk.set_vlans(self.vlans, self.vlans[0] if self.vlans else 0)
         # Asked now, while we are in the interface's namespace (the port may be used
         # from another thread or namespace later).
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -136,8 +149,10 @@ class AfXdpPort(Port):
     def stats(self) -> dict:
         """Numeric counters only (metrics take them as they are); the XDP mode is
         ``.mode``."""
+        if self.xsk is None:
+            return {}
         return dict(self.xsk.counters(), **self.xsk.kernel_counters(), xdp_native=int(self.mode == "native"),
-                    rxvlan_off=int(self.rxvlan_off))
+                    rxvlan_off=int(self.rxvlan_off), xdp_vlan_metadata=int(self.xsk.vlan_kfunc))
 
     def close(self) -> None:
         if self.xsk is not None:
