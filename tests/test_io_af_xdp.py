@@ -138,6 +138,8 @@ def test_errors_are_clear(ns):
             af_xdp.AfXdpPort("nosuch0")
         with pytest.raises(ValueError, match="mode"):
             af_xdp.AfXdpPort("b", mode="turbo")
+        with pytest.raises(OSError, match="queue 1, but the link has 1 queue"):
+            af_xdp.AfXdpPort("b", queue=1)
 
 
 def test_a_tag_of_another_vlan_never_handed_out(ns):

@@ -3,23 +3,29 @@
 """AF_XDP sockets through libxdp's xsk API, for hypernat.io.af_xdp.
 
 An XDP program on the interface decides, per frame, before the kernel's stack sees
-it: IPv4 goes to our socket (``bpf_redirect_map`` into an XSKMAP at the frame's
-receive queue), everything else — ARP above all — is passed to the kernel, which
-keeps answering ARP for the interface's addresses and keeps its neighbour table::
+it: IPv4 (bare or under one 802.1Q tag) goes to our socket (``bpf_redirect_map`` into
+an XSKMAP at the frame's receive queue), everything else — ARP above all — is passed
+to the kernel, which keeps answering ARP for the interface's addresses and keeps its
+neighbour table::
 
-     driver ──► XDP: ethertype == IPv4 ? ──yes──► XSKMAP[rx_queue] ──► RX ring ──► recv()
-                                 │ no / short                         (frames in UMEM)
-                                 └──────► XDP_PASS ──► kernel (ARP, IPv6, ...)
+     driver ──► XDP: IPv4 / 802.1Q IPv4 ? ──yes──► socket on XSKMAP[rx_queue]? ──yes──► RX ring ──► recv()
+                          │ no / short                  │ no                       (frames in UMEM)
+                          └──────────► XDP_PASS ◄───────┘ ──► kernel (ARP, IPv6, ...)
 
-The program is 15 BPF instructions assembled here (below), so the build needs no
-clang.  libxdp's default program would redirect *everything*, ARP included.
+The program (``hn_program``) is assembled here, so the build needs no clang; libxdp's
+default program would redirect *everything*, ARP included.  Natively it is
+device-bound and puts back a VLAN tag the driver took off (see hypernat.io.af_xdp);
+its second map counts, per queue, tags restored and tags lost.  One program per
+interface, shared by the sockets of its queues (``_program``: the first attaches it
+through a BPF link, the others join by holding the same link; the last close detaches).
 
 UMEM (one per socket): ``frames`` frames of ``frame_size`` bytes in an anonymous
 mapping; the first half feeds the fill ring (receive), the second half is a free
 stack for transmit.  Received frames stay in UMEM (the Batch views them) until
 ``release`` puts them back into the fill ring; transmit copies once into a free frame
 and reaps the completion ring to get frames back.  The program is attached through a
-BPF link owned by the socket object: closing it, or the process dying, detaches it.
+BPF link that every socket of the interface holds: closing the last, or the last
+process dying, detaches it.
 Copy mode (``XDP_COPY``): veth has
 no zero-copy; native attach where the driver has XDP, generic (SKB) mode otherwise.
 """
@@ -514,6 +520,10 @@ cdef class XskSocket:
                     if err == -EBUSY or err == -17:  # another opener attached first: join it
                         break
                 self._close_fds()
+                if err == -28:  # ENOSPC (veth_xdp_set)
+                    raise XskError(-err, f"AF_XDP on {ifname!r}: cannot attach XDP ({mode}): a veth takes native "
+                                         "XDP only with at least as many receive queues as its peer has "
+                                         "transmit queues")
                 if err != -EBUSY and err != -17:
                     raise XskError(-err, f"AF_XDP on {ifname!r}: cannot attach XDP ({mode}; another program there?)")
             if time.monotonic() >= deadline:
