@@ -264,7 +264,7 @@ def test_each_queue_its_own_socket_one_program(ns2):
         b0 = af_xdp.AfXdpPort("b", mode="native", frames=4096, ring_size=1024, queue=0)
         b1 = af_xdp.AfXdpPort("b", mode="native", frames=4096, ring_size=1024, queue=1)
     with a:
-        assert not b0.xsk.joined and b1.xsk.joined
+        assert not b0.xsk.joined and b1.xsk.joined and b1.xsk.vlan_kfunc == b0.xsk.vlan_kfunc == 1
         sent = udp_frames(a, b0, 200)
         a.send(Batch.from_frames(sent), np.arange(200))
         got0, got1 = collect(b0, 200, timeout=1.0), collect(b1, 200, timeout=0.5)

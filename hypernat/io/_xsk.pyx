@@ -50,6 +50,8 @@ cdef extern from *:
     #include <bpf/libbpf.h>
     #define HN_F_XDP_DEV_BOUND_ONLY (1U << 6)  /* linux/bpf.h of 6.3+ */
     #define HN_QUEUES 64
+    #define HN_PROG "hn_xsk"            /* our program's two names: without ... */
+    #define HN_PROG_VLANMD "hn_xsk_vlanmd"  /* ... and with the driver's VLAN metadata (device-bound) */
     #include <xdp/xsk.h>
 
     /* Load an XDP program (``hn_program`` assembles it); bound to `ifindex` (a
@@ -57,13 +59,14 @@ cdef extern from *:
     static int hn_load_prog(const void *insns, size_t n, int ifindex, int dev_bound, char *log, size_t log_size) {
         LIBBPF_OPTS(bpf_prog_load_opts, opts);
         if (dev_bound) { opts.prog_ifindex = ifindex; opts.prog_flags = HN_F_XDP_DEV_BOUND_ONLY; }
-        int fd = bpf_prog_load(BPF_PROG_TYPE_XDP, "hn_xsk", "GPL", insns, n, &opts);
+        const char *name = dev_bound ? HN_PROG_VLANMD : HN_PROG;
+        int fd = bpf_prog_load(BPF_PROG_TYPE_XDP, name, "GPL", insns, n, &opts);
         if (fd < 0) {  /* again, for the verifier's words (a log that overflows fails a load: ENOSPC) */
             int err = fd;
             opts.log_buf = log;
             opts.log_size = (unsigned)log_size;
             opts.log_level = 1;
-            fd = bpf_prog_load(BPF_PROG_TYPE_XDP, "hn_xsk", "GPL", insns, n, &opts);
+            fd = bpf_prog_load(BPF_PROG_TYPE_XDP, name, "GPL", insns, n, &opts);
             if (fd < 0) fd = err;
         }
         return fd;
@@ -78,17 +81,17 @@ cdef extern from *:
     }
     /* Join the program another socket of ours attached to `ifindex` (another queue of
        the same port, maybe another process): out = {link fd, prog fd, xskmap fd,
-       stats fd, attach mode (XDP_ATTACHED_*)}.  Holding the link fd keeps the program
+       stats fd, attach mode (XDP_ATTACHED_*), 1 if it reads the driver's VLAN metadata}.  Holding the link fd keeps the program
        attached until the last socket of the port closes.  0: joined; 1: no program
        there; 2: a program that is not ours; -errno: failed. */
-    static int hn_join(int ifindex, int out[5]) {
+    static int hn_join(int ifindex, int out[6]) {
         LIBBPF_OPTS(bpf_xdp_query_opts, q);
         struct bpf_prog_info pi;
         struct bpf_link_info li;
         __u32 maps[4], len, id = 0, prog_id;
         int fd, err, i;
         out[0] = out[1] = out[2] = out[3] = -1;
-        out[4] = 0;
+        out[4] = out[5] = 0;
         err = bpf_xdp_query(ifindex, 0, &q);
         if (err) return err;
         prog_id = q.attach_mode == XDP_ATTACHED_SKB ? q.skb_prog_id : q.drv_prog_id;
@@ -101,7 +104,8 @@ cdef extern from *:
         pi.map_ids = (unsigned long)maps;
         len = sizeof(pi);
         if (bpf_obj_get_info_by_fd(out[1], &pi, &len)) return -errno;
-        if (strcmp(pi.name, "hn_xsk") != 0 || pi.nr_map_ids != 2) return 2;
+        out[5] = strcmp(pi.name, HN_PROG_VLANMD) == 0;
+        if ((strcmp(pi.name, HN_PROG) != 0 && !out[5]) || pi.nr_map_ids != 2) return 2;
         for (i = 0; i < 2; i++) {
             struct bpf_map_info mi;
             memset(&mi, 0, sizeof(mi));
@@ -190,7 +194,7 @@ cdef extern from *:
         uint16_t bind_flags
     int hn_load_prog(const void *insns, size_t n, int ifindex, int dev_bound, char *log, size_t log_size)
     int hn_kfunc_id(const char *name)
-    int hn_join(int ifindex, int out[5])
+    int hn_join(int ifindex, int out[6])
     unsigned long long hn_stat(int fd, unsigned key)
     int hn_statmap()
     int hn_attach(int prog_fd, int ifindex, unsigned flags)
@@ -363,7 +367,7 @@ cdef class XskSocket:
     cdef int map_fd, prog_fd, link_fd, stats_fd, ifindex
     cdef readonly uint32_t queue
     cdef readonly bint vlan_kfunc, joined
-    cdef readonly str kfunc_refused
+    cdef readonly str vlan_metadata_refused  # the verifier's words, where the device-bound program was refused
     cdef uint8_t vlan_ok[512]
     cdef bint vlan_port
     cdef int vlan_mode      # 0: frames leave as they are; 1: untagged; 2: tagged with tx_tci
@@ -452,7 +456,7 @@ cdef class XskSocket:
         """The port's XDP program: joined where another socket of this port (another
         queue, maybe another process) attached it, else loaded and attached here.  A
         program attached by two openers at once: the loser joins."""
-        cdef int out[5]
+        cdef int out[6]
         cdef int err = 0, r, kf, dev_bound
         cdef char log[4096]
         import time
@@ -469,8 +473,7 @@ cdef class XskSocket:
                     self._close_fds()
                     raise XskError(16, f"AF_XDP on {ifname!r}: the port's program is attached in {self.mode} "
                                        f"mode (another queue's socket), not {mode}")
-                # Device-bound (tags from the driver's metadata) iff loaded with the kfunc.
-                self.vlan_kfunc = self.mode == "native" and kf > 0
+                self.vlan_kfunc = out[5]
                 return
             for fd in range(4):
                 if out[fd] >= 0:
@@ -497,7 +500,7 @@ cdef class XskSocket:
                     self.prog_fd = hn_load_prog(<const char *>prog, len(prog) // 8, self.ifindex, dev_bound,
                                                 log, sizeof(log))
                     if self.prog_fd < 0 and dev_bound:  # a driver without the kfunc: no metadata
-                        self.kfunc_refused = log.decode(errors="replace")
+                        self.vlan_metadata_refused = log.decode(errors="replace")
                         dev_bound = False
                         prog = hn_program(self.map_fd, self.stats_fd, -1)
                         self.prog_fd = hn_load_prog(<const char *>prog, len(prog) // 8, self.ifindex, 0,
