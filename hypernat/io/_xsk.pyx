@@ -33,6 +33,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
 
+from ._vlan cimport (vlan_egress_add, vlan_egress_copy, vlan_egress_skip, vlan_set_add, vlan_set_clear,
+                     vlan_set_has, vlan_tagged_vid)
+
 cdef extern from *:
     """
     #include <errno.h>
@@ -538,13 +541,13 @@ cdef class XskSocket:
         untagged frame on a VLAN port, is dropped on receive and counted), and the tag
         every frame sent carries (a router's egress: ``None`` leaves frames as they are,
         0 sends them untagged, a TCI tags them)."""
-        memset(self.vlan_ok, 0, sizeof(self.vlan_ok))
+        vlan_set_clear(self.vlan_ok)
         self.vlan_port = False
         for v in vlans:
             if not 1 <= v <= 4094:
                 raise ValueError(f"VLAN ID {v!r} is outside 1-4094")
             self.vlan_port = True
-            self.vlan_ok[v >> 3] |= 1 << (v & 7)
+            vlan_set_add(self.vlan_ok, v)
         if tx_tci is None:
             self.vlan_mode = 0
         elif not 0 <= tx_tci <= 0xFFFF:
@@ -605,9 +608,9 @@ cdef class XskSocket:
                 self.rx_bytes += d_.len
                 f = self.area + a
                 # (the program hands over only IPv4 and 802.1Q-tagged IPv4: >= 14 / 18 bytes)
-                if f[12] == 0x81 and f[13] == 0x00:
-                    vid = ((<uint32_t>f[14] & 0x0F) << 8) | f[15]
-                    if not (self.vlan_ok[vid >> 3] & (1 << (vid & 7))):
+                vid = vlan_tagged_vid(f, d_.len)
+                if vid != 0xFFFF:
+                    if not vlan_set_has(self.vlan_ok, vid):
                         self.vlan_unconfigured += 1     # never forwarded untagged, nor onto another VLAN
                         d += 1
                         addrs[max_frames - d] = xsk_umem__extract_addr(d_.addr)
@@ -685,7 +688,7 @@ cdef class XskSocket:
         """Copy frames `idx` of a batch into free UMEM frames and queue them; kick."""
         cdef Py_ssize_t k, n = idx.shape[0], nframes = min(offsets.shape[0], lengths.shape[0])
         cdef uint64_t buflen = buf.shape[0], a
-        cdef uint32_t tidx = 0, queued = 0, want, off, ln, got, skip, add, et
+        cdef uint32_t tidx = 0, queued = 0, want, off, ln, got, skip, add
         cdef uint8_t *o
         cdef int64_t i
         cdef xdp_desc *d
@@ -715,26 +718,15 @@ cdef class XskSocket:
                     continue
                 # 802.1Q on egress (set_vlans): `skip` bytes of the frame's own tag out,
                 # `add` of the port's in.
-                skip = add = 0
-                if self.vlan_mode:
-                    et = (<uint32_t>buf[off + 12] << 8) | buf[off + 13]
-                    if (et == 0x8100 or et == 0x88A8) and ln >= 18:
-                        skip = 4
-                    if self.vlan_mode == 2:
-                        add = 4
+                skip = vlan_egress_skip(&buf[0] + off, ln, self.vlan_mode)
+                add = vlan_egress_add(self.vlan_mode)
                 if ln - skip + add > self.frame_size:
                     self.tx_too_big += 1
                     continue
                 self.n_free -= 1
                 a = self.free_tx[self.n_free]
                 o = self.area + a
-                memcpy(o, &buf[0] + off, 12)
-                if add:
-                    o[12] = 0x81
-                    o[13] = 0x00
-                    o[14] = <uint8_t>(self.tx_tci >> 8)
-                    o[15] = <uint8_t>(self.tx_tci & 0xFF)
-                memcpy(o + 12 + add, &buf[0] + off + 12 + skip, ln - 12 - skip)
+                vlan_egress_copy(o, &buf[0] + off, ln, skip, add, self.tx_tci)
                 ln = ln - skip + add
                 if self.rewrite_macs:
                     memcpy(o, self.macs, 12)
