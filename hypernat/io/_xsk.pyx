@@ -299,8 +299,7 @@ def hn_program(int xskmap_fd, int stats_fd, int vlan_kfunc=-1) -> bytes:
         (0x2d, 4, 3, "pass", 0),
         (0x69, 4, 2, 16, 0),                    # tagged: the inner ethertype
         (0x55, 4, 0, "pass", _ETH_IPV4),
-        (0x05, 0, 0, "sock", 0),
-        "ipv4",
+        "ipv4",                                 # (a tag in the frame may sit under one taken off: QinQ)
     ]
     if vlan_kfunc > 0:
         p += [

@@ -25,7 +25,7 @@ need native mode.
 **VLANs** (``vlans``, one per port, as on PACKET_MMAP): a tag the driver took off (veth:
 always, whatever ``rx-vlan-offload`` says, when the sender's VLAN device or tc left it
 as metadata) is not in the frame XDP sees.  Natively the program is device-bound and
-asks the driver for it (``bpf_xdp_metadata_rx_vlan_tag``, Linux 6.8+; veth, mlx5, ice,
+asks the driver for it (``bpf_xdp_metadata_rx_vlan_tag``, Linux 6.8+: veth, ice,
 ...) and puts it back in front; a tag it cannot put back (no headroom) drops the frame,
 counted ``rx_vlan_lost``.  ``recv`` then drops and counts a frame of another VLAN
 (``rx_vlan_unconfigured``) or an untagged one on a VLAN port (``rx_vlan_missing``):
@@ -143,8 +143,9 @@ class AfXdpPort(Port):
         if self.vlans and not self.xsk.vlan_kfunc:
             self.close()
             raise XskError(errno.EOPNOTSUPP, f"AF_XDP on {ifname!r}: VLAN {self.vlans[0]} needs native XDP with "
-                                             "the driver's VLAN metadata (bpf_xdp_metadata_rx_vlan_tag): a tag "
-                                             "the driver strips would be lost in generic mode; use packet_mmap")
+                                             "the driver's VLAN metadata (bpf_xdp_metadata_rx_vlan_tag; here: "
+                                             f"{self.mode} mode without it): a tag the driver strips would be "
+                                             "lost; use packet_mmap")
         # A router's egress: frames leave with this link's tag (its one VLAN), or none.
         self.xsk.set_vlans(self.vlans, self.vlans[0] if self.vlans else 0)
         # Asked now, while we are in the interface's namespace (the port may be used
