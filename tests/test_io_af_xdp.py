@@ -138,11 +138,13 @@ def test_errors_are_clear(ns):
             af_xdp.AfXdpPort("nosuch0")
         with pytest.raises(ValueError, match="mode"):
             af_xdp.AfXdpPort("b", mode="turbo")
+        with pytest.raises(OSError, match="queue 1, but the link has 1 queue"):
+            af_xdp.AfXdpPort("b", queue=1)
 
 
-def test_vlan_stripping_off_and_a_tagged_frame_never_handed_out(ns):
-    """The port turns the link's VLAN stripping off; a frame carrying its 802.1Q tag
-    in the frame goes to the kernel (not IPv4 to our program), never to the socket."""
+def test_a_tag_of_another_vlan_never_handed_out(ns):
+    """A frame carrying its 802.1Q tag in the frame reaches the socket (tagged IPv4)
+    and is dropped there, counted: this port carries no VLAN.  Untagged frames pass."""
     from scapy.layers.l2 import Dot1Q
 
     a, b = open_ports(ns, "native")
@@ -155,3 +157,121 @@ def test_vlan_stripping_off_and_a_tagged_frame_never_handed_out(ns):
         a.send(Batch.from_frames(tagged + udp_frames(a, b, 2)), np.arange(3))
         got = collect(b, 3, timeout=1.0, only_ipv4=False)
         assert len(got) == 2 and all(Dot1Q not in Ether(f) for f in got)
+        assert b.stats()["rx_vlan_unconfigured"] == 1
+
+
+@pytest.fixture
+def tagging_sender(ns):
+    """a's egress pushes 802.1Q tag 42 as a VLAN device would: into the skb's metadata
+    (tc BPF, hypernat.lab.vlan), so the receiving veth's XDP sees the frame without it."""
+    from hypernat.lab import vlan
+
+    push = vlan.load(vlan.push_program(42))
+    try:
+        with IPRoute(netns=ns) as ipr:
+            idx = ipr.link_lookup(ifname="a")[0]
+            ipr.tc("add", "clsact", index=idx)
+            ipr.tc("add-filter", "bpf", index=idx, handle=":1", fd=push, name="hn_vlan_push", parent="ffff:fff3",
+                   classid=1, direct_action=True)
+    finally:
+        os.close(push)
+    return ns
+
+
+def tagged_port_pair(ns, vlans):
+    with netns.entered(ns):
+        a = PacketMmapPort("a", qdisc_bypass=False, vlans=(42,))  # through tc egress (no bypass)
+        try:
+            b = af_xdp.AfXdpPort("b", mode="native", frames=4096, ring_size=1024, vlans=vlans)
+        except BaseException:
+            a.close()
+            raise
+    a.tx_ring.set_vlan(0)  # sent untagged: the tag is pushed by a's tc egress
+    return a, b
+
+
+def test_a_tag_the_driver_strips_is_put_back(tagging_sender):
+    """The tag arrives as the skb's metadata; the XDP program asks the driver for it
+    (bpf_xdp_metadata_rx_vlan_tag) and puts it back in front: the socket gets tagged
+    frames, counted.  What the port sends carries its tag."""
+    from scapy.layers.l2 import Dot1Q
+
+    a, b = tagged_port_pair(tagging_sender, (42,))
+    with a, b:
+        assert b.xsk.vlan_kfunc and b.mode == "native"
+        sent = udp_frames(a, b, 50)
+        a.send(Batch.from_frames(sent), np.arange(50))
+        got = collect(b, 50, only_ipv4=False)
+        assert len(got) == 50
+        for f, orig in zip(got, sent):
+            assert Ether(f)[Dot1Q].vlan == 42 and Ether(f)[Dot1Q].type == 0x0800
+            assert f[:12] + f[16:] == orig  # the frame as sent, the tag put back in place
+        st = b.stats()
+        assert st["rx_vlan_restored"] == 50 and st["rx_vlan_lost"] == 0 and st["rx_vlan_missing"] == 0
+        # Transmit: the port's tag, whether the frame came with one (here) or not.
+        b.set_macs(b.mac(), a.mac())
+        assert b.send(Batch.from_frames(got[:5] + sent[:5]), np.arange(10)) == 10
+        back = [f for f in collect(a, 10, only_ipv4=False) if IP in Ether(f)]
+        # (a: VLAN 42 on PACKET_MMAP, puts the tag the kernel took off back; untagged: dropped)
+        assert len(back) == 10 and all(Ether(f)[Dot1Q].vlan == 42 for f in back)
+        assert a.stats()["rx_vlan_restored"] >= 10 and a.stats()["rx_vlan_missing"] == 0
+
+
+def test_a_stripped_tag_on_a_port_without_vlans_is_dropped_and_counted(tagging_sender):
+    """Never forwarded untagged: the tag the driver took off is put back, and the port,
+    which carries no VLAN, drops the frame and counts it."""
+    a, b = tagged_port_pair(tagging_sender, ())
+    with a, b:
+        a.send(Batch.from_frames(udp_frames(a, b, 20)), np.arange(20))
+        assert collect(b, 1, timeout=0.5, only_ipv4=False) == []
+        st = b.stats()
+        assert st["rx_vlan_restored"] == 20 and st["rx_vlan_unconfigured"] == 20
+
+
+def test_a_vlan_port_refuses_generic_xdp(ns):
+    """Generic XDP has no driver metadata: a tag left there would be invisible."""
+    with netns.entered(ns):
+        with pytest.raises(OSError, match="VLAN 42 needs native XDP"):
+            af_xdp.AfXdpPort("b", mode="skb", frames=4096, ring_size=1024, vlans=(42,))
+        b = af_xdp.AfXdpPort("b", mode="skb", frames=4096, ring_size=1024)  # the refused one detached
+        b.close()
+
+
+@pytest.fixture
+def ns2():
+    """A veth pair with two queues each way."""
+    name = f"hn-t{os.getpid()}-xdpq"
+    pr_netns.create(name)
+    try:
+        with IPRoute(netns=name) as ipr:
+            q = {"num_rx_queues": 2, "num_tx_queues": 2}
+            ipr.link("add", ifname="a", kind="veth", **q, peer={"ifname": "b", **q})
+            for n, addr in (("a", "10.9.0.1"), ("b", "10.9.0.2")):
+                idx = ipr.link_lookup(ifname=n)[0]
+                ipr.addr("add", index=idx, address=addr, prefixlen=24)
+                ipr.link("set", index=idx, state="up")
+        yield name
+    finally:
+        pr_netns.remove(name)
+
+
+def test_each_queue_its_own_socket_one_program(ns2):
+    """Two sockets on queues 0 and 1 of one port share its XDP program; the sender's
+    flow hash spreads flows over the queues and each socket gets its queue's; the
+    program stays while any socket of the port is open, and goes with the last."""
+    with netns.entered(ns2):
+        a = PacketMmapPort("a", vnet=False, qdisc_bypass=False)  # the flow hash picks the queue
+        b0 = af_xdp.AfXdpPort("b", mode="native", frames=4096, ring_size=1024, queue=0)
+        b1 = af_xdp.AfXdpPort("b", mode="native", frames=4096, ring_size=1024, queue=1)
+    with a:
+        assert not b0.xsk.joined and b1.xsk.joined and b1.xsk.vlan_kfunc == b0.xsk.vlan_kfunc == 1
+        sent = udp_frames(a, b0, 200)
+        a.send(Batch.from_frames(sent), np.arange(200))
+        got0, got1 = collect(b0, 200, timeout=1.0), collect(b1, 200, timeout=0.5)
+        assert sorted(got0 + got1) == sorted(sent) and got0 and got1, (len(got0), len(got1))
+        b0.close()
+        a.send(Batch.from_frames(sent), np.arange(200))
+        assert collect(b1, len(got1), timeout=1.0) == got1  # queue 1 still served, in order
+        assert "prog/xdp" in netns.run(ns2, ["ip", "-d", "link", "show", "b"]).stdout
+        b1.close()
+        assert "prog/xdp" not in netns.run(ns2, ["ip", "-d", "link", "show", "b"]).stdout

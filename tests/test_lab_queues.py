@@ -1,6 +1,8 @@
 """One worker per queue: ``hypernat lab up --queues 2`` builds one port pair whose veths
 have two queues each, and two hypernat-nic workers serve queue 0 and queue 1 of the
-same interfaces, each with its own partition (two NIC entries naming ``queue``).
+same interfaces, each with its own partition (two NIC entries naming ``queue``), on
+PACKET_MMAP (a socket filter keeps each worker's queue) and on AF_XDP (each worker's
+socket bound to its queue; the port's one XDP program redirects by receive queue).
 
     vpc ─ nic0 ══ inside0 [q0: worker 0 | q1: worker 1] outside0 ══ nic0 ─ inet
           flows spread over the queues by the sender's flow hash (RSS, as a NIC would),
@@ -24,15 +26,21 @@ pytestmark = pytest.mark.netns
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "testbed-queues.yaml")
 
 
-def test_two_workers_serve_the_two_queues_of_one_port(tmp_path):
+@pytest.mark.parametrize("backend", ["packet_mmap", "af_xdp"])
+def test_two_workers_serve_the_two_queues_of_one_port(tmp_path, backend):
+    if backend == "af_xdp":
+        pytest.importorskip("hypernat.io.af_xdp", reason="hypernat.io._xsk not built (libxdp/libbpf missing)")
     with open(CONF) as f:
         doc = yaml.safe_load(f)
     assert [n["queue"] for n in doc["nics"]] == [0, 1]
+    for n in doc["nics"]:
+        n["io"] = backend  # AF_XDP: each worker's socket on its queue, one XDP program for the port
     doc["state_dir"] = str(tmp_path / "state")
     conf = str(tmp_path / "gw-queues.yaml")
     with open(conf, "w") as f:
         yaml.safe_dump(doc, f)
-    topo = Topology(tag=f"t{os.getpid()}ioq", nics=1, queues=2, mode="hypernat", addr=Addressing.from_config(conf))
+    topo = Topology(tag=f"t{os.getpid()}ioq", nics=1, queues=2, mode="hypernat", addr=Addressing.from_config(conf),
+                    offloads=backend != "af_xdp")  # AF_XDP is per-frame
     try:
         topo.up()
         cli.start_gateway(topo, conf)

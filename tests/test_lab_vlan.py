@@ -2,9 +2,12 @@
 VPC side tags with tc BPF, lab/vlan.py), the gateway's inside port is configured for
 VLAN 42 (``inside_vlans``), offloads on.
 
-    vpc ─[tag 42]═ nic0 ══ inside0 [HyperNAT, PACKET_MMAP] outside0 ══ nic0 ─ inet
+    vpc ─[tag 42]═ nic0 ══ inside0 [HyperNAT, PACKET_MMAP | AF_XDP] outside0 ══ nic0 ─ inet
                                     restores the tag the kernel took off, sends
                                     toward the VPC with tag 42, toward inet untagged
+
+(PACKET_MMAP: from ``tp_vlan_tci``; AF_XDP: the XDP program asks the driver for the
+tag it took off, ``bpf_xdp_metadata_rx_vlan_tag``, and puts it back in the frame.)
 
 Linux TCP either connects through the gateway or it does not; a watcher on the VPC's
 link end (a PACKET_MMAP port of VLAN 42, receive only) sees every frame coming back
@@ -26,16 +29,19 @@ CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 VLAN = 42
 
 
-def test_a_vlan_tagged_vpc_through_hypernat(tmp_path):
+@pytest.mark.parametrize("backend", ["packet_mmap", "af_xdp"])
+def test_a_vlan_tagged_vpc_through_hypernat(tmp_path, backend):
+    if backend == "af_xdp":
+        pytest.importorskip("hypernat.io.af_xdp", reason="hypernat.io._xsk not built (libxdp/libbpf missing)")
     with open(CONF) as f:
         doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], inside_vlans=[VLAN])]
+    doc["nics"] = [dict(doc["nics"][0], inside_vlans=[VLAN], io=backend)]
     doc["state_dir"] = str(tmp_path / "state")
     conf = str(tmp_path / "gw-vlan.yaml")
     with open(conf, "w") as f:
         yaml.safe_dump(doc, f)
     topo = Topology(tag=f"t{os.getpid()}iovl", nics=1, mode="hypernat", addr=Addressing.from_config(conf),
-                    vlan=VLAN)
+                    vlan=VLAN, offloads=backend != "af_xdp")  # AF_XDP is per-frame
     watcher = None
     try:
         topo.up()

@@ -1,16 +1,38 @@
-"""AF_XDP ports (optional): libxdp's xsk API, copy mode, one socket per interface.
+"""AF_XDP ports (optional): libxdp's xsk API, copy mode, one socket per queue of an
+interface, one XDP program per interface shared by its sockets.
 
 ::
 
-     NIC/veth ─► XDP program (ours, _xsk.pyx): IPv4 ─► XSKMAP ─► RX ring ─► recv(): Batch views UMEM
-                                               other ─► kernel (ARP answered there, neighbours learned)
-     send(batch, idx): one memcpy into a free UMEM frame ─► TX ring ─► kick (sendto)
+     NIC/veth ─► XDP program (_xsk.pyx): IPv4 / 802.1Q IPv4 ─► XSKMAP[rx queue] ─► RX ring ─► recv()
+                                         other ─► kernel (ARP answered there, neighbours learned)
+     send(batch, idx): one memcpy into a free UMEM frame (the port's VLAN tag set) ─► TX ring ─► kick
 
 Compared with PACKET_MMAP the kernel's stack never touches the IPv4 frames (no skb on
 the receive side in native mode), which is where AF_XDP's extra speed comes from.  ARP
 and every non-IPv4 frame still reach the kernel because our XDP program passes them:
 the daemon needs no ARP code of its own on this backend either (``hypernat.l2`` stays
 available for addresses the kernel does not own).
+
+**Queues** (one worker per queue): a port names its ``queue``; the first socket of an
+interface attaches the program, the next ones (other queues, other processes) join it
+through its BPF link, so it stays attached until the last socket closes.  The program
+redirects each frame to the socket of the queue it arrived on.  On veth the receive
+queue is the sender's transmit queue (its flow hash, XPS off); native XDP needs at
+least as many receive queues as the peer has transmit queues (``lab up --queues N``
+gives both ends N); generic XDP on veth sees every frame on queue 0, so several queues
+need native mode.
+
+**VLANs** (``vlans``, one per port, as on PACKET_MMAP): a tag the driver took off (veth:
+always, whatever ``rx-vlan-offload`` says, when the sender's VLAN device or tc left it
+as metadata) is not in the frame XDP sees.  Natively the program is device-bound and
+asks the driver for it (``bpf_xdp_metadata_rx_vlan_tag``, Linux 6.8+: veth, ice,
+...) and puts it back in front; a tag it cannot put back (no headroom) drops the frame,
+counted ``rx_vlan_lost``.  ``recv`` then drops and counts a frame of another VLAN
+(``rx_vlan_unconfigured``) or an untagged one on a VLAN port (``rx_vlan_missing``):
+never forwarded untagged.  On transmit every frame carries the port's tag (or none).
+Generic XDP has no driver metadata: a VLAN port refuses it.  A NIC driver without the
+metadata op answers EOPNOTSUPP: the tag is then seen only with VLAN stripping off,
+which the port asks for (``rxvlan_off`` in its stats).
 
 Built only where pkg-config finds libxdp and libbpf (``_xsk.pyx`` says so on its first
 line); ``import hypernat.io.af_xdp`` raises ImportError elsewhere.  Needs CAP_NET_ADMIN
@@ -59,21 +81,48 @@ def _rxvlan_off(ifname: str) -> bool:
     return p.returncode == 0
 
 
+def _queues(ifname: str) -> int | None:
+    """How many queue pairs the link has now (``ethtool -l``: the lesser of its current
+    receive and transmit channels, combined ones counted in both; None: unknown).
+    Asked in the current namespace."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["ethtool", "-l", ifname], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0 or "Current hardware settings:" not in p.stdout:
+        return None
+    cur = {}
+    for ln in p.stdout.split("Current hardware settings:", 1)[1].splitlines():
+        k, _, v = ln.partition(":")
+        cur[k.strip()] = int(v) if v.strip().isdigit() else 0
+    both = cur.get("Combined", 0)
+    n = min(both + cur.get("RX", 0), both + cur.get("TX", 0))
+    return n or None
+
+
 class AfXdpPort(Port):
-    """One interface (queue 0) over an AF_XDP socket.  Create it inside the interface's
-    network namespace.  ``mode``: "auto" (native where the driver has XDP, else
-    generic), "native" or "skb"."""
+    """One receive/transmit queue of an interface over an AF_XDP socket.  Create it
+    inside the interface's network namespace.  ``mode``: "auto" (native where the
+    driver has XDP, else generic), "native" or "skb".  ``queue``: the queue pair this
+    socket serves (one worker per queue: every socket of the port shares one XDP
+    program, which redirects each frame to the socket of the queue it arrived on).
+    ``vlans``: the 802.1Q VLAN IDs this port carries (one; frames sent carry its tag)."""
 
     def __init__(self, ifname: str, frames: int = 8192, frame_size: int = 2048, ring_size: int = 2048,
-                 mode: str = "auto", queue: int = 0):
+                 mode: str = "auto", queue: int = 0, vlans=()):
         self.name = ifname
-        # VLANs: XDP sees a frame as it lies in memory, and a tag the driver strips
-        # into metadata is not there: the frame would look untagged.  With VLAN
-        # stripping off the tag stays in the frame, where our program passes any
-        # non-IPv4 ethertype (0x8100 included) to the kernel: never forwarded
-        # untagged.  (A veth peer that sends the tag as metadata cannot be helped
-        # here; VLAN ports need the packet_mmap backend.)
+        self.queue = queue
+        self.vlans = tuple(int(v) for v in vlans)
+        if len(self.vlans) > 1:
+            raise ValueError(f"{ifname}: one VLAN per port (frames sent there carry its tag), got {self.vlans}")
+        # VLANs (module docstring): stripping off where the driver honours it.
         self.rxvlan_off = _rxvlan_off(ifname)
+        queues = _queues(ifname)
+        if queues is not None and queue >= queues:
+            raise XskError(errno.EINVAL, f"AF_XDP on {ifname!r}: queue {queue}, but the link has {queues} queue "
+                                         f"pair(s) (`ethtool -L {ifname} combined N`, or `rx N tx N` on veth)")
         self._map = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = np.frombuffer(self._map, dtype=np.uint8)
         deadline = time.monotonic() + BUSY_RETRY_S
@@ -91,6 +140,14 @@ class AfXdpPort(Port):
             self._map.close()
             raise
         self.mode = self.xsk.mode
+        if self.vlans and not self.xsk.vlan_kfunc:
+            self.close()
+            raise XskError(errno.EOPNOTSUPP, f"AF_XDP on {ifname!r}: VLAN {self.vlans[0]} needs native XDP with "
+                                             "the driver's VLAN metadata (bpf_xdp_metadata_rx_vlan_tag; here: "
+                                             f"{self.mode} mode without it): a tag the driver strips would be "
+                                             "lost; use packet_mmap")
+        # A router's egress: frames leave with this link's tag (its one VLAN), or none.
+        self.xsk.set_vlans(self.vlans, self.vlans[0] if self.vlans else 0)
         # Asked now, while we are in the interface's namespace (the port may be used
         # from another thread or namespace later).
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -136,8 +193,10 @@ class AfXdpPort(Port):
     def stats(self) -> dict:
         """Numeric counters only (metrics take them as they are); the XDP mode is
         ``.mode``."""
+        if self.xsk is None:
+            return {}
         return dict(self.xsk.counters(), **self.xsk.kernel_counters(), xdp_native=int(self.mode == "native"),
-                    rxvlan_off=int(self.rxvlan_off))
+                    rxvlan_off=int(self.rxvlan_off), xdp_vlan_metadata=int(self.xsk.vlan_kfunc))
 
     def close(self) -> None:
         if self.xsk is not None:

@@ -22,7 +22,7 @@ import sys
 def open_port(backend: str, ifname: str, vlans=(), queue=None):
     """A Port for interface `ifname` with the named backend (from hypernat.io);
     ``vlans``: the 802.1Q VLAN IDs the link carries, ``queue``: the receive queue this
-    NIC serves (PACKET_MMAP)."""
+    NIC serves (PACKET_MMAP, AF_XDP)."""
     if backend == "packet_mmap":
         from ..io.packet_mmap import PacketMmapPort as P
     elif backend == "af_xdp":
@@ -39,8 +39,8 @@ def open_port(backend: str, ifname: str, vlans=(), queue=None):
         kw["vlans"] = vlans
     if queue is not None:
         kw["queue"] = queue
-    if kw and backend != "packet_mmap":
-        raise SystemExit(f"hypernat-nic: {ifname}: {', '.join(kw)} need the packet_mmap backend")
+    if kw and backend not in ("packet_mmap", "af_xdp"):
+        raise SystemExit(f"hypernat-nic: {ifname}: {', '.join(kw)} need the packet_mmap or af_xdp backend")
     return P(ifname, **kw)
 
 
