@@ -222,17 +222,19 @@ class PacketMmapPort(Port):
     ``vlans``: the 802.1Q VLAN IDs this port carries; ``queue``: receive only what the
     link puts on that receive queue (one worker per queue).  ``rx_ring``: ``"v3"``
     (blocks: ``RX_V3_BYTES``, or ``rx_frames`` x ``frame_size`` when given; a partly filled
-    block is handed over after ``rx_block_ms``) or ``"v2"`` (a slot per frame)."""
+    block is handed over after ``rx_block_ms``; blocks of ``rx_block_bytes``, more where a
+    frame of ``frame_size`` needs it) or ``"v2"`` (a slot per frame)."""
 
     def __init__(self, ifname: str, rx_frames: int | None = None, tx_frames: int | None = None,
                  frame_size: int | None = None, rx: bool = True, tx: bool = True, qdisc_bypass: bool | None = None,
                  vnet: bool = True, vlans=(), queue: int | None = None, rx_ring: str = "v3",
-                 rx_block_ms: int = RX_BLOCK_MS):
+                 rx_block_ms: int = RX_BLOCK_MS, rx_block_bytes: int = RX_BLOCK_BYTES):
         if rx_ring not in RX_RINGS:
             raise ValueError(f"{ifname}: rx_ring {rx_ring!r} is not one of {', '.join(RX_RINGS)}")
         self.name = ifname
         self.rx_version = rx_ring
         self.rx_block_ms = rx_block_ms
+        self.rx_block_bytes = rx_block_bytes
         self.rx_ring_bytes = self.tx_ring_bytes = 0  # the rings' mappings (kernel memory, in our RSS)
         self.queue = queue
         self.vnet = bool(vnet)
@@ -287,7 +289,7 @@ class PacketMmapPort(Port):
         else:
             self.ignore_outgoing = True
         if v3:
-            req, size, block, nr = v3_request(frame_size, ring_bytes, self.rx_block_ms)
+            req, size, block, nr = v3_request(frame_size, ring_bytes, self.rx_block_ms, self.rx_block_bytes)
         else:
             req, size, nr = _ring_request(frame_size, frames)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_RX_RING"], req)
