@@ -518,8 +518,7 @@ cdef class RxRingV3(_RxBase):
                     held_here = True
                 if self.left and (self.pos < sizeof(tpacket_block_desc) or
                                   <uint64_t>self.pos + sizeof(tpacket3_hdr) > self.block_size):
-                    self.bad_blocks += 1    # a frame header outside its block: skip the rest
-                    self.truncated += self.left
+                    self.bad_blocks += 1    # a frame header outside its block: the rest is unreadable
                     self.left = 0
                 if self.left:
                     h = <tpacket3_hdr *>(blk + self.pos)
@@ -530,7 +529,6 @@ cdef class RxRingV3(_RxBase):
                     self.left -= 1
                     if self.left and (nxt == 0 or nxt % 8):  # V3_ALIGNMENT
                         self.bad_blocks += 1
-                        self.truncated += self.left
                         self.left = 0
                     self.pos += nxt
                 if self.left == 0:
