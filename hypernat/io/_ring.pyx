@@ -1,7 +1,8 @@
 # cython: language_level=3
-"""Walking PACKET_MMAP rings without the GIL (TPACKET_V2, receive and transmit).
+"""Walking PACKET_MMAP rings without the GIL: receive (TPACKET_V3 blocks, or TPACKET_V2
+slots) and transmit (TPACKET_V2).
 
-A PACKET_MMAP ring is an array of fixed-size frames shared with the kernel.  Each
+A TPACKET_V2 ring is an array of fixed-size frames shared with the kernel.  Each
 frame starts with a ``struct tpacket2_hdr`` whose ``tp_status`` word is the
 hand-over flag: whoever owns the frame flips it, and the other side only reads the
 frame after it sees the flip (acquire/release ordering on that one word)::
@@ -15,10 +16,21 @@ frame after it sees the flip (acquire/release ordering on that one word)::
          release(): status = KERNEL, in place       send(fd, NULL, 0, DONTWAIT) while any
                                                     frame is still SEND_REQUEST
 
-TPACKET_V2 hands every frame over the moment it is written (V3 hands over whole
-blocks, on a millisecond timer), so the first packet of a connection waits for
-nothing.  Frames handed out in a batch stay ours until ``release``: the walker never
-passes them (``outstanding`` bounds the walk) and the kernel never overwrites them.
+TPACKET_V2 hands every frame over the moment it is written, so the first packet of a
+connection waits for nothing; but every slot must hold the largest frame (a 64 KB
+super-frame).  A TPACKET_V3 receive ring (``RxRingV3``) is an array of blocks; the
+kernel packs frames into the active block back to back and hands the whole block over
+(its ``block_status``) when it is full or its retire timer fires, so a 64-byte frame
+costs ~160 bytes of ring, not a 68 KB slot::
+
+   block:  [tpacket_block_desc: status, num_pkts, offset_to_first_pkt]
+           [tpacket3_hdr | sockaddr_ll | virtio_net_hdr | frame ] ─tp_next_offset─►
+           [tpacket3_hdr | ... ] ... (num_pkts entries, 8-byte aligned)
+
+Both receive rings read a frame the same way (``_RxBase._frame``).  Frames handed out
+in a batch stay ours until ``release``: the walker never passes them (``outstanding``
+bounds the V2 walk, per-block references the V3 walk) and the kernel never overwrites
+them.
 
 The transmit ring keeps two positions behind ``head``: ``sent``, the next frame the
 kernel has not taken yet (it takes them in ring order, as ours), and ``tail``, the
@@ -33,9 +45,10 @@ words (no scan of the ring); the kernel changes them only inside our own kick, o
 SENDING to AVAILABLE when a frame in flight is freed, so the counts are exact.
 
 Frames the walker refuses, counted and released at once: truncated by the ring
-(``tp_snaplen < tp_len``, an MTU above the frame size) and frames whose checksum the
-kernel left unfinished (``TP_STATUS_CSUMNOTREADY``: checksum offload on a link we
-serve; the lab turns offloads off).
+(``tp_snaplen < tp_len``: longer than a V2 slot or a V3 block), frames whose checksum
+the kernel left unfinished without a virtio_net_hdr to say where it starts
+(``TP_STATUS_CSUMNOTREADY`` on a ring without ``vnet``), inconsistent virtio_net_hdrs
+and VLAN tags the port does not carry.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove, memset
