@@ -13,17 +13,21 @@ TPACKET_V2 transmit ring, frames rewritten where the kernel put them and copied 
 
 Why these choices:
 
-* **TPACKET_V3 on receive** (``rx_ring="v3"``, the default), ``"v2"`` selectable.  A
-  TPACKET_V2 slot must hold a whole super-frame (~68 KB), so a ring deep enough for
-  64-byte traffic costs hundreds of MB per port.  V3 packs frames back to back into
-  blocks (a 64-byte frame takes ~160 bytes of a block, a super-frame what it needs) and
-  hands a block over when it is full or when its retire timer fires
-  (``rx_block_ms``, default ``RX_BLOCK_MS``): a lone frame waits at most about that long
-  (the kernel's timer granularity: one jiffy, 4 ms at HZ=250).  V2 hands each frame over
-  as soon as it is written; it is the choice where a millisecond matters more than
-  memory.  The receive walk is in Cython without the GIL (``_ring.pyx``: ``RxRingV3``
-  and ``RxRing``, one per-frame reading shared by both), one call per batch; a V3 block
-  goes back to the kernel once every batch that took frames from it is released.
+* **TPACKET_V3 on receive** (``rx_ring="v3"``, the default), ``"v2"`` selectable (the
+  config's ``nics[].rx_ring``).  A TPACKET_V2 slot must hold a whole super-frame
+  (~68 KB), so a ring deep enough for 64-byte traffic costs hundreds of MB per port
+  (``RX_RING_BYTES``: 256 MB, ~3850 slots).  V3 packs frames back to back into blocks
+  (a 64-byte frame takes ~160 bytes of a block, a super-frame what it needs): 32 MB
+  (``RX_V3_BYTES``) hold ~200k small frames.  Measured (same runs): 64-byte UDP through
+  the no-op forwarder and HyperNAT and bulk TCP with offloads on, V3 at least as fast
+  as V2.  The price is latency when traffic is light: the kernel hands a block over
+  when it is full or when its retire timer fires (``rx_block_ms``, default
+  ``RX_BLOCK_MS`` = 1 ms, the smallest the kernel takes), so a lone frame waits for the
+  timer: measured p50 ~1 ms, p99 ~6 ms (V2: ~10 µs).  Where that matters more than
+  memory, choose V2.  The receive walk is in Cython without the GIL (``_ring.pyx``:
+  ``RxRingV3`` and ``RxRing``, one per-frame reading shared by both), one call per
+  batch; a V3 block goes back to the kernel once every batch that took frames from it
+  is released.
 * **Two sockets.**  The receive socket is bound with ``ETH_P_ALL`` (the daemon also
   wants ARP) and sets ``PACKET_IGNORE_OUTGOING`` so our own transmissions are not
   read back; the transmit socket is bound with protocol 0 so it receives nothing and
