@@ -41,6 +41,7 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
 
     .venv/bin/python -m pytest benchmarks/bench_bulk.py -s                   (as root)
     HYPERNAT_BULK_MTUS=1500 ...                                               one MTU only
+    HYPERNAT_BULK_RX_RINGS=v2,v3 ...                          PACKET_MMAP modes on both receive rings
     (the last line printed: ``BULK_RATIOS {...}``, the same run's ratios)
     HYPERNAT_BULK_SECONDS=8 HYPERNAT_BULK_ROUNDS=5 ...                        longer, more rounds
     .venv/bin/python -m pytest benchmarks/bench_bulk.py --benchmark-disable   CI: 1 s per mode,
@@ -69,6 +70,8 @@ STREAMS = int(os.environ.get("HYPERNAT_BULK_STREAMS", "4"))
 RT_PRIORITY = int(os.environ.get("HYPERNAT_BULK_RT", "10"))
 OMIT = 1  # seconds of slow start iperf3 leaves out of its figures (timed runs only)
 MTUS = [int(x) for x in os.environ.get("HYPERNAT_BULK_MTUS", "1500,9000").split(",")]
+# PACKET_MMAP receive rings to compare (the first is the default; others add modes `..._v3`)
+RX_RINGS = os.environ.get("HYPERNAT_BULK_RX_RINGS", "v2").split(",")
 MTU = MTUS[0]
 PORT = 5201
 ENDPOINT_CPU, GW_CPU = 0, 1
@@ -96,6 +99,8 @@ def runs(mtu: int = 1500) -> list:
     the MTU fits its 2048-byte frames (multi-buffer AF_XDP is not implemented)."""
     out = [("linux", "linux", "packet_mmap"), ("noop_packet_mmap", "noop", "packet_mmap"),
            ("hypernat_packet_mmap", "hypernat", "packet_mmap")]
+    for ring in RX_RINGS[1:]:  # (labels name the ring: measure() reads it from there)
+        out += [(f"noop_packet_mmap_{ring}", "noop", "packet_mmap"), (f"hypernat_packet_mmap_{ring}", "hypernat", "packet_mmap")]
     try:
         import hypernat.io.af_xdp  # noqa: F401
     except ImportError:
@@ -105,13 +110,13 @@ def runs(mtu: int = 1500) -> list:
     return out + [("noop_af_xdp", "noop", "af_xdp"), ("hypernat_af_xdp", "hypernat", "af_xdp")]
 
 
-def _gateway_config(run_dir: str, backend: str) -> str:
+def _gateway_config(run_dir: str, backend: str, rx_ring: str | None = None) -> str:
     """conf/testbed.yaml cut to NIC 0 on `backend`, its state in the run's directory."""
     import yaml
 
     with open(CONF) as f:
         doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], io=backend)]
+    doc["nics"] = [dict(doc["nics"][0], io=backend, **({"rx_ring": rx_ring} if rx_ring else {}))]
     doc["state_dir"] = os.path.join(run_dir, "state")
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "gw-bulk.yaml")
@@ -214,8 +219,9 @@ def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, 
     try:
         topo.up()
         if mode != "linux":
-            cli.start_gateway(topo, _gateway_config(topo.run_dir(), backend) if mode == "hypernat" else None,
-                              backend=backend)
+            ring = next((r for r in RX_RINGS[1:] if label.endswith(f"_{r}")), RX_RINGS[0])
+            cfg = _gateway_config(topo.run_dir(), backend, ring if backend == "packet_mmap" else None)
+            cli.start_gateway(topo, cfg if mode == "hypernat" else None, backend=backend, rx_ring=ring)
             # The forwarder: every no-op process; for HyperNAT the NIC daemon (the
             # coordinator, pids[0], only handles the few connection set-ups).
             _pin(topo.pids if mode == "noop" else topo.pids[1:], GW_CPU, rt)
@@ -258,12 +264,17 @@ def ratio_line(results: dict) -> str:
     out = {}
     for mtu, res in sorted(results.items()):
         lin = res.get("linux", {}).get("gbps")
-        for io in ("packet_mmap", "af_xdp"):
+        for io in ["packet_mmap"] + [f"packet_mmap_{r}" for r in RX_RINGS[1:]] + ["af_xdp"]:
             h, n = res.get(f"hypernat_{io}"), res.get(f"noop_{io}")
             if h and lin:
                 out[f"mtu{mtu}_hypernat_{io}_over_linux"] = round(h["gbps"] / lin, 3)
             if h and n and n["gbps"]:
                 out[f"mtu{mtu}_hypernat_{io}_over_noop"] = round(h["gbps"] / n["gbps"], 3)
+        for ring in RX_RINGS[1:]:  # the default receive ring over the other, same run
+            for m in ("noop", "hypernat"):
+                a, b = res.get(f"{m}_packet_mmap"), res.get(f"{m}_packet_mmap_{ring}")
+                if a and b and b["gbps"]:
+                    out[f"mtu{mtu}_{m}_{RX_RINGS[0]}_over_{ring}"] = round(a["gbps"] / b["gbps"], 3)
     return "BULK_RATIOS " + json.dumps(out, sort_keys=True)
 
 

@@ -31,6 +31,7 @@ to one NIC; its 100k sessions are created by the slow path during a paced warm-u
 
     .venv/bin/python -m pytest benchmarks/bench_e2e.py -s          (as root)
     HYPERNAT_E2E_SECONDS=5 HYPERNAT_E2E_ROUNDS=5 ...               longer, more rounds (median)
+    HYPERNAT_E2E_RX_RINGS=v2,v3 ...                                PACKET_MMAP modes on both receive rings
     (the last line printed: ``E2E_RATIOS {...}``, the same run's ratios)
 """
 import glob
@@ -58,6 +59,8 @@ GEN_CPU, GW_CPU = 0, 1
 # SCHED_FIFO priority of the forwarder (HYPERNAT_E2E_RT=0: normal scheduling).  DESIGN.md measured 1.6-1.7x
 # from it when the worker shares its core with the kernel's receive work.
 RT_PRIORITY = int(os.environ.get("HYPERNAT_E2E_RT", "10"))
+# PACKET_MMAP receive rings to compare (the first is the default; others add modes `..._v3`)
+RX_RINGS = os.environ.get("HYPERNAT_E2E_RX_RINGS", "v2").split(",")
 
 pytestmark = pytest.mark.netns
 
@@ -99,13 +102,13 @@ def build_frames(n_flows: int, src_mac: bytes, dst_mac: bytes, internal: str, ds
 WARMUP_PASSES = 6
 
 
-def one_nic_config(conf: str, run_dir: str, io: str = "packet_mmap") -> str:
+def one_nic_config(conf: str, run_dir: str, io: str = "packet_mmap", rx_ring: str | None = None) -> str:
     """conf/testbed.yaml cut down to NIC 0 on I/O backend `io` (one NIC here)."""
     import yaml
 
     with open(conf) as f:
         doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], io=io)]
+    doc["nics"] = [dict(doc["nics"][0], io=io, **({"rx_ring": rx_ring} if rx_ring else {}))]
     doc["state_dir"] = os.path.join(run_dir, "state")
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "gw-1nic.yaml")
@@ -137,9 +140,22 @@ def _counted(topo) -> int:
     return 0
 
 
-def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: str = "packet_mmap") -> dict:
-    """One lab in `mode` (I/O `backend` for the forwarder), the generator for `seconds`;
-    frames/s delivered to inet."""
+def _rss_mb(pids) -> float:
+    """The resident memory of the gateway's processes (rings mapped included), MB."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return round(total / 1024, 1)
+
+
+def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: str = "packet_mmap",
+            rx_ring: str = "v2") -> dict:
+    """One lab in `mode` (I/O `backend` for the forwarder, `rx_ring` its PACKET_MMAP
+    receive ring), the generator for `seconds`; frames/s delivered to inet."""
     from hypernat.io.packet_mmap import PacketMmapPort
     from hypernat.io.base import Batch
     from hypernat.lab.topology import Addressing, Topology
@@ -153,7 +169,7 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
         if mode == "noop":
             from hypernat.lab.noop import start_in_lab
 
-            start_in_lab(topo, backend=backend)
+            start_in_lab(topo, backend=backend, rx_ring=rx_ring)
             for pid in topo.pids:
                 os.sched_setaffinity(pid, {GW_CPU})
                 if RT_PRIORITY:
@@ -161,7 +177,8 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
         elif mode == "hypernat":
             from hypernat.lab import cli
 
-            cli.start_gateway(topo, one_nic_config(conf, topo.run_dir(), backend))
+            cli.start_gateway(topo, one_nic_config(conf, topo.run_dir(), backend,
+                                                   rx_ring if backend == "packet_mmap" else None))
             for pid in topo.pids[1:]:  # the NIC daemon; the coordinator stays where it is
                 os.sched_setaffinity(pid, {GW_CPU})
                 if RT_PRIORITY:
@@ -212,13 +229,15 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
                                        f"{gen.stats()}")
             elapsed = time.monotonic() - t0
             cpu = cpu_split(c0, cpu_times())
+            rss = _rss_mb(topo.pids if mode == "noop" else topo.pids[1:])
             time.sleep(0.2)
             got = _counted(topo) - before
         finally:
             os.sched_setaffinity(0, old)
             gen.close()
         return {"mode": mode, "backend": backend, "offered_mpps": sent / elapsed / 1e6, "delivered_mpps": got / elapsed / 1e6,
-                "seconds": elapsed, "flows": flows, "cpu": cpu, "napi_threads": len(steered["napi_threads"])}
+                "seconds": elapsed, "flows": flows, "cpu": cpu, "napi_threads": len(steered["napi_threads"]),
+                "gw_rss_mb": rss if mode != "linux" else 0.0}
     finally:
         topo.down()
         for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
@@ -233,24 +252,27 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
     flows = FLOWS if benchmark.enabled else 10000  # --benchmark-disable (CI): a smoke run
     results = {}
 
-    runs = [("linux", "linux", "packet_mmap"), ("noop_packet_mmap", "noop", "packet_mmap"),
-            ("hypernat_packet_mmap", "hypernat", "packet_mmap")]
+    runs = [("linux", "linux", "packet_mmap", None)]
+    for k, ring in enumerate(RX_RINGS):
+        sfx = "" if k == 0 else f"_{ring}"
+        runs += [(f"noop_packet_mmap{sfx}", "noop", "packet_mmap", ring),
+                 (f"hypernat_packet_mmap{sfx}", "hypernat", "packet_mmap", ring)]
     try:
         import hypernat.io.af_xdp  # noqa: F401
 
-        runs += [("noop_af_xdp", "noop", "af_xdp"), ("hypernat_af_xdp", "hypernat", "af_xdp")]
+        runs += [("noop_af_xdp", "noop", "af_xdp", None), ("hypernat_af_xdp", "hypernat", "af_xdp", None)]
     except ImportError:
         pass
 
     rounds = E2E_ROUNDS if benchmark.enabled else 1
-    samples = {label: [] for label, _, _ in runs}
+    samples = {label: [] for label, _, _, _ in runs}
 
     def run():
         # Modes interleaved round by round, so a burst of load from elsewhere on this
         # shared machine hits all of them alike; the median round is reported.
         for _ in range(rounds):
-            for label, mode, backend in runs:
-                samples[label].append(measure(mode, seconds, flows=flows, backend=backend))
+            for label, mode, backend, ring in runs:
+                samples[label].append(measure(mode, seconds, flows=flows, backend=backend, rx_ring=ring or RX_RINGS[0]))
         for label, rs in samples.items():
             rs.sort(key=lambda r: r["delivered_mpps"])
             results[label] = rs[len(rs) // 2]
@@ -258,21 +280,29 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info["rounds"] = rounds
     benchmark.extra_info.update({f"{m}_{k}": round(v, 4) if isinstance(v, float) else v
-                                 for m, r in results.items() for k, v in r.items() if k in ("offered_mpps", "delivered_mpps")})
+                                 for m, r in results.items() for k, v in r.items()
+                                 if k in ("offered_mpps", "delivered_mpps", "gw_rss_mb")})
     lin = results["linux"]["delivered_mpps"]
     for label in results:
         if label != "linux" and lin:
             benchmark.extra_info[f"{label}_over_linux"] = round(results[label]["delivered_mpps"] / lin, 3)
     benchmark.extra_info["flows"] = flows
     benchmark.extra_info["seconds"] = seconds
-    for io in ("packet_mmap", "af_xdp"):
+    ios = ["packet_mmap"] + [f"packet_mmap_{r}" for r in RX_RINGS[1:]] + ["af_xdp"]
+    for io in ios:
         h, n = results.get(f"hypernat_{io}"), results.get(f"noop_{io}")
         if h and n and n["delivered_mpps"]:
             benchmark.extra_info[f"hypernat_{io}_over_noop"] = round(h["delivered_mpps"] / n["delivered_mpps"], 3)
+    for ring in RX_RINGS[1:]:  # the default receive ring over the other, same run
+        for m in ("noop", "hypernat"):
+            a, b = results.get(f"{m}_packet_mmap"), results.get(f"{m}_packet_mmap_{ring}")
+            if a and b and b["delivered_mpps"]:
+                benchmark.extra_info[f"{m}_{RX_RINGS[0]}_over_{ring}"] = round(a["delivered_mpps"] / b["delivered_mpps"], 3)
     for label, r in results.items():
         benchmark.extra_info[f"{label}_cpu"] = {f"cpu{c}": v for c, v in r["cpu"].items()}
     print("\n" + json.dumps(benchmark.extra_info, indent=1))
-    print("E2E_RATIOS " + json.dumps({k: v for k, v in benchmark.extra_info.items() if k.endswith(("_over_linux", "_over_noop"))},
+    print("E2E_RATIOS " + json.dumps({k: v for k, v in benchmark.extra_info.items()
+                                      if k.endswith(("_over_linux", "_over_noop")) or "_over_v" in k},
                                      sort_keys=True))
     assert all(r["delivered_mpps"] > 0 for r in results.values())
 
@@ -290,12 +320,13 @@ def _veth_pair_ns(name):
             ipr.link("set", index=ipr.link_lookup(ifname=n)[0], state="up")
 
 
-@pytest.mark.parametrize("backend", ["packet_mmap", "af_xdp"])
+@pytest.mark.parametrize("backend", ["packet_mmap", "packet_mmap_v3", "af_xdp"])
 def test_rx_handover_latency(benchmark, backend):
     """Time from a frame's transmission on one end of a veth to our receive call
     returning it on the other (blocking poll on the port's fd, one frame at a time):
-    the budget is 100 µs (TPACKET_V2 hands each frame over at once; V3 would wait for a
-    block to fill or its millisecond timer)."""
+    the budget is 100 µs.  TPACKET_V2 (``packet_mmap``, the default) hands each frame
+    over at once; V3 (``packet_mmap_v3``) hands a lone frame over when its block's
+    retire timer fires (``rx_block_ms``, in jiffies: 4 ms at HZ=250)."""
     import select
 
     from pyroute2 import netns as pr_netns
@@ -310,7 +341,8 @@ def test_rx_handover_latency(benchmark, backend):
     try:
         with netns.entered(name):
             tx = PacketMmapPort("a", rx=False)
-            rx = PacketMmapPort("b", tx=False) if backend == "packet_mmap" else af_xdp.AfXdpPort("b")
+            rx = (af_xdp.AfXdpPort("b") if backend == "af_xdp" else
+                  PacketMmapPort("b", tx=False, rx_ring="v3" if backend.endswith("_v3") else "v2"))
         frame = build_frames(1, tx.mac(), rx.mac(), "10.0.0.0/16", "198.51.100.1")
         one = Batch(frame.reshape(-1), np.zeros(1, np.uint32), np.full(1, FRAME, np.uint32), 1)
         idx = np.zeros(1, dtype=np.int64)

@@ -1,7 +1,8 @@
 # cython: language_level=3
-"""Walking PACKET_MMAP rings without the GIL (TPACKET_V2, receive and transmit).
+"""Walking PACKET_MMAP rings without the GIL: receive (TPACKET_V3 blocks, or TPACKET_V2
+slots) and transmit (TPACKET_V2).
 
-A PACKET_MMAP ring is an array of fixed-size frames shared with the kernel.  Each
+A TPACKET_V2 ring is an array of fixed-size frames shared with the kernel.  Each
 frame starts with a ``struct tpacket2_hdr`` whose ``tp_status`` word is the
 hand-over flag: whoever owns the frame flips it, and the other side only reads the
 frame after it sees the flip (acquire/release ordering on that one word)::
@@ -15,10 +16,21 @@ frame after it sees the flip (acquire/release ordering on that one word)::
          release(): status = KERNEL, in place       send(fd, NULL, 0, DONTWAIT) while any
                                                     frame is still SEND_REQUEST
 
-TPACKET_V2 hands every frame over the moment it is written (V3 hands over whole
-blocks, on a millisecond timer), so the first packet of a connection waits for
-nothing.  Frames handed out in a batch stay ours until ``release``: the walker never
-passes them (``outstanding`` bounds the walk) and the kernel never overwrites them.
+TPACKET_V2 hands every frame over the moment it is written, so the first packet of a
+connection waits for nothing; but every slot must hold the largest frame (a 64 KB
+super-frame).  A TPACKET_V3 receive ring (``RxRingV3``) is an array of blocks; the
+kernel packs frames into the active block back to back and hands the whole block over
+(its ``block_status``) when it is full or its retire timer fires, so a 64-byte frame
+costs ~160 bytes of ring, not a 68 KB slot::
+
+   block:  [tpacket_block_desc: status, num_pkts, offset_to_first_pkt]
+           [tpacket3_hdr | sockaddr_ll | virtio_net_hdr | frame ] ─tp_next_offset─►
+           [tpacket3_hdr | ... ] ... (num_pkts entries, 8-byte aligned)
+
+Both receive rings read a frame the same way (``_RxBase._frame``).  Frames handed out
+in a batch stay ours until ``release``: the walker never passes them (``outstanding``
+bounds the V2 walk, per-block references the V3 walk) and the kernel never overwrites
+them.
 
 The transmit ring keeps two positions behind ``head``: ``sent``, the next frame the
 kernel has not taken yet (it takes them in ring order, as ours), and ``tail``, the
@@ -33,9 +45,10 @@ words (no scan of the ring); the kernel changes them only inside our own kick, o
 SENDING to AVAILABLE when a frame in flight is freed, so the counts are exact.
 
 Frames the walker refuses, counted and released at once: truncated by the ring
-(``tp_snaplen < tp_len``, an MTU above the frame size) and frames whose checksum the
-kernel left unfinished (``TP_STATUS_CSUMNOTREADY``: checksum offload on a link we
-serve; the lab turns offloads off).
+(``tp_snaplen < tp_len``: longer than a V2 slot or a V3 block), frames whose checksum
+the kernel left unfinished without a virtio_net_hdr to say where it starts
+(``TP_STATUS_CSUMNOTREADY`` on a ring without ``vnet``), inconsistent virtio_net_hdrs
+and VLAN tags the port does not carry.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove, memset
@@ -56,6 +69,8 @@ cdef extern from *:
         __atomic_store_n((unsigned int *)p, v, __ATOMIC_RELEASE);
     }
     #define HN_TPACKET2_DATA_OFF (TPACKET_ALIGN(sizeof(struct tpacket2_hdr)))
+    #include <stddef.h>
+    #define HN_BLOCK_STATUS_OFF (offsetof(struct tpacket_block_desc, hdr.bh1.block_status))
     """
     struct tpacket2_hdr:
         uint32_t tp_status
@@ -65,6 +80,33 @@ cdef extern from *:
         uint16_t tp_net
         uint16_t tp_vlan_tci
         uint16_t tp_vlan_tpid
+    struct tpacket_hdr_variant1:
+        uint32_t tp_rxhash
+        uint32_t tp_vlan_tci
+        uint16_t tp_vlan_tpid
+    struct tpacket3_hdr:
+        uint32_t tp_next_offset
+        uint32_t tp_sec
+        uint32_t tp_nsec
+        uint32_t tp_snaplen
+        uint32_t tp_len
+        uint32_t tp_status
+        uint16_t tp_mac
+        uint16_t tp_net
+        tpacket_hdr_variant1 hv1
+    struct tpacket_hdr_v1:
+        uint32_t block_status
+        uint32_t num_pkts
+        uint32_t offset_to_first_pkt
+        uint32_t blk_len
+    union tpacket_bd_header_u:
+        tpacket_hdr_v1 bh1
+    struct tpacket_block_desc:
+        uint32_t version
+        uint32_t offset_to_priv
+        tpacket_bd_header_u hdr
+    int HN_BLOCK_STATUS_OFF
+    int TPACKET_V3, TPACKET3_HDRLEN, TP_STATUS_BLK_TMO
     unsigned int hn_status_load(void *p) nogil
     void hn_status_store(void *p, unsigned int v) nogil
     int HN_TPACKET2_DATA_OFF
@@ -87,7 +129,8 @@ CONST = dict(
     PACKET_LOSS=PACKET_LOSS, PACKET_STATISTICS=PACKET_STATISTICS, PACKET_VNET_HDR=PACKET_VNET_HDR,
     TP_STATUS_KERNEL=TP_STATUS_KERNEL, TP_STATUS_USER=TP_STATUS_USER, TP_STATUS_AVAILABLE=TP_STATUS_AVAILABLE,
     TP_STATUS_SEND_REQUEST=TP_STATUS_SEND_REQUEST, TP_STATUS_WRONG_FORMAT=TP_STATUS_WRONG_FORMAT,
-    DATA_OFF=HN_TPACKET2_DATA_OFF,
+    DATA_OFF=HN_TPACKET2_DATA_OFF, TPACKET_V3=TPACKET_V3, TPACKET3_HDRLEN=TPACKET3_HDRLEN,
+    BLOCK_DESC_LEN=sizeof(tpacket_block_desc),
 )
 
 
@@ -188,38 +231,150 @@ cdef void complete_csum(uint8_t *f, uint32_t ln, const uint8_t *m) noexcept nogi
     f[start + off + 1] = <uint8_t>(s & 0xFF)
 
 
-cdef class RxRing:
-    """The receive ring of one socket: hands out runs of frames, takes them back.
-
-    ``vnet``: the socket has PACKET_VNET_HDR (each frame comes with its
-    virtio_net_hdr: super-frames and partial checksums).  ``vlans``: the VLAN IDs this
-    port serves; a frame whose tag the kernel took off gets it back in place (the
-    ring frame has headroom before the Ethernet header), a tag not served is a drop."""
+cdef class _RxBase:
+    """What both receive rings share: the reading of one frame the kernel handed over
+    (``_frame``) and its counters.  ``vnet``: the socket has PACKET_VNET_HDR (each frame
+    comes with its virtio_net_hdr: super-frames and partial checksums).  ``vlans``: the
+    VLAN IDs this port serves; a frame whose tag the kernel took off gets it back in
+    place (the ring has headroom before the Ethernet header), a tag not served is a
+    drop."""
 
     cdef uint8_t *base
     cdef object mem  # keeps the mapping alive while we point into it
-    cdef readonly uint32_t frame_size, frame_nr, head, outstanding
     cdef readonly bint vnet
     cdef uint8_t vlan_ok[512]
     cdef readonly uint64_t frames, bytes, truncated, csum_partial, vlan_unconfigured, vlan_restored, losing_seen
     cdef readonly uint64_t vnet_bad_gso, vnet_bad_csum, csum_completed, super_frames, vlan_missing
     cdef bint vlan_port
+    cdef uint32_t hdrlen  # the kernel's frame header + sockaddr_ll: a restored tag may not reach into it
 
-    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False,
-                  vlans=()):
-        if frame_size < 64 or frame_size % 16 or <uint64_t>frame_size * frame_nr > <uint64_t>mem.shape[0]:
-            raise ValueError(f"ring of {frame_nr} x {frame_size} does not fit a mapping of {mem.shape[0]} bytes")
+    cdef _setup(self, uint8_t[::1] mem, bint vnet, vlans, uint32_t hdrlen):
         self.mem = mem
         self.base = &mem[0]
-        self.frame_size = frame_size
-        self.frame_nr = frame_nr
         self.vnet = vnet
+        self.hdrlen = hdrlen
         memset(self.vlan_ok, 0, sizeof(self.vlan_ok))
         for v in vlans:
             self.vlan_port = True
             if not 1 <= v <= 4094:
                 raise ValueError(f"VLAN ID {v!r} is outside 1-4094")
             self.vlan_ok[v >> 3] |= 1 << (v & 7)
+
+    cdef uint32_t _limit(self, uint32_t max_frames, uint32_t[::1] offsets, uint32_t[::1] lengths,
+                         uint8_t[::1] meta, uint8_t[::1] partial) except? 0:
+        if max_frames > <uint32_t>offsets.shape[0]:
+            max_frames = <uint32_t>offsets.shape[0]
+        if max_frames > <uint32_t>lengths.shape[0]:
+            max_frames = <uint32_t>lengths.shape[0]
+        if self.vnet:
+            if meta is None or partial is None:
+                raise ValueError("a vnet ring needs meta and partial arrays")
+            if max_frames > <uint32_t>(meta.shape[0] // VNET_LEN):
+                max_frames = <uint32_t>(meta.shape[0] // VNET_LEN)
+            if max_frames > <uint32_t>partial.shape[0]:
+                max_frames = <uint32_t>partial.shape[0]
+        return max_frames
+
+    cdef bint _frame(self, uint8_t *frame, uint32_t room, uint32_t status, uint32_t mac, uint32_t snap,
+                     uint32_t wire_len, uint32_t tci, uint32_t tpid, uint32_t n, uint32_t *offsets,
+                     uint32_t *lengths, uint8_t *m, uint8_t *pp) noexcept nogil:
+        """One frame the kernel handed over: `frame` is its ring header, `room` the bytes
+        from there the frame may use (its slot, or the rest of its block), `mac` / `snap`
+        / `wire_len` / `status` / `tci` / `tpid` the header's fields.  Fills entry `n`
+        (offset into the mapping, length, virtio_net_hdr, partial flag) and returns 1, or
+        counts why it is refused and returns 0."""
+        cdef uint32_t vid, bad, x
+        cdef uint8_t *f
+        cdef uint8_t scratch[VNET_LEN]
+        if status & TP_STATUS_LOSING:
+            self.losing_seen += 1
+        if snap < wire_len or <uint64_t>mac + snap > room or snap < 14:
+            self.truncated += 1         # longer than a ring frame (or a runt)
+            return 0
+        if self.vnet:
+            if mac < VNET_LEN:
+                self.truncated += 1
+                return 0
+            memcpy(scratch, frame + mac - VNET_LEN, VNET_LEN)   # before a tag may cover it
+        elif status & TP_STATUS_CSUMNOTREADY:
+            self.csum_partial += 1      # no virtio_net_hdr: where the checksum starts is unknown
+            return 0
+        if status & TP_STATUS_VLAN_VALID:
+            vid = tci & 0x0FFF
+            if not (self.vlan_ok[vid >> 3] & (1 << (vid & 7))) or mac < self.hdrlen + 4:
+                self.vlan_unconfigured += 1     # never forwarded untagged
+                return 0
+            # The kernel took the tag off (keeping it in tp_vlan_tci): put it back,
+            # the MAC addresses moved 4 bytes into the headroom.
+            if not (status & TP_STATUS_VLAN_TPID_VALID) or tpid == 0:
+                tpid = 0x8100
+            f = frame + mac - 4
+            memmove(f, f + 4, 12)
+            f[12] = <uint8_t>(tpid >> 8)
+            f[13] = <uint8_t>(tpid & 0xFF)
+            f[14] = <uint8_t>((tci >> 8) & 0xFF)
+            f[15] = <uint8_t>(tci & 0xFF)
+            mac -= 4
+            snap += 4
+            self.vlan_restored += 1
+            if self.vnet and scratch[0] & VNET_F_NEEDS_CSUM:
+                st16le(scratch + 6, ld16le(scratch + 6) + 4)
+                x = ld16le(scratch + 2)
+                if x:
+                    st16le(scratch + 2, x + 4)
+        elif self.vlan_port:
+            self.vlan_missing += 1      # untagged on a VLAN port: not this segment's
+            return 0
+        f = frame + mac
+        if self.vnet:
+            pp[n] = 0
+            if scratch[0] & VNET_F_NEEDS_CSUM or scratch[1] != GSO_NONE:
+                bad = check_vnet(f, snap, scratch)
+                if bad == 1:
+                    self.vnet_bad_gso += 1
+                    return 0
+                if bad == 2:
+                    self.vnet_bad_csum += 1
+                    return 0
+                if scratch[1] != GSO_NONE:
+                    pp[n] = 1
+                    self.super_frames += 1
+                elif scratch[0] & VNET_F_NEEDS_CSUM:
+                    complete_csum(f, snap, scratch)
+                    scratch[0] = (scratch[0] & ~VNET_F_NEEDS_CSUM) | VNET_F_DATA_VALID
+                    self.csum_completed += 1
+            memcpy(m + <uint64_t>n * VNET_LEN, scratch, VNET_LEN)
+        offsets[n] = <uint32_t>((<uint64_t>(frame - self.base)) + mac)
+        lengths[n] = snap
+        self.bytes += snap
+        return 1
+
+    def _counters(self):
+        return {"rx_frames": self.frames, "rx_bytes": self.bytes, "rx_truncated": self.truncated,
+                "rx_csum_partial": self.csum_partial, "rx_vlan_unconfigured": self.vlan_unconfigured,
+                "rx_vlan_restored": self.vlan_restored, "rx_vlan_missing": self.vlan_missing,
+                "rx_vnet_bad_gso": self.vnet_bad_gso,
+                "rx_vnet_bad_csum": self.vnet_bad_csum, "rx_csum_completed": self.csum_completed,
+                "rx_super_frames": self.super_frames, "rx_losing_seen": self.losing_seen}
+
+    def release_mem(self):
+        self.base = NULL
+        self.mem = None
+
+
+cdef class RxRing(_RxBase):
+    """The TPACKET_V2 receive ring of one socket: hands out runs of frames, takes them
+    back (``vnet`` / ``vlans``: see ``_RxBase``)."""
+
+    cdef readonly uint32_t frame_size, frame_nr, head, outstanding
+
+    def __cinit__(self, uint8_t[::1] mem not None, uint32_t frame_size, uint32_t frame_nr, bint vnet=False,
+                  vlans=()):
+        if frame_size < 64 or frame_size % 16 or <uint64_t>frame_size * frame_nr > <uint64_t>mem.shape[0]:
+            raise ValueError(f"ring of {frame_nr} x {frame_size} does not fit a mapping of {mem.shape[0]} bytes")
+        self._setup(mem, vnet, vlans, TPACKET2_HDRLEN)
+        self.frame_size = frame_size
+        self.frame_nr = frame_nr
 
     def walk(self, uint32_t[::1] offsets not None, uint32_t[::1] lengths not None, uint32_t max_frames,
              uint8_t[::1] meta=None, uint8_t[::1] partial=None):
@@ -233,27 +388,17 @@ cdef class RxRing:
         checksum (a super-frame: its L4 checksum field holds the pseudo-header sum).
         A partial frame that is not a super-frame has its checksum completed here."""
         cdef uint32_t n = 0, taken = 0, start = self.head, limit
-        cdef uint32_t status, mac, snap, vid, tpid, bad, x
+        cdef uint32_t status
         cdef tpacket2_hdr *h
         cdef uint8_t *frame
-        cdef uint8_t *f
         cdef uint8_t *m = NULL
         cdef uint8_t *pp = NULL
-        cdef uint8_t scratch[VNET_LEN]
-        if max_frames > <uint32_t>offsets.shape[0]:
-            max_frames = <uint32_t>offsets.shape[0]
-        if max_frames > <uint32_t>lengths.shape[0]:
-            max_frames = <uint32_t>lengths.shape[0]
+        max_frames = self._limit(max_frames, offsets, lengths, meta, partial)
+        if max_frames == 0:
+            return start, 0, 0
         if self.vnet:
-            if meta is None or partial is None:
-                raise ValueError("a vnet ring needs meta and partial arrays")
-            if max_frames > <uint32_t>(meta.shape[0] // VNET_LEN):
-                max_frames = <uint32_t>(meta.shape[0] // VNET_LEN)
-            if max_frames > <uint32_t>partial.shape[0]:
-                max_frames = <uint32_t>partial.shape[0]
-            if max_frames:
-                m = &meta[0]
-                pp = &partial[0]
+            m = &meta[0]
+            pp = &partial[0]
         limit = self.frame_nr - self.outstanding
         with nogil:
             while n < max_frames and taken < limit:
@@ -266,71 +411,8 @@ cdef class RxRing:
                 self.head += 1
                 if self.head == self.frame_nr:
                     self.head = 0
-                if status & TP_STATUS_LOSING:
-                    self.losing_seen += 1
-                mac = h.tp_mac
-                snap = h.tp_snaplen
-                if snap < h.tp_len or <uint64_t>mac + snap > self.frame_size or snap < 14:
-                    self.truncated += 1         # longer than a ring frame (or a runt)
-                    continue
-                if self.vnet:
-                    if mac < VNET_LEN:
-                        self.truncated += 1
-                        continue
-                    memcpy(scratch, frame + mac - VNET_LEN, VNET_LEN)   # before a tag may cover it
-                elif status & TP_STATUS_CSUMNOTREADY:
-                    self.csum_partial += 1      # no virtio_net_hdr: where the checksum starts is unknown
-                    continue
-                if status & TP_STATUS_VLAN_VALID:
-                    vid = h.tp_vlan_tci & 0x0FFF
-                    if not (self.vlan_ok[vid >> 3] & (1 << (vid & 7))) or mac < TPACKET2_HDRLEN + 4:
-                        self.vlan_unconfigured += 1     # never forwarded untagged
-                        continue
-                    # The kernel took the tag off (keeping it in tp_vlan_tci): put it back,
-                    # the MAC addresses moved 4 bytes into the headroom.
-                    tpid = h.tp_vlan_tpid if status & TP_STATUS_VLAN_TPID_VALID else 0x8100
-                    if tpid == 0:
-                        tpid = 0x8100
-                    f = frame + mac - 4
-                    memmove(f, f + 4, 12)
-                    f[12] = <uint8_t>(tpid >> 8)
-                    f[13] = <uint8_t>(tpid & 0xFF)
-                    f[14] = <uint8_t>(h.tp_vlan_tci >> 8)
-                    f[15] = <uint8_t>(h.tp_vlan_tci & 0xFF)
-                    mac -= 4
-                    snap += 4
-                    self.vlan_restored += 1
-                    if self.vnet and scratch[0] & VNET_F_NEEDS_CSUM:
-                        st16le(scratch + 6, ld16le(scratch + 6) + 4)
-                        x = ld16le(scratch + 2)
-                        if x:
-                            st16le(scratch + 2, x + 4)
-                elif self.vlan_port:
-                    self.vlan_missing += 1      # untagged on a VLAN port: not this segment's
-                    continue
-                f = frame + mac
-                if self.vnet:
-                    pp[n] = 0
-                    if scratch[0] & VNET_F_NEEDS_CSUM or scratch[1] != GSO_NONE:
-                        bad = check_vnet(f, snap, scratch)
-                        if bad == 1:
-                            self.vnet_bad_gso += 1
-                            continue
-                        if bad == 2:
-                            self.vnet_bad_csum += 1
-                            continue
-                        if scratch[1] != GSO_NONE:
-                            pp[n] = 1
-                            self.super_frames += 1
-                        elif scratch[0] & VNET_F_NEEDS_CSUM:
-                            complete_csum(f, snap, scratch)
-                            scratch[0] = (scratch[0] & ~VNET_F_NEEDS_CSUM) | VNET_F_DATA_VALID
-                            self.csum_completed += 1
-                    memcpy(m + <uint64_t>n * VNET_LEN, scratch, VNET_LEN)
-                offsets[n] = <uint32_t>((<uint64_t>(frame - self.base)) + mac)
-                lengths[n] = snap
-                self.bytes += snap
-                n += 1
+                n += self._frame(frame, self.frame_size, status, h.tp_mac, h.tp_snaplen, h.tp_len,
+                                 h.tp_vlan_tci, h.tp_vlan_tpid, n, &offsets[0], &lengths[0], m, pp)
             self.frames += n
             self.outstanding += taken
         return start, taken, n
@@ -353,17 +435,159 @@ cdef class RxRing:
         return bool(hn_status_load(self.base + <uint64_t>self.head * self.frame_size) & TP_STATUS_USER)
 
     def counters(self):
-        return {"rx_frames": self.frames, "rx_bytes": self.bytes, "rx_truncated": self.truncated,
-                "rx_csum_partial": self.csum_partial, "rx_vlan_unconfigured": self.vlan_unconfigured,
-                "rx_vlan_restored": self.vlan_restored, "rx_vlan_missing": self.vlan_missing,
-                "rx_vnet_bad_gso": self.vnet_bad_gso,
-                "rx_vnet_bad_csum": self.vnet_bad_csum, "rx_csum_completed": self.csum_completed,
-                "rx_super_frames": self.super_frames,
-                "rx_losing_seen": self.losing_seen, "rx_outstanding": self.outstanding}
+        c = self._counters()
+        c["rx_outstanding"] = self.outstanding
+        return c
 
-    def release_mem(self):
-        self.base = NULL
-        self.mem = None
+
+cdef class RxRingV3(_RxBase):
+    """The TPACKET_V3 receive ring of one socket: blocks of variable-size frames.
+
+    The kernel packs frames into the active block back to back (each a
+    ``tpacket3_hdr``, ``tp_next_offset`` to the next) and hands the block over whole
+    (``block_status`` USER) when it is full or its retire timer fires; a block is given
+    back whole.  The walk goes block by block, frame by frame, and may stop inside a
+    block (``max_frames``): the next walk resumes there.  Every batch holds a reference
+    on each block it took frames from (the batch views them: the fast path rewrites
+    them in place, the transmit ring copies them out), so a block goes back to the
+    kernel once the walk has passed its last frame and every batch that took frames
+    from it is released, in whatever order.  A block that is passed but still held is
+    never entered again: the walk stops there (the kernel stops before it as well and
+    counts its drops)::
+
+        [blk 0: passed, held by batch 7][blk 1: walk at frame 12 of 40][blk 2: USER][blk 3: KERNEL]...
+    """
+
+    cdef readonly uint32_t block_size, block_nr, cur, outstanding
+    cdef uint32_t left, pos  # frames of block `cur` not yet walked, the offset of the next one
+    cdef bint inside  # the walk is inside block `cur` (its header read)
+    cdef object _refs, _passed
+    cdef uint32_t *refs
+    cdef uint8_t *passed
+    cdef readonly uint64_t blocks, bad_blocks
+
+    def __cinit__(self, uint8_t[::1] mem not None, uint32_t block_size, uint32_t block_nr, bint vnet=False,
+                  vlans=()):
+        if block_size < 4096 or block_size % 16 or block_nr == 0 or \
+                <uint64_t>block_size * block_nr > <uint64_t>mem.shape[0]:
+            raise ValueError(f"ring of {block_nr} blocks of {block_size} does not fit a mapping of "
+                             f"{mem.shape[0]} bytes")
+        self._setup(mem, vnet, vlans, TPACKET3_HDRLEN)
+        self.block_size = block_size
+        self.block_nr = block_nr
+        self._refs = np.zeros(block_nr, np.uint32)
+        self._passed = np.zeros(block_nr, np.uint8)
+        cdef uint32_t[::1] r = self._refs
+        cdef uint8_t[::1] p = self._passed
+        self.refs = &r[0]
+        self.passed = &p[0]
+
+    cdef void _pass_block(self) noexcept nogil:
+        """The walk is past block `cur`'s last frame: hand it back now if no batch holds
+        it, else when the last one is released."""
+        self.inside = False
+        if self.refs[self.cur] == 0:
+            hn_status_store(self.base + <uint64_t>self.cur * self.block_size + HN_BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+        else:
+            self.passed[self.cur] = 1
+        self.cur += 1
+        if self.cur == self.block_nr:
+            self.cur = 0
+
+    def walk(self, uint32_t[::1] offsets not None, uint32_t[::1] lengths not None, uint32_t max_frames,
+             uint8_t[::1] meta=None, uint8_t[::1] partial=None):
+        """As ``RxRing.walk``, but ``(start, taken, n)`` names blocks: the batch holds
+        `taken` blocks from block `start` (``release(start, taken)``)."""
+        cdef uint32_t n = 0, taken = 0, start = self.cur, status, nxt
+        cdef uint8_t *blk
+        cdef tpacket_block_desc *bd
+        cdef tpacket3_hdr *h
+        cdef uint8_t *m = NULL
+        cdef uint8_t *pp = NULL
+        cdef bint held_here = False  # this walk took a reference on block `cur`
+        max_frames = self._limit(max_frames, offsets, lengths, meta, partial)
+        if max_frames == 0:
+            return start, 0, 0
+        if self.vnet:
+            m = &meta[0]
+            pp = &partial[0]
+        with nogil:
+            while n < max_frames:
+                blk = self.base + <uint64_t>self.cur * self.block_size
+                if not self.inside:
+                    if self.passed[self.cur] or taken == self.block_nr:
+                        break               # still held by a batch: the ring is full of ours
+                    status = hn_status_load(blk + HN_BLOCK_STATUS_OFF)
+                    if not (status & TP_STATUS_USER):
+                        break
+                    bd = <tpacket_block_desc *>blk
+                    self.left = bd.hdr.bh1.num_pkts
+                    self.pos = bd.hdr.bh1.offset_to_first_pkt
+                    self.inside = True
+                    self.blocks += 1
+                if not held_here:
+                    self.refs[self.cur] += 1
+                    taken += 1
+                    held_here = True
+                if self.left and (self.pos < sizeof(tpacket_block_desc) or
+                                  <uint64_t>self.pos + sizeof(tpacket3_hdr) > self.block_size):
+                    self.bad_blocks += 1    # a frame header outside its block: the rest is unreadable
+                    self.left = 0
+                if self.left:
+                    h = <tpacket3_hdr *>(blk + self.pos)
+                    n += self._frame(<uint8_t *>h, self.block_size - self.pos, h.tp_status, h.tp_mac,
+                                     h.tp_snaplen, h.tp_len, h.hv1.tp_vlan_tci, h.hv1.tp_vlan_tpid, n,
+                                     &offsets[0], &lengths[0], m, pp)
+                    nxt = h.tp_next_offset
+                    self.left -= 1
+                    if self.left and (nxt == 0 or nxt % 8):  # V3_ALIGNMENT
+                        self.bad_blocks += 1
+                        self.left = 0
+                    self.pos += nxt
+                if self.left == 0:
+                    self._pass_block()
+                    held_here = False
+            self.frames += n
+            self.outstanding += taken
+        return start, taken, n
+
+    def release(self, uint32_t start, uint32_t taken):
+        """Drop a batch's reference on `taken` blocks from block `start`; a block passed
+        and no longer held goes back to the kernel."""
+        cdef uint32_t i, b = start
+        if taken > self.outstanding or start >= self.block_nr:
+            raise ValueError(f"release({start}, {taken}) of a ring with {self.outstanding} blocks out")
+        for i in range(taken):
+            if self.refs[b] == 0:
+                raise ValueError(f"release({start}, {taken}): block {b} is not held")
+            b += 1
+            if b == self.block_nr:
+                b = 0
+        b = start
+        with nogil:
+            for i in range(taken):
+                self.refs[b] -= 1
+                if self.refs[b] == 0 and self.passed[b]:
+                    self.passed[b] = 0
+                    hn_status_store(self.base + <uint64_t>b * self.block_size + HN_BLOCK_STATUS_OFF, TP_STATUS_KERNEL)
+                b += 1
+                if b == self.block_nr:
+                    b = 0
+            self.outstanding -= taken
+
+    def ready(self):
+        """True if a frame is ours to read (a poll without a syscall)."""
+        if self.inside:
+            return True
+        return not self.passed[self.cur] and bool(
+            hn_status_load(self.base + <uint64_t>self.cur * self.block_size + HN_BLOCK_STATUS_OFF) & TP_STATUS_USER)
+
+    def counters(self):
+        c = self._counters()
+        c["rx_outstanding"] = self.outstanding
+        c["rx_blocks"] = self.blocks
+        c["rx_bad_blocks"] = self.bad_blocks
+        return c
 
 
 cdef class TxRing:

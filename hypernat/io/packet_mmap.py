@@ -1,5 +1,5 @@
-"""PACKET_MMAP ports: one Linux interface, a TPACKET_V2 receive ring and a TPACKET_V2
-transmit ring, frames rewritten where the kernel put them and copied once on send.
+"""PACKET_MMAP ports: one Linux interface, a TPACKET_V3 (or V2) receive ring and a
+TPACKET_V2 transmit ring, frames rewritten where the kernel put them and copied once on send.
 
 ::
 
@@ -13,11 +13,22 @@ transmit ring, frames rewritten where the kernel put them and copied once on sen
 
 Why these choices:
 
-* **TPACKET_V2 on receive.**  V3 hands frames over a block at a time, when the block
-  fills or a retire timer with millisecond granularity fires; V2 hands each frame
-  over as soon as it is written, so the first packet of a connection is seen at once
-  (well under the 100 µs budget).  The receive walk is in Cython without the GIL
-  (``_ring.pyx``), one call per batch.
+* **TPACKET_V2 on receive by default, TPACKET_V3 selectable** (``rx_ring="v3"``, the
+  config's ``nics[].rx_ring``): the default keeps a lone frame's hand-over at ~10 µs,
+  V3 trades ~1 ms of it for about a third of the memory (below).  A TPACKET_V2 slot must hold a whole super-frame
+  (~68 KB), so a ring deep enough for 64-byte traffic costs hundreds of MB per port
+  (``RX_RING_BYTES``: 256 MB, ~3850 slots).  V3 packs frames back to back into blocks
+  (a 64-byte frame takes ~160 bytes of a block, a super-frame what it needs): 32 MB
+  (``RX_V3_BYTES``) hold ~200k small frames.  Measured (same runs): 64-byte UDP through
+  the no-op forwarder and HyperNAT and bulk TCP with offloads on, V3 at least as fast
+  as V2.  The price is latency when traffic is light: the kernel hands a block over
+  when it is full or when its retire timer fires (``rx_block_ms``, default
+  ``RX_BLOCK_MS`` = 1 ms, the smallest the kernel takes), so a lone frame waits for the
+  timer: measured p50 ~1 ms, p99 ~6 ms (V2: ~10 µs).  Where that matters more than
+  memory, keep V2 (the default).  The receive walk is in Cython without the GIL (``_ring.pyx``:
+  ``RxRingV3`` and ``RxRing``, one per-frame reading shared by both), one call per
+  batch; a V3 block goes back to the kernel once every batch that took frames from it
+  is released.
 * **Two sockets.**  The receive socket is bound with ``ETH_P_ALL`` (the daemon also
   wants ARP) and sets ``PACKET_IGNORE_OUTGOING`` so our own transmissions are not
   read back; the transmit socket is bound with protocol 0 so it receives nothing and
@@ -73,7 +84,7 @@ import numpy as np
 from .base import Batch, Port
 
 try:
-    from ._ring import CONST, VNET_HDR_LEN, RxRing, TxRing
+    from ._ring import CONST, VNET_HDR_LEN, RxRing, RxRingV3, TxRing
 except ImportError as exc:  # pragma: no cover - depends on the build
     raise ImportError(
         f"hypernat.io._ring is not built ({exc}): `make build` or "
@@ -91,6 +102,14 @@ PAGE = mmap.PAGESIZE
 # 256 MB (~3850), 0.07-0.096 with classic 2 KB slots.  Transmit rings drain at once.
 RX_RING_BYTES = 256 << 20
 TX_RING_BYTES = 64 << 20
+# The TPACKET_V3 receive ring: RX_V3_BYTES in blocks of at least RX_BLOCK_BYTES (a power
+# of two: the kernel allocates each block as 2^order pages), each holding at least one
+# whole super-frame; RX_BLOCK_MS the retire timer of a partly filled block.
+RX_RINGS = ("v2", "v3")
+RX_V3_BYTES = 32 << 20
+RX_BLOCK_BYTES = 256 << 10
+RX_BLOCK_MS = 1
+V3_FRAME_SIZE = 2048  # tp_frame_size: V3 uses it only to count frames; frames are packed
 SLOT_OVERHEAD = 128  # tpacket2_hdr + sockaddr_ll + virtio_net_hdr + a restored 802.1Q tag, aligned
 MAX_SUPER_FRAME = 65536  # a larger gso/gro_max_size (BIG TCP) has no IPv4 total length to carry it
 
@@ -160,6 +179,22 @@ class PacketMmapError(OSError):
     pass
 
 
+def v3_request(frame_size: int, ring_bytes: int, block_ms: int, block_bytes: int = RX_BLOCK_BYTES) -> tuple:
+    """A ``struct tpacket_req3`` for a receive ring of about `ring_bytes` in blocks of a
+    power-of-two size, at least `block_bytes`, each holding a frame of `frame_size`
+    behind the block's header: (request, bytes, block_size, block_nr)."""
+    if not 1 <= block_ms <= 1000:
+        raise ValueError(f"rx_block_ms {block_ms!r} is outside 1-1000")
+    block = PAGE
+    while block < max(block_bytes, frame_size + CONST["BLOCK_DESC_LEN"] + SLOT_OVERHEAD):
+        block <<= 1
+    if block > (1 << 26):
+        raise ValueError(f"no block size for frames of {frame_size} bytes")
+    nr = max(2, -(-ring_bytes // block))
+    req = struct.pack("7I", block, nr, V3_FRAME_SIZE, block // V3_FRAME_SIZE * nr, block_ms, 0, 0)
+    return req, block * nr, block, nr
+
+
 def _ring_request(frame_size: int, frame_nr: int) -> tuple:
     """A ``struct tpacket_req`` whose blocks hold whole frames: (bytes, block_size, block_nr)."""
     if frame_size % 16 or frame_size < 128:
@@ -190,12 +225,22 @@ class PacketMmapPort(Port):
     ring frame (None: from the link, ``slot_size``; 2048 holds a 1500-byte MTU frame).
     ``vnet``: PACKET_VNET_HDR on both rings (super-frames, partial checksums);
     ``vlans``: the 802.1Q VLAN IDs this port carries; ``queue``: receive only what the
-    link puts on that receive queue (one worker per queue)."""
+    link puts on that receive queue (one worker per queue).  ``rx_ring``: ``"v3"``
+    (blocks: ``RX_V3_BYTES``, or ``rx_frames`` x ``frame_size`` when given; a partly filled
+    block is handed over after ``rx_block_ms``; blocks of ``rx_block_bytes``, more where a
+    frame of ``frame_size`` needs it) or ``"v2"`` (a slot per frame)."""
 
     def __init__(self, ifname: str, rx_frames: int | None = None, tx_frames: int | None = None,
                  frame_size: int | None = None, rx: bool = True, tx: bool = True, qdisc_bypass: bool | None = None,
-                 vnet: bool = True, vlans=(), queue: int | None = None):
+                 vnet: bool = True, vlans=(), queue: int | None = None, rx_ring: str = "v2",
+                 rx_block_ms: int = RX_BLOCK_MS, rx_block_bytes: int = RX_BLOCK_BYTES):
+        if rx_ring not in RX_RINGS:
+            raise ValueError(f"{ifname}: rx_ring {rx_ring!r} is not one of {', '.join(RX_RINGS)}")
         self.name = ifname
+        self.rx_version = rx_ring
+        self.rx_block_ms = rx_block_ms
+        self.rx_block_bytes = rx_block_bytes
+        self.rx_ring_bytes = self.tx_ring_bytes = 0  # the rings' mappings (kernel memory, in our RSS)
         self.queue = queue
         self.vnet = bool(vnet)
         self.vlans = tuple(int(v) for v in vlans)
@@ -216,6 +261,7 @@ class PacketMmapPort(Port):
                     raise PacketMmapError(22, problem)
             if frame_size is None:
                 frame_size = slot_size(self.limits, self.vnet)
+            rx_bytes = rx_frames * frame_size if rx_frames else RX_V3_BYTES
             rx_frames = rx_frames or max(64, min(4096, RX_RING_BYTES // frame_size))
             tx_frames = tx_frames or max(64, min(4096, TX_RING_BYTES // frame_size))
             self.frame_size = frame_size
@@ -225,7 +271,7 @@ class PacketMmapPort(Port):
                 # reach: the frame is dropped with ENOBUFS.  Measured on 6.18.
                 qdisc_bypass = not self.vnet
             if rx:
-                self._open_rx(ifname, rx_frames, frame_size)
+                self._open_rx(ifname, rx_frames, frame_size, rx_bytes)
             if tx:
                 self._open_tx(ifname, tx_frames, frame_size, qdisc_bypass)
         except OSError as exc:
@@ -233,11 +279,12 @@ class PacketMmapPort(Port):
             raise PacketMmapError(exc.errno, f"PACKET_MMAP on {ifname!r}: {exc.strerror or exc}") from exc
 
     # setup ----------------------------------------------------------------
-    def _open_rx(self, ifname, frames, frame_size):
+    def _open_rx(self, ifname, frames, frame_size, ring_bytes):
         c = CONST
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.rx_sock = s
-        s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V2"])
+        v3 = self.rx_version == "v3"
+        s.setsockopt(c["SOL_PACKET"], c["PACKET_VERSION"], c["TPACKET_V3" if v3 else "TPACKET_V2"])
         if self.vnet:
             s.setsockopt(c["SOL_PACKET"], c["PACKET_VNET_HDR"], 1)
         try:
@@ -246,11 +293,18 @@ class PacketMmapPort(Port):
             self.ignore_outgoing = False
         else:
             self.ignore_outgoing = True
-        req, size, nr = _ring_request(frame_size, frames)
+        if v3:
+            req, size, block, nr = v3_request(frame_size, ring_bytes, self.rx_block_ms, self.rx_block_bytes)
+        else:
+            req, size, nr = _ring_request(frame_size, frames)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_RX_RING"], req)
+        self.rx_ring_bytes = size
         self._rx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._rx_mem = np.frombuffer(self._rx_map, dtype=np.uint8)
-        self.rx_ring = RxRing(self._rx_mem, frame_size, nr, self.vnet, self.vlans)
+        if v3:
+            self.rx_ring = RxRingV3(self._rx_mem, block, nr, self.vnet, self.vlans)
+        else:
+            self.rx_ring = RxRing(self._rx_mem, frame_size, nr, self.vnet, self.vlans)
         if self.queue is not None:
             prog = queue_filter(ifname, self.queue)
             self._filter = ctypes.create_string_buffer(prog, len(prog))
@@ -280,6 +334,7 @@ class PacketMmapPort(Port):
         except OSError:  # not CAP_NET_ADMIN: what wmem_max allows
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
         s.setsockopt(c["SOL_PACKET"], c["PACKET_TX_RING"], req)
+        self.tx_ring_bytes = size
         self._tx_map = mmap.mmap(s.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._tx_mem = np.frombuffer(self._tx_map, dtype=np.uint8)
         self.tx_ring = TxRing(self._tx_mem, frame_size, nr, self.vnet)

@@ -63,13 +63,14 @@ def _parser():
     return p
 
 
-def start_gateway(topo, config: str | None, backend: str = "packet_mmap") -> None:
-    """Start what runs inside gw for the topology's mode (processes recorded for `down`)."""
+def start_gateway(topo, config: str | None, backend: str = "packet_mmap", rx_ring: str = "v2") -> None:
+    """Start what runs inside gw for the topology's mode (processes recorded for `down`);
+    ``rx_ring``: the no-op forwarder's PACKET_MMAP receive ring (HyperNAT's is its config's)."""
     py = sys.executable
     if topo.mode == "noop":
         from .noop import start_in_lab
 
-        start_in_lab(topo, backend=backend)
+        start_in_lab(topo, backend=backend, rx_ring=rx_ring)
     elif topo.mode == "hypernat":
         import importlib.util
 

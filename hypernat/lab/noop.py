@@ -91,7 +91,8 @@ class NoopForwarder:
         return {"forwarder": dict(self.counters), "inside": self.inside.stats(), "outside": self.outside.stats()}
 
 
-def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 0, backend: str = "packet_mmap") -> list:
+def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 0, backend: str = "packet_mmap",
+                 rx_ring: str = "v2") -> list:
     """Start one forwarder process per NIC inside the lab's gw; wait until each is
     ready.  Returns the stats-file paths (written when `topo.down()` stops them)."""
     from .topology import STATE_DIR
@@ -108,7 +109,7 @@ def start_in_lab(topo, timeout: float = 10.0, rx_frames: int = 0, backend: str =
         p = topo.start(topo.gw, [sys.executable, "-m", "hypernat.lab.noop", "--inside", topo.inside(k),
                                  "--outside", topo.outside(k), "--inside-peer", a.link("inside", k, "far"),
                                  "--outside-peer", a.link("outside", k, "far"), "--rx-frames", str(rx_frames),
-                                 "--backend", backend,
+                                 "--backend", backend, "--rx-ring", rx_ring,
                                  "--ready-file", ready, "--stats-file", st])
         waiting.append((p, ready))
         stats.append(st)
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"))
     ap.add_argument("--rx-frames", type=int, default=0,
                     help="receive ring frames (0: the port's default, its memory budget for super-frame slots)")
+    ap.add_argument("--rx-ring", default="v2", choices=("v2", "v3"), help="PACKET_MMAP receive ring (TPACKET_V3/V2)")
     ap.add_argument("--ready-file", help="created once the rings are open and next hops resolved")
     ap.add_argument("--stats-file", help="JSON counters written on exit")
     ap.add_argument("--duration", type=float)
@@ -155,8 +157,8 @@ def main(argv=None) -> int:
     else:
         from ..io.packet_mmap import PacketMmapPort
 
-        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames or None)
-        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames or None)
+        inside = PacketMmapPort(args.inside, rx_frames=args.rx_frames or None, rx_ring=args.rx_ring)
+        outside = PacketMmapPort(args.outside, rx_frames=args.rx_frames or None, rx_ring=args.rx_ring)
     fwd = NoopForwarder(inside, outside, in_mac, out_mac)
     signal.signal(signal.SIGTERM, fwd.stop)
     signal.signal(signal.SIGINT, fwd.stop)

@@ -19,10 +19,11 @@ import os
 import sys
 
 
-def open_port(backend: str, ifname: str, vlans=(), queue=None):
+def open_port(backend: str, ifname: str, vlans=(), queue=None, rx_ring=None, rx_block_ms=None):
     """A Port for interface `ifname` with the named backend (from hypernat.io);
     ``vlans``: the 802.1Q VLAN IDs the link carries, ``queue``: the receive queue this
-    NIC serves (PACKET_MMAP, AF_XDP)."""
+    NIC serves (PACKET_MMAP, AF_XDP), ``rx_ring`` / ``rx_block_ms``: the receive ring
+    (PACKET_MMAP)."""
     if backend == "packet_mmap":
         from ..io.packet_mmap import PacketMmapPort as P
     elif backend == "af_xdp":
@@ -41,6 +42,12 @@ def open_port(backend: str, ifname: str, vlans=(), queue=None):
         kw["queue"] = queue
     if kw and backend not in ("packet_mmap", "af_xdp"):
         raise SystemExit(f"hypernat-nic: {ifname}: {', '.join(kw)} need the packet_mmap or af_xdp backend")
+    if rx_ring is not None:
+        kw["rx_ring"] = rx_ring
+    if rx_block_ms is not None:
+        kw["rx_block_ms"] = rx_block_ms
+    if (rx_ring is not None or rx_block_ms is not None) and backend != "packet_mmap":
+        raise SystemExit(f"hypernat-nic: {ifname}: rx_ring/rx_block_ms need the packet_mmap backend")
     return P(ifname, **kw)
 
 
@@ -186,8 +193,9 @@ def main(argv=None) -> int:
         except OSError as exc:
             logging.warning("cannot set SCHED_FIFO %d: %s", nc.rt_priority, exc)
     try:
-        inside = open_port(nc.io, nc.inside, nc.inside_vlans, nc.queue)
-        outside = open_port(nc.io, nc.outside, nc.outside_vlans, nc.queue)
+        ring = {"rx_ring": nc.rx_ring, "rx_block_ms": nc.rx_block_ms} if nc.io == "packet_mmap" else {}
+        inside = open_port(nc.io, nc.inside, nc.inside_vlans, nc.queue, **ring)
+        outside = open_port(nc.io, nc.outside, nc.outside_vlans, nc.queue, **ring)
         if nc.io == "packet_mmap" and _forwarding():
             logging.warning("nic%d: net.ipv4.ip_forward is on in this namespace: the kernel forwards every "
                             "frame HyperNAT forwards too (turn it off, or drop IPv4 at ingress)", nc.id)
