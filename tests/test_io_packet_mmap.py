@@ -143,7 +143,7 @@ def test_unreleased_frames_are_never_handed_out_twice(ns):
         assert sum(h.n for h in held) == ring_nr
         # The ring is all ours now: more frames are dropped by the kernel, not delivered twice.
         a.send(Batch.from_frames(frames(8, dport=81)), np.arange(8))
-        time.sleep(0.05)
+        time.sleep(0.3)
         assert b.recv() is None
         assert b.stats()["kernel_rx_drops"] >= 8
         ports_seen = [UDP in Ether(f) and Ether(f)[UDP].sport for h in held for f in h.frames()]
@@ -408,11 +408,13 @@ def test_v3_blocks_held_by_batches_are_never_handed_out_twice_and_go_back_in_any
     the blocks go back and frames flow again."""
     import time
 
-    a, b = ports(ns, rx_ring="v3", rx_frames=2, frame_size=2048, rx_block_bytes=4096)
+    # (a 100 ms block timer: a 1 ms one may retire the first block while the 40 frames are
+    # still being sent on a loaded machine, and the third block they would need is not there)
+    a, b = ports(ns, rx_ring="v3", rx_frames=2, frame_size=2048, rx_block_bytes=4096, rx_block_ms=100)
     with a, b:
         assert (b.rx_ring.block_nr, b.rx_ring.block_size) == (2, 4096)
         a.send(Batch.from_frames(frames(40)), np.arange(40))
-        time.sleep(0.05)  # both blocks handed over (one full, one by its timer): a batch may span them
+        time.sleep(0.3)  # both blocks handed over (one full, one by its timer): a batch may span them
         held, deadline = [], time.monotonic() + 5
         while sum(h.n for h in held) < 40 and time.monotonic() < deadline:
             bt = b.recv(7)  # 29 frames a block (136 bytes each in 4048): no batch ends on the boundary
@@ -423,7 +425,7 @@ def test_v3_blocks_held_by_batches_are_never_handed_out_twice_and_go_back_in_any
         assert sum(h.n for h in held) == 40 and b.rx_ring.outstanding >= 2
         assert any(h.token[1] == 2 for h in held), [h.token for h in held]  # spanning both: holds both
         a.send(Batch.from_frames(frames(8, dport=81)), np.arange(8))
-        time.sleep(0.05)
+        time.sleep(0.3)
         assert b.recv() is None  # both blocks are ours: the kernel drops, never overwrites
         assert b.stats()["kernel_rx_drops"] >= 8
         sports = sorted(Ether(f)[UDP].sport for h in held for f in h.frames())

@@ -54,6 +54,9 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memmove, memset
 from libc.errno cimport errno
 
+from ._vlan cimport (vlan_egress_add, vlan_egress_copy, vlan_egress_skip, vlan_set_add, vlan_set_clear,
+                     vlan_set_has)
+
 import numpy as np
 
 cdef extern from *:
@@ -253,12 +256,12 @@ cdef class _RxBase:
         self.base = &mem[0]
         self.vnet = vnet
         self.hdrlen = hdrlen
-        memset(self.vlan_ok, 0, sizeof(self.vlan_ok))
+        vlan_set_clear(self.vlan_ok)
         for v in vlans:
             self.vlan_port = True
             if not 1 <= v <= 4094:
                 raise ValueError(f"VLAN ID {v!r} is outside 1-4094")
-            self.vlan_ok[v >> 3] |= 1 << (v & 7)
+            vlan_set_add(self.vlan_ok, v)
 
     cdef uint32_t _limit(self, uint32_t max_frames, uint32_t[::1] offsets, uint32_t[::1] lengths,
                          uint8_t[::1] meta, uint8_t[::1] partial) except? 0:
@@ -301,7 +304,7 @@ cdef class _RxBase:
             return 0
         if status & TP_STATUS_VLAN_VALID:
             vid = tci & 0x0FFF
-            if not (self.vlan_ok[vid >> 3] & (1 << (vid & 7))) or mac < self.hdrlen + 4:
+            if not vlan_set_has(self.vlan_ok, vid) or mac < self.hdrlen + 4:
                 self.vlan_unconfigured += 1     # never forwarded untagged
                 return 0
             # The kernel took the tag off (keeping it in tp_vlan_tci): put it back,
@@ -667,7 +670,7 @@ cdef class TxRing:
         cdef const uint8_t *src = &buf[0] if buflen else NULL
         cdef const uint8_t *m = NULL
         cdef Py_ssize_t nmeta = 0
-        cdef uint32_t et, skip, add, out_len
+        cdef uint32_t skip, add, out_len
         cdef uint8_t *vh
         if lengths.shape[0] < nframes:
             nframes = lengths.shape[0]
@@ -689,13 +692,8 @@ cdef class TxRing:
                     self.out_of_buffer += 1
                     continue
                 # 802.1Q on egress: `skip` bytes of the frame's own tag out, `add` of ours in.
-                skip = add = 0
-                if self.vlan_mode:
-                    et = (<uint32_t>src[off + 12] << 8) | src[off + 13]
-                    if (et == 0x8100 or et == 0x88A8) and ln >= 18:
-                        skip = 4
-                    if self.vlan_mode == 2:
-                        add = 4
+                skip = vlan_egress_skip(src + off, ln, self.vlan_mode)
+                add = vlan_egress_add(self.vlan_mode)
                 out_len = ln - skip + add
                 if out_len > self.max_len or (self.max_plain and out_len > self.max_plain and (
                         i >= nmeta or m[i * VNET_LEN + 1] == GSO_NONE)):
@@ -714,19 +712,8 @@ cdef class TxRing:
                             self.super_frames += 1
                     else:
                         memset(frame + HN_TPACKET2_DATA_OFF, 0, VNET_LEN)
-                if skip == add:
-                    memcpy(frame + data, src + off, ln)
-                    if add:
-                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
-                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
-                else:
-                    memcpy(frame + data, src + off, 12)
-                    if add:
-                        frame[data + 12] = 0x81
-                        frame[data + 13] = 0x00
-                        frame[data + 14] = <uint8_t>(self.tx_tci >> 8)
-                        frame[data + 15] = <uint8_t>(self.tx_tci & 0xFF)
-                    memcpy(frame + data + 12 + add, src + off + 12 + skip, ln - 12 - skip)
+                vlan_egress_copy(frame + data, src + off, ln, skip, add, self.tx_tci)
+                if skip != add:
                     if vlen and i < nmeta:      # offsets into the frame moved with the tag
                         vh = frame + HN_TPACKET2_DATA_OFF
                         if vh[0] & VNET_F_NEEDS_CSUM:

@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""802.1Q on the packet rings, one copy for every compiled backend (``_xsk.pyx`` uses it;
-``_ring.pyx`` has the same rules inline, to move here): the set of VLAN IDs a port
+"""802.1Q on the packet rings, one copy for every compiled backend (``_xsk.pyx`` and
+``_ring.pyx``): the set of VLAN IDs a port
 carries, and a frame's egress tag (a router's egress: the tag belongs to the port).
 
     egress mode 0: the frame as it is     1: untagged (its own tag taken out)
