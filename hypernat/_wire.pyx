@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
 
@@ -157,41 +158,53 @@ cdef inline bint _proto_ok(uint8_t p) noexcept nogil:
     return p == 1 or p == 6 or p == 17
 
 
-cdef bint _ask(pred, int nic, object addrs, object ports):
+cdef bint _ask(pred, int nic, const uint32_t* addrs, const uint16_t* ports, Py_ssize_t n) except -1:
     """pred holds for every record: ``pred(nic, addrs, ports)`` (numpy arrays) ->
-    bools, or ``pred(addrs)`` when nic < 0.  A predicate with a scalar twin (``.one``,
-    plain ints: no numpy for a record or two) is asked record by record for small
-    batches.  A predicate that raises rejects the message (a bug in the partition code
-    must neither crash a daemon nor let a message in)."""
-    cdef Py_ssize_t i, n = len(addrs)
+    bools, or ``pred(addrs)`` when `ports` is NULL.  A predicate with a scalar twin
+    (``.one``, plain ints: no numpy for a record or two) is asked record by record for
+    batches of up to 8.  A predicate that raises rejects the message (a bug in the
+    partition code must neither crash a daemon nor let a message in)."""
+    cdef Py_ssize_t i
     try:
         one = getattr(pred, "one", None)
         if one is not None and n <= 8:
-            if nic >= 0:
-                for i in range(n):
-                    if not one(nic, int(addrs[i]), int(ports[i])):
-                        return False
-            else:
-                for i in range(n):
-                    if not one(int(addrs[i])):
-                        return False
+            for i in range(n):
+                if not (one(nic, addrs[i], ports[i]) if ports != NULL else one(addrs[i])):
+                    return False
             return True
-        got = pred(nic, addrs, ports) if nic >= 0 else pred(addrs)
+        a = np.frombuffer(PyBytes_FromStringAndSize(<const char*>addrs, n * sizeof(uint32_t)), np.uint32)
+        if ports == NULL:
+            got = pred(a)
+        else:
+            got = pred(nic, a, np.frombuffer(PyBytes_FromStringAndSize(<const char*>ports, n * sizeof(uint16_t)),
+                                             np.uint16))
         return bool(np.all(np.asarray(got, dtype=bool)))
     except Exception:  # noqa: BLE001
         return False
 
 
-cdef tuple _columns(Py_ssize_t m):
-    a = np.empty(m, np.uint32)
-    q = np.empty(m, np.uint16)
-    return a, q
+cdef class _Cols:
+    """Scratch columns for the records a predicate must see (freed with the object)."""
+    cdef uint32_t* a
+    cdef uint16_t* p
+    cdef uint16_t* q
+
+    def __cinit__(self, Py_ssize_t n):
+        self.a = <uint32_t*>PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
+        self.p = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
+        self.q = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
+        if self.a == NULL or self.p == NULL or self.q == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.a)
+        PyMem_Free(self.p)
+        PyMem_Free(self.q)
 
 
 cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, internal) except -2:
     cdef Py_ssize_t i
-    cdef uint32_t[::1] av
-    cdef uint16_t[::1] pv
+    cdef _Cols c
     for i in range(n):
         if not _proto_ok(r[i].proto):
             return R_BAD_FIELD
@@ -204,28 +217,24 @@ cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, interna
             return R_BAD_FIELD  # ICMP echo ids may be 0; TCP/UDP ports may not
         if r[i].rem_addr == 0 and not (r[i].flags & RULE_F_WILDCARD):
             return R_BAD_FIELD  # a session without a remote
-    if owns is not None and sender >= 0:
-        a, q = _columns(n)
-        av, pv = a, q
-        for i in range(n):
-            av[i], pv[i] = r[i].ext_addr, r[i].ext_port
-        if not _ask(owns, sender, a, q):
-            return R_FOREIGN_ENDPOINT
-    if internal is not None:
-        a, q = _columns(n)
-        av = a
-        for i in range(n):
-            av[i] = r[i].int_addr
-        if not _ask(internal, -1, a, None):
-            return R_NOT_INTERNAL
+    if (owns is not None and sender >= 0) or internal is not None:
+        c = _Cols(n)
+        if owns is not None and sender >= 0:
+            for i in range(n):
+                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
+            if not _ask(owns, sender, c.a, c.p, n):
+                return R_FOREIGN_ENDPOINT
+        if internal is not None:
+            for i in range(n):
+                c.a[i] = r[i].int_addr
+            if not _ask(internal, -1, c.a, NULL, n):
+                return R_NOT_INTERNAL
     return R_OK
 
 
 cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int receiver, owns, internal) except -2:
     cdef Py_ssize_t i, m
-    cdef uint32_t[::1] av
-    cdef uint16_t[::1] pv
-    cdef bint by_ext
+    cdef _Cols c
     for i in range(n):
         if not _proto_ok(k[i].proto):
             return R_BAD_FIELD
@@ -237,78 +246,56 @@ cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int r
         if k[i].proto != 1:
             if (k[i].ext_port if k[i].kind == FETCH_BY_EXTERNAL else k[i].int_port) == 0:
                 return R_BAD_FIELD
-    if owns is not None:
-        if code == T_REVOKE and sender >= 0:
-            a, q = _columns(n)
-            av, pv = a, q
-            for i in range(n):
-                av[i], pv[i] = k[i].ext_addr, k[i].ext_port
-            if not _ask(owns, sender, a, q):
-                return R_FOREIGN_ENDPOINT
-        if code == T_FETCH and receiver >= 0:  # by external endpoint: the receiver must own it
-            m = 0
-            for i in range(n):
-                m += k[i].kind == FETCH_BY_EXTERNAL
-            if m:
-                a, q = _columns(m)
-                av, pv = a, q
-                m = 0
-                for i in range(n):
-                    if k[i].kind == FETCH_BY_EXTERNAL:
-                        av[m], pv[m] = k[i].ext_addr, k[i].ext_port
-                        m += 1
-                if not _ask(owns, receiver, a, q):
-                    return R_FOREIGN_ENDPOINT
+    if owns is not None and ((code == T_REVOKE and sender >= 0) or (code == T_FETCH and receiver >= 0)):
+        c = _Cols(n)
+        m = 0
+        for i in range(n):  # REVOKE: every record; FETCH: those by external endpoint
+            if code == T_REVOKE or k[i].kind == FETCH_BY_EXTERNAL:
+                c.a[m], c.p[m] = k[i].ext_addr, k[i].ext_port
+                m += 1
+        # a REVOKE names the sender's endpoints; a FETCH by external endpoint the receiver's
+        if m and not _ask(owns, sender if code == T_REVOKE else receiver, c.a, c.p, m):
+            return R_FOREIGN_ENDPOINT
     if internal is not None and code == T_FETCH:
+        c = _Cols(n)
         m = 0
         for i in range(n):
-            m += k[i].kind == FETCH_BY_INTERNAL
-        if m:
-            a, q = _columns(m)
-            av = a
-            m = 0
-            for i in range(n):
-                if k[i].kind == FETCH_BY_INTERNAL:
-                    av[m] = k[i].int_addr
-                    m += 1
-            if not _ask(internal, -1, a, None):
-                return R_NOT_INTERNAL
+            if k[i].kind == FETCH_BY_INTERNAL:
+                c.a[m] = k[i].int_addr
+                m += 1
+        if m and not _ask(internal, -1, c.a, NULL, m):
+            return R_NOT_INTERNAL
     return R_OK
 
 
 cdef int _check_activity(const wire_activity* r, Py_ssize_t n, int receiver, owns, internal) except -2:
     cdef Py_ssize_t i
-    cdef uint32_t[::1] av
-    cdef uint16_t[::1] pv
+    cdef _Cols c
     for i in range(n):
         if not _proto_ok(r[i].proto):
             return R_BAD_FIELD
     for i in range(n):
         if r[i].proto != 1 and r[i].ext_port == 0:
             return R_BAD_FIELD
-    if owns is not None and receiver >= 0:
-        a, q = _columns(n)
-        av, pv = a, q
-        for i in range(n):
-            av[i], pv[i] = r[i].ext_addr, r[i].ext_port
-        if not _ask(owns, receiver, a, q):
-            return R_FOREIGN_ENDPOINT
-    if internal is not None:
-        a, q = _columns(n)
-        av = a
-        for i in range(n):
-            av[i] = r[i].int_addr
-        if not _ask(internal, -1, a, None):
-            return R_NOT_INTERNAL
+    if (owns is not None and receiver >= 0) or internal is not None:
+        c = _Cols(n)
+        if owns is not None and receiver >= 0:
+            for i in range(n):
+                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
+            if not _ask(owns, receiver, c.a, c.p, n):
+                return R_FOREIGN_ENDPOINT
+        if internal is not None:
+            for i in range(n):
+                c.a[i] = r[i].int_addr
+            if not _ask(internal, -1, c.a, NULL, n):
+                return R_NOT_INTERNAL
     return R_OK
 
 
 cdef int _check_block(int code, const wire_block* b, Py_ssize_t n, int sender, int receiver, owns,
                       int n_nics) except -2:
     cdef Py_ssize_t i
-    cdef uint32_t[::1] av
-    cdef uint16_t[::1] pv
-    cdef uint16_t[::1] hv
+    cdef _Cols c
     for i in range(n):
         if b[i].port_lo > b[i].port_hi:
             return R_BAD_FIELD
@@ -325,12 +312,10 @@ cdef int _check_block(int code, const wire_block* b, Py_ssize_t n, int sender, i
             if b[i].addr == 0:
                 return R_BAD_FIELD
         # a returned block belongs to its lender's partition: both ends inside it
-        a, q = _columns(n)
-        h = np.empty(n, np.uint16)
-        av, pv, hv = a, q, h
+        c = _Cols(n)
         for i in range(n):
-            av[i], pv[i], hv[i] = b[i].addr, b[i].port_lo, b[i].port_hi
-        if not (_ask(owns, receiver, a, q) and _ask(owns, receiver, a, h)):
+            c.a[i], c.p[i], c.q[i] = b[i].addr, b[i].port_lo, b[i].port_hi
+        if not (_ask(owns, receiver, c.a, c.p, n) and _ask(owns, receiver, c.a, c.q, n)):
             return R_FOREIGN_ENDPOINT
     return R_OK
 

@@ -4,7 +4,7 @@
 
 setup.py compiles the slow-path modules it lists in COMPILED_PY into extension modules
 beside their sources (``hypernat/rules.py`` -> ``hypernat/rules<EXT_SUFFIX>``), which
-Python loads in preference to the .py.  DEST gets hypernat/, tests/, conf/, setup.py and pyproject.toml
+Python loads in preference to the .py.  DEST gets hypernat/, tests/, conf/, tools/, setup.py and pyproject.toml
 with every other build (the fast path's .pyx extensions, generated .pxi) but none of
 those: in DEST, ``import hypernat.rules`` runs ``rules.py``.  ``make test`` reruns the
 agent, rules and messages tests there (DEST replaced if it exists).
@@ -38,7 +38,7 @@ def main(argv) -> int:
         return 2
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(dest)
-    for d in ("hypernat", "tests", "conf"):
+    for d in ("hypernat", "tests", "conf", "tools"):
         shutil.copytree(os.path.join(ROOT, d), os.path.join(dest, d), ignore=ignore)
     for f in ("setup.py", "pyproject.toml"):
         shutil.copy2(os.path.join(ROOT, f), dest)
