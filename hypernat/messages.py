@@ -311,14 +311,15 @@ MAX_RECORDS = _wire.MAX_RECORDS_
 MAX_JSON = 1 << 20
 
 # --------------------------------------------------------------------- field values
-FETCH_BY_EXTERNAL = 0  # KEY.kind: inbound miss, key = (proto, rem, ext)
-FETCH_BY_INTERNAL = 1  # KEY.kind: outbound EIM fetch, key = (proto, int, rem)
+# (the values the compiled validator reads are _wire.pxd's)
+FETCH_BY_EXTERNAL = _wire.FETCH_BY_EXTERNAL_  # KEY.kind: inbound miss, key = (proto, rem, ext)
+FETCH_BY_INTERNAL = _wire.FETCH_BY_INTERNAL_  # KEY.kind: outbound EIM fetch, key = (proto, int, rem)
 FETCH_F_ICMP_ERROR = 0x02  # KEY.flags: the miss was an ICMP error's embedded flow
 FETCH_F_REVALIDATE = 0x04  # KEY.flags: a clone read back from a snapshot, revalidating
 # (0x01, FETCH_F_ALLOCATE of version 1, was sent and never read: an owner always builds
 # the mapping a FETCH_BY_INTERNAL asks for)
 
-RULE_F_WILDCARD = 0x0001  # endpoint-independent mapping: remote is any (rem 0.0.0.0:0)
+RULE_F_WILDCARD = _wire.RULE_F_WILDCARD_  # endpoint-independent mapping: remote is any (rem 0.0.0.0:0)
 RULE_F_PUSHED = 0x0002  # sent by active install (PUSH), not in answer to a FETCH
 
 NACK_REASONS = (
