@@ -576,6 +576,14 @@ def test_daemon_help():
     assert "--endpoint" in out.stdout and "CURVE" in out.stdout and "SIGTERM" in out.stdout
 
 
+def test_check_records_is_opt_in_on_the_command_line():
+    from hypernat.coord.__main__ import build_parser, options
+
+    assert options(build_parser().parse_args(["--check-records"]))["check_records"] is True
+    assert "check_records" not in options(build_parser().parse_args([]))
+    assert Coordinator(ipc_endpoint(), ctx=zmq.Context.instance()).check_records is False
+
+
 def test_daemon_refuses_open_tcp_without_curve():
     # refused before anything is bound: nothing listens off loopback
     out = subprocess.run([PY, "-m", "hypernat.coord", "--endpoint", f"tcp://0.0.0.0:{free_port()}",
