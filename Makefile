@@ -1,7 +1,8 @@
 # HyperNAT: one command per job.  Each target sets up what it needs.
 #   make demo   run the gateway's main job on the default configuration
 #   make test   run the test suite (and the benchmarks once each, untimed), then the
-#               agent/rules/messages tests again on the pure .py sources
+#               agent/rules/messages tests again on the pure .py sources (in build/pure-py:
+#               a copy of the tree without the compiled .py modules, tools/pure_py_tree.py)
 #   make bench  run the benchmarks, save, and compare with the last saved run
 #   make portability  build the fast path for aarch64 and run its tests there (qemu-user, in a
 #               cached arm64 Debian root); run them on x86 with -funsigned-char too
@@ -48,8 +49,9 @@ demo: build
 test: build
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
-	HYPERNAT_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_agent.py tests/test_rules.py \
-	    tests/test_messages*.py tests/test_compiled.py
+	$(PY) tools/pure_py_tree.py build/pure-py
+	cd build/pure-py && HYPERNAT_NO_EXTENSIONS=1 HYPERNAT_COMPILE_PY=0 PYTHONPATH=. $(abspath $(PY)) -m pytest -q \
+	    -p no:cacheprovider tests/test_agent.py tests/test_rules.py tests/test_messages*.py tests/test_compiled.py
 
 bench: build
 	$(PY) tools/bench.py
@@ -66,7 +68,8 @@ portability: deps
 	bash tools/portability.sh
 
 clean:
-	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi hypernat/_compiled
+	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi hypernat/_compiled \
+	    hypernat/*.so.sha256 hypernat/**/*.so.sha256
 
 # make report   regenerate the paper's evaluation (Fig 4/5, Table I, Fig 6, §III-C) into benchmarks/results/
 .PHONY: report

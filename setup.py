@@ -2,11 +2,12 @@
 
 Every ``hypernat/**/*.pyx`` becomes an extension.  So do the plain-Python slow-path
 modules listed in ``COMPILED_PY``, compiled as they are by Cython (the .py stays the one
-source): each is built under its real name (``PyInit_agent``, ``__name__``,
-``__module__`` right) but written to ``hypernat/_compiled/<name><EXT_SUFFIX>``, where the
-normal import system never finds it, with ``<that file>.sha256`` beside it holding the
-sha256 of the .py it was built from.  ``hypernat/__init__.py`` loads it in place of the
-.py only while that hash matches the .py (see there): an edited .py is never shadowed by
+source): each is an ordinary extension module built beside its source
+(``hypernat/rules.py`` -> ``hypernat/rules<EXT_SUFFIX>``), which Python's own import
+system loads in preference to the .py (an extension module comes before source in the
+path finder's order).  Beside each such build goes ``<build>.sha256``, the sha256 of the
+.py it was built from: ``import hypernat`` refuses to run with a build older than its
+.py (ImportError naming the module and ``make build``), so an edit is never shadowed by
 an old build.  A .pyx whose first lines carry
 ``# hypernat: requires=PKG[,PKG]`` is built only where pkg-config finds those packages
 (the AF_XDP backend needs libxdp and libbpf); elsewhere it is skipped with a message.
@@ -17,8 +18,8 @@ Switches (environment):
   HYPERNAT_CFLAGS="..."   extra C flags (CI adds -funsigned-char to mimic ARM's char)
   HYPERNAT_BUILD_ONLY=a,b build only these modules (e.g. hypernat._fastpath, hypernat.agent;
                           `none`: no extension, as the Makefile's editable install)
-  HYPERNAT_COMPILE_PY=0   do not compile the COMPILED_PY modules (an --inplace build also
-                          removes their earlier builds from hypernat/_compiled)
+  HYPERNAT_COMPILE_PY=0   do not compile the COMPILED_PY modules: they run from their .py
+                          (an --inplace build also removes their earlier builds)
 No -march=native: the same sources build on x86-64 and aarch64 (BlueField).
 """
 import glob
@@ -26,6 +27,7 @@ import hashlib
 import os
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -55,7 +57,7 @@ COMPILED_PY = [
     "hypernat.coord.broker",
     "hypernat.io.memory",
 ]
-COMPILED_DIR = os.path.join("hypernat", "_compiled")
+OLD_COMPILED_DIR = os.path.join("hypernat", "_compiled")  # where builds went before: removed
 EXT_SUFFIX = get_config_var("EXT_SUFFIX")
 # Cython directives that keep a .py's Python semantics: annotations are NOT C types
 # (with annotation typing on, `x: float` would turn 1 into 1.0 and refuse None, `n: int`
@@ -100,8 +102,8 @@ def sha256_of(path):
 
 
 def compiled_filename(name):
-    """Where module `name`'s compiled build lives, relative to a tree or build_lib."""
-    return os.path.join(COMPILED_DIR, name + EXT_SUFFIX)
+    """Where module `name`'s compiled build lives, relative to a tree or build_lib: beside its .py."""
+    return os.path.join(*name.split(".")) + EXT_SUFFIX
 
 
 def read_stamp(path):
@@ -209,25 +211,12 @@ class atomic_build_ext(build_ext):
     name and rename, so a process that has the old module mapped (a running daemon, a
     test run) keeps its file instead of seeing it rewritten under it.
 
-    The COMPILED_PY modules go to hypernat/_compiled/ instead (in build_lib as in the
-    tree), each followed by its .sha256 stamp."""
+    Each COMPILED_PY build is followed by its .sha256 stamp (in build_lib as in the
+    tree).  A full in-place build removes the builds of .py modules it no longer
+    compiles (not in COMPILED_PY, or HYPERNAT_COMPILE_PY=0): their .py runs again."""
 
     def _is_py(self, ext_name):
         return ext_name in COMPILED_PY
-
-    def get_ext_fullpath(self, ext_name):
-        if not self._is_py(ext_name):
-            return super().get_ext_fullpath(ext_name)
-        if self.inplace:
-            pkg_dir = self.get_finalized_command("build_py").get_package_dir("hypernat")
-            return os.path.join(os.path.abspath(os.path.dirname(pkg_dir) or "."), compiled_filename(ext_name))
-        return os.path.join(self.build_lib, compiled_filename(ext_name))
-
-    def _get_inplace_equivalent(self, build_py, ext):
-        if not self._is_py(ext.name):
-            return super()._get_inplace_equivalent(build_py, ext)
-        root = os.path.dirname(build_py.get_package_dir("hypernat"))
-        return os.path.join(root, compiled_filename(ext.name)), os.path.join(self.build_lib, compiled_filename(ext.name))
 
     def build_extension(self, ext):
         super().build_extension(ext)
@@ -237,20 +226,27 @@ class atomic_build_ext(build_ext):
     def copy_extensions_to_source(self):
         super().copy_extensions_to_source()
         build_py = self.get_finalized_command("build_py")
+        root = os.path.dirname(build_py.get_package_dir("hypernat"))
         built = set()
         for ext in self.extensions:
             if self._is_py(ext.name):
                 inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
                 write_stamp(inplace_file, ext)
                 built.add(os.path.abspath(inplace_file))
-        if not ONLY:  # a full build: drop builds of modules no longer compiled
-            root = os.path.dirname(build_py.get_package_dir("hypernat"))
-            for so in glob.glob(os.path.join(root, COMPILED_DIR, "*" + EXT_SUFFIX)):
-                if os.path.abspath(so) not in built:
+        if not ONLY:  # a full build: drop builds of .py modules no longer compiled
+            for py in glob.glob(os.path.join(root, "hypernat", "**", "*.py"), recursive=True):
+                so = py[:-3] + EXT_SUFFIX
+                if os.path.exists(py[:-3] + ".pyx"):
+                    continue  # (no module has both; were there one, its build is the .pyx's)
+                if os.path.exists(so) and os.path.abspath(so) not in built:
                     print(f"hypernat: removing {so} (not in COMPILED_PY, or HYPERNAT_COMPILE_PY=0)", file=sys.stderr)
                     for path in (so + ".sha256", so):
                         if os.path.exists(path):
                             os.remove(path)
+            old = os.path.join(root, OLD_COMPILED_DIR)
+            if os.path.isdir(old):  # the builds of the former import finder: never loaded now
+                print(f"hypernat: removing {old} (builds now go beside their .py)", file=sys.stderr)
+                shutil.rmtree(old)
 
     def get_outputs(self):
         outs = super().get_outputs()

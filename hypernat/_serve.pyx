@@ -9,6 +9,8 @@ in C into one RULE_DTYPE array.  One implementation for one record and for thous
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
+from ._wire cimport wire_key, wire_rule
+
 import numpy as np
 
 from . import layout as _layout
@@ -16,64 +18,10 @@ from . import messages as _M
 
 cnp.import_array()
 
-cdef extern from *:
-    """
-    #include <stddef.h>
-    #include <stdint.h>
-    /* messages.KEY_DTYPE and messages.RULE_DTYPE: natural alignment, no padding */
-    typedef struct {
-        uint32_t seq; uint32_t rule_id;
-        uint8_t proto; uint8_t kind; uint8_t reason; uint8_t flags;
-        uint32_t int_addr; uint32_t ext_addr; uint32_t rem_addr;
-        uint16_t int_port; uint16_t ext_port; uint16_t rem_port; uint16_t pad;
-    } hn_wire_key;
-    _Static_assert(sizeof(hn_wire_key) == 32, "messages.KEY_DTYPE is 32 bytes");
-    _Static_assert(offsetof(hn_wire_key, int_addr) == 12, "KEY_DTYPE.int_addr");
-    _Static_assert(offsetof(hn_wire_key, int_port) == 24, "KEY_DTYPE.int_port");
-    typedef struct {
-        uint32_t seq; uint32_t rule_id; uint32_t lease_ms;
-        uint32_t int_addr; uint32_t ext_addr; uint32_t rem_addr;
-        uint16_t int_port; uint16_t ext_port; uint16_t rem_port; uint16_t owner;
-        uint8_t proto; uint8_t tcp_state; uint16_t flags; uint16_t timeout_s; uint16_t pad;
-    } hn_wire_rule;
-    _Static_assert(sizeof(hn_wire_rule) == 40, "messages.RULE_DTYPE is 40 bytes");
-    _Static_assert(offsetof(hn_wire_rule, int_port) == 24, "RULE_DTYPE.int_port");
-    _Static_assert(offsetof(hn_wire_rule, proto) == 32, "RULE_DTYPE.proto");
-    """
-    ctypedef struct hn_wire_key:
-        uint32_t seq
-        uint32_t rule_id
-        uint8_t proto
-        uint8_t kind
-        uint8_t reason
-        uint8_t flags
-        uint32_t int_addr
-        uint32_t ext_addr
-        uint32_t rem_addr
-        uint16_t int_port
-        uint16_t ext_port
-        uint16_t rem_port
-        uint16_t pad
-    ctypedef struct hn_wire_rule:
-        uint32_t seq
-        uint32_t rule_id
-        uint32_t lease_ms
-        uint32_t int_addr
-        uint32_t ext_addr
-        uint32_t rem_addr
-        uint16_t int_port
-        uint16_t ext_port
-        uint16_t rem_port
-        uint16_t owner
-        uint8_t proto
-        uint8_t tcp_state
-        uint16_t flags
-        uint16_t timeout_s
-        uint16_t pad
-
-if _M.KEY_DTYPE.itemsize != sizeof(hn_wire_key) or _M.RULE_DTYPE.itemsize != sizeof(hn_wire_rule) \
-        or _M.KEY_DTYPE.fields["int_port"][1] != 24 or _M.RULE_DTYPE.fields["proto"][1] != 32:
-    raise ImportError("hypernat._serve disagrees with hypernat/messages.py: rebuild it")
+# wire_key / wire_rule: the records as _wire.pxd declares them (messages.KEY_DTYPE and
+# RULE_DTYPE are read from these structs)
+if _M.KEY_DTYPE.itemsize != sizeof(wire_key) or _M.RULE_DTYPE.itemsize != sizeof(wire_rule):
+    raise ImportError("hypernat._serve disagrees with hypernat/_wire.pxd: rebuild it")
 
 cdef uint8_t BY_EXT = _M.FETCH_BY_EXTERNAL
 cdef uint8_t LOOKUP_ONLY = _M.FETCH_F_ICMP_ERROR | _M.FETCH_F_REVALIDATE
@@ -91,7 +39,7 @@ def serve_fetches(recs, serve_rows, tick, int nic, uint32_t lease_ms):
     cdef cnp.ndarray a = np.ascontiguousarray(recs)
     if a.dtype != _M.KEY_DTYPE:
         raise TypeError("FETCH records must be messages.KEY_DTYPE")
-    cdef const hn_wire_key *k = <const hn_wire_key *>cnp.PyArray_DATA(a)
+    cdef const wire_key *k = <const wire_key *>cnp.PyArray_DATA(a)
     cdef Py_ssize_t n = a.shape[0], x, m = 0
     cdef list rows = []
     cdef uint8_t kind
@@ -106,7 +54,7 @@ def serve_fetches(recs, serve_rows, tick, int nic, uint32_t lease_ms):
     cdef list bad = []
     cdef list bad_status = []
     cdef cnp.ndarray out = np.zeros(n, _RULE_DTYPE)
-    cdef hn_wire_rule *r = <hn_wire_rule *>cnp.PyArray_DATA(out)
+    cdef wire_rule *r = <wire_rule *>cnp.PyArray_DATA(out)
     cdef uint32_t ia, ea, ra
     cdef uint16_t ip, ep, rp
     cdef uint8_t proto, t_out, t_in

@@ -88,7 +88,6 @@ import collections
 import heapq
 import logging
 import os
-import struct
 import time
 from bisect import bisect_left as _bisect_left
 from dataclasses import dataclass, field
@@ -191,8 +190,8 @@ def _latency_bucket(seconds: float) -> str:
 _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
 # a FETCH record (M.KEY_DTYPE) from the tuple _send_fetch / fetch_rows build
-_KEY_PACK = struct.Struct("<IIBBBBIIIHHHH").pack
-assert struct.calcsize("<IIBBBBIIIHHHH") == M.KEY_DTYPE.itemsize and M.KEY_DTYPE.names == (
+_KEY_PACK = M.KEY_STRUCT.pack
+assert M.KEY_DTYPE.names == (
     "seq", "rule_id", "proto", "kind", "reason", "flags", "int_addr", "ext_addr", "rem_addr", "int_port",
     "ext_port", "rem_port", "pad")
 # the RULE fields _on_rule reads, in M.RULE_DTYPE's order (a record's tuple[:11])
@@ -472,7 +471,7 @@ class RuleAgent:
         qmax, qflow, retry = p.queue_total, p.queue_per_flow, p.retry_s
         buckets = self._buckets
         burst, rate = p.fetch_burst, p.fetch_rate
-        f_icmp, f_alloc = M.FETCH_F_ICMP_ERROR, M.FETCH_F_ALLOCATE
+        f_icmp = M.FETCH_F_ICMP_ERROR
         by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
         pack = _KEY_PACK
         seq = self._seq
@@ -527,7 +526,7 @@ class RuleAgent:
                     flags = f_icmp if icmp else 0
                     rec = pack(s, 0, pr, by_ext, 0, flags, 0, da, sa, 0, dp, sp, 0)
                 else:  # (p, I, Ip, R, Rp)
-                    flags = (f_icmp if icmp else 0) | f_alloc
+                    flags = f_icmp if icmp else 0
                     rec = pack(s, 0, pr, by_int, 0, flags, sa, 0, da, sp, 0, dp, 0)
                 pend = _Pending(fd, kt, owner, s, now, now, retry, flags, [] if frame is None else [frame], charged)
                 pending[pk] = pend
@@ -561,8 +560,6 @@ class RuleAgent:
 
     def _start_fetch(self, fetch_dir, kt, owner, now, flags, pk=None) -> _Pending:
         seq = self._next_seq()
-        if fetch_dir == OUT:
-            flags |= M.FETCH_F_ALLOCATE
         if pk is None:
             pk = (fetch_dir, kt)
         retry = self.p.retry_s

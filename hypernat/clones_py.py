@@ -223,6 +223,6 @@ def serve_fetches(recs, serve_rows, tick, nic, lease_ms):
             bad_status.append(st)
             continue
         ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in = s[:12]
-        out.append((int(recs["seq"][x]), rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0, 0, 0))
+        out.append((int(recs["seq"][x]), rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0))
         sks.append((proto, ia, ip, ea, ep, ra, rp))
     return np.array(out, M.RULE_DTYPE), sks, bad, bad_status

@@ -164,7 +164,7 @@ def test_receiver_sees_the_sender_id_and_the_payload_unchanged(coord, peers):
     recs["seq"] = [7, 8, 9]
     recs["proto"] = 17
     recs["ext_port"] = [1, 2, 3]
-    recs["packets"] = [10, 20, 30]
+    recs["idle_ms"] = [10, 20, 30]
     s.send_multipart(M.frames(b"nic1", M.T_ACTIVITY, recs.tobytes()))
     got = recv_type(b.sock, M.T_ACTIVITY)
     assert got is not None
@@ -236,6 +236,26 @@ def test_hello_with_another_protocol_version_is_refused(coord):
     s.close()
 
 
+def test_a_peer_of_protocol_version_1_never_gets_a_record_through(coord, peers):
+    """Version 1's RULE and ACTIVITY records were 40 bytes, version 2's are 36: nine v1
+    records are ten whole v2 ones, so a v1 peer must never have a record routed.  Its
+    HELLO is refused (bad_version, counted), so it stays unregistered: its messages
+    bounce with not_registered (counted) and never reach a NIC."""
+    b = peers(1)
+    s = raw_dealer(coord, b"nic0")
+    h = M.records(M.T_HELLO, 1)
+    h["version"], h["nic"], h["incarnation"] = 1, 0, M.new_incarnation()
+    s.send_multipart(M.frames(M.COORD, M.T_HELLO, h.tobytes()))
+    assert recv_type(s, M.T_HELLO_ACK, 0.5) is None
+    v1_rules = bytes(40 * 9)  # nine v1 RULE records
+    assert len(v1_rules) % M.RULE_DTYPE.itemsize == 0
+    s.send_multipart(M.frames(b"nic1", M.T_RULE, v1_rules))
+    got = recv_type(s, M.T_UNDELIVERABLE)
+    assert got is not None and M.unpack_undeliverable(got[1])[1] == "not_registered"
+    assert coord.drops["bad_version"] == 1 and coord.drops["not_registered"] == 1
+    assert recv_type(b.sock, M.T_RULE, 0.3) is None and coord.routed[M.T_RULE] == 0
+
+
 @pytest.mark.parametrize(
     "frames_of, reason",
     [
@@ -248,7 +268,6 @@ def test_hello_with_another_protocol_version_is_refused(coord):
         (lambda p: [b"nic1", M.TYPE_FRAME[M.T_FETCH], p * (M.MAX_RECORDS + 1)], "oversize"),
         (lambda p: [M.COORD, M.TYPE_FRAME[M.T_FETCH], p], "wrong_direction"),
         (lambda p: [b"nic1", M.TYPE_FRAME[M.T_HELLO], p[:24]], "wrong_direction"),
-        (lambda p: [b"nic1", M.TYPE_FRAME[M.T_FETCH], p[:8] + b"\x63" + p[9:]], "bad_field"),
         (lambda p: [M.COORD, M.TYPE_FRAME[M.T_STATS], b"{not json"], "bad_json"),
     ],
 )
@@ -267,8 +286,52 @@ def test_malformed_messages_are_dropped_and_counted(coord, peers, frames_of, rea
     s.close()
 
 
-def test_rule_naming_another_owner_is_forged(coord, peers):
+def test_default_routes_by_the_header_without_reading_records(coord, peers):
+    """The records of a routed message are the receiving NIC's to check (it does, and
+    counts by reason): by default the coordinator passes them on as they came, checking
+    only the header (test_malformed_messages_are_dropped_and_counted)."""
     b = peers(1)
+    s = raw_nic(coord, 0)
+    f = M.records(M.T_FETCH, 2)
+    f["seq"], f["proto"], f["ext_port"] = [1, 2], [0x63, 6], 80  # the first record's protocol is bad
+    s.send_multipart(M.frames(b"nic1", M.T_FETCH, f.tobytes()))
+    got = recv_type(b.sock, M.T_FETCH)
+    assert got == (b"nic0", f.tobytes())
+    assert until(lambda: coord.routed[M.T_FETCH] == 1, 3) and sum(coord.drops.values()) == 0
+
+
+@pytest.fixture
+def checking_coord():
+    c = Coordinator(ipc_endpoint(), heartbeat_interval=0.1, heartbeat_timeout=5.0, check_records=True).start_thread()
+    yield c
+    c.stop()
+    c.join(5)
+
+
+def test_records_are_checked_when_asked(checking_coord):
+    """check_records (hypernat-coord --check-records): every record is read, a bad field
+    is dropped and counted, nothing reaches the target, routing goes on."""
+    coord = checking_coord
+    a = track(ScriptedNic(coord.endpoint, 0, heartbeat_interval=0.1))
+    b = track(ScriptedNic(coord.endpoint, 1, heartbeat_interval=0.1))
+    assert until(lambda: a.registered and b.registered, 5, a, b)
+    s = raw_nic(coord, 2)
+    f = M.records(M.T_FETCH, 1)
+    f["seq"], f["proto"], f["ext_port"] = 1, 0x63, 80
+    s.send_multipart(M.frames(b"nic1", M.T_FETCH, f.tobytes()))
+    assert until(lambda: coord.drops["bad_field"] == 1, 3)
+    got = recv_type(s, M.T_UNDELIVERABLE)
+    assert got is not None and M.unpack_undeliverable(got[1])[1] == "rejected"
+    b.service(50)
+    assert not any(t == M.T_FETCH for _, t, _ in b.received) and b.served == 0
+    a.fetch(1)
+    assert until(lambda: len(a.answers) == 1, 5, a, b)
+
+
+def test_rule_naming_another_owner_is_forged(checking_coord):
+    coord = checking_coord
+    b = track(ScriptedNic(coord.endpoint, 1, heartbeat_interval=0.1))
+    assert until(lambda: b.registered, 5, b)
     s = raw_nic(coord, 0)
     r = M.records(M.T_PUSH, 2)
     r["seq"], r["proto"], r["int_port"], r["ext_port"], r["rem_addr"] = 1, 6, 1000, 2000, 1
@@ -511,6 +574,14 @@ def test_daemon_help():
     out = subprocess.run([PY, "-m", "hypernat.coord", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0
     assert "--endpoint" in out.stdout and "CURVE" in out.stdout and "SIGTERM" in out.stdout
+
+
+def test_check_records_is_opt_in_on_the_command_line():
+    from hypernat.coord.__main__ import build_parser, options
+
+    assert options(build_parser().parse_args(["--check-records"]))["check_records"] is True
+    assert "check_records" not in options(build_parser().parse_args([]))
+    assert Coordinator(ipc_endpoint(), ctx=zmq.Context.instance()).check_records is False
 
 
 def test_daemon_refuses_open_tcp_without_curve():

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from hypernat import messages as M
 
+import wire_model
+
 # ---------------------------------------------------------------- layouts
 
 
@@ -19,8 +21,8 @@ def test_record_layouts_are_the_documented_offsets():
     r["seq"], r["rule_id"], r["lease_ms"] = 1, 2, 3
     r["int_addr"], r["ext_addr"], r["rem_addr"] = 4, 5, 6
     r["int_port"], r["ext_port"], r["rem_port"], r["owner"] = 7, 8, 9, 10
-    r["proto"], r["tcp_state"], r["flags"], r["timeout_s"] = 6, 0x11, 0x0102, 300
-    assert r.tobytes() == struct.pack("<IIIIIIHHHHBBHHH", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 6, 0x11, 0x0102, 300, 0)
+    r["proto"], r["tcp_state"], r["flags"] = 6, 0x11, 0x0102
+    assert r.tobytes() == struct.pack("<IIIIIIHHHHBBH", 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 6, 0x11, 0x0102)
     k = M.records(M.T_FETCH, 1)
     k["seq"], k["rule_id"], k["proto"], k["kind"], k["reason"], k["flags"] = 1, 2, 17, 1, 3, 4
     k["int_addr"], k["ext_addr"], k["rem_addr"], k["int_port"], k["ext_port"], k["rem_port"] = 5, 6, 7, 8, 9, 10
@@ -28,7 +30,30 @@ def test_record_layouts_are_the_documented_offsets():
     h = M.records(M.T_HELLO, 1)
     h["version"], h["nic"], h["n_nics"], h["flags"], h["incarnation"], h["heartbeat_ms"] = 1, 2, 3, 4, 2**63 + 5, 1000
     assert h.tobytes() == struct.pack("<HHHHQII", 1, 2, 3, 4, 2**63 + 5, 1000, 0)
-    assert M.ACK_DTYPE.itemsize == 8 and M.BLOCK_DTYPE.itemsize == 24 and M.ACTIVITY_DTYPE.itemsize == 40
+    a = M.records(M.T_ACTIVITY, 1)
+    a["seq"], a["idle_ms"], a["ext_port"], a["proto"], a["tcp_flags"], a["tcp_out"], a["tcp_in"] = 1, 2, 3, 6, 7, 8, 9
+    assert a.tobytes() == struct.pack("<IIIIIIHHHHBBBB", 1, 0, 2, 0, 0, 0, 0, 3, 0, 0, 6, 7, 8, 9)
+    assert M.ACK_DTYPE.itemsize == 8 and M.BLOCK_DTYPE.itemsize == 24
+    assert M.RULE_DTYPE.itemsize == 36 and M.ACTIVITY_DTYPE.itemsize == 36  # protocol version 2
+
+
+def test_dtypes_are_the_documented_layouts_and_the_compiled_structs():
+    """messages' dtypes are read from _wire.pxd's structs; they must be the layouts the
+    protocol documents (tests/wire_model.py writes them out by hand) and the structs'."""
+    from hypernat import _wire
+
+    for name, dt in wire_model.LAYOUTS.items():
+        assert getattr(M, name + "_DTYPE") == dt, name
+        size, fields = _wire.layouts()[name]
+        assert size == dt.itemsize and [f for f, _, _ in fields] == list(dt.names)
+        assert [(o, s) for _, o, s in fields] == [(dt.fields[f][1], dt.fields[f][0].itemsize) for f in dt.names]
+    for code, layout in wire_model.LAYOUT_OF.items():
+        assert M.DTYPE_OF[code] == wire_model.LAYOUTS[layout], M.TYPE_NAMES[code]
+    assert M.RULE_STRUCT.size == M.RULE_DTYPE.itemsize and M.KEY_STRUCT.size == M.KEY_DTYPE.itemsize
+    assert M.ACTIVITY_STRUCT.size == M.ACTIVITY_DTYPE.itemsize
+    for gone in ("FETCH_F_ALLOCATE", "RULE_F_BORROWED", "RULE_F_CLOSING"):
+        assert not hasattr(M, gone)
+    assert "timeout_s" not in M.RULE_DTYPE.names and "packets" not in M.ACTIVITY_DTYPE.names
 
 
 def test_every_type_has_a_unique_code_and_a_payload_kind():
@@ -115,7 +140,7 @@ def test_outbox_batches_per_target_and_type_and_splits_big_batches():
     assert [len(p) for p in by[(b"nic1", M.T_FETCH)]] == [64]
     assert len(by[(b"nic2", M.T_FETCH)]) == 1
     acts = by[(b"nic1", M.T_ACTIVITY)]
-    assert [len(p) // 40 for p in acts] == [M.MAX_RECORDS, 5]
+    assert [len(p) // M.ACTIVITY_DTYPE.itemsize for p in acts] == [M.MAX_RECORDS, 5]
     seqs = np.concatenate([np.frombuffer(p, M.ACTIVITY_DTYPE)["seq"] for p in acts])
     assert seqs.tolist() == list(range(M.MAX_RECORDS + 5))
 
@@ -265,49 +290,11 @@ def test_record_dict_is_json_able():
             M.ip_int(bad)
 
 
-SMALL_TYPES = sorted(M._SMALL)
-
-
-@settings(max_examples=400, deadline=None)
-@given(code=st.sampled_from(SMALL_TYPES), data=st.data())
-def test_small_batch_path_agrees_with_numpy_path(code, data):
-    """Messages of up to SMALL_BATCH records are checked with struct, larger ones with
-    numpy: both must give the same reason for the same records."""
-    dt = M.DTYPE_OF[code]
-    n = data.draw(st.integers(1, M.SMALL_BATCH))
-    # bias the fields toward the interesting values (valid protos, small ports, owners)
-    recs = np.frombuffer(data.draw(st.binary(min_size=n * dt.itemsize, max_size=n * dt.itemsize)), dt).copy()
-    for f in dt.names:
-        if f == "proto":
-            recs[f] = data.draw(st.lists(st.sampled_from([1, 6, 17, 6, 17, 47]), min_size=n, max_size=n))
-        elif f in ("owner", "lender", "borrower", "nic", "kind"):
-            recs[f] = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
-        elif f.endswith("port") or f in ("port_lo", "port_hi", "rem_addr", "addr"):
-            recs[f] = data.draw(st.lists(st.sampled_from([0, 1, 2, 1024, 65535]), min_size=n, max_size=n))
-        elif f in ("reason", "flags"):
-            recs[f] = data.draw(st.lists(st.integers(0, 8), min_size=n, max_size=n))
-        elif f == "int_addr":
-            recs[f] = data.draw(st.lists(st.sampled_from([0x0A000001, 0xC0A80001]), min_size=n, max_size=n))
-    sender = data.draw(st.one_of(st.none(), st.integers(0, 3)))
-    receiver = data.draw(st.one_of(st.none(), st.integers(0, 3)))
-    kw = dict(owns=data.draw(st.sampled_from([None, OWNS])), internal=data.draw(st.sampled_from([None, INTERNAL])),
-              n_nics=data.draw(st.sampled_from([None, 2, 4])))
-    small = M._check_small(sender, code, recs.tobytes(), receiver, kw["owns"], kw["internal"], kw["n_nics"])
-    big = M._check_records(sender, code, recs, receiver, kw["owns"], kw["internal"], kw["n_nics"])
-    assert small == big
-    assert M.check(sender, code, recs.tobytes(), receiver=receiver, **kw) == small
-    assert M.validate(sender, M.TYPE_FRAME[code], recs.tobytes(), receiver=receiver, **kw).reason == small
-    # and the same records as a batch too big for the small path: the numpy verdict
-    many = np.concatenate([recs] * (M.SMALL_BATCH // n + 1))
-    assert M.check(sender, code, many.tobytes(), receiver=receiver, **kw) == big
-
-
 def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
-    """ACTIVITY carries tcp_out / tcp_in (in the former pad, same 40-byte record); a
-    record of an old sender (union only) reads as the union both ways."""
+    """ACTIVITY carries tcp_out / tcp_in beside the union; a record with only the
+    union reads as the union both ways."""
     from hypernat import layout
 
-    assert M.ACTIVITY_DTYPE.itemsize == 40
     recs = M.records(M.T_ACTIVITY, 3)
     recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # new: SYN out only
     recs["tcp_flags"][1] = layout.TCP_FIN  # old sender: union, per-direction fields zero
@@ -316,94 +303,160 @@ def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
     assert list(inn) == [0, layout.TCP_FIN, 0]
 
 
+# ------------------------------------- the compiled validator against the reference
+
 OWNS_TWIN = M.with_scalar(OWNS, lambda nic, addr, port: port % 2 == nic)
 INTERNAL_TWIN = M.with_scalar(INTERNAL, lambda addr: addr >> 24 == 10)
 
 
-@settings(max_examples=300, deadline=None)
-@given(code=st.sampled_from(SMALL_TYPES), data=st.data())
-def test_scalar_predicates_give_the_vectorised_verdicts(code, data):
-    """The small-batch path calls a predicate's scalar twin (plain ints, no numpy); the
-    verdict must be the one the vectorised predicates give on the same records — here
-    with the real partition arithmetic (Partition.owner against Partition.owners,
-    including loaned blocks), as the NIC worker and the coordinator use it."""
+def _partition_owns(n_nics, data):
+    """The real partition arithmetic as the NIC worker and the coordinator pass it: the
+    vectorised owners() with owner() as its scalar twin, after a few spill-over loans."""
     from hypernat.lab.emulated import emulated_config
     from hypernat.partition import Partition
 
-    n_nics = data.draw(st.sampled_from([2, 3]))
     cfg = emulated_config(n_nics)
     part = Partition.from_config(cfg)
-    for _ in range(data.draw(st.integers(0, 3))):  # a few spill-over loans
+    for _ in range(data.draw(st.integers(0, 3))):
         part.lend(data.draw(st.integers(0, part.n_addrs * part.bpa - 1)), data.draw(st.integers(0, n_nics - 1)))
     vec = lambda nic, a, p: part.owners(a, p) == nic  # noqa: E731
-    twin = M.with_scalar(vec, lambda nic, a, p: part.owner(a, p) == nic)
-    base = int(cfg.pool[0].network_address)
+    return vec, M.with_scalar(vec, lambda nic, a, p: part.owner(a, p) == nic), int(cfg.pool[0].network_address)
+
+
+def _records(data, code, n, n_nics, base=0xCB00710A):
+    """n records of type `code` whose fields lean toward the values the checks look at."""
     dt = M.DTYPE_OF[code]
-    n = data.draw(st.integers(1, M.SMALL_BATCH))
-    recs = np.zeros(n, dt)
+    recs = np.frombuffer(data.draw(st.binary(min_size=n * dt.itemsize, max_size=n * dt.itemsize)), dt).copy()
+
+    def col(strategy):
+        return data.draw(st.lists(strategy, min_size=n, max_size=n))
+
     for f in dt.names:
         if f == "proto":
-            recs[f] = data.draw(st.lists(st.sampled_from([1, 6, 17]), min_size=n, max_size=n))
+            recs[f] = col(st.sampled_from([1, 6, 17, 6, 17, 6, 47, 0]))
+        elif f in ("owner", "lender", "borrower", "nic"):
+            recs[f] = col(st.integers(0, n_nics))
+        elif f == "kind":
+            recs[f] = col(st.sampled_from([0, 1, 0, 1, 2]))
+        elif f == "version":
+            recs[f] = col(st.sampled_from([M.PROTOCOL_VERSION] * 3 + [1, 3]))
         elif f in ("ext_addr", "addr"):
-            recs[f] = data.draw(st.lists(st.sampled_from([base, base + 1, base + 255, 0x08080808]),
-                                         min_size=n, max_size=n))
-        elif f in ("ext_port", "port_lo", "port_hi", "int_port", "rem_port"):
-            recs[f] = data.draw(st.lists(st.integers(0, 65535), min_size=n, max_size=n))
-        elif f in ("owner", "lender", "borrower", "nic", "kind"):
-            recs[f] = data.draw(st.lists(st.integers(0, n_nics - 1 if f != "kind" else 1), min_size=n, max_size=n))
-        elif f in ("int_addr", "rem_addr"):
-            recs[f] = data.draw(st.lists(st.sampled_from([0x0A000001, 0xC0A80001, 0xC0000201]),
-                                         min_size=n, max_size=n))
-    sender = data.draw(st.integers(0, n_nics - 1))
-    receiver = data.draw(st.integers(0, n_nics - 1))
-    internal = data.draw(st.sampled_from([INTERNAL, INTERNAL_TWIN]))
-    scalar = M._check_small(sender, code, recs.tobytes(), receiver, twin, internal, n_nics)
-    vector = M._check_records(sender, code, recs, receiver, vec, INTERNAL, n_nics)
-    assert scalar == vector
-    assert M.validate(sender, M.TYPE_FRAME[code], recs.tobytes(), receiver=receiver, owns=twin,
-                      internal=INTERNAL_TWIN, n_nics=n_nics).reason == vector
-    # the hand-made twins of the module-level predicates agree as well
-    assert (M._check_small(sender, code, recs.tobytes(), receiver, OWNS_TWIN, INTERNAL_TWIN, n_nics)
-            == M._check_records(sender, code, recs, receiver, OWNS, INTERNAL, n_nics))
-
-
-# ------------------------------------------------ one-record fast paths (owner side)
-
-
-@settings(max_examples=400, deadline=None)
-@given(code=st.sampled_from(sorted(M._KEY_TYPES | M._RULE_TYPES)), data=st.data())
-def test_one_record_path_agrees_with_the_batch_paths(code, data):
-    """A message of ONE FETCH / NACK / REVOKE / RULE / PUSH / LEASE record is checked by
-    ``_check_one_key`` / ``_check_one_rule`` (no lists); the verdict must be the one the
-    record-by-record loops give for the same record in a batch of two (itself twice) and
-    the one the numpy path gives."""
-    dt = M.DTYPE_OF[code]
-    rec = np.frombuffer(data.draw(st.binary(min_size=dt.itemsize, max_size=dt.itemsize)), dt).copy()
-    for f in dt.names:
-        if f == "proto":
-            rec[f] = data.draw(st.sampled_from([1, 6, 17, 47, 0]))
-        elif f in ("owner", "kind"):
-            rec[f] = data.draw(st.integers(0, 3))
-        elif f.endswith("port") or f == "rem_addr":
-            rec[f] = data.draw(st.sampled_from([0, 1, 1024, 65535]))
+            recs[f] = col(st.sampled_from([base, base + 1, base + 255, 0x08080808, 0]))
+        elif f.endswith("port") or f in ("port_lo", "port_hi"):
+            recs[f] = col(st.sampled_from([0, 1, 2, 1024, 40001, 65535]) | st.integers(0, 65535))
         elif f in ("reason", "flags"):
-            rec[f] = data.draw(st.integers(0, 8))
-        elif f == "int_addr":
-            rec[f] = data.draw(st.sampled_from([0x0A000001, 0xC0A80001]))
-    sender = data.draw(st.one_of(st.none(), st.integers(0, 3)))
-    receiver = data.draw(st.one_of(st.none(), st.integers(0, 3)))
-    owns = data.draw(st.sampled_from([None, OWNS, OWNS_TWIN]))
-    internal = data.draw(st.sampled_from([None, INTERNAL, INTERNAL_TWIN]))
-    one = M._check_small(sender, code, rec.tobytes(), receiver, owns, internal, 4)
-    two = M._check_small(sender, code, rec.tobytes() * 2, receiver, owns, internal, 4)
-    vec = M._check_records(sender, code, rec, receiver, owns, internal, 4)
-    assert one == two == vec
-    d = M.validate(sender, M.TYPE_FRAME[code], rec.tobytes(), receiver=receiver, owns=owns, internal=internal,
-                   n_nics=4)
-    assert d.reason == one
-    if one is None:  # a valid message decodes to the records, read-only, as decode makes them
-        assert d.recs.dtype == dt and d.recs.tobytes() == rec.tobytes() and not d.recs.flags.writeable
+            recs[f] = col(st.integers(0, 8))
+        elif f in ("int_addr", "rem_addr"):
+            recs[f] = col(st.sampled_from([0x0A000001, 0xC0A80001, 0, 0xC6336401]))
+    return recs
 
+
+@settings(max_examples=500, deadline=None)
+@given(code=st.sampled_from(RECORD_TYPES), data=st.data())
+def test_compiled_validator_gives_the_reference_verdict(code, data):
+    """Every record type, 1..20 records (a predicate's scalar twin is asked for up to 8,
+    its vectorised form beyond), every kind of predicate: ``validate`` and ``check`` (the
+    compiled ``_wire.check``) return the reason tests/wire_model.py returns."""
+    n_nics = data.draw(st.sampled_from([2, 3, 4]))
+    n = 1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 20))
+    preds = data.draw(st.sampled_from(["none", "plain", "twin", "partition"]))
+    base = 0xCB00710A
+    if preds == "partition":
+        vec, twin, base = _partition_owns(n_nics, data)
+        owns, ref_owns, internal, ref_internal = twin, vec, INTERNAL_TWIN, INTERNAL
+    elif preds == "twin":
+        owns, ref_owns, internal, ref_internal = OWNS_TWIN, OWNS, INTERNAL_TWIN, INTERNAL
+    elif preds == "plain":
+        owns = ref_owns = OWNS
+        internal = ref_internal = INTERNAL
+    else:
+        owns = ref_owns = internal = ref_internal = None
+    recs = _records(data, code, n, n_nics, base)
+    sender = data.draw(st.one_of(st.none(), st.integers(0, n_nics - 1)))
+    receiver = data.draw(st.one_of(st.none(), st.integers(0, n_nics - 1)))
+    nn = data.draw(st.sampled_from([None, n_nics]))
+    want = wire_model.check(code, recs.tobytes(), sender, receiver, ref_owns, ref_internal, nn)
+    kw = dict(receiver=receiver, owns=owns, internal=internal, n_nics=nn)
+    assert M.check(sender, code, recs.tobytes(), **kw) == want
+    d = M.validate(sender, M.TYPE_FRAME[code], recs.tobytes(), **kw)
+    assert d.reason == want
+    if want is None:  # a valid message decodes to the records, read-only, a view of the payload
+        assert d.recs.dtype == M.DTYPE_OF[code] and d.recs.tobytes() == recs.tobytes()
+        assert not d.recs.flags.writeable
+
+
+def _valid(code):
+    """One valid record of type `code` (sender nic1, receiver nic0 under OWNS: odd ports
+    are nic1's, even nic0's)."""
+    r = M.records(code, 1)
+    for f, v in dict(seq=7, proto=6, owner=1, int_addr=0x0A000001, int_port=5000, ext_addr=0xCB00710A,
+                     rem_addr=0xC6336401, rem_port=443, version=M.PROTOCOL_VERSION, nic=1, addr=0xCB00710A,
+                     port_lo=1024, port_hi=1086, lender=0, borrower=1).items():
+        if f in r.dtype.names:
+            r[f] = v
+    if "ext_port" in r.dtype.names:
+        r["ext_port"] = 40001 if code in (M.T_RULE, M.T_PUSH, M.T_LEASE, M.T_REVOKE) else 40000
+    if code == M.T_BORROW_ACK:
+        r["lender"], r["borrower"] = 1, 0
+    return r.tobytes()
+
+
+@settings(max_examples=600, deadline=None)
+@given(code=st.sampled_from(RECORD_TYPES), data=st.data())
+def test_mutated_valid_messages_are_never_an_exception_and_every_drop_is_counted(code, data):
+    """A valid message, then bytes flipped, cut or added: the compiled validator never
+    raises, agrees with the reference, and counts each drop once under its reason."""
+    payload = bytearray(_valid(code) * (1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 10))))
+    kw = dict(sender=1, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=2)
+    assert wire_model.check(code, bytes(payload), 1, 0, OWNS, INTERNAL, 2) is None
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "flip", "cut", "add"]))
+        if op == "flip" and payload:
+            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+        elif op == "cut" and payload:
+            del payload[data.draw(st.integers(0, len(payload) - 1)):]
+        else:
+            payload += data.draw(st.binary(min_size=1, max_size=40))
+    from hypernat import _wire
+
+    counts = np.zeros(len(M.REASONS), np.uint64)
+    r = _wire.check(code, bytes(payload), kw["sender"], kw["receiver"], kw["owns"], kw["internal"], kw["n_nics"],
+                    counts)
+    want = wire_model.check(code, bytes(payload), 1, 0, OWNS, INTERNAL, 2)
+    assert (None if r == _wire.OK else M.REASON_NAMES[r]) == want
+    assert counts.sum() == (want is not None) and (want is None or counts[M.REASON_NAMES.index(want)] == 1)
+    # any buffer, as a bytearray or a memoryview: the same verdict
+    for buf in (payload, memoryview(bytes(payload))):
+        assert M.check(1, code, buf, receiver=0, owns=OWNS, internal=INTERNAL, n_nics=2) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(tframe=st.one_of(st.binary(max_size=3), st.sampled_from(list(M.TYPE_FRAME.values()))),
+       payload=st.one_of(st.binary(max_size=300), st.binary(min_size=1, max_size=40).map(lambda b: b * 20)),
+       sender=st.one_of(st.none(), st.integers(0, 5)))
+def test_random_bytes_get_the_reference_verdict(tframe, payload, sender):
+    d = M.validate(sender, tframe, payload, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=4)
+    code = M.type_of(tframe)
+    if code is None:
+        assert d.reason == "unknown_type"
+    elif M.DTYPE_OF[code] is not None:
+        assert d.reason == wire_model.check(code, payload, sender, 0, OWNS, INTERNAL, 4)
+    else:
+        assert d.reason is None or d.reason in M.REASON_NAMES
+
+
+def test_a_peer_of_protocol_version_1_is_refused_not_misparsed():
+    """Version 1 had 40-byte RULE and ACTIVITY records, version 2 has 36: nine v1 RULEs
+    (360 bytes) are ten whole v2 records, so only the version gate keeps them apart.
+    A HELLO (or HELLO_ACK) of version 1 is refused as bad_version (its layout is the
+    same in every version): a v1 peer never registers, so none of its records is routed
+    (test_coord checks that end to end)."""
+    assert M.PROTOCOL_VERSION == 2
+    h = M.records(M.T_HELLO, 1)
+    h["version"], h["nic"] = 1, 0
+    assert M.validate(0, T[M.T_HELLO], h.tobytes()).reason == "bad_version"
+    assert M.validate(None, T[M.T_HELLO_ACK], h.tobytes()).reason == "bad_version"
+    assert len(struct.pack("<IIIIIIHHHHBBHHH", *[0] * 15)) * 9 == M.RULE_DTYPE.itemsize * 10
 
 def test_validate_of_a_small_payload_in_any_buffer_is_the_same():
     """validate takes the bytes fast path only for a bytes payload; a bytearray or a

@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also drop rule records whose external endpoint is outside the sender's partition "
                          "(partition arithmetic plus the spill-over loans seen in BORROW_ACK / RETURN; "
                          "NICs check anyway)")
-    ap.add_argument("--no-check-records", action="store_true",
-                    help="route without validating record fields (the receiving NICs still do)")
+    ap.add_argument("--check-records", action="store_true",
+                    help="read and check every record of a routed message before passing it on (fields, the "
+                         "sender named as owner, internal prefixes); by default a message is routed by its header "
+                         "(type, target, whole records) and the receiving NIC checks every record")
     ap.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return ap
 
@@ -94,8 +96,8 @@ def options(args) -> dict:
                 raise CoordinatorError(f"key bound to both {merged[key].decode()} and {user.decode()}")
             merged[key] = user
         kw["authorized"] = merged
-    if args.no_check_records:
-        kw["check_records"] = False
+    if args.check_records:
+        kw["check_records"] = True
     return kw
 
 

@@ -11,7 +11,10 @@ id and passes the rest on untouched:
                                  ├─ sender registered (HELLO) and its socket        │
                                  │  identity is the NIC id it claimed               ▼
                                  ├─ target known and up?  no ──► UNDELIVERABLE back to NIC 0
-                                 ├─ records well formed?  no ──► dropped, counted, UNDELIVERABLE
+                                 ├─ header: routed type, whole records, not too many?
+                                 │                        no ──► dropped, counted, UNDELIVERABLE
+                                 ├─ (--check-records / --check-partitions: every record
+                                 │   read and checked too, compiled: messages.check)
                                  └─ send NOBLOCK (ROUTER_MANDATORY: a vanished peer is an
                                     error, not a silent drop)
 
@@ -134,7 +137,13 @@ class Coordinator:
     authorized          {public key z85: user id} (see ``hypernat.auth``) or a directory
                         of ``nic<N>.key`` / ``ctl*.key`` files
     owns, internal      partition / internal-prefix predicates (``messages.validate``);
-                        None: the receiving NICs check these (the default)
+                        None: the receiving NICs check these (the default).  With `owns`
+                        the records are read and checked as with check_records
+    check_records       read and check every record of a routed message (fields, the
+                        sender named as owner / borrower / lender, `internal`) before
+                        passing it on.  Off by default: a message is routed by its header
+                        (type, target, whole records, at most MAX_RECORDS) and the
+                        receiving NIC validates every record anyway
     owner_of            callable (addr, port) -> NIC, to name the owner in ``rule`` queries
     metrics_port        serve Prometheus metrics on this port (None: off)
     """
@@ -151,7 +160,7 @@ class Coordinator:
         owns: Optional[M.OwnsPredicate] = None,
         internal: Optional[M.InternalPredicate] = None,
         owner_of: Optional[Callable[[int, int], int]] = None,
-        check_records: bool = True,
+        check_records: bool = False,
         metrics_port: Optional[int] = None,
         metrics_addr: str = "127.0.0.1",
         query_timeout: float = 1.0,
@@ -482,14 +491,16 @@ class Coordinator:
             self._drop(reason, ident, code)
             self._undeliverable(ident, code, reason, M.parse_identity(target), payload)
             return
-        if self.check_records:
+        if self.check_records or self.owns is not None:
             owns = self._native_owns if code == M.T_RETURN and self.partition is not None else self.owns
             reason = M.check(src.nic, code, payload, receiver=dst.nic, owns=owns,
                              internal=self.internal, n_nics=self.n_nics)
-            if reason is not None:
-                self._drop(reason, ident, code)
-                self._undeliverable(ident, code, "rejected", dst.nic, payload)
-                return
+        else:  # routed by its header: the records are the receiver's to read
+            reason = M.header_reason(code, len(payload))
+        if reason is not None:
+            self._drop(reason, ident, code)
+            self._undeliverable(ident, code, "rejected", dst.nic, payload)
+            return
         try:
             zmqio.send_multipart(self.sock, (target, ident, tframe, payload), zmq.NOBLOCK)
         except zmq.Again:

@@ -17,7 +17,6 @@ answer: idempotent, as the real owner must be.
 """
 from __future__ import annotations
 
-import struct
 import time
 from typing import Dict, Optional
 
@@ -239,8 +238,8 @@ class ScriptedNic:
 # ------------------------------------------------------------ benchmark owner
 
 
-_KEY = struct.Struct("<IIBBBBIIIHHHH")
-_RULE = struct.Struct("<IIIIIIHHHHBBHHH")
+_KEY = M.KEY_STRUCT
+_RULE = M.RULE_STRUCT
 
 
 def answer_fetches(recs, nic: int) -> bytes:
@@ -253,7 +252,7 @@ def answer_fetches(recs, nic: int) -> bytes:
             for r in _KEY.iter_unpack(recs):
                 seq, ext_port = r[0], r[10]
                 out += _RULE.pack(seq, (ext_port * 2654435761 + seq) & 0xFFFFFFFF, 30_000, 0x0A000001, r[7], r[8],
-                                  40000, ext_port, r[11], nic, r[2], 0, 0, 0, 0)
+                                  40000, ext_port, r[11], nic, r[2], 0, 0)
             return bytes(out)
         recs = np.frombuffer(recs, dtype=M.KEY_DTYPE)
     out = np.zeros(len(recs), dtype=M.RULE_DTYPE)

@@ -1,0 +1,409 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The wire records' layouts (``_wire.pxd``) and the validation of a whole message, compiled.
+
+``check(code, payload, ...)`` reads the records in place (one pass per rule, in C) and
+returns ``R_OK`` (-1) or the index of the reason in ``REASONS``; with ``counts`` (a
+uint64 array of ``len(REASONS)``) it also counts the drop there.  It never raises on
+bytes.  The partition and internal-prefix predicates are the callers' (Python: the
+partition lives there): they are called once per message, with the records that need
+them, after every field check passed (see ``_ask``).  ``header_reason`` is the part a
+router needs: whole records, not too many.
+
+hypernat.messages is the Python face of this module (types, dtypes, Decoded); the
+plain-Python reference of ``check`` lives in tests/wire_model.py and the tests hold the
+two to the same verdicts.
+"""
+import sys
+
+import numpy as np
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
+
+if sys.byteorder != "little":
+    raise ImportError("hypernat._wire reads the little-endian wire records in place: a little-endian host only")
+
+# (name, help): why a message is dropped; the index is the R_* number in _wire.pxd.  The
+# names the coordinator and the NICs count drops under (messages.REASONS re-exports them).
+REASONS = (
+    ("bad_frames", "not three frames [peer, type, payload]"),
+    ("unknown_type", "type byte is not a known message type"),
+    ("truncated", "payload empty or not a whole number of records"),
+    ("oversize", "more records (or JSON bytes) than a message may carry"),
+    ("bad_json", "JSON payload that does not parse or is not an object"),
+    ("bad_version", "HELLO with another protocol version"),
+    ("bad_identity", "sender identity does not match the NIC id it claims"),
+    ("bad_field", "a record field out of range (protocol, kind, port 0, owner)"),
+    ("foreign_endpoint", "external endpoint outside the partition of the NIC that must own it"),
+    ("not_internal", "internal address outside the internal prefixes"),
+    ("wrong_direction", "a type that may not travel this way (e.g. routed type to the coordinator)"),
+)
+_R = {"bad_frames": R_BAD_FRAMES, "unknown_type": R_UNKNOWN_TYPE, "truncated": R_TRUNCATED,
+      "oversize": R_OVERSIZE, "bad_json": R_BAD_JSON, "bad_version": R_BAD_VERSION,
+      "bad_identity": R_BAD_IDENTITY, "bad_field": R_BAD_FIELD, "foreign_endpoint": R_FOREIGN_ENDPOINT,
+      "not_internal": R_NOT_INTERNAL, "wrong_direction": R_WRONG_DIRECTION}
+if len(REASONS) != N_REASONS or any(_R[n] != i for i, (n, _) in enumerate(REASONS)):
+    raise ImportError("hypernat._wire: REASONS and the R_* enum of _wire.pxd disagree")
+
+# Python-visible copies of the .pxd's constants (hypernat.messages re-exports them)
+PROTOCOL_VERSION_ = PROTOCOL_VERSION
+MAX_RECORDS_ = MAX_RECORDS
+N_NACK_REASONS_ = N_NACK_REASONS
+FETCH_BY_EXTERNAL_ = FETCH_BY_EXTERNAL
+FETCH_BY_INTERNAL_ = FETCH_BY_INTERNAL
+RULE_F_WILDCARD_ = RULE_F_WILDCARD
+OK = R_OK
+TYPE_CODES = {
+    "HELLO": T_HELLO, "HELLO_ACK": T_HELLO_ACK, "HEARTBEAT": T_HEARTBEAT, "PEERS": T_PEERS,
+    "UNDELIVERABLE": T_UNDELIVERABLE, "STATS": T_STATS, "QUERY": T_QUERY, "REPLY": T_REPLY,
+    "FETCH": T_FETCH, "RULE": T_RULE, "NACK": T_NACK, "PUSH": T_PUSH, "PUSH_ACK": T_PUSH_ACK,
+    "LEASE": T_LEASE, "REVOKE": T_REVOKE, "REVOKE_ACK": T_REVOKE_ACK, "ACTIVITY": T_ACTIVITY,
+    "ACTIVITY_ACK": T_ACTIVITY_ACK, "BORROW": T_BORROW, "BORROW_ACK": T_BORROW_ACK, "RETURN": T_RETURN,
+    "RETURN_ACK": T_RETURN_ACK,
+}
+
+# ---------------------------------------------------------------------------- layouts
+
+
+cdef list _fields_of(unsigned char* p, Py_ssize_t size, convert):
+    """[(name, offset, size)] of a struct of `size` bytes at `p`, read from the compiled
+    struct itself: poke one byte at a time and see which field (as Cython converts the
+    struct to a dict, in declaration order) changed."""
+    cdef Py_ssize_t b
+    names = list(convert().keys())
+    span = {}
+    for b in range(size):
+        memset(p, 0, size)
+        p[b] = 1
+        hit = [k for k, v in convert().items() if v]
+        if len(hit) != 1:
+            raise ImportError(f"hypernat._wire: byte {b} belongs to {len(hit)} fields")
+        lo, hi = span.get(hit[0], (b, b))
+        span[hit[0]] = (min(lo, b), max(hi, b))
+    out = [(n, span[n][0], span[n][1] - span[n][0] + 1) for n in names]
+    if sum(s for _, _, s in out) != size:
+        raise ImportError("hypernat._wire: a struct has bytes no field covers")
+    return out
+
+
+cdef wire_key _k
+cdef wire_rule _r
+cdef wire_activity _a
+cdef wire_ack _ack
+cdef wire_block _b
+cdef wire_hello _h
+cdef wire_heartbeat _hb
+cdef wire_peer _p
+cdef wire_undeliverable _u
+
+
+def layouts():
+    """{layout name: (sizeof, [(field, offset, size), ...])}, from the compiled structs."""
+    return {
+        "KEY": (sizeof(wire_key), _fields_of(<unsigned char*>&_k, sizeof(wire_key), lambda: _k)),
+        "RULE": (sizeof(wire_rule), _fields_of(<unsigned char*>&_r, sizeof(wire_rule), lambda: _r)),
+        "ACTIVITY": (sizeof(wire_activity), _fields_of(<unsigned char*>&_a, sizeof(wire_activity), lambda: _a)),
+        "ACK": (sizeof(wire_ack), _fields_of(<unsigned char*>&_ack, sizeof(wire_ack), lambda: _ack)),
+        "BLOCK": (sizeof(wire_block), _fields_of(<unsigned char*>&_b, sizeof(wire_block), lambda: _b)),
+        "HELLO": (sizeof(wire_hello), _fields_of(<unsigned char*>&_h, sizeof(wire_hello), lambda: _h)),
+        "HEARTBEAT": (sizeof(wire_heartbeat), _fields_of(<unsigned char*>&_hb, sizeof(wire_heartbeat), lambda: _hb)),
+        "PEER": (sizeof(wire_peer), _fields_of(<unsigned char*>&_p, sizeof(wire_peer), lambda: _p)),
+        "UNDELIVERABLE": (sizeof(wire_undeliverable),
+                          _fields_of(<unsigned char*>&_u, sizeof(wire_undeliverable), lambda: _u)),
+    }
+
+
+cdef Py_ssize_t record_size(int code) noexcept nogil:
+    if code == T_FETCH or code == T_NACK or code == T_REVOKE:
+        return sizeof(wire_key)
+    if code == T_RULE or code == T_PUSH or code == T_LEASE:
+        return sizeof(wire_rule)
+    if code == T_ACTIVITY:
+        return sizeof(wire_activity)
+    if code == T_PUSH_ACK or code == T_REVOKE_ACK or code == T_ACTIVITY_ACK or code == T_RETURN_ACK:
+        return sizeof(wire_ack)
+    if code == T_BORROW or code == T_BORROW_ACK or code == T_RETURN:
+        return sizeof(wire_block)
+    if code == T_HELLO or code == T_HELLO_ACK:
+        return sizeof(wire_hello)
+    if code == T_HEARTBEAT:
+        return sizeof(wire_heartbeat)
+    if code == T_PEERS:
+        return sizeof(wire_peer)
+    return 0
+
+
+cdef int header_reason(int code, Py_ssize_t nbytes) noexcept nogil:
+    cdef Py_ssize_t size = record_size(code)
+    if size == 0:
+        return R_UNKNOWN_TYPE
+    if nbytes <= 0 or nbytes % size:
+        return R_TRUNCATED
+    if nbytes // size > MAX_RECORDS:
+        return R_OVERSIZE
+    if (code == T_HELLO or code == T_HELLO_ACK) and nbytes != size:
+        return R_TRUNCATED
+    return R_OK
+
+
+def header(int code, Py_ssize_t nbytes):
+    """``header_reason`` for Python: R_OK (-1) or the reason's index."""
+    return header_reason(code, nbytes)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+cdef inline bint _proto_ok(uint8_t p) noexcept nogil:
+    return p == 1 or p == 6 or p == 17
+
+
+cdef bint _ask(pred, int nic, const uint32_t* addrs, const uint16_t* ports, Py_ssize_t n) except -1:
+    """pred holds for every record: ``pred(nic, addrs, ports)`` (numpy arrays) ->
+    bools, or ``pred(addrs)`` when `ports` is NULL.  A predicate with a scalar twin
+    (``.one``, plain ints: no numpy for a record or two) is asked record by record for
+    batches of up to 8.  A predicate that raises rejects the message (a bug in the
+    partition code must neither crash a daemon nor let a message in)."""
+    cdef Py_ssize_t i
+    try:
+        one = getattr(pred, "one", None)
+        if one is not None and n <= 8:
+            for i in range(n):
+                if not (one(nic, addrs[i], ports[i]) if ports != NULL else one(addrs[i])):
+                    return False
+            return True
+        a = np.frombuffer(PyBytes_FromStringAndSize(<const char*>addrs, n * sizeof(uint32_t)), np.uint32)
+        if ports == NULL:
+            got = pred(a)
+        else:
+            got = pred(nic, a, np.frombuffer(PyBytes_FromStringAndSize(<const char*>ports, n * sizeof(uint16_t)),
+                                             np.uint16))
+        return bool(np.all(np.asarray(got, dtype=bool)))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+cdef class _Cols:
+    """Scratch columns for the records a predicate must see (freed with the object)."""
+    cdef uint32_t* a
+    cdef uint16_t* p
+    cdef uint16_t* q
+
+    def __cinit__(self, Py_ssize_t n):
+        self.a = <uint32_t*>PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
+        self.p = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
+        self.q = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
+        if self.a == NULL or self.p == NULL or self.q == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self.a)
+        PyMem_Free(self.p)
+        PyMem_Free(self.q)
+
+
+cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, internal) except -2:
+    cdef Py_ssize_t i
+    cdef _Cols c
+    for i in range(n):
+        if not _proto_ok(r[i].proto):
+            return R_BAD_FIELD
+    if sender >= 0:
+        for i in range(n):
+            if r[i].owner != sender:
+                return R_BAD_IDENTITY
+    for i in range(n):
+        if r[i].proto != 1 and (r[i].ext_port == 0 or r[i].int_port == 0):
+            return R_BAD_FIELD  # ICMP echo ids may be 0; TCP/UDP ports may not
+        if r[i].rem_addr == 0 and not (r[i].flags & RULE_F_WILDCARD):
+            return R_BAD_FIELD  # a session without a remote
+    if (owns is not None and sender >= 0) or internal is not None:
+        c = _Cols(n)
+        if owns is not None and sender >= 0:
+            for i in range(n):
+                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
+            if not _ask(owns, sender, c.a, c.p, n):
+                return R_FOREIGN_ENDPOINT
+        if internal is not None:
+            for i in range(n):
+                c.a[i] = r[i].int_addr
+            if not _ask(internal, -1, c.a, NULL, n):
+                return R_NOT_INTERNAL
+    return R_OK
+
+
+cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int receiver, owns, internal) except -2:
+    cdef Py_ssize_t i, m
+    cdef _Cols c
+    for i in range(n):
+        if not _proto_ok(k[i].proto):
+            return R_BAD_FIELD
+    for i in range(n):
+        if k[i].kind != FETCH_BY_EXTERNAL and k[i].kind != FETCH_BY_INTERNAL:
+            return R_BAD_FIELD
+        if code == T_NACK and k[i].reason >= N_NACK_REASONS:
+            return R_BAD_FIELD
+        if k[i].proto != 1:
+            if (k[i].ext_port if k[i].kind == FETCH_BY_EXTERNAL else k[i].int_port) == 0:
+                return R_BAD_FIELD
+    if owns is not None and ((code == T_REVOKE and sender >= 0) or (code == T_FETCH and receiver >= 0)):
+        c = _Cols(n)
+        m = 0
+        for i in range(n):  # REVOKE: every record; FETCH: those by external endpoint
+            if code == T_REVOKE or k[i].kind == FETCH_BY_EXTERNAL:
+                c.a[m], c.p[m] = k[i].ext_addr, k[i].ext_port
+                m += 1
+        # a REVOKE names the sender's endpoints; a FETCH by external endpoint the receiver's
+        if m and not _ask(owns, sender if code == T_REVOKE else receiver, c.a, c.p, m):
+            return R_FOREIGN_ENDPOINT
+    if internal is not None and code == T_FETCH:
+        c = _Cols(n)
+        m = 0
+        for i in range(n):
+            if k[i].kind == FETCH_BY_INTERNAL:
+                c.a[m] = k[i].int_addr
+                m += 1
+        if m and not _ask(internal, -1, c.a, NULL, m):
+            return R_NOT_INTERNAL
+    return R_OK
+
+
+cdef int _check_activity(const wire_activity* r, Py_ssize_t n, int receiver, owns, internal) except -2:
+    cdef Py_ssize_t i
+    cdef _Cols c
+    for i in range(n):
+        if not _proto_ok(r[i].proto):
+            return R_BAD_FIELD
+    for i in range(n):
+        if r[i].proto != 1 and r[i].ext_port == 0:
+            return R_BAD_FIELD
+    if (owns is not None and receiver >= 0) or internal is not None:
+        c = _Cols(n)
+        if owns is not None and receiver >= 0:
+            for i in range(n):
+                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
+            if not _ask(owns, receiver, c.a, c.p, n):
+                return R_FOREIGN_ENDPOINT
+        if internal is not None:
+            for i in range(n):
+                c.a[i] = r[i].int_addr
+            if not _ask(internal, -1, c.a, NULL, n):
+                return R_NOT_INTERNAL
+    return R_OK
+
+
+cdef int _check_block(int code, const wire_block* b, Py_ssize_t n, int sender, int receiver, owns,
+                      int n_nics) except -2:
+    cdef Py_ssize_t i
+    cdef _Cols c
+    for i in range(n):
+        if b[i].port_lo > b[i].port_hi:
+            return R_BAD_FIELD
+    if n_nics >= 0:
+        for i in range(n):
+            if b[i].lender >= n_nics or b[i].borrower >= n_nics:
+                return R_BAD_FIELD
+    if sender >= 0:  # the borrower asks and returns; the lender answers
+        for i in range(n):
+            if (b[i].lender if code == T_BORROW_ACK else b[i].borrower) != sender:
+                return R_BAD_IDENTITY
+    if owns is not None and code == T_RETURN and receiver >= 0:
+        for i in range(n):
+            if b[i].addr == 0:
+                return R_BAD_FIELD
+        # a returned block belongs to its lender's partition: both ends inside it
+        c = _Cols(n)
+        for i in range(n):
+            c.a[i], c.p[i], c.q[i] = b[i].addr, b[i].port_lo, b[i].port_hi
+        if not (_ask(owns, receiver, c.a, c.p, n) and _ask(owns, receiver, c.a, c.q, n)):
+            return R_FOREIGN_ENDPOINT
+    return R_OK
+
+
+cdef int _check_hello(int code, const wire_hello* h, int sender, int n_nics) noexcept nogil:
+    if h.version != PROTOCOL_VERSION:
+        return R_BAD_VERSION
+    if code == T_HELLO and sender >= 0 and h.nic != sender:
+        return R_BAD_IDENTITY
+    if n_nics >= 0 and h.nic >= n_nics:
+        return R_BAD_FIELD
+    return R_OK
+
+
+cdef int _check_peers(const wire_peer* p, Py_ssize_t n, int n_nics) noexcept nogil:
+    cdef Py_ssize_t i
+    if n_nics >= 0:
+        for i in range(n):
+            if p[i].nic >= n_nics:
+                return R_BAD_FIELD
+    return R_OK
+
+
+cdef int _check(int code, const unsigned char* p, Py_ssize_t nbytes, int sender, int receiver, owns, internal,
+                int n_nics) except -2:
+    cdef int reason = header_reason(code, nbytes)
+    cdef Py_ssize_t n
+    if reason != R_OK:
+        return reason
+    n = nbytes // record_size(code)
+    if code == T_RULE or code == T_PUSH or code == T_LEASE:
+        return _check_rule(<const wire_rule*>p, n, sender, owns, internal)
+    if code == T_FETCH or code == T_NACK or code == T_REVOKE:
+        return _check_key(code, <const wire_key*>p, n, sender, receiver, owns, internal)
+    if code == T_ACTIVITY:
+        return _check_activity(<const wire_activity*>p, n, receiver, owns, internal)
+    if code == T_BORROW or code == T_BORROW_ACK or code == T_RETURN:
+        return _check_block(code, <const wire_block*>p, n, sender, receiver, owns, n_nics)
+    if code == T_HELLO or code == T_HELLO_ACK:
+        return _check_hello(code, <const wire_hello*>p, sender, n_nics)
+    if code == T_PEERS:
+        return _check_peers(<const wire_peer*>p, n, n_nics)
+    return R_OK  # ACK and HEARTBEAT records: any content is well formed
+
+
+def check(int code, payload, int sender=-1, int receiver=-1, owns=None, internal=None, int n_nics=-1,
+          counts=None):
+    """Validate the record message of type `code` (``payload``: bytes or any contiguous
+    buffer) from NIC `sender` to NIC `receiver` (-1: the coordinator / not known); R_OK
+    (-1) or the index of the reason in REASONS, counted in ``counts[reason]`` when
+    given.  Checks, in order: the type carries records; 1..MAX_RECORDS whole records
+    (one HELLO); every field in range (protocol TCP / UDP / ICMP, FETCH kind, NACK
+    reason, non-zero ports, a remote unless wildcard, NIC numbers below `n_nics`); the
+    NIC a record names is its sender (RULE owner, BORROW borrower, BORROW_ACK lender,
+    HELLO nic); HELLO's version; then `owns` (external endpoints in the sender's
+    partition for RULE / PUSH / LEASE / REVOKE, in the receiver's for FETCH by external
+    endpoint, ACTIVITY and RETURN) and `internal` (internal addresses).  A message is
+    valid or dropped whole.  Never raises on bytes."""
+    cdef int reason
+    cdef uint64_t[::1] cv
+    try:
+        reason = _checked(code, payload, sender, receiver, owns, internal, n_nics)
+    except Exception:  # noqa: BLE001 - belt and braces: a bug here must not kill a daemon
+        reason = R_BAD_FIELD
+    if reason != R_OK and counts is not None:
+        cv = counts
+        cv[reason] += 1
+    return reason
+
+
+cdef int _checked(int code, payload, int sender, int receiver, owns, internal, int n_nics) except -2:
+    cdef Py_buffer view
+    cdef int reason
+    if type(payload) is bytes:
+        reason = _check(code, <const unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload),
+                        sender, receiver, owns, internal, n_nics)
+    else:
+        try:
+            PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        except (TypeError, BufferError, ValueError):
+            reason = R_TRUNCATED
+        else:
+            try:
+                reason = _check(code, <const unsigned char*>view.buf, view.len, sender, receiver, owns, internal,
+                                n_nics)
+            finally:
+                PyBuffer_Release(&view)
+    return reason
