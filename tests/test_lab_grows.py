@@ -25,6 +25,17 @@ def test_derived_config_names_every_nic(tmp_path):
     assert derived_config(CONF, 2, str(tmp_path)) == CONF  # the template fits: used as it is
 
 
+def test_lab_backend_overrides_the_configs_io(tmp_path):
+    """`hypernat lab up --backend af_xdp` runs HyperNAT's daemons on AF_XDP (it used to
+    start PACKET_MMAP workers from the config and say nothing)."""
+    assert load(CONF).nics[0].io == "packet_mmap"
+    assert derived_config(CONF, 2, str(tmp_path), io="packet_mmap") == CONF  # nothing to change
+    for nics in (2, 3):
+        path = derived_config(CONF, nics, str(tmp_path / str(nics)), io="af_xdp")
+        cfg = load(path)
+        assert path != CONF and [n.io for n in cfg.nics] == ["af_xdp"] * nics
+
+
 def test_run_logs_are_this_runs_only(tmp_path, monkeypatch):
     import hypernat.lab.topology as topology
 

@@ -39,8 +39,9 @@ def _parser():
     up.add_argument("--steer-seed", type=lambda v: int(v, 0), default=None,
                     help="steer return traffic in inet by nftables jhash with this seed (default: kernel ECMP)")
     up.add_argument("--config", default="conf/testbed.yaml", help="addresses (internal prefixes, pool) and daemon config")
-    up.add_argument("--backend", default="packet_mmap", choices=("packet_mmap", "af_xdp"),
-                    help="packet I/O of the no-op forwarders (HyperNAT's daemons take theirs from the config)")
+    up.add_argument("--backend", default=None, choices=("packet_mmap", "af_xdp"),
+                    help="packet I/O: of the no-op forwarders (default packet_mmap), and of HyperNAT's daemons "
+                         "in place of the config's nics[].io when given")
     up.add_argument("--offloads", choices=("on", "off"), default=None,
                     help="checksum/TSO/GSO on the veths (default: on; off with --backend af_xdp, which is per-frame)")
     up.add_argument("--queues", type=int, default=1, help="receive/transmit queues per veth (multi-queue links)")
@@ -63,14 +64,16 @@ def _parser():
     return p
 
 
-def start_gateway(topo, config: str | None, backend: str = "packet_mmap", rx_ring: str = "v2") -> None:
+def start_gateway(topo, config: str | None, backend: str | None = None, rx_ring: str = "v2") -> None:
+    """``backend``: the no-op forwarders' I/O (packet_mmap when None); for HyperNAT, every
+    NIC's ``io`` in place of the config's when given."""
     """Start what runs inside gw for the topology's mode (processes recorded for `down`);
     ``rx_ring``: the no-op forwarder's PACKET_MMAP receive ring (HyperNAT's is its config's)."""
     py = sys.executable
     if topo.mode == "noop":
         from .noop import start_in_lab
 
-        start_in_lab(topo, backend=backend, rx_ring=rx_ring)
+        start_in_lab(topo, backend=backend or "packet_mmap", rx_ring=rx_ring)
     elif topo.mode == "hypernat":
         import importlib.util
 
@@ -81,7 +84,7 @@ def start_gateway(topo, config: str | None, backend: str = "packet_mmap", rx_rin
         from .fleet import derived_config
 
         run = topo.run_dir()
-        config = derived_config(config, topo.nics, run)
+        config = derived_config(config, topo.nics, run, io=backend)
         topo.config = config
         # A coordinator socket and state directories of the run's own: two labs from the
         # same config never meet, and a new lab never restores an old run's snapshot.

@@ -109,9 +109,10 @@ def server_tree(template: dict, s: int, n_servers: int, nics: int, run_dir: str)
     return t
 
 
-def derived_config(template_path: str, nics: int, run_dir: str) -> str:
+def derived_config(template_path: str, nics: int, run_dir: str, io: str | None = None) -> str:
     """A one-server lab's config for `nics` NICs, derived from the template when the
-    template names fewer (or other) NICs: written into the run's directory."""
+    template names fewer (or other) NICs, or when ``io`` (a backend for every NIC) differs
+    from the template's: written into the run's directory."""
     import yaml
 
     from ..config import load
@@ -121,12 +122,18 @@ def derived_config(template_path: str, nics: int, run_dir: str) -> str:
     # inside<j>/outside<j> (several entries on one pair: one worker per queue of it)
     links = [n.inside[len("inside"):] for n in cfg.nics
              if n.inside.startswith("inside") and n.outside == "outside" + n.inside[len("inside"):]]
+    same_io = io is None or all(n.io == io for n in cfg.nics)
     if len(links) == cfg.n_nics and sorted(set(links)) == sorted(str(j) for j in range(nics)):
-        return os.path.abspath(template_path)
-    with open(template_path) as f:
-        t = yaml.safe_load(f)
-    t["nics"] = [{"id": k, "inside": f"inside{k}", "outside": f"outside{k}", "io": cfg.nics[min(k, cfg.n_nics - 1)].io}
-                 for k in range(nics)]
+        if same_io:
+            return os.path.abspath(template_path)
+        with open(template_path) as f:
+            t = yaml.safe_load(f)
+        t["nics"] = [dict(n, io=io) for n in t["nics"]]  # the same entries (queues too), another backend
+    else:
+        with open(template_path) as f:
+            t = yaml.safe_load(f)
+        t["nics"] = [{"id": k, "inside": f"inside{k}", "outside": f"outside{k}",
+                      "io": io or cfg.nics[min(k, cfg.n_nics - 1)].io} for k in range(nics)]
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "gateway.yaml")
     with open(path, "w") as f:
