@@ -99,6 +99,7 @@ from . import fastpath as _fastpath
 from . import layout
 from . import messages as M
 from . import switchhash as _sh
+from .deadlines import DeadlineQueue
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
 
@@ -111,6 +112,7 @@ except ImportError:  # their plain-Python reference
     from .clones_py import CloneTable, serve_fetches
 
 log = logging.getLogger("hypernat.agent")
+_INF = float("inf")
 
 # Directions of a fetch (same numbers as verdicts.OUT / verdicts.IN).
 OUT = 0
@@ -323,6 +325,11 @@ class AgentParams:
     switch_seed: int = 0
     switch_fields: str = "5-tuple"
     switch_rss: object = None  # toeplitz: (key, indirection table, {queue: NIC id}) of the outside port
+    # slices of periodic work per loop turn (config ``loop:``): nothing periodic costs in
+    # proportion to a table's size in one turn
+    retransmit_slice: int = 256  # unacknowledged messages resent or given up per turn at most
+    lease_end_slice: int = 256  # lease ends handled per turn at most (owner's leases; holder's clones)
+    activity_slots: int = 4096  # table slots (each table) collected and reported per turn at most
 
 
 @dataclass(slots=True)
@@ -398,9 +405,13 @@ class RuleAgent:
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
         self._n_leases = 0  # (session, holder) pairs in self.leases
+        # everything acknowledged (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN) until its
+        # ack: seq -> message, and its next retry or deadline in a deadline queue, so that a
+        # turn touches only the due ones, at most p.retransmit_slice of them
         self._unacked: dict[int, _Unacked] = {}
+        self._retx = DeadlineQueue()
         self._activity_due = 0.0
-        self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
+        self._act_left, self._act_chunk = 0, None  # a sliced collection round: slices left, slots each
         # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
         # entry is checked when its time comes (a renewal moved the end: queued again
         # under the new one; the clone or lease is gone: dropped), a few per turn.
@@ -431,7 +442,14 @@ class RuleAgent:
         self.counters[reason] += n
 
     def _track(self, target, mtype, rec, now, deadline, what=()) -> None:
-        self._unacked[int(rec["seq"][0])] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+        seq = int(rec["seq"][0])
+        self._unacked[seq] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+        self._retx.set(seq, min(now + self.p.retry_s, deadline))
+
+    def _acked(self, seq: int):
+        """Forget an acknowledged message (None: not in flight)."""
+        self._retx.discard(seq)
+        return self._unacked.pop(seq, None)
 
     # -- holder side: misses ---------------------------------------------------------------
     def fetch(self, fetch_dir: int, key, owner: int, frame: bytes | None, now: float) -> bool:
@@ -839,7 +857,7 @@ class RuleAgent:
             if u.mtype != mtype:
                 bad += 1
                 continue
-            del unacked[seq]
+            self._acked(seq)
             if mtype == M.T_REVOKE:
                 self._lease_end(u.what, source)
         if stale:
@@ -1050,7 +1068,7 @@ class RuleAgent:
                     continue
                 in_flight = seq == self._borrowing
                 if in_flight:
-                    self._unacked.pop(seq, None)
+                    self._acked(seq)
                     self._borrowing = None
                 if not ok:
                     if not in_flight:
@@ -1315,29 +1333,73 @@ class RuleAgent:
         self._pending_due = due
 
     def tick(self, now: float) -> None:
-        """Retries, timeouts, lease ends, active install, revocation, activity; call once
-        per loop turn (cheap when there is nothing to do)."""
+        """Every periodic step once (``steps``); the NIC worker runs them from its timer
+        scheduler instead, each when due.  Each does at most its slice."""
+        for _, step, _ in self.steps():
+            step(now)
+
+    def steps(self) -> tuple:
+        """The agent's periodic jobs: (name, step(now) -> True when it left work for the
+        next turn, due() -> when it is due next, or None: every turn).  Retries, timeouts, lease ends, active
+        install, revocation, activity; each bounded per call."""
+        return (("agent_created", self.step_created, None),  # every turn: what this turn built
+                ("agent_fetch_retries", self.step_fetch_retries,
+                 lambda: self._pending_due if self.pending else _INF),
+                ("agent_retransmit", self.step_retransmit, lambda: self._retx.next_due),
+                ("agent_clone_leases", self.step_clone_leases, lambda: self.clones.next_due),
+                ("agent_activity", self.step_activity, lambda: -_INF if self._act_left else self._activity_due),
+                ("agent_lease_ends", self.step_lease_ends,
+                 lambda: self._lease_ends[0][0] if self._lease_ends else _INF))
+
+    def step_created(self, now: float) -> None:
+        """Active install and revocation of what the builder created / removed since."""
         self._push_created(now)
         self._revoke_removed(now)
+
+    def step_fetch_retries(self, now: float) -> None:
         if self.pending:
             self._retry_fetches(now)
-        if self._unacked:
-            for seq, u in list(self._unacked.items()):
-                if now >= u.deadline:
-                    del self._unacked[seq]
-                    if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
-                        self._lease_end(u.what, u.target)
-                    elif u.mtype == M.T_BORROW and seq == self._borrowing:
-                        self._borrowing = None
-                        self._borrow_next = (u.target + 1) % self.n_nics
-                elif now - u.sent >= u.retry:
-                    u.sent = now
-                    u.retry = min(u.retry * 2, self.p.retry_max_s)
-                    self._emit(u.target, u.mtype, u.rec)
-                    self.count("retries")
-        if now >= self.clones.next_due:  # holder: clones whose lease runs out (exactly on time)
-            for sk in self.clones.due_now(now, self.p.lease_margin_s):
-                self._drop_clone(sk, "lease_expired")
+
+    def step_retransmit(self, now: float) -> bool:
+        """Unacknowledged messages whose retry wait passed: sent again (the wait doubles,
+        up to retry_max_s); those past their deadline given up.  At most
+        ``retransmit_slice`` of them, earliest first; True if more are due."""
+        if not self._unacked:
+            return False
+        retx = self._retx
+        limit = self.p.retransmit_slice
+        unacked = self._unacked
+        for seq in retx.pop_due(now, limit):
+            u = unacked.get(seq)
+            if u is None:
+                continue
+            if now >= u.deadline:
+                del unacked[seq]
+                if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
+                    self._lease_end(u.what, u.target)
+                elif u.mtype == M.T_BORROW and seq == self._borrowing:
+                    self._borrowing = None
+                    self._borrow_next = (u.target + 1) % self.n_nics
+                continue
+            u.sent = now
+            u.retry = min(u.retry * 2, self.p.retry_max_s)
+            retx.set(seq, min(now + u.retry, u.deadline))
+            self._emit(u.target, u.mtype, u.rec)
+            self.count("retries")
+        return retx.next_due <= now
+
+    def step_clone_leases(self, now: float) -> bool:
+        """Holder: clones whose lease runs out (exactly on time), at most
+        ``lease_end_slice``; True if more are due."""
+        if now < self.clones.next_due:
+            return False
+        for sk in self.clones.due_now(now, self.p.lease_margin_s, self.p.lease_end_slice):
+            self._drop_clone(sk, "lease_expired")
+        return now >= self.clones.next_due
+
+    def step_activity(self, now: float) -> bool:
+        """Activity: every activity interval a round over the builder's tables, a slice
+        per turn (reported as it is collected); True while a round is under way."""
         if self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
@@ -1347,25 +1409,34 @@ class RuleAgent:
                 self._activity_slice(now)
             else:
                 self.report_activity(now)
-        ends = self._lease_ends
-        if ends and now >= ends[0][0]:  # owner: leases that ran out, seen from here (+ grace)
-            leases = self.leases
-            while ends and now >= ends[0][0]:
-                _, sk, h = heapq.heappop(ends)
-                holders = leases.get(sk)
-                until = holders.get(h) if holders is not None else None
-                if until is None:
-                    continue  # ended already (acknowledged REVOKE)
-                if until <= now:
-                    self._lease_end(sk, h)
-                else:  # renewed meanwhile
-                    heapq.heappush(ends, (until, sk, h))
+        return bool(self._act_left)
 
-    # Collecting activity reads the flags of every slot of both tables: on a big table
-    # (2 x 512k slots on the testbed) a few milliseconds at once, in which every FETCH
-    # waiting at this NIC waits too.  Tables above ACT_SLICE_SLOTS are collected a slice
-    # per loop turn (the builder's cursor continues), and reported once the round is done.
-    ACT_SLICE_SLOTS = 65536
+    def step_lease_ends(self, now: float) -> bool:
+        """Owner: leases that ran out, seen from here (+ grace), at most
+        ``lease_end_slice`` heap entries; True if more are due."""
+        ends = self._lease_ends
+        if not ends or now < ends[0][0]:
+            return False
+        leases = self.leases
+        left = self.p.lease_end_slice
+        while ends and now >= ends[0][0] and left > 0:
+            left -= 1
+            _, sk, h = heapq.heappop(ends)
+            holders = leases.get(sk)
+            until = holders.get(h) if holders is not None else None
+            if until is None:
+                continue  # ended already (acknowledged REVOKE)
+            if until <= now:
+                self._lease_end(sk, h)
+            else:  # renewed meanwhile
+                heapq.heappush(ends, (until, sk, h))
+        return bool(ends) and now >= ends[0][0]
+
+    # Collecting activity reads the flags of every slot of both tables, and reporting it
+    # costs per entry found: on a big table (2 x 1M slots, 10^6 clones) most of a second
+    # at once, in which every FETCH waiting at this NIC waits too.  Tables above
+    # p.activity_slots are collected a slice per loop turn (the builder's cursor
+    # continues), and each slice is reported as it is collected.
 
     def _activity_slices(self) -> tuple:
         """(slices, slots per slice) for a round over the builder's tables; (0, None) to
@@ -1374,17 +1445,14 @@ class RuleAgent:
             ns = max(len(self.rules.out.slots), len(self.rules.inn.slots))
         except AttributeError:
             return 0, None
-        if ns <= self.ACT_SLICE_SLOTS:
+        if ns <= self.p.activity_slots:
             return 0, None
-        k = -(-ns // self.ACT_SLICE_SLOTS)
+        k = -(-ns // self.p.activity_slots)
         return k, -(-ns // k)
 
     def _activity_slice(self, now: float) -> None:
-        self._act_parts.append(self.rules.collect_activity(clear=True, max_slots=self._act_chunk))
         self._act_left -= 1
-        if not self._act_left:
-            parts, self._act_parts = self._act_parts, []
-            self.report_activity(now, np.concatenate(parts))
+        self.report_activity(now, self.rules.collect_activity(clear=True, max_slots=self._act_chunk))
 
     def report_activity(self, now: float, act: np.ndarray | None = None) -> int:
         """Batched ACTIVITY to each owner for the clones hit since the last report
@@ -1472,8 +1540,9 @@ class RuleAgent:
             self._batching -= 1
             if not self._batching:
                 self._flush_fetches()
-        for u in self._unacked.values():
+        for seq, u in self._unacked.items():
             u.sent = now
+            self._retx.set(seq, min(now + u.retry, u.deadline))
             self._emit(u.target, u.mtype, u.rec)
 
     def fail_target(self, target: int, now: float) -> None:
