@@ -113,6 +113,14 @@ except ImportError:  # their plain-Python reference
 
 log = logging.getLogger("hypernat.agent")
 _INF = float("inf")
+_EPS = 1e-6  # seconds: a timer popped at its due time is due (float noise aside)
+
+
+def _seq_run(seq0: int, n: int):
+    """The `n` seqs ``_next_seq`` hands out from `seq0` (0 skipped at the wrap)."""
+    if seq0 + n <= 0x100000000:
+        return range(seq0, seq0 + n)
+    return [(seq0 - 1 + k) % 0xFFFFFFFF + 1 for k in range(n)]
 
 # Directions of a fetch (same numbers as verdicts.OUT / verdicts.IN).
 OUT = 0
@@ -389,7 +397,6 @@ class RuleAgent:
         self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
         self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
-        self._pending_due = float("inf")  # earliest retry or deadline among self.pending
         # holder side
         self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
         self._by_seq: dict[int, tuple] = {}
@@ -405,9 +412,12 @@ class RuleAgent:
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
         self._n_leases = 0  # (session, holder) pairs in self.leases
-        # everything acknowledged (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN) until its
-        # ack: seq -> message, and its next retry or deadline in a deadline queue, so that a
-        # turn touches only the due ones, at most p.retransmit_slice of them
+        # One reliable-delivery engine for everything answered: the fetches in flight
+        # (self.pending, answered by RULE / NACK) and the messages kept until acknowledged
+        # (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN: seq -> message here).  Each seq's
+        # next retry or deadline waits in one deadline queue, so that a turn touches only
+        # the due ones, at most p.retransmit_slice of them (``step_retransmit``).  A fetch
+        # answered leaves its seq in the queue; it is skipped, cheaply, when it comes up.
         self._unacked: dict[int, _Unacked] = {}
         self._retx = DeadlineQueue()
         self._activity_due = 0.0
@@ -493,7 +503,7 @@ class RuleAgent:
         f_icmp, f_alloc = M.FETCH_F_ICMP_ERROR, M.FETCH_F_ALLOCATE
         by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
         pack = _KEY_PACK
-        seq = self._seq
+        seq = seq0 = self._seq
         queued = self.queued_total
         n = started = c_neg = c_rate = c_full = 0
         try:
@@ -562,9 +572,8 @@ class RuleAgent:
             self._seq = seq
             self.queued_total = queued
             c = self.counters
-            if started:
-                if now + retry < self._pending_due:
-                    self._pending_due = now + retry
+            if started:  # their seqs: seq0 and the next ones, first retry due together
+                self._retx.add_many(_seq_run(seq0, started), now + retry)
                 c["tx_fetch"] += started
                 c["fetches"] += started
             if c_neg:
@@ -587,8 +596,7 @@ class RuleAgent:
         pend = _Pending(fetch_dir, kt, owner, seq, now, now, retry, flags)
         self.pending[pk] = pend
         self._by_seq[seq] = pk
-        if now + retry < self._pending_due:
-            self._pending_due = now + retry
+        self._retx.set(seq, now + retry)
         self._send_fetch(pend)
         self.counters["fetches"] += 1
         return pend
@@ -1109,10 +1117,11 @@ class RuleAgent:
             if self.partition.block_of(ea, ep) != g:
                 continue
             self._by_seq.pop(pend.seq, None)
+            self._retx.discard(pend.seq)
             pend.owner, pend.seq = new_owner, self._next_seq()
             self._by_seq[pend.seq] = (pend.fetch_dir, pend.key)
             pend.sent, pend.retry = now, self.p.retry_s
-            self._pending_due = min(self._pending_due, now + self.p.retry_s)
+            self._retx.set(pend.seq, min(now + pend.retry, pend.first + self.p.fetch_timeout_s))
             self._send_fetch(pend)
             self.count("fetch_redirected")
 
@@ -1303,34 +1312,10 @@ class RuleAgent:
                 self.count("revokes")
 
     # -- time ---------------------------------------------------------------------------------
-    def _retry_fetches(self, now: float) -> None:
-        """Resend fetches whose retry wait passed (gathered: one FETCH per owner), drop
-        those past their deadline.  Skipped until the earliest of those times: a burst
-        of thousands of fetches in flight is not walked on every loop turn."""
-        if now < self._pending_due:
-            return
-        due = float("inf")
-        self._batching += 1
-        try:
-            for pk, pend in list(self.pending.items()):
-                if now - pend.first >= self.p.fetch_timeout_s:
-                    del self.pending[pk]
-                    self._by_seq.pop(pend.seq, None)
-                    self._refund(pend)
-                    self.queued_total -= len(pend.frames)
-                    self.count("fetch_timeout", max(1, len(pend.frames)))
-                    continue
-                if now - pend.sent >= pend.retry:
-                    pend.sent = now
-                    pend.retry = min(pend.retry * 2, self.p.retry_max_s)
-                    self._send_fetch(pend)
-                    self.count("fetch_retries")
-                due = min(due, pend.sent + pend.retry, pend.first + self.p.fetch_timeout_s)
-        finally:
-            self._batching -= 1
-            if not self._batching:
-                self._flush_fetches()
-        self._pending_due = due
+    @property
+    def _pending_due(self) -> float:
+        """When the reliable-delivery engine has something due next (inf: nothing)."""
+        return self._retx.next_due
 
     def tick(self, now: float) -> None:
         """Every periodic step once (``steps``); the NIC worker runs them from its timer
@@ -1343,8 +1328,6 @@ class RuleAgent:
         next turn, due() -> when it is due next, or None: every turn).  Retries, timeouts, lease ends, active
         install, revocation, activity; each bounded per call."""
         return (("agent_created", self.step_created, None),  # every turn: what this turn built
-                ("agent_fetch_retries", self.step_fetch_retries,
-                 lambda: self._pending_due if self.pending else _INF),
                 ("agent_retransmit", self.step_retransmit, lambda: self._retx.next_due),
                 ("agent_clone_leases", self.step_clone_leases, lambda: self.clones.next_due),
                 ("agent_activity", self.step_activity, lambda: -_INF if self._act_left else self._activity_due),
@@ -1356,36 +1339,63 @@ class RuleAgent:
         self._push_created(now)
         self._revoke_removed(now)
 
-    def step_fetch_retries(self, now: float) -> None:
-        if self.pending:
-            self._retry_fetches(now)
-
     def step_retransmit(self, now: float) -> bool:
-        """Unacknowledged messages whose retry wait passed: sent again (the wait doubles,
-        up to retry_max_s); those past their deadline given up.  At most
-        ``retransmit_slice`` of them, earliest first; True if more are due."""
-        if not self._unacked:
-            return False
+        """The reliable-delivery engine's turn: fetches and kept messages whose retry wait
+        passed are sent again (the wait doubles, up to retry_max_s; fetches gathered: one
+        FETCH per owner), those past their deadline are given up (a fetch drops its
+        frames: fetch_timeout).  At most ``retransmit_slice`` of them, earliest first
+        (and 16 x as many seqs answered meanwhile skipped); True if more are due."""
         retx = self._retx
-        limit = self.p.retransmit_slice
-        unacked = self._unacked
-        for seq in retx.pop_due(now, limit):
-            u = unacked.get(seq)
-            if u is None:
-                continue
-            if now >= u.deadline:
-                del unacked[seq]
-                if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
-                    self._lease_end(u.what, u.target)
-                elif u.mtype == M.T_BORROW and seq == self._borrowing:
-                    self._borrowing = None
-                    self._borrow_next = (u.target + 1) % self.n_nics
-                continue
-            u.sent = now
-            u.retry = min(u.retry * 2, self.p.retry_max_s)
-            retx.set(seq, min(now + u.retry, u.deadline))
-            self._emit(u.target, u.mtype, u.rec)
-            self.count("retries")
+        live = self.p.retransmit_slice
+        skip = 16 * live
+        unacked, pending, by_seq = self._unacked, self.pending, self._by_seq
+        retry_max, timeout = self.p.retry_max_s, self.p.fetch_timeout_s
+        self._batching += 1
+        try:
+            while live > 0 and skip > 0:
+                seqs = retx.pop_due(now, min(live, skip))
+                if not seqs:
+                    break
+                skip -= len(seqs)
+                for seq in seqs:
+                    u = unacked.get(seq)
+                    if u is not None:
+                        live -= 1
+                        if now + _EPS >= u.deadline:
+                            del unacked[seq]
+                            if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
+                                self._lease_end(u.what, u.target)
+                            elif u.mtype == M.T_BORROW and seq == self._borrowing:
+                                self._borrowing = None
+                                self._borrow_next = (u.target + 1) % self.n_nics
+                            continue
+                        u.sent = now
+                        u.retry = min(u.retry * 2, retry_max)
+                        retx.set(seq, min(now + u.retry, u.deadline))
+                        self._emit(u.target, u.mtype, u.rec)
+                        self.count("retries")
+                        continue
+                    pk = by_seq.get(seq)
+                    pend = pending.get(pk) if pk is not None else None
+                    if pend is None or pend.seq != seq:
+                        continue  # answered (or redirected) since
+                    live -= 1
+                    if now + _EPS >= pend.first + timeout:
+                        del pending[pk]
+                        del by_seq[seq]
+                        self._refund(pend)
+                        self.queued_total -= len(pend.frames)
+                        self.count("fetch_timeout", max(1, len(pend.frames)))
+                        continue
+                    pend.sent = now
+                    pend.retry = min(pend.retry * 2, retry_max)
+                    retx.set(seq, min(now + pend.retry, pend.first + timeout))
+                    self._send_fetch(pend)
+                    self.count("fetch_retries")
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self._flush_fetches()
         return retx.next_due <= now
 
     def step_clone_leases(self, now: float) -> bool:
@@ -1535,6 +1545,7 @@ class RuleAgent:
         try:
             for pend in self.pending.values():
                 pend.sent = now
+                self._retx.set(pend.seq, min(now + pend.retry, pend.first + self.p.fetch_timeout_s))
                 self._send_fetch(pend)
         finally:
             self._batching -= 1

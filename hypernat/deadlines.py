@@ -1,13 +1,11 @@
 """Many timers in one structure: keys with a due time each, popped in due order a bounded
 number at a time -- the agent's unacknowledged messages (each with its next retry or its
-deadline), so that a loop turn touches only the due ones, never all of them.  A heap with
-lazy removal: ``set`` again moves a key (the old entry goes stale), ``discard`` forgets it,
-stale entries are dropped as they come up.  The NIC worker's jobs (``nic/timers.py``)
-pop it a slice per turn."""
+deadline), so that a loop turn touches only the due ones, never all of them.  The NIC
+worker's jobs (``nic/timers.py``) pop it a slice per turn."""
 from __future__ import annotations
 
 import heapq
-import itertools
+import math
 
 INF = float("inf")
 
@@ -15,60 +13,96 @@ INF = float("inf")
 class DeadlineQueue:
     """Keys with a due time each, popped in due order at most `limit` at a time.
 
-    ``set(key, due)`` (re)schedules a key (its earlier entry becomes stale), ``discard``
-    forgets it; stale heap entries are dropped when they come up (counted against a
-    pop's limit at a quarter of a live one).  Keys need not be comparable."""
+    A timer wheel without a fixed size: keys sit in buckets of `resolution` seconds (a
+    key is due at its bucket's end, at most one resolution late), the buckets that hold
+    keys in a heap (one entry per bucket, not per key).  ``set(key, due)`` (re)schedules
+    a key, ``discard`` forgets it, both O(1) and leaving nothing stale behind: an
+    acknowledgement costs a dict operation, and a pop touches only due keys.  Keys need
+    not be comparable; within a bucket their order is unspecified."""
 
-    __slots__ = ("_heap", "_due", "_n")
+    __slots__ = ("_res", "_where", "_buckets", "_heap")
 
-    def __init__(self):
-        self._heap: list = []
-        self._due: dict = {}
-        self._n = itertools.count()
+    def __init__(self, resolution: float = 0.001):
+        self._res = float(resolution)
+        self._where: dict = {}  # key -> bucket
+        self._buckets: dict = {}  # bucket -> {key: None}
+        self._heap: list = []  # buckets present in self._buckets, each once
 
     def __len__(self) -> int:
-        return len(self._due)
+        return len(self._where)
 
     def __contains__(self, key) -> bool:
-        return key in self._due
+        return key in self._where
+
+    def _bucket(self, due: float) -> int:
+        # (a due time on a bucket's edge stays in that bucket, float noise aside)
+        return math.ceil(due / self._res - 1e-6) if due < INF else _FAR
 
     def set(self, key, due: float) -> None:
-        self._due[key] = due
-        heapq.heappush(self._heap, (due, next(self._n), key))
+        b = self._bucket(due)
+        old = self._where.get(key)
+        if old is not None:
+            if old == b:
+                return
+            del self._buckets[old][key]  # an emptied bucket leaves the heap when it comes up
+        self._where[key] = b
+        bk = self._buckets.get(b)
+        if bk is None:
+            bk = self._buckets[b] = {}
+            heapq.heappush(self._heap, b)
+        bk[key] = None
+
+    def add_many(self, keys, due: float) -> None:
+        """``set`` for keys not queued yet, all due at `due` (one bucket, C-speed updates)."""
+        b = self._bucket(due)
+        bk = self._buckets.get(b)
+        if bk is None:
+            bk = self._buckets[b] = {}
+            heapq.heappush(self._heap, b)
+        bk.update(dict.fromkeys(keys))
+        self._where.update(dict.fromkeys(keys, b))
 
     def discard(self, key) -> None:
-        self._due.pop(key, None)
+        b = self._where.pop(key, None)
+        if b is not None:
+            del self._buckets[b][key]
 
     def due_of(self, key):
-        return self._due.get(key)
+        """When `key` is due (its bucket's end), None if not queued."""
+        b = self._where.get(key)
+        return None if b is None else (INF if b == _FAR else b * self._res)
 
     @property
     def next_due(self) -> float:
-        """The earliest live due time (inf: none); drops stale entries on top."""
-        h, d = self._heap, self._due
+        """The earliest time a key is due (inf: none); drops emptied buckets on top."""
+        h, bks = self._heap, self._buckets
         while h:
-            due, _, key = h[0]
-            if d.get(key) == due:
-                return due
+            b = h[0]
+            if bks[b]:
+                return INF if b == _FAR else b * self._res
             heapq.heappop(h)
+            del bks[b]
         return INF
 
     def pop_due(self, now: float, limit: int) -> list:
-        """Up to `limit` keys due by `now`, earliest first (forgotten: ``set`` them again
-        to keep them)."""
-        h, d = self._heap, self._due
+        """Up to `limit` keys due by `now`, earliest bucket first (forgotten: ``set`` them
+        again to keep them)."""
+        h, bks, where = self._heap, self._buckets, self._where
+        last = math.floor(now / self._res + 1e-6)
         out = []
-        work = 4 * max(1, limit)  # stale entries cost 1, live ones 4
-        pop = heapq.heappop
-        while h and len(out) < limit and work > 0:
-            due, _, key = h[0]
-            if due > now:
+        while h and len(out) < limit:
+            b = h[0]
+            if b > last:
                 break
-            pop(h)
-            if d.get(key) == due:
-                del d[key]
+            bk = bks[b]
+            while bk and len(out) < limit:
+                key = bk.popitem()[0]
+                del where[key]
                 out.append(key)
-                work -= 4
-            else:
-                work -= 1
+            if not bk:
+                heapq.heappop(h)
+                del bks[b]
         return out
+
+
+_FAR = 1 << 62  # the bucket of keys due never
