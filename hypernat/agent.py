@@ -336,8 +336,9 @@ class AgentParams:
     # slices of periodic work per loop turn (config ``loop:``): nothing periodic costs in
     # proportion to a table's size in one turn
     retransmit_slice: int = 256  # unacknowledged messages resent or given up per turn at most
-    lease_end_slice: int = 256  # lease ends handled per turn at most (owner's leases; holder's clones)
-    activity_slots: int = 4096  # table slots (each table) collected and reported per turn at most
+    lease_end_slice: int = 64  # lease ends handled per turn at most (owner's leases; holder's clones)
+    activity_slots: int = 65536  # table slots (each table) collected for activity per turn at most
+    activity_entries: int = 128  # ... and entries found reported per turn at most
 
 
 @dataclass(slots=True)
@@ -422,6 +423,7 @@ class RuleAgent:
         self._retx = DeadlineQueue()
         self._activity_due = 0.0
         self._act_left, self._act_chunk = 0, None  # a sliced collection round: slices left, slots each
+        self._act_queue, self._act_pos = None, 0  # entries collected, reported from _act_pos on
         # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
         # entry is checked when its time comes (a renewal moved the end: queued again
         # under the new one; the clone or lease is gone: dropped), a few per turn.
@@ -1208,11 +1210,25 @@ class RuleAgent:
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
-        c = self.clones.remove(sk)
-        if c is None:
-            return
-        self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
-        self.count(reason)
+        self._drop_clones((sk,), reason)
+
+    def _drop_clones(self, sks, reason: str) -> int:
+        """Forget the clones `sks` held here and remove their entries from the tables (one
+        ``remove_clone`` call for all); returns how many were held."""
+        rows = []
+        remove = self.clones.remove
+        for sk in sks:
+            c = remove(sk)
+            if c is not None:
+                rows.append(sk + (c.owner, c.rule_id, c.dirs))
+        if not rows:
+            return 0
+        recs = np.zeros(len(rows), SESSION_DTYPE)
+        for f, col in zip(_SK_FIELDS + ("owner", "rule_id", "dirs"), zip(*rows)):
+            recs[f] = col
+        self.rules.remove_clone(recs)
+        self.count(reason, len(rows))
+        return len(rows)
 
     # -- owner side: leases, active install, revocation ---------------------------------------
     def _grant(self, sk: tuple, holder: int, now: float) -> None:
@@ -1242,8 +1258,13 @@ class RuleAgent:
                 continue
             else:
                 holders[holder] = until
+            # the timer a few ns early per lease of the batch: leases granted together end
+            # together, and equal times would make every heap step compare session tuples
+            # (5-6 us a pop at 10^5 leases ending at once, 1-2 us with distinct times); a
+            # timer early by less than 5 us only finds its lease still running and queues
+            # it again under its end
+            heappush(ends, (until - len(new) * 1e-9, sk, holder))
             new.append((sk[0], sk[3], sk[4]))
-            heappush(ends, (until, sk, holder))
         self._n_leases += len(new)
         if new:
             hold_many = getattr(self.rules, "hold_many", None)
@@ -1330,7 +1351,8 @@ class RuleAgent:
         return (("agent_created", self.step_created, None),  # every turn: what this turn built
                 ("agent_retransmit", self.step_retransmit, lambda: self._retx.next_due),
                 ("agent_clone_leases", self.step_clone_leases, lambda: self.clones.next_due),
-                ("agent_activity", self.step_activity, lambda: -_INF if self._act_left else self._activity_due),
+                ("agent_activity", self.step_activity,
+                 lambda: -_INF if self._act_left or self._act_queue is not None else self._activity_due),
                 ("agent_lease_ends", self.step_lease_ends,
                  lambda: self._lease_ends[0][0] if self._lease_ends else _INF))
 
@@ -1350,6 +1372,7 @@ class RuleAgent:
         skip = 16 * live
         unacked, pending, by_seq = self._unacked, self.pending, self._by_seq
         retry_max, timeout = self.p.retry_max_s, self.p.fetch_timeout_s
+        again: dict = {}  # (target, type) -> records sent again: one message each
         self._batching += 1
         try:
             while live > 0 and skip > 0:
@@ -1372,8 +1395,7 @@ class RuleAgent:
                         u.sent = now
                         u.retry = min(u.retry * 2, retry_max)
                         retx.set(seq, min(now + u.retry, u.deadline))
-                        self._emit(u.target, u.mtype, u.rec)
-                        self.count("retries")
+                        again.setdefault((u.target, u.mtype), []).append(u.rec)
                         continue
                     pk = by_seq.get(seq)
                     pend = pending.get(pk) if pk is not None else None
@@ -1396,6 +1418,10 @@ class RuleAgent:
             self._batching -= 1
             if not self._batching:
                 self._flush_fetches()
+            for (target, mtype), recs in again.items():
+                self._emit(target, mtype, recs[0] if len(recs) == 1 else
+                           np.frombuffer(b"".join(r.tobytes() for r in recs), dtype=recs[0].dtype))
+                self.count("retries", len(recs))
         return retx.next_due <= now
 
     def step_clone_leases(self, now: float) -> bool:
@@ -1403,14 +1429,16 @@ class RuleAgent:
         ``lease_end_slice``; True if more are due."""
         if now < self.clones.next_due:
             return False
-        for sk in self.clones.due_now(now, self.p.lease_margin_s, self.p.lease_end_slice):
-            self._drop_clone(sk, "lease_expired")
+        self._drop_clones(self.clones.due_now(now, self.p.lease_margin_s, self.p.lease_end_slice), "lease_expired")
         return now >= self.clones.next_due
 
     def step_activity(self, now: float) -> bool:
         """Activity: every activity interval a round over the builder's tables, a slice
-        per turn (reported as it is collected); True while a round is under way."""
-        if self._act_left:  # a round of activity collection in progress: the next slice
+        of ``activity_slots`` slots collected per turn, the entries found reported
+        ``activity_entries`` per turn; True while a round is under way."""
+        if self._act_queue is not None:  # entries collected, not reported yet: the next ones
+            self._report_queued(now)
+        elif self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
             self._activity_due = now + min(self.p.activity_interval_s, self.p.lease_s / 4)
@@ -1418,8 +1446,9 @@ class RuleAgent:
             if self._act_left:
                 self._activity_slice(now)
             else:
-                self.report_activity(now)
-        return bool(self._act_left)
+                self._act_queue, self._act_pos = self.rules.collect_activity(clear=True), 0
+                self._report_queued(now)
+        return bool(self._act_left) or self._act_queue is not None
 
     def step_lease_ends(self, now: float) -> bool:
         """Owner: leases that ran out, seen from here (+ grace), at most
@@ -1443,10 +1472,11 @@ class RuleAgent:
         return bool(ends) and now >= ends[0][0]
 
     # Collecting activity reads the flags of every slot of both tables, and reporting it
-    # costs per entry found: on a big table (2 x 1M slots, 10^6 clones) most of a second
-    # at once, in which every FETCH waiting at this NIC waits too.  Tables above
-    # p.activity_slots are collected a slice per loop turn (the builder's cursor
-    # continues), and each slice is reported as it is collected.
+    # costs per entry found (a few us each): on big tables (2 x 4M slots, 10^6 clones)
+    # most of a second at once, in which every FETCH waiting at this NIC waits too.
+    # Tables above p.activity_slots are collected a slice per loop turn (the builder's
+    # cursor continues; a slot costs ~1 ns to scan), and what a slice found is reported
+    # p.activity_entries per turn before the next slice is collected.
 
     def _activity_slices(self) -> tuple:
         """(slices, slots per slice) for a round over the builder's tables; (0, None) to
@@ -1462,7 +1492,19 @@ class RuleAgent:
 
     def _activity_slice(self, now: float) -> None:
         self._act_left -= 1
-        self.report_activity(now, self.rules.collect_activity(clear=True, max_slots=self._act_chunk))
+        self._act_queue, self._act_pos = self.rules.collect_activity(clear=True, max_slots=self._act_chunk), 0
+        self._report_queued(now)
+
+    def _report_queued(self, now: float) -> None:
+        """Report the next ``activity_entries`` of the entries collected."""
+        q, i = self._act_queue, self._act_pos
+        k = self.p.activity_entries
+        if len(q) - i > k:
+            self._act_pos = i + k
+        else:
+            self._act_queue = None
+        if i < len(q):
+            self.report_activity(now, q[i:i + k])
 
     def report_activity(self, now: float, act: np.ndarray | None = None) -> int:
         """Batched ACTIVITY to each owner for the clones hit since the last report

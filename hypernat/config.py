@@ -215,8 +215,9 @@ class LoopConfig:
 
     turn_budget_us: float = 1000.0  # job work per turn; the jobs still due then wait a turn (0: no bound)
     retransmit_slice: int = 256  # unacknowledged messages resent or given up per turn
-    lease_end_slice: int = 256  # lease ends (owner) and clone lease drops (holder) per turn, each
-    activity_slots: int = 4096  # flow-table slots (each table) collected and reported for activity per turn
+    lease_end_slice: int = 64  # lease ends (owner) and clone lease drops (holder) per turn, each
+    activity_slots: int = 65536  # flow-table slots (each table) scanned for activity per turn (~1 ns each)
+    activity_entries: int = 128  # ... and clone entries found reported per turn (a few us each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -673,6 +674,7 @@ def _loop(r, node) -> LoopConfig:
         retransmit_slice=r.integer(lp, "retransmit_slice", "loop", d.retransmit_slice, lo=1, hi=1 << 24),
         lease_end_slice=r.integer(lp, "lease_end_slice", "loop", d.lease_end_slice, lo=1, hi=1 << 24),
         activity_slots=r.integer(lp, "activity_slots", "loop", d.activity_slots, lo=64, hi=1 << 28),
+        activity_entries=r.integer(lp, "activity_entries", "loop", d.activity_entries, lo=1, hi=1 << 24),
     )
 
 

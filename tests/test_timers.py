@@ -202,16 +202,21 @@ class _Rules:
         return []
 
 
-def agent(sent, **p):
+def agent(sent, seqs=None, **p):
+    seqs = [] if seqs is None else seqs
     params = dict(retry_s=0.05, retry_max_s=0.2, fetch_timeout_s=1.0, retransmit_slice=256, lease_end_slice=256)
     params.update(p)
-    return RuleAgent(0, 2, _Rules(), lambda t, m, r: sent.append((t, m, len(r))), lambda a, q: 1,
+    def send(t, m, r):
+        sent.append((t, m, len(r)))
+        seqs.extend(r["seq"].tolist())
+
+    return RuleAgent(0, 2, _Rules(), send, lambda a, q: 1,
                      lambda d, f: None, AgentParams(**params), clock=lambda: 0.0)
 
 
 def test_a_turn_with_100k_unacked_messages_touches_at_most_the_slice():
-    sent = []
-    a = agent(sent)
+    sent, seqs = [], []
+    a = agent(sent, seqs=seqs)
     n = 100_000
     recs = M.records(M.T_PUSH, n)
     recs["seq"] = np.arange(1, n + 1)
@@ -221,11 +226,12 @@ def test_a_turn_with_100k_unacked_messages_touches_at_most_the_slice():
     assert a._pending_due == pytest.approx(0.05)
     sent.clear()
     assert a.step_retransmit(0.06) is True  # all due; one slice resent, the rest left
-    assert len(sent) == 256 and a.counters["retries"] == 256
+    assert sent == [(1, M.T_PUSH, 256)] and a.counters["retries"] == 256  # one message
+    assert len(set(seqs)) == 256 and set(seqs) <= set(range(1, n + 1))  # the records themselves
     turns = 1
     while a.step_retransmit(0.06):
         turns += 1
-        assert len(sent) == 256 * turns
+        assert sum(k for _, _, k in sent) == 256 * turns
     assert a.counters["retries"] == n and turns + 1 == -(-n // 256)  # the last turn had the rest
     # acknowledged ones leave the queue at once: the next round touches only the rest
     for seq in range(1, n // 2 + 1):
@@ -233,7 +239,8 @@ def test_a_turn_with_100k_unacked_messages_touches_at_most_the_slice():
     sent.clear()
     while a.step_retransmit(0.2):
         pass
-    assert len(sent) == n // 2 and len(a._retx) == n // 2
+    assert sum(k for _, _, k in sent) == n // 2 and len(a._retx) == n // 2
+    assert set(seqs[-(n // 2):]) == set(range(n // 2 + 1, n + 1))  # only the unacknowledged ones
 
 
 def test_fetch_retries_and_timeouts_of_a_burst_a_slice_per_turn():
@@ -270,6 +277,45 @@ def test_lease_ends_en_masse_a_slice_per_turn():
         turns += 1
         assert a.state()["leases"] == 5000 - 100 * turns
     assert a.state()["leases"] == 0 and a.rules.released == 5000 and turns == 49
+
+
+class _ActRules(_Rules):
+    """A builder whose tables hold `n` active clone entries (one big slice)."""
+
+    def __init__(self, recs):
+        super().__init__()
+        self.recs = recs
+        self.calls = 0
+
+    def install_clone_rows(self, rows, now, lease_until=0):
+        return [1] * len(rows)
+
+    def collect_activity(self, clear=True, max_slots=None):
+        self.calls += 1
+        out, self.recs = self.recs, self.recs[:0]
+        return out
+
+
+def test_activity_entries_reported_a_bounded_number_per_turn():
+    from hypernat.rules import DIR_BIT_IN, SESSION_DTYPE
+
+    n = 1000
+    sks = [(17, 0x0A000001, 1000 + k, 0xC6120001, 3000 + k, 0xC0000205, 53) for k in range(n)]
+    recs = np.zeros(n, SESSION_DTYPE)
+    for f, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), zip(*sks)):
+        recs[f] = col
+    recs["dirs"], recs["rule_id"], recs["owner"] = DIR_BIT_IN, 1, 1
+    sent = []
+    a = agent(sent, activity_entries=128)
+    a.rules = _ActRules(recs)
+    a._install_many(1, [(sk, 1, 60_000, DIR_BIT_IN) for sk in sks], 0.0)
+    turns = 0
+    while a.step_activity(1.0):
+        turns += 1
+        assert sum(k for _, m, k in sent if m == M.T_ACTIVITY) == 128 * turns
+    assert turns + 1 == -(-n // 128) and a.rules.calls == 1
+    assert sum(k for _, m, k in sent if m == M.T_ACTIVITY) == n == a.counters["activity_reported"]
+    assert a.step_activity(1.5) is False  # the round is over; the next one after the interval
 
 
 @pytest.mark.parametrize("impl", ["compiled", "python"])

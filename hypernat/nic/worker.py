@@ -179,6 +179,7 @@ def agent_params(config) -> AgentParams:
         retransmit_slice=config.loop.retransmit_slice,
         lease_end_slice=config.loop.lease_end_slice,
         activity_slots=config.loop.activity_slots,
+        activity_entries=config.loop.activity_entries,
     )
 
 
