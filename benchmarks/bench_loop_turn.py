@@ -19,7 +19,7 @@ machine's other tenants took from it).  Phases, in one run:
   idle     the timer scheduler's jobs disabled: the per-turn cost of the traffic alone
   jobs     every job enabled (sweep, activity rounds, retransmissions, journal, ...);
            a quarter of the way in the worker's clock jumps to the moment the clones'
-           leases end (then, 0.5 s later, the owner's leases): mass lease ends
+           leases end (then, 0.1 s later, the owner's leases): mass lease ends
 
 The same is run first at BASELINE entries (default 10^4) -- the same-run baseline.  The
 report gives p50 / p99 / p99.9 / max per-turn CPU time per phase and size, and for the
@@ -57,7 +57,7 @@ from hypernat.verdicts import OUT, VERDICT  # noqa: E402
 BATCH = 256
 TRAFFIC_FLOWS = 2048  # distinct sessions and clones the traffic hits (each way)
 CLONE_END = 100.0  # virtual seconds after the build: the short clone leases end
-LEASE_END = 100.5  # ... and the owner's leases
+LEASE_END = 100.1  # ... and the owner's leases
 
 
 def make_config(state_dir: str, capacity: int):
