@@ -1582,21 +1582,12 @@ class RuleAgent:
 
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
-        answered yet instead of waiting for the retry timers."""
-        self._batching += 1
-        try:
-            for pend in self.pending.values():
-                pend.sent = now
-                self._retx.set(pend.seq, min(now + pend.retry, pend.first + self.p.fetch_timeout_s))
-                self._send_fetch(pend)
-        finally:
-            self._batching -= 1
-            if not self._batching:
-                self._flush_fetches()
-        for seq, u in self._unacked.items():
-            u.sent = now
-            self._retx.set(seq, min(now + u.retry, u.deadline))
-            self._emit(u.target, u.mtype, u.rec)
+        answered yet instead of waiting for the retry timers -- every seq of the
+        reliable-delivery engine made due now (a bulk move of its buckets: no message
+        is touched here), sent again by ``step_retransmit`` a slice per turn: the first
+        slice at once."""
+        self._retx.advance_all(now)
+        self.step_retransmit(now)
 
     def fail_target(self, target: int, now: float) -> None:
         """The coordinator says NIC `target` is down: fail its fetches at once."""

@@ -62,6 +62,24 @@ class DeadlineQueue:
         bk.update(dict.fromkeys(keys))
         self._where.update(dict.fromkeys(keys, b))
 
+    def advance_all(self, due: float) -> None:
+        """Every key due at `due` at the latest (keys due later are moved to `due`): whole
+        buckets merged with C-speed dict updates, no key looked at one by one."""
+        b0 = self._bucket(due)
+        h, bks, where = self._heap, self._buckets, self._where
+        later = [b for b in h if b > b0]
+        if not later:
+            return
+        bk0 = bks.get(b0)
+        if bk0 is None:
+            bk0 = bks[b0] = {}
+        for b in later:
+            bk = bks.pop(b)
+            bk0.update(bk)
+            where.update(dict.fromkeys(bk, b0))
+        self._heap = [b for b in h if b <= b0 and b != b0] + [b0]
+        heapq.heapify(self._heap)
+
     def discard(self, key) -> None:
         b = self._where.pop(key, None)
         if b is not None:

@@ -379,3 +379,32 @@ def test_worker_runs_every_periodic_job_from_its_scheduler_and_exports_them(tmp_
         assert reg.get_sample_value("hypernat_nic_timer_last_seconds", {"nic": "0", "job": "sweep"}) is not None
     finally:
         w.close()
+
+
+def test_resend_all_makes_everything_due_and_sends_it_a_slice_per_turn():
+    """A coordinator restart: every unanswered message and fetch is sent again from this
+    turn on, a slice per turn (not all in the turn that learnt of the restart)."""
+    sent, seqs = [], []
+    a = agent(sent, seqs=seqs, retransmit_slice=100, retry_s=5.0, retry_max_s=5.0, fetch_timeout_s=30.0,
+              fetch_rate=1e9, fetch_burst=1e9)
+    n = 1000
+    recs = M.records(M.T_PUSH, n)
+    recs["seq"] = np.arange(1, n + 1)
+    for i in range(n):
+        a._track(1, M.T_PUSH, recs[i:i + 1], 0.0, 100.0)
+    a._seq = n + 1
+    a.fetch_rows([(1, (17, 0xC0000200, 1000 + k, 0xC6120001, 2000 + k), False, 1, None) for k in range(50)], 0.0)
+    assert not a.step_retransmit(1.0)  # nothing due before the retry wait (5 s)
+    sent.clear()
+    seqs.clear()
+    a.resend_all(1.0)
+    assert sum(k for _, _, k in sent) == 100  # the first slice at once, not everything
+    turns = 1
+    while a.step_retransmit(1.0):
+        turns += 1
+    assert turns + 1 == -(-(n + 50) // 100) and sorted(seqs) == list(range(1, n + 51))
+    assert a.counters["fetch_retries"] == 50 and a.counters["retries"] == n
+    q = DeadlineQueue()
+    q.set("a", 5.0), q.set("b", 1.0), q.set("c", 9.0)
+    q.advance_all(2.0)
+    assert q.pop_due(1.0, 10) == ["b"] and sorted(q.pop_due(2.0, 10)) == ["a", "c"] and len(q) == 0
