@@ -214,10 +214,10 @@ class LoopConfig:
     periodic job does at most its slice per loop turn and continues at the next."""
 
     turn_budget_us: float = 300.0  # job work per turn; the jobs still due then wait a turn (0: no bound)
-    retransmit_slice: int = 128  # unacknowledged messages resent or given up per turn
-    lease_end_slice: int = 64  # lease ends (owner) and clone lease drops (holder) per turn, each
+    retransmit_slice: int = 64  # unacknowledged messages resent or given up per turn
+    lease_end_slice: int = 32  # lease ends (owner) and clone lease drops (holder) per turn, each
     activity_slots: int = 8192  # flow-table slots (each table) scanned for activity per turn
-    activity_entries: int = 64  # ... and clone entries found reported per turn (a few us each)
+    activity_entries: int = 32  # ... and clone entries found reported per turn (a few us each)
 
 
 @dataclasses.dataclass(frozen=True)

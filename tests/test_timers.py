@@ -2,6 +2,7 @@
 the agent's reliable-delivery engine (hypernat/deadlines.py), and the bounded slices of
 periodic work: retransmissions, fetch retries and timeouts, lease ends, clone lease
 drops, each at most its slice per loop turn (config ``loop:``)."""
+import collections
 import dataclasses
 
 import numpy as np
@@ -130,6 +131,25 @@ def test_no_job_starves_beside_a_job_that_always_has_more_work():
     for name, when in last.items():
         gaps = np.diff([-1] + when + [turns])
         assert gaps.max() <= 20, (name, gaps.max())  # nobody waits for ever
+
+
+def test_no_job_starves_beside_jobs_whose_backlog_is_due_long_ago():
+    """Jobs whose owners report a backlog due long ago (a heap of lease ends from the
+    past, a round in progress: -inf) and take the whole budget each run: the periodic
+    jobs beside them still run every few turns (the backlog queues behind them)."""
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    s.add("backlog1", job(log, "backlog1", timer, cost=0.002, result=True), due=lambda: 0.0)
+    s.add("round", job(log, "round", timer, cost=0.002, result=True), due=lambda: -INF)
+    s.add("gc", job(log, "gc", timer, cost=0.00001), 1.0, first=5.0)
+    s.add("each", job(log, "each", timer, cost=0.00001), 0.0)
+    runs = collections.Counter()
+    for i in range(2000):
+        before = len(log)
+        s.run_due(5.0 + i * 0.001)
+        runs.update(log[before:])
+    assert runs["gc"] == 2 and runs["each"] >= 2000 // 4  # every second or so; a turn in four or better
+    assert runs["backlog1"] >= 2000 // 4 and runs["round"] >= 2000 // 4
 
 
 def test_duplicate_or_negative_jobs_refused():

@@ -56,6 +56,7 @@ class Job:
     max_s: float = 0.0
     order: int = 0
     enabled: bool = True
+    last_run: float = -INF  # the `now` it last ran at
 
 
 @dataclass
@@ -111,9 +112,12 @@ class Scheduler:
                     if j.enabled and (j.period > 0 or j.due_fn is not None)), default=INF)
 
     def due(self, now: float) -> list:
-        """The jobs due at `now`, in the order they run."""
+        """The jobs due at `now`, in the order they run: by the time each is due, but
+        never before the time it last ran (a job whose owner reports a backlog due long
+        ago, or that left work, queues behind the jobs that waited for it), then in
+        registration order."""
         when = self.when
-        d = [(t, j.order, j) for j in self.jobs.values() if j.enabled and now >= (t := when(j))]
+        d = [(max(t, j.last_run), j.order, j) for j in self.jobs.values() if j.enabled and now >= (t := when(j))]
         d.sort(key=lambda x: (x[0], x[1]))
         return [j for _, _, j in d]
 
@@ -136,6 +140,7 @@ class Scheduler:
             finally:
                 dt = timer() - t0
                 j.runs += 1
+                j.last_run = now
                 j.last_s = dt
                 if dt > j.max_s:
                     j.max_s = dt
