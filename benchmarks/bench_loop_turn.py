@@ -203,6 +203,16 @@ def run_phase(w, clock, out_frames, in_frames, seconds: float, jobs: bool, info:
     jump_at = time.monotonic() + seconds / 4
     tt = time.thread_time
     before = dict(w.agent.counters)
+    gc_acc = [0.0, 0.0]  # CPU time of the garbage collector's passes in this turn; start of one
+
+    def gc_cb(phase, info):
+        if phase == "start":
+            gc_acc[1] = tt()
+        else:
+            gc_acc[0] += tt() - gc_acc[1]
+
+    gc.callbacks.append(gc_cb)
+    gcs = []
     mark = 0.0
     while time.monotonic() < end:
         if jobs and time.monotonic() >= mark:  # every clone hit since the last round: each reported
@@ -217,14 +227,19 @@ def run_phase(w, clock, out_frames, in_frames, seconds: float, jobs: bool, info:
         outside.inject(in_frames[ii:ii + BATCH])
         io = (io + BATCH) % no
         ii = (ii + BATCH) % ni
+        gc_acc[0] = 0.0
         t = tt()
         n = w.run_once(0)
         times.append(tt() - t)
+        gcs.append(gc_acc[0])
         frames.append(n)
         ran.append(w.last_jobs)
         inside.take_tx()
         outside.take_tx()
+    gc.callbacks.remove(gc_cb)
     res = summary(times)
+    res["gc_turns"] = int(sum(1 for g in gcs if g > 0))
+    res["gc_max_ms"] = round(max(gcs, default=0.0) * 1e3, 3)
     res["frames_per_turn"] = round(float(np.mean(frames)), 1) if frames else 0.0
     after = w.agent.counters
     res["agent"] = {k: int(after[k] - before.get(k, 0)) for k in
@@ -239,14 +254,12 @@ def run_phase(w, clock, out_frames, in_frames, seconds: float, jobs: bool, info:
         for i in sorted(worst, key=lambda i: -times[i])[:10]:
             js = sorted(ran[i], key=lambda x: -x[1])
             job_s = sum(d for _, d in js)
-            top = js[0][0] if js and js[0][1] >= (times[i] - job_s) else "packets"
-            blame[top] += 1
-            detail.append({"ms": round(times[i] * 1e3, 3), "frames": frames[i],
+            blame[_culprit(js, job_s, gcs[i], times[i])] += 1
+            detail.append({"ms": round(times[i] * 1e3, 3), "frames": frames[i], "gc_ms": round(gcs[i] * 1e3, 3),
                            "jobs": {n: round(d * 1e3, 3) for n, d in js[:4]}})
         for i in worst:
             js = sorted(ran[i], key=lambda x: -x[1])
-            job_s = sum(d for _, d in js)
-            blame["all:" + (js[0][0] if js and js[0][1] >= (times[i] - job_s) else "packets")] += 1
+            blame["all:" + _culprit(js, sum(d for _, d in js), gcs[i], times[i])] += 1
         total = collections.Counter()
         for js in ran:
             for name, dt in js:
@@ -257,6 +270,16 @@ def run_phase(w, clock, out_frames, in_frames, seconds: float, jobs: bool, info:
         res["timers"] = {n: {k: v for k, v in st.items() if k in ("runs", "overruns", "deferred", "max_us")}
                          for n, st in w.timers.stats().items() if st["runs"]}
     return res
+
+
+def _culprit(jobs, job_s: float, gc_s: float, turn_s: float) -> str:
+    """What took most of a turn: the garbage collector (its passes may run inside a job),
+    the longest job, or the rest (packets, flushes)."""
+    rest = turn_s - job_s
+    top = jobs[0][1] if jobs else 0.0
+    if gc_s >= max(top - gc_s, rest) and gc_s > 0:
+        return "gc"
+    return jobs[0][0] if jobs and top >= rest else "packets"
 
 
 def measure(n_rules: int, n_clones: int, seconds: float, idle_seconds: float, log=print) -> dict:
