@@ -111,6 +111,17 @@ def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line():
     assert log == ["a", "b", "c", "d"]  # the deferred ones ran first, before anything newer
 
 
+def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget():
+    """A SIGHUP reload, the pushes of the rules this turn built: never deferred."""
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    s.add("big", job(log, "big", timer, cost=0.005, result=True), 0.0)
+    s.add("other", job(log, "other", timer, cost=0.0001), 0.0)
+    s.add("reload", job(log, "reload", timer), 0.0, budgeted=False)
+    s.run_due(1.0)
+    assert log == ["big", "reload"] and s.stats()["other"]["deferred"] == 1
+
+
 def test_no_job_starves_beside_a_job_that_always_has_more_work():
     """A greedy job that always leaves work and spends the whole turn budget, and jobs
     with short periods: every one of them still runs, every few turns."""

@@ -57,6 +57,7 @@ class Job:
     order: int = 0
     enabled: bool = True
     last_run: float = -INF  # the `now` it last ran at
+    budgeted: bool = True  # False: runs whenever due, whatever the turn's budget (events of the turn)
 
 
 @dataclass
@@ -72,15 +73,17 @@ class Scheduler:
     jobs: dict = field(default_factory=dict)
     _order: itertools.count = field(default_factory=itertools.count)
 
-    def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None) -> Job:
+    def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None, budgeted: bool = True) -> Job:
         """Register job `name` (unique): run `fn` every `period` seconds, first at
-        `first`; or, with `due` (a callable), whenever ``due()`` says."""
+        `first`; or, with `due` (a callable), whenever ``due()`` says.  A job that is
+        not `budgeted` (what the turn itself brought: a signal, the pushes of the rules
+        just built) runs whenever due, never deferred by the turn budget."""
         if name in self.jobs:
             raise ValueError(f"timer job {name!r} registered twice")
         if period < 0:
             raise ValueError(f"timer job {name!r}: period must be >= 0, got {period}")
         j = Job(name, fn, float(period), INF if due is not None else float(first), due,
-                order=next(self._order))
+                order=next(self._order), budgeted=budgeted)
         self.jobs[name] = j
         return j
 
@@ -129,11 +132,12 @@ class Scheduler:
         budget = self.turn_budget_s
         t_turn = timer()
         todo = self.due(now)
-        for k, j in enumerate(todo):
-            if budget is not None and ran and timer() - t_turn >= budget:
-                for rest in todo[k:]:  # they keep their due time: first in line next turn
-                    rest.deferred += 1
-                break
+        over = False
+        for j in todo:
+            if j.budgeted and budget is not None and ran and (over or timer() - t_turn >= budget):
+                over = True
+                j.deferred += 1  # it keeps its due time: first in line next turn
+                continue
             t0 = timer()
             try:
                 r = j.fn(now)

@@ -1009,15 +1009,16 @@ class NicWorker:
         bus = config.loop.turn_budget_us
         t = Scheduler(turn_budget_s=bus / 1e6 if bus > 0 else None)
         for name, step, due in self.agent.steps():  # retries, retransmissions, lease ends, activity
-            t.add(name, step, 0.0, due=due)
-        t.add("recovery", self._job_recovery, 0.0)  # every turn while the crash recovery window is open
+            t.add(name, step, 0.0, due=due, budgeted=due is not None)  # (every turn: this turn's pushes)
+        # what the turn itself brought runs that turn, whatever the budget
+        t.add("recovery", self._job_recovery, 0.0, budgeted=False)  # while the crash recovery window is open
         t.enable("recovery", False)
-        t.add("reload", self._job_reload, 0.0)  # SIGHUP: at the next turn
+        t.add("reload", self._job_reload, 0.0, budgeted=False)  # SIGHUP: at the next turn
         t.add("gc_freeze", self._job_gc_freeze, GC_FREEZE_INTERVAL)
         t.add("sweep", self._job_sweep, self.sweep_interval)
         t.add("frag_expire", self._job_frag_expire, self.sweep_interval)
         if self.journal is not None:
-            t.add("journal_poll", self._job_journal_poll, 0.0)
+            t.add("journal_poll", self._job_journal_poll, 0.0, budgeted=False)
             t.add("journal", self._job_journal, self.journal_interval)
             t.add("journal_sync", self._job_journal_sync, self.journal_sync_interval)
         if self.sock is not None:
