@@ -213,10 +213,10 @@ class LoopConfig:
     """The NIC loop's periodic work per turn (``loop:``; hypernat/nic/timers.py): every
     periodic job does at most its slice per loop turn and continues at the next."""
 
-    turn_budget_us: float = 300.0  # job work per turn; the jobs still due then wait a turn (0: no bound)
-    retransmit_slice: int = 64  # unacknowledged messages resent or given up per turn
-    lease_end_slice: int = 32  # lease ends (owner) and clone lease drops (holder) per turn, each
-    activity_slots: int = 8192  # flow-table slots (each table) scanned for activity per turn
+    turn_budget_us: float = 200.0  # job work per turn; the jobs still due then wait a turn (0: no bound)
+    retransmit_slice: int = 32  # unacknowledged messages resent or given up per turn
+    lease_end_slice: int = 16  # lease ends (owner) and clone lease drops (holder) per turn, each
+    activity_slots: int = 4096  # flow-table slots (each table) scanned for activity per turn
     activity_entries: int = 32  # ... and clone entries found reported per turn (a few us each)
 
 
