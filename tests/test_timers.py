@@ -393,14 +393,14 @@ def test_worker_runs_every_periodic_job_from_its_scheduler_and_exports_them(tmp_
     from hypernat.nic.metrics import registry_for
     from hypernat.nic.worker import NicWorker
 
-    cfg = dataclasses.replace(emulated_config(1), loop=C.LoopConfig(activity_slots=4096))
+    cfg = dataclasses.replace(emulated_config(1), loop=C.LoopConfig(activity_slots=2048, retransmit_slice=7))
     w = NicWorker(cfg, 0, MemoryPort("in0"), MemoryPort("out0"), state_dir=str(tmp_path / "nic0"), standalone=True)
     try:
         names = set(w.timers.jobs)
         assert {"agent_retransmit", "agent_activity", "agent_lease_ends", "agent_clone_leases", "sweep",
                 "journal", "gc_freeze"} <= names
         assert not {"hello", "heartbeat", "stats"} & names  # standalone: no coordinator
-        assert w.agent.p.activity_slots == 4096
+        assert w.agent.p.activity_slots == 2048 and w.agent.p.retransmit_slice == 7  # loop: reaches the agent
         for _ in range(20):
             w.run_once(1)
         st = w.status()["timers"]
