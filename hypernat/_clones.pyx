@@ -366,15 +366,19 @@ cdef class CloneTable:
                 keys.append((sk, d))
         return installed, failed, keys
 
-    def due_now(self, double now, double margin):
+    def due_now(self, double now, double margin, Py_ssize_t limit=-1):
         """Clones whose lease (less `margin`) ran out by `now`, exactly on time: their
-        identities, to drop.  A clone renewed meanwhile is queued again under its new
-        end; nothing else is looked at."""
+        identities, to drop (at most `limit` of them, and 4 x `limit` timers looked at;
+        -1: all).  A clone renewed meanwhile is queued again under its new end; nothing
+        else is looked at."""
         cdef list out = []
         cdef double due, end
         cdef int32_t x
         cdef ce_entry *c
-        while self.hn and now >= self.hd[0]:
+        cdef Py_ssize_t work = 4 * limit if limit >= 0 else -1
+        while self.hn and now >= self.hd[0] and work != 0 and (limit < 0 or len(out) < limit):
+            if work > 0:
+                work -= 1
             due = self.hd[0]
             x = self.hi[0]
             self.heap_pop()

@@ -98,6 +98,7 @@ from . import fastpath as _fastpath
 from . import layout
 from . import messages as M
 from . import switchhash as _sh
+from .deadlines import DeadlineQueue
 from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from .verdicts import SLOW_PATH_REASON_NAMES
 
@@ -110,6 +111,15 @@ except ImportError:  # their plain-Python reference
     from .clones_py import CloneTable, serve_fetches
 
 log = logging.getLogger("hypernat.agent")
+_INF = float("inf")
+_EPS = 1e-6  # seconds: a timer popped at its due time is due (float noise aside)
+
+
+def _seq_run(seq0: int, n: int):
+    """The `n` seqs ``_next_seq`` hands out from `seq0` (0 skipped at the wrap)."""
+    if seq0 + n <= 0x100000000:
+        return range(seq0, seq0 + n)
+    return [(seq0 - 1 + k) % 0xFFFFFFFF + 1 for k in range(n)]
 
 # Directions of a fetch (same numbers as verdicts.OUT / verdicts.IN).
 OUT = 0
@@ -322,6 +332,12 @@ class AgentParams:
     switch_seed: int = 0
     switch_fields: str = "5-tuple"
     switch_rss: object = None  # toeplitz: (key, indirection table, {queue: NIC id}) of the outside port
+    # slices of periodic work per loop turn (config ``loop:``): nothing periodic costs in
+    # proportion to a table's size in one turn
+    retransmit_slice: int = 32  # unacknowledged messages resent or given up per turn at most
+    lease_end_slice: int = 16  # lease ends handled per turn at most (owner's leases; holder's clones)
+    activity_slots: int = 4096  # table slots (each table) collected for activity per turn at most
+    activity_entries: int = 32  # ... and entries found reported per turn at most
 
 
 @dataclass(slots=True)
@@ -381,7 +397,6 @@ class RuleAgent:
         self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
         self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
-        self._pending_due = float("inf")  # earliest retry or deadline among self.pending
         # holder side
         self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
         self._by_seq: dict[int, tuple] = {}
@@ -397,9 +412,17 @@ class RuleAgent:
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
         self._n_leases = 0  # (session, holder) pairs in self.leases
+        # One reliable-delivery engine for everything answered: the fetches in flight
+        # (self.pending, answered by RULE / NACK) and the messages kept until acknowledged
+        # (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN: seq -> message here).  Each seq's
+        # next retry or deadline waits in one deadline queue, so that a turn touches only
+        # the due ones, at most p.retransmit_slice of them (``step_retransmit``).  A fetch
+        # answered leaves its seq in the queue; it is skipped, cheaply, when it comes up.
         self._unacked: dict[int, _Unacked] = {}
+        self._retx = DeadlineQueue()
         self._activity_due = 0.0
-        self._act_left, self._act_chunk, self._act_parts = 0, None, []  # a sliced collection round
+        self._act_left, self._act_chunk = 0, None  # a sliced collection round: slices left, slots each
+        self._act_queue, self._act_pos = None, 0  # entries collected, reported from _act_pos on
         # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
         # entry is checked when its time comes (a renewal moved the end: queued again
         # under the new one; the clone or lease is gone: dropped), a few per turn.
@@ -430,7 +453,14 @@ class RuleAgent:
         self.counters[reason] += n
 
     def _track(self, target, mtype, rec, now, deadline, what=()) -> None:
-        self._unacked[int(rec["seq"][0])] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+        seq = int(rec["seq"][0])
+        self._unacked[seq] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+        self._retx.set(seq, min(now + self.p.retry_s, deadline))
+
+    def _acked(self, seq: int):
+        """Forget an acknowledged message (None: not in flight)."""
+        self._retx.discard(seq)
+        return self._unacked.pop(seq, None)
 
     # -- holder side: misses ---------------------------------------------------------------
     def fetch(self, fetch_dir: int, key, owner: int, frame: bytes | None, now: float) -> bool:
@@ -474,7 +504,7 @@ class RuleAgent:
         f_icmp = M.FETCH_F_ICMP_ERROR
         by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
         pack = _KEY_PACK
-        seq = self._seq
+        seq = seq0 = self._seq
         queued = self.queued_total
         n = started = c_neg = c_rate = c_full = 0
         try:
@@ -543,9 +573,8 @@ class RuleAgent:
             self._seq = seq
             self.queued_total = queued
             c = self.counters
-            if started:
-                if now + retry < self._pending_due:
-                    self._pending_due = now + retry
+            if started:  # their seqs: seq0 and the next ones, first retry due together
+                self._retx.add_many(_seq_run(seq0, started), now + retry)
                 c["tx_fetch"] += started
                 c["fetches"] += started
             if c_neg:
@@ -566,8 +595,7 @@ class RuleAgent:
         pend = _Pending(fetch_dir, kt, owner, seq, now, now, retry, flags)
         self.pending[pk] = pend
         self._by_seq[seq] = pk
-        if now + retry < self._pending_due:
-            self._pending_due = now + retry
+        self._retx.set(seq, now + retry)
         self._send_fetch(pend)
         self.counters["fetches"] += 1
         return pend
@@ -836,7 +864,7 @@ class RuleAgent:
             if u.mtype != mtype:
                 bad += 1
                 continue
-            del unacked[seq]
+            self._acked(seq)
             if mtype == M.T_REVOKE:
                 self._lease_end(u.what, source)
         if stale:
@@ -1047,7 +1075,7 @@ class RuleAgent:
                     continue
                 in_flight = seq == self._borrowing
                 if in_flight:
-                    self._unacked.pop(seq, None)
+                    self._acked(seq)
                     self._borrowing = None
                 if not ok:
                     if not in_flight:
@@ -1088,10 +1116,11 @@ class RuleAgent:
             if self.partition.block_of(ea, ep) != g:
                 continue
             self._by_seq.pop(pend.seq, None)
+            self._retx.discard(pend.seq)
             pend.owner, pend.seq = new_owner, self._next_seq()
             self._by_seq[pend.seq] = (pend.fetch_dir, pend.key)
             pend.sent, pend.retry = now, self.p.retry_s
-            self._pending_due = min(self._pending_due, now + self.p.retry_s)
+            self._retx.set(pend.seq, min(now + pend.retry, pend.first + self.p.fetch_timeout_s))
             self._send_fetch(pend)
             self.count("fetch_redirected")
 
@@ -1178,11 +1207,25 @@ class RuleAgent:
         self.count("clones_installed", installed)
 
     def _drop_clone(self, sk, reason: str) -> None:
-        c = self.clones.remove(sk)
-        if c is None:
-            return
-        self.rules.remove_clone(session_rec(sk, owner=c.owner, rule_id=c.rule_id, dirs=c.dirs))
-        self.count(reason)
+        self._drop_clones((sk,), reason)
+
+    def _drop_clones(self, sks, reason: str) -> int:
+        """Forget the clones `sks` held here and remove their entries from the tables (one
+        ``remove_clone`` call for all); returns how many were held."""
+        rows = []
+        remove = self.clones.remove
+        for sk in sks:
+            c = remove(sk)
+            if c is not None:
+                rows.append(sk + (c.owner, c.rule_id, c.dirs))
+        if not rows:
+            return 0
+        recs = np.zeros(len(rows), SESSION_DTYPE)
+        for f, col in zip(_SK_FIELDS + ("owner", "rule_id", "dirs"), zip(*rows)):
+            recs[f] = col
+        self.rules.remove_clone(recs)
+        self.count(reason, len(rows))
+        return len(rows)
 
     # -- owner side: leases, active install, revocation ---------------------------------------
     def _grant(self, sk: tuple, holder: int, now: float) -> None:
@@ -1212,8 +1255,13 @@ class RuleAgent:
                 continue
             else:
                 holders[holder] = until
+            # the timer a few ns early per lease of the batch: leases granted together end
+            # together, and equal times would make every heap step compare session tuples
+            # (5-6 us a pop at 10^5 leases ending at once, 1-2 us with distinct times); a
+            # timer early by less than 5 us only finds its lease still running and queues
+            # it again under its end
+            heappush(ends, (until - len(new) * 1e-9, sk, holder))
             new.append((sk[0], sk[3], sk[4]))
-            heappush(ends, (until, sk, holder))
         self._n_leases += len(new)
         if new:
             hold_many = getattr(self.rules, "hold_many", None)
@@ -1282,60 +1330,112 @@ class RuleAgent:
                 self.count("revokes")
 
     # -- time ---------------------------------------------------------------------------------
-    def _retry_fetches(self, now: float) -> None:
-        """Resend fetches whose retry wait passed (gathered: one FETCH per owner), drop
-        those past their deadline.  Skipped until the earliest of those times: a burst
-        of thousands of fetches in flight is not walked on every loop turn."""
-        if now < self._pending_due:
-            return
-        due = float("inf")
+    @property
+    def _pending_due(self) -> float:
+        """When the reliable-delivery engine has something due next (inf: nothing)."""
+        return self._retx.next_due
+
+    def tick(self, now: float) -> None:
+        """Every periodic step once (``steps``); the NIC worker runs them from its timer
+        scheduler instead, each when due.  Each does at most its slice."""
+        for _, step, _ in self.steps():
+            step(now)
+
+    def steps(self) -> tuple:
+        """The agent's periodic jobs: (name, step(now) -> True when it left work for the
+        next turn, due() -> when it is due next, or None: every turn).  Retries, timeouts, lease ends, active
+        install, revocation, activity; each bounded per call."""
+        return (("agent_created", self.step_created, None),  # every turn: what this turn built
+                ("agent_retransmit", self.step_retransmit, lambda: self._retx.next_due),
+                ("agent_clone_leases", self.step_clone_leases, lambda: self.clones.next_due),
+                ("agent_activity", self.step_activity,
+                 lambda: -_INF if self._act_left or self._act_queue is not None else self._activity_due),
+                ("agent_lease_ends", self.step_lease_ends,
+                 lambda: self._lease_ends[0][0] if self._lease_ends else _INF))
+
+    def step_created(self, now: float) -> None:
+        """Active install and revocation of what the builder created / removed since."""
+        self._push_created(now)
+        self._revoke_removed(now)
+
+    def step_retransmit(self, now: float) -> bool:
+        """The reliable-delivery engine's turn: fetches and kept messages whose retry wait
+        passed are sent again (the wait doubles, up to retry_max_s; fetches gathered: one
+        FETCH per owner), those past their deadline are given up (a fetch drops its
+        frames: fetch_timeout).  At most ``retransmit_slice`` of them, earliest first
+        (and 16 x as many seqs answered meanwhile skipped); True if more are due."""
+        retx = self._retx
+        live = self.p.retransmit_slice
+        skip = 16 * live
+        unacked, pending, by_seq = self._unacked, self.pending, self._by_seq
+        retry_max, timeout = self.p.retry_max_s, self.p.fetch_timeout_s
+        again: dict = {}  # (target, type) -> records sent again: one message each
         self._batching += 1
         try:
-            for pk, pend in list(self.pending.items()):
-                if now - pend.first >= self.p.fetch_timeout_s:
-                    del self.pending[pk]
-                    self._by_seq.pop(pend.seq, None)
-                    self._refund(pend)
-                    self.queued_total -= len(pend.frames)
-                    self.count("fetch_timeout", max(1, len(pend.frames)))
-                    continue
-                if now - pend.sent >= pend.retry:
+            while live > 0 and skip > 0:
+                seqs = retx.pop_due(now, min(live, skip))
+                if not seqs:
+                    break
+                skip -= len(seqs)
+                for seq in seqs:
+                    u = unacked.get(seq)
+                    if u is not None:
+                        live -= 1
+                        if now + _EPS >= u.deadline:
+                            del unacked[seq]
+                            if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
+                                self._lease_end(u.what, u.target)
+                            elif u.mtype == M.T_BORROW and seq == self._borrowing:
+                                self._borrowing = None
+                                self._borrow_next = (u.target + 1) % self.n_nics
+                            continue
+                        u.sent = now
+                        u.retry = min(u.retry * 2, retry_max)
+                        retx.set(seq, min(now + u.retry, u.deadline))
+                        again.setdefault((u.target, u.mtype), []).append(u.rec)
+                        continue
+                    pk = by_seq.get(seq)
+                    pend = pending.get(pk) if pk is not None else None
+                    if pend is None or pend.seq != seq:
+                        continue  # answered (or redirected) since
+                    live -= 1
+                    if now + _EPS >= pend.first + timeout:
+                        del pending[pk]
+                        del by_seq[seq]
+                        self._refund(pend)
+                        self.queued_total -= len(pend.frames)
+                        self.count("fetch_timeout", max(1, len(pend.frames)))
+                        continue
                     pend.sent = now
-                    pend.retry = min(pend.retry * 2, self.p.retry_max_s)
+                    pend.retry = min(pend.retry * 2, retry_max)
+                    retx.set(seq, min(now + pend.retry, pend.first + timeout))
                     self._send_fetch(pend)
                     self.count("fetch_retries")
-                due = min(due, pend.sent + pend.retry, pend.first + self.p.fetch_timeout_s)
         finally:
             self._batching -= 1
             if not self._batching:
                 self._flush_fetches()
-        self._pending_due = due
+            for (target, mtype), recs in again.items():
+                self._emit(target, mtype, recs[0] if len(recs) == 1 else
+                           np.frombuffer(b"".join(r.tobytes() for r in recs), dtype=recs[0].dtype))
+                self.count("retries", len(recs))
+        return retx.next_due <= now
 
-    def tick(self, now: float) -> None:
-        """Retries, timeouts, lease ends, active install, revocation, activity; call once
-        per loop turn (cheap when there is nothing to do)."""
-        self._push_created(now)
-        self._revoke_removed(now)
-        if self.pending:
-            self._retry_fetches(now)
-        if self._unacked:
-            for seq, u in list(self._unacked.items()):
-                if now >= u.deadline:
-                    del self._unacked[seq]
-                    if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
-                        self._lease_end(u.what, u.target)
-                    elif u.mtype == M.T_BORROW and seq == self._borrowing:
-                        self._borrowing = None
-                        self._borrow_next = (u.target + 1) % self.n_nics
-                elif now - u.sent >= u.retry:
-                    u.sent = now
-                    u.retry = min(u.retry * 2, self.p.retry_max_s)
-                    self._emit(u.target, u.mtype, u.rec)
-                    self.count("retries")
-        if now >= self.clones.next_due:  # holder: clones whose lease runs out (exactly on time)
-            for sk in self.clones.due_now(now, self.p.lease_margin_s):
-                self._drop_clone(sk, "lease_expired")
-        if self._act_left:  # a round of activity collection in progress: the next slice
+    def step_clone_leases(self, now: float) -> bool:
+        """Holder: clones whose lease runs out (exactly on time), at most
+        ``lease_end_slice``; True if more are due."""
+        if now < self.clones.next_due:
+            return False
+        self._drop_clones(self.clones.due_now(now, self.p.lease_margin_s, self.p.lease_end_slice), "lease_expired")
+        return now >= self.clones.next_due
+
+    def step_activity(self, now: float) -> bool:
+        """Activity: every activity interval a round over the builder's tables, a slice
+        of ``activity_slots`` slots collected per turn, the entries found reported
+        ``activity_entries`` per turn; True while a round is under way."""
+        if self._act_queue is not None:  # entries collected, not reported yet: the next ones
+            self._report_queued(now)
+        elif self._act_left:  # a round of activity collection in progress: the next slice
             self._activity_slice(now)
         elif now >= self._activity_due:
             self._activity_due = now + min(self.p.activity_interval_s, self.p.lease_s / 4)
@@ -1343,26 +1443,37 @@ class RuleAgent:
             if self._act_left:
                 self._activity_slice(now)
             else:
-                self.report_activity(now)
-        ends = self._lease_ends
-        if ends and now >= ends[0][0]:  # owner: leases that ran out, seen from here (+ grace)
-            leases = self.leases
-            while ends and now >= ends[0][0]:
-                _, sk, h = heapq.heappop(ends)
-                holders = leases.get(sk)
-                until = holders.get(h) if holders is not None else None
-                if until is None:
-                    continue  # ended already (acknowledged REVOKE)
-                if until <= now:
-                    self._lease_end(sk, h)
-                else:  # renewed meanwhile
-                    heapq.heappush(ends, (until, sk, h))
+                self._act_queue, self._act_pos = self.rules.collect_activity(clear=True), 0
+                self._report_queued(now)
+        return bool(self._act_left) or self._act_queue is not None
 
-    # Collecting activity reads the flags of every slot of both tables: on a big table
-    # (2 x 512k slots on the testbed) a few milliseconds at once, in which every FETCH
-    # waiting at this NIC waits too.  Tables above ACT_SLICE_SLOTS are collected a slice
-    # per loop turn (the builder's cursor continues), and reported once the round is done.
-    ACT_SLICE_SLOTS = 65536
+    def step_lease_ends(self, now: float) -> bool:
+        """Owner: leases that ran out, seen from here (+ grace), at most
+        ``lease_end_slice`` heap entries; True if more are due."""
+        ends = self._lease_ends
+        if not ends or now < ends[0][0]:
+            return False
+        leases = self.leases
+        left = self.p.lease_end_slice
+        while ends and now >= ends[0][0] and left > 0:
+            left -= 1
+            _, sk, h = heapq.heappop(ends)
+            holders = leases.get(sk)
+            until = holders.get(h) if holders is not None else None
+            if until is None:
+                continue  # ended already (acknowledged REVOKE)
+            if until <= now:
+                self._lease_end(sk, h)
+            else:  # renewed meanwhile
+                heapq.heappush(ends, (until, sk, h))
+        return bool(ends) and now >= ends[0][0]
+
+    # Collecting activity reads the flags of every slot of both tables, and reporting it
+    # costs per entry found (a few us each): on big tables (2 x 4M slots, 10^6 clones)
+    # most of a second at once, in which every FETCH waiting at this NIC waits too.
+    # Tables above p.activity_slots are collected a slice per loop turn (the builder's
+    # cursor continues; a slot costs ~1 ns to scan), and what a slice found is reported
+    # p.activity_entries per turn before the next slice is collected.
 
     def _activity_slices(self) -> tuple:
         """(slices, slots per slice) for a round over the builder's tables; (0, None) to
@@ -1371,17 +1482,26 @@ class RuleAgent:
             ns = max(len(self.rules.out.slots), len(self.rules.inn.slots))
         except AttributeError:
             return 0, None
-        if ns <= self.ACT_SLICE_SLOTS:
+        if ns <= self.p.activity_slots:
             return 0, None
-        k = -(-ns // self.ACT_SLICE_SLOTS)
+        k = -(-ns // self.p.activity_slots)
         return k, -(-ns // k)
 
     def _activity_slice(self, now: float) -> None:
-        self._act_parts.append(self.rules.collect_activity(clear=True, max_slots=self._act_chunk))
         self._act_left -= 1
-        if not self._act_left:
-            parts, self._act_parts = self._act_parts, []
-            self.report_activity(now, np.concatenate(parts))
+        self._act_queue, self._act_pos = self.rules.collect_activity(clear=True, max_slots=self._act_chunk), 0
+        self._report_queued(now)
+
+    def _report_queued(self, now: float) -> None:
+        """Report the next ``activity_entries`` of the entries collected."""
+        q, i = self._act_queue, self._act_pos
+        k = self.p.activity_entries
+        if len(q) - i > k:
+            self._act_pos = i + k
+        else:
+            self._act_queue = None
+        if i < len(q):
+            self.report_activity(now, q[i:i + k])
 
     def report_activity(self, now: float, act: np.ndarray | None = None) -> int:
         """Batched ACTIVITY to each owner for the clones hit since the last report
@@ -1459,19 +1579,12 @@ class RuleAgent:
 
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
-        answered yet instead of waiting for the retry timers."""
-        self._batching += 1
-        try:
-            for pend in self.pending.values():
-                pend.sent = now
-                self._send_fetch(pend)
-        finally:
-            self._batching -= 1
-            if not self._batching:
-                self._flush_fetches()
-        for u in self._unacked.values():
-            u.sent = now
-            self._emit(u.target, u.mtype, u.rec)
+        answered yet instead of waiting for the retry timers -- every seq of the
+        reliable-delivery engine made due now (a bulk move of its buckets: no message
+        is touched here), sent again by ``step_retransmit`` a slice per turn: the first
+        slice at once."""
+        self._retx.advance_all(now)
+        self.step_retransmit(now)
 
     def fail_target(self, target: int, now: float) -> None:
         """The coordinator says NIC `target` is down: fail its fetches at once."""

@@ -111,10 +111,13 @@ class CloneTable:
                 keys.append((sk, d))
         return installed, failed, keys
 
-    def due_now(self, now, margin):
+    def due_now(self, now, margin, limit=-1):
         out = []
         ends = self._ends
-        while ends and now >= ends[0][0]:
+        work = 4 * limit if limit >= 0 else -1
+        while ends and now >= ends[0][0] and work != 0 and (limit < 0 or len(out) < limit):
+            if work > 0:
+                work -= 1
             due, sk = heapq.heappop(ends)
             c = self._c.get(sk)
             if c is None or c[4] != due:

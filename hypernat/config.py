@@ -212,6 +212,18 @@ class TranslogConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The NIC loop's periodic work per turn (``loop:``; hypernat/nic/timers.py): every
+    periodic job does at most its slice per loop turn and continues at the next."""
+
+    turn_budget_us: float = 200.0  # job work per turn; the jobs still due then wait a turn (0: no bound)
+    retransmit_slice: int = 32  # unacknowledged messages resent or given up per turn
+    lease_end_slice: int = 16  # lease ends (owner) and clone lease drops (holder) per turn, each
+    activity_slots: int = 4096  # flow-table slots (each table) scanned for activity per turn
+    activity_entries: int = 32  # ... and clone entries found reported per turn (a few us each)
+
+
+@dataclasses.dataclass(frozen=True)
 class MetricsConfig:
     enabled: bool = True
     address: str = "127.0.0.1"
@@ -242,6 +254,7 @@ class Config:
     fleet: Optional[object] = None  # hypernat.fleet.spec.FleetConfig: this server's place in a fleet
     tcp_mss_clamp: int = 0  # SYN / SYN-ACK MSS options lowered to this, both ways; 0: off
     icmp: IcmpConfig = IcmpConfig()
+    loop: LoopConfig = LoopConfig()
 
     @property
     def n_nics(self) -> int:
@@ -393,7 +406,7 @@ def _tname(v) -> str:
 _TOP_KEYS = {
     "internal", "external", "partition", "nics", "coordinator", "install", "switch", "mapping",
     "filtering", "hairpinning", "allocation", "timeouts", "limits", "translation_log", "metrics",
-    "state_dir", "fleet", "tcp_mss_clamp", "icmp",
+    "state_dir", "fleet", "tcp_mss_clamp", "icmp", "loop",
 }  # fmt: skip
 
 
@@ -658,6 +671,20 @@ def from_dict(tree, path: str = "<dict>") -> Config:
         fleet=_fleet(r, top.get("fleet"), pool, n_nics),
         tcp_mss_clamp=mss,
         icmp=icmp,
+        loop=_loop(r, top.get("loop")),
+    )
+
+
+def _loop(r, node) -> LoopConfig:
+    """``loop``: slices of periodic work per loop turn."""
+    lp = r.mapping(node, "loop", {f.name for f in dataclasses.fields(LoopConfig)})
+    d = LoopConfig()
+    return LoopConfig(
+        turn_budget_us=r.number(lp, "turn_budget_us", "loop", d.turn_budget_us, lo=0),
+        retransmit_slice=r.integer(lp, "retransmit_slice", "loop", d.retransmit_slice, lo=1, hi=1 << 24),
+        lease_end_slice=r.integer(lp, "lease_end_slice", "loop", d.lease_end_slice, lo=1, hi=1 << 24),
+        activity_slots=r.integer(lp, "activity_slots", "loop", d.activity_slots, lo=64, hi=1 << 28),
+        activity_entries=r.integer(lp, "activity_entries", "loop", d.activity_entries, lo=1, hi=1 << 24),
     )
 
 

@@ -11,6 +11,9 @@ gauges (table entries, pending fetches, clones, leases, utilisation of E_i).
     hypernat_nic_agent_total{nic="0",event="clones_installed"}             37
     hypernat_nic_fragments_total{nic="0",event="frag_released"}             4
     hypernat_nic_gauge{nic="0",name="agent_clones"}                         37
+    hypernat_nic_timer_runs_total{nic="0",job="agent_activity"}           412
+    hypernat_nic_timer_overruns_total{nic="0",job="agent_activity"}       380  (left work for the next turn)
+    hypernat_nic_timer_last_seconds{nic="0",job="sweep"}                  3.1e-05
 """
 from __future__ import annotations
 
@@ -62,6 +65,22 @@ class WorkerCollector:
         for k, n in w.gauges().items():
             g.add_metric([nic, k], float(n))
         yield g
+        # the loop's periodic jobs (nic/timers.py): what ran, what left work, how long
+        ts = w.timers.stats()
+        for key, name, doc, fam in (
+                ("runs", "hypernat_nic_timer_runs", "timer job runs", CounterMetricFamily),
+                ("overruns", "hypernat_nic_timer_overruns", "turns a timer job left work for the next",
+                 CounterMetricFamily),
+                ("deferred", "hypernat_nic_timer_deferred", "turns a due timer job waited for the turn budget",
+                 CounterMetricFamily),
+                ("last_us", "hypernat_nic_timer_last_seconds", "duration of a timer job's last run",
+                 GaugeMetricFamily),
+                ("max_us", "hypernat_nic_timer_max_seconds", "longest run of a timer job", GaugeMetricFamily)):
+            m = fam(name, doc, labels=["nic", "job"])
+            scale = 1e-6 if key.endswith("_us") else 1
+            for job, st in ts.items():
+                m.add_metric([nic, job], st[key] * scale)
+            yield m
 
 
 def registry_for(worker) -> CollectorRegistry:

@@ -15,9 +15,10 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                         ──► FETCH: RuleAgent queues the frame, asks the owner
                                                    (sent at once: not at the end of the turn)
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
-    RuleAgent.tick: retries, timeouts, leases, activity │ RuleBuilder.sweep: one expiry step
-    RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead of need;
-    Journal.checkpoint when the log passed its bound (live blocks only, the log cut behind)
+    Scheduler.run_due (nic/timers.py): every periodic job that is due, a slice each --
+      the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
+      expiry step │ RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead
+      of need; Journal.checkpoint when the log passed its bound │ heartbeat, stats, ...
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
@@ -38,6 +39,7 @@ import collections
 import dataclasses
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -62,6 +64,7 @@ from .events import RX_HIT as EV_RX_HIT
 from .events import RX_MISS as EV_RX_MISS
 from .events import now_ns as _now_ns
 from .journal import Journal, JournalError
+from .timers import INF, Scheduler
 
 log = logging.getLogger("hypernat.nic")
 
@@ -173,6 +176,10 @@ def agent_params(config) -> AgentParams:
         switch_hash=config.switch.hash,
         switch_seed=config.switch.seed,
         switch_fields=config.switch.fields,
+        retransmit_slice=config.loop.retransmit_slice,
+        lease_end_slice=config.loop.lease_end_slice,
+        activity_slots=config.loop.activity_slots,
+        activity_entries=config.loop.activity_entries,
     )
 
 
@@ -243,19 +250,15 @@ class NicWorker:
         self.incarnation = M.new_incarnation()
         self.coord_incarnation = None
         self.registered = False
-        self._hello_due = 0.0
         self._last_hello = -1.0
-        self._hb_due = 0.0
-        self._stats_due = 0.0
-        self._sweep_due = 0.0
-        self._spill_due = 0.0
-        self._loans_due = 0.0
-        self._gc_due = 0.0
         self._reload_requested = False
         self.loan_rebroadcast_interval = 5.0  # seconds: lent blocks announced again
         self._exhausted_seen = 0
         self.sweep_interval = 0.005  # seconds between two bounded expiry steps
         self.sweep_defer_max = 0.1  # ... postponed at most this long while fetches are pending
+        self._sweep_held = None  # when the sweep due began to wait for fetches in flight
+        self.journal_interval = 0.005  # seconds between two checks of the reserved blocks
+        self.journal_sync_interval = 0.05  # ... and between two fsyncs of lazily written records
         self.slow_turn_s = 0.02  # a loop turn longer than this is counted (loop_slow_turns) and logged
         self._hb_seq = 0
         self.peers: dict[int, tuple] = {}
@@ -277,12 +280,10 @@ class NicWorker:
         self._held: list = []  # (direction, frame) waiting out the crash recovery window
         self._recovery_end = 0.0
         self._recovered_seen = 0
+        self.timers = self._make_timers(config)
+        self.last_jobs: list = []  # [(job, seconds)] the last turn ran
         if restore:
             self.recovery = self._restore()
-        self._journal_due = 0.0
-        self._journal_sync_due = 0.0
-        self.journal_interval = 0.005  # seconds between two checks of the reserved blocks
-        self.journal_sync_interval = 0.05  # ... and between two fsyncs of lazily written records
         if self.journal is not None:
             self.rules.reserve_blocks()  # before the first packet: no fsync on its path
             self.journal.wait()  # ... and on disk before it
@@ -383,6 +384,7 @@ class NicWorker:
                 if self.rules._recovery_hosts:  # their old mappings may come back: wait first
                     self.rules.recovering = True
                     self._recovery_end = self.clock() + RECOVERY_WAIT_S
+                    self.timers.enable("recovery")
                     info["recovery_wait_s"] = RECOVERY_WAIT_S
                 self.counters["blocks_quarantined"] += len(live)
                 log.warning("nic%d: restarted after a crash: %d journaled port block(s) quarantined for %ds; "
@@ -635,6 +637,7 @@ class NicWorker:
         closing = now >= self._recovery_end
         if closing:
             self.rules.recovering = False
+            self.timers.enable("recovery", False)
             log.info("nic%d: crash recovery window closed (%d sessions recovered, %d first packets held)",
                      self.nic_id, got, self.rules.events["recovery_held"])
         if self._held and (closing or got != self._recovered_seen):
@@ -733,7 +736,7 @@ class NicWorker:
         self._send_coord(M.T_HELLO, rec.tobytes())
         self.counters["hellos"] += 1
         self._last_hello = now
-        self._hello_due = now + 0.5  # until HELLO_ACK
+        self.timers.set_due("hello", now + 0.5)  # until HELLO_ACK
 
     def _heartbeat(self, now: float) -> None:
         self._hb_seq += 1
@@ -871,10 +874,10 @@ class NicWorker:
             fresh = not self.registered or (self.coord_incarnation not in (None, inc))
             self.coord_incarnation = inc
             self.registered = True
-            self._hello_due = float("inf")
+            self.timers.set_due("hello", INF)
             if fresh:
                 self.agent.resend_all(now)
-                self._loans_due = now  # loans announced again at once (NICs may have missed them)
+                self.timers.due_now("loans")  # loans announced again at once (NICs may have missed them)
         elif t == M.T_HEARTBEAT:
             inc = int(d.recs[0]["incarnation"])
             if self.coord_incarnation is not None and inc and inc != self.coord_incarnation and inc != self.incarnation:
@@ -953,10 +956,14 @@ class NicWorker:
     def run_once(self, timeout_ms: int = 100) -> int:
         """One turn: wait for packets or messages (at most timeout_ms), handle them, run
         timers.  Returns frames processed."""
-        if self.agent.pending or self.agent._unacked or self._backlog or len(self.outbox):
+        if self._backlog or len(self.outbox):
             timeout_ms = min(timeout_ms, 5)
         if self._tx_waiting:  # a device refused frames: ask it again soon
             timeout_ms = min(timeout_ms, 1)
+        if timeout_ms > 0:  # no longer than until the next timer job is due
+            wait = self.timers.next_due() - self.clock()
+            if wait < timeout_ms / 1000.0:
+                timeout_ms = math.ceil(wait * 1000.0) if wait > 0 else 0
         events = dict(self.poller.poll(timeout_ms))
         t0 = time.perf_counter()
         now = self.clock()
@@ -976,7 +983,7 @@ class NicWorker:
         self._tx_waiting = self.inside.flush() + self.outside.flush()
         t2 = time.perf_counter()
         self._flush()  # answers and fetches leave before any housekeeping
-        self._timers(now)
+        self.last_jobs = self.timers.run_due(now)
         if self._backlog or len(self.outbox):
             self._flush()
         t3 = time.perf_counter()
@@ -990,66 +997,123 @@ class NicWorker:
         self.counters["slow_turns"] += 1
         c = self.counters["slow_turns"]
         if c & (c - 1) == 0:
+            top = sorted(self.last_jobs, key=lambda x: -x[1])[:3]
             log.warning("nic%d: a loop turn took %.1f ms (coordinator messages %.1f, %d frames %.1f, "
-                        "flush+timers %.1f); %d slow turns so far", self.nic_id,
+                        "flush+timers %.1f: %s); %d slow turns so far", self.nic_id,
                         (coord_s + packets_s + rest_s) * 1e3, coord_s * 1e3, frames, packets_s * 1e3,
-                        rest_s * 1e3, c)
+                        rest_s * 1e3, ", ".join(f"{n} {d * 1e3:.1f}" for n, d in top) or "no job", c)
 
-    def _timers(self, now: float) -> None:
-        self.agent.tick(now)
+    # -- timers: every periodic job, in one scheduler (nic/timers.py) ------------------------
+    def _make_timers(self, config) -> Scheduler:
+        """The loop's periodic jobs: what runs when, each a bounded slice per turn."""
+        bus = config.loop.turn_budget_us
+        t = Scheduler(turn_budget_s=bus / 1e6 if bus > 0 else None)
+        for name, step, due in self.agent.steps():  # retries, retransmissions, lease ends, activity
+            t.add(name, step, 0.0, due=due, budgeted=due is not None)  # (every turn: this turn's pushes)
+        # what the turn itself brought runs that turn, whatever the budget
+        t.add("recovery", self._job_recovery, 0.0, budgeted=False)  # while the crash recovery window is open
+        t.enable("recovery", False)
+        t.add("reload", self._job_reload, 0.0, budgeted=False)  # SIGHUP: at the next turn
+        t.add("gc_freeze", self._job_gc_freeze, GC_FREEZE_INTERVAL)
+        t.add("sweep", self._job_sweep, self.sweep_interval)
+        t.add("frag_expire", self._job_frag_expire, self.sweep_interval)
+        if self.journal is not None:
+            t.add("journal_poll", self._job_journal_poll, 0.0, budgeted=False)
+            t.add("journal", self._job_journal, self.journal_interval)
+            t.add("journal_sync", self._job_journal_sync, self.journal_sync_interval)
+        if self.sock is not None:
+            t.add("spill", self._job_spill, 0.2)
+            t.add("loans", self._job_loans, self.loan_rebroadcast_interval)
+            t.add("hello", self._job_hello, 0.5)
+            t.add("heartbeat", self._job_heartbeat, config.coordinator.heartbeat_interval)
+            t.add("stats", self._job_stats, 1.0)
+        return t
+
+    @property
+    def _journal_due(self) -> float:
+        return self.timers.job("journal").next_due
+
+    @_journal_due.setter
+    def _journal_due(self, t: float) -> None:
+        self.timers.set_due("journal", t)
+
+    def _job_recovery(self, now: float) -> None:
         if self.rules.recovering:
             self._recovery_step(now)
-        if now >= self._gc_due:
-            self._gc_due = now + GC_FREEZE_INTERVAL
-            gc.freeze()
+
+    def _job_reload(self, now: float) -> None:
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
-        # expiry: a bounded step, time-gated; while fetches are in flight (a burst of new
-        # connections) it waits, up to sweep_defer_max, so that it never sits between a
-        # FETCH and its answer
-        if now >= self._sweep_due and (not self.agent.pending or now >= self._sweep_due + self.sweep_defer_max):
-            self._sweep_due = now + self.sweep_interval
-            self.rules.sweep(self.ticks())
-            self.frag.expire(self.ticks())  # datagrams whose first fragment never came (bounded)
-        # the journal, off the packet path: blocks journaled ahead of need, the "assign"
-        # records written since fsync'ed; never while a fetch waits for its answer
-        # (fsyncs run on the journal's thread; poll() takes in the reserved blocks whose
-        # fsync completed)
-        if self.journal is not None:
-            self.journal.poll()
-            if not self.agent.pending and now >= self._journal_due:
-                self._journal_due = now + self.journal_interval
-                if self.journal.due():  # the log passed its bound: compact it (written on the journal's thread)
-                    try:
-                        self.journal.checkpoint(self.rules.journal_state())
-                    except JournalError:
-                        pass  # counted and logged by the journal; the old files still name every block
-                self.rules.reserve_blocks()
-                if now >= self._journal_sync_due:
-                    self._journal_sync_due = now + self.journal_sync_interval
-                    self.journal.sync()
-        if now >= self._spill_due and self.sock is not None:
-            self._spill_due = now + 0.2
-            exhausted = self.rules.counters_dict().get("ports_exhausted", 0)
-            util = self.rules.utilisation()
-            if exhausted > self._exhausted_seen or util >= 0.95:
-                self.agent.want_block(now)
-            elif self.agent.borrowed and util < 0.5:
-                self.agent.return_idle(now)
-            self._exhausted_seen = exhausted
-        if now >= self._loans_due and self.sock is not None and self.registered:
-            self._loans_due = now + self.loan_rebroadcast_interval
+
+    def _job_gc_freeze(self, now: float) -> None:
+        gc.freeze()
+
+    def _job_sweep(self, now: float):
+        """Expiry: a bounded step; while fetches are in flight (a burst of new connections)
+        it waits, up to sweep_defer_max, so that it never sits between a FETCH and its
+        answer."""
+        if self.agent.pending:
+            if self._sweep_held is None:
+                self._sweep_held = now
+            if now < self._sweep_held + self.sweep_defer_max:
+                return min(self._sweep_held + self.sweep_defer_max, now + self.sweep_interval)
+        self._sweep_held = None
+        self.rules.sweep(self.ticks())
+        return None
+
+    def _job_frag_expire(self, now: float) -> None:
+        self.frag.expire(self.ticks())  # datagrams whose first fragment never came (bounded)
+
+    # the journal, off the packet path: blocks journaled ahead of need, the "assign"
+    # records written since fsync'ed; never while a fetch waits for its answer (fsyncs run
+    # on the journal's thread; poll() takes in the reserved blocks whose fsync completed)
+    def _job_journal_poll(self, now: float) -> None:
+        self.journal.poll()
+
+    def _job_journal(self, now: float):
+        if self.agent.pending:
+            return now + self.journal_interval
+        if self.journal.due():  # the log passed its bound: compact it (written on the journal's thread)
+            try:
+                self.journal.checkpoint(self.rules.journal_state())
+            except JournalError:
+                pass  # counted and logged by the journal; the old files still name every block
+        self.rules.reserve_blocks()
+        return None
+
+    def _job_journal_sync(self, now: float):
+        if self.agent.pending:
+            return now + self.journal_interval
+        self.journal.sync()
+        return None
+
+    def _job_spill(self, now: float) -> None:
+        exhausted = self.rules.counters_dict().get("ports_exhausted", 0)
+        util = self.rules.utilisation()
+        if exhausted > self._exhausted_seen or util >= 0.95:
+            self.agent.want_block(now)
+        elif self.agent.borrowed and util < 0.5:
+            self.agent.return_idle(now)
+        self._exhausted_seen = exhausted
+
+    def _job_loans(self, now: float) -> None:
+        if self.registered:
             self.agent.rebroadcast_loans(now)
+
+    def _job_hello(self, now: float):
+        if self.sock is None or self.registered:
+            return INF  # HELLO_ACK came; a coordinator restart or UNDELIVERABLE asks again
+        self._hello(now)
+        return now + 0.5
+
+    def _job_heartbeat(self, now: float) -> None:
         if self.sock is not None:
-            if not self.registered and now >= self._hello_due:
-                self._hello(now)
-            if now >= self._hb_due:
-                self._hb_due = now + self.config.coordinator.heartbeat_interval
-                self._heartbeat(now)
-            if now >= self._stats_due:
-                self._stats_due = now + 1.0
-                self._stats()
+            self._heartbeat(now)
+
+    def _job_stats(self, now: float) -> None:
+        if self.sock is not None:
+            self._stats()
 
     def run(self, duration: float | None = None) -> None:
         """Loop until stop() (or a signal handler calls it), or for `duration` seconds."""
@@ -1181,7 +1245,7 @@ class NicWorker:
         from ..fastpath import IMPL
 
         return {"nic": self.nic_id, "registered": self.registered, "gauges": self.gauges(),
-                "recovery": self.recovery, "fast_path": IMPL, "compiled": list(hypernat.compiled_modules())}
+                "recovery": self.recovery, "timers": self.timers.stats(), "fast_path": IMPL, "compiled": list(hypernat.compiled_modules())}
 
     def __repr__(self) -> str:
         return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"

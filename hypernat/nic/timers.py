@@ -1,0 +1,166 @@
+"""The NIC daemon's one timer scheduler: what periodic work runs when, and how much of it.
+
+Every periodic job of a NIC worker (expiry, activity, lease ends, retransmissions,
+journal, heartbeat, stats, ...) is a named ``Job`` here, with its period, the time it is
+next due and its per-turn slice of work.  Once per loop turn the worker calls
+``Scheduler.run_due(now)``: the jobs whose time came run in due order (earliest first,
+ties in registration order), each at most once::
+
+      loop turn:  poll ─► packets ─► flush ─► Scheduler.run_due(now)
+                                                 │ due jobs, earliest first
+                                                 ▼
+                         job(now) ─► None/False : done, next due = now + period
+                                 ─► True        : left work (over its slice): due again
+                                                  next turn (counted: overruns)
+                                 ─► t (float)   : due at t (its own timer: a retry, a lease end)
+
+A job never does more than its slice per turn (the slice is the job's own business:
+``limits`` and ``loop`` keys of the config), so nothing on the loop costs in proportion
+to a table's size.  A turn's jobs may also share a time budget (``turn_budget_s``): once
+it is spent the jobs still due wait for the next turn, first in line there (they keep
+their due time), so no job starves: every due job runs within a few turns whatever the
+others do.  ``next_due()`` tells the loop how long it may sleep.
+
+Per job: runs, overruns (turns it left work for the next), deferred (turns it waited
+for the budget), last and longest duration -- ``stats()``, exported as metrics.
+
+``hypernat.deadlines.DeadlineQueue`` is the timer structure the jobs use for many
+entries with their own deadlines (the agent's unacknowledged messages).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+INF = float("inf")
+
+
+@dataclass(eq=False)
+class Job:
+    """One periodic job.  `fn(now)` returns None/False (done), True (left work for the
+    next turn) or a float (the time it is due next).  A job whose timers live in its
+    owner's structures (a heap of lease ends, the fetches in flight) gives `due_fn`,
+    which says when it is due next; it runs then (or at once when it left work)."""
+
+    name: str
+    fn: Callable[[float], object]
+    period: float
+    next_due: float = 0.0
+    due_fn: Optional[Callable[[], float]] = None
+    runs: int = 0
+    overruns: int = 0
+    deferred: int = 0
+    last_s: float = 0.0
+    max_s: float = 0.0
+    order: int = 0
+    enabled: bool = True
+    last_run: float = -INF  # the `now` it last ran at
+    budgeted: bool = True  # False: runs whenever due, whatever the turn's budget (events of the turn)
+
+
+@dataclass
+class Scheduler:
+    """Named periodic jobs, run in due order a slice per loop turn (module docstring).
+
+    turn_budget_s  seconds of job work per turn; None: every due job runs each turn
+    timer        what durations are measured with (time.perf_counter)
+    """
+
+    turn_budget_s: Optional[float] = None
+    timer: Callable[[], float] = time.perf_counter
+    jobs: dict = field(default_factory=dict)
+    _order: itertools.count = field(default_factory=itertools.count)
+
+    def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None, budgeted: bool = True) -> Job:
+        """Register job `name` (unique): run `fn` every `period` seconds, first at
+        `first`; or, with `due` (a callable), whenever ``due()`` says.  A job that is
+        not `budgeted` (what the turn itself brought: a signal, the pushes of the rules
+        just built) runs whenever due, never deferred by the turn budget."""
+        if name in self.jobs:
+            raise ValueError(f"timer job {name!r} registered twice")
+        if period < 0:
+            raise ValueError(f"timer job {name!r}: period must be >= 0, got {period}")
+        j = Job(name, fn, float(period), INF if due is not None else float(first), due,
+                order=next(self._order), budgeted=budgeted)
+        self.jobs[name] = j
+        return j
+
+    def job(self, name: str) -> Job:
+        return self.jobs[name]
+
+    def due_now(self, name: str) -> None:
+        """Make job `name` due at once (an event asks for it before its period is over)."""
+        self.jobs[name].next_due = -INF
+
+    def set_due(self, name: str, t: float) -> None:
+        self.jobs[name].next_due = float(t)
+
+    def enable(self, name: str, on: bool = True) -> None:
+        self.jobs[name].enabled = on
+
+    @staticmethod
+    def when(j: Job) -> float:
+        """When job `j` is due next."""
+        if j.due_fn is None:
+            return j.next_due
+        t = j.due_fn()
+        return t if t < j.next_due else j.next_due
+
+    def next_due(self) -> float:
+        """The earliest time any enabled job is due (inf: none).  Jobs of every turn
+        (period 0, no `due`: they handle what the turn's packets left) never wake the loop."""
+        return min((self.when(j) for j in self.jobs.values()
+                    if j.enabled and (j.period > 0 or j.due_fn is not None)), default=INF)
+
+    def due(self, now: float) -> list:
+        """The jobs due at `now`, in the order they run: by the time each is due, but
+        never before the time it last ran (a job whose owner reports a backlog due long
+        ago, or that left work, queues behind the jobs that waited for it), then in
+        registration order."""
+        when = self.when
+        d = [(max(t, j.last_run), j.order, j) for j in self.jobs.values() if j.enabled and now >= (t := when(j))]
+        d.sort(key=lambda x: (x[0], x[1]))
+        return [j for _, _, j in d]
+
+    def run_due(self, now: float) -> list:
+        """Run every due job (within the turn's budget, if any); returns [(name, seconds)]
+        of the jobs run, in the order they ran."""
+        ran = []
+        timer = self.timer
+        budget = self.turn_budget_s
+        t_turn = timer()
+        todo = self.due(now)
+        over = False
+        for j in todo:
+            if j.budgeted and budget is not None and ran and (over or timer() - t_turn >= budget):
+                over = True
+                j.deferred += 1  # it keeps its due time: first in line next turn
+                continue
+            t0 = timer()
+            try:
+                r = j.fn(now)
+            finally:
+                dt = timer() - t0
+                j.runs += 1
+                j.last_run = now
+                j.last_s = dt
+                if dt > j.max_s:
+                    j.max_s = dt
+            if r is True:
+                j.overruns += 1
+                j.next_due = now  # the rest of its work: next turn
+            elif r is None or r is False:
+                j.next_due = INF if j.due_fn is not None else now + j.period
+            else:
+                j.next_due = float(r)
+            ran.append((j.name, dt))
+        return ran
+
+    def stats(self) -> dict:
+        """{job: {runs, overruns, deferred, last_us, max_us, period_s}} for metrics."""
+        return {j.name: {"runs": j.runs, "overruns": j.overruns, "deferred": j.deferred,
+                         "last_us": round(j.last_s * 1e6, 1), "max_us": round(j.max_s * 1e6, 1),
+                         "period_s": j.period}
+                for j in sorted(self.jobs.values(), key=lambda j: j.order)}

@@ -1,0 +1,441 @@
+"""The NIC worker's timer scheduler (hypernat/nic/timers.py), the deadline queue behind
+the agent's reliable-delivery engine (hypernat/deadlines.py), and the bounded slices of
+periodic work: retransmissions, fetch retries and timeouts, lease ends, clone lease
+drops, each at most its slice per loop turn (config ``loop:``)."""
+import collections
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hypernat import config as C
+from hypernat import messages as M
+from hypernat.agent import AgentParams, RuleAgent
+from hypernat.deadlines import DeadlineQueue
+from hypernat.lab.emulated import emulated_config
+from hypernat.nic.timers import INF, Scheduler
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class FakeTimer:
+    """A perf counter that advances only when a job says it worked."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def job(log, name, timer=None, cost=0.0, result=None):
+    def fn(now):
+        log.append(name)
+        if timer is not None:
+            timer.t += cost
+        return result(now) if callable(result) else result
+    return fn
+
+
+# ------------------------------------------------------------------------------ Scheduler
+def test_due_jobs_run_earliest_first_ties_in_registration_order():
+    log = []
+    s = Scheduler()
+    s.add("c", job(log, "c"), 1.0, first=5.0)
+    s.add("a", job(log, "a"), 1.0, first=3.0)
+    s.add("b", job(log, "b"), 1.0, first=3.0)
+    s.add("later", job(log, "later"), 1.0, first=50.0)
+    assert s.next_due() == 3.0
+    assert [n for n, _ in s.run_due(10.0)] == ["a", "b", "c"] == log
+    assert {n: st["runs"] for n, st in s.stats().items()} == {"c": 1, "a": 1, "b": 1, "later": 0}
+    assert s.next_due() == 11.0  # each again one period after it ran
+    assert s.run_due(10.5) == []
+
+
+def test_job_over_its_slice_continues_next_turn_and_counts_an_overrun():
+    log, left = [], [3]
+
+    def work(now):  # three slices of work, then done
+        log.append(now)
+        left[0] -= 1
+        return left[0] > 0
+
+    s = Scheduler()
+    s.add("w", work, 10.0)
+    for t in (1.0, 1.1, 1.2, 1.3, 1.4):
+        s.run_due(t)
+    assert log == [1.0, 1.1, 1.2]  # due again at once while it has work, then after its period
+    st = s.stats()["w"]
+    assert st["runs"] == 3 and st["overruns"] == 2
+    assert s.next_due() == pytest.approx(11.2)
+
+
+def test_job_sets_its_own_next_time_and_due_fn_jobs_follow_their_owner():
+    log = []
+    s = Scheduler()
+    s.add("retry", job(log, "retry", result=lambda now: now + 0.25), 5.0)
+    heap = [7.0]
+    s.add("owner", job(log, "owner"), due=lambda: heap[0])
+    s.run_due(1.0)
+    assert log == ["retry"] and s.next_due() == 1.25
+    heap[0] = 1.1  # the owner's timer moved (an event queued something earlier)
+    assert s.next_due() == 1.1
+    s.run_due(1.2)
+    assert log == ["retry", "owner"]
+    heap[0] = INF
+    assert s.next_due() == 1.25
+
+
+def test_every_turn_jobs_run_each_turn_but_never_wake_the_loop():
+    log = []
+    s = Scheduler()
+    s.add("each", job(log, "each"), 0.0)
+    s.add("slow", job(log, "slow"), 2.0, first=4.0)
+    for t in (1.0, 1.001, 1.002):
+        s.run_due(t)
+    assert log == ["each"] * 3
+    assert s.next_due() == 4.0  # not 1.002: an idle loop sleeps until a real timer
+    s.enable("slow", False)
+    assert s.next_due() == INF and [n for n, _ in s.run_due(9.0)] == ["each"]
+
+
+def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line():
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    for name in "abcd":
+        s.add(name, job(log, name, timer, cost=0.0006), 1.0)
+    s.run_due(1.0)
+    assert log == ["a", "b"]  # the budget ran out after b
+    assert s.stats()["c"]["deferred"] == 1 and s.stats()["d"]["deferred"] == 1
+    s.run_due(1.01)
+    assert log == ["a", "b", "c", "d"]  # the deferred ones ran first, before anything newer
+
+
+def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget():
+    """A SIGHUP reload, the pushes of the rules this turn built: never deferred."""
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    s.add("big", job(log, "big", timer, cost=0.005, result=True), 0.0)
+    s.add("other", job(log, "other", timer, cost=0.0001), 0.0)
+    s.add("reload", job(log, "reload", timer), 0.0, budgeted=False)
+    s.run_due(1.0)
+    assert log == ["big", "reload"] and s.stats()["other"]["deferred"] == 1
+
+
+def test_no_job_starves_beside_a_job_that_always_has_more_work():
+    """A greedy job that always leaves work and spends the whole turn budget, and jobs
+    with short periods: every one of them still runs, every few turns."""
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    s.add("greedy", job(log, "greedy", timer, cost=0.005, result=True), 0.0)
+    for k in range(5):
+        s.add(f"p{k}", job(log, f"p{k}", timer, cost=0.0002), 0.002 * (k + 1))
+    turns = 400
+    last = {}
+    for i in range(turns):
+        before = len(log)
+        s.run_due(i * 0.001)
+        assert len(log) > before  # a turn always does something
+        for name in log[before:]:
+            last.setdefault(name, []).append(i)
+    assert set(last) == {"greedy"} | {f"p{k}" for k in range(5)}
+    for name, when in last.items():
+        gaps = np.diff([-1] + when + [turns])
+        assert gaps.max() <= 20, (name, gaps.max())  # nobody waits for ever
+
+
+def test_no_job_starves_beside_jobs_whose_backlog_is_due_long_ago():
+    """Jobs whose owners report a backlog due long ago (a heap of lease ends from the
+    past, a round in progress: -inf) and take the whole budget each run: the periodic
+    jobs beside them still run every few turns (the backlog queues behind them)."""
+    log, timer = [], FakeTimer()
+    s = Scheduler(turn_budget_s=0.001, timer=timer)
+    s.add("backlog1", job(log, "backlog1", timer, cost=0.002, result=True), due=lambda: 0.0)
+    s.add("round", job(log, "round", timer, cost=0.002, result=True), due=lambda: -INF)
+    s.add("gc", job(log, "gc", timer, cost=0.00001), 1.0, first=5.0)
+    s.add("each", job(log, "each", timer, cost=0.00001), 0.0)
+    runs = collections.Counter()
+    for i in range(2000):
+        before = len(log)
+        s.run_due(5.0 + i * 0.001)
+        runs.update(log[before:])
+    assert runs["gc"] == 2 and runs["each"] >= 2000 // 4  # every second or so; a turn in four or better
+    assert runs["backlog1"] >= 2000 // 4 and runs["round"] >= 2000 // 4
+
+
+def test_duplicate_or_negative_jobs_refused():
+    s = Scheduler()
+    s.add("x", lambda now: None, 1.0)
+    with pytest.raises(ValueError, match="twice"):
+        s.add("x", lambda now: None, 1.0)
+    with pytest.raises(ValueError, match="period"):
+        s.add("y", lambda now: None, -1.0)
+
+
+# -------------------------------------------------------------------------- DeadlineQueue
+def test_deadline_queue_pops_due_keys_in_order_within_the_limit():
+    q = DeadlineQueue(resolution=0.001)
+    for k, due in enumerate([5.0, 1.0, 3.0, 2.0, 4.0]):
+        q.set(("k", k), due)
+    assert q.next_due == 1.0 and len(q) == 5
+    assert q.pop_due(0.5, 10) == []
+    assert q.pop_due(3.0, 2) == [("k", 1), ("k", 3)]  # earliest first, two at most
+    assert q.pop_due(3.0, 10) == [("k", 2)]
+    q.set(("k", 0), 2.5)  # moved earlier
+    q.discard(("k", 4))
+    assert q.next_due == 2.5 and ("k", 4) not in q
+    assert q.pop_due(10.0, 10) == [("k", 0)] and len(q) == 0 and q.next_due == INF
+    q.add_many(range(100), 7.0)
+    assert len(q) == 100 and q.due_of(5) == pytest.approx(7.0)
+    assert sorted(q.pop_due(7.0, 1000)) == list(range(100))
+
+
+def test_deadline_queue_is_never_early_and_at_most_a_resolution_late():
+    rng = np.random.default_rng(1)
+    q = DeadlineQueue(resolution=0.001)
+    dues = {k: float(d) for k, d in enumerate(rng.uniform(0, 1, 2000))}
+    for k, d in dues.items():
+        q.set(k, d)
+    for step in range(0, 1100):
+        now = step / 1000.0
+        for k in q.pop_due(now, 10_000):
+            assert dues[k] - 1e-9 <= now <= dues[k] + 0.0011, (k, dues[k], now)
+            del dues[k]
+    assert not dues
+
+
+# ------------------------------------------------------------ the agent's bounded slices
+class _NoWalk(dict):
+    """A dict that fails the test when something walks all of it."""
+
+    def _walk(self, *a):
+        raise AssertionError("walked every entry")
+
+    __iter__ = items = keys = values = _walk
+
+
+class _Rules:
+    """What the agent asks of a builder on these paths (holds and releases)."""
+
+    def __init__(self):
+        self.released = 0
+
+    def hold_many(self, eps):
+        pass
+
+    def release_hold(self, p, e, ep):
+        self.released += 1
+
+    def drain_created(self):
+        return []
+
+    def drain_removed(self):
+        return []
+
+
+def agent(sent, seqs=None, **p):
+    seqs = [] if seqs is None else seqs
+    params = dict(retry_s=0.05, retry_max_s=0.2, fetch_timeout_s=1.0, retransmit_slice=256, lease_end_slice=256)
+    params.update(p)
+    def send(t, m, r):
+        sent.append((t, m, len(r)))
+        seqs.extend(r["seq"].tolist())
+
+    return RuleAgent(0, 2, _Rules(), send, lambda a, q: 1,
+                     lambda d, f: None, AgentParams(**params), clock=lambda: 0.0)
+
+
+def test_a_turn_with_100k_unacked_messages_touches_at_most_the_slice():
+    sent, seqs = [], []
+    a = agent(sent, seqs=seqs)
+    n = 100_000
+    recs = M.records(M.T_PUSH, n)
+    recs["seq"] = np.arange(1, n + 1)
+    for i in range(n):
+        a._track(1, M.T_PUSH, recs[i:i + 1], 0.0, 10.0)
+    a._unacked = _NoWalk(a._unacked)  # a turn that walks them all fails here
+    assert a._pending_due == pytest.approx(0.05)
+    sent.clear()
+    assert a.step_retransmit(0.06) is True  # all due; one slice resent, the rest left
+    assert sent == [(1, M.T_PUSH, 256)] and a.counters["retries"] == 256  # one message
+    assert len(set(seqs)) == 256 and set(seqs) <= set(range(1, n + 1))  # the records themselves
+    turns = 1
+    while a.step_retransmit(0.06):
+        turns += 1
+        assert sum(k for _, _, k in sent) == 256 * turns
+    assert a.counters["retries"] == n and turns + 1 == -(-n // 256)  # the last turn had the rest
+    # acknowledged ones leave the queue at once: the next round touches only the rest
+    for seq in range(1, n // 2 + 1):
+        a._acked(seq)
+    sent.clear()
+    while a.step_retransmit(0.2):
+        pass
+    assert sum(k for _, _, k in sent) == n // 2 and len(a._retx) == n // 2
+    assert set(seqs[-(n // 2):]) == set(range(n // 2 + 1, n + 1))  # only the unacknowledged ones
+
+
+def test_fetch_retries_and_timeouts_of_a_burst_a_slice_per_turn():
+    """10^4 fetches in flight, nobody answers: retried and then given up a slice per
+    turn, through the same engine as the acknowledged messages."""
+    sent = []
+    a = agent(sent, retransmit_slice=500, fetch_rate=1e9, fetch_burst=1e9)
+    n = 10_000
+    rows = [(1, (17, 0xC0000200 + (k >> 12), 1000 + (k & 0xFFF), 0xC6120001, 2000 + k % 60000), False, 1, b"f")
+            for k in range(n)]
+    a.fetch_rows(rows, 0.0)
+    assert len(a.pending) == n and a.counters["fetches"] == n
+    a.pending = _NoWalk(a.pending)
+    sent.clear()
+    turns = 0
+    while a.step_retransmit(0.06):
+        turns += 1
+        assert sum(k for _, _, k in sent) == 500 * turns  # one FETCH per owner, a slice's records
+    assert a.counters["fetch_retries"] == n
+    while a.step_retransmit(1.0):
+        pass
+    assert a.counters["fetch_timeout"] == n and a.queued_total == 0 and dict.__len__(a.pending) == 0
+
+
+def test_lease_ends_en_masse_a_slice_per_turn():
+    sent = []
+    a = agent(sent, lease_end_slice=100, lease_s=10.0)
+    sks = [(6, 0x0A000001, 1000 + k, 0xC6120001, 2000 + k, 0xC0000205, 80) for k in range(5000)]
+    a._grant_many(sks, 1, 0.0)
+    assert a.state()["leases"] == 5000
+    end = 10.0 + M.LEASE_GRACE_MS / 1000.0 + 0.01
+    turns = 0
+    while a.step_lease_ends(end):
+        turns += 1
+        assert a.state()["leases"] == 5000 - 100 * turns
+    assert a.state()["leases"] == 0 and a.rules.released == 5000 and turns == 49
+
+
+class _ActRules(_Rules):
+    """A builder whose tables hold `n` active clone entries (one big slice)."""
+
+    def __init__(self, recs):
+        super().__init__()
+        self.recs = recs
+        self.calls = 0
+
+    def install_clone_rows(self, rows, now, lease_until=0):
+        return [1] * len(rows)
+
+    def collect_activity(self, clear=True, max_slots=None):
+        self.calls += 1
+        out, self.recs = self.recs, self.recs[:0]
+        return out
+
+
+def test_activity_entries_reported_a_bounded_number_per_turn():
+    from hypernat.rules import DIR_BIT_IN, SESSION_DTYPE
+
+    n = 1000
+    sks = [(17, 0x0A000001, 1000 + k, 0xC6120001, 3000 + k, 0xC0000205, 53) for k in range(n)]
+    recs = np.zeros(n, SESSION_DTYPE)
+    for f, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), zip(*sks)):
+        recs[f] = col
+    recs["dirs"], recs["rule_id"], recs["owner"] = DIR_BIT_IN, 1, 1
+    sent = []
+    a = agent(sent, activity_entries=128)
+    a.rules = _ActRules(recs)
+    a._install_many(1, [(sk, 1, 60_000, DIR_BIT_IN) for sk in sks], 0.0)
+    turns = 0
+    while a.step_activity(1.0):
+        turns += 1
+        assert sum(k for _, m, k in sent if m == M.T_ACTIVITY) == 128 * turns
+    assert turns + 1 == -(-n // 128) and a.rules.calls == 1
+    assert sum(k for _, m, k in sent if m == M.T_ACTIVITY) == n == a.counters["activity_reported"]
+    assert a.step_activity(1.5) is False  # the round is over; the next one after the interval
+
+
+@pytest.mark.parametrize("impl", ["compiled", "python"])
+def test_clone_lease_drops_bounded_per_call(impl):
+    from hypernat import clones_py
+
+    if impl == "compiled":
+        cl = pytest.importorskip("hypernat._clones")
+        t = cl.CloneTable()
+    else:
+        t = clones_py.CloneTable()
+    items = [((17, 0x0A000001, 1000 + k, 0xC6120001, 3000 + k, 0xC0000205, 53), k + 1, 1000, 2) for k in range(1000)]
+    t.install(1, items, 0.0, 0.5, lambda rows, now, lease_until=0: [1] * len(rows), 0, False)
+    got = t.due_now(5.0, 0.5, 64)
+    assert len(got) == 64 and t.next_due <= 5.0
+    rest = t.due_now(5.0, 0.5)  # no limit: the rest at once (the old call)
+    assert len(rest) == 1000 - 64 and t.next_due == INF
+
+
+# ----------------------------------------------------------------------- config, worker
+BASE = {
+    "internal": {"prefixes": ["10.77.0.0/16"]},
+    "external": {"pool": ["198.18.77.0/28"], "ports": [1024, 65535]},
+    "nics": [{"id": 0, "inside": "inside0", "outside": "outside0"}],
+}
+
+
+def test_loop_keys_are_validated_naming_file_and_key():
+    assert C.from_dict(BASE).loop == C.LoopConfig()
+    ok = C.from_dict({**BASE, "loop": {"retransmit_slice": 32, "activity_slots": 1024, "turn_budget_us": 0}})
+    assert ok.loop.retransmit_slice == 32 and ok.loop.activity_slots == 1024 and ok.loop.turn_budget_us == 0
+    for bad, key in (({"retransmit_slice": 0}, "loop.retransmit_slice"),
+                     ({"lease_end_slice": "many"}, "loop.lease_end_slice"),
+                     ({"turn_budget_us": -1}, "loop.turn_budget_us"),
+                     ({"activity_slots": 10}, "loop.activity_slots"),
+                     ({"activity_slot": 4}, "loop.activity_slot")):
+        with pytest.raises(C.ConfigError) as e:
+            C.loads(__import__("yaml").safe_dump({**BASE, "loop": bad}), "gw.yaml")
+        assert str(e.value).startswith("gw.yaml") and key in str(e.value), str(e.value)
+
+
+def test_worker_runs_every_periodic_job_from_its_scheduler_and_exports_them(tmp_path):
+    from hypernat.io.memory import MemoryPort
+    from hypernat.nic.metrics import registry_for
+    from hypernat.nic.worker import NicWorker
+
+    cfg = dataclasses.replace(emulated_config(1), loop=C.LoopConfig(activity_slots=2048, retransmit_slice=7))
+    w = NicWorker(cfg, 0, MemoryPort("in0"), MemoryPort("out0"), state_dir=str(tmp_path / "nic0"), standalone=True)
+    try:
+        names = set(w.timers.jobs)
+        assert {"agent_retransmit", "agent_activity", "agent_lease_ends", "agent_clone_leases", "sweep",
+                "journal", "gc_freeze"} <= names
+        assert not {"hello", "heartbeat", "stats"} & names  # standalone: no coordinator
+        assert w.agent.p.activity_slots == 2048 and w.agent.p.retransmit_slice == 7  # loop: reaches the agent
+        for _ in range(20):
+            w.run_once(1)
+        st = w.status()["timers"]
+        assert st["sweep"]["runs"] >= 1 and st["agent_activity"]["runs"] >= 1
+        reg = registry_for(w)
+        assert reg.get_sample_value("hypernat_nic_timer_runs_total", {"nic": "0", "job": "sweep"}) >= 1
+        assert reg.get_sample_value("hypernat_nic_timer_last_seconds", {"nic": "0", "job": "sweep"}) is not None
+    finally:
+        w.close()
+
+
+def test_resend_all_makes_everything_due_and_sends_it_a_slice_per_turn():
+    """A coordinator restart: every unanswered message and fetch is sent again from this
+    turn on, a slice per turn (not all in the turn that learnt of the restart)."""
+    sent, seqs = [], []
+    a = agent(sent, seqs=seqs, retransmit_slice=100, retry_s=5.0, retry_max_s=5.0, fetch_timeout_s=30.0,
+              fetch_rate=1e9, fetch_burst=1e9)
+    n = 1000
+    recs = M.records(M.T_PUSH, n)
+    recs["seq"] = np.arange(1, n + 1)
+    for i in range(n):
+        a._track(1, M.T_PUSH, recs[i:i + 1], 0.0, 100.0)
+    a._seq = n + 1
+    a.fetch_rows([(1, (17, 0xC0000200, 1000 + k, 0xC6120001, 2000 + k), False, 1, None) for k in range(50)], 0.0)
+    assert not a.step_retransmit(1.0)  # nothing due before the retry wait (5 s)
+    sent.clear()
+    seqs.clear()
+    a.resend_all(1.0)
+    assert sum(k for _, _, k in sent) == 100  # the first slice at once, not everything
+    turns = 1
+    while a.step_retransmit(1.0):
+        turns += 1
+    assert turns + 1 == -(-(n + 50) // 100) and sorted(seqs) == list(range(1, n + 51))
+    assert a.counters["fetch_retries"] == 50 and a.counters["retries"] == n
+    q = DeadlineQueue()
+    q.set("a", 5.0), q.set("b", 1.0), q.set("c", 9.0)
+    q.advance_all(2.0)
+    assert q.pop_due(1.0, 10) == ["b"] and sorted(q.pop_due(2.0, 10)) == ["a", "c"] and len(q) == 0
