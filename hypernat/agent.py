@@ -1305,7 +1305,7 @@ class RuleAgent:
             rec = M.records(M.T_PUSH, 1)
             _wire_endpoints(rec, 0, sk)
             rec["seq"], rec["rule_id"], rec["owner"] = self._next_seq(), s["rule_id"], self.nic_id
-            rec["lease_ms"], rec["flags"] = int(self.p.lease_s * 1000), M.RULE_F_PUSHED
+            rec["lease_ms"] = int(self.p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
             self._grant(sk, j, now)  # held even if the push is lost: the safe side
             self._track(j, M.T_PUSH, rec, now, now + self.p.fetch_timeout_s, sk)
             self._emit(j, M.T_PUSH, rec)

@@ -320,7 +320,7 @@ FETCH_F_REVALIDATE = 0x04  # KEY.flags: a clone read back from a snapshot, reval
 # the mapping a FETCH_BY_INTERNAL asks for)
 
 RULE_F_WILDCARD = _wire.RULE_F_WILDCARD_  # endpoint-independent mapping: remote is any (rem 0.0.0.0:0)
-RULE_F_PUSHED = 0x0002  # sent by active install (PUSH), not in answer to a FETCH
+# (0x0002, RULE_F_PUSHED, was set on PUSH records and never read: the message type says it)
 
 NACK_REASONS = (
     "none",  # 0: unused

@@ -51,7 +51,7 @@ def test_dtypes_are_the_documented_layouts_and_the_compiled_structs():
         assert M.DTYPE_OF[code] == wire_model.LAYOUTS[layout], M.TYPE_NAMES[code]
     assert M.RULE_STRUCT.size == M.RULE_DTYPE.itemsize and M.KEY_STRUCT.size == M.KEY_DTYPE.itemsize
     assert M.ACTIVITY_STRUCT.size == M.ACTIVITY_DTYPE.itemsize
-    for gone in ("FETCH_F_ALLOCATE", "RULE_F_BORROWED", "RULE_F_CLOSING"):
+    for gone in ("FETCH_F_ALLOCATE", "RULE_F_BORROWED", "RULE_F_CLOSING", "RULE_F_PUSHED"):
         assert not hasattr(M, gone)
     assert "timeout_s" not in M.RULE_DTYPE.names and "packets" not in M.ACTIVITY_DTYPE.names
 
