@@ -1,0 +1,575 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Mappings and sessions of one NIC's owner side, in C (issue 11, step 1).
+
+A *mapping* binds an internal endpoint (proto, I, Ip) to an external one (E, Ep) of a
+port block; its handle is its *rule id* (1-based, written into the flow-table slots).
+A *session* is a mapping plus a remote endpoint (R, Rp) (ICMP: Rp 0).  No Python
+object per mapping or session:
+
+    records    mapping records in one C array indexed by rule id; freed ids on a stack
+               (the last freed is reused first); session records in a C array with a
+               free list, linked per mapping (export, snapshot, expiry of the last one)
+    indexes    FlowTables used as hash tables -- the flow table's own hashing and
+               probing through ``_fastpath.pxd``, no copy of it -- grown by doubling:
+                 (proto, E, Ep)              -> rule id        every mapping
+                 (proto, I, Ip)              -> rule id        EIM: one per internal endpoint
+                 (proto, I, Ip, R, Rp)       -> rule id        APDM: one per session
+                 (rule id, R, Rp)            -> session record
+                 (rule id, R)                -> sessions with remote address R
+                                                (address-dependent filtering)
+    pending    sessions added since the last ``flush``: their two flow-table entries
+               are written in one pass at the end of a batch
+
+``hypernat.rules.RuleBuilder`` owns one (``RuleBuilder.maps``) and keeps the policy
+(which port, refusals, journal, logs, reuse delay) in Python; ``setup_out`` in this
+module is the compiled common case of an outgoing first packet.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memset
+
+import numpy as np
+
+from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath import FlowTable as _FlowTable
+
+from ._hosts cimport Host, Hosts
+from ._ports cimport PortBlocks
+from ._rate cimport HostRate
+
+cdef enum:
+    K_SESS = 1      # the session index's two kinds of key (the proto byte)
+    K_RADDR = 2
+    P_ICMP = 1
+    P_TCP = 6
+    P_UDP = 17
+
+
+cdef FlowTable _room(FlowTable t, uint64_t need=1):
+    """`t`, or a copy with twice its capacity if `need` more keys would not fit (a hash
+    table that grows)."""
+    if t.t.count + need <= t.t.capacity:
+        return t
+    cdef FlowTable n = _FlowTable(t.t.capacity * 2, hugepages=False)
+    cdef uint64_t i
+    cdef hn_slot* s
+    for i in range(t.t.nslots):
+        s = &t.t.s[i]
+        if s.flags:
+            n.c_insert(s.proto, s.saddr, s.sport, s.daddr, s.dport, s.new_addr, s.new_port, s.rule_id, 0, 0)
+    return n
+
+
+cdef inline int _pidx(uint8_t p) noexcept nogil:
+    return 0 if p == P_TCP else (1 if p == P_UDP else 2)
+
+
+cdef class Mappings:
+    """Mappings(eim=True, capacity=1024): the mappings and sessions of one owner (see
+    the module docstring).  With ``eim`` False (address-and-port-dependent mapping) an
+    outgoing key finds its mapping by the whole session key, else by the internal
+    endpoint."""
+
+    def __cinit__(self):
+        self.m = NULL
+        self.s = NULL
+        self.free_ids = NULL
+        self.pend = NULL
+        self.mcap = self.top = self.nfree = self.fcap = self.count = 0
+        self.scap = 0
+        self.sfree = -1
+        self.n_sessions = 0
+        self.npend = self.pcap = 0
+
+    def __init__(self, bint eim=True, int capacity=1024):
+        self.eim = eim
+        capacity = max(16, capacity)
+        self.ext = _FlowTable(capacity, hugepages=False)
+        self.inl = _FlowTable(capacity if eim else 1, hugepages=False)
+        self.outk = _FlowTable(1 if eim else capacity, hugepages=False)
+        self.sess = _FlowTable(2 * capacity, hugepages=False)
+        self.top = 1
+        self._grow_m(capacity)
+        self._grow_s(capacity)
+
+    def __dealloc__(self):
+        free(self.m)
+        free(self.s)
+        free(self.free_ids)
+        free(self.pend)
+
+    cdef _grow_m(self, uint32_t cap):
+        p = <MapRec*>realloc(self.m, cap * sizeof(MapRec))
+        if p == NULL:
+            raise MemoryError()
+        memset(&p[self.mcap], 0, (cap - self.mcap) * sizeof(MapRec))
+        self.m = p
+        self.mcap = cap
+
+    cdef _grow_s(self, int32_t cap):
+        p = <SessRec*>realloc(self.s, cap * sizeof(SessRec))
+        if p == NULL:
+            raise MemoryError()
+        memset(&p[self.scap], 0, (cap - self.scap) * sizeof(SessRec))
+        self.s = p
+        cdef int32_t x
+        for x in range(cap - 1, self.scap - 1, -1):
+            self.s[x].next = self.sfree
+            self.sfree = x
+        self.scap = cap
+
+    # -- C interface -------------------------------------------------------------------
+    cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
+        cdef int64_t j = self.ext.c_find(p, ea, ep, 0, 0)
+        return self.ext.c_slot(j).rule_id if j >= 0 else 0
+
+    cdef uint32_t find_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept:
+        cdef int64_t j
+        if self.eim:
+            j = self.inl.c_find(p, ia, ip, 0, 0)
+            return self.inl.c_slot(j).rule_id if j >= 0 else 0
+        j = self.outk.c_find(p, ia, ip, ra, r)
+        return self.outk.c_slot(j).rule_id if j >= 0 else 0
+
+    cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
+        return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
+
+    cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
+                  int64_t g) except -1:
+        if self.find_ext(p, ea, ep):
+            raise KeyError(f"external endpoint {p}/{ea}:{ep} is mapped already")
+        if self.eim and self.find_out(p, ia, ip, 0, 0):
+            raise KeyError(f"internal endpoint {p}/{ia}:{ip} is mapped already")
+        cdef MapRec* m = &self.m[rid]
+        m.iaddr, m.iport, m.eaddr, m.eport, m.proto, m.block = ia, ip, ea, ep, p, g
+        m.used = 1
+        m.nsess = 0
+        m.shead = -1
+        self.ext = _room(self.ext)
+        self.ext.c_insert(p, ea, ep, 0, 0, 0, 0, rid, 0, 0)
+        if self.eim:
+            self.inl = _room(self.inl)
+            self.inl.c_insert(p, ia, ip, 0, 0, 0, 0, rid, 0, 0)
+        self.count += 1
+        return 0
+
+    cdef int64_t new_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t g) except -1:
+        """A new mapping: its rule id (a freed one first)."""
+        cdef uint32_t rid
+        if self.nfree:
+            rid = self.free_ids[self.nfree - 1]
+        else:
+            if self.top == 0xFFFFFFFF:
+                raise OverflowError("rule ids exhausted")
+            rid = self.top
+            if rid >= self.mcap:
+                self._grow_m(self.mcap * 2 if self.mcap * 2 > rid else rid + 1)
+        self._put(rid, p, ia, ip, ea, ep, g)
+        if self.nfree:
+            self.nfree -= 1
+        else:
+            self.top += 1
+        return rid
+
+    cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1:
+        """Session (rid, R, Rp): 1 added (and pending for the flow tables), 0 there already."""
+        cdef MapRec* m = &self.m[rid]
+        if self.has_session_c(rid, ra, r):
+            return 0
+        if self.sfree < 0:
+            self._grow_s(self.scap * 2)
+        if self.npend == self.pcap:
+            pp = <uint32_t*>realloc(self.pend, (self.pcap * 2 + 64) * 8 * sizeof(uint32_t))
+            if pp == NULL:
+                raise MemoryError()
+            self.pend = pp
+            self.pcap = self.pcap * 2 + 64
+        self.sess = _room(self.sess, 2)
+        if not self.eim:
+            self.outk = _room(self.outk)
+            self.outk.c_insert(m.proto, m.iaddr, m.iport, ra, r, 0, 0, rid, 0, 0)
+        cdef int32_t x = self.sfree
+        cdef SessRec* s = &self.s[x]
+        self.sfree = s.next
+        s.rid, s.raddr, s.rport = rid, ra, r
+        s.prev = -1
+        s.next = m.shead
+        if m.shead >= 0:
+            self.s[m.shead].prev = x
+        m.shead = x
+        m.nsess += 1
+        self.n_sessions += 1
+        self.sess.c_insert(K_SESS, rid, 0, ra, r, 0, 0, x, 0, 0)
+        cdef int64_t j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
+        if j >= 0:
+            self.sess.c_slot(j).rule_id += 1
+        else:
+            self.sess.c_insert(K_RADDR, rid, 0, ra, 0, 0, 0, 1, 0, 0)
+        cdef uint32_t* w = &self.pend[self.npend * 8]
+        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7] = m.proto, m.iaddr, m.iport, ra, r, m.eaddr, m.eport, rid
+        self.npend += 1
+        return 1
+
+    cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2:
+        """Forget session (rid, R, Rp): its mapping's sessions left, -1 if it was not there."""
+        cdef int64_t j = self.sess.c_find(K_SESS, rid, 0, ra, r)
+        if j < 0:
+            return -1
+        cdef int32_t x = <int32_t>self.sess.c_slot(j).rule_id
+        cdef SessRec* s = &self.s[x]
+        cdef MapRec* m = &self.m[rid]
+        self.sess.c_delete(K_SESS, rid, 0, ra, r)
+        j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
+        if j >= 0:
+            if self.sess.c_slot(j).rule_id > 1:
+                self.sess.c_slot(j).rule_id -= 1
+            else:
+                self.sess.c_delete(K_RADDR, rid, 0, ra, 0)
+        if not self.eim:
+            j = self.outk.c_find(m.proto, m.iaddr, m.iport, ra, r)
+            if j >= 0 and self.outk.c_slot(j).rule_id == rid:
+                self.outk.c_delete(m.proto, m.iaddr, m.iport, ra, r)
+        if s.prev >= 0:
+            self.s[s.prev].next = s.next
+        else:
+            m.shead = s.next
+        if s.next >= 0:
+            self.s[s.next].prev = s.prev
+        s.rid = 0
+        s.next = self.sfree
+        self.sfree = x
+        m.nsess -= 1
+        self.n_sessions -= 1
+        return m.nsess
+
+    cdef int end_c(self, uint32_t rid) except -1:
+        """Forget mapping `rid` (it has no session left); its id goes on the free stack."""
+        cdef MapRec* m = &self.m[rid]
+        if m.nsess:
+            raise ValueError(f"mapping {rid} still has {m.nsess} session(s)")
+        self.ext.c_delete(m.proto, m.eaddr, m.eport, 0, 0)
+        if self.eim:
+            self.inl.c_delete(m.proto, m.iaddr, m.iport, 0, 0)
+        m.used = 0
+        if self.nfree == self.fcap:
+            p = <uint32_t*>realloc(self.free_ids, (self.fcap * 2 + 64) * sizeof(uint32_t))
+            if p == NULL:
+                raise MemoryError()
+            self.free_ids = p
+            self.fcap = self.fcap * 2 + 64
+        self.free_ids[self.nfree] = rid
+        self.nfree += 1
+        self.count -= 1
+        return 0
+
+    cdef MapRec* _get(self, uint32_t rid) except NULL:
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            raise KeyError(rid)
+        return &self.m[rid]
+
+    # -- Python interface ----------------------------------------------------------------
+    def by_external(self, uint8_t p, uint32_t ea, uint16_t ep):
+        """The rule id of the mapping holding (p, E, Ep); 0 if none."""
+        return self.find_ext(p, ea, ep)
+
+    def by_out_key(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r):
+        """The rule id of the mapping an outgoing session key (ICMP: r 0) uses; 0 if none
+        (EIM: the internal endpoint's; APDM: this session's)."""
+        return self.find_out(p, ia, ip, ra, r)
+
+    def get(self, uint32_t rid):
+        """(proto, iaddr, iport, eaddr, eport, block) of mapping `rid`, or None."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return None
+        cdef MapRec* m = &self.m[rid]
+        return (m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block)
+
+    def matches(self, uint32_t rid, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep):
+        """Mapping `rid` is live and binds (I, Ip) to (E, Ep)."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return False
+        cdef MapRec* m = &self.m[rid]
+        return m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
+
+    def new(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
+        """A new mapping of (p, I, Ip) to (E, Ep) in `block`: its rule id."""
+        return self.new_c(p, ia, ip, ea, ep, block)
+
+    def has_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        return self.has_session_c(rid, ra, r)
+
+    def has_remote_address(self, uint32_t rid, uint32_t ra):
+        """Mapping `rid` has a session with remote address `ra` (address-dependent filtering)."""
+        return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
+
+    def add_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        """Session (rid, R, Rp) (ICMP: r 0), pending for the flow tables: True if added,
+        False if it exists."""
+        self._get(rid)
+        return self.add_session_c(rid, ra, r) == 1
+
+    def end_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        """Forget a session: the sessions its mapping has left, or -1 if it was not there."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return -1
+        return self.end_session_c(rid, ra, r)
+
+    def end(self, uint32_t rid):
+        """Forget mapping `rid` (no session left: ValueError otherwise)."""
+        self._get(rid)
+        self.end_c(rid)
+
+    def nsessions(self, uint32_t rid):
+        return self._get(rid).nsess
+
+    def remotes(self, uint32_t rid):
+        """Its sessions' remote endpoints as ints (R << 16 | Rp), ascending."""
+        cdef MapRec* m = self._get(rid)
+        cdef list out = []
+        cdef int32_t x = m.shead
+        while x >= 0:
+            out.append((<uint64_t>self.s[x].raddr) << 16 | self.s[x].rport)
+            x = self.s[x].next
+        out.sort()
+        return out
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def n_ids(self):
+        """Rule ids ever handed out + 1 (the next new one)."""
+        return self.top
+
+    def free_id_list(self):
+        """The freed rule ids, the next to be reused last."""
+        return [self.free_ids[k] for k in range(self.nfree)]
+
+    def rule_ids(self):
+        """Live rule ids, ascending."""
+        cdef uint32_t r
+        return [r for r in range(1, self.top) if self.m[r].used]
+
+    def load(self, uint32_t n_ids, free_ids):
+        """Start over from a snapshot's id state (then ``put`` each mapping)."""
+        if self.count:
+            raise ValueError("load() into a table that holds mappings")
+        if n_ids < 1:
+            raise ValueError(f"n_ids must be >= 1, got {n_ids}")
+        if n_ids > self.mcap:
+            self._grow_m(n_ids)
+        self.top = n_ids
+        self.nfree = 0
+        ids = [int(x) for x in free_ids]
+        p = <uint32_t*>realloc(self.free_ids, (len(ids) + 64) * sizeof(uint32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.free_ids = p
+        self.fcap = len(ids) + 64
+        for x in ids:
+            if not 0 < x < n_ids:
+                raise ValueError(f"free rule id {x} out of range")
+            self.free_ids[self.nfree] = x
+            self.nfree += 1
+
+    def put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
+        """Mapping `rid` as a snapshot holds it (``load`` first)."""
+        if rid == 0 or rid >= self.top or self.m[rid].used:
+            raise ValueError(f"rule id {rid} is not free")
+        self._put(rid, p, ia, ip, ea, ep, block)
+
+    # -- pending flow-table entries -------------------------------------------------------
+    @property
+    def n_pending(self):
+        return self.npend
+
+    def clear_pending(self):
+        """Forget the pending entries (a restore: the tables hold them already)."""
+        self.npend = 0
+
+    def flush(self, out, inn, uint32_t now):
+        """Write the pending sessions' two entries into the flow tables (out: (p, I, Ip,
+        R, Rp) -> (E, Ep); in: (p, R, Rp, E, Ep) -> (I, Ip); ICMP: the identifier in both
+        ports), last_seen `now`.  Returns the sessions written."""
+        cdef Py_ssize_t n = self.npend, k
+        cdef uint32_t* w
+        cdef FlowTable o, i
+        cdef uint8_t p
+        cdef uint16_t rp
+        if n == 0:
+            return 0
+        self.npend = 0
+        if type(out) is _FlowTable and type(inn) is _FlowTable:
+            o, i = out, inn
+            o._mutating()
+            i._mutating()
+            for k in range(n):
+                w = &self.pend[k * 8]
+                p = <uint8_t>w[0]
+                o.c_insert(p, w[1], <uint16_t>w[2], w[3], <uint16_t>(w[2] if p == P_ICMP else w[4]),
+                           w[5], <uint16_t>w[6], w[7], now, 0)
+                i.c_insert(p, w[3], <uint16_t>(w[6] if p == P_ICMP else w[4]), w[5], <uint16_t>w[6],
+                           w[1], <uint16_t>w[2], w[7], now, 0)
+            return n
+        # another FlowTable implementation (the plain-Python reference): its batch insert
+        from .. import layout
+        a = np.array([self.pend[k] for k in range(n * 8)], dtype=np.int64).reshape(-1, 8)
+        p_, ia, ip, ra, r, ea, ep, rid = a.T
+        icmp = p_ == P_ICMP
+        ro = np.zeros(n, layout.SLOT_DTYPE)
+        ro["proto"], ro["saddr"], ro["sport"], ro["daddr"] = p_, ia, ip, ra
+        ro["dport"] = np.where(icmp, ip, r)
+        ro["new_addr"], ro["new_port"], ro["rule_id"], ro["last_seen"] = ea, ep, rid, now
+        ri = np.zeros(n, layout.SLOT_DTYPE)
+        ri["proto"], ri["saddr"], ri["daddr"], ri["dport"] = p_, ra, ea, ep
+        ri["sport"] = np.where(icmp, ep, r)
+        ri["new_addr"], ri["new_port"], ri["rule_id"], ri["last_seen"] = ia, ip, rid, now
+        out.insert_batch(ro)
+        inn.insert_batch(ri)
+        return n
+
+
+# ------------------------------------------------------------------------------------
+# An outgoing first packet, the common case, compiled
+# ------------------------------------------------------------------------------------
+
+cdef enum:
+    OK = -1           # the session exists or was added (rules._OK)
+    NEED_PY = -4      # nothing done: the caller's general path decides (rare events)
+
+
+cdef class OutSetup:
+    """The common case of an outgoing first packet (``RuleBuilder._out``), in C: the
+    internal prefix, the host's record, its mapping and session; a new session on an
+    existing mapping; a new mapping on a port of one of the host's blocks.  Everything
+    else -- a host not known here (fetch, new host), a new block (journal), the port
+    cap, the crash-recovery window, per-rule log lines and PUSH records -- answers
+    NEED_PY having changed nothing, and the caller's Python path decides it.
+
+    ``out`` answers one packet: -1 (the session exists or was added; ``last`` is its
+    rule id), a refusal's reason index (the caller counts it), or -4 (NEED_PY).
+    ``run`` answers a batch's outgoing misses in order until one is not -1.
+    ``room`` is the entries both flow tables can still take in this call (the caller
+    sets it per call and spends it on the sessions it adds itself)."""
+
+    cdef Mappings mp
+    cdef Hosts hs
+    cdef PortBlocks bl
+    cdef HostRate rate
+    cdef uint32_t* nets
+    cdef uint32_t* masks
+    cdef int nnets
+    cdef bint preserve
+    cdef uint32_t cap
+    cdef int r_not_internal, r_icmp, r_full, r_rate
+    cdef int v_miss_out
+    cdef public int64_t room
+    cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
+    cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
+    cdef public bint py_mapping       # a new mapping needs the caller (log line)
+    cdef readonly uint32_t last       # rule id of the last session answered -1
+
+    def __cinit__(self):
+        self.nets = NULL
+        self.masks = NULL
+
+    def __init__(self, Mappings maps not None, internal, reasons, int v_miss_out):
+        """`internal`: [(network, netmask)] as ints; `reasons`: {name: index} of
+        not_internal, icmp_error_no_session, table_full, host_rate_limited."""
+        self.mp = maps
+        nets = list(internal)
+        self.nnets = len(nets)
+        self.nets = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
+        self.masks = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
+        if self.nets == NULL or self.masks == NULL:
+            raise MemoryError()
+        for k, (n, m) in enumerate(nets):
+            self.nets[k], self.masks[k] = n, m
+        self.r_not_internal = reasons["not_internal"]
+        self.r_icmp = reasons["icmp_error_no_session"]
+        self.r_full = reasons["table_full"]
+        self.r_rate = reasons["host_rate_limited"]
+        self.v_miss_out = v_miss_out
+
+    def __dealloc__(self):
+        free(self.nets)
+        free(self.masks)
+
+    def bind(self, Hosts hosts not None, PortBlocks blocks not None, HostRate rate, int cap, bint preserve):
+        """The builder's current host table, port blocks, rate limiter (None: off), port
+        cap per host and protocol, port preservation."""
+        self.hs, self.bl, self.rate, self.cap, self.preserve = hosts, blocks, rate, cap, preserve
+
+    cdef int out_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
+                   bint icmp_error) except -5:
+        cdef int k
+        for k in range(self.nnets):
+            if ia & self.masks[k] == self.nets[k]:
+                break
+        else:
+            return self.r_not_internal
+        if p != P_TCP and p != P_UDP and p != P_ICMP:
+            return NEED_PY
+        cdef Host* h = self.hs.find(ia)
+        if h == NULL:
+            return NEED_PY  # EIM: another NIC's host (fetch) or a new one; APDM: a new host
+        cdef uint16_t r = 0 if p == P_ICMP else rp
+        cdef Mappings mp = self.mp
+        cdef uint32_t rid = mp.find_out(p, ia, ip, ra, r)
+        if rid and mp.has_session_c(rid, ra, r):
+            self.last = rid
+            return OK  # pending in this batch, or a fetch of an existing session
+        if icmp_error:
+            return self.r_icmp
+        if self.room <= 0:
+            return self.r_full
+        if self.py_session:
+            return NEED_PY
+        cdef int pi, off = -1
+        cdef int64_t g
+        cdef int32_t s
+        if rid == 0:
+            if self.recovering or self.py_mapping:
+                return NEED_PY
+            if self.rate is not None and not self.rate.would_allow(ia, now):
+                self.rate.allow(ia, now)  # its refill, as a refused take leaves it
+                return self.r_rate
+            pi = _pidx(p)
+            if h.nports[pi] >= self.cap:
+                return NEED_PY  # refused by the caller (host_port_cap)
+            g = self.hs.allocate_c(h, pi, ip, self.preserve, self.bl, &off)
+            if g < 0:
+                return NEED_PY  # a new block: the caller (journal, log)
+            if self.rate is not None:
+                self.rate.allow(ia, now)
+            h.nports[pi] += 1
+            s = self.bl.slot_of(g)
+            rid = <uint32_t>mp.new_c(p, ia, ip, self.bl.s_addr[s], <uint16_t>(self.bl.s_lo[s] + off), g)
+        elif self.rate is not None and not self.rate.allow(ia, now):
+            return self.r_rate
+        mp.add_session_c(rid, ra, r)
+        self.room -= 1
+        self.last = rid
+        return OK
+
+    def out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
+            bint icmp_error=False):
+        return self.out_c(p, ia, ip, ra, rp, now, icmp_error)
+
+    def run(self, list cols, Py_ssize_t j, int64_t now, list idx, list res, list replay):
+        """``out`` for cols[j], cols[j+1], ... (tuples (verdict, proto, I, Ip, R, Rp, kind,
+        flags)) while the verdict is miss_out and the answer -1: each appends its frame
+        index (``idx``) to `replay` and -1 to `res`.  Returns the index it stopped at
+        (that miss is not answered: the caller's general path takes it)."""
+        cdef Py_ssize_t n = len(cols)
+        cdef tuple c
+        while j < n:
+            c = <tuple>cols[j]
+            if <int>c[0] != self.v_miss_out:
+                break
+            if self.out_c(c[1], c[2], c[3], c[4], c[5], now, False) != OK:
+                break
+            replay.append(idx[j])
+            res.append(OK)
+            j += 1
+        return j
