@@ -388,7 +388,7 @@ class RuleBuilder:
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
 
         # mappings and sessions, by rule id and indexed (C: hypernat.nat._mappings)
-        self.maps = Mappings(self._eim, 1024)
+        self.maps = Mappings(self._eim, 1024, self._filter == "address-dependent")
         self.hosts = Hosts()  # internal hosts with blocks here: address, blocks, live mappings (C)
         # The blocks assigned to hosts here and their used ports (per protocol: live or
         # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
@@ -396,7 +396,7 @@ class RuleBuilder:
         # new connections per internal host: a token bucket each (None: no limit)
         self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         # an outgoing first packet's common case, compiled (the rest: _out)
-        self._setup = OutSetup(self.maps, self._internal, REASON, _V_MISS_OUT)
+        self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
         self._bind_setup()
         # Free blocks per address index: [next native block, end, [freed/adopted ids]].
         self._addr = {}
@@ -509,74 +509,61 @@ class RuleBuilder:
             dec.fetch_key[i] = (s, d, sp, dp, p, kind, fl, 0)
         return dec
 
-    _SMALL_MISSES = 8  # up to this many frames: plain Python lists, no numpy per field
-
     def decide_misses(self, direction, verdicts, keys, now, n=None) -> tuple:
-        """``handle_misses`` without the numpy Decisions (the NIC loop's call: a batch with
-        one miss costs microseconds, not tens).  Frames 0..n-1 (n: all of `verdicts`).
+        """``handle_misses`` without the numpy Decisions (the NIC loop's call).  Frames
+        0..n-1 (n: all of `verdicts`).
 
         Returns ``(replay, fetches, idx, res)``: frame indices to translate again
         (ACT_REPLAY), the fetches ``(frame, owner, fetch_dir, proto, saddr, sport, daddr,
         dport, kind, tcp_flags)`` (ACT_FETCH, in frame order), every miss's frame index
         and its result (-1 replay, -2 fetch, -3 hold (``recovering``), else the drop
-        reason, counted already)."""
+        reason, counted already).
+
+        The outgoing misses' common case runs compiled over the arrays
+        (``OutSetup.run``: a known host, its mapping or a port in its blocks, the
+        session) until a miss needs more -- a new host or block, a fetch, a refusal,
+        an incoming, hairpin or ICMP-error miss -- which takes the general path here;
+        then the compiled run goes on from the next frame.  One pass, in frame order."""
         if n is None:
             n = len(verdicts)
-        lo, hi = _V_MISS_OUT, _V_MISS_HAIRPIN
-        if n <= self._SMALL_MISSES:
-            vl = verdicts[:n].tolist()
-            idx = [i for i, v in enumerate(vl) if lo <= v <= hi]
-            if not idx:
-                return [], [], idx, []
-            kl = keys[:n].tolist()
-            cols = [(vl[i],) + kl[i] for i in idx]  # (v, saddr, daddr, sport, dport, proto, kind, fl, _)
-            cols = [(v, p, s, sp, d, dp, kind, fl) for v, s, d, sp, dp, p, kind, fl, _ in cols]
-            owners = None
-        else:
-            verdicts = np.asarray(verdicts[:n])
-            ia = np.flatnonzero((verdicts >= lo) & (verdicts <= hi))
-            if len(ia) == 0:
-                return [], [], [], []
-            idx = ia.tolist()
-            k = keys[ia]
-            cols = list(zip(
-                verdicts[ia].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
-                k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
-            ))
-            # incoming misses: the owner of each destination (an external endpoint) at once
-            # (the first thing _in asks; a fetch needs nothing else)
-            owners = self.part.owners(k["daddr"], k["dport"]).tolist() if direction == IN else None
+        vb = np.ascontiguousarray(verdicts[:n], dtype=np.uint8)
+        kb = np.ascontiguousarray(keys[:n])
+        if kb.dtype != layout.KEY_DTYPE:
+            kb = kb.astype(layout.KEY_DTYPE)
+        kbytes = kb.view(np.uint8).reshape(-1)
         now = int(now)
         self._begin()
         part_owner = self.part.owner
+        # incoming misses: the owner of each destination (an external endpoint) at once
+        # for a big batch (the first thing _in asks; a fetch needs nothing else)
+        owners = self.part.owners(kb["daddr"], kb["dport"]).tolist() if direction == IN and n > 8 else None
         me = self.nic
         res = []
         fetches = []
         replay = []
+        idx = []
         out_, in_ = self._out, self._in
         icmp_kind = layout.KIND_ICMP_ERROR
-        # The outgoing misses' common case runs compiled (OutSetup.run) until one needs
-        # more (a new host or block, a fetch, a refusal, an incoming miss): that one
-        # takes the general path below, then the compiled run goes on.
         run = self._setup.run
-        j, nc = 0, len(cols)
-        while j < nc:
-            j = run(cols, j, now, idx, res, replay)
-            if j >= nc:
+        j = 0
+        while True:
+            j = run(vb, kbytes, j, now, idx, res, replay)
+            if j >= n:
                 break
-            v, p, s, sp, d, dp, kind, fl = cols[j]
+            v = int(vb[j])
+            s, d, sp, dp, p, kind, fl, _ = kb[j].tolist()
             if v == _V_MISS_OUT:
                 r = out_(p, s, sp, d, dp, fl, now)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             elif v == _V_MISS_HAIRPIN:
                 r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner) + fkey + (fl,))
+                    fetches.append((j, self._fetch_owner) + fkey + (fl,))
             elif v == _V_MISS_ICMP_ERROR and direction == OUT:
                 r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             else:
                 # _in's first step inline: another NIC's endpoint is a fetch, outside E a drop
                 o = part_owner(d, dp) if owners is None else owners[j]
@@ -585,14 +572,16 @@ class RuleBuilder:
                 elif o != me:
                     self._fetch_owner = o
                     r = _FETCH
-                    fetches.append((idx[j], o, IN, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, o, IN, p, s, sp, d, dp, kind, fl))
                 else:
                     r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
-            if r == _OK:
-                replay.append(idx[j])
+            idx.append(j)
             res.append(r)
+            if r == _OK:
+                replay.append(j)
             j += 1
-        self._flush(now)
+        if idx:
+            self._flush(now)
         return replay, fetches, idx, res
 
     def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
@@ -1766,7 +1755,7 @@ class RuleBuilder:
                 for pi in range(3):
                     bl.set_mask(g, pi, int(used[g][0][pi]))
                 hs.append_block(iaddr, g)
-        self.maps = mp = Mappings(self._eim, max(1024, len(state["mappings"])))
+        self.maps = mp = Mappings(self._eim, max(1024, len(state["mappings"])), self._filter == "address-dependent")
         mp.load(int(state["n_ids"]), state["free_ids"])
         for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
             mp.put(rid, p, ia, ip, ea, ep, g)
@@ -1774,7 +1763,7 @@ class RuleBuilder:
             for x in rems:
                 mp.add_session(rid, x >> 16, x & 0xFFFF)
         mp.clear_pending()  # the tables hold the saved slots already
-        self._setup = OutSetup(mp, self._internal, REASON, _V_MISS_OUT)
+        self._setup = OutSetup(mp, self._internal, REASON, VERDICT)
         self._bind_setup()
         self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
         self._holds = {int(k): int(c) for k, c in state["holds"]}

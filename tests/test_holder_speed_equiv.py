@@ -238,7 +238,6 @@ def test_decide_misses_equals_the_reference_loop_small_and_big(tmp_path, n, seed
     cfg = _cfg(tmp_path)
     rng = random.Random(seed)
     ref, new, big = _rb(cfg, 0), _rb(cfg, 0), _rb(cfg, 0)
-    big._SMALL_MISSES = 0  # every batch through the numpy path
     for step in range(6):
         direction = OUT if step % 2 == 0 else IN
         known = _known_sessions(ref)

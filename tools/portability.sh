@@ -60,7 +60,7 @@ mkdir "$tmp/tree"
 git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
 (
   cd "$tmp/tree"
-  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat._clones,hypernat._serve,hypernat.nat._ports,hypernat.nat._hosts,hypernat.nat._rate \
+  HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_BUILD_ONLY=hypernat._fastpath,hypernat._frag,hypernat._clones,hypernat._serve,hypernat.nat._ports,hypernat.nat._hosts,hypernat.nat._rate,hypernat.nat._mappings \
     "$PY" setup.py -q build_ext --inplace >/dev/null
   "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}" tests/test_clones_twins.py
 )

@@ -27,6 +27,7 @@ cdef struct SessRec:
 
 cdef class Mappings:
     cdef readonly bint eim            # endpoint-independent mapping: one per internal endpoint
+    cdef readonly bint raddr          # keep (rule id, R) counts (address-dependent filtering)
     cdef MapRec* m                    # by rule id (index 0 unused)
     cdef uint32_t mcap
     cdef uint32_t top                 # rule ids ever handed out + 1 (the next new one)

@@ -30,7 +30,17 @@ from libc.string cimport memset
 
 import numpy as np
 
-from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_map_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_map_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_map_prefetch(const void *p) noexcept nogil
 from .._fastpath import FlowTable as _FlowTable
 
 from ._hosts cimport Host, Hosts
@@ -65,10 +75,11 @@ cdef inline int _pidx(uint8_t p) noexcept nogil:
 
 
 cdef class Mappings:
-    """Mappings(eim=True, capacity=1024): the mappings and sessions of one owner (see
-    the module docstring).  With ``eim`` False (address-and-port-dependent mapping) an
-    outgoing key finds its mapping by the whole session key, else by the internal
-    endpoint."""
+    """Mappings(eim=True, capacity=1024, remote_addresses=True): the mappings and
+    sessions of one owner (see the module docstring).  With ``eim`` False
+    (address-and-port-dependent mapping) an outgoing key finds its mapping by the whole
+    session key, else by the internal endpoint.  ``remote_addresses``: keep the (rule
+    id, R) counts (``has_remote_address``; what address-dependent filtering asks)."""
 
     def __cinit__(self):
         self.m = NULL
@@ -81,8 +92,9 @@ cdef class Mappings:
         self.n_sessions = 0
         self.npend = self.pcap = 0
 
-    def __init__(self, bint eim=True, int capacity=1024):
+    def __init__(self, bint eim=True, int capacity=1024, bint remote_addresses=True):
         self.eim = eim
+        self.raddr = remote_addresses
         capacity = max(16, capacity)
         self.ext = _FlowTable(capacity, hugepages=False)
         self.inl = _FlowTable(capacity if eim else 1, hugepages=False)
@@ -172,10 +184,9 @@ cdef class Mappings:
         return rid
 
     cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1:
-        """Session (rid, R, Rp): 1 added (and pending for the flow tables), 0 there already."""
+        """Session (rid, R, Rp), not there yet (the caller checked): added, and pending
+        for the flow tables."""
         cdef MapRec* m = &self.m[rid]
-        if self.has_session_c(rid, ra, r):
-            return 0
         if self.sfree < 0:
             self._grow_s(self.scap * 2)
         if self.npend == self.pcap:
@@ -200,11 +211,13 @@ cdef class Mappings:
         m.nsess += 1
         self.n_sessions += 1
         self.sess.c_insert(K_SESS, rid, 0, ra, r, 0, 0, x, 0, 0)
-        cdef int64_t j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
-        if j >= 0:
-            self.sess.c_slot(j).rule_id += 1
-        else:
-            self.sess.c_insert(K_RADDR, rid, 0, ra, 0, 0, 0, 1, 0, 0)
+        cdef int64_t j
+        if self.raddr:
+            j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
+            if j >= 0:
+                self.sess.c_slot(j).rule_id += 1
+            else:
+                self.sess.c_insert(K_RADDR, rid, 0, ra, 0, 0, 0, 1, 0, 0)
         cdef uint32_t* w = &self.pend[self.npend * 8]
         w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7] = m.proto, m.iaddr, m.iport, ra, r, m.eaddr, m.eport, rid
         self.npend += 1
@@ -219,7 +232,7 @@ cdef class Mappings:
         cdef SessRec* s = &self.s[x]
         cdef MapRec* m = &self.m[rid]
         self.sess.c_delete(K_SESS, rid, 0, ra, r)
-        j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
+        j = self.sess.c_find(K_RADDR, rid, 0, ra, 0) if self.raddr else -1
         if j >= 0:
             if self.sess.c_slot(j).rule_id > 1:
                 self.sess.c_slot(j).rule_id -= 1
@@ -300,13 +313,18 @@ cdef class Mappings:
 
     def has_remote_address(self, uint32_t rid, uint32_t ra):
         """Mapping `rid` has a session with remote address `ra` (address-dependent filtering)."""
+        if not self.raddr:
+            raise ValueError("Mappings(remote_addresses=False) keeps no remote-address counts")
         return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
 
     def add_session(self, uint32_t rid, uint32_t ra, uint16_t r):
         """Session (rid, R, Rp) (ICMP: r 0), pending for the flow tables: True if added,
         False if it exists."""
         self._get(rid)
-        return self.add_session_c(rid, ra, r) == 1
+        if self.has_session_c(rid, ra, r):
+            return False
+        self.add_session_c(rid, ra, r)
+        return True
 
     def end_session(self, uint32_t rid, uint32_t ra, uint16_t r):
         """Forget a session: the sessions its mapping has left, or -1 if it was not there."""
@@ -399,17 +417,30 @@ cdef class Mappings:
         if n == 0:
             return 0
         self.npend = 0
+        cdef Py_ssize_t base, m
         if type(out) is _FlowTable and type(inn) is _FlowTable:
             o, i = out, inn
             o._mutating()
             i._mutating()
-            for k in range(n):
-                w = &self.pend[k * 8]
-                p = <uint8_t>w[0]
-                o.c_insert(p, w[1], <uint16_t>w[2], w[3], <uint16_t>(w[2] if p == P_ICMP else w[4]),
-                           w[5], <uint16_t>w[6], w[7], now, 0)
-                i.c_insert(p, w[3], <uint16_t>(w[6] if p == P_ICMP else w[4]), w[5], <uint16_t>w[6],
-                           w[1], <uint16_t>w[2], w[7], now, 0)
+            base = 0
+            while base < n:  # home slots prefetched a group ahead, as insert_batch does
+                m = n - base if n - base < 8 else 8
+                for k in range(base, base + m):
+                    w = &self.pend[k * 8]
+                    p = <uint8_t>w[0]
+                    rp = <uint16_t>w[4]
+                    hn_map_prefetch(&o.t.s[hn_flow_hash(p, w[1], <uint16_t>w[2], w[3],
+                                                        <uint16_t>w[2] if p == P_ICMP else rp) & o.t.mask])
+                    hn_map_prefetch(&i.t.s[hn_flow_hash(p, w[3], <uint16_t>w[6] if p == P_ICMP else rp, w[5],
+                                                        <uint16_t>w[6]) & i.t.mask])
+                for k in range(base, base + m):
+                    w = &self.pend[k * 8]
+                    p = <uint8_t>w[0]
+                    o.c_insert(p, w[1], <uint16_t>w[2], w[3], <uint16_t>(w[2] if p == P_ICMP else w[4]),
+                               w[5], <uint16_t>w[6], w[7], now, 0)
+                    i.c_insert(p, w[3], <uint16_t>(w[6] if p == P_ICMP else w[4]), w[5], <uint16_t>w[6],
+                               w[1], <uint16_t>w[2], w[7], now, 0)
+                base += m
             return n
         # another FlowTable implementation (the plain-Python reference): its batch insert
         from .. import layout
@@ -432,6 +463,21 @@ cdef class Mappings:
 # ------------------------------------------------------------------------------------
 # An outgoing first packet, the common case, compiled
 # ------------------------------------------------------------------------------------
+
+cdef packed struct hn_key16:   # layout.KEY_DTYPE
+    uint32_t saddr
+    uint32_t daddr
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t kind
+    uint8_t tcp_flags
+    uint8_t icmp_type
+
+from .. import layout as _layout
+if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f][1] for f in (
+        "saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags", "icmp_type")] != [0, 4, 8, 10, 12, 13, 14, 15]:
+    raise ImportError("hypernat.nat._mappings disagrees with layout.KEY_DTYPE: rebuild it")
 
 cdef enum:
     OK = -1           # the session exists or was added (rules._OK)
@@ -462,7 +508,7 @@ cdef class OutSetup:
     cdef bint preserve
     cdef uint32_t cap
     cdef int r_not_internal, r_icmp, r_full, r_rate
-    cdef int v_miss_out
+    cdef int v_miss_out, v_miss_lo, v_miss_hi
     cdef public int64_t room
     cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
     cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
@@ -473,9 +519,11 @@ cdef class OutSetup:
         self.nets = NULL
         self.masks = NULL
 
-    def __init__(self, Mappings maps not None, internal, reasons, int v_miss_out):
+    def __init__(self, Mappings maps not None, internal, reasons, verdicts):
         """`internal`: [(network, netmask)] as ints; `reasons`: {name: index} of
-        not_internal, icmp_error_no_session, table_full, host_rate_limited."""
+        not_internal, icmp_error_no_session, table_full, host_rate_limited;
+        `verdicts`: {name: value} of miss_out, miss_in, miss_icmp_error, miss_hairpin
+        (the misses: one range of values)."""
         self.mp = maps
         nets = list(internal)
         self.nnets = len(nets)
@@ -489,7 +537,11 @@ cdef class OutSetup:
         self.r_icmp = reasons["icmp_error_no_session"]
         self.r_full = reasons["table_full"]
         self.r_rate = reasons["host_rate_limited"]
-        self.v_miss_out = v_miss_out
+        self.v_miss_out = verdicts["miss_out"]
+        vs = [verdicts[x] for x in ("miss_out", "miss_in", "miss_icmp_error", "miss_hairpin")]
+        self.v_miss_lo, self.v_miss_hi = min(vs), max(vs)
+        if self.v_miss_hi - self.v_miss_lo != 3:
+            raise ValueError(f"the miss verdicts are not one range: {vs}")
 
     def __dealloc__(self):
         free(self.nets)
@@ -556,20 +608,30 @@ cdef class OutSetup:
             bint icmp_error=False):
         return self.out_c(p, ia, ip, ra, rp, now, icmp_error)
 
-    def run(self, list cols, Py_ssize_t j, int64_t now, list idx, list res, list replay):
-        """``out`` for cols[j], cols[j+1], ... (tuples (verdict, proto, I, Ip, R, Rp, kind,
-        flags)) while the verdict is miss_out and the answer -1: each appends its frame
-        index (``idx``) to `replay` and -1 to `res`.  Returns the index it stopped at
-        (that miss is not answered: the caller's general path takes it)."""
-        cdef Py_ssize_t n = len(cols)
-        cdef tuple c
-        while j < n:
-            c = <tuple>cols[j]
-            if <int>c[0] != self.v_miss_out:
+    def run(self, const uint8_t[::1] verdicts not None, const uint8_t[::1] keys not None, Py_ssize_t i,
+            int64_t now, list idx, list res, list replay):
+        """Frames i, i+1, ... of a batch (`verdicts` uint8[n], `keys` layout.KEY_DTYPE[n]
+        as bytes): frames that are not misses are passed over; each outgoing miss that
+        ``out`` answers -1 appends its frame index to `idx` and `replay` and -1 to
+        `res`.  Returns the index of the first miss it did not answer (n: none left),
+        untouched: the caller's general path takes it."""
+        cdef Py_ssize_t n = verdicts.shape[0]
+        cdef const hn_key16* k
+        cdef uint8_t v
+        if keys.shape[0] < n * <Py_ssize_t>sizeof(hn_key16):
+            raise ValueError("keys shorter than verdicts")
+        while i < n:
+            v = verdicts[i]
+            if v < self.v_miss_lo or v > self.v_miss_hi:
+                i += 1
+                continue
+            if v != self.v_miss_out:
                 break
-            if self.out_c(c[1], c[2], c[3], c[4], c[5], now, False) != OK:
+            k = <const hn_key16*>&keys[i * sizeof(hn_key16)]
+            if self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False) != OK:
                 break
-            replay.append(idx[j])
+            idx.append(i)
             res.append(OK)
-            j += 1
-        return j
+            replay.append(i)
+            i += 1
+        return i
