@@ -40,7 +40,7 @@ Who allocates (DESIGN.md "Ownership"): with EIM all mappings of internal host h 
 to NIC ``partition.eim_owner(h)``; with APDM the NIC that sees the first outgoing packet
 allocates from its own E_i.  An incoming miss belongs to ``partition.owner(E, Ep)``.  A
 miss this NIC cannot decide comes back as FETCH with the owner's id and the key to ask
-for; the owner answers with ``serve_fetch`` and the asker installs the answer with
+for; the owner answers with ``serve_fetch_rows`` and the asker installs the answer with
 ``install_clone``.
 
 Lifecycle: the fast path writes ``last_seen``/``tcp_state``/``F_ACTIVE`` in the slots;
@@ -74,10 +74,14 @@ with cloud NATs' ports per VM).  External endpoints are per protocol (TCP port 5
 UDP port 5000 are different endpoints).
 
 Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
-hypernat.nat._hosts.Hosts) and the per-host connection rate (hypernat.nat._rate) are C
-records (no Python object per block or host; port choice in C); mappings and sessions
-are still Python objects, driven per miss in Python and batched at the numpy boundary
-(one ``insert_batch`` per table per call) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
+hypernat.nat._hosts.Hosts), the per-host connection rate (hypernat.nat._rate) and the
+mappings and sessions (``maps``: hypernat.nat._mappings.Mappings) are C records: no
+Python object per block, host, mapping or session.  An outgoing first packet's common
+case (a known host, its mapping or a port in one of its blocks, the session) is decided
+in C over the batch's arrays (``_mappings.OutSetup``); Python runs per miss only for
+what that leaves (a new host or block, a fetch, a refusal, incoming, hairpin and ICMP
+error misses).  The sessions a call adds reach the flow tables in one pass at its end
+(``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
 
@@ -101,7 +105,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
         the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
   owner side of cloning (called by the RuleAgent)
-    serve_fetch(fetch_dir, keys, now) -> (records, status)   status 0 = ok, else reason index
+    serve_fetch_rows(rows, now) -> [(status, session tuple | None)]   status 0 = ok, else
+        the reason index (rows: fetch_dir + a layout.KEY_DTYPE record as a tuple)
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
     lookup_external(proto, eaddr, eport) -> dict | None
     merge_activity(records, now=None) -> int
@@ -126,7 +131,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
-    blocks, hosts        the C state (PortBlocks, Hosts): read them, do not change them
+    blocks, hosts, maps  the C state (PortBlocks, Hosts, Mappings): read them, do not change them
+    mappings() -> [MappingView];  mapping(rule_id) -> MappingView | None   (copies, for
+        tests and tools: a walk over every mapping)
 """
 from __future__ import annotations
 
