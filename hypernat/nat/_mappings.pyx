@@ -60,7 +60,7 @@ cdef FlowTable _room(FlowTable t, uint64_t need=1):
     table that grows)."""
     if t.t.count + need <= t.t.capacity:
         return t
-    cdef FlowTable n = _FlowTable(t.t.capacity * 2, hugepages=False)
+    cdef FlowTable n = _FlowTable(max(t.t.capacity * 2, t.t.count + need), hugepages=False)
     cdef uint64_t i
     cdef hn_slot* s
     for i in range(t.t.nslots):
