@@ -143,6 +143,13 @@ cdef class Mappings:
         j = self.outk.c_find(p, ia, ip, ra, r)
         return self.outk.c_slot(j).rule_id if j >= 0 else 0
 
+    cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept:
+        """Start loading the index line ``find_out`` will read first."""
+        cdef FlowTable t = self.inl if self.eim else self.outk
+        if self.eim:
+            ra, r = 0, 0
+        hn_map_prefetch(&t.t.s[hn_flow_hash(p, ia, ip, ra, r) & t.t.mask])
+
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
         return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
 
@@ -480,6 +487,7 @@ if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f
     raise ImportError("hypernat.nat._mappings disagrees with layout.KEY_DTYPE: rebuild it")
 
 cdef enum:
+    LOOKAHEAD = 4     # OutSetup.run prefetches this many frames ahead
     OK = -1           # the session exists or was added (rules._OK)
     NEED_PY = -4      # nothing done: the caller's general path decides (rare events)
 
@@ -615,12 +623,17 @@ cdef class OutSetup:
         ``out`` answers -1 appends its frame index to `idx` and `replay` and -1 to
         `res`.  Returns the index of the first miss it did not answer (n: none left),
         untouched: the caller's general path takes it."""
-        cdef Py_ssize_t n = verdicts.shape[0]
+        cdef Py_ssize_t n = verdicts.shape[0], a
         cdef const hn_key16* k
         cdef uint8_t v
         if keys.shape[0] < n * <Py_ssize_t>sizeof(hn_key16):
             raise ValueError("keys shorter than verdicts")
         while i < n:
+            a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
+            if a < n and verdicts[a] == self.v_miss_out:
+                k = <const hn_key16*>&keys[a * sizeof(hn_key16)]
+                self.hs.prefetch(k.saddr)
+                self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
             v = verdicts[i]
             if v < self.v_miss_lo or v > self.v_miss_hi:
                 i += 1
