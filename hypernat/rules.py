@@ -141,7 +141,6 @@ import collections
 import dataclasses
 import ipaddress
 import logging
-import struct
 import time as _time
 
 import numpy as np
@@ -175,14 +174,6 @@ SESSION_DTYPE = np.dtype(
     ]
 )
 assert SESSION_DTYPE.itemsize == 32
-# A slot's last_seen (u4) and tcp_state (u1), at byte 24 of its 32 (layout.SLOT_DTYPE),
-# and one SESSION_DTYPE record, field by field: what the owner reads and writes per
-# answered FETCH (a struct call costs a fraction of a numpy element access).
-_ST_SEEN_STATE = struct.Struct("<IB")
-assert layout.SLOT_DTYPE.fields["last_seen"][1] == 24 and layout.SLOT_DTYPE.fields["tcp_state"][1] == 28
-_ST_KEY = struct.Struct("<IIHHBBBB")  # one layout.KEY_DTYPE record
-assert _ST_KEY.size == layout.KEY_DTYPE.itemsize and layout.KEY_DTYPE.names[:5] == (
-    "saddr", "daddr", "sport", "dport", "proto")
 
 DIR_BIT_OUT = 1
 DIR_BIT_IN = 2
@@ -1125,47 +1116,10 @@ class RuleBuilder:
         self._flush(now)
         return status, found
 
-    def _slot_views(self):
-        """(out bytes, in bytes): memoryviews of the two tables' slot memory, to read an
-        entry's last_seen and tcp_state with one struct call (cached while the tables
-        keep their slot arrays)."""
-        so, si = self.out.slots, self.inn.slots
-        c = self._slot_mv
-        if c is not None and c[0] is so and c[1] is si:
-            return c[2], c[3]
-        plain = all(isinstance(a, np.ndarray) and a.dtype == layout.SLOT_DTYPE and a.ndim == 1
-                    and a.flags.c_contiguous for a in (so, si))
-        if not plain:  # not the tables' own memory (never for a FlowTable): a copy, uncached
-            return (memoryview(np.ascontiguousarray(so, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)),
-                    memoryview(np.ascontiguousarray(si, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)))
-        mo, mi = memoryview(so.view(np.uint8)), memoryview(si.view(np.uint8))
-        self._slot_mv = (so, si, mo, mi)
-        return mo, mi
-
-    _slot_mv = None
-
     def _session_tuples(self, found, dirs: int) -> list:
-        """SESSION_DTYPE tuples of found = [(index, rule id, raddr, rport)]: the
-        entries' last_seen (max of both) and tcp_state read with one lookup and one
-        struct read per entry."""
-        olook, ilook = self.out.lookup, self.inn.lookup
-        mo, mi = self._slot_views()
-        rd = _ST_SEEN_STATE.unpack_from
-        nic = self.nic
-        get = self.maps.get
-        out = []
-        for _, rid, ra, rp in found:
-            p, ia, ip, ea, ep, _ = get(rid)
-            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
-                jo = olook(*out_key(p, ia, ip, ra, rp))
-                ji = ilook(*in_key(p, ra, rp, ea, ep))
-            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
-                jo = olook(p, ia, ip, ra, rp)
-                ji = ilook(p, ra, rp, ea, ep)
-            lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
-            li, ti = rd(mi, ji * 32 + 24) if ji >= 0 else (0, 0)
-            out.append((ia, ea, ra, ip, ep, rp, p, dirs, rid, lo if lo > li else li, to, ti, nic, 0))
-        return out
+        """SESSION_DTYPE tuples of found = [(index, rule id, raddr, rport)], with the
+        entries' last_seen (the later of both) and TCP state (``Mappings.session_rows``)."""
+        return self.maps.session_rows(found, self.out, self.inn, dirs, self.nic)
 
     def export_rule(self, proto, eaddr, eport) -> np.ndarray:
         """All sessions of the mapping holding (proto, eaddr, eport), as SESSION_DTYPE."""

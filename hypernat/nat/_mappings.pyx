@@ -70,6 +70,26 @@ cdef FlowTable _room(FlowTable t, uint64_t need=1):
     return n
 
 
+cdef tuple _seen_state(t, bint compiled, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp):
+    """(last_seen, tcp_state) of a flow-table entry, (0, 0) if it is not there: at C level
+    on the compiled FlowTable, through lookup and slots on another implementation."""
+    cdef FlowTable ft
+    cdef int64_t j
+    cdef hn_slot* s
+    if compiled:
+        ft = t
+        j = ft.c_find(p, sa, sp, da, dp)
+        if j < 0:
+            return (0, 0)
+        s = ft.c_slot(j)
+        return (s.last_seen, s.tcp_state)
+    j = t.lookup(p, sa, sp, da, dp)
+    if j < 0:
+        return (0, 0)
+    r = t.slots[j]
+    return (int(r["last_seen"]), int(r["tcp_state"]))
+
+
 cdef inline int _pidx(uint8_t p) noexcept nogil:
     return 0 if p == P_TCP else (1 if p == P_UDP else 2)
 
@@ -402,6 +422,27 @@ cdef class Mappings:
         if rid == 0 or rid >= self.top or self.m[rid].used:
             raise ValueError(f"rule id {rid} is not free")
         self._put(rid, p, ia, ip, ea, ep, block)
+
+    def session_rows(self, list found, out, inn, int dirs, int owner):
+        """The sessions found = [(index, rule id, R, Rp)] as tuples in SESSION_DTYPE
+        field order (hypernat.rules): the mapping's endpoints, `dirs`, `owner`, and the
+        two flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in
+        each entry's TCP flags (0 for an entry not there)."""
+        cdef list res = []
+        cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
+        cdef MapRec* m
+        cdef uint32_t rid, ra, lo, li
+        cdef uint16_t rp
+        cdef uint8_t to, ti
+        for f in found:
+            rid, ra, rp = f[1], f[2], f[3]
+            m = self._get(rid)
+            # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
+            lo, to = _seen_state(out, c, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp)
+            li, ti = _seen_state(inn, c, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport)
+            res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
+                        to, ti, owner, 0))
+        return res
 
     # -- pending flow-table entries -------------------------------------------------------
     @property
