@@ -532,9 +532,10 @@ class RuleBuilder:
         now = int(now)
         self._begin()
         part_owner = self.part.owner
-        # incoming misses: the owner of each destination (an external endpoint) at once
-        # for a big batch (the first thing _in asks; a fetch needs nothing else)
-        owners = self.part.owners(kb["daddr"], kb["dport"]).tolist() if direction == IN and n > 8 else None
+        # incoming misses in a big batch: the owner of every destination (an external
+        # endpoint) at once, at the first one (the first thing _in asks; a fetch needs
+        # nothing else)
+        owners = None
         me = self.nic
         res = []
         fetches = []
@@ -564,6 +565,8 @@ class RuleBuilder:
                     fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             else:
                 # _in's first step inline: another NIC's endpoint is a fetch, outside E a drop
+                if owners is None and n > 8:
+                    owners = self.part.owners(kb["daddr"], kb["dport"]).tolist()
                 o = part_owner(d, dp) if owners is None else owners[j]
                 if o < 0:
                     r = self._refuse(_R_NOT_IN_POOL)
