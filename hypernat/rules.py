@@ -386,7 +386,7 @@ class RuleBuilder:
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
 
         # mappings and sessions, by rule id and indexed (C: hypernat.nat._mappings)
-        self.maps = Mappings(self._eim, 1024, self._filter == "address-dependent")
+        self.maps = Mappings(self._eim, self._index_capacity(), self._filter == "address-dependent")
         self.hosts = Hosts()  # internal hosts with blocks here: address, blocks, live mappings (C)
         # The blocks assigned to hosts here and their used ports (per protocol: live or
         # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
@@ -459,6 +459,11 @@ class RuleBuilder:
                     100.0 * self.utilisation(), len(self.maps), self.maps.n_sessions,
                 )
         return reason
+
+    def _index_capacity(self) -> int:
+        """What the mapping/session indexes are sized for: every session is an entry in
+        both flow tables, so no more than they hold."""
+        return max(16, min(self.out.capacity, self.inn.capacity))
 
     def _bind_setup(self) -> None:
         """Give the compiled setup the current host table, blocks, rate and cap."""
@@ -1719,7 +1724,7 @@ class RuleBuilder:
                 for pi in range(3):
                     bl.set_mask(g, pi, int(used[g][0][pi]))
                 hs.append_block(iaddr, g)
-        self.maps = mp = Mappings(self._eim, max(1024, len(state["mappings"])), self._filter == "address-dependent")
+        self.maps = mp = Mappings(self._eim, self._index_capacity(), self._filter == "address-dependent")
         mp.load(int(state["n_ids"]), state["free_ids"])
         for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
             mp.put(rid, p, ia, ip, ea, ep, g)

@@ -96,7 +96,11 @@ cdef inline int _pidx(uint8_t p) noexcept nogil:
 
 cdef class Mappings:
     """Mappings(eim=True, capacity=1024, remote_addresses=True): the mappings and
-    sessions of one owner (see the module docstring).  With ``eim`` False
+    sessions of one owner (see the module docstring).  `capacity`: the sessions it is
+    sized for -- the owner passes its flow tables' capacity (a session is an entry in
+    each), so the indexes never grow on the packet path (growing one of 10^6 entries
+    would stall a loop turn for a fraction of a second); beyond it they double.  Their
+    slots are zeroed lazily (calloc'ed), so the memory in use follows the entries.  With ``eim`` False
     (address-and-port-dependent mapping) an outgoing key finds its mapping by the whole
     session key, else by the internal endpoint.  ``remote_addresses``: keep the (rule
     id, R) counts (``has_remote_address``; what address-dependent filtering asks)."""
@@ -119,10 +123,10 @@ cdef class Mappings:
         self.ext = _FlowTable(capacity, hugepages=False)
         self.inl = _FlowTable(capacity if eim else 1, hugepages=False)
         self.outk = _FlowTable(1 if eim else capacity, hugepages=False)
-        self.sess = _FlowTable(2 * capacity, hugepages=False)
+        self.sess = _FlowTable(capacity * (2 if remote_addresses else 1), hugepages=False)
         self.top = 1
-        self._grow_m(capacity)
-        self._grow_s(capacity)
+        self._grow_m(min(capacity, 1 << 16))
+        self._grow_s(min(capacity, 1 << 16))
 
     def __dealloc__(self):
         free(self.m)
