@@ -40,7 +40,7 @@ Who allocates (DESIGN.md "Ownership"): with EIM all mappings of internal host h 
 to NIC ``partition.eim_owner(h)``; with APDM the NIC that sees the first outgoing packet
 allocates from its own E_i.  An incoming miss belongs to ``partition.owner(E, Ep)``.  A
 miss this NIC cannot decide comes back as FETCH with the owner's id and the key to ask
-for; the owner answers with ``serve_fetch`` and the asker installs the answer with
+for; the owner answers with ``serve_fetch_rows`` and the asker installs the answer with
 ``install_clone``.
 
 Lifecycle: the fast path writes ``last_seen``/``tcp_state``/``F_ACTIVE`` in the slots;
@@ -74,10 +74,14 @@ with cloud NATs' ports per VM).  External endpoints are per protocol (TCP port 5
 UDP port 5000 are different endpoints).
 
 Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
-hypernat.nat._hosts.Hosts) and the per-host connection rate (hypernat.nat._rate) are C
-records (no Python object per block or host; port choice in C); mappings and sessions
-are still Python objects, driven per miss in Python and batched at the numpy boundary
-(one ``insert_batch`` per table per call) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
+hypernat.nat._hosts.Hosts), the per-host connection rate (hypernat.nat._rate) and the
+mappings and sessions (``maps``: hypernat.nat._mappings.Mappings) are C records: no
+Python object per block, host, mapping or session.  An outgoing first packet's common
+case (a known host, its mapping or a port in one of its blocks, the session) is decided
+in C over the batch's arrays (``_mappings.OutSetup``); Python runs per miss only for
+what that leaves (a new host or block, a fetch, a refusal, incoming, hairpin and ICMP
+error misses).  The sessions a call adds reach the flow tables in one pass at its end
+(``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
 
@@ -101,7 +105,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
         the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
   owner side of cloning (called by the RuleAgent)
-    serve_fetch(fetch_dir, keys, now) -> (records, status)   status 0 = ok, else reason index
+    serve_fetch_rows(rows, now) -> [(status, session tuple | None)]   status 0 = ok, else
+        the reason index (rows: fetch_dir + a layout.KEY_DTYPE record as a tuple)
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
     lookup_external(proto, eaddr, eport) -> dict | None
     merge_activity(records, now=None) -> int
@@ -126,7 +131,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     lend_block() -> block id | None;  adopt_block(block);  return_block(block)
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
-    blocks, hosts        the C state (PortBlocks, Hosts): read them, do not change them
+    blocks, hosts, maps  the C state (PortBlocks, Hosts, Mappings): read them, do not change them
+    mappings() -> [MappingView];  mapping(rule_id) -> MappingView | None   (copies, for
+        tests and tools: a walk over every mapping)
 """
 from __future__ import annotations
 
@@ -134,13 +141,13 @@ import collections
 import dataclasses
 import ipaddress
 import logging
-import struct
 import time as _time
 
 import numpy as np
 
 from . import layout
 from .nat._hosts import Hosts
+from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
@@ -167,16 +174,6 @@ SESSION_DTYPE = np.dtype(
     ]
 )
 assert SESSION_DTYPE.itemsize == 32
-# A slot's last_seen (u4) and tcp_state (u1), at byte 24 of its 32 (layout.SLOT_DTYPE),
-# and one SESSION_DTYPE record, field by field: what the owner reads and writes per
-# answered FETCH (a struct call costs a fraction of a numpy element access).
-_ST_SEEN_STATE = struct.Struct("<IB")
-assert layout.SLOT_DTYPE.fields["last_seen"][1] == 24 and layout.SLOT_DTYPE.fields["tcp_state"][1] == 28
-_ST_SESSION = struct.Struct("<IIIHHHBBIIBBBB")
-assert _ST_SESSION.size == SESSION_DTYPE.itemsize
-_ST_KEY = struct.Struct("<IIHHBBBB")  # one layout.KEY_DTYPE record
-assert _ST_KEY.size == layout.KEY_DTYPE.itemsize and layout.KEY_DTYPE.names[:5] == (
-    "saddr", "daddr", "sport", "dport", "proto")
 
 DIR_BIT_OUT = 1
 DIR_BIT_IN = 2
@@ -318,12 +315,14 @@ _HOLD = -3  # crash recovery: the host's rules may come back from other NICs' cl
 log = logging.getLogger("hypernat.rules")
 
 
-class _Mapping:
-    # remotes: {remote addr << 16 | remote port: None} -- a dict of ints, not a set: the
-    # cyclic GC does not track it (it would a set).  At 100k mappings the collector's
-    # passes over live objects cost 20-35% of a setup (bench_rules, gc=frozen); what is
-    # left for it is this one object per mapping.  ``block``: the block id.
-    __slots__ = ("rule_id", "proto", "iaddr", "iport", "eaddr", "eport", "block", "remotes", "ekey", "ikey")
+_NEED_PY = -4  # OutSetup: the compiled common case left this packet to the general path
+
+
+class MappingView(collections.namedtuple("MappingView", "rule_id proto iaddr iport eaddr eport block remotes")):
+    """A copy of one mapping (``RuleBuilder.mappings``): remotes are its sessions'
+    remote endpoints as ints (R << 16 | Rp), ascending."""
+
+    __slots__ = ()
 
 
 class RuleBuilder:
@@ -383,23 +382,20 @@ class RuleBuilder:
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
         self._last_log_host = self._last_log_rec = float("-inf")
         self.track_created = config.install == "active"
-        self._plain_add = False  # set per call: sessions need no log line and no PUSH record
         self.track_removed = config.n_nics > 1
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
 
-        self._mappings = [None]  # rule_id -> _Mapping (index 0 unused)
-        self._free_ids = []
-        self._by_int = {}  # EIM: proto<<48 | iaddr<<16 | iport -> _Mapping
-        self._by_out = {}  # APDM: out-key int -> _Mapping
-        self._by_ext = {}  # proto<<48 | eaddr<<16 | eport -> _Mapping
+        # mappings and sessions, by rule id and indexed (C: hypernat.nat._mappings)
+        self.maps = Mappings(self._eim, self._index_capacity(), self._filter == "address-dependent")
         self.hosts = Hosts()  # internal hosts with blocks here: address, blocks, live mappings (C)
         # The blocks assigned to hosts here and their used ports (per protocol: live or
         # waiting for reuse), in C; port choice (RFC 6056, parity) is its ``pick``.
         self.blocks = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         # new connections per internal host: a token bucket each (None: no limit)
         self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
-        self._n_sessions = 0
-        self._used = [0, 0, 0]  # endpoints live or waiting, per protocol
+        # an outgoing first packet's common case, compiled (the rest: _out)
+        self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
+        self._bind_setup()
         # Free blocks per address index: [next native block, end, [freed/adopted ids]].
         self._addr = {}
         self._avail = collections.deque()  # address indices that may have a free block
@@ -432,8 +428,6 @@ class RuleBuilder:
         self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
         self._holds = {}  # ekey -> leases outstanding
         self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
-        self._pend = []  # sessions to insert at the end of this call, 8 ints each, flat
-        self._room_left = 0  # entries both tables can still take in this call
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
         # off the packet path, or by _take_block when none was): taking one is durable
         # already (a crash quarantines it), so its "assign" record goes into _jlazy and
@@ -462,9 +456,28 @@ class RuleBuilder:
                 log.warning(
                     "nic%d: %s (%d so far); utilisation %.1f%%, %d mappings, %d sessions",
                     self.nic, SLOW_PATH_REASON_NAMES[reason], self.counters[reason],
-                    100.0 * self.utilisation(), len(self._by_ext), self._n_sessions,
+                    100.0 * self.utilisation(), len(self.maps), self.maps.n_sessions,
                 )
         return reason
+
+    def _index_capacity(self) -> int:
+        """What the mapping/session indexes are sized for: every session is an entry in
+        both flow tables, so no more than they hold."""
+        return max(16, min(self.out.capacity, self.inn.capacity))
+
+    def _bind_setup(self) -> None:
+        """Give the compiled setup the current host table, blocks, rate and cap."""
+        self._setup.bind(self.hosts, self.blocks, self._rate, self._cap, self._preserve)
+
+    def _begin(self) -> None:
+        """Per call that may add sessions: the room left in the tables, and which new
+        sessions / mappings need Python (a per-rule log line, a PUSH record)."""
+        su = self._setup
+        su.room = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        tl = self.translog
+        su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
+        su.py_mapping = tl is not None and not tl.per_block and not tl.remote
+        su.recovering = self.recovering
 
     def _is_internal(self, addr: int) -> bool:
         for net, mask in self._internal:
@@ -499,91 +512,96 @@ class RuleBuilder:
             dec.fetch_key[i] = (s, d, sp, dp, p, kind, fl, 0)
         return dec
 
-    _SMALL_MISSES = 8  # up to this many frames: plain Python lists, no numpy per field
-
     def decide_misses(self, direction, verdicts, keys, now, n=None) -> tuple:
-        """``handle_misses`` without the numpy Decisions (the NIC loop's call: a batch with
-        one miss costs microseconds, not tens).  Frames 0..n-1 (n: all of `verdicts`).
+        """``handle_misses`` without the numpy Decisions (the NIC loop's call).  Frames
+        0..n-1 (n: all of `verdicts`).
 
         Returns ``(replay, fetches, idx, res)``: frame indices to translate again
         (ACT_REPLAY), the fetches ``(frame, owner, fetch_dir, proto, saddr, sport, daddr,
         dport, kind, tcp_flags)`` (ACT_FETCH, in frame order), every miss's frame index
         and its result (-1 replay, -2 fetch, -3 hold (``recovering``), else the drop
-        reason, counted already)."""
+        reason, counted already).
+
+        The outgoing misses' common case runs compiled over the arrays
+        (``OutSetup.run``: a known host, its mapping or a port in its blocks, the
+        session) until a miss needs more -- a new host or block, a fetch, a refusal,
+        an incoming, hairpin or ICMP-error miss -- which takes the general path here;
+        then the compiled run goes on from the next frame.  One pass, in frame order."""
         if n is None:
             n = len(verdicts)
-        lo, hi = _V_MISS_OUT, _V_MISS_HAIRPIN
-        if n <= self._SMALL_MISSES:
-            vl = verdicts[:n].tolist()
-            idx = [i for i, v in enumerate(vl) if lo <= v <= hi]
-            if not idx:
-                return [], [], idx, []
-            kl = keys[:n].tolist()
-            cols = [(vl[i],) + kl[i] for i in idx]  # (v, saddr, daddr, sport, dport, proto, kind, fl, _)
-            cols = [(v, p, s, sp, d, dp, kind, fl) for v, s, d, sp, dp, p, kind, fl, _ in cols]
-            owners = None
-        else:
-            verdicts = np.asarray(verdicts[:n])
-            ia = np.flatnonzero((verdicts >= lo) & (verdicts <= hi))
-            if len(ia) == 0:
-                return [], [], [], []
-            idx = ia.tolist()
-            k = keys[ia]
-            cols = zip(
-                verdicts[ia].tolist(), k["proto"].tolist(), k["saddr"].tolist(), k["sport"].tolist(),
-                k["daddr"].tolist(), k["dport"].tolist(), k["kind"].tolist(), k["tcp_flags"].tolist(),
-            )
-            # incoming misses: the owner of each destination (an external endpoint) at once
-            # (the first thing _in asks; a fetch needs nothing else)
-            owners = self.part.owners(k["daddr"], k["dport"]).tolist() if direction == IN else None
+        vb = np.ascontiguousarray(verdicts[:n], dtype=np.uint8)
+        kb = np.ascontiguousarray(keys[:n])
+        if kb.dtype != layout.KEY_DTYPE:
+            kb = kb.astype(layout.KEY_DTYPE)
+        kbytes = kb.view(np.uint8).reshape(-1)
         now = int(now)
-        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
-        tl = self.translog
-        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
+        self._begin()
         part_owner = self.part.owner
+        # incoming misses in a big batch: the owner of every destination (an external
+        # endpoint) at once, at the first one (the first thing _in asks; a fetch needs
+        # nothing else)
+        owners = None
         me = self.nic
         res = []
         fetches = []
         replay = []
+        idx = []
         out_, in_ = self._out, self._in
         icmp_kind = layout.KIND_ICMP_ERROR
-        for j, (v, p, s, sp, d, dp, kind, fl) in enumerate(cols):
+        run = self._setup.run
+        j = 0
+        while True:
+            j = run(vb, kbytes, j, now, idx, res, replay)
+            if j >= n:
+                break
+            v = int(vb[j])
+            s, d, sp, dp, p, kind, fl, _ = kb[j].tolist()
             if v == _V_MISS_OUT:
                 r = out_(p, s, sp, d, dp, fl, now)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             elif v == _V_MISS_HAIRPIN:
                 r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner) + fkey + (fl,))
+                    fetches.append((j, self._fetch_owner) + fkey + (fl,))
             elif v == _V_MISS_ICMP_ERROR and direction == OUT:
                 r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
                 if r == _FETCH:
-                    fetches.append((idx[j], self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             else:
                 # _in's first step inline: another NIC's endpoint is a fetch, outside E a drop
+                if owners is None and n > 8:
+                    owners = self.part.owners(kb["daddr"], kb["dport"]).tolist()
                 o = part_owner(d, dp) if owners is None else owners[j]
                 if o < 0:
                     r = self._refuse(_R_NOT_IN_POOL)
                 elif o != me:
                     self._fetch_owner = o
                     r = _FETCH
-                    fetches.append((idx[j], o, IN, p, s, sp, d, dp, kind, fl))
+                    fetches.append((j, o, IN, p, s, sp, d, dp, kind, fl))
                 else:
                     r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
-            if r == _OK:
-                replay.append(idx[j])
+            idx.append(j)
             res.append(r)
-        self._flush(now)
+            if r == _OK:
+                replay.append(j)
+            j += 1
+        if idx:
+            self._flush(now)
         return replay, fetches, idx, res
 
     def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
-        """An outgoing first packet (or an ICMP error from inside): allocate or find."""
-        for net, mask in self._internal:
-            if iaddr & mask == net:
-                break
-        else:
-            return self._refuse(_R_NOT_INTERNAL)
+        """An outgoing first packet (or an ICMP error from inside): allocate or find.
+        The common case is compiled (``OutSetup.out``: a known host, its mapping or a
+        port in its blocks, the session); the rest is decided here."""
+        r = self._setup.out(p, iaddr, iport, raddr, rport, now, icmp_error)
+        if r != _NEED_PY:
+            if r == _OK:
+                self._last = self._setup.last
+                return _OK
+            return self._refuse(r)
+        # the rare events: a host not known here, a new block, the port cap, the
+        # recovery window, per-rule log lines and PUSH records
         known = iaddr in self.hosts
         if self._eim:
             # a host with blocks here is owned here (EIM hosts exist only at their owner)
@@ -594,39 +612,31 @@ class RuleBuilder:
                         return self._refuse(_R_NOT_OWNER)
                     self._fetch_owner = o
                     return _FETCH
+        if p not in _PIDX:
+            return self._refuse(_R_BAD)
         r = 0 if p == PROTO_ICMP else rport  # the session's remote port (ICMP: none)
-        if self._eim:
-            m = self._by_int.get(p << 48 | iaddr << 16 | iport)
-        else:
-            m = self._by_out.get(_okey(p, iaddr, iport, raddr, r))
-        if m is not None and (raddr << 16 | r) in m.remotes:
-            self._last = m
+        maps = self.maps
+        rid = maps.by_out_key(p, iaddr, iport, raddr, r)
+        if rid and maps.has_session(rid, raddr, r):
+            self._last = rid
             return _OK  # the session exists (pending in this batch, or a fetch of it)
         if icmp_error:
             return self._refuse(_R_ICMP_NO_SESSION)
-        if self._room_left <= 0:
+        if self._setup.room <= 0:
             return self._refuse(_R_TABLE_FULL)
-        if m is None and self.recovering and iaddr in self._recovery_hosts:
+        if not rid and self.recovering and iaddr in self._recovery_hosts:
             if serving:
                 return self._refuse(_R_RECOVERING)
             self.events["recovery_held"] += 1
             return _HOLD  # (takes no token: the frame comes back)
         if self._rate is not None and not self._rate.take(iaddr, now):
             return self._refuse(_R_RATE)  # a new connection beyond the host's rate (hypernat.nat._rate)
-        if m is None:
-            m = self._new_mapping(p, iaddr, iport, now, known)
-            if m.__class__ is int:
-                return m
-            if not self._eim:
-                self._by_out[_okey(p, iaddr, iport, raddr, r)] = m
-        if self._plain_add:  # _add_session inlined: no log line, no PUSH record to keep
-            self._room_left -= 1
-            m.remotes[raddr << 16 | r] = None
-            self._n_sessions += 1
-            self._pend.extend((p, iaddr, iport, raddr, r, m.eaddr, m.eport, m.rule_id))
-        else:
-            self._add_session(m, raddr, r, now)
-        self._last = m
+        if not rid:
+            rid, why = self._new_mapping(p, iaddr, iport, now, known)
+            if not rid:
+                return why
+        self._add_session(rid, raddr, r, now)
+        self._last = rid
         return _OK
 
     def _in(self, p, raddr, rport, eaddr, eport, fl, now, icmp_error=False, serving=False) -> int:
@@ -639,25 +649,26 @@ class RuleBuilder:
                 return self._refuse(_R_NOT_OWNER)
             self._fetch_owner = o
             return _FETCH
-        m = self._by_ext.get(p << 48 | eaddr << 16 | eport)
+        maps = self.maps
+        rid = maps.by_external(p, eaddr, eport)
         r = 0 if p == PROTO_ICMP else rport
-        if m is not None and (raddr << 16 | r) in m.remotes:
-            self._last = m
+        if rid and maps.has_session(rid, raddr, r):
+            self._last = rid
             return _OK  # pending in this batch, or a fetch of an existing session
         if icmp_error:
             return self._refuse(_R_ICMP_NO_SESSION)
         syn = p == PROTO_TCP and fl & (_SYN | _ACK) == _SYN
-        if m is None:
+        if not rid:
             return self._refuse(_R_USYN if syn else _R_NO_MAPPING)
         f = self._filter
         if f == "address-and-port-dependent" or (
-            f == "address-dependent" and not any(x >> 16 == raddr for x in m.remotes)
+            f == "address-dependent" and not maps.has_remote_address(rid, raddr)
         ):
             return self._refuse(_R_USYN if syn else _R_FILTERED)
-        if self._room_left <= 0:
+        if self._setup.room <= 0:
             return self._refuse(_R_TABLE_FULL)
-        self._add_session(m, raddr, r, now)
-        self._last = m
+        self._add_session(rid, raddr, r, now)
+        self._last = rid
         return _OK
 
     def _hairpin_miss(self, p, iaddr, iport, daddr, dport, fl, now):
@@ -678,7 +689,7 @@ class RuleBuilder:
             r = self._out(p, iaddr, iport, daddr, dport, fl, now)
             if r != _OK:
                 return r, fkey
-            ea, ep = self._last.eaddr, self._last.eport
+            _, _, _, ea, ep, _ = self.maps.get(self._last)
         ik = in_key(p, ea, ep, daddr, dport)
         if self.inn.lookup(*ik) >= 0:
             return _OK, fkey
@@ -687,73 +698,55 @@ class RuleBuilder:
 
     # -- allocation -----------------------------------------------------------------------
     def _new_mapping(self, p, iaddr, iport, now, known):
-        """Allocate an external endpoint for (p, iaddr, iport); a _Mapping or a reason.
-        `known`: the host has a record here (``hosts``)."""
+        """Allocate an external endpoint for (p, iaddr, iport): (rule id, -1), or (0,
+        the refusal's reason).  `known`: the host has a record here (``hosts``)."""
         pi = _PIDX[p]
         hs = self.hosts
         if not known:
             a = self._pick_address()
             if a < 0:
                 self.events["exhausted_pool"] += 1
-                return self._refuse(_R_EXHAUSTED)
+                return 0, self._refuse(_R_EXHAUSTED)
             hs.add(iaddr, a, self.part.address_at(a))
         if hs.nports(iaddr, pi) >= self._cap:
-            return self._refuse(_R_CAP)
+            return 0, self._refuse(_R_CAP)
         g, off = hs.allocate(iaddr, pi, iport, self._preserve, self.blocks)
         if g < 0:
             nb = hs.nblocks(iaddr)
             if nb >= self._max_blocks:
-                return self._refuse(_R_CAP)
+                return 0, self._refuse(_R_CAP)
             g = self._take_block(iaddr, now)
             if g is _JOURNAL_DOWN:
                 if not nb:
                     hs.remove(iaddr)
-                return self._refuse(_R_JOURNAL)
+                return 0, self._refuse(_R_JOURNAL)
             if g is None:
                 if not nb:
                     hs.remove(iaddr)
                     self.events["exhausted_pool"] += 1
                 else:
                     self._host_address_full(iaddr)
-                return self._refuse(_R_EXHAUSTED)
+                return 0, self._refuse(_R_EXHAUSTED)
             bl = self.blocks
             off = bl.pick_exact(g, pi, iport) if self._preserve else -1
             if off < 0:
                 off = bl.pick(g, pi, iport)
             if off < 0:  # parity impossible in a 1-port block (the block stays with the host)
-                return self._refuse(_R_EXHAUSTED)
+                return 0, self._refuse(_R_EXHAUSTED)
             hs.set_cur(iaddr, nb)
-        self._used[pi] += 1
         hs.add_ports(iaddr, pi, 1)
-        return self._make_mapping(p, iaddr, iport, g, off)
+        return self._make_mapping(p, iaddr, iport, g, off), -1
 
-    def _make_mapping(self, p, iaddr, iport, g, off) -> _Mapping:
+    def _make_mapping(self, p, iaddr, iport, g, off) -> int:
         """The mapping of (p, iaddr, iport) to port `off` of block `g` (already marked
-        used): a rule id, the indexes, the translation log line."""
-        m = _Mapping()
-        ids = self._free_ids
-        if ids:
-            rid = ids.pop()
-            self._mappings[rid] = m
-        else:
-            rid = len(self._mappings)
-            if rid > 0xFFFFFFFF:
-                raise OverflowError("rule ids exhausted")
-            self._mappings.append(m)
+        used): its rule id (the indexes: ``maps``), the translation log line."""
         ea, lo, _ = self.blocks.span(g)
         ep = lo + off
-        m.rule_id, m.proto, m.iaddr, m.iport = rid, p, iaddr, iport
-        m.eaddr, m.eport, m.block = ea, ep, g
-        m.remotes = {}
-        m.ekey = ek = p << 48 | ea << 16 | ep
-        self._by_ext[ek] = m
-        m.ikey = ik = p << 48 | iaddr << 16 | iport
-        if self._eim:
-            self._by_int[ik] = m
+        rid = self.maps.new(p, iaddr, iport, ea, ep, g)
         tl = self.translog
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("create", p, iaddr, iport, ea, ep)
-        return m
+        return rid
 
     def _host_address_full(self, iaddr: int) -> None:
         """A host with blocks whose address has no free block left: its new connection
@@ -852,17 +845,20 @@ class RuleBuilder:
             self._avail_set.add(a)
             self._avail.append(a)
 
-    def _add_session(self, m: _Mapping, raddr: int, r: int, now: int) -> None:
-        self._room_left -= 1
-        m.remotes[raddr << 16 | r] = None
-        self._n_sessions += 1
-        self._pend.extend((m.proto, m.iaddr, m.iport, raddr, r, m.eaddr, m.eport, m.rule_id))
+    def _add_session(self, rid: int, raddr: int, r: int, now: int) -> None:
+        """Session (mapping `rid`, R, Rp) added (its entries pending until ``_flush``),
+        with its per-rule log line and PUSH record where those are on."""
+        if not self.maps.add_session(rid, raddr, r):
+            return
+        self._setup.room -= 1
         tl = self.translog
-        if tl is not None and tl.remote and not tl.per_block:
-            tl.rule("create", m.proto, m.iaddr, m.iport, m.eaddr, m.eport, raddr, r)
-        if self.track_created:
-            self._created.append((m.iaddr, m.eaddr, raddr, m.iport, m.eport, r, m.proto, DIR_BITS_BOTH,
-                                  m.rule_id, now, 0, 0, self.nic, 0))  # fmt: skip
+        remote_log = tl is not None and tl.remote and not tl.per_block
+        if remote_log or self.track_created:
+            p, ia, ip, ea, ep, _ = self.maps.get(rid)
+            if remote_log:
+                tl.rule("create", p, ia, ip, ea, ep, raddr, r)
+            if self.track_created:
+                self._created.append((ia, ea, raddr, ip, ep, r, p, DIR_BITS_BOTH, rid, now, 0, 0, self.nic, 0))
 
     def _journal_method(self, name: str):
         """The journal's method `name` (self.journal may be a bound ``append``), or None."""
@@ -1017,68 +1013,46 @@ class RuleBuilder:
             self._journal_lazy(recs)
         if self.translog is not None:
             self.translog.flush()
-        if not self._pend:
-            return
-        a = np.array(self._pend, dtype=np.int64).reshape(-1, 8)
-        n = len(a)
-        self._pend = []
-        p, ia, ip, ra, rp, ea, ep, rid = a.T
-        icmp = p == PROTO_ICMP
-        o = np.zeros(n, layout.SLOT_DTYPE)
-        o["proto"], o["saddr"], o["sport"], o["daddr"] = p, ia, ip, ra
-        o["dport"] = np.where(icmp, ip, rp)
-        o["new_addr"], o["new_port"], o["rule_id"], o["last_seen"] = ea, ep, rid, now
-        i = np.zeros(n, layout.SLOT_DTYPE)
-        i["proto"], i["saddr"], i["daddr"], i["dport"] = p, ra, ea, ep
-        i["sport"] = np.where(icmp, ep, rp)
-        i["new_addr"], i["new_port"], i["rule_id"], i["last_seen"] = ia, ip, rid, now
-        self.out.insert_batch(o)
-        self.inn.insert_batch(i)
+        self.maps.flush(self.out, self.inn, now)
 
     # -- removal --------------------------------------------------------------------------
-    def _end_session(self, m: _Mapping, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
+    def _end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
         """Bookkeeping for a session whose entries are (being) deleted; True if the
         mapping ended with it."""
-        key = raddr << 16 | r
-        if key not in m.remotes:
+        left = self.maps.end_session(rid, raddr, r)
+        if left < 0:
             return False
-        del m.remotes[key]
-        self._n_sessions -= 1
         tl = self.translog
-        if tl is not None and tl.remote and not tl.per_block:
-            tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport, raddr, r)
-        if self.track_removed:
-            self._removed.append((m.iaddr, m.eaddr, raddr, m.iport, m.eport, r, m.proto, DIR_BITS_BOTH,
-                                  m.rule_id, last_seen, tcp_out, tcp_in, self.nic, 0))  # fmt: skip
-        if not self._eim:
-            self._by_out.pop(_okey(m.proto, m.iaddr, m.iport, raddr, r), None)
-        if m.remotes:
+        remote_log = tl is not None and tl.remote and not tl.per_block
+        if remote_log or self.track_removed:
+            p, ia, ip, ea, ep, _ = self.maps.get(rid)
+            if remote_log:
+                tl.rule("remove", p, ia, ip, ea, ep, raddr, r)
+            if self.track_removed:
+                self._removed.append((ia, ea, raddr, ip, ep, r, p, DIR_BITS_BOTH, rid, last_seen, tcp_out, tcp_in,
+                                      self.nic, 0))  # fmt: skip
+        if left:
             return False
-        self._end_mapping(m, now)
+        self._end_mapping(rid, now)
         return True
 
-    def _end_mapping(self, m: _Mapping, now: int) -> None:
-        del self._by_ext[m.ekey]
+    def _end_mapping(self, rid: int, now: int) -> None:
+        p, ia, ip, ea, ep, g = self.maps.get(rid)
+        self.maps.end(rid)
+        ekey = p << 48 | ea << 16 | ep
         if self._rec_ekeys:
-            self._rec_ekeys.discard(m.ekey)
-        if self._eim:
-            self._by_int.pop(m.ikey, None)
-        self._mappings[m.rule_id] = None
-        self._free_ids.append(m.rule_id)
-        pi = _PIDX[m.proto]
-        self.hosts.add_ports(m.iaddr, pi, -1)
+            self._rec_ekeys.discard(ekey)
+        pi = _PIDX[p]
+        self.hosts.add_ports(ia, pi, -1)
         tl = self.translog
         if tl is not None and not tl.per_block and not tl.remote:
-            tl.rule("remove", m.proto, m.iaddr, m.iport, m.eaddr, m.eport)
+            tl.rule("remove", p, ia, ip, ea, ep)
         # The endpoint stays marked used in its block until the reuse delay has passed
         # and no lease is held on it (invariant 3).
-        self._reuse.append((now + self.reuse_delay, m.ekey, m.block, pi, m.eport - self.blocks.lo(m.block)))
+        self._reuse.append((now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g)))
 
     def _release_endpoint(self, g: int, pi: int, off: int) -> None:
         left = self.blocks.release(g, pi, off)
-        if left < 0:
-            return
-        self._used[pi] -= 1
         if left == 0:
             self._free_block(g)
 
@@ -1095,40 +1069,19 @@ class RuleBuilder:
         return n
 
     # -- owner side ---------------------------------------------------------------------
-    def serve_fetch(self, fetch_dir, keys, now):
-        """Answer FETCHes from other NICs: (records SESSION_DTYPE[n], status int16[n]).
+    def serve_fetch_rows(self, rows, now) -> list:
+        """Answer FETCHes from other NICs (hypernat._serve.serve_fetches calls it once
+        per batch): rows are (fetch_dir, saddr, daddr, sport, dport, proto, kind,
+        tcp_flags, icmp_type) (the direction, then a layout.KEY_DTYPE record); returns
+        one (status, session) per row: status 0 and the session as a tuple in
+        SESSION_DTYPE field order (both entries, dirs = DIR_BITS_BOTH), or the
+        refusal's reason index (the NACK) and None.
 
         fetch_dir verdicts.OUT: allocate (or find) the session of the out key, exactly as
         a local outgoing miss would; verdicts.IN: the session of the in key, created if
         the mapping exists and the filtering behaviour admits the remote.  Keys of kind
-        KIND_ICMP_ERROR only look up.  status[i] == 0: records[i] is the session (both
-        entries, dirs = DIR_BITS_BOTH); else status[i] is the refusal's reason index (the
-        NACK) and records[i] is zeroed.  `fetch_dir` is a scalar or uint8[n].
-        The caller (the agent) then calls ``hold`` for each lease it grants.
-        ``serve_fetch_rows`` is the same for a few keys as plain tuples (no arrays).
-        """
-        keys = np.asarray(keys, dtype=layout.KEY_DTYPE).reshape(-1)
-        n = len(keys)
-        fd = np.asarray(fetch_dir, dtype=np.uint8)
-        dirs = [fd.item()] * n if fd.ndim == 0 else np.broadcast_to(fd, (n,)).tolist()
-        # plain ints per key with one struct pass (numpy's tolist of records costs more)
-        status, found = self._serve(dirs, list(_ST_KEY.iter_unpack(keys.tobytes())), now)
-        if found and len(found) == n:  # every key answered: the records, in key order
-            recs = self._session_array(found, DIR_BITS_BOTH)
-        else:
-            recs = np.zeros(n, SESSION_DTYPE)
-            if found:
-                self._fill_records(recs, found, DIR_BITS_BOTH)
-        return recs, np.array(status, np.int16)
-
-    def serve_fetch_rows(self, rows, now) -> list:
-        """``serve_fetch`` for a few keys as plain tuples, without numpy: rows are
-        (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, icmp_type) (the
-        direction, then a layout.KEY_DTYPE record); returns one (status, session) per row:
-        status 0 and the session as a tuple in SESSION_DTYPE field order, or the
-        refusal's reason index and None.  The same answers as ``serve_fetch`` (a
-        one-connection FETCH is the latency-critical case: numpy's fixed cost per call
-        would dominate it)."""
+        KIND_ICMP_ERROR only look up.  The caller (the agent) then calls ``hold`` for
+        each lease it grants."""
         status, found = self._serve([r[0] for r in rows], [r[1:] for r in rows], now)
         out = [(st, None) for st in status]
         if found:
@@ -1139,13 +1092,11 @@ class RuleBuilder:
     def _serve(self, dirs, rows, now):
         """The per-record part of serving fetches: rows are KEY_DTYPE tuples (saddr
         daddr sport dport proto kind tcp_flags icmp_type), dirs their fetch directions.
-        Returns (status list, found = [(index, mapping, raddr, rport)])."""
+        Returns (status list, found = [(index, rule id, raddr, rport)])."""
         now = int(now)
         status = [0] * len(rows)
-        found = []  # (index, mapping, raddr, rport)
-        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
-        tl = self.translog
-        self._plain_add = not self.track_created and (tl is None or not tl.remote or tl.per_block)
+        found = []  # (index, rule id, raddr, rport)
+        self._begin()
         icmp_kind = layout.KIND_ICMP_ERROR
         out_, in_ = self._out, self._in
         pidx = _PIDX
@@ -1173,101 +1124,40 @@ class RuleBuilder:
         self._flush(now)
         return status, found
 
-    def _slot_views(self):
-        """(out bytes, in bytes): memoryviews of the two tables' slot memory, to read an
-        entry's last_seen and tcp_state with one struct call (cached while the tables
-        keep their slot arrays)."""
-        so, si = self.out.slots, self.inn.slots
-        c = self._slot_mv
-        if c is not None and c[0] is so and c[1] is si:
-            return c[2], c[3]
-        plain = all(isinstance(a, np.ndarray) and a.dtype == layout.SLOT_DTYPE and a.ndim == 1
-                    and a.flags.c_contiguous for a in (so, si))
-        if not plain:  # not the tables' own memory (never for a FlowTable): a copy, uncached
-            return (memoryview(np.ascontiguousarray(so, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)),
-                    memoryview(np.ascontiguousarray(si, layout.SLOT_DTYPE).reshape(-1).view(np.uint8)))
-        mo, mi = memoryview(so.view(np.uint8)), memoryview(si.view(np.uint8))
-        self._slot_mv = (so, si, mo, mi)
-        return mo, mi
-
-    _slot_mv = None
-
     def _session_tuples(self, found, dirs: int) -> list:
-        """SESSION_DTYPE tuples of found = [(index, mapping, raddr, rport)]: the
-        entries' last_seen (max of both) and tcp_state read with one lookup and one
-        struct read per entry."""
-        olook, ilook = self.out.lookup, self.inn.lookup
-        mo, mi = self._slot_views()
-        rd = _ST_SEEN_STATE.unpack_from
-        nic = self.nic
-        out = []
-        for _, m, ra, rp in found:
-            p = m.proto
-            ia, ip, ea, ep = m.iaddr, m.iport, m.eaddr, m.eport
-            if p == PROTO_ICMP:  # the ICMP twist: out_key / in_key know it
-                jo = olook(*out_key(p, ia, ip, ra, rp))
-                ji = ilook(*in_key(p, ra, rp, ea, ep))
-            else:  # TCP / UDP: the keys are the endpoints as they are (out_key, in_key)
-                jo = olook(p, ia, ip, ra, rp)
-                ji = ilook(p, ra, rp, ea, ep)
-            lo, to = rd(mo, jo * 32 + 24) if jo >= 0 else (0, 0)
-            li, ti = rd(mi, ji * 32 + 24) if ji >= 0 else (0, 0)
-            out.append((ia, ea, ra, ip, ep, rp, p, dirs, m.rule_id, lo if lo > li else li, to, ti, nic, 0))
-        return out
-
-    def _session_array(self, found, dirs: int) -> np.ndarray:
-        """``_session_tuples`` as a SESSION_DTYPE array (one record per found entry, in
-        order), packed record by record with struct (cheaper per record than numpy
-        building records from tuples or gathering fields, at any batch size)."""
-        pk = _ST_SESSION.pack_into
-        buf = bytearray(32 * len(found))
-        for x, row in enumerate(self._session_tuples(found, dirs)):
-            pk(buf, 32 * x, *row)
-        return np.frombuffer(buf, SESSION_DTYPE)
-
-    def _fill_records(self, recs, found, dirs: int) -> None:
-        """``_fill_record`` for many: found = [(index, mapping, raddr, rport)]; the
-        entries' last_seen and tcp_state are read with one C lookup and one struct read
-        per entry (``_session_array``)."""
-        sub = self._session_array(found, dirs)
-        if len(found) == len(recs):  # every record found: they are in index order
-            recs[:] = sub
-        else:
-            recs[np.array([f[0] for f in found], np.intp)] = sub
-
-    def _fill_record(self, recs, i, m: _Mapping, raddr: int, r: int, dirs: int) -> None:
-        ok = out_key(m.proto, m.iaddr, m.iport, raddr, r)
-        ik = in_key(m.proto, raddr, r, m.eaddr, m.eport)
-        jo, ji = self.out.lookup(*ok), self.inn.lookup(*ik)
-        so, si = self.out.slots, self.inn.slots
-        last = max(int(so["last_seen"][jo]) if jo >= 0 else 0, int(si["last_seen"][ji]) if ji >= 0 else 0)
-        rec = recs[i : i + 1]
-        rec["iaddr"], rec["iport"], rec["eaddr"], rec["eport"] = m.iaddr, m.iport, m.eaddr, m.eport
-        rec["raddr"], rec["rport"], rec["proto"], rec["dirs"] = raddr, r, m.proto, dirs
-        rec["rule_id"], rec["last_seen"], rec["owner"] = m.rule_id, last, self.nic
-        rec["tcp_out"] = int(so["tcp_state"][jo]) if jo >= 0 else 0
-        rec["tcp_in"] = int(si["tcp_state"][ji]) if ji >= 0 else 0
+        """SESSION_DTYPE tuples of found = [(index, rule id, raddr, rport)], with the
+        entries' last_seen (the later of both) and TCP state (``Mappings.session_rows``)."""
+        return self.maps.session_rows(found, self.out, self.inn, dirs, self.nic)
 
     def export_rule(self, proto, eaddr, eport) -> np.ndarray:
         """All sessions of the mapping holding (proto, eaddr, eport), as SESSION_DTYPE."""
-        m = self._by_ext.get(int(proto) << 48 | int(eaddr) << 16 | int(eport))
-        if m is None:
+        rid = self.maps.by_external(int(proto), int(eaddr), int(eport))
+        if not rid:
             return np.zeros(0, SESSION_DTYPE)
-        rems = sorted(m.remotes)
-        recs = np.zeros(len(rems), SESSION_DTYPE)
-        for i, x in enumerate(rems):
-            self._fill_record(recs, i, m, x >> 16, x & 0xFFFF, DIR_BITS_BOTH)
-        return recs
+        found = [(0, rid, x >> 16, x & 0xFFFF) for x in self.maps.remotes(rid)]
+        return np.array(self._session_tuples(found, DIR_BITS_BOTH), SESSION_DTYPE)
 
     def lookup_external(self, proto, eaddr, eport):
         """The mapping holding an external endpoint: dict(rule_id, proto, iaddr, iport,
         eaddr, eport, sessions, holds) or None (free, or reusable only later)."""
-        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
-        m = self._by_ext.get(ekey)
-        if m is None:
+        p, ea, ep = int(proto), int(eaddr), int(eport)
+        rid = self.maps.by_external(p, ea, ep)
+        if not rid:
             return None
-        return dict(rule_id=m.rule_id, proto=m.proto, iaddr=m.iaddr, iport=m.iport, eaddr=m.eaddr, eport=m.eport,
-                    sessions=len(m.remotes), holds=self._holds.get(ekey, 0), owner=self.nic)  # fmt: skip
+        _, ia, ip, _, _, _ = self.maps.get(rid)
+        return dict(rule_id=rid, proto=p, iaddr=ia, iport=ip, eaddr=ea, eport=ep, sessions=self.maps.nsessions(rid),
+                    holds=self._holds.get(p << 48 | ea << 16 | ep, 0), owner=self.nic)  # fmt: skip
+
+    def mappings(self) -> list:
+        """Every mapping held here, as MappingView copies, by rule id (a walk over all
+        of them: for tests, tools and checks, not for the packet path)."""
+        maps = self.maps
+        return [MappingView(rid, *maps.get(rid), tuple(maps.remotes(rid))) for rid in maps.rule_ids()]
+
+    def mapping(self, rule_id):
+        """One mapping as a MappingView, or None."""
+        m = self.maps.get(int(rule_id)) if 0 <= int(rule_id) <= 0xFFFFFFFF else None
+        return None if m is None else MappingView(int(rule_id), *m, tuple(self.maps.remotes(int(rule_id))))
 
     def merge_activity(self, records, now=None) -> int:
         """Fold a clone holder's ACTIVITY records into the owner's entries: last_seen =
@@ -1540,6 +1430,7 @@ class RuleBuilder:
                 self.translog.close()
             self.translog = TransLog.from_config(config, self.nic)
         self.config = config
+        self._bind_setup()
 
     def sweep(self, now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult:
         """One bounded expiry step: examine the next `max_slots` slots of each table
@@ -1642,8 +1533,7 @@ class RuleBuilder:
         si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
         dead_out, dead_in = [], []
         ev = self.events
-        mappings = self._mappings
-        nmap = len(mappings)
+        matches = self.maps.matches
         lookup = self.inn.lookup
         cols = zip(
             recs["proto"].tolist(), recs["saddr"].tolist(), recs["sport"].tolist(), recs["daddr"].tolist(),
@@ -1674,12 +1564,11 @@ class RuleBuilder:
             dead_out.append((p, ia, ip, ra, rp))
             if j >= 0 and not si_fl[j] & _F_CLONE:
                 dead_in.append(ik)
-            m = mappings[rid] if 0 < rid < nmap else None
-            if m is None or m.eaddr != ea or m.eport != ep or m.iaddr != ia or m.iport != ip:
+            if not matches(rid, ia, ip, ea, ep):
                 continue  # an orphan entry (no bookkeeping): just delete it
             res.expired += 1
             ev[_expiry_event(p, st_o, st_i)] += 1
-            if self._end_session(m, ra, rr, now, last, st_o, st_i):
+            if self._end_session(rid, ra, rr, now, last, st_o, st_i):
                 res.mappings_removed += 1
         if dead_out:
             self.out.delete_batch(_keys_array(dead_out))
@@ -1746,7 +1635,8 @@ class RuleBuilder:
         if nb <= 0:
             return 1.0
         ports = max(1, self._total_ports + (len(self._adopted) - len(self._lent)) * self._bs)
-        return min(1.0, max(len(self.blocks) / nb, max(self._used) / ports))
+        used = max(self.blocks.total_used(pi) for pi in range(3))
+        return min(1.0, max(len(self.blocks) / nb, used / ports))
 
     def counters_dict(self) -> dict:
         """{name: count}: every slow-path reason (SLOW_PATH_REASON_NAMES), then every
@@ -1760,13 +1650,13 @@ class RuleBuilder:
         """Gauges: mappings, sessions, clones, hosts, blocks in use, ports in use, ports
         waiting for reuse, held endpoints, utilisation."""
         return {
-            "mappings": len(self._by_ext),
-            "sessions": self._n_sessions,
+            "mappings": len(self.maps),
+            "sessions": self.maps.n_sessions,
             "entries_out": len(self.out),
             "entries_in": len(self.inn),
             "hosts": len(self.hosts),
             "blocks_in_use": len(self.blocks),
-            "ports_in_use": sum(self._used),
+            "ports_in_use": sum(self.blocks.total_used(pi) for pi in range(3)),
             "ports_waiting_reuse": len(self._reuse),
             "endpoints_held": len(self._held),
             "holds": sum(self._holds.values()),
@@ -1781,17 +1671,14 @@ class RuleBuilder:
     def snapshot(self) -> dict:
         """The builder's state as plain data (JSON-able).  Table contents are not in it:
         the NIC daemon saves the FlowTables' slots beside it."""
-        maps = []
-        bl, hs = self.blocks, self.hosts
-        for m in self._mappings[1:]:
-            if m is not None:
-                maps.append([m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block, sorted(m.remotes)])
+        mp, bl, hs = self.maps, self.blocks, self.hosts
+        maps = [[rid, *mp.get(rid), mp.remotes(rid)] for rid in mp.rule_ids()]
         return {
             "version": 1,
             "nic": self.nic,
             "mappings": maps,
-            "free_ids": list(self._free_ids),
-            "n_ids": len(self._mappings),
+            "free_ids": mp.free_id_list(),
+            "n_ids": mp.n_ids,
             "hosts": [[ia, hs.aidx(ia), hs.blocks(ia), hs.cur(ia)] for ia in sorted(hs.ids())],
             "blocks": [[g, [bl.used_mask(g, pi) for pi in range(3)], [bl.n_used(g, pi) for pi in range(3)]]
                        for g in sorted(bl.ids())],
@@ -1828,7 +1715,6 @@ class RuleBuilder:
         self.hosts = hs = Hosts()
         self.blocks = bl = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
-        self._used = [0, 0, 0]
         for iaddr, aidx, bids, cur in state["hosts"]:
             hs.add(iaddr, aidx, self.part.address_at(aidx))
             hs.set_cur(iaddr, cur)
@@ -1837,26 +1723,17 @@ class RuleBuilder:
                 bl.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
                 for pi in range(3):
                     bl.set_mask(g, pi, int(used[g][0][pi]))
-                    self._used[pi] += bl.n_used(g, pi)
                 hs.append_block(iaddr, g)
-        self._mappings = [None] * int(state["n_ids"])
-        self._free_ids = [int(x) for x in state["free_ids"]]
-        self._by_int, self._by_out, self._by_ext = {}, {}, {}
-        self._n_sessions = 0
+        self.maps = mp = Mappings(self._eim, self._index_capacity(), self._filter == "address-dependent")
+        mp.load(int(state["n_ids"]), state["free_ids"])
         for rid, p, ia, ip, ea, ep, g, rems in state["mappings"]:
-            m = _Mapping()
-            m.rule_id, m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block = rid, p, ia, ip, ea, ep, g
-            m.remotes = dict.fromkeys(rems)
-            m.ekey, m.ikey = p << 48 | ea << 16 | ep, p << 48 | ia << 16 | ip
-            self._mappings[rid] = m
-            self._by_ext[m.ekey] = m
+            mp.put(rid, p, ia, ip, ea, ep, g)
             hs.add_ports(bl.host(g), _PIDX[p], 1)
-            self._n_sessions += len(m.remotes)
-            if self._eim:
-                self._by_int[m.ikey] = m
-            else:
-                for x in m.remotes:
-                    self._by_out[_okey(p, ia, ip, x >> 16, x & 0xFFFF)] = m
+            for x in rems:
+                mp.add_session(rid, x >> 16, x & 0xFFFF)
+        mp.clear_pending()  # the tables hold the saved slots already
+        self._setup = OutSetup(mp, self._internal, REASON, VERDICT)
+        self._bind_setup()
         self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
         self._holds = {int(k): int(c) for k, c in state["holds"]}
         self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
@@ -1979,7 +1856,8 @@ class RuleBuilder:
             return ok
         now = int(now)
         part = self.part
-        self._room_left = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
+        self._begin()
+        su, maps = self._setup, self.maps
         ev = self.events
         before = {k: ev[k] for k in EVENT_NAMES if k.startswith("recover")}
         fresh = []  # records whose session this call created
@@ -1989,15 +1867,15 @@ class RuleBuilder:
                 continue
             r = 0 if p == PROTO_ICMP else rp
             ekey = p << 48 | ea << 16 | ep
-            m = self._by_ext.get(ekey)
-            if m is not None:
-                if ekey not in self._rec_ekeys or m.iaddr != ia or m.iport != ip:
+            rid = maps.by_external(p, ea, ep)
+            if rid:
+                if ekey not in self._rec_ekeys or not maps.matches(rid, ia, ip, ea, ep):
                     continue  # a mapping built since the restart: ordinary activity
-                if (ra << 16 | r) not in m.remotes:  # another session of a recovered mapping
-                    if self._room_left <= 0:
+                if not maps.has_session(rid, ra, r):  # another session of a recovered mapping
+                    if su.room <= 0:
                         ev["recovery_lost_table_full"] += 1
                         continue
-                    self._add_session(m, ra, r, now)
+                    self._add_session(rid, ra, r, now)
                     ev["recovered_sessions"] += 1
                     fresh.append(i)
                 ok[i] = True
@@ -2016,11 +1894,10 @@ class RuleBuilder:
             if want != ia:
                 ev["recovery_lost_host_mismatch"] += 1
                 continue
-            ikey = p << 48 | ia << 16 | ip
-            if self._eim and ikey in self._by_int or not self._eim and _okey(p, ia, ip, ra, r) in self._by_out:
+            if maps.by_out_key(p, ia, ip, ra, r):
                 ev["recovery_lost_conflict"] += 1
                 continue
-            if self._room_left <= 0:
+            if su.room <= 0:
                 ev["recovery_lost_table_full"] += 1
                 continue
             if not have:
@@ -2033,26 +1910,8 @@ class RuleBuilder:
                 continue
             masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
             self.hosts.add_ports(bl.host(g), pi, 1)
-            m = _Mapping()
-            if self._free_ids:
-                rid = self._free_ids.pop()
-                self._mappings[rid] = m
-            else:
-                rid = len(self._mappings)
-                self._mappings.append(m)
-            m.rule_id, m.proto, m.iaddr, m.iport = rid, p, ia, ip
-            m.eaddr, m.eport, m.block = ea, ep, g
-            m.remotes = {}
-            m.ekey, m.ikey = ekey, ikey
-            self._by_ext[ekey] = m
-            if self._eim:
-                self._by_int[ikey] = m
-            else:
-                self._by_out[_okey(p, ia, ip, ra, r)] = m
-            tl = self.translog
-            if tl is not None and not tl.per_block and not tl.remote:
-                tl.rule("create", p, ia, ip, ea, ep)
-            self._add_session(m, ra, r, now)
+            rid = self._make_mapping(p, ia, ip, g, off)
+            self._add_session(rid, ra, r, now)
             self._rec_ekeys.add(ekey)
             ev["recovered_mappings"] += 1
             ev["recovered_sessions"] += 1
@@ -2100,8 +1959,6 @@ class RuleBuilder:
         size = hi - lo + 1
         self.blocks.add(g, a, addr, lo, size, iaddr, full=True)
         full = (1 << size) - 1
-        for pi in range(3):
-            self._used[pi] += size
         hs.append_block(iaddr, g)
         self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
@@ -2120,17 +1977,6 @@ def _expiry_event(p, tcp_out, tcp_in) -> str:
             return "expired_tcp_transitory"
         return "expired_tcp_established"
     return "expired_udp" if p == PROTO_UDP else "expired_icmp"
-
-
-# one flow-table record (layout.SLOT_DTYPE, little-endian, packed) from its fields in order
-_SLOT_PACK = struct.Struct("<IIHHBBHIIIBBH").pack
-assert struct.calcsize("<IIHHBBHIIIBBH") == layout.SLOT_DTYPE.itemsize and layout.SLOT_DTYPE.names == (
-    "saddr", "daddr", "sport", "dport", "proto", "flags", "new_port", "new_addr", "rule_id", "last_seen",
-    "tcp_state", "user", "lease")
-
-
-def _okey(p, iaddr, iport, raddr, rport) -> int:
-    return p << 96 | iaddr << 64 | iport << 48 | raddr << 16 | rport
 
 
 def _clone_installer(table):

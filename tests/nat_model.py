@@ -3,7 +3,10 @@
 Plain Python, no speed concerns: what the compiled code in ``hypernat/nat/`` must decide
 for the same inputs and seed.  tests/test_nat_model.py drives both with hypothesis.
 
-Covered so far: the port-block allocator (``hypernat.nat._ports.PortBlocks``).
+Covered: the port-block allocator (``hypernat.nat._ports.PortBlocks``), the host table's
+allocation (``_hosts.Hosts``), the per-host rate (``_rate.HostRate``), the mappings and
+sessions (``_mappings.Mappings``) and the compiled common case of an outgoing first
+packet (``_mappings.OutSetup``).
 """
 
 M64 = (1 << 64) - 1
@@ -113,6 +116,14 @@ class HostRateModel:
         e[0] -= 1.0
         return True
 
+    def would_take(self, host, now):
+        """What ``take`` would answer, changing nothing."""
+        if host not in self.b:
+            return True
+        e = self.b[host]
+        t = e[0] + (now - e[1]) * self.rate if now > e[1] else e[0]
+        return min(t, self.burst) >= 1.0
+
 
 class HostsModel:
     """The host table's part of a new mapping (hypernat.nat._hosts.Hosts.allocate):
@@ -141,3 +152,135 @@ class HostsModel:
                 h["cur"] = k
                 return h["blocks"][k], off
         return -1, -1
+
+
+class MappingsModel:
+    """Mappings and sessions (hypernat.nat._mappings.Mappings): a rule id per mapping
+    (1-based; a freed id is reused last-freed-first), the sessions of each as a set of
+    remote endpoints (R, Rp); an outgoing key finds its mapping by the internal endpoint
+    (EIM) or by the whole session key (APDM: the mapping that last added that session)."""
+
+    def __init__(self, eim=True):
+        self.eim = eim
+        self.m = {}  # rid -> [proto, iaddr, iport, eaddr, eport, block]
+        self.rem = {}  # rid -> {(raddr, rport)}
+        self.free = []
+        self.top = 1
+        self.outk = {}  # APDM: (p, I, Ip, R, Rp) -> rid
+        self.pending = []  # (p, I, Ip, R, Rp, E, Ep, rid) not yet flushed
+
+    def by_external(self, p, ea, ep):
+        return next((r for r, m in self.m.items() if (m[0], m[3], m[4]) == (p, ea, ep)), 0)
+
+    def by_out_key(self, p, ia, ip, ra, r):
+        if self.eim:
+            return next((x for x, m in self.m.items() if (m[0], m[1], m[2]) == (p, ia, ip)), 0)
+        return self.outk.get((p, ia, ip, ra, r), 0)
+
+    def new(self, p, ia, ip, ea, ep, g):
+        assert not self.by_external(p, ea, ep) and not (self.eim and self.by_out_key(p, ia, ip, 0, 0))
+        rid = self.free.pop() if self.free else self.top
+        if rid == self.top:
+            self.top += 1
+        self.m[rid] = [p, ia, ip, ea, ep, g]
+        self.rem[rid] = set()
+        return rid
+
+    def get(self, rid):
+        return tuple(self.m[rid]) if rid in self.m else None
+
+    def has_session(self, rid, ra, r):
+        return (ra, r) in self.rem.get(rid, ())
+
+    def has_remote_address(self, rid, ra):
+        return any(x == ra for x, _ in self.rem[rid])
+
+    def add_session(self, rid, ra, r):
+        if (ra, r) in self.rem[rid]:
+            return False
+        self.rem[rid].add((ra, r))
+        p, ia, ip, ea, ep, _ = self.m[rid]
+        if not self.eim:
+            self.outk[(p, ia, ip, ra, r)] = rid
+        self.pending.append((p, ia, ip, ra, r, ea, ep, rid))
+        return True
+
+    def end_session(self, rid, ra, r):
+        if rid not in self.m or (ra, r) not in self.rem[rid]:
+            return -1
+        self.rem[rid].discard((ra, r))
+        p, ia, ip = self.m[rid][:3]
+        if not self.eim and self.outk.get((p, ia, ip, ra, r)) == rid:
+            del self.outk[(p, ia, ip, ra, r)]
+        return len(self.rem[rid])
+
+    def end(self, rid):
+        assert not self.rem[rid]
+        del self.m[rid], self.rem[rid]
+        self.free.append(rid)
+
+    def remotes(self, rid):
+        return sorted(ra << 16 | r for ra, r in self.rem[rid])
+
+    @property
+    def n_sessions(self):
+        return sum(len(x) for x in self.rem.values())
+
+
+# OutSetup's answers besides a refusal's reason index
+OK, NEED_PY = -1, -4
+
+
+class OutSetupModel:
+    """The common case of an outgoing first packet (hypernat.nat._mappings.OutSetup):
+    what the compiled code decides itself, and where it leaves the packet to the
+    builder's general path (NEED_PY) having changed nothing."""
+
+    def __init__(self, maps: MappingsModel, hosts: HostsModel, internal, reasons, rate=None, cap=1 << 30,
+                 preserve=False):
+        self.maps, self.hosts, self.internal, self.reasons = maps, hosts, internal, reasons
+        self.rate, self.cap, self.preserve = rate, cap, preserve
+        self.room = 1 << 30
+        self.recovering = self.py_session = self.py_mapping = False
+        self.last = 0
+
+    def out(self, p, ia, ip, ra, rp, now, icmp_error=False):
+        if not any(ia & m == n for n, m in self.internal):
+            return self.reasons["not_internal"]
+        if p not in (1, 6, 17) or ia not in self.hosts.h:
+            return NEED_PY  # a host not known here: fetch or a new host
+        r = 0 if p == 1 else rp
+        rid = self.maps.by_out_key(p, ia, ip, ra, r)
+        if rid and self.maps.has_session(rid, ra, r):
+            self.last = rid
+            return OK
+        if icmp_error:
+            return self.reasons["icmp_error_no_session"]
+        if self.room <= 0:
+            return self.reasons["table_full"]
+        if self.py_session:
+            return NEED_PY
+        if not rid:
+            if self.recovering or self.py_mapping:
+                return NEED_PY
+            if self.rate is not None and not self.rate.would_take(ia, now):
+                self.rate.take(ia, now)
+                return self.reasons["host_rate_limited"]
+            pi = {6: 0, 17: 1, 1: 2}[p]
+            h = self.hosts.h[ia]
+            if h["nports"][pi] >= self.cap:
+                return NEED_PY
+            g, off = self.hosts.allocate(ia, pi, ip, self.preserve)
+            if g < 0:
+                return NEED_PY  # a new block
+            if self.rate is not None:
+                self.rate.take(ia, now)
+            h["nports"][pi] += 1
+            b = self.hosts.pb.blocks[g]
+            rid = self.maps.new(p, ia, ip, b.addr, b.lo + off, g)
+        elif self.rate is not None and not self.rate.take(ia, now):
+            return self.reasons["host_rate_limited"]
+        self.maps.add_session(rid, ra, r)
+        self.room -= 1
+        self.last = rid
+        return OK

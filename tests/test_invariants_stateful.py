@@ -261,7 +261,8 @@ class Restarts(RuleBasedStateMachine):
         for k, w in enumerate(self.gw.w):
             rb = w.rules
             for ekey in list(rb._rec_ekeys):
-                m = rb._by_ext.get(ekey)
+                lk = rb.lookup_external(ekey >> 48, ekey >> 16 & 0xFFFFFFFF, ekey & 0xFFFF)
+                m = None if lk is None else rb.mapping(lk["rule_id"])
                 if m is None:
                     continue
                 e = (m.eaddr, m.eport)

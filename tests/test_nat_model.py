@@ -152,3 +152,238 @@ def test_many_hosts_rehash_and_delete():
     assert hs.blocks(3) == [30] and not hs.idle(3)
     hs.remove_block(3, 30)
     assert hs.idle(3)
+
+
+# ------------------------------------------------------------------------ mappings and sessions
+MAP_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["new", "new", "add", "add", "add", "end_session", "end_session", "end", "look"]),
+        st.integers(0, 7),  # which internal / external endpoint, or which live mapping
+        st.integers(0, 3),  # remote address
+        st.integers(0, 2),  # remote port
+        st.sampled_from([1, 6, 17]),
+    ),
+    max_size=200,
+)
+
+
+def _same_mappings(c, m):
+    """The compiled table holds what the model holds, and its indexes agree."""
+    assert c.rule_ids() == sorted(m.m) and len(c) == len(m.m) and c.n_sessions == m.n_sessions
+    assert c.n_ids == m.top and c.free_id_list() == m.free
+    for rid, (p, ia, ip, ea, ep, g) in m.m.items():
+        assert c.get(rid) == (p, ia, ip, ea, ep, g)
+        assert c.by_external(p, ea, ep) == rid and c.matches(rid, ia, ip, ea, ep)
+        assert c.remotes(rid) == m.remotes(rid) and c.nsessions(rid) == len(m.rem[rid])
+        if m.eim:
+            assert c.by_out_key(p, ia, ip, 12345, 1) == rid
+        for ra, r in m.rem[rid]:
+            assert c.has_session(rid, ra, r)
+            assert c.by_out_key(p, ia, ip, ra, r) == m.by_out_key(p, ia, ip, ra, r)
+
+
+@settings(max_examples=150, deadline=None)
+@given(eim=st.booleans(), ops=MAP_OPS)
+def test_mappings_match_model(eim, ops):
+    """Mappings (C) against MappingsModel: the same rule ids (freed ids reused last
+    first), lookups, sessions and remote-address answers for the same operations; a
+    snapshot of its state (load + put + add_session) rebuilds the same table."""
+    from hypernat.nat._mappings import Mappings
+    from nat_model import MappingsModel
+
+    c, m = Mappings(eim, 16, True), MappingsModel(eim)  # a small start: the indexes grow
+    for op, k, ra, r, p in ops:
+        ra += 7 << 24
+        live = sorted(m.m)
+        if op == "new":
+            ia, ip, ea, ep = 10 << 24 | k % 3, 1000 + k, 198 << 24 | k % 2, 2000 + k
+            if m.by_external(p, ea, ep) or (eim and m.by_out_key(p, ia, ip, 0, 0)):
+                with pytest.raises(KeyError):
+                    c.new(p, ia, ip, ea, ep, k)
+                continue
+            assert c.new(p, ia, ip, ea, ep, k) == m.new(p, ia, ip, ea, ep, k)
+        elif not live:
+            assert c.end_session(k + 1, ra, r) == -1 and c.get(k + 1) is None
+            continue
+        else:
+            rid = live[k % len(live)]
+            if op == "add":
+                assert c.add_session(rid, ra, r) == m.add_session(rid, ra, r)
+            elif op == "end_session":
+                assert c.end_session(rid, ra, r) == m.end_session(rid, ra, r)
+            elif op == "end":
+                if m.rem[rid]:
+                    with pytest.raises(ValueError):
+                        c.end(rid)
+                else:
+                    c.end(rid)
+                    m.end(rid)
+            else:
+                assert c.has_remote_address(rid, ra) == m.has_remote_address(rid, ra)
+                assert c.by_out_key(p, 1, 2, ra, r) == m.by_out_key(p, 1, 2, ra, r)
+        _same_mappings(c, m)
+    assert c.n_pending == len(m.pending)
+    c2 = Mappings(eim, 16, True)
+    c2.load(c.n_ids, c.free_id_list())
+    for rid in c.rule_ids():
+        c2.put(rid, *c.get(rid))
+        for x in c.remotes(rid):
+            c2.add_session(rid, x >> 16, x & 0xFFFF)
+    c2.clear_pending()
+    assert c2.n_pending == 0
+    _same_mappings(c2, m)
+
+
+def test_mappings_flush_writes_both_entries():
+    """The pending sessions become the two flow-table entries of each (ICMP: the
+    identifier in both ports), and a session ended before the flush is still written
+    (its caller deletes entries it no longer wants)."""
+    from hypernat.fastpath import FlowTable
+    from hypernat.nat._mappings import Mappings
+
+    c = Mappings(True, 16)
+    out, inn = FlowTable(64), FlowTable(64)
+    a = c.new(17, 10, 1000, 198, 2000, 0)
+    b = c.new(1, 10, 77, 198, 3000, 0)
+    assert c.add_session(a, 7, 53) and not c.add_session(a, 7, 53) and c.add_session(b, 8, 0)
+    assert c.flush(out, inn, 5) == 2 and c.n_pending == 0 and c.flush(out, inn, 6) == 0
+    e = out.get(17, 10, 1000, 7, 53)
+    assert (int(e["new_addr"]), int(e["new_port"]), int(e["rule_id"]), int(e["last_seen"])) == (198, 2000, a, 5)
+    e = inn.get(17, 7, 53, 198, 2000)
+    assert (int(e["new_addr"]), int(e["new_port"]), int(e["rule_id"])) == (10, 1000, a)
+    assert out.get(1, 10, 77, 8, 77)["new_port"] == 3000 and inn.get(1, 8, 3000, 198, 3000)["new_port"] == 77
+    assert len(out) == len(inn) == 2
+
+
+def test_mappings_many_grow_and_shrink():
+    """Tens of thousands of mappings and sessions in and out: the indexes grow, rule ids
+    are reused, nothing is lost."""
+    from hypernat.nat._mappings import Mappings
+
+    c = Mappings(True, 16, True)
+    rids = [c.new(6, 10 << 24 | x, 1000 + x % 7, 198 << 24, 1024 + x, x // 64) for x in range(20000)]
+    for rid in rids:
+        assert c.add_session(rid, 7, 80) and c.add_session(rid, 8, 80)
+    assert len(c) == 20000 and c.n_sessions == 40000
+    for rid in rids[::2]:
+        assert c.end_session(rid, 7, 80) == 1 and c.end_session(rid, 8, 80) == 0
+        c.end(rid)
+    assert len(c) == 10000 and c.n_sessions == 20000 and not c.has_remote_address(rids[1], 9)
+    assert c.has_remote_address(rids[1], 8) and c.by_external(6, 198 << 24, 1024 + 1) == rids[1]
+    assert c.new(17, 1, 1, 2, 2, 0) == rids[-2]  # the last freed first
+
+
+# ------------------------------------------------------------------------ the compiled setup
+REASONS = {"not_internal": 10, "icmp_error_no_session": 11, "table_full": 12, "host_rate_limited": 13}
+VERDICTS = {"miss_out": 1, "miss_in": 2, "miss_icmp_error": 3, "miss_hairpin": 4}
+INTERNAL = [(10 << 24, 0xFF000000)]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    eim=st.booleans(),
+    parity=st.booleans(),
+    preserve=st.booleans(),
+    rate=st.sampled_from([0, 0.5, 3]),
+    cap=st.integers(1, 40),
+    seed=st.integers(0, 2**64 - 1),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["out"] * 8 + ["host", "block", "tick", "flags", "end"]),
+                  st.integers(0, 4), st.sampled_from([1, 6, 6, 17, 17, 47]), st.integers(0, 20), st.integers(0, 3),
+                  st.integers(0, 3), st.integers(0, 15)),
+        min_size=10,
+        max_size=160,
+    ),
+)
+def test_out_setup_matches_model(eim, parity, preserve, rate, cap, seed, ops):
+    """OutSetup (C) against OutSetupModel over the same host table, blocks and seed: the
+    same answers (session found or added, refusal, or left to the general path), the
+    same rule ids and ports, the same state after."""
+    from hypernat.nat import _hosts
+    from hypernat.nat._mappings import Mappings, OutSetup
+    from hypernat.nat._rate import HostRate
+    from nat_model import HostRateModel, HostsModel, MappingsModel, OutSetupModel
+
+    bs = 8
+    pb, mpb = ports.PortBlocks(bs, parity, seed), PortBlocksModel(bs, parity, seed)
+    hs, mh = _hosts.Hosts(), HostsModel(mpb)
+    mp, mm = Mappings(eim, 16, False), MappingsModel(eim)
+    su = OutSetup(mp, INTERNAL, REASONS, VERDICTS)
+    su.bind(hs, pb, HostRate(rate, 2) if rate else None, cap, preserve)
+    sm = OutSetupModel(mm, mh, INTERNAL, REASONS, HostRateModel(rate, 2) if rate else None, cap, preserve)
+    su.room = sm.room = 1 << 30
+    now, nb = 100, 0
+    for op, h, p, port, r, x, fl in [("host", h, 0, 0, 0, 0, 0) for h in range(3)] + ops:
+        ia = (10 << 24 | h) if h < 4 else (11 << 24 | 1)  # one address outside the prefix
+        if op in ("host", "block"):
+            if ia >> 24 != 10 or (op == "host") == (ia in mh.h):
+                continue
+            if op == "host":
+                hs.add(ia, 0, 198 << 24)
+                mh.add(ia)
+            pb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+            mpb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+            hs.append_block(ia, nb)
+            mh.h[ia]["blocks"].append(nb)
+            nb += 1
+        elif op == "tick":
+            now += x
+        elif op == "flags":  # the builder's per-call settings
+            su.room = sm.room = x * 4
+            su.recovering = sm.recovering = bool(fl & 1)
+            su.py_session = sm.py_session = bool(fl & 2) and x == 0
+            su.py_mapping = sm.py_mapping = bool(fl & 4)
+        elif op == "end" and mm.m:
+            rid = sorted(mm.m)[x % len(mm.m)]
+            for ra, rr in sorted(mm.rem[rid]):
+                assert mp.end_session(rid, ra, rr) == mm.end_session(rid, ra, rr)
+            mp.end(rid)
+            mm.end(rid)
+        elif op == "out":
+            args = (p, ia, 1000 + port, 7 << 24 | r, 80 + x, now, fl == 8)
+            got = su.out(*args)
+            assert got == sm.out(*args), args
+            if got == -1:
+                assert su.last == sm.last
+        assert su.room == sm.room
+    assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
+    for rid in mm.m:
+        assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)
+    for ia, h in mh.h.items():
+        assert [hs.nports(ia, pi) for pi in range(3)] == h["nports"] and hs.cur(ia) == h["cur"]
+    for g in mpb.blocks:
+        assert [pb.used_mask(g, pi) for pi in range(3)] == [mpb.used_mask(g, pi) for pi in range(3)]
+    assert [pb.total_used(pi) for pi in range(3)] == [sum(mpb.n_used(g, pi) for g in mpb.blocks) for pi in range(3)]
+
+
+def test_out_setup_run_answers_the_common_case_and_stops_at_the_rest():
+    """OutSetup.run over a batch's arrays: frames that are not misses are passed over,
+    outgoing misses it can answer are answered in order, and it stops, untouched, at
+    the first miss it cannot (here: a host not known, then an incoming miss)."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.nat import _hosts
+    from hypernat.nat._mappings import Mappings, OutSetup
+
+    pb, hs, mp = ports.PortBlocks(8, False, 1), _hosts.Hosts(), Mappings(True, 16)
+    hs.add(10 << 24 | 1, 0, 198 << 24)
+    pb.add(0, 0, 198 << 24, 1024, 8, 10 << 24 | 1)
+    hs.append_block(10 << 24 | 1, 0)
+    su = OutSetup(mp, INTERNAL, REASONS, VERDICTS)
+    su.bind(hs, pb, None, 100, False)
+    su.room = 100
+    v = np.array([0, 1, 1, 5, 1, 1, 2], np.uint8)
+    k = np.zeros(7, layout.KEY_DTYPE)
+    k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = 17, 10 << 24 | 1, 5000, 7, 53
+    k["sport"][2] = 5001
+    k["saddr"][5] = 10 << 24 | 2  # not known here
+    idx, res, replay = [], [], []
+    kb = k.view(np.uint8).reshape(-1)
+    assert su.run(v, kb, 0, 1000, idx, res, replay) == 5
+    assert idx == replay == [1, 2, 4] and res == [-1, -1, -1]  # frame 4: the session of frame 1
+    assert len(mp) == 2 and mp.n_sessions == 2 and mp.n_pending == 2
+    assert su.run(v, kb, 6, 1000, idx, res, replay) == 6  # an incoming miss: not its case
+    assert su.run(v[:4], kb, 3, 1000, idx, res, replay) == 4 and idx == [1, 2, 4]
+    with pytest.raises(ValueError):
+        su.run(v, kb[:32], 0, 1000, idx, res, replay)

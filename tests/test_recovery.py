@@ -79,7 +79,7 @@ def hosts_of(rb, n, start=1):
 
 def sessions_of(rb) -> np.ndarray:
     """Every session of rb as SESSION_DTYPE (the owner's view, as holders report it)."""
-    parts = [rb.export_rule(m.proto, m.eaddr, m.eport) for m in list(rb._by_ext.values())]
+    parts = [rb.export_rule(m.proto, m.eaddr, m.eport) for m in list(rb.mappings())]
     return np.concatenate(parts) if parts else np.zeros(0, SESSION_DTYPE)
 
 
@@ -109,13 +109,13 @@ def check_consistency(rb):
             assert bin(used).count("1") == bl.n_used(g, pi)
             bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
         assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
-    live = {(m.block, PIDX[m.proto], m.eport - bl.lo(m.block)) for m in rb._by_ext.values()}
+    live = {(m.block, PIDX[m.proto], m.eport - bl.lo(m.block)) for m in rb.mappings()}
     waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
     reserved = {(g, pi, off) for g, (_, ms) in rb._reserved.items() for pi in range(3)
                 for off in range(rb._bs) if ms[pi] >> off & 1}  # fmt: skip
     assert not live & waiting and not live & reserved and not waiting & reserved
     assert bits == live | waiting | reserved
-    assert len(rb.out) == len(rb.inn) == rb._n_sessions == sum(len(m.remotes) for m in rb._by_ext.values())
+    assert len(rb.out) == len(rb.inn) == rb.stats()["sessions"] == sum(len(m.remotes) for m in rb.mappings())
     assert not set(rb._qblocks) & set(rb.blocks)  # a quarantined block is nobody's
 
 
@@ -183,7 +183,7 @@ def test_unreported_endpoints_stay_reserved_until_the_quarantine_ends():
         assert (p,) + e not in handed, "an endpoint of a lost session was handed out before its timeout"
     # the recovered host kept one external address (paired pooling)
     for h in hosts:
-        assert len({m.eaddr for m in rb._by_ext.values() if m.iaddr == h}) == 1
+        assert len({m.eaddr for m in rb.mappings() if m.iaddr == h}) == 1
     check_consistency(rb)
     # at the quarantine's end the reservations go; the bookkeeping still adds up
     for now in (QUARANTINE_END - 1, QUARANTINE_END):
@@ -296,7 +296,7 @@ def test_property_no_endpoint_of_the_crashed_nic_is_reused_early(seed, reported,
         if good:
             assert ext_of(rb, r) == (int(r["eaddr"]), int(r["eport"]))
     recovered = {(int(r["proto"]), int(r["eaddr"]), int(r["eport"])) for r in recs[sel][ok]}
-    for m in rb._by_ext.values():
+    for m in rb.mappings():
         e = (m.proto, m.eaddr, m.eport)
         assert e not in handed or e in recovered, e
     rb.sweep(QUARANTINE_END, max_slots=1 << 20, max_expire=1 << 20, budget_us=1e12)
@@ -352,7 +352,7 @@ def test_host_address_full_is_refused_counted_and_logged(caplog):
     c = rb.counters_dict()
     assert c["exhausted_host_address"] == 5 and c["ports_exhausted"] == 5 and c["exhausted_pool"] == 0
     assert "paired pooling" in caplog.text and str(ipaddress.IPv4Address(h1)) in caplog.text
-    assert {m.eaddr for m in rb._by_ext.values() if m.iaddr == h1} == {a1["eaddr"]}
+    assert {m.eaddr for m in rb.mappings() if m.iaddr == h1} == {a1["eaddr"]}
     h5 = hosts_of(rb, 5)[-1]
     assert miss(rb, [(UDP, h5, 5000, R1, 53)], 3).action[0] == ACT_DROP
     assert rb.counters_dict()["exhausted_pool"] == 1
@@ -441,8 +441,8 @@ def test_recovery_window_holds_new_mappings_of_journaled_hosts_only():
     d = miss(rb, [(UDP, h, 9999, R1, 53), (UDP, stranger, 9999, R1, 53)], 20)
     assert d.action[0] == ACT_HOLD and d.action[1] == ACT_REPLAY
     assert rb.counters_dict()["recovery_held"] == 1 and len(rb.out) == 1
-    sess, status = rb.serve_fetch(OUT, np.array([(h, R1, 9998, 53, UDP, 0, 0, 0)], layout.KEY_DTYPE), 20)
-    assert int(status[0]) == REASON["recovering"]
+    [(status, sess)] = rb.serve_fetch_rows([(OUT, h, R1, 9998, 53, UDP, 0, 0, 0)], 20)
+    assert status == REASON["recovering"] and sess is None
     mine = recs[recs["iaddr"] == h][:1]
     assert rb.recover_sessions(mine, 21).all()
     row = (int(mine["proto"][0]), h, int(mine["iport"][0]), int(mine["raddr"][0]), int(mine["rport"][0]))

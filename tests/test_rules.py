@@ -50,6 +50,19 @@ def make_rb(cfg, nic=0, capacity=4096, seed=1, **kw):
     return RuleBuilder(cfg, nic, FlowTable(capacity), FlowTable(capacity), rng=np.random.default_rng(seed), **kw)
 
 
+def serve_fetch(rb, fetch_dir, keys, now):
+    """The owner's answers to FETCHes as arrays: (SESSION_DTYPE records, int16 statuses),
+    through ``serve_fetch_rows`` (`fetch_dir` a scalar or one per key)."""
+    keys = np.asarray(keys, layout.KEY_DTYPE).reshape(-1)
+    fd = np.broadcast_to(np.asarray(fetch_dir, np.uint8), (len(keys),)).tolist()
+    got = rb.serve_fetch_rows([(d, *k) for d, k in zip(fd, keys.tolist())], now)
+    recs = np.zeros(len(got), SESSION_DTYPE)
+    for i, (st, sess) in enumerate(got):
+        if st == 0:
+            recs[i] = sess
+    return recs, np.array([st for st, _ in got], np.int16)
+
+
 def keys_of(rows, kind=layout.KIND_PLAIN):
     k = np.zeros(len(rows), layout.KEY_DTYPE)
     for i, r in enumerate(rows):
@@ -453,7 +466,7 @@ def test_misses_owned_elsewhere_come_back_as_fetch():
     fk = d.fetch_key[0]
     assert (int(fk["saddr"]), int(fk["sport"]), int(fk["daddr"]), int(fk["dport"])) == (h1, 5000, R1, 80)
     # the owner serves it: allocates like a local miss
-    recs, status = rb1.serve_fetch(OUT, d.fetch_key[:1], 10)
+    recs, status = serve_fetch(rb1, OUT, d.fetch_key[:1], 10)
     assert status[0] == 0 and recs[0]["iaddr"] == h1 and recs[0]["owner"] == 1
     assert rb1.part.owner(int(recs[0]["eaddr"]), int(recs[0]["eport"])) == 1
     # the asker installs a clone of the out entry and its replay now hits
@@ -464,14 +477,14 @@ def test_misses_owned_elsewhere_come_back_as_fetch():
     e = (int(recs[0]["eaddr"]), int(recs[0]["eport"]))
     d = miss(rb0, IN, [(TCP, R1, 80, *e, SYN | ACK)], 11)
     assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_dir[0] == IN
-    recs2, status = rb1.serve_fetch(IN, d.fetch_key[:1], 11)
+    recs2, status = serve_fetch(rb1, IN, d.fetch_key[:1], 11)
     assert status[0] == 0 and (recs2[["iaddr", "eaddr", "eport"]] == recs[["iaddr", "eaddr", "eport"]]).all()
     assert rb0.install_clone(recs2, 11, dirs=DIR_BIT_IN) == 1
     # a NACK: nobody has this endpoint / NIC 0 is asked for what NIC 1 owns
     bogus = keys_of([(TCP, R1, 80, e[0], e[1] ^ 1)])
-    _, st = rb1.serve_fetch(IN, bogus, 11)
+    _, st = serve_fetch(rb1, IN, bogus, 11)
     assert st[0] != 0
-    _, st = rb0.serve_fetch(IN, d.fetch_key[:1], 11)
+    _, st = serve_fetch(rb0, IN, d.fetch_key[:1], 11)
     assert st[0] == REASON["not_owner"]
     # clones are never installed over what this NIC owns
     assert rb1.install_clone(recs, 11) == 0 and rb1.counters_dict()["bad_message"] == 1
@@ -743,25 +756,25 @@ def test_icmp_errors_look_up_only_and_fetch_serving_filters():
     # an ICMP error from inside about a flow of a host NIC 1 owns: fetched, lookup only
     d = miss(rb0, OUT, [(UDP, h, 5000, R1, 53)], 5, verdict="miss_icmp_error", kind=layout.KIND_ICMP_ERROR)
     assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_key[0]["kind"] == layout.KIND_ICMP_ERROR
-    recs, st = rb1.serve_fetch(OUT, d.fetch_key[:1], 5)
+    recs, st = serve_fetch(rb1, OUT, d.fetch_key[:1], 5)
     assert st[0] == REASON["icmp_error_no_session"] and len(rb1.out) == 0  # never creates
     miss(rb1, OUT, [(UDP, h, 5000, R1, 53)], 6)
-    recs, st = rb1.serve_fetch(OUT, d.fetch_key[:1], 6)
+    recs, st = serve_fetch(rb1, OUT, d.fetch_key[:1], 6)
     assert st[0] == 0 and recs[0]["iaddr"] == h and len(rb1.out) == 1
     # an incoming fetch from a new remote: EIF admits it and creates the session at the owner
     e = mapping_of(rb1, UDP, h, 5000, R1, 53)
     k = keys_of([(UDP, R2, 999, *e)])
-    recs, st = rb1.serve_fetch(IN, k, 7)
+    recs, st = serve_fetch(rb1, IN, k, 7)
     assert st[0] == 0 and (recs[0]["raddr"], recs[0]["rport"]) == (R2, 999) and len(rb1.inn) == 2
     # ... but the same fetch as an ICMP error about an unknown session is refused
     k["kind"] = layout.KIND_ICMP_ERROR
     k["saddr"] = R3
-    _, st = rb1.serve_fetch(IN, k, 7)
+    _, st = serve_fetch(rb1, IN, k, 7)
     assert st[0] == REASON["icmp_error_no_session"] and len(rb1.inn) == 2
     # bad fetch direction / protocol: refused and counted, never fatal
-    _, st = rb1.serve_fetch(7, keys_of([(UDP, R2, 1, *e)]), 7)
+    _, st = serve_fetch(rb1, 7, keys_of([(UDP, R2, 1, *e)]), 7)
     assert st[0] == REASON["bad_message"]
-    _, st = rb1.serve_fetch(IN, keys_of([(47, R2, 1, *e)]), 7)
+    _, st = serve_fetch(rb1, IN, keys_of([(47, R2, 1, *e)]), 7)
     assert st[0] == REASON["bad_message"]
 
 
@@ -817,13 +830,13 @@ def check_consistency(rb):
             assert bin(used).count("1") == bl.n_used(g, pi)
             bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
         assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
-    live = {(m.block, {6: 0, 17: 1, 1: 2}[m.proto], m.eport - bl.lo(m.block)) for m in rb._by_ext.values()}
+    live = {(m.block, {6: 0, 17: 1, 1: 2}[m.proto], m.eport - bl.lo(m.block)) for m in rb.mappings()}
     waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
     assert not live & waiting
     assert bits == live | waiting
-    assert len(rb.out) == len(rb.inn) == rb._n_sessions == sum(len(m.remotes) for m in rb._by_ext.values())
+    assert len(rb.out) == len(rb.inn) == rb.stats()["sessions"] == sum(len(m.remotes) for m in rb.mappings())
     for r in rb.out.slots[rb.out.occupied()]:
-        m = rb._mappings[int(r["rule_id"])]
+        m = rb.mapping(int(r["rule_id"]))
         assert (m.iaddr, m.iport, m.eaddr, m.eport) == (int(r["saddr"]), int(r["sport"]), int(r["new_addr"]),
                                                         int(r["new_port"]))  # fmt: skip
     assert 0.0 <= rb.utilisation() <= 1.0
@@ -843,14 +856,14 @@ def test_bookkeeping_matches_tables(ops, mapping, filtering):
         rp = 5000 + port if p == ICMP else 80 + port
         if op == "out":
             miss(rb, OUT, [(p, hosts[h], 5000 + port, remote, rp)], now)
-        elif op == "in" and rb._by_ext:
-            m = sorted(rb._by_ext.values(), key=lambda m: m.rule_id)[h % len(rb._by_ext)]
+        elif op == "in" and rb.mappings():
+            m = rb.mappings()[h % len(rb.mappings())]
             miss(rb, IN, [(m.proto, remote, 80 + port, m.eaddr, m.eport)], now)
         elif op == "tick":
             now += (1, 10, 25, 40)[r]
             rb.sweep(now, max_slots=64, max_expire=4)  # small steps: the cursor matters
-        elif op == "hold" and rb._by_ext:
-            m = sorted(rb._by_ext.values(), key=lambda m: m.rule_id)[h % len(rb._by_ext)]
+        elif op == "hold" and rb.mappings():
+            m = rb.mappings()[h % len(rb.mappings())]
             rb.hold(m.proto, m.eaddr, m.eport)
             held.append((m.proto, m.eaddr, m.eport))
         elif op == "release" and held:
@@ -895,7 +908,7 @@ def test_two_nics_fetch_clone_expire_cycle(mapping):
         d = miss(rbs[nic], OUT, [(p, h, sp, r, 80, SYN)], now)
         if d.action[0] == ACT_FETCH:
             o = int(d.owner[0])
-            recs, st = rbs[o].serve_fetch(OUT, d.fetch_key[:1], now)
+            recs, st = serve_fetch(rbs[o], OUT, d.fetch_key[:1], now)
             assert st[0] == 0
             assert rbs[nic].install_clone(recs, now, dirs=DIR_BIT_OUT) == 1
         else:
@@ -912,7 +925,7 @@ def test_two_nics_fetch_clone_expire_cycle(mapping):
         if rbs[back].inn.get(*in_key(p, r, 80, *e)) is None:
             d = miss(rbs[back], IN, [(p, r, 80, *e, SYN | ACK)], now)
             assert d.action[0] == ACT_FETCH and d.owner[0] == 1 - back
-            recs, st = rbs[1 - back].serve_fetch(IN, d.fetch_key[:1], now)
+            recs, st = serve_fetch(rbs[1 - back], IN, d.fetch_key[:1], now)
             assert st[0] == 0
             assert rbs[back].install_clone(recs, now, dirs=DIR_BIT_IN) == 1
         # invariants
@@ -960,11 +973,11 @@ def test_collect_activity_incremental_scan():
     assert len(rb0.collect_activity()) == 0
 
 
-def test_serve_fetch_rows_gives_serve_fetchs_answers():
-    """``serve_fetch_rows`` (plain tuples, the one-connection FETCH) and ``serve_fetch``
-    (arrays) answer the same keys the same way: statuses, session records (with the
-    entries' last_seen and TCP state), and what they leave in the tables -- answered,
-    admitted, allocated, refused and malformed keys mixed in one call."""
+def test_serve_fetch_rows_answers_a_batch_as_one_by_one():
+    """``serve_fetch_rows`` answers a batch of keys as it answers them one call each:
+    statuses, session records (with the entries' last_seen and TCP state), and what they
+    leave in the tables -- answered, admitted, allocated, refused and malformed keys
+    mixed in one call."""
     cfg = make_cfg(1, filtering="endpoint-independent")
     a, b = make_rb(cfg, 0, seed=7), make_rb(cfg, 0, seed=7)
     h1, h2 = hosts_of(a, 2)
@@ -993,9 +1006,9 @@ def test_serve_fetch_rows_gives_serve_fetchs_answers():
         (IN, R1, e_tcp[0], 443, e_tcp[1], 47, 0, 0, 0),  # not TCP / UDP / ICMP
         (5, R1, e_tcp[0], 443, e_tcp[1], TCP, 0, 0, 0),  # no such direction
     ]
-    recs, status = a.serve_fetch(np.array([c[0] for c in cases], np.uint8),
-                                 np.array([c[1:] for c in cases], layout.KEY_DTYPE), 9)
-    got = b.serve_fetch_rows(cases, 9)
+    recs, status = serve_fetch(a, np.array([c[0] for c in cases], np.uint8),
+                               np.array([c[1:] for c in cases], layout.KEY_DTYPE), 9)
+    got = [b.serve_fetch_rows([c], 9)[0] for c in cases]
     assert [st for st, _ in got] == np.asarray(status).tolist()
     assert sum(st == 0 for st, _ in got) == 7 and len(set(np.asarray(status).tolist())) > 3
     for (st, sess), rec in zip(got, recs):
@@ -1018,7 +1031,7 @@ def test_serve_fetch_rows_gives_serve_fetchs_answers():
     assert a.counters == b.counters
     # all found (no refusal): the array path answers in key order as well
     ok = [c for c, (st, _) in zip(cases, got) if st == 0]
-    recs2, st2 = a.serve_fetch(np.array([c[0] for c in ok], np.uint8), np.array([c[1:] for c in ok], layout.KEY_DTYPE), 10)
+    recs2, st2 = serve_fetch(a, np.array([c[0] for c in ok], np.uint8), np.array([c[1:] for c in ok], layout.KEY_DTYPE), 10)
     assert not np.asarray(st2).any()
     assert recs2.tobytes() == np.array([s for st, s in b.serve_fetch_rows(ok, 10)], SESSION_DTYPE).tobytes()
     assert recs2.tobytes() == recs[np.asarray(status) == 0].tobytes()

@@ -961,8 +961,7 @@ def test_busy_remote_never_throttled_scan_from_another_source_is(pair):
 
 
 def test_serve_fetch_one_by_one_equals_batched(tmp_path):
-    """The owner answers a one-connection FETCH with plain ints (``_fill_records``'
-    small path) and a burst with numpy gathers: the records must be the same."""
+    """The owner answers FETCHes one call each and in one batch the same way."""
     cfg = emulated_config(1)
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
     frames = [build_frame(TCP, I1 + i % 3, 43000 + i, R1 + i, 443, flags=SYN) for i in range(8)]
@@ -974,13 +973,12 @@ def test_serve_fetch_one_by_one_equals_batched(tmp_path):
     keys["saddr"], keys["sport"] = [p.dst for p in out], [p.dport for p in out]
     keys["daddr"], keys["dport"] = [p.src for p in out], [p.sport for p in out]
     now = w.ticks()
-    batched, st = w.rules.serve_fetch(IN, keys, now)
-    assert (np.asarray(st) == 0).all()
+    rows = [(IN, *k) for k in keys.tolist()]
+    batched = w.rules.serve_fetch_rows(rows, now)
+    assert all(st == 0 for st, _ in batched)
     for x in range(len(keys)):
-        one, st1 = w.rules.serve_fetch(IN, keys[x:x + 1], now)
-        assert int(np.asarray(st1)[0]) == 0
-        assert one[0].tobytes() == batched[x].tobytes()
-    assert sorted(int(r["iport"]) for r in batched) == [43000 + i for i in range(8)]
+        assert w.rules.serve_fetch_rows(rows[x:x + 1], now) == [batched[x]]
+    assert sorted(sess[3] for _, sess in batched) == [43000 + i for i in range(8)]
     w.close()
 
 

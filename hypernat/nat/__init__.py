@@ -3,8 +3,18 @@
 ``_ports.PortBlocks``  the port blocks assigned to internal hosts on this NIC: per block
                        its span, its host and a bitmap of used ports per protocol; RFC
                        6056 port choice (random start, next free), parity, preservation.
-                       One C record per block, no Python object per block or port.
+``_hosts.Hosts``       the internal hosts with blocks here: external address, blocks,
+                       live mappings per protocol; a new mapping's port (``allocate``).
+``_rate.HostRate``     new connections per internal host: a token bucket each.
+``_mappings.Mappings`` mappings (by rule id, free-id stack) and sessions, indexed by
+                       external endpoint, internal endpoint (EIM) or session key (APDM)
+                       through FlowTables (the flow table's hashing, ``_fastpath.pxd``);
+                       sessions pending for the flow tables until ``flush``.
+``_mappings.OutSetup`` an outgoing first packet's common case over all of the above.
 
-``hypernat.rules.RuleBuilder`` owns one and keeps the policy (which host gets which
-block, journal, translation log, reuse delay, quarantine) in Python.
+One C record per block, host, mapping or session: no Python object per connection.
+``hypernat.rules.RuleBuilder`` owns one of each and keeps the policy (which host gets
+which block, journal, translation log, reuse delay, quarantine, refusals' counters and
+logs) in Python.  ``tests/nat_model.py`` is the readable reference of the compiled
+decisions (``tests/test_nat_model.py`` checks them against it).
 """

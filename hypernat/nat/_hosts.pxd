@@ -22,6 +22,7 @@ cdef class Hosts:
     cdef uint64_t mask
     cdef Py_ssize_t count
     cdef Host* find(self, uint32_t iaddr) noexcept nogil
+    cdef void prefetch(self, uint32_t iaddr) noexcept nogil
     cdef _rehash(self, uint64_t size)
     cdef Host* _get(self, uint32_t iaddr) except NULL
     cdef int64_t allocate_c(self, Host* h, int pi, int iport, bint preserve, PortBlocks bl, int* off) noexcept nogil

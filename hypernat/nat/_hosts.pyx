@@ -19,6 +19,16 @@ from libc.string cimport memmove
 
 from ._ports cimport PortBlocks
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_hosts_prefetch(p) __builtin_prefetch((const void *)(p), 0, 3)
+    #else
+    #define hn_hosts_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_hosts_prefetch(const void *p) noexcept nogil
+
 
 cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
     x *= 0x9E3779B97F4A7C15ULL
@@ -49,6 +59,11 @@ cdef class Hosts:
                 return &self.t[j]
             j = (j + 1) & self.mask
         return NULL
+
+    cdef void prefetch(self, uint32_t iaddr) noexcept nogil:
+        """Start loading the table line `find(iaddr)` will read first (a batch looks a
+        few packets ahead)."""
+        hn_hosts_prefetch(&self.t[_mix(iaddr) & self.mask])
 
     cdef Host* _get(self, uint32_t iaddr) except NULL:
         cdef Host* h = self.find(iaddr)

@@ -26,6 +26,7 @@ cdef class PortBlocks:
     cdef int32_t* s_aidx
     cdef uint32_t* s_nused            # [slot*3 + pi]
     cdef uint64_t* s_bits             # [(slot*3 + pi) * words + w]
+    cdef uint64_t used_total[3]       # ports marked used over all blocks, per protocol
 
     cdef _grow(self, Py_ssize_t cap)
     cdef _rehash(self, uint64_t size)

@@ -179,6 +179,7 @@ cdef class PortBlocks:
             return -1
         bits[off >> 6] |= (<uint64_t>1) << (off & 63)
         self.s_nused[s * 3 + pi] += 1
+        self.used_total[pi] += 1
         return off
 
     cdef inline uint64_t _free_word(self, uint64_t* bits, int k, int nw, uint32_t size) noexcept nogil:
@@ -197,6 +198,7 @@ cdef class PortBlocks:
             return False
         bits[off >> 6] |= bit
         self.s_nused[s * 3 + pi] += 1
+        self.used_total[pi] += 1
         return True
 
     cdef int release_slot(self, int32_t s, int pi, int off) noexcept nogil:
@@ -209,6 +211,7 @@ cdef class PortBlocks:
             return -1
         bits[off >> 6] &= ~bit
         self.s_nused[s * 3 + pi] -= 1
+        self.used_total[pi] -= 1
         return self.s_nused[s * 3] + self.s_nused[s * 3 + 1] + self.s_nused[s * 3 + 2]
 
     cdef int32_t _slot(self, int64_t g) except -2:
@@ -264,6 +267,10 @@ cdef class PortBlocks:
             j = (j + 1) & self.hmask
         self.free_slots[self.n_free] = self.hvals[j]
         self.n_free += 1
+        cdef int pi
+        for pi in range(3):  # its ports leave the totals with it
+            self.used_total[pi] -= self.s_nused[self.hvals[j] * 3 + pi]
+            self.s_nused[self.hvals[j] * 3 + pi] = 0
         self.hcount -= 1
         # backward-shift deletion: no tombstones
         k = j
@@ -281,6 +288,10 @@ cdef class PortBlocks:
 
     def __contains__(self, g):
         return self.slot_of(<int64_t>g) >= 0
+
+    def total_used(self, int pi):
+        """Ports of protocol index `pi` marked used over every block here."""
+        return self.used_total[pi]
 
     def __len__(self):
         return self.hcount
@@ -372,4 +383,5 @@ cdef class PortBlocks:
             w = <uint64_t>((mask >> (64 * k)) & 0xFFFFFFFFFFFFFFFF)
             bits[k] = w
             n += hn_popcount64(w)
+        self.used_total[pi] += <uint64_t>n - self.s_nused[s * 3 + pi]
         self.s_nused[s * 3 + pi] = n

@@ -16,3 +16,4 @@ cdef class HostRate:
     cdef Bucket* b
     cdef uint32_t mask
     cdef bint allow(self, uint32_t host, int64_t now) noexcept nogil
+    cdef bint would_allow(self, uint32_t host, int64_t now) noexcept nogil

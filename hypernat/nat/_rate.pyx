@@ -74,6 +74,24 @@ cdef class HostRate:
         e.tokens = self.burst - 1.0
         return True
 
+    cdef bint would_allow(self, uint32_t host, int64_t now) noexcept nogil:
+        """What ``allow`` would answer now, changing nothing (a caller that must know
+        before it commits to other work)."""
+        cdef uint64_t h = (<uint64_t>host * 0x9E3779B97F4A7C15ULL) >> 32
+        cdef Bucket* e
+        cdef double t
+        cdef int i
+        for i in range(PROBES):
+            e = &self.b[<uint32_t>(h + i) & self.mask]
+            if e.used and e.host == host:
+                t = e.tokens
+                if now > e.last:
+                    t += (now - e.last) * self.rate
+                if t > self.burst:
+                    t = self.burst
+                return t >= 1.0
+        return True  # a host it does not track starts with a full bucket
+
     def take(self, uint32_t host, int64_t now):
         """One new connection of `host` at time `now`: True if admitted (a token taken)."""
         return self.allow(host, now)

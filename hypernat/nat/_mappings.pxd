@@ -1,0 +1,64 @@
+# cython: language_level=3
+"""C interface of hypernat.nat._mappings (see there)."""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from .._fastpath cimport FlowTable
+
+
+cdef struct MapRec:
+    uint32_t iaddr
+    uint32_t eaddr
+    uint16_t iport
+    uint16_t eport
+    uint8_t proto
+    uint8_t used          # 0: a free rule id
+    int64_t block         # the port block holding (eaddr, eport)
+    uint32_t nsess        # its sessions
+    int32_t shead         # first of its session records (-1: none)
+
+
+cdef struct SessRec:
+    uint32_t rid          # 0: a free record
+    uint32_t raddr        # the remote endpoint (ICMP: rport 0)
+    uint16_t rport
+    int32_t prev          # the mapping's sessions: a doubly-linked list
+    int32_t next          # ... (a free record: the next free one)
+
+
+cdef class Mappings:
+    cdef readonly bint eim            # endpoint-independent mapping: one per internal endpoint
+    cdef readonly bint raddr          # keep (rule id, R) counts (address-dependent filtering)
+    cdef MapRec* m                    # by rule id (index 0 unused)
+    cdef uint32_t mcap
+    cdef uint32_t top                 # rule ids ever handed out + 1 (the next new one)
+    cdef uint32_t* free_ids           # a stack: the last freed is reused first
+    cdef uint32_t nfree
+    cdef uint32_t fcap
+    cdef readonly uint32_t count      # live mappings
+    cdef SessRec* s
+    cdef int32_t scap
+    cdef int32_t sfree
+    cdef readonly uint64_t n_sessions
+    # indexes: FlowTables used as hash tables (the flow table's hashing and probing)
+    cdef FlowTable ext                # (proto, E, Ep, 0, 0) -> rule id
+    cdef FlowTable inl                # EIM: (proto, I, Ip, 0, 0) -> rule id
+    cdef FlowTable outk               # APDM: (proto, I, Ip, R, Rp) -> rule id
+    cdef FlowTable sess               # (1, rule id, 0, R, Rp) -> session record; (2, rule id, 0, R, 0) -> count
+    # sessions added and not yet in the flow tables: 8 words each
+    cdef uint32_t* pend
+    cdef Py_ssize_t npend
+    cdef Py_ssize_t pcap
+
+    cdef _grow_m(self, uint32_t cap)
+    cdef _grow_s(self, int32_t cap)
+    cdef MapRec* _get(self, uint32_t rid) except NULL
+    cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept
+    cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
+    cdef uint32_t find_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept
+    cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept
+    cdef int64_t new_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t g) except -1
+    cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1
+    cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2
+    cdef int end_c(self, uint32_t rid) except -1
+    cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
+                  int64_t g) except -1

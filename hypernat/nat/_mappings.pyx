@@ -1,0 +1,695 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Mappings and sessions of one NIC's owner side, in C (issue 11, step 1).
+
+A *mapping* binds an internal endpoint (proto, I, Ip) to an external one (E, Ep) of a
+port block; its handle is its *rule id* (1-based, written into the flow-table slots).
+A *session* is a mapping plus a remote endpoint (R, Rp) (ICMP: Rp 0).  No Python
+object per mapping or session:
+
+    records    mapping records in one C array indexed by rule id; freed ids on a stack
+               (the last freed is reused first); session records in a C array with a
+               free list, linked per mapping (export, snapshot, expiry of the last one)
+    indexes    FlowTables used as hash tables -- the flow table's own hashing and
+               probing through ``_fastpath.pxd``, no copy of it -- grown by doubling:
+                 (proto, E, Ep)              -> rule id        every mapping
+                 (proto, I, Ip)              -> rule id        EIM: one per internal endpoint
+                 (proto, I, Ip, R, Rp)       -> rule id        APDM: one per session
+                 (rule id, R, Rp)            -> session record
+                 (rule id, R)                -> sessions with remote address R
+                                                (address-dependent filtering)
+    pending    sessions added since the last ``flush``: their two flow-table entries
+               are written in one pass at the end of a batch
+
+``hypernat.rules.RuleBuilder`` owns one (``RuleBuilder.maps``) and keeps the policy
+(which port, refusals, journal, logs, reuse delay) in Python; ``setup_out`` in this
+module is the compiled common case of an outgoing first packet.
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memset
+
+import numpy as np
+
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_map_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_map_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_map_prefetch(const void *p) noexcept nogil
+from .._fastpath import FlowTable as _FlowTable
+
+from ._hosts cimport Host, Hosts
+from ._ports cimport PortBlocks
+from ._rate cimport HostRate
+
+cdef enum:
+    K_SESS = 1      # the session index's two kinds of key (the proto byte)
+    K_RADDR = 2
+    P_ICMP = 1
+    P_TCP = 6
+    P_UDP = 17
+
+
+cdef FlowTable _room(FlowTable t, uint64_t need=1):
+    """`t`, or a copy with twice its capacity if `need` more keys would not fit (a hash
+    table that grows)."""
+    if t.t.count + need <= t.t.capacity:
+        return t
+    cdef FlowTable n = _FlowTable(max(t.t.capacity * 2, t.t.count + need), hugepages=False)
+    cdef uint64_t i
+    cdef hn_slot* s
+    for i in range(t.t.nslots):
+        s = &t.t.s[i]
+        if s.flags:
+            n.c_insert(s.proto, s.saddr, s.sport, s.daddr, s.dport, s.new_addr, s.new_port, s.rule_id, 0, 0)
+    return n
+
+
+cdef tuple _seen_state(t, bint compiled, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp):
+    """(last_seen, tcp_state) of a flow-table entry, (0, 0) if it is not there: at C level
+    on the compiled FlowTable, through lookup and slots on another implementation."""
+    cdef FlowTable ft
+    cdef int64_t j
+    cdef hn_slot* s
+    if compiled:
+        ft = t
+        j = ft.c_find(p, sa, sp, da, dp)
+        if j < 0:
+            return (0, 0)
+        s = ft.c_slot(j)
+        return (s.last_seen, s.tcp_state)
+    j = t.lookup(p, sa, sp, da, dp)
+    if j < 0:
+        return (0, 0)
+    r = t.slots[j]
+    return (int(r["last_seen"]), int(r["tcp_state"]))
+
+
+cdef inline int _pidx(uint8_t p) noexcept nogil:
+    return 0 if p == P_TCP else (1 if p == P_UDP else 2)
+
+
+cdef class Mappings:
+    """Mappings(eim=True, capacity=1024, remote_addresses=True): the mappings and
+    sessions of one owner (see the module docstring).  `capacity`: the sessions it is
+    sized for -- the owner passes its flow tables' capacity (a session is an entry in
+    each), so the indexes never grow on the packet path (growing one of 10^6 entries
+    would stall a loop turn for a fraction of a second); beyond it they double.  Their
+    slots are zeroed lazily (calloc'ed), so the memory in use follows the entries.  With ``eim`` False
+    (address-and-port-dependent mapping) an outgoing key finds its mapping by the whole
+    session key, else by the internal endpoint.  ``remote_addresses``: keep the (rule
+    id, R) counts (``has_remote_address``; what address-dependent filtering asks)."""
+
+    def __cinit__(self):
+        self.m = NULL
+        self.s = NULL
+        self.free_ids = NULL
+        self.pend = NULL
+        self.mcap = self.top = self.nfree = self.fcap = self.count = 0
+        self.scap = 0
+        self.sfree = -1
+        self.n_sessions = 0
+        self.npend = self.pcap = 0
+
+    def __init__(self, bint eim=True, int capacity=1024, bint remote_addresses=True):
+        self.eim = eim
+        self.raddr = remote_addresses
+        capacity = max(16, capacity)
+        self.ext = _FlowTable(capacity, hugepages=False)
+        self.inl = _FlowTable(capacity if eim else 1, hugepages=False)
+        self.outk = _FlowTable(1 if eim else capacity, hugepages=False)
+        self.sess = _FlowTable(capacity * (2 if remote_addresses else 1), hugepages=False)
+        self.top = 1
+        self._grow_m(min(capacity, 1 << 16))
+        self._grow_s(min(capacity, 1 << 16))
+
+    def __dealloc__(self):
+        free(self.m)
+        free(self.s)
+        free(self.free_ids)
+        free(self.pend)
+
+    cdef _grow_m(self, uint32_t cap):
+        p = <MapRec*>realloc(self.m, cap * sizeof(MapRec))
+        if p == NULL:
+            raise MemoryError()
+        memset(&p[self.mcap], 0, (cap - self.mcap) * sizeof(MapRec))
+        self.m = p
+        self.mcap = cap
+
+    cdef _grow_s(self, int32_t cap):
+        p = <SessRec*>realloc(self.s, cap * sizeof(SessRec))
+        if p == NULL:
+            raise MemoryError()
+        memset(&p[self.scap], 0, (cap - self.scap) * sizeof(SessRec))
+        self.s = p
+        cdef int32_t x
+        for x in range(cap - 1, self.scap - 1, -1):
+            self.s[x].next = self.sfree
+            self.sfree = x
+        self.scap = cap
+
+    # -- C interface -------------------------------------------------------------------
+    cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
+        cdef int64_t j = self.ext.c_find(p, ea, ep, 0, 0)
+        return self.ext.c_slot(j).rule_id if j >= 0 else 0
+
+    cdef uint32_t find_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept:
+        cdef int64_t j
+        if self.eim:
+            j = self.inl.c_find(p, ia, ip, 0, 0)
+            return self.inl.c_slot(j).rule_id if j >= 0 else 0
+        j = self.outk.c_find(p, ia, ip, ra, r)
+        return self.outk.c_slot(j).rule_id if j >= 0 else 0
+
+    cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept:
+        """Start loading the index line ``find_out`` will read first."""
+        cdef FlowTable t = self.inl if self.eim else self.outk
+        if self.eim:
+            ra, r = 0, 0
+        hn_map_prefetch(&t.t.s[hn_flow_hash(p, ia, ip, ra, r) & t.t.mask])
+
+    cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
+        return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
+
+    cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
+                  int64_t g) except -1:
+        if self.find_ext(p, ea, ep):
+            raise KeyError(f"external endpoint {p}/{ea}:{ep} is mapped already")
+        if self.eim and self.find_out(p, ia, ip, 0, 0):
+            raise KeyError(f"internal endpoint {p}/{ia}:{ip} is mapped already")
+        cdef MapRec* m = &self.m[rid]
+        m.iaddr, m.iport, m.eaddr, m.eport, m.proto, m.block = ia, ip, ea, ep, p, g
+        m.used = 1
+        m.nsess = 0
+        m.shead = -1
+        self.ext = _room(self.ext)
+        self.ext.c_insert(p, ea, ep, 0, 0, 0, 0, rid, 0, 0)
+        if self.eim:
+            self.inl = _room(self.inl)
+            self.inl.c_insert(p, ia, ip, 0, 0, 0, 0, rid, 0, 0)
+        self.count += 1
+        return 0
+
+    cdef int64_t new_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t g) except -1:
+        """A new mapping: its rule id (a freed one first)."""
+        cdef uint32_t rid
+        if self.nfree:
+            rid = self.free_ids[self.nfree - 1]
+        else:
+            if self.top == 0xFFFFFFFF:
+                raise OverflowError("rule ids exhausted")
+            rid = self.top
+            if rid >= self.mcap:
+                self._grow_m(self.mcap * 2 if self.mcap * 2 > rid else rid + 1)
+        self._put(rid, p, ia, ip, ea, ep, g)
+        if self.nfree:
+            self.nfree -= 1
+        else:
+            self.top += 1
+        return rid
+
+    cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1:
+        """Session (rid, R, Rp), not there yet (the caller checked): added, and pending
+        for the flow tables."""
+        cdef MapRec* m = &self.m[rid]
+        if self.sfree < 0:
+            self._grow_s(self.scap * 2)
+        if self.npend == self.pcap:
+            pp = <uint32_t*>realloc(self.pend, (self.pcap * 2 + 64) * 8 * sizeof(uint32_t))
+            if pp == NULL:
+                raise MemoryError()
+            self.pend = pp
+            self.pcap = self.pcap * 2 + 64
+        self.sess = _room(self.sess, 2)
+        if not self.eim:
+            self.outk = _room(self.outk)
+            self.outk.c_insert(m.proto, m.iaddr, m.iport, ra, r, 0, 0, rid, 0, 0)
+        cdef int32_t x = self.sfree
+        cdef SessRec* s = &self.s[x]
+        self.sfree = s.next
+        s.rid, s.raddr, s.rport = rid, ra, r
+        s.prev = -1
+        s.next = m.shead
+        if m.shead >= 0:
+            self.s[m.shead].prev = x
+        m.shead = x
+        m.nsess += 1
+        self.n_sessions += 1
+        self.sess.c_insert(K_SESS, rid, 0, ra, r, 0, 0, x, 0, 0)
+        cdef int64_t j
+        if self.raddr:
+            j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
+            if j >= 0:
+                self.sess.c_slot(j).rule_id += 1
+            else:
+                self.sess.c_insert(K_RADDR, rid, 0, ra, 0, 0, 0, 1, 0, 0)
+        cdef uint32_t* w = &self.pend[self.npend * 8]
+        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7] = m.proto, m.iaddr, m.iport, ra, r, m.eaddr, m.eport, rid
+        self.npend += 1
+        return 1
+
+    cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2:
+        """Forget session (rid, R, Rp): its mapping's sessions left, -1 if it was not there."""
+        cdef int64_t j = self.sess.c_find(K_SESS, rid, 0, ra, r)
+        if j < 0:
+            return -1
+        cdef int32_t x = <int32_t>self.sess.c_slot(j).rule_id
+        cdef SessRec* s = &self.s[x]
+        cdef MapRec* m = &self.m[rid]
+        self.sess.c_delete(K_SESS, rid, 0, ra, r)
+        j = self.sess.c_find(K_RADDR, rid, 0, ra, 0) if self.raddr else -1
+        if j >= 0:
+            if self.sess.c_slot(j).rule_id > 1:
+                self.sess.c_slot(j).rule_id -= 1
+            else:
+                self.sess.c_delete(K_RADDR, rid, 0, ra, 0)
+        if not self.eim:
+            j = self.outk.c_find(m.proto, m.iaddr, m.iport, ra, r)
+            if j >= 0 and self.outk.c_slot(j).rule_id == rid:
+                self.outk.c_delete(m.proto, m.iaddr, m.iport, ra, r)
+        if s.prev >= 0:
+            self.s[s.prev].next = s.next
+        else:
+            m.shead = s.next
+        if s.next >= 0:
+            self.s[s.next].prev = s.prev
+        s.rid = 0
+        s.next = self.sfree
+        self.sfree = x
+        m.nsess -= 1
+        self.n_sessions -= 1
+        return m.nsess
+
+    cdef int end_c(self, uint32_t rid) except -1:
+        """Forget mapping `rid` (it has no session left); its id goes on the free stack."""
+        cdef MapRec* m = &self.m[rid]
+        if m.nsess:
+            raise ValueError(f"mapping {rid} still has {m.nsess} session(s)")
+        self.ext.c_delete(m.proto, m.eaddr, m.eport, 0, 0)
+        if self.eim:
+            self.inl.c_delete(m.proto, m.iaddr, m.iport, 0, 0)
+        m.used = 0
+        if self.nfree == self.fcap:
+            p = <uint32_t*>realloc(self.free_ids, (self.fcap * 2 + 64) * sizeof(uint32_t))
+            if p == NULL:
+                raise MemoryError()
+            self.free_ids = p
+            self.fcap = self.fcap * 2 + 64
+        self.free_ids[self.nfree] = rid
+        self.nfree += 1
+        self.count -= 1
+        return 0
+
+    cdef MapRec* _get(self, uint32_t rid) except NULL:
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            raise KeyError(rid)
+        return &self.m[rid]
+
+    # -- Python interface ----------------------------------------------------------------
+    def by_external(self, uint8_t p, uint32_t ea, uint16_t ep):
+        """The rule id of the mapping holding (p, E, Ep); 0 if none."""
+        return self.find_ext(p, ea, ep)
+
+    def by_out_key(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r):
+        """The rule id of the mapping an outgoing session key (ICMP: r 0) uses; 0 if none
+        (EIM: the internal endpoint's; APDM: this session's)."""
+        return self.find_out(p, ia, ip, ra, r)
+
+    def get(self, uint32_t rid):
+        """(proto, iaddr, iport, eaddr, eport, block) of mapping `rid`, or None."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return None
+        cdef MapRec* m = &self.m[rid]
+        return (m.proto, m.iaddr, m.iport, m.eaddr, m.eport, m.block)
+
+    def matches(self, uint32_t rid, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep):
+        """Mapping `rid` is live and binds (I, Ip) to (E, Ep)."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return False
+        cdef MapRec* m = &self.m[rid]
+        return m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
+
+    def new(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
+        """A new mapping of (p, I, Ip) to (E, Ep) in `block`: its rule id."""
+        return self.new_c(p, ia, ip, ea, ep, block)
+
+    def has_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        return self.has_session_c(rid, ra, r)
+
+    def has_remote_address(self, uint32_t rid, uint32_t ra):
+        """Mapping `rid` has a session with remote address `ra` (address-dependent filtering)."""
+        if not self.raddr:
+            raise ValueError("Mappings(remote_addresses=False) keeps no remote-address counts")
+        return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
+
+    def add_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        """Session (rid, R, Rp) (ICMP: r 0), pending for the flow tables: True if added,
+        False if it exists."""
+        self._get(rid)
+        if self.has_session_c(rid, ra, r):
+            return False
+        self.add_session_c(rid, ra, r)
+        return True
+
+    def end_session(self, uint32_t rid, uint32_t ra, uint16_t r):
+        """Forget a session: the sessions its mapping has left, or -1 if it was not there."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return -1
+        return self.end_session_c(rid, ra, r)
+
+    def end(self, uint32_t rid):
+        """Forget mapping `rid` (no session left: ValueError otherwise)."""
+        self._get(rid)
+        self.end_c(rid)
+
+    def nsessions(self, uint32_t rid):
+        return self._get(rid).nsess
+
+    def remotes(self, uint32_t rid):
+        """Its sessions' remote endpoints as ints (R << 16 | Rp), ascending."""
+        cdef MapRec* m = self._get(rid)
+        cdef list out = []
+        cdef int32_t x = m.shead
+        while x >= 0:
+            out.append((<uint64_t>self.s[x].raddr) << 16 | self.s[x].rport)
+            x = self.s[x].next
+        out.sort()
+        return out
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def n_ids(self):
+        """Rule ids ever handed out + 1 (the next new one)."""
+        return self.top
+
+    def free_id_list(self):
+        """The freed rule ids, the next to be reused last."""
+        return [self.free_ids[k] for k in range(self.nfree)]
+
+    def rule_ids(self):
+        """Live rule ids, ascending."""
+        cdef uint32_t r
+        return [r for r in range(1, self.top) if self.m[r].used]
+
+    def load(self, uint32_t n_ids, free_ids):
+        """Start over from a snapshot's id state (then ``put`` each mapping)."""
+        if self.count:
+            raise ValueError("load() into a table that holds mappings")
+        if n_ids < 1:
+            raise ValueError(f"n_ids must be >= 1, got {n_ids}")
+        if n_ids > self.mcap:
+            self._grow_m(n_ids)
+        self.top = n_ids
+        self.nfree = 0
+        ids = [int(x) for x in free_ids]
+        p = <uint32_t*>realloc(self.free_ids, (len(ids) + 64) * sizeof(uint32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.free_ids = p
+        self.fcap = len(ids) + 64
+        for x in ids:
+            if not 0 < x < n_ids:
+                raise ValueError(f"free rule id {x} out of range")
+            self.free_ids[self.nfree] = x
+            self.nfree += 1
+
+    def put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
+        """Mapping `rid` as a snapshot holds it (``load`` first)."""
+        if rid == 0 or rid >= self.top or self.m[rid].used:
+            raise ValueError(f"rule id {rid} is not free")
+        self._put(rid, p, ia, ip, ea, ep, block)
+
+    def session_rows(self, list found, out, inn, int dirs, int owner):
+        """The sessions found = [(index, rule id, R, Rp)] as tuples in SESSION_DTYPE
+        field order (hypernat.rules): the mapping's endpoints, `dirs`, `owner`, and the
+        two flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in
+        each entry's TCP flags (0 for an entry not there)."""
+        cdef list res = []
+        cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
+        cdef MapRec* m
+        cdef uint32_t rid, ra, lo, li
+        cdef uint16_t rp
+        cdef uint8_t to, ti
+        for f in found:
+            rid, ra, rp = f[1], f[2], f[3]
+            m = self._get(rid)
+            # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
+            lo, to = _seen_state(out, c, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp)
+            li, ti = _seen_state(inn, c, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport)
+            res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
+                        to, ti, owner, 0))
+        return res
+
+    # -- pending flow-table entries -------------------------------------------------------
+    @property
+    def n_pending(self):
+        return self.npend
+
+    def clear_pending(self):
+        """Forget the pending entries (a restore: the tables hold them already)."""
+        self.npend = 0
+
+    def flush(self, out, inn, uint32_t now):
+        """Write the pending sessions' two entries into the flow tables (out: (p, I, Ip,
+        R, Rp) -> (E, Ep); in: (p, R, Rp, E, Ep) -> (I, Ip); ICMP: the identifier in both
+        ports), last_seen `now`.  Returns the sessions written."""
+        cdef Py_ssize_t n = self.npend, k
+        cdef uint32_t* w
+        cdef FlowTable o, i
+        cdef uint8_t p
+        cdef uint16_t rp
+        if n == 0:
+            return 0
+        self.npend = 0
+        cdef Py_ssize_t base, m
+        if type(out) is _FlowTable and type(inn) is _FlowTable:
+            o, i = out, inn
+            o._mutating()
+            i._mutating()
+            base = 0
+            while base < n:  # home slots prefetched a group ahead, as insert_batch does
+                m = n - base if n - base < 8 else 8
+                for k in range(base, base + m):
+                    w = &self.pend[k * 8]
+                    p = <uint8_t>w[0]
+                    rp = <uint16_t>w[4]
+                    hn_map_prefetch(&o.t.s[hn_flow_hash(p, w[1], <uint16_t>w[2], w[3],
+                                                        <uint16_t>w[2] if p == P_ICMP else rp) & o.t.mask])
+                    hn_map_prefetch(&i.t.s[hn_flow_hash(p, w[3], <uint16_t>w[6] if p == P_ICMP else rp, w[5],
+                                                        <uint16_t>w[6]) & i.t.mask])
+                for k in range(base, base + m):
+                    w = &self.pend[k * 8]
+                    p = <uint8_t>w[0]
+                    o.c_insert(p, w[1], <uint16_t>w[2], w[3], <uint16_t>(w[2] if p == P_ICMP else w[4]),
+                               w[5], <uint16_t>w[6], w[7], now, 0)
+                    i.c_insert(p, w[3], <uint16_t>(w[6] if p == P_ICMP else w[4]), w[5], <uint16_t>w[6],
+                               w[1], <uint16_t>w[2], w[7], now, 0)
+                base += m
+            return n
+        # another FlowTable implementation (the plain-Python reference): its batch insert
+        from .. import layout
+        a = np.array([self.pend[k] for k in range(n * 8)], dtype=np.int64).reshape(-1, 8)
+        p_, ia, ip, ra, r, ea, ep, rid = a.T
+        icmp = p_ == P_ICMP
+        ro = np.zeros(n, layout.SLOT_DTYPE)
+        ro["proto"], ro["saddr"], ro["sport"], ro["daddr"] = p_, ia, ip, ra
+        ro["dport"] = np.where(icmp, ip, r)
+        ro["new_addr"], ro["new_port"], ro["rule_id"], ro["last_seen"] = ea, ep, rid, now
+        ri = np.zeros(n, layout.SLOT_DTYPE)
+        ri["proto"], ri["saddr"], ri["daddr"], ri["dport"] = p_, ra, ea, ep
+        ri["sport"] = np.where(icmp, ep, r)
+        ri["new_addr"], ri["new_port"], ri["rule_id"], ri["last_seen"] = ia, ip, rid, now
+        out.insert_batch(ro)
+        inn.insert_batch(ri)
+        return n
+
+
+# ------------------------------------------------------------------------------------
+# An outgoing first packet, the common case, compiled
+# ------------------------------------------------------------------------------------
+
+cdef packed struct hn_key16:   # layout.KEY_DTYPE
+    uint32_t saddr
+    uint32_t daddr
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t kind
+    uint8_t tcp_flags
+    uint8_t icmp_type
+
+from .. import layout as _layout
+if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f][1] for f in (
+        "saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags", "icmp_type")] != [0, 4, 8, 10, 12, 13, 14, 15]:
+    raise ImportError("hypernat.nat._mappings disagrees with layout.KEY_DTYPE: rebuild it")
+
+cdef enum:
+    LOOKAHEAD = 4     # OutSetup.run prefetches this many frames ahead
+    OK = -1           # the session exists or was added (rules._OK)
+    NEED_PY = -4      # nothing done: the caller's general path decides (rare events)
+
+
+cdef class OutSetup:
+    """The common case of an outgoing first packet (``RuleBuilder._out``), in C: the
+    internal prefix, the host's record, its mapping and session; a new session on an
+    existing mapping; a new mapping on a port of one of the host's blocks.  Everything
+    else -- a host not known here (fetch, new host), a new block (journal), the port
+    cap, the crash-recovery window, per-rule log lines and PUSH records -- answers
+    NEED_PY having changed nothing, and the caller's Python path decides it.
+
+    ``out`` answers one packet: -1 (the session exists or was added; ``last`` is its
+    rule id), a refusal's reason index (the caller counts it), or -4 (NEED_PY).
+    ``run`` answers a batch's outgoing misses in order until one is not -1.
+    ``room`` is the entries both flow tables can still take in this call (the caller
+    sets it per call and spends it on the sessions it adds itself)."""
+
+    cdef Mappings mp
+    cdef Hosts hs
+    cdef PortBlocks bl
+    cdef HostRate rate
+    cdef uint32_t* nets
+    cdef uint32_t* masks
+    cdef int nnets
+    cdef bint preserve
+    cdef uint32_t cap
+    cdef int r_not_internal, r_icmp, r_full, r_rate
+    cdef int v_miss_out, v_miss_lo, v_miss_hi
+    cdef public int64_t room
+    cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
+    cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
+    cdef public bint py_mapping       # a new mapping needs the caller (log line)
+    cdef readonly uint32_t last       # rule id of the last session answered -1
+
+    def __cinit__(self):
+        self.nets = NULL
+        self.masks = NULL
+
+    def __init__(self, Mappings maps not None, internal, reasons, verdicts):
+        """`internal`: [(network, netmask)] as ints; `reasons`: {name: index} of
+        not_internal, icmp_error_no_session, table_full, host_rate_limited;
+        `verdicts`: {name: value} of miss_out, miss_in, miss_icmp_error, miss_hairpin
+        (the misses: one range of values)."""
+        self.mp = maps
+        nets = list(internal)
+        self.nnets = len(nets)
+        self.nets = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
+        self.masks = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
+        if self.nets == NULL or self.masks == NULL:
+            raise MemoryError()
+        for k, (n, m) in enumerate(nets):
+            self.nets[k], self.masks[k] = n, m
+        self.r_not_internal = reasons["not_internal"]
+        self.r_icmp = reasons["icmp_error_no_session"]
+        self.r_full = reasons["table_full"]
+        self.r_rate = reasons["host_rate_limited"]
+        self.v_miss_out = verdicts["miss_out"]
+        vs = [verdicts[x] for x in ("miss_out", "miss_in", "miss_icmp_error", "miss_hairpin")]
+        self.v_miss_lo, self.v_miss_hi = min(vs), max(vs)
+        if self.v_miss_hi - self.v_miss_lo != 3:
+            raise ValueError(f"the miss verdicts are not one range: {vs}")
+
+    def __dealloc__(self):
+        free(self.nets)
+        free(self.masks)
+
+    def bind(self, Hosts hosts not None, PortBlocks blocks not None, HostRate rate, int cap, bint preserve):
+        """The builder's current host table, port blocks, rate limiter (None: off), port
+        cap per host and protocol, port preservation."""
+        self.hs, self.bl, self.rate, self.cap, self.preserve = hosts, blocks, rate, cap, preserve
+
+    cdef int out_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
+                   bint icmp_error) except -5:
+        cdef int k
+        for k in range(self.nnets):
+            if ia & self.masks[k] == self.nets[k]:
+                break
+        else:
+            return self.r_not_internal
+        if p != P_TCP and p != P_UDP and p != P_ICMP:
+            return NEED_PY
+        cdef Host* h = self.hs.find(ia)
+        if h == NULL:
+            return NEED_PY  # EIM: another NIC's host (fetch) or a new one; APDM: a new host
+        cdef uint16_t r = 0 if p == P_ICMP else rp
+        cdef Mappings mp = self.mp
+        cdef uint32_t rid = mp.find_out(p, ia, ip, ra, r)
+        if rid and mp.has_session_c(rid, ra, r):
+            self.last = rid
+            return OK  # pending in this batch, or a fetch of an existing session
+        if icmp_error:
+            return self.r_icmp
+        if self.room <= 0:
+            return self.r_full
+        if self.py_session:
+            return NEED_PY
+        cdef int pi, off = -1
+        cdef int64_t g
+        cdef int32_t s
+        if rid == 0:
+            if self.recovering or self.py_mapping:
+                return NEED_PY
+            if self.rate is not None and not self.rate.would_allow(ia, now):
+                self.rate.allow(ia, now)  # its refill, as a refused take leaves it
+                return self.r_rate
+            pi = _pidx(p)
+            if h.nports[pi] >= self.cap:
+                return NEED_PY  # refused by the caller (host_port_cap)
+            g = self.hs.allocate_c(h, pi, ip, self.preserve, self.bl, &off)
+            if g < 0:
+                return NEED_PY  # a new block: the caller (journal, log)
+            if self.rate is not None:
+                self.rate.allow(ia, now)
+            h.nports[pi] += 1
+            s = self.bl.slot_of(g)
+            rid = <uint32_t>mp.new_c(p, ia, ip, self.bl.s_addr[s], <uint16_t>(self.bl.s_lo[s] + off), g)
+        elif self.rate is not None and not self.rate.allow(ia, now):
+            return self.r_rate
+        mp.add_session_c(rid, ra, r)
+        self.room -= 1
+        self.last = rid
+        return OK
+
+    def out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
+            bint icmp_error=False):
+        return self.out_c(p, ia, ip, ra, rp, now, icmp_error)
+
+    def run(self, const uint8_t[::1] verdicts not None, const uint8_t[::1] keys not None, Py_ssize_t i,
+            int64_t now, list idx, list res, list replay):
+        """Frames i, i+1, ... of a batch (`verdicts` uint8[n], `keys` layout.KEY_DTYPE[n]
+        as bytes): frames that are not misses are passed over; each outgoing miss that
+        ``out`` answers -1 appends its frame index to `idx` and `replay` and -1 to
+        `res`.  Returns the index of the first miss it did not answer (n: none left),
+        untouched: the caller's general path takes it."""
+        cdef Py_ssize_t n = verdicts.shape[0], a
+        cdef const hn_key16* k
+        cdef uint8_t v
+        if keys.shape[0] < n * <Py_ssize_t>sizeof(hn_key16):
+            raise ValueError("keys shorter than verdicts")
+        while i < n:
+            a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
+            if a < n and verdicts[a] == self.v_miss_out:
+                k = <const hn_key16*>&keys[a * sizeof(hn_key16)]
+                self.hs.prefetch(k.saddr)
+                self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
+            v = verdicts[i]
+            if v < self.v_miss_lo or v > self.v_miss_hi:
+                i += 1
+                continue
+            if v != self.v_miss_out:
+                break
+            k = <const hn_key16*>&keys[i * sizeof(hn_key16)]
+            if self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False) != OK:
+                break
+            idx.append(i)
+            res.append(OK)
+            replay.append(i)
+            i += 1
+        return i
