@@ -8,7 +8,7 @@ NIC that moves rules between NICs, through the coordinator:
 
       NIC j (holder)                  coordinator                 NIC i (owner)
    miss_in (R→E) ─┐
-   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetch
+   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetch_rows
                   │                                                rules.hold(E), lease[j]
    install clone ◄┴─ RULE(session, L) ◄── route ◄──────────────── RULE
    replay queue through the fast path, in arrival order
