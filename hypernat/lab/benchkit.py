@@ -1,0 +1,130 @@
+"""What the end-to-end benchmarks of the testbed share: one one-NIC lab per mode, its
+gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
+``benchmarks/bench_cps.py``)::
+
+    with one_nic_lab("lat123", "hypernat", "packet_mmap", limits={...}) as lab:
+        lab.topo ...            # hn-<tag>-{vpc,gw,inet}, NIC 0 only
+        lab.forwarder_pids      # the no-op forwarder / HyperNAT's NIC daemon
+        lab.cpu()               # per-CPU busy / softirq since the lab came up
+
+* modes: ``linux`` (nftables NAT, nothing started), ``noop`` (the no-op forwarder on
+  the I/O backend), ``hypernat`` (coordinator + one NIC daemon from
+  ``conf/testbed.yaml`` cut to NIC 0 on the backend, with the caller's overrides);
+* offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
+  ``bench_bulk``);
+* one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
+  on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at SCHED_FIFO ``rt``
+  (0: normal scheduling);
+* teardown: the namespaces, the processes in them, their logs and state files (kept
+  with ``HN_KEEP=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+
+import yaml
+
+from . import netns
+from .onecore import cpu_split, cpu_times, one_core
+from .topology import STATE_DIR, Addressing, Topology
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf", "testbed.yaml")
+
+
+def tag(prefix: str, mode: str, backend: str) -> str:
+    """A lab tag unique per process and mode (``HYPERNAT_BENCH_TAG`` is put in front:
+    parallel runs on a shared machine can name theirs)."""
+    return f"{os.environ.get('HYPERNAT_BENCH_TAG', '')}{prefix}{os.getpid()}{mode[0]}{backend[0]}"
+
+
+def gateway_config(run_dir: str, backend: str, conf: str = CONF, **sections) -> str:
+    """``conf`` cut to NIC 0 on `backend`, its state in `run_dir`; each keyword a
+    top-level section whose keys are set over the template's (``limits={...}``,
+    ``translation_log={...}``, ``external={...}``).  Written into `run_dir`."""
+    with open(conf) as f:
+        doc = yaml.safe_load(f)
+    doc["nics"] = [dict(doc["nics"][0], io=backend)]
+    doc["state_dir"] = os.path.join(run_dir, "state")
+    for key, over in sections.items():
+        doc[key] = {**(doc.get(key) or {}), **over}
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "gw-bench.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    from ..config import load
+
+    load(path)  # a bad override is an error naming the key, here, not a daemon that exits
+    return path
+
+
+def pin(pids, cpu: int, rt: int) -> None:
+    for pid in pids:
+        os.sched_setaffinity(pid, {cpu})
+        if rt:
+            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(rt))
+
+
+class Lab:
+    def __init__(self, topo: Topology, config: str | None):
+        self.topo, self.config = topo, config
+        self.forwarder_pids = []
+        self.steered = {}
+        self._t0 = None
+
+    def cpu(self) -> dict:
+        return cpu_split(self._t0, cpu_times())
+
+    def mark(self) -> None:
+        """Start the per-CPU accounting of `cpu()` here."""
+        self._t0 = cpu_times()
+
+
+@contextlib.contextmanager
+def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu: int = 0, rt: int = 10,
+                addr: Addressing | None = None, conf: str = CONF, **sections):
+    """A one-NIC lab in `mode` with its gateway started and on one core (module
+    docstring); removed on exit, whatever happened."""
+    from . import cli
+
+    topo = Topology(tag=tag, nics=1, mode=mode, addr=addr or Addressing.from_config(conf),
+                    offloads=backend != "af_xdp")
+    try:
+        topo.up()
+        config = None
+        if mode == "hypernat":
+            config = gateway_config(topo.run_dir(), backend, conf, **sections)
+        lab = Lab(topo, config)
+        if mode != "linux":
+            cli.start_gateway(topo, config, backend=backend)
+            # the forwarder: every no-op process; for HyperNAT the NIC daemon (the
+            # coordinator, pids[0], only handles what is not per packet)
+            lab.forwarder_pids = list(topo.pids if mode == "noop" else topo.pids[1:])
+            pin(lab.forwarder_pids, gw_cpu, rt)
+        # after the gateway started: an XDP program's NAPI exists by now
+        lab.steered = one_core(topo, gw_cpu, ends_cpu)
+        lab.mark()
+        yield lab
+    finally:
+        topo.down()
+        if not os.environ.get("HN_KEEP"):
+            for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
+                for f in glob.glob(os.path.join(STATE_DIR, pattern)):
+                    os.unlink(f)
+
+
+def nft_packets(ns: str, family: str, table: str) -> dict:
+    """{chain: packets} of the counters in one nftables table (the first counter of
+    each chain)."""
+    import json
+
+    p = netns.run(ns, ["nft", "-j", "list", "table", family, table])
+    out = {}
+    for item in json.loads(p.stdout).get("nftables", []):
+        r = item.get("rule")
+        if r:
+            for e in r["expr"]:
+                if "counter" in e:
+                    out.setdefault(r["chain"], e["counter"]["packets"])
+    return out
