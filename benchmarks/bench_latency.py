@@ -77,7 +77,7 @@ def runs() -> list:
     return out + [("noop_af_xdp", "noop", "af_xdp"), ("hypernat_af_xdp", "hypernat", "af_xdp")]
 
 
-def test_plan(sizes=None) -> list:
+def plan(sizes=None) -> list:
     """(test name, mode of the client, request size)."""
     return [(f"persist_{s}", "persist", s) for s in (sizes or SIZES)] + [("conn_64", "conn", 64)]
 
@@ -108,7 +108,7 @@ def measure(label: str, mode: str, backend: str, exe: str, count: int, conns: in
                      rt=RT_PRIORITY) as lab:
         topo, a = lab.topo, lab.topo.addr
         port = PORT
-        for name, cmode, size in test_plan(sizes):
+        for name, cmode, size in plan(sizes):
             n = count if cmode == "persist" else conns
             out["tests"][name] = exchange(exe, topo.vpc, topo.inet, a.host(0), a.server(0), port, cmode, size, n)
             port += 1
@@ -120,7 +120,7 @@ def measure(label: str, mode: str, backend: str, exe: str, count: int, conns: in
             out["gateway_counters"] = gateway_counters(topo)
         if floor:
             lo = {"label": "loopback", "mode": "loopback", "backend": "-", "tests": {}}
-            for name, cmode, size in test_plan(sizes):
+            for name, cmode, size in plan(sizes):
                 n = count if cmode == "persist" else conns
                 lo["tests"][name] = exchange(exe, topo.vpc, None, "127.0.0.1", "127.0.0.1", port, cmode, size, n)
                 port += 1
