@@ -3,9 +3,9 @@ and against the no-op forwarder, same run (issue 12: target ≤ 1.2× Linux NAT)
 
 The testbed of bench_e2e.py / bench_bulk.py, one NIC; only what sits in ``gw`` changes::
 
-    hn-T-vpc                        hn-T-gw                               hn-T-inet
-    pingpong client ─► nic0 ══ inside0 ┤ linux NAT | no-op | HyperNAT ├ outside0 ══ nic0 ─► pingpong server
-    10.77.0.1, CPU 0                                                                     198.51.100.1, CPU 0
+    hn-T-vpc                  hn-T-gw                                 hn-T-inet
+    client ─► nic0 ══ inside0 ┤ linux NAT | no-op | HyperNAT ├ outside0 ══ nic0 ─► server
+    10.77.0.1, CPU 0                                                   198.51.100.1, CPU 0
 
 * client and server: a small C program built at run time (``hypernat.lab.pingpong``),
   TCP_NODELAY, one request of SIZE bytes, the echo awaited and checked byte for byte,
@@ -18,7 +18,10 @@ The testbed of bench_e2e.py / bench_bulk.py, one NIC; only what sits in ``gw`` c
 * CPUs: one core for the gateway, kernel work included (``hypernat.lab.onecore``: RPS
   of the gateway's links and threaded NAPI on CPU 1); the forwarder process (no-op, or
   HyperNAT's NIC daemon) pinned there, SCHED_FIFO ``HYPERNAT_LAT_RT`` (default 10;
-  0 = normal scheduling).  Linux's NAT runs in the softirq of CPU 1 (RPS);
+  0 = normal scheduling).  Linux's NAT runs in the softirq of CPU 1 (RPS).  The
+  endpoints run at SCHED_FIFO ``HYPERNAT_LAT_ENDS_RT`` (default 5; 0 = normal), below
+  the forwarder: on a shared machine an endpoint at normal priority waits behind
+  other work on CPU 0, and those waits, not the gateway, would make the tail;
 * translation is checked, not assumed: the server names the peer address it saw, which
   must be a pool address for ``linux`` and ``hypernat`` and the VPC host itself for
   ``noop``; every exchange must complete and echo right (a gateway that drops or
@@ -50,6 +53,10 @@ COUNT = int(os.environ.get("HYPERNAT_LAT_COUNT", "10000"))  # exchanges per pers
 CONNS = int(os.environ.get("HYPERNAT_LAT_CONNS", "1000"))  # connections of the conn_64 test per round
 ROUNDS = int(os.environ.get("HYPERNAT_LAT_ROUNDS", "3"))
 RT_PRIORITY = int(os.environ.get("HYPERNAT_LAT_RT", "10"))
+# The endpoints' SCHED_FIFO priority (0: normal).  On a shared machine an endpoint at
+# normal priority waits behind other work on its CPU: its wake-ups, not the gateway's,
+# would make the tail.
+ENDS_RT = int(os.environ.get("HYPERNAT_LAT_ENDS_RT", "5"))
 SIZES = [int(x) for x in os.environ.get("HYPERNAT_LAT_SIZES", "1,64").split(",")]
 WARMUP = 50  # exchanges before the measured ones (caches, ARP, the session's first packet)
 TIMEOUT_MS = 2000  # per connect / send / receive: a gateway that loses a packet fails the run
@@ -87,9 +94,11 @@ def exchange(exe: str, vpc: str, inet: str | None, src: str, dst: str, port: int
     """One test: the server in `inet` (None: `vpc` itself), the client in `vpc`.  Returns
     ``{"us": samples, "error": ..., "server": {...}}``."""
     conns = 1 if mode == "persist" else count + WARMUP
-    server = pingpong.Server(exe, inet or vpc, dst, port, size, conns, TIMEOUT_MS, cpu=ENDPOINT_CPU).start()
+    server = pingpong.Server(exe, inet or vpc, dst, port, size, conns, TIMEOUT_MS, cpu=ENDPOINT_CPU,
+                             rt=ENDS_RT).start()
     try:
-        c = pingpong.run_client(exe, vpc, src, dst, port, size, count, mode, TIMEOUT_MS, WARMUP, cpu=ENDPOINT_CPU)
+        c = pingpong.run_client(exe, vpc, src, dst, port, size, count, mode, TIMEOUT_MS, WARMUP, cpu=ENDPOINT_CPU,
+                                rt=ENDS_RT)
         # the client is done (or failed): the server ends with it, or its accept times out
         c["server"] = server.finish(timeout=TIMEOUT_MS / 1000 + 5)
     finally:
@@ -209,7 +218,8 @@ def test_tcp_latency_vs_linux_nat(benchmark):
     summary = summarize(samples)
     info = benchmark.extra_info
     info.update(rounds=rounds, exchanges_per_round=count, connections_per_round=conns, sizes=SIZES,
-                rt_priority=RT_PRIORITY, warmup=WARMUP, offloads="on (af_xdp: off, per-frame)")
+                rt_priority=RT_PRIORITY, endpoints_rt_priority=ENDS_RT, warmup=WARMUP,
+                offloads="on (af_xdp: off, per-frame)")
     for label, per in summary.items():
         for name, p in per.items():
             info[f"{label}_{name}"] = p

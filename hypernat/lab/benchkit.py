@@ -42,13 +42,16 @@ def tag(prefix: str, mode: str, backend: str) -> str:
 def gateway_config(run_dir: str, backend: str, conf: str = CONF, **sections) -> str:
     """``conf`` cut to NIC 0 on `backend`, its state in `run_dir`; each keyword a
     top-level section whose keys are set over the template's (``limits={...}``,
-    ``translation_log={...}``, ``external={...}``).  Written into `run_dir`."""
+    ``translation_log={...}``, ``external={...}``; a translation log without a path
+    writes into `run_dir`).  Written into `run_dir`."""
     with open(conf) as f:
         doc = yaml.safe_load(f)
     doc["nics"] = [dict(doc["nics"][0], io=backend)]
     doc["state_dir"] = os.path.join(run_dir, "state")
     for key, over in sections.items():
         doc[key] = {**(doc.get(key) or {}), **over}
+    if "translation_log" in sections and "path" not in sections["translation_log"]:
+        doc["translation_log"]["path"] = os.path.join(run_dir, "translations.jsonl")  # the run's own
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "gw-bench.yaml")
     with open(path, "w") as f:

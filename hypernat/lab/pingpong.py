@@ -225,10 +225,10 @@ class Server:
     """The echo server running in a namespace: `start()` returns once it listens."""
 
     def __init__(self, exe: str, ns: str | None, ip: str, port: int, size: int, conns: int,
-                 timeout_ms: int = 2000, cpu: int | None = None):
+                 timeout_ms: int = 2000, cpu: int | None = None, rt: int = 0):
         from . import netns
 
-        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        pin = _sched(cpu, rt)
         self.argv = netns.exec_argv(ns, pin + [exe, "server", ip, str(port), str(size), str(conns),
                                                str(timeout_ms)])
         self.timeout_ms = timeout_ms
@@ -295,13 +295,18 @@ def parse_client(out: str, err: str, rc: int, count: int) -> dict:
     return {"us": us, "error": error}
 
 
+def _sched(cpu: int | None, rt: int) -> list:
+    """The command prefix that pins to `cpu` and runs at SCHED_FIFO `rt` (0: as is)."""
+    return (["taskset", "-c", str(cpu)] if cpu is not None else []) + (["chrt", "-f", str(rt)] if rt else [])
+
+
 def run_client(exe: str, ns: str | None, src: str, dst: str, port: int, size: int, count: int, mode: str,
-               timeout_ms: int = 2000, warmup: int = 0, cpu: int | None = None) -> dict:
+               timeout_ms: int = 2000, warmup: int = 0, cpu: int | None = None, rt: int = 0) -> dict:
     """One client run (bounded: each exchange by `timeout_ms`, the whole by as many
-    exchanges' worth of it plus a minute)."""
+    exchanges' worth of it plus a minute); on `cpu` at SCHED_FIFO `rt` if given."""
     from . import netns
 
-    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    pin = _sched(cpu, rt)
     argv = netns.exec_argv(ns, pin + [exe, "client", src, dst, str(port), str(size), str(count), mode,
                                       str(timeout_ms), str(warmup)])
     try:

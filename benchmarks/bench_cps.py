@@ -1,0 +1,313 @@
+"""Connections per second through the gateway: 64-byte UDP where every frame is a new
+5-tuple, one NIC, HyperNAT against Linux's own NAT and against HyperNAT's own
+established-flow rate, same run (issue 11: targets ≥ 2× Linux NAT and ≥ 70 % of the
+established rate on the same I/O path, with the translation log on, per port block).
+
+The testbed of bench_e2e.py, one NIC; only what sits in ``gw`` changes::
+
+    vpc: generator ─► nic0 ══ inside0 ┤ linux NAT | HyperNAT ├ outside0 ══ nic0 ─► inet: counter
+         FLOWS frames, one flow each                                         nftables ingress:
+         (HOSTS source hosts × source ports,                                 translated / other,
+         one destination), PACKET_MMAP TX ring, CPU 0                        drop
+
+* flows: ``hypernat.lab.udpgen`` (10^6 by default: 1000 hosts × 1000 source ports, to
+  one server and port, so every flow needs a mapping of its own); the pool is widened to
+  a /26 (64 addresses) for all modes, so neither NAT runs out of ports;
+* pass ``new``: each flow's frame once, as fast as the generator's ring takes them:
+  every frame the counter sees is a connection the gateway set up.  The rate is frames
+  counted / the time from the first frame sent until the counter stopped growing (the
+  frames the gateway still held when the generator stopped count, and so does their
+  time); frames the gateway could not take were dropped (in its receive ring or the
+  kernel's backlog), which is what overload costs;
+* ``fill`` passes: the same frames again, paced below the ``new`` rate, until
+  ≥ 99 % of a pass arrives (every flow has its session: at most FILL_PASSES);
+* pass ``established``: the same frames once more, as fast as the ring takes them: the
+  same I/O path, the same frames, no setup.  The ratio new / established is the share
+  of the I/O path's rate that connection setup keeps;
+* gateway: one core, kernel work included (``hypernat.lab.onecore``), the NIC daemon
+  pinned to CPU 1 at SCHED_FIFO ``HYPERNAT_CPS_RT`` (default 10; 0 = normal); Linux's
+  NAT in the softirq of CPU 1 (RPS); ``nf_conntrack_max`` (global, not per namespace)
+  raised to 2 × FLOWS for the run and restored after, so Linux never early-drops;
+* HyperNAT's config: conf/testbed.yaml cut to NIC 0, ``flow_table_capacity`` ≥ 2 ×
+  FLOWS, **translation log on, per port block** (``translation_log.mode: per-block``,
+  written in the run's directory), no per-host connection rate limit;
+* where the time goes: the NIC daemon's counters after the run (loop, rules, ports),
+  and with ``HYPERNAT_CPS_PYSPY=/path/to/py-spy`` a py-spy profile of the NIC daemon
+  over the ``new`` pass and the first fill pass (busy samples only), summarised as the
+  functions with the most samples (optional: py-spy is not a dependency);
+* translation is checked: the counter tells sources in the pool from others, and a NAT
+  mode that let an internal source out, or delivered nothing, fails the benchmark.
+
+    .venv/bin/python -m pytest benchmarks/bench_cps.py -s                  (as root)
+    HYPERNAT_CPS_FLOWS=200000 HYPERNAT_CPS_ROUNDS=3 ...                     other sizes
+    (the last line printed: ``CPS_RATIOS {...}``, the same run's ratios)
+    .venv/bin/python -m pytest benchmarks/bench_cps.py --benchmark-disable  CI: 20k flows,
+                                                   checks they passed, no speed
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from hypernat.lab import udpgen
+from hypernat.lab.preflight import netns_unavailable_reason
+
+FLOWS = int(os.environ.get("HYPERNAT_CPS_FLOWS", "1000000"))
+HOSTS = int(os.environ.get("HYPERNAT_CPS_HOSTS", "1000"))
+ROUNDS = int(os.environ.get("HYPERNAT_CPS_ROUNDS", "1"))
+RT_PRIORITY = int(os.environ.get("HYPERNAT_CPS_RT", "10"))
+PYSPY = os.environ.get("HYPERNAT_CPS_PYSPY", "")
+POOL = "198.18.77.0/26"  # conf/testbed.yaml's /28 widened: 64 x 64512 ports
+DPORT = 9
+FILL_PASSES = 4
+FILL_PACE = 0.7  # fill passes offer this share of the new pass's rate
+GEN_CPU, GW_CPU = 0, 1
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "testbed.yaml")
+TRANSLATION_LOG = {"enabled": True, "mode": "per-block"}
+
+pytestmark = pytest.mark.netns
+
+
+def unavailable_reason() -> str | None:
+    reason = netns_unavailable_reason()
+    if reason:
+        return reason
+    if os.cpu_count() < 2:
+        return "needs 2 CPUs: one for the generator, one for the gateway"
+    return None
+
+
+def runs() -> list:
+    """(label, lab mode, I/O backend); AF_XDP where built."""
+    out = [("linux", "linux", "packet_mmap"), ("hypernat_packet_mmap", "hypernat", "packet_mmap")]
+    try:
+        import hypernat.io.af_xdp  # noqa: F401
+    except ImportError:
+        return out
+    return out + [("hypernat_af_xdp", "hypernat", "af_xdp")]
+
+
+def _capacity(flows: int) -> int:
+    c = 1 << 16
+    while c < 2 * flows:
+        c <<= 1
+    return c
+
+
+class conntrack_max:
+    """nf_conntrack_max at least `n` while inside (it is global); restored after."""
+
+    PATH = "/proc/sys/net/netfilter/nf_conntrack_max"
+
+    def __init__(self, n: int):
+        self.n, self.old = n, None
+
+    def __enter__(self):
+        try:
+            with open(self.PATH) as f:
+                old = int(f.read())
+        except OSError:  # nf_conntrack not loaded yet: the first NAT rule loads it
+            subprocess.run(["modprobe", "nf_conntrack"], capture_output=True, timeout=30)
+            with open(self.PATH) as f:
+                old = int(f.read())
+        if old < self.n:
+            with open(self.PATH, "w") as f:
+                f.write(str(self.n))
+            self.old = old
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            with open(self.PATH, "w") as f:
+                f.write(str(self.old))
+
+
+def _profile(pid: int, out: str):
+    """py-spy recording the NIC daemon (non-blocking: the daemon is not paused), or None."""
+    if not PYSPY:
+        return None
+    return subprocess.Popen([PYSPY, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def profile_summary(raw: str, top: int = 12) -> dict:
+    """py-spy's raw (collapsed-stack) output as {"samples", "self": [(function, share)],
+    "inclusive": [(function, share)]}: where the busy time went."""
+    self_n, incl_n, total = collections.Counter(), collections.Counter(), 0
+    for ln in raw.splitlines():
+        stack, _, n = ln.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [f.split(" (")[0] + (" " + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1]
+                                      if " (" in f else "") for f in stack.split(";")]
+        for f in set(frames[1:]):  # frames[0]: the process/thread name
+            incl_n[f] += n
+        if len(frames) > 1:
+            self_n[frames[-1]] += n
+    share = lambda c: [(f, round(k / total, 3)) for f, k in c.most_common(top)]  # noqa: E731
+    return {"samples": total, "self": share(self_n) if total else [], "inclusive": share(incl_n) if total else []}
+
+
+def _stop_profile(p, out: str) -> dict | None:
+    if p is None:
+        return None
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        p.wait(5)
+    try:
+        with open(out) as f:
+            return profile_summary(f.read())
+    except OSError:
+        return {"error": (p.stderr.read() if p.stderr else "")[-500:]}
+
+
+KEY_COUNTERS = ("batches", "slow_turns", "tx_drops", "rules_", "port_inside0_rx", "port_inside0_kernel",
+                "port_inside0_drop", "fastpath_", "translog")
+
+
+def _pass(gen, ns, rate=0.0) -> dict:
+    before = udpgen.counted(ns)
+    t0 = time.monotonic()
+    s = gen.send_all(rate)
+    got, seconds = udpgen.settle(ns, before, t0)
+    return {"sent": s["sent"], "send_seconds": round(s["seconds"], 3), "translated": got["translated"],
+            "other": got["other"], "seconds": round(seconds, 3),
+            "per_s": got["translated"] / seconds if seconds > 0 else 0.0}
+
+
+def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict:
+    """One lab in `mode`: the new pass, fill passes, the established pass."""
+    from hypernat.lab.benchkit import one_nic_lab, tag
+    from hypernat.lab.topology import Addressing
+
+    addr = Addressing.from_config(CONF)
+    addr.pool = POOL
+    net = POOL.split("/")[0].rsplit(".", 1)[0]
+    addr.snat_address = f"{net}.1-{net}.62"  # Linux's NAT: the pool, as HyperNAT has it
+    out = {"label": label, "mode": mode, "backend": backend, "flows": flows, "hosts": hosts}
+    with one_nic_lab(tag("cps", mode, backend), mode, backend, gw_cpu=GW_CPU, ends_cpu=GEN_CPU, rt=RT_PRIORITY,
+                     addr=addr, external={"pool": [POOL]},
+                     limits={"flow_table_capacity": _capacity(flows), "host_connection_rate": 0},
+                     translation_log=TRANSLATION_LOG) as lab:
+        topo = lab.topo
+        udpgen.install_counter(topo.inet, topo.far(0), POOL)
+        gw_mac = topo.mac(topo.gw, topo.inside(0))
+        src, sport = udpgen.flow_endpoints(flows, hosts, addr.internal)
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {GEN_CPU})
+        prof_out = os.path.join(topo.run_dir(), "pyspy.raw")
+        prof = None
+        try:
+            with udpgen.Generator(topo.vpc, topo.far(0)) as gen:
+                gen.load(udpgen.build_frames(src, sport, addr.server(0), DPORT, gen.mac(), gw_mac))
+                prof = _profile(lab.forwarder_pids[0], prof_out) if mode == "hypernat" else None
+                lab.mark()
+                out["new"] = _pass(gen, topo.inet)
+                out["cpu_new"] = lab.cpu()
+                out["fill"] = []
+                pace = max(1000.0, FILL_PACE * out["new"]["per_s"])
+                for _ in range(FILL_PASSES):
+                    out["fill"].append(_pass(gen, topo.inet, rate=pace))
+                    if prof is not None:  # the new pass and the first fill pass: setups
+                        out["profile"] = _stop_profile(prof, prof_out)
+                        prof = None
+                    if out["fill"][-1]["translated"] >= 0.99 * flows:
+                        break
+                lab.mark()
+                out["established"] = _pass(gen, topo.inet)
+                out["cpu_established"] = lab.cpu()
+                out["generator"] = gen.stats()
+        finally:
+            os.sched_setaffinity(0, old)
+            if prof is not None:  # a pass failed while py-spy recorded
+                _stop_profile(prof, prof_out)
+        if mode == "hypernat":
+            from hypernat.lab.cli import gateway_counters
+
+            c = gateway_counters(topo)
+            out["counters"] = {k: v for k, v in c.items() if any(s in k for s in KEY_COUNTERS)}
+        else:
+            from hypernat.lab.peer import conntrack_count, nat_counters
+
+            out["counters"] = {"conntrack_count": conntrack_count(topo), **nat_counters(topo)}
+    return out
+
+
+def check_passed(r: dict, flows: int) -> None:
+    """Connections were set up in the new pass, every flow reached the far side
+    translated by the end, nothing left untranslated."""
+    where = f"{r['label']}: "
+    for p in [r["new"], *r["fill"], r["established"]]:
+        assert p["other"] == 0, where + f"{p['other']} frames reached inet with a source outside the pool"
+    assert r["new"]["translated"] > 0, where + "no new connection got through (new pass)"
+    assert r["new"]["translated"] <= flows, where + f"{r['new']['translated']} of {flows}: a flow counted twice"
+    est = r["established"]["translated"]
+    assert est >= 0.9 * flows, where + f"established pass: {est} of {flows} frames arrived"
+
+
+def ratio_line(results: dict) -> str:
+    """``CPS_RATIOS {json}``: per HyperNAT I/O path, its new-connection rate over Linux's
+    (target ≥ 2) and over its own established rate (target ≥ 0.7); Linux's own
+    new / established for context."""
+    out = {}
+    lin = results.get("linux")
+    for label, r in sorted(results.items()):
+        if r["established"]["per_s"]:
+            out[f"{label}_new_over_established"] = round(r["new"]["per_s"] / r["established"]["per_s"], 3)
+        if label != "linux" and lin and lin["new"]["per_s"]:
+            out[f"{label}_new_over_linux_new"] = round(r["new"]["per_s"] / lin["new"]["per_s"], 3)
+    return "CPS_RATIOS " + json.dumps(out, sort_keys=True)
+
+
+def test_cps_vs_linux_nat(benchmark):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    timed = benchmark.enabled
+    flows, hosts, rounds = (FLOWS, HOSTS, ROUNDS) if timed else (20000, 100, 1)  # CI: once, small
+    samples = {label: [] for label, _, _ in runs()}
+
+    def run():
+        with conntrack_max(2 * flows):
+            for _ in range(rounds):
+                for label, mode, backend in runs():
+                    samples[label].append(measure(label, mode, backend, flows, hosts))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    for rs in samples.values():
+        for r in rs:
+            check_passed(r, flows)
+    results = {}
+    for label, rs in samples.items():
+        rs.sort(key=lambda r: r["new"]["per_s"])
+        results[label] = rs[len(rs) // 2]
+    info = benchmark.extra_info
+    info.update(flows=flows, hosts=hosts, rounds=rounds, rt_priority=RT_PRIORITY, pool=POOL,
+                translation_log="on, per-block (hypernat)", offloads="on (af_xdp: off, per-frame)")
+    for label, r in results.items():
+        info[f"{label}_new_per_s"] = round(r["new"]["per_s"])
+        info[f"{label}_established_per_s"] = round(r["established"]["per_s"])
+        info[f"{label}_new_per_s_rounds"] = [round(x["new"]["per_s"]) for x in samples[label]]
+        info[f"{label}_passes"] = {"new": r["new"], "fill": r["fill"], "established": r["established"]}
+        info[f"{label}_cpu"] = {"new": r["cpu_new"], "established": r["cpu_established"]}
+        info[f"{label}_counters"] = r["counters"]
+        if r.get("profile"):
+            info[f"{label}_profile"] = r["profile"]
+    line = ratio_line(results)
+    info.update(json.loads(line.split(" ", 1)[1]))
+    print("\n" + json.dumps(info, indent=1, default=str))
+    print(line)
+    assert line.startswith("CPS_RATIOS {") and "\n" not in line
