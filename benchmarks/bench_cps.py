@@ -19,8 +19,10 @@ The testbed of bench_e2e.py, one NIC; only what sits in ``gw`` changes::
   frames the gateway still held when the generator stopped count, and so does their
   time); frames the gateway could not take were dropped (in its receive ring or the
   kernel's backlog), which is what overload costs;
-* ``fill`` passes: the same frames again, paced below the ``new`` rate, until
-  ≥ 99 % of a pass arrives (every flow has its session: at most FILL_PASSES);
+* ``fill`` passes: the same frames again, paced below the ``new`` rate (FILL_PACE of
+  it), until ≥ 99 % of a pass arrives (every flow has its session: at most FILL_PASSES,
+  none begun after HYPERNAT_CPS_FILL_S).  At 10^6 flows this is most of the run: the
+  gateway sets every session up at its own new-connection rate;
 * pass ``established``: the same frames once more, as fast as the ring takes them: the
   same I/O path, the same frames, no setup.  The ratio new / established is the share
   of the I/O path's rate that connection setup keeps;
@@ -33,8 +35,8 @@ The testbed of bench_e2e.py, one NIC; only what sits in ``gw`` changes::
   written in the run's directory), no per-host connection rate limit;
 * where the time goes: the NIC daemon's counters after the run (loop, rules, ports),
   and with ``HYPERNAT_CPS_PYSPY=/path/to/py-spy`` a py-spy profile of the NIC daemon
-  over the ``new`` pass and the first fill pass (busy samples only), summarised as the
-  functions with the most samples (optional: py-spy is not a dependency);
+  (every thread) over the ``new`` pass (busy samples only), summarised as the functions
+  with the most samples, self and inclusive (optional: py-spy is not a dependency);
 * translation is checked: the counter tells sources in the pool from others, and a NAT
   mode that let an internal source out, or delivered nothing, fails the benchmark.
 
@@ -65,7 +67,8 @@ PYSPY = os.environ.get("HYPERNAT_CPS_PYSPY", "")
 POOL = "198.18.77.0/26"  # conf/testbed.yaml's /28 widened: 64 x 64512 ports
 DPORT = 9
 FILL_PASSES = 4
-FILL_PACE = 0.7  # fill passes offer this share of the new pass's rate
+FILL_PACE = 0.8  # fill passes offer this share of the new pass's rate
+FILL_BUDGET_S = float(os.environ.get("HYPERNAT_CPS_FILL_S", "900"))  # no new fill pass after this long
 GEN_CPU, GW_CPU = 0, 1
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "testbed.yaml")
 TRANSLATION_LOG = {"enabled": True, "mode": "per-block"}
@@ -178,11 +181,14 @@ KEY_COUNTERS = ("batches", "slow_turns", "tx_drops", "rules_", "port_inside0_rx"
                 "port_inside0_drop", "fastpath_", "translog")
 
 
-def _pass(gen, ns, rate=0.0) -> dict:
-    before = udpgen.counted(ns)
+def _pass(gen, frames, ns, tag: int, rate=0.0) -> dict:
+    """Every flow's frame once (marked `tag`), as fast as the ring takes them or at
+    `rate`; what the counter saw of them and how fast."""
+    udpgen.mark(frames, tag)
+    before = udpgen.counted(ns, tag)
     t0 = time.monotonic()
     s = gen.send_all(rate)
-    got, seconds = udpgen.settle(ns, before, t0)
+    got, seconds = udpgen.settle(ns, tag, before, t0)
     return {"sent": s["sent"], "send_seconds": round(s["seconds"], 3), "translated": got["translated"],
             "other": got["other"], "seconds": round(seconds, 3),
             "per_s": got["translated"] / seconds if seconds > 0 else 0.0}
@@ -212,22 +218,26 @@ def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict
         prof = None
         try:
             with udpgen.Generator(topo.vpc, topo.far(0)) as gen:
-                gen.load(udpgen.build_frames(src, sport, addr.server(0), DPORT, gen.mac(), gw_mac))
-                prof = _profile(lab.forwarder_pids[0], prof_out) if mode == "hypernat" else None
+                frames = udpgen.build_frames(src, sport, addr.server(0), DPORT, gen.mac(), gw_mac)
+                gen.load(frames)
+                if mode == "hypernat" and PYSPY:
+                    prof = _profile(lab.forwarder_pids[0], prof_out)
+                    time.sleep(1.0)  # py-spy attached before the first frame
                 lab.mark()
-                out["new"] = _pass(gen, topo.inet)
+                out["new"] = _pass(gen, frames, topo.inet, 0)
                 out["cpu_new"] = lab.cpu()
+                if prof is not None:  # the new pass only: setups at saturation
+                    out["profile"] = _stop_profile(prof, prof_out)
+                    prof = None
                 out["fill"] = []
                 pace = max(1000.0, FILL_PACE * out["new"]["per_s"])
+                fill_end = time.monotonic() + FILL_BUDGET_S
                 for _ in range(FILL_PASSES):
-                    out["fill"].append(_pass(gen, topo.inet, rate=pace))
-                    if prof is not None:  # the new pass and the first fill pass: setups
-                        out["profile"] = _stop_profile(prof, prof_out)
-                        prof = None
-                    if out["fill"][-1]["translated"] >= 0.99 * flows:
+                    out["fill"].append(_pass(gen, frames, topo.inet, 1 + len(out["fill"]), rate=pace))
+                    if out["fill"][-1]["translated"] >= 0.99 * flows or time.monotonic() > fill_end:
                         break
                 lab.mark()
-                out["established"] = _pass(gen, topo.inet)
+                out["established"] = _pass(gen, frames, topo.inet, udpgen.MARKS - 1)
                 out["cpu_established"] = lab.cpu()
                 out["generator"] = gen.stats()
         finally:
@@ -247,15 +257,18 @@ def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict
 
 
 def check_passed(r: dict, flows: int) -> None:
-    """Connections were set up in the new pass, every flow reached the far side
-    translated by the end, nothing left untranslated."""
+    """Connections were set up in the new pass, (nearly) every flow got through
+    translated in the last paced pass, the established pass moved frames, and no frame
+    ever reached inet untranslated.  (The unpaced passes overload the gateway on
+    purpose: their losses are the measurement, not a failure.)"""
     where = f"{r['label']}: "
     for p in [r["new"], *r["fill"], r["established"]]:
         assert p["other"] == 0, where + f"{p['other']} frames reached inet with a source outside the pool"
     assert r["new"]["translated"] > 0, where + "no new connection got through (new pass)"
     assert r["new"]["translated"] <= flows, where + f"{r['new']['translated']} of {flows}: a flow counted twice"
-    est = r["established"]["translated"]
-    assert est >= 0.9 * flows, where + f"established pass: {est} of {flows} frames arrived"
+    last = r["fill"][-1]["translated"] if r["fill"] else 0
+    assert last >= 0.9 * flows, where + f"last paced pass: {last} of {flows} flows got through"
+    assert r["established"]["translated"] > 0, where + "nothing got through in the established pass"
 
 
 def ratio_line(results: dict) -> str:
@@ -287,9 +300,6 @@ def test_cps_vs_linux_nat(benchmark):
                     samples[label].append(measure(label, mode, backend, flows, hosts))
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    for rs in samples.values():
-        for r in rs:
-            check_passed(r, flows)
     results = {}
     for label, rs in samples.items():
         rs.sort(key=lambda r: r["new"]["per_s"])
@@ -306,8 +316,11 @@ def test_cps_vs_linux_nat(benchmark):
         info[f"{label}_counters"] = r["counters"]
         if r.get("profile"):
             info[f"{label}_profile"] = r["profile"]
+    print("\n" + json.dumps(info, indent=1, default=str))
+    for rs in samples.values():  # before the ratios: a broken gateway's run is not reported
+        for r in rs:
+            check_passed(r, flows)
     line = ratio_line(results)
     info.update(json.loads(line.split(" ", 1)[1]))
-    print("\n" + json.dumps(info, indent=1, default=str))
     print(line)
     assert line.startswith("CPS_RATIOS {") and "\n" not in line

@@ -13,8 +13,8 @@ gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
 * offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
   ``bench_bulk``);
 * one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
-  on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at SCHED_FIFO ``rt``
-  (0: normal scheduling);
+  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at
+  SCHED_FIFO ``rt`` (0: normal scheduling);
 * teardown: the namespaces, the processes in them, their logs and state files (kept
   with ``HN_KEEP=1``).
 """
@@ -63,10 +63,21 @@ def gateway_config(run_dir: str, backend: str, conf: str = CONF, **sections) -> 
 
 
 def pin(pids, cpu: int, rt: int) -> None:
+    """Every thread of each process onto `cpu` at SCHED_FIFO `rt` (0: as is).  Affinity
+    and policy are per thread: a process's helper threads (HyperNAT's journal writer,
+    its metrics server) would otherwise run on another core, at normal priority."""
     for pid in pids:
-        os.sched_setaffinity(pid, {cpu})
-        if rt:
-            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(rt))
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            tids = [pid]
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, {cpu})
+                if rt:
+                    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(rt))
+            except ProcessLookupError:  # a thread that just ended
+                pass
 
 
 class Lab:

@@ -89,6 +89,8 @@ class Generator:
         return self.port.mac()
 
     def load(self, frames: np.ndarray) -> None:
+        """Send these frames from now on (the array itself, not a copy: ``mark`` on it
+        changes what is sent)."""
         from ..io.base import Batch
 
         n = len(frames)
@@ -131,46 +133,60 @@ class Generator:
         self.close()
 
 
+def mark(frames: np.ndarray, tag: int) -> None:
+    """Write `tag` (0..MARKS-1) into every frame's first payload byte: the counter
+    files each pass's frames apart, so a frame that arrives late (held in a ring, a
+    backlog) is never counted in the next pass.  No NAT touches the payload, and with
+    UDP checksum 0 there is no checksum to update."""
+    frames[:, PAYLOAD] = tag
+
+
+PAYLOAD = 42  # first payload byte: 14 Ethernet + 20 IPv4 + 8 UDP
+MARKS = 8
+
+
 def install_counter(ns: str, ifname: str, pool: str) -> None:
     """Count and drop every IPv4 frame arriving on `ifname` in `ns`, at the ingress hook
     (the stack there costs nothing and nothing comes back; ARP passes: the gateway must
-    resolve its next hop): sources in `pool` (translated) and others apart."""
+    resolve its next hop): sources in `pool` (translated) per pass mark (``mark``), and
+    others apart."""
+    rules = "\n".join(f"        ip saddr {pool} @nh,{(PAYLOAD - 14) * 8},8 {m} counter drop" for m in range(MARKS))
     netns.run(ns, ["nft", "-f", "-"], input_=f"""
 table netdev {COUNTER_TABLE} {{
-    chain translated {{
+    chain count {{
         type filter hook ingress device "{ifname}" priority -500; policy accept;
-        ip saddr {pool} counter drop
+{rules}
         meta protocol ip counter drop
     }}
 }}
 """)
 
 
-def counted(ns: str) -> dict:
-    """{"translated": frames, "other": frames} the counter of `install_counter` saw."""
+def counted(ns: str, tag: int) -> dict:
+    """{"translated": frames of pass `tag`, "other": frames from outside the pool (any
+    pass)} the counter of `install_counter` saw."""
     p = netns.run(ns, ["nft", "-j", "list", "table", "netdev", COUNTER_TABLE])
     got = [e["counter"]["packets"] for item in json.loads(p.stdout)["nftables"] if "rule" in item
            for e in item["rule"]["expr"] if "counter" in e]
-    return {"translated": got[0], "other": got[1]}
+    return {"translated": got[tag], "other": got[MARKS]}
 
 
-def settle(ns: str, before: dict, t0: float, poll: float = 0.05, quiet: int = 3, timeout: float = 10.0) -> tuple:
-    """Poll the counter until it stops moving (`quiet` polls alike, at most `timeout`
-    s); returns (frames counted since `before`, seconds from `t0` to the last poll
-    that saw the count grow: the gateway's own time for them, the frames it still
-    held in its rings when the generator stopped included)."""
+def settle(ns: str, tag: int, before: dict, t0: float, poll: float = 0.05, quiet: float = 0.5,
+           timeout: float = 10.0) -> tuple:
+    """Poll the counter of pass `tag` until it has not moved for `quiet` s (at most
+    `timeout` s); returns (frames counted since `before`, seconds from `t0` to the
+    last poll that saw the count grow: the gateway's own time for them, the frames it
+    still held in its rings when the generator stopped included)."""
     d = Deadline(timeout, "the counter in inet to settle")
-    last, last_t, same = None, time.monotonic(), 0
-    while same < quiet:
-        c = counted(ns)
+    last, last_t = None, time.monotonic()
+    while not d.passed:
+        c = counted(ns, tag)
         now = time.monotonic()
         total = c["translated"] + c["other"]
         if total != last:
-            last, last_t, same = total, now, 0
-        else:
-            same += 1
-        if d.passed:
+            last, last_t = total, now
+        elif now - last_t >= quiet:
             break
         time.sleep(poll)
-    c = counted(ns)
+    c = counted(ns, tag)
     return {k: c[k] - before[k] for k in c}, last_t - t0
