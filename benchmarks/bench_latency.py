@@ -26,6 +26,8 @@ The testbed of bench_e2e.py / bench_bulk.py, one NIC; only what sits in ``gw`` c
   must be a pool address for ``linux`` and ``hypernat`` and the VPC host itself for
   ``noop``; every exchange must complete and echo right (a gateway that drops or
   garbles fails the benchmark, it is not reported);
+* where HyperNAT's time goes: ``HYPERNAT_LAT_PYSPY=/path/to/py-spy`` records its NIC
+  daemon during ``persist_64`` (busy samples; optional, py-spy is not a dependency);
 * rounds: every mode once per round, modes interleaved (a burst of load from elsewhere
   on this shared machine hits all alike); the samples of all rounds are pooled per mode
   and test, and p50 / p99 / p99.9 taken over the pool.
@@ -42,6 +44,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +60,7 @@ RT_PRIORITY = int(os.environ.get("HYPERNAT_LAT_RT", "10"))
 # normal priority waits behind other work on its CPU: its wake-ups, not the gateway's,
 # would make the tail.
 ENDS_RT = int(os.environ.get("HYPERNAT_LAT_ENDS_RT", "5"))
+PYSPY = os.environ.get("HYPERNAT_LAT_PYSPY", "")  # py-spy's path: profile HyperNAT's NIC daemon in persist_64
 SIZES = [int(x) for x in os.environ.get("HYPERNAT_LAT_SIZES", "1,64").split(",")]
 WARMUP = 50  # exchanges before the measured ones (caches, ARP, the session's first packet)
 TIMEOUT_MS = 2000  # per connect / send / receive: a gateway that loses a packet fails the run
@@ -110,6 +114,7 @@ def measure(label: str, mode: str, backend: str, exe: str, count: int, conns: in
             floor: bool = False) -> dict:
     """Build a one-NIC lab in `mode`, run every test through it (and over the vpc's
     ``lo``, the client's floor, if `floor`), remove it."""
+    from hypernat.lab import benchkit
     from hypernat.lab.benchkit import one_nic_lab, tag
 
     out = {"label": label, "mode": mode, "backend": backend, "tests": {}}
@@ -119,7 +124,16 @@ def measure(label: str, mode: str, backend: str, exe: str, count: int, conns: in
         port = PORT
         for name, cmode, size in plan(sizes):
             n = count if cmode == "persist" else conns
-            out["tests"][name] = exchange(exe, topo.vpc, topo.inet, a.host(0), a.server(0), port, cmode, size, n)
+            prof = None
+            if mode == "hypernat" and PYSPY and name == "persist_64":
+                prof_out = os.path.join(topo.run_dir(), "pyspy.raw")
+                prof = benchkit.profile_start(PYSPY, lab.forwarder_pids[0], prof_out)
+                time.sleep(1.0)  # attached before the first exchange
+            try:
+                out["tests"][name] = exchange(exe, topo.vpc, topo.inet, a.host(0), a.server(0), port, cmode, size, n)
+            finally:
+                if prof is not None:
+                    out["profile"] = benchkit.profile_stop(prof, prof_out)
             port += 1
         out["cpu"] = lab.cpu()
         out["napi_threads"] = len(lab.steered["napi_threads"])
@@ -227,6 +241,8 @@ def test_tcp_latency_vs_linux_nat(benchmark):
         info[f"{r['label']}_cpu_last_round"] = {f"cpu{c}": v for c, v in r["cpu"].items()}
         if "gateway_counters" in r:
             info[f"{r['label']}_counters_last_round"] = r["gateway_counters"]
+        if r.get("profile"):
+            info[f"{r['label']}_profile_persist_64_last_round"] = r["profile"]
     line = ratio_line(summary)
     info.update(json.loads(line.split(" ", 1)[1]))
     print("\n" + json.dumps(info, indent=1))

@@ -142,3 +142,65 @@ def nft_packets(ns: str, family: str, table: str) -> dict:
                 if "counter" in e:
                     out.setdefault(r["chain"], e["counter"]["packets"])
     return out
+
+
+# -- where the forwarder's time goes: py-spy (optional; not a dependency) ---------------
+def profile_start(pyspy: str, pid: int, out: str):
+    """`pyspy` (py-spy's path) recording every thread of process `pid` into `out`
+    (collapsed stacks), non-blocking (the process is never paused); None without one."""
+    import subprocess
+
+    if not pyspy:
+        return None
+    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def profile_stop(p, out: str) -> dict | None:
+    """Stop a `profile_start` recording (SIGINT: py-spy writes its file then), bounded;
+    its ``profile_summary``, or {"error": ...}."""
+    import signal
+    import subprocess
+
+    if p is None:
+        return None
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+    except ProcessLookupError:
+        pass
+    try:
+        with open(out) as f:
+            return profile_summary(f.read())
+    except OSError:
+        return {"error": (p.stderr.read() if p.stderr else "")[-500:]}
+
+
+def profile_summary(raw: str, top: int = 12) -> dict:
+    """py-spy's raw (collapsed-stack) output as {"samples", "self": [(function, share)],
+    "inclusive": [(function, share)]} over the busy samples: where the time went."""
+    import collections
+
+    self_n, incl_n, total = collections.Counter(), collections.Counter(), 0
+    for ln in raw.splitlines():
+        stack, _, n = ln.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = []
+        for f in stack.split(";")[1:]:  # [0]: the process / thread
+            name, _, where = f.partition(" (")
+            frames.append(name + (" " + where.split(":")[0].rsplit("/", 1)[-1] if where else ""))
+        for f in set(frames):
+            incl_n[f] += n
+        if frames:
+            self_n[frames[-1]] += n
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": []}
+    return {"samples": total, "self": [(f, round(k / total, 3)) for f, k in self_n.most_common(top)],
+            "inclusive": [(f, round(k / total, 3)) for f, k in incl_n.most_common(top)]}
