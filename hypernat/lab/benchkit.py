@@ -13,8 +13,9 @@ gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
 * offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
   ``bench_bulk``);
 * one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
-  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at
-  SCHED_FIFO ``rt`` (0: normal scheduling);
+  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder and
+  the gateway links' NAPI threads at SCHED_FIFO ``rt`` (0: normal scheduling), so on a
+  shared machine neither waits behind other work on that core;
 * teardown: the namespaces, the processes in them, their logs and state files (kept
   with ``HN_KEEP=1``).
 """
@@ -118,6 +119,10 @@ def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu:
             pin(lab.forwarder_pids, gw_cpu, rt)
         # after the gateway started: an XDP program's NAPI exists by now
         lab.steered = one_core(topo, gw_cpu, ends_cpu)
+        # the gateway's kernel threads (NAPI) at the forwarder's priority: at normal
+        # priority on a shared core they wait behind the neighbours' work while the
+        # forwarder does not (AF_XDP's receive runs there; Linux's NAT may too)
+        pin(lab.steered["napi_threads"], gw_cpu, rt)
         lab.mark()
         yield lab
     finally:
