@@ -194,7 +194,8 @@ def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict
                 frames = udpgen.build_frames(src, sport, addr.server(0), DPORT, gen.mac(), gw_mac)
                 gen.load(frames)
                 if mode == "hypernat" and PYSPY:
-                    prof = benchkit.profile_start(PYSPY, lab.forwarder_pids[0], prof_out)
+                    prof = benchkit.profile_start(PYSPY, lab.forwarder_pids[0], prof_out, cpu=GEN_CPU,
+                                                  rt=GEN_RT + 1 if GEN_RT else 0)
                     time.sleep(1.0)  # py-spy attached before the first frame
                 lab.mark()
                 out["new"] = _pass(gen, frames, topo.inet, 0)

@@ -127,7 +127,8 @@ def measure(label: str, mode: str, backend: str, exe: str, count: int, conns: in
             prof = None
             if mode == "hypernat" and PYSPY and name == "persist_64":
                 prof_out = os.path.join(topo.run_dir(), "pyspy.raw")
-                prof = benchkit.profile_start(PYSPY, lab.forwarder_pids[0], prof_out)
+                prof = benchkit.profile_start(PYSPY, lab.forwarder_pids[0], prof_out, cpu=ENDPOINT_CPU,
+                                               rt=ENDS_RT + 1 if ENDS_RT else 0)
                 time.sleep(1.0)  # attached before the first exchange
             try:
                 out["tests"][name] = exchange(exe, topo.vpc, topo.inet, a.host(0), a.server(0), port, cmode, size, n)

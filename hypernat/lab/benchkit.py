@@ -13,9 +13,10 @@ gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
 * offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
   ``bench_bulk``);
 * one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
-  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder and
-  the gateway links' NAPI threads at SCHED_FIFO ``rt`` (0: normal scheduling), so on a
-  shared machine neither waits behind other work on that core;
+  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at
+  SCHED_FIFO ``rt`` and the gateway links' NAPI threads at ``rt - 1`` (0: normal
+  scheduling), so on a shared machine neither waits behind other work on that core,
+  and the forwarder is never held off by its own receive work;
 * teardown: the namespaces, the processes in them, their logs and state files (kept
   with ``HN_KEEP=1``).
 """
@@ -119,10 +120,13 @@ def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu:
             pin(lab.forwarder_pids, gw_cpu, rt)
         # after the gateway started: an XDP program's NAPI exists by now
         lab.steered = one_core(topo, gw_cpu, ends_cpu)
-        # the gateway's kernel threads (NAPI) at the forwarder's priority: at normal
-        # priority on a shared core they wait behind the neighbours' work while the
-        # forwarder does not (AF_XDP's receive runs there; Linux's NAT may too)
-        pin(lab.steered["napi_threads"], gw_cpu, rt)
+        # the gateway's kernel threads (NAPI) just below the forwarder: at normal
+        # priority on a shared core they would wait behind the neighbours' work while the
+        # forwarder does not (AF_XDP's receive runs there, and Linux's NAT); at the
+        # forwarder's own priority a receive thread fed faster than the forwarder drains
+        # never yields to it (SCHED_FIFO peers do not preempt), and an overloaded
+        # gateway spends its core receiving what it then drops (receive livelock)
+        pin(lab.steered["napi_threads"], gw_cpu, max(1, rt - 1) if rt else 0)
         lab.mark()
         yield lab
     finally:
@@ -150,15 +154,18 @@ def nft_packets(ns: str, family: str, table: str) -> dict:
 
 
 # -- where the forwarder's time goes: py-spy (optional; not a dependency) ---------------
-def profile_start(pyspy: str, pid: int, out: str):
+def profile_start(pyspy: str, pid: int, out: str, cpu: int | None = None, rt: int = 0):
     """`pyspy` (py-spy's path) recording every thread of process `pid` into `out`
-    (collapsed stacks), non-blocking (the process is never paused); None without one."""
+    (collapsed stacks), non-blocking (the process is never paused); None without one.
+    On `cpu` at SCHED_FIFO `rt` if given: with the gateway and the load generator both
+    at real-time priority a normal-priority sampler barely runs."""
     import subprocess
 
     if not pyspy:
         return None
-    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
-                             "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
+    pre = (["taskset", "-c", str(cpu)] if cpu is not None else []) + (["chrt", "-f", str(rt)] if rt else [])
+    return subprocess.Popen(pre + [pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                                   "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
