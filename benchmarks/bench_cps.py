@@ -92,6 +92,13 @@ def unavailable_reason() -> str | None:
 
 
 def runs() -> list:
+    """The modes of ``all_runs()`` named in HYPERNAT_CPS_MODES (comma-separated labels; all when
+    unset: a diagnostic run of one mode reports no ratios)."""
+    want = os.environ.get("HYPERNAT_CPS_MODES")
+    return [r for r in all_runs() if not want or r[0] in want.split(",")]
+
+
+def all_runs() -> list:
     """(label, lab mode, I/O backend); AF_XDP where built."""
     out = [("linux", "linux", "packet_mmap"), ("hypernat_packet_mmap", "hypernat", "packet_mmap")]
     try:

@@ -154,9 +154,10 @@ def nft_packets(ns: str, family: str, table: str) -> dict:
 
 
 # -- where the forwarder's time goes: py-spy (optional; not a dependency) ---------------
-def profile_start(pyspy: str, pid: int, out: str, cpu: int | None = None, rt: int = 0):
+def profile_start(pyspy: str, pid: int, out: str, cpu: int | None = None, rt: int = 0, rate: int = 250):
     """`pyspy` (py-spy's path) recording every thread of process `pid` into `out`
-    (collapsed stacks), non-blocking (the process is never paused); None without one.
+    (collapsed stacks) `rate` times a second, non-blocking (the process is never
+    paused); None without one.
     On `cpu` at SCHED_FIFO `rt` if given: with the gateway and the load generator both
     at real-time priority a normal-priority sampler barely runs."""
     import subprocess
@@ -164,7 +165,7 @@ def profile_start(pyspy: str, pid: int, out: str, cpu: int | None = None, rt: in
     if not pyspy:
         return None
     pre = (["taskset", "-c", str(cpu)] if cpu is not None else []) + (["chrt", "-f", str(rt)] if rt else [])
-    return subprocess.Popen(pre + [pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+    return subprocess.Popen(pre + [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking",
                                    "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
