@@ -82,8 +82,9 @@ def test_profile_summary_of_collapsed_stacks():
            "process 1:python;run (hypernat/nic/worker.py:1059);run_once (hypernat/nic/worker.py:980) 10\n")
     from hypernat.lab.benchkit import profile_summary
 
+    raw += "process 1:python;run (hypernat/nic/worker.py:1059);Poller.poll (zmq/sugar/poll.py:80) 60\n"
     s = profile_summary(raw)
-    assert s["samples"] == 40
+    assert s["samples"] == 100 and s["waiting"] == 0.6  # poll() is waiting, not work
     assert s["self"][0] == ("decide rules.py", 0.75)
     assert dict(s["inclusive"])["run_once worker.py"] == 1.0
 

@@ -193,12 +193,18 @@ def profile_stop(p, out: str) -> dict | None:
         return {"error": (p.stderr.read() if p.stderr else "")[-500:]}
 
 
+# Leaf frames that are a thread waiting, not working (py-spy's idle detection misses
+# some: a poll() that returns at once, a helper thread's select)
+WAITS = ("Poller.poll", "_PollLikeSelector.select", "Condition.wait", "Event.wait", "select", "sleep")
+
+
 def profile_summary(raw: str, top: int = 12) -> dict:
-    """py-spy's raw (collapsed-stack) output as {"samples", "self": [(function, share)],
-    "inclusive": [(function, share)]} over the busy samples: where the time went."""
+    """py-spy's raw (collapsed-stack) output as {"samples", "waiting": share of samples
+    whose leaf is a wait (WAITS), "self": [(function, share)], "inclusive": [(function,
+    share)]}, the shares over the working samples only: where the busy time went."""
     import collections
 
-    self_n, incl_n, total = collections.Counter(), collections.Counter(), 0
+    self_n, incl_n, total, waiting = collections.Counter(), collections.Counter(), 0, 0
     for ln in raw.splitlines():
         stack, _, n = ln.rpartition(" ")
         if not stack or not n.isdigit():
@@ -209,11 +215,15 @@ def profile_summary(raw: str, top: int = 12) -> dict:
         for f in stack.split(";")[1:]:  # [0]: the process / thread
             name, _, where = f.partition(" (")
             frames.append(name + (" " + where.split(":")[0].rsplit("/", 1)[-1] if where else ""))
+        if not frames or frames[-1].split(" ")[0] in WAITS:
+            waiting += n
+            continue
         for f in set(frames):
             incl_n[f] += n
-        if frames:
-            self_n[frames[-1]] += n
-    if not total:
-        return {"samples": 0, "self": [], "inclusive": []}
-    return {"samples": total, "self": [(f, round(k / total, 3)) for f, k in self_n.most_common(top)],
-            "inclusive": [(f, round(k / total, 3)) for f, k in incl_n.most_common(top)]}
+        self_n[frames[-1]] += n
+    busy = total - waiting
+    if not busy:
+        return {"samples": total, "waiting": 1.0 if total else 0.0, "self": [], "inclusive": []}
+    return {"samples": total, "waiting": round(waiting / total, 3),
+            "self": [(f, round(k / busy, 3)) for f, k in self_n.most_common(top)],
+            "inclusive": [(f, round(k / busy, 3)) for f, k in incl_n.most_common(top)]}
