@@ -93,7 +93,11 @@ def test_capacity_leaves_room():
     assert bench._capacity(1_000_000) == 1 << 21 and bench._capacity(10) == 1 << 16
 
 
-needs_lab = pytest.mark.skipif(bool(bench.unavailable_reason()), reason=str(bench.unavailable_reason()))
+def needs_lab(f):
+    """The testbed (root, namespaces: the ``netns`` marker skips without) and what the
+    benchmark itself needs."""
+    return pytest.mark.netns(pytest.mark.skipif(bool(bench.unavailable_reason()),
+                                                reason=str(bench.unavailable_reason()))(f))
 
 
 @needs_lab

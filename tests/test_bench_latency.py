@@ -77,7 +77,11 @@ def test_client_output_parsing():
     assert s == {"peers": ["198.18.77.2", "198.18.77.3"], "conns": 2, "exchanges": 9, "error": None}
 
 
-needs_lab = pytest.mark.skipif(bool(bench.unavailable_reason()), reason=str(bench.unavailable_reason()))
+def needs_lab(f):
+    """The testbed (root, namespaces: the ``netns`` marker skips without) and what the
+    benchmark itself needs."""
+    return pytest.mark.netns(pytest.mark.skipif(bool(bench.unavailable_reason()),
+                                                reason=str(bench.unavailable_reason()))(f))
 
 
 @pytest.fixture
