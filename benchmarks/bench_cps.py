@@ -35,7 +35,8 @@ The testbed of bench_e2e.py, one NIC; only what sits in ``gw`` changes::
   raised to 2 × FLOWS for the run and restored after, so Linux never early-drops;
 * HyperNAT's config: conf/testbed.yaml cut to NIC 0, ``flow_table_capacity`` ≥ 2 ×
   FLOWS, **translation log on, per port block** (``translation_log.mode: per-block``,
-  written in the run's directory), no per-host connection rate limit;
+  written in the run's directory; its lines are counted after the run and a HyperNAT
+  run without "block" lines fails), no per-host connection rate limit;
 * where the time goes: the NIC daemon's counters after the run (loop, rules, ports),
   and with ``HYPERNAT_CPS_PYSPY=/path/to/py-spy`` a py-spy profile of the NIC daemon
   (every thread) over the ``new`` pass (busy samples only), summarised as the functions
@@ -182,7 +183,7 @@ def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict
     addr = Addressing.from_config(CONF)
     addr.pool = POOL
     net = POOL.split("/")[0].rsplit(".", 1)[0]
-    addr.snat_address = f"{net}.1-{net}.62"  # Linux's NAT: the pool, as HyperNAT has it
+    addr.snat_address = f"{net}.0-{net}.63"  # Linux's NAT: the whole pool, as HyperNAT has it
     out = {"label": label, "mode": mode, "backend": backend, "flows": flows, "hosts": hosts}
     with one_nic_lab(tag("cps", mode, backend), mode, backend, gw_cpu=GW_CPU, ends_cpu=GEN_CPU, rt=RT_PRIORITY,
                      addr=addr, external={"pool": [POOL]},
@@ -230,11 +231,29 @@ def measure(label: str, mode: str, backend: str, flows: int, hosts: int) -> dict
 
             c = gateway_counters(topo)
             out["counters"] = {k: v for k, v in c.items() if any(s in k for s in KEY_COUNTERS)}
+            out["translation_log"] = translation_log_events(os.path.join(topo.run_dir(), "translations.jsonl"))
         else:
             from hypernat.lab.peer import conntrack_count, nat_counters
 
             out["counters"] = {"conntrack_count": conntrack_count(topo), **nat_counters(topo)}
     return out
+
+
+def translation_log_events(path: str) -> dict:
+    """{event: lines} of the gateway's translation log (the file the run wrote)."""
+    import collections
+
+    events = collections.Counter()
+    try:
+        with open(path) as f:
+            for ln in f:
+                try:
+                    events[json.loads(ln).get("event", "?")] += 1
+                except ValueError:
+                    events["unreadable"] += 1
+    except FileNotFoundError:
+        pass
+    return dict(events)
 
 
 def check_passed(r: dict, flows: int) -> None:
@@ -250,6 +269,10 @@ def check_passed(r: dict, flows: int) -> None:
     last = r["fill"][-1]["translated"] if r["fill"] else 0
     assert last >= 0.9 * flows, where + f"last paced pass: {last} of {flows} flows got through"
     assert r["established"]["translated"] > 0, where + "nothing got through in the established pass"
+    if r["mode"] == "hypernat":  # the figures hold with the translation log on, per port block
+        tl = r.get("translation_log") or {}
+        assert tl.get("block", 0) > 0 and set(tl) <= {"block", "block-free"}, \
+            where + f"translation log per block expected, it has {tl}"
 
 
 def ratio_line(results: dict) -> str:
@@ -299,6 +322,8 @@ def test_cps_vs_linux_nat(benchmark):
         info[f"{label}_passes"] = {"new": r["new"], "fill": r["fill"], "established": r["established"]}
         info[f"{label}_cpu"] = {"new": r["cpu_new"], "established": r["cpu_established"]}
         info[f"{label}_counters"] = r["counters"]
+        if "translation_log" in r:
+            info[f"{label}_translation_log_lines"] = r["translation_log"]
         if r.get("profile"):
             info[f"{label}_profile"] = r["profile"]
     print("\n" + json.dumps(info, indent=1, default=str))

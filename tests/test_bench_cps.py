@@ -44,10 +44,10 @@ def test_frames_are_valid_udp_as_scapy_reads_them():
     assert len(seen) == 50
 
 
-def passes(new=500, other=0, est=700, flows=1000, fill=(600, 995)):
+def passes(new=500, other=0, est=700, flows=1000, fill=(600, 995), tl=None):
     p = lambda n, o=0: {"translated": n, "other": o, "per_s": float(n), "seconds": 1.0, "sent": flows}  # noqa: E731
-    return {"label": "hypernat_packet_mmap", "new": p(new, other), "fill": [p(n) for n in fill],
-            "established": p(est)}
+    return {"label": "hypernat_packet_mmap", "mode": "hypernat", "new": p(new, other),
+            "fill": [p(n) for n in fill], "established": p(est), "translation_log": {"block": 16} if tl is None else tl}
 
 
 def test_accepts_a_good_run():
@@ -61,6 +61,8 @@ def test_accepts_a_good_run():
     (passes(fill=(400, 850)), "last paced pass: 850 of 1000"),  # sessions lost (or never set up)
     (passes(fill=()), "last paced pass: 0 of 1000"),
     (passes(est=0), "nothing got through in the established pass"),
+    (passes(tl={}), "translation log per block expected"),                      # log off
+    (passes(tl={"create": 900, "block": 2}), "translation log per block expected"),  # per rule
 ])
 def test_rejects(r, why):
     with pytest.raises(AssertionError, match=why):
@@ -87,6 +89,13 @@ def test_profile_summary_of_collapsed_stacks():
     assert s["samples"] == 100 and s["waiting"] == 0.6  # poll() is waiting, not work
     assert s["self"][0] == ("decide rules.py", 0.75)
     assert dict(s["inclusive"])["run_once worker.py"] == 1.0
+
+
+def test_translation_log_events(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"event": "block", "ports": [1024, 1087]}\n{"event": "block"}\n{"event": "block-free"}\nnot json\n')
+    assert bench.translation_log_events(str(p)) == {"block": 2, "block-free": 1, "unreadable": 1}
+    assert bench.translation_log_events(str(tmp_path / "none")) == {}
 
 
 def test_capacity_leaves_room():
@@ -121,7 +130,7 @@ def test_a_nat_that_does_not_translate_fails_the_benchmark():
             good = bench._pass(gen, fr, topo.inet, 2, rate=20_000)
             assert udpgen.counted(topo.inet, 3)["translated"] == 0
             netns.run(topo.gw, ["nft", "delete", "table", "ip", TABLE])
-            r = {"label": "linux", "new": bench._pass(gen, fr, topo.inet, 0, rate=20_000)}
+            r = {"label": "linux", "mode": "linux", "new": bench._pass(gen, fr, topo.inet, 0, rate=20_000)}
             r["fill"], r["established"] = [good], good
     assert good["sent"] == 2000 and good["translated"] >= 1900 and good["other"] == 0, good
     assert r["new"]["sent"] == 2000 and r["new"]["other"] > 1000, r  # the frames did cross, untranslated
