@@ -3,7 +3,10 @@
 #   make test   run the test suite (and the benchmarks once each, untimed), then the
 #               agent/rules/messages tests again on the pure .py sources (in build/pure-py:
 #               a copy of the tree without the compiled .py modules, tools/pure_py_tree.py)
-#   make bench  run the benchmarks, save, and compare with the last saved run
+#   make bench  run the benchmarks, save, and compare with the last saved run; as root the
+#               testbed ones too (bench_e2e, bench_bulk, bench_latency, bench_cps: HyperNAT vs
+#               Linux's NAT vs the no-op forwarder, each printing its same-run *_RATIOS line;
+#               `make test` runs them once, small, and checks the traffic went through)
 #   make portability  build the fast path for aarch64 and run its tests there (qemu-user, in a
 #               cached arm64 Debian root); run them on x86 with -funsigned-char too
 #   make debug / annotate   rebuild with bounds checks / write Cython's HTML annotation

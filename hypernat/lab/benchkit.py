@@ -1,0 +1,229 @@
+"""What the end-to-end benchmarks of the testbed share: one one-NIC lab per mode, its
+gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
+``benchmarks/bench_cps.py``)::
+
+    with one_nic_lab("lat123", "hypernat", "packet_mmap", limits={...}) as lab:
+        lab.topo ...            # hn-<tag>-{vpc,gw,inet}, NIC 0 only
+        lab.forwarder_pids      # the no-op forwarder / HyperNAT's NIC daemon
+        lab.cpu()               # per-CPU busy / softirq since the lab came up
+
+* modes: ``linux`` (nftables NAT, nothing started), ``noop`` (the no-op forwarder on
+  the I/O backend), ``hypernat`` (coordinator + one NIC daemon from
+  ``conf/testbed.yaml`` cut to NIC 0 on the backend, with the caller's overrides);
+* offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
+  ``bench_bulk``);
+* one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
+  (every thread of it) on ``gw_cpu``, the endpoints' on ``ends_cpu``; the forwarder at
+  SCHED_FIFO ``rt`` and the gateway links' NAPI threads at ``rt - 1`` (0: normal
+  scheduling), so on a shared machine neither waits behind other work on that core,
+  and the forwarder is never held off by its own receive work;
+* teardown: the namespaces, the processes in them, their logs and state files (kept
+  with ``HN_KEEP=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+
+import yaml
+
+from . import netns
+from .onecore import cpu_split, cpu_times, one_core
+from .topology import STATE_DIR, Addressing, Topology
+
+CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf", "testbed.yaml")
+
+
+def tag(prefix: str, mode: str, backend: str) -> str:
+    """A lab tag unique per process and mode (``HYPERNAT_BENCH_TAG`` is put in front:
+    parallel runs on a shared machine can name theirs)."""
+    return f"{os.environ.get('HYPERNAT_BENCH_TAG', '')}{prefix}{os.getpid()}{mode[0]}{backend[0]}"
+
+
+def gateway_config(run_dir: str, backend: str, conf: str = CONF, **sections) -> str:
+    """``conf`` cut to NIC 0 on `backend`, its state in `run_dir`; each keyword a
+    top-level section whose keys are set over the template's (``limits={...}``,
+    ``translation_log={...}``, ``external={...}``; a translation log without a path
+    writes into `run_dir`).  Written into `run_dir`."""
+    with open(conf) as f:
+        doc = yaml.safe_load(f)
+    doc["nics"] = [dict(doc["nics"][0], io=backend)]
+    doc["state_dir"] = os.path.join(run_dir, "state")
+    for key, over in sections.items():
+        doc[key] = {**(doc.get(key) or {}), **over}
+    if "translation_log" in sections and "path" not in sections["translation_log"]:
+        doc["translation_log"]["path"] = os.path.join(run_dir, "translations.jsonl")  # the run's own
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "gw-bench.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    from ..config import load
+
+    load(path)  # a bad override is an error naming the key, here, not a daemon that exits
+    return path
+
+
+def pin(pids, cpu: int, rt: int) -> None:
+    """Every thread of each process onto `cpu` at SCHED_FIFO `rt` (0: as is).  Affinity
+    and policy are per thread: a process's helper threads (HyperNAT's journal writer,
+    its metrics server) would otherwise run on another core, at normal priority."""
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            tids = [pid]
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, {cpu})
+                if rt:
+                    os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(rt))
+            except ProcessLookupError:  # a thread that just ended
+                pass
+
+
+class Lab:
+    def __init__(self, topo: Topology, config: str | None):
+        self.topo, self.config = topo, config
+        self.forwarder_pids = []
+        self.steered = {}
+        self._t0 = None
+
+    def cpu(self) -> dict:
+        return cpu_split(self._t0, cpu_times())
+
+    def mark(self) -> None:
+        """Start the per-CPU accounting of `cpu()` here."""
+        self._t0 = cpu_times()
+
+
+@contextlib.contextmanager
+def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu: int = 0, rt: int = 10,
+                addr: Addressing | None = None, conf: str = CONF, **sections):
+    """A one-NIC lab in `mode` with its gateway started and on one core (module
+    docstring); removed on exit, whatever happened."""
+    from . import cli
+
+    topo = Topology(tag=tag, nics=1, mode=mode, addr=addr or Addressing.from_config(conf),
+                    offloads=backend != "af_xdp")
+    try:
+        topo.up()
+        config = None
+        if mode == "hypernat":
+            config = gateway_config(topo.run_dir(), backend, conf, **sections)
+        lab = Lab(topo, config)
+        if mode != "linux":
+            cli.start_gateway(topo, config, backend=backend)
+            # the forwarder: every no-op process; for HyperNAT the NIC daemon (the
+            # coordinator, pids[0], only handles what is not per packet)
+            lab.forwarder_pids = list(topo.pids if mode == "noop" else topo.pids[1:])
+            pin(lab.forwarder_pids, gw_cpu, rt)
+        # after the gateway started: an XDP program's NAPI exists by now
+        lab.steered = one_core(topo, gw_cpu, ends_cpu)
+        # the gateway's kernel threads (NAPI) just below the forwarder: at normal
+        # priority on a shared core they would wait behind the neighbours' work while the
+        # forwarder does not (AF_XDP's receive runs there, and Linux's NAT); at the
+        # forwarder's own priority a receive thread fed faster than the forwarder drains
+        # never yields to it (SCHED_FIFO peers do not preempt), and an overloaded
+        # gateway spends its core receiving what it then drops (receive livelock)
+        pin(lab.steered["napi_threads"], gw_cpu, max(1, rt - 1) if rt else 0)
+        lab.mark()
+        yield lab
+    finally:
+        topo.down()
+        if not os.environ.get("HN_KEEP"):
+            for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
+                for f in glob.glob(os.path.join(STATE_DIR, pattern)):
+                    os.unlink(f)
+
+
+def nft_packets(ns: str, family: str, table: str) -> dict:
+    """{chain: packets} of the counters in one nftables table (the first counter of
+    each chain)."""
+    import json
+
+    p = netns.run(ns, ["nft", "-j", "list", "table", family, table])
+    out = {}
+    for item in json.loads(p.stdout).get("nftables", []):
+        r = item.get("rule")
+        if r:
+            for e in r["expr"]:
+                if "counter" in e:
+                    out.setdefault(r["chain"], e["counter"]["packets"])
+    return out
+
+
+# -- where the forwarder's time goes: py-spy (optional; not a dependency) ---------------
+def profile_start(pyspy: str, pid: int, out: str, cpu: int | None = None, rt: int = 0, rate: int = 250):
+    """`pyspy` (py-spy's path) recording every thread of process `pid` into `out`
+    (collapsed stacks) `rate` times a second, non-blocking (the process is never
+    paused); None without one.
+    On `cpu` at SCHED_FIFO `rt` if given: with the gateway and the load generator both
+    at real-time priority a normal-priority sampler barely runs."""
+    import subprocess
+
+    if not pyspy:
+        return None
+    pre = (["taskset", "-c", str(cpu)] if cpu is not None else []) + (["chrt", "-f", str(rt)] if rt else [])
+    return subprocess.Popen(pre + [pyspy, "record", "--pid", str(pid), "--rate", str(rate), "--nonblocking",
+                                   "--format", "raw", "--output", out], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def profile_stop(p, out: str) -> dict | None:
+    """Stop a `profile_start` recording (SIGINT: py-spy writes its file then), bounded;
+    its ``profile_summary``, or {"error": ...}."""
+    import signal
+    import subprocess
+
+    if p is None:
+        return None
+    try:
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+    except ProcessLookupError:
+        pass
+    try:
+        with open(out) as f:
+            return profile_summary(f.read())
+    except OSError:
+        return {"error": (p.stderr.read() if p.stderr else "")[-500:]}
+
+
+# Leaf frames that are a thread waiting, not working (py-spy's idle detection misses
+# some: a poll() that returns at once, a helper thread's select)
+WAITS = ("Poller.poll", "_PollLikeSelector.select", "Condition.wait", "Event.wait", "select", "sleep")
+
+
+def profile_summary(raw: str, top: int = 12) -> dict:
+    """py-spy's raw (collapsed-stack) output as {"samples", "waiting": share of samples
+    whose leaf is a wait (WAITS), "self": [(function, share)], "inclusive": [(function,
+    share)]}, the shares over the working samples only: where the busy time went."""
+    import collections
+
+    self_n, incl_n, total, waiting = collections.Counter(), collections.Counter(), 0, 0
+    for ln in raw.splitlines():
+        stack, _, n = ln.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = []
+        for f in stack.split(";")[1:]:  # [0]: the process / thread
+            name, _, where = f.partition(" (")
+            frames.append(name + (" " + where.split(":")[0].rsplit("/", 1)[-1] if where else ""))
+        if not frames or frames[-1].split(" ")[0] in WAITS:
+            waiting += n
+            continue
+        for f in set(frames):
+            incl_n[f] += n
+        self_n[frames[-1]] += n
+    busy = total - waiting
+    if not busy:
+        return {"samples": total, "waiting": 1.0 if total else 0.0, "self": [], "inclusive": []}
+    return {"samples": total, "waiting": round(waiting / total, 3),
+            "self": [(f, round(k / busy, 3)) for f, k in self_n.most_common(top)],
+            "inclusive": [(f, round(k / busy, 3)) for f, k in incl_n.most_common(top)]}
