@@ -71,8 +71,7 @@ class Env:
         v = np.zeros(len(frames), np.uint8)
         self.tr.translate(buf, offs, lens, direction, now, v)
         after = [bytes(buf[o:o + n]) for o, n in zip(offs.tolist(), lens.tolist())]
-        ob, oo, ol, oe = self.ft.output()
-        rel = [(int(e), bytes(ob[o:o + n])) for o, n, e in zip(oo.tolist(), ol.tolist(), oe.tolist())]
+        rel = self.tr.generated()  # the one output area: released (and re-cut) fragments
         return [VERDICT_NAMES[x] for x in v], after, rel
 
 

@@ -488,22 +488,18 @@ class NicWorker:
         return settings
 
     def _send_made(self) -> None:
-        """Right after every translate (the next one reuses their areas): the frames the
-        fast path made besides the batch -- early fragments the fragment table released,
-        and the router's ICMP errors and fragments -- out of the port on each one's exit
-        side, one send per area and side, no Python per frame."""
-        if self.frag.released:
-            buf, off, ln, ex = self.frag.output()
-            self._send_area(buf, off, ln, ex, len(off))
+        """Right after every translate (the next one reuses the area): the frames the fast
+        path made besides the batch -- the router's ICMP errors and fragments, and the
+        early fragments the fragment table released -- all in the translator's one output
+        area, out of the port on each one's exit side: one send per side, no Python per
+        frame."""
         tr = self.translator
         n = tr.out_count
-        if n:
-            self._send_area(tr.out_buf, tr.out_offsets, tr.out_lengths, tr.out_exits, n)
-            self.counters["generated"] += n
-
-    def _send_area(self, buf, offsets, lengths, exits, n: int) -> None:
-        b = Batch(buf, offsets, lengths, n)
-        exits = exits[:n]
+        if not n:
+            return
+        self.counters["generated"] += n
+        b = Batch(tr.out_buf, tr.out_offsets, tr.out_lengths, n)
+        exits = tr.out_exits[:n]
         for d, port in ((OUT, self.outside), (IN, self.inside)):
             idx = np.flatnonzero(exits == d)
             if len(idx):
@@ -532,7 +528,7 @@ class NicWorker:
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial, b.meta)
         self._send_made()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
