@@ -945,7 +945,6 @@ cdef void finish_partial(hn_parsed *p) noexcept nogil:
     whose field holds the pseudo-header sum already."""
     cdef uint64_t at = p.l4 + (16 if p.kind == K_TCP else 6)
     chk(p, p.l4, p.end - p.l4)
-    wr16(p, p.b, at, 0)
     cdef uint32_t ck = csum(p.b + p.l4, p.end - p.l4)
     if ck == 0 and p.kind == K_UDP:
         ck = 0xFFFF

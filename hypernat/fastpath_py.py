@@ -1073,8 +1073,7 @@ class Translator:
         proto = b[ip + IP_PROTO]
         if self._partial and not _be16(b, ip + IP_FRAG) & 0x3FFF and proto in (PROTO_TCP, PROTO_UDP):
             at = l4 + (TCP_CSUM if proto == PROTO_TCP else UDP_CSUM)
-            _put16(b, at, 0)
-            c = ~_sum16(b, l4, end) & 0xFFFF
+            c = ~_sum16(b, l4, end) & 0xFFFF  # the field holds the pseudo-header sum
             _put16(b, at, 0xFFFF if c == 0 and proto == PROTO_UDP else c)
         ihl = (b[ip] & 0x0F) * 4
         nf = self.output.put(b[off:end], ip - off, ihl, end - ip - ihl, exitdir)
