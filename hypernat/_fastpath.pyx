@@ -312,7 +312,7 @@ ctypedef struct hn_parsed:
     uint8_t partial     # the L4 checksum field holds the pseudo-header sum (checksum offload)
     uint8_t split       # longer than its exit link's MTU: SPLIT_FRAGMENT / SPLIT_GSO once translated
     uint16_t gso        # a super-frame's segment size (virtio_net_hdr gso_size; 0: not one)
-    uint8_t *meta       # its virtio_net_hdr record (META_DTYPE), or NULL
+    uint8_t *meta       # a super-frame's virtio_net_hdr record (META_DTYPE); set only with gso
 
 
 ctypedef struct hn_ctx:
@@ -1099,6 +1099,7 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
     cdef uint8_t v
     cdef int exitdir
     cdef hn_key *kp
+    cdef uint8_t *mp
     if c.frag != NULL:
         frag_begin(c.frag, now)
     # The router's check costs one test per frame in pass 1: a frame no longer than the
@@ -1126,10 +1127,11 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
             p.partial = partial[base + k] != 0 if partial != NULL else 0
             p.gso = 0
-            if meta != NULL:
-                p.meta = meta + (base + k) * META_LEN
-                if p.meta[1] != 0:                              # gso_type: a super-frame
-                    p.gso = <uint16_t>(p.meta[4] | (<uint32_t>p.meta[5] << 8))
+            if p.partial and meta != NULL:      # a super-frame is partial (the ring drops any other)
+                mp = meta + (base + k) * META_LEN
+                if mp[1] != 0:                                  # gso_type
+                    p.gso = <uint16_t>(mp[4] | (<uint32_t>mp[5] << 8))
+                    p.meta = mp
             if p.verdict == V_PENDING:
                 p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
                 hn_prefetch(&t.s[p.hash & t.mask])
@@ -1700,8 +1702,10 @@ cdef class Translator:
 
 
 cdef uint8_t *_meta_pointer(object meta, Py_ssize_t n) except? NULL:
-    """The per-frame virtio_net_hdr records as bytes (checked), for translate."""
-    if type(meta) is np.ndarray and (<cnp.ndarray>meta).dtype == _META_DTYPE:
+    """The per-frame virtio_net_hdr records as bytes (checked), for translate.  (The
+    ring's bytes, the usual call, are checked with numpy's macros alone.)"""
+    if not _plain(meta, cnp.NPY_UINT8, True) and type(meta) is np.ndarray \
+            and (<cnp.ndarray>meta).dtype == _META_DTYPE:
         meta = (<cnp.ndarray>meta).view(np.uint8)
     if not _plain(meta, cnp.NPY_UINT8, True) or cnp.PyArray_DIM(<cnp.ndarray>meta, 0) < n * META_LEN:
         raise ValueError(f"meta must be a contiguous writable uint8 array of {META_LEN} bytes per frame "

@@ -710,7 +710,7 @@ class Translator:
         for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
             self._partial = partial is not None and partial[i] != 0
             self._gso, self._meta_at = 0, i * META_LEN
-            if meta is not None and meta[i * META_LEN + 1]:  # gso_type: a super-frame
+            if meta is not None and self._partial and meta[i * META_LEN + 1]:  # gso_type: a super-frame (partial)
                 self._gso = int(meta[i * META_LEN + 4]) | int(meta[i * META_LEN + 5]) << 8
             v, key = self._frame(b, buflen, off, length, direction, now)
             verdicts[i] = v
