@@ -382,6 +382,9 @@ def test_twins_agree_on_random_fragment_streams(seed):
     rng = random.Random(seed)
     stream = _stream(rng)
     envs = [Env(i, entries=6, nbytes=12 * 2048, timeout=3).sessions() for i in TWINS]
+    mtu = rng.choice((0, 576, 1000))  # fragments cut again (on arrival and at release) or not
+    for e in envs:
+        e.tr.set_router(outside_mtu=mtu, inside_mtu=mtu)
     now, pos = 100, 0
     while pos < len(stream):
         d = stream[pos][0]
@@ -397,6 +400,7 @@ def test_twins_agree_on_random_fragment_streams(seed):
         assert np.array_equal(e.tr.counters, envs[0].tr.counters)
         assert e.ft.counters_dict() == envs[0].ft.counters_dict()
         assert (len(e.ft), e.ft.held) == (len(envs[0].ft), envs[0].ft.held)
+        assert np.array_equal(e.tr.router_events, envs[0].tr.router_events)
 
 
 def test_frag_counters_declared_once():
