@@ -24,6 +24,7 @@ import time
 
 import pytest
 import yaml
+from scapy.all import TCP, Ether  # (here, not in _syn_mss: a first import of scapy under load outlasted its deadline)
 
 from hypernat.lab import netns, traffic
 from hypernat.lab.topology import Addressing, Topology
@@ -89,8 +90,6 @@ def test_tracepath_shows_the_gateway(gw):
 
 def _syn_mss(raw_sock, port, deadline):
     """The MSS option of the first SYN to `port` the raw socket holds (None: none)."""
-    from scapy.all import TCP, Ether
-
     seen = 0
     while time.monotonic() < deadline:
         r, _, _ = select.select([raw_sock], [], [], max(0.0, deadline - time.monotonic()))
