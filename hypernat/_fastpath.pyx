@@ -1146,9 +1146,10 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
                             p.verdict = V_FRAG_NEEDED
                         elif p.gso == 0:
                             p.split = SPLIT_FRAGMENT
-                        elif p.kind == K_TCP:
+                        elif p.kind == K_TCP and seg_headers(p) + 8 <= r.o.mtu[DIR_IN if p.hairpin else direction]:
                             p.split = SPLIT_GSO
-                        else:       # UDP segments are datagrams: not ours to re-cut
+                        else:       # UDP segments are datagrams: not ours to re-cut (nor
+                                    # TCP whose headers leave no 8 bytes of data per segment)
                             p.verdict = V_DROP_GSO_TOO_BIG
         # pass 2: probe, rewrite, account
         for k in range(m):

@@ -994,9 +994,9 @@ class Translator:
             return TOO_BIG_DF
         if not self._gso:
             return SPLIT_FRAGMENT
-        if b[ip + IP_PROTO] == PROTO_TCP:
+        if b[ip + IP_PROTO] == PROTO_TCP and self._seg_headers(b, ip, l4) + 8 <= mtu:
             return SPLIT_GSO
-        return TOO_BIG_GSO  # UDP segments are datagrams: not ours to re-cut
+        return TOO_BIG_GSO  # UDP segments are datagrams: not ours to re-cut (nor TCP headers alone)
 
     def _sent(self, b, off, ip, l4, end, direction, exitdir, split, tcp_flags, verdict):
         """After the rewrite of a frame to send: MSS clamping, then fragments."""

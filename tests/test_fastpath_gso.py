@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 import pytest
-from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
+from scapy.all import ICMP, IP, TCP, UDP, Ether, IPOption_NOP, raw
 from scapy.layers.inet import defragment
 
 from fixtures.fastpath_oracle import E1, I1, R, eth, pack, standard_env
@@ -37,15 +37,16 @@ def pseudo_sum(frame: bytes, l4: int) -> int:
     return s
 
 
-def super_frame(layer, payload, gso, df=True, flags="A", gso_type=None, sport=None, dport=None):
+def super_frame(layer, payload, gso, df=True, flags="A", gso_type=None, sport=None, dport=None,
+                ip_options=(), tcp_options=()):
     """(frame with a partial checksum, its META_DTYPE record)."""
-    ip = IP(src=I1, dst=R, ttl=64, id=9, flags="DF" if df else 0)
+    ip = IP(src=I1, dst=R, ttl=64, id=9, flags="DF" if df else 0, options=list(ip_options))
     if layer is TCP:
-        l4h = TCP(sport=sport or 1111, dport=dport or 80, flags=flags, seq=1000)
+        l4h = TCP(sport=sport or 1111, dport=dport or 80, flags=flags, seq=1000, options=list(tcp_options))
     else:
         l4h = UDP(sport=sport or 2222, dport=dport or 53)
     f = bytearray(raw(eth() / ip / l4h / payload))
-    l4 = 34
+    l4 = 14 + (f[14] & 15) * 4
     off = 16 if layer is TCP else 6
     f[l4 + off:l4 + off + 2] = pseudo_sum(bytes(f), l4).to_bytes(2, "big")
     m = np.zeros(1, META_DTYPE)
@@ -122,6 +123,16 @@ def test_a_non_df_tcp_super_frame_gets_smaller_segments(fp):
     assert v == ["translated"] and gen == [] and ev == {"gso_resegmented": 1}
     assert int(meta["gso_size"][0]) == MTU - 20 - 20
     assert_checksums_right(finished(out, TCP))
+
+
+def test_a_tcp_super_frame_whose_headers_leave_no_room_is_dropped(fp):
+    """60 bytes of IP options and 60 of TCP: toward a 68-byte link no segment can carry
+    8 bytes of data, so the gso_size is not lowered (it would wrap): a named drop."""
+    opts = IP(options=[IPOption_NOP()] * 40)  # 40 bytes of options: a 60-byte header
+    f, m = super_frame(TCP, b"o" * 4000, gso=1000, df=False, ip_options=opts.options,
+                       tcp_options=[("NOP", None)] * 40)
+    (out,), v, meta, gen, ev = run(fp, [f], [m], mtu=68)
+    assert v == ["drop_gso_too_big"] and int(meta["gso_size"][0]) == 1000 and ev == {}
 
 
 @pytest.mark.parametrize("df, verdict", [(False, "drop_gso_too_big"), (True, "frag_needed")])
