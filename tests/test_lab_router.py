@@ -47,7 +47,7 @@ def gw(tmp_path_factory):
         yaml.safe_dump(tree, f)
     # offloads on (the lab's default): the clients' TSO super-frames reach the gateway
     # whole, and their segments (gso_size), not their length, meet the narrow link
-    topo = Topology(tag=f"gso13{os.getpid() % 1000}rt", nics=2, mode="hypernat", addr=Addressing.from_config(conf),
+    topo = Topology(tag=f"t{os.getpid()}rt", nics=2, mode="hypernat", addr=Addressing.from_config(conf),
                     outside_mtu=NARROW)
     with labkit.gateway(topo, conf):
         yield topo
