@@ -1,9 +1,10 @@
 # cython: language_level=3
 """Internet checksum arithmetic (RFC 1071 folds, RFC 1624 incremental updates), one
 copy for every compiled module that rewrites headers (the fast path, the fragment
-table).  Pure arithmetic on integers: no frame access, no bounds to check."""
+table).  Arithmetic on integers, and one sum over bytes whose bounds the caller
+checked (csum)."""
 
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
 cdef inline uint32_t fold(uint64_t s) noexcept nogil:
@@ -28,3 +29,16 @@ cdef inline uint64_t d32(uint32_t old, uint32_t new) noexcept nogil:
 cdef inline uint32_t adjust(uint32_t ck, uint64_t terms) noexcept nogil:
     """HC' = ~(~HC + sum of ~m + m')."""
     return ~fold((~ck & 0xFFFF) + terms) & 0xFFFF
+
+
+cdef inline uint32_t csum(const uint8_t *q, uint64_t n) noexcept nogil:
+    """Internet checksum (RFC 1071) of q[0:n]: for bytes the caller built or bounded
+    itself (generated frames, a datagram whose length the parser checked)."""
+    cdef uint64_t s = 0
+    cdef uint64_t i = 0
+    while i + 1 < n:
+        s += (<uint32_t>q[i] << 8) | q[i + 1]
+        i += 2
+    if i < n:
+        s += <uint32_t>q[i] << 8
+    return ~fold(s) & 0xFFFF

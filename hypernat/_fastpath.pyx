@@ -64,7 +64,8 @@ cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from ._csum cimport adjust, d16, d32, fold
+from ._csum cimport adjust, csum, d16, d32, fold
+from ._out cimport hn_out, out_put, out_take
 from ._frag cimport (FragTable, frag_begin, frag_first_check, frag_first_record, frag_later,
                      hn_frag)
 
@@ -74,6 +75,7 @@ import numpy as np
 
 from . import layout as _layout
 from . import verdicts as _verdicts
+from .io import base as _iobase
 
 cnp.import_array()
 
@@ -160,6 +162,9 @@ cdef enum:
     FR_FIRST = 1            # hn_parsed.frag: offset 0, MF set
     FR_LATER = 2            # offset > 0
     V_ROUTER = 253          # parsed, waiting for its lookup and then the router's work (MSS clamp, fragments)
+    SPLIT_FRAGMENT = 1      # hn_parsed.split: cut in fragments once translated
+    SPLIT_GSO = 2           # a TCP super-frame: its gso_size lowered once translated
+    META_LEN = 10           # bytes of a virtio_net_hdr record (io.base.META_DTYPE; checked below)
     # layout constants (checked against layout.py at import, below)
     F_OCCUPIED = 0x01
     F_ACTIVE = 0x04
@@ -181,6 +186,10 @@ if (F_OCCUPIED, F_ACTIVE, TCP_STATE_MASK, KIND_PLAIN, KIND_ICMP_ERROR) != (
     raise ImportError("hypernat._fastpath disagrees with hypernat/layout.py: rebuild it")
 
 SLOT_DTYPE = _layout.SLOT_DTYPE
+_META_DTYPE = _iobase.META_DTYPE
+if (_META_DTYPE.itemsize, _META_DTYPE.fields["gso_type"][1], _META_DTYPE.fields["gso_size"][1],
+        _META_DTYPE.fields["gso_size"][0].str) != (META_LEN, 1, 4, "<u2"):
+    raise ImportError("hypernat._fastpath disagrees with hypernat/io/base.py's META_DTYPE: rebuild it")
 KEY_DTYPE = _layout.KEY_DTYPE
 _U32 = 0xFFFFFFFF
 # The output area's default size: room for a batch of 256 full-size frames cut in
@@ -301,7 +310,9 @@ ctypedef struct hn_parsed:
     uint8_t proto, kind, ekind, tcp_flags, icmp_type
     uint8_t verdict, haskey, hairpin, frag
     uint8_t partial     # the L4 checksum field holds the pseudo-header sum (checksum offload)
-    uint8_t split       # longer than its exit link's MTU, DF clear: fragmented once sent
+    uint8_t split       # longer than its exit link's MTU: SPLIT_FRAGMENT / SPLIT_GSO once translated
+    uint16_t gso        # a super-frame's segment size (virtio_net_hdr gso_size; 0: not one)
+    uint8_t *meta       # a super-frame's virtio_net_hdr record (META_DTYPE); set only with gso
 
 
 ctypedef struct hn_ctx:
@@ -801,7 +812,7 @@ cdef inline uint8_t resolve(const hn_ctx *c, hn_parsed *p, const hn_table *t, in
 # only hands the area to the ports.
 
 ctypedef struct hn_router:
-    uint32_t mtu[2]         # per exit direction (DIR_OUT: outside link, DIR_IN: inside); 0: no limit
+    hn_out o                # the output area (hypernat/_out.pxd), with the MTU of each exit link
     uint32_t src[2]         # ICMP source address per exit direction; 0: send none that way
     uint32_t mss_clamp      # 0: off
     uint32_t rate           # ICMP errors per clock tick: the bucket's size and its refill per tick
@@ -809,26 +820,32 @@ ctypedef struct hn_router:
     uint32_t last           # tick of the last refill
     uint32_t primed         # 0 until the first ICMP error (then `last` is meaningful)
     uint32_t ip_id          # IPv4 identification of the next generated ICMP error
-    uint8_t *ob             # the output area: bytes ...
-    uint64_t ob_cap
-    uint64_t ob_used
-    uint32_t *oo            # ... and per frame: offset, length, exit direction
-    uint32_t *ol
-    uint8_t *ox
-    uint32_t on
-    uint32_t on_cap
     uint64_t *ev            # router events [2, N_ROUTER_EVENTS]
 
 
+cdef inline uint64_t seg_headers(const hn_parsed *p) noexcept nogil:
+    """IPv4 + TCP / UDP header bytes of each segment of a super-frame."""
+    if p.kind == K_TCP:
+        return (p.l4 - p.l3) + (rd8(p, p.b, p.l4 + 12) >> 4) * 4
+    return (p.l4 - p.l3) + 8
+
+
 cdef inline uint64_t egress_len(const hn_parsed *p) noexcept nogil:
-    """The one size compared with an egress MTU: the IPv4 datagram's length.  (Under
-    GSO a super-frame is compared by its segment size, gso_size, here.)"""
-    return p.end - p.l3
+    """The one size compared with an egress MTU: the IPv4 datagram's length, or for a
+    super-frame the length of each segment it becomes (headers + gso_size: Linux's
+    skb_gso_validate_network_len), if shorter."""
+    cdef uint64_t n = p.end - p.l3
+    cdef uint64_t seg
+    if p.gso:
+        seg = seg_headers(p) + p.gso
+        if seg < n:
+            return seg
+    return n
 
 
 cdef inline bint too_big(const hn_router *r, const hn_parsed *p, int direction) noexcept nogil:
     """Longer than the MTU of the link it leaves by (hairpins go back inside)?"""
-    cdef uint32_t mtu = r.mtu[DIR_IN if p.hairpin else direction]
+    cdef uint32_t mtu = r.o.mtu[DIR_IN if p.hairpin else direction]
     return mtu != 0 and egress_len(p) > mtu
 
 
@@ -842,31 +859,6 @@ cdef inline void put32(uint8_t *q, uint32_t v) noexcept nogil:
     q[1] = <uint8_t>(v >> 16)
     q[2] = <uint8_t>(v >> 8)
     q[3] = <uint8_t>v
-
-
-cdef inline uint32_t csum(const uint8_t *q, uint64_t n) noexcept nogil:
-    """Internet checksum (RFC 1071) of q[0:n], a buffer this file built (output area)."""
-    cdef uint64_t s = 0
-    cdef uint64_t i = 0
-    while i + 1 < n:
-        s += (<uint32_t>q[i] << 8) | q[i + 1]
-        i += 2
-    if i < n:
-        s += <uint32_t>q[i] << 8
-    return ~fold(s) & 0xFFFF
-
-
-cdef inline uint8_t *out_take(hn_router *r, uint64_t n, int exitdir) noexcept nogil:
-    """Room for one generated frame of n bytes leaving toward `exitdir`, or NULL."""
-    if r.on >= r.on_cap or n > r.ob_cap - r.ob_used:
-        return NULL
-    cdef uint8_t *q = r.ob + r.ob_used
-    r.oo[r.on] = <uint32_t>r.ob_used
-    r.ol[r.on] = <uint32_t>n
-    r.ox[r.on] = <uint8_t>exitdir
-    r.on += 1
-    r.ob_used += n
-    return q
 
 
 cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t now, uint32_t itype,
@@ -910,9 +902,9 @@ cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t 
     cdef uint64_t q = p.end - l3
     if q > 576 - 28:
         q = 576 - 28
-    if r.mtu[back] and q > r.mtu[back] - 28:     # and it fits the link it leaves by
-        q = r.mtu[back] - 28
-    cdef uint8_t *o = out_take(r, l2 + 28 + q, back)
+    if r.o.mtu[back] and q > r.o.mtu[back] - 28:     # and it fits the link it leaves by
+        q = r.o.mtu[back] - 28
+    cdef uint8_t *o = out_take(&r.o, l2 + 28 + q, back)
     if o == NULL:
         ev[EV_OUTPUT_FULL] += 1
         return
@@ -947,66 +939,45 @@ cdef void icmp_answer(hn_router *r, const hn_parsed *p, int direction, uint32_t 
     ev[EV_ICMP_FRAG_NEEDED if itype == 3 else EV_ICMP_TIME_EXCEEDED] += 1
 
 
-cdef inline void options_fragment(uint8_t *h, uint64_t ihl) noexcept nogil:
-    """IPv4 options not to be copied into later fragments (copied flag clear) become
-    NOPs, so every fragment's header keeps the same length (RFC 791, as Linux does)."""
-    cdef uint64_t i = 20
-    cdef uint32_t t, n
-    while i < ihl:
-        t = h[i]
-        if t == 0:
-            return
-        if t == 1:
-            i += 1
-            continue
-        if i + 1 >= ihl:
-            return
-        n = h[i + 1]
-        if n < 2 or i + n > ihl:
-            return
-        if not (t & 0x80):
-            memset(h + i, 1, n)
-        i += n
+cdef void finish_partial(hn_parsed *p) noexcept nogil:
+    """What checksum offload would do, for a partial frame about to be cut in fragments
+    (their copies leave without its metadata): the TCP / UDP checksum over the segment,
+    whose field holds the pseudo-header sum already."""
+    cdef uint64_t at = p.l4 + (16 if p.kind == K_TCP else 6)
+    chk(p, p.l4, p.end - p.l4)
+    cdef uint32_t ck = csum(p.b + p.l4, p.end - p.l4)
+    if ck == 0 and p.kind == K_UDP:
+        ck = 0xFFFF
+    wr16(p, p.b, at, ck)
 
 
-cdef uint8_t fragment(hn_router *r, const hn_parsed *p, int direction, int exitdir) noexcept nogil:
-    """The translated frame as IPv4 fragments of at most mtu[exitdir] bytes, into the
-    output area (RFC 791); V_FRAGMENTED, or V_OUTPUT_FULL if they do not all fit."""
+cdef uint8_t fragment(hn_router *r, hn_parsed *p, int direction, int exitdir) noexcept nogil:
+    """The translated frame (any datagram, or a fragment of one) as IPv4 fragments of at
+    most the MTU of its exit link, into the output area (``out_put``): V_FRAGMENTED, or
+    V_OUTPUT_FULL if they do not all fit."""
     cdef uint64_t *ev = r.ev + direction * N_ROUTER_EVENTS
     cdef const uint8_t *b = p.b
-    cdef uint64_t l2 = p.l3 - p.fs
-    cdef uint64_t ihl = p.l4 - p.l3
-    cdef uint64_t data = p.end - p.l4
-    cdef uint64_t chunk = ((r.mtu[exitdir] - ihl) // 8) * 8     # mtu >= 68, ihl <= 60
-    cdef uint64_t nf = (data + chunk - 1) // chunk
-    if nf > r.on_cap - r.on or nf * (l2 + ihl) + data > r.ob_cap - r.ob_used:
+    cdef uint64_t ihl = (rd8(p, b, p.l3) & 0x0F) * 4
+    cdef uint64_t end = p.l3 + rd16(p, b, p.l3 + 2)
+    if p.partial and p.frag == 0 and (p.kind == K_TCP or p.kind == K_UDP):
+        finish_partial(p)
+    chk(p, p.fs, end - p.fs)
+    cdef uint32_t nf = out_put(&r.o, b + p.fs, p.l3 - p.fs, ihl, end - p.l3 - ihl, exitdir)
+    if nf == 0:
         ev[EV_OUTPUT_FULL] += 1
         return V_OUTPUT_FULL
-    cdef uint32_t fo = rd16(p, b, p.l3 + 6)
-    cdef uint64_t k, off, ln
-    cdef uint32_t f
-    cdef uint8_t *o
-    cdef uint8_t *h
-    chk(p, p.fs, p.end - p.fs)
-    for k in range(nf):
-        off = k * chunk
-        ln = data - off if data - off < chunk else chunk
-        o = out_take(r, l2 + ihl + ln, exitdir)
-        memcpy(o, b + p.fs, l2 + ihl)
-        h = o + l2
-        if k:
-            options_fragment(h, ihl)
-        put16(h + 2, <uint32_t>(ihl + ln))
-        f = (fo & 0x8000) | (((fo & 0x1FFF) + <uint32_t>(off >> 3)) & 0x1FFF)
-        if k + 1 < nf or (fo & 0x2000):
-            f |= 0x2000
-        put16(h + 6, f)
-        h[10] = 0
-        h[11] = 0
-        put16(h + 10, csum(h, ihl))
-        memcpy(h + ihl, b + p.l4 + off, ln)
     ev[EV_FRAGMENTS] += nf
     return V_FRAGMENTED
+
+
+cdef void resegment(hn_router *r, hn_parsed *p, int direction, int exitdir) noexcept nogil:
+    """A TCP super-frame with DF clear whose segments do not fit its exit link: its
+    gso_size lowered so that they do (the byte stream is the same, cut smaller)."""
+    cdef uint64_t g = r.o.mtu[exitdir] - seg_headers(p)
+    p.meta[4] = <uint8_t>g              # META_DTYPE gso_size: little-endian u16 at 4
+    p.meta[5] = <uint8_t>(g >> 8)
+    p.gso = <uint16_t>g
+    r.ev[direction * N_ROUTER_EVENTS + EV_GSO_RESEGMENTED] += 1
 
 
 cdef void clamp_mss(hn_router *r, const hn_parsed *p, int direction) noexcept nogil:
@@ -1036,7 +1007,11 @@ cdef void clamp_mss(hn_router *r, const hn_parsed *p, int direction) noexcept no
                 break
             old = rd16(p, b, i + 2)
             new = r.mss_clamp
-            if old > new:
+            if old > new and p.partial:
+                # the field holds the pseudo-header sum, which covers no option
+                wr16(p, b, i + 2, new)
+                r.ev[direction * N_ROUTER_EVENTS + EV_MSS_CLAMPED] += 1
+            elif old > new:
                 if (i + 2 - l4) & 1:   # the value straddles two checksum words: byte-swapped terms
                     terms = d16(((old & 0xFF) << 8) | (old >> 8), ((new & 0xFF) << 8) | (new >> 8))
                 else:
@@ -1076,8 +1051,10 @@ cdef uint8_t resolve_routed(const hn_ctx *c, hn_router *r, hn_parsed *p, const h
             clamp_mss(r, p, direction)
         exitdir = DIR_IN if v == V_HAIRPIN else direction
         write_l2(c, p, exitdir)
-        if p.split:
+        if p.split == SPLIT_FRAGMENT:
             v = fragment(r, p, direction, exitdir)
+        elif p.split == SPLIT_GSO:
+            resegment(r, p, direction, exitdir)
     return v
 
 
@@ -1098,20 +1075,20 @@ cdef uint8_t first_fragment_check(const hn_ctx *c, hn_parsed *p, int direction, 
     return v if v else V_PENDING
 
 
-cdef void first_fragment_record(const hn_ctx *c, const hn_parsed *p, int direction, int exitdir,
-                                uint32_t now) noexcept nogil:
+cdef void first_fragment_record(const hn_ctx *c, hn_router *r, const hn_parsed *p, int direction,
+                                int exitdir, uint32_t now) noexcept nogil:
     """A first fragment was translated: the fragment table records its translation and
     releases the datagram's held fragments (toward `exitdir`, with its MACs)."""
     cdef const uint8_t *mac = NULL
     if c.l2set[exitdir]:
         mac = &c.l2[exitdir][0]
-    frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac)
+    frag_first_record(c.frag, p.b, p.l3, direction, exitdir, p.saddr, p.daddr, now, mac, &r.o)
 
 
 cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t blen,
                           const uint32_t *off, const uint32_t *ln, size_t n, int direction,
                           uint32_t now, uint8_t *verdicts, hn_key *keys,
-                          const uint8_t *partial) noexcept nogil:
+                          const uint8_t *partial, uint8_t *meta) noexcept nogil:
     cdef hn_parsed ps[GROUP]
     cdef hn_parsed *p
     cdef const hn_table *t = c.out if direction == DIR_OUT else c.inn
@@ -1122,6 +1099,7 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
     cdef uint8_t v
     cdef int exitdir
     cdef hn_key *kp
+    cdef uint8_t *mp
     if c.frag != NULL:
         frag_begin(c.frag, now)
     # The router's check costs one test per frame in pass 1: a frame no longer than the
@@ -1129,10 +1107,10 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
     # to bit 20, above any IPv4 length, so that one compare sees both); a frame it flags
     # (V_ROUTER) takes the cold path in pass 2, so the hot one is unchanged.
     cdef uint64_t fits = 0xFFFFF
-    if r.mtu[DIR_OUT]:
-        fits = r.mtu[DIR_OUT]
-    if r.mtu[DIR_IN] and r.mtu[DIR_IN] < fits:
-        fits = r.mtu[DIR_IN]
+    if r.o.mtu[DIR_OUT]:
+        fits = r.o.mtu[DIR_OUT]
+    if r.o.mtu[DIR_IN] and r.o.mtu[DIR_IN] < fits:
+        fits = r.o.mtu[DIR_IN]
     cdef uint8_t synmask = 0x02 if r.mss_clamp else 0
     # Overlapping (or out-of-order) frames: strictly one after another.
     for i in range(1, n):
@@ -1148,20 +1126,31 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
             p = &ps[k]
             parse(p, b, blen, off[base + k], ln[base + k], direction, c)
             p.partial = partial[base + k] != 0 if partial != NULL else 0
+            p.gso = 0
+            if p.partial and meta != NULL:      # a super-frame is partial (the ring drops any other)
+                mp = meta + (base + k) * META_LEN
+                if mp[1] != 0:                                  # gso_type
+                    p.gso = <uint16_t>(mp[4] | (<uint32_t>mp[5] << 8))
+                    p.meta = mp
             if p.verdict == V_PENDING:
                 p.hash = hn_flow_hash(p.proto, p.saddr, p.sport, p.daddr, p.dport)
                 hn_prefetch(&t.s[p.hash & t.mask])
                 # (after the prefetch: its miss is what the group waits for.  A first
-                # fragment goes the fragment table's way, as it came; a partial frame --
-                # a super-frame, segmented by the kernel after us -- as it is)
+                # fragment goes the fragment table's way, as it came, and is sized after.)
                 if (hn_unlikely((egress_len(p) | (<uint64_t>(p.tcp_flags & synmask) << 19)) > fits)
-                        and not p.frag and not p.partial):
+                        and not p.frag):
                     p.split = 0
                     p.verdict = V_ROUTER
                     if too_big(r, p, direction):
-                        p.split = 1
                         if rd16(p, b, p.l3 + 6) & 0x4000:      # DF: answered in pass 2
                             p.verdict = V_FRAG_NEEDED
+                        elif p.gso == 0:
+                            p.split = SPLIT_FRAGMENT
+                        elif p.kind == K_TCP and seg_headers(p) + 8 <= r.o.mtu[DIR_IN if p.hairpin else direction]:
+                            p.split = SPLIT_GSO
+                        else:       # UDP segments are datagrams: not ours to re-cut (nor
+                                    # TCP whose headers leave no 8 bytes of data per segment)
+                            p.verdict = V_DROP_GSO_TOO_BIG
         # pass 2: probe, rewrite, account
         for k in range(m):
             p = &ps[k]
@@ -1173,10 +1162,12 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
                 if v == V_TRANSLATED or v == V_HAIRPIN:
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
                     if p.frag:
-                        first_fragment_record(c, p, direction, exitdir, now)
+                        first_fragment_record(c, r, p, direction, exitdir, now)
                     if c.l2set[exitdir]:
                         chk(p, p.fs, 12)
                         memcpy(b + p.fs, c.l2[exitdir], 12)
+                    if p.frag and r.o.mtu[exitdir] and p.end - p.l3 > r.o.mtu[exitdir]:
+                        v = fragment(r, p, direction, exitdir)      # cut again (never DF)
             elif v == V_PENDING_FRAG:
                 chk(p, p.fs, p.fe - p.fs)
                 v = frag_later(c.frag, b, p.fs, p.fe, p.l3, direction, now)
@@ -1184,12 +1175,14 @@ cdef void translate_batch(const hn_ctx *c, hn_router *r, uint8_t *b, uint64_t bl
                     exitdir = DIR_IN if v == V_HAIRPIN else direction
                     if c.l2set[exitdir]:
                         memcpy(b + p.fs, c.l2[exitdir], 12)
+                    if r.o.mtu[exitdir] and rd16(p, b, p.l3 + 2) > r.o.mtu[exitdir]:
+                        v = fragment(r, p, direction, exitdir)      # cut again (never DF)
             elif hn_unlikely(v == V_ROUTER):
                 v = cold_routed(c, r, p, t, direction, now)
             elif hn_unlikely(v == V_TTL_EXCEEDED):
                 cold_icmp_answer(r, p, direction, now, 11, 0, 0)
             elif hn_unlikely(v == V_FRAG_NEEDED):
-                cold_icmp_answer(r, p, direction, now, 3, 4, r.mtu[DIR_IN if p.hairpin else direction])
+                cold_icmp_answer(r, p, direction, now, 3, 4, r.o.mtu[DIR_IN if p.hairpin else direction])
             verdicts[base + k] = v
             cnt[v] += 1
             if keys != NULL:
@@ -1476,12 +1469,12 @@ cdef class Translator:
         self._ol = np.zeros(output_frames, dtype=np.uint32)
         self._ox = np.zeros(output_frames, dtype=np.uint8)
         memset(&self.r, 0, sizeof(hn_router))
-        self.r.ob = <uint8_t *>cnp.PyArray_DATA(self._ob)
-        self.r.ob_cap = output_bytes
-        self.r.oo = <uint32_t *>cnp.PyArray_DATA(self._oo)
-        self.r.ol = <uint32_t *>cnp.PyArray_DATA(self._ol)
-        self.r.ox = <uint8_t *>cnp.PyArray_DATA(self._ox)
-        self.r.on_cap = output_frames
+        self.r.o.ob = <uint8_t *>cnp.PyArray_DATA(self._ob)
+        self.r.o.ob_cap = output_bytes
+        self.r.o.oo = <uint32_t *>cnp.PyArray_DATA(self._oo)
+        self.r.o.ol = <uint32_t *>cnp.PyArray_DATA(self._ol)
+        self.r.o.ox = <uint8_t *>cnp.PyArray_DATA(self._ox)
+        self.r.o.on_cap = output_frames
         self.r.ev = <uint64_t *>cnp.PyArray_DATA(self._events)
         self.set_router()
 
@@ -1493,8 +1486,8 @@ cdef class Translator:
         per clock tick, the token bucket's size; 0: none) and ``mss_clamp`` (0: off).
         Omitted ones are 0.  The bucket starts full."""
         v = _check_router(settings)
-        self.r.mtu[DIR_OUT] = v["outside_mtu"]
-        self.r.mtu[DIR_IN] = v["inside_mtu"]
+        self.r.o.mtu[DIR_OUT] = v["outside_mtu"]
+        self.r.o.mtu[DIR_IN] = v["inside_mtu"]
         self.r.src[DIR_OUT] = v["outside_address"]
         self.r.src[DIR_IN] = v["inside_address"]
         self.r.rate = v["icmp_rate"]
@@ -1524,7 +1517,7 @@ cdef class Translator:
     @property
     def out_count(self):
         """Frames the last translate() generated (in the output area)."""
-        return self.r.on
+        return self.r.o.on
 
     @property
     def out_buf(self):
@@ -1549,7 +1542,7 @@ cdef class Translator:
     def generated(self):
         """Copies of the last translate()'s generated frames: [(exit direction, bytes)]."""
         return [(int(self._ox[i]), self._ob[self._oo[i]:self._oo[i] + self._ol[i]].tobytes())
-                for i in range(self.r.on)]
+                for i in range(self.r.o.on)]
 
     @property
     def out_table(self):
@@ -1600,11 +1593,14 @@ cdef class Translator:
         memcpy(self.c.l2[d], <const char *>both, 12)
         self.c.l2set[d] = 1
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None):
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None, meta=None):
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
         ``verdicts[i]`` (and ``keys[i]``) for each; count them.  One call, no GIL.
         ``partial``: uint8 per frame, non-zero where the TCP/UDP checksum field holds
-        the pseudo-header sum (checksum offload, docs/fastpath.md)."""
+        the pseudo-header sum (checksum offload, docs/fastpath.md).  ``meta``: the
+        frames' virtio_net_hdr records (``io.base.META_DTYPE``, as writable uint8, 10
+        bytes a frame, or a META_DTYPE array): a super-frame (gso_type set) is sized
+        by its segments, and a TCP one may leave with a smaller gso_size written there."""
         cdef uint8_t[::1] b
         cdef const uint32_t[::1] o
         cdef const uint32_t[::1] l
@@ -1612,6 +1608,7 @@ cdef class Translator:
         cdef cnp.ndarray ka
         cdef hn_key *kp = NULL
         cdef const uint8_t *pp = NULL
+        cdef uint8_t *mp = NULL
         cdef int d
         cdef uint32_t t
         cdef uint8_t *bp = NULL
@@ -1673,6 +1670,8 @@ cdef class Translator:
             if not _plain(partial, cnp.NPY_UINT8, False) or cnp.PyArray_DIM(<cnp.ndarray>partial, 0) < n:
                 raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
             pp = <const uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>partial)
+        if meta is not None:
+            mp = _meta_pointer(meta, n)
         if type(direction) is int and (direction == DIR_OUT or direction == DIR_IN):
             d = direction
         else:
@@ -1682,8 +1681,8 @@ cdef class Translator:
             t = now
         except (OverflowError, TypeError):
             raise ValueError(f"now {now!r} must be an integer in uint32 range") from None
-        self.r.on = 0
-        self.r.ob_used = 0
+        self.r.o.on = 0
+        self.r.o.ob_used = 0
         if n == 0:
             return None
         self._out._busy += 1
@@ -1692,7 +1691,7 @@ cdef class Translator:
             self._frag._busy += 1
         try:
             with nogil:
-                translate_batch(&self.c, &self.r, bp, blen, op, lp, <size_t>n, d, t, vp, kp, pp)
+                translate_batch(&self.c, &self.r, bp, blen, op, lp, <size_t>n, d, t, vp, kp, pp, mp)
         finally:
             self._out._busy -= 1
             self._in._busy -= 1
@@ -1701,6 +1700,18 @@ cdef class Translator:
         return None
 
 
+
+
+cdef uint8_t *_meta_pointer(object meta, Py_ssize_t n) except? NULL:
+    """The per-frame virtio_net_hdr records as bytes (checked), for translate.  (The
+    ring's bytes, the usual call, are checked with numpy's macros alone.)"""
+    if not _plain(meta, cnp.NPY_UINT8, True) and type(meta) is np.ndarray \
+            and (<cnp.ndarray>meta).dtype == _META_DTYPE:
+        meta = (<cnp.ndarray>meta).view(np.uint8)
+    if not _plain(meta, cnp.NPY_UINT8, True) or cnp.PyArray_DIM(<cnp.ndarray>meta, 0) < n * META_LEN:
+        raise ValueError(f"meta must be a contiguous writable uint8 array of {META_LEN} bytes per frame "
+                         "(io.base.META_DTYPE records), or such records")
+    return <uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>meta)
 
 
 def _check_output_area(output_bytes, output_frames):

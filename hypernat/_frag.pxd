@@ -4,6 +4,8 @@ these functions and calls them for the few frames that are fragments."""
 
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 
+from ._out cimport hn_out
+
 cdef enum:
     FR_RANGES = 8           # disjoint byte ranges tracked per datagram (adjacent ones merge)
     FR_CHUNK = 2048         # bytes per held frame (an Ethernet frame of a 1500-byte MTU fits)
@@ -41,7 +43,7 @@ ctypedef struct hn_frag:
     int32_t free_e
     int32_t oldest
     int32_t newest
-    uint8_t *arena          # nchunks * FR_CHUNK bytes: held frames, then released in place
+    uint8_t *arena          # nchunks * FR_CHUNK bytes: held frames
     uint32_t *clen
     uint16_t *cl3
     int32_t *cnext
@@ -49,10 +51,6 @@ ctypedef struct hn_frag:
     uint32_t nchunks
     uint32_t chunks_used
     uint32_t timeout
-    uint32_t *out_off       # released frames of the current translate call
-    uint32_t *out_len
-    uint8_t *out_exit
-    uint32_t n_out
     uint64_t *cnt           # FC_* counters (verdicts.FRAG_COUNTERS)
 
 cdef void frag_begin(hn_frag *f, uint32_t now) noexcept nogil
@@ -61,14 +59,12 @@ cdef uint8_t frag_later(hn_frag *f, uint8_t *b, uint64_t fs, uint64_t fe, uint64
 cdef uint8_t frag_first_check(hn_frag *f, const uint8_t *b, uint64_t l3, int direction,
                               uint32_t now) noexcept nogil
 cdef void frag_first_record(hn_frag *f, const uint8_t *b, uint64_t l3, int direction, int exitdir,
-                            uint32_t osa, uint32_t oda, uint32_t now, const uint8_t *mac) noexcept nogil
+                            uint32_t osa, uint32_t oda, uint32_t now, const uint8_t *mac,
+                            hn_out *out) noexcept nogil
 
 cdef class FragTable:
     cdef hn_frag f
     cdef object _arrays
     cdef object _counters
     cdef object _arena
-    cdef object _out_off
-    cdef object _out_len
-    cdef object _out_exit
     cdef int _busy

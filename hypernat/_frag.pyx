@@ -17,10 +17,10 @@ and was updated there.  Nothing is reassembled (VPP's "shallow virtual reassembl
     later fragment ──► frag_later ──► entry knows the translation ──► rewritten in place
                                  └──► not yet ──► held (copied into a chunk of the arena)
 
-Held fragments are released into the *same* chunks (rewritten there) and listed in the
-output area (``out_off/out_len/out_exit``) of the translate call that released them;
-their chunks return to the free list at the next call, so the caller sends them right
-after translate.  Everything is bounded and every refusal is a counted verdict:
+Held fragments are released by rewriting them in their chunk and copying them into the
+translate call's output area (``hypernat/_out.pxd``, the Translator's: one area for
+every frame the gateway makes), cut in fragments again if longer than their exit
+link's MTU; their chunks return to the free list at once.  Everything is bounded and every refusal is a counted verdict:
 ``limits.fragments.entries`` datagrams at a time (drop_frag_table_full: an orphan flood
 cannot grow the table), ``bytes`` of held frames in FR_CHUNK-byte chunks
 (drop_frag_hold_full), and ``timeout`` clock ticks per datagram, counted from its first
@@ -43,6 +43,7 @@ from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from ._csum cimport adjust, d16, d32
+from ._out cimport hn_out, out_put
 
 import operator
 
@@ -253,17 +254,8 @@ cdef inline bint complete(const fr_entry *e) noexcept nogil:
 
 
 cdef void frag_begin(hn_frag *f, uint32_t now) noexcept nogil:
-    """Start of a translate call: last call's released chunks go back to the free list
-    (in release order), then at most FR_EXPIRE_PER_CALL timed-out datagrams are freed."""
-    cdef uint32_t k
-    cdef int32_t c
-    for k in range(f.n_out):
-        c = <int32_t>(f.out_off[k] // FR_CHUNK)
-        f.cnext[c] = f.free_c
-        f.free_c = c
-        f.chunks_used -= 1
-    f.n_out = 0
-    k = 0
+    """Start of a translate call: at most FR_EXPIRE_PER_CALL timed-out datagrams are freed."""
+    cdef uint32_t k = 0
     while f.oldest >= 0 and k < FR_EXPIRE_PER_CALL and expired(&f.e[f.oldest], now):
         free_entry(f, f.oldest, True)
         k += 1
@@ -363,11 +355,12 @@ cdef uint8_t frag_first_check(hn_frag *f, const uint8_t *b, uint64_t l3, int dir
 
 
 cdef void frag_first_record(hn_frag *f, const uint8_t *b, uint64_t l3, int direction, int exitdir,
-                            uint32_t osa, uint32_t oda, uint32_t now, const uint8_t *mac) noexcept nogil:
+                            uint32_t osa, uint32_t oda, uint32_t now, const uint8_t *mac,
+                            hn_out *out) noexcept nogil:
     """A first fragment that frag_first_check let through was translated (its header now
     holds the new addresses; osa/oda are the ones it arrived with): record the
-    translation, release the held fragments into the output area (``mac``: dst+src MAC
-    for the exit side, or NULL)."""
+    translation, release the held fragments into the output area ``out`` (``mac``:
+    dst+src MAC for the exit side, or NULL), cut again where they no longer fit."""
     cdef const uint8_t *h = b + l3
     cdef uint32_t plen = be16(h + 2) - (h[0] & 0x0F) * 4
     cdef uint32_t proto = h[9]
@@ -384,20 +377,25 @@ cdef void frag_first_record(hn_frag *f, const uint8_t *b, uint64_t l3, int direc
     e.exitdir = <uint8_t>exitdir
     range_add(e, 0, plen, False)
     cdef int32_t c = e.held_head
-    cdef int32_t nx
     cdef uint8_t *fr
+    cdef uint8_t *fh
+    cdef uint32_t nf, ihl
     while c >= 0:
-        nx = f.cnext[c]
         fr = f.arena + <uint64_t>c * FR_CHUNK
-        ip_rewrite(fr + f.cl3[c], e.nsa, e.nda)
+        fh = fr + f.cl3[c]
+        ip_rewrite(fh, e.nsa, e.nda)
         if mac != NULL:
             memcpy(fr, mac, 12)
-        f.out_off[f.n_out] = <uint32_t>(c * FR_CHUNK)
-        f.out_len[f.n_out] = f.clen[c]
-        f.out_exit[f.n_out] = <uint8_t>exitdir
-        f.n_out += 1
-        f.cnt[FC_FRAG_RELEASED] += 1
-        c = nx
+        ihl = (fh[0] & 0x0F) * 4
+        nf = out_put(out, fr, f.cl3[c], ihl, be16(fh + 2) - ihl, exitdir)
+        if nf == 0:
+            f.cnt[FC_FRAG_OUTPUT_FULL] += 1
+        else:
+            f.cnt[FC_FRAG_RELEASED] += 1
+            if nf > 1:
+                f.cnt[FC_FRAG_RECUT] += 1
+        c = f.cnext[c]
+    free_chunks(f, e.held_head)
     e.held_head = e.held_tail = -1
     e.nheld = 0
     if complete(e):
@@ -437,12 +435,9 @@ cdef class FragTable:
         cl3 = np.zeros(nchunks, np.uint16)
         cnext = np.arange(1, nchunks + 1, dtype=np.int32)
         cnext[nchunks - 1] = -1  # the free list ends (no negative index: wraparound is off here)
-        out_off = np.zeros(nchunks, np.uint32)
-        out_len = np.zeros(nchunks, np.uint32)
-        out_exit = np.zeros(nchunks, np.uint8)
         self._counters = np.zeros(N_FRAG_COUNTERS, np.uint64)
         self._arrays = (ent, bucket, clen, cl3, cnext)
-        self._arena, self._out_off, self._out_len, self._out_exit = arena, out_off, out_len, out_exit
+        self._arena = arena
         self.f.e = <fr_entry *>cnp.PyArray_DATA(ent)
         self.f.bucket = <int32_t *>cnp.PyArray_DATA(bucket)
         self.f.bmask = nb - 1
@@ -461,10 +456,6 @@ cdef class FragTable:
         self.f.nchunks = nchunks
         self.f.chunks_used = 0
         self.f.timeout = timeout
-        self.f.out_off = <uint32_t *>cnp.PyArray_DATA(out_off)
-        self.f.out_len = <uint32_t *>cnp.PyArray_DATA(out_len)
-        self.f.out_exit = <uint8_t *>cnp.PyArray_DATA(out_exit)
-        self.f.n_out = 0
         self.f.cnt = <uint64_t *>cnp.PyArray_DATA(self._counters)
         self._busy = 0
 
@@ -487,7 +478,7 @@ cdef class FragTable:
 
     @property
     def held(self):
-        """Frames held or released-but-not-yet-recycled (chunks in use)."""
+        """Frames held (chunks in use)."""
         return self.f.chunks_used
 
     @property
@@ -498,21 +489,9 @@ cdef class FragTable:
     def counters_dict(self):
         return {n: int(self._counters[i]) for i, n in enumerate(_verdicts.FRAG_COUNTER_NAMES)}
 
-    @property
-    def released(self):
-        """Frames released by the last translate call (in the output area)."""
-        return self.f.n_out
-
-    def output(self):
-        """``(buf, offsets, lengths, exits)``: the frames the last translate call released,
-        rewritten (exits[i]: verdicts.OUT or IN, the side they leave by).  Valid until the
-        next translate call over this table."""
-        n = self.f.n_out
-        return self._arena, self._out_off[:n], self._out_len[:n], self._out_exit[:n]
-
     def expire(self, now):
-        """What a translate call does first (timers call it when no frame comes): recycle
-        the last call's released chunks, free at most EXPIRE_PER_CALL timed-out datagrams."""
+        """What a translate call does first (timers call it when no frame comes): free at
+        most EXPIRE_PER_CALL timed-out datagrams."""
         cdef uint32_t t = operator.index(now) & 0xFFFFFFFF
         if self._busy:
             raise RuntimeError("FragTable changed while a translate over it runs in another thread")

@@ -32,14 +32,17 @@ API (both modules)
     whose destination lies in the pool is a hairpin.  ``frag``: a ``FragTable`` of the
     same twin (virtual reassembly, docs/fastpath.md "Fragments"); None drops every
     fragment (verdict ``fragment``).
-    ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None) -> None``:
+    ``translate(buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None, meta=None) -> None``:
     ``buf`` a writable contiguous uint8 buffer; ``offsets``/``lengths`` uint32 arrays of
     n frames inside it; ``direction`` ``verdicts.OUT`` or ``verdicts.IN``; ``now`` uint32
     clock ticks written to ``last_seen`` on a hit; ``verdicts`` uint8[n] output; ``keys``
     optional KEY_DTYPE[n] output (the lookup key of every parsed frame).  Frames are
     rewritten in place.  Never reads or writes outside ``buf[offset:offset+length]``.
     ``partial`` optional uint8[n]: non-zero where the TCP/UDP checksum field holds the
-    pseudo-header sum (checksum offload): only the addresses update it.
+    pseudo-header sum (checksum offload): only the addresses update it.  ``meta``
+    optional: the frames' virtio_net_hdr records (``io.base.META_DTYPE``, or their
+    bytes, writable): a super-frame is sized against the MTU by its segments, and a
+    TCP one may leave with a smaller ``gso_size`` written there (docs/fastpath.md).
     ``set_l2(direction, src_mac: bytes, dst_mac: bytes)``: after translation, frames
     sent toward `direction`'s far side get these MACs (HAIRPIN frames use the IN
     direction's pair: they go back inside); unset = leave MACs alone.
@@ -50,7 +53,9 @@ API (both modules)
     ``set_router(outside_mtu=0, inside_mtu=0, outside_address=0, inside_address=0,
     icmp_rate=0, mss_clamp=0)`` (``router`` reads them back): ICMP time exceeded and
     fragmentation needed, fragments of frames above an egress MTU, MSS clamping;
-    after each translate, ``out_count`` generated frames lie in ``out_buf`` at
+    after each translate, ``out_count`` frames the gateway made (its ICMP errors and
+    fragments, and the early fragments the fragment table released) lie in the one
+    output area, ``out_buf`` at
     ``out_offsets`` / ``out_lengths``, leaving toward ``out_exits`` (OUT / IN);
     ``generated() -> [(exit, bytes)]``; ``router_events`` uint64 ``[2, N_ROUTER_EVENTS]``
     and ``router_events_dict()``.
@@ -58,9 +63,8 @@ API (both modules)
 ``FragTable(entries=1024, bytes=1 << 20, timeout=2)``
     Per-NIC fragment table (``hypernat._frag`` / ``hypernat.frag_py``): ``len()``
     datagrams tracked, ``.held`` chunks in use, ``.counters`` / ``counters_dict()``
-    (``verdicts.FRAG_COUNTERS``), ``.released`` and ``output() -> (buf, offsets,
-    lengths, exits)``: early fragments the last translate call released (rewritten;
-    send them before the next call), ``expire(now)``.
+    (``verdicts.FRAG_COUNTERS``), ``expire(now)``.  The early fragments a translate
+    call releases land in that Translator's output area (``out_*`` above).
 """
 
 import os

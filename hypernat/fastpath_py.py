@@ -129,6 +129,7 @@ V_DROP_ICMP_ERROR_ABOUT_ERROR = VERDICT["drop_icmp_error_about_error"]
 V_FRAG_NEEDED = VERDICT["frag_needed"]
 V_FRAGMENTED = VERDICT["fragmented"]
 V_OUTPUT_FULL = VERDICT["output_full"]
+V_DROP_GSO_TOO_BIG = VERDICT["drop_gso_too_big"]
 EV_ICMP_TIME_EXCEEDED = ROUTER_EVENT["icmp_time_exceeded"]
 EV_ICMP_FRAG_NEEDED = ROUTER_EVENT["icmp_frag_needed"]
 EV_ICMP_RATE_LIMITED = ROUTER_EVENT["icmp_rate_limited"]
@@ -137,6 +138,10 @@ EV_OUTPUT_FULL = ROUTER_EVENT["output_full"]
 EV_FRAGMENTS = ROUTER_EVENT["fragments"]
 EV_MSS_CLAMPED = ROUTER_EVENT["mss_clamped"]
 EV_MSS_BAD_OPTIONS = ROUTER_EVENT["mss_bad_options"]
+EV_GSO_RESEGMENTED = ROUTER_EVENT["gso_resegmented"]
+# _size_check's answers (a frame's fate against the MTU of its exit link)
+FITS, SPLIT_FRAGMENT, SPLIT_GSO, TOO_BIG_DF, TOO_BIG_GSO = 0, 1, 2, -1, -2
+META_LEN = 10  # bytes of a virtio_net_hdr record (io.base.META_DTYPE): gso_type at 1, gso_size (LE) at 4
 
 # The output area's default size and the settings of Translator.set_router.
 OUTPUT_BYTES = 1 << 20
@@ -488,6 +493,68 @@ def _as_array(a, dtype, what):
     return a
 
 
+class OutputArea:
+    """The frames the gateway makes itself, per translate call: the twin of
+    ``hypernat/_out.pxd`` (one area per Translator; the fragment table releases into it
+    too).  ``put`` is the one place a datagram is cut in fragments."""
+
+    def __init__(self, output_bytes: int, output_frames: int):
+        self.buf = np.zeros(output_bytes, dtype=np.uint8)
+        self.offsets = np.zeros(output_frames, dtype=np.uint32)
+        self.lengths = np.zeros(output_frames, dtype=np.uint32)
+        self.exits = np.zeros(output_frames, dtype=np.uint8)
+        self.count = 0
+        self.used = 0
+        self.mtu = [0, 0]  # per exit direction: the largest IPv4 datagram (0: no limit)
+
+    def reset(self) -> None:
+        self.count = self.used = 0
+
+    def take(self, frame: bytes, exitdir: int) -> bool:
+        """Append one frame toward `exitdir`; False if it has no room."""
+        n = len(frame)
+        if self.count >= len(self.offsets) or n > len(self.buf) - self.used:
+            return False
+        i, pos = self.count, self.used
+        self.buf[pos : pos + n] = np.frombuffer(frame, dtype=np.uint8)
+        self.offsets[i], self.lengths[i], self.exits[i] = pos, n, exitdir
+        self.count += 1
+        self.used += n
+        return True
+
+    def put(self, frame: bytes, l2: int, ihl: int, data: int, exitdir: int) -> int:
+        """``frame`` (link header, IPv4 header, data) toward `exitdir`: as it is when it fits
+        that link's MTU, else as fragments of at most the MTU (RFC 791; DF cleared, MF on
+        all but the datagram's last).  Returns the frames written; 0: no room (none)."""
+        mtu = self.mtu[exitdir]
+        chunk, nf = data, 1
+        if mtu and ihl + data > mtu:
+            chunk = (mtu - ihl) // 8 * 8  # mtu >= 68, ihl <= 60
+            nf = -(-data // chunk)
+        if nf > len(self.offsets) - self.count or nf * (l2 + ihl) + data > len(self.buf) - self.used:
+            return 0
+        if nf == 1:
+            self.take(bytes(frame[: l2 + ihl + data]), exitdir)
+            return 1
+        fo = _be16(frame, l2 + IP_FRAG)
+        head = bytes(frame[: l2 + ihl])
+        later = bytearray(head)
+        _options_fragment(later, l2, ihl)
+        for k in range(nf):
+            pos = k * chunk
+            piece = bytes(frame[l2 + ihl + pos : l2 + ihl + min(data, pos + chunk)])
+            f = bytearray(head if k == 0 else later)
+            _put16(f, l2 + IP_TOTLEN, ihl + len(piece))
+            flags = (fo & 0x8000) | (((fo & 0x1FFF) + (pos >> 3)) & 0x1FFF)
+            if k + 1 < nf or fo & 0x2000:
+                flags |= 0x2000
+            _put16(f, l2 + IP_FRAG, flags)
+            _put16(f, l2 + IP_CSUM, 0)
+            _put16(f, l2 + IP_CSUM, ~_sum16(f, l2, l2 + ihl) & 0xFFFF)
+            self.take(bytes(f) + piece, exitdir)
+        return nf
+
+
 class Translator:
     """Batch translation over an out table and an in table (see the module doc).
 
@@ -520,12 +587,12 @@ class Translator:
         # The router part (set_router) and the output area of generated frames.
         output_bytes, output_frames = _check_output_area(output_bytes, output_frames)
         self.router_events = np.zeros((2, N_ROUTER_EVENTS), dtype=np.uint64)
-        self.out_buf = np.zeros(output_bytes, dtype=np.uint8)
-        self.out_offsets = np.zeros(output_frames, dtype=np.uint32)
-        self.out_lengths = np.zeros(output_frames, dtype=np.uint32)
-        self.out_exits = np.zeros(output_frames, dtype=np.uint8)
-        self.out_count = 0
-        self._out_used = 0
+        self.output = OutputArea(output_bytes, output_frames)
+        self.out_buf, self.out_offsets = self.output.buf, self.output.offsets
+        self.out_lengths, self.out_exits = self.output.lengths, self.output.exits
+        self._gso = 0  # the frame being translated: its gso_size if a super-frame (translate sets it)
+        self._meta = None  # the batch's virtio_net_hdr records as bytes, and the frame's one
+        self._meta_at = 0
         self._ip_id = 0
         self.set_router()
 
@@ -538,7 +605,7 @@ class Translator:
         Omitted ones are 0.  The bucket starts full."""
         v = _check_router(settings)
         self._router = v
-        self._mtu = [0, 0]
+        self._mtu = self.output.mtu
         self._mtu[OUT], self._mtu[IN] = v["outside_mtu"], v["inside_mtu"]
         self._src = [0, 0]
         self._src[OUT], self._src[IN] = v["outside_address"], v["inside_address"]
@@ -556,6 +623,11 @@ class Translator:
         e = self.router_events
         return {DIRECTION_NAMES[d]: {ROUTER_EVENT_NAMES[k]: int(e[d, k]) for k in range(N_ROUTER_EVENTS)}
                 for d in (OUT, IN)}
+
+    @property
+    def out_count(self) -> int:
+        """Frames the last translate() generated (in the output area)."""
+        return self.output.count
 
     def generated(self) -> list:
         """Copies of the last translate()'s generated frames: [(exit direction, bytes)]."""
@@ -593,10 +665,12 @@ class Translator:
 
     # -- the batch -----------------------------------------------------------------------
 
-    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None) -> None:
+    def translate(self, buf, offsets, lengths, direction, now, verdicts, keys=None, partial=None, meta=None) -> None:
         """Translate frames ``buf[offsets[i]:offsets[i]+lengths[i]]`` in place; write
         ``verdicts[i]`` (and ``keys[i]``) for each; count them.  ``partial``: non-zero
-        where the TCP/UDP checksum field holds the pseudo-header sum (offload)."""
+        where the TCP/UDP checksum field holds the pseudo-header sum (offload).
+        ``meta``: the frames' virtio_net_hdr records (io.base.META_DTYPE, or its bytes):
+        a super-frame is sized by its segments; a TCP one may get a smaller gso_size."""
         b = _as_u8_buffer(buf)
         offsets = _as_array(offsets, np.uint32, "offsets")
         lengths = _as_array(lengths, np.uint32, "lengths")
@@ -615,19 +689,29 @@ class Translator:
             partial = _as_array(partial, np.uint8, "partial")
             if partial.shape[0] < n:
                 raise ValueError("partial must be a contiguous uint8 array with an entry per frame")
+        if meta is not None:
+            if isinstance(meta, np.ndarray) and meta.dtype.names is not None:
+                meta = meta.view(np.uint8)
+            if (not isinstance(meta, np.ndarray) or meta.dtype != np.uint8 or meta.ndim != 1
+                    or not meta.flags.c_contiguous or not meta.flags.writeable or meta.shape[0] < n * META_LEN):
+                raise ValueError(f"meta must be a contiguous writable uint8 array of {META_LEN} bytes per frame "
+                                 "(io.base.META_DTYPE records), or such records")
         _check_direction(direction)
         now = int(now)
         if not (0 <= now <= _U32):
             raise ValueError(f"now {now} out of uint32 range")
 
-        self.out_count = 0
-        self._out_used = 0
+        self.output.reset()
+        self._meta = meta
         buflen = len(b)
         counts = [0] * N_VERDICTS
         if self.frag is not None and n:
             self.frag.begin(now)
         for i, (off, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
             self._partial = partial is not None and partial[i] != 0
+            self._gso, self._meta_at = 0, i * META_LEN
+            if meta is not None and self._partial and meta[i * META_LEN + 1]:  # gso_type: a super-frame (partial)
+                self._gso = int(meta[i * META_LEN + 4]) | int(meta[i * META_LEN + 5]) << 8
             v, key = self._frame(b, buflen, off, length, direction, now)
             verdicts[i] = v
             counts[v] += 1
@@ -689,7 +773,11 @@ class Translator:
                     return V_TTL_EXCEEDED, None
                 v = self.frag.later(b, off, off + length, ip, direction, now)
                 if v == V_TRANSLATED or v == V_HAIRPIN:
-                    self._set_macs(b, off, IN if v == V_HAIRPIN else direction)
+                    exitdir = IN if v == V_HAIRPIN else direction
+                    self._set_macs(b, off, exitdir)
+                    end = ip + _be16(b, ip + IP_TOTLEN)
+                    if self._mtu[exitdir] and end - ip > self._mtu[exitdir]:  # cut again (never DF)
+                        v = self._fragment(b, off, ip, ip + ihl, end, direction, exitdir)
                 return v, None
             first = True
         # 5. Protocol.
@@ -756,7 +844,9 @@ class Translator:
             exitdir = IN if v == V_HAIRPIN else direction
             macs = self._l2[exitdir]
             self.frag.first_record(b, ip, direction, exitdir, saddr, daddr, now,
-                                   None if macs is None else macs[1] + macs[0])
+                                   None if macs is None else macs[1] + macs[0], self.output)
+            if self._mtu[exitdir] and total > self._mtu[exitdir]:  # cut again (never DF)
+                v = self._fragment(b, off, ip, l4, ip + total, direction, exitdir)
         return v, key
 
     def _resolve(self, b, off, ip, l4, total, proto, saddr, sport, daddr, dport, tcp_flags, key, direction, now,
@@ -768,10 +858,9 @@ class Translator:
         hairpin = direction == OUT and self.pool and self._in_pool(daddr)
         # The size against the MTU of the link it leaves by (hairpins go back inside).
         exitdir = IN if hairpin else direction
-        router = router and not self._partial  # a super-frame is segmented after us, by the kernel
-        split = self._size_check(b, off, ip, l4, end, direction, exitdir, now) if router else False
-        if split is None:
-            return V_FRAG_NEEDED, key
+        split = self._size_check(b, off, ip, l4, end, direction, exitdir, now) if router else FITS
+        if split < 0:
+            return (V_FRAG_NEEDED if split == TOO_BIG_DF else V_DROP_GSO_TOO_BIG), key
         tcp_flags_router = tcp_flags if router else 0  # no clamping either
 
         if direction == OUT:
@@ -881,38 +970,51 @@ class Translator:
     # it; frames it makes go to the output area (out_buf / out_offsets / out_lengths /
     # out_exits, out_count of them), emptied at the start of every translate().
 
+    def _seg_headers(self, b, ip, l4):
+        """IPv4 + TCP / UDP header bytes of each segment of a super-frame."""
+        if b[ip + IP_PROTO] == PROTO_TCP:
+            return l4 - ip + (b[l4 + TCP_DOFF] >> 4) * 4
+        return l4 - ip + 8
+
     def _size_check(self, b, off, ip, l4, end, direction, exitdir, now):
-        """Step 9a: the datagram against the MTU of the link it leaves by.  False: it
-        fits; True: it is to be fragmented once translated; None: DF is set, so the
-        answer is ICMP fragmentation needed (verdict frag_needed).  The size compared is
-        the IPv4 datagram's length (the one place a GSO segment size would go)."""
+        """Step 9a: the datagram against the MTU of the link it leaves by: FITS,
+        SPLIT_FRAGMENT (cut in fragments once translated), SPLIT_GSO (a TCP super-frame:
+        its gso_size lowered once translated), TOO_BIG_DF (ICMP fragmentation needed
+        answered; verdict frag_needed) or TOO_BIG_GSO (a UDP super-frame: verdict
+        drop_gso_too_big).  The size compared is the IPv4 datagram's length or, for a
+        super-frame, its segments' (headers + gso_size, as Linux forwards), if shorter."""
         mtu = self._mtu[exitdir]
-        if not mtu or end - ip <= mtu:
-            return False
+        size = end - ip
+        if self._gso:
+            size = min(size, self._seg_headers(b, ip, l4) + self._gso)
+        if not mtu or size <= mtu:
+            return FITS
         if _be16(b, ip + IP_FRAG) & 0x4000:
             self._icmp_answer(b, off, ip, l4, end, direction, now, ICMP_DEST_UNREACH, 4, mtu)
-            return None
-        return True
+            return TOO_BIG_DF
+        if not self._gso:
+            return SPLIT_FRAGMENT
+        if b[ip + IP_PROTO] == PROTO_TCP and self._seg_headers(b, ip, l4) + 8 <= mtu:
+            return SPLIT_GSO
+        return TOO_BIG_GSO  # UDP segments are datagrams: not ours to re-cut (nor TCP headers alone)
 
     def _sent(self, b, off, ip, l4, end, direction, exitdir, split, tcp_flags, verdict):
         """After the rewrite of a frame to send: MSS clamping, then fragments."""
         if self._mss_clamp and b[ip + IP_PROTO] == PROTO_TCP and tcp_flags & 0x02:
             self._clamp_mss(b, l4, direction)
-        if split:
+        if split == SPLIT_FRAGMENT:
             return self._fragment(b, off, ip, l4, end, direction, exitdir)
+        if split == SPLIT_GSO:
+            self._resegment(b, ip, l4, direction, exitdir)
         return verdict
 
-    def _take(self, frame: bytes, exitdir: int) -> bool:
-        """Append one generated frame to the output area; False if it has no room."""
-        n = len(frame)
-        if self.out_count >= len(self.out_offsets) or n > len(self.out_buf) - self._out_used:
-            return False
-        i, pos = self.out_count, self._out_used
-        self.out_buf[pos : pos + n] = np.frombuffer(frame, dtype=np.uint8)
-        self.out_offsets[i], self.out_lengths[i], self.out_exits[i] = pos, n, exitdir
-        self.out_count += 1
-        self._out_used += n
-        return True
+    def _resegment(self, b, ip, l4, direction, exitdir):
+        """A TCP super-frame with DF clear whose segments do not fit its exit link: its
+        gso_size lowered so that they do (the byte stream is the same, cut smaller)."""
+        g = self._mtu[exitdir] - self._seg_headers(b, ip, l4)
+        self._meta[self._meta_at + 4], self._meta[self._meta_at + 5] = g & 0xFF, g >> 8
+        self._gso = g
+        self.router_events[direction][EV_GSO_RESEGMENTED] += 1
 
     def _icmp_answer(self, b, off, ip, l4, end, direction, now, itype, code, mtu):
         """An ICMP error about the frame as received, from the gateway's address on the
@@ -956,7 +1058,7 @@ class Translator:
         msg[0], msg[1] = itype, code
         _put16(msg, 6, mtu)  # RFC 1191: the next-hop MTU (0 for time exceeded)
         _put16(msg, ICMP_CSUM, ~_sum16(msg, 0, len(msg)) & 0xFFFF)
-        if not self._take(l2[6:12] + l2[0:6] + l2[12:] + hdr + msg, back):
+        if not self.output.take(l2[6:12] + l2[0:6] + l2[12:] + hdr + msg, back):
             ev[EV_OUTPUT_FULL] += 1
             return
         self._tokens -= 1
@@ -964,32 +1066,20 @@ class Translator:
         ev[EV_ICMP_FRAG_NEEDED if itype == ICMP_DEST_UNREACH else EV_ICMP_TIME_EXCEEDED] += 1
 
     def _fragment(self, b, off, ip, l4, end, direction, exitdir):
-        """The translated frame as IPv4 fragments of at most the exit link's MTU (RFC
-        791) into the output area: V_FRAGMENTED, or V_OUTPUT_FULL if not all fit."""
-        ihl, data = l4 - ip, end - l4
-        chunk = (self._mtu[exitdir] - ihl) // 8 * 8  # mtu >= 68, ihl <= 60
-        nf = -(-data // chunk)
-        if (nf > len(self.out_offsets) - self.out_count
-                or nf * (ip - off + ihl) + data > len(self.out_buf) - self._out_used):
+        """The translated frame (a datagram, or a fragment of one) as IPv4 fragments of
+        at most the exit link's MTU, into the output area (OutputArea.put): V_FRAGMENTED,
+        or V_OUTPUT_FULL if not all fit.  A partial checksum is finished first (the
+        pieces leave without the frame's metadata)."""
+        proto = b[ip + IP_PROTO]
+        if self._partial and not _be16(b, ip + IP_FRAG) & 0x3FFF and proto in (PROTO_TCP, PROTO_UDP):
+            at = l4 + (TCP_CSUM if proto == PROTO_TCP else UDP_CSUM)
+            c = ~_sum16(b, l4, end) & 0xFFFF  # the field holds the pseudo-header sum
+            _put16(b, at, 0xFFFF if c == 0 and proto == PROTO_UDP else c)
+        ihl = (b[ip] & 0x0F) * 4
+        nf = self.output.put(b[off:end], ip - off, ihl, end - ip - ihl, exitdir)
+        if not nf:
             self.router_events[direction][EV_OUTPUT_FULL] += 1
             return V_OUTPUT_FULL
-        fo = _be16(b, ip + IP_FRAG)
-        head = bytes(b[off:l4])
-        later = bytearray(head)
-        _options_fragment(later, ip - off, ihl)
-        for k in range(nf):
-            pos = k * chunk
-            piece = bytes(b[l4 + pos : l4 + min(data, pos + chunk)])
-            f = bytearray(head if k == 0 else later)
-            h = ip - off
-            _put16(f, h + IP_TOTLEN, ihl + len(piece))
-            flags = (fo & 0x8000) | (((fo & 0x1FFF) + (pos >> 3)) & 0x1FFF)
-            if k + 1 < nf or fo & 0x2000:
-                flags |= 0x2000
-            _put16(f, h + IP_FRAG, flags)
-            _put16(f, h + IP_CSUM, 0)
-            _put16(f, h + IP_CSUM, ~_sum16(f, h, h + ihl) & 0xFFFF)
-            self._take(bytes(f) + piece, exitdir)
         self.router_events[direction][EV_FRAGMENTS] += nf
         return V_FRAGMENTED
 
@@ -1018,7 +1108,8 @@ class Translator:
                 if old > new:
                     if (i + 2 - l4) & 1:  # the value straddles two checksum words
                         old, new = _swap16(old), _swap16(new)
-                    _put16(b, l4 + TCP_CSUM, _csum_adjust(_be16(b, l4 + TCP_CSUM), (old,), (new,)))
+                    if not self._partial:  # a partial field holds the pseudo-header sum: no option in it
+                        _put16(b, l4 + TCP_CSUM, _csum_adjust(_be16(b, l4 + TCP_CSUM), (old,), (new,)))
                     _put16(b, i + 2, self._mss_clamp)
                     self.router_events[direction][EV_MSS_CLAMPED] += 1
                 return
@@ -1063,9 +1154,9 @@ class Translator:
         # The embedded packet went the other way through us: its flow reversed is the
         # session key in the table of this direction.
         key = (edst, esrc, edport, esport, eproto, KIND_ICMP_ERROR, 0, icmp_type)
-        split = False if self._partial else self._size_check(b, off, ip, l4, end, direction, direction, now)
-        if split is None:
-            return V_FRAG_NEEDED, key
+        split = self._size_check(b, off, ip, l4, end, direction, direction, now)
+        if split < 0:
+            return (V_FRAG_NEEDED if split == TOO_BIG_DF else V_DROP_GSO_TOO_BIG), key
         t = self.out_table if direction == OUT else self.in_table
         found, i = t._find(eproto, edst, edport, esrc, esport)
         if not found:
@@ -1123,7 +1214,7 @@ class Translator:
         _put16(b, l4 + ICMP_CSUM, ~_sum16(b, l4, end) & 0xFFFF)
 
         self._set_macs(b, off, OUT if direction == OUT else IN)
-        if split:
+        if split == SPLIT_FRAGMENT:
             return self._fragment(b, off, ip, l4, end, direction, direction), key
         return V_TRANSLATED, key
 

@@ -6,11 +6,12 @@ datagram is translated by the flow tables like any packet and its translation re
 here under ``(direction, source, destination, protocol, IP ID)``; later fragments are
 rewritten with it (addresses, TTL, IP header checksum) or, when they come first, held
 in fixed ``CHUNK``-byte chunks until it does; then they are released, rewritten in their
-chunk, and listed in the output area of that translate call.
+chunk and copied into the translate call's output area (the Translator's
+``OutputArea``, cut again where longer than the exit link's MTU), their chunks freed.
 
 This twin keeps the same observable state as the compiled one -- the same free lists
-(last freed, first reused), the same chunk numbers, so the same output offsets -- and
-the tests compare verdicts, frames, released frames and counters between the two.
+(last freed, first reused), the same chunk numbers -- and the tests compare verdicts,
+frames, released frames and counters between the two.
 """
 from __future__ import annotations
 
@@ -134,13 +135,8 @@ class FragTable:
         self._free_c = list(range(self._nchunks - 1, -1, -1))
         self._by_key: dict[tuple, _Entry] = {}  # insertion order == creation order == expiry order
         self._mem = bytearray(self._nchunks * CHUNK)  # ints per byte for the helpers
-        self._arena = np.frombuffer(self._mem, np.uint8)  # ... and the same bytes for output()
         self._clen = [0] * self._nchunks
         self._cl3 = [0] * self._nchunks
-        self._out_off = np.zeros(self._nchunks, np.uint32)
-        self._out_len = np.zeros(self._nchunks, np.uint32)
-        self._out_exit = np.zeros(self._nchunks, np.uint8)
-        self._n_out = 0
         self._counters = np.zeros(len(FRAG_COUNTER_NAMES), np.uint64)
 
     # -- properties (as the compiled twin) ---------------------------------------------
@@ -149,17 +145,12 @@ class FragTable:
     timeout = property(lambda self: self._timeout)
     held = property(lambda self: self._nchunks - len(self._free_c))
     counters = property(lambda self: self._counters)
-    released = property(lambda self: self._n_out)
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def counters_dict(self) -> dict:
         return {n: int(self._counters[i]) for i, n in enumerate(FRAG_COUNTER_NAMES)}
-
-    def output(self):
-        n = self._n_out
-        return self._arena, self._out_off[:n], self._out_len[:n], self._out_exit[:n]
 
     def expire(self, now) -> None:
         self.begin(operator.index(now) & 0xFFFFFFFF)
@@ -195,9 +186,6 @@ class FragTable:
 
     # -- the calls the Translator makes ----------------------------------------------
     def begin(self, now: int) -> None:
-        for k in range(self._n_out):
-            self._free_c.append(int(self._out_off[k]) // CHUNK)
-        self._n_out = 0
         for _ in range(EXPIRE_PER_CALL):
             o = self._oldest()
             if o is None or not _expired(o, now):
@@ -264,9 +252,11 @@ class FragTable:
         r = _range_fit(e, 0, plen, False)
         return 0 if r == _OK else _RANGE_VERDICT[r]
 
-    def first_record(self, b, h: int, direction: int, exitdir: int, osa: int, oda: int, now: int, mac) -> None:
+    def first_record(self, b, h: int, direction: int, exitdir: int, osa: int, oda: int, now: int, mac,
+                     out) -> None:
         """The first fragment was translated (its header holds the new addresses): record,
-        release the held fragments (``mac``: 12 bytes dst+src for the exit side, or None)."""
+        release the held fragments into ``out`` (the Translator's OutputArea; ``mac``: 12
+        bytes dst+src for the exit side, or None), cut again where they no longer fit."""
         plen = _be16(b, h + 2) - (b[h] & 0x0F) * 4
         key = (direction, osa, oda, b[h + 9], _be16(b, h + 4))
         e = self._by_key.get(key)
@@ -281,15 +271,19 @@ class FragTable:
         a = self._mem
         for c in e.held:
             base = c * CHUNK
-            _ip_rewrite(a, base + self._cl3[c], e.nsa, e.nda)
+            fh = base + self._cl3[c]
+            _ip_rewrite(a, fh, e.nsa, e.nda)
             if mac is not None:
                 a[base : base + 12] = mac
-            k = self._n_out
-            self._out_off[k] = base
-            self._out_len[k] = self._clen[c]
-            self._out_exit[k] = exitdir
-            self._n_out += 1
-            self._count("frag_released")
+            ihl = (a[fh] & 0x0F) * 4
+            nf = out.put(a[base : fh + _be16(a, fh + 2)], self._cl3[c], ihl, _be16(a, fh + 2) - ihl, exitdir)
+            if not nf:
+                self._count("frag_output_full")
+            else:
+                self._count("frag_released")
+                if nf > 1:
+                    self._count("frag_recut")
+            self._free_c.append(c)
         e.held = []
         if _complete(e):
             self._count("frag_completed")

@@ -14,6 +14,7 @@ endpoint names its series after it and the tests compare counters by these names
                 └─► later fragment ──► fragment table ──► TRANSLATED / HAIRPIN / FRAGMENT_HELD
                                                           / DROP_FRAG_* (hypernat/_frag.pyx)
       size > egress MTU ─► FRAG_NEEDED (DF) / FRAGMENTED, OUTPUT_FULL (after the rewrite)
+      super-frame segment > egress MTU ─► FRAG_NEEDED (DF) / DROP_GSO_TOO_BIG (UDP) / resegmented (TCP)
 
 Order matters only in that it fixes the numbers; append, never reorder, so that
 snapshots and saved counters keep their meaning.
@@ -58,6 +59,11 @@ VERDICTS += (
     ("fragmented", "longer than the egress MTU, DF clear: translated and sent as fragments from the output area"),
     ("output_full", "translated, but its fragments did not fit the batch's output area: dropped"),
 )
+# -- GSO super-frames (issue 12/13: sized by their segments, docs/fastpath.md) --
+VERDICTS += (
+    ("drop_gso_too_big", "UDP super-frame, DF clear, whose segments are longer than the egress MTU "
+                         "(never sent with oversized segments; fragments of segments are not made)"),
+)
 # Router events, counted per direction beside the verdicts (Translator.router_events):
 # a frame has one verdict, and may cause one of these besides.
 ROUTER_EVENTS = (
@@ -70,6 +76,7 @@ ROUTER_EVENTS = (
     ("fragments", "fragments written to the output area"),
     ("mss_clamped", "TCP SYN whose MSS option was lowered to tcp_mss_clamp"),
     ("mss_bad_options", "TCP SYN with malformed options: MSS not clamped, frame left as it was"),
+    ("gso_resegmented", "TCP super-frame, DF clear, too long per segment: its gso_size lowered to fit the MTU"),
 )
 ROUTER_EVENT_NAMES = tuple(name for name, _ in ROUTER_EVENTS)
 ROUTER_EVENT = {name: i for i, name in enumerate(ROUTER_EVENT_NAMES)}
@@ -131,6 +138,8 @@ FRAG_COUNTERS = (
     ("frag_released", "held fragments translated and sent after their first fragment"),
     ("frag_expired_entries", "datagrams whose entry timed out (limits.fragments.timeout)"),
     ("frag_expired_dropped", "held fragments dropped because their first fragment never came in time"),
+    ("frag_recut", "held fragments longer than their exit link's MTU, released cut into smaller fragments"),
+    ("frag_output_full", "held fragments dropped at release: no room in the translate call's output area"),
 )
 FRAG_COUNTER_NAMES = tuple(name for name, _ in FRAG_COUNTERS)
 

@@ -71,8 +71,7 @@ class Env:
         v = np.zeros(len(frames), np.uint8)
         self.tr.translate(buf, offs, lens, direction, now, v)
         after = [bytes(buf[o:o + n]) for o, n in zip(offs.tolist(), lens.tolist())]
-        ob, oo, ol, oe = self.ft.output()
-        rel = [(int(e), bytes(ob[o:o + n])) for o, n, e in zip(oo.tolist(), ol.tolist(), oe.tolist())]
+        rel = self.tr.generated()  # the one output area: released (and re-cut) fragments
         return [VERDICT_NAMES[x] for x in v], after, rel
 
 
@@ -154,8 +153,7 @@ def test_udp_datagram_out_any_order(impl, order, batching):
     assert all(f[:12] == MAC_OUT[1] + MAC_OUT[0] for _, f in left)
     assert reassemble([f for _, f in left]) == expected(pkt, src=E1, sport=P1)
     assert len(env.ft) == 0  # complete: freed at once
-    env.ft.expire(5)  # (what the next translate call does first)
-    assert env.ft.held == 0  # released chunks recycled
+    assert env.ft.held == 0  # released chunks freed at release
     c = env.ft.counters_dict()
     assert c["frag_datagrams"] == 1 and c["frag_completed"] == 1
 
@@ -169,6 +167,33 @@ def test_udp_datagram_in_translated_by_the_external_endpoint(impl, order):
     left = sent(v, after, rel, IN)
     assert len(left) == len(fr) and all(d == IN for d, _ in left)
     assert reassemble([f for _, f in left]) == expected(pkt, dst=I1, dport=1000)
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed", "first last"])
+@pytest.mark.parametrize("batching", ["one batch", "one frame per batch"])
+def test_fragments_longer_than_the_exit_link_are_cut_again(impl, order, batching):
+    """Fragments of 1420 bytes toward a 576-byte link: the first one, the later ones
+    translated on arrival and the held ones released later all leave cut again, in the
+    one output area -- none longer than the MTU, none DF, offsets and MF right (the
+    pieces reassemble to scapy's translation)."""
+    env = Env(impl).sessions()
+    env.tr.set_router(outside_mtu=576)
+    pkt = IP(src=I1, dst=R, id=4243, ttl=64) / UDP(sport=1000, dport=53) / Raw(bytes(range(256)) * 13)
+    fr = frags(pkt, 1400)
+    seq = [fr[k] for k in ORDERS[order](len(fr))]
+    left, verdicts = [], []
+    for part in ([seq] if batching == "one batch" else [[f] for f in seq]):
+        v, after, rel = env.run(part, OUT)
+        verdicts += v
+        left += sent(v, after, rel, OUT)
+    assert set(verdicts) <= {"fragmented", "fragment_held", "translated"} and "fragmented" in verdicts
+    assert len(left) > len(fr) and all(d == OUT for d, _ in left)
+    assert all(len(f) - 14 <= 576 and not Ether(f)[IP].flags.DF for _, f in left)
+    assert reassemble([f for _, f in left]) == expected(pkt, src=E1, sport=P1)
+    held = [len(f) - 14 for f, v in zip(seq, verdicts) if v == "fragment_held"]
+    c = env.ft.counters_dict()
+    assert c["frag_released"] == len(held) and c["frag_recut"] == sum(n > 576 for n in held)
+    assert c["frag_completed"] == 1 and env.ft.held == 0
 
 
 def test_icmp_echo_fragments_both_ways(impl):
@@ -357,6 +382,9 @@ def test_twins_agree_on_random_fragment_streams(seed):
     rng = random.Random(seed)
     stream = _stream(rng)
     envs = [Env(i, entries=6, nbytes=12 * 2048, timeout=3).sessions() for i in TWINS]
+    mtu = rng.choice((0, 576, 1000))  # fragments cut again (on arrival and at release) or not
+    for e in envs:
+        e.tr.set_router(outside_mtu=mtu, inside_mtu=mtu)
     now, pos = 100, 0
     while pos < len(stream):
         d = stream[pos][0]
@@ -372,6 +400,7 @@ def test_twins_agree_on_random_fragment_streams(seed):
         assert np.array_equal(e.tr.counters, envs[0].tr.counters)
         assert e.ft.counters_dict() == envs[0].ft.counters_dict()
         assert (len(e.ft), e.ft.held) == (len(envs[0].ft), envs[0].ft.held)
+        assert np.array_equal(e.tr.router_events, envs[0].tr.router_events)
 
 
 def test_frag_counters_declared_once():

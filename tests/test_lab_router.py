@@ -9,7 +9,10 @@
   fragmentation needed: the clamp (1300) still lets 1340-byte packets through toward a
   1280-byte link, so the client's first full-size segments must be answered;
 * the SYN the server receives carries the clamped MSS (captured with a raw socket in
-  inet, bounded in time).
+  inet, bounded in time);
+* offloads are on, so the clients' TSO super-frames reach the gateway whole: no segment
+  the server side receives is longer than the narrow link (read with PACKET_VNET_HDR in
+  inet: a super-frame's segments are its headers + gso_size; veth itself never checks).
 """
 import asyncio
 import os
@@ -21,6 +24,7 @@ import time
 
 import pytest
 import yaml
+from scapy.all import TCP, Ether  # (here, not in _syn_mss: a first import of scapy under load outlasted its deadline)
 
 from hypernat.lab import netns, traffic
 from hypernat.lab.topology import Addressing, Topology
@@ -41,10 +45,10 @@ def gw(tmp_path_factory):
     conf = str(tmp_path_factory.mktemp("router") / "gw.yaml")
     with open(conf, "w") as f:
         yaml.safe_dump(tree, f)
-    # offloads off: the clients send MTU-sized frames, not TSO super-frames (whose size
-    # the gateway does not check yet: it has no gso_size per frame, docs/fastpath.md)
+    # offloads on (the lab's default): the clients' TSO super-frames reach the gateway
+    # whole, and their segments (gso_size), not their length, meet the narrow link
     topo = Topology(tag=f"t{os.getpid()}rt", nics=2, mode="hypernat", addr=Addressing.from_config(conf),
-                    outside_mtu=NARROW, offloads=False)
+                    outside_mtu=NARROW)
     with labkit.gateway(topo, conf):
         yield topo
 
@@ -86,8 +90,6 @@ def test_tracepath_shows_the_gateway(gw):
 
 def _syn_mss(raw_sock, port, deadline):
     """The MSS option of the first SYN to `port` the raw socket holds (None: none)."""
-    from scapy.all import TCP, Ether
-
     seen = 0
     while time.monotonic() < deadline:
         r, _, _ = select.select([raw_sock], [], [], max(0.0, deadline - time.monotonic()))
@@ -103,6 +105,32 @@ def _syn_mss(raw_sock, port, deadline):
     raise AssertionError(f"no SYN to port {port} among {seen} frames captured")
 
 
+SOL_PACKET, PACKET_VNET_HDR, SO_RCVBUFFORCE = 263, 15, 33  # linux/socket.h, if_packet.h, asm/socket.h
+
+
+def _segments(sock, port):
+    """(frames, the longest IPv4 segment) of the TCP frames to `port` the socket holds
+    (a PACKET_VNET_HDR socket: a super-frame counts by headers + gso_size)."""
+    frames = longest = 0
+    while True:
+        try:
+            f = sock.recv(1 << 17, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return frames, longest
+        gso_type, gso_size = f[1], int.from_bytes(f[4:6], "little")
+        f = f[10:]
+        if len(f) < 54 or f[12:14] != b"\x08\x00" or f[23] != 6:
+            continue
+        ihl = (f[14] & 15) * 4
+        tcp = 14 + ihl
+        if f[tcp + 2:tcp + 4] != port.to_bytes(2, "big"):
+            continue
+        total = int.from_bytes(f[16:18], "big")
+        seg = min(total, ihl + (f[tcp + 12] >> 4) * 4 + gso_size) if gso_type else total
+        frames += 1
+        longest = max(longest, seg)
+
+
 def test_pmtud_by_the_gateways_own_icmp_and_mss_clamped_at_the_server(gw):
     """Against the second server: tracepath above taught vpc the path MTU toward the
     first one already (and a SYN then carries the smaller MSS of that route)."""
@@ -110,18 +138,25 @@ def test_pmtud_by_the_gateways_own_icmp_and_mss_clamped_at_the_server(gw):
     server = gw.addr.server(1)
     netns.run(gw.vpc, ["ip", "route", "flush", "cache"])
     rawsock = netns.ns_socket(gw.inet, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    segsock = netns.ns_socket(gw.inet, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    segsock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    segsock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
     try:
         got_before = _snmp(gw.vpc, "Icmp", "InDestUnreachs")
         rep = asyncio.run(traffic.tcp_echo(gw, n_conns=8, size=(40000, 120000), seed=13, port=port, timeout=60,
                                            sniff=False, server_ip=server))
         assert rep.intact == 8, rep.summary()
         assert _syn_mss(rawsock, port, time.monotonic() + 3) == CLAMP  # the client sent 1460
+        frames, longest = _segments(segsock, port)
     finally:
         rawsock.close()
+        segsock.close()
+    assert frames > 0 and longest <= NARROW, (frames, longest)
     got = _snmp(gw.vpc, "Icmp", "InDestUnreachs") - got_before
     assert got > 0, "no fragmentation-needed reached the clients"
     c = counters(gw)
     assert total(c, "router_out_icmp_frag_needed") >= 1, c
+    assert total(c, "rx_super_frames") > 0, c  # TSO on: super-frames did come, and were sized by segment
     assert total(c, "router_out_mss_clamped") >= 8 and total(c, "router_in_mss_clamped") >= 8, c
     # the clients learnt the gateway's MTU for the server's address
     routes = netns.run(gw.vpc, ["ip", "route", "get", server]).stdout

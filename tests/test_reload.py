@@ -89,3 +89,40 @@ def test_sighup_reloads_at_the_next_turn(setup):
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_router_settings_are_applied_live(setup):
+    """tcp_mss_clamp, the ICMP keys and the per-link MTUs reach the fast path at once;
+    an MTU dropped from the file falls back to the interface's, read at start."""
+    w, doc, tmp = setup
+    w.set_links(inside_mtu=1500, outside_mtu=9000, inside_address=0x0A4D00FE)
+    before = w.translator.router
+    assert before["mss_clamp"] == 0 and before["outside_mtu"] == 9000
+    doc["tcp_mss_clamp"] = 1300
+    doc["icmp"] = {"rate_limit": 5, "inside_source": "10.77.0.253"}
+    doc["nics"][0]["outside_mtu"] = 1280
+    doc["nics"][1]["inside_mtu"] = 1400  # another NIC's link: live too (its worker applies it)
+    ok, what = w.reload(write(tmp / "gw.yaml", doc))
+    assert ok, what
+    for key in ("tcp_mss_clamp", "icmp.rate_limit", "icmp.inside_source", "nics[0].outside_mtu",
+                "nics[1].inside_mtu"):
+        assert key in what
+    r = w.translator.router
+    assert (r["mss_clamp"], r["icmp_rate"], r["outside_mtu"], r["inside_mtu"]) == (1300, 5, 1280, 1500)
+    assert r["inside_address"] == 0x0A4D00FD
+    assert w.counters["reloads"] == 1 and w.counters["reloads_refused"] == 0
+    del doc["nics"][0]["outside_mtu"]
+    ok, what = w.reload(write(tmp / "gw.yaml", doc))
+    assert ok and w.translator.router["outside_mtu"] == 9000  # the interface's again
+
+
+def test_other_nic_keys_are_refused_by_name(setup, caplog):
+    w, doc, tmp = setup
+    before = w.translator.router
+    doc["nics"][1]["outside"] = "elsewhere1"
+    doc["nics"][0]["outside_mtu"] = 1280  # a live key in the same file is not applied either
+    with caplog.at_level("ERROR"):
+        ok, reason = w.reload(write(tmp / "gw.yaml", doc))
+    assert not ok and "nics[1].outside" in reason and "outside_mtu" not in reason
+    assert "nics[1].outside" in caplog.text and "restart" in caplog.text
+    assert w.translator.router == before

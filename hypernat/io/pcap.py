@@ -282,10 +282,9 @@ def run_pcap(config, nic_id: int, pcap_in: str, pcap_out: str, *, prefill=None, 
     tr = Translator(out_t, in_t, cfg.pool_ranges, frag=ft)
     released = []  # early fragments a translate call released, sent right after it (as the NIC does)
 
-    def take_released():
-        if ft.released:
-            buf, off, ln, _ = ft.output()
-            released.extend(buf[o:o + n].tobytes() for o, n in zip(off.tolist(), ln.tolist()))
+    def take_released():  # the translator's one output area (hypernat/_out.pxd)
+        if tr.out_count:
+            released.extend(g for _, g in tr.generated())
     builder, rules_status = None, "disabled"
     if use_rules:
         try:

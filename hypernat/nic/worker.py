@@ -484,28 +484,26 @@ class NicWorker:
         }
 
     def set_links(self, inside_mtu: int = 0, outside_mtu: int = 0, inside_address: int = 0) -> dict:
-        """Apply ``router_settings`` to the fast path; returns them."""
+        """Apply ``router_settings`` to the fast path; returns them.  The interfaces'
+        values are kept: a reload that drops a configured MTU falls back to them."""
+        self._links = (inside_mtu, outside_mtu, inside_address)
         settings = self.router_settings(inside_mtu, outside_mtu, inside_address)
         self.translator.set_router(**settings)
         return settings
 
     def _send_made(self) -> None:
-        """Right after every translate (the next one reuses their areas): the frames the
-        fast path made besides the batch -- early fragments the fragment table released,
-        and the router's ICMP errors and fragments -- out of the port on each one's exit
-        side, one send per area and side, no Python per frame."""
-        if self.frag.released:
-            buf, off, ln, ex = self.frag.output()
-            self._send_area(buf, off, ln, ex, len(off))
+        """Right after every translate (the next one reuses the area): the frames the fast
+        path made besides the batch -- the router's ICMP errors and fragments, and the
+        early fragments the fragment table released -- all in the translator's one output
+        area, out of the port on each one's exit side: one send per side, no Python per
+        frame."""
         tr = self.translator
         n = tr.out_count
-        if n:
-            self._send_area(tr.out_buf, tr.out_offsets, tr.out_lengths, tr.out_exits, n)
-            self.counters["generated"] += n
-
-    def _send_area(self, buf, offsets, lengths, exits, n: int) -> None:
-        b = Batch(buf, offsets, lengths, n)
-        exits = exits[:n]
+        if not n:
+            return
+        self.counters["generated"] += n
+        b = Batch(tr.out_buf, tr.out_offsets, tr.out_lengths, n)
+        exits = tr.out_exits[:n]
         for d, port in ((OUT, self.outside), (IN, self.inside)):
             idx = np.flatnonzero(exits == d)
             if len(idx):
@@ -534,7 +532,7 @@ class NicWorker:
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial, b.meta)
         self._send_made()
         self.counters["batches"] += 1
         send = v == _V_TRANSLATED
@@ -1143,9 +1141,11 @@ class NicWorker:
     def reload(self, path: str | None = None):
         """Re-read the config (SIGHUP) and apply what may change while running:
         ``RuleBuilder.LIVE_SETTINGS`` (timeouts, per-host cap, sweep limits, translation
-        log).  A file that does not load, or that changes anything else (addresses,
-        partition, NICs, table sizes, mapping, coordinator, ...), is refused with a
-        logged reason and the running config stays.  Returns (applied, reason)."""
+        log) and the fast path's router settings (``ROUTER_LIVE_SETTINGS``: MSS clamp,
+        ICMP generation, per-link MTUs; from the next batch on).  A file that does not
+        load, or that changes anything else (addresses, partition, NICs, table sizes,
+        mapping, coordinator, ...), is refused with a logged reason naming the keys and
+        the running config stays.  Returns (applied, reason)."""
         from .. import config as cfgmod
 
         path = path or self.config.path
@@ -1154,12 +1154,13 @@ class NicWorker:
         except (OSError, cfgmod.ConfigError) as exc:
             return self._refuse_reload(f"{exc}")
         changed = _changed_settings(self.config, new)
-        frozen = [c for c in changed if not any(c == k or c.startswith(k + ".") for k in RuleBuilder.LIVE_SETTINGS)]
+        frozen = [c for c in changed if not _live_setting(c)]
         if frozen:
             return self._refuse_reload(f"{path}: {', '.join(frozen)} cannot change while running "
                                        "(restart the NIC workers)")
         self.rules.apply_live(new)
         self.config = new
+        self.set_links(*self._links)  # the router's settings as the new config says
         self.counters["reloads"] += 1
         log.info("nic%d: reloaded %s (%s)", self.nic_id, path, ", ".join(changed) or "nothing changed")
         return True, ", ".join(changed)
@@ -1251,19 +1252,43 @@ class NicWorker:
         return f"NicWorker(nic{self.nic_id}, out={len(self.out_table)}, in={len(self.in_table)})"
 
 
+# What a reload applies to the fast path's router (Translator.set_router) while running
+# (a reload takes them from the next batch on; the ICMP token bucket starts full again):
+# the config's keys, and the per-link MTU keys of any NIC entry.
+ROUTER_LIVE_SETTINGS = ("tcp_mss_clamp", "icmp")
+ROUTER_LIVE_NIC_FIELDS = ("inside_mtu", "outside_mtu")
+
+
+def _live_setting(name: str) -> bool:
+    """May the dotted config name change on a reload (worker.reload)?"""
+    if any(name == k or name.startswith(k + ".") for k in RuleBuilder.LIVE_SETTINGS + ROUTER_LIVE_SETTINGS):
+        return True
+    head, _, field = name.partition("].")
+    return head.startswith("nics[") and field in ROUTER_LIVE_NIC_FIELDS
+
+
 def _changed_settings(old, new, prefix: str = "") -> list:
-    """Dotted names of the config fields that differ (``path`` aside)."""
+    """Dotted names of the config fields that differ (``path`` aside); entries of a
+    list of records of the same length are compared one by one (``nics[1].outside_mtu``)."""
     out = []
     for f in dataclasses.fields(old):
         if not prefix and f.name == "path":
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
         name = prefix + f.name
-        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and not isinstance(a, type):
+        if _record(a) and _record(b):
             out += _changed_settings(a, b, name + ".")
+        elif (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and a != b
+              and all(_record(x) and type(x) is type(y) for x, y in zip(a, b))):
+            for k, (x, y) in enumerate(zip(a, b)):
+                out += _changed_settings(x, y, f"{name}[{k}].")
         elif a != b:
             out.append(name)
     return out
+
+
+def _record(x) -> bool:
+    return dataclasses.is_dataclass(x) and not isinstance(x, type)
 
 
 def spin(workers, cond, timeout: float = 5.0, poll_ms: int = 5) -> bool:
