@@ -142,17 +142,18 @@ def test_silent_failure_detected_by_bfd(fleet):
     for p in pids:
         os.kill(p, 19)  # SIGSTOP
     try:
-        took = fleet.wait_routes({1}, timeout=5)
+        took = fleet.wait_routes({1}, timeout=8)
     finally:
         fleet.fail(victim)  # SIGKILL reaches stopped processes
+        fleet.recover(victim)  # whatever happened: the next tests need both servers
+        fleet.wait_routes({1, 2}, timeout=30)
     # BFD detects in 1 s (200 ms x 5: 100 ms x 5 flapped once in steady state on a loaded
-    # 2-vCPU machine); the routers then react within a few hundred ms.  BGP's own hold
-    # timer (the fallback without BFD) is 9 s: 2 s still fails if BFD is not what withdrew
-    # the server.
-    assert took < 2.0, took
+    # 2-vCPU machine); the routers then react within a few hundred ms (2.5 s seen on a
+    # machine at load 9).  BGP's own hold timer (the fallback without BFD) is 9 s, and the
+    # last keepalive came at most 3 s before the freeze: it cannot withdraw the server
+    # before 6 s, so 4 s still fails if BFD is not what withdrew it.
+    assert took < 4.0, took
     print(f"\nsilent failure: withdrawn by BFD in {took * 1000:.0f} ms")
-    fleet.recover(victim)
-    fleet.wait_routes({1, 2}, timeout=30)
 
 
 def test_drain(fleet, traffic):
