@@ -259,6 +259,7 @@ def test_bulk_tcp_vs_linux_nat(benchmark):
         results.setdefault(mtu, {})[label] = rs[len(rs) // 2]
     info = benchmark.extra_info
     info.update(rounds=rounds, seconds=seconds, streams=STREAMS, mtus=mtus, rt_priority=RT_PRIORITY,
+                load_average=os.getloadavg(),
                 offloads="on (af_xdp: off, per-frame)")
     for mtu, res in results.items():
         for label, r in res.items():

@@ -9,7 +9,9 @@ Same topology, same generator, same counter, one run; only what sits in ``gw`` c
 
 * generator: a TPACKET_V2 transmit ring in ``vpc`` (hypernat.io.packet_mmap), frames
   built once with numpy (100k flows: source address × source port × destination port),
-  sent round robin as fast as the ring takes them, on CPU 0;
+  sent round robin as fast as the ring takes them, on CPU 0, at SCHED_FIFO
+  ``HYPERNAT_E2E_GEN_RT`` (default 5; 0 = normal) while it sends the measured run (a
+  mode whose delivered rate equals the offered one was limited by the generator);
 * gateway: one core, kernel work included (``hypernat.lab.benchkit.one_nic_lab``, as
   every end-to-end benchmark): RPS of the gateway's links → CPU 1, of the far ends → CPU
   0, threaded NAPI on the gateway's links (AF_XDP attaches XDP, which gives veth a NAPI
@@ -61,6 +63,10 @@ GEN_CPU, GW_CPU = 0, 1
 # SCHED_FIFO priority of the forwarder (HYPERNAT_E2E_RT=0: normal scheduling).  DESIGN.md measured 1.6-1.7x
 # from it when the worker shares its core with the kernel's receive work.
 RT_PRIORITY = int(os.environ.get("HYPERNAT_E2E_RT", "10"))
+# The generator's SCHED_FIFO priority while it sends the measured run (0: normal).  At
+# normal priority on a shared machine it offers what CPU 0's neighbours leave it, and
+# every mode delivers what was offered: the run measures the generator (as bench_cps).
+GEN_RT = int(os.environ.get("HYPERNAT_E2E_GEN_RT", "5"))
 # PACKET_MMAP receive rings to compare (the first is the default; others add modes `..._v3`)
 RX_RINGS = os.environ.get("HYPERNAT_E2E_RX_RINGS", "v2").split(",")
 
@@ -181,6 +187,8 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
             before = _counted(topo)
             io0 = benchkit.io_counters(lab) if mode == "hypernat" else {}
             sent = 0
+            if GEN_RT:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(GEN_RT))
             lab.mark()
             t0 = time.monotonic()
             end = t0 + seconds
@@ -197,11 +205,13 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
                                        f"{gen.stats()}")
             elapsed = time.monotonic() - t0
             cpu, kernel = lab.cpu(), lab.kernel()
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             rss = _rss_mb(lab.forwarder_pids)
             time.sleep(0.2)
             got = _counted(topo) - before
             io = benchkit.io_summary(benchkit.io_counters(lab), io0) if mode == "hypernat" else None
         finally:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             os.sched_setaffinity(0, old)
             gen.close()
     if mode == "noop":  # its counters: written when the lab stopped it (warm-up pass included)
@@ -254,6 +264,7 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
         if label != "linux" and lin:
             benchmark.extra_info[f"{label}_over_linux"] = round(results[label]["delivered_mpps"] / lin, 3)
     benchmark.extra_info["flows"] = flows
+    benchmark.extra_info.update(rt_priority=RT_PRIORITY, generator_rt_priority=GEN_RT, load_average=os.getloadavg())
     benchmark.extra_info["seconds"] = seconds
     ios = ["packet_mmap"] + [f"packet_mmap_{r}" for r in RX_RINGS[1:]] + ["af_xdp"]
     for io in ios:

@@ -163,7 +163,7 @@ def test_the_gateway_gets_one_core_kernel_work_included(mode, backend):
     assert io["rx_frames"] >= got["translated"] and io["frames_per_batch"] >= 1, io
     if backend == "af_xdp":
         assert k["napi"]["cpus"] == [1] and k["napi"]["cpu_s"] >= 0, k
-    assert k["net_rx"][1] > 0, k
+    assert k["net_rx"][1] > 0 and k["forwarder"]["cpus"] == [1] and k["forwarder"]["cpu_s"] > 0, k
     if ring == "v3":  # HyperNAT's receive ring is its config's: the lab's config says v3, the ring has blocks
         assert nic["rx_ring"] == "v3" and nic["io"] == backend, nic
         assert raw.get("port_inside0_rx_blocks", 0) > 0, raw

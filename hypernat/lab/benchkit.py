@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import time
 
 import yaml
 
@@ -102,18 +103,36 @@ class Lab:
     def kernel(self) -> dict:
         """Where the kernel's receive work ran since `mark()`: {"net_rx": {cpu: NET_RX
         softirq runs}, "napi": {"threads", "cpu_s": CPU seconds of the gateway links' NAPI
-        threads, "cpus": the CPUs they last ran on}}.  (Threaded NAPI is accounted as
+        threads, "cpus": the CPUs those that ran last ran on}, "forwarder": the same of
+        every thread of the forwarder's processes, "seconds": since `mark()`}: with
+        ``cpu()`` the gateway core's time split into forwarder, NAPI, softirq and the rest
+        (a shared machine's other work, or idle).  (Threaded NAPI is accounted as
         those threads' system time, not as softirq time: ``cpu()`` shows it as busy.)"""
-        now = thread_times(self.steered.get("napi_threads", []))
+        def since(tids):
+            now = thread_times(tids)
+            ran = {tid: (t - self._n0.get(tid, (0, 0))[0], c) for tid, (t, c) in now.items()}
+            return {"threads": len(now), "cpu_s": round(sum(t for t, _ in ran.values()), 3),
+                    # of the threads that ran since: a thread that did not (a link that
+                    # received nothing) still shows where it ran before it was pinned
+                    "cpus": sorted({c for t, c in ran.values() if t > 0})}
+
         return {"net_rx": {c: v["NET_RX"] for c, v in softirq_split(self._s0, softirqs()).items()},
-                "napi": {"threads": len(now),
-                         "cpu_s": round(sum(t - self._n0.get(tid, (0, 0))[0] for tid, (t, _) in now.items()), 3),
-                         "cpus": sorted({c for _, c in now.values()})}}
+                "napi": since(self.steered.get("napi_threads", [])), "forwarder": since(self._forwarder_tids()),
+                "seconds": round(time.monotonic() - self._m0, 3)}
+
+    def _forwarder_tids(self) -> list:
+        out = []
+        for pid in self.forwarder_pids:
+            try:
+                out += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except FileNotFoundError:
+                pass
+        return out
 
     def mark(self) -> None:
         """Start the per-CPU accounting of `cpu()` and `kernel()` here."""
-        self._t0, self._s0 = cpu_times(), softirqs()
-        self._n0 = thread_times(self.steered.get("napi_threads", []))
+        self._t0, self._s0, self._m0 = cpu_times(), softirqs(), time.monotonic()
+        self._n0 = thread_times(self.steered.get("napi_threads", []) + self._forwarder_tids())
 
 
 @contextlib.contextmanager

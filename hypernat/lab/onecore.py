@@ -77,19 +77,20 @@ def softirq_split(before: dict, after: dict) -> dict:
 
 def thread_times(tids) -> dict:
     """{tid: (cpu seconds so far, the CPU it last ran on)} of each thread that still
-    exists (/proc/TID/stat: utime + stime, processor).  With threaded NAPI a link's
-    receive work runs in its ``napi/IF-ID`` thread, accounted as that thread's system
-    time, not as softirq time: this is where it shows, and on which CPU."""
-    tick = os.sysconf("SC_CLK_TCK")
+    exists (/proc/TID/schedstat: time on a CPU, in ns; /proc/TID/stat: processor).  With
+    threaded NAPI a link's receive work runs in its ``napi/IF-ID`` thread, accounted as
+    that thread's system time, not as softirq time: this is where it shows, and on
+    which CPU."""
     out = {}
     for t in tids:
         try:
             with open(f"/proc/{t}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+            with open(f"/proc/{t}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
             continue
-        # after "pid (comm)": state is field 3, utime 14, stime 15, processor 39
-        out[t] = ((int(fields[11]) + int(fields[12])) / tick, int(fields[36]))
+        out[t] = (ns / 1e9, int(fields[36]))  # after "pid (comm)": processor is field 39
     return out
 
 
