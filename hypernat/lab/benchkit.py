@@ -1,6 +1,6 @@
 """What the end-to-end benchmarks of the testbed share: one one-NIC lab per mode, its
-gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
-``benchmarks/bench_cps.py``)::
+gateway on one core, torn down afterwards (``benchmarks/bench_e2e.py``,
+``bench_bulk.py``, ``bench_latency.py``, ``bench_cps.py``)::
 
     with one_nic_lab("lat123", "hypernat", "packet_mmap", limits={...}) as lab:
         lab.topo ...            # hn-<tag>-{vpc,gw,inet}, NIC 0 only
