@@ -16,25 +16,27 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
 * offloads on, as on any Linux box: super-frames cross the gateway whole (PACKET_MMAP
   reads and writes them with their virtio_net_hdr; Linux forwards them as they are);
   AF_XDP is per-frame and runs with offloads off;
-* CPUs: one core for the gateway, kernel work included (``hypernat.lab.onecore``):
-  RPS of the gateway's links → CPU 1 (Linux's NAT runs there in softirq, and the
-  AF_PACKET copy), RPS of the far ends → CPU 0, threaded NAPI on the gateway's links
-  pinned to CPU 1; the forwarder process (no-op, or HyperNAT's NIC daemon) is pinned
-  there too, at SCHED_FIFO ``HYPERNAT_BULK_RT`` (default 10; 0 = normal); both iperf3
-  ends run on CPU 0.  Per-CPU busy and softirq time are recorded per mode.  With two cores the
-  endpoints' TCP stacks and the gateway each get one: the figures are the
-  gateway's ceiling only while CPU 0 is not the bottleneck — compare the same run's
-  modes (the no-op forwarder is the I/O path's own ceiling), not absolute Gbit/s;
-* AF_XDP on veth: the XDP program runs in the receiving veth's NAPI poll, which the
-  *sender's* CPU schedules, before RPS could move it — so in the af_xdp modes the
-  redirect into the socket is done on CPU 0 (the endpoints' core), not on the
-  gateway's: AF_XDP's figures get some help the other modes do not;
+* CPUs: one core for the gateway, kernel work included (``hypernat.lab.benchkit.one_nic_lab``,
+  as every end-to-end benchmark): RPS of the gateway's links → CPU 1 (Linux's NAT runs
+  there, and the AF_PACKET copy), RPS of the far ends → CPU 0, threaded NAPI on the
+  gateway's links pinned to CPU 1 at SCHED_FIFO one step below the forwarder; the
+  forwarder process (no-op, or HyperNAT's NIC daemon), every thread of it, pinned there
+  too at SCHED_FIFO ``HYPERNAT_BULK_RT`` (default 10; 0 = normal); both iperf3 ends run
+  on CPU 0.  With two cores the endpoints' TCP stacks and the gateway each get one: the
+  figures are the gateway's ceiling only while CPU 0 is not the bottleneck — compare
+  the same run's modes (the no-op forwarder is the I/O path's own ceiling), not
+  absolute Gbit/s;
+* AF_XDP on veth: attaching XDP gives the receiving veth a NAPI; threaded and pinned
+  to CPU 1 (above), the redirect into the socket runs on the gateway's core, like the
+  other modes' receive work (``kernel`` in the results shows where it ran);
 * translation is checked, not assumed: the server's own JSON names the address its
   connections came from, which must be in the pool for ``linux`` and ``hypernat``
   and the VPC host itself for ``noop`` (plain routing);
-* CPU: how busy each core was during the transfer (/proc/stat, everyone's work) is
-  recorded per mode, so a reader can tell a gateway-bound figure (CPU 1 ~100%) from
-  an endpoint-bound one (CPU 0);
+* CPU: how busy each core was during the transfer (/proc/stat, everyone's work), NET_RX
+  softirq runs per CPU and the NAPI threads' CPU time and CPU (``kernel``), and what the
+  forwarder's I/O did (``io``: frames and super-frames per receive batch, per transmit
+  kick, receive-ring drops) are recorded per mode, so a reader can tell a gateway-bound
+  figure (CPU 1 ~100%) from an endpoint-bound one (CPU 0);
 * rounds: every mode once per round, modes interleaved (a burst of load from elsewhere
   on this shared machine hits all alike), the median round per mode reported, with
   its ratio to Linux's NAT of the same run.
@@ -49,7 +51,6 @@ one of bench_e2e.py, one NIC; only what sits in ``gw`` changes between modes:
 """
 from __future__ import annotations
 
-import glob
 import ipaddress
 import json
 import os
@@ -60,9 +61,7 @@ import time
 import pytest
 
 from hypernat.lab import netns
-from hypernat.lab.onecore import cpu_split, cpu_times, one_core
 from hypernat.lab.preflight import netns_unavailable_reason
-from hypernat.lab.topology import STATE_DIR
 
 SECONDS = float(os.environ.get("HYPERNAT_BULK_SECONDS", "5"))
 ROUNDS = int(os.environ.get("HYPERNAT_BULK_ROUNDS", "3"))
@@ -108,28 +107,6 @@ def runs(mtu: int = 1500) -> list:
     if mtu > 1500:
         return out
     return out + [("noop_af_xdp", "noop", "af_xdp"), ("hypernat_af_xdp", "hypernat", "af_xdp")]
-
-
-def _gateway_config(run_dir: str, backend: str, rx_ring: str | None = None) -> str:
-    """conf/testbed.yaml cut to NIC 0 on `backend`, its state in the run's directory."""
-    import yaml
-
-    with open(CONF) as f:
-        doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], io=backend, **({"rx_ring": rx_ring} if rx_ring else {}))]
-    doc["state_dir"] = os.path.join(run_dir, "state")
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "gw-bulk.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f)
-    return path
-
-
-def _pin(pids, cpu: int, rt: int) -> None:
-    for pid in pids:
-        os.sched_setaffinity(pid, {cpu})
-        if rt:
-            os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(rt))
 
 
 def _wait_listening(ns: str, port: int, server: subprocess.Popen, timeout: float = 5.0) -> None:
@@ -194,53 +171,28 @@ def summarize(label: str, mode: str, backend: str, rep: dict) -> dict:
             "streams": len(end.get("streams", [])), "server_saw": peers}
 
 
-def _noop_frames_per_batch(tag: str) -> float | None:
-    """Frames the no-op forwarder moved per receive batch (its stats file, written when
-    `down` stopped it): near 1, the forwarder wakes per frame; large, it is behind."""
-    try:
-        with open(os.path.join(STATE_DIR, f"{tag}-noop0.json")) as f:
-            c = json.load(f)["forwarder"]
-    except (OSError, ValueError, KeyError):
-        return None
-    return round((c["out_frames"] + c["in_frames"]) / c["batches"], 2) if c.get("batches") else None
-
-
 def measure(label: str, mode: str, backend: str, seconds: float, omit: int = 0, rt: int = RT_PRIORITY,
             mtu: int = MTU) -> dict:
-    """Build a one-NIC lab in `mode`, start its gateway, run iperf3 through it, remove it.
-    Offloads stay on (checksum, TSO, GSO) except for AF_XDP, which is per-frame."""
-    from hypernat.lab import cli
-    from hypernat.lab.topology import Addressing, Topology
+    """Build a one-NIC lab in `mode` (``hypernat.lab.benchkit``: the gateway on one
+    core), run iperf3 through it, remove it.  Offloads stay on (checksum, TSO, GSO)
+    except for AF_XDP, which is per-frame."""
+    from hypernat.lab import benchkit
 
-    # Unique per process and mode: parallel runs (and other engineers' labs) never meet.
-    topo = Topology(tag=f"bk{os.getpid()}{mode[0]}{backend[0]}", nics=1, mode=mode, mtu=mtu,
-                    addr=Addressing.from_config(CONF), offloads=backend != "af_xdp")
-    r = None
-    try:
-        topo.up()
-        if mode != "linux":
-            ring = next((r for r in RX_RINGS[1:] if label.endswith(f"_{r}")), RX_RINGS[0])
-            cfg = _gateway_config(topo.run_dir(), backend, ring if backend == "packet_mmap" else None)
-            cli.start_gateway(topo, cfg if mode == "hypernat" else None, backend=backend, rx_ring=ring)
-            # The forwarder: every no-op process; for HyperNAT the NIC daemon (the
-            # coordinator, pids[0], only handles the few connection set-ups).
-            _pin(topo.pids if mode == "noop" else topo.pids[1:], GW_CPU, rt)
-        steered = one_core(topo, GW_CPU, ENDPOINT_CPU)
-        t0 = cpu_times()
-        rep = iperf3(topo, seconds, omit=omit, mtu=mtu)
+    ring = next((r for r in RX_RINGS[1:] if label.endswith(f"_{r}")), RX_RINGS[0])
+    with benchkit.one_nic_lab(benchkit.tag("bk", mode, backend), mode, backend, gw_cpu=GW_CPU,
+                              ends_cpu=ENDPOINT_CPU, rt=rt, mtu=mtu, rx_ring=ring) as lab:
+        io0 = benchkit.io_counters(lab) if mode == "hypernat" else {}
+        lab.mark()
+        rep = iperf3(lab.topo, seconds, omit=omit, mtu=mtu)
         r = summarize(label, mode, backend, rep)
         r["mtu"] = mtu
         # Is the gateway's core the limit (busy ~1.0) or the endpoints' (CPU 0)?
-        r["cpu"] = cpu_split(t0, cpu_times())
-        r["napi_threads"] = len(steered["napi_threads"])
-        return r
-    finally:
-        topo.down()
-        if mode == "noop" and r is not None:
-            r["noop_frames_per_batch"] = _noop_frames_per_batch(topo.tag)
-        for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
-            for f in ([] if os.environ.get("HN_KEEP") else glob.glob(os.path.join(STATE_DIR, pattern))):
-                os.unlink(f)
+        r["cpu"], r["kernel"] = lab.cpu(), lab.kernel()
+        r["napi_threads"] = len(lab.steered["napi_threads"])
+        r["io"] = benchkit.io_summary(benchkit.io_counters(lab), io0) if mode == "hypernat" else None
+    if mode == "noop":  # its counters: written when the lab stopped it
+        r["io"] = benchkit.io_summary(benchkit.io_counters(lab))
+    return r
 
 
 def check_flowed(r: dict, pool: str, internal_host: str) -> None:
@@ -307,6 +259,7 @@ def test_bulk_tcp_vs_linux_nat(benchmark):
         results.setdefault(mtu, {})[label] = rs[len(rs) // 2]
     info = benchmark.extra_info
     info.update(rounds=rounds, seconds=seconds, streams=STREAMS, mtus=mtus, rt_priority=RT_PRIORITY,
+                load_average=os.getloadavg(),
                 offloads="on (af_xdp: off, per-frame)")
     for mtu, res in results.items():
         for label, r in res.items():
@@ -315,8 +268,9 @@ def test_bulk_tcp_vs_linux_nat(benchmark):
             info[f"{key}_gbps_rounds"] = [round(x["gbps"], 3) for x in samples[(mtu, label)]]
             info[f"{key}_retransmits"] = r["retransmits"]
             info[f"{key}_cpu"] = {f"cpu{c}": v for c, v in r["cpu"].items()}
-            if r.get("noop_frames_per_batch") is not None:
-                info[f"{key}_frames_per_batch"] = r["noop_frames_per_batch"]
+            info[f"{key}_kernel"] = r["kernel"]
+            if r["io"]:
+                info[f"{key}_io"] = r["io"]
     line = ratio_line(results)
     info.update(json.loads(line.split(" ", 1)[1]))
     print("\n" + json.dumps(info, indent=1))

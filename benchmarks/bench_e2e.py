@@ -9,16 +9,23 @@ Same topology, same generator, same counter, one run; only what sits in ``gw`` c
 
 * generator: a TPACKET_V2 transmit ring in ``vpc`` (hypernat.io.packet_mmap), frames
   built once with numpy (100k flows: source address × source port × destination port),
-  sent round robin as fast as the ring takes them, on CPU 0;
-* gateway: one core, kernel work included (``hypernat.lab.onecore``): RPS of the
-  gateway's links → CPU 1, of the far ends → CPU 0, threaded NAPI on the gateway's links
-  (AF_XDP attaches XDP, which gives veth a NAPI that would otherwise run in the
-  generator's softirq on CPU 0) pinned to CPU 1; the forwarder process, when there is
-  one, is pinned there too.  Per-CPU busy and softirq time are recorded per mode;
+  sent round robin as fast as the ring takes them, on CPU 0, at SCHED_FIFO
+  ``HYPERNAT_E2E_GEN_RT`` (default 5; 0 = normal) while it sends the measured run (a
+  mode whose delivered rate equals the offered one was limited by the generator);
+* gateway: one core, kernel work included (``hypernat.lab.benchkit.one_nic_lab``, as
+  every end-to-end benchmark): RPS of the gateway's links → CPU 1, of the far ends → CPU
+  0, threaded NAPI on the gateway's links (AF_XDP attaches XDP, which gives veth a NAPI
+  that would otherwise run in the generator's softirq on CPU 0) pinned to CPU 1; the
+  forwarder process, when there is one, pinned there with every thread of it (HyperNAT's
+  journal and metrics threads too).  Per mode: per-CPU busy and softirq time, NET_RX
+  softirq runs per CPU and the NAPI threads' CPU time and CPU (``kernel``), and what the
+  forwarder's I/O did (``io``: frames per receive batch, per transmit kick, receive-ring
+  drops);
 * scheduling: forwarders (no-op and HyperNAT's NIC daemon) run SCHED_FIFO on CPU 1
-  (``HYPERNAT_E2E_RT``, default 10; 0 = normal).  Linux's NAT runs in softirq context,
-  which under load is ksoftirqd, a normal-priority thread: on a machine shared with
-  other work, FIFO favours the forwarders — run both ways and report both;
+  (``HYPERNAT_E2E_RT``, default 10; 0 = normal), the gateway links' NAPI threads one step
+  below.  Linux's NAT runs in that NAPI / softirq context (the backlog under RPS is
+  softirq, ksoftirqd at normal priority under load): on a machine shared with other
+  work, FIFO favours the forwarders — run both ways and report both;
 * counter: ``inet`` drops every frame at the ingress hook with an nftables counter, so
   the stack there costs nothing and nothing comes back (ARP passes: the gateway must
   resolve its next hop).
@@ -34,7 +41,6 @@ to one NIC; its 100k sessions are created by the slow path during a paced warm-u
     HYPERNAT_E2E_RX_RINGS=v2,v3 ...                                PACKET_MMAP modes on both receive rings
     (the last line printed: ``E2E_RATIOS {...}``, the same run's ratios)
 """
-import glob
 import ipaddress
 import json
 import os
@@ -45,8 +51,6 @@ import pytest
 
 from hypernat.lab import netns
 from hypernat.lab.deadline import Deadline
-from hypernat.lab.onecore import cpu_split, cpu_times, one_core
-from hypernat.lab.topology import STATE_DIR
 
 SECONDS = float(os.environ.get("HYPERNAT_E2E_SECONDS", "3"))
 # How long the generator's transmit ring may take no frame at all before the run fails
@@ -59,6 +63,10 @@ GEN_CPU, GW_CPU = 0, 1
 # SCHED_FIFO priority of the forwarder (HYPERNAT_E2E_RT=0: normal scheduling).  DESIGN.md measured 1.6-1.7x
 # from it when the worker shares its core with the kernel's receive work.
 RT_PRIORITY = int(os.environ.get("HYPERNAT_E2E_RT", "10"))
+# The generator's SCHED_FIFO priority while it sends the measured run (0: normal).  At
+# normal priority on a shared machine it offers what CPU 0's neighbours leave it, and
+# every mode delivers what was offered: the run measures the generator (as bench_cps).
+GEN_RT = int(os.environ.get("HYPERNAT_E2E_GEN_RT", "5"))
 # PACKET_MMAP receive rings to compare (the first is the default; others add modes `..._v3`)
 RX_RINGS = os.environ.get("HYPERNAT_E2E_RX_RINGS", "v2").split(",")
 
@@ -102,21 +110,6 @@ def build_frames(n_flows: int, src_mac: bytes, dst_mac: bytes, internal: str, ds
 WARMUP_PASSES = 6
 
 
-def one_nic_config(conf: str, run_dir: str, io: str = "packet_mmap", rx_ring: str | None = None) -> str:
-    """conf/testbed.yaml cut down to NIC 0 on I/O backend `io` (one NIC here)."""
-    import yaml
-
-    with open(conf) as f:
-        doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], io=io, **({"rx_ring": rx_ring} if rx_ring else {}))]
-    doc["state_dir"] = os.path.join(run_dir, "state")
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "gw-1nic.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f)
-    return path
-
-
 def _counter_rules(topo):
     rules = f"""
 table netdev hn_bench {{
@@ -155,37 +148,17 @@ def _rss_mb(pids) -> float:
 def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: str = "packet_mmap",
             rx_ring: str = "v2") -> dict:
     """One lab in `mode` (I/O `backend` for the forwarder, `rx_ring` its PACKET_MMAP
-    receive ring), the generator for `seconds`; frames/s delivered to inet."""
+    receive ring; ``hypernat.lab.benchkit``: the gateway on one core), the generator
+    for `seconds`; frames/s delivered to inet, where the CPUs' time went, and what the
+    forwarder's I/O did over the measured run (``benchkit.io_summary``)."""
     from hypernat.io.packet_mmap import PacketMmapPort
     from hypernat.io.base import Batch
-    from hypernat.lab.topology import Addressing, Topology
+    from hypernat.lab import benchkit
 
-    conf = os.path.join(os.path.dirname(__file__), "..", "conf", "testbed.yaml")
-    topo = Topology(tag=f"b{os.getpid()}{mode[0]}{backend[0]}", nics=1, mode=mode, addr=Addressing.from_config(conf),
-                    offloads=backend != "af_xdp")
-    try:
-        topo.up()
+    with benchkit.one_nic_lab(benchkit.tag("b", mode, backend), mode, backend, gw_cpu=GW_CPU, ends_cpu=GEN_CPU,
+                              rt=RT_PRIORITY, rx_ring=rx_ring) as lab:
+        topo = lab.topo
         _counter_rules(topo)
-        if mode == "noop":
-            from hypernat.lab.noop import start_in_lab
-
-            start_in_lab(topo, backend=backend, rx_ring=rx_ring)
-            for pid in topo.pids:
-                os.sched_setaffinity(pid, {GW_CPU})
-                if RT_PRIORITY:
-                    os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
-        elif mode == "hypernat":
-            from hypernat.lab import cli
-
-            cli.start_gateway(topo, one_nic_config(conf, topo.run_dir(), backend,
-                                                   rx_ring if backend == "packet_mmap" else None))
-            for pid in topo.pids[1:]:  # the NIC daemon; the coordinator stays where it is
-                os.sched_setaffinity(pid, {GW_CPU})
-                if RT_PRIORITY:
-                    os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
-        # One core for the gateway, kernel work included (RPS, threaded NAPI pinned: after
-        # the gateway started, so an XDP program's NAPI exists).
-        steered = one_core(topo, GW_CPU, GEN_CPU)
         gw_mac = topo.mac(topo.gw, topo.inside(0))
         with netns.entered(topo.vpc):
             gen = PacketMmapPort(topo.far(0), rx=False, tx_frames=8192, vnet=False, frame_size=2048)
@@ -212,8 +185,11 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
                 if _counted(topo) - seen >= 0.98 * flows:
                     break
             before = _counted(topo)
+            io0 = benchkit.io_counters(lab) if mode == "hypernat" else {}
             sent = 0
-            c0 = cpu_times()
+            if GEN_RT:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(GEN_RT))
+            lab.mark()
             t0 = time.monotonic()
             end = t0 + seconds
             i = 0
@@ -228,21 +204,22 @@ def measure(mode: str, seconds: float = SECONDS, flows: int = FLOWS, backend: st
                     raise RuntimeError(f"the generator's transmit ring took no frame for {RING_STALL_S:g} s: "
                                        f"{gen.stats()}")
             elapsed = time.monotonic() - t0
-            cpu = cpu_split(c0, cpu_times())
-            rss = _rss_mb(topo.pids if mode == "noop" else topo.pids[1:])
+            cpu, kernel = lab.cpu(), lab.kernel()
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            rss = _rss_mb(lab.forwarder_pids)
             time.sleep(0.2)
             got = _counted(topo) - before
+            io = benchkit.io_summary(benchkit.io_counters(lab), io0) if mode == "hypernat" else None
         finally:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             os.sched_setaffinity(0, old)
             gen.close()
-        return {"mode": mode, "backend": backend, "offered_mpps": sent / elapsed / 1e6, "delivered_mpps": got / elapsed / 1e6,
-                "seconds": elapsed, "flows": flows, "cpu": cpu, "napi_threads": len(steered["napi_threads"]),
-                "gw_rss_mb": rss if mode != "linux" else 0.0}
-    finally:
-        topo.down()
-        for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
-            for f in glob.glob(os.path.join(STATE_DIR, pattern)):
-                os.unlink(f)
+    if mode == "noop":  # its counters: written when the lab stopped it (warm-up pass included)
+        io = benchkit.io_summary(benchkit.io_counters(lab))
+    return {"mode": mode, "backend": backend, "offered_mpps": sent / elapsed / 1e6, "delivered_mpps": got / elapsed / 1e6,
+            "seconds": elapsed, "flows": flows, "cpu": cpu, "kernel": kernel,
+            "napi_threads": len(lab.steered["napi_threads"]), "io": io,
+            "gw_rss_mb": rss if mode != "linux" else 0.0}
 
 
 def test_e2e_udp64_100k_flows_one_nic(benchmark):
@@ -287,6 +264,7 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
         if label != "linux" and lin:
             benchmark.extra_info[f"{label}_over_linux"] = round(results[label]["delivered_mpps"] / lin, 3)
     benchmark.extra_info["flows"] = flows
+    benchmark.extra_info.update(rt_priority=RT_PRIORITY, generator_rt_priority=GEN_RT, load_average=os.getloadavg())
     benchmark.extra_info["seconds"] = seconds
     ios = ["packet_mmap"] + [f"packet_mmap_{r}" for r in RX_RINGS[1:]] + ["af_xdp"]
     for io in ios:
@@ -300,6 +278,9 @@ def test_e2e_udp64_100k_flows_one_nic(benchmark):
                 benchmark.extra_info[f"{m}_{RX_RINGS[0]}_over_{ring}"] = round(a["delivered_mpps"] / b["delivered_mpps"], 3)
     for label, r in results.items():
         benchmark.extra_info[f"{label}_cpu"] = {f"cpu{c}": v for c, v in r["cpu"].items()}
+        benchmark.extra_info[f"{label}_kernel"] = r["kernel"]
+        if r["io"]:
+            benchmark.extra_info[f"{label}_io"] = r["io"]
     print("\n" + json.dumps(benchmark.extra_info, indent=1))
     print("E2E_RATIOS " + json.dumps({k: v for k, v in benchmark.extra_info.items()
                                       if k.endswith(("_over_linux", "_over_noop")) or "_over_v" in k},

@@ -1,15 +1,20 @@
 """What the end-to-end benchmarks of the testbed share: one one-NIC lab per mode, its
-gateway on one core, torn down afterwards (``benchmarks/bench_latency.py``,
-``benchmarks/bench_cps.py``)::
+gateway on one core, torn down afterwards (``benchmarks/bench_e2e.py``,
+``bench_bulk.py``, ``bench_latency.py``, ``bench_cps.py``)::
 
     with one_nic_lab("lat123", "hypernat", "packet_mmap", limits={...}) as lab:
         lab.topo ...            # hn-<tag>-{vpc,gw,inet}, NIC 0 only
         lab.forwarder_pids      # the no-op forwarder / HyperNAT's NIC daemon
-        lab.cpu()               # per-CPU busy / softirq since the lab came up
+        lab.cpu()               # per-CPU busy / softirq since the lab came up (or `mark()`)
+        lab.kernel()            # ... and where the kernel's receive work ran (NET_RX runs
+                                #     per CPU, the NAPI threads' CPU time and CPU)
+        lab.forwarder_stats     # after the with block: the no-op forwarder's own counters
 
 * modes: ``linux`` (nftables NAT, nothing started), ``noop`` (the no-op forwarder on
   the I/O backend), ``hypernat`` (coordinator + one NIC daemon from
   ``conf/testbed.yaml`` cut to NIC 0 on the backend, with the caller's overrides);
+  ``rx_ring`` (v2 / v3) the PACKET_MMAP receive ring of either forwarder, ``mtu`` the
+  links' MTU;
 * offloads on every link except for AF_XDP, which is per-frame (as ``bench_e2e`` and
   ``bench_bulk``);
 * one core (``onecore.one_core``): the gateway's kernel work and its forwarder process
@@ -25,11 +30,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import time
 
 import yaml
 
 from . import netns
-from .onecore import cpu_split, cpu_times, one_core
+from .onecore import cpu_split, cpu_times, one_core, softirq_split, softirqs, thread_times
 from .topology import STATE_DIR, Addressing, Topology
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "conf", "testbed.yaml")
@@ -41,14 +47,15 @@ def tag(prefix: str, mode: str, backend: str) -> str:
     return f"{os.environ.get('HYPERNAT_BENCH_TAG', '')}{prefix}{os.getpid()}{mode[0]}{backend[0]}"
 
 
-def gateway_config(run_dir: str, backend: str, conf: str = CONF, **sections) -> str:
-    """``conf`` cut to NIC 0 on `backend`, its state in `run_dir`; each keyword a
+def gateway_config(run_dir: str, backend: str, conf: str = CONF, rx_ring: str | None = None, **sections) -> str:
+    """``conf`` cut to NIC 0 on `backend` (its PACKET_MMAP receive ring `rx_ring` if
+    given), its state in `run_dir`; each keyword a
     top-level section whose keys are set over the template's (``limits={...}``,
     ``translation_log={...}``, ``external={...}``; a translation log without a path
     writes into `run_dir`).  Written into `run_dir`."""
     with open(conf) as f:
         doc = yaml.safe_load(f)
-    doc["nics"] = [dict(doc["nics"][0], io=backend)]
+    doc["nics"] = [dict(doc["nics"][0], io=backend, **({"rx_ring": rx_ring} if rx_ring else {}))]
     doc["state_dir"] = os.path.join(run_dir, "state")
     for key, over in sections.items():
         doc[key] = {**(doc.get(key) or {}), **over}
@@ -87,33 +94,67 @@ class Lab:
         self.topo, self.config = topo, config
         self.forwarder_pids = []
         self.steered = {}
-        self._t0 = None
+        self.forwarder_stats = {}  # the no-op forwarders' stats files, read at teardown
+        self._t0 = self._s0 = self._n0 = None
 
     def cpu(self) -> dict:
         return cpu_split(self._t0, cpu_times())
 
+    def kernel(self) -> dict:
+        """Where the kernel's receive work ran since `mark()`: {"net_rx": {cpu: NET_RX
+        softirq runs}, "napi": {"threads", "cpu_s": CPU seconds of the gateway links' NAPI
+        threads, "cpus": the CPUs those that ran last ran on}, "forwarder": the same of
+        every thread of the forwarder's processes, "seconds": since `mark()`}: with
+        ``cpu()`` the gateway core's time split into forwarder, NAPI, softirq and the rest
+        (a shared machine's other work, or idle).  (Threaded NAPI is accounted as
+        those threads' system time, not as softirq time: ``cpu()`` shows it as busy.)"""
+        def since(tids):
+            now = thread_times(tids)
+            ran = {tid: (t - self._n0.get(tid, (0, 0))[0], c) for tid, (t, c) in now.items()}
+            return {"threads": len(now), "cpu_s": round(sum(t for t, _ in ran.values()), 3),
+                    # of the threads that ran since: a thread that did not (a link that
+                    # received nothing) still shows where it ran before it was pinned
+                    "cpus": sorted({c for t, c in ran.values() if t > 0})}
+
+        return {"net_rx": {c: v["NET_RX"] for c, v in softirq_split(self._s0, softirqs()).items()},
+                "napi": since(self.steered.get("napi_threads", [])), "forwarder": since(self._forwarder_tids()),
+                "seconds": round(time.monotonic() - self._m0, 3)}
+
+    def _forwarder_tids(self) -> list:
+        out = []
+        for pid in self.forwarder_pids:
+            try:
+                out += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except FileNotFoundError:
+                pass
+        return out
+
     def mark(self) -> None:
-        """Start the per-CPU accounting of `cpu()` here."""
-        self._t0 = cpu_times()
+        """Start the per-CPU accounting of `cpu()` and `kernel()` here."""
+        self._t0, self._s0, self._m0 = cpu_times(), softirqs(), time.monotonic()
+        self._n0 = thread_times(self.steered.get("napi_threads", []) + self._forwarder_tids())
 
 
 @contextlib.contextmanager
 def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu: int = 0, rt: int = 10,
-                addr: Addressing | None = None, conf: str = CONF, **sections):
+                addr: Addressing | None = None, conf: str = CONF, mtu: int = 1500, rx_ring: str | None = None,
+                **sections):
     """A one-NIC lab in `mode` with its gateway started and on one core (module
     docstring); removed on exit, whatever happened."""
     from . import cli
 
-    topo = Topology(tag=tag, nics=1, mode=mode, addr=addr or Addressing.from_config(conf),
+    topo = Topology(tag=tag, nics=1, mode=mode, addr=addr or Addressing.from_config(conf), mtu=mtu,
                     offloads=backend != "af_xdp")
+    ring = rx_ring if backend == "packet_mmap" else None
+    lab = None
     try:
         topo.up()
         config = None
         if mode == "hypernat":
-            config = gateway_config(topo.run_dir(), backend, conf, **sections)
+            config = gateway_config(topo.run_dir(), backend, conf, rx_ring=ring, **sections)
         lab = Lab(topo, config)
         if mode != "linux":
-            cli.start_gateway(topo, config, backend=backend)
+            cli.start_gateway(topo, config, backend=backend, rx_ring=ring or "v2")
             # the forwarder: every no-op process; for HyperNAT the NIC daemon (the
             # coordinator, pids[0], only handles what is not per packet)
             lab.forwarder_pids = list(topo.pids if mode == "noop" else topo.pids[1:])
@@ -130,11 +171,65 @@ def one_nic_lab(tag: str, mode: str, backend: str, *, gw_cpu: int = 1, ends_cpu:
         lab.mark()
         yield lab
     finally:
-        topo.down()
+        topo.down()  # (the no-op forwarders write their stats files as they stop)
+        if lab is not None and mode == "noop":
+            lab.forwarder_stats = _noop_stats(topo.tag)
         if not os.environ.get("HN_KEEP"):
             for pattern in (f"{topo.tag}-*.json", f"{topo.tag}-*.log"):
                 for f in glob.glob(os.path.join(STATE_DIR, pattern)):
                     os.unlink(f)
+
+
+def _noop_stats(tag: str) -> dict:
+    """{"noopK": counters} of the lab's no-op forwarders' stats files ({} if none)."""
+    import json
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(STATE_DIR, f"{tag}-noop*.json"))):
+        try:
+            with open(f) as fh:
+                out[os.path.basename(f)[len(tag) + 1:-5]] = json.load(fh)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def io_counters(lab) -> dict:
+    """The forwarder's I/O counters, flat: HyperNAT's NIC daemon's (``loop_batches``,
+    ``port_<link>_<counter>``; ask while the lab is up) or the no-op forwarder's (its
+    stats file, read at teardown: ask after the with block), {} in Linux mode."""
+    if lab.topo.mode == "hypernat":
+        from .cli import gateway_counters
+
+        return {k: v for k, v in gateway_counters(lab.topo).items() if isinstance(v, (int, float))}
+    out = {}
+    for st in lab.forwarder_stats.values():
+        out["loop_batches"] = out.get("loop_batches", 0) + st.get("forwarder", {}).get("batches", 0)
+        for side in ("inside", "outside"):
+            for k, v in (st.get(side) or {}).items():
+                if isinstance(v, (int, float)):
+                    key = f"port_{side}0_{k}"
+                    out[key] = out.get(key, 0) + v
+    return out
+
+
+def io_summary(after: dict, before: dict | None = None) -> dict:
+    """What the forwarder's I/O did between two ``io_counters``: frames received (both
+    links), receive batches (each one a turn that found frames: frames per batch near 1
+    means the forwarder woke per frame, near its batch size that it ran behind), frames
+    per transmit kick (a ``sendto`` each), and the frames the kernel dropped because the
+    receive ring was full."""
+    before = before or {}
+
+    def d(suffix):
+        return sum(v - before.get(k, 0) for k, v in after.items() if k.startswith("port_") and k.endswith(suffix))
+
+    rx, batches = d("_rx_frames"), after.get("loop_batches", 0) - before.get("loop_batches", 0)
+    tx, kicks = d("_tx_frames"), d("_tx_kicks")
+    return {"rx_frames": rx, "batches": batches, "frames_per_batch": round(rx / batches, 2) if batches else None,
+            "tx_frames": tx, "tx_kicks": kicks, "frames_per_kick": round(tx / kicks, 2) if kicks else None,
+            "rx_super_frames": d("_rx_super_frames"), "kernel_rx_drops": d("_kernel_rx_drops"),
+            "tx_ring_full": d("_tx_ring_full")}
 
 
 def nft_packets(ns: str, family: str, table: str) -> dict:

@@ -56,6 +56,44 @@ def cpu_split(before: dict, after: dict) -> dict:
     return out
 
 
+def softirqs() -> dict:
+    """{cpu: {"NET_RX": n, "NET_TX": n}} from /proc/softirqs: how many times each
+    CPU ran the network softirqs (counts, not time: ``cpu_split`` has the time)."""
+    out = {}
+    with open("/proc/softirqs") as f:
+        cpus = [int(c[3:]) for c in f.readline().split()]
+        for ln in f:
+            name, *vals = ln.split()
+            if name.rstrip(":") in ("NET_RX", "NET_TX"):
+                for c, v in zip(cpus, vals):
+                    out.setdefault(c, {})[name.rstrip(":")] = int(v)
+    return out
+
+
+def softirq_split(before: dict, after: dict) -> dict:
+    """{cpu: {"NET_RX": runs, "NET_TX": runs}} between two ``softirqs``."""
+    return {c: {k: v - before.get(c, {}).get(k, 0) for k, v in after[c].items()} for c in after}
+
+
+def thread_times(tids) -> dict:
+    """{tid: (cpu seconds so far, the CPU it last ran on)} of each thread that still
+    exists (/proc/TID/schedstat: time on a CPU, in ns; /proc/TID/stat: processor).  With
+    threaded NAPI a link's receive work runs in its ``napi/IF-ID`` thread, accounted as
+    that thread's system time, not as softirq time: this is where it shows, and on
+    which CPU."""
+    out = {}
+    for t in tids:
+        try:
+            with open(f"/proc/{t}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{t}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[t] = (ns / 1e9, int(fields[36]))  # after "pid (comm)": processor is field 39
+    return out
+
+
 def _set_rps(ns: str, ifname: str, cpu: int | None) -> None:
     mask = "0" if cpu is None else f"{1 << cpu:x}"
     netns.run(ns, ["sh", "-c", f"for q in /sys/class/net/{ifname}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"],
