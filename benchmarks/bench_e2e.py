@@ -49,7 +49,7 @@ import time
 import numpy as np
 import pytest
 
-from hypernat.lab import netns
+from hypernat.lab import netns, udpgen
 from hypernat.lab.deadline import Deadline
 
 SECONDS = float(os.environ.get("HYPERNAT_E2E_SECONDS", "3"))
@@ -78,33 +78,9 @@ def build_frames(n_flows: int, src_mac: bytes, dst_mac: bytes, internal: str, ds
     f = np.arange(n_flows, dtype=np.uint32)
     base = int(ipaddress.ip_network(internal).network_address)
     src = base + 256 + f // 20000  # a few hosts
-    sport = 10000 + (f // 1000) % 20
+    sport = 10000 + (f // 1000) % 20 + 20 * (f // 20000)  # (src, sport, dport) unique per flow
     dport = 1000 + f % 1000
-    sport = sport + 20 * (f // 20000)  # (src, sport, dport) unique per flow
-    fr = np.zeros((n_flows, FRAME), dtype=np.uint8)
-    fr[:, 0:6] = np.frombuffer(dst_mac, np.uint8)
-    fr[:, 6:12] = np.frombuffer(src_mac, np.uint8)
-    fr[:, 12:14] = (0x08, 0x00)
-    ip = fr[:, 14:34]
-    ip[:, 0] = 0x45
-    ip[:, 2:4] = (0, 46)  # total length: 20 + 8 + 18 payload
-    ip[:, 8] = 64
-    ip[:, 9] = 17
-    ip[:, 12:16] = src.astype(">u4").view(np.uint8).reshape(-1, 4)
-    ip[:, 16:20] = np.frombuffer(ipaddress.IPv4Address(dst_ip).packed, np.uint8)
-    words = ip.reshape(n_flows, 10, 2).astype(np.uint32)
-    s = (words[:, :, 0] << 8 | words[:, :, 1]).sum(axis=1)
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    ck = (~s) & 0xFFFF
-    ip[:, 10] = ck >> 8
-    ip[:, 11] = ck & 0xFF
-    udp = fr[:, 34:42]
-    udp[:, 0:2] = sport.astype(">u2").view(np.uint8).reshape(-1, 2)
-    udp[:, 2:4] = dport.astype(">u2").view(np.uint8).reshape(-1, 2)
-    udp[:, 4:6] = (0, 26)
-    # UDP checksum 0: none (RFC 768); NATs update it only when present.
-    return fr
+    return udpgen.build_frames(src, sport, dst_ip, dport, src_mac, dst_mac)
 
 
 WARMUP_PASSES = 6

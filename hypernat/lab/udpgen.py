@@ -43,10 +43,11 @@ def flow_endpoints(n: int, hosts: int, internal: str) -> tuple:
     return (base + h).astype(np.uint32), (1024 + (h * per_host + f // hosts) % 64000).astype(np.uint16)
 
 
-def build_frames(src: np.ndarray, sport: np.ndarray, dst_ip: str, dport: int, src_mac: bytes,
+def build_frames(src: np.ndarray, sport: np.ndarray, dst_ip: str, dport, src_mac: bytes,
                  dst_mac: bytes) -> np.ndarray:
     """One 60-byte Ethernet/IPv4/UDP frame per (src, sport), as an (n, 60) uint8 array,
-    IPv4 header checksums computed."""
+    IPv4 header checksums computed; ``dport``: one port, or one per frame.  (UDP
+    checksum 0: none, RFC 768; NATs update it only when present.)"""
     n = len(src)
     fr = np.zeros((n, FRAME), dtype=np.uint8)
     fr[:, 0:6] = np.frombuffer(dst_mac, np.uint8)
@@ -68,7 +69,7 @@ def build_frames(src: np.ndarray, sport: np.ndarray, dst_ip: str, dport: int, sr
     ip[:, 11] = ck & 0xFF
     udp = fr[:, 34:42]
     udp[:, 0:2] = sport.astype(">u2").view(np.uint8).reshape(-1, 2)
-    udp[:, 2:4] = np.frombuffer(int(dport).to_bytes(2, "big"), np.uint8)
+    udp[:, 2:4] = np.broadcast_to(np.asarray(dport, np.uint32), (n,)).astype(">u2").view(np.uint8).reshape(-1, 2)
     udp[:, 4:6] = (0, 26)
     return fr
 
