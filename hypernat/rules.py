@@ -1106,9 +1106,8 @@ class RuleBuilder:
         each lease it grants."""
         status, found = self._serve(rows if isinstance(rows, list) else list(rows), now)
         out = [(st, None) for st in status]
-        if found:
-            for f, t in zip(found, self._session_tuples(found, DIR_BITS_BOTH)):
-                out[f[0]] = (0, t)
+        if found:  # out[index] = (0, session) for each, in C
+            self.maps.session_rows(found, self.out, self.inn, DIR_BITS_BOTH, self.nic, out)
         return out
 
     def _serve(self, rows, now):

@@ -435,11 +435,12 @@ cdef class Mappings:
             raise ValueError(f"rule id {rid} is not free")
         self._put(rid, p, ia, ip, ea, ep, block)
 
-    def session_rows(self, list found, out, inn, int dirs, int owner):
+    def session_rows(self, list found, out, inn, int dirs, int owner, list into=None):
         """The sessions found = [(index, rule id, R, Rp)] as tuples in SESSION_DTYPE
         field order (hypernat.rules): the mapping's endpoints, `dirs`, `owner`, and the
         two flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in
-        each entry's TCP flags (0 for an entry not there)."""
+        each entry's TCP flags (0 for an entry not there).  A list; or with `into`,
+        into[index] = (0, tuple) for each (fetch serving's answers) and None."""
         cdef list res = []
         cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
         cdef MapRec* m
@@ -452,9 +453,13 @@ cdef class Mappings:
             # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
             lo, to = _seen_state(out, c, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp)
             li, ti = _seen_state(inn, c, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport)
-            res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
-                        to, ti, owner, 0))
-        return res
+            t = (m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
+                 to, ti, owner, 0)
+            if into is None:
+                res.append(t)
+            else:
+                into[<Py_ssize_t>f[0]] = (0, t)
+        return res if into is None else None
 
     # -- pending flow-table entries -------------------------------------------------------
     @property
