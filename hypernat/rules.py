@@ -562,7 +562,7 @@ class RuleBuilder:
         inbound = direction == IN
         j = 0
         while True:
-            j = run(vb, kbytes, j, now, idx, res, replay, inbound)
+            j = run(vb, kbytes, j, now, idx, res, replay, inbound, fetches)
             if j >= n:
                 break
             v = int(vb[j])
@@ -655,14 +655,19 @@ class RuleBuilder:
         """An incoming packet without a session here: fetch, filter or admit.  The
         common case is compiled (``OutSetup.in_``: the owner, the mapping, filtering,
         the session); the rest is decided here."""
-        r = self._setup.in_(p, raddr, rport, eaddr, eport, fl, icmp_error)
+        su = self._setup
+        r = su.in_(p, raddr, rport, eaddr, eport, fl, icmp_error)
         if r != _NEED_PY:
             if r == _OK:
-                self._last = self._setup.last
+                self._last = su.last
                 return _OK
+            if r == _FETCH:
+                if serving:
+                    return self._refuse(_R_NOT_OWNER)
+                self._fetch_owner = su.fetch_owner
+                return _FETCH
             return self._refuse(r)
-        # the rare events: another NIC's endpoint (fetch, or not_owner when serving), a
-        # partition with loans, per-rule log lines and PUSH records
+        # the rare events: a partition with loans, per-rule log lines and PUSH records
         o = self.part.owner(eaddr, eport)
         if o < 0:
             return self._refuse(_R_NOT_IN_POOL)

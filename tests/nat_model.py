@@ -230,7 +230,7 @@ class MappingsModel:
 
 
 # OutSetup's answers besides a refusal's reason index
-OK, NEED_PY = -1, -4
+OK, FETCH, NEED_PY = -1, -2, -4
 
 
 class OutSetupModel:
@@ -244,7 +244,7 @@ class OutSetupModel:
         self.rate, self.cap, self.preserve = rate, cap, preserve
         self.room = 1 << 30
         self.recovering = self.py_session = self.py_mapping = self.owner_py = False
-        self.last = 0
+        self.last = self.fetch_owner = 0
         self.nic, self.filtering, self.owner = 0, "endpoint-independent", None
         self.refused = collections.Counter()  # refusals run / serve answered (drain)
 
@@ -260,8 +260,11 @@ class OutSetupModel:
         o = self.owner(ea, ep)
         if o < 0:
             return self.reasons["not_in_pool"]
-        if o != self.nic or self.owner_py:
-            return NEED_PY  # a fetch (or not_owner when serving); loans: the builder asks
+        if self.owner_py:
+            return NEED_PY  # loans: the builder asks Partition.owner
+        if o != self.nic:
+            self.fetch_owner = o
+            return FETCH  # another NIC's endpoint (serving: not_owner)
         rid = self.maps.by_external(p, ea, ep)
         r = 0 if p == 1 else rp
         if rid and self.maps.has_session(rid, ra, r):
@@ -292,7 +295,7 @@ class OutSetupModel:
             return True
         return r == OK
 
-    def run(self, verdicts, keys, i, now, idx, res, replay, inbound=False, v_out=1, v_in=2, v_icmp=3):
+    def run(self, verdicts, keys, i, now, idx, res, replay, inbound=False, fetches=None, v_out=1, v_in=2, v_icmp=3):
         """OutSetup.run: keys as (saddr, daddr, sport, dport, proto, kind, tcp_flags)."""
         while i < len(verdicts):
             v = verdicts[i]
@@ -304,6 +307,12 @@ class OutSetupModel:
                 if v not in (v_in, v_icmp):
                     break
                 r = self.in_(p, s, sp, d, dp, fl, kind == 1)
+                if r == FETCH and fetches is not None:
+                    idx.append(i)
+                    res.append(r)
+                    fetches.append((i, self.fetch_owner, 1, p, s, sp, d, dp, kind, fl))  # 1: verdicts.IN
+                    i += 1
+                    continue
             else:
                 if v != v_out:
                     break
@@ -329,6 +338,8 @@ class OutSetupModel:
                 r, key = self.out(p, s, sp, d, dp, now, kind == 1), (d, 0 if p == 1 else dp)
             else:
                 break
+            if r == FETCH:
+                r = self.reasons["not_owner"]
             if not self._answered(r):
                 break
             if r == OK:

@@ -275,7 +275,7 @@ def test_mappings_many_grow_and_shrink():
 
 # ------------------------------------------------------------------------ the compiled setup
 REASONS = {"not_internal": 10, "icmp_error_no_session": 11, "table_full": 12, "host_rate_limited": 13,
-           "not_in_pool": 14, "unsolicited_syn": 15, "no_mapping": 16, "filtered": 17}
+           "not_in_pool": 14, "unsolicited_syn": 15, "no_mapping": 16, "filtered": 17, "not_owner": 18}
 VERDICTS = {"miss_out": 1, "miss_in": 2, "miss_icmp_error": 3, "miss_hairpin": 4}
 INTERNAL = [(10 << 24, 0xFF000000)]
 
@@ -487,15 +487,18 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                     assert got == sm.in_(*args), args
                     if got == -1:
                         assert su.last == sm.last
+                    if got == -2:
+                        assert su.fetch_owner == sm.fetch_owner
                 v = np.array([2, 0, 3, 2], np.uint8)
                 kb = np.zeros(4, layout.KEY_DTYPE)
                 for j, (ra, ea, rp, ep, q, kind, f) in enumerate(keys):
                     kb[j] = (ra, ea, rp, ep, q, kind, f, 0)
-                ci, cr, cp, mi, mr, mq = [], [], [], [], [], []
+                ci, cr, cp, cf, mi, mr, mq, mf = [], [], [], [], [], [], [], []
                 start = x % 2
-                got = su.run(v, kb.view(np.uint8).reshape(-1), start, now, ci, cr, cp, True)
-                assert got == sm.run(v.tolist(), keys, start, now, mi, mr, mq, True)
-                assert (ci, cr, cp) == (mi, mr, mq)
+                cf, mf = ([], []) if r % 2 else (None, None)  # fetches queued by run, or a stop
+                got = su.run(v, kb.view(np.uint8).reshape(-1), start, now, ci, cr, cp, True, cf)
+                assert got == sm.run(v.tolist(), keys, start, now, mi, mr, mq, True, mf)
+                assert (ci, cr, cp, cf) == (mi, mr, mq, mf)
             else:  # serve: fetch rows both ways (direction 2: not one)
                 rows = [((k + x) % 2 if k < 3 else (2 if fl == 0x10 else 0), ra, ea, rp, ep, q, kind, f, 0)
                         for k, (ra, ea, rp, ep, q, kind, f) in enumerate(keys)]
@@ -505,9 +508,9 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                 assert su.serve(rows, 0, now, cs, cf) == sm.serve(rows, 0, now, ms, mf)
                 assert (cs, cf) == (ms, mf)
         assert su.room == sm.room
-    counted = [0] * 18
+    counted = [0] * 19
     su.drain(counted)
-    assert counted == [sm.refused[k] for k in range(18)]
+    assert counted == [sm.refused[k] for k in range(19)]
     assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
     for rid in mm.m:
         assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)

@@ -547,6 +547,7 @@ if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f
 cdef enum:
     LOOKAHEAD = 4     # OutSetup.run prefetches this many frames ahead
     OK = -1           # the session exists or was added (rules._OK)
+    FETCH = -2        # another NIC owns it (rules._FETCH): ``fetch_owner``
     NEED_PY = -4      # nothing done: the caller's general path decides (rare events)
 
 
@@ -579,10 +580,13 @@ cdef class OutSetup:
     (endpoint-independent, address-dependent, address-and-port-dependent), an
     unsolicited SYN, the table's room, the new session.  NEED_PY: another NIC owns the
     endpoint (a fetch, or a refusal when serving), the partition has loans (the caller
-    asks it), a new session needs the caller (log line, PUSH record).
+    asks it), a new session needs the caller (log line, PUSH record).  Another NIC's
+    endpoint answers FETCH: ``run`` queues the fetch itself, ``serve`` refuses it
+    (not_owner).
 
     ``out`` / ``in_`` answer one packet: -1 (the session exists or was added; ``last``
-    is its rule id), a refusal's reason index (the caller counts it), or -4 (NEED_PY).
+    is its rule id), -2 (``in_``: another NIC owns the endpoint, ``fetch_owner``), a
+    refusal's reason index (the caller counts it), or -4 (NEED_PY).
     ``run`` answers a batch's misses of one direction in frame order, ``serve`` a list
     of fetch rows, until one needs the caller; the refusals they answer themselves
     (every one that does not log: all but table_full) are counted here and added to
@@ -599,7 +603,7 @@ cdef class OutSetup:
     cdef int nnets
     cdef bint preserve
     cdef uint32_t cap
-    cdef int r_not_internal, r_icmp, r_full, r_rate, r_not_in_pool, r_usyn, r_no_mapping, r_filtered
+    cdef int r_not_internal, r_icmp, r_full, r_rate, r_not_in_pool, r_usyn, r_no_mapping, r_filtered, r_not_owner
     cdef int v_miss_out, v_miss_in, v_miss_icmp, v_miss_lo, v_miss_hi
     # incoming: this NIC, the filtering behaviour, the partition's geometry (bind_in)
     cdef bint has_in
@@ -619,6 +623,7 @@ cdef class OutSetup:
     cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
     cdef public bint py_mapping       # a new mapping needs the caller (log line)
     cdef readonly uint32_t last       # rule id of the last session answered -1
+    cdef readonly int fetch_owner     # the NIC of the last answer -2 (FETCH)
 
     def __cinit__(self):
         self.nets = NULL
@@ -629,7 +634,7 @@ cdef class OutSetup:
     def __init__(self, Mappings maps not None, internal, reasons, verdicts):
         """`internal`: [(network, netmask)] as ints; `reasons`: {name: index} of
         not_internal, icmp_error_no_session, table_full, host_rate_limited, not_in_pool,
-        unsolicited_syn, no_mapping, filtered; `verdicts`: {name: value} of miss_out,
+        unsolicited_syn, no_mapping, filtered, not_owner; `verdicts`: {name: value} of miss_out,
         miss_in, miss_icmp_error, miss_hairpin (the misses: one range of values)."""
         self.mp = maps
         nets = list(internal)
@@ -648,6 +653,7 @@ cdef class OutSetup:
         self.r_usyn = reasons["unsolicited_syn"]
         self.r_no_mapping = reasons["no_mapping"]
         self.r_filtered = reasons["filtered"]
+        self.r_not_owner = reasons["not_owner"]
         self.nreasons = max(reasons.values()) + 1
         self.nref = <int64_t*>calloc(self.nreasons, sizeof(int64_t))
         if self.nref == NULL:
@@ -736,8 +742,11 @@ cdef class OutSetup:
         cdef int64_t o = self.owner_c(ea, ep)
         if o == -1:
             return self.r_not_in_pool
+        if o == OWNER_PY:
+            return NEED_PY  # loans: Partition.owner decides
         if o != self.nic:
-            return NEED_PY  # another NIC's endpoint (fetch / not_owner), or loans
+            self.fetch_owner = <int>o
+            return FETCH  # another NIC's endpoint: a fetch (serving: not_owner)
         cdef Mappings mp = self.mp
         cdef uint32_t rid = mp.find_ext(p, ea, ep)
         cdef uint16_t r = 0 if p == P_ICMP else rp
@@ -834,13 +843,16 @@ cdef class OutSetup:
         return False
 
     def run(self, const uint8_t[::1] verdicts not None, const uint8_t[::1] keys not None, Py_ssize_t i,
-            int64_t now, list idx, list res, list replay, bint inbound=False):
+            int64_t now, list idx, list res, list replay, bint inbound=False, list fetches=None):
         """Frames i, i+1, ... of a batch (`verdicts` uint8[n], `keys` layout.KEY_DTYPE[n]
         as bytes) translated outgoing (`inbound` False: its outgoing misses, ``out``) or
         incoming (True: its incoming and ICMP-error misses, ``in_``): frames that are not
         misses are passed over; each miss answered -1 appends its frame index to `idx`
         and `replay` and -1 to `res`; each refusal that does not log (all but
-        table_full) its index to `idx` and its reason to `res` (counted: ``drain``).
+        table_full) its index to `idx` and its reason to `res` (counted: ``drain``);
+        with `fetches` (inbound), a miss for another NIC's endpoint appends its index to
+        `idx`, -2 to `res` and (frame, owner, IN, proto, saddr, sport, daddr, dport,
+        kind, tcp_flags) to `fetches` (``RuleBuilder.decide_misses``'s fetch tuples).
         Returns the index of the first miss it did not answer (n: none left),
         untouched: the caller's general path takes it."""
         cdef Py_ssize_t n = verdicts.shape[0], a
@@ -869,6 +881,13 @@ cdef class OutSetup:
                 if v != self.v_miss_in and v != self.v_miss_icmp:
                     break
                 r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, k.kind == KIND_ICMP_ERROR)
+                if r == FETCH and fetches is not None:
+                    idx.append(i)
+                    res.append(FETCH)
+                    fetches.append((i, self.fetch_owner, D_IN, k.proto, k.saddr, k.sport, k.daddr, k.dport, k.kind,
+                                    k.tcp_flags))
+                    i += 1
+                    continue
             else:
                 if v != self.v_miss_out:
                     break
@@ -911,6 +930,8 @@ cdef class OutSetup:
                     found.append((i, self.last, d, 0 if p == P_ICMP else dp))
             else:
                 break
+            if r == FETCH:  # serving: another NIC's endpoint
+                r = self.r_not_owner
             if r != OK:
                 if r >= 0 and r != self.r_full:
                     self.nref[r] += 1
