@@ -76,11 +76,15 @@ UDP port 5000 are different endpoints).
 Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
 hypernat.nat._hosts.Hosts), the per-host connection rate (hypernat.nat._rate) and the
 mappings and sessions (``maps``: hypernat.nat._mappings.Mappings) are C records: no
-Python object per block, host, mapping or session.  An outgoing first packet's common
-case (a known host, its mapping or a port in one of its blocks, the session) is decided
-in C over the batch's arrays (``_mappings.OutSetup``); Python runs per miss only for
-what that leaves (a new host or block, a fetch, a refusal, incoming, hairpin and ICMP
-error misses).  The sessions a call adds reach the flow tables in one pass at its end
+Python object per block, host, mapping or session.  A first packet's common case is
+decided in C over the batch's arrays (``_mappings.OutSetup``): outgoing (a known host,
+its mapping or a port in one of its blocks, the session), incoming (the endpoint's
+owner -- a fetch queued if it is another NIC's --, the mapping, filtering, the
+session), and the refusals that do not log, counted there; fetch serving runs the same
+code over its rows (``OutSetup.serve``).  Python runs per miss only for what that
+leaves (a new host or block, an EIM host owned elsewhere, the refusals that log, a
+partition with loans, per-rule log lines and PUSH records, hairpin misses and outgoing
+ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
 (``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.

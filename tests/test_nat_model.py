@@ -477,7 +477,8 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                 if rids and (port + k) % 3:
                     q, _, _, ea, ep, _ = mm.get(rids[(x + k) % len(rids)])
                 else:
-                    q, ea, ep = p, [198 << 24, 198 << 24 | 1, 197 << 24 | 4, 199 << 24][(h + k) % 4], 1000 + port * 8 + k
+                    ea = [198 << 24, 198 << 24 | 1, 197 << 24 | 4, 199 << 24][(h + k) % 4]
+                    q, ep = p, 1000 + port * 8 + k
                 keys.append((7 << 24 | (r + k) % 3, ea, 80 + (x + k) % 2, ep, q, int(fl == 0x11 and k == 1),
                              fl if q == 6 else 0))
             if op == "in":
