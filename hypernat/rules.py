@@ -76,11 +76,15 @@ UDP port 5000 are different endpoints).
 Cost: the port blocks (``blocks``: hypernat.nat._ports.PortBlocks), the hosts (``hosts``:
 hypernat.nat._hosts.Hosts), the per-host connection rate (hypernat.nat._rate) and the
 mappings and sessions (``maps``: hypernat.nat._mappings.Mappings) are C records: no
-Python object per block, host, mapping or session.  An outgoing first packet's common
-case (a known host, its mapping or a port in one of its blocks, the session) is decided
-in C over the batch's arrays (``_mappings.OutSetup``); Python runs per miss only for
-what that leaves (a new host or block, a fetch, a refusal, incoming, hairpin and ICMP
-error misses).  The sessions a call adds reach the flow tables in one pass at its end
+Python object per block, host, mapping or session.  A first packet's common case is
+decided in C over the batch's arrays (``_mappings.OutSetup``): outgoing (a known host,
+its mapping or a port in one of its blocks, the session), incoming (the endpoint's
+owner -- a fetch queued if it is another NIC's --, the mapping, filtering, the
+session), and the refusals that do not log, counted there; fetch serving runs the same
+code over its rows (``OutSetup.serve``).  Python runs per miss only for what that
+leaves (a new host or block, an EIM host owned elsewhere, the refusals that log, a
+partition with loans, per-rule log lines and PUSH records, hairpin misses and outgoing
+ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
 (``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
@@ -150,6 +154,7 @@ from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
+from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
@@ -466,8 +471,16 @@ class RuleBuilder:
         return max(16, min(self.out.capacity, self.inn.capacity))
 
     def _bind_setup(self) -> None:
-        """Give the compiled setup the current host table, blocks, rate and cap."""
+        """Give the compiled setup the current host table, blocks, rate and cap, and for
+        incoming misses this NIC, the filtering behaviour and the partition's geometry."""
         self._setup.bind(self.hosts, self.blocks, self._rate, self._cap, self._preserve)
+        pt = self.part
+        ranges, off = [], 0
+        for net in pt.nets:  # pool order: the pool index of a prefix's first address
+            ranges.append((int(net.network_address), int(net.num_addresses), off))
+            off += int(net.num_addresses)
+        self._setup.bind_in(self.nic, self._filter, ranges, pt.port_min, pt.port_max, pt.block_size,
+                            pt.strategy == BY_PORT, pt.n, pt.bpa, pt.n_addrs)
 
     def _begin(self) -> None:
         """Per call that may add sessions: the room left in the tables, and which new
@@ -478,6 +491,7 @@ class RuleBuilder:
         su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
         su.py_mapping = tl is not None and not tl.per_block and not tl.remote
         su.recovering = self.recovering
+        su.owner_py = bool(self.part.overrides)  # loans: Partition.owner decides (Python)
 
     def _is_internal(self, addr: int) -> bool:
         for net, mask in self._internal:
@@ -549,9 +563,10 @@ class RuleBuilder:
         out_, in_ = self._out, self._in
         icmp_kind = layout.KIND_ICMP_ERROR
         run = self._setup.run
+        inbound = direction == IN
         j = 0
         while True:
-            j = run(vb, kbytes, j, now, idx, res, replay)
+            j = run(vb, kbytes, j, now, idx, res, replay, inbound, fetches)
             if j >= n:
                 break
             v = int(vb[j])
@@ -587,6 +602,7 @@ class RuleBuilder:
                 replay.append(j)
             j += 1
         if idx:
+            self._setup.drain(self.counters)
             self._flush(now)
         return replay, fetches, idx, res
 
@@ -640,7 +656,22 @@ class RuleBuilder:
         return _OK
 
     def _in(self, p, raddr, rport, eaddr, eport, fl, now, icmp_error=False, serving=False) -> int:
-        """An incoming packet without a session here: fetch, filter or admit."""
+        """An incoming packet without a session here: fetch, filter or admit.  The
+        common case is compiled (``OutSetup.in_``: the owner, the mapping, filtering,
+        the session); the rest is decided here."""
+        su = self._setup
+        r = su.in_(p, raddr, rport, eaddr, eport, fl, icmp_error)
+        if r != _NEED_PY:
+            if r == _OK:
+                self._last = su.last
+                return _OK
+            if r == _FETCH:
+                if serving:
+                    return self._refuse(_R_NOT_OWNER)
+                self._fetch_owner = su.fetch_owner
+                return _FETCH
+            return self._refuse(r)
+        # the rare events: a partition with loans, per-rule log lines and PUSH records
         o = self.part.owner(eaddr, eport)
         if o < 0:
             return self._refuse(_R_NOT_IN_POOL)
@@ -1082,45 +1113,48 @@ class RuleBuilder:
         the mapping exists and the filtering behaviour admits the remote.  Keys of kind
         KIND_ICMP_ERROR only look up.  The caller (the agent) then calls ``hold`` for
         each lease it grants."""
-        status, found = self._serve([r[0] for r in rows], [r[1:] for r in rows], now)
+        status, found = self._serve(rows if isinstance(rows, list) else list(rows), now)
         out = [(st, None) for st in status]
-        if found:
-            for f, t in zip(found, self._session_tuples(found, DIR_BITS_BOTH)):
-                out[f[0]] = (0, t)
+        if found:  # out[index] = (0, session) for each, in C
+            self.maps.session_rows(found, self.out, self.inn, DIR_BITS_BOTH, self.nic, out)
         return out
 
-    def _serve(self, dirs, rows, now):
-        """The per-record part of serving fetches: rows are KEY_DTYPE tuples (saddr
-        daddr sport dport proto kind tcp_flags icmp_type), dirs their fetch directions.
+    def _serve(self, rows, now):
+        """The per-record part of serving fetches (rows as ``serve_fetch_rows`` takes
+        them): the compiled ``OutSetup.serve`` answers rows in order until one needs
+        the general path (``_out`` / ``_in``), which answers that one, and so on.
         Returns (status list, found = [(index, rule id, raddr, rport)])."""
         now = int(now)
-        status = [0] * len(rows)
+        n = len(rows)
+        status = [0] * n
         found = []  # (index, rule id, raddr, rport)
         self._begin()
         icmp_kind = layout.KIND_ICMP_ERROR
-        out_, in_ = self._out, self._in
-        pidx = _PIDX
-        add = found.append
-        # plain ints, not numpy scalars: this is the per-record cost of serving a burst
-        for i, (s, d, sp, dp, p, kind, fl, _) in enumerate(rows):
-            if p not in pidx:
+        serve = self._setup.serve
+        i = 0
+        while True:
+            i = serve(rows, i, now, status, found)
+            if i >= n:
+                break
+            fd, s, d, sp, dp, p, kind, fl = rows[i][:8]
+            if p not in _PIDX:
                 status[i] = self._refuse(_R_BAD)
-                continue
-            fd = dirs[i]
-            if fd == IN:
-                r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
+            elif fd == IN:
+                r = self._in(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
                 if r == _OK:
-                    add((i, self._last, s, 0 if p == PROTO_ICMP else sp))
+                    found.append((i, self._last, s, 0 if p == PROTO_ICMP else sp))
                 else:
                     status[i] = r
             elif fd == OUT:
-                r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
+                r = self._out(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
                 if r == _OK:
-                    add((i, self._last, d, 0 if p == PROTO_ICMP else dp))
+                    found.append((i, self._last, d, 0 if p == PROTO_ICMP else dp))
                 else:
                     status[i] = r
             else:
                 status[i] = self._refuse(_R_BAD)
+            i += 1
+        self._setup.drain(self.counters)
         self._flush(now)
         return status, found
 

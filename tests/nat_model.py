@@ -5,9 +5,11 @@ for the same inputs and seed.  tests/test_nat_model.py drives both with hypothes
 
 Covered: the port-block allocator (``hypernat.nat._ports.PortBlocks``), the host table's
 allocation (``_hosts.Hosts``), the per-host rate (``_rate.HostRate``), the mappings and
-sessions (``_mappings.Mappings``) and the compiled common case of an outgoing first
-packet (``_mappings.OutSetup``).
+sessions (``_mappings.Mappings``) and the compiled common case of a first packet without
+a session, outgoing and incoming, and of fetch serving (``_mappings.OutSetup``: ``out``,
+``in_``, ``run``, ``serve``).
 """
+import collections
 
 M64 = (1 << 64) - 1
 
@@ -228,7 +230,7 @@ class MappingsModel:
 
 
 # OutSetup's answers besides a refusal's reason index
-OK, NEED_PY = -1, -4
+OK, FETCH, NEED_PY = -1, -2, -4
 
 
 class OutSetupModel:
@@ -241,8 +243,111 @@ class OutSetupModel:
         self.maps, self.hosts, self.internal, self.reasons = maps, hosts, internal, reasons
         self.rate, self.cap, self.preserve = rate, cap, preserve
         self.room = 1 << 30
-        self.recovering = self.py_session = self.py_mapping = False
-        self.last = 0
+        self.recovering = self.py_session = self.py_mapping = self.owner_py = False
+        self.last = self.fetch_owner = 0
+        self.nic, self.filtering, self.owner = 0, "endpoint-independent", None
+        self.refused = collections.Counter()  # refusals run / serve answered (drain)
+
+    def bind_in(self, nic, filtering, owner):
+        """The incoming side: this NIC, the filtering behaviour, owner(E, Ep) -> NIC or
+        -1 (hypernat.partition.Partition.owner)."""
+        self.nic, self.filtering, self.owner = nic, filtering, owner
+
+    def in_(self, p, ra, rp, ea, ep, fl, icmp_error=False):
+        """An incoming packet without a session (RuleBuilder._in's common case)."""
+        if self.owner is None:
+            return NEED_PY
+        o = self.owner(ea, ep)
+        if o < 0:
+            return self.reasons["not_in_pool"]
+        if self.owner_py:
+            return NEED_PY  # loans: the builder asks Partition.owner
+        if o != self.nic:
+            self.fetch_owner = o
+            return FETCH  # another NIC's endpoint (serving: not_owner)
+        rid = self.maps.by_external(p, ea, ep)
+        r = 0 if p == 1 else rp
+        if rid and self.maps.has_session(rid, ra, r):
+            self.last = rid
+            return OK
+        if icmp_error:
+            return self.reasons["icmp_error_no_session"]
+        syn = p == 6 and fl & 0x12 == 0x02
+        if not rid:
+            return self.reasons["unsolicited_syn" if syn else "no_mapping"]
+        f = self.filtering
+        if f == "address-and-port-dependent" or (f == "address-dependent"
+                                                 and not self.maps.has_remote_address(rid, ra)):
+            return self.reasons["unsolicited_syn" if syn else "filtered"]
+        if self.room <= 0:
+            return self.reasons["table_full"]
+        if self.py_session:
+            return NEED_PY
+        self.maps.add_session(rid, ra, r)
+        self.room -= 1
+        self.last = rid
+        return OK
+
+    def _answered(self, r):
+        """run / serve: a refusal that does not log (all but table_full) is answered and counted."""
+        if r >= 0 and r != self.reasons["table_full"]:
+            self.refused[r] += 1
+            return True
+        return r == OK
+
+    def run(self, verdicts, keys, i, now, idx, res, replay, inbound=False, fetches=None, v_out=1, v_in=2, v_icmp=3):
+        """OutSetup.run: keys as (saddr, daddr, sport, dport, proto, kind, tcp_flags)."""
+        while i < len(verdicts):
+            v = verdicts[i]
+            if not 1 <= v <= 4:
+                i += 1
+                continue
+            s, d, sp, dp, p, kind, fl = keys[i]
+            if inbound:
+                if v not in (v_in, v_icmp):
+                    break
+                r = self.in_(p, s, sp, d, dp, fl, kind == 1)
+                if r == FETCH and fetches is not None:
+                    idx.append(i)
+                    res.append(r)
+                    fetches.append((i, self.fetch_owner, 1, p, s, sp, d, dp, kind, fl))  # 1: verdicts.IN
+                    i += 1
+                    continue
+            else:
+                if v != v_out:
+                    break
+                r = self.out(p, s, sp, d, dp, now)
+            if not self._answered(r):
+                break
+            idx.append(i)
+            res.append(r)
+            if r == OK:
+                replay.append(i)
+            i += 1
+        return i
+
+    def serve(self, rows, i, now, status, found, d_out=0, d_in=1):
+        """OutSetup.serve: fetch rows (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, _)."""
+        while i < len(rows):
+            fd, s, d, sp, dp, p, kind, fl = rows[i][:8]
+            if p not in (1, 6, 17):
+                break
+            if fd == d_in:
+                r, key = self.in_(p, s, sp, d, dp, fl, kind == 1), (s, 0 if p == 1 else sp)
+            elif fd == d_out:
+                r, key = self.out(p, s, sp, d, dp, now, kind == 1), (d, 0 if p == 1 else dp)
+            else:
+                break
+            if r == FETCH:
+                r = self.reasons["not_owner"]
+            if not self._answered(r):
+                break
+            if r == OK:
+                found.append((i, self.last) + key)
+            else:
+                status[i] = r
+            i += 1
+        return i
 
     def out(self, p, ia, ip, ra, rp, now, icmp_error=False):
         if not any(ia & m == n for n, m in self.internal):

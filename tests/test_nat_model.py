@@ -274,7 +274,8 @@ def test_mappings_many_grow_and_shrink():
 
 
 # ------------------------------------------------------------------------ the compiled setup
-REASONS = {"not_internal": 10, "icmp_error_no_session": 11, "table_full": 12, "host_rate_limited": 13}
+REASONS = {"not_internal": 10, "icmp_error_no_session": 11, "table_full": 12, "host_rate_limited": 13,
+           "not_in_pool": 14, "unsolicited_syn": 15, "no_mapping": 16, "filtered": 17, "not_owner": 18}
 VERDICTS = {"miss_out": 1, "miss_in": 2, "miss_icmp_error": 3, "miss_hairpin": 4}
 INTERNAL = [(10 << 24, 0xFF000000)]
 
@@ -387,3 +388,150 @@ def test_out_setup_run_answers_the_common_case_and_stops_at_the_rest():
     assert su.run(v[:4], kb, 3, 1000, idx, res, replay) == 4 and idx == [1, 2, 4]
     with pytest.raises(ValueError):
         su.run(v, kb[:32], 0, 1000, idx, res, replay)
+
+
+def _bind_in(su, sm, nic, filtering, part):
+    """The incoming side of both, over one hypernat.partition.Partition (the model asks
+    its Python ``owner``; the C code gets its geometry, as RuleBuilder._bind_setup does)."""
+    from hypernat.partition import BY_PORT
+
+    ranges, off = [], 0
+    for net in part.nets:
+        ranges.append((int(net.network_address), net.num_addresses, off))
+        off += net.num_addresses
+    su.bind_in(nic, filtering, ranges, part.port_min, part.port_max, part.block_size, part.strategy == BY_PORT,
+               part.n, part.bpa, part.n_addrs)
+    sm.bind_in(nic, filtering, part.owner)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    eim=st.booleans(),
+    filtering=st.sampled_from(["endpoint-independent", "address-dependent", "address-and-port-dependent"]),
+    strategy=st.sampled_from(["by-port", "by-address"]),
+    nic=st.integers(0, 2),
+    seed=st.integers(0, 2**64 - 1),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["out"] * 4 + ["in"] * 6 + ["serve"] * 2 + ["host", "block", "flags", "end"]),
+                  st.integers(0, 3), st.sampled_from([1, 6, 6, 17, 17, 47]), st.integers(0, 40), st.integers(0, 3),
+                  st.integers(0, 3), st.sampled_from([0, 0x02, 0x12, 0x10, 0x11])),
+        min_size=10,
+        max_size=160,
+    ),
+)
+def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
+    """OutSetup's incoming side (in_, run inbound, serve) against OutSetupModel: the same
+    owner (C geometry against Partition.owner), the same filtering answers, unsolicited
+    SYNs, room, the same sessions added, the same refusals counted, the same state."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.nat import _hosts
+    from hypernat.nat._mappings import Mappings, OutSetup
+    from hypernat.partition import Partition
+    from nat_model import HostsModel, MappingsModel, OutSetupModel
+
+    bs = 8
+    pb, mpb = ports.PortBlocks(bs, False, seed), PortBlocksModel(bs, False, seed)
+    hs, mh = _hosts.Hosts(), HostsModel(mpb)
+    mp, mm = Mappings(eim, 16, True), MappingsModel(eim)
+    su = OutSetup(mp, INTERNAL, REASONS, VERDICTS)
+    su.bind(hs, pb, None, 1 << 20, False)
+    sm = OutSetupModel(mm, mh, INTERNAL, REASONS)
+    part = Partition(["198.0.0.0/31", "197.0.0.4/32"], 1024, 1024 + 40 * bs - 1, 3, strategy, bs)
+    _bind_in(su, sm, nic, filtering, part)
+    su.room = sm.room = 1 << 30
+    now, nb = 100, 0
+    for op, h, p, port, r, x, fl in [("host", h, 0, 0, 0, 0, 0) for h in range(3)] + ops:
+        ia = 10 << 24 | h
+        if op in ("host", "block"):
+            if (op == "host") == (ia in mh.h):
+                continue
+            if op == "host":
+                hs.add(ia, 0, 198 << 24)
+                mh.add(ia)
+            ea = (198 << 24) | (nb & 1)
+            pb.add(nb, 0, ea, 1024 + bs * (nb // 2), bs, ia)
+            mpb.add(nb, 0, ea, 1024 + bs * (nb // 2), bs, ia)
+            hs.append_block(ia, nb)
+            mh.h[ia]["blocks"].append(nb)
+            nb += 1
+        elif op == "flags":  # the builder's per-call settings
+            su.room = sm.room = x * 4
+            su.py_session = sm.py_session = bool(fl & 2) and x == 0
+            su.owner_py = sm.owner_py = fl == 0x11
+        elif op == "end" and mm.m:
+            rid = sorted(mm.m)[x % len(mm.m)]
+            for ra, rr in sorted(mm.rem[rid]):
+                assert mp.end_session(rid, ra, rr) == mm.end_session(rid, ra, rr)
+            mp.end(rid)
+            mm.end(rid)
+        elif op == "out":
+            args = (p, ia, 1000 + port, 7 << 24 | r, 80 + x, now)
+            assert su.out(*args) == sm.out(*args), args
+        else:
+            # remote endpoints and external ones: a live mapping's, or any (in the pool or not)
+            keys = []
+            for k in range(4):
+                rids = sorted(mm.m)
+                if rids and (port + k) % 3:
+                    q, _, _, ea, ep, _ = mm.get(rids[(x + k) % len(rids)])
+                else:
+                    ea = [198 << 24, 198 << 24 | 1, 197 << 24 | 4, 199 << 24][(h + k) % 4]
+                    q, ep = p, 1000 + port * 8 + k
+                keys.append((7 << 24 | (r + k) % 3, ea, 80 + (x + k) % 2, ep, q, int(fl == 0x11 and k == 1),
+                             fl if q == 6 else 0))
+            if op == "in":
+                for ra, ea, rp, ep, q, kind, f in keys[:1]:
+                    args = (q, ra, rp, ea, ep, f, bool(kind))
+                    got = su.in_(*args)
+                    assert got == sm.in_(*args), args
+                    if got == -1:
+                        assert su.last == sm.last
+                    if got == -2:
+                        assert su.fetch_owner == sm.fetch_owner
+                v = np.array([2, 0, 3, 2], np.uint8)
+                kb = np.zeros(4, layout.KEY_DTYPE)
+                for j, (ra, ea, rp, ep, q, kind, f) in enumerate(keys):
+                    kb[j] = (ra, ea, rp, ep, q, kind, f, 0)
+                ci, cr, cp, cf, mi, mr, mq, mf = [], [], [], [], [], [], [], []
+                start = x % 2
+                cf, mf = ([], []) if r % 2 else (None, None)  # fetches queued by run, or a stop
+                got = su.run(v, kb.view(np.uint8).reshape(-1), start, now, ci, cr, cp, True, cf)
+                assert got == sm.run(v.tolist(), keys, start, now, mi, mr, mq, True, mf)
+                assert (ci, cr, cp, cf) == (mi, mr, mq, mf)
+            else:  # serve: fetch rows both ways (direction 2: not one)
+                rows = [((k + x) % 2 if k < 3 else (2 if fl == 0x10 else 0), ra, ea, rp, ep, q, kind, f, 0)
+                        for k, (ra, ea, rp, ep, q, kind, f) in enumerate(keys)]
+                rows = [(d, 10 << 24 | h, ra, 1000 + port, rp, q, kind, f, 0) if d == 0 else
+                        (d, ra, ea, rp, ep, q, kind, f, 0) for d, ra, ea, rp, ep, q, kind, f, _ in rows]
+                cs, cf, ms, mf = [0] * 4, [], [0] * 4, []
+                assert su.serve(rows, 0, now, cs, cf) == sm.serve(rows, 0, now, ms, mf)
+                assert (cs, cf) == (ms, mf)
+        assert su.room == sm.room
+    counted = [0] * 19
+    su.drain(counted)
+    assert counted == [sm.refused[k] for k in range(19)]
+    assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
+    for rid in mm.m:
+        assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)
+        for ra in range(3):
+            assert mp.has_remote_address(rid, 7 << 24 | ra) == mm.has_remote_address(rid, 7 << 24 | ra)
+
+
+def test_in_setup_owner_matches_partition():
+    """The compiled owner of an external endpoint is Partition.owner's, over several
+    prefixes (out of order), both strategies, ports inside and outside the range."""
+    from hypernat.nat._mappings import Mappings, OutSetup
+    from hypernat.partition import Partition
+    from nat_model import HostsModel, MappingsModel, OutSetupModel
+
+    for strategy in ("by-port", "by-address"):
+        part = Partition(["203.0.113.0/29", "198.51.100.0/30", "192.0.2.7/32"], 2000, 2999, 3, strategy, 64)
+        su = OutSetup(Mappings(True, 16), INTERNAL, REASONS, VERDICTS)
+        _bind_in(su, OutSetupModel(MappingsModel(True), HostsModel(None), INTERNAL, REASONS), 0, "address-dependent",
+                 part)
+        for base in (203 << 24 | 113, 198 << 24 | 51 << 16 | 100 << 8, 192 << 24 | 2 << 8):
+            for a in range(base - 1, base + 10):
+                for port in (1999, 2000, 2063, 2064, 2500, 2999, 3000):
+                    assert su.owner(a, port) == part.owner(a, port), (strategy, a, port)

@@ -1050,3 +1050,33 @@ def test_hold_many_counts_as_hold_does():
         a.release_hold(*e)
         b.release_hold(*e)
     assert a._holds == b._holds == {}
+
+
+def test_incoming_batch_decided_in_one_pass_refusals_counted_fetches_queued():
+    """A batch of incoming misses on the owner (the compiled incoming side): the
+    session's remote replays, refusals are counted by reason (filtered, unsolicited SYN,
+    not in the pool, no mapping), another NIC's endpoint is a fetch to that NIC; served
+    as a FETCH on the NIC that does not own it, the same endpoint is refused not_owner."""
+    cfg = make_cfg(n_nics=2, filtering="address-and-port-dependent")
+    rbs = [make_rb(cfg, nic=k) for k in range(2)]
+    h = ip("10.77.0.9")
+    o = rbs[0].part.eim_owner(h)
+    rb, other = rbs[o], rbs[1 - o]
+    r_ip = ip("192.0.2.1")
+    assert miss(rb, OUT, [(UDP, h, 5000, r_ip, 53)], 10).action.tolist() == [ACT_REPLAY]
+    (p, _, _, ea, ep, _), = [rb.maps.get(x) for x in rb.maps.rule_ids()]
+    elsewhere = next((a, q) for a in range(ip("198.18.77.0"), ip("198.18.77.4")) for q in range(1024, 2048)
+                     if rb.part.owner(a, q) == 1 - o)
+    rows = [(UDP, r_ip, 53, ea, ep), (UDP, r_ip, 54, ea, ep), (TCP, r_ip, 80, ea, ep, SYN),
+            (UDP, r_ip, 53, ip("203.0.113.1"), ep), (UDP, r_ip, 53, *elsewhere), (UDP, r_ip, 53, ea, ep + 1)]
+    before = list(rb.counters)
+    d = miss(rb, IN, rows, 11)
+    assert d.action.tolist() == [ACT_REPLAY, ACT_DROP, ACT_DROP, ACT_DROP, ACT_FETCH, ACT_DROP]
+    assert d.reason.tolist()[1:4] == [REASON["filtered"], REASON["unsolicited_syn"], REASON["not_in_pool"]]
+    assert d.owner[4] == 1 - o and d.fetch_dir[4] == IN
+    grew = {n: rb.counters[i] - before[i] for n, i in REASON.items() if rb.counters[i] != before[i]}
+    assert grew == {"filtered": 1, "unsolicited_syn": 1, "not_in_pool": 1, "no_mapping": 1}
+    _, st = serve_fetch(other, IN, keys_of([(UDP, r_ip, 53, ea, ep)]), 12)
+    assert st.tolist() == [REASON["not_owner"]] and other.counters[REASON["not_owner"]] == 1
+    recs, st = serve_fetch(rb, IN, keys_of([(UDP, r_ip, 53, ea, ep), (UDP, r_ip, 9, ea, ep)]), 12)
+    assert st.tolist() == [0, REASON["filtered"]] and recs["eport"][0] == ep and recs["iaddr"][0] == h

@@ -21,11 +21,12 @@ object per mapping or session:
                are written in one pass at the end of a batch
 
 ``hypernat.rules.RuleBuilder`` owns one (``RuleBuilder.maps``) and keeps the policy
-(which port, refusals, journal, logs, reuse delay) in Python; ``setup_out`` in this
-module is the compiled common case of an outgoing first packet.
+(which port, refusals, journal, logs, reuse delay) in Python; ``OutSetup`` in this
+module is the compiled common case of a first packet without a session, outgoing and
+incoming, and of the FETCH records the owner serves.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memset
 
 import numpy as np
@@ -176,6 +177,13 @@ cdef class Mappings:
 
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
         return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
+
+    cdef bint has_raddr_c(self, uint32_t rid, uint32_t ra) noexcept:
+        return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
+
+    cdef void prefetch_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
+        """Start loading the index line ``find_ext`` will read first."""
+        hn_map_prefetch(&self.ext.t.s[hn_flow_hash(p, ea, ep, 0, 0) & self.ext.t.mask])
 
     cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
                   int64_t g) except -1:
@@ -346,7 +354,7 @@ cdef class Mappings:
         """Mapping `rid` has a session with remote address `ra` (address-dependent filtering)."""
         if not self.raddr:
             raise ValueError("Mappings(remote_addresses=False) keeps no remote-address counts")
-        return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
+        return self.has_raddr_c(rid, ra)
 
     def add_session(self, uint32_t rid, uint32_t ra, uint16_t r):
         """Session (rid, R, Rp) (ICMP: r 0), pending for the flow tables: True if added,
@@ -427,11 +435,12 @@ cdef class Mappings:
             raise ValueError(f"rule id {rid} is not free")
         self._put(rid, p, ia, ip, ea, ep, block)
 
-    def session_rows(self, list found, out, inn, int dirs, int owner):
+    def session_rows(self, list found, out, inn, int dirs, int owner, list into=None):
         """The sessions found = [(index, rule id, R, Rp)] as tuples in SESSION_DTYPE
         field order (hypernat.rules): the mapping's endpoints, `dirs`, `owner`, and the
         two flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in
-        each entry's TCP flags (0 for an entry not there)."""
+        each entry's TCP flags (0 for an entry not there).  A list; or with `into`,
+        into[index] = (0, tuple) for each (fetch serving's answers) and None."""
         cdef list res = []
         cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
         cdef MapRec* m
@@ -444,9 +453,13 @@ cdef class Mappings:
             # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
             lo, to = _seen_state(out, c, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp)
             li, ti = _seen_state(inn, c, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport)
-            res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
-                        to, ti, owner, 0))
-        return res
+            t = (m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
+                 to, ti, owner, 0)
+            if into is None:
+                res.append(t)
+            else:
+                into[<Py_ssize_t>f[0]] = (0, t)
+        return res if into is None else None
 
     # -- pending flow-table entries -------------------------------------------------------
     @property
@@ -534,20 +547,50 @@ if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f
 cdef enum:
     LOOKAHEAD = 4     # OutSetup.run prefetches this many frames ahead
     OK = -1           # the session exists or was added (rules._OK)
+    FETCH = -2        # another NIC owns it (rules._FETCH): ``fetch_owner``
     NEED_PY = -4      # nothing done: the caller's general path decides (rare events)
 
 
-cdef class OutSetup:
-    """The common case of an outgoing first packet (``RuleBuilder._out``), in C: the
-    internal prefix, the host's record, its mapping and session; a new session on an
-    existing mapping; a new mapping on a port of one of the host's blocks.  Everything
-    else -- a host not known here (fetch, new host), a new block (journal), the port
-    cap, the crash-recovery window, per-rule log lines and PUSH records -- answers
-    NEED_PY having changed nothing, and the caller's Python path decides it.
+cdef int KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
+cdef enum:
+    TCP_SYN = 0x02
+    TCP_ACK = 0x10
+    F_EIF = 0        # filtering: endpoint-independent
+    F_ADF = 1        # address-dependent
+    F_APDF = 2       # address-and-port-dependent
+    OWNER_PY = -2    # owner_c: the partition has loans (overrides): the caller finds the owner
+_FILTERS = {"endpoint-independent": F_EIF, "address-dependent": F_ADF, "address-and-port-dependent": F_APDF}
+from .. import verdicts as _verdicts
+cdef int D_OUT = _verdicts.OUT
+cdef int D_IN = _verdicts.IN
 
-    ``out`` answers one packet: -1 (the session exists or was added; ``last`` is its
-    rule id), a refusal's reason index (the caller counts it), or -4 (NEED_PY).
-    ``run`` answers a batch's outgoing misses in order until one is not -1.
+
+cdef class OutSetup:
+    """The common case of a first packet without a session, in C, both ways.
+
+    Outgoing (``RuleBuilder._out``): the internal prefix, the host's record, its mapping
+    and session; a new session on an existing mapping; a new mapping on a port of one
+    of the host's blocks.  Everything else -- a host not known here (fetch, new host), a
+    new block (journal), the port cap, the crash-recovery window, per-rule log lines and
+    PUSH records -- answers NEED_PY having changed nothing, and the caller's Python path
+    decides it.
+
+    Incoming (``RuleBuilder._in``, after ``bind_in``): the external endpoint's owner (the
+    partition's geometry, in C), its mapping, the session, the filtering behaviour
+    (endpoint-independent, address-dependent, address-and-port-dependent), an
+    unsolicited SYN, the table's room, the new session.  NEED_PY: another NIC owns the
+    endpoint (a fetch, or a refusal when serving), the partition has loans (the caller
+    asks it), a new session needs the caller (log line, PUSH record).  Another NIC's
+    endpoint answers FETCH: ``run`` queues the fetch itself, ``serve`` refuses it
+    (not_owner).
+
+    ``out`` / ``in_`` answer one packet: -1 (the session exists or was added; ``last``
+    is its rule id), -2 (``in_``: another NIC owns the endpoint, ``fetch_owner``), a
+    refusal's reason index (the caller counts it), or -4 (NEED_PY).
+    ``run`` answers a batch's misses of one direction in frame order, ``serve`` a list
+    of fetch rows, until one needs the caller; the refusals they answer themselves
+    (every one that does not log: all but table_full) are counted here and added to
+    the caller's counters by ``drain``.
     ``room`` is the entries both flow tables can still take in this call (the caller
     sets it per call and spends it on the sessions it adds itself)."""
 
@@ -560,23 +603,39 @@ cdef class OutSetup:
     cdef int nnets
     cdef bint preserve
     cdef uint32_t cap
-    cdef int r_not_internal, r_icmp, r_full, r_rate
-    cdef int v_miss_out, v_miss_lo, v_miss_hi
+    cdef int r_not_internal, r_icmp, r_full, r_rate, r_not_in_pool, r_usyn, r_no_mapping, r_filtered, r_not_owner
+    cdef int v_miss_out, v_miss_in, v_miss_icmp, v_miss_lo, v_miss_hi
+    # incoming: this NIC, the filtering behaviour, the partition's geometry (bind_in)
+    cdef bint has_in
+    cdef int nic
+    cdef int filt
+    cdef int64_t* pbase
+    cdef int64_t* psize
+    cdef int64_t* poff
+    cdef int npr
+    cdef int64_t pmin, pmax, pbs, pn, pbpa, pnaddrs
+    cdef bint by_port
+    cdef int64_t* nref                # refusals answered in run / serve, per reason index
+    cdef int nreasons
+    cdef public bint owner_py         # the partition has loans: NEED_PY for an owned-looking endpoint
     cdef public int64_t room
     cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
     cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
     cdef public bint py_mapping       # a new mapping needs the caller (log line)
     cdef readonly uint32_t last       # rule id of the last session answered -1
+    cdef readonly int fetch_owner     # the NIC of the last answer -2 (FETCH)
 
     def __cinit__(self):
         self.nets = NULL
         self.masks = NULL
+        self.pbase = self.psize = self.poff = NULL
+        self.nref = NULL
 
     def __init__(self, Mappings maps not None, internal, reasons, verdicts):
         """`internal`: [(network, netmask)] as ints; `reasons`: {name: index} of
-        not_internal, icmp_error_no_session, table_full, host_rate_limited;
-        `verdicts`: {name: value} of miss_out, miss_in, miss_icmp_error, miss_hairpin
-        (the misses: one range of values)."""
+        not_internal, icmp_error_no_session, table_full, host_rate_limited, not_in_pool,
+        unsolicited_syn, no_mapping, filtered, not_owner; `verdicts`: {name: value} of miss_out,
+        miss_in, miss_icmp_error, miss_hairpin (the misses: one range of values)."""
         self.mp = maps
         nets = list(internal)
         self.nnets = len(nets)
@@ -590,7 +649,18 @@ cdef class OutSetup:
         self.r_icmp = reasons["icmp_error_no_session"]
         self.r_full = reasons["table_full"]
         self.r_rate = reasons["host_rate_limited"]
+        self.r_not_in_pool = reasons["not_in_pool"]
+        self.r_usyn = reasons["unsolicited_syn"]
+        self.r_no_mapping = reasons["no_mapping"]
+        self.r_filtered = reasons["filtered"]
+        self.r_not_owner = reasons["not_owner"]
+        self.nreasons = max(reasons.values()) + 1
+        self.nref = <int64_t*>calloc(self.nreasons, sizeof(int64_t))
+        if self.nref == NULL:
+            raise MemoryError()
         self.v_miss_out = verdicts["miss_out"]
+        self.v_miss_in = verdicts["miss_in"]
+        self.v_miss_icmp = verdicts["miss_icmp_error"]
         vs = [verdicts[x] for x in ("miss_out", "miss_in", "miss_icmp_error", "miss_hairpin")]
         self.v_miss_lo, self.v_miss_hi = min(vs), max(vs)
         if self.v_miss_hi - self.v_miss_lo != 3:
@@ -599,11 +669,108 @@ cdef class OutSetup:
     def __dealloc__(self):
         free(self.nets)
         free(self.masks)
+        free(self.pbase)
+        free(self.psize)
+        free(self.poff)
+        free(self.nref)
 
     def bind(self, Hosts hosts not None, PortBlocks blocks not None, HostRate rate, int cap, bint preserve):
         """The builder's current host table, port blocks, rate limiter (None: off), port
         cap per host and protocol, port preservation."""
         self.hs, self.bl, self.rate, self.cap, self.preserve = hosts, blocks, rate, cap, preserve
+
+    def bind_in(self, int nic, str filtering, ranges, int64_t port_min, int64_t port_max, int64_t block_size,
+                bint by_port, int64_t n_nics, int64_t blocks_per_address, int64_t n_addresses):
+        """The incoming side: this NIC's id, the filtering behaviour (its config name),
+        and the partition's geometry (``hypernat.partition.Partition.owner`` without the
+        loans): `ranges` [(first address, addresses, pool index of the first)] of the
+        pool's prefixes, the port range, the block size, by port or by address, the
+        NICs, blocks per address, the pool's addresses."""
+        if filtering not in _FILTERS:
+            raise ValueError(f"unknown filtering behaviour {filtering!r}")
+        self.filt = _FILTERS[filtering]
+        if self.filt == F_ADF and not self.mp.raddr:
+            raise ValueError("address-dependent filtering needs Mappings(remote_addresses=True)")
+        if block_size < 1 or n_nics < 1 or blocks_per_address < 1 or n_addresses < 1:
+            raise ValueError("partition geometry out of range")
+        rs = list(ranges)
+        self.npr = 0
+        self.pbase = <int64_t*>realloc(self.pbase, (len(rs) + 1) * sizeof(int64_t))
+        self.psize = <int64_t*>realloc(self.psize, (len(rs) + 1) * sizeof(int64_t))
+        self.poff = <int64_t*>realloc(self.poff, (len(rs) + 1) * sizeof(int64_t))
+        if self.pbase == NULL or self.psize == NULL or self.poff == NULL:
+            raise MemoryError()
+        for k, (b, z, o) in enumerate(rs):
+            self.pbase[k], self.psize[k], self.poff[k] = b, z, o
+        self.npr = len(rs)
+        self.nic, self.pmin, self.pmax, self.pbs, self.by_port = nic, port_min, port_max, block_size, by_port
+        self.pn, self.pbpa, self.pnaddrs = n_nics, blocks_per_address, n_addresses
+        self.has_in = True
+
+    def drain(self, list counters not None):
+        """Add the refusals counted here since the last call to `counters` (by reason index)."""
+        cdef int r
+        for r in range(self.nreasons):
+            if self.nref[r]:
+                counters[r] += self.nref[r]
+                self.nref[r] = 0
+
+    cdef int64_t owner_c(self, uint32_t ea, uint16_t ep) noexcept:
+        """The NIC owning (E, Ep); -1 outside the pool; OWNER_PY if loans may decide."""
+        cdef int k
+        cdef int64_t a = -1, j
+        for k in range(self.npr):
+            if self.pbase[k] <= ea and ea - self.pbase[k] < self.psize[k]:
+                a = self.poff[k] + (ea - self.pbase[k])
+                break
+        if a < 0 or ep < self.pmin or ep > self.pmax:
+            return -1
+        if self.owner_py:
+            return OWNER_PY
+        if self.by_port:
+            j = (ep - self.pmin) // self.pbs
+            return ((j + 1) * self.pn - 1) // self.pbpa
+        return ((a + 1) * self.pn - 1) // self.pnaddrs
+
+    def owner(self, uint32_t ea, uint16_t ep):
+        return self.owner_c(ea, ep)
+
+    cdef int in_c(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl,
+                  bint icmp_error) except -5:
+        if not self.has_in:
+            return NEED_PY
+        cdef int64_t o = self.owner_c(ea, ep)
+        if o == -1:
+            return self.r_not_in_pool
+        if o == OWNER_PY:
+            return NEED_PY  # loans: Partition.owner decides
+        if o != self.nic:
+            self.fetch_owner = <int>o
+            return FETCH  # another NIC's endpoint: a fetch (serving: not_owner)
+        cdef Mappings mp = self.mp
+        cdef uint32_t rid = mp.find_ext(p, ea, ep)
+        cdef uint16_t r = 0 if p == P_ICMP else rp
+        if rid and mp.has_session_c(rid, ra, r):
+            self.last = rid
+            return OK  # pending in this batch, or a fetch of an existing session
+        if icmp_error:
+            return self.r_icmp
+        cdef bint syn = p == P_TCP and (fl & (TCP_SYN | TCP_ACK)) == TCP_SYN
+        if rid == 0:
+            return self.r_usyn if syn else self.r_no_mapping
+        if self.filt == F_APDF or (self.filt == F_ADF and not mp.has_raddr_c(rid, ra)):
+            return self.r_usyn if syn else self.r_filtered
+        if self.room <= 0:
+            return self.r_full
+        if self.py_session:
+            return NEED_PY
+        mp.add_session_c(rid, ra, r)
+        self.room -= 1
+        self.last = rid
+        return OK
+
+    def in_(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl, bint icmp_error=False):
+        return self.in_c(p, ra, rp, ea, ep, fl, icmp_error)
 
     cdef int out_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
                    bint icmp_error) except -5:
@@ -661,35 +828,115 @@ cdef class OutSetup:
             bint icmp_error=False):
         return self.out_c(p, ia, ip, ra, rp, now, icmp_error)
 
+    cdef inline bint _answered(self, int r, Py_ssize_t i, list idx, list res, list replay) except -1:
+        """Record run's answer for frame i: True if answered (replay or a counted refusal)."""
+        if r == OK:
+            idx.append(i)
+            res.append(OK)
+            replay.append(i)
+            return True
+        if r >= 0 and r != self.r_full:  # a refusal that does not log: counted here
+            self.nref[r] += 1
+            idx.append(i)
+            res.append(r)
+            return True
+        return False
+
     def run(self, const uint8_t[::1] verdicts not None, const uint8_t[::1] keys not None, Py_ssize_t i,
-            int64_t now, list idx, list res, list replay):
+            int64_t now, list idx, list res, list replay, bint inbound=False, list fetches=None):
         """Frames i, i+1, ... of a batch (`verdicts` uint8[n], `keys` layout.KEY_DTYPE[n]
-        as bytes): frames that are not misses are passed over; each outgoing miss that
-        ``out`` answers -1 appends its frame index to `idx` and `replay` and -1 to
-        `res`.  Returns the index of the first miss it did not answer (n: none left),
+        as bytes) translated outgoing (`inbound` False: its outgoing misses, ``out``) or
+        incoming (True: its incoming and ICMP-error misses, ``in_``): frames that are not
+        misses are passed over; each miss answered -1 appends its frame index to `idx`
+        and `replay` and -1 to `res`; each refusal that does not log (all but
+        table_full) its index to `idx` and its reason to `res` (counted: ``drain``);
+        with `fetches` (inbound), a miss for another NIC's endpoint appends its index to
+        `idx`, -2 to `res` and (frame, owner, IN, proto, saddr, sport, daddr, dport,
+        kind, tcp_flags) to `fetches` (``RuleBuilder.decide_misses``'s fetch tuples).
+        Returns the index of the first miss it did not answer (n: none left),
         untouched: the caller's general path takes it."""
         cdef Py_ssize_t n = verdicts.shape[0], a
         cdef const hn_key16* k
         cdef uint8_t v
+        cdef int r
         if keys.shape[0] < n * <Py_ssize_t>sizeof(hn_key16):
             raise ValueError("keys shorter than verdicts")
         while i < n:
             a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
-            if a < n and verdicts[a] == self.v_miss_out:
+            if a < n:
+                v = verdicts[a]
                 k = <const hn_key16*>&keys[a * sizeof(hn_key16)]
-                self.hs.prefetch(k.saddr)
-                self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
+                if inbound:
+                    if v == self.v_miss_in or v == self.v_miss_icmp:
+                        self.mp.prefetch_ext(k.proto, k.daddr, k.dport)
+                elif v == self.v_miss_out:
+                    self.hs.prefetch(k.saddr)
+                    self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
             v = verdicts[i]
             if v < self.v_miss_lo or v > self.v_miss_hi:
                 i += 1
                 continue
-            if v != self.v_miss_out:
-                break
             k = <const hn_key16*>&keys[i * sizeof(hn_key16)]
-            if self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False) != OK:
+            if inbound:
+                if v != self.v_miss_in and v != self.v_miss_icmp:
+                    break
+                r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, k.kind == KIND_ICMP_ERROR)
+                if r == FETCH and fetches is not None:
+                    idx.append(i)
+                    res.append(FETCH)
+                    fetches.append((i, self.fetch_owner, D_IN, k.proto, k.saddr, k.sport, k.daddr, k.dport, k.kind,
+                                    k.tcp_flags))
+                    i += 1
+                    continue
+            else:
+                if v != self.v_miss_out:
+                    break
+                r = self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False)
+            if not self._answered(r, i, idx, res, replay):
                 break
-            idx.append(i)
-            res.append(OK)
-            replay.append(i)
+            i += 1
+        return i
+
+    def serve(self, list rows not None, Py_ssize_t i, int64_t now, list status not None, list found not None):
+        """Fetch rows i, i+1, ... (``RuleBuilder.serve_fetch_rows``: (fetch_dir, saddr,
+        daddr, sport, dport, proto, kind, tcp_flags, icmp_type)): fetch_dir OUT asks
+        ``out``, IN ``in_`` (kind KIND_ICMP_ERROR: look up only).  A session found or
+        added appends (row, rule id, R, Rp) to `found`; a refusal that does not log sets
+        status[row] (counted: ``drain``).  Returns the first row it did not answer
+        (a protocol or direction it does not know, NEED_PY, table_full), untouched."""
+        cdef Py_ssize_t n = len(rows)
+        cdef object t
+        cdef int fd, r
+        cdef uint8_t p
+        cdef uint32_t s, d
+        cdef uint16_t sp, dp
+        cdef bint icmp
+        if len(status) < n:
+            raise ValueError("status shorter than rows")
+        while i < n:
+            t = rows[i]
+            fd, p = t[0], t[5]
+            if p != P_TCP and p != P_UDP and p != P_ICMP:
+                break
+            s, d, sp, dp = t[1], t[2], t[3], t[4]
+            icmp = t[6] == KIND_ICMP_ERROR
+            if fd == D_IN:
+                r = self.in_c(p, s, sp, d, dp, t[7], icmp)
+                if r == OK:
+                    found.append((i, self.last, s, 0 if p == P_ICMP else sp))
+            elif fd == D_OUT:
+                r = self.out_c(p, s, sp, d, dp, now, icmp)
+                if r == OK:
+                    found.append((i, self.last, d, 0 if p == P_ICMP else dp))
+            else:
+                break
+            if r == FETCH:  # serving: another NIC's endpoint
+                r = self.r_not_owner
+            if r != OK:
+                if r >= 0 and r != self.r_full:
+                    self.nref[r] += 1
+                    status[i] = r
+                else:
+                    break
             i += 1
         return i
