@@ -196,7 +196,9 @@ _U32 = 0xFFFFFFFF
 # fragments, or 256 ICMP errors quoting 548 bytes each, several times over.
 OUTPUT_BYTES = 1 << 20
 OUTPUT_FRAMES = 4096
-ROUTER_KEYS = ("outside_mtu", "inside_mtu", "outside_address", "inside_address", "icmp_rate", "mss_clamp")
+# The router settings and the output area are checked once, by the twin's plain-Python
+# functions (arguments of a call per setting, not per packet)
+from .fastpath_py import ROUTER_KEYS, _check_output_area, _check_router  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------
@@ -1712,33 +1714,6 @@ cdef uint8_t *_meta_pointer(object meta, Py_ssize_t n) except? NULL:
         raise ValueError(f"meta must be a contiguous writable uint8 array of {META_LEN} bytes per frame "
                          "(io.base.META_DTYPE records), or such records")
     return <uint8_t *>cnp.PyArray_DATA(<cnp.ndarray>meta)
-
-
-def _check_output_area(output_bytes, output_frames):
-    output_bytes, output_frames = operator.index(output_bytes), operator.index(output_frames)
-    if not (4096 <= output_bytes <= 1 << 31) or not (64 <= output_frames <= 1 << 24):
-        raise ValueError(f"output area of {output_bytes} bytes / {output_frames} frames: "
-                         "need 4096..2**31 bytes and 64..2**24 frames")
-    return output_bytes, output_frames
-
-
-def _check_router(settings):
-    unknown = set(settings) - set(ROUTER_KEYS)
-    if unknown:
-        raise TypeError(f"set_router: unknown setting(s) {', '.join(sorted(unknown))} "
-                        f"(known: {', '.join(ROUTER_KEYS)})")
-    v = {k: operator.index(settings.get(k, 0)) for k in ROUTER_KEYS}
-    for k in ("outside_mtu", "inside_mtu"):
-        if v[k] and not 68 <= v[k] <= 65535:
-            raise ValueError(f"{k} {v[k]}: 0 (no limit) or 68..65535 (RFC 791's minimum is 68)")
-    for k in ("outside_address", "inside_address"):
-        if not 0 <= v[k] <= _U32:
-            raise ValueError(f"{k} {v[k]} is not an IPv4 address (0..2**32-1)")
-    if not 0 <= v["icmp_rate"] <= 1 << 24:
-        raise ValueError(f"icmp_rate {v['icmp_rate']}: 0..{1 << 24} per tick")
-    if not 0 <= v["mss_clamp"] <= 0xFFFF:
-        raise ValueError(f"mss_clamp {v['mss_clamp']}: 0 (off) or 1..65535")
-    return v
 
 
 cdef inline bint _plain(object a, int typenum, bint writable):
