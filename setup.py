@@ -16,7 +16,7 @@ Switches (environment):
   HYPERNAT_DEBUG=1        bounds/wraparound checks on, -O0 -g, assertions kept
   HYPERNAT_ANNOTATE=1     write Cython's annotated HTML beside each .pyx
   HYPERNAT_CFLAGS="..."   extra C flags (CI adds -funsigned-char to mimic ARM's char)
-  HYPERNAT_BUILD_ONLY=a,b build only these modules (e.g. hypernat._fastpath, hypernat.agent;
+  HYPERNAT_BUILD_ONLY=a,b build only these modules (e.g. hypernat._fastpath, hypernat.agent.core;
                           `none`: no extension, as the Makefile's editable install)
   HYPERNAT_COMPILE_PY=0   do not compile the COMPILED_PY modules: they run from their .py
                           (an --inplace build also removes their earlier builds)
@@ -50,7 +50,7 @@ COMPILE_PY = os.environ.get("HYPERNAT_COMPILE_PY", "1") not in ("", "0")
 # hypernat.io.base, hypernat.zmqio (no measurable gain: ~2 % and ~1 % of the time).
 COMPILED_PY = [
     "hypernat.rules",
-    "hypernat.agent",
+    "hypernat.agent.core",
     "hypernat.messages",
     "hypernat.partition",
     "hypernat.nic.worker",
@@ -241,6 +241,14 @@ class atomic_build_ext(build_ext):
                 if os.path.exists(so) and os.path.abspath(so) not in built:
                     print(f"hypernat: removing {so} (not in COMPILED_PY, or HYPERNAT_COMPILE_PY=0)", file=sys.stderr)
                     for path in (so + ".sha256", so):
+                        if os.path.exists(path):
+                            os.remove(path)
+            # builds of a .py that moved or went (hypernat/agent.py -> hypernat/agent/core.py)
+            for stamp in glob.glob(os.path.join(root, "hypernat", "**", "*" + EXT_SUFFIX + ".sha256"), recursive=True):
+                so = stamp[: -len(".sha256")]
+                if not os.path.exists(so[: -len(EXT_SUFFIX)] + ".py"):
+                    print(f"hypernat: removing {so} (its .py is gone)", file=sys.stderr)
+                    for path in (stamp, so):
                         if os.path.exists(path):
                             os.remove(path)
             old = os.path.join(root, OLD_COMPILED_DIR)

@@ -89,26 +89,27 @@ import heapq
 import logging
 import os
 import time
-from bisect import bisect_left as _bisect_left
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import fastpath as _fastpath
-from . import layout
-from . import messages as M
-from . import switchhash as _sh
-from .deadlines import DeadlineQueue
-from .rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
-from .verdicts import SLOW_PATH_REASON_NAMES
+from .. import fastpath as _fastpath
+from .. import layout
+from .. import messages as M
+from .. import switchhash as _sh
+from ..deadlines import DeadlineQueue
+from ..rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
+from ..verdicts import SLOW_PATH_REASON_NAMES
 
 try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with the fast path
     if _fastpath.IMPL != "cython":
         raise ImportError("the fast path runs on its reference")
-    from ._clones import CloneTable
-    from ._serve import serve_fetches
+    from .._clones import CloneTable
+    from .._serve import serve_fetches
+    from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
-    from .clones_py import CloneTable, serve_fetches
+    from ..clones_py import CloneTable, serve_fetches
+    from .pending_py import PendingTable
 
 log = logging.getLogger("hypernat.agent")
 _INF = float("inf")
@@ -199,15 +200,6 @@ def _latency_bucket(seconds: float) -> str:
 # _latency_bucket for many: the first bound >= seconds (bisect_left), or the last name
 _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
-# a FETCH record (M.KEY_DTYPE) from the tuple _send_fetch / fetch_rows build
-_KEY_PACK = M.KEY_STRUCT.pack
-assert M.KEY_DTYPE.names == (
-    "seq", "rule_id", "proto", "kind", "reason", "flags", "int_addr", "ext_addr", "rem_addr", "int_port",
-    "ext_port", "rem_port", "pad")
-# the RULE fields _on_rule reads, in M.RULE_DTYPE's order (a record's tuple[:11])
-_RULE_FIELDS = ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
-                "rem_port", "owner", "proto")
-assert M.RULE_DTYPE.names[:11] == _RULE_FIELDS
 # an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
 _ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
 
@@ -225,9 +217,6 @@ _NACK_OF = {
     "recovering": "unavailable",  # crash recovery window at the owner: try again shortly
     "journal_unavailable": "unavailable",  # the owner's block journal cannot be written now
 }
-
-
-_NACK_FILTERED = M.NACK["filtered"]
 
 
 def _nack_reason(status: int) -> int:
@@ -340,18 +329,49 @@ class AgentParams:
     activity_entries: int = 32  # ... and entries found reported per turn at most
 
 
-@dataclass(slots=True)
-class _Pending:
-    fetch_dir: int
-    key: tuple  # (proto, saddr, sport, daddr, dport) in fetch_dir's table
-    owner: int
-    seq: int
-    first: float
-    sent: float
-    retry: float
-    flags: int = 0
-    frames: list = field(default_factory=list)
-    charged: int = -1  # remote source whose token this fetch holds (-1: none)
+class _NegativeView:
+    """The negative cache of a PendingTable as a mapping (introspection, tests):
+    (fetch_dir, key) -> until, oldest first."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self, table):
+        self._t = table
+
+    def __len__(self):
+        return self._t.neg_len()
+
+    def __bool__(self):
+        return self._t.neg_len() > 0
+
+    def __contains__(self, pk):
+        return self._t.neg_get(pk) is not None
+
+    def get(self, pk, default=None):
+        return self._t.neg_get(pk, default)
+
+    def __getitem__(self, pk):
+        got = self._t.neg_get(pk)
+        if got is None:
+            raise KeyError(pk)
+        return got
+
+    def __setitem__(self, pk, until):
+        self._t.neg_set(pk, until)
+
+    def pop(self, pk, default=None):
+        got = self._t.neg_get(pk, default)
+        self._t.neg_discard(pk)
+        return got
+
+    def items(self):
+        return self._t.neg_items()
+
+    def keys(self):
+        return [k for k, _ in self._t.neg_items()]
+
+    def __iter__(self):
+        return iter(self.keys())
 
 
 @dataclass
@@ -397,17 +417,17 @@ class RuleAgent:
         self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
         self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
-        # holder side
-        self.pending: dict[tuple, _Pending] = {}  # (fetch_dir, key) -> waiting frames
-        self._by_seq: dict[int, tuple] = {}
-        self.queued_total = 0
+        # holder side: the fetches in flight (key, seq, owner, timing, waiting frames), the
+        # negative cache and the remote sources' token buckets, in C (PendingTable)
+        p = self.p
+        self.pending = PendingTable(p.queue_total, p.queue_per_flow, p.retry_s, p.fetch_burst, p.fetch_rate,
+                                    p.negative_ttl_s, p.negative_max)
         # session identity -> clone held here (owner, rule_id, dirs, lease end), in C,
         # indexed by owner (a restart report), by external endpoint (entries whose key
         # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
         # timer); nothing periodic walks every clone
         self.clones = CloneTable()
-        self.negative: collections.OrderedDict = collections.OrderedDict()  # (dir, key) -> until
-        self._buckets: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
+        self.negative = _NegativeView(self.pending)  # (dir, key) -> until
         # owner side
         self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
         self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
@@ -486,134 +506,54 @@ class RuleAgent:
     def fetch_rows(self, rows, now: float) -> int:
         """``fetch`` for many misses as plain tuples ``(fetch_dir, key, icmp, owner, frame)``
         (key: (proto, saddr, sport, daddr, dport) in fetch_dir's table; icmp: an ICMP
-        error's lookup), record after record: a flow with a fetch pending queues the frame
-        (per-flow and total bounds); otherwise a recent NACK drops it
-        (fetch_negative_cached), an incoming fetch takes a token of its remote's bucket
-        (fetch_rate_limited when empty; a RULE gives it back), and a new fetch starts
-        (the frame queued unless the total bound is reached).  One FETCH message per
-        owner.  Returns frames queued."""
-        pending = self.pending
-        pget = pending.get
-        neg = self.negative
-        by_seq = self._by_seq
-        fq = self._fetch_q
-        p = self.p
-        qmax, qflow, retry = p.queue_total, p.queue_per_flow, p.retry_s
-        buckets = self._buckets
-        burst, rate = p.fetch_burst, p.fetch_rate
-        f_icmp = M.FETCH_F_ICMP_ERROR
-        by_ext, by_int = M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL
-        pack = _KEY_PACK
-        seq = seq0 = self._seq
-        queued = self.queued_total
-        n = started = c_neg = c_rate = c_full = 0
+        error's lookup), record after record, in the PendingTable (compiled): a flow
+        with a fetch pending queues the frame (per-flow and total bounds); otherwise a
+        recent NACK drops it (fetch_negative_cached), an incoming fetch takes a token of
+        its remote's bucket (fetch_rate_limited when empty; a RULE gives it back), and a
+        new fetch starts (the frame queued unless the total bound is reached).  One
+        FETCH message per owner.  Returns frames queued."""
+        seq0 = self._seq
         try:
-            for fd, kt, icmp, owner, frame in rows:
-                pk = (fd, kt)
-                pend = pget(pk)
-                if pend is not None:
-                    if frame is not None:
-                        if queued >= qmax or len(pend.frames) >= qflow:
-                            c_full += 1
-                            continue
-                        pend.frames.append(frame)
-                        queued += 1
-                        n += 1
-                    continue
-                if neg:
-                    until = neg.get(pk)
-                    if until is not None:
-                        if until > now:
-                            c_neg += 1
-                            continue
-                        del neg[pk]
-                charged = -1
-                if fd == IN:  # the remote's token bucket
-                    remote = kt[1]
-                    b = buckets.get(remote)
-                    if b is None:
-                        b = [burst, now]
-                        buckets[remote] = b
-                        if len(buckets) > 65536:
-                            buckets.popitem(last=False)
-                    else:
-                        buckets.move_to_end(remote)
-                        t = b[0] + (now - b[1]) * rate
-                        b[0] = t if t < burst else burst  # min(burst, t), NaN included
-                        b[1] = now
-                    if b[0] < 1.0:
-                        c_rate += 1
-                        continue
-                    b[0] -= 1.0
-                    charged = remote
-                if frame is not None and queued >= qmax:
-                    c_full += 1
-                    frame = None  # the fetch still goes out: later packets will find the rule
-                s = seq  # _start_fetch + _send_fetch, inline
-                seq = (seq + 1) & 0xFFFFFFFF or 1
-                pr, sa, sp, da, dp = kt
-                if fd == IN:  # (p, R, Rp, E, Ep)
-                    flags = f_icmp if icmp else 0
-                    rec = pack(s, 0, pr, by_ext, 0, flags, 0, da, sa, 0, dp, sp, 0)
-                else:  # (p, I, Ip, R, Rp)
-                    flags = f_icmp if icmp else 0
-                    rec = pack(s, 0, pr, by_int, 0, flags, sa, 0, da, sp, 0, dp, 0)
-                pend = _Pending(fd, kt, owner, s, now, now, retry, flags, [] if frame is None else [frame], charged)
-                pending[pk] = pend
-                by_seq[s] = pk
-                q = fq.get(owner)
-                if q is None:
-                    q = fq[owner] = []
-                q.append(rec)
-                started += 1
-                if frame is not None:
-                    queued += 1
-                    n += 1
+            n, started, c_neg, c_rate, c_full, self._seq = self.pending.fetch_rows(rows, now, seq0, self._fetch_q)
         finally:
-            self._seq = seq
-            self.queued_total = queued
-            c = self.counters
-            if started:  # their seqs: seq0 and the next ones, first retry due together
-                self._retx.add_many(_seq_run(seq0, started), now + retry)
-                c["tx_fetch"] += started
-                c["fetches"] += started
-            if c_neg:
-                c["fetch_negative_cached"] += c_neg
-            if c_rate:
-                c["fetch_rate_limited"] += c_rate
-            if c_full:
-                c["pending_queue_full"] += c_full
             if not self._batching:
                 self._flush_fetches()
+        c = self.counters
+        if started:  # their seqs: seq0 and the next ones, first retry due together
+            self._retx.add_many(_seq_run(seq0, started), now + self.p.retry_s)
+            c["tx_fetch"] += started
+            c["fetches"] += started
+        if c_neg:
+            c["fetch_negative_cached"] += c_neg
+        if c_rate:
+            c["fetch_rate_limited"] += c_rate
+        if c_full:
+            c["pending_queue_full"] += c_full
         return n
 
-    def _start_fetch(self, fetch_dir, kt, owner, now, flags, pk=None) -> _Pending:
-        seq = self._next_seq()
-        if pk is None:
-            pk = (fetch_dir, kt)
-        retry = self.p.retry_s
-        pend = _Pending(fetch_dir, kt, owner, seq, now, now, retry, flags)
-        self.pending[pk] = pend
-        self._by_seq[seq] = pk
-        self._retx.set(seq, now + retry)
-        self._send_fetch(pend)
-        self.counters["fetches"] += 1
-        return pend
+    @property
+    def queued_total(self) -> int:
+        """Frames waiting for an answer (all fetches)."""
+        return self.pending.queued
 
-    def _send_fetch(self, pend: _Pending) -> None:
-        # one record in KEY_DTYPE order, packed, sent with the others of its batch (one
-        # message per owner: ``_flush_fetches``); fields:
-        # seq rule_id proto kind reason flags int_addr ext_addr rem_addr int_port ext_port rem_port pad
-        p, sa, sp, da, dp = pend.key
-        if pend.fetch_dir == IN:  # (p, R, Rp, E, Ep)
-            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_EXTERNAL, 0, pend.flags, 0, da, sa, 0, dp, sp, 0)
-        else:  # (p, I, Ip, R, Rp)
-            rec = _KEY_PACK(pend.seq, 0, p, M.FETCH_BY_INTERNAL, 0, pend.flags, sa, 0, da, sp, 0, dp, 0)
+    @property
+    def _by_seq(self) -> dict:
+        """{seq: (fetch_dir, key)} of the fetches in flight (a walk: introspection)."""
+        return self.pending.seqs()
+
+    @property
+    def _buckets(self) -> collections.OrderedDict:
+        """The remote sources' token buckets, remote -> [tokens, t], least recently used
+        first (a copy: introspection)."""
+        return collections.OrderedDict(self.pending.source_items())
+
+    def _start_fetch(self, fetch_dir, kt, owner, now, flags) -> None:
+        """A fetch without frame or token (a clone revalidated)."""
+        seq = self._next_seq()
+        self.pending.start(fetch_dir, kt, owner, now, flags, seq, self._fetch_q)
+        self._retx.set(seq, now + self.p.retry_s)
         self.counters["tx_fetch"] += 1
-        q = self._fetch_q.get(pend.owner)
-        if q is None:
-            q = self._fetch_q[pend.owner] = []
-        q.append(rec)
+        self.counters["fetches"] += 1
         if not self._batching:
             self._flush_fetches()
 
@@ -623,18 +563,8 @@ class RuleAgent:
             return
         q, self._fetch_q = self._fetch_q, {}
         for owner, rows in q.items():
-            # records packed with struct as they came: numpy parses tuples into records slowly
+            # records packed as they came: numpy parses tuples into records slowly
             self._send(owner, M.T_FETCH, np.frombuffer(b"".join(rows), dtype=M.KEY_DTYPE))
-
-    def _refund(self, pend: _Pending) -> None:
-        """Give back the token a fetch took: it was answered with a rule (or failed for
-        a reason that is not the remote's doing).  Only NACKs keep their token."""
-        if pend.charged < 0:
-            return
-        b = self._buckets.get(pend.charged)
-        if b is not None:
-            b[0] = min(self.p.fetch_burst, b[0] + 1.0)
-        pend.charged = -1
 
     def revalidate(self, sessions: np.ndarray, now: float) -> int:
         """Clones read back from a snapshot (SESSION_DTYPE, `dirs` = entries held): not
@@ -663,74 +593,22 @@ class RuleAgent:
 
     # holder: answers to our fetches
     def _on_rule(self, source, recs, now):
-        """Answers to our fetches, a batch at a time: check each record against its
-        pending fetch (plain tuples, not numpy scalars), install every accepted clone
-        with one ``install_many`` (one ``FlowTable.insert_batch`` per table), then
-        release every queued frame of the batch through the fast path in ONE replay per
-        direction (flows in answer order, each flow's frames in arrival order)."""
+        """Answers to our fetches, a batch at a time: every record checked against its
+        pending fetch in compiled code (``PendingTable.answer_rules``: the fetch under
+        its seq, the endpoint `source`'s, the fetch sent to `source`, the key asked),
+        every accepted clone installed with one ``install_many`` (one
+        ``FlowTable.insert_batch`` per table), then every queued frame of the batch
+        released through the fast path in ONE replay per direction (flows in answer
+        order, each flow's frames in arrival order)."""
         n = len(recs)
-        items = []  # (sk, rule_id, lease_ms, dir bit) of each accepted record
-        # the owner of every rule's external endpoint, at once (partition + loans)
-        owners = (self.partition.owners(recs["ext_addr"], recs["ext_port"]).tolist()
-                  if self.partition is not None and n > 4 else None)  # a few: ints, below
-        if n <= 8:  # a record's tuple: cheaper than a list per field for a few
-            rows = [r[:11] for r in recs.tolist()]
-        else:
-            rows = zip(*[recs[f].tolist() for f in _RULE_FIELDS])
-        by_seq = self._by_seq
-        sget = by_seq.get
-        pending = self.pending
-        pget = pending.get
-        icmp = layout.PROTO_ICMP
-        buckets = self._buckets
-        burst = self.p.fetch_burst
-        replay_out, replay_in = [], []
-        lats = []
-        dup = wrong = bad = queued = 0
-        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, owner, proto) in enumerate(rows):
-            # the fetch this answers, looked up, not taken: only a valid answer from the
-            # NIC it was sent to, about the key asked, completes it (a retry reuses the
-            # seq, so an invalid record must leave the fetch for the real answer)
-            pk = sget(seq)
-            pend = pget(pk) if pk is not None else None
-            if pend is None or pend.seq != seq:
-                dup += 1  # a retry answered twice, or timed out meanwhile
-                continue
-            if owners is None or owner != source or owners[x] != source:
-                if not self._owned_by(source, ea, ep, owner, None if owners is None else owners[x]):
-                    continue
-            if pend.owner != source:
-                wrong += 1  # a valid rule, but the fetch was sent to another NIC
-                continue
-            # the key asked for: in_key / out_key (the ICMP twist stays there; TCP/UDP inline)
-            if pend.fetch_dir == IN:
-                fkey = in_key(proto, ra, rp, ea, ep) if proto == icmp else (proto, ra, rp, ea, ep)
-                dbit = DIR_BIT_IN
-            else:
-                fkey = out_key(proto, ia, ip, ra, rp) if proto == icmp else (proto, ia, ip, ra, rp)
-                dbit = DIR_BIT_OUT
-            if fkey != pend.key:
-                bad += 1
-                continue
-            del by_seq[seq]
-            del pending[pk]
-            items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
-            # answered: the token back (_refund, inline), the frames to release
-            ch = pend.charged
-            if ch >= 0:
-                bk = buckets.get(ch)
-                if bk is not None:
-                    t = bk[0] + 1.0
-                    bk[0] = t if t < burst else burst  # min(burst, t)
-                pend.charged = -1
-            fr = pend.frames
-            if fr:
-                queued += len(fr)
-                if dbit == DIR_BIT_IN:
-                    replay_in.extend(fr)
-                else:
-                    replay_out.extend(fr)
-            lats.append(now - pend.first)
+        if n == 0:
+            return
+        owners = self._owners(recs)
+        items, replay_out, replay_in, lats, lat_counts, dup, wrong, bad, bad_owner = self.pending.answer_rules(
+            source, recs, owners, now, _LAT_LIMITS)
+        for x in bad_owner:  # the rule's endpoint is not the sender's: counted, logged
+            self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
+                           int(owners[x]))
         if dup:
             self.count("rule_duplicate", dup)
         if wrong:
@@ -740,20 +618,25 @@ class RuleAgent:
         if not items:
             return
         self._install_many(source, items, now)
-        self.queued_total -= queued
         self.fetch_latencies.extend(lats)
         c = self.counters
         c["fetch_answered"] += len(items)
-        if len(lats) == 1:
-            c[_latency_bucket(lats[0])] += 1
-        else:
-            c.update([_LAT_NAMES[_bisect_left(_LAT_LIMITS, x)] for x in lats])
+        for name, k in zip(_LAT_NAMES, lat_counts):
+            if k:
+                c[name] += k
         # the fast path now has the rule for an out fetch; an in key may differ for
         # a wildcard answer (EIM), the replay resolves it either way
         if replay_out:
             self.replay(OUT, replay_out)
         if replay_in:
             self.replay(IN, replay_in)
+
+    def _owners(self, recs) -> np.ndarray:
+        """The owner of every record's external endpoint (partition + loans; -1 outside)."""
+        if self.partition is not None and len(recs) > 4:
+            return self.partition.owners(recs["ext_addr"], recs["ext_port"])
+        own = [self.owner_of(a, p) for a, p in zip(recs["ext_addr"].tolist(), recs["ext_port"].tolist())]
+        return np.array([-1 if o is None else o for o in own], np.int64)
 
     def _on_push(self, source, recs, now):
         ack = M.records(M.T_PUSH_ACK, len(recs))
@@ -765,57 +648,27 @@ class RuleAgent:
                 continue
             self._install(source, sk, int(r["rule_id"]), int(r["lease_ms"]), DIR_BIT_IN, now)
             self.count("push_installed")
-            pk = (IN, session_key(sk, IN))
-            pend = self.pending.pop(pk, None)
-            if pend is not None:  # the push lost the race with the reply: release now
-                self._refund(pend)
-                self._by_seq.pop(pend.seq, None)
-                self.queued_total -= len(pend.frames)
-                if pend.frames:
-                    self.replay(IN, pend.frames)
+            frames = self.pending.pop((IN, session_key(sk, IN)))
+            if frames:  # the push lost the race with the reply: release now
+                self.replay(IN, frames)
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
         """Refusals of our fetches.  A NACK echoes the FETCH record, so it is matched like
-        a RULE: the fetch in flight under its seq, sent to `source`, for the key the
-        record names; anything else is dropped and counted (nack_stale,
-        nack_misdirected, nack_mismatched) and cancels nothing."""
-        sget = self._by_seq.get
-        pget = self.pending.get
-        stale = wrong = bad = 0
-        for seq, _, proto, kind, reason, _, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
-            pk = sget(seq)
-            pend = pget(pk) if pk is not None else None
-            if pend is None or pend.seq != seq:
-                stale += 1  # answered already, timed out, or never asked
-                continue
-            if pend.owner != source:
-                wrong += 1
-                continue
-            asked = (IN, (proto, ra, rp, ea, ep)) if kind == M.FETCH_BY_EXTERNAL else (OUT, (proto, ia, ip, ra, rp))
-            if asked != pk:
-                bad += 1
-                continue
-            del self._by_seq[seq]
-            del self.pending[pk]
-            self.queued_total -= len(pend.frames)
-            self.count("fetch_nack", max(1, len(pend.frames)))
-            if reason == M.NACK["unavailable"]:
-                self._refund(pend)  # the owner could not answer: not the remote's doing
-            elif reason == _NACK_FILTERED:
-                # the endpoint is mapped but the owner's filter refused this remote: the
-                # token stays spent, but nothing is cached, because the owner's answer can
-                # change with the next outbound packet of the inside host (hole punching:
-                # A sends to B through another NIC; B's next packet here must be asked
-                # about again, not dropped for negative_ttl on a refusal that no longer
-                # holds).  The remote's token bucket still bounds what a prober costs.
-                pass
-            else:  # no rule: the token stays spent (this is what a scan pays for)
-                self.negative[pk] = now + self.p.negative_ttl_s
-                if len(self.negative) > self.p.negative_max:
-                    self.negative.popitem(last=False)
-            if pend.flags & M.FETCH_F_REVALIDATE:
-                self.count("clones_lost_on_revalidation")
+        a RULE (``PendingTable.answer_nacks``, compiled): the fetch in flight under its
+        seq, sent to `source`, for the key the record names; anything else is dropped
+        and counted (nack_stale, nack_misdirected, nack_mismatched) and cancels nothing.
+        A refusal keeps the remote's token (what a scan pays for) unless the owner was
+        unavailable; a no-rule refusal enters the negative cache, a *filtered* one does
+        not: the owner's answer can change with the inside host's next outbound packet
+        (hole punching: A sends to B through another NIC; B's next packet here must be
+        asked about again, not dropped for negative_ttl on a refusal that no longer
+        holds).  The remote's token bucket still bounds what a prober costs."""
+        stale, wrong, bad, nacked, lost = self.pending.answer_nacks(source, recs, now)
+        if nacked:
+            self.count("fetch_nack", nacked)
+        if lost:
+            self.count("clones_lost_on_revalidation", lost)
         if stale:
             self.count("nack_stale", stale)
         if wrong:
@@ -1109,20 +962,16 @@ class RuleAgent:
         to `new_owner`: ask the new owner (new seq: a NACK of the old one is ignored)."""
         if new_owner == self.nic_id or not self.pending:
             return
-        for pend in list(self.pending.values()):
-            if pend.owner != old_owner or pend.fetch_dir != IN:
-                continue
-            _, _, _, ea, ep = pend.key
+        for seq, (_, _, _, ea, ep) in self.pending.of_owner(old_owner, IN):
             if self.partition.block_of(ea, ep) != g:
                 continue
-            self._by_seq.pop(pend.seq, None)
-            self._retx.discard(pend.seq)
-            pend.owner, pend.seq = new_owner, self._next_seq()
-            self._by_seq[pend.seq] = (pend.fetch_dir, pend.key)
-            pend.sent, pend.retry = now, self.p.retry_s
-            self._retx.set(pend.seq, min(now + pend.retry, pend.first + self.p.fetch_timeout_s))
-            self._send_fetch(pend)
+            self._retx.discard(seq)
+            new = self._next_seq()
+            self._retx.set(new, self.pending.reseq(seq, new_owner, new, now, self.p.fetch_timeout_s, self._fetch_q))
+            self.counters["tx_fetch"] += 1
             self.count("fetch_redirected")
+        if not self._batching:
+            self._flush_fetches()
 
     def return_idle(self, now: float, min_hold_s: float = 10.0) -> int:
         """Give back borrowed blocks that have no live port (call when E_i is no longer
@@ -1193,15 +1042,15 @@ class RuleAgent:
         One ``CloneTable.install`` (compiled): a clone already held with those entries
         only has its lease extended (idempotent repeat), the rest get their flow-table
         entries from the builder's ``install_clone_rows`` in one call and become clones."""
-        neg = self.negative
+        pending = self.pending
+        neg = pending.neg_len() > 0
         installed, failed, keys = self.clones.install(owner, items, now, self.p.lease_margin_s,
-                                                      self.rules.install_clone_rows, self.tick_clock(),
-                                                      bool(neg))
+                                                      self.rules.install_clone_rows, self.tick_clock(), neg)
         if neg:
             for sk, dirs in keys:
                 for d in (OUT, IN):
                     if dirs & DIR_BIT[d]:
-                        neg.pop((d, session_key(sk, d)), None)
+                        pending.neg_discard((d, session_key(sk, d)))
         if failed:
             self.count("clone_install_failed", failed)
         self.count("clones_installed", installed)
@@ -1367,7 +1216,7 @@ class RuleAgent:
         retx = self._retx
         live = self.p.retransmit_slice
         skip = 16 * live
-        unacked, pending, by_seq = self._unacked, self.pending, self._by_seq
+        unacked, pending, fq = self._unacked, self.pending, self._fetch_q
         retry_max, timeout = self.p.retry_max_s, self.p.fetch_timeout_s
         again: dict = {}  # (target, type) -> records sent again: one message each
         self._batching += 1
@@ -1394,22 +1243,15 @@ class RuleAgent:
                         retx.set(seq, min(now + u.retry, u.deadline))
                         again.setdefault((u.target, u.mtype), []).append(u.rec)
                         continue
-                    pk = by_seq.get(seq)
-                    pend = pending.get(pk) if pk is not None else None
-                    if pend is None or pend.seq != seq:
+                    st, v = pending.retry(seq, now, retry_max, timeout, fq)
+                    if st == 0:
                         continue  # answered (or redirected) since
                     live -= 1
-                    if now + _EPS >= pend.first + timeout:
-                        del pending[pk]
-                        del by_seq[seq]
-                        self._refund(pend)
-                        self.queued_total -= len(pend.frames)
-                        self.count("fetch_timeout", max(1, len(pend.frames)))
+                    if st == 1:  # past its deadline: its frames dropped
+                        self.count("fetch_timeout", v)
                         continue
-                    pend.sent = now
-                    pend.retry = min(pend.retry * 2, retry_max)
-                    retx.set(seq, min(now + pend.retry, pend.first + timeout))
-                    self._send_fetch(pend)
+                    retx.set(seq, v)  # sent again (its record gathered in fq)
+                    self.counters["tx_fetch"] += 1
                     self.count("fetch_retries")
         finally:
             self._batching -= 1
@@ -1588,13 +1430,9 @@ class RuleAgent:
 
     def fail_target(self, target: int, now: float) -> None:
         """The coordinator says NIC `target` is down: fail its fetches at once."""
-        for pk, pend in list(self.pending.items()):
-            if pend.owner == target:
-                del self.pending[pk]
-                self._by_seq.pop(pend.seq, None)
-                self._refund(pend)
-                self.queued_total -= len(pend.frames)
-                self.count("fetch_owner_down", max(1, len(pend.frames)))
+        n = self.pending.fail_owner(target)
+        if n:
+            self.count("fetch_owner_down", n)
 
     def peer_restarted(self, owner: int, now: float) -> None:
         """NIC `owner` came back with a new incarnation: report every clone of its rules

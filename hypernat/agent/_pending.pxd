@@ -1,0 +1,104 @@
+# cython: language_level=3
+"""The holder's fetches in flight (``hypernat/agent/_pending.pyx``): C records indexed by
+key and by seq through FlowTables (the flow table's hashing and probing,
+``_fastpath.pxd``), the waiting frames in one arena, and two keyed LRU tables (the
+negative cache, the per-source token buckets)."""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+from .._fastpath cimport FlowTable
+
+ctypedef struct pf_entry:       # a fetch in flight
+    uint32_t saddr              # the key asked for, as fetch_dir's table holds it
+    uint32_t daddr
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t fetch_dir           # 0 OUT, 1 IN
+    uint8_t flags               # FETCH_F_*
+    uint8_t used
+    int32_t owner               # the NIC asked
+    uint32_t seq
+    int32_t fhead               # frames waiting (arena indexes, a list in arrival order)
+    int32_t ftail
+    int32_t nframes
+    int32_t next_free
+    int64_t charged             # remote source whose token it holds (-1: none)
+    double first
+    double sent
+    double retry
+
+
+ctypedef struct lru_entry:      # a key with two values, on a recency list
+    uint32_t saddr
+    uint32_t daddr
+    uint16_t sport
+    uint16_t dport
+    uint8_t proto
+    uint8_t fetch_dir
+    uint8_t used
+    double a                    # negative cache: until; buckets: tokens
+    double b                    # buckets: last refill
+    int32_t prev                # oldest first; the free list (next)
+    int32_t next
+
+
+cdef class KeyedLru:
+    cdef lru_entry *e
+    cdef int32_t cap
+    cdef int32_t n
+    cdef int32_t head
+    cdef int32_t tail
+    cdef int32_t free_head
+    cdef FlowTable ix0          # fetch_dir 0 (and the keys without a direction)
+    cdef FlowTable ix1          # fetch_dir 1
+
+    cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                      uint16_t dp) noexcept
+    cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                     uint16_t dp) except -2
+    cdef void remove(self, int32_t x) noexcept
+    cdef void to_end(self, int32_t x) noexcept
+    cdef void _unlist(self, int32_t x) noexcept
+
+
+cdef class PendingTable:
+    cdef pf_entry *e
+    cdef int32_t cap
+    cdef int32_t n
+    cdef int32_t free_head
+    cdef FlowTable ix_out       # (proto, I, Ip, R, Rp) -> entry (rule_id)
+    cdef FlowTable ix_in        # (proto, R, Rp, E, Ep) -> entry
+    cdef FlowTable ix_seq       # (0, seq, 0, 0, 0) -> entry
+    cdef list fr                # the frame arena: frames by index (None: free)
+    cdef int32_t *fnx           # next frame of the same fetch; the free list
+    cdef int32_t fcap
+    cdef int32_t ffree
+    cdef readonly int64_t queued
+    cdef public uint64_t walks  # whole-table walks (items / keys / values / seqs)
+    cdef int64_t qmax
+    cdef int64_t qflow
+    cdef readonly double retry_s
+    cdef readonly double burst
+    cdef readonly double rate
+    cdef readonly double neg_ttl
+    cdef readonly int64_t neg_max
+    cdef readonly int64_t src_max     # remote sources with a bucket (least recently used dropped)
+    cdef KeyedLru neg           # (fetch_dir, key) -> until
+    cdef KeyedLru src           # (0, remote, 0, 0, 0) -> tokens, last refill
+
+    cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                      uint16_t dp) noexcept
+    cdef int32_t by_seq(self, uint32_t seq) noexcept
+    cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                     uint16_t dp) except -2
+    cdef int add_frame(self, int32_t x, object frame) except -1
+    cdef list release(self, int32_t x, bint want_frames)
+    cdef void refund(self, int32_t x) noexcept
+    cdef int queue(self, dict fq, int32_t x) except -1
+    cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept
+    cdef object _snapshot(self, int32_t x)
+    cdef int32_t _find_pk(self, pk) except -2
+    cdef int32_t _neg_find(self, pk) except -2
+    cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
+                      double until) except -1

@@ -1,0 +1,699 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The holder's fetches in flight, compiled: ``pending_py.PendingTable`` in C.
+
+A fetch in flight is one ``pf_entry`` (``_pending.pxd``): no Python object per fetch
+but the frames waiting for its answer, which sit in one arena (a list of frames with a
+C "next" array: each fetch's frames a chain in arrival order).  Entries are found by
+key (two FlowTables, one per fetch direction) and by seq (a FlowTable keyed
+``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
+(``_fastpath.pxd``); the entry's index is the slot's ``rule_id``.  The negative cache
+and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
+list (oldest first), indexed the same way.
+
+Every operation takes a whole batch (``fetch_rows`` over a batch's misses,
+``answer_rules`` / ``answer_nacks`` over a message's records, read in place through the
+wire structs of ``_wire.pxd``) and returns what Python acts on: FETCH records per owner,
+the clones to install, the frames to replay, counts by reason.  ``pending_py`` is the
+plain-Python reference with the same interface; ``tests/test_pending_table.py`` checks
+them against each other.
+"""
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memset
+
+from .._fastpath cimport FlowTable, hn_slot
+from .._wire cimport FETCH_BY_EXTERNAL, FETCH_BY_INTERNAL, wire_key, wire_rule
+
+import numpy as np
+
+from .._fastpath import FlowTable as _FlowTable
+from .. import messages as _M
+from .pending_py import Pending, MAX_SOURCES
+
+cdef enum:
+    D_OUT = 0
+    D_IN = 1
+    BIT_OUT = 1    # rules.DIR_BIT_OUT
+    BIT_IN = 2     # rules.DIR_BIT_IN
+    P_ICMP = 1
+
+cdef uint8_t F_ICMP_ERROR = _M.FETCH_F_ICMP_ERROR
+cdef uint8_t F_REVALIDATE = _M.FETCH_F_REVALIDATE
+cdef uint8_t NACK_UNAVAILABLE = _M.NACK["unavailable"]
+cdef uint8_t NACK_FILTERED = _M.NACK["filtered"]
+assert _M.KEY_DTYPE.itemsize == sizeof(wire_key) and _M.RULE_DTYPE.itemsize == sizeof(wire_rule)
+
+
+cdef inline FlowTable _index(uint64_t cap):
+    return _FlowTable(cap, hugepages=False)
+
+
+cdef inline const unsigned char[::1] _bytes_of(recs):
+    """A message's records as bytes, in place when they are contiguous."""
+    return np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------
+cdef class KeyedLru:
+    """Keys (fetch_dir, proto, saddr, sport, daddr, dport) with two doubles each, oldest
+    first on a recency list.  The caller bounds its size (``remove(head)``)."""
+
+    def __cinit__(self):
+        self.e = NULL
+        self.cap = self.n = 0
+        self.head = self.tail = self.free_head = -1
+
+    def __init__(self, int32_t capacity=256):
+        self._grow(max(16, capacity))
+
+    def __dealloc__(self):
+        free(self.e)
+
+    def _grow(self, int32_t cap):
+        cdef lru_entry *ne = <lru_entry *>realloc(self.e, cap * sizeof(lru_entry))
+        if ne == NULL:
+            raise MemoryError()
+        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(lru_entry))
+        self.e = ne
+        cdef int32_t x
+        for x in range(cap - 1, self.cap - 1, -1):
+            self.e[x].next = self.free_head
+            self.free_head = x
+        self.cap = cap
+        self.ix0 = _index(cap)
+        self.ix1 = _index(cap)
+        cdef lru_entry *c
+        for x in range(cap):
+            c = &self.e[x]
+            if c.used:
+                (self.ix1 if c.fetch_dir else self.ix0).c_insert(c.proto, c.saddr, c.sport, c.daddr, c.dport,
+                                                                0, 0, x, 0, 0)
+
+    cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                      uint16_t dp) noexcept:
+        cdef FlowTable t = self.ix1 if d else self.ix0
+        cdef int64_t j = t.c_find(p, sa, sp, da, dp)
+        return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
+
+    cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                     uint16_t dp) except -2:
+        """A new key at the end of the list (the caller checked it is not there)."""
+        if self.free_head < 0:
+            self._grow(self.cap * 2)
+        cdef int32_t x = self.free_head
+        cdef lru_entry *c = &self.e[x]
+        self.free_head = c.next
+        memset(c, 0, sizeof(lru_entry))
+        c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
+        c.used = 1
+        c.prev = self.tail
+        c.next = -1
+        if self.tail >= 0:
+            self.e[self.tail].next = x
+        else:
+            self.head = x
+        self.tail = x
+        self.n += 1
+        (self.ix1 if d else self.ix0).c_insert(p, sa, sp, da, dp, 0, 0, x, 0, 0)
+        return x
+
+    cdef void _unlist(self, int32_t x) noexcept:
+        cdef lru_entry *c = &self.e[x]
+        if c.prev >= 0:
+            self.e[c.prev].next = c.next
+        else:
+            self.head = c.next
+        if c.next >= 0:
+            self.e[c.next].prev = c.prev
+        else:
+            self.tail = c.prev
+
+    cdef void remove(self, int32_t x) noexcept:
+        cdef lru_entry *c = &self.e[x]
+        self._unlist(x)
+        (self.ix1 if c.fetch_dir else self.ix0).c_delete(c.proto, c.saddr, c.sport, c.daddr, c.dport)
+        c.used = 0
+        c.next = self.free_head
+        self.free_head = x
+        self.n -= 1
+
+    cdef void to_end(self, int32_t x) noexcept:
+        if x == self.tail:
+            return
+        self._unlist(x)
+        cdef lru_entry *c = &self.e[x]
+        c.prev = self.tail
+        c.next = -1
+        self.e[self.tail].next = x
+        self.tail = x
+
+    def __len__(self):
+        return self.n
+
+    def items(self):
+        """[((fetch_dir, (proto, saddr, sport, daddr, dport)), a, b)], oldest first."""
+        cdef list out = []
+        cdef int32_t x = self.head
+        cdef lru_entry *c
+        while x >= 0:
+            c = &self.e[x]
+            out.append(((c.fetch_dir, (c.proto, c.saddr, c.sport, c.daddr, c.dport)), c.a, c.b))
+            x = c.next
+        return out
+
+
+# ------------------------------------------------------------------------------------
+cdef class PendingTable:
+    """Fetches in flight, the negative cache and the per-source token buckets, in C.
+    The interface and the answers of ``pending_py.PendingTable``."""
+
+    def __cinit__(self):
+        self.e = NULL
+        self.fnx = NULL
+        self.cap = self.n = self.fcap = 0
+        self.free_head = self.ffree = -1
+        self.queued = 0
+        self.walks = 0
+
+    def __init__(self, queue_total, queue_per_flow, retry_s, fetch_burst, fetch_rate, negative_ttl_s,
+                 negative_max, int32_t capacity=1024, max_sources=MAX_SOURCES):
+        self.src_max = int(max_sources)
+        self.qmax, self.qflow, self.retry_s = int(queue_total), int(queue_per_flow), float(retry_s)
+        self.burst, self.rate = float(fetch_burst), float(fetch_rate)
+        self.neg_ttl, self.neg_max = float(negative_ttl_s), int(negative_max)
+        self.fr = []
+        self.neg = KeyedLru()
+        self.src = KeyedLru()
+        self._grow(max(16, capacity))
+
+    def __dealloc__(self):
+        free(self.e)
+        free(self.fnx)
+
+    def _grow(self, int32_t cap):
+        """Room for `cap` fetches: the entry array grows, the indexes are rebuilt."""
+        cdef pf_entry *ne = <pf_entry *>realloc(self.e, cap * sizeof(pf_entry))
+        if ne == NULL:
+            raise MemoryError()
+        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(pf_entry))
+        self.e = ne
+        cdef int32_t x
+        for x in range(cap - 1, self.cap - 1, -1):
+            self.e[x].next_free = self.free_head
+            self.free_head = x
+        self.cap = cap
+        self.ix_out = _index(cap)
+        self.ix_in = _index(cap)
+        self.ix_seq = _index(cap)
+        cdef pf_entry *c
+        for x in range(cap):
+            c = &self.e[x]
+            if c.used:
+                (self.ix_in if c.fetch_dir else self.ix_out).c_insert(c.proto, c.saddr, c.sport, c.daddr,
+                                                                     c.dport, 0, 0, x, 0, 0)
+                self.ix_seq.c_insert(0, c.seq, 0, 0, 0, 0, 0, x, 0, 0)
+
+    def _grow_frames(self):
+        cdef int32_t cap = max(64, self.fcap * 2)
+        cdef int32_t *nf = <int32_t *>realloc(self.fnx, cap * sizeof(int32_t))
+        if nf == NULL:
+            raise MemoryError()
+        self.fnx = nf
+        self.fr.extend([None] * (cap - self.fcap))
+        cdef int32_t i
+        for i in range(cap - 1, self.fcap - 1, -1):
+            self.fnx[i] = self.ffree
+            self.ffree = i
+        self.fcap = cap
+
+    # -- C level -----------------------------------------------------------------------------
+    cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                      uint16_t dp) noexcept:
+        cdef FlowTable t = self.ix_in if d else self.ix_out
+        cdef int64_t j = t.c_find(p, sa, sp, da, dp)
+        return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
+
+    cdef int32_t by_seq(self, uint32_t seq) noexcept:
+        cdef int64_t j = self.ix_seq.c_find(0, seq, 0, 0, 0)
+        return <int32_t>self.ix_seq.c_slot(j).rule_id if j >= 0 else -1
+
+    cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                     uint16_t dp) except -2:
+        """A new entry for a key not in flight (seq and the rest: the caller's)."""
+        if self.free_head < 0:
+            self._grow(self.cap * 2)
+        cdef int32_t x = self.free_head
+        cdef pf_entry *c = &self.e[x]
+        self.free_head = c.next_free
+        memset(c, 0, sizeof(pf_entry))
+        c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
+        c.used = 1
+        c.fhead = c.ftail = -1
+        c.charged = -1
+        self.n += 1
+        (self.ix_in if d else self.ix_out).c_insert(p, sa, sp, da, dp, 0, 0, x, 0, 0)
+        return x
+
+    cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept:
+        self.e[x].seq = seq
+        self.ix_seq.c_insert(0, seq, 0, 0, 0, 0, 0, x, 0, 0)
+
+    cdef int add_frame(self, int32_t x, object frame) except -1:
+        if self.ffree < 0:
+            self._grow_frames()
+        cdef int32_t i = self.ffree
+        self.ffree = self.fnx[i]
+        self.fr[i] = frame
+        self.fnx[i] = -1
+        cdef pf_entry *c = &self.e[x]
+        if c.ftail >= 0:
+            self.fnx[c.ftail] = i
+        else:
+            c.fhead = i
+        c.ftail = i
+        c.nframes += 1
+        self.queued += 1
+        return 0
+
+    cdef list release(self, int32_t x, bint want_frames):
+        """Forget fetch `x`: out of the indexes, its frames out of the arena (returned in
+        arrival order when `want_frames`, else None)."""
+        cdef pf_entry *c = &self.e[x]
+        cdef list out = [] if want_frames else None
+        cdef int32_t i = c.fhead, nx
+        (self.ix_in if c.fetch_dir else self.ix_out).c_delete(c.proto, c.saddr, c.sport, c.daddr, c.dport)
+        self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
+        while i >= 0:
+            if want_frames:
+                out.append(self.fr[i])
+            self.fr[i] = None
+            nx = self.fnx[i]
+            self.fnx[i] = self.ffree
+            self.ffree = i
+            i = nx
+        self.queued -= c.nframes
+        c.used = 0
+        c.next_free = self.free_head
+        self.free_head = x
+        self.n -= 1
+        return out
+
+    cdef void refund(self, int32_t x) noexcept:
+        """The token fetch `x` took back to its source (if the source is still known)."""
+        cdef pf_entry *c = &self.e[x]
+        cdef int32_t b
+        cdef double t
+        if c.charged < 0:
+            return
+        b = self.src.find(0, 0, <uint32_t>c.charged, 0, 0, 0)
+        if b >= 0:
+            t = self.src.e[b].a + 1.0
+            self.src.e[b].a = t if t < self.burst else self.burst
+        c.charged = -1
+
+    cdef int queue(self, dict fq, int32_t x) except -1:
+        """Fetch `x`'s FETCH record (messages.KEY_DTYPE) appended to ``fq[owner]``."""
+        cdef pf_entry *c = &self.e[x]
+        cdef wire_key k
+        memset(&k, 0, sizeof(k))
+        k.seq = c.seq
+        k.proto = c.proto
+        k.flags = c.flags
+        if c.fetch_dir == D_IN:  # (p, R, Rp, E, Ep)
+            k.kind = FETCH_BY_EXTERNAL
+            k.ext_addr, k.rem_addr, k.ext_port, k.rem_port = c.daddr, c.saddr, c.dport, c.sport
+        else:  # (p, I, Ip, R, Rp)
+            k.kind = FETCH_BY_INTERNAL
+            k.int_addr, k.rem_addr, k.int_port, k.rem_port = c.saddr, c.daddr, c.sport, c.dport
+        rec = PyBytes_FromStringAndSize(<char *>&k, sizeof(wire_key))
+        q = fq.get(c.owner)
+        if q is None:
+            fq[c.owner] = [rec]
+        else:
+            (<list>q).append(rec)
+        return 0
+
+    cdef object _snapshot(self, int32_t x):
+        cdef pf_entry *c = &self.e[x]
+        cdef list frames = []
+        cdef int32_t i = c.fhead
+        while i >= 0:
+            frames.append(self.fr[i])
+            i = self.fnx[i]
+        return Pending((c.fetch_dir, (c.proto, c.saddr, c.sport, c.daddr, c.dport), c.owner, c.seq, c.first,
+                        c.sent, c.retry, c.flags, frames, c.charged))
+
+    cdef int32_t _find_pk(self, pk) except -2:
+        try:
+            d, (p, sa, sp, da, dp) = pk
+        except (TypeError, ValueError):
+            return -1
+        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
+                and 0 <= dp <= 0xFFFF):
+            return -1
+        return self.find(1 if d else 0, p, sa, sp, da, dp)
+
+    # -- lookups ------------------------------------------------------------------------------
+    def __len__(self):
+        return self.n
+
+    def __bool__(self):
+        return self.n > 0
+
+    def __contains__(self, pk):
+        return self._find_pk(pk) >= 0
+
+    def get(self, pk, default=None):
+        cdef int32_t x = self._find_pk(pk)
+        return self._snapshot(x) if x >= 0 else default
+
+    def __getitem__(self, pk):
+        cdef int32_t x = self._find_pk(pk)
+        if x < 0:
+            raise KeyError(pk)
+        return self._snapshot(x)
+
+    def items(self):
+        """Every fetch, [((fetch_dir, key), Pending)]: a walk (counted in `walks`)."""
+        self.walks += 1
+        cdef list out = []
+        cdef int32_t x
+        for x in range(self.cap):
+            if self.e[x].used:
+                p = self._snapshot(x)
+                out.append(((p[0], p[1]), p))
+        return out
+
+    def keys(self):
+        return [pk for pk, _ in self.items()]
+
+    def values(self):
+        return [p for _, p in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def seqs(self):
+        """{seq: (fetch_dir, key)} of every fetch (a walk)."""
+        return {p.seq: pk for pk, p in self.items()}
+
+    # -- the fetch client's operations ----------------------------------------------------------
+    def fetch_rows(self, rows, double now, seq, dict fq):
+        """``pending_py.PendingTable.fetch_rows``."""
+        cdef int64_t n = 0, started = 0, c_neg = 0, c_rate = 0, c_full = 0
+        cdef uint32_t s = seq
+        cdef uint8_t d, p
+        cdef uint32_t sa, da
+        cdef uint16_t sp, dp
+        cdef int32_t x, b
+        cdef int64_t charged
+        cdef double t, burst = self.burst, rate = self.rate
+        cdef KeyedLru neg = self.neg, src = self.src
+        cdef pf_entry *c
+        cdef lru_entry *be
+        for fd, kt, icmp, owner, frame in rows:
+            d = 1 if fd else 0
+            p, sa, sp, da, dp = kt
+            x = self.find(d, p, sa, sp, da, dp)
+            if x >= 0:
+                if frame is not None:
+                    if self.queued >= self.qmax or self.e[x].nframes >= self.qflow:
+                        c_full += 1
+                        continue
+                    self.add_frame(x, frame)
+                    n += 1
+                continue
+            if neg.n:
+                b = neg.find(d, p, sa, sp, da, dp)
+                if b >= 0:
+                    if neg.e[b].a > now:
+                        c_neg += 1
+                        continue
+                    neg.remove(b)
+            charged = -1
+            if d == D_IN:  # the remote's token bucket
+                b = src.find(0, 0, sa, 0, 0, 0)
+                if b < 0:
+                    b = src.add(0, 0, sa, 0, 0, 0)
+                    be = &src.e[b]
+                    be.a, be.b = burst, now
+                    if src.n > self.src_max:
+                        src.remove(src.head)
+                else:
+                    src.to_end(b)
+                    be = &src.e[b]
+                    t = be.a + (now - be.b) * rate
+                    be.a = t if t < burst else burst  # min(burst, t), NaN included
+                    be.b = now
+                be = &src.e[b]
+                if be.a < 1.0:
+                    c_rate += 1
+                    continue
+                be.a -= 1.0
+                charged = sa
+            if frame is not None and self.queued >= self.qmax:
+                c_full += 1
+                frame = None  # the fetch still goes out: later packets will find the rule
+            x = self.add(d, p, sa, sp, da, dp)
+            c = &self.e[x]
+            c.owner = owner
+            c.first = c.sent = now
+            c.retry = self.retry_s
+            c.flags = F_ICMP_ERROR if icmp else 0
+            c.charged = charged
+            self._set_seq(x, s)
+            self.queue(fq, x)
+            s += 1
+            if s == 0:
+                s = 1
+            started += 1
+            if frame is not None:
+                self.add_frame(x, frame)
+                n += 1
+        return n, started, c_neg, c_rate, c_full, s
+
+    def start(self, fetch_dir, key, int owner, double now, int flags, seq, dict fq):
+        """``pending_py.PendingTable.start``."""
+        p, sa, sp, da, dp = key
+        cdef int32_t x = self.add(1 if fetch_dir else 0, p, sa, sp, da, dp)
+        cdef pf_entry *c = &self.e[x]
+        c.owner = owner
+        c.first = c.sent = now
+        c.retry = self.retry_s
+        c.flags = flags
+        self._set_seq(x, seq)
+        self.queue(fq, x)
+
+    def answer_rules(self, int source, recs, owners, double now, lat_limits):
+        """``pending_py.PendingTable.answer_rules``: the records read in place."""
+        cdef const unsigned char[::1] raw = _bytes_of(recs)
+        cdef Py_ssize_t nrec = len(recs), k
+        cdef const int64_t[::1] own = np.ascontiguousarray(owners, dtype=np.int64)
+        cdef int nlim = len(lat_limits), j
+        cdef double[16] lim
+        if nlim > 16:
+            raise ValueError("at most 16 latency limits")
+        for j in range(nlim):
+            lim[j] = lat_limits[j]
+        cdef list items = [], rout = [], rin = [], lats = [], bad_owner = []
+        cdef list counts = [0] * (nlim + 1)
+        cdef int64_t[17] cnt
+        cdef int64_t dup = 0, wrong = 0, bad = 0
+        cdef const wire_rule *r
+        cdef pf_entry *c
+        cdef int32_t x
+        cdef uint16_t fsp, fdp
+        cdef uint8_t dbit
+        cdef double lat
+        for j in range(nlim + 1):
+            cnt[j] = 0
+        for k in range(nrec):
+            r = <const wire_rule *>&raw[k * sizeof(wire_rule)]
+            x = self.by_seq(r.seq)
+            if x < 0:
+                dup += 1
+                continue
+            c = &self.e[x]
+            if r.owner != source or own[k] != source:
+                bad_owner.append(k)
+                continue
+            if c.owner != source:
+                wrong += 1
+                continue
+            # the key asked for (rules.in_key / out_key: ICMP queries key on the identifier)
+            if c.fetch_dir == D_IN:
+                fsp = r.ext_port if r.proto == P_ICMP else r.rem_port
+                if not (c.proto == r.proto and c.saddr == r.rem_addr and c.sport == fsp
+                        and c.daddr == r.ext_addr and c.dport == r.ext_port):
+                    bad += 1
+                    continue
+                dbit = BIT_IN
+            else:
+                fdp = r.int_port if r.proto == P_ICMP else r.rem_port
+                if not (c.proto == r.proto and c.saddr == r.int_addr and c.sport == r.int_port
+                        and c.daddr == r.rem_addr and c.dport == fdp):
+                    bad += 1
+                    continue
+                dbit = BIT_OUT
+            lat = now - c.first
+            self.refund(x)
+            (rin if dbit == BIT_IN else rout).extend(self.release(x, True))
+            items.append(((r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port),
+                          r.rule_id, r.lease_ms, dbit))
+            lats.append(lat)
+            j = 0
+            while j < nlim and not (lat <= lim[j]):  # bisect_left: the first limit >= lat
+                j += 1
+            cnt[j] += 1
+        for j in range(nlim + 1):
+            counts[j] = cnt[j]
+        return items, rout, rin, lats, counts, dup, wrong, bad, bad_owner
+
+    def answer_nacks(self, int source, recs, double now):
+        """``pending_py.PendingTable.answer_nacks``: the records read in place."""
+        cdef const unsigned char[::1] raw = _bytes_of(recs)
+        cdef Py_ssize_t nrec = len(recs), k
+        cdef int64_t stale = 0, wrong = 0, bad = 0, nacked = 0, lost = 0
+        cdef const wire_key *r
+        cdef pf_entry *c
+        cdef int32_t x, b
+        cdef bint ok
+        for k in range(nrec):
+            r = <const wire_key *>&raw[k * sizeof(wire_key)]
+            x = self.by_seq(r.seq)
+            if x < 0:
+                stale += 1
+                continue
+            c = &self.e[x]
+            if c.owner != source:
+                wrong += 1
+                continue
+            if r.kind == FETCH_BY_EXTERNAL:
+                ok = (c.fetch_dir == D_IN and c.proto == r.proto and c.saddr == r.rem_addr
+                      and c.sport == r.rem_port and c.daddr == r.ext_addr and c.dport == r.ext_port)
+            else:
+                ok = (c.fetch_dir == D_OUT and c.proto == r.proto and c.saddr == r.int_addr
+                      and c.sport == r.int_port and c.daddr == r.rem_addr and c.dport == r.rem_port)
+            if not ok:
+                bad += 1
+                continue
+            nacked += c.nframes if c.nframes > 1 else 1
+            if r.reason == NACK_UNAVAILABLE:
+                self.refund(x)  # the owner could not answer: not the remote's doing
+            elif r.reason != NACK_FILTERED:  # no rule: remembered (a filtered answer can change)
+                self._neg_set(c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport, now + self.neg_ttl)
+            if c.flags & F_REVALIDATE:
+                lost += 1
+            self.release(x, False)
+        return stale, wrong, bad, nacked, lost
+
+    def pop(self, pk):
+        """``pending_py.PendingTable.pop``."""
+        cdef int32_t x = self._find_pk(pk)
+        if x < 0:
+            return None
+        self.refund(x)
+        return self.release(x, True)
+
+    def retry(self, seq, double now, double retry_max, double timeout, dict fq):
+        """``pending_py.PendingTable.retry``."""
+        if not 0 <= seq <= 0xFFFFFFFF:
+            return 0, 0
+        cdef int32_t x = self.by_seq(seq)
+        if x < 0:
+            return 0, 0
+        cdef pf_entry *c = &self.e[x]
+        cdef int32_t nf = c.nframes
+        if now + 1e-6 >= c.first + timeout:
+            self.refund(x)
+            self.release(x, False)
+            return 1, (nf if nf > 1 else 1)
+        c.sent = now
+        c.retry = min(c.retry * 2, retry_max)
+        self.queue(fq, x)
+        return 2, min(now + c.retry, c.first + timeout)
+
+    def fail_owner(self, int owner):
+        """``pending_py.PendingTable.fail_owner``."""
+        cdef int64_t n = 0
+        cdef int32_t x
+        for x in range(self.cap):
+            if self.e[x].used and self.e[x].owner == owner:
+                n += self.e[x].nframes if self.e[x].nframes > 1 else 1
+                self.refund(x)
+                self.release(x, False)
+        return n
+
+    def of_owner(self, int owner, fetch_dir):
+        """``pending_py.PendingTable.of_owner``."""
+        cdef list out = []
+        cdef int32_t x
+        cdef uint8_t d = 1 if fetch_dir else 0
+        cdef pf_entry *c
+        for x in range(self.cap):
+            c = &self.e[x]
+            if c.used and c.owner == owner and c.fetch_dir == d:
+                out.append((c.seq, (c.proto, c.saddr, c.sport, c.daddr, c.dport)))
+        return out
+
+    def reseq(self, seq, int owner, new_seq, double now, double timeout, dict fq):
+        """``pending_py.PendingTable.reseq``."""
+        cdef int32_t x = self.by_seq(seq)
+        if x < 0:
+            raise KeyError(seq)
+        cdef pf_entry *c = &self.e[x]
+        self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
+        c.owner = owner
+        self._set_seq(x, new_seq)
+        c.sent = now
+        c.retry = self.retry_s
+        self.queue(fq, x)
+        return min(now + c.retry, c.first + timeout)
+
+    # -- the negative cache ---------------------------------------------------------------------
+    cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
+                      double until) except -1:
+        cdef int32_t b = self.neg.find(d, p, sa, sp, da, dp)
+        if b < 0:
+            b = self.neg.add(d, p, sa, sp, da, dp)
+        self.neg.e[b].a = until
+        if self.neg.n > self.neg_max:
+            self.neg.remove(self.neg.head)
+        return 0
+
+    cdef int32_t _neg_find(self, pk) except -2:
+        try:
+            d, (p, sa, sp, da, dp) = pk
+        except (TypeError, ValueError):
+            return -1
+        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
+                and 0 <= dp <= 0xFFFF):
+            return -1
+        return self.neg.find(1 if d else 0, p, sa, sp, da, dp)
+
+    def neg_get(self, pk, default=None):
+        cdef int32_t b = self._neg_find(pk)
+        return self.neg.e[b].a if b >= 0 else default
+
+    def neg_set(self, pk, double until):
+        """``pending_py.PendingTable.neg_set``."""
+        d, (p, sa, sp, da, dp) = pk
+        self._neg_set(1 if d else 0, p, sa, sp, da, dp, until)
+
+    def neg_discard(self, pk):
+        cdef int32_t b = self._neg_find(pk)
+        if b >= 0:
+            self.neg.remove(b)
+
+    def neg_len(self):
+        return self.neg.n
+
+    def neg_items(self):
+        """[((fetch_dir, key), until)], oldest first."""
+        return [(k, a) for k, a, _ in self.neg.items()]
+
+    def source_items(self):
+        """[(remote, [tokens, last refill])], least recently used first."""
+        return [(k[1][1], [a, b]) for k, a, b in self.src.items()]

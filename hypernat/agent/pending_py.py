@@ -1,0 +1,359 @@
+"""The holder's fetches in flight, in plain Python: the reference of ``_pending.pyx``.
+
+``PendingTable`` keeps, per fetch in flight, its key (the fetch direction and the
+flow-table key asked for), the owner asked, its seq, its timing, its flags, the frames
+waiting for the answer and the remote source whose token it holds; beside it the
+negative cache (keys NACKed recently, oldest first) and the fetch token bucket of each
+remote source (least recently used first).  Every operation of the fetch client on that
+state is a method here, taking a whole batch: start fetches for a batch of misses
+(``fetch_rows``), check a RULE or NACK message's records against the fetches they
+answer (``answer_rules``, ``answer_nacks``), retry or give up one due fetch
+(``retry``), fail or redirect an owner's fetches.  The agent (``core.RuleAgent``) keeps
+the reliable-delivery engine (which seq is due when) and the counters.
+
+The compiled table (``hypernat.agent._pending``) has the same interface and answers;
+``tests/test_pending_table.py`` runs both on the same operation sequences (hypothesis).
+This one is used when the extensions are not built (``HYPERNAT_NO_EXTENSIONS=1``).
+"""
+from __future__ import annotations
+
+import collections
+from bisect import bisect_left
+
+from .. import messages as M
+
+IN = 1  # fetch direction (verdicts.IN); OUT = 0
+DIR_BIT_OUT, DIR_BIT_IN = 1, 2  # rules.DIR_BIT_*
+PROTO_ICMP = 1
+MAX_SOURCES = 65536  # remote sources with a token bucket (least recently used dropped)
+_KEY_PACK = M.KEY_STRUCT.pack
+_RULE_HEAD = M.RULE_DTYPE.names[:11]
+assert _RULE_HEAD == ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem_addr", "int_port", "ext_port",
+                      "rem_port", "owner", "proto")
+_NACK_UNAVAILABLE = M.NACK["unavailable"]
+_NACK_FILTERED = M.NACK["filtered"]
+
+
+class Pending(tuple):
+    """A fetch in flight as the table holds it (a copy)."""
+
+    __slots__ = ()
+    _fields = ("fetch_dir", "key", "owner", "seq", "first", "sent", "retry", "flags", "frames", "charged")
+    fetch_dir = property(lambda self: self[0])
+    key = property(lambda self: self[1])  # (proto, saddr, sport, daddr, dport) in fetch_dir's table
+    owner = property(lambda self: self[2])
+    seq = property(lambda self: self[3])
+    first = property(lambda self: self[4])
+    sent = property(lambda self: self[5])
+    retry = property(lambda self: self[6])
+    flags = property(lambda self: self[7])
+    frames = property(lambda self: self[8])  # the frames waiting, in arrival order (a list copy)
+    charged = property(lambda self: self[9])  # remote source whose token it holds (-1: none)
+
+
+def fetch_record(fetch_dir: int, key: tuple, seq: int, flags: int) -> bytes:
+    """The FETCH record (messages.KEY_DTYPE) asking for `key`, packed."""
+    p, sa, sp, da, dp = key
+    if fetch_dir == IN:  # (p, R, Rp, E, Ep)
+        return _KEY_PACK(seq, 0, p, M.FETCH_BY_EXTERNAL, 0, flags, 0, da, sa, 0, dp, sp, 0)
+    return _KEY_PACK(seq, 0, p, M.FETCH_BY_INTERNAL, 0, flags, sa, 0, da, sp, 0, dp, 0)  # (p, I, Ip, R, Rp)
+
+
+class PendingTable:
+    """Fetches in flight, the negative cache and the per-source token buckets (dicts)."""
+
+    def __init__(self, queue_total: int, queue_per_flow: int, retry_s: float, fetch_burst: float,
+                 fetch_rate: float, negative_ttl_s: float, negative_max: int, capacity: int = 1024,
+                 max_sources: int = MAX_SOURCES):
+        self.src_max = int(max_sources)
+        self.qmax, self.qflow, self.retry_s = int(queue_total), int(queue_per_flow), float(retry_s)
+        self.burst, self.rate = float(fetch_burst), float(fetch_rate)
+        self.neg_ttl, self.neg_max = float(negative_ttl_s), int(negative_max)
+        self._p: dict = {}  # (fetch_dir, key) -> [fd, key, owner, seq, first, sent, retry, flags, frames, charged]
+        self._s: dict = {}  # seq -> (fetch_dir, key)
+        self._neg: collections.OrderedDict = collections.OrderedDict()  # (fetch_dir, key) -> until
+        self._src: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
+        self.queued = 0
+        self.walks = 0
+
+    # -- lookups ------------------------------------------------------------------------
+    def __len__(self):
+        return len(self._p)
+
+    def __bool__(self):
+        return bool(self._p)
+
+    def __contains__(self, pk):
+        return pk in self._p
+
+    def get(self, pk, default=None):
+        r = self._p.get(pk)
+        return default if r is None else Pending(r[:8] + [list(r[8]), r[9]])
+
+    def __getitem__(self, pk):
+        got = self.get(pk)
+        if got is None:
+            raise KeyError(pk)
+        return got
+
+    def items(self):
+        """Every fetch, [((fetch_dir, key), Pending)]: a walk (counted in `walks`)."""
+        self.walks += 1
+        return [(pk, Pending(r[:8] + [list(r[8]), r[9]])) for pk, r in self._p.items()]
+
+    def keys(self):
+        return [pk for pk, _ in self.items()]
+
+    def values(self):
+        return [p for _, p in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def seqs(self) -> dict:
+        """{seq: (fetch_dir, key)} of every fetch (a walk)."""
+        self.walks += 1
+        return dict(self._s)
+
+    # -- internals ------------------------------------------------------------------------
+    def _remove(self, pk) -> list:
+        r = self._p.pop(pk)
+        del self._s[r[3]]
+        self.queued -= len(r[8])
+        return r
+
+    def _refund(self, r) -> None:
+        if r[9] >= 0:
+            b = self._src.get(r[9])
+            if b is not None:
+                t = b[0] + 1.0
+                b[0] = t if t < self.burst else self.burst
+            r[9] = -1
+
+    @staticmethod
+    def _queue(fq: dict, r) -> None:
+        q = fq.get(r[2])
+        if q is None:
+            q = fq[r[2]] = []
+        q.append(fetch_record(r[0], r[1], r[3], r[7]))
+
+    # -- the fetch client's operations -----------------------------------------------------
+    def fetch_rows(self, rows, now: float, seq: int, fq: dict) -> tuple:
+        """Misses ``(fetch_dir, key, icmp, owner, frame)``, in order: a flow with a fetch
+        pending queues the frame (per-flow and total bounds: full); otherwise a recent
+        NACK drops it (negative), an incoming fetch takes a token of its remote's bucket
+        (rate when empty), and a new fetch starts under the next seq (its FETCH record
+        appended to ``fq[owner]``; the frame queued unless the total bound is reached).
+        Returns (frames queued, fetches started, negative, rate, full, next seq)."""
+        n = started = c_neg = c_rate = c_full = 0
+        p, s, neg, src = self._p, self._s, self._neg, self._src
+        burst, rate = self.burst, self.rate
+        for fd, kt, icmp, owner, frame in rows:
+            pk = (fd, kt)
+            r = p.get(pk)
+            if r is not None:
+                if frame is not None:
+                    if self.queued >= self.qmax or len(r[8]) >= self.qflow:
+                        c_full += 1
+                        continue
+                    r[8].append(frame)
+                    self.queued += 1
+                    n += 1
+                continue
+            until = neg.get(pk)
+            if until is not None:
+                if until > now:
+                    c_neg += 1
+                    continue
+                del neg[pk]
+            charged = -1
+            if fd == IN:
+                remote = kt[1]
+                b = src.get(remote)
+                if b is None:
+                    b = src[remote] = [burst, now]
+                    if len(src) > self.src_max:
+                        src.popitem(last=False)
+                else:
+                    src.move_to_end(remote)
+                    t = b[0] + (now - b[1]) * rate
+                    b[0] = t if t < burst else burst  # min(burst, t), NaN included
+                    b[1] = now
+                if b[0] < 1.0:
+                    c_rate += 1
+                    continue
+                b[0] -= 1.0
+                charged = remote
+            if frame is not None and self.queued >= self.qmax:
+                c_full += 1
+                frame = None  # the fetch still goes out: later packets will find the rule
+            r = [fd, kt, owner, seq, now, now, self.retry_s, M.FETCH_F_ICMP_ERROR if icmp else 0,
+                 [] if frame is None else [frame], charged]
+            p[pk] = r
+            s[seq] = pk
+            self._queue(fq, r)
+            seq = (seq + 1) & 0xFFFFFFFF or 1
+            started += 1
+            if frame is not None:
+                self.queued += 1
+                n += 1
+        return n, started, c_neg, c_rate, c_full, seq
+
+    def start(self, fetch_dir: int, key: tuple, owner: int, now: float, flags: int, seq: int, fq: dict) -> None:
+        """A fetch without frame or token (a clone revalidated): its record into `fq`."""
+        r = [fetch_dir, tuple(key), owner, seq, now, now, self.retry_s, flags, [], -1]
+        self._p[(fetch_dir, r[1])] = r
+        self._s[seq] = (fetch_dir, r[1])
+        self._queue(fq, r)
+
+    def answer_rules(self, source: int, recs, owners, now: float, lat_limits) -> tuple:
+        """RULE records (messages.RULE_DTYPE) from NIC `source`, each checked against the
+        fetch in flight under its seq: none (dup), the endpoint not `source`'s by the
+        record or by `owners` (its owner per record, -1 outside: bad_owner, by index),
+        the fetch sent to another NIC (wrong), another key than asked (bad).  A record
+        that passes completes its fetch: removed, token refunded.  Returns (items
+        [(sk, rule_id, lease_ms, dir bit)], frames to replay out, in, latencies,
+        latencies per bucket of `lat_limits` (+1 above), dup, wrong, bad, bad_owner)."""
+        items, rout, rin, lats, bad_owner = [], [], [], [], []
+        counts = [0] * (len(lat_limits) + 1)
+        dup = wrong = bad = 0
+        p, s = self._p, self._s
+        rows = zip(*[recs[f].tolist() for f in _RULE_HEAD]) if len(recs) else ()
+        for x, (seq, rule_id, lease_ms, ia, ea, ra, ip, ep, rp, claimed, proto) in enumerate(rows):
+            pk = s.get(seq)
+            if pk is None:
+                dup += 1
+                continue
+            r = p[pk]
+            if claimed != source or owners[x] != source:
+                bad_owner.append(x)
+                continue
+            if r[2] != source:
+                wrong += 1
+                continue
+            icmp = proto == PROTO_ICMP
+            if r[0] == IN:
+                fkey = (proto, ra, ep if icmp else rp, ea, ep)
+                dbit = DIR_BIT_IN
+            else:
+                fkey = (proto, ia, ip, ra, ip if icmp else rp)
+                dbit = DIR_BIT_OUT
+            if fkey != r[1]:
+                bad += 1
+                continue
+            self._remove(pk)
+            self._refund(r)
+            items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
+            (rin if dbit == DIR_BIT_IN else rout).extend(r[8])
+            lat = now - r[4]
+            lats.append(lat)
+            counts[bisect_left(lat_limits, lat)] += 1
+        return items, rout, rin, lats, counts, dup, wrong, bad, bad_owner
+
+    def answer_nacks(self, source: int, recs, now: float) -> tuple:
+        """NACK records (messages.KEY_DTYPE, the FETCH echoed) from `source`, matched
+        like RULEs: the fetch under the seq (stale), sent to `source` (wrong), for the
+        key the record names (bad).  A refusal that passes drops its fetch and frames;
+        its token is refunded when the owner was unavailable, kept otherwise; a no-rule
+        answer (anything but unavailable and filtered) enters the negative cache.
+        Returns (stale, wrong, bad, nacked frames (1 per fetch without), revalidations
+        lost)."""
+        stale = wrong = bad = nacked = lost = 0
+        p, s = self._p, self._s
+        for seq, _, proto, kind, reason, _, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
+            pk = s.get(seq)
+            if pk is None:
+                stale += 1
+                continue
+            r = p[pk]
+            if r[2] != source:
+                wrong += 1
+                continue
+            asked = (IN, (proto, ra, rp, ea, ep)) if kind == M.FETCH_BY_EXTERNAL else (0, (proto, ia, ip, ra, rp))
+            if asked != pk:
+                bad += 1
+                continue
+            self._remove(pk)
+            nacked += max(1, len(r[8]))
+            if reason == _NACK_UNAVAILABLE:
+                self._refund(r)  # the owner could not answer: not the remote's doing
+            elif reason != _NACK_FILTERED:  # no rule: remembered (a filtered answer can change)
+                self.neg_set(pk, now + self.neg_ttl)
+            if r[7] & M.FETCH_F_REVALIDATE:
+                lost += 1
+        return stale, wrong, bad, nacked, lost
+
+    def pop(self, pk):
+        """Complete the fetch of `pk` out of band (a PUSH brought its rule): its frames
+        (token refunded), or None if none is in flight."""
+        if pk not in self._p:
+            return None
+        r = self._remove(pk)
+        self._refund(r)
+        return r[8]
+
+    def retry(self, seq: int, now: float, retry_max: float, timeout: float, fq: dict) -> tuple:
+        """The fetch under `seq` came due: (0, 0) none in flight; (1, frames (1 if none))
+        past `timeout` since it started: removed, token refunded; (2, next due) sent
+        again (the wait doubles up to `retry_max`): its record into `fq`."""
+        pk = self._s.get(seq)
+        if pk is None:
+            return 0, 0
+        r = self._p[pk]
+        if now + 1e-6 >= r[4] + timeout:
+            self._remove(pk)
+            self._refund(r)
+            return 1, max(1, len(r[8]))
+        r[5] = now
+        r[6] = min(r[6] * 2, retry_max)
+        self._queue(fq, r)
+        return 2, min(now + r[6], r[4] + timeout)
+
+    def fail_owner(self, owner: int) -> int:
+        """Drop every fetch sent to `owner` (tokens refunded): frames dropped (1 per fetch
+        without)."""
+        n = 0
+        for pk in [pk for pk, r in self._p.items() if r[2] == owner]:
+            r = self._remove(pk)
+            self._refund(r)
+            n += max(1, len(r[8]))
+        return n
+
+    def of_owner(self, owner: int, fetch_dir: int) -> list:
+        """[(seq, key)] of the fetches in `fetch_dir` sent to `owner` (a walk)."""
+        return [(r[3], r[1]) for r in self._p.values() if r[2] == owner and r[0] == fetch_dir]
+
+    def reseq(self, seq: int, owner: int, new_seq: int, now: float, timeout: float, fq: dict) -> float:
+        """Ask `owner` instead, under `new_seq` (a NACK of the old seq finds nothing), its
+        retry wait reset: its record into `fq`; returns its next due time."""
+        pk = self._s.pop(seq)
+        r = self._p[pk]
+        r[2], r[3], r[5], r[6] = owner, new_seq, now, self.retry_s
+        self._s[new_seq] = pk
+        self._queue(fq, r)
+        return min(now + r[6], r[4] + timeout)
+
+    # -- the negative cache -------------------------------------------------------------------
+    def neg_get(self, pk, default=None):
+        return self._neg.get(pk, default)
+
+    def neg_set(self, pk, until: float) -> None:
+        """Remember `pk` until `until` (a key remembered keeps its place; the oldest beyond
+        negative_max is forgotten)."""
+        self._neg[pk] = until
+        if len(self._neg) > self.neg_max:
+            self._neg.popitem(last=False)
+
+    def neg_discard(self, pk) -> None:
+        self._neg.pop(pk, None)
+
+    def neg_len(self) -> int:
+        return len(self._neg)
+
+    def neg_items(self) -> list:
+        """[((fetch_dir, key), until)], oldest first."""
+        return list(self._neg.items())
+
+    def source_items(self) -> list:
+        """[(remote, [tokens, last refill])], least recently used first."""
+        return [(k, list(v)) for k, v in self._src.items()]

@@ -1,0 +1,173 @@
+"""The holder's fetches in flight: the compiled table (``hypernat.agent._pending``, C
+records over the flow table's hashing) against the dict-based reference
+(``hypernat.agent.pending_py``): the same answers and the same state after every
+operation of a random sequence -- batches of misses (frames, bounds, the negative
+cache, token buckets with an LRU bound), RULE and NACK messages whose records answer,
+half-answer or miss the fetches in flight, retries and timeouts, a push completing a
+fetch, an owner failing, fetches redirected to another owner -- and the FETCH records
+each wrote, byte for byte."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hypernat import messages as M
+from hypernat.agent import pending_py
+
+_pending = pytest.importorskip("hypernat.agent._pending")
+
+LIMITS = (0.001, 0.01, 0.05, 0.2)
+PARAMS = dict(queue_total=12, queue_per_flow=3, retry_s=0.05, fetch_burst=2.0, fetch_rate=10.0, negative_ttl_s=0.3,
+              negative_max=3, capacity=16, max_sources=4)
+
+protos = st.sampled_from([17, 1])
+keys = st.tuples(protos, st.integers(0, 5), st.just(1), st.just(10), st.integers(1, 2))
+miss = st.tuples(st.integers(0, 1), keys, st.booleans(), st.integers(0, 2), st.one_of(st.none(), st.binary(min_size=1, max_size=3)))
+# a record answering the k-th fetch in flight (mod their number), spoiled by `how`
+answer = st.tuples(st.integers(0, 50), st.sampled_from(["ok", "ok", "ok", "seq", "source", "owner", "key", "icmp"]),
+                   st.integers(0, len(M.NACK_REASONS) - 1))
+op = st.one_of(
+    st.tuples(st.just("fetch"), st.lists(miss, max_size=16)),
+    st.tuples(st.just("fetch"), st.lists(miss, max_size=16)),
+    st.tuples(st.just("rule"), st.integers(0, 2), st.lists(answer, max_size=8)),
+    st.tuples(st.just("nack"), st.integers(0, 2), st.lists(answer, max_size=8)),
+    st.tuples(st.just("time"), st.floats(0.0, 0.6)),
+    st.tuples(st.just("retry"), st.integers(0, 60)),
+    st.tuples(st.just("pop"), st.integers(0, 50)),
+    st.tuples(st.just("fail"), st.integers(0, 2)),
+    st.tuples(st.just("reseq"), st.integers(0, 2), st.integers(0, 2)),
+    st.tuples(st.just("start"), keys, st.integers(0, 2)),
+    st.tuples(st.just("neg"), st.integers(0, 1), keys, st.floats(-0.2, 0.5)),
+)
+
+
+def _state(t):
+    return (len(t), bool(t), t.queued, sorted(t.items()), sorted(t.seqs().items()), t.neg_items(),
+            t.source_items(), t.neg_len())
+
+
+def _rule_records(pend, rng_ops, source):
+    """RULE records for fetches in flight (sorted, so both tables see the same ones)."""
+    recs = M.records(M.T_RULE, len(rng_ops))
+    for i, (k, how, _) in enumerate(rng_ops):
+        if not pend:
+            recs["seq"][i] = 1000 + k
+            continue
+        pk, p = pend[k % len(pend)]
+        fd, (proto, sa, sp, da, dp) = pk
+        r = recs[i:i + 1]
+        r["seq"], r["rule_id"], r["lease_ms"], r["owner"], r["proto"] = p.seq, 7 + k, 3000, source, proto
+        if fd == 1:  # (p, R, Rp, E, Ep)
+            r["int_addr"], r["int_port"], r["ext_addr"], r["ext_port"], r["rem_addr"], r["rem_port"] = (
+                0x0A000001, 1000 + k, da, dp, sa, sp)
+        else:  # (p, I, Ip, R, Rp)
+            r["int_addr"], r["int_port"], r["ext_addr"], r["ext_port"], r["rem_addr"], r["rem_port"] = (
+                sa, sp, 99, 2000 + k, da, dp)
+        if how == "seq":
+            r["seq"] = p.seq + 100
+        elif how == "owner":
+            r["owner"] = source + 1
+        elif how == "key":
+            r["rem_addr"] = r["rem_addr"] + 1
+        elif how == "icmp":  # an ICMP query keys on the identifier: the other port may differ
+            r["rem_port"] = r["rem_port"] + 1
+    return recs
+
+
+def _nack_records(pend, rng_ops):
+    recs = M.records(M.T_NACK, len(rng_ops))
+    for i, (k, how, reason) in enumerate(rng_ops):
+        recs["reason"][i] = reason
+        if not pend:
+            recs["seq"][i] = 1000 + k
+            continue
+        pk, p = pend[k % len(pend)]
+        rec = np.frombuffer(pending_py.fetch_record(pk[0], pk[1], p.seq, p.flags), M.KEY_DTYPE)
+        recs[i] = rec[0]
+        recs["reason"][i] = reason
+        if how == "seq":
+            recs["seq"][i] = p.seq + 100
+        elif how == "key":
+            recs["rem_addr"][i] += 1
+        elif how == "icmp":
+            recs["kind"][i] ^= 1
+    return recs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(op, max_size=30), st.integers(1, 0xFFFFFFFF))
+def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
+    c, m = _pending.PendingTable(**PARAMS), pending_py.PendingTable(**PARAMS)
+    seq = {"c": seq0, "m": seq0}
+    fq = {"c": {}, "m": {}}
+    now = 1.0
+    for o in ops:
+        kind = o[0]
+        pend = sorted(m.items())
+        if kind == "fetch":
+            got = [t.fetch_rows(list(o[1]), now, seq[n], fq[n]) for n, t in (("c", c), ("m", m))]
+            assert got[0] == got[1]
+            seq["c"] = seq["m"] = got[0][-1]
+        elif kind == "rule":
+            recs = _rule_records(pend, o[2], o[1])
+            owners = np.where(recs["ext_addr"] == 99, o[1] + (o[1] == 0), o[1]) if len(recs) else []
+            got = [t.answer_rules(o[1], recs, owners, now, LIMITS) for t in (c, m)]
+            assert got[0] == got[1]
+        elif kind == "nack":
+            recs = _nack_records(pend, o[2])
+            assert c.answer_nacks(o[1], recs, now) == m.answer_nacks(o[1], recs, now)
+        elif kind == "time":
+            now += o[1]
+        elif kind == "retry":
+            s = pend[o[1] % len(pend)][1].seq if pend and o[1] < 50 else o[1]
+            assert c.retry(s, now, 0.2, 0.5, fq["c"]) == m.retry(s, now, 0.2, 0.5, fq["m"])
+        elif kind == "pop":
+            pk = pend[o[1] % len(pend)][0] if pend else (1, (6, 0, 1, 10, 1))
+            assert c.pop(pk) == m.pop(pk)
+        elif kind == "fail":
+            assert c.fail_owner(o[1]) == m.fail_owner(o[1])
+        elif kind == "reseq":
+            got = [sorted(t.of_owner(o[1], 1)) for t in (c, m)]
+            assert got[0] == got[1]
+            for s, _ in got[0]:
+                dues = [t.reseq(s, o[2], seq[n], now, 0.5, fq[n]) for n, t in (("c", c), ("m", m))]
+                assert dues[0] == dues[1]
+                seq["c"] = seq["m"] = seq["m"] % 0xFFFFFFFF + 1
+        elif kind == "start":
+            pk = (1, o[1])
+            if pk not in m:
+                for n, t in (("c", c), ("m", m)):
+                    t.start(1, o[1], o[2], now, M.FETCH_F_REVALIDATE, seq[n], fq[n])
+                seq["c"] = seq["m"] = seq["m"] % 0xFFFFFFFF + 1
+        elif kind == "neg":
+            pk = (o[1], o[2])
+            for t in (c, m):
+                t.neg_set(pk, now + o[3])
+            assert c.neg_get(pk) == m.neg_get(pk)
+        assert _state(c) == _state(m)
+        assert fq["c"] == fq["m"]
+        assert ((1, (6, 0, 1, 10, 1)) in c) == ((1, (6, 0, 1, 10, 1)) in m)
+        assert c.queued <= PARAMS["queue_total"] and m.source_items().__len__() <= PARAMS["max_sources"]
+
+
+def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
+    """10^4 fetches in flight in a table made for 16: every one answered by its RULE,
+    frames back in arrival order, nothing left behind (arena and indexes)."""
+    t = _pending.PendingTable(10 ** 5, 4, 0.05, 1e9, 1e9, 1.0, 10, capacity=16)
+    n = 10_000
+    rows = [(1, (17, 0xC0000200 + (k >> 8), 1000 + (k & 0xFF), 0xC6120001, 2000 + k), False, 2, b"%d" % k)
+            for k in range(n)]
+    fq = {}
+    assert t.fetch_rows(rows, 0.0, 0xFFFFFF00, fq)[:2] == (n, n)
+    assert t.fetch_rows(rows[:5], 0.0, 1, fq)[:2] == (5, 0)  # a second frame each
+    recs = np.frombuffer(b"".join(fq[2]), M.KEY_DTYPE)
+    assert len(recs) == n and 0 not in recs["seq"].tolist()  # the wrap skips 0
+    rules = M.records(M.T_RULE, n)
+    for f in ("seq", "proto", "ext_addr", "ext_port", "rem_addr", "rem_port"):
+        rules[f] = recs[f]
+    rules["owner"] = 2
+    items, rout, rin, lats, counts, dup, wrong, bad, bad_owner = t.answer_rules(2, rules, np.full(n, 2), 0.0005,
+                                                                                LIMITS)
+    assert (len(items), dup, wrong, bad, bad_owner, rout) == (n, 0, 0, 0, [], [])
+    assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
+    assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
