@@ -97,10 +97,10 @@ def run_round(n: int, state_dir: str, limits: dict | None = None) -> dict:
         for s, (h, p) in zip(sent, hosts):  # frames leave in arrival order
             expect[(s.src, s.sport)] = (h, p)
         c0 = dict(w1.agent.counters)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         out1.inject(replies)
         ok = spin(ws, lambda: len(in1._tx) >= n, 120, poll_ms=1)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         back = in1.take_tx()
         if not ok:
             raise RuntimeError(f"NIC 1 released {len(back)} of {n} replies: {dict(w1.agent.counters)}")
@@ -111,7 +111,8 @@ def run_round(n: int, state_dir: str, limits: dict | None = None) -> dict:
         clones = c1["clones_installed"] - c0.get("clones_installed", 0)
         if clones != n:
             raise AssertionError(f"{clones} clones installed for {n} connections")
-        return {"n": n, "seconds": dt, "per_s": n / dt, "fetches": c1["fetches"] - c0.get("fetches", 0),
+        return {"n": n, "seconds": dt, "per_s": n / dt, "cpu_s": cpu, "cpu_us_per_clone": cpu / n * 1e6,
+                "fetches": c1["fetches"] - c0.get("fetches", 0),
                 "rule_batches": c1["rx_rule"], "slow_turns": w0.counters["slow_turns"] + w1.counters["slow_turns"]}
     finally:
         for w in ws:
@@ -153,17 +154,31 @@ def run_round_processes(n: int, state_dir: str) -> dict:
         if len(sent) != n:
             raise RuntimeError(f"NIC 0 sent {len(sent)} of {n} first packets")
         replies = [build_frame(UDP, s.dst, 53, s.src, s.sport, payload=b"answer") for s in sent]
+        cpu0 = _cpu_seconds(emu.procs.values())
         t0 = time.perf_counter()
         back = _pump(out1, replies, in1_tx, n, 120)
         dt = time.perf_counter() - t0
+        cpu = [b - a for a, b in zip(cpu0, _cpu_seconds(emu.procs.values()))]
         if len(back) != n:
             raise RuntimeError(f"NIC 1 released {len(back)} of {n} replies")
         want = sorted((INTERNAL + 10 + k // 4000, 20000 + k % 4000) for k in range(n))
         if sorted((p.dst, p.dport) for p in map(parse_frame, back)) != want:
             raise AssertionError("replies were not all translated back to their internal endpoints")
-        return {"n": n, "seconds": dt, "per_s": n / dt}
+        return {"n": n, "seconds": dt, "per_s": n / dt, "cpu_s_per_nic": cpu,
+                "cpu_us_per_clone": sum(cpu) / n * 1e6}
     finally:
         emu.close()
+
+
+def _cpu_seconds(procs) -> list:
+    """CPU seconds (user + system) each process has used so far (/proc, clock ticks)."""
+    out = []
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in procs:
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out.append((int(fields[11]) + int(fields[12])) / tick)
+    return out
 
 
 @pytest.mark.timeout(600)
@@ -202,12 +217,29 @@ def test_clone_throughput_two_nics(benchmark, tmp_path):
     assert all(r["fetches"] == n for r in rounds)
 
 
-if __name__ == "__main__":
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else CLONES
-    if os.environ.get("HYPERNAT_BENCH_PROCESSES"):
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="One round of the clone throughput benchmark, printed as a dict: "
+                                 "per_s (clone installs per second, wall) and cpu_us_per_clone (CPU of the NIC "
+                                 "workers over the timed step: robust on a loaded machine).")
+    ap.add_argument("n", nargs="?", type=int, default=CLONES, help="connections (clones) per round (default %(default)s)")
+    ap.add_argument("limits", nargs="*", metavar="KEY=VALUE",
+                    help="limits for the in-process round, e.g. fetch_rate_per_source=1000000")
+    ap.add_argument("--processes", action="store_true", default=bool(os.environ.get("HYPERNAT_BENCH_PROCESSES")),
+                    help="each NIC worker in its own process (the emulated deployment; also "
+                         "HYPERNAT_BENCH_PROCESSES=1); default: both in this process")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, each printed (default %(default)s)")
+    a = ap.parse_args(argv)
+    for _ in range(max(1, a.rounds)):
         with tempfile.TemporaryDirectory() as d:
-            print(run_round_processes(n, d))
-        sys.exit(0)
-    with tempfile.TemporaryDirectory() as d:
-        extra = dict(a.split("=", 1) for a in sys.argv[2:])  # e.g. fetch_rate_per_source=1000000
-        print(run_round(n, d, {k: int(v) for k, v in extra.items()}))
+            if a.processes:
+                print(run_round_processes(a.n, d))
+            else:
+                extra = dict(x.split("=", 1) for x in a.limits)
+                print(run_round(a.n, d, {k: int(v) for k, v in extra.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,6 +7,7 @@ end in a binary heap."""
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from ._fastpath cimport FlowTable
+from ._heap cimport hn_heap
 
 ctypedef struct ce_entry:
     uint32_t iaddr
@@ -38,10 +39,7 @@ cdef class CloneTable:
     cdef FlowTable eps      # (proto, E, Ep, 0, 0) -> head of the endpoint list
     cdef int32_t own_head[256]
     cdef int32_t own_count[256]
-    cdef double *hd         # heap of (due, index)
-    cdef int32_t *hi
-    cdef int32_t hn
-    cdef int32_t hcap
+    cdef hn_heap h          # (due, index) of every clone (_heap.pxd)
     cdef public uint64_t walks   # whole-table walks (items / keys / values): tests assert 0 on the loop
 
     cdef int32_t find(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
@@ -51,5 +49,3 @@ cdef class CloneTable:
     cdef void unlink(self, int32_t x) noexcept
     cdef void _index(self, int32_t x) noexcept
     cdef void _set_owner(self, int32_t x, int owner) noexcept
-    cdef void heap_pop(self) noexcept
-    cdef int heap_push(self, double due, int32_t x) except -1

@@ -95,6 +95,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memset
 
 from ._fastpath import FlowTable as _FlowTable
+from ._heap cimport heap_free, heap_init, heap_pop, heap_push
 
 
 class Clone(tuple):
@@ -120,9 +121,8 @@ cdef class CloneTable:
 
     def __cinit__(self):
         self.e = NULL
-        self.hd = NULL
-        self.hi = NULL
-        self.cap = self.n = self.hn = self.hcap = 0
+        heap_init(&self.h)
+        self.cap = self.n = 0
         self.free_head = -1
         self.walks = 0
         for k in range(256):
@@ -134,8 +134,7 @@ cdef class CloneTable:
 
     def __dealloc__(self):
         free(self.e)
-        free(self.hd)
-        free(self.hi)
+        heap_free(&self.h)
 
     def _grow(self, int32_t cap):
         """Room for `cap` clones: the entry array grows, the indexes are rebuilt."""
@@ -256,55 +255,6 @@ cdef class CloneTable:
         self.free_head = x
         self.n -= 1
 
-    cdef int heap_push(self, double due, int32_t x) except -1:
-        cdef int32_t k, parent
-        cdef int32_t ncap
-        if self.hn == self.hcap:
-            ncap = max(64, self.hcap * 2)
-            nd = <double *>realloc(self.hd, ncap * sizeof(double))
-            if nd == NULL:
-                raise MemoryError()
-            self.hd = nd
-            ni = <int32_t *>realloc(self.hi, ncap * sizeof(int32_t))
-            if ni == NULL:
-                raise MemoryError()
-            self.hi = ni
-            self.hcap = ncap
-        k = self.hn
-        self.hn += 1
-        while k > 0:
-            parent = (k - 1) >> 1
-            if self.hd[parent] <= due:
-                break
-            self.hd[k] = self.hd[parent]
-            self.hi[k] = self.hi[parent]
-            k = parent
-        self.hd[k] = due
-        self.hi[k] = x
-        return 0
-
-    cdef void heap_pop(self) noexcept:
-        cdef double d
-        cdef int32_t xi, k = 0, c
-        self.hn -= 1
-        if self.hn == 0:
-            return
-        d = self.hd[self.hn]
-        xi = self.hi[self.hn]
-        while True:
-            c = 2 * k + 1
-            if c >= self.hn:
-                break
-            if c + 1 < self.hn and self.hd[c + 1] < self.hd[c]:
-                c += 1
-            if d <= self.hd[c]:
-                break
-            self.hd[k] = self.hd[c]
-            self.hi[k] = self.hi[c]
-            k = c
-        self.hd[k] = d
-        self.hi[k] = xi
-
     # -- per batch -------------------------------------------------------------------------
     def install(self, int owner, items, double now, double margin, install_rows, tick,
                 bint want_keys=False):
@@ -356,7 +306,7 @@ cdef class CloneTable:
                 c.expires = expires
                 c.due = expires - margin
                 self._set_owner(x, owner)
-                self.heap_push(c.due, x)
+                heap_push(&self.h, c.due, x)
             else:
                 c = &self.e[x]
                 c.dirs |= d
@@ -376,12 +326,12 @@ cdef class CloneTable:
         cdef int32_t x
         cdef ce_entry *c
         cdef Py_ssize_t work = 4 * limit if limit >= 0 else -1
-        while self.hn and now >= self.hd[0] and work != 0 and (limit < 0 or len(out) < limit):
+        while self.h.n and now >= self.h.d[0] and work != 0 and (limit < 0 or len(out) < limit):
             if work > 0:
                 work -= 1
-            due = self.hd[0]
-            x = self.hi[0]
-            self.heap_pop()
+            due = self.h.d[0]
+            x = self.h.i[0]
+            heap_pop(&self.h)
             c = &self.e[x]
             if not c.used or c.due != due:
                 continue  # dropped (or queued again) since
@@ -390,13 +340,13 @@ cdef class CloneTable:
                 out.append(_sk(c))
             else:
                 c.due = end
-                self.heap_push(end, x)
+                heap_push(&self.h, end, x)
         return out
 
     @property
     def next_due(self):
         """The earliest time queued (inf: none)."""
-        return self.hd[0] if self.hn else float("inf")
+        return self.h.d[0] if self.h.n else float("inf")
 
     def extend(self, sk, int owner, double until):
         """A lease renewal from `owner`: 1 extended, 0 not held, -1 held of another owner."""
@@ -480,7 +430,7 @@ cdef class CloneTable:
     def timers(self):
         """[(due, sk)] queued (an entry whose clone is gone or moved is stale)."""
         cdef int32_t k
-        return [(self.hd[k], _sk(&self.e[self.hi[k]])) for k in range(self.hn) if self.e[self.hi[k]].used]
+        return [(self.h.d[k], _sk(&self.e[self.h.i[k]])) for k in range(self.h.n) if self.e[self.h.i[k]].used]
 
     def items(self):
         """Every clone, [(sk, Clone)]: a walk over the whole table (counted in `walks`)."""

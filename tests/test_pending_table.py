@@ -171,3 +171,61 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     assert (len(items), dup, wrong, bad, bad_owner, rout) == (n, 0, 0, 0, [], [])
     assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
+
+
+# ------------------------------------------------------------------------ the owner's leases
+_leases = pytest.importorskip("hypernat.agent._leases")
+
+sks = st.tuples(st.sampled_from([6, 1]), st.just(0x0A000001), st.integers(1, 2), st.just(0xC6120001),
+                st.integers(1, 3), st.just(0xC0000201), st.integers(1, 2))
+lease_op = st.one_of(
+    st.tuples(st.just("grant"), st.lists(sks, max_size=6), st.integers(1, 3)),
+    st.tuples(st.just("end"), sks, st.integers(1, 3)),
+    st.tuples(st.just("due"), st.floats(0.0, 1.0), st.integers(0, 4)),
+    st.tuples(st.just("held"), st.lists(sks, max_size=5), st.integers(1, 3)),
+)
+
+
+def _lease_state(t):
+    at = {(sk[0], sk[3], sk[4]) for sk in t.keys()}
+    return (len(t), t.n_leases, sorted(t.items()), {k: sorted(t.at(*k)) for k in at})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(lease_op, max_size=30))
+def test_compiled_lease_table_answers_as_the_dict_model(ops):
+    """The same grants, renewals, ends, timer slices and ACTIVITY checks on both lease
+    tables: the same answers and state; every lease's timer no later than its end."""
+    from hypernat.agent import leases_py
+
+    c, m = _leases.LeaseTable(capacity=16), leases_py.LeaseTable()
+    now = 0.0
+    for o in ops:
+        if o[0] == "grant":  # a lease ends a lease time after its grant or renewal, as in the agent
+            assert c.grant(o[1], o[2], now + 1.5) == m.grant(o[1], o[2], now + 1.5)
+        elif o[0] == "end":
+            assert c.end(o[1], o[2]) == m.end(o[1], o[2])
+        elif o[0] == "due":  # slices until nothing is due: equal ends may come up in another order
+            now += o[1]
+            ended = []
+            for t in (c, m):
+                got = []
+                for _ in range(100):
+                    k = t.due(now, o[2])
+                    got += k
+                    if not k and not t.next_due <= now or o[2] == 0:
+                        break
+                ended.append(sorted(got))
+            assert ended[0] == ended[1]
+            assert all(u > now for _, hs in c.items() for u in hs.values()) or o[2] == 0
+        elif o[0] == "held":
+            recs = M.records(M.T_ACTIVITY, len(o[1]))
+            for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(o[1]):
+                recs[i:i + 1][["proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"]] = (
+                    p, ia, ip, ea, ep, ra, rp)
+            assert c.held(recs, o[2]) == m.held(recs, o[2])
+        assert _lease_state(c) == _lease_state(m)
+        timers = c.timers()
+        for sk, hs in c.items():
+            for h, until in hs.items():
+                assert min(t for t, s2, h2 in timers if (s2, h2) == (sk, h)) <= until

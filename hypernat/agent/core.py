@@ -85,7 +85,6 @@ hands frames back to the worker (``replay``) which runs them through
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 import os
 import time
@@ -106,9 +105,11 @@ try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with t
         raise ImportError("the fast path runs on its reference")
     from .._clones import CloneTable
     from .._serve import serve_fetches
+    from ._leases import LeaseTable
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable, serve_fetches
+    from .leases_py import LeaseTable
     from .pending_py import PendingTable
 
 log = logging.getLogger("hypernat.agent")
@@ -263,42 +264,6 @@ DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 _RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
 
 
-# Indexes of the clones and leases by external endpoint: key (proto, E, Ep) packed in one
-# int; the value is the one session identity on that endpoint (the common case: no
-# container per endpoint) or a set of them.
-def _ekey(proto: int, eaddr: int, eport: int) -> int:
-    return eaddr << 24 | eport << 8 | proto
-
-
-def _ix_add(ix: dict, k, sk: tuple) -> None:
-    cur = ix.get(k)
-    if cur is None:
-        ix[k] = sk
-    elif type(cur) is set:
-        cur.add(sk)
-    elif cur != sk:
-        ix[k] = {cur, sk}
-
-
-def _ix_del(ix: dict, k, sk: tuple) -> None:
-    cur = ix.get(k)
-    if cur is None:
-        return
-    if type(cur) is set:
-        cur.discard(sk)
-        if len(cur) == 1:
-            ix[k] = next(iter(cur))
-    elif cur == sk:
-        del ix[k]
-
-
-def _ix_get(ix: dict, k) -> tuple:
-    cur = ix.get(k)
-    if cur is None:
-        return ()
-    return tuple(cur) if type(cur) is set else (cur,)
-
-
 # ---------------------------------------------------------------------------------------
 @dataclass
 class AgentParams:
@@ -429,9 +394,9 @@ class RuleAgent:
         self.clones = CloneTable()
         self.negative = _NegativeView(self.pending)  # (dir, key) -> until
         # owner side
-        self.leases: dict[tuple, dict[int, float]] = {}  # session identity -> {holder: until}
-        self._leases_at: dict[int, object] = {}  # _ekey -> sk | {sk, ...} (sessions with a lease)
-        self._n_leases = 0  # (session, holder) pairs in self.leases
+        # leases granted: (session identity, holder) -> until, in C, indexed by session, by
+        # external endpoint (``hypernat ctl rule``) and by end (the owner's timer)
+        self.leases = LeaseTable()
         # One reliable-delivery engine for everything answered: the fetches in flight
         # (self.pending, answered by RULE / NACK) and the messages kept until acknowledged
         # (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN: seq -> message here).  Each seq's
@@ -443,10 +408,10 @@ class RuleAgent:
         self._activity_due = 0.0
         self._act_left, self._act_chunk = 0, None  # a sliced collection round: slices left, slots each
         self._act_queue, self._act_pos = None, 0  # entries collected, reported from _act_pos on
-        # Lease ends as timer heaps, so that no loop turn walks every clone or lease: an
-        # entry is checked when its time comes (a renewal moved the end: queued again
-        # under the new one; the clone or lease is gone: dropped), a few per turn.
-        self._lease_ends: list = []  # owner: heap of (until, sk, holder), one per lease granted
+        # Lease ends (clones here, leases granted) in timer heaps, so that no loop turn
+        # walks every clone or lease: an entry is checked when its time comes (a renewal
+        # moved the end: queued again under the new one; the clone or lease is gone:
+        # dropped), a few per turn.
         # spill-over (needs the Partition: loans override owner())
         self.partition = partition
         self.borrowed: dict[int, tuple] = {}  # block -> (lender, adopted at)
@@ -816,24 +781,17 @@ class RuleAgent:
         # only a holder's report counts: activity from a NIC holding no lease on the
         # session (a wrong NIC, or a lease that ran out or was revoked here) is
         # acknowledged but neither merged nor renewed (let the session expire)
-        leases = self.leases
-        known = []
-        renew = []
-        for i, sk in enumerate(zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS))):
-            holders = leases.get(sk)
-            if (holders is None or source not in holders) and not recovered[i]:
-                continue
-            known.append(i)
-            renew.append(sk)
+        held = self.leases.held(recs, source)
+        known = [i for i, (h, r) in enumerate(zip(held, recovered)) if h or r]
         unknown = len(recs) - len(known)
         if unknown:
             self.count("activity_unknown", unknown)
         if not known:
             return
         self.rules.merge_activity(sess if not unknown else sess[known], tick)
-        self._grant_many(renew, source, now)
-        out = M.records(M.T_LEASE, len(renew))
         r = recs if not unknown else recs[known]
+        self._grant_many(list(zip(*(r[f].tolist() for f in _ACT_SK_FIELDS))), source, now)
+        out = M.records(M.T_LEASE, len(r))
         for f in ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "proto", "rule_id"):
             out[f] = r[f]
         out["owner"] = self.nic_id
@@ -1089,29 +1047,7 @@ class RuleAgent:
             return
         if until is None:
             until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
-        leases = self.leases
-        at = self._leases_at
-        ends = self._lease_ends
-        heappush = heapq.heappush
-        new = []  # (proto, E, Ep) of the first lease of this holder on a session
-        for sk in sks:
-            holders = leases.get(sk)
-            if holders is None:
-                leases[sk] = {holder: until}
-                _ix_add(at, _ekey(sk[0], sk[3], sk[4]), sk)
-            elif holder in holders:  # a renewal: the end moves, its timer finds out when due
-                holders[holder] = until
-                continue
-            else:
-                holders[holder] = until
-            # the timer a few ns early per lease of the batch: leases granted together end
-            # together, and equal times would make every heap step compare session tuples
-            # (5-6 us a pop at 10^5 leases ending at once, 1-2 us with distinct times); a
-            # timer early by less than 5 us only finds its lease still running and queues
-            # it again under its end
-            heappush(ends, (until - len(new) * 1e-9, sk, holder))
-            new.append((sk[0], sk[3], sk[4]))
-        self._n_leases += len(new)
+        new = self.leases.grant(sks, holder, until)  # (proto, E, Ep) of each new lease
         if new:
             hold_many = getattr(self.rules, "hold_many", None)
             if hold_many is not None:
@@ -1121,15 +1057,8 @@ class RuleAgent:
                     self.rules.hold(p, e, ep)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
-        holders = self.leases.get(sk)
-        if holders is None or holder not in holders:
-            return
-        del holders[holder]
-        self._n_leases -= 1
-        if not holders:
-            del self.leases[sk]
-            _ix_del(self._leases_at, _ekey(sk[0], sk[3], sk[4]), sk)
-        self.rules.release_hold(sk[0], sk[3], sk[4])
+        if self.leases.end(sk, holder):
+            self.rules.release_hold(sk[0], sk[3], sk[4])
 
     def _push_created(self, now: float) -> None:
         created = self.rules.drain_created()
@@ -1200,7 +1129,7 @@ class RuleAgent:
                 ("agent_activity", self.step_activity,
                  lambda: -_INF if self._act_left or self._act_queue is not None else self._activity_due),
                 ("agent_lease_ends", self.step_lease_ends,
-                 lambda: self._lease_ends[0][0] if self._lease_ends else _INF))
+                 lambda: self.leases.next_due))
 
     def step_created(self, now: float) -> None:
         """Active install and revocation of what the builder created / removed since."""
@@ -1292,23 +1221,12 @@ class RuleAgent:
     def step_lease_ends(self, now: float) -> bool:
         """Owner: leases that ran out, seen from here (+ grace), at most
         ``lease_end_slice`` heap entries; True if more are due."""
-        ends = self._lease_ends
-        if not ends or now < ends[0][0]:
-            return False
         leases = self.leases
-        left = self.p.lease_end_slice
-        while ends and now >= ends[0][0] and left > 0:
-            left -= 1
-            _, sk, h = heapq.heappop(ends)
-            holders = leases.get(sk)
-            until = holders.get(h) if holders is not None else None
-            if until is None:
-                continue  # ended already (acknowledged REVOKE)
-            if until <= now:
-                self._lease_end(sk, h)
-            else:  # renewed meanwhile
-                heapq.heappush(ends, (until, sk, h))
-        return bool(ends) and now >= ends[0][0]
+        if now < leases.next_due:
+            return False
+        for sk, _ in leases.due(now, self.p.lease_end_slice):
+            self.rules.release_hold(sk[0], sk[3], sk[4])
+        return now >= leases.next_due
 
     # Collecting activity reads the flags of every slot of both tables, and reporting it
     # costs per entry found (a few us each): on big tables (2 x 4M slots, 10^6 clones)
@@ -1414,8 +1332,7 @@ class RuleAgent:
         """What this agent knows of one external endpoint, in time proportional to what
         it finds: (leases granted, as [(sk, {holder: until})], clones held, as
         [(sk, owner, rule_id, dirs, expires)])."""
-        k = _ekey(proto, eaddr, eport)
-        leases = [(sk, dict(self.leases[sk])) for sk in _ix_get(self._leases_at, k)]
+        leases = self.leases.at(proto, eaddr, eport)
         clones = [(sk, c.owner, c.rule_id, c.dirs, c.expires) for sk, c in self.clones.at(proto, eaddr, eport)]
         return leases, clones
 
@@ -1490,7 +1407,7 @@ class RuleAgent:
             "pending_flows": len(self.pending),
             "queued_frames": self.queued_total,
             "clones": len(self.clones),
-            "leases": self._n_leases,
+            "leases": self.leases.n_leases,
             "unacked": len(self._unacked),
             "negative_cache": len(self.negative),
         }

@@ -1,0 +1,150 @@
+"""The owner's leases, in plain Python: the reference of ``_leases.pyx``.
+
+A lease is a (session, holder) pair with an end ("until", the owner's clock, grace
+included): the holder NIC may keep a clone of the session until then, and the owner
+keeps the session's external endpoint held (``RuleBuilder.hold``) while any lease on it
+runs.  ``LeaseTable`` keeps them indexed by session identity (proto, I, Ip, E, Ep, R,
+Rp) and holder, by external endpoint (``at``: ``hypernat ctl rule``) and by end (a
+timer heap popped a slice per turn: ``due``).  Every operation takes a batch: grants
+for a batch of served fetches or renewals (``grant``), the ACTIVITY records of one
+message checked for a lease of their sender (``held``).  ``RuleAgent`` holds and
+releases the endpoints in the builder from what these return.
+
+The compiled table (``hypernat.agent._leases``) has the same interface and answers;
+``tests/test_pending_table.py`` checks them against each other.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+
+_ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+
+
+class LeaseTable:
+    """Leases granted: session identity -> {holder: until} (dicts and a heap)."""
+
+    def __init__(self, capacity: int = 1024):
+        self._l: dict = {}  # sk -> {holder: until}
+        self._at: dict = {}  # (proto, E, Ep) -> {sk: None}
+        self._ends: list = []  # heap of (until, n, sk, holder), one per lease granted
+        self._n = itertools.count()
+        self.n_leases = 0
+        self.walks = 0
+
+    def grant(self, sks, holder: int, until: float) -> list:
+        """A lease for `holder` on each session of `sks`, ending at `until` (a lease held
+        already: its end moves).  Returns the (proto, E, Ep) of each new lease (the
+        endpoints to hold), in order."""
+        new = []
+        for sk in sks:
+            sk = tuple(sk)
+            hs = self._l.get(sk)
+            if hs is None:
+                self._l[sk] = {holder: until}
+                self._at.setdefault((sk[0], sk[3], sk[4]), {})[sk] = None
+            elif holder in hs:  # a renewal: the end moves, its timer finds out when due
+                hs[holder] = until
+                continue
+            else:
+                hs[holder] = until
+            heapq.heappush(self._ends, (until, next(self._n), sk, holder))
+            new.append((sk[0], sk[3], sk[4]))
+        self.n_leases += len(new)
+        return new
+
+    def end(self, sk, holder: int) -> bool:
+        """End `holder`'s lease on `sk` (True: it ran; release its endpoint)."""
+        sk = tuple(sk)
+        hs = self._l.get(sk)
+        if hs is None or holder not in hs:
+            return False
+        del hs[holder]
+        self.n_leases -= 1
+        if not hs:
+            del self._l[sk]
+            k = (sk[0], sk[3], sk[4])
+            at = self._at[k]
+            del at[sk]
+            if not at:
+                del self._at[k]
+        return True
+
+    def due(self, now: float, limit: int) -> list:
+        """Leases whose end passed by `now`, ended: [(sk, holder)], looking at most
+        `limit` timers (a lease renewed meanwhile is queued again under its end)."""
+        out = []
+        ends = self._ends
+        while ends and now >= ends[0][0] and limit > 0:
+            limit -= 1
+            _, _, sk, h = heapq.heappop(ends)
+            hs = self._l.get(sk)
+            until = hs.get(h) if hs is not None else None
+            if until is None:
+                continue  # ended already (acknowledged REVOKE)
+            if until <= now:
+                self.end(sk, h)
+                out.append((sk, h))
+            else:  # renewed meanwhile
+                heapq.heappush(ends, (until, next(self._n), sk, h))
+        return out
+
+    @property
+    def next_due(self) -> float:
+        """The earliest end queued (inf: none)."""
+        return self._ends[0][0] if self._ends else float("inf")
+
+    def held(self, recs, holder: int) -> list:
+        """For each ACTIVITY record: does `holder` hold a lease on its session?"""
+        out = []
+        for sk in zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS)):
+            hs = self._l.get(sk)
+            out.append(hs is not None and holder in hs)
+        return out
+
+    # -- lookups --------------------------------------------------------------------------
+    def get(self, sk, default=None):
+        """{holder: until} of `sk` (a copy), or `default`."""
+        try:
+            hs = self._l.get(tuple(sk))
+        except TypeError:
+            return default
+        return default if hs is None else dict(hs)
+
+    def __getitem__(self, sk):
+        got = self.get(sk)
+        if got is None:
+            raise KeyError(sk)
+        return got
+
+    def __contains__(self, sk):
+        return self.get(sk) is not None
+
+    def __len__(self):
+        return len(self._l)
+
+    def __bool__(self):
+        return bool(self._l)
+
+    def at(self, proto: int, eaddr: int, eport: int) -> list:
+        """[(sk, {holder: until})] on one external endpoint."""
+        return [(sk, dict(self._l[sk])) for sk in self._at.get((proto, eaddr, eport), ())]
+
+    def items(self):
+        """Every session with a lease, [(sk, {holder: until})]: a walk (counted)."""
+        self.walks += 1
+        return [(sk, dict(hs)) for sk, hs in self._l.items()]
+
+    def keys(self):
+        return [sk for sk, _ in self.items()]
+
+    def values(self):
+        return [hs for _, hs in self.items()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def timers(self) -> list:
+        """[(due, sk, holder)] queued (an entry whose lease ended or moved is stale)."""
+        return [(d, sk, h) for d, _, sk, h in self._ends]
+
