@@ -35,6 +35,7 @@ cdef class CloneTable:
     cdef int32_t cap
     cdef int32_t n
     cdef int32_t free_head
+    cdef int32_t hw         # entries [0, hw) were ever used (those above: never touched)
     cdef FlowTable ids      # (proto, R, Rp, E, Ep) -> head of a same_next chain (rule_id = index)
     cdef FlowTable eps      # (proto, E, Ep, 0, 0) -> head of the endpoint list
     cdef int32_t own_head[256]

@@ -122,7 +122,7 @@ cdef class CloneTable:
     def __cinit__(self):
         self.e = NULL
         heap_init(&self.h)
-        self.cap = self.n = 0
+        self.cap = self.n = self.hw = 0
         self.free_head = -1
         self.walks = 0
         for k in range(256):
@@ -137,22 +137,20 @@ cdef class CloneTable:
         heap_free(&self.h)
 
     def _grow(self, int32_t cap):
-        """Room for `cap` clones: the entry array grows, the indexes are rebuilt."""
+        """Room for `cap` clones: the entry array grows (the entries above the high-water
+        mark are never touched: a presized table costs address space, not memory), the
+        indexes are rebuilt."""
         cdef ce_entry *ne = <ce_entry *>realloc(self.e, cap * sizeof(ce_entry))
         if ne == NULL:
             raise MemoryError()
-        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(ce_entry))
         self.e = ne
         cdef int32_t x
-        for x in range(cap - 1, self.cap - 1, -1):  # new entries onto the free list
-            self.e[x].same_next = self.free_head
-            self.free_head = x
         self.cap = cap
         self.ids = _FlowTable(cap, hugepages=False)
         self.eps = _FlowTable(cap, hugepages=False)
         cdef ce_entry *c
         cdef int64_t j
-        for x in range(cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if not c.used:
                 continue
@@ -194,11 +192,15 @@ cdef class CloneTable:
 
     cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                      uint32_t r, uint16_t rp) except -2:
-        if self.free_head < 0:
-            self._grow(self.cap * 2)
         cdef int32_t x = self.free_head
+        if x >= 0:
+            self.free_head = self.e[x].same_next
+        else:
+            if self.hw == self.cap:
+                self._grow(self.cap * 2)
+            x = self.hw
+            self.hw += 1
         cdef ce_entry *c = &self.e[x]
-        self.free_head = c.same_next
         memset(c, 0, sizeof(ce_entry))
         c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport = p, i, ip, e, ep, r, rp
         c.used = 1
@@ -438,7 +440,7 @@ cdef class CloneTable:
         cdef list out = []
         cdef int32_t x
         cdef ce_entry *c
-        for x in range(self.cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if c.used:
                 out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))

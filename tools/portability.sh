@@ -63,9 +63,9 @@ git ls-files -z | xargs -0 -I{} cp --parents {} "$tmp/tree/"
   # every .pyx extension setup.py builds (no list to keep in step); the compiled .py
   # modules are left out (plain Python compiled as it is: char signedness is not theirs)
   HYPERNAT_CFLAGS=-funsigned-char HYPERNAT_COMPILE_PY=0 "$PY" setup.py -q build_ext --inplace >/dev/null
-  "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}" tests/test_clones_twins.py
+  "$PY" -m pytest -q -p no:cacheprovider -m "not netns" "${tests[@]}" tests/test_clones_twins.py tests/test_pending_table.py
 )
-echo "portability: every .pyx extension built with -funsigned-char; fast-path, fragment, hypernat/nat and clone-table tests pass"
+echo "portability: every .pyx extension built with -funsigned-char; fast-path, fragment, hypernat/nat, clone-table and agent-table tests pass"
 
 # 3. the fast-path tests on aarch64, under qemu-user.  Every built extension must import
 #    there (its libraries resolve), and the fast path must be the aarch64 build.

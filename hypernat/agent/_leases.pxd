@@ -31,6 +31,7 @@ cdef class LeaseTable:
     cdef int32_t n              # leases ((session, holder) pairs)
     cdef int32_t nsess          # sessions with a lease
     cdef int32_t free_head
+    cdef int32_t hw             # entries [0, hw) were ever used (those above: never touched)
     cdef FlowTable ids          # (proto, R, Rp, E, Ep) -> head of a same_next chain (rule_id = index)
     cdef FlowTable eps          # (proto, E, Ep, 0, 0) -> head of the endpoint list
     cdef hn_heap h

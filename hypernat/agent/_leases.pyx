@@ -39,7 +39,7 @@ cdef class LeaseTable:
     def __cinit__(self):
         self.e = NULL
         heap_init(&self.h)
-        self.cap = self.n = self.nsess = 0
+        self.cap = self.n = self.nsess = self.hw = 0
         self.free_head = -1
         self.walks = 0
 
@@ -55,16 +55,12 @@ cdef class LeaseTable:
         cdef le_entry *ne = <le_entry *>realloc(self.e, cap * sizeof(le_entry))
         if ne == NULL:
             raise MemoryError()
-        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(le_entry))
         self.e = ne
         cdef int32_t x
-        for x in range(cap - 1, self.cap - 1, -1):
-            self.e[x].same_next = self.free_head
-            self.free_head = x
         self.cap = cap
         self.ids = _FlowTable(cap, hugepages=False)
         self.eps = _FlowTable(cap, hugepages=False)
-        for x in range(cap):
+        for x in range(self.hw):
             if self.e[x].used:
                 self._index(x)
 
@@ -114,11 +110,15 @@ cdef class LeaseTable:
 
     cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                      uint32_t r, uint16_t rp, int holder) except -2:
-        if self.free_head < 0:
-            self._grow(self.cap * 2)
         cdef int32_t x = self.free_head
+        if x >= 0:
+            self.free_head = self.e[x].same_next
+        else:
+            if self.hw == self.cap:
+                self._grow(self.cap * 2)
+            x = self.hw
+            self.hw += 1
         cdef le_entry *c = &self.e[x]
-        self.free_head = c.same_next
         memset(c, 0, sizeof(le_entry))
         c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport = p, i, ip, e, ep, r, rp
         c.holder = holder
@@ -303,7 +303,7 @@ cdef class LeaseTable:
         cdef dict out = {}
         cdef int32_t x
         cdef le_entry *c
-        for x in range(self.cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if c.used:
                 sk = _sk(c)

@@ -50,6 +50,7 @@ cdef class KeyedLru:
     cdef int32_t head
     cdef int32_t tail
     cdef int32_t free_head
+    cdef int32_t hw             # entries [0, hw) were ever used (those above: never touched)
     cdef FlowTable ix0          # fetch_dir 0 (and the keys without a direction)
     cdef FlowTable ix1          # fetch_dir 1
 
@@ -67,6 +68,7 @@ cdef class PendingTable:
     cdef int32_t cap
     cdef int32_t n
     cdef int32_t free_head
+    cdef int32_t hw
     cdef FlowTable ix_out       # (proto, I, Ip, R, Rp) -> entry (rule_id)
     cdef FlowTable ix_in        # (proto, R, Rp, E, Ep) -> entry
     cdef FlowTable ix_seq       # (0, seq, 0, 0, 0) -> entry

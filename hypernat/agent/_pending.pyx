@@ -62,7 +62,7 @@ cdef class KeyedLru:
 
     def __cinit__(self):
         self.e = NULL
-        self.cap = self.n = 0
+        self.cap = self.n = self.hw = 0
         self.head = self.tail = self.free_head = -1
 
     def __init__(self, int32_t capacity=256):
@@ -75,17 +75,13 @@ cdef class KeyedLru:
         cdef lru_entry *ne = <lru_entry *>realloc(self.e, cap * sizeof(lru_entry))
         if ne == NULL:
             raise MemoryError()
-        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(lru_entry))
         self.e = ne
         cdef int32_t x
-        for x in range(cap - 1, self.cap - 1, -1):
-            self.e[x].next = self.free_head
-            self.free_head = x
         self.cap = cap
         self.ix0 = _index(cap)
         self.ix1 = _index(cap)
         cdef lru_entry *c
-        for x in range(cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if c.used:
                 (self.ix1 if c.fetch_dir else self.ix0).c_insert(c.proto, c.saddr, c.sport, c.daddr, c.dport,
@@ -100,11 +96,15 @@ cdef class KeyedLru:
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2:
         """A new key at the end of the list (the caller checked it is not there)."""
-        if self.free_head < 0:
-            self._grow(self.cap * 2)
         cdef int32_t x = self.free_head
+        if x >= 0:
+            self.free_head = self.e[x].next
+        else:
+            if self.hw == self.cap:
+                self._grow(self.cap * 2)
+            x = self.hw
+            self.hw += 1
         cdef lru_entry *c = &self.e[x]
-        self.free_head = c.next
         memset(c, 0, sizeof(lru_entry))
         c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
         c.used = 1
@@ -172,7 +172,7 @@ cdef class PendingTable:
     def __cinit__(self):
         self.e = NULL
         self.fnx = NULL
-        self.cap = self.n = self.fcap = 0
+        self.cap = self.n = self.fcap = self.hw = 0
         self.free_head = self.ffree = -1
         self.queued = 0
         self.walks = 0
@@ -184,8 +184,8 @@ cdef class PendingTable:
         self.burst, self.rate = float(fetch_burst), float(fetch_rate)
         self.neg_ttl, self.neg_max = float(negative_ttl_s), int(negative_max)
         self.fr = []
-        self.neg = KeyedLru()
-        self.src = KeyedLru()
+        self.neg = KeyedLru(min(self.neg_max + 1, 1 << 20))  # at their bound: never grown
+        self.src = KeyedLru(min(self.src_max + 1, 1 << 20))
         self._grow(max(16, capacity))
 
     def __dealloc__(self):
@@ -197,18 +197,14 @@ cdef class PendingTable:
         cdef pf_entry *ne = <pf_entry *>realloc(self.e, cap * sizeof(pf_entry))
         if ne == NULL:
             raise MemoryError()
-        memset(&ne[self.cap], 0, (cap - self.cap) * sizeof(pf_entry))
         self.e = ne
         cdef int32_t x
-        for x in range(cap - 1, self.cap - 1, -1):
-            self.e[x].next_free = self.free_head
-            self.free_head = x
         self.cap = cap
         self.ix_out = _index(cap)
         self.ix_in = _index(cap)
         self.ix_seq = _index(cap)
         cdef pf_entry *c
-        for x in range(cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if c.used:
                 (self.ix_in if c.fetch_dir else self.ix_out).c_insert(c.proto, c.saddr, c.sport, c.daddr,
@@ -242,11 +238,15 @@ cdef class PendingTable:
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2:
         """A new entry for a key not in flight (seq and the rest: the caller's)."""
-        if self.free_head < 0:
-            self._grow(self.cap * 2)
         cdef int32_t x = self.free_head
+        if x >= 0:
+            self.free_head = self.e[x].next_free
+        else:
+            if self.hw == self.cap:
+                self._grow(self.cap * 2)
+            x = self.hw
+            self.hw += 1
         cdef pf_entry *c = &self.e[x]
-        self.free_head = c.next_free
         memset(c, 0, sizeof(pf_entry))
         c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
         c.used = 1
@@ -380,7 +380,7 @@ cdef class PendingTable:
         self.walks += 1
         cdef list out = []
         cdef int32_t x
-        for x in range(self.cap):
+        for x in range(self.hw):
             if self.e[x].used:
                 p = self._snapshot(x)
                 out.append(((p[0], p[1]), p))
@@ -619,7 +619,7 @@ cdef class PendingTable:
         """``pending_py.PendingTable.fail_owner``."""
         cdef int64_t n = 0
         cdef int32_t x
-        for x in range(self.cap):
+        for x in range(self.hw):
             if self.e[x].used and self.e[x].owner == owner:
                 n += self.e[x].nframes if self.e[x].nframes > 1 else 1
                 self.refund(x)
@@ -632,7 +632,7 @@ cdef class PendingTable:
         cdef int32_t x
         cdef uint8_t d = 1 if fetch_dir else 0
         cdef pf_entry *c
-        for x in range(self.cap):
+        for x in range(self.hw):
             c = &self.e[x]
             if c.used and c.owner == owner and c.fetch_dir == d:
                 out.append((c.seq, (c.proto, c.saddr, c.sport, c.daddr, c.dport)))

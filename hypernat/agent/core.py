@@ -384,19 +384,23 @@ class RuleAgent:
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         # holder side: the fetches in flight (key, seq, owner, timing, waiting frames), the
         # negative cache and the remote sources' token buckets, in C (PendingTable)
+        # Every table is sized for the builder's flow tables (a clone or a lease is an
+        # entry there): none grows, nor rebuilds its index, on the loop (an entry never
+        # used costs address space, not memory)
         p = self.p
+        cap = self._capacity(rules)
         self.pending = PendingTable(p.queue_total, p.queue_per_flow, p.retry_s, p.fetch_burst, p.fetch_rate,
-                                    p.negative_ttl_s, p.negative_max)
+                                    p.negative_ttl_s, p.negative_max, capacity=cap)
         # session identity -> clone held here (owner, rule_id, dirs, lease end), in C,
         # indexed by owner (a restart report), by external endpoint (entries whose key
         # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
         # timer); nothing periodic walks every clone
-        self.clones = CloneTable()
+        self.clones = CloneTable(cap)
         self.negative = _NegativeView(self.pending)  # (dir, key) -> until
         # owner side
         # leases granted: (session identity, holder) -> until, in C, indexed by session, by
         # external endpoint (``hypernat ctl rule``) and by end (the owner's timer)
-        self.leases = LeaseTable()
+        self.leases = LeaseTable(cap)
         # One reliable-delivery engine for everything answered: the fetches in flight
         # (self.pending, answered by RULE / NACK) and the messages kept until acknowledged
         # (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN: seq -> message here).  Each seq's
@@ -425,6 +429,15 @@ class RuleAgent:
         self.fetch_latencies: collections.deque = collections.deque(maxlen=4096)
 
     # -- helpers -------------------------------------------------------------------------
+    @staticmethod
+    def _capacity(rules) -> int:
+        """Entries the agent's tables are sized for: the builder's flow-table capacity
+        (1024 for a builder without flow tables: the tables grow)."""
+        try:
+            return max(1024, int(rules.out.capacity))
+        except (AttributeError, TypeError, ValueError):
+            return 1024
+
     def _next_seq(self) -> int:
         s = self._seq
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
