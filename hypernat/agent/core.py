@@ -384,13 +384,15 @@ class RuleAgent:
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         # holder side: the fetches in flight (key, seq, owner, timing, waiting frames), the
         # negative cache and the remote sources' token buckets, in C (PendingTable)
-        # Every table is sized for the builder's flow tables (a clone or a lease is an
-        # entry there): none grows, nor rebuilds its index, on the loop (an entry never
-        # used costs address space, not memory)
+        # The clone and lease tables are sized for the builder's flow tables (a clone or
+        # a lease is an entry there): neither grows, nor rebuilds its index, on the loop
+        # (an entry never used costs address space, not memory).  The fetches in flight
+        # are few (a fetch lives for a round trip): their table starts small, dense in
+        # cache, and grows with a burst.
         p = self.p
         cap = self._capacity(rules)
         self.pending = PendingTable(p.queue_total, p.queue_per_flow, p.retry_s, p.fetch_burst, p.fetch_rate,
-                                    p.negative_ttl_s, p.negative_max, capacity=cap)
+                                    p.negative_ttl_s, p.negative_max, capacity=4096)
         # session identity -> clone held here (owner, rule_id, dirs, lease end), in C,
         # indexed by owner (a restart report), by external endpoint (entries whose key
         # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
