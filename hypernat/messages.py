@@ -156,7 +156,7 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import _wire
+from . import _geometry, _wire
 
 PROTOCOL_VERSION = _wire.PROTOCOL_VERSION_
 
@@ -544,18 +544,20 @@ def header_reason(code: int, nbytes: int) -> Optional[str]:
 
 # A partition predicate: owns(nic, ext_addrs, ext_ports) -> bool array (vectorised over
 # the records of one message).  An internal-prefix predicate: internal(addrs) -> bool
-# array.  Either may carry a scalar twin ``.one`` (plain ints: ``one(nic, addr, port)``,
-# ``one(addr)``) that the validator calls record by record for batches of up to 8
-# records, where numpy's fixed cost per call would dominate; both must agree
-# (tests/test_messages.py holds them to the same verdicts).  ``elementwise`` and
-# ``with_scalar`` make them.
+# array.  The daemons pass the compiled ones, which the validator answers in C record by
+# record: ``Owns(partition.geometry, mode)`` (mode "now": loans applied; "native": the
+# strategy's space, loans ignored; "now-or-native") and ``Prefixes(networks)``.  Any
+# other callable of those forms is called once per message (``elementwise`` makes one
+# from a scalar function).
 OwnsPredicate = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 InternalPredicate = Callable[[np.ndarray], np.ndarray]
+Owns = _wire.Owns
+Prefixes = _geometry.Prefixes
 
 
 def elementwise(fn):
     """Wrap a scalar predicate (``fn(nic, addr, port) -> bool`` or ``fn(addr) -> bool``)
-    into the vectorised form ``validate`` calls (carrying `fn` as its scalar twin)."""
+    into the vectorised form ``validate`` calls."""
 
     def vectorised(*args):
         arrays = [a for a in args if isinstance(a, np.ndarray)]
@@ -565,19 +567,7 @@ def elementwise(fn):
             (bool(fn(*scalars, *(int(a[i]) for a in arrays))) for i in range(n)), dtype=bool, count=n
         )
 
-    vectorised.one = fn
     return vectorised
-
-
-def with_scalar(vectorised, one):
-    """A predicate with both forms: ``vectorised`` (numpy arrays, for big batches) and
-    ``one`` (plain ints, a few records)."""
-
-    def pred(*args):
-        return vectorised(*args)
-
-    pred.one = one
-    return pred
 
 
 _OK = _wire.OK

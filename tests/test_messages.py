@@ -305,13 +305,13 @@ def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
 
 # ------------------------------------- the compiled validator against the reference
 
-OWNS_TWIN = M.with_scalar(OWNS, lambda nic, addr, port: port % 2 == nic)
-INTERNAL_TWIN = M.with_scalar(INTERNAL, lambda addr: addr >> 24 == 10)
+INTERNAL_C = M.Prefixes([(0x0A000000, 0xFF000000)])  # INTERNAL, compiled
 
 
 def _partition_owns(n_nics, data):
-    """The real partition arithmetic as the NIC worker and the coordinator pass it: the
-    vectorised owners() with owner() as its scalar twin, after a few spill-over loans."""
+    """The real partition arithmetic as the NIC worker and the coordinator pass it
+    (``M.Owns`` over the partition's compiled geometry, in one of its modes) after a few
+    spill-over loans, and its plain-Python reference (tests/wire_model.py)."""
     from hypernat.lab.emulated import emulated_config
     from hypernat.partition import Partition
 
@@ -319,8 +319,8 @@ def _partition_owns(n_nics, data):
     part = Partition.from_config(cfg)
     for _ in range(data.draw(st.integers(0, 3))):
         part.lend(data.draw(st.integers(0, part.n_addrs * part.bpa - 1)), data.draw(st.integers(0, n_nics - 1)))
-    vec = lambda nic, a, p: part.owners(a, p) == nic  # noqa: E731
-    return vec, M.with_scalar(vec, lambda nic, a, p: part.owner(a, p) == nic), int(cfg.pool[0].network_address)
+    mode = data.draw(st.sampled_from(["now", "native", "now-or-native"]))
+    return M.Owns(part.geometry, mode), wire_model.owns_reference(part, mode), int(cfg.pool[0].network_address)
 
 
 def _records(data, code, n, n_nics, base=0xCB00710A):
@@ -354,18 +354,16 @@ def _records(data, code, n, n_nics, base=0xCB00710A):
 @settings(max_examples=500, deadline=None)
 @given(code=st.sampled_from(RECORD_TYPES), data=st.data())
 def test_compiled_validator_gives_the_reference_verdict(code, data):
-    """Every record type, 1..20 records (a predicate's scalar twin is asked for up to 8,
-    its vectorised form beyond), every kind of predicate: ``validate`` and ``check`` (the
+    """Every record type, 1..20 records, every kind of predicate (none, Python callables,
+    the compiled ones over a real partition with loans): ``validate`` and ``check`` (the
     compiled ``_wire.check``) return the reason tests/wire_model.py returns."""
     n_nics = data.draw(st.sampled_from([2, 3, 4]))
     n = 1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 20))
-    preds = data.draw(st.sampled_from(["none", "plain", "twin", "partition"]))
+    preds = data.draw(st.sampled_from(["none", "plain", "partition"]))
     base = 0xCB00710A
     if preds == "partition":
-        vec, twin, base = _partition_owns(n_nics, data)
-        owns, ref_owns, internal, ref_internal = twin, vec, INTERNAL_TWIN, INTERNAL
-    elif preds == "twin":
-        owns, ref_owns, internal, ref_internal = OWNS_TWIN, OWNS, INTERNAL_TWIN, INTERNAL
+        owns, ref_owns, base = _partition_owns(n_nics, data)
+        internal, ref_internal = INTERNAL_C, INTERNAL
     elif preds == "plain":
         owns = ref_owns = OWNS
         internal = ref_internal = INTERNAL
@@ -407,7 +405,7 @@ def test_mutated_valid_messages_are_never_an_exception_and_every_drop_is_counted
     """A valid message, then bytes flipped, cut or added: the compiled validator never
     raises, agrees with the reference, and counts each drop once under its reason."""
     payload = bytearray(_valid(code) * (1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 10))))
-    kw = dict(sender=1, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=2)
+    kw = dict(sender=1, receiver=0, owns=OWNS, internal=INTERNAL_C, n_nics=2)
     assert wire_model.check(code, bytes(payload), 1, 0, OWNS, INTERNAL, 2) is None
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "flip", "cut", "add"]))
@@ -435,7 +433,7 @@ def test_mutated_valid_messages_are_never_an_exception_and_every_drop_is_counted
        payload=st.one_of(st.binary(max_size=300), st.binary(min_size=1, max_size=40).map(lambda b: b * 20)),
        sender=st.one_of(st.none(), st.integers(0, 5)))
 def test_random_bytes_get_the_reference_verdict(tframe, payload, sender):
-    d = M.validate(sender, tframe, payload, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=4)
+    d = M.validate(sender, tframe, payload, receiver=0, owns=OWNS, internal=INTERNAL_C, n_nics=4)
     code = M.type_of(tframe)
     if code is None:
         assert d.reason == "unknown_type"
