@@ -19,7 +19,10 @@ cdef enum:
     MAX_RECORDS = 4096         # records in one message
     N_NACK_REASONS = 7         # messages.NACK_REASONS
 
-    # message type codes (frame 1); messages._TYPES names and documents each
+# Message type codes (frame 1), declared here only: a cpdef enum, so Python sees them as
+# plain ints (hypernat.messages imports them; its _TYPES table names and documents each).
+# Codes are part of the protocol: append, never renumber.
+cpdef enum:
     T_HELLO = 0x01
     T_HELLO_ACK = 0x02
     T_HEARTBEAT = 0x03
@@ -43,6 +46,7 @@ cdef enum:
     T_RETURN = 0x1C
     T_RETURN_ACK = 0x1D
 
+cdef enum:
     # KEY.kind, RULE.flags (the field values the validator reads)
     FETCH_BY_EXTERNAL = 0
     FETCH_BY_INTERNAL = 1

@@ -157,6 +157,11 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from . import _geometry, _wire
+from ._wire import (  # the message type codes, declared once in _wire.pxd
+    T_HELLO, T_HELLO_ACK, T_HEARTBEAT, T_PEERS, T_UNDELIVERABLE, T_STATS, T_QUERY, T_REPLY, T_FETCH, T_RULE,
+    T_NACK, T_PUSH, T_PUSH_ACK, T_LEASE, T_REVOKE, T_REVOKE_ACK, T_ACTIVITY, T_ACTIVITY_ACK, T_BORROW,
+    T_BORROW_ACK, T_RETURN, T_RETURN_ACK,
+)
 
 PROTOCOL_VERSION = _wire.PROTOCOL_VERSION_
 
@@ -200,64 +205,41 @@ _IDENT_CACHE: dict = {}  # b"nic3" -> 3, for the identities seen (every message 
 MAX_NIC = 4095  # NIC ids 0..4095 (u2 fields; far above any real gateway)
 
 # --------------------------------------------------------------------------- types
-# (name, code, dtype name or "json", routed?, doc).  Codes are part of the protocol:
-# append, never renumber.
+# (name, code, dtype name or "json", routed?, doc).  The codes are _wire.pxd's (declared
+# there once, imported above); the table says what each type carries.
 _TYPES = (
-    ("HELLO", 0x01, "HELLO", False, "NIC registers with the coordinator"),
-    ("HELLO_ACK", 0x02, "HELLO", False, "coordinator accepts a HELLO"),
-    ("HEARTBEAT", 0x03, "HEARTBEAT", False, "liveness, NIC -> coordinator, echoed back"),
-    ("PEERS", 0x04, "PEER", False, "coordinator -> NICs: who is up, with incarnations"),
-    ("UNDELIVERABLE", 0x05, "raw", False, "coordinator -> sender: a message could not be routed"),
-    ("STATS", 0x06, "json", False, "NIC -> coordinator: counters and gauges"),
-    ("QUERY", 0x07, "json", False, "control query (ctl -> coordinator, coordinator -> NIC)"),
-    ("REPLY", 0x08, "json", False, "answer to a QUERY"),
-    ("FETCH", 0x10, "KEY", True, "ask the owner for a rule (passive install)"),
-    ("RULE", 0x11, "RULE", True, "owner's answer to FETCH: the rule to clone"),
-    ("NACK", 0x12, "KEY", True, "owner's refusal of a FETCH, with reason"),
-    ("PUSH", 0x13, "RULE", True, "owner pushes a rule to the predicted NIC (active install)"),
-    ("PUSH_ACK", 0x14, "ACK", True, "holder installed (or refused) a pushed rule"),
-    ("LEASE", 0x15, "RULE", True, "owner renews a clone's lease"),
-    ("REVOKE", 0x16, "KEY", True, "owner revokes a clone"),
-    ("REVOKE_ACK", 0x17, "ACK", True, "holder dropped the clone"),
-    ("ACTIVITY", 0x18, "ACTIVITY", True, "holder reports activity / FIN / RST to the owner"),
-    ("ACTIVITY_ACK", 0x19, "ACK", True, "owner received activity"),
-    ("BORROW", 0x1A, "BLOCK", True, "ask a neighbour for a port block (spill-over)"),
-    ("BORROW_ACK", 0x1B, "BLOCK", True, "lender grants or refuses a block"),
-    ("RETURN", 0x1C, "BLOCK", True, "borrower gives a block back"),
-    ("RETURN_ACK", 0x1D, "ACK", True, "lender took the block back"),
+    ("HELLO", T_HELLO, "HELLO", False, "NIC registers with the coordinator"),
+    ("HELLO_ACK", T_HELLO_ACK, "HELLO", False, "coordinator accepts a HELLO"),
+    ("HEARTBEAT", T_HEARTBEAT, "HEARTBEAT", False, "liveness, NIC -> coordinator, echoed back"),
+    ("PEERS", T_PEERS, "PEER", False, "coordinator -> NICs: who is up, with incarnations"),
+    ("UNDELIVERABLE", T_UNDELIVERABLE, "raw", False, "coordinator -> sender: a message could not be routed"),
+    ("STATS", T_STATS, "json", False, "NIC -> coordinator: counters and gauges"),
+    ("QUERY", T_QUERY, "json", False, "control query (ctl -> coordinator, coordinator -> NIC)"),
+    ("REPLY", T_REPLY, "json", False, "answer to a QUERY"),
+    ("FETCH", T_FETCH, "KEY", True, "ask the owner for a rule (passive install)"),
+    ("RULE", T_RULE, "RULE", True, "owner's answer to FETCH: the rule to clone"),
+    ("NACK", T_NACK, "KEY", True, "owner's refusal of a FETCH, with reason"),
+    ("PUSH", T_PUSH, "RULE", True, "owner pushes a rule to the predicted NIC (active install)"),
+    ("PUSH_ACK", T_PUSH_ACK, "ACK", True, "holder installed (or refused) a pushed rule"),
+    ("LEASE", T_LEASE, "RULE", True, "owner renews a clone's lease"),
+    ("REVOKE", T_REVOKE, "KEY", True, "owner revokes a clone"),
+    ("REVOKE_ACK", T_REVOKE_ACK, "ACK", True, "holder dropped the clone"),
+    ("ACTIVITY", T_ACTIVITY, "ACTIVITY", True, "holder reports activity / FIN / RST to the owner"),
+    ("ACTIVITY_ACK", T_ACTIVITY_ACK, "ACK", True, "owner received activity"),
+    ("BORROW", T_BORROW, "BLOCK", True, "ask a neighbour for a port block (spill-over)"),
+    ("BORROW_ACK", T_BORROW_ACK, "BLOCK", True, "lender grants or refuses a block"),
+    ("RETURN", T_RETURN, "BLOCK", True, "borrower gives a block back"),
+    ("RETURN_ACK", T_RETURN_ACK, "ACK", True, "lender took the block back"),
 )
 
+if {n for n in dir(_wire) if n.startswith("T_")} != {"T_" + n for n, _, _, _, _ in _TYPES}:
+    raise ImportError("hypernat.messages: _TYPES and the type codes of _wire.pxd disagree")
 TYPE_NAMES = {code: name for name, code, _, _, _ in _TYPES}
 TYPE_CODES = {name: code for name, code, _, _, _ in _TYPES}
 ROUTED_TYPES = frozenset(code for _, code, _, routed, _ in _TYPES if routed)
 JSON_TYPES = frozenset(code for _, code, kind, _, _ in _TYPES if kind == "json")
 # The type byte as a ready-made frame, per type: b"\x10" for FETCH, ...
 TYPE_FRAME = {code: bytes([code]) for code in TYPE_NAMES}
-
-T_HELLO = 0x01
-T_HELLO_ACK = 0x02
-T_HEARTBEAT = 0x03
-T_PEERS = 0x04
-T_UNDELIVERABLE = 0x05
-T_STATS = 0x06
-T_QUERY = 0x07
-T_REPLY = 0x08
-T_FETCH = 0x10
-T_RULE = 0x11
-T_NACK = 0x12
-T_PUSH = 0x13
-T_PUSH_ACK = 0x14
-T_LEASE = 0x15
-T_REVOKE = 0x16
-T_REVOKE_ACK = 0x17
-T_ACTIVITY = 0x18
-T_ACTIVITY_ACK = 0x19
-T_BORROW = 0x1A
-T_BORROW_ACK = 0x1B
-T_RETURN = 0x1C
-T_RETURN_ACK = 0x1D
-for _name, _code, _, _, _ in _TYPES:  # the constants above must match the table and _wire.pxd
-    assert globals()["T_" + _name] == _code == _wire.TYPE_CODES[_name], _name
 
 # ------------------------------------------------------------------------- records
 
