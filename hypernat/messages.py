@@ -265,8 +265,8 @@ KEY_DTYPE = _dtype("KEY")
 RULE_DTYPE = _dtype("RULE")
 ACTIVITY_DTYPE = _dtype("ACTIVITY")
 # ACTIVITY.tcp_flags is the union of the TCP flags (layout.TCP_*) seen in both directions;
-# tcp_out / tcp_in say which direction saw them.  A record with tcp_flags set and both
-# per-direction fields zero reads as the union both ways (``activity_tcp_dirs``).
+# tcp_out / tcp_in say which direction saw them (``activity_tcp_dirs``: every sender of
+# protocol version 2 writes them; version 1 peers are refused at HELLO).
 ACK_DTYPE = _dtype("ACK")
 BLOCK_DTYPE = _dtype("BLOCK")
 HELLO_DTYPE = _dtype("HELLO")
@@ -429,14 +429,8 @@ def unpack_undeliverable(payload):
 
 
 def activity_tcp_dirs(recs) -> tuple:
-    """(tcp_out, tcp_in) arrays of ACTIVITY records: the per-direction flags; for a
-    record from a sender that predates them (tcp_flags set, both zero) the union in both
-    directions, as that sender meant it."""
-    out, inn, union = recs["tcp_out"], recs["tcp_in"], recs["tcp_flags"]
-    legacy = ((out | inn) == 0) & (union != 0)
-    if legacy.any():
-        out, inn = np.where(legacy, union, out), np.where(legacy, union, inn)
-    return out, inn
+    """(tcp_out, tcp_in) arrays of ACTIVITY records: the TCP flags seen per direction."""
+    return recs["tcp_out"], recs["tcp_in"]
 
 
 # --------------------------------------------------------------------------- decode

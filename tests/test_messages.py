@@ -290,16 +290,17 @@ def test_record_dict_is_json_able():
             M.ip_int(bad)
 
 
-def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
-    """ACTIVITY carries tcp_out / tcp_in beside the union; a record with only the
-    union reads as the union both ways."""
+def test_activity_tcp_flags_per_direction():
+    """ACTIVITY carries tcp_out / tcp_in beside the union: each direction reads its own
+    field (the union alone says nothing of a direction)."""
     from hypernat import layout
 
     recs = M.records(M.T_ACTIVITY, 3)
-    recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # new: SYN out only
-    recs["tcp_flags"][1] = layout.TCP_FIN  # old sender: union, per-direction fields zero
+    recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # SYN out only
+    recs["tcp_in"][1], recs["tcp_flags"][1] = layout.TCP_FIN, layout.TCP_FIN  # FIN in only
+    recs["tcp_flags"][2] = layout.TCP_RST  # the union without a direction
     out, inn = M.activity_tcp_dirs(recs)
-    assert list(out) == [layout.TCP_SYN, layout.TCP_FIN, 0]
+    assert list(out) == [layout.TCP_SYN, 0, 0]
     assert list(inn) == [0, layout.TCP_FIN, 0]
 
 
