@@ -66,13 +66,15 @@ PY_DIRECTIVES = {"language_level": 3, "binding": True, "annotation_typing": Fals
 
 
 def write_verdicts_pxi():
-    """Expand the one declared list of verdicts into the Cython enum."""
-    mod = runpy.run_path(os.path.join(HERE, "hypernat", "verdicts.py"))
-    path = os.path.join(HERE, "hypernat", "_verdicts.pxi")
-    text = mod["pxi_source"]()
-    if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
+    """Expand each one declared list (the fast path's verdicts, the wire's drop reasons)
+    into its Cython enum."""
+    for src, pxi in (("verdicts.py", "_verdicts.pxi"), ("wire_reasons.py", "_wire_reasons.pxi")):
+        mod = runpy.run_path(os.path.join(HERE, "hypernat", src))
+        path = os.path.join(HERE, "hypernat", pxi)
+        text = mod["pxi_source"]()
+        if not os.path.exists(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
 
 
 def pkg_config(pkgs):

@@ -29,27 +29,13 @@ from ._geometry cimport Geometry, Prefixes
 if sys.byteorder != "little":
     raise ImportError("hypernat._wire reads the little-endian wire records in place: a little-endian host only")
 
-# (name, help): why a message is dropped; the index is the R_* number in _wire.pxd.  The
-# names the coordinator and the NICs count drops under (messages.REASONS re-exports them).
-REASONS = (
-    ("bad_frames", "not three frames [peer, type, payload]"),
-    ("unknown_type", "type byte is not a known message type"),
-    ("truncated", "payload empty or not a whole number of records"),
-    ("oversize", "more records (or JSON bytes) than a message may carry"),
-    ("bad_json", "JSON payload that does not parse or is not an object"),
-    ("bad_version", "HELLO with another protocol version"),
-    ("bad_identity", "sender identity does not match the NIC id it claims"),
-    ("bad_field", "a record field out of range (protocol, kind, port 0, owner)"),
-    ("foreign_endpoint", "external endpoint outside the partition of the NIC that must own it"),
-    ("not_internal", "internal address outside the internal prefixes"),
-    ("wrong_direction", "a type that may not travel this way (e.g. routed type to the coordinator)"),
-)
-_R = {"bad_frames": R_BAD_FRAMES, "unknown_type": R_UNKNOWN_TYPE, "truncated": R_TRUNCATED,
-      "oversize": R_OVERSIZE, "bad_json": R_BAD_JSON, "bad_version": R_BAD_VERSION,
-      "bad_identity": R_BAD_IDENTITY, "bad_field": R_BAD_FIELD, "foreign_endpoint": R_FOREIGN_ENDPOINT,
-      "not_internal": R_NOT_INTERNAL, "wrong_direction": R_WRONG_DIRECTION}
-if len(REASONS) != N_REASONS or any(_R[n] != i for i, (n, _) in enumerate(REASONS)):
-    raise ImportError("hypernat._wire: REASONS and the R_* enum of _wire.pxd disagree")
+# (name, help): why a message is dropped, declared once in hypernat/wire_reasons.py (the
+# R_* enum is generated from it); the index is the R_* number.  messages.REASONS re-exports them.
+from . import wire_reasons as _wire_reasons
+
+REASONS = _wire_reasons.REASONS
+if len(REASONS) != N_REASONS:
+    raise ImportError("hypernat._wire was built from another hypernat/wire_reasons.py: rebuild it")
 
 # Python-visible copies of the .pxd's constants (hypernat.messages re-exports them)
 PROTOCOL_VERSION_ = PROTOCOL_VERSION

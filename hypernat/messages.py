@@ -157,6 +157,7 @@ from typing import Callable, NamedTuple, Optional
 import numpy as np
 
 from . import _geometry, _wire
+from . import wire_reasons as _wire_reasons
 from ._wire import (  # the message type codes, declared once in _wire.pxd
     T_HELLO, T_HELLO_ACK, T_HEARTBEAT, T_PEERS, T_UNDELIVERABLE, T_STATS, T_QUERY, T_REPLY, T_FETCH, T_RULE,
     T_NACK, T_PUSH, T_PUSH_ACK, T_LEASE, T_REVOKE, T_REVOKE_ACK, T_ACTIVITY, T_ACTIVITY_ACK, T_BORROW,
@@ -338,9 +339,26 @@ assert len(NACK_REASONS) == _wire.N_NACK_REASONS_
 
 # --------------------------------------------------------------------- drop reasons
 # Why a message is dropped: the names counters and metrics use (coordinator and NICs),
-# declared once in _wire.pyx (the compiled validator returns their index).
-REASONS = _wire.REASONS
-REASON_NAMES = tuple(n for n, _ in REASONS)
+# declared once in hypernat/wire_reasons.py (the compiled validator returns their index
+# and counts by it); DROP_COUNTERS are the NIC's counter names, by reason index.
+REASONS = _wire_reasons.REASONS
+REASON_NAMES = _wire_reasons.REASON_NAMES
+REASON = _wire_reasons.REASON
+DROP_COUNTERS = _wire_reasons.DROP_COUNTERS
+DROP_COUNTER_NAMES = _wire_reasons.DROP_COUNTER_NAMES
+
+
+def drop_counts() -> np.ndarray:
+    """A zeroed count array for ``validate(..., counts=)``: one uint64 per reason."""
+    return np.zeros(len(REASONS), dtype=np.uint64)
+
+
+def drain_drops(counts: np.ndarray, count: Callable[[str, int], None]) -> None:
+    """Hand the drops counted in `counts` to ``count(counter name, n)`` (DROP_COUNTERS'
+    names) and zero them."""
+    for i in np.flatnonzero(counts):
+        count(DROP_COUNTER_NAMES[i], int(counts[i]))
+    counts[:] = 0
 
 VALID_PROTOS = (1, 6, 17)
 
@@ -559,6 +577,7 @@ def validate(
     owns: Optional[OwnsPredicate] = None,
     internal: Optional[InternalPredicate] = None,
     n_nics: Optional[int] = None,
+    counts: Optional[np.ndarray] = None,
 ) -> Decoded:
     """Decode and check one message received from NIC ``sender`` (None: the
     coordinator or a control client).  Never raises on bytes.
@@ -569,19 +588,25 @@ def validate(
     there for which endpoint of which type must lie in whose partition; ``receiver``
     must be given for the receiver's).  Returns ``Decoded`` (``reason`` None when valid,
     else a name from ``REASON_NAMES``, ``recs`` then a numpy view of the payload); a
-    message is valid or dropped whole.
+    message is valid or dropped whole.  With ``counts`` (``drop_counts()``), a drop is
+    also counted there under its reason's index.
     """
     code = _TYPE_BY_FRAME.get(mtype_frame) if type(mtype_frame) is bytes else type_of(mtype_frame)
     dt = DTYPE_OF.get(code) if code is not None else None
     if dt is None:  # JSON, UNDELIVERABLE, or not a type at all
-        return decode(mtype_frame, payload)
+        d = decode(mtype_frame, payload)
+        if d.reason is not None and counts is not None:
+            counts[REASON[d.reason]] += 1
+        return d
     r = _check(code, payload, -1 if sender is None else sender, -1 if receiver is None else receiver,
-               owns, internal, -1 if n_nics is None else n_nics)
+               owns, internal, -1 if n_nics is None else n_nics, counts)
     if r != _OK:
         return Decoded(code, None, REASON_NAMES[r])
     try:
         return Decoded(code, np.frombuffer(payload, dtype=dt), None)
     except (ValueError, TypeError, BufferError):  # a buffer numpy cannot view (not contiguous)
+        if counts is not None:
+            counts[REASON["truncated"]] += 1
         return Decoded(code, None, "truncated")
 
 

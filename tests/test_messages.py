@@ -493,3 +493,26 @@ def test_outbox_one_array_is_sent_as_is_and_empty_arrays_send_nothing():
     assert out == [(b"nic1", M.T_RULE, r.tobytes()), (b"nic3", M.T_RULE, r[::2].tobytes())]
     assert M.RULE_STRUCT.size == M.RULE_DTYPE.itemsize and M.KEY_STRUCT.size == M.KEY_DTYPE.itemsize
     assert M.RULE_STRUCT.unpack(r[:1].tobytes()) == tuple(r[0].tolist())
+
+
+def test_validate_counts_each_drop_under_its_reason_and_drains_to_the_counter_names():
+    """``validate(..., counts=)`` counts every drop once under its reason's index (record
+    types in the compiled check, JSON and unknown types beside it); ``drain_drops`` hands
+    them to a counter under ``bad_message_<reason>`` and zeroes the array."""
+    import collections
+
+    counts = M.drop_counts()
+    assert counts.shape == (len(M.REASONS),) and list(M.DROP_COUNTER_NAMES) == ["bad_message_" + n for n in
+                                                                                 M.REASON_NAMES]
+    got = [M.validate(1, T[M.T_RULE], rule(ext_port=40000), owns=OWNS, counts=counts).reason,
+           M.validate(1, T[M.T_RULE], rule()[:-1], counts=counts).reason,
+           M.validate(1, b"\x7f", b"", counts=counts).reason,
+           M.validate(None, T[M.T_STATS], b"[1]", counts=counts).reason,
+           M.validate(1, T[M.T_RULE], rule(), owns=OWNS, counts=counts).reason]
+    assert got == ["foreign_endpoint", "truncated", "unknown_type", "bad_json", None]
+    assert int(counts.sum()) == 4 and all(counts[M.REASON[r]] == 1 for r in got if r)
+    seen = collections.Counter()
+    M.drain_drops(counts, lambda name, n: seen.update({name: n}))
+    assert seen == {"bad_message_foreign_endpoint": 1, "bad_message_truncated": 1, "bad_message_unknown_type": 1,
+                    "bad_message_bad_json": 1}
+    assert not counts.any()

@@ -798,11 +798,13 @@ class NicWorker:
             # lent (the asker missed the loan notice: the agent tells it again)
             owns = self._native_owns if mt == M.T_RETURN else self._fetch_owns if mt == M.T_FETCH else self._owns
             d = M.validate(sender, tframe, payload, receiver=self.nic_id,
-                           owns=owns, internal=self._internal, n_nics=self.n_nics)
+                           owns=owns, internal=self._internal, n_nics=self.n_nics, counts=self._drops)
             if not d.ok or sender is None or d.mtype not in M.ROUTED_TYPES:
                 self.counters["coord_bad_message"] += 1
                 self.agent.count("bad_message")
-                self.agent.count("bad_message_" + (d.reason or "wrong_direction"))
+                if d.ok:
+                    self._drops[M.REASON["wrong_direction"]] += 1
+                M.drain_drops(self._drops, self.agent.count)  # bad_message_<reason>
                 continue
             last = held[-1] if held else None
             if (last is not None and last[0] == sender and last[1] == d.mtype and d.mtype in self._COALESCE
@@ -818,6 +820,7 @@ class NicWorker:
         geo = self.partition.geometry
         self._owns, self._fetch_owns, self._native_owns = (M.Owns(geo, m) for m in ("now", "now-or-native", "native"))
         self._internal = M.Prefixes(self.config.internal)
+        self._drops = M.drop_counts()  # validation drops by reason (M.validate counts them)
 
     def _from_coord(self, tframe, payload, now) -> None:
         d = M.validate(None, tframe, payload)
