@@ -1214,7 +1214,7 @@ class NicWorker:
 
 
 # What a reload applies to the fast path's router (Translator.set_router) while running
-# (a reload takes them from the next batch on; the ICMP token bucket starts full again):
+# (a reload takes them from the next batch on; the ICMP token bucket keeps its tokens unless its rate changed):
 # the config's keys, and the per-link MTU keys of any NIC entry.
 ROUTER_LIVE_SETTINGS = ("tcp_mss_clamp", "icmp")
 ROUTER_LIVE_NIC_FIELDS = ("inside_mtu", "outside_mtu")
