@@ -136,6 +136,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
     blocks, hosts, maps  the C state (PortBlocks, Hosts, Mappings): read them, do not change them
+    pool                 the free blocks, reuse queue, holds, loans, quarantine
+                         (hypernat.nat.pool.BlockPool): read its views, do not change it
     mappings() -> [MappingView];  mapping(rule_id) -> MappingView | None   (copies, for
         tests and tools: a walk over every mapping)
 """
@@ -154,6 +156,7 @@ from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
+from .nat.pool import BlockPool
 from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
@@ -401,25 +404,8 @@ class RuleBuilder:
         # an outgoing first packet's common case, compiled (the rest: _out)
         self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
         self._bind_setup()
-        # Free blocks per address index: [next native block, end, [freed/adopted ids]].
-        self._addr = {}
-        self._avail = collections.deque()  # address indices that may have a free block
-        self._avail_set = set()
-        for a in self.part.nic_address_indices(self.nic):
-            r = self.part.nic_blocks_on(self.nic, a)
-            self._addr[a] = [r.start, r.stop, []]
-            self._avail.append(a)
-            self._avail_set.add(a)
-        self._total_blocks = len(self.part.nic_address_indices(self.nic)) * (
-            self.part.nic_block_range(self.nic)[1] - self.part.nic_block_range(self.nic)[0]
-        )
-        self._total_ports = self.part.nic_size(self.nic)
-        self._adopted = set()
-        self._lent = set()
-        self._qblocks = {}  # block id -> quarantined until (crash recovery)
-        self._qskipped = set()  # quarantined ids taken off the free lists, to give back
-        self._qhosts = {}  # quarantined block id -> the host the journal assigned it to
-        self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
+        # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
+        self.pool = BlockPool(self.part, self.nic)
         self._rec_ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         # Crash recovery window (set by the worker after a crash restart): a new mapping
@@ -430,20 +416,12 @@ class RuleBuilder:
         # refused as "recovering" (NACK unavailable: the holder's client retries).
         self.recovering = False
         self._recovery_hosts = frozenset()
-        self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
-        self._holds = {}  # ekey -> leases outstanding
-        self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
         # off the packet path, or by _take_block when none was): taking one is durable
         # already (a crash quarantines it), so its "assign" record goes into _jlazy and
-        # is written without an fsync.
-        self._prejournaled = set()
-        self._reserving = set()  # reserve records written, their fsync not done yet (background journal)
+        # is written without an fsync.  Which blocks: the pool's (``reserve_plan``).
         self._jlazy = []
-        self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
-        self.reserve_addresses = 16  # ... on at most this many addresses
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
-        self._sync_reserves = 0  # reserves made on the packet path since reserve_blocks last ran
         self._created = []
         self._removed = []
         self._lease_expired = []
@@ -798,50 +776,22 @@ class RuleBuilder:
 
     def _pick_address(self) -> int:
         """Round-robin over addresses that still have a free block (new hosts spread)."""
-        av = self._avail
-        while av:
-            a = av.popleft()
-            st = self._addr[a]
-            if st[0] < st[1] or st[2]:
-                av.append(a)
-                return a
-            self._avail_set.discard(a)
-        return -1
+        return self.pool.pick_address()
 
     def _take_block(self, iaddr: int, now: int):
-        """A free block on the host's address, journaled before use: its id; None if none."""
+        """A free block on the host's address (the pool's choice), journaled before use:
+        its id; None if none; _JOURNAL_DOWN if the journal could not write."""
         aidx = self.hosts.aidx(iaddr)
-        st = self._addr.get(aidx)
-        if st is None:
-            return None
-        g = -1
-        q = self._qblocks
-        held = self.blocks
-        while st[2]:
-            c = st[2].pop()
-            if c in held:
-                continue  # recovered after a crash while still listed: assigned already
-            if c not in q:
-                g = c
-                break
-            self._qskipped.add(c)
-        while g < 0 and st[0] < st[1]:
-            c = st[0]
-            st[0] += 1
-            if c in held:
-                continue
-            if c not in q:
-                g = c
-            else:
-                self._qskipped.add(c)
+        pool = self.pool
+        g = pool.take(aidx, self.blocks)
         if g < 0:
             return None
         addr, lo, hi = self.part.block_span(g)
         if self.journal is not None:
-            if g not in self._prejournaled and not self._reserve_now(aidx, g):
-                self._give_back(g, aidx)  # free still: taken again once the journal writes
+            if not pool.is_reserved(g) and not self._reserve_now(aidx, g):
+                pool.give_back(g, aidx)  # free still: taken again once the journal writes
                 return _JOURNAL_DOWN
-            self._prejournaled.discard(g)  # durable: its host's record need not be (no fsync)
+            pool.use_reserve(g)  # durable: its host's record need not be (no fsync)
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi], "t": now})  # fmt: skip
         self.blocks.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
@@ -865,16 +815,7 @@ class RuleBuilder:
         bl.remove(g)
         if self.journal is not None:  # losing it (a power cut) only quarantines the block after a crash
             self._journal_lazy([{"op": "release", "block": g}])
-        self._give_back(g, a)
-
-    def _give_back(self, g: int, a: int) -> None:
-        st = self._addr.get(a)
-        if st is None:
-            st = self._addr[a] = [0, 0, []]
-        st[2].append(g)
-        if a not in self._avail_set:
-            self._avail_set.add(a)
-            self._avail.append(a)
+        self.pool.give_back(g, a)
 
     def _add_session(self, rid: int, raddr: int, r: int, now: int) -> None:
         """Session (mapping `rid`, R, Rp) added (its entries pending until ``_flush``),
@@ -910,83 +851,67 @@ class RuleBuilder:
         only its host is unknown).  Refills when half the reservations are used; the
         price is that a crash quarantines up to reserve_per_address x
         reserve_addresses unused blocks too.  Returns blocks newly journaled."""
-        if self.journal is None or self.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
+        pool = self.pool
+        if self.journal is None or pool.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
             return 0
-        self._sync_reserves = 0
-        want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
-        if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
-            return 0
-        blocks = []
-        for a in list(self._avail)[: self.reserve_addresses]:
-            blocks += self._next_blocks(a, self.reserve_per_address)
+        blocks = pool.reserve_plan(self.blocks)
         if not blocks:
             return 0
-        recs = [self._reserve_record(g) for g in blocks]
+        recs = pool.reserve_records(blocks)
         many = self._journal_method("append_many")
-        res, flying = self._prejournaled, self._reserving
         try:
             if many is not None and getattr(getattr(many, "__self__", None), "background", False):
                 # fsync'ed off the loop's thread: the blocks join the reserve only once
                 # they are on disk (the journal's poll() runs this); until then a new host
                 # taking one of them reserves it the synchronous way
                 def durable():
-                    flying.difference_update(blocks)
-                    res.update(g for g in blocks if g not in self.blocks and g not in self._qblocks)
+                    pool.reserve_durable(blocks, self.blocks)
 
                 def failed():
-                    flying.difference_update(blocks)
+                    pool.reserve_failed(blocks)
 
                 many(recs, on_durable=durable, on_failed=failed)
-                flying.update(blocks)
+                pool.reserving(blocks)
                 return len(recs)
             self._journal_durable(recs)
         except OSError as exc:
             self._journal_failed(exc)
             self._journal_retry = _time.monotonic() + JOURNAL_RETRY_S
             return 0
-        res.update(blocks)
+        pool.reserved(blocks)
         return len(recs)
 
-    def _next_blocks(self, a: int, k: int, skip=()) -> list:
-        """The next `k` free blocks of address index `a` in ``_take_block``'s order
-        (returned blocks from the end of the free list, then the native run upward),
-        not journaled already nor in `skip`."""
-        st = self._addr.get(a)
-        if st is None or k <= 0:
-            return []
-        held, q, res, fly = self.blocks, self._qblocks, self._prejournaled, self._reserving
-        out = []
-        for c in reversed(st[2]):
-            if len(out) >= k:
-                return out
-            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
-                out.append(c)
-        c = st[0]
-        while len(out) < k and c < st[1]:
-            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
-                out.append(c)
-            c += 1
-        return out
+    @property
+    def reserve_per_address(self) -> int:
+        """Blocks kept journaled ahead, per address (0: off) -- the pool's setting."""
+        return self.pool.reserve_per_address
 
-    def _reserve_record(self, g: int) -> dict:
-        addr, lo, hi = self.part.block_span(g)
-        return {"op": "reserve", "block": g, "external": _ip(addr), "ports": [lo, hi]}
+    @reserve_per_address.setter
+    def reserve_per_address(self, v) -> None:
+        self.pool.reserve_per_address = int(v)
+
+    @property
+    def reserve_addresses(self) -> int:
+        """Blocks are journaled ahead on at most this many addresses -- the pool's setting."""
+        return self.pool.reserve_addresses
+
+    @reserve_addresses.setter
+    def reserve_addresses(self, v) -> None:
+        self.pool.reserve_addresses = int(v)
 
     def _reserve_now(self, a: int, g: int) -> bool:
         """Block `g` (of address index `a`) is about to be taken and no durable reserve
-        names it: journal it now, with the next ones of its address, on disk before this
-        returns.  A burst of new hosts beyond the reserve takes reserve_per_address, then
-        twice, four times as many ...: log2(burst) fsyncs, not one per block (until the
-        timers' ``reserve_blocks`` runs again).  False if the journal failed."""
-        k = self.reserve_per_address << min(self._sync_reserves, 8)
-        blocks = [g] + self._next_blocks(a, max(0, k - 1), skip=(g,))
+        names it: journal it now, with the next ones of its address the pool names
+        (``BlockPool.urgent_reserve``), on disk before this returns.  False if the
+        journal failed."""
+        pool = self.pool
+        blocks = pool.urgent_reserve(a, g, self.blocks)
         try:
-            self._journal_durable([self._reserve_record(x) for x in blocks])
+            self._journal_durable(pool.reserve_records(blocks))
         except OSError as exc:
             self._journal_failed(exc)
             return False
-        self._sync_reserves += 1
-        self._prejournaled.update(blocks)
+        pool.reserved(blocks, sync=True)
         return True
 
     def _journal_durable(self, recs) -> None:
@@ -1027,13 +952,7 @@ class RuleBuilder:
         if any) or journaled ahead of need ("reserve")."""
         bl = self.blocks
         recs = [{"op": "assign", "block": g, "host": _ip(bl.host(g))} for g in sorted(bl.ids())]
-        qh = self._qhosts
-        recs += [{"op": "quarantine", "block": g, "host": _ip(qh[g])} if g in qh else {"op": "quarantine", "block": g}
-                 for g in self._qblocks]  # fmt: skip
-        held, q = self.blocks, self._qblocks
-        recs += [{"op": "reserve", "block": g} for g in sorted(self._prejournaled | self._reserving)
-                 if g not in held and g not in q]  # fmt: skip
-        return recs
+        return recs + self.pool.journal_records(bl)
 
     def _flush(self, now: int) -> None:
         """Insert the sessions built during this call into both tables, in one batch
@@ -1080,7 +999,7 @@ class RuleBuilder:
             tl.rule("remove", p, ia, ip, ea, ep)
         # The endpoint stays marked used in its block until the reuse delay has passed
         # and no lease is held on it (invariant 3).
-        self._reuse.append((now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g)))
+        self.pool.defer(now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g))
 
     def _release_endpoint(self, g: int, pi: int, off: int) -> None:
         left = self.blocks.release(g, pi, off)
@@ -1088,15 +1007,11 @@ class RuleBuilder:
             self._free_block(g)
 
     def _process_reuse(self, now: int, budget: int) -> int:
-        q = self._reuse
-        n = 0
-        while q and q[0][0] <= now and n < budget:
-            _, ekey, g, pi, off = q.popleft()
-            n += 1
-            if self._holds.get(ekey):
-                self._held[ekey] = (g, pi, off)
-            else:
-                self._release_endpoint(g, pi, off)
+        """Release the endpoints whose reuse delay passed and no lease holds (the pool
+        says which); returns how many left the delay queue."""
+        n, free = self.pool.due(now, budget)
+        for g, pi, off in free:
+            self._release_endpoint(g, pi, off)
         return n
 
     # -- owner side ---------------------------------------------------------------------
@@ -1180,7 +1095,7 @@ class RuleBuilder:
             return None
         _, ia, ip, _, _, _ = self.maps.get(rid)
         return dict(rule_id=rid, proto=p, iaddr=ia, iport=ip, eaddr=ea, eport=ep, sessions=self.maps.nsessions(rid),
-                    holds=self._holds.get(p << 48 | ea << 16 | ep, 0), owner=self.nic)  # fmt: skip
+                    holds=self.pool.holds(p << 48 | ea << 16 | ep), owner=self.nic)  # fmt: skip
 
     def mappings(self) -> list:
         """Every mapping held here, as MappingView copies, by rule id (a walk over all
@@ -1225,27 +1140,17 @@ class RuleBuilder:
     def hold(self, proto, eaddr, eport) -> None:
         """Count one lease granted on this external endpoint (the agent calls it when a
         FETCH is answered or a PUSH is sent)."""
-        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
-        self._holds[ekey] = self._holds.get(ekey, 0) + 1
+        self.pool.hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
 
     def hold_many(self, endpoints) -> None:
         """``hold`` for each (proto, eaddr, eport) of `endpoints` (a burst of answered
         FETCHes: one call, not one per lease)."""
-        holds = self._holds
-        for p, e, ep in endpoints:
-            ekey = int(p) << 48 | int(e) << 16 | int(ep)
-            holds[ekey] = holds.get(ekey, 0) + 1
+        self.pool.hold_many(endpoints)
 
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable
         only once its reuse delay passed AND its hold count is zero."""
-        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
-        c = self._holds.get(ekey, 0) - 1
-        if c > 0:
-            self._holds[ekey] = c
-            return
-        self._holds.pop(ekey, None)
-        w = self._held.pop(ekey, None)
+        w = self.pool.release_hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
         if w is not None:
             self._release_endpoint(*w)
 
@@ -1481,7 +1386,7 @@ class RuleBuilder:
         bus = self.sweep_budget_us if budget_us is None else budget_us
         res = SweepResult()
         res.endpoints_released = self._process_reuse(now, max(budget, 16))
-        if self._qblocks or self._reserved:
+        if self.pool.in_quarantine():
             self._mature_quarantine(now)
         # -- out table: owned sessions (both directions merged) and clones.  First a
         # cheap filter over the raw slot words (idle for at least the shortest timeout,
@@ -1633,42 +1538,26 @@ class RuleBuilder:
         """Quarantines whose time has come: an unrecovered block becomes free again; a
         recovered block releases the ports nobody reported (their sessions, if any,
         were lost with the crash and their longest timeout has now passed)."""
-        expired = []
-        for g, until in list(self._qblocks.items()):
-            if until <= now:
-                del self._qblocks[g]
-                self._qhosts.pop(g, None)
-                expired.append(g)
-                if g in self._qskipped:  # passed over while quarantined: list it again
-                    self._qskipped.discard(g)
-                    self._give_back(g, g // self.part.bpa)
+        expired, ports = self.pool.mature(now)
         if expired and self.journal is not None:  # free again: the journal stops naming them
             self._journal_lazy([{"op": "release", "block": g} for g in expired])
         if expired:
             self.events["recovery_blocks_expired"] += len(expired)
             log.info("nic%d: %d quarantined port block(s) released after their longest timeout: nothing in them "
                      "was recovered from clones", self.nic, len(expired))
-        for g, (until, masks) in list(self._reserved.items()):
-            if until > now:
-                continue
-            del self._reserved[g]
-            for pi in range(3):
-                m = masks[pi]
-                while m:
-                    low = m & -m
-                    m ^= low
-                    self._release_endpoint(g, pi, low.bit_length() - 1)
-        if not self._reserved and not self._qblocks:
+        for g, pi, off in ports:
+            self._release_endpoint(g, pi, off)
+        if not self.pool.in_quarantine():
             self._rec_ekeys.clear()
 
     # -- gauges ---------------------------------------------------------------------------
     def utilisation(self) -> float:
         """Fraction of E_i (plus borrowed blocks) in use or waiting for reuse: the
         larger of blocks handed to hosts / blocks and, per protocol, ports / ports."""
-        nb = self._total_blocks + len(self._adopted) - len(self._lent)
+        nb, ports = self.pool.capacity(self._bs)
         if nb <= 0:
             return 1.0
-        ports = max(1, self._total_ports + (len(self._adopted) - len(self._lent)) * self._bs)
+        ports = max(1, ports)
         used = max(self.blocks.total_used(pi) for pi in range(3))
         return min(1.0, max(len(self.blocks) / nb, used / ports))
 
@@ -1691,13 +1580,7 @@ class RuleBuilder:
             "hosts": len(self.hosts),
             "blocks_in_use": len(self.blocks),
             "ports_in_use": sum(self.blocks.total_used(pi) for pi in range(3)),
-            "ports_waiting_reuse": len(self._reuse),
-            "endpoints_held": len(self._held),
-            "holds": sum(self._holds.values()),
-            "blocks_quarantined": len(self._qblocks),
-            "blocks_reserved": len(self._reserved),
-            "blocks_borrowed": len(self._adopted),
-            "blocks_lent": len(self._lent),
+            **self.pool.stats(),  # ports_waiting_reuse, endpoints_held, holds, blocks_quarantined / reserved / borrowed / lent
             "utilisation": self.utilisation(),
         }
 
@@ -1707,6 +1590,7 @@ class RuleBuilder:
         the NIC daemon saves the FlowTables' slots beside it."""
         mp, bl, hs = self.maps, self.blocks, self.hosts
         maps = [[rid, *mp.get(rid), mp.remotes(rid)] for rid in mp.rule_ids()]
+        ps = self.pool.snapshot()
         return {
             "version": 1,
             "nic": self.nic,
@@ -1716,20 +1600,20 @@ class RuleBuilder:
             "hosts": [[ia, hs.aidx(ia), hs.blocks(ia), hs.cur(ia)] for ia in sorted(hs.ids())],
             "blocks": [[g, [bl.used_mask(g, pi) for pi in range(3)], [bl.n_used(g, pi) for pi in range(3)]]
                        for g in sorted(bl.ids())],
-            "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
-            "avail": list(self._avail),
-            "adopted": sorted(self._adopted),
-            "lent": sorted(self._lent),
-            "qblocks": [[g, u] for g, u in self._qblocks.items()],
-            "qskipped": sorted(self._qskipped),
-            "reuse": [list(x) for x in self._reuse],
-            "holds": [[k, c] for k, c in self._holds.items()],
-            "held": [[k, list(v)] for k, v in self._held.items()],
+            "addr": ps["addr"],
+            "avail": ps["avail"],
+            "adopted": ps["adopted"],
+            "lent": ps["lent"],
+            "qblocks": ps["qblocks"],
+            "qskipped": ps["qskipped"],
+            "reuse": ps["reuse"],
+            "holds": ps["holds"],
+            "held": ps["held"],
             "counters": list(self.counters),
             "cursors": [self._cur_out, self._cur_in],
             "events": dict(self.events),
-            "qhosts": [[g, h] for g, h in self._qhosts.items()],
-            "reserved": [[g, u, list(ms)] for g, (u, ms) in self._reserved.items()],
+            "qhosts": ps["qhosts"],
+            "reserved": ps["reserved"],
             "rec_ekeys": sorted(self._rec_ekeys),
         }
 
@@ -1739,13 +1623,7 @@ class RuleBuilder:
             return
         if state.get("version") != 1:
             raise ValueError(f"unknown rules snapshot version {state.get('version')!r}")
-        self._addr = {int(a): [int(n), int(e), [int(x) for x in fr]] for a, n, e, fr in state["addr"]}
-        self._avail = collections.deque(int(a) for a in state["avail"])
-        self._avail_set = set(self._avail)
-        self._adopted = set(state["adopted"])
-        self._lent = set(state["lent"])
-        self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
-        self._qskipped = set(int(g) for g in state.get("qskipped", ()))
+        self.pool.restore(state)
         self.hosts = hs = Hosts()
         self.blocks = bl = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
@@ -1768,65 +1646,40 @@ class RuleBuilder:
         mp.clear_pending()  # the tables hold the saved slots already
         self._setup = OutSetup(mp, self._internal, REASON, VERDICT)
         self._bind_setup()
-        self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
-        self._holds = {int(k): int(c) for k, c in state["holds"]}
-        self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
         self.counters = [int(x) for x in state["counters"]] + [0] * (len(SLOW_PATH_REASON_NAMES) - len(state["counters"]))
         self._cur_out, self._cur_in = state.get("cursors", [0, 0])
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         self.events.update({k: int(v) for k, v in state.get("events", {}).items() if k in self.events})
-        self._qhosts = {int(g): int(h) for g, h in state.get("qhosts", ())}
-        self._reserved = {int(g): [int(u), [int(x) for x in ms]] for g, u, ms in state.get("reserved", ())}
         self._rec_ekeys = set(int(x) for x in state.get("rec_ekeys", ()))
+
+    # Read-only copies of the pool's state under the names these fields had on the
+    # builder before the pool was split out: tests in files other than test_rules.py
+    # read them (test_worker, test_recovery, test_journal_*, test_invariants_stateful).
+    # New code reads the pool's public views (``rb.pool.quarantined()`` ...).
+    _qblocks = property(lambda self: self.pool.quarantined())
+    _qhosts = property(lambda self: self.pool.quarantine_hosts())
+    _reserved = property(lambda self: self.pool.reserved_ports())
+    _prejournaled = property(lambda self: self.pool.reserved_ahead())
+    _reserving = property(lambda self: self.pool.reserves_in_flight())
+    _avail = property(lambda self: self.pool.free_addresses())
+    _reuse = property(lambda self: self.pool.waiting())
+    _held = property(lambda self: self.pool.held())
 
     # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):
         """Give away a free native block of E_i for spill-over; None if there is none.
         The caller records the loan in the Partition (``lend``) once BORROW is acked."""
-        for a in list(self._avail):
-            st = self._addr[a]
-            for k in range(len(st[2]) - 1, -1, -1):
-                g = st[2][k]
-                if g in self.blocks:  # recovered while listed: drop the stale entry
-                    del st[2][k]
-                    continue
-                if g not in self._adopted and g not in self._qblocks:
-                    del st[2][k]
-                    self._lent.add(g)
-                    return g
-            while st[1] > st[0]:
-                st[1] -= 1  # take from the end of the native run: the cursor never gets there
-                g = st[1]
-                if g in self.blocks:
-                    continue
-                if g not in self._qblocks:
-                    self._lent.add(g)
-                    return g
-                self._qskipped.add(g)  # listed again when its quarantine ends
-        return None
+        return self.pool.lend(self.blocks)
 
     def adopt_block(self, block) -> None:
         """Start allocating from a block lent by another NIC (after BORROW succeeded);
         the lender also calls it when its lent block comes back."""
-        g = int(block)
-        if g in self._lent:
-            self._lent.discard(g)
-        else:
-            self._adopted.add(g)
-        self._give_back(g, g // self.part.bpa)
+        self.pool.adopt(int(block))
 
     def return_block(self, block) -> bool:
         """Hand a borrowed block back once it is idle (no live or quarantined port):
         True if it was removed from this builder (the agent then sends RETURN)."""
-        g = int(block)
-        if g not in self._adopted or g in self.blocks:
-            return False
-        st = self._addr.get(g // self.part.bpa)
-        if st is None or g not in st[2]:
-            return False
-        st[2].remove(g)
-        self._adopted.discard(g)
-        return True
+        return self.pool.give_up(int(block), self.blocks)
 
     def quarantine_blocks(self, blocks, until) -> None:
         """Journaled blocks found after a crash: not allocatable before `until` (the
@@ -1834,18 +1687,7 @@ class RuleBuilder:
         re-adopts them first.  `blocks`: block ids, or the journal's live map {block:
         host "a.b.c.d" (or int) or None} (``Journal.load``); with a host, a block is
         recovered only for the host it was assigned to.  Unreadable hosts are ignored."""
-        hosts = blocks if isinstance(blocks, dict) else {}
-        for g in blocks:
-            g = int(g)
-            self._qblocks[g] = max(int(until), self._qblocks.get(g, 0))
-            h = hosts.get(g)
-            if h is None:
-                continue
-            try:
-                self._qhosts[g] = int(h) if isinstance(h, int) else int(ipaddress.IPv4Address(h))
-            except (TypeError, ValueError, ipaddress.AddressValueError):
-                continue
-        self._recovery_hosts = frozenset(self._qhosts.values())
+        self._recovery_hosts = self.pool.quarantine(blocks, until)
 
     def recover_sessions(self, records, now) -> np.ndarray:
         """Re-adopt sessions this NIC owned before a crash, from a clone holder's report.
@@ -1886,7 +1728,8 @@ class RuleBuilder:
         recs = np.asarray(records).reshape(-1)
         n = len(recs)
         ok = np.zeros(n, bool)
-        if n == 0 or not (self._qblocks or self._reserved):
+        pool = self.pool
+        if n == 0 or not pool.in_quarantine():
             return ok
         now = int(now)
         part = self.part
@@ -1917,14 +1760,14 @@ class RuleBuilder:
             if part.owner(ea, ep) != self.nic:
                 continue
             g = part.block_of(ea, ep)
-            if g not in self._qblocks and g not in self._reserved:
+            if not pool.is_quarantined(g) and not pool.has_reserved_ports(g):
                 continue  # not from before the crash: a session that expired here
             if not self._is_internal(ia) or (self._eim and part.eim_owner(ia) != self.nic):
                 ev["recovery_lost_invalid"] += 1
                 continue
             bl = self.blocks
             have = g in bl
-            want = bl.host(g) if have else self._qhosts.get(g, ia)
+            want = bl.host(g) if have else pool.quarantine_host(g, ia)
             if want != ia:
                 ev["recovery_lost_host_mismatch"] += 1
                 continue
@@ -1938,11 +1781,10 @@ class RuleBuilder:
                 self._claim_block(g, ia)
             pi = _PIDX[p]
             off = ep - bl.lo(g)
-            masks = self._reserved.get(g)
-            if masks is None or not masks[1][pi] >> off & 1:
+            if not pool.take_reserved_port(g, pi, off):
                 ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
                 continue
-            masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
+            # (it stays marked used in the block: now by the mapping)
             self.hosts.add_ports(bl.host(g), pi, 1)
             rid = self._make_mapping(p, ia, ip, g, off)
             self._add_session(rid, ra, r, now)
@@ -1965,23 +1807,21 @@ class RuleBuilder:
                         sl["tcp_state"][j] |= int(rec[tcp]) & layout.TCP_STATE_MASK
         done = {k: ev[k] - v for k, v in before.items() if ev[k] != v}
         if done:
+            ps = pool.stats()
             t = _time.monotonic()
             lost = sum(v for k, v in done.items() if k.startswith("recovery_lost"))
             if lost or t - self._last_log_rec >= self._log_interval:
                 self._last_log_rec = t
                 log.log(logging.WARNING if lost else logging.INFO,
                         "nic%d: crash recovery from clones: %s; %d block(s) still quarantined, %d reserved",
-                        self.nic, ", ".join(f"{k} +{v}" for k, v in sorted(done.items())), len(self._qblocks),
-                        len(self._reserved))
+                        self.nic, ", ".join(f"{k} +{v}" for k, v in sorted(done.items())), ps["blocks_quarantined"],
+                        ps["blocks_reserved"])
         return ok
 
     def _claim_block(self, g: int, iaddr: int) -> None:
         """A quarantined block goes back to the host it was assigned to before the
         crash; all its ports are reserved (marked used) until the quarantine's end,
         and each recovered session takes its own port out of the reservation."""
-        until = self._qblocks.pop(g)
-        self._qhosts.pop(g, None)
-        self._qskipped.discard(g)  # never listed again: _free_block gives it back
         a = g // self.part.bpa
         addr, lo, hi = self.part.block_span(g)
         hs = self.hosts
@@ -1991,10 +1831,9 @@ class RuleBuilder:
             log.warning("nic%d: host %s: recovered block %d is on %s, its new mappings use %s", self.nic,
                         _ip(iaddr), g, _ip(addr), _ip(hs.addr(iaddr)))
         size = hi - lo + 1
+        self.pool.claim(g, size)  # out of quarantine, every port reserved (_free_block gives it back)
         self.blocks.add(g, a, addr, lo, size, iaddr, full=True)
-        full = (1 << size) - 1
         hs.append_block(iaddr, g)
-        self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi]})  # fmt: skip
