@@ -156,36 +156,16 @@ from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
+from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-exported)
 from .nat.pool import BlockPool
+from .nat.records import DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE  # (re-exported: public names)
 from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
 # Records
 
-SESSION_DTYPE = np.dtype(
-    [
-        ("iaddr", "<u4"),  # internal endpoint
-        ("eaddr", "<u4"),  # external endpoint (the owner's partition, or a block it lent)
-        ("raddr", "<u4"),  # remote endpoint
-        ("iport", "<u2"),  # ICMP query: iport/eport are the identifiers, rport is 0
-        ("eport", "<u2"),
-        ("rport", "<u2"),
-        ("proto", "u1"),
-        ("dirs", "u1"),  # DIR_BIT_OUT | DIR_BIT_IN: entries covered / active
-        ("rule_id", "<u4"),  # the owner's handle
-        ("last_seen", "<u4"),  # latest activity over the directions in `dirs`
-        ("tcp_out", "u1"),  # TCP FIN|SYN|RST seen outgoing (layout.TCP_*)
-        ("tcp_in", "u1"),  # ... and incoming
-        ("owner", "u1"),  # owning NIC id
-        ("flags", "u1"),  # reserved (0)
-    ]
-)
-assert SESSION_DTYPE.itemsize == 32
-
-DIR_BIT_OUT = 1
-DIR_BIT_IN = 2
-DIR_BITS_BOTH = DIR_BIT_OUT | DIR_BIT_IN
+# SESSION_DTYPE, DIR_BIT_OUT / DIR_BIT_IN / DIR_BITS_BOTH: hypernat.nat.records (imported above)
 
 # Per-frame actions.
 ACT_NONE = 0  # not a miss: nothing to do
@@ -230,16 +210,6 @@ class Decisions:
     def indices(self, action: int) -> np.ndarray:
         """Frame indices with this action."""
         return np.flatnonzero(self.action == action)
-
-
-@dataclasses.dataclass
-class SweepResult:
-    scanned: int = 0  # slots examined
-    expired: int = 0  # sessions removed
-    mappings_removed: int = 0
-    clones_dropped: int = 0  # clone entries whose lease ran out
-    endpoints_released: int = 0  # external endpoints back in the free pool
-    wrapped: bool = False  # the cursor passed the end of the table
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,9 +268,8 @@ JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again
 
 # Events counted beside the slow-path reasons (``counters_dict`` reports both; every name
 # is always present, so metrics see a zero before the first event).
-EVENT_NAMES = (
-    # sessions expired by the sweep, by protocol and TCP state (timeout_for's classes)
-    "expired_tcp_established", "expired_tcp_transitory", "expired_udp", "expired_icmp",
+EVENT_NAMES = EXPIRY_EVENTS + (
+    # (EXPIRY_EVENTS: sessions expired by the sweep, by protocol and TCP state -- hypernat.nat.expiry)
     # refusals of a new mapping, by cause (all also counted as ports_exhausted):
     "exhausted_host_address",  # the host's address has no free block (paired pooling: not moved)
     "exhausted_pool",  # a new host: no address has a free block
@@ -378,14 +347,9 @@ class RuleBuilder:
         self._bs = self.part.block_size
         self._max_blocks = -(-self._cap // self._bs)
         self._internal = [(int(n.network_address), int(n.netmask)) for n in config.internal]
-        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
-        self.sweep_step = lim.sweep_step
-        self.sweep_max_expire = lim.sweep_max_expire
-        self.sweep_budget_us = lim.sweep_budget_us
-        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
-        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)  # no session expires sooner
-        self._lease_clones = False  # set once a clone is installed with a lease to watch
+        # idle and lease expiry in bounded steps: timeouts, cursors, lease-expired clones
+        self.expiry = Expiry(t, lim)
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
         self._last_log_host = self._last_log_rec = float("-inf")
@@ -424,9 +388,6 @@ class RuleBuilder:
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
         self._created = []
         self._removed = []
-        self._lease_expired = []
-        self._cur_out = 0
-        self._cur_in = 0
         self._act_cur = [0, 0]
 
     # -- helpers ------------------------------------------------------------------------
@@ -966,8 +927,10 @@ class RuleBuilder:
         self.maps.flush(self.out, self.inn, now)
 
     # -- removal --------------------------------------------------------------------------
-    def _end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
-        """Bookkeeping for a session whose entries are (being) deleted; True if the
+    def end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
+        """Bookkeeping for a session whose entries are (being) deleted (the expiry's
+        call): the mapping's session count, the translation log, the REVOKE record; the
+        mapping and its endpoint's reuse delay when it was the last.  True if the
         mapping ended with it."""
         left = self.maps.end_session(rid, raddr, r)
         if left < 0:
@@ -1219,7 +1182,7 @@ class RuleBuilder:
         now = int(now) & 0xFFFFFFFF
         lease = _lease16(lease_until)
         if lease:
-            self._lease_clones = True
+            self.expiry.lease_clones = True
         part = self.part
         # one connection's clone (the passive install's common case): partition arithmetic
         # on ints, not the vectorised owners() (~25 us of numpy for one record)
@@ -1259,7 +1222,7 @@ class RuleBuilder:
         """Extend the lease of clone entries (LEASE renewal)."""
         lease = _lease16(lease_until)
         if lease:
-            self._lease_clones = True
+            self.expiry.lease_clones = True
         n = 0
         for tbl, key, _ in self._clone_entries(records):
             j = tbl.lookup(*key)
@@ -1307,33 +1270,13 @@ class RuleBuilder:
 
     def drain_lease_expired(self) -> np.ndarray:
         """Clone sessions the sweep dropped because their lease ran out."""
-        if not self._lease_expired:
-            return np.zeros(0, SESSION_DTYPE)
-        out = np.concatenate(self._lease_expired)
-        self._lease_expired = []
-        return out
+        return self.expiry.drain_lease_expired()
 
     # -- lifecycle ------------------------------------------------------------------------
     def timeout_for(self, proto: int, tcp_out: int, tcp_in: int) -> int:
-        """Idle timeout of a session from its protocol and the TCP flags seen each way.
-
-        TCP: RST or FIN seen -> transitory (RFC 5382 REQ-5; a RST keeps the session for
-        the transitory timeout, RFC 7857 2.2); SYN both ways and nothing else ->
-        established; SYN one way only -> transitory (partially open); no flag seen (picked
-        up mid-stream, e.g. restored) -> established.  UDP / ICMP: their own timeouts.
-        """
-        if proto == PROTO_TCP:
-            st = tcp_out | tcp_in
-            if st & (_RST | _FIN):
-                return self.t_trans
-            if tcp_out & _SYN and tcp_in & _SYN:
-                return self.t_est
-            if st & _SYN:
-                return self.t_trans
-            return self.t_est
-        if proto == PROTO_UDP:
-            return self.t_udp
-        return self.t_icmp
+        """Idle timeout of a session from its protocol and the TCP flags seen each way
+        (``Expiry.timeout_for``)."""
+        return self.expiry.timeout_for(proto, tcp_out, tcp_in)
 
     # Settings a running NIC may change on SIGHUP; everything else (addresses, partition,
     # NICs, table sizes, mapping) changes only with a restart.
@@ -1348,19 +1291,14 @@ class RuleBuilder:
         ports only, a new translation log from the next line, a new per-host connection
         rate from the next new connection (every host starting with a full bucket)."""
         t, lim = config.timeouts, config.limits
-        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
-        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
-        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)
+        self.expiry.configure(t, lim)
         self._cap = lim.ports_per_host
         self._max_blocks = -(-self._cap // self._bs)
         old = self.config.limits
         if (lim.host_connection_rate, lim.host_connection_burst) != (old.host_connection_rate, old.host_connection_burst):
             # a new rate starts every host with a full bucket
             self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
-        self.sweep_step = lim.sweep_step
-        self.sweep_max_expire = lim.sweep_max_expire
-        self.sweep_budget_us = lim.sweep_budget_us
         self._log_interval = lim.exhaustion_log_interval
         if config.translation_log != self.config.translation_log:
             from .translog import TransLog
@@ -1372,167 +1310,47 @@ class RuleBuilder:
         self._bind_setup()
 
     def sweep(self, now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult:
-        """One bounded expiry step: examine the next `max_slots` slots of each table
-        (default ``limits.sweep_step``), expire idle sessions until `max_expire` of
-        them (default ``limits.sweep_max_expire``) or `budget_us` microseconds of
-        expiry work (default ``limits.sweep_budget_us``; at least one session per step)
-        are spent -- the cursor stops after the last one handled, so a mass expiry is
-        spread over steps -- drop lease-expired clones, release endpoints whose reuse
-        delay passed.  Call once per batch (an idle loop may call it with larger
-        budgets)."""
-        now = int(now)
-        step = self.sweep_step if max_slots is None else int(max_slots)
-        budget = max(1, self.sweep_max_expire if max_expire is None else int(max_expire))
-        bus = self.sweep_budget_us if budget_us is None else budget_us
-        res = SweepResult()
-        res.endpoints_released = self._process_reuse(now, max(budget, 16))
-        if self.pool.in_quarantine():
-            self._mature_quarantine(now)
-        # -- out table: owned sessions (both directions merged) and clones.  First a
-        # cheap filter over the raw slot words (idle for at least the shortest timeout,
-        # occupied), then the exact per-protocol test on the few slots that pass.
-        w = self.out.slots.view(np.uint32).reshape(-1, 8)
-        ns = len(w)
-        lo = self._cur_out if self._cur_out < ns else 0
-        hi = min(lo + step, ns)
-        sel = np.zeros(0, np.intp)
-        if now >= self._t_floor:
-            word3 = w[lo:hi, 3]  # proto | flags << 8 | new_port << 16
-            m = w[lo:hi, 6] <= now - self._t_floor  # last_seen
-            m &= (word3 & (_F_OCC << 8)) != 0
-            sel = np.flatnonzero(m)
-            if len(sel) > 4 * budget:  # a mass expiry: look at a few at a time
-                sel = sel[: 4 * budget]
-                hi = lo + int(sel[-1]) + 1
-            if len(sel):
-                w3 = word3[sel]
-                pr = w3 & 0xFF
-                thr = np.where(pr == PROTO_TCP, self._t_tcp_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
-                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
-                keep &= (w3 & (_F_CLONE << 8)) == 0  # clones: the agent's (leases), not idleness
-                sel = sel[keep]
-        if self._lease_clones:
-            w7 = w[lo:hi, 7]  # tcp_state | user << 8 | lease << 16
-            lease = (w7 >> 16).astype(np.int32)
-            cexp = ((w[lo:hi, 3] & (_F_CLONE << 8)) != 0) & (lease != 0)
-            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
-            csel = np.flatnonzero(cexp)
-            if len(csel):
-                sel = np.union1d(sel, csel)
-        if len(sel) > budget:
-            sel = sel[:budget]
-            hi = lo + int(sel[-1]) + 1
-        if len(sel):
-            slots = self.out.slots
-            recs = slots[sel + lo]
-            stop = self._expire_out(recs, now, res, slots, sel + lo, _time.perf_counter() + bus * 1e-6)
-            if stop is not None:
-                hi = stop  # out of time: resume at the first candidate not handled
-        res.scanned = hi - lo
-        self._cur_out = hi if hi < ns else 0
-        res.wrapped = hi >= ns
-        # -- in table: clones with leases only (owned in-entries go with their out entry)
-        if not self._lease_clones:
-            return res
-        w = self.inn.slots.view(np.uint32).reshape(-1, 8)
-        ns = len(w)
-        lo = self._cur_in if self._cur_in < ns else 0
-        hi = min(lo + step, ns)
-        lease = (w[lo:hi, 7] >> 16).astype(np.int32)
-        cexp = ((w[lo:hi, 3] & ((_F_OCC | _F_CLONE) << 8)) == ((_F_OCC | _F_CLONE) << 8)) & (lease != 0)
-        cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
-        sel = np.flatnonzero(cexp)
-        if len(sel) > budget:
-            sel = sel[:budget]
-            hi = lo + int(sel[-1]) + 1
-        self._cur_in = hi if hi < ns else 0
-        if len(sel):
-            recs = self.inn.slots[sel + lo]
-            self.inn.delete_batch(recs)
-            self._note_lease_expired(recs, DIR_BIT_IN)
-            res.clones_dropped += len(recs)
+        """One bounded expiry step (``Expiry.sweep``: the next `max_slots` slots of each
+        table, at most `max_expire` sessions or `budget_us` of expiry work; lease-expired
+        clones dropped; endpoints whose reuse delay passed released).  Call once per
+        batch (an idle loop may call it with larger budgets)."""
+        ex = self.expiry
+        res = ex.sweep(self, now, max_slots, max_expire, budget_us)
+        ex.drain(self.counters, self.events)
         return res
 
-    def _expire_out(self, recs, now, res: SweepResult, slots, where, deadline=float("inf")):
-        """Expire the idle ones among candidate out entries (copies `recs`, slot indices
-        `where`); returns None, or the slot index to resume at if the deadline cut the
-        work short."""
-        clone = (recs["flags"] & _F_CLONE) != 0
-        if clone.any():
-            c = recs[clone]
-            self.out.delete_batch(c)
-            self._note_lease_expired(c, DIR_BIT_OUT)
-            res.clones_dropped += len(c)
-            recs, where = recs[~clone], where[~clone]
-        if not len(recs):
-            return None
-        stop = None
-        clock = _time.perf_counter
-        so_ls = slots["last_seen"]
-        si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
-        dead_out, dead_in = [], []
-        ev = self.events
-        matches = self.maps.matches
-        lookup = self.inn.lookup
-        cols = zip(
-            recs["proto"].tolist(), recs["saddr"].tolist(), recs["sport"].tolist(), recs["daddr"].tolist(),
-            recs["dport"].tolist(), recs["new_addr"].tolist(), recs["new_port"].tolist(), recs["rule_id"].tolist(),
-            recs["last_seen"].tolist(), recs["tcp_state"].tolist(), where.tolist(),
-        )
-        for p, ia, ip, ra, rp, ea, ep, rid, ls_o, st_o, w in cols:
-            if dead_out and clock() > deadline:
-                stop = w
-                break
-            if p == PROTO_ICMP:
-                rr = 0
-                ik = (p, ra, ep, ea, ep)
-            else:
-                rr = rp
-                ik = (p, ra, rp, ea, ep)
-            j = lookup(*ik)
-            if j >= 0:
-                ls_i, st_i = int(si_ls[j]), int(si_st[j])
-                last = ls_o if ls_o >= ls_i else ls_i
-            else:
-                ls_i = st_i = 0
-                last = ls_o
-            tmo = self.timeout_for(p, st_o, st_i)
-            if now - last < tmo:
-                so_ls[w] = last  # remember the merged activity: not a candidate again soon
-                continue
-            dead_out.append((p, ia, ip, ra, rp))
-            if j >= 0 and not si_fl[j] & _F_CLONE:
-                dead_in.append(ik)
-            if not matches(rid, ia, ip, ea, ep):
-                continue  # an orphan entry (no bookkeeping): just delete it
-            res.expired += 1
-            ev[_expiry_event(p, st_o, st_i)] += 1
-            if self._end_session(rid, ra, rr, now, last, st_o, st_i):
-                res.mappings_removed += 1
-        if dead_out:
-            self.out.delete_batch(_keys_array(dead_out))
-        if dead_in:
-            self.inn.delete_batch(_keys_array(dead_in))
+    # the expiry's settings, read-only here (they were the builder's public fields)
+    sweep_step = property(lambda self: self.expiry.sweep_step, doc="slots of each table a sweep step examines")
+    sweep_max_expire = property(lambda self: self.expiry.sweep_max_expire)
+    sweep_budget_us = property(lambda self: self.expiry.sweep_budget_us)
+    t_udp = property(lambda self: self.expiry.t_udp)
+    t_est = property(lambda self: self.expiry.t_est)
+    t_trans = property(lambda self: self.expiry.t_trans)
+    t_icmp = property(lambda self: self.expiry.t_icmp)
+
+    @property
+    def _lease_clones(self) -> bool:
+        # (read and set by tests/test_holder_speed_equiv.py: the expiry's public flag)
+        return self.expiry.lease_clones
+
+    @_lease_clones.setter
+    def _lease_clones(self, v) -> None:
+        self.expiry.lease_clones = bool(v)
+
+    # -- what the expiry asks of its owner (hypernat.nat.expiry.SessionOwner) ---------------
+    def release_due(self, now: int, budget: int) -> int:
+        """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
+        at most `budget`; quarantines whose time has come end.  Returns endpoints that
+        left the delay queue."""
+        n = self._process_reuse(now, budget)
+        if self.pool.in_quarantine():
+            self._mature_quarantine(now)
+        return n
+
+    def flush_log(self) -> None:
+        """The translation log's buffered lines out (after an expiry step)."""
         if self.translog is not None:
             self.translog.flush()
-        return stop
-
-    def _note_lease_expired(self, slots_recs, direction_bit) -> None:
-        self.counters[_R_LEASE] += len(slots_recs)
-        r = np.zeros(len(slots_recs), SESSION_DTYPE)
-        s = slots_recs
-        icmp = s["proto"] == PROTO_ICMP
-        if direction_bit == DIR_BIT_OUT:
-            r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
-            r["rport"] = np.where(icmp, 0, s["dport"])
-            r["eaddr"], r["eport"] = s["new_addr"], s["new_port"]
-        else:
-            r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
-            r["rport"] = np.where(icmp, 0, s["sport"])
-            r["iaddr"], r["iport"] = s["new_addr"], s["new_port"]
-        r["proto"], r["rule_id"], r["last_seen"], r["dirs"] = s["proto"], s["rule_id"], s["last_seen"], direction_bit
-        r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
-        self._lease_expired.append(r)
 
     def _mature_quarantine(self, now: int) -> None:
         """Quarantines whose time has come: an unrecovered block becomes free again; a
@@ -1610,7 +1428,7 @@ class RuleBuilder:
             "holds": ps["holds"],
             "held": ps["held"],
             "counters": list(self.counters),
-            "cursors": [self._cur_out, self._cur_in],
+            "cursors": self.expiry.cursors(),
             "events": dict(self.events),
             "qhosts": ps["qhosts"],
             "reserved": ps["reserved"],
@@ -1647,7 +1465,7 @@ class RuleBuilder:
         self._setup = OutSetup(mp, self._internal, REASON, VERDICT)
         self._bind_setup()
         self.counters = [int(x) for x in state["counters"]] + [0] * (len(SLOW_PATH_REASON_NAMES) - len(state["counters"]))
-        self._cur_out, self._cur_in = state.get("cursors", [0, 0])
+        self.expiry.set_cursors(state.get("cursors", [0, 0]))
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         self.events.update({k: int(v) for k, v in state.get("events", {}).items() if k in self.events})
         self._rec_ekeys = set(int(x) for x in state.get("rec_ekeys", ()))
@@ -1842,16 +1660,6 @@ class RuleBuilder:
         self.events["recovered_blocks"] += 1
 
 
-def _expiry_event(p, tcp_out, tcp_in) -> str:
-    """EVENT_NAMES key of an expired session (the classes of ``timeout_for``)."""
-    if p == PROTO_TCP:
-        st = tcp_out | tcp_in
-        if st & (_RST | _FIN) or (st & _SYN and not (tcp_out & _SYN and tcp_in & _SYN)):
-            return "expired_tcp_transitory"
-        return "expired_tcp_established"
-    return "expired_udp" if p == PROTO_UDP else "expired_icmp"
-
-
 def _clone_installer(table):
     """The clone install for this kind of flow table: compiled over the compiled
     FlowTable (through its .pxd), the plain-Python reference over fastpath_py's."""
@@ -1877,13 +1685,6 @@ def _lease16(lease_until) -> int:
         return 0
     v = int(lease_until) & 0xFFFF
     return v or 1
-
-
-def _keys_array(keys) -> np.ndarray:
-    a = np.array(keys, dtype=np.int64)
-    k = np.zeros(len(a), layout.KEY_DTYPE)
-    k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = a.T
-    return k
 
 
 def _ip(a: int) -> str:
