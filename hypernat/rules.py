@@ -157,8 +157,12 @@ from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
 from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-exported)
+from .nat.holder import CloneHolder
+from .nat.holder import lease16 as _lease16  # (tests import it from here)
 from .nat.pool import BlockPool
-from .nat.records import DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE  # (re-exported: public names)
+from .nat.records import (  # (re-exported: public names)
+    DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
+)
 from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
@@ -216,22 +220,7 @@ class Decisions:
 # Session keys (one place that knows the ICMP twist)
 
 
-def out_key(proto, iaddr, iport, raddr, rport) -> tuple:
-    """Out-table key of a session.  ICMP query: the identifier stands in for both ports."""
-    return (proto, iaddr, iport, raddr, iport) if proto == PROTO_ICMP else (proto, iaddr, iport, raddr, rport)
-
-
-def in_key(proto, raddr, rport, eaddr, eport) -> tuple:
-    """In-table key of a session.  ICMP query: the translated identifier in both ports."""
-    return (proto, raddr, eport, eaddr, eport) if proto == PROTO_ICMP else (proto, raddr, rport, eaddr, eport)
-
-
-def record_keys(rec) -> tuple:
-    """(out key, in key) of a SESSION_DTYPE record (ICMP records carry rport 0)."""
-    p = int(rec["proto"])
-    i, ip, e, ep = int(rec["iaddr"]), int(rec["iport"]), int(rec["eaddr"]), int(rec["eport"])
-    r, rp = int(rec["raddr"]), int(rec["rport"])
-    return out_key(p, i, ip, r, rp), in_key(p, r, rp, e, ep)
+# out_key, in_key, record_keys: hypernat.nat.records (imported above)
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,7 +377,8 @@ class RuleBuilder:
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
         self._created = []
         self._removed = []
-        self._act_cur = [0, 0]
+        # clone entries of other NICs' sessions held here (install, revoke, renew, activity)
+        self.holder = CloneHolder(self.out, self.inn, self.part, self.nic)
 
     # -- helpers ------------------------------------------------------------------------
     def _refuse(self, reason: int) -> int:
@@ -1174,99 +1164,38 @@ class RuleBuilder:
     def install_clone_rows(self, rows, now, lease_until=0) -> list:
         """``install_clones`` on plain tuples ``(proto, iaddr, iport, eaddr, eport, raddr,
         rport, rule_id, dirs, tcp_out, tcp_in)`` (the agent's RULE answers: no record
-        array built only to be taken apart again); entries installed per row, a list."""
-        n = len(rows)
-        got = [0] * n
-        if n == 0:
-            return got
-        now = int(now) & 0xFFFFFFFF
+        array built only to be taken apart again); entries installed per row, a list
+        (``CloneHolder.install_rows``; its refusals counted here)."""
+        if not rows:
+            return []
         lease = _lease16(lease_until)
         if lease:
             self.expiry.lease_clones = True
-        part = self.part
-        # one connection's clone (the passive install's common case): partition arithmetic
-        # on ints, not the vectorised owners() (~25 us of numpy for one record)
-        if n <= 4:
-            own = [part.owner(rw[3], rw[4]) for rw in rows]
-        else:
-            own = part.owners(np.array([rw[3] for rw in rows], np.int64),
-                              np.array([rw[4] for rw in rows], np.int64)).tolist()
-        got, bad, full = _clone_installer(self.out)(self.out, self.inn, rows, own, self.nic, now, lease)
+        got, bad, full = self.holder.install_rows(rows, int(now) & 0xFFFFFFFF, lease)
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
         for _ in range(full):
             self._refuse(_R_TABLE_FULL)
         return got
 
-    def _clone_entries(self, records):
-        """Yield (table, key, expected value) for the clone entries named by records."""
-        for rec in np.asarray(records).reshape(-1):
-            ok, ik = record_keys(rec)
-            d = int(rec["dirs"]) or DIR_BITS_BOTH
-            if d & DIR_BIT_OUT:
-                yield self.out, ok, (int(rec["eaddr"]), int(rec["eport"]))
-            if d & DIR_BIT_IN:
-                yield self.inn, ik, (int(rec["iaddr"]), int(rec["iport"]))
-
     def remove_clone(self, records) -> int:
         """Remove clone entries (REVOKE); the records' `dirs` say which (0 = both).
         Owned entries are never touched."""
-        n = 0
-        for tbl, key, _ in self._clone_entries(records):
-            j = tbl.lookup(*key)
-            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
-                n += tbl.delete(*key)
-        return n
+        return self.holder.remove(records)
 
     def renew_clones(self, records, lease_until) -> int:
         """Extend the lease of clone entries (LEASE renewal)."""
         lease = _lease16(lease_until)
         if lease:
             self.expiry.lease_clones = True
-        n = 0
-        for tbl, key, _ in self._clone_entries(records):
-            j = tbl.lookup(*key)
-            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
-                tbl.slots["lease"][j] = lease
-                n += 1
-        return n
+        return self.holder.renew(records, lease)
 
     def collect_activity(self, clear=True, max_slots=None) -> np.ndarray:
         """Clone entries hit since the last call, as records for ACTIVITY (one record per
         entry, `dirs` = its direction, `owner` = the owning NIC).  Clears F_ACTIVE when
         `clear`.  `max_slots` bounds the scan per table (a cursor continues next call);
         None scans the whole tables."""
-        parts = []
-        for t, tbl in enumerate((self.out, self.inn)):
-            slots = tbl.slots
-            ns = len(slots)
-            if max_slots is None or max_slots >= ns:
-                lo, hi = 0, ns
-            else:
-                lo = self._act_cur[t] % ns
-                hi = min(lo + max_slots, ns)
-                self._act_cur[t] = hi % ns
-            fl = slots["flags"][lo:hi]
-            sel = np.flatnonzero((fl & (_F_OCC | _F_CLONE | _F_ACTIVE)) == (_F_OCC | _F_CLONE | _F_ACTIVE)) + lo
-            if not len(sel):
-                continue
-            s = slots[sel]
-            r = np.zeros(len(sel), SESSION_DTYPE)
-            icmp = s["proto"] == PROTO_ICMP
-            if t == 0:
-                r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
-                r["rport"] = np.where(icmp, 0, s["dport"])
-                r["eaddr"], r["eport"], r["dirs"], r["tcp_out"] = s["new_addr"], s["new_port"], DIR_BIT_OUT, s["tcp_state"]
-            else:
-                r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
-                r["rport"] = np.where(icmp, 0, s["sport"])
-                r["iaddr"], r["iport"], r["dirs"], r["tcp_in"] = s["new_addr"], s["new_port"], DIR_BIT_IN, s["tcp_state"]
-            r["proto"], r["rule_id"], r["last_seen"] = s["proto"], s["rule_id"], s["last_seen"]
-            r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
-            if clear:
-                slots["flags"][sel] &= ~np.uint8(_F_ACTIVE)
-            parts.append(r)
-        return np.concatenate(parts) if parts else np.zeros(0, SESSION_DTYPE)
+        return self.holder.activity(clear, max_slots)
 
     def drain_lease_expired(self) -> np.ndarray:
         """Clone sessions the sweep dropped because their lease ran out."""
@@ -1658,33 +1587,6 @@ class RuleBuilder:
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
         self.events["recovered_blocks"] += 1
-
-
-def _clone_installer(table):
-    """The clone install for this kind of flow table: compiled over the compiled
-    FlowTable (through its .pxd), the plain-Python reference over fastpath_py's."""
-    global _CLONES_C
-    if _CLONES_C is None:
-        try:
-            from . import _clones
-            from ._fastpath import FlowTable as _CFlowTable
-            _CLONES_C = (_CFlowTable, _clones.install_clone_rows)
-        except ImportError:
-            _CLONES_C = (None, None)
-    if _CLONES_C[0] is not None and type(table) is _CLONES_C[0]:
-        return _CLONES_C[1]
-    from .clones_py import install_clone_rows
-    return install_clone_rows
-
-
-_CLONES_C = None
-
-
-def _lease16(lease_until) -> int:
-    if not lease_until:
-        return 0
-    v = int(lease_until) & 0xFFFF
-    return v or 1
 
 
 def _ip(a: int) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import layout
 from ..verdicts import SLOW_PATH_REASON_NAMES
-from .records import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE
+from .records import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, slot_records
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = layout.PROTO_ICMP, layout.PROTO_TCP, layout.PROTO_UDP
 _SYN, _FIN, _RST = layout.TCP_SYN, layout.TCP_FIN, layout.TCP_RST
@@ -283,20 +283,7 @@ class Expiry:
 
     def _note_lease_expired(self, part, slots_recs, direction_bit) -> None:
         self._lease_n += len(slots_recs)
-        r = np.zeros(len(slots_recs), SESSION_DTYPE)
-        s = slots_recs
-        icmp = s["proto"] == PROTO_ICMP
-        if direction_bit == DIR_BIT_OUT:
-            r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
-            r["rport"] = np.where(icmp, 0, s["dport"])
-            r["eaddr"], r["eport"] = s["new_addr"], s["new_port"]
-        else:
-            r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
-            r["rport"] = np.where(icmp, 0, s["sport"])
-            r["iaddr"], r["iport"] = s["new_addr"], s["new_port"]
-        r["proto"], r["rule_id"], r["last_seen"], r["dirs"] = s["proto"], s["rule_id"], s["last_seen"], direction_bit
-        r["owner"] = np.maximum(part.owners(r["eaddr"], r["eport"]), 0)
-        self._lease_expired.append(r)
+        self._lease_expired.append(slot_records(slots_recs, direction_bit, part, with_tcp=False))
 
 
 def _expiry_event(p, tcp_out, tcp_in) -> str:
