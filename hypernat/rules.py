@@ -138,6 +138,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     blocks, hosts, maps  the C state (PortBlocks, Hosts, Mappings): read them, do not change them
     pool                 the free blocks, reuse queue, holds, loans, quarantine
                          (hypernat.nat.pool.BlockPool): read its views, do not change it
+    expiry, holder, recovery   the other concerns, one module each in hypernat/nat/
+                         (expiry.Expiry, holder.CloneHolder, recovery.Recovery): the
+                         methods above delegate to them (docs/per-connection.md)
     mappings() -> [MappingView];  mapping(rule_id) -> MappingView | None   (copies, for
         tests and tools: a walk over every mapping)
 """
@@ -160,6 +163,7 @@ from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-ex
 from .nat.holder import CloneHolder
 from .nat.holder import lease16 as _lease16  # (tests import it from here)
 from .nat.pool import BlockPool
+from .nat.recovery import RECOVERY_EVENTS, Recovery
 from .nat.records import (  # (re-exported: public names)
     DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
 )
@@ -262,12 +266,7 @@ EVENT_NAMES = EXPIRY_EVENTS + (
     # refusals of a new mapping, by cause (all also counted as ports_exhausted):
     "exhausted_host_address",  # the host's address has no free block (paired pooling: not moved)
     "exhausted_pool",  # a new host: no address has a free block
-    # crash recovery (recover_sessions)
-    "recovered_sessions", "recovered_mappings", "recovered_blocks",
-    "recovery_lost_host_mismatch",  # the journal gave the block to another host
-    "recovery_lost_conflict",  # the internal or external endpoint is bound otherwise now
-    "recovery_lost_table_full",
-    "recovery_lost_invalid",  # not an internal address / protocol, or a host owned elsewhere
+) + RECOVERY_EVENTS + (  # crash recovery (recover_sessions: hypernat.nat.recovery)
     "recovery_blocks_expired",  # quarantines that ran out with nothing recovered
     "recovery_held",  # first packets of a journaled host held in the recovery window
     "journal_errors",  # journal writes that failed (disk full, I/O error); new blocks refused meanwhile
@@ -341,7 +340,7 @@ class RuleBuilder:
         self.expiry = Expiry(t, lim)
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
-        self._last_log_host = self._last_log_rec = float("-inf")
+        self._last_log_host = float("-inf")
         self.track_created = config.install == "active"
         self.track_removed = config.n_nics > 1
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
@@ -359,16 +358,10 @@ class RuleBuilder:
         self._bind_setup()
         # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
         self.pool = BlockPool(self.part, self.nic)
-        self._rec_ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
         self.events = dict.fromkeys(EVENT_NAMES, 0)
-        # Crash recovery window (set by the worker after a crash restart): a new mapping
-        # for a host the journal names is not made while the clones' reports may still
-        # bring its old one back (that would bind it otherwise: recovery_lost_conflict);
-        # the frame is held (_HOLD) and the worker replays it when a report arrived or
-        # the window closed.  A FETCH asking this NIC to allocate for such a host is
-        # refused as "recovering" (NACK unavailable: the holder's client retries).
-        self.recovering = False
-        self._recovery_hosts = frozenset()
+        # crash recovery: the recovery window, the hosts the journal names, the endpoints
+        # of recovered mappings (``recovering``: set by the worker after a crash restart)
+        self.recovery = Recovery(self.nic, self.part, self._eim, self._log_interval)
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
         # off the packet path, or by _take_block when none was): taking one is durable
         # already (a crash quarantines it), so its "assign" record goes into _jlazy and
@@ -419,7 +412,7 @@ class RuleBuilder:
         tl = self.translog
         su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
         su.py_mapping = tl is not None and not tl.per_block and not tl.remote
-        su.recovering = self.recovering
+        su.recovering = self.recovery.recovering
         su.owner_py = bool(self.part.overrides)  # loans: Partition.owner decides (Python)
 
     def _is_internal(self, addr: int) -> bool:
@@ -569,7 +562,7 @@ class RuleBuilder:
             return self._refuse(_R_ICMP_NO_SESSION)
         if self._setup.room <= 0:
             return self._refuse(_R_TABLE_FULL)
-        if not rid and self.recovering and iaddr in self._recovery_hosts:
+        if not rid and self.recovery.holds(iaddr):
             if serving:
                 return self._refuse(_R_RECOVERING)
             self.events["recovery_held"] += 1
@@ -943,8 +936,7 @@ class RuleBuilder:
         p, ia, ip, ea, ep, g = self.maps.get(rid)
         self.maps.end(rid)
         ekey = p << 48 | ea << 16 | ep
-        if self._rec_ekeys:
-            self._rec_ekeys.discard(ekey)
+        self.recovery.forget(ekey)
         pi = _PIDX[p]
         self.hosts.add_ports(ia, pi, -1)
         tl = self.translog
@@ -1229,6 +1221,7 @@ class RuleBuilder:
             # a new rate starts every host with a full bucket
             self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         self._log_interval = lim.exhaustion_log_interval
+        self.recovery.log_interval = lim.exhaustion_log_interval
         if config.translation_log != self.config.translation_log:
             from .translog import TransLog
 
@@ -1295,7 +1288,7 @@ class RuleBuilder:
         for g, pi, off in ports:
             self._release_endpoint(g, pi, off)
         if not self.pool.in_quarantine():
-            self._rec_ekeys.clear()
+            self.recovery.quarantine_over()
 
     # -- gauges ---------------------------------------------------------------------------
     def utilisation(self) -> float:
@@ -1361,7 +1354,7 @@ class RuleBuilder:
             "events": dict(self.events),
             "qhosts": ps["qhosts"],
             "reserved": ps["reserved"],
-            "rec_ekeys": sorted(self._rec_ekeys),
+            "rec_ekeys": sorted(self.recovery.recovered_endpoints()),
         }
 
     def restore(self, state) -> None:
@@ -1397,7 +1390,26 @@ class RuleBuilder:
         self.expiry.set_cursors(state.get("cursors", [0, 0]))
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         self.events.update({k: int(v) for k, v in state.get("events", {}).items() if k in self.events})
-        self._rec_ekeys = set(int(x) for x in state.get("rec_ekeys", ()))
+        self.recovery.restore_endpoints(state.get("rec_ekeys", ()))
+
+    @property
+    def recovering(self) -> bool:
+        """The crash recovery window is open (the worker sets it after a crash restart,
+        clears it when the window closes): new mappings of the hosts the journal names
+        wait (ACT_HOLD), a FETCH asking to allocate for one is refused as "recovering"."""
+        return self.recovery.recovering
+
+    @recovering.setter
+    def recovering(self, v) -> None:
+        self.recovery.recovering = bool(v)
+
+    @property
+    def recovery_hosts(self) -> frozenset:
+        """The hosts the journal names (their first packets wait while ``recovering``)."""
+        return self.recovery.hosts
+
+    _recovery_hosts = recovery_hosts  # (read by hypernat/nic/worker.py under this name)
+    _rec_ekeys = property(lambda self: self.recovery.recovered_endpoints())  # (tests/test_invariants_stateful.py)
 
     # Read-only copies of the pool's state under the names these fields had on the
     # builder before the pool was split out: tests in files other than test_rules.py
@@ -1434,138 +1446,45 @@ class RuleBuilder:
         re-adopts them first.  `blocks`: block ids, or the journal's live map {block:
         host "a.b.c.d" (or int) or None} (``Journal.load``); with a host, a block is
         recovered only for the host it was assigned to.  Unreadable hosts are ignored."""
-        self._recovery_hosts = self.pool.quarantine(blocks, until)
+        self.recovery.set_hosts(self.pool.quarantine(blocks, until))
 
     def recover_sessions(self, records, now) -> np.ndarray:
-        """Re-adopt sessions this NIC owned before a crash, from a clone holder's report.
-
-        After a SIGKILL the NIC's tables are gone, but other NICs still hold clones of
-        its sessions (the direction the switch sent them).  When the NIC comes back,
-        every holder reports each clone of it (``RuleAgent.peer_restarted``, as
-        ACTIVITY), and ordinary ACTIVITY reports keep arriving.  `records`
-        (SESSION_DTYPE; the owner's view: iaddr/iport, eaddr/eport, raddr/rport, proto,
-        last_seen, tcp_out/tcp_in) are those reports.  Each one whose external
-        endpoint lies in a block quarantined since the crash is re-created here as if
-        it had never gone: the block is given back to its host (the host the journal
-        names, when the journal was passed to ``quarantine_blocks``), the endpoint is
-        marked in use, the mapping and the session get both flow-table entries.
-
-            crash ─► journal: blocks B1 B2 quarantined until T (longest timeout)
-            holder reports (E1:p, ...) in B1 ─► B1 leaves quarantine, back to its host:
-                 port p  live again (mapping + session, both entries)
-                 other ports of B1  stay reserved until T (a lost session may still
-                                     receive there), then free
-            B2: nobody reports ─► quarantined until T, then free (counted, logged)
-
-        So a block's quarantine ends when its rules are recovered (for those
-        endpoints) or its timeout passed, never earlier: an endpoint nobody vouched
-        for is never handed out before T.  A report is refused (counted under
-        ``recovery_lost_*``, logged) if the journal gave the block to another host,
-        if the internal endpoint (EIM) or the session (APDM) is bound to another
-        external endpoint since the restart, if the tables are full, or if the
-        internal address is not internal / the host is owned by another NIC.  Reports
-        of blocks not quarantined (the normal case: a session that expired here) are
-        left alone: it is cheap to call this on every ACTIVITY.
-
-        Returns bool[n]: the session is live here through recovery (this call or an
-        earlier one in the same quarantine) -- the agent then grants the reporting
-        holder a lease.  Recovered mappings get new rule ids (the holder's clone keeps
-        the old one; clones are matched by endpoints, not ids).
-        """
-        recs = np.asarray(records).reshape(-1)
-        n = len(recs)
-        ok = np.zeros(n, bool)
-        pool = self.pool
-        if n == 0 or not pool.in_quarantine():
-            return ok
-        now = int(now)
-        part = self.part
-        self._begin()
-        su, maps = self._setup, self.maps
-        ev = self.events
-        before = {k: ev[k] for k in EVENT_NAMES if k.startswith("recover")}
-        fresh = []  # records whose session this call created
-        cols = zip(*(recs[f].tolist() for f in ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")))
-        for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(cols):
-            if p not in _PIDX:
-                continue
-            r = 0 if p == PROTO_ICMP else rp
-            ekey = p << 48 | ea << 16 | ep
-            rid = maps.by_external(p, ea, ep)
-            if rid:
-                if ekey not in self._rec_ekeys or not maps.matches(rid, ia, ip, ea, ep):
-                    continue  # a mapping built since the restart: ordinary activity
-                if not maps.has_session(rid, ra, r):  # another session of a recovered mapping
-                    if su.room <= 0:
-                        ev["recovery_lost_table_full"] += 1
-                        continue
-                    self._add_session(rid, ra, r, now)
-                    ev["recovered_sessions"] += 1
-                    fresh.append(i)
-                ok[i] = True
-                continue
-            if part.owner(ea, ep) != self.nic:
-                continue
-            g = part.block_of(ea, ep)
-            if not pool.is_quarantined(g) and not pool.has_reserved_ports(g):
-                continue  # not from before the crash: a session that expired here
-            if not self._is_internal(ia) or (self._eim and part.eim_owner(ia) != self.nic):
-                ev["recovery_lost_invalid"] += 1
-                continue
-            bl = self.blocks
-            have = g in bl
-            want = bl.host(g) if have else pool.quarantine_host(g, ia)
-            if want != ia:
-                ev["recovery_lost_host_mismatch"] += 1
-                continue
-            if maps.by_out_key(p, ia, ip, ra, r):
-                ev["recovery_lost_conflict"] += 1
-                continue
-            if su.room <= 0:
-                ev["recovery_lost_table_full"] += 1
-                continue
-            if not have:
-                self._claim_block(g, ia)
-            pi = _PIDX[p]
-            off = ep - bl.lo(g)
-            if not pool.take_reserved_port(g, pi, off):
-                ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
-                continue
-            # (it stays marked used in the block: now by the mapping)
-            self.hosts.add_ports(bl.host(g), pi, 1)
-            rid = self._make_mapping(p, ia, ip, g, off)
-            self._add_session(rid, ra, r, now)
-            self._rec_ekeys.add(ekey)
-            ev["recovered_mappings"] += 1
-            ev["recovered_sessions"] += 1
-            fresh.append(i)
-            ok[i] = True
-        self._flush(now)
-        if fresh:  # the entries were inserted at `now`: the holder's last_seen and TCP state instead
-            so, si = self.out.slots, self.inn.slots
-            for i in fresh:
-                rec = recs[i]
-                okk, ikk = record_keys(rec)
-                ls = min(int(rec["last_seen"]), now)
-                for tbl, sl, key, tcp in ((self.out, so, okk, "tcp_out"), (self.inn, si, ikk, "tcp_in")):
-                    j = tbl.lookup(*key)
-                    if j >= 0:
-                        sl["last_seen"][j] = ls
-                        sl["tcp_state"][j] |= int(rec[tcp]) & layout.TCP_STATE_MASK
-        done = {k: ev[k] - v for k, v in before.items() if ev[k] != v}
-        if done:
-            ps = pool.stats()
-            t = _time.monotonic()
-            lost = sum(v for k, v in done.items() if k.startswith("recovery_lost"))
-            if lost or t - self._last_log_rec >= self._log_interval:
-                self._last_log_rec = t
-                log.log(logging.WARNING if lost else logging.INFO,
-                        "nic%d: crash recovery from clones: %s; %d block(s) still quarantined, %d reserved",
-                        self.nic, ", ".join(f"{k} +{v}" for k, v in sorted(done.items())), ps["blocks_quarantined"],
-                        ps["blocks_reserved"])
+        """Re-adopt sessions this NIC owned before a crash, from a clone holder's report
+        (SESSION_DTYPE, the owner's view).  Each one whose external endpoint lies in a
+        block quarantined since the crash is re-created here, for the host the journal
+        named; its block's other ports stay reserved until the quarantine's end (see
+        ``hypernat.nat.recovery.Recovery.recover``).  Returns bool[n]: the session is
+        live here through recovery (the agent then grants the holder a lease)."""
+        ok = self.recovery.recover(self, records, now)
+        self.recovery.drain(self.events)
         return ok
 
-    def _claim_block(self, g: int, iaddr: int) -> None:
+    # -- what the crash recovery asks of its owner (hypernat.nat.recovery.RecoveryOwner) ----
+    def begin_batch(self) -> None:
+        """Before a call that may add sessions (the tables' room, per-rule logs, PUSH)."""
+        self._begin()
+
+    def session_room(self) -> int:
+        """Sessions that may still be added in this call (both tables' room)."""
+        return self._setup.room
+
+    def is_internal(self, addr: int) -> bool:
+        """`addr` lies in the internal prefixes."""
+        return self._is_internal(addr)
+
+    def make_mapping(self, p: int, iaddr: int, iport: int, g: int, off: int) -> int:
+        """The mapping of (p, iaddr, iport) to port `off` of block `g` (marked used)."""
+        return self._make_mapping(p, iaddr, iport, g, off)
+
+    def add_session(self, rid: int, raddr: int, rport: int, now: int) -> None:
+        """Session (mapping `rid`, R, Rp) added; in the tables at ``flush``."""
+        self._add_session(rid, raddr, rport, now)
+
+    def flush(self, now: int) -> None:
+        """The sessions added since ``begin_batch`` into both flow tables."""
+        self._flush(now)
+
+    def claim_block(self, g: int, iaddr: int) -> None:
         """A quarantined block goes back to the host it was assigned to before the
         crash; all its ports are reserved (marked used) until the quarantine's end,
         and each recovered session takes its own port out of the reservation."""
@@ -1586,7 +1505,6 @@ class RuleBuilder:
                                 "ports": [lo, hi]})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
-        self.events["recovered_blocks"] += 1
 
 
 def _ip(a: int) -> str:
