@@ -162,7 +162,7 @@ from .nat._rate import HostRate
 from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-exported)
 from .nat.holder import CloneHolder
 from .nat.holder import lease16 as _lease16  # (tests import it from here)
-from .nat.pool import BlockPool
+from .nat.pool import BlockPool, Pool
 from .nat.recovery import RECOVERY_EVENTS, Recovery
 from .nat.records import (  # (re-exported: public names)
     DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
@@ -236,8 +236,8 @@ _V_MISS_OUT = VERDICT["miss_out"]
 _V_MISS_IN = VERDICT["miss_in"]
 _V_MISS_ICMP_ERROR = VERDICT["miss_icmp_error"]
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
-_SYN, _FIN, _RST, _ACK = layout.TCP_SYN, layout.TCP_FIN, layout.TCP_RST, layout.TCP_ACK
-_F_OCC, _F_CLONE, _F_ACTIVE = layout.F_OCCUPIED, layout.F_CLONE, layout.F_ACTIVE
+_SYN, _ACK = layout.TCP_SYN, layout.TCP_ACK
+_F_CLONE = layout.F_CLONE
 
 _R_TABLE_FULL = REASON["table_full"]
 _R_EXHAUSTED = REASON["ports_exhausted"]
@@ -246,7 +246,6 @@ _R_FILTERED = REASON["filtered"]
 _R_USYN = REASON["unsolicited_syn"]
 _R_NOT_IN_POOL = REASON["not_in_pool"]
 _R_NOT_INTERNAL = REASON["not_internal"]
-_R_LEASE = REASON["lease_expired"]
 _R_BAD = REASON["bad_message"]
 _R_NO_MAPPING = REASON["no_mapping"]
 _R_RECOVERING = REASON["recovering"]
@@ -357,7 +356,7 @@ class RuleBuilder:
         self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
         self._bind_setup()
         # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
-        self.pool = BlockPool(self.part, self.nic)
+        self.pool: Pool = BlockPool(self.part, self.nic)
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         # crash recovery: the recovery window, the hosts the journal names, the endpoints
         # of recovered mappings (``recovering``: set by the worker after a crash restart)
