@@ -935,7 +935,9 @@ class RuleBuilder:
         p, ia, ip, ea, ep, g = self.maps.get(rid)
         self.maps.end(rid)
         ekey = p << 48 | ea << 16 | ep
-        self.recovery.forget(ekey)
+        rec = self.recovery
+        if rec.tracking:
+            rec.forget(ekey)
         pi = _PIDX[p]
         self.hosts.add_ports(ia, pi, -1)
         tl = self.translog
@@ -954,7 +956,7 @@ class RuleBuilder:
         """Release the endpoints whose reuse delay passed and no lease holds (the pool
         says which); returns how many left the delay queue."""
         n, free = self.pool.due(now, budget)
-        for g, pi, off in free:
+        for _, _, g, pi, off in free:
             self._release_endpoint(g, pi, off)
         return n
 

@@ -238,6 +238,7 @@ class Expiry:
         ev = self._events
         matches = owner.maps.matches
         end_session = owner.end_session
+        timeout_for = self.timeout_for
         lookup = inn.lookup
         cols = zip(
             recs["proto"].tolist(), recs["saddr"].tolist(), recs["sport"].tolist(), recs["daddr"].tolist(),
@@ -261,7 +262,7 @@ class Expiry:
             else:
                 ls_i = st_i = 0
                 last = ls_o
-            tmo = self.timeout_for(p, st_o, st_i)
+            tmo = timeout_for(p, st_o, st_i)
             if now - last < tmo:
                 so_ls[w] = last  # remember the merged activity: not a candidate again soon
                 continue

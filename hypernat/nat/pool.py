@@ -248,19 +248,20 @@ class BlockPool:
 
     def due(self, now: int, budget: int) -> tuple:
         """At most `budget` endpoints whose reuse delay has passed by `now`: (how many
-        were taken off the queue, [(block, pidx, offset)] free to release now).  The
-        ones still held wait for their last ``release_hold``."""
+        were taken off the queue, [(release_at, ekey, block, pidx, offset)] free to
+        release now, as ``defer`` queued them).  The ones still held wait for their last
+        ``release_hold``."""
         q = self._reuse
         n = 0
         free = []
         holds = self._holds
         while q and q[0][0] <= now and n < budget:
-            _, ekey, g, pi, off = q.popleft()
+            w = q.popleft()
             n += 1
-            if holds.get(ekey):
-                self._held[ekey] = (g, pi, off)
+            if holds and holds.get(w[1]):
+                self._held[w[1]] = w[2:]
             else:
-                free.append((g, pi, off))
+                free.append(w)
         return n, free
 
     def hold(self, ekey: int) -> None:

@@ -78,6 +78,7 @@ class Recovery:
         self.recovering = False
         self.hosts = frozenset()  # the hosts the journal names
         self._ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
+        self.tracking = False  # _ekeys is not empty: a mapping that ends must be ``forget``-ed
         self._events = dict.fromkeys(RECOVERY_EVENTS, 0)
         self._last_log = float("-inf")
 
@@ -92,12 +93,13 @@ class Recovery:
 
     def forget(self, ekey: int) -> None:
         """The mapping of external endpoint `ekey` ended."""
-        if self._ekeys:
-            self._ekeys.discard(ekey)
+        self._ekeys.discard(ekey)
+        self.tracking = bool(self._ekeys)
 
     def quarantine_over(self) -> None:
         """No block is quarantined or reserved any more: nothing left to join."""
         self._ekeys.clear()
+        self.tracking = False
 
     def recovered_endpoints(self) -> frozenset:
         """External endpoints (ekeys) of mappings recovered in the current quarantine."""
@@ -105,6 +107,7 @@ class Recovery:
 
     def restore_endpoints(self, ekeys) -> None:
         self._ekeys = set(int(x) for x in ekeys)
+        self.tracking = bool(self._ekeys)
 
     def drain(self, events: dict) -> None:
         """Add the counts since the last call into the builder's `events`."""
@@ -217,6 +220,7 @@ class Recovery:
             rid = owner.make_mapping(p, ia, ip, g, off)
             owner.add_session(rid, ra, r, now)
             rec_ekeys.add(ekey)
+            self.tracking = True
             ev["recovered_mappings"] += 1
             ev["recovered_sessions"] += 1
             fresh.append(i)
