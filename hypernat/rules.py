@@ -952,14 +952,6 @@ class RuleBuilder:
         if left == 0:
             self._free_block(g)
 
-    def _process_reuse(self, now: int, budget: int) -> int:
-        """Release the endpoints whose reuse delay passed and no lease holds (the pool
-        says which); returns how many left the delay queue."""
-        n, free = self.pool.due(now, budget)
-        for _, _, g, pi, off in free:
-            self._release_endpoint(g, pi, off)
-        return n
-
     # -- owner side ---------------------------------------------------------------------
     def serve_fetch_rows(self, rows, now) -> list:
         """Answer FETCHes from other NICs (hypernat._serve.serve_fetches calls it once
@@ -1239,7 +1231,8 @@ class RuleBuilder:
         batch (an idle loop may call it with larger budgets)."""
         ex = self.expiry
         res = ex.sweep(self, now, max_slots, max_expire, budget_us)
-        ex.drain(self.counters, self.events)
+        if res.expired or res.clones_dropped:  # (what the expiry counts)
+            ex.drain(self.counters, self.events)
         return res
 
     # the expiry's settings, read-only here (they were the builder's public fields)
@@ -1265,8 +1258,11 @@ class RuleBuilder:
         """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
         at most `budget`; quarantines whose time has come end.  Returns endpoints that
         left the delay queue."""
-        n = self._process_reuse(now, budget)
-        if self.pool.in_quarantine():
+        pool = self.pool
+        n, free, quarantine = pool.due(now, budget)
+        for _, _, g, pi, off in free:
+            self._release_endpoint(g, pi, off)  # (frees blocks: no quarantine changes)
+        if quarantine:
             self._mature_quarantine(now)
         return n
 

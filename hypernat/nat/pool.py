@@ -249,9 +249,11 @@ class BlockPool:
     def due(self, now: int, budget: int) -> tuple:
         """At most `budget` endpoints whose reuse delay has passed by `now`: (how many
         were taken off the queue, [(release_at, ekey, block, pidx, offset)] free to
-        release now, as ``defer`` queued them).  The ones still held wait for their last
-        ``release_hold``."""
+        release now, as ``defer`` queued them, ``in_quarantine()``).  The ones still
+        held wait for their last ``release_hold``."""
         q = self._reuse
+        if not q or q[0][0] > now:
+            return 0, (), bool(self._qblocks or self._reserved)
         n = 0
         free = []
         holds = self._holds
@@ -262,7 +264,7 @@ class BlockPool:
                 self._held[w[1]] = w[2:]
             else:
                 free.append(w)
-        return n, free
+        return n, free, bool(self._qblocks or self._reserved)
 
     def hold(self, ekey: int) -> None:
         """One lease granted on this external endpoint."""
