@@ -56,6 +56,13 @@ COMPILED_PY = [
     "hypernat.nic.worker",
     "hypernat.coord.broker",
     "hypernat.io.memory",
+    # the owner side's concerns split out of hypernat.rules (per block event, per expired
+    # session, per clone batch, per recovery report): compiled like rules was (not
+    # hypernat.nat.records: a dtype and three key functions, no class)
+    "hypernat.nat.pool",
+    "hypernat.nat.expiry",
+    "hypernat.nat.holder",
+    "hypernat.nat.recovery",
 ]
 OLD_COMPILED_DIR = os.path.join("hypernat", "_compiled")  # where builds went before: removed
 EXT_SUFFIX = get_config_var("EXT_SUFFIX")
