@@ -71,7 +71,7 @@ portability: deps
 	bash tools/portability.sh
 
 clean:
-	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi hypernat/_compiled \
+	rm -rf build hypernat/*.so hypernat/**/*.so hypernat/*.c hypernat/**/*.c hypernat/_verdicts.pxi hypernat/_wire_reasons.pxi hypernat/_compiled \
 	    hypernat/*.so.sha256 hypernat/**/*.so.sha256
 
 # make report   regenerate the paper's evaluation (Fig 4/5, Table I, Fig 6, §III-C) into benchmarks/results/

@@ -56,6 +56,13 @@ COMPILED_PY = [
     "hypernat.nic.worker",
     "hypernat.coord.broker",
     "hypernat.io.memory",
+    # the owner side's concerns split out of hypernat.rules (per block event, per expired
+    # session, per clone batch, per recovery report): compiled like rules was (not
+    # hypernat.nat.records: a dtype and three key functions, no class)
+    "hypernat.nat.pool",
+    "hypernat.nat.expiry",
+    "hypernat.nat.holder",
+    "hypernat.nat.recovery",
 ]
 OLD_COMPILED_DIR = os.path.join("hypernat", "_compiled")  # where builds went before: removed
 EXT_SUFFIX = get_config_var("EXT_SUFFIX")
@@ -66,13 +73,15 @@ PY_DIRECTIVES = {"language_level": 3, "binding": True, "annotation_typing": Fals
 
 
 def write_verdicts_pxi():
-    """Expand the one declared list of verdicts into the Cython enum."""
-    mod = runpy.run_path(os.path.join(HERE, "hypernat", "verdicts.py"))
-    path = os.path.join(HERE, "hypernat", "_verdicts.pxi")
-    text = mod["pxi_source"]()
-    if not os.path.exists(path) or open(path).read() != text:
-        with open(path, "w") as f:
-            f.write(text)
+    """Expand each one declared list (the fast path's verdicts, the wire's drop reasons)
+    into its Cython enum."""
+    for src, pxi in (("verdicts.py", "_verdicts.pxi"), ("wire_reasons.py", "_wire_reasons.pxi")):
+        mod = runpy.run_path(os.path.join(HERE, "hypernat", src))
+        path = os.path.join(HERE, "hypernat", pxi)
+        text = mod["pxi_source"]()
+        if not os.path.exists(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
 
 
 def pkg_config(pkgs):

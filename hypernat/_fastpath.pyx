@@ -1486,15 +1486,17 @@ cdef class Translator:
         0: no limit, else 68..65535), ``outside_address``, ``inside_address`` (source of
         the ICMP errors sent out of that side; 0: none sent), ``icmp_rate`` (ICMP errors
         per clock tick, the token bucket's size; 0: none) and ``mss_clamp`` (0: off).
-        Omitted ones are 0.  The bucket starts full."""
+        Omitted ones are 0.  The bucket starts full, and keeps its tokens when called
+        again with the same ``icmp_rate`` (a live reload must not refill it)."""
         v = _check_router(settings)
         self.r.o.mtu[DIR_OUT] = v["outside_mtu"]
         self.r.o.mtu[DIR_IN] = v["inside_mtu"]
         self.r.src[DIR_OUT] = v["outside_address"]
         self.r.src[DIR_IN] = v["inside_address"]
-        self.r.rate = v["icmp_rate"]
-        self.r.tokens = v["icmp_rate"]
-        self.r.primed = 0
+        if self._router is None or v["icmp_rate"] != self.r.rate:
+            self.r.rate = v["icmp_rate"]
+            self.r.tokens = v["icmp_rate"]
+            self.r.primed = 0
         self.r.mss_clamp = v["mss_clamp"]
         self._router = v
 

@@ -4,10 +4,12 @@
 ``check(code, payload, ...)`` reads the records in place (one pass per rule, in C) and
 returns ``R_OK`` (-1) or the index of the reason in ``REASONS``; with ``counts`` (a
 uint64 array of ``len(REASONS)``) it also counts the drop there.  It never raises on
-bytes.  The partition and internal-prefix predicates are the callers' (Python: the
-partition lives there): they are called once per message, with the records that need
-them, after every field check passed (see ``_ask``).  ``header_reason`` is the part a
-router needs: whole records, not too many.
+bytes.  The partition and internal-prefix predicates run after every field check
+passed: the daemons' are compiled (``Owns`` over ``hypernat._geometry.Geometry``, the
+partition's geometry with its loans; ``hypernat._geometry.Prefixes``) and answered in C
+record by record; any other callable is called once per message with the records that
+need it (``_ask``).  ``header_reason`` is the part a router needs: whole records, not
+too many.
 
 hypernat.messages is the Python face of this module (types, dtypes, Decoded); the
 plain-Python reference of ``check`` lives in tests/wire_model.py and the tests hold the
@@ -19,34 +21,21 @@ import numpy as np
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memset
+
+from ._geometry cimport Geometry, Prefixes
 
 if sys.byteorder != "little":
     raise ImportError("hypernat._wire reads the little-endian wire records in place: a little-endian host only")
 
-# (name, help): why a message is dropped; the index is the R_* number in _wire.pxd.  The
-# names the coordinator and the NICs count drops under (messages.REASONS re-exports them).
-REASONS = (
-    ("bad_frames", "not three frames [peer, type, payload]"),
-    ("unknown_type", "type byte is not a known message type"),
-    ("truncated", "payload empty or not a whole number of records"),
-    ("oversize", "more records (or JSON bytes) than a message may carry"),
-    ("bad_json", "JSON payload that does not parse or is not an object"),
-    ("bad_version", "HELLO with another protocol version"),
-    ("bad_identity", "sender identity does not match the NIC id it claims"),
-    ("bad_field", "a record field out of range (protocol, kind, port 0, owner)"),
-    ("foreign_endpoint", "external endpoint outside the partition of the NIC that must own it"),
-    ("not_internal", "internal address outside the internal prefixes"),
-    ("wrong_direction", "a type that may not travel this way (e.g. routed type to the coordinator)"),
-)
-_R = {"bad_frames": R_BAD_FRAMES, "unknown_type": R_UNKNOWN_TYPE, "truncated": R_TRUNCATED,
-      "oversize": R_OVERSIZE, "bad_json": R_BAD_JSON, "bad_version": R_BAD_VERSION,
-      "bad_identity": R_BAD_IDENTITY, "bad_field": R_BAD_FIELD, "foreign_endpoint": R_FOREIGN_ENDPOINT,
-      "not_internal": R_NOT_INTERNAL, "wrong_direction": R_WRONG_DIRECTION}
-if len(REASONS) != N_REASONS or any(_R[n] != i for i, (n, _) in enumerate(REASONS)):
-    raise ImportError("hypernat._wire: REASONS and the R_* enum of _wire.pxd disagree")
+# (name, help): why a message is dropped, declared once in hypernat/wire_reasons.py (the
+# R_* enum is generated from it); the index is the R_* number.  messages.REASONS re-exports them.
+from . import wire_reasons as _wire_reasons
+
+REASONS = _wire_reasons.REASONS
+if len(REASONS) != N_REASONS:
+    raise ImportError("hypernat._wire was built from another hypernat/wire_reasons.py: rebuild it")
 
 # Python-visible copies of the .pxd's constants (hypernat.messages re-exports them)
 PROTOCOL_VERSION_ = PROTOCOL_VERSION
@@ -56,14 +45,6 @@ FETCH_BY_EXTERNAL_ = FETCH_BY_EXTERNAL
 FETCH_BY_INTERNAL_ = FETCH_BY_INTERNAL
 RULE_F_WILDCARD_ = RULE_F_WILDCARD
 OK = R_OK
-TYPE_CODES = {
-    "HELLO": T_HELLO, "HELLO_ACK": T_HELLO_ACK, "HEARTBEAT": T_HEARTBEAT, "PEERS": T_PEERS,
-    "UNDELIVERABLE": T_UNDELIVERABLE, "STATS": T_STATS, "QUERY": T_QUERY, "REPLY": T_REPLY,
-    "FETCH": T_FETCH, "RULE": T_RULE, "NACK": T_NACK, "PUSH": T_PUSH, "PUSH_ACK": T_PUSH_ACK,
-    "LEASE": T_LEASE, "REVOKE": T_REVOKE, "REVOKE_ACK": T_REVOKE_ACK, "ACTIVITY": T_ACTIVITY,
-    "ACTIVITY_ACK": T_ACTIVITY_ACK, "BORROW": T_BORROW, "BORROW_ACK": T_BORROW_ACK, "RETURN": T_RETURN,
-    "RETURN_ACK": T_RETURN_ACK,
-}
 
 # ---------------------------------------------------------------------------- layouts
 
@@ -161,20 +142,64 @@ cdef inline bint _proto_ok(uint8_t p) noexcept nogil:
     return p == 1 or p == 6 or p == 17
 
 
+# -------------------------------------------------------------- the predicates
+# `owns` (is an external endpoint NIC k's?) and `internal` (is an address internal?) are
+# the daemons' compiled objects below, answered in C record by record: ``Owns`` over the
+# partition's geometry and its loans (hypernat._geometry, the one definition
+# hypernat.nat's setup reads too), ``Prefixes`` (hypernat._geometry) for the internal
+# prefixes.  Any other callable (tests, tools) is the Python form: ``owns(nic, addrs,
+# ports)`` / ``internal(addrs)`` over numpy arrays -> bools, asked once per message.
+
+cdef enum:
+    OWNS_NOW = 0           # the NIC holds the endpoint's block now (loans applied)
+    OWNS_NATIVE = 1        # the block is in the NIC's own space by the strategy (loans ignored)
+    OWNS_NOW_OR_NATIVE = 2
+
+_OWNS_MODES = {"now": OWNS_NOW, "native": OWNS_NATIVE, "now-or-native": OWNS_NOW_OR_NATIVE}
+
+
+cdef class Owns:
+    """Owns(geometry, mode="now"): the partition predicate ``check`` answers in C.
+    `geometry` a ``hypernat._geometry.Geometry`` (``Partition.geometry``: it follows the
+    partition's loans); `mode` "now" (the NIC holds the endpoint's block now, loans
+    applied: RULE, PUSH, LEASE, REVOKE, ACTIVITY), "native" (the block is in the NIC's own
+    space, whatever the loans say: RETURN), "now-or-native" (either: a FETCH may be for a
+    block the receiver lent and the asker missed the loan).  Callable as the Python form
+    too (``owns(nic, addrs, ports)`` -> bools)."""
+
+    cdef readonly Geometry geometry
+    cdef int mode
+
+    def __init__(self, Geometry geometry not None, str mode="now"):
+        if mode not in _OWNS_MODES:
+            raise ValueError(f"unknown ownership mode {mode!r} (one of {', '.join(_OWNS_MODES)})")
+        self.geometry, self.mode = geometry, _OWNS_MODES[mode]
+
+    cdef inline bint has(self, int nic, uint32_t a, uint32_t p) noexcept nogil:
+        cdef int64_t g = self.geometry.block_c(a, p)
+        if g < 0:
+            return False
+        if self.mode == OWNS_NOW:
+            return self.geometry.holder_c(g) == nic
+        if self.mode == OWNS_NATIVE:
+            return self.geometry.native_c(g) == nic
+        return self.geometry.holder_c(g) == nic or self.geometry.native_c(g) == nic
+
+    def __call__(self, int nic, addrs, ports):
+        a = np.asarray(addrs, dtype=np.int64).ravel()
+        p = np.asarray(ports, dtype=np.int64).ravel()
+        out = np.zeros(a.shape[0], dtype=bool)
+        for i in range(a.shape[0]):
+            out[i] = 0 <= a[i] <= 0xFFFFFFFF and 0 <= p[i] <= 65535 and self.has(nic, <uint32_t>a[i], <uint32_t>p[i])
+        return out
+
+
 cdef bint _ask(pred, int nic, const uint32_t* addrs, const uint16_t* ports, Py_ssize_t n) except -1:
-    """pred holds for every record: ``pred(nic, addrs, ports)`` (numpy arrays) ->
-    bools, or ``pred(addrs)`` when `ports` is NULL.  A predicate with a scalar twin
-    (``.one``, plain ints: no numpy for a record or two) is asked record by record for
-    batches of up to 8.  A predicate that raises rejects the message (a bug in the
-    partition code must neither crash a daemon nor let a message in)."""
-    cdef Py_ssize_t i
+    """The Python form of a predicate holds for every record: ``pred(nic, addrs, ports)``
+    (numpy arrays) -> bools, or ``pred(addrs)`` when `ports` is NULL.  A predicate that
+    raises rejects the message (a bug in it must neither crash a daemon nor let a
+    message in)."""
     try:
-        one = getattr(pred, "one", None)
-        if one is not None and n <= 8:
-            for i in range(n):
-                if not (one(nic, addrs[i], ports[i]) if ports != NULL else one(addrs[i])):
-                    return False
-            return True
         a = np.frombuffer(PyBytes_FromStringAndSize(<const char*>addrs, n * sizeof(uint32_t)), np.uint32)
         if ports == NULL:
             got = pred(a)
@@ -186,28 +211,65 @@ cdef bint _ask(pred, int nic, const uint32_t* addrs, const uint16_t* ports, Py_s
         return False
 
 
-cdef class _Cols:
-    """Scratch columns for the records a predicate must see (freed with the object)."""
-    cdef uint32_t* a
-    cdef uint16_t* p
-    cdef uint16_t* q
-
-    def __cinit__(self, Py_ssize_t n):
-        self.a = <uint32_t*>PyMem_Malloc(max(n, 1) * sizeof(uint32_t))
-        self.p = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
-        self.q = <uint16_t*>PyMem_Malloc(max(n, 1) * sizeof(uint16_t))
-        if self.a == NULL or self.p == NULL or self.q == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        PyMem_Free(self.a)
-        PyMem_Free(self.p)
-        PyMem_Free(self.q)
-
-
-cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, internal) except -2:
+cdef bint _owned(owns, int nic, const uint32_t* a, const uint16_t* p, Py_ssize_t n) except -1:
+    """Every endpoint (a[i], p[i]) is NIC `nic`'s by `owns`."""
+    cdef Owns o
     cdef Py_ssize_t i
-    cdef _Cols c
+    if isinstance(owns, Owns):
+        o = <Owns>owns
+        for i in range(n):
+            if not o.has(nic, a[i], p[i]):
+                return False
+        return True
+    return _ask(owns, nic, a, p, n)
+
+
+cdef bint _inside(internal, const uint32_t* a, Py_ssize_t n) except -1:
+    """Every address a[i] is internal by `internal`."""
+    cdef Prefixes x
+    cdef Py_ssize_t i
+    if isinstance(internal, Prefixes):
+        x = <Prefixes>internal
+        for i in range(n):
+            if not x.has_c(a[i]):
+                return False
+        return True
+    return _ask(internal, -1, a, NULL, n)
+
+
+# the columns a predicate reads, gathered from the records (on the stack: at most
+# MAX_RECORDS records a message)
+cdef struct _Cols:
+    uint32_t a[MAX_RECORDS]
+    uint16_t p[MAX_RECORDS]
+    uint16_t q[MAX_RECORDS]
+
+
+ctypedef fused _ends_rec:
+    wire_rule
+    wire_activity
+
+
+cdef int _check_ends(const _ends_rec* r, Py_ssize_t n, int nic, owns, internal, _Cols* c) except -2:
+    """RULE / PUSH / LEASE and ACTIVITY: every record's external endpoint is NIC `nic`'s
+    (when `nic` is known: the sender of a RULE, the receiver of an ACTIVITY) and its
+    internal address is internal."""
+    cdef Py_ssize_t i
+    if owns is not None and nic >= 0:
+        for i in range(n):
+            c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
+        if not _owned(owns, nic, c.a, c.p, n):
+            return R_FOREIGN_ENDPOINT
+    if internal is not None:
+        for i in range(n):
+            c.a[i] = r[i].int_addr
+        if not _inside(internal, c.a, n):
+            return R_NOT_INTERNAL
+    return R_OK
+
+
+cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, internal, _Cols* c) except -2:
+    cdef Py_ssize_t i
     for i in range(n):
         if not _proto_ok(r[i].proto):
             return R_BAD_FIELD
@@ -220,24 +282,12 @@ cdef int _check_rule(const wire_rule* r, Py_ssize_t n, int sender, owns, interna
             return R_BAD_FIELD  # ICMP echo ids may be 0; TCP/UDP ports may not
         if r[i].rem_addr == 0 and not (r[i].flags & RULE_F_WILDCARD):
             return R_BAD_FIELD  # a session without a remote
-    if (owns is not None and sender >= 0) or internal is not None:
-        c = _Cols(n)
-        if owns is not None and sender >= 0:
-            for i in range(n):
-                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
-            if not _ask(owns, sender, c.a, c.p, n):
-                return R_FOREIGN_ENDPOINT
-        if internal is not None:
-            for i in range(n):
-                c.a[i] = r[i].int_addr
-            if not _ask(internal, -1, c.a, NULL, n):
-                return R_NOT_INTERNAL
-    return R_OK
+    return _check_ends(r, n, sender, owns, internal, c)
 
 
-cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int receiver, owns, internal) except -2:
+cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int receiver, owns, internal,
+                    _Cols* c) except -2:
     cdef Py_ssize_t i, m
-    cdef _Cols c
     for i in range(n):
         if not _proto_ok(k[i].proto):
             return R_BAD_FIELD
@@ -250,55 +300,39 @@ cdef int _check_key(int code, const wire_key* k, Py_ssize_t n, int sender, int r
             if (k[i].ext_port if k[i].kind == FETCH_BY_EXTERNAL else k[i].int_port) == 0:
                 return R_BAD_FIELD
     if owns is not None and ((code == T_REVOKE and sender >= 0) or (code == T_FETCH and receiver >= 0)):
-        c = _Cols(n)
         m = 0
         for i in range(n):  # REVOKE: every record; FETCH: those by external endpoint
             if code == T_REVOKE or k[i].kind == FETCH_BY_EXTERNAL:
                 c.a[m], c.p[m] = k[i].ext_addr, k[i].ext_port
                 m += 1
         # a REVOKE names the sender's endpoints; a FETCH by external endpoint the receiver's
-        if m and not _ask(owns, sender if code == T_REVOKE else receiver, c.a, c.p, m):
+        if m and not _owned(owns, sender if code == T_REVOKE else receiver, c.a, c.p, m):
             return R_FOREIGN_ENDPOINT
     if internal is not None and code == T_FETCH:
-        c = _Cols(n)
         m = 0
         for i in range(n):
             if k[i].kind == FETCH_BY_INTERNAL:
                 c.a[m] = k[i].int_addr
                 m += 1
-        if m and not _ask(internal, -1, c.a, NULL, m):
+        if m and not _inside(internal, c.a, m):
             return R_NOT_INTERNAL
     return R_OK
 
 
-cdef int _check_activity(const wire_activity* r, Py_ssize_t n, int receiver, owns, internal) except -2:
+cdef int _check_activity(const wire_activity* r, Py_ssize_t n, int receiver, owns, internal, _Cols* c) except -2:
     cdef Py_ssize_t i
-    cdef _Cols c
     for i in range(n):
         if not _proto_ok(r[i].proto):
             return R_BAD_FIELD
     for i in range(n):
         if r[i].proto != 1 and r[i].ext_port == 0:
             return R_BAD_FIELD
-    if (owns is not None and receiver >= 0) or internal is not None:
-        c = _Cols(n)
-        if owns is not None and receiver >= 0:
-            for i in range(n):
-                c.a[i], c.p[i] = r[i].ext_addr, r[i].ext_port
-            if not _ask(owns, receiver, c.a, c.p, n):
-                return R_FOREIGN_ENDPOINT
-        if internal is not None:
-            for i in range(n):
-                c.a[i] = r[i].int_addr
-            if not _ask(internal, -1, c.a, NULL, n):
-                return R_NOT_INTERNAL
-    return R_OK
+    return _check_ends(r, n, receiver, owns, internal, c)
 
 
 cdef int _check_block(int code, const wire_block* b, Py_ssize_t n, int sender, int receiver, owns,
-                      int n_nics) except -2:
+                      int n_nics, _Cols* c) except -2:
     cdef Py_ssize_t i
-    cdef _Cols c
     for i in range(n):
         if b[i].port_lo > b[i].port_hi:
             return R_BAD_FIELD
@@ -315,10 +349,9 @@ cdef int _check_block(int code, const wire_block* b, Py_ssize_t n, int sender, i
             if b[i].addr == 0:
                 return R_BAD_FIELD
         # a returned block belongs to its lender's partition: both ends inside it
-        c = _Cols(n)
         for i in range(n):
             c.a[i], c.p[i], c.q[i] = b[i].addr, b[i].port_lo, b[i].port_hi
-        if not (_ask(owns, receiver, c.a, c.p, n) and _ask(owns, receiver, c.a, c.q, n)):
+        if not (_owned(owns, receiver, c.a, c.p, n) and _owned(owns, receiver, c.a, c.q, n)):
             return R_FOREIGN_ENDPOINT
     return R_OK
 
@@ -346,17 +379,18 @@ cdef int _check(int code, const unsigned char* p, Py_ssize_t nbytes, int sender,
                 int n_nics) except -2:
     cdef int reason = header_reason(code, nbytes)
     cdef Py_ssize_t n
+    cdef _Cols c
     if reason != R_OK:
         return reason
     n = nbytes // record_size(code)
     if code == T_RULE or code == T_PUSH or code == T_LEASE:
-        return _check_rule(<const wire_rule*>p, n, sender, owns, internal)
+        return _check_rule(<const wire_rule*>p, n, sender, owns, internal, &c)
     if code == T_FETCH or code == T_NACK or code == T_REVOKE:
-        return _check_key(code, <const wire_key*>p, n, sender, receiver, owns, internal)
+        return _check_key(code, <const wire_key*>p, n, sender, receiver, owns, internal, &c)
     if code == T_ACTIVITY:
-        return _check_activity(<const wire_activity*>p, n, receiver, owns, internal)
+        return _check_activity(<const wire_activity*>p, n, receiver, owns, internal, &c)
     if code == T_BORROW or code == T_BORROW_ACK or code == T_RETURN:
-        return _check_block(code, <const wire_block*>p, n, sender, receiver, owns, n_nics)
+        return _check_block(code, <const wire_block*>p, n, sender, receiver, owns, n_nics, &c)
     if code == T_HELLO or code == T_HELLO_ACK:
         return _check_hello(code, <const wire_hello*>p, sender, n_nics)
     if code == T_PEERS:

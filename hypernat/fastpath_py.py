@@ -602,16 +602,19 @@ class Translator:
         0: no limit, else 68..65535), ``outside_address``, ``inside_address`` (source of
         the ICMP errors sent out of that side; 0: none sent), ``icmp_rate`` (ICMP errors
         per clock tick, the token bucket's size; 0: none) and ``mss_clamp`` (0: off).
-        Omitted ones are 0.  The bucket starts full."""
+        Omitted ones are 0.  The bucket starts full, and keeps its tokens when called
+        again with the same ``icmp_rate`` (a live reload must not refill it)."""
         v = _check_router(settings)
+        fresh = getattr(self, "_router", None) is None or v["icmp_rate"] != self._rate
         self._router = v
         self._mtu = self.output.mtu
         self._mtu[OUT], self._mtu[IN] = v["outside_mtu"], v["inside_mtu"]
         self._src = [0, 0]
         self._src[OUT], self._src[IN] = v["outside_address"], v["inside_address"]
-        self._rate = self._tokens = v["icmp_rate"]
-        self._primed = False
-        self._last = 0
+        if fresh:
+            self._rate = self._tokens = v["icmp_rate"]
+            self._primed = False
+            self._last = 0
         self._mss_clamp = v["mss_clamp"]
 
     @property

@@ -156,7 +156,13 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
-from . import _wire
+from . import _geometry, _wire
+from . import wire_reasons as _wire_reasons
+from ._wire import (  # the message type codes, declared once in _wire.pxd
+    T_HELLO, T_HELLO_ACK, T_HEARTBEAT, T_PEERS, T_UNDELIVERABLE, T_STATS, T_QUERY, T_REPLY, T_FETCH, T_RULE,
+    T_NACK, T_PUSH, T_PUSH_ACK, T_LEASE, T_REVOKE, T_REVOKE_ACK, T_ACTIVITY, T_ACTIVITY_ACK, T_BORROW,
+    T_BORROW_ACK, T_RETURN, T_RETURN_ACK,
+)
 
 PROTOCOL_VERSION = _wire.PROTOCOL_VERSION_
 
@@ -200,64 +206,41 @@ _IDENT_CACHE: dict = {}  # b"nic3" -> 3, for the identities seen (every message 
 MAX_NIC = 4095  # NIC ids 0..4095 (u2 fields; far above any real gateway)
 
 # --------------------------------------------------------------------------- types
-# (name, code, dtype name or "json", routed?, doc).  Codes are part of the protocol:
-# append, never renumber.
+# (name, code, dtype name or "json", routed?, doc).  The codes are _wire.pxd's (declared
+# there once, imported above); the table says what each type carries.
 _TYPES = (
-    ("HELLO", 0x01, "HELLO", False, "NIC registers with the coordinator"),
-    ("HELLO_ACK", 0x02, "HELLO", False, "coordinator accepts a HELLO"),
-    ("HEARTBEAT", 0x03, "HEARTBEAT", False, "liveness, NIC -> coordinator, echoed back"),
-    ("PEERS", 0x04, "PEER", False, "coordinator -> NICs: who is up, with incarnations"),
-    ("UNDELIVERABLE", 0x05, "raw", False, "coordinator -> sender: a message could not be routed"),
-    ("STATS", 0x06, "json", False, "NIC -> coordinator: counters and gauges"),
-    ("QUERY", 0x07, "json", False, "control query (ctl -> coordinator, coordinator -> NIC)"),
-    ("REPLY", 0x08, "json", False, "answer to a QUERY"),
-    ("FETCH", 0x10, "KEY", True, "ask the owner for a rule (passive install)"),
-    ("RULE", 0x11, "RULE", True, "owner's answer to FETCH: the rule to clone"),
-    ("NACK", 0x12, "KEY", True, "owner's refusal of a FETCH, with reason"),
-    ("PUSH", 0x13, "RULE", True, "owner pushes a rule to the predicted NIC (active install)"),
-    ("PUSH_ACK", 0x14, "ACK", True, "holder installed (or refused) a pushed rule"),
-    ("LEASE", 0x15, "RULE", True, "owner renews a clone's lease"),
-    ("REVOKE", 0x16, "KEY", True, "owner revokes a clone"),
-    ("REVOKE_ACK", 0x17, "ACK", True, "holder dropped the clone"),
-    ("ACTIVITY", 0x18, "ACTIVITY", True, "holder reports activity / FIN / RST to the owner"),
-    ("ACTIVITY_ACK", 0x19, "ACK", True, "owner received activity"),
-    ("BORROW", 0x1A, "BLOCK", True, "ask a neighbour for a port block (spill-over)"),
-    ("BORROW_ACK", 0x1B, "BLOCK", True, "lender grants or refuses a block"),
-    ("RETURN", 0x1C, "BLOCK", True, "borrower gives a block back"),
-    ("RETURN_ACK", 0x1D, "ACK", True, "lender took the block back"),
+    ("HELLO", T_HELLO, "HELLO", False, "NIC registers with the coordinator"),
+    ("HELLO_ACK", T_HELLO_ACK, "HELLO", False, "coordinator accepts a HELLO"),
+    ("HEARTBEAT", T_HEARTBEAT, "HEARTBEAT", False, "liveness, NIC -> coordinator, echoed back"),
+    ("PEERS", T_PEERS, "PEER", False, "coordinator -> NICs: who is up, with incarnations"),
+    ("UNDELIVERABLE", T_UNDELIVERABLE, "raw", False, "coordinator -> sender: a message could not be routed"),
+    ("STATS", T_STATS, "json", False, "NIC -> coordinator: counters and gauges"),
+    ("QUERY", T_QUERY, "json", False, "control query (ctl -> coordinator, coordinator -> NIC)"),
+    ("REPLY", T_REPLY, "json", False, "answer to a QUERY"),
+    ("FETCH", T_FETCH, "KEY", True, "ask the owner for a rule (passive install)"),
+    ("RULE", T_RULE, "RULE", True, "owner's answer to FETCH: the rule to clone"),
+    ("NACK", T_NACK, "KEY", True, "owner's refusal of a FETCH, with reason"),
+    ("PUSH", T_PUSH, "RULE", True, "owner pushes a rule to the predicted NIC (active install)"),
+    ("PUSH_ACK", T_PUSH_ACK, "ACK", True, "holder installed (or refused) a pushed rule"),
+    ("LEASE", T_LEASE, "RULE", True, "owner renews a clone's lease"),
+    ("REVOKE", T_REVOKE, "KEY", True, "owner revokes a clone"),
+    ("REVOKE_ACK", T_REVOKE_ACK, "ACK", True, "holder dropped the clone"),
+    ("ACTIVITY", T_ACTIVITY, "ACTIVITY", True, "holder reports activity / FIN / RST to the owner"),
+    ("ACTIVITY_ACK", T_ACTIVITY_ACK, "ACK", True, "owner received activity"),
+    ("BORROW", T_BORROW, "BLOCK", True, "ask a neighbour for a port block (spill-over)"),
+    ("BORROW_ACK", T_BORROW_ACK, "BLOCK", True, "lender grants or refuses a block"),
+    ("RETURN", T_RETURN, "BLOCK", True, "borrower gives a block back"),
+    ("RETURN_ACK", T_RETURN_ACK, "ACK", True, "lender took the block back"),
 )
 
+if {n for n in dir(_wire) if n.startswith("T_")} != {"T_" + n for n, _, _, _, _ in _TYPES}:
+    raise ImportError("hypernat.messages: _TYPES and the type codes of _wire.pxd disagree")
 TYPE_NAMES = {code: name for name, code, _, _, _ in _TYPES}
 TYPE_CODES = {name: code for name, code, _, _, _ in _TYPES}
 ROUTED_TYPES = frozenset(code for _, code, _, routed, _ in _TYPES if routed)
 JSON_TYPES = frozenset(code for _, code, kind, _, _ in _TYPES if kind == "json")
 # The type byte as a ready-made frame, per type: b"\x10" for FETCH, ...
 TYPE_FRAME = {code: bytes([code]) for code in TYPE_NAMES}
-
-T_HELLO = 0x01
-T_HELLO_ACK = 0x02
-T_HEARTBEAT = 0x03
-T_PEERS = 0x04
-T_UNDELIVERABLE = 0x05
-T_STATS = 0x06
-T_QUERY = 0x07
-T_REPLY = 0x08
-T_FETCH = 0x10
-T_RULE = 0x11
-T_NACK = 0x12
-T_PUSH = 0x13
-T_PUSH_ACK = 0x14
-T_LEASE = 0x15
-T_REVOKE = 0x16
-T_REVOKE_ACK = 0x17
-T_ACTIVITY = 0x18
-T_ACTIVITY_ACK = 0x19
-T_BORROW = 0x1A
-T_BORROW_ACK = 0x1B
-T_RETURN = 0x1C
-T_RETURN_ACK = 0x1D
-for _name, _code, _, _, _ in _TYPES:  # the constants above must match the table and _wire.pxd
-    assert globals()["T_" + _name] == _code == _wire.TYPE_CODES[_name], _name
 
 # ------------------------------------------------------------------------- records
 
@@ -283,8 +266,8 @@ KEY_DTYPE = _dtype("KEY")
 RULE_DTYPE = _dtype("RULE")
 ACTIVITY_DTYPE = _dtype("ACTIVITY")
 # ACTIVITY.tcp_flags is the union of the TCP flags (layout.TCP_*) seen in both directions;
-# tcp_out / tcp_in say which direction saw them.  A record with tcp_flags set and both
-# per-direction fields zero reads as the union both ways (``activity_tcp_dirs``).
+# tcp_out / tcp_in say which direction saw them (``activity_tcp_dirs``: every sender of
+# protocol version 2 writes them; version 1 peers are refused at HELLO).
 ACK_DTYPE = _dtype("ACK")
 BLOCK_DTYPE = _dtype("BLOCK")
 HELLO_DTYPE = _dtype("HELLO")
@@ -356,9 +339,26 @@ assert len(NACK_REASONS) == _wire.N_NACK_REASONS_
 
 # --------------------------------------------------------------------- drop reasons
 # Why a message is dropped: the names counters and metrics use (coordinator and NICs),
-# declared once in _wire.pyx (the compiled validator returns their index).
-REASONS = _wire.REASONS
-REASON_NAMES = tuple(n for n, _ in REASONS)
+# declared once in hypernat/wire_reasons.py (the compiled validator returns their index
+# and counts by it); DROP_COUNTERS are the NIC's counter names, by reason index.
+REASONS = _wire_reasons.REASONS
+REASON_NAMES = _wire_reasons.REASON_NAMES
+REASON = _wire_reasons.REASON
+DROP_COUNTERS = _wire_reasons.DROP_COUNTERS
+DROP_COUNTER_NAMES = _wire_reasons.DROP_COUNTER_NAMES
+
+
+def drop_counts() -> np.ndarray:
+    """A zeroed count array for ``validate(..., counts=)``: one uint64 per reason."""
+    return np.zeros(len(REASONS), dtype=np.uint64)
+
+
+def drain_drops(counts: np.ndarray, count: Callable[[str, int], None]) -> None:
+    """Hand the drops counted in `counts` to ``count(counter name, n)`` (DROP_COUNTERS'
+    names) and zero them."""
+    for i in np.flatnonzero(counts):
+        count(DROP_COUNTER_NAMES[i], int(counts[i]))
+    counts[:] = 0
 
 VALID_PROTOS = (1, 6, 17)
 
@@ -447,14 +447,8 @@ def unpack_undeliverable(payload):
 
 
 def activity_tcp_dirs(recs) -> tuple:
-    """(tcp_out, tcp_in) arrays of ACTIVITY records: the per-direction flags; for a
-    record from a sender that predates them (tcp_flags set, both zero) the union in both
-    directions, as that sender meant it."""
-    out, inn, union = recs["tcp_out"], recs["tcp_in"], recs["tcp_flags"]
-    legacy = ((out | inn) == 0) & (union != 0)
-    if legacy.any():
-        out, inn = np.where(legacy, union, out), np.where(legacy, union, inn)
-    return out, inn
+    """(tcp_out, tcp_in) arrays of ACTIVITY records: the TCP flags seen per direction."""
+    return recs["tcp_out"], recs["tcp_in"]
 
 
 # --------------------------------------------------------------------------- decode
@@ -544,18 +538,20 @@ def header_reason(code: int, nbytes: int) -> Optional[str]:
 
 # A partition predicate: owns(nic, ext_addrs, ext_ports) -> bool array (vectorised over
 # the records of one message).  An internal-prefix predicate: internal(addrs) -> bool
-# array.  Either may carry a scalar twin ``.one`` (plain ints: ``one(nic, addr, port)``,
-# ``one(addr)``) that the validator calls record by record for batches of up to 8
-# records, where numpy's fixed cost per call would dominate; both must agree
-# (tests/test_messages.py holds them to the same verdicts).  ``elementwise`` and
-# ``with_scalar`` make them.
+# array.  The daemons pass the compiled ones, which the validator answers in C record by
+# record: ``Owns(partition.geometry, mode)`` (mode "now": loans applied; "native": the
+# strategy's space, loans ignored; "now-or-native") and ``Prefixes(networks)``.  Any
+# other callable of those forms is called once per message (``elementwise`` makes one
+# from a scalar function).
 OwnsPredicate = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 InternalPredicate = Callable[[np.ndarray], np.ndarray]
+Owns = _wire.Owns
+Prefixes = _geometry.Prefixes
 
 
 def elementwise(fn):
     """Wrap a scalar predicate (``fn(nic, addr, port) -> bool`` or ``fn(addr) -> bool``)
-    into the vectorised form ``validate`` calls (carrying `fn` as its scalar twin)."""
+    into the vectorised form ``validate`` calls."""
 
     def vectorised(*args):
         arrays = [a for a in args if isinstance(a, np.ndarray)]
@@ -565,19 +561,7 @@ def elementwise(fn):
             (bool(fn(*scalars, *(int(a[i]) for a in arrays))) for i in range(n)), dtype=bool, count=n
         )
 
-    vectorised.one = fn
     return vectorised
-
-
-def with_scalar(vectorised, one):
-    """A predicate with both forms: ``vectorised`` (numpy arrays, for big batches) and
-    ``one`` (plain ints, a few records)."""
-
-    def pred(*args):
-        return vectorised(*args)
-
-    pred.one = one
-    return pred
 
 
 _OK = _wire.OK
@@ -593,6 +577,7 @@ def validate(
     owns: Optional[OwnsPredicate] = None,
     internal: Optional[InternalPredicate] = None,
     n_nics: Optional[int] = None,
+    counts: Optional[np.ndarray] = None,
 ) -> Decoded:
     """Decode and check one message received from NIC ``sender`` (None: the
     coordinator or a control client).  Never raises on bytes.
@@ -603,19 +588,25 @@ def validate(
     there for which endpoint of which type must lie in whose partition; ``receiver``
     must be given for the receiver's).  Returns ``Decoded`` (``reason`` None when valid,
     else a name from ``REASON_NAMES``, ``recs`` then a numpy view of the payload); a
-    message is valid or dropped whole.
+    message is valid or dropped whole.  With ``counts`` (``drop_counts()``), a drop is
+    also counted there under its reason's index.
     """
     code = _TYPE_BY_FRAME.get(mtype_frame) if type(mtype_frame) is bytes else type_of(mtype_frame)
     dt = DTYPE_OF.get(code) if code is not None else None
     if dt is None:  # JSON, UNDELIVERABLE, or not a type at all
-        return decode(mtype_frame, payload)
+        d = decode(mtype_frame, payload)
+        if d.reason is not None and counts is not None:
+            counts[REASON[d.reason]] += 1
+        return d
     r = _check(code, payload, -1 if sender is None else sender, -1 if receiver is None else receiver,
-               owns, internal, -1 if n_nics is None else n_nics)
+               owns, internal, -1 if n_nics is None else n_nics, counts)
     if r != _OK:
         return Decoded(code, None, REASON_NAMES[r])
     try:
         return Decoded(code, np.frombuffer(payload, dtype=dt), None)
     except (ValueError, TypeError, BufferError):  # a buffer numpy cannot view (not contiguous)
+        if counts is not None:
+            counts[REASON["truncated"]] += 1
         return Decoded(code, None, "truncated")
 
 

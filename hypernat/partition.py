@@ -16,11 +16,14 @@ arithmetic: item t of T items belongs to part  k(t) = floor(((t + 1) * N - 1) / 
   by-address   whole addresses are split into N runs (T = A):
                  a = 0 .. A-1:  | NIC 0's addresses | NIC 1's | ... |
 
-``owner(addr, port)`` is that arithmetic (O(1)), then one dict probe into the small
+``owner(addr, port)`` is that arithmetic (O(1)), then a look-up in the small
 *override table* of blocks lent for spill-over (``lend`` / ``return_block``): a NIC
 whose E_i is exhausted borrows a block from a neighbour; every party that routes or
 validates by owner (the NICs, the coordinator) applies the same override when the
-BORROW is acknowledged.
+BORROW is acknowledged.  The arithmetic and the loans are kept in C, once
+(``hypernat._geometry.Geometry``, ``Partition.geometry``): the compiled readers (the
+wire validator, the incoming setup of hypernat.nat) cimport it, and the methods here
+answer through it.
 
 ``eim_owner(internal_addr)``: with endpoint-independent mapping all mappings of an
 internal host belong to one NIC, ``crc32(addr as 4 bytes, network order) mod N`` (zlib's
@@ -33,6 +36,8 @@ import ipaddress
 import zlib
 
 import numpy as np
+
+from ._geometry import Geometry
 
 BY_PORT = "by-port"
 BY_ADDRESS = "by-address"
@@ -67,27 +72,22 @@ class Partition:
         self.n_ports = port_max - port_min + 1
         self.block_size = block_size
         self.bpa = -(-self.n_ports // block_size)  # blocks per address
-        # Address index: prefixes sorted by base for bisect; index offsets in pool order.
+        # pool index of each prefix's first address, in pool order
         offs, o = [], 0
         for net in self.nets:
             offs.append(o)
             o += net.num_addresses
         self.n_addrs = o
-        order = sorted(range(len(self.nets)), key=lambda i: int(self.nets[i].network_address))
-        self._bases = [int(self.nets[i].network_address) for i in order]
-        self._sizes = [self.nets[i].num_addresses for i in order]
-        self._offs = [offs[i] for i in order]
-        self._pool_offs = offs  # in pool order, for address_at
+        self._pool_offs = offs  # for address_at
         if strategy == BY_ADDRESS and self.n_addrs < n_nics:
             raise ValueError(f"{self.n_addrs} addresses cannot be split over {n_nics} NICs by address")
         if strategy == BY_PORT and self.bpa < n_nics:
             raise ValueError(f"{self.bpa} blocks per address cannot be split over {n_nics} NICs by port")
         self.n_blocks = self.n_addrs * self.bpa
         self.overrides: dict = {}  # block id -> NIC id currently holding it (lent blocks)
-        # owner()'s shortcuts (it runs for every FETCH, RULE and incoming miss): the one
-        # prefix of a single-prefix pool, and by-port's native owner per block index j
-        self._one = (self._bases[0], self._sizes[0]) if len(self.nets) == 1 else None
-        self._j_owner = [_part_of(j, self.bpa, n_nics) for j in range(self.bpa)] if strategy == BY_PORT else None
+        # the arithmetic and the loans in C (see the module doc); ranges in pool order
+        self.geometry = Geometry([(int(net.network_address), net.num_addresses, off) for net, off in zip(self.nets, offs)],
+                                 port_min, port_max, block_size, strategy == BY_PORT, n_nics, self.bpa, self.n_addrs)
 
     @classmethod
     def from_config(cls, cfg) -> "Partition":
@@ -96,11 +96,7 @@ class Partition:
     # -- addresses and blocks -----------------------------------------------------------
     def address_index(self, addr: int) -> int:
         """Index of an address in the pool, or -1."""
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i < 0:
-            return -1
-        d = addr - self._bases[i]
-        return self._offs[i] + d if d < self._sizes[i] else -1
+        return self.geometry.address_index(addr) if 0 <= addr <= 0xFFFFFFFF else -1
 
     def address_at(self, a: int) -> int:
         """The address (int) with pool index a."""
@@ -111,10 +107,7 @@ class Partition:
 
     def block_of(self, addr: int, port: int) -> int:
         """Global block id holding (addr, port), or -1 outside E."""
-        a = self.address_index(addr)
-        if a < 0 or not self.port_min <= port <= self.port_max:
-            return -1
-        return a * self.bpa + (port - self.port_min) // self.block_size
+        return self.geometry.block_of(addr, port)
 
     def block_span(self, block: int) -> tuple:
         """(address, first port, last port) of a block."""
@@ -126,44 +119,19 @@ class Partition:
 
     def native_owner_of_block(self, block: int) -> int:
         """The NIC whose E_i holds a block by the strategy (ignoring loans)."""
-        a, j = divmod(block, self.bpa)
-        if self.strategy == BY_PORT:
-            return _part_of(j, self.bpa, self.n)
-        return _part_of(a, self.n_addrs, self.n)
+        return self.geometry.native_owner_of_block(block)
 
     def owner_of_block(self, block: int) -> int:
-        o = self.overrides.get(block)
-        return self.native_owner_of_block(block) if o is None else o
+        return self.geometry.owner_of_block(block)
 
     # -- ownership ----------------------------------------------------------------------
     def owner(self, addr: int, port: int) -> int:
         """NIC owning external endpoint (addr, port); -1 if it is not in E.  O(1)."""
-        one = self._one
-        if one is not None:  # a = address_index(addr), without the bisect
-            base = one[0]
-            if not base <= addr < base + one[1]:
-                return -1
-            a = addr - base
-        else:
-            a = self.address_index(addr)
-            if a < 0:
-                return -1
-        pmin = self.port_min
-        if not pmin <= port <= self.port_max:
-            return -1
-        j = (port - pmin) // self.block_size
-        if self.overrides:
-            o = self.overrides.get(a * self.bpa + j)
-            if o is not None:
-                return o
-        jo = self._j_owner
-        if jo is not None:  # by-port: ((j + 1) * n - 1) // bpa, tabulated
-            return jo[j]
-        return ((a + 1) * self.n - 1) // self.n_addrs
+        return self.geometry.owner(addr, port)
 
     def contains(self, nic: int, addr: int, port: int) -> bool:
         """Does NIC `nic` own (addr, port) right now (including borrowed blocks)?"""
-        return self.owner(addr, port) == nic
+        return self.geometry.owner(addr, port) == nic
 
     def eim_owner(self, internal_addr: int) -> int:
         """NIC owning every mapping of an internal host (endpoint-independent mapping)."""
@@ -171,23 +139,7 @@ class Partition:
 
     def owners(self, addrs, ports) -> np.ndarray:
         """Vectorised owner() (numpy int arrays in, int16 out; -1 outside E)."""
-        addrs = np.asarray(addrs, dtype=np.int64)
-        ports = np.asarray(ports, dtype=np.int64)
-        a = np.full(addrs.shape, -1, np.int64)
-        for base, size, off in zip(self._bases, self._sizes, self._offs):
-            m = (addrs >= base) & (addrs < base + size)
-            a[m] = addrs[m] - base + off
-        ok = (a >= 0) & (ports >= self.port_min) & (ports <= self.port_max)
-        j = (ports - self.port_min) // self.block_size
-        if self.strategy == BY_PORT:
-            own = ((j + 1) * self.n - 1) // self.bpa
-        else:
-            own = ((a + 1) * self.n - 1) // self.n_addrs
-        if self.overrides:
-            g = a * self.bpa + j
-            for blk, o in self.overrides.items():
-                own[ok & (g == blk)] = o
-        return np.where(ok, own, -1).astype(np.int16)
+        return self.geometry.owners(addrs, ports)
 
     # -- a NIC's own space --------------------------------------------------------------
     def nic_address_indices(self, nic: int) -> range:
@@ -229,10 +181,12 @@ class Partition:
             self.overrides.pop(block, None)
         else:
             self.overrides[block] = to_nic
+        self.geometry.set_loans(self.overrides)
 
     def return_block(self, block: int) -> None:
         """A lent block goes back to its native owner (RETURN acknowledged)."""
-        self.overrides.pop(block, None)
+        if self.overrides.pop(block, None) is not None:
+            self.geometry.set_loans(self.overrides)
 
     def borrowed_by(self, nic: int) -> list:
         return sorted(b for b, o in self.overrides.items() if o == nic)

@@ -136,6 +136,11 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     quarantine_blocks(blocks, until);  journal_state() -> [record] (the live blocks, a checkpoint)
     recover_sessions(records, now) -> bool[n] (live here through crash recovery)
     blocks, hosts, maps  the C state (PortBlocks, Hosts, Mappings): read them, do not change them
+    pool                 the free blocks, reuse queue, holds, loans, quarantine
+                         (hypernat.nat.pool.BlockPool): read its views, do not change it
+    expiry, holder, recovery   the other concerns, one module each in hypernat/nat/
+                         (expiry.Expiry, holder.CloneHolder, recovery.Recovery): the
+                         methods above delegate to them (docs/per-connection.md)
     mappings() -> [MappingView];  mapping(rule_id) -> MappingView | None   (copies, for
         tests and tools: a walk over every mapping)
 """
@@ -154,35 +159,21 @@ from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
+from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-exported)
+from .nat.holder import CloneHolder
+from .nat.holder import lease16 as _lease16  # (tests import it from here)
+from .nat.pool import BlockPool, Pool
+from .nat.recovery import RECOVERY_EVENTS, Recovery
+from .nat.records import (  # (re-exported: public names)
+    DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
+)
 from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
 # Records
 
-SESSION_DTYPE = np.dtype(
-    [
-        ("iaddr", "<u4"),  # internal endpoint
-        ("eaddr", "<u4"),  # external endpoint (the owner's partition, or a block it lent)
-        ("raddr", "<u4"),  # remote endpoint
-        ("iport", "<u2"),  # ICMP query: iport/eport are the identifiers, rport is 0
-        ("eport", "<u2"),
-        ("rport", "<u2"),
-        ("proto", "u1"),
-        ("dirs", "u1"),  # DIR_BIT_OUT | DIR_BIT_IN: entries covered / active
-        ("rule_id", "<u4"),  # the owner's handle
-        ("last_seen", "<u4"),  # latest activity over the directions in `dirs`
-        ("tcp_out", "u1"),  # TCP FIN|SYN|RST seen outgoing (layout.TCP_*)
-        ("tcp_in", "u1"),  # ... and incoming
-        ("owner", "u1"),  # owning NIC id
-        ("flags", "u1"),  # reserved (0)
-    ]
-)
-assert SESSION_DTYPE.itemsize == 32
-
-DIR_BIT_OUT = 1
-DIR_BIT_IN = 2
-DIR_BITS_BOTH = DIR_BIT_OUT | DIR_BIT_IN
+# SESSION_DTYPE, DIR_BIT_OUT / DIR_BIT_IN / DIR_BITS_BOTH: hypernat.nat.records (imported above)
 
 # Per-frame actions.
 ACT_NONE = 0  # not a miss: nothing to do
@@ -229,36 +220,11 @@ class Decisions:
         return np.flatnonzero(self.action == action)
 
 
-@dataclasses.dataclass
-class SweepResult:
-    scanned: int = 0  # slots examined
-    expired: int = 0  # sessions removed
-    mappings_removed: int = 0
-    clones_dropped: int = 0  # clone entries whose lease ran out
-    endpoints_released: int = 0  # external endpoints back in the free pool
-    wrapped: bool = False  # the cursor passed the end of the table
-
-
 # ---------------------------------------------------------------------------------------
 # Session keys (one place that knows the ICMP twist)
 
 
-def out_key(proto, iaddr, iport, raddr, rport) -> tuple:
-    """Out-table key of a session.  ICMP query: the identifier stands in for both ports."""
-    return (proto, iaddr, iport, raddr, iport) if proto == PROTO_ICMP else (proto, iaddr, iport, raddr, rport)
-
-
-def in_key(proto, raddr, rport, eaddr, eport) -> tuple:
-    """In-table key of a session.  ICMP query: the translated identifier in both ports."""
-    return (proto, raddr, eport, eaddr, eport) if proto == PROTO_ICMP else (proto, raddr, rport, eaddr, eport)
-
-
-def record_keys(rec) -> tuple:
-    """(out key, in key) of a SESSION_DTYPE record (ICMP records carry rport 0)."""
-    p = int(rec["proto"])
-    i, ip, e, ep = int(rec["iaddr"]), int(rec["iport"]), int(rec["eaddr"]), int(rec["eport"])
-    r, rp = int(rec["raddr"]), int(rec["rport"])
-    return out_key(p, i, ip, r, rp), in_key(p, r, rp, e, ep)
+# out_key, in_key, record_keys: hypernat.nat.records (imported above)
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,8 +236,8 @@ _V_MISS_OUT = VERDICT["miss_out"]
 _V_MISS_IN = VERDICT["miss_in"]
 _V_MISS_ICMP_ERROR = VERDICT["miss_icmp_error"]
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
-_SYN, _FIN, _RST, _ACK = layout.TCP_SYN, layout.TCP_FIN, layout.TCP_RST, layout.TCP_ACK
-_F_OCC, _F_CLONE, _F_ACTIVE = layout.F_OCCUPIED, layout.F_CLONE, layout.F_ACTIVE
+_SYN, _ACK = layout.TCP_SYN, layout.TCP_ACK
+_F_CLONE = layout.F_CLONE
 
 _R_TABLE_FULL = REASON["table_full"]
 _R_EXHAUSTED = REASON["ports_exhausted"]
@@ -280,7 +246,6 @@ _R_FILTERED = REASON["filtered"]
 _R_USYN = REASON["unsolicited_syn"]
 _R_NOT_IN_POOL = REASON["not_in_pool"]
 _R_NOT_INTERNAL = REASON["not_internal"]
-_R_LEASE = REASON["lease_expired"]
 _R_BAD = REASON["bad_message"]
 _R_NO_MAPPING = REASON["no_mapping"]
 _R_RECOVERING = REASON["recovering"]
@@ -295,18 +260,12 @@ JOURNAL_RETRY_S = 0.5  # a reserve refill that failed (disk full) is tried again
 
 # Events counted beside the slow-path reasons (``counters_dict`` reports both; every name
 # is always present, so metrics see a zero before the first event).
-EVENT_NAMES = (
-    # sessions expired by the sweep, by protocol and TCP state (timeout_for's classes)
-    "expired_tcp_established", "expired_tcp_transitory", "expired_udp", "expired_icmp",
+EVENT_NAMES = EXPIRY_EVENTS + (
+    # (EXPIRY_EVENTS: sessions expired by the sweep, by protocol and TCP state -- hypernat.nat.expiry)
     # refusals of a new mapping, by cause (all also counted as ports_exhausted):
     "exhausted_host_address",  # the host's address has no free block (paired pooling: not moved)
     "exhausted_pool",  # a new host: no address has a free block
-    # crash recovery (recover_sessions)
-    "recovered_sessions", "recovered_mappings", "recovered_blocks",
-    "recovery_lost_host_mismatch",  # the journal gave the block to another host
-    "recovery_lost_conflict",  # the internal or external endpoint is bound otherwise now
-    "recovery_lost_table_full",
-    "recovery_lost_invalid",  # not an internal address / protocol, or a host owned elsewhere
+) + RECOVERY_EVENTS + (  # crash recovery (recover_sessions: hypernat.nat.recovery)
     "recovery_blocks_expired",  # quarantines that ran out with nothing recovered
     "recovery_held",  # first packets of a journaled host held in the recovery window
     "journal_errors",  # journal writes that failed (disk full, I/O error); new blocks refused meanwhile
@@ -375,17 +334,12 @@ class RuleBuilder:
         self._bs = self.part.block_size
         self._max_blocks = -(-self._cap // self._bs)
         self._internal = [(int(n.network_address), int(n.netmask)) for n in config.internal]
-        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
-        self.sweep_step = lim.sweep_step
-        self.sweep_max_expire = lim.sweep_max_expire
-        self.sweep_budget_us = lim.sweep_budget_us
-        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
-        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)  # no session expires sooner
-        self._lease_clones = False  # set once a clone is installed with a lease to watch
+        # idle and lease expiry in bounded steps: timeouts, cursors, lease-expired clones
+        self.expiry = Expiry(t, lim)
         self._log_interval = lim.exhaustion_log_interval
         self._last_log = [float("-inf")] * len(SLOW_PATH_REASON_NAMES)
-        self._last_log_host = self._last_log_rec = float("-inf")
+        self._last_log_host = float("-inf")
         self.track_created = config.install == "active"
         self.track_removed = config.n_nics > 1
         self.counters = [0] * len(SLOW_PATH_REASON_NAMES)
@@ -401,55 +355,22 @@ class RuleBuilder:
         # an outgoing first packet's common case, compiled (the rest: _out)
         self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
         self._bind_setup()
-        # Free blocks per address index: [next native block, end, [freed/adopted ids]].
-        self._addr = {}
-        self._avail = collections.deque()  # address indices that may have a free block
-        self._avail_set = set()
-        for a in self.part.nic_address_indices(self.nic):
-            r = self.part.nic_blocks_on(self.nic, a)
-            self._addr[a] = [r.start, r.stop, []]
-            self._avail.append(a)
-            self._avail_set.add(a)
-        self._total_blocks = len(self.part.nic_address_indices(self.nic)) * (
-            self.part.nic_block_range(self.nic)[1] - self.part.nic_block_range(self.nic)[0]
-        )
-        self._total_ports = self.part.nic_size(self.nic)
-        self._adopted = set()
-        self._lent = set()
-        self._qblocks = {}  # block id -> quarantined until (crash recovery)
-        self._qskipped = set()  # quarantined ids taken off the free lists, to give back
-        self._qhosts = {}  # quarantined block id -> the host the journal assigned it to
-        self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
-        self._rec_ekeys = set()  # external endpoints of recovered mappings (while blocks are reserved)
+        # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
+        self.pool: Pool = BlockPool(self.part, self.nic)
         self.events = dict.fromkeys(EVENT_NAMES, 0)
-        # Crash recovery window (set by the worker after a crash restart): a new mapping
-        # for a host the journal names is not made while the clones' reports may still
-        # bring its old one back (that would bind it otherwise: recovery_lost_conflict);
-        # the frame is held (_HOLD) and the worker replays it when a report arrived or
-        # the window closed.  A FETCH asking this NIC to allocate for such a host is
-        # refused as "recovering" (NACK unavailable: the holder's client retries).
-        self.recovering = False
-        self._recovery_hosts = frozenset()
-        self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
-        self._holds = {}  # ekey -> leases outstanding
-        self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
+        # crash recovery: the recovery window, the hosts the journal names, the endpoints
+        # of recovered mappings (``recovering``: set by the worker after a crash restart)
+        self.recovery = Recovery(self.nic, self.part, self._eim, self._log_interval)
         # Blocks journaled ahead of need ("reserve" records, fsync'ed by reserve_blocks
         # off the packet path, or by _take_block when none was): taking one is durable
         # already (a crash quarantines it), so its "assign" record goes into _jlazy and
-        # is written without an fsync.
-        self._prejournaled = set()
-        self._reserving = set()  # reserve records written, their fsync not done yet (background journal)
+        # is written without an fsync.  Which blocks: the pool's (``reserve_plan``).
         self._jlazy = []
-        self.reserve_per_address = 4  # blocks kept journaled ahead, per address (0: off)
-        self.reserve_addresses = 16  # ... on at most this many addresses
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
-        self._sync_reserves = 0  # reserves made on the packet path since reserve_blocks last ran
         self._created = []
         self._removed = []
-        self._lease_expired = []
-        self._cur_out = 0
-        self._cur_in = 0
-        self._act_cur = [0, 0]
+        # clone entries of other NICs' sessions held here (install, revoke, renew, activity)
+        self.holder = CloneHolder(self.out, self.inn, self.part, self.nic)
 
     # -- helpers ------------------------------------------------------------------------
     def _refuse(self, reason: int) -> int:
@@ -490,7 +411,7 @@ class RuleBuilder:
         tl = self.translog
         su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
         su.py_mapping = tl is not None and not tl.per_block and not tl.remote
-        su.recovering = self.recovering
+        su.recovering = self.recovery.recovering
         su.owner_py = bool(self.part.overrides)  # loans: Partition.owner decides (Python)
 
     def _is_internal(self, addr: int) -> bool:
@@ -640,7 +561,7 @@ class RuleBuilder:
             return self._refuse(_R_ICMP_NO_SESSION)
         if self._setup.room <= 0:
             return self._refuse(_R_TABLE_FULL)
-        if not rid and self.recovering and iaddr in self._recovery_hosts:
+        if not rid and self.recovery.holds(iaddr):
             if serving:
                 return self._refuse(_R_RECOVERING)
             self.events["recovery_held"] += 1
@@ -798,50 +719,22 @@ class RuleBuilder:
 
     def _pick_address(self) -> int:
         """Round-robin over addresses that still have a free block (new hosts spread)."""
-        av = self._avail
-        while av:
-            a = av.popleft()
-            st = self._addr[a]
-            if st[0] < st[1] or st[2]:
-                av.append(a)
-                return a
-            self._avail_set.discard(a)
-        return -1
+        return self.pool.pick_address()
 
     def _take_block(self, iaddr: int, now: int):
-        """A free block on the host's address, journaled before use: its id; None if none."""
+        """A free block on the host's address (the pool's choice), journaled before use:
+        its id; None if none; _JOURNAL_DOWN if the journal could not write."""
         aidx = self.hosts.aidx(iaddr)
-        st = self._addr.get(aidx)
-        if st is None:
-            return None
-        g = -1
-        q = self._qblocks
-        held = self.blocks
-        while st[2]:
-            c = st[2].pop()
-            if c in held:
-                continue  # recovered after a crash while still listed: assigned already
-            if c not in q:
-                g = c
-                break
-            self._qskipped.add(c)
-        while g < 0 and st[0] < st[1]:
-            c = st[0]
-            st[0] += 1
-            if c in held:
-                continue
-            if c not in q:
-                g = c
-            else:
-                self._qskipped.add(c)
+        pool = self.pool
+        g = pool.take(aidx, self.blocks)
         if g < 0:
             return None
         addr, lo, hi = self.part.block_span(g)
         if self.journal is not None:
-            if g not in self._prejournaled and not self._reserve_now(aidx, g):
-                self._give_back(g, aidx)  # free still: taken again once the journal writes
+            if not pool.is_reserved(g) and not self._reserve_now(aidx, g):
+                pool.give_back(g, aidx)  # free still: taken again once the journal writes
                 return _JOURNAL_DOWN
-            self._prejournaled.discard(g)  # durable: its host's record need not be (no fsync)
+            pool.use_reserve(g)  # durable: its host's record need not be (no fsync)
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi], "t": now})  # fmt: skip
         self.blocks.add(g, aidx, addr, lo, hi - lo + 1, iaddr)
@@ -865,16 +758,7 @@ class RuleBuilder:
         bl.remove(g)
         if self.journal is not None:  # losing it (a power cut) only quarantines the block after a crash
             self._journal_lazy([{"op": "release", "block": g}])
-        self._give_back(g, a)
-
-    def _give_back(self, g: int, a: int) -> None:
-        st = self._addr.get(a)
-        if st is None:
-            st = self._addr[a] = [0, 0, []]
-        st[2].append(g)
-        if a not in self._avail_set:
-            self._avail_set.add(a)
-            self._avail.append(a)
+        self.pool.give_back(g, a)
 
     def _add_session(self, rid: int, raddr: int, r: int, now: int) -> None:
         """Session (mapping `rid`, R, Rp) added (its entries pending until ``_flush``),
@@ -910,83 +794,67 @@ class RuleBuilder:
         only its host is unknown).  Refills when half the reservations are used; the
         price is that a crash quarantines up to reserve_per_address x
         reserve_addresses unused blocks too.  Returns blocks newly journaled."""
-        if self.journal is None or self.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
+        pool = self.pool
+        if self.journal is None or pool.reserve_per_address <= 0 or _time.monotonic() < self._journal_retry:
             return 0
-        self._sync_reserves = 0
-        want = self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
-        if (len(self._prejournaled) + len(self._reserving)) * 2 > want:
-            return 0
-        blocks = []
-        for a in list(self._avail)[: self.reserve_addresses]:
-            blocks += self._next_blocks(a, self.reserve_per_address)
+        blocks = pool.reserve_plan(self.blocks)
         if not blocks:
             return 0
-        recs = [self._reserve_record(g) for g in blocks]
+        recs = pool.reserve_records(blocks)
         many = self._journal_method("append_many")
-        res, flying = self._prejournaled, self._reserving
         try:
             if many is not None and getattr(getattr(many, "__self__", None), "background", False):
                 # fsync'ed off the loop's thread: the blocks join the reserve only once
                 # they are on disk (the journal's poll() runs this); until then a new host
                 # taking one of them reserves it the synchronous way
                 def durable():
-                    flying.difference_update(blocks)
-                    res.update(g for g in blocks if g not in self.blocks and g not in self._qblocks)
+                    pool.reserve_durable(blocks, self.blocks)
 
                 def failed():
-                    flying.difference_update(blocks)
+                    pool.reserve_failed(blocks)
 
                 many(recs, on_durable=durable, on_failed=failed)
-                flying.update(blocks)
+                pool.reserving(blocks)
                 return len(recs)
             self._journal_durable(recs)
         except OSError as exc:
             self._journal_failed(exc)
             self._journal_retry = _time.monotonic() + JOURNAL_RETRY_S
             return 0
-        res.update(blocks)
+        pool.reserved(blocks)
         return len(recs)
 
-    def _next_blocks(self, a: int, k: int, skip=()) -> list:
-        """The next `k` free blocks of address index `a` in ``_take_block``'s order
-        (returned blocks from the end of the free list, then the native run upward),
-        not journaled already nor in `skip`."""
-        st = self._addr.get(a)
-        if st is None or k <= 0:
-            return []
-        held, q, res, fly = self.blocks, self._qblocks, self._prejournaled, self._reserving
-        out = []
-        for c in reversed(st[2]):
-            if len(out) >= k:
-                return out
-            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
-                out.append(c)
-        c = st[0]
-        while len(out) < k and c < st[1]:
-            if c not in held and c not in q and c not in res and c not in fly and c not in skip:
-                out.append(c)
-            c += 1
-        return out
+    @property
+    def reserve_per_address(self) -> int:
+        """Blocks kept journaled ahead, per address (0: off) -- the pool's setting."""
+        return self.pool.reserve_per_address
 
-    def _reserve_record(self, g: int) -> dict:
-        addr, lo, hi = self.part.block_span(g)
-        return {"op": "reserve", "block": g, "external": _ip(addr), "ports": [lo, hi]}
+    @reserve_per_address.setter
+    def reserve_per_address(self, v) -> None:
+        self.pool.reserve_per_address = int(v)
+
+    @property
+    def reserve_addresses(self) -> int:
+        """Blocks are journaled ahead on at most this many addresses -- the pool's setting."""
+        return self.pool.reserve_addresses
+
+    @reserve_addresses.setter
+    def reserve_addresses(self, v) -> None:
+        self.pool.reserve_addresses = int(v)
 
     def _reserve_now(self, a: int, g: int) -> bool:
         """Block `g` (of address index `a`) is about to be taken and no durable reserve
-        names it: journal it now, with the next ones of its address, on disk before this
-        returns.  A burst of new hosts beyond the reserve takes reserve_per_address, then
-        twice, four times as many ...: log2(burst) fsyncs, not one per block (until the
-        timers' ``reserve_blocks`` runs again).  False if the journal failed."""
-        k = self.reserve_per_address << min(self._sync_reserves, 8)
-        blocks = [g] + self._next_blocks(a, max(0, k - 1), skip=(g,))
+        names it: journal it now, with the next ones of its address the pool names
+        (``BlockPool.urgent_reserve``), on disk before this returns.  False if the
+        journal failed."""
+        pool = self.pool
+        blocks = pool.urgent_reserve(a, g, self.blocks)
         try:
-            self._journal_durable([self._reserve_record(x) for x in blocks])
+            self._journal_durable(pool.reserve_records(blocks))
         except OSError as exc:
             self._journal_failed(exc)
             return False
-        self._sync_reserves += 1
-        self._prejournaled.update(blocks)
+        pool.reserved(blocks, sync=True)
         return True
 
     def _journal_durable(self, recs) -> None:
@@ -1027,13 +895,7 @@ class RuleBuilder:
         if any) or journaled ahead of need ("reserve")."""
         bl = self.blocks
         recs = [{"op": "assign", "block": g, "host": _ip(bl.host(g))} for g in sorted(bl.ids())]
-        qh = self._qhosts
-        recs += [{"op": "quarantine", "block": g, "host": _ip(qh[g])} if g in qh else {"op": "quarantine", "block": g}
-                 for g in self._qblocks]  # fmt: skip
-        held, q = self.blocks, self._qblocks
-        recs += [{"op": "reserve", "block": g} for g in sorted(self._prejournaled | self._reserving)
-                 if g not in held and g not in q]  # fmt: skip
-        return recs
+        return recs + self.pool.journal_records(bl)
 
     def _flush(self, now: int) -> None:
         """Insert the sessions built during this call into both tables, in one batch
@@ -1047,8 +909,10 @@ class RuleBuilder:
         self.maps.flush(self.out, self.inn, now)
 
     # -- removal --------------------------------------------------------------------------
-    def _end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
-        """Bookkeeping for a session whose entries are (being) deleted; True if the
+    def end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
+        """Bookkeeping for a session whose entries are (being) deleted (the expiry's
+        call): the mapping's session count, the translation log, the REVOKE record; the
+        mapping and its endpoint's reuse delay when it was the last.  True if the
         mapping ended with it."""
         left = self.maps.end_session(rid, raddr, r)
         if left < 0:
@@ -1071,8 +935,9 @@ class RuleBuilder:
         p, ia, ip, ea, ep, g = self.maps.get(rid)
         self.maps.end(rid)
         ekey = p << 48 | ea << 16 | ep
-        if self._rec_ekeys:
-            self._rec_ekeys.discard(ekey)
+        rec = self.recovery
+        if rec.tracking:
+            rec.forget(ekey)
         pi = _PIDX[p]
         self.hosts.add_ports(ia, pi, -1)
         tl = self.translog
@@ -1080,24 +945,12 @@ class RuleBuilder:
             tl.rule("remove", p, ia, ip, ea, ep)
         # The endpoint stays marked used in its block until the reuse delay has passed
         # and no lease is held on it (invariant 3).
-        self._reuse.append((now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g)))
+        self.pool.defer(now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g))
 
     def _release_endpoint(self, g: int, pi: int, off: int) -> None:
         left = self.blocks.release(g, pi, off)
         if left == 0:
             self._free_block(g)
-
-    def _process_reuse(self, now: int, budget: int) -> int:
-        q = self._reuse
-        n = 0
-        while q and q[0][0] <= now and n < budget:
-            _, ekey, g, pi, off = q.popleft()
-            n += 1
-            if self._holds.get(ekey):
-                self._held[ekey] = (g, pi, off)
-            else:
-                self._release_endpoint(g, pi, off)
-        return n
 
     # -- owner side ---------------------------------------------------------------------
     def serve_fetch_rows(self, rows, now) -> list:
@@ -1180,7 +1033,7 @@ class RuleBuilder:
             return None
         _, ia, ip, _, _, _ = self.maps.get(rid)
         return dict(rule_id=rid, proto=p, iaddr=ia, iport=ip, eaddr=ea, eport=ep, sessions=self.maps.nsessions(rid),
-                    holds=self._holds.get(p << 48 | ea << 16 | ep, 0), owner=self.nic)  # fmt: skip
+                    holds=self.pool.holds(p << 48 | ea << 16 | ep), owner=self.nic)  # fmt: skip
 
     def mappings(self) -> list:
         """Every mapping held here, as MappingView copies, by rule id (a walk over all
@@ -1225,27 +1078,17 @@ class RuleBuilder:
     def hold(self, proto, eaddr, eport) -> None:
         """Count one lease granted on this external endpoint (the agent calls it when a
         FETCH is answered or a PUSH is sent)."""
-        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
-        self._holds[ekey] = self._holds.get(ekey, 0) + 1
+        self.pool.hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
 
     def hold_many(self, endpoints) -> None:
         """``hold`` for each (proto, eaddr, eport) of `endpoints` (a burst of answered
         FETCHes: one call, not one per lease)."""
-        holds = self._holds
-        for p, e, ep in endpoints:
-            ekey = int(p) << 48 | int(e) << 16 | int(ep)
-            holds[ekey] = holds.get(ekey, 0) + 1
+        self.pool.hold_many(endpoints)
 
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable
         only once its reuse delay passed AND its hold count is zero."""
-        ekey = int(proto) << 48 | int(eaddr) << 16 | int(eport)
-        c = self._holds.get(ekey, 0) - 1
-        if c > 0:
-            self._holds[ekey] = c
-            return
-        self._holds.pop(ekey, None)
-        w = self._held.pop(ekey, None)
+        w = self.pool.release_hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
         if w is not None:
             self._release_endpoint(*w)
 
@@ -1306,129 +1149,48 @@ class RuleBuilder:
     def install_clone_rows(self, rows, now, lease_until=0) -> list:
         """``install_clones`` on plain tuples ``(proto, iaddr, iport, eaddr, eport, raddr,
         rport, rule_id, dirs, tcp_out, tcp_in)`` (the agent's RULE answers: no record
-        array built only to be taken apart again); entries installed per row, a list."""
-        n = len(rows)
-        got = [0] * n
-        if n == 0:
-            return got
-        now = int(now) & 0xFFFFFFFF
+        array built only to be taken apart again); entries installed per row, a list
+        (``CloneHolder.install_rows``; its refusals counted here)."""
+        if not rows:
+            return []
         lease = _lease16(lease_until)
         if lease:
-            self._lease_clones = True
-        part = self.part
-        # one connection's clone (the passive install's common case): partition arithmetic
-        # on ints, not the vectorised owners() (~25 us of numpy for one record)
-        if n <= 4:
-            own = [part.owner(rw[3], rw[4]) for rw in rows]
-        else:
-            own = part.owners(np.array([rw[3] for rw in rows], np.int64),
-                              np.array([rw[4] for rw in rows], np.int64)).tolist()
-        got, bad, full = _clone_installer(self.out)(self.out, self.inn, rows, own, self.nic, now, lease)
+            self.expiry.lease_clones = True
+        got, bad, full = self.holder.install_rows(rows, int(now) & 0xFFFFFFFF, lease)
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
         for _ in range(full):
             self._refuse(_R_TABLE_FULL)
         return got
 
-    def _clone_entries(self, records):
-        """Yield (table, key, expected value) for the clone entries named by records."""
-        for rec in np.asarray(records).reshape(-1):
-            ok, ik = record_keys(rec)
-            d = int(rec["dirs"]) or DIR_BITS_BOTH
-            if d & DIR_BIT_OUT:
-                yield self.out, ok, (int(rec["eaddr"]), int(rec["eport"]))
-            if d & DIR_BIT_IN:
-                yield self.inn, ik, (int(rec["iaddr"]), int(rec["iport"]))
-
     def remove_clone(self, records) -> int:
         """Remove clone entries (REVOKE); the records' `dirs` say which (0 = both).
         Owned entries are never touched."""
-        n = 0
-        for tbl, key, _ in self._clone_entries(records):
-            j = tbl.lookup(*key)
-            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
-                n += tbl.delete(*key)
-        return n
+        return self.holder.remove(records)
 
     def renew_clones(self, records, lease_until) -> int:
         """Extend the lease of clone entries (LEASE renewal)."""
         lease = _lease16(lease_until)
         if lease:
-            self._lease_clones = True
-        n = 0
-        for tbl, key, _ in self._clone_entries(records):
-            j = tbl.lookup(*key)
-            if j >= 0 and tbl.slots["flags"][j] & _F_CLONE:
-                tbl.slots["lease"][j] = lease
-                n += 1
-        return n
+            self.expiry.lease_clones = True
+        return self.holder.renew(records, lease)
 
     def collect_activity(self, clear=True, max_slots=None) -> np.ndarray:
         """Clone entries hit since the last call, as records for ACTIVITY (one record per
         entry, `dirs` = its direction, `owner` = the owning NIC).  Clears F_ACTIVE when
         `clear`.  `max_slots` bounds the scan per table (a cursor continues next call);
         None scans the whole tables."""
-        parts = []
-        for t, tbl in enumerate((self.out, self.inn)):
-            slots = tbl.slots
-            ns = len(slots)
-            if max_slots is None or max_slots >= ns:
-                lo, hi = 0, ns
-            else:
-                lo = self._act_cur[t] % ns
-                hi = min(lo + max_slots, ns)
-                self._act_cur[t] = hi % ns
-            fl = slots["flags"][lo:hi]
-            sel = np.flatnonzero((fl & (_F_OCC | _F_CLONE | _F_ACTIVE)) == (_F_OCC | _F_CLONE | _F_ACTIVE)) + lo
-            if not len(sel):
-                continue
-            s = slots[sel]
-            r = np.zeros(len(sel), SESSION_DTYPE)
-            icmp = s["proto"] == PROTO_ICMP
-            if t == 0:
-                r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
-                r["rport"] = np.where(icmp, 0, s["dport"])
-                r["eaddr"], r["eport"], r["dirs"], r["tcp_out"] = s["new_addr"], s["new_port"], DIR_BIT_OUT, s["tcp_state"]
-            else:
-                r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
-                r["rport"] = np.where(icmp, 0, s["sport"])
-                r["iaddr"], r["iport"], r["dirs"], r["tcp_in"] = s["new_addr"], s["new_port"], DIR_BIT_IN, s["tcp_state"]
-            r["proto"], r["rule_id"], r["last_seen"] = s["proto"], s["rule_id"], s["last_seen"]
-            r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
-            if clear:
-                slots["flags"][sel] &= ~np.uint8(_F_ACTIVE)
-            parts.append(r)
-        return np.concatenate(parts) if parts else np.zeros(0, SESSION_DTYPE)
+        return self.holder.activity(clear, max_slots)
 
     def drain_lease_expired(self) -> np.ndarray:
         """Clone sessions the sweep dropped because their lease ran out."""
-        if not self._lease_expired:
-            return np.zeros(0, SESSION_DTYPE)
-        out = np.concatenate(self._lease_expired)
-        self._lease_expired = []
-        return out
+        return self.expiry.drain_lease_expired()
 
     # -- lifecycle ------------------------------------------------------------------------
     def timeout_for(self, proto: int, tcp_out: int, tcp_in: int) -> int:
-        """Idle timeout of a session from its protocol and the TCP flags seen each way.
-
-        TCP: RST or FIN seen -> transitory (RFC 5382 REQ-5; a RST keeps the session for
-        the transitory timeout, RFC 7857 2.2); SYN both ways and nothing else ->
-        established; SYN one way only -> transitory (partially open); no flag seen (picked
-        up mid-stream, e.g. restored) -> established.  UDP / ICMP: their own timeouts.
-        """
-        if proto == PROTO_TCP:
-            st = tcp_out | tcp_in
-            if st & (_RST | _FIN):
-                return self.t_trans
-            if tcp_out & _SYN and tcp_in & _SYN:
-                return self.t_est
-            if st & _SYN:
-                return self.t_trans
-            return self.t_est
-        if proto == PROTO_UDP:
-            return self.t_udp
-        return self.t_icmp
+        """Idle timeout of a session from its protocol and the TCP flags seen each way
+        (``Expiry.timeout_for``)."""
+        return self.expiry.timeout_for(proto, tcp_out, tcp_in)
 
     # Settings a running NIC may change on SIGHUP; everything else (addresses, partition,
     # NICs, table sizes, mapping) changes only with a restart.
@@ -1443,20 +1205,16 @@ class RuleBuilder:
         ports only, a new translation log from the next line, a new per-host connection
         rate from the next new connection (every host starting with a full bucket)."""
         t, lim = config.timeouts, config.limits
-        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
         self.reuse_delay = t.reuse_delay
-        self._t_tcp_min = min(t.tcp_transitory, t.tcp_established)
-        self._t_floor = min(self._t_tcp_min, t.udp, t.icmp)
+        self.expiry.configure(t, lim)
         self._cap = lim.ports_per_host
         self._max_blocks = -(-self._cap // self._bs)
         old = self.config.limits
         if (lim.host_connection_rate, lim.host_connection_burst) != (old.host_connection_rate, old.host_connection_burst):
             # a new rate starts every host with a full bucket
             self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
-        self.sweep_step = lim.sweep_step
-        self.sweep_max_expire = lim.sweep_max_expire
-        self.sweep_budget_us = lim.sweep_budget_us
         self._log_interval = lim.exhaustion_log_interval
+        self.recovery.log_interval = lim.exhaustion_log_interval
         if config.translation_log != self.config.translation_log:
             from .translog import TransLog
 
@@ -1467,208 +1225,76 @@ class RuleBuilder:
         self._bind_setup()
 
     def sweep(self, now, max_slots=None, max_expire=None, budget_us=None) -> SweepResult:
-        """One bounded expiry step: examine the next `max_slots` slots of each table
-        (default ``limits.sweep_step``), expire idle sessions until `max_expire` of
-        them (default ``limits.sweep_max_expire``) or `budget_us` microseconds of
-        expiry work (default ``limits.sweep_budget_us``; at least one session per step)
-        are spent -- the cursor stops after the last one handled, so a mass expiry is
-        spread over steps -- drop lease-expired clones, release endpoints whose reuse
-        delay passed.  Call once per batch (an idle loop may call it with larger
-        budgets)."""
-        now = int(now)
-        step = self.sweep_step if max_slots is None else int(max_slots)
-        budget = max(1, self.sweep_max_expire if max_expire is None else int(max_expire))
-        bus = self.sweep_budget_us if budget_us is None else budget_us
-        res = SweepResult()
-        res.endpoints_released = self._process_reuse(now, max(budget, 16))
-        if self._qblocks or self._reserved:
-            self._mature_quarantine(now)
-        # -- out table: owned sessions (both directions merged) and clones.  First a
-        # cheap filter over the raw slot words (idle for at least the shortest timeout,
-        # occupied), then the exact per-protocol test on the few slots that pass.
-        w = self.out.slots.view(np.uint32).reshape(-1, 8)
-        ns = len(w)
-        lo = self._cur_out if self._cur_out < ns else 0
-        hi = min(lo + step, ns)
-        sel = np.zeros(0, np.intp)
-        if now >= self._t_floor:
-            word3 = w[lo:hi, 3]  # proto | flags << 8 | new_port << 16
-            m = w[lo:hi, 6] <= now - self._t_floor  # last_seen
-            m &= (word3 & (_F_OCC << 8)) != 0
-            sel = np.flatnonzero(m)
-            if len(sel) > 4 * budget:  # a mass expiry: look at a few at a time
-                sel = sel[: 4 * budget]
-                hi = lo + int(sel[-1]) + 1
-            if len(sel):
-                w3 = word3[sel]
-                pr = w3 & 0xFF
-                thr = np.where(pr == PROTO_TCP, self._t_tcp_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
-                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
-                keep &= (w3 & (_F_CLONE << 8)) == 0  # clones: the agent's (leases), not idleness
-                sel = sel[keep]
-        if self._lease_clones:
-            w7 = w[lo:hi, 7]  # tcp_state | user << 8 | lease << 16
-            lease = (w7 >> 16).astype(np.int32)
-            cexp = ((w[lo:hi, 3] & (_F_CLONE << 8)) != 0) & (lease != 0)
-            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
-            csel = np.flatnonzero(cexp)
-            if len(csel):
-                sel = np.union1d(sel, csel)
-        if len(sel) > budget:
-            sel = sel[:budget]
-            hi = lo + int(sel[-1]) + 1
-        if len(sel):
-            slots = self.out.slots
-            recs = slots[sel + lo]
-            stop = self._expire_out(recs, now, res, slots, sel + lo, _time.perf_counter() + bus * 1e-6)
-            if stop is not None:
-                hi = stop  # out of time: resume at the first candidate not handled
-        res.scanned = hi - lo
-        self._cur_out = hi if hi < ns else 0
-        res.wrapped = hi >= ns
-        # -- in table: clones with leases only (owned in-entries go with their out entry)
-        if not self._lease_clones:
-            return res
-        w = self.inn.slots.view(np.uint32).reshape(-1, 8)
-        ns = len(w)
-        lo = self._cur_in if self._cur_in < ns else 0
-        hi = min(lo + step, ns)
-        lease = (w[lo:hi, 7] >> 16).astype(np.int32)
-        cexp = ((w[lo:hi, 3] & ((_F_OCC | _F_CLONE) << 8)) == ((_F_OCC | _F_CLONE) << 8)) & (lease != 0)
-        cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
-        sel = np.flatnonzero(cexp)
-        if len(sel) > budget:
-            sel = sel[:budget]
-            hi = lo + int(sel[-1]) + 1
-        self._cur_in = hi if hi < ns else 0
-        if len(sel):
-            recs = self.inn.slots[sel + lo]
-            self.inn.delete_batch(recs)
-            self._note_lease_expired(recs, DIR_BIT_IN)
-            res.clones_dropped += len(recs)
+        """One bounded expiry step (``Expiry.sweep``: the next `max_slots` slots of each
+        table, at most `max_expire` sessions or `budget_us` of expiry work; lease-expired
+        clones dropped; endpoints whose reuse delay passed released).  Call once per
+        batch (an idle loop may call it with larger budgets)."""
+        ex = self.expiry
+        res = ex.sweep(self, now, max_slots, max_expire, budget_us)
+        if res.expired or res.clones_dropped:  # (what the expiry counts)
+            ex.drain(self.counters, self.events)
         return res
 
-    def _expire_out(self, recs, now, res: SweepResult, slots, where, deadline=float("inf")):
-        """Expire the idle ones among candidate out entries (copies `recs`, slot indices
-        `where`); returns None, or the slot index to resume at if the deadline cut the
-        work short."""
-        clone = (recs["flags"] & _F_CLONE) != 0
-        if clone.any():
-            c = recs[clone]
-            self.out.delete_batch(c)
-            self._note_lease_expired(c, DIR_BIT_OUT)
-            res.clones_dropped += len(c)
-            recs, where = recs[~clone], where[~clone]
-        if not len(recs):
-            return None
-        stop = None
-        clock = _time.perf_counter
-        so_ls = slots["last_seen"]
-        si_ls, si_st, si_fl = self.inn.slots["last_seen"], self.inn.slots["tcp_state"], self.inn.slots["flags"]
-        dead_out, dead_in = [], []
-        ev = self.events
-        matches = self.maps.matches
-        lookup = self.inn.lookup
-        cols = zip(
-            recs["proto"].tolist(), recs["saddr"].tolist(), recs["sport"].tolist(), recs["daddr"].tolist(),
-            recs["dport"].tolist(), recs["new_addr"].tolist(), recs["new_port"].tolist(), recs["rule_id"].tolist(),
-            recs["last_seen"].tolist(), recs["tcp_state"].tolist(), where.tolist(),
-        )
-        for p, ia, ip, ra, rp, ea, ep, rid, ls_o, st_o, w in cols:
-            if dead_out and clock() > deadline:
-                stop = w
-                break
-            if p == PROTO_ICMP:
-                rr = 0
-                ik = (p, ra, ep, ea, ep)
-            else:
-                rr = rp
-                ik = (p, ra, rp, ea, ep)
-            j = lookup(*ik)
-            if j >= 0:
-                ls_i, st_i = int(si_ls[j]), int(si_st[j])
-                last = ls_o if ls_o >= ls_i else ls_i
-            else:
-                ls_i = st_i = 0
-                last = ls_o
-            tmo = self.timeout_for(p, st_o, st_i)
-            if now - last < tmo:
-                so_ls[w] = last  # remember the merged activity: not a candidate again soon
-                continue
-            dead_out.append((p, ia, ip, ra, rp))
-            if j >= 0 and not si_fl[j] & _F_CLONE:
-                dead_in.append(ik)
-            if not matches(rid, ia, ip, ea, ep):
-                continue  # an orphan entry (no bookkeeping): just delete it
-            res.expired += 1
-            ev[_expiry_event(p, st_o, st_i)] += 1
-            if self._end_session(rid, ra, rr, now, last, st_o, st_i):
-                res.mappings_removed += 1
-        if dead_out:
-            self.out.delete_batch(_keys_array(dead_out))
-        if dead_in:
-            self.inn.delete_batch(_keys_array(dead_in))
+    # the expiry's settings, read-only here (they were the builder's public fields)
+    sweep_step = property(lambda self: self.expiry.sweep_step, doc="slots of each table a sweep step examines")
+    sweep_max_expire = property(lambda self: self.expiry.sweep_max_expire)
+    sweep_budget_us = property(lambda self: self.expiry.sweep_budget_us)
+    t_udp = property(lambda self: self.expiry.t_udp)
+    t_est = property(lambda self: self.expiry.t_est)
+    t_trans = property(lambda self: self.expiry.t_trans)
+    t_icmp = property(lambda self: self.expiry.t_icmp)
+
+    @property
+    def _lease_clones(self) -> bool:
+        # (read and set by tests/test_holder_speed_equiv.py: the expiry's public flag)
+        return self.expiry.lease_clones
+
+    @_lease_clones.setter
+    def _lease_clones(self, v) -> None:
+        self.expiry.lease_clones = bool(v)
+
+    # -- what the expiry asks of its owner (hypernat.nat.expiry.SessionOwner) ---------------
+    def release_due(self, now: int, budget: int) -> int:
+        """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
+        at most `budget`; quarantines whose time has come end.  Returns endpoints that
+        left the delay queue."""
+        pool = self.pool
+        n, free, quarantine = pool.due(now, budget)
+        for _, _, g, pi, off in free:
+            self._release_endpoint(g, pi, off)  # (frees blocks: no quarantine changes)
+        if quarantine:
+            self._mature_quarantine(now)
+        return n
+
+    def flush_log(self) -> None:
+        """The translation log's buffered lines out (after an expiry step)."""
         if self.translog is not None:
             self.translog.flush()
-        return stop
-
-    def _note_lease_expired(self, slots_recs, direction_bit) -> None:
-        self.counters[_R_LEASE] += len(slots_recs)
-        r = np.zeros(len(slots_recs), SESSION_DTYPE)
-        s = slots_recs
-        icmp = s["proto"] == PROTO_ICMP
-        if direction_bit == DIR_BIT_OUT:
-            r["iaddr"], r["iport"], r["raddr"] = s["saddr"], s["sport"], s["daddr"]
-            r["rport"] = np.where(icmp, 0, s["dport"])
-            r["eaddr"], r["eport"] = s["new_addr"], s["new_port"]
-        else:
-            r["raddr"], r["eaddr"], r["eport"] = s["saddr"], s["daddr"], s["dport"]
-            r["rport"] = np.where(icmp, 0, s["sport"])
-            r["iaddr"], r["iport"] = s["new_addr"], s["new_port"]
-        r["proto"], r["rule_id"], r["last_seen"], r["dirs"] = s["proto"], s["rule_id"], s["last_seen"], direction_bit
-        r["owner"] = np.maximum(self.part.owners(r["eaddr"], r["eport"]), 0)
-        self._lease_expired.append(r)
 
     def _mature_quarantine(self, now: int) -> None:
         """Quarantines whose time has come: an unrecovered block becomes free again; a
         recovered block releases the ports nobody reported (their sessions, if any,
         were lost with the crash and their longest timeout has now passed)."""
-        expired = []
-        for g, until in list(self._qblocks.items()):
-            if until <= now:
-                del self._qblocks[g]
-                self._qhosts.pop(g, None)
-                expired.append(g)
-                if g in self._qskipped:  # passed over while quarantined: list it again
-                    self._qskipped.discard(g)
-                    self._give_back(g, g // self.part.bpa)
+        expired, ports = self.pool.mature(now)
         if expired and self.journal is not None:  # free again: the journal stops naming them
             self._journal_lazy([{"op": "release", "block": g} for g in expired])
         if expired:
             self.events["recovery_blocks_expired"] += len(expired)
             log.info("nic%d: %d quarantined port block(s) released after their longest timeout: nothing in them "
                      "was recovered from clones", self.nic, len(expired))
-        for g, (until, masks) in list(self._reserved.items()):
-            if until > now:
-                continue
-            del self._reserved[g]
-            for pi in range(3):
-                m = masks[pi]
-                while m:
-                    low = m & -m
-                    m ^= low
-                    self._release_endpoint(g, pi, low.bit_length() - 1)
-        if not self._reserved and not self._qblocks:
-            self._rec_ekeys.clear()
+        for g, pi, off in ports:
+            self._release_endpoint(g, pi, off)
+        if not self.pool.in_quarantine():
+            self.recovery.quarantine_over()
 
     # -- gauges ---------------------------------------------------------------------------
     def utilisation(self) -> float:
         """Fraction of E_i (plus borrowed blocks) in use or waiting for reuse: the
         larger of blocks handed to hosts / blocks and, per protocol, ports / ports."""
-        nb = self._total_blocks + len(self._adopted) - len(self._lent)
+        nb, ports = self.pool.capacity(self._bs)
         if nb <= 0:
             return 1.0
-        ports = max(1, self._total_ports + (len(self._adopted) - len(self._lent)) * self._bs)
+        ports = max(1, ports)
         used = max(self.blocks.total_used(pi) for pi in range(3))
         return min(1.0, max(len(self.blocks) / nb, used / ports))
 
@@ -1691,13 +1317,7 @@ class RuleBuilder:
             "hosts": len(self.hosts),
             "blocks_in_use": len(self.blocks),
             "ports_in_use": sum(self.blocks.total_used(pi) for pi in range(3)),
-            "ports_waiting_reuse": len(self._reuse),
-            "endpoints_held": len(self._held),
-            "holds": sum(self._holds.values()),
-            "blocks_quarantined": len(self._qblocks),
-            "blocks_reserved": len(self._reserved),
-            "blocks_borrowed": len(self._adopted),
-            "blocks_lent": len(self._lent),
+            **self.pool.stats(),  # ports_waiting_reuse, endpoints_held, holds, blocks_quarantined / reserved / borrowed / lent
             "utilisation": self.utilisation(),
         }
 
@@ -1707,6 +1327,7 @@ class RuleBuilder:
         the NIC daemon saves the FlowTables' slots beside it."""
         mp, bl, hs = self.maps, self.blocks, self.hosts
         maps = [[rid, *mp.get(rid), mp.remotes(rid)] for rid in mp.rule_ids()]
+        ps = self.pool.snapshot()
         return {
             "version": 1,
             "nic": self.nic,
@@ -1716,21 +1337,21 @@ class RuleBuilder:
             "hosts": [[ia, hs.aidx(ia), hs.blocks(ia), hs.cur(ia)] for ia in sorted(hs.ids())],
             "blocks": [[g, [bl.used_mask(g, pi) for pi in range(3)], [bl.n_used(g, pi) for pi in range(3)]]
                        for g in sorted(bl.ids())],
-            "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
-            "avail": list(self._avail),
-            "adopted": sorted(self._adopted),
-            "lent": sorted(self._lent),
-            "qblocks": [[g, u] for g, u in self._qblocks.items()],
-            "qskipped": sorted(self._qskipped),
-            "reuse": [list(x) for x in self._reuse],
-            "holds": [[k, c] for k, c in self._holds.items()],
-            "held": [[k, list(v)] for k, v in self._held.items()],
+            "addr": ps["addr"],
+            "avail": ps["avail"],
+            "adopted": ps["adopted"],
+            "lent": ps["lent"],
+            "qblocks": ps["qblocks"],
+            "qskipped": ps["qskipped"],
+            "reuse": ps["reuse"],
+            "holds": ps["holds"],
+            "held": ps["held"],
             "counters": list(self.counters),
-            "cursors": [self._cur_out, self._cur_in],
+            "cursors": self.expiry.cursors(),
             "events": dict(self.events),
-            "qhosts": [[g, h] for g, h in self._qhosts.items()],
-            "reserved": [[g, u, list(ms)] for g, (u, ms) in self._reserved.items()],
-            "rec_ekeys": sorted(self._rec_ekeys),
+            "qhosts": ps["qhosts"],
+            "reserved": ps["reserved"],
+            "rec_ekeys": sorted(self.recovery.recovered_endpoints()),
         }
 
     def restore(self, state) -> None:
@@ -1739,13 +1360,7 @@ class RuleBuilder:
             return
         if state.get("version") != 1:
             raise ValueError(f"unknown rules snapshot version {state.get('version')!r}")
-        self._addr = {int(a): [int(n), int(e), [int(x) for x in fr]] for a, n, e, fr in state["addr"]}
-        self._avail = collections.deque(int(a) for a in state["avail"])
-        self._avail_set = set(self._avail)
-        self._adopted = set(state["adopted"])
-        self._lent = set(state["lent"])
-        self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
-        self._qskipped = set(int(g) for g in state.get("qskipped", ()))
+        self.pool.restore(state)
         self.hosts = hs = Hosts()
         self.blocks = bl = PortBlocks(self._bs, self._parity, int(self.rng.integers(0, 1 << 63)))
         used = {int(g): (u, nu) for g, u, nu in state["blocks"]}
@@ -1768,65 +1383,59 @@ class RuleBuilder:
         mp.clear_pending()  # the tables hold the saved slots already
         self._setup = OutSetup(mp, self._internal, REASON, VERDICT)
         self._bind_setup()
-        self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
-        self._holds = {int(k): int(c) for k, c in state["holds"]}
-        self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
         self.counters = [int(x) for x in state["counters"]] + [0] * (len(SLOW_PATH_REASON_NAMES) - len(state["counters"]))
-        self._cur_out, self._cur_in = state.get("cursors", [0, 0])
+        self.expiry.set_cursors(state.get("cursors", [0, 0]))
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         self.events.update({k: int(v) for k, v in state.get("events", {}).items() if k in self.events})
-        self._qhosts = {int(g): int(h) for g, h in state.get("qhosts", ())}
-        self._reserved = {int(g): [int(u), [int(x) for x in ms]] for g, u, ms in state.get("reserved", ())}
-        self._rec_ekeys = set(int(x) for x in state.get("rec_ekeys", ()))
+        self.recovery.restore_endpoints(state.get("rec_ekeys", ()))
+
+    @property
+    def recovering(self) -> bool:
+        """The crash recovery window is open (the worker sets it after a crash restart,
+        clears it when the window closes): new mappings of the hosts the journal names
+        wait (ACT_HOLD), a FETCH asking to allocate for one is refused as "recovering"."""
+        return self.recovery.recovering
+
+    @recovering.setter
+    def recovering(self, v) -> None:
+        self.recovery.recovering = bool(v)
+
+    @property
+    def recovery_hosts(self) -> frozenset:
+        """The hosts the journal names (their first packets wait while ``recovering``)."""
+        return self.recovery.hosts
+
+    _recovery_hosts = recovery_hosts  # (read by hypernat/nic/worker.py under this name)
+    _rec_ekeys = property(lambda self: self.recovery.recovered_endpoints())  # (tests/test_invariants_stateful.py)
+
+    # Read-only copies of the pool's state under the names these fields had on the
+    # builder before the pool was split out: tests in files other than test_rules.py
+    # read them (test_worker, test_recovery, test_journal_*, test_invariants_stateful).
+    # New code reads the pool's public views (``rb.pool.quarantined()`` ...).
+    _qblocks = property(lambda self: self.pool.quarantined())
+    _qhosts = property(lambda self: self.pool.quarantine_hosts())
+    _reserved = property(lambda self: self.pool.reserved_ports())
+    _prejournaled = property(lambda self: self.pool.reserved_ahead())
+    _reserving = property(lambda self: self.pool.reserves_in_flight())
+    _avail = property(lambda self: self.pool.free_addresses())
+    _reuse = property(lambda self: self.pool.waiting())
+    _held = property(lambda self: self.pool.held())
 
     # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):
         """Give away a free native block of E_i for spill-over; None if there is none.
         The caller records the loan in the Partition (``lend``) once BORROW is acked."""
-        for a in list(self._avail):
-            st = self._addr[a]
-            for k in range(len(st[2]) - 1, -1, -1):
-                g = st[2][k]
-                if g in self.blocks:  # recovered while listed: drop the stale entry
-                    del st[2][k]
-                    continue
-                if g not in self._adopted and g not in self._qblocks:
-                    del st[2][k]
-                    self._lent.add(g)
-                    return g
-            while st[1] > st[0]:
-                st[1] -= 1  # take from the end of the native run: the cursor never gets there
-                g = st[1]
-                if g in self.blocks:
-                    continue
-                if g not in self._qblocks:
-                    self._lent.add(g)
-                    return g
-                self._qskipped.add(g)  # listed again when its quarantine ends
-        return None
+        return self.pool.lend(self.blocks)
 
     def adopt_block(self, block) -> None:
         """Start allocating from a block lent by another NIC (after BORROW succeeded);
         the lender also calls it when its lent block comes back."""
-        g = int(block)
-        if g in self._lent:
-            self._lent.discard(g)
-        else:
-            self._adopted.add(g)
-        self._give_back(g, g // self.part.bpa)
+        self.pool.adopt(int(block))
 
     def return_block(self, block) -> bool:
         """Hand a borrowed block back once it is idle (no live or quarantined port):
         True if it was removed from this builder (the agent then sends RETURN)."""
-        g = int(block)
-        if g not in self._adopted or g in self.blocks:
-            return False
-        st = self._addr.get(g // self.part.bpa)
-        if st is None or g not in st[2]:
-            return False
-        st[2].remove(g)
-        self._adopted.discard(g)
-        return True
+        return self.pool.give_up(int(block), self.blocks)
 
     def quarantine_blocks(self, blocks, until) -> None:
         """Journaled blocks found after a crash: not allocatable before `until` (the
@@ -1834,154 +1443,48 @@ class RuleBuilder:
         re-adopts them first.  `blocks`: block ids, or the journal's live map {block:
         host "a.b.c.d" (or int) or None} (``Journal.load``); with a host, a block is
         recovered only for the host it was assigned to.  Unreadable hosts are ignored."""
-        hosts = blocks if isinstance(blocks, dict) else {}
-        for g in blocks:
-            g = int(g)
-            self._qblocks[g] = max(int(until), self._qblocks.get(g, 0))
-            h = hosts.get(g)
-            if h is None:
-                continue
-            try:
-                self._qhosts[g] = int(h) if isinstance(h, int) else int(ipaddress.IPv4Address(h))
-            except (TypeError, ValueError, ipaddress.AddressValueError):
-                continue
-        self._recovery_hosts = frozenset(self._qhosts.values())
+        self.recovery.set_hosts(self.pool.quarantine(blocks, until))
 
     def recover_sessions(self, records, now) -> np.ndarray:
-        """Re-adopt sessions this NIC owned before a crash, from a clone holder's report.
-
-        After a SIGKILL the NIC's tables are gone, but other NICs still hold clones of
-        its sessions (the direction the switch sent them).  When the NIC comes back,
-        every holder reports each clone of it (``RuleAgent.peer_restarted``, as
-        ACTIVITY), and ordinary ACTIVITY reports keep arriving.  `records`
-        (SESSION_DTYPE; the owner's view: iaddr/iport, eaddr/eport, raddr/rport, proto,
-        last_seen, tcp_out/tcp_in) are those reports.  Each one whose external
-        endpoint lies in a block quarantined since the crash is re-created here as if
-        it had never gone: the block is given back to its host (the host the journal
-        names, when the journal was passed to ``quarantine_blocks``), the endpoint is
-        marked in use, the mapping and the session get both flow-table entries.
-
-            crash ─► journal: blocks B1 B2 quarantined until T (longest timeout)
-            holder reports (E1:p, ...) in B1 ─► B1 leaves quarantine, back to its host:
-                 port p  live again (mapping + session, both entries)
-                 other ports of B1  stay reserved until T (a lost session may still
-                                     receive there), then free
-            B2: nobody reports ─► quarantined until T, then free (counted, logged)
-
-        So a block's quarantine ends when its rules are recovered (for those
-        endpoints) or its timeout passed, never earlier: an endpoint nobody vouched
-        for is never handed out before T.  A report is refused (counted under
-        ``recovery_lost_*``, logged) if the journal gave the block to another host,
-        if the internal endpoint (EIM) or the session (APDM) is bound to another
-        external endpoint since the restart, if the tables are full, or if the
-        internal address is not internal / the host is owned by another NIC.  Reports
-        of blocks not quarantined (the normal case: a session that expired here) are
-        left alone: it is cheap to call this on every ACTIVITY.
-
-        Returns bool[n]: the session is live here through recovery (this call or an
-        earlier one in the same quarantine) -- the agent then grants the reporting
-        holder a lease.  Recovered mappings get new rule ids (the holder's clone keeps
-        the old one; clones are matched by endpoints, not ids).
-        """
-        recs = np.asarray(records).reshape(-1)
-        n = len(recs)
-        ok = np.zeros(n, bool)
-        if n == 0 or not (self._qblocks or self._reserved):
-            return ok
-        now = int(now)
-        part = self.part
-        self._begin()
-        su, maps = self._setup, self.maps
-        ev = self.events
-        before = {k: ev[k] for k in EVENT_NAMES if k.startswith("recover")}
-        fresh = []  # records whose session this call created
-        cols = zip(*(recs[f].tolist() for f in ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")))
-        for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(cols):
-            if p not in _PIDX:
-                continue
-            r = 0 if p == PROTO_ICMP else rp
-            ekey = p << 48 | ea << 16 | ep
-            rid = maps.by_external(p, ea, ep)
-            if rid:
-                if ekey not in self._rec_ekeys or not maps.matches(rid, ia, ip, ea, ep):
-                    continue  # a mapping built since the restart: ordinary activity
-                if not maps.has_session(rid, ra, r):  # another session of a recovered mapping
-                    if su.room <= 0:
-                        ev["recovery_lost_table_full"] += 1
-                        continue
-                    self._add_session(rid, ra, r, now)
-                    ev["recovered_sessions"] += 1
-                    fresh.append(i)
-                ok[i] = True
-                continue
-            if part.owner(ea, ep) != self.nic:
-                continue
-            g = part.block_of(ea, ep)
-            if g not in self._qblocks and g not in self._reserved:
-                continue  # not from before the crash: a session that expired here
-            if not self._is_internal(ia) or (self._eim and part.eim_owner(ia) != self.nic):
-                ev["recovery_lost_invalid"] += 1
-                continue
-            bl = self.blocks
-            have = g in bl
-            want = bl.host(g) if have else self._qhosts.get(g, ia)
-            if want != ia:
-                ev["recovery_lost_host_mismatch"] += 1
-                continue
-            if maps.by_out_key(p, ia, ip, ra, r):
-                ev["recovery_lost_conflict"] += 1
-                continue
-            if su.room <= 0:
-                ev["recovery_lost_table_full"] += 1
-                continue
-            if not have:
-                self._claim_block(g, ia)
-            pi = _PIDX[p]
-            off = ep - bl.lo(g)
-            masks = self._reserved.get(g)
-            if masks is None or not masks[1][pi] >> off & 1:
-                ev["recovery_lost_conflict"] += 1  # the port is live or waiting for reuse
-                continue
-            masks[1][pi] &= ~(1 << off)  # stays marked used in the block: now by the mapping
-            self.hosts.add_ports(bl.host(g), pi, 1)
-            rid = self._make_mapping(p, ia, ip, g, off)
-            self._add_session(rid, ra, r, now)
-            self._rec_ekeys.add(ekey)
-            ev["recovered_mappings"] += 1
-            ev["recovered_sessions"] += 1
-            fresh.append(i)
-            ok[i] = True
-        self._flush(now)
-        if fresh:  # the entries were inserted at `now`: the holder's last_seen and TCP state instead
-            so, si = self.out.slots, self.inn.slots
-            for i in fresh:
-                rec = recs[i]
-                okk, ikk = record_keys(rec)
-                ls = min(int(rec["last_seen"]), now)
-                for tbl, sl, key, tcp in ((self.out, so, okk, "tcp_out"), (self.inn, si, ikk, "tcp_in")):
-                    j = tbl.lookup(*key)
-                    if j >= 0:
-                        sl["last_seen"][j] = ls
-                        sl["tcp_state"][j] |= int(rec[tcp]) & layout.TCP_STATE_MASK
-        done = {k: ev[k] - v for k, v in before.items() if ev[k] != v}
-        if done:
-            t = _time.monotonic()
-            lost = sum(v for k, v in done.items() if k.startswith("recovery_lost"))
-            if lost or t - self._last_log_rec >= self._log_interval:
-                self._last_log_rec = t
-                log.log(logging.WARNING if lost else logging.INFO,
-                        "nic%d: crash recovery from clones: %s; %d block(s) still quarantined, %d reserved",
-                        self.nic, ", ".join(f"{k} +{v}" for k, v in sorted(done.items())), len(self._qblocks),
-                        len(self._reserved))
+        """Re-adopt sessions this NIC owned before a crash, from a clone holder's report
+        (SESSION_DTYPE, the owner's view).  Each one whose external endpoint lies in a
+        block quarantined since the crash is re-created here, for the host the journal
+        named; its block's other ports stay reserved until the quarantine's end (see
+        ``hypernat.nat.recovery.Recovery.recover``).  Returns bool[n]: the session is
+        live here through recovery (the agent then grants the holder a lease)."""
+        ok = self.recovery.recover(self, records, now)
+        self.recovery.drain(self.events)
         return ok
 
-    def _claim_block(self, g: int, iaddr: int) -> None:
+    # -- what the crash recovery asks of its owner (hypernat.nat.recovery.RecoveryOwner) ----
+    def begin_batch(self) -> None:
+        """Before a call that may add sessions (the tables' room, per-rule logs, PUSH)."""
+        self._begin()
+
+    def session_room(self) -> int:
+        """Sessions that may still be added in this call (both tables' room)."""
+        return self._setup.room
+
+    def is_internal(self, addr: int) -> bool:
+        """`addr` lies in the internal prefixes."""
+        return self._is_internal(addr)
+
+    def make_mapping(self, p: int, iaddr: int, iport: int, g: int, off: int) -> int:
+        """The mapping of (p, iaddr, iport) to port `off` of block `g` (marked used)."""
+        return self._make_mapping(p, iaddr, iport, g, off)
+
+    def add_session(self, rid: int, raddr: int, rport: int, now: int) -> None:
+        """Session (mapping `rid`, R, Rp) added; in the tables at ``flush``."""
+        self._add_session(rid, raddr, rport, now)
+
+    def flush(self, now: int) -> None:
+        """The sessions added since ``begin_batch`` into both flow tables."""
+        self._flush(now)
+
+    def claim_block(self, g: int, iaddr: int) -> None:
         """A quarantined block goes back to the host it was assigned to before the
         crash; all its ports are reserved (marked used) until the quarantine's end,
         and each recovered session takes its own port out of the reservation."""
-        until = self._qblocks.pop(g)
-        self._qhosts.pop(g, None)
-        self._qskipped.discard(g)  # never listed again: _free_block gives it back
         a = g // self.part.bpa
         addr, lo, hi = self.part.block_span(g)
         hs = self.hosts
@@ -1991,60 +1494,14 @@ class RuleBuilder:
             log.warning("nic%d: host %s: recovered block %d is on %s, its new mappings use %s", self.nic,
                         _ip(iaddr), g, _ip(addr), _ip(hs.addr(iaddr)))
         size = hi - lo + 1
+        self.pool.claim(g, size)  # out of quarantine, every port reserved (_free_block gives it back)
         self.blocks.add(g, a, addr, lo, size, iaddr, full=True)
-        full = (1 << size) - 1
         hs.append_block(iaddr, g)
-        self._reserved[g] = [until, [full, full, full]]
         if self.journal is not None:  # quarantined with its host already: now in use by it
             self._jlazy.append({"op": "assign", "block": g, "host": _ip(iaddr), "external": _ip(addr),
                                 "ports": [lo, hi]})  # fmt: skip
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
-        self.events["recovered_blocks"] += 1
-
-
-def _expiry_event(p, tcp_out, tcp_in) -> str:
-    """EVENT_NAMES key of an expired session (the classes of ``timeout_for``)."""
-    if p == PROTO_TCP:
-        st = tcp_out | tcp_in
-        if st & (_RST | _FIN) or (st & _SYN and not (tcp_out & _SYN and tcp_in & _SYN)):
-            return "expired_tcp_transitory"
-        return "expired_tcp_established"
-    return "expired_udp" if p == PROTO_UDP else "expired_icmp"
-
-
-def _clone_installer(table):
-    """The clone install for this kind of flow table: compiled over the compiled
-    FlowTable (through its .pxd), the plain-Python reference over fastpath_py's."""
-    global _CLONES_C
-    if _CLONES_C is None:
-        try:
-            from . import _clones
-            from ._fastpath import FlowTable as _CFlowTable
-            _CLONES_C = (_CFlowTable, _clones.install_clone_rows)
-        except ImportError:
-            _CLONES_C = (None, None)
-    if _CLONES_C[0] is not None and type(table) is _CLONES_C[0]:
-        return _CLONES_C[1]
-    from .clones_py import install_clone_rows
-    return install_clone_rows
-
-
-_CLONES_C = None
-
-
-def _lease16(lease_until) -> int:
-    if not lease_until:
-        return 0
-    v = int(lease_until) & 0xFFFF
-    return v or 1
-
-
-def _keys_array(keys) -> np.ndarray:
-    a = np.array(keys, dtype=np.int64)
-    k = np.zeros(len(a), layout.KEY_DTYPE)
-    k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = a.T
-    return k
 
 
 def _ip(a: int) -> str:

@@ -1,23 +1,11 @@
 """The NIC entries' link settings (VLANs): accepted as written, rejected naming the
 file, the key and the problem."""
-import copy
-
 import pytest
 
 from hypernat import config
 from hypernat.config import ConfigError
 
-BASE = {
-    "internal": {"prefixes": ["10.77.0.0/16"]},
-    "external": {"pool": ["198.18.77.0/28"], "ports": [1024, 65535]},
-    "nics": [{"id": 0, "inside": "inside0", "outside": "outside0"}],
-}
-
-
-def with_nic(**kw):
-    d = copy.deepcopy(BASE)
-    d["nics"][0].update(kw)
-    return d
+from configkit import BASE, config_dict, with_nic
 
 
 def test_vlans_default_to_none_and_load_as_written():
@@ -42,7 +30,7 @@ def test_bad_vlans_name_file_key_and_problem(value, problem):
 
 
 def two_nics(q0, q1):
-    d = copy.deepcopy(BASE)
+    d = config_dict()
     d["nics"] = [{"id": 0, "inside": "inside0", "outside": "outside0"},
                  {"id": 1, "inside": "inside0", "outside": "outside0"}]
     for n, q in zip(d["nics"], (q0, q1)):

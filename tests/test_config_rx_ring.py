@@ -1,23 +1,11 @@
 """The PACKET_MMAP receive ring of a NIC entry (``rx_ring``, ``rx_block_ms``): defaults,
 accepted as written, rejected naming the file, the key and the problem."""
-import copy
-
 import pytest
 
 from hypernat import config
 from hypernat.config import ConfigError
 
-BASE = {
-    "internal": {"prefixes": ["10.77.0.0/16"]},
-    "external": {"pool": ["198.18.77.0/28"], "ports": [1024, 65535]},
-    "nics": [{"id": 0, "inside": "inside0", "outside": "outside0"}],
-}
-
-
-def with_nic(**kw):
-    d = copy.deepcopy(BASE)
-    d["nics"][0].update(kw)
-    return d
+from configkit import BASE, with_nic
 
 
 def test_the_receive_ring_defaults_to_v2_and_loads_as_written():

@@ -201,6 +201,28 @@ def test_rate_limit_token_bucket(fp):
     assert events(env, OUT) == {"icmp_time_exceeded": 6, "icmp_rate_limited": 14}
 
 
+def test_rate_limit_bucket_survives_a_reload_unless_its_rate_changes(fp):
+    """A live reload sets the router again (NicWorker.reload -> set_links -> set_router):
+    with the same icmp_rate the bucket keeps its tokens (a reload, or a SIGHUP loop, must
+    not let a burst of ICMP errors out); a new rate starts a full bucket of the new size.
+    Failed before: set_router always refilled the bucket."""
+    env = router_env(fp, rate=2)
+    frames = [raw(eth() / IP(src=I1, dst=R, ttl=1, id=i) / UDP(sport=2222, dport=53)) for i in range(3)]
+    env.run(frames, OUT, now=100)
+    assert len(env.tr.generated()) == 2  # the bucket is empty now
+    settings = env.tr.router
+    env.tr.set_router(**settings)  # a reload that changes nothing here
+    env.run(frames, OUT, now=100)
+    assert env.tr.generated() == []
+    env.tr.set_router(**dict(settings, outside_mtu=1400))  # another setting changes, not the rate
+    env.run(frames, OUT, now=100)
+    assert env.tr.generated() == []
+    env.tr.set_router(**dict(settings, icmp_rate=3))  # a new rate: a full bucket of its size
+    env.run(frames, OUT, now=100)
+    assert len(env.tr.generated()) == 3
+    assert events(env, OUT) == {"icmp_time_exceeded": 5, "icmp_rate_limited": 7}
+
+
 def test_rate_zero_and_no_address_send_nothing(fp):
     f = raw(eth() / IP(src=I1, dst=R, ttl=1) / UDP(sport=2222, dport=53))
     env = router_env(fp, rate=0)

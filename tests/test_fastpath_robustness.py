@@ -168,12 +168,20 @@ def test_zero_length_and_huge_batch_values(fp):
 # The same under the debug build (bounds checks on)
 # ---------------------------------------------------------------------------------------
 
+def _expands_to_pxi(path) -> bool:
+    """A declared list setup.py expands into a Cython enum (verdicts.py, wire_reasons.py:
+    each defines pxi_source())."""
+    with open(path) as f:
+        return "\ndef pxi_source(" in f.read()
+
+
 def _debug_build_dir():
     """Build hypernat._fastpath with HYPERNAT_DEBUG=1 into a cache directory keyed by
     its sources, from a copy of them (the in-tree release build and its generated C
     are left alone).  Returns the path of the built extension."""
     pkg = os.path.join(ROOT, "hypernat")
-    srcs = sorted(n for n in os.listdir(pkg) if n.endswith((".pyx", ".pxd", ".pxi")) or n in ("__init__.py", "verdicts.py"))
+    srcs = sorted(n for n in os.listdir(pkg) if n.endswith((".pyx", ".pxd", ".pxi")) or n == "__init__.py"
+                  or (n.endswith(".py") and _expands_to_pxi(os.path.join(pkg, n))))
     h = hashlib.sha256()
     for name in ["../setup.py"] + srcs:
         with open(os.path.join(pkg, name), "rb") as f:

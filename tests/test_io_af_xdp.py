@@ -8,37 +8,26 @@ import time
 import numpy as np
 import pytest
 from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from hypernat.io.base import Batch
 from hypernat.l2 import mac_str
 from hypernat.lab import netns
+from vethkit import veth_namespace
 
 pytestmark = pytest.mark.netns
 af_xdp = pytest.importorskip("hypernat.io.af_xdp", reason="hypernat.io._xsk not built (libxdp/libbpf missing)")
 from hypernat.io.packet_mmap import PacketMmapPort  # noqa: E402
 
 
+ADDRS = {"a": "10.9.0.1/24", "b": "10.9.0.2/24"}
+
+
 @pytest.fixture
 def ns():
-    name = f"hn-t{os.getpid()}-xdp"
-    pr_netns.create(name)
-    try:
-        for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
-            netns.sysctl(name, key, 1)
-        with IPRoute(netns=name) as ipr:
-            ipr.link("add", ifname="a", kind="veth", peer={"ifname": "b"})
-            for n, addr in (("a", "10.9.0.1"), ("b", "10.9.0.2")):
-                idx = ipr.link_lookup(ifname=n)[0]
-                ipr.addr("add", index=idx, address=addr, prefixlen=24)
-                ipr.link("set", index=idx, state="up")
-                netns.run(name, ["ethtool", "-K", n, "rx", "off", "tx", "off", "tso", "off", "gso", "off", "gro", "off"],
-                          check=False)
+    with veth_namespace(f"hn-t{os.getpid()}-xdp", [("a", "b")], addresses=ADDRS, offloads=False, ipv6=False) as name:
         yield name
-    finally:
-        pr_netns.remove(name)
 
 
 def open_ports(ns, mode):
@@ -240,19 +229,8 @@ def test_a_vlan_port_refuses_generic_xdp(ns):
 @pytest.fixture
 def ns2():
     """A veth pair with two queues each way."""
-    name = f"hn-t{os.getpid()}-xdpq"
-    pr_netns.create(name)
-    try:
-        with IPRoute(netns=name) as ipr:
-            q = {"num_rx_queues": 2, "num_tx_queues": 2}
-            ipr.link("add", ifname="a", kind="veth", **q, peer={"ifname": "b", **q})
-            for n, addr in (("a", "10.9.0.1"), ("b", "10.9.0.2")):
-                idx = ipr.link_lookup(ifname=n)[0]
-                ipr.addr("add", index=idx, address=addr, prefixlen=24)
-                ipr.link("set", index=idx, state="up")
+    with veth_namespace(f"hn-t{os.getpid()}-xdpq", [("a", "b")], addresses=ADDRS, queues=2) as name:
         yield name
-    finally:
-        pr_netns.remove(name)
 
 
 def test_each_queue_its_own_socket_one_program(ns2):

@@ -28,8 +28,6 @@ import time
 
 import numpy as np
 import pytest
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
@@ -40,6 +38,7 @@ from hypernat.lab.emulated import emulated_config
 from hypernat.lab.noop import NoopForwarder
 from hypernat.nic.worker import NicWorker
 from hypernat.verdicts import OUT, VERDICT
+from vethkit import veth_namespace
 
 pytestmark = pytest.mark.netns
 packet_mmap = pytest.importorskip("hypernat.io.packet_mmap")
@@ -58,21 +57,9 @@ def _xdp_available():
 
 @pytest.fixture
 def ns():
-    name = f"hn-txring{os.getpid()}-bp"
-    pr_netns.create(name)
-    try:
-        for key in ("net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"):
-            netns.sysctl(name, key, 1)
-        with IPRoute(netns=name) as ipr:
-            ipr.link("add", ifname="src", kind="veth", peer={"ifname": "fin"})
-            ipr.link("add", ifname="fout", kind="veth", peer={"ifname": "dst"})
-            for n, mac in MACS.items():
-                ipr.link("set", index=ipr.link_lookup(ifname=n)[0], address=mac, state="up")
-                netns.run(name, ["ethtool", "-K", n, "rx", "off", "tx", "off", "tso", "off", "gso", "off",
-                                 "gro", "off"], check=False)
+    with veth_namespace(f"hn-txring{os.getpid()}-bp", [("src", "fin"), ("fout", "dst")], macs=MACS, offloads=False,
+                        ipv6=False) as name:
         yield name
-    finally:
-        pr_netns.remove(name)
 
 
 def _frames(seqs):

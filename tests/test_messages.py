@@ -290,28 +290,29 @@ def test_record_dict_is_json_able():
             M.ip_int(bad)
 
 
-def test_activity_tcp_flags_per_direction_and_from_an_old_sender():
-    """ACTIVITY carries tcp_out / tcp_in beside the union; a record with only the
-    union reads as the union both ways."""
+def test_activity_tcp_flags_per_direction():
+    """ACTIVITY carries tcp_out / tcp_in beside the union: each direction reads its own
+    field (the union alone says nothing of a direction)."""
     from hypernat import layout
 
     recs = M.records(M.T_ACTIVITY, 3)
-    recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # new: SYN out only
-    recs["tcp_flags"][1] = layout.TCP_FIN  # old sender: union, per-direction fields zero
+    recs["tcp_out"][0], recs["tcp_flags"][0] = layout.TCP_SYN, layout.TCP_SYN  # SYN out only
+    recs["tcp_in"][1], recs["tcp_flags"][1] = layout.TCP_FIN, layout.TCP_FIN  # FIN in only
+    recs["tcp_flags"][2] = layout.TCP_RST  # the union without a direction
     out, inn = M.activity_tcp_dirs(recs)
-    assert list(out) == [layout.TCP_SYN, layout.TCP_FIN, 0]
+    assert list(out) == [layout.TCP_SYN, 0, 0]
     assert list(inn) == [0, layout.TCP_FIN, 0]
 
 
 # ------------------------------------- the compiled validator against the reference
 
-OWNS_TWIN = M.with_scalar(OWNS, lambda nic, addr, port: port % 2 == nic)
-INTERNAL_TWIN = M.with_scalar(INTERNAL, lambda addr: addr >> 24 == 10)
+INTERNAL_C = M.Prefixes([(0x0A000000, 0xFF000000)])  # INTERNAL, compiled
 
 
 def _partition_owns(n_nics, data):
-    """The real partition arithmetic as the NIC worker and the coordinator pass it: the
-    vectorised owners() with owner() as its scalar twin, after a few spill-over loans."""
+    """The real partition arithmetic as the NIC worker and the coordinator pass it
+    (``M.Owns`` over the partition's compiled geometry, in one of its modes) after a few
+    spill-over loans, and its plain-Python reference (tests/wire_model.py)."""
     from hypernat.lab.emulated import emulated_config
     from hypernat.partition import Partition
 
@@ -319,8 +320,8 @@ def _partition_owns(n_nics, data):
     part = Partition.from_config(cfg)
     for _ in range(data.draw(st.integers(0, 3))):
         part.lend(data.draw(st.integers(0, part.n_addrs * part.bpa - 1)), data.draw(st.integers(0, n_nics - 1)))
-    vec = lambda nic, a, p: part.owners(a, p) == nic  # noqa: E731
-    return vec, M.with_scalar(vec, lambda nic, a, p: part.owner(a, p) == nic), int(cfg.pool[0].network_address)
+    mode = data.draw(st.sampled_from(["now", "native", "now-or-native"]))
+    return M.Owns(part.geometry, mode), wire_model.owns_reference(part, mode), int(cfg.pool[0].network_address)
 
 
 def _records(data, code, n, n_nics, base=0xCB00710A):
@@ -354,18 +355,16 @@ def _records(data, code, n, n_nics, base=0xCB00710A):
 @settings(max_examples=500, deadline=None)
 @given(code=st.sampled_from(RECORD_TYPES), data=st.data())
 def test_compiled_validator_gives_the_reference_verdict(code, data):
-    """Every record type, 1..20 records (a predicate's scalar twin is asked for up to 8,
-    its vectorised form beyond), every kind of predicate: ``validate`` and ``check`` (the
+    """Every record type, 1..20 records, every kind of predicate (none, Python callables,
+    the compiled ones over a real partition with loans): ``validate`` and ``check`` (the
     compiled ``_wire.check``) return the reason tests/wire_model.py returns."""
     n_nics = data.draw(st.sampled_from([2, 3, 4]))
     n = 1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 20))
-    preds = data.draw(st.sampled_from(["none", "plain", "twin", "partition"]))
+    preds = data.draw(st.sampled_from(["none", "plain", "partition"]))
     base = 0xCB00710A
     if preds == "partition":
-        vec, twin, base = _partition_owns(n_nics, data)
-        owns, ref_owns, internal, ref_internal = twin, vec, INTERNAL_TWIN, INTERNAL
-    elif preds == "twin":
-        owns, ref_owns, internal, ref_internal = OWNS_TWIN, OWNS, INTERNAL_TWIN, INTERNAL
+        owns, ref_owns, base = _partition_owns(n_nics, data)
+        internal, ref_internal = INTERNAL_C, INTERNAL
     elif preds == "plain":
         owns = ref_owns = OWNS
         internal = ref_internal = INTERNAL
@@ -407,7 +406,7 @@ def test_mutated_valid_messages_are_never_an_exception_and_every_drop_is_counted
     """A valid message, then bytes flipped, cut or added: the compiled validator never
     raises, agrees with the reference, and counts each drop once under its reason."""
     payload = bytearray(_valid(code) * (1 if code in (M.T_HELLO, M.T_HELLO_ACK) else data.draw(st.integers(1, 10))))
-    kw = dict(sender=1, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=2)
+    kw = dict(sender=1, receiver=0, owns=OWNS, internal=INTERNAL_C, n_nics=2)
     assert wire_model.check(code, bytes(payload), 1, 0, OWNS, INTERNAL, 2) is None
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "flip", "cut", "add"]))
@@ -435,7 +434,7 @@ def test_mutated_valid_messages_are_never_an_exception_and_every_drop_is_counted
        payload=st.one_of(st.binary(max_size=300), st.binary(min_size=1, max_size=40).map(lambda b: b * 20)),
        sender=st.one_of(st.none(), st.integers(0, 5)))
 def test_random_bytes_get_the_reference_verdict(tframe, payload, sender):
-    d = M.validate(sender, tframe, payload, receiver=0, owns=OWNS_TWIN, internal=INTERNAL_TWIN, n_nics=4)
+    d = M.validate(sender, tframe, payload, receiver=0, owns=OWNS, internal=INTERNAL_C, n_nics=4)
     code = M.type_of(tframe)
     if code is None:
         assert d.reason == "unknown_type"
@@ -494,3 +493,26 @@ def test_outbox_one_array_is_sent_as_is_and_empty_arrays_send_nothing():
     assert out == [(b"nic1", M.T_RULE, r.tobytes()), (b"nic3", M.T_RULE, r[::2].tobytes())]
     assert M.RULE_STRUCT.size == M.RULE_DTYPE.itemsize and M.KEY_STRUCT.size == M.KEY_DTYPE.itemsize
     assert M.RULE_STRUCT.unpack(r[:1].tobytes()) == tuple(r[0].tolist())
+
+
+def test_validate_counts_each_drop_under_its_reason_and_drains_to_the_counter_names():
+    """``validate(..., counts=)`` counts every drop once under its reason's index (record
+    types in the compiled check, JSON and unknown types beside it); ``drain_drops`` hands
+    them to a counter under ``bad_message_<reason>`` and zeroes the array."""
+    import collections
+
+    counts = M.drop_counts()
+    assert counts.shape == (len(M.REASONS),) and list(M.DROP_COUNTER_NAMES) == ["bad_message_" + n for n in
+                                                                                 M.REASON_NAMES]
+    got = [M.validate(1, T[M.T_RULE], rule(ext_port=40000), owns=OWNS, counts=counts).reason,
+           M.validate(1, T[M.T_RULE], rule()[:-1], counts=counts).reason,
+           M.validate(1, b"\x7f", b"", counts=counts).reason,
+           M.validate(None, T[M.T_STATS], b"[1]", counts=counts).reason,
+           M.validate(1, T[M.T_RULE], rule(), owns=OWNS, counts=counts).reason]
+    assert got == ["foreign_endpoint", "truncated", "unknown_type", "bad_json", None]
+    assert int(counts.sum()) == 4 and all(counts[M.REASON[r]] == 1 for r in got if r)
+    seen = collections.Counter()
+    M.drain_drops(counts, lambda name, n: seen.update({name: n}))
+    assert seen == {"bad_message_foreign_endpoint": 1, "bad_message_truncated": 1, "bad_message_unknown_type": 1,
+                    "bad_message_bad_json": 1}
+    assert not counts.any()

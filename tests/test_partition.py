@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 from hypernat.partition import BY_ADDRESS, BY_PORT, Partition
 
+import wire_model
+
 
 @st.composite
 def partitions(draw):
@@ -194,28 +196,25 @@ def test_availability_quick(tmp_path):
 
 
 def _owner_reference(p: Partition, addr: int, port: int) -> int:
-    """owner() as first written (address_index + the arithmetic), to hold the shortcuts
-    (single prefix, by-port table) to it."""
-    a = p.address_index(addr)
-    if a < 0 or not p.port_min <= port <= p.port_max:
-        return -1
-    j = (port - p.port_min) // p.block_size
-    o = p.overrides.get(a * p.bpa + j)
-    if o is not None:
-        return o
-    if p.strategy == BY_PORT:
-        return ((j + 1) * p.n - 1) // p.bpa
-    return ((a + 1) * p.n - 1) // p.n_addrs
+    """owner() written out in plain Python (tests/wire_model.py), to hold the compiled
+    geometry (hypernat._geometry) to it."""
+    return wire_model.owner_reference(p, addr, port)
 
 
 @pytest.mark.parametrize("pool,strategy", [(["198.18.0.0/30"], BY_PORT), (["198.18.0.0/28"], BY_ADDRESS),
                                            (["198.18.0.8/29", "198.18.0.0/30"], BY_PORT),
                                            (["198.18.0.8/29", "198.18.0.0/30"], BY_ADDRESS)])
-def test_owner_shortcuts_agree_with_the_arithmetic_at_every_edge(pool, strategy):
+def test_compiled_owner_agrees_with_the_arithmetic_at_every_edge(pool, strategy):
+    """The owner of an endpoint (hypernat._geometry, in C) against the arithmetic written
+    out in Python, at every edge of the pool and the port range, with loans made and
+    taken back (the C loan table follows ``lend`` / ``return_block``)."""
     import numpy as np
 
     p = Partition(pool, 1000, 1999, 3, strategy, 64)
     p.lend(5, 2)
+    p.lend(0, 1)
+    p.lend(2, 1)
+    p.return_block(0)
     addrs = set()
     for net in p.nets:
         lo, hi = int(net.network_address), int(net.broadcast_address)
@@ -226,3 +225,7 @@ def test_owner_shortcuts_agree_with_the_arithmetic_at_every_edge(pool, strategy)
             want = _owner_reference(p, a, port)
             assert p.owner(a, port) == want, (a, port)
             assert p.owner(np.uint32(a), np.uint16(port)) == want
+            assert p.geometry.native_owner(a, port) == wire_model.owner_reference(p, a, port, loans=False)
+    grid = np.array([(a, q) for a in sorted(addrs) for q in (999, 1000, 1064, 1999, 2000)], dtype=np.int64)
+    assert list(p.owners(grid[:, 0], grid[:, 1])) == [_owner_reference(p, int(a), int(q)) for a, q in grid]
+    assert p.geometry.loans() == p.overrides and len(p.overrides) == 2

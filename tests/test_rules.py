@@ -831,7 +831,7 @@ def check_consistency(rb):
             bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
         assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
     live = {(m.block, {6: 0, 17: 1, 1: 2}[m.proto], m.eport - bl.lo(m.block)) for m in rb.mappings()}
-    waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
+    waiting = {(g, pi, off) for _, _, g, pi, off in rb.pool.waiting()} | set(rb.pool.held().values())
     assert not live & waiting
     assert bits == live | waiting
     assert len(rb.out) == len(rb.inn) == rb.stats()["sessions"] == sum(len(m.remotes) for m in rb.mappings())
@@ -1045,11 +1045,11 @@ def test_hold_many_counts_as_hold_does():
     for e in eps:
         a.hold(*e)
     b.hold_many(eps)
-    assert a._holds == b._holds and b._holds[UDP << 48 | ip("198.18.77.1") << 16 | 1500] == 2
+    assert a.pool.hold_counts() == b.pool.hold_counts() and b.pool.holds(UDP << 48 | ip("198.18.77.1") << 16 | 1500) == 2
     for e in eps:  # and they are released alike
         a.release_hold(*e)
         b.release_hold(*e)
-    assert a._holds == b._holds == {}
+    assert a.pool.hold_counts() == b.pool.hold_counts() == {}
 
 
 def test_incoming_batch_decided_in_one_pass_refusals_counted_fetches_queued():

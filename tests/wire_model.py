@@ -154,3 +154,41 @@ def check(code: int, payload: bytes, sender: Optional[int] = None, receiver: Opt
             return "bad_field"
         return None
     return None  # ACK and HEARTBEAT: any content is well formed
+
+
+# ----------------------------------------------- the partition's ownership, in plain Python
+
+
+def owner_reference(part, addr: int, port: int, loans: bool = True) -> int:
+    """``Partition.owner`` written out from the module doc's arithmetic, from the
+    partition's public description (its prefixes in pool order, port range, block size,
+    strategy, loans) -- not through its compiled geometry.  -1 outside the pool."""
+    a, off = -1, 0
+    for net in part.nets:
+        base = int(net.network_address)
+        if base <= addr < base + net.num_addresses:
+            a = off + addr - base
+            break
+        off += net.num_addresses
+    if a < 0 or not part.port_min <= port <= part.port_max:
+        return -1
+    j = (port - part.port_min) // part.block_size
+    if loans and a * part.bpa + j in part.overrides:
+        return part.overrides[a * part.bpa + j]
+    if part.strategy == "by-port":
+        return ((j + 1) * part.n - 1) // part.bpa
+    return ((a + 1) * part.n - 1) // part.n_addrs
+
+
+def owns_reference(part, mode: str):
+    """The vectorised reference of ``messages.Owns(part.geometry, mode)``."""
+
+    def owns(nic, addrs, ports):
+        out = []
+        for x, y in zip(addrs, ports):
+            now, native = owner_reference(part, int(x), int(y)), owner_reference(part, int(x), int(y), loans=False)
+            out.append(now == nic if mode == "now" else native == nic if mode == "native"
+                       else nic in (now, native))
+        return np.array(out, dtype=bool)
+
+    return owns

@@ -256,7 +256,7 @@ DROP_REASONS = (
 )
 # ... and the messages the NIC worker drops before they reach the agent: by validation
 # (messages.REASONS; each also counted as bad_message), or because handling raised
-DROP_REASONS += tuple(("bad_message_" + n, "dropped by validation: " + h) for n, h in M.REASONS) + (
+DROP_REASONS += M.DROP_COUNTERS + (
     ("bad_message_handler_error", "a message whose handling raised: dropped, logged"),)
 DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 

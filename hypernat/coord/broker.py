@@ -182,13 +182,7 @@ class Coordinator:
         self.partition = partition if partition is not None else getattr(owns, "partition", None)
         self.loans_applied = 0
         if self.partition is not None:  # a RETURN names a block of its lender's native space
-            part = self.partition
-
-            def native_one(nic, addr, port):
-                g = part.block_of(addr, port)
-                return g >= 0 and part.native_owner_of_block(g) == nic
-
-            self._native_owns = M.elementwise(native_one)
+            self._native_owns = M.Owns(self.partition.geometry, "native")
         self.internal = internal
         self.owner_of = owner_of
         self.check_records = check_records
@@ -869,25 +863,21 @@ def _sum_into(total: dict, add: dict) -> None:
 
 def predicates_from_config(cfg):
     """(owns, internal, owner_of) for a loaded Config: partition arithmetic and the
-    internal prefixes.  ``owns.partition`` is the Partition: a Coordinator given this
-    ``owns`` follows spill-over loans in it (BORROW_ACK / RETURN it routes)."""
+    internal prefixes, compiled (``messages.Owns``, ``messages.Prefixes``).
+    ``owns.geometry`` is the Partition's: a Coordinator given this ``owns`` follows
+    spill-over loans in it (BORROW_ACK / RETURN it routes), through ``owns.partition``."""
     from ..partition import Partition
 
     part = Partition.from_config(cfg)
-    nets = [(int(n.network_address), int(n.netmask)) for n in cfg.internal]
-
-    def owns(nic, addrs, ports):
-        return part.owners(addrs, ports) == nic
-
-    def internal(addrs):
-        a = np.asarray(addrs, dtype=np.uint32)
-        ok = np.zeros(a.shape, dtype=bool)
-        for base, mask in nets:
-            ok |= (a & np.uint32(mask)) == np.uint32(base)
-        return ok
-
-    # scalar twins for one-record messages (messages.with_scalar): no numpy per FETCH
-    owns = M.with_scalar(owns, lambda nic, addr, port: part.owner(addr, port) == nic)
-    owns.partition = part  # the Coordinator applies spill-over loans to it
-    internal = M.with_scalar(internal, lambda addr: any(addr & mask == base for base, mask in nets))
+    owns = _PartitionOwns(part)
+    internal = M.Prefixes(cfg.internal)
     return owns, internal, part.owner
+
+
+class _PartitionOwns(M.Owns):
+    """``messages.Owns`` (loans applied) that remembers its Partition (``.partition``)."""
+
+    def __init__(self, part):
+        super().__init__(part.geometry, "now")
+        self.partition = part
+

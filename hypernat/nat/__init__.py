@@ -13,8 +13,20 @@
 ``_mappings.OutSetup`` an outgoing first packet's common case over all of the above.
 
 One C record per block, host, mapping or session: no Python object per connection.
-``hypernat.rules.RuleBuilder`` owns one of each and keeps the policy (which host gets
-which block, journal, translation log, reuse delay, quarantine, refusals' counters and
-logs) in Python.  ``tests/nat_model.py`` is the readable reference of the compiled
+
+The owner side's other concerns, one Python module each (per block event, per expired
+session, per clone batch, per recovery report; compiled as they are, setup.py):
+
+``pool.BlockPool``     free blocks per address, blocks journaled ahead, the reuse delay,
+                       holds, loans, quarantine: it answers, the builder acts.
+``expiry.Expiry``      the sweep: idle sessions and lease-expired clones, timeouts.
+``holder.CloneHolder`` clone entries held here: install, revoke, renew, activity.
+``recovery.Recovery``  crash recovery from clones: the window, re-created sessions.
+``records``            SESSION_DTYPE and the session keys, defined once.
+
+``hypernat.rules.RuleBuilder`` owns one of each and keeps the decisions of a miss or a
+fetch, the journal and translation-log writing, refusals' counters and logs and
+snapshots; the components reach it only through its public methods (``SessionOwner``,
+``RecoveryOwner``).  ``tests/nat_model.py`` is the readable reference of the compiled
 decisions (``tests/test_nat_model.py`` checks them against it).
 """

@@ -32,6 +32,7 @@ from libc.string cimport memset
 import numpy as np
 
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+from .._geometry cimport Geometry, Prefixes
 
 cdef extern from *:
     """
@@ -598,9 +599,7 @@ cdef class OutSetup:
     cdef Hosts hs
     cdef PortBlocks bl
     cdef HostRate rate
-    cdef uint32_t* nets
-    cdef uint32_t* masks
-    cdef int nnets
+    cdef Prefixes inside              # the internal prefixes (hypernat._geometry)
     cdef bint preserve
     cdef uint32_t cap
     cdef int r_not_internal, r_icmp, r_full, r_rate, r_not_in_pool, r_usyn, r_no_mapping, r_filtered, r_not_owner
@@ -609,12 +608,7 @@ cdef class OutSetup:
     cdef bint has_in
     cdef int nic
     cdef int filt
-    cdef int64_t* pbase
-    cdef int64_t* psize
-    cdef int64_t* poff
-    cdef int npr
-    cdef int64_t pmin, pmax, pbs, pn, pbpa, pnaddrs
-    cdef bint by_port
+    cdef Geometry geo                 # the partition's geometry (hypernat._geometry)
     cdef int64_t* nref                # refusals answered in run / serve, per reason index
     cdef int nreasons
     cdef public bint owner_py         # the partition has loans: NEED_PY for an owned-looking endpoint
@@ -626,9 +620,6 @@ cdef class OutSetup:
     cdef readonly int fetch_owner     # the NIC of the last answer -2 (FETCH)
 
     def __cinit__(self):
-        self.nets = NULL
-        self.masks = NULL
-        self.pbase = self.psize = self.poff = NULL
         self.nref = NULL
 
     def __init__(self, Mappings maps not None, internal, reasons, verdicts):
@@ -637,14 +628,7 @@ cdef class OutSetup:
         unsolicited_syn, no_mapping, filtered, not_owner; `verdicts`: {name: value} of miss_out,
         miss_in, miss_icmp_error, miss_hairpin (the misses: one range of values)."""
         self.mp = maps
-        nets = list(internal)
-        self.nnets = len(nets)
-        self.nets = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
-        self.masks = <uint32_t*>realloc(NULL, (self.nnets + 1) * sizeof(uint32_t))
-        if self.nets == NULL or self.masks == NULL:
-            raise MemoryError()
-        for k, (n, m) in enumerate(nets):
-            self.nets[k], self.masks[k] = n, m
+        self.inside = Prefixes(internal)
         self.r_not_internal = reasons["not_internal"]
         self.r_icmp = reasons["icmp_error_no_session"]
         self.r_full = reasons["table_full"]
@@ -667,11 +651,6 @@ cdef class OutSetup:
             raise ValueError(f"the miss verdicts are not one range: {vs}")
 
     def __dealloc__(self):
-        free(self.nets)
-        free(self.masks)
-        free(self.pbase)
-        free(self.psize)
-        free(self.poff)
         free(self.nref)
 
     def bind(self, Hosts hosts not None, PortBlocks blocks not None, HostRate rate, int cap, bint preserve):
@@ -691,20 +670,8 @@ cdef class OutSetup:
         self.filt = _FILTERS[filtering]
         if self.filt == F_ADF and not self.mp.raddr:
             raise ValueError("address-dependent filtering needs Mappings(remote_addresses=True)")
-        if block_size < 1 or n_nics < 1 or blocks_per_address < 1 or n_addresses < 1:
-            raise ValueError("partition geometry out of range")
-        rs = list(ranges)
-        self.npr = 0
-        self.pbase = <int64_t*>realloc(self.pbase, (len(rs) + 1) * sizeof(int64_t))
-        self.psize = <int64_t*>realloc(self.psize, (len(rs) + 1) * sizeof(int64_t))
-        self.poff = <int64_t*>realloc(self.poff, (len(rs) + 1) * sizeof(int64_t))
-        if self.pbase == NULL or self.psize == NULL or self.poff == NULL:
-            raise MemoryError()
-        for k, (b, z, o) in enumerate(rs):
-            self.pbase[k], self.psize[k], self.poff[k] = b, z, o
-        self.npr = len(rs)
-        self.nic, self.pmin, self.pmax, self.pbs, self.by_port = nic, port_min, port_max, block_size, by_port
-        self.pn, self.pbpa, self.pnaddrs = n_nics, blocks_per_address, n_addresses
+        self.geo = Geometry(ranges, port_min, port_max, block_size, by_port, n_nics, blocks_per_address, n_addresses)
+        self.nic = nic
         self.has_in = True
 
     def drain(self, list counters not None):
@@ -717,20 +684,12 @@ cdef class OutSetup:
 
     cdef int64_t owner_c(self, uint32_t ea, uint16_t ep) noexcept:
         """The NIC owning (E, Ep); -1 outside the pool; OWNER_PY if loans may decide."""
-        cdef int k
-        cdef int64_t a = -1, j
-        for k in range(self.npr):
-            if self.pbase[k] <= ea and ea - self.pbase[k] < self.psize[k]:
-                a = self.poff[k] + (ea - self.pbase[k])
-                break
-        if a < 0 or ep < self.pmin or ep > self.pmax:
+        cdef int64_t g = self.geo.block_c(ea, ep)
+        if g < 0:
             return -1
         if self.owner_py:
             return OWNER_PY
-        if self.by_port:
-            j = (ep - self.pmin) // self.pbs
-            return ((j + 1) * self.pn - 1) // self.pbpa
-        return ((a + 1) * self.pn - 1) // self.pnaddrs
+        return self.geo.native_c(g)
 
     def owner(self, uint32_t ea, uint16_t ep):
         return self.owner_c(ea, ep)
@@ -774,11 +733,7 @@ cdef class OutSetup:
 
     cdef int out_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
                    bint icmp_error) except -5:
-        cdef int k
-        for k in range(self.nnets):
-            if ia & self.masks[k] == self.nets[k]:
-                break
-        else:
+        if not self.inside.has_c(ia):
             return self.r_not_internal
         if p != P_TCP and p != P_UDP and p != P_ICMP:
             return NEED_PY

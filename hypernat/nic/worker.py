@@ -798,11 +798,13 @@ class NicWorker:
             # lent (the asker missed the loan notice: the agent tells it again)
             owns = self._native_owns if mt == M.T_RETURN else self._fetch_owns if mt == M.T_FETCH else self._owns
             d = M.validate(sender, tframe, payload, receiver=self.nic_id,
-                           owns=owns, internal=self._internal, n_nics=self.n_nics)
+                           owns=owns, internal=self._internal, n_nics=self.n_nics, counts=self._drops)
             if not d.ok or sender is None or d.mtype not in M.ROUTED_TYPES:
                 self.counters["coord_bad_message"] += 1
                 self.agent.count("bad_message")
-                self.agent.count("bad_message_" + (d.reason or "wrong_direction"))
+                if d.ok:
+                    self._drops[M.REASON["wrong_direction"]] += 1
+                M.drain_drops(self._drops, self.agent.count)  # bad_message_<reason>
                 continue
             last = held[-1] if held else None
             if (last is not None and last[0] == sender and last[1] == d.mtype and d.mtype in self._COALESCE
@@ -813,53 +815,12 @@ class NicWorker:
             held.append([sender, d.mtype, [d.recs]])
 
     def _make_predicates(self) -> None:
-        """The validation predicates, each with its scalar twin (``messages.with_scalar``):
-        a one-record FETCH or RULE is checked with partition arithmetic on ints, not with
-        numpy (tens of microseconds per call, four times per fetch)."""
-        part = self.partition
-        nets = [(int(n.network_address), int(n.netmask)) for n in self.config.internal]
-
-        def owns_one(nic, addr, port):
-            return part.owner(addr, port) == nic
-
-        def native_one(nic, addr, port):
-            g = part.block_of(addr, port)
-            return g >= 0 and part.native_owner_of_block(g) == nic
-
-        def internal_one(addr):
-            return any(addr & mask == base for base, mask in nets)
-
-        def fetch_one(nic, addr, port):
-            return owns_one(nic, addr, port) or native_one(nic, addr, port)
-
-        def fetch_vec(nic, addrs, ports):
-            # the native-block check (per record) only for what the partition does not give us
-            ok = np.array(self._owns_vec(nic, addrs, ports), dtype=bool)
-            if not ok.all():
-                rest = ~ok
-                ok[rest] = self._native_owns_vec(nic, np.asarray(addrs)[rest], np.asarray(ports)[rest])
-            return ok
-
-        self._owns = M.with_scalar(self._owns_vec, owns_one)
-        self._fetch_owns = M.with_scalar(fetch_vec, fetch_one)
-        self._native_owns = M.with_scalar(self._native_owns_vec, native_one)
-        self._internal = M.with_scalar(self._internal_vec, internal_one)
-
-    def _owns_vec(self, nic, addrs, ports):
-        return self.partition.owners(addrs, ports) == nic
-
-    def _native_owns_vec(self, nic, addrs, ports):
-        """A returned block belongs to its lender by the strategy, whatever the loans say."""
-        p = self.partition
-        return np.array([p.block_of(int(a), int(q)) >= 0 and p.native_owner_of_block(p.block_of(int(a), int(q))) == nic
-                         for a, q in zip(addrs, ports)], dtype=bool)
-
-    def _internal_vec(self, addrs):
-        out = np.zeros(len(addrs), dtype=bool)
-        for net in self.config.internal:
-            out |= (np.asarray(addrs, dtype=np.uint32) & np.uint32(int(net.netmask))) == np.uint32(
-                int(net.network_address))
-        return out
+        """The validation predicates, compiled (``messages.Owns`` over the partition's
+        geometry, which follows its loans; ``messages.Prefixes``): answered in C per record."""
+        geo = self.partition.geometry
+        self._owns, self._fetch_owns, self._native_owns = (M.Owns(geo, m) for m in ("now", "now-or-native", "native"))
+        self._internal = M.Prefixes(self.config.internal)
+        self._drops = M.drop_counts()  # validation drops by reason (M.validate counts them)
 
     def _from_coord(self, tframe, payload, now) -> None:
         d = M.validate(None, tframe, payload)
@@ -1253,7 +1214,7 @@ class NicWorker:
 
 
 # What a reload applies to the fast path's router (Translator.set_router) while running
-# (a reload takes them from the next batch on; the ICMP token bucket starts full again):
+# (a reload takes them from the next batch on; the ICMP token bucket keeps its tokens unless its rate changed):
 # the config's keys, and the per-link MTU keys of any NIC entry.
 ROUTER_LIVE_SETTINGS = ("tcp_mss_clamp", "icmp")
 ROUTER_LIVE_NIC_FIELDS = ("inside_mtu", "outside_mtu")
