@@ -56,7 +56,7 @@ from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
 from ..rules import RuleBuilder
-from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
+from ..verdicts import IN, MISS_VERDICTS, N_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
 from .events import REPLAY_SENT as EV_REPLAY_SENT
 from .events import RULE_BUILT as EV_RULE_BUILT
@@ -73,6 +73,7 @@ _V_HAIRPIN = VERDICT["hairpin"]
 _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
+_MISS_IDX = np.array(sorted(MISS_VERDICTS), dtype=np.intp)  # into a batch's verdict counts
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
 
 
@@ -533,7 +534,8 @@ class NicWorker:
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial, b.meta)
         self._send_made()
         self.counters["batches"] += 1
-        if self._send_verdicts(b, v, direction, port, other):  # the common case: everything hit
+        counts = self._send_verdicts(b, v, direction, port, other)
+        if counts is None:  # the common case: everything hit
             if ev is not None and ev.hits:
                 ev.add_keys(EV_RX_HIT, direction, t_rx, k)
             return n
@@ -541,11 +543,9 @@ class NicWorker:
             if ev.hits:
                 ev.add_keys(EV_RX_HIT, direction, t_rx, k[v == _V_TRANSLATED])
             ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
-        if self.arp[id(port)] is not None:
-            nn = np.flatnonzero(v == _V_NOT_NAT)
-            if len(nn):
-                self._arp(port, b, nn)
-        if _MISS_LUT[v].any():
+        if counts[_V_NOT_NAT] and self.arp[id(port)] is not None:
+            self._arp(port, b, np.flatnonzero(v == _V_NOT_NAT))
+        if counts[_MISS_IDX].any():
             try:
                 self._misses(b, direction, v, k, now)
             except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
@@ -553,10 +553,12 @@ class NicWorker:
                 log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
 
-    def _send_verdicts(self, b, v, direction: int, port, other) -> bool:
+    def _send_verdicts(self, b, v, direction: int, port, other):
         """Send the frames of `b` the fast path translated (verdicts `v`) out of `other`,
-        and those it hairpinned (OUT only) back out of `port`; True when every frame
-        was translated (the common case: one count, one send)."""
+        and those it hairpinned (OUT only) back out of `port`.  Returns None when every
+        frame was translated (the common case: one count, one send), else the batch's
+        count of each verdict (one ``bincount``: what else the batch holds, without a
+        pass over it per kind)."""
         n = b.n
         c = self.counters
         send = v == _V_TRANSLATED
@@ -565,14 +567,14 @@ class NicWorker:
             if n > len(self._all):
                 self._all = np.arange(n, dtype=np.intp)
             c["tx_drops"] += n - other.send(b, self._all[:n])
-            return True
+            return None
+        counts = np.bincount(v, minlength=N_VERDICTS)
         if nsend:
             c["tx_drops"] += nsend - other.send(b, np.flatnonzero(send))
-        if direction == OUT:
+        if counts[_V_HAIRPIN]:
             hp = np.flatnonzero(v == _V_HAIRPIN)
-            if len(hp):
-                c["tx_drops"] += len(hp) - port.send(b, hp)
-        return False
+            c["tx_drops"] += len(hp) - port.send(b, hp)
+        return counts
 
     def _arp(self, port, b, idx) -> None:
         """ARP frames among the not_nat ones: learn, answer for our addresses."""
@@ -716,8 +718,9 @@ class NicWorker:
         c = self.counters
         c["replayed"] += n
         port, other = (self.inside, self.outside) if direction == OUT else (self.outside, self.inside)
-        if not self._send_verdicts(b, v, direction, port, other):
-            c["replay_miss"] += int(np.count_nonzero(_MISS_LUT[v]))
+        counts = self._send_verdicts(b, v, direction, port, other)
+        if counts is not None:
+            c["replay_miss"] += int(counts[_MISS_IDX].sum())
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
 
