@@ -95,6 +95,10 @@ class _HairpinFrame(bytes):
         return f
 
 
+# Frames a loop turn takes from its ports at most, in batches: 8 x 256 = 2048 frames,
+# four rounds of both ports when both are busy, seven batches when one is.
+TURN_BATCHES = 8
+
 # Decisions a hairpinned first packet may take: half 1 fetched, half 2 fetched, and one
 # more for a half that a race removed in between.
 HAIRPIN_ROUNDS = 3
@@ -930,11 +934,16 @@ class NicWorker:
             if self._backlog or len(self.outbox):
                 self._flush()  # RULE answers to FETCHes leave before this turn's packets
         t1 = time.perf_counter()
+        # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
+        # however they split between the ports (one busy direction gets the whole turn;
+        # the turn's fixed costs -- poll, timers -- spread over as many frames as when
+        # both are busy); the poller keeps it fair
         n = 0
-        for _ in range(4):  # a few batches per side per turn; the poller keeps it fair
+        stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
+        for _ in range(TURN_BATCHES):
             k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
             n += k
-            if k == 0:
+            if k == 0 or n > stop:
                 break
         # frames a device refused (they wait in a transmit ring) are sent again every
         # turn, whether or not new ones arrived
