@@ -10,10 +10,12 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
                         │ misses (verdict MISS_*, key per frame)
                         ▼
-              RuleBuilder.decide_misses ──► REPLAY: translate again, send
+              RuleBuilder.decide_misses ──► REPLAY: translate again where the frames lie
+                                                    (Batch.select: no copy), send from the batch
                                         ──► DROP: counted by reason
-                                        ──► FETCH: RuleAgent queues the frame, asks the owner
-                                                   (sent at once: not at the end of the turn)
+                                        ──► FETCH: RuleAgent queues a copy of the frame, asks
+                                                   the owner (sent at once: not at the end of
+                                                   the turn); replayed from copies once answered
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
     Scheduler.run_due (nic/timers.py): every periodic job that is due, a slice each --
       the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
@@ -22,7 +24,9 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
-few numpy operations; per connection (a miss) it does Python work.  The coordinator is
+few numpy operations, and hands a batch's misses to the builder in one call (its common
+cases compiled, hypernat/nat/).  A turn takes up to TURN_BATCHES batches' worth of frames
+from its two ports, however they split between them.  The coordinator is
 never waited for: established traffic keeps flowing while it is away (invariant 7),
 unsent control messages wait in a bounded backlog and the agent's retries resend what
 mattered.  HELLO on start, HEARTBEAT every interval, and HELLO again whenever the
