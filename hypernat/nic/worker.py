@@ -77,7 +77,7 @@ _V_HAIRPIN = VERDICT["hairpin"]
 _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
-_MISS_IDX = np.array(sorted(MISS_VERDICTS), dtype=np.intp)  # into a batch's verdict counts
+_MISS_LIST = tuple(sorted(MISS_VERDICTS))  # read from a batch's verdict counts (.item: no numpy call)
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
 
 
@@ -553,7 +553,7 @@ class NicWorker:
             ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
         if counts[_V_NOT_NAT] and self.arp[id(port)] is not None:
             self._arp(port, b, np.flatnonzero(v == _V_NOT_NAT))
-        if counts[_MISS_IDX].any():
+        if any(map(counts.item, _MISS_LIST)):
             try:
                 self._misses(b, direction, v, k, now)
             except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
@@ -728,7 +728,7 @@ class NicWorker:
         port, other = (self.inside, self.outside) if direction == OUT else (self.outside, self.inside)
         counts = self._send_verdicts(b, v, direction, port, other)
         if counts is not None:
-            c["replay_miss"] += int(counts[_MISS_IDX].sum())
+            c["replay_miss"] += sum(map(counts.item, _MISS_LIST))
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
 
