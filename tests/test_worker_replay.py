@@ -293,3 +293,20 @@ def test_mixed_batch_every_frame_leaves_once_translated(nics):
     c = w0.counters_dict()
     assert c["loop_replay_miss"] == 0 and c["loop_slow_path_errors"] == 0
     assert c["rules_not_in_pool"] == 1 and c.get("rules_no_mapping", 0) == 1
+
+
+def test_batch_select_views_the_frames_and_gathers_their_metadata():
+    frames = [bytes([i]) * (20 + i) for i in range(5)]
+    b = Batch.from_frames(frames)
+    b.partial = np.array([0, 1, 0, 1, 1], np.uint8)
+    meta = np.zeros(5, META_DTYPE)
+    meta["gso_size"] = [10, 11, 12, 13, 14]
+    b.meta = meta.view(np.uint8).copy()
+    s = b.select([3, 1])
+    assert s.n == 2 and s.buf is b.buf and s.token is None
+    assert [s.buf[o:o + n].tobytes() for o, n in zip(s.offsets.tolist(), s.lengths.tolist())] == [frames[3], frames[1]]
+    assert s.partial.tolist() == [1, 1] and s.meta_records()["gso_size"].tolist() == [13, 11]
+    s.buf[int(s.offsets[0])] = 0xEE  # the selection is the batch's own bytes
+    assert b.frame(3)[0] == 0xEE
+    empty = b.select([])
+    assert empty.n == 0 and empty.frames() == []
