@@ -667,8 +667,11 @@ class NicWorker:
 
     @staticmethod
     def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
-        """The frames queued behind fetches, hairpinned ones marked as such."""
-        return [_HairpinFrame.of(f, rounds + 1) if v[i] == _V_MISS_HAIRPIN else f for i, f in zip(fidx, frames)]
+        """The frames queued behind fetches (copies of frames `fidx`), hairpinned ones
+        marked as such (found with one numpy pass; Python only for those)."""
+        for j in np.flatnonzero(v[fidx] == _V_MISS_HAIRPIN).tolist():
+            frames[j] = _HairpinFrame.of(frames[j], rounds + 1)
+        return frames
 
     def _replay_hairpins(self, frames) -> None:
         """Hairpinned frames whose fetch was answered: translated as the outgoing frames
