@@ -1244,15 +1244,6 @@ class RuleBuilder:
     t_trans = property(lambda self: self.expiry.t_trans)
     t_icmp = property(lambda self: self.expiry.t_icmp)
 
-    @property
-    def _lease_clones(self) -> bool:
-        # (read and set by tests/test_holder_speed_equiv.py: the expiry's public flag)
-        return self.expiry.lease_clones
-
-    @_lease_clones.setter
-    def _lease_clones(self, v) -> None:
-        self.expiry.lease_clones = bool(v)
-
     # -- what the expiry asks of its owner (hypernat.nat.expiry.SessionOwner) ---------------
     def release_due(self, now: int, budget: int) -> int:
         """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
@@ -1404,22 +1395,6 @@ class RuleBuilder:
     def recovery_hosts(self) -> frozenset:
         """The hosts the journal names (their first packets wait while ``recovering``)."""
         return self.recovery.hosts
-
-    _recovery_hosts = recovery_hosts  # (read by hypernat/nic/worker.py under this name)
-    _rec_ekeys = property(lambda self: self.recovery.recovered_endpoints())  # (tests/test_invariants_stateful.py)
-
-    # Read-only copies of the pool's state under the names these fields had on the
-    # builder before the pool was split out: tests in files other than test_rules.py
-    # read them (test_worker, test_recovery, test_journal_*, test_invariants_stateful).
-    # New code reads the pool's public views (``rb.pool.quarantined()`` ...).
-    _qblocks = property(lambda self: self.pool.quarantined())
-    _qhosts = property(lambda self: self.pool.quarantine_hosts())
-    _reserved = property(lambda self: self.pool.reserved_ports())
-    _prejournaled = property(lambda self: self.pool.reserved_ahead())
-    _reserving = property(lambda self: self.pool.reserves_in_flight())
-    _avail = property(lambda self: self.pool.free_addresses())
-    _reuse = property(lambda self: self.pool.waiting())
-    _held = property(lambda self: self.pool.held())
 
     # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):
