@@ -726,6 +726,7 @@ def test_lend_adopt_return():
     assert rb1.part.block_of(*e) == g and rb1.part.owner(*e) == 1
     # incoming to the borrowed block is decided by the borrower, fetched from it by others
     assert miss(rb0, IN, [(UDP, R1, 53, *e)], 2).owner[0] == 1
+    assert (miss(rb1, IN, [(UDP, R1, 53, *e)], 2).action == ACT_REPLAY).all()  # the borrower's own
     assert not rb1.return_block(g)  # in use
     sweep_all(rb1, 100)
     sweep_all(rb1, 200)
