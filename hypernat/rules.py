@@ -740,9 +740,10 @@ class RuleBuilder:
         quarantines what the journal lists).  Journaling it at that moment puts an
         fsync — hundreds of microseconds on a disk — between a new host's first packet
         and its rule.  Instead the worker calls this off the packet path (its timers,
-        no fetch waiting): for each of the next ``reserve_addresses`` addresses of the
-        round-robin, the next ``reserve_per_address`` blocks ``_take_block`` would take
-        are journaled as ``{"op": "reserve"}``.  When one is taken its "assign" record
+        no fetch waiting): the blocks the next reserve_per_address x
+        reserve_addresses new hosts will take (one each, on the addresses of the
+        round-robin in turn; ``BlockPool.reserve_plan``) are journaled as
+        ``{"op": "reserve"}``.  When one is taken its "assign" record
         (the host, for crash recovery) is written without an fsync (``append_lazy``:
         it survives a process crash; after a power loss the block is still quarantined,
         only its host is unknown).  Refills when half the reservations are used; the
