@@ -147,3 +147,118 @@ def test_scaleup(benchmark, kit):
           f"speedup {res['speedup']:.2f}x, coordinator {100 * res['coord_cpu_share']:.1f}% of a core "
           f"(load {res['load']:.1f} on {res['cpus']} CPUs)")
     assert res["mpps"] > 0 and res["mpps_1"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Fig. 4's one pass on one NIC, in this process: what a new flow costs the loop
+# ------------------------------------------------------------------------------------------------
+ONE_PASS_FLOWS = int(os.environ.get("HYPERNAT_ONEPASS_FLOWS", "200000"))  # Trace 4
+
+
+def one_pass(flows: int, seed: int = 4) -> dict:
+    """Fig. 4's one pass (hypernat.eval.throughput) on one standalone NIC worker driven in
+    this process, CPU time (``time.thread_time``): the trace's outgoing frames (every
+    flow's first packet builds its rule), then the reflected replies (all hits), then
+    both again with every rule in place (the established pass, ~2M frames).  A new
+    flow's cost is the one pass's CPU beyond what its frames cost established, per rule
+    built; ``decide_us_per_flow`` the part spent in ``RuleBuilder.decide_misses``
+    (timed per call), ``rest_us_per_flow`` the rest of the loop's.  The ports keep
+    references to what they send and gather it after the pass (the harness's copies stay
+    out of the CPU measured)."""
+    import tempfile
+
+    from hypernat import trace as T
+    from hypernat.eval import throughput as TH
+    from hypernat.nic.worker import NicWorker
+
+    class Port(TH.PhasePort):
+        def send(self, batch, idx):
+            idx = np.asarray(idx)
+            self.tx += len(idx)
+            if self.capture and len(idx):
+                self._kept.append((batch.buf, batch.offsets[idx], batch.lengths[idx]))
+            return len(idx)
+
+        def take(self):
+            rows, lens = [], []
+            for buf, o, ln in self._kept:
+                pos = np.minimum(o.astype(np.int64)[:, None] + np.arange(TH.FRAME)[None, :], len(buf) - 1)
+                rows.append(buf[pos])
+                lens.append(np.minimum(ln, TH.FRAME).astype(np.uint32))
+            self._kept = []
+            return np.concatenate(rows), np.concatenate(lens)
+
+    tr = T.generate(T.Params(flows=flows, seed=seed))
+    a, incl = T.headers(tr, TH.FRAME, fixlen=True)
+    f = np.zeros((len(a), TH.FRAME), np.uint8)
+    f[:, : a.shape[1]] = a[:, : TH.FRAME]
+    incl = incl.astype(np.uint32)
+    cfg = emulated_config(1, mapping="address-and-port-dependent", pool="198.18.0.0/24",
+                          limits={"flow_table_capacity": 1 << 19, "ports_per_host": 64512,
+                                  "fetch_rate_per_source": TH.FETCH_RATE})
+    inside, outside = Port("in0"), Port("out0")
+    with tempfile.TemporaryDirectory() as sd:
+        w = NicWorker(cfg, 0, inside, outside, standalone=True, journal=False, restore=False, state_dir=sd)
+        decide = [0.0]
+        inner = w.rules.decide_misses
+
+        def timed(*args, **kw):
+            t = time.thread_time()
+            try:
+                return inner(*args, **kw)
+            finally:
+                decide[0] += time.thread_time() - t
+
+        w.rules.decide_misses = timed
+        try:
+            def run(src):
+                c0 = time.thread_time()
+                end = time.monotonic() + TH.PHASE_MAX_S
+                while not src.exhausted and time.monotonic() < end:
+                    w.run_once(0)
+                for _ in range(5):  # what the last turn left (nothing, standalone)
+                    w.run_once(0)
+                return time.thread_time() - c0
+
+            inside.load(f, incl, 1)
+            outside.capture = True
+            cpu = run(inside)
+            rf, rl = outside.take()
+            rf = TH._reflect(rf)
+            outside.capture = False
+            outside.load(rf, rl, 1)
+            cpu += run(outside)
+            frames = len(f) + len(rf)
+            sent = inside.tx + outside.tx
+            rules = len(w.out_table)
+            decided = decide[0]
+            rounds = max(1, int(round(2e6 / frames)))
+            inside.load(f, incl, rounds)
+            outside.load(rf, rl, rounds)
+            tx0 = inside.tx + outside.tx
+            est = run(TH._Both(inside, outside))
+            est_frames = inside.tx + outside.tx - tx0
+        finally:
+            w.close()
+    per_frame = est / max(est_frames, 1)
+    new = (cpu - frames * per_frame) / max(rules, 1)
+    return {"flows": flows, "frames": frames, "sent": sent, "rules": rules, "one_pass_cpu_s": round(cpu, 3),
+            "established_ns_per_frame": round(per_frame * 1e9, 1),
+            "us_per_new_flow": round(new * 1e6, 2), "decide_us_per_flow": round(decided / max(rules, 1) * 1e6, 2),
+            "rest_us_per_flow": round((new - decided / max(rules, 1)) * 1e6, 2),
+            "one_pass_over_established": round(frames / cpu * per_frame, 4)}
+
+
+@pytest.mark.timeout(600)
+def test_one_pass_cost_per_new_flow(benchmark):
+    res = {}
+
+    def run():
+        res.update(one_pass(ONE_PASS_FLOWS if not benchmark.disabled else 2000))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(res, load=os.getloadavg()[0])
+    print(f"\nFig. 4 one pass, 1 NIC, {res['flows']} flows: {res['us_per_new_flow']} us of CPU per new flow "
+          f"(decide_misses {res['decide_us_per_flow']}, the rest of the loop {res['rest_us_per_flow']}); "
+          f"one pass at {100 * res['one_pass_over_established']:.1f}% of the established rate")
+    assert res["sent"] == res["frames"] and res["rules"] > 0

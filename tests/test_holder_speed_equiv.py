@@ -13,7 +13,7 @@ the same input through two paths and compares everything they leave behind:
 * ``RuleAgent._on_rule`` on one RULE batch against one RULE message per record, through
   the builder's tuple path and through a wrapped ``install_clone_rows`` (the event log's);
 * ``Batch.from_frames`` / ``Batch.frames`` against a plain reference;
-* ``NicWorker._replay`` with its small-batch verdict path against its numpy path.
+* ``NicWorker._translate_again`` over copies (``_replay``) and over a selection of a batch.
 """
 import random
 
@@ -551,11 +551,14 @@ def _replay_worker(tmp_path, name):
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 30])
-def test_replay_small_path_equals_numpy_path(tmp_path, n):
+def test_replay_of_copies_equals_replay_in_place(tmp_path, n):
+    """The one replay (``NicWorker._translate_again``) reached two ways: copies of the
+    frames in a batch of their own (``_replay``: frames queued behind a fetch) and a
+    selection of the batch they arrived in (``Batch.select``: the owner's own misses),
+    with other frames around them that must not be sent."""
     runs = []
-    for name, small in (("small", 16), ("numpy", 0)):
+    for name in ("copies", "in_place"):
         w, inside, outside = _replay_worker(tmp_path, name)
-        w._SMALL_REPLAY = small
         # rules for a few connections (NIC 0 builds them: its first packets)
         inside.inject([build_frame(UDP, INTERNAL + 10, 5000 + i, REMOTE + 1, 53, payload=b"q") for i in range(4)])
         w.run_once(0)
@@ -573,7 +576,12 @@ def test_replay_small_path_equals_numpy_path(tmp_path, n):
             else:  # hairpin: to a pool address
                 frames.append(build_frame(UDP, INTERNAL + 10, 5000, 0xC6120001, 40000 + i, payload=b"h"))
         before = dict(w.counters)
-        w._replay(OUT, frames)
+        if name == "copies":
+            w._replay(OUT, frames)
+        else:  # every other frame of the batch is one of them; the rest would translate too
+            other = [build_frame(UDP, INTERNAL + 10, 5001, REMOTE + 1, 53, payload=b"no%d" % i) for i in range(n)]
+            b = Batch.from_frames([f for pair in zip(other, frames) for f in pair])
+            w._translate_again(OUT, b.select(range(1, 2 * n, 2)))
         runs.append((dict(w.counters), before, outside.take_tx(), inside.take_tx(), w.translator.counters_dict()))
         w.close()
     (ca, ba, oa, ia, ta), (cb, bb, ob, ib, tb) = runs

@@ -76,6 +76,30 @@ def test_unsolicited_and_malformed_frames_are_counted_not_fatal(tmp_path):
     w.close()
 
 
+def test_a_turn_takes_the_same_frames_from_one_busy_port_as_from_two(tmp_path):
+    """A loop turn takes up to TURN_BATCHES batches' worth of frames however they split
+    between the ports: both busy, four rounds of two batches; one busy, seven batches of
+    it (not four); never more than TURN_BATCHES batches."""
+    from hypernat.nic.worker import TURN_BATCHES
+
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, batch_size=16)
+    flows = [build_frame(UDP, I1, 1000 + i, R1, 53, payload=b"q") for i in range(4)]
+    inside.inject(flows)
+    assert spin([w], lambda: len(outside._tx) == 4, 2)
+    replies = [build_frame(UDP, R1, 53, parse_frame(f).src, parse_frame(f).sport, payload=b"a")
+               for f in outside.take_tx()]
+    w.timers.run_due(w.clock())
+    inside.inject(flows * 100)  # one busy port
+    assert w.run_once(0) == (TURN_BATCHES - 1) * 16
+    inside.take_tx(), outside.take_tx()
+    spin([w], lambda: not inside.pending(), 2)
+    inside.inject(flows * 100)  # both busy
+    outside.inject(replies * 100)
+    assert w.run_once(0) == TURN_BATCHES * 16
+    w.close()
+
+
 def test_coordinator_unreachable_never_blocks_and_counts(tmp_path):
     """No coordinator at the endpoint: own traffic flows, fetches time out, counted."""
     cfg = emulated_config(2, limits={"fetch_timeout_ms": 20, "fetch_retries": 1})

@@ -10,10 +10,12 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
                         │ misses (verdict MISS_*, key per frame)
                         ▼
-              RuleBuilder.decide_misses ──► REPLAY: translate again, send
+              RuleBuilder.decide_misses ──► REPLAY: translate again where the frames lie
+                                                    (Batch.select: no copy), send from the batch
                                         ──► DROP: counted by reason
-                                        ──► FETCH: RuleAgent queues the frame, asks the owner
-                                                   (sent at once: not at the end of the turn)
+                                        ──► FETCH: RuleAgent queues a copy of the frame, asks
+                                                   the owner (sent at once: not at the end of
+                                                   the turn); replayed from copies once answered
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
     Scheduler.run_due (nic/timers.py): every periodic job that is due, a slice each --
       the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
@@ -22,7 +24,9 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
     Outbox ──► DEALER.send(NOBLOCK) — a full or absent coordinator queues, never blocks
 
 Per-packet work happens only inside ``Translator.translate``; per batch the loop does a
-few numpy operations; per connection (a miss) it does Python work.  The coordinator is
+few numpy operations, and hands a batch's misses to the builder in one call (its common
+cases compiled, hypernat/nat/).  A turn takes up to TURN_BATCHES batches' worth of frames
+from its two ports, however they split between them.  The coordinator is
 never waited for: established traffic keeps flowing while it is away (invariant 7),
 unsent control messages wait in a bounded backlog and the agent's retries resend what
 mattered.  HELLO on start, HEARTBEAT every interval, and HELLO again whenever the
@@ -56,7 +60,7 @@ from ..io.base import Batch
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
 from ..rules import RuleBuilder
-from ..verdicts import IN, MISS_VERDICTS, OUT, VERDICT
+from ..verdicts import IN, MISS_VERDICTS, N_VERDICTS, OUT, VERDICT
 from .events import FETCH_SENT as EV_FETCH_SENT
 from .events import REPLAY_SENT as EV_REPLAY_SENT
 from .events import RULE_BUILT as EV_RULE_BUILT
@@ -73,7 +77,7 @@ _V_HAIRPIN = VERDICT["hairpin"]
 _V_NOT_NAT = VERDICT["not_nat"]
 _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
-_MISS_SET = frozenset(int(x) for x in MISS_VERDICTS)
+_MISS_LIST = tuple(sorted(MISS_VERDICTS))  # read from a batch's verdict counts (.item: no numpy call)
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
 
 
@@ -94,6 +98,10 @@ class _HairpinFrame(bytes):
         f.rounds = rounds
         return f
 
+
+# Frames a loop turn takes from its ports at most, in batches: 8 x 256 = 2048 frames,
+# four rounds of both ports when both are busy, seven batches when one is.
+TURN_BATCHES = 8
 
 # Decisions a hairpinned first packet may take: half 1 fetched, half 2 fetched, and one
 # more for a half that a race removed in between.
@@ -528,44 +536,53 @@ class NicWorker:
         if n > len(self._verdicts):
             self._verdicts = np.zeros(n, np.uint8)
             self._keys = np.zeros(n, layout.KEY_DTYPE)
-            self._all = np.arange(n, dtype=np.intp)
         v = self._verdicts[:n]
         k = self._keys[:n]
         now = self.ticks()
         self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, now, v, k, b.partial, b.meta)
         self._send_made()
         self.counters["batches"] += 1
-        send = v == _V_TRANSLATED
-        nsend = int(np.count_nonzero(send))
-        if nsend == n:  # the common case: everything hit, one send, nothing else to look at
-            self.counters["tx_drops"] += n - other.send(b, self._all[:n])
+        counts = self._send_verdicts(b, v, direction, port, other)
+        if counts is None:  # the common case: everything hit
             if ev is not None and ev.hits:
                 ev.add_keys(EV_RX_HIT, direction, t_rx, k)
             return n
         if ev is not None:
-            if ev.hits and nsend:
-                ev.add_keys(EV_RX_HIT, direction, t_rx, k[send])
+            if ev.hits:
+                ev.add_keys(EV_RX_HIT, direction, t_rx, k[v == _V_TRANSLATED])
             ev.add_keys(EV_RX_MISS, direction, t_rx, k[_MISS_LUT[v]])
-        if nsend:
-            idx = np.flatnonzero(send)
-            self.counters["tx_drops"] += nsend - other.send(b, idx)
-        if direction == OUT:
-            hp = v == _V_HAIRPIN
-            if hp.any():
-                idx = np.flatnonzero(hp)
-                self.counters["tx_drops"] += len(idx) - port.send(b, idx)
-        if self.arp[id(port)] is not None:
-            nn = np.flatnonzero(v == _V_NOT_NAT)
-            if len(nn):
-                self._arp(port, b, nn)
-        miss = _MISS_LUT[v]
-        if miss.any():
+        if counts[_V_NOT_NAT] and self.arp[id(port)] is not None:
+            self._arp(port, b, np.flatnonzero(v == _V_NOT_NAT))
+        if any(map(counts.item, _MISS_LIST)):
             try:
                 self._misses(b, direction, v, k, now)
             except Exception:  # noqa: BLE001 - a slow-path bug drops this batch's misses, not the NIC
                 self.counters["slow_path_errors"] += 1
                 log.exception("nic%d: slow path failed on a batch (misses dropped)", self.nic_id)
         return n
+
+    def _send_verdicts(self, b, v, direction: int, port, other):
+        """Send the frames of `b` the fast path translated (verdicts `v`) out of `other`,
+        and those it hairpinned (OUT only) back out of `port`.  Returns None when every
+        frame was translated (the common case: one count, one send), else the batch's
+        count of each verdict (one ``bincount``: what else the batch holds, without a
+        pass over it per kind)."""
+        n = b.n
+        c = self.counters
+        send = v == _V_TRANSLATED
+        nsend = int(np.count_nonzero(send))
+        if nsend == n:
+            if n > len(self._all):
+                self._all = np.arange(n, dtype=np.intp)
+            c["tx_drops"] += n - other.send(b, self._all[:n])
+            return None
+        counts = np.bincount(v, minlength=N_VERDICTS)
+        if nsend:
+            c["tx_drops"] += nsend - other.send(b, np.flatnonzero(send))
+        if counts[_V_HAIRPIN]:
+            hp = np.flatnonzero(v == _V_HAIRPIN)
+            c["tx_drops"] += len(hp) - port.send(b, hp)
+        return counts
 
     def _arp(self, port, b, idx) -> None:
         """ARP frames among the not_nat ones: learn, answer for our addresses."""
@@ -587,9 +604,11 @@ class NicWorker:
         self.translator.set_l2(IN, inside_mac, inside_next_hop)
 
     def _misses(self, b, direction, v, k, now, rounds: int = 0) -> None:
-        # plain lists end to end (decide_misses, fetch_rows): a batch with one miss, the
-        # first packet of a connection, pays no numpy per field or per decision
-        # (`rounds`: hairpin decisions the frames of `b` have had already)
+        """The slow path of a batch's misses (verdicts `v`, keys `k` of batch `b`; `rounds`:
+        hairpin decisions its frames have had already), decided in one call.  A frame
+        whose miss became a session here is translated again where it lies, in `b`
+        (``Batch.select``: no copy, sent from `b`'s buffer); only frames that outlive
+        the batch -- held under crash recovery, queued behind a fetch -- are copied."""
         replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
         if self.rules.recovering:
             held = [i for i, r in zip(idx, res) if r == _R_HOLD]
@@ -599,7 +618,7 @@ class NicWorker:
         if replay:
             if ev is not None:
                 ev.add_keys(EV_RULE_BUILT, direction, _now_ns(), k[replay])
-            self._replay(direction, b.frames(replay))
+            self._translate_again(direction, b.select(replay))
         if fetches:  # one pass over the batch's fetches; one FETCH message per owner
             icmp_kind = layout.KIND_ICMP_ERROR
             fidx = [f[0] for f in fetches]
@@ -648,8 +667,11 @@ class NicWorker:
 
     @staticmethod
     def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
-        """The frames queued behind fetches, hairpinned ones marked as such."""
-        return [_HairpinFrame.of(f, rounds + 1) if v[i] == _V_MISS_HAIRPIN else f for i, f in zip(fidx, frames)]
+        """The frames queued behind fetches (copies of frames `fidx`), hairpinned ones
+        marked as such (found with one numpy pass; Python only for those)."""
+        for j in np.flatnonzero(v[fidx] == _V_MISS_HAIRPIN).tolist():
+            frames[j] = _HairpinFrame.of(frames[j], rounds + 1)
+        return frames
 
     def _replay_hairpins(self, frames) -> None:
         """Hairpinned frames whose fetch was answered: translated as the outgoing frames
@@ -679,49 +701,37 @@ class NicWorker:
                 else:
                     self._misses(b, OUT, v, k, now, rounds)
 
-    _SMALL_REPLAY = 16  # up to this many frames: verdicts looked at as a list
-
     def _replay(self, direction: int, frames) -> None:
-        """Translate frames again once their rule is installed; send what hits."""
+        """Frames that outlived their batch (copies: queued behind a fetch, the agent's
+        callback) translated again once their rule is installed: one batch of them;
+        hairpinned ones as the outgoing frames they are (``_replay_hairpins``)."""
         if _HairpinFrame in set(map(type, frames)):
             hp = [f for f in frames if f.__class__ is _HairpinFrame]
             self._replay_hairpins(hp)
             frames = [f for f in frames if f.__class__ is not _HairpinFrame]
             if not frames:
                 return
-        b = Batch.from_frames(frames)
+        self._translate_again(direction, Batch.from_frames(frames))
+
+    def _translate_again(self, direction: int, b) -> None:
+        """Translate the frames of `b` again now that their rules are in place, send what
+        translates (hairpins back inside), count what misses again (replay_miss): the
+        one replay, for a batch's own misses (a selection of it) and for copies."""
         n = b.n
         if n > len(self._rv):
             self._rv = np.zeros(n, np.uint8)
             self._rk = np.zeros(n, layout.KEY_DTYPE)
         v = self._rv[:n]  # scratch of its own: a replay runs inside _process (_misses)
         k = self._rk[:n]
-        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k)
+        self.translator.translate(b.buf, b.offsets[:n], b.lengths[:n], direction, self.ticks(), v, k,
+                                  b.partial, b.meta)
         self._send_made()  # a replayed first fragment releases its datagram's held ones
         c = self.counters
         c["replayed"] += n
-        other = self.outside if direction == OUT else self.inside
-        if n <= self._SMALL_REPLAY:
-            vl = v.tolist()
-            send = [i for i, x in enumerate(vl) if x == _V_TRANSLATED]
-            if send:
-                idx = self._all[:n] if len(send) == n else np.array(send, np.intp)
-                c["tx_drops"] += len(send) - other.send(b, idx)
-            miss = 0
-            if len(send) != n:
-                hp = [i for i, x in enumerate(vl) if x == _V_HAIRPIN]
-                if hp:
-                    c["tx_drops"] += len(hp) - self.inside.send(b, np.array(hp, np.intp))
-                miss = sum(1 for x in vl if x in _MISS_SET)
-            c["replay_miss"] += miss
-        else:
-            send = np.flatnonzero(v == _V_TRANSLATED)
-            if len(send):
-                c["tx_drops"] += len(send) - other.send(b, send)
-            hp = np.flatnonzero(v == _V_HAIRPIN)
-            if len(hp):
-                c["tx_drops"] += len(hp) - self.inside.send(b, hp)
-            c["replay_miss"] += int(_MISS_LUT[v].sum())
+        port, other = (self.inside, self.outside) if direction == OUT else (self.outside, self.inside)
+        counts = self._send_verdicts(b, v, direction, port, other)
+        if counts is not None:
+            c["replay_miss"] += sum(map(counts.item, _MISS_LIST))
         if self.events is not None:
             self.events.add_keys(EV_REPLAY_SENT, direction, _now_ns(), k[(v == _V_TRANSLATED) | (v == _V_HAIRPIN)])
 
@@ -931,11 +941,16 @@ class NicWorker:
             if self._backlog or len(self.outbox):
                 self._flush()  # RULE answers to FETCHes leave before this turn's packets
         t1 = time.perf_counter()
+        # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
+        # however they split between the ports (one busy direction gets the whole turn;
+        # the turn's fixed costs -- poll, timers -- spread over as many frames as when
+        # both are busy); the poller keeps it fair
         n = 0
-        for _ in range(4):  # a few batches per side per turn; the poller keeps it fair
+        stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
+        for _ in range(TURN_BATCHES):
             k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
             n += k
-            if k == 0:
+            if k == 0 or n > stop:
                 break
         # frames a device refused (they wait in a transmit ring) are sent again every
         # turn, whether or not new ones arrived
