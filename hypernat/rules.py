@@ -82,9 +82,8 @@ its mapping or a port in one of its blocks, the session), incoming (the endpoint
 owner -- a fetch queued if it is another NIC's --, the mapping, filtering, the
 session), and the refusals that do not log, counted there; fetch serving runs the same
 code over its rows (``OutSetup.serve``).  Python runs per miss only for what that
-leaves (a new host or block, an EIM host owned elsewhere, the refusals that log, a
-partition with loans, per-rule log lines and PUSH records, hairpin misses and outgoing
-ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
+leaves (a new host or block, an EIM host owned elsewhere, the refusals that log,
+per-rule log lines and PUSH records, hairpin misses and outgoing ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
 (``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a
 mass expiry is spread over many steps instead of stalling one batch.
@@ -167,7 +166,6 @@ from .nat.recovery import RECOVERY_EVENTS, Recovery
 from .nat.records import (  # (re-exported: public names)
     DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
 )
-from .partition import BY_PORT
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
@@ -393,15 +391,10 @@ class RuleBuilder:
 
     def _bind_setup(self) -> None:
         """Give the compiled setup the current host table, blocks, rate and cap, and for
-        incoming misses this NIC, the filtering behaviour and the partition's geometry."""
+        incoming misses this NIC, the filtering behaviour and the partition's geometry
+        (``Partition.geometry``, whose loans the partition keeps current)."""
         self._setup.bind(self.hosts, self.blocks, self._rate, self._cap, self._preserve)
-        pt = self.part
-        ranges, off = [], 0
-        for net in pt.nets:  # pool order: the pool index of a prefix's first address
-            ranges.append((int(net.network_address), int(net.num_addresses), off))
-            off += int(net.num_addresses)
-        self._setup.bind_in(self.nic, self._filter, ranges, pt.port_min, pt.port_max, pt.block_size,
-                            pt.strategy == BY_PORT, pt.n, pt.bpa, pt.n_addrs)
+        self._setup.bind_in(self.nic, self._filter, self.part.geometry)
 
     def _begin(self) -> None:
         """Per call that may add sessions: the room left in the tables, and which new
@@ -412,7 +405,6 @@ class RuleBuilder:
         su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
         su.py_mapping = tl is not None and not tl.per_block and not tl.remote
         su.recovering = self.recovery.recovering
-        su.owner_py = bool(self.part.overrides)  # loans: Partition.owner decides (Python)
 
     def _is_internal(self, addr: int) -> bool:
         for net, mask in self._internal:
@@ -471,12 +463,6 @@ class RuleBuilder:
         kbytes = kb.view(np.uint8).reshape(-1)
         now = int(now)
         self._begin()
-        part_owner = self.part.owner
-        # incoming misses in a big batch: the owner of every destination (an external
-        # endpoint) at once, at the first one (the first thing _in asks; a fetch needs
-        # nothing else)
-        owners = None
-        me = self.nic
         res = []
         fetches = []
         replay = []
@@ -505,18 +491,11 @@ class RuleBuilder:
                 if r == _FETCH:
                     fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
             else:
-                # _in's first step inline: another NIC's endpoint is a fetch, outside E a drop
-                if owners is None and n > 8:
-                    owners = self.part.owners(kb["daddr"], kb["dport"]).tolist()
-                o = part_owner(d, dp) if owners is None else owners[j]
-                if o < 0:
-                    r = self._refuse(_R_NOT_IN_POOL)
-                elif o != me:
-                    self._fetch_owner = o
-                    r = _FETCH
-                    fetches.append((j, o, IN, p, s, sp, d, dp, kind, fl))
-                else:
-                    r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
+                # an incoming miss the compiled run left: this NIC's endpoint (run queued
+                # the fetches), a session that needs the caller or a refusal that logs
+                r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
+                if r == _FETCH:
+                    fetches.append((j, self._fetch_owner, IN, p, s, sp, d, dp, kind, fl))
             idx.append(j)
             res.append(r)
             if r == _OK:
@@ -592,34 +571,9 @@ class RuleBuilder:
                 self._fetch_owner = su.fetch_owner
                 return _FETCH
             return self._refuse(r)
-        # the rare events: a partition with loans, per-rule log lines and PUSH records
-        o = self.part.owner(eaddr, eport)
-        if o < 0:
-            return self._refuse(_R_NOT_IN_POOL)
-        if o != self.nic:
-            if serving:
-                return self._refuse(_R_NOT_OWNER)
-            self._fetch_owner = o
-            return _FETCH
-        maps = self.maps
-        rid = maps.by_external(p, eaddr, eport)
-        r = 0 if p == PROTO_ICMP else rport
-        if rid and maps.has_session(rid, raddr, r):
-            self._last = rid
-            return _OK  # pending in this batch, or a fetch of an existing session
-        if icmp_error:
-            return self._refuse(_R_ICMP_NO_SESSION)
-        syn = p == PROTO_TCP and fl & (_SYN | _ACK) == _SYN
-        if not rid:
-            return self._refuse(_R_USYN if syn else _R_NO_MAPPING)
-        f = self._filter
-        if f == "address-and-port-dependent" or (
-            f == "address-dependent" and not maps.has_remote_address(rid, raddr)
-        ):
-            return self._refuse(_R_USYN if syn else _R_FILTERED)
-        if self._setup.room <= 0:
-            return self._refuse(_R_TABLE_FULL)
-        self._add_session(rid, raddr, r, now)
+        # every check passed; the new session needs its log line / PUSH record here
+        rid = su.last
+        self._add_session(rid, raddr, 0 if p == PROTO_ICMP else rport, now)
         self._last = rid
         return _OK
 
@@ -786,9 +740,10 @@ class RuleBuilder:
         quarantines what the journal lists).  Journaling it at that moment puts an
         fsync — hundreds of microseconds on a disk — between a new host's first packet
         and its rule.  Instead the worker calls this off the packet path (its timers,
-        no fetch waiting): for each of the next ``reserve_addresses`` addresses of the
-        round-robin, the next ``reserve_per_address`` blocks ``_take_block`` would take
-        are journaled as ``{"op": "reserve"}``.  When one is taken its "assign" record
+        no fetch waiting): the blocks the next reserve_per_address x
+        reserve_addresses new hosts will take (one each, on the addresses of the
+        round-robin in turn; ``BlockPool.reserve_plan``) are journaled as
+        ``{"op": "reserve"}``.  When one is taken its "assign" record
         (the host, for crash recovery) is written without an fsync (``append_lazy``:
         it survives a process crash; after a power loss the block is still quarantined,
         only its host is unknown).  Refills when half the reservations are used; the
@@ -1244,15 +1199,6 @@ class RuleBuilder:
     t_trans = property(lambda self: self.expiry.t_trans)
     t_icmp = property(lambda self: self.expiry.t_icmp)
 
-    @property
-    def _lease_clones(self) -> bool:
-        # (read and set by tests/test_holder_speed_equiv.py: the expiry's public flag)
-        return self.expiry.lease_clones
-
-    @_lease_clones.setter
-    def _lease_clones(self, v) -> None:
-        self.expiry.lease_clones = bool(v)
-
     # -- what the expiry asks of its owner (hypernat.nat.expiry.SessionOwner) ---------------
     def release_due(self, now: int, budget: int) -> int:
         """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
@@ -1404,22 +1350,6 @@ class RuleBuilder:
     def recovery_hosts(self) -> frozenset:
         """The hosts the journal names (their first packets wait while ``recovering``)."""
         return self.recovery.hosts
-
-    _recovery_hosts = recovery_hosts  # (read by hypernat/nic/worker.py under this name)
-    _rec_ekeys = property(lambda self: self.recovery.recovered_endpoints())  # (tests/test_invariants_stateful.py)
-
-    # Read-only copies of the pool's state under the names these fields had on the
-    # builder before the pool was split out: tests in files other than test_rules.py
-    # read them (test_worker, test_recovery, test_journal_*, test_invariants_stateful).
-    # New code reads the pool's public views (``rb.pool.quarantined()`` ...).
-    _qblocks = property(lambda self: self.pool.quarantined())
-    _qhosts = property(lambda self: self.pool.quarantine_hosts())
-    _reserved = property(lambda self: self.pool.reserved_ports())
-    _prejournaled = property(lambda self: self.pool.reserved_ahead())
-    _reserving = property(lambda self: self.pool.reserves_in_flight())
-    _avail = property(lambda self: self.pool.free_addresses())
-    _reuse = property(lambda self: self.pool.waiting())
-    _held = property(lambda self: self.pool.held())
 
     # -- spill-over and crash recovery ------------------------------------------------------
     def lend_block(self):

@@ -243,14 +243,14 @@ class OutSetupModel:
         self.maps, self.hosts, self.internal, self.reasons = maps, hosts, internal, reasons
         self.rate, self.cap, self.preserve = rate, cap, preserve
         self.room = 1 << 30
-        self.recovering = self.py_session = self.py_mapping = self.owner_py = False
+        self.recovering = self.py_session = self.py_mapping = False
         self.last = self.fetch_owner = 0
         self.nic, self.filtering, self.owner = 0, "endpoint-independent", None
         self.refused = collections.Counter()  # refusals run / serve answered (drain)
 
     def bind_in(self, nic, filtering, owner):
         """The incoming side: this NIC, the filtering behaviour, owner(E, Ep) -> NIC or
-        -1 (hypernat.partition.Partition.owner)."""
+        -1 with the partition's loans applied (tests/wire_model.py: owner_reference)."""
         self.nic, self.filtering, self.owner = nic, filtering, owner
 
     def in_(self, p, ra, rp, ea, ep, fl, icmp_error=False):
@@ -260,8 +260,6 @@ class OutSetupModel:
         o = self.owner(ea, ep)
         if o < 0:
             return self.reasons["not_in_pool"]
-        if self.owner_py:
-            return NEED_PY  # loans: the builder asks Partition.owner
         if o != self.nic:
             self.fetch_owner = o
             return FETCH  # another NIC's endpoint (serving: not_owner)
@@ -282,7 +280,8 @@ class OutSetupModel:
         if self.room <= 0:
             return self.reasons["table_full"]
         if self.py_session:
-            return NEED_PY
+            self.last = rid
+            return NEED_PY  # every check passed: the builder adds it (log line, PUSH record)
         self.maps.add_session(rid, ra, r)
         self.room -= 1
         self.last = rid

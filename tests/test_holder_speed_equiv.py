@@ -122,7 +122,7 @@ def _reference_install_clones(rb, records, now, dirs, lease_until=0):
     now = int(now) & 0xFFFFFFFF
     lease = _lease16(lease_until)
     if lease:
-        rb._lease_clones = True
+        rb.expiry.lease_clones = True
     dl = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist()
     P, I, IP = recs["proto"].tolist(), recs["iaddr"].tolist(), recs["iport"].tolist()
     E, EP = recs["eaddr"].tolist(), recs["eport"].tolist()

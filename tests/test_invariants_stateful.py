@@ -260,7 +260,7 @@ class Restarts(RuleBasedStateMachine):
             return
         for k, w in enumerate(self.gw.w):
             rb = w.rules
-            for ekey in list(rb._rec_ekeys):
+            for ekey in list(rb.recovery.recovered_endpoints()):
                 lk = rb.lookup_external(ekey >> 48, ekey >> 16 & 0xFFFFFFFF, ekey & 0xFFFF)
                 m = None if lk is None else rb.mapping(lk["rule_id"])
                 if m is None:

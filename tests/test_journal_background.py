@@ -94,7 +94,7 @@ def test_worker_fsyncs_on_its_thread_only_for_blocks_not_reserved(tmp_path, monk
     rb = w.rules
     fs = BackgroundGatedFsync()
     monkeypatch.setattr(J.os, "fsync", fs)
-    durable = set(rb._prejournaled)  # reserved and fsync'ed at start
+    durable = set(rb.pool.reserved_ahead())  # reserved and fsync'ed at start
     assert durable
     n = len(durable) + 8  # more new hosts than the reserve holds
     sent = []
@@ -105,8 +105,8 @@ def test_worker_fsyncs_on_its_thread_only_for_blocks_not_reserved(tmp_path, monk
         if i == len(durable) // 2:  # half the reserve used: the next timers refill it
             w._journal_due = 0
             w.run_once(0)
-            assert rb._reserving  # a refill in flight ...
-        assert not (rb._reserving & rb._prejournaled)  # ... held back while its fsync waits
+            assert rb.pool.reserves_in_flight()  # a refill in flight ...
+        assert not (rb.pool.reserves_in_flight() & rb.pool.reserved_ahead())  # ... held back while its fsync waits
     assert len(sent) == n
     blocks = {w.partition.block_of(f.src, f.sport) for f in map(parse_frame, sent)}
     assert len(blocks) == n
@@ -117,6 +117,6 @@ def test_worker_fsyncs_on_its_thread_only_for_blocks_not_reserved(tmp_path, monk
     assert blocks <= assigned
     fs.gate.set()
     w.journal.wait()
-    assert not rb._reserving and rb._prejournaled  # the refill joined the reserve once on disk
-    assert not (rb._prejournaled & set(rb.blocks))
+    assert not rb.pool.reserves_in_flight() and rb.pool.reserved_ahead()  # the refill joined the reserve once on disk
+    assert not (rb.pool.reserved_ahead() & set(rb.blocks))
     w.close()

@@ -65,7 +65,7 @@ def test_graceful_restart_then_crash_hands_no_live_block_to_a_new_host(tmp_path)
     w.close()  # SIGKILL: no snapshot
     w, i, o = make_worker(cfg, 0, d, standalone=True)
     assert not w.recovery["snapshot"] and w.recovery["quarantined_blocks"] >= 20
-    assert {w.rules._qhosts.get(g) for g in old.values()} == set(old)  # each block with its host
+    assert {w.rules.pool.quarantine_hosts().get(g) for g in old.values()} == set(old)  # each block with its host
     w.rules.recovering = False  # the recovery window is for the old hosts; these are new
     new = new_hosts(w, i, o, 0x0A000200, 20)
     w.close()
@@ -81,14 +81,14 @@ def test_snapshot_quarantines_survive_a_later_crash(tmp_path):
     old = new_hosts(w, i, o, 0x0A000100, 5)
     w.close()  # crash
     w, i, o = make_worker(cfg, 0, d, standalone=True)
-    q = dict(w.rules._qhosts)
+    q = dict(w.rules.pool.quarantine_hosts())
     assert set(old.values()) <= set(q)
     w.shutdown(snapshot=True)
     w, i, o = make_worker(cfg, 0, d, standalone=True)
-    assert w.recovery["snapshot"] and set(old.values()) <= set(w.rules._qblocks)
+    assert w.recovery["snapshot"] and set(old.values()) <= set(w.rules.pool.quarantined())
     w.close()  # crash again
     w, i, o = make_worker(cfg, 0, d, standalone=True)
-    assert {g: w.rules._qhosts.get(g) for g in old.values()} == {g: q[g] for g in old.values()}
+    assert {g: w.rules.pool.quarantine_hosts().get(g) for g in old.values()} == {g: q[g] for g in old.values()}
     w.close()
 
 
@@ -295,7 +295,7 @@ def test_version_1_journal_is_read_and_rewritten_as_version_2(tmp_path):
             {"op": "release", "block": 9}]  # fmt: skip
     (d / "blocks.journal").write_text("".join(json.dumps(r) + "\n" for r in recs))
     w, _, _ = make_worker(cfg, 0, d, standalone=True)
-    assert w.rules._qhosts == {5: 0x0A000003} and set(w.rules._qblocks) == {5}
+    assert w.rules.pool.quarantine_hosts() == {5: 0x0A000003} and set(w.rules.pool.quarantined()) == {5}
     w.close()
     head = json.loads((d / "blocks.journal.checkpoint").read_text().splitlines()[0])
     assert head["version"] == J.FORMAT_VERSION == 2

@@ -75,7 +75,7 @@ def test_full_disk_refuses_new_blocks_keeps_established_flows(tiny_disk, caplog)
     est = flow(host)
     assert est is not None
     filler = fill(tiny_disk)
-    reserved = len(w.rules._prejournaled)
+    reserved = len(w.rules.pool.reserved_ahead())
     c0 = w.counters_dict().get("rules_journal_unavailable", 0)
     with caplog.at_level(logging.ERROR, logger="hypernat.rules"):
         got = [flow(0x0A000200 + k) for k in range(reserved + 60)]
@@ -106,7 +106,7 @@ def test_full_disk_refuses_new_blocks_keeps_established_flows(tiny_disk, caplog)
     in_use = set(w.rules.blocks)
     w.close()  # a crash: every block in use is quarantined at the restart
     w2 = NicWorker(cfg, 0, MemoryPort("in0"), MemoryPort("out0"), state_dir=str(state), standalone=True)
-    assert in_use <= set(w2.rules._qblocks)
+    assert in_use <= set(w2.rules.pool.quarantined())
     w2.close()
 
 

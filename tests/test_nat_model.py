@@ -391,17 +391,14 @@ def test_out_setup_run_answers_the_common_case_and_stops_at_the_rest():
 
 
 def _bind_in(su, sm, nic, filtering, part):
-    """The incoming side of both, over one hypernat.partition.Partition (the model asks
-    its Python ``owner``; the C code gets its geometry, as RuleBuilder._bind_setup does)."""
-    from hypernat.partition import BY_PORT
+    """The incoming side of both, over one hypernat.partition.Partition: the C code gets
+    its geometry (loans and all, as RuleBuilder._bind_setup does), the model the owner
+    written out in plain Python from the partition's description and loans
+    (tests/wire_model.py: owner_reference)."""
+    from wire_model import owner_reference
 
-    ranges, off = [], 0
-    for net in part.nets:
-        ranges.append((int(net.network_address), net.num_addresses, off))
-        off += net.num_addresses
-    su.bind_in(nic, filtering, ranges, part.port_min, part.port_max, part.block_size, part.strategy == BY_PORT,
-               part.n, part.bpa, part.n_addrs)
-    sm.bind_in(nic, filtering, part.owner)
+    su.bind_in(nic, filtering, part.geometry)
+    sm.bind_in(nic, filtering, lambda a, q: owner_reference(part, a, q))
 
 
 @settings(max_examples=120, deadline=None)
@@ -412,7 +409,7 @@ def _bind_in(su, sm, nic, filtering, part):
     nic=st.integers(0, 2),
     seed=st.integers(0, 2**64 - 1),
     ops=st.lists(
-        st.tuples(st.sampled_from(["out"] * 4 + ["in"] * 6 + ["serve"] * 2 + ["host", "block", "flags", "end"]),
+        st.tuples(st.sampled_from(["out"] * 4 + ["in"] * 6 + ["serve"] * 2 + ["host", "block", "flags", "end", "lend"]),
                   st.integers(0, 3), st.sampled_from([1, 6, 6, 17, 17, 47]), st.integers(0, 40), st.integers(0, 3),
                   st.integers(0, 3), st.sampled_from([0, 0x02, 0x12, 0x10, 0x11])),
         min_size=10,
@@ -422,7 +419,9 @@ def _bind_in(su, sm, nic, filtering, part):
 def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
     """OutSetup's incoming side (in_, run inbound, serve) against OutSetupModel: the same
     owner (C geometry against Partition.owner), the same filtering answers, unsolicited
-    SYNs, room, the same sessions added, the same refusals counted, the same state."""
+    SYNs, room, the same sessions added, the same refusals counted, the same state;
+    blocks lent to and by this NIC on the way (``Partition.lend`` / ``return_block``):
+    an endpoint in a lent block is answered in C like any other."""
     import numpy as np
 
     from hypernat import layout
@@ -459,7 +458,18 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
         elif op == "flags":  # the builder's per-call settings
             su.room = sm.room = x * 4
             su.py_session = sm.py_session = bool(fl & 2) and x == 0
-            su.owner_py = sm.owner_py = fl == 0x11
+        elif op == "lend":  # a block of a live mapping's endpoint or of any: lent, or given back
+            rids = sorted(mm.m)
+            if rids and port % 2:
+                _, _, _, ea, ep, _ = mm.get(rids[x % len(rids)])
+            else:
+                ea, ep = [198 << 24, 198 << 24 | 1, 197 << 24 | 4][h % 3], 1000 + port * 8
+            g = part.block_of(ea, ep)
+            if g >= 0:
+                if fl == 0x11:
+                    part.return_block(g)
+                else:
+                    part.lend(g, (nic + 1 + r) % 3)  # r == 2: back to this NIC
         elif op == "end" and mm.m:
             rid = sorted(mm.m)[x % len(mm.m)]
             for ra, rr in sorted(mm.rem[rid]):
@@ -520,8 +530,11 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
 
 
 def test_in_setup_owner_matches_partition():
-    """The compiled owner of an external endpoint is Partition.owner's, over several
-    prefixes (out of order), both strategies, ports inside and outside the range."""
+    """The compiled owner of an external endpoint is Partition.owner's and the plain
+    Python arithmetic's, over several prefixes (out of order), both strategies, ports
+    inside and outside the range, with blocks lent and given back."""
+    from wire_model import owner_reference
+
     from hypernat.nat._mappings import Mappings, OutSetup
     from hypernat.partition import Partition
     from nat_model import HostsModel, MappingsModel, OutSetupModel
@@ -531,7 +544,15 @@ def test_in_setup_owner_matches_partition():
         su = OutSetup(Mappings(True, 16), INTERNAL, REASONS, VERDICTS)
         _bind_in(su, OutSetupModel(MappingsModel(True), HostsModel(None), INTERNAL, REASONS), 0, "address-dependent",
                  part)
-        for base in (203 << 24 | 113, 198 << 24 | 51 << 16 | 100 << 8, 192 << 24 | 2 << 8):
-            for a in range(base - 1, base + 10):
-                for port in (1999, 2000, 2063, 2064, 2500, 2999, 3000):
-                    assert su.owner(a, port) == part.owner(a, port), (strategy, a, port)
+        bound = part.geometry
+        for loans in ({}, {0: 2, 17: 0, part.n_blocks - 1: 1}, {17: 0}):  # lent, then some given back
+            for g in set(part.overrides) - set(loans):
+                part.return_block(g)
+            for g, o in loans.items():
+                part.lend(g, o)
+            assert part.geometry is bound  # the same object: the loans reach OutSetup without a rebind
+            for base in (203 << 24 | 113, 198 << 24 | 51 << 16 | 100 << 8, 192 << 24 | 2 << 8):
+                for a in range(base - 1, base + 10):
+                    for port in (1999, 2000, 2063, 2064, 2500, 2999, 3000):
+                        want = owner_reference(part, a, port)
+                        assert su.owner(a, port) == want == part.owner(a, port), (strategy, loans, a, port)

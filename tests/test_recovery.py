@@ -110,13 +110,13 @@ def check_consistency(rb):
             bits |= {(g, pi, off) for off in range(size) if used >> off & 1}
         assert sum(bl.n_used(g, pi) for pi in range(3)) > 0
     live = {(m.block, PIDX[m.proto], m.eport - bl.lo(m.block)) for m in rb.mappings()}
-    waiting = {(g, pi, off) for _, _, g, pi, off in rb._reuse} | set(rb._held.values())
-    reserved = {(g, pi, off) for g, (_, ms) in rb._reserved.items() for pi in range(3)
-                for off in range(rb._bs) if ms[pi] >> off & 1}  # fmt: skip
+    waiting = {(g, pi, off) for _, _, g, pi, off in rb.pool.waiting()} | set(rb.pool.held().values())
+    reserved = {(g, pi, off) for g, (_, ms) in rb.pool.reserved_ports().items() for pi in range(3)
+                for off in range(rb.part.block_size) if ms[pi] >> off & 1}  # fmt: skip
     assert not live & waiting and not live & reserved and not waiting & reserved
     assert bits == live | waiting | reserved
     assert len(rb.out) == len(rb.inn) == rb.stats()["sessions"] == sum(len(m.remotes) for m in rb.mappings())
-    assert not set(rb._qblocks) & set(rb.blocks)  # a quarantined block is nobody's
+    assert not set(rb.pool.quarantined()) & set(rb.blocks)  # a quarantined block is nobody's
 
 
 def build_before(cfg, n_hosts=3, per_host=5, seed=1):
@@ -434,7 +434,7 @@ def test_recovery_window_holds_new_mappings_of_journaled_hosts_only():
     before, journal, hosts = build_before(cfg)
     recs = sessions_of(before)
     rb = crash(before, journal)
-    assert set(hosts) <= rb._recovery_hosts
+    assert set(hosts) <= rb.recovery_hosts
     rb.recovering = True
     h = hosts[0]
     stranger = next(x for x in range(ip("10.77.200.1"), ip("10.77.201.0")) if rb.part.eim_owner(x) == 0)

@@ -689,6 +689,40 @@ def test_journal_before_first_use():
     assert released == sorted(a["block"] for a in assigned)
 
 
+def test_reserve_ahead_covers_the_next_new_hosts_on_a_large_pool():
+    """With more addresses than ``reserve_addresses``, new hosts (one block each, on the
+    addresses in turn) find their block journaled ahead as long as the reserve is
+    refilled (``reserve_blocks``, the worker's timer) before half of it is used: no
+    durable journal write (an fsync) on the packet path.  (Before: the reserve named
+    ``reserve_per_address`` blocks on each of the first ``reserve_addresses`` addresses
+    only, so from the 17th new host on each paid a synchronous write.)"""
+    cfg = make_cfg(1, pool="198.18.64.0/26", block=64)  # 64 addresses, 16 blocks each
+    writes = []
+    phase = ["start"]
+
+    class Journal:  # what RuleBuilder asks of hypernat.nic.journal.Journal (synchronous)
+        def append_many(self, recs, on_durable=None, on_failed=None):
+            writes.append((phase[0], [r["block"] for r in recs]))
+
+        def append_lazy(self, recs):
+            writes.append(("lazy", [r["block"] for r in recs]))
+
+    rb = make_rb(cfg, journal=Journal())
+    assert rb.reserve_blocks() == rb.reserve_per_address * rb.reserve_addresses
+    hosts = hosts_of(rb, 16 * 6)
+    for k in range(6):
+        phase[0] = "packets"
+        d = miss(rb, OUT, [(UDP, h, 5000, R1, 53) for h in hosts[16 * k : 16 * (k + 1)]], 10 + k)
+        assert (d.action == ACT_REPLAY).all()
+        phase[0] = "timer"
+        rb.reserve_blocks()
+    assert [w for w in writes if w[0] == "packets"] == []  # every new block was reserved ahead
+    assert len(rb.blocks) == 96 and len({rb.blocks.span(g)[0] for g in rb.blocks}) == 64
+    reserved = {g for ph, gs in writes if ph in ("start", "timer") for g in gs}
+    assert set(rb.blocks) <= reserved
+    assert len(reserved) <= 96 + rb.reserve_per_address * rb.reserve_addresses  # no more than the window ahead
+
+
 def test_snapshot_restore_roundtrip():
     cfg = make_cfg(1, block=4)
     rb = make_rb(cfg)
@@ -726,6 +760,7 @@ def test_lend_adopt_return():
     assert rb1.part.block_of(*e) == g and rb1.part.owner(*e) == 1
     # incoming to the borrowed block is decided by the borrower, fetched from it by others
     assert miss(rb0, IN, [(UDP, R1, 53, *e)], 2).owner[0] == 1
+    assert (miss(rb1, IN, [(UDP, R1, 53, *e)], 2).action == ACT_REPLAY).all()  # the borrower's own
     assert not rb1.return_block(g)  # in use
     sweep_all(rb1, 100)
     sweep_all(rb1, 200)

@@ -817,7 +817,7 @@ def test_new_host_block_pre_journaled_no_fsync_on_its_packet_and_quarantined_aft
     assert calls
     w.close()  # no snapshot: as if killed
     w2, _, _ = make_worker(cfg, 0, tmp_path, standalone=True)
-    assert g in w2.rules._qblocks and w2.rules._qhosts.get(g) == I1
+    assert g in w2.rules.pool.quarantined() and w2.rules.pool.quarantine_hosts().get(g) == I1
     assert w2.recovery["quarantined_blocks"] >= len(reserved)
     w2.close()
 
@@ -828,17 +828,17 @@ def test_reserve_blocks_refills_at_half_and_only_free_blocks(tmp_path):
     cfg = emulated_config(1)
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
     rb = w.rules
-    first = set(rb._prejournaled)
-    assert len(first) == rb.reserve_per_address * min(rb.reserve_addresses, len(rb._avail))
+    first = set(rb.pool.reserved_ahead())
+    assert len(first) == rb.reserve_per_address * min(rb.reserve_addresses, len(rb.pool.free_addresses()))
     assert rb.reserve_blocks() == 0  # full: nothing to do, no fsync
     inside.inject([build_frame(UDP, I1 + i, 42000, R1, 53) for i in range(len(first))])
     assert spin([w], lambda: len(outside._tx) == len(first), 3)
     used = {w.partition.block_of(f.src, f.sport) for f in map(parse_frame, outside.take_tx())}
     assert used <= first  # every new block had been journaled ahead
     rb.reserve_blocks()
-    assert not (rb._prejournaled & set(rb.blocks))
+    assert not (rb.pool.reserved_ahead() & set(rb.blocks))
     on_disk = {int(r["block"]) for r in w.journal.records() if r.get("op") == "reserve"}
-    assert rb._prejournaled <= on_disk
+    assert rb.pool.reserved_ahead() <= on_disk
     w.close()
 
 

@@ -559,7 +559,6 @@ cdef enum:
     F_EIF = 0        # filtering: endpoint-independent
     F_ADF = 1        # address-dependent
     F_APDF = 2       # address-and-port-dependent
-    OWNER_PY = -2    # owner_c: the partition has loans (overrides): the caller finds the owner
 _FILTERS = {"endpoint-independent": F_EIF, "address-dependent": F_ADF, "address-and-port-dependent": F_APDF}
 from .. import verdicts as _verdicts
 cdef int D_OUT = _verdicts.OUT
@@ -577,13 +576,12 @@ cdef class OutSetup:
     decides it.
 
     Incoming (``RuleBuilder._in``, after ``bind_in``): the external endpoint's owner (the
-    partition's geometry, in C), its mapping, the session, the filtering behaviour
-    (endpoint-independent, address-dependent, address-and-port-dependent), an
-    unsolicited SYN, the table's room, the new session.  NEED_PY: another NIC owns the
-    endpoint (a fetch, or a refusal when serving), the partition has loans (the caller
-    asks it), a new session needs the caller (log line, PUSH record).  Another NIC's
-    endpoint answers FETCH: ``run`` queues the fetch itself, ``serve`` refuses it
-    (not_owner).
+    partition's geometry with its loans, in C), its mapping, the session, the filtering
+    behaviour (endpoint-independent, address-dependent, address-and-port-dependent), an
+    unsolicited SYN, the table's room, the new session.  NEED_PY only when the new
+    session needs the caller (log line, PUSH record): every check passed, ``last`` is
+    its rule id.  Another NIC's endpoint (a lent block's included) answers FETCH:
+    ``run`` queues the fetch itself, ``serve`` refuses it (not_owner).
 
     ``out`` / ``in_`` answer one packet: -1 (the session exists or was added; ``last``
     is its rule id), -2 (``in_``: another NIC owns the endpoint, ``fetch_owner``), a
@@ -608,10 +606,9 @@ cdef class OutSetup:
     cdef bint has_in
     cdef int nic
     cdef int filt
-    cdef Geometry geo                 # the partition's geometry (hypernat._geometry)
+    cdef Geometry geo                 # the partition's geometry and loans (Partition.geometry, shared)
     cdef int64_t* nref                # refusals answered in run / serve, per reason index
     cdef int nreasons
-    cdef public bint owner_py         # the partition has loans: NEED_PY for an owned-looking endpoint
     cdef public int64_t room
     cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
     cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
@@ -658,19 +655,18 @@ cdef class OutSetup:
         cap per host and protocol, port preservation."""
         self.hs, self.bl, self.rate, self.cap, self.preserve = hosts, blocks, rate, cap, preserve
 
-    def bind_in(self, int nic, str filtering, ranges, int64_t port_min, int64_t port_max, int64_t block_size,
-                bint by_port, int64_t n_nics, int64_t blocks_per_address, int64_t n_addresses):
+    def bind_in(self, int nic, str filtering, Geometry geometry not None):
         """The incoming side: this NIC's id, the filtering behaviour (its config name),
-        and the partition's geometry (``hypernat.partition.Partition.owner`` without the
-        loans): `ranges` [(first address, addresses, pool index of the first)] of the
-        pool's prefixes, the port range, the block size, by port or by address, the
-        NICs, blocks per address, the pool's addresses."""
+        and the partition's geometry (``hypernat.partition.Partition.geometry``: the
+        object itself, whose loans the partition keeps current on every ``lend`` /
+        ``return_block``, so the owner of an endpoint in a lent block is answered here
+        like any other)."""
         if filtering not in _FILTERS:
             raise ValueError(f"unknown filtering behaviour {filtering!r}")
         self.filt = _FILTERS[filtering]
         if self.filt == F_ADF and not self.mp.raddr:
             raise ValueError("address-dependent filtering needs Mappings(remote_addresses=True)")
-        self.geo = Geometry(ranges, port_min, port_max, block_size, by_port, n_nics, blocks_per_address, n_addresses)
+        self.geo = geometry
         self.nic = nic
         self.has_in = True
 
@@ -682,29 +678,19 @@ cdef class OutSetup:
                 counters[r] += self.nref[r]
                 self.nref[r] = 0
 
-    cdef int64_t owner_c(self, uint32_t ea, uint16_t ep) noexcept:
-        """The NIC owning (E, Ep); -1 outside the pool; OWNER_PY if loans may decide."""
-        cdef int64_t g = self.geo.block_c(ea, ep)
-        if g < 0:
-            return -1
-        if self.owner_py:
-            return OWNER_PY
-        return self.geo.native_c(g)
-
     def owner(self, uint32_t ea, uint16_t ep):
-        return self.owner_c(ea, ep)
+        """The NIC owning (E, Ep) now (loans applied); -1 outside the pool."""
+        return self.geo.owner_c(ea, ep)
 
     cdef int in_c(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl,
                   bint icmp_error) except -5:
         if not self.has_in:
             return NEED_PY
-        cdef int64_t o = self.owner_c(ea, ep)
-        if o == -1:
+        cdef int o = self.geo.owner_c(ea, ep)
+        if o < 0:
             return self.r_not_in_pool
-        if o == OWNER_PY:
-            return NEED_PY  # loans: Partition.owner decides
         if o != self.nic:
-            self.fetch_owner = <int>o
+            self.fetch_owner = o
             return FETCH  # another NIC's endpoint: a fetch (serving: not_owner)
         cdef Mappings mp = self.mp
         cdef uint32_t rid = mp.find_ext(p, ea, ep)
@@ -722,7 +708,8 @@ cdef class OutSetup:
         if self.room <= 0:
             return self.r_full
         if self.py_session:
-            return NEED_PY
+            self.last = rid
+            return NEED_PY  # the caller adds it (log line, PUSH record)
         mp.add_session_c(rid, ra, r)
         self.room -= 1
         self.last = rid

@@ -173,13 +173,15 @@ class BlockPool:
         """Block `g` is taken: its reserve is used up."""
         self._prejournaled.discard(g)
 
-    def _next_blocks(self, a: int, k: int, in_use, skip=()) -> list:
+    def _next_blocks(self, a: int, k: int, in_use, skip=(), journaled=False) -> list:
         """The next `k` free blocks of address index `a` in ``take``'s order (the end of
-        the free list, then the native run upward), not journaled already nor in `skip`."""
+        the free list, then the native run upward), not in `skip` and, unless
+        `journaled`, not journaled already."""
         st = self._addr.get(a)
         if st is None or k <= 0:
             return []
-        q, res, fly = self._qblocks, self._prejournaled, self._reserving
+        q = self._qblocks
+        res, fly = ((), ()) if journaled else (self._prejournaled, self._reserving)
         out = []
         for c in reversed(st[2]):
             if len(out) >= k:
@@ -221,15 +223,26 @@ class BlockPool:
         return self.reserve_per_address * min(self.reserve_addresses, max(1, len(self._avail)))
 
     def reserve_plan(self, in_use) -> list:
-        """The blocks the next new blocks will be taken from, to journal ahead: the next
-        ``reserve_per_address`` of each of the next ``reserve_addresses`` addresses of the
-        round-robin; [] while more than half of that is reserved or in flight."""
+        """The blocks the next new hosts will take, to journal ahead: the next
+        ``reserve_per_address`` x ``reserve_addresses`` takes of the round-robin (a new
+        host takes one block, on the next address in turn), at most
+        ``reserve_per_address`` on one address -- with more addresses than that, one
+        block on each of the next ones (reserving several on the first few left every
+        new host past them paying an fsync on the loop); those not journaled yet, []
+        while more than half of them are reserved or in flight."""
         self._sync_reserves = 0
-        if (len(self._prejournaled) + len(self._reserving)) * 2 > self._reserve_size():
+        want = self._reserve_size()
+        addrs = list(itertools.islice(self._avail, want))
+        if not addrs:
             return []
-        blocks = []
-        for a in itertools.islice(self._avail, self.reserve_addresses):
-            blocks += self._next_blocks(a, self.reserve_per_address, in_use)
+        per, extra = divmod(want, len(addrs))
+        upcoming = []
+        for i, a in enumerate(addrs):
+            upcoming += self._next_blocks(a, per + (i < extra), in_use, journaled=True)
+        res, fly = self._prejournaled, self._reserving
+        blocks = [g for g in upcoming if g not in res and g not in fly]
+        if (len(upcoming) - len(blocks)) * 2 > len(upcoming):
+            return []
         return blocks
 
     def reserve_records(self, blocks) -> list:

@@ -389,7 +389,7 @@ class NicWorker:
                 # recover_sessions re-adopts a block only for the host it was assigned to
                 self.rules.quarantine_blocks(live, until)
                 info["quarantined_blocks"] = len(live)
-                if self.rules._recovery_hosts:  # their old mappings may come back: wait first
+                if self.rules.recovery_hosts:  # their old mappings may come back: wait first
                     self.rules.recovering = True
                     self._recovery_end = self.clock() + RECOVERY_WAIT_S
                     self.timers.enable("recovery")
