@@ -207,14 +207,17 @@ class BlockPool:
         pool, 0.7 s on the packet path; now ~2k).  ``reserved(blocks, sync=True)`` once
         on disk."""
         k = self._reserve_size() << min(self._sync_reserves, 8)
-        spread = [a] + [x for x in itertools.islice(self._avail, k) if x != a]
-        spread = spread[:k]
-        per = -(-k // len(spread))
-        out = [g]
-        for x in spread:
-            if len(out) >= k:
-                break
-            out += self._next_blocks(x, min(per, k - len(out)), in_use, skip=(g,))
+        addrs = ([a] + [x for x in itertools.islice(self._avail, k) if x != a])[:k]
+        return [g] + self._spread(addrs, k - 1, in_use, skip=(g,))
+
+    def _spread(self, addrs, n, in_use, skip=(), journaled=False) -> list:
+        """The next `n` blocks new hosts will take on `addrs` (the round-robin's next
+        addresses, one block a host in turn): n / len(addrs) on each, the first ones
+        one more (``_next_blocks`` on each)."""
+        per, extra = divmod(n, len(addrs))
+        out = []
+        for i, x in enumerate(addrs):
+            out += self._next_blocks(x, per + (i < extra), in_use, skip=skip, journaled=journaled)
         return out
 
     def _reserve_size(self) -> int:
@@ -235,10 +238,7 @@ class BlockPool:
         addrs = list(itertools.islice(self._avail, want))
         if not addrs:
             return []
-        per, extra = divmod(want, len(addrs))
-        upcoming = []
-        for i, a in enumerate(addrs):
-            upcoming += self._next_blocks(a, per + (i < extra), in_use, journaled=True)
+        upcoming = self._spread(addrs, want, in_use, journaled=True)
         res, fly = self._prejournaled, self._reserving
         blocks = [g for g in upcoming if g not in res and g not in fly]
         if (len(upcoming) - len(blocks)) * 2 > len(upcoming):
