@@ -32,6 +32,9 @@ def test_quick_report_writes_every_file(tmp_path):
         assert r["phase"]["out"]["frames_out"] <= r["phase"]["out"]["frames_in"]
         if r["config"] != "hypernat-2nic":
             assert r["clones"] == 0 and r["fetches"] == 0  # one NIC: replies return to the owner
+            # the IN phase replays the OUT phase's capture, reflected: only if the capture
+            # holds the translated bytes does every reply find its rule and translate back
+            assert r["phase"]["in"]["frames_out"] == r["phase"]["in"]["frames_in"] == r["phase"]["out"]["frames_out"]
     two = [r for r in fig4["rows"] if r["config"] == "hypernat-2nic"]
     assert all(r["clones"] > 0 for r in two)  # two NICs: split connections are cloned
     t1 = json.loads((out / "table1.json").read_text())
@@ -100,3 +103,41 @@ def test_table1_quick_is_the_papers_full_table_with_no_estimated_row(tmp_path):
     for install in ("passive", "active"):
         assert t1["runs"][install]["events_dropped"] == 0
         assert "missing" not in t1["summary"][install]["first"] and "missing" not in t1["summary"][install]["later"]
+
+
+def test_phase_port_capture_is_what_was_sent():
+    """Fig. 4's capture (the OUT phase's translated frames, reflected into the IN phase)
+    keeps references to batches replayed once and reads them after the timed pass: what
+    it returns is still exactly the bytes sent, in the order sent -- also when the
+    sender reuses its index array, and when a batch that is not replayed once (the
+    translator's output area, a replay's copies) is rewritten right after its send."""
+    import numpy as np
+
+    from hypernat.eval.throughput import FRAME, PhasePort
+    from hypernat.io.base import Batch
+
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 256, (700, FRAME), dtype=np.uint8)
+    lengths = np.full(700, FRAME, np.uint32)
+    src, sink = PhasePort("src", batch=256), PhasePort("sink")
+    sink.capture = True
+    src.load(frames, lengths)
+    scratch = np.arange(256, dtype=np.intp)  # like the worker's self._all
+    want = []
+    base = 0
+    while (b := src.recv()) is not None:
+        scratch[:] = np.arange(256)
+        sel = scratch[: b.n : 3]
+        sink.send(b, sel)
+        want.append(frames[base + sel])
+        scratch[:] = 0  # the sender reuses its index array
+        base += b.n
+        reused = Batch(rng.integers(0, 256, 3 * FRAME, dtype=np.uint8),
+                       np.arange(3, dtype=np.uint32) * FRAME, np.full(3, FRAME, np.uint32), 3)
+        want.append(reused.buf.reshape(3, FRAME)[[0, 2]].copy())
+        sink.send(reused, np.array([0, 2]))
+        reused.buf[:] = 0  # the output area, reused by the next translate
+    got, lens = sink.take()
+    assert src.exhausted and sink.tx == sum(len(w) for w in want)
+    assert np.array_equal(got, np.concatenate(want)) and (lens == FRAME).all()
+    assert sink.take()[0].shape == (0, FRAME)  # taken once

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import cpu_seconds, machine, md_table, progress, pyplot, save
 from .. import trace as T
-from ..io.base import Port
+from ..io.base import Batch, Port
 from ..lab.deadline import recv_within
 
 # A worker's phase ends at the latest this long after "go" (it reports what it did by
@@ -66,10 +66,33 @@ FETCH_RATE = 1_000_000  # limits.fetch_rate_per_source for the throughput runs
 PAPER_FIG5 = {"nic": 70.0, "server": 2.0}  # percent
 
 
+def _gather(batch, idx) -> tuple:
+    """The first FRAME bytes of frames `idx` of `batch` (rows of FRAME bytes) and their lengths."""
+    offs = batch.offsets[idx].astype(np.int64)
+    lens = np.minimum(batch.lengths[idx], FRAME).astype(np.uint32)
+    pos = np.minimum(offs[:, None] + np.arange(FRAME)[None, :], len(batch.buf) - 1)
+    return batch.buf[pos], lens
+
+
+class _OnceBatch(Batch):
+    """A batch a PhasePort replays exactly once: nothing rewrites its bytes after the
+    worker has sent them (the fast path translates a received batch in place, then sends
+    it; a replay of its misses translates copies or only the frames not sent), so a
+    capturing port may keep a reference and read the bytes after the timed pass."""
+
+    __slots__ = ()
+
+
 class PhasePort(Port):
     """A port that replays a loaded (frames, lengths) array once, in batches (no copy of
     pristine bytes: every frame is used once), and counts -- optionally keeps -- what is
-    sent to it (the first 64 bytes of each frame)."""
+    sent to it (the first 64 bytes of each frame).
+
+    Keeping costs the timed pass almost nothing: a frame of a batch replayed once
+    (``_OnceBatch``) is kept as a reference (the batch and the indices sent) and its
+    bytes are read by ``take()``, after the clock has stopped; a frame of any other batch
+    (a replay's copies, the translator's output area, which the next translate reuses) is
+    read when it is sent."""
 
     def __init__(self, name: str, batch: int = 256):
         from ..io.memory import Notifier
@@ -86,13 +109,12 @@ class PhasePort(Port):
     def load(self, frames: np.ndarray, lengths: np.ndarray, rounds: int = 1) -> None:
         """Replay `frames` `rounds` times (a round after the first restores each batch's
         pristine bytes with one copy, as the fast path rewrites frames in place)."""
-        from ..io.base import Batch
-
         self._batches = []
+        kind = _OnceBatch if rounds == 1 else Batch  # a round after the first rewrites the bytes
         for i in range(0, len(frames), self.batch):
             a = np.ascontiguousarray(frames[i : i + self.batch])
             n = len(a)
-            b = Batch(a.reshape(-1).copy(), (np.arange(n, dtype=np.uint32) * FRAME),
+            b = kind(a.reshape(-1).copy(), (np.arange(n, dtype=np.uint32) * FRAME),
                       lengths[i : i + n].astype(np.uint32), n)
             self._batches.append((b, b.buf.copy() if rounds > 1 else None))
         self._i = 0
@@ -121,10 +143,10 @@ class PhasePort(Port):
         idx = np.asarray(idx)
         self.tx += len(idx)
         if self.capture and len(idx):
-            offs = batch.offsets[idx].astype(np.int64)
-            lens = np.minimum(batch.lengths[idx], FRAME).astype(np.uint32)
-            pos = np.minimum(offs[:, None] + np.arange(FRAME)[None, :], len(batch.buf) - 1)
-            self._kept.append((batch.buf[pos], lens))
+            if isinstance(batch, _OnceBatch):  # read in take(), after the timed pass
+                self._kept.append((batch, idx.copy()))  # idx may be the worker's scratch
+            else:
+                self._kept.append(_gather(batch, idx))
         return len(idx)
 
     def send_frames(self, frames) -> int:
@@ -143,10 +165,9 @@ class PhasePort(Port):
     def take(self):
         if not self._kept:
             return np.zeros((0, FRAME), np.uint8), np.zeros(0, np.uint32)
-        a = np.concatenate([k[0] for k in self._kept])
-        lens = np.concatenate([k[1] for k in self._kept])
+        kept = [_gather(*k) if isinstance(k[0], Batch) else k for k in self._kept]  # in the order sent
         self._kept = []
-        return a, lens
+        return np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
 
     def mac(self) -> bytes:
         return bytes((2, 0, 0, 0, 0, 9))
@@ -260,14 +281,15 @@ def _nic_of(frames: np.ndarray, n: int) -> np.ndarray:
 
 
 def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bool = False,
-               limits: dict | None = None) -> dict:
+               limits: dict | None = None, install: str = "passive") -> dict:
     """One configuration over one trace (see the module doc); `limits` overrides config
-    limits (e.g. ``{"pending_per_flow": 64}`` for a sensitivity run)."""
+    limits (e.g. ``{"pending_per_flow": 64}`` for a sensitivity run); `install` is the
+    clone install mode (passive: fetched on the reply's miss; active: pushed by the owner)."""
     from ..lab.emulated import _coord_main, emulated_config
 
     n = 2 if name == "hypernat-2nic" else 1
     standalone = name == "servernat"
-    cfg = emulated_config(n, mapping="address-and-port-dependent", pool="198.18.0.0/24",
+    cfg = emulated_config(n, mapping="address-and-port-dependent", pool="198.18.0.0/24", install=install,
                           limits={"flow_table_capacity": 1 << 19, "ports_per_host": 64512,
                                   "fetch_timeout_ms": 500, "fetch_retries": 6,
                                   # the anti-scan limit (200 fetches/s per remote address by
@@ -307,7 +329,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
             last, t_last = cur, now
 
     th = threading.Thread(target=sampler, daemon=True) if cpu_trace else None
-    res = {"config": name, "nics": n}
+    res = {"config": name, "nics": n, "install": install}
     try:
         if th:
             th.start()
