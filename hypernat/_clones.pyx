@@ -43,6 +43,16 @@ cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t d
     return 1
 
 
+cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
+    """Count one ``put``: installed, refused as bad, or table full."""
+    if k > 0:
+        g[0] += 1
+    elif k == 0:
+        bad[0] += 1
+    else:
+        full[0] += 1
+
+
 def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own, int me,
                        now, lease):
     """Install clone entries for `rows`, tuples ``(proto, iaddr, iport, eaddr, eport,
@@ -70,20 +80,10 @@ def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own
         g = 0
         if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
             k = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
-            if k > 0:
-                g += 1
-            elif k == 0:
-                bad += 1
-            else:
-                full += 1
+            _tally(k, &g, &bad, &full)
         if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
             k = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
-            if k > 0:
-                g += 1
-            elif k == 0:
-                bad += 1
-            else:
-                full += 1
+            _tally(k, &g, &bad, &full)
         got[x] = g
     return got, bad, full
 

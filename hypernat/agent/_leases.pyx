@@ -29,6 +29,17 @@ cdef inline tuple _sk(const le_entry *c):
     return (c.k.proto, c.k.iaddr, c.k.iport, c.k.eaddr, c.k.eport, c.k.raddr, c.k.rport)
 
 
+cdef inline int _gather(dict out, const le_entry *c) except -1:
+    """Lease c into `out`, {sk: {holder: until}}."""
+    sk = _sk(c)
+    hs = out.get(sk)
+    if hs is None:
+        out[sk] = {c.holder: c.until}
+    else:
+        hs[c.holder] = c.until
+    return 0
+
+
 cdef class LeaseTable:
     """Leases granted: session identity -> {holder: until}, in C.  The interface and the
     answers of ``leases_py.LeaseTable``."""
@@ -208,12 +219,7 @@ cdef class LeaseTable:
         cdef le_entry *c
         while x >= 0:
             c = &self.e[x]
-            sk = _sk(c)
-            hs = out.get(sk)
-            if hs is None:
-                out[sk] = {c.holder: c.until}
-            else:
-                hs[c.holder] = c.until
+            _gather(out, c)
             x = c.k.ep_next
         return list(out.items())
 
@@ -226,12 +232,7 @@ cdef class LeaseTable:
         for x in range(self.s.hw):
             c = &self.e[x]
             if c.k.used:
-                sk = _sk(c)
-                hs = out.get(sk)
-                if hs is None:
-                    out[sk] = {c.holder: c.until}
-                else:
-                    hs[c.holder] = c.until
+                _gather(out, c)
         return list(out.items())
 
     def keys(self):

@@ -54,6 +54,7 @@ cdef class KeyedLru:
 
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept
+    cdef int32_t find_pk(self, pk) except -2
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2
     cdef void remove(self, int32_t x) noexcept
@@ -99,6 +100,5 @@ cdef class PendingTable:
     cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept
     cdef object _snapshot(self, int32_t x)
     cdef int32_t _find_pk(self, pk) except -2
-    cdef int32_t _neg_find(self, pk) except -2
     cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
                       double until) except -1

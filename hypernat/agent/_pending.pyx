@@ -68,6 +68,19 @@ cdef inline int32_t _key_find(FlowTable ix0, FlowTable ix1, uint8_t d, uint8_t p
     return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
 
 
+cdef inline int32_t _pk_find(FlowTable ix0, FlowTable ix1, pk) except -2:
+    """The entry keyed `pk`, (fetch_dir, (proto, saddr, sport, daddr, dport)) from Python
+    (-1: none, or not such a key)."""
+    try:
+        d, (p, sa, sp, da, dp) = pk
+    except (TypeError, ValueError):
+        return -1
+    if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
+            and 0 <= dp <= 0xFFFF):
+        return -1
+    return _key_find(ix0, ix1, 1 if d else 0, p, sa, sp, da, dp)
+
+
 cdef inline void _key_index(FlowTable ix0, FlowTable ix1, const pk_head *k, int32_t x) noexcept:
     (ix1 if k.fetch_dir else ix0).c_insert(k.proto, k.saddr, k.sport, k.daddr, k.dport, 0, 0, x, 0, 0)
 
@@ -117,6 +130,9 @@ cdef class KeyedLru:
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept:
         return _key_find(self.ix0, self.ix1, d, p, sa, sp, da, dp)
+
+    cdef int32_t find_pk(self, pk) except -2:
+        return _pk_find(self.ix0, self.ix1, pk)
 
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2:
@@ -363,14 +379,7 @@ cdef class PendingTable:
                         c.sent, c.retry, c.k.flags, frames, c.charged))
 
     cdef int32_t _find_pk(self, pk) except -2:
-        try:
-            d, (p, sa, sp, da, dp) = pk
-        except (TypeError, ValueError):
-            return -1
-        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
-                and 0 <= dp <= 0xFFFF):
-            return -1
-        return self.find(1 if d else 0, p, sa, sp, da, dp)
+        return _pk_find(self.ix_out, self.ix_in, pk)
 
     # -- lookups ------------------------------------------------------------------------------
     def __len__(self):
@@ -680,18 +689,8 @@ cdef class PendingTable:
             self.neg.remove(self.neg.head)
         return 0
 
-    cdef int32_t _neg_find(self, pk) except -2:
-        try:
-            d, (p, sa, sp, da, dp) = pk
-        except (TypeError, ValueError):
-            return -1
-        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
-                and 0 <= dp <= 0xFFFF):
-            return -1
-        return self.neg.find(1 if d else 0, p, sa, sp, da, dp)
-
     def neg_get(self, pk, default=None):
-        cdef int32_t b = self._neg_find(pk)
+        cdef int32_t b = self.neg.find_pk(pk)
         return self.neg.e[b].a if b >= 0 else default
 
     def neg_set(self, pk, double until):
@@ -700,7 +699,7 @@ cdef class PendingTable:
         self._neg_set(1 if d else 0, p, sa, sp, da, dp, until)
 
     def neg_discard(self, pk):
-        cdef int32_t b = self._neg_find(pk)
+        cdef int32_t b = self.neg.find_pk(pk)
         if b >= 0:
             self.neg.remove(b)
 
