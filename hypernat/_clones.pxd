@@ -1,41 +1,28 @@
 # cython: language_level=3
 """The holder's clone table (``hypernat/_clones.pyx``): clone entries in C arrays, indexed
-by session identity and by external endpoint through FlowTables (the flow table's
-hashing and probing, ``_fastpath.pxd``), by owner in linked lists, and ordered by lease
-end in a binary heap."""
+by session identity and by external endpoint (the entry store, ``_entries.pxd``), by
+owner in linked lists, and ordered by lease end in a binary heap."""
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from ._fastpath cimport FlowTable
+from ._entries cimport en_head, en_store
 from ._heap cimport hn_heap
 
 ctypedef struct ce_entry:
-    uint32_t iaddr
-    uint32_t eaddr
-    uint32_t raddr
-    uint16_t iport
-    uint16_t eport
-    uint16_t rport
-    uint8_t proto
+    en_head k               # identity and index links (_entries.pxd): first
+    uint32_t rule_id
     uint8_t dirs            # DIR_BIT_* installed here
     uint8_t owner
-    uint8_t used
-    uint32_t rule_id
     double expires          # local clock: the lease ends here
     double due              # the time this clone is queued under in the heap
-    int32_t same_next       # identities sharing (proto, R, Rp, E, Ep); the free list
-    int32_t ep_prev         # clones on (proto, E, Ep)
-    int32_t ep_next
     int32_t own_prev        # clones of one owner
     int32_t own_next
 
 
 cdef class CloneTable:
-    cdef ce_entry *e
-    cdef int32_t cap
-    cdef int32_t n
-    cdef int32_t free_head
-    cdef int32_t hw         # entries [0, hw) were ever used (those above: never touched)
+    cdef en_store s         # the entries (_entries.pxd)
+    cdef ce_entry *e        # s.e, typed
     cdef FlowTable ids      # (proto, R, Rp, E, Ep) -> head of a same_next chain (rule_id = index)
     cdef FlowTable eps      # (proto, E, Ep, 0, 0) -> head of the endpoint list
     cdef int32_t own_head[256]
@@ -48,5 +35,4 @@ cdef class CloneTable:
     cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                      uint32_t r, uint16_t rp) except -2
     cdef void unlink(self, int32_t x) noexcept
-    cdef void _index(self, int32_t x) noexcept
     cdef void _set_owner(self, int32_t x, int owner) noexcept

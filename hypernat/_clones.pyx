@@ -43,6 +43,16 @@ cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t d
     return 1
 
 
+cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
+    """Count one ``put``: installed, refused as bad, or table full."""
+    if k > 0:
+        g[0] += 1
+    elif k == 0:
+        bad[0] += 1
+    else:
+        full[0] += 1
+
+
 def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own, int me,
                        now, lease):
     """Install clone entries for `rows`, tuples ``(proto, iaddr, iport, eaddr, eport,
@@ -70,20 +80,10 @@ def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own
         g = 0
         if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
             k = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
-            if k > 0:
-                g += 1
-            elif k == 0:
-                bad += 1
-            else:
-                full += 1
+            _tally(k, &g, &bad, &full)
         if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
             k = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
-            if k > 0:
-                g += 1
-            elif k == 0:
-                bad += 1
-            else:
-                full += 1
+            _tally(k, &g, &bad, &full)
         got[x] = g
     return got, bad, full
 
@@ -91,9 +91,8 @@ def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own
 # ------------------------------------------------------------------------------------
 # The holder's clone table
 # ------------------------------------------------------------------------------------
-from libc.stdlib cimport free, realloc
-from libc.string cimport memset
-
+from ._entries cimport (en_add, en_find, en_full, en_init, en_on_endpoint, en_realloc, en_reindex,
+                        en_release, en_unlink)
 from ._fastpath import FlowTable as _FlowTable
 from ._heap cimport heap_free, heap_init, heap_pop, heap_push
 
@@ -109,7 +108,7 @@ class Clone(tuple):
 
 
 cdef inline tuple _sk(const ce_entry *c):
-    return (c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport)
+    return (c.k.proto, c.k.iaddr, c.k.iport, c.k.eaddr, c.k.eport, c.k.raddr, c.k.rport)
 
 
 cdef class CloneTable:
@@ -120,10 +119,9 @@ cdef class CloneTable:
     plain-Python reference with the same interface."""
 
     def __cinit__(self):
+        en_init(&self.s, sizeof(ce_entry))
         self.e = NULL
         heap_init(&self.h)
-        self.cap = self.n = self.hw = 0
-        self.free_head = -1
         self.walks = 0
         for k in range(256):
             self.own_head[k] = -1
@@ -133,80 +131,27 @@ cdef class CloneTable:
         self._grow(max(16, capacity))
 
     def __dealloc__(self):
-        free(self.e)
+        en_release(&self.s)
         heap_free(&self.h)
 
     def _grow(self, int32_t cap):
-        """Room for `cap` clones: the entry array grows (the entries above the high-water
-        mark are never touched: a presized table costs address space, not memory), the
-        indexes are rebuilt."""
-        cdef ce_entry *ne = <ce_entry *>realloc(self.e, cap * sizeof(ce_entry))
-        if ne == NULL:
-            raise MemoryError()
-        self.e = ne
-        cdef int32_t x
-        self.cap = cap
+        """Room for `cap` clones: the entry array grows, the indexes are rebuilt (owner
+        lists are independent of them: kept)."""
+        en_realloc(&self.s, cap)
+        self.e = <ce_entry *>self.s.e
         self.ids = _FlowTable(cap, hugepages=False)
         self.eps = _FlowTable(cap, hugepages=False)
-        cdef ce_entry *c
-        cdef int64_t j
-        for x in range(self.hw):
-            c = &self.e[x]
-            if not c.used:
-                continue
-            c.same_next = -1
-            c.ep_prev = c.ep_next = -1
-            self._index(x)
-        # owner lists are independent of the indexes: kept
+        en_reindex(&self.s, self.ids, self.eps)
 
     cdef int32_t find(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                       uint32_t r, uint16_t rp) noexcept:
-        cdef int64_t j = self.ids.c_find(p, r, rp, e, ep)
-        if j < 0:
-            return -1
-        cdef int32_t x = <int32_t>self.ids.c_slot(j).rule_id
-        while x >= 0:
-            if self.e[x].iaddr == i and self.e[x].iport == ip:
-                return x
-            x = self.e[x].same_next
-        return -1
-
-    cdef void _index(self, int32_t x) noexcept:
-        cdef ce_entry *c = &self.e[x]
-        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-        if j >= 0:
-            c.same_next = <int32_t>self.ids.c_slot(j).rule_id
-            self.ids.c_slot(j).rule_id = x
-        else:
-            c.same_next = -1
-            self.ids.c_insert(c.proto, c.raddr, c.rport, c.eaddr, c.eport, 0, 0, x, 0, 0)
-        j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
-        c.ep_prev = -1
-        if j >= 0:
-            c.ep_next = <int32_t>self.eps.c_slot(j).rule_id
-            self.e[c.ep_next].ep_prev = x
-            self.eps.c_slot(j).rule_id = x
-        else:
-            c.ep_next = -1
-            self.eps.c_insert(c.proto, c.eaddr, c.eport, 0, 0, 0, 0, x, 0, 0)
+        return en_find(&self.s, self.ids, p, i, ip, e, ep, r, rp)
 
     cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                      uint32_t r, uint16_t rp) except -2:
-        cdef int32_t x = self.free_head
-        if x >= 0:
-            self.free_head = self.e[x].same_next
-        else:
-            if self.hw == self.cap:
-                self._grow(self.cap * 2)
-            x = self.hw
-            self.hw += 1
-        cdef ce_entry *c = &self.e[x]
-        memset(c, 0, sizeof(ce_entry))
-        c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport = p, i, ip, e, ep, r, rp
-        c.used = 1
-        self.n += 1
-        self._index(x)
-        return x
+        if en_full(&self.s):
+            self._grow(self.s.cap * 2)
+        return en_add(&self.s, self.ids, self.eps, p, i, ip, e, ep, r, rp)
 
     cdef void _set_owner(self, int32_t x, int owner) noexcept:
         cdef ce_entry *c = &self.e[x]
@@ -220,31 +165,7 @@ cdef class CloneTable:
 
     cdef void unlink(self, int32_t x) noexcept:
         cdef ce_entry *c = &self.e[x]
-        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-        cdef int32_t y
-        if j >= 0:
-            y = <int32_t>self.ids.c_slot(j).rule_id
-            if y == x:
-                if c.same_next >= 0:
-                    self.ids.c_slot(j).rule_id = c.same_next
-                else:
-                    self.ids.c_delete(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-            else:
-                while y >= 0 and self.e[y].same_next != x:
-                    y = self.e[y].same_next
-                if y >= 0:
-                    self.e[y].same_next = c.same_next
-        if c.ep_prev >= 0:
-            self.e[c.ep_prev].ep_next = c.ep_next
-        else:
-            j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
-            if j >= 0:
-                if c.ep_next >= 0:
-                    self.eps.c_slot(j).rule_id = c.ep_next
-                else:
-                    self.eps.c_delete(c.proto, c.eaddr, c.eport, 0, 0)
-        if c.ep_next >= 0:
-            self.e[c.ep_next].ep_prev = c.ep_prev
+        en_unlink(&self.s, self.ids, self.eps, x)
         if c.own_prev >= 0:
             self.e[c.own_prev].own_next = c.own_next
         else:
@@ -252,10 +173,6 @@ cdef class CloneTable:
         if c.own_next >= 0:
             self.e[c.own_next].own_prev = c.own_prev
         self.own_count[c.owner] -= 1
-        c.used = 0
-        c.same_next = self.free_head
-        self.free_head = x
-        self.n -= 1
 
     # -- per batch -------------------------------------------------------------------------
     def install(self, int owner, items, double now, double margin, install_rows, tick,
@@ -335,7 +252,7 @@ cdef class CloneTable:
             x = self.h.i[0]
             heap_pop(&self.h)
             c = &self.e[x]
-            if not c.used or c.due != due:
+            if not c.k.used or c.due != due:
                 continue  # dropped (or queued again) since
             end = c.expires - margin
             if now >= end:
@@ -395,23 +312,20 @@ cdef class CloneTable:
         return self.get(sk) is not None
 
     def __len__(self):
-        return self.n
+        return self.s.n
 
     def __bool__(self):
-        return self.n > 0
+        return self.s.n > 0
 
     def at(self, proto, eaddr, eport):
         """The clones on one external endpoint: [(sk, Clone)]."""
         cdef list out = []
-        cdef int64_t j = self.eps.c_find(proto, eaddr, eport, 0, 0)
-        if j < 0:
-            return out
-        cdef int32_t x = <int32_t>self.eps.c_slot(j).rule_id
+        cdef int32_t x = en_on_endpoint(self.eps, proto, eaddr, eport)
         cdef ce_entry *c
         while x >= 0:
             c = &self.e[x]
             out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))
-            x = c.ep_next
+            x = c.k.ep_next
         return out
 
     def of_owner(self, int owner):
@@ -432,7 +346,7 @@ cdef class CloneTable:
     def timers(self):
         """[(due, sk)] queued (an entry whose clone is gone or moved is stale)."""
         cdef int32_t k
-        return [(self.h.d[k], _sk(&self.e[self.h.i[k]])) for k in range(self.h.n) if self.e[self.h.i[k]].used]
+        return [(self.h.d[k], _sk(&self.e[self.h.i[k]])) for k in range(self.h.n) if self.e[self.h.i[k]].k.used]
 
     def items(self):
         """Every clone, [(sk, Clone)]: a walk over the whole table (counted in `walks`)."""
@@ -440,9 +354,9 @@ cdef class CloneTable:
         cdef list out = []
         cdef int32_t x
         cdef ce_entry *c
-        for x in range(self.hw):
+        for x in range(self.s.hw):
             c = &self.e[x]
-            if c.used:
+            if c.k.used:
                 out.append((_sk(c), Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))))
         return out
 

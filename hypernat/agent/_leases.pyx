@@ -2,21 +2,18 @@
 """The owner's leases, compiled: ``leases_py.LeaseTable`` in C.
 
 One ``le_entry`` per lease, a (session, holder) pair (``_leases.pxd``): no Python object
-per lease.  Leases are found by session through a FlowTable keyed (proto, R, Rp, E, Ep)
-whose slot holds the head of a chain of the leases sharing that key (the internal
-endpoint and the holder tell them apart; the flow table's hashing and probing,
-``_fastpath.pxd``), by external endpoint through a second FlowTable heading a list, and
-by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions,
+per lease.  Leases are found by session (proto, R, Rp, E, Ep), a chain of the leases
+sharing that key (the internal endpoint and the holder tell them apart), and by
+external endpoint, through the entry store shared with the clone table
+(``_entries.pxd``), and by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions,
 ``held`` the records of one ACTIVITY message (read in place, ``_wire.pxd``), ``due`` a
 slice of the timers.  ``leases_py`` is the plain-Python reference with the same
 interface; ``tests/test_pending_table.py`` checks them against each other.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
-from libc.string cimport memset
-
-from .._fastpath cimport FlowTable
+from .._entries cimport (en_add, en_chain, en_find, en_full, en_head, en_init, en_on_endpoint, en_realloc,
+                         en_reindex, en_release, en_unlink)
 from .._heap cimport heap_free, heap_init, heap_pop, heap_push
 from .._wire cimport wire_activity
 
@@ -29,7 +26,18 @@ assert _M.ACTIVITY_DTYPE.itemsize == sizeof(wire_activity)
 
 
 cdef inline tuple _sk(const le_entry *c):
-    return (c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport)
+    return (c.k.proto, c.k.iaddr, c.k.iport, c.k.eaddr, c.k.eport, c.k.raddr, c.k.rport)
+
+
+cdef inline int _gather(dict out, const le_entry *c) except -1:
+    """Lease c into `out`, {sk: {holder: until}}."""
+    sk = _sk(c)
+    hs = out.get(sk)
+    if hs is None:
+        out[sk] = {c.holder: c.until}
+    else:
+        hs[c.holder] = c.until
+    return 0
 
 
 cdef class LeaseTable:
@@ -37,127 +45,54 @@ cdef class LeaseTable:
     answers of ``leases_py.LeaseTable``."""
 
     def __cinit__(self):
+        en_init(&self.s, sizeof(le_entry))
         self.e = NULL
         heap_init(&self.h)
-        self.cap = self.n = self.nsess = self.hw = 0
-        self.free_head = -1
+        self.nsess = 0
         self.walks = 0
 
     def __init__(self, int32_t capacity=1024):
         self._grow(max(16, capacity))
 
     def __dealloc__(self):
-        free(self.e)
+        en_release(&self.s)
         heap_free(&self.h)
 
     def _grow(self, int32_t cap):
         """Room for `cap` leases: the entry array grows, the indexes are rebuilt."""
-        cdef le_entry *ne = <le_entry *>realloc(self.e, cap * sizeof(le_entry))
-        if ne == NULL:
-            raise MemoryError()
-        self.e = ne
-        cdef int32_t x
-        self.cap = cap
+        en_realloc(&self.s, cap)
+        self.e = <le_entry *>self.s.e
         self.ids = _FlowTable(cap, hugepages=False)
         self.eps = _FlowTable(cap, hugepages=False)
-        for x in range(self.hw):
-            if self.e[x].used:
-                self._index(x)
+        en_reindex(&self.s, self.ids, self.eps)
 
     # -- C level -------------------------------------------------------------------------------
     cdef int32_t find(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                       uint32_t r, uint16_t rp, int holder) noexcept:
-        cdef int64_t j = self.ids.c_find(p, r, rp, e, ep)
-        if j < 0:
-            return -1
-        cdef int32_t x = <int32_t>self.ids.c_slot(j).rule_id
+        cdef int32_t x = en_chain(self.ids, p, e, ep, r, rp)
+        cdef le_entry *c
         while x >= 0:
-            if self.e[x].iaddr == i and self.e[x].iport == ip and self.e[x].holder == holder:
+            c = &self.e[x]
+            if c.k.iaddr == i and c.k.iport == ip and c.holder == holder:
                 return x
-            x = self.e[x].same_next
+            x = c.k.same_next
         return -1
 
     cdef bint has_session(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                           uint32_t r, uint16_t rp) noexcept:
-        cdef int64_t j = self.ids.c_find(p, r, rp, e, ep)
-        if j < 0:
-            return False
-        cdef int32_t x = <int32_t>self.ids.c_slot(j).rule_id
-        while x >= 0:
-            if self.e[x].iaddr == i and self.e[x].iport == ip:
-                return True
-            x = self.e[x].same_next
-        return False
-
-    cdef void _index(self, int32_t x) noexcept:
-        cdef le_entry *c = &self.e[x]
-        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-        if j >= 0:
-            c.same_next = <int32_t>self.ids.c_slot(j).rule_id
-            self.ids.c_slot(j).rule_id = x
-        else:
-            c.same_next = -1
-            self.ids.c_insert(c.proto, c.raddr, c.rport, c.eaddr, c.eport, 0, 0, x, 0, 0)
-        j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
-        c.ep_prev = -1
-        if j >= 0:
-            c.ep_next = <int32_t>self.eps.c_slot(j).rule_id
-            self.e[c.ep_next].ep_prev = x
-            self.eps.c_slot(j).rule_id = x
-        else:
-            c.ep_next = -1
-            self.eps.c_insert(c.proto, c.eaddr, c.eport, 0, 0, 0, 0, x, 0, 0)
+        return en_find(&self.s, self.ids, p, i, ip, e, ep, r, rp) >= 0
 
     cdef int32_t add(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                      uint32_t r, uint16_t rp, int holder) except -2:
-        cdef int32_t x = self.free_head
-        if x >= 0:
-            self.free_head = self.e[x].same_next
-        else:
-            if self.hw == self.cap:
-                self._grow(self.cap * 2)
-            x = self.hw
-            self.hw += 1
-        cdef le_entry *c = &self.e[x]
-        memset(c, 0, sizeof(le_entry))
-        c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport = p, i, ip, e, ep, r, rp
-        c.holder = holder
-        c.used = 1
-        self.n += 1
-        self._index(x)
+        if en_full(&self.s):
+            self._grow(self.s.cap * 2)
+        cdef int32_t x = en_add(&self.s, self.ids, self.eps, p, i, ip, e, ep, r, rp)
+        self.e[x].holder = holder
         return x
 
     cdef void unlink(self, int32_t x) noexcept:
-        cdef le_entry *c = &self.e[x]
-        cdef int64_t j = self.ids.c_find(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-        cdef int32_t y
-        if j >= 0:
-            y = <int32_t>self.ids.c_slot(j).rule_id
-            if y == x:
-                if c.same_next >= 0:
-                    self.ids.c_slot(j).rule_id = c.same_next
-                else:
-                    self.ids.c_delete(c.proto, c.raddr, c.rport, c.eaddr, c.eport)
-            else:
-                while y >= 0 and self.e[y].same_next != x:
-                    y = self.e[y].same_next
-                if y >= 0:
-                    self.e[y].same_next = c.same_next
-        if c.ep_prev >= 0:
-            self.e[c.ep_prev].ep_next = c.ep_next
-        else:
-            j = self.eps.c_find(c.proto, c.eaddr, c.eport, 0, 0)
-            if j >= 0:
-                if c.ep_next >= 0:
-                    self.eps.c_slot(j).rule_id = c.ep_next
-                else:
-                    self.eps.c_delete(c.proto, c.eaddr, c.eport, 0, 0)
-        if c.ep_next >= 0:
-            self.e[c.ep_next].ep_prev = c.ep_prev
-        c.used = 0
-        c.same_next = self.free_head
-        self.free_head = x
-        self.n -= 1
+        cdef en_head *c = &self.e[x].k
+        en_unlink(&self.s, self.ids, self.eps, x)
         if not self.has_session(c.proto, c.iaddr, c.iport, c.eaddr, c.eport, c.raddr, c.rport):
             self.nsess -= 1
 
@@ -165,10 +100,12 @@ cdef class LeaseTable:
         """{holder: until} of the leases on the chain from `head` with internal (i, ip)."""
         cdef dict out = {}
         cdef int32_t x = head
+        cdef le_entry *c
         while x >= 0:
-            if self.e[x].iaddr == i and self.e[x].iport == ip:
-                out[self.e[x].holder] = self.e[x].until
-            x = self.e[x].same_next
+            c = &self.e[x]
+            if c.k.iaddr == i and c.k.iport == ip:
+                out[c.holder] = c.until
+            x = c.k.same_next
         return out
 
     # -- per batch -------------------------------------------------------------------------------
@@ -216,7 +153,7 @@ cdef class LeaseTable:
             x = self.h.i[0]
             heap_pop(&self.h)
             c = &self.e[x]
-            if not c.used or c.due != d:
+            if not c.k.used or c.due != d:
                 continue  # ended already (acknowledged REVOKE), or queued again since
             if c.until <= now:
                 out.append((_sk(c), c.holder))
@@ -233,7 +170,7 @@ cdef class LeaseTable:
 
     @property
     def n_leases(self):
-        return self.n
+        return self.s.n
 
     def held(self, recs, int holder):
         """``leases_py.LeaseTable.held``: the records read in place."""
@@ -257,10 +194,7 @@ cdef class LeaseTable:
         if not (0 <= p <= 0xFF and 0 <= i <= 0xFFFFFFFF and 0 <= ip <= 0xFFFF and 0 <= e <= 0xFFFFFFFF
                 and 0 <= ep <= 0xFFFF and 0 <= r <= 0xFFFFFFFF and 0 <= rp <= 0xFFFF):
             return default
-        cdef int64_t j = self.ids.c_find(p, r, rp, e, ep)
-        if j < 0:
-            return default
-        cdef dict hs = self.holders(<int32_t>self.ids.c_slot(j).rule_id, i, ip)
+        cdef dict hs = self.holders(en_chain(self.ids, p, e, ep, r, rp), i, ip)
         return hs if hs else default
 
     def __getitem__(self, sk):
@@ -281,20 +215,12 @@ cdef class LeaseTable:
     def at(self, proto, eaddr, eport):
         """[(sk, {holder: until})] on one external endpoint."""
         cdef dict out = {}
-        cdef int64_t j = self.eps.c_find(proto, eaddr, eport, 0, 0)
-        if j < 0:
-            return []
-        cdef int32_t x = <int32_t>self.eps.c_slot(j).rule_id
+        cdef int32_t x = en_on_endpoint(self.eps, proto, eaddr, eport)
         cdef le_entry *c
         while x >= 0:
             c = &self.e[x]
-            sk = _sk(c)
-            hs = out.get(sk)
-            if hs is None:
-                out[sk] = {c.holder: c.until}
-            else:
-                hs[c.holder] = c.until
-            x = c.ep_next
+            _gather(out, c)
+            x = c.k.ep_next
         return list(out.items())
 
     def items(self):
@@ -303,15 +229,10 @@ cdef class LeaseTable:
         cdef dict out = {}
         cdef int32_t x
         cdef le_entry *c
-        for x in range(self.hw):
+        for x in range(self.s.hw):
             c = &self.e[x]
-            if c.used:
-                sk = _sk(c)
-                hs = out.get(sk)
-                if hs is None:
-                    out[sk] = {c.holder: c.until}
-                else:
-                    hs[c.holder] = c.until
+            if c.k.used:
+                _gather(out, c)
         return list(out.items())
 
     def keys(self):
@@ -327,4 +248,4 @@ cdef class LeaseTable:
         """[(due, sk, holder)] queued (an entry whose lease ended or moved is stale)."""
         cdef int32_t k
         return [(self.h.d[k], _sk(&self.e[self.h.i[k]]), self.e[self.h.i[k]].holder) for k in range(self.h.n)
-                if self.e[self.h.i[k]].used]
+                if self.e[self.h.i[k]].k.used]

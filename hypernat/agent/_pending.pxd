@@ -8,15 +8,19 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from .._fastpath cimport FlowTable
 
-ctypedef struct pf_entry:       # a fetch in flight
-    uint32_t saddr              # the key asked for, as fetch_dir's table holds it
+ctypedef struct pk_head:        # the first member of both entry structs: a key by direction
+    uint32_t saddr              # the key, as fetch_dir's flow table holds it
     uint32_t daddr
     uint16_t sport
     uint16_t dport
     uint8_t proto
-    uint8_t fetch_dir           # 0 OUT, 1 IN
-    uint8_t flags               # FETCH_F_*
+    uint8_t fetch_dir           # 0 OUT, 1 IN (0 too: the keys without a direction)
     uint8_t used
+    uint8_t flags               # the table's own bits (a fetch's FETCH_F_*; KeyedLru: 0)
+
+
+ctypedef struct pf_entry:       # a fetch in flight
+    pk_head k                   # the key asked for
     int32_t owner               # the NIC asked
     uint32_t seq
     int32_t fhead               # frames waiting (arena indexes, a list in arrival order)
@@ -30,13 +34,7 @@ ctypedef struct pf_entry:       # a fetch in flight
 
 
 ctypedef struct lru_entry:      # a key with two values, on a recency list
-    uint32_t saddr
-    uint32_t daddr
-    uint16_t sport
-    uint16_t dport
-    uint8_t proto
-    uint8_t fetch_dir
-    uint8_t used
+    pk_head k
     double a                    # negative cache: until; buckets: tokens
     double b                    # buckets: last refill
     int32_t prev                # oldest first; the free list (next)
@@ -56,6 +54,7 @@ cdef class KeyedLru:
 
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept
+    cdef int32_t find_pk(self, pk) except -2
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2
     cdef void remove(self, int32_t x) noexcept
@@ -101,6 +100,5 @@ cdef class PendingTable:
     cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept
     cdef object _snapshot(self, int32_t x)
     cdef int32_t _find_pk(self, pk) except -2
-    cdef int32_t _neg_find(self, pk) except -2
     cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
                       double until) except -1

@@ -4,8 +4,8 @@
 A fetch in flight is one ``pf_entry`` (``_pending.pxd``): no Python object per fetch
 but the frames waiting for its answer, which sit in one arena (a list of frames with a
 C "next" array: each fetch's frames a chain in arrival order).  Entries are found by
-key (two FlowTables, one per fetch direction) and by seq (a FlowTable keyed
-``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
+key (two FlowTables, one per fetch direction, ``_key_find`` and its kin) and by seq (a
+FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
 (``_fastpath.pxd``); the entry's index is the slot's ``rule_id``.  The negative cache
 and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
 list (oldest first), indexed the same way.
@@ -50,6 +50,55 @@ cdef inline FlowTable _index(uint64_t cap):
     return _FlowTable(cap, hugepages=False)
 
 
+cdef inline void *_regrow(void *e, int32_t cap, size_t size) except NULL:
+    """The entry array `e` (records of `size` bytes) with room for `cap`."""
+    cdef void *ne = realloc(e, <size_t>cap * size)
+    if ne == NULL:
+        raise MemoryError()
+    return ne
+
+
+# Keys by fetch direction (pk_head, the first member of both entry structs): one FlowTable
+# per direction, the entry's index in the slot's rule_id.  One implementation for the
+# fetches in flight and the keyed LRU tables.
+cdef inline int32_t _key_find(FlowTable ix0, FlowTable ix1, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp,
+                              uint32_t da, uint16_t dp) noexcept:
+    cdef FlowTable t = ix1 if d else ix0
+    cdef int64_t j = t.c_find(p, sa, sp, da, dp)
+    return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
+
+
+cdef inline int32_t _pk_find(FlowTable ix0, FlowTable ix1, pk) except -2:
+    """The entry keyed `pk`, (fetch_dir, (proto, saddr, sport, daddr, dport)) from Python
+    (-1: none, or not such a key)."""
+    try:
+        d, (p, sa, sp, da, dp) = pk
+    except (TypeError, ValueError):
+        return -1
+    if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
+            and 0 <= dp <= 0xFFFF):
+        return -1
+    return _key_find(ix0, ix1, 1 if d else 0, p, sa, sp, da, dp)
+
+
+cdef inline void _key_index(FlowTable ix0, FlowTable ix1, const pk_head *k, int32_t x) noexcept:
+    (ix1 if k.fetch_dir else ix0).c_insert(k.proto, k.saddr, k.sport, k.daddr, k.dport, 0, 0, x, 0, 0)
+
+
+cdef inline void _key_unindex(FlowTable ix0, FlowTable ix1, const pk_head *k) noexcept:
+    (ix1 if k.fetch_dir else ix0).c_delete(k.proto, k.saddr, k.sport, k.daddr, k.dport)
+
+
+cdef inline void _key_reindex(const char *e, size_t size, int32_t hw, FlowTable ix0, FlowTable ix1) noexcept:
+    """Every entry in use among the first `hw` (records of `size` bytes) into fresh indexes."""
+    cdef int32_t x
+    cdef const pk_head *k
+    for x in range(hw):
+        k = <const pk_head *>(e + <size_t>x * size)
+        if k.used:
+            _key_index(ix0, ix1, k, x)
+
+
 cdef inline const unsigned char[::1] _bytes_of(recs):
     """A message's records as bytes, in place when they are contiguous."""
     return np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
@@ -72,26 +121,18 @@ cdef class KeyedLru:
         free(self.e)
 
     def _grow(self, int32_t cap):
-        cdef lru_entry *ne = <lru_entry *>realloc(self.e, cap * sizeof(lru_entry))
-        if ne == NULL:
-            raise MemoryError()
-        self.e = ne
-        cdef int32_t x
+        self.e = <lru_entry *>_regrow(self.e, cap, sizeof(lru_entry))
         self.cap = cap
         self.ix0 = _index(cap)
         self.ix1 = _index(cap)
-        cdef lru_entry *c
-        for x in range(self.hw):
-            c = &self.e[x]
-            if c.used:
-                (self.ix1 if c.fetch_dir else self.ix0).c_insert(c.proto, c.saddr, c.sport, c.daddr, c.dport,
-                                                                0, 0, x, 0, 0)
+        _key_reindex(<const char *>self.e, sizeof(lru_entry), self.hw, self.ix0, self.ix1)
 
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept:
-        cdef FlowTable t = self.ix1 if d else self.ix0
-        cdef int64_t j = t.c_find(p, sa, sp, da, dp)
-        return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
+        return _key_find(self.ix0, self.ix1, d, p, sa, sp, da, dp)
+
+    cdef int32_t find_pk(self, pk) except -2:
+        return _pk_find(self.ix0, self.ix1, pk)
 
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2:
@@ -106,8 +147,8 @@ cdef class KeyedLru:
             self.hw += 1
         cdef lru_entry *c = &self.e[x]
         memset(c, 0, sizeof(lru_entry))
-        c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
-        c.used = 1
+        c.k.fetch_dir, c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport = d, p, sa, sp, da, dp
+        c.k.used = 1
         c.prev = self.tail
         c.next = -1
         if self.tail >= 0:
@@ -116,7 +157,7 @@ cdef class KeyedLru:
             self.head = x
         self.tail = x
         self.n += 1
-        (self.ix1 if d else self.ix0).c_insert(p, sa, sp, da, dp, 0, 0, x, 0, 0)
+        _key_index(self.ix0, self.ix1, &c.k, x)
         return x
 
     cdef void _unlist(self, int32_t x) noexcept:
@@ -133,8 +174,8 @@ cdef class KeyedLru:
     cdef void remove(self, int32_t x) noexcept:
         cdef lru_entry *c = &self.e[x]
         self._unlist(x)
-        (self.ix1 if c.fetch_dir else self.ix0).c_delete(c.proto, c.saddr, c.sport, c.daddr, c.dport)
-        c.used = 0
+        _key_unindex(self.ix0, self.ix1, &c.k)
+        c.k.used = 0
         c.next = self.free_head
         self.free_head = x
         self.n -= 1
@@ -159,7 +200,7 @@ cdef class KeyedLru:
         cdef lru_entry *c
         while x >= 0:
             c = &self.e[x]
-            out.append(((c.fetch_dir, (c.proto, c.saddr, c.sport, c.daddr, c.dport)), c.a, c.b))
+            out.append(((c.k.fetch_dir, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport)), c.a, c.b))
             x = c.next
         return out
 
@@ -194,22 +235,16 @@ cdef class PendingTable:
 
     def _grow(self, int32_t cap):
         """Room for `cap` fetches: the entry array grows, the indexes are rebuilt."""
-        cdef pf_entry *ne = <pf_entry *>realloc(self.e, cap * sizeof(pf_entry))
-        if ne == NULL:
-            raise MemoryError()
-        self.e = ne
-        cdef int32_t x
+        self.e = <pf_entry *>_regrow(self.e, cap, sizeof(pf_entry))
         self.cap = cap
         self.ix_out = _index(cap)
         self.ix_in = _index(cap)
         self.ix_seq = _index(cap)
-        cdef pf_entry *c
+        _key_reindex(<const char *>self.e, sizeof(pf_entry), self.hw, self.ix_out, self.ix_in)
+        cdef int32_t x
         for x in range(self.hw):
-            c = &self.e[x]
-            if c.used:
-                (self.ix_in if c.fetch_dir else self.ix_out).c_insert(c.proto, c.saddr, c.sport, c.daddr,
-                                                                     c.dport, 0, 0, x, 0, 0)
-                self.ix_seq.c_insert(0, c.seq, 0, 0, 0, 0, 0, x, 0, 0)
+            if self.e[x].k.used:
+                self.ix_seq.c_insert(0, self.e[x].seq, 0, 0, 0, 0, 0, x, 0, 0)
 
     def _grow_frames(self):
         cdef int32_t cap = max(64, self.fcap * 2)
@@ -227,9 +262,7 @@ cdef class PendingTable:
     # -- C level -----------------------------------------------------------------------------
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept:
-        cdef FlowTable t = self.ix_in if d else self.ix_out
-        cdef int64_t j = t.c_find(p, sa, sp, da, dp)
-        return <int32_t>t.c_slot(j).rule_id if j >= 0 else -1
+        return _key_find(self.ix_out, self.ix_in, d, p, sa, sp, da, dp)
 
     cdef int32_t by_seq(self, uint32_t seq) noexcept:
         cdef int64_t j = self.ix_seq.c_find(0, seq, 0, 0, 0)
@@ -248,12 +281,12 @@ cdef class PendingTable:
             self.hw += 1
         cdef pf_entry *c = &self.e[x]
         memset(c, 0, sizeof(pf_entry))
-        c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport = d, p, sa, sp, da, dp
-        c.used = 1
+        c.k.fetch_dir, c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport = d, p, sa, sp, da, dp
+        c.k.used = 1
         c.fhead = c.ftail = -1
         c.charged = -1
         self.n += 1
-        (self.ix_in if d else self.ix_out).c_insert(p, sa, sp, da, dp, 0, 0, x, 0, 0)
+        _key_index(self.ix_out, self.ix_in, &c.k, x)
         return x
 
     cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept:
@@ -283,7 +316,7 @@ cdef class PendingTable:
         cdef pf_entry *c = &self.e[x]
         cdef list out = [] if want_frames else None
         cdef int32_t i = c.fhead, nx
-        (self.ix_in if c.fetch_dir else self.ix_out).c_delete(c.proto, c.saddr, c.sport, c.daddr, c.dport)
+        _key_unindex(self.ix_out, self.ix_in, &c.k)
         self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
         while i >= 0:
             if want_frames:
@@ -294,7 +327,7 @@ cdef class PendingTable:
             self.ffree = i
             i = nx
         self.queued -= c.nframes
-        c.used = 0
+        c.k.used = 0
         c.next_free = self.free_head
         self.free_head = x
         self.n -= 1
@@ -319,14 +352,14 @@ cdef class PendingTable:
         cdef wire_key k
         memset(&k, 0, sizeof(k))
         k.seq = c.seq
-        k.proto = c.proto
-        k.flags = c.flags
-        if c.fetch_dir == D_IN:  # (p, R, Rp, E, Ep)
+        k.proto = c.k.proto
+        k.flags = c.k.flags
+        if c.k.fetch_dir == D_IN:  # (p, R, Rp, E, Ep)
             k.kind = FETCH_BY_EXTERNAL
-            k.ext_addr, k.rem_addr, k.ext_port, k.rem_port = c.daddr, c.saddr, c.dport, c.sport
+            k.ext_addr, k.rem_addr, k.ext_port, k.rem_port = c.k.daddr, c.k.saddr, c.k.dport, c.k.sport
         else:  # (p, I, Ip, R, Rp)
             k.kind = FETCH_BY_INTERNAL
-            k.int_addr, k.rem_addr, k.int_port, k.rem_port = c.saddr, c.daddr, c.sport, c.dport
+            k.int_addr, k.rem_addr, k.int_port, k.rem_port = c.k.saddr, c.k.daddr, c.k.sport, c.k.dport
         rec = PyBytes_FromStringAndSize(<char *>&k, sizeof(wire_key))
         q = fq.get(c.owner)
         if q is None:
@@ -342,18 +375,11 @@ cdef class PendingTable:
         while i >= 0:
             frames.append(self.fr[i])
             i = self.fnx[i]
-        return Pending((c.fetch_dir, (c.proto, c.saddr, c.sport, c.daddr, c.dport), c.owner, c.seq, c.first,
-                        c.sent, c.retry, c.flags, frames, c.charged))
+        return Pending((c.k.fetch_dir, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport), c.owner, c.seq, c.first,
+                        c.sent, c.retry, c.k.flags, frames, c.charged))
 
     cdef int32_t _find_pk(self, pk) except -2:
-        try:
-            d, (p, sa, sp, da, dp) = pk
-        except (TypeError, ValueError):
-            return -1
-        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
-                and 0 <= dp <= 0xFFFF):
-            return -1
-        return self.find(1 if d else 0, p, sa, sp, da, dp)
+        return _pk_find(self.ix_out, self.ix_in, pk)
 
     # -- lookups ------------------------------------------------------------------------------
     def __len__(self):
@@ -381,7 +407,7 @@ cdef class PendingTable:
         cdef list out = []
         cdef int32_t x
         for x in range(self.hw):
-            if self.e[x].used:
+            if self.e[x].k.used:
                 p = self._snapshot(x)
                 out.append(((p[0], p[1]), p))
         return out
@@ -461,7 +487,7 @@ cdef class PendingTable:
             c.owner = owner
             c.first = c.sent = now
             c.retry = self.retry_s
-            c.flags = F_ICMP_ERROR if icmp else 0
+            c.k.flags = F_ICMP_ERROR if icmp else 0
             c.charged = charged
             self._set_seq(x, s)
             self.queue(fq, x)
@@ -482,7 +508,7 @@ cdef class PendingTable:
         c.owner = owner
         c.first = c.sent = now
         c.retry = self.retry_s
-        c.flags = flags
+        c.k.flags = flags
         self._set_seq(x, seq)
         self.queue(fq, x)
 
@@ -523,17 +549,17 @@ cdef class PendingTable:
                 wrong += 1
                 continue
             # the key asked for (rules.in_key / out_key: ICMP queries key on the identifier)
-            if c.fetch_dir == D_IN:
+            if c.k.fetch_dir == D_IN:
                 fsp = r.ext_port if r.proto == P_ICMP else r.rem_port
-                if not (c.proto == r.proto and c.saddr == r.rem_addr and c.sport == fsp
-                        and c.daddr == r.ext_addr and c.dport == r.ext_port):
+                if not (c.k.proto == r.proto and c.k.saddr == r.rem_addr and c.k.sport == fsp
+                        and c.k.daddr == r.ext_addr and c.k.dport == r.ext_port):
                     bad += 1
                     continue
                 dbit = BIT_IN
             else:
                 fdp = r.int_port if r.proto == P_ICMP else r.rem_port
-                if not (c.proto == r.proto and c.saddr == r.int_addr and c.sport == r.int_port
-                        and c.daddr == r.rem_addr and c.dport == fdp):
+                if not (c.k.proto == r.proto and c.k.saddr == r.int_addr and c.k.sport == r.int_port
+                        and c.k.daddr == r.rem_addr and c.k.dport == fdp):
                     bad += 1
                     continue
                 dbit = BIT_OUT
@@ -571,11 +597,11 @@ cdef class PendingTable:
                 wrong += 1
                 continue
             if r.kind == FETCH_BY_EXTERNAL:
-                ok = (c.fetch_dir == D_IN and c.proto == r.proto and c.saddr == r.rem_addr
-                      and c.sport == r.rem_port and c.daddr == r.ext_addr and c.dport == r.ext_port)
+                ok = (c.k.fetch_dir == D_IN and c.k.proto == r.proto and c.k.saddr == r.rem_addr
+                      and c.k.sport == r.rem_port and c.k.daddr == r.ext_addr and c.k.dport == r.ext_port)
             else:
-                ok = (c.fetch_dir == D_OUT and c.proto == r.proto and c.saddr == r.int_addr
-                      and c.sport == r.int_port and c.daddr == r.rem_addr and c.dport == r.rem_port)
+                ok = (c.k.fetch_dir == D_OUT and c.k.proto == r.proto and c.k.saddr == r.int_addr
+                      and c.k.sport == r.int_port and c.k.daddr == r.rem_addr and c.k.dport == r.rem_port)
             if not ok:
                 bad += 1
                 continue
@@ -583,8 +609,8 @@ cdef class PendingTable:
             if r.reason == NACK_UNAVAILABLE:
                 self.refund(x)  # the owner could not answer: not the remote's doing
             elif r.reason != NACK_FILTERED:  # no rule: remembered (a filtered answer can change)
-                self._neg_set(c.fetch_dir, c.proto, c.saddr, c.sport, c.daddr, c.dport, now + self.neg_ttl)
-            if c.flags & F_REVALIDATE:
+                self._neg_set(c.k.fetch_dir, c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport, now + self.neg_ttl)
+            if c.k.flags & F_REVALIDATE:
                 lost += 1
             self.release(x, False)
         return stale, wrong, bad, nacked, lost
@@ -620,7 +646,7 @@ cdef class PendingTable:
         cdef int64_t n = 0
         cdef int32_t x
         for x in range(self.hw):
-            if self.e[x].used and self.e[x].owner == owner:
+            if self.e[x].k.used and self.e[x].owner == owner:
                 n += self.e[x].nframes if self.e[x].nframes > 1 else 1
                 self.refund(x)
                 self.release(x, False)
@@ -634,8 +660,8 @@ cdef class PendingTable:
         cdef pf_entry *c
         for x in range(self.hw):
             c = &self.e[x]
-            if c.used and c.owner == owner and c.fetch_dir == d:
-                out.append((c.seq, (c.proto, c.saddr, c.sport, c.daddr, c.dport)))
+            if c.k.used and c.owner == owner and c.k.fetch_dir == d:
+                out.append((c.seq, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport)))
         return out
 
     def reseq(self, seq, int owner, new_seq, double now, double timeout, dict fq):
@@ -663,18 +689,8 @@ cdef class PendingTable:
             self.neg.remove(self.neg.head)
         return 0
 
-    cdef int32_t _neg_find(self, pk) except -2:
-        try:
-            d, (p, sa, sp, da, dp) = pk
-        except (TypeError, ValueError):
-            return -1
-        if not (0 <= p <= 0xFF and 0 <= sa <= 0xFFFFFFFF and 0 <= sp <= 0xFFFF and 0 <= da <= 0xFFFFFFFF
-                and 0 <= dp <= 0xFFFF):
-            return -1
-        return self.neg.find(1 if d else 0, p, sa, sp, da, dp)
-
     def neg_get(self, pk, default=None):
-        cdef int32_t b = self._neg_find(pk)
+        cdef int32_t b = self.neg.find_pk(pk)
         return self.neg.e[b].a if b >= 0 else default
 
     def neg_set(self, pk, double until):
@@ -683,7 +699,7 @@ cdef class PendingTable:
         self._neg_set(1 if d else 0, p, sa, sp, da, dp, until)
 
     def neg_discard(self, pk):
-        cdef int32_t b = self._neg_find(pk)
+        cdef int32_t b = self.neg.find_pk(pk)
         if b >= 0:
             self.neg.remove(b)
 
