@@ -538,6 +538,14 @@ def test_drain_created_for_active_install():
     assert len(rb.drain_created()) == 0
 
 
+def test_one_nic_active_install_tracks_nothing():
+    """With one NIC there is nobody to push to: active install records no created
+    sessions (recording them sent every new session through the Python path)."""
+    rb = make_rb(make_cfg(1, install="active"), 0)
+    miss(rb, OUT, [(TCP, h, 5000, R1, 80, SYN) for h in hosts_of(rb, 3)], 7)
+    assert len(rb.maps) == 3 and len(rb.drain_created()) == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Hairpinning through a real Translator, checked with scapy
 
