@@ -21,20 +21,12 @@ from scapy.all import ICMP, IP, TCP, UDP, Ether, IPOption_NOP, raw
 from scapy.layers.inet import defragment
 
 from fixtures.fastpath_oracle import E1, I1, R, eth, pack, standard_env
+from fixtures.partial import checksums_right, partial_frame, pseudo_sum
 from hypernat.io.base import GSO_NONE, GSO_TCPV4, GSO_UDP_L4, META_DTYPE, VNET_F_NEEDS_CSUM, finish_checksum
 from hypernat.verdicts import OUT, ROUTER_EVENT_NAMES, VERDICT_NAMES
 
 GW_OUT, GW_IN = "100.64.0.1", "10.0.0.254"
 MTU = 1280
-
-
-def pseudo_sum(frame: bytes, l4: int) -> int:
-    """The folded pseudo-header sum Linux leaves in a partial frame's checksum field."""
-    s = sum(int.from_bytes(frame[26 + i:28 + i], "big") for i in (0, 2, 4, 6))
-    s += frame[23] + (len(frame) - l4)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def super_frame(layer, payload, gso, df=True, flags="A", gso_type=None, sport=None, dport=None,
@@ -45,15 +37,7 @@ def super_frame(layer, payload, gso, df=True, flags="A", gso_type=None, sport=No
         l4h = TCP(sport=sport or 1111, dport=dport or 80, flags=flags, seq=1000, options=list(tcp_options))
     else:
         l4h = UDP(sport=sport or 2222, dport=dport or 53)
-    f = bytearray(raw(eth() / ip / l4h / payload))
-    l4 = 14 + (f[14] & 15) * 4
-    off = 16 if layer is TCP else 6
-    f[l4 + off:l4 + off + 2] = pseudo_sum(bytes(f), l4).to_bytes(2, "big")
-    m = np.zeros(1, META_DTYPE)
-    if gso_type is None:
-        gso_type = (GSO_TCPV4 if layer is TCP else GSO_UDP_L4) if gso else GSO_NONE
-    m[0] = (VNET_F_NEEDS_CSUM, gso_type, l4 + (len(l4h) if layer is TCP else 8), gso, l4, off)
-    return bytes(f), m
+    return partial_frame(eth() / ip / l4h / payload, gso, gso_type)
 
 
 def run(fp, frames, metas, mtu=MTU, partial=None, **router):
@@ -80,16 +64,6 @@ def finished(frame: bytes, layer) -> Ether:
     return Ether(bytes(f))
 
 
-def assert_checksums_right(pkt: Ether):
-    """scapy recomputes every checksum of `pkt`: they must be what it carries."""
-    want = pkt.copy()
-    del want[IP].chksum
-    for layer in (TCP, UDP, ICMP):
-        if layer in want:
-            del want[layer].chksum
-    assert raw(Ether(raw(want))) == raw(pkt)
-
-
 def test_a_super_frame_whose_segments_fit_goes_whole(fp):
     """40 KB of TCP in segments of 1200: fits a 1280 link (its length does not)."""
     f, m = super_frame(TCP, bytes(range(256)) * 160, gso=1200)
@@ -98,7 +72,7 @@ def test_a_super_frame_whose_segments_fit_goes_whole(fp):
     assert int(meta["gso_size"][0]) == 1200
     p = finished(out, TCP)
     assert p[IP].src == E1 and p[TCP].sport == 40001
-    assert_checksums_right(p)
+    assert checksums_right(p)
 
 
 def test_a_df_super_frame_too_big_per_segment_is_answered_frag_needed(fp):
@@ -111,7 +85,7 @@ def test_a_df_super_frame_too_big_per_segment_is_answered_frag_needed(fp):
     icmp = Ether(g)
     assert icmp[IP].src == GW_IN and icmp[IP].dst == I1
     assert icmp[ICMP].type == 3 and icmp[ICMP].code == 4 and icmp[ICMP].nexthopmtu == MTU
-    assert_checksums_right(icmp)
+    assert checksums_right(icmp)
     assert out == f  # not rewritten
 
 
@@ -122,7 +96,7 @@ def test_a_non_df_tcp_super_frame_gets_smaller_segments(fp):
     (out,), v, meta, gen, ev = run(fp, [f], [m])
     assert v == ["translated"] and gen == [] and ev == {"gso_resegmented": 1}
     assert int(meta["gso_size"][0]) == MTU - 20 - 20
-    assert_checksums_right(finished(out, TCP))
+    assert checksums_right(finished(out, TCP))
 
 
 def test_a_tcp_super_frame_whose_headers_leave_no_room_is_dropped(fp):
@@ -173,7 +147,7 @@ def test_a_partial_syn_gets_its_mss_clamped_and_stays_partial(fp):
     assert v == ["translated"] and ev == {"mss_clamped": 1}
     p = finished(out, TCP)
     assert dict(p[TCP].options)["MSS"] == 1300
-    assert_checksums_right(p)
+    assert checksums_right(p)
 
 
 def test_meta_is_checked(fp):

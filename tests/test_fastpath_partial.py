@@ -13,27 +13,9 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether, raw
 
 from fixtures.fastpath_oracle import E1, E2, I1, I2, R, eth, pack, standard_env
+from fixtures.partial import make_partial, pseudo_sum
 from hypernat.io.base import finish_checksum
 from hypernat.verdicts import IN, OUT, VERDICT_NAMES
-
-
-def pseudo_sum(frame: bytes, l4: int) -> int:
-    """What Linux leaves in a partial frame's L4 checksum field: the folded
-    pseudo-header sum (addresses, protocol, L4 length)."""
-    ip = 14
-    s = sum(int.from_bytes(frame[ip + 12 + i:ip + 14 + i], "big") for i in (0, 2, 4, 6))
-    s += frame[ip + 9] + (len(frame) - l4)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-def make_partial(pkt, layer):
-    f = bytearray(raw(pkt))
-    l4 = 14 + (f[14] & 0x0F) * 4
-    off = 16 if layer is TCP else 6
-    f[l4 + off:l4 + off + 2] = pseudo_sum(bytes(f), l4).to_bytes(2, "big")
-    return bytes(f), l4, off
 
 
 def translate_partial(fp, frames, direction, flags):
@@ -60,7 +42,7 @@ CASES = [
 def test_partial_checksum_is_updated_for_the_pseudo_header_only(fp, layer, direction, form, change, payload):
     ip = IP(src=form["src"], dst=form["dst"], ttl=64, id=7)
     pkt = eth() / ip / layer(sport=form["sport"], dport=form["dport"]) / payload
-    frame, l4, off = make_partial(pkt, layer)
+    frame, l4, off = make_partial(pkt)
     (out,), v = translate_partial(fp, [frame], direction, [1])
     assert VERDICT_NAMES[v[0]] == "translated"
     # Still partial: the field holds the translated packet's pseudo-header sum.
@@ -80,7 +62,7 @@ def test_partial_and_complete_frames_in_one_batch(fp):
     """The flag is per frame: a complete frame beside partial ones keeps RFC 1624's
     full update (ports included)."""
     pkt = eth() / IP(src=I1, dst=R, ttl=64) / TCP(sport=1111, dport=80) / b"abc"
-    part, l4, off = make_partial(pkt, TCP)
+    part, l4, off = make_partial(pkt)
     out, v = translate_partial(fp, [raw(pkt), part, raw(pkt)], OUT, [0, 1, 0])
     assert [VERDICT_NAMES[x] for x in v] == ["translated"] * 3
     assert out[0] == out[2]

@@ -12,44 +12,15 @@ import pytest
 from scapy.all import ICMP, IP, TCP, UDP, Ether, raw
 
 from fixtures.fastpath_oracle import E1, I1, R, A, Env, eth, pack
+from fixtures.partial import checksums_right, partial_frame, pseudo_sum
 from hypernat.coord.broker import Coordinator
-from hypernat.io.base import GSO_TCPV4, META_DTYPE, VNET_F_NEEDS_CSUM, Batch, finish_checksum
+from hypernat.io.base import GSO_TCPV4, META_DTYPE, Batch, finish_checksum
 from hypernat.io.memory import MemoryPort
 from hypernat.lab.emulated import emulated_config
 from hypernat.nic.worker import NicWorker, spin
 from hypernat.verdicts import IN, MISS_VERDICTS, OUT, VERDICT_NAMES
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def pseudo_sum(frame: bytes, l4: int) -> int:
-    """What Linux leaves in a partial frame's L4 checksum field (IPv4, no VLAN)."""
-    s = sum(int.from_bytes(frame[26 + i:28 + i], "big") for i in (0, 2, 4, 6))
-    s += frame[23] + (len(frame) - l4)
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-def partial_frame(pkt, gso: int = 0):
-    """(frame with a partial checksum, its META_DTYPE record)."""
-    f = bytearray(raw(pkt))
-    l4 = 14 + (f[14] & 15) * 4
-    off = 16 if TCP in pkt else 6
-    f[l4 + off:l4 + off + 2] = pseudo_sum(bytes(f), l4).to_bytes(2, "big")
-    m = np.zeros(1, META_DTYPE)
-    hdr = l4 + (len(pkt[TCP]) - len(pkt[TCP].payload) if TCP in pkt else 8)
-    m[0] = (VNET_F_NEEDS_CSUM, GSO_TCPV4 if gso else 0, hdr, gso, l4, off)
-    return bytes(f), m
-
-
-def checksums_right(pkt: Ether) -> bool:
-    want = pkt.copy()
-    del want[IP].chksum
-    for layer in (TCP, UDP, ICMP):
-        if layer in want:
-            del want[layer].chksum
-    return raw(Ether(raw(want))) == raw(pkt)
 
 
 # ------------------------------------------------------------------ a miss changes nothing
@@ -213,7 +184,6 @@ def test_mixed_batch_every_frame_leaves_once_translated(nics):
     assert spin(ws, lambda: len(out0._tx) == 1, 3)
     est = Ether(out0.take_tx()[0])
     e0, p0 = est[IP].src, est[UDP].sport
-    hairpin_dst = (e0, p0)
 
     batch_out = [
         udp(S(h0), 1000, r1, 53, b"hit-1"),
