@@ -6,60 +6,93 @@
                  the clone installed (CloneTable; the builder's flow tables stubbed out)
     grant        the owner's leases for a batch of served sessions (LeaseTable)
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_agent_tables.py [N]
+    .venv/bin/python benchmarks/bench_agent_tables.py [-n N] [--rounds R]
+    .venv/bin/python -m pytest benchmarks/bench_agent_tables.py --benchmark-disable   (CI: small, checks)
 
 No builder, no sockets: what bench_clone_throughput's profile attributes to the agent's
 tables, measured on its own (the same script runs against a tree of main, whose agent
-has the same interface).  Prints the minimum of 3 rounds."""
-import sys, time
+has the same interface).  Prints the minimum of the rounds."""
+import argparse
+import time
+
 import numpy as np
+
 from hypernat import messages as M
-from hypernat.agent import AgentParams, RuleAgent, IN
+from hypernat.agent import IN, AgentParams, RuleAgent
+
+B = 256
+E, R = 0xC6120001, 0xC0000200
+
 
 class Rules:
+    """The builder's side of the agent, stubbed: every clone installs."""
+
     def install_clone_rows(self, rows, tick, lease_until=0):
         return [1] * len(rows)
+
     def hold_many(self, eps):
         pass
+
     def release_hold(self, *a):
         pass
 
-N, B = int(sys.argv[1]) if len(sys.argv) > 1 else 100000, 256
-E, R = 0xC6120001, 0xC0000200
+
 def agent(nic):
     return RuleAgent(nic, 2, Rules(), lambda t, m, r: None, lambda a, p: 0, lambda d, f: None,
                      AgentParams(fetch_rate=1e9, fetch_burst=1e9, queue_total=10**7), clock=lambda: 0.0)
-res = {}
-for rnd in range(3):
+
+
+def one_round(n: int) -> dict:
+    """CPU µs per record of each step, n records in batches of B."""
     a1, a0 = agent(1), agent(0)
-    rows = [(IN, (17, R + (k % 250), 53, E + (k >> 14), 1024 + (k & 0x3FFF)), False, 0, b"f") for k in range(N)]
-    seqs = []
+    rows = [(IN, (17, R + (k % 250), 53, E + (k >> 14), 1024 + (k & 0x3FFF)), False, 0, b"f") for k in range(n)]
     t = time.process_time()
-    for i in range(0, N, B):
+    for i in range(0, n, B):
         a1.fetch_rows(rows[i:i + B], 0.0)
     tf = time.process_time() - t
-    recs = M.records(M.T_RULE, N)
-    recs["seq"] = np.arange(1, N + 1)
+    recs = M.records(M.T_RULE, n)
+    recs["seq"] = np.arange(1, n + 1)
     recs["proto"] = 17
-    recs["rem_addr"] = [R + (k % 250) for k in range(N)]
+    recs["rem_addr"] = [R + (k % 250) for k in range(n)]
     recs["rem_port"] = 53
-    recs["ext_addr"] = [E + (k >> 14) for k in range(N)]
-    recs["ext_port"] = [1024 + (k & 0x3FFF) for k in range(N)]
+    recs["ext_addr"] = [E + (k >> 14) for k in range(n)]
+    recs["ext_port"] = [1024 + (k & 0x3FFF) for k in range(n)]
     recs["int_addr"] = 0x0A000001
-    recs["int_port"] = np.arange(N) % 60000 + 1
+    recs["int_port"] = np.arange(n) % 60000 + 1
     recs["owner"] = 0
     recs["lease_ms"] = 30000
     t = time.process_time()
-    for i in range(0, N, B):
+    for i in range(0, n, B):
         a1.on_message(0, M.T_RULE, recs[i:i + B], 0.001)
     tr = time.process_time() - t
-    assert a1.counters["fetch_answered"] == N, dict(a1.counters)
-    sks = [(17, 0x0A000001, k % 60000 + 1, E + (k >> 14), 1024 + (k & 0x3FFF), R + (k % 250), 53) for k in range(N)]
+    assert a1.counters["fetch_answered"] == n, dict(a1.counters)
+    sks = [(17, 0x0A000001, k % 60000 + 1, E + (k >> 14), 1024 + (k & 0x3FFF), R + (k % 250), 53) for k in range(n)]
     t = time.process_time()
-    for i in range(0, N, B):
+    for i in range(0, n, B):
         a0._grant_many(sks[i:i + B], 1, 0.0)
     tg = time.process_time() - t
-    assert a0.state()["leases"] == N
-    for k, v in (("fetch_rows", tf), ("on_rule", tr), ("grant", tg)):
-        res.setdefault(k, []).append(v / N * 1e6)
-print({k: "%.2f us/record (min of 3)" % min(v) for k, v in res.items()})
+    assert a0.state()["leases"] == n
+    return {"fetch_rows": tf / n * 1e6, "on_rule": tr / n * 1e6, "grant": tg / n * 1e6}
+
+
+def test_agent_tables(benchmark):
+    """Small under --benchmark-disable: every fetch answered, every lease granted."""
+    benchmark.pedantic(one_round, args=(2000,), rounds=1, iterations=1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=100000, help="records per step (default 100000)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the minimum is printed (default 3)")
+    a = ap.parse_args(argv)
+    res: dict = {}
+    for _ in range(a.rounds):
+        for k, v in one_round(a.n).items():
+            res.setdefault(k, []).append(v)
+    print({k: "%.2f us/record (min of %d)" % (min(v), a.rounds) for k, v in res.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
