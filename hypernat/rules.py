@@ -612,7 +612,7 @@ class RuleBuilder:
         pi = _PIDX[p]
         hs = self.hosts
         if not known:
-            a = self._pick_address()
+            a = self.pool.pick_address()  # round-robin: new hosts spread
             if a < 0:
                 self.events["exhausted_pool"] += 1
                 return 0, self._refuse(_R_EXHAUSTED)
@@ -673,10 +673,6 @@ class RuleBuilder:
             log.warning("nic%d: host %s: no free port block left on its address %s (paired pooling): new "
                         "connection refused, not moved (%d so far); it holds %d block(s)", self.nic, _ip(iaddr),
                         _ip(self.hosts.addr(iaddr)), self.events["exhausted_host_address"], self.hosts.nblocks(iaddr))
-
-    def _pick_address(self) -> int:
-        """Round-robin over addresses that still have a free block (new hosts spread)."""
-        return self.pool.pick_address()
 
     def _take_block(self, iaddr: int, now: int):
         """A free block on the host's address (the pool's choice), journaled before use:

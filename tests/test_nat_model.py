@@ -280,6 +280,16 @@ VERDICTS = {"miss_out": 1, "miss_in": 2, "miss_icmp_error": 3, "miss_hairpin": 4
 INTERNAL = [(10 << 24, 0xFF000000)]
 
 
+def _end_mapping(mp, mm, x) -> None:
+    """End the x-th live mapping (and its sessions) in the compiled Mappings `mp` and
+    the model `mm`, checking each session's end agrees."""
+    rid = sorted(mm.m)[x % len(mm.m)]
+    for ra, rr in sorted(mm.rem[rid]):
+        assert mp.end_session(rid, ra, rr) == mm.end_session(rid, ra, rr)
+    mp.end(rid)
+    mm.end(rid)
+
+
 @settings(max_examples=120, deadline=None)
 @given(
     eim=st.booleans(),
@@ -335,11 +345,7 @@ def test_out_setup_matches_model(eim, parity, preserve, rate, cap, seed, ops):
             su.py_session = sm.py_session = bool(fl & 2) and x == 0
             su.py_mapping = sm.py_mapping = bool(fl & 4)
         elif op == "end" and mm.m:
-            rid = sorted(mm.m)[x % len(mm.m)]
-            for ra, rr in sorted(mm.rem[rid]):
-                assert mp.end_session(rid, ra, rr) == mm.end_session(rid, ra, rr)
-            mp.end(rid)
-            mm.end(rid)
+            _end_mapping(mp, mm, x)
         elif op == "out":
             args = (p, ia, 1000 + port, 7 << 24 | r, 80 + x, now, fl == 8)
             got = su.out(*args)
@@ -471,11 +477,7 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                 else:
                     part.lend(g, (nic + 1 + r) % 3)  # r == 2: back to this NIC
         elif op == "end" and mm.m:
-            rid = sorted(mm.m)[x % len(mm.m)]
-            for ra, rr in sorted(mm.rem[rid]):
-                assert mp.end_session(rid, ra, rr) == mm.end_session(rid, ra, rr)
-            mp.end(rid)
-            mm.end(rid)
+            _end_mapping(mp, mm, x)
         elif op == "out":
             args = (p, ia, 1000 + port, 7 << 24 | r, 80 + x, now)
             assert su.out(*args) == sm.out(*args), args
