@@ -147,7 +147,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import ipaddress
 import logging
 import time as _time
 
@@ -166,6 +165,7 @@ from .nat.recovery import RECOVERY_EVENTS, Recovery
 from .nat.records import (  # (re-exported: public names)
     DIR_BIT_IN, DIR_BIT_OUT, DIR_BITS_BOTH, SESSION_DTYPE, in_key, out_key, record_keys,
 )
+from .nat.records import ip_text as _ip
 from .verdicts import IN, OUT, SLOW_PATH_REASON_NAMES, VERDICT
 
 # ---------------------------------------------------------------------------------------
@@ -1432,6 +1432,3 @@ class RuleBuilder:
         if self.translog is not None and self.translog.per_block:
             self.translog.block("block", iaddr, addr, lo, hi)
 
-
-def _ip(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))

@@ -36,6 +36,8 @@ import ipaddress
 import itertools
 import typing
 
+from .records import ip_text as _ip
+
 
 class Pool(typing.Protocol):
     """What the RuleBuilder asks of its pool (``BlockPool`` is the implementation)."""
@@ -536,6 +538,3 @@ class BlockPool:
         self._qhosts = {int(g): int(h) for g, h in state.get("qhosts", ())}
         self._reserved = {int(g): [int(u), [int(x) for x in ms]] for g, u, ms in state.get("reserved", ())}
 
-
-def _ip(a: int) -> str:
-    return str(ipaddress.IPv4Address(a))

@@ -75,3 +75,10 @@ def slot_records(s, direction_bit: int, part, with_tcp: bool) -> np.ndarray:
     r["proto"], r["rule_id"], r["last_seen"], r["dirs"] = s["proto"], s["rule_id"], s["last_seen"], direction_bit
     r["owner"] = np.maximum(part.owners(r["eaddr"], r["eport"]), 0)
     return r
+
+
+def ip_text(a: int) -> str:
+    """Dotted quad of a host-order u32 address, as the journal's records and the log
+    lines write it."""
+    a = int(a)
+    return f"{a >> 24 & 255}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}"
