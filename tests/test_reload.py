@@ -126,3 +126,39 @@ def test_other_nic_keys_are_refused_by_name(setup, caplog):
     assert not ok and "nics[1].outside" in reason and "outside_mtu" not in reason
     assert "nics[1].outside" in caplog.text and "restart" in caplog.text
     assert w.translator.router == before
+
+
+def test_loop_slices_and_turn_budget_are_applied_live(setup):
+    """``loop:`` (the slices of periodic work per turn, the turn budget) changes on a
+    reload: the agent and the scheduler use the new values from the next turn."""
+    w, doc, tmp = setup
+    assert w.agent.p.retransmit_slice == 32 and w.timers.turn_budget_s == pytest.approx(200e-6)
+    doc["loop"] = {"turn_budget_us": 0, "retransmit_slice": 4, "lease_end_slice": 3, "activity_slots": 128,
+                   "activity_entries": 2}
+    ok, what = w.reload(write(tmp / "gw.yaml", doc))
+    assert ok, what
+    for key in ("loop.turn_budget_us", "loop.retransmit_slice", "loop.lease_end_slice", "loop.activity_slots",
+                "loop.activity_entries"):
+        assert key in what
+    p = w.agent.p
+    assert (p.retransmit_slice, p.lease_end_slice, p.activity_slots, p.activity_entries) == (4, 3, 128, 2)
+    assert w.timers.turn_budget_s is None  # 0: no bound
+    assert w.config.loop.retransmit_slice == 4
+    doc["loop"]["turn_budget_us"] = 500
+    ok, what = w.reload(write(tmp / "gw.yaml", doc))
+    assert ok and what == "loop.turn_budget_us"
+    assert w.timers.turn_budget_s == pytest.approx(500e-6)
+    doc["loop"]["activity_slots"] = 8  # below the least the config takes: refused, nothing applied
+    doc["loop"]["retransmit_slice"] = 9
+    ok, reason = w.reload(write(tmp / "gw.yaml", doc))
+    assert not ok and "loop.activity_slots" in reason
+    assert w.agent.p.retransmit_slice == 4 and w.counters["reloads_refused"] == 1
+
+
+def test_the_agent_refuses_a_slice_it_does_not_have(setup):
+    w, _, _ = setup
+    with pytest.raises(ValueError, match="not a slice"):
+        w.agent.set_slices(sweep_slice=3)
+    with pytest.raises(ValueError, match="at least 1"):
+        w.agent.set_slices(retransmit_slice=0)
+    assert w.agent.p.retransmit_slice == 32

@@ -88,7 +88,7 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -292,6 +292,9 @@ class AgentParams:
     lease_end_slice: int = 16  # lease ends handled per turn at most (owner's leases; holder's clones)
     activity_slots: int = 4096  # table slots (each table) collected for activity per turn at most
     activity_entries: int = 32  # ... and entries found reported per turn at most
+
+
+_SLICES = ("retransmit_slice", "lease_end_slice", "activity_slots", "activity_entries")
 
 
 class _NegativeView:
@@ -1359,6 +1362,19 @@ class RuleAgent:
         slice at once."""
         self._retx.advance_all(now)
         self.step_retransmit(now)
+
+    def set_slices(self, **slices) -> None:
+        """New slices of periodic work per loop turn (the config's ``loop:`` on a reload;
+        names as in AgentParams: retransmit_slice, lease_end_slice, activity_slots,
+        activity_entries), each at least 1; used from the next turn on.  A round of the
+        activity scan under way finishes with the slot slice it started with."""
+        bad = [k for k in slices if k not in _SLICES]
+        if bad:
+            raise ValueError(f"not a slice of periodic work: {', '.join(bad)}")
+        low = [f"{k}={v}" for k, v in slices.items() if int(v) < 1]
+        if low:
+            raise ValueError(f"slices must be at least 1: {', '.join(low)}")
+        self.p = replace(self.p, **{k: int(v) for k, v in slices.items()})
 
     def fail_target(self, target: int, now: float) -> None:
         """The coordinator says NIC `target` is down: fail its fetches at once."""

@@ -184,11 +184,15 @@ def agent_params(config) -> AgentParams:
         switch_hash=config.switch.hash,
         switch_seed=config.switch.seed,
         switch_fields=config.switch.fields,
-        retransmit_slice=config.loop.retransmit_slice,
-        lease_end_slice=config.loop.lease_end_slice,
-        activity_slots=config.loop.activity_slots,
-        activity_entries=config.loop.activity_entries,
+        **loop_slices(config.loop),
     )
+
+
+def loop_slices(loop) -> dict:
+    """The agent's slices of periodic work per loop turn from the config's ``loop:``
+    (at start, and again on a reload: ``RuleAgent.set_slices``)."""
+    return {"retransmit_slice": loop.retransmit_slice, "lease_end_slice": loop.lease_end_slice,
+            "activity_slots": loop.activity_slots, "activity_entries": loop.activity_entries}
 
 
 class NicWorker:
@@ -980,8 +984,7 @@ class NicWorker:
     # -- timers: every periodic job, in one scheduler (nic/timers.py) ------------------------
     def _make_timers(self, config) -> Scheduler:
         """The loop's periodic jobs: what runs when, each a bounded slice per turn."""
-        bus = config.loop.turn_budget_us
-        t = Scheduler(turn_budget_s=bus / 1e6 if bus > 0 else None)
+        t = Scheduler(turn_budget_s=_turn_budget_s(config.loop))
         for name, step, due in self.agent.steps():  # retries, retransmissions, lease ends, activity
             t.add(name, step, 0.0, due=due, budgeted=due is not None)  # (every turn: this turn's pushes)
         # what the turn itself brought runs that turn, whatever the budget
@@ -1117,8 +1120,9 @@ class NicWorker:
     def reload(self, path: str | None = None):
         """Re-read the config (SIGHUP) and apply what may change while running:
         ``RuleBuilder.LIVE_SETTINGS`` (timeouts, per-host cap, sweep limits, translation
-        log) and the fast path's router settings (``ROUTER_LIVE_SETTINGS``: MSS clamp,
-        ICMP generation, per-link MTUs; from the next batch on).  A file that does not
+        log), the fast path's router settings (``ROUTER_LIVE_SETTINGS``: MSS clamp,
+        ICMP generation, per-link MTUs; from the next batch on) and the loop's slices
+        of periodic work and turn budget (``loop:``; from the next turn on).  A file that does not
         load, or that changes anything else (addresses, partition, NICs, table sizes,
         mapping, coordinator, ...), is refused with a logged reason naming the keys and
         the running config stays.  Returns (applied, reason)."""
@@ -1135,6 +1139,9 @@ class NicWorker:
             return self._refuse_reload(f"{path}: {', '.join(frozen)} cannot change while running "
                                        "(restart the NIC workers)")
         self.rules.apply_live(new)
+        if new.loop != self.config.loop:  # the slices and the turn budget, from the next turn
+            self.agent.set_slices(**loop_slices(new.loop))
+            self.timers.turn_budget_s = _turn_budget_s(new.loop)
         self.config = new
         self.set_links(*self._links)  # the router's settings as the new config says
         self.counters["reloads"] += 1
@@ -1232,12 +1239,18 @@ class NicWorker:
 # (a reload takes them from the next batch on; the ICMP token bucket keeps its tokens unless its rate changed):
 # the config's keys, and the per-link MTU keys of any NIC entry.
 ROUTER_LIVE_SETTINGS = ("tcp_mss_clamp", "icmp")
+LOOP_LIVE_SETTINGS = ("loop",)  # the slices of periodic work and the turn budget
+
+
+def _turn_budget_s(loop):
+    """The scheduler's turn budget (seconds; None: no bound) from ``loop.turn_budget_us``."""
+    return loop.turn_budget_us / 1e6 if loop.turn_budget_us > 0 else None
 ROUTER_LIVE_NIC_FIELDS = ("inside_mtu", "outside_mtu")
 
 
 def _live_setting(name: str) -> bool:
     """May the dotted config name change on a reload (worker.reload)?"""
-    if any(name == k or name.startswith(k + ".") for k in RuleBuilder.LIVE_SETTINGS + ROUTER_LIVE_SETTINGS):
+    if any(name == k or name.startswith(k + ".") for k in RuleBuilder.LIVE_SETTINGS + ROUTER_LIVE_SETTINGS + LOOP_LIVE_SETTINGS):
         return True
     head, _, field = name.partition("].")
     return head.startswith("nics[") and field in ROUTER_LIVE_NIC_FIELDS
