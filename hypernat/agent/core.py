@@ -1433,6 +1433,11 @@ class RuleAgent:
             self.revalidate(recs, now)
 
     # -- introspection --------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A fetch pending or a message not yet acknowledged."""
+        return bool(self.pending) or bool(self._unacked)
+
     def state(self) -> dict:
         return {
             "pending_flows": len(self.pending),

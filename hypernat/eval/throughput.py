@@ -190,10 +190,6 @@ class _Both:
         return self.a.exhausted and self.b.exhausted
 
 
-def _idle(w) -> bool:
-    return not (w.agent.pending or w.agent._unacked or w._backlog or len(w.outbox))
-
-
 def _worker(cfg, nic, standalone, conn):
     """A NIC worker driven by the parent: ('load', side, frames, lengths, capture),
     ('go',) → ('done', tx, seconds, captured), ('end',) → ('counters', dict)."""
@@ -238,7 +234,7 @@ def _worker(cfg, nic, standalone, conn):
                     last, t_last = tx, now
                 # done: the trace is through, nothing waits in the agent, and nothing left
                 # for 20 ms (replays of built or fetched rules leave a little later)
-                if (src.exhausted and _idle(w) and now - t_last > 0.02) or now > deadline:
+                if (src.exhausted and w.idle and now - t_last > 0.02) or now > deadline:
                     break
             dt = t_last - t0
             kept = sink.take() if sink is not None and sink.capture else None

@@ -926,6 +926,12 @@ class NicWorker:
                                                  "gauges": self.gauges()}))
 
     # -- the loop --------------------------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight: no fetch or unacknowledged message in the agent, no
+        message waiting to be sent (a harness waits for this between passes)."""
+        return not (self.agent.busy or self._backlog or len(self.outbox))
+
     def run_once(self, timeout_ms: int = 100) -> int:
         """One turn: wait for packets or messages (at most timeout_ms), handle them, run
         timers.  Returns frames processed."""
