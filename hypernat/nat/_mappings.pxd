@@ -37,8 +37,10 @@ cdef class Mappings:
     cdef readonly uint32_t count      # live mappings
     cdef SessRec* s
     cdef int32_t scap
-    cdef int32_t sfree
+    cdef int32_t stop                 # session records ever used (the next new one)
+    cdef int32_t sfree                # freed session records: a list through .next
     cdef readonly uint64_t n_sessions
+    cdef readonly uint32_t regrows    # the records copied to a larger array (only beyond the capacity)
     # indexes: FlowTables used as hash tables (the flow table's hashing and probing)
     cdef FlowTable ext                # (proto, E, Ep, 0, 0) -> rule id
     cdef FlowTable inl                # EIM: (proto, I, Ip, 0, 0) -> rule id

@@ -100,9 +100,10 @@ cdef class Mappings:
     """Mappings(eim=True, capacity=1024, remote_addresses=True): the mappings and
     sessions of one owner (see the module docstring).  `capacity`: the sessions it is
     sized for -- the owner passes its flow tables' capacity (a session is an entry in
-    each), so the indexes never grow on the packet path (growing one of 10^6 entries
-    would stall a loop turn for a fraction of a second); beyond it they double.  Their
-    slots are zeroed lazily (calloc'ed), so the memory in use follows the entries.  With ``eim`` False
+    each), so neither the indexes nor the mapping and session records grow on the
+    packet path (growing one of 10^6 entries would stall a loop turn: a copy and a
+    zeroing of the whole); beyond it they double.  They are calloc'ed (zeroed lazily,
+    by the kernel, page by page), so the memory in use follows the entries.  With ``eim`` False
     (address-and-port-dependent mapping) an outgoing key finds its mapping by the whole
     session key, else by the internal endpoint.  ``remote_addresses``: keep the (rule
     id, R) counts (``has_remote_address``; what address-dependent filtering asks)."""
@@ -113,7 +114,7 @@ cdef class Mappings:
         self.free_ids = NULL
         self.pend = NULL
         self.mcap = self.top = self.nfree = self.fcap = self.count = 0
-        self.scap = 0
+        self.scap = self.stop = 0
         self.sfree = -1
         self.n_sessions = 0
         self.npend = self.pcap = 0
@@ -127,8 +128,8 @@ cdef class Mappings:
         self.outk = _FlowTable(1 if eim else capacity, hugepages=False)
         self.sess = _FlowTable(capacity * (2 if remote_addresses else 1), hugepages=False)
         self.top = 1
-        self._grow_m(min(capacity, 1 << 16))
-        self._grow_s(min(capacity, 1 << 16))
+        self._grow_m(capacity + 1)  # (rule id 0 unused)
+        self._grow_s(capacity)
 
     def __dealloc__(self):
         free(self.m)
@@ -137,23 +138,33 @@ cdef class Mappings:
         free(self.pend)
 
     cdef _grow_m(self, uint32_t cap):
-        p = <MapRec*>realloc(self.m, cap * sizeof(MapRec))
+        """Room for rule ids < cap: calloc'ed the first time (zero pages, touched as
+        used); beyond, doubled (a copy: off the packet path up to the capacity)."""
+        if self.m == NULL:
+            p = <MapRec*>calloc(cap, sizeof(MapRec))
+        else:
+            p = <MapRec*>realloc(self.m, cap * sizeof(MapRec))
+            self.regrows += 1
+            if p != NULL:
+                memset(&p[self.mcap], 0, (cap - self.mcap) * sizeof(MapRec))
         if p == NULL:
             raise MemoryError()
-        memset(&p[self.mcap], 0, (cap - self.mcap) * sizeof(MapRec))
         self.m = p
         self.mcap = cap
 
     cdef _grow_s(self, int32_t cap):
-        p = <SessRec*>realloc(self.s, cap * sizeof(SessRec))
+        """Room for `cap` session records, like ``_grow_m``; the records past ``stop``
+        (never used) are taken in order, the freed ones from the free list first."""
+        if self.s == NULL:
+            p = <SessRec*>calloc(cap, sizeof(SessRec))
+        else:
+            p = <SessRec*>realloc(self.s, cap * sizeof(SessRec))
+            self.regrows += 1
+            if p != NULL:
+                memset(&p[self.scap], 0, (cap - self.scap) * sizeof(SessRec))
         if p == NULL:
             raise MemoryError()
-        memset(&p[self.scap], 0, (cap - self.scap) * sizeof(SessRec))
         self.s = p
-        cdef int32_t x
-        for x in range(cap - 1, self.scap - 1, -1):
-            self.s[x].next = self.sfree
-            self.sfree = x
         self.scap = cap
 
     # -- C interface -------------------------------------------------------------------
@@ -227,7 +238,7 @@ cdef class Mappings:
         """Session (rid, R, Rp), not there yet (the caller checked): added, and pending
         for the flow tables."""
         cdef MapRec* m = &self.m[rid]
-        if self.sfree < 0:
+        if self.sfree < 0 and self.stop == self.scap:
             self._grow_s(self.scap * 2)
         if self.npend == self.pcap:
             pp = <uint32_t*>realloc(self.pend, (self.pcap * 2 + 64) * 8 * sizeof(uint32_t))
@@ -240,8 +251,14 @@ cdef class Mappings:
             self.outk = _room(self.outk)
             self.outk.c_insert(m.proto, m.iaddr, m.iport, ra, r, 0, 0, rid, 0, 0)
         cdef int32_t x = self.sfree
-        cdef SessRec* s = &self.s[x]
-        self.sfree = s.next
+        cdef SessRec* s
+        if x >= 0:
+            s = &self.s[x]
+            self.sfree = s.next
+        else:  # a record never used yet
+            x = self.stop
+            self.stop += 1
+            s = &self.s[x]
         s.rid, s.raddr, s.rport = rid, ra, r
         s.prev = -1
         s.next = m.shead
