@@ -192,7 +192,7 @@ class _Both:
 
 def _worker(cfg, nic, standalone, conn):
     """A NIC worker driven by the parent: ('load', side, frames, lengths, capture),
-    ('go',) → ('done', tx, seconds, captured), ('end',) → ('counters', dict)."""
+    ('go',) → ('done', tx, seconds, captured, cpu seconds of the pass), ('end',) → ('counters', dict)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from ..nic.worker import NicWorker
 
@@ -222,6 +222,7 @@ def _worker(cfg, nic, standalone, conn):
             loads = []
             tx0 = inside.tx + outside.tx
             t0 = t_last = time.perf_counter()
+            c0 = time.process_time()  # (the frames are loaded: unpickling them is not the pass's)
             deadline = t0 + PHASE_MAX_S
             last = tx0
             while True:
@@ -237,10 +238,11 @@ def _worker(cfg, nic, standalone, conn):
                 if (src.exhausted and w.idle and now - t_last > 0.02) or now > deadline:
                     break
             dt = t_last - t0
+            cpu = time.process_time() - c0
             kept = sink.take() if sink is not None and sink.capture else None
             if isinstance(src, _Both):
                 kept = None
-            conn.send(("done", last - tx0, dt, kept))
+            conn.send(("done", last - tx0, dt, kept, cpu))
             src = None
         elif msg[0] == "end":
             w.run_once(0)
@@ -346,11 +348,13 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
                 parts = [(rf[in_nic == k], rl[in_nic == k]) for k in range(n)]
             for a, (f, l) in zip(pipes, parts):
                 a.send(("load", side, f, l, side == "out", 1))
-            c0 = _cpu(procs, coord)
+            c0 = cpu_seconds(coord.pid) if coord is not None else 0.0
             for a in pipes:
                 a.send(("go",))
             done = [recv_within(a, PHASE_S, f"nic{k}'s {side} phase", procs[k]) for k, a in enumerate(pipes)]
-            cpu = {k: round(v - c0[k], 3) for k, v in _cpu(procs, coord).items()}
+            cpu = {f"nic{k}": round(d[4], 3) for k, d in enumerate(done)}
+            if coord is not None:
+                cpu["coordinator"] = round(cpu_seconds(coord.pid) - c0, 3)
             if side == "out":
                 kept, out_parts = [d[3] for d in done], parts
             phase[side] = {"frames_in": int(sum(len(p[0]) for p in parts)), "frames_out": int(sum(d[1] for d in done)),
@@ -389,7 +393,8 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
     res["drops"] = {k: v for k, v in summed.items()
                     if any(s in k for s in DROP_WORDS)}
     res["counters"] = summed
-    # CPU of every process over the one pass (whole seconds of the kernel's ticks, 10 ms):
+    # CPU of every process over the one pass (the workers' own, from "go" to their last
+    # frame's wait; the coordinator's in the kernel's 10 ms ticks):
     # with more processes than cores, the 2-NIC pass cannot take less wall time than its
     # CPU spread over the cores -- what bounds 2 NICs / 1 NIC on a small machine
     res["one_pass_cpu_s"] = round(sum(sum(phase[s]["cpu_s"].values()) for s in ("out", "in")), 3)
@@ -401,14 +406,6 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
         res["cpu_samples"] = samples
         res["cpu_columns"] = ["t"] + [f"NIC {k}" for k in range(n)] + (["coordinator"] if coord else [])
     return res
-
-
-def _cpu(procs, coord) -> dict:
-    """CPU seconds so far of each NIC worker process and of the coordinator."""
-    out = {f"nic{k}": cpu_seconds(p.pid) for k, p in enumerate(procs)}
-    if coord is not None:
-        out["coordinator"] = cpu_seconds(coord.pid)
-    return out
 
 
 def traces(quick: bool):
