@@ -795,16 +795,15 @@ class RuleAgent:
         sess["owner"] = self.nic_id
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
-        recovered = np.asarray(self.rules.recover_sessions(sess, tick)).tolist()
+        recovered = np.asarray(self.rules.recover_sessions(sess, tick), bool)
         # only a holder's report counts: activity from a NIC holding no lease on the
         # session (a wrong NIC, or a lease that ran out or was revoked here) is
         # acknowledged but neither merged nor renewed (let the session expire)
-        held = self.leases.held(recs, source)
-        known = [i for i, (h, r) in enumerate(zip(held, recovered)) if h or r]
+        known = np.flatnonzero(np.asarray(self.leases.held(recs, source), bool) | recovered)
         unknown = len(recs) - len(known)
         if unknown:
             self.count("activity_unknown", unknown)
-        if not known:
+        if not len(known):
             return
         self.rules.merge_activity(sess if not unknown else sess[known], tick)
         r = recs if not unknown else recs[known]
