@@ -654,7 +654,7 @@ class RuleBuilder:
         ea, lo, _ = self.blocks.span(g)
         ep = lo + off
         rid = self.maps.new(p, iaddr, iport, ea, ep, g)
-        self._events.record(_EV_MAPPING, p, iaddr, iport, ea, ep, 0, 0, rid, now)
+        self._events.record(_EV_MAPPING, p, iaddr, iport, ea, ep, 0, 0, rid, int(now) & 0xFFFFFFFF)
         return rid
 
     def _host_address_full(self, iaddr: int) -> None:
@@ -722,7 +722,7 @@ class RuleBuilder:
         ev = self._events
         if ev.sessions:
             p, ia, ip, ea, ep, _ = self.maps.get(rid)
-            ev.record(_EV_SESSION, p, ia, ip, ea, ep, raddr, r, rid, now)
+            ev.record(_EV_SESSION, p, ia, ip, ea, ep, raddr, r, rid, int(now) & 0xFFFFFFFF)  # (uint32, as in C)
 
     def _drain_events(self) -> None:
         """The event ring's records since the last drain, once per call: the per-rule
