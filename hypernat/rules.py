@@ -580,7 +580,9 @@ class RuleBuilder:
                 return self._refuse(_R_NOT_OWNER)
             self._fetch_owner = su.fetch_owner
             return _FETCH
-        return self._refuse(r)  # (NEED_PY only before bind_in, which __init__ calls)
+        if r == _NEED_PY:  # (only before bind_in, which __init__ calls)
+            raise RuntimeError("OutSetup.bind_in was not called")
+        return self._refuse(r)
 
     def _hairpin_miss(self, p, iaddr, iport, daddr, dport, fl, now):
         """Inside host A to an external endpoint of this gateway (RFC 4787 REQ-9).
