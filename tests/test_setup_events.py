@@ -14,11 +14,12 @@ import ipaddress
 
 import numpy as np
 import pytest
-from test_rules import IN, OUT, R1, R2, SYN, TCP, UDP, hosts_of, make_cfg, make_rb, miss
+from test_rules import R1, R2, SYN, TCP, UDP, hosts_of, make_cfg, make_rb, miss
 
 from hypernat.nat._events import EVENT_DTYPE, MAPPING, SESSION, EventRing, rule_line, rule_lines
 from hypernat.rules import SESSION_DTYPE
 from hypernat.translog import TransLog
+from hypernat.verdicts import IN, OUT
 
 NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
 
