@@ -24,8 +24,6 @@ import time
 
 from .nat._events import rule_line, rule_lines
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}  # (what rule_line writes for these protocols)
-
 
 def _ip(a: int) -> str:
     return f"{a >> 24}.{a >> 16 & 255}.{a >> 8 & 255}.{a & 255}"

@@ -140,7 +140,7 @@ cdef char* _line(char* b, const char* head, size_t hn, const EvRec* r, bint remo
     elif r.proto == 1:
         b = _put(b, "icmp", 4)
     else:
-        b = _dec(b, r.proto)  # hypernat.translog.PROTO_NAMES, else the number
+        b = _dec(b, r.proto)  # another protocol: its number
     b = _put(b, '", "internal": "', 16)
     b = _endpoint(b, r.iaddr, r.iport)
     b = _put(b, '", "external": "', 16)
