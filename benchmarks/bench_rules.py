@@ -4,7 +4,10 @@ setups   N first-packet misses (distinct internal endpoints, EIM, one NIC) hande
          ``RuleBuilder.handle_misses`` in batches of 256, as the NIC loop does: port-block
          assignment, RFC 6056 port choice, mapping bookkeeping and both flow-table inserts
          (one ``insert_batch`` per table per batch).  Translation log off, then on
-         (per-rule JSON lines to a file).  Target: >= 300k setups/s on one core (log off).
+         (per-rule JSON lines to a file: ``on`` a line per mapping, ``remote`` a line per
+         session), then ``active2``: active install with 2 NICs (every new session
+         recorded for the owner's PUSH, ``drain_created`` once per batch as the agent
+         does; the hosts are NIC 0's).  Target: >= 300k setups/s on one core (log off).
          extra_info: ``per_s`` (best round), ``per_s_median``.
          ``gc=frozen``: the same with ``gc.freeze()`` after every batch -- what a NIC
          process gains if it keeps its long-lived rule objects out of the cyclic
@@ -43,12 +46,13 @@ N_RULES = int(os.environ.get("HYPERNAT_BENCH_RULES", str(1 << 20)))
 ROUNDS = int(os.environ.get("HYPERNAT_BENCH_ROUNDS", "20"))
 
 
-def bench_config(capacity):
+def bench_config(capacity, nics=1, install="passive"):
     return config.from_dict(
         {
             "internal": {"prefixes": ["10.0.0.0/8"]},
             "external": {"pool": ["198.18.0.0/16"], "ports": [1024, 65535]},
-            "nics": [{"id": 0, "inside": "i0", "outside": "o0"}],
+            "nics": [{"id": i, "inside": f"i{i}", "outside": f"o{i}"} for i in range(nics)],
+            "install": install,
             "filtering": "endpoint-independent",
             "limits": {"flow_table_capacity": capacity, "ports_per_host": 4096, "port_block_size": 64},
         },
@@ -56,13 +60,14 @@ def bench_config(capacity):
     )
 
 
-def miss_batches(n, seed=1):
-    """n first packets: 1 host per 64 sessions, distinct source ports, KEY_DTYPE batches."""
+def miss_batches(n, seed=1, hosts=None):
+    """n first packets: 1 host per 64 sessions (`hosts`: their addresses, default
+    10.0.0.0, 10.0.0.1, ...), distinct source ports, KEY_DTYPE batches."""
     rng = np.random.default_rng(seed)
     k = np.arange(n, dtype=np.uint64)
     keys = np.zeros(n, layout.KEY_DTYPE)
     keys["proto"] = np.where(k % 2 == 0, layout.PROTO_TCP, layout.PROTO_UDP)
-    keys["saddr"] = 0x0A000000 + (k >> 6)
+    keys["saddr"] = 0x0A000000 + (k >> 6) if hosts is None else np.asarray(hosts, np.uint32)[k >> 6]
     keys["sport"] = 10000 + (k & 63)
     keys["daddr"] = rng.integers(0x01000000, 0xBF000000, n)
     keys["dport"] = 443
@@ -71,9 +76,19 @@ def miss_batches(n, seed=1):
     return [(verd[: min(BATCH, n - i)], keys[i : i + BATCH]) for i in range(0, n, BATCH)]
 
 
-def new_builder(n, translog=None):
-    cfg = bench_config(max(n, 16))
+def new_builder(n, translog=None, nics=1, install="passive"):
+    cfg = bench_config(max(n, 16), nics, install)
     return RuleBuilder(cfg, 0, FlowTable(n), FlowTable(n), rng=np.random.default_rng(7), translog=translog)
+
+
+def own_hosts(rb, count):
+    """`count` internal hosts whose EIM owner is rb's NIC (10.0.0.0 upward)."""
+    out, a = [], 0x0A000000
+    while len(out) < count:
+        if rb.part.eim_owner(a) == rb.nic:
+            out.append(a)
+        a += 1
+    return out
 
 
 def record(benchmark, count):
@@ -84,22 +99,31 @@ def record(benchmark, count):
         benchmark.extra_info["per_s_median"] = count / stats.stats.median
 
 
-@pytest.mark.parametrize("log,gc_policy", [("off", "default"), ("on", "default"), ("off", "frozen")])
+@pytest.mark.parametrize("log,gc_policy", [("off", "default"), ("on", "default"), ("remote", "default"),
+                                            ("active2", "default"), ("off", "frozen")])
 def test_rule_setups(benchmark, tmp_path, log, gc_policy):
     n = N_SETUPS if not benchmark.disabled else min(N_SETUPS, 20000)
-    batches = miss_batches(n)
+    nics, install = (2, "active") if log == "active2" else (1, "passive")
+    hosts = own_hosts(new_builder(16, None, nics, install), -(-n // 64)) if nics > 1 else None
+    batches = miss_batches(n, hosts=hosts)
     state = {}
 
     def setup():
-        tl = TransLog(str(tmp_path / "tl.jsonl"), "per-rule") if log == "on" else None
-        state["rb"] = new_builder(n, tl)
+        tl = None
+        if log in ("on", "remote"):
+            tl = TransLog(str(tmp_path / f"tl-{log}.jsonl"), "per-rule", remote=log == "remote")
+        state["rb"] = new_builder(n, tl, nics, install)
+        state["created"] = 0
 
     def run():
         rb = state["rb"]
         freeze = gc.freeze if gc_policy == "frozen" else None
+        drain = rb.drain_created if rb.track_created else None
         try:
             for verd, keys in batches:
                 rb.handle_misses(OUT, verd, keys, 1000)
+                if drain is not None:
+                    state["created"] += len(drain())
                 if freeze is not None:
                     freeze()
         finally:
@@ -113,7 +137,9 @@ def test_rule_setups(benchmark, tmp_path, log, gc_policy):
     benchmark.extra_info["gc"] = gc_policy
     if rb.translog is not None:
         rb.translog.close()
-        assert rb.translog.lines >= n // 1  # one line per mapping
+        assert rb.translog.lines == n  # one line per mapping (each a session)
+    if rb.track_created:
+        assert state["created"] == n  # every session recorded for its PUSH
 
 
 @pytest.fixture(scope="module")

@@ -154,6 +154,8 @@ import numpy as np
 
 from . import layout
 from .nat._activity import merge_activity as _merge_activity
+from .nat._events import MAPPING as _EV_MAPPING
+from .nat._events import SESSION as _EV_SESSION
 from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
@@ -356,6 +358,9 @@ class RuleBuilder:
         self._rate = HostRate(lim.host_connection_rate, lim.host_connection_burst) if lim.host_connection_rate > 0 else None
         # an outgoing first packet's common case, compiled (the rest: _out)
         self._setup = OutSetup(self.maps, self._internal, REASON, VERDICT)
+        # the mappings and sessions created in a call (the per-rule log's lines, PUSH
+        # records), compiled path and general path alike: drained once per call (_flush)
+        self._events = self._setup.events
         self._bind_setup()
         # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
         self.pool: Pool = BlockPool(self.part, self.nic)
@@ -369,7 +374,7 @@ class RuleBuilder:
         # is written without an fsync.  Which blocks: the pool's (``reserve_plan``).
         self._jlazy = []
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
-        self._created = []
+        self._created = []  # SESSION_DTYPE arrays drained from the event ring, not yet taken
         self._removed = []
         # clone entries of other NICs' sessions held here (install, revoke, renew, activity)
         self.holder = CloneHolder(self.out, self.inn, self.part, self.nic)
@@ -402,12 +407,15 @@ class RuleBuilder:
 
     def _begin(self) -> None:
         """Per call that may add sessions: the room left in the tables, and which new
-        sessions / mappings need Python (a per-rule log line, a PUSH record)."""
+        mappings / sessions the event ring records (the per-rule log's lines: a mapping
+        each, or with ``remote`` a session each; PUSH records: a session each)."""
         su = self._setup
         su.room = min(self.out.capacity - len(self.out), self.inn.capacity - len(self.inn))
         tl = self.translog
-        su.py_session = self.track_created or (tl is not None and tl.remote and not tl.per_block)
-        su.py_mapping = tl is not None and not tl.per_block and not tl.remote
+        per_rule = tl is not None and not tl.per_block
+        ev = self._events
+        ev.mappings = per_rule and not tl.remote
+        ev.sessions = self.track_created or (per_rule and tl.remote)
         su.recovering = self.recovery.recovering
 
     def _is_internal(self, addr: int) -> bool:
@@ -521,7 +529,7 @@ class RuleBuilder:
                 return _OK
             return self._refuse(r)
         # the rare events: a host not known here, a new block, the port cap, the
-        # recovery window, per-rule log lines and PUSH records
+        # recovery window
         known = iaddr in self.hosts
         if self._eim:
             # a host with blocks here is owned here (EIM hosts exist only at their owner)
@@ -564,22 +572,18 @@ class RuleBuilder:
         common case is compiled (``OutSetup.in_``: the owner, the mapping, filtering,
         the session); the rest is decided here."""
         su = self._setup
-        r = su.in_(p, raddr, rport, eaddr, eport, fl, icmp_error)
-        if r != _NEED_PY:
-            if r == _OK:
-                self._last = su.last
-                return _OK
-            if r == _FETCH:
-                if serving:
-                    return self._refuse(_R_NOT_OWNER)
-                self._fetch_owner = su.fetch_owner
-                return _FETCH
-            return self._refuse(r)
-        # every check passed; the new session needs its log line / PUSH record here
-        rid = su.last
-        self._add_session(rid, raddr, 0 if p == PROTO_ICMP else rport, now)
-        self._last = rid
-        return _OK
+        r = su.in_(p, raddr, rport, eaddr, eport, fl, icmp_error, now)
+        if r == _OK:
+            self._last = su.last
+            return _OK
+        if r == _FETCH:
+            if serving:
+                return self._refuse(_R_NOT_OWNER)
+            self._fetch_owner = su.fetch_owner
+            return _FETCH
+        if r == _NEED_PY:  # (only before bind_in, which __init__ calls)
+            raise RuntimeError("OutSetup.bind_in was not called")
+        return self._refuse(r)
 
     def _hairpin_miss(self, p, iaddr, iport, daddr, dport, fl, now):
         """Inside host A to an external endpoint of this gateway (RFC 4787 REQ-9).
@@ -645,17 +649,15 @@ class RuleBuilder:
                 return 0, self._refuse(_R_EXHAUSTED)
             hs.set_cur(iaddr, nb)
         hs.add_ports(iaddr, pi, 1)
-        return self._make_mapping(p, iaddr, iport, g, off), -1
+        return self._make_mapping(p, iaddr, iport, g, off, now), -1
 
-    def _make_mapping(self, p, iaddr, iport, g, off) -> int:
+    def _make_mapping(self, p, iaddr, iport, g, off, now=0) -> int:
         """The mapping of (p, iaddr, iport) to port `off` of block `g` (already marked
-        used): its rule id (the indexes: ``maps``), the translation log line."""
+        used): its rule id (the indexes: ``maps``), its event (the translation log's line)."""
         ea, lo, _ = self.blocks.span(g)
         ep = lo + off
         rid = self.maps.new(p, iaddr, iport, ea, ep, g)
-        tl = self.translog
-        if tl is not None and not tl.per_block and not tl.remote:
-            tl.rule("create", p, iaddr, iport, ea, ep)
+        self._events.record(_EV_MAPPING, p, iaddr, iport, ea, ep, 0, 0, rid, int(now) & 0xFFFFFFFF)
         return rid
 
     def _host_address_full(self, iaddr: int) -> None:
@@ -716,18 +718,38 @@ class RuleBuilder:
 
     def _add_session(self, rid: int, raddr: int, r: int, now: int) -> None:
         """Session (mapping `rid`, R, Rp) added (its entries pending until ``_flush``),
-        with its per-rule log line and PUSH record where those are on."""
+        its event recorded where the per-rule log with ``remote`` or PUSH records are on."""
         if not self.maps.add_session(rid, raddr, r):
             return
         self._setup.room -= 1
-        tl = self.translog
-        remote_log = tl is not None and tl.remote and not tl.per_block
-        if remote_log or self.track_created:
+        ev = self._events
+        if ev.sessions:
             p, ia, ip, ea, ep, _ = self.maps.get(rid)
-            if remote_log:
-                tl.rule("create", p, ia, ip, ea, ep, raddr, r)
-            if self.track_created:
-                self._created.append((ia, ea, raddr, ip, ep, r, p, DIR_BITS_BOTH, rid, now, 0, 0, self.nic, 0))
+            ev.record(_EV_SESSION, p, ia, ip, ea, ep, raddr, r, rid, int(now) & 0xFFFFFFFF)  # (uint32, as in C)
+
+    def _drain_events(self) -> None:
+        """The event ring's records since the last drain, once per call: the per-rule
+        log's lines (``TransLog.rules``: one clock reading, one write) and the created
+        sessions for ``drain_created`` (one SESSION_DTYPE array)."""
+        ev = self._events
+        if not len(ev):
+            return
+        a = ev.drain()
+        tl = self.translog
+        if tl is not None and not tl.per_block:
+            k = a[a["kind"] == (_EV_SESSION if tl.remote else _EV_MAPPING)]
+            if len(k):
+                tl.rules("create", k)
+        if self.track_created:
+            k = a[a["kind"] == _EV_SESSION]
+            if len(k):
+                c = np.zeros(len(k), SESSION_DTYPE)
+                for f in ("iaddr", "eaddr", "raddr", "iport", "eport", "rport", "proto", "rule_id"):
+                    c[f] = k[f]
+                c["dirs"] = DIR_BITS_BOTH
+                c["last_seen"] = k["now"]
+                c["owner"] = self.nic
+                self._created.append(c)
 
     def _journal_method(self, name: str):
         """The journal's method `name` (self.journal may be a bound ``append``), or None."""
@@ -859,6 +881,7 @@ class RuleBuilder:
         if self._jlazy:
             recs, self._jlazy = self._jlazy, []
             self._journal_lazy(recs)
+        self._drain_events()
         if self.translog is not None:
             self.translog.flush()
         self.maps.flush(self.out, self.inn, now)
@@ -1028,9 +1051,11 @@ class RuleBuilder:
     def drain_created(self) -> np.ndarray:
         """Sessions created since the last call (for active install: PUSH).  Recorded
         only while ``track_created`` is true (default: install mode active, more than one NIC)."""
-        out = np.array(self._created, dtype=SESSION_DTYPE) if self._created else np.zeros(0, SESSION_DTYPE)
-        self._created = []
-        return out
+        self._drain_events()
+        c, self._created = self._created, []
+        if not c:
+            return np.zeros(0, SESSION_DTYPE)
+        return c[0] if len(c) == 1 else np.concatenate(c)
 
     def drain_removed(self) -> np.ndarray:
         """Sessions removed by expiry since the last call (for REVOKE to lease holders).

@@ -11,14 +11,18 @@ One JSON object per line, written by the RuleBuilder:
                     ... "event": "block-free" when the host gives the block back.  One line
                     per block of B ports instead of one per connection: B times less.
 
-Lines are buffered and flushed once per batch (``flush``), never per rule.
+Lines are buffered and flushed once per batch (``flush``), never per rule.  The lines of
+the mappings and sessions a batch creates are written together (``rules``: one clock
+reading, so they share their "ts"), from the records of the owner's event ring
+(hypernat.nat._events); a per-rule line's text has one implementation, compiled
+(``hypernat.nat._events.rule_line`` / ``rule_lines``).
 """
 from __future__ import annotations
 
 import os
 import time
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp"}
+from .nat._events import rule_line, rule_lines
 
 
 def _ip(a: int) -> str:
@@ -64,12 +68,18 @@ class TransLog:
 
     def rule(self, event: str, proto: int, iaddr: int, iport: int, eaddr: int, eport: int, raddr=None, rport=None):
         """A mapping (or, with remote logging, a session) created or removed."""
-        rem = f', "remote": "{_ip(raddr)}:{rport}"' if self.remote and raddr is not None else ""
-        self._write(
-            f'{{"ts": {self.clock():.3f}, "nic": {self.nic_id}, "event": "{event}", '
-            f'"proto": "{PROTO_NAMES.get(proto, proto)}", "internal": "{_ip(iaddr)}:{iport}", '
-            f'"external": "{_ip(eaddr)}:{eport}"{rem}}}\n'
-        )
+        rem = self.remote and raddr is not None
+        self._write(rule_line(self.clock(), self.nic_id, event, proto, iaddr, iport, eaddr, eport,
+                              raddr if rem else 0, rport if rem else 0, rem))
+
+    def rules(self, event: str, records) -> None:
+        """``rule`` for each record of an EVENT_DTYPE array (hypernat.nat._events: proto,
+        iaddr, iport, eaddr, eport, and with remote logging raddr, rport), in order, all
+        with one clock reading: one write."""
+        n = len(records)
+        if n:
+            self._f.write(rule_lines(self.clock(), self.nic_id, event, records, self.remote))
+            self.lines += n
 
     def block(self, event: str, iaddr: int, eaddr: int, lo: int, hi: int):
         """A port block assigned to ("block") or given back by ("block-free") a host."""

@@ -243,7 +243,11 @@ class OutSetupModel:
         self.maps, self.hosts, self.internal, self.reasons = maps, hosts, internal, reasons
         self.rate, self.cap, self.preserve = rate, cap, preserve
         self.room = 1 << 30
-        self.recovering = self.py_session = self.py_mapping = False
+        self.recovering = False
+        # the event ring (hypernat.nat._events.EventRing): which kinds it records, and
+        # the records as (kind, proto, I, Ip, E, Ep, R, Rp, rule id, now)
+        self.ev_mappings = self.ev_sessions = False
+        self.events = []
         self.last = self.fetch_owner = 0
         self.nic, self.filtering, self.owner = 0, "endpoint-independent", None
         self.refused = collections.Counter()  # refusals run / serve answered (drain)
@@ -253,7 +257,12 @@ class OutSetupModel:
         -1 with the partition's loans applied (tests/wire_model.py: owner_reference)."""
         self.nic, self.filtering, self.owner = nic, filtering, owner
 
-    def in_(self, p, ra, rp, ea, ep, fl, icmp_error=False):
+    def _session_event(self, rid, ra, r, now):
+        if self.ev_sessions:
+            p, ia, ip, ea, ep, _ = self.maps.get(rid)
+            self.events.append((2, p, ia, ip, ea, ep, ra, r, rid, now))
+
+    def in_(self, p, ra, rp, ea, ep, fl, icmp_error=False, now=0):
         """An incoming packet without a session (RuleBuilder._in's common case)."""
         if self.owner is None:
             return NEED_PY
@@ -279,12 +288,10 @@ class OutSetupModel:
             return self.reasons["unsolicited_syn" if syn else "filtered"]
         if self.room <= 0:
             return self.reasons["table_full"]
-        if self.py_session:
-            self.last = rid
-            return NEED_PY  # every check passed: the builder adds it (log line, PUSH record)
         self.maps.add_session(rid, ra, r)
         self.room -= 1
         self.last = rid
+        self._session_event(rid, ra, r, now)
         return OK
 
     def _answered(self, r):
@@ -305,7 +312,7 @@ class OutSetupModel:
             if inbound:
                 if v not in (v_in, v_icmp):
                     break
-                r = self.in_(p, s, sp, d, dp, fl, kind == 1)
+                r = self.in_(p, s, sp, d, dp, fl, kind == 1, now)
                 if r == FETCH and fetches is not None:
                     idx.append(i)
                     res.append(r)
@@ -332,7 +339,7 @@ class OutSetupModel:
             if p not in (1, 6, 17):
                 break
             if fd == d_in:
-                r, key = self.in_(p, s, sp, d, dp, fl, kind == 1), (s, 0 if p == 1 else sp)
+                r, key = self.in_(p, s, sp, d, dp, fl, kind == 1, now), (s, 0 if p == 1 else sp)
             elif fd == d_out:
                 r, key = self.out(p, s, sp, d, dp, now, kind == 1), (d, 0 if p == 1 else dp)
             else:
@@ -362,10 +369,8 @@ class OutSetupModel:
             return self.reasons["icmp_error_no_session"]
         if self.room <= 0:
             return self.reasons["table_full"]
-        if self.py_session:
-            return NEED_PY
         if not rid:
-            if self.recovering or self.py_mapping:
+            if self.recovering:
                 return NEED_PY
             if self.rate is not None and not self.rate.would_take(ia, now):
                 self.rate.take(ia, now)
@@ -382,9 +387,12 @@ class OutSetupModel:
             h["nports"][pi] += 1
             b = self.hosts.pb.blocks[g]
             rid = self.maps.new(p, ia, ip, b.addr, b.lo + off, g)
+            if self.ev_mappings:
+                self.events.append((1, p, ia, ip, b.addr, b.lo + off, 0, 0, rid, now))
         elif self.rate is not None and not self.rate.take(ia, now):
             return self.reasons["host_rate_limited"]
         self.maps.add_session(rid, ra, r)
         self.room -= 1
         self.last = rid
+        self._session_event(rid, ra, r, now)
         return OK

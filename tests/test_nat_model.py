@@ -299,6 +299,12 @@ VERDICTS = {"miss_out": 1, "miss_in": 2, "miss_icmp_error": 3, "miss_hairpin": 4
 INTERNAL = [(10 << 24, 0xFF000000)]
 
 
+def _ev_fields(e) -> tuple:
+    """A model event (kind, proto, I, Ip, E, Ep, R, Rp, rule id, now) in EVENT_DTYPE's field order."""
+    kind, p, ia, ip, ea, ep, ra, rp, rid, now = e
+    return (ia, ea, ra, ip, ep, rp, p, kind, rid, now)
+
+
 def _end_mapping(mp, mm, x) -> None:
     """End the x-th live mapping (and its sessions) in the compiled Mappings `mp` and
     the model `mm`, checking each session's end agrees."""
@@ -361,8 +367,8 @@ def test_out_setup_matches_model(eim, parity, preserve, rate, cap, seed, ops):
         elif op == "flags":  # the builder's per-call settings
             su.room = sm.room = x * 4
             su.recovering = sm.recovering = bool(fl & 1)
-            su.py_session = sm.py_session = bool(fl & 2) and x == 0
-            su.py_mapping = sm.py_mapping = bool(fl & 4)
+            su.events.sessions = sm.ev_sessions = bool(fl & 2)
+            su.events.mappings = sm.ev_mappings = bool(fl & 4)
         elif op == "end" and mm.m:
             _end_mapping(mp, mm, x)
         elif op == "out":
@@ -372,6 +378,7 @@ def test_out_setup_matches_model(eim, parity, preserve, rate, cap, seed, ops):
             if got == -1:
                 assert su.last == sm.last
         assert su.room == sm.room
+    assert [tuple(e) for e in su.events.drain().tolist()] == [_ev_fields(e) for e in sm.events]
     assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
     for rid in mm.m:
         assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)
@@ -482,7 +489,7 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
             nb += 1
         elif op == "flags":  # the builder's per-call settings
             su.room = sm.room = x * 4
-            su.py_session = sm.py_session = bool(fl & 2) and x == 0
+            su.events.sessions = sm.ev_sessions = bool(fl & 2)
         elif op == "lend":  # a block of a live mapping's endpoint or of any: lent, or given back
             rids = sorted(mm.m)
             if rids and port % 2:
@@ -514,7 +521,7 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                              fl if q == 6 else 0))
             if op == "in":
                 for ra, ea, rp, ep, q, kind, f in keys[:1]:
-                    args = (q, ra, rp, ea, ep, f, bool(kind))
+                    args = (q, ra, rp, ea, ep, f, bool(kind), now)
                     got = su.in_(*args)
                     assert got == sm.in_(*args), args
                     if got == -1:
@@ -540,9 +547,11 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                 assert su.serve(rows, 0, now, cs, cf) == sm.serve(rows, 0, now, ms, mf)
                 assert (cs, cf) == (ms, mf)
         assert su.room == sm.room
+        now += 1
     counted = [0] * 19
     su.drain(counted)
     assert counted == [sm.refused[k] for k in range(19)]
+    assert [tuple(e) for e in su.events.drain().tolist()] == [_ev_fields(e) for e in sm.events]
     assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
     for rid in mm.m:
         assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)

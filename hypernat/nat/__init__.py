@@ -11,6 +11,9 @@
                        through FlowTables (the flow table's hashing, ``_fastpath.pxd``);
                        sessions pending for the flow tables until ``flush``.
 ``_mappings.OutSetup`` an outgoing first packet's common case over all of the above.
+``_events.EventRing``  the mappings and sessions a call creates that Python must see
+                       (per-rule log lines, PUSH records): fixed records, drained once
+                       per call; the per-rule log line's text (``rule_lines``).
 
 One C record per block, host, mapping or session: no Python object per connection.
 

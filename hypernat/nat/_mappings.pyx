@@ -45,6 +45,7 @@ cdef extern from *:
     void hn_map_prefetch(const void *p) noexcept nogil
 from .._fastpath import FlowTable as _FlowTable
 
+from ._events cimport EV_MAPPING, EV_SESSION, EventRing
 from ._hosts cimport Host, Hosts
 from ._ports cimport PortBlocks
 from ._rate cimport HostRate
@@ -588,17 +589,20 @@ cdef class OutSetup:
     Outgoing (``RuleBuilder._out``): the internal prefix, the host's record, its mapping
     and session; a new session on an existing mapping; a new mapping on a port of one
     of the host's blocks.  Everything else -- a host not known here (fetch, new host), a
-    new block (journal), the port cap, the crash-recovery window, per-rule log lines and
-    PUSH records -- answers NEED_PY having changed nothing, and the caller's Python path
-    decides it.
+    new block (journal), the port cap, the crash-recovery window -- answers NEED_PY
+    having changed nothing, and the caller's Python path decides it.
 
     Incoming (``RuleBuilder._in``, after ``bind_in``): the external endpoint's owner (the
     partition's geometry with its loans, in C), its mapping, the session, the filtering
     behaviour (endpoint-independent, address-dependent, address-and-port-dependent), an
-    unsolicited SYN, the table's room, the new session.  NEED_PY only when the new
-    session needs the caller (log line, PUSH record): every check passed, ``last`` is
-    its rule id.  Another NIC's endpoint (a lent block's included) answers FETCH:
-    ``run`` queues the fetch itself, ``serve`` refuses it (not_owner).
+    unsolicited SYN, the table's room, the new session.  Another NIC's endpoint (a lent
+    block's included) answers FETCH: ``run`` queues the fetch itself, ``serve`` refuses
+    it (not_owner).
+
+    The mappings and sessions it creates go into ``events`` (``hypernat.nat._events``:
+    the per-rule translation log's lines, active install's PUSH records), the ring the
+    builder's general path writes its own into and drains once per call; it records
+    only the kinds switched on (``events.mappings``, ``events.sessions``).
 
     ``out`` / ``in_`` answer one packet: -1 (the session exists or was added; ``last``
     is its rule id), -2 (``in_``: another NIC owns the endpoint, ``fetch_owner``), a
@@ -628,8 +632,7 @@ cdef class OutSetup:
     cdef int nreasons
     cdef public int64_t room
     cdef public bint recovering       # no new mapping here: the caller decides (hold or not)
-    cdef public bint py_session       # a new session needs the caller (log line, PUSH record)
-    cdef public bint py_mapping       # a new mapping needs the caller (log line)
+    cdef readonly EventRing events    # mappings / sessions created (log lines, PUSH records)
     cdef readonly uint32_t last       # rule id of the last session answered -1
     cdef readonly int fetch_owner     # the NIC of the last answer -2 (FETCH)
 
@@ -642,6 +645,7 @@ cdef class OutSetup:
         unsolicited_syn, no_mapping, filtered, not_owner; `verdicts`: {name: value} of miss_out,
         miss_in, miss_icmp_error, miss_hairpin (the misses: one range of values)."""
         self.mp = maps
+        self.events = EventRing()
         self.inside = Prefixes(internal)
         self.r_not_internal = reasons["not_internal"]
         self.r_icmp = reasons["icmp_error_no_session"]
@@ -699,7 +703,7 @@ cdef class OutSetup:
         """The NIC owning (E, Ep) now (loans applied); -1 outside the pool."""
         return self.geo.owner_c(ea, ep)
 
-    cdef int in_c(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl,
+    cdef int in_c(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl, int64_t now,
                   bint icmp_error) except -5:
         if not self.has_in:
             return NEED_PY
@@ -724,16 +728,18 @@ cdef class OutSetup:
             return self.r_usyn if syn else self.r_filtered
         if self.room <= 0:
             return self.r_full
-        if self.py_session:
-            self.last = rid
-            return NEED_PY  # the caller adds it (log line, PUSH record)
         mp.add_session_c(rid, ra, r)
         self.room -= 1
         self.last = rid
+        cdef MapRec* m
+        if self.events.sessions:
+            m = &mp.m[rid]
+            self.events.record(EV_SESSION, p, m.iaddr, m.iport, ea, ep, ra, r, rid, <uint32_t>now)
         return OK
 
-    def in_(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl, bint icmp_error=False):
-        return self.in_c(p, ra, rp, ea, ep, fl, icmp_error)
+    def in_(self, uint8_t p, uint32_t ra, uint16_t rp, uint32_t ea, uint16_t ep, uint8_t fl, bint icmp_error=False,
+            int64_t now=0):
+        return self.in_c(p, ra, rp, ea, ep, fl, now, icmp_error)
 
     cdef int out_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
                    bint icmp_error) except -5:
@@ -754,13 +760,12 @@ cdef class OutSetup:
             return self.r_icmp
         if self.room <= 0:
             return self.r_full
-        if self.py_session:
-            return NEED_PY
         cdef int pi, off = -1
         cdef int64_t g
         cdef int32_t s
+        cdef MapRec* m
         if rid == 0:
-            if self.recovering or self.py_mapping:
+            if self.recovering:
                 return NEED_PY
             if self.rate is not None and not self.rate.would_allow(ia, now):
                 self.rate.allow(ia, now)  # its refill, as a refused take leaves it
@@ -776,11 +781,17 @@ cdef class OutSetup:
             h.nports[pi] += 1
             s = self.bl.slot_of(g)
             rid = <uint32_t>mp.new_c(p, ia, ip, self.bl.s_addr[s], <uint16_t>(self.bl.s_lo[s] + off), g)
+            if self.events.mappings:
+                self.events.record(EV_MAPPING, p, ia, ip, self.bl.s_addr[s], <uint16_t>(self.bl.s_lo[s] + off), 0, 0,
+                                   rid, <uint32_t>now)
         elif self.rate is not None and not self.rate.allow(ia, now):
             return self.r_rate
         mp.add_session_c(rid, ra, r)
         self.room -= 1
         self.last = rid
+        if self.events.sessions:
+            m = &mp.m[rid]
+            self.events.record(EV_SESSION, p, ia, ip, m.eaddr, m.eport, ra, r, rid, <uint32_t>now)
         return OK
 
     def out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t rp, int64_t now,
@@ -839,7 +850,8 @@ cdef class OutSetup:
             if inbound:
                 if v != self.v_miss_in and v != self.v_miss_icmp:
                     break
-                r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, k.kind == KIND_ICMP_ERROR)
+                r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, now,
+                              k.kind == KIND_ICMP_ERROR)
                 if r == FETCH and fetches is not None:
                     idx.append(i)
                     res.append(FETCH)
@@ -880,7 +892,7 @@ cdef class OutSetup:
             s, d, sp, dp = t[1], t[2], t[3], t[4]
             icmp = t[6] == KIND_ICMP_ERROR
             if fd == D_IN:
-                r = self.in_c(p, s, sp, d, dp, t[7], icmp)
+                r = self.in_c(p, s, sp, d, dp, t[7], now, icmp)
                 if r == OK:
                     found.append((i, self.last, s, 0 if p == P_ICMP else sp))
             elif fd == D_OUT:
