@@ -228,3 +228,26 @@ def predictable(name: str, proto: int, rss=None) -> bool:
     if name not in HASHES:
         return False
     return name != "jhash" or proto in JHASH_PROTOS
+
+
+def predict_nics(name: str, n: int, proto, saddr, sport, daddr, dport, seed: int = 0, fields: str = "5-tuple",
+                 rss=None):
+    """``predict_nic`` for a batch: the NIC (0..n-1) of every record of the columns
+    proto, saddr, sport, daddr, dport (sequences of equal length), -1 where it cannot be
+    predicted (``predictable`` says no, or ``predict_nic`` raises ValueError).  The
+    readable reference of ``hypernat._switchhash.predict_nics`` (the owner's active
+    install calls the compiled one; tests check the two agree)."""
+    import numpy as np
+
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    out = np.full(len(proto), -1, np.int32)
+    for i, (p, sa, sp, da, dp) in enumerate(zip(*(np.asarray(c).tolist() for c in (proto, saddr, sport, daddr,
+                                                                                    dport)))):
+        if not predictable(name, p, rss):
+            continue
+        try:
+            out[i] = predict_nic(name, n, p, sa, sp, da, dp, seed, fields, rss=rss)
+        except ValueError:  # toeplitz: a key too short, a queue no NIC serves
+            pass
+    return out
