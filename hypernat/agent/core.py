@@ -47,10 +47,12 @@ than ``burst`` of its fetches are in flight at the same instant; a scanner spend
 token per probe that misses, and its burst of probes is cut at ``burst`` in flight
 even before the first NACK returns.
 
-*Active install* (option): when the owner builds a rule it predicts the return NIC with
-the switch's hash (``predict_nic``: sha1 as the paper's testbed, crc32, jhash) and
-PUSHes the clone there.  A push that loses the race with the reply, or a wrong
-prediction, just falls back to passive install.
+*Active install* (option): in the loop turn that built them, the owner predicts the
+return NIC of every new session with the switch's hash (``predict_nics``, compiled, one
+call for the turn: sha1 as the paper's testbed, crc32, nftables' jhash, RSS toeplitz)
+and PUSHes them there, one PUSH message per NIC under one seq (acknowledged, retried
+and installed as a whole; a repeat is idempotent).  A push that loses the race with the
+reply, or a wrong prediction, just falls back to passive install.
 
 *Leases* make Invariant 3 hold: a holder drops a clone whose lease ran out (with a
 safety margin on its own clock, on an exact timer), the owner renews leases on
