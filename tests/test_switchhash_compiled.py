@@ -28,7 +28,7 @@ def _cols(recs):
     return [np.array(c, dt) for c, dt in zip(cols, dts)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(recs=tuples, name=st.sampled_from(["sha1", "crc32", "jhash", "nope"]), n=st.integers(1, 9), seed=u32,
        fields=st.sampled_from(["5-tuple", "src"]))
 def test_compiled_prediction_equals_reference(recs, name, n, seed, fields):

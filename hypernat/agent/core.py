@@ -635,8 +635,8 @@ class RuleAgent:
         (a PUSH retried whole because its ack was lost) only extends the clone's lease
         -- and the frames of fetches already waiting for them (the push lost the race
         with the reply) released in one replay.  Acknowledged with one PUSH_ACK record
-        per seq of the message (the owner's PUSH message has one seq for all its
-        records): ST_REFUSED if any record under that seq was refused."""
+        per message (the owner's PUSH message has one seq for all its records; a run of
+        records under one seq is a message): ST_REFUSED if any of its records was."""
         if len(recs) == 0:
             return
         owners = self._owners(recs)
@@ -660,11 +660,16 @@ class RuleAgent:
                         frames += got
                 if frames:
                     self.replay(IN, frames)
-        seqs = np.unique(recs["seq"])
-        ack = M.records(M.T_PUSH_ACK, len(seqs))
-        ack["seq"] = seqs
+        # one ack per message: a run of records under one seq (a payload carries whole
+        # messages one after the other)
+        seq = recs["seq"]
+        new = np.empty(len(seq), bool)
+        new[0] = True
+        np.not_equal(seq[1:], seq[:-1], out=new[1:])
+        ack = M.records(M.T_PUSH_ACK, int(np.count_nonzero(new)))
+        ack["seq"] = seq[new]
         if len(bad):
-            ack["status"][np.isin(seqs, recs["seq"][bad])] = M.ST_REFUSED
+            ack["status"][np.unique((np.cumsum(new) - 1)[bad])] = M.ST_REFUSED
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
@@ -1122,10 +1127,11 @@ class RuleAgent:
         if lost:  # e.g. ICMP under jhash steering; toeplitz without the port's key
             self.count("push_unpredictable", lost)
         lease_ms = int(p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
-        for j in np.unique(nics).tolist():
-            if j < 0 or j == self.nic_id:
+        per_nic = np.bincount(nics + 1, minlength=self.n_nics + 1)[1:]  # sessions per NIC
+        for j in np.flatnonzero(per_nic).tolist():
+            if j == self.nic_id:
                 continue
-            mine = created[nics == j]
+            mine = created if per_nic[j] == len(created) else created[nics == j]
             self._grant_many(list(zip(*(mine[f].tolist() for f in _SK_FIELDS))), j, now)  # held even if lost
             for i in range(0, len(mine), M.MAX_RECORDS):
                 part = mine[i:i + M.MAX_RECORDS]
