@@ -23,6 +23,7 @@ a queue no NIC serves.  Nothing here allocates per record or touches a Python ob
 """
 import numpy as np
 
+cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -32,6 +33,8 @@ cdef enum:
     H_CRC32 = 2
     H_JHASH = 3
     H_TOEPLITZ = 4
+
+cnp.import_array()
 
 _CODES = {"sha1": H_SHA1, "crc32": H_CRC32, "jhash": H_JHASH, "toeplitz": H_TOEPLITZ}
 
@@ -165,29 +168,44 @@ cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     p[3] = <uint8_t>v
 
 
-cdef void _predict(int code, uint32_t n, uint32_t seed, bint src, const uint8_t[:] proto, const uint32_t[:] saddr,
-                   const uint16_t[:] sport, const uint32_t[:] daddr, const uint16_t[:] dport,
+ctypedef struct column:      # one integer column of the batch: any stride (a record
+    const char *p           # array's field), read as its own type
+    Py_ssize_t stride
+
+
+cdef inline uint32_t at32(const column *c, Py_ssize_t i) noexcept nogil:
+    return (<const uint32_t *>(c.p + i * c.stride))[0]
+
+
+cdef inline uint16_t at16(const column *c, Py_ssize_t i) noexcept nogil:
+    return (<const uint16_t *>(c.p + i * c.stride))[0]
+
+
+cdef void _predict(int code, uint32_t n, uint32_t seed, bint src, const column *cols, Py_ssize_t m,
                    const uint8_t *key, uint32_t klen, const int32_t *nic_of_entry, uint32_t ntab,
-                   int32_t[::1] out) noexcept nogil:
-    cdef Py_ssize_t i, m = out.shape[0]
+                   int32_t *out) noexcept nogil:
+    """cols: proto, saddr, sport, daddr, dport."""
+    cdef Py_ssize_t i
     cdef uint8_t buf[16]
     cdef uint8_t p
-    cdef uint32_t h, ln
+    cdef uint32_t h, ln, sa, da
+    cdef uint16_t sp, dp
     for i in range(m):
-        p = proto[i]
+        p = (<const uint8_t *>(cols[0].p + i * cols[0].stride))[0]
+        sa, sp, da, dp = at32(&cols[1], i), at16(&cols[2], i), at32(&cols[3], i), at16(&cols[4], i)
         if code == H_JHASH:
             if p != 6 and p != 17:
                 out[i] = -1
                 continue
             if src:
-                put32(buf, saddr[i])
+                put32(buf, sa)
                 h = jhash(buf, 4, seed)
             else:
-                put32(buf, saddr[i])
-                put32(buf + 4, daddr[i])
-                put16(buf + 8, sport[i])
+                put32(buf, sa)
+                put32(buf + 4, da)
+                put16(buf + 8, sp)
                 buf[10] = buf[11] = 0
-                put16(buf + 12, dport[i])
+                put16(buf + 12, dp)
                 buf[14] = buf[15] = 0
                 h = jhash(buf, 16, seed)
             out[i] = <int32_t>((<uint64_t>h * n) >> 32)
@@ -196,55 +214,68 @@ cdef void _predict(int code, uint32_t n, uint32_t seed, bint src, const uint8_t[
             if klen < ln + 4 or ntab == 0:
                 out[i] = -1
                 continue
-            put32(buf, saddr[i])
-            put32(buf + 4, daddr[i])
-            put16(buf + 8, sport[i])
-            put16(buf + 10, dport[i])
+            put32(buf, sa)
+            put32(buf + 4, da)
+            put16(buf + 8, sp)
+            put16(buf + 10, dp)
             out[i] = nic_of_entry[toeplitz(key, klen, buf, ln) % ntab]
         else:  # sha1, crc32: saddr daddr sport dport proto, network order
-            put32(buf, saddr[i])
+            put32(buf, sa)
             if src:
                 buf[4] = buf[5] = buf[6] = buf[7] = buf[8] = buf[9] = buf[10] = buf[11] = buf[12] = 0
             else:
-                put32(buf + 4, daddr[i])
-                put16(buf + 8, sport[i])
-                put16(buf + 10, dport[i])
+                put32(buf + 4, da)
+                put16(buf + 8, sp)
+                put16(buf + 10, dp)
                 buf[12] = p
             h = sha1_head(buf, 13) if code == H_SHA1 else crc32(buf, 13, seed)
             out[i] = <int32_t>(h % n)
 
 
+_COL_TYPES = (np.uint8, np.uint32, np.uint16, np.uint32, np.uint16)
+
+
 def predict_nics(str name, int n, proto, saddr, sport, daddr, dport, seed=0, str fields="5-tuple", rss=None):
     """``hypernat.switchhash.predict_nics`` in C: the NIC (0..n-1) of every record
     (int32 array), -1 where it cannot be predicted.  Columns: proto u1, saddr u4,
-    sport u2, daddr u4, dport u2 (any integer arrays of one length; converted)."""
+    sport u2, daddr u4, dport u2 (integer sequences of one length: a record array's
+    fields are read in place, anything else converted)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, not {n}")
     cdef int code = _CODES.get(name, H_NONE)
-    cdef const uint8_t[:] p = np.ascontiguousarray(proto, np.uint8)
-    cdef Py_ssize_t m = p.shape[0]
-    out = np.full(m, -1, np.int32)
+    cdef column cols[5]
+    cdef list keep = []  # the arrays the columns point into
+    cdef cnp.ndarray a
+    cdef Py_ssize_t m = -1, k
+    for k, x in enumerate((proto, saddr, sport, daddr, dport)):
+        a = np.asarray(x, _COL_TYPES[k])
+        if a.ndim != 1 or (m >= 0 and a.shape[0] != m):
+            raise ValueError("predict_nics: columns of different lengths (or not 1-D)")
+        m = a.shape[0]
+        if not cnp.PyArray_ISALIGNED(a) or not cnp.PyArray_ISNOTSWAPPED(a):
+            a = np.ascontiguousarray(a, a.dtype.newbyteorder("="))
+        keep.append(a)
+        cols[k].p = <const char *>cnp.PyArray_DATA(a)
+        cols[k].stride = cnp.PyArray_STRIDE(a, 0)
     if code == H_NONE or (code == H_TOEPLITZ and rss is None) or m == 0:
-        return out
-    cdef const uint32_t[:] sa = np.ascontiguousarray(saddr, np.uint32)
-    cdef const uint16_t[:] sp = np.ascontiguousarray(sport, np.uint16)
-    cdef const uint32_t[:] da = np.ascontiguousarray(daddr, np.uint32)
-    cdef const uint16_t[:] dp = np.ascontiguousarray(dport, np.uint16)
-    if not (sa.shape[0] == sp.shape[0] == da.shape[0] == dp.shape[0] == m):
-        raise ValueError("predict_nics: columns of different lengths")
+        return np.full(m, -1, np.int32)
     cdef bytes key = b""
-    cdef int32_t[::1] nic_of_entry = np.zeros(1, np.int32)
+    cdef int32_t none = -1
+    cdef const int32_t *noe = &none
     cdef uint32_t ntab = 0
+    cdef cnp.ndarray nic_of_entry
     if code == H_TOEPLITZ:
         key, table, nic_of_queue = rss
         key = bytes(key)
         nic_of_entry = np.array([nic_of_queue.get(q, -1) for q in table] or [-1], np.int32)
+        noe = <const int32_t *>cnp.PyArray_DATA(nic_of_entry)
         ntab = len(table)
     cdef const uint8_t *kp = key
     cdef uint32_t klen = len(key)
     cdef uint32_t s = <uint32_t>(int(seed) & 0xFFFFFFFF)
     cdef bint src = fields == "src"
-    cdef int32_t[::1] o = out
+    cdef cnp.ndarray out = np.empty(m, np.int32)  # every record written below
+    cdef int32_t *o = <int32_t *>cnp.PyArray_DATA(out)
     with nogil:
-        _predict(code, <uint32_t>n, s, src, p, sa, sp, da, dp, kp, klen, &nic_of_entry[0], ntab, o)
+        _predict(code, <uint32_t>n, s, src, cols, m, kp, klen, noe, ntab, o)
     return out

@@ -83,3 +83,18 @@ def test_compiled_prediction_rejects_bad_arguments():
         C.predict_nics("sha1", 0, [6], [1], [2], [3], [4])
     with pytest.raises(ValueError, match="different lengths"):
         C.predict_nics("sha1", 2, [6, 6], [1], [2, 2], [3, 3], [4, 4])
+
+
+def test_compiled_prediction_reads_record_fields_in_place_or_converted():
+    """A record array's fields (strided), big-endian and unaligned ones (converted), plain
+    lists: the same answers as contiguous native columns."""
+    d = np.zeros(7, [("pad", "u1"), ("proto", "u1"), ("sa", ">u4"), ("sp", ">u2"), ("da", "<u4"), ("dp", "<u2")])
+    d["proto"] = [6, 17, 1, 6, 17, 6, 6]
+    d["sa"], d["sp"] = np.arange(7) * 0x01010101, np.arange(7) * 1000
+    d["da"], d["dp"] = 0xC6120001, np.arange(7) + 1024
+    flat = [np.ascontiguousarray(d[f]).astype(t) for f, t in
+            zip(("proto", "sa", "sp", "da", "dp"), (np.uint8, np.uint32, np.uint16, np.uint32, np.uint16))]
+    for name in ("sha1", "crc32", "jhash"):
+        want = S.predict_nics(name, 3, *flat, seed=5)
+        assert C.predict_nics(name, 3, d["proto"], d["sa"], d["sp"], d["da"], d["dp"], seed=5).tolist() == want.tolist()
+        assert C.predict_nics(name, 3, *(c.tolist() for c in flat), seed=5).tolist() == want.tolist()
