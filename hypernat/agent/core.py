@@ -641,8 +641,8 @@ class RuleAgent:
             return
         owners = self._owners(recs)
         ok = (owners == source) & (recs["owner"] == source)
-        bad = np.flatnonzero(~ok)
-        for x in bad.tolist():  # the endpoint is not the sender's: counted, logged
+        bad = np.flatnonzero(~ok) if np.count_nonzero(ok) < len(recs) else ()
+        for x in bad:  # the endpoint is not the sender's: counted, logged
             self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
                            int(owners[x]))
         good = recs[ok] if len(bad) else recs
