@@ -47,10 +47,12 @@ than ``burst`` of its fetches are in flight at the same instant; a scanner spend
 token per probe that misses, and its burst of probes is cut at ``burst`` in flight
 even before the first NACK returns.
 
-*Active install* (option): when the owner builds a rule it predicts the return NIC with
-the switch's hash (``predict_nic``: sha1 as the paper's testbed, crc32, jhash) and
-PUSHes the clone there.  A push that loses the race with the reply, or a wrong
-prediction, just falls back to passive install.
+*Active install* (option): in the loop turn that built them, the owner predicts the
+return NIC of every new session with the switch's hash (``predict_nics``, compiled, one
+call for the turn: sha1 as the paper's testbed, crc32, nftables' jhash, RSS toeplitz)
+and PUSHes them there, one PUSH message per NIC under one seq (acknowledged, retried
+and installed as a whole; a repeat is idempotent).  A push that loses the race with the
+reply, or a wrong prediction, just falls back to passive install.
 
 *Leases* make Invariant 3 hold: a holder drops a clone whose lease ran out (with a
 safety margin on its own clock, on an exact timer), the owner renews leases on
@@ -105,10 +107,12 @@ try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with t
         raise ImportError("the fast path runs on its reference")
     from .._clones import CloneTable
     from .._serve import serve_fetches
+    from .._switchhash import predict_nics
     from ._leases import LeaseTable
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable, serve_fetches
+    from ..switchhash import predict_nics
     from .leases_py import LeaseTable
     from .pending_py import PendingTable
 
@@ -203,6 +207,8 @@ _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
 # an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
 _ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+# (wire field, SESSION_DTYPE field): a session's identity and rule id in a RULE/PUSH record
+_WIRE_OF_SESSION = tuple(zip(_ACT_SK_FIELDS, _SK_FIELDS)) + (("rule_id", "rule_id"),)
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -622,18 +628,48 @@ class RuleAgent:
         return np.array([-1 if o is None else o for o in own], np.int64)
 
     def _on_push(self, source, recs, now):
-        ack = M.records(M.T_PUSH_ACK, len(recs))
-        ack["seq"] = recs["seq"]
-        for i, r in enumerate(recs):
-            sk = skey(r)
-            if not self._owned_by(source, sk[3], sk[4], int(r["owner"])):
-                ack["status"][i] = M.ST_REFUSED
-                continue
-            self._install(source, sk, int(r["rule_id"]), int(r["lease_ms"]), DIR_BIT_IN, now)
-            self.count("push_installed")
-            frames = self.pending.pop((IN, session_key(sk, IN)))
-            if frames:  # the push lost the race with the reply: release now
-                self.replay(IN, frames)
+        """Rules pushed by their owner (active install), a message at a time: every
+        record's endpoint checked to be the sender's (partition + loans, one lookup for
+        the batch; anything else counted and logged: ``_owned_by``), the accepted ones
+        installed with one ``_install_many`` -- the path RULE answers take, so a repeat
+        (a PUSH retried whole because its ack was lost) only extends the clone's lease
+        -- and the frames of fetches already waiting for them (the push lost the race
+        with the reply) released in one replay.  Acknowledged with one PUSH_ACK record
+        per message (the owner's PUSH message has one seq for all its records; a run of
+        records under one seq is a message): ST_REFUSED if any of its records was."""
+        if len(recs) == 0:
+            return
+        owners = self._owners(recs)
+        ok = (owners == source) & (recs["owner"] == source)
+        bad = np.flatnonzero(~ok) if np.count_nonzero(ok) < len(recs) else ()
+        for x in bad:  # the endpoint is not the sender's: counted, logged
+            self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
+                           int(owners[x]))
+        good = recs[ok] if len(bad) else recs
+        if len(good):
+            sks = list(zip(*(good[f].tolist() for f in _ACT_SK_FIELDS)))
+            self._install_many(source, [(sk, rid, lms, DIR_BIT_IN) for sk, rid, lms in
+                                        zip(sks, good["rule_id"].tolist(), good["lease_ms"].tolist())], now)
+            self.count("push_installed", len(sks))
+            if self.pending:  # fetches in flight for some of them: their frames go now
+                pop = self.pending.pop
+                frames = []
+                for sk in sks:
+                    got = pop((IN, session_key(sk, IN)))
+                    if got:
+                        frames += got
+                if frames:
+                    self.replay(IN, frames)
+        # one ack per message: a run of records under one seq (a payload carries whole
+        # messages one after the other)
+        seq = recs["seq"]
+        new = np.empty(len(seq), bool)
+        new[0] = True
+        np.not_equal(seq[1:], seq[:-1], out=new[1:])
+        ack = M.records(M.T_PUSH_ACK, int(np.count_nonzero(new)))
+        ack["seq"] = seq[new]
+        if len(bad):
+            ack["status"][np.unique((np.cumsum(new) - 1)[bad])] = M.ST_REFUSED
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
@@ -1009,9 +1045,6 @@ class RuleAgent:
             return False
         return True
 
-    def _install(self, owner: int, sk: tuple, rule_id: int, lease_ms: int, dirs: int, now: float) -> None:
-        self._install_many(owner, [(sk, rule_id, lease_ms, dirs)], now)
-
     def _install_many(self, owner: int, items, now: float) -> None:
         """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
         One ``CloneTable.install`` (compiled): a clone already held with those entries
@@ -1052,14 +1085,12 @@ class RuleAgent:
         return len(rows)
 
     # -- owner side: leases, active install, revocation ---------------------------------------
-    def _grant(self, sk: tuple, holder: int, now: float) -> None:
-        """Record a lease on `sk` for `holder`; the first lease of a holder holds the
-        external endpoint in the builder until it ends (``_lease_end``)."""
-        self._grant_many((sk,), holder, now)
-
     def _grant_many(self, sks, holder: int, now: float, until: float | None = None) -> None:
-        """``_grant`` for each session identity of `sks` (one lease end for all: now + the
-        lease + grace, or `until` for a lease read back from a snapshot)."""
+        """Record a lease for `holder` on each session identity of `sks`, in one
+        ``LeaseTable.grant`` (one lease end for all: now + the lease + grace, or `until`
+        for a lease read back from a snapshot); a holder's first lease on an external
+        endpoint holds it in the builder until the lease ends (``_lease_end``), all of
+        them in one ``hold_many``."""
         if holder == self.nic_id or not sks:
             return
         if until is None:
@@ -1078,33 +1109,39 @@ class RuleAgent:
             self.rules.release_hold(sk[0], sk[3], sk[4])
 
     def _push_created(self, now: float) -> None:
+        """Active install of the sessions this turn built (``rules.drain_created``), in
+        the turn that built them: the switch's hash predicts the NIC each one's return
+        direction lands on (``predict_nics``, compiled: one call for the batch; -1 where
+        it cannot be predicted: push_unpredictable, left to passive install), and every
+        other NIC gets ONE PUSH message with all of its sessions (split at the wire's
+        MAX_RECORDS), the leases granted to it in one ``_grant_many``.  A message has one
+        seq for all its records: it is tracked, retried and acknowledged as a whole (the
+        holder installs a repeat idempotently)."""
         created = self.rules.drain_created()
         if not self.p.active_install or self.n_nics < 2 or len(created) == 0:
             return
-        out = []
-        for s in created:
-            if not _sh.predictable(self.p.switch_hash, int(s["proto"]), self.p.switch_rss):
-                self.count("push_unpredictable")  # e.g. ICMP under jhash steering, toeplitz
+        p = self.p
+        nics = predict_nics(p.switch_hash, self.n_nics, created["proto"], created["raddr"], created["rport"],
+                            created["eaddr"], created["eport"], p.switch_seed, p.switch_fields, p.switch_rss)
+        lost = int(np.count_nonzero(nics < 0))
+        if lost:  # e.g. ICMP under jhash steering; toeplitz without the port's key
+            self.count("push_unpredictable", lost)
+        lease_ms = int(p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
+        per_nic = np.bincount(nics + 1, minlength=self.n_nics + 1)[1:]  # sessions per NIC
+        for j in np.flatnonzero(per_nic).tolist():
+            if j == self.nic_id:
                 continue
-            try:
-                j = predict_nic(self.p.switch_hash, self.n_nics, int(s["proto"]), int(s["raddr"]), int(s["rport"]),
-                                int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields,
-                                rss=self.p.switch_rss)
-            except ValueError:  # a hash we cannot reproduce (toeplitz): passive install only
-                self.count("push_unpredictable")
-                continue
-            if j != self.nic_id:
-                out.append((j, s))
-        for j, s in out:
-            sk = skey(s)
-            rec = M.records(M.T_PUSH, 1)
-            _wire_endpoints(rec, 0, sk)
-            rec["seq"], rec["rule_id"], rec["owner"] = self._next_seq(), s["rule_id"], self.nic_id
-            rec["lease_ms"] = int(self.p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
-            self._grant(sk, j, now)  # held even if the push is lost: the safe side
-            self._track(j, M.T_PUSH, rec, now, now + self.p.fetch_timeout_s, sk)
-            self._emit(j, M.T_PUSH, rec)
-            self.count("pushes")
+            mine = created if per_nic[j] == len(created) else created[nics == j]
+            self._grant_many(list(zip(*(mine[f].tolist() for f in _SK_FIELDS))), j, now)  # held even if lost
+            for i in range(0, len(mine), M.MAX_RECORDS):
+                part = mine[i:i + M.MAX_RECORDS]
+                rec = M.records(M.T_PUSH, len(part))
+                for f_w, f_s in _WIRE_OF_SESSION:
+                    rec[f_w] = part[f_s]
+                rec["seq"], rec["owner"], rec["lease_ms"] = self._next_seq(), self.nic_id, lease_ms
+                self._track(j, M.T_PUSH, rec, now, now + p.fetch_timeout_s)
+                self._emit(j, M.T_PUSH, rec)
+            self.count("pushes", len(mine))
 
     def _revoke_removed(self, now: float) -> None:
         removed = self.rules.drain_removed()
@@ -1203,10 +1240,20 @@ class RuleAgent:
             self._batching -= 1
             if not self._batching:
                 self._flush_fetches()
-            for (target, mtype), recs in again.items():
-                self._emit(target, mtype, recs[0] if len(recs) == 1 else
-                           np.frombuffer(b"".join(r.tobytes() for r in recs), dtype=recs[0].dtype))
-                self.count("retries", len(recs))
+            for (target, mtype), msgs in again.items():
+                # the messages again, as few as fit whole in the wire's MAX_RECORDS each:
+                # a multi-record message (PUSH) is acknowledged under its one seq, so it
+                # must arrive whole (the worker's Outbox keeps an array it is given whole)
+                k = 0
+                while k < len(msgs):
+                    j, size = k + 1, len(msgs[k])
+                    while j < len(msgs) and size + len(msgs[j]) <= M.MAX_RECORDS:
+                        size += len(msgs[j])
+                        j += 1
+                    self._emit(target, mtype, msgs[k] if j == k + 1 else
+                               np.frombuffer(b"".join(r.tobytes() for r in msgs[k:j]), dtype=msgs[k].dtype))
+                    k = j
+                self.count("retries", len(msgs))
         return retx.next_due <= now
 
     def step_clone_leases(self, now: float) -> bool:
