@@ -1,18 +1,25 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Clone install, compiled: a batch of other NICs' sessions becomes F_CLONE entries in
 this NIC's flow tables, through the tables' C interface (``_fastpath.pxd``), one C
-lookup and one C insert per entry, no Python call per row.
+lookup and one C insert per entry, read in place from the records (a RULE / PUSH
+message's, or SESSION_DTYPE), no Python object per record, the GIL released.
 
 ``hypernat.clones_py`` is the same operation in plain Python (the reference, used when
 the extensions are not built); ``tests/test_clones_twins.py`` checks they agree.
-``RuleBuilder.install_clone_rows`` is the one caller (partition lookups, counters).
+``RuleBuilder.install_clones`` is the one caller (partition lookups, counters).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 from ._fastpath cimport FlowTable, hn_slot
+from ._wire cimport wire_rule
+
+import numpy as np
 
 from . import layout as _layout
+from . import messages as _M
+from .clones_py import record_fields
 
 cdef enum:
     P_ICMP = 1
@@ -23,11 +30,12 @@ cdef enum:
 
 cdef uint8_t F_CLONE = _layout.F_CLONE
 cdef uint8_t TCP_MASK = _layout.TCP_STATE_MASK
+assert _M.RULE_DTYPE.itemsize == sizeof(wire_rule)
 
 
 cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
                     uint32_t na, uint16_t np_, uint32_t rid, uint32_t now, uint8_t tcp,
-                    uint16_t lease) noexcept:
+                    uint16_t lease) noexcept nogil:
     """One clone entry: 1 installed, 0 refused (an owned entry holds the key), -1 table
     full.  A clone entry already there is replaced (a later rule for the same key)."""
     cdef int64_t j = t.c_find(p, sa, sp, da, dp)
@@ -43,7 +51,7 @@ cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t d
     return 1
 
 
-cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
+cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept nogil:
     """Count one ``put``: installed, refused as bad, or table full."""
     if k > 0:
         g[0] += 1
@@ -53,39 +61,112 @@ cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
         full[0] += 1
 
 
-def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own, int me,
-                       now, lease):
-    """Install clone entries for `rows`, tuples ``(proto, iaddr, iport, eaddr, eport,
-    raddr, rport, rule_id, dirs, tcp_out, tcp_in)``; `own` the owner NIC of each row's
-    external endpoint (this NIC `me` never clones its own).  `now` the tick written as
-    last_seen, `lease` the 16-bit lease end (0: none).  Returns ``(got, bad, full)``:
-    entries installed per row (a list), rows or entries refused as bad (unknown
-    protocol, own endpoint, an owned entry in the way), entries refused because their
-    table was full."""
-    cdef Py_ssize_t n = len(rows), x
-    cdef list got = [0] * n
+# Records read in place: byte offsets of the fields a clone needs, from the array's dtype
+# (clones_py.record_fields: SESSION_DTYPE's names or the wire RULE layout's).
+ctypedef struct rec_view:
+    const unsigned char *b
+    Py_ssize_t size
+    Py_ssize_t o_p, o_i, o_ip, o_e, o_ep, o_r, o_rp, o_rid, o_to, o_ti   # -1: absent (0)
+
+
+cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint16_t _u16(const unsigned char *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+cdef inline uint8_t _u8o(const unsigned char *p, Py_ssize_t o) noexcept nogil:
+    return p[o] if o >= 0 else 0
+
+
+cdef object _view(rec_view *v, recs):
+    """Fill `v` for the record array `recs`; returns the byte array it points into (keep
+    it alive while `v` is used)."""
+    o = record_fields(recs.dtype)
+    v.o_p, v.o_i, v.o_ip, v.o_e, v.o_ep, v.o_r, v.o_rp, v.o_rid, v.o_to, v.o_ti = o
+    v.size = recs.dtype.itemsize
+    raw = np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
+    cdef const unsigned char[::1] mv = raw
+    v.b = &mv[0] if mv.shape[0] else NULL
+    return raw
+
+
+def selection(idx, Py_ssize_t n):
+    """`idx` (record indexes, None: all `n`) as a contiguous int64 array, each checked."""
+    if idx is None:
+        return np.arange(n, dtype=np.int64)
+    a = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    if len(a) and (a.min() < 0 or a.max() >= n):
+        raise IndexError(f"record index out of range 0..{n - 1}")
+    return a
+
+
+def per_record(v, Py_ssize_t n, dtype):
+    """A scalar or per-record value as a contiguous array of `n`."""
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=dtype), (n,)))
+
+
+def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, dirs, own, int me,
+                    now, lease):
+    """Install clone entries for the records `recs` (a RULE / PUSH message's, or
+    SESSION_DTYPE; read in place) selected by `idx` (record indexes, None: all): `dirs`
+    (DIR_BIT_*, scalar or per record) the entries to install, `own` the owner NIC of
+    each record's external endpoint (per record; this NIC `me` never clones its own).
+    `now` the tick written as last_seen, `lease` the 16-bit lease end (0: none).  Returns
+    ``(got, bad, full)``: entries installed per selected record (int8), records or
+    entries refused as bad (unknown protocol, own endpoint, an owned entry in the way),
+    entries refused because their table was full."""
+    cdef Py_ssize_t n = len(recs), m, k, x
+    cdef rec_view v
+    keep = _view(&v, recs)
+    ix_a = selection(idx, n)
+    d_a = per_record(dirs, n, np.uint8)
+    own_a = per_record(own, n, np.int64)
+    m = len(ix_a)
+    got_a = np.zeros(m, np.int8)
+    cdef const int64_t[::1] ix = ix_a
+    cdef const uint8_t[::1] dv = d_a
+    cdef const int64_t[::1] ov = own_a
+    cdef int8_t[::1] got = got_a
     cdef uint32_t tick = <uint32_t>(int(now) & 0xFFFFFFFF)
-    cdef uint16_t l16 = <uint16_t>int(lease)
+    cdef uint16_t l16 = <uint16_t>(int(lease) & 0xFFFF)
+    cdef const unsigned char *b
     cdef uint8_t p, d, to, ti
     cdef uint32_t i, e, r, rid
     cdef uint16_t ip, ep, rp
-    cdef int bad = 0, full = 0, k, g
+    cdef int bad = 0, full = 0, kk, g
+    if m == 0:
+        return got_a, 0, 0
     out._mutating()
     inn._mutating()
-    for x in range(n):
-        p, i, ip, e, ep, r, rp, rid, d, to, ti = rows[x]
-        if (p != P_TCP and p != P_UDP and p != P_ICMP) or own[x] == me:
-            bad += 1
-            continue
-        g = 0
-        if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
-            k = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
-            _tally(k, &g, &bad, &full)
-        if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
-            k = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
-            _tally(k, &g, &bad, &full)
-        got[x] = g
-    return got, bad, full
+    with nogil:
+        for k in range(m):
+            x = ix[k]
+            b = v.b + x * v.size
+            p = b[v.o_p]
+            if (p != P_TCP and p != P_UDP and p != P_ICMP) or ov[x] == me:
+                bad += 1
+                continue
+            i, ip, e, ep = _u32(b + v.o_i), _u16(b + v.o_ip), _u32(b + v.o_e), _u16(b + v.o_ep)
+            r, rp, rid = _u32(b + v.o_r), _u16(b + v.o_rp), _u32(b + v.o_rid)
+            d = dv[x]
+            g = 0
+            if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
+                to = _u8o(b, v.o_to)
+                kk = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
+                _tally(kk, &g, &bad, &full)
+            if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
+                ti = _u8o(b, v.o_ti)
+                kk = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
+                _tally(kk, &g, &bad, &full)
+            got[k] = g
+    return got_a, bad, full
 
 
 # ------------------------------------------------------------------------------------
@@ -175,65 +256,85 @@ cdef class CloneTable:
         self.own_count[c.owner] -= 1
 
     # -- per batch -------------------------------------------------------------------------
-    def install(self, int owner, items, double now, double margin, install_rows, tick,
-                bint want_keys=False):
-        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        A clone already held with those entries only has its lease extended (an
-        idempotent repeat); the rest go to ``install_rows(rows, tick)`` in one call (the
-        builder's ``install_clone_rows``: flow-table entries per row), and each row that
-        got entries becomes a clone here (or adds its directions to the one held).
-        Returns (installed, failed, [(sk, dirs)] of the installed when `want_keys`)."""
-        cdef list todo = []
-        cdef list rows = []
-        cdef int32_t x
+    def install(self, int owner, recs, idx, dirs, double now, double margin, install):
+        """Install clones of `owner`'s sessions from RULE-layout records (a RULE or PUSH
+        message's, ``messages.RULE_DTYPE``; read in place: key, rule_id, lease_ms)
+        selected by `idx` (record indexes, None: all), `dirs` (DIR_BIT_*, scalar or per
+        record) the entries each brings.  A clone already held with those entries only
+        has its lease extended (an idempotent repeat); the rest go to ``install(recs,
+        todo, dirs)`` in one call (the builder's ``install_clones``: flow-table entries
+        per selected record, int8), and each that got entries becomes a clone here (or
+        adds its directions to the one held).  Returns (installed, failed, done): `done`
+        the indexes of the records installed (int64, in order)."""
+        cdef Py_ssize_t n = len(recs), m, k, t = 0, x
+        if n and recs.dtype.itemsize != sizeof(wire_rule):
+            raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
+        raw = np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
+        ix_a = selection(idx, n)
+        d_a = per_record(dirs, n, np.uint8)
+        m = len(ix_a)
+        todo_a = np.empty(m, np.int64)
+        exp_a = np.empty(m, np.float64)
+        cdef const unsigned char[::1] rb = raw
+        cdef const int64_t[::1] ix = ix_a
+        cdef const uint8_t[::1] dv = d_a
+        cdef int64_t[::1] todo = todo_a
+        cdef double[::1] exp = exp_a
+        cdef const wire_rule *r
+        cdef int32_t j
         cdef ce_entry *c
         cdef double expires
-        cdef uint8_t p, d
-        cdef uint32_t i, e, r
-        cdef uint16_t ip, ep, rp
+        cdef uint8_t d
         cdef int installed = 0, failed = 0
-        for it in items:
-            sk, rule_id, lease_ms, d = it
-            p, i, ip, e, ep, r, rp = sk
-            expires = now + lease_ms / 1000.0
-            x = self.find(p, i, ip, e, ep, r, rp)
-            if x >= 0:
-                c = &self.e[x]
+        for k in range(m):
+            x = ix[k]
+            r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
+            d = dv[x]
+            expires = now + r.lease_ms / 1000.0
+            j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+            if j >= 0:
+                c = &self.e[j]
                 if c.owner == owner and (c.dirs & d) == d:
                     if expires > c.expires:
                         c.expires = expires
                     continue
-            todo.append((sk, rule_id, d, expires))
-            rows.append(sk + (rule_id, d, 0, 0))
-        if not todo:
-            return 0, 0, []
-        got = install_rows(rows, tick)
-        keys = [] if want_keys else None
-        for t, ok in zip(todo, got):
-            if ok <= 0:
+            todo[t] = x
+            exp[t] = expires
+            t += 1
+        if t == 0:
+            return 0, 0, np.zeros(0, np.int64)
+        got_a = np.ascontiguousarray(install(recs, todo_a[:t], d_a), dtype=np.int8)
+        if len(got_a) != t:
+            raise ValueError(f"install answered {len(got_a)} records of {t}")
+        done_a = np.empty(t, np.int64)
+        cdef const int8_t[::1] got = got_a
+        cdef int64_t[::1] done = done_a
+        for k in range(t):
+            if got[k] <= 0:
                 failed += 1
                 continue
+            x = todo[k]
+            done[installed] = x
             installed += 1
-            sk, rule_id, d, expires = t
-            p, i, ip, e, ep, r, rp = sk
-            x = self.find(p, i, ip, e, ep, r, rp)
-            if x < 0:
-                x = self.add(p, i, ip, e, ep, r, rp)
-                c = &self.e[x]
-                c.rule_id = rule_id
+            r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
+            d = dv[x]
+            expires = exp[k]
+            j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+            if j < 0:
+                j = self.add(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+                c = &self.e[j]
+                c.rule_id = r.rule_id
                 c.dirs = d
                 c.expires = expires
                 c.due = expires - margin
-                self._set_owner(x, owner)
-                heap_push(&self.h, c.due, x)
+                self._set_owner(j, owner)
+                heap_push(&self.h, c.due, j)
             else:
-                c = &self.e[x]
+                c = &self.e[j]
                 c.dirs |= d
                 if expires > c.expires:
                     c.expires = expires
-            if want_keys:
-                keys.append((sk, d))
-        return installed, failed, keys
+        return installed, failed, done_a[:installed]
 
     def due_now(self, double now, double margin, Py_ssize_t limit=-1):
         """Clones whose lease (less `margin`) ran out by `now`, exactly on time: their

@@ -523,7 +523,14 @@ cdef class PendingTable:
             raise ValueError("at most 16 latency limits")
         for j in range(nlim):
             lim[j] = lat_limits[j]
-        cdef list items = [], rout = [], rin = [], lats = [], bad_owner = []
+        cdef list rout = [], rin = [], bad_owner = []
+        acc_a = np.empty(nrec, np.int64)
+        dirs_a = np.zeros(nrec, np.uint8)
+        lats_a = np.empty(nrec, np.float64)
+        cdef int64_t[::1] acc = acc_a
+        cdef uint8_t[::1] dirs = dirs_a
+        cdef double[::1] lats = lats_a
+        cdef Py_ssize_t na = 0
         cdef list counts = [0] * (nlim + 1)
         cdef int64_t[17] cnt
         cdef int64_t dup = 0, wrong = 0, bad = 0
@@ -566,16 +573,17 @@ cdef class PendingTable:
             lat = now - c.first
             self.refund(x)
             (rin if dbit == BIT_IN else rout).extend(self.release(x, True))
-            items.append(((r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port),
-                          r.rule_id, r.lease_ms, dbit))
-            lats.append(lat)
+            acc[na] = k
+            lats[na] = lat
+            na += 1
+            dirs[k] = dbit
             j = 0
             while j < nlim and not (lat <= lim[j]):  # bisect_left: the first limit >= lat
                 j += 1
             cnt[j] += 1
         for j in range(nlim + 1):
             counts[j] = cnt[j]
-        return items, rout, rin, lats, counts, dup, wrong, bad, bad_owner
+        return acc_a[:na], dirs_a, rout, rin, lats_a[:na], counts, dup, wrong, bad, bad_owner
 
     def answer_nacks(self, int source, recs, double now):
         """``pending_py.PendingTable.answer_nacks``: the records read in place."""

@@ -374,11 +374,15 @@ class RuleAgent:
                      None: answers to the previous incarnation's messages (same sender
                      id, seqs from 1 again) then find nothing in flight under their seq,
                      rather than completing a new message of the same number
+    on_installed(records, idx, dirs)   None, or told of every clone install (RULE answers,
+                     PUSHes, revalidation answers) once it returned: the RULE-layout
+                     records, the indexes of those installed, their DIR_BIT_* (scalar
+                     or per record)
     """
 
     def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
                  params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None,
-                 seq_start: int | None = 1):
+                 seq_start: int | None = 1, on_installed=None):
         self.nic_id = nic_id
         self.n_nics = n_nics
         self.rules = rules
@@ -407,6 +411,8 @@ class RuleAgent:
         # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
         # timer); nothing periodic walks every clone
         self.clones = CloneTable(cap)
+        # observer of every install: on_installed(records, idx, dirs) (the worker's event log)
+        self.on_installed = on_installed
         self.negative = _NegativeView(self.pending)  # (dir, key) -> until
         # owner side
         # leases granted: (session identity, holder) -> until, in C, indexed by session, by
@@ -593,7 +599,7 @@ class RuleAgent:
         if n == 0:
             return
         owners = self._owners(recs)
-        items, replay_out, replay_in, lats, lat_counts, dup, wrong, bad, bad_owner = self.pending.answer_rules(
+        acc, dirs, replay_out, replay_in, lats, lat_counts, dup, wrong, bad, bad_owner = self.pending.answer_rules(
             source, recs, owners, now, _LAT_LIMITS)
         for x in bad_owner:  # the rule's endpoint is not the sender's: counted, logged
             self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
@@ -604,12 +610,12 @@ class RuleAgent:
             self.count("rule_misdirected", wrong)
         if bad:
             self.count("rule_mismatched", bad)
-        if not items:
+        if not len(acc):
             return
-        self._install_many(source, items, now)
-        self.fetch_latencies.extend(lats)
+        self._install_many(source, recs, acc, dirs, now, owners)
+        self.fetch_latencies.extend(lats[-self.fetch_latencies.maxlen:].tolist())
         c = self.counters
-        c["fetch_answered"] += len(items)
+        c["fetch_answered"] += len(acc)
         for name, k in zip(_LAT_NAMES, lat_counts):
             if k:
                 c[name] += k
@@ -647,11 +653,10 @@ class RuleAgent:
                            int(owners[x]))
         good = recs[ok] if len(bad) else recs
         if len(good):
-            sks = list(zip(*(good[f].tolist() for f in _ACT_SK_FIELDS)))
-            self._install_many(source, [(sk, rid, lms, DIR_BIT_IN) for sk, rid, lms in
-                                        zip(sks, good["rule_id"].tolist(), good["lease_ms"].tolist())], now)
-            self.count("push_installed", len(sks))
+            self._install_many(source, recs, np.flatnonzero(ok) if len(bad) else None, DIR_BIT_IN, now, owners)
+            self.count("push_installed", len(good))
             if self.pending:  # fetches in flight for some of them: their frames go now
+                sks = list(zip(*(good[f].tolist() for f in _ACT_SK_FIELDS)))
                 pop = self.pending.pop
                 frames = []
                 for sk in sks:
@@ -1045,23 +1050,34 @@ class RuleAgent:
             return False
         return True
 
-    def _install_many(self, owner: int, items, now: float) -> None:
-        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        One ``CloneTable.install`` (compiled): a clone already held with those entries
-        only has its lease extended (idempotent repeat), the rest get their flow-table
-        entries from the builder's ``install_clone_rows`` in one call and become clones."""
+    def _install_many(self, owner: int, recs, idx, dirs, now: float, owners=None) -> int:
+        """Install clones of `owner`'s sessions: the RULE-layout records `recs` (a RULE or
+        PUSH message's, as received) selected by `idx` (None: all), `dirs` the entries
+        (DIR_BIT_*, scalar or per record), `owners` their endpoints' owners if known (per
+        record).  One ``CloneTable.install`` (compiled): a clone already held with those
+        entries only has its lease extended (idempotent repeat), the rest get their
+        flow-table entries from the builder's ``install_clones`` in one call (records read
+        in place) and become clones.  Returns the clones installed."""
         pending = self.pending
-        neg = pending.neg_len() > 0
-        installed, failed, keys = self.clones.install(owner, items, now, self.p.lease_margin_s,
-                                                      self.rules.install_clone_rows, self.tick_clock(), neg)
-        if neg:
-            for sk, dirs in keys:
+        rules, tick = self.rules, self.tick_clock()
+
+        def install(r, todo, d):
+            return rules.install_clones(r, tick, d, 0, todo, owners)
+
+        installed, failed, done = self.clones.install(owner, recs, idx, dirs, now, self.p.lease_margin_s, install)
+        if installed and pending.neg_len() > 0:  # an answer ends a negative entry for its keys
+            dl = np.broadcast_to(np.asarray(dirs, np.uint8), (len(recs),))
+            for x in done.tolist():
+                sk = skey(recs[x])
                 for d in (OUT, IN):
-                    if dirs & DIR_BIT[d]:
+                    if dl[x] & DIR_BIT[d]:
                         pending.neg_discard((d, session_key(sk, d)))
+        if installed and self.on_installed is not None:
+            self.on_installed(recs, done, dirs)
         if failed:
             self.count("clone_install_failed", failed)
         self.count("clones_installed", installed)
+        return installed
 
     def _drop_clone(self, sk, reason: str) -> None:
         self._drop_clones((sk,), reason)
