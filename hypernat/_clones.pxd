@@ -36,3 +36,5 @@ cdef class CloneTable:
                      uint32_t r, uint16_t rp) except -2
     cdef void unlink(self, int32_t x) noexcept
     cdef void _set_owner(self, int32_t x, int owner) noexcept
+    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t[::1] todo, const double *exp,
+                       Py_ssize_t t, got_a, done_a, bint d1, int64_t d0, const uint8_t[::1] dv, double margin)

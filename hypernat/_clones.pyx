@@ -10,11 +10,13 @@ the extensions are not built); ``tests/test_clones_twins.py`` checks they agree.
 """
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from ._fastpath cimport FlowTable, hn_slot
 from ._wire cimport wire_rule
 
+cimport numpy as cnp
 import numpy as np
 
 from . import layout as _layout
@@ -31,6 +33,7 @@ cdef enum:
 cdef uint8_t F_CLONE = _layout.F_CLONE
 cdef uint8_t TCP_MASK = _layout.TCP_STATE_MASK
 assert _M.RULE_DTYPE.itemsize == sizeof(wire_rule)
+cnp.import_array()
 
 
 cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
@@ -91,25 +94,42 @@ cdef object _view(rec_view *v, recs):
     o = record_fields(recs.dtype)
     v.o_p, v.o_i, v.o_ip, v.o_e, v.o_ep, v.o_r, v.o_rp, v.o_rid, v.o_to, v.o_ti = o
     v.size = recs.dtype.itemsize
-    raw = np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
-    cdef const unsigned char[::1] mv = raw
-    v.b = &mv[0] if mv.shape[0] else NULL
+    cdef cnp.ndarray raw = np.ascontiguousarray(recs)
+    v.b = <const unsigned char *>cnp.PyArray_DATA(raw)
     return raw
 
 
-def selection(idx, Py_ssize_t n):
-    """`idx` (record indexes, None: all `n`) as a contiguous int64 array, each checked."""
+# Per-batch arguments without per-batch numpy where a scalar or None does: a selection of
+# records (None: all of them) and per-record columns given as a scalar.
+cdef object _selection(idx, Py_ssize_t n):
+    """`idx` (record indexes) as a contiguous int64 array, each checked against `n`;
+    None stays None (every record)."""
     if idx is None:
-        return np.arange(n, dtype=np.int64)
-    a = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
-    if len(a) and (a.min() < 0 or a.max() >= n):
-        raise IndexError(f"record index out of range 0..{n - 1}")
+        return None
+    a = np.ascontiguousarray(idx, dtype=np.int64)
+    if a.ndim != 1:
+        a = a.reshape(-1)
+    cdef const int64_t[::1] v = a
+    cdef Py_ssize_t k
+    for k in range(v.shape[0]):
+        if v[k] < 0 or v[k] >= n:
+            raise IndexError(f"record index {v[k]} out of range 0..{n - 1}")
     return a
 
 
-def per_record(v, Py_ssize_t n, dtype):
-    """A scalar or per-record value as a contiguous array of `n`."""
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=dtype), (n,)))
+cdef object _column(val, Py_ssize_t n, dtype, int64_t *scalar):
+    """A per-record value: a contiguous array of `n`, or None with a scalar in *scalar."""
+    if isinstance(val, int):
+        scalar[0] = val
+        return None
+    a = np.asarray(val)
+    if a.ndim == 0:
+        scalar[0] = int(a)
+        return None
+    a = np.ascontiguousarray(a, dtype=dtype)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"a per-record column of {a.shape} for {n} records")
+    return a
 
 
 def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, dirs, own, int me,
@@ -124,15 +144,17 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
     entries refused because their table was full."""
     cdef Py_ssize_t n = len(recs), m, k, x
     cdef rec_view v
+    cdef int64_t d0 = 0, o0 = 0
     keep = _view(&v, recs)
-    ix_a = selection(idx, n)
-    d_a = per_record(dirs, n, np.uint8)
-    own_a = per_record(own, n, np.int64)
-    m = len(ix_a)
+    ix_a = _selection(idx, n)
+    d_a = _column(dirs, n, np.uint8, &d0)
+    own_a = _column(own, n, np.int64, &o0)
+    m = n if ix_a is None else len(ix_a)
     got_a = np.zeros(m, np.int8)
     cdef const int64_t[::1] ix = ix_a
     cdef const uint8_t[::1] dv = d_a
     cdef const int64_t[::1] ov = own_a
+    cdef bint all_ = ix_a is None, d1 = d_a is None, o1 = own_a is None
     cdef int8_t[::1] got = got_a
     cdef uint32_t tick = <uint32_t>(int(now) & 0xFFFFFFFF)
     cdef uint16_t l16 = <uint16_t>(int(lease) & 0xFFFF)
@@ -147,15 +169,15 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
     inn._mutating()
     with nogil:
         for k in range(m):
-            x = ix[k]
+            x = k if all_ else ix[k]
             b = v.b + x * v.size
             p = b[v.o_p]
-            if (p != P_TCP and p != P_UDP and p != P_ICMP) or ov[x] == me:
+            if (p != P_TCP and p != P_UDP and p != P_ICMP) or (o0 if o1 else ov[x]) == me:
                 bad += 1
                 continue
             i, ip, e, ep = _u32(b + v.o_i), _u16(b + v.o_ip), _u32(b + v.o_e), _u16(b + v.o_ep)
             r, rp, rid = _u32(b + v.o_r), _u16(b + v.o_rp), _u32(b + v.o_rid)
-            d = dv[x]
+            d = <uint8_t>d0 if d1 else dv[x]
             g = 0
             if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
                 to = _u8o(b, v.o_to)
@@ -269,46 +291,67 @@ cdef class CloneTable:
         cdef Py_ssize_t n = len(recs), m, k, t = 0, x
         if n and recs.dtype.itemsize != sizeof(wire_rule):
             raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
-        raw = np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
-        ix_a = selection(idx, n)
-        d_a = per_record(dirs, n, np.uint8)
-        m = len(ix_a)
+        cdef int64_t d0 = 0
+        cdef cnp.ndarray raw = np.ascontiguousarray(recs)
+        ix_a = _selection(idx, n)
+        d_a = _column(dirs, n, np.uint8, &d0)
+        m = n if ix_a is None else len(ix_a)
+        if m == 0:
+            return 0, 0, np.zeros(0, np.int64)
         todo_a = np.empty(m, np.int64)
-        exp_a = np.empty(m, np.float64)
-        cdef const unsigned char[::1] rb = raw
+        cdef const unsigned char *rb = <const unsigned char *>cnp.PyArray_DATA(raw)
         cdef const int64_t[::1] ix = ix_a
         cdef const uint8_t[::1] dv = d_a
+        cdef bint all_ = ix_a is None, d1 = d_a is None
         cdef int64_t[::1] todo = todo_a
-        cdef double[::1] exp = exp_a
+        cdef double *exp = <double *>malloc(m * sizeof(double))
+        if exp == NULL:
+            raise MemoryError()
         cdef const wire_rule *r
         cdef int32_t j
         cdef ce_entry *c
         cdef double expires
         cdef uint8_t d
         cdef int installed = 0, failed = 0
-        for k in range(m):
-            x = ix[k]
-            r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
-            d = dv[x]
-            expires = now + r.lease_ms / 1000.0
-            j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
-            if j >= 0:
-                c = &self.e[j]
-                if c.owner == owner and (c.dirs & d) == d:
-                    if expires > c.expires:
-                        c.expires = expires
-                    continue
-            todo[t] = x
-            exp[t] = expires
-            t += 1
-        if t == 0:
-            return 0, 0, np.zeros(0, np.int64)
-        got_a = np.ascontiguousarray(install(recs, todo_a[:t], d_a), dtype=np.int8)
-        if len(got_a) != t:
-            raise ValueError(f"install answered {len(got_a)} records of {t}")
-        done_a = np.empty(t, np.int64)
+        try:
+            for k in range(m):
+                x = k if all_ else ix[k]
+                r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
+                d = <uint8_t>d0 if d1 else dv[x]
+                expires = now + r.lease_ms / 1000.0
+                j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+                if j >= 0:
+                    c = &self.e[j]
+                    if c.owner == owner and (c.dirs & d) == d:
+                        if expires > c.expires:
+                            c.expires = expires
+                        continue
+                todo[t] = x
+                exp[t] = expires
+                t += 1
+            if t == 0:
+                return 0, 0, np.zeros(0, np.int64)
+            got_a = np.ascontiguousarray(install(recs, todo_a[:t], dirs if d1 else d_a), dtype=np.int8)
+            if got_a.ndim != 1 or got_a.shape[0] != t:
+                raise ValueError(f"install answered {got_a.shape} for {t} records")
+            done_a = np.empty(t, np.int64)
+            return self._commit(owner, rb, todo, exp, t, got_a, done_a, d1, d0, dv, margin)
+        finally:
+            free(exp)
+
+    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t[::1] todo, const double *exp,
+                       Py_ssize_t t, got_a, done_a, bint d1, int64_t d0, const uint8_t[::1] dv, double margin):
+        """The records `todo` the builder installed (got > 0) become clones here, or add
+        their directions to the clone held: (installed, failed, their indexes)."""
         cdef const int8_t[::1] got = got_a
         cdef int64_t[::1] done = done_a
+        cdef Py_ssize_t k, x
+        cdef const wire_rule *r
+        cdef int32_t j
+        cdef ce_entry *c
+        cdef uint8_t d
+        cdef double expires
+        cdef int installed = 0, failed = 0
         for k in range(t):
             if got[k] <= 0:
                 failed += 1
@@ -317,7 +360,7 @@ cdef class CloneTable:
             done[installed] = x
             installed += 1
             r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
-            d = dv[x]
+            d = <uint8_t>d0 if d1 else dv[x]
             expires = exp[k]
             j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
             if j < 0:

@@ -164,7 +164,8 @@ class CloneTable:
             exp.append(expires)
         if not todo:
             return 0, 0, np.zeros(0, np.int64)
-        got = np.asarray(install(recs, np.array(todo, np.int64), np.array(dl, np.uint8))).tolist()
+        d_arg = dirs if np.ndim(dirs) == 0 else np.array(dl, np.uint8)
+        got = np.asarray(install(recs, np.array(todo, np.int64), d_arg)).tolist()
         if len(got) != len(todo):
             raise ValueError(f"install answered {len(got)} records of {len(todo)}")
         installed = failed = 0

@@ -149,13 +149,13 @@ def test_compiled_clone_table_equals_the_reference(seed):
                 for f, v in zip(_WIRE, sk + (int(rng.integers(1, 99)),)):
                     recs[f][x] = v
             recs["lease_ms"] = rng.integers(500, 5000, n)
-            dirs = rng.integers(1, 4, n).astype(np.uint8)
+            dirs = rng.integers(1, 4, n).astype(np.uint8) if step % 3 else int(rng.integers(1, 4))
             idx = None if op == 0 else rng.integers(0, n, int(rng.integers(0, n + 1)))
             ok = [int(x) for x in rng.integers(-1, 3, n + 1)]
             calls = []
 
             def install(r, todo, d, ok=ok, calls=calls):
-                calls.append((todo.tolist(), np.asarray(d).tolist()))
+                calls.append((todo.tolist(), np.broadcast_to(d, (n,)).tolist()))
                 return np.array(ok[:len(todo)], np.int8)
             got = [t.install(owner, recs, idx, dirs, now, 0.5, install) for t in tabs]
             assert got[0][:2] == got[1][:2] and got[0][2].tolist() == got[1][2].tolist()
