@@ -88,48 +88,75 @@ cdef inline uint8_t _u8o(const unsigned char *p, Py_ssize_t o) noexcept nogil:
     return p[o] if o >= 0 else 0
 
 
+cdef object _last_dtype = None
+cdef tuple _last_fields = None
+
+
 cdef object _view(rec_view *v, recs):
-    """Fill `v` for the record array `recs`; returns the byte array it points into (keep
-    it alive while `v` is used)."""
-    o = record_fields(recs.dtype)
-    v.o_p, v.o_i, v.o_ip, v.o_e, v.o_ep, v.o_r, v.o_rp, v.o_rid, v.o_to, v.o_ti = o
-    v.size = recs.dtype.itemsize
-    cdef cnp.ndarray raw = np.ascontiguousarray(recs)
+    """Fill `v` for the record array `recs`; returns the array it points into (keep it
+    alive while `v` is used)."""
+    global _last_dtype, _last_fields
+    cdef cnp.ndarray raw = cnp.PyArray_FROMANY(recs, cnp.NPY_NOTYPE, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS) \
+        if type(recs) is not np.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(recs) else recs
+    dt = raw.dtype
+    if dt is not _last_dtype:  # the dtype's fields, looked up once per dtype object
+        _last_fields, _last_dtype = record_fields(dt), dt
+    v.o_p, v.o_i, v.o_ip, v.o_e, v.o_ep, v.o_r, v.o_rp, v.o_rid, v.o_to, v.o_ti = _last_fields
+    v.size = dt.itemsize
     v.b = <const unsigned char *>cnp.PyArray_DATA(raw)
     return raw
 
 
 # Per-batch arguments without per-batch numpy where a scalar or None does: a selection of
-# records (None: all of them) and per-record columns given as a scalar.
-cdef object _selection(idx, Py_ssize_t n):
-    """`idx` (record indexes) as a contiguous int64 array, each checked against `n`;
-    None stays None (every record)."""
+# records (None: all of them) and per-record columns given as a scalar.  The arrays are
+# taken as they come when already of the type (numpy's C API, no copy, no memoryview).
+cdef cnp.ndarray _array(val, int typenum):
+    """`val` as a C-contiguous array of `typenum` with at most one dimension (itself when
+    it is one)."""
+    if (type(val) is np.ndarray and cnp.PyArray_TYPE(val) == typenum and cnp.PyArray_NDIM(val) <= 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(val)):
+        return val
+    return cnp.PyArray_FROMANY(val, typenum, 0, 1, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+
+
+cdef cnp.ndarray _selection(idx, Py_ssize_t n, Py_ssize_t *m):
+    """`idx` (record indexes) as a contiguous int64 array, each checked against `n`, its
+    length in *m; None stays None (every record: *m = n)."""
     if idx is None:
+        m[0] = n
         return None
-    a = np.ascontiguousarray(idx, dtype=np.int64)
-    if a.ndim != 1:
+    cdef cnp.ndarray a = _array(idx, cnp.NPY_INT64)
+    if cnp.PyArray_NDIM(a) != 1:
         a = a.reshape(-1)
-    cdef const int64_t[::1] v = a
+    cdef const int64_t *v = <const int64_t *>cnp.PyArray_DATA(a)
     cdef Py_ssize_t k
-    for k in range(v.shape[0]):
+    m[0] = a.shape[0]
+    for k in range(m[0]):
         if v[k] < 0 or v[k] >= n:
             raise IndexError(f"record index {v[k]} out of range 0..{n - 1}")
     return a
 
 
-cdef object _column(val, Py_ssize_t n, dtype, int64_t *scalar):
+cdef cnp.ndarray _column(val, Py_ssize_t n, int typenum, int64_t *scalar):
     """A per-record value: a contiguous array of `n`, or None with a scalar in *scalar."""
     if isinstance(val, int):
         scalar[0] = val
         return None
-    a = np.asarray(val)
-    if a.ndim == 0:
+    cdef cnp.ndarray a = _array(val, typenum)
+    if cnp.PyArray_NDIM(a) == 0:
         scalar[0] = int(a)
         return None
-    a = np.ascontiguousarray(a, dtype=dtype)
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"a per-record column of {a.shape} for {n} records")
+    if a.shape[0] != n:
+        raise ValueError(f"a per-record column of {a.shape[0]} for {n} records")
     return a
+
+
+cdef inline const void *_data(cnp.ndarray a) noexcept:
+    return NULL if a is None else cnp.PyArray_DATA(a)
+
+
+cdef object _EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
 
 
 def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, dirs, own, int me,
@@ -146,16 +173,14 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
     cdef rec_view v
     cdef int64_t d0 = 0, o0 = 0
     keep = _view(&v, recs)
-    ix_a = _selection(idx, n)
-    d_a = _column(dirs, n, np.uint8, &d0)
-    own_a = _column(own, n, np.int64, &o0)
-    m = n if ix_a is None else len(ix_a)
-    got_a = np.zeros(m, np.int8)
-    cdef const int64_t[::1] ix = ix_a
-    cdef const uint8_t[::1] dv = d_a
-    cdef const int64_t[::1] ov = own_a
-    cdef bint all_ = ix_a is None, d1 = d_a is None, o1 = own_a is None
-    cdef int8_t[::1] got = got_a
+    cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+    cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
+    cdef cnp.ndarray own_a = _column(own, n, cnp.NPY_INT64, &o0)
+    cdef cnp.ndarray got_a = np.zeros(m, np.int8)
+    cdef const int64_t *ix = <const int64_t *>_data(ix_a)
+    cdef const uint8_t *dv = <const uint8_t *>_data(d_a)
+    cdef const int64_t *ov = <const int64_t *>_data(own_a)
+    cdef int8_t *got = <int8_t *>cnp.PyArray_DATA(got_a)
     cdef uint32_t tick = <uint32_t>(int(now) & 0xFFFFFFFF)
     cdef uint16_t l16 = <uint16_t>(int(lease) & 0xFFFF)
     cdef const unsigned char *b
@@ -169,15 +194,15 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
     inn._mutating()
     with nogil:
         for k in range(m):
-            x = k if all_ else ix[k]
+            x = k if ix == NULL else ix[k]
             b = v.b + x * v.size
             p = b[v.o_p]
-            if (p != P_TCP and p != P_UDP and p != P_ICMP) or (o0 if o1 else ov[x]) == me:
+            if (p != P_TCP and p != P_UDP and p != P_ICMP) or (o0 if ov == NULL else ov[x]) == me:
                 bad += 1
                 continue
             i, ip, e, ep = _u32(b + v.o_i), _u16(b + v.o_ip), _u32(b + v.o_e), _u16(b + v.o_ep)
             r, rp, rid = _u32(b + v.o_r), _u16(b + v.o_rp), _u32(b + v.o_rid)
-            d = <uint8_t>d0 if d1 else dv[x]
+            d = <uint8_t>d0 if dv == NULL else dv[x]
             g = 0
             if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
                 to = _u8o(b, v.o_to)
@@ -289,35 +314,33 @@ cdef class CloneTable:
         adds its directions to the one held).  Returns (installed, failed, done): `done`
         the indexes of the records installed (int64, in order)."""
         cdef Py_ssize_t n = len(recs), m, k, t = 0, x
-        if n and recs.dtype.itemsize != sizeof(wire_rule):
+        cdef rec_view v
+        keep = _view(&v, recs)
+        if n and v.size != sizeof(wire_rule):
             raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
         cdef int64_t d0 = 0
-        cdef cnp.ndarray raw = np.ascontiguousarray(recs)
-        ix_a = _selection(idx, n)
-        d_a = _column(dirs, n, np.uint8, &d0)
-        m = n if ix_a is None else len(ix_a)
+        cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+        cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
         if m == 0:
-            return 0, 0, np.zeros(0, np.int64)
-        todo_a = np.empty(m, np.int64)
-        cdef const unsigned char *rb = <const unsigned char *>cnp.PyArray_DATA(raw)
-        cdef const int64_t[::1] ix = ix_a
-        cdef const uint8_t[::1] dv = d_a
-        cdef bint all_ = ix_a is None, d1 = d_a is None
-        cdef int64_t[::1] todo = todo_a
-        cdef double *exp = <double *>malloc(m * sizeof(double))
-        if exp == NULL:
+            return 0, 0, _EMPTY
+        cdef const unsigned char *rb = v.b
+        cdef const int64_t *ix = <const int64_t *>_data(ix_a)
+        cdef const uint8_t *dv = <const uint8_t *>_data(d_a)
+        cdef int64_t *todo = <int64_t *>malloc(m * (sizeof(int64_t) + sizeof(double)))
+        if todo == NULL:
             raise MemoryError()
+        cdef double *exp = <double *>(todo + m)
         cdef const wire_rule *r
         cdef int32_t j
         cdef ce_entry *c
         cdef double expires
         cdef uint8_t d
-        cdef int installed = 0, failed = 0
+        cdef cnp.ndarray todo_a
         try:
             for k in range(m):
-                x = k if all_ else ix[k]
+                x = k if ix == NULL else ix[k]
                 r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
-                d = <uint8_t>d0 if d1 else dv[x]
+                d = <uint8_t>d0 if dv == NULL else dv[x]
                 expires = now + r.lease_ms / 1000.0
                 j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
                 if j >= 0:
@@ -330,21 +353,22 @@ cdef class CloneTable:
                 exp[t] = expires
                 t += 1
             if t == 0:
-                return 0, 0, np.zeros(0, np.int64)
-            got_a = np.ascontiguousarray(install(recs, todo_a[:t], dirs if d1 else d_a), dtype=np.int8)
-            if got_a.ndim != 1 or got_a.shape[0] != t:
-                raise ValueError(f"install answered {got_a.shape} for {t} records")
-            done_a = np.empty(t, np.int64)
-            return self._commit(owner, rb, todo, exp, t, got_a, done_a, d1, d0, dv, margin)
+                return 0, 0, _EMPTY
+            todo_a = np.empty(t, np.int64)
+            memcpy(cnp.PyArray_DATA(todo_a), todo, t * sizeof(int64_t))
+            got_a = _array(install(keep, todo_a, dirs if dv == NULL else d_a), cnp.NPY_INT8)
+            if cnp.PyArray_NDIM(got_a) != 1 or got_a.shape[0] != t:
+                raise ValueError(f"install answered {got_a.size} entries for {t} records")
+            return self._commit(owner, rb, todo, exp, t, <const int8_t *>cnp.PyArray_DATA(got_a), d0, dv, margin)
         finally:
-            free(exp)
+            free(todo)
 
-    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t[::1] todo, const double *exp,
-                       Py_ssize_t t, got_a, done_a, bint d1, int64_t d0, const uint8_t[::1] dv, double margin):
+    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t *todo, const double *exp,
+                       Py_ssize_t t, const int8_t *got, int64_t d0, const uint8_t *dv, double margin):
         """The records `todo` the builder installed (got > 0) become clones here, or add
         their directions to the clone held: (installed, failed, their indexes)."""
-        cdef const int8_t[::1] got = got_a
-        cdef int64_t[::1] done = done_a
+        cdef cnp.ndarray done_a = np.empty(t, np.int64)
+        cdef int64_t *done = <int64_t *>cnp.PyArray_DATA(done_a)
         cdef Py_ssize_t k, x
         cdef const wire_rule *r
         cdef int32_t j
@@ -360,7 +384,7 @@ cdef class CloneTable:
             done[installed] = x
             installed += 1
             r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
-            d = <uint8_t>d0 if d1 else dv[x]
+            d = <uint8_t>d0 if dv == NULL else dv[x]
             expires = exp[k]
             j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
             if j < 0:
@@ -377,7 +401,7 @@ cdef class CloneTable:
                 c.dirs |= d
                 if expires > c.expires:
                     c.expires = expires
-        return installed, failed, done_a[:installed]
+        return installed, failed, done_a[:installed] if installed < t else done_a
 
     def due_now(self, double now, double margin, Py_ssize_t limit=-1):
         """Clones whose lease (less `margin`) ran out by `now`, exactly on time: their

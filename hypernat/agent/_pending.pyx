@@ -522,7 +522,11 @@ cdef class PendingTable:
         cdef cnp.ndarray keep = _contiguous(recs)
         cdef const unsigned char *raw = <const unsigned char *>cnp.PyArray_DATA(keep)
         cdef Py_ssize_t nrec = len(recs), k
-        cdef const int64_t[::1] own = np.ascontiguousarray(owners, dtype=np.int64)
+        cdef cnp.ndarray own_a = cnp.PyArray_FROMANY(owners, cnp.NPY_INT64, 0, 1,
+                                                     cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        if cnp.PyArray_SIZE(own_a) < nrec:
+            raise ValueError(f"{cnp.PyArray_SIZE(own_a)} owners for {nrec} records")
+        cdef const int64_t *own = <const int64_t *>cnp.PyArray_DATA(own_a)
         cdef int nlim = len(lat_limits), j
         cdef double[16] lim
         if nlim > 16:
@@ -530,12 +534,12 @@ cdef class PendingTable:
         for j in range(nlim):
             lim[j] = lat_limits[j]
         cdef list rout = [], rin = [], bad_owner = []
-        acc_a = np.empty(nrec, np.int64)
-        dirs_a = np.zeros(nrec, np.uint8)
-        lats_a = np.empty(nrec, np.float64)
-        cdef int64_t[::1] acc = acc_a
-        cdef uint8_t[::1] dirs = dirs_a
-        cdef double[::1] lats = lats_a
+        cdef cnp.ndarray acc_a = np.empty(nrec, np.int64)
+        cdef cnp.ndarray dirs_a = np.zeros(nrec, np.uint8)
+        cdef cnp.ndarray lats_a = np.empty(nrec, np.float64)
+        cdef int64_t *acc = <int64_t *>cnp.PyArray_DATA(acc_a)
+        cdef uint8_t *dirs = <uint8_t *>cnp.PyArray_DATA(dirs_a)
+        cdef double *lats = <double *>cnp.PyArray_DATA(lats_a)
         cdef Py_ssize_t na = 0
         cdef list counts = [0] * (nlim + 1)
         cdef int64_t[17] cnt
@@ -589,7 +593,8 @@ cdef class PendingTable:
             cnt[j] += 1
         for j in range(nlim + 1):
             counts[j] = cnt[j]
-        return acc_a[:na], dirs_a, rout, rin, lats_a[:na], counts, dup, wrong, bad, bad_owner
+        return (acc_a if na == nrec else acc_a[:na]), dirs_a, rout, rin, (lats_a if na == nrec else lats_a[:na]), \
+            counts, dup, wrong, bad, bad_owner
 
     def answer_nacks(self, int source, recs, double now):
         """``pending_py.PendingTable.answer_nacks``: the records read in place."""
