@@ -31,7 +31,8 @@ def _records(rows, layout_):
 
 
 def _rows(rng, n):
-    return [(int(rng.choice([6, 17, 1, 6, 17, 47])), 0x0A000000 + int(rng.integers(0, 8)), int(rng.integers(1000, 1010)),
+    return [(int(rng.choice([6, 17, 1, 6, 17, 47])), 0x0A000000 + int(rng.integers(0, 8)),
+             int(rng.integers(1000, 1010)),
              0xC6120001, int(rng.integers(1024, 1040)), 0xCB007100 + int(rng.integers(0, 4)),
              int(rng.integers(50, 54)), int(rng.integers(1, 1 << 32)), int(rng.integers(0, 256)),
              int(rng.integers(0, 256))) for _ in range(n)]

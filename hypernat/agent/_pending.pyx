@@ -723,6 +723,44 @@ cdef class PendingTable:
         if b >= 0:
             self.neg.remove(b)
 
+    def neg_discard_rules(self, recs, idx, dirs):
+        """``pending_py.PendingTable.neg_discard_rules``: the records read in place."""
+        if self.neg.n == 0 or len(idx) == 0:
+            return
+        cdef cnp.ndarray keep = _contiguous(recs)
+        if keep.dtype.itemsize != sizeof(wire_rule):
+            raise TypeError(f"RULE records expected, not {recs.dtype}")
+        cdef const unsigned char *raw = <const unsigned char *>cnp.PyArray_DATA(keep)
+        cdef Py_ssize_t n = len(recs), k, x
+        cdef cnp.ndarray ix_a = cnp.PyArray_FROMANY(idx, cnp.NPY_INT64, 1, 1,
+                                                    cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        cdef cnp.ndarray d_a = cnp.PyArray_FROMANY(dirs, cnp.NPY_UINT8, 0, 1,
+                                                   cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ix_a)
+        cdef const uint8_t *dv = <const uint8_t *>cnp.PyArray_DATA(d_a)
+        cdef bint one = cnp.PyArray_NDIM(d_a) == 0
+        if not one and d_a.shape[0] != n:
+            raise ValueError(f"{d_a.shape[0]} dirs for {n} records")
+        cdef const wire_rule *r
+        cdef uint8_t d
+        cdef int32_t b
+        for k in range(ix_a.shape[0]):
+            x = ix[k]
+            if x < 0 or x >= n:
+                raise IndexError(f"record index {x} out of range 0..{n - 1}")
+            r = <const wire_rule *>&raw[x * sizeof(wire_rule)]
+            d = dv[0] if one else dv[x]
+            if d & BIT_OUT:  # rules.out_key: an ICMP query keys on the identifier
+                b = self.neg.find(D_OUT, r.proto, r.int_addr, r.int_port, r.rem_addr,
+                                  r.int_port if r.proto == P_ICMP else r.rem_port)
+                if b >= 0:
+                    self.neg.remove(b)
+            if d & BIT_IN:  # rules.in_key
+                b = self.neg.find(D_IN, r.proto, r.rem_addr, r.ext_port if r.proto == P_ICMP else r.rem_port,
+                                  r.ext_addr, r.ext_port)
+                if b >= 0:
+                    self.neg.remove(b)
+
     def neg_len(self):
         return self.neg.n
 

@@ -1065,13 +1065,8 @@ class RuleAgent:
             return rules.install_clones(r, tick, d, 0, todo, owners)
 
         installed, failed, done = self.clones.install(owner, recs, idx, dirs, now, self.p.lease_margin_s, install)
-        if installed and pending.neg_len() > 0:  # an answer ends a negative entry for its keys
-            dl = np.broadcast_to(np.asarray(dirs, np.uint8), (len(recs),))
-            for x in done.tolist():
-                sk = skey(recs[x])
-                for d in (OUT, IN):
-                    if dl[x] & DIR_BIT[d]:
-                        pending.neg_discard((d, session_key(sk, d)))
+        if installed:  # an answer ends a negative entry for its keys
+            pending.neg_discard_rules(recs, done, dirs)
         if installed and self.on_installed is not None:
             self.on_installed(recs, done, dirs)
         if failed:

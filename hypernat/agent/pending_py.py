@@ -354,6 +354,23 @@ class PendingTable:
     def neg_discard(self, pk) -> None:
         self._neg.pop(pk, None)
 
+    def neg_discard_rules(self, recs, idx, dirs) -> None:
+        """Drop the negative-cache entries of the keys the RULE records `recs` selected by
+        `idx` answer: per record its `dirs` (DIR_BIT_*, scalar or per record), the out key
+        and / or the in key of the session (an answer ends a refusal)."""
+        if not self._neg or not len(idx):
+            return
+        dl = np.broadcast_to(np.asarray(dirs, np.uint8), (len(recs),)).tolist()
+        for x in np.asarray(idx, np.int64).reshape(-1).tolist():
+            r = recs[x]
+            p, ia, ip = int(r["proto"]), int(r["int_addr"]), int(r["int_port"])
+            ea, ep, ra, rp = int(r["ext_addr"]), int(r["ext_port"]), int(r["rem_addr"]), int(r["rem_port"])
+            icmp = p == PROTO_ICMP
+            if dl[x] & DIR_BIT_OUT:
+                self._neg.pop((0, (p, ia, ip, ra, ip if icmp else rp)), None)
+            if dl[x] & DIR_BIT_IN:
+                self._neg.pop((IN, (p, ra, ep if icmp else rp, ea, ep)), None)
+
     def neg_len(self) -> int:
         return len(self._neg)
 
