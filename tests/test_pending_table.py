@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hypernat import messages as M
 from hypernat.agent import pending_py
+from hypernat.rules import SESSION_DTYPE
 
 _pending = pytest.importorskip("hypernat.agent._pending")
 
@@ -221,11 +222,25 @@ _leases = pytest.importorskip("hypernat.agent._leases")
 sks = st.tuples(st.sampled_from([6, 1]), st.just(0x0A000001), st.integers(1, 2), st.just(0xC6120001),
                 st.integers(1, 3), st.just(0xC0000201), st.integers(1, 2))
 lease_op = st.one_of(
-    st.tuples(st.just("grant"), st.lists(sks, max_size=6), st.integers(1, 3)),
+    st.tuples(st.just("grant"), st.lists(sks, max_size=6), st.integers(1, 3),
+              st.sampled_from(["session", "activity", "rule"]), st.booleans()),
     st.tuples(st.just("end"), sks, st.integers(1, 3)),
     st.tuples(st.just("due"), st.floats(0.0, 1.0), st.integers(0, 4)),
     st.tuples(st.just("held"), st.lists(sks, max_size=5), st.integers(1, 3)),
 )
+
+
+def _session_records(sks_, layout_):
+    """Session identities as records of one layout naming sessions (the grant's input)."""
+    if layout_ == "session":
+        recs, names = np.zeros(len(sks_), SESSION_DTYPE), ("proto", "iaddr", "iport", "eaddr", "eport", "raddr",
+                                                          "rport")
+    else:
+        recs = M.records(M.T_ACTIVITY if layout_ == "activity" else M.T_RULE, len(sks_))
+        names = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+    for f, col in zip(names, zip(*sks_)):
+        recs[f] = col
+    return recs
 
 
 def _lease_state(t):
@@ -244,7 +259,10 @@ def test_compiled_lease_table_answers_as_the_dict_model(ops):
     now = 0.0
     for o in ops:
         if o[0] == "grant":  # a lease ends a lease time after its grant or renewal, as in the agent
-            assert c.grant(o[1], o[2], now + 1.5) == m.grant(o[1], o[2], now + 1.5)
+            recs, idx = _session_records(o[1], o[3]), None
+            if o[4]:  # a selection: every other record, the first one twice
+                idx = np.array([k for k in range(len(o[1])) if k % 2 == 0] + [0] * bool(o[1]), np.int64)
+            assert c.grant(recs, idx, o[2], now + 1.5) == m.grant(recs, idx, o[2], now + 1.5)
         elif o[0] == "end":
             assert c.end(o[1], o[2]) == m.end(o[1], o[2])
         elif o[0] == "due":  # slices until nothing is due: equal ends may come up in another order

@@ -5,7 +5,7 @@ One ``le_entry`` per lease, a (session, holder) pair (``_leases.pxd``): no Pytho
 per lease.  Leases are found by session (proto, R, Rp, E, Ep), a chain of the leases
 sharing that key (the internal endpoint and the holder tell them apart), and by
 external endpoint, through the entry store shared with the clone table
-(``_entries.pxd``), and by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions,
+(``_entries.pxd``), and by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions (records read in place),
 ``held`` the records of one ACTIVITY message (read in place, ``_wire.pxd``), ``due`` a
 slice of the timers.  ``leases_py`` is the plain-Python reference with the same
 interface; ``tests/test_pending_table.py`` checks them against each other.
@@ -16,6 +16,9 @@ from .._entries cimport (en_add, en_chain, en_find, en_full, en_head, en_init, e
                          en_reindex, en_release, en_unlink)
 from .._heap cimport heap_free, heap_init, heap_pop, heap_push
 from .._wire cimport wire_activity
+from .._clones cimport rec_selection, rec_u16, rec_u32, rec_view, rec_view_of
+
+cimport numpy as cnp
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from .._fastpath import FlowTable as _FlowTable
 from .. import messages as _M
 
 assert _M.ACTIVITY_DTYPE.itemsize == sizeof(wire_activity)
+cnp.import_array()
 
 
 cdef inline tuple _sk(const le_entry *c):
@@ -109,16 +113,24 @@ cdef class LeaseTable:
         return out
 
     # -- per batch -------------------------------------------------------------------------------
-    def grant(self, sks, int holder, double until):
-        """``leases_py.LeaseTable.grant``."""
+    def grant(self, recs, idx, int holder, double until):
+        """``leases_py.LeaseTable.grant``: the records read in place."""
+        cdef Py_ssize_t n = len(recs), m, k
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        ix_a = rec_selection(idx, n, &m)
+        cdef const int64_t *ix = NULL if ix_a is None else <const int64_t *>cnp.PyArray_DATA(ix_a)
         cdef list new = []
+        cdef const unsigned char *b
         cdef uint8_t p
         cdef uint32_t i, e, r
         cdef uint16_t ip, ep, rp
         cdef int32_t x
         cdef bint fresh
-        for sk in sks:
-            p, i, ip, e, ep, r, rp = sk
+        for k in range(m):
+            b = v.b + (k if ix == NULL else ix[k]) * v.size
+            p, i, ip, e = b[v.o_p], rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e)
+            ep, r, rp = rec_u16(b + v.o_ep), rec_u32(b + v.o_r), rec_u16(b + v.o_rp)
             x = self.find(p, i, ip, e, ep, r, rp, holder)
             if x >= 0:  # a renewal: the end moves, its timer finds out when due
                 self.e[x].until = until

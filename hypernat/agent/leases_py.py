@@ -32,10 +32,15 @@ class LeaseTable:
         self.n_leases = 0
         self.walks = 0
 
-    def grant(self, sks, holder: int, until: float) -> list:
-        """A lease for `holder` on each session of `sks`, ending at `until` (a lease held
-        already: its end moves).  Returns the (proto, E, Ep) of each new lease (the
-        endpoints to hold), in order."""
+    def grant(self, recs, idx, holder: int, until: float) -> list:
+        """A lease for `holder` on the session of each record of `recs` (any layout that
+        names a session: SESSION_DTYPE, RULE, ACTIVITY) selected by `idx` (record
+        indexes; None: all), ending at `until` (a lease held already: its end moves).
+        Returns the (proto, E, Ep) of each new lease (the endpoints to hold), in order."""
+        from ..clones_py import _selection, _sessions
+
+        every = _sessions(recs)
+        sks = [every[x] for x in _selection(idx, len(recs))]
         new = []
         for sk in sks:
             sk = tuple(sk)
