@@ -205,24 +205,6 @@ from ._fastpath import FlowTable as _FlowTable
 from ._heap cimport heap_free, heap_init, heap_pop, heap_push
 
 
-# SESSION_DTYPE (nat/records.py) as a C struct: remove_records writes its answer in place
-cdef packed struct sess_rec:
-    uint32_t iaddr
-    uint32_t eaddr
-    uint32_t raddr
-    uint16_t iport
-    uint16_t eport
-    uint16_t rport
-    uint8_t proto
-    uint8_t dirs
-    uint32_t rule_id
-    uint32_t last_seen
-    uint8_t tcp_out
-    uint8_t tcp_in
-    uint8_t owner
-    uint8_t flags
-
-
 from .nat.records import SESSION_DTYPE as _SESSION
 assert _SESSION.itemsize == sizeof(sess_rec) and _SESSION.fields["rule_id"][1] == 16 \
     and _SESSION.fields["owner"][1] == 30

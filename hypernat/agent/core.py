@@ -108,12 +108,12 @@ try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with t
     from .._clones import CloneTable
     from .._serve import serve_fetches
     from .._switchhash import predict_nics
-    from ._leases import LeaseTable
+    from ._leases import LeaseTable, activity_sessions, lease_records
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable, serve_fetches
     from ..switchhash import predict_nics
-    from .leases_py import LeaseTable
+    from .leases_py import LeaseTable, activity_sessions, lease_records
     from .pending_py import PendingTable
 
 log = logging.getLogger("hypernat.agent")
@@ -838,39 +838,25 @@ class RuleAgent:
         ack = M.records(M.T_ACTIVITY_ACK, len(recs))
         ack["seq"] = recs["seq"]
         self._emit(source, M.T_ACTIVITY_ACK, ack)
-        sess = np.zeros(len(recs), SESSION_DTYPE)
-        for f_w, f_s in (("int_addr", "iaddr"), ("ext_addr", "eaddr"), ("rem_addr", "raddr"),
-                         ("int_port", "iport"), ("ext_port", "eport"), ("rem_port", "rport"),
-                         ("proto", "proto"), ("rule_id", "rule_id")):
-            sess[f_s] = recs[f_w]
-        idle = (recs["idle_ms"] // 1000).astype(np.int64)
-        sess["last_seen"] = np.clip(tick - idle, 0, 0xFFFFFFFF)
-        sess["dirs"] = DIR_BIT_OUT | DIR_BIT_IN  # activity either way keeps both entries alive
-        # ... but TCP flags only in the direction that saw them: a SYN seen one way only
-        # must leave the session half-open (transitory timeout), not established
-        sess["tcp_out"], sess["tcp_in"] = M.activity_tcp_dirs(recs)
-        sess["owner"] = self.nic_id
+        # the sessions as the builder merges them: both directions kept alive, the TCP
+        # flags per direction (a SYN seen one way only leaves the session half-open)
+        sess = activity_sessions(recs, tick, self.nic_id)
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
         recovered = np.asarray(self.rules.recover_sessions(sess, tick), bool)
         # only a holder's report counts: activity from a NIC holding no lease on the
         # session (a wrong NIC, or a lease that ran out or was revoked here) is
         # acknowledged but neither merged nor renewed (let the session expire)
-        known = np.flatnonzero(np.asarray(self.leases.held(recs, source), bool) | recovered)
+        known = np.flatnonzero(self.leases.held(recs, source) | recovered)
         unknown = len(recs) - len(known)
         if unknown:
             self.count("activity_unknown", unknown)
         if not len(known):
             return
         self.rules.merge_activity(sess if not unknown else sess[known], tick)
-        r = recs if not unknown else recs[known]
-        self._grant_many(recs, source, now, idx=known if unknown else None)
-        out = M.records(M.T_LEASE, len(r))
-        for f in ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "proto", "rule_id"):
-            out[f] = r[f]
-        out["owner"] = self.nic_id
-        out["lease_ms"] = int(self.p.lease_s * 1000)
-        self._emit(source, M.T_LEASE, out)
+        sel = known if unknown else None
+        self._grant_many(recs, source, now, idx=sel)
+        self._emit(source, M.T_LEASE, lease_records(recs, sel, self.nic_id, int(self.p.lease_s * 1000)))
 
     _HANDLERS = {
         M.T_RULE: _on_rule,
