@@ -744,7 +744,10 @@ class RuleAgent:
         keeps until answered: matched on the seq, the NIC it was sent to and its type."""
         unacked = self._unacked
         stale = wrong = bad = 0
-        for seq in recs["seq"].tolist():
+        seqs = recs["seq"].tolist()
+        if mtype == M.T_ACTIVITY:  # one record per record reported: only the seqs in flight are looked at
+            seqs = unacked.keys() & seqs if unacked else ()
+        for seq in seqs:
             u = unacked.get(seq)
             if u is None:
                 # an ACTIVITY_ACK answers every record of a report; only a restart report
@@ -1353,8 +1356,8 @@ class RuleAgent:
         rec, groups = self.clones.activity(act, self.tick_clock())
         for owner, first, k in groups:
             part = rec[first:first + k]
-            seq0 = self._seq
-            part["seq"] = (np.arange(seq0, seq0 + k, dtype=np.int64) - 1) % 0xFFFFFFFF + 1  # _next_seq k times
+            seq0 = self._seq  # _next_seq k times
+            part["seq"] = np.arange(seq0, seq0 + k) if seq0 + k <= 0x100000000 else _seq_run(seq0, k)
             self._seq = (seq0 + k - 1) % 0xFFFFFFFF + 1
             self._emit(owner, M.T_ACTIVITY, part)
         self.count("activity_reported", len(rec))
