@@ -391,8 +391,9 @@ class _Tables:
     def remove_clone(self, recs):
         return 1
 
-    def hold_many(self, eps):
-        for ep in eps:
+    def hold_many(self, ekeys):
+        for k in ekeys.tolist():  # proto << 48 | eaddr << 16 | eport
+            ep = (k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
             self.holds[ep] = self.holds.get(ep, 0) + 1
 
     def release_hold(self, p, e, ep):

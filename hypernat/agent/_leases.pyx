@@ -121,7 +121,9 @@ cdef class LeaseTable:
         keep = rec_view_of(&v, recs)
         ix_a = rec_selection(idx, n, &m)
         cdef const int64_t *ix = NULL if ix_a is None else <const int64_t *>cnp.PyArray_DATA(ix_a)
-        cdef list new = []
+        new_a = np.empty(m, np.uint64)
+        cdef uint64_t *new = <uint64_t *>cnp.PyArray_DATA(new_a)
+        cdef Py_ssize_t q = 0
         cdef const unsigned char *b
         cdef uint8_t p
         cdef uint32_t i, e, r
@@ -142,8 +144,9 @@ cdef class LeaseTable:
             heap_push(&self.h, until, x)
             if fresh:
                 self.nsess += 1
-            new.append((p, e, ep))
-        return new
+            new[q] = <uint64_t>p << 48 | <uint64_t>e << 16 | ep
+            q += 1
+        return new_a[:q]
 
     def end(self, sk, int holder):
         """``leases_py.LeaseTable.end``."""

@@ -1110,14 +1110,14 @@ class RuleAgent:
             sessions = _session_array(sessions)
         if until is None:
             until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
-        new = self.leases.grant(sessions, idx, holder, until)  # (proto, E, Ep) of each new lease
-        if new:
+        new = self.leases.grant(sessions, idx, holder, until)  # endpoint keys of the new leases
+        if len(new):
             hold_many = getattr(self.rules, "hold_many", None)
             if hold_many is not None:
                 hold_many(new)
             else:  # a builder with the one-at-a-time interface
-                for p, e, ep in new:
-                    self.rules.hold(p, e, ep)
+                for ekey in new.tolist():
+                    self.rules.hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
         if self.leases.end(sk, holder):

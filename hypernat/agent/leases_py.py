@@ -18,6 +18,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+import numpy as np
+
 _ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
 
 
@@ -36,7 +38,8 @@ class LeaseTable:
         """A lease for `holder` on the session of each record of `recs` (any layout that
         names a session: SESSION_DTYPE, RULE, ACTIVITY) selected by `idx` (record
         indexes; None: all), ending at `until` (a lease held already: its end moves).
-        Returns the (proto, E, Ep) of each new lease (the endpoints to hold), in order."""
+        Returns the external endpoint of each new lease (the endpoints to hold), in order,
+        as the block pool keys them: proto << 48 | E << 16 | Ep (uint64 array)."""
         from ..clones_py import _selection, _sessions
 
         every = _sessions(recs)
@@ -54,9 +57,9 @@ class LeaseTable:
             else:
                 hs[holder] = until
             heapq.heappush(self._ends, (until, next(self._n), sk, holder))
-            new.append((sk[0], sk[3], sk[4]))
+            new.append(sk[0] << 48 | sk[3] << 16 | sk[4])
         self.n_leases += len(new)
-        return new
+        return np.array(new, np.uint64)
 
     def end(self, sk, holder: int) -> bool:
         """End `holder`'s lease on `sk` (True: it ran; release its endpoint)."""
