@@ -13,6 +13,11 @@ owner    ``RuleAgent.on_message(ACTIVITY)`` of REPORTED records at an owner that
          SMALL / BIG leases (lease renewal + LEASE answer): ``ms``, ``ratio``.
 query    ``NicWorker._rule_info`` of one external endpoint at a NIC holding SMALL / BIG
          clones and leases: ``us``, ``ratio``.
+round    one whole activity round over HELD clones, reported in slices of SLICE entries
+         as the loop does (``activity_entries``): the holder's ``report_activity``, the
+         owner's ACTIVITY handling (merge, lease grant, ACTIVITY_ACK + LEASE), the holder's
+         LEASE and ACTIVITY_ACK handling -- ``us_per_clone`` per side (``round`` only
+         from the command line: ``bench_activity.py round [held] [slice]``).
 expiry   one loop turn's ``RuleAgent.tick`` in which one clone's lease runs out (and one
          lease granted ends), at a NIC holding SMALL / BIG clones and leases whose
          ends are still far: ``us``, ``ratio``.
@@ -93,25 +98,25 @@ class _Rules:
     drain_removed = drain_created
 
 
-def _agent(nic: int):
+def _agent(nic: int, send=None):
     sent = []
-    ag = RuleAgent(nic, 2, _Rules(), lambda t, m, r: sent.append(len(r)), lambda a, p: 1 - nic,
+    ag = RuleAgent(nic, 2, _Rules(), send or (lambda t, m, r: sent.append(len(r))), lambda a, p: 1 - nic,
                    lambda d, f: None, AgentParams(lease_s=30.0), clock=lambda: 0.0, tick_clock=lambda: 1000)
     return ag, sent
 
 
-def holder(n: int):
+def holder(n: int, send=None):
     """An agent (NIC 1) holding n clones of NIC 0's sessions, installed as RULE answers are."""
-    ag, _ = _agent(1)
+    ag, _ = _agent(1, send)
     for lo in range(0, n, 4096):
         ks = range(lo, min(n, lo + 4096))
         ag._install_many(0, _rules([_sk(k) for k in ks], [k + 1 for k in ks], 30000), None, DIR_BIT_IN, 0.0)
     return ag
 
 
-def owner(n: int):
+def owner(n: int, send=None):
     """An agent (NIC 0) that granted n leases to NIC 1."""
-    ag, _ = _agent(0)
+    ag, _ = _agent(0, send)
     for lo in range(0, n, 4096):
         ag._grant_many([_sk(k) for k in range(lo, min(n, lo + 4096))], 1, 0.0)
     return ag
@@ -210,6 +215,34 @@ def measure_expiry(n: int) -> float:
     return min(times)
 
 
+def measure_round(n: int, k: int) -> dict:
+    """One activity round over n clones (NIC 1 holds n clones of NIC 0's sessions, NIC 0
+    granted NIC 1 their leases), reported k entries at a time: seconds per clone spent
+    by the holder (report, LEASE, ACTIVITY_ACK) and by the owner (ACTIVITY)."""
+    box = {0: [], 1: []}
+    h = holder(n, lambda t, m, r: box[t].append((1, m, r)))
+    o = owner(n, lambda t, m, r: box[t].append((0, m, r)))
+    act = entries(n, n)
+    spent = {"holder": 0.0, "owner": 0.0}
+    clock = time.perf_counter
+    for i in range(0, n, k):
+        t0 = clock()
+        h.report_activity(1.0, act[i:i + k])
+        t1 = clock()
+        for src, m, r in box[0]:
+            o.on_message(src, m, r, 1.0)
+        box[0].clear()
+        t2 = clock()
+        for src, m, r in box[1]:
+            h.on_message(src, m, r, 1.0)
+        box[1].clear()
+        t3 = clock()
+        spent["holder"] += (t1 - t0) + (t3 - t2)
+        spent["owner"] += t2 - t1
+    assert o.counters["activity_unknown"] == 0 and h.counters["leases_renewed"] == n, (o.counters, h.counters)
+    return {side: t / n for side, t in spent.items()}
+
+
 def _compare(benchmark, fn, args, unit=1e3, name="ms"):
     small, big, k = _sizes(bool(benchmark.disabled))
     res = {}
@@ -248,6 +281,16 @@ def test_lease_expiry_turn_cost_follows_what_expires(benchmark):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["round"]:
+        held = int(sys.argv[2]) if len(sys.argv) > 2 else 100000
+        k = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+        best = None
+        for _ in range(3):
+            got = measure_round(held, k)
+            best = got if best is None or sum(got.values()) < sum(best.values()) else best
+        print(f"round over {held} clones, {k} per report: holder {best['holder'] * 1e6:.3f} us/clone, "
+              f"owner {best['owner'] * 1e6:.3f} us/clone, both {sum(best.values()) * 1e6:.3f} us/clone")
+        sys.exit(0)
     big = int(sys.argv[1]) if len(sys.argv) > 1 else BIG
     small = int(sys.argv[2]) if len(sys.argv) > 2 else SMALL
     k = int(sys.argv[3]) if len(sys.argv) > 3 else REPORTED

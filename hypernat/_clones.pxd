@@ -4,6 +4,7 @@ by session identity and by external endpoint (the entry store, ``_entries.pxd``)
 owner in linked lists, and ordered by lease end in a binary heap."""
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 from ._fastpath cimport FlowTable
 from ._entries cimport en_head, en_store
@@ -18,6 +19,48 @@ ctypedef struct ce_entry:
     double due              # the time this clone is queued under in the heap
     int32_t own_prev        # clones of one owner
     int32_t own_next
+    uint32_t mark           # == CloneTable.gen: already an output record of this batch ...
+    int32_t out_at          # ... at this index (activity: both directions into one record)
+
+
+# Records read in place: byte offsets of the fields a clone needs, from the array's dtype
+# (clones_py.record_fields: SESSION_DTYPE's names or the wire layouts').
+ctypedef struct rec_view:
+    const unsigned char *b
+    Py_ssize_t size
+    Py_ssize_t o_p, o_i, o_ip, o_e, o_ep, o_r, o_rp, o_rid, o_to, o_ti   # -1: absent (0)
+
+# SESSION_DTYPE (nat/records.py) as a C struct (checked against it at import)
+cdef packed struct sess_rec:
+    uint32_t iaddr
+    uint32_t eaddr
+    uint32_t raddr
+    uint16_t iport
+    uint16_t eport
+    uint16_t rport
+    uint8_t proto
+    uint8_t dirs
+    uint32_t rule_id
+    uint32_t last_seen
+    uint8_t tcp_out
+    uint8_t tcp_in
+    uint8_t owner
+    uint8_t flags
+
+cdef object rec_view_of(rec_view *v, recs)
+cdef object rec_selection(idx, Py_ssize_t n, Py_ssize_t *m)
+
+
+cdef inline uint32_t rec_u32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint16_t rec_u16(const unsigned char *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
 
 
 cdef class CloneTable:
@@ -29,6 +72,7 @@ cdef class CloneTable:
     cdef int32_t own_count[256]
     cdef hn_heap h          # (due, index) of every clone (_heap.pxd)
     cdef public uint64_t walks   # whole-table walks (items / keys / values): tests assert 0 on the loop
+    cdef uint32_t gen            # batch generation (ce_entry.mark)
 
     cdef int32_t find(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
                       uint32_t r, uint16_t rp) noexcept
@@ -36,5 +80,8 @@ cdef class CloneTable:
                      uint32_t r, uint16_t rp) except -2
     cdef void unlink(self, int32_t x) noexcept
     cdef void _set_owner(self, int32_t x, int owner) noexcept
+    cdef int32_t of_entry(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
+                          uint32_t r, uint16_t rp, uint8_t d) noexcept
+    cdef uint32_t next_gen(self) noexcept
     cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t *todo, const double *exp,
                        Py_ssize_t t, const int8_t *got, int64_t d0, const uint8_t *dv, double margin)

@@ -14,7 +14,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from ._fastpath cimport FlowTable, hn_slot
-from ._wire cimport wire_rule
+from ._wire cimport wire_activity, wire_rule
 
 cimport numpy as cnp
 import numpy as np
@@ -64,26 +64,6 @@ cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept nogil:
         full[0] += 1
 
 
-# Records read in place: byte offsets of the fields a clone needs, from the array's dtype
-# (clones_py.record_fields: SESSION_DTYPE's names or the wire RULE layout's).
-ctypedef struct rec_view:
-    const unsigned char *b
-    Py_ssize_t size
-    Py_ssize_t o_p, o_i, o_ip, o_e, o_ep, o_r, o_rp, o_rid, o_to, o_ti   # -1: absent (0)
-
-
-cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:
-    cdef uint32_t v
-    memcpy(&v, p, 4)
-    return v
-
-
-cdef inline uint16_t _u16(const unsigned char *p) noexcept nogil:
-    cdef uint16_t v
-    memcpy(&v, p, 2)
-    return v
-
-
 cdef inline uint8_t _u8o(const unsigned char *p, Py_ssize_t o) noexcept nogil:
     return p[o] if o >= 0 else 0
 
@@ -92,7 +72,7 @@ cdef object _last_dtype = None
 cdef tuple _last_fields = None
 
 
-cdef object _view(rec_view *v, recs):
+cdef object rec_view_of(rec_view *v, recs):
     """Fill `v` for the record array `recs`; returns the array it points into (keep it
     alive while `v` is used)."""
     global _last_dtype, _last_fields
@@ -119,7 +99,7 @@ cdef cnp.ndarray _array(val, int typenum):
     return cnp.PyArray_FROMANY(val, typenum, 0, 1, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
 
 
-cdef cnp.ndarray _selection(idx, Py_ssize_t n, Py_ssize_t *m):
+cdef object rec_selection(idx, Py_ssize_t n, Py_ssize_t *m):
     """`idx` (record indexes) as a contiguous int64 array, each checked against `n`, its
     length in *m; None stays None (every record: *m = n)."""
     if idx is None:
@@ -172,8 +152,8 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
     cdef Py_ssize_t n = len(recs), m, k, x
     cdef rec_view v
     cdef int64_t d0 = 0, o0 = 0
-    keep = _view(&v, recs)
-    cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+    keep = rec_view_of(&v, recs)
+    cdef cnp.ndarray ix_a = rec_selection(idx, n, &m)
     cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
     cdef cnp.ndarray own_a = _column(own, n, cnp.NPY_INT64, &o0)
     cdef cnp.ndarray got_a = np.zeros(m, np.int8)
@@ -200,8 +180,8 @@ def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, d
             if (p != P_TCP and p != P_UDP and p != P_ICMP) or (o0 if ov == NULL else ov[x]) == me:
                 bad += 1
                 continue
-            i, ip, e, ep = _u32(b + v.o_i), _u16(b + v.o_ip), _u32(b + v.o_e), _u16(b + v.o_ep)
-            r, rp, rid = _u32(b + v.o_r), _u16(b + v.o_rp), _u32(b + v.o_rid)
+            i, ip, e, ep = rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e), rec_u16(b + v.o_ep)
+            r, rp, rid = rec_u32(b + v.o_r), rec_u16(b + v.o_rp), rec_u32(b + v.o_rid)
             d = <uint8_t>d0 if dv == NULL else dv[x]
             g = 0
             if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
@@ -223,6 +203,11 @@ from ._entries cimport (en_add, en_find, en_full, en_init, en_on_endpoint, en_re
                         en_release, en_unlink)
 from ._fastpath import FlowTable as _FlowTable
 from ._heap cimport heap_free, heap_init, heap_pop, heap_push
+
+
+from .nat.records import SESSION_DTYPE as _SESSION
+assert _SESSION.itemsize == sizeof(sess_rec) and _SESSION.fields["rule_id"][1] == 16 \
+    and _SESSION.fields["owner"][1] == 30
 
 
 class Clone(tuple):
@@ -251,6 +236,7 @@ cdef class CloneTable:
         self.e = NULL
         heap_init(&self.h)
         self.walks = 0
+        self.gen = 0
         for k in range(256):
             self.own_head[k] = -1
             self.own_count[k] = 0
@@ -315,11 +301,11 @@ cdef class CloneTable:
         the indexes of the records installed (int64, in order)."""
         cdef Py_ssize_t n = len(recs), m, k, t = 0, x
         cdef rec_view v
-        keep = _view(&v, recs)
+        keep = rec_view_of(&v, recs)
         if n and v.size != sizeof(wire_rule):
             raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
         cdef int64_t d0 = 0
-        cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+        cdef cnp.ndarray ix_a = rec_selection(idx, n, &m)
         cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
         if m == 0:
             return 0, 0, _EMPTY
@@ -457,6 +443,195 @@ cdef class CloneTable:
         got = Clone((c.owner, c.rule_id, c.dirs, c.expires, c.due))
         self.unlink(x)
         return got
+
+    cdef uint32_t next_gen(self) noexcept:
+        """A fresh batch generation (ce_entry.mark): at the wrap every mark is cleared."""
+        cdef int32_t x
+        self.gen += 1
+        if self.gen == 0:
+            for x in range(self.s.hw):
+                self.e[x].mark = 0
+            self.gen = 1
+        return self.gen
+
+    cdef int32_t of_entry(self, uint8_t p, uint32_t i, uint16_t ip, uint32_t e, uint16_t ep,
+                          uint32_t r, uint16_t rp, uint8_t d) noexcept:
+        """The clone a table entry of directions `d` belongs to (-1: none): the one it
+        names exactly if that one holds a direction of `d` (or `d` is 0); else (an ICMP
+        entry: every field but the remote identifier) the first clone on its external
+        endpoint with the same (proto, I, Ip, E, Ep, R) holding one."""
+        cdef int32_t x = self.find(p, i, ip, e, ep, r, rp)
+        cdef ce_entry *c
+        if x >= 0 and (self.e[x].dirs & d or d == 0):
+            return x
+        x = en_on_endpoint(self.eps, p, e, ep)
+        while x >= 0:
+            c = &self.e[x]
+            if c.k.iaddr == i and c.k.iport == ip and c.k.raddr == r and (c.dirs & d or d == 0):
+                return x
+            x = c.k.ep_next
+        return -1
+
+    def activity(self, act, tick):
+        """ACTIVITY records for the clone entries `act` collected from the tables
+        (SESSION_DTYPE, ``RuleBuilder.collect_activity``; read in place): each entry
+        to its clone (``of_entry``; entries of no clone are left out), the entries of
+        one clone merged into one record (the first entry's rule_id, the latest
+        last_seen as idle_ms before `tick`, the TCP flags per direction), the records
+        grouped by owner (owners ascending, first-seen order within one).  Returns
+        (records in the ACTIVITY layout, seq 0; [(owner, first record, records)])."""
+        cdef Py_ssize_t n = len(act), k, m = 0
+        cdef rec_view v
+        keep = rec_view_of(&v, act)
+        if n == 0:
+            return np.zeros(0, _M.ACTIVITY_DTYPE), []
+        fields = act.dtype.fields
+        cdef Py_ssize_t o_d = fields["dirs"][1], o_ls = fields["last_seen"][1]
+        cdef int64_t t = int(tick)
+        cdef int32_t *hit = <int32_t *>malloc(n * (sizeof(int32_t) * 3 + 2))
+        if hit == NULL:
+            raise MemoryError()
+        cdef uint32_t *rid = <uint32_t *>(hit + n)
+        cdef uint32_t *seen = rid + n
+        cdef uint8_t *to = <uint8_t *>(seen + n)
+        cdef uint8_t *ti = to + n
+        cdef const unsigned char *b
+        cdef uint32_t g = self.next_gen(), ls
+        cdef int32_t x, j
+        cdef ce_entry *c
+        cdef Py_ssize_t cnt[256]
+        cdef Py_ssize_t at[256]
+        cdef cnp.ndarray out_a
+        cdef wire_activity *w
+        cdef int64_t idle
+        cdef list groups = []
+        try:
+            for k in range(n):
+                b = v.b + k * v.size
+                x = self.of_entry(b[v.o_p], rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e),
+                                  rec_u16(b + v.o_ep), rec_u32(b + v.o_r), rec_u16(b + v.o_rp), b[o_d])
+                if x < 0:
+                    continue
+                c = &self.e[x]
+                ls = rec_u32(b + o_ls)
+                if c.mark == g:  # both directions held here: one record, flags kept per direction
+                    j = c.out_at
+                    if ls > seen[j]:
+                        seen[j] = ls
+                    to[j] |= _u8o(b, v.o_to)
+                    ti[j] |= _u8o(b, v.o_ti)
+                    continue
+                c.mark, c.out_at = g, m
+                hit[m], rid[m], seen[m] = x, rec_u32(b + v.o_rid), ls
+                to[m], ti[m] = _u8o(b, v.o_to), _u8o(b, v.o_ti)
+                m += 1
+            for k in range(256):
+                cnt[k] = 0
+            for k in range(m):
+                cnt[self.e[hit[k]].owner] += 1
+            j = 0
+            for k in range(256):
+                at[k] = j
+                if cnt[k]:
+                    groups.append((k, j, cnt[k]))
+                j += cnt[k]
+            out_a = np.zeros(m, _M.ACTIVITY_DTYPE)
+            for k in range(m):
+                c = &self.e[hit[k]]
+                w = <wire_activity *>cnp.PyArray_DATA(out_a) + at[c.owner]
+                at[c.owner] += 1
+                w.rule_id = rid[k]
+                idle = (t - <int64_t>seen[k]) * 1000
+                w.idle_ms = 0 if idle < 0 else (0xFFFFFFFF if idle > 0xFFFFFFFF else <uint32_t>idle)
+                w.int_addr, w.ext_addr, w.rem_addr = c.k.iaddr, c.k.eaddr, c.k.raddr
+                w.int_port, w.ext_port, w.rem_port = c.k.iport, c.k.eport, c.k.rport
+                w.proto = c.k.proto
+                w.tcp_out, w.tcp_in, w.tcp_flags = to[k], ti[k], to[k] | ti[k]
+            return out_a, groups
+        finally:
+            free(hit)
+
+    def extend_records(self, recs, int owner, double now):
+        """A LEASE message's renewals from `owner` (RULE-layout records, read in place):
+        each clone held of `owner` keeps its lease until now + the record's lease_ms (if
+        later).  Returns (renewed, unknown: not held, misdirected: held of another)."""
+        cdef Py_ssize_t n = len(recs), k
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        if n and v.size != sizeof(wire_rule):
+            raise TypeError(f"lease records must have the RULE layout, not {recs.dtype}")
+        cdef const wire_rule *r
+        cdef int32_t x
+        cdef double until
+        cdef int renewed = 0, unknown = 0, wrong = 0
+        for k in range(n):
+            r = <const wire_rule *>(v.b + k * sizeof(wire_rule))
+            x = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+            if x < 0:
+                unknown += 1
+            elif self.e[x].owner != owner:
+                wrong += 1
+            else:
+                renewed += 1
+                until = now + r.lease_ms / 1000.0
+                if until > self.e[x].expires:
+                    self.e[x].expires = until
+        return renewed, unknown, wrong
+
+    def owned_by(self, recs, int owner):
+        """For each record (any layout naming a session, read in place): 1 a clone of
+        `owner`'s is held, 0 none, -1 one of another owner (int8)."""
+        cdef Py_ssize_t n = len(recs), k
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        cdef cnp.ndarray out_a = np.zeros(n, np.int8)
+        cdef int8_t *out = <int8_t *>cnp.PyArray_DATA(out_a)
+        cdef const unsigned char *b
+        cdef int32_t x
+        for k in range(n):
+            b = v.b + k * v.size
+            x = self.find(b[v.o_p], rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e),
+                          rec_u16(b + v.o_ep), rec_u32(b + v.o_r), rec_u16(b + v.o_rp))
+            if x >= 0:
+                out[k] = 1 if self.e[x].owner == owner else -1
+        return out_a
+
+    def remove_records(self, recs, idx=None):
+        """Forget the clones the records `recs` (any layout naming a session, read in
+        place) selected by `idx` (None: all) name: the ones held, as SESSION_DTYPE
+        records (identity, owner, rule_id, dirs), in order."""
+        cdef Py_ssize_t n = len(recs), m, k, q = 0
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        cdef cnp.ndarray ix_a = rec_selection(idx, n, &m)
+        cdef const int64_t *ix = <const int64_t *>_data(ix_a)
+        cdef int32_t *gone = <int32_t *>malloc(max(m, 1) * sizeof(int32_t))
+        if gone == NULL:
+            raise MemoryError()
+        cdef const unsigned char *b
+        cdef int32_t x
+        cdef ce_entry *c
+        cdef cnp.ndarray out_a
+        cdef sess_rec *o
+        try:
+            for k in range(m):
+                b = v.b + (k if ix == NULL else ix[k]) * v.size
+                x = self.find(b[v.o_p], rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e),
+                              rec_u16(b + v.o_ep), rec_u32(b + v.o_r), rec_u16(b + v.o_rp))
+                if x >= 0:
+                    self.unlink(x)  # the entry's fields stay readable until reused
+                    gone[q] = x
+                    q += 1
+            out_a = np.zeros(q, _SESSION)
+            o = <sess_rec *>cnp.PyArray_DATA(out_a)
+            for k in range(q):
+                c = &self.e[gone[k]]
+                o[k].proto, o[k].iaddr, o[k].iport, o[k].eaddr = c.k.proto, c.k.iaddr, c.k.iport, c.k.eaddr
+                o[k].eport, o[k].raddr, o[k].rport = c.k.eport, c.k.raddr, c.k.rport
+                o[k].owner, o[k].rule_id, o[k].dirs = c.owner, c.rule_id, c.dirs
+            return out_a
+        finally:
+            free(gone)
 
     # -- lookups ------------------------------------------------------------------------------
     def get(self, sk, default=None):

@@ -52,6 +52,13 @@ def _columns(recs) -> list:
             else [0] * len(recs) for names in _FIELDS]
 
 
+def _sessions(recs) -> list:
+    """The session identities (proto, I, Ip, E, Ep, R, Rp) of records of any layout
+    ``record_fields`` reads."""
+    record_fields(recs.dtype)
+    return list(zip(*_columns(recs)[:7]))
+
+
 def _put(t, key, na, np_, rid, now, tcp, lease) -> int:
     """One clone entry: 1 installed, 0 refused (an owned entry holds the key), -1 table
     full.  A clone entry already there is replaced."""
@@ -237,6 +244,82 @@ class CloneTable:
         if not self._at[k]:
             del self._at[k]
         return Clone(c)
+
+    def _of_entry(self, sk, d):
+        """See ``hypernat._clones.CloneTable.of_entry``: the clone's identity or None."""
+        c = self._c.get(sk)
+        if c is not None and (c[2] & d or not d):
+            return sk
+        head = sk[:6]
+        for k in reversed(self._at.get((sk[0], sk[3], sk[4]), {})):  # the compiled list: newest first
+            c = self._c[k]
+            if k[:6] == head and (c[2] & d or not d):
+                return k
+        return None
+
+    def activity(self, act, tick):
+        """See ``hypernat._clones.CloneTable.activity``: (ACTIVITY records, groups)."""
+        from . import messages as M
+
+        merged = {}  # clone identity -> [owner, rule_id, last_seen, tcp_out, tcp_in], first seen first
+        cols = [act[f].tolist() for f in ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport", "dirs",
+                                          "rule_id", "last_seen", "tcp_out", "tcp_in")]
+        for p, i, ip, e, ep, r, rp, d, rid, ls, to, ti in zip(*cols):
+            sk = self._of_entry((p, i, ip, e, ep, r, rp), d)
+            if sk is None:
+                continue
+            m = merged.get(sk)
+            if m is None:
+                merged[sk] = [self._c[sk][0], rid, ls, to, ti]
+            else:
+                m[2], m[3], m[4] = max(m[2], ls), m[3] | to, m[4] | ti
+        items = sorted(merged.items(), key=lambda kv: kv[1][0])  # stable: first seen within an owner
+        out = np.zeros(len(items), M.ACTIVITY_DTYPE)
+        groups = []
+        for k, (sk, (owner, rid, ls, to, ti)) in enumerate(items):
+            if not groups or groups[-1][0] != owner:
+                groups.append([owner, k, 0])
+            groups[-1][2] += 1
+            for f, val in zip(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"), sk):
+                out[f][k] = val
+            out["rule_id"][k] = rid
+            out["idle_ms"][k] = min(max((int(tick) - ls) * 1000, 0), 0xFFFFFFFF)
+            out["tcp_out"][k], out["tcp_in"][k], out["tcp_flags"][k] = to, ti, to | ti
+        return out, [tuple(g) for g in groups]
+
+    def extend_records(self, recs, owner, now):
+        """See ``hypernat._clones.CloneTable.extend_records``: (renewed, unknown, misdirected)."""
+        from . import messages as M
+
+        if len(recs) and recs.dtype.itemsize != M.RULE_DTYPE.itemsize:
+            raise TypeError(f"lease records must have the RULE layout, not {recs.dtype}")
+        got = [self.extend(sk, owner, now + lease_ms / 1000.0) for sk, lease_ms in zip(_sessions(recs),
+                                                                                    recs["lease_ms"].tolist())]
+        return got.count(1), got.count(0), got.count(-1)
+
+    def owned_by(self, recs, owner):
+        """See ``hypernat._clones.CloneTable.owned_by``: int8 per record."""
+        out = []
+        for sk in _sessions(recs):
+            c = self._c.get(sk)
+            out.append(0 if c is None else 1 if c[0] == owner else -1)
+        return np.array(out, np.int8)
+
+    def remove_records(self, recs, idx=None):
+        """See ``hypernat._clones.CloneTable.remove_records``: SESSION_DTYPE of those held."""
+        from .nat.records import SESSION_DTYPE
+
+        sks = _sessions(recs)
+        rows = []
+        for x in _selection(idx, len(recs)):
+            c = self.remove(sks[x])
+            if c is not None:
+                rows.append(sks[x] + (c.owner, c.rule_id, c.dirs))
+        out = np.zeros(len(rows), SESSION_DTYPE)
+        for f, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport", "owner", "rule_id",
+                           "dirs"), zip(*rows)):
+            out[f] = col
+        return out
 
     def get(self, sk, default=None):
         c = self._c.get(sk)

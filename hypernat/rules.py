@@ -1035,10 +1035,11 @@ class RuleBuilder:
         FETCH is answered or a PUSH is sent)."""
         self.pool.hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
 
-    def hold_many(self, endpoints) -> None:
-        """``hold`` for each (proto, eaddr, eport) of `endpoints` (a burst of answered
-        FETCHes: one call, not one per lease)."""
-        self.pool.hold_many(endpoints)
+    def hold_many(self, ekeys) -> None:
+        """``hold`` for each endpoint of `ekeys` (proto << 48 | eaddr << 16 | eport, an
+        integer array: the new leases' endpoints as ``LeaseTable.grant`` returns them; a
+        burst of answered FETCHes: one call, not one per lease)."""
+        self.pool.hold_many(ekeys)
 
     def release_hold(self, proto, eaddr, eport) -> None:
         """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable

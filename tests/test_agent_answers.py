@@ -391,8 +391,9 @@ class _Tables:
     def remove_clone(self, recs):
         return 1
 
-    def hold_many(self, eps):
-        for ep in eps:
+    def hold_many(self, ekeys):
+        for k in ekeys.tolist():  # proto << 48 | eaddr << 16 | eport
+            ep = (k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
             self.holds[ep] = self.holds.get(ep, 0) + 1
 
     def release_hold(self, p, e, ep):
@@ -504,3 +505,44 @@ def test_no_loop_turn_and_no_query_walks_the_clones_or_leases():
     assert c["role"] == "clone" and c["owner"] == "nic0" and c["internal"] == "10.0.0.5:4900"
     assert NicWorker._rule_info(w, E, sks[3][4]) == []
     assert a0.endpoint(PROTO, E, sks[1][4])[0] == [(sks[1], {1: a0.leases[sks[1]][1]})]
+
+
+def test_one_activity_report_for_two_owners_merges_both_directions_of_a_session():
+    """One report over clones of two owners: one ACTIVITY message per owner, both
+    directions of a session in one record (the latest activity, the TCP flags per
+    direction), an ICMP entry (rport 0) counted for its clone, an entry of no clone left
+    out; the owners' LEASE answers renew exactly the clones reported.  (Holds on main as
+    well: the report moved to ``CloneTable.activity`` with the same answers.)"""
+    sent = []
+    ag = RuleAgent(0, 3, _Tables(), lambda tg, m, r: sent.append((tg, m, r.copy())), owner_of(3),
+                   lambda d, f: None, AgentParams(lease_s=5.0), clock=lambda: 10.0, tick_clock=lambda: 100)
+    a, b, c = (PROTO, I, 4000, E, 1100, R, 80), (PROTO, I, 4001, E, 1101, R, 80), (1, I, 4002, E, 1102, R, 7)
+    ag._install_many(1, rule_records([a, c], 5, 5000, 1), None, 3, 10.0)
+    ag._install_many(2, rule_records([b], 6, 5000, 2), None, 3, 10.0)
+    act = np.zeros(5, SESSION_DTYPE)
+    act[0] = (I, E, R, 4000, 1100, 80, PROTO, 1, 5, 97, layout.TCP_SYN, 0, 0, 0)  # a going out
+    act[1] = (I, E, R, 4001, 1101, 80, PROTO, 2, 6, 99, 0, 0, 0, 0)  # b coming in
+    act[2] = (I, E, R, 4000, 1100, 80, PROTO, 2, 5, 98, 0, layout.TCP_FIN, 0, 0)  # a coming in
+    act[3] = (I, E, R, 4002, 1102, 0, 1, 1, 5, 90, 0, 0, 0, 0)  # c's entry: no remote identifier
+    act[4] = (I, E, R, 4009, 1109, 80, PROTO, 1, 9, 99, 0, 0, 0, 0)  # no clone
+    assert ag.report_activity(10.0, act) == 3
+    msgs = {tg: r for tg, m, r in sent if m == M.T_ACTIVITY}
+    assert sorted(msgs) == [1, 2] and len(msgs[1]) == 2 and len(msgs[2]) == 1
+    by_port = {int(r["int_port"]): r for r in msgs[1]}
+    ra, rc = by_port[4000], by_port[4002]
+    assert (int(ra["tcp_out"]), int(ra["tcp_in"]), int(ra["idle_ms"])) == (layout.TCP_SYN, layout.TCP_FIN, 2000)
+    assert int(ra["tcp_flags"]) == layout.TCP_SYN | layout.TCP_FIN
+    assert int(rc["rem_port"]) == 7 and int(rc["idle_ms"]) == 10000  # the clone's identity
+    assert int(msgs[2][0]["int_port"]) == 4001 and int(msgs[2][0]["idle_ms"]) == 1000
+    seqs = [int(s) for r in msgs.values() for s in r["seq"]]
+    assert len(set(seqs)) == 3 and 0 not in seqs
+    for owner, r in msgs.items():  # each owner renews what it was told of
+        lease = M.records(M.T_LEASE, len(r))
+        for f in ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "rule_id"):
+            lease[f] = r[f]
+        lease["owner"], lease["lease_ms"] = owner, 9000
+        ag.on_message(owner, M.T_LEASE, lease, 11.0)
+    assert ag.counters["leases_renewed"] == 3 and ag.counters["lease_unknown"] == 0
+    assert all(ag.clones[sk].expires == 20.0 for sk in (a, b, c))
+    ag.on_message(2, M.T_LEASE, lease_of := rule_records([a], 5, 9000, 2), 12.0)  # a is owner 1's
+    assert ag.counters["lease_misdirected"] == 1 and ag.clones[a].expires == 20.0 and len(lease_of) == 1

@@ -211,3 +211,108 @@ def test_compiled_fetch_serving_equals_the_reference():
         assert asked[0] == asked[1]
         assert got_c[0].tobytes() == got_py[0].tobytes() and got_c[1:] == got_py[1:]
         assert len(got_c[0]) + len(got_c[2]) == n and (got_c[0]["owner"] == 2).all()
+
+
+# ------------------------------------------------------------------------------------------
+# The holder's batch operations over record arrays: activity, lease renewal, revocation
+# ------------------------------------------------------------------------------------------
+def _clone_rules(rng, n):
+    """RULE records of `n` distinct sessions (ICMP ones distinct by (proto, I, Ip, E, Ep,
+    R) too, so an ICMP entry names one clone), their owners 0..3."""
+    rows, heads = [], set()
+    while len(rows) < n:
+        p = int(rng.choice([6, 17, 1]))
+        row = (p, 0x0A000000 + int(rng.integers(0, 4)), int(rng.integers(1000, 1006)), 0xC6120001,
+               int(rng.integers(1024, 1030)), 0xCB007100 + int(rng.integers(0, 3)), int(rng.integers(50, 53)))
+        if row[:6] in heads:
+            continue
+        heads.add(row[:6])
+        rows.append(row)
+    recs = M.records(M.T_RULE, n)
+    for k, f in enumerate(_WIRE[:7]):
+        recs[f] = [r[k] for r in rows]
+    recs["rule_id"] = rng.integers(1, 1 << 32, n)
+    recs["lease_ms"] = rng.integers(1000, 5000, n)
+    return recs
+
+
+def _twin_tables(rng, n):
+    """The compiled and the reference clone table holding the same clones (owners 0..3,
+    directions 1, 2 or both)."""
+    recs = _clone_rules(rng, n)
+    owner = rng.integers(0, 4, n)
+    dirs = rng.integers(1, 4, n).astype(np.uint8)
+    tables = (_clones.CloneTable(16), clones_py.CloneTable())
+    for t in tables:
+        for o in range(4):
+            t.install(o, recs, np.flatnonzero(owner == o), dirs, 10.0, 0.5,
+                      lambda r, todo, d: np.ones(len(todo), np.int8))
+    return tables, recs
+
+
+def _state(t):
+    return sorted((sk, tuple(c)) for sk, c in t.items())
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_clone_activity_equals_the_reference(seed):
+    """Collected entries (exact, ICMP without the remote identifier, both directions of
+    one session, entries of no clone) become the same ACTIVITY records, grouped by owner,
+    both directions of a session in one record."""
+    rng = np.random.default_rng(seed)
+    tables, recs = _twin_tables(rng, 40)
+    m = 120
+    act = np.zeros(m, SESSION_DTYPE)
+    pick = rng.integers(0, len(recs), m)
+    for f_s, f_w in zip(_SES[:8], _WIRE):
+        act[f_s] = recs[f_w][pick]
+    act["dirs"] = rng.integers(0, 4, m)
+    act["last_seen"] = rng.integers(90, 110, m)
+    act["tcp_out"] = rng.integers(0, 8, m) * (act["dirs"] == 1)
+    act["tcp_in"] = rng.integers(0, 8, m) * (act["dirs"] == 2)
+    icmp = act["proto"] == 1
+    act["rport"][icmp] = 0  # an ICMP entry does not carry the remote identifier
+    stray = rng.random(m) < 0.1
+    act["iport"][stray] = 999  # no clone
+    got = [t.activity(act, 100) for t in tables]
+    assert got[0][0].dtype == got[1][0].dtype == M.ACTIVITY_DTYPE
+    assert got[0][0].tobytes() == got[1][0].tobytes()
+    assert got[0][1] == got[1][1]
+    out, groups = got[0]
+    sessions = list(zip(*(out[f].tolist() for f in _WIRE[:7])))
+    assert len(set(sessions)) == len(sessions)  # one record per session
+    assert sum(k for _, _, k in groups) == len(out) and len(groups) > 1
+    for owner, first, k in groups:
+        assert all(tables[0].get(sk).owner == owner for sk in sessions[first:first + k])
+    assert (out["tcp_flags"] == out["tcp_out"] | out["tcp_in"]).all()
+    assert len(out) < int(np.count_nonzero(~stray))  # merged: fewer records than entries of clones
+    if (~stray & icmp).any():  # found by the table key among the clones on its endpoint
+        assert (out["proto"] == 1).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_clone_lease_and_revoke_batches_equal_the_reference(seed):
+    rng = np.random.default_rng(seed)
+    tables, recs = _twin_tables(rng, 40)
+    lease = recs[rng.integers(0, len(recs), 30)].copy()
+    lease["int_port"][:5] = 999  # not held
+    lease["lease_ms"] = rng.integers(0, 20000, 30)
+    for src in range(4):
+        got = [t.extend_records(lease, src, 11.0) for t in tables]
+        assert got[0] == got[1] and sum(got[0]) == 30
+        assert _state(tables[0]) == _state(tables[1])
+    key = M.records(M.T_REVOKE, 30)
+    for f in _WIRE[:7]:
+        key[f] = lease[f]
+    held = [t.owned_by(key, 2) for t in tables]
+    assert held[0].dtype == np.int8 and held[0].tolist() == held[1].tolist()
+    assert set(held[0].tolist()) >= {0, -1}
+    sel = np.flatnonzero(held[0] > 0)
+    gone = [t.remove_records(key, sel) for t in tables]
+    assert gone[0].dtype == SESSION_DTYPE and gone[0].tobytes() == gone[1].tobytes()
+    assert (gone[0]["owner"] == 2).all()
+    assert len(gone[0]) == len({tuple(key[list(_WIRE[:7])][x].tolist()) for x in sel.tolist()})
+    assert _state(tables[0]) == _state(tables[1])
+    rest = [t.remove_records(key) for t in tables]  # every record: the other owners' clones
+    assert rest[0].tobytes() == rest[1].tobytes() and len(rest[0]) and not (rest[0]["owner"] == 2).any()
+    assert _state(tables[0]) == _state(tables[1])

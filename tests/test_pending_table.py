@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hypernat import messages as M
 from hypernat.agent import pending_py
+from hypernat.rules import SESSION_DTYPE
 
 _pending = pytest.importorskip("hypernat.agent._pending")
 
@@ -221,11 +222,25 @@ _leases = pytest.importorskip("hypernat.agent._leases")
 sks = st.tuples(st.sampled_from([6, 1]), st.just(0x0A000001), st.integers(1, 2), st.just(0xC6120001),
                 st.integers(1, 3), st.just(0xC0000201), st.integers(1, 2))
 lease_op = st.one_of(
-    st.tuples(st.just("grant"), st.lists(sks, max_size=6), st.integers(1, 3)),
+    st.tuples(st.just("grant"), st.lists(sks, max_size=6), st.integers(1, 3),
+              st.sampled_from(["session", "activity", "rule"]), st.booleans()),
     st.tuples(st.just("end"), sks, st.integers(1, 3)),
     st.tuples(st.just("due"), st.floats(0.0, 1.0), st.integers(0, 4)),
     st.tuples(st.just("held"), st.lists(sks, max_size=5), st.integers(1, 3)),
 )
+
+
+def _session_records(sks_, layout_):
+    """Session identities as records of one layout naming sessions (the grant's input)."""
+    if layout_ == "session":
+        recs, names = np.zeros(len(sks_), SESSION_DTYPE), ("proto", "iaddr", "iport", "eaddr", "eport", "raddr",
+                                                          "rport")
+    else:
+        recs = M.records(M.T_ACTIVITY if layout_ == "activity" else M.T_RULE, len(sks_))
+        names = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+    for f, col in zip(names, zip(*sks_)):
+        recs[f] = col
+    return recs
 
 
 def _lease_state(t):
@@ -244,7 +259,10 @@ def test_compiled_lease_table_answers_as_the_dict_model(ops):
     now = 0.0
     for o in ops:
         if o[0] == "grant":  # a lease ends a lease time after its grant or renewal, as in the agent
-            assert c.grant(o[1], o[2], now + 1.5) == m.grant(o[1], o[2], now + 1.5)
+            recs, idx = _session_records(o[1], o[3]), None
+            if o[4]:  # a selection: every other record, the first one twice
+                idx = np.array([k for k in range(len(o[1])) if k % 2 == 0] + [0] * bool(o[1]), np.int64)
+            assert c.grant(recs, idx, o[2], now + 1.5).tolist() == m.grant(recs, idx, o[2], now + 1.5).tolist()
         elif o[0] == "end":
             assert c.end(o[1], o[2]) == m.end(o[1], o[2])
         elif o[0] == "due":  # slices until nothing is due: equal ends may come up in another order
@@ -265,9 +283,39 @@ def test_compiled_lease_table_answers_as_the_dict_model(ops):
             for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(o[1]):
                 recs[i:i + 1][["proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"]] = (
                     p, ia, ip, ea, ep, ra, rp)
-            assert c.held(recs, o[2]) == m.held(recs, o[2])
+            assert c.held(recs, o[2]).tolist() == m.held(recs, o[2]).tolist()
         assert _lease_state(c) == _lease_state(m)
         timers = c.timers()
         for sk, hs in c.items():
             for h, until in hs.items():
                 assert min(t for t, s2, h2 in timers if (s2, h2) == (sk, h)) <= until
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_activity_answer_records_equal_the_reference(seed):
+    """The owner's conversions of one ACTIVITY message -- its sessions as merged (idle
+    seconds off the tick, clipped; both directions; TCP flags per direction) and the
+    LEASE records of a selection -- the same bytes compiled and in the reference, for a
+    contiguous message and a strided view."""
+    from hypernat.agent import leases_py
+
+    rng = np.random.default_rng(seed)
+    recs = M.records(M.T_ACTIVITY, 50)
+    for f in recs.dtype.names:
+        info = np.iinfo(recs.dtype[f])
+        recs[f] = rng.integers(0, int(info.max) + 1, len(recs), dtype=np.uint64).astype(recs.dtype[f])
+    recs["idle_ms"][:3] = (0, 0xFFFFFFFF, 999)
+    idx = rng.integers(0, len(recs), 20)
+    for r in (recs, recs[::3]):
+        for tick in (0, 5, 1 << 20, 0xFFFFFFFF):
+            a = _leases.activity_sessions(r, tick, 3)
+            b = leases_py.activity_sessions(r, tick, 3)
+            assert a.dtype == b.dtype == SESSION_DTYPE and a.tobytes() == b.tobytes()
+        sel = idx[idx < len(r)]
+        for ix in (None, sel):
+            a, b = _leases.lease_records(r, ix, 2, 30000), leases_py.lease_records(r, ix, 2, 30000)
+            assert a.dtype == b.dtype == M.RULE_DTYPE and a.tobytes() == b.tobytes()
+    s = _leases.activity_sessions(recs, 5, 3)
+    assert s["last_seen"][:3].tolist() == [5, 0, 5] and (s["dirs"] == 3).all()
+    with pytest.raises(TypeError):
+        _leases.activity_sessions(np.zeros(2, SESSION_DTYPE), 5, 3)

@@ -5,7 +5,7 @@ One ``le_entry`` per lease, a (session, holder) pair (``_leases.pxd``): no Pytho
 per lease.  Leases are found by session (proto, R, Rp, E, Ep), a chain of the leases
 sharing that key (the internal endpoint and the holder tell them apart), and by
 external endpoint, through the entry store shared with the clone table
-(``_entries.pxd``), and by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions,
+(``_entries.pxd``), and by end through a heap (``_heap.pxd``).  ``grant`` takes a batch of served sessions (records read in place),
 ``held`` the records of one ACTIVITY message (read in place, ``_wire.pxd``), ``due`` a
 slice of the timers.  ``leases_py`` is the plain-Python reference with the same
 interface; ``tests/test_pending_table.py`` checks them against each other.
@@ -15,14 +15,19 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .._entries cimport (en_add, en_chain, en_find, en_full, en_head, en_init, en_on_endpoint, en_realloc,
                          en_reindex, en_release, en_unlink)
 from .._heap cimport heap_free, heap_init, heap_pop, heap_push
-from .._wire cimport wire_activity
+from .._wire cimport wire_activity, wire_rule
+from .._clones cimport rec_selection, rec_u16, rec_u32, rec_view, rec_view_of, sess_rec
+
+cimport numpy as cnp
 
 import numpy as np
 
 from .._fastpath import FlowTable as _FlowTable
 from .. import messages as _M
+from ..nat.records import SESSION_DTYPE as _SESSION
 
 assert _M.ACTIVITY_DTYPE.itemsize == sizeof(wire_activity)
+cnp.import_array()
 
 
 cdef inline tuple _sk(const le_entry *c):
@@ -109,16 +114,26 @@ cdef class LeaseTable:
         return out
 
     # -- per batch -------------------------------------------------------------------------------
-    def grant(self, sks, int holder, double until):
-        """``leases_py.LeaseTable.grant``."""
-        cdef list new = []
+    def grant(self, recs, idx, int holder, double until):
+        """``leases_py.LeaseTable.grant``: the records read in place."""
+        cdef Py_ssize_t n = len(recs), m, k
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        ix_a = rec_selection(idx, n, &m)
+        cdef const int64_t *ix = NULL if ix_a is None else <const int64_t *>cnp.PyArray_DATA(ix_a)
+        new_a = np.empty(m, np.uint64)
+        cdef uint64_t *new = <uint64_t *>cnp.PyArray_DATA(new_a)
+        cdef Py_ssize_t q = 0
+        cdef const unsigned char *b
         cdef uint8_t p
         cdef uint32_t i, e, r
         cdef uint16_t ip, ep, rp
         cdef int32_t x
         cdef bint fresh
-        for sk in sks:
-            p, i, ip, e, ep, r, rp = sk
+        for k in range(m):
+            b = v.b + (k if ix == NULL else ix[k]) * v.size
+            p, i, ip, e = b[v.o_p], rec_u32(b + v.o_i), rec_u16(b + v.o_ip), rec_u32(b + v.o_e)
+            ep, r, rp = rec_u16(b + v.o_ep), rec_u32(b + v.o_r), rec_u16(b + v.o_rp)
             x = self.find(p, i, ip, e, ep, r, rp, holder)
             if x >= 0:  # a renewal: the end moves, its timer finds out when due
                 self.e[x].until = until
@@ -129,8 +144,9 @@ cdef class LeaseTable:
             heap_push(&self.h, until, x)
             if fresh:
                 self.nsess += 1
-            new.append((p, e, ep))
-        return new
+            new[q] = <uint64_t>p << 48 | <uint64_t>e << 16 | ep
+            q += 1
+        return new_a[:q]
 
     def end(self, sk, int holder):
         """``leases_py.LeaseTable.end``."""
@@ -174,16 +190,16 @@ cdef class LeaseTable:
 
     def held(self, recs, int holder):
         """``leases_py.LeaseTable.held``: the records read in place."""
-        cdef const unsigned char[::1] raw = np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
+        recs = _activity_array(recs)
         cdef Py_ssize_t k, nrec = len(recs)
-        cdef const wire_activity *a
-        cdef list out = [False] * nrec
+        cdef const wire_activity *a = <const wire_activity *>cnp.PyArray_DATA(recs)
+        out_a = np.zeros(nrec, bool)
+        cdef uint8_t *out = <uint8_t *>cnp.PyArray_DATA(out_a)
         for k in range(nrec):
-            a = <const wire_activity *>&raw[k * sizeof(wire_activity)]
-            if self.find(a.proto, a.int_addr, a.int_port, a.ext_addr, a.ext_port, a.rem_addr, a.rem_port,
-                         holder) >= 0:
-                out[k] = True
-        return out
+            if self.find(a[k].proto, a[k].int_addr, a[k].int_port, a[k].ext_addr, a[k].ext_port, a[k].rem_addr,
+                         a[k].rem_port, holder) >= 0:
+                out[k] = 1
+        return out_a
 
     # -- lookups ------------------------------------------------------------------------------
     def get(self, sk, default=None):
@@ -249,3 +265,50 @@ cdef class LeaseTable:
         cdef int32_t k
         return [(self.h.d[k], _sk(&self.e[self.h.i[k]]), self.e[self.h.i[k]].holder) for k in range(self.h.n)
                 if self.e[self.h.i[k]].k.used]
+
+
+# ------------------------------------------------------------------------------------------
+# The owner's answer to one ACTIVITY message, record conversions in C
+# ------------------------------------------------------------------------------------------
+cdef object _activity_array(recs):
+    """`recs` as a C-contiguous array of ACTIVITY records (itself when it is one)."""
+    if type(recs) is not np.ndarray or recs.dtype != _M.ACTIVITY_DTYPE:
+        raise TypeError(f"ACTIVITY records expected, not {getattr(recs, 'dtype', type(recs))}")
+    return recs if cnp.PyArray_IS_C_CONTIGUOUS(recs) else np.ascontiguousarray(recs)
+
+
+def activity_sessions(recs, tick, int owner):
+    """``leases_py.activity_sessions``: the records read in place."""
+    recs = _activity_array(recs)
+    cdef Py_ssize_t n = len(recs), k
+    cdef const wire_activity *a = <const wire_activity *>cnp.PyArray_DATA(recs)
+    out_a = np.zeros(n, _SESSION)
+    cdef sess_rec *o = <sess_rec *>cnp.PyArray_DATA(out_a)
+    cdef int64_t t = int(tick), seen
+    for k in range(n):
+        o[k].iaddr, o[k].eaddr, o[k].raddr = a[k].int_addr, a[k].ext_addr, a[k].rem_addr
+        o[k].iport, o[k].eport, o[k].rport = a[k].int_port, a[k].ext_port, a[k].rem_port
+        o[k].proto, o[k].rule_id = a[k].proto, a[k].rule_id
+        seen = t - a[k].idle_ms // 1000
+        o[k].last_seen = 0 if seen < 0 else (0xFFFFFFFF if seen > 0xFFFFFFFF else <uint32_t>seen)
+        o[k].dirs = 3  # DIR_BIT_OUT | DIR_BIT_IN
+        o[k].tcp_out, o[k].tcp_in, o[k].owner = a[k].tcp_out, a[k].tcp_in, owner
+    return out_a
+
+
+def lease_records(recs, idx, int owner, uint32_t lease_ms):
+    """``leases_py.lease_records``: the records read in place."""
+    recs = _activity_array(recs)
+    cdef Py_ssize_t n = len(recs), m, k
+    cdef const wire_activity *a = <const wire_activity *>cnp.PyArray_DATA(recs)
+    ix_a = rec_selection(idx, n, &m)
+    cdef const int64_t *ix = NULL if ix_a is None else <const int64_t *>cnp.PyArray_DATA(ix_a)
+    out_a = np.zeros(m, _M.RULE_DTYPE)
+    cdef wire_rule *o = <wire_rule *>cnp.PyArray_DATA(out_a)
+    cdef const wire_activity *r
+    for k in range(m):
+        r = &a[k if ix == NULL else ix[k]]
+        o[k].int_addr, o[k].ext_addr, o[k].rem_addr = r.int_addr, r.ext_addr, r.rem_addr
+        o[k].int_port, o[k].ext_port, o[k].rem_port = r.int_port, r.ext_port, r.rem_port
+        o[k].proto, o[k].rule_id, o[k].owner, o[k].lease_ms = r.proto, r.rule_id, owner, lease_ms
+    return out_a

@@ -108,12 +108,12 @@ try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with t
     from .._clones import CloneTable
     from .._serve import serve_fetches
     from .._switchhash import predict_nics
-    from ._leases import LeaseTable
+    from ._leases import LeaseTable, activity_sessions, lease_records
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable, serve_fetches
     from ..switchhash import predict_nics
-    from .leases_py import LeaseTable
+    from .leases_py import LeaseTable, activity_sessions, lease_records
     from .pending_py import PendingTable
 
 log = logging.getLogger("hypernat.agent")
@@ -163,6 +163,15 @@ def session_rec(sk: tuple, owner: int = 0, rule_id: int = 0, dirs: int = 0, last
     s["owner"], s["rule_id"], s["dirs"], s["last_seen"] = owner, rule_id, dirs, last_seen
     s["tcp_out"] = s["tcp_in"] = tcp
     return s
+
+
+def _session_array(sks) -> np.ndarray:
+    """Session identities (proto, I, Ip, E, Ep, R, Rp) as SESSION_DTYPE records."""
+    out = np.zeros(len(sks), SESSION_DTYPE)
+    if len(out):
+        for f, col in zip(_SK_FIELDS, zip(*sks)):
+            out[f] = col
+    return out
 
 
 def _wire_endpoints(dst, i, sk) -> None:
@@ -701,26 +710,33 @@ class RuleAgent:
             self.count("nack_mismatched", bad)
 
     def _on_lease(self, source, recs, now):
-        for r in recs:
-            got = self.clones.extend(skey(r), source, now + int(r["lease_ms"]) / 1000.0)
-            if got == 0:
-                self.count("lease_unknown")
-            elif got < 0:
-                self.count("lease_misdirected")
-            else:
-                self.count("leases_renewed")
+        """Lease renewals from `source`: the clones held of it keep their lease (one
+        ``CloneTable.extend_records``, records read in place)."""
+        renewed, unknown, wrong = self.clones.extend_records(recs, source, now)
+        if unknown:
+            self.count("lease_unknown", unknown)
+        if wrong:
+            self.count("lease_misdirected", wrong)
+        if renewed:
+            self.count("leases_renewed", renewed)
 
     def _on_revoke(self, source, recs, now):
+        """Revocations from `source`: its clones named are dropped (one lookup and one
+        removal over the records, in C); every record is acknowledged, a clone not held
+        or held of another owner with ST_UNKNOWN (idempotent)."""
         ack = M.records(M.T_REVOKE_ACK, len(recs))
         ack["seq"] = recs["seq"]
-        for i, r in enumerate(recs):
-            sk = skey(r)
-            c = self.clones.get(sk)
-            if c is not None and c.owner == source:
-                self._drop_clone(sk, "clone_revoked")
-            else:
-                ack["status"][i] = M.ST_UNKNOWN  # idempotent: acknowledged all the same
-                self.count("revoke_unknown" if c is None else "revoke_misdirected")
+        held = self.clones.owned_by(recs, source)
+        mine = np.flatnonzero(held > 0)
+        if len(mine) < len(recs):
+            ack["status"][held <= 0] = M.ST_UNKNOWN
+            unknown = int(np.count_nonzero(held == 0))
+            if unknown:
+                self.count("revoke_unknown", unknown)
+            if len(recs) - len(mine) - unknown:
+                self.count("revoke_misdirected", len(recs) - len(mine) - unknown)
+        if len(mine):
+            self._drop_clones(recs, "clone_revoked", None if len(mine) == len(recs) else mine)
         self._emit(source, M.T_REVOKE_ACK, ack)
 
     def _on_ack(self, mtype, source, recs, now):
@@ -728,7 +744,10 @@ class RuleAgent:
         keeps until answered: matched on the seq, the NIC it was sent to and its type."""
         unacked = self._unacked
         stale = wrong = bad = 0
-        for seq in recs["seq"].tolist():
+        seqs = recs["seq"].tolist()
+        if mtype == M.T_ACTIVITY:  # one record per record reported: only the seqs in flight are looked at
+            seqs = unacked.keys() & seqs if unacked else ()
+        for seq in seqs:
             u = unacked.get(seq)
             if u is None:
                 # an ACTIVITY_ACK answers every record of a report; only a restart report
@@ -759,8 +778,8 @@ class RuleAgent:
         one RULE and one NACK message."""
         rule, sks, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
                                                int(self.p.lease_s * 1000))
-        if sks:
-            self._grant_many(sks, source, now)
+        if len(rule):
+            self._grant_many(rule, source, now)
             self._emit(source, M.T_RULE, rule)
         if bad:
             out = M.records(M.T_NACK, len(bad))
@@ -822,39 +841,25 @@ class RuleAgent:
         ack = M.records(M.T_ACTIVITY_ACK, len(recs))
         ack["seq"] = recs["seq"]
         self._emit(source, M.T_ACTIVITY_ACK, ack)
-        sess = np.zeros(len(recs), SESSION_DTYPE)
-        for f_w, f_s in (("int_addr", "iaddr"), ("ext_addr", "eaddr"), ("rem_addr", "raddr"),
-                         ("int_port", "iport"), ("ext_port", "eport"), ("rem_port", "rport"),
-                         ("proto", "proto"), ("rule_id", "rule_id")):
-            sess[f_s] = recs[f_w]
-        idle = (recs["idle_ms"] // 1000).astype(np.int64)
-        sess["last_seen"] = np.clip(tick - idle, 0, 0xFFFFFFFF)
-        sess["dirs"] = DIR_BIT_OUT | DIR_BIT_IN  # activity either way keeps both entries alive
-        # ... but TCP flags only in the direction that saw them: a SYN seen one way only
-        # must leave the session half-open (transitory timeout), not established
-        sess["tcp_out"], sess["tcp_in"] = M.activity_tcp_dirs(recs)
-        sess["owner"] = self.nic_id
+        # the sessions as the builder merges them: both directions kept alive, the TCP
+        # flags per direction (a SYN seen one way only leaves the session half-open)
+        sess = activity_sessions(recs, tick, self.nic_id)
         # crash recovery (rules.py): sessions this owner lost in a crash come back from
         # the holder's report; the holder then gets a lease on them like any other
         recovered = np.asarray(self.rules.recover_sessions(sess, tick), bool)
         # only a holder's report counts: activity from a NIC holding no lease on the
         # session (a wrong NIC, or a lease that ran out or was revoked here) is
         # acknowledged but neither merged nor renewed (let the session expire)
-        known = np.flatnonzero(np.asarray(self.leases.held(recs, source), bool) | recovered)
+        known = np.flatnonzero(self.leases.held(recs, source) | recovered)
         unknown = len(recs) - len(known)
         if unknown:
             self.count("activity_unknown", unknown)
         if not len(known):
             return
         self.rules.merge_activity(sess if not unknown else sess[known], tick)
-        r = recs if not unknown else recs[known]
-        self._grant_many(list(zip(*(r[f].tolist() for f in _ACT_SK_FIELDS))), source, now)
-        out = M.records(M.T_LEASE, len(r))
-        for f in ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port", "proto", "rule_id"):
-            out[f] = r[f]
-        out["owner"] = self.nic_id
-        out["lease_ms"] = int(self.p.lease_s * 1000)
-        self._emit(source, M.T_LEASE, out)
+        sel = known if unknown else None
+        self._grant_many(recs, source, now, idx=sel)
+        self._emit(source, M.T_LEASE, lease_records(recs, sel, self.nic_id, int(self.p.lease_s * 1000)))
 
     _HANDLERS = {
         M.T_RULE: _on_rule,
@@ -1077,43 +1082,42 @@ class RuleAgent:
     def _drop_clone(self, sk, reason: str) -> None:
         self._drop_clones((sk,), reason)
 
-    def _drop_clones(self, sks, reason: str) -> int:
-        """Forget the clones `sks` held here and remove their entries from the tables (one
-        ``remove_clone`` call for all); returns how many were held."""
-        rows = []
-        remove = self.clones.remove
-        for sk in sks:
-            c = remove(sk)
-            if c is not None:
-                rows.append(sk + (c.owner, c.rule_id, c.dirs))
-        if not rows:
+    def _drop_clones(self, sessions, reason: str, idx=None) -> int:
+        """Forget the clones held here that `sessions` name (a record array of any layout
+        naming sessions, read in place, selected by `idx`, None: all; or session tuples)
+        and remove their entries from the tables: one ``CloneTable.remove_records`` and
+        one ``remove_clone`` call for all.  Returns how many were held."""
+        if not isinstance(sessions, np.ndarray):
+            sessions = _session_array(sessions)
+        gone = self.clones.remove_records(sessions, idx)
+        if not len(gone):
             return 0
-        recs = np.zeros(len(rows), SESSION_DTYPE)
-        for f, col in zip(_SK_FIELDS + ("owner", "rule_id", "dirs"), zip(*rows)):
-            recs[f] = col
-        self.rules.remove_clone(recs)
-        self.count(reason, len(rows))
-        return len(rows)
+        self.rules.remove_clone(gone)
+        self.count(reason, len(gone))
+        return len(gone)
 
     # -- owner side: leases, active install, revocation ---------------------------------------
-    def _grant_many(self, sks, holder: int, now: float, until: float | None = None) -> None:
-        """Record a lease for `holder` on each session identity of `sks`, in one
-        ``LeaseTable.grant`` (one lease end for all: now + the lease + grace, or `until`
-        for a lease read back from a snapshot); a holder's first lease on an external
-        endpoint holds it in the builder until the lease ends (``_lease_end``), all of
-        them in one ``hold_many``."""
-        if holder == self.nic_id or not sks:
+    def _grant_many(self, sessions, holder: int, now: float, until: float | None = None, idx=None) -> None:
+        """Record a lease for `holder` on each session `sessions` names (a record array
+        of any layout naming sessions -- SESSION_DTYPE, RULE, ACTIVITY -- read in place,
+        selected by `idx`, None: all; or session tuples), in one ``LeaseTable.grant`` (one
+        lease end for all: now + the lease + grace, or `until` for a lease read back from
+        a snapshot); a holder's first lease on an external endpoint holds it in the
+        builder until the lease ends (``_lease_end``), all of them in one ``hold_many``."""
+        if holder == self.nic_id or not len(sessions):
             return
+        if not isinstance(sessions, np.ndarray):
+            sessions = _session_array(sessions)
         if until is None:
             until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
-        new = self.leases.grant(sks, holder, until)  # (proto, E, Ep) of each new lease
-        if new:
+        new = self.leases.grant(sessions, idx, holder, until)  # endpoint keys of the new leases
+        if len(new):
             hold_many = getattr(self.rules, "hold_many", None)
             if hold_many is not None:
                 hold_many(new)
             else:  # a builder with the one-at-a-time interface
-                for p, e, ep in new:
-                    self.rules.hold(p, e, ep)
+                for ekey in new.tolist():
+                    self.rules.hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
 
     def _lease_end(self, sk: tuple, holder: int) -> None:
         if self.leases.end(sk, holder):
@@ -1143,7 +1147,7 @@ class RuleAgent:
             if j == self.nic_id:
                 continue
             mine = created if per_nic[j] == len(created) else created[nics == j]
-            self._grant_many(list(zip(*(mine[f].tolist() for f in _SK_FIELDS))), j, now)  # held even if lost
+            self._grant_many(mine, j, now)  # held even if lost
             for i in range(0, len(mine), M.MAX_RECORDS):
                 part = mine[i:i + M.MAX_RECORDS]
                 rec = M.records(M.T_PUSH, len(part))
@@ -1345,63 +1349,19 @@ class RuleAgent:
             act = self.rules.collect_activity(clear=True)
         if len(act) == 0:
             return 0
-        tick = self.tick_clock()
-        # each entry to its clone, in time proportional to the entries (never a walk over
-        # the clones held): a TCP/UDP entry names its session exactly; an ICMP entry does
-        # not carry the owner's remote identifier, so it is matched by its table key
-        # among the clones on its external endpoint
-        clones = self.clones
-        cget = clones.get
-        merged = {}  # sk -> [owner, rule_id, last_seen, tcp_out, tcp_in]: one record per session
-        cols = zip(*(act[f].tolist() for f in _SK_FIELDS + ("dirs", "rule_id", "last_seen", "tcp_out", "tcp_in")))
-        for p, i, ip, e, ep, r, rp, dirs, rid, last_seen, tcp_o, tcp_i in cols:
-            sk = (p, i, ip, e, ep, r, rp)
-            c = cget(sk)
-            if c is None or not (c.dirs & dirs or not dirs):
-                sk = self._clone_of_entry(sk, dirs)
-                if sk is None:
-                    continue
-                c = clones[sk]
-            m = merged.get(sk)
-            if m is None:
-                merged[sk] = [c.owner, rid, last_seen, tcp_o, tcp_i]
-            else:  # both directions held here: one record, flags kept per direction
-                if last_seen > m[2]:
-                    m[2] = last_seen
-                m[3] |= tcp_o
-                m[4] |= tcp_i
-        by_owner = collections.defaultdict(list)
-        for sk, m in merged.items():
-            by_owner[m[0]].append((sk, m))
-        n = 0
-        for owner, items in by_owner.items():
-            k = len(items)
-            rec = M.records(M.T_ACTIVITY, k)
-            for f, col in zip(_ACT_SK_FIELDS, zip(*[sk for sk, _ in items])):
-                rec[f] = col
-            seq0 = self._seq
-            rec["seq"] = (np.arange(seq0, seq0 + k, dtype=np.int64) - 1) % 0xFFFFFFFF + 1  # _next_seq k times
+        # each entry to its clone and the entries of one clone into one record, grouped
+        # by owner, in C (``CloneTable.activity``: time proportional to the entries, never
+        # a walk over the clones held; an ICMP entry, which does not carry the owner's
+        # remote identifier, is matched among the clones on its external endpoint)
+        rec, groups = self.clones.activity(act, self.tick_clock())
+        for owner, first, k in groups:
+            part = rec[first:first + k]
+            seq0 = self._seq  # _next_seq k times
+            part["seq"] = np.arange(seq0, seq0 + k) if seq0 + k <= 0x100000000 else _seq_run(seq0, k)
             self._seq = (seq0 + k - 1) % 0xFFFFFFFF + 1
-            _, rids, seen, t_o, t_i = zip(*[m for _, m in items])
-            rec["rule_id"] = rids
-            rec["idle_ms"] = np.clip((tick - np.array(seen, np.int64)) * 1000, 0, 0xFFFFFFFF)
-            rec["tcp_out"], rec["tcp_in"] = t_o, t_i
-            rec["tcp_flags"] = rec["tcp_out"] | rec["tcp_in"]
-            self._emit(owner, M.T_ACTIVITY, rec)
-            n += k
-        self.count("activity_reported", n)
-        return n
-
-    def _clone_of_entry(self, esk: tuple, dirs: int):
-        """The clone a table entry belongs to when the entry does not name it exactly: an
-        ICMP entry carries every field of its session but the remote identifier (rport
-        0), so it is looked for among the clones on its external endpoint (None: no
-        clone holds that entry)."""
-        head = esk[:6]
-        for sk, c in self.clones.at(esk[0], esk[3], esk[4]):
-            if sk[:6] == head and (c.dirs & dirs or not dirs):
-                return sk
-        return None
+            self._emit(owner, M.T_ACTIVITY, part)
+        self.count("activity_reported", len(rec))
+        return len(rec)
 
     def endpoint(self, proto: int, eaddr: int, eport: int) -> tuple:
         """What this agent knows of one external endpoint, in time proportional to what

@@ -18,6 +18,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+import numpy as np
+
 _ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
 
 
@@ -32,10 +34,16 @@ class LeaseTable:
         self.n_leases = 0
         self.walks = 0
 
-    def grant(self, sks, holder: int, until: float) -> list:
-        """A lease for `holder` on each session of `sks`, ending at `until` (a lease held
-        already: its end moves).  Returns the (proto, E, Ep) of each new lease (the
-        endpoints to hold), in order."""
+    def grant(self, recs, idx, holder: int, until: float) -> list:
+        """A lease for `holder` on the session of each record of `recs` (any layout that
+        names a session: SESSION_DTYPE, RULE, ACTIVITY) selected by `idx` (record
+        indexes; None: all), ending at `until` (a lease held already: its end moves).
+        Returns the external endpoint of each new lease (the endpoints to hold), in order,
+        as the block pool keys them: proto << 48 | E << 16 | Ep (uint64 array)."""
+        from ..clones_py import _selection, _sessions
+
+        every = _sessions(recs)
+        sks = [every[x] for x in _selection(idx, len(recs))]
         new = []
         for sk in sks:
             sk = tuple(sk)
@@ -49,9 +57,9 @@ class LeaseTable:
             else:
                 hs[holder] = until
             heapq.heappush(self._ends, (until, next(self._n), sk, holder))
-            new.append((sk[0], sk[3], sk[4]))
+            new.append(sk[0] << 48 | sk[3] << 16 | sk[4])
         self.n_leases += len(new)
-        return new
+        return np.array(new, np.uint64)
 
     def end(self, sk, holder: int) -> bool:
         """End `holder`'s lease on `sk` (True: it ran; release its endpoint)."""
@@ -95,12 +103,14 @@ class LeaseTable:
         return self._ends[0][0] if self._ends else float("inf")
 
     def held(self, recs, holder: int) -> list:
-        """For each ACTIVITY record: does `holder` hold a lease on its session?"""
+        """For each ACTIVITY record: does `holder` hold a lease on its session? (bool array)"""
+        import numpy as np
+
         out = []
         for sk in zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS)):
             hs = self._l.get(sk)
             out.append(hs is not None and holder in hs)
-        return out
+        return np.array(out, bool)
 
     # -- lookups --------------------------------------------------------------------------
     def get(self, sk, default=None):
@@ -148,3 +158,48 @@ class LeaseTable:
         """[(due, sk, holder)] queued (an entry whose lease ended or moved is stale)."""
         return [(d, sk, h) for d, _, sk, h in self._ends]
 
+
+
+# ------------------------------------------------------------------------------------------
+# The owner's answer to one ACTIVITY message: record conversions
+# ------------------------------------------------------------------------------------------
+def activity_sessions(recs, tick: int, owner: int):
+    """The sessions of ACTIVITY records as the owner merges them (SESSION_DTYPE): their
+    identity and rule_id, last_seen `tick` less the whole seconds idle (clipped to the
+    tick range), both directions (activity either way keeps both entries alive), the TCP
+    flags per direction (a SYN seen one way only leaves the session half-open), `owner`."""
+    import numpy as np
+
+    from .. import messages as M
+    from ..nat.records import SESSION_DTYPE
+
+    if not isinstance(recs, np.ndarray) or recs.dtype != M.ACTIVITY_DTYPE:
+        raise TypeError(f"ACTIVITY records expected, not {getattr(recs, 'dtype', type(recs))}")
+    sess = np.zeros(len(recs), SESSION_DTYPE)
+    for f_w, f_s in zip(_ACT_SK_FIELDS + ("rule_id",), ("proto", "iaddr", "iport", "eaddr", "eport", "raddr",
+                                                          "rport", "rule_id")):
+        sess[f_s] = recs[f_w]
+    idle = (recs["idle_ms"] // 1000).astype(np.int64)
+    sess["last_seen"] = np.clip(int(tick) - idle, 0, 0xFFFFFFFF)
+    sess["dirs"] = 3  # DIR_BIT_OUT | DIR_BIT_IN
+    sess["tcp_out"], sess["tcp_in"] = M.activity_tcp_dirs(recs)
+    sess["owner"] = owner
+    return sess
+
+
+def lease_records(recs, idx, owner: int, lease_ms: int):
+    """LEASE records (the RULE layout) renewing the sessions of the ACTIVITY records
+    `recs` selected by `idx` (None: all): identity, rule_id, `owner`, `lease_ms`."""
+    import numpy as np
+
+    from .. import messages as M
+    from ..clones_py import _selection
+
+    if not isinstance(recs, np.ndarray) or recs.dtype != M.ACTIVITY_DTYPE:
+        raise TypeError(f"ACTIVITY records expected, not {getattr(recs, 'dtype', type(recs))}")
+    r = recs[_selection(idx, len(recs))]
+    out = np.zeros(len(r), M.RULE_DTYPE)
+    for f in _ACT_SK_FIELDS + ("rule_id",):
+        out[f] = r[f]
+    out["owner"], out["lease_ms"] = owner, lease_ms
+    return out

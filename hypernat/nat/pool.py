@@ -36,6 +36,8 @@ import ipaddress
 import itertools
 import typing
 
+import numpy as np
+
 from .records import ip_text as _ip
 
 
@@ -60,7 +62,7 @@ class Pool(typing.Protocol):
     def defer(self, release_at: int, ekey: int, g: int, pi: int, off: int) -> None: ...
     def due(self, now: int, budget: int) -> tuple: ...
     def hold(self, ekey: int) -> None: ...
-    def hold_many(self, endpoints) -> None: ...
+    def hold_many(self, ekeys) -> None: ...
     def release_hold(self, ekey: int): ...
     def holds(self, ekey: int) -> int: ...
     def lend(self, in_use): ...
@@ -303,11 +305,11 @@ class BlockPool:
         """One lease granted on this external endpoint."""
         self._holds[ekey] = self._holds.get(ekey, 0) + 1
 
-    def hold_many(self, endpoints) -> None:
-        """``hold`` for each (proto, eaddr, eport) of `endpoints`."""
+    def hold_many(self, ekeys) -> None:
+        """``hold`` for each endpoint key of `ekeys` (proto << 48 | eaddr << 16 | eport; an
+        integer array, as ``LeaseTable.grant`` returns the new leases' endpoints)."""
         holds = self._holds
-        for p, e, ep in endpoints:
-            ekey = int(p) << 48 | int(e) << 16 | int(ep)
+        for ekey in np.asarray(ekeys, np.uint64).tolist():
             holds[ekey] = holds.get(ekey, 0) + 1
 
     def release_hold(self, ekey: int):
