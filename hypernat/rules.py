@@ -225,6 +225,8 @@ class Decisions:
 
 
 # out_key, in_key, record_keys: hypernat.nat.records (imported above)
+_NO_SESSIONS = np.zeros(0, SESSION_DTYPE)
+_NO_SESSIONS.flags.writeable = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -1051,10 +1053,12 @@ class RuleBuilder:
     def drain_created(self) -> np.ndarray:
         """Sessions created since the last call (for active install: PUSH).  Recorded
         only while ``track_created`` is true (default: install mode active, more than one NIC)."""
-        self._drain_events()
-        c, self._created = self._created, []
+        if len(self._events):
+            self._drain_events()
+        c = self._created
         if not c:
-            return np.zeros(0, SESSION_DTYPE)
+            return _NO_SESSIONS  # (every loop turn asks: no array built for nothing)
+        self._created = []
         return c[0] if len(c) == 1 else np.concatenate(c)
 
     def drain_removed(self) -> np.ndarray:

@@ -20,6 +20,63 @@ from fixtures.clones import rule_records, selected
 pytestmark = pytest.mark.timeout(120)
 
 
+def _plain_next_due(s):
+    """What next_due means, written plainly over every job (the reference)."""
+    return min((s.when(j) for j in s.jobs.values() if j.enabled and (j.period > 0 or j.due_fn is not None)),
+               default=INF)
+
+
+def _plain_due(s, now):
+    d = [(max(t, j.last_run), j.order, j.name) for j in s.jobs.values() if j.enabled and now >= (t := s.when(j))]
+    return [n for *_, n in sorted(d)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_cached_due_times_agree_with_a_plain_scan(seed):
+    """The scheduler keeps the enabled jobs grouped and the earliest fixed time cached
+    (a turn looks at few jobs); whatever the jobs return, whatever set_due / due_now /
+    enable do between turns, next_due() and due() answer what a scan of every job does."""
+    rng = np.random.default_rng(seed)
+    s = Scheduler()
+    owned = {"t": 7.0}  # a due_fn job's own timer
+    results = {}
+
+    def fn_of(name):
+        def fn(now):
+            r = results.get(name)
+            return r(now) if callable(r) else r
+        return fn
+
+    s.add("every", fn_of("every"))
+    s.add("a", fn_of("a"), 1.0)
+    s.add("b", fn_of("b"), 2.5, first=0.5)
+    s.add("c", fn_of("c"), 0.7, first=3.0)
+    s.add("own", fn_of("own"), 0.0, due=lambda: owned["t"])
+    names = list(s.jobs)
+    now = 0.0
+    for _ in range(300):
+        now += float(rng.choice([0.0, 0.05, 0.3, 1.1]))
+        op = int(rng.integers(0, 6))
+        name = names[int(rng.integers(0, len(names)))]
+        if op == 0:
+            s.set_due(name, now + float(rng.uniform(-1, 3)))
+        elif op == 1:
+            s.due_now(name)
+        elif op == 2:
+            s.enable(name, bool(rng.integers(0, 4)))  # mostly on
+        elif op == 3:
+            owned["t"] = now + float(rng.uniform(-0.5, 2))
+        elif op == 4:
+            results[name] = rng.choice([None, True, False, "float"])
+            if results[name] == "float":
+                results[name] = (lambda k: (lambda t: t + k))(float(rng.uniform(0.1, 2)))
+        assert s.next_due() == _plain_next_due(s)
+        want = _plain_due(s, now)
+        assert [j.name for j in s.due(now)] == want
+        assert [n for n, _ in s.run_due(now)] == want
+        assert s.next_due() == _plain_next_due(s)
+
+
 class FakeTimer:
     """A perf counter that advances only when a job says it worked."""
 

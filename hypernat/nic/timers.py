@@ -72,6 +72,14 @@ class Scheduler:
     timer: Callable[[], float] = time.perf_counter
     jobs: dict = field(default_factory=dict)
     _order: itertools.count = field(default_factory=itertools.count)
+    # The loop asks next_due() and due() every turn: the enabled jobs are kept in two
+    # lists (rebuilt by add / enable), and the earliest time of the jobs whose time is
+    # their own next_due (a period, no due_fn) is cached until one of those changes --
+    # a turn then looks at the jobs of every turn and the due_fn jobs only.
+    _fixed: list = field(default_factory=list)  # enabled, period > 0, no due_fn
+    _live: list = field(default_factory=list)  # enabled, the others (due_fn, or every turn)
+    _fixed_min: float = INF
+    _fixed_stale: bool = False
 
     def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None, budgeted: bool = True) -> Job:
         """Register job `name` (unique): run `fn` every `period` seconds, first at
@@ -85,20 +93,39 @@ class Scheduler:
         j = Job(name, fn, float(period), INF if due is not None else float(first), due,
                 order=next(self._order), budgeted=budgeted)
         self.jobs[name] = j
+        self._regroup()
         return j
+
+    def _regroup(self) -> None:
+        on = sorted((j for j in self.jobs.values() if j.enabled), key=lambda j: j.order)
+        self._fixed = [j for j in on if j.due_fn is None and j.period > 0]
+        self._live = [j for j in on if not (j.due_fn is None and j.period > 0)]
+        self._fixed_stale = True
+
+    def _set_next(self, j: Job, t: float) -> None:
+        j.next_due = t
+        if j.due_fn is None and j.period > 0:
+            self._fixed_stale = True
+
+    def _earliest_fixed(self) -> float:
+        if self._fixed_stale:
+            self._fixed_min = min((j.next_due for j in self._fixed), default=INF)
+            self._fixed_stale = False
+        return self._fixed_min
 
     def job(self, name: str) -> Job:
         return self.jobs[name]
 
     def due_now(self, name: str) -> None:
         """Make job `name` due at once (an event asks for it before its period is over)."""
-        self.jobs[name].next_due = -INF
+        self._set_next(self.jobs[name], -INF)
 
     def set_due(self, name: str, t: float) -> None:
-        self.jobs[name].next_due = float(t)
+        self._set_next(self.jobs[name], float(t))
 
     def enable(self, name: str, on: bool = True) -> None:
         self.jobs[name].enabled = on
+        self._regroup()
 
     @staticmethod
     def when(j: Job) -> float:
@@ -111,18 +138,41 @@ class Scheduler:
     def next_due(self) -> float:
         """The earliest time any enabled job is due (inf: none).  Jobs of every turn
         (period 0, no `due`: they handle what the turn's packets left) never wake the loop."""
-        return min((self.when(j) for j in self.jobs.values()
-                    if j.enabled and (j.period > 0 or j.due_fn is not None)), default=INF)
+        best = self._earliest_fixed()
+        for j in self._live:
+            f = j.due_fn
+            if f is None:
+                continue  # a job of every turn
+            t = f()
+            if t > j.next_due:
+                t = j.next_due
+            if t < best:
+                best = t
+        return best
 
     def due(self, now: float) -> list:
         """The jobs due at `now`, in the order they run: by the time each is due, but
         never before the time it last ran (a job whose owner reports a backlog due long
         ago, or that left work, queues behind the jobs that waited for it), then in
         registration order."""
-        when = self.when
-        d = [(max(t, j.last_run), j.order, j) for j in self.jobs.values() if j.enabled and now >= (t := when(j))]
-        d.sort(key=lambda x: (x[0], x[1]))
-        return [j for _, _, j in d]
+        d = []
+        for j in self._live:
+            t = j.next_due
+            f = j.due_fn
+            if f is not None:
+                u = f()
+                if u < t:
+                    t = u
+            if now >= t:
+                d.append((t if t > j.last_run else j.last_run, j.order, j))
+        if now >= self._earliest_fixed():
+            for j in self._fixed:
+                t = j.next_due
+                if now >= t:
+                    d.append((t if t > j.last_run else j.last_run, j.order, j))
+        if len(d) > 1:
+            d.sort()  # (time, order): orders are unique, the jobs never compared
+        return [x[2] for x in d]
 
     def run_due(self, now: float) -> list:
         """Run every due job (within the turn's budget, if any); returns [(name, seconds)]
@@ -150,11 +200,13 @@ class Scheduler:
                     j.max_s = dt
             if r is True:
                 j.overruns += 1
-                j.next_due = now  # the rest of its work: next turn
+                t = now  # the rest of its work: next turn
             elif r is None or r is False:
-                j.next_due = INF if j.due_fn is not None else now + j.period
+                t = INF if j.due_fn is not None else now + j.period
             else:
-                j.next_due = float(r)
+                t = float(r)
+            if t != j.next_due:
+                self._set_next(j, t)
             ran.append((j.name, dt))
         return ran
 
