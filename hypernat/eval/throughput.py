@@ -222,7 +222,7 @@ def _worker(cfg, nic, standalone, conn):
             loads = []
             tx0 = inside.tx + outside.tx
             t0 = t_last = time.perf_counter()
-            c0 = time.process_time()  # (the frames are loaded: unpickling them is not the pass's)
+            c0 = c_last = time.process_time()  # (the frames are loaded: unpickling them is not the pass's)
             deadline = t0 + PHASE_MAX_S
             last = tx0
             while True:
@@ -231,14 +231,14 @@ def _worker(cfg, nic, standalone, conn):
                 w.run_once(1 if src.exhausted else 0)
                 now = time.perf_counter()
                 tx = inside.tx + outside.tx
-                if tx != last:
-                    last, t_last = tx, now
+                if tx != last:  # the pass ends with its last frame (its time and its CPU)
+                    last, t_last, c_last = tx, now, time.process_time()
                 # done: the trace is through, nothing waits in the agent, and nothing left
                 # for 20 ms (replays of built or fetched rules leave a little later)
                 if (src.exhausted and w.idle and now - t_last > 0.02) or now > deadline:
                     break
             dt = t_last - t0
-            cpu = time.process_time() - c0
+            cpu = c_last - c0
             kept = sink.take() if sink is not None and sink.capture else None
             if isinstance(src, _Both):
                 kept = None
@@ -394,7 +394,7 @@ def run_config(name: str, frames: np.ndarray, lengths: np.ndarray, cpu_trace: bo
                     if any(s in k for s in DROP_WORDS)}
     res["counters"] = summed
     # CPU of every process over the one pass (the workers' own, from "go" to their last
-    # frame's wait; the coordinator's in the kernel's 10 ms ticks):
+    # frame, as the pass's time; the coordinator's in the kernel's 10 ms ticks, to the end):
     # with more processes than cores, the 2-NIC pass cannot take less wall time than its
     # CPU spread over the cores -- what bounds 2 NICs / 1 NIC on a small machine
     res["one_pass_cpu_s"] = round(sum(sum(phase[s]["cpu_s"].values()) for s in ("out", "in")), 3)
