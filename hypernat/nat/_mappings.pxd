@@ -54,6 +54,7 @@ cdef class Mappings:
     cdef _grow_m(self, uint32_t cap)
     cdef _grow_s(self, int32_t cap)
     cdef MapRec* _get(self, uint32_t rid) except NULL
+    cdef MapRec* live_c(self, uint32_t rid) noexcept nogil
     cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept
     cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
     cdef uint32_t find_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept

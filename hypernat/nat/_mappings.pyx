@@ -333,6 +333,12 @@ cdef class Mappings:
         self.count -= 1
         return 0
 
+    cdef MapRec* live_c(self, uint32_t rid) noexcept nogil:
+        """Mapping `rid`'s record if it is live, else NULL."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return NULL
+        return &self.m[rid]
+
     cdef MapRec* _get(self, uint32_t rid) except NULL:
         if rid == 0 or rid >= self.top or not self.m[rid].used:
             raise KeyError(rid)
@@ -357,10 +363,8 @@ cdef class Mappings:
 
     def matches(self, uint32_t rid, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep):
         """Mapping `rid` is live and binds (I, Ip) to (E, Ep)."""
-        if rid == 0 or rid >= self.top or not self.m[rid].used:
-            return False
-        cdef MapRec* m = &self.m[rid]
-        return m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
+        cdef MapRec* m = self.live_c(rid)
+        return m != NULL and m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
 
     def new(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
         """A new mapping of (p, I, Ip) to (E, Ep) in `block`: its rule id."""
