@@ -929,7 +929,7 @@ class RuleBuilder:
             if rec.tracking:
                 for ekey in ended["ekey"].tolist():
                     rec.forget(ekey)
-            self.pool.defer_many(ended["release_at"], ended["ekey"], ended["block"], ended["pidx"], ended["offset"])
+            self.pool.defer_many(ended)
         tl = self.translog
         if len(events) and tl is not None and not tl.per_block:
             tl.rules("remove", events[events["kind"] == (_EV_SESSION if tl.remote else _EV_MAPPING)])

@@ -25,9 +25,19 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_exp_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_exp_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_exp_prefetch(const void *p) noexcept nogil
+
 import numpy as np
 
-from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from ._events cimport EV_MAPPING, EV_SESSION, EventRing
 from ._hosts cimport Hosts
 from ._mappings cimport MapRec, Mappings
@@ -43,6 +53,7 @@ DEF T_SYN = 0x02
 DEF T_RST = 0x04
 DEF F_CLONE = 0x02
 DEF DIRS_BOTH = 3
+DEF LOOKAHEAD = 4     # expire_out starts loading a candidate's lines this many ahead
 
 # the timeout classes: indexes of Expiry's timeouts and of hypernat.nat.expiry.EXPIRY_EVENTS
 TCP_ESTABLISHED, TCP_TRANSITORY, UDP, ICMP = 0, 1, 2, 3
@@ -184,6 +195,16 @@ cdef class SessionEnd:
         return self.ne > 0 or self.nr > 0 or len(self.events) > 0
 
 
+cdef inline void _prefetch(SessionEnd se, FlowTable inn, hn_slot* o) noexcept:
+    """Start loading the lines candidate `o` reads first: its in entry's home slot, its
+    mapping's (``Mappings.prefetch_end``), its host's."""
+    cdef uint8_t p = o.proto
+    cdef uint16_t sp = o.new_port if p == P_ICMP else o.dport
+    hn_exp_prefetch(&inn.t.s[hn_flow_hash(p, o.daddr, sp, o.new_addr, o.new_port) & inn.t.mask])
+    se.maps.prefetch_end(p, o.saddr, o.sport, o.new_addr, o.new_port, o.rule_id, o.daddr, 0 if p == P_ICMP else sp)
+    se.hosts.prefetch(o.saddr)
+
+
 cdef inline bint _matches(Mappings maps, hn_slot* o) noexcept:
     cdef MapRec* m = maps.live_c(o.rule_id)
     return m != NULL and m.iaddr == o.saddr and m.iport == o.sport and m.eaddr == o.new_addr \
@@ -215,10 +236,14 @@ def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not
     if keys == NULL:
         raise MemoryError()
     try:
+        for k in range(min(n, LOOKAHEAD)):
+            _prefetch(se, inn, out.c_slot(where[k]))
         for k in range(n):
             if nd and _clock() > deadline:
                 stop = where[k]
                 break
+            if k + LOOKAHEAD < n:
+                _prefetch(se, inn, out.c_slot(where[k + LOOKAHEAD]))
             o = out.c_slot(where[k])
             p = o.proto
             if p == P_ICMP:

@@ -61,6 +61,8 @@ cdef class Mappings:
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept
     cdef bint has_raddr_c(self, uint32_t rid, uint32_t ra) noexcept
     cdef void prefetch_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
+    cdef void prefetch_end(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, uint32_t rid,
+                           uint32_t ra, uint16_t r) noexcept
     cdef int64_t new_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t g) except -1
     cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1
     cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2

@@ -188,6 +188,19 @@ cdef class Mappings:
             ra, r = 0, 0
         hn_map_prefetch(&t.t.s[hn_flow_hash(p, ia, ip, ra, r) & t.t.mask])
 
+    cdef void prefetch_end(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, uint32_t rid,
+                           uint32_t ra, uint16_t r) noexcept:
+        """Start loading what ending session (rid, R, Rp) of mapping (p, I, Ip, E, Ep)
+        reads first (``end_session_c``, ``end_c``): the mapping's record, its session-
+        index line (and remote-address line), its external and internal index lines."""
+        if rid < self.mcap:
+            hn_map_prefetch(&self.m[rid])
+        hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_SESS, rid, 0, ra, r) & self.sess.t.mask])
+        if self.raddr:
+            hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_RADDR, rid, 0, ra, 0) & self.sess.t.mask])
+        self.prefetch_ext(p, ea, ep)
+        self.prefetch_out(p, ia, ip, ra, r)
+
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
         return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
 
