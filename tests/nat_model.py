@@ -456,6 +456,43 @@ class ExpiryModel:
                 got.append(w)
         return got
 
+    def select(self, slots, lo, hi, now, budget, lease_clones):
+        """One step's candidates in out-table slots [lo, hi) (`slots`: the SLOT_DTYPE
+        array): (slot indices, where the slice ends), as the numpy filter before
+        ``_expire.out_candidates`` picked them."""
+        import numpy as np
+
+        t_tcp = min(self.t_trans, self.t_est)
+        t_floor = min(t_tcp, self.t_udp, self.t_icmp)
+        w = slots.view(np.uint32).reshape(-1, 8)
+        sel = np.zeros(0, np.intp)
+        if now >= t_floor:
+            word3 = w[lo:hi, 3]
+            m = w[lo:hi, 6] <= now - t_floor
+            m &= (word3 & (F_OCCUPIED << 8)) != 0
+            sel = np.flatnonzero(m)
+            if len(sel) > 4 * budget:
+                sel = sel[: 4 * budget]
+                hi = lo + int(sel[-1]) + 1
+            if len(sel):
+                w3 = word3[sel]
+                pr = w3 & 0xFF
+                thr = np.where(pr == TCP, t_tcp, np.where(pr == UDP, self.t_udp, self.t_icmp))
+                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
+                keep &= (w3 & (F_CLONE << 8)) == 0
+                sel = sel[keep]
+        if lease_clones:
+            lease = (w[lo:hi, 7] >> 16).astype(np.int32)
+            cexp = ((w[lo:hi, 3] & (F_CLONE << 8)) != 0) & (lease != 0)
+            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
+            csel = np.flatnonzero(cexp)
+            if len(csel):
+                sel = np.union1d(sel, csel)
+        if len(sel) > budget:
+            sel = sel[:budget]
+            hi = lo + int(sel[-1]) + 1
+        return sel + lo, hi
+
     def expire(self, rb, where, now):
         """Expire the idle ones among the out entries at `where`: (expired, mappings ended)."""
         so, si = rb.out.slots, rb.inn.slots

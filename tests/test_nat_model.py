@@ -730,3 +730,49 @@ def test_timeout_class_is_expirys():
             for fi in range(8):
                 assert rb.timeout_for(p, fo, fi) == m.timeout_for(p, fo, fi)
                 assert EXPIRY_EVENTS[_expire.timeout_class(p, fo, fi)] == m.event(p, fo, fi)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([0, 0, 1, 1, 1, 3]),  # flags: empty, occupied, occupied clone
+            st.sampled_from([6, 17, 1]),
+            st.integers(0, 400),  # idle for
+            st.integers(0, 0xFFFF),  # lease
+        ),
+        min_size=24,
+        max_size=96,
+    ),
+    lo=st.integers(0, 12),
+    span=st.integers(0, 128),
+    now=st.sampled_from([5, 400, 1000, 70000]),
+    budget=st.integers(1, 12),
+    lease_clones=st.booleans(),
+)
+def test_out_candidates_match_model(rows, lo, span, now, budget, lease_clones):
+    """The sweep's candidate choice in C (``_expire.out_candidates``) against the numpy
+    filter it replaced (``ExpiryModel.select``): the same slots, the same slice end (the
+    mass-expiry and budget cuts), for owned entries, clones with leases and empty slots."""
+    import numpy as np
+
+    from hypernat.fastpath import FlowTable
+    from hypernat.nat import _expire
+    from nat_model import ExpiryModel
+
+    cfg = rules_t.make_cfg()
+    t = cfg.timeouts
+    tab = FlowTable(64)
+    s = tab.slots  # written directly: the choice reads the slot words, not the hashing
+    for k, (fl, p, idle, lease) in enumerate(rows[: len(s)]):
+        s["flags"][k], s["proto"][k] = fl, p if fl else 0
+        s["last_seen"][k] = max(0, now - idle) if fl else 0
+        s["lease"][k] = lease if fl & 2 else 0
+    m = ExpiryModel(t)
+    hi = min(lo + span, len(s))
+    lo = min(lo, hi)
+    t_tcp = min(t.tcp_transitory, t.tcp_established)
+    got_sel, got_hi = _expire.out_candidates(tab, lo, hi, now, min(t_tcp, t.udp, t.icmp), t_tcp, t.udp, t.icmp,
+                                             budget, lease_clones)  # fmt: skip
+    want_sel, want_hi = m.select(s, lo, hi, now, budget, lease_clones)
+    assert got_sel.tolist() == want_sel.tolist() and got_hi == want_hi

@@ -2,6 +2,10 @@
 """Idle expiry's per-session work, compiled (issue 11: the work done once per connection,
 expiry included, is compiled; Python sees what it must as arrays drained once per step).
 
+``out_candidates`` picks one sweep step's candidates in a slice of the out table: owned
+entries idle for their protocol's shortest timeout, clones whose lease ran out, at most
+a budget of them (the slice ends after the last one taken).
+
 ``expire_out`` runs one sweep step's candidate out entries (``hypernat.nat.expiry.Expiry``
 picks them with numpy over a bounded slice of slots): per candidate the in entry
 (``FlowTable.c_find``), the merged last_seen and TCP state, the timeout class
@@ -20,7 +24,7 @@ endpoint's reuse-delay entry.  ``drain`` hands Python the three as arrays, once 
 (``RuleBuilder.flush_log``: ``BlockPool.defer_many``, ``Recovery.forget``,
 ``TransLog.rules("remove", ...)``, ``drain_removed``).
 """
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
@@ -51,6 +55,7 @@ DEF P_UDP = 17
 DEF T_FIN = 0x01
 DEF T_SYN = 0x02
 DEF T_RST = 0x04
+DEF F_OCC = 0x01
 DEF F_CLONE = 0x02
 DEF DIRS_BOTH = 3
 DEF LOOKAHEAD = 4     # expire_out starts loading a candidate's lines this many ahead
@@ -209,6 +214,52 @@ cdef inline bint _matches(Mappings maps, hn_slot* o) noexcept:
     cdef MapRec* m = maps.live_c(o.rule_id)
     return m != NULL and m.iaddr == o.saddr and m.iport == o.sport and m.eaddr == o.new_addr \
         and m.eport == o.new_port
+
+
+def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, double t_floor, double t_tcp,
+                   double t_udp, double t_icmp, int64_t budget, bint lease_clones):
+    """Candidates of one step in out-table slots [lo, hi): (their slot indices, ascending,
+    an int64 array; where the slice ends).
+
+    An owned entry is one if it is idle for its protocol's shortest timeout (`t_tcp`,
+    `t_udp`, `t_icmp`); with `lease_clones`, a clone is one if its lease ran out (16-bit
+    serial arithmetic on ``now & 0xFFFF``).  A mass expiry looks at a few at a time: past
+    4 * `budget` entries idle for `t_floor` (the shortest timeout: clones and owned alike)
+    the slice ends at the 4 * budget-th; past `budget` candidates it ends at the
+    budget-th."""
+    if lo < 0 or hi < lo or <uint64_t>hi > out.t.nslots:
+        raise ValueError(f"slots [{lo}, {hi}) outside the table")
+    sel = np.empty(hi - lo, np.int64)
+    cdef int64_t[::1] sv = sel
+    cdef Py_ssize_t ns = 0
+    cdef int64_t j, nf = 0, jcut = -1, mass = 4 * budget
+    cdef bint floor = now >= t_floor
+    cdef double lim = now - t_floor, thr
+    cdef int64_t nl = now & 0xFFFF
+    cdef hn_slot* s
+    for j in range(lo, hi):
+        s = out.c_slot(j)
+        if floor and s.flags & F_OCC and s.last_seen <= lim:
+            if jcut >= 0:  # more than 4 * budget: the slice ends at the 4 * budget-th
+                hi = jcut
+                while ns and sv[ns - 1] >= hi:
+                    ns -= 1
+                break
+            nf += 1
+            if nf == mass:
+                jcut = j + 1
+            thr = t_tcp if s.proto == P_TCP else (t_udp if s.proto == P_UDP else t_icmp)
+            if not s.flags & F_CLONE and now - <int64_t>s.last_seen >= thr:
+                sv[ns] = j
+                ns += 1
+                continue
+        if lease_clones and s.flags & F_CLONE and s.lease != 0 and ((nl - s.lease) & 0xFFFF) < 0x8000:
+            sv[ns] = j
+            ns += 1
+    if ns > budget:
+        ns = budget
+        hi = sv[ns - 1] + 1
+    return sel[:ns], hi
 
 
 def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not None, const int64_t[::1] where,

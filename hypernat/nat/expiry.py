@@ -3,7 +3,8 @@
     RuleBuilder.sweep(now) ──► Expiry.sweep(builder, now)
         1. endpoints whose reuse delay passed, quarantines that ended   builder.release_due
         2. out table, the next ``sweep_step`` slots from a cursor:
-             numpy over the raw slot words: occupied and idle for the shortest timeout
+             C over the slots (``out_candidates``): occupied and idle for the shortest
+             timeout of their protocol, or a clone whose lease ran out
              per candidate (at most ``sweep_max_expire`` or ``sweep_budget_us``):
                clone entry            dropped if its lease ran out (``drain_lease_expired``)
                owned entry            compiled (hypernat.nat._expire.expire_out): both
@@ -31,10 +32,9 @@ import numpy as np
 
 from .. import layout
 from ..verdicts import SLOW_PATH_REASON_NAMES
-from ._expire import expire_out, timeout_class
+from ._expire import expire_out, out_candidates, timeout_class
 from .records import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, slot_records
 
-PROTO_ICMP, PROTO_TCP, PROTO_UDP = layout.PROTO_ICMP, layout.PROTO_TCP, layout.PROTO_UDP
 _F_OCC, _F_CLONE = layout.F_OCCUPIED, layout.F_CLONE
 _R_LEASE = SLOW_PATH_REASON_NAMES.index("lease_expired")
 
@@ -150,44 +150,14 @@ class Expiry:
         res = SweepResult()
         res.endpoints_released = owner.release_due(now, max(budget, 16))
         out, inn = owner.out, owner.inn
-        # -- out table: owned sessions (both directions merged) and clones.  First a
-        # cheap filter over the raw slot words (idle for at least the shortest timeout,
-        # occupied), then the exact per-protocol test on the few slots that pass.
-        w = out.slots.view(np.uint32).reshape(-1, 8)
-        ns = len(w)
+        # -- out table: owned sessions (both directions merged) and clones whose lease
+        # ran out, picked in C over the next `step` slots (``out_candidates``)
+        ns = len(out.slots)
         lo = self._cur_out if self._cur_out < ns else 0
-        hi = min(lo + step, ns)
-        sel = np.zeros(0, np.intp)
-        if now >= self._t_floor:
-            word3 = w[lo:hi, 3]  # proto | flags << 8 | new_port << 16
-            m = w[lo:hi, 6] <= now - self._t_floor  # last_seen
-            m &= (word3 & (_F_OCC << 8)) != 0
-            sel = np.flatnonzero(m)
-            if len(sel) > 4 * budget:  # a mass expiry: look at a few at a time
-                sel = sel[: 4 * budget]
-                hi = lo + int(sel[-1]) + 1
-            if len(sel):
-                w3 = word3[sel]
-                pr = w3 & 0xFF
-                thr = np.where(pr == PROTO_TCP, self._t_tcp_min, np.where(pr == PROTO_UDP, self.t_udp, self.t_icmp))
-                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
-                keep &= (w3 & (_F_CLONE << 8)) == 0  # clones: the agent's (leases), not idleness
-                sel = sel[keep]
-        if self.lease_clones:
-            w7 = w[lo:hi, 7]  # tcp_state | user << 8 | lease << 16
-            lease = (w7 >> 16).astype(np.int32)
-            cexp = ((w[lo:hi, 3] & (_F_CLONE << 8)) != 0) & (lease != 0)
-            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
-            csel = np.flatnonzero(cexp)
-            if len(csel):
-                sel = np.union1d(sel, csel)
-        if len(sel) > budget:
-            sel = sel[:budget]
-            hi = lo + int(sel[-1]) + 1
+        sel, hi = out_candidates(out, lo, min(lo + step, ns), now, self._t_floor, self._t_tcp_min, self.t_udp,
+                                 self.t_icmp, budget, self.lease_clones)  # fmt: skip
         if len(sel):
-            slots = out.slots
-            recs = slots[sel + lo]
-            stop = self._expire_out(owner, recs, now, res, sel + lo, bus * 1e-6)
+            stop = self._expire_out(owner, now, res, sel, bus * 1e-6)
             if stop is not None:
                 hi = stop  # out of time: resume at the first candidate not handled
         res.scanned = hi - lo
@@ -215,19 +185,20 @@ class Expiry:
             res.clones_dropped += len(recs)
         return res
 
-    def _expire_out(self, owner, recs, now, res: SweepResult, where, budget_s):
-        """Expire the idle ones among candidate out entries (copies `recs`, slot indices
-        `where`), in at most `budget_s` seconds (at least one); returns None, or the slot
-        index to resume at if the time ran out.  The clones among them go after the owned
-        entries (a deletion moves later entries of its cluster: the compiled loop reads
-        the candidates where they lie)."""
+    def _expire_out(self, owner, now, res: SweepResult, where, budget_s):
+        """Expire the idle ones among the candidate out entries at slot indices `where`,
+        in at most `budget_s` seconds (at least one); returns None, or the slot index to
+        resume at if the time ran out.  The clones among them go after the owned entries
+        (a deletion moves later entries of its cluster: the compiled loop reads the
+        candidates where they lie)."""
         out, inn = owner.out, owner.inn
+        recs = out.slots[where]
         clone = (recs["flags"] & _F_CLONE) != 0
         stop = -1
         own = where[~clone]
         if len(own):
-            stop, expired, removed = expire_out(owner.session_end(), out, inn, own.astype(np.int64), now, self._tmo,
-                                                budget_s, self._counts)  # fmt: skip
+            stop, expired, removed = expire_out(owner.session_end(), out, inn, own, now, self._tmo, budget_s,
+                                                self._counts)  # fmt: skip
             res.expired += expired
             res.mappings_removed += removed
             owner.flush_log()
