@@ -772,7 +772,9 @@ def test_out_candidates_match_model(rows, lo, span, now, budget, lease_clones):
     hi = min(lo + span, len(s))
     lo = min(lo, hi)
     t_tcp = min(t.tcp_transitory, t.tcp_established)
-    got_sel, got_hi = _expire.out_candidates(tab, lo, hi, now, min(t_tcp, t.udp, t.icmp), t_tcp, t.udp, t.icmp,
-                                             budget, lease_clones)  # fmt: skip
+    own, clones, got_hi = _expire.out_candidates(tab, lo, hi, now, min(t_tcp, t.udp, t.icmp), t_tcp, t.udp, t.icmp,
+                                                 budget, lease_clones)  # fmt: skip
     want_sel, want_hi = m.select(s, lo, hi, now, budget, lease_clones)
-    assert got_sel.tolist() == want_sel.tolist() and got_hi == want_hi
+    assert got_hi == want_hi
+    assert own.tolist() == [k for k in want_sel.tolist() if not s["flags"][k] & 2]
+    assert clones.tolist() == [k for k in want_sel.tolist() if s["flags"][k] & 2]

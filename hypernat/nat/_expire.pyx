@@ -218,8 +218,8 @@ cdef inline bint _matches(Mappings maps, hn_slot* o) noexcept:
 
 def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, double t_floor, double t_tcp,
                    double t_udp, double t_icmp, int64_t budget, bint lease_clones):
-    """Candidates of one step in out-table slots [lo, hi): (their slot indices, ascending,
-    an int64 array; where the slice ends).
+    """Candidates of one step in out-table slots [lo, hi): (the owned entries' slot
+    indices, the clones', each ascending in an int64 array; where the slice ends).
 
     An owned entry is one if it is idle for its protocol's shortest timeout (`t_tcp`,
     `t_udp`, `t_icmp`); with `lease_clones`, a clone is one if its lease ran out (16-bit
@@ -259,7 +259,17 @@ def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, 
     if ns > budget:
         ns = budget
         hi = sv[ns - 1] + 1
-    return sel[:ns], hi
+    cdef Py_ssize_t k, no = 0, nc = 0
+    clones = np.empty(ns, np.int64)
+    cdef int64_t[::1] cv = clones
+    for k in range(ns):
+        if out.c_slot(sv[k]).flags & F_CLONE:
+            cv[nc] = sv[k]
+            nc += 1
+        else:
+            sv[no] = sv[k]
+            no += 1
+    return sel[:no], clones[:nc], hi
 
 
 def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not None, const int64_t[::1] where,

@@ -154,10 +154,10 @@ class Expiry:
         # ran out, picked in C over the next `step` slots (``out_candidates``)
         ns = len(out.slots)
         lo = self._cur_out if self._cur_out < ns else 0
-        sel, hi = out_candidates(out, lo, min(lo + step, ns), now, self._t_floor, self._t_tcp_min, self.t_udp,
-                                 self.t_icmp, budget, self.lease_clones)  # fmt: skip
-        if len(sel):
-            stop = self._expire_out(owner, now, res, sel, bus * 1e-6)
+        own, clones, hi = out_candidates(out, lo, min(lo + step, ns), now, self._t_floor, self._t_tcp_min,
+                                         self.t_udp, self.t_icmp, budget, self.lease_clones)  # fmt: skip
+        if len(own) or len(clones):
+            stop = self._expire_out(owner, now, res, own, clones, bus * 1e-6)
             if stop is not None:
                 hi = stop  # out of time: resume at the first candidate not handled
         res.scanned = hi - lo
@@ -185,25 +185,22 @@ class Expiry:
             res.clones_dropped += len(recs)
         return res
 
-    def _expire_out(self, owner, now, res: SweepResult, where, budget_s):
-        """Expire the idle ones among the candidate out entries at slot indices `where`,
-        in at most `budget_s` seconds (at least one); returns None, or the slot index to
-        resume at if the time ran out.  The clones among them go after the owned entries
-        (a deletion moves later entries of its cluster: the compiled loop reads the
-        candidates where they lie)."""
-        out, inn = owner.out, owner.inn
-        recs = out.slots[where]
-        clone = (recs["flags"] & _F_CLONE) != 0
+    def _expire_out(self, owner, now, res: SweepResult, own, clones, budget_s):
+        """Expire the idle ones among the owned candidate out entries at slot indices
+        `own`, in at most `budget_s` seconds (at least one), and drop the clones at
+        `clones` (their lease ran out); returns None, or the slot index to resume at if
+        the time ran out.  The clones go after the owned entries (a deletion moves later
+        entries of its cluster: the compiled loop reads the candidates where they lie)."""
+        out = owner.out
         stop = -1
-        own = where[~clone]
         if len(own):
-            stop, expired, removed = expire_out(owner.session_end(), out, inn, own, now, self._tmo, budget_s,
+            stop, expired, removed = expire_out(owner.session_end(), out, owner.inn, own, now, self._tmo, budget_s,
                                                 self._counts)  # fmt: skip
             res.expired += expired
             res.mappings_removed += removed
             owner.flush_log()
-        if clone.any():
-            c = recs[clone]
+        if len(clones):
+            c = out.slots[clones]
             out.delete_batch(c)
             self._note_lease_expired(owner.part, c, DIR_BIT_OUT)
             res.clones_dropped += len(c)

@@ -284,7 +284,8 @@ class BlockPool:
         """``defer`` for each record of a structured array with the fields (release_at,
         ekey, block, pidx, offset), in that order (hypernat.nat._expire.ENDED_DTYPE: the
         mappings one expiry step ended, in order, from ``SessionEnd.drain``)."""
-        self._reuse.extend(ended.tolist())
+        f = ended.dtype.names[:5]  # (a field at a time: ~2x faster than a record at a time)
+        self._reuse.extend(zip(*(ended[k].tolist() for k in f)))
 
     def due(self, now: int, budget: int) -> tuple:
         """At most `budget` endpoints whose reuse delay has passed by `now`: (how many
