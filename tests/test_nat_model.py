@@ -594,10 +594,14 @@ _TCP, _UDP, _ICMP = 6, 17, 1
 _R = [0xC6336401 + k for k in range(4)]  # 198.51.100.1..4
 
 
-def _expiry_twin(n_nics, log, behaviour, seed):
+def _expiry_twin(n_nics, log, behaviour, seed, impl="c"):
+    """Two builders alike (a: the flow tables of `impl`, "c" or "py": fastpath_py's)."""
     import io
 
+    import numpy as np
 
+    from hypernat import fastpath_py
+    from hypernat.fastpath import FlowTable
     from hypernat.translog import TransLog
     mapping, filtering = behaviour
     cfg = rules_t.make_cfg(n_nics, pool="198.18.77.0/28", ports=(1024, 4095), block=16, mapping=mapping,
@@ -606,7 +610,8 @@ def _expiry_twin(n_nics, log, behaviour, seed):
     for _ in range(2):
         buf = io.StringIO()
         tl = None if log == "off" else TransLog(buf, "per-rule", remote=log == "remote", clock=lambda: 1.5)
-        rbs.append(rules_t.make_rb(cfg, capacity=2048, seed=seed, translog=tl))
+        ft = fastpath_py.FlowTable if impl == "py" and not rbs else FlowTable
+        rbs.append(rules_t.RuleBuilder(cfg, 0, ft(2048), ft(2048), rng=np.random.default_rng(seed), translog=tl))
         bufs.append(buf)
     return cfg, rbs, bufs
 
@@ -638,20 +643,22 @@ EXPIRY_SESSIONS = st.lists(
                                ("address-and-port-dependent", "endpoint-independent")]),
     seed=st.integers(0, 2**32 - 1),
     steps=st.lists(st.integers(0, 200), min_size=1, max_size=3),
+    impl=st.sampled_from(["c", "c", "py"]),
 )
-def test_compiled_expiry_matches_model(sessions, n_nics, log, behaviour, seed, steps):
+def test_compiled_expiry_matches_model(sessions, n_nics, log, behaviour, seed, steps, impl):
     """Idle expiry's compiled per-session work (hypernat/nat/_expire.pyx, through
     ``RuleBuilder.sweep``) against ``ExpiryModel`` (the Python loop it replaced) on a
     twin builder: same sessions, activity and sweeps -> the same entries left (and merged
     last_seen), sessions expired per class, mappings ended, reuse-delay entries, REVOKE
-    records and translation-log lines."""
+    records and translation-log lines; over compiled flow tables or the plain-Python
+    reference's (``impl``)."""
     import numpy as np
 
     from hypernat import layout
     from hypernat.nat.expiry import EXPIRY_EVENTS
     from hypernat.verdicts import OUT
     from nat_model import ExpiryModel
-    cfg, (a, b), (buf_a, buf_b) = _expiry_twin(n_nics, log, behaviour, seed)
+    cfg, (a, b), (buf_a, buf_b) = _expiry_twin(n_nics, log, behaviour, seed, impl)
     hosts = rules_t.hosts_of(a, 3)
     now = 1000
     rows, seen = [], set()

@@ -41,13 +41,19 @@ cdef extern from *:
 
 import numpy as np
 
+cimport numpy as cnp
+
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from ._events cimport EV_MAPPING, EV_SESSION, EventRing
 from ._hosts cimport Hosts
 from ._mappings cimport MapRec, Mappings
 from ._ports cimport PortBlocks
 
+from .._fastpath import FlowTable as _FlowTable
+from ..layout import SLOT_DTYPE
 from .records import SESSION_DTYPE
+
+cnp.import_array()
 
 DEF P_ICMP = 1
 DEF P_TCP = 6
@@ -200,12 +206,23 @@ cdef class SessionEnd:
         return self.ne > 0 or self.nr > 0 or len(self.events) > 0
 
 
+cdef hn_slot* _slots(table, Py_ssize_t* n) except NULL:
+    """The slot array of a flow table of either implementation (the compiled one, or the
+    plain-Python reference hypernat.fastpath_py: both keep ``slots``, SLOT_DTYPE)."""
+    cdef cnp.ndarray a = table.slots
+    if a.dtype != SLOT_DTYPE or not a.flags.c_contiguous or a.ndim != 1 or a.shape[0] == 0:
+        raise TypeError("a flow table's slots must be a contiguous SLOT_DTYPE array")
+    n[0] = a.shape[0]
+    return <hn_slot*>cnp.PyArray_DATA(a)
+
+
 cdef inline void _prefetch(SessionEnd se, FlowTable inn, hn_slot* o) noexcept:
-    """Start loading the lines candidate `o` reads first: its in entry's home slot, its
-    mapping's (``Mappings.prefetch_end``), its host's."""
+    """Start loading the lines candidate `o` reads first: its in entry's home slot (a
+    compiled table: `inn` not None), its mapping's (``Mappings.prefetch_end``), its host's."""
     cdef uint8_t p = o.proto
     cdef uint16_t sp = o.new_port if p == P_ICMP else o.dport
-    hn_exp_prefetch(&inn.t.s[hn_flow_hash(p, o.daddr, sp, o.new_addr, o.new_port) & inn.t.mask])
+    if inn is not None:
+        hn_exp_prefetch(&inn.t.s[hn_flow_hash(p, o.daddr, sp, o.new_addr, o.new_port) & inn.t.mask])
     se.maps.prefetch_end(p, o.saddr, o.sport, o.new_addr, o.new_port, o.rule_id, o.daddr, 0 if p == P_ICMP else sp)
     se.hosts.prefetch(o.saddr)
 
@@ -216,7 +233,17 @@ cdef inline bint _matches(Mappings maps, hn_slot* o) noexcept:
         and m.eport == o.new_port
 
 
-def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, double t_floor, double t_tcp,
+cdef _records(const hn_slot* r, Py_ssize_t n):
+    """n slot records as a SLOT_DTYPE array (a copy)."""
+    a = np.empty(n, SLOT_DTYPE)
+    cdef uint8_t[::1] b
+    if n:
+        b = a.view(np.uint8)
+        memcpy(&b[0], r, n * sizeof(hn_slot))
+    return a
+
+
+def out_candidates(out, int64_t lo, int64_t hi, int64_t now, double t_floor, double t_tcp,
                    double t_udp, double t_icmp, int64_t budget, bint lease_clones):
     """Candidates of one step in out-table slots [lo, hi): (the owned entries' slot
     indices, the clones', each ascending in an int64 array; where the slice ends).
@@ -227,7 +254,9 @@ def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, 
     4 * `budget` entries idle for `t_floor` (the shortest timeout: clones and owned alike)
     the slice ends at the 4 * budget-th; past `budget` candidates it ends at the
     budget-th."""
-    if lo < 0 or hi < lo or <uint64_t>hi > out.t.nslots:
+    cdef Py_ssize_t nslots
+    cdef hn_slot* t = _slots(out, &nslots)
+    if lo < 0 or hi < lo or hi > nslots:
         raise ValueError(f"slots [{lo}, {hi}) outside the table")
     sel = np.empty(hi - lo, np.int64)
     cdef int64_t[::1] sv = sel
@@ -238,7 +267,7 @@ def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, 
     cdef int64_t nl = now & 0xFFFF
     cdef hn_slot* s
     for j in range(lo, hi):
-        s = out.c_slot(j)
+        s = &t[j]
         if floor and s.flags & F_OCC and s.last_seen <= lim:
             if jcut >= 0:  # more than 4 * budget: the slice ends at the 4 * budget-th
                 hi = jcut
@@ -263,7 +292,7 @@ def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, 
     clones = np.empty(ns, np.int64)
     cdef int64_t[::1] cv = clones
     for k in range(ns):
-        if out.c_slot(sv[k]).flags & F_CLONE:
+        if t[sv[k]].flags & F_CLONE:
             cv[nc] = sv[k]
             nc += 1
         else:
@@ -272,16 +301,25 @@ def out_candidates(FlowTable out not None, int64_t lo, int64_t hi, int64_t now, 
     return sel[:no], clones[:nc], hi
 
 
-def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not None, const int64_t[::1] where,
+def expire_out(SessionEnd se not None, out, inn, const int64_t[::1] where,
                int64_t now, const double[::1] timeouts, double budget_s, int64_t[::1] counts):
     """Expire the idle ones among the out entries at slot indices `where` (owned entries,
     not clones; ascending): `timeouts` by class, `counts` (by class) += the sessions
     expired; stop once `budget_s` seconds are spent (checked before each candidate once
     one entry went; at least one goes).  A candidate still active keeps the merged
     last_seen in its out entry.  Returns (the slot index to resume at, or -1 if all were
-    handled, sessions expired, mappings removed)."""
+    handled, sessions expired, mappings removed).
+
+    The tables are compiled FlowTables (C lookups and deletions), or both the plain-Python
+    reference's (hypernat.fastpath_py: its ``lookup`` per candidate and ``delete_batch``
+    at the end; the same slot arrays read and written)."""
     if timeouts.shape[0] != 4 or counts.shape[0] != 4:
         raise ValueError("timeouts and counts: 4 classes")
+    cdef bint cc = type(out) is _FlowTable and type(inn) is _FlowTable
+    cdef FlowTable ci = inn if cc else None
+    cdef Py_ssize_t n_out, n_in
+    cdef hn_slot* to = _slots(out, &n_out)
+    cdef hn_slot* ti = _slots(inn, &n_in)
     cdef Py_ssize_t n = where.shape[0], k, nd = 0
     cdef int64_t stop = -1, j
     cdef long expired = 0, removed = 0
@@ -293,28 +331,34 @@ def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not
     cdef int ended
     cdef double deadline = _clock() + budget_s
     cdef Py_ssize_t nin = 0
+    for k in range(n):
+        if where[k] < 0 or where[k] >= n_out:
+            raise ValueError(f"slot {where[k]} outside the out table")
     cdef hn_slot* keys = <hn_slot*>malloc((2 * n + 1) * sizeof(hn_slot))  # dead keys: out [0, n), in [n, 2n)
     if keys == NULL:
         raise MemoryError()
     try:
         for k in range(min(n, LOOKAHEAD)):
-            _prefetch(se, inn, out.c_slot(where[k]))
+            _prefetch(se, ci, &to[where[k]])
         for k in range(n):
             if nd and _clock() > deadline:
                 stop = where[k]
                 break
             if k + LOOKAHEAD < n:
-                _prefetch(se, inn, out.c_slot(where[k + LOOKAHEAD]))
-            o = out.c_slot(where[k])
+                _prefetch(se, ci, &to[where[k + LOOKAHEAD]])
+            o = &to[where[k]]
             p = o.proto
             if p == P_ICMP:
                 rr, sp = 0, o.new_port
             else:
                 rr = sp = o.dport
-            j = inn.c_find(p, o.daddr, sp, o.new_addr, o.new_port)
+            if cc:
+                j = ci.c_find(p, o.daddr, sp, o.new_addr, o.new_port)
+            else:
+                j = inn.lookup(p, o.daddr, sp, o.new_addr, o.new_port)
             so = o.tcp_state
             if j >= 0:
-                q = inn.c_slot(j)
+                q = &ti[j]
                 ls_i, si = q.last_seen, q.tcp_state
                 last = o.last_seen if o.last_seen >= ls_i else ls_i
             else:
@@ -327,7 +371,7 @@ def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not
             # dead: the out key, the in key (an owned in entry only)
             keys[nd] = o[0]
             nd += 1
-            if j >= 0 and not inn.c_slot(j).flags & F_CLONE:
+            if j >= 0 and not ti[j].flags & F_CLONE:
                 q = &keys[n + nin]
                 q.proto, q.saddr, q.sport, q.daddr, q.dport = p, o.daddr, sp, o.new_addr, o.new_port
                 nin += 1
@@ -338,12 +382,18 @@ def expire_out(SessionEnd se not None, FlowTable out not None, FlowTable inn not
             ended = se.end_c(o.rule_id, o.daddr, rr, now, last, so, si)
             if ended == 1:
                 removed += 1
-        for k in range(nd):
-            q = &keys[k]
-            out.c_delete(q.proto, q.saddr, q.sport, q.daddr, q.dport)
-        for k in range(nin):
-            q = &keys[n + k]
-            inn.c_delete(q.proto, q.saddr, q.sport, q.daddr, q.dport)
+        if cc:
+            (<FlowTable>out)._mutating()
+            ci._mutating()
+            for k in range(nd):
+                q = &keys[k]
+                (<FlowTable>out).c_delete(q.proto, q.saddr, q.sport, q.daddr, q.dport)
+            for k in range(nin):
+                q = &keys[n + k]
+                ci.c_delete(q.proto, q.saddr, q.sport, q.daddr, q.dport)
+        else:
+            out.delete_batch(_records(keys, nd))
+            inn.delete_batch(_records(&keys[n], nin))
     finally:
         free(keys)
     return stop, expired, removed
