@@ -761,8 +761,6 @@ def test_out_candidates_match_model(rows, lo, span, now, budget, lease_clones):
     """The sweep's candidate choice in C (``_expire.out_candidates``) against the numpy
     filter it replaced (``ExpiryModel.select``): the same slots, the same slice end (the
     mass-expiry and budget cuts), for owned entries, clones with leases and empty slots."""
-    import numpy as np
-
     from hypernat.fastpath import FlowTable
     from hypernat.nat import _expire
     from nat_model import ExpiryModel
