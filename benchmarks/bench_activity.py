@@ -54,11 +54,20 @@ def _sk(k: int) -> tuple:
     return (17, I0 + (k >> 8), 1024 + (k & 0xFF), E0 + (k >> 12), 1024 + (k & 0xFFF), R0 + (k & 0xFF), 53)
 
 
+def _rules(sks, rule_id, lease_ms):
+    """RULE records (as NIC 0 answers) for the session identities `sks`."""
+    recs = M.records(M.T_RULE, len(sks))
+    for k, f in enumerate(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")):
+        recs[f] = [sk[k] for sk in sks]
+    recs["rule_id"], recs["lease_ms"] = rule_id, lease_ms
+    return recs
+
+
 class _Rules:
     """The builder surface the agent calls here: every install succeeds, nothing else kept."""
 
-    def install_clone_rows(self, rows, now, lease_until=0):
-        return [1] * len(rows)
+    def install_clones(self, recs, now, dirs=3, lease_until=0, idx=None, owners=None):
+        return np.ones(len(recs) if idx is None else len(idx), np.int8)
 
     def hold_many(self, eps):
         pass
@@ -95,7 +104,8 @@ def holder(n: int):
     """An agent (NIC 1) holding n clones of NIC 0's sessions, installed as RULE answers are."""
     ag, _ = _agent(1)
     for lo in range(0, n, 4096):
-        ag._install_many(0, [(_sk(k), k + 1, 30000, DIR_BIT_IN) for k in range(lo, min(n, lo + 4096))], 0.0)
+        ks = range(lo, min(n, lo + 4096))
+        ag._install_many(0, _rules([_sk(k) for k in ks], [k + 1 for k in ks], 30000), None, DIR_BIT_IN, 0.0)
     return ag
 
 
@@ -186,7 +196,7 @@ def measure_expiry(n: int) -> float:
     ag._activity_due = float("inf")
     for j in range(REPEAT):  # short ones, ending one after the other
         sk = (6,) + _sk(j)[1:]
-        ag._install_many(0, [(sk, 1, 1500 + 100 * j, DIR_BIT_IN)], 0.0)  # ends at 1.0 + 0.1 j (margin 0.5)
+        ag._install_many(0, _rules([sk], 1, 1500 + 100 * j), None, DIR_BIT_IN, 0.0)  # ends at 1.0 + 0.1 j (margin 0.5)
         ag._grant_many([sk], 0, 0.1 * j - 30.0)  # until = 0.1 j + grace
     ag.tick(0.0)
     times = []

@@ -27,8 +27,8 @@ E, R = 0xC6120001, 0xC0000200
 class Rules:
     """The builder's side of the agent, stubbed: every clone installs."""
 
-    def install_clone_rows(self, rows, tick, lease_until=0):
-        return [1] * len(rows)
+    def install_clones(self, recs, now, dirs=3, lease_until=0, idx=None, owners=None):
+        return np.ones(len(recs) if idx is None else len(idx), np.int8)
 
     def hold_many(self, eps):
         pass

@@ -143,15 +143,17 @@ def build(n_rules: int, n_clones: int, state_dir: str, log=print):
     ia, ip = 0x0A800000 + (j >> 8), 1024 + (j & 0xFF)
     ra, rp = 0xC0000200 + (j & 0xFF), 53 + 0 * j
     long_ms = 30_000_000
-    items_all = list(zip(zip([17] * n_clones, ia.tolist(), ip.tolist(), ea.tolist(), ep.tolist(), ra.tolist(),
-                             rp.tolist()), (j + 1).tolist()))
+    rules = M.records(M.T_RULE, n_clones)  # as NIC 1 answers
+    rules["proto"], rules["int_addr"], rules["int_port"], rules["ext_addr"], rules["ext_port"] = 17, ia, ip, ea, ep
+    rules["rem_addr"], rules["rem_port"], rules["rule_id"], rules["owner"] = ra, rp, j + 1, 1
     for i in range(0, n_clones, 4096):
         # even clones end en masse (within a ms of each other), odd ones live on (the
         # traffic hits those)
         now = clock()
         short_ms = int((t0 + CLONE_END + w.agent.p.lease_margin_s - now) * 1000)
-        w.agent._install_many(1, [(sk, rid, short_ms if rid % 2 else long_ms, DIR_BIT_IN)
-                                  for sk, rid in items_all[i:i + 4096]], now)
+        chunk = rules[i:i + 4096]
+        chunk["lease_ms"] = np.where(chunk["rule_id"] % 2, short_ms, long_ms)
+        w.agent._install_many(1, chunk, None, DIR_BIT_IN, now)
         if i % (4096 * 16) == 0:
             gc.freeze()
     assert len(w.agent.clones) == n_clones, len(w.agent.clones)

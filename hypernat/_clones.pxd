@@ -3,7 +3,7 @@
 by session identity and by external endpoint (the entry store, ``_entries.pxd``), by
 owner in linked lists, and ordered by lease end in a binary heap."""
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from ._fastpath cimport FlowTable
 from ._entries cimport en_head, en_store
@@ -36,3 +36,5 @@ cdef class CloneTable:
                      uint32_t r, uint16_t rp) except -2
     cdef void unlink(self, int32_t x) noexcept
     cdef void _set_owner(self, int32_t x, int owner) noexcept
+    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t *todo, const double *exp,
+                       Py_ssize_t t, const int8_t *got, int64_t d0, const uint8_t *dv, double margin)

@@ -1,18 +1,27 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Clone install, compiled: a batch of other NICs' sessions becomes F_CLONE entries in
 this NIC's flow tables, through the tables' C interface (``_fastpath.pxd``), one C
-lookup and one C insert per entry, no Python call per row.
+lookup and one C insert per entry, read in place from the records (a RULE / PUSH
+message's, or SESSION_DTYPE), no Python object per record, the GIL released.
 
 ``hypernat.clones_py`` is the same operation in plain Python (the reference, used when
 the extensions are not built); ``tests/test_clones_twins.py`` checks they agree.
-``RuleBuilder.install_clone_rows`` is the one caller (partition lookups, counters).
+``RuleBuilder.install_clones`` is the one caller (partition lookups, counters).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 from ._fastpath cimport FlowTable, hn_slot
+from ._wire cimport wire_rule
+
+cimport numpy as cnp
+import numpy as np
 
 from . import layout as _layout
+from . import messages as _M
+from .clones_py import record_fields
 
 cdef enum:
     P_ICMP = 1
@@ -23,11 +32,13 @@ cdef enum:
 
 cdef uint8_t F_CLONE = _layout.F_CLONE
 cdef uint8_t TCP_MASK = _layout.TCP_STATE_MASK
+assert _M.RULE_DTYPE.itemsize == sizeof(wire_rule)
+cnp.import_array()
 
 
 cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
                     uint32_t na, uint16_t np_, uint32_t rid, uint32_t now, uint8_t tcp,
-                    uint16_t lease) noexcept:
+                    uint16_t lease) noexcept nogil:
     """One clone entry: 1 installed, 0 refused (an owned entry holds the key), -1 table
     full.  A clone entry already there is replaced (a later rule for the same key)."""
     cdef int64_t j = t.c_find(p, sa, sp, da, dp)
@@ -43,7 +54,7 @@ cdef inline int put(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t d
     return 1
 
 
-cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
+cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept nogil:
     """Count one ``put``: installed, refused as bad, or table full."""
     if k > 0:
         g[0] += 1
@@ -53,39 +64,156 @@ cdef inline void _tally(int k, int *g, int *bad, int *full) noexcept:
         full[0] += 1
 
 
-def install_clone_rows(FlowTable out not None, FlowTable inn not None, rows, own, int me,
-                       now, lease):
-    """Install clone entries for `rows`, tuples ``(proto, iaddr, iport, eaddr, eport,
-    raddr, rport, rule_id, dirs, tcp_out, tcp_in)``; `own` the owner NIC of each row's
-    external endpoint (this NIC `me` never clones its own).  `now` the tick written as
-    last_seen, `lease` the 16-bit lease end (0: none).  Returns ``(got, bad, full)``:
-    entries installed per row (a list), rows or entries refused as bad (unknown
-    protocol, own endpoint, an owned entry in the way), entries refused because their
-    table was full."""
-    cdef Py_ssize_t n = len(rows), x
-    cdef list got = [0] * n
+# Records read in place: byte offsets of the fields a clone needs, from the array's dtype
+# (clones_py.record_fields: SESSION_DTYPE's names or the wire RULE layout's).
+ctypedef struct rec_view:
+    const unsigned char *b
+    Py_ssize_t size
+    Py_ssize_t o_p, o_i, o_ip, o_e, o_ep, o_r, o_rp, o_rid, o_to, o_ti   # -1: absent (0)
+
+
+cdef inline uint32_t _u32(const unsigned char *p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint16_t _u16(const unsigned char *p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+cdef inline uint8_t _u8o(const unsigned char *p, Py_ssize_t o) noexcept nogil:
+    return p[o] if o >= 0 else 0
+
+
+cdef object _last_dtype = None
+cdef tuple _last_fields = None
+
+
+cdef object _view(rec_view *v, recs):
+    """Fill `v` for the record array `recs`; returns the array it points into (keep it
+    alive while `v` is used)."""
+    global _last_dtype, _last_fields
+    cdef cnp.ndarray raw = cnp.PyArray_FROMANY(recs, cnp.NPY_NOTYPE, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS) \
+        if type(recs) is not np.ndarray or not cnp.PyArray_IS_C_CONTIGUOUS(recs) else recs
+    dt = raw.dtype
+    if dt is not _last_dtype:  # the dtype's fields, looked up once per dtype object
+        _last_fields, _last_dtype = record_fields(dt), dt
+    v.o_p, v.o_i, v.o_ip, v.o_e, v.o_ep, v.o_r, v.o_rp, v.o_rid, v.o_to, v.o_ti = _last_fields
+    v.size = dt.itemsize
+    v.b = <const unsigned char *>cnp.PyArray_DATA(raw)
+    return raw
+
+
+# Per-batch arguments without per-batch numpy where a scalar or None does: a selection of
+# records (None: all of them) and per-record columns given as a scalar.  The arrays are
+# taken as they come when already of the type (numpy's C API, no copy, no memoryview).
+cdef cnp.ndarray _array(val, int typenum):
+    """`val` as a C-contiguous array of `typenum` with at most one dimension (itself when
+    it is one)."""
+    if (type(val) is np.ndarray and cnp.PyArray_TYPE(val) == typenum and cnp.PyArray_NDIM(val) <= 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(val)):
+        return val
+    return cnp.PyArray_FROMANY(val, typenum, 0, 1, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+
+
+cdef cnp.ndarray _selection(idx, Py_ssize_t n, Py_ssize_t *m):
+    """`idx` (record indexes) as a contiguous int64 array, each checked against `n`, its
+    length in *m; None stays None (every record: *m = n)."""
+    if idx is None:
+        m[0] = n
+        return None
+    cdef cnp.ndarray a = _array(idx, cnp.NPY_INT64)
+    if cnp.PyArray_NDIM(a) != 1:
+        a = a.reshape(-1)
+    cdef const int64_t *v = <const int64_t *>cnp.PyArray_DATA(a)
+    cdef Py_ssize_t k
+    m[0] = a.shape[0]
+    for k in range(m[0]):
+        if v[k] < 0 or v[k] >= n:
+            raise IndexError(f"record index {v[k]} out of range 0..{n - 1}")
+    return a
+
+
+cdef cnp.ndarray _column(val, Py_ssize_t n, int typenum, int64_t *scalar):
+    """A per-record value: a contiguous array of `n`, or None with a scalar in *scalar."""
+    if isinstance(val, int):
+        scalar[0] = val
+        return None
+    cdef cnp.ndarray a = _array(val, typenum)
+    if cnp.PyArray_NDIM(a) == 0:
+        scalar[0] = int(a)
+        return None
+    if a.shape[0] != n:
+        raise ValueError(f"a per-record column of {a.shape[0]} for {n} records")
+    return a
+
+
+cdef inline const void *_data(cnp.ndarray a) noexcept:
+    return NULL if a is None else cnp.PyArray_DATA(a)
+
+
+cdef object _EMPTY = np.zeros(0, np.int64)
+_EMPTY.flags.writeable = False
+
+
+def install_records(FlowTable out not None, FlowTable inn not None, recs, idx, dirs, own, int me,
+                    now, lease):
+    """Install clone entries for the records `recs` (a RULE / PUSH message's, or
+    SESSION_DTYPE; read in place) selected by `idx` (record indexes, None: all): `dirs`
+    (DIR_BIT_*, scalar or per record) the entries to install, `own` the owner NIC of
+    each record's external endpoint (per record; this NIC `me` never clones its own).
+    `now` the tick written as last_seen, `lease` the 16-bit lease end (0: none).  Returns
+    ``(got, bad, full)``: entries installed per selected record (int8), records or
+    entries refused as bad (unknown protocol, own endpoint, an owned entry in the way),
+    entries refused because their table was full."""
+    cdef Py_ssize_t n = len(recs), m, k, x
+    cdef rec_view v
+    cdef int64_t d0 = 0, o0 = 0
+    keep = _view(&v, recs)
+    cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+    cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
+    cdef cnp.ndarray own_a = _column(own, n, cnp.NPY_INT64, &o0)
+    cdef cnp.ndarray got_a = np.zeros(m, np.int8)
+    cdef const int64_t *ix = <const int64_t *>_data(ix_a)
+    cdef const uint8_t *dv = <const uint8_t *>_data(d_a)
+    cdef const int64_t *ov = <const int64_t *>_data(own_a)
+    cdef int8_t *got = <int8_t *>cnp.PyArray_DATA(got_a)
     cdef uint32_t tick = <uint32_t>(int(now) & 0xFFFFFFFF)
-    cdef uint16_t l16 = <uint16_t>int(lease)
+    cdef uint16_t l16 = <uint16_t>(int(lease) & 0xFFFF)
+    cdef const unsigned char *b
     cdef uint8_t p, d, to, ti
     cdef uint32_t i, e, r, rid
     cdef uint16_t ip, ep, rp
-    cdef int bad = 0, full = 0, k, g
+    cdef int bad = 0, full = 0, kk, g
+    if m == 0:
+        return got_a, 0, 0
     out._mutating()
     inn._mutating()
-    for x in range(n):
-        p, i, ip, e, ep, r, rp, rid, d, to, ti = rows[x]
-        if (p != P_TCP and p != P_UDP and p != P_ICMP) or own[x] == me:
-            bad += 1
-            continue
-        g = 0
-        if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
-            k = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
-            _tally(k, &g, &bad, &full)
-        if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
-            k = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
-            _tally(k, &g, &bad, &full)
-        got[x] = g
-    return got, bad, full
+    with nogil:
+        for k in range(m):
+            x = k if ix == NULL else ix[k]
+            b = v.b + x * v.size
+            p = b[v.o_p]
+            if (p != P_TCP and p != P_UDP and p != P_ICMP) or (o0 if ov == NULL else ov[x]) == me:
+                bad += 1
+                continue
+            i, ip, e, ep = _u32(b + v.o_i), _u16(b + v.o_ip), _u32(b + v.o_e), _u16(b + v.o_ep)
+            r, rp, rid = _u32(b + v.o_r), _u16(b + v.o_rp), _u32(b + v.o_rid)
+            d = <uint8_t>d0 if dv == NULL else dv[x]
+            g = 0
+            if d & D_OUT:  # out key (I, Ip, R, Rp); ICMP query: the identifier in both ports
+                to = _u8o(b, v.o_to)
+                kk = put(out, p, i, ip, r, ip if p == P_ICMP else rp, e, ep, rid, tick, to & TCP_MASK, l16)
+                _tally(kk, &g, &bad, &full)
+            if d & D_IN:  # in key (R, Rp, E, Ep); ICMP query: the translated identifier in both
+                ti = _u8o(b, v.o_ti)
+                kk = put(inn, p, r, ep if p == P_ICMP else rp, e, ep, i, ip, rid, tick, ti & TCP_MASK, l16)
+                _tally(kk, &g, &bad, &full)
+            got[k] = g
+    return got_a, bad, full
 
 
 # ------------------------------------------------------------------------------------
@@ -175,65 +303,105 @@ cdef class CloneTable:
         self.own_count[c.owner] -= 1
 
     # -- per batch -------------------------------------------------------------------------
-    def install(self, int owner, items, double now, double margin, install_rows, tick,
-                bint want_keys=False):
-        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        A clone already held with those entries only has its lease extended (an
-        idempotent repeat); the rest go to ``install_rows(rows, tick)`` in one call (the
-        builder's ``install_clone_rows``: flow-table entries per row), and each row that
-        got entries becomes a clone here (or adds its directions to the one held).
-        Returns (installed, failed, [(sk, dirs)] of the installed when `want_keys`)."""
-        cdef list todo = []
-        cdef list rows = []
-        cdef int32_t x
+    def install(self, int owner, recs, idx, dirs, double now, double margin, install):
+        """Install clones of `owner`'s sessions from RULE-layout records (a RULE or PUSH
+        message's, ``messages.RULE_DTYPE``; read in place: key, rule_id, lease_ms)
+        selected by `idx` (record indexes, None: all), `dirs` (DIR_BIT_*, scalar or per
+        record) the entries each brings.  A clone already held with those entries only
+        has its lease extended (an idempotent repeat); the rest go to ``install(recs,
+        todo, dirs)`` in one call (the builder's ``install_clones``: flow-table entries
+        per selected record, int8), and each that got entries becomes a clone here (or
+        adds its directions to the one held).  Returns (installed, failed, done): `done`
+        the indexes of the records installed (int64, in order)."""
+        cdef Py_ssize_t n = len(recs), m, k, t = 0, x
+        cdef rec_view v
+        keep = _view(&v, recs)
+        if n and v.size != sizeof(wire_rule):
+            raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
+        cdef int64_t d0 = 0
+        cdef cnp.ndarray ix_a = _selection(idx, n, &m)
+        cdef cnp.ndarray d_a = _column(dirs, n, cnp.NPY_UINT8, &d0)
+        if m == 0:
+            return 0, 0, _EMPTY
+        cdef const unsigned char *rb = v.b
+        cdef const int64_t *ix = <const int64_t *>_data(ix_a)
+        cdef const uint8_t *dv = <const uint8_t *>_data(d_a)
+        cdef int64_t *todo = <int64_t *>malloc(m * (sizeof(int64_t) + sizeof(double)))
+        if todo == NULL:
+            raise MemoryError()
+        cdef double *exp = <double *>(todo + m)
+        cdef const wire_rule *r
+        cdef int32_t j
         cdef ce_entry *c
         cdef double expires
-        cdef uint8_t p, d
-        cdef uint32_t i, e, r
-        cdef uint16_t ip, ep, rp
+        cdef uint8_t d
+        cdef cnp.ndarray todo_a
+        try:
+            for k in range(m):
+                x = k if ix == NULL else ix[k]
+                r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
+                d = <uint8_t>d0 if dv == NULL else dv[x]
+                expires = now + r.lease_ms / 1000.0
+                j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+                if j >= 0:
+                    c = &self.e[j]
+                    if c.owner == owner and (c.dirs & d) == d:
+                        if expires > c.expires:
+                            c.expires = expires
+                        continue
+                todo[t] = x
+                exp[t] = expires
+                t += 1
+            if t == 0:
+                return 0, 0, _EMPTY
+            todo_a = np.empty(t, np.int64)
+            memcpy(cnp.PyArray_DATA(todo_a), todo, t * sizeof(int64_t))
+            got_a = _array(install(keep, todo_a, dirs if dv == NULL else d_a), cnp.NPY_INT8)
+            if cnp.PyArray_NDIM(got_a) != 1 or got_a.shape[0] != t:
+                raise ValueError(f"install answered {got_a.size} entries for {t} records")
+            return self._commit(owner, rb, todo, exp, t, <const int8_t *>cnp.PyArray_DATA(got_a), d0, dv, margin)
+        finally:
+            free(todo)
+
+    cdef tuple _commit(self, int owner, const unsigned char *rb, const int64_t *todo, const double *exp,
+                       Py_ssize_t t, const int8_t *got, int64_t d0, const uint8_t *dv, double margin):
+        """The records `todo` the builder installed (got > 0) become clones here, or add
+        their directions to the clone held: (installed, failed, their indexes)."""
+        cdef cnp.ndarray done_a = np.empty(t, np.int64)
+        cdef int64_t *done = <int64_t *>cnp.PyArray_DATA(done_a)
+        cdef Py_ssize_t k, x
+        cdef const wire_rule *r
+        cdef int32_t j
+        cdef ce_entry *c
+        cdef uint8_t d
+        cdef double expires
         cdef int installed = 0, failed = 0
-        for it in items:
-            sk, rule_id, lease_ms, d = it
-            p, i, ip, e, ep, r, rp = sk
-            expires = now + lease_ms / 1000.0
-            x = self.find(p, i, ip, e, ep, r, rp)
-            if x >= 0:
-                c = &self.e[x]
-                if c.owner == owner and (c.dirs & d) == d:
-                    if expires > c.expires:
-                        c.expires = expires
-                    continue
-            todo.append((sk, rule_id, d, expires))
-            rows.append(sk + (rule_id, d, 0, 0))
-        if not todo:
-            return 0, 0, []
-        got = install_rows(rows, tick)
-        keys = [] if want_keys else None
-        for t, ok in zip(todo, got):
-            if ok <= 0:
+        for k in range(t):
+            if got[k] <= 0:
                 failed += 1
                 continue
+            x = todo[k]
+            done[installed] = x
             installed += 1
-            sk, rule_id, d, expires = t
-            p, i, ip, e, ep, r, rp = sk
-            x = self.find(p, i, ip, e, ep, r, rp)
-            if x < 0:
-                x = self.add(p, i, ip, e, ep, r, rp)
-                c = &self.e[x]
-                c.rule_id = rule_id
+            r = <const wire_rule *>&rb[x * sizeof(wire_rule)]
+            d = <uint8_t>d0 if dv == NULL else dv[x]
+            expires = exp[k]
+            j = self.find(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+            if j < 0:
+                j = self.add(r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port)
+                c = &self.e[j]
+                c.rule_id = r.rule_id
                 c.dirs = d
                 c.expires = expires
                 c.due = expires - margin
-                self._set_owner(x, owner)
-                heap_push(&self.h, c.due, x)
+                self._set_owner(j, owner)
+                heap_push(&self.h, c.due, j)
             else:
-                c = &self.e[x]
+                c = &self.e[j]
                 c.dirs |= d
                 if expires > c.expires:
                     c.expires = expires
-            if want_keys:
-                keys.append((sk, d))
-        return installed, failed, keys
+        return installed, failed, done_a[:installed] if installed < t else done_a
 
     def due_now(self, double now, double margin, Py_ssize_t limit=-1):
         """Clones whose lease (less `margin`) ran out by `now`, exactly on time: their

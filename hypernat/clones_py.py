@@ -3,10 +3,53 @@
 against the compiled one by ``tests/test_clones_twins.py``)."""
 import heapq
 
+import numpy as np
+
 from . import layout
 
 _P_ICMP, _P_TCP, _P_UDP = 1, 6, 17
 _D_OUT, _D_IN = 1, 2  # rules.DIR_BIT_OUT, rules.DIR_BIT_IN
+
+
+# The fields a clone needs, by the names of SESSION_DTYPE or of the wire RULE layout
+# (messages.RULE_DTYPE: RULE, PUSH); tcp_out / tcp_in may be absent (read as 0).
+_FIELDS = (("proto",), ("iaddr", "int_addr"), ("iport", "int_port"), ("eaddr", "ext_addr"),
+           ("eport", "ext_port"), ("raddr", "rem_addr"), ("rport", "rem_port"), ("rule_id",),
+           ("tcp_out",), ("tcp_in",))
+_WIDTHS = (1, 4, 2, 4, 2, 4, 2, 4, 1, 1)
+_REQUIRED = 8
+_OFFSETS: dict = {}
+
+
+def record_fields(dtype) -> tuple:
+    """The byte offsets of proto, iaddr, iport, eaddr, eport, raddr, rport, rule_id,
+    tcp_out, tcp_in in records of `dtype` (-1: absent, read as 0).  A dtype without one
+    of the first eight, or with one of another width, is a TypeError."""
+    got = _OFFSETS.get(dtype)
+    if got is not None:
+        return got
+    fields = dtype.fields or {}
+    offs = []
+    for k, (names, width) in enumerate(zip(_FIELDS, _WIDTHS)):
+        name = next((f for f in names if f in fields), None)
+        if name is None:
+            if k < _REQUIRED:
+                raise TypeError(f"clone records need a field {' or '.join(names)}: {dtype}")
+            offs.append(-1)
+            continue
+        ft, off = fields[name][:2]
+        if ft.kind != "u" or ft.itemsize != width or (width > 1 and ft.byteorder == ">"):
+            raise TypeError(f"clone record field {name} must be a {width}-byte unsigned integer: {dtype}")
+        offs.append(off)
+    _OFFSETS[dtype] = got = tuple(offs)
+    return got
+
+
+def _columns(recs) -> list:
+    """The fields of ``record_fields`` as lists (absent ones: zeros)."""
+    fields = recs.dtype.fields
+    return [recs[next(f for f in names if f in fields)].tolist() if any(f in fields for f in names)
+            else [0] * len(recs) for names in _FIELDS]
 
 
 def _put(t, key, na, np_, rid, now, tcp, lease) -> int:
@@ -24,13 +67,34 @@ def _put(t, key, na, np_, rid, now, tcp, lease) -> int:
     return 1
 
 
-def install_clone_rows(out, inn, rows, own, me, now, lease):
-    """See ``hypernat._clones.install_clone_rows``: ``(got, bad, full)``."""
+def _selection(idx, n) -> list:
+    if idx is None:
+        return list(range(n))
+    sel = np.asarray(idx, dtype=np.int64).reshape(-1).tolist()
+    if any(x < 0 or x >= n for x in sel):
+        raise IndexError(f"record index out of range 0..{n - 1}")
+    return sel
+
+
+def _per_record(v, n, dtype) -> list:
+    return np.broadcast_to(np.asarray(v, dtype=dtype), (n,)).tolist()
+
+
+def install_records(out, inn, recs, idx, dirs, own, me, now, lease):
+    """See ``hypernat._clones.install_records``: ``(got, bad, full)``."""
+    record_fields(recs.dtype)
     now = int(now) & 0xFFFFFFFF
     lease = int(lease) & 0xFFFF
-    got = [0] * len(rows)
+    n = len(recs)
+    sel = _selection(idx, n)
+    dirs = _per_record(dirs, n, np.uint8)
+    own = _per_record(own, n, np.int64)
+    cols = _columns(recs)
+    got = [0] * len(sel)
     bad = full = 0
-    for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
+    for k, x in enumerate(sel):
+        p, i, ip, e, ep, r, rp, rid, to, ti = (c[x] for c in cols)
+        d = dirs[x]
         if p not in (_P_TCP, _P_UDP, _P_ICMP) or own[x] == me:
             bad += 1
             continue
@@ -40,14 +104,14 @@ def install_clone_rows(out, inn, rows, own, me, now, lease):
         if d & _D_IN:
             puts.append((inn, (p, r, ep if p == _P_ICMP else rp, e, ep), i, ip, ti))
         for t, key, na, np_, tcp in puts:
-            k = _put(t, key, na, np_, rid, now, tcp & layout.TCP_STATE_MASK, lease)
-            if k > 0:
-                got[x] += 1
-            elif k == 0:
+            k2 = _put(t, key, na, np_, rid, now, tcp & layout.TCP_STATE_MASK, lease)
+            if k2 > 0:
+                got[k] += 1
+            elif k2 == 0:
                 bad += 1
             else:
                 full += 1
-    return got, bad, full
+    return np.array(got, np.int8), bad, full
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,27 +139,45 @@ class CloneTable:
         self._ends: list = []  # heap of (due, sk)
         self.walks = 0
 
-    def install(self, owner, items, now, margin, install_rows, tick, want_keys=False):
-        todo, rows = [], []
-        for sk, rule_id, lease_ms, d in items:
+    def install(self, owner, recs, idx, dirs, now, margin, install):
+        """See ``hypernat._clones.CloneTable.install``: (installed, failed, done)."""
+        from . import messages as M
+
+        n = len(recs)
+        if n and recs.dtype.itemsize != M.RULE_DTYPE.itemsize:
+            raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
+        sel = _selection(idx, n)
+        dl = _per_record(dirs, n, np.uint8)
+        cols = [recs[f].tolist() for f in ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr",
+                                           "rem_port", "rule_id", "lease_ms")] if n else [[]] * 9
+        todo, exp = [], []
+        for x in sel:
+            p, i, ip, e, ep, r, rp, _, lease_ms = (c[x] for c in cols)
+            sk, d = (p, i, ip, e, ep, r, rp), dl[x]
             expires = now + lease_ms / 1000.0
             c = self._c.get(sk)
             if c is not None and c[0] == owner and (c[2] & d) == d:
                 if expires > c[3]:
                     c[3] = expires
                 continue
-            todo.append((sk, rule_id, d, expires))
-            rows.append(tuple(sk) + (rule_id, d, 0, 0))
+            todo.append(x)
+            exp.append(expires)
         if not todo:
-            return 0, 0, []
-        got = install_rows(rows, tick)
+            return 0, 0, np.zeros(0, np.int64)
+        d_arg = dirs if np.ndim(dirs) == 0 else np.array(dl, np.uint8)
+        got = np.asarray(install(recs, np.array(todo, np.int64), d_arg)).tolist()
+        if len(got) != len(todo):
+            raise ValueError(f"install answered {len(got)} records of {len(todo)}")
         installed = failed = 0
-        keys = [] if want_keys else None
-        for (sk, rule_id, d, expires), ok in zip(todo, got):
+        done = []
+        for x, expires, ok in zip(todo, exp, got):
             if ok <= 0:
                 failed += 1
                 continue
             installed += 1
+            done.append(x)
+            p, i, ip, e, ep, r, rp, rule_id, _ = (c[x] for c in cols)
+            sk, d = (p, i, ip, e, ep, r, rp), dl[x]
             c = self._c.get(sk)
             if c is None:
                 due = expires - margin
@@ -107,9 +189,7 @@ class CloneTable:
                 c[2] |= d
                 if expires > c[3]:
                     c[3] = expires
-            if want_keys:
-                keys.append((sk, d))
-        return installed, failed, keys
+        return installed, failed, np.array(done, np.int64)
 
     def due_now(self, now, margin, limit=-1):
         out = []

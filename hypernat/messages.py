@@ -59,6 +59,11 @@ All fields are little-endian unsigned integers.
   holder's lease ends at receive time + lease_ms, which is later than the owner's view
   by the transit time, so the owner counts a granted lease as running until send time
   + lease_ms + ``LEASE_GRACE_MS`` before it reuses the endpoint (invariant 3).
+  A PUSH message carries every session an owner's loop turn built for one holder
+  (at most MAX_RECORDS), all under ONE ``seq``, the message's: the holder answers one
+  PUSH_ACK record per seq it received (``ST_REFUSED`` if any record under it was
+  refused), and the owner retries the message whole until then.  (The worker's
+  ``Outbox`` never cuts such a message across payloads.)
 
 ``ACTIVITY_DTYPE`` (36 B) — ACTIVITY (clone holder -> owner, batched)::
 
@@ -220,8 +225,8 @@ _TYPES = (
     ("FETCH", T_FETCH, "KEY", True, "ask the owner for a rule (passive install)"),
     ("RULE", T_RULE, "RULE", True, "owner's answer to FETCH: the rule to clone"),
     ("NACK", T_NACK, "KEY", True, "owner's refusal of a FETCH, with reason"),
-    ("PUSH", T_PUSH, "RULE", True, "owner pushes a rule to the predicted NIC (active install)"),
-    ("PUSH_ACK", T_PUSH_ACK, "ACK", True, "holder installed (or refused) a pushed rule"),
+    ("PUSH", T_PUSH, "RULE", True, "owner pushes rules to the predicted NIC (active install)"),
+    ("PUSH_ACK", T_PUSH_ACK, "ACK", True, "holder installed (or refused) a PUSH message (one record per seq)"),
     ("LEASE", T_LEASE, "RULE", True, "owner renews a clone's lease"),
     ("REVOKE", T_REVOKE, "KEY", True, "owner revokes a clone"),
     ("REVOKE_ACK", T_REVOKE_ACK, "ACK", True, "holder dropped the clone"),
@@ -679,7 +684,8 @@ class Outbox:
         return sum(len(v) for v in self._q.values())
 
     def drain(self):
-        """Yield (target, type, payload bytes); at most MAX_RECORDS records a payload."""
+        """Yield (target, type, payload bytes); at most MAX_RECORDS records a payload, and
+        every array of at most MAX_RECORDS records that was added goes out whole in one."""
         q, self._q = self._q, {}
         for (target, mtype), items in q.items():
             dt = DTYPE_OF[mtype]
@@ -697,6 +703,21 @@ class Outbox:
                     parts.append(np.array([it], dtype=dt))
                 else:
                     parts.append(np.frombuffer(pack(mtype, [it]), dtype=dt))
-            arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            for i in range(0, len(arr), MAX_RECORDS):
-                yield target, mtype, arr[i : i + MAX_RECORDS].tobytes()
+            # as few payloads as keep every array whole that fits in one (an acknowledged
+            # message of several records -- PUSH -- is answered under one seq, so it
+            # must arrive whole or not at all); a longer array is cut in MAX_RECORDS
+            run: list = []
+            size = 0
+            for part in parts:
+                while len(part) > MAX_RECORDS or (run and size + len(part) > MAX_RECORDS):
+                    if run:
+                        yield target, mtype, b"".join(r.tobytes() for r in run)
+                        run, size = [], 0
+                    else:  # longer than a payload: cut
+                        yield target, mtype, part[:MAX_RECORDS].tobytes()
+                        part = part[MAX_RECORDS:]
+                if len(part):
+                    run.append(part)
+                    size += len(part)
+            if run:
+                yield target, mtype, b"".join(r.tobytes() for r in run)

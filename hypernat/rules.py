@@ -41,7 +41,7 @@ to NIC ``partition.eim_owner(h)``; with APDM the NIC that sees the first outgoin
 allocates from its own E_i.  An incoming miss belongs to ``partition.owner(E, Ep)``.  A
 miss this NIC cannot decide comes back as FETCH with the owner's id and the key to ask
 for; the owner answers with ``serve_fetch_rows`` and the asker installs the answer with
-``install_clone``.
+``install_clones`` (the RULE records as received).
 
 Lifecycle: the fast path writes ``last_seen``/``tcp_state``/``F_ACTIVE`` in the slots;
 ``sweep(now)`` walks a bounded range of the out table per call (numpy over the slot
@@ -117,10 +117,9 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     drain_created() / drain_removed() -> SESSION_DTYPE arrays (for PUSH / REVOKE; recorded
         while .track_created (install: active) / .track_removed (more than one NIC))
   holder side of cloning
-    install_clone(records, now, dirs=DIR_BIT_OUT|DIR_BIT_IN, lease_until=0) -> int
-    install_clones(records, now, dirs, lease_until=0) -> int8[n] (entries per record)
-    install_clone_rows(rows, now, lease_until=0) -> list (the same on plain tuples:
-        the RuleAgent's RULE answers)
+    install_clones(records, now, dirs, lease_until=0, idx=None, owners=None) -> int8 (entries
+        per selected record; records: RULE / PUSH records as received, or SESSION_DTYPE)
+    install_clone(records, now, dirs=DIR_BIT_OUT|DIR_BIT_IN, lease_until=0) -> int (the sum)
     remove_clone(records) -> int
     renew_clones(records, lease_until) -> int
     collect_activity(clear=True, max_slots=None) -> SESSION_DTYPE array (active clone
@@ -1079,55 +1078,36 @@ class RuleBuilder:
 
     # -- holder side --------------------------------------------------------------------
     def install_clone(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0) -> int:
-        """Install other NICs' sessions as clones (F_CLONE) in this NIC's tables.
-        `dirs` selects the entries (the records' own `dirs` field is ignored);
-        `lease_until` (clock seconds, 0 = the agent tracks the lease itself) lets the
-        sweep drop the clone when the lease runs out.  A record whose external endpoint
-        this NIC owns, or whose entry would replace an owned one, is refused (counted as
-        bad_message).  Returns entries installed (refused inserts count as table_full)."""
+        """``install_clones``, the entries installed in all (tests, one-off callers)."""
         return int(self.install_clones(records, now, dirs, lease_until).sum())
 
-    def install_clones(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0) -> np.ndarray:
-        """``install_clone`` for a batch, per record: entries installed (int8[n], 0 = the
-        record was refused or its table was full).  `dirs` is a scalar or uint8[n].
+    def install_clones(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0, idx=None, owners=None) -> np.ndarray:
+        """Install other NICs' sessions as clones (F_CLONE) in this NIC's tables: the one
+        install operation (RULE answers, PUSHes, revalidation answers, tests).
 
-        The batch is the unit of work (passive install answers a burst of fetches with
-        one RULE message)::
+        `records`: a RULE / PUSH message's records (``messages.RULE_DTYPE``, as received)
+        or SESSION_DTYPE; `idx` the indexes of the records to install (None: all);
+        `dirs` the entries (DIR_BIT_*, scalar or per record; a SESSION record's own
+        `dirs` field is not read); `lease_until` (clock seconds, 0 = the agent tracks
+        the lease itself) lets the sweep drop the clone when the lease runs out;
+        `owners` the owner NIC of each record's external endpoint when the caller knows
+        it (per record; None: the partition is asked).  A record whose external endpoint
+        this NIC owns, or whose entry would replace an owned one, is refused (counted as
+        bad_message); an insert refused for room counts as table_full.  Returns the
+        entries installed per selected record (int8, 0 = refused or no room)::
 
-            records ──tolist──▶ owners of the external endpoints (partition)
-                    ──▶ hypernat._clones.install_clone_rows (compiled; clones_py without
-                        the extensions): per entry one C lookup (an owned entry in the
-                        way refuses it), one C insert, tcp_state / lease where non-zero
+            records ──▶ CloneHolder.install ──▶ hypernat._clones.install_records
+                        (compiled, records read in place, no GIL; clones_py without the
+                        extensions): per entry one C lookup (an owned entry in the way
+                        refuses it), one C insert, tcp_state / lease where non-zero
 
         A batch is exactly the records installed one by one, in order (a later record
         for the same key replaces the earlier clone entry)."""
-        recs = np.asarray(records).reshape(-1)
-        n = len(recs)
-        if n == 0:
-            return np.zeros(0, np.int8)
-        if n <= 8:  # a few records: one tuple each beats ten column lists
-            dl = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist()
-            rows = [(p, i, ip, e, ep, r, rp, rid, d, to, ti)
-                    for (i, e, r, ip, ep, rp, p, _, rid, _, to, ti, *_), d in zip(recs.tolist(), dl)]
-        else:
-            rows = list(zip(recs["proto"].tolist(), recs["iaddr"].tolist(), recs["iport"].tolist(),
-                            recs["eaddr"].tolist(), recs["eport"].tolist(), recs["raddr"].tolist(),
-                            recs["rport"].tolist(), recs["rule_id"].tolist(),
-                            np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (n,)).tolist(),
-                            recs["tcp_out"].tolist(), recs["tcp_in"].tolist()))
-        return np.array(self.install_clone_rows(rows, now, lease_until), dtype=np.int8)
-
-    def install_clone_rows(self, rows, now, lease_until=0) -> list:
-        """``install_clones`` on plain tuples ``(proto, iaddr, iport, eaddr, eport, raddr,
-        rport, rule_id, dirs, tcp_out, tcp_in)`` (the agent's RULE answers: no record
-        array built only to be taken apart again); entries installed per row, a list
-        (``CloneHolder.install_rows``; its refusals counted here)."""
-        if not rows:
-            return []
+        records = np.asarray(records).reshape(-1)
         lease = _lease16(lease_until)
         if lease:
             self.expiry.lease_clones = True
-        got, bad, full = self.holder.install_rows(rows, int(now) & 0xFFFFFFFF, lease)
+        got, bad, full = self.holder.install(records, int(now) & 0xFFFFFFFF, lease, dirs, idx, owners)
         if bad:
             self.counters[_R_BAD] += bad  # _refuse(_R_BAD) each: bad_message is no exhaustion
         for _ in range(full):

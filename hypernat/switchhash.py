@@ -11,9 +11,12 @@ must compute the same number as the switch:
   (``hypernat.lab.steering``).
 
 One module, low in the import graph (it imports nothing of the project), so that all
-of them share one implementation::
+of them share one implementation; ``predict_nics`` is ``predict_nic`` for a batch, and
+``hypernat._switchhash.predict_nics`` the same in C (one nogil loop, what the owner's
+active install calls for the sessions of a loop turn; tests/test_switchhash_compiled.py
+checks it against this module)::
 
-        agent.predict_nic ─┐
+       agent.predict_nics ─┐
      lab.emulated switch ──┼──► switchhash.switch_hash / predict_nic
    lab.steering (nft jhash)┘            │
                                         ├─ sha1   first 4 bytes of SHA-1 over the packed tuple
@@ -48,6 +51,8 @@ import hashlib
 import struct
 import sys
 import zlib
+
+import numpy as np
 
 _M = 0xFFFFFFFF
 _TUPLE = struct.Struct("!IIHHB")  # sha1 / crc32 input: saddr daddr sport dport proto
@@ -228,3 +233,24 @@ def predictable(name: str, proto: int, rss=None) -> bool:
     if name not in HASHES:
         return False
     return name != "jhash" or proto in JHASH_PROTOS
+
+
+def predict_nics(name: str, n: int, proto, saddr, sport, daddr, dport, seed: int = 0, fields: str = "5-tuple",
+                 rss=None):
+    """``predict_nic`` for a batch: the NIC (0..n-1) of every record of the columns
+    proto, saddr, sport, daddr, dport (sequences of equal length), -1 where it cannot be
+    predicted (``predictable`` says no, or ``predict_nic`` raises ValueError).  The
+    readable reference of ``hypernat._switchhash.predict_nics`` (the owner's active
+    install calls the compiled one; tests check the two agree)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    out = np.full(len(proto), -1, np.int32)
+    for i, (p, sa, sp, da, dp) in enumerate(zip(*(np.asarray(c).tolist() for c in (proto, saddr, sport, daddr,
+                                                                                    dport)))):
+        if not predictable(name, p, rss):
+            continue
+        try:
+            out[i] = predict_nic(name, n, p, sa, sp, da, dp, seed, fields, rss=rss)
+        except ValueError:  # toeplitz: a key too short, a queue no NIC serves
+            pass
+    return out

@@ -110,25 +110,18 @@ class MiniRules:
         return np.array(out, SESSION_DTYPE) if out else np.zeros(0, SESSION_DTYPE)
 
     # holder side
-    def install_clone(self, recs, now, dirs=3, lease_until=0):
-        n = 0
-        for r in np.atleast_1d(recs):
-            sk = skey(r)
-            if dirs & DIR_BIT_IN:
-                n += self.in_t.insert(sk[0], sk[5], sk[6], sk[3], sk[4], sk[1], sk[2], flags=layout.F_CLONE)
-            if dirs & DIR_BIT_OUT:
-                n += self.out_t.insert(sk[0], sk[1], sk[2], sk[5], sk[6], sk[3], sk[4], flags=layout.F_CLONE)
-        return n
-
-    def install_clone_rows(self, rows, now, lease_until=0):
-        recs = np.zeros(len(rows), SESSION_DTYPE)
-        for x, (p, i, ip, e, ep, r, rp, rid, d, to, ti) in enumerate(rows):
-            recs[x] = (i, e, r, ip, ep, rp, p, d, rid, now, to, ti, 0, 0)
-        return self.install_clones(recs, now, recs["dirs"], lease_until).tolist()
-
-    def install_clones(self, recs, now, dirs=3, lease_until=0):
+    def install_clones(self, recs, now, dirs=3, lease_until=0, idx=None, owners=None):
+        recs = np.atleast_1d(recs)
         d = np.broadcast_to(np.asarray(dirs), (len(recs),))
-        return np.array([self.install_clone(r, now, int(x), lease_until) for r, x in zip(recs, d)], np.int8)
+        got = []
+        for x in (range(len(recs)) if idx is None else np.asarray(idx).reshape(-1).tolist()):
+            sk, n = skey(recs[x]), 0
+            if d[x] & DIR_BIT_IN:
+                n += self.in_t.insert(sk[0], sk[5], sk[6], sk[3], sk[4], sk[1], sk[2], flags=layout.F_CLONE)
+            if d[x] & DIR_BIT_OUT:
+                n += self.out_t.insert(sk[0], sk[1], sk[2], sk[5], sk[6], sk[3], sk[4], flags=layout.F_CLONE)
+            got.append(n)
+        return np.array(got, np.int8)
 
     def remove_clone(self, recs):
         n = 0

@@ -23,6 +23,7 @@ from hypernat.nic.worker import NicWorker
 from hypernat.partition import Partition
 from hypernat.rules import SESSION_DTYPE
 
+from fixtures.clones import rule_records, selected
 from test_agent import E, I, PROTO, R, Fabric, in_key, owner_of
 
 OWNS3 = owner_of(3)
@@ -384,8 +385,8 @@ class _Tables:
     def __init__(self):
         self.holds = {}
 
-    def install_clone_rows(self, rows, now, lease_until=0):
-        return [1] * len(rows)
+    def install_clones(self, recs, now, dirs=3, lease_until=0, idx=None, owners=None):
+        return np.ones(selected(recs, idx), np.int8)
 
     def remove_clone(self, recs):
         return 1
@@ -447,9 +448,9 @@ def test_indexes_and_timers_follow_clones_and_leases(data):
         op = data.draw(st.sampled_from(("install", "drop", "grant", "end", "renew", "tick", "report")))
         sk = data.draw(st.sampled_from(_SKS))
         if op == "install":
-            ag._install_many(data.draw(st.sampled_from((1, 2))),
-                             [(sk, 5, data.draw(st.sampled_from((1000, 5000, 9000))), data.draw(st.sampled_from((1, 2, 3))))],
-                             t[0])
+            o = data.draw(st.sampled_from((1, 2)))
+            ag._install_many(o, rule_records([sk], 5, data.draw(st.sampled_from((1000, 5000, 9000))), o), None,
+                             data.draw(st.sampled_from((1, 2, 3))), t[0])
         elif op == "drop":
             ag._drop_clone(sk, "clone_revoked")
         elif op == "grant":

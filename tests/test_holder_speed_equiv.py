@@ -8,10 +8,11 @@ the same input through two paths and compares everything they leave behind:
 * ``RuleAgent.fetch_many`` / ``fetch_rows`` against ``fetch`` record after record;
 * ``RuleBuilder.decide_misses`` (small and big batches) and ``handle_misses`` against
   the decision loop as it stood before (a copy below: ``_reference_handle_misses``);
-* ``RuleBuilder.install_clone_rows`` / ``install_clones`` against the install loop as it
-  stood before (``_reference_install_clones``) and against installs one by one;
-* ``RuleAgent._on_rule`` on one RULE batch against one RULE message per record, through
-  the builder's tuple path and through a wrapped ``install_clone_rows`` (the event log's);
+* ``RuleBuilder.install_clones`` (all records, a selection with owners given) against the
+  install loop as it stood before (``_reference_install_clones``) and against installs
+  one by one;
+* ``RuleAgent._on_rule`` on one RULE batch against one RULE message per record, with and
+  without an install observer (the event log's);
 * ``Batch.from_frames`` / ``Batch.frames`` against a plain reference;
 * ``NicWorker._translate_again`` over copies (``_replay``) and over a selection of a batch.
 """
@@ -303,7 +304,7 @@ def _own_some(rb, recs, rng):
 
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 8, 9, 60])
 @pytest.mark.parametrize("lease_until", [0, 70000])
-def test_install_clone_rows_equal_the_reference_and_one_by_one(tmp_path, n, lease_until):
+def test_install_clones_equal_the_reference_and_one_by_one(tmp_path, n, lease_until):
     cfg = _cfg(tmp_path)
     rng = random.Random(n * 31 + lease_until)
     recs = _clone_records(rng, cfg, n)
@@ -313,10 +314,9 @@ def test_install_clone_rows_equal_the_reference_and_one_by_one(tmp_path, n, leas
         _own_some(rb, recs, random.Random(5))
     got_ref = _reference_install_clones(ref, recs, 50, dirs, lease_until)
     got_new = new.install_clones(recs, 50, dirs, lease_until)
-    got_rows = rows.install_clone_rows(
-        [(int(r["proto"]), int(r["iaddr"]), int(r["iport"]), int(r["eaddr"]), int(r["eport"]), int(r["raddr"]),
-          int(r["rport"]), int(r["rule_id"]), int(d), int(r["tcp_out"]), int(r["tcp_in"])) for r, d in zip(recs, dirs)],
-        50, lease_until)
+    # a selection of the records, their owners given (what the agent passes for a RULE message)
+    owners = rows.part.owners(recs["eaddr"].astype(np.int64), recs["eport"].astype(np.int64))
+    got_rows = rows.install_clones(recs, 50, dirs, lease_until, idx=np.arange(n), owners=owners).tolist()
     got_one = [one.install_clone(recs[x:x + 1], 50, int(dirs[x]), lease_until) for x in range(n)]
     assert got_new.dtype == np.int8 and got_new.tolist() == got_ref.tolist() == got_rows == got_one
     for rb in (new, rows, one):
@@ -326,7 +326,7 @@ def test_install_clone_rows_equal_the_reference_and_one_by_one(tmp_path, n, leas
         assert ref.counters[REASON["bad_message"]] > 0 and got_ref.sum() > 0
 
 
-def test_install_clone_rows_table_full_counts_like_the_reference(tmp_path):
+def test_install_clones_table_full_counts_like_the_reference(tmp_path):
     cfg = _cfg(tmp_path)
     recs = _clone_records(random.Random(9), cfg, 40)
     ref, new = _rb(cfg, 1, cap=16), _rb(cfg, 1, cap=16)
@@ -415,18 +415,18 @@ def test_fetch_rows_inside_a_batch_sends_nothing_until_the_batch_ends():
 
 
 # ------------------------------------------------------------------------ RULE answers
-def _rule_pair(tmp_path, wrap_one=False):
+def _rule_pair(tmp_path, observed=None):
+    """A holder (NIC 1 of 2); `observed`: a list the agent's install observer (the
+    worker's event log) appends (records, indexes, dirs) of each install to."""
     cfg = _cfg(tmp_path)
     part = Partition.from_config(cfg)
     rb = _rb(cfg, 1)
-    if wrap_one:  # what the worker's event log does: install_clone_rows becomes an instance attribute
-        inner = rb.install_clone_rows
-        rb.install_clone_rows = lambda rows, now, lease_until=0: inner(rows, now, lease_until)
+    on_installed = None if observed is None else (lambda r, idx, d: observed.append((r.copy(), idx.copy(), d)))
     sent, replayed = [], []
     owner_of = lambda a, q: None if part.owner(a, q) < 0 else part.owner(a, q)  # noqa: E731
     ag = RuleAgent(1, 2, rb, lambda t, m, r: sent.append((t, m, r.copy())), owner_of,
                    lambda d, f: replayed.append((d, list(f))), AgentParams(), clock=lambda: 0.0,
-                   tick_clock=lambda: 77, partition=part)
+                   tick_clock=lambda: 77, partition=part, on_installed=on_installed)
     return cfg, part, rb, ag, sent, replayed
 
 
@@ -458,11 +458,12 @@ def _answers(part, sent, rng):
     return np.concatenate(recs)
 
 
-@pytest.mark.parametrize("wrap", [False, True])
+@pytest.mark.parametrize("observe", [False, True])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_one_rule_batch_equals_one_rule_message_per_record(tmp_path, wrap, seed):
+def test_one_rule_batch_equals_one_rule_message_per_record(tmp_path, observe, seed):
     rng = random.Random(seed)
-    sides = [_rule_pair(tmp_path / f"{s}", wrap_one=wrap) for s in ("batch", "single")]
+    seen = ([], []) if observe else (None, None)
+    sides = [_rule_pair(tmp_path / f"{s}", observed=o) for s, o in zip(("batch", "single"), seen)]
     keys = []
     for i in range(24):
         p = rng.choice((TCP, UDP_P, ICMP))
@@ -506,6 +507,16 @@ def test_one_rule_batch_equals_one_rule_message_per_record(tmp_path, wrap, seed)
         fb = [f for dd, fs in rep_b if dd == d for f in fs]
         assert fa == fb
     assert [d for d, _ in rep_a] == sorted(d for d, _ in rep_a)  # OUT released before IN
+    if observe:  # the observer was told of every clone installed, with its directions, on both sides
+        for obs, ag in zip(seen, (ag_a, ag_b)):
+            told = {}
+            for r, idx, d in obs:
+                dl = np.broadcast_to(np.asarray(d, np.uint8), (len(r),))
+                for x in idx.tolist():
+                    sk = tuple(int(r[f][x]) for f in ("proto", "int_addr", "int_port", "ext_addr", "ext_port",
+                                                      "rem_addr", "rem_port"))
+                    told[sk] = told.get(sk, 0) | int(dl[x])
+            assert told == {k: c.dirs for k, c in ag.clones.items()}
 
 
 def test_latency_buckets_of_a_batch_as_one_by_one():

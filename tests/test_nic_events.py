@@ -57,6 +57,11 @@ def test_on_records_a_split_connection_in_causal_order(tmp_path):
     logs = [E.EventLog(1024, hits=True), E.EventLog(1024, hits=True)]
     with two_nics(tmp_path, logs) as (_, ws):
         ea, ep, t = split_connection(ws)
+        for w, _, _ in ws:
+            # the log is fed by the agent's declared observer: no builder method replaced
+            # (main wrapped rules.install_clone_rows with an instance attribute)
+            assert not [k for k in vars(w.rules) if k.startswith("install_clone")]
+            assert w.rules.install_clones.__func__ is type(w.rules).install_clones
     out_key = (UDP, I1, 40001, R1, 53)
     in_key = (UDP, R1, 53, ea, ep)
     e0, e1 = logs[0].snapshot(), logs[1].snapshot()
@@ -113,7 +118,7 @@ def test_clone_events_one_per_installed_direction_with_that_directions_key():
     r["proto"], r["iaddr"], r["iport"], r["eaddr"], r["eport"], r["raddr"], r["rport"] = 6, I1, 1000, 7, 2000, R1, 80
     r["iport"][1], r["iport"][2] = 1001, 1002
     dirs = np.array([DIR_BIT_IN, DIR_BIT_OUT | DIR_BIT_IN, DIR_BIT_OUT], np.uint8)
-    log.add_clones(r, dirs, np.array([1, 1, 0], np.int8), 42)  # the third was refused
+    log.add_clones(r, dirs, np.array([0, 1]), 42)  # the third was refused
     s = log.snapshot()
     got = sorted((int(x["dir"]), int(x["saddr"]), int(x["sport"]), int(x["daddr"]), int(x["dport"])) for x in s)
     assert got == sorted([(IN, R1, 80, 7, 2000), (IN, R1, 80, 7, 2000), (OUT, I1, 1001, R1, 80)])
@@ -135,23 +140,27 @@ def test_table1_run_fills_every_row_from_real_timestamps():
         assert 0 < arr1 <= recv <= ack <= arr2 <= back
 
 
-def test_add_clone_rows_logs_what_add_clones_logs():
-    """The event log's hook on install_clone_rows records the same events as add_clones
-    on the equivalent SESSION_DTYPE records."""
+def test_rule_records_log_what_session_records_log():
+    """The agent's observer hands the event log a RULE message's records as received
+    (the wire layout): the same events as add_clones on the equivalent SESSION_DTYPE
+    records."""
+    from hypernat import messages as M
     from hypernat.rules import SESSION_DTYPE
 
-    rows = [(17, 0x0A000001, 4000, 0xC6120001, 2000, 0xC0000201, 53, 1, 3, 0, 0),
-            (6, 0x0A000002, 4001, 0xC6120001, 2001, 0xC0000202, 443, 2, DIR_BIT_IN, 0, 0),
-            (17, 0x0A000003, 4002, 0xC6120001, 2002, 0xC0000203, 53, 3, 1, 0, 0)]
-    got = [2, 1, 0]
+    sks = [(17, 0x0A000001, 4000, 0xC6120001, 2000, 0xC0000201, 53),
+           (6, 0x0A000002, 4001, 0xC6120001, 2001, 0xC0000202, 443),
+           (17, 0x0A000003, 4002, 0xC6120001, 2002, 0xC0000203, 53)]
+    dirs = np.array([3, DIR_BIT_IN, 1], np.uint8)
+    rule = M.records(M.T_RULE, 3)
+    ses = np.zeros(3, SESSION_DTYPE)
+    for k, (w, n) in enumerate((("proto", "proto"), ("int_addr", "iaddr"), ("int_port", "iport"), ("ext_addr", "eaddr"),
+                                ("ext_port", "eport"), ("rem_addr", "raddr"), ("rem_port", "rport"))):
+        rule[w] = ses[n] = [sk[k] for sk in sks]
     a, b = E.EventLog(64), E.EventLog(64)
-    a.add_clone_rows(rows, got, 7)
-    r = np.zeros(3, SESSION_DTYPE)
-    for name, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), zip(*rows)):
-        r[name] = col
-    b.add_clones(r, np.array([3, 2, 1], np.uint8), np.array(got), 7)
+    a.add_clones(rule, dirs, np.array([0, 1]), 7)  # the third was refused
+    b.add_clones(ses, dirs, [0, 1], 7)
     assert len(a.snapshot()) == 3 and a.snapshot().tobytes() == b.snapshot().tobytes()
     got_keys = sorted((int(e["dir"]), int(e["proto"]), int(e["saddr"]), int(e["sport"]), int(e["daddr"]),
                        int(e["dport"])) for e in a.snapshot())
     assert got_keys == sorted([(OUT, 17, 0x0A000001, 4000, 0xC0000201, 53), (IN, 17, 0xC0000201, 53, 0xC6120001, 2000),
-                               (IN, 6, 0xC0000202, 443, 0xC6120001, 2001)])  # dirs 2 = DIR_BIT_IN; refused: none
+                               (IN, 6, 0xC0000202, 443, 0xC6120001, 2001)])  # dirs 2 = DIR_BIT_IN

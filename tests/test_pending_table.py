@@ -46,6 +46,11 @@ def _state(t):
             t.source_items(), t.neg_len())
 
 
+def _plain(answer):
+    """answer_rules' result with its arrays as lists (to compare the twins')."""
+    return tuple(x.tolist() if isinstance(x, np.ndarray) else x for x in answer)
+
+
 def _rule_records(pend, rng_ops, source):
     """RULE records for fetches in flight (sorted, so both tables see the same ones)."""
     recs = M.records(M.T_RULE, len(rng_ops))
@@ -111,7 +116,7 @@ def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
         elif kind == "rule":
             recs = _rule_records(pend, o[2], o[1])
             owners = np.where(recs["ext_addr"] == 99, o[1] + (o[1] == 0), o[1]) if len(recs) else []
-            got = [t.answer_rules(o[1], recs, owners, now, LIMITS) for t in (c, m)]
+            got = [_plain(t.answer_rules(o[1], recs, owners, now, LIMITS)) for t in (c, m)]
             assert got[0] == got[1]
         elif kind == "nack":
             recs = _nack_records(pend, o[2])
@@ -166,11 +171,48 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     for f in ("seq", "proto", "ext_addr", "ext_port", "rem_addr", "rem_port"):
         rules[f] = recs[f]
     rules["owner"] = 2
-    items, rout, rin, lats, counts, dup, wrong, bad, bad_owner = t.answer_rules(2, rules, np.full(n, 2), 0.0005,
-                                                                                LIMITS)
-    assert (len(items), dup, wrong, bad, bad_owner, rout) == (n, 0, 0, 0, [], [])
+    acc, dirs, rout, rin, lats, counts, dup, wrong, bad, bad_owner = t.answer_rules(2, rules, np.full(n, 2), 0.0005,
+                                                                                    LIMITS)
+    assert (acc.tolist(), dup, wrong, bad, bad_owner, rout) == (list(range(n)), 0, 0, 0, [], [])
+    assert (dirs == 2).all() and len(lats) == n  # every fetch was an IN fetch
     assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
+
+
+_nkey = st.tuples(st.sampled_from([1, 6, 17]), st.integers(1, 2), st.integers(1, 3), st.integers(1, 2),
+                 st.integers(1, 3), st.integers(1, 2), st.integers(1, 3))  # proto, I, Ip, E, Ep, R, Rp
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 4)), max_size=12),
+       st.lists(st.tuples(_nkey, st.integers(0, 3)), min_size=1, max_size=8), st.data())
+def test_answers_end_the_negative_entries_of_their_keys_in_both_tables(negs, rules, data):
+    """neg_discard_rules (RULE records read in place, the dirs of each) drops the same
+    negative-cache entries in the compiled table and in the reference: the out key
+    and / or in key (rules.out_key / in_key: ICMP on the identifier) of each record
+    selected, nothing else."""
+    from hypernat.agent.core import session_key
+
+    sks = [sk for sk, _ in rules]
+    params = dict(PARAMS, negative_max=64)  # room for every refusal
+    c, m = _pending.PendingTable(**params), pending_py.PendingTable(**params)
+    for d, k in negs:  # refusals for some of the answers' keys, and others
+        sk = sks[k % len(sks)] if k < 4 else (6, 9, 9, 9, 9, 9, 9)
+        for t in (c, m):
+            t.neg_set((d, session_key(sk, d)), 5.0)
+    recs = M.records(M.T_RULE, len(rules))
+    for x, (sk, _) in enumerate(rules):
+        for f, v in zip(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"), sk):
+            recs[f][x] = v
+    idx = np.array(data.draw(st.lists(st.integers(0, len(rules) - 1), max_size=len(rules))), np.int64)
+    dirs = data.draw(st.sampled_from([np.array([d for _, d in rules], np.uint8), 3, 1]))
+    for t in (c, m):
+        t.neg_discard_rules(recs, idx, dirs)
+    assert c.neg_items() == m.neg_items()
+    dl = np.broadcast_to(np.asarray(dirs, np.uint8), (len(rules),))
+    gone = {(d, session_key(sks[x], d)) for x in idx.tolist() for d in (0, 1) if dl[x] & (1 << d)}
+    assert {pk for pk, _ in m.neg_items()} == {(d, session_key(sks[k % len(sks)], d)) if k < 4
+                                              else (d, session_key((6, 9, 9, 9, 9, 9, 9), d)) for d, k in negs} - gone
 
 
 # ------------------------------------------------------------------------ the owner's leases

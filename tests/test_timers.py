@@ -15,6 +15,8 @@ from hypernat.deadlines import DeadlineQueue
 from hypernat.lab.emulated import emulated_config
 from hypernat.nic.timers import INF, Scheduler
 
+from fixtures.clones import rule_records, selected
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -319,8 +321,8 @@ class _ActRules(_Rules):
         self.recs = recs
         self.calls = 0
 
-    def install_clone_rows(self, rows, now, lease_until=0):
-        return [1] * len(rows)
+    def install_clones(self, recs, now, dirs=3, lease_until=0, idx=None, owners=None):
+        return np.ones(selected(recs, idx), np.int8)
 
     def collect_activity(self, clear=True, max_slots=None):
         self.calls += 1
@@ -340,7 +342,7 @@ def test_activity_entries_reported_a_bounded_number_per_turn():
     sent = []
     a = agent(sent, activity_entries=128)
     a.rules = _ActRules(recs)
-    a._install_many(1, [(sk, 1, 60_000, DIR_BIT_IN) for sk in sks], 0.0)
+    a._install_many(1, rule_records(sks, lease_ms=60_000, owner=1), None, DIR_BIT_IN, 0.0)
     turns = 0
     while a.step_activity(1.0):
         turns += 1
@@ -359,8 +361,9 @@ def test_clone_lease_drops_bounded_per_call(impl):
         t = cl.CloneTable()
     else:
         t = clones_py.CloneTable()
-    items = [((17, 0x0A000001, 1000 + k, 0xC6120001, 3000 + k, 0xC0000205, 53), k + 1, 1000, 2) for k in range(1000)]
-    t.install(1, items, 0.0, 0.5, lambda rows, now, lease_until=0: [1] * len(rows), 0, False)
+    recs = rule_records([(17, 0x0A000001, 1000 + k, 0xC6120001, 3000 + k, 0xC0000205, 53) for k in range(1000)],
+                        rule_id=np.arange(1, 1001), lease_ms=1000, owner=1)
+    t.install(1, recs, None, 2, 0.0, 0.5, lambda r, todo, d: np.ones(len(todo), np.int8))
     got = t.due_now(5.0, 0.5, 64)
     assert len(got) == 64 and t.next_due <= 5.0
     rest = t.due_now(5.0, 0.5)  # no limit: the rest at once (the old call)

@@ -50,9 +50,11 @@ CROSS=$cross_cc CCACHE_DIR=${CCACHE_DIR:-/var/cache/hypernat/ccache} CCACHE_BASE
 
 # The fast-path tests (and the fragment table's, where there is one)
 # (and hypernat/nat's model test: the per-connection C state, checked against its reference)
+# (and the switch hash in C against its reference: byte order matters to jhash)
 # (the fragment table's own tests, not those that drive whole NIC workers: the arm64 root
 # has no ZeroMQ)
-mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag.py' 'tests/test_nat_model.py')
+mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag.py' 'tests/test_nat_model.py' \
+  'tests/test_switchhash_compiled.py')
 [ ${#tests[@]} -gt 0 ] || { echo "portability: no fast-path tests found" >&2; exit 1; }
 
 # 2. -funsigned-char on x86-64

@@ -26,7 +26,10 @@ from libc.string cimport memset
 from .._fastpath cimport FlowTable, hn_slot
 from .._wire cimport FETCH_BY_EXTERNAL, FETCH_BY_INTERNAL, wire_key, wire_rule
 
+cimport numpy as cnp
 import numpy as np
+
+cnp.import_array()
 
 from .._fastpath import FlowTable as _FlowTable
 from .. import messages as _M
@@ -99,9 +102,11 @@ cdef inline void _key_reindex(const char *e, size_t size, int32_t hw, FlowTable 
             _key_index(ix0, ix1, k, x)
 
 
-cdef inline const unsigned char[::1] _bytes_of(recs):
-    """A message's records as bytes, in place when they are contiguous."""
-    return np.ascontiguousarray(recs).view(np.uint8).reshape(-1)
+cdef inline cnp.ndarray _contiguous(recs):
+    """A message's records, in place when they are contiguous (its bytes:
+    ``cnp.PyArray_DATA``; a structured array's ``.view(np.uint8)`` runs numpy's Python
+    check of the view, microseconds a message)."""
+    return np.ascontiguousarray(recs)
 
 
 # ------------------------------------------------------------------------------------
@@ -514,16 +519,28 @@ cdef class PendingTable:
 
     def answer_rules(self, int source, recs, owners, double now, lat_limits):
         """``pending_py.PendingTable.answer_rules``: the records read in place."""
-        cdef const unsigned char[::1] raw = _bytes_of(recs)
+        cdef cnp.ndarray keep = _contiguous(recs)
+        cdef const unsigned char *raw = <const unsigned char *>cnp.PyArray_DATA(keep)
         cdef Py_ssize_t nrec = len(recs), k
-        cdef const int64_t[::1] own = np.ascontiguousarray(owners, dtype=np.int64)
+        cdef cnp.ndarray own_a = cnp.PyArray_FROMANY(owners, cnp.NPY_INT64, 0, 1,
+                                                     cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        if cnp.PyArray_SIZE(own_a) < nrec:
+            raise ValueError(f"{cnp.PyArray_SIZE(own_a)} owners for {nrec} records")
+        cdef const int64_t *own = <const int64_t *>cnp.PyArray_DATA(own_a)
         cdef int nlim = len(lat_limits), j
         cdef double[16] lim
         if nlim > 16:
             raise ValueError("at most 16 latency limits")
         for j in range(nlim):
             lim[j] = lat_limits[j]
-        cdef list items = [], rout = [], rin = [], lats = [], bad_owner = []
+        cdef list rout = [], rin = [], bad_owner = []
+        cdef cnp.ndarray acc_a = np.empty(nrec, np.int64)
+        cdef cnp.ndarray dirs_a = np.zeros(nrec, np.uint8)
+        cdef cnp.ndarray lats_a = np.empty(nrec, np.float64)
+        cdef int64_t *acc = <int64_t *>cnp.PyArray_DATA(acc_a)
+        cdef uint8_t *dirs = <uint8_t *>cnp.PyArray_DATA(dirs_a)
+        cdef double *lats = <double *>cnp.PyArray_DATA(lats_a)
+        cdef Py_ssize_t na = 0
         cdef list counts = [0] * (nlim + 1)
         cdef int64_t[17] cnt
         cdef int64_t dup = 0, wrong = 0, bad = 0
@@ -566,20 +583,23 @@ cdef class PendingTable:
             lat = now - c.first
             self.refund(x)
             (rin if dbit == BIT_IN else rout).extend(self.release(x, True))
-            items.append(((r.proto, r.int_addr, r.int_port, r.ext_addr, r.ext_port, r.rem_addr, r.rem_port),
-                          r.rule_id, r.lease_ms, dbit))
-            lats.append(lat)
+            acc[na] = k
+            lats[na] = lat
+            na += 1
+            dirs[k] = dbit
             j = 0
             while j < nlim and not (lat <= lim[j]):  # bisect_left: the first limit >= lat
                 j += 1
             cnt[j] += 1
         for j in range(nlim + 1):
             counts[j] = cnt[j]
-        return items, rout, rin, lats, counts, dup, wrong, bad, bad_owner
+        return (acc_a if na == nrec else acc_a[:na]), dirs_a, rout, rin, (lats_a if na == nrec else lats_a[:na]), \
+            counts, dup, wrong, bad, bad_owner
 
     def answer_nacks(self, int source, recs, double now):
         """``pending_py.PendingTable.answer_nacks``: the records read in place."""
-        cdef const unsigned char[::1] raw = _bytes_of(recs)
+        cdef cnp.ndarray keep = _contiguous(recs)
+        cdef const unsigned char *raw = <const unsigned char *>cnp.PyArray_DATA(keep)
         cdef Py_ssize_t nrec = len(recs), k
         cdef int64_t stale = 0, wrong = 0, bad = 0, nacked = 0, lost = 0
         cdef const wire_key *r
@@ -702,6 +722,44 @@ cdef class PendingTable:
         cdef int32_t b = self.neg.find_pk(pk)
         if b >= 0:
             self.neg.remove(b)
+
+    def neg_discard_rules(self, recs, idx, dirs):
+        """``pending_py.PendingTable.neg_discard_rules``: the records read in place."""
+        if self.neg.n == 0 or len(idx) == 0:
+            return
+        cdef cnp.ndarray keep = _contiguous(recs)
+        if keep.dtype.itemsize != sizeof(wire_rule):
+            raise TypeError(f"RULE records expected, not {recs.dtype}")
+        cdef const unsigned char *raw = <const unsigned char *>cnp.PyArray_DATA(keep)
+        cdef Py_ssize_t n = len(recs), k, x
+        cdef cnp.ndarray ix_a = cnp.PyArray_FROMANY(idx, cnp.NPY_INT64, 1, 1,
+                                                    cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        cdef cnp.ndarray d_a = cnp.PyArray_FROMANY(dirs, cnp.NPY_UINT8, 0, 1,
+                                                   cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_FORCECAST)
+        cdef const int64_t *ix = <const int64_t *>cnp.PyArray_DATA(ix_a)
+        cdef const uint8_t *dv = <const uint8_t *>cnp.PyArray_DATA(d_a)
+        cdef bint one = cnp.PyArray_NDIM(d_a) == 0
+        if not one and d_a.shape[0] != n:
+            raise ValueError(f"{d_a.shape[0]} dirs for {n} records")
+        cdef const wire_rule *r
+        cdef uint8_t d
+        cdef int32_t b
+        for k in range(ix_a.shape[0]):
+            x = ix[k]
+            if x < 0 or x >= n:
+                raise IndexError(f"record index {x} out of range 0..{n - 1}")
+            r = <const wire_rule *>&raw[x * sizeof(wire_rule)]
+            d = dv[0] if one else dv[x]
+            if d & BIT_OUT:  # rules.out_key: an ICMP query keys on the identifier
+                b = self.neg.find(D_OUT, r.proto, r.int_addr, r.int_port, r.rem_addr,
+                                  r.int_port if r.proto == P_ICMP else r.rem_port)
+                if b >= 0:
+                    self.neg.remove(b)
+            if d & BIT_IN:  # rules.in_key
+                b = self.neg.find(D_IN, r.proto, r.rem_addr, r.ext_port if r.proto == P_ICMP else r.rem_port,
+                                  r.ext_addr, r.ext_port)
+                if b >= 0:
+                    self.neg.remove(b)
 
     def neg_len(self):
         return self.neg.n

@@ -47,10 +47,12 @@ than ``burst`` of its fetches are in flight at the same instant; a scanner spend
 token per probe that misses, and its burst of probes is cut at ``burst`` in flight
 even before the first NACK returns.
 
-*Active install* (option): when the owner builds a rule it predicts the return NIC with
-the switch's hash (``predict_nic``: sha1 as the paper's testbed, crc32, jhash) and
-PUSHes the clone there.  A push that loses the race with the reply, or a wrong
-prediction, just falls back to passive install.
+*Active install* (option): in the loop turn that built them, the owner predicts the
+return NIC of every new session with the switch's hash (``predict_nics``, compiled, one
+call for the turn: sha1 as the paper's testbed, crc32, nftables' jhash, RSS toeplitz)
+and PUSHes them there, one PUSH message per NIC under one seq (acknowledged, retried
+and installed as a whole; a repeat is idempotent).  A push that loses the race with the
+reply, or a wrong prediction, just falls back to passive install.
 
 *Leases* make Invariant 3 hold: a holder drops a clone whose lease ran out (with a
 safety margin on its own clock, on an exact timer), the owner renews leases on
@@ -105,10 +107,12 @@ try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with t
         raise ImportError("the fast path runs on its reference")
     from .._clones import CloneTable
     from .._serve import serve_fetches
+    from .._switchhash import predict_nics
     from ._leases import LeaseTable
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable, serve_fetches
+    from ..switchhash import predict_nics
     from .leases_py import LeaseTable
     from .pending_py import PendingTable
 
@@ -203,6 +207,8 @@ _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
 # an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
 _ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+# (wire field, SESSION_DTYPE field): a session's identity and rule id in a RULE/PUSH record
+_WIRE_OF_SESSION = tuple(zip(_ACT_SK_FIELDS, _SK_FIELDS)) + (("rule_id", "rule_id"),)
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -368,11 +374,15 @@ class RuleAgent:
                      None: answers to the previous incarnation's messages (same sender
                      id, seqs from 1 again) then find nothing in flight under their seq,
                      rather than completing a new message of the same number
+    on_installed(records, idx, dirs)   None, or told of every clone install (RULE answers,
+                     PUSHes, revalidation answers) once it returned: the RULE-layout
+                     records, the indexes of those installed, their DIR_BIT_* (scalar
+                     or per record)
     """
 
     def __init__(self, nic_id: int, n_nics: int, rules, send, owner_of, replay,
                  params: AgentParams | None = None, clock=time.monotonic, tick_clock=None, partition=None,
-                 seq_start: int | None = 1):
+                 seq_start: int | None = 1, on_installed=None):
         self.nic_id = nic_id
         self.n_nics = n_nics
         self.rules = rules
@@ -401,6 +411,8 @@ class RuleAgent:
         # does not name the session, ``hypernat ctl rule``) and by lease end (the holder's
         # timer); nothing periodic walks every clone
         self.clones = CloneTable(cap)
+        # observer of every install: on_installed(records, idx, dirs) (the worker's event log)
+        self.on_installed = on_installed
         self.negative = _NegativeView(self.pending)  # (dir, key) -> until
         # owner side
         # leases granted: (session identity, holder) -> until, in C, indexed by session, by
@@ -587,7 +599,7 @@ class RuleAgent:
         if n == 0:
             return
         owners = self._owners(recs)
-        items, replay_out, replay_in, lats, lat_counts, dup, wrong, bad, bad_owner = self.pending.answer_rules(
+        acc, dirs, replay_out, replay_in, lats, lat_counts, dup, wrong, bad, bad_owner = self.pending.answer_rules(
             source, recs, owners, now, _LAT_LIMITS)
         for x in bad_owner:  # the rule's endpoint is not the sender's: counted, logged
             self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
@@ -598,12 +610,12 @@ class RuleAgent:
             self.count("rule_misdirected", wrong)
         if bad:
             self.count("rule_mismatched", bad)
-        if not items:
+        if not len(acc):
             return
-        self._install_many(source, items, now)
-        self.fetch_latencies.extend(lats)
+        self._install_many(source, recs, acc, dirs, now, owners)
+        self.fetch_latencies.extend(lats[-self.fetch_latencies.maxlen:].tolist())
         c = self.counters
-        c["fetch_answered"] += len(items)
+        c["fetch_answered"] += len(acc)
         for name, k in zip(_LAT_NAMES, lat_counts):
             if k:
                 c[name] += k
@@ -622,18 +634,47 @@ class RuleAgent:
         return np.array([-1 if o is None else o for o in own], np.int64)
 
     def _on_push(self, source, recs, now):
-        ack = M.records(M.T_PUSH_ACK, len(recs))
-        ack["seq"] = recs["seq"]
-        for i, r in enumerate(recs):
-            sk = skey(r)
-            if not self._owned_by(source, sk[3], sk[4], int(r["owner"])):
-                ack["status"][i] = M.ST_REFUSED
-                continue
-            self._install(source, sk, int(r["rule_id"]), int(r["lease_ms"]), DIR_BIT_IN, now)
-            self.count("push_installed")
-            frames = self.pending.pop((IN, session_key(sk, IN)))
-            if frames:  # the push lost the race with the reply: release now
-                self.replay(IN, frames)
+        """Rules pushed by their owner (active install), a message at a time: every
+        record's endpoint checked to be the sender's (partition + loans, one lookup for
+        the batch; anything else counted and logged: ``_owned_by``), the accepted ones
+        installed with one ``_install_many`` -- the path RULE answers take, so a repeat
+        (a PUSH retried whole because its ack was lost) only extends the clone's lease
+        -- and the frames of fetches already waiting for them (the push lost the race
+        with the reply) released in one replay.  Acknowledged with one PUSH_ACK record
+        per message (the owner's PUSH message has one seq for all its records; a run of
+        records under one seq is a message): ST_REFUSED if any of its records was."""
+        if len(recs) == 0:
+            return
+        owners = self._owners(recs)
+        ok = (owners == source) & (recs["owner"] == source)
+        bad = np.flatnonzero(~ok) if np.count_nonzero(ok) < len(recs) else ()
+        for x in bad:  # the endpoint is not the sender's: counted, logged
+            self._owned_by(source, int(recs["ext_addr"][x]), int(recs["ext_port"][x]), int(recs["owner"][x]),
+                           int(owners[x]))
+        good = recs[ok] if len(bad) else recs
+        if len(good):
+            self._install_many(source, recs, np.flatnonzero(ok) if len(bad) else None, DIR_BIT_IN, now, owners)
+            self.count("push_installed", len(good))
+            if self.pending:  # fetches in flight for some of them: their frames go now
+                sks = list(zip(*(good[f].tolist() for f in _ACT_SK_FIELDS)))
+                pop = self.pending.pop
+                frames = []
+                for sk in sks:
+                    got = pop((IN, session_key(sk, IN)))
+                    if got:
+                        frames += got
+                if frames:
+                    self.replay(IN, frames)
+        # one ack per message: a run of records under one seq (a payload carries whole
+        # messages one after the other)
+        seq = recs["seq"]
+        new = np.empty(len(seq), bool)
+        new[0] = True
+        np.not_equal(seq[1:], seq[:-1], out=new[1:])
+        ack = M.records(M.T_PUSH_ACK, int(np.count_nonzero(new)))
+        ack["seq"] = seq[new]
+        if len(bad):
+            ack["status"][np.unique((np.cumsum(new) - 1)[bad])] = M.ST_REFUSED
         self._emit(source, M.T_PUSH_ACK, ack)
 
     def _on_nack(self, source, recs, now):
@@ -1009,26 +1050,29 @@ class RuleAgent:
             return False
         return True
 
-    def _install(self, owner: int, sk: tuple, rule_id: int, lease_ms: int, dirs: int, now: float) -> None:
-        self._install_many(owner, [(sk, rule_id, lease_ms, dirs)], now)
-
-    def _install_many(self, owner: int, items, now: float) -> None:
-        """Install clones of `owner`'s sessions: items are (sk, rule_id, lease_ms, dirs).
-        One ``CloneTable.install`` (compiled): a clone already held with those entries
-        only has its lease extended (idempotent repeat), the rest get their flow-table
-        entries from the builder's ``install_clone_rows`` in one call and become clones."""
+    def _install_many(self, owner: int, recs, idx, dirs, now: float, owners=None) -> int:
+        """Install clones of `owner`'s sessions: the RULE-layout records `recs` (a RULE or
+        PUSH message's, as received) selected by `idx` (None: all), `dirs` the entries
+        (DIR_BIT_*, scalar or per record), `owners` their endpoints' owners if known (per
+        record).  One ``CloneTable.install`` (compiled): a clone already held with those
+        entries only has its lease extended (idempotent repeat), the rest get their
+        flow-table entries from the builder's ``install_clones`` in one call (records read
+        in place) and become clones.  Returns the clones installed."""
         pending = self.pending
-        neg = pending.neg_len() > 0
-        installed, failed, keys = self.clones.install(owner, items, now, self.p.lease_margin_s,
-                                                      self.rules.install_clone_rows, self.tick_clock(), neg)
-        if neg:
-            for sk, dirs in keys:
-                for d in (OUT, IN):
-                    if dirs & DIR_BIT[d]:
-                        pending.neg_discard((d, session_key(sk, d)))
+        rules, tick = self.rules, self.tick_clock()
+
+        def install(r, todo, d):
+            return rules.install_clones(r, tick, d, 0, todo, owners)
+
+        installed, failed, done = self.clones.install(owner, recs, idx, dirs, now, self.p.lease_margin_s, install)
+        if installed:  # an answer ends a negative entry for its keys
+            pending.neg_discard_rules(recs, done, dirs)
+        if installed and self.on_installed is not None:
+            self.on_installed(recs, done, dirs)
         if failed:
             self.count("clone_install_failed", failed)
         self.count("clones_installed", installed)
+        return installed
 
     def _drop_clone(self, sk, reason: str) -> None:
         self._drop_clones((sk,), reason)
@@ -1052,14 +1096,12 @@ class RuleAgent:
         return len(rows)
 
     # -- owner side: leases, active install, revocation ---------------------------------------
-    def _grant(self, sk: tuple, holder: int, now: float) -> None:
-        """Record a lease on `sk` for `holder`; the first lease of a holder holds the
-        external endpoint in the builder until it ends (``_lease_end``)."""
-        self._grant_many((sk,), holder, now)
-
     def _grant_many(self, sks, holder: int, now: float, until: float | None = None) -> None:
-        """``_grant`` for each session identity of `sks` (one lease end for all: now + the
-        lease + grace, or `until` for a lease read back from a snapshot)."""
+        """Record a lease for `holder` on each session identity of `sks`, in one
+        ``LeaseTable.grant`` (one lease end for all: now + the lease + grace, or `until`
+        for a lease read back from a snapshot); a holder's first lease on an external
+        endpoint holds it in the builder until the lease ends (``_lease_end``), all of
+        them in one ``hold_many``."""
         if holder == self.nic_id or not sks:
             return
         if until is None:
@@ -1078,33 +1120,39 @@ class RuleAgent:
             self.rules.release_hold(sk[0], sk[3], sk[4])
 
     def _push_created(self, now: float) -> None:
+        """Active install of the sessions this turn built (``rules.drain_created``), in
+        the turn that built them: the switch's hash predicts the NIC each one's return
+        direction lands on (``predict_nics``, compiled: one call for the batch; -1 where
+        it cannot be predicted: push_unpredictable, left to passive install), and every
+        other NIC gets ONE PUSH message with all of its sessions (split at the wire's
+        MAX_RECORDS), the leases granted to it in one ``_grant_many``.  A message has one
+        seq for all its records: it is tracked, retried and acknowledged as a whole (the
+        holder installs a repeat idempotently)."""
         created = self.rules.drain_created()
         if not self.p.active_install or self.n_nics < 2 or len(created) == 0:
             return
-        out = []
-        for s in created:
-            if not _sh.predictable(self.p.switch_hash, int(s["proto"]), self.p.switch_rss):
-                self.count("push_unpredictable")  # e.g. ICMP under jhash steering, toeplitz
+        p = self.p
+        nics = predict_nics(p.switch_hash, self.n_nics, created["proto"], created["raddr"], created["rport"],
+                            created["eaddr"], created["eport"], p.switch_seed, p.switch_fields, p.switch_rss)
+        lost = int(np.count_nonzero(nics < 0))
+        if lost:  # e.g. ICMP under jhash steering; toeplitz without the port's key
+            self.count("push_unpredictable", lost)
+        lease_ms = int(p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
+        per_nic = np.bincount(nics + 1, minlength=self.n_nics + 1)[1:]  # sessions per NIC
+        for j in np.flatnonzero(per_nic).tolist():
+            if j == self.nic_id:
                 continue
-            try:
-                j = predict_nic(self.p.switch_hash, self.n_nics, int(s["proto"]), int(s["raddr"]), int(s["rport"]),
-                                int(s["eaddr"]), int(s["eport"]), self.p.switch_seed, self.p.switch_fields,
-                                rss=self.p.switch_rss)
-            except ValueError:  # a hash we cannot reproduce (toeplitz): passive install only
-                self.count("push_unpredictable")
-                continue
-            if j != self.nic_id:
-                out.append((j, s))
-        for j, s in out:
-            sk = skey(s)
-            rec = M.records(M.T_PUSH, 1)
-            _wire_endpoints(rec, 0, sk)
-            rec["seq"], rec["rule_id"], rec["owner"] = self._next_seq(), s["rule_id"], self.nic_id
-            rec["lease_ms"] = int(self.p.lease_s * 1000)  # (a PUSH says by its type that it was pushed)
-            self._grant(sk, j, now)  # held even if the push is lost: the safe side
-            self._track(j, M.T_PUSH, rec, now, now + self.p.fetch_timeout_s, sk)
-            self._emit(j, M.T_PUSH, rec)
-            self.count("pushes")
+            mine = created if per_nic[j] == len(created) else created[nics == j]
+            self._grant_many(list(zip(*(mine[f].tolist() for f in _SK_FIELDS))), j, now)  # held even if lost
+            for i in range(0, len(mine), M.MAX_RECORDS):
+                part = mine[i:i + M.MAX_RECORDS]
+                rec = M.records(M.T_PUSH, len(part))
+                for f_w, f_s in _WIRE_OF_SESSION:
+                    rec[f_w] = part[f_s]
+                rec["seq"], rec["owner"], rec["lease_ms"] = self._next_seq(), self.nic_id, lease_ms
+                self._track(j, M.T_PUSH, rec, now, now + p.fetch_timeout_s)
+                self._emit(j, M.T_PUSH, rec)
+            self.count("pushes", len(mine))
 
     def _revoke_removed(self, now: float) -> None:
         removed = self.rules.drain_removed()
@@ -1203,10 +1251,20 @@ class RuleAgent:
             self._batching -= 1
             if not self._batching:
                 self._flush_fetches()
-            for (target, mtype), recs in again.items():
-                self._emit(target, mtype, recs[0] if len(recs) == 1 else
-                           np.frombuffer(b"".join(r.tobytes() for r in recs), dtype=recs[0].dtype))
-                self.count("retries", len(recs))
+            for (target, mtype), msgs in again.items():
+                # the messages again, as few as fit whole in the wire's MAX_RECORDS each:
+                # a multi-record message (PUSH) is acknowledged under its one seq, so it
+                # must arrive whole (the worker's Outbox keeps an array it is given whole)
+                k = 0
+                while k < len(msgs):
+                    j, size = k + 1, len(msgs[k])
+                    while j < len(msgs) and size + len(msgs[j]) <= M.MAX_RECORDS:
+                        size += len(msgs[j])
+                        j += 1
+                    self._emit(target, mtype, msgs[k] if j == k + 1 else
+                               np.frombuffer(b"".join(r.tobytes() for r in msgs[k:j]), dtype=msgs[k].dtype))
+                    k = j
+                self.count("retries", len(msgs))
         return retx.next_due <= now
 
     def step_clone_leases(self, now: float) -> bool:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import collections
 from bisect import bisect_left
 
+import numpy as np
+
 from .. import messages as M
 
 IN = 1  # fetch direction (verdicts.IN); OUT = 0
@@ -211,10 +213,13 @@ class PendingTable:
         fetch in flight under its seq: none (dup), the endpoint not `source`'s by the
         record or by `owners` (its owner per record, -1 outside: bad_owner, by index),
         the fetch sent to another NIC (wrong), another key than asked (bad).  A record
-        that passes completes its fetch: removed, token refunded.  Returns (items
-        [(sk, rule_id, lease_ms, dir bit)], frames to replay out, in, latencies,
-        latencies per bucket of `lat_limits` (+1 above), dup, wrong, bad, bad_owner)."""
-        items, rout, rin, lats, bad_owner = [], [], [], [], []
+        that passes completes its fetch: removed, token refunded.  Returns (the indexes
+        of the records accepted (int64, in order), the dir bit of each record's fetch
+        (uint8 per record, 0: not accepted), frames to replay out, in, latencies (float64
+        per accepted record), latencies per bucket of `lat_limits` (+1 above), dup,
+        wrong, bad, bad_owner)."""
+        acc, rout, rin, lats, bad_owner = [], [], [], [], []
+        dirs = np.zeros(len(recs), np.uint8)
         counts = [0] * (len(lat_limits) + 1)
         dup = wrong = bad = 0
         p, s = self._p, self._s
@@ -243,12 +248,14 @@ class PendingTable:
                 continue
             self._remove(pk)
             self._refund(r)
-            items.append(((proto, ia, ip, ea, ep, ra, rp), rule_id, lease_ms, dbit))
+            acc.append(x)
+            dirs[x] = dbit
             (rin if dbit == DIR_BIT_IN else rout).extend(r[8])
             lat = now - r[4]
             lats.append(lat)
             counts[bisect_left(lat_limits, lat)] += 1
-        return items, rout, rin, lats, counts, dup, wrong, bad, bad_owner
+        return (np.array(acc, np.int64), dirs, rout, rin, np.array(lats, np.float64), counts, dup, wrong, bad,
+                bad_owner)
 
     def answer_nacks(self, source: int, recs, now: float) -> tuple:
         """NACK records (messages.KEY_DTYPE, the FETCH echoed) from `source`, matched
@@ -346,6 +353,23 @@ class PendingTable:
 
     def neg_discard(self, pk) -> None:
         self._neg.pop(pk, None)
+
+    def neg_discard_rules(self, recs, idx, dirs) -> None:
+        """Drop the negative-cache entries of the keys the RULE records `recs` selected by
+        `idx` answer: per record its `dirs` (DIR_BIT_*, scalar or per record), the out key
+        and / or the in key of the session (an answer ends a refusal)."""
+        if not self._neg or not len(idx):
+            return
+        dl = np.broadcast_to(np.asarray(dirs, np.uint8), (len(recs),)).tolist()
+        for x in np.asarray(idx, np.int64).reshape(-1).tolist():
+            r = recs[x]
+            p, ia, ip = int(r["proto"]), int(r["int_addr"]), int(r["int_port"])
+            ea, ep, ra, rp = int(r["ext_addr"]), int(r["ext_port"]), int(r["rem_addr"]), int(r["rem_port"])
+            icmp = p == PROTO_ICMP
+            if dl[x] & DIR_BIT_OUT:
+                self._neg.pop((0, (p, ia, ip, ra, ip if icmp else rp)), None)
+            if dl[x] & DIR_BIT_IN:
+                self._neg.pop((IN, (p, ra, ep if icmp else rp, ea, ep)), None)
 
     def neg_len(self) -> int:
         return len(self._neg)

@@ -5,16 +5,17 @@ id; the owner granted a lease on it (``lease`` in the slot: the low 16 bits of t
 clock second it runs out, 0 = the agent tracks it).  ``CloneHolder`` owns the
 operations on those entries:
 
-    install_rows  a batch of RULE answers / PUSHes -> entries (hypernat._clones, compiled;
-                  hypernat.clones_py over the pure-Python FlowTable): an owned entry in
-                  the way, or an endpoint this NIC owns, refuses the row
+    install       a batch of records (RULE answers / PUSHes, or SESSION_DTYPE) -> entries
+                  (hypernat._clones, compiled, read in place; hypernat.clones_py over the
+                  pure-Python FlowTable): an owned entry in the way, or an endpoint this
+                  NIC owns, refuses the record
     remove        REVOKE: clone entries deleted (owned entries never touched)
     renew         LEASE: their lease moved
     activity      clone entries hit since the last call (F_ACTIVE), as ACTIVITY records,
                   in bounded slices (a cursor per table)
 
 Leases running out are the expiry's (``hypernat.nat.expiry``); refusals are counted by
-the RuleBuilder from what ``install_rows`` returns.
+the RuleBuilder from what ``install`` returns.
 """
 from __future__ import annotations
 
@@ -37,20 +38,32 @@ class CloneHolder:
         self._nic = int(nic)
         self._act_cur = [0, 0]
 
-    def install_rows(self, rows, now: int, lease: int) -> tuple:
-        """Rows ``(proto, iaddr, iport, eaddr, eport, raddr, rport, rule_id, dirs,
-        tcp_out, tcp_in)`` installed as clones at clock `now` with 16-bit `lease`
-        (``lease16``): (entries installed per row, rows refused as bad, inserts refused
-        for want of room).  A batch is exactly the rows installed one by one, in order."""
-        part = self._part
-        # one connection's clone (the passive install's common case): partition arithmetic
-        # on ints, not the vectorised owners() (~25 us of numpy for one record)
-        if len(rows) <= 4:
-            own = [part.owner(rw[3], rw[4]) for rw in rows]
-        else:
-            own = part.owners(np.array([rw[3] for rw in rows], np.int64),
-                              np.array([rw[4] for rw in rows], np.int64)).tolist()
-        return _clone_installer(self.out)(self.out, self.inn, rows, own, self._nic, now, lease)
+    def install(self, records, now: int, lease: int, dirs=DIR_BITS_BOTH, idx=None, own=None) -> tuple:
+        """The records `records` selected by `idx` (None: all) installed as clones at
+        clock `now` with 16-bit `lease` (``lease16``): `records` a RULE / PUSH message's
+        (``messages.RULE_DTYPE``) or SESSION_DTYPE, read in place by the compiled install
+        (``hypernat._clones.install_records``); `dirs` the entries (DIR_BIT_*, scalar or
+        per record); `own` the owner NIC of each record's external endpoint if the
+        caller knows it (per record; None: the partition is asked).  Returns (entries
+        installed per selected record (int8), records refused as bad, inserts refused for
+        want of room).  A batch is exactly the records installed one by one, in order."""
+        if own is None:
+            own = self._owners(records, idx)
+        return _clone_installer(self.out)(self.out, self.inn, records, idx, dirs, own, self._nic, now, lease)
+
+    def _owners(self, records, idx) -> np.ndarray:
+        """The owner of each record's external endpoint (per record; the unselected: -1)."""
+        n = len(records)
+        names = records.dtype.names or ()
+        ea, ep = ("eaddr", "eport") if "eaddr" in names else ("ext_addr", "ext_port")
+        own = np.full(n, -1, np.int64)
+        sel = np.arange(n) if idx is None else np.asarray(idx, np.int64).reshape(-1)
+        if len(sel) <= 4:  # one connection's clone (the passive install's common case):
+            for x in sel.tolist():  # partition arithmetic on ints, not ~25 us of numpy
+                own[x] = self._part.owner(int(records[ea][x]), int(records[ep][x]))
+        elif len(sel):
+            own[sel] = self._part.owners(records[ea][sel].astype(np.int64), records[ep][sel].astype(np.int64))
+        return own
 
     def _entries(self, records):
         """Yield (table, key) for the clone entries named by records (`dirs`, 0 = both)."""
@@ -123,13 +136,13 @@ def _clone_installer(table):
         try:
             from .. import _clones
             from .._fastpath import FlowTable as _CFlowTable
-            _CLONES_C = (_CFlowTable, _clones.install_clone_rows)
+            _CLONES_C = (_CFlowTable, _clones.install_records)
         except ImportError:
             _CLONES_C = (None, None)
     if _CLONES_C[0] is not None and type(table) is _CLONES_C[0]:
         return _CLONES_C[1]
-    from ..clones_py import install_clone_rows
-    return install_clone_rows
+    from ..clones_py import install_records
+    return install_records
 
 
 _CLONES_C = None

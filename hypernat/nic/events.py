@@ -9,7 +9,7 @@ worker can record exactly those moments, per batch, into a bounded ring:
         │                  │                       └─► fetch ──t──► FETCH_SENT
         │                  └─ (hits, only with hits=True) ──► RX_HIT at t_rx
         └─ RX_MISS at t_rx for every frame that missed
-    RuleAgent (RULE / PUSH from the owner) ──► install_clones ──t──► CLONE_INSTALLED
+    RuleAgent (RULE / PUSH from the owner) ──► install ──► on_installed ──t──► CLONE_INSTALLED
 
 Cost.  Off (``NicWorker(events=None)``, the default) the worker pays two tests of a
 local against None per batch and nothing else.  On, it pays one clock read per
@@ -89,39 +89,28 @@ class EventLog:
         self.total += m
 
     def add_clones(self, records, dirs, installed, t_ns: int) -> None:
-        """CLONE_INSTALLED for the SESSION_DTYPE records whose install succeeded (the
-        arguments and result of ``RuleBuilder.install_clones``), one event per direction
-        installed (`dirs`: scalar or per record, DIR_BIT_OUT | DIR_BIT_IN), each with
-        that direction's lookup key."""
+        """CLONE_INSTALLED for the records `installed` names (their indexes: what the
+        RuleAgent's ``on_installed`` is told), one event per direction installed (`dirs`:
+        scalar or per record, DIR_BIT_OUT | DIR_BIT_IN), each with that direction's
+        lookup key.  `records` SESSION_DTYPE or the wire RULE layout (a RULE / PUSH
+        message's records)."""
         from ..rules import DIR_BIT_IN, DIR_BIT_OUT
         from ..verdicts import IN, OUT
 
         r = np.asarray(records).reshape(-1)
-        ok = np.asarray(installed).reshape(-1) > 0
-        if not ok.any():
+        sel = np.asarray(installed, np.int64).reshape(-1)
+        if not len(sel):
             return
-        dirs = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (len(r),))[ok]
-        r = r[ok]
-        for d, bit, (sa, sp, da, dp) in ((OUT, DIR_BIT_OUT, ("iaddr", "iport", "raddr", "rport")),
-                                         (IN, DIR_BIT_IN, ("raddr", "rport", "eaddr", "eport"))):
+        dirs = np.broadcast_to(np.asarray(dirs, dtype=np.uint8), (len(r),))[sel]
+        r = r[sel]
+        i, ip, e, ep, rr, rp = (("iaddr", "iport", "eaddr", "eport", "raddr", "rport") if "iaddr" in r.dtype.names
+                                else ("int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"))
+        for d, bit, (sa, sp, da, dp) in ((OUT, DIR_BIT_OUT, (i, ip, rr, rp)), (IN, DIR_BIT_IN, (rr, rp, e, ep))):
             x = r[(dirs & bit) != 0]
             if len(x):
                 k = np.zeros(len(x), EVENT_DTYPE)
                 k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = x["proto"], x[sa], x[sp], x[da], x[dp]
                 self.add_keys(CLONE_INSTALLED, d, t_ns, k)
-
-    def add_clone_rows(self, rows, installed, t_ns: int) -> None:
-        """``add_clones`` for the arguments and result of ``RuleBuilder.install_clone_rows``:
-        tuples (proto, iaddr, iport, eaddr, eport, raddr, rport, rule_id, dirs, ...)."""
-        from ..rules import SESSION_DTYPE
-
-        if not len(rows):
-            return
-        r = np.zeros(len(rows), SESSION_DTYPE)
-        cols = list(zip(*rows))
-        for name, col in zip(("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport"), cols):
-            r[name] = col
-        self.add_clones(r, np.array(cols[8], np.uint8), installed, t_ns)
 
     def snapshot(self) -> np.ndarray:
         """The events kept, oldest first (a copy)."""

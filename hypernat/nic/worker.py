@@ -247,7 +247,8 @@ class NicWorker:
         self._backlog_max = 100_000
         self.agent = RuleAgent(nic_id, self.n_nics, self.rules, self._queue_msg, self._owner_of,
                                self._replay, params or agent_params(config), clock=clock,
-                               tick_clock=self.ticks, partition=self.partition, seq_start=None)
+                               tick_clock=self.ticks, partition=self.partition, seq_start=None,
+                               on_installed=None if events is None else self._clones_installed)
         self.counters = collections.Counter({k: 0 for k in LOOP_COUNTERS})
         # ARP on real links where the kernel does not see the frames (AF_XDP): one
         # l2.ArpResponder per port (keyed "inside" / "outside"); None: ARP frames are
@@ -286,8 +287,6 @@ class NicWorker:
             self._connect(endpoint or config.coordinator.endpoint)
         # -- event log (optional, Table I): None costs two local tests per batch -------------
         self.events = events
-        if events is not None:
-            self._record_clone_installs()
         self.recovery = {}
         self._held: list = []  # (direction, frame) waiting out the crash recovery window
         self._recovery_end = 0.0
@@ -300,20 +299,11 @@ class NicWorker:
             self.rules.reserve_blocks()  # before the first packet: no fsync on its path
             self.journal.wait()  # ... and on disk before it
 
-    def _record_clone_installs(self) -> None:
-        """Event log only: wrap this NIC's ``rules.install_clone_rows`` (the one place every
-        clone enters the tables: RULE answers, PUSHes, revalidation; ``install_clones``
-        goes through it too) so that each installed clone is logged with the time its
+    def _clones_installed(self, records, idx, dirs) -> None:
+        """Event log only (the agent's ``on_installed``: every clone it installs, RULE
+        answers, PUSHes, revalidation): each installed clone logged with the time its
         install returned."""
-        inner = self.rules.install_clone_rows
-        ev = self.events
-
-        def install_clone_rows(rows, now, lease_until=0):
-            got = inner(rows, now, lease_until)
-            ev.add_clone_rows(rows, got, _now_ns())
-            return got
-
-        self.rules.install_clone_rows = install_clone_rows
+        self.events.add_clones(records, dirs, idx, _now_ns())
 
     # -- setup -----------------------------------------------------------------------------
     def _connect(self, endpoint: str) -> None:
