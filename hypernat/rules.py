@@ -155,6 +155,7 @@ from . import layout
 from .nat._activity import merge_activity as _merge_activity
 from .nat._events import MAPPING as _EV_MAPPING
 from .nat._events import SESSION as _EV_SESSION
+from .nat._expire import SessionEnd
 from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
@@ -376,7 +377,8 @@ class RuleBuilder:
         self._jlazy = []
         self._journal_retry = 0.0  # after a failed reserve: the next one not before (monotonic s)
         self._created = []  # SESSION_DTYPE arrays drained from the event ring, not yet taken
-        self._removed = []
+        self._removed = []  # SESSION_DTYPE arrays drained from the SessionEnd, not yet taken
+        self._ending = None  # SessionEnd: the bookkeeping of sessions that end (session_end)
         # clone entries of other NICs' sessions held here (install, revoke, renew, activity)
         self.holder = CloneHolder(self.out, self.inn, self.part, self.nic)
 
@@ -889,42 +891,51 @@ class RuleBuilder:
 
     # -- removal --------------------------------------------------------------------------
     def end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
-        """Bookkeeping for a session whose entries are (being) deleted (the expiry's
-        call): the mapping's session count, the translation log, the REVOKE record; the
-        mapping and its endpoint's reuse delay when it was the last.  True if the
-        mapping ended with it."""
-        left = self.maps.end_session(rid, raddr, r)
-        if left < 0:
-            return False
-        tl = self.translog
-        remote_log = tl is not None and tl.remote and not tl.per_block
-        if remote_log or self.track_removed:
-            p, ia, ip, ea, ep, _ = self.maps.get(rid)
-            if remote_log:
-                tl.rule("remove", p, ia, ip, ea, ep, raddr, r)
-            if self.track_removed:
-                self._removed.append((ia, ea, raddr, ip, ep, r, p, DIR_BITS_BOTH, rid, last_seen, tcp_out, tcp_in,
-                                      self.nic, 0))  # fmt: skip
-        if left:
-            return False
-        self._end_mapping(rid, now)
-        return True
+        """Bookkeeping for a session whose entries are (being) deleted: the mapping's
+        session count, the translation log, the REVOKE record; the mapping and its
+        endpoint's reuse delay when it was the last (``SessionEnd``, compiled; the
+        expiry calls it in C).  True if the mapping ended with it."""
+        ended = self.session_end().end_session(rid, raddr, r, now, last_seen, tcp_out, tcp_in)
+        self._drain_ended()
+        return ended
 
-    def _end_mapping(self, rid: int, now: int) -> None:
-        p, ia, ip, ea, ep, g = self.maps.get(rid)
-        self.maps.end(rid)
-        ekey = p << 48 | ea << 16 | ep
-        rec = self.recovery
-        if rec.tracking:
-            rec.forget(ekey)
-        pi = _PIDX[p]
-        self.hosts.add_ports(ia, pi, -1)
+    def session_end(self) -> SessionEnd:
+        """The compiled bookkeeping of sessions that end, bound to this builder's tables
+        and settings (hypernat.nat.expiry.SessionOwner); what it records leaves through
+        ``flush_log``."""
+        se = self._ending
+        if se is None or not se.bound_to(self.maps, self.hosts, self.blocks):
+            if se is not None and se.pending():
+                self._drain_ended()
+            se = self._ending = SessionEnd(self.maps, self.hosts, self.blocks)
         tl = self.translog
-        if tl is not None and not tl.per_block and not tl.remote:
-            tl.rule("remove", p, ia, ip, ea, ep)
-        # The endpoint stays marked used in its block until the reuse delay has passed
-        # and no lease is held on it (invariant 3).
-        self.pool.defer(now + self.reuse_delay, ekey, g, pi, ep - self.blocks.lo(g))
+        per_rule = tl is not None and not tl.per_block
+        se.events.mappings = per_rule and not tl.remote  # a "remove" line per mapping
+        se.events.sessions = per_rule and tl.remote  # ... per session
+        se.revoke = self.track_removed
+        se.reuse_delay = self.reuse_delay
+        se.nic = self.nic
+        return se
+
+    def _drain_ended(self) -> None:
+        """What the SessionEnd recorded, once per step: the ended mappings' endpoints into
+        the reuse delay (``BlockPool.defer_many``; the recovery forgets them), the
+        translation log's "remove" lines (one ``TransLog.rules``), the REVOKE records."""
+        se = self._ending
+        if se is None or not se.pending():
+            return
+        ended, removed, events = se.drain()
+        if len(ended):
+            rec = self.recovery
+            if rec.tracking:
+                for ekey in ended["ekey"].tolist():
+                    rec.forget(ekey)
+            self.pool.defer_many(ended)
+        tl = self.translog
+        if len(events) and tl is not None and not tl.per_block:
+            tl.rules("remove", events[events["kind"] == (_EV_SESSION if tl.remote else _EV_MAPPING)])
+        if len(removed):
+            self._removed.append(removed)
 
     def _release_endpoint(self, g: int, pi: int, off: int) -> None:
         left = self.blocks.release(g, pi, off)
@@ -1064,9 +1075,11 @@ class RuleBuilder:
     def drain_removed(self) -> np.ndarray:
         """Sessions removed by expiry since the last call (for REVOKE to lease holders).
         Recorded only while ``track_removed`` is true (default: more than one NIC)."""
-        out = np.array(self._removed, dtype=SESSION_DTYPE) if self._removed else np.zeros(0, SESSION_DTYPE)
-        self._removed = []
-        return out
+        self._drain_ended()
+        r, self._removed = self._removed, []
+        if not r:
+            return np.zeros(0, SESSION_DTYPE)
+        return r[0] if len(r) == 1 else np.concatenate(r)
 
     # -- holder side --------------------------------------------------------------------
     def install_clone(self, records, now, dirs=DIR_BITS_BOTH, lease_until=0) -> int:
@@ -1201,7 +1214,9 @@ class RuleBuilder:
         return n
 
     def flush_log(self) -> None:
-        """The translation log's buffered lines out (after an expiry step)."""
+        """After an expiry step: what its sessions' ends recorded (``_drain_ended``), and
+        the translation log's buffered lines out."""
+        self._drain_ended()
         if self.translog is not None:
             self.translog.flush()
 

@@ -7,7 +7,9 @@ Covered: the port-block allocator (``hypernat.nat._ports.PortBlocks``), the host
 allocation (``_hosts.Hosts``), the per-host rate (``_rate.HostRate``), the mappings and
 sessions (``_mappings.Mappings``) and the compiled common case of a first packet without
 a session, outgoing and incoming, and of fetch serving (``_mappings.OutSetup``: ``out``,
-``in_``, ``run``, ``serve``).
+``in_``, ``run``, ``serve``), and idle expiry's per-session work
+(``hypernat.nat._expire``: ``expire_out``, ``SessionEnd``; ``ExpiryModel`` is the Python
+loop it replaced, run over another builder's tables through their Python interfaces).
 """
 import collections
 
@@ -396,3 +398,150 @@ class OutSetupModel:
         self.last = rid
         self._session_event(rid, ra, r, now)
         return OK
+
+
+# -- idle expiry ------------------------------------------------------------------------
+TCP, UDP, ICMP = 6, 17, 1
+FIN, SYN, RST = 0x01, 0x02, 0x04
+F_OCCUPIED, F_CLONE = 0x01, 0x02
+EXPIRY_EVENTS = ("expired_tcp_established", "expired_tcp_transitory", "expired_udp", "expired_icmp")
+
+
+class ExpiryModel:
+    """One sweep step's expiry of owned out entries, as the Python code before
+    ``hypernat.nat._expire`` did it, over builder `rb`'s tables and bookkeeping through
+    their Python interfaces (FlowTable lookup / delete, Mappings, Hosts, PortBlocks,
+    BlockPool.defer, TransLog.rule, one REVOKE tuple per session)."""
+
+    def __init__(self, timeouts):
+        t = timeouts
+        self.t_udp, self.t_est, self.t_trans, self.t_icmp = t.udp, t.tcp_established, t.tcp_transitory, t.icmp
+        self.events = dict.fromkeys(EXPIRY_EVENTS, 0)
+        self.removed = []  # REVOKE tuples (SESSION_DTYPE field order)
+
+    def timeout_for(self, p, tcp_out, tcp_in):
+        if p == TCP:
+            st = tcp_out | tcp_in
+            if st & (RST | FIN):
+                return self.t_trans
+            if tcp_out & SYN and tcp_in & SYN:
+                return self.t_est
+            if st & SYN:
+                return self.t_trans
+            return self.t_est
+        return self.t_udp if p == UDP else self.t_icmp
+
+    @staticmethod
+    def event(p, tcp_out, tcp_in):
+        if p == TCP:
+            st = tcp_out | tcp_in
+            if st & (RST | FIN) or (st & SYN and not (tcp_out & SYN and tcp_in & SYN)):
+                return "expired_tcp_transitory"
+            return "expired_tcp_established"
+        return "expired_udp" if p == UDP else "expired_icmp"
+
+    def candidates(self, rb, now):
+        """Slot indices of the owned out entries idle for at least their protocol's
+        shortest timeout (the sweep's filter), ascending."""
+        s = rb.out.slots
+        t_tcp = min(self.t_trans, self.t_est)
+        got = []
+        for w in range(len(s)):
+            fl = int(s["flags"][w])
+            if not fl & F_OCCUPIED or fl & F_CLONE:
+                continue
+            p = int(s["proto"][w])
+            thr = t_tcp if p == TCP else (self.t_udp if p == UDP else self.t_icmp)
+            if now - int(s["last_seen"][w]) >= thr:
+                got.append(w)
+        return got
+
+    def select(self, slots, lo, hi, now, budget, lease_clones):
+        """One step's candidates in out-table slots [lo, hi) (`slots`: the SLOT_DTYPE
+        array): (slot indices, where the slice ends), as the numpy filter before
+        ``_expire.out_candidates`` picked them."""
+        import numpy as np
+
+        t_tcp = min(self.t_trans, self.t_est)
+        t_floor = min(t_tcp, self.t_udp, self.t_icmp)
+        w = slots.view(np.uint32).reshape(-1, 8)
+        sel = np.zeros(0, np.intp)
+        if now >= t_floor:
+            word3 = w[lo:hi, 3]
+            m = w[lo:hi, 6] <= now - t_floor
+            m &= (word3 & (F_OCCUPIED << 8)) != 0
+            sel = np.flatnonzero(m)
+            if len(sel) > 4 * budget:
+                sel = sel[: 4 * budget]
+                hi = lo + int(sel[-1]) + 1
+            if len(sel):
+                w3 = word3[sel]
+                pr = w3 & 0xFF
+                thr = np.where(pr == TCP, t_tcp, np.where(pr == UDP, self.t_udp, self.t_icmp))
+                keep = (now - w[lo:hi, 6][sel].astype(np.int64)) >= thr
+                keep &= (w3 & (F_CLONE << 8)) == 0
+                sel = sel[keep]
+        if lease_clones:
+            lease = (w[lo:hi, 7] >> 16).astype(np.int32)
+            cexp = ((w[lo:hi, 3] & (F_CLONE << 8)) != 0) & (lease != 0)
+            cexp &= (((now & 0xFFFF) - lease) & 0xFFFF) < 0x8000
+            csel = np.flatnonzero(cexp)
+            if len(csel):
+                sel = np.union1d(sel, csel)
+        if len(sel) > budget:
+            sel = sel[:budget]
+            hi = lo + int(sel[-1]) + 1
+        return sel + lo, hi
+
+    def expire(self, rb, where, now):
+        """Expire the idle ones among the out entries at `where`: (expired, mappings ended)."""
+        so, si = rb.out.slots, rb.inn.slots
+        dead_out, dead_in = [], []
+        expired = ended = 0
+        for w in where:
+            r = so[w]
+            p, ia, ip, ra, rp = int(r["proto"]), int(r["saddr"]), int(r["sport"]), int(r["daddr"]), int(r["dport"])
+            ea, ep, rid = int(r["new_addr"]), int(r["new_port"]), int(r["rule_id"])
+            ls_o, st_o = int(r["last_seen"]), int(r["tcp_state"])
+            rr, ik = (0, (p, ra, ep, ea, ep)) if p == ICMP else (rp, (p, ra, rp, ea, ep))
+            j = rb.inn.lookup(*ik)
+            ls_i, st_i = (int(si["last_seen"][j]), int(si["tcp_state"][j])) if j >= 0 else (0, 0)
+            last = max(ls_o, ls_i)
+            if now - last < self.timeout_for(p, st_o, st_i):
+                so["last_seen"][w] = last
+                continue
+            dead_out.append((p, ia, ip, ra, rp))
+            if j >= 0 and not int(si["flags"][j]) & F_CLONE:
+                dead_in.append(ik)
+            if not rb.maps.matches(rid, ia, ip, ea, ep):
+                continue
+            expired += 1
+            self.events[self.event(p, st_o, st_i)] += 1
+            ended += self.end_session(rb, rid, ra, rr, now, last, st_o, st_i)
+        for k in dead_out:
+            rb.out.delete(*k)
+        for k in dead_in:
+            rb.inn.delete(*k)
+        if rb.translog is not None:
+            rb.translog.flush()
+        return expired, ended
+
+    def end_session(self, rb, rid, raddr, r, now, last_seen, tcp_out, tcp_in):
+        left = rb.maps.end_session(rid, raddr, r)
+        if left < 0:
+            return 0
+        tl = rb.translog
+        p, ia, ip, ea, ep, g = rb.maps.get(rid)
+        if tl is not None and tl.remote and not tl.per_block:
+            tl.rule("remove", p, ia, ip, ea, ep, raddr, r)
+        if rb.track_removed:
+            self.removed.append((ia, ea, raddr, ip, ep, r, p, 3, rid, last_seen, tcp_out, tcp_in, rb.nic, 0))
+        if left:
+            return 0
+        rb.maps.end(rid)
+        pi = {TCP: 0, UDP: 1, ICMP: 2}[p]
+        rb.hosts.add_ports(ia, pi, -1)
+        if tl is not None and not tl.per_block and not tl.remote:
+            tl.rule("remove", p, ia, ip, ea, ep)
+        rb.pool.defer(now + rb.reuse_delay, p << 48 | ea << 16 | ep, g, pi, ep - rb.blocks.lo(g))
+        return 1

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nat_model import PortBlocksModel
+import test_rules as rules_t  # builders for the expiry twin
 
 from hypernat.nat import _ports as ports  # noqa: E402
 
@@ -586,3 +587,199 @@ def test_in_setup_owner_matches_partition():
                     for port in (1999, 2000, 2063, 2064, 2500, 2999, 3000):
                         want = owner_reference(part, a, port)
                         assert su.owner(a, port) == want == part.owner(a, port), (strategy, loans, a, port)
+
+
+# -- idle expiry (hypernat/nat/_expire.pyx) ----------------------------------------------
+_TCP, _UDP, _ICMP = 6, 17, 1
+_R = [0xC6336401 + k for k in range(4)]  # 198.51.100.1..4
+
+
+def _expiry_twin(n_nics, log, behaviour, seed, impl="c"):
+    """Two builders alike (a: the flow tables of `impl`, "c" or "py": fastpath_py's)."""
+    import io
+
+    import numpy as np
+
+    from hypernat import fastpath_py
+    from hypernat.fastpath import FlowTable
+    from hypernat.translog import TransLog
+    mapping, filtering = behaviour
+    cfg = rules_t.make_cfg(n_nics, pool="198.18.77.0/28", ports=(1024, 4095), block=16, mapping=mapping,
+                           filtering=filtering)
+    rbs, bufs = [], []
+    for _ in range(2):
+        buf = io.StringIO()
+        tl = None if log == "off" else TransLog(buf, "per-rule", remote=log == "remote", clock=lambda: 1.5)
+        ft = fastpath_py.FlowTable if impl == "py" and not rbs else FlowTable
+        rbs.append(rules_t.RuleBuilder(cfg, 0, ft(2048), ft(2048), rng=np.random.default_rng(seed), translog=tl))
+        bufs.append(buf)
+    return cfg, rbs, bufs
+
+
+EXPIRY_SESSIONS = st.lists(
+    st.tuples(
+        st.sampled_from([_TCP, _TCP, _UDP, _ICMP]),
+        st.integers(0, 2),  # host
+        st.integers(0, 2),  # internal port (a few: sessions share mappings)
+        st.integers(0, 3),  # remote
+        st.integers(0, 255),  # out last_seen back from now
+        st.integers(0, 255),  # in last_seen back from now
+        st.integers(0, 7),  # _TCP flags out
+        st.integers(0, 7),  # _TCP flags in
+        st.integers(0, 19),  # 0: orphan (rule id 0), 1: in entry a clone, else plain
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sessions=EXPIRY_SESSIONS,
+    n_nics=st.sampled_from([1, 2]),
+    log=st.sampled_from(["off", "local", "remote"]),
+    behaviour=st.sampled_from([("endpoint-independent", "address-and-port-dependent"),
+                               ("endpoint-independent", "address-dependent"),
+                               ("address-and-port-dependent", "endpoint-independent")]),
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.lists(st.integers(0, 200), min_size=1, max_size=3),
+    impl=st.sampled_from(["c", "c", "py"]),
+)
+def test_compiled_expiry_matches_model(sessions, n_nics, log, behaviour, seed, steps, impl):
+    """Idle expiry's compiled per-session work (hypernat/nat/_expire.pyx, through
+    ``RuleBuilder.sweep``) against ``ExpiryModel`` (the Python loop it replaced) on a
+    twin builder: same sessions, activity and sweeps -> the same entries left (and merged
+    last_seen), sessions expired per class, mappings ended, reuse-delay entries, REVOKE
+    records and translation-log lines; over compiled flow tables or the plain-Python
+    reference's (``impl``)."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.nat.expiry import EXPIRY_EVENTS
+    from hypernat.verdicts import OUT
+    from nat_model import ExpiryModel
+    cfg, (a, b), (buf_a, buf_b) = _expiry_twin(n_nics, log, behaviour, seed, impl)
+    hosts = rules_t.hosts_of(a, 3)
+    now = 1000
+    rows, seen = [], set()
+    for p, h, i, r, *_ in sessions:
+        ip_ = 3000 + i
+        row = (p, hosts[h], ip_, _R[r], ip_ if p == _ICMP else 80 + r)
+        if row not in seen:
+            seen.add(row)
+            rows.append(row)
+    for rb in (a, b):
+        rules_t.miss(rb, OUT, rows, now - 300)
+    assert np.array_equal(a.out.slots, b.out.slots) and np.array_equal(a.inn.slots, b.inn.slots)
+    # activity, _TCP state, orphans and clone in-entries: the same on both
+    for (p, h, i, r, lo, li, fo, fi, kind), row in zip(sessions, rows):
+        for rb in (a, b):
+            jo = rb.out.lookup(*_exp_out_key(row))
+            if jo < 0:
+                continue
+            o = rb.out.slots
+            ji = rb.inn.lookup(*_exp_in_key(row, int(o["new_addr"][jo]), int(o["new_port"][jo])))
+            o["last_seen"][jo] = now - lo
+            o["tcp_state"][jo] = fo if p == _TCP else 0
+            if kind == 0:
+                o["rule_id"][jo] = 0
+            if ji >= 0:
+                s = rb.inn.slots
+                s["last_seen"][ji] = now - li
+                s["tcp_state"][ji] = fi if p == _TCP else 0
+                if kind == 1:
+                    s["flags"][ji] |= layout.F_CLONE
+    model = ExpiryModel(cfg.timeouts)
+    big = 1 << 20
+    for d in steps:
+        now += d
+        res = a.sweep(now, max_slots=big, max_expire=big, budget_us=1e12)
+        b.release_due(now, max(big, 16))
+        expired, ended = model.expire(b, model.candidates(b, now), now)
+        assert (res.expired, res.mappings_removed) == (expired, ended)
+        assert np.array_equal(a.out.slots, b.out.slots)
+        assert np.array_equal(a.inn.slots, b.inn.slots)
+        assert {k: a.events[k] for k in EXPIRY_EVENTS} == model.events
+        want = np.array(model.removed, rules_t.SESSION_DTYPE) if model.removed else np.zeros(0, rules_t.SESSION_DTYPE)
+        model.removed = []
+        assert a.drain_removed().tobytes() == want.tobytes()
+        assert buf_a.getvalue() == buf_b.getvalue()
+    for rid in range(1, 2 * len(rows) + 2):
+        assert a.maps.get(rid) == b.maps.get(rid)
+    assert sorted(a.hosts.ids()) == sorted(b.hosts.ids())
+    for h in a.hosts.ids():
+        assert [a.hosts.nports(h, pi) for pi in range(3)] == [b.hosts.nports(h, pi) for pi in range(3)]
+    assert a.pool.due(1 << 40, big) == b.pool.due(1 << 40, big)  # the reuse-delay queues
+
+
+def _exp_out_key(row):
+    p, ia, ip_, ra, rp = row
+    return (p, ia, ip_, ra, ip_) if p == _ICMP else row
+
+
+def _exp_in_key(row, ea, ep):
+    p, ia, ip_, ra, rp = row
+    return (p, ra, ep, ea, ep) if p == _ICMP else (p, ra, rp, ea, ep)
+
+
+def test_timeout_class_is_expirys():
+    """Expiry.timeout_for reads the compiled class (one classification): every TCP flag
+    combination each way, and the other protocols."""
+
+    from hypernat.nat import _expire
+    from hypernat.nat.expiry import EXPIRY_EVENTS
+    from nat_model import ExpiryModel
+    cfg = rules_t.make_cfg()
+    rb = rules_t.make_rb(cfg)
+    m = ExpiryModel(cfg.timeouts)
+    for p in (_TCP, _UDP, _ICMP, 58):
+        for fo in range(8):
+            for fi in range(8):
+                assert rb.timeout_for(p, fo, fi) == m.timeout_for(p, fo, fi)
+                assert EXPIRY_EVENTS[_expire.timeout_class(p, fo, fi)] == m.event(p, fo, fi)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from([0, 0, 1, 1, 1, 3]),  # flags: empty, occupied, occupied clone
+            st.sampled_from([6, 17, 1]),
+            st.integers(0, 400),  # idle for
+            st.integers(0, 0xFFFF),  # lease
+        ),
+        min_size=24,
+        max_size=96,
+    ),
+    lo=st.integers(0, 12),
+    span=st.integers(0, 128),
+    now=st.sampled_from([5, 400, 1000, 70000]),
+    budget=st.integers(1, 12),
+    lease_clones=st.booleans(),
+)
+def test_out_candidates_match_model(rows, lo, span, now, budget, lease_clones):
+    """The sweep's candidate choice in C (``_expire.out_candidates``) against the numpy
+    filter it replaced (``ExpiryModel.select``): the same slots, the same slice end (the
+    mass-expiry and budget cuts), for owned entries, clones with leases and empty slots."""
+    from hypernat.fastpath import FlowTable
+    from hypernat.nat import _expire
+    from nat_model import ExpiryModel
+
+    cfg = rules_t.make_cfg()
+    t = cfg.timeouts
+    tab = FlowTable(64)
+    s = tab.slots  # written directly: the choice reads the slot words, not the hashing
+    for k, (fl, p, idle, lease) in enumerate(rows[: len(s)]):
+        s["flags"][k], s["proto"][k] = fl, p if fl else 0
+        s["last_seen"][k] = max(0, now - idle) if fl else 0
+        s["lease"][k] = lease if fl & 2 else 0
+    m = ExpiryModel(t)
+    hi = min(lo + span, len(s))
+    lo = min(lo, hi)
+    t_tcp = min(t.tcp_transitory, t.tcp_established)
+    own, clones, got_hi = _expire.out_candidates(tab, lo, hi, now, min(t_tcp, t.udp, t.icmp), t_tcp, t.udp, t.icmp,
+                                                 budget, lease_clones)  # fmt: skip
+    want_sel, want_hi = m.select(s, lo, hi, now, budget, lease_clones)
+    assert got_hi == want_hi
+    assert own.tolist() == [k for k in want_sel.tolist() if not s["flags"][k] & 2]
+    assert clones.tolist() == [k for k in want_sel.tolist() if s["flags"][k] & 2]

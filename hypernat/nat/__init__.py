@@ -14,15 +14,20 @@
 ``_events.EventRing``  the mappings and sessions a call creates that Python must see
                        (per-rule log lines, PUSH records): fixed records, drained once
                        per call; the per-rule log line's text (``rule_lines``).
+``_expire``            idle expiry's per-session work: a step's candidates
+                       (``out_candidates``), the in entry, merged activity, timeout class
+                       and deletions (``expire_out``), a session's end (``SessionEnd``:
+                       mapping, host count, reuse-delay entries, "remove" events, REVOKE
+                       records, drained once per step).
 
 One C record per block, host, mapping or session: no Python object per connection.
 
 The owner side's other concerns, one Python module each (per block event, per expired
-session, per clone batch, per recovery report; compiled as they are, setup.py):
+step, per clone batch, per recovery report; compiled as they are, setup.py):
 
 ``pool.BlockPool``     free blocks per address, blocks journaled ahead, the reuse delay,
                        holds, loans, quarantine: it answers, the builder acts.
-``expiry.Expiry``      the sweep: idle sessions and lease-expired clones, timeouts.
+``expiry.Expiry``      the sweep: cursors, limits, timeouts, counters (per session: C).
 ``holder.CloneHolder`` clone entries held here: install, revoke, renew, activity.
 ``recovery.Recovery``  crash recovery from clones: the window, re-created sessions.
 ``records``            SESSION_DTYPE and the session keys, defined once.

@@ -26,3 +26,4 @@ cdef class Hosts:
     cdef _rehash(self, uint64_t size)
     cdef Host* _get(self, uint32_t iaddr) except NULL
     cdef int64_t allocate_c(self, Host* h, int pi, int iport, bint preserve, PortBlocks bl, int* off) noexcept nogil
+    cdef int add_ports_c(self, uint32_t iaddr, int pi, int delta) except -1

@@ -165,10 +165,15 @@ cdef class Hosts:
 
     def add_ports(self, uint32_t iaddr, int pi, int delta):
         """Live mappings of protocol `pi` of host `iaddr` += delta."""
+        self.add_ports_c(iaddr, pi, delta)
+
+    cdef int add_ports_c(self, uint32_t iaddr, int pi, int delta) except -1:
+        """``add_ports`` at C level (the expiry's ended mappings)."""
         cdef Host* h = self._get(iaddr)
         if <int64_t>h.nports[pi] + delta < 0:
             raise ValueError(f"host {iaddr}: live mappings would go below 0")
         h.nports[pi] += delta
+        return 0
 
     def cur(self, uint32_t iaddr):
         return self._get(iaddr).cur

@@ -54,12 +54,15 @@ cdef class Mappings:
     cdef _grow_m(self, uint32_t cap)
     cdef _grow_s(self, int32_t cap)
     cdef MapRec* _get(self, uint32_t rid) except NULL
+    cdef MapRec* live_c(self, uint32_t rid) noexcept nogil
     cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept
     cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
     cdef uint32_t find_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept
     cdef bint has_raddr_c(self, uint32_t rid, uint32_t ra) noexcept
     cdef void prefetch_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
+    cdef void prefetch_end(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, uint32_t rid,
+                           uint32_t ra, uint16_t r) noexcept
     cdef int64_t new_c(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t g) except -1
     cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1
     cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2

@@ -188,6 +188,19 @@ cdef class Mappings:
             ra, r = 0, 0
         hn_map_prefetch(&t.t.s[hn_flow_hash(p, ia, ip, ra, r) & t.t.mask])
 
+    cdef void prefetch_end(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, uint32_t rid,
+                           uint32_t ra, uint16_t r) noexcept:
+        """Start loading what ending session (rid, R, Rp) of mapping (p, I, Ip, E, Ep)
+        reads first (``end_session_c``, ``end_c``): the mapping's record, its session-
+        index line (and remote-address line), its external and internal index lines."""
+        if rid < self.mcap:
+            hn_map_prefetch(&self.m[rid])
+        hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_SESS, rid, 0, ra, r) & self.sess.t.mask])
+        if self.raddr:
+            hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_RADDR, rid, 0, ra, 0) & self.sess.t.mask])
+        self.prefetch_ext(p, ea, ep)
+        self.prefetch_out(p, ia, ip, ra, r)
+
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
         return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
 
@@ -333,6 +346,12 @@ cdef class Mappings:
         self.count -= 1
         return 0
 
+    cdef MapRec* live_c(self, uint32_t rid) noexcept nogil:
+        """Mapping `rid`'s record if it is live, else NULL."""
+        if rid == 0 or rid >= self.top or not self.m[rid].used:
+            return NULL
+        return &self.m[rid]
+
     cdef MapRec* _get(self, uint32_t rid) except NULL:
         if rid == 0 or rid >= self.top or not self.m[rid].used:
             raise KeyError(rid)
@@ -357,10 +376,8 @@ cdef class Mappings:
 
     def matches(self, uint32_t rid, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep):
         """Mapping `rid` is live and binds (I, Ip) to (E, Ep)."""
-        if rid == 0 or rid >= self.top or not self.m[rid].used:
-            return False
-        cdef MapRec* m = &self.m[rid]
-        return m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
+        cdef MapRec* m = self.live_c(rid)
+        return m != NULL and m.iaddr == ia and m.iport == ip and m.eaddr == ea and m.eport == ep
 
     def new(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, int64_t block):
         """A new mapping of (p, I, Ip) to (E, Ep) in `block`: its rule id."""
