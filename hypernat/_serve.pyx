@@ -34,8 +34,7 @@ _RULE_DTYPE = _M.RULE_DTYPE
 def serve_fetches(recs, serve_rows, tick, int nic, uint32_t lease_ms):
     """Serve FETCH records `recs` (KEY_DTYPE, validated) with ``serve_rows(rows, tick)``
     (``RuleBuilder.serve_fetch_rows``).  Returns (RULE records of the answered ones in
-    order, their session identities [(proto, I, Ip, E, Ep, R, Rp)], indices of the
-    refused ones, their builder status)."""
+    order, indices of the refused ones, their builder status)."""
     cdef cnp.ndarray a = np.ascontiguousarray(recs)
     if a.dtype != _M.KEY_DTYPE:
         raise TypeError("FETCH records must be messages.KEY_DTYPE")
@@ -50,7 +49,6 @@ def serve_fetches(recs, serve_rows, tick, int nic, uint32_t lease_ms):
         else:  # (p, I, Ip, R, Rp)
             rows.append((D_OUT, k[x].int_addr, k[x].rem_addr, k[x].int_port, k[x].rem_port, k[x].proto, kind, 0, 0))
     res = serve_rows(rows, tick)
-    cdef list sks = []
     cdef list bad = []
     cdef list bad_status = []
     cdef cnp.ndarray out = np.zeros(n, _RULE_DTYPE)
@@ -75,6 +73,5 @@ def serve_fetches(recs, serve_rows, tick, int nic, uint32_t lease_ms):
         r[m].owner = nic
         r[m].proto = proto
         r[m].tcp_state = t_out | t_in
-        sks.append((proto, ia, ip, ea, ep, ra, rp))
         m += 1
-    return out[:m], sks, bad, bad_status
+    return out[:m], bad, bad_status

@@ -343,6 +343,20 @@ class CloneTable:
     def of_owner(self, owner):
         return [(sk, Clone(self._c[sk])) for sk in self._of.get(owner, ())]
 
+    def owner_records(self, owner):
+        """The clones of one owner's sessions as ACTIVITY records (identity and rule_id;
+        seq, idle_ms and the TCP flags 0): a restart report."""
+        from . import messages as M
+
+        sks = list(self._of.get(owner, ()))
+        out = np.zeros(len(sks), M.ACTIVITY_DTYPE)
+        if sks:
+            for f, col in zip(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"),
+                              zip(*sks)):
+                out[f] = col
+            out["rule_id"] = [self._c[sk][1] for sk in sks]
+        return out
+
     def owners(self):
         return {o: len(d) for o, d in self._of.items()}
 
@@ -382,7 +396,7 @@ def serve_fetches(recs, serve_rows, tick, nic, lease_ms):
         else:
             rows.append((0, ia, ra, ip, rp, proto, k, 0, 0))  # verdicts.OUT: (p, I, Ip, R, Rp)
     res = serve_rows(rows, tick)
-    out, sks, bad, bad_status = [], [], [], []
+    out, bad, bad_status = [], [], []
     for x, (st, s) in enumerate(res):
         if st != 0:
             bad.append(x)
@@ -390,5 +404,4 @@ def serve_fetches(recs, serve_rows, tick, nic, lease_ms):
             continue
         ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in = s[:12]
         out.append((int(recs["seq"][x]), rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0))
-        sks.append((proto, ia, ip, ea, ep, ra, rp))
-    return np.array(out, M.RULE_DTYPE), sks, bad, bad_status
+    return np.array(out, M.RULE_DTYPE), bad, bad_status

@@ -403,6 +403,61 @@ def test_revoke_lost_holds_endpoint_until_lease_end(fab):
     assert fab.rules[0].holds[(PROTO, E, sk[4])] == 0  # ... and then the owner's view of it
 
 
+def _sent(fab, mtype):
+    """The messages of `mtype` queued in the fabric: [(src, target, records)]."""
+    return [(s, t, np.frombuffer(p, M.DTYPE_OF[mtype])) for s, t, m, p in fab.queue if m == mtype]
+
+
+def test_revokes_of_one_turn_go_as_one_message_per_holder(fab):
+    """N sessions ended in one turn, all cloned by NIC 1: the owner sends ONE REVOKE
+    message of N records under one seq (today's main: N messages of one record), retried
+    whole while lost, acknowledged by ONE REVOKE_ACK record; the holder drops all N
+    clones and the owner releases every endpoint once."""
+    n = 40
+    a0, a1 = fab.agents
+    sks = [fab.rules[0].build(I, 4300 + k, R + k, 443) for k in range(n)]  # one remote each: no rate limit
+    for sk in sks:
+        a1.fetch(IN, in_key(sk), 0, b"x", fab.t[0])
+    fab.pump()
+    assert all(sk in a1.clones for sk in sks) and len(a0.leases) == n
+    for sk in sks:
+        fab.rules[0].expire(sk)
+    fab.lose.add(M.T_REVOKE)
+    a0.step_created(fab.t[0])
+    (msg,) = _sent(fab, M.T_REVOKE)
+    assert msg[:2] == (0, 1) and len(msg[2]) == n and len(set(msg[2]["seq"].tolist())) == 1
+    assert {skey(r) for r in msg[2]} == set(sks) and a0.counters["revokes"] == n
+    fab.pump()
+    assert fab.dropped[M.T_REVOKE] == 1 and all(sk in a1.clones for sk in sks)
+    fab.t[0] += 0.15  # past retry_s: sent again, whole, under its seq
+    a0.step_retransmit(fab.t[0])
+    (again,) = _sent(fab, M.T_REVOKE)
+    assert again[2].tobytes() == msg[2].tobytes()
+    fab.lose.clear()
+    fab.pump(max_msgs=1)  # the holder gets it
+    (ack,) = _sent(fab, M.T_REVOKE_ACK)
+    assert len(ack[2]) == 1 and int(ack[2]["seq"][0]) == int(msg[2]["seq"][0]) and ack[2]["status"][0] == M.ST_OK
+    assert not any(sk in a1.clones for sk in sks) and a1.counters["clone_revoked"] == n
+    fab.pump()
+    assert not a0._unacked and not a0.leases and a0.counters["ack_stale"] == 0
+    assert all(fab.rules[0].holds[(PROTO, E, sk[4])] == 0 for sk in sks)  # released once each (no underflow)
+    fab.advance(1.0)
+    assert not _sent(fab, M.T_REVOKE) and a0.counters["tx_revoke"] == 2 * n  # sent, retried once
+
+
+def test_revoke_of_leases_already_ended_is_not_sent(fab):
+    """A session removed after its lease's end passed: no REVOKE, the lease just ends."""
+    sk = fab.rules[0].build(I, 4390, R, 443)
+    a0, a1 = fab.agents
+    a1.fetch(IN, in_key(sk), 0, b"x", fab.t[0])
+    fab.pump()
+    fab.rules[0].expire(sk)
+    fab.t[0] += 20.0  # lease_s 10 (+ grace) passed, its timer not run yet
+    a0.step_created(fab.t[0])
+    assert not _sent(fab, M.T_REVOKE) and a0.counters["revokes"] == 0
+    assert not a0.leases and fab.rules[0].holds[(PROTO, E, sk[4])] == 0
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_active_install_pushes_to_predicted_nic(n):
     fab = Fabric(n, active_install=True)
@@ -626,6 +681,38 @@ def test_restart_report_is_retried_until_acknowledged(fab):
     sent = a1.counters["tx_activity"]
     fab.advance(0.5)
     assert a1.counters["tx_activity"] == sent
+
+
+def test_restart_report_goes_in_messages_of_at_most_max_records(fab, monkeypatch):
+    """The restart report of 10 clones with MAX_RECORDS 4: messages of 4, 4 and 2
+    records (seqs consecutive), each retried until acknowledged; the owner gets every
+    clone.  REVOKEs split the same way."""
+    monkeypatch.setattr(M, "MAX_RECORDS", 4)
+    a0, a1 = fab.agents
+    sks = [fab.rules[0].build(I, 4400 + k, R + k, 443) for k in range(10)]
+    for sk in sks:
+        a1.fetch(IN, in_key(sk), 0, b"x", fab.t[0])
+    fab.pump()
+    assert all(sk in a1.clones for sk in sks)
+    fab.rules[0].activity.clear()
+    a1.peer_restarted(0, fab.t[0])
+    msgs = _sent(fab, M.T_ACTIVITY)
+    assert [len(r) for _, _, r in msgs] == [4, 4, 2] and all(t == 0 for _, t, _ in msgs)
+    seqs = np.concatenate([r["seq"] for _, _, r in msgs])
+    assert (np.diff(seqs.astype(np.int64)) == 1).all() and len(a1._unacked) == 3
+    assert {skey(r) for _, _, r in msgs for r in r} == set(sks)
+    fab.queue.rotate(-1)  # the first message ...
+    fab.queue.pop()  # ... lost
+    fab.pump()
+    assert len(a1._unacked) == 1  # the other two acknowledged
+    fab.advance(0.3)
+    assert not a1._unacked and set(sks) <= set(fab.rules[0].activity)
+    for sk in sks:
+        fab.rules[0].expire(sk)
+    a0.step_created(fab.t[0])
+    assert [len(r) for _, _, r in _sent(fab, M.T_REVOKE)] == [4, 4, 2]
+    fab.advance(0.2)
+    assert not any(sk in a1.clones for sk in sks) and not a0._unacked and not a0.leases
 
 
 def test_restart_report_gives_up_when_the_leases_would_have_run_out(fab):

@@ -227,6 +227,9 @@ lease_op = st.one_of(
     st.tuples(st.just("end"), sks, st.integers(1, 3)),
     st.tuples(st.just("due"), st.floats(0.0, 1.0), st.integers(0, 4)),
     st.tuples(st.just("held"), st.lists(sks, max_size=5), st.integers(1, 3)),
+    st.tuples(st.just("leases_of"), st.lists(sks, max_size=6), st.sampled_from(["session", "activity", "rule"])),
+    st.tuples(st.just("end_records"), st.lists(sks, max_size=6), st.sampled_from(["session", "rule"]),
+              st.one_of(st.integers(1, 3), st.lists(st.integers(1, 3), min_size=6, max_size=6)), st.booleans()),
 )
 
 
@@ -284,6 +287,18 @@ def test_compiled_lease_table_answers_as_the_dict_model(ops):
                 recs[i:i + 1][["proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"]] = (
                     p, ia, ip, ea, ep, ra, rp)
             assert c.held(recs, o[2]).tolist() == m.held(recs, o[2]).tolist()
+        elif o[0] == "leases_of":  # (record, holder, until) of every lease; holders of one record in any order
+            recs = _session_records(o[1], o[2])
+            got = [sorted(zip(*(a.tolist() for a in t.leases_of(recs)))) for t in (c, m)]
+            assert got[0] == got[1]
+            assert all(sk in c for sk in o[1]) == (len({k for k, _, _ in got[0]}) == len(o[1]))
+        elif o[0] == "end_records":  # one holder for all, or one per record selected
+            recs, idx = _session_records(o[1], o[2]), None
+            if o[4]:  # a selection: every other record, the first one twice
+                idx = np.array([k for k in range(len(o[1])) if k % 2 == 0] + [0] * bool(o[1]), np.int64)
+            k = len(o[1]) if idx is None else len(idx)
+            hs = o[3] if isinstance(o[3], int) else np.array(o[3][:k], np.int64)
+            assert c.end_records(recs, idx, hs).tolist() == m.end_records(recs, idx, hs).tolist()
         assert _lease_state(c) == _lease_state(m)
         timers = c.timers()
         for sk, hs in c.items():

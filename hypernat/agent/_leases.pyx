@@ -157,6 +157,77 @@ cdef class LeaseTable:
         self.unlink(x)
         return True
 
+    def leases_of(self, recs):
+        """``leases_py.LeaseTable.leases_of``: the records read in place."""
+        cdef Py_ssize_t n = len(recs), k, q = 0, cap = max(16, len(recs))
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        ix_a = np.empty(cap, np.int64)
+        h_a = np.empty(cap, np.int64)
+        u_a = np.empty(cap, np.float64)
+        cdef int64_t *ix = <int64_t *>cnp.PyArray_DATA(ix_a)
+        cdef int64_t *ho = <int64_t *>cnp.PyArray_DATA(h_a)
+        cdef double *un = <double *>cnp.PyArray_DATA(u_a)
+        cdef const unsigned char *b
+        cdef uint32_t i
+        cdef uint16_t ip
+        cdef int32_t x
+        cdef le_entry *c
+        for k in range(n):
+            b = v.b + k * v.size
+            i, ip = rec_u32(b + v.o_i), rec_u16(b + v.o_ip)
+            x = en_chain(self.ids, b[v.o_p], rec_u32(b + v.o_e), rec_u16(b + v.o_ep), rec_u32(b + v.o_r),
+                         rec_u16(b + v.o_rp))
+            while x >= 0:
+                c = &self.e[x]
+                if c.k.iaddr == i and c.k.iport == ip:
+                    if q == cap:  # more leases than records: room doubles
+                        cap *= 2
+                        ix_a.resize(cap, refcheck=False)
+                        h_a.resize(cap, refcheck=False)
+                        u_a.resize(cap, refcheck=False)
+                        ix = <int64_t *>cnp.PyArray_DATA(ix_a)
+                        ho = <int64_t *>cnp.PyArray_DATA(h_a)
+                        un = <double *>cnp.PyArray_DATA(u_a)
+                    ix[q], ho[q], un[q] = k, c.holder, c.until
+                    q += 1
+                x = c.k.same_next
+        return ix_a[:q].copy(), h_a[:q].copy(), u_a[:q].copy()
+
+    def end_records(self, recs, idx, holders):
+        """``leases_py.LeaseTable.end_records``: the records read in place."""
+        cdef Py_ssize_t n = len(recs), m, k, q = 0
+        cdef rec_view v
+        keep = rec_view_of(&v, recs)
+        ix_a = rec_selection(idx, n, &m)
+        cdef const int64_t *ix = NULL if ix_a is None else <const int64_t *>cnp.PyArray_DATA(ix_a)
+        cdef int64_t h0 = 0
+        h_a = None
+        if np.ndim(holders) == 0:
+            h0 = int(holders)
+        else:
+            h_a = np.ascontiguousarray(holders, np.int64)
+            if len(h_a) != m:
+                raise ValueError(f"{len(h_a)} holders for {m} records")
+        cdef const int64_t *hv = NULL if h_a is None else <const int64_t *>cnp.PyArray_DATA(h_a)
+        out_a = np.empty(m, np.uint64)
+        cdef uint64_t *out = <uint64_t *>cnp.PyArray_DATA(out_a)
+        cdef const unsigned char *b
+        cdef uint8_t p
+        cdef uint32_t e
+        cdef uint16_t ep
+        cdef int32_t x
+        for k in range(m):
+            b = v.b + (k if ix == NULL else ix[k]) * v.size
+            p, e, ep = b[v.o_p], rec_u32(b + v.o_e), rec_u16(b + v.o_ep)
+            x = self.find(p, rec_u32(b + v.o_i), rec_u16(b + v.o_ip), e, ep, rec_u32(b + v.o_r),
+                          rec_u16(b + v.o_rp), h0 if hv == NULL else hv[k])
+            if x >= 0:
+                self.unlink(x)
+                out[q] = <uint64_t>p << 48 | <uint64_t>e << 16 | ep
+                q += 1
+        return out_a[:q]
+
     def due(self, double now, Py_ssize_t limit):
         """``leases_py.LeaseTable.due``."""
         cdef list out = []

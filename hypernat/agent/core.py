@@ -361,11 +361,10 @@ class _NegativeView:
 class _Unacked:
     target: int
     mtype: int
-    rec: np.ndarray  # one record of the type's dtype
+    rec: np.ndarray  # the message's records (one seq: PUSH, REVOKE; a restart report: its first)
     sent: float
     retry: float
     deadline: float
-    what: tuple = ()
 
 
 class RuleAgent:
@@ -476,9 +475,9 @@ class RuleAgent:
     def count(self, reason: str, n: int = 1) -> None:
         self.counters[reason] += n
 
-    def _track(self, target, mtype, rec, now, deadline, what=()) -> None:
+    def _track(self, target, mtype, rec, now, deadline) -> None:
         seq = int(rec["seq"][0])
-        self._unacked[seq] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline, what)
+        self._unacked[seq] = _Unacked(target, mtype, rec, now, self.p.retry_s, deadline)
         self._retx.set(seq, min(now + self.p.retry_s, deadline))
 
     def _acked(self, seq: int):
@@ -721,15 +720,24 @@ class RuleAgent:
             self.count("leases_renewed", renewed)
 
     def _on_revoke(self, source, recs, now):
-        """Revocations from `source`: its clones named are dropped (one lookup and one
-        removal over the records, in C); every record is acknowledged, a clone not held
-        or held of another owner with ST_UNKNOWN (idempotent)."""
-        ack = M.records(M.T_REVOKE_ACK, len(recs))
-        ack["seq"] = recs["seq"]
+        """Revocations from `source`, a message at a time: its clones named are dropped
+        (one lookup and one removal over the records, in C).  Acknowledged with one
+        REVOKE_ACK record per message (the owner's REVOKE has one seq for all its
+        records; a run of records under one seq is a message), ST_UNKNOWN if any of its
+        records named a clone not held here or held of another owner (idempotent: a
+        repeat is acknowledged again)."""
+        if len(recs) == 0:
+            return
         held = self.clones.owned_by(recs, source)
         mine = np.flatnonzero(held > 0)
+        seq = recs["seq"]
+        new = np.empty(len(seq), bool)
+        new[0] = True
+        np.not_equal(seq[1:], seq[:-1], out=new[1:])
+        ack = M.records(M.T_REVOKE_ACK, int(np.count_nonzero(new)))
+        ack["seq"] = seq[new]
         if len(mine) < len(recs):
-            ack["status"][held <= 0] = M.ST_UNKNOWN
+            ack["status"][np.unique((np.cumsum(new) - 1)[held <= 0])] = M.ST_UNKNOWN
             unknown = int(np.count_nonzero(held == 0))
             if unknown:
                 self.count("revoke_unknown", unknown)
@@ -761,8 +769,8 @@ class RuleAgent:
                 bad += 1
                 continue
             self._acked(seq)
-            if mtype == M.T_REVOKE:
-                self._lease_end(u.what, source)
+            if mtype == M.T_REVOKE:  # the holder dropped every clone the message named
+                self._end_leases(u.rec, source)
         if stale:
             self.count("ack_stale", stale)
         if wrong:
@@ -776,7 +784,7 @@ class RuleAgent:
         (compiled) asks the builder for every session in one ``serve_fetch_rows`` call
         and writes the RULE records; the leases are granted and the answers go back as
         one RULE and one NACK message."""
-        rule, sks, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
+        rule, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
                                                int(self.p.lease_s * 1000))
         if len(rule):
             self._grant_many(rule, source, now)
@@ -1103,7 +1111,7 @@ class RuleAgent:
         selected by `idx`, None: all; or session tuples), in one ``LeaseTable.grant`` (one
         lease end for all: now + the lease + grace, or `until` for a lease read back from
         a snapshot); a holder's first lease on an external endpoint holds it in the
-        builder until the lease ends (``_lease_end``), all of them in one ``hold_many``."""
+        builder until the lease ends (``_end_leases``), all of them in one ``hold_many``."""
         if holder == self.nic_id or not len(sessions):
             return
         if not isinstance(sessions, np.ndarray):
@@ -1119,9 +1127,13 @@ class RuleAgent:
                 for ekey in new.tolist():
                     self.rules.hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
 
-    def _lease_end(self, sk: tuple, holder: int) -> None:
-        if self.leases.end(sk, holder):
-            self.rules.release_hold(sk[0], sk[3], sk[4])
+    def _end_leases(self, sessions, holders, idx=None) -> None:
+        """End the leases of `holders` (one, or one per record selected) on the sessions
+        `sessions` names (records of any layout naming sessions, selected by `idx`, None:
+        all), in one ``LeaseTable.end_records``; the endpoints of the leases that ran are
+        released in the builder (a lease already ended, e.g. by its timer, is skipped)."""
+        for ekey in self.leases.end_records(sessions, idx, holders).tolist():
+            self.rules.release_hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
 
     def _push_created(self, now: float) -> None:
         """Active install of the sessions this turn built (``rules.drain_created``), in
@@ -1158,23 +1170,42 @@ class RuleAgent:
                 self._emit(j, M.T_PUSH, rec)
             self.count("pushes", len(mine))
 
+    def _lease_end(self, sk: tuple, holder: int) -> None:
+        """End `holder`'s lease on one session (``_end_leases`` of one record)."""
+        self._end_leases(_session_array((sk,)), holder)
+
     def _revoke_removed(self, now: float) -> None:
+        """Revocation of the sessions the builder ended since (``rules.drain_removed``):
+        their leases found in one ``LeaseTable.leases_of`` (records read in place, in
+        C); a lease whose end passed already is just ended (no holder keeps its clone
+        past it); every holder of the others gets ONE REVOKE message with all of its
+        sessions (split at the wire's MAX_RECORDS) under one seq, tracked, retried and
+        acknowledged as a whole (the holder drops a repeat idempotently), its deadline
+        the latest lease end among its records: by then every one of them ran out, so
+        a REVOKE still unanswered is given up and its leases ended (``_end_leases``)."""
         removed = self.rules.drain_removed()
-        for s in removed:
-            sk = skey(s)
-            holders = self.leases.get(sk)
-            if not holders:
-                continue
-            for h, until in list(holders.items()):
-                if until <= now:
-                    self._lease_end(sk, h)
-                    continue
-                rec = M.records(M.T_REVOKE, 1)
-                _wire_endpoints(rec, 0, sk)
-                rec["seq"], rec["rule_id"], rec["kind"] = self._next_seq(), s["rule_id"], M.FETCH_BY_EXTERNAL
-                self._track(h, M.T_REVOKE, rec, now, until, sk)
+        if not len(removed) or not self.leases:
+            return
+        ix, hs, until = self.leases.leases_of(removed)
+        if not len(ix):
+            return
+        past = until <= now
+        if past.any():
+            self._end_leases(removed, hs[past], ix[past])
+            keep = ~past
+            ix, hs, until = ix[keep], hs[keep], until[keep]
+        for h in np.unique(hs).tolist():
+            mine = hs == h
+            sel, ends = ix[mine], until[mine]
+            for i in range(0, len(sel), M.MAX_RECORDS):
+                part = removed[sel[i:i + M.MAX_RECORDS]]
+                rec = M.records(M.T_REVOKE, len(part))
+                for f_w, f_s in _WIRE_OF_SESSION:
+                    rec[f_w] = part[f_s]
+                rec["seq"], rec["kind"] = self._next_seq(), M.FETCH_BY_EXTERNAL
+                self._track(h, M.T_REVOKE, rec, now, float(ends[i:i + M.MAX_RECORDS].max()))
                 self._emit(h, M.T_REVOKE, rec)
-                self.count("revokes")
+            self.count("revokes", len(sel))
 
     # -- time ---------------------------------------------------------------------------------
     @property
@@ -1230,8 +1261,8 @@ class RuleAgent:
                         live -= 1
                         if now + _EPS >= u.deadline:
                             del unacked[seq]
-                            if u.mtype == M.T_REVOKE:  # the holder's lease ran out anyway
-                                self._lease_end(u.what, u.target)
+                            if u.mtype == M.T_REVOKE:  # the holder's leases ran out anyway
+                                self._end_leases(u.rec, u.target)
                             elif u.mtype == M.T_BORROW and seq == self._borrowing:
                                 self._borrowing = None
                                 self._borrow_next = (u.target + 1) % self.n_nics
@@ -1409,16 +1440,18 @@ class RuleAgent:
         retried like the other messages that matter (until its ACTIVITY_ACK, the first
         record's seq, or until the clones' leases would have run out anyway); the owner
         handles a repeat idempotently."""
-        items = self.clones.of_owner(owner)
-        if not items:
+        rec = self.clones.owner_records(owner)  # ACTIVITY records, written in C
+        if not len(rec):
             return
-        rec = M.records(M.T_ACTIVITY, len(items))
-        for i, (sk, c) in enumerate(items):
-            _wire_endpoints(rec, i, sk)
-            rec["seq"][i] = self._next_seq()
-            rec["rule_id"][i] = c.rule_id
-        self._emit(owner, M.T_ACTIVITY, rec)
-        self._track(owner, M.T_ACTIVITY, rec, now, now + self.p.lease_s)
+        # messages of at most MAX_RECORDS records (the Outbox keeps each whole), each
+        # tracked under its first record's seq
+        seq0 = self._seq  # _next_seq len(rec) times
+        rec["seq"] = np.arange(seq0, seq0 + len(rec)) if seq0 + len(rec) <= 0x100000000 else _seq_run(seq0, len(rec))
+        self._seq = (seq0 + len(rec) - 1) % 0xFFFFFFFF + 1
+        for i in range(0, len(rec), M.MAX_RECORDS):
+            part = rec[i:i + M.MAX_RECORDS]
+            self._emit(owner, M.T_ACTIVITY, part)
+            self._track(owner, M.T_ACTIVITY, part, now, now + self.p.lease_s)
         self.count("restart_reports")
 
     # -- snapshot -------------------------------------------------------------------------------

@@ -78,6 +78,39 @@ class LeaseTable:
                 del self._at[k]
         return True
 
+    def leases_of(self, recs) -> tuple:
+        """The leases on the sessions the records `recs` name (any layout naming
+        sessions: SESSION_DTYPE, RULE, ACTIVITY, KEY), as parallel arrays (index of the
+        record: int64, holder: int64, until: float64), records in order."""
+        from ..clones_py import _sessions
+
+        ix, hs, us = [], [], []
+        for k, sk in enumerate(_sessions(recs)):
+            for h, until in self._l.get(tuple(sk), {}).items():
+                ix.append(k)
+                hs.append(h)
+                us.append(until)
+        return np.array(ix, np.int64), np.array(hs, np.int64), np.array(us, np.float64)
+
+    def end_records(self, recs, idx, holders) -> np.ndarray:
+        """End the leases of `holders` (one holder, or one per record selected) on the
+        sessions the records `recs` selected by `idx` (None: all) name, as ``end`` does
+        for each.  Returns the external endpoints of the leases that ran (the endpoints
+        to release), in order, as the block pool keys them (uint64 array)."""
+        from ..clones_py import _selection, _sessions
+
+        every = _sessions(recs)
+        sel = list(_selection(idx, len(recs)))
+        hs = [int(holders)] * len(sel) if np.ndim(holders) == 0 else [int(h) for h in holders]
+        if len(hs) != len(sel):
+            raise ValueError(f"{len(hs)} holders for {len(sel)} records")
+        out = []
+        for x, h in zip(sel, hs):
+            sk = tuple(every[x])
+            if self.end(sk, h):
+                out.append(sk[0] << 48 | sk[3] << 16 | sk[4])
+        return np.array(out, np.uint64)
+
     def due(self, now: float, limit: int) -> list:
         """Leases whose end passed by `now`, ended: [(sk, holder)], looking at most
         `limit` timers (a lease renewed meanwhile is queued again under its end)."""
