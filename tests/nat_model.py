@@ -162,7 +162,8 @@ class MappingsModel:
     """Mappings and sessions (hypernat.nat._mappings.Mappings): a rule id per mapping
     (1-based; a freed id is reused last-freed-first), the sessions of each as a set of
     remote endpoints (R, Rp); an outgoing key finds its mapping by the internal endpoint
-    (EIM) or by the whole session key (APDM: the mapping that last added that session)."""
+    (EIM) or by the whole session key (APDM: an incoming session whose key is another
+    mapping's is refused before it gets here)."""
 
     def __init__(self, eim=True):
         self.eim = eim
@@ -288,6 +289,10 @@ class OutSetupModel:
         if f == "address-and-port-dependent" or (f == "address-dependent"
                                                  and not self.maps.has_remote_address(rid, ra)):
             return self.reasons["unsolicited_syn" if syn else "filtered"]
+        if not self.maps.eim:  # APDM: the outgoing key already another mapping's session
+            pr, ia, ip = self.maps.m[rid][:3]
+            if self.maps.by_out_key(pr, ia, ip, ra, r) not in (0, rid):
+                return self.reasons["unsolicited_syn" if syn else "filtered"]
         if self.room <= 0:
             return self.reasons["table_full"]
         self.maps.add_session(rid, ra, r)

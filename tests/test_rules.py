@@ -886,6 +886,32 @@ def check_consistency(rb):
     assert 0.0 <= rb.utilisation() <= 1.0
 
 
+@pytest.mark.parametrize("proto", [UDP, TCP])
+def test_apdm_an_incoming_session_on_another_mappings_outgoing_key_is_refused(proto):
+    """Address-and-port-dependent mapping, endpoint-independent filtering: I:Ip -> R2
+    has mapping A, I:Ip -> R1:80 mapping B.  A packet from R1:80 to A's endpoint would
+    open a session of A whose outgoing key (I, Ip, R1, 80) is B's: one outgoing 5-tuple
+    bound to two external endpoints.  It is refused as filtered; B keeps translating."""
+    cfg = make_cfg(1, mapping="address-and-port-dependent", filtering="endpoint-independent")
+    rb = make_rb(cfg)
+    (h,) = hosts_of(rb, 1)
+    flags = SYN if proto == TCP else 0
+    assert miss(rb, OUT, [(proto, h, 5000, R2, 80)], 100).action[0] == ACT_REPLAY
+    assert miss(rb, OUT, [(proto, h, 5000, R1, 80)], 100).action[0] == ACT_REPLAY
+    ep_a = int(rb.out.get(proto, h, 5000, R2, 80)["new_port"])
+    (a,) = [m for m in rb.mappings() if m.eport == ep_a]
+    (b,) = [m for m in rb.mappings() if m.eport != ep_a]
+    before = rb.counters_dict()["filtered"]
+    d = miss(rb, IN, [(proto, R1, 80, a.eaddr, a.eport, ACK if proto == TCP else 0)], 101)
+    assert d.action[0] == ACT_DROP and rb.counters_dict()["filtered"] == before + 1
+    assert len(rb.out) == 2 and len(rb.inn) == 2
+    e = rb.out.get(proto, h, 5000, R1, 80)
+    assert (int(e["new_addr"]), int(e["new_port"])) == (b.eaddr, b.eport)
+    # a remote no mapping of I:Ip talks to is admitted (endpoint-independent filtering)
+    assert miss(rb, IN, [(proto, R3, 80, a.eaddr, a.eport, flags)], 102).action[0] == ACT_REPLAY
+    check_consistency(rb)
+
+
 @settings(max_examples=40, deadline=None)
 @given(_OPS, st.sampled_from(["endpoint-independent", "address-and-port-dependent"]),
        st.sampled_from(["endpoint-independent", "address-dependent"]))  # fmt: skip

@@ -743,14 +743,22 @@ cdef class OutSetup:
             return self.r_usyn if syn else self.r_no_mapping
         if self.filt == F_APDF or (self.filt == F_ADF and not mp.has_raddr_c(rid, ra)):
             return self.r_usyn if syn else self.r_filtered
+        cdef MapRec* m = &mp.m[rid]
+        cdef uint32_t other
+        if not mp.eim:
+            # address-and-port-dependent mapping: the session's outgoing key may be
+            # another mapping's session already (I:Ip talked to R:Rp through its own
+            # mapping); admitting it here would bind one outgoing 5-tuple to two
+            # external endpoints -- refused, as a filter would
+            other = mp.find_out(p, m.iaddr, m.iport, ra, r)
+            if other and other != rid:
+                return self.r_usyn if syn else self.r_filtered
         if self.room <= 0:
             return self.r_full
         mp.add_session_c(rid, ra, r)
         self.room -= 1
         self.last = rid
-        cdef MapRec* m
         if self.events.sessions:
-            m = &mp.m[rid]
             self.events.record(EV_SESSION, p, m.iaddr, m.iport, ea, ep, ra, r, rid, <uint32_t>now)
         return OK
 
