@@ -1061,6 +1061,12 @@ class RuleBuilder:
         if w is not None:
             self._release_endpoint(*w)
 
+    def release_many(self, ekeys) -> None:
+        """``release_hold`` for each endpoint key of `ekeys` (proto << 48 | eaddr << 16 |
+        eport, an integer array: the leases ``LeaseTable.end_records`` ran out)."""
+        for w in self.pool.release_many(ekeys):
+            self._release_endpoint(*w)
+
     def drain_created(self) -> np.ndarray:
         """Sessions created since the last call (for active install: PUSH).  Recorded
         only while ``track_created`` is true (default: install mode active, more than one NIC)."""
@@ -1076,9 +1082,10 @@ class RuleBuilder:
         """Sessions removed by expiry since the last call (for REVOKE to lease holders).
         Recorded only while ``track_removed`` is true (default: more than one NIC)."""
         self._drain_ended()
-        r, self._removed = self._removed, []
+        r = self._removed
         if not r:
-            return np.zeros(0, SESSION_DTYPE)
+            return _NO_SESSIONS  # (every loop turn asks: no array built for nothing)
+        self._removed = []
         return r[0] if len(r) == 1 else np.concatenate(r)
 
     # -- holder side --------------------------------------------------------------------

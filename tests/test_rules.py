@@ -1122,6 +1122,34 @@ def test_hold_many_counts_as_hold_does():
     assert a.pool.hold_counts() == b.pool.hold_counts() == {}
 
 
+def test_release_many_frees_as_release_hold_does():
+    """Endpoints held by leases (two on one) whose mappings ended: released one key at a
+    time or in one ``release_many`` (what a REVOKE_ACK's leases run out as), the port and
+    then the block come back at the same moment, the last hold of an endpoint only."""
+    cfg = make_cfg(1, **{"timeouts": T})
+    rbs = [make_rb(cfg), make_rb(cfg)]
+    (h,) = hosts_of(rbs[0], 1)
+    keys = []
+    for rb in rbs:
+        miss(rb, OUT, [(UDP, h, 5000, R1, 53), (UDP, h, 5001, R1, 53)], 100)
+        keys = [UDP << 48 | m.eaddr << 16 | m.eport for m in sorted(rb.mappings(), key=lambda m: m.iport)]
+        rb.hold_many(np.array([keys[0], keys[0], keys[1]], np.uint64))
+        sweep_all(rb, 100 + 1000)  # expired ...
+        sweep_all(rb, 100 + 2000)  # ... reuse delay over: only the holds keep the ports
+        assert not rb.mappings() and rb.blocks
+    a, b = rbs
+    for k in (keys[0], keys[1]):
+        a.release_hold(k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
+    b.release_many(np.array([keys[0], keys[1]], np.uint64))
+    assert a.pool.hold_counts() == b.pool.hold_counts() == {keys[0]: 1}
+    assert a.blocks and b.blocks  # keys[0] still held once: its block stays
+    a.release_hold(keys[0] >> 48, (keys[0] >> 16) & 0xFFFFFFFF, keys[0] & 0xFFFF)
+    b.release_many(np.array([keys[0]], np.uint64))
+    assert not a.blocks and not b.blocks and a.utilisation() == b.utilisation() == 0.0
+    check_consistency(a)
+    check_consistency(b)
+
+
 def test_incoming_batch_decided_in_one_pass_refusals_counted_fetches_queued():
     """A batch of incoming misses on the owner (the compiled incoming side): the
     session's remote replays, refusals are counted by reason (filtered, unsolicited SYN,

@@ -1132,8 +1132,15 @@ class RuleAgent:
         `sessions` names (records of any layout naming sessions, selected by `idx`, None:
         all), in one ``LeaseTable.end_records``; the endpoints of the leases that ran are
         released in the builder (a lease already ended, e.g. by its timer, is skipped)."""
-        for ekey in self.leases.end_records(sessions, idx, holders).tolist():
-            self.rules.release_hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
+        ended = self.leases.end_records(sessions, idx, holders)
+        if not len(ended):
+            return
+        release_many = getattr(self.rules, "release_many", None)
+        if release_many is not None:
+            release_many(ended)
+        else:  # a builder with the one-at-a-time interface
+            for ekey in ended.tolist():
+                self.rules.release_hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
 
     def _push_created(self, now: float) -> None:
         """Active install of the sessions this turn built (``rules.drain_created``), in

@@ -65,6 +65,7 @@ class Pool(typing.Protocol):
     def hold(self, ekey: int) -> None: ...
     def hold_many(self, ekeys) -> None: ...
     def release_hold(self, ekey: int): ...
+    def release_many(self, ekeys) -> list: ...
     def holds(self, ekey: int) -> int: ...
     def lend(self, in_use): ...
     def adopt(self, g: int) -> None: ...
@@ -329,6 +330,23 @@ class BlockPool:
             return None
         self._holds.pop(ekey, None)
         return self._held.pop(ekey, None)
+
+    def release_many(self, ekeys) -> list:
+        """``release_hold`` for each endpoint key of `ekeys` (an integer array: the
+        leases one REVOKE_ACK or one turn of lease ends ran out): the endpoints
+        (block, pidx, offset) to release now, in order."""
+        out = []
+        holds, held = self._holds, self._held
+        for ekey in np.asarray(ekeys, np.uint64).tolist():
+            c = holds.get(ekey, 0) - 1
+            if c > 0:
+                holds[ekey] = c
+                continue
+            holds.pop(ekey, None)
+            w = held.pop(ekey, None)
+            if w is not None:
+                out.append(w)
+        return out
 
     def holds(self, ekey: int) -> int:
         return self._holds.get(ekey, 0)
