@@ -63,7 +63,10 @@ All fields are little-endian unsigned integers.
   (at most MAX_RECORDS), all under ONE ``seq``, the message's: the holder answers one
   PUSH_ACK record per seq it received (``ST_REFUSED`` if any record under it was
   refused), and the owner retries the message whole until then.  (The worker's
-  ``Outbox`` never cuts such a message across payloads.)
+  ``Outbox`` never cuts such a message across payloads.)  A REVOKE message likewise
+  carries every session of one owner's turn for one holder under one seq; the holder
+  answers one REVOKE_ACK record per seq (``ST_UNKNOWN`` if any record named no clone
+  of the sender's).
 
 ``ACTIVITY_DTYPE`` (36 B) — ACTIVITY (clone holder -> owner, batched)::
 
@@ -228,8 +231,8 @@ _TYPES = (
     ("PUSH", T_PUSH, "RULE", True, "owner pushes rules to the predicted NIC (active install)"),
     ("PUSH_ACK", T_PUSH_ACK, "ACK", True, "holder installed (or refused) a PUSH message (one record per seq)"),
     ("LEASE", T_LEASE, "RULE", True, "owner renews a clone's lease"),
-    ("REVOKE", T_REVOKE, "KEY", True, "owner revokes a clone"),
-    ("REVOKE_ACK", T_REVOKE_ACK, "ACK", True, "holder dropped the clone"),
+    ("REVOKE", T_REVOKE, "KEY", True, "owner revokes clones"),
+    ("REVOKE_ACK", T_REVOKE_ACK, "ACK", True, "holder dropped the clones of a REVOKE message (one record per seq)"),
     ("ACTIVITY", T_ACTIVITY, "ACTIVITY", True, "holder reports activity / FIN / RST to the owner"),
     ("ACTIVITY_ACK", T_ACTIVITY_ACK, "ACK", True, "owner received activity"),
     ("BORROW", T_BORROW, "BLOCK", True, "ask a neighbour for a port block (spill-over)"),
