@@ -30,22 +30,8 @@ ctypedef struct rec_view:
     Py_ssize_t size
     Py_ssize_t o_p, o_i, o_ip, o_e, o_ep, o_r, o_rp, o_rid, o_to, o_ti   # -1: absent (0)
 
-# SESSION_DTYPE (nat/records.py) as a C struct (checked against it at import)
-cdef packed struct sess_rec:
-    uint32_t iaddr
-    uint32_t eaddr
-    uint32_t raddr
-    uint16_t iport
-    uint16_t eport
-    uint16_t rport
-    uint8_t proto
-    uint8_t dirs
-    uint32_t rule_id
-    uint32_t last_seen
-    uint8_t tcp_out
-    uint8_t tcp_in
-    uint8_t owner
-    uint8_t flags
+# SESSION_DTYPE as a C struct: hypernat/nat/_records.pxd (checked against it at import)
+from .nat._records cimport sess_rec
 
 cdef object rec_view_of(rec_view *v, recs)
 cdef object rec_selection(idx, Py_ssize_t n, Py_ssize_t *m)

@@ -70,7 +70,7 @@ def _rule_records(pend, rng_ops, source):
             r["int_addr"], r["int_port"], r["ext_addr"], r["ext_port"], r["rem_addr"], r["rem_port"] = (
                 sa, sp, 99, 2000 + k, da, dp)
         if how == "seq":
-            r["seq"] = p.seq + 100
+            r["seq"] = (p.seq + 99) % 0xFFFFFFFF + 1  # another seq (seqs wrap, never 0)
         elif how == "owner":
             r["owner"] = source + 1
         elif how == "key":
@@ -92,7 +92,7 @@ def _nack_records(pend, rng_ops):
         recs[i] = rec[0]
         recs["reason"][i] = reason
         if how == "seq":
-            recs["seq"][i] = p.seq + 100
+            recs["seq"][i] = (p.seq + 99) % 0xFFFFFFFF + 1  # another seq (seqs wrap, never 0)
         elif how == "key":
             recs["rem_addr"][i] += 1
         elif how == "icmp":

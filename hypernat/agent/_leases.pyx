@@ -16,7 +16,8 @@ from .._entries cimport (en_add, en_chain, en_find, en_full, en_head, en_init, e
                          en_reindex, en_release, en_unlink)
 from .._heap cimport heap_free, heap_init, heap_pop, heap_push
 from .._wire cimport wire_activity, wire_rule
-from .._clones cimport rec_selection, rec_u16, rec_u32, rec_view, rec_view_of, sess_rec
+from .._clones cimport rec_selection, rec_u16, rec_u32, rec_view, rec_view_of
+from ..nat._records cimport sess_rec
 
 cimport numpy as cnp
 

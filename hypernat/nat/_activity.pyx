@@ -19,6 +19,7 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t
 import numpy as np
 
 from .._fastpath cimport FlowTable, hn_slot
+from ._records cimport sess_rec
 
 from .. import layout as _layout
 from .._fastpath import FlowTable as _FlowTable
@@ -32,22 +33,6 @@ cdef uint8_t D_OUT = DIR_BIT_OUT
 cdef uint8_t D_IN = DIR_BIT_IN
 cdef uint8_t P_ICMP = _layout.PROTO_ICMP
 
-
-cdef packed struct sess_rec:      # records.SESSION_DTYPE (32 bytes, checked at import)
-    uint32_t iaddr
-    uint32_t eaddr
-    uint32_t raddr
-    uint16_t iport
-    uint16_t eport
-    uint16_t rport
-    uint8_t proto
-    uint8_t dirs
-    uint32_t rule_id
-    uint32_t last_seen
-    uint8_t tcp_out
-    uint8_t tcp_in
-    uint8_t owner
-    uint8_t flags
 
 if sizeof(sess_rec) != SESSION_DTYPE.itemsize:
     raise ImportError("hypernat.nat._activity: sess_rec does not match records.SESSION_DTYPE")

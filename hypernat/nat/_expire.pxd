@@ -8,21 +8,7 @@ from ._mappings cimport Mappings
 from ._ports cimport PortBlocks
 
 
-cdef packed struct SessOut:   # SESSION_DTYPE
-    uint32_t iaddr
-    uint32_t eaddr
-    uint32_t raddr
-    uint16_t iport
-    uint16_t eport
-    uint16_t rport
-    uint8_t proto
-    uint8_t dirs
-    uint32_t rule_id
-    uint32_t last_seen
-    uint8_t tcp_out
-    uint8_t tcp_in
-    uint8_t owner
-    uint8_t flags
+from ._records cimport sess_rec  # SESSION_DTYPE
 
 
 cdef packed struct Ended:     # ENDED_DTYPE: an endpoint into the reuse delay
@@ -43,7 +29,7 @@ cdef class SessionEnd:
     cdef public uint8_t nic
     cdef Ended* e                    # ended mappings' endpoints (the reuse delay)
     cdef Py_ssize_t ne, ecap
-    cdef SessOut* r                  # REVOKE records
+    cdef sess_rec* r                  # REVOKE records
     cdef Py_ssize_t nr, rcap
     cdef int end_c(self, uint32_t rid, uint32_t ra, uint16_t rp, int64_t now, uint32_t last, uint8_t so,
                    uint8_t si) except -2

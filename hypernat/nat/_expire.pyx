@@ -72,7 +72,7 @@ TCP_ESTABLISHED, TCP_TRANSITORY, UDP, ICMP = 0, 1, 2, 3
 
 ENDED_DTYPE = np.dtype([("release_at", "<i8"), ("ekey", "<i8"), ("block", "<i8"), ("pidx", "<i4"),
                         ("offset", "<i4")])
-if SESSION_DTYPE.itemsize != sizeof(SessOut) or ENDED_DTYPE.itemsize != sizeof(Ended):
+if SESSION_DTYPE.itemsize != sizeof(sess_rec) or ENDED_DTYPE.itemsize != sizeof(Ended):
     raise ImportError("hypernat.nat._expire: a dtype disagrees with its struct: rebuild it")
 
 
@@ -144,12 +144,12 @@ cdef class SessionEnd:
         cdef uint32_t ia = m.iaddr, ea = m.eaddr
         cdef uint16_t ip = m.iport, ep = m.eport
         cdef int64_t g = m.block
-        cdef SessOut* x
+        cdef sess_rec* x
         cdef Ended* d
         self.events.record(EV_SESSION, p, ia, ip, ea, ep, ra, rp, rid, <uint32_t>now)  # (with remote)
         if self.revoke:
             if self.nr == self.rcap:
-                x = <SessOut*>realloc(self.r, (self.rcap * 2 + 64) * sizeof(SessOut))
+                x = <sess_rec*>realloc(self.r, (self.rcap * 2 + 64) * sizeof(sess_rec))
                 if x == NULL:
                     raise MemoryError()
                 self.r, self.rcap = x, self.rcap * 2 + 64
@@ -197,7 +197,7 @@ cdef class SessionEnd:
             memcpy(&b[0], self.e, self.ne * sizeof(Ended))
         if self.nr:
             b = removed.view(np.uint8)
-            memcpy(&b[0], self.r, self.nr * sizeof(SessOut))
+            memcpy(&b[0], self.r, self.nr * sizeof(sess_rec))
         self.ne = self.nr = 0
         return ended, removed, self.events.drain()
 
