@@ -80,6 +80,9 @@ class _Rules:
     def release_hold(self, p, e, ep):
         pass
 
+    def release_many(self, ekeys):
+        pass
+
     def recover_sessions(self, recs, now):
         return np.zeros(len(recs), bool)
 

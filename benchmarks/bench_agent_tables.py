@@ -36,6 +36,9 @@ class Rules:
     def release_hold(self, *a):
         pass
 
+    def release_many(self, ekeys):
+        pass
+
 
 def agent(nic):
     return RuleAgent(nic, 2, Rules(), lambda t, m, r: None, lambda a, p: 0, lambda d, f: None,

@@ -48,6 +48,9 @@ class Rules:
     def release_hold(self, *a):
         pass
 
+    def release_many(self, ekeys):
+        pass
+
 
 def sessions(n: int, k0: int = 0) -> np.ndarray:
     s = np.zeros(n, SESSION_DTYPE)

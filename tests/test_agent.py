@@ -94,6 +94,14 @@ class MiniRules:
         assert self.holds[(p, e, ep)] > 0, "release without hold"
         self.holds[(p, e, ep)] -= 1
 
+    def hold_many(self, ekeys):  # proto << 48 | eaddr << 16 | eport
+        for k in np.asarray(ekeys).tolist():
+            self.hold(k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
+
+    def release_many(self, ekeys):
+        for k in np.asarray(ekeys).tolist():
+            self.release_hold(k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
+
     def merge_activity(self, recs, now=None):
         self.activity.extend(skey(r) for r in recs)
         return len(recs)

@@ -400,6 +400,10 @@ class _Tables:
         assert self.holds[(p, e, ep)] > 0
         self.holds[(p, e, ep)] -= 1
 
+    def release_many(self, ekeys):
+        for k in np.asarray(ekeys).tolist():
+            self.release_hold(k >> 48, (k >> 16) & 0xFFFFFFFF, k & 0xFFFF)
+
     def drain_created(self):
         return np.zeros(0, SESSION_DTYPE)
 

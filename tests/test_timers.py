@@ -285,6 +285,9 @@ class _Rules:
     def release_hold(self, p, e, ep):
         self.released += 1
 
+    def release_many(self, ekeys):
+        self.released += len(ekeys)
+
     def drain_created(self):
         return []
 

@@ -9,14 +9,14 @@ NIC that moves rules between NICs, through the coordinator:
       NIC j (holder)                  coordinator                 NIC i (owner)
    miss_in (R→E) ─┐
    queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetch_rows
-                  │                                                rules.hold(E), lease[j]
+                  │                                                rules.hold_many(E), lease[j]
    install clone ◄┴─ RULE(session, L) ◄── route ◄──────────────── RULE
    replay queue through the fast path, in arrival order
    …every activity_interval:
    ACTIVITY(clones hit, tcp flags) ──► route ──────────────────► rules.merge_activity
    lease renewed  ◄──────────────────── LEASE(L), ACTIVITY_ACK ◄─
                                                                    session expires:
-   drop clone, REVOKE_ACK ──────────────► route ───────────────► rules.release_hold(E)
+   drop clone, REVOKE_ACK ──────────────► route ───────────────► rules.release_many(E)
                        ◄───────────────── REVOKE ◄──────────── (retried until acked or
                                                                  the lease ran out)
 
@@ -58,7 +58,7 @@ reply, or a wrong prediction, just falls back to passive install.
 safety margin on its own clock, on an exact timer), the owner renews leases on
 ACTIVITY, and an external endpoint is reused only after every lease granted on it ran
 out (owner's view: + ``LEASE_GRACE_MS``) or was revoked with a REVOKE_ACK — the agent
-holds the endpoint in the RuleBuilder (``hold`` / ``release_hold``).  Everything that
+holds the endpoint in the RuleBuilder (``hold_many`` / ``release_many``, endpoint keys).  Everything that
 matters (FETCH, PUSH, REVOKE, ACTIVITY, BORROW, RETURN) is retried until answered and
 handled idempotently (a duplicate RULE refreshes a clone, a duplicate FETCH is answered
 again, a REVOKE of an unknown clone is acknowledged), so a coordinator restart loses
@@ -1120,12 +1120,7 @@ class RuleAgent:
             until = now + self.p.lease_s + M.LEASE_GRACE_MS / 1000.0
         new = self.leases.grant(sessions, idx, holder, until)  # endpoint keys of the new leases
         if len(new):
-            hold_many = getattr(self.rules, "hold_many", None)
-            if hold_many is not None:
-                hold_many(new)
-            else:  # a builder with the one-at-a-time interface
-                for ekey in new.tolist():
-                    self.rules.hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
+            self.rules.hold_many(new)
 
     def _end_leases(self, sessions, holders, idx=None) -> None:
         """End the leases of `holders` (one, or one per record selected) on the sessions
@@ -1133,14 +1128,8 @@ class RuleAgent:
         all), in one ``LeaseTable.end_records``; the endpoints of the leases that ran are
         released in the builder (a lease already ended, e.g. by its timer, is skipped)."""
         ended = self.leases.end_records(sessions, idx, holders)
-        if not len(ended):
-            return
-        release_many = getattr(self.rules, "release_many", None)
-        if release_many is not None:
-            release_many(ended)
-        else:  # a builder with the one-at-a-time interface
-            for ekey in ended.tolist():
-                self.rules.release_hold(ekey >> 48, (ekey >> 16) & 0xFFFFFFFF, ekey & 0xFFFF)
+        if len(ended):
+            self.rules.release_many(ended)
 
     def _push_created(self, now: float) -> None:
         """Active install of the sessions this turn built (``rules.drain_created``), in
@@ -1341,8 +1330,9 @@ class RuleAgent:
         leases = self.leases
         if now < leases.next_due:
             return False
-        for sk, _ in leases.due(now, self.p.lease_end_slice):
-            self.rules.release_hold(sk[0], sk[3], sk[4])
+        due = leases.due(now, self.p.lease_end_slice)
+        if due:
+            self.rules.release_many(np.array([sk[0] << 48 | sk[3] << 16 | sk[4] for sk, _ in due], np.uint64))
         return now >= leases.next_due
 
     # Collecting activity reads the flags of every slot of both tables, and reporting it
