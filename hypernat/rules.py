@@ -890,15 +890,6 @@ class RuleBuilder:
         self.maps.flush(self.out, self.inn, now)
 
     # -- removal --------------------------------------------------------------------------
-    def end_session(self, rid: int, raddr: int, r: int, now: int, last_seen=0, tcp_out=0, tcp_in=0) -> bool:
-        """Bookkeeping for a session whose entries are (being) deleted: the mapping's
-        session count, the translation log, the REVOKE record; the mapping and its
-        endpoint's reuse delay when it was the last (``SessionEnd``, compiled; the
-        expiry calls it in C).  True if the mapping ended with it."""
-        ended = self.session_end().end_session(rid, raddr, r, now, last_seen, tcp_out, tcp_in)
-        self._drain_ended()
-        return ended
-
     def session_end(self) -> SessionEnd:
         """The compiled bookkeeping of sessions that end, bound to this builder's tables
         and settings (hypernat.nat.expiry.SessionOwner); what it records leaves through

@@ -461,7 +461,7 @@ def test_indexes_and_timers_follow_clones_and_leases(data):
         elif op == "grant":
             ag._grant_many([sk], data.draw(st.sampled_from((1, 2))), t[0])
         elif op == "end":
-            ag._lease_end(sk, data.draw(st.sampled_from((1, 2))))
+            ag._end_leases(rule_records([sk]), data.draw(st.sampled_from((1, 2))))
         elif op == "renew" and sk in ag.clones:
             ag.on_message(ag.clones[sk].owner, M.T_LEASE, _rule(sk, 0, ag.clones[sk].owner, 4000), t[0])
         elif op == "tick":

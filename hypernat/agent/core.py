@@ -1166,10 +1166,6 @@ class RuleAgent:
                 self._emit(j, M.T_PUSH, rec)
             self.count("pushes", len(mine))
 
-    def _lease_end(self, sk: tuple, holder: int) -> None:
-        """End `holder`'s lease on one session (``_end_leases`` of one record)."""
-        self._end_leases(_session_array((sk,)), holder)
-
     def _revoke_removed(self, now: float) -> None:
         """Revocation of the sessions the builder ended since (``rules.drain_removed``):
         their leases found in one ``LeaseTable.leases_of`` (records read in place, in
