@@ -378,30 +378,34 @@ class CloneTable:
 
 
 # ---------------------------------------------------------------------------------------
-# Fetch serving: the reference of ``hypernat._serve.serve_fetches``
+# Fetch serving: a plain-Python reference of ``RuleBuilder.serve_fetches``
 # ---------------------------------------------------------------------------------------
-def serve_fetches(recs, serve_rows, tick, nic, lease_ms):
-    """See ``hypernat._serve.serve_fetches``."""
+def serve_fetches(recs, rules, now, lease_ms):
+    """``RuleBuilder.serve_fetches`` over FETCH records `recs`, the reference (the oracle
+    of the tests, no compiled loop): each record decided alone (one ``serve_fetches``
+    call of `rules` each, in order), its key read back here from the record, and each
+    answer's RULE record built here from the builder's public views -- the mapping
+    (``maps.get``), both flow-table entries' TCP state (``out`` / ``inn``), this owner.
+    Returns the same (RULE records, refused indices, their reason indices)."""
     import numpy as np
 
     from . import messages as M
+    from .nat.records import PROTO_ICMP, in_key, out_key
 
-    lookup_only = M.FETCH_F_ICMP_ERROR | M.FETCH_F_REVALIDATE
     recs = np.asarray(recs, M.KEY_DTYPE)
-    rows = []
-    for seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _ in M.KEY_STRUCT.iter_unpack(recs.tobytes()):
-        k = layout.KIND_ICMP_ERROR if flags & lookup_only else 0
-        if kind == M.FETCH_BY_EXTERNAL:
-            rows.append((1, ra, ea, rp, ep, proto, k, 0, 0))  # verdicts.IN: (p, R, Rp, E, Ep)
-        else:
-            rows.append((0, ia, ra, ip, rp, proto, k, 0, 0))  # verdicts.OUT: (p, I, Ip, R, Rp)
-    res = serve_rows(rows, tick)
-    out, bad, bad_status = [], [], []
-    for x, (st, s) in enumerate(res):
-        if st != 0:
+    found, bad, bad_status = [], [], []
+    for x, (seq, _, proto, kind, _, flags, ia, ea, ra, ip, ep, rp, _) in enumerate(
+            M.KEY_STRUCT.iter_unpack(recs.tobytes())):
+        rule, no, st = rules.serve_fetches(recs[x:x + 1], now, lease_ms)
+        if len(no):
             bad.append(x)
-            bad_status.append(st)
-            continue
-        ia, ea, ra, ip, ep, rp, proto, _, rid, _, t_out, t_in = s[:12]
-        out.append((int(recs["seq"][x]), rid, lease_ms, ia, ea, ra, ip, ep, rp, nic, proto, t_out | t_in, 0))
-    return np.array(out, M.RULE_DTYPE), bad, bad_status
+            bad_status.append(int(st[0]))
+        else:
+            found.append((seq, int(rule["rule_id"][0]), ra, 0 if proto == PROTO_ICMP else rp))
+    out = []
+    for seq, rid, ra, rp in found:
+        p, ia, ip, ea, ep, _ = rules.maps.get(rid)
+        eo, ei = rules.out.get(*out_key(p, ia, ip, ra, rp)), rules.inn.get(*in_key(p, ra, rp, ea, ep))
+        tcp = (0 if eo is None else int(eo["tcp_state"])) | (0 if ei is None else int(ei["tcp_state"]))
+        out.append((seq, rid, lease_ms, ia, ea, ra, ip, ep, rp, rules.nic, p, tcp, 0))
+    return np.array(out, M.RULE_DTYPE), np.array(bad, np.int64), np.array(bad_status, np.int32)

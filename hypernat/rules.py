@@ -40,7 +40,7 @@ Who allocates (DESIGN.md "Ownership"): with EIM all mappings of internal host h 
 to NIC ``partition.eim_owner(h)``; with APDM the NIC that sees the first outgoing packet
 allocates from its own E_i.  An incoming miss belongs to ``partition.owner(E, Ep)``.  A
 miss this NIC cannot decide comes back as FETCH with the owner's id and the key to ask
-for; the owner answers with ``serve_fetch_rows`` and the asker installs the answer with
+for; the owner answers with ``serve_fetches`` and the asker installs the answer with
 ``install_clones`` (the RULE records as received).
 
 Lifecycle: the fast path writes ``last_seen``/``tcp_state``/``F_ACTIVE`` in the slots;
@@ -81,7 +81,7 @@ decided in C over the batch's arrays (``_mappings.OutSetup``): outgoing (a known
 its mapping or a port in one of its blocks, the session), incoming (the endpoint's
 owner -- a fetch queued if it is another NIC's --, the mapping, filtering, the
 session), and the refusals that do not log, counted there; fetch serving runs the same
-code over its rows (``OutSetup.serve``).  Python runs per miss only for what that
+code over the FETCH records and writes the RULE records in C (``OutSetup.serve``).  Python runs per miss only for what that
 leaves (a new host or block, an EIM host owned elsewhere, the refusals that log,
 per-rule log lines and PUSH records, hairpin misses and outgoing ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
 (``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
@@ -108,8 +108,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
         the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
   owner side of cloning (called by the RuleAgent)
-    serve_fetch_rows(rows, now) -> [(status, session tuple | None)]   status 0 = ok, else
-        the reason index (rows: fetch_dir + a layout.KEY_DTYPE record as a tuple)
+    serve_fetches(recs, now, lease_ms=0) -> (RULE records, refused indices, their reason
+        indices)   (recs: FETCH records, messages.KEY_DTYPE; arrays in, arrays out)
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
     lookup_external(proto, eaddr, eport) -> dict | None
     merge_activity(records, now=None) -> int
@@ -152,6 +152,7 @@ import time as _time
 import numpy as np
 
 from . import layout
+from . import messages as _M
 from .nat._activity import merge_activity as _merge_activity
 from .nat._events import MAPPING as _EV_MAPPING
 from .nat._events import SESSION as _EV_SESSION
@@ -934,63 +935,52 @@ class RuleBuilder:
             self._free_block(g)
 
     # -- owner side ---------------------------------------------------------------------
-    def serve_fetch_rows(self, rows, now) -> list:
-        """Answer FETCHes from other NICs (hypernat._serve.serve_fetches calls it once
-        per batch): rows are (fetch_dir, saddr, daddr, sport, dport, proto, kind,
-        tcp_flags, icmp_type) (the direction, then a layout.KEY_DTYPE record); returns
-        one (status, session) per row: status 0 and the session as a tuple in
-        SESSION_DTYPE field order (both entries, dirs = DIR_BITS_BOTH), or the
-        refusal's reason index (the NACK) and None.
+    def serve_fetches(self, recs, now, lease_ms: int = 0):
+        """Answer FETCHes from other NICs (the RuleAgent calls it once per batch):
+        `recs` are validated FETCH records (messages.KEY_DTYPE); returns (RULE records
+        of the answered ones, in order -- owner this NIC, `lease_ms`, tcp_state both
+        entries' TCP flags --, the indices of the refused ones, their reason indices:
+        the NACKs).
 
-        fetch_dir verdicts.OUT: allocate (or find) the session of the out key, exactly as
-        a local outgoing miss would; verdicts.IN: the session of the in key, created if
-        the mapping exists and the filtering behaviour admits the remote.  Keys of kind
-        KIND_ICMP_ERROR only look up.  The caller (the agent) then calls ``hold`` for
-        each lease it grants."""
-        status, found = self._serve(rows if isinstance(rows, list) else list(rows), now)
-        out = [(st, None) for st in status]
-        if found:  # out[index] = (0, session) for each, in C
-            self.maps.session_rows(found, self.out, self.inn, DIR_BITS_BOTH, self.nic, out)
-        return out
-
-    def _serve(self, rows, now):
-        """The per-record part of serving fetches (rows as ``serve_fetch_rows`` takes
-        them): the compiled ``OutSetup.serve`` answers rows in order until one needs
-        the general path (``_out`` / ``_in``), which answers that one, and so on.
-        Returns (status list, found = [(index, rule id, raddr, rport)])."""
+        FETCH_BY_INTERNAL: allocate (or find) the session of the out key (p, I, Ip, R,
+        Rp), exactly as a local outgoing miss would; FETCH_BY_EXTERNAL: the session of
+        the in key (p, R, Rp, E, Ep), created if the mapping exists and the filtering
+        behaviour admits the remote.  Records flagged FETCH_F_ICMP_ERROR or
+        FETCH_F_REVALIDATE only look up.  The compiled ``OutSetup.serve`` answers the
+        records in order until one needs the general path (``_out`` / ``_in``), which
+        answers that one through the same writer (``OutSetup.answer``), and so on; the
+        sessions reach the flow tables (``_flush``), then ``Mappings.rule_records``
+        writes the RULE records.  The caller (the agent) then grants the leases
+        (``hold_many``)."""
+        recs = np.ascontiguousarray(recs)
+        if recs.dtype != _M.KEY_DTYPE or recs.ndim != 1:
+            raise TypeError("FETCH records must be a 1-d messages.KEY_DTYPE array")
         now = int(now)
-        n = len(rows)
-        status = [0] * n
-        found = []  # (index, rule id, raddr, rport)
+        n = len(recs)
+        rules = np.zeros(n, _M.RULE_DTYPE)
+        status = np.zeros(n, np.int32)
+        kb, rb = recs.view(np.uint8).reshape(-1), rules.view(np.uint8).reshape(-1)
+        su = self._setup
         self._begin()
-        icmp_kind = layout.KIND_ICMP_ERROR
-        serve = self._setup.serve
         i = 0
         while True:
-            i = serve(rows, i, now, status, found)
+            i = su.serve(kb, i, now, rb, status)
             if i >= n:
                 break
-            fd, s, d, sp, dp, p, kind, fl = rows[i][:8]
+            fd, s, d, sp, dp, p, icmp = su.fetch_row(kb, i)
             if p not in _PIDX:
-                status[i] = self._refuse(_R_BAD)
+                r = self._refuse(_R_BAD)
             elif fd == IN:
-                r = self._in(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
-                if r == _OK:
-                    found.append((i, self._last, s, 0 if p == PROTO_ICMP else sp))
-                else:
-                    status[i] = r
-            elif fd == OUT:
-                r = self._out(p, s, sp, d, dp, fl, now, kind == icmp_kind, serving=True)
-                if r == _OK:
-                    found.append((i, self._last, d, 0 if p == PROTO_ICMP else dp))
-                else:
-                    status[i] = r
+                r = self._in(p, s, sp, d, dp, 0, now, icmp, serving=True)
             else:
-                status[i] = self._refuse(_R_BAD)
+                r = self._out(p, s, sp, d, dp, 0, now, icmp, serving=True)
+            su.answer(kb, i, rb, status, r, self._last if r == _OK else 0)
             i += 1
-        self._setup.drain(self.counters)
+        su.drain(self.counters)
         self._flush(now)
-        return status, found
+        m = self.maps.rule_records(rb, status, self.out, self.inn, self.nic, lease_ms)
+        bad = np.flatnonzero(status != _OK)
+        return rules[:m], bad, status[bad]
 
     def _session_tuples(self, found, dirs: int) -> list:
         """SESSION_DTYPE tuples of found = [(index, rule id, raddr, rport)], with the

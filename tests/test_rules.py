@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from hypernat import config, layout
+from hypernat import messages as M
 from hypernat.fastpath import FlowTable, Translator
 from hypernat.rules import (
     ACT_DROP, ACT_FETCH, ACT_NONE, ACT_REPLAY, DIR_BIT_IN, DIR_BIT_OUT, REASON, SESSION_DTYPE, RuleBuilder,
@@ -50,17 +51,48 @@ def make_rb(cfg, nic=0, capacity=4096, seed=1, **kw):
     return RuleBuilder(cfg, nic, FlowTable(capacity), FlowTable(capacity), rng=np.random.default_rng(seed), **kw)
 
 
-def serve_fetch(rb, fetch_dir, keys, now):
-    """The owner's answers to FETCHes as arrays: (SESSION_DTYPE records, int16 statuses),
-    through ``serve_fetch_rows`` (`fetch_dir` a scalar or one per key)."""
+SERVED = -1  # serve_fetch's status of an answered key (else the refusal's reason index)
+
+
+def fetch_records(fetch_dir, keys, seq0=1):
+    """FETCH records (messages.KEY_DTYPE) of layout.KEY_DTYPE keys as the asker sends
+    them: verdicts.IN keys (p, R, Rp, E, Ep) by external endpoint, OUT keys (p, I, Ip,
+    R, Rp) by internal one; an ICMP-error key flagged FETCH_F_ICMP_ERROR."""
     keys = np.asarray(keys, layout.KEY_DTYPE).reshape(-1)
-    fd = np.broadcast_to(np.asarray(fetch_dir, np.uint8), (len(keys),)).tolist()
-    got = rb.serve_fetch_rows([(d, *k) for d, k in zip(fd, keys.tolist())], now)
-    recs = np.zeros(len(got), SESSION_DTYPE)
-    for i, (st, sess) in enumerate(got):
-        if st == 0:
-            recs[i] = sess
-    return recs, np.array([st for st, _ in got], np.int16)
+    fd = np.broadcast_to(np.asarray(fetch_dir, np.uint8), (len(keys),))
+    recs = M.records(M.T_FETCH, len(keys))
+    recs["seq"] = np.arange(seq0, seq0 + len(keys))
+    recs["proto"] = keys["proto"]
+    recs["flags"] = np.where(keys["kind"] == layout.KIND_ICMP_ERROR, M.FETCH_F_ICMP_ERROR, 0)
+    inb = fd == IN
+    recs["kind"] = np.where(inb, M.FETCH_BY_EXTERNAL, M.FETCH_BY_INTERNAL)
+    recs["rem_addr"] = np.where(inb, keys["saddr"], keys["daddr"])
+    recs["rem_port"] = np.where(inb, keys["sport"], keys["dport"])
+    recs["ext_addr"], recs["ext_port"] = np.where(inb, keys["daddr"], 0), np.where(inb, keys["dport"], 0)
+    recs["int_addr"], recs["int_port"] = np.where(inb, 0, keys["saddr"]), np.where(inb, 0, keys["sport"])
+    return recs
+
+
+def serve_fetch(rb, fetch_dir, keys, now):
+    """The owner's answers to FETCHes (``serve_fetches`` over ``fetch_records``) one per
+    key: (SESSION_DTYPE records -- the RULE record's session, tcp_out its tcp_state,
+    zeros for a refused key --, int32 statuses: SERVED or the refusal's reason)."""
+    recs = fetch_records(fetch_dir, keys)
+    rule, bad, why = rb.serve_fetches(recs, now, 30000)
+    status = np.full(len(recs), SERVED, np.int32)
+    status[bad] = why
+    ok = status == SERVED
+    assert (rule["seq"] == recs["seq"][ok]).all() and (rule["owner"] == rb.nic).all()
+    assert (rule["lease_ms"] == 30000).all() and not rule["flags"].any()
+    out = np.zeros(len(recs), SESSION_DTYPE)
+    sub = np.zeros(len(rule), SESSION_DTYPE)
+    for a, b in (("iaddr", "int_addr"), ("eaddr", "ext_addr"), ("raddr", "rem_addr"), ("iport", "int_port"),
+                 ("eport", "ext_port"), ("rport", "rem_port"), ("proto", "proto"), ("rule_id", "rule_id"),
+                 ("owner", "owner"), ("tcp_out", "tcp_state")):
+        sub[a] = rule[b]
+    sub["dirs"] = DIR_BIT_OUT | DIR_BIT_IN
+    out[ok] = sub
+    return out, status
 
 
 def keys_of(rows, kind=layout.KIND_PLAIN):
@@ -467,7 +499,7 @@ def test_misses_owned_elsewhere_come_back_as_fetch():
     assert (int(fk["saddr"]), int(fk["sport"]), int(fk["daddr"]), int(fk["dport"])) == (h1, 5000, R1, 80)
     # the owner serves it: allocates like a local miss
     recs, status = serve_fetch(rb1, OUT, d.fetch_key[:1], 10)
-    assert status[0] == 0 and recs[0]["iaddr"] == h1 and recs[0]["owner"] == 1
+    assert status[0] == SERVED and recs[0]["iaddr"] == h1 and recs[0]["owner"] == 1
     assert rb1.part.owner(int(recs[0]["eaddr"]), int(recs[0]["eport"])) == 1
     # the asker installs a clone of the out entry and its replay now hits
     assert rb0.install_clone(recs, 10, dirs=DIR_BIT_OUT) == 1
@@ -478,12 +510,12 @@ def test_misses_owned_elsewhere_come_back_as_fetch():
     d = miss(rb0, IN, [(TCP, R1, 80, *e, SYN | ACK)], 11)
     assert d.action[0] == ACT_FETCH and d.owner[0] == 1 and d.fetch_dir[0] == IN
     recs2, status = serve_fetch(rb1, IN, d.fetch_key[:1], 11)
-    assert status[0] == 0 and (recs2[["iaddr", "eaddr", "eport"]] == recs[["iaddr", "eaddr", "eport"]]).all()
+    assert status[0] == SERVED and (recs2[["iaddr", "eaddr", "eport"]] == recs[["iaddr", "eaddr", "eport"]]).all()
     assert rb0.install_clone(recs2, 11, dirs=DIR_BIT_IN) == 1
     # a NACK: nobody has this endpoint / NIC 0 is asked for what NIC 1 owns
     bogus = keys_of([(TCP, R1, 80, e[0], e[1] ^ 1)])
     _, st = serve_fetch(rb1, IN, bogus, 11)
-    assert st[0] != 0
+    assert st[0] == REASON["no_mapping"]
     _, st = serve_fetch(rb0, IN, d.fetch_key[:1], 11)
     assert st[0] == REASON["not_owner"]
     # clones are never installed over what this NIC owns
@@ -803,20 +835,18 @@ def test_icmp_errors_look_up_only_and_fetch_serving_filters():
     assert st[0] == REASON["icmp_error_no_session"] and len(rb1.out) == 0  # never creates
     miss(rb1, OUT, [(UDP, h, 5000, R1, 53)], 6)
     recs, st = serve_fetch(rb1, OUT, d.fetch_key[:1], 6)
-    assert st[0] == 0 and recs[0]["iaddr"] == h and len(rb1.out) == 1
+    assert st[0] == SERVED and recs[0]["iaddr"] == h and len(rb1.out) == 1
     # an incoming fetch from a new remote: EIF admits it and creates the session at the owner
     e = mapping_of(rb1, UDP, h, 5000, R1, 53)
     k = keys_of([(UDP, R2, 999, *e)])
     recs, st = serve_fetch(rb1, IN, k, 7)
-    assert st[0] == 0 and (recs[0]["raddr"], recs[0]["rport"]) == (R2, 999) and len(rb1.inn) == 2
+    assert st[0] == SERVED and (recs[0]["raddr"], recs[0]["rport"]) == (R2, 999) and len(rb1.inn) == 2
     # ... but the same fetch as an ICMP error about an unknown session is refused
     k["kind"] = layout.KIND_ICMP_ERROR
     k["saddr"] = R3
     _, st = serve_fetch(rb1, IN, k, 7)
     assert st[0] == REASON["icmp_error_no_session"] and len(rb1.inn) == 2
-    # bad fetch direction / protocol: refused and counted, never fatal
-    _, st = serve_fetch(rb1, 7, keys_of([(UDP, R2, 1, *e)]), 7)
-    assert st[0] == REASON["bad_message"]
+    # a protocol the builder does not serve: refused and counted, never fatal
     _, st = serve_fetch(rb1, IN, keys_of([(47, R2, 1, *e)]), 7)
     assert st[0] == REASON["bad_message"]
 
@@ -979,7 +1009,7 @@ def test_two_nics_fetch_clone_expire_cycle(mapping):
         if d.action[0] == ACT_FETCH:
             o = int(d.owner[0])
             recs, st = serve_fetch(rbs[o], OUT, d.fetch_key[:1], now)
-            assert st[0] == 0
+            assert st[0] == SERVED
             assert rbs[nic].install_clone(recs, now, dirs=DIR_BIT_OUT) == 1
         else:
             assert d.action[0] == ACT_REPLAY
@@ -996,7 +1026,7 @@ def test_two_nics_fetch_clone_expire_cycle(mapping):
             d = miss(rbs[back], IN, [(p, r, 80, *e, SYN | ACK)], now)
             assert d.action[0] == ACT_FETCH and d.owner[0] == 1 - back
             recs, st = serve_fetch(rbs[1 - back], IN, d.fetch_key[:1], now)
-            assert st[0] == 0
+            assert st[0] == SERVED
             assert rbs[back].install_clone(recs, now, dirs=DIR_BIT_IN) == 1
         # invariants
         owned = owned_bindings(rbs)
@@ -1043,18 +1073,21 @@ def test_collect_activity_incremental_scan():
     assert len(rb0.collect_activity()) == 0
 
 
-def test_serve_fetch_rows_answers_a_batch_as_one_by_one():
-    """``serve_fetch_rows`` answers a batch of keys as it answers them one call each:
-    statuses, session records (with the entries' last_seen and TCP state), and what they
-    leave in the tables -- answered, admitted, allocated, refused and malformed keys
-    mixed in one call."""
+def test_serve_fetches_answers_a_batch_as_the_reference_one_by_one():
+    """``serve_fetches`` answers a batch of FETCH records as the plain-Python reference
+    (``clones_py.serve_fetches``: each record alone, the RULE records built in Python
+    from the builder's views) does: statuses, RULE records (the entries' TCP state
+    included), and what they leave in the tables and counters -- answered, admitted,
+    allocated, refused and malformed records mixed in one call."""
+    from hypernat import clones_py
+
     cfg = make_cfg(1, filtering="endpoint-independent")
     a, b = make_rb(cfg, 0, seed=7), make_rb(cfg, 0, seed=7)
     h1, h2 = hosts_of(a, 2)
     rows_out = [(TCP, h1, 4000, R1, 443, SYN), (UDP, h1, 5000, R2, 53), (ICMP, h2, 77, R1, 77), (TCP, h2, 4001, R3, 80, SYN)]
     for rb in (a, b):
         miss(rb, OUT, rows_out, 5)
-        for t in (rb.out, rb.inn):  # activity seen by the fast path: last_seen and TCP state differ per entry
+        for t in (rb.out, rb.inn):  # activity seen by the fast path: TCP state differs per entry
             for j in t.occupied()[::2]:
                 t.slots["last_seen"][j] = 100 + int(j) % 7
                 t.slots["tcp_state"][j] = SYN | (FIN if j % 3 == 0 else 0)
@@ -1062,49 +1095,71 @@ def test_serve_fetch_rows_answers_a_batch_as_one_by_one():
     e_icmp = mapping_of(a, ICMP, h2, 77, R1, 77)
     assert e_tcp and e_udp and e_icmp
     k = layout.KIND_ICMP_ERROR
-    cases = [  # (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, icmp_type)
-        (IN, R1, e_tcp[0], 443, e_tcp[1], TCP, 0, ACK, 0),  # the existing session
-        (IN, R2, e_udp[0], 53, e_udp[1], UDP, 0, 0, 0),
-        (IN, R1, e_icmp[0], e_icmp[1], e_icmp[1], ICMP, 0, 0, 0),  # ICMP: identifier in both ports
-        (IN, R3, e_udp[0], 999, e_udp[1], UDP, 0, 0, 0),  # a new remote: admitted, created
-        (IN, R3, e_udp[0], 998, e_udp[1], UDP, k, 0, 0),  # ... but an ICMP error never creates
-        (IN, R1, e_tcp[0], 443, e_tcp[1] ^ 1, TCP, 0, SYN, 0),  # no mapping there
-        (OUT, h1, R2, 4000, 8080, TCP, 0, SYN, 0),  # the EIM mapping, a new session
-        (OUT, h2, R1, 6000, 53, UDP, 0, 0, 0),  # a new mapping: allocated
-        (OUT, h1, R1, 4000, 443, TCP, 0, ACK, 0),  # the existing session
-        (OUT, h2, R2, 6001, 53, UDP, k, 0, 0),  # ICMP error about nothing
-        (IN, R1, e_tcp[0], 443, e_tcp[1], 47, 0, 0, 0),  # not TCP / UDP / ICMP
-        (5, R1, e_tcp[0], 443, e_tcp[1], TCP, 0, 0, 0),  # no such direction
+    cases = [  # (fetch_dir, saddr, daddr, sport, dport, proto, kind)
+        (IN, R1, e_tcp[0], 443, e_tcp[1], TCP, 0),  # the existing session
+        (IN, R2, e_udp[0], 53, e_udp[1], UDP, 0),
+        (IN, R1, e_icmp[0], e_icmp[1], e_icmp[1], ICMP, 0),  # ICMP: identifier in both ports
+        (IN, R3, e_udp[0], 999, e_udp[1], UDP, 0),  # a new remote: admitted, created
+        (IN, R3, e_udp[0], 998, e_udp[1], UDP, k),  # ... but an ICMP error never creates
+        (IN, R1, e_tcp[0], 443, e_tcp[1] ^ 1, TCP, 0),  # no mapping there
+        (OUT, h1, R2, 4000, 8080, TCP, 0),  # the EIM mapping, a new session
+        (OUT, h2, R1, 6000, 53, UDP, 0),  # a new mapping: allocated (the general path)
+        (OUT, h1, R1, 4000, 443, TCP, 0),  # the existing session
+        (OUT, h2, R2, 6001, 53, UDP, k),  # ICMP error about nothing
+        (IN, R1, e_tcp[0], 443, e_tcp[1], 47, 0),  # not TCP / UDP / ICMP
+        (OUT, h2, R1, 6002, 53, UDP, 0),  # another new mapping after the general path's
+        (OUT, h2, R1, 6000, 53, UDP, 0),  # the mapping this batch allocated
     ]
-    recs, status = serve_fetch(a, np.array([c[0] for c in cases], np.uint8),
-                               np.array([c[1:] for c in cases], layout.KEY_DTYPE), 9)
-    got = [b.serve_fetch_rows([c], 9)[0] for c in cases]
-    assert [st for st, _ in got] == np.asarray(status).tolist()
-    assert sum(st == 0 for st, _ in got) == 7 and len(set(np.asarray(status).tolist())) > 3
-    for (st, sess), rec in zip(got, recs):
-        if st == 0:
-            assert np.array([sess], SESSION_DTYPE).tobytes() == rec.tobytes()
-        else:
-            assert sess is None and not rec.tobytes().strip(b"\0")
-    assert any(rec["tcp_out"] & FIN or rec["tcp_in"] & FIN for rec in recs) and recs["last_seen"].max() >= 100
-    for rec, st in zip(recs, np.asarray(status).tolist()):  # each answer carries its own entries' state
-        if st:
-            continue
-        ok_, ik_ = record_keys(rec)
-        eo, ei = a.out.get(*ok_), a.inn.get(*ik_)
-        assert eo is not None and ei is not None
-        assert rec["last_seen"] == max(int(eo["last_seen"]), int(ei["last_seen"]))
-        assert (rec["tcp_out"], rec["tcp_in"]) == (eo["tcp_state"], ei["tcp_state"])
-    assert ICMP in recs["proto"][np.asarray(status) == 0]
+    recs = fetch_records(np.array([c[0] for c in cases], np.uint8),
+                         np.array([c[1:] + (0, 0) for c in cases], layout.KEY_DTYPE), seq0=50)
+    revalidate = recs[:1].copy()
+    revalidate["flags"] = M.FETCH_F_REVALIDATE
+    revalidate["rem_port"] ^= 1  # a session that is not there: looked up only
+    recs = np.concatenate([recs, revalidate])
+    got = a.serve_fetches(recs, 9, 1234)
+    ref = clones_py.serve_fetches(recs, b, 9, 1234)
+    assert got[0].dtype == M.RULE_DTYPE and got[0].tobytes() == ref[0].tobytes()
+    assert got[1].tolist() == ref[1].tolist() and got[2].tolist() == ref[2].tolist()
+    assert got[1].tolist() == [4, 5, 9, 10, 13]
+    assert got[2].tolist() == [REASON[x] for x in ("icmp_error_no_session", "no_mapping", "icmp_error_no_session",
+                                                   "bad_message", "icmp_error_no_session")]
+    rule = got[0]
+    assert (rule["owner"] == 0).all() and (rule["lease_ms"] == 1234).all() and ICMP in rule["proto"]
+    assert rule["seq"].tolist() == [50 + x for x in range(len(cases)) if x not in got[1]]
+    assert (rule["tcp_state"] & FIN).any()
+    for r in rule:  # each answer carries both its entries' TCP state
+        eo = a.out.get(*out_key(int(r["proto"]), int(r["int_addr"]), int(r["int_port"]), int(r["rem_addr"]),
+                                int(r["rem_port"])))
+        ei = a.inn.get(*in_key(int(r["proto"]), int(r["rem_addr"]), int(r["rem_port"]), int(r["ext_addr"]),
+                               int(r["ext_port"])))
+        assert eo is not None and ei is not None and r["tcp_state"] == eo["tcp_state"] | ei["tcp_state"]
     for ta, tb in ((a.out, b.out), (a.inn, b.inn)):
         assert ta.slots.tobytes() == tb.slots.tobytes()
     assert a.counters == b.counters
-    # all found (no refusal): the array path answers in key order as well
-    ok = [c for c, (st, _) in zip(cases, got) if st == 0]
-    recs2, st2 = serve_fetch(a, np.array([c[0] for c in ok], np.uint8), np.array([c[1:] for c in ok], layout.KEY_DTYPE), 10)
-    assert not np.asarray(st2).any()
-    assert recs2.tobytes() == np.array([s for st, s in b.serve_fetch_rows(ok, 10)], SESSION_DTYPE).tobytes()
-    assert recs2.tobytes() == recs[np.asarray(status) == 0].tobytes()
+    # all found (no refusal) the second time: the same records again
+    ok = np.isin(np.arange(len(recs)), got[1], invert=True)
+    again = a.serve_fetches(recs[ok], 10, 1234)
+    assert again[0].tobytes() == rule.tobytes() and not len(again[1])
+
+
+def test_serve_fetches_refuses_when_the_tables_are_full():
+    """A FETCH that needs a new session while the flow tables are full is refused as
+    table_full (a NACK, counted), the other records of the batch still answered.  (On
+    the tuple path before, status 0 -- table_full's index -- read as "answered": the
+    agent's serving raised TypeError on the missing session.)"""
+    cfg = make_cfg(1, filtering="endpoint-independent")
+    rb = make_rb(cfg, 0, capacity=4)
+    (h,) = hosts_of(rb, 1)
+    miss(rb, OUT, [(UDP, h, 5000 + x, R1, 53) for x in range(4)], 5)
+    assert len(rb.out) == 4
+    e = mapping_of(rb, UDP, h, 5000, R1, 53)
+    recs = fetch_records(np.array([IN, IN, OUT], np.uint8),
+                         keys_of([(UDP, R1, 53, *e), (UDP, R2, 53, *e), (UDP, h, 6000, R1, 53)]))
+    full = rb.counters[REASON["table_full"]]
+    rule, bad, why = rb.serve_fetches(recs, 6, 1000)
+    assert rule["seq"].tolist() == [1] and rule["ext_port"][0] == e[1]
+    assert bad.tolist() == [1, 2] and why.tolist() == [REASON["table_full"]] * 2
+    assert rb.counters[REASON["table_full"]] == full + 2
 
 
 def test_hold_many_counts_as_hold_does():
@@ -1177,4 +1232,4 @@ def test_incoming_batch_decided_in_one_pass_refusals_counted_fetches_queued():
     _, st = serve_fetch(other, IN, keys_of([(UDP, r_ip, 53, ea, ep)]), 12)
     assert st.tolist() == [REASON["not_owner"]] and other.counters[REASON["not_owner"]] == 1
     recs, st = serve_fetch(rb, IN, keys_of([(UDP, r_ip, 53, ea, ep), (UDP, r_ip, 9, ea, ep)]), 12)
-    assert st.tolist() == [0, REASON["filtered"]] and recs["eport"][0] == ep and recs["iaddr"][0] == h
+    assert st.tolist() == [SERVED, REASON["filtered"]] and recs["eport"][0] == ep and recs["iaddr"][0] == h

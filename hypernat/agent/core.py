@@ -8,7 +8,7 @@ NIC that moves rules between NICs, through the coordinator:
 
       NIC j (holder)                  coordinator                 NIC i (owner)
    miss_in (R→E) ─┐
-   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetch_rows
+   queue frame    │  FETCH(key) ──────► route ──────────────────► rules.serve_fetches
                   │                                                rules.hold_many(E), lease[j]
    install clone ◄┴─ RULE(session, L) ◄── route ◄──────────────── RULE
    replay queue through the fast path, in arrival order
@@ -102,16 +102,15 @@ from ..deadlines import DeadlineQueue
 from ..rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from ..verdicts import SLOW_PATH_REASON_NAMES
 
-try:  # the clone table and fetch serving in C (_clones.pyx, _serve.pyx), with the fast path
+try:  # the clone table in C (_clones.pyx), with the fast path
     if _fastpath.IMPL != "cython":
         raise ImportError("the fast path runs on its reference")
     from .._clones import CloneTable
-    from .._serve import serve_fetches
     from .._switchhash import predict_nics
     from ._leases import LeaseTable, activity_sessions, lease_records
     from ._pending import PendingTable
 except ImportError:  # their plain-Python reference
-    from ..clones_py import CloneTable, serve_fetches
+    from ..clones_py import CloneTable
     from ..switchhash import predict_nics
     from .leases_py import LeaseTable, activity_sessions, lease_records
     from .pending_py import PendingTable
@@ -780,19 +779,18 @@ class RuleAgent:
 
     # owner side
     def _on_fetch(self, source, recs, now):
-        """Serve a batch of FETCHes, one record or thousands alike: ``serve_fetches``
-        (compiled) asks the builder for every session in one ``serve_fetch_rows`` call
-        and writes the RULE records; the leases are granted and the answers go back as
-        one RULE and one NACK message."""
-        rule, bad, status = serve_fetches(recs, self.rules.serve_fetch_rows, self.tick_clock(), self.nic_id,
-                                               int(self.p.lease_s * 1000))
+        """Serve a batch of FETCHes, one record or thousands alike: the builder's
+        ``serve_fetches`` answers the records (compiled: FETCH records in, RULE records
+        out); the leases are granted and the answers go back as one RULE and one NACK
+        message."""
+        rule, bad, status = self.rules.serve_fetches(recs, self.tick_clock(), int(self.p.lease_s * 1000))
         if len(rule):
             self._grant_many(rule, source, now)
             self._emit(source, M.T_RULE, rule)
-        if bad:
+        if len(bad):
             out = M.records(M.T_NACK, len(bad))
             out[:] = recs[bad]
-            out["reason"] = [_nack_reason(x) for x in status]
+            out["reason"] = [_nack_reason(x) for x in status.tolist()]
             lent = out[out["kind"] == M.FETCH_BY_EXTERNAL]
             if len(lent):
                 self._notice_lent(source, lent["ext_addr"].tolist(), lent["ext_port"].tolist())

@@ -67,5 +67,7 @@ cdef class Mappings:
     cdef int add_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -1
     cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2
     cdef int end_c(self, uint32_t rid) except -1
+    cdef MapRec* session_c(self, uint32_t rid, uint32_t ra, uint16_t rp, out, inn, bint compiled,
+                           uint32_t* last, uint8_t* tcp_out, uint8_t* tcp_in) except NULL
     cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
                   int64_t g) except -1

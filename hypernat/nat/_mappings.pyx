@@ -33,6 +33,7 @@ import numpy as np
 
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from .._geometry cimport Geometry, Prefixes
+from .._wire cimport FETCH_BY_EXTERNAL, wire_key, wire_rule
 
 cdef extern from *:
     """
@@ -73,24 +74,28 @@ cdef FlowTable _room(FlowTable t, uint64_t need=1):
     return n
 
 
-cdef tuple _seen_state(t, bint compiled, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp):
-    """(last_seen, tcp_state) of a flow-table entry, (0, 0) if it is not there: at C level
-    on the compiled FlowTable, through lookup and slots on another implementation."""
+cdef int _seen_state(t, bint compiled, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,
+                     uint32_t* last, uint8_t* tcp) except -1:
+    """(last_seen, tcp_state) of a flow-table entry into last / tcp, (0, 0) if it is not
+    there: at C level on the compiled FlowTable, through lookup and slots on another
+    implementation."""
     cdef FlowTable ft
     cdef int64_t j
     cdef hn_slot* s
+    last[0] = 0
+    tcp[0] = 0
     if compiled:
         ft = t
         j = ft.c_find(p, sa, sp, da, dp)
-        if j < 0:
-            return (0, 0)
-        s = ft.c_slot(j)
-        return (s.last_seen, s.tcp_state)
+        if j >= 0:
+            s = ft.c_slot(j)
+            last[0], tcp[0] = s.last_seen, s.tcp_state
+        return 0
     j = t.lookup(p, sa, sp, da, dp)
-    if j < 0:
-        return (0, 0)
-    r = t.slots[j]
-    return (int(r["last_seen"]), int(r["tcp_state"]))
+    if j >= 0:
+        r = t.slots[j]
+        last[0], tcp[0] = int(r["last_seen"]), int(r["tcp_state"])
+    return 0
 
 
 cdef inline int _pidx(uint8_t p) noexcept nogil:
@@ -471,31 +476,65 @@ cdef class Mappings:
             raise ValueError(f"rule id {rid} is not free")
         self._put(rid, p, ia, ip, ea, ep, block)
 
-    def session_rows(self, list found, out, inn, int dirs, int owner, list into=None):
+    cdef MapRec* session_c(self, uint32_t rid, uint32_t ra, uint16_t rp, out, inn, bint compiled,
+                           uint32_t* last, uint8_t* tcp_out, uint8_t* tcp_in) except NULL:
+        """Session (rid, R, Rp) as both answers give it: its mapping (returned), the two
+        flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in each
+        entry's TCP flags (0 for an entry not there).  `compiled`: both tables are the
+        compiled FlowTable."""
+        cdef MapRec* m = self._get(rid)
+        cdef uint32_t lo, li
+        # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
+        _seen_state(out, compiled, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp, &lo, tcp_out)
+        _seen_state(inn, compiled, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport, &li, tcp_in)
+        last[0] = lo if lo > li else li
+        return m
+
+    def session_rows(self, list found, out, inn, int dirs, int owner):
         """The sessions found = [(index, rule id, R, Rp)] as tuples in SESSION_DTYPE
         field order (hypernat.rules): the mapping's endpoints, `dirs`, `owner`, and the
-        two flow-table entries' state -- last_seen the later of both, tcp_out / tcp_in
-        each entry's TCP flags (0 for an entry not there).  A list; or with `into`,
-        into[index] = (0, tuple) for each (fetch serving's answers) and None."""
+        two flow-table entries' state (``session_c``).  A list."""
         cdef list res = []
         cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
         cdef MapRec* m
-        cdef uint32_t rid, ra, lo, li
+        cdef uint32_t rid, ra, last
         cdef uint16_t rp
         cdef uint8_t to, ti
         for f in found:
             rid, ra, rp = f[1], f[2], f[3]
-            m = self._get(rid)
-            # the ICMP twist (rules.out_key / in_key): the identifier stands in for both ports
-            lo, to = _seen_state(out, c, m.proto, m.iaddr, m.iport, ra, m.iport if m.proto == P_ICMP else rp)
-            li, ti = _seen_state(inn, c, m.proto, ra, m.eport if m.proto == P_ICMP else rp, m.eaddr, m.eport)
-            t = (m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, lo if lo > li else li,
-                 to, ti, owner, 0)
-            if into is None:
-                res.append(t)
-            else:
-                into[<Py_ssize_t>f[0]] = (0, t)
-        return res if into is None else None
+            m = self.session_c(rid, ra, rp, out, inn, c, &last, &to, &ti)
+            res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, last, to, ti, owner, 0))
+        return res
+
+    def rule_records(self, uint8_t[::1] rules not None, const int32_t[::1] status not None, out, inn,
+                     uint16_t owner, uint32_t lease_ms):
+        """Fetch serving's answers (``OutSetup.serve``) as RULE records, in place:
+        `rules` (messages.RULE_DTYPE as bytes) holds for each record i with status[i]
+        -1 (answered) its seq, rule id and remote endpoint; each becomes the whole
+        record -- the mapping's endpoints and protocol, `owner`, `lease_ms`, tcp_state
+        the two entries' TCP flags (``session_c``) -- moved down to the front in order.
+        Called once the batch's sessions are in the flow tables.  Returns how many."""
+        cdef Py_ssize_t n = status.shape[0], i, k = 0
+        if rules.shape[0] < n * <Py_ssize_t>sizeof(wire_rule):
+            raise ValueError("rules shorter than status")
+        cdef wire_rule* r = <wire_rule*>&rules[0] if n else NULL
+        cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
+        cdef MapRec* m
+        cdef uint32_t seq, rid, ra, last
+        cdef uint16_t rp
+        cdef uint8_t to, ti
+        for i in range(n):
+            if status[i] != OK:
+                continue
+            seq, rid, ra, rp = r[i].seq, r[i].rule_id, r[i].rem_addr, r[i].rem_port
+            m = self.session_c(rid, ra, rp, out, inn, c, &last, &to, &ti)
+            memset(&r[k], 0, sizeof(wire_rule))
+            r[k].seq, r[k].rule_id, r[k].lease_ms = seq, rid, lease_ms
+            r[k].int_addr, r[k].ext_addr, r[k].rem_addr = m.iaddr, m.eaddr, ra
+            r[k].int_port, r[k].ext_port, r[k].rem_port = m.iport, m.eport, rp
+            r[k].owner, r[k].proto, r[k].tcp_state = owner, m.proto, to | ti
+            k += 1
+        return k
 
     # -- pending flow-table entries -------------------------------------------------------
     @property
@@ -598,6 +637,10 @@ _FILTERS = {"endpoint-independent": F_EIF, "address-dependent": F_ADF, "address-
 from .. import verdicts as _verdicts
 cdef int D_OUT = _verdicts.OUT
 cdef int D_IN = _verdicts.IN
+from .. import messages as _M
+if _M.KEY_DTYPE.itemsize != sizeof(wire_key) or _M.RULE_DTYPE.itemsize != sizeof(wire_rule):
+    raise ImportError("hypernat.nat._mappings disagrees with hypernat/_wire.pxd: rebuild it")
+cdef uint8_t LOOKUP_ONLY = _M.FETCH_F_ICMP_ERROR | _M.FETCH_F_REVALIDATE  # FETCH flags: look up only
 
 
 cdef class OutSetup:
@@ -893,46 +936,90 @@ cdef class OutSetup:
             i += 1
         return i
 
-    def serve(self, list rows not None, Py_ssize_t i, int64_t now, list status not None, list found not None):
-        """Fetch rows i, i+1, ... (``RuleBuilder.serve_fetch_rows``: (fetch_dir, saddr,
-        daddr, sport, dport, proto, kind, tcp_flags, icmp_type)): fetch_dir OUT asks
-        ``out``, IN ``in_`` (kind KIND_ICMP_ERROR: look up only).  A session found or
-        added appends (row, rule id, R, Rp) to `found`; a refusal that does not log sets
-        status[row] (counted: ``drain``).  Returns the first row it did not answer
-        (a protocol or direction it does not know, NEED_PY, table_full), untouched."""
-        cdef Py_ssize_t n = len(rows)
-        cdef object t
-        cdef int fd, r
-        cdef uint8_t p
-        cdef uint32_t s, d
-        cdef uint16_t sp, dp
-        cdef bint icmp
-        if len(status) < n:
-            raise ValueError("status shorter than rows")
+    cdef int serve_c(self, const wire_key* k, int64_t now) except -5:
+        """FETCH record `k` (a validated messages.KEY_DTYPE record) asked of ``in_c``
+        (FETCH_BY_EXTERNAL: (p, R, Rp, E, Ep)) or ``out_c`` (by internal endpoint: (p,
+        I, Ip, R, Rp)); flags FETCH_F_ICMP_ERROR / FETCH_F_REVALIDATE look up only.
+        Another NIC's endpoint is refused (not_owner); NEED_PY, table_full and a protocol
+        it does not know are left to the caller (-4: nothing done)."""
+        cdef uint8_t p = k.proto
+        cdef int r
+        if p != P_TCP and p != P_UDP and p != P_ICMP:
+            return NEED_PY
+        if k.kind == FETCH_BY_EXTERNAL:
+            r = self.in_c(p, k.rem_addr, k.rem_port, k.ext_addr, k.ext_port, 0, now, k.flags & LOOKUP_ONLY != 0)
+        else:
+            r = self.out_c(p, k.int_addr, k.int_port, k.rem_addr, k.rem_port, now, k.flags & LOOKUP_ONLY != 0)
+        if r == FETCH:  # serving: another NIC's endpoint
+            return self.r_not_owner
+        if r == self.r_full:
+            return NEED_PY
+        return r
+
+    def serve(self, const uint8_t[::1] recs not None, Py_ssize_t i, int64_t now, uint8_t[::1] rules not None,
+              int32_t[::1] status not None):
+        """FETCH records i, i+1, ... (`recs`: messages.KEY_DTYPE as bytes, validated)
+        served in order (``serve_c``) until one needs the caller (a protocol it does not
+        know, NEED_PY, table_full), whose index it returns (n: none left), untouched.
+        Each answer is written by ``answer_c``: -1 into status[i] and the session into
+        rules[i] (messages.RULE_DTYPE as bytes; ``Mappings.rule_records`` completes
+        them), or a refusal's reason into status[i] (counted here: ``drain``)."""
+        cdef Py_ssize_t n = status.shape[0]
+        cdef const wire_key* k = <const wire_key*>&recs[0] if n else NULL
+        cdef wire_rule* out = <wire_rule*>&rules[0] if n else NULL
+        cdef int r
+        _serve_sizes(recs, rules, n)
         while i < n:
-            t = rows[i]
-            fd, p = t[0], t[5]
-            if p != P_TCP and p != P_UDP and p != P_ICMP:
+            r = self.serve_c(&k[i], now)
+            if r == NEED_PY:
                 break
-            s, d, sp, dp = t[1], t[2], t[3], t[4]
-            icmp = t[6] == KIND_ICMP_ERROR
-            if fd == D_IN:
-                r = self.in_c(p, s, sp, d, dp, t[7], now, icmp)
-                if r == OK:
-                    found.append((i, self.last, s, 0 if p == P_ICMP else sp))
-            elif fd == D_OUT:
-                r = self.out_c(p, s, sp, d, dp, now, icmp)
-                if r == OK:
-                    found.append((i, self.last, d, 0 if p == P_ICMP else dp))
-            else:
-                break
-            if r == FETCH:  # serving: another NIC's endpoint
-                r = self.r_not_owner
             if r != OK:
-                if r >= 0 and r != self.r_full:
-                    self.nref[r] += 1
-                    status[i] = r
-                else:
-                    break
+                self.nref[r] += 1
+            answer_c(&k[i], &out[i], &status[i], r, self.last)
             i += 1
         return i
+
+    def fetch_row(self, const uint8_t[::1] recs not None, Py_ssize_t i):
+        """Record i of `recs` (as ``serve``) as the general path asks it: (fetch_dir,
+        saddr, daddr, sport, dport, proto, icmp_error) -- verdicts.IN (p, R, Rp, E, Ep)
+        or verdicts.OUT (p, I, Ip, R, Rp)."""
+        if i < 0 or (i + 1) * <Py_ssize_t>sizeof(wire_key) > recs.shape[0]:
+            raise IndexError(i)
+        cdef const wire_key* k = &(<const wire_key*>&recs[0])[i]
+        cdef bint icmp = k.flags & LOOKUP_ONLY != 0
+        if k.kind == FETCH_BY_EXTERNAL:
+            return (D_IN, k.rem_addr, k.ext_addr, k.rem_port, k.ext_port, k.proto, icmp)
+        return (D_OUT, k.int_addr, k.rem_addr, k.int_port, k.rem_port, k.proto, icmp)
+
+    def answer(self, const uint8_t[::1] recs not None, Py_ssize_t i, uint8_t[::1] rules not None,
+               int32_t[::1] status not None, int r, uint32_t rid):
+        """The general path's answer `r` to record i (-1: the session of mapping `rid`;
+        else the refusal's reason, counted by the caller), written as ``serve`` writes
+        its own (``answer_c``)."""
+        cdef Py_ssize_t n = status.shape[0]
+        _serve_sizes(recs, rules, n)
+        if i < 0 or i >= n:
+            raise IndexError(i)
+        if r != OK and r < 0:
+            raise ValueError(f"not an answer: {r}")
+        answer_c(&(<const wire_key*>&recs[0])[i], &(<wire_rule*>&rules[0])[i], &status[i], r, rid)
+
+
+cdef int _serve_sizes(const uint8_t[::1] recs, uint8_t[::1] rules, Py_ssize_t n) except -1:
+    if recs.shape[0] != n * <Py_ssize_t>sizeof(wire_key) or rules.shape[0] != n * <Py_ssize_t>sizeof(wire_rule):
+        raise ValueError("FETCH records, RULE records and statuses differ in length")
+    return 0
+
+
+cdef inline void answer_c(const wire_key* k, wire_rule* out, int32_t* status, int r, uint32_t rid) noexcept nogil:
+    """Fetch serving's one writer of an answer to FETCH record `k`: r -1 (OK) writes its
+    seq, `rid` and the session's remote endpoint (R, Rp; ICMP: Rp 0) into `out`, the rest
+    of which ``Mappings.rule_records`` fills once the sessions are in the flow tables;
+    status = r (-1, or the refusal's reason index)."""
+    status[0] = r
+    if r != OK:
+        return
+    out.seq = k.seq
+    out.rule_id = rid
+    out.rem_addr = k.rem_addr
+    out.rem_port = 0 if k.proto == P_ICMP else k.rem_port
