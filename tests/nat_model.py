@@ -339,26 +339,25 @@ class OutSetupModel:
             i += 1
         return i
 
-    def serve(self, rows, i, now, status, found, d_out=0, d_in=1):
-        """OutSetup.serve: fetch rows (fetch_dir, saddr, daddr, sport, dport, proto, kind, tcp_flags, _)."""
-        while i < len(rows):
-            fd, s, d, sp, dp, p, kind, fl = rows[i][:8]
+    def serve(self, recs, i, now, status, answers):
+        """OutSetup.serve: FETCH records as tuples (seq, rule_id, proto, kind, reason,
+        flags, I, E, R, Ip, Ep, Rp, pad) -- kind 0 by external endpoint, flags 0x02 / 0x04
+        look up only; status[i] -1 (answers[i] = (seq, rule id, R, Rp)) or the reason."""
+        while i < len(recs):
+            seq, _, p, kind, _, flags, ia, ea, ra, ip, ep, rp, _ = recs[i]
             if p not in (1, 6, 17):
                 break
-            if fd == d_in:
-                r, key = self.in_(p, s, sp, d, dp, fl, kind == 1, now), (s, 0 if p == 1 else sp)
-            elif fd == d_out:
-                r, key = self.out(p, s, sp, d, dp, now, kind == 1), (d, 0 if p == 1 else dp)
+            if kind == 0:
+                r = self.in_(p, ra, rp, ea, ep, 0, bool(flags & 6), now)
             else:
-                break
+                r = self.out(p, ia, ip, ra, rp, now, bool(flags & 6))
             if r == FETCH:
                 r = self.reasons["not_owner"]
             if not self._answered(r):
                 break
+            status[i] = r
             if r == OK:
-                found.append((i, self.last) + key)
-            else:
-                status[i] = r
+                answers[i] = (seq, self.last, ra, 0 if p == 1 else rp)
             i += 1
         return i
 

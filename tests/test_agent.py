@@ -69,23 +69,23 @@ class MiniRules:
         return r[0]
 
     # owner side
-    def serve_fetch(self, fetch_dir, keys, now):
-        recs = np.zeros(len(keys), SESSION_DTYPE)
-        status = np.zeros(len(keys), np.int16)
-        for i, k in enumerate(keys):
-            kt = (int(k["proto"]), int(k["saddr"]), int(k["sport"]), int(k["daddr"]), int(k["dport"]))
-            d = int(fetch_dir[i]) if np.ndim(fetch_dir) else fetch_dir  # scalar or per record
+    def serve_fetches(self, recs, now, lease_ms=0):
+        rules, bad, status = [], [], []
+        for i, k in enumerate(recs):
+            if k["kind"] == M.FETCH_BY_EXTERNAL:  # (p, R, Rp, E, Ep)
+                d, kt = IN, (int(k["proto"]), int(k["rem_addr"]), int(k["rem_port"]), int(k["ext_addr"]),
+                             int(k["ext_port"]))
+            else:  # (p, I, Ip, R, Rp)
+                d, kt = OUT, (int(k["proto"]), int(k["int_addr"]), int(k["int_port"]), int(k["rem_addr"]),
+                              int(k["rem_port"]))
             hit = [sk for sk in self.sessions if session_key(sk, d) == kt]
             if hit and kt not in self.refuse:
-                recs[i] = self._rec(hit[0])
+                p, ia, ip, ea, ep, ra, rp = hit[0]
+                rules.append((int(k["seq"]), self.sessions[hit[0]], lease_ms, ia, ea, ra, ip, ep, rp, self.nic, p, 0, 0))
             else:
-                status[i] = SLOW_PATH_REASON_NAMES.index("no_mapping")
-        return recs, status
-
-    def serve_fetch_rows(self, rows, now):
-        recs, status = self.serve_fetch(np.array([r[0] for r in rows], np.uint8),
-                                        np.array([r[1:] for r in rows], layout.KEY_DTYPE), now)
-        return [(int(st), tuple(r.tolist()) if st == 0 else None) for st, r in zip(status, recs)]
+                bad.append(i)
+                status.append(SLOW_PATH_REASON_NAMES.index("no_mapping"))
+        return np.array(rules, M.RULE_DTYPE), np.array(bad, np.int64), np.array(status, np.int32)
 
     def hold(self, p, e, ep):
         self.holds[(p, e, ep)] += 1
@@ -639,7 +639,7 @@ def test_jhash_lookup3_vectors_and_icmp_not_predictable():
 
 @pytest.mark.parametrize("n", [1, 3, 9])
 def test_fetch_serving_answers_alike_in_one_batch_or_one_by_one(n):
-    """_on_fetch (one implementation: serve_fetches) gives the same RULE and NACK records
+    """_on_fetch (one implementation: the builder's serve_fetches) gives the same RULE and NACK records
     for the same FETCH records (found, refused, both directions) sent in one batch or
     one at a time."""
     sent = []

@@ -458,6 +458,7 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
     import numpy as np
 
     from hypernat import layout
+    from hypernat import messages as M
     from hypernat.nat import _hosts
     from hypernat.nat._mappings import Mappings, OutSetup
     from hypernat.partition import Partition
@@ -539,14 +540,22 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                 got = su.run(v, kb.view(np.uint8).reshape(-1), start, now, ci, cr, cp, True, cf)
                 assert got == sm.run(v.tolist(), keys, start, now, mi, mr, mq, True, mf)
                 assert (ci, cr, cp, cf) == (mi, mr, mq, mf)
-            else:  # serve: fetch rows both ways (direction 2: not one)
-                rows = [((k + x) % 2 if k < 3 else (2 if fl == 0x10 else 0), ra, ea, rp, ep, q, kind, f, 0)
-                        for k, (ra, ea, rp, ep, q, kind, f) in enumerate(keys)]
-                rows = [(d, 10 << 24 | h, ra, 1000 + port, rp, q, kind, f, 0) if d == 0 else
-                        (d, ra, ea, rp, ep, q, kind, f, 0) for d, ra, ea, rp, ep, q, kind, f, _ in rows]
-                cs, cf, ms, mf = [0] * 4, [], [0] * 4, []
-                assert su.serve(rows, 0, now, cs, cf) == sm.serve(rows, 0, now, ms, mf)
-                assert (cs, cf) == (ms, mf)
+            else:  # serve: FETCH records both ways (ICMP-error and revalidating ones look up only)
+                recs = M.records(M.T_FETCH, 4)
+                for k, (ra, ea, rp, ep, q, kind, f) in enumerate(keys):
+                    flags = M.FETCH_F_ICMP_ERROR if kind else (M.FETCH_F_REVALIDATE if k == 2 and fl == 0x10 else 0)
+                    if (k + x) % 2 and k < 3:  # by external endpoint
+                        recs[k] = (k, 0, q, M.FETCH_BY_EXTERNAL, 0, flags, 0, ea, ra, 0, ep, rp, 0)
+                    else:
+                        recs[k] = (k, 0, q, M.FETCH_BY_INTERNAL, 0, flags, 10 << 24 | h, 0, ra, 1000 + port, 0, rp, 0)
+                rules = M.records(M.T_RULE, 4)
+                cs = np.zeros(4, np.int32)
+                ms, ma = [0] * 4, {}
+                got = su.serve(recs.view(np.uint8).reshape(-1), 0, now, rules.view(np.uint8).reshape(-1), cs)
+                assert got == sm.serve(recs.tolist(), 0, now, ms, ma)
+                assert cs.tolist() == ms
+                assert {j: tuple(rules[j][["seq", "rule_id", "rem_addr", "rem_port"]].tolist()) for j in range(4)
+                        if cs[j] == -1} == ma
         assert su.room == sm.room
         now += 1
     counted = [0] * 19

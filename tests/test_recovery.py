@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hypernat import config, layout
+from hypernat import messages as M
 from hypernat.fastpath import FlowTable
 from hypernat.nic.journal import live_blocks
 from hypernat.rules import ACT_DROP, ACT_REPLAY, REASON, SESSION_DTYPE, RuleBuilder, out_key
@@ -441,8 +442,10 @@ def test_recovery_window_holds_new_mappings_of_journaled_hosts_only():
     d = miss(rb, [(UDP, h, 9999, R1, 53), (UDP, stranger, 9999, R1, 53)], 20)
     assert d.action[0] == ACT_HOLD and d.action[1] == ACT_REPLAY
     assert rb.counters_dict()["recovery_held"] == 1 and len(rb.out) == 1
-    [(status, sess)] = rb.serve_fetch_rows([(OUT, h, R1, 9998, 53, UDP, 0, 0, 0)], 20)
-    assert status == REASON["recovering"] and sess is None
+    fetch = M.records(M.T_FETCH, 1)
+    fetch[0] = (1, 0, UDP, M.FETCH_BY_INTERNAL, 0, 0, h, 0, R1, 9998, 0, 53, 0)
+    rule, bad, status = rb.serve_fetches(fetch, 20)
+    assert not len(rule) and bad.tolist() == [0] and status.tolist() == [REASON["recovering"]]
     mine = recs[recs["iaddr"] == h][:1]
     assert rb.recover_sessions(mine, 21).all()
     row = (int(mine["proto"][0]), h, int(mine["iport"][0]), int(mine["raddr"][0]), int(mine["rport"][0]))

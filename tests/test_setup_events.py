@@ -14,7 +14,7 @@ import ipaddress
 
 import numpy as np
 import pytest
-from test_rules import R1, R2, SYN, TCP, UDP, hosts_of, make_cfg, make_rb, miss
+from test_rules import R1, R2, SYN, TCP, UDP, fetch_records, hosts_of, keys_of, make_cfg, make_rb, miss
 
 from hypernat.nat._events import EVENT_DTYPE, MAPPING, SESSION, EventRing, rule_line, rule_lines
 from hypernat.rules import SESSION_DTYPE
@@ -153,8 +153,8 @@ def test_active_install_two_nics_setups_stay_compiled():
         _, ia, ip, _, _, _ = rb.maps.get(rid)
         expect.append((ia, ea, ra, ip, ep, rp, p, 3, rid, 12, 0, 0, 0, 0))
     # a fetch served: a new session for another NIC's miss, created here
-    got = rb.serve_fetch_rows([(OUT, hosts[2], R2, 6001, 443, UDP, 0, 0, 0)], 13)
-    assert got[0][0] == 0
+    rule, bad, _ = rb.serve_fetches(fetch_records(OUT, keys_of([(UDP, hosts[2], 6001, R2, 443)])), 13)
+    assert len(rule) == 1 and not len(bad)
     created([(UDP, hosts[2], 6001, R2, 443)], 13)
     assert calls == {}  # all compiled
     c = rb.drain_created()

@@ -999,23 +999,23 @@ def test_serve_fetch_one_by_one_equals_batched(tmp_path):
     inside.inject(frames)
     assert spin([w], lambda: len(outside._tx) == 8, 3)
     out = [parse_frame(f) for f in outside.take_tx()]
-    keys = np.zeros(len(out), layout.KEY_DTYPE)
-    keys["proto"] = TCP
-    keys["saddr"], keys["sport"] = [p.dst for p in out], [p.dport for p in out]
-    keys["daddr"], keys["dport"] = [p.src for p in out], [p.sport for p in out]
+    recs = M.records(M.T_FETCH, len(out))
+    recs["seq"], recs["proto"], recs["kind"] = np.arange(1, len(out) + 1), TCP, M.FETCH_BY_EXTERNAL
+    recs["rem_addr"], recs["rem_port"] = [p.dst for p in out], [p.dport for p in out]
+    recs["ext_addr"], recs["ext_port"] = [p.src for p in out], [p.sport for p in out]
     now = w.ticks()
-    rows = [(IN, *k) for k in keys.tolist()]
-    batched = w.rules.serve_fetch_rows(rows, now)
-    assert all(st == 0 for st, _ in batched)
-    for x in range(len(keys)):
-        assert w.rules.serve_fetch_rows(rows[x:x + 1], now) == [batched[x]]
-    assert sorted(sess[3] for _, sess in batched) == [43000 + i for i in range(8)]
+    batched, bad, _ = w.rules.serve_fetches(recs, now, 5000)
+    assert len(batched) == len(recs) and not len(bad)
+    for x in range(len(recs)):
+        one, bad, _ = w.rules.serve_fetches(recs[x:x + 1], now, 5000)
+        assert one.tobytes() == batched[x:x + 1].tobytes() and not len(bad)
+    assert sorted(batched["int_port"].tolist()) == [43000 + i for i in range(8)]
     w.close()
 
 
 def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
-    """The owner's agent answers FETCHes with one implementation (``serve_fetches``,
-    compiled) for one record or many: the same FETCH records get the same RULE records
+    """The owner's agent answers FETCHes with one implementation (the builder's
+    ``serve_fetches``, compiled) for one record or many: the same FETCH records get the same RULE records
     and leases whether they come one by one, in pairs or in one batch, NACKs included."""
     cfg = emulated_config(2, mapping="address-and-port-dependent")
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, journal=False, restore=False)

@@ -5,7 +5,7 @@ through a ring that Python drains once per batch).
 
 ``EventRing`` holds fixed records (``EVENT_DTYPE``: kind, proto, I, Ip, E, Ep, R, Rp,
 rule id, now) of the mappings and sessions created during one call of the owner's
-setup (``RuleBuilder.decide_misses``, ``serve_fetch_rows``, a recovery report).  The
+setup (``RuleBuilder.decide_misses``, ``serve_fetches``, a recovery report).  The
 compiled setup (``hypernat.nat._mappings.OutSetup``) and the builder's general path
 write into the same ring through one method (``record``), in the order the events
 happen; it records only the kinds switched on (``mappings``: the per-rule translation
