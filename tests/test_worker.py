@@ -1057,6 +1057,33 @@ def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
     w.close()
 
 
+def test_owner_nacks_fetches_it_has_no_room_for(tmp_path):
+    """Flow tables full at the owner: a FETCH that needs a new session is refused with a
+    NACK (table_full counted), the batch's other FETCH still answered -- never an
+    exception on the loop.  (Fails on main before fetch serving over record arrays:
+    table_full's reason index is 0, read there as "answered", and serving raised
+    TypeError on the missing session.)"""
+    cfg = emulated_config(2, filtering="endpoint-independent", limits={"flow_table_capacity": 16})
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, journal=False, restore=False)
+    cap = w.rules.out.capacity
+    inside.inject([build_frame(UDP, I1, 43000 + i, R1, 53) for i in range(cap)])
+    assert spin([w], lambda: len(outside._tx) == cap, 3)
+    out = [parse_frame(f) for f in outside.take_tx()]
+    assert len(w.rules.out) == cap
+    fetch = M.records(M.T_FETCH, 2)
+    fetch[0] = (1, 0, UDP, M.FETCH_BY_EXTERNAL, 0, 0, 0, out[0].src, R1, 0, out[0].sport, 53, 0)  # its session
+    fetch[1] = (2, 0, UDP, M.FETCH_BY_EXTERNAL, 0, 0, 0, out[0].src, R1 + 1, 0, out[0].sport, 53, 0)  # a new one
+    sent = []
+    w.agent._send = lambda target, mtype, recs: sent.append((target, mtype, np.array(recs, copy=True)))
+    full = w.rules.counters_dict()["table_full"]
+    w.agent.on_message(1, M.T_FETCH, fetch, w.clock())
+    by = {mtype: recs for _, mtype, recs in sent}
+    assert by[M.T_RULE]["seq"].tolist() == [1] and by[M.T_RULE]["ext_port"][0] == out[0].sport
+    assert by[M.T_NACK]["seq"].tolist() == [2]
+    assert w.rules.counters_dict()["table_full"] == full + 1 and len(w.rules.out) == cap
+    w.close()
+
+
 def test_status_names_the_fast_path_and_the_compiled_modules(tmp_path):
     import hypernat
     from hypernat.fastpath import IMPL
