@@ -152,7 +152,6 @@ import time as _time
 import numpy as np
 
 from . import layout
-from . import messages as _M
 from .nat._activity import merge_activity as _merge_activity
 from .nat._events import MAPPING as _EV_MAPPING
 from .nat._events import SESSION as _EV_SESSION
@@ -952,35 +951,29 @@ class RuleBuilder:
         sessions reach the flow tables (``_flush``), then ``Mappings.rule_records``
         writes the RULE records.  The caller (the agent) then grants the leases
         (``hold_many``)."""
-        recs = np.ascontiguousarray(recs)
-        if recs.dtype != _M.KEY_DTYPE or recs.ndim != 1:
-            raise TypeError("FETCH records must be a 1-d messages.KEY_DTYPE array")
-        now = int(now)
-        n = len(recs)
-        rules = np.zeros(n, _M.RULE_DTYPE)
-        status = np.zeros(n, np.int32)
-        kb, rb = recs.view(np.uint8).reshape(-1), rules.view(np.uint8).reshape(-1)
         su = self._setup
+        recs = np.ascontiguousarray(recs)
+        rules, status = su.serve_arrays(recs)  # (a TypeError for anything but FETCH records)
+        now = int(now)
+        n = len(status)
         self._begin()
         i = 0
         while True:
-            i = su.serve(kb, i, now, rb, status)
+            i = su.serve(recs, i, now, rules, status)
             if i >= n:
                 break
-            fd, s, d, sp, dp, p, icmp = su.fetch_row(kb, i)
+            fd, s, d, sp, dp, p, icmp = su.fetch_row(recs, i)
             if p not in _PIDX:
                 r = self._refuse(_R_BAD)
             elif fd == IN:
                 r = self._in(p, s, sp, d, dp, 0, now, icmp, serving=True)
             else:
                 r = self._out(p, s, sp, d, dp, 0, now, icmp, serving=True)
-            su.answer(kb, i, rb, status, r, self._last if r == _OK else 0)
+            su.answer(recs, i, rules, status, r, self._last if r == _OK else 0)
             i += 1
         su.drain(self.counters)
         self._flush(now)
-        m = self.maps.rule_records(rb, status, self.out, self.inn, self.nic, lease_ms)
-        bad = np.flatnonzero(status != _OK)
-        return rules[:m], bad, status[bad]
+        return self.maps.rule_records(rules, status, self.out, self.inn, self.nic, lease_ms)
 
     def _session_tuples(self, found, dirs: int) -> list:
         """SESSION_DTYPE tuples of found = [(index, rule id, raddr, rport)], with the

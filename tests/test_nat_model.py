@@ -548,10 +548,9 @@ def test_in_setup_matches_model(eim, filtering, strategy, nic, seed, ops):
                         recs[k] = (k, 0, q, M.FETCH_BY_EXTERNAL, 0, flags, 0, ea, ra, 0, ep, rp, 0)
                     else:
                         recs[k] = (k, 0, q, M.FETCH_BY_INTERNAL, 0, flags, 10 << 24 | h, 0, ra, 1000 + port, 0, rp, 0)
-                rules = M.records(M.T_RULE, 4)
-                cs = np.zeros(4, np.int32)
+                rules, cs = su.serve_arrays(recs)
                 ms, ma = [0] * 4, {}
-                got = su.serve(recs.view(np.uint8).reshape(-1), 0, now, rules.view(np.uint8).reshape(-1), cs)
+                got = su.serve(recs, 0, now, rules, cs)
                 assert got == sm.serve(recs.tolist(), 0, now, ms, ma)
                 assert cs.tolist() == ms
                 assert {j: tuple(rules[j][["seq", "rule_id", "rem_addr", "rem_port"]].tolist()) for j in range(4)

@@ -1140,6 +1140,13 @@ def test_serve_fetches_answers_a_batch_as_the_reference_one_by_one():
     ok = np.isin(np.arange(len(recs)), got[1], invert=True)
     again = a.serve_fetches(recs[ok], 10, 1234)
     assert again[0].tobytes() == rule.tobytes() and not len(again[1])
+    # no records: empty answers; anything but FETCH records: a TypeError, nothing served
+    none = a.serve_fetches(recs[:0], 10)
+    assert none[0].dtype == M.RULE_DTYPE and not len(none[0]) and not len(none[1]) and not len(none[2])
+    for wrong in (np.zeros(2, M.RULE_DTYPE), recs.tobytes(), np.zeros((2, 2), M.KEY_DTYPE)):
+        with pytest.raises(TypeError):
+            a.serve_fetches(wrong, 10)
+    assert a.counters == b.counters
 
 
 def test_serve_fetches_refuses_when_the_tables_are_full():

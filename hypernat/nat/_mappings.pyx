@@ -29,6 +29,8 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memset
 
+cimport numpy as cnp
+from cpython.ref cimport Py_INCREF
 import numpy as np
 
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
@@ -506,25 +508,27 @@ cdef class Mappings:
             res.append((m.iaddr, m.eaddr, ra, m.iport, m.eport, rp, m.proto, dirs, rid, last, to, ti, owner, 0))
         return res
 
-    def rule_records(self, uint8_t[::1] rules not None, const int32_t[::1] status not None, out, inn,
-                     uint16_t owner, uint32_t lease_ms):
-        """Fetch serving's answers (``OutSetup.serve``) as RULE records, in place:
-        `rules` (messages.RULE_DTYPE as bytes) holds for each record i with status[i]
-        -1 (answered) its seq, rule id and remote endpoint; each becomes the whole
-        record -- the mapping's endpoints and protocol, `owner`, `lease_ms`, tcp_state
-        the two entries' TCP flags (``session_c``) -- moved down to the front in order.
-        Called once the batch's sessions are in the flow tables.  Returns how many."""
-        cdef Py_ssize_t n = status.shape[0], i, k = 0
-        if rules.shape[0] < n * <Py_ssize_t>sizeof(wire_rule):
-            raise ValueError("rules shorter than status")
-        cdef wire_rule* r = <wire_rule*>&rules[0] if n else NULL
+    def rule_records(self, cnp.ndarray rules not None, cnp.ndarray status not None, out, inn, uint16_t owner,
+                     uint32_t lease_ms):
+        """Fetch serving's answers (``OutSetup.serve``) as RULE records: `rules` (RULE
+        records, ``OutSetup.serve_arrays``) holds for each record i with status[i] -1
+        (answered) its seq, rule id and remote endpoint; each becomes the whole record
+        -- the mapping's endpoints and protocol, `owner`, `lease_ms`, tcp_state both
+        flow-table entries' TCP flags (``session_c``) --, moved down to the front in
+        order.  Called once the batch's sessions are in the flow tables.  Returns
+        (the RULE records, the refused records' indices (int64), their status: the
+        reasons (int32))."""
+        cdef Py_ssize_t n = _serve_len(rules, status), i, k = 0, nbad = 0
+        cdef wire_rule* r = <wire_rule*>cnp.PyArray_DATA(rules)
+        cdef const int32_t* st = <const int32_t*>cnp.PyArray_DATA(status)
         cdef bint c = type(out) is _FlowTable and type(inn) is _FlowTable
         cdef MapRec* m
         cdef uint32_t seq, rid, ra, last
         cdef uint16_t rp
         cdef uint8_t to, ti
         for i in range(n):
-            if status[i] != OK:
+            if st[i] != OK:
+                nbad += 1
                 continue
             seq, rid, ra, rp = r[i].seq, r[i].rule_id, r[i].rem_addr, r[i].rem_port
             m = self.session_c(rid, ra, rp, out, inn, c, &last, &to, &ti)
@@ -534,7 +538,17 @@ cdef class Mappings:
             r[k].int_port, r[k].ext_port, r[k].rem_port = m.iport, m.eport, rp
             r[k].owner, r[k].proto, r[k].tcp_state = owner, m.proto, to | ti
             k += 1
-        return k
+        cdef cnp.npy_intp dim = nbad
+        cdef cnp.ndarray bad = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT64, 0)
+        cdef cnp.ndarray why = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_INT32, 0)
+        cdef int64_t* b = <int64_t*>cnp.PyArray_DATA(bad)
+        cdef int32_t* w = <int32_t*>cnp.PyArray_DATA(why)
+        nbad = 0
+        for i in range(n):
+            if st[i] != OK:
+                b[nbad], w[nbad] = i, st[i]
+                nbad += 1
+        return (rules if k == n else rules[:k]), bad, why
 
     # -- pending flow-table entries -------------------------------------------------------
     @property
@@ -641,6 +655,11 @@ from .. import messages as _M
 if _M.KEY_DTYPE.itemsize != sizeof(wire_key) or _M.RULE_DTYPE.itemsize != sizeof(wire_rule):
     raise ImportError("hypernat.nat._mappings disagrees with hypernat/_wire.pxd: rebuild it")
 cdef uint8_t LOOKUP_ONLY = _M.FETCH_F_ICMP_ERROR | _M.FETCH_F_REVALIDATE  # FETCH flags: look up only
+_KEY = _M.KEY_DTYPE
+cdef cnp.dtype _RULE = _M.RULE_DTYPE
+cdef extern from "numpy/arrayobject.h":
+    object _zeros "PyArray_Zeros" (int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
+cnp.import_array()
 
 
 cdef class OutSetup:
@@ -956,59 +975,85 @@ cdef class OutSetup:
             return NEED_PY
         return r
 
-    def serve(self, const uint8_t[::1] recs not None, Py_ssize_t i, int64_t now, uint8_t[::1] rules not None,
-              int32_t[::1] status not None):
-        """FETCH records i, i+1, ... (`recs`: messages.KEY_DTYPE as bytes, validated)
-        served in order (``serve_c``) until one needs the caller (a protocol it does not
-        know, NEED_PY, table_full), whose index it returns (n: none left), untouched.
-        Each answer is written by ``answer_c``: -1 into status[i] and the session into
-        rules[i] (messages.RULE_DTYPE as bytes; ``Mappings.rule_records`` completes
+    def serve_arrays(self, recs):
+        """The answer arrays of FETCH records `recs` (messages.KEY_DTYPE, validated; a
+        TypeError otherwise): (RULE records, int32 statuses), zeroed, one per record --
+        what ``serve`` and ``answer`` write and ``Mappings.rule_records`` packs."""
+        if not isinstance(recs, cnp.ndarray) or recs.ndim != 1 or not (recs.dtype is _KEY or recs.dtype == _KEY) \
+                or not cnp.PyArray_IS_C_CONTIGUOUS(recs):
+            raise TypeError("FETCH records must be a contiguous 1-d messages.KEY_DTYPE array")
+        cdef cnp.npy_intp n = recs.shape[0]
+        Py_INCREF(_RULE)  # (PyArray_Zeros steals a reference to the dtype)
+        return _zeros(1, &n, _RULE, 0), cnp.PyArray_ZEROS(1, &n, cnp.NPY_INT32, 0)
+
+    def serve(self, cnp.ndarray recs not None, Py_ssize_t i, int64_t now, cnp.ndarray rules not None,
+              cnp.ndarray status not None):
+        """FETCH records i, i+1, ... of `recs` (messages.KEY_DTYPE, validated) served in
+        order (``serve_c``) until one needs the caller (a protocol it does not know,
+        NEED_PY, table_full), whose index it returns (n: none left), untouched.  Each
+        answer is written by ``answer_c`` into the arrays of ``serve_arrays``: -1 into
+        status[i] and the session into rules[i] (``Mappings.rule_records`` completes
         them), or a refusal's reason into status[i] (counted here: ``drain``)."""
-        cdef Py_ssize_t n = status.shape[0]
-        cdef const wire_key* k = <const wire_key*>&recs[0] if n else NULL
-        cdef wire_rule* out = <wire_rule*>&rules[0] if n else NULL
+        cdef Py_ssize_t n = _serve_len(rules, status, recs)
+        cdef const wire_key* k = <const wire_key*>cnp.PyArray_DATA(recs)
+        cdef wire_rule* out = <wire_rule*>cnp.PyArray_DATA(rules)
+        cdef int32_t* st = <int32_t*>cnp.PyArray_DATA(status)
         cdef int r
-        _serve_sizes(recs, rules, n)
+        if i < 0:
+            raise IndexError(i)
         while i < n:
             r = self.serve_c(&k[i], now)
             if r == NEED_PY:
                 break
             if r != OK:
                 self.nref[r] += 1
-            answer_c(&k[i], &out[i], &status[i], r, self.last)
+            answer_c(&k[i], &out[i], &st[i], r, self.last)
             i += 1
         return i
 
-    def fetch_row(self, const uint8_t[::1] recs not None, Py_ssize_t i):
+    def fetch_row(self, cnp.ndarray recs not None, Py_ssize_t i):
         """Record i of `recs` (as ``serve``) as the general path asks it: (fetch_dir,
         saddr, daddr, sport, dport, proto, icmp_error) -- verdicts.IN (p, R, Rp, E, Ep)
         or verdicts.OUT (p, I, Ip, R, Rp)."""
-        if i < 0 or (i + 1) * <Py_ssize_t>sizeof(wire_key) > recs.shape[0]:
+        if i < 0 or i >= _serve_len(None, None, recs):
             raise IndexError(i)
-        cdef const wire_key* k = &(<const wire_key*>&recs[0])[i]
+        cdef const wire_key* k = &(<const wire_key*>cnp.PyArray_DATA(recs))[i]
         cdef bint icmp = k.flags & LOOKUP_ONLY != 0
         if k.kind == FETCH_BY_EXTERNAL:
             return (D_IN, k.rem_addr, k.ext_addr, k.rem_port, k.ext_port, k.proto, icmp)
         return (D_OUT, k.int_addr, k.rem_addr, k.int_port, k.rem_port, k.proto, icmp)
 
-    def answer(self, const uint8_t[::1] recs not None, Py_ssize_t i, uint8_t[::1] rules not None,
-               int32_t[::1] status not None, int r, uint32_t rid):
+    def answer(self, cnp.ndarray recs not None, Py_ssize_t i, cnp.ndarray rules not None,
+               cnp.ndarray status not None, int r, uint32_t rid):
         """The general path's answer `r` to record i (-1: the session of mapping `rid`;
         else the refusal's reason, counted by the caller), written as ``serve`` writes
         its own (``answer_c``)."""
-        cdef Py_ssize_t n = status.shape[0]
-        _serve_sizes(recs, rules, n)
-        if i < 0 or i >= n:
+        if i < 0 or i >= _serve_len(rules, status, recs):
             raise IndexError(i)
         if r != OK and r < 0:
             raise ValueError(f"not an answer: {r}")
-        answer_c(&(<const wire_key*>&recs[0])[i], &(<wire_rule*>&rules[0])[i], &status[i], r, rid)
+        answer_c(&(<const wire_key*>cnp.PyArray_DATA(recs))[i], &(<wire_rule*>cnp.PyArray_DATA(rules))[i],
+                 &(<int32_t*>cnp.PyArray_DATA(status))[i], r, rid)
 
 
-cdef int _serve_sizes(const uint8_t[::1] recs, uint8_t[::1] rules, Py_ssize_t n) except -1:
-    if recs.shape[0] != n * <Py_ssize_t>sizeof(wire_key) or rules.shape[0] != n * <Py_ssize_t>sizeof(wire_rule):
-        raise ValueError("FETCH records, RULE records and statuses differ in length")
-    return 0
+cdef Py_ssize_t _serve_len(cnp.ndarray rules, cnp.ndarray status, cnp.ndarray recs=None) except -1:
+    """The records of fetch serving's arrays (their layouts and lengths checked: C reads
+    them in place)."""
+    cdef Py_ssize_t n = -1
+    if recs is not None:
+        if recs.ndim != 1 or recs.descr.itemsize != sizeof(wire_key) or not cnp.PyArray_IS_C_CONTIGUOUS(recs):
+            raise TypeError("FETCH records must be a contiguous 1-d messages.KEY_DTYPE array")
+        n = recs.shape[0]
+    if rules is not None:
+        if rules.ndim != 1 or rules.descr.itemsize != sizeof(wire_rule) or not cnp.PyArray_IS_C_CONTIGUOUS(rules) \
+                or status.ndim != 1 or status.descr.type_num != cnp.NPY_INT32 \
+                or not cnp.PyArray_IS_C_CONTIGUOUS(status) or not cnp.PyArray_ISWRITEABLE(rules) \
+                or not cnp.PyArray_ISWRITEABLE(status):
+            raise TypeError("answer arrays not as OutSetup.serve_arrays makes them")
+        if status.shape[0] != rules.shape[0] or (n >= 0 and rules.shape[0] != n):
+            raise ValueError("FETCH records, RULE records and statuses differ in length")
+        n = rules.shape[0]
+    return n
 
 
 cdef inline void answer_c(const wire_key* k, wire_rule* out, int32_t* status, int r, uint32_t rid) noexcept nogil:
