@@ -81,8 +81,8 @@ decided in C over the batch's arrays (``_mappings.OutSetup``): outgoing (a known
 its mapping or a port in one of its blocks, the session), incoming (the endpoint's
 owner -- a fetch queued if it is another NIC's --, the mapping, filtering, the
 session), and the refusals that do not log, counted there; fetch serving runs the same
-code over the FETCH records and writes the RULE records in C (``OutSetup.serve``).  Python runs per miss only for what that
-leaves (a new host or block, an EIM host owned elsewhere, the refusals that log,
+code over the FETCH records and writes the RULE records in C (``OutSetup.serve``).
+Python runs per miss only for what that leaves (a new host or block, an EIM host owned elsewhere, the refusals that log,
 per-rule log lines and PUSH records, hairpin misses and outgoing ICMP errors).  The sessions a call adds reach the flow tables in one pass at its end
 (``Mappings.flush``) -- see docs/per-connection.md.  The sweep's scan is numpy over a slot range; its
 per-session work (in-entry lookup, bookkeeping) is bounded by ``sweep_max_expire``, so a

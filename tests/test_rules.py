@@ -17,7 +17,7 @@ from hypernat import messages as M
 from hypernat.fastpath import FlowTable, Translator
 from hypernat.rules import (
     ACT_DROP, ACT_FETCH, ACT_NONE, ACT_REPLAY, DIR_BIT_IN, DIR_BIT_OUT, REASON, SESSION_DTYPE, RuleBuilder,
-    in_key, out_key, record_keys,
+    in_key, out_key,
 )  # fmt: skip
 from hypernat.translog import TransLog
 from hypernat.verdicts import IN, OUT, VERDICT

@@ -686,8 +686,9 @@ cdef class OutSetup:
     ``out`` / ``in_`` answer one packet: -1 (the session exists or was added; ``last``
     is its rule id), -2 (``in_``: another NIC owns the endpoint, ``fetch_owner``), a
     refusal's reason index (the caller counts it), or -4 (NEED_PY).
-    ``run`` answers a batch's misses of one direction in frame order, ``serve`` a list
-    of fetch rows, until one needs the caller; the refusals they answer themselves
+    ``run`` answers a batch's misses of one direction in frame order, ``serve`` a batch
+    of FETCH records (read in place; the answers written into RULE / status arrays),
+    until one needs the caller; the refusals they answer themselves
     (every one that does not log: all but table_full) are counted here and added to
     the caller's counters by ``drain``.
     ``room`` is the entries both flow tables can still take in this call (the caller
