@@ -477,11 +477,8 @@ class RuleBuilder:
             fi = f["frame"]
             dec.owner[fi] = f["owner"]
             dec.fetch_dir[fi] = f["fetch_dir"]
-            fk = dec.fetch_key[fi]
             for name in ("saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags"):
-                fk[name] = f[name]
-            fk["icmp_type"] = 0
-            dec.fetch_key[fi] = fk
+                dec.fetch_key[name][fi] = f[name]
         return dec
 
     def decide_misses(self, direction, verdicts, keys, now, n=None) -> Misses:

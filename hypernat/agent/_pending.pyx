@@ -10,10 +10,12 @@ FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and pro
 and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
 list (oldest first), indexed the same way.
 
-Every operation takes a whole batch (``fetch_rows`` over a batch's misses,
-``answer_rules`` / ``answer_nacks`` over a message's records, read in place through the
-wire structs of ``_wire.pxd``) and returns what Python acts on: FETCH records per owner,
-the clones to install, the frames to replay, counts by reason.  ``pending_py`` is the
+Every operation takes a whole batch (``fetch_rows`` over a batch's misses, the
+``layout.FETCH_ROW_DTYPE`` rows read in place through ``_keys.pxd``; ``answer_rules`` /
+``answer_nacks`` over a message's records, read in place through the wire structs of
+``_wire.pxd``) and returns what Python acts on: the FETCH records in a ``FetchQueue`` (one
+C array, each record with its owner; one KEY_DTYPE array per owner when taken), the
+clones to install, the frames to replay, counts by reason.  ``pending_py`` is the
 plain-Python reference with the same interface; ``tests/test_pending_table.py`` checks
 them against each other.
 """

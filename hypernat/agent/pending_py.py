@@ -6,7 +6,7 @@ waiting for the answer and the remote source whose token it holds; beside it the
 negative cache (keys NACKed recently, oldest first) and the fetch token bucket of each
 remote source (least recently used first).  Every operation of the fetch client on that
 state is a method here, taking a whole batch: start fetches for a batch of misses
-(``fetch_rows``), check a RULE or NACK message's records against the fetches they
+(``fetch_rows``: layout.FETCH_ROW_DTYPE rows, their FETCH records into a ``FetchQueue``), check a RULE or NACK message's records against the fetches they
 answer (``answer_rules``, ``answer_nacks``), retry or give up one due fetch
 (``retry``), fail or redirect an owner's fetches.  The agent (``core.RuleAgent``) keeps
 the reliable-delivery engine (which seq is due when) and the counters.
