@@ -24,7 +24,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memset
 
-from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from .._keys cimport fetch_row, keys_check
 from .._wire cimport FETCH_BY_EXTERNAL, FETCH_BY_INTERNAL, wire_key, wire_rule
 
@@ -42,7 +42,25 @@ keys_check("hypernat.agent._pending")
 cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
 cdef uint8_t KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_pend_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_pend_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_pend_prefetch(const void *p) noexcept nogil
+
+
+cdef inline void _prefetch_home(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                                uint16_t dp) noexcept:
+    """Start loading the index line a find / insert of the key will read first."""
+    hn_pend_prefetch(&t.t.s[hn_flow_hash(p, sa, sp, da, dp) & t.t.mask])
+
+
 cdef enum:
+    LOOKAHEAD = 4  # fetch_rows prefetches the index lines of the row this many ahead
     D_OUT = 0
     D_IN = 1
     BIT_OUT = 1    # rules.DIR_BIT_OUT
@@ -505,6 +523,13 @@ cdef class PendingTable:
         cdef const fetch_row *r
         cdef object frame
         for j in range(nrow):
+            if j + LOOKAHEAD < nrow:  # its key's index line, its remote's bucket, a seq
+                r = &rw[j + LOOKAHEAD]
+                _prefetch_home(self.ix_in if r.fetch_dir else self.ix_out, r.proto, r.saddr, r.sport, r.daddr,
+                               r.dport)
+                if r.fetch_dir:
+                    _prefetch_home(src.ix0, 0, r.saddr, 0, 0, 0)
+                _prefetch_home(self.ix_seq, 0, s + LOOKAHEAD, 0, 0, 0)
             r = &rw[j]
             frame = None if frames is None else frames[j]
             d = 1 if r.fetch_dir else 0
