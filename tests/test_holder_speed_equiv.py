@@ -277,6 +277,31 @@ def test_decide_misses_sees_only_the_first_n_frames(tmp_path):
     assert (fetches["owner"] == 0).all() and (fetches["fetch_dir"] == IN).all()  # ports 2000+ are NIC 0's: fetched
 
 
+def test_the_compiled_run_refuses_arrays_it_cannot_write(tmp_path):
+    """OutSetup.run's output arrays: another dtype, too short, read-only: a clear error
+    before any frame is decided (the builder's tables untouched)."""
+    rb = _rb(_cfg(tmp_path), 0)
+    v = np.full(4, V_OUT, np.uint8)
+    k = np.zeros(4, layout.KEY_DTYPE)
+    k["saddr"], k["sport"], k["daddr"], k["dport"], k["proto"] = INTERNAL + 1, 1000 + np.arange(4), REMOTE, 53, UDP_P
+    kb = k.view(np.uint8).reshape(-1)
+    i32 = lambda m: np.zeros(m, np.int32)  # noqa: E731
+    run = rb._setup.run
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        run(v, kb, 0, 5, i32(4), i32(4), np.zeros(4, layout.KEY_DTYPE), np.zeros(2, np.int64))
+    ro = np.zeros(4, layout.FETCH_ROW_DTYPE)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        run(v, kb, 0, 5, i32(4), i32(4), ro, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="room for every frame"):
+        run(v, kb, 0, 5, i32(3), i32(4), np.zeros(4, layout.FETCH_ROW_DTYPE), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        run(v, kb, 0, 5, i32(4), i32(4), np.zeros(4, layout.FETCH_ROW_DTYPE), np.array([5, 0], np.int64))
+    assert len(rb.maps) == 0 and len(rb.out) == 0
+    replay, fetches, idx, res = rb.decide_misses(OUT, v, k, 5)  # the same frames, through the builder
+    assert replay.tolist() == idx.tolist() == [0, 1, 2, 3] and len(fetches) == 0
+
+
 # ------------------------------------------------------------------------ installs
 def _clone_records(rng, cfg, n):
     part = Partition.from_config(cfg)

@@ -204,6 +204,24 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
 
 
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_fetch_rows_refuses_rows_it_cannot_read_and_changes_nothing(impl):
+    """Rows of another dtype (a KEY_DTYPE array, tuples) or frames that do not pair with
+    the rows: a clear error, no fetch started, nothing queued."""
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**PARAMS), mod.FetchQueue()
+    rows, frames = _rows([(1, (17, 1, 1, 10, 1), False, 0, b"a"), (0, (6, 2, 1, 10, 2), False, 1, b"b")])
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        t.fetch_rows(np.zeros(2, layout.KEY_DTYPE), frames, 1.0, 1, fq)
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        t.fetch_rows([(1, (17, 1, 1, 10, 1), False, 0, b"a")], frames, 1.0, 1, fq)
+    with pytest.raises(ValueError, match="1 frames for 2 rows"):
+        t.fetch_rows(rows, frames[:1], 1.0, 1, fq)
+    assert len(t) == 0 and t.queued == 0 and not fq
+    assert t.fetch_rows(rows[::-1], frames[::-1], 1.0, 1, fq) == (2, 2, 0, 0, 0, 3)  # (strided: read as given)
+    assert [(o, r["seq"].tolist()) for o, r in fq.take()] == [(1, [1]), (0, [2])] and not fq
+
+
 _nkey = st.tuples(st.sampled_from([1, 6, 17]), st.integers(1, 2), st.integers(1, 3), st.integers(1, 2),
                  st.integers(1, 3), st.integers(1, 2), st.integers(1, 3))  # proto, I, Ip, E, Ep, R, Rp
 
