@@ -84,6 +84,27 @@ assert KEY_DTYPE.itemsize == 16
 KIND_PLAIN = 0
 KIND_ICMP_ERROR = 1
 
+# One fetch a batch's misses start (``RuleBuilder.decide_misses`` writes them, the
+# holder's ``PendingTable.fetch_rows`` reads them): the key to ask for, oriented like
+# `fetch_dir`'s table (KEY_DTYPE's first 15 bytes, field for field), the frame's index
+# in its batch and the NIC that owns the key.  24 bytes; its C struct is ``fetch_row``
+# (hypernat/_keys.pxd), checked against this dtype where it is compiled.
+FETCH_ROW_DTYPE = np.dtype(
+    [
+        ("saddr", "<u4"),
+        ("daddr", "<u4"),
+        ("sport", "<u2"),
+        ("dport", "<u2"),
+        ("proto", "u1"),
+        ("kind", "u1"),  # KIND_PLAIN or KIND_ICMP_ERROR (an ICMP error's lookup: fetched with FETCH_F_ICMP_ERROR)
+        ("tcp_flags", "u1"),
+        ("fetch_dir", "u1"),  # verdicts.OUT / IN: the table the key is oriented for
+        ("frame", "<i4"),  # the frame's index in its batch
+        ("owner", "<i4"),  # the NIC asked
+    ]
+)
+assert FETCH_ROW_DTYPE.itemsize == 24
+
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17

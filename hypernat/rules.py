@@ -99,14 +99,16 @@ Records and constants:
     ACT_NONE/REPLAY/DROP/FETCH   per-frame actions in ``Decisions.action``
     REASON               {slow-path reason name: index} (``verdicts.SLOW_PATH_REASON_NAMES``)
     Decisions            per-frame arrays: action, reason, owner, fetch_dir, fetch_key
+    Misses               one batch's decisions as arrays (``decide_misses``): replay, fetches, idx, res
     SweepResult          what one ``sweep`` step did
 
 RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
             translog=None, journal=None)
   packets
     handle_misses(direction, verdicts, keys, now) -> Decisions
-    decide_misses(direction, verdicts, keys, now, n=None) -> (replay, fetches, idx, res)
-        the same decisions as plain lists (what the NIC loop calls: no numpy per miss)
+    decide_misses(direction, verdicts, keys, now, n=None) -> Misses(replay, fetches, idx, res)
+        the same decisions as arrays (what the NIC loop calls: replay frame indexes,
+        fetches as layout.FETCH_ROW_DTYPE records, every miss's index and result)
   owner side of cloning (called by the RuleAgent)
     serve_fetches(recs, now, lease_ms=0) -> (RULE records, refused indices, their reason
         indices)   (recs: FETCH records, messages.KEY_DTYPE; arrays in, arrays out)
@@ -148,6 +150,7 @@ import collections
 import dataclasses
 import logging
 import time as _time
+import typing
 
 import numpy as np
 
@@ -184,6 +187,27 @@ ACT_FETCH = 3  # owned by NIC Decisions.owner: fetch Decisions.fetch_key (fetch_
 ACT_HOLD = 4  # crash recovery window: keep the frame, translate it again later (``recovering``)
 
 REASON = {name: i for i, name in enumerate(SLOW_PATH_REASON_NAMES)}
+
+
+class Misses(typing.NamedTuple):
+    """``RuleBuilder.decide_misses``'s answer for one batch, as arrays.
+
+    replay   intp[r]   frames to translate again (a session is installed here), ascending
+    fetches  layout.FETCH_ROW_DTYPE[f]  the fetches to start, in frame order (``frame``:
+                       the frame's index; ``owner``: the NIC to ask; the key oriented like
+                       ``fetch_dir``'s table)
+    idx      int32[m]  every miss's frame index, ascending
+    res      int32[m]  its result: -1 replay, -2 fetch, -3 hold, else the drop reason
+    """
+
+    replay: np.ndarray
+    fetches: np.ndarray
+    idx: np.ndarray
+    res: np.ndarray
+
+
+_NO_FRAMES = np.empty(0, np.intp)
+_NO_FRAMES.flags.writeable = False
 
 
 @dataclasses.dataclass
@@ -436,39 +460,46 @@ class RuleBuilder:
         miss get ACT_NONE.  Outgoing misses allocate (or reuse the mapping) and install a
         session; incoming misses owned here are filtered per the filtering behaviour;
         hairpin misses build both halves; ICMP-error misses never create anything.
-        (``decide_misses`` is the same decision as plain lists: what the NIC loop uses.)
+        (``decide_misses``'s arrays as per-frame Decisions: what tests and the pcap
+        replay read; the NIC loop calls ``decide_misses``.)
         """
         verdicts = np.asarray(verdicts)
-        n = len(verdicts)
-        dec = Decisions.empty(n)
-        _, fetches, idx, res = self.decide_misses(direction, verdicts, keys, now)
-        if not idx:
+        dec = Decisions.empty(len(verdicts))
+        m = self.decide_misses(direction, verdicts, keys, now)
+        if not len(m.idx):
             return dec
-        r = np.array(res, dtype=np.int16)
-        dec.action[idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH,
-                                                               np.where(r == _HOLD, ACT_HOLD, ACT_DROP)))
-        dec.reason[idx] = np.where(r >= 0, r, -1)
-        for i, o, fd, p, s, sp, d, dp, kind, fl in fetches:
-            dec.owner[i] = o
-            dec.fetch_dir[i] = fd
-            dec.fetch_key[i] = (s, d, sp, dp, p, kind, fl, 0)
+        r = m.res
+        dec.action[m.idx] = np.where(r == _OK, ACT_REPLAY, np.where(r == _FETCH, ACT_FETCH,
+                                                                 np.where(r == _HOLD, ACT_HOLD, ACT_DROP)))
+        dec.reason[m.idx] = np.where(r >= 0, r, -1)
+        f = m.fetches
+        if len(f):
+            fi = f["frame"]
+            dec.owner[fi] = f["owner"]
+            dec.fetch_dir[fi] = f["fetch_dir"]
+            for name in ("saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags"):
+                dec.fetch_key[name][fi] = f[name]
         return dec
 
-    def decide_misses(self, direction, verdicts, keys, now, n=None) -> tuple:
-        """``handle_misses`` without the numpy Decisions (the NIC loop's call).  Frames
-        0..n-1 (n: all of `verdicts`).
+    def decide_misses(self, direction, verdicts, keys, now, n=None) -> Misses:
+        """``handle_misses`` as arrays (the NIC loop's call).  Frames 0..n-1 (n: all of
+        `verdicts`).
 
-        Returns ``(replay, fetches, idx, res)``: frame indices to translate again
-        (ACT_REPLAY), the fetches ``(frame, owner, fetch_dir, proto, saddr, sport, daddr,
-        dport, kind, tcp_flags)`` (ACT_FETCH, in frame order), every miss's frame index
-        and its result (-1 replay, -2 fetch, -3 hold (``recovering``), else the drop
-        reason, counted already).
+        Returns ``Misses(replay, fetches, idx, res)``: the frame indices to translate
+        again (ACT_REPLAY, intp), the fetches (ACT_FETCH, a layout.FETCH_ROW_DTYPE array
+        in frame order: the key in `fetch_dir`'s table, kind, tcp_flags, the frame's
+        index and the owner asked), every miss's frame index (int32) and its result
+        (int32: -1 replay, -2 fetch, -3 hold (``recovering``), else the drop reason,
+        counted already).
 
-        The outgoing misses' common case runs compiled over the arrays
-        (``OutSetup.run``: a known host, its mapping or a port in its blocks, the
-        session) until a miss needs more -- a new host or block, a fetch, a refusal,
-        an incoming, hairpin or ICMP-error miss -- which takes the general path here;
-        then the compiled run goes on from the next frame.  One pass, in frame order."""
+        The misses' common case runs compiled over the arrays (``OutSetup.run``:
+        outgoing, a known host, its mapping or a port in its blocks, the session;
+        incoming, the owner, filtering, the session, or the fetch of another NIC's
+        endpoint), writing into the arrays, until a miss needs more -- a new host or
+        block, an EIM host owned elsewhere, a refusal that logs, a hairpin or outgoing
+        ICMP-error miss -- which takes the general path here (appending to the same
+        arrays); then the compiled run goes on from the next frame.  One pass, in frame
+        order; no Python object per frame on the common case."""
         if n is None:
             n = len(verdicts)
         vb = np.ascontiguousarray(verdicts[:n], dtype=np.uint8)
@@ -478,48 +509,50 @@ class RuleBuilder:
         kbytes = kb.view(np.uint8).reshape(-1)
         now = int(now)
         self._begin()
-        res = []
-        fetches = []
-        replay = []
-        idx = []
+        idx = np.empty(n, np.int32)
+        res = np.empty(n, np.int32)
+        fet = np.empty(n, layout.FETCH_ROW_DTYPE)
+        cnt = np.zeros(2, np.int64)  # [answers, fetches] written so far
         out_, in_ = self._out, self._in
         icmp_kind = layout.KIND_ICMP_ERROR
         run = self._setup.run
         inbound = direction == IN
         j = 0
         while True:
-            j = run(vb, kbytes, j, now, idx, res, replay, inbound, fetches)
+            j = run(vb, kbytes, j, now, idx, res, fet, cnt, inbound)
             if j >= n:
                 break
             v = int(vb[j])
             s, d, sp, dp, p, kind, fl, _ = kb[j].tolist()
             if v == _V_MISS_OUT:
                 r = out_(p, s, sp, d, dp, fl, now)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                fkey = (OUT, p, s, sp, d, dp, kind)
             elif v == _V_MISS_HAIRPIN:
                 r, fkey = self._hairpin_miss(p, s, sp, d, dp, fl, now)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner) + fkey + (fl,))
             elif v == _V_MISS_ICMP_ERROR and direction == OUT:
                 r = out_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, OUT, p, s, sp, d, dp, kind, fl))
+                fkey = (OUT, p, s, sp, d, dp, kind)
             else:
                 # an incoming miss the compiled run left: this NIC's endpoint (run queued
                 # the fetches), a session that needs the caller or a refusal that logs
                 r = in_(p, s, sp, d, dp, fl, now, kind == icmp_kind)
-                if r == _FETCH:
-                    fetches.append((j, self._fetch_owner, IN, p, s, sp, d, dp, kind, fl))
-            idx.append(j)
-            res.append(r)
-            if r == _OK:
-                replay.append(j)
+                fkey = (IN, p, s, sp, d, dp, kind)
+            a, nf = cnt.tolist()
+            idx[a] = j
+            res[a] = r
+            cnt[0] = a + 1
+            if r == _FETCH:
+                fd, fp, fs, fsp, fdd, fdp, fk = fkey
+                fet[nf] = (fs, fdd, fsp, fdp, fp, fk, fl, fd, j, self._fetch_owner)
+                cnt[1] = nf + 1
             j += 1
-        if idx:
-            self._setup.drain(self.counters)
-            self._flush(now)
-        return replay, fetches, idx, res
+        a, nf = cnt.tolist()
+        if not a:
+            return Misses(_NO_FRAMES, fet[:0], idx[:0], res[:0])
+        idx, res = idx[:a], res[:a]
+        self._setup.drain(self.counters)
+        self._flush(now)
+        return Misses(idx[res == _OK].astype(np.intp), fet[:nf], idx, res)
 
     def _out(self, p, iaddr, iport, raddr, rport, fl, now, icmp_error=False, serving=False) -> int:
         """An outgoing first packet (or an ICMP error from inside): allocate or find.

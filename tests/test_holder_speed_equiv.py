@@ -5,9 +5,10 @@ the replay) has small-batch and big-batch paths written for speed: plain tuples 
 of numpy fields, per-record work inlined, owners looked up at once.  Each test here runs
 the same input through two paths and compares everything they leave behind:
 
-* ``RuleAgent.fetch_many`` / ``fetch_rows`` against ``fetch`` record after record;
-* ``RuleBuilder.decide_misses`` (small and big batches) and ``handle_misses`` against
-  the decision loop as it stood before (a copy below: ``_reference_handle_misses``);
+* ``RuleAgent.fetch_rows`` (a batch's FETCH_ROW_DTYPE rows) against ``fetch`` record
+  after record;
+* ``RuleBuilder.decide_misses`` (its arrays; small and big batches) and ``handle_misses``
+  against the decision loop as it stood before (a copy below: ``_reference_handle_misses``);
 * ``RuleBuilder.install_clones`` (all records, a selection with owners given) against the
   install loop as it stood before (``_reference_install_clones``) and against installs
   one by one;
@@ -23,7 +24,7 @@ import pytest
 
 from hypernat import layout
 from hypernat import messages as M
-from hypernat.agent import IN, OUT, AgentParams, RuleAgent
+from hypernat.agent import IN, OUT, AgentParams, RuleAgent, fetch_rows_of
 from hypernat.fastpath import FlowTable
 from hypernat.io.base import Batch
 from hypernat.io.memory import MemoryPort
@@ -249,13 +250,15 @@ def test_decide_misses_equals_the_reference_loop_small_and_big(tmp_path, n, seed
         replay, fetches, idx, res = big.decide_misses(direction, v.copy(), k.copy(), now)
         for f in ("action", "reason", "owner", "fetch_dir", "fetch_key"):
             np.testing.assert_array_equal(getattr(d_ref, f), getattr(d_new, f), err_msg=f)
-        assert replay == np.flatnonzero(d_ref.action == ACT_REPLAY).tolist()
-        assert [f[0] for f in fetches] == np.flatnonzero(d_ref.action == ACT_FETCH).tolist()
-        for i, o, fd, p, s, sp, d, dp, kind, fl in fetches:
+        assert replay.dtype == np.intp and idx.dtype == res.dtype == np.int32
+        assert fetches.dtype == layout.FETCH_ROW_DTYPE
+        assert replay.tolist() == np.flatnonzero(d_ref.action == ACT_REPLAY).tolist()
+        assert fetches["frame"].tolist() == np.flatnonzero(d_ref.action == ACT_FETCH).tolist()
+        for s, d, sp, dp, p, kind, fl, fd, i, o in fetches.tolist():
             assert (o, fd) == (d_ref.owner[i], d_ref.fetch_dir[i])
             assert (s, d, sp, dp, p, kind, fl, 0) == d_ref.fetch_key[i].item()
-        assert idx == np.flatnonzero(d_ref.action != 0).tolist()
-        assert [r if r >= 0 else -1 for r in res] == d_ref.reason[idx].tolist()
+        assert idx.tolist() == np.flatnonzero(d_ref.action != 0).tolist()
+        assert [r if r >= 0 else -1 for r in res.tolist()] == d_ref.reason[idx].tolist()
         for rb in (new, big):
             assert rb.counters == ref.counters
             _same_tables(rb, ref)
@@ -270,8 +273,33 @@ def test_decide_misses_sees_only_the_first_n_frames(tmp_path):
     for i in range(4):
         k[i] = (REMOTE + 1, POOL, 53, 2000 + i, UDP_P, layout.KIND_PLAIN, 0, 0)
     replay, fetches, idx, res = rb.decide_misses(IN, v, k, 5, n=2)
-    assert idx == [0, 1] and [f[0] for f in fetches] == [0, 1] and replay == []
-    assert all(f[1] == 0 and f[2] == IN for f in fetches)  # ports 2000+ are NIC 0's: fetched
+    assert idx.tolist() == [0, 1] and fetches["frame"].tolist() == [0, 1] and len(replay) == 0
+    assert (fetches["owner"] == 0).all() and (fetches["fetch_dir"] == IN).all()  # ports 2000+ are NIC 0's: fetched
+
+
+def test_the_compiled_run_refuses_arrays_it_cannot_write(tmp_path):
+    """OutSetup.run's output arrays: another dtype, too short, read-only: a clear error
+    before any frame is decided (the builder's tables untouched)."""
+    rb = _rb(_cfg(tmp_path), 0)
+    v = np.full(4, V_OUT, np.uint8)
+    k = np.zeros(4, layout.KEY_DTYPE)
+    k["saddr"], k["sport"], k["daddr"], k["dport"], k["proto"] = INTERNAL + 1, 1000 + np.arange(4), REMOTE, 53, UDP_P
+    kb = k.view(np.uint8).reshape(-1)
+    i32 = lambda m: np.zeros(m, np.int32)  # noqa: E731
+    run = rb._setup.run
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        run(v, kb, 0, 5, i32(4), i32(4), np.zeros(4, layout.KEY_DTYPE), np.zeros(2, np.int64))
+    ro = np.zeros(4, layout.FETCH_ROW_DTYPE)
+    ro.flags.writeable = False
+    with pytest.raises(TypeError, match="writable"):
+        run(v, kb, 0, 5, i32(4), i32(4), ro, np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="room for every frame"):
+        run(v, kb, 0, 5, i32(3), i32(4), np.zeros(4, layout.FETCH_ROW_DTYPE), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="outside"):
+        run(v, kb, 0, 5, i32(4), i32(4), np.zeros(4, layout.FETCH_ROW_DTYPE), np.array([5, 0], np.int64))
+    assert len(rb.maps) == 0 and len(rb.out) == 0
+    replay, fetches, idx, res = rb.decide_misses(OUT, v, k, 5)  # the same frames, through the builder
+    assert replay.tolist() == idx.tolist() == [0, 1, 2, 3] and len(fetches) == 0
 
 
 # ------------------------------------------------------------------------ installs
@@ -372,7 +400,7 @@ def _fetch_workload(rng, m):
 
 @pytest.mark.parametrize("m", [1, 2, 8, 9, 60])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_fetch_many_equals_fetch_one_by_one(m, seed):
+def test_fetch_rows_equals_fetch_one_by_one(m, seed):
     rng = random.Random(seed)
     sent_a, sent_b = [], []
     a, b = _agent(sent=sent_a), _agent(sent=sent_b)
@@ -388,7 +416,7 @@ def test_fetch_many_equals_fetch_one_by_one(m, seed):
             for x in (a, b):
                 x.negative[pk] = until
         got_a = [a.fetch(d, keys[i], o, f, now) for i, (d, o, f) in enumerate(zip(dirs, owners, frames))]
-        got_b = b.fetch_many(dirs, keys, owners, frames, now)
+        got_b = b.fetch_rows(fetch_rows_of(dirs, keys, owners), frames, now)
         assert sum(got_a) == got_b
         assert _holder_state(a) == _holder_state(b)
     assert b.counters["fetches"] > 0 and b.queued_total > 0
@@ -407,11 +435,19 @@ def test_fetch_rows_inside_a_batch_sends_nothing_until_the_batch_ends():
     sent = []
     a = _agent(sent=sent)
     a._batching += 1
-    a.fetch_rows([(IN, (UDP_P, REMOTE, 53, POOL, 2000), False, 0, b"x")], 1.0)
+    a.fetch_rows(_fetch_rows([(IN, (UDP_P, REMOTE, 53, POOL, 2000))], 0), [b"x"], 1.0)
     assert sent == [] and a._fetch_q
     a._batching -= 1
     a._flush_fetches()
     assert len(sent) == 1 and sent[0][2]["seq"].tolist() == [1]
+
+
+def _fetch_rows(keys, owner):
+    """FETCH_ROW_DTYPE rows for [(fetch_dir, (proto, saddr, sport, daddr, dport))]."""
+    rows = np.zeros(len(keys), layout.FETCH_ROW_DTYPE)
+    for j, (d, (p, sa, sp, da, dp)) in enumerate(keys):
+        rows[j] = (sa, da, sp, dp, p, layout.KIND_PLAIN, 0, d, j, owner)
+    return rows
 
 
 # ------------------------------------------------------------------------ RULE answers
@@ -477,8 +513,8 @@ def test_one_rule_batch_equals_one_rule_message_per_record(tmp_path, observe, se
             kt = (p, INTERNAL + 9, ip, REMOTE + 1, ip if p == ICMP else 443)
             keys.append((OUT, kt))
     for cfg, part, rb, ag, sent, replayed in sides:
-        ag.fetch_rows([(d, kt, False, 0, b"frame%d" % i) for i, (d, kt) in enumerate(keys)], 5.0)
-        ag.fetch_rows([(d, kt, False, 0, b"again%d" % i) for i, (d, kt) in enumerate(keys[:5])], 5.0)
+        ag.fetch_rows(_fetch_rows(keys, 0), [b"frame%d" % i for i in range(len(keys))], 5.0)
+        ag.fetch_rows(_fetch_rows(keys[:5], 0), [b"again%d" % i for i in range(5)], 5.0)
     recs = _answers(sides[0][1], sides[0][4], rng)
     assert len(recs) > 20
     (_, _, rb_a, ag_a, _, rep_a), (_, _, rb_b, ag_b, _, rep_b) = sides

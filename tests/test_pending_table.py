@@ -5,12 +5,13 @@ operation of a random sequence -- batches of misses (frames, bounds, the negativ
 cache, token buckets with an LRU bound), RULE and NACK messages whose records answer,
 half-answer or miss the fetches in flight, retries and timeouts, a push completing a
 fetch, an owner failing, fetches redirected to another owner -- and the FETCH records
-each wrote, byte for byte."""
+each wrote, byte for byte, and the messages they make of them per owner."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hypernat import layout
 from hypernat import messages as M
 from hypernat.agent import pending_py
 from hypernat.rules import SESSION_DTYPE
@@ -39,7 +40,22 @@ op = st.one_of(
     st.tuples(st.just("reseq"), st.integers(0, 2), st.integers(0, 2)),
     st.tuples(st.just("start"), keys, st.integers(0, 2)),
     st.tuples(st.just("neg"), st.integers(0, 1), keys, st.floats(-0.2, 0.5)),
+    st.tuples(st.just("send")),
 )
+
+
+def _rows(misses):
+    """Misses (fetch_dir, key, icmp, owner, frame) as the table takes them: FETCH_ROW_DTYPE
+    rows and the frames."""
+    rows = np.zeros(len(misses), layout.FETCH_ROW_DTYPE)
+    for j, (fd, (p, sa, sp, da, dp), icmp, owner, _) in enumerate(misses):
+        rows[j] = (sa, da, sp, dp, p, layout.KIND_ICMP_ERROR if icmp else layout.KIND_PLAIN, j & 0x13, fd, j, owner)
+    return rows, [f for *_, f in misses]
+
+
+def _queued(fq):
+    owners, recs = fq.view()
+    return owners.tolist(), recs.tobytes()
 
 
 def _state(t):
@@ -105,13 +121,16 @@ def _nack_records(pend, rng_ops):
 def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
     c, m = _pending.PendingTable(**PARAMS), pending_py.PendingTable(**PARAMS)
     seq = {"c": seq0, "m": seq0}
-    fq = {"c": {}, "m": {}}
+    fq = {"c": _pending.FetchQueue(), "m": pending_py.FetchQueue()}
     now = 1.0
     for o in ops:
         kind = o[0]
         pend = sorted(m.items())
         if kind == "fetch":
-            got = [t.fetch_rows(list(o[1]), now, seq[n], fq[n]) for n, t in (("c", c), ("m", m))]
+            rows, frames = _rows(o[1])
+            if all(f is None for f in frames):
+                frames = None  # (no frame at all: None)
+            got = [t.fetch_rows(rows, frames, now, seq[n], fq[n]) for n, t in (("c", c), ("m", m))]
             assert got[0] == got[1]
             seq["c"] = seq["m"] = got[0][-1]
         elif kind == "rule":
@@ -150,8 +169,12 @@ def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
             for t in (c, m):
                 t.neg_set(pk, now + o[3])
             assert c.neg_get(pk) == m.neg_get(pk)
+        elif kind == "send":
+            assert len(fq["c"]) == len(fq["m"])
+            got = [[(o, r.tolist()) for o, r in fq[n].take()] for n in ("c", "m")]
+            assert got[0] == got[1] and not fq["c"] and not fq["m"]
         assert _state(c) == _state(m)
-        assert fq["c"] == fq["m"]
+        assert _queued(fq["c"]) == _queued(fq["m"])
         assert ((1, (6, 0, 1, 10, 1)) in c) == ((1, (6, 0, 1, 10, 1)) in m)
         assert c.queued <= PARAMS["queue_total"] and m.source_items().__len__() <= PARAMS["max_sources"]
 
@@ -161,12 +184,13 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     frames back in arrival order, nothing left behind (arena and indexes)."""
     t = _pending.PendingTable(10 ** 5, 4, 0.05, 1e9, 1e9, 1.0, 10, capacity=16)
     n = 10_000
-    rows = [(1, (17, 0xC0000200 + (k >> 8), 1000 + (k & 0xFF), 0xC6120001, 2000 + k), False, 2, b"%d" % k)
-            for k in range(n)]
-    fq = {}
-    assert t.fetch_rows(rows, 0.0, 0xFFFFFF00, fq)[:2] == (n, n)
-    assert t.fetch_rows(rows[:5], 0.0, 1, fq)[:2] == (5, 0)  # a second frame each
-    recs = np.frombuffer(b"".join(fq[2]), M.KEY_DTYPE)
+    rows, frames = _rows([(1, (17, 0xC0000200 + (k >> 8), 1000 + (k & 0xFF), 0xC6120001, 2000 + k), False, 2,
+                           b"%d" % k) for k in range(n)])
+    fq = _pending.FetchQueue()
+    assert t.fetch_rows(rows, frames, 0.0, 0xFFFFFF00, fq)[:2] == (n, n)
+    assert t.fetch_rows(rows[:5], frames[:5], 0.0, 1, fq)[:2] == (5, 0)  # a second frame each
+    (owner, recs), = fq.take()
+    assert owner == 2
     assert len(recs) == n and 0 not in recs["seq"].tolist()  # the wrap skips 0
     rules = M.records(M.T_RULE, n)
     for f in ("seq", "proto", "ext_addr", "ext_port", "rem_addr", "rem_port"):
@@ -178,6 +202,24 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     assert (dirs == 2).all() and len(lats) == n  # every fetch was an IN fetch
     assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_fetch_rows_refuses_rows_it_cannot_read_and_changes_nothing(impl):
+    """Rows of another dtype (a KEY_DTYPE array, tuples) or frames that do not pair with
+    the rows: a clear error, no fetch started, nothing queued."""
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**PARAMS), mod.FetchQueue()
+    rows, frames = _rows([(1, (17, 1, 1, 10, 1), False, 0, b"a"), (0, (6, 2, 1, 10, 2), False, 1, b"b")])
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        t.fetch_rows(np.zeros(2, layout.KEY_DTYPE), frames, 1.0, 1, fq)
+    with pytest.raises(TypeError, match="FETCH_ROW_DTYPE"):
+        t.fetch_rows([(1, (17, 1, 1, 10, 1), False, 0, b"a")], frames, 1.0, 1, fq)
+    with pytest.raises(ValueError, match="1 frames for 2 rows"):
+        t.fetch_rows(rows, frames[:1], 1.0, 1, fq)
+    assert len(t) == 0 and t.queued == 0 and not fq
+    assert t.fetch_rows(rows[::-1], frames[::-1], 1.0, 1, fq) == (2, 2, 0, 0, 0, 3)  # (strided: read as given)
+    assert [(o, r["seq"].tolist()) for o, r in fq.take()] == [(1, [1]), (0, [2])] and not fq
 
 
 _nkey = st.tuples(st.sampled_from([1, 6, 17]), st.integers(1, 2), st.integers(1, 3), st.integers(1, 2),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hypernat import config as C
+from hypernat import layout
 from hypernat import messages as M
 from hypernat.agent import AgentParams, RuleAgent
 from hypernat.deadlines import DeadlineQueue
@@ -342,9 +343,12 @@ def test_fetch_retries_and_timeouts_of_a_burst_a_slice_per_turn():
     sent = []
     a = agent(sent, retransmit_slice=500, fetch_rate=1e9, fetch_burst=1e9)
     n = 10_000
-    rows = [(1, (17, 0xC0000200 + (k >> 12), 1000 + (k & 0xFFF), 0xC6120001, 2000 + k % 60000), False, 1, b"f")
-            for k in range(n)]
-    a.fetch_rows(rows, 0.0)
+    rows = np.zeros(n, layout.FETCH_ROW_DTYPE)
+    k = np.arange(n)
+    rows["fetch_dir"], rows["proto"], rows["owner"], rows["frame"] = 1, 17, 1, k
+    rows["saddr"], rows["sport"] = 0xC0000200 + (k >> 12), 1000 + (k & 0xFFF)
+    rows["daddr"], rows["dport"] = 0xC6120001, 2000 + k % 60000
+    a.fetch_rows(rows, [b"f"] * n, 0.0)
     assert len(a.pending) == n and a.counters["fetches"] == n
     walks = a.pending.walks  # a turn that walks every fetch counts one here
     sent.clear()
@@ -488,7 +492,11 @@ def test_resend_all_makes_everything_due_and_sends_it_a_slice_per_turn():
     for i in range(n):
         a._track(1, M.T_PUSH, recs[i:i + 1], 0.0, 100.0)
     a._seq = n + 1
-    a.fetch_rows([(1, (17, 0xC0000200, 1000 + k, 0xC6120001, 2000 + k), False, 1, None) for k in range(50)], 0.0)
+    rows = np.zeros(50, layout.FETCH_ROW_DTYPE)
+    k = np.arange(50)
+    rows["fetch_dir"], rows["proto"], rows["owner"], rows["frame"] = 1, 17, 1, k
+    rows["saddr"], rows["sport"], rows["daddr"], rows["dport"] = 0xC0000200, 1000 + k, 0xC6120001, 2000 + k
+    a.fetch_rows(rows, None, 0.0)
     assert not a.step_retransmit(1.0)  # nothing due before the retry wait (5 s)
     sent.clear()
     seqs.clear()

@@ -7,6 +7,7 @@ negative cache, the per-source token buckets)."""
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from .._fastpath cimport FlowTable
+from .._wire cimport wire_key
 
 ctypedef struct pk_head:        # the first member of both entry structs: a key by direction
     uint32_t saddr              # the key, as fetch_dir's flow table holds it
@@ -62,6 +63,15 @@ cdef class KeyedLru:
     cdef void _unlist(self, int32_t x) noexcept
 
 
+cdef class FetchQueue:
+    cdef wire_key *k            # FETCH records waiting to be sent, in order
+    cdef int32_t *own           # the owner each goes to
+    cdef Py_ssize_t n
+    cdef Py_ssize_t cap
+
+    cdef wire_key *push(self, int32_t owner) except NULL
+
+
 cdef class PendingTable:
     cdef pf_entry *e
     cdef int32_t cap
@@ -96,7 +106,7 @@ cdef class PendingTable:
     cdef int add_frame(self, int32_t x, object frame) except -1
     cdef list release(self, int32_t x, bint want_frames)
     cdef void refund(self, int32_t x) noexcept
-    cdef int queue(self, dict fq, int32_t x) except -1
+    cdef int queue(self, FetchQueue fq, int32_t x) except -1
     cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept
     cdef object _snapshot(self, int32_t x)
     cdef int32_t _find_pk(self, pk) except -2

@@ -10,20 +10,22 @@ FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and pro
 and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
 list (oldest first), indexed the same way.
 
-Every operation takes a whole batch (``fetch_rows`` over a batch's misses,
-``answer_rules`` / ``answer_nacks`` over a message's records, read in place through the
-wire structs of ``_wire.pxd``) and returns what Python acts on: FETCH records per owner,
-the clones to install, the frames to replay, counts by reason.  ``pending_py`` is the
+Every operation takes a whole batch (``fetch_rows`` over a batch's misses, the
+``layout.FETCH_ROW_DTYPE`` rows read in place through ``_keys.pxd``; ``answer_rules`` /
+``answer_nacks`` over a message's records, read in place through the wire structs of
+``_wire.pxd``) and returns what Python acts on: the FETCH records in a ``FetchQueue`` (one
+C array, each record with its owner; one KEY_DTYPE array per owner when taken), the
+clones to install, the frames to replay, counts by reason.  ``pending_py`` is the
 plain-Python reference with the same interface; ``tests/test_pending_table.py`` checks
 them against each other.
 """
 
-from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
-from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+from .._keys cimport fetch_row, keys_check
 from .._wire cimport FETCH_BY_EXTERNAL, FETCH_BY_INTERNAL, wire_key, wire_rule
 
 cimport numpy as cnp
@@ -33,9 +35,32 @@ cnp.import_array()
 
 from .._fastpath import FlowTable as _FlowTable
 from .. import messages as _M
-from .pending_py import Pending, MAX_SOURCES
+from .. import layout as _layout
+from .pending_py import MAX_SOURCES, Pending, group_by_owner
+
+keys_check("hypernat.agent._pending")
+cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
+cdef uint8_t KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_pend_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_pend_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_pend_prefetch(const void *p) noexcept nogil
+
+
+cdef inline void _prefetch_home(FlowTable t, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
+                                uint16_t dp) noexcept:
+    """Start loading the index line a find / insert of the key will read first."""
+    hn_pend_prefetch(&t.t.s[hn_flow_hash(p, sa, sp, da, dp) & t.t.mask])
+
 
 cdef enum:
+    LOOKAHEAD = 4  # fetch_rows prefetches the index lines of the row this many ahead
     D_OUT = 0
     D_IN = 1
     BIT_OUT = 1    # rules.DIR_BIT_OUT
@@ -211,6 +236,57 @@ cdef class KeyedLru:
 
 
 # ------------------------------------------------------------------------------------
+cdef class FetchQueue:
+    """``pending_py.FetchQueue`` in C: the FETCH records waiting to be sent, each with
+    its owner, in one array (no Python object per record); ``take`` hands them out as
+    one messages.KEY_DTYPE array per owner."""
+
+    def __cinit__(self):
+        self.k = NULL
+        self.own = NULL
+        self.n = self.cap = 0
+
+    def __dealloc__(self):
+        free(self.k)
+        free(self.own)
+
+    cdef wire_key *push(self, int32_t owner) except NULL:
+        """Room for one more record (zeroed), queued for `owner`."""
+        cdef Py_ssize_t cap
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 256
+            self.k = <wire_key *>_regrow(self.k, <int32_t>cap, sizeof(wire_key))
+            self.own = <int32_t *>_regrow(self.own, <int32_t>cap, sizeof(int32_t))
+            self.cap = cap
+        cdef wire_key *k = &self.k[self.n]
+        memset(k, 0, sizeof(wire_key))
+        self.own[self.n] = owner
+        self.n += 1
+        return k
+
+    def __len__(self):
+        return self.n
+
+    def __bool__(self):
+        return self.n > 0
+
+    def view(self):
+        """(owners int32[n], records KEY_DTYPE[n]) queued, in order (copies)."""
+        cdef cnp.ndarray recs = np.empty(self.n, _M.KEY_DTYPE)
+        cdef cnp.ndarray owners = np.empty(self.n, np.int32)
+        if self.n:
+            memcpy(cnp.PyArray_DATA(recs), self.k, self.n * sizeof(wire_key))
+            memcpy(cnp.PyArray_DATA(owners), self.own, self.n * sizeof(int32_t))
+        return owners, recs
+
+    def take(self):
+        """[(owner, KEY_DTYPE records)], ``pending_py.group_by_owner``; left empty."""
+        owners, recs = self.view()
+        self.n = 0
+        return group_by_owner(owners, recs)
+
+
+# ------------------------------------------------------------------------------------
 cdef class PendingTable:
     """Fetches in flight, the negative cache and the per-source token buckets, in C.
     The interface and the answers of ``pending_py.PendingTable``."""
@@ -351,11 +427,10 @@ cdef class PendingTable:
             self.src.e[b].a = t if t < self.burst else self.burst
         c.charged = -1
 
-    cdef int queue(self, dict fq, int32_t x) except -1:
-        """Fetch `x`'s FETCH record (messages.KEY_DTYPE) appended to ``fq[owner]``."""
+    cdef int queue(self, FetchQueue fq, int32_t x) except -1:
+        """Fetch `x`'s FETCH record (messages.KEY_DTYPE) into `fq`, for its owner."""
         cdef pf_entry *c = &self.e[x]
-        cdef wire_key k
-        memset(&k, 0, sizeof(k))
+        cdef wire_key *k = fq.push(c.owner)
         k.seq = c.seq
         k.proto = c.k.proto
         k.flags = c.k.flags
@@ -365,12 +440,6 @@ cdef class PendingTable:
         else:  # (p, I, Ip, R, Rp)
             k.kind = FETCH_BY_INTERNAL
             k.int_addr, k.rem_addr, k.int_port, k.rem_port = c.k.saddr, c.k.daddr, c.k.sport, c.k.dport
-        rec = PyBytes_FromStringAndSize(<char *>&k, sizeof(wire_key))
-        q = fq.get(c.owner)
-        if q is None:
-            fq[c.owner] = [rec]
-        else:
-            (<list>q).append(rec)
         return 0
 
     cdef object _snapshot(self, int32_t x):
@@ -431,8 +500,15 @@ cdef class PendingTable:
         return {p.seq: pk for pk, p in self.items()}
 
     # -- the fetch client's operations ----------------------------------------------------------
-    def fetch_rows(self, rows, double now, seq, dict fq):
-        """``pending_py.PendingTable.fetch_rows``."""
+    def fetch_rows(self, rows, frames, double now, seq, FetchQueue fq not None):
+        """``pending_py.PendingTable.fetch_rows``: the rows read in place."""
+        if type(rows) is not np.ndarray or (<cnp.ndarray>rows).descr != FETCH_ROW_DTYPE:
+            raise TypeError("rows must be a layout.FETCH_ROW_DTYPE array")
+        cdef cnp.ndarray keep = _contiguous(rows)
+        cdef const fetch_row *rw = <const fetch_row *>cnp.PyArray_DATA(keep)
+        cdef Py_ssize_t nrow = cnp.PyArray_SIZE(keep), j
+        if frames is not None and len(frames) != nrow:
+            raise ValueError(f"{len(frames)} frames for {nrow} rows")
         cdef int64_t n = 0, started = 0, c_neg = 0, c_rate = 0, c_full = 0
         cdef uint32_t s = seq
         cdef uint8_t d, p
@@ -444,9 +520,20 @@ cdef class PendingTable:
         cdef KeyedLru neg = self.neg, src = self.src
         cdef pf_entry *c
         cdef lru_entry *be
-        for fd, kt, icmp, owner, frame in rows:
-            d = 1 if fd else 0
-            p, sa, sp, da, dp = kt
+        cdef const fetch_row *r
+        cdef object frame
+        for j in range(nrow):
+            if j + LOOKAHEAD < nrow:  # its key's index line, its remote's bucket, a seq
+                r = &rw[j + LOOKAHEAD]
+                _prefetch_home(self.ix_in if r.fetch_dir else self.ix_out, r.proto, r.saddr, r.sport, r.daddr,
+                               r.dport)
+                if r.fetch_dir:
+                    _prefetch_home(src.ix0, 0, r.saddr, 0, 0, 0)
+                _prefetch_home(self.ix_seq, 0, s + LOOKAHEAD, 0, 0, 0)
+            r = &rw[j]
+            frame = None if frames is None else frames[j]
+            d = 1 if r.fetch_dir else 0
+            p, sa, sp, da, dp = r.proto, r.saddr, r.sport, r.daddr, r.dport
             x = self.find(d, p, sa, sp, da, dp)
             if x >= 0:
                 if frame is not None:
@@ -489,10 +576,10 @@ cdef class PendingTable:
                 frame = None  # the fetch still goes out: later packets will find the rule
             x = self.add(d, p, sa, sp, da, dp)
             c = &self.e[x]
-            c.owner = owner
+            c.owner = r.owner
             c.first = c.sent = now
             c.retry = self.retry_s
-            c.k.flags = F_ICMP_ERROR if icmp else 0
+            c.k.flags = F_ICMP_ERROR if r.kind == KIND_ICMP_ERROR else 0
             c.charged = charged
             self._set_seq(x, s)
             self.queue(fq, x)
@@ -505,7 +592,7 @@ cdef class PendingTable:
                 n += 1
         return n, started, c_neg, c_rate, c_full, s
 
-    def start(self, fetch_dir, key, int owner, double now, int flags, seq, dict fq):
+    def start(self, fetch_dir, key, int owner, double now, int flags, seq, FetchQueue fq not None):
         """``pending_py.PendingTable.start``."""
         p, sa, sp, da, dp = key
         cdef int32_t x = self.add(1 if fetch_dir else 0, p, sa, sp, da, dp)
@@ -643,7 +730,7 @@ cdef class PendingTable:
         self.refund(x)
         return self.release(x, True)
 
-    def retry(self, seq, double now, double retry_max, double timeout, dict fq):
+    def retry(self, seq, double now, double retry_max, double timeout, FetchQueue fq not None):
         """``pending_py.PendingTable.retry``."""
         if not 0 <= seq <= 0xFFFFFFFF:
             return 0, 0
@@ -684,7 +771,7 @@ cdef class PendingTable:
                 out.append((c.seq, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport)))
         return out
 
-    def reseq(self, seq, int owner, new_seq, double now, double timeout, dict fq):
+    def reseq(self, seq, int owner, new_seq, double now, double timeout, FetchQueue fq not None):
         """``pending_py.PendingTable.reseq``."""
         cdef int32_t x = self.by_seq(seq)
         if x < 0:

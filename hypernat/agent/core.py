@@ -108,12 +108,12 @@ try:  # the clone table in C (_clones.pyx), with the fast path
     from .._clones import CloneTable
     from .._switchhash import predict_nics
     from ._leases import LeaseTable, activity_sessions, lease_records
-    from ._pending import PendingTable
+    from ._pending import FetchQueue, PendingTable
 except ImportError:  # their plain-Python reference
     from ..clones_py import CloneTable
     from ..switchhash import predict_nics
     from .leases_py import LeaseTable, activity_sessions, lease_records
-    from .pending_py import PendingTable
+    from .pending_py import FetchQueue, PendingTable
 
 log = logging.getLogger("hypernat.agent")
 _INF = float("inf")
@@ -184,6 +184,20 @@ def _wire_endpoints(dst, i, sk) -> None:
 def fetch_key_tuple(fetch_dir: int, key) -> tuple:
     """(proto, saddr, sport, daddr, dport) of a layout.KEY_DTYPE record."""
     return (int(key["proto"]), int(key["saddr"]), int(key["sport"]), int(key["daddr"]), int(key["dport"]))
+
+
+def fetch_rows_of(fetch_dirs, keys, owners) -> np.ndarray:
+    """layout.FETCH_ROW_DTYPE rows for misses given as columns: `keys` layout.KEY_DTYPE
+    records (oriented like each one's fetch direction), `fetch_dirs` and `owners` one
+    each (or one for all); ``frame`` numbers them 0, 1, ..."""
+    keys = np.asarray(keys, layout.KEY_DTYPE).reshape(-1)
+    rows = np.zeros(len(keys), layout.FETCH_ROW_DTYPE)
+    for f in ("saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags"):
+        rows[f] = keys[f]
+    rows["fetch_dir"] = fetch_dirs
+    rows["owner"] = owners
+    rows["frame"] = np.arange(len(keys))
+    return rows
 
 
 def session_key(sk: tuple, direction: int) -> tuple:
@@ -400,7 +414,7 @@ class RuleAgent:
         self.clock = clock
         self.tick_clock = tick_clock or (lambda: int(clock()))
         self._seq = (seq_start if seq_start is not None else int.from_bytes(os.urandom(4), "little")) & 0xFFFFFFFF or 1
-        self._fetch_q: dict[int, list] = {}  # owner -> FETCH records (packed) of the batch being handled
+        self._fetch_q = FetchQueue()  # the FETCH records of the batch being handled, each with its owner
         self._batching = 0  # > 0: _send_fetch gathers instead of sending
         # holder side: the fetches in flight (key, seq, owner, timing, waiting frames), the
         # negative cache and the remote sources' token buckets, in C (PendingTable)
@@ -487,36 +501,25 @@ class RuleAgent:
     # -- holder side: misses ---------------------------------------------------------------
     def fetch(self, fetch_dir: int, key, owner: int, frame: bytes | None, now: float) -> bool:
         """Queue `frame` behind a fetch of `key` (a layout.KEY_DTYPE record, oriented like
-        `fetch_dir`'s table) from NIC `owner`.  Returns False, and counts why, when the
-        frame is dropped instead."""
-        kt = fetch_key_tuple(fetch_dir, key)
-        return self.fetch_rows([(fetch_dir, kt, int(key["kind"]) == layout.KIND_ICMP_ERROR, owner, frame)], now) == 1
+        `fetch_dir`'s table) from NIC `owner`: ``fetch_rows`` of one.  Returns False, and
+        counts why, when the frame is dropped instead."""
+        return self.fetch_rows(fetch_rows_of(fetch_dir, key, owner), [frame], now) == 1
 
-    def fetch_many(self, fetch_dirs, keys, owners, frames, now: float) -> int:
-        """``fetch`` for the misses of one batch: fetch_dirs and owners int lists, keys a
-        KEY_DTYPE array, frames a list (None: no frame to queue).  Returns frames queued."""
-        icmp_kind = layout.KIND_ICMP_ERROR
-        if len(keys) <= 8:  # a record's tuple: cheaper than 8 column lists for a few
-            cols = [(p, sa, sp, da, dp, kind) for sa, da, sp, dp, p, kind, *_ in keys.tolist()]
-        else:
-            cols = zip(keys["proto"].tolist(), keys["saddr"].tolist(), keys["sport"].tolist(),
-                       keys["daddr"].tolist(), keys["dport"].tolist(), keys["kind"].tolist())
-        return self.fetch_rows([(fd, (p, sa, sp, da, dp), kind == icmp_kind, o, f)
-                                for fd, (p, sa, sp, da, dp, kind), o, f in zip(fetch_dirs, cols, owners, frames)],
-                               now)
-
-    def fetch_rows(self, rows, now: float) -> int:
-        """``fetch`` for many misses as plain tuples ``(fetch_dir, key, icmp, owner, frame)``
-        (key: (proto, saddr, sport, daddr, dport) in fetch_dir's table; icmp: an ICMP
-        error's lookup), record after record, in the PendingTable (compiled): a flow
-        with a fetch pending queues the frame (per-flow and total bounds); otherwise a
-        recent NACK drops it (fetch_negative_cached), an incoming fetch takes a token of
-        its remote's bucket (fetch_rate_limited when empty; a RULE gives it back), and a
-        new fetch starts (the frame queued unless the total bound is reached).  One
-        FETCH message per owner.  Returns frames queued."""
+    def fetch_rows(self, rows: np.ndarray, frames, now: float) -> int:
+        """The fetches of a batch's misses: `rows` layout.FETCH_ROW_DTYPE (fetch_dir, the
+        key in fetch_dir's table, kind -- KIND_ICMP_ERROR: an ICMP error's lookup --, the
+        owner; ``RuleBuilder.decide_misses``'s ``fetches``), `frames` the frame of each
+        (copies: they outlive the batch; None: none), record after record, in the
+        PendingTable (compiled, reading the rows in place): a flow with a fetch pending
+        queues the frame (per-flow and total bounds); otherwise a recent NACK drops it
+        (fetch_negative_cached), an incoming fetch takes a token of its remote's bucket
+        (fetch_rate_limited when empty; a RULE gives it back), and a new fetch starts
+        (the frame queued unless the total bound is reached).  One FETCH message per
+        owner.  Returns frames queued."""
         seq0 = self._seq
         try:
-            n, started, c_neg, c_rate, c_full, self._seq = self.pending.fetch_rows(rows, now, seq0, self._fetch_q)
+            n, started, c_neg, c_rate, c_full, self._seq = self.pending.fetch_rows(rows, frames, now, seq0,
+                                                                                  self._fetch_q)
         finally:
             if not self._batching:
                 self._flush_fetches()
@@ -563,10 +566,8 @@ class RuleAgent:
         """Send the FETCH records gathered in a batch: one array per owner."""
         if not self._fetch_q:
             return
-        q, self._fetch_q = self._fetch_q, {}
-        for owner, rows in q.items():
-            # records packed as they came: numpy parses tuples into records slowly
-            self._send(owner, M.T_FETCH, np.frombuffer(b"".join(rows), dtype=M.KEY_DTYPE))
+        for owner, recs in self._fetch_q.take():
+            self._send(owner, M.T_FETCH, recs)
 
     def revalidate(self, sessions: np.ndarray, now: float) -> int:
         """Clones read back from a snapshot (SESSION_DTYPE, `dirs` = entries held): not

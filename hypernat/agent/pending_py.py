@@ -6,7 +6,7 @@ waiting for the answer and the remote source whose token it holds; beside it the
 negative cache (keys NACKed recently, oldest first) and the fetch token bucket of each
 remote source (least recently used first).  Every operation of the fetch client on that
 state is a method here, taking a whole batch: start fetches for a batch of misses
-(``fetch_rows``), check a RULE or NACK message's records against the fetches they
+(``fetch_rows``: layout.FETCH_ROW_DTYPE rows, their FETCH records into a ``FetchQueue``), check a RULE or NACK message's records against the fetches they
 answer (``answer_rules``, ``answer_nacks``), retry or give up one due fetch
 (``retry``), fail or redirect an owner's fetches.  The agent (``core.RuleAgent``) keeps
 the reliable-delivery engine (which seq is due when) and the counters.
@@ -23,6 +23,7 @@ from bisect import bisect_left
 import numpy as np
 
 from .. import messages as M
+from ..layout import FETCH_ROW_DTYPE, KIND_ICMP_ERROR
 
 IN = 1  # fetch direction (verdicts.IN); OUT = 0
 DIR_BIT_OUT, DIR_BIT_IN = 1, 2  # rules.DIR_BIT_*
@@ -59,6 +60,49 @@ def fetch_record(fetch_dir: int, key: tuple, seq: int, flags: int) -> bytes:
     if fetch_dir == IN:  # (p, R, Rp, E, Ep)
         return _KEY_PACK(seq, 0, p, M.FETCH_BY_EXTERNAL, 0, flags, 0, da, sa, 0, dp, sp, 0)
     return _KEY_PACK(seq, 0, p, M.FETCH_BY_INTERNAL, 0, flags, sa, 0, da, sp, 0, dp, 0)  # (p, I, Ip, R, Rp)
+
+
+def group_by_owner(owners: np.ndarray, recs: np.ndarray) -> list:
+    """[(owner, its records)] of FETCH records `recs` queued for `owners` (one each):
+    owners in the order of their first record, each one's records in order (copies)."""
+    if not len(recs):
+        return []
+    o0 = int(owners[0])
+    if (owners == o0).all():  # the common case: one owner
+        return [(o0, recs.copy())]
+    uniq, first = np.unique(owners, return_index=True)
+    return [(int(uniq[u]), recs[owners == uniq[u]]) for u in np.argsort(first, kind="stable")]
+
+
+class FetchQueue:
+    """The FETCH records waiting to be sent (messages.KEY_DTYPE), each with the owner it
+    goes to: what a batch's fetches, retries and redirects write (``PendingTable``), one
+    message per owner at the end of the batch (``take``)."""
+
+    def __init__(self):
+        self._owners: list = []
+        self._recs: list = []
+
+    def push(self, owner: int, rec: bytes) -> None:
+        self._owners.append(owner)
+        self._recs.append(rec)
+
+    def __len__(self):
+        return len(self._owners)
+
+    def __bool__(self):
+        return bool(self._owners)
+
+    def view(self) -> tuple:
+        """(owners int32[n], records KEY_DTYPE[n]) queued, in order (copies)."""
+        return (np.array(self._owners, np.int32),
+                np.frombuffer(b"".join(self._recs), M.KEY_DTYPE).copy())
+
+    def take(self) -> list:
+        """[(owner, KEY_DTYPE records)], ``group_by_owner``; the queue is left empty."""
+        owners, recs = self.view()
+        self._owners, self._recs = [], []
+        return group_by_owner(owners, recs)
 
 
 class PendingTable:
@@ -133,24 +177,32 @@ class PendingTable:
             r[9] = -1
 
     @staticmethod
-    def _queue(fq: dict, r) -> None:
-        q = fq.get(r[2])
-        if q is None:
-            q = fq[r[2]] = []
-        q.append(fetch_record(r[0], r[1], r[3], r[7]))
+    def _queue(fq: FetchQueue, r) -> None:
+        fq.push(r[2], fetch_record(r[0], r[1], r[3], r[7]))
 
     # -- the fetch client's operations -----------------------------------------------------
-    def fetch_rows(self, rows, now: float, seq: int, fq: dict) -> tuple:
-        """Misses ``(fetch_dir, key, icmp, owner, frame)``, in order: a flow with a fetch
-        pending queues the frame (per-flow and total bounds: full); otherwise a recent
-        NACK drops it (negative), an incoming fetch takes a token of its remote's bucket
-        (rate when empty), and a new fetch starts under the next seq (its FETCH record
-        appended to ``fq[owner]``; the frame queued unless the total bound is reached).
-        Returns (frames queued, fetches started, negative, rate, full, next seq)."""
+    def fetch_rows(self, rows, frames, now: float, seq: int, fq: FetchQueue) -> tuple:
+        """Misses `rows` (layout.FETCH_ROW_DTYPE: fetch_dir, key, kind, owner), in order,
+        `frames` the frame of each (None: none; a sequence of len(rows) or None): a flow
+        with a fetch pending queues the frame (per-flow and total bounds: full);
+        otherwise a recent NACK drops it (negative), an incoming fetch takes a token of
+        its remote's bucket (rate when empty), and a new fetch starts under the next seq
+        (its FETCH record into `fq`, for its owner; the frame queued unless the total
+        bound is reached; kind KIND_ICMP_ERROR: flagged FETCH_F_ICMP_ERROR).  Returns
+        (frames queued, fetches started, negative, rate, full, next seq)."""
         n = started = c_neg = c_rate = c_full = 0
         p, s, neg, src = self._p, self._s, self._neg, self._src
         burst, rate = self.burst, self.rate
-        for fd, kt, icmp, owner, frame in rows:
+        if getattr(rows, "dtype", None) != FETCH_ROW_DTYPE:
+            raise TypeError("rows must be a layout.FETCH_ROW_DTYPE array")
+        if frames is None:
+            frames = [None] * len(rows)
+        elif len(frames) != len(rows):
+            raise ValueError(f"{len(frames)} frames for {len(rows)} rows")
+        for (sa, da, sp, dp, proto, kind, _fl, fd, _j, owner), frame in zip(rows.tolist(), frames):
+            fd = IN if fd else 0
+            kt = (proto, sa, sp, da, dp)
+            icmp = kind == KIND_ICMP_ERROR
             pk = (fd, kt)
             r = p.get(pk)
             if r is not None:
@@ -201,7 +253,7 @@ class PendingTable:
                 n += 1
         return n, started, c_neg, c_rate, c_full, seq
 
-    def start(self, fetch_dir: int, key: tuple, owner: int, now: float, flags: int, seq: int, fq: dict) -> None:
+    def start(self, fetch_dir: int, key: tuple, owner: int, now: float, flags: int, seq: int, fq: FetchQueue) -> None:
         """A fetch without frame or token (a clone revalidated): its record into `fq`."""
         r = [fetch_dir, tuple(key), owner, seq, now, now, self.retry_s, flags, [], -1]
         self._p[(fetch_dir, r[1])] = r
@@ -299,7 +351,7 @@ class PendingTable:
         self._refund(r)
         return r[8]
 
-    def retry(self, seq: int, now: float, retry_max: float, timeout: float, fq: dict) -> tuple:
+    def retry(self, seq: int, now: float, retry_max: float, timeout: float, fq: FetchQueue) -> tuple:
         """The fetch under `seq` came due: (0, 0) none in flight; (1, frames (1 if none))
         past `timeout` since it started: removed, token refunded; (2, next due) sent
         again (the wait doubles up to `retry_max`): its record into `fq`."""
@@ -330,7 +382,7 @@ class PendingTable:
         """[(seq, key)] of the fetches in `fetch_dir` sent to `owner` (a walk)."""
         return [(r[3], r[1]) for r in self._p.values() if r[2] == owner and r[0] == fetch_dir]
 
-    def reseq(self, seq: int, owner: int, new_seq: int, now: float, timeout: float, fq: dict) -> float:
+    def reseq(self, seq: int, owner: int, new_seq: int, now: float, timeout: float, fq: FetchQueue) -> float:
         """Ask `owner` instead, under `new_seq` (a NACK of the old seq finds nothing), its
         retry wait reset: its record into `fq`; returns its next due time."""
         pk = self._s.pop(seq)

@@ -33,6 +33,8 @@ cimport numpy as cnp
 from cpython.ref cimport Py_INCREF
 import numpy as np
 
+cnp.import_array()
+
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from .._geometry cimport Geometry, Prefixes
 from .._wire cimport FETCH_BY_EXTERNAL, wire_key, wire_rule
@@ -618,20 +620,10 @@ cdef class Mappings:
 # An outgoing first packet, the common case, compiled
 # ------------------------------------------------------------------------------------
 
-cdef packed struct hn_key16:   # layout.KEY_DTYPE
-    uint32_t saddr
-    uint32_t daddr
-    uint16_t sport
-    uint16_t dport
-    uint8_t proto
-    uint8_t kind
-    uint8_t tcp_flags
-    uint8_t icmp_type
-
 from .. import layout as _layout
-if _layout.KEY_DTYPE.itemsize != sizeof(hn_key16) or [_layout.KEY_DTYPE.fields[f][1] for f in (
-        "saddr", "daddr", "sport", "dport", "proto", "kind", "tcp_flags", "icmp_type")] != [0, 4, 8, 10, 12, 13, 14, 15]:
-    raise ImportError("hypernat.nat._mappings disagrees with layout.KEY_DTYPE: rebuild it")
+from .._keys cimport fetch_row, hn_key16, keys_check
+keys_check("hypernat.nat._mappings")
+cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
 
 cdef enum:
     LOOKAHEAD = 4     # OutSetup.run prefetches this many frames ahead
@@ -659,7 +651,6 @@ _KEY = _M.KEY_DTYPE
 cdef cnp.dtype _RULE = _M.RULE_DTYPE
 cdef extern from "numpy/arrayobject.h":
     object _zeros "PyArray_Zeros" (int nd, cnp.npy_intp* dims, cnp.dtype descr, int fortran)
-cnp.import_array()
 
 
 cdef class OutSetup:
@@ -886,74 +877,91 @@ cdef class OutSetup:
             bint icmp_error=False):
         return self.out_c(p, ia, ip, ra, rp, now, icmp_error)
 
-    cdef inline bint _answered(self, int r, Py_ssize_t i, list idx, list res, list replay) except -1:
+    cdef inline bint _answered(self, int r, Py_ssize_t i, int32_t* idx, int32_t* res, Py_ssize_t* m) noexcept:
         """Record run's answer for frame i: True if answered (replay or a counted refusal)."""
-        if r == OK:
-            idx.append(i)
-            res.append(OK)
-            replay.append(i)
-            return True
-        if r >= 0 and r != self.r_full:  # a refusal that does not log: counted here
-            self.nref[r] += 1
-            idx.append(i)
-            res.append(r)
+        if r == OK or (r >= 0 and r != self.r_full):  # (a refusal that does not log: counted here)
+            if r != OK:
+                self.nref[r] += 1
+            idx[m[0]] = <int32_t>i
+            res[m[0]] = r
+            m[0] += 1
             return True
         return False
 
     def run(self, const uint8_t[::1] verdicts not None, const uint8_t[::1] keys not None, Py_ssize_t i,
-            int64_t now, list idx, list res, list replay, bint inbound=False, list fetches=None):
+            int64_t now, int32_t[::1] idx not None, int32_t[::1] res not None, fetches,
+            int64_t[::1] count not None, bint inbound=False):
         """Frames i, i+1, ... of a batch (`verdicts` uint8[n], `keys` layout.KEY_DTYPE[n]
         as bytes) translated outgoing (`inbound` False: its outgoing misses, ``out``) or
         incoming (True: its incoming and ICMP-error misses, ``in_``): frames that are not
-        misses are passed over; each miss answered -1 appends its frame index to `idx`
-        and `replay` and -1 to `res`; each refusal that does not log (all but
-        table_full) its index to `idx` and its reason to `res` (counted: ``drain``);
-        with `fetches` (inbound), a miss for another NIC's endpoint appends its index to
-        `idx`, -2 to `res` and (frame, owner, IN, proto, saddr, sport, daddr, dport,
-        kind, tcp_flags) to `fetches` (``RuleBuilder.decide_misses``'s fetch tuples).
+        misses are passed over.  The answers go into the caller's arrays, after what
+        they hold (``count``: [answers, fetches] so far, updated): each miss answered -1
+        writes its frame index to `idx` and -1 to `res`; each refusal that does not log
+        (all but table_full) its index to `idx` and its reason to `res` (counted:
+        ``drain``); inbound, a miss for another NIC's endpoint its index to `idx`, -2 to
+        `res`, and its fetch (frame, owner, IN, the key, kind, tcp_flags) to `fetches`
+        (a layout.FETCH_ROW_DTYPE array).  `idx`, `res` and `fetches` hold n entries.
         Returns the index of the first miss it did not answer (n: none left),
-        untouched: the caller's general path takes it."""
+        untouched: the caller's general path takes it.  No Python object per frame."""
         cdef Py_ssize_t n = verdicts.shape[0], a
         cdef const hn_key16* k
         cdef uint8_t v
         cdef int r
+        cdef fetch_row* fr
         if keys.shape[0] < n * <Py_ssize_t>sizeof(hn_key16):
             raise ValueError("keys shorter than verdicts")
-        while i < n:
-            a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
-            if a < n:
-                v = verdicts[a]
-                k = <const hn_key16*>&keys[a * sizeof(hn_key16)]
-                if inbound:
-                    if v == self.v_miss_in or v == self.v_miss_icmp:
-                        self.mp.prefetch_ext(k.proto, k.daddr, k.dport)
-                elif v == self.v_miss_out:
-                    self.hs.prefetch(k.saddr)
-                    self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
-            v = verdicts[i]
-            if v < self.v_miss_lo or v > self.v_miss_hi:
-                i += 1
-                continue
-            k = <const hn_key16*>&keys[i * sizeof(hn_key16)]
-            if inbound:
-                if v != self.v_miss_in and v != self.v_miss_icmp:
-                    break
-                r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, now,
-                              k.kind == KIND_ICMP_ERROR)
-                if r == FETCH and fetches is not None:
-                    idx.append(i)
-                    res.append(FETCH)
-                    fetches.append((i, self.fetch_owner, D_IN, k.proto, k.saddr, k.sport, k.daddr, k.dport, k.kind,
-                                    k.tcp_flags))
+        if type(fetches) is not np.ndarray or (<cnp.ndarray>fetches).descr != FETCH_ROW_DTYPE \
+                or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>fetches) \
+                or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>fetches):
+            raise TypeError("fetches must be a contiguous, writable layout.FETCH_ROW_DTYPE array")
+        if idx.shape[0] < n or res.shape[0] < n or cnp.PyArray_SIZE(<cnp.ndarray>fetches) < n or count.shape[0] < 2:
+            raise ValueError("idx, res and fetches need room for every frame; count two entries")
+        cdef fetch_row* fet = <fetch_row*>cnp.PyArray_DATA(<cnp.ndarray>fetches)
+        cdef Py_ssize_t m = <Py_ssize_t>count[0], nf = <Py_ssize_t>count[1]
+        if not (0 <= m <= n and 0 <= nf <= n):
+            raise ValueError(f"count {m}, {nf} outside 0..{n}")
+        try:
+            while i < n:
+                a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
+                if a < n:
+                    v = verdicts[a]
+                    k = <const hn_key16*>&keys[a * sizeof(hn_key16)]
+                    if inbound:
+                        if v == self.v_miss_in or v == self.v_miss_icmp:
+                            self.mp.prefetch_ext(k.proto, k.daddr, k.dport)
+                    elif v == self.v_miss_out:
+                        self.hs.prefetch(k.saddr)
+                        self.mp.prefetch_out(k.proto, k.saddr, k.sport, k.daddr, 0 if k.proto == P_ICMP else k.dport)
+                v = verdicts[i]
+                if v < self.v_miss_lo or v > self.v_miss_hi:
                     i += 1
                     continue
-            else:
-                if v != self.v_miss_out:
+                k = <const hn_key16*>&keys[i * sizeof(hn_key16)]
+                if inbound:
+                    if v != self.v_miss_in and v != self.v_miss_icmp:
+                        break
+                    r = self.in_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, k.tcp_flags, now,
+                                  k.kind == KIND_ICMP_ERROR)
+                    if r == FETCH:
+                        idx[m] = <int32_t>i
+                        res[m] = FETCH
+                        m += 1
+                        fr = &fet[nf]
+                        nf += 1
+                        fr.saddr, fr.daddr, fr.sport, fr.dport = k.saddr, k.daddr, k.sport, k.dport
+                        fr.proto, fr.kind, fr.tcp_flags, fr.fetch_dir = k.proto, k.kind, k.tcp_flags, <uint8_t>D_IN
+                        fr.frame, fr.owner = <int32_t>i, self.fetch_owner
+                        i += 1
+                        continue
+                else:
+                    if v != self.v_miss_out:
+                        break
+                    r = self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False)
+                if not self._answered(r, i, &idx[0], &res[0], &m):
                     break
-                r = self.out_c(k.proto, k.saddr, k.sport, k.daddr, k.dport, now, False)
-            if not self._answered(r, i, idx, res, replay):
-                break
-            i += 1
+                i += 1
+        finally:
+            count[0], count[1] = m, nf
         return i
 
     cdef int serve_c(self, const wire_key* k, int64_t now) except -5:

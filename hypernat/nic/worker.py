@@ -605,23 +605,20 @@ class NicWorker:
         the batch -- held under crash recovery, queued behind a fetch -- are copied."""
         replay, fetches, idx, res = self.rules.decide_misses(direction, v, k, now)
         if self.rules.recovering:
-            held = [i for i, r in zip(idx, res) if r == _R_HOLD]
-            if held:
+            held = idx[res == _R_HOLD]
+            if len(held):
                 self._hold(direction, b.frames(held))
         ev = self.events
-        if replay:
+        if len(replay):
             if ev is not None:
                 ev.add_keys(EV_RULE_BUILT, direction, _now_ns(), k[replay])
             self._translate_again(direction, b.select(replay))
-        if fetches:  # one pass over the batch's fetches; one FETCH message per owner
-            icmp_kind = layout.KIND_ICMP_ERROR
-            fidx = [f[0] for f in fetches]
+        if len(fetches):  # the batch's fetches as records; one FETCH message per owner
+            fidx = fetches["frame"]
             frames = b.frames(fidx)
             if direction == OUT:
                 frames = self._hairpin_frames(fidx, frames, v, rounds)
-            self.agent.fetch_rows([(fd, (p, s, sp, d, dp), kind == icmp_kind, o, fr)
-                                   for (_, o, fd, p, s, sp, d, dp, kind, _), fr in zip(fetches, frames)],
-                                  self.clock())
+            self.agent.fetch_rows(fetches, frames, self.clock())
             if ev is not None:
                 ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
             # the FETCH leaves now, not at the end of the turn: the rest of the turn (more
@@ -661,8 +658,8 @@ class NicWorker:
 
     @staticmethod
     def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
-        """The frames queued behind fetches (copies of frames `fidx`), hairpinned ones
-        marked as such (found with one numpy pass; Python only for those)."""
+        """The frames queued behind fetches (copies of frames `fidx`, an index array),
+        hairpinned ones marked as such (found with one numpy pass; Python only for those)."""
         for j in np.flatnonzero(v[fidx] == _V_MISS_HAIRPIN).tolist():
             frames[j] = _HairpinFrame.of(frames[j], rounds + 1)
         return frames
