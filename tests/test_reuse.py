@@ -115,3 +115,42 @@ def test_release_many_frees_as_release_does(used, rel):
     assert c.release_many(a["block"], a["pidx"], a["offset"]).tolist() == emptied
     for g in range(6):
         assert [c.used_mask(g, pi) for pi in range(3)] == [m.used_mask(g, pi) for pi in range(3)]
+
+
+def test_builder_snapshot_keeps_waiting_held_and_parked_endpoints():
+    """A restart from a snapshot loses nothing of the reuse delay: the endpoints waiting,
+    the holds, the endpoints parked under their holds come back (through JSON), and the
+    last releases free the same ports in both builders."""
+    import json
+
+    import test_rules as rt
+
+    cfg = rt.make_cfg(1, block=4)
+    rb = rt.make_rb(cfg)
+    hosts = rt.hosts_of(rb, 3)
+    rt.miss(rb, rt.OUT, [(p, h, 5000 + i, rt.R1, 80) for p in (rt.TCP, rt.UDP) for h in hosts for i in range(5)], 10)
+    held = [(m.proto, m.eaddr, m.eport) for m in rb.mappings() if m.proto == rt.UDP][:6]
+    keys = np.array([p << 48 | e << 16 | ep for p, e, ep in held], np.uint64)
+    rb.hold_many(keys)
+    rb.hold_many(keys[:2])
+    rt.sweep_all(rb, 50)  # UDP gone: waiting
+    rt.sweep_all(rb, 50 + cfg.timeouts.reuse_delay)  # the held ones parked, the rest freed
+    rt.miss(rb, rt.OUT, [(rt.UDP, hosts[0], 7000, rt.R2, 80)], 50 + cfg.timeouts.reuse_delay)
+    rt.sweep_all(rb, 60 + cfg.timeouts.reuse_delay + cfg.timeouts.udp)  # one more waiting
+    st = rb.pool.stats()
+    assert st["endpoints_held"] == 6 and st["holds"] == 8 and st["ports_waiting_reuse"] == 1, st
+    rb2 = rt.make_rb(cfg, seed=9)
+    rb2.out.load_slots(rb.out.slots.copy())
+    rb2.inn.load_slots(rb.inn.slots.copy())
+    rb2.restore(json.loads(json.dumps(rb.snapshot())))
+    for a, b in ((rb.pool.waiting(), rb2.pool.waiting()), (rb.pool.held(), rb2.pool.held()),
+                 (rb.pool.hold_counts(), rb2.pool.hold_counts())):
+        assert a == b and a
+    for r in (rb, rb2):
+        r.release_many(keys)
+        assert r.pool.stats()["endpoints_held"] == 2  # still held once
+        r.release_many(keys[:2])
+    assert rb.pool.stats() == rb2.pool.stats() and rb.pool.stats()["endpoints_held"] == 0
+    assert sorted(rb.blocks.ids()) == sorted(rb2.blocks.ids())
+    for g in rb.blocks.ids():
+        assert [rb.blocks.used_mask(g, pi) for pi in range(3)] == [rb2.blocks.used_mask(g, pi) for pi in range(3)]

@@ -285,7 +285,8 @@ cdef class EndpointReuse:
         return out_a
 
     def hold_counts(self):
-        """Every endpoint with holds (HOLD_DTYPE, in no particular order)."""
+        """Every endpoint with holds (HOLD_DTYPE, by key: a snapshot does not depend on the
+        index's size)."""
         out_a = np.empty(self.ix.t.count, HOLD_DTYPE)
         cdef Hold *out = <Hold *>cnp.PyArray_DATA(out_a)
         cdef uint64_t i
@@ -296,10 +297,11 @@ cdef class EndpointReuse:
             if s.flags and s.rule_id:
                 out[q].ekey, out[q].count = <int64_t>_key_of(s), s.rule_id
                 q += 1
-        return out_a[:q]
+        out_a = out_a[:q]
+        return out_a[np.argsort(out_a["ekey"], kind="stable")]
 
     def held(self):
-        """Every parked endpoint under its key (PARKED_DTYPE, in no particular order)."""
+        """Every parked endpoint under its key (PARKED_DTYPE, by key)."""
         out_a = np.empty(self.n_held, PARKED_DTYPE)
         cdef Parked *out = <Parked *>cnp.PyArray_DATA(out_a)
         cdef uint64_t i
@@ -312,7 +314,8 @@ cdef class EndpointReuse:
                 _parked(s, &e)
                 out[q].ekey, out[q].block, out[q].pidx, out[q].offset = <int64_t>_key_of(s), e.block, e.pidx, e.offset
                 q += 1
-        return out_a[:q]
+        out_a = out_a[:q]
+        return out_a[np.argsort(out_a["ekey"], kind="stable")]
 
     def snapshot(self):
         """(queue ENDED_DTYPE, holds HOLD_DTYPE, parked PARKED_DTYPE): ``restore``'s input."""
