@@ -40,7 +40,7 @@ cimport numpy as cnp
 
 import numpy as np
 
-from .._fastpath cimport FlowTable, hn_slot
+from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
 from ._expire cimport Ended
 from ._mappings cimport _room
 
@@ -74,6 +74,23 @@ ctypedef packed struct Parked:
 if (ENDPOINT_DTYPE.itemsize != sizeof(Endpoint) or HOLD_DTYPE.itemsize != sizeof(Hold)
         or PARKED_DTYPE.itemsize != sizeof(Parked)):
     raise ImportError("hypernat.nat._reuse: a dtype disagrees with its struct: rebuild it")
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_reuse_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_reuse_prefetch(p) ((void)(p))
+    #endif
+    """
+    void hn_reuse_prefetch(const void *p) noexcept nogil
+
+DEF AHEAD = 8  # a batch loads the index line of the key this many ahead
+
+
+cdef inline void _prefetch(FlowTable ix, uint64_t k) noexcept nogil:
+    hn_reuse_prefetch(&ix.t.s[hn_flow_hash(0, <uint32_t>(k >> 16), <uint16_t>k, <uint32_t>(k >> 48), 0) & ix.t.mask])
 
 
 cdef inline int64_t _find(FlowTable ix, uint64_t k) noexcept nogil:
@@ -190,6 +207,8 @@ cdef class EndpointReuse:
         cdef FlowTable ix = self.ix
         with nogil:
             for i in range(k):
+                if i + AHEAD < k:
+                    _prefetch(ix, <uint64_t>self.q[(h + i + AHEAD) % cap].ekey)
                 w = &self.q[(h + i) % cap]
                 j = _find(ix, <uint64_t>w.ekey)
                 if j >= 0 and ix.c_slot(j).rule_id > 0:
@@ -219,6 +238,8 @@ cdef class EndpointReuse:
         cdef int64_t j
         with nogil:
             for i in range(m):
+                if i + AHEAD < m:
+                    _prefetch(ix, k[i + AHEAD])
                 j = _find(ix, k[i])
                 if j >= 0:
                     ix.c_slot(j).rule_id += 1
@@ -242,6 +263,8 @@ cdef class EndpointReuse:
         cdef hn_slot *s
         with nogil:
             for i in range(m):
+                if i + AHEAD < m:
+                    _prefetch(ix, k[i + AHEAD])
                 j = _find(ix, k[i])
                 if j < 0:
                     continue
