@@ -548,5 +548,10 @@ class ExpiryModel:
         rb.hosts.add_ports(ia, pi, -1)
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("remove", p, ia, ip, ea, ep)
-        rb.pool.defer(now + rb.reuse_delay, p << 48 | ea << 16 | ep, g, pi, ep - rb.blocks.lo(g))
+        import numpy as np
+
+        from hypernat.nat._expire import ENDED_DTYPE
+
+        rb.pool.defer(np.array([(now + rb.reuse_delay, p << 48 | ea << 16 | ep, g, pi, ep - rb.blocks.lo(g))],
+                               ENDED_DTYPE))
         return 1
