@@ -47,7 +47,7 @@ Lifecycle: the fast path writes ``last_seen``/``tcp_state``/``F_ACTIVE`` in the 
 ``sweep(now)`` walks a bounded range of the out table per call (numpy over the slot
 range), merges the session's two directions and expires idle sessions per protocol and
 TCP state.  A freed external endpoint waits ``timeouts.reuse_delay`` (RFC 6888 REQ-8)
-and until every hold (a lease the RuleAgent granted on it, ``hold``/``release_hold``)
+and until every hold (a lease the RuleAgent granted on it, ``hold_many``/``release_many``)
 is gone before it can be handed out again (invariant 3).
 
 Crash recovery (invariant 6): a NIC killed without a snapshot comes back with empty
@@ -115,7 +115,8 @@ RuleBuilder(config, nic_id, out_table, in_table, *, partition=None, rng=None,
     export_rule(proto, eaddr, eport) -> SESSION_DTYPE array (all sessions of a mapping)
     lookup_external(proto, eaddr, eport) -> dict | None
     merge_activity(records, now=None) -> int
-    hold(proto, eaddr, eport) / release_hold(proto, eaddr, eport)
+    hold_many(ekeys) / release_many(ekeys)   (endpoint keys proto << 48 | eaddr << 16 | eport;
+        hold / release_hold: one endpoint, for tests and tools)
     drain_created() / drain_removed() -> SESSION_DTYPE arrays (for PUSH / REVOKE; recorded
         while .track_created (install: active) / .track_removed (more than one NIC))
   holder side of cloning
@@ -163,6 +164,7 @@ from .nat._hosts import Hosts
 from .nat._mappings import Mappings, OutSetup
 from .nat._ports import PortBlocks
 from .nat._rate import HostRate
+from .nat._reuse import ENDPOINT_DTYPE
 from .nat.expiry import EXPIRY_EVENTS, Expiry, SweepResult  # (SweepResult re-exported)
 from .nat.holder import CloneHolder
 from .nat.holder import lease16 as _lease16  # (tests import it from here)
@@ -943,7 +945,7 @@ class RuleBuilder:
 
     def _drain_ended(self) -> None:
         """What the SessionEnd recorded, once per step: the ended mappings' endpoints into
-        the reuse delay (``BlockPool.defer_many``; the recovery forgets them), the
+        the reuse delay (``BlockPool.defer``; the recovery forgets them), the
         translation log's "remove" lines (one ``TransLog.rules``), the REVOKE records."""
         se = self._ending
         if se is None or not se.pending():
@@ -954,17 +956,20 @@ class RuleBuilder:
             if rec.tracking:
                 for ekey in ended["ekey"].tolist():
                     rec.forget(ekey)
-            self.pool.defer_many(ended)
+            self.pool.defer(ended)
         tl = self.translog
         if len(events) and tl is not None and not tl.per_block:
             tl.rules("remove", events[events["kind"] == (_EV_SESSION if tl.remote else _EV_MAPPING)])
         if len(removed):
             self._removed.append(removed)
 
-    def _release_endpoint(self, g: int, pi: int, off: int) -> None:
-        left = self.blocks.release(g, pi, off)
-        if left == 0:
-            self._free_block(g)
+    def _release_endpoints(self, eps) -> None:
+        """The endpoints `eps` (hypernat.nat._reuse.ENDPOINT_DTYPE: block, pidx, offset)
+        are free again: one compiled ``PortBlocks.release_many``; the blocks left empty
+        (rare) are freed here."""
+        if len(eps):
+            for g in self.blocks.release_many(eps["block"], eps["pidx"], eps["offset"]).tolist():
+                self._free_block(g)
 
     # -- owner side ---------------------------------------------------------------------
     def serve_fetches(self, recs, now, lease_ms: int = 0):
@@ -1051,28 +1056,27 @@ class RuleBuilder:
         return _merge_activity(self.out, self.inn, records)
 
     def hold(self, proto, eaddr, eport) -> None:
-        """Count one lease granted on this external endpoint (the agent calls it when a
-        FETCH is answered or a PUSH is sent)."""
-        self.pool.hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
+        """``hold_many`` of one endpoint (tests, tools)."""
+        self.hold_many(np.array([int(proto) << 48 | int(eaddr) << 16 | int(eport)], np.uint64))
 
     def hold_many(self, ekeys) -> None:
-        """``hold`` for each endpoint of `ekeys` (proto << 48 | eaddr << 16 | eport, an
-        integer array: the new leases' endpoints as ``LeaseTable.grant`` returns them; a
-        burst of answered FETCHes: one call, not one per lease)."""
-        self.pool.hold_many(ekeys)
+        """Count one lease granted on the external endpoint of each key of `ekeys`
+        (proto << 48 | eaddr << 16 | eport, an integer array: the new leases' endpoints as
+        ``LeaseTable.grant`` returns them, when FETCHes are answered or a PUSH is sent):
+        one compiled call."""
+        self.pool.hold(ekeys)
 
     def release_hold(self, proto, eaddr, eport) -> None:
-        """One lease ran out or its revoke was acknowledged.  A freed endpoint is reusable
-        only once its reuse delay passed AND its hold count is zero."""
-        w = self.pool.release_hold(int(proto) << 48 | int(eaddr) << 16 | int(eport))
-        if w is not None:
-            self._release_endpoint(*w)
+        """``release_many`` of one endpoint (tests, tools)."""
+        self.release_many(np.array([int(proto) << 48 | int(eaddr) << 16 | int(eport)], np.uint64))
 
     def release_many(self, ekeys) -> None:
-        """``release_hold`` for each endpoint key of `ekeys` (proto << 48 | eaddr << 16 |
-        eport, an integer array: the leases ``LeaseTable.end_records`` ran out)."""
-        for w in self.pool.release_many(ekeys):
-            self._release_endpoint(*w)
+        """One lease ran out or its revoke was acknowledged on the endpoint of each key of
+        `ekeys` (proto << 48 | eaddr << 16 | eport, an integer array: the leases
+        ``LeaseTable.end_records`` or ``LeaseTable.due`` ran out).  A freed endpoint is
+        reusable only once its reuse delay passed AND its hold count is zero: those
+        waiting for these holds go back to their blocks (compiled, both steps)."""
+        self._release_endpoints(self.pool.release_holds(ekeys))
 
     def drain_created(self) -> np.ndarray:
         """Sessions created since the last call (for active install: PUSH).  Recorded
@@ -1219,10 +1223,8 @@ class RuleBuilder:
         """Endpoints whose reuse delay passed and no lease holds go back to their blocks,
         at most `budget`; quarantines whose time has come end.  Returns endpoints that
         left the delay queue."""
-        pool = self.pool
-        n, free, quarantine = pool.due(now, budget)
-        for _, _, g, pi, off in free:
-            self._release_endpoint(g, pi, off)  # (frees blocks: no quarantine changes)
+        n, free, quarantine = self.pool.due(now, budget)
+        self._release_endpoints(free)  # (frees blocks: no quarantine changes)
         if quarantine:
             self._mature_quarantine(now)
         return n
@@ -1245,8 +1247,8 @@ class RuleBuilder:
             self.events["recovery_blocks_expired"] += len(expired)
             log.info("nic%d: %d quarantined port block(s) released after their longest timeout: nothing in them "
                      "was recovered from clones", self.nic, len(expired))
-        for g, pi, off in ports:
-            self._release_endpoint(g, pi, off)
+        if ports:
+            self._release_endpoints(np.array(ports, ENDPOINT_DTYPE))
         if not self.pool.in_quarantine():
             self.recovery.quarantine_over()
 

@@ -308,8 +308,10 @@ class OutSetupModel:
             return True
         return r == OK
 
-    def run(self, verdicts, keys, i, now, idx, res, replay, inbound=False, fetches=None, v_out=1, v_in=2, v_icmp=3):
-        """OutSetup.run: keys as (saddr, daddr, sport, dport, proto, kind, tcp_flags)."""
+    def run(self, verdicts, keys, i, now, idx, res, fetches, inbound=False, v_out=1, v_in=2, v_icmp=3):
+        """OutSetup.run: keys as (saddr, daddr, sport, dport, proto, kind, tcp_flags);
+        answers appended to idx / res, inbound fetches to `fetches` as (frame, owner,
+        fetch_dir, proto, saddr, sport, daddr, dport, kind, tcp_flags)."""
         while i < len(verdicts):
             v = verdicts[i]
             if not 1 <= v <= 4:
@@ -320,7 +322,7 @@ class OutSetupModel:
                 if v not in (v_in, v_icmp):
                     break
                 r = self.in_(p, s, sp, d, dp, fl, kind == 1, now)
-                if r == FETCH and fetches is not None:
+                if r == FETCH:
                     idx.append(i)
                     res.append(r)
                     fetches.append((i, self.fetch_owner, 1, p, s, sp, d, dp, kind, fl))  # 1: verdicts.IN
@@ -334,8 +336,6 @@ class OutSetupModel:
                 break
             idx.append(i)
             res.append(r)
-            if r == OK:
-                replay.append(i)
             i += 1
         return i
 
@@ -547,5 +547,10 @@ class ExpiryModel:
         rb.hosts.add_ports(ia, pi, -1)
         if tl is not None and not tl.per_block and not tl.remote:
             tl.rule("remove", p, ia, ip, ea, ep)
-        rb.pool.defer(now + rb.reuse_delay, p << 48 | ea << 16 | ep, g, pi, ep - rb.blocks.lo(g))
+        import numpy as np
+
+        from hypernat.nat._expire import ENDED_DTYPE
+
+        rb.pool.defer(np.array([(now + rb.reuse_delay, p << 48 | ea << 16 | ep, g, pi, ep - rb.blocks.lo(g))],
+                               ENDED_DTYPE))
         return 1

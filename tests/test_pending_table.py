@@ -316,9 +316,10 @@ def test_compiled_lease_table_answers_as_the_dict_model(ops):
             for t in (c, m):
                 got = []
                 for _ in range(100):
-                    k = t.due(now, o[2])
-                    got += k
-                    if not k and not t.next_due <= now or o[2] == 0:
+                    k = t.due(now, o[2])  # the endpoint keys of the leases that ran out
+                    assert k.dtype == np.uint64
+                    got += k.tolist()
+                    if not len(k) and not t.next_due <= now or o[2] == 0:
                         break
                 ended.append(sorted(got))
             assert ended[0] == ended[1]

@@ -53,7 +53,7 @@ CROSS=$cross_cc CCACHE_DIR=${CCACHE_DIR:-/var/cache/hypernat/ccache} CCACHE_BASE
 # (and the switch hash in C against its reference: byte order matters to jhash)
 # (the fragment table's own tests, not those that drive whole NIC workers: the arm64 root
 # has no ZeroMQ)
-mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag.py' 'tests/test_nat_model.py' \
+mapfile -t tests < <(git ls-files 'tests/test_fastpath_*.py' 'tests/test_frag.py' 'tests/test_nat_model.py' 'tests/test_reuse.py' \
   'tests/test_switchhash_compiled.py')
 [ ${#tests[@]} -gt 0 ] || { echo "portability: no fast-path tests found" >&2; exit 1; }
 

@@ -231,7 +231,9 @@ cdef class LeaseTable:
 
     def due(self, double now, Py_ssize_t limit):
         """``leases_py.LeaseTable.due``."""
-        cdef list out = []
+        cdef Py_ssize_t q = 0, m = min(limit, self.h.n) if limit > 0 else 0
+        out_a = np.empty(m, np.uint64)
+        cdef uint64_t *out = <uint64_t *>cnp.PyArray_DATA(out_a)
         cdef double d
         cdef int32_t x
         cdef le_entry *c
@@ -244,12 +246,13 @@ cdef class LeaseTable:
             if not c.k.used or c.due != d:
                 continue  # ended already (acknowledged REVOKE), or queued again since
             if c.until <= now:
-                out.append((_sk(c), c.holder))
+                out[q] = <uint64_t>c.k.proto << 48 | <uint64_t>c.k.eaddr << 16 | c.k.eport
+                q += 1
                 self.unlink(x)
             else:  # renewed meanwhile
                 c.due = c.until
                 heap_push(&self.h, c.until, x)
-        return out
+        return out_a[:q]
 
     @property
     def next_due(self):

@@ -1325,9 +1325,9 @@ class RuleAgent:
         leases = self.leases
         if now < leases.next_due:
             return False
-        due = leases.due(now, self.p.lease_end_slice)
-        if due:
-            self.rules.release_many(np.array([sk[0] << 48 | sk[3] << 16 | sk[4] for sk, _ in due], np.uint64))
+        ended = leases.due(now, self.p.lease_end_slice)  # the endpoint keys of the leases that ran out
+        if len(ended):
+            self.rules.release_many(ended)
         return now >= leases.next_due
 
     # Collecting activity reads the flags of every slot of both tables, and reporting it

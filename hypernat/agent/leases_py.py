@@ -111,9 +111,11 @@ class LeaseTable:
                 out.append(sk[0] << 48 | sk[3] << 16 | sk[4])
         return np.array(out, np.uint64)
 
-    def due(self, now: float, limit: int) -> list:
-        """Leases whose end passed by `now`, ended: [(sk, holder)], looking at most
-        `limit` timers (a lease renewed meanwhile is queued again under its end)."""
+    def due(self, now: float, limit: int):
+        """Leases whose end passed by `now`, ended: their endpoint keys (proto << 48 |
+        E << 16 | Ep, a uint64 array, one per lease, in the order they ended: what the
+        builder's ``release_many`` takes), looking at most `limit` timers (a lease
+        renewed meanwhile is queued again under its end)."""
         out = []
         ends = self._ends
         while ends and now >= ends[0][0] and limit > 0:
@@ -125,10 +127,10 @@ class LeaseTable:
                 continue  # ended already (acknowledged REVOKE)
             if until <= now:
                 self.end(sk, h)
-                out.append((sk, h))
+                out.append(sk[0] << 48 | sk[3] << 16 | sk[4])
             else:  # renewed meanwhile
                 heapq.heappush(ends, (until, next(self._n), sk, h))
-        return out
+        return np.array(out, np.uint64)
 
     @property
     def next_due(self) -> float:

@@ -5,6 +5,11 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from .._fastpath cimport FlowTable
 
 
+# `t`, or a copy of it with twice its capacity if `need` more keys would not fit: a
+# FlowTable used as a hash table grows (the reuse holds, ``_reuse.pyx``, grow theirs too)
+cdef FlowTable _room(FlowTable t, uint64_t need=*)
+
+
 cdef struct MapRec:
     uint32_t iaddr
     uint32_t eaddr

@@ -27,7 +27,7 @@ incoming, and of the FETCH records the owner serves.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cimport numpy as cnp
 from cpython.ref cimport Py_INCREF
@@ -65,7 +65,8 @@ cdef enum:
 
 cdef FlowTable _room(FlowTable t, uint64_t need=1):
     """`t`, or a copy with twice its capacity if `need` more keys would not fit (a hash
-    table that grows)."""
+    table that grows; every field of each slot copied: tables that keep more than a
+    rule id in their slots, ``_reuse.pyx``, grow too)."""
     if t.t.count + need <= t.t.capacity:
         return t
     cdef FlowTable n = _FlowTable(max(t.t.capacity * 2, t.t.count + need), hugepages=False)
@@ -75,6 +76,7 @@ cdef FlowTable _room(FlowTable t, uint64_t need=1):
         s = &t.t.s[i]
         if s.flags:
             n.c_insert(s.proto, s.saddr, s.sport, s.daddr, s.dport, s.new_addr, s.new_port, s.rule_id, 0, 0)
+            memcpy(n.c_slot(n.c_find(s.proto, s.saddr, s.sport, s.daddr, s.dport)), s, sizeof(hn_slot))
     return n
 
 

@@ -24,6 +24,8 @@ from libc.stdint cimport int64_t, uint64_t, uint32_t, int32_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset
 
+import numpy as np
+
 cdef extern from *:
     """
     static inline int hn_ctz64(unsigned long long x) { return __builtin_ctzll(x); }
@@ -358,6 +360,27 @@ cdef class PortBlocks:
         if s < 0:
             return -1
         return self.release_slot(s, pi, off)
+
+    def release_many(self, const int64_t[:] g, const int32_t[:] pi, const int32_t[:] off):
+        """``release`` of each endpoint (block `g`[k], protocol index `pi`[k], offset
+        `off`[k]; the fields of an ENDPOINT_DTYPE array, ``hypernat.nat._reuse``), in
+        order: the blocks left with no port in use (int64 array, in the order they
+        emptied; the caller frees them).  Endpoints not in use are passed over."""
+        cdef Py_ssize_t n = g.shape[0], k, q = 0
+        if pi.shape[0] != n or off.shape[0] != n:
+            raise ValueError(f"release_many: {n} blocks, {pi.shape[0]} protocol indexes, {off.shape[0]} offsets")
+        out_a = np.empty(n, np.int64)
+        cdef int64_t[::1] out = out_a
+        cdef int32_t s
+        with nogil:
+            for k in range(n):
+                if pi[k] < 0 or pi[k] > 2:
+                    continue
+                s = self.slot_of(g[k])
+                if s >= 0 and self.release_slot(s, pi[k], off[k]) == 0:
+                    out[q] = g[k]
+                    q += 1
+        return out_a[:q]
 
     def used_mask(self, int64_t g, int pi):
         """The used ports of protocol `pi` as an int (bit k: offset k) -- snapshots, tests."""

@@ -13,8 +13,10 @@ per connection (the blocks *in use* -- span, host, used ports -- are C records i
                                 without one is reserved at once with the next few of its
                                 address (``urgent_reserve``: 1, 2, 4 ... x the reserve)
     the reuse delay             freed external endpoints wait (``defer``, ``due``)
-    holds                       leases granted on an endpoint (``hold``, ``release_hold``):
+    holds                       leases granted on an endpoint (``hold``, ``release_holds``):
                                 an endpoint whose delay passed waits for its last one
+                                (both in C, ``hypernat.nat._reuse.EndpointReuse``:
+                                arrays in, arrays out)
     loans                       blocks lent (spill-over) or adopted (``lend``, ``adopt``,
                                 ``give_up``)
     quarantine                  journaled blocks found after a crash, with the host the
@@ -38,6 +40,8 @@ import typing
 
 import numpy as np
 
+from ._expire import ENDED_DTYPE
+from ._reuse import HOLD_DTYPE, PARKED_DTYPE, EndpointReuse
 from .records import ip_text as _ip
 
 
@@ -59,13 +63,10 @@ class Pool(typing.Protocol):
     def reserving(self, blocks) -> None: ...
     def reserve_durable(self, blocks, in_use) -> None: ...
     def reserve_failed(self, blocks) -> None: ...
-    def defer(self, release_at: int, ekey: int, g: int, pi: int, off: int) -> None: ...
-    def defer_many(self, ended) -> None: ...
+    def defer(self, ended) -> None: ...
     def due(self, now: int, budget: int) -> tuple: ...
-    def hold(self, ekey: int) -> None: ...
-    def hold_many(self, ekeys) -> None: ...
-    def release_hold(self, ekey: int): ...
-    def release_many(self, ekeys) -> list: ...
+    def hold(self, ekeys) -> None: ...
+    def release_holds(self, ekeys) -> np.ndarray: ...
     def holds(self, ekey: int) -> int: ...
     def lend(self, in_use): ...
     def adopt(self, g: int) -> None: ...
@@ -110,9 +111,8 @@ class BlockPool:
         self._qskipped = set()  # quarantined ids taken off the free lists, to give back
         self._qhosts = {}  # quarantined block id -> the host the journal assigned it to
         self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
-        self._reuse = collections.deque()  # (release_at, ekey, block id, pidx, offset)
-        self._holds = {}  # ekey -> leases outstanding
-        self._held = {}  # ekey -> (block id, pidx, offset): reuse delay passed, holds remain
+        # the reuse-delay queue, holds per endpoint, endpoints whose delay passed while held
+        self._reuse = EndpointReuse()
         # Blocks journaled ahead of need ("reserve" records on disk): taking one is
         # durable already (a crash quarantines it); in flight: written, fsync not done.
         self._prejournaled = set()
@@ -278,78 +278,36 @@ class BlockPool:
         self._reserving.difference_update(blocks)
 
     # -- the reuse delay and holds ------------------------------------------------------------
-    def defer(self, release_at: int, ekey: int, g: int, pi: int, off: int) -> None:
-        """A freed external endpoint (port `off` of block `g`, protocol index `pi`) may be
-        reused from `release_at` on, once no lease holds it (invariant 3)."""
-        self._reuse.append((release_at, ekey, g, pi, off))
-
-    def defer_many(self, ended) -> None:
-        """``defer`` for each record of a structured array with the fields (release_at,
-        ekey, block, pidx, offset), in that order (hypernat.nat._expire.ENDED_DTYPE: the
-        mappings one expiry step ended, in order, from ``SessionEnd.drain``)."""
-        f = ended.dtype.names[:5]  # (a field at a time: ~2x faster than a record at a time)
-        self._reuse.extend(zip(*(ended[k].tolist() for k in f)))
+    def defer(self, ended) -> None:
+        """The freed external endpoints of `ended` (hypernat.nat._expire.ENDED_DTYPE: the
+        mappings one expiry step ended, in order, from ``SessionEnd.drain``) may be
+        reused from their release_at on, once no lease holds them (invariant 3)."""
+        self._reuse.defer(ended)
 
     def due(self, now: int, budget: int) -> tuple:
         """At most `budget` endpoints whose reuse delay has passed by `now`: (how many
-        were taken off the queue, [(release_at, ekey, block, pidx, offset)] free to
-        release now, as ``defer`` queued them, ``in_quarantine()``).  The ones still
-        held wait for their last ``release_hold``."""
-        q = self._reuse
-        if not q or q[0][0] > now:
-            return 0, (), bool(self._qblocks or self._reserved)
-        n = 0
-        free = []
-        holds = self._holds
-        while q and q[0][0] <= now and n < budget:
-            w = q.popleft()
-            n += 1
-            if holds and holds.get(w[1]):
-                self._held[w[1]] = w[2:]
-            else:
-                free.append(w)
+        were taken off the queue, the ones free to release now as
+        ``_reuse.ENDPOINT_DTYPE`` (block, pidx, offset) in queue order,
+        ``in_quarantine()``).  The ones still held wait for their last release."""
+        n, free = self._reuse.due(now, budget)
         return n, free, bool(self._qblocks or self._reserved)
 
-    def hold(self, ekey: int) -> None:
-        """One lease granted on this external endpoint."""
-        self._holds[ekey] = self._holds.get(ekey, 0) + 1
+    def hold(self, ekeys) -> None:
+        """One lease granted on the endpoint of each key of `ekeys` (proto << 48 | eaddr
+        << 16 | eport; an integer array, as ``LeaseTable.grant`` returns the new leases'
+        endpoints)."""
+        self._reuse.hold(ekeys)
 
-    def hold_many(self, ekeys) -> None:
-        """``hold`` for each endpoint key of `ekeys` (proto << 48 | eaddr << 16 | eport; an
-        integer array, as ``LeaseTable.grant`` returns the new leases' endpoints)."""
-        holds = self._holds
-        for ekey in np.asarray(ekeys, np.uint64).tolist():
-            holds[ekey] = holds.get(ekey, 0) + 1
-
-    def release_hold(self, ekey: int):
-        """One lease ran out or was revoked: the endpoint (block, pidx, offset) to release
-        now if it was waiting for that one, else None."""
-        c = self._holds.get(ekey, 0) - 1
-        if c > 0:
-            self._holds[ekey] = c
-            return None
-        self._holds.pop(ekey, None)
-        return self._held.pop(ekey, None)
-
-    def release_many(self, ekeys) -> list:
-        """``release_hold`` for each endpoint key of `ekeys` (an integer array: the
-        leases one REVOKE_ACK or one turn of lease ends ran out): the endpoints
-        (block, pidx, offset) to release now, in order."""
-        out = []
-        holds, held = self._holds, self._held
-        for ekey in np.asarray(ekeys, np.uint64).tolist():
-            c = holds.get(ekey, 0) - 1
-            if c > 0:
-                holds[ekey] = c
-                continue
-            holds.pop(ekey, None)
-            w = held.pop(ekey, None)
-            if w is not None:
-                out.append(w)
-        return out
+    def release_holds(self, ekeys) -> np.ndarray:
+        """One lease ran out or was revoked on the endpoint of each key of `ekeys` (an
+        integer array: the leases one REVOKE_ACK or one turn of lease ends ran out):
+        the endpoints (ENDPOINT_DTYPE) to release now, those that waited for that one,
+        in order."""
+        return self._reuse.release(ekeys)
 
     def holds(self, ekey: int) -> int:
-        return self._holds.get(ekey, 0)
+        """Leases outstanding on one endpoint."""
+        return self._reuse.holds(ekey)
 
     # -- loans (spill-over) -------------------------------------------------------------------
     def lend(self, in_use):
@@ -489,9 +447,7 @@ class BlockPool:
 
     def stats(self) -> dict:
         return {
-            "ports_waiting_reuse": len(self._reuse),
-            "endpoints_held": len(self._held),
-            "holds": sum(self._holds.values()),
+            **self._reuse.stats(),  # ports_waiting_reuse, endpoints_held, holds
             "blocks_quarantined": len(self._qblocks),
             "blocks_reserved": len(self._reserved),
             "blocks_borrowed": len(self._adopted),
@@ -525,18 +481,19 @@ class BlockPool:
 
     def waiting(self) -> list:
         """[(release_at, ekey, block, pidx, offset)] in the reuse delay, in order."""
-        return list(self._reuse)
+        return self._reuse.waiting().tolist()
 
     def held(self) -> dict:
         """{ekey: (block, pidx, offset)}: past the reuse delay, waiting for holds."""
-        return dict(self._held)
+        return {k: (g, pi, off) for k, g, pi, off in self._reuse.held().tolist()}
 
     def hold_counts(self) -> dict:
         """{ekey: leases outstanding}."""
-        return dict(self._holds)
+        return dict(self._reuse.hold_counts().tolist())
 
     def snapshot(self) -> dict:
         """The pool as plain data (the RuleBuilder's snapshot keys)."""
+        queue, holds, held = self._reuse.snapshot()
         return {
             "addr": [[a, st[0], st[1], list(st[2])] for a, st in self._addr.items()],
             "avail": list(self._avail),
@@ -544,9 +501,9 @@ class BlockPool:
             "lent": sorted(self._lent),
             "qblocks": [[g, u] for g, u in self._qblocks.items()],
             "qskipped": sorted(self._qskipped),
-            "reuse": [list(x) for x in self._reuse],
-            "holds": [[k, c] for k, c in self._holds.items()],
-            "held": [[k, list(v)] for k, v in self._held.items()],
+            "reuse": [list(x) for x in queue.tolist()],
+            "holds": [list(x) for x in holds.tolist()],
+            "held": [[k, [g, pi, off]] for k, g, pi, off in held.tolist()],
             "qhosts": [[g, h] for g, h in self._qhosts.items()],
             "reserved": [[g, u, list(ms)] for g, (u, ms) in self._reserved.items()],
         }
@@ -560,9 +517,10 @@ class BlockPool:
         self._lent = set(state["lent"])
         self._qblocks = {int(g): int(u) for g, u in state["qblocks"]}
         self._qskipped = set(int(g) for g in state.get("qskipped", ()))
-        self._reuse = collections.deque(tuple(int(v) for v in x) for x in state["reuse"])
-        self._holds = {int(k): int(c) for k, c in state["holds"]}
-        self._held = {int(k): tuple(int(x) for x in v) for k, v in state["held"]}
+        self._reuse.restore(
+            np.array([tuple(int(v) for v in x) for x in state["reuse"]], ENDED_DTYPE),
+            np.array([(int(k), int(c)) for k, c in state["holds"]], HOLD_DTYPE),
+            np.array([(int(k), *(int(x) for x in v)) for k, v in state["held"]], PARKED_DTYPE))
         self._qhosts = {int(g): int(h) for g, h in state.get("qhosts", ())}
         self._reserved = {int(g): [int(u), [int(x) for x in ms]] for g, u, ms in state.get("reserved", ())}
 
