@@ -1059,7 +1059,7 @@ def test_owner_answers_small_and_batched_fetches_alike(tmp_path):
 
 def test_owner_nacks_fetches_it_has_no_room_for(tmp_path):
     """Flow tables full at the owner: a FETCH that needs a new session is refused with a
-    NACK (table_full counted), the batch's other FETCH still answered -- never an
+    NACK "unavailable" (table_full counted), the batch's other FETCH still answered -- never an
     exception on the loop.  (Fails on main before fetch serving over record arrays:
     table_full's reason index is 0, read there as "answered", and serving raised
     TypeError on the missing session.)"""
@@ -1080,6 +1080,8 @@ def test_owner_nacks_fetches_it_has_no_room_for(tmp_path):
     by = {mtype: recs for _, mtype, recs in sent}
     assert by[M.T_RULE]["seq"].tolist() == [1] and by[M.T_RULE]["ext_port"][0] == out[0].sport
     assert by[M.T_NACK]["seq"].tolist() == [2]
+    # "unavailable": the holder retries later and does not remember the flow as ruleless
+    assert by[M.T_NACK]["reason"].tolist() == [M.NACK["unavailable"]]
     assert w.rules.counters_dict()["table_full"] == full + 1 and len(w.rules.out) == cap
     w.close()
 

@@ -245,6 +245,7 @@ _NACK_OF = {
     "icmp_error_no_session": "no_rule",
     "recovering": "unavailable",  # crash recovery window at the owner: try again shortly
     "journal_unavailable": "unavailable",  # the owner's block journal cannot be written now
+    "table_full": "unavailable",  # the owner's flow tables have no room now: not remembered as "no rule"
 }
 
 
