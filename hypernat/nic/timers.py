@@ -80,6 +80,7 @@ class Scheduler:
     _live: list = field(default_factory=list)  # enabled, the others (due_fn, or every turn)
     _fixed_min: float = INF
     _fixed_stale: bool = False
+    _ran: list = field(default_factory=list)  # the jobs the last run() ran, in order
 
     def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None, budgeted: bool = True) -> Job:
         """Register job `name` (unique): run `fn` every `period` seconds, first at
@@ -174,13 +175,13 @@ class Scheduler:
             d.sort()  # (time, order): orders are unique, the jobs never compared
         return [x[2] for x in d]
 
-    def run_due(self, now: float) -> list:
-        """Run every due job (within the turn's budget, if any); returns [(name, seconds)]
-        of the jobs run, in the order they ran."""
-        ran = []
+    def run(self, now: float) -> int:
+        """Run every due job (within the turn's budget, if any); returns how many ran
+        (``last_ran()`` says which, and how long each took)."""
+        ran = self._ran = []
         timer = self.timer
         budget = self.turn_budget_s
-        t_turn = timer()
+        t_turn = timer() if budget is not None else 0.0
         todo = self.due(now)
         over = False
         for j in todo:
@@ -198,6 +199,7 @@ class Scheduler:
                 j.last_s = dt
                 if dt > j.max_s:
                     j.max_s = dt
+                ran.append(j)
             if r is True:
                 j.overruns += 1
                 t = now  # the rest of its work: next turn
@@ -207,8 +209,16 @@ class Scheduler:
                 t = float(r)
             if t != j.next_due:
                 self._set_next(j, t)
-            ran.append((j.name, dt))
-        return ran
+        return len(ran)
+
+    def last_ran(self) -> list:
+        """[(name, seconds)] of the jobs the last ``run`` ran, in the order they ran."""
+        return [(j.name, j.last_s) for j in self._ran]
+
+    def run_due(self, now: float) -> list:
+        """``run``, then ``last_ran``: [(name, seconds)] of the jobs run, in order."""
+        self.run(now)
+        return self.last_ran()
 
     def stats(self) -> dict:
         """{job: {runs, overruns, deferred, last_us, max_us, period_s}} for metrics."""

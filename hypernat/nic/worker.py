@@ -68,7 +68,8 @@ from .events import RX_HIT as EV_RX_HIT
 from .events import RX_MISS as EV_RX_MISS
 from .events import now_ns as _now_ns
 from .journal import Journal, JournalError
-from .timers import INF, Scheduler
+from ._timers import Scheduler  # compiled; nic/timers.py is its reference
+from .timers import INF
 
 log = logging.getLogger("hypernat.nic")
 
@@ -281,6 +282,7 @@ class NicWorker:
         self.poller = zmq.Poller()
         for p in (inside, outside):
             self.poller.register(p.fileno(), zmq.POLLIN)
+        self._rx_fds = (inside.fileno(), outside.fileno())  # a port is read when the poll says so
         self._tx_waiting = 0  # frames the ports' devices refused, waiting to be sent again
         if not standalone:
             self._ctx = context or zmq.Context.instance()
@@ -292,12 +294,13 @@ class NicWorker:
         self._recovery_end = 0.0
         self._recovered_seen = 0
         self.timers = self._make_timers(config)
-        self.last_jobs: list = []  # [(job, seconds)] the last turn ran
         if restore:
             self.recovery = self._restore()
         if self.journal is not None:
             self.rules.reserve_blocks()  # before the first packet: no fsync on its path
             self.journal.wait()  # ... and on disk before it
+            if self.journal.waiting:
+                self.timers.due_now("journal_poll")
 
     def _clones_installed(self, records, idx, dirs) -> None:
         """Event log only (the agent's ``on_installed``: every clone it installs, RULE
@@ -455,7 +458,7 @@ class NicWorker:
             except zmq.ZMQError:
                 self._backlog.popleft()
                 self.counters["coord_backlog_dropped"] += 1
-        if len(self.outbox):
+        if self.outbox:
             if self.sock is None:
                 for _ in self.outbox.drain():
                     self.counters["coord_backlog_dropped"] += 1
@@ -924,46 +927,77 @@ class NicWorker:
 
     def run_once(self, timeout_ms: int = 100) -> int:
         """One turn: wait for packets or messages (at most timeout_ms), handle them, run
-        timers.  Returns frames processed."""
-        if self._backlog or len(self.outbox):
+        timers.  Returns frames processed.
+
+        What a turn does is what the poll and the timers say: a port is read when its
+        fd is readable (and again while it gives frames), the coordinator's socket when
+        it is, each periodic job when due (``nic/_timers.pyx``); the jobs that follow
+        events are made due by them (the agent's pushes and revocations by the turn's
+        packets and messages, SIGHUP's reload by the signal, the journal's callbacks by
+        its fsyncs).  A turn with nothing to do polls, reads two clocks, and asks the
+        owners of the agent's timers when they are due: no allocation, no job run."""
+        if self._backlog or self.outbox:
             timeout_ms = min(timeout_ms, 5)
         if self._tx_waiting:  # a device refused frames: ask it again soon
             timeout_ms = min(timeout_ms, 1)
+        timers = self.timers
         if timeout_ms > 0:  # no longer than until the next timer job is due
-            wait = self.timers.next_due() - self.clock()
+            wait = timers.next_due() - self.clock()
             if wait < timeout_ms / 1000.0:
                 timeout_ms = math.ceil(wait * 1000.0) if wait > 0 else 0
-        events = dict(self.poller.poll(timeout_ms))
+        ready = self.poller.poll(timeout_ms)  # [(socket or fd, events)]: what is readable
         t0 = time.perf_counter()
         now = self.clock()
-        if self.sock is not None and self.sock in events:
+        coord = rx_in = rx_out = False
+        if ready:
+            in_fd, out_fd = self._rx_fds
+            for s, _ in ready:
+                if s is self.sock:
+                    coord = True
+                else:  # (one port on both sides: both read)
+                    rx_in = rx_in or s == in_fd
+                    rx_out = rx_out or s == out_fd
+        if coord:
             self._recv_coord(now)
-            if self._backlog or len(self.outbox):
+            if self._backlog or self.outbox:
                 self._flush()  # RULE answers to FETCHes leave before this turn's packets
         t1 = time.perf_counter()
         # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
         # however they split between the ports (one busy direction gets the whole turn;
         # the turn's fixed costs -- poll, timers -- spread over as many frames as when
-        # both are busy); the poller keeps it fair
+        # both are busy); a port is read while it gives frames (new ones make its fd
+        # readable for the next turn's poll); the poller keeps it fair
         n = 0
-        stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
-        for _ in range(TURN_BATCHES):
-            k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
-            n += k
-            if k == 0 or n > stop:
-                break
+        if rx_in or rx_out:
+            inside, outside = self.inside, self.outside
+            stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
+            for _ in range(TURN_BATCHES):
+                a = self._process(inside, OUT, outside) if rx_in else 0
+                b = self._process(outside, IN, inside) if rx_out else 0
+                rx_in, rx_out = a > 0, b > 0
+                n += a + b
+                if not (rx_in or rx_out) or n > stop:
+                    break
         # frames a device refused (they wait in a transmit ring) are sent again every
         # turn, whether or not new ones arrived
         self._tx_waiting = self.inside.flush() + self.outside.flush()
         t2 = time.perf_counter()
-        self._flush()  # answers and fetches leave before any housekeeping
-        self.last_jobs = self.timers.run_due(now)
-        if self._backlog or len(self.outbox):
+        if self._backlog or self.outbox:
+            self._flush()  # answers and fetches leave before any housekeeping
+        if n or coord:  # what this turn's packets and messages built or ended: pushed, revoked
+            timers.due_now("agent_created")
+        timers.run(now)
+        if self._backlog or self.outbox:
             self._flush()
         t3 = time.perf_counter()
         if t3 - t0 >= self.slow_turn_s:  # everything waiting (fetches too) waited this long
             self._slow_turn(t1 - t0, t2 - t1, t3 - t2, n)
         return n
+
+    @property
+    def last_jobs(self) -> list:
+        """[(job, seconds)] the last turn ran, in the order they ran."""
+        return self.timers.last_ran()
 
     def _slow_turn(self, coord_s: float, packets_s: float, rest_s: float, frames: int) -> None:
         """Count a loop turn that took longer than slow_turn_s, and say (rate-limited:
@@ -982,16 +1016,21 @@ class NicWorker:
         """The loop's periodic jobs: what runs when, each a bounded slice per turn."""
         t = Scheduler(turn_budget_s=_turn_budget_s(config.loop))
         for name, step, due in self.agent.steps():  # retries, retransmissions, lease ends, activity
-            t.add(name, step, 0.0, due=due, budgeted=due is not None)  # (every turn: this turn's pushes)
+            if due is None:  # the pushes / revocations of what a turn built or ended: made due by
+                # the turn's packets and messages (run_once) and by the jobs that build or end
+                # sessions (sweep, recovery); every sweep interval besides, whatever else did
+                t.add(name, step, self.sweep_interval, budgeted=False)
+            else:
+                t.add(name, step, 0.0, due=due)
         # what the turn itself brought runs that turn, whatever the budget
         t.add("recovery", self._job_recovery, 0.0, budgeted=False)  # while the crash recovery window is open
         t.enable("recovery", False)
-        t.add("reload", self._job_reload, 0.0, budgeted=False)  # SIGHUP: at the next turn
+        t.add("reload", self._job_reload, INF, first=INF, budgeted=False)  # due when SIGHUP says so
         t.add("gc_freeze", self._job_gc_freeze, GC_FREEZE_INTERVAL)
         t.add("sweep", self._job_sweep, self.sweep_interval)
         t.add("frag_expire", self._job_frag_expire, self.sweep_interval)
         if self.journal is not None:
-            t.add("journal_poll", self._job_journal_poll, 0.0, budgeted=False)
+            t.add("journal_poll", self._job_journal_poll, 0.0, first=INF, budgeted=False)  # while fsyncs run
             t.add("journal", self._job_journal, self.journal_interval)
             t.add("journal_sync", self._job_journal_sync, self.journal_sync_interval)
         if self.sock is not None:
@@ -1013,11 +1052,14 @@ class NicWorker:
     def _job_recovery(self, now: float) -> None:
         if self.rules.recovering:
             self._recovery_step(now)
+            self.timers.due_now("agent_created")  # (what its replays built)
 
-    def _job_reload(self, now: float) -> None:
+    def _job_reload(self, now: float):
+        """SIGHUP's reload (the handler sets the flag and makes this job due)."""
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
+        return -INF if self._reload_requested else None  # another SIGHUP meanwhile: again
 
     def _job_gc_freeze(self, now: float) -> None:
         gc.freeze()
@@ -1033,6 +1075,7 @@ class NicWorker:
                 return min(self._sweep_held + self.sweep_defer_max, now + self.sweep_interval)
         self._sweep_held = None
         self.rules.sweep(self.ticks())
+        self.timers.due_now("agent_created")  # (the sessions it ended: revoked)
         return None
 
     def _job_frag_expire(self, now: float) -> None:
@@ -1041,8 +1084,11 @@ class NicWorker:
     # the journal, off the packet path: blocks journaled ahead of need, the "assign"
     # records written since fsync'ed; never while a fetch waits for its answer (fsyncs run
     # on the journal's thread; poll() takes in the reserved blocks whose fsync completed)
-    def _job_journal_poll(self, now: float) -> None:
+    def _job_journal_poll(self, now: float):
+        """The callbacks of completed fsyncs; due every turn while fsyncs with callbacks
+        are in flight (the journal job starts them), idle otherwise."""
         self.journal.poll()
+        return now if self.journal.waiting else INF
 
     def _job_journal(self, now: float):
         if self.agent.pending:
@@ -1053,6 +1099,8 @@ class NicWorker:
             except JournalError:
                 pass  # counted and logged by the journal; the old files still name every block
         self.rules.reserve_blocks()
+        if self.journal.waiting:
+            self.timers.due_now("journal_poll")
         return None
 
     def _job_journal_sync(self, now: float):
@@ -1108,6 +1156,7 @@ class NicWorker:
 
         def hup(signum, frame):
             self._reload_requested = True
+            self.timers.due_now("reload")
 
         signal.signal(signal.SIGTERM, h)
         signal.signal(signal.SIGINT, h)
