@@ -45,6 +45,7 @@ import gc
 import logging
 import math
 import os
+import select
 import signal
 import time
 
@@ -72,6 +73,7 @@ from ._timers import Scheduler  # compiled; nic/timers.py is its reference
 from .timers import INF
 
 log = logging.getLogger("hypernat.nic")
+_LONG_WAIT_MS = 10  # a wait this long asks ZMQ_EVENTS first, whatever the socket did
 
 _V_TRANSLATED = VERDICT["translated"]
 _V_HAIRPIN = VERDICT["hairpin"]
@@ -279,10 +281,16 @@ class NicWorker:
         self.sock = None
         self.standalone = standalone
         self._make_predicates()
-        self.poller = zmq.Poller()
-        for p in (inside, outside):
-            self.poller.register(p.fileno(), zmq.POLLIN)
+        # one poll(2) per turn (what zmq_poll does, without its ZMQ_EVENTS per socket and
+        # call): the ports' fds (readable while frames wait) and the coordinator socket's
+        # ZMQ_FD, which tells of changes only -- after any operation on the socket
+        # (_zmq_dirty) and before a long wait, ZMQ_EVENTS says whether a message waits
+        self.poller = select.poll()
         self._rx_fds = (inside.fileno(), outside.fileno())  # a port is read when the poll says so
+        for fd in set(self._rx_fds):
+            self.poller.register(fd, select.POLLIN)
+        self._zfd = -1  # the coordinator socket's ZMQ_FD
+        self._zmq_dirty = False  # an operation on the socket since ZMQ_EVENTS was last asked
         self._tx_waiting = 0  # frames the ports' devices refused, waiting to be sent again
         if not standalone:
             self._ctx = context or zmq.Context.instance()
@@ -324,7 +332,9 @@ class NicWorker:
         s.connect(endpoint)
         self.sock = s
         self.endpoint = endpoint
-        self.poller.register(s, zmq.POLLIN)
+        self._zfd = s.getsockopt(zmq.FD)
+        self.poller.register(self._zfd, select.POLLIN)
+        self._zmq_dirty = True
 
     def _prefault_tables(self) -> None:
         """Touch every page of both flow tables once, now, before the NIC serves traffic.
@@ -438,6 +448,7 @@ class NicWorker:
                 return
             self._backlog.append(frames)
             return
+        self._zmq_dirty = True
         try:
             zmqio.send_multipart(self.sock, frames, zmq.NOBLOCK)
             self.counters["coord_sent"] += 1
@@ -448,6 +459,8 @@ class NicWorker:
             log.debug("nic%d: send failed: %s", self.nic_id, exc)
 
     def _flush(self) -> None:
+        if self._backlog:
+            self._zmq_dirty = True
         while self._backlog:
             try:
                 zmqio.send_multipart(self.sock, self._backlog[0], zmq.NOBLOCK)
@@ -756,6 +769,7 @@ class NicWorker:
 
     def _recv_coord(self, now: float, limit: int = 1000) -> None:
         held = []  # [sender, mtype, [recs, ...]]: validated, not yet handed to the agent
+        self._zmq_dirty = True
         try:
             self._recv_coord_into(held, now, limit)
         finally:
@@ -945,18 +959,25 @@ class NicWorker:
             wait = timers.next_due() - self.clock()
             if wait < timeout_ms / 1000.0:
                 timeout_ms = math.ceil(wait * 1000.0) if wait > 0 else 0
-        ready = self.poller.poll(timeout_ms)  # [(socket or fd, events)]: what is readable
+        coord = rx_in = rx_out = False
+        sock = self.sock
+        if sock is not None and (self._zmq_dirty or timeout_ms >= _LONG_WAIT_MS):
+            self._zmq_dirty = False  # (ZMQ_EVENTS takes in the socket's pending changes)
+            coord = zmqio.readable(sock)
+            if coord:
+                timeout_ms = 0
+        ready = self.poller.poll(timeout_ms)  # [(fd, events)]: what is readable
         t0 = time.perf_counter()
         now = self.clock()
-        coord = rx_in = rx_out = False
         if ready:
             in_fd, out_fd = self._rx_fds
-            for s, _ in ready:
-                if s is self.sock:
-                    coord = True
+            for fd, _ in ready:
+                if fd == self._zfd:  # something changed on the socket: ask what
+                    if not coord:
+                        coord = zmqio.readable(sock)
                 else:  # (one port on both sides: both read)
-                    rx_in = rx_in or s == in_fd
-                    rx_out = rx_out or s == out_fd
+                    rx_in = rx_in or fd == in_fd
+                    rx_out = rx_out or fd == out_fd
         if coord:
             self._recv_coord(now)
             if self._backlog or self.outbox:
@@ -1217,6 +1238,8 @@ class NicWorker:
                 self._flush()
             except zmq.ZMQError:
                 pass
+            self.poller.unregister(self._zfd)
+            self._zfd = -1
             self.sock.close(0)
             self.sock = None
         if self.journal is not None:
