@@ -152,6 +152,30 @@ def test_split_connection_passive_install_in_process(pair):
     assert w1.agent.counters["fetches"] == 1
 
 
+def test_turns_that_never_wait_still_see_every_coordinator_message(pair):
+    """The loop's one poll watches the coordinator socket's ZMQ_FD, which tells of
+    changes only; after each send or receive the turn asks ZMQ_EVENTS.  Driven by
+    run_once(0) alone (no wait long enough to ask it anyway), two NICs pass a burst of
+    FETCHes and RULE answers back and forth while both send: every reply is delivered."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    k = 40
+    in0.inject([build_frame(UDP, I1, 41000 + i, R1, 53, payload=b"q") for i in range(k)])
+    end = time.monotonic() + 10
+    while len(out0._tx) < k and time.monotonic() < end:
+        w0.run_once(0), w1.run_once(0)
+    outs = [parse_frame(f) for f in out0.take_tx()]
+    assert len(outs) == k
+    # the replies land on NIC 1, which fetches each rule from NIC 0 (a burst of FETCHes,
+    # RULE answers, acknowledgements), in turns that never wait
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"a") for p in outs])
+    got = 0
+    while got < k and time.monotonic() < end:
+        w0.run_once(0), w1.run_once(0)
+        got += len(in1.take_tx())
+    assert got == k and w1.agent.counters["clones_installed"] == k
+    assert w0.counters["coord_recv"] >= 1 and w1.counters["coord_recv"] >= 1
+
+
 def _forge(coord_sock, ident, sender, mtype, payload):
     coord_sock.send_multipart([ident, M.nic_identity(sender), bytes([mtype]), payload])
 
