@@ -1,10 +1,16 @@
 """The NIC daemon's one timer scheduler: what periodic work runs when, and how much of it.
 
+This module is the readable reference; the worker runs its compiled twin,
+``hypernat/nic/_timers.pyx`` (same API, same decisions: tests/test_timers.py runs every
+scheduler test on both and compares them on random sequences).
+
 Every periodic job of a NIC worker (expiry, activity, lease ends, retransmissions,
 journal, heartbeat, stats, ...) is a named ``Job`` here, with its period, the time it is
 next due and its per-turn slice of work.  Once per loop turn the worker calls
-``Scheduler.run_due(now)``: the jobs whose time came run in due order (earliest first,
-ties in registration order), each at most once::
+``Scheduler.run(now)`` (``last_ran()`` then says what ran; ``run_due`` is both): the
+jobs whose time came run in due order (earliest first, ties in registration order),
+each at most once.  A job that follows an event rather than the clock is registered
+with its first time at inf and made due by the event (``due_now``)::
 
       loop turn:  poll ─► packets ─► flush ─► Scheduler.run_due(now)
                                                  │ due jobs, earliest first

@@ -4,7 +4,7 @@ One process (or, in tests, one object) per NIC.  It owns two ports (inside towar
 VPC, outside toward the Internet), the NIC's two flow tables, its RuleBuilder and its
 RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
 
-          zmq.Poller: inside fd │ outside fd │ DEALER        (one wait, no busy loop)
+          poll(2): inside fd │ outside fd │ DEALER's ZMQ_FD   (one wait, no busy loop)
                         │            │           │
     inside.recv() ──► translate(OUT) ──► hits ──► outside.send()      hairpins ──► inside
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
@@ -17,7 +17,7 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                                    the owner (sent at once: not at the end of
                                                    the turn); replayed from copies once answered
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
-    Scheduler.run_due (nic/timers.py): every periodic job that is due, a slice each --
+    Scheduler.run (nic/_timers.pyx): every periodic job that is due, a slice each --
       the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
       expiry step │ RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead
       of need; Journal.checkpoint when the log passed its bound │ heartbeat, stats, ...
@@ -948,9 +948,11 @@ class NicWorker:
         it is, each periodic job when due (``nic/_timers.pyx``); the jobs that follow
         events are made due by them (the agent's pushes and revocations by the turn's
         packets and messages, SIGHUP's reload by the signal, the journal's callbacks by
-        its fsyncs).  A turn with nothing to do polls, reads two clocks, and asks the
-        owners of the agent's timers when they are due: no allocation, no job run."""
-        if self._backlog or self.outbox:
+        its fsyncs).  A turn with nothing to do makes one poll(2), reads the clocks and
+        asks the owners of the agent's timers when they are due: no job runs, no port
+        or socket is asked, nothing is built but the poll's empty answer."""
+        queued = self._backlog or self.outbox
+        if queued:
             timeout_ms = min(timeout_ms, 5)
         if self._tx_waiting:  # a device refused frames: ask it again soon
             timeout_ms = min(timeout_ms, 1)
@@ -982,14 +984,15 @@ class NicWorker:
             self._recv_coord(now)
             if self._backlog or self.outbox:
                 self._flush()  # RULE answers to FETCHes leave before this turn's packets
-        t1 = time.perf_counter()
+        t1 = time.perf_counter() if coord else t0
         # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
         # however they split between the ports (one busy direction gets the whole turn;
         # the turn's fixed costs -- poll, timers -- spread over as many frames as when
         # both are busy); a port is read while it gives frames (new ones make its fd
         # readable for the next turn's poll); the poller keeps it fair
         n = 0
-        if rx_in or rx_out:
+        rx = rx_in or rx_out
+        if rx:
             inside, outside = self.inside, self.outside
             stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
             for _ in range(TURN_BATCHES):
@@ -1002,13 +1005,12 @@ class NicWorker:
         # frames a device refused (they wait in a transmit ring) are sent again every
         # turn, whether or not new ones arrived
         self._tx_waiting = self.inside.flush() + self.outside.flush()
-        t2 = time.perf_counter()
-        if self._backlog or self.outbox:
+        t2 = time.perf_counter() if rx else t1
+        if (queued or coord or rx) and (self._backlog or self.outbox):
             self._flush()  # answers and fetches leave before any housekeeping
         if n or coord:  # what this turn's packets and messages built or ended: pushed, revoked
             timers.due_now("agent_created")
-        timers.run(now)
-        if self._backlog or self.outbox:
+        if timers.run(now) and (self._backlog or self.outbox):
             self._flush()
         t3 = time.perf_counter()
         if t3 - t0 >= self.slow_turn_s:  # everything waiting (fetches too) waited this long
