@@ -62,6 +62,43 @@ def test_standalone_translates_both_ways_with_valid_checksums(tmp_path):
     w.close()
 
 
+def test_an_empty_turn_reads_no_port_and_runs_no_job_until_one_is_due(tmp_path):
+    """A turn does what its poll and its timers say: with nothing arriving and no job due
+    (the clock stands still), no port is asked and no job runs; a frame arriving is read
+    in the next turn, and the agent's pushes / revocations (made due by the turn's
+    packets) run in that turn; when the clock reaches a job's time, it runs."""
+    t = [1000.0]
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, clock=lambda: t[0])
+    reads = []
+    for port in (inside, outside):
+        real = port.recv
+        port.recv = lambda n, real=real, port=port: (reads.append(port.name), real(n))[1]
+    try:
+        for _ in range(2000):  # every job's first run (an activity round: a slice a turn)
+            w.run_once(0)
+            if not w.last_jobs:
+                break
+        assert w.last_jobs == []
+        reads.clear()
+        for _ in range(200):
+            assert w.run_once(0) == 0
+            assert w.last_jobs == []
+        assert reads == []
+        inside.inject([build_frame(UDP, I1, 40000, R1, 53, payload=b"q")])
+        assert w.run_once(0) == 1 and len(outside.take_tx()) == 1
+        assert reads[0] == inside.name and outside.name not in reads
+        assert "agent_created" in [n for n, _ in w.last_jobs]
+        reads.clear()
+        w.run_once(0)
+        assert reads == [] and w.last_jobs == []
+        t[0] += w.sweep_interval  # the periodic jobs' time comes
+        w.run_once(0)
+        assert {"sweep", "frag_expire"} <= {n for n, _ in w.last_jobs} and reads == []
+    finally:
+        w.close()
+
+
 def test_unsolicited_and_malformed_frames_are_counted_not_fatal(tmp_path):
     cfg = emulated_config(1)
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
