@@ -686,6 +686,10 @@ class Outbox:
     def __len__(self) -> int:
         return sum(len(v) for v in self._q.values())
 
+    def __bool__(self) -> bool:
+        """Anything added since the last drain (the loop asks every turn: no sum)."""
+        return bool(self._q)
+
     def drain(self):
         """Yield (target, type, payload bytes); at most MAX_RECORDS records a payload, and
         every array of at most MAX_RECORDS records that was added goes out whole in one."""

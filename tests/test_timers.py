@@ -14,11 +14,20 @@ from hypernat import messages as M
 from hypernat.agent import AgentParams, RuleAgent
 from hypernat.deadlines import DeadlineQueue
 from hypernat.lab.emulated import emulated_config
-from hypernat.nic.timers import INF, Scheduler
+from hypernat.nic import _timers
+from hypernat.nic import timers as timers_py
+from hypernat.nic.timers import INF
 
 from fixtures.clones import rule_records, selected
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=[timers_py.Scheduler, _timers.Scheduler], ids=["py", "compiled"])
+def Scheduler(request):
+    """Every scheduler test runs on both: the compiled scheduler the worker uses
+    (nic/_timers.pyx) and its reference (nic/timers.py)."""
+    return request.param
 
 
 def _plain_next_due(s):
@@ -33,7 +42,7 @@ def _plain_due(s, now):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_cached_due_times_agree_with_a_plain_scan(seed):
+def test_cached_due_times_agree_with_a_plain_scan(seed, Scheduler):
     """The scheduler keeps the enabled jobs grouped and the earliest fixed time cached
     (a turn looks at few jobs); whatever the jobs return, whatever set_due / due_now /
     enable do between turns, next_due() and due() answer what a scan of every job does."""
@@ -78,6 +87,79 @@ def test_cached_due_times_agree_with_a_plain_scan(seed):
         assert s.next_due() == _plain_next_due(s)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_scheduler_decides_as_its_reference(seed):
+    """nic/_timers.pyx against nic/timers.py: the same random sequence of jobs (fixed
+    periods, owner-timed, every turn, unbudgeted), of job results (done, left work, a
+    time), of set_due / due_now / enable, with a turn budget measured on a fake clock
+    that the jobs advance: the same jobs run in the same order, the same ones are
+    deferred, next_due() and the stats agree at every step."""
+    rng = np.random.default_rng(100 + seed)
+    scheds, clocks, logs = [], [], []
+    owned = {"o1": 7.0, "o2": INF}
+    results, costs = {}, {}
+
+    def fn_of(name, clock, log):
+        def fn(now):
+            log.append(name)
+            clock.t += costs.get(name, 0.0)
+            r = results.get(name)
+            return r(now) if callable(r) else r
+        return fn
+
+    for impl in (timers_py.Scheduler, _timers.Scheduler):
+        clock, log = FakeTimer(), []
+        s = impl(turn_budget_s=0.001, timer=clock)
+        s.add("every", fn_of("every", clock, log))
+        s.add("hup", fn_of("hup", clock, log), INF, first=INF, budgeted=False)
+        s.add("a", fn_of("a", clock, log), 1.0)
+        s.add("b", fn_of("b", clock, log), 2.5, first=0.5)
+        s.add("c", fn_of("c", clock, log), 0.01, first=3.0)
+        s.add("o1", fn_of("o1", clock, log), due=lambda: owned["o1"])
+        s.add("o2", fn_of("o2", clock, log), due=lambda: owned["o2"], budgeted=False)
+        s.add("turn", fn_of("turn", clock, log), 0.0, first=INF, budgeted=False)
+        scheds.append(s), clocks.append(clock), logs.append(log)
+    names = list(scheds[0].jobs)
+    now = 0.0
+    for step in range(1500):
+        now += float(rng.choice([0.0, 0.001, 0.05, 0.3, 1.1]))
+        for _ in range(int(rng.integers(0, 3))):
+            op, name = int(rng.integers(0, 7)), names[int(rng.integers(0, len(names)))]
+            x = float(rng.uniform(-1, 3))
+            if op == 0:
+                for s in scheds:
+                    s.set_due(name, now + x)
+            elif op == 1:
+                for s in scheds:
+                    s.due_now(name)
+            elif op == 2:
+                on = bool(rng.integers(0, 4))  # mostly on
+                for s in scheds:
+                    s.enable(name, on)
+            elif op == 3:
+                owned[str(rng.choice(["o1", "o2"]))] = float(rng.choice([now + x, -INF, INF]))
+            elif op == 4:
+                r = rng.choice([None, True, False, "float", "-inf", "inf"])
+                k = float(rng.uniform(0.001, 2))
+                results[name] = {"float": (lambda t, k=k: t + k), "-inf": -INF, "inf": INF}.get(r, r)
+            elif op == 5:
+                costs[name] = float(rng.choice([0.0, 0.0002, 0.0008, 0.003]))
+        want_next = scheds[0].next_due()
+        assert all(s.next_due() == want_next for s in scheds), step
+        want_due = [j.name for j in scheds[0].due(now)]
+        assert all([j.name for j in s.due(now)] == want_due for s in scheds), step
+        ran = [s.run_due(now) for s in scheds]
+        assert all([n for n, _ in r] == [n for n, _ in ran[0]] for r in ran), step
+        assert all(s.last_ran() == r for s, r in zip(scheds, ran)), step
+        assert logs[0] == logs[1]
+        st = [{n: (v["runs"], v["overruns"], v["deferred"]) for n, v in s.stats().items()} for s in scheds]
+        assert st[0] == st[1], step
+        assert [(j.next_due, j.last_run) for j in scheds[0].jobs.values()] == \
+            [(j.next_due, j.last_run) for j in scheds[1].jobs.values()], step
+    assert all(v["runs"] for v in scheds[1].stats().values())  # every kind of job ran
+    assert sum(v["deferred"] for v in scheds[1].stats().values()) and sum(v["overruns"] for v in scheds[1].stats().values())
+
+
 class FakeTimer:
     """A perf counter that advances only when a job says it worked."""
 
@@ -98,7 +180,7 @@ def job(log, name, timer=None, cost=0.0, result=None):
 
 
 # ------------------------------------------------------------------------------ Scheduler
-def test_due_jobs_run_earliest_first_ties_in_registration_order():
+def test_due_jobs_run_earliest_first_ties_in_registration_order(Scheduler):
     log = []
     s = Scheduler()
     s.add("c", job(log, "c"), 1.0, first=5.0)
@@ -112,7 +194,7 @@ def test_due_jobs_run_earliest_first_ties_in_registration_order():
     assert s.run_due(10.5) == []
 
 
-def test_job_over_its_slice_continues_next_turn_and_counts_an_overrun():
+def test_job_over_its_slice_continues_next_turn_and_counts_an_overrun(Scheduler):
     log, left = [], [3]
 
     def work(now):  # three slices of work, then done
@@ -130,7 +212,7 @@ def test_job_over_its_slice_continues_next_turn_and_counts_an_overrun():
     assert s.next_due() == pytest.approx(11.2)
 
 
-def test_job_sets_its_own_next_time_and_due_fn_jobs_follow_their_owner():
+def test_job_sets_its_own_next_time_and_due_fn_jobs_follow_their_owner(Scheduler):
     log = []
     s = Scheduler()
     s.add("retry", job(log, "retry", result=lambda now: now + 0.25), 5.0)
@@ -146,7 +228,7 @@ def test_job_sets_its_own_next_time_and_due_fn_jobs_follow_their_owner():
     assert s.next_due() == 1.25
 
 
-def test_every_turn_jobs_run_each_turn_but_never_wake_the_loop():
+def test_every_turn_jobs_run_each_turn_but_never_wake_the_loop(Scheduler):
     log = []
     s = Scheduler()
     s.add("each", job(log, "each"), 0.0)
@@ -159,7 +241,7 @@ def test_every_turn_jobs_run_each_turn_but_never_wake_the_loop():
     assert s.next_due() == INF and [n for n, _ in s.run_due(9.0)] == ["each"]
 
 
-def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line():
+def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line(Scheduler):
     log, timer = [], FakeTimer()
     s = Scheduler(turn_budget_s=0.001, timer=timer)
     for name in "abcd":
@@ -171,7 +253,7 @@ def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line():
     assert log == ["a", "b", "c", "d"]  # the deferred ones ran first, before anything newer
 
 
-def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget():
+def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget(Scheduler):
     """A SIGHUP reload, the pushes of the rules this turn built: never deferred."""
     log, timer = [], FakeTimer()
     s = Scheduler(turn_budget_s=0.001, timer=timer)
@@ -182,7 +264,7 @@ def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget():
     assert log == ["big", "reload"] and s.stats()["other"]["deferred"] == 1
 
 
-def test_no_job_starves_beside_a_job_that_always_has_more_work():
+def test_no_job_starves_beside_a_job_that_always_has_more_work(Scheduler):
     """A greedy job that always leaves work and spends the whole turn budget, and jobs
     with short periods: every one of them still runs, every few turns."""
     log, timer = [], FakeTimer()
@@ -204,7 +286,7 @@ def test_no_job_starves_beside_a_job_that_always_has_more_work():
         assert gaps.max() <= 20, (name, gaps.max())  # nobody waits for ever
 
 
-def test_no_job_starves_beside_jobs_whose_backlog_is_due_long_ago():
+def test_no_job_starves_beside_jobs_whose_backlog_is_due_long_ago(Scheduler):
     """Jobs whose owners report a backlog due long ago (a heap of lease ends from the
     past, a round in progress: -inf) and take the whole budget each run: the periodic
     jobs beside them still run every few turns (the backlog queues behind them)."""
@@ -223,7 +305,7 @@ def test_no_job_starves_beside_jobs_whose_backlog_is_due_long_ago():
     assert runs["backlog1"] >= 2000 // 4 and runs["round"] >= 2000 // 4
 
 
-def test_duplicate_or_negative_jobs_refused():
+def test_duplicate_or_negative_jobs_refused(Scheduler):
     s = Scheduler()
     s.add("x", lambda now: None, 1.0)
     with pytest.raises(ValueError, match="twice"):

@@ -62,6 +62,43 @@ def test_standalone_translates_both_ways_with_valid_checksums(tmp_path):
     w.close()
 
 
+def test_an_empty_turn_reads_no_port_and_runs_no_job_until_one_is_due(tmp_path):
+    """A turn does what its poll and its timers say: with nothing arriving and no job due
+    (the clock stands still), no port is asked and no job runs; a frame arriving is read
+    in the next turn, and the agent's pushes / revocations (made due by the turn's
+    packets) run in that turn; when the clock reaches a job's time, it runs."""
+    t = [1000.0]
+    cfg = emulated_config(1)
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True, clock=lambda: t[0])
+    reads = []
+    for port in (inside, outside):
+        real = port.recv
+        port.recv = lambda n, real=real, port=port: (reads.append(port.name), real(n))[1]
+    try:
+        for _ in range(2000):  # every job's first run (an activity round: a slice a turn)
+            w.run_once(0)
+            if not w.last_jobs:
+                break
+        assert w.last_jobs == []
+        reads.clear()
+        for _ in range(200):
+            assert w.run_once(0) == 0
+            assert w.last_jobs == []
+        assert reads == []
+        inside.inject([build_frame(UDP, I1, 40000, R1, 53, payload=b"q")])
+        assert w.run_once(0) == 1 and len(outside.take_tx()) == 1
+        assert reads[0] == inside.name and outside.name not in reads
+        assert "agent_created" in [n for n, _ in w.last_jobs]
+        reads.clear()
+        w.run_once(0)
+        assert reads == [] and w.last_jobs == []
+        t[0] += w.sweep_interval  # the periodic jobs' time comes
+        w.run_once(0)
+        assert {"sweep", "frag_expire"} <= {n for n, _ in w.last_jobs} and reads == []
+    finally:
+        w.close()
+
+
 def test_unsolicited_and_malformed_frames_are_counted_not_fatal(tmp_path):
     cfg = emulated_config(1)
     w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
@@ -150,6 +187,30 @@ def test_split_connection_passive_install_in_process(pair):
     out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"again")])
     assert spin([w0, w1], lambda: len(in1._tx) == 1)
     assert w1.agent.counters["fetches"] == 1
+
+
+def test_turns_that_never_wait_still_see_every_coordinator_message(pair):
+    """The loop's one poll watches the coordinator socket's ZMQ_FD, which tells of
+    changes only; after each send or receive the turn asks ZMQ_EVENTS.  Driven by
+    run_once(0) alone (no wait long enough to ask it anyway), two NICs pass a burst of
+    FETCHes and RULE answers back and forth while both send: every reply is delivered."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    k = 40
+    in0.inject([build_frame(UDP, I1, 41000 + i, R1, 53, payload=b"q") for i in range(k)])
+    end = time.monotonic() + 10
+    while len(out0._tx) < k and time.monotonic() < end:
+        w0.run_once(0), w1.run_once(0)
+    outs = [parse_frame(f) for f in out0.take_tx()]
+    assert len(outs) == k
+    # the replies land on NIC 1, which fetches each rule from NIC 0 (a burst of FETCHes,
+    # RULE answers, acknowledgements), in turns that never wait
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"a") for p in outs])
+    got = 0
+    while got < k and time.monotonic() < end:
+        w0.run_once(0), w1.run_once(0)
+        got += len(in1.take_tx())
+    assert got == k and w1.agent.counters["clones_installed"] == k
+    assert w0.counters["coord_recv"] >= 1 and w1.counters["coord_recv"] >= 1
 
 
 def _forge(coord_sock, ident, sender, mtype, payload):

@@ -433,6 +433,11 @@ class Journal:
             self._syncer = _Syncer(self.path)
         return self._syncer.request(job)
 
+    @property
+    def waiting(self) -> int:
+        """Callbacks waiting for their fsync (``poll`` runs them once it completed)."""
+        return len(self._callbacks)
+
     def poll(self) -> int:
         """Run the ``on_durable`` callbacks whose fsync completed; returns how many ran."""
         if not self._callbacks or self._syncer is None:

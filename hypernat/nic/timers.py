@@ -1,10 +1,16 @@
 """The NIC daemon's one timer scheduler: what periodic work runs when, and how much of it.
 
+This module is the readable reference; the worker runs its compiled twin,
+``hypernat/nic/_timers.pyx`` (same API, same decisions: tests/test_timers.py runs every
+scheduler test on both and compares them on random sequences).
+
 Every periodic job of a NIC worker (expiry, activity, lease ends, retransmissions,
 journal, heartbeat, stats, ...) is a named ``Job`` here, with its period, the time it is
 next due and its per-turn slice of work.  Once per loop turn the worker calls
-``Scheduler.run_due(now)``: the jobs whose time came run in due order (earliest first,
-ties in registration order), each at most once::
+``Scheduler.run(now)`` (``last_ran()`` then says what ran; ``run_due`` is both): the
+jobs whose time came run in due order (earliest first, ties in registration order),
+each at most once.  A job that follows an event rather than the clock is registered
+with its first time at inf and made due by the event (``due_now``)::
 
       loop turn:  poll ─► packets ─► flush ─► Scheduler.run_due(now)
                                                  │ due jobs, earliest first
@@ -80,6 +86,7 @@ class Scheduler:
     _live: list = field(default_factory=list)  # enabled, the others (due_fn, or every turn)
     _fixed_min: float = INF
     _fixed_stale: bool = False
+    _ran: list = field(default_factory=list)  # the jobs the last run() ran, in order
 
     def add(self, name: str, fn, period: float = 0.0, first: float = 0.0, due=None, budgeted: bool = True) -> Job:
         """Register job `name` (unique): run `fn` every `period` seconds, first at
@@ -174,13 +181,13 @@ class Scheduler:
             d.sort()  # (time, order): orders are unique, the jobs never compared
         return [x[2] for x in d]
 
-    def run_due(self, now: float) -> list:
-        """Run every due job (within the turn's budget, if any); returns [(name, seconds)]
-        of the jobs run, in the order they ran."""
-        ran = []
+    def run(self, now: float) -> int:
+        """Run every due job (within the turn's budget, if any); returns how many ran
+        (``last_ran()`` says which, and how long each took)."""
+        ran = self._ran = []
         timer = self.timer
         budget = self.turn_budget_s
-        t_turn = timer()
+        t_turn = timer() if budget is not None else 0.0
         todo = self.due(now)
         over = False
         for j in todo:
@@ -198,6 +205,7 @@ class Scheduler:
                 j.last_s = dt
                 if dt > j.max_s:
                     j.max_s = dt
+                ran.append(j)
             if r is True:
                 j.overruns += 1
                 t = now  # the rest of its work: next turn
@@ -207,8 +215,16 @@ class Scheduler:
                 t = float(r)
             if t != j.next_due:
                 self._set_next(j, t)
-            ran.append((j.name, dt))
-        return ran
+        return len(ran)
+
+    def last_ran(self) -> list:
+        """[(name, seconds)] of the jobs the last ``run`` ran, in the order they ran."""
+        return [(j.name, j.last_s) for j in self._ran]
+
+    def run_due(self, now: float) -> list:
+        """``run``, then ``last_ran``: [(name, seconds)] of the jobs run, in order."""
+        self.run(now)
+        return self.last_ran()
 
     def stats(self) -> dict:
         """{job: {runs, overruns, deferred, last_us, max_us, period_s}} for metrics."""

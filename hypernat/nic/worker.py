@@ -4,7 +4,7 @@ One process (or, in tests, one object) per NIC.  It owns two ports (inside towar
 VPC, outside toward the Internet), the NIC's two flow tables, its RuleBuilder and its
 RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
 
-          zmq.Poller: inside fd │ outside fd │ DEALER        (one wait, no busy loop)
+          poll(2): inside fd │ outside fd │ DEALER's ZMQ_FD   (one wait, no busy loop)
                         │            │           │
     inside.recv() ──► translate(OUT) ──► hits ──► outside.send()      hairpins ──► inside
     outside.recv() ─► translate(IN) ──► hits ──► inside.send()
@@ -17,7 +17,7 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                                    the owner (sent at once: not at the end of
                                                    the turn); replayed from copies once answered
     DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
-    Scheduler.run_due (nic/timers.py): every periodic job that is due, a slice each --
+    Scheduler.run (nic/_timers.pyx): every periodic job that is due, a slice each --
       the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
       expiry step │ RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead
       of need; Journal.checkpoint when the log passed its bound │ heartbeat, stats, ...
@@ -45,6 +45,7 @@ import gc
 import logging
 import math
 import os
+import select
 import signal
 import time
 
@@ -68,9 +69,11 @@ from .events import RX_HIT as EV_RX_HIT
 from .events import RX_MISS as EV_RX_MISS
 from .events import now_ns as _now_ns
 from .journal import Journal, JournalError
-from .timers import INF, Scheduler
+from ._timers import Scheduler  # compiled; nic/timers.py is its reference
+from .timers import INF
 
 log = logging.getLogger("hypernat.nic")
+_LONG_WAIT_MS = 10  # a wait this long asks ZMQ_EVENTS first, whatever the socket did
 
 _V_TRANSLATED = VERDICT["translated"]
 _V_HAIRPIN = VERDICT["hairpin"]
@@ -278,9 +281,16 @@ class NicWorker:
         self.sock = None
         self.standalone = standalone
         self._make_predicates()
-        self.poller = zmq.Poller()
-        for p in (inside, outside):
-            self.poller.register(p.fileno(), zmq.POLLIN)
+        # one poll(2) per turn (what zmq_poll does, without its ZMQ_EVENTS per socket and
+        # call): the ports' fds (readable while frames wait) and the coordinator socket's
+        # ZMQ_FD, which tells of changes only -- after any operation on the socket
+        # (_zmq_dirty) and before a long wait, ZMQ_EVENTS says whether a message waits
+        self.poller = select.poll()
+        self._rx_fds = (inside.fileno(), outside.fileno())  # a port is read when the poll says so
+        for fd in set(self._rx_fds):
+            self.poller.register(fd, select.POLLIN)
+        self._zfd = -1  # the coordinator socket's ZMQ_FD
+        self._zmq_dirty = False  # an operation on the socket since ZMQ_EVENTS was last asked
         self._tx_waiting = 0  # frames the ports' devices refused, waiting to be sent again
         if not standalone:
             self._ctx = context or zmq.Context.instance()
@@ -292,12 +302,13 @@ class NicWorker:
         self._recovery_end = 0.0
         self._recovered_seen = 0
         self.timers = self._make_timers(config)
-        self.last_jobs: list = []  # [(job, seconds)] the last turn ran
         if restore:
             self.recovery = self._restore()
         if self.journal is not None:
             self.rules.reserve_blocks()  # before the first packet: no fsync on its path
             self.journal.wait()  # ... and on disk before it
+            if self.journal.waiting:
+                self.timers.due_now("journal_poll")
 
     def _clones_installed(self, records, idx, dirs) -> None:
         """Event log only (the agent's ``on_installed``: every clone it installs, RULE
@@ -321,7 +332,9 @@ class NicWorker:
         s.connect(endpoint)
         self.sock = s
         self.endpoint = endpoint
-        self.poller.register(s, zmq.POLLIN)
+        self._zfd = s.getsockopt(zmq.FD)
+        self.poller.register(self._zfd, select.POLLIN)
+        self._zmq_dirty = True
 
     def _prefault_tables(self) -> None:
         """Touch every page of both flow tables once, now, before the NIC serves traffic.
@@ -435,6 +448,7 @@ class NicWorker:
                 return
             self._backlog.append(frames)
             return
+        self._zmq_dirty = True
         try:
             zmqio.send_multipart(self.sock, frames, zmq.NOBLOCK)
             self.counters["coord_sent"] += 1
@@ -445,6 +459,8 @@ class NicWorker:
             log.debug("nic%d: send failed: %s", self.nic_id, exc)
 
     def _flush(self) -> None:
+        if self._backlog:
+            self._zmq_dirty = True
         while self._backlog:
             try:
                 zmqio.send_multipart(self.sock, self._backlog[0], zmq.NOBLOCK)
@@ -455,7 +471,7 @@ class NicWorker:
             except zmq.ZMQError:
                 self._backlog.popleft()
                 self.counters["coord_backlog_dropped"] += 1
-        if len(self.outbox):
+        if self.outbox:
             if self.sock is None:
                 for _ in self.outbox.drain():
                     self.counters["coord_backlog_dropped"] += 1
@@ -750,6 +766,7 @@ class NicWorker:
 
     def _recv_coord(self, now: float, limit: int = 1000) -> None:
         held = []  # [sender, mtype, [recs, ...]]: validated, not yet handed to the agent
+        self._zmq_dirty = True
         try:
             self._recv_coord_into(held, now, limit)
         finally:
@@ -921,46 +938,86 @@ class NicWorker:
 
     def run_once(self, timeout_ms: int = 100) -> int:
         """One turn: wait for packets or messages (at most timeout_ms), handle them, run
-        timers.  Returns frames processed."""
-        if self._backlog or len(self.outbox):
+        timers.  Returns frames processed.
+
+        What a turn does is what the poll and the timers say: a port is read when its
+        fd is readable (and again while it gives frames), the coordinator's socket when
+        it is, each periodic job when due (``nic/_timers.pyx``); the jobs that follow
+        events are made due by them (the agent's pushes and revocations by the turn's
+        packets and messages, SIGHUP's reload by the signal, the journal's callbacks by
+        its fsyncs).  A turn with nothing to do makes one poll(2), reads the clocks and
+        asks the owners of the agent's timers when they are due: no job runs, no port
+        or socket is asked, nothing is built but the poll's empty answer."""
+        queued = self._backlog or self.outbox
+        if queued:
             timeout_ms = min(timeout_ms, 5)
         if self._tx_waiting:  # a device refused frames: ask it again soon
             timeout_ms = min(timeout_ms, 1)
+        timers = self.timers
         if timeout_ms > 0:  # no longer than until the next timer job is due
-            wait = self.timers.next_due() - self.clock()
+            wait = timers.next_due() - self.clock()
             if wait < timeout_ms / 1000.0:
                 timeout_ms = math.ceil(wait * 1000.0) if wait > 0 else 0
-        events = dict(self.poller.poll(timeout_ms))
+        coord = rx_in = rx_out = False
+        sock = self.sock
+        if sock is not None and (self._zmq_dirty or timeout_ms >= _LONG_WAIT_MS):
+            self._zmq_dirty = False  # (ZMQ_EVENTS takes in the socket's pending changes)
+            coord = zmqio.readable(sock)
+            if coord:
+                timeout_ms = 0
+        ready = self.poller.poll(timeout_ms)  # [(fd, events)]: what is readable
         t0 = time.perf_counter()
         now = self.clock()
-        if self.sock is not None and self.sock in events:
+        if ready:
+            in_fd, out_fd = self._rx_fds
+            for fd, _ in ready:
+                if fd == self._zfd:  # something changed on the socket: ask what
+                    if not coord:
+                        coord = zmqio.readable(sock)
+                else:  # (one port on both sides: both read)
+                    rx_in = rx_in or fd == in_fd
+                    rx_out = rx_out or fd == out_fd
+        if coord:
             self._recv_coord(now)
-            if self._backlog or len(self.outbox):
+            if self._backlog or self.outbox:
                 self._flush()  # RULE answers to FETCHes leave before this turn's packets
-        t1 = time.perf_counter()
+        t1 = time.perf_counter() if coord else t0
         # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
         # however they split between the ports (one busy direction gets the whole turn;
         # the turn's fixed costs -- poll, timers -- spread over as many frames as when
-        # both are busy); the poller keeps it fair
+        # both are busy); a port is read while it gives frames (new ones make its fd
+        # readable for the next turn's poll); the poller keeps it fair
         n = 0
-        stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
-        for _ in range(TURN_BATCHES):
-            k = self._process(self.inside, OUT, self.outside) + self._process(self.outside, IN, self.inside)
-            n += k
-            if k == 0 or n > stop:
-                break
+        rx = rx_in or rx_out
+        if rx:
+            inside, outside = self.inside, self.outside
+            stop = (TURN_BATCHES - 2) * self.batch_size  # room left for one more round of two
+            for _ in range(TURN_BATCHES):
+                a = self._process(inside, OUT, outside) if rx_in else 0
+                b = self._process(outside, IN, inside) if rx_out else 0
+                rx_in, rx_out = a > 0, b > 0
+                n += a + b
+                if not (rx_in or rx_out) or n > stop:
+                    break
         # frames a device refused (they wait in a transmit ring) are sent again every
         # turn, whether or not new ones arrived
         self._tx_waiting = self.inside.flush() + self.outside.flush()
-        t2 = time.perf_counter()
-        self._flush()  # answers and fetches leave before any housekeeping
-        self.last_jobs = self.timers.run_due(now)
-        if self._backlog or len(self.outbox):
+        t2 = time.perf_counter() if rx else t1
+        if (queued or coord or rx) and (self._backlog or self.outbox):
+            self._flush()  # answers and fetches leave before any housekeeping
+        if n or coord:  # what this turn's packets and messages built or ended: pushed, revoked
+            timers.due_now("agent_created")
+        if timers.run(now) and (self._backlog or self.outbox):
             self._flush()
         t3 = time.perf_counter()
         if t3 - t0 >= self.slow_turn_s:  # everything waiting (fetches too) waited this long
             self._slow_turn(t1 - t0, t2 - t1, t3 - t2, n)
         return n
+
+    @property
+    def last_jobs(self) -> list:
+        """[(job, seconds)] the last turn ran, in the order they ran."""
+        return self.timers.last_ran()
 
     def _slow_turn(self, coord_s: float, packets_s: float, rest_s: float, frames: int) -> None:
         """Count a loop turn that took longer than slow_turn_s, and say (rate-limited:
@@ -979,16 +1036,21 @@ class NicWorker:
         """The loop's periodic jobs: what runs when, each a bounded slice per turn."""
         t = Scheduler(turn_budget_s=_turn_budget_s(config.loop))
         for name, step, due in self.agent.steps():  # retries, retransmissions, lease ends, activity
-            t.add(name, step, 0.0, due=due, budgeted=due is not None)  # (every turn: this turn's pushes)
+            if due is None:  # the pushes / revocations of what a turn built or ended: made due by
+                # the turn's packets and messages (run_once) and by the jobs that build or end
+                # sessions (sweep, recovery); every sweep interval besides, whatever else did
+                t.add(name, step, self.sweep_interval, budgeted=False)
+            else:
+                t.add(name, step, 0.0, due=due)
         # what the turn itself brought runs that turn, whatever the budget
         t.add("recovery", self._job_recovery, 0.0, budgeted=False)  # while the crash recovery window is open
         t.enable("recovery", False)
-        t.add("reload", self._job_reload, 0.0, budgeted=False)  # SIGHUP: at the next turn
+        t.add("reload", self._job_reload, INF, first=INF, budgeted=False)  # due when SIGHUP says so
         t.add("gc_freeze", self._job_gc_freeze, GC_FREEZE_INTERVAL)
         t.add("sweep", self._job_sweep, self.sweep_interval)
         t.add("frag_expire", self._job_frag_expire, self.sweep_interval)
         if self.journal is not None:
-            t.add("journal_poll", self._job_journal_poll, 0.0, budgeted=False)
+            t.add("journal_poll", self._job_journal_poll, 0.0, first=INF, budgeted=False)  # while fsyncs run
             t.add("journal", self._job_journal, self.journal_interval)
             t.add("journal_sync", self._job_journal_sync, self.journal_sync_interval)
         if self.sock is not None:
@@ -1010,11 +1072,14 @@ class NicWorker:
     def _job_recovery(self, now: float) -> None:
         if self.rules.recovering:
             self._recovery_step(now)
+            self.timers.due_now("agent_created")  # (what its replays built)
 
-    def _job_reload(self, now: float) -> None:
+    def _job_reload(self, now: float):
+        """SIGHUP's reload (the handler sets the flag and makes this job due)."""
         if self._reload_requested:
             self._reload_requested = False
             self.reload()
+        return -INF if self._reload_requested else None  # another SIGHUP meanwhile: again
 
     def _job_gc_freeze(self, now: float) -> None:
         gc.freeze()
@@ -1030,6 +1095,7 @@ class NicWorker:
                 return min(self._sweep_held + self.sweep_defer_max, now + self.sweep_interval)
         self._sweep_held = None
         self.rules.sweep(self.ticks())
+        self.timers.due_now("agent_created")  # (the sessions it ended: revoked)
         return None
 
     def _job_frag_expire(self, now: float) -> None:
@@ -1038,8 +1104,11 @@ class NicWorker:
     # the journal, off the packet path: blocks journaled ahead of need, the "assign"
     # records written since fsync'ed; never while a fetch waits for its answer (fsyncs run
     # on the journal's thread; poll() takes in the reserved blocks whose fsync completed)
-    def _job_journal_poll(self, now: float) -> None:
+    def _job_journal_poll(self, now: float):
+        """The callbacks of completed fsyncs; due every turn while fsyncs with callbacks
+        are in flight (the journal job starts them), idle otherwise."""
         self.journal.poll()
+        return now if self.journal.waiting else INF
 
     def _job_journal(self, now: float):
         if self.agent.pending:
@@ -1050,6 +1119,8 @@ class NicWorker:
             except JournalError:
                 pass  # counted and logged by the journal; the old files still name every block
         self.rules.reserve_blocks()
+        if self.journal.waiting:
+            self.timers.due_now("journal_poll")
         return None
 
     def _job_journal_sync(self, now: float):
@@ -1105,6 +1176,7 @@ class NicWorker:
 
         def hup(signum, frame):
             self._reload_requested = True
+            self.timers.due_now("reload")
 
         signal.signal(signal.SIGTERM, h)
         signal.signal(signal.SIGINT, h)
@@ -1165,6 +1237,8 @@ class NicWorker:
                 self._flush()
             except zmq.ZMQError:
                 pass
+            self.poller.unregister(self._zfd)
+            self._zfd = -1
             self.sock.close(0)
             self.sock = None
         if self.journal is not None:
