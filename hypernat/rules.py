@@ -391,7 +391,7 @@ class RuleBuilder:
         self._events = self._setup.events
         self._bind_setup()
         # free blocks per address, the reuse queue, holds, loans, quarantine, reserves
-        self.pool: Pool = BlockPool(self.part, self.nic)
+        self.pool: Pool = BlockPool(self.part, self.nic, self._index_capacity())
         self.events = dict.fromkeys(EVENT_NAMES, 0)
         # crash recovery: the recovery window, the hosts the journal names, the endpoints
         # of recovered mappings (``recovering``: set by the worker after a crash restart)

@@ -154,3 +154,19 @@ def test_builder_snapshot_keeps_waiting_held_and_parked_endpoints():
     assert sorted(rb.blocks.ids()) == sorted(rb2.blocks.ids())
     for g in rb.blocks.ids():
         assert [rb.blocks.used_mask(g, pi) for pi in range(3)] == [rb2.blocks.used_mask(g, pi) for pi in range(3)]
+
+
+def test_the_builders_holds_index_is_sized_for_its_flow_tables():
+    """Every leased endpoint is a session of this NIC: the builder sizes the holds'
+    index for its flow tables, so holding as many endpoints as they take never grows it
+    (a doubling at 10^6 holds would be a stall of tens of ms on the loop).  The index
+    given `capacity` takes that many held endpoints as it is."""
+    import test_rules as rt
+
+    rb = rt.make_rb(rt.make_cfg(1))
+    room = min(rb.out.capacity, rb.inn.capacity)
+    assert rb.pool.holds_capacity() >= room
+    r = EndpointReuse(capacity=5000)
+    cap = r.capacity
+    r.hold((6 << 48 | 0x0A000001 << 16) + np.arange(5000, dtype=np.uint64))
+    assert r.stats()["endpoints_held"] == 0 and r.hold_counts().size == 5000 and r.capacity == cap

@@ -293,6 +293,11 @@ cdef class EndpointReuse:
         """Endpoints in the reuse delay."""
         return self.n
 
+    @property
+    def capacity(self):
+        """Endpoints with holds (or parked) the index takes before it grows."""
+        return self.ix.t.capacity
+
     def stats(self):
         """{ports_waiting_reuse, endpoints_held, holds}."""
         return {"ports_waiting_reuse": self.n, "endpoints_held": self.n_held, "holds": self.n_holds}

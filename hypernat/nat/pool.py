@@ -90,7 +90,11 @@ class BlockPool:
     """The free blocks of NIC `nic`'s partition (``partition.Partition``), its reuse
     queue, holds, loans and quarantine (see the module docstring)."""
 
-    def __init__(self, part, nic: int):
+    def __init__(self, part, nic: int, holds_capacity: int = 1024):
+        """`holds_capacity`: external endpoints with leases before the holds' index
+        grows (the builder gives its flow tables' capacity: every leased endpoint is a
+        session of this NIC, so the index never doubles -- a stall of tens of ms at 10^6
+        holds -- on the loop)."""
         self._part = part
         self._bpa = part.bpa
         # Free blocks per address index: [next native block, end, [freed/adopted ids]].
@@ -112,7 +116,7 @@ class BlockPool:
         self._qhosts = {}  # quarantined block id -> the host the journal assigned it to
         self._reserved = {}  # recovered block id -> [until, [mask per protocol]] (unrecovered ports)
         # the reuse-delay queue, holds per endpoint, endpoints whose delay passed while held
-        self._reuse = EndpointReuse()
+        self._reuse = EndpointReuse(holds_capacity)
         # Blocks journaled ahead of need ("reserve" records on disk): taking one is
         # durable already (a crash quarantines it); in flight: written, fsync not done.
         self._prejournaled = set()
@@ -455,6 +459,10 @@ class BlockPool:
         }
 
     # read-only views, for checks and tests
+    def holds_capacity(self) -> int:
+        """Endpoints with leases the holds' index takes before it grows."""
+        return self._reuse.capacity
+
     def free_addresses(self) -> tuple:
         """Address indices in the round-robin (those that may have a free block)."""
         return tuple(self._avail)
