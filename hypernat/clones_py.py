@@ -6,6 +6,7 @@ import heapq
 import numpy as np
 
 from . import layout
+from .nat.records import WIRE_KEY_FIELDS
 
 _P_ICMP, _P_TCP, _P_UDP = 1, 6, 17
 _D_OUT, _D_IN = 1, 2  # rules.DIR_BIT_OUT, rules.DIR_BIT_IN
@@ -155,8 +156,7 @@ class CloneTable:
             raise TypeError(f"clone records must have the RULE layout, not {recs.dtype}")
         sel = _selection(idx, n)
         dl = _per_record(dirs, n, np.uint8)
-        cols = [recs[f].tolist() for f in ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr",
-                                           "rem_port", "rule_id", "lease_ms")] if n else [[]] * 9
+        cols = [recs[f].tolist() for f in WIRE_KEY_FIELDS + ("rule_id", "lease_ms")] if n else [[]] * 9
         todo, exp = [], []
         for x in sel:
             p, i, ip, e, ep, r, rp, _, lease_ms = (c[x] for c in cols)
@@ -280,7 +280,7 @@ class CloneTable:
             if not groups or groups[-1][0] != owner:
                 groups.append([owner, k, 0])
             groups[-1][2] += 1
-            for f, val in zip(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"), sk):
+            for f, val in zip(WIRE_KEY_FIELDS, sk):
                 out[f][k] = val
             out["rule_id"][k] = rid
             out["idle_ms"][k] = min(max((int(tick) - ls) * 1000, 0), 0xFFFFFFFF)
@@ -351,8 +351,7 @@ class CloneTable:
         sks = list(self._of.get(owner, ()))
         out = np.zeros(len(sks), M.ACTIVITY_DTYPE)
         if sks:
-            for f, col in zip(("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port"),
-                              zip(*sks)):
+            for f, col in zip(WIRE_KEY_FIELDS, zip(*sks)):
                 out[f] = col
             out["rule_id"] = [self._c[sk][1] for sk in sks]
         return out

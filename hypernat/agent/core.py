@@ -99,6 +99,7 @@ from .. import layout
 from .. import messages as M
 from .. import switchhash as _sh
 from ..deadlines import DeadlineQueue
+from ..nat.records import SESSION_KEY_FIELDS, WIRE_KEY_FIELDS, WIRE_OF_SESSION
 from ..rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from ..verdicts import SLOW_PATH_REASON_NAMES
 
@@ -150,9 +151,6 @@ def skey(r) -> tuple:
             int(r["rem_addr"]), int(r["rem_port"]))
 
 
-_SK_FIELDS = ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")
-
-
 def session_rec(sk: tuple, owner: int = 0, rule_id: int = 0, dirs: int = 0, last_seen: int = 0,
                 tcp: int = 0) -> np.ndarray:
     """One SESSION_DTYPE record from a session identity."""
@@ -168,7 +166,7 @@ def _session_array(sks) -> np.ndarray:
     """Session identities (proto, I, Ip, E, Ep, R, Rp) as SESSION_DTYPE records."""
     out = np.zeros(len(sks), SESSION_DTYPE)
     if len(out):
-        for f, col in zip(_SK_FIELDS, zip(*sks)):
+        for f, col in zip(SESSION_KEY_FIELDS, zip(*sks)):
             out[f] = col
     return out
 
@@ -227,10 +225,6 @@ def _latency_bucket(seconds: float) -> str:
 # _latency_bucket for many: the first bound >= seconds (bisect_left), or the last name
 _LAT_LIMITS = tuple(b for b, _ in _LAT_BOUNDS)
 _LAT_NAMES = tuple(n for _, n in _LAT_BOUNDS) + ("fetch_answered_gt_200ms",)
-# an ACTIVITY record's session identity (proto, I, Ip, E, Ep, R, Rp), column by column
-_ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
-# (wire field, SESSION_DTYPE field): a session's identity and rule id in a RULE/PUSH record
-_WIRE_OF_SESSION = tuple(zip(_ACT_SK_FIELDS, _SK_FIELDS)) + (("rule_id", "rule_id"),)
 
 # builder refusal (slow-path reason) -> NACK reason
 _NACK_OF = {
@@ -665,7 +659,7 @@ class RuleAgent:
             self._install_many(source, recs, np.flatnonzero(ok) if len(bad) else None, DIR_BIT_IN, now, owners)
             self.count("push_installed", len(good))
             if self.pending:  # fetches in flight for some of them: their frames go now
-                sks = list(zip(*(good[f].tolist() for f in _ACT_SK_FIELDS)))
+                sks = list(zip(*(good[f].tolist() for f in WIRE_KEY_FIELDS)))
                 pop = self.pending.pop
                 frames = []
                 for sk in sks:
@@ -1159,7 +1153,7 @@ class RuleAgent:
             for i in range(0, len(mine), M.MAX_RECORDS):
                 part = mine[i:i + M.MAX_RECORDS]
                 rec = M.records(M.T_PUSH, len(part))
-                for f_w, f_s in _WIRE_OF_SESSION:
+                for f_w, f_s in WIRE_OF_SESSION:
                     rec[f_w] = part[f_s]
                 rec["seq"], rec["owner"], rec["lease_ms"] = self._next_seq(), self.nic_id, lease_ms
                 self._track(j, M.T_PUSH, rec, now, now + p.fetch_timeout_s)
@@ -1192,7 +1186,7 @@ class RuleAgent:
             for i in range(0, len(sel), M.MAX_RECORDS):
                 part = removed[sel[i:i + M.MAX_RECORDS]]
                 rec = M.records(M.T_REVOKE, len(part))
-                for f_w, f_s in _WIRE_OF_SESSION:
+                for f_w, f_s in WIRE_OF_SESSION:
                     rec[f_w] = part[f_s]
                 rec["seq"], rec["kind"] = self._next_seq(), M.FETCH_BY_EXTERNAL
                 self._track(h, M.T_REVOKE, rec, now, float(ends[i:i + M.MAX_RECORDS].max()))

@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-_ACT_SK_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+from ..nat.records import WIRE_KEY_FIELDS, WIRE_OF_SESSION
 
 
 class LeaseTable:
@@ -142,7 +142,7 @@ class LeaseTable:
         import numpy as np
 
         out = []
-        for sk in zip(*(recs[f].tolist() for f in _ACT_SK_FIELDS)):
+        for sk in zip(*(recs[f].tolist() for f in WIRE_KEY_FIELDS)):
             hs = self._l.get(sk)
             out.append(hs is not None and holder in hs)
         return np.array(out, bool)
@@ -194,7 +194,6 @@ class LeaseTable:
         return [(d, sk, h) for d, _, sk, h in self._ends]
 
 
-
 # ------------------------------------------------------------------------------------------
 # The owner's answer to one ACTIVITY message: record conversions
 # ------------------------------------------------------------------------------------------
@@ -211,8 +210,7 @@ def activity_sessions(recs, tick: int, owner: int):
     if not isinstance(recs, np.ndarray) or recs.dtype != M.ACTIVITY_DTYPE:
         raise TypeError(f"ACTIVITY records expected, not {getattr(recs, 'dtype', type(recs))}")
     sess = np.zeros(len(recs), SESSION_DTYPE)
-    for f_w, f_s in zip(_ACT_SK_FIELDS + ("rule_id",), ("proto", "iaddr", "iport", "eaddr", "eport", "raddr",
-                                                          "rport", "rule_id")):
+    for f_w, f_s in WIRE_OF_SESSION:
         sess[f_s] = recs[f_w]
     idle = (recs["idle_ms"] // 1000).astype(np.int64)
     sess["last_seen"] = np.clip(int(tick) - idle, 0, 0xFFFFFFFF)
@@ -234,7 +232,7 @@ def lease_records(recs, idx, owner: int, lease_ms: int):
         raise TypeError(f"ACTIVITY records expected, not {getattr(recs, 'dtype', type(recs))}")
     r = recs[_selection(idx, len(recs))]
     out = np.zeros(len(r), M.RULE_DTYPE)
-    for f in _ACT_SK_FIELDS + ("rule_id",):
+    for f in WIRE_KEY_FIELDS + ("rule_id",):
         out[f] = r[f]
     out["owner"], out["lease_ms"] = owner, lease_ms
     return out

@@ -31,6 +31,13 @@ DIR_BIT_OUT = 1
 DIR_BIT_IN = 2
 DIR_BITS_BOTH = DIR_BIT_OUT | DIR_BIT_IN
 
+# A session's identity (proto, I, Ip, E, Ep, R, Rp), field by field: in SESSION_DTYPE, and
+# in the wire records that name a session (RULE, PUSH, LEASE, REVOKE, ACTIVITY)
+SESSION_KEY_FIELDS = ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")
+WIRE_KEY_FIELDS = ("proto", "int_addr", "int_port", "ext_addr", "ext_port", "rem_addr", "rem_port")
+# (wire field, SESSION_DTYPE field): a session's identity and rule id in a wire record
+WIRE_OF_SESSION = tuple(zip(WIRE_KEY_FIELDS, SESSION_KEY_FIELDS)) + (("rule_id", "rule_id"),)
+
 
 # Session keys (one place that knows the ICMP twist)
 

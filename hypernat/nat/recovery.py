@@ -24,7 +24,7 @@ import typing
 import numpy as np
 
 from .. import layout
-from .records import record_keys
+from .records import SESSION_KEY_FIELDS, record_keys
 
 PROTO_ICMP = layout.PROTO_ICMP
 _PIDX = {layout.PROTO_TCP: 0, layout.PROTO_UDP: 1, layout.PROTO_ICMP: 2}
@@ -169,7 +169,7 @@ class Recovery:
         before = dict(ev)
         rec_ekeys = self._ekeys
         fresh = []  # records whose session this call created
-        cols = zip(*(recs[f].tolist() for f in ("proto", "iaddr", "iport", "eaddr", "eport", "raddr", "rport")))
+        cols = zip(*(recs[f].tolist() for f in SESSION_KEY_FIELDS))
         for i, (p, ia, ip, ea, ep, ra, rp) in enumerate(cols):
             if p not in _PIDX:
                 continue
