@@ -148,7 +148,16 @@ def test_compiled_scheduler_decides_as_its_reference(seed):
         assert all(s.next_due() == want_next for s in scheds), step
         want_due = [j.name for j in scheds[0].due(now)]
         assert all([j.name for j in s.due(now)] == want_due for s in scheds), step
-        ran = [s.run_due(now) for s in scheds]
+        w = int(rng.integers(0, 4))  # 0: no `waiting`; 1: nothing waits; 2: always; 3: from the 2nd ask on
+        ran = []
+        for s in scheds:
+            asks = [0]
+
+            def waiting(asks=asks):
+                asks[0] += 1
+                return w == 2 or (w == 3 and asks[0] >= 2)
+
+            ran.append(s.run_due(now, None if w == 0 else waiting))
         assert all([n for n, _ in r] == [n for n, _ in ran[0]] for r in ran), step
         assert all(s.last_ran() == r for s, r in zip(scheds, ran)), step
         assert logs[0] == logs[1]
@@ -251,6 +260,33 @@ def test_turn_budget_defers_the_rest_to_the_next_turn_first_in_line(Scheduler):
     assert s.stats()["c"]["deferred"] == 1 and s.stats()["d"]["deferred"] == 1
     s.run_due(1.01)
     assert log == ["a", "b", "c", "d"]  # the deferred ones ran first, before anything newer
+
+
+def test_something_waiting_ends_the_turns_budgeted_jobs_after_one(Scheduler):
+    """``run(now, waiting)``: once a budgeted job ran, `waiting` is asked before each
+    budgeted job; true defers it and the budgeted jobs after it to the next turn, first
+    in line (as a spent budget does), while the unbudgeted ones still run.  It is never
+    asked before the turn's first budgeted job, so every turn makes progress, with or
+    without a budget."""
+    for budget in (None, 1.0):
+        log, asked = [], []
+        s = Scheduler(turn_budget_s=budget, timer=FakeTimer())
+        s.add("turn", job(log, "turn"), 0.0, budgeted=False)
+        for name in "abc":
+            s.add(name, job(log, name), 1.0)
+        s.add("hup", job(log, "hup"), 1.0, budgeted=False)
+
+        def waiting():
+            asked.append(log[-1])
+            return True
+
+        s.run_due(1.0, waiting)
+        assert log == ["turn", "a", "hup"] and asked == ["a"]
+        assert s.stats()["b"]["deferred"] == 1 and s.stats()["c"]["deferred"] == 1
+        s.run_due(1.001, lambda: False)  # nothing waits: the deferred ones run, first in line
+        assert log[3:] == ["b", "c", "turn"]
+        s.run_due(3.0)  # no `waiting`: every due job, as before
+        assert sorted(log[6:]) == ["a", "b", "c", "hup", "turn"]
 
 
 def test_unbudgeted_jobs_run_the_turn_they_are_due_whatever_the_budget(Scheduler):

@@ -1,6 +1,7 @@
 """NicWorker in-process: the loop over memory ports, with and without a coordinator;
 forged and malformed control messages; snapshot and journal; metrics; the memory and
 shared-memory ports themselves."""
+import dataclasses
 import os
 import select
 import time
@@ -12,6 +13,7 @@ from scapy.all import IP, TCP as STCP, Ether
 
 from hypernat import layout
 from hypernat import messages as M
+from hypernat import zmqio
 from hypernat.coord.broker import Coordinator
 from hypernat.io.base import Batch
 from hypernat.io.memory import MemoryPort, ShmPort, ShmRing, SinkPort, TracePort
@@ -928,6 +930,92 @@ def test_fetch_leaves_before_the_rest_of_the_turn(tmp_path):
     w._process(w.inside, OUT, w.outside)
     assert seen_at_next_recv and seen_at_next_recv[0] >= 1
     w.close()
+
+
+def _due_together(w, first_fn, names=("sweep", "frag_expire", "gc_freeze")):
+    """Make the budgeted jobs `names` due now, behind a test job `first_fn` due just
+    before them (it runs first): what a loop turn does when several periodic jobs come
+    due together."""
+    now = w.clock()
+    w.timers.add("first", first_fn, 3600.0, first=now - 1.0)
+    for name in names:
+        w.timers.set_due(name, now - 0.5)
+    return names
+
+
+def test_a_packet_that_comes_while_jobs_run_is_handled_after_one_job(tmp_path):
+    """Periodic jobs due together (expiry, fragments, gc) and a first packet arriving
+    while the first of them runs, after a quiet turn: the other jobs wait a turn (kept
+    due, first in line) and the packet is translated at the next turn, not after all
+    of them.  Without a turn budget, so only what waits can end the turn's jobs."""
+    cfg = emulated_config(1)
+    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, turn_budget_us=0))
+    w, inside, outside = make_worker(cfg, 0, tmp_path, standalone=True)
+    assert w.timers.turn_budget_s is None
+    w.run_once(0)
+    names = _due_together(w, lambda now: inside.inject([build_frame(UDP, I1, 40001, R1, 53)]) and None)
+    w.run_once(0)
+    ran = [n for n, _ in w.last_jobs]
+    assert "first" in ran and not set(names) & set(ran)
+    assert not outside._tx  # the packet came during the turn's jobs
+    w.run_once(0)
+    assert len(outside.take_tx()) == 1
+    assert set(names) <= {n for n, _ in w.last_jobs}  # the deferred jobs: the next turn
+    w.close()
+
+
+def test_a_fetch_that_comes_while_the_owner_runs_jobs_is_answered_after_one_job(pair):
+    """The owner runs periodic jobs due together; the FETCH arrives during the first
+    (sent then by the holder, and already read by ZMQ_EVENTS, so the socket's ZMQ_FD
+    will not tell of it): the owner's other jobs wait a turn and it answers at its next
+    turn.  Without a turn budget, so only what waits can end the turn's jobs."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    in0.inject([build_frame(UDP, I1, 40001, R1, 53, payload=b"q")])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    assert spin([w0, w1], lambda: w0.idle and w1.idle)
+
+    def holder_fetches(now):
+        out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"a")])
+        end = time.monotonic() + 5
+        while w1.agent.counters["fetches"] == 0 and time.monotonic() < end:
+            w1.run_once(0)
+        while not zmqio.readable(w0.sock) and time.monotonic() < end:
+            time.sleep(0.001)
+        w0._zmq_dirty = True  # (this job asked the owner's socket)
+
+    w0.timers.turn_budget_s = None  # (the first job takes long: no budget ends the turn's jobs)
+    names = _due_together(w0, holder_fetches)
+    w0.run_once(0)
+    ran = [n for n, _ in w0.last_jobs]
+    assert "first" in ran and not set(names) & set(ran)
+    assert w1.agent.counters["fetches"] == 1 and w0.agent.counters["rx_fetch"] == 0
+    w0.run_once(0)
+    assert w0.agent.counters["rx_fetch"] == 1
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+
+
+def test_owner_sends_the_rule_before_it_records_the_lease(pair):
+    """A FETCH's RULE leaves the owner as soon as it is built: the lease bookkeeping
+    (grant, endpoint hold) comes after the send, off the asker's critical path."""
+    cfg, ((w0, in0, out0), (w1, in1, out1)), _ = pair
+    in0.inject([build_frame(UDP, I1, 40002, R1, 53, payload=b"q")])
+    assert spin([w0, w1], lambda: len(out0._tx) == 1)
+    p = parse_frame(out0.take_tx()[0])
+    sent, at_grant = [], []
+    send = w0._send_frames
+    w0._send_frames = lambda frames: (sent.append(frames[1]), send(frames))
+    grant = w0.agent._grant_many
+
+    def granting(*a, **k):
+        at_grant.append(sent.count(M.TYPE_FRAME[M.T_RULE]))
+        return grant(*a, **k)
+
+    w0.agent._grant_many = granting
+    out1.inject([build_frame(UDP, R1, 53, p.src, p.sport, payload=b"a")])
+    assert spin([w0, w1], lambda: len(in1._tx) == 1)
+    assert at_grant == [1]  # the RULE had left when the lease was recorded
+    assert w0.agent.leases  # ... and the lease was recorded
 
 
 def test_flow_tables_prefaulted_without_changing_contents(tmp_path):

@@ -777,12 +777,12 @@ class RuleAgent:
     def _on_fetch(self, source, recs, now):
         """Serve a batch of FETCHes, one record or thousands alike: the builder's
         ``serve_fetches`` answers the records (compiled: FETCH records in, RULE records
-        out); the leases are granted and the answers go back as one RULE and one NACK
-        message."""
+        out); the answers go back as one RULE and one NACK message, the RULE before the
+        leases are granted (the asker's packet waits for it, not for the bookkeeping)."""
         rule, bad, status = self.rules.serve_fetches(recs, self.tick_clock(), int(self.p.lease_s * 1000))
         if len(rule):
-            self._grant_many(rule, source, now)
             self._emit(source, M.T_RULE, rule)
+            self._grant_many(rule, source, now)
         if len(bad):
             out = M.records(M.T_NACK, len(bad))
             out[:] = recs[bad]

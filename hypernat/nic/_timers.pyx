@@ -267,12 +267,15 @@ cdef class Scheduler:
         cdef int n = self._collect(now), i
         return [self._by_order[self._ord[i]] for i in range(n)]
 
-    def run(self, double now):
+    def run(self, double now, waiting=None):
         """Run every due job (within the turn's budget, if any); returns how many ran
-        (``last_ran()`` says which, and how long each took)."""
+        (``last_ran()`` says which, and how long each took).  ``waiting``: as in
+        ``timers.Scheduler.run`` (asked before each budgeted job once a budgeted job
+        ran: true ends the turn's budgeted work)."""
         cdef int n = self._collect(now), i
         cdef int nran = 0
         cdef bint over = False, bounded = self.turn_budget_s is not None
+        cdef bint did_budgeted = False, asks = waiting is not None
         cdef double budget = self.turn_budget_s if bounded else 0.0
         cdef double t_turn = self._now() if bounded else 0.0
         cdef double t0, dt, t
@@ -280,10 +283,13 @@ cdef class Scheduler:
         self._nran = 0
         for i in range(n):
             j = <Job>self._by_order[self._ord[i]]
-            if j.budgeted and bounded and nran and (over or self._now() - t_turn >= budget):
+            if j.budgeted and nran and (over or (bounded and self._now() - t_turn >= budget)
+                                        or (did_budgeted and asks and waiting())):
                 over = True
                 j.deferred += 1  # it keeps its due time: first in line next turn
                 continue
+            if j.budgeted:
+                did_budgeted = True
             t0 = self._now()
             try:
                 r = j.fn(now)
@@ -318,9 +324,9 @@ cdef class Scheduler:
             out.append((j.name, j.last_s))
         return out
 
-    def run_due(self, now):
+    def run_due(self, now, waiting=None):
         """``run``, then ``last_ran``: [(name, seconds)] of the jobs run, in order."""
-        self.run(now)
+        self.run(now, waiting)
         return self.last_ran()
 
     def stats(self):

@@ -25,7 +25,10 @@ A job never does more than its slice per turn (the slice is the job's own busine
 to a table's size.  A turn's jobs may also share a time budget (``turn_budget_s``): once
 it is spent the jobs still due wait for the next turn, first in line there (they keep
 their due time), so no job starves: every due job runs within a few turns whatever the
-others do.  ``next_due()`` tells the loop how long it may sleep.
+others do.  The same happens, once one budgeted job ran, when the loop says something
+waits for it (``run(now, waiting)``: a coordinator message, a packet): a FETCH that
+arrives while the owner runs its expiry, journal and stats jobs is answered after the
+job in progress, not after all of them.  ``next_due()`` tells the loop how long it may sleep.
 
 Per job: runs, overruns (turns it left work for the next), deferred (turns it waited
 for the budget), last and longest duration -- ``stats()``, exported as metrics.
@@ -181,20 +184,29 @@ class Scheduler:
             d.sort()  # (time, order): orders are unique, the jobs never compared
         return [x[2] for x in d]
 
-    def run(self, now: float) -> int:
+    def run(self, now: float, waiting: Optional[Callable[[], bool]] = None) -> int:
         """Run every due job (within the turn's budget, if any); returns how many ran
-        (``last_ran()`` says which, and how long each took)."""
+        (``last_ran()`` says which, and how long each took).
+
+        waiting  asked before each budgeted job once a budgeted job ran this turn: true
+                 (a message or a packet waits) ends the turn's budgeted work as a spent
+                 budget does -- the rest wait for the next turn, first in line there --
+                 so that what arrived is handled after one job, not after all of them"""
         ran = self._ran = []
         timer = self.timer
         budget = self.turn_budget_s
         t_turn = timer() if budget is not None else 0.0
         todo = self.due(now)
         over = False
+        did_budgeted = False
         for j in todo:
-            if j.budgeted and budget is not None and ran and (over or timer() - t_turn >= budget):
+            if j.budgeted and ran and (over or (budget is not None and timer() - t_turn >= budget)
+                                       or (did_budgeted and waiting is not None and waiting())):
                 over = True
                 j.deferred += 1  # it keeps its due time: first in line next turn
                 continue
+            if j.budgeted:
+                did_budgeted = True
             t0 = timer()
             try:
                 r = j.fn(now)
@@ -221,9 +233,9 @@ class Scheduler:
         """[(name, seconds)] of the jobs the last ``run`` ran, in the order they ran."""
         return [(j.name, j.last_s) for j in self._ran]
 
-    def run_due(self, now: float) -> list:
+    def run_due(self, now: float, waiting: Optional[Callable[[], bool]] = None) -> list:
         """``run``, then ``last_ran``: [(name, seconds)] of the jobs run, in order."""
-        self.run(now)
+        self.run(now, waiting)
         return self.last_ran()
 
     def stats(self) -> dict:

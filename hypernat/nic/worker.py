@@ -292,6 +292,7 @@ class NicWorker:
         self._zfd = -1  # the coordinator socket's ZMQ_FD
         self._zmq_dirty = False  # an operation on the socket since ZMQ_EVENTS was last asked
         self._tx_waiting = 0  # frames the ports' devices refused, waiting to be sent again
+        self._quiet_ports = True  # the turn took no frames (_waiting)
         if not standalone:
             self._ctx = context or zmq.Context.instance()
             self._connect(endpoint or config.coordinator.endpoint)
@@ -433,8 +434,16 @@ class NicWorker:
         o = self.partition.owner(eaddr, eport)
         return None if o < 0 else o
 
+    # Answers someone's first packet waits for (a FETCH's RULE or NACK) leave as soon as
+    # the agent makes them, with whatever was queued before them (in order), not at the
+    # end of the delivery: the owner's lease bookkeeping and the rest of the turn's
+    # messages come after the answer, off the asker's critical path.
+    _ANSWERS = frozenset((M.T_RULE, M.T_NACK))
+
     def _queue_msg(self, target: int, mtype: int, recs) -> None:
         self.outbox.add_many(M.nic_identity(target), mtype, recs)
+        if mtype in self._ANSWERS:
+            self._flush()
 
     def _send_coord(self, mtype: int, payload: bytes) -> None:
         self._send_frames([M.COORD, M.TYPE_FRAME[mtype], payload])
@@ -1007,12 +1016,31 @@ class NicWorker:
             self._flush()  # answers and fetches leave before any housekeeping
         if n or coord:  # what this turn's packets and messages built or ended: pushed, revoked
             timers.due_now("agent_created")
-        if timers.run(now) and (self._backlog or self.outbox):
+        self._quiet_ports = not n  # (_waiting: packets that come after a quiet turn end its jobs too)
+        if timers.run(now, self._waiting) and (self._backlog or self.outbox):
             self._flush()
         t3 = time.perf_counter()
         if t3 - t0 >= self.slow_turn_s:  # everything waiting (fetches too) waited this long
             self._slow_turn(t1 - t0, t2 - t1, t3 - t2, n)
         return n
+
+    def _waiting(self) -> bool:
+        """Between two periodic jobs (``Scheduler.run``): does a coordinator message wait
+        -- or a packet, after a turn that took none?  Then the jobs still due wait a
+        turn and the loop goes back to its poll: a FETCH that reaches the owner while it
+        runs its expiry, journal and stats jobs is answered after the job in progress,
+        not after all of them (under a flood of packets the turn budget alone shares the
+        turn, as before).  One poll(2) that does not wait; when the socket was used since
+        ZMQ_EVENTS was last asked (its ZMQ_FD may not tell of a message that came
+        meanwhile), ZMQ_EVENTS too."""
+        ready = self.poller.poll(0)
+        if ready and (self._quiet_ports or any(fd == self._zfd for fd, _ in ready)):
+            return True
+        if self._zmq_dirty and self.sock is not None:
+            if zmqio.readable(self.sock):
+                return True  # (still dirty: the next turn asks before its poll)
+            self._zmq_dirty = False
+        return False
 
     @property
     def last_jobs(self) -> list:
