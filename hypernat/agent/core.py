@@ -616,18 +616,21 @@ class RuleAgent:
         if not len(acc):
             return
         self._install_many(source, recs, acc, dirs, now, owners)
-        self.fetch_latencies.extend(lats[-self.fetch_latencies.maxlen:].tolist())
-        c = self.counters
-        c["fetch_answered"] += len(acc)
-        for name, k in zip(_LAT_NAMES, lat_counts):
-            if k:
-                c[name] += k
-        # the fast path now has the rule for an out fetch; an in key may differ for
-        # a wildcard answer (EIM), the replay resolves it either way
-        if replay_out:
-            self.replay(OUT, replay_out)
-        if replay_in:
-            self.replay(IN, replay_in)
+        try:
+            # the fast path now has the rule for an out fetch; an in key may differ for
+            # a wildcard answer (EIM), the replay resolves it either way.  The held
+            # frames leave first, the latency bookkeeping after them
+            if replay_out:
+                self.replay(OUT, replay_out)
+            if replay_in:
+                self.replay(IN, replay_in)
+        finally:
+            self.fetch_latencies.extend(lats[-self.fetch_latencies.maxlen:].tolist())
+            c = self.counters
+            c["fetch_answered"] += len(acc)
+            for name, k in zip(_LAT_NAMES, lat_counts):
+                if k:
+                    c[name] += k
 
     def _owners(self, recs) -> np.ndarray:
         """The owner of every record's external endpoint (partition + loans; -1 outside)."""
