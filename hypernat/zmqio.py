@@ -10,7 +10,8 @@ round trip crosses four sends and four receives (asker, coordinator twice, owner
 this is on every connection's first-packet latency.  ``readable`` asks whether another
 message waits without the ``zmq.Again`` a failed non-blocking receive raises.
 
-``send_multipart(sock, frames, flags)`` and ``recv_multipart(sock, flags)`` behave as the
+``send_multipart(sock, frames, flags)`` and ``recv_multipart(sock, flags)`` (flags: ``NOBLOCK``,
+zmq.NOBLOCK as a plain int) behave as the
 socket methods of the same names (the same frames in the same order with the same
 flags, the same exceptions: ``zmq.Again`` under NOBLOCK, ``ZMQError``), and fall back to
 them for anything but a plain ``zmq.Socket`` (subclasses such as green or asyncio
@@ -33,6 +34,10 @@ except (ImportError, AttributeError):  # pragma: no cover - PyPy / CFFI backend
 
 _PLAIN = zmq.Socket  # exactly this class: its send / recv add nothing we rely on
 _SNDMORE = int(zmq.SNDMORE)
+# zmq.NOBLOCK as a plain int: pyzmq's flags are enum.IntFlag members, and `flags |
+# SNDMORE` on one goes through the enum module's Python code (~0.6 us warm, several us
+# from a cold cache: on every send of a first packet's path); the callers pass this
+NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 

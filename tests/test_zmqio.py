@@ -100,3 +100,20 @@ def test_a_socket_that_is_not_plain_pyzmq_gets_its_own_methods():
     assert f.sent == [([b"a", b"b", b"c"], zmq.NOBLOCK)]
     assert zmqio.recv_multipart(f, zmq.NOBLOCK) == [b"a", b"b"] and f.calls == [zmq.NOBLOCK]
     assert zmqio.readable(f)
+
+
+def test_noblock_is_a_plain_int_that_sends_and_receives_as_zmq_noblock(pair):
+    """``zmqio.NOBLOCK`` (what the worker and the coordinator pass) is zmq.NOBLOCK as a
+    plain int -- `flags | SNDMORE` on pyzmq's enum flag runs the enum module's Python
+    code on every send -- and behaves as zmq.NOBLOCK: messages go out whole, an empty
+    socket raises zmq.Again."""
+    router, dealer = pair
+    assert type(zmqio.NOBLOCK) is int and zmqio.NOBLOCK == zmq.NOBLOCK
+    zmqio.send_multipart(dealer, [b"", b"\x02", b"x" * 40], zmqio.NOBLOCK)
+    zmqio.send_multipart(dealer, [b"nic2", b"", b"\x02", b"y"], zmqio.NOBLOCK)
+    assert router.poll(2000)
+    assert zmqio.recv_multipart(router, zmqio.NOBLOCK) == [b"nic1", b"", b"\x02", b"x" * 40]
+    assert router.poll(2000)
+    assert zmqio.recv_multipart(router, zmqio.NOBLOCK) == [b"nic1", b"nic2", b"", b"\x02", b"y"]
+    with pytest.raises(zmq.Again):
+        zmqio.recv_multipart(router, zmqio.NOBLOCK)

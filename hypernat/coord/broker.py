@@ -406,7 +406,7 @@ class Coordinator:
                     if not readable(sock):  # cheaper than the zmq.Again of a receive that finds nothing
                         break
                     try:
-                        msg = recv(zmq.NOBLOCK)
+                        msg = recv(zmqio.NOBLOCK)
                     except zmq.Again:
                         break
                     handle(msg)
@@ -496,7 +496,7 @@ class Coordinator:
             self._undeliverable(ident, code, "rejected", dst.nic, payload)
             return
         try:
-            zmqio.send_multipart(self.sock, (target, ident, tframe, payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (target, ident, tframe, payload), zmqio.NOBLOCK)
         except zmq.Again:
             self._drop("queue_full", ident, code)
             self._undeliverable(ident, code, "unreachable", dst.nic, payload)
@@ -542,13 +542,13 @@ class Coordinator:
         """Tell the sender its message went nowhere (best effort, never blocks)."""
         try:
             body = M.pack_undeliverable(code, reason, target, payload)
-            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[M.T_UNDELIVERABLE], body), zmqio.NOBLOCK)
         except zmq.ZMQError:
             pass  # the sender vanished too: nothing to tell
 
     def _send(self, ident, code, payload) -> bool:
         try:
-            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[code], payload), zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, (ident, M.COORD, M.TYPE_FRAME[code], payload), zmqio.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False

@@ -459,7 +459,7 @@ class NicWorker:
             return
         self._zmq_dirty = True
         try:
-            zmqio.send_multipart(self.sock, frames, zmq.NOBLOCK)
+            zmqio.send_multipart(self.sock, frames, zmqio.NOBLOCK)
             self.counters["coord_sent"] += 1
         except zmq.Again:
             self._backlog.append(frames)
@@ -472,7 +472,7 @@ class NicWorker:
             self._zmq_dirty = True
         while self._backlog:
             try:
-                zmqio.send_multipart(self.sock, self._backlog[0], zmq.NOBLOCK)
+                zmqio.send_multipart(self.sock, self._backlog[0], zmqio.NOBLOCK)
                 self._backlog.popleft()
                 self.counters["coord_sent"] += 1
             except zmq.Again:
@@ -803,7 +803,7 @@ class NicWorker:
             if i and not zmqio.readable(sock):
                 return
             try:
-                parts = recv(sock, zmq.NOBLOCK)
+                parts = recv(sock, zmqio.NOBLOCK)
             except zmq.Again:
                 return
             counters["coord_recv"] += 1
