@@ -829,3 +829,20 @@ def test_routes_over_loopback_tcp_without_keys():
     finally:
         c.stop()
         c.join(5)
+
+
+def test_the_objects_alive_at_start_are_frozen_out_of_the_collector():
+    """When it starts serving, the coordinator moves every object alive into the GC's
+    permanent generation: no collection walks the process's heap (in the emulated
+    deployment, the heap of the process it was forked from) while a message waits."""
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    c = Coordinator(f"inproc://freeze-{os.getpid()}", n_nics=2).start_thread()
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        c.stop()
+        c.join(5)
+        gc.unfreeze()

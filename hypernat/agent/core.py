@@ -285,6 +285,7 @@ DROP_REASON_NAMES = tuple(n for n, _ in DROP_REASONS)
 
 # counter names per message type: rx_fetch, rx_rule, ... (no string building per message)
 _RX_COUNTER = {code: "rx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
+_TX_COUNTER = {code: "tx_" + name.lower() for code, name in M.TYPE_NAMES.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,8 +478,8 @@ class RuleAgent:
         return s
 
     def _emit(self, target: int, mtype: int, recs: np.ndarray) -> None:
-        self.counters["tx_" + M.TYPE_NAMES[mtype].lower()] += len(recs)
-        self._send(target, mtype, recs)
+        self._send(target, mtype, recs)  # (an answer leaves at once: worker._queue_msg)
+        self.counters[_TX_COUNTER[mtype]] += len(recs)
 
     def count(self, reason: str, n: int = 1) -> None:
         self.counters[reason] += n
