@@ -16,8 +16,11 @@ RuleAgent, and one ZeroMQ DEALER to the coordinator.  Every turn of the loop:
                                         ──► FETCH: RuleAgent queues a copy of the frame, asks
                                                    the owner (sent at once: not at the end of
                                                    the turn); replayed from copies once answered
-    DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks)
-    Scheduler.run (nic/_timers.pyx): every periodic job that is due, a slice each --
+    DEALER ──► RuleAgent.on_message (RULE, NACK, FETCH, PUSH, LEASE, REVOKE, ACTIVITY, acks);
+               a FETCH's RULE / NACK is sent as soon as it is built, before the owner's lease
+               bookkeeping
+    Scheduler.run (nic/_timers.pyx): every periodic job that is due, a slice each (a message
+      that waits -- or a packet after a quiet turn -- ends the turn's jobs after the one running) --
       the agent's retries, retransmissions, lease ends, activity │ RuleBuilder.sweep: one
       expiry step │ RuleBuilder.reserve_blocks + Journal.sync: port blocks journaled ahead
       of need; Journal.checkpoint when the log passed its bound │ heartbeat, stats, ...
@@ -989,7 +992,8 @@ class NicWorker:
         if coord:
             self._recv_coord(now)
             if self._backlog or self.outbox:
-                self._flush()  # RULE answers to FETCHes leave before this turn's packets
+                self._flush()  # what the messages made leaves before this turn's packets (RULE / NACK
+                # answers to FETCHes left already, as soon as they were built: _queue_msg)
         t1 = time.perf_counter() if coord else t0
         # batches from both ports in turn, up to TURN_BATCHES batches' worth of frames
         # however they split between the ports (one busy direction gets the whole turn;
