@@ -194,14 +194,27 @@ cdef inline int iheap_set(hn_iheap *h, int32_t x, double due, uint32_t tie) exce
 
 
 cdef inline void iheap_remove(hn_iheap *h, int32_t x) noexcept nogil:
-    """Entry `x` out of the heap (nothing if it is not queued)."""
-    cdef int32_t k = h.pos[x]
+    """Entry `x` out of the heap (nothing if it is not queued).  Bottom-up: the hole goes
+    down to a leaf along the earlier children (one comparison a level), the last item
+    fills it and goes up (a step or two, usually) -- fetches are mostly answered in the
+    order they went out, i.e. removed at the top, where a plain sift-down of the last
+    item would compare twice a level all the way down."""
+    cdef int32_t k = h.pos[x], c
     if k < 0:
         return
     h.pos[x] = -1
     h.n -= 1
-    if k < h.n:
-        _isift(h, k, h.a[h.n])
+    if k == h.n:
+        return
+    while True:
+        c = 2 * k + 1
+        if c >= h.n:
+            break
+        if c + 1 < h.n and _iless(&h.a[c + 1], &h.a[c]):
+            c += 1
+        _iplace(h, k, h.a[c])
+        k = c
+    _isift(h, k, h.a[h.n])
 
 
 cdef inline void iheap_cap(hn_iheap *h, double due) noexcept nogil:

@@ -8,7 +8,10 @@ key (two FlowTables, one per fetch direction, ``_key_find`` and its kin) and by 
 FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
 (``_fastpath.pxd``); the entry's index is the slot's ``rule_id``.  The negative cache
 and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
-list (oldest first), indexed the same way.
+list (oldest first), indexed the same way.  Each fetch's timer (its next retry, or its
+deadline) sits in an indexed heap of (due, seq) (``_heap.pxd``, ``hn_iheap``): a fetch
+answered, dropped or redirected moves or removes its item where it sits, so ``due``
+pops only live fetches that came due, a bounded number a call.
 
 Every operation takes a whole batch (``fetch_rows`` over a batch's misses, the
 ``layout.FETCH_ROW_DTYPE`` rows read in place through ``_keys.pxd``; ``answer_rules`` /

@@ -311,7 +311,7 @@ class AgentParams:
     switch_rss: object = None  # toeplitz: (key, indirection table, {queue: NIC id}) of the outside port
     # slices of periodic work per loop turn (config ``loop:``): nothing periodic costs in
     # proportion to a table's size in one turn
-    retransmit_slice: int = 32  # unacknowledged messages resent or given up per turn at most
+    retransmit_slice: int = 32  # unacknowledged messages and unanswered fetches resent or given up per turn at most
     lease_end_slice: int = 16  # lease ends handled per turn at most (owner's leases; holder's clones)
     activity_slots: int = 4096  # table slots (each table) collected for activity per turn at most
     activity_entries: int = 32  # ... and entries found reported per turn at most
