@@ -1244,6 +1244,8 @@ class RuleAgent:
                     if tf > now + _EPS:
                         break
                     sent, gone, dropped = pending.due(now if now < tm else tm, live, retry_max, timeout, fq)
+                    if not sent + gone:
+                        break  # (float noise: nothing came up after all)
                     live -= sent + gone
                     if sent:
                         c["tx_fetch"] += sent
