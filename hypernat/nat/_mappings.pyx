@@ -19,6 +19,11 @@ object per mapping or session:
                                                 (address-dependent filtering)
     pending    sessions added since the last ``flush``: their two flow-table entries
                are written in one pass at the end of a batch
+    deferred   while ``OutSetup.run`` / ``serve`` runs (``defer``), the external- and
+               session-index writes of its setups wait in a ring of DQ, their home
+               slots prefetched when queued, and are done in order DQ writes later or
+               when the call ends (``settle_c``): their cache misses overlap the next
+               setups instead of stalling each; lookups read the ring first
 
 ``hypernat.rules.RuleBuilder`` owns one (``RuleBuilder.maps``) and keeps the policy
 (which port, refusals, journal, logs, reuse delay) in Python; ``OutSetup`` in this
@@ -994,7 +999,9 @@ cdef class OutSetup:
         `res`, and its fetch (frame, owner, IN, the key, kind, tcp_flags) to `fetches`
         (a layout.FETCH_ROW_DTYPE array).  `idx`, `res` and `fetches` hold n entries.
         Returns the index of the first miss it did not answer (n: none left),
-        untouched: the caller's general path takes it.  No Python object per frame."""
+        untouched: the caller's general path takes it.  No Python object per frame.
+        Its setups' index writes are deferred (``Mappings.defer``) and all done when
+        it returns."""
         cdef Py_ssize_t n = verdicts.shape[0], a
         cdef const hn_key16* k
         cdef uint8_t v
