@@ -4,6 +4,9 @@
                  the per-source token bucket, the FETCH record)
     on_rule      a RULE message answering them: each record checked against its fetch,
                  the clone installed (CloneTable; the builder's flow tables stubbed out)
+    retransmit   the retransmission turns at the fetches' first retry time, all of them
+                 answered meanwhile (``step_retransmit`` until it has nothing left due):
+                 what the answered fetches still cost the reliable-delivery engine
     grant        the owner's leases for a batch of served sessions (LeaseTable)
 
     .venv/bin/python benchmarks/bench_agent_tables.py [-n N] [--rounds R]
@@ -75,13 +78,18 @@ def one_round(n: int) -> dict:
         a1.on_message(0, M.T_RULE, recs[i:i + B], 0.001)
     tr = time.process_time() - t
     assert a1.counters["fetch_answered"] == n, dict(a1.counters)
+    t = time.process_time()
+    while a1.step_retransmit(0.06):
+        pass
+    tx = time.process_time() - t
+    assert a1.counters["fetch_retries"] == 0
     sks = [(17, 0x0A000001, k % 60000 + 1, E + (k >> 14), 1024 + (k & 0x3FFF), R + (k % 250), 53) for k in range(n)]
     t = time.process_time()
     for i in range(0, n, B):
         a0._grant_many(sks[i:i + B], 1, 0.0)
     tg = time.process_time() - t
     assert a0.state()["leases"] == n
-    return {"fetch_rows": tf / n * 1e6, "on_rule": tr / n * 1e6, "grant": tg / n * 1e6}
+    return {"fetch_rows": tf / n * 1e6, "on_rule": tr / n * 1e6, "retransmit": tx / n * 1e6, "grant": tg / n * 1e6}
 
 
 def test_agent_tables(benchmark):

@@ -74,6 +74,19 @@ cdef extern from *:
     uint64_t hn_flow_hash(uint8_t proto, uint32_t saddr, uint16_t sport,
                           uint32_t daddr, uint16_t dport) noexcept nogil
 
+cdef extern from *:
+    """
+    #ifndef HN_TBL_PREFETCH_DEFINED
+    #define HN_TBL_PREFETCH_DEFINED
+    #if defined(__GNUC__) || defined(__clang__)
+    #define hn_tbl_prefetch(p) __builtin_prefetch((const void *)(p), 1, 3)
+    #else
+    #define hn_tbl_prefetch(p) ((void)(p))
+    #endif
+    #endif
+    """
+    void hn_tbl_prefetch(const void *p) noexcept nogil
+
 
 ctypedef struct hn_table:
     hn_slot *s
@@ -101,3 +114,11 @@ cdef class FlowTable:
     cdef bint c_delete(self, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
                        uint16_t dp) noexcept nogil
     cdef hn_slot *c_slot(self, int64_t i) noexcept nogil   # slot i (from c_find, >= 0)
+
+
+cdef inline void ft_prefetch(FlowTable t, uint8_t proto, uint32_t sa, uint16_t sp, uint32_t da,
+                             uint16_t dp) noexcept:
+    """Start loading the home slot a find / insert of this key in `t` probes first (the
+    slot ``c_find`` / ``c_insert`` hash to, for writing): callers issue it a few keys
+    ahead of the probe, so that the cache misses of a batch overlap."""
+    hn_tbl_prefetch(&t.t.s[hn_flow_hash(proto, sa, sp, da, dp) & t.t.mask])

@@ -425,6 +425,140 @@ def test_out_setup_run_answers_the_common_case_and_stops_at_the_rest():
         su.run(v, kb[:32], 0, 1000, idx, res, fetches, count)
 
 
+@settings(max_examples=120, deadline=None)
+@given(
+    eim=st.booleans(),
+    raddr=st.booleans(),
+    preserve=st.booleans(),
+    rate=st.sampled_from([0, 3]),
+    cap=st.integers(1, 40),
+    seed=st.integers(0, 2**64 - 1),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["out"] * 12 + ["other", "run", "host", "block", "flags", "end"]),
+                  st.integers(0, 4), st.sampled_from([1, 6, 17, 17, 47]), st.integers(0, 12), st.integers(0, 2),
+                  st.integers(0, 2), st.integers(0, 15)),
+        min_size=10,
+        max_size=200,
+    ),
+)
+def test_out_setup_run_matches_model(eim, raddr, preserve, rate, cap, seed, ops):
+    """OutSetup.run over batches of outgoing misses (up to 60 frames, other frames
+    between them) against the model's run: while it runs, the external- and session-
+    index writes of its setups wait in a ring (Mappings.defer) and are done a few
+    setups later; the lookups meanwhile (a later frame of the same session, of the same
+    internal endpoint, an external endpoint's check) must see them, and the indexes
+    after must hold what the model holds, the indexes small enough to grow meanwhile.
+    Where run stops (the general path's miss) the batch goes on from the next frame,
+    as ``RuleBuilder.decide_misses`` does."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.nat import _hosts
+    from hypernat.nat._mappings import Mappings, OutSetup
+    from hypernat.nat._rate import HostRate
+    from nat_model import HostRateModel, HostsModel, MappingsModel, OutSetupModel
+
+    bs = 8
+    pb, mpb = ports.PortBlocks(bs, False, seed), PortBlocksModel(bs, False, seed)
+    hs, mh = _hosts.Hosts(), HostsModel(mpb)
+    mp, mm = Mappings(eim, 16, raddr), MappingsModel(eim)
+    su = OutSetup(mp, INTERNAL, REASONS, VERDICTS)
+    su.bind(hs, pb, HostRate(rate, 2) if rate else None, cap, preserve)
+    sm = OutSetupModel(mm, mh, INTERNAL, REASONS, HostRateModel(rate, 2) if rate else None, cap, preserve)
+    su.room = sm.room = 1 << 30
+    now, nb, batch = 100, 0, []
+
+    def run_batch():
+        n = len(batch)
+        v = np.array([1 if b[0] == "out" else 0 for b in batch], np.uint8)
+        keys = [(ia, 7 << 24 | r, 1000 + port, 80 + x, p, 0, 0x02 if p == 6 else 0)
+                for _, ia, p, port, r, x in batch]
+        kb = np.zeros(n, layout.KEY_DTYPE)
+        for j, k in enumerate(keys):
+            kb[j] = k + (0,)
+        ci, cr = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        cf, cn = np.zeros(n, layout.FETCH_ROW_DTYPE), np.zeros(2, np.int64)
+        mi, mr = [], []
+        j = 0
+        while j < n:
+            got = su.run(v, kb.view(np.uint8).reshape(-1), j, now, ci, cr, cf, cn)
+            assert got == sm.run(v.tolist(), keys, j, now, mi, mr, [])
+            assert cn[1] == 0 and ci[:cn[0]].tolist() == mi and cr[:cn[0]].tolist() == mr
+            j = got + 1  # (the general path's: left untouched by both)
+        batch.clear()
+
+    for op, h, p, port, r, x, fl in [("host", h, 0, 0, 0, 0, 0) for h in range(3)] + ops:
+        ia = (10 << 24 | h) if h < 4 else (11 << 24 | 1)  # one address outside the prefix
+        if op in ("out", "other"):
+            batch.append((op, ia, p, port, r, x))
+            if len(batch) < 60:
+                continue
+        if batch:
+            run_batch()
+        if op in ("host", "block"):
+            if ia >> 24 != 10 or (op == "host") == (ia in mh.h):
+                continue
+            if op == "host":
+                hs.add(ia, 0, 198 << 24)
+                mh.add(ia)
+            pb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+            mpb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+            hs.append_block(ia, nb)
+            mh.h[ia]["blocks"].append(nb)
+            nb += 1
+        elif op == "flags":
+            su.room = sm.room = x * 8 + fl
+        elif op == "end" and mm.m:
+            _end_mapping(mp, mm, x)
+        now += 1
+    if batch:
+        run_batch()
+    assert su.room == sm.room
+    assert mp.rule_ids() == sorted(mm.m) and mp.n_sessions == mm.n_sessions and mp.n_pending == len(mm.pending)
+    for rid in mm.m:
+        q, ia, ip, ea, ep, _ = mm.get(rid)
+        assert mp.get(rid) == mm.get(rid) and mp.remotes(rid) == mm.remotes(rid)
+        assert mp.by_external(q, ea, ep) == rid
+        for rem in mp.remotes(rid):
+            ra, rr = rem >> 16, rem & 0xFFFF
+            assert mp.has_session(rid, ra, rr) and mp.by_out_key(q, ia, ip, ra, rr) == rid
+            if raddr:
+                assert mp.has_remote_address(rid, ra)
+        if raddr:  # the (rid, R) counts: right after the sessions end one by one too
+            for rem in mp.remotes(rid):
+                mp.end_session(rid, rem >> 16, rem & 0xFFFF)
+                assert mp.has_remote_address(rid, rem >> 16) == any(
+                    o >> 16 == rem >> 16 for o in mp.remotes(rid))
+
+
+def test_out_setup_run_checks_the_external_index_of_its_deferred_writes():
+    """An external endpoint mapped already (here: put in the index behind the port
+    blocks' back) is a KeyError from run, as from a single setup: the deferred write
+    checks the index when it is done."""
+    import numpy as np
+
+    from hypernat import layout
+    from hypernat.nat import _hosts
+    from hypernat.nat._mappings import Mappings, OutSetup
+
+    pb, hs, mp = ports.PortBlocks(8, False, 1), _hosts.Hosts(), Mappings(True, 16)
+    hs.add(10 << 24 | 1, 0, 198 << 24)
+    pb.add(0, 0, 198 << 24, 1024, 8, 10 << 24 | 1)
+    hs.append_block(10 << 24 | 1, 0)
+    mp.new(17, 10 << 24 | 9, 7, 198 << 24, 1027, 0)  # (the block's port 1027, its bit not set)
+    su = OutSetup(mp, INTERNAL, REASONS, VERDICTS)
+    su.bind(hs, pb, None, 100, True)  # preserving: internal port 1027 takes 1027
+    su.room = 100
+    v = np.ones(3, np.uint8)
+    k = np.zeros(3, layout.KEY_DTYPE)
+    k["proto"], k["saddr"], k["sport"], k["daddr"], k["dport"] = 17, 10 << 24 | 1, [1025, 1027, 1026], 7, 53
+    idx, res = np.zeros(3, np.int32), np.zeros(3, np.int32)
+    fetches, count = np.zeros(3, layout.FETCH_ROW_DTYPE), np.zeros(2, np.int64)
+    with pytest.raises(KeyError, match="mapped already"):
+        su.run(v, k.view(np.uint8).reshape(-1), 0, 1000, idx, res, fetches, count)
+    assert mp.by_external(17, 198 << 24, 1025) != 0  # the write before it was done
+
+
 def _bind_in(su, sm, nic, filtering, part):
     """The incoming side of both, over one hypernat.partition.Partition: the C code gets
     its geometry (loans and all, as RuleBuilder._bind_setup does), the model the owner

@@ -3,9 +3,11 @@ records over the flow table's hashing) against the dict-based reference
 (``hypernat.agent.pending_py``): the same answers and the same state after every
 operation of a random sequence -- batches of misses (frames, bounds, the negative
 cache, token buckets with an LRU bound), RULE and NACK messages whose records answer,
-half-answer or miss the fetches in flight, retries and timeouts, a push completing a
-fetch, an owner failing, fetches redirected to another owner -- and the FETCH records
-each wrote, byte for byte, and the messages they make of them per owner."""
+half-answer or miss the fetches in flight, the due passes (retries and timeouts, a
+bounded number at a time, in (due, seq) order), a push completing a fetch, an owner
+failing, fetches redirected to another owner, everything made due at once -- and the
+FETCH records each wrote, byte for byte, and the messages they make of them per owner;
+the compiled table's timer heap checked after every operation."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,7 +36,11 @@ op = st.one_of(
     st.tuples(st.just("rule"), st.integers(0, 2), st.lists(answer, max_size=8)),
     st.tuples(st.just("nack"), st.integers(0, 2), st.lists(answer, max_size=8)),
     st.tuples(st.just("time"), st.floats(0.0, 0.6)),
-    st.tuples(st.just("retry"), st.integers(0, 60)),
+    st.tuples(st.just("time"), st.floats(0.0, 0.3)),
+    st.tuples(st.just("due"), st.integers(1, 12)),
+    st.tuples(st.just("due"), st.integers(1, 12)),
+    st.tuples(st.just("due"), st.integers(1, 3)),
+    st.tuples(st.just("advance"),),
     st.tuples(st.just("pop"), st.integers(0, 50)),
     st.tuples(st.just("fail"), st.integers(0, 2)),
     st.tuples(st.just("reseq"), st.integers(0, 2), st.integers(0, 2)),
@@ -117,7 +123,7 @@ def _nack_records(pend, rng_ops):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(op, max_size=30), st.integers(1, 0xFFFFFFFF))
+@given(st.lists(op, max_size=40), st.integers(1, 0xFFFFFFFF))
 def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
     c, m = _pending.PendingTable(**PARAMS), pending_py.PendingTable(**PARAMS)
     seq = {"c": seq0, "m": seq0}
@@ -143,9 +149,11 @@ def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
             assert c.answer_nacks(o[1], recs, now) == m.answer_nacks(o[1], recs, now)
         elif kind == "time":
             now += o[1]
-        elif kind == "retry":
-            s = pend[o[1] % len(pend)][1].seq if pend and o[1] < 50 else o[1]
-            assert c.retry(s, now, 0.2, 0.5, fq["c"]) == m.retry(s, now, 0.2, 0.5, fq["m"])
+        elif kind == "due":
+            assert c.due(now, o[1], 0.2, 0.5, fq["c"]) == m.due(now, o[1], 0.2, 0.5, fq["m"])
+        elif kind == "advance":
+            for t in (c, m):
+                t.advance_all(now)
         elif kind == "pop":
             pk = pend[o[1] % len(pend)][0] if pend else (1, (6, 0, 1, 10, 1))
             assert c.pop(pk) == m.pop(pk)
@@ -174,6 +182,7 @@ def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
             got = [[(o, r.tolist()) for o, r in fq[n].take()] for n in ("c", "m")]
             assert got[0] == got[1] and not fq["c"] and not fq["m"]
         assert _state(c) == _state(m)
+        assert c.next_due == m.next_due and c._timer_check() and c.timers == len(c)
         assert _queued(fq["c"]) == _queued(fq["m"])
         assert ((1, (6, 0, 1, 10, 1)) in c) == ((1, (6, 0, 1, 10, 1)) in m)
         assert c.queued <= PARAMS["queue_total"] and m.source_items().__len__() <= PARAMS["max_sources"]
@@ -202,6 +211,165 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
     assert (dirs == 2).all() and len(lats) == n  # every fetch was an IN fetch
     assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
+
+
+TIMER_PARAMS = dict(queue_total=40, queue_per_flow=2, retry_s=0.05, fetch_burst=1e9, fetch_rate=1e9, negative_ttl_s=0.3,
+                    negative_max=8, capacity=16)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_fetch_timers_of_both_tables_come_up_alike(seed):
+    """The timers under load, seeded: tens of fetches in flight (the table grows), most
+    answered before their retry, due passes cut by small limits among equal due times,
+    retries doubling to the cap, deadlines, redirects, pops, owner failures, everything
+    made due at once: both tables send the same records in the same order, give up the
+    same fetches, and agree on every fetch's due time; the compiled heap stays exact."""
+    import random
+    rng = random.Random(seed)
+    c, m = _pending.PendingTable(**TIMER_PARAMS), pending_py.PendingTable(**TIMER_PARAMS)
+    fq = {"c": _pending.FetchQueue(), "m": pending_py.FetchQueue()}
+    tabs = (("c", c), ("m", m))
+    seq, now, dues, gone, peak = rng.randrange(1, 0xFFFFFFFF), 1.0, 0, 0, 0
+    for _ in range(400):
+        pend = sorted(m.items())
+        x = rng.random()
+        if x < 0.25:
+            misses = [(rng.randrange(2), (17, rng.randrange(40), 1, 10, rng.randrange(1, 4)), False, rng.randrange(3),
+                       rng.choice([None, b"f"])) for _ in range(rng.randrange(1, 12))]
+            rows, frames = _rows(misses)
+            got = [t.fetch_rows(rows, frames, now, seq, fq[n]) for n, t in tabs]
+            assert got[0] == got[1]
+            seq = got[0][-1]
+        elif x < 0.40 and pend:  # answers for some of them
+            src = rng.randrange(3)
+            ops = [(rng.randrange(len(pend)), "ok", 0) for _ in range(rng.randrange(1, 6))]
+            recs = _rule_records(pend, ops, src)
+            got = [_plain(t.answer_rules(src, recs, np.full(len(recs), src), now, LIMITS)) for t in (c, m)]
+            assert got[0] == got[1]
+        elif x < 0.45 and pend:
+            recs = _nack_records(pend, [(rng.randrange(len(pend)), "ok", rng.randrange(len(M.NACK_REASONS)))])
+            assert c.answer_nacks(int(pend[0][1].owner), recs, now) == m.answer_nacks(int(pend[0][1].owner), recs, now)
+        elif x < 0.65:
+            now += rng.choice([0.0, 0.01, 0.05, 0.05, 0.1, 0.3])
+        elif x < 0.85:
+            limit = rng.choice([1, 2, 3, 50])
+            got = [t.due(now, limit, 0.2, 0.7, fq[n]) for n, t in tabs]
+            assert got[0] == got[1] and sum(got[0][:2]) <= limit
+            dues += got[0][0] + got[0][1]
+            gone += got[0][1]
+        elif x < 0.88 and pend:
+            pk = pend[rng.randrange(len(pend))][0]
+            assert c.pop(pk) == m.pop(pk)
+        elif x < 0.91:
+            o = rng.randrange(3)
+            for s_, _ in sorted(m.of_owner(o, 1))[:3]:
+                new = (o + 1) % 3
+                assert c.reseq(s_, new, seq, now, 0.7, fq["c"]) == m.reseq(s_, new, seq, now, 0.7, fq["m"])
+                seq = seq % 0xFFFFFFFF + 1
+        elif x < 0.93:
+            o = rng.randrange(3)
+            assert c.fail_owner(o) == m.fail_owner(o)
+        elif x < 0.95:
+            for t in (c, m):
+                t.advance_all(now)
+        else:
+            got = [[(o, r.tolist()) for o, r in fq[n].take()] for n in ("c", "m")]
+            assert got[0] == got[1]
+        assert _state(c) == _state(m) and _queued(fq["c"]) == _queued(fq["m"])
+        assert c.next_due == m.next_due and c._timer_check() and c.timers == len(c)
+        peak = max(peak, len(m))
+        assert m.timers <= max(65, 2 * peak + 1)  # the reference's stale items: bounded
+        assert all(p.due <= now + 0.2 + 1e-9 or p.due <= p.first + 0.7 for _, p in m.items())
+    assert dues > 100 and gone > 20 and peak > 16  # the timers came up, many given up; the table grew
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_a_retry_doubles_its_wait_up_to_the_cap_and_gives_up_at_the_deadline(impl):
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**TIMER_PARAMS), mod.FetchQueue()
+    rows, frames = _rows([(0, (17, 1, 1, 10, 1), False, 2, b"a"), (0, (17, 2, 1, 10, 1), False, 2, b"b")])
+    t.start(1, (17, 9, 1, 10, 1), 2, 0.0, 0, 100, fq)
+    t.fetch_rows(rows, frames, 0.0, 101, fq)
+    t.fetch_rows(rows[:1], frames[:1], 0.0, 200, fq)  # a second frame for the first one
+    fq.take()
+    assert t.next_due == 0.05 and [p.due for _, p in sorted(t.items(), key=lambda i: i[1].seq)] == [0.05] * 3
+    assert t.due(0.049, 10, 0.2, 1.0, fq) == (0, 0, 0) and not fq  # not yet
+    assert t.due(0.05, 2, 0.2, 1.0, fq) == (2, 0, 0)  # the limit: the two lowest seqs of the due time
+    assert fq.view()[1]["seq"].tolist() == [100, 101] and t.next_due == 0.05
+    assert t.due(0.06, 10, 0.2, 1.0, fq) == (1, 0, 0)  # the third, late: due 0.06 + 0.1
+    waits = {p.seq: (p.retry, p.due) for _, p in t.items()}
+    assert waits == {100: (0.1, 0.05 + 0.1), 101: (0.1, 0.05 + 0.1), 102: (0.1, 0.06 + 0.1)}
+    now, sent = 0.15, []
+    while now < 1.0:  # nobody answers: 0.05, 0.1, 0.2 (the cap), 0.2, ... until the deadline
+        got = t.due(now, 10, 0.2, 1.0, fq)
+        sent.append((round(now, 6), got))
+        now = t.next_due
+    assert [(n, w) for n, (w, _, _) in sent] == [(0.15, 2), (0.16, 1), (0.35, 2), (0.36, 1), (0.55, 2), (0.56, 1),
+                                                 (0.75, 2), (0.76, 1), (0.95, 2), (0.96, 1)]
+    assert all(p.retry == 0.2 for _, p in t.items())
+    assert t.next_due == 1.0  # the deadline, not now + 0.2
+    fq.take()
+    assert t.due(1.0, 10, 0.2, 1.0, fq) == (0, 3, 4) and not fq  # given up: 2 + 1 + 1 frames
+    assert len(t) == 0 and t.queued == 0 and t.next_due == float("inf") and t.timers == 0
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_a_recycled_entry_keeps_only_its_own_timer(impl):
+    """A fetch answered frees its entry; a new fetch in the same place is due on its own
+    time, never on the old one's (the compiled table's heap: the old item left with the
+    answer; the reference's: the old item goes stale)."""
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**TIMER_PARAMS), mod.FetchQueue()
+    rows, frames = _rows([(0, (17, 1, 1, 10, 1), False, 2, b"a")])
+    t.fetch_rows(rows, frames, 0.0, 7, fq)
+    assert t.pop((0, (17, 1, 1, 10, 1))) == [b"a"]  # answered (a PUSH brought its rule)
+    assert t.next_due == float("inf")
+    t.fetch_rows(rows, None, 0.04, 8, fq)  # the same key again: the freed entry, due 0.09
+    fq.take()
+    assert t.due(0.06, 10, 0.2, 1.0, fq) == (0, 0, 0) and not fq  # the old due (0.05) is gone
+    assert t.next_due == pytest.approx(0.09) and t.due(0.09, 10, 0.2, 1.0, fq) == (1, 0, 0)
+    assert fq.view()[1]["seq"].tolist() == [8]
+    if impl == "compiled":
+        assert t.timers == 1 and t._timer_check()
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_a_redirected_fetch_is_due_under_its_new_seq_only(impl):
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**TIMER_PARAMS), mod.FetchQueue()
+    rows, _ = _rows([(1, (17, 1, 1, 10, 1), False, 2, None), (1, (17, 2, 1, 10, 1), False, 2, None)])
+    t.fetch_rows(rows, None, 0.0, 7, fq)
+    fq.take()
+    assert t.reseq(7, 1, 9, 0.04, 1.0, fq) == pytest.approx(0.09)  # the wait starts again
+    fq.take()
+    assert t.due(0.05, 10, 0.2, 1.0, fq) == (1, 0, 0) and fq.take()[0][1]["seq"].tolist() == [8]
+    assert t.due(0.09, 10, 0.2, 1.0, fq) == (1, 0, 0)
+    (owner, recs), = fq.take()
+    assert owner == 1 and recs["seq"].tolist() == [9]  # the old seq never comes up again
+    assert sorted(p.seq for p in t.values()) == [8, 9]
+
+
+def test_answered_fetches_leave_no_timer_behind():
+    """10^4 fetches answered by their RULEs: the compiled table's timer heap is empty at
+    once (nothing to pop or skip when their first retry would have come)."""
+    t = _pending.PendingTable(10 ** 5, 4, 0.05, 1e9, 1e9, 1.0, 10, capacity=16)
+    n = 10_000
+    rows, _ = _rows([(1, (17, 0xC0000200 + (k >> 8), 1000 + (k & 0xFF), 0xC6120001, 2000 + k), False, 2, None)
+                     for k in range(n)])
+    fq = _pending.FetchQueue()
+    t.fetch_rows(rows, None, 0.0, 1, fq)
+    assert t.timers == n and t.next_due == 0.05
+    (_, recs), = fq.take()
+    rules = M.records(M.T_RULE, n)
+    for f in ("seq", "proto", "ext_addr", "ext_port", "rem_addr", "rem_port"):
+        rules[f] = recs[f]
+    rules["owner"] = 2
+    keep = rules[::7]  # one in seven unanswered
+    answered = np.setdiff1d(np.arange(n), np.arange(0, n, 7))
+    t.answer_rules(2, rules[answered], np.full(len(answered), 2), 0.001, LIMITS)
+    assert len(t) == len(keep) and t.timers == len(keep) and t._timer_check()
+    assert t.due(0.05, n, 0.2, 1.0, fq) == (len(keep), 0, 0)
+    assert sorted(fq.view()[1]["seq"].tolist()) == keep["seq"].tolist()
 
 
 @pytest.mark.parametrize("impl", ["compiled", "reference"])

@@ -481,6 +481,57 @@ def test_fetch_retries_and_timeouts_of_a_burst_a_slice_per_turn():
     assert a.pending.walks == walks
 
 
+def _burst_rows(n, owner=1):
+    rows = np.zeros(n, layout.FETCH_ROW_DTYPE)
+    k = np.arange(n)
+    rows["fetch_dir"], rows["proto"], rows["owner"], rows["frame"] = 1, 17, owner, k
+    rows["saddr"], rows["sport"] = 0xC0000200 + (k >> 12), 1000 + (k & 0xFFF)
+    rows["daddr"], rows["dport"] = 0xC6120001, 2000 + k % 60000
+    return rows
+
+
+def test_fetches_answered_leave_no_work_for_the_retransmission_turn():
+    """10^4 fetches answered before their first retry: nothing of them is left for the
+    reliable-delivery engine -- no timer item (the fetch's timer left with its answer),
+    nothing due for the scheduler to wake on, a retransmission turn at the first retry
+    time that finds nothing to look at.  (Before, each answered fetch's seq stayed queued
+    until its retry time, to be popped and looked up for nothing.)"""
+    recs_sent = []
+    a = RuleAgent(0, 2, _Rules(), lambda t, m, r: recs_sent.append((t, m, r.copy())), lambda a_, q: 1,
+                  lambda d, f: None, AgentParams(retry_s=0.05, fetch_rate=1e9, fetch_burst=1e9), clock=lambda: 0.0)
+    n = 10_000
+    a.fetch_rows(_burst_rows(n), None, 0.0)
+    (owner, mtype, recs), = recs_sent
+    assert (owner, mtype, len(recs), len(a.pending)) == (1, M.T_FETCH, n, n)
+    assert a._pending_due == pytest.approx(0.05)
+    nack = recs.copy()
+    nack["reason"] = M.NACK["unavailable"]
+    a.on_message(1, M.T_NACK, nack, 0.001)
+    assert len(a.pending) == 0 and a.counters["fetch_nack"] == n
+    assert a._pending_due == INF and len(a._retx) == 0 and a.pending.timers == 0
+    recs_sent.clear()
+    assert a.step_retransmit(0.06) is False and not recs_sent and a.counters["fetch_retries"] == 0
+
+
+def test_a_turn_takes_kept_messages_and_fetches_earliest_first_within_one_slice():
+    """The two timer structures (messages kept until acknowledged, fetches in flight)
+    share the turn's slice, earliest due first."""
+    sent = []
+    a = agent(sent, retransmit_slice=10, fetch_rate=1e9, fetch_burst=1e9)
+    recs = M.records(M.T_PUSH, 8)
+    recs["seq"] = np.arange(1, 9)
+    for i in range(8):  # due at 0.05
+        a._track(1, M.T_PUSH, recs[i:i + 1], 0.0, 10.0)
+    a._seq = 100
+    a.fetch_rows(_burst_rows(8), None, 0.01)  # due at 0.06
+    sent.clear()
+    assert a.step_retransmit(0.2) is True  # the 8 messages, then 2 fetches: the slice
+    assert a.counters["retries"] == 8 and a.counters["fetch_retries"] == 2
+    assert sent == [(1, M.T_FETCH, 2), (1, M.T_PUSH, 8)]  # (the fetches gathered, sent first)
+    assert a.step_retransmit(0.2) is False and a.counters["fetch_retries"] == 8  # the other 6
+    assert a.counters["tx_fetch"] == 16 and a._pending_due == pytest.approx(0.2 + 0.1)
+
+
 def test_lease_ends_en_masse_a_slice_per_turn():
     sent = []
     a = agent(sent, lease_end_slice=100, lease_s=10.0)

@@ -7,6 +7,7 @@ negative cache, the per-source token buckets)."""
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from .._fastpath cimport FlowTable
+from .._heap cimport hn_iheap
 from .._wire cimport wire_key
 
 ctypedef struct pk_head:        # the first member of both entry structs: a key by direction
@@ -97,6 +98,7 @@ cdef class PendingTable:
     cdef readonly int64_t src_max     # remote sources with a bucket (least recently used dropped)
     cdef KeyedLru neg           # (fetch_dir, key) -> until
     cdef KeyedLru src           # (0, remote, 0, 0, 0) -> tokens, last refill
+    cdef hn_iheap tm            # each fetch's next retry or deadline, under (due, seq)
 
     cdef int32_t find(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                       uint16_t dp) noexcept
@@ -107,7 +109,7 @@ cdef class PendingTable:
     cdef list release(self, int32_t x, bint want_frames)
     cdef void refund(self, int32_t x) noexcept
     cdef int queue(self, FetchQueue fq, int32_t x) except -1
-    cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept
+    cdef int _set_seq(self, int32_t x, uint32_t seq, double due) except -1
     cdef object _snapshot(self, int32_t x)
     cdef int32_t _find_pk(self, pk) except -2
     cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,

@@ -8,7 +8,10 @@ key (two FlowTables, one per fetch direction, ``_key_find`` and its kin) and by 
 FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
 (``_fastpath.pxd``); the entry's index is the slot's ``rule_id``.  The negative cache
 and the per-source token buckets are ``KeyedLru`` tables: keyed entries on a recency
-list (oldest first), indexed the same way.
+list (oldest first), indexed the same way.  Each fetch's timer (its next retry, or its
+deadline) sits in an indexed heap of (due, seq) (``_heap.pxd``, ``hn_iheap``): a fetch
+answered, dropped or redirected moves or removes its item where it sits, so ``due``
+pops only live fetches that came due, a bounded number a call.
 
 Every operation takes a whole batch (``fetch_rows`` over a batch's misses, the
 ``layout.FETCH_ROW_DTYPE`` rows read in place through ``_keys.pxd``; ``answer_rules`` /
@@ -25,6 +28,7 @@ from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memset
 
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+from .._heap cimport iheap_cap, iheap_free, iheap_init, iheap_remove, iheap_reserve, iheap_set
 from .._keys cimport fetch_row, keys_check
 from .._wire cimport FETCH_BY_EXTERNAL, FETCH_BY_INTERNAL, wire_key, wire_rule
 
@@ -41,6 +45,7 @@ from .pending_py import MAX_SOURCES, Pending, group_by_owner
 keys_check("hypernat.agent._pending")
 cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
 cdef uint8_t KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
+cdef double _INF = float("inf")
 
 cdef extern from *:
     """
@@ -298,6 +303,7 @@ cdef class PendingTable:
         self.free_head = self.ffree = -1
         self.queued = 0
         self.walks = 0
+        iheap_init(&self.tm)
 
     def __init__(self, queue_total, queue_per_flow, retry_s, fetch_burst, fetch_rate, negative_ttl_s,
                  negative_max, int32_t capacity=1024, max_sources=MAX_SOURCES):
@@ -313,11 +319,13 @@ cdef class PendingTable:
     def __dealloc__(self):
         free(self.e)
         free(self.fnx)
+        iheap_free(&self.tm)
 
     def _grow(self, int32_t cap):
         """Room for `cap` fetches: the entry array grows, the indexes are rebuilt."""
         self.e = <pf_entry *>_regrow(self.e, cap, sizeof(pf_entry))
         self.cap = cap
+        iheap_reserve(&self.tm, cap)
         self.ix_out = _index(cap)
         self.ix_in = _index(cap)
         self.ix_seq = _index(cap)
@@ -370,9 +378,12 @@ cdef class PendingTable:
         _key_index(self.ix_out, self.ix_in, &c.k, x)
         return x
 
-    cdef void _set_seq(self, int32_t x, uint32_t seq) noexcept:
+    cdef int _set_seq(self, int32_t x, uint32_t seq, double due) except -1:
+        """Fetch `x` under `seq` (indexed), its timer queued (or moved) to `due`."""
         self.e[x].seq = seq
         self.ix_seq.c_insert(0, seq, 0, 0, 0, 0, 0, x, 0, 0)
+        iheap_set(&self.tm, x, due, seq)
+        return 0
 
     cdef int add_frame(self, int32_t x, object frame) except -1:
         if self.ffree < 0:
@@ -399,6 +410,7 @@ cdef class PendingTable:
         cdef int32_t i = c.fhead, nx
         _key_unindex(self.ix_out, self.ix_in, &c.k)
         self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
+        iheap_remove(&self.tm, x)  # its timer: gone where it sits, nothing left to skip later
         while i >= 0:
             if want_frames:
                 out.append(self.fr[i])
@@ -449,8 +461,9 @@ cdef class PendingTable:
         while i >= 0:
             frames.append(self.fr[i])
             i = self.fnx[i]
+        cdef int32_t k = self.tm.pos[x]
         return Pending((c.k.fetch_dir, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport), c.owner, c.seq, c.first,
-                        c.sent, c.retry, c.k.flags, frames, c.charged))
+                        c.sent, c.retry, c.k.flags, frames, c.charged, self.tm.a[k].d if k >= 0 else _INF))
 
     cdef int32_t _find_pk(self, pk) except -2:
         return _pk_find(self.ix_out, self.ix_in, pk)
@@ -581,7 +594,7 @@ cdef class PendingTable:
             c.retry = self.retry_s
             c.k.flags = F_ICMP_ERROR if r.kind == KIND_ICMP_ERROR else 0
             c.charged = charged
-            self._set_seq(x, s)
+            self._set_seq(x, s, now + c.retry)
             self.queue(fq, x)
             s += 1
             if s == 0:
@@ -601,7 +614,7 @@ cdef class PendingTable:
         c.first = c.sent = now
         c.retry = self.retry_s
         c.k.flags = flags
-        self._set_seq(x, seq)
+        self._set_seq(x, seq, now + c.retry)
         self.queue(fq, x)
 
     def answer_rules(self, int source, recs, owners, double now, lat_limits):
@@ -730,23 +743,62 @@ cdef class PendingTable:
         self.refund(x)
         return self.release(x, True)
 
-    def retry(self, seq, double now, double retry_max, double timeout, FetchQueue fq not None):
-        """``pending_py.PendingTable.retry``."""
-        if not 0 <= seq <= 0xFFFFFFFF:
-            return 0, 0
-        cdef int32_t x = self.by_seq(seq)
-        if x < 0:
-            return 0, 0
-        cdef pf_entry *c = &self.e[x]
-        cdef int32_t nf = c.nframes
-        if now + 1e-6 >= c.first + timeout:
-            self.refund(x)
-            self.release(x, False)
-            return 1, (nf if nf > 1 else 1)
-        c.sent = now
-        c.retry = min(c.retry * 2, retry_max)
-        self.queue(fq, x)
-        return 2, min(now + c.retry, c.first + timeout)
+    def due(self, double now, Py_ssize_t limit, double retry_max, double timeout, FetchQueue fq not None):
+        """``pending_py.PendingTable.due``: the timers in an indexed heap (``_heap.pxd``),
+        only live fetches in it (an answered fetch left it when answered)."""
+        cdef int64_t again = 0, gone = 0, dropped = 0
+        cdef double lim = now + 1e-6
+        cdef int32_t x, nf
+        cdef pf_entry *c
+        while again + gone < limit and self.tm.n and self.tm.a[0].d <= lim:
+            x = self.tm.a[0].x
+            c = &self.e[x]
+            if lim >= c.first + timeout:  # past its deadline: given up
+                nf = c.nframes
+                self.refund(x)
+                self.release(x, False)
+                gone += 1
+                dropped += nf if nf > 1 else 1
+                continue
+            c.sent = now
+            c.retry = min(c.retry * 2, retry_max)
+            self.queue(fq, x)
+            iheap_set(&self.tm, x, min(now + c.retry, c.first + timeout), c.seq)
+            again += 1
+        return again, gone, dropped
+
+    @property
+    def next_due(self):
+        """When the earliest fetch comes due (its retry or its deadline; inf: none)."""
+        return self.tm.a[0].d if self.tm.n else _INF
+
+    @property
+    def timers(self):
+        """Items in the timer structure (one per fetch in flight: none stale)."""
+        return self.tm.n
+
+    def advance_all(self, double now):
+        """``pending_py.PendingTable.advance_all``: the heap rebuilt in place (O(n), in C)."""
+        iheap_cap(&self.tm, now)
+
+    def _timer_check(self):
+        """The timer heap's invariants (tests): one item per fetch in flight, under its
+        seq, each entry's place right, every parent before its children."""
+        cdef int32_t k, x, m = 0
+        assert self.tm.n == self.n, (self.tm.n, self.n)
+        for k in range(self.tm.n):
+            x = self.tm.a[k].x
+            assert 0 <= x < self.hw and self.e[x].k.used and self.tm.pos[x] == k, (k, x)
+            assert self.tm.a[k].t == self.e[x].seq, (k, x)
+            if k:
+                p = (k - 1) >> 1
+                assert (self.tm.a[p].d, self.tm.a[p].t) < (self.tm.a[k].d, self.tm.a[k].t), (p, k)
+        for x in range(self.hw):
+            if self.tm.pos[x] >= 0:
+                m += 1
+                assert self.e[x].k.used, x
+        assert m == self.n
+        return True
 
     def fail_owner(self, int owner):
         """``pending_py.PendingTable.fail_owner``."""
@@ -779,11 +831,12 @@ cdef class PendingTable:
         cdef pf_entry *c = &self.e[x]
         self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
         c.owner = owner
-        self._set_seq(x, new_seq)
         c.sent = now
         c.retry = self.retry_s
+        cdef double due = min(now + c.retry, c.first + timeout)
+        self._set_seq(x, new_seq, due)
         self.queue(fq, x)
-        return min(now + c.retry, c.first + timeout)
+        return due
 
     # -- the negative cache ---------------------------------------------------------------------
     cdef int _neg_set(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da, uint16_t dp,

@@ -312,7 +312,7 @@ class AgentParams:
     switch_rss: object = None  # toeplitz: (key, indirection table, {queue: NIC id}) of the outside port
     # slices of periodic work per loop turn (config ``loop:``): nothing periodic costs in
     # proportion to a table's size in one turn
-    retransmit_slice: int = 32  # unacknowledged messages resent or given up per turn at most
+    retransmit_slice: int = 32  # unacknowledged messages and unanswered fetches resent or given up per turn at most
     lease_end_slice: int = 16  # lease ends handled per turn at most (owner's leases; holder's clones)
     activity_slots: int = 4096  # table slots (each table) collected for activity per turn at most
     activity_entries: int = 32  # ... and entries found reported per turn at most
@@ -435,12 +435,13 @@ class RuleAgent:
         # leases granted: (session identity, holder) -> until, in C, indexed by session, by
         # external endpoint (``hypernat ctl rule``) and by end (the owner's timer)
         self.leases = LeaseTable(cap)
-        # One reliable-delivery engine for everything answered: the fetches in flight
-        # (self.pending, answered by RULE / NACK) and the messages kept until acknowledged
-        # (PUSH, REVOKE, restart ACTIVITY, BORROW, RETURN: seq -> message here).  Each seq's
-        # next retry or deadline waits in one deadline queue, so that a turn touches only
-        # the due ones, at most p.retransmit_slice of them (``step_retransmit``).  A fetch
-        # answered leaves its seq in the queue; it is skipped, cheaply, when it comes up.
+        # One reliable-delivery engine for everything answered, with two timer structures:
+        # the fetches in flight keep theirs in the PendingTable (in C, an indexed heap: a
+        # fetch answered by RULE / NACK / PUSH, dropped or redirected takes its timer with
+        # it), the messages kept until acknowledged (PUSH, REVOKE, restart ACTIVITY,
+        # BORROW, RETURN: seq -> message here, one per message) theirs in a deadline
+        # queue (an acknowledgement discards it).  A turn touches only the due ones, at
+        # most p.retransmit_slice of them, earliest first (``step_retransmit``).
         self._unacked: dict[int, _Unacked] = {}
         self._retx = DeadlineQueue()
         self._activity_due = 0.0
@@ -520,8 +521,7 @@ class RuleAgent:
             if not self._batching:
                 self._flush_fetches()
         c = self.counters
-        if started:  # their seqs: seq0 and the next ones, first retry due together
-            self._retx.add_many(_seq_run(seq0, started), now + self.p.retry_s)
+        if started:  # (their first retry queued in the table, due together)
             c["tx_fetch"] += started
             c["fetches"] += started
         if c_neg:
@@ -551,8 +551,7 @@ class RuleAgent:
     def _start_fetch(self, fetch_dir, kt, owner, now, flags) -> None:
         """A fetch without frame or token (a clone revalidated)."""
         seq = self._next_seq()
-        self.pending.start(fetch_dir, kt, owner, now, flags, seq, self._fetch_q)
-        self._retx.set(seq, now + self.p.retry_s)
+        self.pending.start(fetch_dir, kt, owner, now, flags, seq, self._fetch_q)  # its first retry queued there
         self.counters["tx_fetch"] += 1
         self.counters["fetches"] += 1
         if not self._batching:
@@ -992,9 +991,8 @@ class RuleAgent:
         for seq, (_, _, _, ea, ep) in self.pending.of_owner(old_owner, IN):
             if self.partition.block_of(ea, ep) != g:
                 continue
-            self._retx.discard(seq)
-            new = self._next_seq()
-            self._retx.set(new, self.pending.reseq(seq, new_owner, new, now, self.p.fetch_timeout_s, self._fetch_q))
+            # (its timer moved in the table: the retry wait starts again, the deadline stays)
+            self.pending.reseq(seq, new_owner, self._next_seq(), now, self.p.fetch_timeout_s, self._fetch_q)
             self.counters["tx_fetch"] += 1
             self.count("fetch_redirected")
         if not self._batching:
@@ -1200,8 +1198,10 @@ class RuleAgent:
     # -- time ---------------------------------------------------------------------------------
     @property
     def _pending_due(self) -> float:
-        """When the reliable-delivery engine has something due next (inf: nothing)."""
-        return self._retx.next_due
+        """When the reliable-delivery engine has something due next (inf: nothing): a
+        kept message or a fetch."""
+        a, b = self._retx.next_due, self.pending.next_due
+        return a if a < b else b
 
     def tick(self, now: float) -> None:
         """Every periodic step once (``steps``); the NIC worker runs them from its timer
@@ -1214,7 +1214,7 @@ class RuleAgent:
         next turn, due() -> when it is due next, or None: every turn).  Retries, timeouts, lease ends, active
         install, revocation, activity; each bounded per call."""
         return (("agent_created", self.step_created, None),  # every turn: what this turn built
-                ("agent_retransmit", self.step_retransmit, lambda: self._retx.next_due),
+                ("agent_retransmit", self.step_retransmit, lambda: self._pending_due),
                 ("agent_clone_leases", self.step_clone_leases, lambda: self.clones.next_due),
                 ("agent_activity", self.step_activity,
                  lambda: -_INF if self._act_left or self._act_queue is not None else self._activity_due),
@@ -1231,47 +1231,53 @@ class RuleAgent:
         passed are sent again (the wait doubles, up to retry_max_s; fetches gathered: one
         FETCH per owner), those past their deadline are given up (a fetch drops its
         frames: fetch_timeout).  At most ``retransmit_slice`` of them, earliest first
-        (and 16 x as many seqs answered meanwhile skipped); True if more are due."""
-        retx = self._retx
+        (the fetches' timers in the PendingTable, ``due``, the messages' in the deadline
+        queue, taken in turn by due time); True if more are due."""
+        retx, pending, fq = self._retx, self.pending, self._fetch_q
         live = self.p.retransmit_slice
-        skip = 16 * live
-        unacked, pending, fq = self._unacked, self.pending, self._fetch_q
+        skip = 16 * live  # (a message's seq is discarded when acknowledged: none should be stale)
+        unacked = self._unacked
         retry_max, timeout = self.p.retry_max_s, self.p.fetch_timeout_s
+        c = self.counters
         again: dict = {}  # (target, type) -> records sent again: one message each
         self._batching += 1
         try:
             while live > 0 and skip > 0:
-                seqs = retx.pop_due(now, min(live, skip))
+                tm, tf = retx.next_due, pending.next_due
+                if tf <= tm:  # the fetches first, up to the first message due
+                    if tf > now + _EPS:
+                        break
+                    sent, gone, dropped = pending.due(now if now < tm else tm, live, retry_max, timeout, fq)
+                    if not sent + gone:
+                        break  # (float noise: nothing came up after all)
+                    live -= sent + gone
+                    if sent:
+                        c["tx_fetch"] += sent
+                        c["fetch_retries"] += sent
+                    if gone:  # past their deadline: their frames dropped
+                        c["fetch_timeout"] += dropped
+                    continue
+                seqs = retx.pop_due(now if now < tf else tf, min(live, skip))
                 if not seqs:
                     break
                 skip -= len(seqs)
                 for seq in seqs:
                     u = unacked.get(seq)
-                    if u is not None:
-                        live -= 1
-                        if now + _EPS >= u.deadline:
-                            del unacked[seq]
-                            if u.mtype == M.T_REVOKE:  # the holder's leases ran out anyway
-                                self._end_leases(u.rec, u.target)
-                            elif u.mtype == M.T_BORROW and seq == self._borrowing:
-                                self._borrowing = None
-                                self._borrow_next = (u.target + 1) % self.n_nics
-                            continue
-                        u.sent = now
-                        u.retry = min(u.retry * 2, retry_max)
-                        retx.set(seq, min(now + u.retry, u.deadline))
-                        again.setdefault((u.target, u.mtype), []).append(u.rec)
+                    if u is None:
                         continue
-                    st, v = pending.retry(seq, now, retry_max, timeout, fq)
-                    if st == 0:
-                        continue  # answered (or redirected) since
                     live -= 1
-                    if st == 1:  # past its deadline: its frames dropped
-                        self.count("fetch_timeout", v)
+                    if now + _EPS >= u.deadline:
+                        del unacked[seq]
+                        if u.mtype == M.T_REVOKE:  # the holder's leases ran out anyway
+                            self._end_leases(u.rec, u.target)
+                        elif u.mtype == M.T_BORROW and seq == self._borrowing:
+                            self._borrowing = None
+                            self._borrow_next = (u.target + 1) % self.n_nics
                         continue
-                    retx.set(seq, v)  # sent again (its record gathered in fq)
-                    self.counters["tx_fetch"] += 1
-                    self.count("fetch_retries")
+                    u.sent = now
+                    u.retry = min(u.retry * 2, retry_max)
+                    retx.set(seq, min(now + u.retry, u.deadline))
+                    again.setdefault((u.target, u.mtype), []).append(u.rec)
         finally:
             self._batching -= 1
             if not self._batching:
@@ -1290,7 +1296,7 @@ class RuleAgent:
                                np.frombuffer(b"".join(r.tobytes() for r in msgs[k:j]), dtype=msgs[k].dtype))
                     k = j
                 self.count("retries", len(msgs))
-        return retx.next_due <= now
+        return self._pending_due <= now
 
     def step_clone_leases(self, now: float) -> bool:
         """Holder: clones whose lease runs out (exactly on time), at most
@@ -1396,10 +1402,11 @@ class RuleAgent:
     def resend_all(self, now: float) -> None:
         """After the coordinator restarted (or we re-HELLOed): send again everything not
         answered yet instead of waiting for the retry timers -- every seq of the
-        reliable-delivery engine made due now (a bulk move of its buckets: no message
-        is touched here), sent again by ``step_retransmit`` a slice per turn: the first
-        slice at once."""
+        reliable-delivery engine made due now (the messages: a bulk move of the deadline
+        queue's buckets; the fetches: their timer heap capped at `now` and rebuilt, in
+        C), sent again by ``step_retransmit`` a slice per turn: the first slice at once."""
         self._retx.advance_all(now)
+        self.pending.advance_all(now)
         self.step_retransmit(now)
 
     def set_slices(self, **slices) -> None:

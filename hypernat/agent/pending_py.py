@@ -7,9 +7,11 @@ negative cache (keys NACKed recently, oldest first) and the fetch token bucket o
 remote source (least recently used first).  Every operation of the fetch client on that
 state is a method here, taking a whole batch: start fetches for a batch of misses
 (``fetch_rows``: layout.FETCH_ROW_DTYPE rows, their FETCH records into a ``FetchQueue``), check a RULE or NACK message's records against the fetches they
-answer (``answer_rules``, ``answer_nacks``), retry or give up one due fetch
-(``retry``), fail or redirect an owner's fetches.  The agent (``core.RuleAgent``) keeps
-the reliable-delivery engine (which seq is due when) and the counters.
+answer (``answer_rules``, ``answer_nacks``), send again or give up the fetches whose
+retry wait passed (``due``: each fetch's timer is kept here, under (due time, seq), so
+a fetch answered leaves no timer behind), fail or redirect an owner's fetches.  The
+agent (``core.RuleAgent``) keeps the counters and the timers of the messages it keeps
+until acknowledged.
 
 The compiled table (``hypernat.agent._pending``) has the same interface and answers;
 ``tests/test_pending_table.py`` runs both on the same operation sequences (hypothesis).
@@ -18,6 +20,8 @@ This one is used when the extensions are not built (``HYPERNAT_NO_EXTENSIONS=1``
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 from bisect import bisect_left
 
 import numpy as np
@@ -35,13 +39,14 @@ assert _RULE_HEAD == ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem
                       "rem_port", "owner", "proto")
 _NACK_UNAVAILABLE = M.NACK["unavailable"]
 _NACK_FILTERED = M.NACK["filtered"]
+_INF = float("inf")
 
 
 class Pending(tuple):
     """A fetch in flight as the table holds it (a copy)."""
 
     __slots__ = ()
-    _fields = ("fetch_dir", "key", "owner", "seq", "first", "sent", "retry", "flags", "frames", "charged")
+    _fields = ("fetch_dir", "key", "owner", "seq", "first", "sent", "retry", "flags", "frames", "charged", "due")
     fetch_dir = property(lambda self: self[0])
     key = property(lambda self: self[1])  # (proto, saddr, sport, daddr, dport) in fetch_dir's table
     owner = property(lambda self: self[2])
@@ -52,6 +57,7 @@ class Pending(tuple):
     flags = property(lambda self: self[7])
     frames = property(lambda self: self[8])  # the frames waiting, in arrival order (a list copy)
     charged = property(lambda self: self[9])  # remote source whose token it holds (-1: none)
+    due = property(lambda self: self[10])  # when its timer comes up: its next retry, or its deadline
 
 
 def fetch_record(fetch_dir: int, key: tuple, seq: int, flags: int) -> bytes:
@@ -115,10 +121,16 @@ class PendingTable:
         self.qmax, self.qflow, self.retry_s = int(queue_total), int(queue_per_flow), float(retry_s)
         self.burst, self.rate = float(fetch_burst), float(fetch_rate)
         self.neg_ttl, self.neg_max = float(negative_ttl_s), int(negative_max)
-        self._p: dict = {}  # (fetch_dir, key) -> [fd, key, owner, seq, first, sent, retry, flags, frames, charged]
+        # (fetch_dir, key) -> [fd, key, owner, seq, first, sent, retry, flags, frames, charged, due, stamp]
+        self._p: dict = {}
         self._s: dict = {}  # seq -> (fetch_dir, key)
         self._neg: collections.OrderedDict = collections.OrderedDict()  # (fetch_dir, key) -> until
         self._src: collections.OrderedDict = collections.OrderedDict()  # remote -> [tokens, t]
+        # the fetches' timers: (due, seq, stamp), a heap; an item whose fetch is gone or
+        # was queued again since (another stamp) is skipped when it comes up, and the
+        # heap is rebuilt from the live fetches when such items outnumber them
+        self._h: list = []
+        self._stamps = itertools.count()
         self.queued = 0
         self.walks = 0
 
@@ -134,7 +146,7 @@ class PendingTable:
 
     def get(self, pk, default=None):
         r = self._p.get(pk)
-        return default if r is None else Pending(r[:8] + [list(r[8]), r[9]])
+        return default if r is None else Pending(r[:8] + [list(r[8]), r[9], r[10]])
 
     def __getitem__(self, pk):
         got = self.get(pk)
@@ -145,7 +157,7 @@ class PendingTable:
     def items(self):
         """Every fetch, [((fetch_dir, key), Pending)]: a walk (counted in `walks`)."""
         self.walks += 1
-        return [(pk, Pending(r[:8] + [list(r[8]), r[9]])) for pk, r in self._p.items()]
+        return [(pk, Pending(r[:8] + [list(r[8]), r[9], r[10]])) for pk, r in self._p.items()]
 
     def keys(self):
         return [pk for pk, _ in self.items()]
@@ -175,6 +187,26 @@ class PendingTable:
                 t = b[0] + 1.0
                 b[0] = t if t < self.burst else self.burst
             r[9] = -1
+
+    def _set_due(self, r, due: float) -> None:
+        """Fetch record `r`'s timer (re)queued to `due` (an older item of it goes stale)."""
+        r[10], r[11] = due, next(self._stamps)
+        h = self._h
+        if len(h) > 64 and len(h) > 2 * len(self._p):  # mostly stale: rebuilt from the live ones
+            h[:] = [(q[10], q[3], q[11]) for q in self._p.values() if q is not r]
+            heapq.heapify(h)
+        heapq.heappush(h, (due, r[3], r[11]))
+
+    def _top(self):
+        """The heap's first live item (stale ones on top dropped), or None."""
+        h, p, s = self._h, self._p, self._s
+        while h:
+            d, seq, stamp = h[0]
+            pk = s.get(seq)
+            if pk is not None and p[pk][11] == stamp:
+                return h[0]
+            heapq.heappop(h)
+        return None
 
     @staticmethod
     def _queue(fq: FetchQueue, r) -> None:
@@ -242,9 +274,10 @@ class PendingTable:
                 c_full += 1
                 frame = None  # the fetch still goes out: later packets will find the rule
             r = [fd, kt, owner, seq, now, now, self.retry_s, M.FETCH_F_ICMP_ERROR if icmp else 0,
-                 [] if frame is None else [frame], charged]
+                 [] if frame is None else [frame], charged, 0.0, 0]
             p[pk] = r
             s[seq] = pk
+            self._set_due(r, now + r[6])
             self._queue(fq, r)
             seq = (seq + 1) & 0xFFFFFFFF or 1
             started += 1
@@ -255,9 +288,10 @@ class PendingTable:
 
     def start(self, fetch_dir: int, key: tuple, owner: int, now: float, flags: int, seq: int, fq: FetchQueue) -> None:
         """A fetch without frame or token (a clone revalidated): its record into `fq`."""
-        r = [fetch_dir, tuple(key), owner, seq, now, now, self.retry_s, flags, [], -1]
+        r = [fetch_dir, tuple(key), owner, seq, now, now, self.retry_s, flags, [], -1, 0.0, 0]
         self._p[(fetch_dir, r[1])] = r
         self._s[seq] = (fetch_dir, r[1])
+        self._set_due(r, now + r[6])
         self._queue(fq, r)
 
     def answer_rules(self, source: int, recs, owners, now: float, lat_limits) -> tuple:
@@ -351,22 +385,54 @@ class PendingTable:
         self._refund(r)
         return r[8]
 
-    def retry(self, seq: int, now: float, retry_max: float, timeout: float, fq: FetchQueue) -> tuple:
-        """The fetch under `seq` came due: (0, 0) none in flight; (1, frames (1 if none))
-        past `timeout` since it started: removed, token refunded; (2, next due) sent
-        again (the wait doubles up to `retry_max`): its record into `fq`."""
-        pk = self._s.get(seq)
-        if pk is None:
-            return 0, 0
-        r = self._p[pk]
-        if now + 1e-6 >= r[4] + timeout:
-            self._remove(pk)
-            self._refund(r)
-            return 1, max(1, len(r[8]))
-        r[5] = now
-        r[6] = min(r[6] * 2, retry_max)
-        self._queue(fq, r)
-        return 2, min(now + r[6], r[4] + timeout)
+    def due(self, now: float, limit: int, retry_max: float, timeout: float, fq: FetchQueue) -> tuple:
+        """The fetches whose timer came up by `now`, at most `limit`, earliest first (due
+        time, then seq): each one `timeout` past its start is given up (removed, token
+        refunded), the others are sent again (their records into `fq`; the wait doubles
+        up to `retry_max`, the next due time is min(now + wait, start + timeout)).  A
+        fetch answered left nothing to look at.  Returns (sent again, given up, frames
+        dropped (1 per fetch given up without))."""
+        again = gone = dropped = 0
+        lim = now + 1e-6
+        while again + gone < limit:
+            top = self._top()
+            if top is None or top[0] > lim:
+                break
+            heapq.heappop(self._h)
+            pk = self._s[top[1]]
+            r = self._p[pk]
+            if lim >= r[4] + timeout:  # past its deadline: given up
+                self._remove(pk)
+                self._refund(r)
+                gone += 1
+                dropped += max(1, len(r[8]))
+                continue
+            r[5] = now
+            r[6] = min(r[6] * 2, retry_max)
+            self._queue(fq, r)
+            self._set_due(r, min(now + r[6], r[4] + timeout))
+            again += 1
+        return again, gone, dropped
+
+    @property
+    def next_due(self) -> float:
+        """When the earliest fetch comes due (its retry or its deadline; inf: none)."""
+        top = self._top()
+        return _INF if top is None else top[0]
+
+    @property
+    def timers(self) -> int:
+        """Items in the timer structure (stale ones included: at most about 2x the fetches)."""
+        return len(self._h)
+
+    def advance_all(self, now: float) -> None:
+        """Every fetch due at `now` at the latest (those due later moved to `now`): after a
+        coordinator restart, everything unanswered is sent again from the next ``due`` on."""
+        for r in self._p.values():
+            if r[10] > now:
+                r[10] = now
+        self._h = [(r[10], r[3], r[11]) for r in self._p.values()]
+        heapq.heapify(self._h)
 
     def fail_owner(self, owner: int) -> int:
         """Drop every fetch sent to `owner` (tokens refunded): frames dropped (1 per fetch
@@ -389,8 +455,10 @@ class PendingTable:
         r = self._p[pk]
         r[2], r[3], r[5], r[6] = owner, new_seq, now, self.retry_s
         self._s[new_seq] = pk
+        due = min(now + r[6], r[4] + timeout)
+        self._set_due(r, due)
         self._queue(fq, r)
-        return min(now + r[6], r[4] + timeout)
+        return due
 
     # -- the negative cache -------------------------------------------------------------------
     def neg_get(self, pk, default=None):

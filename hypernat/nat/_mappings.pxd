@@ -30,6 +30,19 @@ cdef struct SessRec:
     int32_t next          # ... (a free record: the next free one)
 
 
+cdef struct Deferred:      # an index write a setup queued (``Mappings.defer``)
+    uint8_t kind          # D_EXT: ext (p, E, Ep) -> rid; D_SESS: session (rid, R, Rp) -> record x
+    uint8_t proto
+    uint16_t port         # Ep / Rp
+    uint32_t addr         # E / R
+    uint32_t rid
+    int32_t x
+
+
+cdef enum:
+    DQ = 16               # index writes queued (2 a new mapping): setups ahead of their writes x 2
+
+
 cdef class Mappings:
     cdef readonly bint eim            # endpoint-independent mapping: one per internal endpoint
     cdef readonly bint raddr          # keep (rule id, R) counts (address-dependent filtering)
@@ -51,6 +64,16 @@ cdef class Mappings:
     cdef FlowTable inl                # EIM: (proto, I, Ip, 0, 0) -> rule id
     cdef FlowTable outk               # APDM: (proto, I, Ip, R, Rp) -> rule id
     cdef FlowTable sess               # (1, rule id, 0, R, Rp) -> session record; (2, rule id, 0, R, 0) -> count
+    # defer (OutSetup.run sets it for one call, then ``settle``s): the external-index and
+    # session-index writes of a setup wait in a ring of DQ, their home slots prefetched
+    # when queued, and are done DQ writes later (in order), so that their cache misses
+    # overlap the next setups' work instead of stalling each; the lookups meanwhile
+    # read the ring first (find_ext, has_session_c, has_raddr_c)
+    cdef bint defer
+    cdef Deferred dq[DQ]
+    cdef int dh                       # the oldest queued
+    cdef int dn                       # queued
+    cdef int dn_ext                   # ... of them D_EXT
     # sessions added and not yet in the flow tables: 8 words each
     cdef uint32_t* pend
     cdef Py_ssize_t npend
@@ -74,5 +97,10 @@ cdef class Mappings:
     cdef int end_c(self, uint32_t rid) except -1
     cdef MapRec* session_c(self, uint32_t rid, uint32_t ra, uint16_t rp, out, inn, bint compiled,
                            uint32_t* last, uint8_t* tcp_out, uint8_t* tcp_in) except NULL
+    cdef uint32_t _queued_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept
+    cdef bint _queued_sess(self, uint32_t rid, uint32_t ra, uint16_t r, bint any_port) noexcept
+    cdef int settle_c(self) except -1
+    cdef int _defer(self, uint8_t kind, uint8_t p, uint32_t addr, uint16_t port, uint32_t rid, int32_t x) except -1
+    cdef int _write(self, const Deferred* d) except -1
     cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
                   int64_t g) except -1

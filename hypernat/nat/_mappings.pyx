@@ -19,6 +19,11 @@ object per mapping or session:
                                                 (address-dependent filtering)
     pending    sessions added since the last ``flush``: their two flow-table entries
                are written in one pass at the end of a batch
+    deferred   while ``OutSetup.run`` / ``serve`` runs (``defer``), the external- and
+               session-index writes of its setups wait in a ring of DQ, their home
+               slots prefetched when queued, and are done in order DQ writes later or
+               when the call ends (``settle_c``): their cache misses overlap the next
+               setups instead of stalling each; lookups read the ring first
 
 ``hypernat.rules.RuleBuilder`` owns one (``RuleBuilder.maps``) and keeps the policy
 (which port, refusals, journal, logs, reuse delay) in Python; ``OutSetup`` in this
@@ -35,7 +40,7 @@ import numpy as np
 
 cnp.import_array()
 
-from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
+from .._fastpath cimport FlowTable, ft_prefetch, hn_slot
 from .._geometry cimport Geometry, Prefixes
 from .._wire cimport FETCH_BY_EXTERNAL, wire_key, wire_rule
 
@@ -56,6 +61,8 @@ from ._ports cimport PortBlocks
 from ._rate cimport HostRate
 
 cdef enum:
+    D_EXT = 1       # Deferred.kind
+    D_SESS = 2
     K_SESS = 1      # the session index's two kinds of key (the proto byte)
     K_RADDR = 2
     P_ICMP = 1
@@ -130,6 +137,8 @@ cdef class Mappings:
         self.sfree = -1
         self.n_sessions = 0
         self.npend = self.pcap = 0
+        self.defer = False
+        self.dh = self.dn = self.dn_ext = 0
 
     def __init__(self, bint eim=True, int capacity=1024, bint remote_addresses=True):
         self.eim = eim
@@ -180,7 +189,32 @@ cdef class Mappings:
         self.scap = cap
 
     # -- C interface -------------------------------------------------------------------
+    cdef uint32_t _queued_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
+        """The rule id of a queued external-index write of (p, E, Ep); 0 if none."""
+        cdef int k
+        cdef const Deferred* d
+        if self.dn_ext:
+            for k in range(self.dn):
+                d = &self.dq[(self.dh + k) % DQ]
+                if d.kind == D_EXT and d.addr == ea and d.port == ep and d.proto == p:
+                    return d.rid
+        return 0
+
+    cdef bint _queued_sess(self, uint32_t rid, uint32_t ra, uint16_t r, bint any_port) noexcept:
+        """A queued session-index write of (rid, R, Rp) (any_port: of (rid, R))."""
+        cdef int k
+        cdef const Deferred* d
+        if self.dn > self.dn_ext:
+            for k in range(self.dn):
+                d = &self.dq[(self.dh + k) % DQ]
+                if d.kind == D_SESS and d.rid == rid and d.addr == ra and (any_port or d.port == r):
+                    return True
+        return False
+
     cdef uint32_t find_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
+        cdef uint32_t q = self._queued_ext(p, ea, ep)
+        if q:
+            return q
         cdef int64_t j = self.ext.c_find(p, ea, ep, 0, 0)
         return self.ext.c_slot(j).rule_id if j >= 0 else 0
 
@@ -194,10 +228,10 @@ cdef class Mappings:
 
     cdef void prefetch_out(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ra, uint16_t r) noexcept:
         """Start loading the index line ``find_out`` will read first."""
-        cdef FlowTable t = self.inl if self.eim else self.outk
         if self.eim:
-            ra, r = 0, 0
-        hn_map_prefetch(&t.t.s[hn_flow_hash(p, ia, ip, ra, r) & t.t.mask])
+            ft_prefetch(self.inl, p, ia, ip, 0, 0)
+        else:
+            ft_prefetch(self.outk, p, ia, ip, ra, r)
 
     cdef void prefetch_end(self, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep, uint32_t rid,
                            uint32_t ra, uint16_t r) noexcept:
@@ -206,25 +240,26 @@ cdef class Mappings:
         index line (and remote-address line), its external and internal index lines."""
         if rid < self.mcap:
             hn_map_prefetch(&self.m[rid])
-        hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_SESS, rid, 0, ra, r) & self.sess.t.mask])
+        ft_prefetch(self.sess, K_SESS, rid, 0, ra, r)
         if self.raddr:
-            hn_map_prefetch(&self.sess.t.s[hn_flow_hash(K_RADDR, rid, 0, ra, 0) & self.sess.t.mask])
+            ft_prefetch(self.sess, K_RADDR, rid, 0, ra, 0)
         self.prefetch_ext(p, ea, ep)
         self.prefetch_out(p, ia, ip, ra, r)
 
     cdef bint has_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) noexcept:
-        return self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
+        return self._queued_sess(rid, ra, r, False) or self.sess.c_find(K_SESS, rid, 0, ra, r) >= 0
 
     cdef bint has_raddr_c(self, uint32_t rid, uint32_t ra) noexcept:
-        return self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
+        return self._queued_sess(rid, ra, 0, True) or self.sess.c_find(K_RADDR, rid, 0, ra, 0) >= 0
 
     cdef void prefetch_ext(self, uint8_t p, uint32_t ea, uint16_t ep) noexcept:
         """Start loading the index line ``find_ext`` will read first."""
-        hn_map_prefetch(&self.ext.t.s[hn_flow_hash(p, ea, ep, 0, 0) & self.ext.t.mask])
+        ft_prefetch(self.ext, p, ea, ep, 0, 0)
 
     cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
                   int64_t g) except -1:
-        if self.find_ext(p, ea, ep):
+        # (deferring: the index's own check when the write is done, ``_write``)
+        if self._queued_ext(p, ea, ep) if self.defer else self.find_ext(p, ea, ep):
             raise KeyError(f"external endpoint {p}/{ea}:{ep} is mapped already")
         if self.eim and self.find_out(p, ia, ip, 0, 0):
             raise KeyError(f"internal endpoint {p}/{ia}:{ip} is mapped already")
@@ -233,8 +268,14 @@ cdef class Mappings:
         m.used = 1
         m.nsess = 0
         m.shead = -1
-        self.ext = _room(self.ext)
-        self.ext.c_insert(p, ea, ep, 0, 0, 0, 0, rid, 0, 0)
+        if self.defer:
+            if self.ext.t.count + self.dn_ext + 1 > self.ext.t.capacity:
+                self.settle_c()  # (the index grows with every earlier write in, as undeferred)
+            self.ext = _room(self.ext)
+            self._defer(D_EXT, p, ea, ep, rid, 0)
+        else:
+            self.ext = _room(self.ext)
+            self.ext.c_insert(p, ea, ep, 0, 0, 0, 0, rid, 0, 0)
         if self.eim:
             self.inl = _room(self.inl)
             self.inl.c_insert(p, ia, ip, 0, 0, 0, 0, rid, 0, 0)
@@ -271,6 +312,8 @@ cdef class Mappings:
                 raise MemoryError()
             self.pend = pp
             self.pcap = self.pcap * 2 + 64
+        if self.defer and self.sess.t.count + 2 * (self.dn - self.dn_ext) + 2 > self.sess.t.capacity:
+            self.settle_c()  # (the index grows with every earlier write in, as undeferred)
         self.sess = _room(self.sess, 2)
         if not self.eim:
             self.outk = _room(self.outk)
@@ -292,18 +335,72 @@ cdef class Mappings:
         m.shead = x
         m.nsess += 1
         self.n_sessions += 1
-        self.sess.c_insert(K_SESS, rid, 0, ra, r, 0, 0, x, 0, 0)
-        cdef int64_t j
-        if self.raddr:
-            j = self.sess.c_find(K_RADDR, rid, 0, ra, 0)
-            if j >= 0:
-                self.sess.c_slot(j).rule_id += 1
-            else:
-                self.sess.c_insert(K_RADDR, rid, 0, ra, 0, 0, 0, 1, 0, 0)
+        cdef Deferred d
+        if self.defer:
+            self._defer(D_SESS, 0, ra, r, rid, x)
+        else:
+            d.kind, d.proto, d.addr, d.port, d.rid, d.x = D_SESS, 0, ra, r, rid, x
+            self._write(&d)
         cdef uint32_t* w = &self.pend[self.npend * 8]
         w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7] = m.proto, m.iaddr, m.iport, ra, r, m.eaddr, m.eport, rid
         self.npend += 1
         return 1
+
+    # -- deferred index writes ------------------------------------------------------------
+    cdef int _defer(self, uint8_t kind, uint8_t p, uint32_t addr, uint16_t port, uint32_t rid, int32_t x) except -1:
+        """Queue an index write (the ring full: the oldest done first) and prefetch its
+        home slot(s).  The caller made room in the index for every queued write."""
+        cdef Deferred* d
+        if self.dn == DQ:
+            d = &self.dq[self.dh]
+            self.dh = (self.dh + 1) % DQ
+            self.dn -= 1
+            if d.kind == D_EXT:
+                self.dn_ext -= 1
+            self._write(d)
+        d = &self.dq[(self.dh + self.dn) % DQ]
+        d.kind, d.proto, d.addr, d.port, d.rid, d.x = kind, p, addr, port, rid, x
+        self.dn += 1
+        if kind == D_EXT:
+            self.dn_ext += 1
+            ft_prefetch(self.ext, p, addr, port, 0, 0)
+        else:
+            ft_prefetch(self.sess, K_SESS, rid, 0, addr, port)
+            if self.raddr:
+                ft_prefetch(self.sess, K_RADDR, rid, 0, addr, 0)
+        return 0
+
+    cdef int _write(self, const Deferred* d) except -1:
+        """An index write: the external index's (p, E, Ep) -> rule id (a KeyError if the
+        endpoint is mapped already: never, the port blocks hand each port out once), or
+        a session's (rid, R, Rp) -> its record and its (rid, R) count."""
+        cdef int64_t j
+        if d.kind == D_EXT:
+            if self.ext.c_find(d.proto, d.addr, d.port, 0, 0) >= 0:
+                raise KeyError(f"external endpoint {d.proto}/{d.addr}:{d.port} is mapped already")
+            self.ext.c_insert(d.proto, d.addr, d.port, 0, 0, 0, 0, d.rid, 0, 0)
+            return 0
+        self.sess.c_insert(K_SESS, d.rid, 0, d.addr, d.port, 0, 0, <uint32_t>d.x, 0, 0)
+        if self.raddr:
+            j = self.sess.c_find(K_RADDR, d.rid, 0, d.addr, 0)
+            if j >= 0:
+                self.sess.c_slot(j).rule_id += 1
+            else:
+                self.sess.c_insert(K_RADDR, d.rid, 0, d.addr, 0, 0, 0, 1, 0, 0)
+        return 0
+
+    cdef int settle_c(self) except -1:
+        """Do every queued index write, oldest first (the indexes as if none had waited)."""
+        cdef Deferred* d
+        while self.dn:
+            d = &self.dq[self.dh]
+            self.dh = (self.dh + 1) % DQ
+            self.dn -= 1
+            if d.kind == D_EXT:
+                self.dn_ext -= 1
+            self._write(d)
+        self.dh = 0
+        return 0
 
     cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2:
         """Forget session (rid, R, Rp): its mapping's sessions left, -1 if it was not there."""
@@ -587,10 +684,8 @@ cdef class Mappings:
                     w = &self.pend[k * 8]
                     p = <uint8_t>w[0]
                     rp = <uint16_t>w[4]
-                    hn_map_prefetch(&o.t.s[hn_flow_hash(p, w[1], <uint16_t>w[2], w[3],
-                                                        <uint16_t>w[2] if p == P_ICMP else rp) & o.t.mask])
-                    hn_map_prefetch(&i.t.s[hn_flow_hash(p, w[3], <uint16_t>w[6] if p == P_ICMP else rp, w[5],
-                                                        <uint16_t>w[6]) & i.t.mask])
+                    ft_prefetch(o, p, w[1], <uint16_t>w[2], w[3], <uint16_t>w[2] if p == P_ICMP else rp)
+                    ft_prefetch(i, p, w[3], <uint16_t>w[6] if p == P_ICMP else rp, w[5], <uint16_t>w[6])
                 for k in range(base, base + m):
                     w = &self.pend[k * 8]
                     p = <uint8_t>w[0]
@@ -904,7 +999,9 @@ cdef class OutSetup:
         `res`, and its fetch (frame, owner, IN, the key, kind, tcp_flags) to `fetches`
         (a layout.FETCH_ROW_DTYPE array).  `idx`, `res` and `fetches` hold n entries.
         Returns the index of the first miss it did not answer (n: none left),
-        untouched: the caller's general path takes it.  No Python object per frame."""
+        untouched: the caller's general path takes it.  No Python object per frame.
+        Its setups' index writes are deferred (``Mappings.defer``) and all done when
+        it returns."""
         cdef Py_ssize_t n = verdicts.shape[0], a
         cdef const hn_key16* k
         cdef uint8_t v
@@ -922,6 +1019,7 @@ cdef class OutSetup:
         cdef Py_ssize_t m = <Py_ssize_t>count[0], nf = <Py_ssize_t>count[1]
         if not (0 <= m <= n and 0 <= nf <= n):
             raise ValueError(f"count {m}, {nf} outside 0..{n}")
+        self.mp.defer = True  # the index writes of its setups wait a few setups (Mappings.defer)
         try:
             while i < n:
                 a = i + LOOKAHEAD  # the host's and the mapping index's lines, a few misses ahead
@@ -964,6 +1062,8 @@ cdef class OutSetup:
                 i += 1
         finally:
             count[0], count[1] = m, nf
+            self.mp.defer = False
+            self.mp.settle_c()
         return i
 
     cdef int serve_c(self, const wire_key* k, int64_t now) except -5:
@@ -1012,14 +1112,19 @@ cdef class OutSetup:
         cdef int r
         if i < 0:
             raise IndexError(i)
-        while i < n:
-            r = self.serve_c(&k[i], now)
-            if r == NEED_PY:
-                break
-            if r != OK:
-                self.nref[r] += 1
-            answer_c(&k[i], &out[i], &st[i], r, self.last)
-            i += 1
+        self.mp.defer = True  # as in run
+        try:
+            while i < n:
+                r = self.serve_c(&k[i], now)
+                if r == NEED_PY:
+                    break
+                if r != OK:
+                    self.nref[r] += 1
+                answer_c(&k[i], &out[i], &st[i], r, self.last)
+                i += 1
+        finally:
+            self.mp.defer = False
+            self.mp.settle_c()
         return i
 
     def fetch_row(self, cnp.ndarray recs not None, Py_ssize_t i):
