@@ -102,5 +102,6 @@ cdef class Mappings:
     cdef int settle_c(self) except -1
     cdef int _defer(self, uint8_t kind, uint8_t p, uint32_t addr, uint16_t port, uint32_t rid, int32_t x) except -1
     cdef int _write(self, const Deferred* d) except -1
+    cdef int _write_oldest(self) except -1
     cdef int _put(self, uint32_t rid, uint8_t p, uint32_t ia, uint16_t ip, uint32_t ea, uint16_t ep,
                   int64_t g) except -1

@@ -352,12 +352,7 @@ cdef class Mappings:
         home slot(s).  The caller made room in the index for every queued write."""
         cdef Deferred* d
         if self.dn == DQ:
-            d = &self.dq[self.dh]
-            self.dh = (self.dh + 1) % DQ
-            self.dn -= 1
-            if d.kind == D_EXT:
-                self.dn_ext -= 1
-            self._write(d)
+            self._write_oldest()
         d = &self.dq[(self.dh + self.dn) % DQ]
         d.kind, d.proto, d.addr, d.port, d.rid, d.x = kind, p, addr, port, rid, x
         self.dn += 1
@@ -391,16 +386,19 @@ cdef class Mappings:
 
     cdef int settle_c(self) except -1:
         """Do every queued index write, oldest first (the indexes as if none had waited)."""
-        cdef Deferred* d
         while self.dn:
-            d = &self.dq[self.dh]
-            self.dh = (self.dh + 1) % DQ
-            self.dn -= 1
-            if d.kind == D_EXT:
-                self.dn_ext -= 1
-            self._write(d)
+            self._write_oldest()
         self.dh = 0
         return 0
+
+    cdef int _write_oldest(self) except -1:
+        """The oldest queued index write out of the ring, done."""
+        cdef Deferred* d = &self.dq[self.dh]
+        self.dh = (self.dh + 1) % DQ
+        self.dn -= 1
+        if d.kind == D_EXT:
+            self.dn_ext -= 1
+        return self._write(d)
 
     cdef int64_t end_session_c(self, uint32_t rid, uint32_t ra, uint16_t r) except -2:
         """Forget session (rid, R, Rp): its mapping's sessions left, -1 if it was not there."""
