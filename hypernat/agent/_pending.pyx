@@ -50,6 +50,8 @@ keys_check("hypernat.agent._pending")
 cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
 cdef uint8_t KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
 cdef double _INF = float("inf")
+cdef object _EMPTY_U8 = np.zeros(1, np.uint8)  # the buffer of an empty Frames (never written)
+cdef object _EMPTY_U32 = np.zeros(0, np.uint32)
 
 cdef extern from *:
     """
@@ -467,16 +469,21 @@ cdef class PendingTable:
         cdef int64_t total = 0
         cdef int32_t i = self.th[d], nx
         cdef bint tagged = False
+        cdef cnp.npy_intp dim
+        if n == 0:  # (answers without frames: no arrays made)
+            return Frames(_EMPTY_U8, _EMPTY_U32, _EMPTY_U32, None, 0)
         while i >= 0:
             total += self.flen[i]
             tagged |= self.ftag[i] != 0
             i = self.fnx[i]
         if total >= _NO_FRAME:
             raise OverflowError("frames beyond 4 GiB")
-        cdef cnp.ndarray buf_a = np.empty(total if total else 1, np.uint8)
-        cdef cnp.ndarray off_a = np.empty(n, np.uint32)
-        cdef cnp.ndarray len_a = np.empty(n, np.uint32)
-        cdef cnp.ndarray tag_a = np.empty(n, np.uint8) if tagged else None
+        dim = total if total else 1
+        cdef cnp.ndarray buf_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT8, 0)
+        dim = n
+        cdef cnp.ndarray off_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT32, 0)
+        cdef cnp.ndarray len_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT32, 0)
+        cdef cnp.ndarray tag_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT8, 0) if tagged else None
         cdef unsigned char *buf = <unsigned char *>cnp.PyArray_DATA(buf_a)
         cdef uint32_t *off = <uint32_t *>cnp.PyArray_DATA(off_a)
         cdef uint32_t *ln = <uint32_t *>cnp.PyArray_DATA(len_a)

@@ -129,16 +129,17 @@ class Batch:
         return Batch(self.buf, self.offsets[ia], self.lengths[ia], len(ia), meta=meta, partial=partial)
 
     def frames_of(self, idx, tags=None) -> "Frames":
-        """Frames `idx` (an index array) for whoever copies them out of the batch at once
-        (the fetch tables' arena): a view (offsets and lengths gathered, no frame copied);
-        `tags` one each or None.  A partial checksum among them is finished the way
+        """Frames `idx` (an integer index array) for whoever copies them out of the batch at
+        once (the fetch tables' arena): a view (offsets and lengths gathered, no frame
+        copied); `tags` one each (uint8) or None.  A partial checksum among them is finished the way
         ``frames`` does it, in copies of those frames."""
-        idx = np.asarray(idx, np.intp)
-        if self.partial is not None and len(idx) and self.partial[idx].any():
+        n = len(idx)
+        if self.partial is not None and n and self.partial[idx].any():
             return Frames.of(self.frames(idx), tags)
-        if tags is not None and not tags.any():
-            tags = None
-        return Frames(self.buf, self.offsets[idx], self.lengths[idx], tags, len(idx))
+        if n == 1:  # one frame (a new connection's first packet): views, not gathers
+            i = int(idx[0])
+            return Frames(self.buf, self.offsets[i:i + 1], self.lengths[i:i + 1], tags, 1)
+        return Frames(self.buf, self.offsets[idx], self.lengths[idx], tags, n)
 
     def frame(self, i: int) -> bytes:
         o = int(self.offsets[i])
