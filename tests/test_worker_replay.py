@@ -316,3 +316,30 @@ def test_a_partial_checksum_queued_behind_a_fetch_is_finished_in_its_copy(impl):
     pkt = Ether(done.frame(0))
     assert raw(pkt[UDP].payload) == b"partial" and checksums_right(pkt)
     assert done.frame(1) == whole
+
+
+def test_replay_sends_tagged_frames_to_the_hairpin_replay_and_the_rest_as_one_batch():
+    """The replay callback's frames (``Frames``): those tagged (hairpinned, the tag their
+    decisions so far) go to ``_replay_hairpins`` with their tags, the others to one
+    translation over the frames' buffer, each side in arrival order."""
+    from hypernat.io.base import Frames
+
+    class Stub:
+        def __init__(self):
+            self.calls = []
+
+        def _replay_hairpins(self, frames):
+            self.calls.append(("hairpin", frames.tolist(), frames.tag_list()))
+
+        def _translate_again(self, direction, b):
+            self.calls.append(("again", direction, [b.frame(i) for i in range(b.n)]))
+
+    w = Stub()
+    NicWorker._replay(w, IN, Frames.of([b"a", b"hp1", b"b", b"hp2"], [0, 2, 0, 1]))
+    assert w.calls == [("hairpin", [b"hp1", b"hp2"], [2, 1]), ("again", IN, [b"a", b"b"])]
+    w.calls.clear()
+    NicWorker._replay(w, OUT, Frames.of([b"hp"], [3]))
+    assert w.calls == [("hairpin", [b"hp"], [3])]
+    w.calls.clear()
+    NicWorker._replay(w, OUT, Frames.of([b"x", b"y"]))
+    assert w.calls == [("again", OUT, [b"x", b"y"])]
