@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypernat import layout
 from hypernat import messages as M
 from hypernat.agent import pending_py
+from hypernat.io.base import Batch, Frames
 from hypernat.rules import SESSION_DTYPE
 
 _pending = pytest.importorskip("hypernat.agent._pending")
@@ -26,7 +27,8 @@ PARAMS = dict(queue_total=12, queue_per_flow=3, retry_s=0.05, fetch_burst=2.0, f
 
 protos = st.sampled_from([17, 1])
 keys = st.tuples(protos, st.integers(0, 5), st.just(1), st.just(10), st.integers(1, 2))
-miss = st.tuples(st.integers(0, 1), keys, st.booleans(), st.integers(0, 2), st.one_of(st.none(), st.binary(min_size=1, max_size=3)))
+miss = st.tuples(st.integers(0, 1), keys, st.booleans(), st.integers(0, 2), st.one_of(st.none(), st.binary(min_size=1, max_size=3)),
+                 st.sampled_from([0, 0, 0, 1, 3]))  # the frame's tag (hairpin decisions so far)
 # a record answering the k-th fetch in flight (mod their number), spoiled by `how`
 answer = st.tuples(st.integers(0, 50), st.sampled_from(["ok", "ok", "ok", "seq", "source", "owner", "key", "icmp"]),
                    st.integers(0, len(M.NACK_REASONS) - 1))
@@ -42,6 +44,7 @@ op = st.one_of(
     st.tuples(st.just("due"), st.integers(1, 3)),
     st.tuples(st.just("advance"),),
     st.tuples(st.just("pop"), st.integers(0, 50)),
+    st.tuples(st.just("popmany"), st.lists(st.integers(0, 50), max_size=4)),
     st.tuples(st.just("fail"), st.integers(0, 2)),
     st.tuples(st.just("reseq"), st.integers(0, 2), st.integers(0, 2)),
     st.tuples(st.just("start"), keys, st.integers(0, 2)),
@@ -51,12 +54,17 @@ op = st.one_of(
 
 
 def _rows(misses):
-    """Misses (fetch_dir, key, icmp, owner, frame) as the table takes them: FETCH_ROW_DTYPE
-    rows and the frames."""
+    """Misses (fetch_dir, key, icmp, owner, frame[, tag]) as the table takes them:
+    FETCH_ROW_DTYPE rows and the frames (a list of bytes / None; ``Frames`` when some
+    frame is tagged)."""
     rows = np.zeros(len(misses), layout.FETCH_ROW_DTYPE)
-    for j, (fd, (p, sa, sp, da, dp), icmp, owner, _) in enumerate(misses):
+    for j, (fd, (p, sa, sp, da, dp), icmp, owner, *_) in enumerate(misses):
         rows[j] = (sa, da, sp, dp, p, layout.KIND_ICMP_ERROR if icmp else layout.KIND_PLAIN, j & 0x13, fd, j, owner)
-    return rows, [f for *_, f in misses]
+    frames = [m[4] for m in misses]
+    tags = [m[5] if len(m) > 5 else 0 for m in misses]
+    if any(tags):
+        return rows, Frames.of(frames, tags)
+    return rows, frames
 
 
 def _queued(fq):
@@ -70,8 +78,10 @@ def _state(t):
 
 
 def _plain(answer):
-    """answer_rules' result with its arrays as lists (to compare the twins')."""
-    return tuple(x.tolist() if isinstance(x, np.ndarray) else x for x in answer)
+    """answer_rules' result with its arrays as lists, its frames as bytes and tags (to
+    compare the twins': the frames' bytes, order and tags)."""
+    return tuple(x.tolist() if isinstance(x, np.ndarray) else (x.tolist(), x.tag_list()) if isinstance(x, Frames)
+                 else x for x in answer)
 
 
 def _rule_records(pend, rng_ops, source):
@@ -156,7 +166,12 @@ def test_compiled_pending_table_answers_as_the_dict_model(ops, seq0):
                 t.advance_all(now)
         elif kind == "pop":
             pk = pend[o[1] % len(pend)][0] if pend else (1, (6, 0, 1, 10, 1))
-            assert c.pop(pk) == m.pop(pk)
+            got = [t.pop(pk) for t in (c, m)]
+            assert got[0] == got[1] and (got[0] is None or isinstance(got[0], Frames))
+        elif kind == "popmany":
+            pks = [pend[k % len(pend)][0] for k in o[1]] if pend else [(1, (6, 0, 1, 10, 1))]
+            got = [t.pop_many(pks) for t in (c, m)]
+            assert got[0].tolist() == got[1].tolist() and got[0].tag_list() == got[1].tag_list()
         elif kind == "fail":
             assert c.fail_owner(o[1]) == m.fail_owner(o[1])
         elif kind == "reseq":
@@ -209,7 +224,7 @@ def test_a_burst_of_fetches_grows_the_table_and_every_answer_finds_its_fetch():
                                                                                     LIMITS)
     assert (acc.tolist(), dup, wrong, bad, bad_owner, rout) == (list(range(n)), 0, 0, 0, [], [])
     assert (dirs == 2).all() and len(lats) == n  # every fetch was an IN fetch
-    assert rin[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
+    assert list(rin)[:3] == [b"0", b"0", b"1"] and len(rin) == n + 5 and counts == [n, 0, 0, 0, 0]
     assert len(t) == 0 and t.queued == 0 and t.seqs() == {}
 
 
@@ -545,3 +560,70 @@ def test_compiled_activity_answer_records_equal_the_reference(seed):
     assert s["last_seen"][:3].tolist() == [5, 0, 5] and (s["dirs"] == 3).all()
     with pytest.raises(TypeError):
         _leases.activity_sessions(np.zeros(2, SESSION_DTYPE), 5, 3)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_a_queued_frame_is_a_copy_the_batch_can_reuse(impl):
+    """The frames queued behind fetches are copied out of the batch (``Batch.frames_of``
+    is a view): the batch's buffer overwritten after ``fetch_rows`` (a ring reused), the
+    answer still hands back the bytes queued, in arrival order, with their tags."""
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**PARAMS), mod.FetchQueue()
+    frames = [b"first-%d" % k * (k + 1) for k in range(4)]
+    b = Batch.from_frames([b"hit"] + frames)
+    rows, _ = _rows([(1, (17, 1, 1, 10, 1), False, 2, None), (1, (17, 2, 1, 10, 1), False, 2, None),
+                     (1, (17, 1, 1, 10, 1), False, 2, None), (0, (17, 3, 1, 10, 1), False, 2, None)])
+    view = b.frames_of(np.arange(1, 5), np.array([0, 2, 0, 1], np.uint8))
+    assert view.buf is b.buf  # nothing copied yet
+    assert t.fetch_rows(rows, view, 0.0, 1, fq)[:2] == (4, 3)
+    b.buf[:] = 0xEE
+    assert t[(1, (17, 1, 1, 10, 1))].frames == [frames[0], frames[2]]
+    (_, recs), = fq.take()
+    rules = M.records(M.T_RULE, 3)
+    for f in ("seq", "proto", "ext_addr", "ext_port", "rem_addr", "rem_port", "int_addr", "int_port"):
+        rules[f] = recs[f]
+    rules["owner"] = 2
+    got = t.answer_rules(2, rules[[1, 0]], np.full(2, 2), 0.001, LIMITS)
+    rout, rin = got[2], got[3]
+    assert isinstance(rin, Frames) and rin.tolist() == [frames[1], frames[0], frames[2]] and not rout
+    assert rin.tag_list() == [2, 0, 0]
+    rb = rin.batch()
+    assert [rb.frame(i) for i in range(rb.n)] == [frames[1], frames[0], frames[2]]
+    popped = t.pop((0, (17, 3, 1, 10, 1)))
+    assert popped.tolist() == [frames[3]] and popped.tag_list() == [1]
+    assert len(t) == 0 and t.queued == 0 and t.pop((0, (17, 3, 1, 10, 1))) is None
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_frames_outside_their_buffer_are_refused_before_anything_changes(impl):
+    mod = _pending if impl == "compiled" else pending_py
+    t, fq = mod.PendingTable(**PARAMS), mod.FetchQueue()
+    rows, _ = _rows([(1, (17, 1, 1, 10, 1), False, 2, None), (1, (17, 2, 1, 10, 1), False, 2, None)])
+    bad = Frames(np.zeros(8, np.uint8), np.array([0, 6], np.uint32), np.array([4, 4], np.uint32), None, 2)
+    with pytest.raises(ValueError):
+        t.fetch_rows(rows, bad, 0.0, 1, fq)
+    assert len(t) == 0 and t.queued == 0 and not fq
+
+
+def test_the_frame_arena_bounds_and_reuses_its_memory():
+    """queue_total and queue_per_flow bound the frames held; frames of every size up to a
+    64 KiB super-frame come back whole; a table answered and refilled many times keeps
+    its frame slots (no growth beyond the bound)."""
+    t = _pending.PendingTable(100, 3, 0.05, 1e9, 1e9, 1.0, 10, capacity=16)
+    fq = _pending.FetchQueue()
+    sizes = [60, 1514, 9000, 65535, 1]
+    for rnd in range(50):
+        misses = [(0, (17, k, 1, 10, 1 + rnd), False, 2, bytes([k & 0xFF, rnd]) * (sizes[k % 5] // 2 + 1))
+                  for k in range(40) for _ in range(4)]  # four frames a flow: one over the bound
+        rows, frames = _rows(misses)
+        n, started, _, _, full, _ = t.fetch_rows(rows, frames, 0.0, 1 + rnd * 100, fq)
+        assert started == 40 and n == 100 and full == 60 and t.queued == 100
+        (_, recs), = fq.take()
+        rules = M.records(M.T_RULE, len(recs))
+        for f in ("seq", "proto", "int_addr", "int_port", "rem_addr", "rem_port"):
+            rules[f] = recs[f]
+        rules["owner"] = 2
+        rout = t.answer_rules(2, rules, np.full(len(rules), 2), 0.001, LIMITS)[2]
+        want = [frames[4 * k + i] for k in range(33) for i in range(3)] + [frames[4 * 33]]
+        assert rout.tolist() == want and t.queued == 0 and len(t) == 0
+        assert t.frame_slots == 128  # grown by doubling to the bound, then reused

@@ -280,3 +280,66 @@ def test_batch_select_views_the_frames_and_gathers_their_metadata():
     assert b.frame(3)[0] == 0xEE
     empty = b.select([])
     assert empty.n == 0 and empty.frames() == []
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_a_partial_checksum_queued_behind_a_fetch_is_finished_in_its_copy(impl):
+    """A first packet read with PACKET_VNET_HDR whose checksum is partial, queued behind a
+    fetch: ``Batch.frames_of`` hands the fetch table a copy finished the way
+    ``Batch.frames`` finishes it (the batch's own bytes untouched, the other frames a view);
+    the table's arena keeps it, and the answer replays it with a checksum scapy accepts."""
+    from hypernat import layout
+    from hypernat.agent import pending_py
+    from hypernat.agent.core import fetch_rows_of
+    from hypernat.io.base import Frames
+
+    mod = pytest.importorskip("hypernat.agent._pending") if impl == "compiled" else pending_py
+    small, small_meta = partial_frame(eth() / IP(src="10.0.0.10", dst="192.0.2.5") / UDP(sport=1001, dport=53)
+                                      / b"partial")
+    whole = raw(eth() / IP(src="10.0.0.10", dst="192.0.2.5") / UDP(sport=1002, dport=53) / b"complete")
+    buf, offsets, lengths, _ = pack([whole, small])
+    meta = np.concatenate([np.zeros(1, META_DTYPE), small_meta]).view(np.uint8).copy()
+    b = Batch(buf, offsets, lengths, 2, meta=meta, partial=np.array([0, 1], np.uint8))
+    before = b.buf.copy()
+    view = b.frames_of(np.array([1, 0]))
+    assert isinstance(view, Frames) and view.tolist() == b.frames([1, 0])
+    assert (b.buf == before).all()  # finished in the copy only
+    t = mod.PendingTable(16, 4, 0.05, 1e9, 1e9, 1.0, 10)
+    fq = mod.FetchQueue()
+    keys = np.zeros(2, layout.KEY_DTYPE)
+    keys["proto"], keys["saddr"], keys["sport"] = 17, 7, [1, 2]
+    assert t.fetch_rows(fetch_rows_of(0, keys, 1), view, 0.0, 1, fq)[:2] == (2, 2)
+    b.buf[:] = 0  # the ring's frames reused
+    got = t.pop_many([(0, (17, 7, 1, 0, 0)), (0, (17, 7, 2, 0, 0))])
+    assert got.tolist() == [f for f in Frames.of(view.tolist()).tolist()]
+    done = got.batch()
+    pkt = Ether(done.frame(0))
+    assert raw(pkt[UDP].payload) == b"partial" and checksums_right(pkt)
+    assert done.frame(1) == whole
+
+
+def test_replay_sends_tagged_frames_to_the_hairpin_replay_and_the_rest_as_one_batch():
+    """The replay callback's frames (``Frames``): those tagged (hairpinned, the tag their
+    decisions so far) go to ``_replay_hairpins`` with their tags, the others to one
+    translation over the frames' buffer, each side in arrival order."""
+    from hypernat.io.base import Frames
+
+    class Stub:
+        def __init__(self):
+            self.calls = []
+
+        def _replay_hairpins(self, frames):
+            self.calls.append(("hairpin", frames.tolist(), frames.tag_list()))
+
+        def _translate_again(self, direction, b):
+            self.calls.append(("again", direction, [b.frame(i) for i in range(b.n)]))
+
+    w = Stub()
+    NicWorker._replay(w, IN, Frames.of([b"a", b"hp1", b"b", b"hp2"], [0, 2, 0, 1]))
+    assert w.calls == [("hairpin", [b"hp1", b"hp2"], [2, 1]), ("again", IN, [b"a", b"b"])]
+    w.calls.clear()
+    NicWorker._replay(w, OUT, Frames.of([b"hp"], [3]))
+    assert w.calls == [("hairpin", [b"hp"], [3])]
+    w.calls.clear()
+    NicWorker._replay(w, OUT, Frames.of([b"x", b"y"]))
+    assert w.calls == [("again", OUT, [b"x", b"y"])]

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The holder's fetches in flight (``hypernat/agent/_pending.pyx``): C records indexed by
 key and by seq through FlowTables (the flow table's hashing and probing,
-``_fastpath.pxd``), the waiting frames in one arena, and two keyed LRU tables (the
+``_fastpath.pxd``), the waiting frames in one C arena, and two keyed LRU tables (the
 negative cache, the per-source token buckets)."""
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -82,10 +82,16 @@ cdef class PendingTable:
     cdef FlowTable ix_out       # (proto, I, Ip, R, Rp) -> entry (rule_id)
     cdef FlowTable ix_in        # (proto, R, Rp, E, Ep) -> entry
     cdef FlowTable ix_seq       # (0, seq, 0, 0, 0) -> entry
-    cdef list fr                # the frame arena: frames by index (None: free)
-    cdef int32_t *fnx           # next frame of the same fetch; the free list
+    # the frame arena: a frame's bytes in C memory of its own (malloc), by slot
+    cdef unsigned char **fdat   # its bytes (NULL: a free slot)
+    cdef uint32_t *flen         # its length
+    cdef uint8_t *ftag          # its tag (hairpin decisions so far; 0: not hairpinned)
+    cdef int32_t *fnx           # next frame of the same fetch; the free list; a taken chain
     cdef int32_t fcap
     cdef int32_t ffree
+    cdef int32_t[2] th          # frames released to be handed back (two chains: out, in)
+    cdef int32_t[2] tt
+    cdef int64_t[2] tn
     cdef readonly int64_t queued
     cdef public uint64_t walks  # whole-table walks (items / keys / values / seqs)
     cdef int64_t qmax
@@ -105,8 +111,9 @@ cdef class PendingTable:
     cdef int32_t by_seq(self, uint32_t seq) noexcept
     cdef int32_t add(self, uint8_t d, uint8_t p, uint32_t sa, uint16_t sp, uint32_t da,
                      uint16_t dp) except -2
-    cdef int add_frame(self, int32_t x, object frame) except -1
-    cdef list release(self, int32_t x, bint want_frames)
+    cdef int add_frame(self, int32_t x, const unsigned char *p, uint32_t length, uint8_t tag) except -1
+    cdef void release(self, int32_t x, int take) noexcept
+    cdef object _take(self, int d)
     cdef void refund(self, int32_t x) noexcept
     cdef int queue(self, FetchQueue fq, int32_t x) except -1
     cdef int _set_seq(self, int32_t x, uint32_t seq, double due) except -1

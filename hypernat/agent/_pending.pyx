@@ -2,8 +2,11 @@
 """The holder's fetches in flight, compiled: ``pending_py.PendingTable`` in C.
 
 A fetch in flight is one ``pf_entry`` (``_pending.pxd``): no Python object per fetch
-but the frames waiting for its answer, which sit in one arena (a list of frames with a
-C "next" array: each fetch's frames a chain in arrival order).  Entries are found by
+and no Python object per waiting frame either: the frames waiting for an answer sit in
+a C arena (each frame's bytes copied straight out of its batch into memory of its own,
+its length and tag beside it; a C "next" array chains each fetch's frames in arrival
+order).  The frames of the fetches a call answers are handed back as one ``Frames``
+(one buffer, offsets, lengths, tags: ``_take``).  Entries are found by
 key (two FlowTables, one per fetch direction, ``_key_find`` and its kin) and by seq (a
 FlowTable keyed ``(0, seq, 0, 0, 0)``), through the flow table's hashing and probing
 (``_fastpath.pxd``); the entry's index is the slot's ``rule_id``.  The negative cache
@@ -24,7 +27,7 @@ them against each other.
 """
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
 from .._fastpath cimport FlowTable, hn_flow_hash, hn_slot
@@ -41,11 +44,14 @@ from .._fastpath import FlowTable as _FlowTable
 from .. import messages as _M
 from .. import layout as _layout
 from .pending_py import MAX_SOURCES, Pending, group_by_owner
+from ..io.base import NO_FRAME as _NO_FRAME, Frames
 
 keys_check("hypernat.agent._pending")
 cdef object FETCH_ROW_DTYPE = _layout.FETCH_ROW_DTYPE
 cdef uint8_t KIND_ICMP_ERROR = _layout.KIND_ICMP_ERROR
 cdef double _INF = float("inf")
+cdef object _EMPTY_U8 = np.zeros(1, np.uint8)  # the buffer of an empty Frames (never written)
+cdef object _EMPTY_U32 = np.zeros(0, np.uint32)
 
 cdef extern from *:
     """
@@ -299,8 +305,13 @@ cdef class PendingTable:
     def __cinit__(self):
         self.e = NULL
         self.fnx = NULL
+        self.fdat = NULL
+        self.flen = NULL
+        self.ftag = NULL
         self.cap = self.n = self.fcap = self.hw = 0
         self.free_head = self.ffree = -1
+        self.th[0] = self.th[1] = self.tt[0] = self.tt[1] = -1
+        self.tn[0] = self.tn[1] = 0
         self.queued = 0
         self.walks = 0
         iheap_init(&self.tm)
@@ -311,12 +322,18 @@ cdef class PendingTable:
         self.qmax, self.qflow, self.retry_s = int(queue_total), int(queue_per_flow), float(retry_s)
         self.burst, self.rate = float(fetch_burst), float(fetch_rate)
         self.neg_ttl, self.neg_max = float(negative_ttl_s), int(negative_max)
-        self.fr = []
         self.neg = KeyedLru(min(self.neg_max + 1, 1 << 20))  # at their bound: never grown
         self.src = KeyedLru(min(self.src_max + 1, 1 << 20))
         self._grow(max(16, capacity))
 
     def __dealloc__(self):
+        cdef int32_t i
+        if self.fdat != NULL:
+            for i in range(self.fcap):
+                free(self.fdat[i])
+        free(self.fdat)
+        free(self.flen)
+        free(self.ftag)
         free(self.e)
         free(self.fnx)
         iheap_free(&self.tm)
@@ -336,14 +353,15 @@ cdef class PendingTable:
                 self.ix_seq.c_insert(0, self.e[x].seq, 0, 0, 0, 0, 0, x, 0, 0)
 
     def _grow_frames(self):
+        """Twice the frame slots (amortised: the frames queued are bounded by queue_total)."""
         cdef int32_t cap = max(64, self.fcap * 2)
-        cdef int32_t *nf = <int32_t *>realloc(self.fnx, cap * sizeof(int32_t))
-        if nf == NULL:
-            raise MemoryError()
-        self.fnx = nf
-        self.fr.extend([None] * (cap - self.fcap))
+        self.fnx = <int32_t *>_regrow(self.fnx, cap, sizeof(int32_t))
+        self.fdat = <unsigned char **>_regrow(self.fdat, cap, sizeof(unsigned char *))
+        self.flen = <uint32_t *>_regrow(self.flen, cap, sizeof(uint32_t))
+        self.ftag = <uint8_t *>_regrow(self.ftag, cap, sizeof(uint8_t))
         cdef int32_t i
         for i in range(cap - 1, self.fcap - 1, -1):
+            self.fdat[i] = NULL
             self.fnx[i] = self.ffree
             self.ffree = i
         self.fcap = cap
@@ -385,12 +403,23 @@ cdef class PendingTable:
         iheap_set(&self.tm, x, due, seq)
         return 0
 
-    cdef int add_frame(self, int32_t x, object frame) except -1:
+    cdef int add_frame(self, int32_t x, const unsigned char *p, uint32_t length, uint8_t tag) except -1:
+        """A copy of the frame at `p` (`length` bytes, `tag`) at the end of fetch `x`'s."""
+        cdef unsigned char *d = <unsigned char *>malloc(length if length else 1)
+        if d == NULL:
+            raise MemoryError()
         if self.ffree < 0:
-            self._grow_frames()
+            try:
+                self._grow_frames()
+            except BaseException:
+                free(d)
+                raise
+        memcpy(d, p, length)
         cdef int32_t i = self.ffree
         self.ffree = self.fnx[i]
-        self.fr[i] = frame
+        self.fdat[i] = d
+        self.flen[i] = length
+        self.ftag[i] = tag
         self.fnx[i] = -1
         cdef pf_entry *c = &self.e[x]
         if c.ftail >= 0:
@@ -402,29 +431,82 @@ cdef class PendingTable:
         self.queued += 1
         return 0
 
-    cdef list release(self, int32_t x, bint want_frames):
-        """Forget fetch `x`: out of the indexes, its frames out of the arena (returned in
-        arrival order when `want_frames`, else None)."""
+    cdef void release(self, int32_t x, int take) noexcept:
+        """Forget fetch `x`: out of the indexes, its frames out of the arena -- dropped
+        (`take` -1), or their chain appended to taken chain `take` (0, 1: handed back,
+        in arrival order, by the next ``_take(take)``)."""
         cdef pf_entry *c = &self.e[x]
-        cdef list out = [] if want_frames else None
         cdef int32_t i = c.fhead, nx
         _key_unindex(self.ix_out, self.ix_in, &c.k)
         self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
         iheap_remove(&self.tm, x)  # its timer: gone where it sits, nothing left to skip later
-        while i >= 0:
-            if want_frames:
-                out.append(self.fr[i])
-            self.fr[i] = None
-            nx = self.fnx[i]
-            self.fnx[i] = self.ffree
-            self.ffree = i
-            i = nx
+        if take >= 0:
+            if i >= 0:
+                if self.tt[take] >= 0:
+                    self.fnx[self.tt[take]] = i
+                else:
+                    self.th[take] = i
+                self.tt[take] = c.ftail
+                self.tn[take] += c.nframes
+        else:
+            while i >= 0:
+                free(self.fdat[i])
+                self.fdat[i] = NULL
+                nx = self.fnx[i]
+                self.fnx[i] = self.ffree
+                self.ffree = i
+                i = nx
         self.queued -= c.nframes
         c.k.used = 0
         c.next_free = self.free_head
         self.free_head = x
         self.n -= 1
-        return out
+
+    cdef object _take(self, int d):
+        """The frames on taken chain `d` as one ``Frames`` (copied back to back into one
+        buffer; tags None when none is tagged), their slots freed; the chain left empty."""
+        cdef Py_ssize_t n = self.tn[d], k = 0
+        cdef int64_t total = 0
+        cdef int32_t i = self.th[d], nx
+        cdef bint tagged = False
+        cdef cnp.npy_intp dim
+        if n == 0:  # (answers without frames: no arrays made)
+            return Frames(_EMPTY_U8, _EMPTY_U32, _EMPTY_U32, None, 0)
+        while i >= 0:
+            total += self.flen[i]
+            tagged |= self.ftag[i] != 0
+            i = self.fnx[i]
+        if total >= _NO_FRAME:
+            raise OverflowError("frames beyond 4 GiB")
+        dim = total if total else 1
+        cdef cnp.ndarray buf_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT8, 0)
+        dim = n
+        cdef cnp.ndarray off_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT32, 0)
+        cdef cnp.ndarray len_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT32, 0)
+        cdef cnp.ndarray tag_a = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_UINT8, 0) if tagged else None
+        cdef unsigned char *buf = <unsigned char *>cnp.PyArray_DATA(buf_a)
+        cdef uint32_t *off = <uint32_t *>cnp.PyArray_DATA(off_a)
+        cdef uint32_t *ln = <uint32_t *>cnp.PyArray_DATA(len_a)
+        cdef uint8_t *tg = <uint8_t *>cnp.PyArray_DATA(tag_a) if tagged else NULL
+        cdef uint32_t o = 0
+        i = self.th[d]
+        while i >= 0:
+            memcpy(buf + o, self.fdat[i], self.flen[i])
+            off[k] = o
+            ln[k] = self.flen[i]
+            if tagged:
+                tg[k] = self.ftag[i]
+            o += self.flen[i]
+            k += 1
+            free(self.fdat[i])
+            self.fdat[i] = NULL
+            nx = self.fnx[i]
+            self.fnx[i] = self.ffree
+            self.ffree = i
+            i = nx
+        self.th[d] = self.tt[d] = -1
+        self.tn[d] = 0
+        return Frames(buf_a, off_a, len_a, tag_a, n)
 
     cdef void refund(self, int32_t x) noexcept:
         """The token fetch `x` took back to its source (if the source is still known)."""
@@ -459,7 +541,7 @@ cdef class PendingTable:
         cdef list frames = []
         cdef int32_t i = c.fhead
         while i >= 0:
-            frames.append(self.fr[i])
+            frames.append(self.fdat[i][:self.flen[i]])
             i = self.fnx[i]
         cdef int32_t k = self.tm.pos[x]
         return Pending((c.k.fetch_dir, (c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport), c.owner, c.seq, c.first,
@@ -520,8 +602,34 @@ cdef class PendingTable:
         cdef cnp.ndarray keep = _contiguous(rows)
         cdef const fetch_row *rw = <const fetch_row *>cnp.PyArray_DATA(keep)
         cdef Py_ssize_t nrow = cnp.PyArray_SIZE(keep), j
-        if frames is not None and len(frames) != nrow:
-            raise ValueError(f"{len(frames)} frames for {nrow} rows")
+        # the frames (``Frames``: frame j row j's), read in place: copied into the arena
+        cdef const unsigned char *fb = NULL
+        cdef const uint32_t *fo = NULL
+        cdef const uint32_t *fl = NULL
+        cdef const uint8_t *ft = NULL
+        cdef cnp.ndarray fb_a, fo_a, fl_a, ft_a
+        cdef Py_ssize_t fbn = 0
+        if frames is not None:
+            frames = Frames.of(frames)
+            if len(frames) != nrow:
+                raise ValueError(f"{len(frames)} frames for {nrow} rows")
+            fb_a = cnp.PyArray_FROMANY(frames.buf, cnp.NPY_UINT8, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS)
+            fo_a = cnp.PyArray_FROMANY(frames.offsets, cnp.NPY_UINT32, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS)
+            fl_a = cnp.PyArray_FROMANY(frames.lengths, cnp.NPY_UINT32, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS)
+            if cnp.PyArray_SIZE(fo_a) < nrow or cnp.PyArray_SIZE(fl_a) < nrow:
+                raise ValueError(f"offsets or lengths for fewer than {nrow} frames")
+            fb = <const unsigned char *>cnp.PyArray_DATA(fb_a)
+            fbn = cnp.PyArray_SIZE(fb_a)
+            fo = <const uint32_t *>cnp.PyArray_DATA(fo_a)
+            fl = <const uint32_t *>cnp.PyArray_DATA(fl_a)
+            for j in range(nrow):  # every frame inside the buffer, before anything changes
+                if fo[j] != _NO_FRAME and <Py_ssize_t>fo[j] + <Py_ssize_t>fl[j] > fbn:
+                    raise ValueError(f"frame {j} ({fo[j]}+{fl[j]}) outside a buffer of {fbn} bytes")
+            if frames.tags is not None:
+                ft_a = cnp.PyArray_FROMANY(frames.tags, cnp.NPY_UINT8, 1, 1, cnp.NPY_ARRAY_C_CONTIGUOUS)
+                if cnp.PyArray_SIZE(ft_a) < nrow:
+                    raise ValueError(f"tags for fewer than {nrow} frames")
+                ft = <const uint8_t *>cnp.PyArray_DATA(ft_a)
         cdef int64_t n = 0, started = 0, c_neg = 0, c_rate = 0, c_full = 0
         cdef uint32_t s = seq
         cdef uint8_t d, p
@@ -534,7 +642,7 @@ cdef class PendingTable:
         cdef pf_entry *c
         cdef lru_entry *be
         cdef const fetch_row *r
-        cdef object frame
+        cdef bint frame
         for j in range(nrow):
             if j + LOOKAHEAD < nrow:  # its key's index line, its remote's bucket, a seq
                 r = &rw[j + LOOKAHEAD]
@@ -544,16 +652,16 @@ cdef class PendingTable:
                     _prefetch_home(src.ix0, 0, r.saddr, 0, 0, 0)
                 _prefetch_home(self.ix_seq, 0, s + LOOKAHEAD, 0, 0, 0)
             r = &rw[j]
-            frame = None if frames is None else frames[j]
+            frame = fb != NULL and fo[j] != _NO_FRAME
             d = 1 if r.fetch_dir else 0
             p, sa, sp, da, dp = r.proto, r.saddr, r.sport, r.daddr, r.dport
             x = self.find(d, p, sa, sp, da, dp)
             if x >= 0:
-                if frame is not None:
+                if frame:
                     if self.queued >= self.qmax or self.e[x].nframes >= self.qflow:
                         c_full += 1
                         continue
-                    self.add_frame(x, frame)
+                    self.add_frame(x, fb + fo[j], fl[j], ft[j] if ft != NULL else 0)
                     n += 1
                 continue
             if neg.n:
@@ -584,9 +692,9 @@ cdef class PendingTable:
                     continue
                 be.a -= 1.0
                 charged = sa
-            if frame is not None and self.queued >= self.qmax:
+            if frame and self.queued >= self.qmax:
                 c_full += 1
-                frame = None  # the fetch still goes out: later packets will find the rule
+                frame = False  # the fetch still goes out: later packets will find the rule
             x = self.add(d, p, sa, sp, da, dp)
             c = &self.e[x]
             c.owner = r.owner
@@ -600,8 +708,8 @@ cdef class PendingTable:
             if s == 0:
                 s = 1
             started += 1
-            if frame is not None:
-                self.add_frame(x, frame)
+            if frame:
+                self.add_frame(x, fb + fo[j], fl[j], ft[j] if ft != NULL else 0)
                 n += 1
         return n, started, c_neg, c_rate, c_full, s
 
@@ -633,7 +741,7 @@ cdef class PendingTable:
             raise ValueError("at most 16 latency limits")
         for j in range(nlim):
             lim[j] = lat_limits[j]
-        cdef list rout = [], rin = [], bad_owner = []
+        cdef list bad_owner = []
         cdef cnp.ndarray acc_a = np.empty(nrec, np.int64)
         cdef cnp.ndarray dirs_a = np.zeros(nrec, np.uint8)
         cdef cnp.ndarray lats_a = np.empty(nrec, np.float64)
@@ -682,7 +790,7 @@ cdef class PendingTable:
                 dbit = BIT_OUT
             lat = now - c.first
             self.refund(x)
-            (rin if dbit == BIT_IN else rout).extend(self.release(x, True))
+            self.release(x, 1 if dbit == BIT_IN else 0)
             acc[na] = k
             lats[na] = lat
             na += 1
@@ -693,6 +801,7 @@ cdef class PendingTable:
             cnt[j] += 1
         for j in range(nlim + 1):
             counts[j] = cnt[j]
+        rout, rin = self._take(0), self._take(1)
         return (acc_a if na == nrec else acc_a[:na]), dirs_a, rout, rin, (lats_a if na == nrec else lats_a[:na]), \
             counts, dup, wrong, bad, bad_owner
 
@@ -732,7 +841,7 @@ cdef class PendingTable:
                 self._neg_set(c.k.fetch_dir, c.k.proto, c.k.saddr, c.k.sport, c.k.daddr, c.k.dport, now + self.neg_ttl)
             if c.k.flags & F_REVALIDATE:
                 lost += 1
-            self.release(x, False)
+            self.release(x, -1)
         return stale, wrong, bad, nacked, lost
 
     def pop(self, pk):
@@ -741,7 +850,18 @@ cdef class PendingTable:
         if x < 0:
             return None
         self.refund(x)
-        return self.release(x, True)
+        self.release(x, 0)
+        return self._take(0)
+
+    def pop_many(self, pks):
+        """``pending_py.PendingTable.pop_many``."""
+        cdef int32_t x
+        for pk in pks:
+            x = self._find_pk(pk)
+            if x >= 0:
+                self.refund(x)
+                self.release(x, 0)
+        return self._take(0)
 
     def due(self, double now, Py_ssize_t limit, double retry_max, double timeout, FetchQueue fq not None):
         """``pending_py.PendingTable.due``: the timers in an indexed heap (``_heap.pxd``),
@@ -756,7 +876,7 @@ cdef class PendingTable:
             if lim >= c.first + timeout:  # past its deadline: given up
                 nf = c.nframes
                 self.refund(x)
-                self.release(x, False)
+                self.release(x, -1)
                 gone += 1
                 dropped += nf if nf > 1 else 1
                 continue
@@ -771,6 +891,11 @@ cdef class PendingTable:
     def next_due(self):
         """When the earliest fetch comes due (its retry or its deadline; inf: none)."""
         return self.tm.a[0].d if self.tm.n else _INF
+
+    @property
+    def frame_slots(self):
+        """Slots of the frame arena (grown by doubling up to the frames queued at most)."""
+        return self.fcap
 
     @property
     def timers(self):
@@ -808,7 +933,7 @@ cdef class PendingTable:
             if self.e[x].k.used and self.e[x].owner == owner:
                 n += self.e[x].nframes if self.e[x].nframes > 1 else 1
                 self.refund(x)
-                self.release(x, False)
+                self.release(x, -1)
         return n
 
     def of_owner(self, int owner, fetch_dir):

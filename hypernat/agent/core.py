@@ -99,6 +99,7 @@ from .. import layout
 from .. import messages as M
 from .. import switchhash as _sh
 from ..deadlines import DeadlineQueue
+from ..io.base import Frames
 from ..nat.records import SESSION_KEY_FIELDS, WIRE_KEY_FIELDS, WIRE_OF_SESSION
 from ..rules import DIR_BIT_IN, DIR_BIT_OUT, SESSION_DTYPE, in_key, out_key
 from ..verdicts import SLOW_PATH_REASON_NAMES
@@ -384,7 +385,8 @@ class RuleAgent:
     send(target, mtype, recs)   queue records for NIC `target` (non-blocking; the worker
                      batches everything queued in one loop turn into one message)
     owner_of(eaddr, eport) -> nic | None   partition arithmetic (+ borrowed blocks)
-    replay(direction, frames)   run queued frames through the fast path again, send hits
+    replay(direction, frames)   run queued frames (an io.base.Frames: one buffer, offsets,
+                     lengths, a tag each) through the fast path again, send hits
     clock()          float seconds (monotonic): leases, retries, timeouts
     tick_clock()     the fast path's uint32 ticks (last_seen)
     seq_start        the first seq this agent sends; None: a random one.  A daemon passes
@@ -500,13 +502,16 @@ class RuleAgent:
         """Queue `frame` behind a fetch of `key` (a layout.KEY_DTYPE record, oriented like
         `fetch_dir`'s table) from NIC `owner`: ``fetch_rows`` of one.  Returns False, and
         counts why, when the frame is dropped instead."""
-        return self.fetch_rows(fetch_rows_of(fetch_dir, key, owner), [frame], now) == 1
+        return self.fetch_rows(fetch_rows_of(fetch_dir, key, owner), None if frame is None else Frames.of([frame]),
+                               now) == 1
 
     def fetch_rows(self, rows: np.ndarray, frames, now: float) -> int:
         """The fetches of a batch's misses: `rows` layout.FETCH_ROW_DTYPE (fetch_dir, the
         key in fetch_dir's table, kind -- KIND_ICMP_ERROR: an ICMP error's lookup --, the
         owner; ``RuleBuilder.decide_misses``'s ``fetches``), `frames` the frame of each
-        (copies: they outlive the batch; None: none), record after record, in the
+        (``io.base.Frames``, frame j row j's, each with its tag: a view of the batch,
+        ``Batch.frames_of``; the table copies the frames it queues into its arena, they
+        outlive the batch; None: none), record after record, in the
         PendingTable (compiled, reading the rows in place): a flow with a fetch pending
         queues the frame (per-flow and total bounds); otherwise a recent NACK drops it
         (fetch_negative_cached), an incoming fetch takes a token of its remote's bucket
@@ -662,13 +667,8 @@ class RuleAgent:
             self._install_many(source, recs, np.flatnonzero(ok) if len(bad) else None, DIR_BIT_IN, now, owners)
             self.count("push_installed", len(good))
             if self.pending:  # fetches in flight for some of them: their frames go now
-                sks = list(zip(*(good[f].tolist() for f in WIRE_KEY_FIELDS)))
-                pop = self.pending.pop
-                frames = []
-                for sk in sks:
-                    got = pop((IN, session_key(sk, IN)))
-                    if got:
-                        frames += got
+                sks = zip(*(good[f].tolist() for f in WIRE_KEY_FIELDS))
+                frames = self.pending.pop_many([(IN, session_key(sk, IN)) for sk in sks])
                 if frames:
                     self.replay(IN, frames)
         # one ack per message: a run of records under one seq (a payload carries whole

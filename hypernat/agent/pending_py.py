@@ -27,6 +27,7 @@ from bisect import bisect_left
 import numpy as np
 
 from .. import messages as M
+from ..io.base import NO_FRAME, Frames
 from ..layout import FETCH_ROW_DTYPE, KIND_ICMP_ERROR
 
 IN = 1  # fetch direction (verdicts.IN); OUT = 0
@@ -40,6 +41,11 @@ assert _RULE_HEAD == ("seq", "rule_id", "lease_ms", "int_addr", "ext_addr", "rem
 _NACK_UNAVAILABLE = M.NACK["unavailable"]
 _NACK_FILTERED = M.NACK["filtered"]
 _INF = float("inf")
+
+
+def _frames(pairs) -> Frames:
+    """(frame, tag) pairs as one ``Frames``."""
+    return Frames.of([f for f, _ in pairs], [t for _, t in pairs])
 
 
 class Pending(tuple):
@@ -146,7 +152,7 @@ class PendingTable:
 
     def get(self, pk, default=None):
         r = self._p.get(pk)
-        return default if r is None else Pending(r[:8] + [list(r[8]), r[9], r[10]])
+        return default if r is None else Pending(r[:8] + [[f for f, _ in r[8]], r[9], r[10]])
 
     def __getitem__(self, pk):
         got = self.get(pk)
@@ -157,7 +163,7 @@ class PendingTable:
     def items(self):
         """Every fetch, [((fetch_dir, key), Pending)]: a walk (counted in `walks`)."""
         self.walks += 1
-        return [(pk, Pending(r[:8] + [list(r[8]), r[9], r[10]])) for pk, r in self._p.items()]
+        return [(pk, Pending(r[:8] + [[f for f, _ in r[8]], r[9], r[10]])) for pk, r in self._p.items()]
 
     def keys(self):
         return [pk for pk, _ in self.items()]
@@ -215,7 +221,9 @@ class PendingTable:
     # -- the fetch client's operations -----------------------------------------------------
     def fetch_rows(self, rows, frames, now: float, seq: int, fq: FetchQueue) -> tuple:
         """Misses `rows` (layout.FETCH_ROW_DTYPE: fetch_dir, key, kind, owner), in order,
-        `frames` the frame of each (None: none; a sequence of len(rows) or None): a flow
+        `frames` the frame of each (``io.base.Frames``, frame j row j's, its tag kept
+        with it -- a sequence of bytes / None is taken through ``Frames.of`` --, or None:
+        none); a queued frame is a copy (it outlives the batch).  A flow
         with a fetch pending queues the frame (per-flow and total bounds: full);
         otherwise a recent NACK drops it (negative), an incoming fetch takes a token of
         its remote's bucket (rate when empty), and a new fetch starts under the next seq
@@ -229,8 +237,16 @@ class PendingTable:
             raise TypeError("rows must be a layout.FETCH_ROW_DTYPE array")
         if frames is None:
             frames = [None] * len(rows)
-        elif len(frames) != len(rows):
-            raise ValueError(f"{len(frames)} frames for {len(rows)} rows")
+        else:
+            fr = Frames.of(frames)
+            if len(fr) != len(rows):
+                raise ValueError(f"{len(fr)} frames for {len(rows)} rows")
+            b = fr.buf
+            pos = list(zip(fr.offsets[:fr.n].tolist(), fr.lengths[:fr.n].tolist()))
+            for j, (o, ln) in enumerate(pos):  # every frame inside the buffer, before anything changes
+                if o != NO_FRAME and o + ln > len(b):
+                    raise ValueError(f"frame {j} ({o}+{ln}) outside a buffer of {len(b)} bytes")
+            frames = [None if o == NO_FRAME else (b[o:o + ln].tobytes(), t) for (o, ln), t in zip(pos, fr.tag_list())]
         for (sa, da, sp, dp, proto, kind, _fl, fd, _j, owner), frame in zip(rows.tolist(), frames):
             fd = IN if fd else 0
             kt = (proto, sa, sp, da, dp)
@@ -301,8 +317,9 @@ class PendingTable:
         the fetch sent to another NIC (wrong), another key than asked (bad).  A record
         that passes completes its fetch: removed, token refunded.  Returns (the indexes
         of the records accepted (int64, in order), the dir bit of each record's fetch
-        (uint8 per record, 0: not accepted), frames to replay out, in, latencies (float64
-        per accepted record), latencies per bucket of `lat_limits` (+1 above), dup,
+        (uint8 per record, 0: not accepted), frames to replay out, in (``Frames``: flows
+        in answer order, each one's frames in arrival order, with their tags), latencies
+        (float64 per accepted record), latencies per bucket of `lat_limits` (+1 above), dup,
         wrong, bad, bad_owner)."""
         acc, rout, rin, lats, bad_owner = [], [], [], [], []
         dirs = np.zeros(len(recs), np.uint8)
@@ -340,8 +357,8 @@ class PendingTable:
             lat = now - r[4]
             lats.append(lat)
             counts[bisect_left(lat_limits, lat)] += 1
-        return (np.array(acc, np.int64), dirs, rout, rin, np.array(lats, np.float64), counts, dup, wrong, bad,
-                bad_owner)
+        return (np.array(acc, np.int64), dirs, _frames(rout), _frames(rin), np.array(lats, np.float64), counts, dup,
+                wrong, bad, bad_owner)
 
     def answer_nacks(self, source: int, recs, now: float) -> tuple:
         """NACK records (messages.KEY_DTYPE, the FETCH echoed) from `source`, matched
@@ -378,12 +395,22 @@ class PendingTable:
 
     def pop(self, pk):
         """Complete the fetch of `pk` out of band (a PUSH brought its rule): its frames
-        (token refunded), or None if none is in flight."""
+        (``Frames``; token refunded), or None if none is in flight."""
         if pk not in self._p:
             return None
         r = self._remove(pk)
         self._refund(r)
-        return r[8]
+        return _frames(r[8])
+
+    def pop_many(self, pks) -> Frames:
+        """``pop`` of every key of `pks` in flight: their frames together, in that order."""
+        out = []
+        for pk in pks:
+            if pk in self._p:
+                r = self._remove(pk)
+                self._refund(r)
+                out.extend(r[8])
+        return _frames(out)
 
     def due(self, now: float, limit: int, retry_max: float, timeout: float, fq: FetchQueue) -> tuple:
         """The fetches whose timer came up by `now`, at most `limit`, earliest first (due

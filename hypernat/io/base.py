@@ -128,6 +128,19 @@ class Batch:
             meta = self.meta[: self.n * META_DTYPE.itemsize].reshape(-1, META_DTYPE.itemsize)[ia].reshape(-1)
         return Batch(self.buf, self.offsets[ia], self.lengths[ia], len(ia), meta=meta, partial=partial)
 
+    def frames_of(self, idx, tags=None) -> "Frames":
+        """Frames `idx` (an integer index array) for whoever copies them out of the batch at
+        once (the fetch tables' arena): a view (offsets and lengths gathered, no frame
+        copied); `tags` one each (uint8) or None.  A partial checksum among them is finished the way
+        ``frames`` does it, in copies of those frames."""
+        n = len(idx)
+        if self.partial is not None and n and self.partial[idx].any():
+            return Frames.of(self.frames(idx), tags)
+        if n == 1:  # one frame (a new connection's first packet): views, not gathers
+            i = int(idx[0])
+            return Frames(self.buf, self.offsets[i:i + 1], self.lengths[i:i + 1], tags, 1)
+        return Frames(self.buf, self.offsets[idx], self.lengths[idx], tags, n)
+
     def frame(self, i: int) -> bytes:
         o = int(self.offsets[i])
         return self.buf[o : o + int(self.lengths[i])].tobytes()
@@ -169,6 +182,95 @@ class Batch:
             b = self.buf
             return [b[o : o + ln].tobytes() for o, ln in pos]
         return [mv[o : o + ln].tobytes() for o, ln in pos]
+
+
+NO_FRAME = 0xFFFFFFFF  # a Frames offset: no frame for this row
+
+
+class Frames:
+    """Frames back to back in one uint8 buffer, each with a tag byte: frame i at
+    buf[offsets[i]:offsets[i]+lengths[i]], tag tags[i] (tags None: all 0).  What the
+    fetch tables take (a view of a batch's frames, ``Batch.frames_of``: frame i the frame
+    of fetch row i; offsets[i] == NO_FRAME: the row has none) and what they hand back
+    (the frames of the answered fetches, copies out of their arena: the ``replay``
+    callback's argument, ``batch()`` its frames as a Batch, no Python object per frame).
+    The tag of a hairpinned frame is its hairpin decisions so far (0: not hairpinned).
+    Iterating yields each frame as bytes (introspection, tests)."""
+
+    __slots__ = ("buf", "offsets", "lengths", "tags", "n")
+    __hash__ = None
+
+    def __init__(self, buf, offsets, lengths, tags=None, n=None):
+        self.buf = buf
+        self.offsets = offsets
+        self.lengths = lengths
+        self.tags = tags
+        self.n = len(offsets) if n is None else n
+
+    @classmethod
+    def of(cls, frames, tags=None) -> "Frames":
+        """Frames (bytes-like, or None: no frame) copied back to back; `tags` one each or
+        None (a ``RuleAgent.fetch`` of one frame, tests, the pure-Python table)."""
+        if isinstance(frames, Frames):
+            return frames
+        frames = list(frames)
+        n = len(frames)
+        lengths = np.fromiter((0 if f is None else len(f) for f in frames), np.uint32, n)
+        offsets = np.zeros(n, np.uint32)
+        if n > 1:
+            np.cumsum(lengths[:-1], dtype=np.uint32, out=offsets[1:])
+        if any(f is None for f in frames):
+            offsets[[j for j, f in enumerate(frames) if f is None]] = NO_FRAME
+        buf = np.frombuffer(bytearray().join(f for f in frames if f is not None) or bytearray(1), np.uint8)
+        if tags is not None:
+            tags = np.asarray(tags, np.uint8).reshape(-1)
+            if len(tags) != n:
+                raise ValueError(f"{len(tags)} tags for {n} frames")
+            if not tags.any():
+                tags = None
+        return cls(buf, offsets, lengths, tags, n)
+
+    def __len__(self):
+        return self.n
+
+    def __bool__(self):
+        return self.n > 0
+
+    def frame(self, i: int):
+        o = int(self.offsets[i])
+        return None if o == NO_FRAME else bytes(self.buf[o:o + int(self.lengths[i])])
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def tolist(self) -> list:
+        """Each frame as bytes (None: none)."""
+        b = self.buf
+        return [None if o == NO_FRAME else b[o:o + ln].tobytes()
+                for o, ln in zip(self.offsets[:self.n].tolist(), self.lengths[:self.n].tolist())]
+
+    def tag_list(self) -> list:
+        return [0] * self.n if self.tags is None else self.tags[:self.n].tolist()
+
+    def __eq__(self, other):
+        if isinstance(other, Frames):
+            return self.tolist() == other.tolist() and self.tag_list() == other.tag_list()
+        if isinstance(other, list):
+            return self.tolist() == other
+        return NotImplemented
+
+    def __repr__(self):
+        return f"Frames({self.tolist()!r}, tags={self.tag_list()!r})"
+
+    def select(self, idx) -> "Frames":
+        """Frames `idx` (an index array), over the same buffer."""
+        idx = np.asarray(idx, np.intp)
+        return Frames(self.buf, self.offsets[idx], self.lengths[idx], None if self.tags is None else self.tags[idx],
+                      len(idx))
+
+    def batch(self) -> "Batch":
+        """The frames as a Batch over the same buffer (no copy)."""
+        return Batch(self.buf, self.offsets, self.lengths, self.n)
 
 
 # The transmit counters every ring backend reports in ``stats()`` (declared here once;

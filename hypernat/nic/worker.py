@@ -60,7 +60,7 @@ from .. import messages as M
 from .. import zmqio
 from ..agent import AgentParams, RuleAgent
 from ..fastpath import FlowTable, FragTable, Translator
-from ..io.base import Batch
+from ..io.base import Batch, Frames
 from ..partition import Partition
 from ..rules import _HOLD as _R_HOLD
 from ..rules import RuleBuilder
@@ -85,24 +85,6 @@ _MISS_LUT = np.zeros(256, dtype=bool)
 _MISS_LUT[list(MISS_VERDICTS)] = True
 _MISS_LIST = tuple(sorted(MISS_VERDICTS))  # read from a batch's verdict counts (.item: no numpy call)
 _V_MISS_HAIRPIN = VERDICT["miss_hairpin"]
-
-
-class _HairpinFrame(bytes):
-    """A hairpinned frame (inside host -> an external endpoint of the pool) waiting for a
-    rule fetch.  Its two halves -- the sender's mapping and the destination's session --
-    may be owned by two other NICs, so it may take two fetches; and the fetch of the
-    second half is an *incoming* key, whose answer the agent replays as IN.  The type
-    tells ``_replay`` to run it as the outgoing frame it is, and to decide it again when
-    the other half is still missing (``rounds``: decisions so far, at most
-    ``HAIRPIN_ROUNDS``)."""
-
-    rounds = 0
-
-    @classmethod
-    def of(cls, frame, rounds: int) -> "_HairpinFrame":
-        f = cls(frame)
-        f.rounds = rounds
-        return f
 
 
 # Frames a loop turn takes from its ports at most, in batches: 8 x 256 = 2048 frames,
@@ -643,10 +625,8 @@ class NicWorker:
             self._translate_again(direction, b.select(replay))
         if len(fetches):  # the batch's fetches as records; one FETCH message per owner
             fidx = fetches["frame"]
-            frames = b.frames(fidx)
-            if direction == OUT:
-                frames = self._hairpin_frames(fidx, frames, v, rounds)
-            self.agent.fetch_rows(fetches, frames, self.clock())
+            tags = self._hairpin_frames(fidx, v, rounds) if direction == OUT else None
+            self.agent.fetch_rows(fetches, b.frames_of(fidx, tags), self.clock())
             if ev is not None:
                 ev.add_keys(EV_FETCH_SENT, direction, _now_ns(), k[fidx])
             # the FETCH leaves now, not at the end of the turn: the rest of the turn (more
@@ -685,24 +665,31 @@ class NicWorker:
         self._recovered_seen = got
 
     @staticmethod
-    def _hairpin_frames(fidx, frames, v, rounds: int) -> list:
-        """The frames queued behind fetches (copies of frames `fidx`, an index array),
-        hairpinned ones marked as such (found with one numpy pass; Python only for those)."""
-        for j in np.flatnonzero(v[fidx] == _V_MISS_HAIRPIN).tolist():
-            frames[j] = _HairpinFrame.of(frames[j], rounds + 1)
-        return frames
+    def _hairpin_frames(fidx, v, rounds: int):
+        """The tags of the frames `fidx` (an index array) queued behind fetches: a
+        hairpinned frame (inside host -> an external endpoint of the pool) tagged with its
+        hairpin decisions so far (``rounds`` + 1), the others 0 (None: no hairpin among
+        them; one numpy pass).  Its two halves -- the sender's mapping and the
+        destination's session -- may be owned by two other NICs, so it may take two
+        fetches, and the fetch of the second half is an *incoming* key whose answer the
+        agent replays as IN: the tag, kept with the frame in the fetch table's arena,
+        tells ``_replay`` to run it as the outgoing frame it is, and to decide it again
+        while the other half is missing (at most ``HAIRPIN_ROUNDS`` decisions)."""
+        hp = v[fidx] == _V_MISS_HAIRPIN
+        if not hp.any():
+            return None
+        return hp.view(np.uint8) * np.uint8(min(rounds + 1, 255))
 
     def _replay_hairpins(self, frames) -> None:
-        """Hairpinned frames whose fetch was answered: translated as the outgoing frames
-        they are (whatever direction the fetched half was); one whose other half is still
-        missing is decided again -- found here, built here, or fetched from its owner --
-        up to HAIRPIN_ROUNDS decisions in all."""
+        """Hairpinned frames (``Frames``, every tag non-zero) whose fetch was answered:
+        translated as the outgoing frames they are (whatever direction the fetched half
+        was); one whose other half is still missing is decided again -- found here, built
+        here, or fetched from its owner -- up to HAIRPIN_ROUNDS decisions in all.  One
+        batch per number of decisions so far (numpy: no Python step per frame)."""
         c = self.counters
-        by_rounds: dict = {}
-        for f in frames:
-            by_rounds.setdefault(f.rounds, []).append(f)
-        for rounds, group in by_rounds.items():
-            b = Batch.from_frames(group)
+        tags = frames.tags[:frames.n]
+        for rounds in np.unique(tags).tolist():
+            b = frames.select(np.flatnonzero(tags == rounds)).batch()
             n = b.n
             v = np.zeros(n, np.uint8)  # scratch of its own: _misses below may _replay
             k = np.zeros(n, layout.KEY_DTYPE)
@@ -721,16 +708,23 @@ class NicWorker:
                     self._misses(b, OUT, v, k, now, rounds)
 
     def _replay(self, direction: int, frames) -> None:
-        """Frames that outlived their batch (copies: queued behind a fetch, the agent's
-        callback) translated again once their rule is installed: one batch of them;
-        hairpinned ones as the outgoing frames they are (``_replay_hairpins``)."""
-        if _HairpinFrame in set(map(type, frames)):
-            hp = [f for f in frames if f.__class__ is _HairpinFrame]
-            self._replay_hairpins(hp)
-            frames = [f for f in frames if f.__class__ is not _HairpinFrame]
-            if not frames:
-                return
-        self._translate_again(direction, Batch.from_frames(frames))
+        """Frames that outlived their batch (``io.base.Frames``: copies out of the fetch
+        table's arena, the agent's callback) translated again once their rule is
+        installed: one batch of them over their buffer; the tagged ones (hairpinned) as
+        the outgoing frames they are (``_replay_hairpins``)."""
+        if not isinstance(frames, Frames):
+            frames = Frames.of(frames)
+        tags = frames.tags
+        if tags is not None:
+            hp = tags[:frames.n] != 0
+            if hp.any():
+                self._replay_hairpins(frames.select(np.flatnonzero(hp)))
+                rest = np.flatnonzero(~hp)
+                if not len(rest):
+                    return
+                frames = frames.select(rest)
+        if frames.n:
+            self._translate_again(direction, frames.batch())
 
     def _translate_again(self, direction: int, b) -> None:
         """Translate the frames of `b` again now that their rules are in place, send what
