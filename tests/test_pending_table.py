@@ -627,3 +627,20 @@ def test_the_frame_arena_bounds_and_reuses_its_memory():
         want = [frames[4 * k + i] for k in range(33) for i in range(3)] + [frames[4 * 33]]
         assert rout.tolist() == want and t.queued == 0 and len(t) == 0
         assert t.frame_slots == 128  # grown by doubling to the bound, then reused
+
+
+@pytest.mark.parametrize("owners", [[2] * 5, [0, 1, 0, 2, 1, 1, 0], list(range(70)) + list(range(69, -1, -3))])
+def test_fetch_queue_take_groups_by_owner_like_the_twin(owners):
+    """``FetchQueue.take``: one array per owner, owners in the order of their first
+    record, each one's records in order, whatever the number of owners -- the queue
+    left empty."""
+    t = _pending.PendingTable(10 ** 4, 4, 0.05, 1e9, 1e9, 1.0, 10, capacity=16)
+    fq = _pending.FetchQueue()
+    rows, frames = _rows([(1, (17, k, 1000, 0xC6120001, 2000 + k), False, o, None) for k, o in enumerate(owners)])
+    t.fetch_rows(rows, frames, 0.0, 1, fq)
+    _, queued = fq.view()
+    got = fq.take()
+    assert [o for o, _ in got] == list(dict.fromkeys(owners))
+    for o, recs in got:
+        assert recs.tobytes() == queued[[k for k, x in enumerate(owners) if x == o]].tobytes()
+    assert sum(len(r) for _, r in got) == len(owners) and not fq and fq.take() == []
