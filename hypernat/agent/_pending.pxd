@@ -114,6 +114,7 @@ cdef class PendingTable:
     cdef int add_frame(self, int32_t x, const unsigned char *p, uint32_t length, uint8_t tag) except -1
     cdef void release(self, int32_t x, int take) noexcept
     cdef object _take(self, int d)
+    cdef int32_t _free_frame(self, int32_t i) noexcept
     cdef void refund(self, int32_t x) noexcept
     cdef int queue(self, FetchQueue fq, int32_t x) except -1
     cdef int _set_seq(self, int32_t x, uint32_t seq, double due) except -1

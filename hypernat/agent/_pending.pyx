@@ -436,7 +436,7 @@ cdef class PendingTable:
         (`take` -1), or their chain appended to taken chain `take` (0, 1: handed back,
         in arrival order, by the next ``_take(take)``)."""
         cdef pf_entry *c = &self.e[x]
-        cdef int32_t i = c.fhead, nx
+        cdef int32_t i = c.fhead
         _key_unindex(self.ix_out, self.ix_in, &c.k)
         self.ix_seq.c_delete(0, c.seq, 0, 0, 0)
         iheap_remove(&self.tm, x)  # its timer: gone where it sits, nothing left to skip later
@@ -450,24 +450,29 @@ cdef class PendingTable:
                 self.tn[take] += c.nframes
         else:
             while i >= 0:
-                free(self.fdat[i])
-                self.fdat[i] = NULL
-                nx = self.fnx[i]
-                self.fnx[i] = self.ffree
-                self.ffree = i
-                i = nx
+                i = self._free_frame(i)
         self.queued -= c.nframes
         c.k.used = 0
         c.next_free = self.free_head
         self.free_head = x
         self.n -= 1
 
+    cdef int32_t _free_frame(self, int32_t i) noexcept:
+        """Frame slot `i`'s bytes freed, the slot back on the free list; returns the next
+        frame of its chain."""
+        cdef int32_t nx = self.fnx[i]
+        free(self.fdat[i])
+        self.fdat[i] = NULL
+        self.fnx[i] = self.ffree
+        self.ffree = i
+        return nx
+
     cdef object _take(self, int d):
         """The frames on taken chain `d` as one ``Frames`` (copied back to back into one
         buffer; tags None when none is tagged), their slots freed; the chain left empty."""
         cdef Py_ssize_t n = self.tn[d], k = 0
         cdef int64_t total = 0
-        cdef int32_t i = self.th[d], nx
+        cdef int32_t i = self.th[d]
         cdef bint tagged = False
         cdef cnp.npy_intp dim
         if n == 0:  # (answers without frames: no arrays made)
@@ -498,12 +503,7 @@ cdef class PendingTable:
                 tg[k] = self.ftag[i]
             o += self.flen[i]
             k += 1
-            free(self.fdat[i])
-            self.fdat[i] = NULL
-            nx = self.fnx[i]
-            self.fnx[i] = self.ffree
-            self.ffree = i
-            i = nx
+            i = self._free_frame(i)
         self.th[d] = self.tt[d] = -1
         self.tn[d] = 0
         return Frames(buf_a, off_a, len_a, tag_a, n)
