@@ -52,16 +52,6 @@ class DeadlineQueue:
             heapq.heappush(self._heap, b)
         bk[key] = None
 
-    def add_many(self, keys, due: float) -> None:
-        """``set`` for keys not queued yet, all due at `due` (one bucket, C-speed updates)."""
-        b = self._bucket(due)
-        bk = self._buckets.get(b)
-        if bk is None:
-            bk = self._buckets[b] = {}
-            heapq.heappush(self._heap, b)
-        bk.update(dict.fromkeys(keys))
-        self._where.update(dict.fromkeys(keys, b))
-
     def advance_all(self, due: float) -> None:
         """Every key due at `due` at the latest (keys due later are moved to `due`): whole
         buckets merged with C-speed dict updates, no key looked at one by one."""
