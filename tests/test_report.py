@@ -109,7 +109,8 @@ def test_phase_port_capture_is_what_was_sent():
     """Fig. 4's capture (the OUT phase's translated frames, reflected into the IN phase)
     keeps references to batches replayed once and reads them after the timed pass: what
     it returns is still exactly the bytes sent, in the order sent -- also when the
-    sender reuses its index array, and when a batch that is not replayed once (the
+    sender reuses its index array, for a selection of such a batch (the replay of its
+    misses: kept by reference too, not copied in the timed pass), and when a batch that is not replayed once (the
     translator's output area, a replay's copies) is rewritten right after its send."""
     import numpy as np
 
@@ -131,6 +132,12 @@ def test_phase_port_capture_is_what_was_sent():
         sink.send(b, sel)
         want.append(frames[base + sel])
         scratch[:] = 0  # the sender reuses its index array
+        miss = b.select(np.arange(1, b.n, 3))  # a replay of its misses: translated in place, then sent
+        assert type(miss) is type(b)  # a frame of a batch replayed once: kept by reference
+        miss.buf[miss.offsets[0]] ^= 0xFF
+        frames[base + 1, 0] ^= 0xFF
+        sink.send(miss, np.arange(miss.n))
+        want.append(frames[base + 1 : base + b.n : 3])
         base += b.n
         reused = Batch(rng.integers(0, 256, 3 * FRAME, dtype=np.uint8),
                        np.arange(3, dtype=np.uint32) * FRAME, np.full(3, FRAME, np.uint32), 3)

@@ -78,7 +78,9 @@ class _OnceBatch(Batch):
     """A batch a PhasePort replays exactly once: nothing rewrites its bytes after the
     worker has sent them (the fast path translates a received batch in place, then sends
     it; a replay of its misses translates copies or only the frames not sent), so a
-    capturing port may keep a reference and read the bytes after the timed pass."""
+    capturing port may keep a reference and read the bytes after the timed pass.  A
+    selection of it (``Batch.select``: the replay of its misses, translated in place and
+    sent) is one too, so the first packets' sends are not copied inside the timed pass."""
 
     __slots__ = ()
 

@@ -119,14 +119,15 @@ class Batch:
         per-frame metadata are gathered (one numpy call each); a translation that
         lowers a super-frame's gso_size writes it in the selection's ``meta``, which is
         what a send of the selection hands to the ring.  Valid while this batch is (a
-        ring's batch: until it is released)."""
+        ring's batch: until it is released); of this batch's class (a kind of batch
+        says what may happen to its buffer: the selection shares it)."""
         ia = np.asarray(idx, dtype=np.intp)
         meta = partial = None
         if self.partial is not None:
             partial = self.partial[ia]
         if self.meta is not None:
             meta = self.meta[: self.n * META_DTYPE.itemsize].reshape(-1, META_DTYPE.itemsize)[ia].reshape(-1)
-        return Batch(self.buf, self.offsets[ia], self.lengths[ia], len(ia), meta=meta, partial=partial)
+        return type(self)(self.buf, self.offsets[ia], self.lengths[ia], len(ia), meta=meta, partial=partial)
 
     def frames_of(self, idx, tags=None) -> "Frames":
         """Frames `idx` (an integer index array) for whoever copies them out of the batch at
