@@ -316,6 +316,22 @@ def _end_mapping(mp, mm, x) -> None:
     mm.end(rid)
 
 
+def _add_host_block(op, ia, nb, bs, hs, mh, pb, mpb) -> int:
+    """A "host" op (a new internal host with a first block) or a "block" op (one more
+    block of a known host), block `nb`, in both the compiled tables and the models;
+    returns the next block number (an address outside 10/8 or a repeat: nothing)."""
+    if ia >> 24 != 10 or (op == "host") == (ia in mh.h):
+        return nb
+    if op == "host":
+        hs.add(ia, 0, 198 << 24)
+        mh.add(ia)
+    pb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+    mpb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
+    hs.append_block(ia, nb)
+    mh.h[ia]["blocks"].append(nb)
+    return nb + 1
+
+
 @settings(max_examples=120, deadline=None)
 @given(
     eim=st.booleans(),
@@ -353,16 +369,7 @@ def test_out_setup_matches_model(eim, parity, preserve, rate, cap, seed, ops):
     for op, h, p, port, r, x, fl in [("host", h, 0, 0, 0, 0, 0) for h in range(3)] + ops:
         ia = (10 << 24 | h) if h < 4 else (11 << 24 | 1)  # one address outside the prefix
         if op in ("host", "block"):
-            if ia >> 24 != 10 or (op == "host") == (ia in mh.h):
-                continue
-            if op == "host":
-                hs.add(ia, 0, 198 << 24)
-                mh.add(ia)
-            pb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
-            mpb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
-            hs.append_block(ia, nb)
-            mh.h[ia]["blocks"].append(nb)
-            nb += 1
+            nb = _add_host_block(op, ia, nb, bs, hs, mh, pb, mpb)
         elif op == "tick":
             now += x
         elif op == "flags":  # the builder's per-call settings
@@ -496,16 +503,7 @@ def test_out_setup_run_matches_model(eim, raddr, preserve, rate, cap, seed, ops)
         if batch:
             run_batch()
         if op in ("host", "block"):
-            if ia >> 24 != 10 or (op == "host") == (ia in mh.h):
-                continue
-            if op == "host":
-                hs.add(ia, 0, 198 << 24)
-                mh.add(ia)
-            pb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
-            mpb.add(nb, 0, 198 << 24, 1024 + bs * nb, bs, ia)
-            hs.append_block(ia, nb)
-            mh.h[ia]["blocks"].append(nb)
-            nb += 1
+            nb = _add_host_block(op, ia, nb, bs, hs, mh, pb, mpb)
         elif op == "flags":
             su.room = sm.room = x * 8 + fl
         elif op == "end" and mm.m:
